@@ -1,0 +1,5 @@
+"""sdjax: Stable Diffusion v1.5 in JAX / Flax NNX."""
+from sdjax.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
+
+__all__ = ["AutoencoderKL", "CLIPTextModel", "UNet2DConditionModel"]
+__version__ = "0.1.0"

@@ -1,0 +1,157 @@
+"""Building blocks shared by the UNet and the VAE (NHWC everywhere).
+
+Module and attribute names mirror diffusers' PyTorch modules (``resnets``, ``to_q``,
+``to_out[0]``...) so that `sdjax.weights` can map checkpoints with generic rules.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class Pretrained:
+    """``from_pretrained`` / ``save_pretrained`` for the three models (the work is in `sdjax.weights`)."""
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id, *, subfolder: str | None = None, revision: str | None = None,
+                        dtype=jnp.float32, format: str | None = None, variant: str | None = None):
+        """Load from a diffusers/transformers model folder or Hub repo id, in any supported layout
+        (safetensors, Flax msgpack, PyTorch .bin), cast to ``dtype``. ``format='flax'`` prefers msgpack."""
+        from sdjax import weights
+        return weights.from_pretrained(cls, path_or_repo_id, subfolder=subfolder, revision=revision,
+                                       dtype=dtype, format=format, variant=variant)
+
+    def save_pretrained(self, directory, *, format: str = "both", dtype=None):
+        """Write config.json and weights ('pytorch' safetensors, 'flax' msgpack, or 'both')."""
+        from sdjax import weights
+        return weights.save_pretrained(self, directory, format=format, dtype=dtype)
+
+
+def attention(q_BTNH, k_BSNH, v_BSNH, *, is_causal: bool = False, upcast: bool = False):
+    """Multi-head scaled dot-product attention; the one attention op of sdjax.
+
+    Inputs are [batch, length, heads, head_dim]. ``jax.nn.dot_product_attention`` picks
+    XLA on CPU and can use cuDNN's fused kernel on GPU. ``upcast`` computes in fp32
+    (diffusers' ``upcast_attention`` / ``upcast_softmax``) and casts back.
+    """
+    dtype = q_BTNH.dtype
+    if upcast and dtype != jnp.float32:
+        q_BTNH, k_BSNH, v_BSNH = (a.astype(jnp.float32) for a in (q_BTNH, k_BSNH, v_BSNH))
+    out = jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, is_causal=is_causal)
+    return out.astype(dtype)
+
+
+def conv(in_ch, out_ch, kernel_size=3, *, stride=1, padding=None, dtype, param_dtype, rngs):
+    """A Conv2d with PyTorch's explicit symmetric padding (default: 'same' for odd kernels)."""
+    pad = kernel_size // 2 if padding is None else padding
+    return nnx.Conv(in_ch, out_ch, (kernel_size, kernel_size), strides=stride,
+                    padding=((pad, pad), (pad, pad)), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
+def group_norm(channels, groups, eps, *, dtype, param_dtype, rngs):
+    # Two-pass variance: the one-pass E[x^2]-E[x]^2 form drifts from PyTorch by ~1e-5.
+    return nnx.GroupNorm(channels, num_groups=groups, epsilon=eps, use_fast_variance=False,
+                         dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
+def layer_norm(dim, eps, *, dtype, param_dtype, rngs):
+    return nnx.LayerNorm(dim, epsilon=eps, use_fast_variance=False,
+                         dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
+def timestep_embedding(timesteps_B, dim: int, *, flip_sin_to_cos: bool, freq_shift: float,
+                       max_period: float = 10000.0):
+    """Sinusoidal timestep features [B, dim] as in diffusers' ``get_timestep_embedding``."""
+    half = dim // 2
+    exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
+    angles_BF = timesteps_B.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
+    sin, cos = jnp.sin(angles_BF), jnp.cos(angles_BF)
+    emb = jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+class ResnetBlock2D(nnx.Module):
+    """GroupNorm-SiLU-Conv twice, with an optional time-embedding bias and a 1x1 shortcut."""
+
+    def __init__(self, in_ch, out_ch, *, temb_ch, groups, eps, dtype, param_dtype, rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.norm1 = group_norm(in_ch, groups, eps, **kw)
+        self.conv1 = conv(in_ch, out_ch, 3, **kw)
+        self.time_emb_proj = nnx.Linear(temb_ch, out_ch, **kw) if temb_ch else None
+        self.norm2 = group_norm(out_ch, groups, eps, **kw)
+        self.conv2 = conv(out_ch, out_ch, 3, **kw)
+        self.conv_shortcut = conv(in_ch, out_ch, 1, **kw) if in_ch != out_ch else None
+
+    def __call__(self, x_BHWC, temb_BD=None):
+        h = self.conv1(jax.nn.silu(self.norm1(x_BHWC)))
+        if self.time_emb_proj is not None:
+            h = h + self.time_emb_proj(jax.nn.silu(temb_BD))[:, None, None, :]
+        h = self.conv2(jax.nn.silu(self.norm2(h)))
+        shortcut = x_BHWC if self.conv_shortcut is None else self.conv_shortcut(x_BHWC)
+        return shortcut + h
+
+
+class Downsample2D(nnx.Module):
+    """Stride-2 3x3 conv. ``padding=0`` is the VAE's form: pad right/bottom by one first."""
+
+    def __init__(self, ch, *, padding, dtype, param_dtype, rngs):
+        self.asymmetric = padding == 0
+        self.conv = conv(ch, ch, 3, stride=2, padding=padding, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x_BHWC):
+        if self.asymmetric:
+            x_BHWC = jnp.pad(x_BHWC, ((0, 0), (0, 1), (0, 1), (0, 0)))
+        return self.conv(x_BHWC)
+
+
+def nearest_resize(x_BHWC, size_HW):
+    """PyTorch ``interpolate(mode='nearest')``: source index floor(dst * in / out)."""
+    (h, w), (H, W) = x_BHWC.shape[1:3], size_HW
+    if (H, W) == (2 * h, 2 * w):  # the common case: a plain repeat
+        return jnp.repeat(jnp.repeat(x_BHWC, 2, axis=1), 2, axis=2)
+    rows = (jnp.arange(H) * h) // H
+    cols = (jnp.arange(W) * w) // W
+    return x_BHWC[:, rows][:, :, cols]
+
+
+class Upsample2D(nnx.Module):
+    """Nearest-neighbour 2x (or to an explicit size, for odd skip shapes), then a 3x3 conv."""
+
+    def __init__(self, ch, *, dtype, param_dtype, rngs):
+        self.conv = conv(ch, ch, 3, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x_BHWC, size_HW=None):
+        size_HW = size_HW or (2 * x_BHWC.shape[1], 2 * x_BHWC.shape[2])
+        return self.conv(nearest_resize(x_BHWC, size_HW))
+
+
+class Attention(nnx.Module):
+    """diffusers' ``Attention``: to_q/to_k/to_v, heads, to_out[0]; optional GroupNorm + residual (VAE)."""
+
+    def __init__(self, query_dim, *, heads, head_dim, context_dim=None, qkv_bias=False,
+                 norm_groups=None, norm_eps=1e-6, residual=False, upcast=False,
+                 dtype, param_dtype, rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        inner = heads * head_dim
+        self.heads, self.head_dim, self.residual, self.upcast = heads, head_dim, residual, upcast
+        self.group_norm = group_norm(query_dim, norm_groups, norm_eps, **kw) if norm_groups else None
+        self.to_q = nnx.Linear(query_dim, inner, use_bias=qkv_bias, **kw)
+        self.to_k = nnx.Linear(context_dim or query_dim, inner, use_bias=qkv_bias, **kw)
+        self.to_v = nnx.Linear(context_dim or query_dim, inner, use_bias=qkv_bias, **kw)
+        self.to_out = nnx.List([nnx.Linear(inner, query_dim, **kw)])
+
+    def __call__(self, x_BTC, context_BSD=None):
+        residual = x_BTC
+        if self.group_norm is not None:
+            x_BTC = self.group_norm(x_BTC)
+        context_BSD = x_BTC if context_BSD is None else context_BSD
+        split = lambda t: t.reshape(*t.shape[:2], self.heads, self.head_dim)  # noqa: E731
+        q, k, v = split(self.to_q(x_BTC)), split(self.to_k(context_BSD)), split(self.to_v(context_BSD))
+        out = attention(q, k, v, upcast=self.upcast)
+        out = self.to_out[0](out.reshape(*out.shape[:2], -1))
+        return out + residual if self.residual else out

@@ -1,0 +1,277 @@
+"""The Stable Diffusion UNet (diffusers' ``UNet2DConditionModel``) in Flax NNX, NHWC.
+
+Built from a diffusers ``unet/config.json``. SD 1.x keys are covered, and the SD 2.x ones
+(``use_linear_projection``, per-block ``attention_head_dim`` lists, ``upcast_attention``).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sdjax.models.layers import (Pretrained, Attention, Downsample2D, ResnetBlock2D, Upsample2D, conv, group_norm,
+                                 layer_norm, timestep_embedding)
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig:
+    in_channels: int = 4
+    out_channels: int = 4
+    center_input_sample: bool = False
+    flip_sin_to_cos: bool = True
+    freq_shift: float = 0.0
+    down_block_types: tuple = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+    up_block_types: tuple = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
+    block_out_channels: tuple = (320, 640, 1280, 1280)
+    layers_per_block: int = 2
+    downsample_padding: int = 1
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    cross_attention_dim: tuple = (768,) * 4
+    num_attention_heads: tuple = (8,) * 4        # per down block
+    transformer_layers_per_block: tuple = (1,) * 4
+    use_linear_projection: bool = False
+    upcast_attention: bool = False
+    sample_size: int = 64
+
+    # Keys whose non-default value means an architecture this module does not build.
+    _UNSUPPORTED = {"class_embed_type": None, "addition_embed_type": None, "encoder_hid_dim": None,
+                    "time_cond_proj_dim": None, "dual_cross_attention": False, "only_cross_attention": False,
+                    "resnet_time_scale_shift": "default", "time_embedding_type": "positional",
+                    "act_fn": "silu", "conv_in_kernel": 3, "conv_out_kernel": 3, "mid_block_scale_factor": 1,
+                    "num_class_embeds": None, "mid_block_type": "UNetMidBlock2DCrossAttn",
+                    "reverse_transformer_layers_per_block": None, "attention_type": "default"}
+
+    @classmethod
+    def from_dict(cls, cfg: dict[str, Any]) -> "UNetConfig":
+        for key, ok in cls._UNSUPPORTED.items():
+            value = cfg.get(key, ok)
+            if isinstance(value, (list, tuple)) and key == "only_cross_attention":
+                value = any(value)
+            if value != ok and not (key == "mid_block_scale_factor" and float(value) == 1.0):
+                raise NotImplementedError(f"UNet config {key}={value!r} is not supported (expected {ok!r})")
+        n = len(cfg.get("down_block_types", cls.down_block_types))
+        per_block = lambda v: tuple(v) if isinstance(v, (list, tuple)) else (v,) * n  # noqa: E731
+        # diffusers reads SD's "attention_head_dim" as the number of heads when num_attention_heads is unset.
+        heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)
+        known = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in cfg.items() if k in known}
+        kw.update(
+            down_block_types=tuple(cfg.get("down_block_types", cls.down_block_types)),
+            up_block_types=tuple(cfg.get("up_block_types", cls.up_block_types)),
+            block_out_channels=tuple(cfg.get("block_out_channels", cls.block_out_channels)),
+            cross_attention_dim=per_block(cfg.get("cross_attention_dim", 768)),
+            num_attention_heads=per_block(heads),
+            transformer_layers_per_block=per_block(cfg.get("transformer_layers_per_block", 1)),
+        )
+        if not isinstance(kw.get("layers_per_block", 2), int):
+            raise NotImplementedError("per-block layers_per_block lists are not supported")
+        return cls(**kw)
+
+
+class TimestepEmbedding(nnx.Module):
+    def __init__(self, in_dim, out_dim, *, dtype, param_dtype, rngs):
+        self.linear_1 = nnx.Linear(in_dim, out_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.linear_2 = nnx.Linear(out_dim, out_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x):
+        return self.linear_2(jax.nn.silu(self.linear_1(x)))
+
+
+class GEGLU(nnx.Module):
+    def __init__(self, dim, inner, *, dtype, param_dtype, rngs):
+        self.proj = nnx.Linear(dim, 2 * inner, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x):
+        hidden, gate = jnp.split(self.proj(x), 2, axis=-1)
+        return hidden * jax.nn.gelu(gate, approximate=False)  # exact gelu, as diffusers
+
+
+class FeedForward(nnx.Module):
+    """``ff.net = [GEGLU, Dropout, Linear]`` (index 1 has no weights)."""
+
+    def __init__(self, dim, *, dtype, param_dtype, rngs):
+        inner = 4 * dim
+        self.net = nnx.List([GEGLU(dim, inner, dtype=dtype, param_dtype=param_dtype, rngs=rngs),
+                             nnx.Dropout(0.0),
+                             nnx.Linear(inner, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)])
+
+    def __call__(self, x):
+        return self.net[2](self.net[0](x))
+
+
+class BasicTransformerBlock(nnx.Module):
+    def __init__(self, dim, *, heads, context_dim, upcast, dtype, param_dtype, rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        head_dim = dim // heads
+        self.norm1 = layer_norm(dim, 1e-5, **kw)
+        self.attn1 = Attention(dim, heads=heads, head_dim=head_dim, upcast=upcast, **kw)
+        self.norm2 = layer_norm(dim, 1e-5, **kw)
+        self.attn2 = Attention(dim, heads=heads, head_dim=head_dim, context_dim=context_dim, upcast=upcast, **kw)
+        self.norm3 = layer_norm(dim, 1e-5, **kw)
+        self.ff = FeedForward(dim, **kw)
+
+    def __call__(self, x_BTC, context_BSD):
+        x_BTC = x_BTC + self.attn1(self.norm1(x_BTC))
+        x_BTC = x_BTC + self.attn2(self.norm2(x_BTC), context_BSD)
+        return x_BTC + self.ff(self.norm3(x_BTC))
+
+
+class Transformer2DModel(nnx.Module):
+    """GroupNorm (eps 1e-6) -> proj_in -> transformer blocks on [B, HW, C] -> proj_out -> + input."""
+
+    def __init__(self, ch, *, heads, context_dim, layers, groups, linear_projection, upcast,
+                 dtype, param_dtype, rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        proj = (lambda: nnx.Linear(ch, ch, **kw)) if linear_projection else (lambda: conv(ch, ch, 1, **kw))
+        self.norm = group_norm(ch, groups, 1e-6, **kw)
+        self.proj_in = proj()
+        self.transformer_blocks = nnx.List([
+            BasicTransformerBlock(ch, heads=heads, context_dim=context_dim, upcast=upcast, **kw)
+            for _ in range(layers)])
+        self.proj_out = proj()
+
+    def __call__(self, x_BHWC, context_BSD):
+        B, H, W, C = x_BHWC.shape
+        h = self.proj_in(self.norm(x_BHWC)).reshape(B, H * W, C)  # 1x1 conv == linear in NHWC
+        for block in self.transformer_blocks:
+            h = block(h, context_BSD)
+        return self.proj_out(h.reshape(B, H, W, C)) + x_BHWC
+
+
+class UNetBlock(nnx.Module):
+    """One down or up block: resnets (+ a transformer after each), then a resampler.
+
+    Covers ``DownBlock2D``, ``CrossAttnDownBlock2D``, ``UpBlock2D`` and ``CrossAttnUpBlock2D``;
+    an up block concatenates one skip connection before each resnet.
+    """
+
+    def __init__(self, kind, *, resnet_in_chs, out_ch, temb_ch, add_resample, cfg: UNetConfig,
+                 heads, context_dim, transformer_layers, dtype, param_dtype, rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        groups, eps = cfg.norm_num_groups, cfg.norm_eps
+        self.is_up = kind.startswith(("UpBlock", "CrossAttnUp"))
+        self.resnets = nnx.List([ResnetBlock2D(c, out_ch, temb_ch=temb_ch, groups=groups, eps=eps, **kw)
+                                 for c in resnet_in_chs])
+        if kind.startswith("CrossAttn"):
+            self.attentions = nnx.List([
+                Transformer2DModel(out_ch, heads=heads, context_dim=context_dim, layers=transformer_layers,
+                                   groups=groups, linear_projection=cfg.use_linear_projection,
+                                   upcast=cfg.upcast_attention, **kw)
+                for _ in resnet_in_chs])
+        else:
+            self.attentions = None
+        if add_resample and self.is_up:
+            self.upsamplers = nnx.List([Upsample2D(out_ch, **kw)])
+        elif add_resample:
+            self.downsamplers = nnx.List([Downsample2D(out_ch, padding=cfg.downsample_padding, **kw)])
+
+    def __call__(self, x_BHWC, temb_BD, context_BSD, skips=None, upsample_size=None):
+        """Down: returns (x, outputs to skip). Up: pops from ``skips`` (a list) and returns x."""
+        outputs = []
+        for i, resnet in enumerate(self.resnets):
+            if self.is_up:
+                x_BHWC = jnp.concatenate([x_BHWC, skips.pop()], axis=-1)
+            x_BHWC = resnet(x_BHWC, temb_BD)
+            if self.attentions is not None:
+                x_BHWC = self.attentions[i](x_BHWC, context_BSD)
+            outputs.append(x_BHWC)
+        if self.is_up:
+            if hasattr(self, "upsamplers"):
+                x_BHWC = self.upsamplers[0](x_BHWC, upsample_size)
+            return x_BHWC
+        if hasattr(self, "downsamplers"):
+            x_BHWC = self.downsamplers[0](x_BHWC)
+            outputs.append(x_BHWC)
+        return x_BHWC, outputs
+
+
+class MidBlock(nnx.Module):
+    """``UNetMidBlock2DCrossAttn``: resnet, transformer, resnet."""
+
+    def __init__(self, ch, *, temb_ch, cfg: UNetConfig, heads, context_dim, transformer_layers,
+                 dtype, param_dtype, rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.resnets = nnx.List([ResnetBlock2D(ch, ch, temb_ch=temb_ch, groups=cfg.norm_num_groups,
+                                               eps=cfg.norm_eps, **kw) for _ in range(2)])
+        self.attentions = nnx.List([Transformer2DModel(
+            ch, heads=heads, context_dim=context_dim, layers=transformer_layers, groups=cfg.norm_num_groups,
+            linear_projection=cfg.use_linear_projection, upcast=cfg.upcast_attention, **kw)])
+
+    def __call__(self, x_BHWC, temb_BD, context_BSD):
+        x_BHWC = self.resnets[0](x_BHWC, temb_BD)
+        x_BHWC = self.attentions[0](x_BHWC, context_BSD)
+        return self.resnets[1](x_BHWC, temb_BD)
+
+
+class UNet2DConditionModel(nnx.Module, Pretrained):
+    """Predicts the noise (or v) in ``sample`` at ``timesteps`` given text states.
+
+    ``__call__(sample [B, h, w, 4], timesteps [B] or scalar, encoder_hidden_states [B, 77, 768])``.
+    Load real weights with ``UNet2DConditionModel.from_pretrained(path, subfolder="unet")``.
+    """
+
+    def __init__(self, config: UNetConfig | dict, *, dtype=jnp.float32, param_dtype=None, rngs: nnx.Rngs):
+        cfg = config if isinstance(config, UNetConfig) else UNetConfig.from_dict(config)
+        self.config = cfg
+        self.dtype = dtype
+        kw = dict(dtype=dtype, param_dtype=param_dtype or dtype, rngs=rngs)
+        chs, n = cfg.block_out_channels, cfg.layers_per_block
+        temb_ch = 4 * chs[0]
+        self.conv_in = conv(cfg.in_channels, chs[0], 3, **kw)
+        self.time_embedding = TimestepEmbedding(chs[0], temb_ch, **kw)
+
+        down, out_ch = [], chs[0]
+        for i, kind in enumerate(cfg.down_block_types):
+            in_ch, out_ch = out_ch, chs[i]
+            down.append(UNetBlock(kind, resnet_in_chs=[in_ch] + [out_ch] * (n - 1), out_ch=out_ch,
+                                  temb_ch=temb_ch, add_resample=i < len(chs) - 1, cfg=cfg,
+                                  heads=cfg.num_attention_heads[i], context_dim=cfg.cross_attention_dim[i],
+                                  transformer_layers=cfg.transformer_layers_per_block[i], **kw))
+        self.down_blocks = nnx.List(down)
+        self.mid_block = MidBlock(chs[-1], temb_ch=temb_ch, cfg=cfg, heads=cfg.num_attention_heads[-1],
+                                  context_dim=cfg.cross_attention_dim[-1],
+                                  transformer_layers=cfg.transformer_layers_per_block[-1], **kw)
+
+        up, rev = [], list(reversed(chs))
+        rev_heads, rev_ctx = cfg.num_attention_heads[::-1], cfg.cross_attention_dim[::-1]
+        rev_layers = cfg.transformer_layers_per_block[::-1]
+        prev_ch = rev[0]
+        for i, kind in enumerate(cfg.up_block_types):
+            out_ch, skip_in = rev[i], rev[min(i + 1, len(chs) - 1)]
+            # resnet j sees the previous output plus one skip; the last skip comes from the block below.
+            ins = [(prev_ch if j == 0 else out_ch) + (skip_in if j == n else out_ch) for j in range(n + 1)]
+            up.append(UNetBlock(kind, resnet_in_chs=ins, out_ch=out_ch, temb_ch=temb_ch,
+                                add_resample=i < len(chs) - 1, cfg=cfg, heads=rev_heads[i],
+                                context_dim=rev_ctx[i], transformer_layers=rev_layers[i], **kw))
+            prev_ch = out_ch
+        self.up_blocks = nnx.List(up)
+        self.conv_norm_out = group_norm(chs[0], cfg.norm_num_groups, cfg.norm_eps, **kw)
+        self.conv_out = conv(chs[0], cfg.out_channels, 3, **kw)
+
+    def __call__(self, sample_BHWC, timesteps, encoder_hidden_states_BSD):
+        x = sample_BHWC.astype(self.dtype)
+        context = encoder_hidden_states_BSD.astype(self.dtype)
+        if self.config.center_input_sample:
+            x = 2 * x - 1.0
+        t_B = jnp.broadcast_to(jnp.asarray(timesteps), (x.shape[0],))
+        t_emb = timestep_embedding(t_B, self.config.block_out_channels[0],
+                                   flip_sin_to_cos=self.config.flip_sin_to_cos, freq_shift=self.config.freq_shift)
+        temb = self.time_embedding(t_emb.astype(self.dtype))
+
+        x = self.conv_in(x)
+        skips = [x]
+        for block in self.down_blocks:
+            x, outs = block(x, temb, context)
+            skips.extend(outs)
+        x = self.mid_block(x, temb, context)
+        for block in self.up_blocks:
+            n_skips = len(block.resnets)
+            # Upsample to the spatial size of the next block's skips (odd latent sizes).
+            upsample_size = skips[-n_skips - 1].shape[1:3] if len(skips) > n_skips else None
+            x = block(x, temb, context, skips=skips, upsample_size=upsample_size)
+        x = self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
+        return x

@@ -1,0 +1,417 @@
+"""Reading and writing checkpoints: the one place for all renaming and transposing.
+
+sdjax modules mirror diffusers/transformers attribute names, so a parameter's NNX path
+``('down_blocks', 0, 'resnets', 1, 'conv1', 'kernel')`` names it in every layout:
+
+* diffusers / transformers PyTorch: ``down_blocks.0.resnets.1.conv1.weight`` (OIHW convs, [out, in]
+  linears), in ``*.safetensors`` or ``*.bin``;
+* diffusers Flax msgpack: ``down_blocks_0/resnets_1/conv1/kernel`` (HWIO, [in, out] — already the
+  NNX layout); transformers' Flax CLIP nests list indices instead: ``layers/0``.
+
+Loading is strict (every key present, none unexpected, shapes equal) and streams tensor by tensor
+into an abstract (never initialised) model, so peak host memory stays near one copy of the weights.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import msgpack
+import numpy as np
+from flax import nnx
+
+from sdjax.models.clip_text import CLIPTextConfig, CLIPTextModel
+from sdjax.models.unet import UNet2DConditionModel, UNetConfig
+from sdjax.models.vae import AutoencoderKL, VAEConfig
+
+DIFFUSERS_VERSION = "0.42.1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded: missing, corrupt, or not matching the model."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LayoutSpec:
+    """File names and naming quirks of one model kind."""
+    model_cls: type
+    config_cls: type
+    flax_file: str
+    torch_files: tuple[str, ...]          # in order of preference
+    flax_joins_indices: bool              # diffusers: "down_blocks_0"; transformers: "layers/0"
+    torch_aliases: tuple[tuple[str, str], ...] = ()   # old name -> current name (regex on the key)
+    torch_ignored: tuple[str, ...] = ()   # buffers some writers save that carry no weights
+
+
+UNET = LayoutSpec(UNet2DConditionModel, UNetConfig, "diffusion_flax_model.msgpack",
+                  ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"), True)
+VAE = LayoutSpec(AutoencoderKL, VAEConfig, "diffusion_flax_model.msgpack",
+                 ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"), True,
+                 torch_aliases=((r"\.attentions\.0\.query\.", ".attentions.0.to_q."),
+                                (r"\.attentions\.0\.key\.", ".attentions.0.to_k."),
+                                (r"\.attentions\.0\.value\.", ".attentions.0.to_v."),
+                                (r"\.attentions\.0\.proj_attn\.", ".attentions.0.to_out.0.")))
+CLIP = LayoutSpec(CLIPTextModel, CLIPTextConfig, "flax_model.msgpack",
+                  ("model.safetensors", "pytorch_model.bin"), False,
+                  # transformers 5 writes CLIPTextModel keys without the "text_model." prefix of SD's files
+                  torch_aliases=((r"^(?!text_model\.)", "text_model."),),
+                  torch_ignored=(r"text_model\.embeddings\.position_ids",))
+SPECS = {UNet2DConditionModel: UNET, AutoencoderKL: VAE, CLIPTextModel: CLIP}
+
+_FLAX_ALIASES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out_0"}  # Flax VAE attention
+
+
+# ----------------------------------------------------------------------------- names
+def torch_key(path: tuple) -> str:
+    """NNX path -> PyTorch state-dict key."""
+    *mods, leaf = path
+    return ".".join([str(p) for p in mods] + ["bias" if leaf == "bias" else "weight"])
+
+
+def flax_key(path: tuple, joins_indices: bool) -> str:
+    """NNX path -> '/'-joined key of a Flax param tree."""
+    parts: list[str] = []
+    for p in path:
+        if isinstance(p, int) and joins_indices:
+            parts[-1] = f"{parts[-1]}_{p}"
+        else:
+            parts.append(str(p))
+    return "/".join(parts)
+
+
+def to_nnx_layout(array: np.ndarray, path: tuple, target_shape: tuple) -> np.ndarray:
+    """PyTorch tensor -> NNX layout: OIHW convs -> HWIO, [out, in] linears -> [in, out]."""
+    if path[-1] != "kernel":
+        return array
+    if array.ndim == 4 and len(target_shape) == 2:  # a linear stored as a 1x1 conv (old VAE attention)
+        array = array[:, :, 0, 0]
+    if array.ndim == 4:
+        return array.transpose(2, 3, 1, 0)
+    if array.ndim == 2 and len(target_shape) == 4:  # a 1x1 conv stored as a linear
+        return array.T[None, None]
+    return array.T
+
+
+def to_torch_layout(array: np.ndarray, path: tuple) -> np.ndarray:
+    if path[-1] != "kernel":
+        return array
+    return array.transpose(3, 2, 0, 1) if array.ndim == 4 else array.T
+
+
+# ----------------------------------------------------------------------------- readers
+def _read_safetensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key)
+    except CheckpointError:
+        raise
+    except Exception as e:  # safetensors raises its own error types for bad headers/truncation
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+
+
+def _read_torch_bin(path: Path) -> Iterator[tuple[str, np.ndarray]]:
+    try:
+        import torch
+    except ImportError as e:
+        raise CheckpointError(f"{path}: reading PyTorch .bin files needs torch (pip install torch), "
+                              "or convert the checkpoint to .safetensors") from e
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({e})") from e
+    for key in list(state):
+        t = state.pop(key)
+        yield key, (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+
+
+def _decode_flax_array(code: int, data: bytes):
+    """Flax msgpack ext types: 1 = ndarray (shape, dtype name, bytes), 2 = numpy scalar."""
+    if code == 1:
+        shape, dtype_name, buf = msgpack.unpackb(data)
+        return np.frombuffer(buf, dtype=jnp.dtype(dtype_name)).reshape(shape)
+    if code == 2:
+        dtype_name, buf = msgpack.unpackb(data)
+        return np.frombuffer(buf, dtype=jnp.dtype(dtype_name))[0]
+    return msgpack.ExtType(code, data)
+
+
+def _flatten(tree: dict, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for k, v in tree.items():
+        key = f"{prefix}/{k}" if prefix else str(k)
+        if isinstance(v, dict):
+            yield from _flatten(v, key)
+        else:
+            yield key, v
+
+
+def _read_flax_msgpack(path: Path, convert: Callable[[np.ndarray], Any]) -> dict[str, Any]:
+    """Stream a flax.serialization msgpack file; each array is converted as soon as it is parsed
+    (``convert``), so the file is never held twice in memory."""
+    size = path.stat().st_size
+
+    def hook(code, data):
+        value = _decode_flax_array(code, data)
+        return convert(value) if isinstance(value, np.ndarray) else value
+
+    try:
+        with open(path, "rb") as f:
+            unpacker = msgpack.Unpacker(f, ext_hook=hook, read_size=1 << 22, max_buffer_size=0,
+                                        strict_map_key=False)
+            tree = unpacker.unpack()
+            if f.tell() != size or unpacker.tell() != size:
+                raise CheckpointError(f"{path}: trailing bytes after the msgpack tree (corrupt file)")
+    except CheckpointError:
+        raise
+    except Exception as e:  # OutOfData for truncated files, ExtraData, ValueError...
+        raise CheckpointError(f"{path}: not a readable Flax msgpack file ({type(e).__name__}: {e})") from e
+    if not isinstance(tree, dict):
+        raise CheckpointError(f"{path}: the msgpack file does not hold a parameter tree")
+    if set(tree) == {"params"}:  # some writers save {"params": tree}
+        tree = tree["params"]
+    return dict(_flatten(tree))
+
+
+# ----------------------------------------------------------------------------- strict fill
+def _abstract_state(model_cls, config, dtype):
+    model = nnx.eval_shape(lambda: model_cls(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(model)
+    return graphdef, state
+
+
+def _check_complete(file: Path, names: dict[tuple, str], loaded: dict[tuple, Any], unexpected: list[str]) -> None:
+    missing = [names[path] for path in names if path not in loaded]
+    if missing or unexpected:
+        lines = [f"{file}: the checkpoint does not match the model"]
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): " + ", ".join(missing[:20])
+                         + (" ..." if len(missing) > 20 else ""))
+        if unexpected:
+            lines.append(f"  unexpected keys ({len(unexpected)}): " + ", ".join(unexpected[:20])
+                         + (" ..." if len(unexpected) > 20 else ""))
+        raise CheckpointError("\n".join(lines))
+
+
+def load_weights(model_cls, config, file: str | os.PathLike, *, dtype=jnp.float32):
+    """Build ``model_cls(config)`` with the weights in ``file`` (any supported layout), strictly.
+
+    Every model parameter must be in the file with the right shape and nothing else may be;
+    otherwise a `CheckpointError` names the file, the keys and the shapes.
+    """
+    file = Path(file)
+    if not file.is_file():
+        raise CheckpointError(f"{file}: no such checkpoint file")
+    dtype = resolve_dtype(dtype)
+    spec = SPECS[model_cls]
+    graphdef, state = _abstract_state(model_cls, config, dtype)
+    expected = {path: var.value for path, var in nnx.to_flat_state(state)}  # path -> ShapeDtypeStruct
+    is_flax = file.suffix == ".msgpack"
+    names = {path: flax_key(path, spec.flax_joins_indices) if is_flax else torch_key(path) for path in expected}
+    by_name = {name: path for path, name in names.items()}
+    loaded: dict[tuple, Any] = {}
+    unexpected: list[str] = []
+
+    def place(name: str, array: np.ndarray, converted: bool):
+        path = by_name.get(name)
+        if path is None:
+            unexpected.append(name)
+            return
+        target = expected[path]
+        if not converted:
+            array = to_nnx_layout(array, path, target.shape)
+        if tuple(array.shape) != tuple(target.shape):
+            raise CheckpointError(f"{file}: key {name!r} has shape {tuple(array.shape)} "
+                                  f"(in sdjax layout), the model expects {tuple(target.shape)}")
+        loaded[path] = jnp.asarray(array, dtype=dtype)
+
+    if is_flax:
+        def convert(a: np.ndarray):
+            if not np.issubdtype(a.dtype, np.floating) and a.dtype != jnp.bfloat16:
+                raise CheckpointError(f"{file}: an array of dtype {a.dtype} where float weights were expected")
+            return jnp.asarray(a, dtype=dtype)  # cast per array, while streaming
+        for name, value in _read_flax_msgpack(file, convert).items():
+            parts = name.split("/")
+            parts = [_FLAX_ALIASES.get(p, p) if model_cls is AutoencoderKL else p for p in parts]
+            place("/".join(parts), value, converted=True)
+    else:
+        reader = _read_safetensors if file.suffix == ".safetensors" else _read_torch_bin
+        for name, array in reader(file):
+            if any(re.fullmatch(pat, name) for pat in spec.torch_ignored):
+                continue
+            for old, new in spec.torch_aliases:
+                name = re.sub(old, new, name)
+            place(name, array, converted=False)
+    _check_complete(file, names, loaded, unexpected)
+    flat = nnx.to_flat_state(state)
+    for path, var in flat:
+        var.value = loaded[path]
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+# ----------------------------------------------------------------------------- dtypes
+_DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
+           "float16": jnp.float16, "fp16": jnp.float16}
+
+
+def resolve_dtype(dtype) -> Any:
+    """'bfloat16' / 'bf16' / jnp.bfloat16 / ... -> a JAX float dtype; anything else is an error."""
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}: use one of {sorted(_DTYPES)}")
+        return _DTYPES[dtype]
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError as e:
+        raise ValueError(f"unknown dtype {dtype!r}: use one of {sorted(_DTYPES)}") from e
+    if dt not in (jnp.float32, jnp.bfloat16, jnp.float16):
+        raise ValueError(f"unsupported dtype {dt}: use float32, bfloat16 or float16")
+    return dt.type
+
+
+# ----------------------------------------------------------------------------- configs
+def read_config(model_dir: Path, model_cls):
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{model_dir}: no config.json (is this a diffusers model folder?)")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    return SPECS[model_cls].config_cls.from_dict(raw), raw
+
+
+def config_to_dict(config) -> dict[str, Any]:
+    """Our config dataclass -> the config.json diffusers / transformers expect."""
+    d = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()}
+    if isinstance(config, UNetConfig):
+        heads = d.pop("num_attention_heads")
+        # diffusers' SD configs name the head count "attention_head_dim" (a historical quirk).
+        return {"_class_name": "UNet2DConditionModel", "_diffusers_version": DIFFUSERS_VERSION,
+                **d, "attention_head_dim": heads, "act_fn": "silu", "mid_block_scale_factor": 1,
+                "resnet_time_scale_shift": "default", "only_cross_attention": False,
+                "dual_cross_attention": False}
+    if isinstance(config, VAEConfig):
+        n = len(config.block_out_channels)
+        return {"_class_name": "AutoencoderKL", "_diffusers_version": DIFFUSERS_VERSION, **d,
+                "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
+                "act_fn": "silu"}
+    return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", **d,
+            "bos_token_id": 0, "pad_token_id": 1, "projection_dim": d["hidden_size"]}
+
+
+# ----------------------------------------------------------------------------- locating files
+def weight_file(model_dir: Path, model_cls, *, prefer: str | None = None, variant: str | None = None) -> Path:
+    """Pick the weights file in a model folder: safetensors, then Flax msgpack, then .bin
+    (``prefer='flax'`` puts msgpack first)."""
+    spec = SPECS[model_cls]
+    def with_variant(name):
+        if not variant:
+            return name
+        stem, ext = name.rsplit(".", 1)
+        return f"{stem}.{variant}.{ext}"
+    candidates = [with_variant(spec.torch_files[0]), with_variant(spec.flax_file), with_variant(spec.torch_files[1])]
+    if prefer == "flax":
+        candidates.insert(0, candidates.pop(1))
+    elif prefer not in (None, "pytorch"):
+        raise ValueError(f"unknown weights format {prefer!r}: use 'flax' or 'pytorch'")
+    for name in candidates:
+        if (model_dir / name).is_file():
+            return model_dir / name
+    raise CheckpointError(f"{model_dir}: no weights file; expected one of {', '.join(candidates)}")
+
+
+def resolve_model_dir(path_or_repo_id: str | os.PathLike, subfolder: str | None = None,
+                      revision: str | None = None, allow_patterns: list[str] | None = None) -> Path:
+    """A local folder, or a Hub repo id downloaded with huggingface_hub (cached)."""
+    local = Path(path_or_repo_id).expanduser()
+    if local.is_dir():
+        out = local / subfolder if subfolder else local
+        if not out.is_dir():
+            raise CheckpointError(f"{local}: no {subfolder}/ folder in this model directory")
+        return out
+    if os.path.sep in str(path_or_repo_id) and not re.fullmatch(r"[\w.-]+/[\w.-]+", str(path_or_repo_id)):
+        raise CheckpointError(f"{path_or_repo_id}: no such directory")
+    from huggingface_hub import snapshot_download
+    patterns = allow_patterns or ["*.json", "*.txt", "*.safetensors"]
+    if subfolder:
+        patterns = [f"{subfolder}/{p}" for p in patterns] + ["model_index.json"]
+    try:
+        root = Path(snapshot_download(str(path_or_repo_id), revision=revision, allow_patterns=patterns))
+    except Exception as e:
+        raise CheckpointError(
+            f"could not get {path_or_repo_id!r} (revision {revision!r}) from the Hugging Face Hub: "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}\n"
+            "Without network access, download the model elsewhere (e.g. `hf download "
+            "stable-diffusion-v1-5/stable-diffusion-v1-5`) and pass its local directory instead.") from e
+    out = root / subfolder if subfolder else root
+    if not out.is_dir():
+        raise CheckpointError(f"{path_or_repo_id}: the repo has no {subfolder}/ folder")
+    return out
+
+
+def from_pretrained(model_cls, path_or_repo_id, *, subfolder=None, revision=None, dtype=jnp.float32,
+                    format: str | None = None, variant: str | None = None):
+    """Load a model from a diffusers/transformers folder (any layout) or a Hub repo id."""
+    spec = SPECS[model_cls]
+    patterns = ["config.json", spec.flax_file if format == "flax" else spec.torch_files[0]]
+    if revision in ("flax", "bf16"):
+        patterns = ["config.json", spec.flax_file]
+    model_dir = resolve_model_dir(path_or_repo_id, subfolder, revision, allow_patterns=patterns)
+    config, _ = read_config(model_dir, model_cls)
+    prefer = format or ("flax" if revision in ("flax", "bf16") else None)
+    return load_weights(model_cls, config, weight_file(model_dir, model_cls, prefer=prefer, variant=variant),
+                        dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- writers
+def _numpy_params(model, dtype=None) -> dict[tuple, np.ndarray]:
+    out = {}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        a = np.asarray(jax.device_get(var.value))
+        out[path] = a.astype(resolve_dtype(dtype)) if dtype is not None else a
+    return out
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write to a temporary name and rename, so a crash never leaves a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_pretrained(model, directory: str | os.PathLike, *, format: str = "both", dtype=None) -> Path:
+    """Write ``config.json`` and the weights: ``format`` = 'pytorch' (safetensors), 'flax' (msgpack)
+    or 'both'. ``dtype`` casts the saved weights (default: as held)."""
+    from safetensors.numpy import save_file
+    if format not in ("pytorch", "flax", "both"):
+        raise ValueError(f"unknown format {format!r}: use 'pytorch', 'flax' or 'both'")
+    spec = SPECS[type(model)]
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    params = _numpy_params(model, dtype)
+    config = config_to_dict(model.config)
+    if spec is CLIP:
+        config["torch_dtype"] = str(np.dtype(next(iter(params.values())).dtype))
+    if format in ("pytorch", "both"):
+        tensors = {torch_key(p): np.ascontiguousarray(to_torch_layout(a, p)) for p, a in params.items()}
+        _atomic_write(directory / spec.torch_files[0],
+                      lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    if format in ("flax", "both"):
+        from flax.serialization import msgpack_serialize
+        tree: dict = {}
+        for p, a in params.items():
+            node = tree
+            *parents, leaf = flax_key(p, spec.flax_joins_indices).split("/")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = a
+        _atomic_write(directory / spec.flax_file, lambda tmp: tmp.write_bytes(msgpack_serialize(tree)))
+    _atomic_write(directory / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
+    return directory

@@ -1,0 +1,186 @@
+"""Reference checkpoints for the tests: diffusers/transformers PyTorch models with random
+weights (norm weights perturbed away from 1/0), saved with ``save_pretrained``, and the same
+weights written in the old diffusers/transformers Flax msgpack layout.
+
+The Flax writer here follows the rules of diffusers' (<= 0.39) and transformers' (4.x) own
+PyTorch->Flax conversion; it shares no code with ``sdjax.weights`` so that loading is tested
+against an independent account of the format.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+TINY_UNET = dict(
+    sample_size=16, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(32, 64, 64), norm_num_groups=8, cross_attention_dim=32, attention_head_dim=4,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+)
+TINY_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+    norm_num_groups=8, sample_size=32,
+    down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+)
+TINY_CLIP = dict(
+    vocab_size=1000, hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4,
+    max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+    bos_token_id=0, eos_token_id=2, pad_token_id=1, projection_dim=32,
+)
+# The real SD v1.5 configs (for the slow suite).
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+)
+SD15_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2, sample_size=512,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+)
+SD15_CLIP = dict(
+    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+    max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+    bos_token_id=0, eos_token_id=2, pad_token_id=1, projection_dim=768,
+)
+
+
+def perturb_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Random weights everywhere: random init leaves norms at 1/0 (hiding bugs) and some layers at 0."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if p.ndim == 1 and name.endswith("weight"):      # norm scales
+                p.copy_(1.0 + 0.2 * noise)
+            elif p.ndim == 1:                                 # biases
+                p.copy_(0.1 * noise)
+            elif p.abs().max() == 0:                          # zero-initialised layers
+                p.copy_(noise / p[0].numel() ** 0.5)
+    return model.eval()
+
+
+def torch_unet(config=TINY_UNET, seed=0):
+    from diffusers import UNet2DConditionModel
+    torch.manual_seed(seed)
+    return perturb_(UNet2DConditionModel(**config), seed)
+
+
+def torch_vae(config=TINY_VAE, seed=0):
+    from diffusers import AutoencoderKL
+    torch.manual_seed(seed)
+    return perturb_(AutoencoderKL(**config), seed)
+
+
+def torch_clip(config=TINY_CLIP, seed=0):
+    from transformers import CLIPTextConfig, CLIPTextModel
+    torch.manual_seed(seed)
+    return perturb_(CLIPTextModel(CLIPTextConfig(**config)), seed)
+
+
+# ----------------------------------------------------------------------------- old Flax layout
+def _flax_tree(state_dict: dict, *, join_indices: bool, vae_old_attention: bool, dtype) -> dict:
+    tree: dict = {}
+    for key, t in state_dict.items():
+        if key.endswith("position_ids"):
+            continue
+        a = t.detach().float().numpy()
+        if not join_indices and not key.startswith("text_model."):  # transformers 4 kept the prefix
+            key = "text_model." + key
+        parts = key.split(".")
+        leaf = parts.pop()
+        if vae_old_attention:  # diffusers' FlaxAttentionBlock names
+            parts = [{"to_q": "query", "to_k": "key", "to_v": "value"}.get(p, p) for p in parts]
+            joined = ".".join(parts).replace("to_out.0", "proj_attn")
+            parts = joined.split(".")
+        # list indices: diffusers joins them to the name ("down_blocks_0"), transformers nests them
+        names: list[str] = []
+        for p in parts:
+            if p.isdigit() and join_indices:
+                names[-1] = f"{names[-1]}_{p}"
+            else:
+                names.append(p)
+        if leaf == "weight":
+            if a.ndim == 4:
+                leaf, a = "kernel", a.transpose(2, 3, 1, 0)
+            elif a.ndim == 2 and "embedding" in names[-1]:
+                leaf = "embedding"
+            elif a.ndim == 2:
+                leaf, a = "kernel", a.T
+            else:
+                leaf = "scale"
+        node = tree
+        for n in names:
+            node = node.setdefault(n, {})
+        node[leaf] = np.ascontiguousarray(a).astype(dtype)
+    return tree
+
+
+def save_flax_layout(model: torch.nn.Module, directory: Path, *, kind: str, dtype=np.float32) -> Path:
+    """Write ``model`` as diffusers <= 0.39 / transformers 4.x ``save_pretrained`` wrote Flax models."""
+    from flax.serialization import msgpack_serialize
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tree = _flax_tree(model.state_dict(), join_indices=kind != "clip", vae_old_attention=kind == "vae",
+                      dtype=dtype)
+    name = "flax_model.msgpack" if kind == "clip" else "diffusion_flax_model.msgpack"
+    (directory / name).write_bytes(msgpack_serialize(tree))
+    if kind == "clip":
+        cfg = model.config.to_dict()
+    else:
+        cfg = dict(model.config)
+        cfg["_class_name"] = "Flax" + type(model).__name__
+    (directory / "config.json").write_text(json.dumps(cfg, indent=2, default=list))
+    return directory / name
+
+
+def save_torch_layout(model: torch.nn.Module, directory: Path, *, safe: bool = True,
+                      old_vae_names: bool = False) -> Path:
+    """``save_pretrained`` in the PyTorch layout; ``old_vae_names`` renames VAE attention to the
+    pre-0.14 names (query/key/value/proj_attn) as old .bin checkpoints have them."""
+    directory = Path(directory)
+    model.save_pretrained(directory, safe_serialization=safe)
+    if old_vae_names:
+        path = directory / "diffusion_pytorch_model.bin"
+        sd = torch.load(path, weights_only=True) if path.exists() else model.state_dict()
+        renamed = {}
+        for k, v in sd.items():
+            for new, old in (("to_q", "query"), ("to_k", "key"), ("to_v", "value"), ("to_out.0", "proj_attn")):
+                k = re.sub(rf"\.{re.escape(new)}\.", f".{old}.", k)
+            renamed[k] = v
+        for f in directory.glob("diffusion_pytorch_model.*"):
+            f.unlink()
+        torch.save(renamed, directory / "diffusion_pytorch_model.bin")
+        return directory / "diffusion_pytorch_model.bin"
+    return next(directory.glob("*.safetensors" if safe else "*.bin"))
+
+
+# ----------------------------------------------------------------------------- tokenizer
+def write_tiny_tokenizer(directory: Path) -> Path:
+    """A small but real CLIP BPE vocabulary (vocab.json + merges.txt) in CLIPTokenizer's format:
+    byte-level base tokens, their end-of-word forms, a few merges and the two special tokens."""
+    from transformers.models.clip.tokenization_clip import bytes_to_unicode
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    base = list(bytes_to_unicode().values())
+    vocab = base + [b + "</w>" for b in base]
+    merges = ["a </w>", "t h", "th e</w>", "o f</w>", "c a", "ca t</w>", "d o", "do g</w>", "p h", "o t",
+              "ph ot", "phot o</w>", "r e", "re d</w>", "b l", "bl u", "blu e</w>", "i n</w>"]
+    for m in merges:
+        vocab.append(m.replace(" ", ""))
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    (directory / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+        "do_lower_case": True}))
+    (directory / "special_tokens_map.json").write_text(json.dumps({
+        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>"}))
+    return directory
