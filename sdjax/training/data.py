@@ -1,0 +1,732 @@
+"""Captioned images for fine-tuning: loading, validation, preprocessing and batching.
+
+Sources (``load_captioned_images(source)``):
+
+* a folder, the layout users prepare (``train.py --train-data DIR``)::
+
+      DIR/
+        image_captions.csv   # header "filename,caption"; quote captions that contain commas
+        train_images/        # the CSV's filenames are relative to this folder (subfolders allowed)
+
+* a TFDS dataset, ``"tfds:NAME[/CONFIG][:SPLIT]"`` (split defaults to ``train``; slices such as
+  ``train[:90%]`` work). Needs the optional extra: ``pip install "sdjax[tfds]"``.
+
+Every row is checked when the dataset is loaded, so a bad file stops the run before any compute is
+spent, with one `DataError` that lists every bad row (or, with ``skip_bad_rows=True``, the bad rows
+are left out and listed in ``dataset.skipped``).
+
+Batching (`BatchIterator`) is a pure function of (seed, step): the order of epoch ``e`` is a
+permutation drawn from ``(seed, e)``, each process takes its slice of every global batch, and crop and
+flip decisions come from ``(seed, epoch, example index)``. Resuming from a saved global step therefore
+replays exactly the batches an uninterrupted run would have seen, on any number of hosts.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import concurrent.futures
+import csv
+import hashlib
+import io
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+from PIL import Image, ImageOps
+
+logger = logging.getLogger(__name__)
+
+CAPTIONS_FILENAME = "image_captions.csv"
+IMAGES_DIRNAME = "train_images"
+CSV_HEADER = ("filename", "caption")
+TFDS_PREFIX = "tfds:"
+TFDS_INSTALL_HINT = 'pip install "sdjax[tfds]"'
+
+_LAYOUT_HELP = (f"expected a folder holding {CAPTIONS_FILENAME} (header 'filename,caption') and "
+                f"{IMAGES_DIRNAME}/ with the images it names")
+_VERSION_RE = re.compile(r"\d+\.\d+\.\d+")
+
+
+class DataError(ValueError):
+    """The training data cannot be used as given. ``bad_rows`` lists the offending rows, if any."""
+
+    def __init__(self, message: str, bad_rows: Iterable[BadRow] = ()):
+        super().__init__(message)
+        self.bad_rows = list(bad_rows)
+
+
+@dataclass(frozen=True)
+class BadRow:
+    """One unusable row.
+
+    ``row`` is the 1-based data row of the CSV (header not counted) and ``line`` the CSV line where
+    it starts (they differ when quoted captions span lines); for TFDS, ``row`` is the 0-based example
+    index in the split and ``line`` is None. ``name`` is the filename as written, or the example id.
+    """
+
+    row: int
+    name: str
+    reason: str
+    line: int | None = None
+
+    def __str__(self) -> str:
+        if self.line is None:
+            return f"example {self.row} {self.name!r}: {self.reason}"
+        return f"row {self.row} (line {self.line}) {self.name!r}: {self.reason}"
+
+
+def _default_workers() -> int:
+    return min(16, os.cpu_count() or 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Images
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Returns ``image`` as 8-bit RGB.
+
+    Transparent images (RGBA, LA, palette or RGB/L with a transparent colour) are composited on
+    white: the colour under fully transparent pixels is arbitrary (often black), and white is how
+    viewers show such images. 16-bit grayscale (``I;16*``, and ``I``, which is taken to hold 16-bit
+    values) is scaled by 255/65535 (PIL's own conversion would clip it); ``F`` is taken to be in
+    [0, 1]. Everything else (L, 1, P, CMYK, YCbCr, ...) uses PIL's conversion.
+    """
+    mode = image.mode
+    if mode == "RGB" and "transparency" not in image.info:
+        return image
+    if mode.startswith("I"):
+        values = np.asarray(image).astype(np.float64) / 257.0
+        return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8)).convert("RGB")
+    if mode == "F":
+        values = np.asarray(image, dtype=np.float64) * 255.0
+        return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8)).convert("RGB")
+    if mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _open_image_file(path: str | os.PathLike) -> Image.Image:
+    """Fully decodes an image file (so truncation is caught here) and applies its EXIF rotation."""
+    with Image.open(path) as image:
+        image.load()
+        # Phone photos store rotation in EXIF; the image people see is the rotated one.
+        # exif_transpose returns a new in-memory image, so closing the file is safe.
+        return ImageOps.exif_transpose(image)
+
+
+def preprocess_image(image: Image.Image, *, resolution: int, center_crop: bool = True,
+                     flip: bool = False, rng: np.random.Generator | None = None,
+                     resample: Image.Resampling = Image.Resampling.BICUBIC) -> np.ndarray:
+    """Resizes, crops and normalizes one image for the VAE encoder.
+
+    The shorter side is resized to ``resolution`` (bicubic by default, skipped when it already
+    matches), then a ``resolution`` square is cut from the centre, or at a position drawn from ``rng``
+    when ``center_crop`` is False; ``flip`` mirrors it left-right.
+
+    Returns:
+      float32 array [resolution, resolution, 3] in [-1, 1] (HWC, RGB).
+    """
+    image = to_rgb(image)
+    width, height = image.size
+    if min(width, height) != resolution:
+        scale = resolution / min(width, height)
+        # The shorter side lands exactly on `resolution`; the longer one is rounded.
+        if width <= height:
+            new_size = (resolution, max(resolution, round(height * scale)))
+        else:
+            new_size = (max(resolution, round(width * scale)), resolution)
+        image = image.resize(new_size, resample=resample)
+        width, height = new_size
+    if center_crop:
+        top, left = (height - resolution) // 2, (width - resolution) // 2
+    else:
+        if rng is None:
+            raise ValueError("random cropping (center_crop=False) needs an rng")
+        top = int(rng.integers(0, height - resolution + 1))
+        left = int(rng.integers(0, width - resolution + 1))
+    if (width, height) != (resolution, resolution):
+        image = image.crop((left, top, left + resolution, top + resolution))
+    pixels_HWC = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    if flip:
+        pixels_HWC = pixels_HWC[:, ::-1]
+    return np.ascontiguousarray(pixels_HWC)
+
+
+# ----------------------------------------------------------------------------------------------
+# The dataset
+
+
+class CaptionedImages(collections.abc.Sequence):
+    """A validated, random-access sequence of (image, caption) pairs.
+
+    Attributes:
+      source: where the data came from (folder path or ``tfds:`` string).
+      names: per example, the filename relative to ``train_images/`` or a TFDS example id.
+      captions: per example, the caption (whitespace-stripped, never empty).
+      skipped: the `BadRow` s left out because of ``skip_bad_rows=True`` (empty otherwise).
+    """
+
+    def __init__(self, *, source: str, names: list[str], captions: list[str],
+                 open_image: Callable[[int], Image.Image], skipped: Iterable[BadRow] = ()):
+        if len(names) != len(captions):
+            raise ValueError("names and captions differ in length")
+        self.source = source
+        self.names = list(names)
+        self.captions = list(captions)
+        self.skipped = list(skipped)
+        self._open_image = open_image
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def _check_index(self, index: int) -> int:
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"example {index} out of range for {n} examples")
+        return index % n
+
+    def get_image(self, index: int) -> Image.Image:
+        """The image of example ``index`` as an RGB PIL image (full size, not preprocessed)."""
+        index = self._check_index(index)
+        try:
+            return to_rgb(self._open_image(index))
+        except Exception as e:  # the file changed after validation, or validation was off
+            raise DataError(f"{self.source}: cannot read image of example {index} "
+                            f"({self.names[index]!r}): {type(e).__name__}: {e}") from e
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, str]:
+        index = self._check_index(index)
+        return self.get_image(index), self.captions[index]
+
+    @property
+    def fingerprint(self) -> str:
+        """A hash of the names and captions, to check that every host loaded the same rows."""
+        digest = hashlib.sha256()
+        for name, caption in zip(self.names, self.captions):
+            digest.update(name.encode() + b"\0" + caption.encode() + b"\0")
+        return digest.hexdigest()[:16]
+
+    def __repr__(self) -> str:
+        return (f"CaptionedImages({self.source!r}, {len(self)} examples, "
+                f"{len(self.skipped)} skipped)")
+
+
+def load_captioned_images(source: str | os.PathLike, *, image_key: str = "image",
+                          caption_key: str = "caption", data_dir: str | os.PathLike | None = None,
+                          skip_bad_rows: bool = False, validate_images: bool = True,
+                          download: bool = False, num_workers: int | None = None) -> CaptionedImages:
+    """Loads and validates captioned images from a folder or a TFDS dataset.
+
+    Args:
+      source: a folder in the ``image_captions.csv`` + ``train_images/`` layout, or
+        ``"tfds:NAME[/CONFIG][:SPLIT]"``. The text after the last ``:`` outside brackets is the
+        split unless it is a version (``tfds:NAME:1.0.0``), so a namespaced name needs an explicit
+        split (``tfds:huggingface:NAME:train``).
+      image_key, caption_key: TFDS feature names; ``/`` reaches into nested features (e.g.
+        ``captions/text``). When the caption feature holds several captions the first is used.
+      data_dir: TFDS data folder (default: TFDS's own, ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``).
+      skip_bad_rows: leave bad rows out (listed in ``.skipped``) instead of raising.
+      validate_images: fully decode every image now (default). Turn off only for large data you
+        trust; an unreadable image then fails the batch that uses it.
+      download: let TFDS download and prepare a dataset that is not in ``data_dir`` yet. Off by
+        default: on multi-host runs every host would download; prepare it once beforehand instead.
+      num_workers: threads for decoding images (default min(16, CPUs)).
+
+    Raises:
+      DataError: a missing folder/CSV/``train_images/``, a wrong CSV header, bad rows (one error
+        listing all of them) unless ``skip_bad_rows``, or no usable rows.
+      ImportError: a ``tfds:`` source without tensorflow-datasets installed.
+    """
+    num_workers = num_workers or _default_workers()
+    if isinstance(source, str) and source.startswith(TFDS_PREFIX):
+        return _load_tfds(source, image_key=image_key, caption_key=caption_key, data_dir=data_dir,
+                          skip_bad_rows=skip_bad_rows, validate_images=validate_images,
+                          download=download, num_workers=num_workers)
+    return _load_folder(Path(source), skip_bad_rows=skip_bad_rows,
+                        validate_images=validate_images, num_workers=num_workers)
+
+
+def _finish(source: str, where: str, names: list[str], captions: list[str],
+            open_image: Callable[[int], Image.Image], bad: list[BadRow], total: int,
+            skip_bad_rows: bool) -> CaptionedImages:
+    """Raises for bad rows (unless skipping) or no usable rows; else builds the dataset."""
+    bad = sorted(bad, key=lambda b: b.row)
+    listing = "\n".join(f"  {b}" for b in bad)
+    if bad and not skip_bad_rows:
+        raise DataError(f"{where}: {len(bad)} bad row{'s' * (len(bad) != 1)} of {total} "
+                        f"(fix them, or pass skip_bad_rows=True to leave them out):\n{listing}", bad)
+    if not names:
+        detail = f"; all {total} rows are bad:\n{listing}" if bad else " (it has no rows)"
+        raise DataError(f"{where}: no usable training examples{detail}", bad)
+    if bad:
+        logger.warning("%s: skipped %d bad rows of %d:\n%s", where, len(bad), total, listing)
+    return CaptionedImages(source=source, names=names, captions=captions, open_image=open_image,
+                           skipped=bad)
+
+
+# ----------------------------------------------------------------------------------------------
+# Folder layout
+
+
+def _read_csv_rows(csv_path: Path) -> Iterator[tuple[int, int, list[str]]]:
+    """Yields (row, start line, fields) for each non-blank data row after checking the header."""
+    try:
+        # utf-8-sig: spreadsheet programs often write a byte-order mark.
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if header is None or [h.strip().lower() for h in header] != list(CSV_HEADER):
+                found = "an empty file" if header is None else repr(",".join(header))
+                raise DataError(f"{csv_path}: the header must be 'filename,caption', found {found}")
+            row = 0
+            while True:
+                line = reader.line_num + 1
+                fields = next(reader, None)
+                if fields is None:
+                    return
+                if all(not field.strip() for field in fields):
+                    continue  # blank lines, e.g. a trailing newline
+                row += 1
+                yield row, line, fields
+    except UnicodeDecodeError as e:
+        raise DataError(f"{csv_path}: not UTF-8 text ({e})") from e
+    except csv.Error as e:  # e.g. a NUL byte or an unterminated quote at the end of the file
+        raise DataError(f"{csv_path}: line {reader.line_num}: malformed CSV ({e})") from e
+
+
+def _path_problem(filename: str) -> str | None:
+    """Why ``filename`` may not be used as a path inside train_images/, or None if it may."""
+    if "\0" in filename:
+        return "filename contains a NUL character"
+    if os.path.isabs(filename) or os.path.splitdrive(filename)[0]:
+        return f"absolute path; filenames must be relative to {IMAGES_DIRNAME}/"
+    normalized = os.path.normpath(filename)
+    if normalized == os.pardir or normalized.startswith(os.pardir + os.sep):
+        return f"path resolves outside {IMAGES_DIRNAME}/"
+    return None
+
+
+def _check_image_file(path: Path) -> str | None:
+    try:
+        to_rgb(_open_image_file(path))
+    except Exception as e:  # PIL raises many types: OSError, SyntaxError, DecompressionBombError...
+        return f"unreadable image ({type(e).__name__}: {e})"
+    return None
+
+
+def _load_folder(root: Path, *, skip_bad_rows: bool, validate_images: bool,
+                 num_workers: int) -> CaptionedImages:
+    root = root.expanduser()
+    if not root.exists():
+        raise DataError(f"training data folder not found: {root} ({_LAYOUT_HELP})")
+    if not root.is_dir():
+        raise DataError(f"training data path is not a folder: {root} ({_LAYOUT_HELP})")
+    csv_path, images_dir = root / CAPTIONS_FILENAME, root / IMAGES_DIRNAME
+    if not csv_path.is_file():
+        raise DataError(f"no {CAPTIONS_FILENAME} in {root} ({_LAYOUT_HELP})")
+    if not images_dir.is_dir():
+        raise DataError(f"no {IMAGES_DIRNAME}/ folder in {root} ({_LAYOUT_HELP})")
+
+    rows, bad, total = [], [], 0  # rows: (row, line, filename, caption, path)
+    for row, line, fields in _read_csv_rows(csv_path):
+        total += 1
+        reasons = []
+        if len(fields) != 2:
+            hint = "; put captions that contain commas in double quotes" if len(fields) > 2 else ""
+            bad.append(BadRow(row, fields[0].strip(), f"expected 2 columns (filename,caption), "
+                              f"found {len(fields)}{hint}", line))
+            continue
+        filename, caption = fields[0].strip(), fields[1].strip()
+        path = None
+        if not filename:
+            reasons.append("empty filename")
+        elif (problem := _path_problem(filename)) is not None:
+            reasons.append(problem)
+        else:
+            path = images_dir / os.path.normpath(filename)
+            if not path.exists():
+                reasons.append(f"file not found: {IMAGES_DIRNAME}/{filename}")
+            elif not path.is_file():
+                reasons.append(f"not a file: {IMAGES_DIRNAME}/{filename}")
+        if not caption:
+            reasons.append("empty caption")
+        if reasons:
+            bad.append(BadRow(row, filename, "; ".join(reasons), line))
+        else:
+            rows.append((row, line, filename, caption, path))
+
+    if validate_images and rows:
+        with concurrent.futures.ThreadPoolExecutor(num_workers) as pool:
+            problems = list(pool.map(_check_image_file, [r[4] for r in rows]))
+        bad += [BadRow(row, filename, problem, line)
+                for (row, line, filename, _, _), problem in zip(rows, problems) if problem]
+        rows = [r for r, problem in zip(rows, problems) if not problem]
+
+    paths = [r[4] for r in rows]
+    return _finish(str(root), str(csv_path), [r[2] for r in rows], [r[3] for r in rows],
+                   lambda i: _open_image_file(paths[i]), bad, total, skip_bad_rows)
+
+
+def write_captioned_folder(path: str | os.PathLike,
+                           items: Iterable[tuple[Image.Image | np.ndarray, str]], *,
+                           image_format: str = "png") -> Path:
+    """Writes (image, caption) pairs in the folder layout `load_captioned_images` reads.
+
+    Images go to ``train_images/000000.png``, ... in their own mode (``image_format="jpeg"``
+    converts to RGB first); captions are CSV-quoted as needed. An existing CSV is overwritten.
+
+    Returns:
+      the folder, as a Path.
+    """
+    root = Path(path)
+    images_dir = root / IMAGES_DIRNAME
+    images_dir.mkdir(parents=True, exist_ok=True)
+    extension = {"png": "png", "jpeg": "jpg", "jpg": "jpg"}[image_format.lower()]
+    with open(root / CAPTIONS_FILENAME, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(CSV_HEADER)
+        for index, (image, caption) in enumerate(items):
+            if isinstance(image, np.ndarray):
+                image = Image.fromarray(image)
+            if extension == "jpg":
+                image = to_rgb(image)
+            filename = f"{index:06d}.{extension}"
+            image.save(images_dir / filename)
+            writer.writerow([filename, caption])
+    return root
+
+
+# ----------------------------------------------------------------------------------------------
+# TFDS
+
+
+def _import_tfds():
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as e:
+        raise ImportError("tfds: sources need the optional package tensorflow-datasets, which is "
+                          f"not installed: {TFDS_INSTALL_HINT}") from e
+    return tfds
+
+
+def _hide_accelerators_from_tensorflow() -> None:
+    """Keeps TensorFlow (used by tfds.load) from reserving GPU memory that JAX needs."""
+    try:
+        import tensorflow as tf
+        tf.config.set_visible_devices([], "GPU")
+    except Exception:  # not installed (tfds.load then says so), or its devices are already set up
+        pass
+
+
+def parse_tfds_source(source: str) -> tuple[str, str]:
+    """``"tfds:NAME[/CONFIG][:SPLIT]"`` -> (TFDS name, split). See `load_captioned_images`."""
+    spec = source[len(TFDS_PREFIX):].strip() if source.startswith(TFDS_PREFIX) else source.strip()
+    depth, cut = 0, -1
+    for i, char in enumerate(spec):  # split slices ("train[:10%]") contain colons too
+        depth += (char == "[") - (char == "]")
+        if char == ":" and depth == 0:
+            cut = i
+    if cut >= 0 and not _VERSION_RE.fullmatch(spec[cut + 1:]):
+        name, split = spec[:cut], spec[cut + 1:]
+    else:
+        name, split = spec, "train"
+    if not name or not split:
+        raise DataError(f"bad TFDS source {source!r}: expected 'tfds:NAME[/CONFIG][:SPLIT]'")
+    return name, split
+
+
+def _feature(example: Any, key: str) -> Any:
+    if isinstance(example, collections.abc.Mapping) and key in example:
+        return example[key]  # a flat key (also how the TFRecord fallback keeps records)
+    for part in key.split("/"):
+        if not isinstance(example, collections.abc.Mapping) or part not in example:
+            available = sorted(example) if isinstance(example, collections.abc.Mapping) else []
+            raise KeyError(f"no feature {key!r} (available here: {available})")
+        example = example[part]
+    return example
+
+
+def _caption_text(value: Any) -> str:
+    if isinstance(value, np.ndarray):
+        value = value.item() if value.ndim == 0 else list(value)
+    if isinstance(value, (list, tuple)):  # several captions per image (e.g. COCO): use the first
+        if not value:
+            raise ValueError("no caption (empty list)")
+        value = value[0]
+        if isinstance(value, np.ndarray) and value.ndim == 0:
+            value = value.item()
+    if isinstance(value, (bytes, np.bytes_)):
+        value = bytes(value).decode("utf-8")
+    if not isinstance(value, str):
+        raise ValueError(f"caption feature holds {type(value).__name__}, not text")
+    return value.strip()
+
+
+def _image_from_value(value: Any) -> Image.Image:
+    """A PIL image from a TFDS image value: encoded bytes (SkipDecoding) or a decoded array."""
+    if isinstance(value, np.ndarray) and value.dtype.kind in "SO" and value.ndim == 0:
+        value = value.item()
+    if isinstance(value, (bytes, np.bytes_)):
+        with Image.open(io.BytesIO(bytes(value))) as image:
+            image.load()
+            return ImageOps.exif_transpose(image)
+    pixels = np.asarray(value)
+    if pixels.ndim == 3 and pixels.shape[-1] == 1:
+        pixels = pixels[..., 0]
+    if pixels.ndim not in (2, 3) or (pixels.ndim == 3 and pixels.shape[-1] not in (2, 3, 4)):
+        raise ValueError(f"image array of shape {pixels.shape} is not HW or HWC with 1-4 channels")
+    if pixels.dtype == np.uint16:
+        pixels = np.rint(pixels / 257.0)
+    elif pixels.dtype.kind == "f":
+        pixels = np.rint(pixels * 255.0)  # float images are taken to be in [0, 1]
+    # PIL picks L / LA / RGB / RGBA from the uint8 array's shape.
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def _nested(key: str, leaf: Any) -> dict:
+    *parents, last = key.split("/")
+    tree = {last: leaf}
+    for part in reversed(parents):
+        tree = {part: tree}
+    return tree
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"
+
+
+def _load_tfds(source: str, *, image_key: str, caption_key: str,
+               data_dir: str | os.PathLike | None, skip_bad_rows: bool, validate_images: bool,
+               download: bool, num_workers: int) -> CaptionedImages:
+    name, split = parse_tfds_source(source)
+    tfds = _import_tfds()
+    where = f"TFDS {name!r} split {split!r}" + (f" in {data_dir}" if data_dir else "")
+    data_dir = os.fspath(data_dir) if data_dir is not None else None
+    # Keep images encoded: the validation pass then only decodes them when asked to, the TFRecord
+    # fallback holds compressed bytes in memory, and PIL does all decoding.
+    decoders = _nested(image_key, tfds.decode.SkipDecoding())
+    try:
+        try:
+            # Random access (ArrayRecord/Parquet), no TensorFlow graph needed.
+            records = tfds.data_source(name, split=split, data_dir=data_dir, download=download,
+                                       decoders=decoders)
+            read = records.__getitem__
+            count = len(records)
+        except (NotImplementedError, AttributeError):
+            # Prepared as TFRecord (or an old tfds without data_source): read it once, in order,
+            # keeping only the two features we use.
+            _hide_accelerators_from_tensorflow()
+            dataset = tfds.load(name, split=split, data_dir=data_dir, download=download,
+                                shuffle_files=False, decoders=decoders)
+            kept = [{image_key: _feature(example, image_key),
+                     caption_key: _feature(example, caption_key)}
+                    for example in tfds.as_numpy(dataset)]
+            read, count = kept.__getitem__, len(kept)
+        first = read(0) if count else None
+    except ImportError as e:
+        raise ImportError(f"{where}: reading it needs tensorflow ({_first_line(e)}): "
+                          f"{TFDS_INSTALL_HINT}") from e
+    except Exception as e:
+        raise DataError(f"cannot open {where}: {_first_line(e)}") from e
+    if first is not None:
+        for key in (image_key, caption_key):
+            try:
+                _feature(first, key)
+            except KeyError as e:
+                raise DataError(f"{where}: {e.args[0]}; set image_key/caption_key") from e
+
+    def check(index: int) -> tuple[str | None, str | None]:
+        """(caption, None) or (None, reason) for one example."""
+        try:
+            example = read(index)
+            caption = _caption_text(_feature(example, caption_key))
+            if validate_images:
+                to_rgb(_image_from_value(_feature(example, image_key)))
+        except Exception as e:
+            return None, f"{type(e).__name__}: {e}"
+        return (caption, None) if caption else (None, "empty caption")
+
+    with concurrent.futures.ThreadPoolExecutor(num_workers) as pool:
+        results = list(pool.map(check, range(count)))
+    indices, captions, bad = [], [], []
+    for index, (caption, reason) in enumerate(results):
+        if reason is None:
+            indices.append(index)
+            captions.append(caption)
+        else:
+            bad.append(BadRow(index, f"{split}[{index}]", reason))
+
+    def open_image(i: int) -> Image.Image:
+        return _image_from_value(_feature(read(indices[i]), image_key))
+
+    return _finish(source, where, [f"{split}[{i}]" for i in indices], captions, open_image, bad,
+                   count, skip_bad_rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# Batches
+
+
+def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
+    """The order of epoch ``epoch``: a permutation of range(num_examples), the same on every host."""
+    return np.random.default_rng([seed, epoch]).permutation(num_examples)
+
+
+def example_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The generator for example ``index``'s crop and flip in ``epoch``.
+
+    The trailing 1 keeps this stream apart from `epoch_permutation`'s ``[seed, epoch]``.
+    """
+    return np.random.default_rng([seed, epoch, index, 1])
+
+
+class BatchIterator:
+    """Deterministic, resumable, per-process batches of preprocessed captioned images.
+
+    Global batch size B = ``batch_size_per_process * process_count``. Each epoch visits the
+    examples in ``epoch_permutation(len(dataset), seed, epoch)`` order, cut into ``len(dataset) // B``
+    global batches (the incomplete last one is dropped); process ``p`` takes rows ``[p*b, (p+1)*b)``
+    of each. The iterator never ends: after the last batch of epoch e comes the first of e + 1.
+
+    The position is the global step: batch ``step`` belongs to epoch ``step // steps_per_epoch``.
+    Save ``state()`` in a checkpoint and pass its ``"step"`` as ``start_step`` (or call
+    ``restore(state)``) to resume exactly at the next batch.
+
+    Each item is a dict:
+      ``pixel_values``: float32 [b, resolution, resolution, 3] in [-1, 1];
+      ``captions``: list of b str; ``indices``: int64 [b] dataset indices;
+      ``step``: the global step of this batch; ``epoch``: its epoch.
+    """
+
+    def __init__(self, dataset: CaptionedImages, *, resolution: int, batch_size_per_process: int,
+                 process_index: int = 0, process_count: int = 1, seed: int = 0,
+                 start_step: int = 0, center_crop: bool = True, random_flip: bool = False,
+                 num_workers: int | None = None,
+                 resample: Image.Resampling = Image.Resampling.BICUBIC):
+        if resolution <= 0 or batch_size_per_process <= 0:
+            raise ValueError("resolution and batch_size_per_process must be positive")
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+        if seed < 0 or start_step < 0:
+            raise ValueError("seed and start_step must be non-negative")
+        self.dataset = dataset
+        self.resolution = resolution
+        self.batch_size_per_process = batch_size_per_process
+        self.process_index = process_index
+        self.process_count = process_count
+        self.global_batch_size = batch_size_per_process * process_count
+        self.steps_per_epoch = len(dataset) // self.global_batch_size
+        if self.steps_per_epoch == 0:
+            raise DataError(f"{dataset.source}: {len(dataset)} usable examples, fewer than one "
+                            f"global batch of {self.global_batch_size} "
+                            f"({batch_size_per_process} per process x {process_count} processes)")
+        self.seed = seed
+        self.step = start_step  # the global step of the next batch
+        self.center_crop = center_crop
+        self.random_flip = random_flip
+        self.resample = resample
+        self._workers = num_workers or _default_workers()
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._order_cache: tuple[int, np.ndarray] | None = None
+
+    @property
+    def epoch(self) -> int:
+        """The epoch of the next batch."""
+        return self.step // self.steps_per_epoch
+
+    def state(self) -> dict[str, int]:
+        """The position to store in a checkpoint: the next batch's global step, plus the settings
+        that must match on resume."""
+        return {"step": self.step, "epoch": self.epoch,
+                "step_in_epoch": self.step % self.steps_per_epoch, "seed": self.seed,
+                "steps_per_epoch": self.steps_per_epoch,
+                "global_batch_size": self.global_batch_size}
+
+    def restore(self, state: dict[str, int]) -> None:
+        """Continues from a `state()` saved earlier.
+
+        Raises DataError if the seed, global batch size or steps per epoch differ: the same step
+        would then map to other examples, silently changing the data order.
+        """
+        for key in ("seed", "global_batch_size", "steps_per_epoch"):
+            if key in state and int(state[key]) != getattr(self, key):
+                raise DataError(f"cannot resume the data order: saved {key}={int(state[key])}, "
+                                f"now {getattr(self, key)} (data, batch size or process count "
+                                f"changed); start a fresh order with start_step=0")
+        self.step = int(state["step"])
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        if self._order_cache is None or self._order_cache[0] != epoch:
+            self._order_cache = (epoch, epoch_permutation(len(self.dataset), self.seed, epoch))
+        return self._order_cache[1]
+
+    def indices_for_step(self, step: int) -> np.ndarray:
+        """The dataset indices this process reads at global step ``step`` (int64 [b])."""
+        epoch, offset = divmod(step, self.steps_per_epoch)
+        start = offset * self.global_batch_size + self.process_index * self.batch_size_per_process
+        return self._epoch_order(epoch)[start:start + self.batch_size_per_process].astype(np.int64)
+
+    def _load_one(self, epoch: int, index: int) -> np.ndarray:
+        rng = example_rng(self.seed, epoch, int(index))
+        # Always draw the flip first, so crops are the same whether flipping is on or off.
+        flip = bool(rng.random() < 0.5) and self.random_flip
+        return preprocess_image(self.dataset.get_image(int(index)), resolution=self.resolution,
+                                center_crop=self.center_crop, flip=flip, rng=rng,
+                                resample=self.resample)
+
+    def batch_at(self, step: int) -> dict[str, Any]:
+        """This process's batch for global step ``step`` (does not move the iterator)."""
+        epoch = step // self.steps_per_epoch
+        indices = self.indices_for_step(step)
+        if self._workers > 1:
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(self._workers)
+            # map keeps the order, so threading does not change the batch.
+            images = list(self._pool.map(lambda i: self._load_one(epoch, i), indices))
+        else:
+            images = [self._load_one(epoch, i) for i in indices]
+        return {"pixel_values": np.stack(images),
+                "captions": [self.dataset.captions[i] for i in indices],
+                "indices": indices, "step": step, "epoch": epoch}
+
+    def __iter__(self) -> BatchIterator:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        batch = self.batch_at(self.step)
+        self.step += 1
+        return batch
+
+    def close(self) -> None:
+        """Stops the loader threads (the iterator still works afterwards, single-threaded)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        self._workers = 1
+
+    def __enter__(self) -> BatchIterator:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def iterate_batches(dataset: CaptionedImages, *, resolution: int, batch_size_per_process: int,
+                    process_index: int = 0, process_count: int = 1, seed: int = 0,
+                    start_step: int = 0, center_crop: bool = True, random_flip: bool = False,
+                    num_workers: int | None = None) -> BatchIterator:
+    """`BatchIterator` as a function; see there. Use ``jax.process_index()``/``jax.process_count()``
+    on multi-host runs."""
+    return BatchIterator(dataset, resolution=resolution,
+                         batch_size_per_process=batch_size_per_process,
+                         process_index=process_index, process_count=process_count, seed=seed,
+                         start_step=start_step, center_crop=center_crop, random_flip=random_flip,
+                         num_workers=num_workers)

@@ -1,0 +1,493 @@
+"""Fine-tuning data: folder/TFDS loading, validation, preprocessing, deterministic sharded batches."""
+
+import io
+import sys
+import types
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdjax.training import data
+from sdjax.training.data import (BatchIterator, DataError, epoch_permutation, iterate_batches,
+                                 load_captioned_images, parse_tfds_source, preprocess_image,
+                                 to_rgb, write_captioned_folder)
+
+RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
+
+
+def _solid(color, size=(40, 30)):
+    return Image.new("RGB", size, color)
+
+
+def _distinct_items(n, size=(40, 30)):
+    """n small images, each a distinct colour with a diagonal stripe (so crops/flips show)."""
+    items = []
+    for i in range(n):
+        pixels = np.zeros((size[1], size[0], 3), np.uint8)
+        pixels[...] = ((37 * i) % 256, (91 * i + 40) % 256, (151 * i + 80) % 256)
+        for x in range(size[0]):
+            pixels[(x * size[1]) // size[0], x] = 255
+        items.append((Image.fromarray(pixels), f"example {i}, colour {i}"))
+    return items
+
+
+@pytest.fixture
+def folder(tmp_path):
+    return write_captioned_folder(tmp_path / "ds", _distinct_items(10))
+
+
+def _write_csv(root, text):
+    (root / "image_captions.csv").write_text(text, encoding="utf-8")
+
+
+# ------------------------------------------------------------------------------------ loading
+
+
+def test_load_folder_layout(folder):
+    ds = load_captioned_images(folder)
+    assert len(ds) == 10 and ds.skipped == []
+    assert ds.captions[3] == "example 3, colour 3"
+    assert ds.names[0] == "000000.png"
+    image, caption = ds[2]
+    assert image.mode == "RGB" and image.size == (40, 30) and caption == "example 2, colour 2"
+    assert np.asarray(ds.get_image(-1))[29, 0].tolist() == [(37 * 9) % 256, (91 * 9 + 40) % 256,
+                                                          (151 * 9 + 80) % 256]
+    with pytest.raises(IndexError):
+        ds.get_image(10)
+    assert load_captioned_images(str(folder)).fingerprint == ds.fingerprint
+
+
+def test_captions_with_commas_quotes_and_newlines(tmp_path):
+    captions = ['a red, square', 'she said "hi", then left', 'two\nlines, too', "  padded  "]
+    root = write_captioned_folder(tmp_path / "ds", [(_solid(RED), c) for c in captions])
+    assert load_captioned_images(root).captions == [c.strip() for c in captions]
+    # A hand-written file (BOM, CRLF, case/space in header, blank lines) reads the same.
+    (root / "image_captions.csv").write_bytes(
+        '\ufeffFilename, Caption\r\n000000.png,"a red, square"\r\n\r\n'
+        '000001.png,"say ""cheese"", please"\r\n'.encode("utf-8"))
+    assert load_captioned_images(root).captions == ["a red, square", 'say "cheese", please']
+
+
+def test_subfolders_and_jpeg(tmp_path):
+    root = write_captioned_folder(tmp_path / "ds", [(_solid(BLUE), "blue")], image_format="jpeg")
+    (root / "train_images" / "sub").mkdir()
+    _solid(GREEN).save(root / "train_images" / "sub" / "g.png")
+    _write_csv(root, "filename,caption\n000000.jpg,blue\nsub/g.png,green\n./sub/../sub/g.png,again\n")
+    ds = load_captioned_images(root)
+    assert ds.names == ["000000.jpg", "sub/g.png", "./sub/../sub/g.png"]
+    assert np.abs(np.asarray(ds.get_image(0)).astype(int) - BLUE).max() < 8
+
+
+# ------------------------------------------------------------------------------ preprocessing
+
+
+def test_preprocess_shape_range_and_centre_crop():
+    # Wide 80x40: left half red, right half blue. Resize to 40x20, centre crop keeps original
+    # columns 20..60, so the crop's left half is red and its right half blue.
+    wide = np.zeros((40, 80, 3), np.uint8)
+    wide[:, :40] = RED
+    wide[:, 40:] = BLUE
+    out = preprocess_image(Image.fromarray(wide), resolution=20)
+    assert out.shape == (20, 20, 3) and out.dtype == np.float32
+    assert out.min() >= -1.0 and out.max() <= 1.0
+    np.testing.assert_allclose(out[10, 3], [1, -1, -1], atol=0.05)
+    np.testing.assert_allclose(out[10, 16], [-1, -1, 1], atol=0.05)
+    # Tall: top half red, bottom half blue -> crop's top is red, bottom blue.
+    out = preprocess_image(Image.fromarray(wide.transpose(1, 0, 2).copy()), resolution=20)
+    np.testing.assert_allclose(out[3, 10], [1, -1, -1], atol=0.05)
+    np.testing.assert_allclose(out[16, 10], [-1, -1, 1], atol=0.05)
+    # Shorter side already at the resolution: no resampling, the crop is exact.
+    stripes = np.zeros((20, 60, 3), np.uint8)
+    stripes[:, :20], stripes[:, 20:40], stripes[:, 40:] = RED, GREEN, BLUE
+    out = preprocess_image(Image.fromarray(stripes), resolution=20)
+    assert (out == np.array([-1, 1, -1], np.float32)).all()
+    # Non-square sizes and upscaling.
+    assert preprocess_image(_solid(RED, (40, 30)), resolution=16).shape == (16, 16, 3)
+    assert preprocess_image(_solid(RED, (7, 9)), resolution=32).shape == (32, 32, 3)
+    with pytest.raises(ValueError, match="rng"):
+        preprocess_image(_solid(RED), resolution=16, center_crop=False)
+
+
+def test_image_modes_become_rgb(tmp_path):
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 255))
+    rgba.putpixel((0, 0), (0, 0, 0, 0))           # fully transparent black -> white
+    rgba.putpixel((1, 0), (0, 0, 255, 128))        # half transparent blue -> light blue
+    gray16 = Image.fromarray(np.array([[0, 32896, 65535, 1000]], np.uint16))
+    palette = Image.new("P", (4, 4), 0)
+    palette.putpalette([0, 255, 0, 10, 20, 30] + [0] * 762)
+    palette.putpixel((1, 1), 1)
+    palette_transparent = palette.copy()
+    palette_transparent.info["transparency"] = 1
+    cases = {
+        "rgba": (rgba, {(0, 0): (255, 255, 255), (1, 0): (127, 127, 255), (2, 2): RED}),
+        "gray": (Image.new("L", (4, 4), 77), {(0, 0): (77, 77, 77)}),
+        "gray_alpha": (Image.new("LA", (4, 4), (50, 0)), {(0, 0): (255, 255, 255)}),
+        "gray16": (gray16, {(0, 0): (0, 0, 0), (1, 0): (128, 128, 128), (2, 0): (255,) * 3,
+                            (3, 0): (4, 4, 4)}),
+        "palette": (palette, {(0, 0): GREEN, (1, 1): (10, 20, 30)}),
+        "palette_transparent": (palette_transparent, {(0, 0): GREEN, (1, 1): (255, 255, 255)}),
+        "bilevel": (Image.new("1", (4, 4), 1), {(0, 0): (255, 255, 255)}),
+    }
+    root = write_captioned_folder(tmp_path / "ds", [(im, name) for name, (im, _) in cases.items()])
+    # CMYK has no PNG form: store it as JPEG next to the others.
+    Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(root / "train_images" / "cmyk.jpg")
+    with open(root / "image_captions.csv", "a", encoding="utf-8") as f:
+        f.write("cmyk.jpg,cmyk\n")
+    ds = load_captioned_images(root)
+    with Image.open(root / "train_images" / "000003.png") as stored:
+        assert stored.mode.startswith("I")  # really stored as 16-bit
+    for i, (name, (_, expected)) in enumerate(cases.items()):
+        image = ds.get_image(i)
+        assert image.mode == "RGB", name
+        for xy, rgb in expected.items():
+            assert np.abs(np.subtract(image.getpixel(xy), rgb)).max() <= 1, (name, xy)
+    cmyk = ds.get_image(len(cases))
+    assert cmyk.mode == "RGB" and np.abs(np.subtract(cmyk.getpixel((4, 4)), RED)).max() < 10
+    # to_rgb leaves RGB alone and handles in-memory float images.
+    red = _solid(RED)
+    assert to_rgb(red) is red
+    assert to_rgb(Image.fromarray(np.full((2, 2), 0.5, np.float32))).getpixel((0, 0)) == (128,) * 3
+
+
+# ------------------------------------------------------------------------------ bad rows
+
+
+def _bad_folder(tmp_path):
+    root = write_captioned_folder(tmp_path / "ds", [(_solid(RED), "ok one"), (_solid(BLUE), "ok")])
+    images = root / "train_images"
+    _solid(GREEN).save(images / "good.png")
+    png = io.BytesIO()
+    _solid(GREEN, (64, 64)).save(png, format="PNG")
+    (images / "truncated.png").write_bytes(png.getvalue()[: len(png.getvalue()) // 2])
+    (images / "not_an_image.png").write_text("hello")
+    (images / "adir").mkdir()
+    _solid(RED).save(tmp_path / "outside.png")  # exists, but outside train_images/
+    _write_csv(root, "\n".join([
+        "filename,caption",
+        '000000.png,"a caption that spans',
+        'two lines"',                                  # row 1, lines 2-3
+        "missing.png,a cat",                           # row 2, line 4
+        "truncated.png,a dog",                         # row 3
+        "not_an_image.png,a bird",                     # row 4
+        "good.png,",                                   # row 5
+        'good.png,"   "',                              # row 6
+        "../outside.png,escape",                       # row 7
+        f"{tmp_path / 'outside.png'},absolute",        # row 8
+        "good.png,a red, square,unquoted",             # row 9
+        "good.png",                                    # row 10
+        ",no file",                                    # row 11
+        "adir,a folder",                               # row 12
+        "sub/../../outside.png,sneaky",                # row 13
+        "000001.png,ok",                               # row 14
+    ]) + "\n")
+    return root
+
+
+_EXPECTED_BAD = {  # row: (filename, words in the reason)
+    2: ("missing.png", "file not found"),
+    3: ("truncated.png", "unreadable image"),
+    4: ("not_an_image.png", "unreadable image"),
+    5: ("good.png", "empty caption"),
+    6: ("good.png", "empty caption"),
+    7: ("../outside.png", "outside train_images"),
+    8: ("outside.png", "absolute path"),
+    9: ("good.png", "expected 2 columns"),
+    10: ("good.png", "found 1"),
+    11: ("", "empty filename"),
+    12: ("adir", "not a file"),
+    13: ("sub/../../outside.png", "outside train_images"),
+}
+
+
+def test_every_bad_row_is_listed_in_one_error(tmp_path):
+    root = _bad_folder(tmp_path)
+    with pytest.raises(DataError) as info:
+        load_captioned_images(root)
+    message = str(info.value)
+    assert f"{len(_EXPECTED_BAD)} bad rows of 14" in message and "skip_bad_rows" in message
+    assert [b.row for b in info.value.bad_rows] == sorted(_EXPECTED_BAD)
+    for bad in info.value.bad_rows:
+        filename, reason = _EXPECTED_BAD[bad.row]
+        assert filename in bad.name and reason in bad.reason, bad
+        assert str(bad) in message
+    lines = {b.row: b.line for b in info.value.bad_rows}
+    assert lines[2] == 4 and lines[13] == 15  # line numbers count the two-line caption
+
+
+def test_skip_bad_rows(tmp_path):
+    ds = load_captioned_images(_bad_folder(tmp_path), skip_bad_rows=True)
+    assert ds.names == ["000000.png", "000001.png"]
+    assert ds.captions == ["a caption that spans\ntwo lines", "ok"]
+    assert len(ds.skipped) == len(_EXPECTED_BAD)
+    assert {b.row for b in ds.skipped} == set(_EXPECTED_BAD)
+
+
+def test_no_validate_images_defers_decoding(tmp_path):
+    root = write_captioned_folder(tmp_path / "ds", [(_solid(RED), "a")])
+    (root / "train_images" / "000000.png").write_text("not a png")
+    ds = load_captioned_images(root, validate_images=False)
+    with pytest.raises(DataError, match="000000.png"):
+        ds.get_image(0)
+
+
+def test_folder_level_errors(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        load_captioned_images(tmp_path / "nope")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DataError, match="not a folder"):
+        load_captioned_images(tmp_path / "file")
+    root = tmp_path / "ds"
+    (root / "train_images").mkdir(parents=True)
+    with pytest.raises(DataError, match="no image_captions.csv"):
+        load_captioned_images(root)
+    _write_csv(root, "filename,caption\n")
+    (root / "train_images").rmdir()
+    with pytest.raises(DataError, match="no train_images/"):
+        load_captioned_images(root)
+    (root / "train_images").mkdir()
+    with pytest.raises(DataError, match="no usable training examples.*no rows"):
+        load_captioned_images(root)
+    for text, found in [("", "an empty file"), ("file,text\na.png,x\n", "'file,text'"),
+                        ("filename,caption,extra\n", "'filename,caption,extra'"),
+                        ("a.png,a cat\n", "'a.png,a cat'")]:
+        _write_csv(root, text)
+        with pytest.raises(DataError, match="header must be 'filename,caption'") as info:
+            load_captioned_images(root)
+        assert found in str(info.value)
+    _write_csv(root, "filename,caption\nmissing.png,x\n")
+    with pytest.raises(DataError, match="no usable training examples; all 1 rows are bad"):
+        load_captioned_images(root, skip_bad_rows=True)
+    (root / "image_captions.csv").write_bytes(b"filename,caption\n\xff\xfe.png,x\n")
+    with pytest.raises(DataError, match="not UTF-8"):
+        load_captioned_images(root)
+
+
+# ------------------------------------------------------------------------------ batches
+
+
+def test_epoch_order_is_deterministic_and_changes_per_epoch():
+    np.testing.assert_array_equal(epoch_permutation(50, 3, 0), epoch_permutation(50, 3, 0))
+    assert sorted(epoch_permutation(50, 3, 0)) == list(range(50))
+    assert not np.array_equal(epoch_permutation(50, 3, 0), epoch_permutation(50, 3, 1))
+    assert not np.array_equal(epoch_permutation(50, 3, 0), epoch_permutation(50, 4, 0))
+
+
+def test_batches_cover_each_epoch_and_drop_the_last(folder):
+    ds = load_captioned_images(folder)
+    it = iterate_batches(ds, resolution=16, batch_size_per_process=3, seed=7)
+    assert it.steps_per_epoch == 3  # 10 // 3: one example per epoch is left out
+    batches = [next(it) for _ in range(6)]
+    for epoch in (0, 1):
+        seen = np.concatenate([b["indices"] for b in batches[3 * epoch: 3 * epoch + 3]])
+        assert len(set(seen.tolist())) == 9
+        np.testing.assert_array_equal(seen, epoch_permutation(10, 7, epoch)[:9])
+        assert all(b["epoch"] == epoch for b in batches[3 * epoch: 3 * epoch + 3])
+    assert [b["step"] for b in batches] == list(range(6))
+    b = batches[0]
+    assert b["pixel_values"].shape == (3, 16, 16, 3) and b["pixel_values"].dtype == np.float32
+    assert b["captions"] == [ds.captions[i] for i in b["indices"]]
+    again = iterate_batches(ds, resolution=16, batch_size_per_process=3, seed=7, num_workers=1)
+    np.testing.assert_array_equal(next(again)["pixel_values"], b["pixel_values"])
+
+
+def test_processes_partition_the_global_batch(folder):
+    ds = load_captioned_images(folder)
+    kwargs = dict(resolution=16, seed=1, center_crop=False, random_flip=True)
+    single = iterate_batches(ds, batch_size_per_process=4, **kwargs)
+    hosts = [iterate_batches(ds, batch_size_per_process=2, process_index=p, process_count=2,
+                             **kwargs) for p in (0, 1)]
+    assert hosts[0].steps_per_epoch == single.steps_per_epoch == 2
+    for _ in range(5):  # crosses epoch boundaries
+        whole, parts = next(single), [next(h) for h in hosts]
+        assert not set(parts[0]["indices"].tolist()) & set(parts[1]["indices"].tolist())
+        np.testing.assert_array_equal(np.concatenate([p["indices"] for p in parts]),
+                                      whole["indices"])
+        np.testing.assert_array_equal(
+            np.concatenate([p["pixel_values"] for p in parts]), whole["pixel_values"])
+        assert parts[0]["captions"] + parts[1]["captions"] == whole["captions"]
+    with pytest.raises(ValueError):
+        iterate_batches(ds, batch_size_per_process=2, process_index=2, process_count=2, **kwargs)
+
+
+def test_resume_replays_the_same_batches(folder):
+    ds = load_captioned_images(folder)
+    kwargs = dict(resolution=16, batch_size_per_process=4, seed=5, center_crop=False,
+                  random_flip=True)
+    reference = iterate_batches(ds, **kwargs)
+    expected = [next(reference) for _ in range(7)]
+    resumed = iterate_batches(ds, start_step=3, **kwargs)
+    for want in expected[3:]:
+        got = next(resumed)
+        assert got["step"] == want["step"] and got["captions"] == want["captions"]
+        np.testing.assert_array_equal(got["pixel_values"], want["pixel_values"])
+    # Through the saved state, as a checkpoint would do.
+    it = iterate_batches(ds, **kwargs)
+    for _ in range(5):
+        next(it)
+    state = it.state()
+    assert state["step"] == 5 and state["epoch"] == 2 and state["step_in_epoch"] == 1
+    restored = iterate_batches(ds, **kwargs)
+    restored.restore(state)
+    np.testing.assert_array_equal(next(restored)["pixel_values"], expected[5]["pixel_values"])
+    with pytest.raises(DataError, match="seed"):
+        iterate_batches(ds, **{**kwargs, "seed": 6}).restore(state)
+    with pytest.raises(DataError, match="global_batch_size"):
+        iterate_batches(ds, **{**kwargs, "batch_size_per_process": 2}).restore(state)
+
+
+def test_random_crop_and_flip_are_deterministic(tmp_path):
+    # One wide image with a horizontal gradient: every crop position and flip looks different.
+    gradient = np.tile(np.arange(0, 240, 3, dtype=np.uint8)[None, :, None], (20, 1, 3))
+    root = write_captioned_folder(tmp_path / "ds", [(Image.fromarray(gradient), f"g{i}")
+                                                    for i in range(8)])
+    ds = load_captioned_images(root)
+    make = lambda flip: iterate_batches(ds, resolution=20, batch_size_per_process=8, seed=3,
+                                        center_crop=False, random_flip=flip)
+    plain, flipped, flipped_again = make(False), make(True), make(True)
+    for _ in range(2):  # two epochs
+        a, b, c = next(plain), next(flipped), next(flipped_again)
+        np.testing.assert_array_equal(b["pixel_values"], c["pixel_values"])
+        assert len({float(x[0, 0, 0]) for x in a["pixel_values"]}) > 1  # crops vary
+        was_flipped = []
+        for x, y in zip(a["pixel_values"], b["pixel_values"]):
+            if np.array_equal(x, y):
+                was_flipped.append(False)
+            else:  # the same crop, mirrored (the flip draw comes before the crop draws)
+                np.testing.assert_array_equal(x[:, ::-1], y)
+                was_flipped.append(True)
+        assert 0 < sum(was_flipped) < 8
+    # Different epochs give different crops for the same example.
+    first = make(False)
+    e0 = {int(i): x for i, x in zip(first.indices_for_step(0), next(first)["pixel_values"])}
+    e1 = {int(i): x for i, x in zip(first.indices_for_step(1), next(first)["pixel_values"])}
+    assert any(not np.array_equal(e0[i], e1[i]) for i in e0)
+
+
+def test_too_few_examples_for_a_global_batch(folder):
+    ds = load_captioned_images(folder)
+    with pytest.raises(DataError, match="fewer than one global batch of 12"):
+        BatchIterator(ds, resolution=16, batch_size_per_process=6, process_count=2)
+
+
+# ------------------------------------------------------------------------------ TFDS
+
+
+def _png_bytes(pixels):
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _fake_tfds(monkeypatch, examples, *, random_access=True, honour_decoders=True):
+    """Installs a stand-in for tensorflow_datasets with the calls data.py makes.
+
+    Like real TFDS, SkipDecoding turns the image into its encoded bytes, captions are bytes, and
+    data_source raises NotImplementedError for datasets prepared as TFRecord.
+    """
+    calls = []
+    module = types.ModuleType("tensorflow_datasets")
+
+    class SkipDecoding:
+        pass
+
+    module.decode = types.SimpleNamespace(SkipDecoding=SkipDecoding)
+
+    def materialize(decoders):
+        skip = honour_decoders and isinstance((decoders or {}).get("image"), SkipDecoding)
+        return [dict(ex, image=_png_bytes(ex["image"])) if skip else ex for ex in examples]
+
+    def data_source(name, *, split=None, data_dir=None, download=True, decoders=None):
+        calls.append(("data_source", name, split, data_dir, download))
+        if not random_access:
+            raise NotImplementedError("Random access data source for file format "
+                                      "FileFormat.TFRECORD is not supported.")
+        return materialize(decoders)
+
+    def load(name, *, split=None, data_dir=None, download=True, shuffle_files=False,
+             decoders=None):
+        calls.append(("load", name, split, data_dir, download))
+        return materialize(decoders)
+
+    module.data_source, module.load, module.as_numpy = data_source, load, iter
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", module)
+    return calls
+
+
+def _tfds_examples():
+    examples = []
+    for i, color in enumerate([RED, GREEN, BLUE, (9, 9, 9)]):
+        examples.append({"image": np.full((30, 40, 3), color, np.uint8),
+                         "caption": f"colour {i}, ok".encode(),
+                         "captions": {"text": [f"first {i}".encode(), b"second"]}})
+    return examples
+
+
+@pytest.mark.parametrize("random_access", [True, False])
+def test_tfds_source(monkeypatch, tmp_path, random_access):
+    calls = _fake_tfds(monkeypatch, _tfds_examples(), random_access=random_access)
+    ds = load_captioned_images("tfds:tiny_caps/v1:train[:4]", data_dir=tmp_path)
+    assert calls[0] == ("data_source", "tiny_caps/v1", "train[:4]", str(tmp_path), False)
+    assert [c[0] for c in calls] == (["data_source"] if random_access else ["data_source", "load"])
+    assert ds.captions == ["colour 0, ok", "colour 1, ok", "colour 2, ok", "colour 3, ok"]
+    assert ds.get_image(1).getpixel((0, 0)) == GREEN
+    nested = load_captioned_images("tfds:tiny_caps", caption_key="captions/text")
+    assert nested.captions[2] == "first 2"
+    batch = next(iterate_batches(nested, resolution=16, batch_size_per_process=4))
+    assert batch["pixel_values"].shape == (4, 16, 16, 3)
+
+
+def test_tfds_decoded_arrays_bad_rows_and_keys(monkeypatch):
+    examples = _tfds_examples()
+    examples[1] = dict(examples[1], caption=b"  ")
+    examples[2] = dict(examples[2], image=np.zeros((5,), np.uint8))  # not an image
+    examples.append({"image": np.full((6, 6, 1), 2000, np.uint16), "caption": np.array(b"gray16"),
+                     "captions": {"text": []}})
+    _fake_tfds(monkeypatch, examples, honour_decoders=False)  # images arrive as arrays
+    with pytest.raises(DataError) as info:
+        load_captioned_images("tfds:tiny_caps")
+    assert [(b.row, b.name) for b in info.value.bad_rows] == [(1, "train[1]"), (2, "train[2]")]
+    assert "empty caption" in str(info.value) and "shape (5,)" in str(info.value)
+    ds = load_captioned_images("tfds:tiny_caps", skip_bad_rows=True)
+    assert ds.captions == ["colour 0, ok", "colour 3, ok", "gray16"]
+    assert ds.get_image(2).getpixel((0, 0)) == (8, 8, 8)  # 2000 / 257
+    with pytest.raises(DataError, match="no feature 'img'"):
+        load_captioned_images("tfds:tiny_caps", image_key="img")
+    with pytest.raises(DataError, match="empty list"):
+        load_captioned_images("tfds:tiny_caps", caption_key="captions/text")
+
+
+def test_tfds_open_errors_are_data_errors(monkeypatch):
+    _fake_tfds(monkeypatch, _tfds_examples())
+
+    def not_found(name, **kwargs):
+        raise ValueError(f"Dataset {name} not found.\nAvailable datasets:\n\t- mnist")
+
+    monkeypatch.setattr(sys.modules["tensorflow_datasets"], "data_source", not_found)
+    with pytest.raises(DataError, match="Dataset nope not found") as info:
+        load_captioned_images("tfds:nope")
+    assert "mnist" not in str(info.value)  # only the first line of TFDS's long listing
+
+
+def test_tfds_missing_package(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # makes the import fail
+    with pytest.raises(ImportError, match=r'pip install "sdjax\[tfds\]"'):
+        load_captioned_images("tfds:mnist")
+
+
+def test_parse_tfds_source():
+    assert parse_tfds_source("tfds:mnist") == ("mnist", "train")
+    assert parse_tfds_source("tfds:coco_captions/2017:validation") == ("coco_captions/2017",
+                                                                      "validation")
+    assert parse_tfds_source("tfds:ds/cfg:train[:10%]") == ("ds/cfg", "train[:10%]")
+    assert parse_tfds_source("tfds:ds:train[10:20]+test") == ("ds", "train[10:20]+test")
+    assert parse_tfds_source("tfds:ds/cfg:1.2.0") == ("ds/cfg:1.2.0", "train")
+    assert parse_tfds_source("tfds:ds/cfg:1.2.0:test") == ("ds/cfg:1.2.0", "test")
+    assert parse_tfds_source("tfds:huggingface:foo:train") == ("huggingface:foo", "train")
+    for bad in ("tfds:", "tfds::train", "tfds:ds:"):
+        with pytest.raises(DataError):
+            parse_tfds_source(bad)
+
+
+def test_module_constants():
+    assert data.TFDS_INSTALL_HINT == 'pip install "sdjax[tfds]"'
