@@ -211,7 +211,7 @@ def load_weights(model_cls, config, file: str | os.PathLike, *, dtype=jnp.float3
     dtype = resolve_dtype(dtype)
     spec = SPECS[model_cls]
     graphdef, state = _abstract_state(model_cls, config, dtype)
-    expected = {path: var.value for path, var in nnx.to_flat_state(state)}  # path -> ShapeDtypeStruct
+    expected = {path: var.get_value() for path, var in nnx.to_flat_state(state)}  # path -> ShapeDtypeStruct
     is_flax = file.suffix == ".msgpack"
     names = {path: flax_key(path, spec.flax_joins_indices) if is_flax else torch_key(path) for path in expected}
     by_name = {name: path for path, name in names.items()}
@@ -251,7 +251,7 @@ def load_weights(model_cls, config, file: str | os.PathLike, *, dtype=jnp.float3
     _check_complete(file, names, loaded, unexpected)
     flat = nnx.to_flat_state(state)
     for path, var in flat:
-        var.value = loaded[path]
+        var.set_value(loaded[path])
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
@@ -374,7 +374,7 @@ def from_pretrained(model_cls, path_or_repo_id, *, subfolder=None, revision=None
 def _numpy_params(model, dtype=None) -> dict[tuple, np.ndarray]:
     out = {}
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        a = np.asarray(jax.device_get(var.value))
+        a = np.asarray(jax.device_get(var.get_value()))
         out[path] = a.astype(resolve_dtype(dtype)) if dtype is not None else a
     return out
 
@@ -414,4 +414,59 @@ def save_pretrained(model, directory: str | os.PathLike, *, format: str = "both"
             node[leaf] = a
         _atomic_write(directory / spec.flax_file, lambda tmp: tmp.write_bytes(msgpack_serialize(tree)))
     _atomic_write(directory / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
+    return directory
+
+
+PIPELINE_PARTS = {  # folder -> (library, PyTorch class, old Flax class)
+    "text_encoder": ("transformers", "CLIPTextModel", "FlaxCLIPTextModel"),
+    "tokenizer": ("transformers", "CLIPTokenizer", "CLIPTokenizer"),
+    "unet": ("diffusers", "UNet2DConditionModel", "FlaxUNet2DConditionModel"),
+    "vae": ("diffusers", "AutoencoderKL", "FlaxAutoencoderKL"),
+}
+
+
+def save_pipeline(directory: str | os.PathLike, *, text_encoder, tokenizer, unet, vae, scheduler_config: dict,
+                  format: str = "both", dtype=None, overwrite: bool = False) -> Path:
+    """Write a complete diffusers pipeline folder (model_index.json, scheduler, tokenizer and the
+    three models) that ``StableDiffusion.from_pretrained`` and diffusers' PyTorch
+    ``StableDiffusionPipeline.from_pretrained`` both load.
+
+    The folder is assembled under a temporary name and renamed into place at the end, so an
+    interrupted save never leaves a half-written pipeline.
+    """
+    import shutil
+    import tempfile
+    directory = Path(directory)
+    if directory.exists() and not overwrite and any(directory.iterdir()):
+        raise FileExistsError(f"{directory} exists and is not empty (pass overwrite=True to replace it)")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        flax_names = format == "flax"
+        index = {"_class_name": "FlaxStableDiffusionPipeline" if flax_names else "StableDiffusionPipeline",
+                 "_diffusers_version": DIFFUSERS_VERSION,
+                 "feature_extractor": [None, None], "safety_checker": [None, None],
+                 "requires_safety_checker": False}
+        for part, (lib, torch_cls, flax_cls) in PIPELINE_PARTS.items():
+            index[part] = [lib, flax_cls if flax_names else torch_cls]
+        scheduler = dict(scheduler_config)
+        scheduler_cls = scheduler.get("_class_name", "PNDMScheduler").removeprefix("Flax")
+        scheduler["_class_name"] = ("Flax" + scheduler_cls) if flax_names else scheduler_cls
+        index["scheduler"] = ["diffusers", scheduler["_class_name"]]
+        (tmp / "scheduler").mkdir()
+        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2) + "\n")
+        tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        for part, model in (("text_encoder", text_encoder), ("unet", unet), ("vae", vae)):
+            save_pretrained(model, tmp / part, format=format, dtype=dtype)
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old")
+            os.replace(directory, old)
+            os.replace(tmp, directory)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return directory

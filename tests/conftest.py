@@ -11,7 +11,12 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no network in CI: never try the Hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests import reference.py
 
 
 def pytest_addoption(parser):
@@ -26,3 +31,31 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip_slow)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    """Tiny random-weight reference models and their checkpoints in every layout.
+
+    Returns a dict: kind -> {"torch": the PyTorch model, "<layout>": weights file}, layouts being
+    "safetensors", "flax" (fp32 msgpack) and "flax_bf16" (bf16 msgpack); the VAE also has
+    "bin_old_names" (a .bin with the pre-0.14 attention names).
+    """
+    import numpy as np
+    import ml_dtypes
+    import reference as R
+
+    root = tmp_path_factory.mktemp("tiny")
+    out = {}
+    for kind, make in (("unet", R.torch_unet), ("vae", R.torch_vae), ("clip", R.torch_clip)):
+        model = make()
+        entry = {"torch": model,
+                 "safetensors": R.save_torch_layout(model, root / kind / "safetensors"),
+                 "flax": R.save_flax_layout(model, root / kind / "flax", kind=kind),
+                 "flax_bf16": R.save_flax_layout(model, root / kind / "flax_bf16", kind=kind,
+                                                 dtype=ml_dtypes.bfloat16)}
+        if kind == "vae":
+            entry["bin_old_names"] = R.save_torch_layout(model, root / kind / "bin_old", safe=False,
+                                                         old_vae_names=True)
+        out[kind] = entry
+    return out

@@ -164,12 +164,14 @@ def save_torch_layout(model: torch.nn.Module, directory: Path, *, safe: bool = T
 def write_tiny_tokenizer(directory: Path) -> Path:
     """A small but real CLIP BPE vocabulary (vocab.json + merges.txt) in CLIPTokenizer's format:
     byte-level base tokens, their end-of-word forms, a few merges and the two special tokens."""
-    from transformers.models.clip.tokenization_clip import bytes_to_unicode
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    base = list(bytes_to_unicode().values())
+    # GPT-2/CLIP byte-level alphabet: printable bytes stand for themselves, the rest map above 255.
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = iter(range(256, 512))
+    base = [chr(b) if b in printable else chr(next(shifted)) for b in range(256)]
     vocab = base + [b + "</w>" for b in base]
-    merges = ["a </w>", "t h", "th e</w>", "o f</w>", "c a", "ca t</w>", "d o", "do g</w>", "p h", "o t",
+    merges = ["t h", "th e</w>", "o f</w>", "c a", "ca t</w>", "d o", "do g</w>", "p h", "o t",
               "ph ot", "phot o</w>", "r e", "re d</w>", "b l", "bl u", "blu e</w>", "i n</w>"]
     for m in merges:
         vocab.append(m.replace(" ", ""))

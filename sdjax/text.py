@@ -1,0 +1,39 @@
+"""Prompt tokenization with transformers' CLIPTokenizer (vocab.json + merges.txt, or tokenizer.json)."""
+from __future__ import annotations
+
+import warnings
+from typing import Sequence
+
+import numpy as np
+
+from sdjax.weights import CheckpointError, resolve_model_dir
+
+
+def load_tokenizer(path_or_repo_id, *, subfolder: str | None = "tokenizer", revision: str | None = None):
+    """The checkpoint's ``CLIPTokenizer`` (from a local pipeline folder or a Hub repo id)."""
+    from transformers import CLIPTokenizer
+    directory = resolve_model_dir(path_or_repo_id, subfolder, revision, allow_patterns=["*.json", "*.txt"])
+    try:
+        return CLIPTokenizer.from_pretrained(str(directory))
+    except Exception as e:
+        raise CheckpointError(f"{directory}: not a readable CLIP tokenizer "
+                              f"(needs vocab.json + merges.txt or tokenizer.json): {e}") from e
+
+
+def tokenize(tokenizer, prompts: str | Sequence[str], max_length: int | None = None) -> np.ndarray:
+    """Token ids int32 [B, max_length] (77 for SD), padded with the end token as SD was trained.
+
+    A prompt longer than the text encoder's window is truncated, with a warning that says how
+    many tokens were dropped.
+    """
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    max_length = max_length or tokenizer.model_max_length
+    full = tokenizer(prompts, padding=False, truncation=False, verbose=False).input_ids
+    for i, ids in enumerate(full):
+        if len(ids) > max_length:
+            dropped = len(ids) - max_length
+            warnings.warn(f"prompt {i} is {len(ids)} tokens long; CLIP reads {max_length} (start and end "
+                          f"tokens included), so the last {dropped} tokens were dropped: "
+                          f"{tokenizer.decode(ids[max_length - 1:-1])!r}", UserWarning, stacklevel=2)
+    ids = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True).input_ids
+    return np.asarray(ids, dtype=np.int32)

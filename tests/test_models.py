@@ -1,0 +1,164 @@
+"""Parity of sdjax's CLIP, UNet and VAE with transformers / diffusers PyTorch (fp32), from every layout."""
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import reference as R
+from sdjax import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
+
+LAYOUTS = ["safetensors", "flax", "bin_old_names"]
+TOL = 1e-4
+
+
+def nchw(x_BHWC):
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(x_BHWC).transpose(0, 3, 1, 2)))
+
+
+def nhwc(t):
+    return t.detach().numpy().transpose(0, 2, 3, 1)
+
+
+def max_err(a, b):
+    return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
+
+
+def load(model_cls, entry, layout, dtype=jnp.float32):
+    return model_cls.from_pretrained(entry[layout].parent, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- CLIP
+def clip_outputs(model, ids):
+    out = model(jnp.asarray(ids), output_hidden_states=True)
+    return out
+
+
+@pytest.mark.parametrize("layout", ["safetensors", "flax"])
+def test_clip_matches_transformers(tiny_checkpoints, layout):
+    entry = tiny_checkpoints["clip"]
+    ids = np.random.default_rng(0).integers(3, 1000, (3, 77))
+    ids[:, 0], ids[0, 5], ids[1, 76], ids[2, 30] = 0, 999, 999, 999  # bos and an end token (largest id)
+    ours = clip_outputs(load(CLIPTextModel, entry, layout), ids)
+    with torch.no_grad():
+        ref = entry["torch"](torch.from_numpy(ids), output_hidden_states=True)
+    assert max_err(ours.last_hidden_state, ref.last_hidden_state) < TOL
+    assert max_err(ours.pooler_output, ref.pooler_output) < TOL
+    assert len(ours.hidden_states) == len(ref.hidden_states) == 4
+    for a, b in zip(ours.hidden_states, ref.hidden_states):
+        assert max_err(a, b) < TOL
+
+
+def test_clip_pooling_with_explicit_eos_id(tmp_path):
+    """Newer CLIP configs name the real end token; pooling must pick its first occurrence."""
+    cfg = dict(R.TINY_CLIP, eos_token_id=7)
+    ref_model = R.torch_clip(cfg, seed=3)
+    R.save_torch_layout(ref_model, tmp_path)
+    ids = np.random.default_rng(1).integers(10, 1000, (2, 77))
+    ids[0, 4] = ids[0, 9] = 7
+    ids[1, 60] = 7
+    ours = CLIPTextModel.from_pretrained(tmp_path)(jnp.asarray(ids))
+    with torch.no_grad():
+        ref = ref_model(torch.from_numpy(ids))
+    assert max_err(ours.pooler_output, ref.pooler_output) < TOL
+
+
+# ----------------------------------------------------------------------------- UNet
+@pytest.mark.parametrize("layout", ["safetensors", "flax"])
+def test_unet_matches_diffusers(tiny_checkpoints, layout):
+    entry = tiny_checkpoints["unet"]
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 16, 16, 4)).astype(np.float32)
+    ctx = rng.standard_normal((4, 77, 32)).astype(np.float32)
+    t = np.array([0, 10, 500, 999])
+    ours = load(UNet2DConditionModel, entry, layout)(jnp.asarray(x), jnp.asarray(t), jnp.asarray(ctx))
+    with torch.no_grad():
+        ref = entry["torch"](nchw(x), torch.from_numpy(t), torch.from_numpy(ctx)).sample
+    assert np.abs(nhwc(ref)).max() > 0.1  # a real signal, not zeros
+    assert max_err(ours, nhwc(ref)) < TOL
+
+
+def test_unet_odd_latent_size(tiny_checkpoints):
+    """Latents whose size is not a multiple of 4 need the skip-shaped upsample (upsample_size)."""
+    entry = tiny_checkpoints["unet"]
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 10, 14, 4)).astype(np.float32)
+    ctx = rng.standard_normal((2, 5, 32)).astype(np.float32)
+    ours = load(UNet2DConditionModel, entry, "safetensors")(jnp.asarray(x), jnp.float32(321.0), jnp.asarray(ctx))
+    with torch.no_grad():
+        ref = entry["torch"](nchw(x), 321, torch.from_numpy(ctx)).sample
+    assert ours.shape == (2, 10, 14, 4)
+    assert max_err(ours, nhwc(ref)) < TOL
+
+
+def test_unet_sd2_style_config(tmp_path):
+    """SD 2.x keys: linear projections, per-block head counts, upcast attention."""
+    cfg = dict(R.TINY_UNET, use_linear_projection=True, attention_head_dim=[2, 4, 4], upcast_attention=True)
+    ref_model = R.torch_unet(cfg, seed=5)
+    R.save_torch_layout(ref_model, tmp_path)
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
+    ctx = rng.standard_normal((2, 7, 32)).astype(np.float32)
+    ours = UNet2DConditionModel.from_pretrained(tmp_path)(jnp.asarray(x), jnp.array([3, 700]), jnp.asarray(ctx))
+    with torch.no_grad():
+        ref = ref_model(nchw(x), torch.tensor([3, 700]), torch.from_numpy(ctx)).sample
+    assert max_err(ours, nhwc(ref)) < TOL
+
+
+def test_unet_rejects_unsupported_config(tmp_path):
+    with pytest.raises(NotImplementedError, match="class_embed_type"):
+        UNet2DConditionModel({**R.TINY_UNET, "class_embed_type": "timestep"}, rngs=__import__("flax").nnx.Rngs(0))
+
+
+# ----------------------------------------------------------------------------- VAE
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_vae_matches_diffusers(tiny_checkpoints, layout):
+    entry = tiny_checkpoints["vae"]
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
+    latents = rng.standard_normal((2, 16, 16, 4)).astype(np.float32)
+    vae = load(AutoencoderKL, entry, layout)
+    posterior = vae.encode(jnp.asarray(images))
+    decoded = vae.decode(jnp.asarray(latents))
+    with torch.no_grad():
+        ref_post = entry["torch"].encode(nchw(images)).latent_dist
+        ref_dec = entry["torch"].decode(nchw(latents)).sample
+    assert max_err(posterior.mean, nhwc(ref_post.mean)) < TOL
+    assert max_err(posterior.logvar, nhwc(ref_post.logvar)) < TOL
+    assert max_err(decoded, nhwc(ref_dec)) < TOL
+    assert vae.scaling_factor == entry["torch"].config.scaling_factor
+
+
+# ----------------------------------------------------------------------------- layouts and dtypes
+@pytest.mark.parametrize("kind,cls", [("unet", UNet2DConditionModel), ("vae", AutoencoderKL), ("clip", CLIPTextModel)])
+def test_layouts_give_identical_params(tiny_checkpoints, kind, cls):
+    from flax import nnx
+    entry = tiny_checkpoints[kind]
+    layouts = ["safetensors", "flax"] + (["bin_old_names"] if kind == "vae" else [])
+    states = [nnx.to_flat_state(nnx.state(load(cls, entry, lay), nnx.Param)) for lay in layouts]
+    first = dict(states[0])
+    for other in states[1:]:
+        other = dict(other)
+        assert first.keys() == other.keys()
+        for path in first:
+            np.testing.assert_array_equal(np.asarray(first[path].get_value()), np.asarray(other[path].get_value()),
+                                          err_msg=str(path))
+
+
+@pytest.mark.parametrize("layout", ["safetensors", "flax_bf16"])
+def test_bf16_loading(tiny_checkpoints, layout):
+    """bf16 from an fp32 file (cast on load) or a bf16 msgpack file: params are bf16 and the
+    output stays close to fp32 (the bound here is the one BENCHMARKS.md reports at full size)."""
+    from flax import nnx
+    entry = tiny_checkpoints["unet"]
+    model = load(UNet2DConditionModel, entry, layout, dtype=jnp.bfloat16)
+    dtypes = {v.get_value().dtype for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    assert dtypes == {jnp.dtype(jnp.bfloat16)}
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 16, 16, 4)).astype(np.float32)
+    ctx = rng.standard_normal((2, 77, 32)).astype(np.float32)
+    t = np.array([10, 800])
+    out = model(jnp.asarray(x), jnp.asarray(t), jnp.asarray(ctx))
+    assert out.dtype == jnp.bfloat16
+    ref = load(UNet2DConditionModel, entry, "safetensors")(jnp.asarray(x), jnp.asarray(t), jnp.asarray(ctx))
+    rel = np.linalg.norm(np.asarray(out, np.float32) - ref) / np.linalg.norm(ref)
+    assert rel < 3e-2, rel
