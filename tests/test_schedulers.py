@@ -1,0 +1,418 @@
+"""Parity of sdjax.schedulers with the diffusers 0.42 PyTorch schedulers (fp32).
+
+Deterministic schedulers: same timesteps and sigmas, and the same latents after every step of a full
+loop driven by a fixed fake model, with the sdjax loop run the way the sampler runs it (``jax.jit`` of a
+``lax.scan`` over the loop index).  Stochastic schedulers: the same trajectory when diffusers is fed the
+noise sdjax draws, and the same per-step statistics as diffusers' own torch-noise runs over many seeds
+(checked to be able to fail).
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+from sdjax import schedulers as S  # noqa: E402
+
+SD15_SCHEDULER_CONFIG = {
+    "_class_name": "PNDMScheduler",
+    "_diffusers_version": "0.6.0",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+    "clip_sample": False,
+    "prediction_type": "epsilon",
+    "timestep_spacing": "leading",
+}
+
+DIFFUSERS_CLASSES = {
+    "pndm": diffusers.PNDMScheduler,
+    "ddim": diffusers.DDIMScheduler,
+    "euler": diffusers.EulerDiscreteScheduler,
+    "euler_a": diffusers.EulerAncestralDiscreteScheduler,
+    "dpmpp_2m": diffusers.DPMSolverMultistepScheduler,
+    "lms": diffusers.LMSDiscreteScheduler,
+    "ddpm": diffusers.DDPMScheduler,
+}
+
+# Per-step parity tolerance: max |sdjax - diffusers| <= TOL * max(1, max |diffusers|).  The fake model
+# is no denoiser, so some trajectories grow to |x| ~ 50 (and sigma-space ones start at |x| ~ 15-4096).
+TOL = 1e-5
+
+
+def reference_scheduler(name, num_steps, **options):
+    scheduler = DIFFUSERS_CLASSES[name].from_config(SD15_SCHEDULER_CONFIG, **options)
+    scheduler.set_timesteps(num_steps)
+    return scheduler
+
+
+def fake_model_torch(sample, t):
+    return 0.3 * torch.tanh(sample) + 0.1 * torch.cos(torch.as_tensor(t).to(torch.float32) / 100.0)
+
+
+def fake_model_jax(sample, t):
+    return 0.3 * jnp.tanh(sample) + 0.1 * jnp.cos(t / 100.0)
+
+
+def to_nhwc(x_nchw):
+    return np.asarray(x_nchw).transpose(0, 2, 3, 1)
+
+
+def to_nchw(x_nhwc):
+    return np.ascontiguousarray(np.asarray(x_nhwc).transpose(0, 3, 1, 2))
+
+
+def run_diffusers(scheduler, noise_nchw, model=fake_model_torch, step_kwargs=lambda i: {}):
+    """diffusers' StableDiffusionPipeline denoising loop; returns the latents after each step, NHWC."""
+    latents = torch.from_numpy(noise_nchw) * scheduler.init_noise_sigma
+    trajectory = []
+    for i, t in enumerate(scheduler.timesteps):
+        model_input = scheduler.scale_model_input(latents, t)
+        latents = scheduler.step(model(model_input, t), t, latents, **step_kwargs(i)).prev_sample
+        trajectory.append(to_nhwc(latents.numpy()))
+    return np.stack(trajectory)
+
+
+def sdjax_loop(scheduler, noise_nhwc, keys=None, model=fake_model_jax):
+    """The sampler's loop: a lax.scan over the loop index; returns the latents after each step."""
+    latents = noise_nhwc * scheduler.init_noise_sigma
+
+    def body(carry, i):
+        latents, state = carry
+        model_input = scheduler.scale_model_input(state, latents, i)
+        output = model(model_input, scheduler.timestep(i))
+        latents, state = scheduler.step(state, output, i, latents, keys)
+        return (latents, state), latents
+
+    carry = (latents, scheduler.init_state(latents))
+    _, trajectory = jax.lax.scan(body, carry, jnp.arange(scheduler.num_model_calls))
+    return trajectory
+
+
+run_sdjax = jax.jit(sdjax_loop, static_argnames="model")
+
+
+def relative_step_errors(ours, reference, initial_latents=None):
+    """Per step: max abs error over max(1, max |reference|).
+
+    With ``initial_latents`` the scale is instead the largest latents so far (initial ones included):
+    float32 rounding at the largest magnitude then sets the error floor for the rest of the trajectory.
+    """
+    assert ours.shape == reference.shape, (ours.shape, reference.shape)
+    axes = tuple(range(1, reference.ndim))
+    abs_error = np.abs(np.asarray(ours, np.float64) - reference).max(axis=axes)
+    scale = np.abs(reference).max(axis=axes)
+    if initial_latents is not None:
+        scale = np.maximum.accumulate(np.maximum(scale, np.abs(initial_latents).max()))
+    return abs_error / np.maximum(1.0, scale)
+
+
+@pytest.fixture(scope="module")
+def noise_nchw():
+    return np.random.default_rng(1234).standard_normal((2, 4, 8, 8)).astype(np.float32)
+
+
+DETERMINISTIC_CASES = [
+    *[(name, steps, {}) for name in ("pndm", "ddim", "euler", "lms", "dpmpp_2m") for steps in (7, 10, 50)],
+    *[("dpmpp_2m", steps, {"use_karras_sigmas": True}) for steps in (7, 10, 50)],
+    *[(name, 10, {"prediction_type": "v_prediction"}) for name in ("pndm", "ddim", "euler", "lms", "dpmpp_2m")],
+    ("ddim", 7, {"timestep_spacing": "trailing"}),
+    ("pndm", 7, {"timestep_spacing": "linspace"}),
+    ("euler", 7, {"timestep_spacing": "trailing"}),
+    ("euler", 7, {"timestep_spacing": "linspace"}),  # fractional timesteps
+    ("dpmpp_2m", 7, {"timestep_spacing": "linspace"}),
+    ("dpmpp_2m", 7, {"timestep_spacing": "trailing"}),
+    ("pndm", 10, {"skip_prk_steps": False}),  # Runge-Kutta warm-up
+    ("euler", 10, {"use_karras_sigmas": True}),
+    ("lms", 10, {"use_karras_sigmas": True}),
+    ("dpmpp_2m", 20, {"final_sigmas_type": "sigma_min"}),
+    ("dpmpp_2m", 10, {"solver_type": "heun"}),
+    ("ddim", 10, {"clip_sample": True, "set_alpha_to_one": True}),
+    ("euler", 10, {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing",
+                   "prediction_type": "v_prediction"}),
+]
+
+
+def case_id(case):
+    name, steps, options = case
+    return "-".join([name, str(steps)] + [f"{k}={v}" for k, v in options.items()])
+
+
+@pytest.mark.parametrize("case", DETERMINISTIC_CASES, ids=case_id)
+def test_deterministic_scheduler_matches_diffusers(case, noise_nchw):
+    name, steps, options = case
+    reference = reference_scheduler(name, steps, **options)
+    scheduler = S.make_scheduler(name, SD15_SCHEDULER_CONFIG, steps, **options)
+    zero_snr = options.get("rescale_betas_zero_snr", False)
+    if zero_snr:
+        # The zero-SNR rescale takes ratios of nearly equal square roots, which turns torch's 1-ulp sqrt
+        # differences (its AVX-512 float32 sqrt is not correctly rounded) into ~4e-6 relative differences
+        # of alphas_cumprod.  Check the schedule at that level, then step both from the same table.
+        np.testing.assert_allclose(scheduler.alphas_cumprod, reference.alphas_cumprod.numpy(), rtol=2e-5)
+        reference.alphas_cumprod = torch.from_numpy(np.array(scheduler.alphas_cumprod))
+        reference.set_timesteps(steps)
+
+    reference_timesteps = reference.timesteps.numpy().astype(np.float64)
+    assert scheduler.num_model_calls == len(reference_timesteps)
+    if np.all(reference_timesteps == np.round(reference_timesteps)):
+        np.testing.assert_array_equal(scheduler.timesteps, reference_timesteps)
+    else:  # fractional timesteps (Karras sigmas): float32 rounding of the log-sigma interpolation
+        np.testing.assert_allclose(scheduler.timesteps, reference_timesteps, rtol=1e-6)
+    np.testing.assert_allclose(scheduler.init_noise_sigma, float(reference.init_noise_sigma), rtol=1e-6)
+    if hasattr(scheduler, "sigmas"):
+        np.testing.assert_allclose(scheduler.sigmas, reference.sigmas.numpy(), rtol=1e-6, atol=0)
+
+    expected = run_diffusers(reference, noise_nchw)
+    ours = np.asarray(run_sdjax(scheduler, jnp.asarray(to_nhwc(noise_nchw))))
+    # At zero SNR sigma_max is 4096: the first step cancels latents of ~1e4 down to ~50.
+    initial = noise_nchw * scheduler.init_noise_sigma if zero_snr else None
+    errors = relative_step_errors(ours, expected, initial)
+    assert errors.max() <= TOL, f"worst step {errors.argmax()}: relative error {errors.max():.2e}"
+
+
+def test_pndm_sd15_timesteps():
+    scheduler = S.make_scheduler("pndm", SD15_SCHEDULER_CONFIG, 50)
+    assert scheduler.num_model_calls == 51
+    expected = [981, 961, 961] + list(range(941, 0, -20))
+    np.testing.assert_array_equal(scheduler.timesteps, expected)
+    assert scheduler.init_noise_sigma == 1.0
+
+
+def test_scheduler_closed_over_under_jit(noise_nchw):
+    """A scheduler captured as a constant (host arrays) works with a traced loop index too."""
+    scheduler = S.make_scheduler("lms", SD15_SCHEDULER_CONFIG, 10)
+    latents = jnp.asarray(to_nhwc(noise_nchw)) * scheduler.init_noise_sigma
+
+    @jax.jit
+    def loop(latents):
+        def body(carry, i):
+            latents, state = carry
+            output = fake_model_jax(scheduler.scale_model_input(state, latents, i), scheduler.timestep(i))
+            return scheduler.step(state, output, i, latents), None
+        (latents, _), _ = jax.lax.scan(body, (latents, scheduler.init_state(latents)),
+                                       jnp.arange(scheduler.num_model_calls))
+        return latents
+
+    expected = run_diffusers(reference_scheduler("lms", 10), noise_nchw)[-1]
+    assert relative_step_errors(np.asarray(loop(latents))[None], expected[None]).max() <= TOL
+
+
+def test_scheduler_is_a_pytree_with_static_settings():
+    scheduler = S.make_scheduler("dpmpp_2m", SD15_SCHEDULER_CONFIG, 10)
+    leaves, treedef = jax.tree_util.tree_flatten(scheduler)
+    assert all(isinstance(leaf, np.ndarray) for leaf in leaves)
+    rebuilt = jax.tree_util.tree_unflatten(treedef, leaves)
+    assert rebuilt.num_model_calls == 10 and rebuilt.solver_type == "midpoint"
+    assert scheduler.timesteps.dtype == np.float32 and scheduler.timesteps.shape == (10,)
+    state = scheduler.init_state(jnp.zeros((2, 8, 8, 4)))
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(state))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stochastic schedulers.
+# ----------------------------------------------------------------------------------------------------------
+
+STOCHASTIC_CASES = [("euler_a", 10, {}), ("euler_a", 7, {"timestep_spacing": "trailing"}),
+                    ("ddpm", 10, {}), ("ddim", 10, {"eta": 1.0})]
+
+
+@pytest.mark.parametrize("case", STOCHASTIC_CASES, ids=case_id)
+def test_stochastic_scheduler_matches_diffusers_given_same_noise(case, noise_nchw, monkeypatch):
+    """Feed diffusers exactly the noise sdjax draws: the trajectories must then agree like deterministic ones."""
+    name, steps, options = case
+    scheduler = S.make_scheduler(name, SD15_SCHEDULER_CONFIG, steps, **options)
+    assert scheduler.stochastic
+    keys = jax.random.split(jax.random.key(7), noise_nchw.shape[0])  # one key per image
+    ours = np.asarray(run_sdjax(scheduler, jnp.asarray(to_nhwc(noise_nchw)), keys))
+
+    # The noise sdjax used at step i (its shape only is taken from `like`).
+    like = jnp.zeros(to_nhwc(noise_nchw).shape, jnp.float32)
+    step_noises = [torch.from_numpy(to_nchw(S.step_noise(keys, i, like))) for i in range(scheduler.num_model_calls)]
+    reference_options = {k: v for k, v in options.items() if k != "eta"}
+    reference = reference_scheduler(name, steps, **reference_options)
+    if name == "ddim":
+        expected = run_diffusers(reference, noise_nchw,
+                                 step_kwargs=lambda i: {"eta": options["eta"], "variance_noise": step_noises[i]})
+    else:
+        pending = list(step_noises)
+        module = {"euler_a": "scheduling_euler_ancestral_discrete", "ddpm": "scheduling_ddpm"}[name]
+        monkeypatch.setattr(f"diffusers.schedulers.{module}.randn_tensor", lambda *a, **k: pending.pop(0))
+        expected = run_diffusers(reference, noise_nchw)
+        assert not pending
+    errors = relative_step_errors(ours, expected)
+    assert errors.max() <= TOL, f"worst step {errors.argmax()}: relative error {errors.max():.2e}"
+
+
+def test_step_noise_is_per_image_and_per_step():
+    keys = jax.random.split(jax.random.key(0), 4)
+    like = jnp.zeros((4, 2, 2, 3))
+    batch = S.step_noise(keys, 3, like)
+    alone = S.step_noise(keys[2:3], 3, like[:1])
+    np.testing.assert_array_equal(batch[2:3], alone)  # an image's noise does not depend on its batch
+    assert not np.allclose(batch, S.step_noise(keys, 4, like))  # fresh noise at every step
+    assert not np.allclose(batch[0], batch[1])
+    raw_keys = jax.random.key_data(keys)  # raw uint32 [B, 2] keys work the same way
+    np.testing.assert_array_equal(S.step_noise(raw_keys, 3, like), batch)
+    assert S.step_noise(jax.random.key(1), 0, like).shape == like.shape  # one key for the whole batch
+    with pytest.raises(ValueError, match="stochastic"):
+        S.step_noise(None, 0, like)
+
+
+NUM_SEEDS = 20000  # images of one scalar each
+
+
+def gaussian_data_model(alphas_cumprod, library):
+    """The exact noise predictor for data x0 ~ N(0, 1): eps = sqrt(1 - abar_t) * x_t on the VP latents
+    (the model input).  Keeps every sampler's latents of order 1."""
+    if library == "torch":
+        table = torch.from_numpy(alphas_cumprod)
+        return lambda x, t: (1 - table[int(t)]) ** 0.5 * x
+    table = jnp.asarray(alphas_cumprod)
+    return lambda x, t: jnp.sqrt(1 - table[jnp.round(t).astype(jnp.int32)]) * x
+
+
+def per_step_moments(trajectory):
+    flat = np.asarray(trajectory, np.float64).reshape(trajectory.shape[0], -1)
+    return flat.mean(axis=1), flat.std(axis=1)
+
+
+def moments_agree(ours, reference, num_samples, z=5.0):
+    """True when per-step means and standard deviations agree within z standard errors."""
+    mean_a, std_a = ours
+    mean_b, std_b = reference
+    std = np.maximum(std_a, std_b)
+    mean_ok = np.abs(mean_a - mean_b) <= z * std * np.sqrt(2.0 / num_samples)
+    std_ok = np.abs(std_a - std_b) <= z * std * np.sqrt(1.0 / num_samples)  # se(std) ~ std / sqrt(2n)
+    return bool(np.all(mean_ok) and np.all(std_ok))
+
+
+@pytest.fixture(scope="module")
+def scalar_noise():
+    return np.random.default_rng(99).standard_normal((NUM_SEEDS, 1, 1, 1)).astype(np.float32)
+
+
+STATISTICAL_CASES = [("euler_a", 30, {}), ("ddpm", 30, {}), ("ddim", 20, {"eta": 1.0})]
+
+
+@pytest.mark.parametrize("case", STATISTICAL_CASES, ids=case_id)
+def test_stochastic_scheduler_statistics_match_diffusers(case, scalar_noise, monkeypatch):
+    """Per-step mean/std over many seeds: sdjax (JAX PRNG, one key per image) vs diffusers (torch noise).
+
+    The same check must reject noise 10% too strong or too weak and noise repeated across steps, so a
+    pass is evidence and not a blunt tolerance."""
+    name, steps, options = case
+    reference_options = {k: v for k, v in options.items() if k != "eta"}
+    reference = reference_scheduler(name, steps, **reference_options)
+    generator = torch.Generator().manual_seed(0)
+    step_kwargs = {"generator": generator, **({"eta": options["eta"]} if "eta" in options else {})}
+    torch_model = gaussian_data_model(reference.alphas_cumprod.numpy(), "torch")
+    expected = run_diffusers(reference, scalar_noise, model=torch_model, step_kwargs=lambda i: step_kwargs)
+
+    scheduler = S.make_scheduler(name, SD15_SCHEDULER_CONFIG, steps, **options)
+    jax_model = gaussian_data_model(np.asarray(scheduler.alphas_cumprod), "jax")
+    keys = jax.random.split(jax.random.key(2024), NUM_SEEDS)
+    latents = jnp.asarray(to_nhwc(scalar_noise))
+
+    def sample(noise_fn):
+        monkeypatch.setattr(S, "step_noise", noise_fn)
+        fresh_jit = jax.jit(lambda *args: sdjax_loop(*args, model=jax_model))  # new function: retraced
+        return np.asarray(fresh_jit(scheduler, latents, keys))
+
+    genuine_noise = S.step_noise
+    reference_moments = per_step_moments(expected)
+    ours = sample(genuine_noise)
+    assert np.all(np.isfinite(ours))
+    assert moments_agree(per_step_moments(ours), reference_moments, NUM_SEEDS), (
+        per_step_moments(ours), reference_moments)
+    # With this model the data is N(0, 1), so the samples end with roughly unit variance.
+    assert abs(per_step_moments(ours)[1][-1] - 1.0) < 0.2
+
+    broken = {
+        "noise x1.1": lambda key, i, like: 1.1 * genuine_noise(key, i, like),
+        "noise x0.9": lambda key, i, like: 0.9 * genuine_noise(key, i, like),
+        "same noise every step": lambda key, i, like: genuine_noise(key, 0, like),
+    }
+    for label, noise_fn in broken.items():
+        assert not moments_agree(per_step_moments(sample(noise_fn)), reference_moments, NUM_SEEDS), label
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Forward process, configuration, errors.
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("beta_schedule", ["scaled_linear", "linear", "squaredcos_cap_v2"])
+def test_noise_schedule_matches_diffusers_bitwise(beta_schedule):
+    config = {**SD15_SCHEDULER_CONFIG, "beta_schedule": beta_schedule}
+    expected = diffusers.DDPMScheduler.from_config(config).alphas_cumprod.numpy()
+    ours = S.make_noise_schedule(config)
+    assert ours.dtype == np.float32 and ours.shape == (1000,)
+    np.testing.assert_array_equal(ours, expected)
+
+
+def test_add_noise_and_velocity_match_diffusers():
+    rng = np.random.default_rng(5)
+    x0 = rng.standard_normal((6, 4, 8, 8)).astype(np.float32)
+    noise = rng.standard_normal((6, 4, 8, 8)).astype(np.float32)
+    timesteps = np.array([0, 1, 250, 500, 981, 999])
+    reference = diffusers.DDPMScheduler.from_config(SD15_SCHEDULER_CONFIG)
+    alphas_cumprod = S.make_noise_schedule(SD15_SCHEDULER_CONFIG)
+    args = (torch.from_numpy(x0), torch.from_numpy(noise), torch.from_numpy(timesteps))
+
+    noisy = S.add_noise(alphas_cumprod, to_nhwc(x0), to_nhwc(noise), jnp.asarray(timesteps))
+    np.testing.assert_allclose(noisy, to_nhwc(reference.add_noise(*args).numpy()), atol=1e-6, rtol=0)
+    velocity = S.get_velocity(alphas_cumprod, to_nhwc(x0), to_nhwc(noise), jnp.asarray(timesteps))
+    np.testing.assert_allclose(velocity, to_nhwc(reference.get_velocity(*args).numpy()), atol=1e-6, rtol=0)
+    same_t = S.add_noise(alphas_cumprod, to_nhwc(x0), to_nhwc(noise), 500)  # one timestep for all
+    assert same_t.shape == noisy.shape
+    np.testing.assert_allclose(same_t[3], noisy[3], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", S.SCHEDULERS)
+def test_scheduler_add_noise_matches_diffusers(name):
+    """img2img noising with timesteps taken from the inference schedule."""
+    options = {"use_karras_sigmas": True} if name == "dpmpp_2m" else {}
+    steps = 25
+    reference = reference_scheduler(name, steps, **options)
+    scheduler = S.make_scheduler(name, SD15_SCHEDULER_CONFIG, steps, **options)
+    rng = np.random.default_rng(11)
+    x0 = rng.standard_normal((3, 4, 4, 4)).astype(np.float32)
+    noise = rng.standard_normal((3, 4, 4, 4)).astype(np.float32)
+    picks = np.array([0, 7, scheduler.num_model_calls - 1])
+    timesteps = reference.timesteps[torch.from_numpy(picks)]
+    expected = reference.add_noise(torch.from_numpy(x0), torch.from_numpy(noise), timesteps).numpy()
+    ours = scheduler.add_noise(to_nhwc(x0), to_nhwc(noise), jnp.asarray(scheduler.timesteps[picks]))
+    scale = max(1.0, float(np.abs(expected).max()))
+    np.testing.assert_allclose(np.asarray(ours) / scale, to_nhwc(expected) / scale, atol=1e-6, rtol=0)
+
+
+def test_config_resolution_follows_diffusers():
+    # Each class keeps its own defaults for keys the config lacks, and ignores keys it does not take.
+    euler = S.resolve_scheduler_config("euler", {"beta_schedule": "scaled_linear", "skip_prk_steps": True})
+    assert euler["timestep_spacing"] == "linspace" and "skip_prk_steps" not in euler
+    ddim = S.resolve_scheduler_config("ddim", {"_use_default_values": ["clip_sample"], "clip_sample": False})
+    assert ddim["clip_sample"] is True  # listed as defaulted: the DDIM default wins, as in diffusers
+    assert S.resolve_scheduler_config("ddim", SD15_SCHEDULER_CONFIG, eta=0.5)["eta"] == 0.5
+    assert not S.make_scheduler("ddim", SD15_SCHEDULER_CONFIG, 10).stochastic
+    assert S.make_scheduler("ddim", SD15_SCHEDULER_CONFIG, 10, eta=0.5).stochastic
+
+
+def test_unknown_names_and_options_are_errors():
+    with pytest.raises(ValueError) as excinfo:
+        S.make_scheduler("bogus", SD15_SCHEDULER_CONFIG, 10)
+    for name in S.SCHEDULERS:
+        assert name in str(excinfo.value)
+    assert S.SCHEDULERS == ("pndm", "ddim", "euler", "euler_a", "dpmpp_2m", "lms", "ddpm")
+    with pytest.raises(TypeError, match="eta"):
+        S.make_scheduler("euler", SD15_SCHEDULER_CONFIG, 10, eta=1.0)
+    with pytest.raises(NotImplementedError):
+        S.make_scheduler("dpmpp_2m", SD15_SCHEDULER_CONFIG, 10, algorithm_type="sde-dpmsolver++")
+    with pytest.raises(ValueError):
+        S.make_scheduler("euler", SD15_SCHEDULER_CONFIG, 0)
