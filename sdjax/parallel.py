@@ -1,0 +1,83 @@
+"""Device mesh and shardings: the one place sdjax decides where arrays live.
+
+Sampling and training are data-parallel over a 1-D mesh axis ``"data"`` spanning every device
+of every process: the batch axis is split over it, parameters are replicated. Multi-host runs
+call :func:`initialize_distributed` first, then every process runs the same program on the same
+host-side inputs (SPMD); each process materialises only its own devices' shards.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+def initialize_distributed(**kwargs) -> None:
+    """``jax.distributed.initialize`` for multi-host runs (TPU pods, multi-node GPU, or explicit
+    ``coordinator_address``/``num_processes``/``process_id`` kwargs). A no-op when already done or
+    when nothing says this is a multi-process run."""
+    if jax.distributed.is_initialized():
+        return
+    env_says_multi = any(k in os.environ for k in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "TPU_WORKER_ID",
+                                                   "OMPI_COMM_WORLD_SIZE"))
+    if kwargs or env_says_multi:
+        jax.distributed.initialize(**kwargs)
+
+
+def data_mesh(devices=None) -> Mesh:
+    """A 1-D mesh with axis ``"data"`` over ``devices`` (default: every device of every process)."""
+    devices = np.asarray(jax.devices() if devices is None else devices)
+    return Mesh(devices.reshape(-1), (DATA_AXIS,))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Split axis 0 (the batch) over the data axis; other axes whole."""
+    return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def padded_size(n: int, mesh: Mesh) -> int:
+    """The smallest batch >= n that divides evenly over the mesh."""
+    k = mesh.size
+    return max(k, math.ceil(n / k) * k)
+
+
+def pad_batch(array: np.ndarray, size: int) -> np.ndarray:
+    """Pad axis 0 to ``size`` by repeating the last row (padded results are trimmed away)."""
+    n = array.shape[0]
+    if n == size:
+        return array
+    return np.concatenate([array, np.repeat(array[-1:], size - n, axis=0)], axis=0)
+
+
+def shard_batch(host_array: np.ndarray, mesh: Mesh) -> jax.Array:
+    """A global array split over the data axis from the same host array on every process."""
+    sharding = batch_sharding(mesh)
+    host_array = np.asarray(host_array)
+    return jax.make_array_from_callback(host_array.shape, sharding, lambda index: host_array[index])
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """Put every array of ``tree`` (e.g. an NNX state) on every device of the mesh."""
+    sharding = replicated(mesh)
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+    return jax.tree.map(lambda a: jax.make_array_from_callback(np.shape(a), sharding,
+                                                                lambda idx: np.asarray(a)[idx]), tree)
+
+
+def to_host(array: jax.Array) -> np.ndarray:
+    """The whole (possibly multi-process) array as one numpy array on every process."""
+    if jax.process_count() > 1 and not array.is_fully_addressable:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+    return np.asarray(array)

@@ -1,0 +1,190 @@
+"""``StableDiffusion``: load a pipeline folder (or Hub repo) and turn prompts and seeds into images."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sdjax import parallel, sampling
+from sdjax.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
+from sdjax.schedulers import SCHEDULERS, make_scheduler
+from sdjax.text import load_tokenizer, tokenize
+from sdjax.weights import CheckpointError, resolve_dtype, resolve_model_dir, save_pipeline
+
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+MAX_SEED = 2**32 - 1
+
+
+@dataclasses.dataclass
+class StableDiffusionOutput:
+    images: np.ndarray                    # float32 [B, H, W, 3] in [0, 1]
+    prompts: list[str]
+    negative_prompts: list[str]
+    seeds: list[int]
+    intermediates: np.ndarray | None = None   # [S, B, H, W, 3]: predicted clean image at chosen steps
+    intermediate_steps: list[int] | None = None
+
+    def to_pil(self):
+        """The images as a list of PIL images."""
+        from PIL import Image
+        return [Image.fromarray(to_uint8(img)) for img in self.images]
+
+
+def to_uint8(images) -> np.ndarray:
+    return (np.asarray(images) * 255).round().clip(0, 255).astype(np.uint8)
+
+
+def _as_list(x, name) -> list:
+    if x is None:
+        return []
+    items = [x] if isinstance(x, (str, int, np.integer)) else list(x)
+    if not items:
+        raise ValueError(f"{name} is empty")
+    return items
+
+
+class StableDiffusion:
+    """Stable Diffusion v1.x text-to-image in JAX, data-parallel over every device (and host).
+
+    >>> pipe = StableDiffusion.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5")
+    >>> out = pipe("a photograph of an astronaut riding a horse", seeds=[0, 1, 2, 3])
+    >>> out.to_pil()[0].save("astronaut.png")
+    """
+
+    def __init__(self, *, text_encoder: CLIPTextModel, unet: UNet2DConditionModel, vae: AutoencoderKL,
+                 tokenizer, scheduler_config: dict, mesh=None, name: str = ""):
+        self.text_encoder, self.unet, self.vae = text_encoder, unet, vae
+        self.tokenizer, self.scheduler_config, self.name = tokenizer, dict(scheduler_config), name
+        self.mesh = mesh or parallel.data_mesh()
+        graphdefs, states = zip(*(nnx.split(m) for m in (text_encoder, unet, vae)))
+        self._graphdefs = sampling.SDState(*graphdefs)
+        self._state = parallel.replicate(sampling.SDState(*states), self.mesh)  # once, not per call
+        self._generate = jax.jit(
+            sampling.generate, static_argnums=(0,),
+            static_argnames=("latent_shape_HWC", "use_guidance", "return_predictions"))
+        self._decode = jax.jit(lambda g, s, z: sampling.decode_latents(nnx.merge(g, s), z), static_argnums=0)
+
+    # ------------------------------------------------------------------ loading / saving
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id: str = DEFAULT_MODEL, *, revision: str | None = None,
+                        dtype=jnp.float32, format: str | None = None, mesh=None) -> "StableDiffusion":
+        """Load a diffusers pipeline folder or Hub repo in any layout (safetensors, Flax msgpack with
+        ``revision="flax"``/``"bf16"`` on the Hub, or .bin), cast to ``dtype``."""
+        dtype = resolve_dtype(dtype)
+        if revision in ("flax", "bf16"):
+            format = format or "flax"
+        patterns = ["*.json", "*.txt", "*.safetensors"] if format != "flax" else ["*.json", "*.txt", "*.msgpack"]
+        root = resolve_model_dir(path_or_repo_id, None, revision, allow_patterns=patterns)
+        sched_path = root / "scheduler" / "scheduler_config.json"
+        if not sched_path.is_file():
+            raise CheckpointError(f"{root}: no scheduler/scheduler_config.json (is this a diffusers pipeline folder?)")
+        kw = dict(revision=revision, dtype=dtype, format=format)
+        return cls(text_encoder=CLIPTextModel.from_pretrained(root, subfolder="text_encoder", **kw),
+                   unet=UNet2DConditionModel.from_pretrained(root, subfolder="unet", **kw),
+                   vae=AutoencoderKL.from_pretrained(root, subfolder="vae", **kw),
+                   tokenizer=load_tokenizer(root), scheduler_config=json.loads(sched_path.read_text()),
+                   mesh=mesh, name=str(path_or_repo_id))
+
+    def save_pretrained(self, directory, *, format: str = "both", dtype=None, overwrite: bool = False) -> Path:
+        """Write a diffusers pipeline folder that sdjax and diffusers' PyTorch pipeline both load."""
+        return save_pipeline(directory, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
+                             vae=self.vae, scheduler_config=self.scheduler_config, format=format, dtype=dtype,
+                             overwrite=overwrite)
+
+    @property
+    def vae_scale(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    # ------------------------------------------------------------------ sampling
+    def make_scheduler(self, scheduler: str = "pndm", num_inference_steps: int = 50, **options):
+        return make_scheduler(scheduler, self.scheduler_config, num_inference_steps, **options)
+
+    def __call__(self, prompts: str | Sequence[str], negative_prompts: str | Sequence[str] | None = None,
+                 seeds: int | Sequence[int] = 0, num_inference_steps: int = 50, guidance_scale: float = 7.5,
+                 height: int = 512, width: int = 512, scheduler: str = "pndm", latents: np.ndarray | None = None,
+                 *, batch_size: int | None = None, return_intermediates: int | Sequence[int] | None = None,
+                 scheduler_options: dict | None = None, progress: bool = False) -> StableDiffusionOutput:
+        """Generate one image per (prompt, seed).
+
+        ``prompts`` and ``seeds`` broadcast: one prompt with many seeds, many prompts with one seed
+        (each image then gets that seed), or equal-length lists. ``negative_prompts`` likewise
+        (default "": unconditional). ``latents``: optional initial noise [B, H/8, W/8, 4], unscaled
+        N(0, 1). ``guidance_scale <= 1`` skips the unconditional pass. ``batch_size`` images are
+        generated per compiled call (default: 4 per device), split over every device.
+        ``return_intermediates``: a count of evenly spaced steps, or the step indices, at which to
+        return the predicted clean image (the "noise resolving into a picture" view).
+        """
+        prompts, seeds = _as_list(prompts, "prompts"), _as_list(seeds, "seeds")
+        negatives = _as_list(negative_prompts, "negative_prompts") or [""]
+        n = max(len(prompts), len(seeds), len(negatives))
+        for name, items in (("prompts", prompts), ("seeds", seeds), ("negative_prompts", negatives)):
+            if len(items) not in (1, n):
+                raise ValueError(f"{name} has {len(items)} entries; expected 1 or {n} to match the others")
+        prompts, seeds, negatives = ([x[0]] * n if len(x) == 1 else x for x in (prompts, seeds, negatives))
+        for s in seeds:
+            if not isinstance(s, (int, np.integer)) or not 0 <= int(s) <= MAX_SEED:
+                raise ValueError(f"seed {s!r} is not an integer in [0, 2**32 - 1]")
+        if not all(isinstance(p, str) for p in prompts + negatives):
+            raise TypeError("prompts and negative_prompts must be strings")
+        for name, size in (("height", height), ("width", width)):
+            if not isinstance(size, (int, np.integer)) or size <= 0 or size % 8:
+                raise ValueError(f"{name}={size!r}: must be a positive multiple of 8")
+        if not math.isfinite(guidance_scale):
+            raise ValueError(f"guidance_scale={guidance_scale!r} is not a finite number")
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
+        sched = self.make_scheduler(scheduler, num_inference_steps, **(scheduler_options or {}))
+        latent_shape = (height // self.vae_scale, width // self.vae_scale, self.unet.config.in_channels)
+        if latents is not None:
+            latents = np.asarray(latents, np.float32)
+            if latents.shape != (n, *latent_shape):
+                raise ValueError(f"latents have shape {latents.shape}; expected {(n, *latent_shape)} "
+                                 f"([batch, height/8, width/8, channels], NHWC)")
+        steps = self._intermediate_steps(return_intermediates, sched.num_model_calls)
+
+        ids = tokenize(self.tokenizer, prompts)
+        neg_ids = tokenize(self.tokenizer, negatives)
+        per_call = parallel.padded_size(batch_size or 4 * self.mesh.size, self.mesh)
+        images, inter = [], []
+        chunks = range(0, n, per_call)
+        if progress:
+            from tqdm.auto import tqdm
+            chunks = tqdm(chunks, desc="batches", unit="batch")
+        for start in chunks:
+            stop = min(start + per_call, n)
+            size = parallel.padded_size(stop - start, self.mesh)
+            shard = lambda a: parallel.shard_batch(parallel.pad_batch(a[start:stop], size), self.mesh)  # noqa: E731
+            out = self._generate(
+                self._graphdefs, self._state, sched, shard(ids), shard(neg_ids),
+                shard(np.asarray(seeds, np.uint32)), None if latents is None else shard(latents),
+                jnp.float32(guidance_scale), latent_shape_HWC=latent_shape, use_guidance=guidance_scale > 1.0,
+                return_predictions=bool(steps))
+            images.append(parallel.to_host(out.images)[: stop - start])
+            if steps:
+                picked = out.predictions[jnp.asarray(steps)]  # [S, B, h, w, C]
+                decoded = [parallel.to_host(self._decode(self._graphdefs.vae, self._state.vae, p))
+                           for p in picked]
+                inter.append(np.stack(decoded)[:, : stop - start])
+        return StableDiffusionOutput(np.concatenate(images), prompts, negatives, [int(s) for s in seeds],
+                                     np.concatenate(inter, axis=1) if steps else None, steps or None)
+
+    @staticmethod
+    def _intermediate_steps(request, num_calls: int) -> list[int]:
+        if request is None or request is False:
+            return []
+        if isinstance(request, (int, np.integer)):
+            if request < 1:
+                raise ValueError("return_intermediates must be >= 1 (a number of steps) or a list of steps")
+            return sorted({int(round(x)) for x in np.linspace(0, num_calls - 1, min(int(request), num_calls))})
+        steps = [int(s) for s in request]
+        bad = [s for s in steps if not 0 <= s < num_calls]
+        if bad:
+            raise ValueError(f"intermediate steps {bad} are outside 0..{num_calls - 1}")
+        return steps

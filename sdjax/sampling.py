@@ -1,0 +1,129 @@
+"""Text-to-image sampling as pure functions: encode prompts, denoise with one ``lax.scan``, decode.
+
+Everything here is traceable: models are NNX modules (merged from their state inside the traced
+function), the scheduler is a pytree, and prompts, seeds, guidance scale and latents are array
+arguments, so a new prompt or seed never recompiles. `sdjax.pipeline.StableDiffusion` wraps these
+with tokenization, batching and device sharding; research code can call them directly.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sdjax.schedulers import Scheduler
+
+F32 = jnp.float32
+
+
+def image_keys(seeds_B) -> jax.Array:
+    """One PRNG key per image, from its seed (uint32 [B])."""
+    return jax.vmap(jax.random.key)(seeds_B)
+
+
+def initial_noise(keys_B, latent_shape_HWC) -> jax.Array:
+    """Unscaled N(0, 1) latents [B, h, w, C], each image's from its own key, so an image does not
+    depend on the batch it is generated in."""
+    return jax.vmap(lambda k: jax.random.normal(k, latent_shape_HWC, F32))(keys_B)
+
+
+def encode_prompts(text_encoder, token_ids_BT) -> jax.Array:
+    """Text states [B, 77, D] that the UNet attends to (``last_hidden_state``)."""
+    return text_encoder(token_ids_BT).last_hidden_state
+
+
+def predicted_clean(scheduler: Scheduler, model_input, model_output, i) -> jax.Array:
+    """The model's estimate of the clean latents x_0 at loop index ``i`` (for trajectories).
+
+    ``model_input`` is the variance-preserving sample x_t the UNet saw (schedulers that keep
+    sigma-scaled latents scale them down in ``scale_model_input``).
+    """
+    t = jnp.clip(jnp.round(scheduler.timestep(i)), 0, scheduler.alphas_cumprod.shape[0] - 1).astype(jnp.int32)
+    alpha_bar = scheduler.alphas_cumprod[t]
+    a, s = jnp.sqrt(alpha_bar), jnp.sqrt(1.0 - alpha_bar)
+    if scheduler.prediction_type == "v_prediction":
+        return a * model_input - s * model_output
+    if scheduler.prediction_type == "sample":
+        return model_output
+    return (model_input - s * model_output) / a
+
+
+def guided_model_output(unet, model_input_B, t, cond_BSD, uncond_BSD, guidance_scale) -> jax.Array:
+    """Classifier-free guidance as one batched UNet call: eps_u + g * (eps_c - eps_u).
+
+    The two halves are interleaved per image ([u0, c0, u1, c1, ...]) rather than concatenated, so
+    with the batch split over devices each device keeps its own images' pairs (no cross-device
+    traffic); the UNet has no batch coupling, so the order does not change the result.
+    """
+    if uncond_BSD is None:
+        return unet(model_input_B, t, cond_BSD).astype(F32)
+    B = model_input_B.shape[0]
+    pair = lambda u, c: jnp.stack([u, c], axis=1).reshape(2 * B, *u.shape[1:])  # noqa: E731
+    eps = unet(pair(model_input_B, model_input_B), t, pair(uncond_BSD, cond_BSD)).astype(F32)
+    eps = eps.reshape(B, 2, *eps.shape[1:])
+    eps_uncond, eps_cond = eps[:, 0], eps[:, 1]
+    return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+
+
+def denoise(unet, scheduler: Scheduler, latents_BHWC, cond_BSD, uncond_BSD=None, guidance_scale=7.5,
+            keys_B=None, return_predictions: bool = False):
+    """Run the whole reverse process as one ``lax.scan`` over the scheduler's model calls.
+
+    ``latents_BHWC``: initial latents already multiplied by ``scheduler.init_noise_sigma``.
+    ``uncond_BSD=None`` skips guidance (one UNet pass). ``keys_B``: per-image keys for stochastic
+    schedulers. Returns the final latents, and with ``return_predictions`` also the predicted clean
+    latents after every step ([num_model_calls, B, h, w, C]).
+    """
+    def body(carry, i):
+        x, state = carry
+        model_input = scheduler.scale_model_input(state, x, i)
+        eps = guided_model_output(unet, model_input, scheduler.timestep(i), cond_BSD, uncond_BSD, guidance_scale)
+        x0 = predicted_clean(scheduler, model_input, eps, i) if return_predictions else None
+        x, state = scheduler.step(state, eps, i, x, keys_B)
+        return (x, state), x0
+
+    latents_BHWC = latents_BHWC.astype(F32)
+    (latents, _), predictions = jax.lax.scan(body, (latents_BHWC, scheduler.init_state(latents_BHWC)),
+                                             jnp.arange(scheduler.num_model_calls))
+    return (latents, predictions) if return_predictions else latents
+
+
+def decode_latents(vae, latents_BHWC) -> jax.Array:
+    """UNet-space latents -> images float32 [B, H, W, 3] in [0, 1]."""
+    images = vae.decode(latents_BHWC / vae.scaling_factor).astype(F32)
+    return jnp.clip(images / 2 + 0.5, 0.0, 1.0)
+
+
+class SDState(NamedTuple):
+    """The three models' NNX states (the arrays); their graphdefs stay static."""
+    text_encoder: nnx.State
+    unet: nnx.State
+    vae: nnx.State
+
+
+class GenerateOutput(NamedTuple):
+    images: jax.Array                 # [B, H, W, 3] in [0, 1]
+    predictions: jax.Array | None     # [steps, B, h, w, C] predicted clean latents, if asked
+
+
+def generate(graphdefs: SDState, state: SDState, scheduler: Scheduler, cond_ids_BT, uncond_ids_BT, seeds_B,
+             latents_BHWC, guidance_scale, *, latent_shape_HWC, use_guidance: bool,
+             return_predictions: bool = False) -> GenerateOutput:
+    """Prompts to images in one traced function: the body `StableDiffusion` jit-compiles.
+
+    ``latents_BHWC=None`` draws each image's initial noise from its seed; otherwise those unscaled
+    N(0, 1) latents are used. Seeds also key the per-step noise of stochastic schedulers.
+    """
+    text_encoder, unet, vae = (nnx.merge(g, s) for g, s in zip(graphdefs, state))
+    keys = image_keys(seeds_B)
+    if latents_BHWC is None:
+        latents_BHWC = initial_noise(keys, latent_shape_HWC)
+    cond = encode_prompts(text_encoder, cond_ids_BT)
+    uncond = encode_prompts(text_encoder, uncond_ids_BT) if use_guidance else None
+    noise_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)  # distinct from the initial-noise key
+    out = denoise(unet, scheduler, latents_BHWC.astype(F32) * scheduler.init_noise_sigma, cond, uncond,
+                  guidance_scale, noise_keys, return_predictions)
+    latents, predictions = out if return_predictions else (out, None)
+    return GenerateOutput(decode_latents(vae, latents), predictions)
