@@ -1,5 +1,6 @@
 """sdjax: Stable Diffusion v1.5 in JAX / Flax NNX."""
 from sdjax.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
+from sdjax.pipeline import StableDiffusion, StableDiffusionOutput
 
-__all__ = ["AutoencoderKL", "CLIPTextModel", "UNet2DConditionModel"]
+__all__ = ["AutoencoderKL", "CLIPTextModel", "UNet2DConditionModel", "StableDiffusion", "StableDiffusionOutput"]
 __version__ = "0.1.0"

@@ -59,3 +59,25 @@ def tiny_checkpoints(tmp_path_factory):
                                                          old_vae_names=True)
         out[kind] = entry
     return out
+
+
+SD15_SCHEDULER = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+                  "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "set_alpha_to_one": False,
+                  "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None, "clip_sample": False}
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tiny_checkpoints, tmp_path_factory):
+    """A complete tiny random-weight pipeline folder (both layouts), as save_pipeline writes it."""
+    import reference as R
+    from sdjax import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
+    from sdjax.text import load_tokenizer
+    from sdjax.weights import save_pipeline
+
+    root = tmp_path_factory.mktemp("pipeline")
+    return save_pipeline(
+        root / "tiny-sd", text_encoder=CLIPTextModel.from_pretrained(tiny_checkpoints["clip"]["flax"].parent),
+        unet=UNet2DConditionModel.from_pretrained(tiny_checkpoints["unet"]["flax"].parent),
+        vae=AutoencoderKL.from_pretrained(tiny_checkpoints["vae"]["flax"].parent),
+        tokenizer=load_tokenizer(R.write_tiny_tokenizer(root / "tok"), subfolder=None),
+        scheduler_config=SD15_SCHEDULER)
