@@ -1,0 +1,120 @@
+#!/usr/bin/env python
+"""Text to images with Stable Diffusion v1.5 in JAX: one PNG per (prompt, seed).
+
+    python sample.py "a photograph of an astronaut riding a horse" --seeds 0-7
+    python sample.py --prompts-file prompts.txt --seeds 3,7,9 --config draft --grid
+    python sample.py "a red fox in the snow" --steps 90 --guidance-scale 11 --trajectory
+
+Settings come from, in order of precedence: explicit flags, a ``--config`` YAML preset (see
+configs/README.md), the built-in defaults (50 steps, guidance 7.5, PNDM, 512x512). Each PNG carries
+its settings in the A1111 "parameters" text chunk. Bad input exits with status 2 and a one-line
+message before the model is loaded, leaving --out untouched.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from sdjax.cli_utils import (DEFAULT_MODEL, DTYPES, SampleRequest, UsageError, load_config, parse_seeds,
+                             read_prompts_file, resolve_config_path, validate_request)
+
+PROG = "sample.py"
+CONFIG_DIRS = (Path(__file__).resolve().parent / "configs",)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line on stderr, exit status 2 (argparse's default prints the usage too)
+        raise UsageError(f"{message} (see --help)")
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        return parse_seeds(text)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="Generate images from text prompts with Stable Diffusion v1.5 (JAX). "
+                "Flags override a --config preset, which overrides the defaults below.")
+    p.add_argument("prompt", nargs="*", help="one or more prompts (each is combined with every seed)")
+    p.add_argument("--prompts-file", metavar="FILE", help="more prompts, one per line")
+    p.add_argument("--config", metavar="YAML", help="preset of defaults: a file or a name in configs/ (draft, ...)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"Hugging Face Hub repo id or local pipeline folder (default {DEFAULT_MODEL})")
+    p.add_argument("--negative-prompt", default="", help="what to steer away from, e.g. 'blurry, low quality'")
+    p.add_argument("--seeds", type=_seeds, default="0", help="seed, inclusive range (0-15) or list (3,7,9); default 0")
+    p.add_argument("--steps", type=int, default=50, help="denoising steps (default 50, typical 20-100)")
+    p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (default 7.5, typical 5-15)")
+    p.add_argument("--scheduler", default="pndm", help="pndm (default), ddim, euler, euler_a, dpmpp_2m, lms or ddpm")
+    p.add_argument("--height", type=int, default=512, help="pixels, a multiple of 8 (default 512)")
+    p.add_argument("--width", type=int, default=512, help="pixels, a multiple of 8 (default 512)")
+    p.add_argument("--dtype", default=None, help=f"{' / '.join(DTYPES)}; default bfloat16 on GPU/TPU, float32 on CPU")
+    p.add_argument("--batch-size", type=int, default=None, help="images per compiled call (default 4 per device)")
+    p.add_argument("--out", default="outputs", help="output folder (default outputs)")
+    p.add_argument("--grid", action=argparse.BooleanOptionalAction, default=False, help="also write grid.png")
+    p.add_argument("--trajectory", action=argparse.BooleanOptionalAction, default=False,
+                   help="also write a denoising strip (PNG) and animation (GIF) per image")
+    p.add_argument("--compilation-cache", metavar="DIR", default=None,
+                   help="JAX persistent compilation cache folder (default $SDJAX_CACHE_DIR/jax or ~/.cache/sdjax/jax; "
+                        "'none' turns it off)")
+    return p
+
+
+def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
+    """Parse twice: first only --config, whose keys become the parser's defaults, then everything
+    (so explicit flags override the preset). Raises UsageError on any bad input."""
+    pre = _Parser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    parser = build_parser()
+    if known.config:
+        parser.set_defaults(**load_config(resolve_config_path(known.config, CONFIG_DIRS)))
+    args = parser.parse_args(argv)
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        prompts += read_prompts_file(args.prompts_file)
+    seeds = args.seeds if isinstance(args.seeds, list) else parse_seeds(args.seeds)
+    req = SampleRequest(prompts=prompts, seeds=seeds, negative_prompt=args.negative_prompt, model=args.model,
+                        steps=args.steps, guidance_scale=args.guidance_scale, scheduler=args.scheduler,
+                        height=args.height, width=args.width, dtype=args.dtype, batch_size=args.batch_size,
+                        out=args.out, grid=args.grid, trajectory=args.trajectory)
+    validate_request(req)
+    return req, args
+
+
+def _fail(error: Exception) -> int:
+    message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv=None) -> int:
+    try:
+        req, args = parse_request(argv)
+    except UsageError as e:
+        return _fail(e)
+
+    from sdjax.cli_utils import default_dtype, enable_compilation_cache, run_sampling
+    if (args.compilation_cache or "").lower() != "none":
+        enable_compilation_cache(args.compilation_cache)  # before anything compiles
+
+    from sdjax.pipeline import StableDiffusion
+    from sdjax.weights import CheckpointError
+    dtype = req.dtype or default_dtype()
+    t0 = time.perf_counter()
+    try:
+        pipe = StableDiffusion.from_pretrained(req.model, dtype=dtype)
+    except CheckpointError as e:  # no weights reachable, or not a pipeline folder: before anything is written
+        return _fail(e)
+    print(f"loaded {req.model} ({dtype}) in {time.perf_counter() - t0:.1f} s; "
+          f"{len(req.jobs)} images: {len(req.prompts)} prompt(s) x {len(req.seeds)} seed(s)")
+    result = run_sampling(pipe, req)
+    print(f"wrote {len(result.files) + len(result.extra_files)} files to {req.out}")
+    print(result.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

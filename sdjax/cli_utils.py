@@ -1,0 +1,377 @@
+"""The library side of ``sample.py``: input checking, YAML presets, the compilation cache, and the
+loop that turns (prompt, seed) jobs into PNG files.
+
+Everything that can be wrong with a request (sizes, scheduler, seeds, prompts file, config file) is
+checked by :func:`validate_request` before the model is loaded, and raises :class:`UsageError` with
+a one-line message; the script prints it and exits with status 2.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from sdjax.images import (a1111_parameters, image_grid, image_file_name, image_strip, next_free_index, save_gif,
+                          save_png)
+from sdjax.schedulers import SCHEDULERS
+
+MAX_SEED = 2**32 - 1
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class UsageError(ValueError):
+    """Bad input to the command line tool: the message is shown to the user as is."""
+
+
+# ----------------------------------------------------------------------------- seeds and prompts
+def parse_seeds(text: str | int | Sequence[int]) -> list[int]:
+    """``"7"`` -> [7]; ``"0-3"`` -> [0, 1, 2, 3] (inclusive); ``"3,7,9"``; mixed ``"0-2,10"``.
+
+    Also accepts an int or a list of ints (as YAML gives them). Seeds must be in [0, 2**32 - 1].
+    """
+    if isinstance(text, bool):
+        raise UsageError(f"bad seeds {text!r}")
+    if isinstance(text, int):
+        items: list[Any] = [text]
+    elif isinstance(text, (list, tuple)):
+        items = list(text)
+    else:
+        items = [p.strip() for p in str(text).split(",")]
+    seeds: list[int] = []
+    for item in items:
+        if isinstance(item, bool):
+            raise UsageError(f"bad seed {item!r}")
+        if isinstance(item, int):
+            seeds.append(item)
+            continue
+        item = str(item).strip()
+        start, sep, stop = item.partition("-")
+        if not start.isdigit() or (sep and not stop.isdigit()):
+            raise UsageError(f"bad seeds {str(text)!r}: use a number (7), an inclusive range (0-15) "
+                             "or a comma-separated list (3,7,9)")
+        if sep:
+            lo, hi = int(start), int(stop)
+            if hi < lo:
+                raise UsageError(f"bad seed range {item!r}: the end is smaller than the start")
+            if hi - lo >= 1_000_000:
+                raise UsageError(f"seed range {item!r} has more than a million seeds")
+            seeds.extend(range(lo, hi + 1))
+        else:
+            seeds.append(int(start))
+    if not seeds:
+        raise UsageError("no seeds given")
+    bad = [s for s in seeds if not 0 <= s <= MAX_SEED]
+    if bad:
+        raise UsageError(f"seed {bad[0]} is outside 0..{MAX_SEED}")
+    return seeds
+
+
+def read_prompts_file(path: str | os.PathLike) -> list[str]:
+    """One prompt per line (UTF-8); blank lines are skipped. An empty or missing file is an error."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"prompts file {str(path)!r} does not exist")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read prompts file {str(path)!r}: {e}") from e
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise UsageError(f"prompts file {str(path)!r} has no prompts (one per line)")
+    return prompts
+
+
+# ----------------------------------------------------------------------------- YAML presets
+# key -> (type check, description). The keys are the CLI flags with "-" written as "_".
+CONFIG_KEYS: dict[str, tuple[type | tuple, str]] = {
+    "model": (str, "Hub repo id or local pipeline folder"),
+    "negative_prompt": (str, "what to steer away from"),
+    "seeds": ((int, str, list), "seed, range 0-15 or list"),
+    "steps": (int, "number of denoising steps"),
+    "guidance_scale": ((int, float), "classifier-free guidance strength"),
+    "scheduler": (str, f"one of {', '.join(SCHEDULERS)}"),
+    "height": (int, "image height in pixels (multiple of 8)"),
+    "width": (int, "image width in pixels (multiple of 8)"),
+    "dtype": (str, f"one of {', '.join(DTYPES)}"),
+    "batch_size": (int, "images per compiled call"),
+    "grid": (bool, "also write grid.png"),
+    "trajectory": (bool, "also write trajectory strips and GIFs"),
+    "out": (str, "output folder"),
+}
+
+
+def resolve_config_path(name: str | os.PathLike, search_dirs: Sequence[Path] = ()) -> Path:
+    """A config path as given, or a preset name (``draft`` / ``draft.yaml``) in ``search_dirs``."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path
+    for d in search_dirs:
+        for candidate in (Path(d) / str(name), Path(d) / f"{name}.yaml"):
+            if candidate.is_file():
+                return candidate
+    raise UsageError(f"config file {str(name)!r} does not exist")
+
+
+def load_config(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML sampling preset into CLI defaults, checking every key and value.
+
+    Unknown keys and wrong types are errors that name the key and the file. ``seeds`` is returned
+    as a string in CLI syntax.
+    """
+    import yaml
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise UsageError(f"cannot read config file {str(path)!r}: {e}") from e
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UsageError(f"{path}: not valid YAML ({first})") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: a config must be a mapping of keys to values, got {type(data).__name__}")
+    out: dict[str, Any] = {}
+    for raw_key, value in data.items():
+        key = str(raw_key).replace("-", "_")
+        if key not in CONFIG_KEYS:
+            raise UsageError(f"{path}: unknown key {raw_key!r} (known keys: {', '.join(CONFIG_KEYS)})")
+        types, _ = CONFIG_KEYS[key]
+        wrong_bool = isinstance(value, bool) and types is not bool
+        if not isinstance(value, types) or wrong_bool:
+            raise UsageError(f"{path}: key {raw_key!r} has value {value!r}; expected {_type_name(types)}")
+        if key == "seeds":
+            try:
+                value = ",".join(str(s) for s in parse_seeds(value)) if not isinstance(value, str) else value
+                parse_seeds(value)
+            except UsageError as e:
+                raise UsageError(f"{path}: key 'seeds': {e}") from e
+        if key == "guidance_scale":
+            value = float(value)
+        out[key] = value
+    return out
+
+
+def _type_name(types) -> str:
+    types = types if isinstance(types, tuple) else (types,)
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list"}
+    return " or ".join(names.get(t, t.__name__) for t in types)
+
+
+# ----------------------------------------------------------------------------- the request
+@dataclasses.dataclass
+class SampleRequest:
+    """Everything ``sample.py`` was asked to do, after parsing."""
+    prompts: list[str]
+    seeds: list[int]
+    negative_prompt: str = ""
+    model: str = DEFAULT_MODEL
+    steps: int = 50
+    guidance_scale: float = 7.5
+    scheduler: str = "pndm"
+    height: int = 512
+    width: int = 512
+    dtype: str | None = None          # None: bfloat16 on GPU/TPU, float32 on CPU
+    batch_size: int | None = None
+    out: str = "outputs"
+    grid: bool = False
+    trajectory: bool = False
+    trajectory_frames: int = 8
+
+    @property
+    def jobs(self) -> list[tuple[str, int]]:
+        """Every prompt with every seed, prompt-major: [(prompt, seed), ...]."""
+        return [(p, s) for p in self.prompts for s in self.seeds]
+
+
+def validate_request(req: SampleRequest) -> None:
+    """Check everything that can be checked without the model; raise UsageError with one line."""
+    if not req.prompts:
+        raise UsageError("no prompt given: pass a prompt, or --prompts-file FILE")
+    for name in ("height", "width"):
+        size = getattr(req, name)
+        if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % 8:
+            raise UsageError(f"--{name} {size}: must be a positive multiple of 8")
+    if req.scheduler not in SCHEDULERS:
+        raise UsageError(f"unknown scheduler {req.scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
+    if not isinstance(req.steps, int) or isinstance(req.steps, bool) or not 1 <= req.steps <= 1000:
+        raise UsageError(f"--steps {req.steps}: must be an integer in 1..1000 (typical 20-100)")
+    if not isinstance(req.guidance_scale, (int, float)) or not math.isfinite(req.guidance_scale):
+        raise UsageError(f"--guidance-scale {req.guidance_scale}: must be a finite number (typical 5-15)")
+    if req.dtype is not None and req.dtype not in DTYPES:
+        raise UsageError(f"unknown dtype {req.dtype!r}: choose one of {', '.join(DTYPES)}")
+    if req.batch_size is not None and req.batch_size < 1:
+        raise UsageError(f"--batch-size {req.batch_size}: must be at least 1")
+    if not req.seeds:
+        raise UsageError("no seeds given")
+    if req.trajectory and req.trajectory_frames < 3:
+        raise UsageError("a trajectory needs at least 3 frames")
+    out = Path(req.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {req.out}: exists and is not a directory")
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {req.out}: {existing} is not writable")
+
+
+def default_dtype() -> str:
+    """bfloat16 on accelerators (GPU/TPU), float32 on CPU."""
+    import jax
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+# ----------------------------------------------------------------------------- compilation
+def default_cache_dir() -> Path:
+    """``$SDJAX_CACHE_DIR/jax``, else ``$XDG_CACHE_HOME/sdjax/jax``, else ``~/.cache/sdjax/jax``."""
+    if os.environ.get("SDJAX_CACHE_DIR"):
+        return Path(os.environ["SDJAX_CACHE_DIR"]).expanduser() / "jax"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "sdjax" / "jax"
+
+
+def enable_compilation_cache(directory: str | os.PathLike | None = None) -> Path:
+    """Turn on JAX's persistent compilation cache in ``directory`` (default :func:`default_cache_dir`)
+    for every compilation, however small or quick, so a second run of the same shapes loads the
+    compiled programs instead of compiling them again. Call before the first compilation."""
+    import jax
+    directory = Path(directory).expanduser() if directory else default_cache_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)  # no size threshold at all
+    return directory
+
+
+# JAX reports, per compilation, the time to trace to a jaxpr, to lower it to MLIR, and the backend
+# (XLA) compile, which on a persistent-cache hit is just the time to load the cached executable.
+_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
+                   "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                   "/jax/core/compile/backend_compile_duration")
+_timers: list["CompileTimer"] = []
+_timers_lock = threading.Lock()
+_listening = False
+
+
+def _on_duration(event: str, duration: float, **_) -> None:
+    if event in _COMPILE_EVENTS:
+        with _timers_lock:
+            for timer in _timers:
+                timer.by_event[event] += duration
+
+
+class CompileTimer:
+    """Sum of the compile time JAX itself reports (tracing + lowering + XLA compile or cache load)
+    while the context is open. This measures compilation directly instead of guessing it from the
+    difference between a first and a later batch::
+
+        with CompileTimer() as ct:
+            pipe(...)
+        print(ct.seconds)
+    """
+
+    def __init__(self):
+        self.by_event: dict[str, float] = collections.defaultdict(float)
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.by_event.values())
+
+    def __enter__(self) -> "CompileTimer":
+        global _listening
+        import jax
+        with _timers_lock:
+            if not _listening:
+                jax.monitoring.register_event_duration_secs_listener(_on_duration)
+                _listening = True
+            _timers.append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with _timers_lock:
+            _timers.remove(self)
+
+
+# ----------------------------------------------------------------------------- the sampling loop
+@dataclasses.dataclass
+class SampleResult:
+    files: list[Path]
+    extra_files: list[Path]     # grid and trajectories
+    num_images: int
+    seconds: float              # wall time of generation and writing (model loading excluded)
+    compile_seconds: float
+
+    def summary(self) -> str:
+        """``N images in S s (X images/s, compile Y s)``: S is the wall time of generating and writing
+        (compilation included, model loading not), X = N / S, and Y the part of S that JAX reports as
+        compilation (tracing + lowering + XLA compile, or loading from the persistent cache)."""
+        rate = self.num_images / self.seconds if self.seconds > 0 else float("inf")
+        return (f"{self.num_images} images in {self.seconds:.1f} s ({rate:.2f} images/s, "
+                f"compile {self.compile_seconds:.1f} s)")
+
+
+def _chunks(jobs: list, size: int) -> Iterator[list]:
+    for start in range(0, len(jobs), size):
+        yield jobs[start:start + size]
+
+
+def run_sampling(pipe, req: SampleRequest, *, progress: bool = True) -> SampleResult:
+    """Generate every (prompt, seed) of ``req`` with ``pipe`` and write one PNG each into ``req.out``.
+
+    Images are generated in batches of ``req.batch_size`` (default 4 per device) and written as each
+    batch finishes. Every batch has the same shape (the last one is filled up by repeating its
+    last job, and the extra images are dropped), so the sampler compiles once; a request smaller
+    than one batch is run as one batch of its own size. PNG names and the A1111 ``parameters``
+    chunk come from :mod:`sdjax.images`; numbering continues after the highest index in the folder.
+    """
+    from sdjax import parallel
+    from sdjax.trajectory import noise_images, output_trajectory, trajectory_steps
+
+    jobs = req.jobs
+    out_dir = Path(req.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    first_index = next_free_index(out_dir)
+    per_call = parallel.padded_size(req.batch_size or 4 * pipe.mesh.size, pipe.mesh)
+    per_call = min(per_call, parallel.padded_size(len(jobs), pipe.mesh))
+    sched = pipe.make_scheduler(req.scheduler, req.steps)
+    picks = trajectory_steps(sched.num_model_calls, req.trajectory_frames) if req.trajectory else None
+
+    files: list[Path] = []
+    extra: list[Path] = []
+    images_for_grid = []
+    batches = list(_chunks(jobs, per_call))
+    bar = batches
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(batches, desc="batches", unit="batch")
+    start = time.perf_counter()
+    with CompileTimer() as compile_timer:
+        for batch in bar:
+            padded = batch + [batch[-1]] * (per_call - len(batch))
+            out = pipe([p for p, _ in padded], req.negative_prompt, seeds=[s for _, s in padded],
+                       num_inference_steps=req.steps, guidance_scale=req.guidance_scale, height=req.height,
+                       width=req.width, scheduler=req.scheduler, batch_size=per_call, return_intermediates=picks)
+            noise = noise_images(pipe, [s for _, s in padded], req.height, req.width) if req.trajectory else None
+            for b, (prompt, seed) in enumerate(batch):
+                index = first_index + len(files)
+                params = a1111_parameters(prompt, req.negative_prompt, steps=req.steps, scheduler=req.scheduler,
+                                          guidance_scale=req.guidance_scale, seed=seed, width=req.width,
+                                          height=req.height, model=req.model)
+                files.append(save_png(out.images[b], out_dir / image_file_name(index, seed, prompt), params))
+                if req.grid:
+                    images_for_grid.append(out.images[b])
+                if req.trajectory:
+                    frames, labels = output_trajectory(out, b, sched, noise[b])
+                    extra.append(save_png(image_strip(frames, labels),
+                                          out_dir / image_file_name(index, seed, prompt, "-trajectory"), params))
+                    extra.append(save_gif(frames, out_dir / image_file_name(index, seed, prompt, "-trajectory",
+                                                                           "gif")))
+    if req.grid:
+        extra.append(save_png(image_grid(images_for_grid), out_dir / "grid.png"))
+    seconds = time.perf_counter() - start
+    return SampleResult(files, extra, len(files), seconds, compile_timer.seconds)

@@ -1,0 +1,225 @@
+"""Image files: output names, A1111-style "parameters" metadata, atomic PNG/GIF writes, grids.
+
+Everything a script needs to turn ``StableDiffusionOutput.images`` into files that other tools read:
+the PNG text chunk ``parameters`` in the form AUTOMATIC1111's web UI writes (and that image viewers,
+civitai, ComfyUI and A1111's own "PNG Info" tab parse), file names that carry the index, seed and
+prompt, and writes that never leave a half-written file behind (temp name, then ``os.replace``).
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import tempfile
+import unicodedata
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from PIL.PngImagePlugin import PngInfo
+
+# sdjax scheduler name -> the sampler name A1111 writes for the equivalent diffusers scheduler.
+SAMPLER_NAMES = {
+    "pndm": "PNDM",
+    "ddim": "DDIM",
+    "euler": "Euler",
+    "euler_a": "Euler a",
+    "dpmpp_2m": "DPM++ 2M",
+    "lms": "LMS",
+    "ddpm": "DDPM",
+}
+
+_INDEX_RE = re.compile(r"^(\d{5,})-")
+
+
+# ----------------------------------------------------------------------------- names
+def slugify(text: str, max_length: int = 60) -> str:
+    """A file-name-safe slug of ``text``: ASCII lower case, runs of other characters -> "-".
+
+    >>> slugify("A photo of a Cat, 8k!")
+    'a-photo-of-a-cat-8k'
+    """
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    slug = re.sub(r"[^a-z0-9]+", "-", ascii_text.lower()).strip("-")
+    slug = slug[:max_length].rstrip("-")
+    return slug or "untitled"
+
+
+def image_file_name(index: int, seed: int, prompt: str, suffix: str = "", ext: str = "png") -> str:
+    """``00003-seed7-a-photo-of-a-cat.png``: run index, seed, prompt slug (and an optional suffix)."""
+    return f"{index:05d}-seed{seed}-{slugify(prompt)}{suffix}.{ext}"
+
+
+def next_free_index(directory: str | os.PathLike) -> int:
+    """One past the highest ``NNNNN-`` index already in ``directory`` (0 if none), so a new run
+    continues the numbering instead of overwriting earlier images."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return 0
+    found = [int(m.group(1)) for p in directory.iterdir() if (m := _INDEX_RE.match(p.name))]
+    return max(found) + 1 if found else 0
+
+
+# ----------------------------------------------------------------------------- metadata
+def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, scheduler: str, guidance_scale: float,
+                     seed: int, width: int, height: int, model: str | None = None) -> str:
+    """Generation settings as AUTOMATIC1111 writes them into the PNG ``parameters`` text chunk::
+
+        a photo of a cat
+        Negative prompt: blurry
+        Steps: 50, Sampler: PNDM, CFG scale: 7.5, Seed: 7, Size: 512x512, Model: stable-diffusion-v1-5
+
+    Like A1111, the ``Negative prompt:`` line is left out when there is no negative prompt, and Size
+    is width x height.
+    """
+    sampler = SAMPLER_NAMES.get(scheduler, scheduler)
+    fields = [("Steps", steps), ("Sampler", sampler), ("CFG scale", f"{float(guidance_scale):g}"), ("Seed", seed),
+              ("Size", f"{width}x{height}")]
+    if model:
+        fields.append(("Model", model))
+    lines = [prompt]
+    if negative_prompt:
+        lines.append(f"Negative prompt: {negative_prompt}")
+    lines.append(", ".join(f"{k}: {v}" for k, v in fields))
+    return "\n".join(lines)
+
+
+def parse_a1111_parameters(text: str) -> dict[str, str]:
+    """The inverse of :func:`a1111_parameters` for its own output (prompt, negative prompt and the
+    ``key: value`` fields, values as strings). Handy for tests and for re-running an image's settings."""
+    lines = text.split("\n")
+    out = {"prompt": lines[0], "negative_prompt": ""}
+    rest = lines[1:]
+    if rest and rest[0].startswith("Negative prompt: "):
+        out["negative_prompt"] = rest[0][len("Negative prompt: "):]
+        rest = rest[1:]
+    for item in re.split(r",\s(?=[A-Za-z ]+:\s)", "\n".join(rest)):
+        if ": " in item:
+            key, value = item.split(": ", 1)
+            out[key.strip()] = value.strip()
+    return out
+
+
+# ----------------------------------------------------------------------------- writing
+def as_pil(image) -> Image.Image:
+    """A PIL image from a PIL image, a float [H, W, 3] array in [0, 1], or a uint8 array."""
+    if isinstance(image, Image.Image):
+        return image
+    array = np.asarray(image)
+    if array.dtype != np.uint8:
+        array = (array.astype(np.float32) * 255).round().clip(0, 255).astype(np.uint8)
+    return Image.fromarray(array)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Call ``write(temp_path)`` for a temp file next to ``path``, then rename it into place, so a
+    crash or an error never leaves a partial file under the final name."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_png(image, path: str | os.PathLike, parameters: str | None = None) -> Path:
+    """Write ``image`` as a PNG atomically, with ``parameters`` in the ``parameters`` text chunk."""
+    info = None
+    if parameters is not None:
+        info = PngInfo()
+        info.add_text("parameters", parameters)
+    pil = as_pil(image)
+    return atomic_write(path, lambda tmp: pil.save(tmp, format="PNG", pnginfo=info))
+
+
+def read_png_parameters(path: str | os.PathLike) -> str | None:
+    """The ``parameters`` text chunk of a PNG (None if absent)."""
+    with Image.open(path) as im:
+        im.load()
+        return im.text.get("parameters")
+
+
+# ----------------------------------------------------------------------------- layout
+GAP = 4              # pixels between tiles and around the sheet
+_LABEL_PADDING = 2   # pixels above and below a label's text
+
+
+def _font():
+    return ImageFont.load_default()
+
+
+def label_height() -> int:
+    """Height in pixels of the label band under each tile in :func:`image_strip`."""
+    left, top, right, bottom = ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), "Step 0 t=999", font=_font())
+    return bottom + 2 * _LABEL_PADDING
+
+
+def image_strip(images, labels: Sequence[str] | None = None, *, columns: int | None = None,
+                background=(255, 255, 255), text_color=(0, 0, 0)) -> Image.Image:
+    """Lay out images as one strip (default) or a grid of ``columns`` columns, each with an optional
+    small text label underneath (PIL's default font), e.g. ``"step 10 t=521"`` or ``"t=500"``.
+
+    ``images``: a list (or array [N, H, W, 3]) of float [H, W, 3] images in [0, 1], uint8 arrays or
+    PIL images, all the same size. Each cell is ``C = max(W, widest label + 4)`` wide (images and
+    labels centred in it) and ``H + L`` high, ``L`` being :func:`label_height` with labels and 0
+    without; the sheet is ``columns * C + (columns + 1) * GAP`` by ``rows * (H + L) + (rows + 1) * GAP``
+    with rows = ceil(N / columns).
+    """
+    tiles = [as_pil(im).convert("RGB") for im in images]
+    if not tiles:
+        raise ValueError("image_strip needs at least one image")
+    size = tiles[0].size
+    if any(t.size != size for t in tiles):
+        raise ValueError(f"all images must have the same size; got {sorted({t.size for t in tiles})}")
+    if labels is not None and len(labels) != len(tiles):
+        raise ValueError(f"{len(labels)} labels for {len(tiles)} images")
+    columns = len(tiles) if columns is None else max(1, min(int(columns), len(tiles)))
+    rows = math.ceil(len(tiles) / columns)
+    w, h = size
+    font = _font()
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    text_widths = [measure.textlength(str(t), font=font) for t in labels] if labels is not None else [0]
+    cell_w = max(w, math.ceil(max(text_widths)) + 2 * _LABEL_PADDING if labels is not None else 0)
+    band = label_height() if labels is not None else 0
+    sheet = Image.new("RGB", (columns * cell_w + (columns + 1) * GAP, rows * (h + band) + (rows + 1) * GAP),
+                      background)
+    draw = ImageDraw.Draw(sheet)
+    for i, tile in enumerate(tiles):
+        r, c = divmod(i, columns)
+        x, y = GAP + c * (cell_w + GAP), GAP + r * (h + band + GAP)
+        sheet.paste(tile, (x + (cell_w - w) // 2, y))
+        if labels is not None:
+            draw.text((x + (cell_w - text_widths[i]) / 2, y + h + _LABEL_PADDING), str(labels[i]),
+                      fill=text_color, font=font)
+    return sheet
+
+
+def image_grid(images, columns: int | None = None) -> Image.Image:
+    """A near-square grid of same-size images without labels (``columns`` default ceil(sqrt(N)))."""
+    n = len(images)
+    return image_strip(images, None, columns=columns or math.ceil(math.sqrt(n)))
+
+
+def save_gif(frames, path: str | os.PathLike, *, duration_ms: int | Sequence[int] = 400,
+             hold_last_ms: int | None = 1200, loop: int = 0) -> Path:
+    """Write ``frames`` (float [H, W, 3] arrays in [0, 1], uint8 arrays or PIL images) as an animated
+    GIF, atomically. ``duration_ms``: per frame (one value or one per frame); ``hold_last_ms``
+    keeps the last frame up longer; ``loop=0`` loops forever.
+
+    Note that GIF writers (PIL included) merge consecutive identical frames into one.
+    """
+    pil = [as_pil(f).convert("RGB") for f in frames]
+    if not pil:
+        raise ValueError("save_gif needs at least one frame")
+    durations = [int(duration_ms)] * len(pil) if np.ndim(duration_ms) == 0 else [int(d) for d in duration_ms]
+    if len(durations) != len(pil):
+        raise ValueError(f"{len(durations)} durations for {len(pil)} frames")
+    if hold_last_ms is not None:
+        durations[-1] = int(hold_last_ms)
+    return atomic_write(path, lambda tmp: pil[0].save(tmp, format="GIF", save_all=True, append_images=pil[1:],
+                                                      duration=durations, loop=loop))

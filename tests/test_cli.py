@@ -1,0 +1,337 @@
+"""sample.py, its library helpers (sdjax.cli_utils, sdjax.images) and sdjax.trajectory, on a tiny
+random pipeline folder at 32x32 pixels (16x16 latents) with 3 steps.
+
+Most runs call ``sample.main(argv)`` in-process with one shared loaded pipeline (loading is
+memoized, so compiled programs are reused across tests); one subprocess test runs the script twice
+against a fresh persistent compilation cache.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdjax import images as I
+from sdjax import trajectory as T
+from sdjax.cli_utils import UsageError, load_config, parse_seeds
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = ["--height", "32", "--width", "32", "--steps", "3", "--dtype", "float32", "--compilation-cache", "none"]
+
+
+def _load_sample_module():
+    spec = importlib.util.spec_from_file_location("sdjax_sample_script", ROOT / "sample.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+sample = _load_sample_module()
+
+
+@pytest.fixture(scope="module")
+def pipe_dir(tiny_checkpoints, tmp_path_factory):
+    from test_weights import make_pipeline_dir
+    from sdjax.weights import save_pipeline
+    tmp = tmp_path_factory.mktemp("cli_pipe")
+    return save_pipeline(tmp / "pipe", **make_pipeline_dir(tiny_checkpoints, tmp), format="pytorch")
+
+
+@pytest.fixture(scope="module")
+def cached_loading():
+    """Load each (folder, dtype) once per module: main() then reuses the pipeline and its compiled
+    programs (real loading errors still go through the real from_pretrained)."""
+    from sdjax.pipeline import StableDiffusion
+    real = StableDiffusion.from_pretrained.__func__
+    memo = {}
+
+    def from_pretrained(cls, path, **kwargs):
+        key = (str(path), str(kwargs.get("dtype")))
+        if key not in memo:
+            memo[key] = real(cls, path, **kwargs)
+        return memo[key]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(StableDiffusion, "from_pretrained", classmethod(from_pretrained))
+        yield
+
+
+@pytest.fixture(scope="module")
+def pipe(pipe_dir, cached_loading):
+    from sdjax.pipeline import StableDiffusion
+    return StableDiffusion.from_pretrained(str(pipe_dir), dtype="float32")
+
+
+def run_main(capsys, *argv):
+    rc = sample.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def pixels(path):
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+# ----------------------------------------------------------------------------- helpers
+def test_parse_seeds():
+    assert parse_seeds("7") == [7]
+    assert parse_seeds("0-3") == [0, 1, 2, 3]
+    assert parse_seeds("3,7,9") == [3, 7, 9]
+    assert parse_seeds("0-2, 10") == [0, 1, 2, 10]
+    assert parse_seeds([1, "4-5"]) == [1, 4, 5] and parse_seeds(12) == [12]
+    assert parse_seeds(str(2**32 - 1)) == [2**32 - 1]
+    for bad in ["", "x", "1-", "-1", "3-1", "1,,2", "1.5", str(2**32), "0-2000000"]:
+        with pytest.raises(UsageError):
+            parse_seeds(bad)
+
+
+def test_names_and_a1111_parameters():
+    assert I.image_file_name(3, 7, "A photo of a Cat!") == "00003-seed7-a-photo-of-a-cat.png"
+    assert I.slugify("  ") == "untitled" and len(I.slugify("x" * 500)) == 60
+    text = I.a1111_parameters("a photo of a cat", "blurry", steps=50, scheduler="pndm", guidance_scale=7.5,
+                              seed=7, width=512, height=512, model="stable-diffusion-v1-5/stable-diffusion-v1-5")
+    assert text == ("a photo of a cat\nNegative prompt: blurry\nSteps: 50, Sampler: PNDM, CFG scale: 7.5, "
+                    "Seed: 7, Size: 512x512, Model: stable-diffusion-v1-5/stable-diffusion-v1-5")
+    parsed = I.parse_a1111_parameters(text)
+    assert parsed["negative_prompt"] == "blurry" and parsed["Seed"] == "7" and parsed["Sampler"] == "PNDM"
+    no_negative = I.a1111_parameters("p", "", steps=3, scheduler="euler_a", guidance_scale=11, seed=0,
+                                     width=64, height=32)
+    assert no_negative == "p\nSteps: 3, Sampler: Euler a, CFG scale: 11, Seed: 0, Size: 64x32"
+
+
+def test_atomic_write_leaves_nothing_on_error(tmp_path):
+    def failing(tmp):
+        tmp.write_bytes(b"half")
+        raise RuntimeError("disk full")
+    with pytest.raises(RuntimeError):
+        I.atomic_write(tmp_path / "x.png", failing)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_image_strip_size_and_grid():
+    rng = np.random.default_rng(0)
+    frames = [rng.random((24, 16, 3)) for _ in range(5)]
+    plain = T.image_strip(frames)
+    assert plain.size == (5 * 16 + 6 * I.GAP, 24 + 2 * I.GAP)
+    labelled = T.image_strip(frames, [f"t={t}" for t in range(5)])
+    L = I.label_height()
+    assert labelled.height == 24 + L + 2 * I.GAP and labelled.width >= plain.width
+    grid = T.image_strip(frames, None, columns=2)
+    assert grid.size == (2 * 16 + 3 * I.GAP, 3 * 24 + 4 * I.GAP)
+    assert I.image_grid(frames).size == (3 * 16 + 4 * I.GAP, 2 * 24 + 3 * I.GAP)
+    # the first tile's pixels are where the layout says
+    np.testing.assert_array_equal(np.asarray(plain)[I.GAP:I.GAP + 24, I.GAP:I.GAP + 16],
+                                  I.as_pil(frames[0]))
+    with pytest.raises(ValueError, match="labels"):
+        T.image_strip(frames, ["a"])
+
+
+def test_save_gif_frame_count(tmp_path):
+    frames = [np.full((8, 8, 3), v, np.float32) for v in (0.0, 0.25, 0.5, 0.75, 1.0)]
+    path = T.save_gif(frames, tmp_path / "a.gif", duration_ms=100)
+    with Image.open(path) as gif:
+        assert gif.n_frames == 5 and gif.info["loop"] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.gif"]
+
+
+def test_trajectory_steps():
+    assert T.trajectory_steps(51, 8) == [0, 8, 17, 25, 33, 42]   # + the noise and the final image = 8 frames
+    assert T.trajectory_steps(4, 8) == [0, 1, 2]
+    with pytest.raises(ValueError):
+        T.trajectory_steps(10, 2)
+
+
+# ----------------------------------------------------------------------------- config presets
+def test_presets_load_and_precedence(tmp_path):
+    presets = {p.stem: load_config(p) for p in (ROOT / "configs").glob("*.yaml")}
+    assert presets["draft"]["steps"] == 25 and presets["quality"]["steps"] == 90
+    assert presets["creative"]["guidance_scale"] == 6.0 and presets["precise"]["guidance_scale"] == 11.0
+    readme = (ROOT / "configs" / "README.md").read_text()
+    from sdjax.cli_utils import CONFIG_KEYS
+    for key in CONFIG_KEYS:
+        assert f"`{key}`" in readme, key
+
+    req, _ = sample.parse_request(["a cat", "--config", "draft"])
+    assert (req.steps, req.guidance_scale, req.scheduler) == (25, 7.5, "pndm")
+    req, _ = sample.parse_request(["a cat", "--config", "precise", "--guidance-scale", "9", "--steps", "30"])
+    assert (req.steps, req.guidance_scale) == (30, 9.0) and req.negative_prompt
+    cfg = tmp_path / "mine.yaml"
+    cfg.write_text("steps: 3\nguidance-scale: 6\nseeds: [4, 5]\ngrid: true\nnegative_prompt: ugly\n")
+    req, _ = sample.parse_request(["a cat", "--config", str(cfg), "--no-grid"])
+    assert (req.steps, req.guidance_scale, req.seeds, req.grid, req.negative_prompt) == (3, 6.0, [4, 5], False, "ugly")
+    req, _ = sample.parse_request(["a cat"])
+    assert (req.steps, req.guidance_scale, req.scheduler, req.height, req.width, req.seeds, req.out, req.dtype) == \
+        (50, 7.5, "pndm", 512, 512, [0], "outputs", None)
+    from sdjax.cli_utils import default_dtype
+    assert default_dtype() == "float32"   # CPU
+
+
+# ----------------------------------------------------------------------------- generating
+def test_every_prompt_times_every_seed_with_metadata_and_grid(pipe_dir, pipe, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc, stdout, _ = run_main(capsys, "a photo of a cat", "a dog", "--seeds", "3,7", "--negative-prompt", "blurry",
+                             "--model", pipe_dir, "--out", out, "--grid", *SMALL)
+    assert rc == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["00000-seed3-a-photo-of-a-cat.png", "00001-seed7-a-photo-of-a-cat.png",
+                     "00002-seed3-a-dog.png", "00003-seed7-a-dog.png", "grid.png"]
+    assert re.search(r"^4 images in [\d.]+ s \([\d.]+ images/s, compile [\d.]+ s\)$", stdout, re.M), stdout
+    params = I.read_png_parameters(out / "00001-seed7-a-photo-of-a-cat.png")
+    assert params == ("a photo of a cat\nNegative prompt: blurry\nSteps: 3, Sampler: PNDM, CFG scale: 7.5, "
+                      f"Seed: 7, Size: 32x32, Model: {pipe_dir}")
+    # each file is the pipeline's image for its (prompt, seed)
+    ref = pipe(["a dog", "a photo of a cat"], "blurry", seeds=[7, 3], num_inference_steps=3, height=32, width=32)
+    np.testing.assert_array_equal(pixels(out / "00003-seed7-a-dog.png"), ref.to_pil()[0])
+    np.testing.assert_array_equal(pixels(out / "00000-seed3-a-photo-of-a-cat.png"), ref.to_pil()[1])
+    assert Image.open(out / "grid.png").size == (2 * 32 + 3 * I.GAP, 2 * 32 + 3 * I.GAP)
+
+    # a second run into the same folder continues the numbering instead of overwriting
+    rc, _, _ = run_main(capsys, "a dog", "--seeds", "7", "--negative-prompt", "blurry", "--model", pipe_dir,
+                        "--out", out, *SMALL)
+    assert rc == 0 and (out / "00004-seed7-a-dog.png").is_file()
+    np.testing.assert_array_equal(pixels(out / "00004-seed7-a-dog.png"), pixels(out / "00003-seed7-a-dog.png"))
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]   # no temp files
+
+
+def test_seed_range_prompts_file_and_config(pipe_dir, pipe, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("red cat\n\n  blue dog  \n")
+    cfg = tmp_path / "preset.yaml"
+    cfg.write_text("steps: 50\nguidance_scale: 6\nscheduler: pndm\n")
+    out = tmp_path / "out"
+    rc, _, _ = run_main(capsys, "--prompts-file", prompts, "--seeds", "0-1", "--config", cfg, "--model", pipe_dir,
+                        "--out", out, "--batch-size", "2", *SMALL)   # SMALL's --steps 3 overrides the preset
+    assert rc == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["00000-seed0-red-cat.png", "00001-seed1-red-cat.png",
+                     "00002-seed0-blue-dog.png", "00003-seed1-blue-dog.png"]
+    params = I.parse_a1111_parameters(I.read_png_parameters(out / "00003-seed1-blue-dog.png"))
+    assert params["prompt"] == "blue dog" and params["Steps"] == "3" and params["CFG scale"] == "6"
+    assert params["Seed"] == "1" and params["negative_prompt"] == ""
+
+
+def test_trajectory_outputs(pipe_dir, pipe, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc, _, _ = run_main(capsys, "a photo of a cat", "--seeds", "5", "--model", pipe_dir, "--out", out,
+                        "--trajectory", *SMALL)
+    assert rc == 0
+    stem = "00000-seed5-a-photo-of-a-cat"
+    assert sorted(p.name for p in out.iterdir()) == [f"{stem}-trajectory.gif", f"{stem}-trajectory.png",
+                                                     f"{stem}.png"]
+    n_frames = 1 + len(T.trajectory_steps(pipe.make_scheduler("pndm", 3).num_model_calls, 8)) + 1
+    with Image.open(out / f"{stem}-trajectory.gif") as gif:
+        assert gif.n_frames == n_frames
+        assert gif.size == (32, 32)
+    strip = Image.open(out / f"{stem}-trajectory.png")
+    assert strip.height == 32 + I.label_height() + 2 * I.GAP and strip.width >= n_frames * 32
+
+    # the library function: same frames for the same prompt/seed, last frame = the image
+    frames, labels = T.denoising_trajectory(pipe, "a photo of a cat", 5, steps=3, height=32, width=32)
+    assert len(frames) == n_frames and labels[0] == "noise" and labels[-1] == "final"
+    assert re.fullmatch(r"step 1 t=\d+", labels[1])
+    np.testing.assert_array_equal(I.as_pil(frames[-1]), pixels(out / f"{stem}.png"))
+    with Image.open(out / f"{stem}-trajectory.gif") as gif:
+        gif.seek(n_frames - 1)
+        last = np.asarray(gif.convert("RGB"), np.float32)
+    assert np.abs(last - pixels(out / f"{stem}.png")).mean() < 12   # GIF palette quantization
+
+
+def test_noising_trajectory(pipe):
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from sdjax.sampling import decode_latents
+    from sdjax.schedulers import make_noise_schedule
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (37, 45, 3), np.uint8))   # center-cropped to 32x40
+    timesteps = (0, 500, 999)
+    frames, labels = T.noising_trajectory(pipe, image, timesteps, seed=3)
+    assert labels == ["t=0", "t=500", "t=999"] and all(f.shape == (32, 40, 3) for f in frames)
+
+    abar = make_noise_schedule(pipe.scheduler_config)
+
+    @jax.jit
+    def reference(state, x_1HWC):   # written out independently: x_t = sqrt(abar) x_0 + sqrt(1 - abar) eps
+        vae = nnx.merge(pipe._graphdefs.vae, state)
+        clean = vae.encode(x_1HWC * 2 - 1).mean * vae.scaling_factor
+        eps = jax.random.normal(jax.random.key(3), clean.shape[1:])[None]
+        noisy = [np.sqrt(abar[t]) * clean + np.sqrt(1 - abar[t]) * eps for t in timesteps]
+        return decode_latents(vae, jnp.concatenate([clean, eps] + noisy))
+    round_trip, pure_noise, *expected = np.asarray(reference(pipe._state.vae, jnp.asarray(T.prepare_image(image))[None]))
+    np.testing.assert_allclose(np.stack(frames), np.stack(expected), atol=2e-5)
+    err = lambda a, b: float(np.abs(a - b).mean())  # noqa: E731
+    # t=0 is the VAE round trip up to sqrt(1 - abar_0) = 3% noise; t=999 keeps sqrt(abar_999) = 7% of the image
+    assert err(frames[0], round_trip) < err(frames[1], round_trip) < err(frames[2], round_trip)
+    assert err(frames[2], pure_noise) < err(frames[1], pure_noise) < err(frames[0], pure_noise)
+    assert err(frames[2], pure_noise) < 0.05 * err(round_trip, pure_noise)
+
+
+# ----------------------------------------------------------------------------- bad input
+BAD_INPUTS = {
+    "height": (["a cat", "--height", "30"], "multiple of 8"),
+    "width": (["a cat", "--width", "100"], "multiple of 8"),
+    "scheduler": (["a cat", "--scheduler", "heun"], "unknown scheduler 'heun'"),
+    "no_prompt": ([], "no prompt"),
+    "missing_prompts_file": (["--prompts-file", "{tmp}/nope.txt"], "does not exist"),
+    "empty_prompts_file": (["--prompts-file", "{tmp}/empty.txt"], "has no prompts"),
+    "seeds_syntax": (["a cat", "--seeds", "1-x"], "bad seeds"),
+    "seeds_reversed": (["a cat", "--seeds", "5-2"], "smaller than the start"),
+    "steps_type": (["a cat", "--steps", "many"], "invalid int value"),
+    "dtype": (["a cat", "--dtype", "int8"], "unknown dtype"),
+    "config_unknown_key": (["a cat", "--config", "{tmp}/bad.yaml"], "unknown key 'stpes'"),
+    "config_bad_value": (["a cat", "--config", "{tmp}/badvalue.yaml"], "key 'steps' has value 'many'"),
+    "config_missing": (["a cat", "--config", "{tmp}/none.yaml"], "does not exist"),
+    "no_weights": (["a cat", "--model", "{tmp}/no/such/model"], "no such directory"),
+    "not_a_pipeline": (["a cat", "--model", "{tmp}"], "scheduler_config.json"),
+    "offline_hub": (["a cat", "--model", "no-such-user/no-such-model"], "local directory"),
+    "out_is_a_file": (["a cat", "--out", "{tmp}/empty.txt"], "not a directory"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, tmp_path, capsys, cached_loading):
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    (tmp_path / "bad.yaml").write_text("steps: 3\nstpes: 4\n")
+    (tmp_path / "badvalue.yaml").write_text("steps: many\n")
+    argv, message = BAD_INPUTS[case]
+    out = tmp_path / "out"
+    argv = ["--out", str(out)] + [a.format(tmp=tmp_path) for a in argv] + ["--compilation-cache", "none"]
+    rc, stdout, stderr = run_main(capsys, *argv)
+    assert rc == 2
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sample.py: error: ") and message in lines[0], stderr
+    assert not out.exists()
+    if case.startswith("config_unknown"):
+        assert "bad.yaml" in lines[0]
+
+
+# ----------------------------------------------------------------------------- the script itself
+def test_script_subprocess_and_persistent_compilation_cache(pipe_dir, tmp_path):
+    """Run twice in fresh processes: the first fills the compilation cache, the second compiles less."""
+    cache = tmp_path / "cache"
+    env = {**os.environ, "SDJAX_CACHE_DIR": str(cache), "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    compile_times = []
+    for run in range(2):
+        out = tmp_path / f"out{run}"
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "sample.py"), "a photo of a cat", "--model", str(pipe_dir), "--seeds", "1",
+             "--height", "32", "--width", "32", "--steps", "3", "--out", str(out)],
+            env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        match = re.search(r"^1 images in [\d.]+ s \([\d.]+ images/s, compile ([\d.]+) s\)$", proc.stdout, re.M)
+        assert match, proc.stdout
+        compile_times.append(float(match.group(1)))
+        assert sorted(p.name for p in out.iterdir()) == ["00000-seed1-a-photo-of-a-cat.png"]
+        if run == 0:
+            entries = list((cache / "jax").glob("*-cache"))
+            assert entries, "the persistent compilation cache got no entries"
+    assert compile_times[1] < 0.6 * compile_times[0], compile_times
+    np.testing.assert_array_equal(pixels(tmp_path / "out0/00000-seed1-a-photo-of-a-cat.png"),
+                                  pixels(tmp_path / "out1/00000-seed1-a-photo-of-a-cat.png"))
