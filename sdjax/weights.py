@@ -105,16 +105,54 @@ def to_torch_layout(array: np.ndarray, path: tuple) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- readers
+_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": jnp.bfloat16,
+                       "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+                       "BOOL": np.bool_}
+
+
 def _read_safetensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
-    from safetensors import safe_open
-    try:
-        with safe_open(str(path), framework="numpy") as f:
-            for key in f.keys():
-                yield key, f.get_tensor(key)
-    except CheckpointError:
-        raise
-    except Exception as e:  # safetensors raises its own error types for bad headers/truncation
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+    """Read a safetensors file tensor by tensor with plain reads, in file order.
+
+    Not ``safe_open``: it memory-maps the file, and the mapped pages it touches count as the
+    process's resident memory until the file is closed, so loading the 3.4 GB UNet that way
+    peaks at ~1.75x the weights (measured); read one tensor at a time, the peak stays ~1x.
+    """
+    size = path.stat().st_size
+
+    def corrupt(why: str) -> CheckpointError:
+        return CheckpointError(f"{path}: not a readable safetensors file ({why})")
+
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise corrupt("shorter than its 8-byte header length")
+        header_len = int.from_bytes(head, "little")
+        if header_len > size - 8:
+            raise corrupt(f"header length {header_len} exceeds the file size {size}")
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise corrupt(f"bad JSON header: {e}") from e
+        if not isinstance(header, dict):
+            raise corrupt("the header is not a JSON object")
+        header.pop("__metadata__", None)
+        data_start = 8 + header_len
+        try:
+            entries = sorted(((info["data_offsets"][0], info["data_offsets"][1], key, info["dtype"],
+                               tuple(info["shape"])) for key, info in header.items()))
+        except (KeyError, TypeError, IndexError) as e:
+            raise corrupt(f"malformed header entry ({e!r})") from e
+        for start, end, key, dtype_name, shape in entries:
+            if dtype_name not in _SAFETENSORS_DTYPES:
+                raise corrupt(f"key {key!r} has unsupported dtype {dtype_name}")
+            array = np.empty(shape, _SAFETENSORS_DTYPES[dtype_name])
+            if end - start != array.nbytes or data_start + end > size:
+                raise corrupt(f"key {key!r}: byte range [{start}, {end}) does not fit shape {shape} "
+                              f"{dtype_name} in a file of {size} bytes (truncated?)")
+            f.seek(data_start + start)
+            if f.readinto(array.reshape(-1).view(np.uint8)) != array.nbytes:
+                raise corrupt(f"key {key!r}: unexpected end of file (truncated?)")
+            yield key, array
 
 
 def _read_torch_bin(path: Path) -> Iterator[tuple[str, np.ndarray]]:
@@ -124,7 +162,9 @@ def _read_torch_bin(path: Path) -> Iterator[tuple[str, np.ndarray]]:
         raise CheckpointError(f"{path}: reading PyTorch .bin files needs torch (pip install torch), "
                               "or convert the checkpoint to .safetensors") from e
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        # Not mmap=True: the mapped file stays resident next to the converted arrays (measured on the
+        # SD v1.5 UNet: peak 2.06x the file, still 2.06x after loading; without mmap 1.09x).
+        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=False)
     except Exception as e:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({e})") from e
     for key in list(state):
@@ -180,8 +220,24 @@ def _read_flax_msgpack(path: Path, convert: Callable[[np.ndarray], Any]) -> dict
 
 
 # ----------------------------------------------------------------------------- strict fill
+class _ShapeOnlyRngs:
+    """Stands in for ``nnx.Rngs`` when the model is only traced for its shapes: every stream
+    (``rngs.params()``...) returns the same key and updates no counter.
+
+    With a real ``nnx.Rngs`` each key draw bumps an ``RngCount`` variable, and under
+    ``eval_shape`` flax 0.12 then asks the traced count for its ``sharding``; jax builds the
+    AttributeError's message by walking the whole trace so far, so building the abstract SD v1.5
+    UNet is quadratic: ~7 s (16 s under a profiler) instead of ~0.8 s.
+    """
+
+    def __getattr__(self, stream: str):
+        if stream.startswith("_"):
+            raise AttributeError(stream)
+        return lambda: jax.random.key(0)
+
+
 def _abstract_state(model_cls, config, dtype):
-    model = nnx.eval_shape(lambda: model_cls(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: model_cls(config, dtype=dtype, rngs=_ShapeOnlyRngs()))
     graphdef, state = nnx.split(model)
     return graphdef, state
 
