@@ -29,6 +29,7 @@ def reference_pipe(tiny_pipeline_dir):
     from diffusers import StableDiffusionPipeline
     ref = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir, safety_checker=None)
     ref.set_progress_bar_config(disable=True)
+    ref.checkpoint_scheduler_config = dict(ref.scheduler.config)
     return ref
 
 
@@ -38,7 +39,8 @@ def diffusers_scheduler(ref, name):
                  "euler": ("EulerDiscreteScheduler", {}), "lms": ("LMSDiscreteScheduler", {}),
                  "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
                  "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True})}[name]
-    return getattr(diffusers, cls).from_config(ref.scheduler.config, **opts)
+    # From the checkpoint's config, not the last test's scheduler (its options, e.g. Karras sigmas, would leak).
+    return getattr(diffusers, cls).from_config(ref.checkpoint_scheduler_config, **opts)
 
 
 def latents_for(n, seed=0):
