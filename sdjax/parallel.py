@@ -36,9 +36,9 @@ def data_mesh(devices=None) -> Mesh:
     return Mesh(devices.reshape(-1), (DATA_AXIS,))
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Split axis 0 (the batch) over the data axis; other axes whole."""
-    return NamedSharding(mesh, P(DATA_AXIS))
+def batch_sharding(mesh: Mesh, axis: int = 0) -> NamedSharding:
+    """Split ``axis`` (the batch) over the data axis; other axes whole."""
+    return NamedSharding(mesh, P(*([None] * axis), DATA_AXIS))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -59,11 +59,16 @@ def pad_batch(array: np.ndarray, size: int) -> np.ndarray:
     return np.concatenate([array, np.repeat(array[-1:], size - n, axis=0)], axis=0)
 
 
-def shard_batch(host_array: np.ndarray, mesh: Mesh) -> jax.Array:
+def shard_batch(host_array: np.ndarray, mesh: Mesh, axis: int = 0) -> jax.Array:
     """A global array split over the data axis from the same host array on every process."""
-    sharding = batch_sharding(mesh)
+    sharding = batch_sharding(mesh, axis)
     host_array = np.asarray(host_array)
     return jax.make_array_from_callback(host_array.shape, sharding, lambda index: host_array[index])
+
+
+def shard_process_batch(local_array: np.ndarray, mesh: Mesh, axis: int = 0) -> jax.Array:
+    """A global array from each process's own rows (its slice of the global batch along ``axis``)."""
+    return jax.make_array_from_process_local_data(batch_sharding(mesh, axis), np.asarray(local_array))
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:

@@ -63,13 +63,27 @@ class StableDiffusion:
         self.text_encoder, self.unet, self.vae = text_encoder, unet, vae
         self.tokenizer, self.scheduler_config, self.name = tokenizer, dict(scheduler_config), name
         self.mesh = mesh or parallel.data_mesh()
-        graphdefs, states = zip(*(nnx.split(m) for m in (text_encoder, unet, vae)))
-        self._graphdefs = sampling.SDState(*graphdefs)
-        self._state = parallel.replicate(sampling.SDState(*states), self.mesh)  # once, not per call
+        self._graphdefs = sampling.SDState(*(nnx.graphdef(m) for m in (text_encoder, unet, vae)))
+        self._refresh_state()
         self._generate = jax.jit(
             sampling.generate, static_argnums=(0,),
             static_argnames=("latent_shape_HWC", "use_guidance", "return_predictions"))
         self._decode = jax.jit(lambda g, s, z: sampling.decode_latents(nnx.merge(g, s), z), static_argnums=0)
+
+    def _refresh_state(self) -> None:
+        states = (nnx.to_pure_dict(nnx.state(m)) for m in (self.text_encoder, self.unet, self.vae))
+        self._state = parallel.replicate(sampling.SDState(*states), self.mesh)  # once, not per call
+
+    def set_params(self, *, unet: dict | None = None, text_encoder: dict | None = None,
+                   vae: dict | None = None) -> None:
+        """Replace model weights with new ones (pure dicts as ``nnx.to_pure_dict`` gives, e.g. a
+        fine-tune's); the compiled sampler is reused."""
+        for module, params in ((self.unet, unet), (self.text_encoder, text_encoder), (self.vae, vae)):
+            if params is not None:
+                state = nnx.state(module, nnx.Param)
+                nnx.replace_by_pure_dict(state, params)
+                nnx.update(module, state)
+        self._refresh_state()
 
     # ------------------------------------------------------------------ loading / saving
     @classmethod

@@ -236,10 +236,10 @@ class _ShapeOnlyRngs:
         return lambda: jax.random.key(0)
 
 
-def _abstract_state(model_cls, config, dtype):
-    model = nnx.eval_shape(lambda: model_cls(config, dtype=dtype, rngs=_ShapeOnlyRngs()))
-    graphdef, state = nnx.split(model)
-    return graphdef, state
+def abstract_model(model_cls, config, **kwargs):
+    """(graphdef, abstract state) of ``model_cls(config, **kwargs)`` without computing any weights."""
+    model = nnx.eval_shape(lambda: model_cls(config, rngs=_ShapeOnlyRngs(), **kwargs))
+    return nnx.split(model)
 
 
 def _check_complete(file: Path, names: dict[tuple, str], loaded: dict[tuple, Any], unexpected: list[str]) -> None:
@@ -266,7 +266,7 @@ def load_weights(model_cls, config, file: str | os.PathLike, *, dtype=jnp.float3
         raise CheckpointError(f"{file}: no such checkpoint file")
     dtype = resolve_dtype(dtype)
     spec = SPECS[model_cls]
-    graphdef, state = _abstract_state(model_cls, config, dtype)
+    graphdef, state = abstract_model(model_cls, config, dtype=dtype)
     expected = {path: var.get_value() for path, var in nnx.to_flat_state(state)}  # path -> ShapeDtypeStruct
     is_flax = file.suffix == ".msgpack"
     names = {path: flax_key(path, spec.flax_joins_indices) if is_flax else torch_key(path) for path in expected}

@@ -169,12 +169,12 @@ class UNetBlock(nnx.Module):
         elif add_resample:
             self.downsamplers = nnx.List([Downsample2D(out_ch, padding=cfg.downsample_padding, **kw)])
 
-    def __call__(self, x_BHWC, temb_BD, context_BSD, skips=None, upsample_size=None):
-        """Down: returns (x, outputs to skip). Up: pops from ``skips`` (a list) and returns x."""
+    def __call__(self, x_BHWC, temb_BD, context_BSD, skips=(), upsample_size=None):
+        """Down: returns (x, outputs to skip). Up: consumes ``skips`` (this block's, last first)."""
         outputs = []
         for i, resnet in enumerate(self.resnets):
             if self.is_up:
-                x_BHWC = jnp.concatenate([x_BHWC, skips.pop()], axis=-1)
+                x_BHWC = jnp.concatenate([x_BHWC, skips[-1 - i]], axis=-1)
             x_BHWC = resnet(x_BHWC, temb_BD)
             if self.attentions is not None:
                 x_BHWC = self.attentions[i](x_BHWC, context_BSD)
@@ -186,7 +186,7 @@ class UNetBlock(nnx.Module):
         if hasattr(self, "downsamplers"):
             x_BHWC = self.downsamplers[0](x_BHWC)
             outputs.append(x_BHWC)
-        return x_BHWC, outputs
+        return x_BHWC, tuple(outputs)
 
 
 class MidBlock(nnx.Module):
@@ -214,10 +214,12 @@ class UNet2DConditionModel(nnx.Module, Pretrained):
     Load real weights with ``UNet2DConditionModel.from_pretrained(path, subfolder="unet")``.
     """
 
-    def __init__(self, config: UNetConfig | dict, *, dtype=jnp.float32, param_dtype=None, rngs: nnx.Rngs):
+    def __init__(self, config: UNetConfig | dict, *, dtype=jnp.float32, param_dtype=None, remat: bool = False,
+                 rngs: nnx.Rngs):
         cfg = config if isinstance(config, UNetConfig) else UNetConfig.from_dict(config)
         self.config = cfg
         self.dtype = dtype
+        self.remat = remat  # gradient checkpointing: recompute each block's activations in the backward pass
         kw = dict(dtype=dtype, param_dtype=param_dtype or dtype, rngs=rngs)
         chs, n = cfg.block_out_channels, cfg.layers_per_block
         temb_ch = 4 * chs[0]
@@ -262,16 +264,21 @@ class UNet2DConditionModel(nnx.Module, Pretrained):
                                    flip_sin_to_cos=self.config.flip_sin_to_cos, freq_shift=self.config.freq_shift)
         temb = self.time_embedding(t_emb.astype(self.dtype))
 
+        def run(block, *args, **static):
+            call = lambda blk, *a: blk(*a, **static)  # noqa: E731
+            # nnx.remat keeps only each block's inputs for the backward pass.
+            return (nnx.remat(call) if self.remat else call)(block, *args)
+
         x = self.conv_in(x)
-        skips = [x]
+        skips = (x,)
         for block in self.down_blocks:
-            x, outs = block(x, temb, context)
-            skips.extend(outs)
-        x = self.mid_block(x, temb, context)
+            x, outs = run(block, x, temb, context)
+            skips += outs
+        x = run(self.mid_block, x, temb, context)
         for block in self.up_blocks:
-            n_skips = len(block.resnets)
+            n = len(block.resnets)
+            skips, block_skips = skips[:-n], skips[-n:]
             # Upsample to the spatial size of the next block's skips (odd latent sizes).
-            upsample_size = skips[-n_skips - 1].shape[1:3] if len(skips) > n_skips else None
-            x = block(x, temb, context, skips=skips, upsample_size=upsample_size)
-        x = self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
-        return x
+            upsample_size = tuple(skips[-1].shape[1:3]) if skips else None
+            x = run(block, x, temb, context, block_skips, upsample_size=upsample_size)
+        return self.conv_out(jax.nn.silu(self.conv_norm_out(x)))

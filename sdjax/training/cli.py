@@ -1,0 +1,132 @@
+"""``train.py``'s command line: every `TrainConfig` field is a flag and a YAML config key.
+
+Precedence: built-in defaults < ``--config`` YAML < flags given on the command line.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any, Sequence
+
+from sdjax.cli_utils import UsageError, resolve_config_path
+from sdjax.training.loop import TrainConfig
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+HELP = {
+    "model": "Hub repo id or local diffusers pipeline folder to fine-tune",
+    "train_data": "folder with train_images/ and image_captions.csv, or tfds:NAME[/CONFIG][:SPLIT]",
+    "output_dir": "where checkpoints/, metrics.jsonl, samples/, tensorboard/ and final/ go",
+    "resolution": "training image size (shorter side resized, then cropped square)",
+    "batch_size": "images per device per micro-batch",
+    "gradient_accumulation": "micro-batches averaged per optimizer update",
+    "max_steps": "optimizer updates to run (500-1000 to start)",
+    "learning_rate": "peak AdamW learning rate (1e-6 to 5e-5; lower if the loss is unstable)",
+    "lr_schedule": "'constant' or 'cosine' after warmup",
+    "warmup_steps": "linear learning-rate warmup steps",
+    "weight_decay": "AdamW decoupled weight decay",
+    "max_grad_norm": "global-norm gradient clipping (0 or none: off)",
+    "ema_decay": "keep an EMA of the UNet weights (e.g. 0.9999) and export it",
+    "mixed_precision": "'bf16': bf16 activations with fp32 master weights; 'no': fp32",
+    "gradient_checkpointing": "recompute UNet activations in the backward pass (less memory, slower)",
+    "min_snr_gamma": "Min-SNR-gamma loss weighting (e.g. 5.0)",
+    "caption_dropout": "probability of training on the empty caption (keeps guidance working)",
+    "train_text_encoder": "also fine-tune the CLIP text encoder",
+    "center_crop": "centre crop (else random crop)",
+    "random_flip": "random horizontal flips",
+    "skip_bad_rows": "skip and count bad rows instead of stopping",
+    "checkpoint_every": "save a checkpoint every N steps",
+    "sample_every": "write sample images every N steps (0: only at the end)",
+    "validation_prompts": "prompts for the sample images (default: the first two captions)",
+    "validation_seeds": "seeds for the sample images",
+    "resume": "continue from the latest checkpoint in OUTPUT_DIR/checkpoints",
+}
+
+
+def _field_type(field: dataclasses.Field) -> tuple[type, bool]:
+    """(element type, is_list) of a TrainConfig field, from its annotation."""
+    hint = typing.get_type_hints(TrainConfig)[field.name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if hint is list or typing.get_origin(hint) is list:
+        return (int if field.name == "validation_seeds" else str), True
+    base = args[0] if args else hint
+    return base, False
+
+
+def _convert(name: str, value: Any, origin: str) -> Any:
+    field = {f.name: f for f in dataclasses.fields(TrainConfig)}[name]
+    kind, is_list = _field_type(field)
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and kind is not str):
+        return None
+    try:
+        if is_list:
+            return [kind(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            raise TypeError
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if kind is int and isinstance(value, bool):
+            raise TypeError
+        return kind(value)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"{origin}: {name}={value!r} is not a valid {kind.__name__}") from e
+
+
+def load_train_config(path: Path) -> dict[str, Any]:
+    import yaml
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise UsageError(f"cannot read config {path}: {str(e).splitlines()[0]}") from e
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: a config must be a mapping of keys to values")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    out = {}
+    for raw, value in data.items():
+        key = str(raw).replace("-", "_")
+        if key not in known:
+            raise UsageError(f"{path}: unknown key {raw!r} (known keys: {', '.join(sorted(known))})")
+        out[key] = _convert(key, value, str(path))
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="train.py", description="Fine-tune Stable Diffusion v1.5 (sdjax).",
+                                     argument_default=argparse.SUPPRESS)
+    parser.add_argument("--config", help="YAML preset (a path, or a name in configs/: style, low_memory)")
+    parser.add_argument("--export", action="store_true",
+                        help="only export OUTPUT_DIR/final from the latest checkpoint (or --export-step)")
+    parser.add_argument("--export-step", type=int, help="checkpoint step to export")
+    for field in dataclasses.fields(TrainConfig):
+        kind, is_list = _field_type(field)
+        flag = "--" + field.name.replace("_", "-")
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        help_text = f"{HELP.get(field.name, field.name.replace('_', ' '))} (default: {default})"
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+        elif is_list:
+            parser.add_argument(flag, nargs="+", help=help_text)
+        else:
+            parser.add_argument(flag, metavar=field.name.upper(), help=help_text)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
+    args = build_parser().parse_args(argv)
+    values: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        values.update(load_train_config(resolve_config_path(args.config, [CONFIG_DIR])))
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    for key, value in vars(args).items():
+        if key in known:
+            values[key] = _convert(key, value, "command line")
+    cfg = TrainConfig(**values)
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    return cfg, args

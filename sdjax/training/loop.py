@@ -1,0 +1,279 @@
+"""Fine-tuning Stable Diffusion: the run behind ``train.py``.
+
+Data-parallel over every device and host (global batch = per-device batch x devices x
+accumulation), Orbax checkpoints with the data position for exact resume, metrics.jsonl +
+TensorBoard + loss curve, sample images during training, and a final pipeline export in both
+diffusers layouts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sdjax import parallel
+from sdjax.models import CLIPTextModel, UNet2DConditionModel
+from sdjax.pipeline import StableDiffusion
+from sdjax.schedulers import make_noise_schedule
+from sdjax.text import tokenize
+from sdjax.training import step as S
+from sdjax.training.checkpoint import Checkpointer
+from sdjax.training.data import BatchIterator, load_captioned_images
+from sdjax.training.monitor import MetricsLog
+from sdjax.weights import abstract_model, resolve_dtype
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Every setting of a fine-tuning run (``train.py`` flags and ``configs/*.yaml`` keys)."""
+    model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # Hub id or local pipeline folder
+    train_data: str = ""               # folder with train_images/ + image_captions.csv, or tfds:NAME[/CONFIG]
+    output_dir: str = "finetune"
+    resolution: int = 512
+    batch_size: int = 1                # per device; global batch = batch_size x devices x accumulation
+    gradient_accumulation: int = 1
+    max_steps: int = 1000              # optimizer updates
+    learning_rate: float = 1e-5
+    lr_schedule: str = "constant"      # or "cosine"
+    warmup_steps: int = 0
+    adam_b1: float = 0.9
+    adam_b2: float = 0.999
+    weight_decay: float = 1e-2
+    max_grad_norm: float | None = 1.0
+    ema_decay: float | None = None     # e.g. 0.9999; the export then uses the EMA weights
+    mixed_precision: str = "no"        # "bf16": bf16 activations, fp32 master weights
+    gradient_checkpointing: bool = False
+    min_snr_gamma: float | None = None
+    caption_dropout: float = 0.0
+    train_text_encoder: bool = False
+    center_crop: bool = True           # False: random crop
+    random_flip: bool = False
+    image_key: str = "image"           # TFDS feature names
+    caption_key: str = "caption"
+    tfds_data_dir: str | None = None
+    skip_bad_rows: bool = False
+    seed: int = 0
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    log_every: int = 1
+    sample_every: int = 0              # 0: only at the end
+    validation_prompts: list = dataclasses.field(default_factory=list)  # default: the first two captions
+    validation_seeds: list = dataclasses.field(default_factory=lambda: [0])
+    sample_steps: int = 25
+    sample_guidance_scale: float = 7.5
+    export_format: str = "both"        # final/ layout: "both", "pytorch" or "flax"
+    resume: bool = False
+    spike_factor: float = 3.0
+
+    def validate(self) -> None:
+        if not self.train_data:
+            raise ValueError("no training data: pass --train-data DIR (train_images/ + image_captions.csv) or tfds:NAME")
+        for name in ("resolution", "batch_size", "gradient_accumulation", "max_steps", "checkpoint_every",
+                     "keep_checkpoints", "log_every", "sample_steps"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.resolution % 8:
+            raise ValueError(f"resolution={self.resolution} must be a multiple of 8")
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise ValueError(f"caption_dropout={self.caption_dropout} must be in [0, 1)")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision={self.mixed_precision!r}: use 'no' or 'bf16'")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay={self.ema_decay} must be in (0, 1)")
+        if self.learning_rate <= 0 or not math.isfinite(self.learning_rate):
+            raise ValueError(f"learning_rate={self.learning_rate} must be a positive number")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/inf; the last good checkpoint is kept."""
+
+
+@dataclasses.dataclass
+class Trainer:
+    """Everything a run holds; built by `Trainer.create`, driven by `run` (or `train`)."""
+    cfg: TrainConfig
+    out: Path
+    mesh: Any
+    pipe: StableDiffusion            # master (fp32) models + tokenizer + scheduler config
+    graphdefs: S.Graphdefs
+    frozen: S.Frozen
+    state: S.TrainState
+    data: BatchIterator
+    checkpoints: Checkpointer
+    step_fn: Any
+    log: MetricsLog
+
+    @classmethod
+    def create(cls, cfg: TrainConfig, *, mesh=None) -> "Trainer":
+        cfg.validate()
+        parallel.initialize_distributed()
+        mesh = mesh or parallel.data_mesh()
+        out = Path(cfg.output_dir)
+        main = jax.process_index() == 0
+        dataset = load_captioned_images(cfg.train_data, image_key=cfg.image_key, caption_key=cfg.caption_key,
+                                        data_dir=cfg.tfds_data_dir, skip_bad_rows=cfg.skip_bad_rows)
+        if dataset.skipped and main:
+            print(f"skipped {len(dataset.skipped)} bad rows of {cfg.train_data}")
+        pipe = StableDiffusion.from_pretrained(cfg.model, dtype=jnp.float32, mesh=mesh)
+        compute = jnp.bfloat16 if cfg.mixed_precision in ("bf16", "fp16") else jnp.float32
+        unet_gd, _ = abstract_model(UNet2DConditionModel, pipe.unet.config, dtype=compute,
+                                    remat=cfg.gradient_checkpointing)
+        te_gd, _ = abstract_model(CLIPTextModel, pipe.text_encoder.config, dtype=compute)
+        vae_gd, _ = abstract_model(type(pipe.vae), pipe.vae.config, dtype=compute)
+        graphdefs = S.Graphdefs(unet_gd, te_gd, vae_gd)
+        pure = lambda m: nnx.to_pure_dict(nnx.state(m, nnx.Param))  # noqa: E731
+        params = {"unet": pure(pipe.unet)}
+        if cfg.train_text_encoder:
+            params["text_encoder"] = pure(pipe.text_encoder)
+        frozen = S.Frozen(vae=pure(pipe.vae), text_encoder=None if cfg.train_text_encoder else pure(pipe.text_encoder),
+                          alphas_cumprod=jnp.asarray(make_noise_schedule(pipe.scheduler_config)),
+                          empty_ids=jnp.asarray(tokenize(pipe.tokenizer, [""])[0]))
+        frozen = parallel.replicate(frozen, mesh)
+        optimizer, lr = S.make_optimizer(cfg.learning_rate, warmup_steps=cfg.warmup_steps, schedule=cfg.lr_schedule,
+                                         total_steps=cfg.max_steps, b1=cfg.adam_b1, b2=cfg.adam_b2,
+                                         weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm)
+        state = parallel.replicate(S.init_state(params, optimizer, cfg.seed, ema=cfg.ema_decay is not None), mesh)
+        step_cfg = S.StepConfig(prediction_type=pipe.scheduler_config.get("prediction_type", "epsilon"),
+                                min_snr_gamma=cfg.min_snr_gamma, caption_dropout=cfg.caption_dropout,
+                                train_text_encoder=cfg.train_text_encoder, ema_decay=cfg.ema_decay,
+                                compute_dtype=compute)
+        step_fn = S.jit_train_step(mesh, graphdefs=graphdefs, cfg=step_cfg, optimizer=optimizer, lr_schedule=lr)
+        per_process = cfg.batch_size * cfg.gradient_accumulation * len(mesh.local_devices)
+        data = BatchIterator(dataset, resolution=cfg.resolution, batch_size_per_process=per_process,
+                             process_index=jax.process_index(), process_count=jax.process_count(), seed=cfg.seed,
+                             center_crop=cfg.center_crop, random_flip=cfg.random_flip)
+        checkpoints = Checkpointer(out / "checkpoints", max_to_keep=cfg.keep_checkpoints)
+        resumed = None
+        if cfg.resume and checkpoints.latest_step() is not None:
+            state, position = checkpoints.restore(state)
+            data.restore(position)
+            resumed = int(state.step)
+            if main:
+                print(f"resumed from {checkpoints.directory} at step {resumed}")
+        elif cfg.resume and main:
+            print(f"--resume: no checkpoint in {checkpoints.directory} yet, starting from step 0")
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        log = MetricsLog(out, enabled=main, spike_factor=cfg.spike_factor, resume_from_step=resumed)
+        return cls(cfg, out, mesh, pipe, graphdefs, frozen, state, data, checkpoints, step_fn, log)
+
+    # ------------------------------------------------------------------ the loop
+    def next_batch(self) -> dict:
+        """The next global batch as [accumulation, B, ...] arrays split over the data axis."""
+        batch = next(self.data)
+        accum = self.cfg.gradient_accumulation
+        pixels = np.asarray(batch["pixel_values"], np.float32)
+        ids = tokenize(self.pipe.tokenizer, batch["captions"])
+        reshape = lambda a: a.reshape(accum, a.shape[0] // accum, *a.shape[1:])  # noqa: E731
+        return {"pixel_values": parallel.shard_process_batch(reshape(pixels), self.mesh, axis=1),
+                "input_ids": parallel.shard_process_batch(reshape(ids), self.mesh, axis=1)}
+
+    def save_checkpoint(self) -> None:
+        self.checkpoints.save(int(self.state.step), self.state, self.data.state())
+
+    def run(self, *, progress: bool = True) -> S.TrainState:
+        """Train to ``max_steps``: log, sample, checkpoint; stop (keeping the last good checkpoint)
+        on a NaN loss. Returns the final state."""
+        cfg, main = self.cfg, jax.process_index() == 0
+        start = int(self.state.step)
+        bar = None
+        if progress and main:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=cfg.max_steps, initial=start, desc="training", unit="step")
+        global_batch = cfg.batch_size * self.mesh.size * cfg.gradient_accumulation
+        last_time = time.perf_counter()
+        try:
+            for step in range(start + 1, cfg.max_steps + 1):
+                self.state, metrics = self.step_fn(self.state, self.frozen, self.next_batch())
+                if step % cfg.log_every == 0 or step == cfg.max_steps:
+                    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    now = time.perf_counter()
+                    metrics["images_per_s"] = global_batch * min(cfg.log_every, step - start) / (now - last_time)
+                    last_time = now
+                    if not math.isfinite(metrics["loss"]):
+                        self.log.record(step, metrics)
+                        last = self.checkpoints.latest_step()
+                        raise TrainingDiverged(
+                            f"loss is {metrics['loss']} at step {step}; stopped. The last good checkpoint is "
+                            f"{self.checkpoints.directory / str(last) if last is not None else 'none (none saved yet)'}"
+                            "; lower --learning-rate and --resume.")
+                    if self.log.record(step, metrics) and main:
+                        msg = f"warning: loss spike at step {step}: {metrics['loss']:.4g}"
+                        (bar.write if bar else print)(msg)
+                    if bar:
+                        bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
+                                        img_s=f"{metrics['images_per_s']:.2f}")
+                if bar:
+                    bar.update(1)
+                if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+                    self.save_checkpoint()
+                if cfg.sample_every and step % cfg.sample_every == 0 and step != cfg.max_steps:
+                    self.write_samples(step)
+        finally:
+            if bar:
+                bar.close()
+            self.checkpoints.wait()
+            self.log.plot_loss()
+        return self.state
+
+    # ------------------------------------------------------------------ samples and export
+    def trained_unet_params(self, *, use_ema: bool = True) -> dict:
+        return self.state.ema if (use_ema and self.state.ema is not None) else self.state.params["unet"]
+
+    def sampling_pipeline(self, *, use_ema: bool = True) -> StableDiffusion:
+        """The pipeline with the current trained weights (EMA when kept)."""
+        self.pipe.set_params(unet=self.trained_unet_params(use_ema=use_ema),
+                             text_encoder=self.state.params.get("text_encoder"))
+        return self.pipe
+
+    def validation_prompts(self) -> list[str]:
+        return list(self.cfg.validation_prompts) or list(dict.fromkeys(self.data.dataset.captions))[:2]
+
+    def write_samples(self, step: int) -> list[Path]:
+        from sdjax.images import image_grid
+        pipe = self.sampling_pipeline()
+        prompts, seeds = self.validation_prompts(), [int(s) for s in self.cfg.validation_seeds]
+        jobs = [(p, s) for p in prompts for s in seeds]
+        out = pipe([p for p, _ in jobs], seeds=[s for _, s in jobs], num_inference_steps=self.cfg.sample_steps,
+                   guidance_scale=self.cfg.sample_guidance_scale, height=self.cfg.resolution,
+                   width=self.cfg.resolution)
+        if jax.process_index() != 0:
+            return []
+        directory = self.out / "samples"
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"step-{step:06d}.png"
+        image_grid(out.images, columns=len(seeds)).save(path)
+        return [path]
+
+    def export(self, directory: Path | None = None) -> Path | None:
+        """A complete pipeline folder with the trained weights (EMA when kept), loadable by
+        sdjax and by diffusers' PyTorch StableDiffusionPipeline."""
+        pipe = self.sampling_pipeline()
+        directory = Path(directory or self.out / "final")
+        if jax.process_index() != 0:
+            return None
+        return pipe.save_pretrained(directory, format=self.cfg.export_format, overwrite=True)
+
+    def close(self) -> None:
+        self.checkpoints.close()
+        self.log.close()
+
+
+def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
+    """Run a whole fine-tune: train, write samples, export ``final/``. Returns the export folder."""
+    trainer = Trainer.create(cfg)
+    try:
+        trainer.run(progress=progress)
+        trainer.write_samples(cfg.max_steps)
+        return trainer.export()
+    finally:
+        trainer.close()

@@ -1,0 +1,79 @@
+"""Training metrics: metrics.jsonl, TensorBoard event files, a loss-curve PNG, spike warnings."""
+from __future__ import annotations
+
+import json
+import math
+from collections import deque
+from pathlib import Path
+
+
+class MetricsLog:
+    """Appends one JSON object per logged step to ``metrics.jsonl`` and mirrors it to TensorBoard.
+
+    Only the main process writes (``enabled=False`` elsewhere). ``spike_factor``: a loss above
+    that multiple of the recent median is reported by `record` as a spike.
+    """
+
+    def __init__(self, output_dir: Path, *, enabled: bool = True, spike_factor: float = 3.0, window: int = 50,
+                 resume_from_step: int | None = None):
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.enabled, self.spike_factor = enabled, spike_factor
+        self.recent = deque(maxlen=window)
+        self.writer = None
+        if enabled:
+            if resume_from_step is not None and self.path.exists():
+                # Resumed run: drop lines past the checkpoint (they will be recomputed identically).
+                lines = [ln for ln in self.path.read_text().splitlines()
+                         if ln.strip() and json.loads(ln)["step"] <= resume_from_step]
+                self.path.write_text("".join(ln + "\n" for ln in lines))
+            elif resume_from_step is None and self.path.exists():
+                self.path.unlink()
+            from tensorboardX import SummaryWriter
+            self.writer = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+
+    def record(self, step: int, metrics: dict) -> bool:
+        """Log ``metrics`` at ``step``; returns True when the loss is a spike."""
+        loss = float(metrics["loss"])
+        spike = (len(self.recent) >= 10 and math.isfinite(loss)
+                 and loss > self.spike_factor * sorted(self.recent)[len(self.recent) // 2])
+        if math.isfinite(loss):
+            self.recent.append(loss)
+        if self.enabled:
+            row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            for k, v in row.items():
+                if k != "step" and math.isfinite(v):
+                    self.writer.add_scalar(f"train/{k}", v, step)
+        return spike
+
+    def plot_loss(self, path: Path | None = None) -> Path | None:
+        """Write ``loss_curve.png`` from metrics.jsonl (raw loss and a moving average)."""
+        if not self.enabled or not self.path.exists():
+            return None
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        rows = [json.loads(ln) for ln in self.path.read_text().splitlines() if ln.strip()]
+        if not rows:
+            return None
+        steps, losses = [r["step"] for r in rows], [r["loss"] for r in rows]
+        k = max(1, len(losses) // 20)
+        smooth = [sum(losses[max(0, i - k + 1):i + 1]) / len(losses[max(0, i - k + 1):i + 1])
+                  for i in range(len(losses))]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot(steps, losses, alpha=0.35, label="loss")
+        ax.plot(steps, smooth, label=f"moving average ({k})")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.set_yscale("log")
+        ax.legend()
+        fig.tight_layout()
+        path = path or self.path.with_name("loss_curve.png")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

@@ -1,0 +1,176 @@
+"""The fine-tuning step: a pure function of (state, frozen arrays, batch), jitted with shardings.
+
+Parameters are plain pytrees (``nnx.to_pure_dict``) in fp32 ("master weights"); the step casts
+them to the compute dtype inside, so gradients and the optimizer stay fp32. Every random draw is
+keyed by (seed, step, micro-batch, example index), never by device, so the same global batch
+gives the same update on 1 device or on many.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from sdjax import parallel
+from sdjax.schedulers import add_noise, get_velocity
+
+F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """Static settings of the step (changing one recompiles)."""
+    prediction_type: str = "epsilon"        # or "v_prediction" (from the scheduler config)
+    min_snr_gamma: float | None = None      # Min-SNR-gamma loss weighting (5.0 is the paper's choice)
+    caption_dropout: float = 0.0            # probability of training on the empty caption (for guidance)
+    train_text_encoder: bool = False
+    ema_decay: float | None = None          # EMA of the UNet weights; None: no EMA
+    compute_dtype: Any = jnp.float32        # bf16: bf16 activations, fp32 master weights
+
+
+class TrainState(NamedTuple):
+    step: jax.Array       # int32: optimizer updates done
+    params: dict          # {"unet": ..., ["text_encoder": ...]} fp32 pure dicts
+    opt_state: Any
+    ema: dict | None      # EMA of params["unet"]
+    rng: jax.Array        # uint32 key data of the run's seed
+
+
+class Frozen(NamedTuple):
+    """Arrays the step reads but does not train."""
+    vae: dict
+    text_encoder: dict | None
+    alphas_cumprod: jax.Array      # float32 [num_train_timesteps]
+    empty_ids: jax.Array           # int32 [77]: the "" prompt, for caption dropout
+
+
+class Graphdefs(NamedTuple):
+    unet: Any
+    text_encoder: Any
+    vae: Any
+
+
+def make_optimizer(learning_rate: float = 1e-5, *, warmup_steps: int = 0, schedule: str = "constant",
+                   total_steps: int | None = None, b1: float = 0.9, b2: float = 0.999, weight_decay: float = 1e-2,
+                   max_grad_norm: float | None = 1.0) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW with linear warmup then a constant or cosine learning rate, after global-norm clipping."""
+    if schedule == "constant":
+        lr = optax.join_schedules([optax.linear_schedule(0.0, learning_rate, warmup_steps),
+                                   optax.constant_schedule(learning_rate)], [warmup_steps]) if warmup_steps else (
+            optax.constant_schedule(learning_rate))
+    elif schedule == "cosine":
+        if not total_steps:
+            raise ValueError("the cosine schedule needs total_steps (--max-steps)")
+        lr = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(warmup_steps, 0),
+                                                max(total_steps, warmup_steps + 1))
+    else:
+        raise ValueError(f"unknown learning-rate schedule {schedule!r}: use 'constant' or 'cosine'")
+    chain = [optax.clip_by_global_norm(max_grad_norm)] if max_grad_norm else []
+    chain.append(optax.adamw(lr, b1=b1, b2=b2, weight_decay=weight_decay))
+    return optax.chain(*chain), lr
+
+
+def init_state(params: dict, optimizer: optax.GradientTransformation, seed: int, *, ema: bool) -> TrainState:
+    return TrainState(step=jnp.int32(0), params=params, opt_state=optimizer.init(params),
+                      ema=jax.tree.map(jnp.array, params["unet"]) if ema else None,
+                      rng=jax.random.key_data(jax.random.key(seed)))
+
+
+def _per_example(keys_B, fn):
+    return jax.vmap(fn)(keys_B)
+
+
+def loss_fn(trainable: dict, frozen: Frozen, batch: dict, key, *, graphdefs: Graphdefs, cfg: StepConfig):
+    """Mean (optionally Min-SNR weighted) MSE between the UNet's prediction and its target.
+
+    ``batch``: ``pixel_values`` [B, R, R, 3] in [-1, 1] (or precomputed UNet-space ``latents``
+    [B, h, w, 4]) and ``input_ids`` [B, 77].
+    """
+    n = batch["input_ids"].shape[0]
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(n))  # one key per example
+    k_post, k_t, k_noise, k_drop = (jax.vmap(lambda k, j=j: jax.random.fold_in(k, j))(keys) for j in range(4))
+    cast = lambda tree: jax.tree.map(lambda p: p.astype(cfg.compute_dtype), tree)  # noqa: E731
+
+    vae = nnx.merge(graphdefs.vae, cast(frozen.vae))
+    if "latents" in batch:
+        latents = batch["latents"]
+    else:
+        posterior = vae.encode(batch["pixel_values"])
+        eps = jax.vmap(lambda k: jax.random.normal(k, posterior.mean.shape[1:], F32))(k_post)
+        latents = (posterior.mean + posterior.std * eps) * vae.scaling_factor
+    latents = jax.lax.stop_gradient(latents.astype(F32))
+
+    ids = batch["input_ids"]
+    if cfg.caption_dropout > 0:
+        drop = jax.vmap(lambda k: jax.random.uniform(k))(k_drop) < cfg.caption_dropout
+        ids = jnp.where(drop[:, None], frozen.empty_ids[None], ids)
+    text_params = trainable["text_encoder"] if cfg.train_text_encoder else frozen.text_encoder
+    text_encoder = nnx.merge(graphdefs.text_encoder, cast(text_params))
+    context = text_encoder(ids).last_hidden_state
+    if not cfg.train_text_encoder:
+        context = jax.lax.stop_gradient(context)
+
+    num_train = frozen.alphas_cumprod.shape[0]
+    t = jax.vmap(lambda k: jax.random.randint(k, (), 0, num_train))(k_t)
+    noise = jax.vmap(lambda k: jax.random.normal(k, latents.shape[1:], F32))(k_noise)
+    noisy = add_noise(frozen.alphas_cumprod, latents, noise, t)
+    if cfg.prediction_type == "v_prediction":
+        target = get_velocity(frozen.alphas_cumprod, latents, noise, t)
+    else:
+        target = noise
+    unet = nnx.merge(graphdefs.unet, cast(trainable["unet"]))
+    pred = unet(noisy, t, context).astype(F32)
+    per_example = jnp.mean(jnp.square(pred - target), axis=(1, 2, 3))
+    weighted = per_example
+    if cfg.min_snr_gamma:
+        alpha_bar = frozen.alphas_cumprod[t]
+        snr = alpha_bar / (1.0 - alpha_bar)
+        clipped = jnp.minimum(snr, cfg.min_snr_gamma)
+        weighted = per_example * (clipped / (snr + 1.0) if cfg.prediction_type == "v_prediction" else clipped / snr)
+    return jnp.mean(weighted), jnp.mean(per_example)
+
+
+def train_step(state: TrainState, frozen: Frozen, batch: dict, *, graphdefs: Graphdefs, cfg: StepConfig,
+               optimizer: optax.GradientTransformation, lr_schedule) -> tuple[TrainState, dict]:
+    """One optimizer update from ``batch`` whose arrays are [accumulation, B, ...]: gradients of
+    the micro-batches are averaged (a ``lax.scan``), then clipped and applied; EMA follows."""
+    step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    trainable = state.params
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def micro(carry, inputs):
+        grads_sum, loss_sum, raw_sum = carry
+        index, micro_batch = inputs
+        (loss, raw), grads = grad_fn(trainable, frozen, micro_batch, jax.random.fold_in(step_key, index),
+                                     graphdefs=graphdefs, cfg=cfg)
+        return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + loss, raw_sum + raw), None
+
+    accumulation = jax.tree.leaves(batch)[0].shape[0]
+    zeros = jax.tree.map(jnp.zeros_like, trainable)
+    (grads, loss, raw), _ = jax.lax.scan(micro, (zeros, F32(0), F32(0)), (jnp.arange(accumulation), batch))
+    grads = jax.tree.map(lambda g: g / accumulation, grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, trainable)
+    params = optax.apply_updates(trainable, updates)
+    ema = state.ema
+    if cfg.ema_decay is not None:
+        # Warm-up decay (as diffusers' EMAModel): early averages do not stick to the initial weights.
+        step = state.step.astype(F32)
+        decay = jnp.minimum(cfg.ema_decay, (1.0 + step) / (10.0 + step))
+        ema = jax.tree.map(lambda e, p: e + (1.0 - decay) * (p - e), ema, params["unet"])
+    metrics = {"loss": loss / accumulation, "loss_unweighted": raw / accumulation,
+               "grad_norm": optax.global_norm(grads), "lr": lr_schedule(state.step)}
+    return TrainState(state.step + 1, params, opt_state, ema, state.rng), metrics
+
+
+def jit_train_step(mesh, *, graphdefs: Graphdefs, cfg: StepConfig, optimizer, lr_schedule):
+    """``train_step`` compiled for ``mesh``: batch split over the data axis (axis 1, after the
+    accumulation axis), state and frozen arrays replicated, the old state's buffers donated."""
+    import functools
+    fn = functools.partial(train_step, graphdefs=graphdefs, cfg=cfg, optimizer=optimizer, lr_schedule=lr_schedule)
+    rep = parallel.replicated(mesh)
+    return jax.jit(fn, in_shardings=(rep, rep, parallel.batch_sharding(mesh, axis=1)),
+                   out_shardings=(rep, rep), donate_argnums=(0,))

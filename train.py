@@ -1,0 +1,40 @@
+"""Fine-tune Stable Diffusion v1.5 with sdjax: python train.py --model DIR --train-data DIR --output-dir OUT.
+
+Thin entry point: parse the flags (sdjax.training.cli), run sdjax.training.loop, print the result.
+"""
+import sys
+
+
+def main(argv=None) -> int:
+    from sdjax.cli_utils import UsageError
+    from sdjax.training.data import DataError
+    from sdjax.weights import CheckpointError
+    try:
+        from sdjax.training.cli import parse_args
+        cfg, args = parse_args(argv)
+        from sdjax.training.loop import Trainer, TrainingDiverged, train
+        if getattr(args, "export", False):
+            trainer = Trainer.create(cfg)
+            try:
+                if getattr(args, "export_step", None) is not None or trainer.checkpoints.latest_step() is not None:
+                    trainer.state, _ = trainer.checkpoints.restore(trainer.state, getattr(args, "export_step", None))
+                else:
+                    raise UsageError(f"--export: no checkpoint in {trainer.checkpoints.directory}")
+                print(f"exported step {int(trainer.state.step)} to {trainer.export()}")
+            finally:
+                trainer.close()
+            return 0
+        final = train(cfg)
+        if final is not None:
+            print(f"done: {cfg.max_steps} steps; pipeline exported to {final}")
+        return 0
+    except (UsageError, DataError, CheckpointError, FileNotFoundError) as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as e:
+        print(f"train.py: {e}", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())
