@@ -18,10 +18,9 @@ from typing import Any, Iterator, Sequence
 
 from sdjax.images import (a1111_parameters, image_grid, image_file_name, image_strip, next_free_index, save_gif,
                           save_png)
+from sdjax.pipeline import DEFAULT_MODEL, MAX_SEED  # noqa: F401  (re-exported for sample.py)
 from sdjax.schedulers import SCHEDULERS
 
-MAX_SEED = 2**32 - 1
-DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DTYPES = ("float32", "bfloat16", "float16")
 
 
