@@ -6,6 +6,7 @@ Module and attribute names mirror diffusers' PyTorch modules (``resnets``, ``to_
 from __future__ import annotations
 
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -30,16 +31,28 @@ class Pretrained:
         return weights.save_pretrained(self, directory, format=format, dtype=dtype)
 
 
+# "xla" (default) or "cudnn": cuDNN's fused flash attention on NVIDIA GPUs for bf16/fp16. Read
+# when a function is traced. cuDNN is opt-in until it is measured on a GPU (BENCHMARKS.md).
+ATTENTION_IMPLEMENTATION = os.environ.get("SDJAX_ATTENTION", "xla")
+
+
 def attention(q_BTNH, k_BSNH, v_BSNH, *, is_causal: bool = False, upcast: bool = False):
     """Multi-head scaled dot-product attention; the one attention op of sdjax.
 
-    Inputs are [batch, length, heads, head_dim]. ``jax.nn.dot_product_attention`` picks
-    XLA on CPU and can use cuDNN's fused kernel on GPU. ``upcast`` computes in fp32
-    (diffusers' ``upcast_attention`` / ``upcast_softmax``) and casts back.
+    Inputs are [batch, length, heads, head_dim], through ``jax.nn.dot_product_attention``.
+    ``upcast`` computes in fp32 (diffusers' ``upcast_attention`` / ``upcast_softmax``) and casts
+    back. With ``ATTENTION_IMPLEMENTATION = "cudnn"`` (env ``SDJAX_ATTENTION=cudnn``), shapes and
+    dtypes cuDNN accepts use its fused kernel; the rest fall back to XLA's.
     """
     dtype = q_BTNH.dtype
     if upcast and dtype != jnp.float32:
         q_BTNH, k_BSNH, v_BSNH = (a.astype(jnp.float32) for a in (q_BTNH, k_BSNH, v_BSNH))
+    if ATTENTION_IMPLEMENTATION == "cudnn" and q_BTNH.dtype in (jnp.bfloat16, jnp.float16):
+        try:  # JAX checks cuDNN's shape/dtype/version limits while tracing
+            out = jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, is_causal=is_causal, implementation="cudnn")
+            return out.astype(dtype)
+        except (ValueError, NotImplementedError, RuntimeError, TypeError):
+            pass
     out = jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, is_causal=is_causal)
     return out.astype(dtype)
 
