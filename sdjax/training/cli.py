@@ -36,6 +36,7 @@ HELP = {
     "train_text_encoder": "also fine-tune the CLIP text encoder",
     "center_crop": "centre crop (else random crop)",
     "random_flip": "random horizontal flips",
+    "cache_latents": "VAE-encode the dataset once instead of every step (needs centre crop, no flips)",
     "skip_bad_rows": "skip and count bad rows instead of stopping",
     "checkpoint_every": "save a checkpoint every N steps",
     "sample_every": "write sample images every N steps (0: only at the end)",

@@ -26,7 +26,7 @@ from sdjax.schedulers import make_noise_schedule
 from sdjax.text import tokenize
 from sdjax.training import step as S
 from sdjax.training.checkpoint import Checkpointer
-from sdjax.training.data import BatchIterator, load_captioned_images
+from sdjax.training.data import BatchIterator, load_captioned_images, preprocess_image
 from sdjax.training.monitor import MetricsLog
 from sdjax.weights import abstract_model, resolve_dtype
 
@@ -56,6 +56,7 @@ class TrainConfig:
     train_text_encoder: bool = False
     center_crop: bool = True           # False: random crop
     random_flip: bool = False
+    cache_latents: bool = False        # VAE-encode the dataset once (needs center_crop, no random_flip)
     image_key: str = "image"           # TFDS feature names
     caption_key: str = "caption"
     tfds_data_dir: str | None = None
@@ -88,6 +89,8 @@ class TrainConfig:
             raise ValueError(f"mixed_precision={self.mixed_precision!r}: use 'no' or 'bf16'")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"ema_decay={self.ema_decay} must be in (0, 1)")
+        if self.cache_latents and (self.random_flip or not self.center_crop):
+            raise ValueError("cache_latents needs fixed images: use center_crop and no random_flip")
         if self.learning_rate <= 0 or not math.isfinite(self.learning_rate):
             raise ValueError(f"learning_rate={self.learning_rate} must be a positive number")
 
@@ -110,6 +113,7 @@ class Trainer:
     checkpoints: Checkpointer
     step_fn: Any
     log: MetricsLog
+    latent_cache: tuple | None = None   # (mean, std) float32 [N, h, w, 4] per dataset image
 
     @classmethod
     def create(cls, cfg: TrainConfig, *, mesh=None) -> "Trainer":
@@ -135,7 +139,8 @@ class Trainer:
             params["text_encoder"] = pure(pipe.text_encoder)
         frozen = S.Frozen(vae=pure(pipe.vae), text_encoder=None if cfg.train_text_encoder else pure(pipe.text_encoder),
                           alphas_cumprod=jnp.asarray(make_noise_schedule(pipe.scheduler_config)),
-                          empty_ids=jnp.asarray(tokenize(pipe.tokenizer, [""])[0]))
+                          empty_ids=jnp.asarray(tokenize(pipe.tokenizer, [""])[0]),
+                          scaling_factor=jnp.float32(pipe.vae.scaling_factor))
         frozen = parallel.replicate(frozen, mesh)
         optimizer, lr = S.make_optimizer(cfg.learning_rate, warmup_steps=cfg.warmup_steps, schedule=cfg.lr_schedule,
                                          total_steps=cfg.max_steps, b1=cfg.adam_b1, b2=cfg.adam_b2,
@@ -164,18 +169,41 @@ class Trainer:
             out.mkdir(parents=True, exist_ok=True)
             (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
         log = MetricsLog(out, enabled=main, spike_factor=cfg.spike_factor, resume_from_step=resumed)
-        return cls(cfg, out, mesh, pipe, graphdefs, frozen, state, data, checkpoints, step_fn, log)
+        trainer = cls(cfg, out, mesh, pipe, graphdefs, frozen, state, data, checkpoints, step_fn, log)
+        if cfg.cache_latents:
+            trainer.latent_cache = trainer.encode_dataset()
+        return trainer
+
+    def encode_dataset(self, batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
+        """The VAE posterior (mean, std) of every dataset image, for ``cache_latents``."""
+        encode = jax.jit(lambda g, s, x: tuple(nnx.merge(g, s).encode(x)[:2]))
+        vae_state = self.frozen.vae
+        means, stds = [], []
+        for start in range(0, len(self.data.dataset), batch_size):
+            stop = min(start + batch_size, len(self.data.dataset))
+            pixels = np.stack([preprocess_image(self.data.dataset.get_image(i), resolution=self.cfg.resolution)
+                               for i in range(start, stop)])
+            mean, logvar = encode(self.graphdefs.vae, vae_state, jnp.asarray(pixels))
+            means.append(np.asarray(mean, np.float32))
+            stds.append(np.exp(0.5 * np.asarray(logvar, np.float32)))
+        return np.concatenate(means), np.concatenate(stds)
 
     # ------------------------------------------------------------------ the loop
     def next_batch(self) -> dict:
         """The next global batch as [accumulation, B, ...] arrays split over the data axis."""
-        batch = next(self.data)
+        if self.latent_cache is not None:  # no image decoding: look the posterior up
+            indices = self.data.indices_for_step(self.data.step)
+            self.data.step += 1
+            captions = [self.data.dataset.captions[i] for i in indices]
+            host = {"latent_mean": self.latent_cache[0][indices], "latent_std": self.latent_cache[1][indices]}
+        else:
+            batch = next(self.data)
+            captions = batch["captions"]
+            host = {"pixel_values": np.asarray(batch["pixel_values"], np.float32)}
+        host["input_ids"] = tokenize(self.pipe.tokenizer, captions)
         accum = self.cfg.gradient_accumulation
-        pixels = np.asarray(batch["pixel_values"], np.float32)
-        ids = tokenize(self.pipe.tokenizer, batch["captions"])
-        reshape = lambda a: a.reshape(accum, a.shape[0] // accum, *a.shape[1:])  # noqa: E731
-        return {"pixel_values": parallel.shard_process_batch(reshape(pixels), self.mesh, axis=1),
-                "input_ids": parallel.shard_process_batch(reshape(ids), self.mesh, axis=1)}
+        return {k: parallel.shard_process_batch(a.reshape(accum, a.shape[0] // accum, *a.shape[1:]), self.mesh, axis=1)
+                for k, a in host.items()}
 
     def save_checkpoint(self) -> None:
         self.checkpoints.save(int(self.state.step), self.state, self.data.state())

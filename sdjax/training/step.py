@@ -46,6 +46,7 @@ class Frozen(NamedTuple):
     text_encoder: dict | None
     alphas_cumprod: jax.Array      # float32 [num_train_timesteps]
     empty_ids: jax.Array           # int32 [77]: the "" prompt, for caption dropout
+    scaling_factor: jax.Array      # the VAE's latent scale (0.18215 for SD v1.5)
 
 
 class Graphdefs(NamedTuple):
@@ -87,22 +88,21 @@ def _per_example(keys_B, fn):
 def loss_fn(trainable: dict, frozen: Frozen, batch: dict, key, *, graphdefs: Graphdefs, cfg: StepConfig):
     """Mean (optionally Min-SNR weighted) MSE between the UNet's prediction and its target.
 
-    ``batch``: ``pixel_values`` [B, R, R, 3] in [-1, 1] (or precomputed UNet-space ``latents``
-    [B, h, w, 4]) and ``input_ids`` [B, 77].
+    ``batch``: ``pixel_values`` [B, R, R, 3] in [-1, 1] (or the VAE posterior cached ahead:
+    ``latent_mean`` and ``latent_std`` [B, h, w, 4]) and ``input_ids`` [B, 77].
     """
     n = batch["input_ids"].shape[0]
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(n))  # one key per example
     k_post, k_t, k_noise, k_drop = (jax.vmap(lambda k, j=j: jax.random.fold_in(k, j))(keys) for j in range(4))
     cast = lambda tree: jax.tree.map(lambda p: p.astype(cfg.compute_dtype), tree)  # noqa: E731
 
-    vae = nnx.merge(graphdefs.vae, cast(frozen.vae))
-    if "latents" in batch:
-        latents = batch["latents"]
+    if "latent_mean" in batch:  # the posterior cached ahead (fixed images, see Trainer.cache_latents)
+        mean, std = batch["latent_mean"], batch["latent_std"]
     else:
-        posterior = vae.encode(batch["pixel_values"])
-        eps = jax.vmap(lambda k: jax.random.normal(k, posterior.mean.shape[1:], F32))(k_post)
-        latents = (posterior.mean + posterior.std * eps) * vae.scaling_factor
-    latents = jax.lax.stop_gradient(latents.astype(F32))
+        posterior = nnx.merge(graphdefs.vae, cast(frozen.vae)).encode(batch["pixel_values"])
+        mean, std = posterior.mean, posterior.std
+    eps = jax.vmap(lambda k: jax.random.normal(k, mean.shape[1:], F32))(k_post)
+    latents = jax.lax.stop_gradient((mean + std * eps) * frozen.scaling_factor)
 
     ids = batch["input_ids"]
     if cfg.caption_dropout > 0:
