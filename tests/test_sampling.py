@@ -47,8 +47,13 @@ def latents_for(n, seed=0):
     return np.random.default_rng(seed).standard_normal((n, SIZE // 2, SIZE // 2, 4)).astype(np.float32)
 
 
-@pytest.mark.parametrize("steps", [10, 50])
-@pytest.mark.parametrize("name", ["pndm", "ddim", "euler", "dpmpp_2m", "dpmpp_2m_karras", "lms"])
+SCHEDULER_CASES = [(name, steps) for name in ["pndm", "ddim", "euler", "dpmpp_2m", "dpmpp_2m_karras", "lms"]
+                   for steps in (10, 50)]
+
+
+@pytest.mark.parametrize("name,steps", [
+    # 50 steps: PNDM's 51 model calls in the default suite, the other schedulers in the slow one.
+    pytest.param(n, s, marks=[pytest.mark.slow] if s == 50 and n != "pndm" else []) for n, s in SCHEDULER_CASES])
 def test_matches_diffusers_pipeline(pipe, reference_pipe, name, steps):
     """Same latents -> the same images as diffusers, with and without negative prompts."""
     reference_pipe.scheduler = diffusers_scheduler(reference_pipe, name)
