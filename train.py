@@ -14,12 +14,16 @@ def main(argv=None) -> int:
         cfg, args = parse_args(argv)
         from sdjax.training.loop import Trainer, TrainingDiverged, train
         if getattr(args, "export", False):
+            # As a resumed run (restores the newest checkpoint): a fresh run would start the run's
+            # metrics.jsonl over, deleting it.
+            cfg.resume = True
             trainer = Trainer.create(cfg)
             try:
-                if getattr(args, "export_step", None) is not None or trainer.checkpoints.latest_step() is not None:
-                    trainer.state, _ = trainer.checkpoints.restore(trainer.state, getattr(args, "export_step", None))
-                else:
+                step = getattr(args, "export_step", None)
+                if step is None and trainer.checkpoints.latest_step() is None:
                     raise UsageError(f"--export: no checkpoint in {trainer.checkpoints.directory}")
+                if step is not None and step != int(trainer.state.step):
+                    trainer.state, _ = trainer.checkpoints.restore(trainer.state, step)
                 print(f"exported step {int(trainer.state.step)} to {trainer.export()}")
             finally:
                 trainer.close()

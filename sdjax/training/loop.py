@@ -222,18 +222,26 @@ class Trainer:
         try:
             for step in range(start + 1, cfg.max_steps + 1):
                 self.state, metrics = self.step_fn(self.state, self.frozen, self.next_batch())
-                if step % cfg.log_every == 0 or step == cfg.max_steps:
+                log_now = step % cfg.log_every == 0 or step == cfg.max_steps
+                save_now = step % cfg.checkpoint_every == 0 or step == cfg.max_steps
+                sample_now = bool(cfg.sample_every) and step % cfg.sample_every == 0 and step != cfg.max_steps
+                if log_now or save_now or sample_now:
+                    # Checked before every save and sample, not only at log steps: a diverged state
+                    # (NaN/inf loss or gradients) must never become a checkpoint.
                     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    now = time.perf_counter()
-                    metrics["images_per_s"] = global_batch * min(cfg.log_every, step - start) / (now - last_time)
-                    last_time = now
-                    if not math.isfinite(metrics["loss"]):
+                    bad = next((k for k in ("loss", "grad_norm") if not math.isfinite(metrics[k])), None)
+                    if bad:
                         self.log.record(step, metrics)
                         last = self.checkpoints.latest_step()
                         raise TrainingDiverged(
-                            f"loss is {metrics['loss']} at step {step}; stopped. The last good checkpoint is "
+                            f"{'loss' if bad == 'loss' else 'gradient norm'} is {metrics[bad]} at step {step}; "
+                            "stopped. The last good checkpoint is "
                             f"{self.checkpoints.directory / str(last) if last is not None else 'none (none saved yet)'}"
                             "; lower --learning-rate and --resume.")
+                if log_now:
+                    now = time.perf_counter()
+                    metrics["images_per_s"] = global_batch * min(cfg.log_every, step - start) / (now - last_time)
+                    last_time = now
                     if self.log.record(step, metrics) and main:
                         msg = f"warning: loss spike at step {step}: {metrics['loss']:.4g}"
                         (bar.write if bar else print)(msg)
@@ -242,9 +250,9 @@ class Trainer:
                                         img_s=f"{metrics['images_per_s']:.2f}")
                 if bar:
                     bar.update(1)
-                if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+                if save_now:
                     self.save_checkpoint()
-                if cfg.sample_every and step % cfg.sample_every == 0 and step != cfg.max_steps:
+                if sample_now:
                     self.write_samples(step)
         finally:
             if bar:
