@@ -1,0 +1,557 @@
+"""Fine-tuning (sdjax.training and train.py) on a micro random pipeline at 16x16 pixels.
+
+Checks: 8 devices == 1 device for the same global batch (and the batch really is split); resume ==
+uninterrupted (losses and parameters, with gradient accumulation and EMA); a SIGKILL during a
+checkpoint save resumes from the last complete checkpoint; a NaN loss stops the run without saving
+the NaN state (train.py exit 3); the exported ``final/`` loads in sdjax and diffusers, gives the
+same images, and holds the EMA weights; train.py's flags, presets, errors and outputs.
+
+Time budget (2 CPU cores): the train step is the expensive part (~40 s to compile even for the
+micro models; an Orbax save of its state takes a few seconds too). Every Trainer jits its own step,
+so the module-wide ``shared_train_steps`` fixture memoizes ``jit_train_step`` on everything the
+compiled program depends on (mesh, graphdefs, step config, optimizer settings): all 8-device runs
+below share one program, the 1-device run has its own. Runs use the same settings (``BASE``) on
+purpose. The killed process in the SIGKILL test
+never trains (it saves checkpoints of its initial state), so it compiles nothing.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.util
+import io
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import yaml
+from flax import nnx
+from PIL import Image
+
+from sdjax import parallel
+from sdjax.training import step as S
+from sdjax.training.checkpoint import Checkpointer
+from sdjax.training.cli import parse_args
+from sdjax.training.data import write_captioned_folder
+from sdjax.training.loop import TrainConfig, Trainer
+
+ROOT = Path(__file__).resolve().parent.parent
+SIZE = 16           # pixels; the micro VAE downsamples by 2 -> 8x8 latents
+STEPS = 4           # optimizer updates of the reference run
+CAPTIONS = ["the red dog", "the blue cat", "a photo of the cat", "the cat"]
+# Global batch 16 = 1 per device x 8 devices x 2 micro-batches (or 8 x 1 device x 2).
+BASE = dict(resolution=SIZE, batch_size=1, gradient_accumulation=2, learning_rate=1e-5, ema_decay=0.9,
+            sample_every=0, sample_steps=2, validation_prompts=["the red dog"], validation_seeds=[0])
+
+
+def _load_train_script():
+    spec = importlib.util.spec_from_file_location("sdjax_train_script", ROOT / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+train_script = _load_train_script()
+
+
+# ----------------------------------------------------------------------------- fixtures and helpers
+@pytest.fixture(scope="module", autouse=True)
+def shared_train_steps():
+    """Runs with the same settings share one compiled train step (see the module docstring)."""
+    real_make, real_jit = S.make_optimizer, S.jit_train_step
+    optimizers, steps = {}, {}
+
+    def make_optimizer(learning_rate=1e-5, **kwargs):
+        if kwargs.get("schedule", "constant") == "constant":
+            kwargs["total_steps"] = None   # unused by a constant schedule: runs of any length share one
+        key = (learning_rate, tuple(sorted(kwargs.items())))
+        if key not in optimizers:
+            optimizers[key] = real_make(learning_rate, **kwargs)
+        return optimizers[key]
+
+    def jit_train_step(mesh, *, graphdefs, cfg, optimizer, lr_schedule):
+        key = (mesh, graphdefs, cfg, id(optimizer))
+        if key not in steps:
+            steps[key] = real_jit(mesh, graphdefs=graphdefs, cfg=cfg, optimizer=optimizer, lr_schedule=lr_schedule)
+        return steps[key]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(S, "make_optimizer", make_optimizer)
+        mp.setattr(S, "jit_train_step", jit_train_step)
+        yield steps
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory):
+    """A micro random-weight pipeline (both layouts). Smaller than conftest's tiny one to keep the
+    train step's compile time down: the UNet has two levels without attention and cross-attention
+    only in its mid block; CLIP has one layer."""
+    import reference as R
+    from sdjax import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
+    from sdjax.text import load_tokenizer
+    from sdjax.weights import save_pipeline
+    from conftest import SD15_SCHEDULER
+
+    root = tmp_path_factory.mktemp("train_pipeline")
+    unet_config = dict(R.TINY_UNET, block_out_channels=(32, 32), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+    files = {kind: R.save_flax_layout(make(config), root / kind, kind=kind)
+             for kind, make, config in (("unet", R.torch_unet, unet_config), ("vae", R.torch_vae, R.TINY_VAE),
+                                        ("clip", R.torch_clip, dict(R.TINY_CLIP, num_hidden_layers=1)))}
+    return save_pipeline(
+        root / "micro-sd", text_encoder=CLIPTextModel.from_pretrained(files["clip"].parent),
+        unet=UNet2DConditionModel.from_pretrained(files["unet"].parent),
+        vae=AutoencoderKL.from_pretrained(files["vae"].parent),
+        tokenizer=load_tokenizer(R.write_tiny_tokenizer(root / "tok"), subfolder=None),
+        scheduler_config=SD15_SCHEDULER)
+
+
+def _images(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [(Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)), CAPTIONS[i % len(CAPTIONS)])
+            for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return write_captioned_folder(tmp_path_factory.mktemp("train_data") / "data", _images(16))
+
+
+def config(out, pipeline_dir, data_dir, **overrides) -> TrainConfig:
+    return TrainConfig(**{**BASE, "model": str(pipeline_dir), "train_data": str(data_dir),
+                          "output_dir": str(out), **overrides})
+
+
+def flags(**values) -> list[str]:
+    """train.py arguments for ``values`` (TrainConfig fields; True/False -> --x / --no-x)."""
+    argv = []
+    for key, value in values.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True or value is False:
+            argv.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, (list, tuple)):
+            argv += [flag, *map(str, value)]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def run_train_py(argv) -> tuple[int, str, str]:
+    """train.py's main in this process (sharing compiled steps); returns (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = train_script.main([str(a) for a in argv])
+        except SystemExit as e:   # argparse errors
+            rc = e.code
+    return rc, out.getvalue(), err.getvalue()
+
+
+def metrics(out) -> list[dict]:
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def flat(tree) -> dict[str, np.ndarray]:
+    """{"a/b/0/kernel": array} for a pytree, whatever its key types (str/int dict keys, attributes)."""
+    def name(k):
+        for attr in ("key", "idx", "name"):
+            if hasattr(k, attr):
+                return str(getattr(k, attr))
+        return str(k)
+    return {"/".join(name(k) for k in path): np.asarray(leaf)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def max_diff(a, b) -> float:
+    a, b = flat(a), flat(b)
+    assert a.keys() == b.keys()
+    return max(float(np.max(np.abs(a[k].astype(np.float64) - b[k]), initial=0.0)) for k in a)
+
+
+def saved_state(out, step) -> dict:
+    """Checkpoint ``step`` of a run, restored without a target (a dict of arrays)."""
+    checkpoints = Checkpointer(Path(out) / "checkpoints")
+    try:
+        restored = checkpoints.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(), data=ocp.args.JsonRestore()))
+    finally:
+        checkpoints.close()
+    return {**restored.state, "data": restored.data}
+
+
+def complete_steps(out) -> list[int]:
+    checkpoints = Checkpointer(Path(out) / "checkpoints")
+    try:
+        return sorted(checkpoints.all_steps())
+    finally:
+        checkpoints.close()
+
+
+def temporary_checkpoints(out) -> list[str]:
+    return sorted(p.name for p in (Path(out) / "checkpoints").iterdir() if ".orbax-checkpoint-tmp" in p.name)
+
+
+def exported_unet(final, **kwargs) -> dict:
+    from sdjax import UNet2DConditionModel
+    unet = UNet2DConditionModel.from_pretrained(final, subfolder="unet", **kwargs)
+    return nnx.to_pure_dict(nnx.state(unet, nnx.Param))
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, pipeline_dir, data_dir):
+    """STEPS updates on all 8 devices (batch 1 per device, accumulation 2, EMA), uninterrupted.
+    Also the starting weights, the next batch and the compiled step (to check the split)."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    trainer = Trainer.create(config(out, pipeline_dir, data_dir, max_steps=STEPS, checkpoint_every=100))
+    try:
+        assert trainer.mesh.size == 8
+        initial = jax.tree.map(lambda a: np.array(a, copy=True), trainer.state.params["unet"])  # (donated later)
+        trainer.run(progress=False)
+        state = jax.device_get(trainer.state)
+        batch = trainer.next_batch()
+        hlo = trainer.step_fn.lower(trainer.state, trainer.frozen, batch).compile().as_text()
+    finally:
+        trainer.close()
+    return dict(out=out, state=state, initial=initial, rows=metrics(out), batch=batch, hlo=hlo)
+
+
+# ----------------------------------------------------------------------------- 1. devices
+def test_eight_devices_equal_one_device(reference_run, pipeline_dir, data_dir, tmp_path):
+    """Global batch 16: 1 x 8 devices x 2 micro-batches == 8 x 1 device x 2, after STEPS updates;
+    and on 8 devices each device really gets 1 image per micro-batch."""
+    pixels = reference_run["batch"]["pixel_values"]
+    assert pixels.shape == (2, 8, SIZE, SIZE, 3)                      # [accumulation, global batch, ...]
+    assert pixels.sharding.shard_shape(pixels.shape) == (2, 1, SIZE, SIZE, 3)
+    assert {s.device for s in pixels.addressable_shards} == set(jax.devices())
+    hlo = reference_run["hlo"]                                        # the per-device program
+    assert f"f32[2,1,{SIZE},{SIZE},3]" in hlo and f"f32[2,8,{SIZE},{SIZE},3]" not in hlo
+
+    one = Trainer.create(config(tmp_path / "one", pipeline_dir, data_dir, batch_size=8, max_steps=STEPS,
+                                checkpoint_every=100), mesh=parallel.data_mesh(jax.devices()[:1]))
+    try:
+        one.run(progress=False)
+        state = jax.device_get(one.state)
+        pixels = one.next_batch()["pixel_values"]
+        assert pixels.sharding.shard_shape(pixels.shape) == (2, 8, SIZE, SIZE, 3)   # all on the one device
+    finally:
+        one.close()
+
+    ref = reference_run["state"]
+    assert int(state.step) == int(ref.step) == STEPS
+    # Adam moves every weight by ~learning_rate per step; the two runs differ only by rounding.
+    assert max_diff(ref.params["unet"], reference_run["initial"]) >= 0.5 * STEPS * 1e-5
+    assert max_diff(state.params, ref.params) <= 1e-5
+    assert max_diff(state.ema, ref.ema) <= 1e-5
+    np.testing.assert_allclose([r["loss"] for r in metrics(tmp_path / "one")],
+                               [r["loss"] for r in reference_run["rows"]], rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- 2. resume
+class Interrupted(Exception):
+    pass
+
+
+def test_resume_equals_uninterrupted(reference_run, pipeline_dir, data_dir, tmp_path, monkeypatch):
+    """Crash after step 3 (last checkpoint: 2), --resume to STEPS == the uninterrupted reference:
+    the same loss at every step in metrics.jsonl (step 3 recomputed, not duplicated) and the same
+    parameters, EMA and optimizer state. Gradient accumulation 2 and EMA are on."""
+    out = tmp_path / "run"
+    cfg = config(out, pipeline_dir, data_dir, max_steps=STEPS, checkpoint_every=2)
+    real_next_batch = Trainer.next_batch
+
+    def crash_before_step_4(self):
+        if int(self.state.step) == 3:
+            raise Interrupted
+        return real_next_batch(self)
+
+    trainer = Trainer.create(cfg)
+    try:
+        with monkeypatch.context() as mp:
+            mp.setattr(Trainer, "next_batch", crash_before_step_4)
+            with pytest.raises(Interrupted):
+                trainer.run(progress=False)
+    finally:
+        trainer.close()
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3]
+    assert complete_steps(out) == [2]
+
+    trainer = Trainer.create(dataclasses.replace(cfg, resume=True))
+    try:
+        assert int(trainer.state.step) == 2 and trainer.data.step == 2
+        trainer.run(progress=False)
+        state = jax.device_get(trainer.state)
+    finally:
+        trainer.close()
+
+    ref = reference_run["state"]
+    rows, ref_rows = metrics(out), reference_run["rows"]
+    assert [r["step"] for r in rows] == [r["step"] for r in ref_rows] == list(range(1, STEPS + 1))
+    assert [(r["loss"], r["grad_norm"]) for r in rows] == [(r["loss"], r["grad_norm"]) for r in ref_rows]
+    assert int(state.step) == STEPS
+    assert max_diff(state.params, ref.params) <= 1e-6
+    assert max_diff(state.ema, ref.ema) <= 1e-6
+    assert max_diff(state.opt_state, ref.opt_state) <= 1e-6
+    assert complete_steps(out) == [2, 4]
+
+
+# ----------------------------------------------------------------------------- 3. SIGKILL
+KILLED_RUN = textwrap.dedent("""
+    # A training run's checkpointing, without the (slow to compile) train step: bump the step,
+    # advance the data, save every step. With block_at > 0, the save of that step stops just
+    # before Orbax commits it (all files written, the rename pending); the next save then waits
+    # for it, so the process hangs there until it is killed.
+    import asyncio, json, sys
+    from orbax.checkpoint._src.path import atomicity
+    from sdjax.training.loop import TrainConfig, Trainer
+
+    cfg, block_at = TrainConfig(**json.loads(sys.argv[1])), int(sys.argv[2])
+    real_finalize = atomicity.AtomicRenameTemporaryPath.finalize
+
+    async def finalize(self):
+        if self.get_final().name == str(block_at):
+            print("FINALIZING", block_at, flush=True)
+            await asyncio.sleep(3600)
+        return await real_finalize(self)
+
+    atomicity.AtomicRenameTemporaryPath.finalize = finalize
+    trainer = Trainer.create(cfg)
+    print("READY", flush=True)
+    for step in range(1, 1000):
+        next(trainer.data)
+        trainer.state = trainer.state._replace(step=trainer.state.step + 1)
+        trainer.save_checkpoint()
+        if step != block_at:
+            trainer.checkpoints.wait()
+            print("SAVED", step, flush=True)
+    """)
+
+
+def _start_killable_run(script, cfg, block_at):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, str(script), json.dumps(dataclasses.asdict(cfg)), str(block_at)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    seen = []
+
+    def wait_for(prefix, timeout=180):
+        while True:
+            try:
+                line = lines.get(timeout=timeout)
+            except queue.Empty:
+                proc.kill()
+                pytest.fail(f"no {prefix!r} line from the training process; output:\n{''.join(seen)}")
+            seen.append(line)
+            if line.startswith(prefix):
+                return line
+    return proc, wait_for
+
+
+def test_sigkill_during_save_resumes_from_last_complete_checkpoint(pipeline_dir, data_dir, tmp_path):
+    """kill -9 while checkpoint 2 is being committed (every file written, the rename pending: the
+    state that looks most complete): checkpoint 1 is the last complete one and the partial 2 is
+    ignored; --resume continues from 1 and finishes at 2, re-saving 2 (the partial one is replaced).
+    A kill earlier in the save leaves the same kind of temporary folder, handled the same way."""
+    script = tmp_path / "killed_run.py"
+    script.write_text(KILLED_RUN)
+    out = tmp_path / "run"
+    cfg = config(out, pipeline_dir, data_dir, max_steps=2, checkpoint_every=1)
+
+    proc, wait_for = _start_killable_run(script, cfg, block_at=2)
+    try:
+        wait_for("FINALIZING")
+        assert temporary_checkpoints(out) == ["2.orbax-checkpoint-tmp"]   # the save in flight
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(60)
+    assert proc.returncode == -signal.SIGKILL
+    assert complete_steps(out) == [1]
+    assert temporary_checkpoints(out) == ["2.orbax-checkpoint-tmp"]
+
+    trainer = Trainer.create(dataclasses.replace(cfg, resume=True))
+    try:
+        assert int(trainer.state.step) == 1 and trainer.data.step == 1
+        trainer.run(progress=False)
+        assert int(trainer.state.step) == 2
+    finally:
+        trainer.close()
+    assert complete_steps(out) == [1, 2]
+    assert temporary_checkpoints(out) == []
+    assert saved_state(out, 2)["data"]["step"] == 2
+    assert [r["step"] for r in metrics(out)] == [2]
+    assert all(np.isfinite(r["loss"]) for r in metrics(out))
+
+
+# ----------------------------------------------------------------------------- 4. NaN
+def test_nan_loss_stops_without_saving_the_nan_state(pipeline_dir, data_dir, tmp_path, monkeypatch):
+    """A NaN batch at step 3 (logging every 5 steps, checkpoints every 2): train.py stops at the
+    next check, before checkpoint 4 could store NaN weights, exits 3 naming checkpoint 2, and every
+    checkpoint on disk is finite."""
+    out = tmp_path / "run"
+    real_next_batch = Trainer.next_batch
+
+    def nan_at_step_3(self):
+        batch = real_next_batch(self)
+        if int(self.state.step) + 1 == 3:
+            nan = np.full(batch["pixel_values"].shape, np.nan, np.float32)
+            batch["pixel_values"] = parallel.shard_process_batch(nan, self.mesh, axis=1)
+        return batch
+
+    monkeypatch.setattr(Trainer, "next_batch", nan_at_step_3)
+    argv = flags(**{**BASE, "model": pipeline_dir, "train_data": data_dir, "output_dir": out, "max_steps": 8,
+                    "checkpoint_every": 2, "log_every": 5})
+    rc, stdout, stderr = run_train_py(argv)
+    assert rc == 3, stderr
+    assert "loss is nan at step 4" in stderr
+    assert f"last good checkpoint is {out / 'checkpoints' / '2'}" in stderr
+    assert complete_steps(out) == [2] and temporary_checkpoints(out) == []
+    for step in complete_steps(out):
+        state = saved_state(out, step)
+        for name, leaf in flat({k: state[k] for k in ("params", "ema", "opt_state")}).items():
+            assert np.isfinite(leaf).all(), (step, name)
+    assert not (out / "final").exists()
+
+
+# ----------------------------------------------------------------------------- 5/6. a full train.py run
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, pipeline_dir, data_dir):
+    """train.py with a --config preset and flags overriding some of its keys."""
+    root = tmp_path_factory.mktemp("full")
+    preset = root / "preset.yaml"
+    preset.write_text(yaml.safe_dump({**BASE, "model": str(pipeline_dir), "train_data": str(data_dir),
+                                      "max_steps": 99, "checkpoint_every": 100, "sample_every": 2,
+                                      "random_flip": True, "learning_rate": "1e-5"}))
+    out = root / "run"
+    rc, stdout, stderr = run_train_py(["--config", preset, *flags(output_dir=out, max_steps=3, checkpoint_every=2,
+                                                                   random_flip=False)])
+    assert rc == 0, stderr
+    return dict(out=out, preset=preset, stdout=stdout)
+
+
+def test_train_py_outputs_and_config_precedence(full_run):
+    out = full_run["out"]
+    assert f"done: 3 steps; pipeline exported to {out / 'final'}" in full_run["stdout"]
+    used = json.loads((out / "train_config.json").read_text())
+    # Flags win over the preset; the preset wins over the defaults.
+    assert (used["max_steps"], used["checkpoint_every"], used["random_flip"]) == (3, 2, False)
+    assert (used["learning_rate"], used["ema_decay"], used["gradient_accumulation"], used["resolution"]) == \
+        (1e-5, 0.9, 2, SIZE)
+    assert complete_steps(out) == [2, 3]
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(np.isfinite(r["loss"]) and {"loss", "lr", "grad_norm"} <= r.keys() for r in rows)
+    assert sorted(p.name for p in (out / "samples").glob("*.png")) == ["step-000002.png", "step-000003.png"]
+    grid = np.asarray(Image.open(out / "samples" / "step-000003.png").convert("RGB"))   # 1 prompt x 1 seed
+    assert min(grid.shape[:2]) >= SIZE and grid.std() > 0
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert Image.open(out / "loss_curve.png").size[0] > 100
+    for name in ("model_index.json", "unet/diffusion_pytorch_model.safetensors", "unet/diffusion_flax_model.msgpack",
+                 "text_encoder/model.safetensors", "scheduler/scheduler_config.json",
+                 "tokenizer/tokenizer_config.json"):
+        assert (out / "final" / name).is_file(), name
+
+
+def test_export_loads_in_sdjax_and_diffusers_with_ema_weights(full_run):
+    """final/ loads in sdjax and in diffusers' StableDiffusionPipeline, which give the same images
+    from the same latents; its UNet is the EMA of the last checkpoint, not the raw weights; then
+    ``train.py --export --export-step 2`` re-exports checkpoint 2 (and keeps the run's logs)."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from sdjax import StableDiffusion
+
+    out = full_run["out"]
+    final = out / "final"
+    latents = np.random.default_rng(0).standard_normal((2, SIZE // 2, SIZE // 2, 4)).astype(np.float32)
+    prompts = ["the red dog", "a photo of the cat"]
+    ours = StableDiffusion.from_pretrained(final)(prompts, num_inference_steps=3, height=SIZE, width=SIZE,
+                                                  latents=latents).images
+    reference = StableDiffusionPipeline.from_pretrained(final, safety_checker=None)
+    reference.set_progress_bar_config(disable=True)
+    theirs = reference(prompts, num_inference_steps=3, height=SIZE, width=SIZE, output_type="np",
+                       latents=torch.from_numpy(latents.transpose(0, 3, 1, 2))).images
+    assert ours.shape == theirs.shape == (2, SIZE, SIZE, 3)
+    assert theirs.std() > 0.01
+    assert np.abs(ours - theirs).max() <= 2e-3
+
+    last = saved_state(out, 3)
+    assert max_diff(last["ema"], last["params"]["unet"]) > 1e-6     # EMA and raw weights differ (~3e-6)
+    assert max_diff(exported_unet(final), last["ema"]) <= 1e-7
+    assert max_diff(exported_unet(final, format="flax"), last["ema"]) <= 1e-7
+
+    rc, stdout, stderr = run_train_py(["--config", full_run["preset"], *flags(output_dir=out, max_steps=3),
+                                       "--export", "--export-step", "2"])
+    assert rc == 0, stderr
+    assert f"exported step 2 to {final}" in stdout
+    assert max_diff(exported_unet(final), saved_state(out, 2)["ema"]) <= 1e-7
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3]          # --export leaves the run's log alone
+
+
+# ----------------------------------------------------------------------------- 6/7. train.py errors
+@pytest.mark.parametrize("case", ["unknown_key", "resolution", "no_train_data", "bad_type", "missing_config"])
+def test_train_py_usage_errors(case, pipeline_dir, data_dir, tmp_path):
+    base = flags(model=pipeline_dir, train_data=data_dir, output_dir=tmp_path / "out")
+    preset = tmp_path / "bad.yaml"
+    preset.write_text("learning_rate: 1e-4\nlearning_rat: 1e-3\n")
+    argv, expected = {
+        "unknown_key": (["--config", preset, *base], [str(preset), "unknown key 'learning_rat'"]),
+        "resolution": ([*base, "--resolution", "100"], ["resolution=100 must be a multiple of 8"]),
+        "no_train_data": (flags(model=pipeline_dir, output_dir=tmp_path / "out"), ["--train-data"]),
+        "bad_type": ([*base, "--batch-size", "two"], ["batch_size='two' is not a valid int"]),
+        "missing_config": (["--config", tmp_path / "nope.yaml", *base], ["nope.yaml", "does not exist"]),
+    }[case]
+    rc, stdout, stderr = run_train_py(argv)
+    assert rc == 2
+    assert stderr.startswith("train.py: error: ")
+    for text in expected:
+        assert text in stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_row_stops_before_training_unless_skipped(pipeline_dir, tmp_path, monkeypatch):
+    data = write_captioned_folder(tmp_path / "data", _images(17))
+    (data / "train_images" / "000016.png").write_bytes(b"not a png")
+    argv = flags(**{**BASE, "model": pipeline_dir, "train_data": data, "output_dir": tmp_path / "out",
+                    "max_steps": 1})
+    rc, stdout, stderr = run_train_py(argv)
+    assert rc == 2
+    assert "1 bad row of 17" in stderr and "row 17 (line 18) '000016.png'" in stderr
+    assert not (tmp_path / "out").exists()                          # stopped before anything ran
+
+    monkeypatch.setattr(Trainer, "write_samples", lambda self, step: [])   # (sampling is tested above)
+    rc, stdout, stderr = run_train_py([*argv, "--skip-bad-rows"])
+    assert rc == 0, stderr
+    assert "skipped 1 bad rows" in stdout
+    assert complete_steps(tmp_path / "out") == [1]
+    assert (tmp_path / "out" / "final" / "model_index.json").is_file()
+
+
+# ----------------------------------------------------------------------------- 8. presets
+def test_training_presets_and_their_documentation():
+    style, _ = parse_args(["--config", "style", "--train-data", "data"])
+    assert (style.learning_rate, style.max_steps, style.ema_decay, style.caption_dropout) == (1e-5, 1000, 0.9999, 0.1)
+    assert (style.center_crop, style.random_flip, style.resolution) == (True, True, 512)
+    assert (style.checkpoint_every, style.sample_every) == (250, 250)
+    low, _ = parse_args(["--config", "low_memory", "--train-data", "data", "--gradient-accumulation", "8"])
+    assert (low.gradient_checkpointing, low.mixed_precision, low.batch_size) == (True, "bf16", 1)
+    assert low.gradient_accumulation == 8                            # the flag wins over the preset's 4
+    for name in ("style", "low_memory"):
+        lines = (ROOT / "configs" / f"{name}.yaml").read_text().splitlines()
+        keys = [i for i, line in enumerate(lines) if line and not line.startswith(("#", " ", "-"))]
+        assert keys
+        for i in keys:   # every key has its own comment
+            assert lines[i - 1].startswith("#") or "#" in lines[i], (name, lines[i])
+    readme = (ROOT / "configs" / "README.md").read_text()
+    assert "# Sampling presets" in readme and "Training presets" in readme
+    training_part = readme[readme.index("Training presets"):]
+    for field in dataclasses.fields(TrainConfig):
+        assert f"`{field.name}`" in training_part, field.name
