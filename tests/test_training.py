@@ -545,7 +545,7 @@ def test_training_presets_and_their_documentation():
     assert (low.gradient_checkpointing, low.mixed_precision, low.batch_size) == (True, "bf16", 1)
     assert low.gradient_accumulation == 8                            # the flag wins over the preset's 4
     for name in ("style", "low_memory"):
-        lines = (ROOT / "configs" / f"{name}.yaml").read_text().splitlines()
+        lines = (ROOT / "configs" / "train" / f"{name}.yaml").read_text().splitlines()
         keys = [i for i, line in enumerate(lines) if line and not line.startswith(("#", " ", "-"))]
         assert keys
         for i in keys:   # every key has its own comment

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 from sdjax.cli_utils import UsageError, resolve_config_path
 from sdjax.training.loop import TrainConfig
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "train"  # sample.py presets sit one level up
 
 HELP = {
     "model": "Hub repo id or local diffusers pipeline folder to fine-tune",
@@ -98,7 +98,7 @@ def load_train_config(path: Path) -> dict[str, Any]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="train.py", description="Fine-tune Stable Diffusion v1.5 (sdjax).",
                                      argument_default=argparse.SUPPRESS)
-    parser.add_argument("--config", help="YAML preset (a path, or a name in configs/: style, low_memory)")
+    parser.add_argument("--config", help="YAML preset (a path, or a name in configs/train/: style, low_memory)")
     parser.add_argument("--export", action="store_true",
                         help="only export OUTPUT_DIR/final from the latest checkpoint (or --export-step)")
     parser.add_argument("--export-step", type=int, help="checkpoint step to export")
