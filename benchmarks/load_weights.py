@@ -58,7 +58,6 @@ def _peak_rss_bytes() -> int:
 def generate(part: str, workdir: Path) -> dict:
     """Write one model in every layout (runs in its own process: the UNet alone needs ~10 GiB here)."""
     import ml_dtypes
-    import numpy as np
     import torch
     sys.path.insert(0, str(ROOT / "tests"))
     import reference as R
@@ -69,45 +68,11 @@ def generate(part: str, workdir: Path) -> dict:
                     "vae": (R.torch_vae, R.SD15_VAE)}[kind]
     model = make(config, seed=0)
     files = {"safetensors": R.save_torch_layout(model, workdir / "safetensors" / part),
-             "flax": save_flax_layout_streaming(R, model, workdir / "flax" / part, kind=kind),
-             "flax_bf16": save_flax_layout_streaming(R, model, workdir / "flax_bf16" / part, kind=kind,
-                                                     dtype=ml_dtypes.bfloat16)}
+             "flax": R.save_flax_layout(model, workdir / "flax" / part, kind=kind),
+             "flax_bf16": R.save_flax_layout(model, workdir / "flax_bf16" / part, kind=kind,
+                                             dtype=ml_dtypes.bfloat16)}
     n_params = sum(p.numel() for p in model.parameters())
     return {"params": n_params, **{k: str(v) for k, v in files.items()}}
-
-
-def save_flax_layout_streaming(R, model, directory: Path, *, kind: str, dtype=None) -> Path:
-    """``reference.save_flax_layout`` (same tree, same bytes), but the msgpack is written array by
-    array: ``flax.serialization.msgpack_serialize`` holds the tree, the packer's growing buffer and
-    the final bytes at once, which for the UNet (next to the PyTorch model) peaked at 14 GB."""
-    import msgpack
-    import numpy as np
-    directory.mkdir(parents=True, exist_ok=True)
-    tree = R._flax_tree(model.state_dict(), join_indices=kind != "clip", vae_old_attention=kind == "vae",
-                        dtype=dtype or np.float32)
-    name = "flax_model.msgpack" if kind == "clip" else "diffusion_flax_model.msgpack"
-    packer = msgpack.Packer(use_bin_type=True)
-
-    def write(node: dict, f) -> None:
-        f.write(packer.pack_map_header(len(node)))
-        for key, value in sorted(node.items()):  # flax's tree_map copy sorts dict keys
-            f.write(packer.pack(key))
-            if isinstance(value, dict):
-                write(value, f)
-            else:  # flax's ndarray ext type: (shape, dtype name, C-order bytes)
-                payload = msgpack.packb((value.shape, value.dtype.name, value.tobytes("C")), use_bin_type=True)
-                f.write(packer.pack(msgpack.ExtType(1, payload)))
-
-    with open(directory / name, "wb") as f:
-        write(tree, f)
-    # config.json exactly as reference.save_flax_layout writes it
-    if kind == "clip":
-        cfg = model.config.to_dict()
-    else:
-        cfg = dict(model.config)
-        cfg["_class_name"] = "Flax" + type(model).__name__
-    (directory / "config.json").write_text(json.dumps(cfg, indent=2, default=list))
-    return directory / name
 
 
 def weight_files(workdir: Path, layout: str) -> list[Path]:

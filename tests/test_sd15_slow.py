@@ -11,11 +11,9 @@ copy, so the process stays under ~8 GB.
 from __future__ import annotations
 
 import gc
-import json
 
 import jax
 import jax.numpy as jnp
-import msgpack
 import numpy as np
 import pytest
 import torch
@@ -42,37 +40,6 @@ def max_err(a, b):
     return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
 
 
-def save_flax_layout_streaming(model, directory, *, kind):
-    """``reference.save_flax_layout`` (same tree, byte-identical file), written array by array:
-    ``flax.serialization.msgpack_serialize`` holds the tree, the packer's growing buffer and the
-    final bytes at once, ~14 GB for the SD v1.5 UNet next to its PyTorch model."""
-    directory.mkdir(parents=True, exist_ok=True)
-    tree = R._flax_tree(model.state_dict(), join_indices=kind != "clip", vae_old_attention=kind == "vae",
-                        dtype=np.float32)
-    packer = msgpack.Packer(use_bin_type=True)
-
-    def write(node, f):
-        f.write(packer.pack_map_header(len(node)))
-        for key, value in sorted(node.items()):  # flax's tree_map copy sorts dict keys
-            f.write(packer.pack(key))
-            if isinstance(value, dict):
-                write(value, f)
-            else:  # flax's ndarray ext type: (shape, dtype name, C-order bytes)
-                payload = msgpack.packb((value.shape, value.dtype.name, value.tobytes("C")), use_bin_type=True)
-                f.write(packer.pack(msgpack.ExtType(1, payload)))
-
-    path = directory / ("flax_model.msgpack" if kind == "clip" else "diffusion_flax_model.msgpack")
-    with open(path, "wb") as f:
-        write(tree, f)
-    if kind == "clip":
-        cfg = model.config.to_dict()
-    else:
-        cfg = dict(model.config)
-        cfg["_class_name"] = "Flax" + type(model).__name__
-    (directory / "config.json").write_text(json.dumps(cfg, indent=2, default=list))
-    return path
-
-
 @pytest.fixture(scope="module")
 def sd15(tmp_path_factory):
     """kind -> {"dirs": {layout: model folder}, "inputs": numpy inputs, "ref": PyTorch outputs}."""
@@ -96,7 +63,7 @@ def sd15(tmp_path_factory):
     for kind, (make, config) in makers.items():
         model = make(config, seed=1)
         dirs = {"safetensors": R.save_torch_layout(model, root / kind / "safetensors").parent,
-                "flax": save_flax_layout_streaming(model, root / kind / "flax", kind=kind).parent}
+                "flax": R.save_flax_layout(model, root / kind / "flax", kind=kind).parent}
         x = inputs[kind]
         with torch.no_grad():
             if kind == "clip":
