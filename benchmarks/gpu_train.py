@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -90,6 +91,7 @@ def run_sdjax(args) -> dict:
 
     times = C.timed_repeats(step, warmup=args.warmup, repeats=args.steps, sync=sync)
     trainer.close()
+    shutil.rmtree(out_dir, ignore_errors=True)  # metrics/TensorBoard files of this throwaway run
     return {"impl": "sdjax", "device": C.device_name(), "devices": jax.device_count(), "remat": args.remat,
             "batch": args.batch, "load_s": load_s, "compile_s": compile_s, "compile_breakdown_s": dict(timer.seconds),
             "times": times, "peak_mem_bytes": C.jax_peak_bytes(), "step_flops": step_flops,
