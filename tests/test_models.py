@@ -162,3 +162,75 @@ def test_bf16_loading(tiny_checkpoints, layout):
     ref = load(UNet2DConditionModel, entry, "safetensors")(jnp.asarray(x), jnp.asarray(t), jnp.asarray(ctx))
     rel = np.linalg.norm(np.asarray(out, np.float32) - ref) / np.linalg.norm(ref)
     assert rel < 3e-2, rel
+
+
+# ----------------------------------------------------------------------------- the CPU attention kernel
+@pytest.mark.parametrize("B,T,S,N,H", [(2, 64, 64, 3, 8), (3, 140, 77, 2, 16), (1, 35, 35, 1, 32)])
+def test_blocked_attention_equals_xla_kernel(B, T, S, N, H):
+    """The blocked kernel (several heads, several query blocks, lengths that do not halve evenly)
+    gives jax.nn.dot_product_attention's values and gradients; bf16 stays within bf16 rounding."""
+    import jax
+    from sdjax.models.layers import blocked_attention
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal(shape).astype(np.float32))
+               for shape in ((B, T, N, H), (B, S, N, H), (B, S, N, H)))
+    block_bytes = B * 16 * S * 4  # forces blocks of 16-35 queries
+
+    def loss(fn, q, k, v):
+        return jnp.sum(fn(q, k, v) * jnp.cos(jnp.arange(H)))
+
+    ours = blocked_attention(q, k, v, block_bytes=block_bytes)
+    ref = jax.nn.dot_product_attention(q, k, v)
+    assert max_err(ours, ref) < 1e-5
+    grads = jax.grad(lambda *a: loss(lambda *b: blocked_attention(*b, block_bytes=block_bytes), *a), (0, 1, 2))(q, k, v)
+    ref_grads = jax.grad(lambda *a: loss(jax.nn.dot_product_attention, *a), (0, 1, 2))(q, k, v)
+    for g, r in zip(grads, ref_grads):
+        assert max_err(g, r) < 1e-4 * max(1.0, float(jnp.abs(r).max()))
+    bf16 = blocked_attention(*(a.astype(jnp.bfloat16) for a in (q, k, v)), block_bytes=block_bytes)
+    assert bf16.dtype == jnp.bfloat16
+    assert max_err(bf16, ref) < 0.05
+
+
+def test_unet_with_blocked_attention_matches_diffusers(tiny_checkpoints, monkeypatch):
+    """The whole UNet with every attention through the blocked kernel still equals diffusers."""
+    from sdjax.models import layers
+    monkeypatch.setattr(layers, "ATTENTION_IMPLEMENTATION", "blocked")
+    monkeypatch.setattr(layers, "BLOCK_SCORE_BYTES", 2 * 32 * 77 * 4)  # several query blocks per head
+    entry = tiny_checkpoints["unet"]
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 16, 16, 4)).astype(np.float32)
+    ctx = rng.standard_normal((2, 77, 32)).astype(np.float32)
+    t = np.array([3, 700])
+    ours = load(UNet2DConditionModel, entry, "safetensors")(jnp.asarray(x), jnp.asarray(t), jnp.asarray(ctx))
+    with torch.no_grad():
+        ref = entry["torch"](nchw(x), torch.from_numpy(t), torch.from_numpy(ctx)).sample
+    assert max_err(ours, nhwc(ref)) < TOL
+
+
+def test_unknown_attention_setting_is_an_error(monkeypatch):
+    from sdjax.models import layers
+    monkeypatch.setattr(layers, "ATTENTION_IMPLEMENTATION", "flash")
+    q = jnp.zeros((1, 4, 1, 8))
+    with pytest.raises(ValueError, match="SDJAX_ATTENTION='flash'"):
+        layers.attention(q, q, q)
+
+
+def test_xla_flags_are_added_only_where_allowed(monkeypatch):
+    from jax._src import xla_bridge
+    from sdjax import _xla_flags
+    import jaxlib
+    name = "xla_cpu_experimental_ynn_fusion_type"
+    monkeypatch.setattr(xla_bridge, "_backends", {})  # as before JAX starts
+    monkeypatch.setattr(_xla_flags, "FLAGS", {name: ("", (jaxlib.__version__,))})
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    assert _xla_flags.apply(env) == [f"--{name}="]
+    assert env["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=8 --{name}="
+    user = {"XLA_FLAGS": f"--{name}=dot"}  # the user's own setting wins
+    assert _xla_flags.apply(user) == [] and user["XLA_FLAGS"] == f"--{name}=dot"
+    off = {"SDJAX_XLA_FLAGS": "0"}
+    assert _xla_flags.apply(off) == [] and "XLA_FLAGS" not in off
+    monkeypatch.setattr(_xla_flags, "FLAGS", {name: ("", ("0.0.",))})  # not measured on this jaxlib
+    assert _xla_flags.apply({}) == []
+    monkeypatch.setattr(xla_bridge, "_backends", {"cpu": object()})  # XLA already read its flags
+    monkeypatch.setattr(_xla_flags, "FLAGS", {name: ("", (jaxlib.__version__,))})
+    assert _xla_flags.apply({}) == []

@@ -31,19 +31,30 @@ class Pretrained:
         return weights.save_pretrained(self, directory, format=format, dtype=dtype)
 
 
-# "xla" (default) or "cudnn": cuDNN's fused flash attention on NVIDIA GPUs for bf16/fp16. Read
-# when a function is traced. cuDNN is opt-in until it is measured on a GPU (BENCHMARKS.md).
-ATTENTION_IMPLEMENTATION = os.environ.get("SDJAX_ATTENTION", "xla")
+# SDJAX_ATTENTION, read when a function is traced:
+#   "auto" (default): the blocked CPU kernel below on the CPU when the score tensor is large, else XLA's;
+#   "xla": always jax.nn.dot_product_attention's XLA implementation;
+#   "cudnn": cuDNN's fused flash attention on NVIDIA GPUs for bf16/fp16 (opt-in until measured on a GPU);
+#   "blocked": always the blocked kernel (for tests and benchmarks).
+ATTENTION_IMPLEMENTATION = os.environ.get("SDJAX_ATTENTION", "auto")
+# Score bytes per blocked-kernel iteration. The CPU is memory-bound on the [B, N, T, S] scores (the
+# softmax streams them three times); a block this size stays in cache. 8 MiB was fastest of 2-16 MiB
+# for 1024 and 4096 tokens on a 2-core EPYC (BENCHMARKS.md, "Sampling on the CPU").
+BLOCK_SCORE_BYTES = 8 * 2 ** 20
 
 
 def attention(q_BTNH, k_BSNH, v_BSNH, *, is_causal: bool = False, upcast: bool = False):
     """Multi-head scaled dot-product attention; the one attention op of sdjax.
 
-    Inputs are [batch, length, heads, head_dim], through ``jax.nn.dot_product_attention``.
-    ``upcast`` computes in fp32 (diffusers' ``upcast_attention`` / ``upcast_softmax``) and casts
-    back. With ``ATTENTION_IMPLEMENTATION = "cudnn"`` (env ``SDJAX_ATTENTION=cudnn``), shapes and
-    dtypes cuDNN accepts use its fused kernel; the rest fall back to XLA's.
+    Inputs are [batch, length, heads, head_dim]; the scale is 1/sqrt(head_dim) and the softmax is
+    fp32, as ``jax.nn.dot_product_attention`` does. ``upcast`` computes in fp32 (diffusers'
+    ``upcast_attention`` / ``upcast_softmax``) and casts back. `ATTENTION_IMPLEMENTATION` picks the
+    kernel: on the CPU, score tensors over `BLOCK_SCORE_BYTES` go through `blocked_attention`
+    (3-4x faster at 1024+ tokens); with ``"cudnn"``, shapes and dtypes cuDNN accepts use its fused
+    kernel and the rest fall back to XLA's.
     """
+    if ATTENTION_IMPLEMENTATION not in ("auto", "xla", "cudnn", "blocked"):
+        raise ValueError(f"SDJAX_ATTENTION={ATTENTION_IMPLEMENTATION!r}: expected auto, xla, cudnn or blocked")
     dtype = q_BTNH.dtype
     if upcast and dtype != jnp.float32:
         q_BTNH, k_BSNH, v_BSNH = (a.astype(jnp.float32) for a in (q_BTNH, k_BSNH, v_BSNH))
@@ -53,8 +64,44 @@ def attention(q_BTNH, k_BSNH, v_BSNH, *, is_causal: bool = False, upcast: bool =
             return out.astype(dtype)
         except (ValueError, NotImplementedError, RuntimeError, TypeError):
             pass
+    (B, T, N, _), S = q_BTNH.shape, k_BSNH.shape[1]
+    large = B * N * T * S * 4 > BLOCK_SCORE_BYTES
+    if not is_causal and (ATTENTION_IMPLEMENTATION == "blocked"
+                          or (ATTENTION_IMPLEMENTATION == "auto" and large and jax.default_backend() == "cpu")):
+        return blocked_attention(q_BTNH, k_BSNH, v_BSNH).astype(dtype)
     out = jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, is_causal=is_causal)
     return out.astype(dtype)
+
+
+def blocked_attention(q_BTNH, k_BSNH, v_BSNH, *, block_bytes: int | None = None):
+    """Attention one head and one block of queries at a time (``lax.map``), so that each block's
+    fp32 scores [B, Tq, S] fit in ``block_bytes`` and stay in cache. Same math as XLA's kernel; the
+    batch axis stays whole, so a batch sharded over devices stays sharded."""
+    (B, T, N, H), S = q_BTNH.shape, k_BSNH.shape[1]
+    block_bytes = BLOCK_SCORE_BYTES if block_bytes is None else block_bytes
+    block = T
+    while B * block * S * 4 > block_bytes and block % 2 == 0 and block > 16:
+        block //= 2
+    scale = 1.0 / math.sqrt(H)
+    precision = {"bfloat16": jax.lax.DotAlgorithmPreset.BF16_BF16_F32,
+                 "float16": jax.lax.DotAlgorithmPreset.F16_F16_F32}.get(jnp.dtype(q_BTNH.dtype).name)
+
+    def one_head(qkv):
+        q_BTH, k_BSH, v_BSH = qkv
+
+        def one_block(q_BtH):
+            logits = jnp.einsum("bth,bsh->bts", q_BtH, k_BSH, precision=precision,
+                                preferred_element_type=jnp.float32) * scale
+            probs = jax.nn.softmax(logits, axis=-1).astype(v_BSH.dtype)
+            return jnp.einsum("bts,bsh->bth", probs, v_BSH)
+
+        if block == T:
+            return one_block(q_BTH)
+        out_KBtH = jax.lax.map(one_block, q_BTH.reshape(B, T // block, block, H).transpose(1, 0, 2, 3))
+        return out_KBtH.transpose(1, 0, 2, 3).reshape(B, T, H)
+
+    out_NBTH = jax.lax.map(one_head, tuple(a.transpose(2, 0, 1, 3) for a in (q_BTNH, k_BSNH, v_BSNH)))
+    return out_NBTH.transpose(1, 2, 0, 3)
 
 
 def conv(in_ch, out_ch, kernel_size=3, *, stride=1, padding=None, dtype, param_dtype, rngs):

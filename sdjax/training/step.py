@@ -162,7 +162,7 @@ def train_step(state: TrainState, frozen: Frozen, batch: dict, *, graphdefs: Gra
         decay = jnp.minimum(cfg.ema_decay, (1.0 + step) / (10.0 + step))
         ema = jax.tree.map(lambda e, p: e + (1.0 - decay) * (p - e), ema, params["unet"])
     metrics = {"loss": loss / accumulation, "loss_unweighted": raw / accumulation,
-               "grad_norm": optax.global_norm(grads), "lr": lr_schedule(state.step)}
+               "grad_norm": optax.tree.norm(grads), "lr": lr_schedule(state.step)}
     return TrainState(state.step + 1, params, opt_state, ema, state.rng), metrics
 
 
