@@ -137,7 +137,8 @@ def loss_fn(trainable: dict, frozen: Frozen, batch: dict, key, *, graphdefs: Gra
 def train_step(state: TrainState, frozen: Frozen, batch: dict, *, graphdefs: Graphdefs, cfg: StepConfig,
                optimizer: optax.GradientTransformation, lr_schedule) -> tuple[TrainState, dict]:
     """One optimizer update from ``batch`` whose arrays are [accumulation, B, ...]: gradients of
-    the micro-batches are averaged (a ``lax.scan``), then clipped and applied; EMA follows."""
+    the micro-batches are averaged (a ``lax.scan``; unrolled on the CPU), then clipped and applied;
+    EMA follows."""
     step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     trainable = state.params
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -150,8 +151,15 @@ def train_step(state: TrainState, frozen: Frozen, batch: dict, *, graphdefs: Gra
         return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + loss, raw_sum + raw), None
 
     accumulation = jax.tree.leaves(batch)[0].shape[0]
-    zeros = jax.tree.map(jnp.zeros_like, trainable)
-    (grads, loss, raw), _ = jax.lax.scan(micro, (zeros, F32(0), F32(0)), (jnp.arange(accumulation), batch))
+    carry = (jax.tree.map(jnp.zeros_like, trainable), F32(0), F32(0))
+    if accumulation == 1 or jax.default_backend() == "cpu":
+        # Unrolled: inside a loop XLA:CPU leaves the convolutions' kernel gradients in a layout its
+        # fast path does not take, ~26x slower (BENCHMARKS.md, "Fine-tuning on the CPU").
+        for index in range(accumulation):
+            carry, _ = micro(carry, (index, jax.tree.map(lambda a: a[index], batch)))
+    else:
+        carry, _ = jax.lax.scan(micro, carry, (jnp.arange(accumulation), batch))
+    grads, loss, raw = carry
     grads = jax.tree.map(lambda g: g / accumulation, grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, trainable)
     params = optax.apply_updates(trainable, updates)
