@@ -29,6 +29,7 @@ ATTENTION = [  # (batch, query tokens, key tokens, heads, head dim)
     (4, 1024, 1024, 8, 40), (4, 256, 256, 8, 80), (4, 1024, 77, 8, 40), (2, 1024, 1024, 1, 512), (2, 4096, 4096, 8, 40),
 ]
 YNN_OFF = "--xla_cpu_experimental_ynn_fusion_type="
+BLOCK_MIB = (2, 4, 8, 16)  # blocked-attention score budgets swept on the two largest attention shapes
 SETTINGS = {"YNN on (jaxlib default)": "", "YNN off (sdjax)": YNN_OFF}
 UNET_STEPS = [  # (label, XLA_FLAGS, SDJAX_ATTENTION), cumulative
     ("none: YNN on, XLA attention", "", "xla"),
@@ -89,6 +90,29 @@ def measure(repeats: int) -> dict:
         err = float(jnp.abs(xla(q, kv, kv) - blocked(q, kv, kv)).max())
         out["attention"].append({"shape": [B, T, S, N, H], "xla_ms": best_ms(xla, q, kv, kv),
                                  "blocked_ms": best_ms(blocked, q, kv, kv), "max_abs_diff": err})
+    # A convolution's kernel gradient alone, and inside a loop (train_step's micro-batch scan)
+    x = jnp.asarray(rng.standard_normal((1, 32, 32, 320), np.float32))
+    w = jnp.asarray(rng.standard_normal((3, 3, 320, 320), np.float32) * 0.02)
+    kernel_grad = jax.grad(lambda w, x: jnp.sum(conv(x, w) ** 2))
+    loops = {"alone": lambda w, x: kernel_grad(w, x),
+             "lax.scan, 1 step": lambda w, x: jax.lax.scan(lambda c, _: (c + kernel_grad(w, x), None),
+                                                           jnp.zeros_like(w), None, length=1)[0],
+             "lax.fori_loop, 1 step": lambda w, x: jax.lax.fori_loop(0, 1, lambda i, c: c + kernel_grad(w, x),
+                                                                     jnp.zeros_like(w))}
+    out["kernel_grad"] = {}
+    for name, fn in loops.items():
+        fn = jax.jit(fn)
+        labels = [line.split("dim_labels=")[1].split(",")[0] for line in fn.lower(w, x).compile().as_text().splitlines()
+                  if " convolution(" in line]
+        out["kernel_grad"][name] = {"ms": best_ms(fn, w, x), "dim_labels": labels}
+    out["blocks"] = []
+    for B, T, S, N, H in (ATTENTION[0], ATTENTION[-1]):
+        q = jnp.asarray(rng.standard_normal((B, T, N, H), np.float32))
+        row = {"shape": [B, T, S, N, H]}
+        for mib in BLOCK_MIB:
+            fn = jax.jit(lambda q, mib=mib: layers.blocked_attention(q, q, q, block_bytes=mib * 2 ** 20))
+            row[f"{mib}"] = best_ms(fn, q)
+        out["blocks"].append(row)
     return out
 
 
@@ -125,6 +149,16 @@ def main() -> None:
         B, T, S, N, H = a["shape"]
         print(f"| {B}, {T} x {S}, {N} x {H} | {a['xla_ms']:.1f} | {b['xla_ms']:.1f} | {a['blocked_ms']:.1f} | "
               f"{b['blocked_ms']:.1f} | {max(a['max_abs_diff'], b['max_abs_diff']):.1e} |")
+    print("\n| blocked attention, YNN off (sdjax): batch, tokens, heads x dim | "
+          + " | ".join(f"{mib} MiB blocks" for mib in BLOCK_MIB) + " |")
+    print("|---|" + "---:|" * len(BLOCK_MIB))
+    for row in off["blocks"]:
+        B, T, _, N, H = row["shape"]
+        print(f"| {B}, {T}, {N} x {H} | " + " | ".join(f"{row[str(mib)]:.1f}" for mib in BLOCK_MIB) + " |")
+    print("\n| kernel gradient of one 3x3 conv (1x32x32x320 -> 320), YNN off | ms | convolutions in the compiled HLO |")
+    print("|---|---:|---|")
+    for name, r in off["kernel_grad"].items():
+        print(f"| {name} | {r['ms']:.1f} | {', '.join('`' + d + '`' for d in r['dim_labels'])} |")
     if not args.unet:
         return
     print(f"\nOne SD v1.5 UNet call, latents 4x32x32x4 (256 px, CFG batch of 4), best of {args.repeats}\n")
