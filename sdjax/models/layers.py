@@ -38,8 +38,8 @@ class Pretrained:
 #   "blocked": always the blocked kernel (for tests and benchmarks).
 ATTENTION_IMPLEMENTATION = os.environ.get("SDJAX_ATTENTION", "auto")
 # Score bytes per blocked-kernel iteration. The CPU is memory-bound on the [B, N, T, S] scores (the
-# softmax streams them three times); a block this size stays in cache. 8 MiB was fastest of 2-16 MiB
-# for 1024 and 4096 tokens on a 2-core EPYC (BENCHMARKS.md, "Sampling on the CPU").
+# softmax streams them three times); a block this size stays in cache. Of 2-16 MiB, 8 MiB was the fastest
+# at 1024 tokens and within 5% at 4096 on a 2-core EPYC (BENCHMARKS.md, "Sampling on the CPU").
 BLOCK_SCORE_BYTES = 8 * 2 ** 20
 
 
