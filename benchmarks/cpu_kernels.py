@@ -20,7 +20,8 @@ import json
 import os
 import subprocess
 import sys
-import time
+
+import common as C  # benchmarks/common.py (this script's folder is on sys.path)
 
 CONVS = [  # (batch, height=width, in, out): 3x3, stride 1, padding 1
     (4, 32, 320, 320), (4, 16, 640, 640), (4, 8, 1280, 1280), (4, 4, 1280, 1280), (4, 4, 2560, 1280),
@@ -50,11 +51,8 @@ def measure_unet(directory: str, repeats: int) -> dict:
     x = jnp.asarray(rng.standard_normal((4, 32, 32, 4), np.float32))
     context = jnp.asarray(rng.standard_normal((4, 77, 768), np.float32))
     out = np.asarray(call(state, x, jnp.float32(500.0), context))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(call(state, x, jnp.float32(500.0), context))
-        times.append(time.perf_counter() - t0)
+    times = C.timed_repeats(lambda: call(state, x, jnp.float32(500.0), context), warmup=0, repeats=repeats,
+                            sync=jax.block_until_ready)
     return {"unet_call_s": min(times), "out_head": out.reshape(-1)[:4096].tolist()}
 
 
@@ -65,13 +63,7 @@ def measure(repeats: int) -> dict:
     from sdjax.models import layers
 
     def best_ms(fn, *args):
-        jax.block_until_ready(fn(*args))
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            times.append(time.perf_counter() - t0)
-        return 1e3 * min(times)
+        return 1e3 * min(C.timed_repeats(lambda: fn(*args), warmup=1, repeats=repeats, sync=jax.block_until_ready))
 
     rng = np.random.default_rng(0)
     out = {"conv": [], "attention": []}

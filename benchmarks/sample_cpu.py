@@ -23,17 +23,14 @@ import argparse
 import json
 import os
 import resource
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import common as C  # benchmarks/common.py (this script's folder is on sys.path)
+
 PROMPTS = ["a photograph of an astronaut riding a horse", "a watercolor painting of a lighthouse"]
-SD15_SCHEDULER = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
-                  "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "set_alpha_to_one": False,
-                  "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None, "clip_sample": False}
 
 
 def child_env() -> dict:
@@ -49,26 +46,6 @@ def run_child(*args: str) -> dict:
         sys.stderr.write(proc.stdout[-5000:] + proc.stderr[-5000:])
         raise SystemExit(f"sub-command {args} failed (exit {proc.returncode})")
     return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def build_pipeline(directory: Path) -> dict:
-    """A full-size SD v1.5 pipeline folder with random weights (safetensors, PyTorch layout)."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    import reference as R
-    from sdjax import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
-    from sdjax.text import load_tokenizer
-    from sdjax.weights import save_pipeline
-    tmp = directory.with_name(directory.name + "-parts")
-    for kind, make, cfg in (("unet", R.torch_unet, R.SD15_UNET), ("vae", R.torch_vae, R.SD15_VAE),
-                            ("clip", R.torch_clip, R.SD15_CLIP)):
-        R.save_torch_layout(make(cfg), tmp / kind)
-    save_pipeline(directory, text_encoder=CLIPTextModel.from_pretrained(tmp / "clip"),
-                  unet=UNet2DConditionModel.from_pretrained(tmp / "unet"),
-                  vae=AutoencoderKL.from_pretrained(tmp / "vae"),
-                  tokenizer=load_tokenizer(R.write_tiny_tokenizer(tmp / "tok"), subfolder=None),
-                  scheduler_config=SD15_SCHEDULER, format="pytorch")
-    shutil.rmtree(tmp)
-    return {"directory": str(directory)}
 
 
 def _best_time(fn, repeats: int) -> float:
@@ -174,13 +151,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--sides", default="sdjax,diffusers", help="comma-separated, in run order")
     parser.add_argument("--_side", choices=["sdjax", "diffusers"], help=argparse.SUPPRESS)
-    parser.add_argument("--_build", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--_versions", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    directory = Path(args.workdir) / "sd15-random"
-    if args._build:
-        print(json.dumps(build_pipeline(directory)))
-        return
+    directory = C.pipeline_dir(args.workdir, "sd15")
     if args._versions:
         print(json.dumps(versions()))
         return
@@ -188,9 +161,7 @@ def main() -> None:
         print(json.dumps(run_side(args._side, str(directory), args.size, args.steps, args.repeats)))
         return
 
-    if not (directory / "model_index.json").exists():
-        print(f"writing a random-weight SD v1.5 pipeline to {directory} ...", file=sys.stderr, flush=True)
-        run_child("--_build", "--workdir", args.workdir)
+    C.ensure_pipeline(args.workdir, "sd15")  # written once (in a subprocess), then reused
     v = versions()
     print(" ".join(f"{k} {val}" for k, val in v.items()))
     results = []

@@ -28,38 +28,10 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import common as C  # benchmarks/common.py (this script's folder is on sys.path)
+
 GiB = 1024 ** 3
 SIDES = ("sdjax", "sdjax-remat", "diffusers", "diffusers-ckpt")
-CAPTION = "a photograph of an astronaut riding a horse"
-
-
-def build_pipeline(directory: Path) -> None:
-    """A full-size SD v1.5 pipeline folder with random weights (PyTorch layout), as sample_cpu.py writes it."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    import reference as R
-    from conftest import SD15_SCHEDULER
-    from sdjax import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
-    from sdjax.text import load_tokenizer
-    from sdjax.weights import save_pipeline
-    tmp = directory.with_name(directory.name + "-parts")
-    for kind, make, cfg in (("unet", R.torch_unet, R.SD15_UNET), ("vae", R.torch_vae, R.SD15_VAE),
-                            ("clip", R.torch_clip, R.SD15_CLIP)):
-        if not (tmp / kind / "config.json").exists():
-            R.save_torch_layout(make(cfg), tmp / kind)
-    save_pipeline(directory, text_encoder=CLIPTextModel.from_pretrained(tmp / "clip"),
-                  unet=UNet2DConditionModel.from_pretrained(tmp / "unet"),
-                  vae=AutoencoderKL.from_pretrained(tmp / "vae"),
-                  tokenizer=load_tokenizer(R.write_tiny_tokenizer(tmp / "tok"), subfolder=None),
-                  scheduler_config=SD15_SCHEDULER, format="pytorch")
-
-
-def build_data(directory: Path, resolution: int, count: int) -> None:
-    import numpy as np
-    from sdjax.training.data import write_captioned_folder
-    rng = np.random.default_rng(0)
-    write_captioned_folder(directory, [(rng.integers(0, 256, (resolution, resolution, 3), dtype=np.uint8), CAPTION)
-                                       for _ in range(count)])
 
 
 def _peak_rss() -> float:
@@ -118,8 +90,8 @@ def run_diffusers(model: str, resolution: int, batch: int, steps: int, ckpt: boo
     loaded_rss = _peak_rss()
     rng = np.random.default_rng(0)
     pixels = torch.from_numpy(rng.uniform(-1, 1, (batch, 3, resolution, resolution)).astype(np.float32))
-    ids = tokenizer([CAPTION] * batch, padding="max_length", max_length=77, truncation=True,
-                    return_tensors="pt").input_ids
+    captions = [C.PROMPTS[i % len(C.PROMPTS)] for i in range(batch)]  # as C.write_dataset captions them
+    ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     losses = []
 
     def step():
@@ -143,7 +115,7 @@ def run_diffusers(model: str, resolution: int, batch: int, steps: int, ckpt: boo
 
 
 def child(args) -> None:
-    directory = Path(args.workdir) / "sd15-random"
+    directory = C.pipeline_dir(args.workdir, "sd15")
     data = Path(args.workdir) / f"train-data-{args.resolution}"
     if args.side.startswith("sdjax"):
         out = run_sdjax(str(directory), str(data), Path(args.workdir), args.resolution, args.batch_size, args.steps,
@@ -197,11 +169,8 @@ def main() -> None:
         child(args)
         return
     workdir = Path(args.workdir)
-    directory = workdir / "sd15-random"
-    if not (directory / "model_index.json").exists():
-        print(f"writing a random-weight SD v1.5 pipeline to {directory} ...", flush=True)
-        build_pipeline(directory)
-    build_data(workdir / f"train-data-{args.resolution}", args.resolution, args.batch_size)
+    C.ensure_pipeline(workdir, "sd15")
+    C.write_dataset(workdir / f"train-data-{args.resolution}", args.batch_size, args.resolution)
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
     env.pop("XLA_FLAGS", None)  # one host device, as a user would have
     results = []
