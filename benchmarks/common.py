@@ -19,6 +19,7 @@ Also a command line for those children and for merging result files:
     python benchmarks/common.py build --size sd15 --dir DIR
     python benchmarks/common.py flops [--size sd15|tiny] [--resolution 512] [--compile-unet]
     python benchmarks/common.py hlo [--size sd15|tiny] [--resolution 512] [--compile]
+    python benchmarks/common.py train-memory [--size sd15] [--resolution 512] [--batch 1] [--precision bf16]
     python benchmarks/common.py table results-a.json results-b.json ...
 """
 from __future__ import annotations
@@ -690,6 +691,62 @@ def _check_compiled_hlo(text: str, num_model_calls: int) -> dict:
     return out
 
 
+# ----------------------------------------------------------------------------- training step memory
+def train_step_memory(configs: dict, *, resolution: int, batch: int, precision: str = "fp32", remat: bool = False,
+                      cached_latents: bool = False, clipping: str = "sdjax") -> dict:
+    """XLA's memory analysis of sdjax's compiled train step (UNet trained with AdamW and global-norm
+    clipping at 1; fp32 master weights; VAE encode + CLIP inside the step unless ``cached_latents``)
+    on one device, from abstract shapes: nothing is allocated, so any size compiles on a small
+    machine for the default backend. ``configs``: {"unet", "vae", "clip"} config dicts.
+    ``clipping="optax"`` swaps in ``optax.clip_by_global_norm`` (what the step used before) for comparison."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from sdjax import AutoencoderKL, CLIPTextModel, UNet2DConditionModel, parallel
+    from sdjax.training import step as S
+    from sdjax.weights import abstract_model
+    compute = {"fp32": jnp.float32, "bf16": jnp.bfloat16}[precision]
+
+    def parts(cls, config, **kwargs):  # graphdef in the compute dtype, fp32 abstract params
+        graphdef, _ = abstract_model(cls, config, dtype=compute, **kwargs)
+        model = nnx.merge(*abstract_model(cls, config, dtype=jnp.float32))
+        return graphdef, nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+    (unet_gd, unet), (clip_gd, clip), (vae_gd, vae) = (
+        parts(UNet2DConditionModel, configs["unet"], remat=remat), parts(CLIPTextModel, configs["clip"]),
+        parts(AutoencoderKL, configs["vae"]))
+    real_clip = S.clip_by_global_norm
+    if clipping == "optax":
+        S.clip_by_global_norm = optax.clip_by_global_norm
+    try:
+        optimizer, lr = S.make_optimizer(1e-5, max_grad_norm=1.0)
+    finally:
+        S.clip_by_global_norm = real_clip
+    sds = jax.ShapeDtypeStruct
+    state = jax.eval_shape(lambda p: S.init_state(p, optimizer, 0, ema=False), {"unet": unet})
+    frozen = S.Frozen(vae=vae, text_encoder=clip, alphas_cumprod=sds((1000,), jnp.float32),
+                      empty_ids=sds((77,), jnp.int32), scaling_factor=sds((), jnp.float32))
+    if cached_latents:
+        h = resolution // vae_scale(configs["vae"])
+        latents = sds((1, batch, h, h, configs["vae"].get("latent_channels", 4)), jnp.float32)
+        data = {"latent_mean": latents, "latent_std": latents}
+    else:
+        data = {"pixel_values": sds((1, batch, resolution, resolution, 3), jnp.float32)}
+    data["input_ids"] = sds((1, batch, 77), jnp.int32)
+    step = S.jit_train_step(parallel.data_mesh(jax.devices()[:1]), graphdefs=S.Graphdefs(unet_gd, clip_gd, vae_gd),
+                            cfg=S.StepConfig(compute_dtype=compute), optimizer=optimizer, lr_schedule=lr)
+    t0 = time.perf_counter()
+    memory = step.lower(state, frozen, data).compile().memory_analysis()
+    tree_bytes = lambda tree: sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(tree))  # noqa: E731
+    return {"backend": jax.default_backend(), "resolution": resolution, "batch": batch, "precision": precision,
+            "remat": remat, "clipping": clipping, "compile_s": time.perf_counter() - t0,
+            "unet_param_bytes": tree_bytes(unet), "argument_bytes": memory.argument_size_in_bytes,
+            "output_bytes": memory.output_size_in_bytes, "alias_bytes": memory.alias_size_in_bytes,
+            "temp_bytes": memory.temp_size_in_bytes}
+
+
 # ----------------------------------------------------------------------------- tables
 def fmt(value: Any, spec: str = ".2f") -> str:
     if value is None or (isinstance(value, float) and value != value):
@@ -736,6 +793,13 @@ def main() -> None:
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--compile", action="store_true", help="also compile and check the optimised HLO")
+    p = sub.add_parser("train-memory", help="XLA memory analysis of the compiled train step (abstract shapes)")
+    p.add_argument("--size", default="sd15")
+    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--remat", action="store_true")
+    p.add_argument("--clipping", choices=["sdjax", "optax"], default="sdjax")
     p = sub.add_parser("build", help="write the random pipeline folder")
     p.add_argument("--size", default="sd15")
     p.add_argument("--dir", required=True)
@@ -748,6 +812,15 @@ def main() -> None:
         emit(xla_flops(args.size, args.resolution, compile_unet=args.compile_unet))
     elif args.cmd == "hlo":
         emit(inspect_sampling_hlo(args.size, args.resolution, compile=args.compile, steps=args.steps))
+    elif args.cmd == "train-memory":
+        r = train_step_memory(sd_configs(args.size), resolution=args.resolution, batch=args.batch,
+                              precision=args.precision, remat=args.remat, clipping=args.clipping)
+        emit(r)
+        gib = 2 ** 30
+        print(f"{args.size} train step, {args.resolution} px, batch {args.batch}, {args.precision}, remat {args.remat}, "
+              f"{args.clipping} clipping, {r['backend']}: arguments {r['argument_bytes'] / gib:.2f} GiB, scratch "
+              f"{r['temp_bytes'] / gib:.2f} GiB (UNet gradients {r['unet_param_bytes'] / gib:.2f} GiB), "
+              f"compile {r['compile_s']:.0f} s", file=sys.stderr)
     elif args.cmd == "build":
         emit({"dir": str(build_random_pipeline(Path(args.dir), args.size))})
     elif args.cmd == "table":
