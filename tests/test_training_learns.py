@@ -25,7 +25,17 @@ betas, weight decay, eps) after global-norm clipping at 1, MSE on the v target, 
 The "final loss" compared is each trained UNet's loss on one fixed set of (image, timestep, noise)
 triples, evaluated by the same PyTorch code (sdjax's UNet through its PyTorch-layout export), so the
 sampling noise of the training curves does not decide it; the tails of the training curves are
-compared too, with a wider margin.
+compared too.
+
+One run decides little about "as well as": at this learning rate training is chaotic. Both loops
+see the same draws, yet their per-step losses differ by 1e-4 after 4 steps and by 10% after ~36
+(rounding differences grow), and the end point moves with them. Measured fixed-set losses, seeds
+0-3 (2026-11-23): sdjax 0.126 / 0.098 / 0.090 / 0.081 (the same in two runs; with optax's clipping
+expression, equal up to rounding: 0.096 / 0.140 / 0.085 / 0.079); PyTorch 0.093 / 0.118 / 0.079 /
+0.096 in one run and 0.093 / 0.162 / 0.076 / 0.077 in another (its CPU kernels are not bit-stable
+here). Per seed sdjax / PyTorch ranged 0.60-1.35 (curve tails 0.56-1.34); the 4-seed means were
+0.97-1.04. So the default suite checks one seed against a margin that covers that spread, and the
+opt-in slow test (``--runslow``) compares the means over four seeds.
 """
 from __future__ import annotations
 
@@ -51,8 +61,9 @@ WEIGHT_DECAY = 1e-2
 SAMPLE_STEPS = 25
 SEEDS = [0, 1, 2]
 TAIL = STEPS // 5              # "final training loss": mean of the last 20% of steps
-EVAL_MARGIN = 1.1              # sdjax's fixed-set loss <= 1.1 x PyTorch's
-TAIL_MARGIN = 1.25             # training-curve tails: 80 steps x 4 random (t, noise) each, noisier
+RUN_MARGIN = 1.5               # one seed: sdjax's fixed-set loss and tail <= 1.5 x PyTorch's (seen 0.60-1.35)
+MEAN_SEEDS = [0, 1, 2, 3]      # the slow test: means over these seeds...
+MEAN_MARGIN = 1.15             # ...sdjax's <= 1.15 x PyTorch's (seen 0.97-1.04)
 
 
 def synthetic_images(r: int | None = None, *, own: float | None = None) -> list[np.ndarray]:
@@ -344,9 +355,31 @@ def test_pytorch_yardstick_each_caption_generates_its_own_image(torch_run, setup
     assert_each_caption_generates_its_image("diffusers PyTorch", torch_run, setup)
 
 
-def test_sdjax_learns_at_least_as_well_as_pytorch(sdjax_run, torch_run, setup):
+def test_sdjax_loss_within_pytorch_seed_spread(sdjax_run, torch_run, setup):
     report = summary("sdjax", sdjax_run, setup) + "\n" + summary("diffusers PyTorch", torch_run, setup)
     print("\n" + report)
-    assert sdjax_run["eval_loss"] <= EVAL_MARGIN * torch_run["eval_loss"], report
+    assert sdjax_run["eval_loss"] <= RUN_MARGIN * torch_run["eval_loss"], report
     tails = [np.mean(run["losses"][-TAIL:]) for run in (sdjax_run, torch_run)]
-    assert tails[0] <= TAIL_MARGIN * tails[1], report
+    assert tails[0] <= RUN_MARGIN * tails[1], report
+
+
+@pytest.mark.slow
+def test_sdjax_learns_as_well_as_pytorch_over_seeds(sdjax_run, torch_run, setup):
+    """Means over MEAN_SEEDS (~2 min per seed and side on 2 cores): fixed-set loss and curve tail."""
+    runs = {0: (sdjax_run, torch_run)}
+    for seed in MEAN_SEEDS:
+        if seed not in runs:
+            runs[seed] = (train_sdjax(setup, seed=seed), train_torch(setup, seed=seed))
+    lines = []
+    for seed in MEAN_SEEDS:
+        ours, theirs = runs[seed]
+        assert_each_caption_generates_its_image(f"sdjax seed {seed}", ours, setup)
+        lines.append(f"seed {seed}: fixed-set loss sdjax {ours['eval_loss']:.4f} PyTorch {theirs['eval_loss']:.4f}; "
+                     f"tail {np.mean(ours['losses'][-TAIL:]):.4f} vs {np.mean(theirs['losses'][-TAIL:]):.4f}")
+    means = {key: [np.mean([f(runs[s][i]) for s in MEAN_SEEDS]) for i in (0, 1)]
+             for key, f in (("eval", lambda r: r["eval_loss"]), ("tail", lambda r: np.mean(r["losses"][-TAIL:])))}
+    report = "\n".join(lines + [f"means: fixed-set sdjax {means['eval'][0]:.4f} PyTorch {means['eval'][1]:.4f}; "
+                                 f"tail {means['tail'][0]:.4f} vs {means['tail'][1]:.4f}"])
+    print("\n" + report)
+    assert means["eval"][0] <= MEAN_MARGIN * means["eval"][1], report
+    assert means["tail"][0] <= MEAN_MARGIN * means["tail"][1], report
