@@ -41,7 +41,6 @@ def tiny_checkpoints(tmp_path_factory):
     "safetensors", "flax" (fp32 msgpack) and "flax_bf16" (bf16 msgpack); the VAE also has
     "bin_old_names" (a .bin with the pre-0.14 attention names).
     """
-    import numpy as np
     import ml_dtypes
     import reference as R
 

@@ -1,10 +1,8 @@
 """StableDiffusion against diffusers' StableDiffusionPipeline; sharding, determinism, recompilation."""
-import json
 import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import jax
 import numpy as np

@@ -77,7 +77,7 @@ def blocked_attention(q_BTNH, k_BSNH, v_BSNH, *, block_bytes: int | None = None)
     """Attention one head and one block of queries at a time (``lax.map``), so that each block's
     fp32 scores [B, Tq, S] fit in ``block_bytes`` and stay in cache. Same math as XLA's kernel; the
     batch axis stays whole, so a batch sharded over devices stays sharded."""
-    (B, T, N, H), S = q_BTNH.shape, k_BSNH.shape[1]
+    (B, T, _, H), S = q_BTNH.shape, k_BSNH.shape[1]
     block_bytes = BLOCK_SCORE_BYTES if block_bytes is None else block_bytes
     block = T
     while B * block * S * 4 > block_bytes and block % 2 == 0 and block > 16:

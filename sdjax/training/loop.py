@@ -28,7 +28,7 @@ from sdjax.training import step as S
 from sdjax.training.checkpoint import Checkpointer
 from sdjax.training.data import BatchIterator, load_captioned_images, preprocess_image
 from sdjax.training.monitor import MetricsLog
-from sdjax.weights import abstract_model, resolve_dtype
+from sdjax.weights import abstract_model
 
 
 @dataclasses.dataclass
