@@ -691,6 +691,31 @@ def _check_compiled_hlo(text: str, num_model_calls: int) -> dict:
     return out
 
 
+# ----------------------------------------------------------------------------- the PyTorch training step
+def torch_train_step(unet, vae, text_encoder, noise_scheduler, optimizer, pixels, ids, *, autocast=None):
+    """One update of diffusers' examples/text_to_image/train_text_to_image.py: VAE-encode and
+    CLIP-encode under no_grad, noise at random timesteps, the UNet under ``autocast()`` (a context
+    factory, or none), MSE against the noise, clip the gradient norm at 1, step, zero the grads.
+    Returns the loss tensor, not synchronised."""
+    import contextlib
+
+    import torch
+    with torch.no_grad():
+        latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
+        context = text_encoder(ids)[0]
+    noise = torch.randn_like(latents)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                              device=latents.device)
+    with (autocast or contextlib.nullcontext)():
+        pred = unet(noise_scheduler.add_noise(latents, noise, timesteps), timesteps, context).sample
+    loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
 # ----------------------------------------------------------------------------- training step memory
 def train_step_memory(configs: dict, *, resolution: int, batch: int, precision: str = "fp32", remat: bool = False,
                       cached_latents: bool = False, clipping: str = "sdjax") -> dict:

@@ -101,7 +101,6 @@ def run_sdjax(args) -> dict:
 def run_torch(args) -> dict:
     import numpy as np
     import torch
-    import torch.nn.functional as F
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
     cuda = torch.cuda.is_available()
@@ -125,24 +124,11 @@ def run_torch(args) -> dict:
     prompts = [C.PROMPTS[i % len(C.PROMPTS)] for i in range(args.batch)]
     ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids.to(device)
-    num_train = noise_scheduler.config.num_train_timesteps
     losses = []
 
     def step():
-        with torch.no_grad():
-            latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
-            context = text_encoder(ids)[0]
-        noise = torch.randn_like(latents)
-        timesteps = torch.randint(0, num_train, (latents.shape[0],), device=device).long()
-        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-        with torch.autocast(device, dtype=bf16):
-            pred = unet(noisy, timesteps, context).sample
-        loss = F.mse_loss(pred.float(), noise.float(), reduction="mean")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+        return C.torch_train_step(unet, vae, text_encoder, noise_scheduler, optimizer, pixels, ids,
+                                  autocast=lambda: torch.autocast(device, dtype=bf16))
 
     def sync(loss):
         if cuda:

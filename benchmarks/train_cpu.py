@@ -95,18 +95,7 @@ def run_diffusers(model: str, resolution: int, batch: int, steps: int, ckpt: boo
     losses = []
 
     def step():
-        with torch.no_grad():
-            latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
-            context = text_encoder(ids)[0]
-        noise = torch.randn_like(latents)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,))
-        pred = unet(noise_scheduler.add_noise(latents, noise, t), t, context).sample
-        loss = torch.nn.functional.mse_loss(pred, noise)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(C.torch_train_step(unet, vae, text_encoder, noise_scheduler, optimizer, pixels, ids).item())
 
     first, times = _timed(step, steps)
     return {"first_step_s": first, "times": times, "loss": losses[-1],
