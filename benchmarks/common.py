@@ -20,6 +20,7 @@ Also a command line for those children and for merging result files:
     python benchmarks/common.py flops [--size sd15|tiny] [--resolution 512] [--compile-unet]
     python benchmarks/common.py hlo [--size sd15|tiny] [--resolution 512] [--compile]
     python benchmarks/common.py train-memory [--size sd15] [--resolution 512] [--batch 1] [--precision bf16]
+    python benchmarks/common.py checkpoint-probe
     python benchmarks/common.py table results-a.json results-b.json ...
 """
 from __future__ import annotations
@@ -772,6 +773,34 @@ def train_step_memory(configs: dict, *, resolution: int, batch: int, precision: 
             "temp_bytes": memory.temp_size_in_bytes}
 
 
+def checkpoint_probe(blocks: int = 8, layers: int = 8, rows: int = 4096, width: int = 1024) -> dict:
+    """Does the default backend's compiler keep ``jax.checkpoint``? The gradient of a chain of
+    ``blocks`` blocks of ``layers`` tanh(x @ W) layers, compiled with and without a checkpoint per
+    block: scratch bytes and dot count of each plan. Kept, the checkpointed plan holds ~one block
+    of activations (and has ~one more forward's dots); undone (XLA:CPU), both plans match."""
+    import jax
+    import jax.numpy as jnp
+
+    def block(w, x):
+        for _ in range(layers):
+            x = jnp.tanh(x @ w)
+        return x
+
+    result = {"backend": jax.default_backend(), "activation_bytes": rows * width * 4,
+              "blocks": blocks, "layers": layers}
+    for name, wrap in (("plain", lambda f: f), ("checkpointed", jax.checkpoint)):
+        def loss(ws, x, wrap=wrap):
+            for w in ws:
+                x = wrap(block)(w, x)
+            return jnp.sum(x)
+        compiled = jax.jit(jax.grad(loss)).lower(
+            [jax.ShapeDtypeStruct((width, width), jnp.float32)] * blocks,
+            jax.ShapeDtypeStruct((rows, width), jnp.float32)).compile()
+        result[f"{name}_temp_bytes"] = compiled.memory_analysis().temp_size_in_bytes
+        result[f"{name}_dots"] = compiled.as_text().count(" dot(")
+    return result
+
+
 # ----------------------------------------------------------------------------- tables
 def fmt(value: Any, spec: str = ".2f") -> str:
     if value is None or (isinstance(value, float) and value != value):
@@ -825,6 +854,7 @@ def main() -> None:
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--remat", action="store_true")
     p.add_argument("--clipping", choices=["sdjax", "optax"], default="sdjax")
+    sub.add_parser("checkpoint-probe", help="does the backend's compiler keep jax.checkpoint (remat)?")
     p = sub.add_parser("build", help="write the random pipeline folder")
     p.add_argument("--size", default="sd15")
     p.add_argument("--dir", required=True)
@@ -846,6 +876,14 @@ def main() -> None:
               f"{args.clipping} clipping, {r['backend']}: arguments {r['argument_bytes'] / gib:.2f} GiB, scratch "
               f"{r['temp_bytes'] / gib:.2f} GiB (UNet gradients {r['unet_param_bytes'] / gib:.2f} GiB), "
               f"compile {r['compile_s']:.0f} s", file=sys.stderr)
+    elif args.cmd == "checkpoint-probe":
+        r = checkpoint_probe()
+        emit(r)
+        mib = 2 ** 20
+        print(f"{r['backend']}: grad of {r['blocks']} blocks x {r['layers']} layers, "
+              f"{r['activation_bytes'] / mib:.0f} MiB per activation: scratch {r['plain_temp_bytes'] / mib:.0f} MiB "
+              f"plain, {r['checkpointed_temp_bytes'] / mib:.0f} MiB with jax.checkpoint per block; dots "
+              f"{r['plain_dots']} vs {r['checkpointed_dots']}", file=sys.stderr)
     elif args.cmd == "build":
         emit({"dir": str(build_random_pipeline(Path(args.dir), args.size))})
     elif args.cmd == "table":

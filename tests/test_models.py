@@ -109,6 +109,43 @@ def test_unet_rejects_unsupported_config(tmp_path):
         UNet2DConditionModel({**R.TINY_UNET, "class_embed_type": "timestep"}, rngs=__import__("flax").nnx.Rngs(0))
 
 
+
+def test_unet_gradient_checkpointing_same_gradients_fewer_residuals():
+    """``remat=True`` (train.py's gradient_checkpointing) gives the same gradients and makes the
+    backward pass keep only each block's inputs. Counted on JAX's residuals (what the backward pass
+    is handed), not on a compiled plan: XLA:CPU drops jax.checkpoint's barriers before its last CSE,
+    so its plan shows no saving (BENCHMARKS.md); XLA:GPU keeps them through scheduling."""
+    import jax
+    from flax import nnx
+
+    config = dict(R.TINY_UNET, layers_per_block=1, block_out_channels=(32, 32),  # one down, mid, one up block
+                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((2, 16, 16, 4)), jnp.float32)
+    ctx = jnp.asarray(rng.standard_normal((2, 7, 32)), jnp.float32)
+
+    def grads_and_residual_bytes(remat):
+        graphdef, params = nnx.split(UNet2DConditionModel(config, remat=remat, rngs=nnx.Rngs(0)), nnx.Param)
+        unet = lambda p: nnx.merge(graphdef, p)(x, jnp.array([10, 900]), ctx)  # noqa: E731
+
+        def saved_activations(p):  # the backward pass's residuals, less the parameters themselves
+            param_ids = {id(leaf) for leaf in jax.tree.leaves(p)}
+            return [r for r in jax.tree.leaves(jax.vjp(unet, p)[1]) if id(r) not in param_ids]
+
+        saved = jax.eval_shape(saved_activations, params)
+        grads = jax.jit(jax.grad(lambda p: jnp.sum(unet(p) ** 2)))(params)
+        return grads, sum(r.size * r.dtype.itemsize for r in saved)
+
+    grads, saved = grads_and_residual_bytes(False)
+    grads_remat, saved_remat = grads_and_residual_bytes(True)
+    for g, g_remat in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_remat)):
+        # Recomputation reorders fp32 sums: equal up to rounding, relative to each gradient's scale.
+        assert max_err(g_remat, g) <= 1e-5 * float(jnp.abs(g).max()), (max_err(g_remat, g), float(jnp.abs(g).max()))
+    # Every attention score, norm statistic and conv output inside the blocks is dropped; what is
+    # left is the blocks' inputs and the layers outside them (measured: ~2% of the activations).
+    assert saved_remat < 0.1 * saved, (saved_remat, saved)
+
 # ----------------------------------------------------------------------------- VAE
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_vae_matches_diffusers(tiny_checkpoints, layout):

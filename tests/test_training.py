@@ -43,7 +43,7 @@ from sdjax import parallel
 from sdjax.training import step as S
 from sdjax.training.checkpoint import Checkpointer
 from sdjax.training.cli import parse_args
-from sdjax.training.data import write_captioned_folder
+from sdjax.training.data import DataError, write_captioned_folder
 from sdjax.training.loop import TrainConfig, Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -567,6 +567,15 @@ def test_bad_row_stops_before_training_unless_skipped(pipeline_dir, tmp_path, mo
     assert "skipped 1 bad rows" in stdout
     assert complete_steps(tmp_path / "out") == [1]
     assert (tmp_path / "out" / "final" / "model_index.json").is_file()
+
+
+def test_gradient_checkpointing_on_the_cpu_warns_that_it_saves_nothing(pipeline_dir, tmp_path):
+    """XLA:CPU undoes jax.checkpoint (BENCHMARKS.md), so a CPU run says so before it starts (here
+    it then stops at the missing data folder, so nothing compiles)."""
+    cfg = config(tmp_path / "out", pipeline_dir, tmp_path / "no_data", gradient_checkpointing=True)
+    with pytest.warns(UserWarning, match="gradient_checkpointing saves no memory on the CPU"):
+        with pytest.raises(DataError, match="training data folder not found"):
+            Trainer.create(cfg)
 
 
 # ----------------------------------------------------------------------------- 8. presets

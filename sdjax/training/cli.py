@@ -30,7 +30,7 @@ HELP = {
     "max_grad_norm": "global-norm gradient clipping (0 or none: off)",
     "ema_decay": "keep an EMA of the UNet weights (e.g. 0.9999) and export it",
     "mixed_precision": "'bf16': bf16 activations with fp32 master weights; 'no': fp32",
-    "gradient_checkpointing": "recompute UNet activations in the backward pass (less memory, slower)",
+    "gradient_checkpointing": "recompute UNet activations in the backward pass (less memory on GPUs, slower; no saving on the CPU)",
     "min_snr_gamma": "Min-SNR-gamma loss weighting (e.g. 5.0)",
     "caption_dropout": "probability of training on the empty caption (keeps guidance working)",
     "train_text_encoder": "also fine-tune the CLIP text encoder",

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +123,11 @@ class Trainer:
         mesh = mesh or parallel.data_mesh()
         out = Path(cfg.output_dir)
         main = jax.process_index() == 0
+        if cfg.gradient_checkpointing and jax.default_backend() == "cpu" and main:
+            warnings.warn("gradient_checkpointing saves no memory on the CPU: XLA:CPU drops jax.checkpoint's "
+                          "optimization barriers before its last CSE and scheduling passes, so the recomputation "
+                          "is merged back into the forward pass or scheduled early (BENCHMARKS.md); XLA:GPU "
+                          "drops them only after scheduling.", stacklevel=2)
         dataset = load_captioned_images(cfg.train_data, image_key=cfg.image_key, caption_key=cfg.caption_key,
                                         data_dir=cfg.tfds_data_dir, skip_bad_rows=cfg.skip_bad_rows)
         if dataset.skipped and main:
