@@ -118,9 +118,8 @@ def test_unet_gradient_checkpointing_same_gradients_fewer_residuals():
     import jax
     from flax import nnx
 
-    config = dict(R.TINY_UNET, layers_per_block=1, block_out_channels=(32, 32),  # one down, mid, one up block
-                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    config = dict(R.TINY_UNET, layers_per_block=1, block_out_channels=(32,),  # one down, mid, one up block
+                  down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",))
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.standard_normal((2, 16, 16, 4)), jnp.float32)
     ctx = jnp.asarray(rng.standard_normal((2, 7, 32)), jnp.float32)
