@@ -138,8 +138,9 @@ def test_save_bf16(tiny_checkpoints, tmp_path):
     model = UNet2DConditionModel.from_pretrained(tiny_checkpoints["unet"]["safetensors"].parent)
     model.save_pretrained(tmp_path, format="flax", dtype="bfloat16")
     again = UNet2DConditionModel.from_pretrained(tmp_path, dtype=jnp.float32)
+    original = params_of(model)
     for k, v in params_of(again).items():
-        np.testing.assert_allclose(v, params_of(model)[k], rtol=1e-2, atol=1e-6)
+        np.testing.assert_allclose(v, original[k], rtol=1e-2, atol=1e-6)
 
 
 def make_pipeline_dir(tiny_checkpoints, tmp_path):
