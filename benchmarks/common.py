@@ -73,7 +73,7 @@ def version(package: str) -> str:
 def env_info(packages: Sequence[str] = ("jax", "jaxlib", "flax", "optax", "torch", "diffusers", "transformers",
                                         "numpy")) -> dict:
     return {"date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "python": platform.python_version(),
-            "host": platform.node(), "cpus": os.cpu_count(),
+            "host": platform.node(), "cpus": os.cpu_count(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "versions": {p: v for p in packages if (v := version(p)) != "-"}}
 
 

@@ -3,6 +3,7 @@
     python benchmarks/gpu_profile.py                    # trace into /tmp/sdjax-profile, copies in $OUT
     python benchmarks/gpu_profile.py --attention xla,cudnn --trace-dir DIR --repeats 20
     python benchmarks/gpu_profile.py --dry-run          # tiny UNet, 16x16 latents: any device
+    python benchmarks/gpu_profile.py --attention xla --xla-flag-sets 'default;--xla_gpu_enable_triton_gemm=false'
 
 1. The whole step, jitted: median time, XLA cost_analysis FLOPs, TFLOP/s and the share of the
    measured bf16 matmul peak; once per attention variant (``--attention xla,cudnn``).
@@ -20,6 +21,9 @@
    callbacks in the scan, bf16 convolutions/matmuls, f32 scheduler arithmetic; on a GPU also the
    optimised HLO (cuDNN/cuBLAS custom calls by operand type). ``--no-hlo-check`` skips it.
 
+5. ``--xla-flag-sets 'default;FLAGS;...'``: instead of 1-4, the whole-step timing once per XLA_FLAGS
+   setting, each in a fresh process (XLA reads its flags once per process), side by side.
+
 Needs: jax (CUDA plugin on a GPU), flax, numpy, and torch only to read the configs from
 tests/reference.py. No weights: a random bf16 UNet is built in memory.
 """
@@ -30,7 +34,9 @@ import json
 import re
 import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -326,6 +332,8 @@ def parse_args(argv=None):
     p.add_argument("--no-hlo-check", action="store_true", help="skip the sampler HLO checks")
     p.add_argument("--skip-peak", action="store_true")
     p.add_argument("--output", help="summary JSON (default: $OUT/gpu_profile.json when $OUT is set)")
+    p.add_argument("--xla-flag-sets", help="';'-separated XLA_FLAGS settings ('default': none) whose whole-step "
+                   "times to compare, each in a fresh process; skips the trace, sub-blocks and HLO checks")
     p.add_argument("--dry-run", action="store_true", help="tiny UNet at 16x16 latents, 3 repeats")
     p.add_argument("--size", default="sd15", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -334,8 +342,47 @@ def parse_args(argv=None):
     return args
 
 
+def flag_sweep(args) -> None:
+    """The whole-step timing under each XLA_FLAGS setting, each in a fresh child process (this
+    process never touches the device, so each child gets the whole GPU)."""
+    rows = []
+    for flags in [f.strip() for f in args.xla_flag_sets.split(";") if f.strip()]:
+        with tempfile.TemporaryDirectory() as tmp:
+            result = Path(tmp) / "step.json"
+            cmd = [sys.executable, __file__, "--no-trace", "--no-blocks", "--no-hlo-check", "--attention",
+                   args.attention, "--repeats", str(args.repeats), "--batch", str(args.batch), "--resolution",
+                   str(args.resolution), "--output", str(result), *(["--skip-peak"] if args.skip_peak else []),
+                   *(["--dry-run"] if args.dry_run else [])]
+            C.log(f"XLA_FLAGS={flags} ...")
+            proc = subprocess.run(cmd, env=C.child_env(XLA_FLAGS=None if flags == "default" else flags),
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            if proc.returncode != 0 or not result.exists():
+                C.log(f"FAILED (exit {proc.returncode}) with XLA_FLAGS={flags}:\n{proc.stdout[-3000:]}")
+                continue
+            summary = json.loads(result.read_text())
+        peak = (summary.get("peak") or {}).get("tflops")
+        for step in summary["steps"]:
+            rows.append({"flags": flags, "attention": step["label"], "ms": 1e3 * step["median_s"],
+                         "range": f"{1e3 * step['min_s']:.2f}-{1e3 * step['max_s']:.2f}", "compile_s": step["compile_s"],
+                         "tflops": step["tflops"], "pct": 100 * step["tflops"] / peak if peak else None,
+                         "device": summary["device"], "env": summary["env"]})
+    columns = [("XLA_FLAGS", "flags", "s"), ("attention", "attention", "s"), ("step ms (median)", "ms", ".2f"),
+               ("min-max ms", "range", "s"), ("compile s", "compile_s", ".1f"), ("TFLOP/s", "tflops", ".4g"),
+               ("% of peak", "pct", ".1f")]
+    print(f"# gpu_profile XLA flag sweep: UNet step, bf16, batch {2 * args.batch}, {args.resolution} px, "
+          f"{rows[0]['device'] if rows else '?'}\n")
+    print(C.markdown_table(rows, columns))
+    path = C.save_results(args.output or C.default_results_path("gpu_profile_flags.json"),
+                          {"script": "gpu_profile.py --xla-flag-sets", "argv": sys.argv[1:], "rows": rows,
+                           "columns": columns, "env": rows[0]["env"] if rows else C.env_info()})
+    if path:
+        print(f"\nwritten to {path}")
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.xla_flag_sets:
+        return flag_sweep(args)
     import jax
 
     from sdjax.models import layers
