@@ -243,6 +243,22 @@ def test_unet_with_blocked_attention_matches_diffusers(tiny_checkpoints, monkeyp
     assert max_err(ours, nhwc(ref)) < TOL
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_cudnn_attention_falls_back_to_xla_where_cudnn_cannot_run(monkeypatch, dtype):
+    """SDJAX_ATTENTION=cudnn where cuDNN's fused kernel cannot run (here the CPU; on a GPU, shapes or
+    dtypes it rejects) traces XLA's kernel instead and gives its result, under jit."""
+    import jax
+    from sdjax.models import layers
+    rng = np.random.default_rng(1)
+    q, k, v = (jnp.asarray(rng.standard_normal(shape), dtype) for shape in ((2, 64, 2, 40), (2, 77, 2, 40),
+                                                                            (2, 77, 2, 40)))
+    monkeypatch.setattr(layers, "ATTENTION_IMPLEMENTATION", "xla")
+    ref = jax.jit(lambda *a: layers.attention(*a))(q, k, v)  # a new function each: no shared trace cache
+    monkeypatch.setattr(layers, "ATTENTION_IMPLEMENTATION", "cudnn")
+    got = jax.jit(lambda *a: layers.attention(*a))(q, k, v)
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(ref, np.float32))
+
 def test_unknown_attention_setting_is_an_error(monkeypatch):
     from sdjax.models import layers
     monkeypatch.setattr(layers, "ATTENTION_IMPLEMENTATION", "flash")
