@@ -7,14 +7,14 @@ scheduler it prints the error of the bf16 images against the fp32 ones (on [0, 1
 abs, PSNR, the largest 8-bit level difference) and of the last predicted clean latents (relative
 L2), and writes a JSON (``--output``, default ``$OUT/bf16_error.json`` when ``$OUT`` is set).
 
-    python benchmarks/bf16_error.py --resolution 256 --steps 10 --schedulers pndm,euler_a   # CPU: ~10 min
-    python benchmarks/bf16_error.py                                                          # GPU: 512 px, 50 steps
+    python benchmarks/bf16_error.py --resolution 256 --steps 10 --schedulers pndm,euler_a,dpmpp_2m  # 2-core CPU: 9 min
+    python benchmarks/bf16_error.py --schedulers pndm                        # on a GPU: 512 px, 50 steps
 
 The weights are the random SD v1.5 folder of benchmarks/common.py (written once to ``--workdir``),
 so this measures the bf16 rounding through the sampler, not image quality with trained weights.
 ``SDJAX_ATTENTION=cudnn`` runs the bf16 side with cuDNN's fused attention (GPU). The tiny-config
 bound is tested in tests/test_sampling.py::test_bf16_sampler_stays_close_to_fp32.
-Needs only sdjax (and torch for the model configs when the folder is built).
+Needs sdjax, and torch for the model configs (tests/reference.py imports it).
 """
 from __future__ import annotations
 
