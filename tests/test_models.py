@@ -259,6 +259,7 @@ def test_cudnn_attention_falls_back_to_xla_where_cudnn_cannot_run(monkeypatch, d
     assert got.dtype == dtype
     np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(ref, np.float32))
 
+
 def test_unknown_attention_setting_is_an_error(monkeypatch):
     from sdjax.models import layers
     monkeypatch.setattr(layers, "ATTENTION_IMPLEMENTATION", "flash")
