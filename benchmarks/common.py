@@ -157,10 +157,14 @@ def pipeline_dir(workdir: str | Path, size: str) -> Path:
     return Path(workdir) / f"{size}-random"
 
 
-def random_model(model_cls, config: dict, rng, dtype=None) -> Any:
+def random_model(model_cls, config: dict, seed: int = 0, dtype=None) -> Any:
     """``model_cls(config, dtype=dtype)`` with random weights drawn by numpy (no per-parameter JAX
     dispatch): kernels N(0, 1/fan_in), embeddings N(0, 0.02^2), norm scales 1 + N(0, 0.1^2), biases
-    N(0, 0.02^2)."""
+    N(0, 0.02^2). Each parameter has its own generator, seeded by (seed, its index), and they are
+    drawn in a thread pool (numpy fills arrays without the GIL): the SD v1.5 UNet's 860M draws take
+    ~20 s on one core; the weights do not depend on the number of threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import jax.numpy as jnp
     import numpy as np
     from flax import nnx
@@ -168,26 +172,29 @@ def random_model(model_cls, config: dict, rng, dtype=None) -> Any:
     from sdjax.weights import abstract_model
     dtype = dtype or jnp.float32
     graphdef, state = abstract_model(model_cls, config, dtype=dtype)
-    flat = nnx.to_flat_state(state)
-    for path, var in flat:
+    flat = list(nnx.to_flat_state(state))
+
+    def draw(index: int) -> np.ndarray:
+        path, var = flat[index]
         shape, name = var.get_value().shape, str(path[-1])
+        rng = np.random.default_rng([seed, index])
         if name == "kernel":
-            value = rng.standard_normal(shape, np.float32) / np.sqrt(max(1, int(np.prod(shape[:-1]))))
-        elif name == "embedding":
-            value = rng.standard_normal(shape, np.float32) * 0.02
-        elif name == "scale":
-            value = 1.0 + 0.1 * rng.standard_normal(shape, np.float32)
-        else:
-            value = 0.02 * rng.standard_normal(shape, np.float32)
-        var.set_value(jnp.asarray(value, dtype))
+            return rng.standard_normal(shape, np.float32) / np.sqrt(max(1, int(np.prod(shape[:-1]))))
+        if name == "embedding":
+            return rng.standard_normal(shape, np.float32) * 0.02
+        if name == "scale":
+            return 1.0 + 0.1 * rng.standard_normal(shape, np.float32)
+        return 0.02 * rng.standard_normal(shape, np.float32)
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        for (_, var), value in zip(flat, pool.map(draw, range(len(flat)))):
+            var.set_value(jnp.asarray(value, dtype))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
 def build_random_pipeline(directory: Path, size: str, seed: int = 0) -> Path:
     """A diffusers pipeline folder (safetensors, fp32) with random weights at the given configs,
     built from sdjax's own modules and ``save_pipeline``: no diffusers needed."""
-    import numpy as np
-
     from sdjax import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
     from sdjax.text import load_tokenizer
     from sdjax.weights import save_pipeline
@@ -195,10 +202,9 @@ def build_random_pipeline(directory: Path, size: str, seed: int = 0) -> Path:
     import reference as R
     cfg = sd_configs(size)
     t0 = time.perf_counter()
-    rng = np.random.default_rng(seed)
-    models = dict(text_encoder=random_model(CLIPTextModel, cfg["clip"], rng),
-                  unet=random_model(UNet2DConditionModel, cfg["unet"], rng),
-                  vae=random_model(AutoencoderKL, cfg["vae"], rng))
+    models = dict(text_encoder=random_model(CLIPTextModel, cfg["clip"], seed),
+                  unet=random_model(UNet2DConditionModel, cfg["unet"], seed + 1),
+                  vae=random_model(AutoencoderKL, cfg["vae"], seed + 2))
     log(f"random {size} models built in {time.perf_counter() - t0:.1f} s; writing {directory} ...")
     tok = R.write_tiny_tokenizer(directory.with_name(directory.name + "-tokenizer"))
     return save_pipeline(directory, tokenizer=load_tokenizer(tok, subfolder=None), scheduler_config=SD15_SCHEDULER,
@@ -399,12 +405,26 @@ def cost_flops(cost: Any) -> float:
     return float((cost or {}).get("flops", float("nan")))
 
 
-def flop_counts(size: str, resolution: int) -> dict:
+def flop_counts(size: str, resolution: int, cache_dir: str | Path | None = None) -> dict:
     """Analytic and XLA counts side by side (XLA's in a CPU-only child); ``best`` is XLA's when it
-    answered, else the analytic one. All per image (UNet: per sample and UNet call)."""
+    answered, else the analytic one. All per image (UNet: per sample and UNet call).
+
+    With ``cache_dir`` the XLA count is kept there, keyed by the configs and the source of
+    sdjax's models, so the scripts of one GPU session lower the models once (~20 s each time)."""
     analytic = analytic_flops(size, resolution)
-    xla = run_child(__file__, ["flops", "--size", size, "--resolution", str(resolution)],
-                    env=child_env(JAX_PLATFORMS="cpu"), label="flops")
+    cache = None
+    if cache_dir is not None:
+        import hashlib
+        key = hashlib.sha256(json.dumps([sd_configs(size), resolution], sort_keys=True).encode())
+        for source in sorted((ROOT / "sdjax" / "models").glob("*.py")):
+            key.update(source.read_bytes())
+        cache = Path(cache_dir) / f"flops-{size}-{resolution}-{key.hexdigest()[:12]}.json"
+    xla = json.loads(cache.read_text()) if cache is not None and cache.exists() else None
+    if xla is None:
+        xla = run_child(__file__, ["flops", "--size", size, "--resolution", str(resolution)],
+                        env=child_env(JAX_PLATFORMS="cpu"), label="flops")
+        if xla and cache is not None:
+            save_results(cache, xla)
     best = dict(analytic)
     if xla:
         best.update({k: xla["flops"][k] for k in analytic if k in xla["flops"]})
@@ -464,6 +484,29 @@ def matmul_peak(n: int = 8192, repeats: int = 10, inner: int = 20) -> dict:
     return {"n": n, "tflops": 2 * n ** 3 / per / 1e12, "seconds_per_matmul": per,
             "device": device_name(), "repeats": repeats, "inner": inner,
             "spread": (min(times) / inner, max(times) / inner)}
+
+
+def peak_of(args) -> dict | None:
+    """The bf16 peak a script's MFU uses: ``--peak-tflops`` if given, else measured in a child
+    process on the default device unless ``--skip-peak`` (small on a ``--dry-run``); printed."""
+    peak = None
+    if args.peak_tflops:
+        peak = {"tflops": args.peak_tflops, "source": "--peak-tflops"}
+    elif not args.skip_peak:
+        n = 512 if args.dry_run else 8192
+        peak = run_child(__file__, ["peak", "--n", str(n), "--repeats", "3" if args.dry_run else "10"],
+                         env=child_env(), label="peak")
+    if peak:
+        print(describe_peak(peak))
+    return peak
+
+
+def describe_peak(peak: dict) -> str:
+    """One line on where a peak figure came from (measured here, or given on the command line)."""
+    if "n" not in peak:
+        return f"bf16 matmul peak: {peak['tflops']:.4g} TFLOP/s ({peak.get('source', 'given')})"
+    return (f"measured bf16 matmul peak: {peak['tflops']:.4g} TFLOP/s ({peak['n']}^3 on {peak.get('device', '?')}, "
+            f"median of {peak.get('repeats', '?')})")
 
 
 def device_name() -> str:
@@ -892,6 +935,14 @@ def main() -> None:
             print(f"\n## {f} ({payload.get('script', '?')}, {payload.get('env', {}).get('date', '')})\n")
             if "rows" in payload and "columns" in payload:
                 print(markdown_table(payload["rows"], [tuple(c) for c in payload["columns"]]))
+            elif "stages" in payload:  # a gpu_session.py file: each stage's table
+                for name, stage in payload["stages"].items():
+                    result = stage.get("result") or {}
+                    print(f"\n### {name}: {stage['status']}\n")
+                    if "rows" in result and "columns" in result:
+                        print(markdown_table(result["rows"], [tuple(c) for c in result["columns"]]))
+                for line in (payload.get("summary") or {}).get("goals", {}).get("lines", []):
+                    print(f"- {line}")
             else:
                 print(f"(no result table in {f}: keys {sorted(payload)})")
 

@@ -76,12 +76,11 @@ def flops_of(jitted, *args) -> float:
 def build(args):
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     from sdjax import UNet2DConditionModel
     cfg = C.sd_configs(args.size)
     h = args.resolution // C.vae_scale(cfg["vae"])
-    unet = C.random_model(UNet2DConditionModel, cfg["unet"], np.random.default_rng(0), dtype=jnp.bfloat16)
+    unet = C.random_model(UNet2DConditionModel, cfg["unet"], 0, dtype=jnp.bfloat16)
     n = 2 * args.batch  # one CFG pair per image
     kx, kc = jax.random.split(jax.random.key(1))
     x = jax.random.normal(kx, (n, h, h, cfg["unet"].get("in_channels", 4)), jnp.float32)
@@ -404,6 +403,8 @@ def main(argv=None) -> None:
     trace_dir = Path(args.trace_dir or "/tmp/sdjax-profile")
     summary: dict = {"script": "gpu_profile.py", "argv": sys.argv[1:], "env": env, "device": C.device_name(),
                      "peak": peak, "steps": [], "traces": {}}
+    output = args.output or C.default_results_path("gpu_profile.json")
+    save = lambda: C.save_results(output, summary)  # noqa: E731 - after every phase: a run stopped keeps them
     first = None
     print("\n| attention | step ms (median) | min-max ms | compile s | GFLOP (XLA) | TFLOP/s | % of peak | cuDNN fmha calls |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
@@ -431,6 +432,7 @@ def main(argv=None) -> None:
             else:
                 trace_files = [str(p) for p in vdir.glob("**/*.xplane.pb")]
             summary["traces"][variant] = {"dir": str(vdir), "files": trace_files, "summary": trace}
+        save()
     for variant, tr in summary["traces"].items():
         s = tr["summary"]
         print(f"\nTrace ({variant}): {tr['dir']}")
@@ -452,13 +454,14 @@ def main(argv=None) -> None:
         parts = time_parts(unet, x, t, context, repeats=args.repeats)
         summary["parts"] = parts
         summary["parts_by_kind"] = print_parts(parts, 1e3 * first["median_s"], peak_tflops)
+        save()
     if not args.no_hlo_check:
         steps = 2 if args.dry_run else 50
         compile_it = jax.default_backend() != "cpu" or args.dry_run
         hlo = C.inspect_sampling_hlo(args.size, args.resolution, compile=compile_it, steps=steps)
         summary["sampler_hlo"] = hlo
         print_hlo_report(hlo)
-    path = C.save_results(args.output or C.default_results_path("gpu_profile.json"), summary)
+    path = save()
     if path:
         print(f"\nsummary written to {path}")
 

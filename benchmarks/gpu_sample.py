@@ -7,7 +7,8 @@ PyTorch (fp16, SDPA attention; optionally torch.compile), both measured in one r
 
 Random weights at the real SD v1.5 configs (built once by sdjax into --workdir, safetensors, so
 both libraries load the same folder; no network). Each implementation runs in a fresh subprocess,
-so its peak device memory is its own; batches run in ascending order within it.
+so its peak device memory is its own; batches run in the order given (``--batches 1,16,64,4``
+puts the goal sizes first when time is short).
 
 Per implementation and batch: images/s, s/image, it/s, compile s, peak device memory, MFU.
 - it/s: guided denoising steps per second of a whole pipeline call for the batch, i.e.
@@ -17,9 +18,10 @@ Per implementation and batch: images/s, s/image, it/s, compile s, peak device me
 - compile s: sdjax: JAX's own tracing + lowering + XLA compile time of the first call (its
   monitoring events); diffusers: first call minus the warm median (torch.compile, cuDNN/cuBLAS
   heuristics, allocator warm-up).
-- peak mem: jax ``device.memory_stats()["peak_bytes_in_use"]`` (process peak so far, which with
-  ascending batches is this batch's); torch ``torch.cuda.max_memory_allocated`` (reset per
-  batch). "-" where the device keeps no statistics (CPU).
+- peak mem: jax ``device.memory_stats()["peak_bytes_in_use"]`` (the process peak so far: shown
+  only for a batch larger than every earlier one, where it is that batch's); torch
+  ``torch.cuda.max_memory_allocated`` (reset per batch). "-" where the device keeps no statistics
+  (CPU).
 - MFU: images/s x FLOPs per image / the device's measured bf16 matmul peak (8192^3 via jax,
   median of 10). FLOPs per image = 51 UNet calls x 2 samples + 2 CLIP passes + 1 VAE decode, from
   XLA's cost_analysis of the lowered bf16 models (analytic count printed beside it).
@@ -112,7 +114,7 @@ def run_sdjax(args) -> dict:
     C.log(f"[{args.impl}] loaded in {load_s:.1f} s on {info['device']}; attention: "
           + ", ".join(f"T={a['T']} S={a['S']} d={a['head_dim']}: {'cudnn' if a['cudnn'] is True else a['cudnn']}"
                       for a in info["attention_shapes"]))
-    for batch in args.batch_list:
+    for index, batch in enumerate(args.batch_list):
         prompts, seeds = prompts_and_seeds(batch)
 
         def call():
@@ -129,7 +131,8 @@ def run_sdjax(args) -> dict:
             C.log(f"[{args.impl}] batch {batch} failed: {type(e).__name__}: {str(e)[:500]}")
             info["rows"].append({"batch": batch, "error": f"{type(e).__name__}: {str(e)[:300]}"})
             break
-        peak = C.jax_peak_bytes()
+        # JAX keeps one process-wide peak: it is this batch's only if no earlier batch was larger.
+        peak = C.jax_peak_bytes() if batch > max(args.batch_list[:index], default=0) else None
         row = {"batch": batch, "dtype": "bf16", "first_call_s": first, "compile_s": compile_s, "times": times,
                "compile_breakdown_s": dict(timer.seconds), "peak_mem_bytes": peak,
                "images_finite": bool(np.isfinite(images).all()), "image_shape": list(images.shape)}
@@ -239,7 +242,7 @@ def parse_args(argv=None):
         args.size, args.steps, args.resolution = "tiny", 2, 32
         args.batches = "1,2" if args.batches == p.get_default("batches") else args.batches
         args.repeats, args.warmup = min(args.repeats, 2), min(args.warmup, 1)
-    args.batch_list = sorted({int(b) for b in args.batches.split(",") if b.strip()})
+    args.batch_list = list(dict.fromkeys(int(b) for b in args.batches.split(",") if b.strip()))  # given order
     return args
 
 
@@ -291,19 +294,10 @@ def main(argv=None) -> None:
         raise SystemExit(f"cannot build the random pipeline or count FLOPs: missing {', '.join(gone)}")
     pipeline = C.ensure_pipeline(args.workdir, args.size, rebuild=args.rebuild)
 
-    counts = C.flop_counts(args.size, args.resolution)
+    counts = C.flop_counts(args.size, args.resolution, cache_dir=args.workdir)
     print(f"\nFLOPs per image ({args.size} configs, {args.resolution} px; source for MFU: {counts['source']}):\n")
     C.print_flops(counts)
-    peak = None
-    if args.peak_tflops:
-        peak = {"tflops": args.peak_tflops, "source": "--peak-tflops"}
-    elif not args.skip_peak:
-        n = 512 if args.dry_run else 8192
-        peak = C.run_child(C.__file__, ["peak", "--n", str(n), "--repeats", "3" if args.dry_run else "10"],
-                           env=C.child_env(), label="peak")
-    if peak:
-        print(f"\nmeasured bf16 matmul peak: {peak['tflops']:.4g} TFLOP/s "
-              f"({peak.get('n', '?')}^3 on {peak.get('device', '?')}, median of {peak.get('repeats', '?')})")
+    peak = C.peak_of(args)
 
     results, rows = [], []
     output = args.output or C.default_results_path("gpu_sample.json")

@@ -203,21 +203,12 @@ def main(argv=None) -> None:
     if gone:
         raise SystemExit(f"cannot build the random pipeline or count FLOPs: missing {', '.join(gone)}")
     pipeline = C.ensure_pipeline(args.workdir, args.size, rebuild=args.rebuild)
-    counts = C.flop_counts(args.size, args.resolution)
+    counts = C.flop_counts(args.size, args.resolution, cache_dir=args.workdir)
     flops_img = C.train_flops_per_image(counts["best"])
     print(f"\nFLOPs per image ({args.size} configs, {args.resolution} px; source: {counts['source']}):\n")
     C.print_flops(counts)
     print(f"\ntraining model FLOPs per image = 3 x UNet + VAE encode + CLIP = {flops_img / 1e12:.4g} TFLOP")
-    peak = None
-    if args.peak_tflops:
-        peak = {"tflops": args.peak_tflops, "source": "--peak-tflops"}
-    elif not args.skip_peak:
-        n = 512 if args.dry_run else 8192
-        peak = C.run_child(C.__file__, ["peak", "--n", str(n), "--repeats", "3" if args.dry_run else "10"],
-                           env=C.child_env(), label="peak")
-    if peak:
-        print(f"measured bf16 matmul peak: {peak['tflops']:.4g} TFLOP/s ({peak.get('n', '?')}^3 on "
-              f"{peak.get('device', '?')})")
+    peak = C.peak_of(args)
 
     output = args.output or C.default_results_path("gpu_train.json")
     rows, results = [], []
