@@ -1,0 +1,91 @@
+"""The GPU session runner's own logic (benchmarks/gpu_session.py): which carried wheels it
+installs, the goals check, and that a stage over its time limit is stopped with its children."""
+import os
+import sys
+import textwrap
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import gpu_session as G  # noqa: E402
+
+
+def test_wheels_to_install_takes_only_what_is_missing(tmp_path):
+    have = version("diffusers")  # the test extra pins it, so this version meets pyproject.toml
+    for name in (f"diffusers-{have}-py3-none-any.whl", "no_such_package_sdjax-1.0-py3-none-any.whl"):
+        (tmp_path / name).write_bytes(b"")
+    chosen, kept = G.wheels_to_install(tmp_path)
+    assert [w.name for w in chosen] == ["no_such_package_sdjax-1.0-py3-none-any.whl"]
+    assert kept == {"diffusers": have}
+
+
+def test_wheels_to_install_refuses_an_empty_folder(tmp_path):
+    with pytest.raises(SystemExit, match="no .whl files"):
+        G.wheels_to_install(tmp_path)
+
+
+def row(impl, batch, images_per_s, mfu=None):
+    return {"impl": impl, "batch": batch, "images_per_s": images_per_s, "mfu_pct": mfu}
+
+
+def test_goals_compare_the_best_sdjax_variant_with_diffusers():
+    rows = [row("diffusers", 1, 1.0), row("sdjax-cudnn", 1, 0.9, 10.0), row("sdjax-xla", 1, 1.1, 12.0),
+            row("diffusers", 16, 2.0), row("sdjax-cudnn", 16, 2.8, 45.0),        # 1.4x, 45%: met
+            row("diffusers", 64, 2.0), row("sdjax-cudnn", 64, 3.0, 35.0),        # 1.5x but 35% MFU: missed
+            row("diffusers", 4, 1.5), row("sdjax-cudnn", 4, 1.0, 20.0),          # no goal at batch 4
+            {"impl": "sdjax-cudnn", "batch": 32, "error": "out of memory"}, row("diffusers", 32, 2.0)]
+    g = {t["batch"]: t for t in G.goals(rows)["per_batch"]}
+    assert g[1]["sdjax_impl"] == "sdjax-xla" and g[1]["ratio"] == pytest.approx(1.1) and g[1]["met"] is True
+    assert g[16]["ratio"] == pytest.approx(1.4) and g[16]["met"] is True
+    assert g[64]["met"] is False
+    assert g[4]["met"] is None
+    assert 32 not in g  # sdjax failed there: no comparison
+    assert any(line.startswith("batch 32: only diffusers") for line in G.goals(rows)["lines"])
+
+
+def test_a_stage_over_its_limit_is_stopped_with_its_children(tmp_path):
+    pid_file = tmp_path / "grandchild.pid"
+    script = tmp_path / "stage.py"
+    script.write_text(textwrap.dedent(f"""
+        import subprocess, sys, time
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+        open({str(pid_file)!r}, "w").write(str(child.pid))
+        time.sleep(120)
+    """))
+    stage = G.Stage("sleepy", str(script), [], needs_s=0, child_timeout=False)
+    t0 = time.monotonic()
+    status, _ = G.run_stage(stage, 5, tmp_path / "out.json")
+    assert status.startswith("stopped") and time.monotonic() - t0 < 30
+    pid = int(pid_file.read_text())
+    for _ in range(50):  # the orphan is reaped by init shortly after the kill
+        try:
+            os.kill(pid, 0)
+            state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+            if state == "Z":
+                break
+        except (ProcessLookupError, FileNotFoundError):
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the stage's child process {pid} outlived the stage's time limit")
+
+
+@pytest.mark.parametrize("dry_run", [False, True])
+@pytest.mark.parametrize("plan", ["sample", "train"])
+def test_every_stage_parses_with_its_script(plan, dry_run):
+    """A flag a script does not take would stop that stage on the GPU, where time is short."""
+    import importlib
+    stages = G.plan(plan, dry_run, 123.0, "/tmp/some-workdir")
+    assert stages and len({s.name for s in stages}) == len(stages)
+    for stage in stages:
+        script = importlib.import_module(stage.script.removesuffix(".py"))
+        extra = ["--output", "/tmp/x.json"] + (["--child-timeout", "100"] if stage.child_timeout else [])
+        args = script.parse_args(stage.args + extra)
+        assert args.dry_run is dry_run
+        if hasattr(args, "workdir"):  # the folder the session's prep built
+            assert args.workdir == "/tmp/some-workdir"
+        if hasattr(args, "peak_tflops"):
+            assert args.peak_tflops == 123.0
