@@ -219,6 +219,11 @@ def main(argv=None) -> None:
     p.add_argument("--dry-run", action="store_true", help="tiny models and short runs: the logic on any device")
     args = p.parse_args(argv)
     deadline = time.monotonic() + args.budget - args.reserve
+    names = [s.name for s in plan(args.plan, args.dry_run, None, args.workdir)]
+    wanted = set(args.only.split(",")) if args.only else None
+    if wanted is not None and not wanted <= set(names):  # before any device time is spent
+        raise SystemExit(f"--only {','.join(sorted(wanted - set(names)))}: the {args.plan} plan's stages are "
+                         + ", ".join(names))
     size, resolution = ("tiny", 32) if args.dry_run else ("sd15", 512)
     session = {"script": "gpu_session.py", "argv": sys.argv[1:], "plan": args.plan, "budget_s": args.budget,
                "machine": machine_report(), "stages": {}}
@@ -234,7 +239,6 @@ def main(argv=None) -> None:
     peak = (prep.get("peak") or {}).get("tflops")
     stage_dir = Path(args.workdir) / f"session-{args.plan}"
     stage_dir.mkdir(parents=True, exist_ok=True)
-    wanted = set(args.only.split(",")) if args.only else None
     for stage in plan(args.plan, args.dry_run, peak, args.workdir):
         if wanted is not None and stage.name not in wanted:
             continue

@@ -89,3 +89,9 @@ def test_every_stage_parses_with_its_script(plan, dry_run):
             assert args.workdir == "/tmp/some-workdir"
         if hasattr(args, "peak_tflops"):
             assert args.peak_tflops == 123.0
+
+
+def test_an_unknown_stage_name_stops_before_any_work(tmp_path):
+    with pytest.raises(SystemExit, match="nope: the train plan's stages are train-sdjax-remat-off-b8"):
+        G.main(["train", "--only", "nope", "--workdir", str(tmp_path)])
+    assert not any(tmp_path.iterdir())  # no folder built, nothing measured
