@@ -493,12 +493,17 @@ def peak_of(args) -> dict | None:
     if args.peak_tflops:
         peak = {"tflops": args.peak_tflops, "source": "--peak-tflops"}
     elif not args.skip_peak:
-        n = 512 if args.dry_run else 8192
-        peak = run_child(__file__, ["peak", "--n", str(n), "--repeats", "3" if args.dry_run else "10"],
-                         env=child_env(), label="peak")
+        peak = measure_peak(args.dry_run)
     if peak:
         print(describe_peak(peak))
     return peak
+
+
+def measure_peak(dry_run: bool = False) -> dict | None:
+    """`matmul_peak` on the default device, in a child process (8192^3, median of 10; 512^3 and 3
+    repeats on a dry run)."""
+    n, repeats = (512, 3) if dry_run else (8192, 10)
+    return run_child(__file__, ["peak", "--n", str(n), "--repeats", str(repeats)], env=child_env(), label="peak")
 
 
 def describe_peak(peak: dict) -> str:

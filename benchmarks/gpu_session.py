@@ -39,7 +39,6 @@ import dataclasses
 import json
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import threading
@@ -159,16 +158,14 @@ def prepare(args, size: str, resolution: int) -> dict:
         t0 = time.perf_counter()
         try:
             results[key] = fn()
-        except BaseException as e:  # noqa: BLE001 - SystemExit from ensure_pipeline included
+        except (Exception, SystemExit) as e:  # noqa: BLE001 - ensure_pipeline exits when the build fails
             results[key] = None
             C.log(f"[prep] {key} failed: {type(e).__name__}: {e}")
         results[f"{key}_s"] = time.perf_counter() - t0
 
-    n, repeats = (512, 3) if args.dry_run else (8192, 10)
     jobs = {"pipeline": lambda: str(C.ensure_pipeline(args.workdir, size)),
             "flops": lambda: C.flop_counts(size, resolution, cache_dir=args.workdir),
-            "peak": lambda: C.run_child(C.__file__, ["peak", "--n", str(n), "--repeats", str(repeats)],
-                                        env=C.child_env(), label="peak")}
+            "peak": lambda: C.measure_peak(args.dry_run)}
     threads = [threading.Thread(target=job, args=item) for item in jobs.items()]
     for t in threads:
         t.start()
@@ -344,8 +341,7 @@ def goals(rows: list[dict]) -> dict:
         lines.append(f"batch {batch}: {s['impl']} {s['images_per_s']:.3f} vs diffusers {d['images_per_s']:.3f} "
                      f"images/s = {ratio:.2f}x, sdjax MFU {mfu_text} (goal {want}): {verdict}")
         table.append({"batch": batch, "sdjax_impl": s["impl"], "ratio": ratio, "mfu_pct": mfu, "met": ok})
-    return {"lines": lines, "per_batch": table,
-            "median_ratio": statistics.median([t["ratio"] for t in table]) if table else None}
+    return {"lines": lines, "per_batch": table}
 
 
 if __name__ == "__main__":
