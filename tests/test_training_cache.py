@@ -21,18 +21,34 @@ def tiny_data(tmp_path_factory):
 
 
 def test_cached_latents_match_encoding_each_step(tiny_pipeline_dir, tiny_data, tmp_path):
-    losses = {}
-    for cache in (False, True):
-        cfg = TrainConfig(model=str(tiny_pipeline_dir), train_data=str(tiny_data), output_dir=str(tmp_path / str(cache)),
-                          resolution=32, batch_size=1, max_steps=3, learning_rate=1e-4, cache_latents=cache)
-        trainer = Trainer.create(cfg, mesh=parallel.data_mesh(jax.devices()[:2]))
-        try:
-            losses[cache] = []
-            for _ in range(3):
-                trainer.state, metrics = trainer.step_fn(trainer.state, trainer.frozen, trainer.next_batch())
-                losses[cache].append(float(metrics["loss"]))
-            assert (trainer.latent_cache is not None) == cache
-        finally:
+    """Three real steps of a cached-latents run; before each, the loss of the batch an encode-every-step
+    run draws at that point, at the cached run's weights and step key, equals the step's loss. One
+    train step is compiled (the encoding run's loss needs a forward pass only): the suite's cost."""
+    from sdjax.training import step as S
+    trainers = {}
+    try:
+        for cache in (True, False):
+            cfg = TrainConfig(model=str(tiny_pipeline_dir), train_data=str(tiny_data),
+                              output_dir=str(tmp_path / str(cache)), resolution=32, batch_size=1, max_steps=3,
+                              learning_rate=1e-4, cache_latents=cache)
+            trainers[cache] = Trainer.create(cfg, mesh=parallel.data_mesh(jax.devices()[:2]))
+        cached, encoding = trainers[True], trainers[False]
+        assert cached.latent_cache is not None and encoding.latent_cache is None
+        assert cached.step_cfg == encoding.step_cfg
+        encoded_loss = jax.jit(lambda params, frozen, batch, key: S.loss_fn(
+            params, frozen, batch, key, graphdefs=encoding.graphdefs, cfg=encoding.step_cfg)[0])
+        losses = {True: [], False: []}
+        for _ in range(3):
+            batch = jax.tree.map(lambda a: a[0], encoding.next_batch())  # accumulation 1
+            assert "pixel_values" in batch
+            losses[False].append(float(encoded_loss(cached.state.params, encoding.frozen, batch,
+                                                    S.micro_batch_key(cached.state, 0))))
+            cached_batch = cached.next_batch()
+            assert "latent_mean" in cached_batch and "pixel_values" not in cached_batch
+            cached.state, metrics = cached.step_fn(cached.state, cached.frozen, cached_batch)
+            losses[True].append(float(metrics["loss"]))
+    finally:
+        for trainer in trainers.values():
             trainer.close()
     np.testing.assert_allclose(losses[True], losses[False], rtol=1e-5)
     assert len(set(losses[False])) == 3  # really different batches / draws per step

@@ -112,6 +112,7 @@ class Trainer:
     state: S.TrainState
     data: BatchIterator
     checkpoints: Checkpointer
+    step_cfg: S.StepConfig           # the static settings `step_fn` was compiled with
     step_fn: Any
     log: MetricsLog
     latent_cache: tuple | None = None   # (mean, std) float32 [N, h, w, 4] per dataset image
@@ -175,7 +176,7 @@ class Trainer:
             out.mkdir(parents=True, exist_ok=True)
             (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
         log = MetricsLog(out, enabled=main, spike_factor=cfg.spike_factor, resume_from_step=resumed)
-        trainer = cls(cfg, out, mesh, pipe, graphdefs, frozen, state, data, checkpoints, step_fn, log)
+        trainer = cls(cfg, out, mesh, pipe, graphdefs, frozen, state, data, checkpoints, step_cfg, step_fn, log)
         if cfg.cache_latents:
             trainer.latent_cache = trainer.encode_dataset()
         return trainer

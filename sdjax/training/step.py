@@ -148,19 +148,23 @@ def loss_fn(trainable: dict, frozen: Frozen, batch: dict, key, *, graphdefs: Gra
     return jnp.mean(weighted), jnp.mean(per_example)
 
 
+def micro_batch_key(state: TrainState, index) -> jax.Array:
+    """The key of micro-batch ``index`` of the update ``state.step`` (``loss_fn``'s ``key``)."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step), index)
+
+
 def train_step(state: TrainState, frozen: Frozen, batch: dict, *, graphdefs: Graphdefs, cfg: StepConfig,
                optimizer: optax.GradientTransformation, lr_schedule) -> tuple[TrainState, dict]:
     """One optimizer update from ``batch`` whose arrays are [accumulation, B, ...]: gradients of
     the micro-batches are averaged (a ``lax.scan``; unrolled on the CPU), then clipped and applied;
     EMA follows."""
-    step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     trainable = state.params
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def micro(carry, inputs):
         grads_sum, loss_sum, raw_sum = carry
         index, micro_batch = inputs
-        (loss, raw), grads = grad_fn(trainable, frozen, micro_batch, jax.random.fold_in(step_key, index),
+        (loss, raw), grads = grad_fn(trainable, frozen, micro_batch, micro_batch_key(state, index),
                                      graphdefs=graphdefs, cfg=cfg)
         return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + loss, raw_sum + raw), None
 
