@@ -2,6 +2,7 @@
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 from PIL import Image
 
 from sdjax import parallel
@@ -21,9 +22,10 @@ def tiny_data(tmp_path_factory):
 
 
 def test_cached_latents_match_encoding_each_step(tiny_pipeline_dir, tiny_data, tmp_path):
-    """Three real steps of a cached-latents run; before each, the loss of the batch an encode-every-step
-    run draws at that point, at the cached run's weights and step key, equals the step's loss. One
-    train step is compiled (the encoding run's loss needs a forward pass only): the suite's cost."""
+    """Three real steps of a cached-latents run. Before each, the batch an encode-every-step run draws
+    at that point has the cached posterior, and its loss at the cached run's weights and step key
+    equals the step's loss. One train step is compiled (the encoding run's loss needs a forward
+    pass only): the suite's cost."""
     from sdjax.training import step as S
     trainers = {}
     try:
@@ -37,10 +39,15 @@ def test_cached_latents_match_encoding_each_step(tiny_pipeline_dir, tiny_data, t
         assert cached.step_cfg == encoding.step_cfg
         encoded_loss = jax.jit(lambda params, frozen, batch, key: S.loss_fn(
             params, frozen, batch, key, graphdefs=encoding.graphdefs, cfg=encoding.step_cfg)[0])
+        # The loss barely depends on the tiny VAE's small posterior std, so the cache is also compared directly.
+        encode = jax.jit(lambda vae, x: tuple(nnx.merge(encoding.graphdefs.vae, vae).encode(x)[:2]))
         losses = {True: [], False: []}
         for _ in range(3):
+            indices = encoding.data.indices_for_step(encoding.data.step)
             batch = jax.tree.map(lambda a: a[0], encoding.next_batch())  # accumulation 1
-            assert "pixel_values" in batch
+            mean, logvar = encode(encoding.frozen.vae, batch["pixel_values"])
+            np.testing.assert_allclose(cached.latent_cache[0][indices], mean, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(cached.latent_cache[1][indices], np.exp(0.5 * np.asarray(logvar)), rtol=1e-5)
             losses[False].append(float(encoded_loss(cached.state.params, encoding.frozen, batch,
                                                     S.micro_batch_key(cached.state, 0))))
             cached_batch = cached.next_batch()
