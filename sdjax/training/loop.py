@@ -183,16 +183,16 @@ class Trainer:
 
     def encode_dataset(self, batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
         """The VAE posterior (mean, std) of every dataset image, for ``cache_latents``."""
-        encode = jax.jit(lambda g, s, x: tuple(nnx.merge(g, s).encode(x)[:2]))
+        encode = jax.jit(lambda g, s, x: (lambda q: (q.mean, q.std))(nnx.merge(g, s).encode(x)))
         vae_state = self.frozen.vae
         means, stds = [], []
         for start in range(0, len(self.data.dataset), batch_size):
             stop = min(start + batch_size, len(self.data.dataset))
             pixels = np.stack([preprocess_image(self.data.dataset.get_image(i), resolution=self.cfg.resolution)
                                for i in range(start, stop)])
-            mean, logvar = encode(self.graphdefs.vae, vae_state, jnp.asarray(pixels))
+            mean, std = encode(self.graphdefs.vae, vae_state, jnp.asarray(pixels))
             means.append(np.asarray(mean, np.float32))
-            stds.append(np.exp(0.5 * np.asarray(logvar, np.float32)))
+            stds.append(np.asarray(std, np.float32))
         return np.concatenate(means), np.concatenate(stds)
 
     # ------------------------------------------------------------------ the loop
