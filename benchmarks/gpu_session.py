@@ -30,7 +30,9 @@ into ``$OUT/session-<plan>.log`` for the whole log.
 
 ``--wheels DIR``: install the wheels carried in DIR (benchmarks/README.md says how to fetch them)
 whose package is missing on the machine or fails pyproject.toml's requirement, into a folder put
-first on every stage's PYTHONPATH; the others are left alone and named.
+first on every stage's PYTHONPATH; the others are left alone and named. Then a child imports sdjax
+as the stages will; where it cannot (flax 0.12.9 or older under jax 0.11.2, for one), the sdjax
+stages are skipped with that error as their status and the PyTorch stages keep the time.
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -61,6 +64,10 @@ class Stage:
     needs_s: float                 # the least time worth starting it with
     cap_s: float | None = None     # the most it may take, so later stages keep theirs
     child_timeout: bool = True     # the script takes --child-timeout
+
+    @property
+    def uses_sdjax(self) -> bool:  # all but the PyTorch-only stages
+        return "--no-sdjax" not in self.args
 
 
 def plan(name: str, dry_run: bool, peak_tflops: float | None, workdir: str) -> list[Stage]:
@@ -227,6 +234,9 @@ def main(argv=None) -> None:
     if args.wheels:
         session["wheels"] = install_wheels(Path(args.wheels))
     session["env"] = env_of_children()
+    sdjax_error = session["env"].get("sdjax_import_error")
+    if sdjax_error:  # e.g. the machine's flax was not made for its jax: diffusers' stages still run
+        C.log(f"sdjax does not import here, so its stages are skipped: {sdjax_error}")
     print(f"# gpu_session {args.plan}{' (DRY RUN)' if args.dry_run else ''}: budget {args.budget:.0f} s; "
           f"{session['machine']['nvidia_smi'] or 'no nvidia-smi'}\nversions: {json.dumps(session['env']['versions'])}",
           flush=True)
@@ -240,6 +250,9 @@ def main(argv=None) -> None:
         if wanted is not None and stage.name not in wanted:
             continue
         left = deadline - time.monotonic()
+        if sdjax_error and stage.uses_sdjax:
+            session["stages"][stage.name] = {"status": f"skipped: sdjax does not import here ({sdjax_error})"}
+            continue
         if left < stage.needs_s:
             session["stages"][stage.name] = {"status": f"skipped: {left:.0f} s left, needs ~{stage.needs_s:.0f} s"}
             C.log(f"\n===== {stage.name}: skipped ({left:.0f} s left) =====")
@@ -258,10 +271,20 @@ def main(argv=None) -> None:
 
 
 def env_of_children() -> dict:
-    """Versions as the stages see them (after --wheels changed PYTHONPATH): asked of a child."""
-    code = ("import json, sys; sys.path.insert(0, %r); import common as C; "
-            "print(json.dumps(C.env_info(('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'torch', "
-            "'diffusers', 'transformers', 'numpy', 'tensorboardX'))))" % str(HERE))
+    """Versions as the stages see them (after --wheels changed PYTHONPATH), and whether sdjax imports
+    there (``sdjax_import_error``): asked of a child, before any stage spends device time on it."""
+    code = textwrap.dedent(f"""
+        import json, sys
+        sys.path.insert(0, {str(HERE)!r})
+        import common as C
+        info = C.env_info(('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'torch', 'diffusers',
+                           'transformers', 'numpy', 'tensorboardX'))
+        try:
+            import sdjax
+        except Exception as e:
+            info['sdjax_import_error'] = f'{{type(e).__name__}}: {{e}}'
+        print(json.dumps(info))
+    """)
     proc = subprocess.run([sys.executable, "-c", code], env=C.child_env(), capture_output=True, text=True)
     try:
         return json.loads(proc.stdout.strip().splitlines()[-1])

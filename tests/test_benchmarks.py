@@ -1,5 +1,7 @@
 """The GPU session runner's own logic (benchmarks/gpu_session.py): which carried wheels it
-installs, the goals check, and that a stage over its time limit is stopped with its children."""
+installs, the goals check, that a stage over its time limit is stopped with its children, and
+that the sdjax stages are skipped where sdjax cannot be imported."""
+import json
 import os
 import sys
 import textwrap
@@ -95,3 +97,31 @@ def test_an_unknown_stage_name_stops_before_any_work(tmp_path):
     with pytest.raises(SystemExit, match="nope: the train plan's stages are train-sdjax-remat-off-b8"):
         G.main(["train", "--only", "nope", "--workdir", str(tmp_path)])
     assert not any(tmp_path.iterdir())  # no folder built, nothing measured
+
+
+def test_the_session_asks_a_child_whether_sdjax_imports(tmp_path, monkeypatch):
+    """As on a machine whose flax was not made for its jax (flax 0.12.9 under jax 0.11.2)."""
+    (tmp_path / "sitecustomize.py").write_text("import jax.experimental.hijax as h\ndel h.HiPrimitive\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    env = G.env_of_children()
+    assert env["versions"]["flax"] == version("flax")
+    assert env["sdjax_import_error"].startswith("ImportError: sdjax needs flax.nnx, but flax")
+    monkeypatch.setenv("PYTHONPATH", os.environ["PYTHONPATH"].split(os.pathsep, 1)[1])
+    assert "sdjax_import_error" not in G.env_of_children()
+
+
+def test_without_sdjax_only_the_pytorch_stages_run(tmp_path, monkeypatch):
+    error = "ImportError: sdjax needs flax.nnx, but ..."
+    monkeypatch.setattr(G, "env_of_children", lambda: {**G.C.env_info(), "sdjax_import_error": error})
+    monkeypatch.setattr(G, "prepare", lambda *a: {})
+    ran = []
+    monkeypatch.setattr(G, "run_stage", lambda stage, seconds, out: ran.append(stage.name) or ("ok", 0.0))
+    out = tmp_path / "session.json"
+    for plan in ("sample", "train"):
+        G.main([plan, "--workdir", str(tmp_path), "--output", str(out)])
+        stages = json.loads(out.read_text())["stages"]
+        assert {n for n, st in stages.items() if st["status"] == "ok"} == {
+            s.name for s in G.plan(plan, False, None, str(tmp_path)) if not s.uses_sdjax}
+        assert all(st["status"] == f"skipped: sdjax does not import here ({error})"
+                   for st in stages.values() if st["status"] != "ok")
+    assert ran == ["sample-diffusers", "train-torch-remat-off-b8", "train-torch-remat-on-b16"]

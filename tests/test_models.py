@@ -287,3 +287,17 @@ def test_xla_flags_are_added_only_where_allowed(monkeypatch):
     monkeypatch.setattr(xla_bridge, "_backends", {"cpu": object()})  # XLA already read its flags
     monkeypatch.setattr(_xla_flags, "FLAGS", {name: ("", (jaxlib.__version__,))})
     assert _xla_flags.apply({}) == []
+
+
+def test_flax_that_cannot_import_under_this_jax_is_a_clear_error():
+    """As with jax 0.11.2 and flax <= 0.12.9: the jax class flax subclasses at import time is gone."""
+    import subprocess
+    import sys
+    from importlib.metadata import version
+    code = "import jax.experimental.hijax as hijax; del hijax.HiPrimitive; import sdjax"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"ImportError: sdjax needs flax.nnx, but flax {version('flax')} cannot be imported with "
+                           f"jax {version('jax')} (AttributeError: "), last
+    assert last.endswith("jax 0.11.2 and later need flax 0.12.10 or later: pip install -U 'flax>=0.12.10'"), last
