@@ -16,6 +16,10 @@ from sdjax.pipeline import StableDiffusion
 PROMPTS = ["a photo of the cat", "the red dog in blue"]
 NEGATIVES = ["blue", "the cat"]
 SIZE = 32  # tiny VAE downsamples by 2: 16x16 latents
+# Calls alike in scheduler, steps, rows (up to 8 images: padded to the 8 devices), latents given or
+# not, and guidance on or off run one compiled program; each jit(generate) compile costs ~15 s on a
+# 2-core CPU. So tests that need no step count of their own take this one and share them.
+STEPS = 10
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +51,7 @@ def latents_for(n, seed=0):
 
 
 SCHEDULER_CASES = [(name, steps) for name in ["pndm", "ddim", "euler", "dpmpp_2m", "dpmpp_2m_karras", "lms"]
-                   for steps in (10, 50)]
+                   for steps in (STEPS, 50)]
 
 
 @pytest.mark.parametrize("name,steps", [
@@ -82,7 +86,7 @@ def test_guidance_one_skips_unconditional_pass(pipe, reference_pipe):
 def test_seed_determines_image(pipe, scheduler):
     """Same seed + prompt + settings = same image; another seed = another image (stochastic
     schedulers included: their per-step noise comes from the image's own key)."""
-    kw = dict(num_inference_steps=4, height=SIZE, width=SIZE, scheduler=scheduler)
+    kw = dict(num_inference_steps=STEPS, height=SIZE, width=SIZE, scheduler=scheduler)
     a = pipe("the cat", seeds=[7, 8], **kw).images
     b = pipe(["the cat"] * 3, seeds=[8, 7, 9], **kw).images
     np.testing.assert_allclose(a[0], b[1], atol=1e-5)
@@ -117,7 +121,7 @@ def test_batch_split_over_devices_equals_one_device(pipe, tiny_pipeline_dir):
 
 
 def test_uneven_batches_are_padded_and_trimmed(pipe):
-    kw = dict(num_inference_steps=2, height=SIZE, width=SIZE)
+    kw = dict(num_inference_steps=STEPS, height=SIZE, width=SIZE)
     out = pipe(["the cat"] * 3, seeds=[1, 2, 3], **kw)
     assert out.images.shape == (3, SIZE, SIZE, 3) and out.seeds == [1, 2, 3]
     chunked = pipe(["the cat"] * 3, seeds=[1, 2, 3], batch_size=1, **kw)  # 3 calls of 8 padded rows
@@ -125,7 +129,7 @@ def test_uneven_batches_are_padded_and_trimmed(pipe):
 
 
 def test_no_recompilation_for_new_prompts_seeds_guidance_latents(pipe):
-    kw = dict(num_inference_steps=3, height=SIZE, width=SIZE, scheduler="ddim")
+    kw = dict(num_inference_steps=STEPS, height=SIZE, width=SIZE, scheduler="ddim")
     pipe("the cat", seeds=[1, 2], latents=latents_for(2, 0), **kw)
     before = pipe._generate._cache_size()
     pipe("the red dog", negative_prompts="blue", seeds=[5, 9], guidance_scale=4.0, latents=latents_for(2, 1), **kw)
@@ -134,7 +138,7 @@ def test_no_recompilation_for_new_prompts_seeds_guidance_latents(pipe):
 
 
 def test_intermediates_resolve_toward_the_image(pipe):
-    out = pipe("the cat", seeds=3, num_inference_steps=10, height=SIZE, width=SIZE, return_intermediates=5)
+    out = pipe("the cat", seeds=3, num_inference_steps=STEPS, height=SIZE, width=SIZE, return_intermediates=5)
     assert out.intermediate_steps == [0, 2, 5, 8, 10]  # PNDM: 10 steps = 11 model calls
     assert out.intermediates.shape == (5, 1, SIZE, SIZE, 3)
     dist = [np.abs(frame[0] - out.images[0]).mean() for frame in out.intermediates]
@@ -198,7 +202,7 @@ def test_bf16_sampler_structure(pipe_bf16, scheduler):
 # test checks the fp32 carry itself. benchmarks/bf16_error.py measures the full-size models (BENCHMARKS.md).
 @pytest.mark.parametrize("scheduler", ["pndm", "euler_a"])
 def test_bf16_sampler_stays_close_to_fp32(pipe, pipe_bf16, scheduler):
-    kw = dict(seeds=[0, 1], num_inference_steps=10, height=SIZE, width=SIZE, scheduler=scheduler)
+    kw = dict(seeds=[0, 1], num_inference_steps=STEPS, height=SIZE, width=SIZE, scheduler=scheduler)
     ref = pipe(PROMPTS, **kw).images
     got = pipe_bf16(PROMPTS, **kw).images
     assert got.dtype == np.float32 and ref.std() > 0.1
@@ -232,7 +236,8 @@ MULTIHOST_WORKER = textwrap.dedent("""
     from sdjax.pipeline import StableDiffusion
     assert jax.device_count() == 8 and jax.local_device_count() == 4
     pipe = StableDiffusion.from_pretrained(sys.argv[3])
-    out = pipe("the cat", seeds=list(range(8)), num_inference_steps=3, height=32, width=32, scheduler="euler_a")
+    out = pipe("the cat", seeds=list(range(8)), num_inference_steps=int(sys.argv[5]), height=32, width=32,
+               scheduler="euler_a")
     np.save(sys.argv[4], out.images)
 """)
 
@@ -247,12 +252,12 @@ def test_two_processes_match_single_process(pipe, tiny_pipeline_dir, tmp_path):
     script.write_text(MULTIHOST_WORKER)
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     procs = [subprocess.Popen([sys.executable, str(script), f"127.0.0.1:{port}", str(i), str(tiny_pipeline_dir),
-                               str(tmp_path / f"out{i}.npy")], env=env, stdout=subprocess.PIPE,
+                               str(tmp_path / f"out{i}.npy"), str(STEPS)], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for i in range(2)]
     logs = [p.communicate(timeout=600)[0] for p in procs]
     for p, log in zip(procs, logs):
         assert p.returncode == 0, log[-3000:]
-    expected = pipe("the cat", seeds=list(range(8)), num_inference_steps=3, height=SIZE, width=SIZE,
+    expected = pipe("the cat", seeds=list(range(8)), num_inference_steps=STEPS, height=SIZE, width=SIZE,
                     scheduler="euler_a").images
     for i in range(2):
         np.testing.assert_allclose(np.load(tmp_path / f"out{i}.npy"), expected, atol=1e-4)
