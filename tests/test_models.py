@@ -1,8 +1,12 @@
 """Parity of sdjax's CLIP, UNet and VAE with transformers / diffusers PyTorch (fp32), from every layout."""
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 import reference as R
 from sdjax import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
@@ -25,6 +29,18 @@ def max_err(a, b):
 
 def load(model_cls, entry, layout, dtype=jnp.float32):
     return model_cls.from_pretrained(entry[layout].parent, dtype=dtype)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(graphdef, state, *arrays):
+    return nnx.merge(graphdef, state)(*arrays)
+
+
+def compiled_call(model, *arrays):
+    """``model(*arrays)`` as one compiled program, as sdjax's sampler and trainer run the models.
+    Called eagerly, a UNet at a new shape compiles each of its ops on its own, 2-5x slower here."""
+    graphdef, state = nnx.split(model)
+    return _apply(graphdef, state, *map(jnp.asarray, arrays))
 
 
 # ----------------------------------------------------------------------------- CLIP
@@ -70,7 +86,7 @@ def test_unet_matches_diffusers(tiny_checkpoints, layout):
     x = rng.standard_normal((4, 16, 16, 4)).astype(np.float32)
     ctx = rng.standard_normal((4, 77, 32)).astype(np.float32)
     t = np.array([0, 10, 500, 999])
-    ours = load(UNet2DConditionModel, entry, layout)(jnp.asarray(x), jnp.asarray(t), jnp.asarray(ctx))
+    ours = compiled_call(load(UNet2DConditionModel, entry, layout), x, t, ctx)
     with torch.no_grad():
         ref = entry["torch"](nchw(x), torch.from_numpy(t), torch.from_numpy(ctx)).sample
     assert np.abs(nhwc(ref)).max() > 0.1  # a real signal, not zeros
@@ -83,7 +99,7 @@ def test_unet_odd_latent_size(tiny_checkpoints):
     rng = np.random.default_rng(1)
     x = rng.standard_normal((2, 10, 14, 4)).astype(np.float32)
     ctx = rng.standard_normal((2, 5, 32)).astype(np.float32)
-    ours = load(UNet2DConditionModel, entry, "safetensors")(jnp.asarray(x), jnp.float32(321.0), jnp.asarray(ctx))
+    ours = compiled_call(load(UNet2DConditionModel, entry, "safetensors"), x, jnp.float32(321.0), ctx)
     with torch.no_grad():
         ref = entry["torch"](nchw(x), 321, torch.from_numpy(ctx)).sample
     assert ours.shape == (2, 10, 14, 4)
@@ -98,7 +114,7 @@ def test_unet_sd2_style_config(tmp_path):
     rng = np.random.default_rng(2)
     x = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
     ctx = rng.standard_normal((2, 7, 32)).astype(np.float32)
-    ours = UNet2DConditionModel.from_pretrained(tmp_path)(jnp.asarray(x), jnp.array([3, 700]), jnp.asarray(ctx))
+    ours = compiled_call(UNet2DConditionModel.from_pretrained(tmp_path), x, np.array([3, 700]), ctx)
     with torch.no_grad():
         ref = ref_model(nchw(x), torch.tensor([3, 700]), torch.from_numpy(ctx)).sample
     assert max_err(ours, nhwc(ref)) < TOL
@@ -106,7 +122,7 @@ def test_unet_sd2_style_config(tmp_path):
 
 def test_unet_rejects_unsupported_config(tmp_path):
     with pytest.raises(NotImplementedError, match="class_embed_type"):
-        UNet2DConditionModel({**R.TINY_UNET, "class_embed_type": "timestep"}, rngs=__import__("flax").nnx.Rngs(0))
+        UNet2DConditionModel({**R.TINY_UNET, "class_embed_type": "timestep"}, rngs=nnx.Rngs(0))
 
 
 def test_unet_gradient_checkpointing_same_gradients_fewer_residuals():
@@ -114,8 +130,6 @@ def test_unet_gradient_checkpointing_same_gradients_fewer_residuals():
     backward pass keep only each block's inputs. Counted on JAX's residuals (what the backward pass
     is handed), not on a compiled plan: XLA:CPU drops jax.checkpoint's barriers before its last CSE,
     so its plan shows no saving (BENCHMARKS.md); XLA:GPU keeps them through scheduling."""
-    import jax
-    from flax import nnx
 
     config = dict(R.TINY_UNET, layers_per_block=1, block_out_channels=(32,),  # one down, mid, one up block
                   down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",))
@@ -167,7 +181,6 @@ def test_vae_matches_diffusers(tiny_checkpoints, layout):
 # ----------------------------------------------------------------------------- layouts and dtypes
 @pytest.mark.parametrize("kind,cls", [("unet", UNet2DConditionModel), ("vae", AutoencoderKL), ("clip", CLIPTextModel)])
 def test_layouts_give_identical_params(tiny_checkpoints, kind, cls):
-    from flax import nnx
     entry = tiny_checkpoints[kind]
     layouts = ["safetensors", "flax"] + (["bin_old_names"] if kind == "vae" else [])
     states = [nnx.to_flat_state(nnx.state(load(cls, entry, lay), nnx.Param)) for lay in layouts]
@@ -184,7 +197,6 @@ def test_layouts_give_identical_params(tiny_checkpoints, kind, cls):
 def test_bf16_loading(tiny_checkpoints, layout):
     """bf16 from an fp32 file (cast on load) or a bf16 msgpack file: params are bf16 and the
     output stays close to fp32 (the bound here is the one BENCHMARKS.md reports at full size)."""
-    from flax import nnx
     entry = tiny_checkpoints["unet"]
     model = load(UNet2DConditionModel, entry, layout, dtype=jnp.bfloat16)
     dtypes = {v.get_value().dtype for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
@@ -193,9 +205,9 @@ def test_bf16_loading(tiny_checkpoints, layout):
     x = rng.standard_normal((2, 16, 16, 4)).astype(np.float32)
     ctx = rng.standard_normal((2, 77, 32)).astype(np.float32)
     t = np.array([10, 800])
-    out = model(jnp.asarray(x), jnp.asarray(t), jnp.asarray(ctx))
+    out = compiled_call(model, x, t, ctx)
     assert out.dtype == jnp.bfloat16
-    ref = load(UNet2DConditionModel, entry, "safetensors")(jnp.asarray(x), jnp.asarray(t), jnp.asarray(ctx))
+    ref = compiled_call(load(UNet2DConditionModel, entry, "safetensors"), x, t, ctx)
     rel = np.linalg.norm(np.asarray(out, np.float32) - ref) / np.linalg.norm(ref)
     assert rel < 3e-2, rel
 
@@ -205,7 +217,6 @@ def test_bf16_loading(tiny_checkpoints, layout):
 def test_blocked_attention_equals_xla_kernel(B, T, S, N, H):
     """The blocked kernel (several heads, several query blocks, lengths that do not halve evenly)
     gives jax.nn.dot_product_attention's values and gradients; bf16 stays within bf16 rounding."""
-    import jax
     from sdjax.models.layers import blocked_attention
     rng = np.random.default_rng(0)
     q, k, v = (jnp.asarray(rng.standard_normal(shape).astype(np.float32))
@@ -247,7 +258,6 @@ def test_unet_with_blocked_attention_matches_diffusers(tiny_checkpoints, monkeyp
 def test_cudnn_attention_falls_back_to_xla_where_cudnn_cannot_run(monkeypatch, dtype):
     """SDJAX_ATTENTION=cudnn where cuDNN's fused kernel cannot run (here the CPU; on a GPU, shapes or
     dtypes it rejects) traces XLA's kernel instead and gives its result, under jit."""
-    import jax
     from sdjax.models import layers
     rng = np.random.default_rng(1)
     q, k, v = (jnp.asarray(rng.standard_normal(shape), dtype) for shape in ((2, 64, 2, 40), (2, 77, 2, 40),
