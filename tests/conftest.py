@@ -60,6 +60,24 @@ def tiny_checkpoints(tmp_path_factory):
     return out
 
 
+_COMPILED: dict = {}
+
+
+def run_jitted(name, model, fn, *args):
+    """``fn(model, *args)`` as one compiled program (split/merge under ``jax.jit``), as sdjax's sampler
+    and trainer run the models; eager calls would compile each op on its own at every new shape.
+    Compiled once per ``name`` (one ``fn`` per name) and graph, so a second layout of the same model
+    reuses the first one's executable. Returns numpy arrays."""
+    import jax
+    import numpy as np
+    from flax import nnx
+    if name not in _COMPILED:
+        _COMPILED[name] = jax.jit(lambda graphdef, state, *a: fn(nnx.merge(graphdef, state), *a),
+                                  static_argnums=0)
+    graphdef, state = nnx.split(model)
+    return jax.tree.map(np.asarray, _COMPILED[name](graphdef, state, *args))
+
+
 SD15_SCHEDULER = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
                   "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "set_alpha_to_one": False,
                   "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None, "clip_sample": False}

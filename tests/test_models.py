@@ -1,6 +1,4 @@
 """Parity of sdjax's CLIP, UNet and VAE with transformers / diffusers PyTorch (fp32), from every layout."""
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +7,7 @@ import torch
 from flax import nnx
 
 import reference as R
+from conftest import run_jitted
 from sdjax import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
 
 LAYOUTS = ["safetensors", "flax", "bin_old_names"]
@@ -31,16 +30,8 @@ def load(model_cls, entry, layout, dtype=jnp.float32):
     return model_cls.from_pretrained(entry[layout].parent, dtype=dtype)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _apply(graphdef, state, *arrays):
-    return nnx.merge(graphdef, state)(*arrays)
-
-
-def compiled_call(model, *arrays):
-    """``model(*arrays)`` as one compiled program, as sdjax's sampler and trainer run the models.
-    Called eagerly, a UNet at a new shape compiles each of its ops on its own, 2-5x slower here."""
-    graphdef, state = nnx.split(model)
-    return _apply(graphdef, state, *map(jnp.asarray, arrays))
+def call(model, *arrays):  # for run_jitted
+    return model(*arrays)
 
 
 # ----------------------------------------------------------------------------- CLIP
@@ -86,7 +77,7 @@ def test_unet_matches_diffusers(tiny_checkpoints, layout):
     x = rng.standard_normal((4, 16, 16, 4)).astype(np.float32)
     ctx = rng.standard_normal((4, 77, 32)).astype(np.float32)
     t = np.array([0, 10, 500, 999])
-    ours = compiled_call(load(UNet2DConditionModel, entry, layout), x, t, ctx)
+    ours = run_jitted("tiny-unet", load(UNet2DConditionModel, entry, layout), call, x, t, ctx)
     with torch.no_grad():
         ref = entry["torch"](nchw(x), torch.from_numpy(t), torch.from_numpy(ctx)).sample
     assert np.abs(nhwc(ref)).max() > 0.1  # a real signal, not zeros
@@ -99,7 +90,8 @@ def test_unet_odd_latent_size(tiny_checkpoints):
     rng = np.random.default_rng(1)
     x = rng.standard_normal((2, 10, 14, 4)).astype(np.float32)
     ctx = rng.standard_normal((2, 5, 32)).astype(np.float32)
-    ours = compiled_call(load(UNet2DConditionModel, entry, "safetensors"), x, jnp.float32(321.0), ctx)
+    unet = load(UNet2DConditionModel, entry, "safetensors")
+    ours = run_jitted("tiny-unet", unet, call, x, jnp.float32(321.0), ctx)
     with torch.no_grad():
         ref = entry["torch"](nchw(x), 321, torch.from_numpy(ctx)).sample
     assert ours.shape == (2, 10, 14, 4)
@@ -114,7 +106,8 @@ def test_unet_sd2_style_config(tmp_path):
     rng = np.random.default_rng(2)
     x = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
     ctx = rng.standard_normal((2, 7, 32)).astype(np.float32)
-    ours = compiled_call(UNet2DConditionModel.from_pretrained(tmp_path), x, np.array([3, 700]), ctx)
+    ours = run_jitted("tiny-unet", UNet2DConditionModel.from_pretrained(tmp_path), call, x, np.array([3, 700]),
+                      ctx)
     with torch.no_grad():
         ref = ref_model(nchw(x), torch.tensor([3, 700]), torch.from_numpy(ctx)).sample
     assert max_err(ours, nhwc(ref)) < TOL
@@ -205,9 +198,9 @@ def test_bf16_loading(tiny_checkpoints, layout):
     x = rng.standard_normal((2, 16, 16, 4)).astype(np.float32)
     ctx = rng.standard_normal((2, 77, 32)).astype(np.float32)
     t = np.array([10, 800])
-    out = compiled_call(model, x, t, ctx)
+    out = run_jitted("tiny-unet", model, call, x, t, ctx)
     assert out.dtype == jnp.bfloat16
-    ref = compiled_call(load(UNet2DConditionModel, entry, "safetensors"), x, t, ctx)
+    ref = run_jitted("tiny-unet", load(UNet2DConditionModel, entry, "safetensors"), call, x, t, ctx)
     rel = np.linalg.norm(np.asarray(out, np.float32) - ref) / np.linalg.norm(ref)
     assert rel < 3e-2, rel
 

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import gc
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from flax import nnx
 
 import reference as R
+from conftest import run_jitted
 from sdjax import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
 
 pytestmark = pytest.mark.slow
@@ -80,19 +79,6 @@ def sd15(tmp_path_factory):
         del model
         gc.collect()
     return out
-
-
-_COMPILED: dict = {}
-
-
-def run_jitted(name, model, fn, *args):
-    """``fn(model, *args)`` under ``jax.jit`` (split/merge); compiled once per ``name`` and graph,
-    so the second layout reuses the first one's executable."""
-    if name not in _COMPILED:
-        _COMPILED[name] = jax.jit(lambda graphdef, state, *a: fn(nnx.merge(graphdef, state), *a),
-                                  static_argnums=0)
-    graphdef, state = nnx.split(model)
-    return jax.tree.map(np.asarray, _COMPILED[name](graphdef, state, *args))
 
 
 def check(errors: dict, ref: dict):

@@ -183,7 +183,11 @@ class Trainer:
 
     def encode_dataset(self, batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
         """The VAE posterior (mean, std) of every dataset image, for ``cache_latents``."""
-        encode = jax.jit(lambda g, s, x: (lambda q: (q.mean, q.std))(nnx.merge(g, s).encode(x)))
+        @jax.jit
+        def encode(graphdef, state, pixels):
+            posterior = nnx.merge(graphdef, state).encode(pixels)
+            return posterior.mean, posterior.std
+
         vae_state = self.frozen.vae
         means, stds = [], []
         for start in range(0, len(self.data.dataset), batch_size):
