@@ -122,10 +122,18 @@ def test_batch_split_over_devices_equals_one_device(pipe, tiny_pipeline_dir):
 
 def test_uneven_batches_are_padded_and_trimmed(pipe):
     kw = dict(num_inference_steps=STEPS, height=SIZE, width=SIZE)
-    out = pipe(["the cat"] * 3, seeds=[1, 2, 3], **kw)
+    out = pipe(["the cat"] * 3, seeds=[1, 2, 3], **kw)  # one call: 3 rows padded to the 8 devices
     assert out.images.shape == (3, SIZE, SIZE, 3) and out.seeds == [1, 2, 3]
-    chunked = pipe(["the cat"] * 3, seeds=[1, 2, 3], batch_size=1, **kw)  # 3 calls of 8 padded rows
-    np.testing.assert_allclose(out.images, chunked.images, atol=1e-5)
+    calls = []
+    original = pipe._generate
+    pipe._generate = lambda *a, **k: calls.append(a[5].shape) or original(*a, **k)  # a[5]: the call's seeds
+    try:
+        chunked = pipe("the cat", seeds=list(range(1, 11)), batch_size=8, **kw)  # 8 rows, then 2 padded to 8
+    finally:
+        pipe._generate = original
+    assert calls == [(8,), (8,)] and chunked.images.shape == (10, SIZE, SIZE, 3)
+    np.testing.assert_allclose(chunked.images[:3], out.images, atol=1e-5)
+    np.testing.assert_allclose(chunked.images[8:], pipe("the cat", seeds=[9, 10], **kw).images, atol=1e-5)
 
 
 def test_no_recompilation_for_new_prompts_seeds_guidance_latents(pipe):
