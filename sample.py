@@ -17,8 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from sdjax.cli_utils import (DEFAULT_MODEL, DTYPES, SampleRequest, UsageError, load_config, parse_seeds,
-                             read_prompts_file, resolve_config_path, validate_request)
+from sdjax.cli_utils import (DEFAULT_MODEL, DTYPES, PROGRESS_MODES, SampleRequest, UsageError, load_config,
+                             parse_seeds, read_prompts_file, resolve_config_path, validate_request)
 
 PROG = "sample.py"
 CONFIG_DIRS = (Path(__file__).resolve().parent / "configs",)
@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", action=argparse.BooleanOptionalAction, default=False, help="also write grid.png")
     p.add_argument("--trajectory", action=argparse.BooleanOptionalAction, default=False,
                    help="also write a denoising strip (PNG) and animation (GIF) per image")
+    p.add_argument("--progress", choices=PROGRESS_MODES, default="auto",
+                   help="progress bar over denoising steps or batches; auto (default): steps on the CPU, "
+                        "batches on GPU/TPU")
     p.add_argument("--compilation-cache", metavar="DIR", default=None,
                    help="JAX persistent compilation cache folder (default $SDJAX_CACHE_DIR/jax or ~/.cache/sdjax/jax; "
                         "'none' turns it off)")
@@ -110,7 +113,7 @@ def main(argv=None) -> int:
         return _fail(e)
     print(f"loaded {req.model} ({dtype}) in {time.perf_counter() - t0:.1f} s; "
           f"{len(req.jobs)} images: {len(req.prompts)} prompt(s) x {len(req.seeds)} seed(s)")
-    result = run_sampling(pipe, req)
+    result = run_sampling(pipe, req, progress=args.progress)
     print(f"wrote {len(result.files) + len(result.extra_files)} files to {req.out}")
     print(result.summary())
     return 0

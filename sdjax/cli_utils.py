@@ -319,7 +319,23 @@ def _chunks(jobs: list, size: int) -> Iterator[list]:
         yield jobs[start:start + size]
 
 
-def run_sampling(pipe, req: SampleRequest, *, progress: bool = True) -> SampleResult:
+PROGRESS_MODES = ("auto", "steps", "batches", "none")
+
+
+def resolve_progress(mode: str) -> str:
+    """``auto``: a bar over denoising steps on the CPU, where one step takes seconds; over batches
+    on GPU/TPU, where a whole batch takes seconds and a per-step host callback would only cost.
+    A step bar's callback also keeps that program out of JAX's persistent compilation cache (JAX
+    does not cache programs with host callbacks), so each run compiles it again."""
+    if mode not in PROGRESS_MODES:
+        raise UsageError(f"--progress {mode!r}: choose one of {', '.join(PROGRESS_MODES)}")
+    if mode == "auto":
+        import jax
+        return "steps" if jax.default_backend() == "cpu" else "batches"
+    return mode
+
+
+def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleResult:
     """Generate every (prompt, seed) of ``req`` with ``pipe`` and write one PNG each into ``req.out``.
 
     Images are generated in batches of ``req.batch_size`` (default 4 per device) and written as each
@@ -327,6 +343,7 @@ def run_sampling(pipe, req: SampleRequest, *, progress: bool = True) -> SampleRe
     last job, and the extra images are dropped), so the sampler compiles once; a request smaller
     than one batch is run as one batch of its own size. PNG names and the A1111 ``parameters``
     chunk come from :mod:`sdjax.images`; numbering continues after the highest index in the folder.
+    ``progress``: one of ``PROGRESS_MODES`` (see :func:`resolve_progress`).
     """
     from sdjax import parallel
     from sdjax.trajectory import noise_images, output_trajectory, trajectory_steps
@@ -344,17 +361,22 @@ def run_sampling(pipe, req: SampleRequest, *, progress: bool = True) -> SampleRe
     extra: list[Path] = []
     images_for_grid = []
     batches = list(_chunks(jobs, per_call))
-    bar = batches
-    if progress:
+    bar, step_bar = batches, False
+    mode = resolve_progress(progress)
+    if mode != "none":
         from tqdm.auto import tqdm
-        bar = tqdm(batches, desc="batches", unit="batch")
+        if mode == "steps":   # one bar for the whole request, which the pipeline advances per step
+            step_bar = tqdm(total=len(batches) * sched.num_model_calls, desc="steps", unit="step")
+        else:
+            bar = tqdm(batches, desc="batches", unit="batch")
     start = time.perf_counter()
     with CompileTimer() as compile_timer:
         for batch in bar:
             padded = batch + [batch[-1]] * (per_call - len(batch))
             out = pipe([p for p, _ in padded], req.negative_prompt, seeds=[s for _, s in padded],
                        num_inference_steps=req.steps, guidance_scale=req.guidance_scale, height=req.height,
-                       width=req.width, scheduler=req.scheduler, batch_size=per_call, return_intermediates=picks)
+                       width=req.width, scheduler=req.scheduler, batch_size=per_call, return_intermediates=picks,
+                       progress=step_bar)
             noise = noise_images(pipe, [s for _, s in padded], req.height, req.width) if req.trajectory else None
             for b, (prompt, seed) in enumerate(batch):
                 index = first_index + len(files)
@@ -370,6 +392,8 @@ def run_sampling(pipe, req: SampleRequest, *, progress: bool = True) -> SampleRe
                                           out_dir / image_file_name(index, seed, prompt, "-trajectory"), params))
                     extra.append(save_gif(frames, out_dir / image_file_name(index, seed, prompt, "-trajectory",
                                                                            "gif")))
+    if step_bar:
+        step_bar.close()
     if req.grid:
         extra.append(save_png(image_grid(images_for_grid), out_dir / "grid.png"))
     seconds = time.perf_counter() - start

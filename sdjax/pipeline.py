@@ -41,6 +41,19 @@ def to_uint8(images) -> np.ndarray:
     return (np.asarray(images) * 255).round().clip(0, 255).astype(np.uint8)
 
 
+def _step_bar(progress, total: int):
+    """(the bar that counts denoising steps or None, whether this call made it and must close it)."""
+    # Identity and type checks only: a tqdm bar's == compares bars and fails on a string.
+    if progress is None or progress is False or (isinstance(progress, str) and progress == "batches"):
+        return None, False
+    if progress is True or (isinstance(progress, str) and progress == "steps"):
+        from tqdm.auto import tqdm
+        return tqdm(total=total, desc="steps", unit="step"), True
+    if not isinstance(progress, str) and callable(getattr(progress, "update", None)):
+        return progress, False
+    raise ValueError(f"progress={progress!r}: expected True, False, 'steps', 'batches' or a bar with update(n)")
+
+
 def _as_list(x, name) -> list:
     if x is None:
         return []
@@ -48,6 +61,21 @@ def _as_list(x, name) -> list:
     if not items:
         raise ValueError(f"{name} is empty")
     return items
+
+
+class _StepTicker:
+    """The host end of the sampler's per-step callback: advances the bar of the call in progress.
+
+    One per pipeline, so the compiled sampler (for which it is a static argument) is reused
+    from call to call whatever bar each call brings.
+    """
+
+    def __init__(self):
+        self.bar = None
+
+    def __call__(self, i) -> None:
+        if self.bar is not None and int(i) > 0:   # model call i has started: call i - 1 is done
+            self.bar.update(1)
 
 
 class StableDiffusion:
@@ -67,7 +95,8 @@ class StableDiffusion:
         self._refresh_state()
         self._generate = jax.jit(
             sampling.generate, static_argnums=(0,),
-            static_argnames=("latent_shape_HWC", "use_guidance", "return_predictions"))
+            static_argnames=("latent_shape_HWC", "use_guidance", "return_predictions", "on_step"))
+        self._ticker = _StepTicker()
         self._decode = jax.jit(lambda g, s, z: sampling.decode_latents(nnx.merge(g, s), z), static_argnums=0)
 
     def _refresh_state(self) -> None:
@@ -124,7 +153,7 @@ class StableDiffusion:
                  seeds: int | Sequence[int] = 0, num_inference_steps: int = 50, guidance_scale: float = 7.5,
                  height: int = 512, width: int = 512, scheduler: str = "pndm", latents: np.ndarray | None = None,
                  *, batch_size: int | None = None, return_intermediates: int | Sequence[int] | None = None,
-                 scheduler_options: dict | None = None, progress: bool = False) -> StableDiffusionOutput:
+                 scheduler_options: dict | None = None, progress=False) -> StableDiffusionOutput:
         """Generate one image per (prompt, seed).
 
         ``prompts`` and ``seeds`` broadcast: one prompt with many seeds, many prompts with one seed
@@ -134,6 +163,10 @@ class StableDiffusion:
         generated per compiled call (default: 4 per device), split over every device.
         ``return_intermediates``: a count of evenly spaced steps, or the step indices, at which to
         return the predicted clean image (the "noise resolving into a picture" view).
+        ``progress``: ``True`` or ``"steps"`` shows a bar over the denoising steps of every batch;
+        ``"batches"`` one over batches; or pass your own bar (any object with ``update(n)``, e.g.
+        a ``tqdm``), advanced once per step. Step bars add one host callback per step to the
+        compiled sampler (compiled once more, then reused); ``"batches"`` and ``False`` add none.
         """
         prompts, seeds = _as_list(prompts, "prompts"), _as_list(seeds, "seeds")
         negatives = _as_list(negative_prompts, "negative_prompts") or [""]
@@ -168,24 +201,34 @@ class StableDiffusion:
         per_call = parallel.padded_size(batch_size or 4 * self.mesh.size, self.mesh)
         images, inter = [], []
         chunks = range(0, n, per_call)
-        if progress:
+        step_bar, own_bar = _step_bar(progress, len(chunks) * sched.num_model_calls)
+        if isinstance(progress, str) and progress == "batches":
             from tqdm.auto import tqdm
             chunks = tqdm(chunks, desc="batches", unit="batch")
-        for start in chunks:
-            stop = min(start + per_call, n)
-            size = parallel.padded_size(stop - start, self.mesh)
-            shard = lambda a: parallel.shard_batch(parallel.pad_batch(a[start:stop], size), self.mesh)  # noqa: E731
-            out = self._generate(
-                self._graphdefs, self._state, sched, shard(ids), shard(neg_ids),
-                shard(np.asarray(seeds, np.uint32)), None if latents is None else shard(latents),
-                jnp.float32(guidance_scale), latent_shape_HWC=latent_shape, use_guidance=guidance_scale > 1.0,
-                return_predictions=bool(steps))
-            images.append(parallel.to_host(out.images)[: stop - start])
-            if steps:
-                picked = out.predictions[jnp.asarray(steps)]  # [S, B, h, w, C]
-                decoded = [parallel.to_host(self._decode(self._graphdefs.vae, self._state.vae, p))
-                           for p in picked]
-                inter.append(np.stack(decoded)[:, : stop - start])
+        self._ticker.bar = step_bar
+        try:
+            for start in chunks:
+                stop = min(start + per_call, n)
+                size = parallel.padded_size(stop - start, self.mesh)
+                shard = lambda a: parallel.shard_batch(parallel.pad_batch(a[start:stop], size), self.mesh)  # noqa: E731
+                out = self._generate(
+                    self._graphdefs, self._state, sched, shard(ids), shard(neg_ids),
+                    shard(np.asarray(seeds, np.uint32)), None if latents is None else shard(latents),
+                    jnp.float32(guidance_scale), latent_shape_HWC=latent_shape, use_guidance=guidance_scale > 1.0,
+                    return_predictions=bool(steps), on_step=None if step_bar is None else self._ticker)
+                images.append(parallel.to_host(out.images)[: stop - start])
+                if step_bar is not None:
+                    jax.effects_barrier()  # the outputs can be ready before the last callbacks have run
+                    step_bar.update(1)     # the last model call: the ticker counts each call when the next starts
+                if steps:
+                    picked = out.predictions[jnp.asarray(steps)]  # [S, B, h, w, C]
+                    decoded = [parallel.to_host(self._decode(self._graphdefs.vae, self._state.vae, p))
+                               for p in picked]
+                    inter.append(np.stack(decoded)[:, : stop - start])
+        finally:
+            self._ticker.bar = None
+            if own_bar:
+                step_bar.close()
         return StableDiffusionOutput(np.concatenate(images), prompts, negatives, [int(s) for s in seeds],
                                      np.concatenate(inter, axis=1) if steps else None, steps or None)
 

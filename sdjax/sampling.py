@@ -68,16 +68,25 @@ def guided_model_output(unet, model_input_B, t, cond_BSD, uncond_BSD, guidance_s
 
 
 def denoise(unet, scheduler: Scheduler, latents_BHWC, cond_BSD, uncond_BSD=None, guidance_scale=7.5,
-            keys_B=None, return_predictions: bool = False):
+            keys_B=None, return_predictions: bool = False, on_step=None):
     """Run the whole reverse process as one ``lax.scan`` over the scheduler's model calls.
 
     ``latents_BHWC``: initial latents already multiplied by ``scheduler.init_noise_sigma``.
     ``uncond_BSD=None`` skips guidance (one UNet pass). ``keys_B``: per-image keys for stochastic
     schedulers. Returns the final latents, and with ``return_predictions`` also the predicted clean
     latents after every step ([num_model_calls, B, h, w, C]).
+
+    ``on_step``: an optional host function, called as ``on_step(i)`` (``i`` a numpy int) when the
+    loop starts model call ``i``, so calls ``0..i-1`` are done; for progress bars. It runs through
+    ``jax.debug.callback`` (one host callback per step, on a runtime thread) and, under ``jax.jit``,
+    must be a static, hashable argument. ``None`` leaves the compiled loop free of callbacks.
     """
     def body(carry, i):
         x, state = carry
+        if on_step is not None:
+            # The loop index is replicated, so this is one call per step with no cross-device
+            # traffic; it fires once iteration i has begun, i.e. after step i - 1 has finished.
+            jax.debug.callback(on_step, i)
         model_input = scheduler.scale_model_input(state, x, i)
         eps = guided_model_output(unet, model_input, scheduler.timestep(i), cond_BSD, uncond_BSD, guidance_scale)
         x0 = predicted_clean(scheduler, model_input, eps, i) if return_predictions else None
@@ -110,11 +119,12 @@ class GenerateOutput(NamedTuple):
 
 def generate(graphdefs: SDState, state: SDState, scheduler: Scheduler, cond_ids_BT, uncond_ids_BT, seeds_B,
              latents_BHWC, guidance_scale, *, latent_shape_HWC, use_guidance: bool,
-             return_predictions: bool = False) -> GenerateOutput:
+             return_predictions: bool = False, on_step=None) -> GenerateOutput:
     """Prompts to images in one traced function: the body `StableDiffusion` jit-compiles.
 
     ``latents_BHWC=None`` draws each image's initial noise from its seed; otherwise those unscaled
     N(0, 1) latents are used. Seeds also key the per-step noise of stochastic schedulers.
+    ``on_step``: see :func:`denoise`.
     """
     text_encoder, unet, vae = (nnx.merge(g, s) for g, s in zip(graphdefs, state))
     keys = image_keys(seeds_B)
@@ -124,6 +134,6 @@ def generate(graphdefs: SDState, state: SDState, scheduler: Scheduler, cond_ids_
     uncond = encode_prompts(text_encoder, uncond_ids_BT) if use_guidance else None
     noise_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)  # distinct from the initial-noise key
     out = denoise(unet, scheduler, latents_BHWC.astype(F32) * scheduler.init_noise_sigma, cond, uncond,
-                  guidance_scale, noise_keys, return_predictions)
+                  guidance_scale, noise_keys, return_predictions, on_step)
     latents, predictions = out if return_predictions else (out, None)
     return GenerateOutput(decode_latents(vae, latents), predictions)

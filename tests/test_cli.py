@@ -23,7 +23,9 @@ from sdjax import trajectory as T
 from sdjax.cli_utils import UsageError, load_config, parse_seeds
 
 ROOT = Path(__file__).resolve().parent.parent
-SMALL = ["--height", "32", "--width", "32", "--steps", "3", "--dtype", "float32", "--compilation-cache", "none"]
+# --progress batches: the program the tests' own pipe(...) calls compile too (a step bar adds a host callback).
+SMALL = ["--height", "32", "--width", "32", "--steps", "3", "--dtype", "float32", "--compilation-cache", "none",
+         "--progress", "batches"]
 
 
 def _load_sample_module():
@@ -192,9 +194,12 @@ def test_every_prompt_times_every_seed_with_metadata_and_grid(pipe_dir, pipe, tm
     np.testing.assert_array_equal(pixels(out / "00000-seed3-a-photo-of-a-cat.png"), ref.to_pil()[1])
     assert Image.open(out / "grid.png").size == (2 * 32 + 3 * I.GAP, 2 * 32 + 3 * I.GAP)
 
-    # a second run into the same folder continues the numbering instead of overwriting
-    rc, _, _ = run_main(capsys, "a dog", "--seeds", "7", "--negative-prompt", "blurry", "--model", pipe_dir,
-                        "--out", out, *SMALL)
+    # a second run into the same folder continues the numbering instead of overwriting; with the
+    # default progress (on the CPU, a bar over every model call) it makes the same image
+    rc, _, stderr = run_main(capsys, "a dog", "--seeds", "7", "--negative-prompt", "blurry", "--model", pipe_dir,
+                             "--out", out, *SMALL, "--progress", "auto")
+    calls = pipe.make_scheduler("pndm", 3).num_model_calls
+    assert re.search(rf"steps: 100%.* {calls}/{calls} ", stderr), stderr
     assert rc == 0 and (out / "00004-seed7-a-dog.png").is_file()
     np.testing.assert_array_equal(pixels(out / "00004-seed7-a-dog.png"), pixels(out / "00003-seed7-a-dog.png"))
     assert not [p for p in out.iterdir() if p.name.startswith(".")]   # no temp files
@@ -285,6 +290,7 @@ BAD_INPUTS = {
     "seeds_reversed": (["a cat", "--seeds", "5-2"], "smaller than the start"),
     "steps_type": (["a cat", "--steps", "many"], "invalid int value"),
     "dtype": (["a cat", "--dtype", "int8"], "unknown dtype"),
+    "progress": (["a cat", "--progress", "sometimes"], "invalid choice: 'sometimes'"),
     "config_unknown_key": (["a cat", "--config", "{tmp}/bad.yaml"], "unknown key 'stpes'"),
     "config_bad_value": (["a cat", "--config", "{tmp}/badvalue.yaml"], "key 'steps' has value 'many'"),
     "config_missing": (["a cat", "--config", "{tmp}/none.yaml"], "does not exist"),
@@ -322,7 +328,8 @@ def test_script_subprocess_and_persistent_compilation_cache(pipe_dir, tmp_path):
         out = tmp_path / f"out{run}"
         proc = subprocess.run(
             [sys.executable, str(ROOT / "sample.py"), "a photo of a cat", "--model", str(pipe_dir), "--seeds", "1",
-             "--height", "32", "--width", "32", "--steps", "3", "--out", str(out)],
+             "--height", "32", "--width", "32", "--steps", "3", "--out", str(out),
+             "--progress", "batches"],  # JAX caches no program with host callbacks, as a step bar's
             env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
         match = re.search(r"^1 images in [\d.]+ s \([\d.]+ images/s, compile ([\d.]+) s\)$", proc.stdout, re.M)

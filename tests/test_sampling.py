@@ -136,6 +136,29 @@ def test_uneven_batches_are_padded_and_trimmed(pipe):
     np.testing.assert_allclose(chunked.images[8:], pipe("the cat", seeds=[9, 10], **kw).images, atol=1e-5)
 
 
+class CountingBar:
+    def __init__(self):
+        self.n = 0
+
+    def update(self, k):
+        self.n += k
+
+
+def test_step_progress_counts_every_model_call_and_compiles_once(pipe):
+    kw = dict(num_inference_steps=STEPS, height=SIZE, width=SIZE, batch_size=8)
+    seeds = list(range(1, 11))  # two calls of 8 rows, as in the test above
+    plain = pipe("the cat", seeds=seeds, **kw)
+    calls = pipe.make_scheduler("pndm", STEPS).num_model_calls
+    bar = CountingBar()
+    ticked = pipe("the cat", seeds=seeds, progress=bar, **kw)
+    assert bar.n == 2 * calls
+    np.testing.assert_array_equal(ticked.images, plain.images)  # the callback changes nothing computed
+    compiled = pipe._generate._cache_size()
+    other = CountingBar()  # a new bar, the same compiled program
+    pipe("the red dog", seeds=[4], progress=other, **kw)
+    assert other.n == calls and pipe._generate._cache_size() == compiled
+
+
 def test_no_recompilation_for_new_prompts_seeds_guidance_latents(pipe):
     kw = dict(num_inference_steps=STEPS, height=SIZE, width=SIZE, scheduler="ddim")
     pipe("the cat", seeds=[1, 2], latents=latents_for(2, 0), **kw)
@@ -226,6 +249,7 @@ def test_bf16_sampler_stays_close_to_fp32(pipe, pipe_bf16, scheduler):
     (dict(latents=np.zeros((1, 8, 8, 4))), r"latents have shape \(1, 8, 8, 4\); expected \(1, 16, 16, 4\)"),
     (dict(guidance_scale=float("nan")), "not a finite number"),
     (dict(return_intermediates=[0, 99]), r"intermediate steps \[99\] are outside"),
+    (dict(progress="sometimes"), r"progress='sometimes': expected True, False, 'steps', 'batches'"),
 ])
 def test_bad_input(pipe, kwargs, message):
     kwargs = {"prompts": "the cat", "height": SIZE, "width": SIZE, "num_inference_steps": 2, **kwargs}
