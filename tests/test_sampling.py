@@ -150,8 +150,18 @@ def test_step_progress_counts_every_model_call_and_compiles_once(pipe):
     plain = pipe("the cat", seeds=seeds, **kw)
     calls = pipe.make_scheduler("pndm", STEPS).num_model_calls
     bar = CountingBar()
-    ticked = pipe("the cat", seeds=seeds, progress=bar, **kw)
+    programs = []
+    original = pipe._generate
+    pipe._generate = lambda *a, **k: programs.append((a, k)) or original(*a, **k)
+    try:
+        ticked = pipe("the cat", seeds=seeds, progress=bar, **kw)
+    finally:
+        pipe._generate = original
     assert bar.n == 2 * calls
+    # one host callback, on the replicated loop index: no cross-device traffic on the 8-device mesh
+    hlo = original.lower(*programs[0][0], **programs[0][1]).compile().as_text()
+    assert hlo.count("custom-call") == 1
+    assert not [op for op in ("all-reduce", "all-gather", "collective-permute", "all-to-all") if op in hlo]
     np.testing.assert_array_equal(ticked.images, plain.images)  # the callback changes nothing computed
     compiled = pipe._generate._cache_size()
     other = CountingBar()  # a new bar, the same compiled program
