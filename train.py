@@ -12,6 +12,8 @@ def main(argv=None) -> int:
     try:
         from sdjax.training.cli import parse_args
         cfg, args = parse_args(argv)
+        if args.recorded:
+            print(f"settings recorded in {args.recorded}, with the flags given here over them")
         from sdjax.training.loop import Trainer, TrainingDiverged, train
         if getattr(args, "export", False):
             # As a resumed run (restores the newest checkpoint): a fresh run would start the run's

@@ -40,6 +40,7 @@ from flax import nnx
 from PIL import Image
 
 from sdjax import parallel
+from sdjax.cli_utils import UsageError
 from sdjax.training import step as S
 from sdjax.training.checkpoint import Checkpointer
 from sdjax.training.cli import parse_args
@@ -522,9 +523,10 @@ def test_export_loads_in_sdjax_and_diffusers_with_ema_weights(full_run):
     assert max_diff(exported_unet(final), last["ema"]) <= 1e-7
     assert max_diff(exported_unet(final, format="flax"), last["ema"]) <= 1e-7
 
-    rc, stdout, stderr = run_train_py(["--config", full_run["preset"], *flags(output_dir=out, max_steps=3),
-                                       "--export", "--export-step", "2"])
+    # only the output folder: the rest comes from the run's train_config.json
+    rc, stdout, stderr = run_train_py(["--output-dir", out, "--export", "--export-step", "2"])
     assert rc == 0, stderr
+    assert f"settings recorded in {out / 'train_config.json'}" in stdout
     assert f"exported step 2 to {final}" in stdout
     assert max_diff(exported_unet(final), saved_state(out, 2)["ema"]) <= 1e-7
     assert [r["step"] for r in metrics(out)] == [1, 2, 3]          # --export leaves the run's log alone
@@ -579,6 +581,28 @@ def test_gradient_checkpointing_on_the_cpu_warns_that_it_saves_nothing(pipeline_
 
 
 # ----------------------------------------------------------------------------- 8. presets
+def test_resume_and_export_take_the_recorded_settings(tmp_path):
+    """--resume/--export: flags > the run's train_config.json > a preset > the defaults; a new run
+    ignores the file."""
+    out = tmp_path / "run"
+    out.mkdir()
+    recorded = dataclasses.asdict(TrainConfig(model="base", train_data="data", output_dir="elsewhere",
+                                              learning_rate=5e-5, random_flip=False, max_steps=100))
+    (out / "train_config.json").write_text(json.dumps(recorded))
+    resumed, args = parse_args(["--output-dir", str(out), "--resume", "--max-steps", "200", "--config", "style"])
+    assert args.recorded == out / "train_config.json" and resumed.resume
+    assert (resumed.model, resumed.train_data, resumed.output_dir) == ("base", "data", str(out))
+    assert (resumed.learning_rate, resumed.random_flip, resumed.max_steps) == (5e-5, False, 200)
+    assert resumed.caption_dropout == 0.0 and resumed.ema_decay is None   # recorded, not the preset's
+    exported, args = parse_args(["--output-dir", str(out), "--export"])
+    assert args.recorded and exported.learning_rate == 5e-5
+    fresh, args = parse_args(["--output-dir", str(out), "--train-data", "other"])
+    assert args.recorded is None and (fresh.learning_rate, fresh.train_data) == (TrainConfig.learning_rate, "other")
+    (out / "train_config.json").write_text(json.dumps({**recorded, "learning_rat": 1}))
+    with pytest.raises(UsageError, match="train_config.json: unknown key 'learning_rat'"):
+        parse_args(["--output-dir", str(out), "--resume"])
+
+
 def test_training_presets_and_their_documentation():
     style, _ = parse_args(["--config", "style", "--train-data", "data"])
     assert (style.learning_rate, style.max_steps, style.ema_decay, style.caption_dropout) == (1e-5, 1000, 0.9999, 0.1)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from sdjax.cli_utils import UsageError, resolve_config_path
-from sdjax.training.loop import TrainConfig
+from sdjax.training.loop import RUN_CONFIG_FILE, TrainConfig
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "train"  # sample.py presets sit one level up
 
@@ -42,7 +42,8 @@ HELP = {
     "sample_every": "write sample images every N steps (0: only at the end)",
     "validation_prompts": "prompts for the sample images (default: the first two captions)",
     "validation_seeds": "seeds for the sample images",
-    "resume": "continue from the latest checkpoint in OUTPUT_DIR/checkpoints",
+    "resume": "continue from the latest checkpoint in OUTPUT_DIR/checkpoints, with the settings in "
+              "OUTPUT_DIR/train_config.json (flags given override them)",
 }
 
 
@@ -117,15 +118,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
+    """The run's settings: flags over a ``--config`` preset over the defaults. With ``--resume`` or
+    ``--export``, the settings the run recorded in ``OUTPUT_DIR/train_config.json`` come between
+    the flags and the preset (they already hold that run's preset and flags), so
+    ``train.py --output-dir DIR --resume`` continues a run as it was started; ``args.recorded``
+    is that file, or None."""
     args = build_parser().parse_args(argv)
-    values: dict[str, Any] = {}
-    if getattr(args, "config", None):
-        values.update(load_train_config(resolve_config_path(args.config, [CONFIG_DIR])))
+    preset = load_train_config(resolve_config_path(args.config, [CONFIG_DIR])) if getattr(args, "config", None) else {}
     known = {f.name for f in dataclasses.fields(TrainConfig)}
-    for key, value in vars(args).items():
-        if key in known:
-            values[key] = _convert(key, value, "command line")
-    cfg = TrainConfig(**values)
+    given = {key: _convert(key, value, "command line") for key, value in vars(args).items() if key in known}
+    recorded: dict[str, Any] = {}
+    args.recorded = None
+    if given.get("resume", preset.get("resume")) or getattr(args, "export", False):
+        output_dir = given.get("output_dir") or preset.get("output_dir") or TrainConfig.output_dir
+        path = Path(output_dir) / RUN_CONFIG_FILE
+        if path.is_file():
+            recorded = {k: v for k, v in load_train_config(path).items() if k not in ("output_dir", "resume")}
+            args.recorded = path
+    cfg = TrainConfig(**{**preset, **recorded, **given})
     try:
         cfg.validate()
     except ValueError as e:

@@ -32,6 +32,9 @@ from sdjax.training.monitor import MetricsLog
 from sdjax.weights import abstract_model
 
 
+RUN_CONFIG_FILE = "train_config.json"   # in the output folder: the settings a run was started with
+
+
 @dataclasses.dataclass
 class TrainConfig:
     """Every setting of a fine-tuning run (``train.py`` flags and ``configs/*.yaml`` keys)."""
@@ -174,7 +177,7 @@ class Trainer:
             print(f"--resume: no checkpoint in {checkpoints.directory} yet, starting from step 0")
         if main:
             out.mkdir(parents=True, exist_ok=True)
-            (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+            (out / RUN_CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
         log = MetricsLog(out, enabled=main, spike_factor=cfg.spike_factor, resume_from_step=resumed)
         trainer = cls(cfg, out, mesh, pipe, graphdefs, frozen, state, data, checkpoints, step_cfg, step_fn, log)
         if cfg.cache_latents:
