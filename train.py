@@ -8,13 +8,13 @@ import sys
 def main(argv=None) -> int:
     from sdjax.cli_utils import UsageError
     from sdjax.training.data import DataError
+    from sdjax.training.loop import Trainer, TrainingDiverged, train  # before the try: its except clauses name them
     from sdjax.weights import CheckpointError
     try:
         from sdjax.training.cli import parse_args
         cfg, args = parse_args(argv)
         if args.recorded:
             print(f"settings recorded in {args.recorded}, with the flags given here over them")
-        from sdjax.training.loop import Trainer, TrainingDiverged, train
         if getattr(args, "export", False):
             # As a resumed run (restores the newest checkpoint): a fresh run would start the run's
             # metrics.jsonl over, deleting it.
