@@ -361,7 +361,7 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
     extra: list[Path] = []
     images_for_grid = []
     batches = list(_chunks(jobs, per_call))
-    bar, step_bar = batches, False
+    bar, step_bar = batches, None
     mode = resolve_progress(progress)
     if mode != "none":
         from tqdm.auto import tqdm
@@ -392,7 +392,7 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
                                           out_dir / image_file_name(index, seed, prompt, "-trajectory"), params))
                     extra.append(save_gif(frames, out_dir / image_file_name(index, seed, prompt, "-trajectory",
                                                                            "gif")))
-    if step_bar:
+    if step_bar is not None:
         step_bar.close()
     if req.grid:
         extra.append(save_png(image_grid(images_for_grid), out_dir / "grid.png"))
