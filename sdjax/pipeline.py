@@ -41,16 +41,19 @@ def to_uint8(images) -> np.ndarray:
     return (np.asarray(images) * 255).round().clip(0, 255).astype(np.uint8)
 
 
-def _step_bar(progress, total: int):
-    """(the bar that counts denoising steps or None, whether this call made it and must close it)."""
+def _progress_bars(progress, total_steps: int):
+    """What ``progress`` asks for: (a bar counting denoising steps or None, whether this call made it
+    and must close it, whether to show a bar over batches instead)."""
     # Identity and type checks only: a tqdm bar's == compares bars and fails on a string.
-    if progress is None or progress is False or (isinstance(progress, str) and progress == "batches"):
-        return None, False
+    if progress is None or progress is False:
+        return None, False, False
+    if isinstance(progress, str) and progress == "batches":
+        return None, False, True
     if progress is True or (isinstance(progress, str) and progress == "steps"):
         from tqdm.auto import tqdm
-        return tqdm(total=total, desc="steps", unit="step"), True
+        return tqdm(total=total_steps, desc="steps", unit="step"), True, False
     if not isinstance(progress, str) and callable(getattr(progress, "update", None)):
-        return progress, False
+        return progress, False, False
     raise ValueError(f"progress={progress!r}: expected True, False, 'steps', 'batches' or a bar with update(n)")
 
 
@@ -201,8 +204,8 @@ class StableDiffusion:
         per_call = parallel.padded_size(batch_size or 4 * self.mesh.size, self.mesh)
         images, inter = [], []
         chunks = range(0, n, per_call)
-        step_bar, own_bar = _step_bar(progress, len(chunks) * sched.num_model_calls)
-        if isinstance(progress, str) and progress == "batches":
+        step_bar, own_bar, batch_bar = _progress_bars(progress, len(chunks) * sched.num_model_calls)
+        if batch_bar:
             from tqdm.auto import tqdm
             chunks = tqdm(chunks, desc="batches", unit="batch")
         self._ticker.bar = step_bar

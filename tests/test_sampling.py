@@ -1,4 +1,5 @@
 """StableDiffusion against diffusers' StableDiffusionPipeline; sharding, determinism, recompilation."""
+import contextlib
 import os
 import subprocess
 import sys
@@ -50,6 +51,18 @@ def latents_for(n, seed=0):
     return np.random.default_rng(seed).standard_normal((n, SIZE // 2, SIZE // 2, 4)).astype(np.float32)
 
 
+@contextlib.contextmanager
+def generate_calls(pipe):
+    """The (args, kwargs) of every compiled-sampler call ``pipe`` makes inside the block."""
+    calls = []
+    original = pipe._generate
+    pipe._generate = lambda *a, **k: calls.append((a, k)) or original(*a, **k)
+    try:
+        yield calls
+    finally:
+        pipe._generate = original
+
+
 SCHEDULER_CASES = [(name, steps) for name in ["pndm", "ddim", "euler", "dpmpp_2m", "dpmpp_2m_karras", "lms"]
                    for steps in (STEPS, 50)]
 
@@ -98,15 +111,10 @@ def test_batch_split_over_devices_equals_one_device(pipe, tiny_pipeline_dir):
     """16 seeds on 8 devices == each seed alone on 1 device, and the work really is split."""
     assert len(jax.devices()) == 8
     kw = dict(num_inference_steps=3, height=SIZE, width=SIZE, scheduler="euler_a")
-    calls = []
-    original = pipe._generate
-    pipe._generate = lambda *a, **k: calls.append((a, k)) or original(*a, **k)
-    try:
+    with generate_calls(pipe) as calls:
         together = pipe("the cat", seeds=list(range(16)), batch_size=16, **kw).images
-    finally:
-        pipe._generate = original
     (args, kwargs), = calls
-    compiled = original.lower(*args, **kwargs).compile()
+    compiled = pipe._generate.lower(*args, **kwargs).compile()
     hlo = compiled.as_text()
     # Per-device programs see 2 seeds (16 / 8) and 4 UNet rows (2 images x [uncond, cond]).
     assert "u32[2]" in hlo and "u32[16]" not in hlo
@@ -124,14 +132,10 @@ def test_uneven_batches_are_padded_and_trimmed(pipe):
     kw = dict(num_inference_steps=STEPS, height=SIZE, width=SIZE)
     out = pipe(["the cat"] * 3, seeds=[1, 2, 3], **kw)  # one call: 3 rows padded to the 8 devices
     assert out.images.shape == (3, SIZE, SIZE, 3) and out.seeds == [1, 2, 3]
-    calls = []
-    original = pipe._generate
-    pipe._generate = lambda *a, **k: calls.append(a[5].shape) or original(*a, **k)  # a[5]: the call's seeds
-    try:
+    with generate_calls(pipe) as calls:
         chunked = pipe("the cat", seeds=list(range(1, 11)), batch_size=8, **kw)  # 8 rows, then 2 padded to 8
-    finally:
-        pipe._generate = original
-    assert calls == [(8,), (8,)] and chunked.images.shape == (10, SIZE, SIZE, 3)
+    assert [args[5].shape for args, _ in calls] == [(8,), (8,)]  # args[5]: the call's seeds
+    assert chunked.images.shape == (10, SIZE, SIZE, 3)
     np.testing.assert_allclose(chunked.images[:3], out.images, atol=1e-5)
     np.testing.assert_allclose(chunked.images[8:], pipe("the cat", seeds=[9, 10], **kw).images, atol=1e-5)
 
@@ -150,16 +154,12 @@ def test_step_progress_counts_every_model_call_and_compiles_once(pipe):
     plain = pipe("the cat", seeds=seeds, **kw)
     calls = pipe.make_scheduler("pndm", STEPS).num_model_calls
     bar = CountingBar()
-    programs = []
-    original = pipe._generate
-    pipe._generate = lambda *a, **k: programs.append((a, k)) or original(*a, **k)
-    try:
+    with generate_calls(pipe) as programs:
         ticked = pipe("the cat", seeds=seeds, progress=bar, **kw)
-    finally:
-        pipe._generate = original
     assert bar.n == 2 * calls
     # one host callback, on the replicated loop index: no cross-device traffic on the 8-device mesh
-    hlo = original.lower(*programs[0][0], **programs[0][1]).compile().as_text()
+    (args, kwargs), _ = programs
+    hlo = pipe._generate.lower(*args, **kwargs).compile().as_text()
     assert hlo.count("custom-call") == 1
     assert not [op for op in ("all-reduce", "all-gather", "collective-permute", "all-to-all") if op in hlo]
     np.testing.assert_array_equal(ticked.images, plain.images)  # the callback changes nothing computed
@@ -167,6 +167,9 @@ def test_step_progress_counts_every_model_call_and_compiles_once(pipe):
     other = CountingBar()  # a new bar, the same compiled program
     pipe("the red dog", seeds=[4], progress=other, **kw)
     assert other.n == calls and pipe._generate._cache_size() == compiled
+    batches = pipe("the cat", seeds=seeds, progress="batches", **kw)  # no callback: the plain program again
+    np.testing.assert_array_equal(batches.images, plain.images)
+    assert pipe._generate._cache_size() == compiled
 
 
 def test_no_recompilation_for_new_prompts_seeds_guidance_latents(pipe):
