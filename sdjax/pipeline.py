@@ -16,9 +16,10 @@ from sdjax import parallel, sampling
 from sdjax.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
 from sdjax.schedulers import SCHEDULERS, make_scheduler
 from sdjax.text import load_tokenizer, tokenize
-from sdjax.weights import CheckpointError, resolve_dtype, resolve_model_dir, save_pipeline
+from sdjax.weights import CheckpointError, hub_files, resolve_dtype, resolve_model_dir, save_pipeline
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+PARTS = {"text_encoder": CLIPTextModel, "unet": UNet2DConditionModel, "vae": AutoencoderKL}  # folder -> model
 MAX_SEED = 2**32 - 1
 
 
@@ -120,22 +121,33 @@ class StableDiffusion:
     # ------------------------------------------------------------------ loading / saving
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str = DEFAULT_MODEL, *, revision: str | None = None,
-                        dtype=jnp.float32, format: str | None = None, mesh=None) -> "StableDiffusion":
+                        dtype=jnp.float32, format: str | None = None, variant: str | None = None,
+                        mesh=None) -> "StableDiffusion":
         """Load a diffusers pipeline folder or Hub repo in any layout (safetensors, Flax msgpack with
-        ``revision="flax"``/``"bf16"`` on the Hub, or .bin), cast to ``dtype``."""
+        ``revision="flax"``/``"bf16"`` on the Hub, or .bin), cast to ``dtype``. ``variant`` picks
+        variant files such as ``diffusion_pytorch_model.fp16.safetensors`` (``variant="fp16"``).
+
+        From the Hub only the files sdjax reads are downloaded (each model's config and one weights
+        file, the tokenizer, the scheduler config), not the rest of the repo."""
         dtype = resolve_dtype(dtype)
         if revision in ("flax", "bf16"):
             format = format or "flax"
-        patterns = ["*.json", "*.txt", "*.safetensors"] if format != "flax" else ["*.json", "*.txt", "*.msgpack"]
+        patterns = ["model_index.json", "scheduler/scheduler_config.json", "tokenizer/*"]
+        for part, model_cls in PARTS.items():
+            patterns += [f"{part}/{name}" for name in hub_files(model_cls, format, variant)]
         root = resolve_model_dir(path_or_repo_id, None, revision, allow_patterns=patterns)
         sched_path = root / "scheduler" / "scheduler_config.json"
         if not sched_path.is_file():
             raise CheckpointError(f"{root}: no scheduler/scheduler_config.json (is this a diffusers pipeline folder?)")
-        kw = dict(revision=revision, dtype=dtype, format=format)
-        return cls(text_encoder=CLIPTextModel.from_pretrained(root, subfolder="text_encoder", **kw),
-                   unet=UNet2DConditionModel.from_pretrained(root, subfolder="unet", **kw),
-                   vae=AutoencoderKL.from_pretrained(root, subfolder="vae", **kw),
-                   tokenizer=load_tokenizer(root), scheduler_config=json.loads(sched_path.read_text()),
+        try:
+            scheduler_config = json.loads(sched_path.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{sched_path}: not valid JSON ({e})") from e
+        if not isinstance(scheduler_config, dict):
+            raise CheckpointError(f"{sched_path}: expected a JSON object of settings")
+        kw = dict(revision=revision, dtype=dtype, format=format, variant=variant)
+        models = {part: model_cls.from_pretrained(root, subfolder=part, **kw) for part, model_cls in PARTS.items()}
+        return cls(**models, tokenizer=load_tokenizer(root), scheduler_config=scheduler_config,
                    mesh=mesh, name=str(path_or_repo_id))
 
     def save_pretrained(self, directory, *, format: str = "both", dtype=None, overwrite: bool = False) -> Path:
@@ -200,7 +212,7 @@ class StableDiffusion:
         steps = self._intermediate_steps(return_intermediates, sched.num_model_calls)
 
         ids = tokenize(self.tokenizer, prompts)
-        neg_ids = tokenize(self.tokenizer, negatives)
+        neg_ids = tokenize(self.tokenizer, negatives, kind="negative prompt")
         per_call = parallel.padded_size(batch_size or 4 * self.mesh.size, self.mesh)
         images, inter = [], []
         chunks = range(0, n, per_call)

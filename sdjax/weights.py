@@ -65,6 +65,7 @@ CLIP = LayoutSpec(CLIPTextModel, CLIPTextConfig, "flax_model.msgpack",
 SPECS = {UNet2DConditionModel: UNET, AutoencoderKL: VAE, CLIPTextModel: CLIP}
 
 _FLAX_ALIASES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out_0"}  # Flax VAE attention
+_FLAX_NAMES = {new: old for old, new in _FLAX_ALIASES.items()}  # what diffusers' FlaxAutoencoderKL calls them
 
 
 # ----------------------------------------------------------------------------- names
@@ -340,7 +341,13 @@ def read_config(model_dir: Path, model_cls):
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from e
-    return SPECS[model_cls].config_cls.from_dict(raw), raw
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: expected a JSON object of settings, got a {type(raw).__name__}")
+    try:
+        return SPECS[model_cls].config_cls.from_dict(raw), raw
+    except (TypeError, ValueError, KeyError, NotImplementedError) as e:
+        raise CheckpointError(f"{path}: not a config sdjax can build a {model_cls.__name__} from: "
+                              f"{type(e).__name__}: {e}") from e
 
 
 def config_to_dict(config) -> dict[str, Any]:
@@ -363,16 +370,19 @@ def config_to_dict(config) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- locating files
+def with_variant(name: str, variant: str | None) -> str:
+    """``diffusion_pytorch_model.safetensors`` -> ``diffusion_pytorch_model.fp16.safetensors``."""
+    if not variant:
+        return name
+    stem, ext = name.rsplit(".", 1)
+    return f"{stem}.{variant}.{ext}"
+
+
 def weight_file(model_dir: Path, model_cls, *, prefer: str | None = None, variant: str | None = None) -> Path:
     """Pick the weights file in a model folder: safetensors, then Flax msgpack, then .bin
     (``prefer='flax'`` puts msgpack first)."""
     spec = SPECS[model_cls]
-    def with_variant(name):
-        if not variant:
-            return name
-        stem, ext = name.rsplit(".", 1)
-        return f"{stem}.{variant}.{ext}"
-    candidates = [with_variant(spec.torch_files[0]), with_variant(spec.flax_file), with_variant(spec.torch_files[1])]
+    candidates = [with_variant(n, variant) for n in (spec.torch_files[0], spec.flax_file, spec.torch_files[1])]
     if prefer == "flax":
         candidates.insert(0, candidates.pop(1))
     elif prefer not in (None, "pytorch"):
@@ -380,7 +390,24 @@ def weight_file(model_dir: Path, model_cls, *, prefer: str | None = None, varian
     for name in candidates:
         if (model_dir / name).is_file():
             return model_dir / name
-    raise CheckpointError(f"{model_dir}: no weights file; expected one of {', '.join(candidates)}")
+    found = sorted(p.name for p in model_dir.iterdir() if p.suffix in (".safetensors", ".msgpack", ".bin"))
+    variants = sorted({name.split(".")[-2] for name in found if name.count(".") >= 2})
+    hint = (f"; the folder has {', '.join(found)}" if found else "") + (
+        f" (load a variant with variant={variants[0]!r}, sample.py --variant {variants[0]})" if variants else "")
+    if any(model_dir.glob("*.index.json")):
+        hint += ("; sharded checkpoints (*.index.json) are not supported: re-save them unsharded, e.g. with "
+                 "diffusers' save_pretrained(dir, max_shard_size='20GB')")
+    raise CheckpointError(f"{model_dir}: no weights file; expected one of {', '.join(candidates)}{hint}")
+
+
+def hub_files(model_cls, format: str | None = None, variant: str | None = None) -> list[str]:
+    """The files of one model folder that sdjax reads from a Hub repo: its config and one weights file."""
+    spec = SPECS[model_cls]
+    return ["config.json", with_variant(spec.flax_file if format == "flax" else spec.torch_files[0], variant)]
+
+
+def _is_local_path(text: str) -> bool:
+    return text.startswith((".", "/", "~")) or (os.path.sep in text and not re.fullmatch(r"[\w.-]+/[\w.-]+", text))
 
 
 def resolve_model_dir(path_or_repo_id: str | os.PathLike, subfolder: str | None = None,
@@ -392,7 +419,12 @@ def resolve_model_dir(path_or_repo_id: str | os.PathLike, subfolder: str | None 
         if not out.is_dir():
             raise CheckpointError(f"{local}: no {subfolder}/ folder in this model directory")
         return out
-    if os.path.sep in str(path_or_repo_id) and not re.fullmatch(r"[\w.-]+/[\w.-]+", str(path_or_repo_id)):
+    if local.is_file():
+        raise CheckpointError(
+            f"{path_or_repo_id}: is a file; sdjax loads a diffusers pipeline folder (model_index.json, unet/, "
+            "vae/, text_encoder/, tokenizer/, scheduler/) or a Hub repo id. A single-file checkpoint converts "
+            "with diffusers: StableDiffusionPipeline.from_single_file(FILE).save_pretrained(DIR)")
+    if _is_local_path(str(path_or_repo_id)):
         raise CheckpointError(f"{path_or_repo_id}: no such directory")
     from huggingface_hub import snapshot_download
     patterns = allow_patterns or ["*.json", "*.txt", "*.safetensors"]
@@ -415,10 +447,8 @@ def resolve_model_dir(path_or_repo_id: str | os.PathLike, subfolder: str | None 
 def from_pretrained(model_cls, path_or_repo_id, *, subfolder=None, revision=None, dtype=jnp.float32,
                     format: str | None = None, variant: str | None = None):
     """Load a model from a diffusers/transformers folder (any layout) or a Hub repo id."""
-    spec = SPECS[model_cls]
-    patterns = ["config.json", spec.flax_file if format == "flax" else spec.torch_files[0]]
-    if revision in ("flax", "bf16"):
-        patterns = ["config.json", spec.flax_file]
+    flax = format == "flax" or revision in ("flax", "bf16")
+    patterns = hub_files(model_cls, "flax" if flax else None, variant)
     model_dir = resolve_model_dir(path_or_repo_id, subfolder, revision, allow_patterns=patterns)
     config, _ = read_config(model_dir, model_cls)
     prefer = format or ("flax" if revision in ("flax", "bf16") else None)
@@ -465,6 +495,8 @@ def save_pretrained(model, directory: str | os.PathLike, *, format: str = "both"
         for p, a in params.items():
             node = tree
             *parents, leaf = flax_key(p, spec.flax_joins_indices).split("/")
+            if spec is VAE:
+                parents = [_FLAX_NAMES.get(part, part) for part in parents]
             for part in parents:
                 node = node.setdefault(part, {})
             node[leaf] = a
@@ -516,8 +548,8 @@ def save_pipeline(directory: str | os.PathLike, *, text_encoder, tokenizer, unet
             save_pretrained(model, tmp / part, format=format, dtype=dtype)
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         if directory.exists():
-            old = directory.with_name(f".{directory.name}.old")
-            os.replace(directory, old)
+            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
+            os.replace(directory, old)  # onto the empty folder just made
             os.replace(tmp, directory)
             shutil.rmtree(old)
         else:

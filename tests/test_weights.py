@@ -2,6 +2,7 @@
 import json
 import shutil
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -45,6 +46,85 @@ def test_offline_hub_error_says_how_to_use_a_local_dir(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(CheckpointError, match="local directory"):
         UNet2DConditionModel.from_pretrained("no-such-user/no-such-model", subfolder="unet")
+
+
+def test_model_path_that_is_a_file_or_a_missing_relative_folder(tmp_path, monkeypatch):
+    single = tmp_path / "v1-5-pruned-emaonly.safetensors"
+    single.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="is a file; sdjax loads a diffusers pipeline folder.*from_single_file"):
+        UNet2DConditionModel.from_pretrained(single)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match="no such directory"):   # not sent to the Hub as a repo id
+        UNet2DConditionModel.from_pretrained("./no-such/model")
+
+
+def test_bad_config_is_named(tmp_path):
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match=r"config.json: expected a JSON object"):
+        AutoencoderKL.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**R.TINY_UNET, "addition_embed_type": "text_time"},
+                                                     default=list))
+    with pytest.raises(CheckpointError, match=rf"{tmp_path}/config.json: .*addition_embed_type='text_time' is not "
+                                              "supported"):
+        UNet2DConditionModel.from_pretrained(tmp_path)
+
+
+def test_variant_files(tiny_checkpoints, tmp_path):
+    """``variant="fp16"`` reads diffusion_pytorch_model.fp16.safetensors; without it the error
+    names the file that is there and how to load it."""
+    directory, file = copy_model_dir(tiny_checkpoints["vae"], "safetensors", tmp_path)
+    file.rename(file.with_name("diffusion_pytorch_model.fp16.safetensors"))
+    with pytest.raises(CheckpointError, match=r"the folder has diffusion_pytorch_model.fp16.safetensors "
+                                              r"\(load a variant with variant='fp16'"):
+        AutoencoderKL.from_pretrained(directory)
+    vae = AutoencoderKL.from_pretrained(directory, variant="fp16")
+    reference = AutoencoderKL.from_pretrained(tiny_checkpoints["vae"]["safetensors"].parent)
+    a, b = params_of(vae), params_of(reference)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+# What the SD v1.5 Hub repo holds besides the files sdjax reads: two single-file checkpoints at the
+# root (4 and 7.7 GB), EMA-only / non-EMA / fp16 copies, .bin and msgpack copies, a safety checker.
+SD15_REPO_FILES = [
+    "model_index.json", "scheduler/scheduler_config.json", "v1-5-pruned.safetensors", "v1-5-pruned.ckpt",
+    "v1-5-pruned-emaonly.safetensors", "feature_extractor/preprocessor_config.json",
+    "safety_checker/config.json", "safety_checker/model.safetensors", "safety_checker/model.fp16.safetensors",
+    *[f"tokenizer/{n}" for n in ("merges.txt", "special_tokens_map.json", "tokenizer_config.json", "vocab.json")],
+    "text_encoder/config.json", "text_encoder/model.safetensors", "text_encoder/model.fp16.safetensors",
+    "text_encoder/pytorch_model.bin", "text_encoder/flax_model.msgpack",
+    *[f"{part}/{n}" for part in ("unet", "vae") for n in (
+        "config.json", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
+        "diffusion_pytorch_model.non_ema.safetensors", "diffusion_pytorch_model.bin",
+        "diffusion_flax_model.msgpack")],
+]
+
+
+@pytest.mark.parametrize("variant,format", [(None, None), ("fp16", None), (None, "flax")])
+def test_hub_download_takes_only_the_files_it_reads(monkeypatch, variant, format):
+    """``StableDiffusion.from_pretrained(repo_id)`` asks huggingface_hub for the configs, the tokenizer
+    and one weights file per model: not ``*.safetensors``, which matches every file above (fnmatch's
+    ``*`` crosses folders) and would download ~20 GB more."""
+    import huggingface_hub
+    from huggingface_hub.utils import filter_repo_objects
+    from sdjax import StableDiffusion
+    asked = {}
+
+    def fake_snapshot_download(repo_id, revision=None, allow_patterns=None, **kw):
+        asked["patterns"] = allow_patterns
+        raise OSError("no network in this test")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    with pytest.raises(CheckpointError, match="could not get"):
+        StableDiffusion.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5", variant=variant,
+                                        format=format)
+    got = sorted(filter_repo_objects(SD15_REPO_FILES, allow_patterns=asked["patterns"]))
+    weights = {(None, None): ("model.safetensors", "diffusion_pytorch_model.safetensors"),
+               ("fp16", None): ("model.fp16.safetensors", "diffusion_pytorch_model.fp16.safetensors"),
+               (None, "flax"): ("flax_model.msgpack", "diffusion_flax_model.msgpack")}[variant, format]
+    expected = ["model_index.json", "scheduler/scheduler_config.json",
+                *[f for f in SD15_REPO_FILES if f.startswith("tokenizer/")],
+                "text_encoder/config.json", f"text_encoder/{weights[0]}",
+                *[f"{part}/{n}" for part in ("unet", "vae") for n in ("config.json", weights[1])]]
+    assert got == sorted(expected)
 
 
 @pytest.mark.parametrize("layout", ["safetensors", "flax"])
@@ -113,9 +193,13 @@ def params_of(model):
 @pytest.mark.parametrize("kind,cls", [("unet", UNet2DConditionModel), ("vae", AutoencoderKL), ("clip", CLIPTextModel)])
 def test_save_then_reference_load(tiny_checkpoints, tmp_path, kind, cls):
     """sdjax -> save_pretrained (both layouts) -> diffusers/transformers PyTorch load: the same
-    weights, and sdjax reloads the Flax layout to identical params."""
+    weights; the Flax file is byte for byte what diffusers / transformers Flax wrote (names
+    included: the VAE's attention is query/key/value/proj_attn there), and sdjax reloads it to
+    identical params."""
     model = cls.from_pretrained(tiny_checkpoints[kind]["flax"].parent)
     model.save_pretrained(tmp_path, format="both")
+    flax_file = tiny_checkpoints[kind]["flax"]
+    assert (tmp_path / flax_file.name).read_bytes() == flax_file.read_bytes()
     ref = tiny_checkpoints[kind]["torch"]
     if kind == "clip":
         from transformers import CLIPTextModel as TorchCLIP
@@ -134,13 +218,27 @@ def test_save_then_reference_load(tiny_checkpoints, tmp_path, kind, cls):
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
-def test_save_bf16(tiny_checkpoints, tmp_path):
+@pytest.mark.parametrize("format", ["flax", "pytorch"])
+def test_save_bf16(tiny_checkpoints, tmp_path, format):
+    """``dtype`` casts what is written: every array in the file is bf16, and reloads to the weights
+    rounded to bf16."""
+    import ml_dtypes
+    from flax.serialization import msgpack_restore
+    from safetensors import safe_open
     model = UNet2DConditionModel.from_pretrained(tiny_checkpoints["unet"]["safetensors"].parent)
-    model.save_pretrained(tmp_path, format="flax", dtype="bfloat16")
+    model.save_pretrained(tmp_path, format=format, dtype="bfloat16")
+    if format == "flax":
+        tree = msgpack_restore((tmp_path / "diffusion_flax_model.msgpack").read_bytes())
+        dtypes = {a.dtype for a in jax.tree.leaves(tree)}
+        assert dtypes == {np.dtype(ml_dtypes.bfloat16)}, dtypes
+    else:
+        with safe_open(tmp_path / "diffusion_pytorch_model.safetensors", "pt") as f:
+            dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
+        assert dtypes == {"BF16"}, dtypes
     again = UNet2DConditionModel.from_pretrained(tmp_path, dtype=jnp.float32)
     original = params_of(model)
     for k, v in params_of(again).items():
-        np.testing.assert_allclose(v, original[k], rtol=1e-2, atol=1e-6)
+        np.testing.assert_array_equal(v, original[k].astype(ml_dtypes.bfloat16).astype(np.float32))
 
 
 def make_pipeline_dir(tiny_checkpoints, tmp_path):
@@ -189,6 +287,11 @@ def test_pipeline_folder_is_not_overwritten_or_half_written(tiny_checkpoints, tm
         save_pipeline(tmp_path / "other", **parts, format="onnx")
     assert not (tmp_path / "other").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".other")]  # temp folder cleaned up
+    # overwrite=True replaces the folder, even next to a leftover of an interrupted earlier overwrite
+    (tmp_path / ".pipe.old").mkdir()
+    (tmp_path / ".pipe.old" / "junk").write_text("x")
+    save_pipeline(target, **parts, overwrite=True)
+    assert not (target / "keep.txt").exists() and (target / "model_index.json").is_file()
 
 
 def test_flax_pipeline_folder_names_flax_classes(tiny_checkpoints, tmp_path):
@@ -206,6 +309,13 @@ def test_tokenizer_truncation_warns(tmp_path):
     tok = load_tokenizer(R.write_tiny_tokenizer(tmp_path), subfolder=None)
     ids = tokenize(tok, ["the cat " * 10, "the cat " * 50])
     assert ids.shape == (2, 77) and ids.dtype == np.int32
-    with pytest.warns(UserWarning, match=r"prompt 0 is 102 tokens long.*last 25 tokens were dropped"):
+    with pytest.warns(UserWarning, match=r"prompt 'the cat the cat .*\.\.\.' is 102 tokens long.*last 25 tokens were "
+                      r"dropped: 'cat the"):
         tokenize(tok, "the cat " * 50)
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tokenize(tok, ["the cat " * 50] * 4 + ["a dog " * 50, "the cat"], kind="negative prompt")
+    assert [str(w.message).split(" is ")[0] for w in caught] == [
+        f"negative prompt {p[:40] + '...'!r}" for p in ("the cat " * 50, "a dog " * 50)]  # once per distinct prompt
     assert ids[1, -1] == tok.eos_token_id and ids[1, 0] == tok.bos_token_id
