@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts-file", metavar="FILE", help="more prompts, one per line")
     p.add_argument("--config", metavar="YAML", help="preset of defaults: a file or a name in configs/ (draft, ...)")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"Hugging Face Hub repo id or local pipeline folder (default {DEFAULT_MODEL})")
+    p.add_argument("--variant", default=None,
+                   help="load variant weight files, e.g. fp16 for diffusion_pytorch_model.fp16.safetensors "
+                        "(about half the download)")
     p.add_argument("--negative-prompt", default="", help="what to steer away from, e.g. 'blurry, low quality'")
     p.add_argument("--seeds", type=_seeds, default="0", help="seed, inclusive range (0-15) or list (3,7,9); default 0")
     p.add_argument("--steps", type=int, default=50, help="denoising steps (default 50, typical 20-100)")
@@ -53,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help=f"{' / '.join(DTYPES)}; default bfloat16 on GPU/TPU, float32 on CPU")
     p.add_argument("--batch-size", type=int, default=None, help="images per compiled call (default 4 per device)")
     p.add_argument("--out", default="outputs", help="output folder (default outputs)")
-    p.add_argument("--grid", action=argparse.BooleanOptionalAction, default=False, help="also write grid.png")
+    p.add_argument("--grid", action=argparse.BooleanOptionalAction, default=False, help="also write NNNNN-grid.png (all the images of the run)")
     p.add_argument("--trajectory", action=argparse.BooleanOptionalAction, default=False,
                    help="also write a denoising strip (PNG) and animation (GIF) per image")
     p.add_argument("--progress", choices=PROGRESS_MODES, default="auto",
@@ -82,7 +85,7 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
     req = SampleRequest(prompts=prompts, seeds=seeds, negative_prompt=args.negative_prompt, model=args.model,
                         steps=args.steps, guidance_scale=args.guidance_scale, scheduler=args.scheduler,
                         height=args.height, width=args.width, dtype=args.dtype, batch_size=args.batch_size,
-                        out=args.out, grid=args.grid, trajectory=args.trajectory)
+                        out=str(Path(args.out).expanduser()), variant=args.variant, grid=args.grid, trajectory=args.trajectory)
     validate_request(req)
     return req, args
 
@@ -108,7 +111,7 @@ def main(argv=None) -> int:
     dtype = req.dtype or default_dtype()
     t0 = time.perf_counter()
     try:
-        pipe = StableDiffusion.from_pretrained(req.model, dtype=dtype)
+        pipe = StableDiffusion.from_pretrained(req.model, dtype=dtype, variant=req.variant)
     except CheckpointError as e:  # no weights reachable, or not a pipeline folder: before anything is written
         return _fail(e)
     print(f"loaded {req.model} ({dtype}) in {time.perf_counter() - t0:.1f} s; "

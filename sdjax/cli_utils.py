@@ -11,6 +11,7 @@ import collections
 import dataclasses
 import math
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -51,7 +52,7 @@ def parse_seeds(text: str | int | Sequence[int]) -> list[int]:
             continue
         item = str(item).strip()
         start, sep, stop = item.partition("-")
-        if not start.isdigit() or (sep and not stop.isdigit()):
+        if not _DIGITS.fullmatch(start) or (sep and not _DIGITS.fullmatch(stop)):
             raise UsageError(f"bad seeds {str(text)!r}: use a number (7), an inclusive range (0-15) "
                              "or a comma-separated list (3,7,9)")
         if sep:
@@ -71,13 +72,17 @@ def parse_seeds(text: str | int | Sequence[int]) -> list[int]:
     return seeds
 
 
+_DIGITS = re.compile(r"[0-9]+")  # ASCII only: str.isdigit() accepts '²', which int() then rejects
+
+
 def read_prompts_file(path: str | os.PathLike) -> list[str]:
-    """One prompt per line (UTF-8); blank lines are skipped. An empty or missing file is an error."""
+    """One prompt per line (UTF-8, with or without a byte-order mark); blank lines are skipped. An
+    empty or missing file is an error."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"prompts file {str(path)!r} does not exist")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"cannot read prompts file {str(path)!r}: {e}") from e
     prompts = [line.strip() for line in lines if line.strip()]
@@ -90,6 +95,7 @@ def read_prompts_file(path: str | os.PathLike) -> list[str]:
 # key -> (type check, description). The keys are the CLI flags with "-" written as "_".
 CONFIG_KEYS: dict[str, tuple[type | tuple, str]] = {
     "model": (str, "Hub repo id or local pipeline folder"),
+    "variant": (str, "weight file variant, e.g. fp16"),
     "negative_prompt": (str, "what to steer away from"),
     "seeds": ((int, str, list), "seed, range 0-15 or list"),
     "steps": (int, "number of denoising steps"),
@@ -99,7 +105,7 @@ CONFIG_KEYS: dict[str, tuple[type | tuple, str]] = {
     "width": (int, "image width in pixels (multiple of 8)"),
     "dtype": (str, f"one of {', '.join(DTYPES)}"),
     "batch_size": (int, "images per compiled call"),
-    "grid": (bool, "also write grid.png"),
+    "grid": (bool, "also write NNNNN-grid.png"),
     "trajectory": (bool, "also write trajectory strips and GIFs"),
     "out": (str, "output folder"),
 }
@@ -171,6 +177,7 @@ class SampleRequest:
     seeds: list[int]
     negative_prompt: str = ""
     model: str = DEFAULT_MODEL
+    variant: str | None = None        # e.g. "fp16": diffusion_pytorch_model.fp16.safetensors
     steps: int = 50
     guidance_scale: float = 7.5
     scheduler: str = "pndm"
@@ -395,6 +402,6 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
     if step_bar is not None:
         step_bar.close()
     if req.grid:
-        extra.append(save_png(image_grid(images_for_grid), out_dir / "grid.png"))
+        extra.append(save_png(image_grid(images_for_grid), out_dir / f"{first_index:05d}-grid.png"))
     seconds = time.perf_counter() - start
     return SampleResult(files, extra, len(files), seconds, compile_timer.seconds)

@@ -173,6 +173,9 @@ def test_presets_load_and_precedence(tmp_path):
         (50, 7.5, "pndm", 512, 512, [0], "outputs", None)
     from sdjax.cli_utils import default_dtype
     assert default_dtype() == "float32"   # CPU
+    cfg.write_text("out: ~/pictures\nvariant: fp16\n")
+    req, _ = sample.parse_request(["a cat", "--config", str(cfg)])
+    assert (req.out, req.variant) == (str(Path.home() / "pictures"), "fp16")   # not a folder named "~"
 
 
 # ----------------------------------------------------------------------------- generating
@@ -182,8 +185,8 @@ def test_every_prompt_times_every_seed_with_metadata_and_grid(pipe_dir, pipe, tm
                              "--model", pipe_dir, "--out", out, "--grid", *SMALL)
     assert rc == 0
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["00000-seed3-a-photo-of-a-cat.png", "00001-seed7-a-photo-of-a-cat.png",
-                     "00002-seed3-a-dog.png", "00003-seed7-a-dog.png", "grid.png"]
+    assert names == ["00000-grid.png", "00000-seed3-a-photo-of-a-cat.png", "00001-seed7-a-photo-of-a-cat.png",
+                     "00002-seed3-a-dog.png", "00003-seed7-a-dog.png"]
     assert re.search(r"^4 images in [\d.]+ s \([\d.]+ images/s, compile [\d.]+ s\)$", stdout, re.M), stdout
     params = I.read_png_parameters(out / "00001-seed7-a-photo-of-a-cat.png")
     assert params == ("a photo of a cat\nNegative prompt: blurry\nSteps: 3, Sampler: PNDM, CFG scale: 7.5, "
@@ -192,22 +195,24 @@ def test_every_prompt_times_every_seed_with_metadata_and_grid(pipe_dir, pipe, tm
     ref = pipe(["a dog", "a photo of a cat"], "blurry", seeds=[7, 3], num_inference_steps=3, height=32, width=32)
     np.testing.assert_array_equal(pixels(out / "00003-seed7-a-dog.png"), ref.to_pil()[0])
     np.testing.assert_array_equal(pixels(out / "00000-seed3-a-photo-of-a-cat.png"), ref.to_pil()[1])
-    assert Image.open(out / "grid.png").size == (2 * 32 + 3 * I.GAP, 2 * 32 + 3 * I.GAP)
+    assert Image.open(out / "00000-grid.png").size == (2 * 32 + 3 * I.GAP, 2 * 32 + 3 * I.GAP)
+    first_grid = (out / "00000-grid.png").read_bytes()
 
     # a second run into the same folder continues the numbering instead of overwriting; with the
     # default progress (on the CPU, a bar over every model call) it makes the same image
     rc, _, stderr = run_main(capsys, "a dog", "--seeds", "7", "--negative-prompt", "blurry", "--model", pipe_dir,
-                             "--out", out, *SMALL, "--progress", "auto")
+                             "--out", out, *SMALL, "--progress", "auto", "--grid")
     calls = pipe.make_scheduler("pndm", 3).num_model_calls
     assert re.search(rf"steps: 100%.* {calls}/{calls} ", stderr), stderr
     assert rc == 0 and (out / "00004-seed7-a-dog.png").is_file()
     np.testing.assert_array_equal(pixels(out / "00004-seed7-a-dog.png"), pixels(out / "00003-seed7-a-dog.png"))
+    assert (out / "00004-grid.png").is_file() and (out / "00000-grid.png").read_bytes() == first_grid
     assert not [p for p in out.iterdir() if p.name.startswith(".")]   # no temp files
 
 
 def test_seed_range_prompts_file_and_config(pipe_dir, pipe, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("red cat\n\n  blue dog  \n")
+    prompts.write_text("\ufeffred cat\n\n  blue dog  \n", encoding="utf-8")  # a BOM, as Windows editors write
     cfg = tmp_path / "preset.yaml"
     cfg.write_text("steps: 50\nguidance_scale: 6\nscheduler: pndm\n")
     out = tmp_path / "out"
@@ -217,6 +222,7 @@ def test_seed_range_prompts_file_and_config(pipe_dir, pipe, tmp_path, capsys):
     names = sorted(p.name for p in out.iterdir())
     assert names == ["00000-seed0-red-cat.png", "00001-seed1-red-cat.png",
                      "00002-seed0-blue-dog.png", "00003-seed1-blue-dog.png"]
+    assert I.parse_a1111_parameters(I.read_png_parameters(out / "00000-seed0-red-cat.png"))["prompt"] == "red cat"
     params = I.parse_a1111_parameters(I.read_png_parameters(out / "00003-seed1-blue-dog.png"))
     assert params["prompt"] == "blue dog" and params["Steps"] == "3" and params["CFG scale"] == "6"
     assert params["Seed"] == "1" and params["negative_prompt"] == ""
@@ -288,6 +294,8 @@ BAD_INPUTS = {
     "empty_prompts_file": (["--prompts-file", "{tmp}/empty.txt"], "has no prompts"),
     "seeds_syntax": (["a cat", "--seeds", "1-x"], "bad seeds"),
     "seeds_reversed": (["a cat", "--seeds", "5-2"], "smaller than the start"),
+    "seeds_not_ascii": (["a cat", "--seeds", "\u00b2"], "bad seeds"),
+    "config_seeds_not_ascii": (["a cat", "--config", "{tmp}/superscript.yaml"], "key 'seeds': bad seeds"),
     "steps_type": (["a cat", "--steps", "many"], "invalid int value"),
     "dtype": (["a cat", "--dtype", "int8"], "unknown dtype"),
     "progress": (["a cat", "--progress", "sometimes"], "invalid choice: 'sometimes'"),
@@ -295,6 +303,7 @@ BAD_INPUTS = {
     "config_bad_value": (["a cat", "--config", "{tmp}/badvalue.yaml"], "key 'steps' has value 'many'"),
     "config_missing": (["a cat", "--config", "{tmp}/none.yaml"], "does not exist"),
     "no_weights": (["a cat", "--model", "{tmp}/no/such/model"], "no such directory"),
+    "model_is_a_file": (["a cat", "--model", "{tmp}/empty.txt"], "is a file; sdjax loads a diffusers pipeline"),
     "not_a_pipeline": (["a cat", "--model", "{tmp}"], "scheduler_config.json"),
     "offline_hub": (["a cat", "--model", "no-such-user/no-such-model"], "local directory"),
     "out_is_a_file": (["a cat", "--out", "{tmp}/empty.txt"], "not a directory"),
@@ -306,6 +315,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, tmp_path, caps
     (tmp_path / "empty.txt").write_text("\n  \n")
     (tmp_path / "bad.yaml").write_text("steps: 3\nstpes: 4\n")
     (tmp_path / "badvalue.yaml").write_text("steps: many\n")
+    (tmp_path / "superscript.yaml").write_text("seeds: \"\u00b2\"\n", encoding="utf-8")
     argv, message = BAD_INPUTS[case]
     out = tmp_path / "out"
     argv = ["--out", str(out)] + [a.format(tmp=tmp_path) for a in argv] + ["--compilation-cache", "none"]
