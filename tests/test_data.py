@@ -336,6 +336,55 @@ def test_resume_replays_the_same_batches(folder):
         iterate_batches(ds, **{**kwargs, "batch_size_per_process": 2}).restore(state)
 
 
+def test_resume_notices_changed_data(tmp_path):
+    """A saved position holds the dataset's size and fingerprint: 8 -> 9 rows (same steps per
+    epoch at batch 4, so the order would silently change) or a changed caption stops the restore,
+    naming what changed; a position saved before these were recorded still restores."""
+    items = _distinct_items(9)
+    kwargs = dict(resolution=16, batch_size_per_process=4, seed=5)
+    it = iterate_batches(load_captioned_images(write_captioned_folder(tmp_path / "eight", items[:8])), **kwargs)
+    next(it)
+    state = it.state()
+    assert state["num_examples"] == 8 and state["fingerprint"] == it.dataset.fingerprint
+    nine = load_captioned_images(write_captioned_folder(tmp_path / "nine", items))
+    with pytest.raises(DataError, match=r"saved num_examples=8, now 9 \(the training data has a different"):
+        iterate_batches(nine, **kwargs).restore(state)
+    recaptioned = [(image, caption) for image, caption in items[:7]] + [(items[7][0], "another caption")]
+    changed = load_captioned_images(write_captioned_folder(tmp_path / "changed", recaptioned))
+    with pytest.raises(DataError, match="saved fingerprint=.*file names or captions changed"):
+        iterate_batches(changed, **kwargs).restore(state)
+    same = iterate_batches(load_captioned_images(tmp_path / "eight"), **kwargs)
+    same.restore(state)
+    assert same.step == 1
+    old = {k: v for k, v in state.items() if k not in ("num_examples", "fingerprint")}
+    legacy = iterate_batches(load_captioned_images(tmp_path / "eight"), **kwargs)
+    legacy.restore(old)
+    assert legacy.step == 1
+
+
+def test_micro_batches_do_not_depend_on_the_process_count(folder):
+    """With gradient accumulation the global batch is [micro_batches, global micro-batch] and each
+    process takes its columns of every micro-batch, so 1 process and 2 (or 4) processes train on
+    the same micro-batches (a per-process [accumulation, ...] reshape of contiguous slices would
+    make 1 process x 2 devices [[a, b], [c, d]] and 2 processes [[a, c], [b, d]])."""
+    ds = load_captioned_images(folder)
+    accum = 2
+    single = iterate_batches(ds, resolution=16, batch_size_per_process=8, seed=3, micro_batches=accum)
+    hosts = {n: [iterate_batches(ds, resolution=16, batch_size_per_process=8 // n, process_index=p,
+                                 process_count=n, seed=3, micro_batches=accum) for p in range(n)]
+             for n in (2, 4)}
+    for step in range(3):   # crosses epochs (10 examples: one global batch of 8 per epoch)
+        whole = single.indices_for_step(step)
+        # One process: its micro-batches are the consecutive halves of the epoch order's batch.
+        np.testing.assert_array_equal(whole, epoch_permutation(10, 3, step)[:8])
+        micro_AM = whole.reshape(accum, -1)
+        for n, processes in hosts.items():
+            parts = [h.indices_for_step(step).reshape(accum, -1) for h in processes]   # [accum, 8 / accum / n]
+            np.testing.assert_array_equal(np.concatenate(parts, axis=1), micro_AM, err_msg=f"{n} processes")
+    with pytest.raises(ValueError, match="not a multiple of micro_batches=2"):
+        iterate_batches(ds, resolution=16, batch_size_per_process=3, micro_batches=2)
+
+
 def test_random_crop_and_flip_are_deterministic(tmp_path):
     # One wide image with a horizontal gradient: every crop position and flip looks different.
     gradient = np.tile(np.arange(0, 240, 3, dtype=np.uint8)[None, :, None], (20, 1, 3))

@@ -16,9 +16,10 @@ spent, with one `DataError` that lists every bad row (or, with ``skip_bad_rows=T
 are left out and listed in ``dataset.skipped``).
 
 Batching (`BatchIterator`) is a pure function of (seed, step): the order of epoch ``e`` is a
-permutation drawn from ``(seed, e)``, each process takes its slice of every global batch, and crop and
-flip decisions come from ``(seed, epoch, example index)``. Resuming from a saved global step therefore
-replays exactly the batches an uninterrupted run would have seen, on any number of hosts.
+permutation drawn from ``(seed, e)``, each process takes its slice of every global batch (of every
+micro-batch, with gradient accumulation), and crop and flip decisions come from ``(seed, epoch,
+example index)``. Resuming from a saved global step therefore replays exactly the batches (and
+micro-batches) an uninterrupted run would have seen, on any number of hosts.
 """
 
 from __future__ import annotations
@@ -261,7 +262,7 @@ def _finish(source: str, where: str, names: list[str], captions: list[str],
     listing = "\n".join(f"  {b}" for b in bad)
     if bad and not skip_bad_rows:
         raise DataError(f"{where}: {len(bad)} bad row{'s' * (len(bad) != 1)} of {total} "
-                        f"(fix them, or pass skip_bad_rows=True to leave them out):\n{listing}", bad)
+                        f"(fix them, or pass --skip-bad-rows / skip_bad_rows=True to leave them out):\n{listing}", bad)
     if not names:
         detail = f"; all {total} rows are bad:\n{listing}" if bad else " (it has no rows)"
         raise DataError(f"{where}: no usable training examples{detail}", bad)
@@ -593,8 +594,13 @@ class BatchIterator:
 
     Global batch size B = ``batch_size_per_process * process_count``. Each epoch visits the
     examples in ``epoch_permutation(len(dataset), seed, epoch)`` order, cut into ``len(dataset) // B``
-    global batches (the incomplete last one is dropped); process ``p`` takes rows ``[p*b, (p+1)*b)``
-    of each. The iterator never ends: after the last batch of epoch e comes the first of e + 1.
+    global batches (the incomplete last one is dropped). A global batch is laid out as
+    ``[micro_batches, B // micro_batches]`` (row ``a`` is micro-batch ``a`` of a gradient-accumulation
+    step) and process ``p`` takes columns ``[p*m, (p+1)*m)`` of every row, ``m = b // micro_batches``,
+    micro-batch after micro-batch: reshaped to ``[micro_batches, m]``, each process holds its part of
+    every micro-batch, and the micro-batches are the same whatever the process count. (With
+    ``micro_batches=1`` process ``p`` simply takes rows ``[p*b, (p+1)*b)``.) The iterator never ends:
+    after the last batch of epoch e comes the first of e + 1.
 
     The position is the global step: batch ``step`` belongs to epoch ``step // steps_per_epoch``.
     Save ``state()`` in a checkpoint and pass its ``"step"`` as ``start_step`` (or call
@@ -609,10 +615,13 @@ class BatchIterator:
     def __init__(self, dataset: CaptionedImages, *, resolution: int, batch_size_per_process: int,
                  process_index: int = 0, process_count: int = 1, seed: int = 0,
                  start_step: int = 0, center_crop: bool = True, random_flip: bool = False,
-                 num_workers: int | None = None,
+                 num_workers: int | None = None, micro_batches: int = 1,
                  resample: Image.Resampling = Image.Resampling.BICUBIC):
         if resolution <= 0 or batch_size_per_process <= 0:
             raise ValueError("resolution and batch_size_per_process must be positive")
+        if micro_batches <= 0 or batch_size_per_process % micro_batches:
+            raise ValueError(f"batch_size_per_process={batch_size_per_process} is not a multiple of "
+                             f"micro_batches={micro_batches}")
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} not in [0, {process_count})")
         if seed < 0 or start_step < 0:
@@ -623,6 +632,9 @@ class BatchIterator:
         self.process_index = process_index
         self.process_count = process_count
         self.global_batch_size = batch_size_per_process * process_count
+        self.micro_batches = micro_batches
+        self.num_examples = len(dataset)
+        self.fingerprint = dataset.fingerprint
         self.steps_per_epoch = len(dataset) // self.global_batch_size
         if self.steps_per_epoch == 0:
             raise DataError(f"{dataset.source}: {len(dataset)} usable examples, fewer than one "
@@ -642,25 +654,42 @@ class BatchIterator:
         """The epoch of the next batch."""
         return self.step // self.steps_per_epoch
 
-    def state(self) -> dict[str, int]:
+    def state(self) -> dict[str, Any]:
         """The position to store in a checkpoint: the next batch's global step, plus the settings
-        that must match on resume."""
+        and the dataset identity (size and `CaptionedImages.fingerprint`) that must match on resume."""
         return {"step": self.step, "epoch": self.epoch,
                 "step_in_epoch": self.step % self.steps_per_epoch, "seed": self.seed,
                 "steps_per_epoch": self.steps_per_epoch,
-                "global_batch_size": self.global_batch_size}
+                "global_batch_size": self.global_batch_size,
+                "num_examples": self.num_examples, "fingerprint": self.fingerprint}
 
-    def restore(self, state: dict[str, int]) -> None:
+    # What a change of each saved value means, for restore's error.
+    _RESTORE_CHECKS = {
+        "seed": "the seed changed",
+        "global_batch_size": "the batch size, accumulation, device or process count changed",
+        "num_examples": "the training data has a different number of usable rows",
+        "steps_per_epoch": "the dataset size or the global batch size changed",
+        "fingerprint": "the training data's file names or captions changed",
+    }
+
+    def restore(self, state: dict[str, Any]) -> None:
         """Continues from a `state()` saved earlier.
 
-        Raises DataError if the seed, global batch size or steps per epoch differ: the same step
-        would then map to other examples, silently changing the data order.
+        Raises DataError if the seed, global batch size, number of examples, steps per epoch or the
+        dataset fingerprint differ: the same step would then map to other examples, silently
+        changing the data order. (States saved before ``num_examples`` and ``fingerprint`` were
+        recorded are checked on the rest.)
         """
-        for key in ("seed", "global_batch_size", "steps_per_epoch"):
-            if key in state and int(state[key]) != getattr(self, key):
-                raise DataError(f"cannot resume the data order: saved {key}={int(state[key])}, "
-                                f"now {getattr(self, key)} (data, batch size or process count "
-                                f"changed); start a fresh order with start_step=0")
+        for key, meaning in self._RESTORE_CHECKS.items():
+            if key not in state:
+                continue
+            saved, now = state[key], getattr(self, key)
+            if key != "fingerprint":
+                saved = int(saved)
+            if saved != now:
+                raise DataError(f"cannot resume the data order of {self.dataset.source}: saved {key}={saved!r}, "
+                                f"now {now!r} ({meaning}); restore the data and settings of the saved run, "
+                                f"or start a new run (another --output-dir; from Python, start_step=0)")
         self.step = int(state["step"])
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
@@ -669,10 +698,14 @@ class BatchIterator:
         return self._order_cache[1]
 
     def indices_for_step(self, step: int) -> np.ndarray:
-        """The dataset indices this process reads at global step ``step`` (int64 [b])."""
+        """The dataset indices this process reads at global step ``step`` (int64 [b]: its part of
+        micro-batch 0, then of micro-batch 1, ...)."""
         epoch, offset = divmod(step, self.steps_per_epoch)
-        start = offset * self.global_batch_size + self.process_index * self.batch_size_per_process
-        return self._epoch_order(epoch)[start:start + self.batch_size_per_process].astype(np.int64)
+        start = offset * self.global_batch_size
+        batch_AM = self._epoch_order(epoch)[start:start + self.global_batch_size].reshape(self.micro_batches, -1)
+        m = self.batch_size_per_process // self.micro_batches   # this process's columns of each micro-batch
+        columns = slice(self.process_index * m, (self.process_index + 1) * m)
+        return batch_AM[:, columns].reshape(-1).astype(np.int64)
 
     def _load_one(self, epoch: int, index: int) -> np.ndarray:
         rng = example_rng(self.seed, epoch, int(index))
@@ -722,11 +755,11 @@ class BatchIterator:
 def iterate_batches(dataset: CaptionedImages, *, resolution: int, batch_size_per_process: int,
                     process_index: int = 0, process_count: int = 1, seed: int = 0,
                     start_step: int = 0, center_crop: bool = True, random_flip: bool = False,
-                    num_workers: int | None = None) -> BatchIterator:
+                    num_workers: int | None = None, micro_batches: int = 1) -> BatchIterator:
     """`BatchIterator` as a function; see there. Use ``jax.process_index()``/``jax.process_count()``
     on multi-host runs."""
     return BatchIterator(dataset, resolution=resolution,
                          batch_size_per_process=batch_size_per_process,
                          process_index=process_index, process_count=process_count, seed=seed,
                          start_step=start_step, center_crop=center_crop, random_flip=random_flip,
-                         num_workers=num_workers)
+                         num_workers=num_workers, micro_batches=micro_batches)
