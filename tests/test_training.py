@@ -339,6 +339,20 @@ def test_resume_equals_uninterrupted(reference_run, pipeline_dir, data_dir, tmp_
     assert complete_steps(out) == [2, 4]
 
 
+def test_resume_truncates_a_metrics_log_with_a_torn_last_line(tmp_path):
+    """A run killed while writing metrics.jsonl leaves a torn last line: the resume's truncation
+    (to the checkpoint's step) skips it instead of failing on it, and keeps the good lines as they were."""
+    from sdjax.training.monitor import MetricsLog
+    good = [json.dumps({"step": s, "loss": 0.5 / s, "lr": 1e-5}) for s in (1, 2, 3)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(good) + '\n{"step": 4, "lo')
+    log = MetricsLog(tmp_path, resume_from_step=3)
+    log.record(4, {"loss": 0.125})
+    log.close()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert lines[:3] == good and json.loads(lines[3]) == {"step": 4, "loss": 0.125}
+    assert not list(tmp_path.glob("*.tmp"))
+
+
 # ----------------------------------------------------------------------------- 3. SIGKILL
 KILLED_RUN = textwrap.dedent("""
     # A training run's checkpointing, without the (slow to compile) train step: bump the step,

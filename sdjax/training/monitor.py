@@ -3,8 +3,23 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections import deque
 from pathlib import Path
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl, skipping lines that are not a JSON object with a ``step``
+    (a torn last line, left by a run killed while it wrote it)."""
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+    return rows
 
 
 class MetricsLog:
@@ -22,10 +37,12 @@ class MetricsLog:
         self.writer = None
         if enabled:
             if resume_from_step is not None and self.path.exists():
-                # Resumed run: drop lines past the checkpoint (they will be recomputed identically).
-                lines = [ln for ln in self.path.read_text().splitlines()
-                         if ln.strip() and json.loads(ln)["step"] <= resume_from_step]
-                self.path.write_text("".join(ln + "\n" for ln in lines))
+                # Resumed run: drop lines past the checkpoint (they will be recomputed identically)
+                # and any torn line.
+                rows = [row for row in read_rows(self.path) if row["step"] <= resume_from_step]
+                kept = self.path.with_name(self.path.name + ".tmp")   # (replaced whole: never half-written)
+                kept.write_text("".join(json.dumps(row) + "\n" for row in rows))
+                os.replace(kept, self.path)
             elif resume_from_step is None and self.path.exists():
                 self.path.unlink()
             from tensorboardX import SummaryWriter
@@ -54,7 +71,7 @@ class MetricsLog:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        rows = [json.loads(ln) for ln in self.path.read_text().splitlines() if ln.strip()]
+        rows = read_rows(self.path)
         if not rows:
             return None
         steps, losses = [r["step"] for r in rows], [r["loss"] for r in rows]
