@@ -183,9 +183,11 @@ def train_step(state: TrainState, frozen: Frozen, batch: dict, *, graphdefs: Gra
     params = optax.apply_updates(trainable, updates)
     ema = state.ema
     if cfg.ema_decay is not None:
-        # Warm-up decay (as diffusers' EMAModel): early averages do not stick to the initial weights.
+        # Warm-up decay as diffusers' EMAModel.get_decay: 0 at the first update (the EMA becomes the
+        # updated weights), then min(ema_decay, (1 + n) / (10 + n)) after n updates, so early
+        # averages do not stick to the initial weights.
         step = state.step.astype(F32)
-        decay = jnp.minimum(cfg.ema_decay, (1.0 + step) / (10.0 + step))
+        decay = jnp.where(state.step == 0, 0.0, jnp.minimum(cfg.ema_decay, (1.0 + step) / (10.0 + step)))
         ema = jax.tree.map(lambda e, p: e + (1.0 - decay) * (p - e), ema, params["unet"])
     metrics = {"loss": loss / accumulation, "loss_unweighted": raw / accumulation,
                "grad_norm": optax.tree.norm(grads), "lr": lr_schedule(state.step)}
