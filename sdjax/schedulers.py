@@ -958,7 +958,8 @@ def _build_euler_family(name: str, settings: dict, num_steps: int) -> _SigmaSche
         return EulerScheduler(**fields)
     if name == "euler_a":
         return EulerAncestralScheduler(**fields)
-    weights = np.stack([_lms_coefficients(sigmas, step, min(step + 1, 4)) for step in range(num_steps)])
+    # One row per model call: "trailing" spacing can give num_steps + 1 of them (diffusers too).
+    weights = np.stack([_lms_coefficients(sigmas, step, min(step + 1, 4)) for step in range(len(timesteps))])
     return LMSScheduler(**fields, lms_weights=_f32(weights))
 
 
@@ -998,6 +999,7 @@ def _build_dpm_solver(settings: dict, num_steps: int) -> DPMSolverMultistepSched
         timesteps = _timesteps_for_sigmas(sigmas, sigma_table)
         if settings["beta_schedule"] != "squaredcos_cap_v2":
             timesteps = timesteps.round()
+        timesteps = timesteps.astype(np.int64)  # diffusers stores them as int64: the unrounded ones truncate
     else:
         sigmas = _interpolated_sigmas(sigma_table, timesteps)
 
@@ -1047,6 +1049,22 @@ def make_scheduler(name: str, config: dict, num_inference_steps: int, **options)
     if settings["prediction_type"] not in ("epsilon", "v_prediction", "sample"):
         raise ValueError(f"unsupported prediction_type {settings['prediction_type']!r}")
     num_steps = int(num_inference_steps)
+    num_train = int(settings["num_train_timesteps"])
+    if num_steps > num_train:
+        raise ValueError(f"num_inference_steps={num_steps} is more than the model's {num_train} training timesteps")
+    scheduler = _build(name, settings, num_steps)
+    top = float(np.max(scheduler.timesteps))
+    if top > num_train - 1:  # diffusers fails later with an IndexError, or silently clamps
+        raise ValueError(f"{name} with {num_steps} steps (timestep_spacing={settings.get('timestep_spacing')!r}, "
+                         f"steps_offset={settings.get('steps_offset')}) reaches timestep {top:g}, past the last "
+                         f"training timestep {num_train - 1}: use fewer steps")
+    if num_steps > 1 and np.unique(scheduler.timesteps).size == 1:
+        raise ValueError(f"{name} with {num_steps} steps (timestep_spacing={settings.get('timestep_spacing')!r}) "
+                         f"gives every step the same timestep {top:g}: use fewer steps")
+    return scheduler
+
+
+def _build(name: str, settings: dict, num_steps: int) -> Scheduler:
     if name == "pndm":
         _require(settings["prediction_type"] != "sample", "PNDM does not support prediction_type='sample'")
         return _build_pndm(settings, num_steps)

@@ -88,8 +88,14 @@ def test_matches_diffusers_pipeline(pipe, reference_pipe, name, steps):
 def test_guidance_one_skips_unconditional_pass(pipe, reference_pipe):
     reference_pipe.scheduler = diffusers_scheduler(reference_pipe, "ddim")
     latents = latents_for(2, seed=3)
-    ours = pipe(PROMPTS, guidance_scale=1.0, num_inference_steps=5, height=SIZE, width=SIZE, scheduler="ddim",
-                latents=latents).images
+    with generate_calls(pipe) as calls:
+        ours = pipe(PROMPTS, guidance_scale=1.0, num_inference_steps=5, height=SIZE, width=SIZE, scheduler="ddim",
+                    latents=latents).images
+    # At g = 1 eps_u + g (eps_c - eps_u) is eps_c, so the image cannot show whether the unconditional
+    # pass ran: the program can. Its UNet sees the 8 rows (2 images padded to 8 devices), not 16.
+    (args, kwargs), = calls
+    program = pipe._generate.lower(*args, **kwargs).as_text()
+    assert "tensor<8x16x16x32xf32>" in program and "tensor<16x16x16x32xf32>" not in program
     ref = reference_pipe(PROMPTS, guidance_scale=1.0, num_inference_steps=5, height=SIZE, width=SIZE,
                          latents=torch.from_numpy(latents.transpose(0, 3, 1, 2)), output_type="np").images
     assert np.abs(ours - ref).max() <= 2e-3

@@ -135,6 +135,10 @@ DETERMINISTIC_CASES = [
     ("dpmpp_2m", 20, {"final_sigmas_type": "sigma_min"}),
     ("dpmpp_2m", 10, {"solver_type": "heun"}),
     ("ddim", 10, {"clip_sample": True, "set_alpha_to_one": True}),
+    ("ddim", 10, {"clip_sample": True, "clip_sample_range": 0.5}),
+    ("lms", 61, {"timestep_spacing": "trailing"}),  # 62 model calls: trailing spacing adds one (diffusers too)
+    ("dpmpp_2m", 16, {"final_sigmas_type": "sigma_min"}),  # 16 calls: just past lower_order_final's < 15
+    ("dpmpp_2m", 3, {"use_karras_sigmas": True, "beta_schedule": "squaredcos_cap_v2"}),  # int64 timesteps
     ("euler", 10, {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing",
                    "prediction_type": "v_prediction"}),
 ]
@@ -220,7 +224,8 @@ def test_scheduler_is_a_pytree_with_static_settings():
 # ----------------------------------------------------------------------------------------------------------
 
 STOCHASTIC_CASES = [("euler_a", 10, {}), ("euler_a", 7, {"timestep_spacing": "trailing"}),
-                    ("ddpm", 10, {}), ("ddim", 10, {"eta": 1.0})]
+                    ("ddpm", 10, {}), ("ddpm", 10, {"variance_type": "fixed_large", "steps_offset": 0}),
+                    ("ddim", 10, {"eta": 1.0}), ("ddim", 10, {"eta": 0.5})]
 
 
 @pytest.mark.parametrize("case", STOCHASTIC_CASES, ids=case_id)
@@ -245,7 +250,7 @@ def test_stochastic_scheduler_matches_diffusers_given_same_noise(case, noise_nch
         module = {"euler_a": "scheduling_euler_ancestral_discrete", "ddpm": "scheduling_ddpm"}[name]
         monkeypatch.setattr(f"diffusers.schedulers.{module}.randn_tensor", lambda *a, **k: pending.pop(0))
         expected = run_diffusers(reference, noise_nchw)
-        assert not pending
+        assert len(pending) == int(reference.timesteps[-1] == 0)  # DDPM draws no noise at t = 0
     errors = relative_step_errors(ours, expected)
     assert errors.max() <= TOL, f"worst step {errors.argmax()}: relative error {errors.max():.2e}"
 
@@ -379,14 +384,19 @@ def test_add_noise_and_velocity_match_diffusers():
 def test_scheduler_add_noise_matches_diffusers(name):
     """img2img noising with timesteps taken from the inference schedule."""
     options = {"use_karras_sigmas": True} if name == "dpmpp_2m" else {}
-    steps = 25
+    steps = 50
     reference = reference_scheduler(name, steps, **options)
     scheduler = S.make_scheduler(name, SD15_SCHEDULER_CONFIG, steps, **options)
-    rng = np.random.default_rng(11)
-    x0 = rng.standard_normal((3, 4, 4, 4)).astype(np.float32)
-    noise = rng.standard_normal((3, 4, 4, 4)).astype(np.float32)
-    picks = np.array([0, 7, scheduler.num_model_calls - 1])
+    # The ends, a middle step, and every step whose timestep comes twice (PNDM's second one; dpmpp_2m
+    # Karras' repeated t=1): diffusers then takes the second occurrence's sigma.
+    t_all = reference.timesteps.numpy()
+    repeated = [i for i, t in enumerate(t_all) if (t_all == t).sum() > 1]
+    assert name not in ("pndm", "dpmpp_2m") or repeated
+    picks = np.array([0, 7, scheduler.num_model_calls - 1, *repeated])
     timesteps = reference.timesteps[torch.from_numpy(picks)]
+    rng = np.random.default_rng(11)
+    x0 = rng.standard_normal((len(picks), 4, 4, 4)).astype(np.float32)
+    noise = rng.standard_normal((len(picks), 4, 4, 4)).astype(np.float32)
     expected = reference.add_noise(torch.from_numpy(x0), torch.from_numpy(noise), timesteps).numpy()
     ours = scheduler.add_noise(to_nhwc(x0), to_nhwc(noise), jnp.asarray(scheduler.timesteps[picks]))
     scale = max(1.0, float(np.abs(expected).max()))
@@ -416,3 +426,36 @@ def test_unknown_names_and_options_are_errors():
         S.make_scheduler("dpmpp_2m", SD15_SCHEDULER_CONFIG, 10, algorithm_type="sde-dpmsolver++")
     with pytest.raises(ValueError):
         S.make_scheduler("euler", SD15_SCHEDULER_CONFIG, 0)
+
+
+@pytest.mark.parametrize("name,steps,message", [
+    ("ddim", 1001, "more than the model's 1000 training timesteps"),
+    ("ddim", 1000, "reaches timestep 1000, past the last training timestep 999"),  # SD's steps_offset=1
+    ("pndm", 1000, "reaches timestep 1000"),
+    ("dpmpp_2m", 1000, "every step the same timestep 1"),  # leading: 1000 // 1001 = 0 apart
+])
+def test_too_many_steps_are_errors(name, steps, message):
+    """diffusers fails on these with an IndexError at some step, or clamps or returns NaN."""
+    with pytest.raises(ValueError, match=message):
+        S.make_scheduler(name, SD15_SCHEDULER_CONFIG, steps)
+    assert S.make_scheduler(name, SD15_SCHEDULER_CONFIG, 999 if name != "dpmpp_2m" else 500).num_model_calls
+
+
+@pytest.mark.parametrize("name,options", [("ddim", {}), ("ddim", {"prediction_type": "v_prediction"}),
+                                          ("euler", {"timestep_spacing": "leading"})])
+def test_predicted_clean_matches_diffusers_pred_original_sample(name, options, noise_nchw):
+    """The intermediate-image view's x_0 estimate is diffusers' own ``pred_original_sample``."""
+    from sdjax.sampling import predicted_clean
+    reference = reference_scheduler(name, 10, **options)
+    scheduler = S.make_scheduler(name, SD15_SCHEDULER_CONFIG, 10, **options)
+    state = scheduler.init_state(jnp.asarray(to_nhwc(noise_nchw)))
+    sample = torch.from_numpy(noise_nchw) * 3.0
+    eps = torch.from_numpy(noise_nchw[::-1].copy())
+    for i in (0, 4, 9):
+        t = reference.timesteps[i]
+        if name == "euler":
+            reference._step_index = i
+        expected = reference.step(eps, t, sample).pred_original_sample.numpy()
+        model_input = scheduler.scale_model_input(state, jnp.asarray(to_nhwc(sample.numpy())), i)
+        ours = predicted_clean(scheduler, model_input, jnp.asarray(to_nhwc(eps.numpy())), i)
+        np.testing.assert_allclose(np.asarray(ours), to_nhwc(expected), rtol=1e-5, atol=1e-5)
