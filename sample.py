@@ -114,6 +114,10 @@ def main(argv=None) -> int:
         pipe = StableDiffusion.from_pretrained(req.model, dtype=dtype, variant=req.variant)
     except CheckpointError as e:  # no weights reachable, or not a pipeline folder: before anything is written
         return _fail(e)
+    try:  # steps the model's noise schedule cannot take (e.g. 1000 with SD's steps_offset=1)
+        pipe.make_scheduler(req.scheduler, req.steps)
+    except (ValueError, NotImplementedError) as e:
+        return _fail(e)
     print(f"loaded {req.model} ({dtype}) in {time.perf_counter() - t0:.1f} s; "
           f"{len(req.jobs)} images: {len(req.prompts)} prompt(s) x {len(req.seeds)} seed(s)")
     result = run_sampling(pipe, req, progress=args.progress)

@@ -55,7 +55,7 @@ def cached_loading():
     memo = {}
 
     def from_pretrained(cls, path, **kwargs):
-        key = (str(path), str(kwargs.get("dtype")))
+        key = (str(path), str(kwargs.get("dtype")), kwargs.get("variant"))
         if key not in memo:
             memo[key] = real(cls, path, **kwargs)
         return memo[key]
@@ -326,6 +326,13 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, tmp_path, caps
     assert not out.exists()
     if case.startswith("config_unknown"):
         assert "bad.yaml" in lines[0]
+
+
+def test_steps_the_schedule_cannot_take_exit_2_before_writing(pipe_dir, pipe, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc, _, stderr = run_main(capsys, "a cat", "--model", pipe_dir, "--steps", "1000", "--out", out)
+    assert rc == 2 and "reaches timestep 1000, past the last training timestep 999" in stderr, stderr
+    assert not out.exists()
 
 
 # ----------------------------------------------------------------------------- the script itself
