@@ -206,3 +206,14 @@ def write_tiny_tokenizer(directory: Path) -> Path:
         "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
         "unk_token": "<|endoftext|>"}))
     return directory
+
+
+def jaxpr_equations(jaxpr):
+    """Every equation of a jaxpr, nested ones (scan/jit/cond bodies) included."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+                if hasattr(sub, "eqns"):
+                    yield from jaxpr_equations(sub)

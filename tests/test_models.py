@@ -111,6 +111,18 @@ def test_unet_sd2_style_config(tmp_path):
     with torch.no_grad():
         ref = ref_model(nchw(x), torch.tensor([3, 700]), torch.from_numpy(ctx)).sample
     assert max_err(ours, nhwc(ref)) < TOL
+    # fp32 cannot show upcasting; in bf16, upcast_attention puts exactly the attention matmuls in fp32
+    # (2 per attention: q.k and p.v; 2 attentions per transformer block). Traced, not run.
+    n_attention = 0
+    for upcast in (True, False):
+        model = UNet2DConditionModel({**cfg, "upcast_attention": upcast}, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+        if upcast:
+            n_attention = sum(1 for path, _ in nnx.iter_graph(model) if path and path[-1] in ("attn1", "attn2"))
+        graphdef, state = nnx.split(model)
+        traced = jax.make_jaxpr(lambda s, *a: nnx.merge(graphdef, s)(*a))(state, x, np.array([3, 700]), ctx)
+        dots = [e for e in R.jaxpr_equations(traced.jaxpr) if e.primitive.name == "dot_general"]
+        fp32 = [e for e in dots if all(v.aval.dtype == jnp.float32 for v in e.invars)]
+        assert len(fp32) == (2 * n_attention if upcast else 0) and len(dots) > len(fp32), (upcast, len(fp32))
 
 
 def test_unet_rejects_unsupported_config(tmp_path):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import reference as R
 from sdjax import parallel
 from sdjax.pipeline import StableDiffusion
 
@@ -195,17 +196,6 @@ def test_intermediates_resolve_toward_the_image(pipe):
     assert dist[-1] < dist[0] and dist[-1] < 0.05
 
 
-def _equations(jaxpr):
-    """Every equation of a jaxpr, nested ones (scan/jit/cond bodies) included."""
-    for eqn in jaxpr.eqns:
-        yield eqn
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (tuple, list)) else (value,):
-                sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
-                if hasattr(sub, "eqns"):
-                    yield from _equations(sub)
-
-
 @pytest.fixture(scope="module")
 def pipe_bf16(tiny_pipeline_dir):
     return StableDiffusion.from_pretrained(tiny_pipeline_dir, dtype="bfloat16")
@@ -227,14 +217,14 @@ def test_bf16_sampler_structure(pipe_bf16, scheduler):
         sampling.SDState(*graphdefs), st, sc, ids, ids, seeds, None, np.float32(7.5),
         latent_shape_HWC=(SIZE // 2, SIZE // 2, 4), use_guidance=True))(
         sampling.SDState(*state), sched, np.arange(2, dtype=np.uint32))
-    eqns = list(_equations(traced.jaxpr))
+    eqns = list(R.jaxpr_equations(traced.jaxpr))
     assert not [e.primitive.name for e in eqns if "callback" in e.primitive.name or "feed" in e.primitive.name]
     scan, = [e for e in eqns if e.primitive.name == "scan"]
     assert scan.params["length"] == sched.num_model_calls
     carry = [v.aval for v in scan.outvars[: scan.params["num_carry"]]]
     assert carry[0].shape == (2, SIZE // 2, SIZE // 2, 4)
     assert {a.dtype for a in carry if jnp.issubdtype(a.dtype, jnp.floating)} == {jnp.dtype(jnp.float32)}
-    body = list(_equations(scan.params["jaxpr"].jaxpr))
+    body = list(R.jaxpr_equations(scan.params["jaxpr"].jaxpr))
     bf16_convs = 0
     for e in body:
         if e.primitive.name in ("conv_general_dilated", "dot_general"):
