@@ -1043,8 +1043,9 @@ def make_scheduler(name: str, config: dict, num_inference_steps: int, **options)
     ``use_karras_sigmas``, ...).  Settings diffusers supports but sdjax does not raise NotImplementedError.
     """
     _check_name(name)
-    if int(num_inference_steps) < 1:
-        raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+    if (isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer))
+            or num_inference_steps < 1):
+        raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
     settings = resolve_scheduler_config(name, config, **options)
     if settings["prediction_type"] not in ("epsilon", "v_prediction", "sample"):
         raise ValueError(f"unsupported prediction_type {settings['prediction_type']!r}")

@@ -424,8 +424,9 @@ def test_unknown_names_and_options_are_errors():
         S.make_scheduler("euler", SD15_SCHEDULER_CONFIG, 10, eta=1.0)
     with pytest.raises(NotImplementedError):
         S.make_scheduler("dpmpp_2m", SD15_SCHEDULER_CONFIG, 10, algorithm_type="sde-dpmsolver++")
-    with pytest.raises(ValueError):
-        S.make_scheduler("euler", SD15_SCHEDULER_CONFIG, 0)
+    for steps in (0, 2.7, True):
+        with pytest.raises(ValueError, match="num_inference_steps must be an integer >= 1"):
+            S.make_scheduler("euler", SD15_SCHEDULER_CONFIG, steps)
 
 
 @pytest.mark.parametrize("name,steps,message", [

@@ -69,6 +69,19 @@ def test_bad_config_is_named(tmp_path):
         UNet2DConditionModel.from_pretrained(tmp_path)
 
 
+def test_clip_position_ids_buffer_is_ignored(tiny_checkpoints, tmp_path):
+    """transformers 4 saved the int64 ``position_ids`` buffer in SD's text encoder files; it is no weight."""
+    from safetensors.numpy import load_file, save_file
+    directory, file = copy_model_dir(tiny_checkpoints["clip"], "safetensors", tmp_path)
+    tensors = load_file(file)
+    assert not any("position_ids" in k for k in tensors)
+    tensors["text_model.embeddings.position_ids"] = np.arange(77, dtype=np.int64)[None]
+    save_file(tensors, file)
+    with_buffer = params_of(CLIPTextModel.from_pretrained(directory))
+    plain = params_of(CLIPTextModel.from_pretrained(tiny_checkpoints["clip"]["safetensors"].parent))
+    assert with_buffer.keys() == plain.keys() and all(np.array_equal(with_buffer[k], plain[k]) for k in plain)
+
+
 def test_variant_files(tiny_checkpoints, tmp_path):
     """``variant="fp16"`` reads diffusion_pytorch_model.fp16.safetensors; without it the error
     names the file that is there and how to load it."""
