@@ -1,0 +1,326 @@
+"""The train step's arithmetic against independent recomputations (sdjax.training.step).
+
+test_training.py compares sdjax with itself (8 devices == 1, resumed == uninterrupted); this module
+checks the numbers of one step against values derived here: gradient accumulation applies the
+mean of the micro-batches' gradients; the EMA is diffusers' ``EMAModel`` of the updated weights;
+the logged learning rate is the one the update used, and the schedules are their closed forms;
+caption dropout conditions on the empty prompt; Min-SNR-gamma weights are ``min(snr, gamma) / snr``
+(epsilon) or ``min(snr, gamma) / (snr + 1)`` (v-prediction), as diffusers' train_text_to_image.py
+computes them.
+
+Cost: the models are stand-ins, NNX modules merged from pure dicts as the step does with sdjax's (a
+per-pixel linear "UNet" that sees the latents, the timestep and the text, and an embedding-table
+"text encoder"), so a train step compiles in about a second; the step's logic does not depend on
+the model. Batches are cached VAE posteriors (``latent_mean`` / ``latent_std``): no VAE runs.
+Called outside ``jax.jit`` the stand-ins record their inputs and outputs (``RECORDED``): that is how
+the tests see the timesteps, noisy latents and text conditioning ``loss_fn`` drew.
+"""
+from __future__ import annotations
+
+import math
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from sdjax import parallel
+from sdjax.training import step as S
+
+D = 8                      # width of the stand-in text embeddings
+VOCAB = 32
+EMPTY_IDS = np.array([0] + [1] * 76, np.int32)   # the stand-in vocabulary's "" prompt: <bos> <eos> ...
+LATENT = (4, 4, 4)         # h, w, channels
+
+
+def _alphas_cumprod() -> np.ndarray:
+    """SD v1.5's training schedule (scaled_linear betas 0.00085..0.012 over 1000 steps), from its definition."""
+    betas = np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=np.float64) ** 2
+    return np.cumprod(1.0 - betas).astype(np.float32)
+
+
+ALPHAS_CUMPROD = _alphas_cumprod()
+RECORDED: list[dict] = []
+
+
+def _record(**arrays):
+    if not any(isinstance(a, jax.core.Tracer) for a in arrays.values()):
+        RECORDED.append({k: np.asarray(v) for k, v in arrays.items()})
+
+
+class StandInUNet(nnx.Module):
+    """eps(x, t, text) = x @ mix + mean_tokens(text) @ text_proj + t / 1000 * time + bias, per pixel."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        c = LATENT[-1]
+        self.mix = nnx.Param(0.5 * jax.random.normal(rngs.params(), (c, c)))
+        self.text_proj = nnx.Param(0.5 * jax.random.normal(rngs.params(), (D, c)))
+        self.time = nnx.Param(jax.random.normal(rngs.params(), (c,)))
+        self.bias = nnx.Param(0.1 * jax.random.normal(rngs.params(), (c,)))
+
+    def __call__(self, x_BHWC, t_B, context_BLD):
+        cond_BC = jnp.mean(context_BLD, axis=1) @ self.text_proj[...]
+        pred = (x_BHWC @ self.mix[...] + cond_BC[:, None, None, :]
+                + (t_B.astype(jnp.float32) / 1000.0)[:, None, None, None] * self.time[...] + self.bias[...])
+        _record(x=x_BHWC, t=t_B, context=context_BLD, pred=pred)
+        return pred
+
+
+class StandInTextEncoder(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.table = nnx.Param(jax.random.normal(rngs.params(), (VOCAB, D)))
+
+    def __call__(self, ids_BL):
+        return types.SimpleNamespace(last_hidden_state=self.table[...][ids_BL])   # [B, 77, D]
+
+
+@pytest.fixture(scope="module")
+def models():
+    unet, text_encoder = StandInUNet(nnx.Rngs(0)), StandInTextEncoder(nnx.Rngs(1))
+    pure = lambda m: nnx.to_pure_dict(nnx.state(m, nnx.Param))  # noqa: E731  (as Trainer.create)
+    frozen = S.Frozen(vae={}, text_encoder=pure(text_encoder), alphas_cumprod=jnp.asarray(ALPHAS_CUMPROD),
+                      empty_ids=jnp.asarray(EMPTY_IDS), scaling_factor=jnp.float32(0.18215))
+    return types.SimpleNamespace(graphdefs=S.Graphdefs(nnx.split(unet)[0], nnx.split(text_encoder)[0], None),
+                                 frozen=frozen, params={"unet": pure(unet)},
+                                 table=np.asarray(text_encoder.table[...]))
+
+
+def make_batch(accumulation: int, batch_size: int, seed: int) -> dict:
+    """A step's batch, [accumulation, B, ...], of cached posteriors and caption ids."""
+    rng = np.random.default_rng(seed)
+    shape = (accumulation, batch_size, *LATENT)
+    return {"latent_mean": rng.normal(size=shape).astype(np.float32),
+            "latent_std": rng.uniform(0.05, 0.5, size=shape).astype(np.float32),
+            "input_ids": rng.integers(2, VOCAB, size=(accumulation, batch_size, 77)).astype(np.int32)}
+
+
+def micro(batch: dict, index: int) -> dict:
+    return {k: v[index] for k, v in batch.items()}
+
+
+def flat(tree) -> dict[str, np.ndarray]:
+    """{path: float64 copy} (copies: the jitted step donates the state it is given)."""
+    return {jax.tree_util.keystr(path): np.array(leaf, np.float64)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def assert_trees_close(got: dict, want: dict, *, rtol: float, atol: float):
+    assert got.keys() == want.keys()
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=rtol, atol=atol, err_msg=k)
+
+
+def fresh_params(models) -> dict:
+    """A copy of the initial parameters to start a state from (the jitted step donates its state)."""
+    return jax.tree.map(jnp.array, models.params)
+
+
+def jit_step(models, cfg, optimizer, lr_schedule):
+    return S.jit_train_step(parallel.data_mesh(jax.devices()[:1]), graphdefs=models.graphdefs, cfg=cfg,
+                            optimizer=optimizer, lr_schedule=lr_schedule)
+
+
+def grads_of(models, cfg, params, batch, key):
+    """(loss, loss_unweighted), flat UNet gradients of the library's loss on one micro-batch (eager)."""
+    (loss, raw), grads = jax.value_and_grad(S.loss_fn, has_aux=True)(
+        params, models.frozen, batch, key, graphdefs=models.graphdefs, cfg=cfg)
+    return (float(loss), float(raw)), flat(grads["unet"])
+
+
+# ----------------------------------------------------------------------------- gradient accumulation
+@pytest.mark.parametrize("path", ["unrolled", "scan"])
+def test_accumulation_applies_the_mean_of_the_micro_batch_gradients(models, path, monkeypatch):
+    """One update from [2, B] equals SGD on the mean of the two micro-batches' gradients, each taken
+    with ``loss_fn`` on its own micro-batch and key (``micro_batch_key``); the logged losses are the
+    micro-batches' mean. ``scan`` traces the ``lax.scan`` branch the accelerators take (the CPU
+    unrolls the loop)."""
+    lr = 0.1
+    cfg = S.StepConfig(min_snr_gamma=5.0)        # the weighted loss differs from the unweighted one
+    state = S.init_state(fresh_params(models), optax.sgd(lr), seed=7, ema=False)
+    batch = make_batch(2, 3, seed=0)
+    per_micro = [grads_of(models, cfg, models.params, micro(batch, i), S.micro_batch_key(state, i)) for i in (0, 1)]
+    (losses0, g0), (losses1, g1) = per_micro
+    assert max(np.abs(g0[k] - g1[k]).max() for k in g0) > 0.1 * max(np.abs(g0[k]).max() for k in g0)  # tell apart
+    mean_grads = {k: (g0[k] + g1[k]) / 2 for k in g0}
+    p0 = flat(models.params["unet"])
+
+    step_fn = jit_step(models, cfg, optax.sgd(lr), optax.constant_schedule(lr))
+    if path == "scan":
+        monkeypatch.setattr(jax, "default_backend", lambda: "gpu")   # while tracing only
+    traced = step_fn.trace(state, models.frozen, batch)
+    monkeypatch.undo()
+    assert (" scan[" in str(traced.jaxpr)) == (path == "scan")
+    new_state, metrics = traced.lower().compile()(state, models.frozen, batch)
+
+    assert_trees_close(flat(new_state.params["unet"]), {k: p0[k] - lr * mean_grads[k] for k in p0},
+                       rtol=1e-5, atol=1e-6)
+    assert float(metrics["loss"]) == pytest.approx((losses0[0] + losses1[0]) / 2, rel=1e-5)
+    assert float(metrics["loss_unweighted"]) == pytest.approx((losses0[1] + losses1[1]) / 2, rel=1e-5)
+    assert float(metrics["grad_norm"]) == pytest.approx(
+        math.sqrt(sum(float(np.sum(g ** 2)) for g in mean_grads.values())), rel=1e-5)
+    assert int(new_state.step) == 1
+
+
+# ----------------------------------------------------------------------------- EMA
+def test_ema_is_diffusers_emamodel_of_the_updated_weights(models):
+    """The EMA starts as a copy of the initial UNet weights (``EMAModel(parameters)`` clones them) and
+    after each update moves towards the *updated* weights with diffusers' warm-up decay
+    (``EMAModel.get_decay``, defaults ``update_after_step=0``, ``use_ema_warmup=False``,
+    ``min_decay=0``): 0 at the first update, then ``min(ema_decay, (1 + n) / (10 + n))`` after n
+    updates. Checked against a NumPy recomputation and against diffusers' ``EMAModel`` itself; the
+    decay 0.2 makes the second update use the warm-up value 2/11 and the third the cap 0.2."""
+    import torch
+    from diffusers.training_utils import EMAModel
+
+    ema_decay = 0.2
+    optimizer, lr_schedule = S.make_optimizer(1e-2)
+    step_fn = jit_step(models, S.StepConfig(ema_decay=ema_decay), optimizer, lr_schedule)
+    state = S.init_state(fresh_params(models), optimizer, seed=1, ema=True)
+    weights = [flat(state.params["unet"])]
+    assert_trees_close(flat(state.ema), weights[0], rtol=0, atol=0)
+    for n in range(3):
+        state, _ = step_fn(state, models.frozen, make_batch(1, 2, seed=n))
+        weights.append(flat(state.params["unet"]))
+    got = flat(state.ema)
+
+    ema = weights[0]
+    for n, updated in enumerate(weights[1:]):          # n: updates done before this one
+        decay = 0.0 if n == 0 else min(ema_decay, (1 + n) / (10 + n))
+        ema = {k: decay * ema[k] + (1 - decay) * updated[k] for k in ema}
+    assert_trees_close(got, ema, rtol=1e-6, atol=1e-7)
+
+    names = sorted(weights[0])
+    torch_params = [torch.nn.Parameter(torch.from_numpy(weights[0][k].copy())) for k in names]
+    reference = EMAModel(torch_params, decay=ema_decay)
+    for updated in weights[1:]:
+        with torch.no_grad():
+            for p, k in zip(torch_params, names):
+                p.copy_(torch.from_numpy(updated[k]))
+        reference.step(torch_params)
+    assert_trees_close(got, {k: s.numpy() for k, s in zip(names, reference.shadow_params)}, rtol=1e-6, atol=1e-7)
+    assert max(np.abs(got[k] - weights[-1][k]).max() for k in got) > 1e-4   # not simply the last weights
+
+
+# ----------------------------------------------------------------------------- learning rate
+def test_schedules_are_the_closed_forms():
+    """Linear warmup from 0 over W updates, then constant, or cosine to 0 at total_steps T:
+    lr(s) = peak * s / W for s < W, then peak, or peak * (1 + cos(pi * (s - W) / (T - W))) / 2;
+    the same factors as diffusers' get_constant_schedule_with_warmup / get_cosine_schedule_with_warmup."""
+    import torch
+    from diffusers.optimization import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+
+    peak, warmup, total = 1e-3, 4, 20
+    steps = [0, 1, 2, 3, 4, 5, 8, 12, 19, 20]
+
+    def constant(s):
+        return peak * s / warmup if s < warmup else peak
+
+    def cosine(s):
+        return peak * s / warmup if s < warmup else peak * (1 + math.cos(math.pi * (s - warmup) / (total - warmup))) / 2
+
+    schedules = {"constant": (S.make_optimizer(peak, warmup_steps=warmup)[1], constant),
+                 "cosine": (S.make_optimizer(peak, warmup_steps=warmup, schedule="cosine", total_steps=total)[1],
+                            cosine),
+                 "no warmup": (S.make_optimizer(peak)[1], lambda s: peak)}
+    for name, (schedule, closed_form) in schedules.items():
+        for s in steps:
+            assert float(schedule(s)) == pytest.approx(closed_form(s), rel=1e-6, abs=1e-6 * peak), (name, s)  # fp32
+    assert cosine(12) == pytest.approx(peak / 2) and cosine(20) == pytest.approx(0.0, abs=1e-15)
+
+    sgd = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=peak)
+    diffusers_factors = {"constant": get_constant_schedule_with_warmup(sgd, warmup).lr_lambdas[0],
+                         "cosine": get_cosine_schedule_with_warmup(sgd, warmup, total).lr_lambdas[0]}
+    for name, factor in diffusers_factors.items():
+        for s in steps:
+            assert schedules[name][1](s) == pytest.approx(peak * factor(s), rel=1e-12, abs=1e-15), (name, s)
+
+
+def test_logged_lr_is_the_rate_the_update_used(models):
+    """Three updates with a 2-update warmup: the logged lr is peak * min(1, n / 2) after n updates
+    (0, peak / 2, peak), and each update is AdamW (optax's conventions, recomputed in NumPy after
+    global-norm clipping to 1) at that rate; the first one, at rate 0, leaves the weights as they were."""
+    peak, warmup, b1, b2, eps, weight_decay = 1e-2, 2, 0.9, 0.999, 1e-8, 0.1
+    optimizer, lr_schedule = S.make_optimizer(peak, warmup_steps=warmup, b1=b1, b2=b2, weight_decay=weight_decay,
+                                              max_grad_norm=1.0)
+    cfg = S.StepConfig()
+    step_fn = jit_step(models, cfg, optimizer, lr_schedule)
+    state = S.init_state(fresh_params(models), optimizer, seed=2, ema=False)
+    m = v = None
+    for n in range(3):
+        batch = make_batch(1, 2, seed=10 + n)
+        weights = flat(state.params["unet"])
+        _, g = grads_of(models, cfg, state.params, micro(batch, 0), S.micro_batch_key(state, 0))
+        norm = math.sqrt(sum(float(np.sum(x ** 2)) for x in g.values()))
+        g = {k: x * min(1.0, 1.0 / norm) for k, x in g.items()}
+        m = {k: (b1 * m[k] if m else 0) + (1 - b1) * g[k] for k in g}
+        v = {k: (b2 * v[k] if v else 0) + (1 - b2) * g[k] ** 2 for k in g}
+        direction = {k: (m[k] / (1 - b1 ** (n + 1))) / (np.sqrt(v[k] / (1 - b2 ** (n + 1))) + eps)
+                     + weight_decay * weights[k] for k in g}
+        lr = peak * min(1.0, n / warmup)
+
+        state, metrics = step_fn(state, models.frozen, batch)
+        assert float(metrics["lr"]) == pytest.approx(lr, rel=1e-6, abs=1e-12), n
+        assert_trees_close(flat(state.params["unet"]), {k: weights[k] - lr * direction[k] for k in weights},
+                           rtol=1e-5, atol=1e-6 * peak)
+        if n == 0:
+            assert_trees_close(flat(state.params["unet"]), weights, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- caption dropout
+@pytest.mark.parametrize("caption_dropout, dropped", [(0.0, "none"), (1e-6, "none"), (0.5, "some"), (1.0, "all")])
+def test_caption_dropout_conditions_on_the_empty_prompt(models, caption_dropout, dropped):
+    """Each example's text conditioning (what the UNet receives) is the text encoder's output for
+    either its caption or, dropped, the "" prompt (``Frozen.empty_ids``); dropout 1 drops every
+    caption, 0 and 1e-6 none (on 32 examples), 0.5 some."""
+    batch = micro(make_batch(1, 32, seed=5), 0)
+    RECORDED.clear()
+    S.loss_fn(models.params, models.frozen, batch, jax.random.key(3), graphdefs=models.graphdefs,
+              cfg=S.StepConfig(caption_dropout=caption_dropout))
+    (call,) = RECORDED
+    context = call["context"]                                    # [B, 77, D]
+    is_caption = np.array([np.array_equal(c, models.table[ids]) for c, ids in zip(context, batch["input_ids"])])
+    is_empty = np.array([np.array_equal(c, models.table[EMPTY_IDS]) for c in context])
+    assert np.all(is_caption != is_empty), "each conditioning is the caption's or the empty prompt's"
+    n_dropped = f"{is_empty.sum()} of {len(is_empty)} captions dropped at caption_dropout={caption_dropout}"
+    if dropped == "none":
+        assert not is_empty.any(), n_dropped
+    elif dropped == "all":
+        assert is_empty.all(), n_dropped
+    else:
+        assert 0.25 <= is_empty.mean() <= 0.75, n_dropped
+
+
+# ----------------------------------------------------------------------------- Min-SNR-gamma
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_gamma_weights(models, prediction_type):
+    """The loss is mean_i(w(t_i) * mse_i) with snr = abar / (1 - abar) and w = min(snr, gamma) / snr
+    (epsilon) or min(snr, gamma) / (snr + 1) (v-prediction), diffusers' train_text_to_image.py
+    (Hang et al. 2023); ``loss_unweighted`` is mean_i(mse_i). With zero latents x_t =
+    sqrt(1 - abar) * noise, so the test recovers each example's noise and target from the
+    UNet's input and t, and its mse from the UNet's output."""
+    gamma = 5.0
+    batch = micro(make_batch(1, 32, seed=6), 0)
+    batch["latent_mean"] = np.zeros_like(batch["latent_mean"])
+    batch["latent_std"] = np.zeros_like(batch["latent_std"])
+    results = {}
+    for min_snr_gamma in (gamma, None):
+        RECORDED.clear()
+        results[min_snr_gamma] = [float(x) for x in S.loss_fn(
+            models.params, models.frozen, batch, jax.random.key(4), graphdefs=models.graphdefs,
+            cfg=S.StepConfig(prediction_type=prediction_type, min_snr_gamma=min_snr_gamma))]
+    (call,) = RECORDED
+    abar = ALPHAS_CUMPROD.astype(np.float64)[call["t"]][:, None, None, None]
+    noise = call["x"] / np.sqrt(1.0 - abar)
+    target = noise if prediction_type == "epsilon" else np.sqrt(abar) * noise   # v = sqrt(abar) eps - sqrt(1-abar) x0
+    mse = np.mean((call["pred"].astype(np.float64) - target) ** 2, axis=(1, 2, 3))
+    snr = abar[:, 0, 0, 0] / (1.0 - abar[:, 0, 0, 0])
+    assert (snr > gamma).sum() >= 4 and (snr < gamma).sum() >= 4, snr    # both sides of the clip
+    weight = np.minimum(snr, gamma) / (snr if prediction_type == "epsilon" else snr + 1.0)
+
+    loss, loss_unweighted = results[gamma]
+    assert loss_unweighted == pytest.approx(mse.mean(), rel=1e-5)
+    assert loss == pytest.approx(np.mean(weight * mse), rel=1e-5)
+    assert results[None] == pytest.approx([mse.mean(), mse.mean()], rel=1e-5)   # no gamma: unweighted
