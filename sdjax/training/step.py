@@ -90,6 +90,10 @@ def make_optimizer(learning_rate: float = 1e-5, *, warmup_steps: int = 0, schedu
 
 
 def init_state(params: dict, optimizer: optax.GradientTransformation, seed: int, *, ema: bool) -> TrainState:
+    """Step 0 of training ``params`` (``{"unet": ..., ["text_encoder": ...]}`` pure dicts); the EMA, if
+    any, starts as a copy of the UNet's. The state holds ``params`` themselves, not a copy, and
+    :func:`jit_train_step` donates the state: after the first step those arrays are deleted, so pass
+    ``jax.tree.map(jnp.copy, params)`` to keep the originals."""
     return TrainState(step=jnp.int32(0), params=params, opt_state=optimizer.init(params),
                       ema=jax.tree.map(jnp.array, params["unet"]) if ema else None,
                       rng=jax.random.key_data(jax.random.key(seed)))
