@@ -547,8 +547,20 @@ def test_export_loads_in_sdjax_and_diffusers_with_ema_weights(full_run):
 
 
 # ----------------------------------------------------------------------------- 6/7. train.py errors
-@pytest.mark.parametrize("case", ["unknown_key", "resolution", "no_train_data", "bad_type", "missing_config"])
-def test_train_py_usage_errors(case, pipeline_dir, data_dir, tmp_path):
+BAD_VALUES = {   # flag value -> what the error says; all checked before the model is loaded
+    "lr_schedule": ("linear", "lr_schedule='linear' is not one of 'constant', 'cosine' (--lr-schedule)"),
+    "seed": ("-1", "seed=-1 must be >= 0 (--seed)"),
+    "export_format": ("onnx", "export_format='onnx' is not one of 'both', 'pytorch', 'flax' (--export-format)"),
+    "max_grad_norm": ("-1", "max_grad_norm=-1.0 must be >= 0"),
+    "min_snr_gamma": ("-5", "min_snr_gamma=-5.0 must be > 0"),
+    "mixed_precision": ("fp16", "mixed_precision='fp16' is not one of 'no', 'bf16' (--mixed-precision)"),
+    "adam_b1": ("1.5", "adam_b1=1.5 must be in [0, 1) (--adam-b1)"),
+}
+
+
+@pytest.mark.parametrize("case", ["unknown_key", "resolution", "no_train_data", "bad_type", "missing_config",
+                                  "tfds_not_installed", "resume_wrong_dir", "export_wrong_dir", *BAD_VALUES])
+def test_train_py_usage_errors(case, pipeline_dir, data_dir, tmp_path, monkeypatch):
     base = flags(model=pipeline_dir, train_data=data_dir, output_dir=tmp_path / "out")
     preset = tmp_path / "bad.yaml"
     preset.write_text("learning_rate: 1e-4\nlearning_rat: 1e-3\n")
@@ -558,7 +570,16 @@ def test_train_py_usage_errors(case, pipeline_dir, data_dir, tmp_path):
         "no_train_data": (flags(model=pipeline_dir, output_dir=tmp_path / "out"), ["--train-data"]),
         "bad_type": ([*base, "--batch-size", "two"], ["batch_size='two' is not a valid int"]),
         "missing_config": (["--config", tmp_path / "nope.yaml", *base], ["nope.yaml", "does not exist"]),
+        "tfds_not_installed": (flags(model=pipeline_dir, train_data="tfds:mnist", output_dir=tmp_path / "out"),
+                               ['sources need the optional package tensorflow-datasets', 'pip install "sdjax[tfds]"']),
+        "resume_wrong_dir": (["--output-dir", tmp_path / "out", "--resume"],
+                             [f"--resume: {tmp_path / 'out'} has no train_config.json", "and no checkpoints"]),
+        "export_wrong_dir": (["--output-dir", tmp_path / "out", "--export"],
+                             [f"--export: {tmp_path / 'out'} has no train_config.json", "and no checkpoints"]),
+        **{name: ([*base, "--" + name.replace("_", "-"), value], [message])
+           for name, (value, message) in BAD_VALUES.items()},
     }[case]
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)   # not installed (makes the import fail)
     rc, stdout, stderr = run_train_py(argv)
     assert rc == 2
     assert stderr.startswith("train.py: error: ")
@@ -575,6 +596,7 @@ def test_bad_row_stops_before_training_unless_skipped(pipeline_dir, tmp_path, mo
     rc, stdout, stderr = run_train_py(argv)
     assert rc == 2
     assert "1 bad row of 17" in stderr and "row 17 (line 18) '000016.png'" in stderr
+    assert "--skip-bad-rows" in stderr
     assert not (tmp_path / "out").exists()                          # stopped before anything ran
 
     monkeypatch.setattr(Trainer, "write_samples", lambda self, step: [])   # (sampling is tested above)

@@ -129,15 +129,29 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, argparse
     given = {key: _convert(key, value, "command line") for key, value in vars(args).items() if key in known}
     recorded: dict[str, Any] = {}
     args.recorded = None
-    if given.get("resume", preset.get("resume")) or getattr(args, "export", False):
-        output_dir = given.get("output_dir") or preset.get("output_dir") or TrainConfig.output_dir
-        path = Path(output_dir) / RUN_CONFIG_FILE
+    export = getattr(args, "export", False)
+    resume = given.get("resume", preset.get("resume"))
+    missing_record = None   # why --resume/--export found no run in OUTPUT_DIR
+    if resume or export:
+        output_dir = Path(given.get("output_dir") or preset.get("output_dir") or TrainConfig.output_dir)
+        path = output_dir / RUN_CONFIG_FILE
         if path.is_file():
             recorded = {k: v for k, v in load_train_config(path).items() if k not in ("output_dir", "resume")}
             args.recorded = path
+        else:
+            checkpoints = output_dir / "checkpoints"
+            has_checkpoints = checkpoints.is_dir() and any(checkpoints.iterdir())
+            missing_record = (f"--{'export' if export else 'resume'}: {output_dir} has no {RUN_CONFIG_FILE} (the "
+                              "settings a run was started with)"
+                              + ("" if has_checkpoints else " and no checkpoints")
+                              + ": is --output-dir the folder of a training run?")
+            if export:
+                raise UsageError(missing_record)
     cfg = TrainConfig(**{**preset, **recorded, **given})
     try:
-        cfg.validate()
+        cfg.validate(need_data=not export)
     except ValueError as e:
+        if missing_record and not cfg.train_data:   # --resume in the wrong folder: say so, not "no --train-data"
+            raise UsageError(f"{missing_record} (to start a run there, pass --train-data)") from e
         raise UsageError(str(e)) from e
     return cfg, args

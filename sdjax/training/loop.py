@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import time
 import warnings
 from pathlib import Path
@@ -22,7 +23,7 @@ from flax import nnx
 
 from sdjax import parallel
 from sdjax.models import CLIPTextModel, UNet2DConditionModel
-from sdjax.pipeline import StableDiffusion
+from sdjax.pipeline import MAX_SEED, StableDiffusion
 from sdjax.schedulers import make_noise_schedule
 from sdjax.text import tokenize
 from sdjax.training import step as S
@@ -33,6 +34,9 @@ from sdjax.weights import abstract_model
 
 
 RUN_CONFIG_FILE = "train_config.json"   # in the output folder: the settings a run was started with
+MIXED_PRECISIONS = ("no", "bf16")
+LR_SCHEDULES = ("constant", "cosine")
+EXPORT_FORMATS = ("both", "pytorch", "flax")
 
 
 @dataclasses.dataclass
@@ -78,25 +82,60 @@ class TrainConfig:
     resume: bool = False
     spike_factor: float = 3.0
 
-    def validate(self) -> None:
-        if not self.train_data:
+    def validate(self, *, need_data: bool = True) -> None:
+        """Raises ValueError naming the setting, its value and its train.py flag for any bad
+        setting, before anything is loaded. ``need_data=False``: no --train-data needed (export)."""
+        def bad(name: str, rule: str) -> ValueError:
+            return ValueError(f"{name}={getattr(self, name)!r} {rule} (--{name.replace('_', '-')})")
+
+        def number(name: str) -> float:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise bad(name, "must be a finite number")
+            return value
+
+        if need_data and not self.train_data:
             raise ValueError("no training data: pass --train-data DIR (train_images/ + image_captions.csv) or tfds:NAME")
-        for name in ("resolution", "batch_size", "gradient_accumulation", "max_steps", "checkpoint_every",
-                     "keep_checkpoints", "log_every", "sample_steps"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name, least in (("resolution", 1), ("batch_size", 1), ("gradient_accumulation", 1), ("max_steps", 1),
+                            ("checkpoint_every", 1), ("keep_checkpoints", 1), ("log_every", 1), ("sample_steps", 1),
+                            ("warmup_steps", 0), ("sample_every", 0), ("seed", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise bad(name, "must be a whole number")
+            if value < least:
+                raise bad(name, f"must be >= {least}")
+        if self.seed > MAX_SEED:
+            raise bad("seed", f"must be <= {MAX_SEED}")
         if self.resolution % 8:
-            raise ValueError(f"resolution={self.resolution} must be a multiple of 8")
-        if not 0.0 <= self.caption_dropout < 1.0:
-            raise ValueError(f"caption_dropout={self.caption_dropout} must be in [0, 1)")
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ValueError(f"mixed_precision={self.mixed_precision!r}: use 'no' or 'bf16'")
-        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay={self.ema_decay} must be in (0, 1)")
+            raise bad("resolution", "must be a multiple of 8")
+        if not 0.0 <= number("caption_dropout") < 1.0:
+            raise bad("caption_dropout", "must be in [0, 1)")
+        for name, choices in (("mixed_precision", MIXED_PRECISIONS), ("lr_schedule", LR_SCHEDULES),
+                              ("export_format", EXPORT_FORMATS)):
+            if getattr(self, name) not in choices:
+                raise bad(name, "is not one of " + ", ".join(map(repr, choices)))
+        if number("learning_rate") <= 0:
+            raise bad("learning_rate", "must be a positive number")
+        for name in ("adam_b1", "adam_b2"):
+            if not 0.0 <= number(name) < 1.0:
+                raise bad(name, "must be in [0, 1)")
+        if number("weight_decay") < 0:
+            raise bad("weight_decay", "must be >= 0")
+        if self.max_grad_norm is not None and number("max_grad_norm") < 0:
+            raise bad("max_grad_norm", "must be >= 0 (0 or none: no clipping)")
+        if self.min_snr_gamma is not None and number("min_snr_gamma") <= 0:
+            raise bad("min_snr_gamma", "must be > 0 (none: off)")
+        if self.ema_decay is not None and not 0.0 < number("ema_decay") < 1.0:
+            raise bad("ema_decay", "must be in (0, 1) (none: off)")
+        if number("spike_factor") <= 0:
+            raise bad("spike_factor", "must be > 0")
+        number("sample_guidance_scale")
+        seeds = list(self.validation_seeds)
+        if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and 0 <= v <= MAX_SEED for v in seeds):
+            raise bad("validation_seeds", f"must be whole numbers in [0, {MAX_SEED}]")
         if self.cache_latents and (self.random_flip or not self.center_crop):
-            raise ValueError("cache_latents needs fixed images: use center_crop and no random_flip")
-        if self.learning_rate <= 0 or not math.isfinite(self.learning_rate):
-            raise ValueError(f"learning_rate={self.learning_rate} must be a positive number")
+            raise ValueError("cache_latents needs fixed images: use center_crop and no random_flip "
+                             "(--cache-latents with --center-crop and --no-random-flip)")
 
 
 class TrainingDiverged(RuntimeError):
@@ -137,7 +176,7 @@ class Trainer:
         if dataset.skipped and main:
             print(f"skipped {len(dataset.skipped)} bad rows of {cfg.train_data}")
         pipe = StableDiffusion.from_pretrained(cfg.model, dtype=jnp.float32, mesh=mesh)
-        compute = jnp.bfloat16 if cfg.mixed_precision in ("bf16", "fp16") else jnp.float32
+        compute = jnp.bfloat16 if cfg.mixed_precision == "bf16" else jnp.float32
         unet_gd, _ = abstract_model(UNet2DConditionModel, pipe.unet.config, dtype=compute,
                                     remat=cfg.gradient_checkpointing)
         te_gd, _ = abstract_model(CLIPTextModel, pipe.text_encoder.config, dtype=compute)
