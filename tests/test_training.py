@@ -353,6 +353,43 @@ def test_resume_truncates_a_metrics_log_with_a_torn_last_line(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_images_per_s_counts_the_steps_since_the_last_log(tmp_path, monkeypatch):
+    """images/s at each logged step is the images since the previous log over the time since then,
+    also at a last step that is not a multiple of log_every (25 steps of 0.2 s, logging every 10:
+    5 images/s at steps 10, 20 and 25; dividing the last 5 steps' time by 10 steps said 10)."""
+    from sdjax.training import loop
+    from sdjax.training.monitor import MetricsLog
+    clock = [0.0]
+    monkeypatch.setattr(loop, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: clock[0])}))
+
+    def fake_step(state, frozen, batch):
+        clock[0] += 0.2
+        return dataclasses.replace(state, step=state.step + 1), {"loss": 0.5, "grad_norm": 1.0, "lr": 1e-5}
+
+    @dataclasses.dataclass
+    class State:
+        step: int = 0
+
+    class NoCheckpoints:
+        def latest_step(self):
+            return None
+
+        def wait(self):
+            pass
+
+    cfg = TrainConfig(train_data="unused", output_dir=str(tmp_path), max_steps=25, log_every=10,
+                      checkpoint_every=1000)
+    log = MetricsLog(tmp_path)
+    trainer = Trainer(cfg, tmp_path, parallel.data_mesh(jax.devices()[:1]), None, None, None, State(), None,
+                      NoCheckpoints(), None, fake_step, log)
+    monkeypatch.setattr(trainer, "next_batch", lambda: {})
+    monkeypatch.setattr(trainer, "save_checkpoint", lambda: None)
+    trainer.run(progress=False)
+    log.close()
+    assert [r["step"] for r in metrics(tmp_path)] == [10, 20, 25]
+    np.testing.assert_allclose([r["images_per_s"] for r in metrics(tmp_path)], [5.0, 5.0, 5.0], rtol=1e-9)
+
+
 # ----------------------------------------------------------------------------- 3. SIGKILL
 KILLED_RUN = textwrap.dedent("""
     # A training run's checkpointing, without the (slow to compile) train step: bump the step,

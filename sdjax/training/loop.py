@@ -271,7 +271,7 @@ class Trainer:
             from tqdm.auto import tqdm
             bar = tqdm(total=cfg.max_steps, initial=start, desc="training", unit="step")
         global_batch = cfg.batch_size * self.mesh.size * cfg.gradient_accumulation
-        last_time = time.perf_counter()
+        last_time, last_logged = time.perf_counter(), start
         try:
             for step in range(start + 1, cfg.max_steps + 1):
                 self.state, metrics = self.step_fn(self.state, self.frozen, self.next_batch())
@@ -293,8 +293,8 @@ class Trainer:
                             "; lower --learning-rate and --resume.")
                 if log_now:
                     now = time.perf_counter()
-                    metrics["images_per_s"] = global_batch * min(cfg.log_every, step - start) / (now - last_time)
-                    last_time = now
+                    metrics["images_per_s"] = global_batch * (step - last_logged) / (now - last_time)
+                    last_time, last_logged = now, step
                     if self.log.record(step, metrics) and main:
                         msg = f"warning: loss spike at step {step}: {metrics['loss']:.4g}"
                         (bar.write if bar else print)(msg)
