@@ -16,16 +16,10 @@ def main(argv=None) -> int:
         if args.recorded:
             print(f"settings recorded in {args.recorded}, with the flags given here over them")
         if getattr(args, "export", False):
-            # As a resumed run (restores the newest checkpoint): a fresh run would start the run's
-            # metrics.jsonl over, deleting it.
-            cfg.resume = True
-            trainer = Trainer.create(cfg)
+            # Only the checkpoint's weights: no training data, and nothing of the run's is rewritten
+            # (metrics.jsonl, train_config.json).
+            trainer = Trainer.for_export(cfg, step=getattr(args, "export_step", None))
             try:
-                step = getattr(args, "export_step", None)
-                if step is None and trainer.checkpoints.latest_step() is None:
-                    raise UsageError(f"--export: no checkpoint in {trainer.checkpoints.directory}")
-                if step is not None and step != int(trainer.state.step):
-                    trainer.state, _ = trainer.checkpoints.restore(trainer.state, step)
                 print(f"exported step {int(trainer.state.step)} to {trainer.export()}")
             finally:
                 trainer.close()

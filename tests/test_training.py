@@ -217,6 +217,7 @@ def reference_run(tmp_path_factory, pipeline_dir, data_dir):
     trainer = Trainer.create(config(out, pipeline_dir, data_dir, max_steps=STEPS, checkpoint_every=100))
     try:
         assert trainer.mesh.size == 8
+        assert trainer.data.micro_batches == 2     # each process takes its columns of every micro-batch
         initial = jax.tree.map(lambda a: np.array(a, copy=True), trainer.state.params["unet"])  # (donated later)
         trainer.run(progress=False)
         state = jax.device_get(trainer.state)
@@ -351,6 +352,32 @@ def test_resume_truncates_a_metrics_log_with_a_torn_last_line(tmp_path):
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert lines[:3] == good and json.loads(lines[3]) == {"step": 4, "loss": 0.125}
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_fresh_run_in_a_folder_with_checkpoints_is_refused(tmp_path):
+    """A fresh run (no --resume) where checkpoints exist would save none of its own (Orbax skips a
+    step not above the newest one on disk) while deleting metrics.jsonl and rewriting
+    train_config.json, and a later --resume/--export would take the old run's weights: it is
+    refused before anything in the folder is touched. And a save Orbax skips is an error."""
+    out = tmp_path / "run"
+    checkpoints = Checkpointer(out / "checkpoints")
+    try:
+        checkpoints.save(3, {"w": np.zeros(2, np.float32)}, {"step": 3})
+        checkpoints.wait()
+        with pytest.raises(RuntimeError, match=r"checkpoint 2 was not saved: .* up to step 3"):
+            checkpoints.save(2, {"w": np.ones(2, np.float32)}, {"step": 2})
+    finally:
+        checkpoints.close()
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n')
+    (out / "train_config.json").write_text('{"seed": 7}\n')
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    cfg = TrainConfig(model=str(tmp_path / "model"), train_data=str(tmp_path / "data"), output_dir=str(out))
+    with pytest.raises(UsageError, match=re.escape(f"{out / 'checkpoints'} has checkpoints up to step 3: pass "
+                                                   "--resume to continue that run, or choose another --output-dir")):
+        Trainer.create(cfg)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "metrics.jsonl", "train_config.json"]
+    assert complete_steps(out) == [3]
 
 
 def test_images_per_s_counts_the_steps_since_the_last_log(tmp_path, monkeypatch):
@@ -574,13 +601,34 @@ def test_export_loads_in_sdjax_and_diffusers_with_ema_weights(full_run):
     assert max_diff(exported_unet(final), last["ema"]) <= 1e-7
     assert max_diff(exported_unet(final, format="flax"), last["ema"]) <= 1e-7
 
-    # only the output folder: the rest comes from the run's train_config.json
-    rc, stdout, stderr = run_train_py(["--output-dir", out, "--export", "--export-step", "2"])
+    # only the output folder: the rest comes from the run's train_config.json. The export reads no
+    # training data (here: a folder that is not there), and rewrites neither the log nor the record.
+    recorded = (out / "train_config.json").read_bytes()
+    rc, stdout, stderr = run_train_py(["--output-dir", out, "--export", "--export-step", "2",
+                                       "--train-data", out / "moved"])
     assert rc == 0, stderr
+    assert (out / "train_config.json").read_bytes() == recorded
     assert f"settings recorded in {out / 'train_config.json'}" in stdout
     assert f"exported step 2 to {final}" in stdout
     assert max_diff(exported_unet(final), saved_state(out, 2)["ema"]) <= 1e-7
     assert [r["step"] for r in metrics(out)] == [1, 2, 3]          # --export leaves the run's log alone
+
+
+@pytest.mark.parametrize("change", [("ema_decay", "none"), ("max_grad_norm", "0"), ("train_text_encoder", None)])
+def test_resume_with_a_setting_that_changes_the_checkpoint_layout(full_run, change):
+    """--resume with EMA off, clipping off or the text encoder trained, where the run had them the
+    other way: the checkpoint's tree cannot fit, and the error names the setting and its recorded
+    value (not Orbax's "tree structures do not match"); nothing of the run changes."""
+    out = full_run["out"]
+    name, value = change
+    flag = "--" + name.replace("_", "-")
+    before = {p: p.read_bytes() for p in (out / "train_config.json", out / "metrics.jsonl")}
+    rc, stdout, stderr = run_train_py(["--output-dir", out, "--resume", flag, *([value] if value else [])])
+    assert rc == 2, stderr
+    recorded = json.loads(before[out / "train_config.json"])[name]
+    assert f"the run that saved it had {name}={recorded!r}" in stderr, stderr
+    assert {p: p.read_bytes() for p in before} == before
+    assert complete_steps(out) == [2, 3]
 
 
 # ----------------------------------------------------------------------------- 6/7. train.py errors
@@ -623,6 +671,24 @@ def test_train_py_usage_errors(case, pipeline_dir, data_dir, tmp_path, monkeypat
     for text in expected:
         assert text in stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_export_without_a_checkpoint_changes_nothing(tmp_path):
+    """--export of a run that saved no checkpoint yet says so before loading anything, and leaves
+    metrics.jsonl and train_config.json as they were (it used to delete the log and rewrite the
+    record with resume: true); so does an --export with a bad setting."""
+    out = tmp_path / "run"
+    out.mkdir()
+    recorded = dataclasses.asdict(TrainConfig(model=str(tmp_path / "model"), train_data=str(tmp_path / "data"),
+                                              output_dir=str(out)))
+    (out / "train_config.json").write_text(json.dumps(recorded))
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n')
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    rc, stdout, stderr = run_train_py(["--output-dir", out, "--export"])
+    assert rc == 2 and f"--export: no checkpoint in {out / 'checkpoints'}" in stderr, stderr
+    rc, stdout, stderr = run_train_py(["--output-dir", out, "--export", "--export-format", "onnx"])
+    assert rc == 2 and "export_format='onnx'" in stderr, stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 def test_bad_row_stops_before_training_unless_skipped(pipeline_dir, tmp_path, monkeypatch):

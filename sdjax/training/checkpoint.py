@@ -13,12 +13,16 @@ import orbax.checkpoint as ocp
 
 
 class Checkpointer:
-    def __init__(self, directory: str | Path, *, max_to_keep: int = 3, async_save: bool = True):
+    """``create=False`` opens ``directory`` without creating it (to look at or restore from the
+    checkpoints of a run; nothing is written unless `save` is called)."""
+
+    def __init__(self, directory: str | Path, *, max_to_keep: int = 3, async_save: bool = True,
+                 create: bool = True):
         self.directory = Path(directory).absolute()
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
-                                                 create=True))
+                                                 create=create))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -26,10 +30,18 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
-    def save(self, step: int, state, data_position: dict, *, force: bool = False) -> bool:
-        """Start saving ``state`` and the data position as checkpoint ``step`` (returns at once)."""
-        return self.manager.save(step, args=ocp.args.Composite(
+    def save(self, step: int, state, data_position: dict, *, force: bool = False) -> None:
+        """Start saving ``state`` and the data position as checkpoint ``step`` (returns at once).
+
+        Raises RuntimeError when Orbax declines to save (it skips, and returns False for, a step
+        not above the newest checkpoint in the folder): a run must never silently keep no
+        checkpoints of its own.
+        """
+        saved = self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_position)), force=force)
+        if not saved:
+            raise RuntimeError(f"checkpoint {step} was not saved: {self.directory} already has checkpoints "
+                               f"up to step {self.latest_step()}")
 
     def restore(self, abstract_state, step: int | None = None):
         """(state, data position) of checkpoint ``step`` (default: the latest complete one), with
@@ -37,6 +49,9 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        if step not in self.all_steps():
+            raise FileNotFoundError(f"no checkpoint {step} in {self.directory} "
+                                    f"(it has {', '.join(map(str, sorted(self.all_steps()))) or 'none'})")
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
@@ -48,3 +63,14 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def checkpoint_steps(directory: str | Path) -> list[int]:
+    """The complete checkpoints in ``directory`` (sorted), creating and changing nothing."""
+    if not Path(directory).is_dir():
+        return []
+    checkpoints = Checkpointer(directory, create=False)
+    try:
+        return sorted(checkpoints.all_steps())
+    finally:
+        checkpoints.close()

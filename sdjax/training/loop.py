@@ -23,11 +23,12 @@ from flax import nnx
 
 from sdjax import parallel
 from sdjax.models import CLIPTextModel, UNet2DConditionModel
+from sdjax.cli_utils import UsageError
 from sdjax.pipeline import MAX_SEED, StableDiffusion
 from sdjax.schedulers import make_noise_schedule
 from sdjax.text import tokenize
 from sdjax.training import step as S
-from sdjax.training.checkpoint import Checkpointer
+from sdjax.training.checkpoint import Checkpointer, checkpoint_steps
 from sdjax.training.data import BatchIterator, load_captioned_images, preprocess_image
 from sdjax.training.monitor import MetricsLog
 from sdjax.weights import abstract_model
@@ -37,6 +38,10 @@ RUN_CONFIG_FILE = "train_config.json"   # in the output folder: the settings a r
 MIXED_PRECISIONS = ("no", "bf16")
 LR_SCHEDULES = ("constant", "cosine")
 EXPORT_FORMATS = ("both", "pytorch", "flax")
+# The settings that decide the tree a checkpoint holds (EMA or not, the clipping stage of the
+# optimizer or not, the text encoder's parameters or not): a resume must keep them.
+STATE_STRUCTURE_SETTINGS = {"ema_decay": lambda v: v is not None, "max_grad_norm": bool,
+                            "train_text_encoder": bool}
 
 
 @dataclasses.dataclass
@@ -142,30 +147,98 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN/inf; the last good checkpoint is kept."""
 
 
+def _pure(module) -> dict:
+    return nnx.to_pure_dict(nnx.state(module, nnx.Param))
+
+
+def _build_model(cfg: TrainConfig, mesh):
+    """(pipeline, graphdefs, step config, optimizer, lr schedule, initial state on the mesh)."""
+    pipe = StableDiffusion.from_pretrained(cfg.model, dtype=jnp.float32, mesh=mesh)
+    compute = jnp.bfloat16 if cfg.mixed_precision == "bf16" else jnp.float32
+    unet_gd, _ = abstract_model(UNet2DConditionModel, pipe.unet.config, dtype=compute,
+                                remat=cfg.gradient_checkpointing)
+    te_gd, _ = abstract_model(CLIPTextModel, pipe.text_encoder.config, dtype=compute)
+    vae_gd, _ = abstract_model(type(pipe.vae), pipe.vae.config, dtype=compute)
+    graphdefs = S.Graphdefs(unet_gd, te_gd, vae_gd)
+    params = {"unet": _pure(pipe.unet)}
+    if cfg.train_text_encoder:
+        params["text_encoder"] = _pure(pipe.text_encoder)
+    optimizer, lr = S.make_optimizer(cfg.learning_rate, warmup_steps=cfg.warmup_steps, schedule=cfg.lr_schedule,
+                                     total_steps=cfg.max_steps, b1=cfg.adam_b1, b2=cfg.adam_b2,
+                                     weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm)
+    state = parallel.replicate(S.init_state(params, optimizer, cfg.seed, ema=cfg.ema_decay is not None), mesh)
+    step_cfg = S.StepConfig(prediction_type=pipe.scheduler_config.get("prediction_type", "epsilon"),
+                            min_snr_gamma=cfg.min_snr_gamma, caption_dropout=cfg.caption_dropout,
+                            train_text_encoder=cfg.train_text_encoder, ema_decay=cfg.ema_decay,
+                            compute_dtype=compute)
+    return pipe, graphdefs, step_cfg, optimizer, lr, state
+
+
+def _read_run_config(out: Path) -> dict | None:
+    """The settings recorded in ``out/train_config.json``, or None (no file, or not readable)."""
+    try:
+        recorded = json.loads((out / RUN_CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return recorded if isinstance(recorded, dict) else None
+
+
+def _restore(checkpoints: Checkpointer, state, step: int | None, cfg: TrainConfig, recorded: dict | None):
+    """`Checkpointer.restore`, with a checkpoint whose tree does not fit this run's state (Orbax's
+    ValueError) reported as a UsageError naming the settings that differ from the recorded run."""
+    try:
+        return checkpoints.restore(state, step)
+    except ValueError as e:
+        step = checkpoints.latest_step() if step is None else step
+        where = checkpoints.directory / str(step)
+        changed = [name for name, on in STATE_STRUCTURE_SETTINGS.items()
+                   if recorded is not None and name in recorded and on(recorded[name]) != on(getattr(cfg, name))]
+        if changed:
+            settings = ", ".join(f"{name}={recorded[name]!r} (now {getattr(cfg, name)!r})" for name in changed)
+            raise UsageError(f"cannot restore {where}: the run that saved it had {settings}, which decides what "
+                             "a checkpoint holds; resume with the recorded setting (leave out the flag that "
+                             "changes it), or start a new run in another --output-dir") from e
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"cannot restore {where}: it does not fit this run's model and settings ({first}); "
+                         f"use the --model and the {', '.join(STATE_STRUCTURE_SETTINGS)} settings of the run "
+                         "that saved it") from e
+
+
 @dataclasses.dataclass
 class Trainer:
-    """Everything a run holds; built by `Trainer.create`, driven by `run` (or `train`)."""
+    """Everything a run holds; built by `Trainer.create` (training) or `Trainer.for_export` (a
+    checkpoint's weights only: no data, step function or metrics log), driven by `run` (or `train`)."""
     cfg: TrainConfig
     out: Path
     mesh: Any
     pipe: StableDiffusion            # master (fp32) models + tokenizer + scheduler config
     graphdefs: S.Graphdefs
-    frozen: S.Frozen
+    frozen: S.Frozen | None          # None from for_export
     state: S.TrainState
-    data: BatchIterator
+    data: BatchIterator | None       # None from for_export
     checkpoints: Checkpointer
     step_cfg: S.StepConfig           # the static settings `step_fn` was compiled with
-    step_fn: Any
-    log: MetricsLog
+    step_fn: Any                     # None from for_export
+    log: MetricsLog | None           # None from for_export
     latent_cache: tuple | None = None   # (mean, std) float32 [N, h, w, 4] per dataset image
 
     @classmethod
     def create(cls, cfg: TrainConfig, *, mesh=None) -> "Trainer":
+        """A run ready to train: a fresh one, or with ``cfg.resume`` the one whose checkpoints are
+        in ``OUTPUT_DIR/checkpoints`` (from its latest). Raises UsageError, before anything in the
+        output folder is touched, for a fresh run in a folder that has checkpoints: its own would
+        never be saved (Orbax skips a step not above the newest) and a later resume or export
+        would take the old run's weights."""
         cfg.validate()
         parallel.initialize_distributed()
         mesh = mesh or parallel.data_mesh()
         out = Path(cfg.output_dir)
         main = jax.process_index() == 0
+        existing = checkpoint_steps(out / "checkpoints")
+        if existing and not cfg.resume:
+            raise UsageError(f"{out / 'checkpoints'} has checkpoints up to step {existing[-1]}: pass --resume to "
+                             "continue that run, or choose another --output-dir")
+        recorded = _read_run_config(out)   # the settings of the run whose checkpoints these are
         if cfg.gradient_checkpointing and jax.default_backend() == "cpu" and main:
             warnings.warn("gradient_checkpointing saves no memory on the CPU: XLA:CPU drops jax.checkpoint's "
                           "optimization barriers before its last CSE and scheduling passes, so the recomputation "
@@ -175,45 +248,33 @@ class Trainer:
                                         data_dir=cfg.tfds_data_dir, skip_bad_rows=cfg.skip_bad_rows)
         if dataset.skipped and main:
             print(f"skipped {len(dataset.skipped)} bad rows of {cfg.train_data}")
-        pipe = StableDiffusion.from_pretrained(cfg.model, dtype=jnp.float32, mesh=mesh)
-        compute = jnp.bfloat16 if cfg.mixed_precision == "bf16" else jnp.float32
-        unet_gd, _ = abstract_model(UNet2DConditionModel, pipe.unet.config, dtype=compute,
-                                    remat=cfg.gradient_checkpointing)
-        te_gd, _ = abstract_model(CLIPTextModel, pipe.text_encoder.config, dtype=compute)
-        vae_gd, _ = abstract_model(type(pipe.vae), pipe.vae.config, dtype=compute)
-        graphdefs = S.Graphdefs(unet_gd, te_gd, vae_gd)
-        pure = lambda m: nnx.to_pure_dict(nnx.state(m, nnx.Param))  # noqa: E731
-        params = {"unet": pure(pipe.unet)}
-        if cfg.train_text_encoder:
-            params["text_encoder"] = pure(pipe.text_encoder)
-        frozen = S.Frozen(vae=pure(pipe.vae), text_encoder=None if cfg.train_text_encoder else pure(pipe.text_encoder),
+        pipe, graphdefs, step_cfg, optimizer, lr, state = _build_model(cfg, mesh)
+        frozen = S.Frozen(vae=_pure(pipe.vae),
+                          text_encoder=None if cfg.train_text_encoder else _pure(pipe.text_encoder),
                           alphas_cumprod=jnp.asarray(make_noise_schedule(pipe.scheduler_config)),
                           empty_ids=jnp.asarray(tokenize(pipe.tokenizer, [""])[0]),
                           scaling_factor=jnp.float32(pipe.vae.scaling_factor))
         frozen = parallel.replicate(frozen, mesh)
-        optimizer, lr = S.make_optimizer(cfg.learning_rate, warmup_steps=cfg.warmup_steps, schedule=cfg.lr_schedule,
-                                         total_steps=cfg.max_steps, b1=cfg.adam_b1, b2=cfg.adam_b2,
-                                         weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm)
-        state = parallel.replicate(S.init_state(params, optimizer, cfg.seed, ema=cfg.ema_decay is not None), mesh)
-        step_cfg = S.StepConfig(prediction_type=pipe.scheduler_config.get("prediction_type", "epsilon"),
-                                min_snr_gamma=cfg.min_snr_gamma, caption_dropout=cfg.caption_dropout,
-                                train_text_encoder=cfg.train_text_encoder, ema_decay=cfg.ema_decay,
-                                compute_dtype=compute)
         step_fn = S.jit_train_step(mesh, graphdefs=graphdefs, cfg=step_cfg, optimizer=optimizer, lr_schedule=lr)
         per_process = cfg.batch_size * cfg.gradient_accumulation * len(mesh.local_devices)
         data = BatchIterator(dataset, resolution=cfg.resolution, batch_size_per_process=per_process,
                              process_index=jax.process_index(), process_count=jax.process_count(), seed=cfg.seed,
-                             center_crop=cfg.center_crop, random_flip=cfg.random_flip)
+                             center_crop=cfg.center_crop, random_flip=cfg.random_flip,
+                             micro_batches=cfg.gradient_accumulation)
         checkpoints = Checkpointer(out / "checkpoints", max_to_keep=cfg.keep_checkpoints)
         resumed = None
-        if cfg.resume and checkpoints.latest_step() is not None:
-            state, position = checkpoints.restore(state)
-            data.restore(position)
-            resumed = int(state.step)
-            if main:
-                print(f"resumed from {checkpoints.directory} at step {resumed}")
-        elif cfg.resume and main:
-            print(f"--resume: no checkpoint in {checkpoints.directory} yet, starting from step 0")
+        try:
+            if cfg.resume and checkpoints.latest_step() is not None:
+                state, position = _restore(checkpoints, state, None, cfg, recorded)
+                data.restore(position)
+                resumed = int(state.step)
+                if main:
+                    print(f"resumed from {checkpoints.directory} at step {resumed}")
+            elif cfg.resume and main:
+                print(f"--resume: no checkpoint in {checkpoints.directory} yet, starting from step 0")
+        except BaseException:
+            checkpoints.close()
+            raise
         if main:
             out.mkdir(parents=True, exist_ok=True)
             (out / RUN_CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
@@ -222,6 +283,32 @@ class Trainer:
         if cfg.cache_latents:
             trainer.latent_cache = trainer.encode_dataset()
         return trainer
+
+    @classmethod
+    def for_export(cls, cfg: TrainConfig, *, step: int | None = None, mesh=None) -> "Trainer":
+        """The model of checkpoint ``step`` (default: the latest) of the run in ``cfg.output_dir``,
+        for `export` and `sampling_pipeline`. Loads no training data and writes nothing: no
+        metrics log, no train_config.json. Raises UsageError, before loading the model, when there
+        is no such checkpoint."""
+        cfg.validate(need_data=False)
+        parallel.initialize_distributed()
+        mesh = mesh or parallel.data_mesh()
+        out = Path(cfg.output_dir)
+        directory = out / "checkpoints"
+        existing = checkpoint_steps(directory)
+        if not existing:
+            raise UsageError(f"--export: no checkpoint in {directory.absolute()}")
+        if step is not None and step not in existing:
+            raise UsageError(f"--export-step {step}: no checkpoint {step} in {directory.absolute()} "
+                             f"(it has {', '.join(map(str, existing))})")
+        pipe, graphdefs, step_cfg, _, _, state = _build_model(cfg, mesh)
+        checkpoints = Checkpointer(directory, max_to_keep=cfg.keep_checkpoints, create=False)
+        try:
+            state, _ = _restore(checkpoints, state, step, cfg, _read_run_config(out))
+        except BaseException:
+            checkpoints.close()
+            raise
+        return cls(cfg, out, mesh, pipe, graphdefs, None, state, None, checkpoints, step_cfg, None, None)
 
     def encode_dataset(self, batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
         """The VAE posterior (mean, std) of every dataset image, for ``cache_latents``."""
@@ -243,7 +330,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def next_batch(self) -> dict:
-        """The next global batch as [accumulation, B, ...] arrays split over the data axis."""
+        """The next global batch as [accumulation, B, ...] arrays split over the data axis (each
+        process holds its columns of every micro-batch, see `BatchIterator`)."""
         if self.latent_cache is not None:  # no image decoding: look the posterior up
             indices = self.data.indices_for_step(self.data.step)
             self.data.step += 1
@@ -325,7 +413,12 @@ class Trainer:
         return self.pipe
 
     def validation_prompts(self) -> list[str]:
-        return list(self.cfg.validation_prompts) or list(dict.fromkeys(self.data.dataset.captions))[:2]
+        if self.cfg.validation_prompts:
+            return list(self.cfg.validation_prompts)
+        if self.data is None:
+            raise ValueError("no validation prompts: set validation_prompts (a Trainer from for_export has no "
+                             "dataset to take the first captions from)")
+        return list(dict.fromkeys(self.data.dataset.captions))[:2]
 
     def write_samples(self, step: int) -> list[Path]:
         from sdjax.images import image_grid
@@ -354,7 +447,10 @@ class Trainer:
 
     def close(self) -> None:
         self.checkpoints.close()
-        self.log.close()
+        if self.log is not None:
+            self.log.close()
+        if self.data is not None:
+            self.data.close()
 
 
 def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
