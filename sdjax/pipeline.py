@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Sequence
@@ -16,7 +15,7 @@ from sdjax import parallel, sampling
 from sdjax.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
 from sdjax.schedulers import SCHEDULERS, make_scheduler
 from sdjax.text import load_tokenizer, tokenize
-from sdjax.weights import CheckpointError, hub_files, resolve_dtype, resolve_model_dir, save_pipeline
+from sdjax.weights import hub_files, read_json_object, resolve_dtype, resolve_model_dir, save_pipeline
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 PARTS = {"text_encoder": CLIPTextModel, "unet": UNet2DConditionModel, "vae": AutoencoderKL}  # folder -> model
@@ -136,15 +135,8 @@ class StableDiffusion:
         for part, model_cls in PARTS.items():
             patterns += [f"{part}/{name}" for name in hub_files(model_cls, format, variant)]
         root = resolve_model_dir(path_or_repo_id, None, revision, allow_patterns=patterns)
-        sched_path = root / "scheduler" / "scheduler_config.json"
-        if not sched_path.is_file():
-            raise CheckpointError(f"{root}: no scheduler/scheduler_config.json (is this a diffusers pipeline folder?)")
-        try:
-            scheduler_config = json.loads(sched_path.read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{sched_path}: not valid JSON ({e})") from e
-        if not isinstance(scheduler_config, dict):
-            raise CheckpointError(f"{sched_path}: expected a JSON object of settings")
+        scheduler_config = read_json_object(root / "scheduler" / "scheduler_config.json", f"{root}: no "
+                                            "scheduler/scheduler_config.json (is this a diffusers pipeline folder?)")
         kw = dict(revision=revision, dtype=dtype, format=format, variant=variant)
         models = {part: model_cls.from_pretrained(root, subfolder=part, **kw) for part, model_cls in PARTS.items()}
         return cls(**models, tokenizer=load_tokenizer(root), scheduler_config=scheduler_config,

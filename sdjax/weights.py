@@ -333,16 +333,22 @@ def resolve_dtype(dtype) -> Any:
 
 
 # ----------------------------------------------------------------------------- configs
-def read_config(model_dir: Path, model_cls):
-    path = model_dir / "config.json"
+def read_json_object(path: Path, missing: str) -> dict:
+    """A JSON settings file (config.json, scheduler_config.json); ``missing``: the error if absent."""
     if not path.is_file():
-        raise CheckpointError(f"{model_dir}: no config.json (is this a diffusers model folder?)")
+        raise CheckpointError(missing)
     try:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from e
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path}: expected a JSON object of settings, got a {type(raw).__name__}")
+    return raw
+
+
+def read_config(model_dir: Path, model_cls):
+    path = model_dir / "config.json"
+    raw = read_json_object(path, f"{model_dir}: no config.json (is this a diffusers model folder?)")
     try:
         return SPECS[model_cls].config_cls.from_dict(raw), raw
     except (TypeError, ValueError, KeyError, NotImplementedError) as e:
