@@ -10,8 +10,8 @@ from __future__ import annotations
 import math
 import os
 import re
-import tempfile
 import unicodedata
+import uuid
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -116,8 +116,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     """Call ``write(temp_path)`` for a temp file next to ``path``, then rename it into place, so a
     crash or an error never leaves a partial file under the final name."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    # A fresh unique name that ``write`` creates itself, so the file gets the usual permissions
+    # (mkstemp's would be 0600: outputs and weights others on the machine could not read).
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         write(Path(tmp))
         os.replace(tmp, path)

@@ -26,6 +26,7 @@ import msgpack
 import numpy as np
 from flax import nnx
 
+from sdjax.images import atomic_write
 from sdjax.models.clip_text import CLIPTextConfig, CLIPTextModel
 from sdjax.models.unet import UNet2DConditionModel, UNetConfig
 from sdjax.models.vae import AutoencoderKL, VAEConfig
@@ -471,13 +472,6 @@ def _numpy_params(model, dtype=None) -> dict[tuple, np.ndarray]:
     return out
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write to a temporary name and rename, so a crash never leaves a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def save_pretrained(model, directory: str | os.PathLike, *, format: str = "both", dtype=None) -> Path:
     """Write ``config.json`` and the weights: ``format`` = 'pytorch' (safetensors), 'flax' (msgpack)
     or 'both'. ``dtype`` casts the saved weights (default: as held)."""
@@ -493,7 +487,7 @@ def save_pretrained(model, directory: str | os.PathLike, *, format: str = "both"
         config["torch_dtype"] = str(np.dtype(next(iter(params.values())).dtype))
     if format in ("pytorch", "both"):
         tensors = {torch_key(p): np.ascontiguousarray(to_torch_layout(a, p)) for p, a in params.items()}
-        _atomic_write(directory / spec.torch_files[0],
+        atomic_write(directory / spec.torch_files[0],
                       lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     if format in ("flax", "both"):
         from flax.serialization import msgpack_serialize
@@ -506,8 +500,8 @@ def save_pretrained(model, directory: str | os.PathLike, *, format: str = "both"
             for part in parents:
                 node = node.setdefault(part, {})
             node[leaf] = a
-        _atomic_write(directory / spec.flax_file, lambda tmp: tmp.write_bytes(msgpack_serialize(tree)))
-    _atomic_write(directory / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
+        atomic_write(directory / spec.flax_file, lambda tmp: tmp.write_bytes(msgpack_serialize(tree)))
+    atomic_write(directory / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
     return directory
 
 

@@ -115,6 +115,12 @@ def test_atomic_write_leaves_nothing_on_error(tmp_path):
     with pytest.raises(RuntimeError):
         I.atomic_write(tmp_path / "x.png", failing)
     assert list(tmp_path.iterdir()) == []
+    # a written file gets the usual permissions (0666 less the umask), not a temp file's 0600
+    umask = os.umask(0)
+    os.umask(umask)
+    written = I.atomic_write(tmp_path / "y.png", lambda tmp: tmp.write_bytes(b"png"))
+    assert written.read_bytes() == b"png" and (written.stat().st_mode & 0o777) == 0o666 & ~umask
+    assert [p.name for p in tmp_path.iterdir()] == ["y.png"]
 
 
 def test_image_strip_size_and_grid():

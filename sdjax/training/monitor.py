@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections import deque
 from pathlib import Path
+
+from sdjax.images import atomic_write
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -40,9 +41,7 @@ class MetricsLog:
                 # Resumed run: drop lines past the checkpoint (they will be recomputed identically)
                 # and any torn line.
                 rows = [row for row in read_rows(self.path) if row["step"] <= resume_from_step]
-                kept = self.path.with_name(self.path.name + ".tmp")   # (replaced whole: never half-written)
-                kept.write_text("".join(json.dumps(row) + "\n" for row in rows))
-                os.replace(kept, self.path)
+                atomic_write(self.path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in rows)))
             elif resume_from_step is None and self.path.exists():
                 self.path.unlink()
             from tensorboardX import SummaryWriter
