@@ -7,7 +7,7 @@ import sys
 
 def main(argv=None) -> int:
     from sdjax.cli_utils import UsageError
-    from sdjax.training.data import TFDS_INSTALL_HINT, DataError
+    from sdjax.training.data import DataError, TFDSNotInstalled
     from sdjax.training.loop import Trainer, TrainingDiverged, train  # before the try: its except clauses name them
     from sdjax.weights import CheckpointError
     try:
@@ -28,12 +28,7 @@ def main(argv=None) -> int:
         if final is not None:
             print(f"done: {cfg.max_steps} steps; pipeline exported to {final}")
         return 0
-    except (UsageError, DataError, CheckpointError, FileNotFoundError) as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        return 2
-    except ImportError as e:
-        if TFDS_INSTALL_HINT not in str(e):   # a tfds: source without the optional package; other ones are bugs
-            raise
+    except (UsageError, DataError, CheckpointError, FileNotFoundError, TFDSNotInstalled) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
     except TrainingDiverged as e:

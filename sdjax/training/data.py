@@ -47,6 +47,10 @@ CSV_HEADER = ("filename", "caption")
 TFDS_PREFIX = "tfds:"
 TFDS_INSTALL_HINT = 'pip install "sdjax[tfds]"'
 
+
+class TFDSNotInstalled(ImportError):
+    """A ``tfds:`` source without the optional tensorflow-datasets / tensorflow packages."""
+
 _LAYOUT_HELP = (f"expected a folder holding {CAPTIONS_FILENAME} (header 'filename,caption') and "
                 f"{IMAGES_DIRNAME}/ with the images it names")
 _VERSION_RE = re.compile(r"\d+\.\d+\.\d+")
@@ -412,7 +416,7 @@ def _import_tfds():
     try:
         import tensorflow_datasets as tfds
     except ImportError as e:
-        raise ImportError("tfds: sources need the optional package tensorflow-datasets, which is "
+        raise TFDSNotInstalled("tfds: sources need the optional package tensorflow-datasets, which is "
                           f"not installed: {TFDS_INSTALL_HINT}") from e
     return tfds
 
@@ -533,7 +537,7 @@ def _load_tfds(source: str, *, image_key: str, caption_key: str,
             read, count = kept.__getitem__, len(kept)
         first = read(0) if count else None
     except ImportError as e:
-        raise ImportError(f"{where}: reading it needs tensorflow ({_first_line(e)}): "
+        raise TFDSNotInstalled(f"{where}: reading it needs tensorflow ({_first_line(e)}): "
                           f"{TFDS_INSTALL_HINT}") from e
     except Exception as e:
         raise DataError(f"cannot open {where}: {_first_line(e)}") from e
