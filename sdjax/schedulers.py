@@ -357,9 +357,20 @@ def get_velocity(alphas_cumprod, sample, noise, timesteps) -> jax.Array:
 
 def _schedule_index(schedule_timesteps, timesteps):
     """Position of each timestep in the inference schedule, as diffusers' ``index_for_timestep``: the
-    second occurrence when a timestep appears twice, the last position when it does not appear."""
+    second occurrence when a timestep appears twice.
+
+    A timestep that is not in the schedule is a ValueError when both are concrete (as diffusers, which
+    fails on it too); under ``jit`` it cannot be checked and takes the last position.
+    """
     schedule = jnp.asarray(schedule_timesteps, _F32)
     query = jnp.asarray(timesteps, _F32).reshape(-1)
+    if not isinstance(schedule, jax.core.Tracer) and not isinstance(query, jax.core.Tracer):
+        missing = np.setdiff1d(np.asarray(query), np.asarray(schedule))
+        if missing.size:
+            raise ValueError(
+                f"timesteps {missing.tolist()[:8]} are not in this scheduler's inference schedule "
+                f"({schedule.shape[0]} entries); add_noise on a sigma scheduler takes timesteps from "
+                "scheduler.timesteps (e.g. scheduler.timesteps[start] for img2img)")
     matches = schedule[None, :] == query[:, None]  # [B, N]
     count = matches.sum(axis=1)
     wanted_rank = jnp.minimum(count, 2)
@@ -588,7 +599,7 @@ class _SigmaScheduler(Scheduler):
         return jnp.asarray(latents, _F32) / (sigma**2 + 1) ** 0.5
 
     def add_noise(self, original, noise, timesteps):
-        """x0 + sigma(t) * noise, with t looked up in this schedule (timesteps must come from it)."""
+        """x0 + sigma(t) * noise, with t looked up in this schedule (a t not in it is a ValueError)."""
         sigma = _at(self.sigmas, _schedule_index(self.timesteps, timesteps))
         original = jnp.asarray(original, _F32)
         return original + jnp.asarray(noise, _F32) * _expand_to(sigma, original.ndim)

@@ -403,6 +403,20 @@ def test_scheduler_add_noise_matches_diffusers(name):
     np.testing.assert_allclose(np.asarray(ours) / scale, to_nhwc(expected) / scale, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("name", ["euler", "lms", "dpmpp_2m"])
+def test_sigma_add_noise_refuses_timesteps_outside_the_schedule(name):
+    """diffusers fails on a timestep its sigma schedulers do not hold; sdjax used to take the last sigma."""
+    scheduler = S.make_scheduler(name, SD15_SCHEDULER_CONFIG, 10)
+    x0 = jnp.zeros((2, 4, 4, 4))
+    inside = jnp.asarray(scheduler.timesteps[:2])
+    scheduler.add_noise(x0, x0, inside)  # timesteps from the schedule are fine
+    with pytest.raises(ValueError, match=r"\[500\.0\] are not in this scheduler's inference schedule"):
+        scheduler.add_noise(x0, x0, jnp.asarray([float(inside[0]), 500.0]))
+    # Under jit the timesteps are traced and cannot be checked; the documented fallback is the last sigma.
+    traced = jax.jit(scheduler.add_noise)(x0, jnp.ones_like(x0), jnp.asarray([500.0, 500.0]))
+    assert np.isfinite(np.asarray(traced)).all()
+
+
 def test_config_resolution_follows_diffusers():
     # Each class keeps its own defaults for keys the config lacks, and ignores keys it does not take.
     euler = S.resolve_scheduler_config("euler", {"beta_schedule": "scaled_linear", "skip_prk_steps": True})
