@@ -40,8 +40,7 @@ def predicted_clean(scheduler: Scheduler, model_input, model_output, i) -> jax.A
     ``model_input`` is the variance-preserving sample x_t the UNet saw (schedulers that keep
     sigma-scaled latents scale them down in ``scale_model_input``).
     """
-    t = jnp.clip(jnp.round(scheduler.timestep(i)), 0, scheduler.alphas_cumprod.shape[0] - 1).astype(jnp.int32)
-    alpha_bar = scheduler.alphas_cumprod[t]
+    alpha_bar = scheduler.alpha_bar(i)
     a, s = jnp.sqrt(alpha_bar), jnp.sqrt(1.0 - alpha_bar)
     if scheduler.prediction_type == "v_prediction":
         return a * model_input - s * model_output

@@ -443,6 +443,11 @@ class Scheduler:
         """The (float32) timestep to give the UNet at loop index ``i``; works with a traced ``i``."""
         return _at(self.timesteps, i)
 
+    def alpha_bar(self, i) -> jax.Array:
+        """abar of the variance-preserving sample the UNet sees at loop index ``i``."""
+        t = jnp.clip(jnp.round(self.timestep(i)), 0, self.alphas_cumprod.shape[0] - 1).astype(jnp.int32)
+        return jnp.asarray(self.alphas_cumprod, _F32)[t]
+
     def init_state(self, latents) -> Any:
         """The scan carry before the first step (zeros shaped after ``latents``)."""
         return NoState()
@@ -597,6 +602,10 @@ class _SigmaScheduler(Scheduler):
     def scale_model_input(self, state, latents, i):
         sigma = _at(self.sigmas, i)
         return jnp.asarray(latents, _F32) / (sigma**2 + 1) ** 0.5
+
+    def alpha_bar(self, i):
+        # From sigma itself: the timesteps are fractional (interpolated) for most of these schedules.
+        return 1 / (_at(self.sigmas, i) ** 2 + 1)
 
     def add_noise(self, original, noise, timesteps):
         """x0 + sigma(t) * noise, with t looked up in this schedule (a t not in it is a ValueError)."""

@@ -456,19 +456,23 @@ def test_too_many_steps_are_errors(name, steps, message):
     assert S.make_scheduler(name, SD15_SCHEDULER_CONFIG, 999 if name != "dpmpp_2m" else 500).num_model_calls
 
 
-@pytest.mark.parametrize("name,options", [("ddim", {}), ("ddim", {"prediction_type": "v_prediction"}),
-                                          ("euler", {"timestep_spacing": "leading"})])
-def test_predicted_clean_matches_diffusers_pred_original_sample(name, options, noise_nchw):
+@pytest.mark.parametrize("name,steps,options", [
+    ("ddim", 10, {}), ("ddim", 10, {"prediction_type": "v_prediction"}),
+    ("euler", 10, {"timestep_spacing": "leading"}),
+    # linspace over 999 in 6 gaps: timesteps 832.5, 666, 499.5, ...
+    ("euler", 7, {"timestep_spacing": "linspace"}), ("lms", 7, {"timestep_spacing": "linspace"}),
+])
+def test_predicted_clean_matches_diffusers_pred_original_sample(name, steps, options, noise_nchw):
     """The intermediate-image view's x_0 estimate is diffusers' own ``pred_original_sample``."""
     from sdjax.sampling import predicted_clean
-    reference = reference_scheduler(name, 10, **options)
-    scheduler = S.make_scheduler(name, SD15_SCHEDULER_CONFIG, 10, **options)
+    reference = reference_scheduler(name, steps, **options)
+    scheduler = S.make_scheduler(name, SD15_SCHEDULER_CONFIG, steps, **options)
     state = scheduler.init_state(jnp.asarray(to_nhwc(noise_nchw)))
     sample = torch.from_numpy(noise_nchw) * 3.0
     eps = torch.from_numpy(noise_nchw[::-1].copy())
-    for i in (0, 4, 9):
+    for i in (0, steps // 2, steps - 1):
         t = reference.timesteps[i]
-        if name == "euler":
+        if name in ("euler", "lms"):
             reference._step_index = i
         expected = reference.step(eps, t, sample).pred_original_sample.numpy()
         model_input = scheduler.scale_model_input(state, jnp.asarray(to_nhwc(sample.numpy())), i)
