@@ -167,7 +167,8 @@ class StableDiffusion:
         (each image then gets that seed), or equal-length lists. ``negative_prompts`` likewise
         (default "": unconditional). ``latents``: optional initial noise [B, H/8, W/8, 4], unscaled
         N(0, 1). ``guidance_scale <= 1`` skips the unconditional pass. ``batch_size`` images are
-        generated per compiled call (default: 4 per device), split over every device.
+        generated per compiled call (default: 4 per device), split over every device; a last batch
+        that is short is padded to the same shape, so one program serves the whole call.
         ``return_intermediates``: a count of evenly spaced steps, or the step indices, at which to
         return the predicted clean image (the "noise resolving into a picture" view).
         ``progress``: ``True`` or ``"steps"`` shows a bar over the denoising steps of every batch;
@@ -205,7 +206,9 @@ class StableDiffusion:
 
         ids = tokenize(self.tokenizer, prompts)
         neg_ids = tokenize(self.tokenizer, negatives, kind="negative prompt")
-        per_call = parallel.padded_size(batch_size or 4 * self.mesh.size, self.mesh)
+        # Every call has the same batch shape (the last one padded), so a run compiles one program.
+        per_call = min(parallel.padded_size(batch_size or 4 * self.mesh.size, self.mesh),
+                       parallel.padded_size(n, self.mesh))
         images, inter = [], []
         chunks = range(0, n, per_call)
         step_bar, own_bar, batch_bar = _progress_bars(progress, len(chunks) * sched.num_model_calls)
@@ -216,8 +219,7 @@ class StableDiffusion:
         try:
             for start in chunks:
                 stop = min(start + per_call, n)
-                size = parallel.padded_size(stop - start, self.mesh)
-                shard = lambda a: parallel.shard_batch(parallel.pad_batch(a[start:stop], size), self.mesh)  # noqa: E731
+                shard = lambda a: parallel.shard_batch(parallel.pad_batch(a[start:stop], per_call), self.mesh)  # noqa: E731
                 out = self._generate(
                     self._graphdefs, self._state, sched, shard(ids), shard(neg_ids),
                     shard(np.asarray(seeds, np.uint32)), None if latents is None else shard(latents),

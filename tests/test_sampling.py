@@ -140,11 +140,16 @@ def test_uneven_batches_are_padded_and_trimmed(pipe):
     out = pipe(["the cat"] * 3, seeds=[1, 2, 3], **kw)  # one call: 3 rows padded to the 8 devices
     assert out.images.shape == (3, SIZE, SIZE, 3) and out.seeds == [1, 2, 3]
     with generate_calls(pipe) as calls:
-        chunked = pipe("the cat", seeds=list(range(1, 11)), batch_size=8, **kw)  # 8 rows, then 2 padded to 8
-    assert [args[5].shape for args, _ in calls] == [(8,), (8,)]  # args[5]: the call's seeds
-    assert chunked.images.shape == (10, SIZE, SIZE, 3)
+        chunked = pipe("the cat", seeds=list(range(1, 21)), batch_size=16, **kw)  # 16 rows, then 4 padded to 16
+    # args[5]: the call's seeds. The short last batch takes the first one's shape: one compiled program.
+    assert [args[5].shape for args, _ in calls] == [(16,), (16,)]
+    assert chunked.images.shape == (20, SIZE, SIZE, 3)
     np.testing.assert_allclose(chunked.images[:3], out.images, atol=1e-5)
-    np.testing.assert_allclose(chunked.images[8:], pipe("the cat", seeds=[9, 10], **kw).images, atol=1e-5)
+    np.testing.assert_allclose(chunked.images[16:], pipe("the cat", seeds=[17, 18, 19, 20], **kw).images, atol=1e-5)
+    with generate_calls(pipe) as calls:  # fewer images than batch_size: padded to the 8 devices only
+        small = pipe("the cat", seeds=[1, 2, 3], batch_size=16, **kw)
+    assert [args[5].shape for args, _ in calls] == [(8,)]
+    np.testing.assert_allclose(small.images, out.images, atol=1e-5)
 
 
 class CountingBar:
