@@ -1,4 +1,6 @@
 """Parity of sdjax's CLIP, UNet and VAE with transformers / diffusers PyTorch (fp32), from every layout."""
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -69,6 +71,31 @@ def test_clip_pooling_with_explicit_eos_id(tmp_path):
     assert max_err(ours.pooler_output, ref.pooler_output) < TOL
 
 
+def test_clip_default_eos_id_is_transformers(tmp_path):
+    """A config without eos_token_id pools where transformers does (its default 49407), not at the
+    largest id (the legacy eos_token_id=2 rule), which an added token above 49407 would take."""
+    cfg = {k: v for k, v in dict(R.TINY_CLIP, vocab_size=49410).items() if k != "eos_token_id"}
+    ref_model = R.torch_clip(cfg, seed=4)
+    assert ref_model.config.eos_token_id == 49407
+    R.save_torch_layout(ref_model, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.pop("eos_token_id", None)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    ids = np.random.default_rng(2).integers(10, 1000, (2, 12))
+    ids[0, 3], ids[0, 6], ids[1, 8], ids[1, 2] = 49407, 49409, 49407, 49409  # 49409: an added token
+    ours = CLIPTextModel.from_pretrained(tmp_path)(jnp.asarray(ids))
+    with torch.no_grad():
+        ref = ref_model(torch.from_numpy(ids))
+    assert max_err(ours.pooler_output, ref.pooler_output) < TOL
+
+
+def test_clip_refuses_sequences_past_its_positions():
+    model = CLIPTextModel(R.TINY_CLIP, rngs=nnx.Rngs(0))
+    assert model(jnp.ones((1, 77), jnp.int32)).last_hidden_state.shape == (1, 77, 32)
+    with pytest.raises(ValueError, match="length 80 is longer than .* max_position_embeddings=77"):
+        model(jnp.ones((1, 80), jnp.int32))
+
+
 # ----------------------------------------------------------------------------- UNet
 @pytest.mark.parametrize("layout", ["safetensors", "flax"])
 def test_unet_matches_diffusers(tiny_checkpoints, layout):
@@ -125,9 +152,15 @@ def test_unet_sd2_style_config(tmp_path):
         assert len(fp32) == (2 * n_attention if upcast else 0) and len(dots) > len(fp32), (upcast, len(fp32))
 
 
-def test_unet_rejects_unsupported_config(tmp_path):
-    with pytest.raises(NotImplementedError, match="class_embed_type"):
-        UNet2DConditionModel({**R.TINY_UNET, "class_embed_type": "timestep"}, rngs=nnx.Rngs(0))
+@pytest.mark.parametrize("key,value", [("class_embed_type", "timestep"), ("timestep_post_act", "silu"),
+                                       ("time_embedding_act_fn", "silu"), ("resnet_out_scale_factor", 2.0)])
+def test_unet_rejects_unsupported_config(key, value):
+    """Including keys that add no weights but change diffusers' output (strict loading cannot catch them)."""
+    with pytest.raises(NotImplementedError, match=key):
+        UNet2DConditionModel({**R.TINY_UNET, key: value}, rngs=nnx.Rngs(0))
+    # the defaults diffusers writes into config.json are accepted
+    UNet2DConditionModel({**R.TINY_UNET, "mid_block_scale_factor": 1.0, "resnet_out_scale_factor": 1.0,
+                          "timestep_post_act": None}, rngs=nnx.Rngs(0))
 
 
 def test_unet_gradient_checkpointing_same_gradients_fewer_residuals():

@@ -28,7 +28,7 @@ class CLIPTextConfig:
     max_position_embeddings: int = 77
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
-    eos_token_id: int = 2
+    eos_token_id: int = 49407  # transformers' default; SD v1.5's config says 2 (the legacy pooling below)
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any]) -> "CLIPTextConfig":
@@ -92,7 +92,11 @@ class CLIPTextEmbeddings(nnx.Module):
         self.position_embedding = nnx.Embed(cfg.max_position_embeddings, cfg.hidden_size, **kw)
 
     def __call__(self, input_ids_BT):
-        positions = jnp.arange(input_ids_BT.shape[1])
+        T, limit = input_ids_BT.shape[1], self.position_embedding.num_embeddings
+        if T > limit:  # jnp.take would give NaN rows, which causal attention spreads to every token
+            raise ValueError(f"token sequence of length {T} is longer than the CLIP text encoder's "
+                             f"max_position_embeddings={limit}; truncate it (sdjax.text.tokenize does)")
+        positions = jnp.arange(T)
         return self.token_embedding(input_ids_BT) + self.position_embedding(positions)[None]
 
 

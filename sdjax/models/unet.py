@@ -43,7 +43,12 @@ class UNetConfig:
                     "resnet_time_scale_shift": "default", "time_embedding_type": "positional",
                     "act_fn": "silu", "conv_in_kernel": 3, "conv_out_kernel": 3, "mid_block_scale_factor": 1,
                     "num_class_embeds": None, "mid_block_type": "UNetMidBlock2DCrossAttn",
-                    "reverse_transformer_layers_per_block": None, "attention_type": "default"}
+                    "reverse_transformer_layers_per_block": None, "attention_type": "default",
+                    # these add no weights (or none that strict loading would miss) but change the output
+                    "timestep_post_act": None, "time_embedding_act_fn": None, "time_embedding_dim": None,
+                    "resnet_out_scale_factor": 1, "resnet_skip_time_act": False, "cross_attention_norm": None,
+                    "class_embeddings_concat": False, "encoder_hid_dim_type": None,
+                    "addition_time_embed_dim": None}
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any]) -> "UNetConfig":
@@ -51,7 +56,8 @@ class UNetConfig:
             value = cfg.get(key, ok)
             if isinstance(value, (list, tuple)) and key == "only_cross_attention":
                 value = any(value)
-            if value != ok and not (key == "mid_block_scale_factor" and float(value) == 1.0):
+            if value != ok and not (isinstance(ok, int) and not isinstance(ok, bool)
+                                    and isinstance(value, (int, float)) and float(value) == ok):
                 raise NotImplementedError(f"UNet config {key}={value!r} is not supported (expected {ok!r})")
         n = len(cfg.get("down_block_types", cls.down_block_types))
         per_block = lambda v: tuple(v) if isinstance(v, (list, tuple)) else (v,) * n  # noqa: E731
