@@ -18,15 +18,28 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 DATA_AXIS = "data"
 
 
+def _env_says_multi_process(env=os.environ) -> bool:
+    """Whether the launcher's environment describes more than one process of this job."""
+    def count(key):
+        try:
+            return int(env.get(key, "1"))
+        except ValueError:
+            return 1
+    return ("JAX_COORDINATOR_ADDRESS" in env
+            or "TPU_WORKER_ID" in env
+            # srun sets SLURM_STEP_NODELIST; a batch script's own shell (one process) does not.
+            or (count("SLURM_NTASKS") > 1 and "SLURM_STEP_NODELIST" in env)
+            or count("OMPI_COMM_WORLD_SIZE") > 1)
+
+
 def initialize_distributed(**kwargs) -> None:
-    """``jax.distributed.initialize`` for multi-host runs (TPU pods, multi-node GPU, or explicit
-    ``coordinator_address``/``num_processes``/``process_id`` kwargs). A no-op when already done or
-    when nothing says this is a multi-process run."""
+    """``jax.distributed.initialize`` for multi-host runs (TPU pods, multi-task Slurm steps or MPI
+    jobs, or explicit ``coordinator_address``/``num_processes``/``process_id`` kwargs). A no-op when
+    already done or when nothing says this is a multi-process run (a one-task sbatch script or
+    ``mpirun -n 1`` is one process, which then sees every local device)."""
     if jax.distributed.is_initialized():
         return
-    env_says_multi = any(k in os.environ for k in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "TPU_WORKER_ID",
-                                                   "OMPI_COMM_WORLD_SIZE"))
-    if kwargs or env_says_multi:
+    if kwargs or _env_says_multi_process():
         jax.distributed.initialize(**kwargs)
 
 

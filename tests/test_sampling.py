@@ -271,6 +271,30 @@ def test_bad_input(pipe, kwargs, message):
         pipe(**kwargs)
 
 
+@pytest.mark.parametrize("env,multi", [
+    ({}, False),
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1", "SLURM_NODELIST": "n1"}, False),    # one-task sbatch script
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4", "SLURM_NODELIST": "n1"}, False),    # its shell, outside srun
+    ({"SLURM_NTASKS": "1", "SLURM_STEP_NODELIST": "n1"}, False),                    # srun -n 1
+    ({"SLURM_NTASKS": "4", "SLURM_STEP_NODELIST": "n[1-2]"}, True),                 # srun -n 4
+    ({"OMPI_COMM_WORLD_SIZE": "1"}, False), ({"OMPI_COMM_WORLD_SIZE": "2"}, True),  # mpirun -n 1 / 2
+    ({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}, True), ({"TPU_WORKER_ID": "0"}, True),
+])
+def test_launcher_environments(env, multi):
+    assert parallel._env_says_multi_process(env) is multi
+
+
+def test_one_task_sbatch_script_runs_single_process():
+    """jax.distributed.initialize fails there (no coordinator); sdjax must not call it."""
+    env = {**os.environ, "SLURM_JOB_ID": "7", "SLURM_NTASKS": "1", "SLURM_PROCID": "0", "SLURM_NODELIST": "n1",
+           "OMPI_COMM_WORLD_SIZE": "1"}
+    code = ("import jax; from sdjax import parallel; parallel.initialize_distributed(); "
+            "print(jax.process_count(), jax.device_count())")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["1", str(jax.device_count())]
+
+
 MULTIHOST_WORKER = textwrap.dedent("""
     import os, sys
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
