@@ -123,7 +123,7 @@ class StableDiffusion:
                         dtype=jnp.float32, format: str | None = None, variant: str | None = None,
                         mesh=None) -> "StableDiffusion":
         """Load a diffusers pipeline folder or Hub repo in any layout (safetensors, Flax msgpack with
-        ``revision="flax"``/``"bf16"`` on the Hub, or .bin), cast to ``dtype``. ``variant`` picks
+        ``revision="flax"``/``"bf16"`` on the Hub, or .bin in a local folder), cast to ``dtype``. ``variant`` picks
         variant files such as ``diffusion_pytorch_model.fp16.safetensors`` (``variant="fp16"``).
 
         From the Hub only the files sdjax reads are downloaded (each model's config and one weights

@@ -453,7 +453,8 @@ def resolve_model_dir(path_or_repo_id: str | os.PathLike, subfolder: str | None 
 
 def from_pretrained(model_cls, path_or_repo_id, *, subfolder=None, revision=None, dtype=jnp.float32,
                     format: str | None = None, variant: str | None = None):
-    """Load a model from a diffusers/transformers folder (any layout) or a Hub repo id."""
+    """Load a model from a diffusers/transformers folder (any layout) or a Hub repo id (safetensors,
+    or msgpack with ``format="flax"``; .bin only from local folders)."""
     flax = format == "flax" or revision in ("flax", "bf16")
     patterns = hub_files(model_cls, "flax" if flax else None, variant)
     model_dir = resolve_model_dir(path_or_repo_id, subfolder, revision, allow_patterns=patterns)

@@ -31,7 +31,7 @@ class Pretrained:
         return weights.save_pretrained(self, directory, format=format, dtype=dtype)
 
 
-# SDJAX_ATTENTION, read when a function is traced:
+# SDJAX_ATTENTION, read once at import (set it before importing sdjax):
 #   "auto" (default): the blocked CPU kernel below on the CPU when the score tensor is large, else XLA's;
 #   "xla": always jax.nn.dot_product_attention's XLA implementation;
 #   "cudnn": cuDNN's fused flash attention on NVIDIA GPUs for bf16/fp16 (opt-in until measured on a GPU);
