@@ -123,8 +123,8 @@ class StableDiffusion:
                         dtype=jnp.float32, format: str | None = None, variant: str | None = None,
                         mesh=None) -> "StableDiffusion":
         """Load a diffusers pipeline folder or Hub repo in any layout (safetensors, Flax msgpack with
-        ``revision="flax"``/``"bf16"`` on the Hub, or .bin in a local folder), cast to ``dtype``. ``variant`` picks
-        variant files such as ``diffusion_pytorch_model.fp16.safetensors`` (``variant="fp16"``).
+        ``revision="flax"``/``"bf16"`` on the Hub, or .bin in a local folder), cast to ``dtype``.
+        ``variant`` picks variant files such as ``diffusion_pytorch_model.fp16.safetensors`` (``variant="fp16"``).
 
         From the Hub only the files sdjax reads are downloaded (each model's config and one weights
         file, the tokenizer, the scheduler config), not the rest of the repo."""
@@ -219,7 +219,8 @@ class StableDiffusion:
         try:
             for start in chunks:
                 stop = min(start + per_call, n)
-                shard = lambda a: parallel.shard_batch(parallel.pad_batch(a[start:stop], per_call), self.mesh)  # noqa: E731
+                shard = lambda a: parallel.shard_batch(  # noqa: E731
+                    parallel.pad_batch(a[start:stop], per_call), self.mesh)
                 out = self._generate(
                     self._graphdefs, self._state, sched, shard(ids), shard(neg_ids),
                     shard(np.asarray(seeds, np.uint32)), None if latents is None else shard(latents),

@@ -373,16 +373,13 @@ class Trainer:
                     bad = next((k for k in ("loss", "grad_norm") if not math.isfinite(metrics[k])), None)
                     if bad:
                         self.log.record(step, metrics)
-                        saved = sorted(self.checkpoints.all_steps())
-                        where = lambda k: self.checkpoints.directory / str(k)  # noqa: E731
                         # Checkpoint k holds the weights after update k; only a finite loss at a later
                         # step vouches for them, so the newest one may be where the divergence began.
-                        if not saved:
-                            hint = "No checkpoint was saved before it"
-                        else:
-                            hint = f"The newest checkpoint is {where(saved[-1])} (finite, but its weights may be diverging)"
+                        saved = [self.checkpoints.directory / str(k) for k in sorted(self.checkpoints.all_steps())]
+                        hint = (f"The newest checkpoint is {saved[-1]} (finite, but its weights may be diverging)"
+                                if saved else "No checkpoint was saved before it")
                         if len(saved) > 1:
-                            hint += f"; if a resume from it diverges again, delete it to resume from {where(saved[-2])}"
+                            hint += f"; if a resume from it diverges again, delete it to resume from {saved[-2]}"
                         raise TrainingDiverged(
                             f"{'loss' if bad == 'loss' else 'gradient norm'} is {metrics[bad]} at step {step}; "
                             f"stopped without saving. {hint}. Lower --learning-rate and --resume.")
