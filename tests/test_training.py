@@ -300,9 +300,13 @@ class Interrupted(Exception):
 def test_resume_equals_uninterrupted(reference_run, pipeline_dir, data_dir, tmp_path, monkeypatch):
     """Crash after step 3 (last checkpoint: 2), --resume to STEPS == the uninterrupted reference:
     the same loss at every step in metrics.jsonl (step 3 recomputed, not duplicated) and the same
-    parameters, EMA and optimizer state. Gradient accumulation 2 and EMA are on."""
+    parameters, EMA and optimizer state. Gradient accumulation 2 and EMA are on. The run is started
+    with relative paths and resumed from Python in another working directory with
+    ``TrainConfig.from_run``: train_config.json records absolute paths."""
     out = tmp_path / "run"
-    cfg = config(out, pipeline_dir, data_dir, max_steps=STEPS, checkpoint_every=2)
+    monkeypatch.chdir(tmp_path)
+    cfg = config("run", os.path.relpath(pipeline_dir), os.path.relpath(data_dir), max_steps=STEPS,
+                 checkpoint_every=2)
     real_next_batch = Trainer.next_batch
 
     def crash_before_step_4(self):
@@ -320,8 +324,13 @@ def test_resume_equals_uninterrupted(reference_run, pipeline_dir, data_dir, tmp_
         trainer.close()
     assert [r["step"] for r in metrics(out)] == [1, 2, 3]
     assert complete_steps(out) == [2]
+    record = json.loads((out / "train_config.json").read_text())
+    assert (record["model"], record["train_data"], record["output_dir"]) == (str(pipeline_dir), str(data_dir),
+                                                                            str(out))
 
-    trainer = Trainer.create(dataclasses.replace(cfg, resume=True))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    trainer = Trainer.create(TrainConfig.from_run(out))
     try:
         assert int(trainer.state.step) == 2 and trainer.data.step == 2
         trainer.run(progress=False)
@@ -338,6 +347,30 @@ def test_resume_equals_uninterrupted(reference_run, pipeline_dir, data_dir, tmp_
     assert max_diff(state.ema, ref.ema) <= 1e-6
     assert max_diff(state.opt_state, ref.opt_state) <= 1e-6
     assert complete_steps(out) == [2, 4]
+
+
+def test_from_run_takes_the_recorded_settings_and_a_bare_resume_says_so(tmp_path, capsys):
+    """``TrainConfig.from_run(DIR, **overrides)``: the recorded settings under the overrides, with
+    resume on. A Python resume that leaves the run's settings out (here its training data) is told
+    to use it; a folder with no record, or a record with an unknown key, is named in the error."""
+    out = tmp_path / "run"
+    out.mkdir()
+    recorded = dataclasses.asdict(TrainConfig(model="/models/base", train_data="/data/cats", output_dir="/old",
+                                              learning_rate=5e-5, ema_decay=0.999, max_steps=100))
+    (out / "train_config.json").write_text(json.dumps(recorded))
+    cfg = TrainConfig.from_run(out, max_steps=200)
+    assert (cfg.model, cfg.train_data, cfg.output_dir, cfg.resume) == ("/models/base", "/data/cats", str(out), True)
+    assert (cfg.learning_rate, cfg.ema_decay, cfg.max_steps) == (5e-5, 0.999, 200)
+    with pytest.raises(ValueError, match=re.escape(f"build the config with TrainConfig.from_run({str(out)!r}")):
+        Trainer.create(TrainConfig(output_dir=str(out), resume=True))
+    with pytest.raises(UsageError, match=re.escape(f"{tmp_path} has no train_config.json")):
+        TrainConfig.from_run(tmp_path)
+    (out / "train_config.json").write_text(json.dumps({**recorded, "learning_rat": 1}))
+    with pytest.raises(UsageError, match=re.escape(f"{out / 'train_config.json'}: unknown key 'learning_rat'")):
+        TrainConfig.from_run(out)
+    (out / "train_config.json").write_text("[1, 2]")
+    with pytest.raises(UsageError, match="must be a JSON object of settings, got list"):
+        TrainConfig.from_run(out)
 
 
 def test_resume_truncates_a_metrics_log_with_a_torn_last_line(tmp_path):
@@ -628,6 +661,8 @@ def test_resume_with_a_setting_that_changes_the_checkpoint_layout(full_run, chan
     assert rc == 2, stderr
     recorded = json.loads(before[out / "train_config.json"])[name]
     assert f"the run that saved it had {name}={recorded!r}" in stderr, stderr
+    assert re.search(rf"resuming with settings changed from the recorded run: {name}=\S+ \(was {recorded!r}\)$",
+                     stdout, re.M), stdout
     assert {p: p.read_bytes() for p in before} == before
     assert complete_steps(out) == [2, 3]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from sdjax.cli_utils import UsageError, resolve_config_path
-from sdjax.training.loop import RUN_CONFIG_FILE, TrainConfig
+from sdjax.training.loop import RUN_CONFIG_FILE, TrainConfig, recorded_settings
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "train"  # sample.py presets sit one level up
 
@@ -134,10 +134,10 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, argparse
     missing_record = None   # why --resume/--export found no run in OUTPUT_DIR
     if resume or export:
         output_dir = Path(given.get("output_dir") or preset.get("output_dir") or TrainConfig.output_dir)
-        path = output_dir / RUN_CONFIG_FILE
-        if path.is_file():
-            recorded = {k: v for k, v in load_train_config(path).items() if k not in ("output_dir", "resume")}
-            args.recorded = path
+        found = recorded_settings(output_dir)
+        if found is not None:
+            recorded = {k: _convert(k, v, str(output_dir / RUN_CONFIG_FILE)) for k, v in found.items()}
+            args.recorded = output_dir / RUN_CONFIG_FILE
         else:
             checkpoints = output_dir / "checkpoints"
             has_checkpoints = checkpoints.is_dir() and any(checkpoints.iterdir())

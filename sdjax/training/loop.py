@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import numbers
+import os
 import time
 import warnings
 from pathlib import Path
@@ -142,6 +143,21 @@ class TrainConfig:
             raise ValueError("cache_latents needs fixed images: use center_crop and no random_flip "
                              "(--cache-latents with --center-crop and --no-random-flip)")
 
+    @classmethod
+    def from_run(cls, output_dir: str | os.PathLike, **overrides) -> "TrainConfig":
+        """The settings to continue the run in ``output_dir`` with: those it was started with (its
+        train_config.json), then ``overrides``, with ``resume=True``. What ``train.py --output-dir
+        DIR --resume`` does, from Python::
+
+            train(TrainConfig.from_run("finetune", max_steps=2000))
+
+        Raises UsageError when the folder holds no recorded run."""
+        recorded = recorded_settings(output_dir)
+        if recorded is None:
+            raise UsageError(f"{output_dir} has no {RUN_CONFIG_FILE} (the settings a run was started with): "
+                             "is it the output_dir of a training run?")
+        return cls(**{**recorded, **overrides, "output_dir": os.fspath(output_dir), "resume": True})
+
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN/inf; the last good checkpoint is kept."""
@@ -174,13 +190,49 @@ def _build_model(cfg: TrainConfig, mesh):
     return pipe, graphdefs, step_cfg, optimizer, lr, state
 
 
-def _read_run_config(out: Path) -> dict | None:
-    """The settings recorded in ``out/train_config.json``, or None (no file, or not readable)."""
-    try:
-        recorded = json.loads((out / RUN_CONFIG_FILE).read_text())
-    except (OSError, ValueError):
+def recorded_settings(output_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The settings a run was started with, from ``OUTPUT_DIR/train_config.json``, as TrainConfig
+    fields (without ``output_dir`` and ``resume``, which belong to the run now asking); None when
+    the folder has no such file. Raises UsageError naming the file when it is not a JSON object of
+    TrainConfig fields."""
+    path = Path(output_dir) / RUN_CONFIG_FILE
+    if not path.is_file():
         return None
-    return recorded if isinstance(recorded, dict) else None
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    if not isinstance(recorded, dict):
+        raise UsageError(f"{path}: must be a JSON object of settings, got {type(recorded).__name__}")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(recorded) - known)
+    if unknown:
+        raise UsageError(f"{path}: unknown key {unknown[0]!r} (known keys: {', '.join(sorted(known))})")
+    return {k: v for k, v in recorded.items() if k not in ("output_dir", "resume")}
+
+
+def _read_run_config(out: Path) -> dict | None:
+    """`recorded_settings`, or None where the file is missing or unreadable (for error hints)."""
+    try:
+        return recorded_settings(out)
+    except UsageError:
+        return None
+
+
+def _record(cfg: TrainConfig) -> dict[str, Any]:
+    """``cfg`` as train_config.json stores it: local paths made absolute, so that a ``--resume``
+    or ``from_run`` from another working directory finds the same model and data."""
+    def absolute(path: str) -> str:
+        return os.path.abspath(os.path.expanduser(path))
+    record = dataclasses.asdict(cfg)
+    if Path(cfg.model).expanduser().is_dir():         # else a Hub repo id
+        record["model"] = absolute(cfg.model)
+    if cfg.train_data and not cfg.train_data.startswith("tfds:"):
+        record["train_data"] = absolute(cfg.train_data)
+    if cfg.tfds_data_dir and "://" not in cfg.tfds_data_dir:   # gs://... stays as it is
+        record["tfds_data_dir"] = absolute(cfg.tfds_data_dir)
+    record["output_dir"] = absolute(cfg.output_dir)
+    return record
 
 
 def _restore(checkpoints: Checkpointer, state, step: int | None, cfg: TrainConfig, recorded: dict | None):
@@ -197,7 +249,8 @@ def _restore(checkpoints: Checkpointer, state, step: int | None, cfg: TrainConfi
             settings = ", ".join(f"{name}={recorded[name]!r} (now {getattr(cfg, name)!r})" for name in changed)
             raise UsageError(f"cannot restore {where}: the run that saved it had {settings}, which decides what "
                              "a checkpoint holds; resume with the recorded setting (leave out the flag that "
-                             "changes it), or start a new run in another --output-dir") from e
+                             "changes it; from Python, TrainConfig.from_run(OUTPUT_DIR) keeps it), or start a "
+                             "new run in another --output-dir") from e
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(f"cannot restore {where}: it does not fit this run's model and settings ({first}); "
                          f"use the --model and the {', '.join(STATE_STRUCTURE_SETTINGS)} settings of the run "
@@ -229,16 +282,27 @@ class Trainer:
         output folder is touched, for a fresh run in a folder that has checkpoints: its own would
         never be saved (Orbax skips a step not above the newest) and a later resume or export
         would take the old run's weights."""
-        cfg.validate()
+        out = Path(cfg.output_dir)
+        try:
+            cfg.validate()
+        except ValueError as e:
+            if cfg.resume and (out / RUN_CONFIG_FILE).is_file():   # from Python, with the run's settings left out
+                raise ValueError(f"{e}; to resume with the settings recorded in {out / RUN_CONFIG_FILE}, build the "
+                                 f"config with TrainConfig.from_run({str(out)!r}, ...)") from e
+            raise
         parallel.initialize_distributed()
         mesh = mesh or parallel.data_mesh()
-        out = Path(cfg.output_dir)
         main = jax.process_index() == 0
         existing = checkpoint_steps(out / "checkpoints")
         if existing and not cfg.resume:
             raise UsageError(f"{out / 'checkpoints'} has checkpoints up to step {existing[-1]}: pass --resume to "
                              "continue that run, or choose another --output-dir")
         recorded = _read_run_config(out)   # the settings of the run whose checkpoints these are
+        if cfg.resume and existing and recorded and main:
+            now = _record(cfg)
+            changed = [f"{k}={now[k]!r} (was {v!r})" for k, v in recorded.items() if k in now and now[k] != v]
+            if changed:
+                print("resuming with settings changed from the recorded run: " + ", ".join(changed))
         if cfg.gradient_checkpointing and jax.default_backend() == "cpu" and main:
             warnings.warn("gradient_checkpointing saves no memory on the CPU: XLA:CPU drops jax.checkpoint's "
                           "optimization barriers before its last CSE and scheduling passes, so the recomputation "
@@ -277,7 +341,7 @@ class Trainer:
             raise
         if main:
             out.mkdir(parents=True, exist_ok=True)
-            (out / RUN_CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+            (out / RUN_CONFIG_FILE).write_text(json.dumps(_record(cfg), indent=2) + "\n")
         log = MetricsLog(out, enabled=main, spike_factor=cfg.spike_factor, resume_from_step=resumed)
         trainer = cls(cfg, out, mesh, pipe, graphdefs, frozen, state, data, checkpoints, step_cfg, step_fn, log)
         if cfg.cache_latents:
