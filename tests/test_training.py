@@ -387,6 +387,25 @@ def test_resume_truncates_a_metrics_log_with_a_torn_last_line(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_metrics_log_is_strict_json_with_a_nan_loss(tmp_path):
+    """A NaN loss or an infinite gradient norm is written as null (Python's NaN / Infinity literals
+    are not JSON, and other parsers reject them), also when a resume rewrites an older log that has
+    them; the loss curve leaves such a row out."""
+    from sdjax.training.monitor import MetricsLog
+
+    def strict(line):
+        return json.loads(line, parse_constant=lambda name: pytest.fail(f"non-JSON literal {name} in {line!r}"))
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": NaN}\n')
+    log = MetricsLog(tmp_path, resume_from_step=2)
+    for step, loss in ((3, 0.25), (4, float("nan")), (5, 0.125)):
+        log.record(step, {"loss": loss, "grad_norm": float("inf") if step == 4 else 1.0})
+    assert log.plot_loss().is_file()
+    log.close()
+    rows = [strict(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in rows] == [(1, 0.5), (2, None), (3, 0.25), (4, None), (5, 0.125)]
+    assert rows[3]["grad_norm"] is None and rows[4]["grad_norm"] == 1.0
+
+
 def test_fresh_run_in_a_folder_with_checkpoints_is_refused(tmp_path):
     """A fresh run (no --resume) where checkpoints exist would save none of its own (Orbax skips a
     step not above the newest one on disk) while deleting metrics.jsonl and rewriting

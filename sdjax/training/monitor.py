@@ -9,6 +9,13 @@ from pathlib import Path
 from sdjax.images import atomic_write
 
 
+def _json_line(row: dict) -> str:
+    """One strict-JSON line: a non-finite number (a NaN or infinite loss) is written as null, not
+    as the NaN / Infinity literals that JSON parsers other than Python's reject."""
+    clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in row.items()}
+    return json.dumps(clean, allow_nan=False) + "\n"
+
+
 def read_rows(path: Path) -> list[dict]:
     """The rows of a metrics.jsonl, skipping lines that are not a JSON object with a ``step``
     (a torn last line, left by a run killed while it wrote it)."""
@@ -24,7 +31,8 @@ def read_rows(path: Path) -> list[dict]:
 
 
 class MetricsLog:
-    """Appends one JSON object per logged step to ``metrics.jsonl`` and mirrors it to TensorBoard.
+    """Appends one JSON object per logged step to ``metrics.jsonl`` (null for a NaN or infinite
+    value) and mirrors it to TensorBoard.
 
     Only the main process writes (``enabled=False`` elsewhere). ``spike_factor``: a loss above
     that multiple of the recent median is reported by `record` as a spike.
@@ -41,7 +49,7 @@ class MetricsLog:
                 # Resumed run: drop lines past the checkpoint (they will be recomputed identically)
                 # and any torn line.
                 rows = [row for row in read_rows(self.path) if row["step"] <= resume_from_step]
-                atomic_write(self.path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in rows)))
+                atomic_write(self.path, lambda tmp: tmp.write_text("".join(map(_json_line, rows))))
             elif resume_from_step is None and self.path.exists():
                 self.path.unlink()
             from tensorboardX import SummaryWriter
@@ -57,7 +65,7 @@ class MetricsLog:
         if self.enabled:
             row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
             with self.path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+                f.write(_json_line(row))
             for k, v in row.items():
                 if k != "step" and math.isfinite(v):
                     self.writer.add_scalar(f"train/{k}", v, step)
@@ -70,7 +78,8 @@ class MetricsLog:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        rows = read_rows(self.path)
+        rows = [r for r in read_rows(self.path)   # a NaN loss (null) is not plotted
+                if isinstance(r.get("loss"), (int, float)) and math.isfinite(r["loss"])]
         if not rows:
             return None
         steps, losses = [r["step"] for r in rows], [r["loss"] for r in rows]
