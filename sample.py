@@ -63,8 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="progress bar over denoising steps or batches; auto (default): steps on the CPU, "
                         "batches on GPU/TPU")
     p.add_argument("--compilation-cache", metavar="DIR", default=None,
-                   help="JAX persistent compilation cache folder (default $SDJAX_CACHE_DIR/jax or ~/.cache/sdjax/jax; "
-                        "'none' turns it off)")
+                   help="JAX persistent compilation cache folder (default $SDJAX_CACHE_DIR/jax if set, else "
+                        "$XDG_CACHE_HOME/sdjax/jax if set, else ~/.cache/sdjax/jax; 'none' turns it off)")
     return p
 
 
@@ -76,7 +76,8 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
     known, _ = pre.parse_known_args(argv)
     parser = build_parser()
     if known.config:
-        parser.set_defaults(**load_config(resolve_config_path(known.config, CONFIG_DIRS)))
+        path = resolve_config_path(known.config, CONFIG_DIRS, other_tools={"train.py": CONFIG_DIRS[0] / "train"})
+        parser.set_defaults(**load_config(path))
     args = parser.parse_args(argv)
     prompts = list(args.prompt)
     if args.prompts_file:

@@ -15,7 +15,7 @@ import re
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from sdjax.images import (a1111_parameters, image_grid, image_file_name, image_strip, next_free_index, save_gif,
                           save_png)
@@ -111,8 +111,12 @@ CONFIG_KEYS: dict[str, tuple[type | tuple, str]] = {
 }
 
 
-def resolve_config_path(name: str | os.PathLike, search_dirs: Sequence[Path] = ()) -> Path:
-    """A config path as given, or a preset name (``draft`` / ``draft.yaml``) in ``search_dirs``."""
+def resolve_config_path(name: str | os.PathLike, search_dirs: Sequence[Path] = (), *,
+                        other_tools: Mapping[str, Path] | None = None) -> Path:
+    """A config path as given, or a preset name (``draft`` / ``draft.yaml``) in ``search_dirs``.
+
+    The error for a name that is neither lists the presets in ``search_dirs`` and, when the name is
+    a preset of another script (``other_tools``: script name -> its preset folder), says so."""
     path = Path(name).expanduser()
     if path.is_file():
         return path
@@ -120,7 +124,15 @@ def resolve_config_path(name: str | os.PathLike, search_dirs: Sequence[Path] = (
         for candidate in (Path(d) / str(name), Path(d) / f"{name}.yaml"):
             if candidate.is_file():
                 return candidate
-    raise UsageError(f"config file {str(name)!r} does not exist")
+    message = f"config file {str(name)!r} does not exist"
+    stem = str(name).removesuffix(".yaml")
+    for tool, folder in (other_tools or {}).items():
+        if Path(stem).name == stem and (Path(folder) / f"{stem}.yaml").is_file():
+            message += f"; {stem!r} is a preset of {tool} ({Path(folder) / f'{stem}.yaml'})"
+    presets = sorted({p.stem for d in search_dirs for p in Path(d).glob("*.yaml")})
+    if presets:
+        message += f"; the presets here are {', '.join(presets)}"
+    raise UsageError(message)
 
 
 def load_config(path: str | os.PathLike) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import os
 import re
+import shlex
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -440,11 +441,14 @@ def resolve_model_dir(path_or_repo_id: str | os.PathLike, subfolder: str | None 
     try:
         root = Path(snapshot_download(str(path_or_repo_id), revision=revision, allow_patterns=patterns))
     except Exception as e:
+        # The command that fetches just these files (the whole SD v1.5 repo is ~20 GB more).
+        command = " ".join(["hf download", shlex.quote(str(path_or_repo_id)),
+                            *([f"--revision {shlex.quote(revision)}"] if revision else []),
+                            *[f"--include {shlex.quote(p)}" for p in patterns], "--local-dir DIR"])
         raise CheckpointError(
             f"could not get {path_or_repo_id!r} (revision {revision!r}) from the Hugging Face Hub: "
-            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}\n"
-            "Without network access, download the model elsewhere (e.g. `hf download "
-            "stable-diffusion-v1-5/stable-diffusion-v1-5`) and pass its local directory instead.") from e
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. Without network access here, "
+            f"download the files sdjax reads where there is (`{command}`) and pass DIR instead.") from e
     out = root / subfolder if subfolder else root
     if not out.is_dir():
         raise CheckpointError(f"{path_or_repo_id}: the repo has no {subfolder}/ folder")

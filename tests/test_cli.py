@@ -308,10 +308,14 @@ BAD_INPUTS = {
     "config_unknown_key": (["a cat", "--config", "{tmp}/bad.yaml"], "unknown key 'stpes'"),
     "config_bad_value": (["a cat", "--config", "{tmp}/badvalue.yaml"], "key 'steps' has value 'many'"),
     "config_missing": (["a cat", "--config", "{tmp}/none.yaml"], "does not exist"),
+    "config_of_train_py": (["a cat", "--config", "style"], "config file 'style' does not exist; 'style' is a preset "
+                           "of train.py"),
+    "config_no_such_preset": (["a cat", "--config", "drafty"], "the presets here are creative, draft, precise, "
+                              "quality"),
     "no_weights": (["a cat", "--model", "{tmp}/no/such/model"], "no such directory"),
     "model_is_a_file": (["a cat", "--model", "{tmp}/empty.txt"], "is a file; sdjax loads a diffusers pipeline"),
     "not_a_pipeline": (["a cat", "--model", "{tmp}"], "scheduler_config.json"),
-    "offline_hub": (["a cat", "--model", "no-such-user/no-such-model"], "local directory"),
+    "offline_hub": (["a cat", "--model", "no-such-user/no-such-model"], "--local-dir DIR`) and pass DIR instead"),
     "out_is_a_file": (["a cat", "--out", "{tmp}/empty.txt"], "not a directory"),
 }
 

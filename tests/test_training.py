@@ -699,6 +699,7 @@ BAD_VALUES = {   # flag value -> what the error says; all checked before the mod
 
 
 @pytest.mark.parametrize("case", ["unknown_key", "resolution", "no_train_data", "bad_type", "missing_config",
+                                  "preset_of_sample_py",
                                   "tfds_not_installed", "resume_wrong_dir", "export_wrong_dir", *BAD_VALUES])
 def test_train_py_usage_errors(case, pipeline_dir, data_dir, tmp_path, monkeypatch):
     base = flags(model=pipeline_dir, train_data=data_dir, output_dir=tmp_path / "out")
@@ -710,6 +711,8 @@ def test_train_py_usage_errors(case, pipeline_dir, data_dir, tmp_path, monkeypat
         "no_train_data": (flags(model=pipeline_dir, output_dir=tmp_path / "out"), ["--train-data"]),
         "bad_type": ([*base, "--batch-size", "two"], ["batch_size='two' is not a valid int"]),
         "missing_config": (["--config", tmp_path / "nope.yaml", *base], ["nope.yaml", "does not exist"]),
+        "preset_of_sample_py": (["--config", "draft", *base], ["config file 'draft' does not exist; 'draft' is a "
+                                "preset of sample.py", "the presets here are low_memory, style"]),
         "tfds_not_installed": (flags(model=pipeline_dir, train_data="tfds:mnist", output_dir=tmp_path / "out"),
                                ['sources need the optional package tensorflow-datasets', 'pip install "sdjax[tfds]"']),
         "resume_wrong_dir": (["--output-dir", tmp_path / "out", "--resume"],

@@ -1,5 +1,7 @@
 """Loading errors, saving back to the diffusers layouts, pipeline folders and the tokenizer."""
 import json
+import re
+import shlex
 import shutil
 
 import jax
@@ -44,8 +46,9 @@ def test_missing_directory_and_config(tmp_path):
 
 def test_offline_hub_error_says_how_to_use_a_local_dir(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(CheckpointError, match="local directory"):
-        UNet2DConditionModel.from_pretrained("no-such-user/no-such-model", subfolder="unet")
+    with pytest.raises(CheckpointError, match="`hf download no-such-user/no-such-model --revision fp16 --include "
+                                              "unet/config.json .* --local-dir DIR`\\) and pass DIR instead"):
+        UNet2DConditionModel.from_pretrained("no-such-user/no-such-model", subfolder="unet", revision="fp16")
 
 
 def test_model_path_that_is_a_file_or_a_missing_relative_folder(tmp_path, monkeypatch):
@@ -126,9 +129,14 @@ def test_hub_download_takes_only_the_files_it_reads(monkeypatch, variant, format
         asked["patterns"] = allow_patterns
         raise OSError("no network in this test")
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
-    with pytest.raises(CheckpointError, match="could not get"):
+    with pytest.raises(CheckpointError, match="could not get") as info:
         StableDiffusion.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5", variant=variant,
                                         format=format)
+    # The error's download command asks for the same files.
+    command = shlex.split(re.search(r"`(hf download .*)`", str(info.value)).group(1))
+    assert command[:3] == ["hf", "download", "stable-diffusion-v1-5/stable-diffusion-v1-5"]
+    assert command[3::2] == ["--include"] * len(asked["patterns"]) + ["--local-dir"]
+    assert command[4::2] == [*asked["patterns"], "DIR"]
     got = sorted(filter_repo_objects(SD15_REPO_FILES, allow_patterns=asked["patterns"]))
     weights = {(None, None): ("model.safetensors", "diffusion_pytorch_model.safetensors"),
                ("fp16", None): ("model.fp16.safetensors", "diffusion_pytorch_model.fp16.safetensors"),

@@ -124,7 +124,10 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, argparse
     ``train.py --output-dir DIR --resume`` continues a run as it was started; ``args.recorded``
     is that file, or None."""
     args = build_parser().parse_args(argv)
-    preset = load_train_config(resolve_config_path(args.config, [CONFIG_DIR])) if getattr(args, "config", None) else {}
+    preset = {}
+    if getattr(args, "config", None):
+        path = resolve_config_path(args.config, [CONFIG_DIR], other_tools={"sample.py": CONFIG_DIR.parent})
+        preset = load_train_config(path)
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     given = {key: _convert(key, value, "command line") for key, value in vars(args).items() if key in known}
     recorded: dict[str, Any] = {}
