@@ -15,7 +15,8 @@ from sdjax import parallel, sampling
 from sdjax.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
 from sdjax.schedulers import SCHEDULERS, make_scheduler
 from sdjax.text import load_tokenizer, tokenize
-from sdjax.weights import hub_files, read_json_object, resolve_dtype, resolve_model_dir, save_pipeline
+from sdjax.weights import (has_weights, hub_bin_file, hub_files, read_json_object, resolve_dtype,
+                           resolve_model_dir, save_pipeline)
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 PARTS = {"text_encoder": CLIPTextModel, "unet": UNet2DConditionModel, "vae": AutoencoderKL}  # folder -> model
@@ -123,11 +124,12 @@ class StableDiffusion:
                         dtype=jnp.float32, format: str | None = None, variant: str | None = None,
                         mesh=None) -> "StableDiffusion":
         """Load a diffusers pipeline folder or Hub repo in any layout (safetensors, Flax msgpack with
-        ``revision="flax"``/``"bf16"`` on the Hub, or .bin in a local folder), cast to ``dtype``.
-        ``variant`` picks variant files such as ``diffusion_pytorch_model.fp16.safetensors`` (``variant="fp16"``).
+        ``revision="flax"``/``"bf16"`` on the Hub, or .bin), cast to ``dtype``. ``variant`` picks
+        variant files such as ``diffusion_pytorch_model.fp16.safetensors`` (``variant="fp16"``).
 
         From the Hub only the files sdjax reads are downloaded (each model's config and one weights
-        file, the tokenizer, the scheduler config), not the rest of the repo."""
+        file, the tokenizer, the scheduler config), not the rest of the repo: the safetensors
+        weights, or, for a model folder that has none (older repos), its .bin in a second request."""
         dtype = resolve_dtype(dtype)
         if revision in ("flax", "bf16"):
             format = format or "flax"
@@ -135,6 +137,11 @@ class StableDiffusion:
         for part, model_cls in PARTS.items():
             patterns += [f"{part}/{name}" for name in hub_files(model_cls, format, variant)]
         root = resolve_model_dir(path_or_repo_id, None, revision, allow_patterns=patterns)
+        if format != "flax" and not Path(path_or_repo_id).expanduser().is_dir():   # from the Hub
+            bins = [f"{part}/{hub_bin_file(model_cls, variant)}" for part, model_cls in PARTS.items()
+                    if (root / part).is_dir() and not has_weights(root / part, model_cls, variant)]
+            if bins:   # an older repo with only .bin weights (in some of its folders)
+                root = resolve_model_dir(path_or_repo_id, None, revision, allow_patterns=bins)
         scheduler_config = read_json_object(root / "scheduler" / "scheduler_config.json", f"{root}: no "
                                             "scheduler/scheduler_config.json (is this a diffusers pipeline folder?)")
         kw = dict(revision=revision, dtype=dtype, format=format, variant=variant)

@@ -386,11 +386,20 @@ def with_variant(name: str, variant: str | None) -> str:
     return f"{stem}.{variant}.{ext}"
 
 
+def _weight_candidates(model_cls, variant: str | None) -> list[str]:
+    spec = SPECS[model_cls]
+    return [with_variant(n, variant) for n in (spec.torch_files[0], spec.flax_file, spec.torch_files[1])]
+
+
+def has_weights(model_dir: Path, model_cls, variant: str | None = None) -> bool:
+    """Whether a model folder holds a weights file `weight_file` would pick."""
+    return any((model_dir / name).is_file() for name in _weight_candidates(model_cls, variant))
+
+
 def weight_file(model_dir: Path, model_cls, *, prefer: str | None = None, variant: str | None = None) -> Path:
     """Pick the weights file in a model folder: safetensors, then Flax msgpack, then .bin
     (``prefer='flax'`` puts msgpack first)."""
-    spec = SPECS[model_cls]
-    candidates = [with_variant(n, variant) for n in (spec.torch_files[0], spec.flax_file, spec.torch_files[1])]
+    candidates = _weight_candidates(model_cls, variant)
     if prefer == "flax":
         candidates.insert(0, candidates.pop(1))
     elif prefer not in (None, "pytorch"):
@@ -409,9 +418,16 @@ def weight_file(model_dir: Path, model_cls, *, prefer: str | None = None, varian
 
 
 def hub_files(model_cls, format: str | None = None, variant: str | None = None) -> list[str]:
-    """The files of one model folder that sdjax reads from a Hub repo: its config and one weights file."""
+    """The files of one model folder that sdjax reads from a Hub repo: its config and one weights
+    file (safetensors, or msgpack with ``format="flax"``; see `hub_bin_file` for older repos)."""
     spec = SPECS[model_cls]
     return ["config.json", with_variant(spec.flax_file if format == "flax" else spec.torch_files[0], variant)]
+
+
+def hub_bin_file(model_cls, variant: str | None = None) -> str:
+    """The PyTorch .bin weights of a model folder, fetched from a Hub repo whose folder has no
+    safetensors file (older repos have only .bin): a second, smaller download."""
+    return with_variant(SPECS[model_cls].torch_files[1], variant)
 
 
 def _is_local_path(text: str) -> bool:
@@ -458,10 +474,13 @@ def resolve_model_dir(path_or_repo_id: str | os.PathLike, subfolder: str | None 
 def from_pretrained(model_cls, path_or_repo_id, *, subfolder=None, revision=None, dtype=jnp.float32,
                     format: str | None = None, variant: str | None = None):
     """Load a model from a diffusers/transformers folder (any layout) or a Hub repo id (safetensors,
-    or msgpack with ``format="flax"``; .bin only from local folders)."""
+    or msgpack with ``format="flax"``; .bin where the repo has no safetensors)."""
     flax = format == "flax" or revision in ("flax", "bf16")
     patterns = hub_files(model_cls, "flax" if flax else None, variant)
     model_dir = resolve_model_dir(path_or_repo_id, subfolder, revision, allow_patterns=patterns)
+    from_hub = not Path(path_or_repo_id).expanduser().is_dir()
+    if from_hub and not flax and not has_weights(model_dir, model_cls, variant):
+        resolve_model_dir(path_or_repo_id, subfolder, revision, allow_patterns=[hub_bin_file(model_cls, variant)])
     config, _ = read_config(model_dir, model_cls)
     prefer = format or ("flax" if revision in ("flax", "bf16") else None)
     return load_weights(model_cls, config, weight_file(model_dir, model_cls, prefer=prefer, variant=variant),

@@ -3,6 +3,7 @@ import json
 import re
 import shlex
 import shutil
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -146,6 +147,60 @@ def test_hub_download_takes_only_the_files_it_reads(monkeypatch, variant, format
                 "text_encoder/config.json", f"text_encoder/{weights[0]}",
                 *[f"{part}/{n}" for part in ("unet", "vae") for n in ("config.json", weights[1])]]
     assert got == sorted(expected)
+
+
+def fake_hub(monkeypatch, repo: Path, snapshot: Path) -> list[list[str]]:
+    """``huggingface_hub.snapshot_download`` serving the files of the folder ``repo``: each call
+    copies the files its patterns match into ``snapshot`` (the Hub cache's folder for one commit)
+    and returns it. Returns the list of every call's patterns."""
+    import huggingface_hub
+    from huggingface_hub.utils import filter_repo_objects
+    calls = []
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=None, **kw):
+        calls.append(list(allow_patterns))
+        files = [f.relative_to(repo).as_posix() for f in repo.rglob("*") if f.is_file()]
+        for name in filter_repo_objects(files, allow_patterns=allow_patterns):
+            (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(repo / name, snapshot / name)
+        return str(snapshot)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    return calls
+
+
+def test_hub_repo_with_only_bin_weights(tiny_pipeline_dir, tmp_path, monkeypatch):
+    """An older Hub repo whose model folders hold only PyTorch .bin weights: the first request
+    (configs and safetensors) finds no weights, a second one fetches just the three .bin files, and
+    the pipeline equals the one loaded from the safetensors folder. A single model loads the same
+    way; a repo with safetensors takes one request."""
+    from safetensors.numpy import load_file
+    from sdjax import StableDiffusion
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_pipeline_dir, repo)
+    for f in [*repo.rglob("*.safetensors"), *repo.rglob("*.msgpack")]:
+        if f.suffix == ".safetensors":
+            name = "pytorch_model.bin" if f.name == "model.safetensors" else f.with_suffix(".bin").name
+            torch.save({k: torch.from_numpy(v) for k, v in load_file(f).items()}, f.with_name(name))
+        f.unlink()
+
+    calls = fake_hub(monkeypatch, repo, tmp_path / "snapshot")
+    pipe = StableDiffusion.from_pretrained("someone/old-sd-finetune")
+    assert len(calls) == 2 and calls[1] == ["text_encoder/pytorch_model.bin", "unet/diffusion_pytorch_model.bin",
+                                            "vae/diffusion_pytorch_model.bin"]
+    local = StableDiffusion.from_pretrained(tiny_pipeline_dir)
+    for part in ("text_encoder", "unet", "vae"):
+        ours, theirs = (jax.tree.leaves(nnx.state(getattr(p, part), nnx.Param)) for p in (pipe, local))
+        assert len(ours) == len(theirs) and all(np.array_equal(a, b) for a, b in zip(ours, theirs)), part
+
+    calls = fake_hub(monkeypatch, repo, tmp_path / "snapshot-unet")
+    unet = UNet2DConditionModel.from_pretrained("someone/old-sd-finetune", subfolder="unet")
+    assert [c[0] for c in calls] == ["unet/config.json", "unet/diffusion_pytorch_model.bin"]
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(nnx.state(unet, nnx.Param)),
+                                                      jax.tree.leaves(nnx.state(local.unet, nnx.Param))))
+
+    calls = fake_hub(monkeypatch, tiny_pipeline_dir, tmp_path / "snapshot-new")
+    StableDiffusion.from_pretrained("someone/new-sd-finetune")
+    assert len(calls) == 1
 
 
 @pytest.mark.parametrize("layout", ["safetensors", "flax"])
