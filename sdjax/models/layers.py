@@ -59,7 +59,9 @@ def attention(q_BTNH, k_BSNH, v_BSNH, *, is_causal: bool = False, upcast: bool =
     if upcast and dtype != jnp.float32:
         q_BTNH, k_BSNH, v_BSNH = (a.astype(jnp.float32) for a in (q_BTNH, k_BSNH, v_BSNH))
     if ATTENTION_IMPLEMENTATION == "cudnn" and q_BTNH.dtype in (jnp.bfloat16, jnp.float16):
-        try:  # JAX checks cuDNN's shape/dtype/version limits while tracing
+        # JAX checks cuDNN's shape/dtype/version limits while tracing, and those errors fall back here; an
+        # error cuDNN itself raises later, when XLA compiles the program, is not caught (unset SDJAX_ATTENTION).
+        try:
             out = jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, is_causal=is_causal, implementation="cudnn")
             return out.astype(dtype)
         except (ValueError, NotImplementedError, RuntimeError, TypeError):
