@@ -99,3 +99,14 @@ def to_host(array: jax.Array) -> np.ndarray:
         from jax.experimental import multihost_utils
         return np.asarray(multihost_utils.process_allgather(array, tiled=True))
     return np.asarray(array)
+
+
+def gather_from_processes(values: np.ndarray) -> np.ndarray:
+    """Every process's ``values`` (a small int32 array), stacked: [process_count, ...]. A collective:
+    every process must call it. One process: ``values[None]``, without communicating."""
+    values = np.asarray(values, np.int32)
+    if jax.process_count() == 1:
+        return values[None]
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(values))
+

@@ -27,8 +27,10 @@ import queue
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import jax
@@ -314,15 +316,23 @@ def test_resume_equals_uninterrupted(reference_run, pipeline_dir, data_dir, tmp_
             raise Interrupted
         return real_next_batch(self)
 
+    real_save = Trainer.save_checkpoint
+
+    def slow_save(self):   # images_per_s counts the steps, not the save after step 2
+        time.sleep(5.0)
+        real_save(self)
+
     trainer = Trainer.create(cfg)
     try:
         with monkeypatch.context() as mp:
             mp.setattr(Trainer, "next_batch", crash_before_step_4)
+            mp.setattr(Trainer, "save_checkpoint", slow_save)
             with pytest.raises(Interrupted):
                 trainer.run(progress=False)
     finally:
         trainer.close()
     assert [r["step"] for r in metrics(out)] == [1, 2, 3]
+    assert metrics(out)[2]["images_per_s"] > 16 / 5.0   # global batch 16; ~0.3 s a step here
     assert complete_steps(out) == [2]
     record = json.loads((out / "train_config.json").read_text())
     assert (record["model"], record["train_data"], record["output_dir"]) == (str(pipeline_dir), str(data_dir),
@@ -371,6 +381,100 @@ def test_from_run_takes_the_recorded_settings_and_a_bare_resume_says_so(tmp_path
     (out / "train_config.json").write_text("[1, 2]")
     with pytest.raises(UsageError, match="must be a JSON object of settings, got list"):
         TrainConfig.from_run(out)
+
+
+def test_settings_checked_before_a_run(tmp_path, monkeypatch):
+    """No validation seed is an error (the final samples would fail after the whole run); ``~`` in
+    output_dir is the home folder (it was a folder named ``~``), for train.py's --resume too; YAML's
+    bare ``no`` is mixed_precision 'no', other YAML booleans for text and fractions for whole
+    numbers are errors naming the file."""
+    from sdjax.training.cli import load_train_config
+    with pytest.raises(ValueError, match=re.escape("validation_seeds=[] must hold at least one seed "
+                                                   "(--validation-seeds)")):
+        TrainConfig(train_data="data", validation_seeds=[]).validate()
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert TrainConfig(output_dir="~/run").output_dir == str(tmp_path / "run")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "train_config.json").write_text(json.dumps({"train_data": "data", "max_steps": 7}))
+    cfg, args = parse_args(["--output-dir", "~/run", "--resume"])
+    assert (cfg.output_dir, cfg.max_steps, args.recorded) == (str(tmp_path / "run"), 7,
+                                                              tmp_path / "run" / "train_config.json")
+    assert TrainConfig.from_run("~/run").output_dir == str(tmp_path / "run")
+    preset = tmp_path / "p.yaml"
+    preset.write_text("mixed_precision: no\nmax_steps: 20.0\n")
+    assert load_train_config(preset) == {"mixed_precision": "no", "max_steps": 20}
+    for text, message in (("caption_key: off\n", "caption_key=False: YAML reads a bare yes/no"),
+                          ("max_steps: 2.7\n", "max_steps=2.7 is not a valid int"),
+                          ("batch_size: 0.5\n", "batch_size=0.5 is not a valid int")):
+        preset.write_text(text)
+        with pytest.raises(UsageError, match=re.escape(f"{preset}: {message}")):
+            load_train_config(preset)
+
+
+def test_processes_that_loaded_other_data_stop_together(monkeypatch):
+    """Every process loads the data itself: one exchange makes all of them stop, naming the
+    processes that could not load it or that loaded other rows (simulated here: the exchange
+    returns what two processes would send)."""
+    from sdjax.training import loop
+    dataset = loop.load_captioned_images(write_captioned_folder(Path(tempfile.mkdtemp()) / "d", _images(3)))
+    sent = {}
+
+    def exchange(rows):
+        def gather(values):
+            sent["mine"] = np.asarray(values)
+            return np.stack([np.asarray(values), *rows])
+        monkeypatch.setattr(parallel, "gather_from_processes", gather)
+
+    np.testing.assert_array_equal(parallel.gather_from_processes(np.array([1, 2])), [[1, 2]])  # one process
+    exchange([])
+    loop._check_processes_loaded_the_same_data(dataset, None, "data")
+    same = sent["mine"]
+    exchange([same])
+    loop._check_processes_loaded_the_same_data(dataset, None, "data")
+    exchange([np.array([1, 2, *same[2:]])])
+    with pytest.raises(DataError, match=r"data: the processes loaded different training data \(process 0: 3 rows, "
+                                        r"process 1: 2 rows; processes 1 differ"):
+        loop._check_processes_loaded_the_same_data(dataset, None, "data")
+    exchange([np.array([1, 3, same[2] + 1, same[3]])])
+    with pytest.raises(DataError, match="processes 1 differ from process 0 in their rows or captions"):
+        loop._check_processes_loaded_the_same_data(dataset, None, "data")
+    exchange([np.array([0, 0, 0, 0])])
+    with pytest.raises(DataError, match="data: processes 1 could not load the training data"):
+        loop._check_processes_loaded_the_same_data(dataset, None, "data")
+    exchange([same])                   # this process failed: it raises its own error, after the exchange
+    with pytest.raises(DataError, match="missing file"):
+        loop._check_processes_loaded_the_same_data(None, DataError("missing file"), "data")
+    assert sent["mine"][0] == 0
+
+
+def test_tensorboard_matches_the_metrics_log(tmp_path):
+    """A resumed log tells TensorBoard to drop the points after the checkpoint (as metrics.jsonl
+    is truncated), and a fresh run removes an earlier run's event files."""
+    import struct
+    from tensorboardX.proto import event_pb2
+    from sdjax.training.monitor import MetricsLog
+
+    def events(path):
+        data, out = path.read_bytes(), []
+        while data:   # TFRecord framing: length, its CRC, the record, its CRC
+            (n,) = struct.unpack("<Q", data[:8])
+            event = event_pb2.Event()
+            event.ParseFromString(data[12:12 + n])
+            out.append(event)
+            data = data[16 + n:]
+        return out
+    def all_events():
+        return [e for f in sorted((tmp_path / "tensorboard").glob("events.out.tfevents.*")) for e in events(f)]
+    log = MetricsLog(tmp_path)
+    for step in (1, 2, 3):
+        log.record(step, {"loss": 0.5})
+    log.close()
+    assert [e.step for e in all_events() if e.HasField("summary")] == [1, 2, 3]
+    MetricsLog(tmp_path, resume_from_step=2).close()
+    assert [(e.step, e.session_log.status) for e in all_events() if e.HasField("session_log")] == \
+        [(3, event_pb2.SessionLog.START)]   # TensorBoard drops what an earlier file has from step 3 on
+    MetricsLog(tmp_path).close()       # a fresh run in the folder
+    assert not [e for e in all_events() if e.HasField("summary") or e.HasField("session_log")]
 
 
 def test_resume_truncates_a_metrics_log_with_a_torn_last_line(tmp_path):
@@ -667,6 +771,18 @@ def test_export_loads_in_sdjax_and_diffusers_with_ema_weights(full_run):
     assert [r["step"] for r in metrics(out)] == [1, 2, 3]          # --export leaves the run's log alone
 
 
+def test_resume_below_the_checkpoint_step_is_refused(full_run):
+    """--resume --max-steps 2 of a run at step 3 would export step 3's weights as "done: 2 steps"
+    (and rewrite step 2's samples with them): it is an error pointing to --export-step, and
+    nothing of the run changes."""
+    out = full_run["out"]
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    rc, stdout, stderr = run_train_py(["--output-dir", out, "--resume", "--max-steps", "2"])
+    assert rc == 2, stderr
+    assert f"--max-steps 2: the run in {out} is already at step 3" in stderr and "--export-step" in stderr
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
 @pytest.mark.parametrize("change", [("ema_decay", "none"), ("max_grad_norm", "0"), ("train_text_encoder", None)])
 def test_resume_with_a_setting_that_changes_the_checkpoint_layout(full_run, change):
     """--resume with EMA off, clipping off or the text encoder trained, where the run had them the
@@ -695,6 +811,7 @@ BAD_VALUES = {   # flag value -> what the error says; all checked before the mod
     "min_snr_gamma": ("-5", "min_snr_gamma=-5.0 must be > 0"),
     "mixed_precision": ("fp16", "mixed_precision='fp16' is not one of 'no', 'bf16' (--mixed-precision)"),
     "adam_b1": ("1.5", "adam_b1=1.5 must be in [0, 1) (--adam-b1)"),
+    "output_dir": ("gs://bucket/run", "output_dir='gs://bucket/run' must be a folder of the file system"),
 }
 
 
@@ -760,10 +877,11 @@ def test_bad_row_stops_before_training_unless_skipped(pipeline_dir, tmp_path, mo
     assert "--skip-bad-rows" in stderr
     assert not (tmp_path / "out").exists()                          # stopped before anything ran
 
-    monkeypatch.setattr(Trainer, "write_samples", lambda self, step: [])   # (sampling is tested above)
-    rc, stdout, stderr = run_train_py([*argv, "--skip-bad-rows"])
-    assert rc == 0, stderr
-    assert "skipped 1 bad rows" in stdout
+    def failing_samples(self, step):   # (sampling is tested above) a failure there keeps the export
+        raise RuntimeError("sampling failed")
+    monkeypatch.setattr(Trainer, "write_samples", failing_samples)
+    with pytest.raises(RuntimeError, match="sampling failed"):
+        run_train_py([*argv, "--skip-bad-rows"])
     assert complete_steps(tmp_path / "out") == [1]
     assert (tmp_path / "out" / "final" / "model_index.json").is_file()
 

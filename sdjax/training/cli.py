@@ -62,6 +62,11 @@ def _convert(name: str, value: Any, origin: str) -> Any:
     kind, is_list = _field_type(field)
     if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and kind is not str):
         return None
+    if kind is str and isinstance(value, bool):
+        if name == "mixed_precision" and value is False:   # YAML reads a bare `no` as false
+            return "no"
+        raise UsageError(f"{origin}: {name}={value!r}: YAML reads a bare yes/no/on/off/true/false as true or "
+                         f"false; quote the text ({name}: \"{str(value).lower()}\")")
     try:
         if is_list:
             return [kind(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
@@ -71,7 +76,7 @@ def _convert(name: str, value: Any, origin: str) -> Any:
             raise TypeError
         if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        if kind is int and isinstance(value, bool):
+        if kind is int and (isinstance(value, bool) or (isinstance(value, float) and not value.is_integer())):
             raise TypeError
         return kind(value)
     except (TypeError, ValueError) as e:
@@ -136,7 +141,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, argparse
     resume = given.get("resume", preset.get("resume"))
     missing_record = None   # why --resume/--export found no run in OUTPUT_DIR
     if resume or export:
-        output_dir = Path(given.get("output_dir") or preset.get("output_dir") or TrainConfig.output_dir)
+        output_dir = Path(given.get("output_dir") or preset.get("output_dir") or TrainConfig.output_dir).expanduser()
         found = recorded_settings(output_dir)
         if found is not None:
             recorded = {k: _convert(k, v, str(output_dir / RUN_CONFIG_FILE)) for k, v in found.items()}

@@ -30,7 +30,7 @@ from sdjax.schedulers import make_noise_schedule
 from sdjax.text import tokenize
 from sdjax.training import step as S
 from sdjax.training.checkpoint import Checkpointer, checkpoint_steps
-from sdjax.training.data import BatchIterator, load_captioned_images, preprocess_image
+from sdjax.training.data import BatchIterator, DataError, load_captioned_images, preprocess_image
 from sdjax.training.monitor import MetricsLog
 from sdjax.weights import abstract_model
 
@@ -88,6 +88,10 @@ class TrainConfig:
     resume: bool = False
     spike_factor: float = 3.0
 
+    def __post_init__(self):
+        if isinstance(self.output_dir, (str, os.PathLike)):   # "~/run" is a folder in $HOME, not ./~/run
+            self.output_dir = os.path.expanduser(os.fspath(self.output_dir))
+
     def validate(self, *, need_data: bool = True) -> None:
         """Raises ValueError naming the setting, its value and its train.py flag for any bad
         setting, before anything is loaded. ``need_data=False``: no --train-data needed (export)."""
@@ -136,7 +140,12 @@ class TrainConfig:
         if number("spike_factor") <= 0:
             raise bad("spike_factor", "must be > 0")
         number("sample_guidance_scale")
+        if not isinstance(self.output_dir, str) or not self.output_dir or "://" in self.output_dir:
+            raise bad("output_dir", "must be a folder of the file system (a bucket URL is not: mount it, e.g. with "
+                      "gcsfuse, and pass the mount's path; on several hosts it must be a folder every host sees)")
         seeds = list(self.validation_seeds)
+        if not seeds:
+            raise bad("validation_seeds", "must hold at least one seed")
         if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and 0 <= v <= MAX_SEED for v in seeds):
             raise bad("validation_seeds", f"must be whole numbers in [0, {MAX_SEED}]")
         if self.cache_latents and (self.random_flip or not self.center_crop):
@@ -152,6 +161,7 @@ class TrainConfig:
             train(TrainConfig.from_run("finetune", max_steps=2000))
 
         Raises UsageError when the folder holds no recorded run."""
+        output_dir = os.path.expanduser(os.fspath(output_dir))
         recorded = recorded_settings(output_dir)
         if recorded is None:
             raise UsageError(f"{output_dir} has no {RUN_CONFIG_FILE} (the settings a run was started with): "
@@ -257,6 +267,30 @@ def _restore(checkpoints: Checkpointer, state, step: int | None, cfg: TrainConfi
                          "that saved it") from e
 
 
+def _check_processes_loaded_the_same_data(dataset, error: DataError | None, source: str) -> None:
+    """Every process loads the training data itself; the global batch is only right when all of them
+    hold the same rows. One exchange tells every process which ones could not load the data, or
+    loaded other rows (a missing file skipped on one host's local copy), instead of letting the
+    others wait forever in the first collective or train on mismatched batches. Raises the
+    process's own DataError, or a DataError naming the processes that differ."""
+    fingerprint = dataset.fingerprint if dataset is not None else "0" * 14
+    mine = [error is None, len(dataset) if dataset is not None else 0, int(fingerprint[:7], 16),
+            int(fingerprint[7:14], 16)]
+    rows = parallel.gather_from_processes(np.array(mine))
+    if error is not None:
+        raise error
+    failed = [i for i, row in enumerate(rows) if not row[0]]
+    if failed:
+        raise DataError(f"{source}: processes {', '.join(map(str, failed))} could not load the training data "
+                        "(their logs say why)")
+    differ = [i for i, row in enumerate(rows) if (row != rows[0]).any()]
+    if differ:
+        sizes = ", ".join(f"process {i}: {row[1]} rows" for i, row in enumerate(rows))
+        raise DataError(f"{source}: the processes loaded different training data ({sizes}; processes "
+                        f"{', '.join(map(str, differ))} differ from process 0 in their rows or captions); every "
+                        "host needs the same copy of the data")
+
+
 @dataclasses.dataclass
 class Trainer:
     """Everything a run holds; built by `Trainer.create` (training) or `Trainer.for_export` (a
@@ -308,8 +342,13 @@ class Trainer:
                           "optimization barriers before its last CSE and scheduling passes, so the recomputation "
                           "is merged back into the forward pass or scheduled early (BENCHMARKS.md); XLA:GPU "
                           "drops them only after scheduling.", stacklevel=2)
-        dataset = load_captioned_images(cfg.train_data, image_key=cfg.image_key, caption_key=cfg.caption_key,
-                                        data_dir=cfg.tfds_data_dir, skip_bad_rows=cfg.skip_bad_rows)
+        try:
+            dataset, error = load_captioned_images(cfg.train_data, image_key=cfg.image_key,
+                                                   caption_key=cfg.caption_key, data_dir=cfg.tfds_data_dir,
+                                                   skip_bad_rows=cfg.skip_bad_rows), None
+        except DataError as e:
+            dataset, error = None, e
+        _check_processes_loaded_the_same_data(dataset, error, cfg.train_data)
         if dataset.skipped and main:
             print(f"skipped {len(dataset.skipped)} bad rows of {cfg.train_data}")
         pipe, graphdefs, step_cfg, optimizer, lr, state = _build_model(cfg, mesh)
@@ -330,8 +369,12 @@ class Trainer:
         try:
             if cfg.resume and checkpoints.latest_step() is not None:
                 state, position = _restore(checkpoints, state, None, cfg, recorded)
-                data.restore(position)
                 resumed = int(state.step)
+                if resumed > cfg.max_steps:
+                    raise UsageError(f"--max-steps {cfg.max_steps}: the run in {out} is already at step {resumed}; "
+                                     "pass a larger --max-steps to train on, or export an earlier checkpoint with "
+                                     "--export --export-step N")
+                data.restore(position)
                 if main:
                     print(f"resumed from {checkpoints.directory} at step {resumed}")
             elif cfg.resume and main:
@@ -459,10 +502,12 @@ class Trainer:
                                         img_s=f"{metrics['images_per_s']:.2f}")
                 if bar:
                     bar.update(1)
+                paused = time.perf_counter()   # images_per_s counts training steps, not saves and samples
                 if save_now:
                     self.save_checkpoint()
                 if sample_now:
                     self.write_samples(step)
+                last_time += time.perf_counter() - paused
         finally:
             if bar:
                 bar.close()
@@ -526,7 +571,8 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
     trainer = Trainer.create(cfg)
     try:
         trainer.run(progress=progress)
+        final = trainer.export()   # before the samples: a failure there must not cost the export
         trainer.write_samples(cfg.max_steps)
-        return trainer.export()
+        return final
     finally:
         trainer.close()

@@ -52,8 +52,14 @@ class MetricsLog:
                 atomic_write(self.path, lambda tmp: tmp.write_text("".join(map(_json_line, rows))))
             elif resume_from_step is None and self.path.exists():
                 self.path.unlink()
+            tensorboard = Path(output_dir) / "tensorboard"
+            if resume_from_step is None:   # a fresh run: an earlier run's curves would mix with its own
+                for old in tensorboard.glob("events.out.tfevents.*"):
+                    old.unlink()
             from tensorboardX import SummaryWriter
-            self.writer = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+            # On resume, TensorBoard drops the points after the checkpoint, as metrics.jsonl does.
+            self.writer = SummaryWriter(str(tensorboard), purge_step=None if resume_from_step is None
+                                        else resume_from_step + 1)
 
     def record(self, step: int, metrics: dict) -> bool:
         """Log ``metrics`` at ``step``; returns True when the loss is a spike."""
