@@ -87,14 +87,18 @@ def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, sche
 
 def parse_a1111_parameters(text: str) -> dict[str, str]:
     """The inverse of :func:`a1111_parameters` for its own output (prompt, negative prompt and the
-    ``key: value`` fields, values as strings). Handy for tests and for re-running an image's settings."""
-    lines = text.split("\n")
-    out = {"prompt": lines[0], "negative_prompt": ""}
-    rest = lines[1:]
-    if rest and rest[0].startswith("Negative prompt: "):
-        out["negative_prompt"] = rest[0][len("Negative prompt: "):]
-        rest = rest[1:]
-    for item in re.split(r",\s(?=[A-Za-z ]+:\s)", "\n".join(rest)):
+    ``key: value`` fields, values as strings). Handy for tests and for re-running an image's settings.
+
+    As A1111 reads it: the last line holds the settings; the lines before it are the prompt, up to a
+    line starting ``Negative prompt: ``, and the negative prompt after it (both may span lines)."""
+    *text_lines, settings = text.split("\n") if "\n" in text else ["", text]
+    negative_at = next((i for i, line in enumerate(text_lines) if line.startswith("Negative prompt: ")), None)
+    if negative_at is None:
+        out = {"prompt": "\n".join(text_lines), "negative_prompt": ""}
+    else:
+        negative = "\n".join(text_lines[negative_at:])[len("Negative prompt: "):]
+        out = {"prompt": "\n".join(text_lines[:negative_at]), "negative_prompt": negative}
+    for item in re.split(r",\s(?=[A-Za-z ]+:\s)", settings):
         if ": " in item:
             key, value = item.split(": ", 1)
             out[key.strip()] = value.strip()
@@ -210,7 +214,8 @@ def save_gif(frames, path: str | os.PathLike, *, duration_ms: int | Sequence[int
              hold_last_ms: int | None = 1200, loop: int = 0) -> Path:
     """Write ``frames`` (float [H, W, 3] arrays in [0, 1], uint8 arrays or PIL images) as an animated
     GIF, atomically. ``duration_ms``: per frame (one value or one per frame); ``hold_last_ms``
-    keeps the last frame up longer; ``loop=0`` loops forever.
+    keeps the last frame up longer when ``duration_ms`` is one value (a list says it all itself);
+    ``loop=0`` loops forever.
 
     Note that GIF writers (PIL included) merge consecutive identical frames into one.
     """
@@ -220,7 +225,7 @@ def save_gif(frames, path: str | os.PathLike, *, duration_ms: int | Sequence[int
     durations = [int(duration_ms)] * len(pil) if np.ndim(duration_ms) == 0 else [int(d) for d in duration_ms]
     if len(durations) != len(pil):
         raise ValueError(f"{len(durations)} durations for {len(pil)} frames")
-    if hold_last_ms is not None:
+    if hold_last_ms is not None and np.ndim(duration_ms) == 0:
         durations[-1] = int(hold_last_ms)
     return atomic_write(path, lambda tmp: pil[0].save(tmp, format="GIF", save_all=True, append_images=pil[1:],
                                                       duration=durations, loop=loop))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
 from pathlib import Path
 from typing import Sequence
 
@@ -58,13 +59,38 @@ def _progress_bars(progress, total_steps: int):
     raise ValueError(f"progress={progress!r}: expected True, False, 'steps', 'batches' or a bar with update(n)")
 
 
+_EXPECTED = {"prompts": "a string or a list of strings", "negative_prompts": "a string or a list of strings",
+             "seeds": "an integer, a list of integers or an integer array"}
+
+
 def _as_list(x, name) -> list:
+    """``x`` as a list: a string or integer as one item, an array's elements as Python scalars."""
     if x is None:
         return []
-    items = [x] if isinstance(x, (str, int, np.integer)) else list(x)
+    if isinstance(x, (np.ndarray, jax.Array)):
+        x = np.asarray(x)
+        items = [x.item()] if x.ndim == 0 else x.tolist()
+    elif isinstance(x, (str, int, np.integer)):
+        items = [x]
+    else:
+        try:
+            items = list(x)
+        except TypeError:
+            raise TypeError(f"{name} must be {_EXPECTED[name]}, got {type(x).__name__}") from None
     if not items:
         raise ValueError(f"{name} is empty")
     return items
+
+
+def _leaves_of(*modules) -> list:
+    return [leaf for m in modules for leaf in jax.tree.leaves(nnx.state(m))]
+
+
+def _weak(x):
+    try:
+        return weakref.ref(x)
+    except TypeError:   # a Python scalar: hold it
+        return lambda: x
 
 
 class _StepTicker:
@@ -104,18 +130,59 @@ class StableDiffusion:
         self._decode = jax.jit(lambda g, s, z: sampling.decode_latents(nnx.merge(g, s), z), static_argnums=0)
 
     def _refresh_state(self) -> None:
-        states = (nnx.to_pure_dict(nnx.state(m)) for m in (self.text_encoder, self.unet, self.vae))
+        models = (self.text_encoder, self.unet, self.vae)
+        states = (nnx.to_pure_dict(nnx.state(m)) for m in models)
         self._state = parallel.replicate(sampling.SDState(*states), self.mesh)  # once, not per call
+        self._seen = [_weak(leaf) for leaf in _leaves_of(*models)]
+
+    def _sync_state(self) -> None:
+        """Take up weights changed on the models themselves (``nnx.update(pipe.unet, ...)``, an
+        optimizer step, weight surgery) since the last call: JAX arrays are immutable, so a
+        changed weight is a new array object."""
+        leaves = _leaves_of(self.text_encoder, self.unet, self.vae)
+        if len(leaves) != len(self._seen) or any(ref() is not leaf for ref, leaf in zip(self._seen, leaves)):
+            self._refresh_state()
+
+    @property
+    def state(self) -> sampling.SDState:
+        """The three models' weights as `sampling.generate` takes them (replicated over the mesh),
+        current with the models."""
+        self._sync_state()
+        return self._state
 
     def set_params(self, *, unet: dict | None = None, text_encoder: dict | None = None,
-                   vae: dict | None = None) -> None:
-        """Replace model weights with new ones (pure dicts as ``nnx.to_pure_dict`` gives, e.g. a
-        fine-tune's); the compiled sampler is reused."""
-        for module, params in ((self.unet, unet), (self.text_encoder, text_encoder), (self.vae, vae)):
-            if params is not None:
-                state = nnx.state(module, nnx.Param)
-                nnx.replace_by_pure_dict(state, params)
-                nnx.update(module, state)
+                   vae: dict | None = None, partial: bool = False) -> None:
+        """Replace model weights with new ones: nested dicts as ``nnx.to_pure_dict`` gives them
+        (e.g. a fine-tune's), each array cast to the pipeline's dtype, so the compiled sampler is
+        reused. Every key must be one of the model's, with its shape; each model's dict must
+        hold all of them unless ``partial=True``. Raises ValueError naming the key before
+        anything is replaced."""
+        from flax.traverse_util import flatten_dict, unflatten_dict
+        updates = []
+        for name, module, params in (("unet", self.unet, unet), ("text_encoder", self.text_encoder, text_encoder),
+                                     ("vae", self.vae, vae)):
+            if params is None:
+                continue
+            current = flatten_dict(nnx.to_pure_dict(nnx.state(module, nnx.Param)))
+            new = flatten_dict(params)
+            key = lambda path: "/".join(map(str, path))  # noqa: E731
+            unknown, missing = sorted(set(new) - set(current), key=key), sorted(set(current) - set(new), key=key)
+            if unknown:
+                raise ValueError(f"set_params({name}=...): {key(unknown[0])} is not a weight of the {name} "
+                                 f"({len(unknown)} unknown keys)")
+            if missing and not partial:
+                raise ValueError(f"set_params({name}=...): {len(missing)} weights missing, e.g. {key(missing[0])} "
+                                 "(partial=True replaces only the ones given)")
+            for path, value in new.items():
+                if tuple(np.shape(value)) != tuple(current[path].shape):
+                    raise ValueError(f"set_params({name}=...): {key(path)} has shape {tuple(np.shape(value))}; "
+                                     f"the model's is {tuple(current[path].shape)}")
+            cast = {path: jnp.asarray(value, current[path].dtype) for path, value in new.items()}
+            updates.append((module, unflatten_dict(cast)))
+        for module, params in updates:
+            state = nnx.state(module, nnx.Param)
+            nnx.replace_by_pure_dict(state, params)
+            nnx.update(module, state)
         self._refresh_state()
 
     # ------------------------------------------------------------------ loading / saving
@@ -183,6 +250,8 @@ class StableDiffusion:
         a ``tqdm``), advanced once per step. Step bars add one host callback per step to the
         compiled sampler (compiled once more, then reused); ``"batches"`` and ``False`` add none.
         """
+        if prompts is None:
+            raise TypeError(f"prompts is required: {_EXPECTED['prompts']}")
         prompts, seeds = _as_list(prompts, "prompts"), _as_list(seeds, "seeds")
         negatives = _as_list(negative_prompts, "negative_prompts") or [""]
         n = max(len(prompts), len(seeds), len(negatives))
@@ -190,16 +259,24 @@ class StableDiffusion:
             if len(items) not in (1, n):
                 raise ValueError(f"{name} has {len(items)} entries; expected 1 or {n} to match the others")
         prompts, seeds, negatives = ([x[0]] * n if len(x) == 1 else x for x in (prompts, seeds, negatives))
+        seeds = [s.item() if isinstance(s, (np.ndarray, jax.Array)) and s.ndim == 0 else s for s in seeds]
         for s in seeds:
-            if not isinstance(s, (int, np.integer)) or not 0 <= int(s) <= MAX_SEED:
+            if isinstance(s, (bool, np.bool_)) or not isinstance(s, (int, np.integer)) or not 0 <= int(s) <= MAX_SEED:
                 raise ValueError(f"seed {s!r} is not an integer in [0, 2**32 - 1]")
         if not all(isinstance(p, str) for p in prompts + negatives):
             raise TypeError("prompts and negative_prompts must be strings")
         for name, size in (("height", height), ("width", width)):
             if not isinstance(size, (int, np.integer)) or size <= 0 or size % 8:
                 raise ValueError(f"{name}={size!r}: must be a positive multiple of 8")
+        try:
+            guidance_scale = float(guidance_scale)   # also a JAX/numpy scalar: it decides a static argument
+        except (TypeError, ValueError):
+            raise TypeError(f"guidance_scale={guidance_scale!r} is not a number") from None
         if not math.isfinite(guidance_scale):
             raise ValueError(f"guidance_scale={guidance_scale!r} is not a finite number")
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
+                                       or batch_size < 1):
+            raise ValueError(f"batch_size={batch_size!r}: must be a whole number >= 1 (or None: 4 per device)")
         if scheduler not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
         sched = self.make_scheduler(scheduler, num_inference_steps, **(scheduler_options or {}))
@@ -213,6 +290,7 @@ class StableDiffusion:
 
         ids = tokenize(self.tokenizer, prompts)
         neg_ids = tokenize(self.tokenizer, negatives, kind="negative prompt")
+        state = self.state
         # Every call has the same batch shape (the last one padded), so a run compiles one program.
         per_call = min(parallel.padded_size(batch_size or 4 * self.mesh.size, self.mesh),
                        parallel.padded_size(n, self.mesh))
@@ -229,7 +307,7 @@ class StableDiffusion:
                 shard = lambda a: parallel.shard_batch(  # noqa: E731
                     parallel.pad_batch(a[start:stop], per_call), self.mesh)
                 out = self._generate(
-                    self._graphdefs, self._state, sched, shard(ids), shard(neg_ids),
+                    self._graphdefs, state, sched, shard(ids), shard(neg_ids),
                     shard(np.asarray(seeds, np.uint32)), None if latents is None else shard(latents),
                     jnp.float32(guidance_scale), latent_shape_HWC=latent_shape, use_guidance=guidance_scale > 1.0,
                     return_predictions=bool(steps), on_step=None if step_bar is None else self._ticker)
@@ -239,7 +317,7 @@ class StableDiffusion:
                     step_bar.update(1)     # the last model call: the ticker counts each call when the next starts
                 if steps:
                     picked = out.predictions[jnp.asarray(steps)]  # [S, B, h, w, C]
-                    decoded = [parallel.to_host(self._decode(self._graphdefs.vae, self._state.vae, p))
+                    decoded = [parallel.to_host(self._decode(self._graphdefs.vae, state.vae, p))
                                for p in picked]
                     inter.append(np.stack(decoded)[:, : stop - start])
         finally:
@@ -253,11 +331,16 @@ class StableDiffusion:
     def _intermediate_steps(request, num_calls: int) -> list[int]:
         if request is None or request is False:
             return []
+        if request is True or isinstance(request, np.bool_):
+            raise TypeError("return_intermediates: a number of steps or a list of step indices, not True")
         if isinstance(request, (int, np.integer)):
             if request < 1:
                 raise ValueError("return_intermediates must be >= 1 (a number of steps) or a list of steps")
             return sorted({int(round(x)) for x in np.linspace(0, num_calls - 1, min(int(request), num_calls))})
-        steps = [int(s) for s in request]
+        try:
+            steps = [int(s) for s in request]
+        except TypeError:
+            raise TypeError(f"return_intermediates={request!r}: a number of steps or a list of step indices") from None
         bad = [s for s in steps if not 0 <= s < num_calls]
         if bad:
             raise ValueError(f"intermediate steps {bad} are outside 0..{num_calls - 1}")

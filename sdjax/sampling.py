@@ -71,6 +71,7 @@ def denoise(unet, scheduler: Scheduler, latents_BHWC, cond_BSD, uncond_BSD=None,
     """Run the whole reverse process as one ``lax.scan`` over the scheduler's model calls.
 
     ``latents_BHWC``: initial latents already multiplied by ``scheduler.init_noise_sigma``.
+    ``cond_BSD`` / ``uncond_BSD``: text states for each image, or one ([1, S, D]) for all of them;
     ``uncond_BSD=None`` skips guidance (one UNet pass). ``keys_B``: per-image keys for stochastic
     schedulers. Returns the final latents, and with ``return_predictions`` also the predicted clean
     latents after every step ([num_model_calls, B, h, w, C]).
@@ -80,6 +81,9 @@ def denoise(unet, scheduler: Scheduler, latents_BHWC, cond_BSD, uncond_BSD=None,
     ``jax.debug.callback`` (one host callback per step, on a runtime thread) and, under ``jax.jit``,
     must be a static, hashable argument. ``None`` leaves the compiled loop free of callbacks.
     """
+    B = latents_BHWC.shape[0]
+    cond_BSD, uncond_BSD = (_match_batch(x, B, name) for x, name in ((cond_BSD, "cond_BSD"), (uncond_BSD, "uncond_BSD")))
+
     def body(carry, i):
         x, state = carry
         if on_step is not None:
@@ -96,6 +100,15 @@ def denoise(unet, scheduler: Scheduler, latents_BHWC, cond_BSD, uncond_BSD=None,
     (latents, _), predictions = jax.lax.scan(body, (latents_BHWC, scheduler.init_state(latents_BHWC)),
                                              jnp.arange(scheduler.num_model_calls))
     return (latents, predictions) if return_predictions else latents
+
+
+def _match_batch(x, B: int, name: str):
+    """``x`` with B rows: as it is, or one row broadcast to B (free under jit)."""
+    if x is None or x.shape[0] == B:
+        return x
+    if x.shape[0] == 1:
+        return jnp.broadcast_to(x, (B, *x.shape[1:]))
+    raise ValueError(f"{name} has batch {x.shape[0]} but the latents have {B}: give one per image, or one for all")
 
 
 def decode_latents(vae, latents_BHWC) -> jax.Array:

@@ -333,13 +333,28 @@ def step_noise(key, step_index, like) -> jax.Array:
     return jax.random.normal(jax.random.fold_in(key, step_index), like.shape, _F32)
 
 
+def _alpha_bar_at(alphas_cumprod, timesteps) -> jax.Array:
+    """abar at integer training timesteps. Concrete timesteps outside [0, num_train_timesteps) or
+    not whole are a ValueError (JAX's gather would clamp or wrap them silently; diffusers raises);
+    under ``jit`` they cannot be checked."""
+    alphas_cumprod = jnp.asarray(alphas_cumprod, _F32)
+    t = jnp.asarray(timesteps)
+    if not isinstance(t, jax.core.Tracer):
+        host = np.asarray(t, np.float64).reshape(-1)
+        bad = host[(host < 0) | (host >= alphas_cumprod.shape[0]) | (host != np.round(host))]
+        if bad.size:
+            raise ValueError(f"timesteps {bad.tolist()[:8]} are not integer training timesteps in "
+                             f"0..{alphas_cumprod.shape[0] - 1}")
+    return alphas_cumprod[t.astype(jnp.int32)]
+
+
 def add_noise(alphas_cumprod, original, noise, timesteps) -> jax.Array:
     """Forward process sample x_t = sqrt(abar_t) * x_0 + sqrt(1 - abar_t) * noise.
 
     ``timesteps`` is a scalar or one integer training timestep per image ([B]); float32 arithmetic as in
     diffusers' ``DDPMScheduler.add_noise``.
     """
-    alpha_bar = jnp.asarray(alphas_cumprod, _F32)[jnp.asarray(timesteps).astype(jnp.int32)]
+    alpha_bar = _alpha_bar_at(alphas_cumprod, timesteps)
     original = jnp.asarray(original, _F32)
     ndim = original.ndim
     return (_expand_to(jnp.sqrt(alpha_bar), ndim) * original
@@ -348,7 +363,7 @@ def add_noise(alphas_cumprod, original, noise, timesteps) -> jax.Array:
 
 def get_velocity(alphas_cumprod, sample, noise, timesteps) -> jax.Array:
     """v-prediction target v = sqrt(abar_t) * noise - sqrt(1 - abar_t) * x_0 (Salimans & Ho 2022)."""
-    alpha_bar = jnp.asarray(alphas_cumprod, _F32)[jnp.asarray(timesteps).astype(jnp.int32)]
+    alpha_bar = _alpha_bar_at(alphas_cumprod, timesteps)
     sample = jnp.asarray(sample, _F32)
     ndim = sample.ndim
     return (_expand_to(jnp.sqrt(alpha_bar), ndim) * jnp.asarray(noise, _F32)
@@ -418,7 +433,7 @@ def _static(**kwargs):
 
 
 @jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True, eq=False)
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
 class Scheduler:
     """Base class: a precomputed sampling schedule plus a pure step function.
 
@@ -435,7 +450,7 @@ class Scheduler:
     name = "scheduler"
     stochastic = False
 
-    def __repr__(self) -> str:
+    def __repr__(self) -> str:   # every scheduler's (repr=False): the generated one prints every table
         return (f"{type(self).__name__}(num_model_calls={self.num_model_calls}, "
                 f"prediction_type={self.prediction_type!r}, init_noise_sigma={self.init_noise_sigma:.6g})")
 
@@ -494,7 +509,7 @@ def _alpha_prediction_to_x0_and_eps(prediction_type, model_output, sample, alpha
 
 
 @jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True, eq=False)
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
 class PNDMScheduler(Scheduler):
     """PNDM (Liu et al. 2022) as diffusers' PNDMScheduler: PLMS steps, optionally after Runge-Kutta ones.
 
@@ -556,7 +571,7 @@ class PNDMScheduler(Scheduler):
 
 
 @jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True, eq=False)
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
 class DDIMScheduler(Scheduler):
     """DDIM (Song et al. 2021) as diffusers' DDIMScheduler, with ``eta`` (0 = deterministic)."""
 
@@ -593,7 +608,7 @@ class DDIMScheduler(Scheduler):
 
 
 @jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True, eq=False)
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
 class _SigmaScheduler(Scheduler):
     """Schedulers that work on x / sqrt(abar) with noise level sigma (Karras et al. 2022 "VE" form)."""
 
@@ -625,7 +640,7 @@ class _SigmaScheduler(Scheduler):
 
 
 @jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True, eq=False)
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
 class EulerScheduler(_SigmaScheduler):
     """Euler's method on the probability-flow ODE, as diffusers' EulerDiscreteScheduler (s_churn = 0)."""
 
@@ -640,7 +655,7 @@ class EulerScheduler(_SigmaScheduler):
 
 
 @jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True, eq=False)
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
 class EulerAncestralScheduler(_SigmaScheduler):
     """Ancestral Euler sampling, as diffusers' EulerAncestralDiscreteScheduler: an Euler step down to
     sigma_down, then fresh noise of std sigma_up so the marginal noise level is sigma_next."""
@@ -660,7 +675,7 @@ class EulerAncestralScheduler(_SigmaScheduler):
 
 
 @jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True, eq=False)
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
 class LMSScheduler(_SigmaScheduler):
     """Linear multistep (order 4), as diffusers' LMSDiscreteScheduler; the integration weights are
     computed on the host for every step, the order growing 1, 2, 3, 4 over the first steps."""
@@ -683,7 +698,7 @@ class LMSScheduler(_SigmaScheduler):
 
 
 @jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True, eq=False)
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
 class DPMSolverMultistepScheduler(_SigmaScheduler):
     """DPM-Solver++(2M) (Lu et al. 2022), as diffusers' DPMSolverMultistepScheduler with
     algorithm_type="dpmsolver++": a first-order step first (and last, per lower_order_final /
@@ -749,7 +764,7 @@ class DPMSolverMultistepScheduler(_SigmaScheduler):
 
 
 @jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True, eq=False)
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
 class DDPMScheduler(Scheduler):
     """Ancestral DDPM sampling (Ho et al. 2020), as diffusers' DDPMScheduler."""
 

@@ -60,7 +60,7 @@ def noise_images(pipe, seeds: Sequence[int], height: int, width: int) -> np.ndar
 def _decode_batch(pipe, latents_BHWC: np.ndarray) -> np.ndarray:
     n = latents_BHWC.shape[0]
     padded = parallel.pad_batch(np.asarray(latents_BHWC, np.float32), parallel.padded_size(n, pipe.mesh))
-    images = pipe._decode(pipe._graphdefs.vae, pipe._state.vae, parallel.shard_batch(padded, pipe.mesh))
+    images = pipe._decode(pipe._graphdefs.vae, pipe.state.vae, parallel.shard_batch(padded, pipe.mesh))
     return parallel.to_host(images)[:n]
 
 
@@ -163,7 +163,7 @@ def noising_trajectory(pipe, image, timesteps: Sequence[int] = DEFAULT_NOISING_T
     pixels = prepare_image(image, size, multiple=8)
     h, w = pixels.shape[0] // pipe.vae_scale, pixels.shape[1] // pipe.vae_scale
     noise = jax.random.normal(jax.random.key(seed), (h, w, pipe.vae.config.latent_channels), jnp.float32)
-    frames = _noise_and_decode(pipe._graphdefs.vae, pipe._state.vae, jnp.asarray(pixels)[None], noise[None],
+    frames = _noise_and_decode(pipe._graphdefs.vae, pipe.state.vae, jnp.asarray(pixels)[None], noise[None],
                                jnp.asarray(alphas_cumprod), jnp.asarray(timesteps, jnp.int32))
     frames = np.asarray(frames)
     return [frames[i] for i in range(len(timesteps))], [f"t={t}" for t in timesteps]

@@ -106,6 +106,12 @@ def test_names_and_a1111_parameters():
     no_negative = I.a1111_parameters("p", "", steps=3, scheduler="euler_a", guidance_scale=11, seed=0,
                                      width=64, height=32)
     assert no_negative == "p\nSteps: 3, Sampler: Euler a, CFG scale: 11, Seed: 0, Size: 64x32"
+    # prompts over several lines (A1111 allows them): the last line is the settings line
+    for prompt, negative in (("a cat\nin a hat", "blurry\nugly"), ("a cat\nin a hat", ""), ("", "")):
+        parsed = I.parse_a1111_parameters(I.a1111_parameters(prompt, negative, steps=3, scheduler="ddim",
+                                                             guidance_scale=7, seed=5, width=8, height=8))
+        assert (parsed["prompt"], parsed["negative_prompt"], parsed["Seed"], parsed["Size"]) == \
+            (prompt, negative, "5", "8x8")
 
 
 def test_atomic_write_leaves_nothing_on_error(tmp_path):
@@ -146,7 +152,13 @@ def test_save_gif_frame_count(tmp_path):
     path = T.save_gif(frames, tmp_path / "a.gif", duration_ms=100)
     with Image.open(path) as gif:
         assert gif.n_frames == 5 and gif.info["loop"] == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.gif"]
+
+    def durations(path):
+        with Image.open(path) as gif:
+            return [(gif.seek(i), gif.info["duration"])[1] for i in range(gif.n_frames)]
+    assert durations(path) == [100, 100, 100, 100, 1200]          # the last frame held
+    assert durations(T.save_gif(frames[:3], tmp_path / "b.gif", duration_ms=[100, 200, 300])) == [100, 200, 300]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.gif", "b.gif"]
 
 
 def test_trajectory_steps():

@@ -271,6 +271,87 @@ def test_bad_input(pipe, kwargs, message):
         pipe(**kwargs)
 
 
+@pytest.mark.parametrize("kwargs,error,message", [
+    (dict(prompts=None), TypeError, "prompts is required: a string or a list of strings"),
+    (dict(seeds=2.0), TypeError, "seeds must be an integer, a list of integers or an integer array, got float"),
+    (dict(seeds=True), ValueError, "seed True is not an integer"),
+    (dict(seeds=np.array([1.5])), ValueError, "seed 1.5 is not an integer"),
+    (dict(batch_size=-5), ValueError, r"batch_size=-5: must be a whole number >= 1"),
+    (dict(batch_size=2.5), ValueError, r"batch_size=2.5: must be a whole number >= 1"),
+    (dict(return_intermediates=True), TypeError, "return_intermediates: a number of steps or a list of step"),
+    (dict(return_intermediates=2.5), TypeError, r"return_intermediates=2.5: a number of steps or a list"),
+    (dict(guidance_scale="high"), TypeError, "guidance_scale='high' is not a number"),
+])
+def test_bad_input_types(pipe, kwargs, error, message):
+    """Wrong types are errors that name the argument (before the model runs)."""
+    kwargs = {"prompts": "the cat", "height": SIZE, "width": SIZE, "num_inference_steps": 2, **kwargs}
+    with generate_calls(pipe) as calls, pytest.raises(error, match=message):
+        pipe(**kwargs)
+    assert not calls
+
+
+def test_jax_arrays_as_seeds_and_guidance_scale(pipe):
+    """A JAX library takes JAX values: seeds as an integer array and a guidance scale from
+    ``jnp.linspace`` give the images that Python ints and floats give, from the same program."""
+    kw = dict(num_inference_steps=STEPS, height=SIZE, width=SIZE, scheduler="ddim")
+    want = pipe("the cat", seeds=[1, 2], guidance_scale=3.0, **kw).images
+    with generate_calls(pipe) as calls:
+        got = pipe("the cat", seeds=jnp.arange(1, 3), guidance_scale=jnp.linspace(1.0, 3.0, 3)[-1], **kw).images
+        also = pipe("the cat", seeds=[jnp.uint32(1), np.int64(2)], guidance_scale=np.float32(3.0), **kw).images
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(also, want)
+    assert all(call[1]["use_guidance"] is True for call in calls)
+
+
+def test_weights_changed_on_the_models_are_used(tiny_pipeline_dir):
+    """Editing ``pipe.unet`` itself (``nnx.update``, as an optimizer step or weight surgery does)
+    changes the next images, without recompiling; ``set_params`` checks keys and shapes before
+    replacing anything and casts to the pipeline's dtype."""
+    from flax import nnx
+    pipe = StableDiffusion.from_pretrained(tiny_pipeline_dir, dtype="bfloat16")
+    kw = dict(seeds=[0], num_inference_steps=2, height=SIZE, width=SIZE, scheduler="ddim")
+    before = pipe("the cat", **kw).images
+    compiled = pipe._generate._cache_size()
+    conv_out = pipe.unet.conv_out.kernel
+    nnx.update(pipe.unet, nnx.State({"conv_out": {"kernel": nnx.Param(jnp.zeros_like(conv_out[...]))}}))
+    edited = pipe("the cat", **kw).images
+    assert np.abs(edited - before).max() > 0.01
+    assert pipe._generate._cache_size() == compiled
+    np.testing.assert_array_equal(pipe("the cat", **kw).images, edited)   # unchanged models: the same state
+
+    original = nnx.to_pure_dict(nnx.state(StableDiffusion.from_pretrained(tiny_pipeline_dir).unet, nnx.Param))
+    bad_shape = jax.tree.map(lambda a: a, original)
+    bad_shape["conv_in"]["bias"] = np.zeros(3, np.float32)
+    for params, message in (({**original, "lora": {"a": np.zeros(2)}}, "lora/a is not a weight of the unet"),
+                            ({"conv_in": original["conv_in"]}, r"weights missing, e.g. .*partial=True"),
+                            (bad_shape, r"conv_in/bias has shape \(3,\); the model's is \(32,\)")):
+        with pytest.raises(ValueError, match=message):
+            pipe.set_params(unet=params)
+        assert pipe.unet.conv_out.kernel[...].max() == 0                    # nothing was replaced
+    pipe.set_params(unet=original)                                          # fp32 weights into a bf16 pipeline
+    assert {a.dtype for a in jax.tree.leaves(nnx.state(pipe.unet, nnx.Param))} == {jnp.dtype(jnp.bfloat16)}
+    np.testing.assert_array_equal(pipe("the cat", **kw).images, before)
+    assert pipe._generate._cache_size() == compiled
+    pipe.set_params(unet={"conv_out": {"kernel": np.zeros(conv_out.shape, np.float32)}}, partial=True)
+    np.testing.assert_array_equal(pipe("the cat", **kw).images, edited)
+
+
+def test_denoise_takes_one_text_state_for_every_image(pipe):
+    """``sampling.denoise`` with one conditional and one unconditional text state for a batch of
+    latents uses them for every image; another batch size is an error naming both."""
+    from sdjax import sampling
+    from sdjax.text import tokenize
+    sched = pipe.make_scheduler("ddim", 2)
+    ids = jnp.asarray(tokenize(pipe.tokenizer, ["the cat", ""]))
+    text = sampling.encode_prompts(pipe.text_encoder, ids)
+    latents = jnp.asarray(latents_for(3))
+    one = sampling.denoise(pipe.unet, sched, latents, text[:1], text[1:], 7.5)
+    every = sampling.denoise(pipe.unet, sched, latents, jnp.repeat(text[:1], 3, 0), jnp.repeat(text[1:], 3, 0), 7.5)
+    np.testing.assert_allclose(one, every, atol=1e-6)
+    with pytest.raises(ValueError, match="cond_BSD has batch 2 but the latents have 3"):
+        sampling.denoise(pipe.unet, sched, latents, text, None, 1.0)
+
+
 @pytest.mark.parametrize("env,multi", [
     ({}, False),
     ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1", "SLURM_NODELIST": "n1"}, False),    # one-task sbatch script

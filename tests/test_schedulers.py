@@ -6,6 +6,8 @@ loop driven by a fixed fake model, with the sdjax loop run the way the sampler r
 noise sdjax draws, and the same per-step statistics as diffusers' own torch-noise runs over many seeds
 (checked to be able to fail).
 """
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -415,6 +417,31 @@ def test_sigma_add_noise_refuses_timesteps_outside_the_schedule(name):
     # Under jit the timesteps are traced and cannot be checked; the documented fallback is the last sigma.
     traced = jax.jit(scheduler.add_noise)(x0, jnp.ones_like(x0), jnp.asarray([500.0, 500.0]))
     assert np.isfinite(np.asarray(traced)).all()
+
+
+def test_add_noise_refuses_timesteps_outside_the_training_schedule():
+    """JAX's gather clamps an index past the end and wraps a negative one, so t=1000, 5000 and -1
+    all used to give abar[999] silently (diffusers raises IndexError): concrete timesteps outside
+    0..999, or not whole, are errors for add_noise, get_velocity and the alpha schedulers' add_noise."""
+    abar = S.make_noise_schedule(SD15_SCHEDULER_CONFIG)
+    x0 = jnp.zeros((1, 4, 4, 4))
+    ddim = S.make_scheduler("ddim", SD15_SCHEDULER_CONFIG, 10)
+    for fn in (lambda t: S.add_noise(abar, x0, x0, t), lambda t: S.get_velocity(abar, x0, x0, t),
+               lambda t: ddim.add_noise(x0, x0, t)):
+        fn(jnp.asarray([0, 999]))
+        fn(jnp.asarray(ddim.timesteps[:1]))   # float32 timesteps that are whole numbers
+        for t in (1000, 5000, -1, 2.5):
+            with pytest.raises(ValueError, match=re.escape(f"timesteps [{float(t)}] are not integer training "
+                                                           "timesteps in 0..999")):
+                fn(jnp.asarray([t]))
+    assert np.isfinite(np.asarray(jax.jit(lambda t: S.add_noise(abar, x0, x0, t))(jnp.asarray([1000])))).all()
+
+
+def test_scheduler_repr_is_short():
+    """Every scheduler prints its kind and step count, not its tables (it printed ~20,000 characters)."""
+    for name in S.SCHEDULERS:
+        text = repr(S.make_scheduler(name, SD15_SCHEDULER_CONFIG, 50))
+        assert len(text) < 200 and "num_model_calls=" in text and "array" not in text, (name, text)
 
 
 def test_config_resolution_follows_diffusers():
