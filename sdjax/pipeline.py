@@ -82,10 +82,6 @@ def _as_list(x, name) -> list:
     return items
 
 
-def _leaves_of(*modules) -> list:
-    return [leaf for m in modules for leaf in jax.tree.leaves(nnx.state(m))]
-
-
 def _weak(x):
     try:
         return weakref.ref(x)
@@ -133,14 +129,17 @@ class StableDiffusion:
         models = (self.text_encoder, self.unet, self.vae)
         states = (nnx.to_pure_dict(nnx.state(m)) for m in models)
         self._state = parallel.replicate(sampling.SDState(*states), self.mesh)  # once, not per call
-        self._seen = [_weak(leaf) for leaf in _leaves_of(*models)]
+        # The models' Variables and (weakly) the arrays they held: a check per call costs ~0.2 ms for
+        # SD v1.5's 1130 weights, where rebuilding the state (nnx.state) costs ~50 ms.
+        self._variables = [v for m in models for _, v in nnx.iter_graph(m) if isinstance(v, nnx.Variable)]
+        self._seen = [_weak(v.get_raw_value()) for v in self._variables]
 
     def _sync_state(self) -> None:
-        """Take up weights changed on the models themselves (``nnx.update(pipe.unet, ...)``, an
-        optimizer step, weight surgery) since the last call: JAX arrays are immutable, so a
-        changed weight is a new array object."""
-        leaves = _leaves_of(self.text_encoder, self.unet, self.vae)
-        if len(leaves) != len(self._seen) or any(ref() is not leaf for ref, leaf in zip(self._seen, leaves)):
+        """Take up weights changed on the models since the last call (``nnx.update(pipe.unet, ...)``,
+        an optimizer step, a Variable's value set): JAX arrays are immutable, so a changed weight is
+        a new array in the same Variable. (The modules themselves are fixed when the pipeline is
+        built: for other modules, build a new pipeline.)"""
+        if any(ref() is not v.get_raw_value() for ref, v in zip(self._seen, self._variables)):
             self._refresh_state()
 
     @property
