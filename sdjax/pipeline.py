@@ -16,7 +16,7 @@ from sdjax import parallel, sampling
 from sdjax.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
 from sdjax.schedulers import SCHEDULERS, make_scheduler
 from sdjax.text import load_tokenizer, tokenize
-from sdjax.weights import (has_weights, hub_bin_file, hub_files, read_json_object, resolve_dtype,
+from sdjax.weights import (fetch_missing_bin_weights, hub_files, read_json_object, resolve_dtype,
                            resolve_model_dir, save_pipeline)
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -157,14 +157,17 @@ class StableDiffusion:
         hold all of them unless ``partial=True``. Raises ValueError naming the key before
         anything is replaced."""
         from flax.traverse_util import flatten_dict, unflatten_dict
+
+        def key(path) -> str:
+            return "/".join(map(str, path))
         updates = []
         for name, module, params in (("unet", self.unet, unet), ("text_encoder", self.text_encoder, text_encoder),
                                      ("vae", self.vae, vae)):
             if params is None:
                 continue
-            current = flatten_dict(nnx.to_pure_dict(nnx.state(module, nnx.Param)))
+            state = nnx.state(module, nnx.Param)
+            current = flatten_dict(nnx.to_pure_dict(state))
             new = flatten_dict(params)
-            key = lambda path: "/".join(map(str, path))  # noqa: E731
             unknown, missing = sorted(set(new) - set(current), key=key), sorted(set(current) - set(new), key=key)
             if unknown:
                 raise ValueError(f"set_params({name}=...): {key(unknown[0])} is not a weight of the {name} "
@@ -177,9 +180,8 @@ class StableDiffusion:
                     raise ValueError(f"set_params({name}=...): {key(path)} has shape {tuple(np.shape(value))}; "
                                      f"the model's is {tuple(current[path].shape)}")
             cast = {path: jnp.asarray(value, current[path].dtype) for path, value in new.items()}
-            updates.append((module, unflatten_dict(cast)))
-        for module, params in updates:
-            state = nnx.state(module, nnx.Param)
+            updates.append((module, state, unflatten_dict(cast)))
+        for module, state, params in updates:   # all checked: now replace
             nnx.replace_by_pure_dict(state, params)
             nnx.update(module, state)
         self._refresh_state()
@@ -203,11 +205,8 @@ class StableDiffusion:
         for part, model_cls in PARTS.items():
             patterns += [f"{part}/{name}" for name in hub_files(model_cls, format, variant)]
         root = resolve_model_dir(path_or_repo_id, None, revision, allow_patterns=patterns)
-        if format != "flax" and not Path(path_or_repo_id).expanduser().is_dir():   # from the Hub
-            bins = [f"{part}/{hub_bin_file(model_cls, variant)}" for part, model_cls in PARTS.items()
-                    if (root / part).is_dir() and not has_weights(root / part, model_cls, variant)]
-            if bins:   # an older repo with only .bin weights (in some of its folders)
-                root = resolve_model_dir(path_or_repo_id, None, revision, allow_patterns=bins)
+        if format != "flax":
+            fetch_missing_bin_weights(path_or_repo_id, revision, root, PARTS, variant)
         scheduler_config = read_json_object(root / "scheduler" / "scheduler_config.json", f"{root}: no "
                                             "scheduler/scheduler_config.json (is this a diffusers pipeline folder?)")
         kw = dict(revision=revision, dtype=dtype, format=format, variant=variant)

@@ -419,15 +419,27 @@ def weight_file(model_dir: Path, model_cls, *, prefer: str | None = None, varian
 
 def hub_files(model_cls, format: str | None = None, variant: str | None = None) -> list[str]:
     """The files of one model folder that sdjax reads from a Hub repo: its config and one weights
-    file (safetensors, or msgpack with ``format="flax"``; see `hub_bin_file` for older repos)."""
+    file (safetensors, or msgpack with ``format="flax"``; see `fetch_missing_bin_weights`)."""
     spec = SPECS[model_cls]
     return ["config.json", with_variant(spec.flax_file if format == "flax" else spec.torch_files[0], variant)]
 
 
-def hub_bin_file(model_cls, variant: str | None = None) -> str:
-    """The PyTorch .bin weights of a model folder, fetched from a Hub repo whose folder has no
-    safetensors file (older repos have only .bin): a second, smaller download."""
-    return with_variant(SPECS[model_cls].torch_files[1], variant)
+def fetch_missing_bin_weights(path_or_repo_id, revision: str | None, root: Path, folders: dict,
+                              variant: str | None = None) -> None:
+    """After a Hub download of configs and safetensors into ``root``: fetch, in one more request,
+    the PyTorch .bin weights of the model folders (``folders``: subfolder or None -> model class)
+    that came with a config but no weights file (older repos have only .bin). Nothing for a local
+    folder."""
+    if Path(path_or_repo_id).expanduser().is_dir():
+        return
+    wanted = []
+    for sub, model_cls in folders.items():
+        folder = root / sub if sub else root
+        if folder.is_dir() and not has_weights(folder, model_cls, variant):
+            name = with_variant(SPECS[model_cls].torch_files[1], variant)
+            wanted.append(f"{sub}/{name}" if sub else name)
+    if wanted:
+        resolve_model_dir(path_or_repo_id, None, revision, allow_patterns=wanted)
 
 
 def _is_local_path(text: str) -> bool:
@@ -478,9 +490,9 @@ def from_pretrained(model_cls, path_or_repo_id, *, subfolder=None, revision=None
     flax = format == "flax" or revision in ("flax", "bf16")
     patterns = hub_files(model_cls, "flax" if flax else None, variant)
     model_dir = resolve_model_dir(path_or_repo_id, subfolder, revision, allow_patterns=patterns)
-    from_hub = not Path(path_or_repo_id).expanduser().is_dir()
-    if from_hub and not flax and not has_weights(model_dir, model_cls, variant):
-        resolve_model_dir(path_or_repo_id, subfolder, revision, allow_patterns=[hub_bin_file(model_cls, variant)])
+    if not flax:
+        fetch_missing_bin_weights(path_or_repo_id, revision, model_dir.parent if subfolder else model_dir,
+                                  {subfolder: model_cls}, variant)
     config, _ = read_config(model_dir, model_cls)
     prefer = format or ("flax" if revision in ("flax", "bf16") else None)
     return load_weights(model_cls, config, weight_file(model_dir, model_cls, prefer=prefer, variant=variant),

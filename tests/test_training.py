@@ -27,7 +27,6 @@ import queue
 import signal
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
 import time
@@ -411,12 +410,12 @@ def test_settings_checked_before_a_run(tmp_path, monkeypatch):
             load_train_config(preset)
 
 
-def test_processes_that_loaded_other_data_stop_together(monkeypatch):
+def test_processes_that_loaded_other_data_stop_together(monkeypatch, tmp_path):
     """Every process loads the data itself: one exchange makes all of them stop, naming the
     processes that could not load it or that loaded other rows (simulated here: the exchange
     returns what two processes would send)."""
     from sdjax.training import loop
-    dataset = loop.load_captioned_images(write_captioned_folder(Path(tempfile.mkdtemp()) / "d", _images(3)))
+    dataset = loop.load_captioned_images(write_captioned_folder(tmp_path / "d", _images(3)))
     sent = {}
 
     def exchange(rows):

@@ -166,7 +166,7 @@ class TrainConfig:
         if recorded is None:
             raise UsageError(f"{output_dir} has no {RUN_CONFIG_FILE} (the settings a run was started with): "
                              "is it the output_dir of a training run?")
-        return cls(**{**recorded, **overrides, "output_dir": os.fspath(output_dir), "resume": True})
+        return cls(**{**recorded, **overrides, "output_dir": output_dir, "resume": True})
 
 
 class TrainingDiverged(RuntimeError):
