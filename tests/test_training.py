@@ -446,6 +446,60 @@ def test_processes_that_loaded_other_data_stop_together(monkeypatch, tmp_path):
     assert sent["mine"][0] == 0
 
 
+SHARED_DIR_WORKER = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    import jax
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    from sdjax import parallel
+    from sdjax.cli_utils import UsageError
+    from sdjax.training import loop
+    me = int(sys.argv[2])
+    parallel.initialize_distributed(coordinator_address=sys.argv[1], num_processes=2, process_id=me)
+    results = []
+    for folders, create in json.loads(sys.argv[3]):
+        try:
+            loop._check_processes_share_the_output_dir(Path(folders[me]), create=create)
+            results.append("ok")
+        except UsageError as e:
+            results.append(str(e))
+    print("RESULTS " + json.dumps(results))
+""")
+
+
+def test_processes_that_see_other_output_folders_stop_together(tmp_path):
+    """Two real processes (jax.distributed on 127.0.0.1): a folder both see passes and is left as
+    it was; host-local folders (simulated: each process is given its own) stop both with the same
+    error; an export's folder missing on one host is named, missing on every host is left to the
+    export's own "no checkpoint" error."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    shared, (local0, local1) = tmp_path / "shared" / "run", (tmp_path / "host0", tmp_path / "host1")
+    cases = [([str(shared)] * 2, True), ([str(local0), str(local1)], True),
+             ([str(shared), str(tmp_path / "absent")], False), ([str(tmp_path / "absent")] * 2, False)]
+    script = tmp_path / "worker.py"
+    script.write_text(SHARED_DIR_WORKER)
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    procs = [subprocess.Popen([sys.executable, str(script), f"127.0.0.1:{port}", str(i), json.dumps(cases)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    results = []
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-3000:]
+        results.append(json.loads(log.split("RESULTS ")[-1]))
+    for me, (ok, local, one_missing, all_missing) in enumerate(results):
+        assert ok == "ok" and all_missing == "ok"
+        assert local == (f"--output-dir {(local0, local1)[me]}: processes 0, 1 of 2 do not see the files the "
+                         "others write there; a multi-host run needs an output folder every host shares (NFS, "
+                         "or a bucket mounted with gcsfuse)")
+        assert one_missing.startswith(f"--output-dir {cases[2][0][me]}: processes 1 cannot write there (is the "
+                                      "folder missing on their hosts?)")
+    assert list(shared.iterdir()) == [] and list(local0.iterdir()) == [] and list(local1.iterdir()) == []
+    assert not (tmp_path / "absent").exists()
+
+
 def test_tensorboard_matches_the_metrics_log(tmp_path):
     """A resumed log tells TensorBoard to drop the points after the checkpoint (as metrics.jsonl
     is truncated), and a fresh run removes an earlier run's event files."""

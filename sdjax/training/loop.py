@@ -291,6 +291,45 @@ def _check_processes_loaded_the_same_data(dataset, error: DataError | None, sour
                         "host needs the same copy of the data")
 
 
+def _check_processes_share_the_output_dir(out: Path, *, create: bool) -> None:
+    """Multi-host runs need one output folder that every host sees: Orbax writes a checkpoint from
+    every process and commits it from process 0, and a resume or an export must find the same steps
+    on every host. On host-local disks the processes would disagree (one resumes, another starts at
+    step 0) and hang in their first collective. Each process writes a file named by a token all of
+    them know, then reports which of the others' files it sees; every process raises the same
+    UsageError naming the processes that see another folder or cannot write to it. One process:
+    nothing to check, nothing written. ``create`` makes the folder first (a fresh run); without it,
+    a folder no process has is left to the caller's own error (an export's "no checkpoint")."""
+    if jax.process_count() == 1:
+        return
+    me = jax.process_index()
+    tokens = parallel.gather_from_processes(np.random.default_rng().integers(0, 2**31 - 1, size=1))[:, 0]
+    names = [f".sdjax-host-check-{i}-{token}" for i, token in enumerate(tokens)]
+    try:
+        if create:
+            out.mkdir(parents=True, exist_ok=True)
+        (out / names[me]).touch()
+        wrote = True
+    except OSError:
+        wrote = False
+    wrote = parallel.gather_from_processes(np.array([wrote]))[:, 0]   # also: every file is written now
+    sees = parallel.gather_from_processes(np.array([(out / name).is_file() for name in names]))
+    if wrote[me]:
+        (out / names[me]).unlink(missing_ok=True)
+    if not create and not wrote.any():
+        return
+    if not wrote.all():
+        failed = [i for i, ok in enumerate(wrote) if not ok]
+        raise UsageError(f"--output-dir {out}: processes {', '.join(map(str, failed))} cannot write there"
+                         + ("" if create else " (is the folder missing on their hosts?)") + "; a multi-host run "
+                         "needs an output folder every host shares (NFS, or a bucket mounted with gcsfuse)")
+    if not sees.all():
+        blind = [i for i, row in enumerate(sees) if not row.all()]
+        raise UsageError(f"--output-dir {out}: processes {', '.join(map(str, blind))} of {len(sees)} do not see "
+                         "the files the others write there; a multi-host run needs an output folder every host "
+                         "shares (NFS, or a bucket mounted with gcsfuse)")
+
+
 @dataclasses.dataclass
 class Trainer:
     """Everything a run holds; built by `Trainer.create` (training) or `Trainer.for_export` (a
@@ -327,6 +366,7 @@ class Trainer:
         parallel.initialize_distributed()
         mesh = mesh or parallel.data_mesh()
         main = jax.process_index() == 0
+        _check_processes_share_the_output_dir(out, create=True)
         existing = checkpoint_steps(out / "checkpoints")
         if existing and not cfg.resume:
             raise UsageError(f"{out / 'checkpoints'} has checkpoints up to step {existing[-1]}: pass --resume to "
@@ -395,12 +435,14 @@ class Trainer:
     def for_export(cls, cfg: TrainConfig, *, step: int | None = None, mesh=None) -> "Trainer":
         """The model of checkpoint ``step`` (default: the latest) of the run in ``cfg.output_dir``,
         for `export` and `sampling_pipeline`. Loads no training data and writes nothing: no
-        metrics log, no train_config.json. Raises UsageError, before loading the model, when there
+        metrics log, no train_config.json (on several hosts, only the shared-folder check's marker
+        files, removed at once). Raises UsageError, before loading the model, when there
         is no such checkpoint."""
         cfg.validate(need_data=False)
         parallel.initialize_distributed()
         mesh = mesh or parallel.data_mesh()
         out = Path(cfg.output_dir)
+        _check_processes_share_the_output_dir(out, create=False)
         directory = out / "checkpoints"
         existing = checkpoint_steps(directory)
         if not existing:
