@@ -2,8 +2,8 @@
 
 Every test process sees 8 CPU devices (set before JAX is imported), so multi-device
 code is exercised in-process; a test that wants one device builds a mesh over
-``jax.devices()[:1]``.  Long checks at the real SD v1.5 configs are marked ``slow``
-and run only with ``--runslow``.
+``jax.devices()[:1]``.  Long checks (the real SD v1.5 configs, the four-seed learning
+comparison, the two-process training run) are marked ``slow`` and run only with ``--runslow``.
 """
 import os
 
@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests import reference.py
 
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", default=False,
-                     help="also run the slow tests at the real SD v1.5 configs")
+                     help="also run the slow tests (marked slow)")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,6 +1,7 @@
 """Fine-tuning (sdjax.training and train.py) on a micro random pipeline at 16x16 pixels.
 
-Checks: 8 devices == 1 device for the same global batch (and the batch really is split); resume ==
+Checks: 8 devices == 1 device == 2 processes x 4 devices (jax.distributed, with a resume and an
+export; slow) for the same global batch (and the batch really is split); resume ==
 uninterrupted (losses and parameters, with gradient accumulation and EMA); a SIGKILL during a
 checkpoint save resumes from the last complete checkpoint; a NaN loss stops the run without saving
 the NaN state (train.py exit 3); the exported ``final/`` loads in sdjax and diffusers, gives the
@@ -182,11 +183,13 @@ def max_diff(a, b) -> float:
 
 
 def saved_state(out, step) -> dict:
-    """Checkpoint ``step`` of a run, restored without a target (a dict of arrays)."""
+    """Checkpoint ``step`` of a run, restored without a target (a dict of arrays); onto one device
+    here when it was saved from devices this process does not have (another process count)."""
     checkpoints = Checkpointer(Path(out) / "checkpoints")
+    here = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     try:
         restored = checkpoints.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(), data=ocp.args.JsonRestore()))
+            state=ocp.args.StandardRestore(fallback_sharding=here), data=ocp.args.JsonRestore()))
     finally:
         checkpoints.close()
     return {**restored.state, "data": restored.data}
@@ -498,6 +501,65 @@ def test_processes_that_see_other_output_folders_stop_together(tmp_path):
                                       "folder missing on their hosts?)")
     assert list(shared.iterdir()) == [] and list(local0.iterdir()) == [] and list(local1.iterdir()) == []
     assert not (tmp_path / "absent").exists()
+
+
+MULTIHOST_TRAIN_WORKER = textwrap.dedent("""
+    import json, os, sys
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    import jax
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    me = int(sys.argv[2])
+    # The resume compiles the step again: a per-process cache turns that into a load.
+    jax.config.update("jax_compilation_cache_dir", f"{sys.argv[4]}-{me}")
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    from sdjax import parallel
+    from sdjax.training.loop import TrainConfig, Trainer, train
+    parallel.initialize_distributed(coordinator_address=sys.argv[1], num_processes=2, process_id=me)
+    first, then = json.loads(sys.argv[3])
+    trainer = Trainer.create(TrainConfig(**first))
+    try:
+        assert trainer.mesh.size == 8 and len(trainer.mesh.local_devices) == 4
+        trainer.run(progress=False)
+    finally:
+        trainer.close()
+    print("EXPORTED", train(TrainConfig(**then), progress=False))
+""")
+
+
+@pytest.mark.slow   # ~100 s alone, ~170 s beside another xdist worker: the two processes compile the step
+def test_two_processes_train_resume_and_export_as_one(reference_run, pipeline_dir, data_dir, tmp_path):
+    """2 processes x 4 CPU devices (jax.distributed on 127.0.0.1, gloo): 2 steps, then a resume to
+    STEPS with `train` (samples, export) == the one-process 8-device reference run: the same
+    losses, weights and EMA. Each process loads its columns of every batch, both write their part
+    of every Orbax checkpoint, and only process 0 writes the log, samples and final/."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "run"
+    first = dataclasses.asdict(config(out, pipeline_dir, data_dir, max_steps=2, checkpoint_every=2))
+    then = {**first, "max_steps": STEPS, "resume": True}
+    script = tmp_path / "worker.py"
+    script.write_text(MULTIHOST_TRAIN_WORKER)
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    procs = [subprocess.Popen([sys.executable, str(script), f"127.0.0.1:{port}", str(i), json.dumps([first, then]),
+                               str(tmp_path / "jax-cache")], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    logs = [p.communicate(timeout=900)[0] for p in procs]
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-3000:]
+    assert f"EXPORTED {out / 'final'}" in logs[0] and "EXPORTED None" in logs[1]
+
+    assert complete_steps(out) == [2, STEPS]
+    np.testing.assert_allclose([r["loss"] for r in metrics(out)], [r["loss"] for r in reference_run["rows"]],
+                               rtol=1e-5)
+    last, ref = saved_state(out, STEPS), reference_run["state"]
+    assert int(last["step"]) == STEPS
+    assert max_diff(last["params"], ref.params) <= 1e-5
+    assert max_diff(last["ema"], ref.ema) <= 1e-5
+    assert max_diff(exported_unet(out / "final"), last["ema"]) <= 1e-7
+    assert sorted(p.name for p in (out / "samples").glob("*.png")) == [f"step-{STEPS:06d}.png"]
+    assert not list(out.glob(".sdjax-host-check-*"))
 
 
 def test_tensorboard_matches_the_metrics_log(tmp_path):
