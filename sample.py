@@ -103,7 +103,14 @@ def main(argv=None) -> int:
     except UsageError as e:
         return _fail(e)
 
+    import jax
+    import numpy as np
+    from sdjax import parallel
     from sdjax.cli_utils import default_dtype, enable_compilation_cache, run_sampling
+    # Several hosts (a TPU pod, srun, mpirun): the same command on each; the seeds are split over
+    # every device of every host, and process 0 writes the images. Before JAX touches a device.
+    parallel.initialize_distributed()
+    main_process = jax.process_index() == 0
     if (args.compilation_cache or "").lower() != "none":
         enable_compilation_cache(args.compilation_cache)  # before anything compiles
 
@@ -112,18 +119,31 @@ def main(argv=None) -> int:
     dtype = req.dtype or default_dtype()
     t0 = time.perf_counter()
     try:
-        pipe = StableDiffusion.from_pretrained(req.model, dtype=dtype, variant=req.variant)
+        pipe, error = StableDiffusion.from_pretrained(req.model, dtype=dtype, variant=req.variant), None
     except CheckpointError as e:  # no weights reachable, or not a pipeline folder: before anything is written
-        return _fail(e)
+        pipe, error = None, e
+    # One exchange, so that a host that could not load the model stops the others too (they would
+    # wait for it in the first batch forever). A no-op on one process.
+    loaded = parallel.gather_from_processes(np.array([error is None]))[:, 0]
+    if error is not None:
+        return _fail(error)
+    if not loaded.all():
+        failed = ", ".join(str(i) for i, ok in enumerate(loaded) if not ok)
+        return _fail(CheckpointError(f"{req.model}: processes {failed} of {len(loaded)} could not load the model "
+                                     "(their logs say why); every host needs the weights"))
     try:  # steps the model's noise schedule cannot take (e.g. 1000 with SD's steps_offset=1)
         pipe.make_scheduler(req.scheduler, req.steps)
     except (ValueError, NotImplementedError) as e:
         return _fail(e)
-    print(f"loaded {req.model} ({dtype}) in {time.perf_counter() - t0:.1f} s; "
-          f"{len(req.jobs)} images: {len(req.prompts)} prompt(s) x {len(req.seeds)} seed(s)")
+    if main_process:
+        print(f"loaded {req.model} ({dtype}) in {time.perf_counter() - t0:.1f} s; "
+              f"{len(req.jobs)} images: {len(req.prompts)} prompt(s) x {len(req.seeds)} seed(s)"
+              + (f" on {jax.process_count()} processes, {jax.device_count()} devices" if jax.process_count() > 1
+                 else ""))
     result = run_sampling(pipe, req, progress=args.progress)
-    print(f"wrote {len(result.files) + len(result.extra_files)} files to {req.out}")
-    print(result.summary())
+    if main_process:
+        print(f"wrote {len(result.files) + len(result.extra_files)} files to {req.out}")
+        print(result.summary())
     return 0
 
 

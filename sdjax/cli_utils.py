@@ -363,14 +363,21 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
     than one batch is run as one batch of its own size. PNG names and the A1111 ``parameters``
     chunk come from :mod:`sdjax.images`; numbering continues after the highest index in the folder.
     ``progress``: one of ``PROGRESS_MODES`` (see :func:`resolve_progress`).
+
+    On several processes (``jax.distributed``), every process must call this with the same request:
+    the batches are split over every device of every process, every process gets every image, and
+    process 0 alone writes the files and shows the bars (the others return no files).
     """
+    import jax
     from sdjax import parallel
     from sdjax.trajectory import noise_images, output_trajectory, trajectory_steps
 
     jobs = req.jobs
     out_dir = Path(req.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    first_index = next_free_index(out_dir)
+    writer = jax.process_index() == 0
+    if writer:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    first_index = next_free_index(out_dir) if writer else 0
     per_call = parallel.padded_size(req.batch_size or 4 * pipe.mesh.size, pipe.mesh)
     per_call = min(per_call, parallel.padded_size(len(jobs), pipe.mesh))
     sched = pipe.make_scheduler(req.scheduler, req.steps)
@@ -379,15 +386,18 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
     files: list[Path] = []
     extra: list[Path] = []
     images_for_grid = []
+    generated = 0
     batches = list(_chunks(jobs, per_call))
     bar, step_bar = batches, None
     mode = resolve_progress(progress)
     if mode != "none":
         from tqdm.auto import tqdm
+        # A disabled bar on the other processes: the same step callback keeps their programs identical.
         if mode == "steps":   # one bar for the whole request, which the pipeline advances per step
-            step_bar = tqdm(total=len(batches) * sched.num_model_calls, desc="steps", unit="step")
+            step_bar = tqdm(total=len(batches) * sched.num_model_calls, desc="steps", unit="step",
+                            disable=not writer)
         else:
-            bar = tqdm(batches, desc="batches", unit="batch")
+            bar = tqdm(batches, desc="batches", unit="batch", disable=not writer)
     start = time.perf_counter()
     with CompileTimer() as compile_timer:
         for batch in bar:
@@ -397,6 +407,9 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
                        width=req.width, scheduler=req.scheduler, batch_size=per_call, return_intermediates=picks,
                        progress=step_bar)
             noise = noise_images(pipe, [s for _, s in padded], req.height, req.width) if req.trajectory else None
+            generated += len(batch)
+            if not writer:
+                continue
             for b, (prompt, seed) in enumerate(batch):
                 index = first_index + len(files)
                 params = a1111_parameters(prompt, req.negative_prompt, steps=req.steps, scheduler=req.scheduler,
@@ -413,7 +426,7 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
                                                                            "gif")))
     if step_bar is not None:
         step_bar.close()
-    if req.grid:
+    if req.grid and writer:
         extra.append(save_png(image_grid(images_for_grid), out_dir / f"{first_index:05d}-grid.png"))
     seconds = time.perf_counter() - start
-    return SampleResult(files, extra, len(files), seconds, compile_timer.seconds)
+    return SampleResult(files, extra, generated, seconds, compile_timer.seconds)

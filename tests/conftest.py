@@ -19,6 +19,40 @@ import pytest  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))  # tests import reference.py
 
 
+def run_two_processes(worker: str, tmp_path: Path, *args, timeout: float) -> list[str]:
+    """Run ``worker`` (Python source) as processes 0 and 1 of one jax.distributed job on
+    127.0.0.1, each with argv ``[coordinator address, process id, *args]`` and without this
+    process's XLA_FLAGS (a worker sets its own device count). Returns both logs (stdout and
+    stderr) once both exited 0. On a timeout or failure both are killed, so a worker stuck in a
+    collective does not outlive the test."""
+    import socket
+    import subprocess
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "worker.py"
+    script.write_text(worker)
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    logs = [tmp_path / f"worker-{i}.log" for i in range(2)]
+    procs = []
+    try:
+        for i, log in enumerate(logs):
+            with open(log, "w") as f:   # files, not pipes: a full pipe would block a worker mid-collective
+                procs.append(subprocess.Popen([sys.executable, str(script), f"127.0.0.1:{port}", str(i),
+                                               *map(str, args)], env=env, stdout=f, stderr=subprocess.STDOUT))
+        for p in procs:
+            p.wait(timeout=timeout)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    texts = [log.read_text() for log in logs]
+    for i, (p, text) in enumerate(zip(procs, texts)):
+        assert p.returncode == 0, f"process {i} exited with {p.returncode}:\n{text[-3000:]}"
+    return texts
+
+
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", default=False,
                      help="also run the slow tests (marked slow)")

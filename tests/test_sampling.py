@@ -1,22 +1,28 @@
 """StableDiffusion against diffusers' StableDiffusionPipeline; sharding, determinism, recompilation."""
 import contextlib
+import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 import torch
 
 import reference as R
+from conftest import run_two_processes
 from sdjax import parallel
 from sdjax.pipeline import StableDiffusion
 
 PROMPTS = ["a photo of the cat", "the red dog in blue"]
 NEGATIVES = ["blue", "the cat"]
+ROOT = Path(__file__).resolve().parent.parent
 SIZE = 32  # tiny VAE downsamples by 2: 16x16 latents
 # Calls alike in scheduler, steps, rows (up to 8 images: padded to the 8 devices), latents given or
 # not, and guidance on or off run one compiled program; each jit(generate) compile costs ~15 s on a
@@ -377,38 +383,59 @@ def test_one_task_sbatch_script_runs_single_process():
 
 
 MULTIHOST_WORKER = textwrap.dedent("""
-    import os, sys
+    import contextlib, importlib.util, io, json, os, sys
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
     import jax
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     from sdjax import parallel
-    parallel.initialize_distributed(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+    me = int(sys.argv[2])
+    parallel.initialize_distributed(coordinator_address=sys.argv[1], num_processes=2, process_id=me)
     import numpy as np
     from sdjax.pipeline import StableDiffusion
     assert jax.device_count() == 8 and jax.local_device_count() == 4
-    pipe = StableDiffusion.from_pretrained(sys.argv[3])
-    out = pipe("the cat", seeds=list(range(8)), num_inference_steps=int(sys.argv[5]), height=32, width=32,
+    model, steps, tmp, sample_py = sys.argv[3:7]
+    pipe = StableDiffusion.from_pretrained(model)
+    out = pipe("the cat", seeds=list(range(8)), num_inference_steps=int(steps), height=32, width=32,
                scheduler="euler_a")
-    np.save(sys.argv[4], out.images)
+    np.save(f"{tmp}/out{me}.npy", out.images)
+
+    # sample.py on both processes (initialize_distributed is then a no-op): first with the model
+    # missing on process 1's host, then for real, each process given its own --out.
+    spec = importlib.util.spec_from_file_location("sample_script", sample_py)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    for case, where in (("missing", f"{tmp}/absent" if me == 1 else model), ("run", model)):
+        stdout, stderr = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            rc = script.main(["the cat", "--model", where, "--seeds", "0-7", "--steps", steps, "--height", "32",
+                              "--width", "32", "--scheduler", "euler_a", "--progress", "batches",
+                              "--compilation-cache", "none", "--out", f"{tmp}/out-{case}-{me}"])
+        print("CASE " + json.dumps(dict(case=case, rc=rc, stdout=stdout.getvalue(), stderr=stderr.getvalue())))
 """)
 
 
 def test_two_processes_match_single_process(pipe, tiny_pipeline_dir, tmp_path):
-    """2 processes x 4 CPU devices with jax.distributed on 127.0.0.1 give the single-process images."""
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    script = tmp_path / "worker.py"
-    script.write_text(MULTIHOST_WORKER)
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    procs = [subprocess.Popen([sys.executable, str(script), f"127.0.0.1:{port}", str(i), str(tiny_pipeline_dir),
-                               str(tmp_path / f"out{i}.npy"), str(STEPS)], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    logs = [p.communicate(timeout=600)[0] for p in procs]
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-3000:]
+    """2 processes x 4 CPU devices with jax.distributed on 127.0.0.1 give the single-process images,
+    from the API (on every process) and from sample.py (written by process 0 alone). sample.py with
+    the model missing on one host stops every process with an error naming it."""
+    logs = run_two_processes(MULTIHOST_WORKER, tmp_path, tiny_pipeline_dir, STEPS, tmp_path, ROOT / "sample.py",
+                             timeout=600)
     expected = pipe("the cat", seeds=list(range(8)), num_inference_steps=STEPS, height=SIZE, width=SIZE,
                     scheduler="euler_a").images
     for i in range(2):
         np.testing.assert_allclose(np.load(tmp_path / f"out{i}.npy"), expected, atol=1e-4)
+
+    cases = [{c["case"]: c for c in map(json.loads, re.findall(r"^CASE (.*)$", log, re.M))} for log in logs]
+    missing, run = [c["missing"] for c in cases], [c["run"] for c in cases]
+    assert [c["rc"] for c in missing] == [2, 2] and missing[0]["stdout"] == missing[1]["stdout"] == ""
+    assert missing[1]["stderr"] == f"sample.py: error: {tmp_path / 'absent'}: no such directory\n"
+    assert missing[0]["stderr"] == (f"sample.py: error: {tiny_pipeline_dir}: processes 1 of 2 could not load the "
+                                    "model (their logs say why); every host needs the weights\n")
+    assert not (tmp_path / "out-missing-0").exists() and not (tmp_path / "out-missing-1").exists()
+    assert [c["rc"] for c in run] == [0, 0] and "on 2 processes, 8 devices" in run[0]["stdout"]
+    assert run[1]["stdout"] == run[1]["stderr"] == ""     # no bars, no messages, no files on process 1
+    assert not (tmp_path / "out-run-1").exists()
+    pngs = sorted((tmp_path / "out-run-0").glob("*.png"))
+    assert [p.name[:5] for p in pngs] == [f"{i:05d}" for i in range(8)]
+    written = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in pngs]).astype(np.float64) / 255
+    assert np.abs(written - expected).max() <= 0.5 / 255 + 1e-3

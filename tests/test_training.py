@@ -41,6 +41,7 @@ import yaml
 from flax import nnx
 from PIL import Image
 
+from conftest import run_two_processes
 from sdjax import parallel
 from sdjax.cli_utils import UsageError
 from sdjax.training import step as S
@@ -475,23 +476,11 @@ def test_processes_that_see_other_output_folders_stop_together(tmp_path):
     it was; host-local folders (simulated: each process is given its own) stop both with the same
     error; an export's folder missing on one host is named, missing on every host is left to the
     export's own "no checkpoint" error."""
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     shared, (local0, local1) = tmp_path / "shared" / "run", (tmp_path / "host0", tmp_path / "host1")
     cases = [([str(shared)] * 2, True), ([str(local0), str(local1)], True),
              ([str(shared), str(tmp_path / "absent")], False), ([str(tmp_path / "absent")] * 2, False)]
-    script = tmp_path / "worker.py"
-    script.write_text(SHARED_DIR_WORKER)
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    procs = [subprocess.Popen([sys.executable, str(script), f"127.0.0.1:{port}", str(i), json.dumps(cases)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    logs = [p.communicate(timeout=300)[0] for p in procs]
-    results = []
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-3000:]
-        results.append(json.loads(log.split("RESULTS ")[-1]))
+    logs = run_two_processes(SHARED_DIR_WORKER, tmp_path, json.dumps(cases), timeout=300)
+    results = [json.loads(log.split("RESULTS ")[-1]) for log in logs]
     for me, (ok, local, one_missing, all_missing) in enumerate(results):
         assert ok == "ok" and all_missing == "ok"
         assert local == (f"--output-dir {(local0, local1)[me]}: processes 0, 1 of 2 do not see the files the "
@@ -532,22 +521,11 @@ def test_two_processes_train_resume_and_export_as_one(reference_run, pipeline_di
     STEPS with `train` (samples, export) == the one-process 8-device reference run: the same
     losses, weights and EMA. Each process loads its columns of every batch, both write their part
     of every Orbax checkpoint, and only process 0 writes the log, samples and final/."""
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "run"
     first = dataclasses.asdict(config(out, pipeline_dir, data_dir, max_steps=2, checkpoint_every=2))
     then = {**first, "max_steps": STEPS, "resume": True}
-    script = tmp_path / "worker.py"
-    script.write_text(MULTIHOST_TRAIN_WORKER)
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    procs = [subprocess.Popen([sys.executable, str(script), f"127.0.0.1:{port}", str(i), json.dumps([first, then]),
-                               str(tmp_path / "jax-cache")], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    logs = [p.communicate(timeout=900)[0] for p in procs]
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-3000:]
+    logs = run_two_processes(MULTIHOST_TRAIN_WORKER, tmp_path, json.dumps([first, then]), tmp_path / "jax-cache",
+                             timeout=900)
     assert f"EXPORTED {out / 'final'}" in logs[0] and "EXPORTED None" in logs[1]
 
     assert complete_steps(out) == [2, STEPS]
