@@ -458,6 +458,7 @@ SHARED_DIR_WORKER = textwrap.dedent("""
     from sdjax import parallel
     from sdjax.cli_utils import UsageError
     from sdjax.training import loop
+    from sdjax.training.data import DataError
     me = int(sys.argv[2])
     parallel.initialize_distributed(coordinator_address=sys.argv[1], num_processes=2, process_id=me)
     results = []
@@ -468,19 +469,43 @@ SHARED_DIR_WORKER = textwrap.dedent("""
         except UsageError as e:
             results.append(str(e))
     print("RESULTS " + json.dumps(results))
+    results = []
+    for folders in json.loads(sys.argv[4]):   # the training data each process loads
+        try:
+            dataset, error = loop.load_captioned_images(folders[me]), None
+        except DataError as e:
+            dataset, error = None, e
+        try:
+            loop._check_processes_loaded_the_same_data(dataset, error, "data")
+            results.append("ok")
+        except DataError as e:
+            results.append(str(e))
+    print("DATA " + json.dumps(results))
 """)
 
 
-def test_processes_that_see_other_output_folders_stop_together(tmp_path):
+def test_processes_that_see_other_output_folders_or_data_stop_together(tmp_path):
     """Two real processes (jax.distributed on 127.0.0.1): a folder both see passes and is left as
     it was; host-local folders (simulated: each process is given its own) stop both with the same
     error; an export's folder missing on one host is named, missing on every host is left to the
-    export's own "no checkpoint" error."""
+    export's own "no checkpoint" error. In the same launch, the training-data exchange for real:
+    copies of the same rows at other paths pass; another row count, or data one process cannot
+    load, stops both."""
     shared, (local0, local1) = tmp_path / "shared" / "run", (tmp_path / "host0", tmp_path / "host1")
     cases = [([str(shared)] * 2, True), ([str(local0), str(local1)], True),
              ([str(shared), str(tmp_path / "absent")], False), ([str(tmp_path / "absent")] * 2, False)]
-    logs = run_two_processes(SHARED_DIR_WORKER, tmp_path, json.dumps(cases), timeout=300)
-    results = [json.loads(log.split("RESULTS ")[-1]) for log in logs]
+    same, copy, fewer = (write_captioned_folder(tmp_path / name, _images(n)) for name, n in
+                         (("data", 3), ("copy", 3), ("fewer", 2)))
+    data_cases = [[str(same), str(copy)], [str(same), str(fewer)], [str(same), str(tmp_path / "no-data")]]
+    logs = run_two_processes(SHARED_DIR_WORKER, tmp_path, json.dumps(cases), json.dumps(data_cases), timeout=300)
+    results = [json.loads(log.split("RESULTS ")[1].splitlines()[0]) for log in logs]
+    data = [json.loads(log.split("DATA ")[1].splitlines()[0]) for log in logs]
+    for me, (copied, other_rows, missing) in enumerate(data):
+        assert copied == "ok"
+        assert other_rows.startswith("data: the processes loaded different training data (process 0: 3 rows, "
+                                     "process 1: 2 rows; processes 1 differ from process 0")
+        assert missing.startswith("data: processes 1 could not load the training data" if me == 0 else
+                                  f"training data folder not found: {tmp_path / 'no-data'} ")
     for me, (ok, local, one_missing, all_missing) in enumerate(results):
         assert ok == "ok" and all_missing == "ok"
         assert local == (f"--output-dir {(local0, local1)[me]}: processes 0, 1 of 2 do not see the files the "
