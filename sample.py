@@ -104,7 +104,6 @@ def main(argv=None) -> int:
         return _fail(e)
 
     import jax
-    import numpy as np
     from sdjax import parallel
     from sdjax.cli_utils import default_dtype, enable_compilation_cache, run_sampling
     # Several hosts (a TPU pod, srun, mpirun): the same command on each; the seeds are split over
@@ -122,15 +121,13 @@ def main(argv=None) -> int:
         pipe, error = StableDiffusion.from_pretrained(req.model, dtype=dtype, variant=req.variant), None
     except CheckpointError as e:  # no weights reachable, or not a pipeline folder: before anything is written
         pipe, error = None, e
-    # One exchange, so that a host that could not load the model stops the others too (they would
-    # wait for it in the first batch forever). A no-op on one process.
-    loaded = parallel.gather_from_processes(np.array([error is None]))[:, 0]
+    failed = parallel.processes_that_failed(error is None)   # a host without the weights stops them all
     if error is not None:
         return _fail(error)
-    if not loaded.all():
-        failed = ", ".join(str(i) for i, ok in enumerate(loaded) if not ok)
-        return _fail(CheckpointError(f"{req.model}: processes {failed} of {len(loaded)} could not load the model "
-                                     "(their logs say why); every host needs the weights"))
+    if failed:
+        return _fail(CheckpointError(f"{req.model}: processes {', '.join(map(str, failed))} of "
+                                     f"{jax.process_count()} could not load the model (their logs say why); "
+                                     "every host needs the weights"))
     try:  # steps the model's noise schedule cannot take (e.g. 1000 with SD's steps_offset=1)
         pipe.make_scheduler(req.scheduler, req.steps)
     except (ValueError, NotImplementedError) as e:

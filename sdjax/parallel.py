@@ -110,3 +110,10 @@ def gather_from_processes(values: np.ndarray) -> np.ndarray:
     from jax.experimental import multihost_utils
     return np.asarray(multihost_utils.process_allgather(values))
 
+
+def processes_that_failed(ok: bool) -> list[int]:
+    """The indices of the processes whose ``ok`` is False, the same list on every process (a
+    collective: every process must call it). So that all of them stop when one cannot go on,
+    instead of the others waiting for it in the next collective forever."""
+    return [i for i, fine in enumerate(gather_from_processes(np.array([ok]))[:, 0]) if not fine]
+

@@ -438,4 +438,4 @@ def test_two_processes_match_single_process(pipe, tiny_pipeline_dir, tmp_path):
     pngs = sorted((tmp_path / "out-run-0").glob("*.png"))
     assert [p.name[:5] for p in pngs] == [f"{i:05d}" for i in range(8)]
     written = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in pngs]).astype(np.float64) / 255
-    assert np.abs(written - expected).max() <= 0.5 / 255 + 1e-3
+    assert np.abs(written - expected).max() <= 0.5 / 255 + 1e-4    # PNG rounding + the processes' 1e-4 above

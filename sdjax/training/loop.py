@@ -302,6 +302,7 @@ def _check_processes_share_the_output_dir(out: Path, *, create: bool) -> None:
     a folder no process has is left to the caller's own error (an export's "no checkpoint")."""
     if jax.process_count() == 1:
         return
+    needs = "a multi-host run needs an output folder every host shares (NFS, or a bucket mounted with gcsfuse)"
     me = jax.process_index()
     tokens = parallel.gather_from_processes(np.random.default_rng().integers(0, 2**31 - 1, size=1))[:, 0]
     names = [f".sdjax-host-check-{i}-{token}" for i, token in enumerate(tokens)]
@@ -312,22 +313,19 @@ def _check_processes_share_the_output_dir(out: Path, *, create: bool) -> None:
         wrote = True
     except OSError:
         wrote = False
-    wrote = parallel.gather_from_processes(np.array([wrote]))[:, 0]   # also: every file is written now
+    failed = parallel.processes_that_failed(wrote)   # also: every file is written now
     sees = parallel.gather_from_processes(np.array([(out / name).is_file() for name in names]))
-    if wrote[me]:
+    if wrote:
         (out / names[me]).unlink(missing_ok=True)
-    if not create and not wrote.any():
+    if not create and len(failed) == len(names):
         return
-    if not wrote.all():
-        failed = [i for i, ok in enumerate(wrote) if not ok]
+    if failed:
         raise UsageError(f"--output-dir {out}: processes {', '.join(map(str, failed))} cannot write there"
-                         + ("" if create else " (is the folder missing on their hosts?)") + "; a multi-host run "
-                         "needs an output folder every host shares (NFS, or a bucket mounted with gcsfuse)")
-    if not sees.all():
-        blind = [i for i, row in enumerate(sees) if not row.all()]
+                         + ("" if create else " (is the folder missing on their hosts?)") + f"; {needs}")
+    blind = [i for i, row in enumerate(sees) if not row.all()]
+    if blind:
         raise UsageError(f"--output-dir {out}: processes {', '.join(map(str, blind))} of {len(sees)} do not see "
-                         "the files the others write there; a multi-host run needs an output folder every host "
-                         "shares (NFS, or a bucket mounted with gcsfuse)")
+                         f"the files the others write there; {needs}")
 
 
 @dataclasses.dataclass
