@@ -42,7 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", nargs="*", help="one or more prompts (each is combined with every seed)")
     p.add_argument("--prompts-file", metavar="FILE", help="more prompts, one per line")
     p.add_argument("--config", metavar="YAML", help="preset of defaults: a file or a name in configs/ (draft, ...)")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"Hugging Face Hub repo id or local pipeline folder (default {DEFAULT_MODEL})")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"Hugging Face Hub repo id, local pipeline folder, or single-file checkpoint "
+                        f"(.safetensors / .ckpt in the original SD layout; default {DEFAULT_MODEL})")
+    p.add_argument("--model-config", metavar="REPO_OR_DIR", default=None,
+                   help=f"for a single-file --model: the pipeline folder or Hub repo id whose configs and "
+                        f"tokenizer it uses (default {DEFAULT_MODEL})")
     p.add_argument("--variant", default=None,
                    help="load variant weight files, e.g. fp16 for diffusion_pytorch_model.fp16.safetensors "
                         "(about half the download)")
@@ -84,6 +89,7 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
         prompts += read_prompts_file(args.prompts_file)
     seeds = args.seeds if isinstance(args.seeds, list) else parse_seeds(args.seeds)
     req = SampleRequest(prompts=prompts, seeds=seeds, negative_prompt=args.negative_prompt, model=args.model,
+                        model_config=args.model_config,
                         steps=args.steps, guidance_scale=args.guidance_scale, scheduler=args.scheduler,
                         height=args.height, width=args.width, dtype=args.dtype, batch_size=args.batch_size,
                         out=str(Path(args.out).expanduser()), variant=args.variant, grid=args.grid, trajectory=args.trajectory)
@@ -113,12 +119,12 @@ def main(argv=None) -> int:
     if (args.compilation_cache or "").lower() != "none":
         enable_compilation_cache(args.compilation_cache)  # before anything compiles
 
-    from sdjax.pipeline import StableDiffusion
+    from sdjax.pipeline import load_pipeline
     from sdjax.weights import CheckpointError
     dtype = req.dtype or default_dtype()
     t0 = time.perf_counter()
     try:
-        pipe, error = StableDiffusion.from_pretrained(req.model, dtype=dtype, variant=req.variant), None
+        pipe, error = load_pipeline(req.model, model_config=req.model_config, dtype=dtype, variant=req.variant), None
     except CheckpointError as e:  # no weights reachable, or not a pipeline folder: before anything is written
         pipe, error = None, e
     failed = parallel.processes_that_failed(error is None)   # a host without the weights stops them all

@@ -19,7 +19,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 from sdjax.images import (a1111_parameters, image_grid, image_file_name, image_strip, next_free_index, save_gif,
                           save_png)
-from sdjax.pipeline import DEFAULT_MODEL, MAX_SEED  # noqa: F401  (re-exported for sample.py)
+from sdjax.pipeline import DEFAULT_MODEL, MAX_SEED, model_options_problem  # noqa: F401  (re-exported for sample.py)
 from sdjax.schedulers import SCHEDULERS
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -188,7 +188,8 @@ class SampleRequest:
     prompts: list[str]
     seeds: list[int]
     negative_prompt: str = ""
-    model: str = DEFAULT_MODEL
+    model: str = DEFAULT_MODEL        # Hub repo id, pipeline folder or single-file checkpoint
+    model_config: str | None = None   # a single file's configs and tokenizer (default: DEFAULT_MODEL's)
     variant: str | None = None        # e.g. "fp16": diffusion_pytorch_model.fp16.safetensors
     steps: int = 50
     guidance_scale: float = 7.5
@@ -212,6 +213,9 @@ def validate_request(req: SampleRequest) -> None:
     """Check everything that can be checked without the model; raise UsageError with one line."""
     if not req.prompts:
         raise UsageError("no prompt given: pass a prompt, or --prompts-file FILE")
+    problem = model_options_problem(req.model, req.model_config, req.variant)
+    if problem:
+        raise UsageError(problem)
     for name in ("height", "width"):
         size = getattr(req, name)
         if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % 8:

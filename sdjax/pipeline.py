@@ -16,12 +16,49 @@ from sdjax import parallel, sampling
 from sdjax.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
 from sdjax.schedulers import SCHEDULERS, make_scheduler
 from sdjax.text import load_tokenizer, tokenize
-from sdjax.weights import (fetch_missing_bin_weights, hub_files, read_json_object, resolve_dtype,
-                           resolve_model_dir, save_pipeline)
+from sdjax.weights import (SINGLE_FILE_SUFFIXES, CheckpointError, check_single_file, fetch_missing_bin_weights,
+                           hub_files, load_single_file, read_config, read_json_object, resolve_dtype,
+                           resolve_model_dir, save_pipeline, save_single_file)
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 PARTS = {"text_encoder": CLIPTextModel, "unet": UNet2DConditionModel, "vae": AutoencoderKL}  # folder -> model
 MAX_SEED = 2**32 - 1
+
+
+def is_single_file(model: str | Path) -> bool:
+    """Whether a ``--model`` names a single-file checkpoint (an existing file, or a path with a
+    checkpoint file's suffix) rather than a pipeline folder or a Hub repo id."""
+    path = Path(model).expanduser()
+    return path.is_file() or path.suffix in SINGLE_FILE_SUFFIXES
+
+
+def load_pipeline(model: str, *, model_config: str | None = None, dtype=jnp.float32, variant: str | None = None,
+                  mesh=None) -> "StableDiffusion":
+    """A pipeline from a ``--model`` as sample.py and train.py take it: a single-file checkpoint
+    (with the configs and tokenizer of ``model_config``, default SD v1.5's), or a pipeline folder or
+    Hub repo id. Raises `CheckpointError` for an option that does not fit the kind of model."""
+    problem = model_options_problem(model, model_config, variant)
+    if problem:
+        raise CheckpointError(problem)
+    if is_single_file(model):
+        return StableDiffusion.from_single_file(model, config=model_config or DEFAULT_MODEL, dtype=dtype, mesh=mesh)
+    return StableDiffusion.from_pretrained(model, dtype=dtype, variant=variant, mesh=mesh)
+
+
+def model_options_problem(model: str, model_config: str | None, variant: str | None) -> str | None:
+    """Why these ``--model`` options do not go together, or None."""
+    if variant and is_single_file(model):
+        return f"--variant {variant}: picks files in a pipeline folder; the single file {model} has none"
+    if model_config and not is_single_file(model):
+        return f"--model-config {model_config}: only for a single-file --model (given {model})"
+    return None
+
+
+def _tokenizer_and_scheduler(root: Path) -> dict:
+    """The tokenizer and scheduler config of a pipeline folder, as `StableDiffusion` takes them."""
+    scheduler_config = read_json_object(root / "scheduler" / "scheduler_config.json", f"{root}: no "
+                                        "scheduler/scheduler_config.json (is this a diffusers pipeline folder?)")
+    return dict(tokenizer=load_tokenizer(root), scheduler_config=scheduler_config)
 
 
 @dataclasses.dataclass
@@ -207,18 +244,47 @@ class StableDiffusion:
         root = resolve_model_dir(path_or_repo_id, None, revision, allow_patterns=patterns)
         if format != "flax":
             fetch_missing_bin_weights(path_or_repo_id, revision, root, PARTS, variant)
-        scheduler_config = read_json_object(root / "scheduler" / "scheduler_config.json", f"{root}: no "
-                                            "scheduler/scheduler_config.json (is this a diffusers pipeline folder?)")
+        extras = _tokenizer_and_scheduler(root)  # before the weights: a bad folder fails fast
         kw = dict(revision=revision, dtype=dtype, format=format, variant=variant)
         models = {part: model_cls.from_pretrained(root, subfolder=part, **kw) for part, model_cls in PARTS.items()}
-        return cls(**models, tokenizer=load_tokenizer(root), scheduler_config=scheduler_config,
-                   mesh=mesh, name=str(path_or_repo_id))
+        return cls(**models, **extras, mesh=mesh, name=str(path_or_repo_id))
+
+    @classmethod
+    def from_single_file(cls, file, *, config: str = DEFAULT_MODEL, revision: str | None = None,
+                         dtype=jnp.float32, mesh=None) -> "StableDiffusion":
+        """Load a single-file checkpoint in the original Stable Diffusion layout (such as
+        ``v1-5-pruned-emaonly.safetensors``, or a fine-tune saved by AUTOMATIC1111 / ComfyUI):
+        ``.safetensors``, or a PyTorch ``.ckpt`` / ``.pt`` / ``.bin`` (needs torch; read with
+        ``weights_only=True``). Its non-EMA weights are used where a file holds both.
+
+        A single file has no configs or tokenizer: they come from ``config``, a diffusers pipeline
+        folder or Hub repo id of the same architecture (only its config files, tokenizer and
+        scheduler config are downloaded, ~2 MB)."""
+        dtype = resolve_dtype(dtype)
+        check_single_file(file)  # before fetching the configs
+        patterns = ["model_index.json", "scheduler/scheduler_config.json", "tokenizer/*",
+                    *(f"{part}/config.json" for part in PARTS)]
+        try:
+            root = resolve_model_dir(config, None, revision, allow_patterns=patterns)
+        except CheckpointError as e:  # say why a folder or the Hub comes into it at all
+            raise CheckpointError(f"{file}: a single file's configs and tokenizer come from a pipeline folder or "
+                                  f"Hub repo (config=, sample.py/train.py --model-config): {e}") from e
+        configs = {part: read_config(root / part, model_cls)[0] for part, model_cls in PARTS.items()}
+        extras = _tokenizer_and_scheduler(root)
+        models = load_single_file(file, configs, dtype=dtype)
+        return cls(**models, **extras, mesh=mesh, name=str(file))
 
     def save_pretrained(self, directory, *, format: str = "both", dtype=None, overwrite: bool = False) -> Path:
         """Write a diffusers pipeline folder that sdjax and diffusers' PyTorch pipeline both load."""
         return save_pipeline(directory, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
                              vae=self.vae, scheduler_config=self.scheduler_config, format=format, dtype=dtype,
                              overwrite=overwrite)
+
+    def save_single_file(self, file, *, dtype=None) -> Path:
+        """Write the three models as one ``.safetensors`` file in the original Stable Diffusion
+        layout, which AUTOMATIC1111, ComfyUI and diffusers' ``from_single_file`` load. ``dtype``
+        casts the weights (``"float16"`` halves the file; default: as held)."""
+        return save_single_file(file, text_encoder=self.text_encoder, unet=self.unet, vae=self.vae, dtype=dtype)
 
     @property
     def vae_scale(self) -> int:

@@ -113,6 +113,34 @@ _SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, 
                        "BOOL": np.bool_}
 
 
+def _safetensors_corrupt(path: Path, why: str) -> CheckpointError:
+    return CheckpointError(f"{path}: not a readable safetensors file ({why})")
+
+
+def _safetensors_header(f, path: Path, size: int) -> tuple[dict, int]:
+    """(the JSON header without its metadata, the offset where the data starts) of an open file."""
+    head = f.read(8)
+    if len(head) < 8:
+        raise _safetensors_corrupt(path, "shorter than its 8-byte header length")
+    header_len = int.from_bytes(head, "little")
+    if header_len > size - 8:
+        raise _safetensors_corrupt(path, f"header length {header_len} exceeds the file size {size}")
+    try:
+        header = json.loads(f.read(header_len))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise _safetensors_corrupt(path, f"bad JSON header: {e}") from e
+    if not isinstance(header, dict):
+        raise _safetensors_corrupt(path, "the header is not a JSON object")
+    header.pop("__metadata__", None)
+    return header, 8 + header_len
+
+
+def safetensors_keys(path: Path) -> list[str]:
+    """The tensor names of a safetensors file, from its header alone."""
+    with open(path, "rb") as f:
+        return list(_safetensors_header(f, path, path.stat().st_size)[0])
+
+
 def _read_safetensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
     """Read a safetensors file tensor by tensor with plain reads, in file order.
 
@@ -121,48 +149,32 @@ def _read_safetensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
     peaks at ~1.75x the weights (measured); read one tensor at a time, the peak stays ~1x.
     """
     size = path.stat().st_size
-
-    def corrupt(why: str) -> CheckpointError:
-        return CheckpointError(f"{path}: not a readable safetensors file ({why})")
-
     with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise corrupt("shorter than its 8-byte header length")
-        header_len = int.from_bytes(head, "little")
-        if header_len > size - 8:
-            raise corrupt(f"header length {header_len} exceeds the file size {size}")
-        try:
-            header = json.loads(f.read(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise corrupt(f"bad JSON header: {e}") from e
-        if not isinstance(header, dict):
-            raise corrupt("the header is not a JSON object")
-        header.pop("__metadata__", None)
-        data_start = 8 + header_len
+        header, data_start = _safetensors_header(f, path, size)
         try:
             entries = sorted(((info["data_offsets"][0], info["data_offsets"][1], key, info["dtype"],
                                tuple(info["shape"])) for key, info in header.items()))
         except (KeyError, TypeError, IndexError) as e:
-            raise corrupt(f"malformed header entry ({e!r})") from e
+            raise _safetensors_corrupt(path, f"malformed header entry ({e!r})") from e
         for start, end, key, dtype_name, shape in entries:
             if dtype_name not in _SAFETENSORS_DTYPES:
-                raise corrupt(f"key {key!r} has unsupported dtype {dtype_name}")
+                raise _safetensors_corrupt(path, f"key {key!r} has unsupported dtype {dtype_name}")
             array = np.empty(shape, _SAFETENSORS_DTYPES[dtype_name])
             if end - start != array.nbytes or data_start + end > size:
-                raise corrupt(f"key {key!r}: byte range [{start}, {end}) does not fit shape {shape} "
-                              f"{dtype_name} in a file of {size} bytes (truncated?)")
+                raise _safetensors_corrupt(path, f"key {key!r}: byte range [{start}, {end}) does not fit shape "
+                                           f"{shape} {dtype_name} in a file of {size} bytes (truncated?)")
             f.seek(data_start + start)
             if f.readinto(array.reshape(-1).view(np.uint8)) != array.nbytes:
-                raise corrupt(f"key {key!r}: unexpected end of file (truncated?)")
+                raise _safetensors_corrupt(path, f"key {key!r}: unexpected end of file (truncated?)")
             yield key, array
 
 
-def _read_torch_bin(path: Path) -> Iterator[tuple[str, np.ndarray]]:
+def _read_torch_bin(path: Path, check_keys: Callable[[list[str]], None] | None = None
+                    ) -> Iterator[tuple[str, np.ndarray]]:
     try:
         import torch
     except ImportError as e:
-        raise CheckpointError(f"{path}: reading PyTorch .bin files needs torch (pip install torch), "
+        raise CheckpointError(f"{path}: reading PyTorch checkpoints (.bin, .ckpt) needs torch (pip install torch), "
                               "or convert the checkpoint to .safetensors") from e
     try:
         # Not mmap=True: the mapped file stays resident next to the converted arrays (measured on the
@@ -170,8 +182,16 @@ def _read_torch_bin(path: Path) -> Iterator[tuple[str, np.ndarray]]:
         state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=False)
     except Exception as e:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({e})") from e
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]  # a training checkpoint (.ckpt): the weights and other things
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a state dict of tensors")
+    if check_keys is not None:
+        check_keys(list(state))
     for key in list(state):
         t = state.pop(key)
+        if not isinstance(t, torch.Tensor):  # e.g. a training step count next to the weights
+            continue
         yield key, (t.float() if t.dtype == torch.bfloat16 else t).numpy()
 
 
@@ -245,17 +265,51 @@ def abstract_model(model_cls, config, **kwargs):
     return nnx.split(model)
 
 
-def _check_complete(file: Path, names: dict[tuple, str], loaded: dict[tuple, Any], unexpected: list[str]) -> None:
-    missing = [names[path] for path in names if path not in loaded]
-    if missing or unexpected:
-        lines = [f"{file}: the checkpoint does not match the model"]
-        if missing:
-            lines.append(f"  missing keys ({len(missing)}): " + ", ".join(missing[:20])
-                         + (" ..." if len(missing) > 20 else ""))
-        if unexpected:
-            lines.append(f"  unexpected keys ({len(unexpected)}): " + ", ".join(unexpected[:20])
-                         + (" ..." if len(unexpected) > 20 else ""))
-        raise CheckpointError("\n".join(lines))
+class _StrictFill:
+    """Collects one model's weights from a file's tensors, strictly: every parameter must arrive
+    once with the model's shape, and names that match none are kept to report."""
+
+    def __init__(self, model_cls, config, file: Path, dtype, *, flax: bool = False, label: str = "the model"):
+        self.file, self.dtype, self.label = file, dtype, label
+        self.graphdef, self.state = abstract_model(model_cls, config, dtype=dtype)
+        self.expected = {path: var.get_value() for path, var in nnx.to_flat_state(self.state)}
+        joins = SPECS[model_cls].flax_joins_indices
+        self.names = {path: flax_key(path, joins) if flax else torch_key(path) for path in self.expected}
+        self.by_name = {name: path for path, name in self.names.items()}
+        self.loaded: dict[tuple, Any] = {}
+        self.unexpected: list[str] = []
+
+    def place(self, name: str, array, *, converted: bool = False, shown_as: str | None = None) -> None:
+        """Put tensor ``name`` (torch layout unless ``converted``) in place; ``shown_as``: the
+        file's own name for it, for messages."""
+        path = self.by_name.get(name)
+        if path is None:
+            self.unexpected.append(shown_as or name)
+            return
+        target = self.expected[path]
+        if not converted:
+            array = to_nnx_layout(array, path, target.shape)
+        if tuple(array.shape) != tuple(target.shape):
+            raise CheckpointError(f"{self.file}: key {shown_as or name!r} has shape {tuple(array.shape)} "
+                                  f"(in sdjax layout), the model expects {tuple(target.shape)}")
+        self.loaded[path] = jnp.asarray(array, dtype=self.dtype)
+
+    def check(self, shown_name: Callable[[str], str] = lambda name: name) -> None:
+        """Raise `CheckpointError` listing the missing and unexpected keys, if any."""
+        missing = [shown_name(self.names[path]) for path in self.names if path not in self.loaded]
+        if missing or self.unexpected:
+            lines = [f"{self.file}: the checkpoint does not match {self.label}"]
+            for what, keys in (("missing", missing), ("unexpected", self.unexpected)):
+                if keys:
+                    lines.append(f"  {what} keys ({len(keys)}): " + ", ".join(keys[:20])
+                                 + (" ..." if len(keys) > 20 else ""))
+            raise CheckpointError("\n".join(lines))
+
+    def model(self):
+        flat = nnx.to_flat_state(self.state)
+        for path, var in flat:
+            var.set_value(self.loaded[path])
+        return nnx.merge(self.graphdef, nnx.from_flat_state(flat))
 
 
 def load_weights(model_cls, config, file: str | os.PathLike, *, dtype=jnp.float32):
@@ -269,27 +323,8 @@ def load_weights(model_cls, config, file: str | os.PathLike, *, dtype=jnp.float3
         raise CheckpointError(f"{file}: no such checkpoint file")
     dtype = resolve_dtype(dtype)
     spec = SPECS[model_cls]
-    graphdef, state = abstract_model(model_cls, config, dtype=dtype)
-    expected = {path: var.get_value() for path, var in nnx.to_flat_state(state)}  # path -> ShapeDtypeStruct
     is_flax = file.suffix == ".msgpack"
-    names = {path: flax_key(path, spec.flax_joins_indices) if is_flax else torch_key(path) for path in expected}
-    by_name = {name: path for path, name in names.items()}
-    loaded: dict[tuple, Any] = {}
-    unexpected: list[str] = []
-
-    def place(name: str, array: np.ndarray, converted: bool):
-        path = by_name.get(name)
-        if path is None:
-            unexpected.append(name)
-            return
-        target = expected[path]
-        if not converted:
-            array = to_nnx_layout(array, path, target.shape)
-        if tuple(array.shape) != tuple(target.shape):
-            raise CheckpointError(f"{file}: key {name!r} has shape {tuple(array.shape)} "
-                                  f"(in sdjax layout), the model expects {tuple(target.shape)}")
-        loaded[path] = jnp.asarray(array, dtype=dtype)
-
+    fill = _StrictFill(model_cls, config, file, dtype, flax=is_flax)
     if is_flax:
         def convert(a: np.ndarray):
             if not np.issubdtype(a.dtype, np.floating) and a.dtype != jnp.bfloat16:
@@ -298,7 +333,7 @@ def load_weights(model_cls, config, file: str | os.PathLike, *, dtype=jnp.float3
         for name, value in _read_flax_msgpack(file, convert).items():
             parts = name.split("/")
             parts = [_FLAX_ALIASES.get(p, p) if model_cls is AutoencoderKL else p for p in parts]
-            place("/".join(parts), value, converted=True)
+            fill.place("/".join(parts), value, converted=True)
     else:
         reader = _read_safetensors if file.suffix == ".safetensors" else _read_torch_bin
         for name, array in reader(file):
@@ -306,12 +341,9 @@ def load_weights(model_cls, config, file: str | os.PathLike, *, dtype=jnp.float3
                 continue
             for old, new in spec.torch_aliases:
                 name = re.sub(old, new, name)
-            place(name, array, converted=False)
-    _check_complete(file, names, loaded, unexpected)
-    flat = nnx.to_flat_state(state)
-    for path, var in flat:
-        var.set_value(loaded[path])
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+            fill.place(name, array)
+    fill.check()
+    return fill.model()
 
 
 # ----------------------------------------------------------------------------- dtypes
@@ -457,9 +489,9 @@ def resolve_model_dir(path_or_repo_id: str | os.PathLike, subfolder: str | None 
         return out
     if local.is_file():
         raise CheckpointError(
-            f"{path_or_repo_id}: is a file; sdjax loads a diffusers pipeline folder (model_index.json, unet/, "
-            "vae/, text_encoder/, tokenizer/, scheduler/) or a Hub repo id. A single-file checkpoint converts "
-            "with diffusers: StableDiffusionPipeline.from_single_file(FILE).save_pretrained(DIR)")
+            f"{path_or_repo_id}: is a file; from_pretrained loads a diffusers pipeline folder (model_index.json, "
+            "unet/, vae/, text_encoder/, tokenizer/, scheduler/) or a Hub repo id. A single-file checkpoint loads "
+            "with StableDiffusion.from_single_file (sample.py and train.py take it as --model)")
     if _is_local_path(str(path_or_repo_id)):
         raise CheckpointError(f"{path_or_repo_id}: no such directory")
     from huggingface_hub import snapshot_download
@@ -594,3 +626,191 @@ def save_pipeline(directory: str | os.PathLike, *, text_encoder, tokenizer, unet
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+# ----------------------------------------------------------------------------- single-file checkpoints
+# The original Stable Diffusion layout (CompVis' latent-diffusion names), as in
+# v1-5-pruned-emaonly.safetensors and the files AUTOMATIC1111 / ComfyUI load: the three models in one
+# state dict, each under its prefix, in PyTorch tensor layouts. Its configs and tokenizer come from
+# elsewhere (a diffusers pipeline folder). Keys outside these prefixes (EMA copies "model_ema.*",
+# the noise schedule's buffers "betas", "alphas_cumprod"...) are not model weights and are skipped.
+SINGLE_FILE_PARTS = {  # pipeline folder name -> (model class, key prefix)
+    "unet": (UNet2DConditionModel, "model.diffusion_model."),
+    "vae": (AutoencoderKL, "first_stage_model."),
+    "text_encoder": (CLIPTextModel, "cond_stage_model.transformer."),
+}
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+_OTHER_ARCHITECTURES = {  # a key prefix that gives away a single file sdjax cannot load -> what it is
+    "conditioner.embedders.": "an SDXL checkpoint (sdjax loads SD v1.x)",
+    "cond_stage_model.model.": "an SD 2.x checkpoint (OpenCLIP text encoder; sdjax loads SD v1.x)",
+}
+_LDM_UNET_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+                 "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+_LDM_UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+                    "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+_LDM_VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def _renamed_module(rest: str, names: dict[str, str]) -> str:
+    """``"norm1.weight"`` -> ``"in_layers.0.weight"`` with ``names`` for the module part."""
+    module, leaf = rest.rsplit(".", 1)
+    return f"{names.get(module, module)}.{leaf}"
+
+
+def ldm_unet_key(key: str, config: UNetConfig) -> str:
+    """A diffusers UNet key -> its single-file name (without ``model.diffusion_model.``).
+
+    LDM numbers the UNet's blocks flat: ``input_blocks`` 0 is conv_in, then each down block's
+    (resnet, attention) layers and its downsampler as one more; ``output_blocks`` are each up
+    block's layers, the upsampler riding on the block's last one; ``middle_block`` is resnet,
+    attention, resnet."""
+    per_block = config.layers_per_block + 1
+    module, leaf = key.rsplit(".", 1)
+    if module in _LDM_UNET_TOP:
+        return f"{_LDM_UNET_TOP[module]}.{leaf}"
+    m = re.fullmatch(r"(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.+)", key)
+    if m:
+        side, block, part, layer, rest = m[1], int(m[2]), m[3], int(m[4]), m[5]
+        if part in ("downsamplers", "upsamplers"):
+            layer = config.layers_per_block
+        if side == "down":
+            where = f"input_blocks.{1 + block * per_block + layer}"
+        else:
+            where = f"output_blocks.{block * per_block + layer}"
+        if part == "resnets":
+            return f"{where}.0.{_renamed_module(rest, _LDM_UNET_RESNET)}"
+        if part == "attentions":
+            return f"{where}.1.{rest}"
+        if part == "downsamplers":
+            return f"{where}.0.op.{rest.removeprefix('conv.')}"
+        with_attention = config.up_block_types[block].startswith("CrossAttn")
+        return f"{where}.{2 if with_attention else 1}.{rest}"
+    m = re.fullmatch(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)", key)
+    if m:
+        if m[1] == "attentions":
+            return f"middle_block.1.{m[3]}"
+        return f"middle_block.{2 * int(m[2])}.{_renamed_module(m[3], _LDM_UNET_RESNET)}"
+    raise ValueError(f"no single-file name for the UNet key {key!r}")
+
+
+def ldm_vae_key(key: str, config: VAEConfig) -> str:
+    """A diffusers VAE key -> its single-file name (without ``first_stage_model.``). LDM numbers
+    the decoder's blocks from the lowest resolution up (diffusers' up_blocks.0 is LDM's up.N-1)."""
+    last = len(config.block_out_channels) - 1
+    key = key.replace(".conv_shortcut.", ".nin_shortcut.")
+    m = re.fullmatch(r"(encoder|decoder)\.(down|up)_blocks\.(\d+)\.(resnets|downsamplers|upsamplers)\.(\d+)\.(.+)",
+                     key)
+    if m:
+        coder, side, block, part, layer, rest = m[1], m[2], int(m[3]), m[4], m[5], m[6]
+        where = f"{coder}.{side}.{block if side == 'down' else last - block}"
+        return f"{where}.block.{layer}.{rest}" if part == "resnets" else f"{where}.{side}sample.{rest}"
+    m = re.fullmatch(r"(encoder|decoder)\.mid_block\.(resnets|attentions)\.(\d+)\.(.+)", key)
+    if m:
+        if m[2] == "attentions":
+            return f"{m[1]}.mid.attn_1.{_renamed_module(m[4], _LDM_VAE_ATTENTION)}"
+        return f"{m[1]}.mid.block_{int(m[3]) + 1}.{m[4]}"
+    return key.replace("conv_norm_out.", "norm_out.")  # conv_in, conv_out, (post_)quant_conv: same names
+
+
+def single_file_key(part: str, key: str, config) -> str:
+    """The full single-file name of the diffusers key ``key`` of pipeline part ``part``."""
+    prefix = SINGLE_FILE_PARTS[part][1]
+    if part == "unet":
+        return prefix + ldm_unet_key(key, config)
+    if part == "vae":
+        return prefix + ldm_vae_key(key, config)
+    return prefix + key  # the text encoder is transformers' CLIPTextModel, names and all
+
+
+def check_single_file(file: str | os.PathLike) -> Path:
+    """What can be checked of a single-file checkpoint without its configs (so before fetching
+    them): it is a file with a checkpoint's suffix and, for safetensors (from the header alone),
+    holds SD v1.x keys. Raises `CheckpointError` saying what is wrong; returns the path."""
+    file = Path(file).expanduser()
+    if file.is_dir():
+        raise CheckpointError(f"{file}: is a folder; a diffusers pipeline folder loads with from_pretrained")
+    if not file.is_file():
+        raise CheckpointError(f"{file}: no such checkpoint file")
+    if file.suffix not in SINGLE_FILE_SUFFIXES:
+        raise CheckpointError(f"{file}: not a single-file checkpoint sdjax reads (expected one of "
+                              f"{', '.join(SINGLE_FILE_SUFFIXES)})")
+    if file.suffix == ".safetensors":
+        _check_single_file_keys(file, safetensors_keys(file))
+    return file
+
+
+def _check_single_file_keys(file: Path, keys: list[str]) -> None:
+    for prefix, what in _OTHER_ARCHITECTURES.items():
+        if any(k.startswith(prefix) for k in keys):
+            raise CheckpointError(f"{file}: {what}: its keys start with {prefix!r}")
+    if not any(k.startswith(SINGLE_FILE_PARTS["unet"][1]) for k in keys):
+        has = f"it has {', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''}" if keys else "it holds no tensors"
+        hint = ("; a diffusers model file: load its pipeline folder with from_pretrained"
+                if any(k.startswith(("down_blocks.", "encoder.", "text_model.")) for k in keys) else "")
+        raise CheckpointError(f"{file}: not a Stable Diffusion single-file checkpoint: no "
+                              f"'model.diffusion_model.*' keys ({has}){hint}")
+
+
+def load_single_file(file: str | os.PathLike, configs: dict[str, Any], *, dtype=jnp.float32) -> dict[str, Any]:
+    """The three models of an original-layout single-file checkpoint (``.safetensors``, or a
+    PyTorch ``.ckpt`` / ``.pt`` / ``.bin`` read with ``weights_only=True``), strictly, in one pass
+    over the file: {"unet": ..., "vae": ..., "text_encoder": ...}.
+
+    ``configs`` maps the same names to the models' configs (`UNetConfig`...). Every weight of
+    every model must be in the file with the right shape, and every key under a model's prefix
+    must be a weight of it; otherwise a `CheckpointError` names the file, the keys and the shapes.
+    """
+    file = check_single_file(file)
+    dtype = resolve_dtype(dtype)
+    fills, to_torch_name = {}, {}  # part -> _StrictFill; part -> {single-file name without prefix: torch name}
+    for part, (model_cls, prefix) in SINGLE_FILE_PARTS.items():
+        fills[part] = _StrictFill(model_cls, configs[part], file, dtype, label=f"its config's {model_cls.__name__}")
+        to_torch_name[part] = {single_file_key(part, name, configs[part])[len(prefix):]: name
+                               for name in fills[part].names.values()}
+    clip = SPECS[CLIPTextModel]
+    reader = (_read_safetensors(file) if file.suffix == ".safetensors"
+              else _read_torch_bin(file, lambda keys: _check_single_file_keys(file, keys)))
+    for key, array in reader:
+        part = next((p for p, (_, prefix) in SINGLE_FILE_PARTS.items() if key.startswith(prefix)), None)
+        if part is None:
+            continue  # not a weight of the three models
+        name = key[len(SINGLE_FILE_PARTS[part][1]):]
+        if part == "text_encoder":
+            if any(re.fullmatch(pat, name) for pat in clip.torch_ignored):
+                continue
+            for old, new in clip.torch_aliases:
+                name = re.sub(old, new, name)
+        torch_name = to_torch_name[part].get(name)
+        if torch_name is None:
+            fills[part].unexpected.append(key)
+        else:
+            fills[part].place(torch_name, array, shown_as=key)
+    for part, fill in fills.items():
+        fill.check(lambda name, part=part: single_file_key(part, name, configs[part]))
+    return {part: fill.model() for part, fill in fills.items()}
+
+
+def single_file_tensor(part: str, path: tuple, array: np.ndarray, config) -> tuple[str, np.ndarray]:
+    """(single-file name, array in its PyTorch layout) of the weight at NNX ``path`` of pipeline part ``part``."""
+    array = to_torch_layout(array, path)
+    if part == "vae" and array.ndim == 2:  # the VAE's attention projections: 1x1 convs in LDM
+        array = array[:, :, None, None]
+    return single_file_key(part, torch_key(path), config), array
+
+
+def save_single_file(file: str | os.PathLike, *, text_encoder, unet, vae, dtype=None) -> Path:
+    """Write the three models as one original-layout ``.safetensors`` file (what AUTOMATIC1111,
+    ComfyUI and diffusers' ``from_single_file`` load). ``dtype`` casts the weights (e.g.
+    ``"float16"``, the usual for such files; default: as held). Written to a temporary name and
+    renamed into place."""
+    from safetensors.numpy import save_file
+    file = Path(file).expanduser()
+    if file.suffix != ".safetensors":
+        raise ValueError(f"{file}: a single file is written as .safetensors")
+    tensors = {}
+    for part, model in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
+        for path, array in _numpy_params(model, dtype).items():
+            name, array = single_file_tensor(part, path, array, model.config)
+            tensors[name] = np.ascontiguousarray(array)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write(file, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))

@@ -246,6 +246,19 @@ def test_seed_range_prompts_file_and_config(pipe_dir, pipe, tmp_path, capsys):
     assert params["Seed"] == "1" and params["negative_prompt"] == ""
 
 
+def test_single_file_model(pipe_dir, pipe, tmp_path, capsys):
+    """--model FILE.safetensors (the original SD layout) with --model-config: the images of the folder."""
+    single = pipe.save_single_file(tmp_path / "tiny-sd.safetensors")
+    for model, extra, out in ((pipe_dir, [], tmp_path / "folder"),
+                              (single, ["--model-config", pipe_dir], tmp_path / "file")):
+        rc, stdout, stderr = run_main(capsys, "a photo of a cat", "--seeds", "3", "--model", model, *extra,
+                                      "--out", out, *SMALL)
+        assert rc == 0, stderr
+    assert f"loaded {single} (float32)" in stdout
+    name = "00000-seed3-a-photo-of-a-cat.png"
+    np.testing.assert_array_equal(pixels(tmp_path / "file" / name), pixels(tmp_path / "folder" / name))
+
+
 def test_trajectory_outputs(pipe_dir, pipe, tmp_path, capsys):
     out = tmp_path / "out"
     rc, _, _ = run_main(capsys, "a photo of a cat", "--seeds", "5", "--model", pipe_dir, "--out", out,
@@ -325,7 +338,13 @@ BAD_INPUTS = {
     "config_no_such_preset": (["a cat", "--config", "drafty"], "the presets here are creative, draft, precise, "
                               "quality"),
     "no_weights": (["a cat", "--model", "{tmp}/no/such/model"], "no such directory"),
-    "model_is_a_file": (["a cat", "--model", "{tmp}/empty.txt"], "is a file; sdjax loads a diffusers pipeline"),
+    "model_is_another_file": (["a cat", "--model", "{tmp}/empty.txt"], "empty.txt: not a single-file checkpoint "
+                              "sdjax reads (expected one of .safetensors, .ckpt"),
+    "no_single_file": (["a cat", "--model", "{tmp}/nope.safetensors"], "nope.safetensors: no such checkpoint file"),
+    "single_file_variant": (["a cat", "--model", "{tmp}/nope.ckpt", "--variant", "fp16"],
+                            "--variant fp16: picks files in a pipeline folder; the single file"),
+    "model_config_for_a_folder": (["a cat", "--model", "{tmp}", "--model-config", "{tmp}"],
+                                  "--model-config {tmp}: only for a single-file --model"),
     "not_a_pipeline": (["a cat", "--model", "{tmp}"], "scheduler_config.json"),
     "offline_hub": (["a cat", "--model", "no-such-user/no-such-model"], "--local-dir DIR`) and pass DIR instead"),
     "out_is_a_file": (["a cat", "--out", "{tmp}/empty.txt"], "not a directory"),
@@ -339,6 +358,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, tmp_path, caps
     (tmp_path / "badvalue.yaml").write_text("steps: many\n")
     (tmp_path / "superscript.yaml").write_text("seeds: \"\u00b2\"\n", encoding="utf-8")
     argv, message = BAD_INPUTS[case]
+    message = message.format(tmp=tmp_path)
     out = tmp_path / "out"
     argv = ["--out", str(out)] + [a.format(tmp=tmp_path) for a in argv] + ["--compilation-cache", "none"]
     rc, stdout, stderr = run_main(capsys, *argv)

@@ -930,6 +930,7 @@ BAD_VALUES = {   # flag value -> what the error says; all checked before the mod
     "mixed_precision": ("fp16", "mixed_precision='fp16' is not one of 'no', 'bf16' (--mixed-precision)"),
     "adam_b1": ("1.5", "adam_b1=1.5 must be in [0, 1) (--adam-b1)"),
     "output_dir": ("gs://bucket/run", "output_dir='gs://bucket/run' must be a folder of the file system"),
+    "model_config": ("elsewhere", "--model-config elsewhere: only for a single-file --model"),
 }
 
 
@@ -1002,6 +1003,22 @@ def test_bad_row_stops_before_training_unless_skipped(pipeline_dir, tmp_path, mo
         run_train_py([*argv, "--skip-bad-rows"])
     assert complete_steps(tmp_path / "out") == [1]
     assert (tmp_path / "out" / "final" / "model_index.json").is_file()
+
+
+def test_fine_tune_a_single_file_checkpoint(pipeline_dir, data_dir, tmp_path, monkeypatch):
+    """--model FILE.safetensors --model-config DIR starts from the file's weights, and the run records
+    both paths absolute (so --resume from elsewhere finds them). Stops before the first step."""
+    from sdjax.pipeline import StableDiffusion
+    pipe = StableDiffusion.from_pretrained(pipeline_dir)
+    single = pipe.save_single_file(tmp_path / "model.safetensors")
+    monkeypatch.chdir(tmp_path)
+    trainer = Trainer.create(config("out", "model.safetensors", data_dir, model_config=os.path.relpath(pipeline_dir)))
+    try:
+        assert max_diff(trainer.state.params["unet"], nnx.to_pure_dict(nnx.state(pipe.unet, nnx.Param))) == 0
+    finally:
+        trainer.close()
+    recorded = json.loads((tmp_path / "out" / "train_config.json").read_text())
+    assert recorded["model"] == str(single) and recorded["model_config"] == str(pipeline_dir)
 
 
 def test_gradient_checkpointing_on_the_cpu_warns_that_it_saves_nothing(pipeline_dir, tmp_path):

@@ -55,7 +55,7 @@ def test_offline_hub_error_says_how_to_use_a_local_dir(monkeypatch):
 def test_model_path_that_is_a_file_or_a_missing_relative_folder(tmp_path, monkeypatch):
     single = tmp_path / "v1-5-pruned-emaonly.safetensors"
     single.write_bytes(b"")
-    with pytest.raises(CheckpointError, match="is a file; sdjax loads a diffusers pipeline folder.*from_single_file"):
+    with pytest.raises(CheckpointError, match="is a file; from_pretrained loads a diffusers pipeline folder.*StableDiffusion.from_single_file"):
         UNet2DConditionModel.from_pretrained(single)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(CheckpointError, match="no such directory"):   # not sent to the Hub as a repo id

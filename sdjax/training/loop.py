@@ -25,7 +25,7 @@ from flax import nnx
 from sdjax import parallel
 from sdjax.models import CLIPTextModel, UNet2DConditionModel
 from sdjax.cli_utils import UsageError
-from sdjax.pipeline import MAX_SEED, StableDiffusion
+from sdjax.pipeline import MAX_SEED, StableDiffusion, load_pipeline, model_options_problem
 from sdjax.schedulers import make_noise_schedule
 from sdjax.text import tokenize
 from sdjax.training import step as S
@@ -48,7 +48,8 @@ STATE_STRUCTURE_SETTINGS = {"ema_decay": lambda v: v is not None, "max_grad_norm
 @dataclasses.dataclass
 class TrainConfig:
     """Every setting of a fine-tuning run (``train.py`` flags and ``configs/*.yaml`` keys)."""
-    model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # Hub id or local pipeline folder
+    model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # Hub id, pipeline folder or single file
+    model_config: str | None = None    # a single-file model's configs and tokenizer (default: SD v1.5's)
     train_data: str = ""               # folder with train_images/ + image_captions.csv, or tfds:NAME[/CONFIG]
     output_dir: str = "finetune"
     resolution: int = 512
@@ -104,6 +105,9 @@ class TrainConfig:
                 raise bad(name, "must be a finite number")
             return value
 
+        problem = model_options_problem(self.model, self.model_config, None)
+        if problem:
+            raise ValueError(problem)
         if need_data and not self.train_data:
             raise ValueError("no training data: pass --train-data DIR (train_images/ + image_captions.csv) or tfds:NAME")
         for name, least in (("resolution", 1), ("batch_size", 1), ("gradient_accumulation", 1), ("max_steps", 1),
@@ -179,7 +183,7 @@ def _pure(module) -> dict:
 
 def _build_model(cfg: TrainConfig, mesh):
     """(pipeline, graphdefs, step config, optimizer, lr schedule, initial state on the mesh)."""
-    pipe = StableDiffusion.from_pretrained(cfg.model, dtype=jnp.float32, mesh=mesh)
+    pipe = load_pipeline(cfg.model, model_config=cfg.model_config, dtype=jnp.float32, mesh=mesh)
     compute = jnp.bfloat16 if cfg.mixed_precision == "bf16" else jnp.float32
     unet_gd, _ = abstract_model(UNet2DConditionModel, pipe.unet.config, dtype=compute,
                                 remat=cfg.gradient_checkpointing)
@@ -235,8 +239,9 @@ def _record(cfg: TrainConfig) -> dict[str, Any]:
     def absolute(path: str) -> str:
         return os.path.abspath(os.path.expanduser(path))
     record = dataclasses.asdict(cfg)
-    if Path(cfg.model).expanduser().is_dir():         # else a Hub repo id
-        record["model"] = absolute(cfg.model)
+    for name in ("model", "model_config"):
+        if getattr(cfg, name) and Path(getattr(cfg, name)).expanduser().exists():   # else a Hub repo id
+            record[name] = absolute(getattr(cfg, name))
     if cfg.train_data and not cfg.train_data.startswith("tfds:"):
         record["train_data"] = absolute(cfg.train_data)
     if cfg.tfds_data_dir and "://" not in cfg.tfds_data_dir:   # gs://... stays as it is

@@ -1,0 +1,183 @@
+"""Single-file checkpoints in the original Stable Diffusion layout (``v1-5-pruned-emaonly.safetensors``,
+AUTOMATIC1111 / ComfyUI files): sdjax writes one, diffusers' own single-file loader reads it back as
+the reference models, and sdjax reads it back to the same weights; bad files give errors that say why.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+from sdjax.pipeline import StableDiffusion, load_pipeline
+from sdjax.weights import CheckpointError, load_single_file
+
+DATA = Path(__file__).parent / "data"
+PARTS = {"unet": "unet", "vae": "vae", "text_encoder": "clip"}  # pipeline part -> tiny_checkpoints kind
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_pipeline_dir):
+    return StableDiffusion.from_pretrained(tiny_pipeline_dir)
+
+
+@pytest.fixture(scope="module")
+def single_file(pipe, tmp_path_factory):
+    return pipe.save_single_file(tmp_path_factory.mktemp("single") / "tiny-sd.safetensors")
+
+
+def configs_of(pipe) -> dict:
+    return {part: getattr(pipe, part).config for part in PARTS}
+
+
+def reference_state(tiny_checkpoints, kind) -> dict[str, np.ndarray]:
+    state = {k: v.numpy() for k, v in tiny_checkpoints[kind]["torch"].state_dict().items() if "position_ids" not in k}
+    return {("text_model." + k if kind == "clip" and not k.startswith("text_model.") else k): v
+            for k, v in state.items()}
+
+
+def assert_same_params(a, b):
+    flat_b = dict(nnx.to_flat_state(nnx.state(b, nnx.Param)))
+    flat_a = dict(nnx.to_flat_state(nnx.state(a, nnx.Param)))
+    assert flat_a.keys() == flat_b.keys()
+    for path, var in flat_a.items():
+        np.testing.assert_array_equal(np.asarray(var.get_value()), np.asarray(flat_b[path].get_value()),
+                                      err_msg=str(path))
+
+
+def test_diffusers_reads_the_written_file_as_the_reference_models(single_file, tiny_checkpoints, tiny_pipeline_dir):
+    """diffusers' LDM converters turn the file into exactly the reference state dicts (every key, no
+    other, same values), and its StableDiffusionPipeline.from_single_file loads those models."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
+                                                     convert_ldm_vae_checkpoint)
+    file_state = {k: torch.from_numpy(v) for k, v in load_file(str(single_file)).items()}
+    converted = {
+        "unet": convert_ldm_unet_checkpoint(file_state, dict(tiny_checkpoints["unet"]["torch"].config)),
+        "vae": convert_ldm_vae_checkpoint(file_state, dict(tiny_checkpoints["vae"]["torch"].config)),
+        "clip": convert_ldm_clip_checkpoint(file_state),
+    }
+    for kind, state in converted.items():
+        ref = reference_state(tiny_checkpoints, kind)
+        assert sorted(state) == sorted(ref), kind
+        for key, value in ref.items():
+            np.testing.assert_array_equal(state[key].numpy(), value, err_msg=key)
+    assert len(file_state) == sum(map(len, converted.values()))  # nothing else in the file
+
+    loaded = StableDiffusionPipeline.from_single_file(str(single_file), config=str(tiny_pipeline_dir),
+                                                      local_files_only=True, safety_checker=None)
+    for part, kind in PARTS.items():
+        state = {k: v.numpy() for k, v in getattr(loaded, part).state_dict().items() if "position_ids" not in k}
+        ref = reference_state(tiny_checkpoints, kind)
+        if kind == "clip":
+            state = {("text_model." + k if not k.startswith("text_model.") else k): v for k, v in state.items()}
+        assert sorted(state) == sorted(ref), part
+        for key, value in ref.items():
+            np.testing.assert_array_equal(state[key], value, err_msg=key)
+
+
+def test_from_single_file_equals_from_pretrained(pipe, single_file, tiny_pipeline_dir):
+    loaded = StableDiffusion.from_single_file(single_file, config=str(tiny_pipeline_dir))
+    for part in PARTS:
+        assert_same_params(getattr(loaded, part), getattr(pipe, part))
+    assert loaded.scheduler_config == pipe.scheduler_config
+    assert loaded.tokenizer.get_vocab() == pipe.tokenizer.get_vocab()
+    same = load_pipeline(str(single_file), model_config=str(tiny_pipeline_dir))   # what --model FILE does
+    assert_same_params(same.unet, pipe.unet)
+
+
+def test_ckpt_with_ema_copies_and_schedule_buffers(pipe, single_file, tmp_path):
+    """A training checkpoint as the original repo saves it: a pickled {"state_dict": ...} that also
+    holds EMA copies, the noise schedule's buffers and CLIP's position_ids; the model weights load."""
+    state = {k: torch.from_numpy(v.copy()) for k, v in load_file(str(single_file)).items()}
+    extra = {"betas": torch.linspace(0.00085, 0.012, 1000), "alphas_cumprod": torch.ones(1000),
+             "model_ema.decay": torch.tensor(0.9999),
+             "cond_stage_model.transformer.text_model.embeddings.position_ids": torch.arange(77)[None]}
+    extra.update({"model_ema." + k[len("model."):].replace(".", ""): torch.zeros_like(v)
+                  for k, v in state.items() if k.startswith("model.diffusion_model.")})
+    path = tmp_path / "tiny.ckpt"
+    torch.save({"state_dict": {**state, **extra}, "global_step": 10}, path)
+    models = load_single_file(path, configs_of(pipe))
+    for part in PARTS:
+        assert_same_params(models[part], getattr(pipe, part))
+
+
+def test_float16_file(pipe, tmp_path):
+    path = pipe.save_single_file(tmp_path / "half.safetensors", dtype="float16")
+    assert {v.dtype for v in load_file(str(path)).values()} == {np.dtype(np.float16)}
+    models = load_single_file(path, configs_of(pipe), dtype="bfloat16")
+    got = models["unet"].conv_in.kernel.get_value()
+    want = np.asarray(pipe.unet.conv_in.kernel.get_value())
+    assert got.dtype == np.dtype("bfloat16")
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=1e-2, atol=1e-3)
+
+
+def _rewrite(single_file, tmp_path, edit) -> str:
+    state = load_file(str(single_file))
+    edit(state)
+    path = tmp_path / "edited.safetensors"
+    save_file(state, str(path))
+    return str(path)
+
+
+UNET_KEY = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+BAD_FILES = {
+    "missing": (lambda s: s.pop(UNET_KEY), f"does not match its config's UNet2DConditionModel\n  missing keys (1): "
+                f"{UNET_KEY}"),
+    "unexpected": (lambda s: s.update({"first_stage_model.encoder.extra.weight": np.zeros(3, np.float32)}),
+                   "unexpected keys (1): first_stage_model.encoder.extra.weight"),
+    "shape": (lambda s: s.update({UNET_KEY: s[UNET_KEY][:, :-1].copy()}), f"key '{UNET_KEY}' has shape"),
+    "sdxl": (lambda s: s.update({"conditioner.embedders.1.model.ln_final.weight": np.ones(4, np.float32)}),
+             "an SDXL checkpoint"),
+    "sd2": (lambda s: s.update({"cond_stage_model.model.token_embedding.weight": np.ones((4, 4), np.float32)}),
+            "an SD 2.x checkpoint"),
+    "diffusers_file": (lambda s: [s.clear(), s.update({"down_blocks.0.resnets.0.conv1.weight": np.ones(3, np.float32)})],
+                       "no 'model.diffusion_model.*' keys (it has down_blocks.0.resnets.0.conv1.weight); a diffusers "
+                       "model file"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES))
+def test_bad_single_files_are_named(pipe, single_file, tmp_path, case):
+    edit, message = BAD_FILES[case]
+    path = _rewrite(single_file, tmp_path, edit)
+    with pytest.raises(CheckpointError, match="(?s)edited.safetensors: .*" + re.escape(message)):
+        load_single_file(path, configs_of(pipe))
+
+
+def test_single_file_errors_come_before_the_configs_are_fetched(tmp_path, monkeypatch):
+    """A bad file is reported without going to the Hub for the configs (here: offline)."""
+    import sdjax.pipeline as P
+    monkeypatch.setattr(P, "resolve_model_dir", lambda *a, **k: pytest.fail("fetched the configs"))
+    (tmp_path / "notes.txt").write_text("hello")
+    for name, message in (("notes.txt", "not a single-file checkpoint sdjax reads"),
+                          ("nope.safetensors", "no such checkpoint file"), (".", "is a folder")):
+        with pytest.raises(CheckpointError, match=message):
+            StableDiffusion.from_single_file(tmp_path / name)
+
+
+def test_names_and_shapes_are_ldms_at_the_sd15_configs():
+    """At the real SD v1.5 configs, the UNet and VAE weights sdjax writes have exactly the names and
+    PyTorch shapes of the original code's modules (tests/data/ldm_sd15_keys.tsv, made by running
+    CompVis' UNetModel / Encoder / Decoder). The round trips above cannot show this: diffusers'
+    converter also accepts an upsampler at the wrong index, and the tiny configs have fewer blocks."""
+    import reference as R
+    from sdjax import AutoencoderKL, UNet2DConditionModel
+    from sdjax.models import UNetConfig, VAEConfig
+    from sdjax.weights import abstract_model, single_file_tensor
+
+    expected = dict(line.split("\t") for line in (DATA / "ldm_sd15_keys.tsv").read_text().splitlines())
+    written = {}
+    for part, cls, config in (("unet", UNet2DConditionModel, UNetConfig.from_dict(R.SD15_UNET)),
+                              ("vae", AutoencoderKL, VAEConfig.from_dict(R.SD15_VAE))):
+        _, state = abstract_model(cls, config)
+        for path, var in nnx.to_flat_state(state):
+            placeholder = np.broadcast_to(np.zeros((), np.float32), var.get_value().shape)  # no memory
+            name, array = single_file_tensor(part, path, placeholder, config)
+            written[name] = "x".join(map(str, array.shape))
+    assert sorted(set(expected) - set(written)) == [] and sorted(set(written) - set(expected)) == []
+    assert {k: v for k, v in written.items() if expected[k] != v} == {}
