@@ -94,7 +94,8 @@ def read_prompts_file(path: str | os.PathLike) -> list[str]:
 # ----------------------------------------------------------------------------- YAML presets
 # key -> (type check, description). The keys are the CLI flags with "-" written as "_".
 CONFIG_KEYS: dict[str, tuple[type | tuple, str]] = {
-    "model": (str, "Hub repo id or local pipeline folder"),
+    "model": (str, "Hub repo id, local pipeline folder or single-file checkpoint"),
+    "model_config": (str, "a single-file model's configs and tokenizer: pipeline folder or Hub repo id"),
     "variant": (str, "weight file variant, e.g. fp16"),
     "negative_prompt": (str, "what to steer away from"),
     "seeds": ((int, str, list), "seed, range 0-15 or list"),
