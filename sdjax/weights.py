@@ -50,6 +50,14 @@ class LayoutSpec:
     torch_aliases: tuple[tuple[str, str], ...] = ()   # old name -> current name (regex on the key)
     torch_ignored: tuple[str, ...] = ()   # buffers some writers save that carry no weights
 
+    def torch_name(self, name: str) -> str | None:
+        """A PyTorch key under its current name, or None for a buffer that carries no weights."""
+        if any(re.fullmatch(pat, name) for pat in self.torch_ignored):
+            return None
+        for old, new in self.torch_aliases:
+            name = re.sub(old, new, name)
+        return name
+
 
 UNET = LayoutSpec(UNet2DConditionModel, UNetConfig, "diffusion_flax_model.msgpack",
                   ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"), True)
@@ -63,7 +71,7 @@ CLIP = LayoutSpec(CLIPTextModel, CLIPTextConfig, "flax_model.msgpack",
                   ("model.safetensors", "pytorch_model.bin"), False,
                   # transformers 5 writes CLIPTextModel keys without the "text_model." prefix of SD's files
                   torch_aliases=((r"^(?!text_model\.)", "text_model."),),
-                  torch_ignored=(r"text_model\.embeddings\.position_ids",))
+                  torch_ignored=(r"(text_model\.)?embeddings\.position_ids",))
 SPECS = {UNet2DConditionModel: UNET, AutoencoderKL: VAE, CLIPTextModel: CLIP}
 
 _FLAX_ALIASES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out_0"}  # Flax VAE attention
@@ -337,11 +345,8 @@ def load_weights(model_cls, config, file: str | os.PathLike, *, dtype=jnp.float3
     else:
         reader = _read_safetensors if file.suffix == ".safetensors" else _read_torch_bin
         for name, array in reader(file):
-            if any(re.fullmatch(pat, name) for pat in spec.torch_ignored):
-                continue
-            for old, new in spec.torch_aliases:
-                name = re.sub(old, new, name)
-            fill.place(name, array)
+            if (name := spec.torch_name(name)) is not None:
+                fill.place(name, array)
     fill.check()
     return fill.model()
 
@@ -767,19 +772,16 @@ def load_single_file(file: str | os.PathLike, configs: dict[str, Any], *, dtype=
         fills[part] = _StrictFill(model_cls, configs[part], file, dtype, label=f"its config's {model_cls.__name__}")
         to_torch_name[part] = {single_file_key(part, name, configs[part])[len(prefix):]: name
                                for name in fills[part].names.values()}
-    clip = SPECS[CLIPTextModel]
     reader = (_read_safetensors(file) if file.suffix == ".safetensors"
               else _read_torch_bin(file, lambda keys: _check_single_file_keys(file, keys)))
     for key, array in reader:
         part = next((p for p, (_, prefix) in SINGLE_FILE_PARTS.items() if key.startswith(prefix)), None)
         if part is None:
             continue  # not a weight of the three models
-        name = key[len(SINGLE_FILE_PARTS[part][1]):]
-        if part == "text_encoder":
-            if any(re.fullmatch(pat, name) for pat in clip.torch_ignored):
-                continue
-            for old, new in clip.torch_aliases:
-                name = re.sub(old, new, name)
+        model_cls, prefix = SINGLE_FILE_PARTS[part]
+        name = SPECS[model_cls].torch_name(key[len(prefix):])  # CLIP's keys are transformers' own
+        if name is None:
+            continue
         torch_name = to_torch_name[part].get(name)
         if torch_name is None:
             fills[part].unexpected.append(key)

@@ -34,10 +34,15 @@ def configs_of(pipe) -> dict:
     return {part: getattr(pipe, part).config for part in PARTS}
 
 
-def reference_state(tiny_checkpoints, kind) -> dict[str, np.ndarray]:
-    state = {k: v.numpy() for k, v in tiny_checkpoints[kind]["torch"].state_dict().items() if "position_ids" not in k}
+def comparable_state(module: torch.nn.Module, kind: str) -> dict[str, np.ndarray]:
+    """A PyTorch model's weights as numpy, CLIP's under "text_model." (transformers 5 drops it), no buffers."""
+    state = {k: v.numpy() for k, v in module.state_dict().items() if "position_ids" not in k}
     return {("text_model." + k if kind == "clip" and not k.startswith("text_model.") else k): v
             for k, v in state.items()}
+
+
+def reference_state(tiny_checkpoints, kind) -> dict[str, np.ndarray]:
+    return comparable_state(tiny_checkpoints[kind]["torch"], kind)
 
 
 def assert_same_params(a, b):
@@ -71,10 +76,8 @@ def test_diffusers_reads_the_written_file_as_the_reference_models(single_file, t
     loaded = StableDiffusionPipeline.from_single_file(str(single_file), config=str(tiny_pipeline_dir),
                                                       local_files_only=True, safety_checker=None)
     for part, kind in PARTS.items():
-        state = {k: v.numpy() for k, v in getattr(loaded, part).state_dict().items() if "position_ids" not in k}
+        state = comparable_state(getattr(loaded, part), kind)
         ref = reference_state(tiny_checkpoints, kind)
-        if kind == "clip":
-            state = {("text_model." + k if not k.startswith("text_model.") else k): v for k, v in state.items()}
         assert sorted(state) == sorted(ref), part
         for key, value in ref.items():
             np.testing.assert_array_equal(state[key], value, err_msg=key)
@@ -90,13 +93,18 @@ def test_from_single_file_equals_from_pretrained(pipe, single_file, tiny_pipelin
     assert_same_params(same.unet, pipe.unet)
 
 
-def test_ckpt_with_ema_copies_and_schedule_buffers(pipe, single_file, tmp_path):
+@pytest.mark.parametrize("clip_names", ["text_model", "old"])
+def test_ckpt_with_ema_copies_and_schedule_buffers(pipe, single_file, tmp_path, clip_names):
     """A training checkpoint as the original repo saves it: a pickled {"state_dict": ...} that also
-    holds EMA copies, the noise schedule's buffers and CLIP's position_ids; the model weights load."""
+    holds EMA copies, the noise schedule's buffers and CLIP's position_ids; the model weights load.
+    "old": CLIP keys without "text_model.", as files made with early transformers versions have them."""
+    clip = "cond_stage_model.transformer."
     state = {k: torch.from_numpy(v.copy()) for k, v in load_file(str(single_file)).items()}
+    if clip_names == "old":
+        state = {k.replace(clip + "text_model.", clip): v for k, v in state.items()}
+    position_ids = clip + ("text_model." if clip_names == "text_model" else "") + "embeddings.position_ids"
     extra = {"betas": torch.linspace(0.00085, 0.012, 1000), "alphas_cumprod": torch.ones(1000),
-             "model_ema.decay": torch.tensor(0.9999),
-             "cond_stage_model.transformer.text_model.embeddings.position_ids": torch.arange(77)[None]}
+             "model_ema.decay": torch.tensor(0.9999), position_ids: torch.arange(77)[None]}
     extra.update({"model_ema." + k[len("model."):].replace(".", ""): torch.zeros_like(v)
                   for k, v in state.items() if k.startswith("model.diffusion_model.")})
     path = tmp_path / "tiny.ckpt"
