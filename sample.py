@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="YAML", help="preset of defaults: a file or a name in configs/ (draft, ...)")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"Hugging Face Hub repo id, local pipeline folder, or single-file checkpoint "
-                        f"(.safetensors / .ckpt in the original SD layout; default {DEFAULT_MODEL})")
+                        f"(.safetensors / .ckpt in the original SD layout, a path or a Hugging Face Hub file URL; "
+                        f"default {DEFAULT_MODEL})")
     p.add_argument("--model-config", metavar="REPO_OR_DIR", default=None,
                    help=f"for a single-file --model: the pipeline folder or Hub repo id whose configs and "
                         f"tokenizer it uses (default {DEFAULT_MODEL})")

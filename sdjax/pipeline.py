@@ -16,8 +16,8 @@ from sdjax import parallel, sampling
 from sdjax.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
 from sdjax.schedulers import SCHEDULERS, make_scheduler
 from sdjax.text import load_tokenizer, tokenize
-from sdjax.weights import (SINGLE_FILE_SUFFIXES, CheckpointError, check_single_file, fetch_missing_bin_weights,
-                           hub_files, load_single_file, read_config, read_json_object, resolve_dtype,
+from sdjax.weights import (SINGLE_FILE_SUFFIXES, CheckpointError, fetch_missing_bin_weights, fetch_single_file,
+                           hub_files, is_url, load_single_file, read_config, read_json_object, resolve_dtype,
                            resolve_model_dir, save_pipeline, save_single_file)
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -26,10 +26,10 @@ MAX_SEED = 2**32 - 1
 
 
 def is_single_file(model: str | Path) -> bool:
-    """Whether a ``--model`` names a single-file checkpoint (an existing file, or a path with a
-    checkpoint file's suffix) rather than a pipeline folder or a Hub repo id."""
+    """Whether a ``--model`` names a single-file checkpoint (an existing file, a path with a
+    checkpoint file's suffix, or a URL) rather than a pipeline folder or a Hub repo id."""
     path = Path(model).expanduser()
-    return path.is_file() or path.suffix in SINGLE_FILE_SUFFIXES
+    return is_url(model) or path.is_file() or path.suffix in SINGLE_FILE_SUFFIXES
 
 
 def load_pipeline(model: str, *, model_config: str | None = None, dtype=jnp.float32, variant: str | None = None,
@@ -255,13 +255,15 @@ class StableDiffusion:
         """Load a single-file checkpoint in the original Stable Diffusion layout (such as
         ``v1-5-pruned-emaonly.safetensors``, or a fine-tune saved by AUTOMATIC1111 / ComfyUI):
         ``.safetensors``, or a PyTorch ``.ckpt`` / ``.pt`` / ``.bin`` (needs torch; read with
-        ``weights_only=True``). Its non-EMA weights are used where a file holds both.
+        ``weights_only=True``). Its non-EMA weights are used where a file holds both. ``file`` is a
+        local path or a Hugging Face Hub file URL (``https://huggingface.co/OWNER/NAME/blob/main/
+        FILE``, downloaded into the Hub cache once).
 
         A single file has no configs or tokenizer: they come from ``config``, a diffusers pipeline
         folder or Hub repo id of the same architecture (only its config files, tokenizer and
         scheduler config are downloaded, ~2 MB)."""
         dtype = resolve_dtype(dtype)
-        check_single_file(file)  # before fetching the configs
+        local = fetch_single_file(file, download=False)  # what can be checked before fetching the configs
         patterns = ["model_index.json", "scheduler/scheduler_config.json", "tokenizer/*",
                     *(f"{part}/config.json" for part in PARTS)]
         try:
@@ -271,7 +273,7 @@ class StableDiffusion:
                                   f"Hub repo (config=, sample.py/train.py --model-config): {e}") from e
         configs = {part: read_config(root / part, model_cls)[0] for part, model_cls in PARTS.items()}
         extras = _tokenizer_and_scheduler(root)
-        models = load_single_file(file, configs, dtype=dtype)
+        models = load_single_file(local or fetch_single_file(file), configs, dtype=dtype)  # a URL: download now
         return cls(**models, **extras, mesh=mesh, name=str(file))
 
     def save_pretrained(self, directory, *, format: str = "both", dtype=None, overwrite: bool = False) -> Path:

@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shlex
+import urllib.parse
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -483,6 +484,13 @@ def _is_local_path(text: str) -> bool:
     return text.startswith((".", "/", "~")) or (os.path.sep in text and not re.fullmatch(r"[\w.-]+/[\w.-]+", text))
 
 
+def _hub_error(what: str, error: Exception, offline_fix: str) -> CheckpointError:
+    """A failed Hub download, with the first line of huggingface_hub's reason and what to do offline."""
+    reason = str(error).splitlines()[0] if str(error) else ""
+    return CheckpointError(f"could not get {what} from the Hugging Face Hub: {type(error).__name__}: {reason}. "
+                           f"Without network access here, {offline_fix}.")
+
+
 def resolve_model_dir(path_or_repo_id: str | os.PathLike, subfolder: str | None = None,
                       revision: str | None = None, allow_patterns: list[str] | None = None) -> Path:
     """A local folder, or a Hub repo id downloaded with huggingface_hub (cached)."""
@@ -510,10 +518,8 @@ def resolve_model_dir(path_or_repo_id: str | os.PathLike, subfolder: str | None 
         command = " ".join(["hf download", shlex.quote(str(path_or_repo_id)),
                             *([f"--revision {shlex.quote(revision)}"] if revision else []),
                             *[f"--include {shlex.quote(p)}" for p in patterns], "--local-dir DIR"])
-        raise CheckpointError(
-            f"could not get {path_or_repo_id!r} (revision {revision!r}) from the Hugging Face Hub: "
-            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. Without network access here, "
-            f"download the files sdjax reads where there is (`{command}`) and pass DIR instead.") from e
+        raise _hub_error(f"{path_or_repo_id!r} (revision {revision!r})", e,
+                         f"download the files sdjax reads where there is (`{command}`) and pass DIR instead") from e
     out = root / subfolder if subfolder else root
     if not out.is_dir():
         raise CheckpointError(f"{path_or_repo_id}: the repo has no {subfolder}/ folder")
@@ -744,7 +750,54 @@ def check_single_file(file: str | os.PathLike) -> Path:
     return file
 
 
-def _check_single_file_keys(file: Path, keys: list[str]) -> None:
+# A file on the Hugging Face Hub as its page or download link gives it: .../owner/name/blob/REV/PATH
+# (or resolve/), with an optional query such as "?download=true".
+_HUB_FILE_URL = re.compile(r"https?://(?:www\.)?huggingface\.co/(?P<repo>[\w.-]+/[\w.-]+)/(?:blob|resolve)/"
+                           r"(?P<revision>[^/?#]+)/(?P<filename>[^?#]+)(?:[?#].*)?")
+
+
+def is_url(text: str | os.PathLike) -> bool:
+    return str(text).startswith(("http://", "https://"))
+
+
+def fetch_single_file(file: str | os.PathLike, *, download: bool = True) -> Path | None:
+    """A single-file checkpoint on this machine: a local path as it is, or a Hugging Face Hub file
+    URL (``https://huggingface.co/OWNER/NAME/blob/REV/FILE``, or ``resolve/``) downloaded into the
+    Hub cache. A ``.safetensors`` URL's header is read first, so a file of another architecture is
+    refused before gigabytes are downloaded. Checked as `check_single_file` does; returns the path
+    (None for a URL with ``download=False``: only the checks that need no download)."""
+    if not is_url(file):
+        return check_single_file(file)
+    url = str(file)
+    match = _HUB_FILE_URL.fullmatch(url)
+    if match is None:
+        raise CheckpointError(
+            f"{url}: sdjax downloads only Hugging Face Hub file URLs (https://huggingface.co/OWNER/NAME/blob/REV/"
+            "FILE); a Hub pipeline repo loads by its id (OWNER/NAME); from elsewhere, download the file and pass "
+            "its path")
+    repo, revision = match["repo"], match["revision"]
+    filename = urllib.parse.unquote(match["filename"])
+    if Path(filename).suffix not in SINGLE_FILE_SUFFIXES:
+        raise CheckpointError(f"{url}: {filename} is not a single-file checkpoint sdjax reads (expected one of "
+                              f"{', '.join(SINGLE_FILE_SUFFIXES)})")
+    import huggingface_hub
+    try:
+        if filename.endswith(".safetensors"):  # the header alone: a few hundred kB
+            header = huggingface_hub.HfApi().parse_safetensors_file_metadata(repo, filename, revision=revision)
+            _check_single_file_keys(url, list(header.tensors))
+        if not download:
+            return None
+        local = huggingface_hub.hf_hub_download(repo, filename, revision=revision)
+    except CheckpointError:
+        raise
+    except Exception as e:
+        command = (f"hf download {shlex.quote(repo)} {shlex.quote(filename)} --revision {shlex.quote(revision)} "
+                   "--local-dir DIR")
+        raise _hub_error(url, e, f"download it where there is (`{command}`) and pass DIR/{filename} instead") from e
+    return check_single_file(local)
+
+
+def _check_single_file_keys(file: Path | str, keys: list[str]) -> None:
     for prefix, what in _OTHER_ARCHITECTURES.items():
         if any(k.startswith(prefix) for k in keys):
             raise CheckpointError(f"{file}: {what}: its keys start with {prefix!r}")

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from sdjax.pipeline import StableDiffusion, load_pipeline
@@ -189,3 +190,93 @@ def test_names_and_shapes_are_ldms_at_the_sd15_configs():
             written[name] = "x".join(map(str, array.shape))
     assert sorted(set(expected) - set(written)) == [] and sorted(set(written) - set(expected)) == []
     assert {k: v for k, v in written.items() if expected[k] != v} == {}
+
+
+# ----------------------------------------------------------------------------- Hub file URLs
+class FakeHub:
+    """huggingface_hub's header read and file download, served from local files: {(repo, filename,
+    revision): path}. Records the calls, so a test sees what was (not) downloaded."""
+
+    def __init__(self, monkeypatch, files):
+        import huggingface_hub
+        from huggingface_hub.utils import SafetensorsFileMetadata, TensorInfo
+        self.files, self.headers, self.downloads = files, [], []
+
+        def parse_safetensors_file_metadata(api, repo, filename, *, revision=None, **kwargs):
+            self.headers.append((repo, filename, revision))
+            with safe_open(str(self._path(repo, filename, revision)), "np") as f:
+                keys = list(f.keys())
+            info = TensorInfo(dtype="F32", shape=[1], data_offsets=(0, 4))
+            return SafetensorsFileMetadata(metadata={}, tensors=dict.fromkeys(keys, info))
+
+        def hf_hub_download(repo, filename, *, revision=None, **kwargs):
+            self.downloads.append((repo, filename, revision))
+            return str(self._path(repo, filename, revision))
+
+        monkeypatch.setattr(huggingface_hub.HfApi, "parse_safetensors_file_metadata", parse_safetensors_file_metadata)
+        monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+
+    def _path(self, repo, filename, revision):
+        if (repo, filename, revision) not in self.files:
+            raise ConnectionError(f"no network: cannot reach huggingface.co for {repo}/{filename}")
+        return self.files[repo, filename, revision]
+
+
+@pytest.mark.parametrize("url", [
+    "https://huggingface.co/someone/tiny-sd/blob/main/tiny%20sd.safetensors",
+    "https://huggingface.co/someone/tiny-sd/resolve/main/tiny%20sd.safetensors?download=true"])
+def test_hub_file_url_loads_as_the_local_file(pipe, single_file, tiny_pipeline_dir, monkeypatch, url):
+    hub = FakeHub(monkeypatch, {("someone/tiny-sd", "tiny sd.safetensors", "main"): single_file})
+    loaded = load_pipeline(url, model_config=str(tiny_pipeline_dir))  # what sample.py --model URL does
+    for part in PARTS:
+        assert_same_params(getattr(loaded, part), getattr(pipe, part))
+    assert hub.downloads == [("someone/tiny-sd", "tiny sd.safetensors", "main")]
+    assert set(hub.headers) == set(hub.downloads)
+    assert loaded.name == url
+
+
+def test_hub_file_url_is_downloaded_only_once_the_configs_are_there(single_file, monkeypatch):
+    import sdjax.pipeline as P
+    hub = FakeHub(monkeypatch, {("someone/tiny-sd", "tiny.safetensors", "main"): single_file})
+
+    def offline(*args, **kwargs):
+        raise CheckpointError("could not get 'someone/configs' from the Hugging Face Hub")
+    monkeypatch.setattr(P, "resolve_model_dir", offline)
+    with pytest.raises(CheckpointError, match="configs and tokenizer come from .*could not get 'someone/configs'"):
+        StableDiffusion.from_single_file("https://huggingface.co/someone/tiny-sd/blob/main/tiny.safetensors",
+                                         config="someone/configs")
+    assert hub.headers and not hub.downloads
+
+
+def test_hub_file_url_of_another_architecture_is_refused_before_the_download(single_file, tmp_path, monkeypatch):
+    sdxl = _rewrite(single_file, tmp_path, BAD_FILES["sdxl"][0])
+    hub = FakeHub(monkeypatch, {("someone/xl", "xl.safetensors", "v2"): sdxl})
+    url = "https://huggingface.co/someone/xl/blob/v2/xl.safetensors"
+    with pytest.raises(CheckpointError, match=re.escape(url) + ": an SDXL checkpoint"):
+        StableDiffusion.from_single_file(url)
+    assert hub.headers and not hub.downloads
+
+
+def test_hub_file_url_offline_says_how_to_get_the_file(tiny_pipeline_dir, monkeypatch):
+    FakeHub(monkeypatch, {})
+    url = "https://huggingface.co/someone/tiny-sd/blob/main/weights/model.ckpt"
+    with pytest.raises(CheckpointError) as error:
+        StableDiffusion.from_single_file(url, config=str(tiny_pipeline_dir))
+    assert str(error.value) == (
+        f"could not get {url} from the Hugging Face Hub: ConnectionError: no network: cannot reach huggingface.co "
+        "for someone/tiny-sd/weights/model.ckpt. Without network access here, download it where there is "
+        "(`hf download someone/tiny-sd weights/model.ckpt --revision main --local-dir DIR`) and pass "
+        "DIR/weights/model.ckpt instead.")
+
+
+@pytest.mark.parametrize("url, message", [
+    ("https://civitai.com/api/download/models/12345", "sdjax downloads only Hugging Face Hub file URLs"),
+    ("https://huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5",
+     "a Hub pipeline repo loads by its id (OWNER/NAME)"),
+    ("https://huggingface.co/someone/tiny-sd/blob/main/README.md", "README.md is not a single-file checkpoint"),
+])
+def test_other_urls_are_refused_without_network(url, message, monkeypatch):
+    hub = FakeHub(monkeypatch, {})
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        load_pipeline(url)
+    assert not hub.headers and not hub.downloads

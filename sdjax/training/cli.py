@@ -16,7 +16,8 @@ from sdjax.training.loop import RUN_CONFIG_FILE, TrainConfig, recorded_settings
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "train"  # sample.py presets sit one level up
 
 HELP = {
-    "model": "Hub repo id, local diffusers pipeline folder, or single-file checkpoint (original SD layout) to fine-tune",
+    "model": "Hub repo id, local diffusers pipeline folder, or single-file checkpoint (original SD layout; a path or "
+             "a Hub file URL) to fine-tune",
     "model_config": "for a single-file --model: the pipeline folder or Hub repo id whose configs and tokenizer it "
                     "uses (none: SD v1.5's)",
     "train_data": "folder with train_images/ and image_captions.csv, or tfds:NAME[/CONFIG][:SPLIT]",
