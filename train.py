@@ -5,6 +5,14 @@ Thin entry point: parse the flags (sdjax.training.cli), run sdjax.training.loop,
 import sys
 
 
+def exported(final, cfg) -> str:
+    """The export's folder, and its single file when one was written."""
+    from sdjax.training.loop import Trainer
+    if final is None or not cfg.export_single_file:
+        return str(final)
+    return f"{final} and {Trainer.single_file_path(final)} ({cfg.export_single_file})"
+
+
 def main(argv=None) -> int:
     from sdjax.cli_utils import UsageError
     from sdjax.training.data import DataError, TFDSNotInstalled
@@ -20,13 +28,13 @@ def main(argv=None) -> int:
             # (metrics.jsonl, train_config.json).
             trainer = Trainer.for_export(cfg, step=getattr(args, "export_step", None))
             try:
-                print(f"exported step {int(trainer.state.step)} to {trainer.export()}")
+                print(f"exported step {int(trainer.state.step)} to {exported(trainer.export(), cfg)}")
             finally:
                 trainer.close()
             return 0
         final = train(cfg)
         if final is not None:
-            print(f"done: {cfg.max_steps} steps; pipeline exported to {final}")
+            print(f"done: {cfg.max_steps} steps; pipeline exported to {exported(final, cfg)}")
         return 0
     except (UsageError, DataError, CheckpointError, FileNotFoundError, TFDSNotInstalled) as e:
         print(f"train.py: error: {e}", file=sys.stderr)

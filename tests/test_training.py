@@ -39,6 +39,7 @@ import orbax.checkpoint as ocp
 import pytest
 import yaml
 from flax import nnx
+from safetensors.numpy import load_file
 from PIL import Image
 
 from conftest import run_two_processes
@@ -878,14 +879,21 @@ def test_export_loads_in_sdjax_and_diffusers_with_ema_weights(full_run):
 
     # only the output folder: the rest comes from the run's train_config.json. The export reads no
     # training data (here: a folder that is not there), and rewrites neither the log nor the record.
+    # --export-single-file also writes final.safetensors, the web UIs' single file, here in float16.
     recorded = (out / "train_config.json").read_bytes()
+    assert not (out / "final.safetensors").exists()
     rc, stdout, stderr = run_train_py(["--output-dir", out, "--export", "--export-step", "2",
-                                       "--train-data", out / "moved"])
+                                       "--train-data", out / "moved", "--export-single-file", "float16"])
     assert rc == 0, stderr
     assert (out / "train_config.json").read_bytes() == recorded
     assert f"settings recorded in {out / 'train_config.json'}" in stdout
-    assert f"exported step 2 to {final}" in stdout
-    assert max_diff(exported_unet(final), saved_state(out, 2)["ema"]) <= 1e-7
+    assert f"exported step 2 to {final} and {out / 'final.safetensors'} (float16)" in stdout
+    ema = saved_state(out, 2)["ema"]
+    assert max_diff(exported_unet(final), ema) <= 1e-7
+    single = StableDiffusion.from_single_file(out / "final.safetensors", config=str(final))
+    assert {v.dtype for v in load_file(str(out / "final.safetensors")).values()} == {np.dtype(np.float16)}
+    half = jax.tree.map(lambda x: np.asarray(x, np.float16).astype(np.float32), ema)   # the float16 rounding
+    assert max_diff(nnx.to_pure_dict(nnx.state(single.unet, nnx.Param)), half) == 0
     assert [r["step"] for r in metrics(out)] == [1, 2, 3]          # --export leaves the run's log alone
 
 
@@ -925,6 +933,8 @@ BAD_VALUES = {   # flag value -> what the error says; all checked before the mod
     "lr_schedule": ("linear", "lr_schedule='linear' is not one of 'constant', 'cosine' (--lr-schedule)"),
     "seed": ("-1", "seed=-1 must be >= 0 (--seed)"),
     "export_format": ("onnx", "export_format='onnx' is not one of 'both', 'pytorch', 'flax' (--export-format)"),
+    "export_single_file": ("fp16", "export_single_file='fp16' is not one of 'float16', 'bfloat16', 'float32' or "
+                           "none (--export-single-file)"),
     "max_grad_norm": ("-1", "max_grad_norm=-1.0 must be >= 0"),
     "min_snr_gamma": ("-5", "min_snr_gamma=-5.0 must be > 0"),
     "mixed_precision": ("fp16", "mixed_precision='fp16' is not one of 'no', 'bf16' (--mixed-precision)"),

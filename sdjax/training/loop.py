@@ -39,6 +39,7 @@ RUN_CONFIG_FILE = "train_config.json"   # in the output folder: the settings a r
 MIXED_PRECISIONS = ("no", "bf16")
 LR_SCHEDULES = ("constant", "cosine")
 EXPORT_FORMATS = ("both", "pytorch", "flax")
+SINGLE_FILE_DTYPES = ("float16", "bfloat16", "float32")
 # The settings that decide the tree a checkpoint holds (EMA or not, the clipping stage of the
 # optimizer or not, the text encoder's parameters or not): a resume must keep them.
 STATE_STRUCTURE_SETTINGS = {"ema_decay": lambda v: v is not None, "max_grad_norm": bool,
@@ -86,6 +87,7 @@ class TrainConfig:
     sample_steps: int = 25
     sample_guidance_scale: float = 7.5
     export_format: str = "both"        # final/ layout: "both", "pytorch" or "flax"
+    export_single_file: str | None = None  # also final.safetensors (original SD layout) in this dtype
     resume: bool = False
     spike_factor: float = 3.0
 
@@ -128,6 +130,8 @@ class TrainConfig:
                               ("export_format", EXPORT_FORMATS)):
             if getattr(self, name) not in choices:
                 raise bad(name, "is not one of " + ", ".join(map(repr, choices)))
+        if self.export_single_file is not None and self.export_single_file not in SINGLE_FILE_DTYPES:
+            raise bad("export_single_file", "is not one of " + ", ".join(map(repr, SINGLE_FILE_DTYPES)) + " or none")
         if number("learning_rate") <= 0:
             raise bad("learning_rate", "must be a positive number")
         for name in ("adam_b1", "adam_b2"):
@@ -596,12 +600,22 @@ class Trainer:
 
     def export(self, directory: Path | None = None) -> Path | None:
         """A complete pipeline folder with the trained weights (EMA when kept), loadable by
-        sdjax and by diffusers' PyTorch StableDiffusionPipeline."""
+        sdjax and by diffusers' PyTorch StableDiffusionPipeline; with ``export_single_file``, also
+        ``<directory>.safetensors`` beside it, the single file AUTOMATIC1111 and ComfyUI load.
+        Returns the folder (None on processes other than 0, which write nothing)."""
         pipe = self.sampling_pipeline()
         directory = Path(directory or self.out / "final")
         if jax.process_index() != 0:
             return None
-        return pipe.save_pretrained(directory, format=self.cfg.export_format, overwrite=True)
+        pipe.save_pretrained(directory, format=self.cfg.export_format, overwrite=True)
+        if self.cfg.export_single_file:
+            pipe.save_single_file(self.single_file_path(directory), dtype=self.cfg.export_single_file)
+        return directory
+
+    @staticmethod
+    def single_file_path(directory: Path) -> Path:
+        """Where `export` writes the single file of an export folder: ``final`` -> ``final.safetensors``."""
+        return directory.with_name(directory.name + ".safetensors")
 
     def close(self) -> None:
         self.checkpoints.close()
