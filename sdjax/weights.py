@@ -486,7 +486,7 @@ def _is_local_path(text: str) -> bool:
 
 def _hub_error(what: str, error: Exception, offline_fix: str) -> CheckpointError:
     """A failed Hub download, with the first line of huggingface_hub's reason and what to do offline."""
-    reason = str(error).splitlines()[0] if str(error) else ""
+    reason = str(error).splitlines()[0].rstrip(".") if str(error) else ""
     return CheckpointError(f"could not get {what} from the Hugging Face Hub: {type(error).__name__}: {reason}. "
                            f"Without network access here, {offline_fix}.")
 
@@ -763,9 +763,10 @@ def is_url(text: str | os.PathLike) -> bool:
 def fetch_single_file(file: str | os.PathLike, *, download: bool = True) -> Path | None:
     """A single-file checkpoint on this machine: a local path as it is, or a Hugging Face Hub file
     URL (``https://huggingface.co/OWNER/NAME/blob/REV/FILE``, or ``resolve/``) downloaded into the
-    Hub cache. A ``.safetensors`` URL's header is read first, so a file of another architecture is
-    refused before gigabytes are downloaded. Checked as `check_single_file` does; returns the path
-    (None for a URL with ``download=False``: only the checks that need no download)."""
+    Hub cache (once: a file in the cache is used as it is, without network). A ``.safetensors`` URL's
+    header is read first, so a file of another architecture is refused before gigabytes are
+    downloaded. Checked as `check_single_file` does; returns the path (None for a URL not in the
+    cache with ``download=False``: only the checks that need no download)."""
     if not is_url(file):
         return check_single_file(file)
     url = str(file)
@@ -781,6 +782,11 @@ def fetch_single_file(file: str | os.PathLike, *, download: bool = True) -> Path
         raise CheckpointError(f"{url}: {filename} is not a single-file checkpoint sdjax reads (expected one of "
                               f"{', '.join(SINGLE_FILE_SUFFIXES)})")
     import huggingface_hub
+    try:  # downloaded before: no network needed (HF_HUB_OFFLINE=1 works)
+        return check_single_file(huggingface_hub.hf_hub_download(repo, filename, revision=revision,
+                                                                 local_files_only=True))
+    except huggingface_hub.errors.LocalEntryNotFoundError:
+        pass
     try:
         if filename.endswith(".safetensors"):  # the header alone: a few hundred kB
             header = huggingface_hub.HfApi().parse_safetensors_file_metadata(repo, filename, revision=revision)

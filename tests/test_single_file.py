@@ -194,13 +194,14 @@ def test_names_and_shapes_are_ldms_at_the_sd15_configs():
 
 # ----------------------------------------------------------------------------- Hub file URLs
 class FakeHub:
-    """huggingface_hub's header read and file download, served from local files: {(repo, filename,
-    revision): path}. Records the calls, so a test sees what was (not) downloaded."""
+    """huggingface_hub's header read, file download and cache, served from local files: {(repo,
+    filename, revision): path}. Records the calls, so a test sees what was (not) downloaded."""
 
     def __init__(self, monkeypatch, files):
         import huggingface_hub
+        from huggingface_hub.errors import LocalEntryNotFoundError
         from huggingface_hub.utils import SafetensorsFileMetadata, TensorInfo
-        self.files, self.headers, self.downloads = files, [], []
+        self.files, self.headers, self.downloads, self.cached = files, [], [], {}
 
         def parse_safetensors_file_metadata(api, repo, filename, *, revision=None, **kwargs):
             self.headers.append((repo, filename, revision))
@@ -209,9 +210,14 @@ class FakeHub:
             info = TensorInfo(dtype="F32", shape=[1], data_offsets=(0, 4))
             return SafetensorsFileMetadata(metadata={}, tensors=dict.fromkeys(keys, info))
 
-        def hf_hub_download(repo, filename, *, revision=None, **kwargs):
+        def hf_hub_download(repo, filename, *, revision=None, local_files_only=False, **kwargs):
+            if local_files_only:
+                if (repo, filename, revision) not in self.cached:
+                    raise LocalEntryNotFoundError(f"{repo}/{filename} is not in the cache")
+                return self.cached[repo, filename, revision]
             self.downloads.append((repo, filename, revision))
-            return str(self._path(repo, filename, revision))
+            self.cached[repo, filename, revision] = str(self._path(repo, filename, revision))
+            return self.cached[repo, filename, revision]
 
         monkeypatch.setattr(huggingface_hub.HfApi, "parse_safetensors_file_metadata", parse_safetensors_file_metadata)
         monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
@@ -233,6 +239,10 @@ def test_hub_file_url_loads_as_the_local_file(pipe, single_file, tiny_pipeline_d
     assert hub.downloads == [("someone/tiny-sd", "tiny sd.safetensors", "main")]
     assert set(hub.headers) == set(hub.downloads)
     assert loaded.name == url
+    hub.files.clear()  # offline now: the second time, the file comes from the cache
+    again = load_pipeline(url, model_config=str(tiny_pipeline_dir))
+    assert_same_params(again.unet, pipe.unet)
+    assert len(hub.downloads) == 1 and len(hub.headers) == 2
 
 
 def test_hub_file_url_is_downloaded_only_once_the_configs_are_there(single_file, monkeypatch):
@@ -246,6 +256,27 @@ def test_hub_file_url_is_downloaded_only_once_the_configs_are_there(single_file,
         StableDiffusion.from_single_file("https://huggingface.co/someone/tiny-sd/blob/main/tiny.safetensors",
                                          config="someone/configs")
     assert hub.headers and not hub.downloads
+
+
+def test_hub_file_url_in_the_hub_cache_loads_offline(pipe, single_file, tiny_pipeline_dir, tmp_path, monkeypatch):
+    """huggingface_hub itself (no fake): a file already in the Hub cache loads with HF_HUB_OFFLINE=1;
+    one that is not there is an error that says what to do."""
+    from huggingface_hub import constants
+    snapshot = tmp_path / "hub" / "models--someone--tiny-sd" / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    (snapshot / "tiny.safetensors").symlink_to(single_file)
+    (tmp_path / "hub" / "models--someone--tiny-sd" / "refs").mkdir()
+    (tmp_path / "hub" / "models--someone--tiny-sd" / "refs" / "main").write_text("0123abc")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    loaded = load_pipeline("https://huggingface.co/someone/tiny-sd/blob/main/tiny.safetensors",
+                           model_config=str(tiny_pipeline_dir))
+    assert_same_params(loaded.unet, pipe.unet)
+    with pytest.raises(CheckpointError, match=r"OfflineModeIsEnabled: .*offline mode is enabled.*\. Without network "
+                                              r"access here, download it where there is \(`hf download someone/"
+                                              r"tiny-sd other.safetensors --revision main"):
+        load_pipeline("https://huggingface.co/someone/tiny-sd/blob/main/other.safetensors",
+                      model_config=str(tiny_pipeline_dir))
 
 
 def test_hub_file_url_of_another_architecture_is_refused_before_the_download(single_file, tmp_path, monkeypatch):
