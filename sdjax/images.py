@@ -116,15 +116,30 @@ def as_pil(image) -> Image.Image:
     return Image.fromarray(array)
 
 
+def umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (``os.umask`` can only
+    read it by setting one, which another thread creating a file at that moment would get)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Call ``write(temp_path)`` for a temp file next to ``path``, then rename it into place, so a
-    crash or an error never leaves a partial file under the final name."""
+    crash or an error never leaves a partial file under the final name. The file gets the usual
+    permissions (0666 less the umask), whatever ``write`` created it with: safetensors creates
+    0600 files, weights others on the machine (a web UI's user) could not read."""
     path = Path(path)
-    # A fresh unique name that ``write`` creates itself, so the file gets the usual permissions
-    # (mkstemp's would be 0600: outputs and weights others on the machine could not read).
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -28,7 +28,7 @@ import msgpack
 import numpy as np
 from flax import nnx
 
-from sdjax.images import atomic_write
+from sdjax.images import atomic_write, umask
 from sdjax.models.clip_text import CLIPTextConfig, CLIPTextModel
 from sdjax.models.unet import UNet2DConditionModel, UNetConfig
 from sdjax.models.vae import AutoencoderKL, VAEConfig
@@ -201,6 +201,7 @@ def _read_torch_bin(path: Path, check_keys: Callable[[list[str]], None] | None =
         t = state.pop(key)
         if not isinstance(t, torch.Tensor):  # e.g. a training step count next to the weights
             continue
+        t = t.detach()  # a saved nn.Parameter (state_dict(keep_vars=True)) requires grad
         yield key, (t.float() if t.dtype == torch.bfloat16 else t).numpy()
 
 
@@ -609,6 +610,7 @@ def save_pipeline(directory: str | os.PathLike, *, text_encoder, tokenizer, unet
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp's 0700 would keep the folder from other users
         flax_names = format == "flax"
         index = {"_class_name": "FlaxStableDiffusionPipeline" if flax_names else "StableDiffusionPipeline",
                  "_diffusers_version": DIFFUSERS_VERSION,

@@ -23,6 +23,7 @@ import importlib.util
 import io
 import json
 import re
+import shutil
 import os
 import queue
 import signal
@@ -49,6 +50,7 @@ from sdjax.training import step as S
 from sdjax.training.checkpoint import Checkpointer
 from sdjax.training.cli import parse_args
 from sdjax.training.data import DataError, write_captioned_folder
+from sdjax.images import umask
 from sdjax.training.loop import TrainConfig, Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -894,6 +896,14 @@ def test_export_loads_in_sdjax_and_diffusers_with_ema_weights(full_run):
     assert {v.dtype for v in load_file(str(out / "final.safetensors")).values()} == {np.dtype(np.float16)}
     half = jax.tree.map(lambda x: np.asarray(x, np.float16).astype(np.float32), ema)   # the float16 rounding
     assert max_diff(nnx.to_pure_dict(nnx.state(single.unet, nnx.Param)), half) == 0
+    # exported files and folders get the usual permissions (safetensors and mkdtemp would make them private)
+    mask = umask()
+    assert {oct(p.stat().st_mode & 0o777) for p in [out / "final.safetensors", *final.rglob("*")] if p.is_file()} \
+        == {oct(0o666 & ~mask)}
+    assert {oct(p.stat().st_mode & 0o777) for p in [final, *final.rglob("*")] if p.is_dir()} == {oct(0o777 & ~mask)}
+    # an export without the single file removes the earlier one, which would pass for this export
+    rc, stdout, stderr = run_train_py(["--output-dir", out, "--export", "--export-step", "2"])
+    assert rc == 0 and not (out / "final.safetensors").exists(), stderr
     assert [r["step"] for r in metrics(out)] == [1, 2, 3]          # --export leaves the run's log alone
 
 
@@ -946,11 +956,20 @@ BAD_VALUES = {   # flag value -> what the error says; all checked before the mod
 
 @pytest.mark.parametrize("case", ["unknown_key", "resolution", "no_train_data", "bad_type", "missing_config",
                                   "preset_of_sample_py",
-                                  "tfds_not_installed", "resume_wrong_dir", "export_wrong_dir", *BAD_VALUES])
+                                  "tfds_not_installed", "resume_wrong_dir", "export_wrong_dir", "float_seeds",
+                                  "samples_past_the_schedule", "x0_model", *BAD_VALUES])
 def test_train_py_usage_errors(case, pipeline_dir, data_dir, tmp_path, monkeypatch):
     base = flags(model=pipeline_dir, train_data=data_dir, output_dir=tmp_path / "out")
     preset = tmp_path / "bad.yaml"
     preset.write_text("learning_rate: 1e-4\nlearning_rat: 1e-3\n")
+    seeds_preset = tmp_path / "seeds.yaml"
+    seeds_preset.write_text("validation_seeds: [1, 1.5]\n")
+    x0_model = tmp_path / "x0-model"   # a model that predicts the clean latents, not the noise
+    if case == "x0_model":
+        shutil.copytree(pipeline_dir, x0_model)
+        scheduler = json.loads((x0_model / "scheduler" / "scheduler_config.json").read_text())
+        (x0_model / "scheduler" / "scheduler_config.json").write_text(json.dumps({**scheduler,
+                                                                                 "prediction_type": "sample"}))
     argv, expected = {
         "unknown_key": (["--config", preset, *base], [str(preset), "unknown key 'learning_rat'"]),
         "resolution": ([*base, "--resolution", "100"], ["resolution=100 must be a multiple of 8"]),
@@ -965,6 +984,14 @@ def test_train_py_usage_errors(case, pipeline_dir, data_dir, tmp_path, monkeypat
                              [f"--resume: {tmp_path / 'out'} has no train_config.json", "and no checkpoints"]),
         "export_wrong_dir": (["--output-dir", tmp_path / "out", "--export"],
                              [f"--export: {tmp_path / 'out'} has no train_config.json", "and no checkpoints"]),
+        "float_seeds": (["--config", seeds_preset, *base], ["validation_seeds=[1, 1.5] is not a valid int"]),
+        # checked once the model is loaded, before any training
+        "samples_past_the_schedule": ([*base, "--sample-steps", "1000"],
+                                      ["--sample-steps 1000: the samples' pndm with 1000 steps", "reaches timestep "
+                                       "1000, past the last training timestep 999"]),
+        "x0_model": (flags(model=x0_model, train_data=data_dir, output_dir=tmp_path / "out"),
+                     [f"{x0_model}: its scheduler config has prediction_type='sample'; sdjax fine-tunes 'epsilon' "
+                      "and 'v_prediction' models"]),
         **{name: ([*base, "--" + name.replace("_", "-"), value], [message])
            for name, (value, message) in BAD_VALUES.items()},
     }[case]
@@ -1056,6 +1083,12 @@ def test_resume_and_export_take_the_recorded_settings(tmp_path):
     assert resumed.caption_dropout == 0.0 and resumed.ema_decay is None   # recorded, not the preset's
     exported, args = parse_args(["--output-dir", str(out), "--export"])
     assert args.recorded and exported.learning_rate == 5e-5
+    (out / "train_config.json").write_text(json.dumps({**recorded, "export_single_file": "float16"}))
+    assert parse_args(["--output-dir", str(out), "--export"])[0].export_single_file == "float16"
+    for off in ("none", "null"):   # an optional text setting turned off from the command line
+        assert parse_args(["--output-dir", str(out), "--export", "--export-single-file", off])[0].export_single_file \
+            is None
+    (out / "train_config.json").write_text(json.dumps(recorded))
     fresh, args = parse_args(["--output-dir", str(out), "--train-data", "other"])
     assert args.recorded is None and (fresh.learning_rate, fresh.train_data) == (TrainConfig.learning_rate, "other")
     (out / "train_config.json").write_text(json.dumps({**recorded, "learning_rat": 1}))

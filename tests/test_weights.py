@@ -86,6 +86,20 @@ def test_clip_position_ids_buffer_is_ignored(tiny_checkpoints, tmp_path):
     assert with_buffer.keys() == plain.keys() and all(np.array_equal(with_buffer[k], plain[k]) for k in plain)
 
 
+def test_bin_file_of_parameters_that_require_grad(tiny_checkpoints, tmp_path):
+    """A .bin saved from ``state_dict(keep_vars=True)`` holds nn.Parameters (requires_grad); they load."""
+    import torch
+    from sdjax.weights import load_weights
+    model = tiny_checkpoints["clip"]["torch"]
+    file = tmp_path / "pytorch_model.bin"
+    torch.save(model.state_dict(keep_vars=True), file)
+    assert any(t.requires_grad for t in torch.load(file, weights_only=True).values())
+    config = CLIPTextModel.from_pretrained(tiny_checkpoints["clip"]["safetensors"].parent).config
+    loaded = params_of(load_weights(CLIPTextModel, config, file))
+    plain = params_of(CLIPTextModel.from_pretrained(tiny_checkpoints["clip"]["safetensors"].parent))
+    assert loaded.keys() == plain.keys() and all(np.array_equal(loaded[k], plain[k]) for k in plain)
+
+
 def test_variant_files(tiny_checkpoints, tmp_path):
     """``variant="fp16"`` reads diffusion_pytorch_model.fp16.safetensors; without it the error
     names the file that is there and how to load it."""

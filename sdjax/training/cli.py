@@ -52,38 +52,41 @@ HELP = {
 }
 
 
-def _field_type(field: dataclasses.Field) -> tuple[type, bool]:
-    """(element type, is_list) of a TrainConfig field, from its annotation."""
+def _field_type(field: dataclasses.Field) -> tuple[type, bool, bool]:
+    """(element type, is_list, may be None) of a TrainConfig field, from its annotation."""
     hint = typing.get_type_hints(TrainConfig)[field.name]
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if hint is list or typing.get_origin(hint) is list:
-        return (int if field.name == "validation_seeds" else str), True
+        return (int if field.name == "validation_seeds" else str), True, False
     base = args[0] if args else hint
-    return base, False
+    return base, False, type(None) in typing.get_args(hint)
 
 
 def _convert(name: str, value: Any, origin: str) -> Any:
     field = {f.name: f for f in dataclasses.fields(TrainConfig)}[name]
-    kind, is_list = _field_type(field)
-    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and kind is not str):
+    kind, is_list, optional = _field_type(field)
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and (optional or kind is not str)):
         return None
     if kind is str and isinstance(value, bool):
         if name == "mixed_precision" and value is False:   # YAML reads a bare `no` as false
             return "no"
         raise UsageError(f"{origin}: {name}={value!r}: YAML reads a bare yes/no/on/off/true/false as true or "
                          f"false; quote the text ({name}: \"{str(value).lower()}\")")
+
+    def one(v):
+        if kind is bool:
+            if isinstance(v, bool):
+                return v
+            raise TypeError
+        if kind is float and isinstance(v, (int, float)) and not isinstance(v, bool):
+            return float(v)
+        if kind is int and (isinstance(v, bool) or (isinstance(v, float) and not v.is_integer())):
+            raise TypeError  # not silently 1 for 1.5 or true
+        return kind(v)
     try:
         if is_list:
-            return [kind(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
-        if kind is bool:
-            if isinstance(value, bool):
-                return value
-            raise TypeError
-        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if kind is int and (isinstance(value, bool) or (isinstance(value, float) and not value.is_integer())):
-            raise TypeError
-        return kind(value)
+            return [one(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+        return one(value)
     except (TypeError, ValueError) as e:
         raise UsageError(f"{origin}: {name}={value!r} is not a valid {kind.__name__}") from e
 
@@ -114,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="only export OUTPUT_DIR/final from the latest checkpoint (or --export-step)")
     parser.add_argument("--export-step", type=int, help="checkpoint step to export")
     for field in dataclasses.fields(TrainConfig):
-        kind, is_list = _field_type(field)
+        kind, is_list, _ = _field_type(field)
         flag = "--" + field.name.replace("_", "-")
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
         help_text = f"{HELP.get(field.name, field.name.replace('_', ' '))} (default: {default})"

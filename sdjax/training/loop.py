@@ -32,6 +32,7 @@ from sdjax.training import step as S
 from sdjax.training.checkpoint import Checkpointer, checkpoint_steps
 from sdjax.training.data import BatchIterator, DataError, load_captioned_images, preprocess_image
 from sdjax.training.monitor import MetricsLog
+from sdjax.images import atomic_write, image_grid, save_png
 from sdjax.weights import abstract_model
 
 
@@ -40,6 +41,8 @@ MIXED_PRECISIONS = ("no", "bf16")
 LR_SCHEDULES = ("constant", "cosine")
 EXPORT_FORMATS = ("both", "pytorch", "flax")
 SINGLE_FILE_DTYPES = ("float16", "bfloat16", "float32")
+SAMPLE_SCHEDULER = "pndm"               # of the validation samples
+TRAINABLE_PREDICTION_TYPES = ("epsilon", "v_prediction")
 # The settings that decide the tree a checkpoint holds (EMA or not, the clipping stage of the
 # optimizer or not, the text encoder's parameters or not): a resume must keep them.
 STATE_STRUCTURE_SETTINGS = {"ema_decay": lambda v: v is not None, "max_grad_norm": bool,
@@ -188,6 +191,14 @@ def _pure(module) -> dict:
 def _build_model(cfg: TrainConfig, mesh):
     """(pipeline, graphdefs, step config, optimizer, lr schedule, initial state on the mesh)."""
     pipe = load_pipeline(cfg.model, model_config=cfg.model_config, dtype=jnp.float32, mesh=mesh)
+    prediction_type = pipe.scheduler_config.get("prediction_type", "epsilon")
+    if prediction_type not in TRAINABLE_PREDICTION_TYPES:
+        raise UsageError(f"{cfg.model}: its scheduler config has prediction_type={prediction_type!r}; sdjax "
+                         f"fine-tunes {' and '.join(map(repr, TRAINABLE_PREDICTION_TYPES))} models")
+    try:  # here, not at the first samples, after training time has been spent
+        pipe.make_scheduler(SAMPLE_SCHEDULER, cfg.sample_steps)
+    except ValueError as e:
+        raise UsageError(f"--sample-steps {cfg.sample_steps}: the samples' {e}") from e
     compute = jnp.bfloat16 if cfg.mixed_precision == "bf16" else jnp.float32
     unet_gd, _ = abstract_model(UNet2DConditionModel, pipe.unet.config, dtype=compute,
                                 remat=cfg.gradient_checkpointing)
@@ -201,7 +212,7 @@ def _build_model(cfg: TrainConfig, mesh):
                                      total_steps=cfg.max_steps, b1=cfg.adam_b1, b2=cfg.adam_b2,
                                      weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm)
     state = parallel.replicate(S.init_state(params, optimizer, cfg.seed, ema=cfg.ema_decay is not None), mesh)
-    step_cfg = S.StepConfig(prediction_type=pipe.scheduler_config.get("prediction_type", "epsilon"),
+    step_cfg = S.StepConfig(prediction_type=prediction_type,
                             min_snr_gamma=cfg.min_snr_gamma, caption_dropout=cfg.caption_dropout,
                             train_text_encoder=cfg.train_text_encoder, ema_decay=cfg.ema_decay,
                             compute_dtype=compute)
@@ -431,7 +442,8 @@ class Trainer:
             raise
         if main:
             out.mkdir(parents=True, exist_ok=True)
-            (out / RUN_CONFIG_FILE).write_text(json.dumps(_record(cfg), indent=2) + "\n")
+            record = json.dumps(_record(cfg), indent=2) + "\n"  # atomically: a resume and an export need it
+            atomic_write(out / RUN_CONFIG_FILE, lambda tmp: tmp.write_text(record))
         log = MetricsLog(out, enabled=main, spike_factor=cfg.spike_factor, resume_from_step=resumed)
         trainer = cls(cfg, out, mesh, pipe, graphdefs, frozen, state, data, checkpoints, step_cfg, step_fn, log)
         if cfg.cache_latents:
@@ -583,33 +595,35 @@ class Trainer:
         return list(dict.fromkeys(self.data.dataset.captions))[:2]
 
     def write_samples(self, step: int) -> list[Path]:
-        from sdjax.images import image_grid
         pipe = self.sampling_pipeline()
         prompts, seeds = self.validation_prompts(), [int(s) for s in self.cfg.validation_seeds]
         jobs = [(p, s) for p in prompts for s in seeds]
         out = pipe([p for p, _ in jobs], seeds=[s for _, s in jobs], num_inference_steps=self.cfg.sample_steps,
                    guidance_scale=self.cfg.sample_guidance_scale, height=self.cfg.resolution,
-                   width=self.cfg.resolution)
+                   width=self.cfg.resolution, scheduler=SAMPLE_SCHEDULER)
         if jax.process_index() != 0:
             return []
         directory = self.out / "samples"
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / f"step-{step:06d}.png"
-        image_grid(out.images, columns=len(seeds)).save(path)
+        save_png(image_grid(out.images, columns=len(seeds)), path)
         return [path]
 
     def export(self, directory: Path | None = None) -> Path | None:
         """A complete pipeline folder with the trained weights (EMA when kept), loadable by
         sdjax and by diffusers' PyTorch StableDiffusionPipeline; with ``export_single_file``, also
-        ``<directory>.safetensors`` beside it, the single file AUTOMATIC1111 and ComfyUI load.
-        Returns the folder (None on processes other than 0, which write nothing)."""
+        ``<directory>.safetensors`` beside it, the single file AUTOMATIC1111 and ComfyUI load
+        (without, an earlier export's single file there is removed). Returns the folder (None on processes other than 0, which write nothing)."""
         pipe = self.sampling_pipeline()
         directory = Path(directory or self.out / "final")
         if jax.process_index() != 0:
             return None
         pipe.save_pretrained(directory, format=self.cfg.export_format, overwrite=True)
+        single_file = self.single_file_path(directory)
         if self.cfg.export_single_file:
-            pipe.save_single_file(self.single_file_path(directory), dtype=self.cfg.export_single_file)
+            pipe.save_single_file(single_file, dtype=self.cfg.export_single_file)
+        else:  # an earlier export's: it would pass for this one
+            single_file.unlink(missing_ok=True)
         return directory
 
     @staticmethod
