@@ -495,6 +495,13 @@ class Scheduler:
         return step_noise(key, i, like)
 
 
+def _sqrt_nonnegative(x):
+    """The square root of a difference that is >= 0 in exact arithmetic but can round to just below
+    0 (sigma_down when sigma_next**2 / sigma**2 is under float32's epsilon; DDIM's direction term
+    with eta = 1 at zero terminal SNR): 0 there, where x ** 0.5 would give NaN for the whole image."""
+    return jnp.sqrt(jnp.maximum(x, 0.0))
+
+
 def _alpha_prediction_to_x0_and_eps(prediction_type, model_output, sample, alpha_bar):
     """(x0, eps) from the model output of an alpha-parameterised (DDPM/DDIM) scheduler."""
     sqrt_alpha, sqrt_one_minus_alpha = alpha_bar**0.5, (1 - alpha_bar) ** 0.5
@@ -599,8 +606,8 @@ class DDIMScheduler(Scheduler):
             x0 = jnp.clip(x0, -self.clip_sample_range, self.clip_sample_range)
         # DDIM eq. (16): sigma_t^2 = eta^2 * (1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev).
         variance = (1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)
-        std_dev = self.eta * variance**0.5
-        direction = (1 - alpha_bar_prev - std_dev**2) ** 0.5 * eps
+        std_dev = self.eta * _sqrt_nonnegative(variance)
+        direction = _sqrt_nonnegative(1 - alpha_bar_prev - std_dev**2) * eps
         next_latents = alpha_bar_prev**0.5 * x0 + direction
         if self.stochastic:
             next_latents = next_latents + std_dev * self._noise(key, i, sample)
@@ -667,8 +674,8 @@ class EulerAncestralScheduler(_SigmaScheduler):
         model_output = jnp.asarray(model_output, _F32)
         sample = jnp.asarray(latents, _F32)
         sigma, sigma_next = _at(self.sigmas, i), _at(self.sigmas, i + 1)
-        sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
-        sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
+        sigma_up = _sqrt_nonnegative(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2)
+        sigma_down = _sqrt_nonnegative(sigma_next**2 - sigma_up**2)
         derivative = (sample - self._x0(model_output, sample, sigma)) / sigma
         next_latents = sample + derivative * (sigma_down - sigma)
         return next_latents + self._noise(key, i, sample) * sigma_up, state
