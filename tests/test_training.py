@@ -612,6 +612,15 @@ def test_resume_truncates_a_metrics_log_with_a_torn_last_line(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_spike_check_after_a_resume_remembers_the_losses_before_it(tmp_path):
+    """A resumed run reports a spike at its first step, as the run without the stop would have."""
+    from sdjax.training.monitor import MetricsLog
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 0.5}) + "\n" for s in range(1, 21)))
+    log = MetricsLog(tmp_path, resume_from_step=20, spike_factor=3.0)
+    assert log.record(21, {"loss": 2.0}) and not log.record(22, {"loss": 0.6})
+    log.close()
+
+
 def test_metrics_log_is_strict_json_with_a_nan_loss(tmp_path):
     """A NaN loss or an infinite gradient norm is written as null (Python's NaN / Infinity literals
     are not JSON, and other parsers reject them), also when a resume rewrites an older log that has

@@ -50,6 +50,9 @@ class MetricsLog:
                 # and any torn line.
                 rows = [row for row in read_rows(self.path) if row["step"] <= resume_from_step]
                 atomic_write(self.path, lambda tmp: tmp.write_text("".join(map(_json_line, rows))))
+                # The spike check goes on from the losses before the checkpoint, as without the stop.
+                self.recent.extend(row["loss"] for row in rows
+                                   if isinstance(row.get("loss"), (int, float)) and math.isfinite(row["loss"]))
             elif resume_from_step is None and self.path.exists():
                 self.path.unlink()
             tensorboard = Path(output_dir) / "tensorboard"
@@ -101,7 +104,7 @@ class MetricsLog:
         ax.legend()
         fig.tight_layout()
         path = path or self.path.with_name("loss_curve.png")
-        fig.savefig(path, dpi=100)
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
         plt.close(fig)
         return path
 
