@@ -47,8 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(.safetensors / .ckpt in the original SD layout, a path or a Hugging Face Hub file URL; "
                         f"default {DEFAULT_MODEL})")
     p.add_argument("--model-config", metavar="REPO_OR_DIR", default=None,
-                   help=f"for a single-file --model: the pipeline folder or Hub repo id whose configs and "
-                        f"tokenizer it uses (default {DEFAULT_MODEL})")
+                   help=f"for a single-file --model: the pipeline folder or Hub repo id whose configs, "
+                        f"tokenizer and scheduler config it uses (default {DEFAULT_MODEL})")
     p.add_argument("--variant", default=None,
                    help="load variant weight files, e.g. fp16 for diffusion_pytorch_model.fp16.safetensors "
                         "(about half the download)")
@@ -112,7 +112,7 @@ def main(argv=None) -> int:
 
     import jax
     from sdjax import parallel
-    from sdjax.cli_utils import default_dtype, enable_compilation_cache, run_sampling
+    from sdjax.cli_utils import count, default_dtype, enable_compilation_cache, out_of_memory, run_sampling
     # Several hosts (a TPU pod, srun, mpirun): the same command on each; the seeds are split over
     # every device of every host, and process 0 writes the images. Before JAX touches a device.
     parallel.initialize_distributed()
@@ -141,12 +141,21 @@ def main(argv=None) -> int:
         return _fail(e)
     if main_process:
         print(f"loaded {req.model} ({dtype}) in {time.perf_counter() - t0:.1f} s; "
-              f"{len(req.jobs)} images: {len(req.prompts)} prompt(s) x {len(req.seeds)} seed(s)"
+              f"{count(len(req.jobs), 'image')}: {count(len(req.prompts), 'prompt')} x {count(len(req.seeds), 'seed')}"
               + (f" on {jax.process_count()} processes, {jax.device_count()} devices" if jax.process_count() > 1
                  else ""))
-    result = run_sampling(pipe, req, progress=args.progress)
+    try:
+        result = run_sampling(pipe, req, progress=args.progress)
+    except jax.errors.JaxRuntimeError as e:
+        message = out_of_memory(e, f"make fewer images per compiled call (--batch-size; default 4 per device), "
+                                   f"smaller ones (--height, --width) or use --dtype bfloat16. The images "
+                                   f"written before this are in {req.out}")
+        if message is None:
+            raise
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return 1
     if main_process:
-        print(f"wrote {len(result.files) + len(result.extra_files)} files to {req.out}")
+        print(f"wrote {count(len(result.files) + len(result.extra_files), 'file')} to {req.out}")
         print(result.summary())
     return 0
 

@@ -14,7 +14,8 @@ def exported(final, cfg) -> str:
 
 
 def main(argv=None) -> int:
-    from sdjax.cli_utils import UsageError
+    import jax
+    from sdjax.cli_utils import UsageError, out_of_memory
     from sdjax.training.data import DataError, TFDSNotInstalled
     from sdjax.training.loop import Trainer, TrainingDiverged, train  # before the try: its except clauses name them
     from sdjax.weights import CheckpointError
@@ -32,7 +33,17 @@ def main(argv=None) -> int:
             finally:
                 trainer.close()
             return 0
-        final = train(cfg)
+        try:
+            final = train(cfg)
+        except jax.errors.JaxRuntimeError as e:
+            message = out_of_memory(e, "lower --batch-size (and raise --gradient-accumulation to keep the global "
+                                       "batch), or try --mixed-precision bf16, --gradient-checkpointing, a lower "
+                                       "--resolution, or --config low_memory; --resume continues from the last "
+                                       f"checkpoint in {cfg.output_dir}")
+            if message is None:
+                raise
+            print(f"train.py: error: {message}", file=sys.stderr)
+            return 1
         if final is not None:
             print(f"done: {cfg.max_steps} steps; pipeline exported to {exported(final, cfg)}")
         return 0

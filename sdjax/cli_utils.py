@@ -320,7 +320,22 @@ class CompileTimer:
             _timers.remove(self)
 
 
+def out_of_memory(error: BaseException, advice: str) -> str | None:
+    """For a JAX runtime error that says the device ran out of memory (XLA's RESOURCE_EXHAUSTED):
+    one line with XLA's reason and ``advice``, for sample.py / train.py to print instead of a
+    traceback. None for any other error."""
+    import jax
+    if not isinstance(error, jax.errors.JaxRuntimeError) or "RESOURCE_EXHAUSTED" not in str(error):
+        return None
+    return f"out of device memory ({str(error).strip().splitlines()[0]}): {advice}"
+
+
 # ----------------------------------------------------------------------------- the sampling loop
+def count(n: int, noun: str) -> str:
+    """``"1 image"``, ``"4 images"``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 @dataclasses.dataclass
 class SampleResult:
     files: list[Path]
@@ -334,7 +349,7 @@ class SampleResult:
         (compilation included, model loading not), X = N / S, and Y the part of S that JAX reports as
         compilation (tracing + lowering + XLA compile, or loading from the persistent cache)."""
         rate = self.num_images / self.seconds if self.seconds > 0 else float("inf")
-        return (f"{self.num_images} images in {self.seconds:.1f} s ({rate:.2f} images/s, "
+        return (f"{count(self.num_images, 'image')} in {self.seconds:.1f} s ({rate:.2f} images/s, "
                 f"compile {self.compile_seconds:.1f} s)")
 
 

@@ -1,6 +1,7 @@
 """Prompt tokenization with transformers' CLIPTokenizer (vocab.json + merges.txt, or tokenizer.json)."""
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Sequence
 
@@ -9,9 +10,25 @@ import numpy as np
 from sdjax.weights import CheckpointError, resolve_model_dir
 
 
+def _clip_tokenizer_class():
+    """transformers' CLIPTokenizer, imported without the "PyTorch was not found. Models won't be
+    available" advice transformers prints when torch is not installed: sdjax uses only its
+    tokenizers, which need no torch, and a newcomer would take the line for a broken install."""
+    previous = os.environ.get("TRANSFORMERS_NO_ADVISORY_WARNINGS")
+    os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"
+    try:
+        from transformers import CLIPTokenizer
+    finally:
+        if previous is None:
+            del os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"]
+        else:
+            os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = previous
+    return CLIPTokenizer
+
+
 def load_tokenizer(path_or_repo_id, *, subfolder: str | None = "tokenizer", revision: str | None = None):
     """The checkpoint's ``CLIPTokenizer`` (from a local pipeline folder or a Hub repo id)."""
-    from transformers import CLIPTokenizer
+    CLIPTokenizer = _clip_tokenizer_class()
     directory = resolve_model_dir(path_or_repo_id, subfolder, revision, allow_patterns=["*.json", "*.txt"])
     try:
         return CLIPTokenizer.from_pretrained(str(directory))
@@ -35,8 +52,10 @@ def tokenize(tokenizer, prompts: str | Sequence[str], max_length: int | None = N
         if len(ids) > max_length:
             dropped = len(ids) - max_length
             start = prompt if len(prompt) <= 40 else prompt[:40] + "..."
+            tail = tokenizer.decode(ids[max_length - 1:-1])
+            tail = tail if len(tail) <= 100 else tail[:100] + "..."
             warnings.warn(f"{kind} {start!r} is {len(ids)} tokens long; CLIP reads {max_length} (start and end "
-                          f"tokens included), so the last {dropped} tokens were dropped: "
-                          f"{tokenizer.decode(ids[max_length - 1:-1])!r}", UserWarning, stacklevel=2)
+                          f"tokens included), so the last {dropped} tokens were dropped: {tail!r}", UserWarning,
+                          stacklevel=2)
     ids = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True).input_ids
     return np.asarray(ids, dtype=np.int32)

@@ -377,6 +377,22 @@ def test_steps_the_schedule_cannot_take_exit_2_before_writing(pipe_dir, pipe, tm
     assert not out.exists()
 
 
+def test_out_of_device_memory_is_one_line_with_advice(pipe_dir, pipe, tmp_path, capsys, monkeypatch):
+    import jax
+    import sdjax.cli_utils
+    reason = "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 12884901888 bytes."
+
+    def fails(*args, **kwargs):
+        raise jax.errors.JaxRuntimeError(reason)
+    monkeypatch.setattr(sdjax.cli_utils, "run_sampling", fails)
+    out = tmp_path / "out"
+    rc, _, stderr = run_main(capsys, "a cat", "--model", pipe_dir, "--out", out)
+    assert rc == 1 and stderr == (
+        f"sample.py: error: out of device memory ({reason}): make fewer images per compiled call (--batch-size; "
+        f"default 4 per device), smaller ones (--height, --width) or use --dtype bfloat16. The images written "
+        f"before this are in {out}\n")
+
+
 # ----------------------------------------------------------------------------- the script itself
 def test_script_subprocess_and_persistent_compilation_cache(pipe_dir, tmp_path):
     """Run twice in fresh processes: the first fills the compilation cache, the second compiles nothing.
@@ -395,7 +411,7 @@ def test_script_subprocess_and_persistent_compilation_cache(pipe_dir, tmp_path):
              "--progress", "batches"],  # JAX caches no program with host callbacks, as a step bar's
             env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        assert re.search(r"^1 images in [\d.]+ s \([\d.]+ images/s, compile [\d.]+ s\)$", proc.stdout, re.M), \
+        assert re.search(r"^1 image in [\d.]+ s \([\d.]+ images/s, compile [\d.]+ s\)$", proc.stdout, re.M), \
             proc.stdout
         assert sorted(p.name for p in out.iterdir()) == ["00000-seed1-a-photo-of-a-cat.png"]
         hits.append(re.findall(r"Persistent compilation cache hit for '([^']+)'", proc.stderr))

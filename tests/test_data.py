@@ -1,8 +1,10 @@
 """Fine-tuning data: folder/TFDS loading, validation, preprocessing, deterministic sharded batches."""
 
 import io
+import re
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -520,7 +522,7 @@ def test_tfds_open_errors_are_data_errors(monkeypatch):
 
 def test_tfds_missing_package(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # makes the import fail
-    with pytest.raises(ImportError, match=r'pip install "sdjax\[tfds\]"'):
+    with pytest.raises(ImportError, match=re.escape('pip install -e ".[tfds]" in the sdjax checkout')):
         load_captioned_images("tfds:mnist")
 
 
@@ -539,4 +541,7 @@ def test_parse_tfds_source():
 
 
 def test_module_constants():
-    assert data.TFDS_INSTALL_HINT == 'pip install "sdjax[tfds]"'
+    # the install command the error prints is the README's (sdjax is installed from its checkout)
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    command = 'pip install -e ".[tfds]"'
+    assert data.TFDS_INSTALL_HINT.startswith(command) and f"(`{command}`)" in readme

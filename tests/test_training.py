@@ -966,6 +966,7 @@ BAD_VALUES = {   # flag value -> what the error says; all checked before the mod
 @pytest.mark.parametrize("case", ["unknown_key", "resolution", "no_train_data", "bad_type", "missing_config",
                                   "preset_of_sample_py",
                                   "tfds_not_installed", "resume_wrong_dir", "export_wrong_dir", "float_seeds",
+                                  "export_step_alone",
                                   "samples_past_the_schedule", "x0_model", *BAD_VALUES])
 def test_train_py_usage_errors(case, pipeline_dir, data_dir, tmp_path, monkeypatch):
     base = flags(model=pipeline_dir, train_data=data_dir, output_dir=tmp_path / "out")
@@ -988,12 +989,13 @@ def test_train_py_usage_errors(case, pipeline_dir, data_dir, tmp_path, monkeypat
         "preset_of_sample_py": (["--config", "draft", *base], ["config file 'draft' does not exist; 'draft' is a "
                                 "preset of sample.py", "the presets here are low_memory, style"]),
         "tfds_not_installed": (flags(model=pipeline_dir, train_data="tfds:mnist", output_dir=tmp_path / "out"),
-                               ['sources need the optional package tensorflow-datasets', 'pip install "sdjax[tfds]"']),
+                               ['sources need the optional package tensorflow-datasets', 'pip install -e ".[tfds]" in the sdjax checkout']),
         "resume_wrong_dir": (["--output-dir", tmp_path / "out", "--resume"],
                              [f"--resume: {tmp_path / 'out'} has no train_config.json", "and no checkpoints"]),
         "export_wrong_dir": (["--output-dir", tmp_path / "out", "--export"],
                              [f"--export: {tmp_path / 'out'} has no train_config.json", "and no checkpoints"]),
         "float_seeds": (["--config", seeds_preset, *base], ["validation_seeds=[1, 1.5] is not a valid int"]),
+        "export_step_alone": ([*base, "--export-step", "2"], ["--export-step 2: only with --export"]),
         # checked once the model is loaded, before any training
         "samples_past_the_schedule": ([*base, "--sample-steps", "1000"],
                                       ["--sample-steps 1000: the samples' pndm with 1000 steps", "reaches timestep "
@@ -1011,6 +1013,27 @@ def test_train_py_usage_errors(case, pipeline_dir, data_dir, tmp_path, monkeypat
     for text in expected:
         assert text in stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("reason", ["RESOURCE_EXHAUSTED: Out of memory allocating 786354382176 bytes.",
+                                    "INTERNAL: something else"])
+def test_train_py_out_of_device_memory_is_one_line_with_advice(reason, pipeline_dir, data_dir, tmp_path,
+                                                               monkeypatch):
+    from sdjax.training import loop
+
+    def fails(cfg, **kwargs):
+        raise jax.errors.JaxRuntimeError(reason)
+    monkeypatch.setattr(loop, "train", fails)
+    argv = flags(model=pipeline_dir, train_data=data_dir, output_dir=tmp_path / "out")
+    if reason.startswith("RESOURCE_EXHAUSTED"):
+        rc, stdout, stderr = run_train_py(argv)
+        assert rc == 1 and stderr == (
+            f"train.py: error: out of device memory ({reason}): lower --batch-size (and raise --gradient-accumulation "
+            "to keep the global batch), or try --mixed-precision bf16, --gradient-checkpointing, a lower --resolution, "
+            f"or --config low_memory; --resume continues from the last checkpoint in {tmp_path / 'out'}\n")
+    else:   # any other runtime error keeps its traceback
+        with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
+            run_train_py(argv)
 
 
 def test_export_without_a_checkpoint_changes_nothing(tmp_path):

@@ -18,8 +18,8 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "train"  # sample
 HELP = {
     "model": "Hub repo id, local diffusers pipeline folder, or single-file checkpoint (original SD layout; a path or "
              "a Hub file URL) to fine-tune",
-    "model_config": "for a single-file --model: the pipeline folder or Hub repo id whose configs and tokenizer it "
-                    "uses (none: SD v1.5's)",
+    "model_config": "for a single-file --model: the pipeline folder or Hub repo id whose configs, tokenizer and "
+                    "scheduler config it uses (none: SD v1.5's)",
     "export_single_file": "also write OUTPUT_DIR/final.safetensors, the original SD single-file layout that "
                           "AUTOMATIC1111 and ComfyUI load, in this dtype: float16, bfloat16 or float32",
     "train_data": "folder with train_images/ and image_captions.csv, or tfds:NAME[/CONFIG][:SPLIT]",
@@ -120,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
         kind, is_list, _ = _field_type(field)
         flag = "--" + field.name.replace("_", "-")
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
-        help_text = f"{HELP.get(field.name, field.name.replace('_', ' '))} (default: {default})"
+        shown = "none, required for a new run" if field.name == "train_data" else default
+        help_text = f"{HELP.get(field.name, field.name.replace('_', ' '))} (default: {shown})"
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
         elif is_list:
@@ -146,6 +147,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, argparse
     recorded: dict[str, Any] = {}
     args.recorded = None
     export = getattr(args, "export", False)
+    if getattr(args, "export_step", None) is not None and not export:
+        raise UsageError(f"--export-step {args.export_step}: only with --export (which exports that checkpoint "
+                         "instead of training)")
     resume = given.get("resume", preset.get("resume"))
     missing_record = None   # why --resume/--export found no run in OUTPUT_DIR
     if resume or export:

@@ -9,7 +9,7 @@ Sources (``load_captioned_images(source)``):
         train_images/        # the CSV's filenames are relative to this folder (subfolders allowed)
 
 * a TFDS dataset, ``"tfds:NAME[/CONFIG][:SPLIT]"`` (split defaults to ``train``; slices such as
-  ``train[:90%]`` work). Needs the optional extra: ``pip install "sdjax[tfds]"``.
+  ``train[:90%]`` work). Needs the optional extra: ``pip install -e ".[tfds]"`` in the checkout.
 
 Every row is checked when the dataset is loaded, so a bad file stops the run before any compute is
 spent, with one `DataError` that lists every bad row (or, with ``skip_bad_rows=True``, the bad rows
@@ -45,7 +45,8 @@ CAPTIONS_FILENAME = "image_captions.csv"
 IMAGES_DIRNAME = "train_images"
 CSV_HEADER = ("filename", "caption")
 TFDS_PREFIX = "tfds:"
-TFDS_INSTALL_HINT = 'pip install "sdjax[tfds]"'
+TFDS_INSTALL_HINT = ('pip install -e ".[tfds]" in the sdjax checkout (or pip install tensorflow-datasets '
+                     'tensorflow-cpu)')  # sdjax is not on PyPI: the extra installs from the checkout
 
 
 class TFDSNotInstalled(ImportError):
