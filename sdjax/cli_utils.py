@@ -161,6 +161,9 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
         if key not in CONFIG_KEYS:
             raise UsageError(f"{path}: unknown key {raw_key!r} (known keys: {', '.join(CONFIG_KEYS)})")
         types, _ = CONFIG_KEYS[key]
+        if (isinstance(value, str) and float in (types if isinstance(types, tuple) else (types,))
+                and re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value)):
+            value = float(value)  # YAML 1.1 reads 1e1 (no dot) as text; it is meant as a number
         wrong_bool = isinstance(value, bool) and types is not bool
         if not isinstance(value, types) or wrong_bool:
             raise UsageError(f"{path}: key {raw_key!r} has value {value!r}; expected {_type_name(types)}")

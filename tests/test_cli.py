@@ -194,6 +194,11 @@ def test_presets_load_and_precedence(tmp_path):
     cfg.write_text("out: ~/pictures\nvariant: fp16\n")
     req, _ = sample.parse_request(["a cat", "--config", str(cfg)])
     assert (req.out, req.variant) == (str(Path.home() / "pictures"), "fp16")   # not a folder named "~"
+    cfg.write_text("guidance_scale: 1e1\n")   # YAML 1.1 reads this as the text '1e1'
+    assert load_config(cfg)["guidance_scale"] == 10.0
+    cfg.write_text("steps: 1e1\n")            # still no integer
+    with pytest.raises(UsageError, match="key 'steps' has value '1e1'; expected an integer"):
+        load_config(cfg)
 
 
 # ----------------------------------------------------------------------------- generating
