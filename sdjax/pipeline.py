@@ -313,8 +313,9 @@ class StableDiffusion:
         return the predicted clean image (the "noise resolving into a picture" view).
         ``progress``: ``True`` or ``"steps"`` shows a bar over the denoising steps of every batch;
         ``"batches"`` one over batches; or pass your own bar (any object with ``update(n)``, e.g.
-        a ``tqdm``), advanced once per UNet evaluation (PNDM: steps + 1). Step bars add one host callback per step to the
-        compiled sampler (compiled once more, then reused); ``"batches"`` and ``False`` add none.
+        a ``tqdm``), advanced once per UNet evaluation (PNDM: steps + 1). Step bars add one host
+        callback per step to the compiled sampler (compiled once more, then reused); ``"batches"``
+        and ``False`` add none.
         """
         if prompts is None:
             raise TypeError(f"prompts is required: {_EXPECTED['prompts']}")

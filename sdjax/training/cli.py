@@ -65,7 +65,8 @@ def _field_type(field: dataclasses.Field) -> tuple[type, bool, bool]:
 def _convert(name: str, value: Any, origin: str) -> Any:
     field = {f.name: f for f in dataclasses.fields(TrainConfig)}[name]
     kind, is_list, optional = _field_type(field)
-    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and (optional or kind is not str)):
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null")
+                         and (optional or kind is not str)):
         return None
     if kind is str and isinstance(value, bool):
         if name == "mixed_precision" and value is False:   # YAML reads a bare `no` as false

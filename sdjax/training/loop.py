@@ -613,7 +613,8 @@ class Trainer:
         """A complete pipeline folder with the trained weights (EMA when kept), loadable by
         sdjax and by diffusers' PyTorch StableDiffusionPipeline; with ``export_single_file``, also
         ``<directory>.safetensors`` beside it, the single file AUTOMATIC1111 and ComfyUI load
-        (without, an earlier export's single file there is removed). Returns the folder (None on processes other than 0, which write nothing)."""
+        (without, an earlier export's single file there is removed). Returns the folder (None on
+        processes other than 0, which write nothing)."""
         pipe = self.sampling_pipeline()
         directory = Path(directory or self.out / "final")
         if jax.process_index() != 0:
