@@ -16,9 +16,9 @@ from sdjax import parallel, sampling
 from sdjax.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
 from sdjax.schedulers import SCHEDULERS, make_scheduler
 from sdjax.text import load_tokenizer, tokenize
-from sdjax.weights import (SINGLE_FILE_SUFFIXES, CheckpointError, fetch_missing_bin_weights, fetch_single_file,
-                           hub_files, is_url, load_single_file, read_config, read_json_object, resolve_dtype,
-                           resolve_model_dir, save_pipeline, save_single_file)
+from sdjax.weights import (SINGLE_FILE_SUFFIXES, CheckpointError, fetch_missing_bin_weights, hub_files,
+                           is_url, load_single_file, prepare_single_file, read_config, read_json_object,
+                           resolve_dtype, resolve_model_dir, save_pipeline, save_single_file)
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 PARTS = {"text_encoder": CLIPTextModel, "unet": UNet2DConditionModel, "vae": AutoencoderKL}  # folder -> model
@@ -263,7 +263,7 @@ class StableDiffusion:
         folder or Hub repo id of the same architecture (only its config files, tokenizer and
         scheduler config are downloaded, ~2 MB)."""
         dtype = resolve_dtype(dtype)
-        local = fetch_single_file(file, download=False)  # what can be checked before fetching the configs
+        local_file = prepare_single_file(file)  # checked before the configs are fetched; a URL downloads later
         patterns = ["model_index.json", "scheduler/scheduler_config.json", "tokenizer/*",
                     *(f"{part}/config.json" for part in PARTS)]
         try:
@@ -273,7 +273,7 @@ class StableDiffusion:
                                   f"Hub repo (config=, sample.py/train.py --model-config): {e}") from e
         configs = {part: read_config(root / part, model_cls)[0] for part, model_cls in PARTS.items()}
         extras = _tokenizer_and_scheduler(root)
-        models = load_single_file(local or fetch_single_file(file), configs, dtype=dtype)  # a URL: download now
+        models = load_single_file(local_file(), configs, dtype=dtype)
         return cls(**models, **extras, mesh=mesh, name=str(file))
 
     def save_pretrained(self, directory, *, format: str = "both", dtype=None, overwrite: bool = False) -> Path:

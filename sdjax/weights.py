@@ -762,15 +762,16 @@ def is_url(text: str | os.PathLike) -> bool:
     return str(text).startswith(("http://", "https://"))
 
 
-def fetch_single_file(file: str | os.PathLike, *, download: bool = True) -> Path | None:
-    """A single-file checkpoint on this machine: a local path as it is, or a Hugging Face Hub file
-    URL (``https://huggingface.co/OWNER/NAME/blob/REV/FILE``, or ``resolve/``) downloaded into the
-    Hub cache (once: a file in the cache is used as it is, without network). A ``.safetensors`` URL's
-    header is read first, so a file of another architecture is refused before gigabytes are
-    downloaded. Checked as `check_single_file` does; returns the path (None for a URL not in the
-    cache with ``download=False``: only the checks that need no download)."""
+def prepare_single_file(file: str | os.PathLike) -> Callable[[], Path]:
+    """Check a single-file checkpoint as far as can be done without its bytes, and return a
+    function that gives its local path. ``file`` is a local path, or a Hugging Face Hub file URL
+    (``https://huggingface.co/OWNER/NAME/blob/REV/FILE``, or ``resolve/``): one in the Hub cache is
+    used as it is, without network; otherwise a ``.safetensors`` URL's header is read now (so a
+    file of another architecture is refused before gigabytes are downloaded) and the returned
+    function downloads it. Raises `CheckpointError` saying what is wrong, as `check_single_file`."""
     if not is_url(file):
-        return check_single_file(file)
+        local = check_single_file(file)
+        return lambda: local
     url = str(file)
     match = _HUB_FILE_URL.fullmatch(url)
     if match is None:
@@ -784,25 +785,30 @@ def fetch_single_file(file: str | os.PathLike, *, download: bool = True) -> Path
         raise CheckpointError(f"{url}: {filename} is not a single-file checkpoint sdjax reads (expected one of "
                               f"{', '.join(SINGLE_FILE_SUFFIXES)})")
     import huggingface_hub
+    command = (f"hf download {shlex.quote(repo)} {shlex.quote(filename)} --revision {shlex.quote(revision)} "
+               "--local-dir DIR")
+    failed = lambda e: _hub_error(  # noqa: E731
+        url, e, f"download it where there is (`{command}`) and pass DIR/{filename} instead")
     try:  # downloaded before: no network needed (HF_HUB_OFFLINE=1 works)
-        return check_single_file(huggingface_hub.hf_hub_download(repo, filename, revision=revision,
-                                                                 local_files_only=True))
+        local = check_single_file(huggingface_hub.hf_hub_download(repo, filename, revision=revision,
+                                                                  local_files_only=True))
+        return lambda: local
     except huggingface_hub.errors.LocalEntryNotFoundError:
         pass
-    try:
-        if filename.endswith(".safetensors"):  # the header alone: a few hundred kB
+    if filename.endswith(".safetensors"):  # the header alone: a few hundred kB
+        try:
             header = huggingface_hub.HfApi().parse_safetensors_file_metadata(repo, filename, revision=revision)
-            _check_single_file_keys(url, list(header.tensors))
-        if not download:
-            return None
-        local = huggingface_hub.hf_hub_download(repo, filename, revision=revision)
-    except CheckpointError:
-        raise
-    except Exception as e:
-        command = (f"hf download {shlex.quote(repo)} {shlex.quote(filename)} --revision {shlex.quote(revision)} "
-                   "--local-dir DIR")
-        raise _hub_error(url, e, f"download it where there is (`{command}`) and pass DIR/{filename} instead") from e
-    return check_single_file(local)
+        except Exception as e:
+            raise failed(e) from e
+        _check_single_file_keys(url, list(header.tensors))
+
+    def download() -> Path:
+        try:
+            path = huggingface_hub.hf_hub_download(repo, filename, revision=revision)
+        except Exception as e:
+            raise failed(e) from e
+        return check_single_file(path)
+    return download
 
 
 def _check_single_file_keys(file: Path | str, keys: list[str]) -> None:
