@@ -8,7 +8,7 @@ import sys
 def exported(final, cfg) -> str:
     """The export's folder, and its single file when one was written."""
     from sdjax.training.loop import Trainer
-    if final is None or not cfg.export_single_file:
+    if not cfg.export_single_file:
         return str(final)
     return f"{final} and {Trainer.single_file_path(final)} ({cfg.export_single_file})"
 
@@ -29,7 +29,9 @@ def main(argv=None) -> int:
             # (metrics.jsonl, train_config.json).
             trainer = Trainer.for_export(cfg, step=getattr(args, "export_step", None))
             try:
-                print(f"exported step {int(trainer.state.step)} to {exported(trainer.export(), cfg)}")
+                final = trainer.export()
+                if final is not None:  # None on processes other than 0, which write nothing
+                    print(f"exported step {int(trainer.state.step)} to {exported(final, cfg)}")
             finally:
                 trainer.close()
             return 0

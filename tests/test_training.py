@@ -48,7 +48,7 @@ from sdjax import parallel
 from sdjax.cli_utils import UsageError
 from sdjax.training import step as S
 from sdjax.training.checkpoint import Checkpointer
-from sdjax.training.cli import parse_args
+from sdjax.training.cli import CONFIG_DIR, load_train_config, parse_args
 from sdjax.training.data import DataError, write_captioned_folder
 from sdjax.images import umask
 from sdjax.training.loop import TrainConfig, Trainer
@@ -916,6 +916,38 @@ def test_export_loads_in_sdjax_and_diffusers_with_ema_weights(full_run):
     assert [r["step"] for r in metrics(out)] == [1, 2, 3]          # --export leaves the run's log alone
 
 
+def test_a_failed_export_leaves_the_earlier_folder_and_single_file(full_run, tmp_path, monkeypatch):
+    """final/ and final.safetensors are one export: when writing either fails (a full disk), both
+    stay as the earlier export left them, and no partial file is left beside them."""
+    from sdjax.pipeline import StableDiffusion
+    cfg, _ = parse_args(["--output-dir", str(full_run["out"]), "--export", "--export-single-file", "float32"])
+    trainer = Trainer.for_export(cfg, step=2)
+    try:
+        final = trainer.export(tmp_path / "final")
+        single = Trainer.single_file_path(final)
+        before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+        assert single in before and final / "unet" / "diffusion_pytorch_model.safetensors" in before
+        trainer.state = trainer.state._replace(ema=jax.tree.map(lambda x: x + 1, trainer.state.ema))
+        original = {name: getattr(StableDiffusion, name) for name in ("save_pretrained", "save_single_file")}
+        for failing in original:
+            def fail(self, path, *args, _failing=failing, **kwargs):
+                if _failing == "save_single_file":   # the whole (temporary) file, then the disk fills up
+                    original[_failing](self, path, *args, **kwargs)
+                raise OSError(28, "No space left on device")   # the folder: before its rename into place
+            with monkeypatch.context() as patch:
+                patch.setattr(StableDiffusion, failing, fail)
+                with pytest.raises(OSError, match="No space left"):
+                    trainer.export(final)
+            assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before, failing
+        trainer.export(final)   # the new weights, once nothing fails: both change
+        after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+        assert after.keys() == before.keys() and after[single] != before[single]
+        assert after[final / "unet" / "diffusion_pytorch_model.safetensors"] != \
+            before[final / "unet" / "diffusion_pytorch_model.safetensors"]
+    finally:
+        trainer.close()
+
+
 def test_resume_below_the_checkpoint_step_is_refused(full_run):
     """--resume --max-steps 2 of a run at step 3 would export step 3's weights as "done: 2 steps"
     (and rewrite step 2's samples with them): it is an error pointing to --export-step, and
@@ -960,6 +992,7 @@ BAD_VALUES = {   # flag value -> what the error says; all checked before the mod
     "adam_b1": ("1.5", "adam_b1=1.5 must be in [0, 1) (--adam-b1)"),
     "output_dir": ("gs://bucket/run", "output_dir='gs://bucket/run' must be a folder of the file system"),
     "model_config": ("elsewhere", "--model-config elsewhere: only for a single-file --model"),
+    "caption_key": ("text", "caption_key='text' is a TFDS setting, and train_data="),   # with folder data
 }
 
 
@@ -1108,11 +1141,25 @@ def test_resume_and_export_take_the_recorded_settings(tmp_path):
     recorded = dataclasses.asdict(TrainConfig(model="base", train_data="data", output_dir="elsewhere",
                                               learning_rate=5e-5, random_flip=False, max_steps=100))
     (out / "train_config.json").write_text(json.dumps(recorded))
-    resumed, args = parse_args(["--output-dir", str(out), "--resume", "--max-steps", "200", "--config", "style"])
+    resumed, args = parse_args(["--output-dir", str(out), "--resume", "--max-steps", "200"])
     assert args.recorded == out / "train_config.json" and resumed.resume
     assert (resumed.model, resumed.train_data, resumed.output_dir) == ("base", "data", str(out))
     assert (resumed.learning_rate, resumed.random_flip, resumed.max_steps) == (5e-5, False, 200)
-    assert resumed.caption_dropout == 0.0 and resumed.ema_decay is None   # recorded, not the preset's
+    # A preset below the record would do nothing where it differs from it: an error naming those keys
+    # and the flags that would change them (keys set as flags, or equal to the record, are fine).
+    with pytest.raises(UsageError) as refused:
+        parse_args(["--output-dir", str(out), "--resume", "--config", "style", "--random-flip", "--max-steps", "200"])
+    message = str(refused.value)
+    assert message.startswith(f"--config style: with --resume, the settings recorded in {out / 'train_config.json'}")
+    for key, flag in [("learning_rate", "--learning-rate 1e-05"), ("ema_decay", "--ema-decay 0.9999"),
+                      ("caption_dropout", "--caption-dropout 0.1"), ("warmup_steps", "--warmup-steps 50")]:
+        assert key in message and flag in message, key
+    assert "random_flip" not in message and "max_steps" not in message
+    style = load_train_config(CONFIG_DIR / "style.yaml")
+    (out / "train_config.json").write_text(json.dumps({**recorded, **style}))
+    resumed, _ = parse_args(["--output-dir", str(out), "--resume", "--config", "style"])   # the run's own preset
+    assert (resumed.learning_rate, resumed.ema_decay) == (1e-5, 0.9999)
+    (out / "train_config.json").write_text(json.dumps(recorded))
     exported, args = parse_args(["--output-dir", str(out), "--export"])
     assert args.recorded and exported.learning_rate == 5e-5
     (out / "train_config.json").write_text(json.dumps({**recorded, "export_single_file": "float16"}))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
 import typing
 from pathlib import Path
 from typing import Any, Sequence
@@ -92,6 +93,16 @@ def _convert(name: str, value: Any, origin: str) -> Any:
         raise UsageError(f"{origin}: {name}={value!r} is not a valid {kind.__name__}") from e
 
 
+def _as_flag(name: str, value: Any) -> str:
+    """``name=value`` as train.py's command-line flag (for messages)."""
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+        return flag if value else "--no-" + flag[2:]
+    if value is None:
+        return f"{flag} none"
+    return " ".join([flag, *(shlex.quote(str(v)) for v in (value if isinstance(value, list) else [value]))])
+
+
 def load_train_config(path: Path) -> dict[str, Any]:
     import yaml
     try:
@@ -137,7 +148,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, argparse
     ``--export``, the settings the run recorded in ``OUTPUT_DIR/train_config.json`` come between
     the flags and the preset (they already hold that run's preset and flags), so
     ``train.py --output-dir DIR --resume`` continues a run as it was started; ``args.recorded``
-    is that file, or None."""
+    is that file, or None. A preset key that differs from the record (and is not a flag) would
+    do nothing there, so it is a UsageError naming the flags to give instead."""
     args = build_parser().parse_args(argv)
     preset = {}
     if getattr(args, "config", None):
@@ -159,6 +171,15 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, argparse
         if found is not None:
             recorded = {k: _convert(k, v, str(output_dir / RUN_CONFIG_FILE)) for k, v in found.items()}
             args.recorded = output_dir / RUN_CONFIG_FILE
+            # The record sits above the preset, so a preset key that differs from it would do nothing.
+            overruled = [k for k, v in preset.items() if k not in given and k in recorded and recorded[k] != v]
+            if overruled:
+                flags = " ".join(_as_flag(k, preset[k]) for k in overruled)
+                raise UsageError(
+                    f"--config {args.config}: with --{'export' if export else 'resume'}, the settings recorded in "
+                    f"{args.recorded} win over a preset, and the preset differs from them in "
+                    + ", ".join(f"{k} ({preset[k]!r}, recorded {recorded[k]!r})" for k in overruled)
+                    + f"; to change them for this run, give them as flags: {flags}")
         else:
             checkpoints = output_dir / "checkpoints"
             has_checkpoints = checkpoints.is_dir() and any(checkpoints.iterdir())

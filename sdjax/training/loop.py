@@ -159,6 +159,11 @@ class TrainConfig:
             raise bad("validation_seeds", "must hold at least one seed")
         if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and 0 <= v <= MAX_SEED for v in seeds):
             raise bad("validation_seeds", f"must be whole numbers in [0, {MAX_SEED}]")
+        if self.train_data and not str(self.train_data).startswith("tfds:"):   # a folder: no TFDS features
+            for name in ("image_key", "caption_key", "tfds_data_dir"):
+                if getattr(self, name) != getattr(TrainConfig, name):
+                    raise bad(name, f"is a TFDS setting, and train_data={self.train_data!r} is a folder "
+                                    "(remove it, or train on tfds:NAME)")
         if self.cache_latents and (self.random_flip or not self.center_crop):
             raise ValueError("cache_latents needs fixed images: use center_crop and no random_flip "
                              "(--cache-latents with --center-crop and --no-random-flip)")
@@ -619,12 +624,20 @@ class Trainer:
         directory = Path(directory or self.out / "final")
         if jax.process_index() != 0:
             return None
-        pipe.save_pretrained(directory, format=self.cfg.export_format, overwrite=True)
         single_file = self.single_file_path(directory)
-        if self.cfg.export_single_file:
-            pipe.save_single_file(single_file, dtype=self.cfg.export_single_file)
-        else:  # an earlier export's: it would pass for this one
-            single_file.unlink(missing_ok=True)
+        if not self.cfg.export_single_file:
+            pipe.save_pretrained(directory, format=self.cfg.export_format, overwrite=True)
+            single_file.unlink(missing_ok=True)  # an earlier export's: it would pass for this one
+            return directory
+        # The pair is replaced together: the single file is written first under a temporary name, so a
+        # failure in either write leaves the earlier export's folder and file as they were.
+        pending = single_file.with_name(f".{single_file.stem}.pending.safetensors")
+        try:
+            pipe.save_single_file(pending, dtype=self.cfg.export_single_file)
+            pipe.save_pretrained(directory, format=self.cfg.export_format, overwrite=True)
+            os.replace(pending, single_file)
+        finally:
+            pending.unlink(missing_ok=True)
         return directory
 
     @staticmethod
