@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 import weakref
 from pathlib import Path
 from typing import Sequence
@@ -14,7 +15,7 @@ from flax import nnx
 
 from sdjax import parallel, sampling
 from sdjax.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
-from sdjax.schedulers import SCHEDULERS, make_scheduler
+from sdjax.schedulers import SCHEDULERS, make_scheduler, pipeline_scheduler_config
 from sdjax.text import load_tokenizer, tokenize
 from sdjax.weights import (SINGLE_FILE_SUFFIXES, CheckpointError, fetch_missing_bin_weights, hub_files,
                            is_url, load_single_file, prepare_single_file, read_config, read_json_object,
@@ -154,6 +155,7 @@ class StableDiffusion:
         self.text_encoder, self.unet, self.vae = text_encoder, unet, vae
         self.tokenizer, self.scheduler_config, self.name = tokenizer, dict(scheduler_config), name
         self.mesh = mesh or parallel.data_mesh()
+        self._warned: set[tuple] = set()
         self._graphdefs = sampling.SDState(*(nnx.graphdef(m) for m in (text_encoder, unet, vae)))
         self._refresh_state()
         self._generate = jax.jit(
@@ -294,7 +296,16 @@ class StableDiffusion:
 
     # ------------------------------------------------------------------ sampling
     def make_scheduler(self, scheduler: str = "pndm", num_inference_steps: int = 50, **options):
-        return make_scheduler(scheduler, self.scheduler_config, num_inference_steps, **options)
+        """The ``scheduler`` the way diffusers' StableDiffusionPipeline builds it from this model's
+        scheduler config: with an outdated ``steps_offset`` or ``clip_sample: true`` corrected, as
+        the pipeline does (a warning says so), then `schedulers.make_scheduler`. ``options``
+        override config keys (and win over the corrections)."""
+        config, changes = pipeline_scheduler_config(scheduler, self.scheduler_config)
+        if changes and (scheduler, *changes) not in self._warned:   # once per pipeline and correction
+            self._warned.add((scheduler, *changes))
+            warnings.warn(f"{self.name or 'the model'}: scheduler/scheduler_config.json has outdated settings, "
+                          f"corrected as diffusers' StableDiffusionPipeline does: {', '.join(changes)}", stacklevel=2)
+        return make_scheduler(scheduler, config, num_inference_steps, **options)
 
     def __call__(self, prompts: str | Sequence[str], negative_prompts: str | Sequence[str] | None = None,
                  seeds: int | Sequence[int] = 0, num_inference_steps: int = 50, guidance_scale: float = 7.5,

@@ -51,6 +51,7 @@ __all__ = [
     "make_scheduler",
     "make_noise_schedule",
     "resolve_scheduler_config",
+    "pipeline_scheduler_config",
     "add_noise",
     "get_velocity",
     "step_noise",
@@ -137,6 +138,41 @@ def resolve_scheduler_config(name: str, config: dict, **options) -> dict:
             )
         settings[key] = value
     return settings
+
+
+# diffusers' StableDiffusionPipeline rewrites two outdated settings of the scheduler it is given (its
+# __init__, with a deprecation warning): steps_offset != 1 becomes 1 and clip_sample true becomes false.
+_PIPELINE_FIXUPS = (("steps_offset", lambda v: v != 1, 1), ("clip_sample", lambda v: v is True, False))
+
+
+def pipeline_scheduler_config(name: str, config: dict) -> tuple[dict, list[str]]:
+    """The config the ``name`` scheduler of diffusers' StableDiffusionPipeline is built from, and
+    the settings that differ from ``config`` (``"steps_offset=0 -> 1"``).
+
+    The pipeline corrects an outdated ``steps_offset`` (to 1) and ``clip_sample: true`` (to false)
+    in the scheduler config it loads. A value the file holds is corrected for every scheduler made
+    from it (``Kind.from_config(pipe.scheduler.config)``); a value the file leaves out is corrected
+    only for the file's own class (``_class_name``), whose default it was, while other classes keep
+    their own defaults, as in diffusers.
+    """
+    _check_name(name)
+    defaulted = set(config.get("_use_default_values", ()))
+    own_defaults = ({**_COMMON_DEFAULTS, **_CLASS_DEFAULTS[name]}
+                    if config.get("_class_name") == _DIFFUSERS_CLASS[name] else {})
+    fixed, changes = dict(config), []
+    for key, is_outdated, value in _PIPELINE_FIXUPS:
+        if key in config and key not in defaulted:
+            current = config[key]
+        elif key in own_defaults:
+            current = own_defaults[key]
+        else:
+            continue
+        if is_outdated(current):
+            fixed[key] = value
+            changes.append(f"{key}={current!r} -> {value!r}")
+            if key in defaulted:   # now set for this class
+                fixed["_use_default_values"] = [k for k in fixed["_use_default_values"] if k != key]
+    return fixed, changes
 
 
 def _check_name(name: str) -> None:
@@ -935,6 +971,8 @@ def _build_ddim(settings: dict, num_steps: int) -> DDIMScheduler:
 
 
 def _build_ddpm(settings: dict, num_steps: int) -> DDPMScheduler:
+    if settings["variance_type"] is None:   # e.g. from a DPM-Solver config; diffusers then takes fixed_small's path
+        settings = {**settings, "variance_type": "fixed_small"}
     _require(settings["variance_type"] in ("fixed_small", "fixed_small_log", "fixed_large"),
              f"DDPM variance_type {settings['variance_type']!r} is not supported")
     alphas_cumprod = _alphas_cumprod(settings)
@@ -1006,11 +1044,18 @@ def _build_euler_family(name: str, settings: dict, num_steps: int) -> _SigmaSche
 
 
 def _build_dpm_solver(settings: dict, num_steps: int) -> DPMSolverMultistepScheduler:
+    if settings["algorithm_type"] == "deis" and settings["final_sigmas_type"] == "zero":   # as diffusers
+        raise ValueError("dpmpp_2m from a config with algorithm_type='deis' needs final_sigmas_type='sigma_min' "
+                         "(as in diffusers)")
+    # diffusers' own substitutions, for configs written for DEIS / UniPC
+    renamed = {"algorithm_type": {"deis": "dpmsolver++"}, "solver_type": dict.fromkeys(("logrho", "bh1", "bh2"),
+                                                                                      "midpoint")}
+    settings = {**settings, **{key: names.get(settings[key], settings[key]) for key, names in renamed.items()}}
     _require(settings["algorithm_type"] == "dpmsolver++", "only algorithm_type='dpmsolver++' is supported")
     _require(settings["solver_order"] in (1, 2), "only solver_order 1 or 2 is supported")
     _require(settings["solver_type"] in ("midpoint", "heun"), "solver_type must be 'midpoint' or 'heun'")
     _require(not settings["thresholding"], "dynamic thresholding is not supported")
-    _require(settings["variance_type"] is None, "learned variance outputs are not supported")
+    _require(settings["variance_type"] not in ("learned", "learned_range"), "learned variance outputs are not supported")
     for flag in ("use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas",
                  "use_dynamic_shifting"):
         _require(not settings[flag], f"{flag} is not supported")

@@ -92,6 +92,35 @@ def test_matches_diffusers_pipeline(pipe, reference_pipe, name, steps):
         assert np.abs(ours - ref).max() <= 2e-3, (name, steps, negatives)
 
 
+def test_outdated_scheduler_config_is_corrected_as_in_diffusers(tiny_pipeline_dir, tmp_path):
+    """A DDIM config from an old training script (steps_offset 0, clip_sample true): diffusers'
+    pipeline corrects both (offset 1, no clipping of the predicted x0), and so does sdjax, saying so."""
+    import shutil
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    model = tmp_path / "old-ddim"
+    shutil.copytree(tiny_pipeline_dir, model)
+    config_file = model / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "_class_name": "DDIMScheduler", "steps_offset": 0,
+                                       "clip_sample": True}))
+    with pytest.warns(FutureWarning):   # diffusers' deprecation notices
+        ref = StableDiffusionPipeline.from_pretrained(model, safety_checker=None)
+    ref.scheduler = DDIMScheduler.from_config(ref.scheduler.config)   # model_index.json names PNDMScheduler
+    ref.set_progress_bar_config(disable=True)
+    latents = latents_for(2, seed=5) * 3   # far enough from 0 that clipping x0 to [-1, 1] would show
+    theirs = ref(PROMPTS, num_inference_steps=5, height=SIZE, width=SIZE, output_type="np",
+                 latents=torch.from_numpy(latents.transpose(0, 3, 1, 2))).images
+    ours_pipe = StableDiffusion.from_pretrained(model)
+    with pytest.warns(UserWarning, match=r"corrected as diffusers' StableDiffusionPipeline does: steps_offset=0 -> 1, "
+                                         r"clip_sample=True -> False"):
+        ours = ours_pipe(PROMPTS, num_inference_steps=5, height=SIZE, width=SIZE, scheduler="ddim",
+                         latents=latents).images
+    uncorrected = ours_pipe(PROMPTS, num_inference_steps=5, height=SIZE, width=SIZE, scheduler="ddim",
+                            scheduler_options=dict(steps_offset=0, clip_sample=True), latents=latents).images
+    assert np.abs(ours - theirs).max() <= 2e-3
+    assert np.abs(uncorrected - theirs).max() > 1e-2   # the correction is what makes them agree
+
+
 def test_guidance_one_skips_unconditional_pass(pipe, reference_pipe):
     reference_pipe.scheduler = diffusers_scheduler(reference_pipe, "ddim")
     latents = latents_for(2, seed=3)

@@ -461,6 +461,75 @@ def test_config_resolution_follows_diffusers():
     assert S.make_scheduler("ddim", SD15_SCHEDULER_CONFIG, 10, eta=0.5).stochastic
 
 
+OUTDATED_CONFIGS = {   # scheduler configs that diffusers' StableDiffusionPipeline corrects (or not)
+    "ddim-offset0-clip": {**SD15_SCHEDULER_CONFIG, "_class_name": "DDIMScheduler", "steps_offset": 0,
+                          "clip_sample": True},
+    "ddim-without-offset-clip": {k: v for k, v in {**SD15_SCHEDULER_CONFIG, "_class_name": "DDIMScheduler"}.items()
+                                 if k not in ("steps_offset", "clip_sample")},
+    "pndm-without-offset": {k: v for k, v in SD15_SCHEDULER_CONFIG.items() if k != "steps_offset"},
+    "sd15": SD15_SCHEDULER_CONFIG,
+}
+
+
+@pytest.mark.parametrize("config_name", OUTDATED_CONFIGS)
+@pytest.mark.parametrize("name", ["pndm", "ddim", "euler", "dpmpp_2m", "ddpm"])
+def test_outdated_scheduler_configs_are_corrected_as_diffusers_pipeline_does(name, config_name, noise_nchw):
+    """StableDiffusionPipeline rewrites steps_offset != 1 to 1 and clip_sample true to false: a value
+    the file holds for every scheduler swapped in with ``from_config(pipe.scheduler.config)``, a
+    value it leaves out for the file's own class only. sdjax's schedulers match the pipeline's: same
+    timesteps and settings, and (deterministic ones) the same trajectory."""
+    import warnings
+    from diffusers import StableDiffusionPipeline
+    config = OUTDATED_CONFIGS[config_name]
+    own = next(k for k, cls in DIFFUSERS_CLASSES.items() if cls.__name__ == config["_class_name"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # diffusers' deprecation messages
+        pipe = StableDiffusionPipeline(vae=None, text_encoder=None, tokenizer=None, unet=None,
+                                       scheduler=DIFFUSERS_CLASSES[own].from_config(config), safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+        reference = (pipe.scheduler if name == own else DIFFUSERS_CLASSES[name].from_config(pipe.scheduler.config))
+    reference.set_timesteps(10)
+    fixed, changes = S.pipeline_scheduler_config(name, config)
+    # held outdated values: corrected for every class; left-out ones: for the file's own class only
+    assert bool(changes) == (config_name == "ddim-offset0-clip" or (config_name != "sd15" and name == own))
+    settings = S.resolve_scheduler_config(name, fixed)
+    for key in ("steps_offset", "clip_sample"):
+        if key in settings:   # the settings this class takes
+            assert settings[key] == reference.config[key], key
+    scheduler = S.make_scheduler(name, fixed, 10)
+    np.testing.assert_array_equal(scheduler.timesteps, reference.timesteps.numpy().astype(np.float64))
+    if not scheduler.stochastic:
+        errors = relative_step_errors(np.asarray(run_sdjax(scheduler, jnp.asarray(to_nhwc(noise_nchw)))),
+                                      run_diffusers(reference, noise_nchw))
+        assert errors.max() <= TOL
+
+
+@pytest.mark.parametrize("name,config_changes", [
+    ("ddpm", {"_class_name": "DPMSolverMultistepScheduler"}),             # variance_type None: fixed_small's path
+    ("dpmpp_2m", {"_class_name": "DDPMScheduler", "variance_type": "fixed_small"}),   # ignored by DPM-Solver
+    ("dpmpp_2m", {"_class_name": "UniPCMultistepScheduler", "solver_type": "bh2"}),   # diffusers: midpoint
+    ("dpmpp_2m", {"algorithm_type": "deis", "solver_type": "logrho", "final_sigmas_type": "sigma_min"}),  # ++
+])
+def test_settings_of_other_schedulers_configs_are_taken_as_diffusers_takes_them(name, config_changes, noise_nchw):
+    """A model whose scheduler_config.json was written for another scheduler still samples with
+    every sdjax scheduler diffusers builds from it."""
+    config = {**SD15_SCHEDULER_CONFIG, "variance_type": None, **config_changes}
+    reference = DIFFUSERS_CLASSES[name].from_config(config)
+    reference.set_timesteps(10)
+    scheduler = S.make_scheduler(name, config, 10)
+    np.testing.assert_array_equal(scheduler.timesteps, reference.timesteps.numpy().astype(np.float64))
+    if not scheduler.stochastic:
+        errors = relative_step_errors(np.asarray(run_sdjax(scheduler, jnp.asarray(to_nhwc(noise_nchw)))),
+                                      run_diffusers(reference, noise_nchw))
+        assert errors.max() <= TOL
+    if config.get("algorithm_type") == "deis":   # diffusers refuses it with the default final_sigmas_type
+        config = {**config, "final_sigmas_type": "zero"}
+        with pytest.raises(ValueError, match="final_sigmas_type"):
+            DIFFUSERS_CLASSES[name].from_config(config)
+        with pytest.raises(ValueError, match="needs final_sigmas_type='sigma_min'"):
+            S.make_scheduler(name, config, 10)
+
+
 def test_unknown_names_and_options_are_errors():
     with pytest.raises(ValueError) as excinfo:
         S.make_scheduler("bogus", SD15_SCHEDULER_CONFIG, 10)
