@@ -112,7 +112,9 @@ def main(argv=None) -> int:
 
     import jax
     from sdjax import parallel
-    from sdjax.cli_utils import count, default_dtype, enable_compilation_cache, out_of_memory, run_sampling
+    from sdjax.cli_utils import (count, default_dtype, enable_compilation_cache, out_of_memory, run_sampling,
+                                 show_warnings_as_lines)
+    show_warnings_as_lines("sample.py")
     # Several hosts (a TPU pod, srun, mpirun): the same command on each; the seeds are split over
     # every device of every host, and process 0 writes the images. Before JAX touches a device.
     parallel.initialize_distributed()

@@ -15,7 +15,8 @@ def exported(final, cfg) -> str:
 
 def main(argv=None) -> int:
     import jax
-    from sdjax.cli_utils import UsageError, out_of_memory
+    from sdjax.cli_utils import UsageError, out_of_memory, show_warnings_as_lines
+    show_warnings_as_lines("train.py")
     from sdjax.training.data import DataError, TFDSNotInstalled
     from sdjax.training.loop import Trainer, TrainingDiverged, train  # before the try: its except clauses name them
     from sdjax.weights import CheckpointError

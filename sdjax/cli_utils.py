@@ -29,6 +29,19 @@ class UsageError(ValueError):
     """Bad input to the command line tool: the message is shown to the user as is."""
 
 
+def show_warnings_as_lines(prog: str) -> None:
+    """Print Python warnings as one line, ``prog: warning: message``, through ``tqdm.write``: no
+    source line, and a progress bar on the terminal is redrawn below the warning, not broken by it."""
+    import sys
+    import warnings
+    from tqdm import tqdm
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        kind = "warning" if category is UserWarning else category.__name__
+        tqdm.write(f"{prog}: {kind}: {message}", file=file or sys.stderr)
+    warnings.showwarning = show
+
+
 # ----------------------------------------------------------------------------- seeds and prompts
 def parse_seeds(text: str | int | Sequence[int]) -> list[int]:
     """``"7"`` -> [7]; ``"0-3"`` -> [0, 1, 2, 3] (inclusive); ``"3,7,9"``; mixed ``"0-2,10"``.
