@@ -1009,7 +1009,8 @@ def _interpolated_sigmas(sigma_table: np.ndarray, timesteps: np.ndarray) -> np.n
 def _build_euler_family(name: str, settings: dict, num_steps: int) -> _SigmaScheduler:
     if name == "euler":
         _require(settings["interpolation_type"] == "linear", "Euler interpolation_type must be 'linear'")
-        _require(settings["timestep_type"] == "discrete", "Euler timestep_type must be 'discrete'")
+        _require(settings["timestep_type"] == "discrete" or settings["prediction_type"] != "v_prediction",
+                 "Euler timestep_type='continuous' with v_prediction is not supported")   # diffusers: only then
     for flag in ("use_exponential_sigmas", "use_beta_sigmas"):
         _require(not settings.get(flag, False), f"{flag} is not supported")
     alphas_cumprod = (_sigma_alphas_cumprod(settings) if name != "lms" else _alphas_cumprod(settings))

@@ -133,6 +133,7 @@ DETERMINISTIC_CASES = [
     ("dpmpp_2m", 7, {"timestep_spacing": "trailing"}),
     ("pndm", 10, {"skip_prk_steps": False}),  # Runge-Kutta warm-up
     ("euler", 10, {"use_karras_sigmas": True}),
+    ("euler", 10, {"timestep_type": "continuous"}),   # diffusers acts on it with v_prediction only
     ("lms", 10, {"use_karras_sigmas": True}),
     ("dpmpp_2m", 20, {"final_sigmas_type": "sigma_min"}),
     ("dpmpp_2m", 10, {"solver_type": "heun"}),
