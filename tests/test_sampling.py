@@ -290,6 +290,16 @@ def test_bf16_sampler_stays_close_to_fp32(pipe, pipe_bf16, scheduler):
     assert err.max() <= 0.05 and err.mean() <= 0.01, (err.max(), err.mean())
 
 
+def test_float16_pipeline_runs_on_the_cpu_close_to_fp32(pipe, tiny_pipeline_dir):
+    """XLA:CPU has no fp16 attention dot (fp16 x fp16 -> fp32): fp16 attention there runs in fp32,
+    so ``dtype=float16`` (``sample.py --dtype float16``) works on the CPU, within the bf16 bound."""
+    half = StableDiffusion.from_pretrained(tiny_pipeline_dir, dtype="float16")
+    kw = dict(seeds=[0, 1], num_inference_steps=STEPS, height=SIZE, width=SIZE)
+    ref, got = pipe(PROMPTS, **kw).images, half(PROMPTS, **kw).images
+    err = np.abs(got - ref)
+    assert np.isfinite(got).all() and err.max() <= 0.05 and err.mean() <= 0.01, (err.max(), err.mean())
+
+
 @pytest.mark.parametrize("kwargs,message", [
     (dict(height=30), "height=30: must be a positive multiple of 8"),
     (dict(scheduler="heun"), "unknown scheduler 'heun'"),

@@ -56,6 +56,9 @@ def attention(q_BTNH, k_BSNH, v_BSNH, *, is_causal: bool = False, upcast: bool =
     if ATTENTION_IMPLEMENTATION not in ("auto", "xla", "cudnn", "blocked"):
         raise ValueError(f"SDJAX_ATTENTION={ATTENTION_IMPLEMENTATION!r}: expected auto, xla, cudnn or blocked")
     dtype = q_BTNH.dtype
+    # XLA:CPU has no fp16 x fp16 -> fp32 dot (jax.nn.dot_product_attention's, blocked_attention's):
+    # fp16 attention there runs in fp32.
+    upcast = upcast or (dtype == jnp.float16 and jax.default_backend() == "cpu")
     if upcast and dtype != jnp.float32:
         q_BTNH, k_BSNH, v_BSNH = (a.astype(jnp.float32) for a in (q_BTNH, k_BSNH, v_BSNH))
     if ATTENTION_IMPLEMENTATION == "cudnn" and q_BTNH.dtype in (jnp.bfloat16, jnp.float16):
