@@ -274,13 +274,23 @@ def default_cache_dir() -> Path:
     return Path(base).expanduser() / "sdjax" / "jax"
 
 
-def enable_compilation_cache(directory: str | os.PathLike | None = None) -> Path:
+def enable_compilation_cache(directory: str | os.PathLike | None = None) -> Path | None:
     """Turn on JAX's persistent compilation cache in ``directory`` (default :func:`default_cache_dir`)
     for every compilation, however small or quick, so a second run of the same shapes loads the
-    compiled programs instead of compiling them again. Call before the first compilation."""
+    compiled programs instead of compiling them again. Call before the first compilation. The
+    cache only saves time: a folder that cannot be created or written (a read-only home on a
+    cluster) is a warning, and None is returned with the cache left off."""
+    import warnings
     import jax
     directory = Path(directory).expanduser() if directory else default_cache_dir()
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise PermissionError("not writable")
+    except OSError as e:
+        warnings.warn(f"compilation cache {directory}: {e.strerror or e}; running without it (set "
+                      "--compilation-cache to a writable folder, or none)", stacklevel=2)
+        return None
     jax.config.update("jax_compilation_cache_dir", str(directory))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)  # no size threshold at all

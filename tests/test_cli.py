@@ -398,6 +398,18 @@ def test_out_of_device_memory_is_one_line_with_advice(pipe_dir, pipe, tmp_path, 
         f"before this are in {out}\n")
 
 
+def test_an_unwritable_compilation_cache_is_a_warning(tmp_path):
+    """The cache only saves time: a folder that cannot be made (here under a file; a read-only home
+    on a cluster) leaves it off with a warning, where it crashed sample.py after the input checks."""
+    import jax
+    from sdjax.cli_utils import enable_compilation_cache
+    (tmp_path / "afile").write_text("")
+    before = jax.config.jax_compilation_cache_dir
+    with pytest.warns(UserWarning, match=r"compilation cache .*afile/cache: .*; running without it"):
+        assert enable_compilation_cache(tmp_path / "afile" / "cache") is None
+    assert jax.config.jax_compilation_cache_dir == before
+
+
 # ----------------------------------------------------------------------------- the script itself
 def test_script_subprocess_and_persistent_compilation_cache(pipe_dir, tmp_path):
     """Run twice in fresh processes: the first fills the compilation cache, the second compiles nothing.
