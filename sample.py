@@ -156,6 +156,9 @@ def main(argv=None) -> int:
             raise
         print(f"{PROG}: error: {message}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:   # each image is written whole (a temporary file renamed into place)
+        print(f"\n{PROG}: interrupted; the images written before it are in {req.out}", file=sys.stderr)
+        return 130
     if main_process:
         print(f"wrote {count(len(result.files) + len(result.extra_files), 'file')} to {req.out}")
         print(result.summary())
@@ -163,4 +166,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:   # while loading: nothing written yet
+        print(f"\n{PROG}: interrupted", file=sys.stderr)
+        sys.exit(130)

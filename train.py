@@ -13,9 +13,21 @@ def exported(final, cfg) -> str:
     return f"{final} and {Trainer.single_file_path(final)} ({cfg.export_single_file})"
 
 
+def how_to_resume(cfg) -> str:
+    """Where a stopped run can go on from: its newest complete checkpoint, or none yet."""
+    from pathlib import Path
+    from sdjax.training.checkpoint import checkpoint_steps
+    directory = Path(cfg.output_dir)
+    steps = checkpoint_steps(directory / "checkpoints")
+    if not steps:
+        return f"no checkpoint was saved yet in {directory / 'checkpoints'} (the first is at step {cfg.checkpoint_every})"
+    return (f"the newest complete checkpoint is step {steps[-1]}: python train.py --output-dir {directory} --resume "
+            "continues from it")
+
+
 def main(argv=None) -> int:
     import jax
-    from sdjax.cli_utils import UsageError, out_of_memory, show_warnings_as_lines
+    from sdjax.cli_utils import UsageError, count, out_of_memory, show_warnings_as_lines
     show_warnings_as_lines("train.py")
     from sdjax.training.data import DataError, TFDSNotInstalled
     from sdjax.training.loop import Trainer, TrainingDiverged, train  # before the try: its except clauses name them
@@ -47,8 +59,16 @@ def main(argv=None) -> int:
                 raise
             print(f"train.py: error: {message}", file=sys.stderr)
             return 1
+        except KeyboardInterrupt:
+            print(f"\ntrain.py: interrupted; {how_to_resume(cfg)}", file=sys.stderr)
+            return 130
+        except FileNotFoundError:
+            raise
+        except OSError as e:   # a full disk, a network folder gone: the run stopped where it was
+            print(f"train.py: error: {e}; {how_to_resume(cfg)}", file=sys.stderr)
+            return 1
         if final is not None:
-            print(f"done: {cfg.max_steps} steps; pipeline exported to {exported(final, cfg)}")
+            print(f"done: {count(cfg.max_steps, 'step')}; pipeline exported to {exported(final, cfg)}")
         return 0
     except (UsageError, DataError, CheckpointError, FileNotFoundError, TFDSNotInstalled) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
@@ -59,4 +79,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:   # before training started (loading, an export): nothing half-written
+        print("\ntrain.py: interrupted", file=sys.stderr)
+        sys.exit(130)

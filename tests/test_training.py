@@ -794,9 +794,8 @@ def test_sigkill_during_save_resumes_from_last_complete_checkpoint(pipeline_dir,
 # ----------------------------------------------------------------------------- 4. NaN
 def test_nan_loss_stops_without_saving_the_nan_state(pipeline_dir, data_dir, tmp_path, monkeypatch):
     """A NaN batch at step 3 (logging every 5 steps, checkpoints every 2): train.py stops at the
-    next check, before checkpoint 4 could store NaN weights, exits 3 naming checkpoint 2 (newest,
-    not vouched for by a later finite loss), and every
-    checkpoint on disk is finite."""
+    next check, before checkpoint 4 could store NaN weights, exits 3 naming checkpoint 2 (the only
+    one, not vouched for by a later finite loss), and every checkpoint on disk is finite."""
     out = tmp_path / "run"
     real_next_batch = Trainer.next_batch
 
@@ -813,7 +812,11 @@ def test_nan_loss_stops_without_saving_the_nan_state(pipeline_dir, data_dir, tmp
     rc, stdout, stderr = run_train_py(argv)
     assert rc == 3, stderr
     assert "loss is nan at step 4" in stderr
-    assert f"The newest checkpoint is {out / 'checkpoints' / '2'} (finite, but its weights may" in stderr
+    # the one checkpoint may already hold diverging weights: if a resume from it diverges again, the
+    # way out is a new run (not the same advice again)
+    assert f"The only checkpoint is {out / 'checkpoints' / '2'} (finite, but its weights may be diverging). Lower " \
+           "--learning-rate and --resume; if that diverges again, start a new run with a lower --learning-rate in " \
+           "another --output-dir." in stderr
     assert complete_steps(out) == [2] and temporary_checkpoints(out) == []
     for step in complete_steps(out):
         state = saved_state(out, step)
@@ -946,6 +949,38 @@ def test_a_failed_export_leaves_the_earlier_folder_and_single_file(full_run, tmp
             before[final / "unet" / "diffusion_pytorch_model.safetensors"]
     finally:
         trainer.close()
+
+
+@pytest.mark.parametrize("stop", ["interrupt", "disk_full"])
+def test_a_stopped_run_says_where_it_can_resume(full_run, stop, pipeline_dir, data_dir, tmp_path, monkeypatch):
+    """Ctrl-C, or an OSError such as a full disk, mid-run: one line naming the newest complete
+    checkpoint and the --resume command (or that none was saved yet), not a traceback."""
+    import sdjax.training.loop as loop
+
+    def stopped(cfg, **_):
+        if stop == "interrupt":
+            raise KeyboardInterrupt
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(loop, "train", stopped)
+    out = full_run["out"]
+    rc, _, stderr = run_train_py(["--output-dir", out, "--resume"])
+    said = "train.py: interrupted" if stop == "interrupt" else "train.py: error: [Errno 28] No space left on device"
+    assert rc == (130 if stop == "interrupt" else 1)
+    assert stderr.strip() == f"{said}; the newest complete checkpoint is step 3: python train.py --output-dir {out} " \
+                              "--resume continues from it"
+    rc, _, stderr = run_train_py(flags(model=pipeline_dir, train_data=data_dir, output_dir=tmp_path / "new",
+                                       checkpoint_every=50))
+    assert f"{said}; no checkpoint was saved yet in {tmp_path / 'new' / 'checkpoints'} (the first is at step 50)" \
+        in stderr
+
+
+def test_an_output_dir_that_cannot_be_written_is_refused_before_loading(pipeline_dir, data_dir, tmp_path):
+    """--output-dir under a file (or on a read-only disk): a usage error before the model and data
+    load, where Orbax raised NotADirectoryError at its first checkpoint."""
+    (tmp_path / "afile").write_text("")
+    rc, _, stderr = run_train_py(flags(model=pipeline_dir, train_data=data_dir, output_dir=tmp_path / "afile" / "run"))
+    assert rc == 2 and stderr == f"train.py: error: --output-dir {tmp_path / 'afile' / 'run'}: cannot write there " \
+                                 "(Not a directory)\n", stderr
 
 
 def test_resume_below_the_checkpoint_step_is_refused(full_run):

@@ -12,6 +12,7 @@ import json
 import math
 import numbers
 import os
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -322,10 +323,17 @@ def _check_processes_share_the_output_dir(out: Path, *, create: bool) -> None:
     on every host. On host-local disks the processes would disagree (one resumes, another starts at
     step 0) and hang in their first collective. Each process writes a file named by a token all of
     them know, then reports which of the others' files it sees; every process raises the same
-    UsageError naming the processes that see another folder or cannot write to it. One process:
-    nothing to check, nothing written. ``create`` makes the folder first (a fresh run); without it,
-    a folder no process has is left to the caller's own error (an export's "no checkpoint")."""
+    UsageError naming the processes that see another folder or cannot write to it. ``create``
+    makes the folder first (a fresh run); without it, a folder no process has is left to the
+    caller's own error (an export's "no checkpoint"). One process with ``create``: only that it
+    can make the folder and write in it."""
     if jax.process_count() == 1:
+        if create:   # before the model and data load, not at the first checkpoint
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+                tempfile.TemporaryFile(dir=out).close()
+            except OSError as e:
+                raise UsageError(f"--output-dir {out}: cannot write there ({e.strerror or e})") from e
         return
     needs = "a multi-host run needs an output folder every host shares (NFS, or a bucket mounted with gcsfuse)"
     me = jax.process_index()
@@ -549,13 +557,20 @@ class Trainer:
                         # Checkpoint k holds the weights after update k; only a finite loss at a later
                         # step vouches for them, so the newest one may be where the divergence began.
                         saved = [self.checkpoints.directory / str(k) for k in sorted(self.checkpoints.all_steps())]
-                        hint = (f"The newest checkpoint is {saved[-1]} (finite, but its weights may be diverging)"
-                                if saved else "No checkpoint was saved before it")
                         if len(saved) > 1:
-                            hint += f"; if a resume from it diverges again, delete it to resume from {saved[-2]}"
+                            hint = (f"The newest checkpoint is {saved[-1]} (finite, but its weights may be "
+                                    f"diverging). Lower --learning-rate and --resume; if that diverges again, delete "
+                                    f"{saved[-1]} to resume from {saved[-2]}.")
+                        elif saved:
+                            hint = (f"The only checkpoint is {saved[0]} (finite, but its weights may be diverging). "
+                                    "Lower --learning-rate and --resume; if that diverges again, start a new run "
+                                    "with a lower --learning-rate in another --output-dir.")
+                        else:
+                            hint = ("No checkpoint was saved before it: run again with a lower --learning-rate (the "
+                                    "same command; there is nothing to resume).")
                         raise TrainingDiverged(
                             f"{'loss' if bad == 'loss' else 'gradient norm'} is {metrics[bad]} at step {step}; "
-                            f"stopped without saving. {hint}. Lower --learning-rate and --resume.")
+                            f"stopped without saving. {hint}")
                 if log_now:
                     now = time.perf_counter()
                     metrics["images_per_s"] = global_batch * (step - last_logged) / (now - last_time)
