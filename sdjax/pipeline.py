@@ -57,8 +57,12 @@ def model_options_problem(model: str, model_config: str | None, variant: str | N
 
 def _tokenizer_and_scheduler(root: Path) -> dict:
     """The tokenizer and scheduler config of a pipeline folder, as `StableDiffusion` takes them."""
-    scheduler_config = read_json_object(root / "scheduler" / "scheduler_config.json", f"{root}: no "
-                                        "scheduler/scheduler_config.json (is this a diffusers pipeline folder?)")
+    if (root / "final").is_dir() and not (root / "scheduler").is_dir():   # a train.py output folder
+        hint = f"it looks like a train.py output folder: its exported pipeline is {root / 'final'}"
+    else:
+        hint = "is this a diffusers pipeline folder?"
+    scheduler_config = read_json_object(root / "scheduler" / "scheduler_config.json",
+                                        f"{root}: no scheduler/scheduler_config.json ({hint})")
     return dict(tokenizer=load_tokenizer(root), scheduler_config=scheduler_config)
 
 

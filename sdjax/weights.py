@@ -515,12 +515,19 @@ def resolve_model_dir(path_or_repo_id: str | os.PathLike, subfolder: str | None 
     try:
         root = Path(snapshot_download(str(path_or_repo_id), revision=revision, allow_patterns=patterns))
     except Exception as e:
+        if type(e).__name__ == "HFValidationError":   # e.g. "my-model~": no repo id could look like it
+            raise CheckpointError(f"{path_or_repo_id}: no such local folder, and not a Hugging Face Hub repo id "
+                                  "(OWNER/NAME)") from e
         # The command that fetches just these files (the whole SD v1.5 repo is ~20 GB more).
         command = " ".join(["hf download", shlex.quote(str(path_or_repo_id)),
                             *([f"--revision {shlex.quote(revision)}"] if revision else []),
                             *[f"--include {shlex.quote(p)}" for p in patterns], "--local-dir DIR"])
-        raise _hub_error(f"{path_or_repo_id!r} (revision {revision!r})", e,
-                         f"download the files sdjax reads where there is (`{command}`) and pass DIR instead") from e
+        error = _hub_error(f"{path_or_repo_id!r} (revision {revision!r})", e,
+                           f"download the files sdjax reads where there is (`{command}`) and pass DIR instead")
+        if local.parent.is_dir() and str(local.parent) != ".":   # "runs/fnal" for "runs/final": a typo?
+            error = CheckpointError(f"{path_or_repo_id}: no such local folder ({local.parent} has no {local.name!r}); "
+                                    f"as a Hub repo id: {error}")
+        raise error from e
     out = root / subfolder if subfolder else root
     if not out.is_dir():
         raise CheckpointError(f"{path_or_repo_id}: the repo has no {subfolder}/ folder")

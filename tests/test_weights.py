@@ -62,6 +62,24 @@ def test_model_path_that_is_a_file_or_a_missing_relative_folder(tmp_path, monkey
         UNet2DConditionModel.from_pretrained("./no-such/model")
 
 
+def test_mistyped_local_paths_that_look_like_hub_ids(tmp_path, monkeypatch):
+    """``runs/fnal`` (for ``runs/final``) has a Hub repo id's shape, so it is tried there, but the
+    error says first that ``runs`` has no ``fnal``; a name no repo id can have is not sent at all.
+    A train.py output folder given for its exported pipeline points to ``final/``."""
+    from sdjax import StableDiffusion
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "final").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match=r"^runs/fnal: no such local folder \(runs has no 'fnal'\); as a Hub "
+                                              r"repo id: could not get 'runs/fnal'"):
+        UNet2DConditionModel.from_pretrained("runs/fnal", subfolder="unet")
+    with pytest.raises(CheckpointError, match=r"^my-model~: no such local folder, and not a Hugging Face Hub repo id"):
+        UNet2DConditionModel.from_pretrained("my-model~", subfolder="unet")
+    with pytest.raises(CheckpointError, match=r"runs: no scheduler/scheduler_config.json \(it looks like a train.py "
+                                              r"output folder: its exported pipeline is runs/final\)"):
+        StableDiffusion.from_pretrained("runs")
+
+
 def test_bad_config_is_named(tmp_path):
     (tmp_path / "config.json").write_text("[1, 2]")
     with pytest.raises(CheckpointError, match=r"config.json: expected a JSON object"):
