@@ -90,12 +90,18 @@ _DIGITS = re.compile(r"[0-9]+")  # ASCII only: str.isdigit() accepts '²', which
 
 def read_prompts_file(path: str | os.PathLike) -> list[str]:
     """One prompt per line (UTF-8, with or without a byte-order mark); blank lines are skipped. An
-    empty or missing file is an error."""
+    empty or missing file is an error. A pipe works too (``--prompts-file -`` reads standard
+    input; ``<(...)``, ``/dev/stdin``)."""
+    import sys
+    stdin = str(path) == "-"
     path = Path(path)
-    if not path.is_file():
+    if not stdin and path.is_dir():
+        raise UsageError(f"prompts file {str(path)!r} is a folder; give a text file with one prompt per line")
+    if not stdin and not path.exists():
         raise UsageError(f"prompts file {str(path)!r} does not exist")
     try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
+        data = sys.stdin.buffer.read() if stdin else path.read_bytes()
+        lines = data.decode("utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"cannot read prompts file {str(path)!r}: {e}") from e
     prompts = [line.strip() for line in lines if line.strip()]

@@ -320,6 +320,19 @@ def test_noising_trajectory(pipe):
     assert err(frames[2], pure_noise) < 0.05 * err(round_trip, pure_noise)
 
 
+def test_prompts_from_a_pipe_or_standard_input(tmp_path, monkeypatch):
+    """A pipe is not a regular file: ``<(...)`` / a FIFO and ``-`` (standard input) are read."""
+    import io
+    from sdjax.cli_utils import read_prompts_file
+    fifo = tmp_path / "prompts.fifo"
+    os.mkfifo(fifo)
+    writer = subprocess.Popen([sys.executable, "-c", f"open({str(fifo)!r}, 'w').write('a cat\\n\\na dog\\n')"])
+    assert read_prompts_file(fifo) == ["a cat", "a dog"]
+    writer.wait()
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO("\ufeffa bird\nan owl\n".encode())))
+    assert read_prompts_file("-") == ["a bird", "an owl"]
+
+
 # ----------------------------------------------------------------------------- bad input
 BAD_INPUTS = {
     "height": (["a cat", "--height", "30"], "multiple of 8"),
@@ -328,6 +341,7 @@ BAD_INPUTS = {
     "no_prompt": ([], "no prompt"),
     "missing_prompts_file": (["--prompts-file", "{tmp}/nope.txt"], "does not exist"),
     "empty_prompts_file": (["--prompts-file", "{tmp}/empty.txt"], "has no prompts"),
+    "prompts_file_is_a_folder": (["--prompts-file", "{tmp}"], "is a folder; give a text file"),
     "seeds_syntax": (["a cat", "--seeds", "1-x"], "bad seeds"),
     "seeds_reversed": (["a cat", "--seeds", "5-2"], "smaller than the start"),
     "seeds_not_ascii": (["a cat", "--seeds", "\u00b2"], "bad seeds"),
