@@ -99,7 +99,8 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
 
 
 def _fail(error: Exception) -> int:
-    message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    # one line: a strict-loading error's lines (missing keys, unexpected keys) become clauses
+    message = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
     print(f"{PROG}: error: {message}", file=sys.stderr)
     return 2
 

@@ -424,6 +424,20 @@ def test_an_unwritable_compilation_cache_is_a_warning(tmp_path):
     assert jax.config.jax_compilation_cache_dir == before
 
 
+def test_a_weights_mismatch_is_one_line_with_its_clauses(pipe_dir, tmp_path, capsys):
+    """The strict loader's multi-line error (missing keys, unexpected keys) is one line whose
+    clauses stay apart, not run together."""
+    import shutil
+    model = tmp_path / "mixed"
+    shutil.copytree(pipe_dir, model)
+    shutil.copy(model / "vae" / "diffusion_pytorch_model.safetensors", model / "unet")   # the VAE's keys
+    rc, _, stderr = run_main(capsys, "a cat", "--model", model, "--out", tmp_path / "out", "--compilation-cache", "none")
+    unet_file = model / "unet" / "diffusion_pytorch_model.safetensors"
+    assert rc == 2 and stderr.count("\n") == 1, stderr
+    assert stderr.startswith(f"sample.py: error: {unet_file}: the checkpoint does not match the model; missing keys (")
+    assert "; unexpected keys (" in stderr
+
+
 # ----------------------------------------------------------------------------- the script itself
 def test_script_subprocess_and_persistent_compilation_cache(pipe_dir, tmp_path):
     """Run twice in fresh processes: the first fills the compilation cache, the second compiles nothing.
