@@ -835,6 +835,8 @@ def full_run(tmp_path_factory, pipeline_dir, data_dir):
                                       "max_steps": 99, "checkpoint_every": 100, "sample_every": 2,
                                       "random_flip": True, "learning_rate": "1e-5"}))
     out = root / "run"
+    (out / "samples").mkdir(parents=True)   # an earlier run's sample, without its checkpoints: removed
+    Image.new("RGB", (8, 8)).save(out / "samples" / "step-000099.png")
     rc, stdout, stderr = run_train_py(["--config", preset, *flags(output_dir=out, max_steps=3, checkpoint_every=2,
                                                                    random_flip=False)])
     assert rc == 0, stderr

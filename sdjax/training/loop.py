@@ -457,6 +457,9 @@ class Trainer:
             out.mkdir(parents=True, exist_ok=True)
             record = json.dumps(_record(cfg), indent=2) + "\n"  # atomically: a resume and an export need it
             atomic_write(out / RUN_CONFIG_FILE, lambda tmp: tmp.write_text(record))
+            if resumed is None:   # a fresh run: an earlier run's samples would pass for its own
+                for old in (out / "samples").glob("step-*.png"):
+                    old.unlink()
         log = MetricsLog(out, enabled=main, spike_factor=cfg.spike_factor, resume_from_step=resumed)
         trainer = cls(cfg, out, mesh, pipe, graphdefs, frozen, state, data, checkpoints, step_cfg, step_fn, log)
         if cfg.cache_latents:
