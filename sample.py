@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Generate images from text prompts with Stable Diffusion v1.5 (JAX). "
                 "Flags override a --config preset, which overrides the defaults below.")
     p.add_argument("prompt", nargs="*", help="one or more prompts (each is combined with every seed)")
-    p.add_argument("--prompts-file", metavar="FILE", help="more prompts, one per line (- reads them from standard input)")
+    p.add_argument("--prompts-file", metavar="FILE",
+                   help="more prompts, one per line (- reads them from standard input)")
     p.add_argument("--config", metavar="YAML", help="preset of defaults: a file or a name in configs/ (draft, ...)")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"Hugging Face Hub repo id, local pipeline folder, or single-file checkpoint "

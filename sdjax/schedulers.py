@@ -1056,7 +1056,8 @@ def _build_dpm_solver(settings: dict, num_steps: int) -> DPMSolverMultistepSched
     _require(settings["solver_order"] in (1, 2), "only solver_order 1 or 2 is supported")
     _require(settings["solver_type"] in ("midpoint", "heun"), "solver_type must be 'midpoint' or 'heun'")
     _require(not settings["thresholding"], "dynamic thresholding is not supported")
-    _require(settings["variance_type"] not in ("learned", "learned_range"), "learned variance outputs are not supported")
+    _require(settings["variance_type"] not in ("learned", "learned_range"),
+             "learned variance outputs are not supported")
     for flag in ("use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas",
                  "use_dynamic_shifting"):
         _require(not settings[flag], f"{flag} is not supported")

@@ -431,7 +431,8 @@ def test_a_weights_mismatch_is_one_line_with_its_clauses(pipe_dir, tmp_path, cap
     model = tmp_path / "mixed"
     shutil.copytree(pipe_dir, model)
     shutil.copy(model / "vae" / "diffusion_pytorch_model.safetensors", model / "unet")   # the VAE's keys
-    rc, _, stderr = run_main(capsys, "a cat", "--model", model, "--out", tmp_path / "out", "--compilation-cache", "none")
+    rc, _, stderr = run_main(capsys, "a cat", "--model", model, "--out", tmp_path / "out",
+                             "--compilation-cache", "none")
     unet_file = model / "unet" / "diffusion_pytorch_model.safetensors"
     assert rc == 2 and stderr.count("\n") == 1, stderr
     assert stderr.startswith(f"sample.py: error: {unet_file}: the checkpoint does not match the model; missing keys (")
