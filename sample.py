@@ -13,6 +13,7 @@ message before the model is loaded, leaving --out untouched.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
@@ -82,9 +83,11 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
     parser = build_parser()
+    preset, path = {}, None
     if known.config:
         path = resolve_config_path(known.config, CONFIG_DIRS, other_tools={"train.py": CONFIG_DIRS[0] / "train"})
-        parser.set_defaults(**load_config(path))
+        preset = load_config(path)
+        parser.set_defaults(**preset)
     args = parser.parse_args(argv)
     prompts = list(args.prompt)
     if args.prompts_file:
@@ -95,8 +98,25 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
                         steps=args.steps, guidance_scale=args.guidance_scale, scheduler=args.scheduler,
                         height=args.height, width=args.width, dtype=args.dtype, batch_size=args.batch_size,
                         out=str(Path(args.out).expanduser()), variant=args.variant, grid=args.grid, trajectory=args.trajectory)
-    validate_request(req)
+    try:
+        validate_request(req)
+    except UsageError as e:
+        raise _from_the_preset(e, preset, path, args, sys.argv[1:] if argv is None else argv) from None
     return req, args
+
+
+def _from_the_preset(error: UsageError, preset: dict, path, args, argv) -> UsageError:
+    """``--height 30: must be ...`` when the 30 came from the --config file: name the file and key
+    instead of a flag the user did not type."""
+    found = re.match(r"--([\w-]+) [^:]*: (.*)|unknown (dtype|scheduler) [^:]*: (.*)", str(error))
+    if not found:
+        return error
+    key = (found.group(1) or found.group(3)).replace("-", "_")
+    flag = "--" + key.replace("_", "-")
+    if (key not in preset or getattr(args, key, None) != preset[key]
+            or any(a == flag or a.startswith(flag + "=") for a in map(str, argv))):
+        return error
+    return UsageError(f"{path}: key {key!r} has value {preset[key]!r}: {found.group(2) or found.group(4)}")
 
 
 def _fail(error: Exception) -> int:

@@ -352,6 +352,10 @@ BAD_INPUTS = {
     "config_unknown_key": (["a cat", "--config", "{tmp}/bad.yaml"], "unknown key 'stpes'"),
     "config_bad_value": (["a cat", "--config", "{tmp}/badvalue.yaml"], "key 'steps' has value 'many'"),
     "config_missing": (["a cat", "--config", "{tmp}/none.yaml"], "does not exist"),
+    "config_bad_size": (["a cat", "--config", "{tmp}/size.yaml"], "size.yaml: key 'height' has value 30: must be a "
+                        "positive multiple of 8"),   # the file and key, not a flag the user did not type
+    "flag_bad_size_over_config": (["a cat", "--config", "{tmp}/size.yaml", "--height", "100"],
+                                  "error: --height 100: must be a positive multiple of 8"),
     "config_of_train_py": (["a cat", "--config", "style"], "config file 'style' does not exist; 'style' is a preset "
                            "of train.py"),
     "config_no_such_preset": (["a cat", "--config", "drafty"], "the presets here are creative, draft, precise, "
@@ -375,6 +379,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, tmp_path, caps
     (tmp_path / "empty.txt").write_text("\n  \n")
     (tmp_path / "bad.yaml").write_text("steps: 3\nstpes: 4\n")
     (tmp_path / "badvalue.yaml").write_text("steps: many\n")
+    (tmp_path / "size.yaml").write_text("height: 30\n")
     (tmp_path / "superscript.yaml").write_text("seeds: \"\u00b2\"\n", encoding="utf-8")
     argv, message = BAD_INPUTS[case]
     message = message.format(tmp=tmp_path)
