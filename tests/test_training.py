@@ -981,8 +981,8 @@ def test_an_output_dir_that_cannot_be_written_is_refused_before_loading(pipeline
     load, where Orbax raised NotADirectoryError at its first checkpoint."""
     (tmp_path / "afile").write_text("")
     rc, _, stderr = run_train_py(flags(model=pipeline_dir, train_data=data_dir, output_dir=tmp_path / "afile" / "run"))
-    assert rc == 2 and stderr == f"train.py: error: --output-dir {tmp_path / 'afile' / 'run'}: cannot write there " \
-                                 "(Not a directory)\n", stderr
+    assert rc == 2 and stderr == f"train.py: error: --output-dir {tmp_path / 'afile' / 'run'}: {tmp_path / 'afile'} " \
+                                 "is a file, not a folder\n", stderr
 
 
 def test_resume_below_the_checkpoint_step_is_refused(full_run):

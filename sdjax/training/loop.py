@@ -12,7 +12,6 @@ import json
 import math
 import numbers
 import os
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -325,15 +324,15 @@ def _check_processes_share_the_output_dir(out: Path, *, create: bool) -> None:
     them know, then reports which of the others' files it sees; every process raises the same
     UsageError naming the processes that see another folder or cannot write to it. ``create``
     makes the folder first (a fresh run); without it, a folder no process has is left to the
-    caller's own error (an export's "no checkpoint"). One process with ``create``: only that it
-    can make the folder and write in it."""
+    caller's own error (an export's "no checkpoint"). One process with ``create``: only that the
+    folder, or the nearest folder above it that exists, can be written."""
     if jax.process_count() == 1:
-        if create:   # before the model and data load, not at the first checkpoint
-            try:
-                out.mkdir(parents=True, exist_ok=True)
-                tempfile.TemporaryFile(dir=out).close()
-            except OSError as e:
-                raise UsageError(f"--output-dir {out}: cannot write there ({e.strerror or e})") from e
+        if create:   # before the model and data load, not at the first checkpoint; nothing is created yet
+            existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+            if not existing.is_dir():
+                raise UsageError(f"--output-dir {out}: {existing} is a file, not a folder")
+            if not os.access(existing, os.W_OK | os.X_OK):   # also a read-only file system
+                raise UsageError(f"--output-dir {out}: {existing} is not writable")
         return
     needs = "a multi-host run needs an output folder every host shares (NFS, or a bucket mounted with gcsfuse)"
     me = jax.process_index()
