@@ -462,6 +462,15 @@ def test_config_resolution_follows_diffusers():
     assert S.make_scheduler("ddim", SD15_SCHEDULER_CONFIG, 10, eta=0.5).stochastic
 
 
+def assert_same_schedule(scheduler, reference, noise_nchw):
+    """Same timesteps as the diffusers scheduler and, for a deterministic one, the same trajectory."""
+    np.testing.assert_array_equal(scheduler.timesteps, reference.timesteps.numpy().astype(np.float64))
+    if not scheduler.stochastic:
+        errors = relative_step_errors(np.asarray(run_sdjax(scheduler, jnp.asarray(to_nhwc(noise_nchw)))),
+                                      run_diffusers(reference, noise_nchw))
+        assert errors.max() <= TOL
+
+
 OUTDATED_CONFIGS = {   # scheduler configs that diffusers' StableDiffusionPipeline corrects (or not)
     "ddim-offset0-clip": {**SD15_SCHEDULER_CONFIG, "_class_name": "DDIMScheduler", "steps_offset": 0,
                           "clip_sample": True},
@@ -498,11 +507,7 @@ def test_outdated_scheduler_configs_are_corrected_as_diffusers_pipeline_does(nam
         if key in settings:   # the settings this class takes
             assert settings[key] == reference.config[key], key
     scheduler = S.make_scheduler(name, fixed, 10)
-    np.testing.assert_array_equal(scheduler.timesteps, reference.timesteps.numpy().astype(np.float64))
-    if not scheduler.stochastic:
-        errors = relative_step_errors(np.asarray(run_sdjax(scheduler, jnp.asarray(to_nhwc(noise_nchw)))),
-                                      run_diffusers(reference, noise_nchw))
-        assert errors.max() <= TOL
+    assert_same_schedule(scheduler, reference, noise_nchw)
 
 
 @pytest.mark.parametrize("name,config_changes", [
@@ -518,11 +523,7 @@ def test_settings_of_other_schedulers_configs_are_taken_as_diffusers_takes_them(
     reference = DIFFUSERS_CLASSES[name].from_config(config)
     reference.set_timesteps(10)
     scheduler = S.make_scheduler(name, config, 10)
-    np.testing.assert_array_equal(scheduler.timesteps, reference.timesteps.numpy().astype(np.float64))
-    if not scheduler.stochastic:
-        errors = relative_step_errors(np.asarray(run_sdjax(scheduler, jnp.asarray(to_nhwc(noise_nchw)))),
-                                      run_diffusers(reference, noise_nchw))
-        assert errors.max() <= TOL
+    assert_same_schedule(scheduler, reference, noise_nchw)
     if config.get("algorithm_type") == "deis":   # diffusers refuses it with the default final_sigmas_type
         config = {**config, "final_sigmas_type": "zero"}
         with pytest.raises(ValueError, match="final_sigmas_type"):
