@@ -401,6 +401,11 @@ def config_to_dict(config) -> dict[str, Any]:
     """Our config dataclass -> the config.json diffusers / transformers expect."""
     d = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()}
     if isinstance(config, UNetConfig):
+        # One value for every block is written as that value, as SD v1.5's own config has it: diffusers
+        # code that reads these (ControlNetModel.from_unet, IP-Adapter loading) takes the scalar form.
+        for key in ("cross_attention_dim", "num_attention_heads", "transformer_layers_per_block"):
+            if len(set(d[key])) == 1:
+                d[key] = d[key][0]
         heads = d.pop("num_attention_heads")
         # diffusers' SD configs name the head count "attention_head_dim" (a historical quirk).
         return {"_class_name": "UNet2DConditionModel", "_diffusers_version": DIFFUSERS_VERSION,

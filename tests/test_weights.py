@@ -381,6 +381,12 @@ def test_pipeline_folder_loads_in_diffusers(tiny_checkpoints, tmp_path):
     ours_img = parts["vae"].decode(to_nhwc(latents))
     assert np.abs(np.asarray(ours_img) - ref_img.transpose(0, 2, 3, 1)).max() < 1e-4
     assert type(pipe.scheduler).__name__ == "PNDMScheduler"
+    # One value for every block is written as SD v1.5's config has it, a number: diffusers code that
+    # builds on a UNet (a ControlNet from it, IP-Adapter layers) fails on a per-block list.
+    from diffusers import ControlNetModel
+    config = json.loads((out / "unet" / "config.json").read_text())
+    assert isinstance(config["cross_attention_dim"], int) and isinstance(config["attention_head_dim"], int)
+    assert ControlNetModel.from_unet(pipe.unet).config.cross_attention_dim == config["cross_attention_dim"]
 
 
 def test_pipeline_folder_is_not_overwritten_or_half_written(tiny_checkpoints, tmp_path):
