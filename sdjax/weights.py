@@ -442,11 +442,13 @@ def has_weights(model_dir: Path, model_cls, variant: str | None = None) -> bool:
 
 def weight_file(model_dir: Path, model_cls, *, prefer: str | None = None, variant: str | None = None) -> Path:
     """Pick the weights file in a model folder: safetensors, then Flax msgpack, then .bin
-    (``prefer='flax'`` puts msgpack first)."""
+    (``prefer='flax'`` puts msgpack first, ``prefer='pytorch'`` last)."""
     candidates = _weight_candidates(model_cls, variant)
     if prefer == "flax":
         candidates.insert(0, candidates.pop(1))
-    elif prefer not in (None, "pytorch"):
+    elif prefer == "pytorch":
+        candidates.append(candidates.pop(1))
+    elif prefer is not None:
         raise ValueError(f"unknown weights format {prefer!r}: use 'flax' or 'pytorch'")
     for name in candidates:
         if (model_dir / name).is_file():
@@ -566,12 +568,13 @@ def _numpy_params(model, dtype=None) -> dict[tuple, np.ndarray]:
 
 def save_pretrained(model, directory: str | os.PathLike, *, format: str = "both", dtype=None) -> Path:
     """Write ``config.json`` and the weights: ``format`` = 'pytorch' (safetensors), 'flax' (msgpack)
-    or 'both'. ``dtype`` casts the saved weights (default: as held)."""
+    or 'both'. ``dtype`` casts the saved weights (default: as held). Weights of the other format
+    left by an earlier save (which a later load could pick) are removed."""
     from safetensors.numpy import save_file
     if format not in ("pytorch", "flax", "both"):
         raise ValueError(f"unknown format {format!r}: use 'pytorch', 'flax' or 'both'")
     spec = SPECS[type(model)]
-    directory = Path(directory)
+    directory = Path(directory).expanduser()
     directory.mkdir(parents=True, exist_ok=True)
     params = _numpy_params(model, dtype)
     config = config_to_dict(model.config)
@@ -594,6 +597,10 @@ def save_pretrained(model, directory: str | os.PathLike, *, format: str = "both"
             node[leaf] = a
         atomic_write(directory / spec.flax_file, lambda tmp: tmp.write_bytes(msgpack_serialize(tree)))
     atomic_write(directory / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
+    # An earlier save's weights in the format not written now would be loaded before the new ones.
+    stale = {"pytorch": [spec.flax_file], "flax": list(spec.torch_files), "both": []}[format]
+    for name in stale:
+        (directory / name).unlink(missing_ok=True)
     return directory
 
 
@@ -616,7 +623,9 @@ def save_pipeline(directory: str | os.PathLike, *, text_encoder, tokenizer, unet
     """
     import shutil
     import tempfile
-    directory = Path(directory)
+    directory = Path(directory).expanduser()
+    if directory.exists() and not directory.is_dir():
+        raise FileExistsError(f"{directory} is a file; a pipeline is saved as a folder")
     if directory.exists() and not overwrite and any(directory.iterdir()):
         raise FileExistsError(f"{directory} exists and is not empty (pass overwrite=True to replace it)")
     directory.parent.mkdir(parents=True, exist_ok=True)

@@ -349,6 +349,41 @@ def test_save_bf16(tiny_checkpoints, tmp_path, format):
         np.testing.assert_array_equal(v, original[k].astype(ml_dtypes.bfloat16).astype(np.float32))
 
 
+def max_abs_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float(np.abs(a[k] - b[k]).max()) for k in a)
+
+
+def test_resaving_in_one_format_and_choosing_a_format(tiny_checkpoints, tmp_path, monkeypatch):
+    """A save in one format removes the other format's weights an earlier save left (a load picked
+    the stale safetensors over the new msgpack); ``format="pytorch"`` takes .bin over msgpack;
+    ``~`` is expanded; a pipeline saved onto a file is a clear error that leaves nothing behind."""
+    from sdjax.weights import save_pretrained
+    model = AutoencoderKL.from_pretrained(tiny_checkpoints["vae"]["safetensors"].parent)
+    save_pretrained(model, tmp_path / "vae")                     # both formats
+    changed = jax.tree.map(lambda a: a + 1, nnx.state(model, nnx.Param))
+    nnx.update(model, changed)
+    save_pretrained(model, tmp_path / "vae", format="flax")
+    assert sorted(p.name for p in (tmp_path / "vae").iterdir()) == ["config.json", "diffusion_flax_model.msgpack"]
+    assert max_abs_diff(params_of(AutoencoderKL.from_pretrained(tmp_path / "vae")), params_of(model)) == 0
+
+    folder = tmp_path / "mixed"   # msgpack and .bin, no safetensors: each format picks its own
+    save_pretrained(model, folder, format="flax")
+    shutil.copy(tiny_checkpoints["vae"]["bin_old_names"], folder / "diffusion_pytorch_model.bin")
+    bin_weights = params_of(AutoencoderKL.from_pretrained(tiny_checkpoints["vae"]["bin_old_names"].parent))
+    assert max_abs_diff(params_of(AutoencoderKL.from_pretrained(folder, format="pytorch")), bin_weights) == 0
+    assert max_abs_diff(params_of(AutoencoderKL.from_pretrained(folder, format="flax")), params_of(model)) == 0
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert save_pretrained(model, "~/vae") == tmp_path / "home" / "vae"
+    parts = make_pipeline_dir(tiny_checkpoints, tmp_path)
+    assert save_pipeline("~/pipe", **parts) == tmp_path / "home" / "pipe"
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(FileExistsError, match="afile is a file; a pipeline is saved as a folder"):
+        save_pipeline(tmp_path / "afile", **parts, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
 def make_pipeline_dir(tiny_checkpoints, tmp_path):
     tok_dir = R.write_tiny_tokenizer(tmp_path / "tok")
     return dict(text_encoder=CLIPTextModel.from_pretrained(tiny_checkpoints["clip"]["flax"].parent),
