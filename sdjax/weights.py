@@ -800,7 +800,8 @@ def prepare_single_file(file: str | os.PathLike) -> Callable[[], Path]:
             f"{url}: sdjax downloads only Hugging Face Hub file URLs (https://huggingface.co/OWNER/NAME/blob/REV/"
             "FILE); a Hub pipeline repo loads by its id (OWNER/NAME); from elsewhere, download the file and pass "
             "its path")
-    repo, revision = match["repo"], match["revision"]
+    # The Hub's links encode a revision's "/" (refs%2Fpr%2F3): decoded, as huggingface_hub encodes it again.
+    repo, revision = match["repo"], urllib.parse.unquote(match["revision"])
     filename = urllib.parse.unquote(match["filename"])
     if Path(filename).suffix not in SINGLE_FILE_SUFFIXES:
         raise CheckpointError(f"{url}: {filename} is not a single-file checkpoint sdjax reads (expected one of "

@@ -228,15 +228,16 @@ class FakeHub:
         return self.files[repo, filename, revision]
 
 
-@pytest.mark.parametrize("url", [
-    "https://huggingface.co/someone/tiny-sd/blob/main/tiny%20sd.safetensors",
-    "https://huggingface.co/someone/tiny-sd/resolve/main/tiny%20sd.safetensors?download=true"])
-def test_hub_file_url_loads_as_the_local_file(pipe, single_file, tiny_pipeline_dir, monkeypatch, url):
-    hub = FakeHub(monkeypatch, {("someone/tiny-sd", "tiny sd.safetensors", "main"): single_file})
+@pytest.mark.parametrize("url,revision", [
+    ("https://huggingface.co/someone/tiny-sd/blob/main/tiny%20sd.safetensors", "main"),
+    ("https://huggingface.co/someone/tiny-sd/resolve/main/tiny%20sd.safetensors?download=true", "main"),
+    ("https://huggingface.co/someone/tiny-sd/blob/refs%2Fpr%2F3/tiny%20sd.safetensors", "refs/pr/3")])  # a PR's
+def test_hub_file_url_loads_as_the_local_file(pipe, single_file, tiny_pipeline_dir, monkeypatch, url, revision):
+    hub = FakeHub(monkeypatch, {("someone/tiny-sd", "tiny sd.safetensors", revision): single_file})
     loaded = load_pipeline(url, model_config=str(tiny_pipeline_dir))  # what sample.py --model URL does
     for part in PARTS:
         assert_same_params(getattr(loaded, part), getattr(pipe, part))
-    assert hub.downloads == [("someone/tiny-sd", "tiny sd.safetensors", "main")]
+    assert hub.downloads == [("someone/tiny-sd", "tiny sd.safetensors", revision)]
     assert set(hub.headers) == set(hub.downloads)
     assert loaded.name == url
     hub.files.clear()  # offline now: the second time, the file comes from the cache
