@@ -17,7 +17,7 @@ from sdjax import parallel, sampling
 from sdjax.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
 from sdjax.schedulers import SCHEDULERS, make_scheduler, pipeline_scheduler_config
 from sdjax.text import load_tokenizer, tokenize
-from sdjax.weights import (SINGLE_FILE_SUFFIXES, CheckpointError, fetch_missing_bin_weights, hub_files,
+from sdjax.weights import (SINGLE_FILE_SUFFIXES, CheckpointError, fetch_missing_bin_weights, has_weights, hub_files,
                            is_url, load_single_file, prepare_single_file, read_config, read_json_object,
                            resolve_dtype, resolve_model_dir, save_pipeline, save_single_file)
 
@@ -236,7 +236,8 @@ class StableDiffusion:
                         mesh=None) -> "StableDiffusion":
         """Load a diffusers pipeline folder or Hub repo in any layout (safetensors, Flax msgpack with
         ``revision="flax"``/``"bf16"`` on the Hub, or .bin), cast to ``dtype``. ``variant`` picks
-        variant files such as ``diffusion_pytorch_model.fp16.safetensors`` (``variant="fp16"``).
+        variant files such as ``diffusion_pytorch_model.fp16.safetensors`` (``variant="fp16"``); in
+        a local folder, a part without that variant loads its plain weights, as in diffusers.
 
         From the Hub only the files sdjax reads are downloaded (each model's config and one weights
         file, the tokenizer, the scheduler config), not the rest of the repo: the safetensors
@@ -251,8 +252,15 @@ class StableDiffusion:
         if format != "flax":
             fetch_missing_bin_weights(path_or_repo_id, revision, root, PARTS, variant)
         extras = _tokenizer_and_scheduler(root)  # before the weights: a bad folder fails fast
-        kw = dict(revision=revision, dtype=dtype, format=format, variant=variant)
-        models = {part: model_cls.from_pretrained(root, subfolder=part, **kw) for part, model_cls in PARTS.items()}
+        variants = dict.fromkeys(PARTS, variant)
+        if variant and any(has_weights(root / part, model_cls, variant) for part, model_cls in PARTS.items()):
+            # As diffusers: the parts that have no such variant load their plain weights.
+            for part, model_cls in PARTS.items():
+                if not has_weights(root / part, model_cls, variant) and has_weights(root / part, model_cls):
+                    variants[part] = None
+        kw = dict(revision=revision, dtype=dtype, format=format)
+        models = {part: model_cls.from_pretrained(root, subfolder=part, variant=variants[part], **kw)
+                  for part, model_cls in PARTS.items()}
         return cls(**models, **extras, mesh=mesh, name=str(path_or_repo_id))
 
     @classmethod

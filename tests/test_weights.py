@@ -132,6 +132,24 @@ def test_variant_files(tiny_checkpoints, tmp_path):
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
+def test_pipeline_variant_with_some_parts_only(tiny_checkpoints, tmp_path):
+    """A folder where only unet/ has the fp16 variant: the other parts load their plain weights,
+    as diffusers' StableDiffusionPipeline.from_pretrained(variant="fp16") does; a variant no part
+    has is still an error naming the files there are."""
+    from safetensors.numpy import load_file, save_file
+    from sdjax import StableDiffusion
+    out = save_pipeline(tmp_path / "pipe", **make_pipeline_dir(tiny_checkpoints, tmp_path), format="pytorch")
+    plain = out / "unet" / "diffusion_pytorch_model.safetensors"
+    save_file({k: v + 1 for k, v in load_file(plain).items()},
+              out / "unet" / "diffusion_pytorch_model.fp16.safetensors")
+    base = StableDiffusion.from_pretrained(out)
+    mixed = StableDiffusion.from_pretrained(out, variant="fp16")
+    assert max_abs_diff(params_of(mixed.vae), params_of(base.vae)) == 0
+    assert all(np.array_equal(a, b + 1) for a, b in zip(params_of(mixed.unet).values(), params_of(base.unet).values()))
+    with pytest.raises(CheckpointError, match=r"text_encoder: no weights file; expected one of model.bf16.safetensors"):
+        StableDiffusion.from_pretrained(out, variant="bf16")
+
+
 # What the SD v1.5 Hub repo holds besides the files sdjax reads: two single-file checkpoints at the
 # root (4 and 7.7 GB), EMA-only / non-EMA / fp16 copies, .bin and msgpack copies, a safety checker.
 SD15_REPO_FILES = [
