@@ -206,13 +206,15 @@ def _read_torch_bin(path: Path, check_keys: Callable[[list[str]], None] | None =
 
 
 def _decode_flax_array(code: int, data: bytes):
-    """Flax msgpack ext types: 1 = ndarray (shape, dtype name, bytes), 2 = numpy scalar."""
-    if code == 1:
+    """Flax msgpack ext types: 1 = ndarray (shape, dtype name, bytes), 2 = Python complex (real,
+    imag), 3 = numpy scalar (as an ndarray of shape ())."""
+    if code in (1, 3):
         shape, dtype_name, buf = msgpack.unpackb(data)
-        return np.frombuffer(buf, dtype=jnp.dtype(dtype_name)).reshape(shape)
+        array = np.frombuffer(buf, dtype=jnp.dtype(dtype_name)).reshape(shape)
+        return array if code == 1 else array[()]
     if code == 2:
-        dtype_name, buf = msgpack.unpackb(data)
-        return np.frombuffer(buf, dtype=jnp.dtype(dtype_name))[0]
+        real, imag = msgpack.unpackb(data)
+        return complex(real, imag)
     return msgpack.ExtType(code, data)
 
 

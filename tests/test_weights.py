@@ -80,6 +80,22 @@ def test_mistyped_local_paths_that_look_like_hub_ids(tmp_path, monkeypatch):
         StableDiffusion.from_pretrained("runs")
 
 
+def test_flax_msgpack_values_decode_as_flax_encodes_them():
+    """Every value flax.serialization writes (arrays of any dtype, numpy scalars, complex numbers)
+    reads back as flax itself reads it."""
+    import ml_dtypes
+    import msgpack
+    from flax.serialization import msgpack_restore, msgpack_serialize
+    from sdjax.weights import _decode_flax_array
+    tree = {"kernel": np.arange(6, dtype=np.float32).reshape(2, 3), "half": np.ones(2, ml_dtypes.bfloat16),
+            "scalar": np.float32(2.5), "count": np.int64(7), "z": 1 + 2j}
+    data = msgpack_serialize(tree)
+    ours, theirs = msgpack.unpackb(data, ext_hook=_decode_flax_array), msgpack_restore(data)
+    assert ours.keys() == theirs.keys()
+    for key in tree:
+        assert type(ours[key]) is type(theirs[key]) and np.array_equal(ours[key], theirs[key]), key
+
+
 def test_bad_config_is_named(tmp_path):
     (tmp_path / "config.json").write_text("[1, 2]")
     with pytest.raises(CheckpointError, match=r"config.json: expected a JSON object"):
