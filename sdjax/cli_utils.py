@@ -257,12 +257,21 @@ def validate_request(req: SampleRequest) -> None:
         raise UsageError("no seeds given")
     if req.trajectory and req.trajectory_frames < 3:
         raise UsageError("a trajectory needs at least 3 frames")
-    out = Path(req.out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {req.out}: exists and is not a directory")
-    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    problem = unwritable_folder(req.out)
+    if problem:
+        raise UsageError(f"--out {req.out}: {problem}")
+
+
+def unwritable_folder(folder: str | os.PathLike) -> str | None:
+    """Why files cannot be written in ``folder`` (the folder, or the nearest one above it that
+    exists, is a file or not writable, a read-only file system included), or None. Creates nothing."""
+    folder = Path(folder).expanduser()
+    existing = next(p for p in (folder, *folder.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"--out {req.out}: {existing} is not writable")
+        return f"{existing} is not writable"
+    return None
 
 
 def default_dtype() -> str:

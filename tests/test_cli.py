@@ -370,7 +370,8 @@ BAD_INPUTS = {
                                   "--model-config {tmp}: only for a single-file --model"),
     "not_a_pipeline": (["a cat", "--model", "{tmp}"], "scheduler_config.json"),
     "offline_hub": (["a cat", "--model", "no-such-user/no-such-model"], "--local-dir DIR`) and pass DIR instead"),
-    "out_is_a_file": (["a cat", "--out", "{tmp}/empty.txt"], "not a directory"),
+    "out_is_a_file": (["a cat", "--out", "{tmp}/empty.txt"], "empty.txt is a file, not a folder"),
+    "out_under_a_file": (["a cat", "--out", "{tmp}/empty.txt/images"], "empty.txt is a file, not a folder"),
 }
 
 

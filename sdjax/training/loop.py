@@ -24,7 +24,7 @@ from flax import nnx
 
 from sdjax import parallel
 from sdjax.models import CLIPTextModel, UNet2DConditionModel
-from sdjax.cli_utils import UsageError
+from sdjax.cli_utils import UsageError, unwritable_folder
 from sdjax.pipeline import MAX_SEED, StableDiffusion, load_pipeline, model_options_problem
 from sdjax.schedulers import make_noise_schedule
 from sdjax.text import tokenize
@@ -327,12 +327,9 @@ def _check_processes_share_the_output_dir(out: Path, *, create: bool) -> None:
     caller's own error (an export's "no checkpoint"). One process with ``create``: only that the
     folder, or the nearest folder above it that exists, can be written."""
     if jax.process_count() == 1:
-        if create:   # before the model and data load, not at the first checkpoint; nothing is created yet
-            existing = next(p for p in (out, *out.absolute().parents) if p.exists())
-            if not existing.is_dir():
-                raise UsageError(f"--output-dir {out}: {existing} is a file, not a folder")
-            if not os.access(existing, os.W_OK | os.X_OK):   # also a read-only file system
-                raise UsageError(f"--output-dir {out}: {existing} is not writable")
+        problem = create and unwritable_folder(out)   # before the model and data load; creates nothing
+        if problem:
+            raise UsageError(f"--output-dir {out}: {problem}")
         return
     needs = "a multi-host run needs an output folder every host shares (NFS, or a bucket mounted with gcsfuse)"
     me = jax.process_index()
