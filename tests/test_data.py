@@ -69,6 +69,22 @@ def test_captions_with_commas_quotes_and_newlines(tmp_path):
         '\ufeffFilename, Caption\r\n000000.png,"a red, square"\r\n\r\n'
         '000001.png,"say ""cheese"", please"\r\n'.encode("utf-8"))
     assert load_captioned_images(root).captions == ["a red, square", 'say "cheese", please']
+    # A space before the opening quote (as people type it) still quotes the caption.
+    _write_csv(root, 'filename,caption\n000000.png, "a red, square"\n000001.png, a plain one\n')
+    assert load_captioned_images(root).captions == ["a red, square", "a plain one"]
+
+
+@pytest.mark.parametrize("rows, line", [
+    # An unclosed quote would otherwise make every later row part of this caption.
+    ('000000.png,a cat\n000001.png,"oops, unclosed\n000000.png,a dog\n000001.png,a bird\n', 3),
+    ('000000.png,a cat\n000001.png,"unclosed at the end', 3),
+    ('000000.png,"a 12" vinyl record, black\n000001.png,fine\n', 2),   # text after the closing quote
+])
+def test_malformed_quotes_are_an_error_naming_the_row(tmp_path, rows, line):
+    root = write_captioned_folder(tmp_path / "ds", [(_solid(RED), "a"), (_solid(BLUE), "b")])
+    _write_csv(root, "filename,caption\n" + rows)
+    with pytest.raises(DataError, match=rf"image_captions.csv: the row starting on line {line} is malformed CSV"):
+        load_captioned_images(root)
 
 
 def test_subfolders_and_jpeg(tmp_path):

@@ -283,10 +283,13 @@ def _finish(source: str, where: str, names: list[str], captions: list[str],
 
 def _read_csv_rows(csv_path: Path) -> Iterator[tuple[int, int, list[str]]]:
     """Yields (row, start line, fields) for each non-blank data row after checking the header."""
+    line = 1  # where the row being read starts
     try:
         # utf-8-sig: spreadsheet programs often write a byte-order mark.
         with open(csv_path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.reader(f)
+            # strict: an unclosed quote is an error, not a caption that swallows every later row;
+            # skipinitialspace: `a.png, "a red, square"` is quoted, as people write it by hand.
+            reader = csv.reader(f, strict=True, skipinitialspace=True)
             header = next(reader, None)
             if header is None or [h.strip().lower() for h in header] != list(CSV_HEADER):
                 found = "an empty file" if header is None else repr(",".join(header))
@@ -303,8 +306,9 @@ def _read_csv_rows(csv_path: Path) -> Iterator[tuple[int, int, list[str]]]:
                 yield row, line, fields
     except UnicodeDecodeError as e:
         raise DataError(f"{csv_path}: not UTF-8 text ({e})") from e
-    except csv.Error as e:  # e.g. a NUL byte or an unterminated quote at the end of the file
-        raise DataError(f"{csv_path}: line {reader.line_num}: malformed CSV ({e})") from e
+    except csv.Error as e:  # a NUL byte, an unclosed quote, text after a closing quote
+        raise DataError(f"{csv_path}: the row starting on line {line} is malformed CSV ({e}); a quoted caption "
+                        'must end with a quote, and a quote inside it is written twice ("")') from e
 
 
 def _path_problem(filename: str) -> str | None:
