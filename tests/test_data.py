@@ -127,6 +127,34 @@ def test_preprocess_shape_range_and_centre_crop():
         preprocess_image(_solid(RED), resolution=16, center_crop=False)
 
 
+@pytest.mark.parametrize("size, resolution", [((640, 480), 64), ((333, 517), 48), ((90, 100), 90),
+                                              ((7, 9), 32)])
+def test_preprocess_equals_resize_then_crop(size, resolution):
+    """The crop is resampled from its box in the source: the same as resizing the shorter side to
+    the resolution and then cropping, up to rounding."""
+    rng = np.random.default_rng(size[0])
+    image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    w, h = size
+    scale = resolution / min(w, h)
+    resized = image.resize((round(w * scale), round(h * scale)), resample=Image.Resampling.BICUBIC)
+    W, H = resized.size
+    for center in (True, False):
+        draw = np.random.default_rng(1)
+        out = preprocess_image(image, resolution=resolution, center_crop=center, rng=draw)
+        draw = np.random.default_rng(1)
+        top, left = ((H - resolution) // 2, (W - resolution) // 2) if center else \
+            (int(draw.integers(0, H - resolution + 1)), int(draw.integers(0, W - resolution + 1)))
+        expected = np.asarray(resized.crop((left, top, left + resolution, top + resolution)), np.float32)
+        np.testing.assert_allclose((out + 1) * 127.5, expected, atol=2.01)
+
+
+def test_preprocess_a_very_long_image_resamples_only_the_crop():
+    # Resizing all of it to 512 px high first would need a 102400000 x 512 image (over 200 GB).
+    out = preprocess_image(_solid(RED, (200_000, 1)), resolution=512)
+    assert out.shape == (512, 512, 3)
+    np.testing.assert_allclose(out[256, 256], [1, -1, -1], atol=1e-6)
+
+
 def test_image_modes_become_rgb(tmp_path):
     rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 255))
     rgba.putpixel((0, 0), (0, 0, 0, 0))           # fully transparent black -> white

@@ -141,24 +141,27 @@ def preprocess_image(image: Image.Image, *, resolution: int, center_crop: bool =
     """
     image = to_rgb(image)
     width, height = image.size
-    if min(width, height) != resolution:
-        scale = resolution / min(width, height)
-        # The shorter side lands exactly on `resolution`; the longer one is rounded.
-        if width <= height:
-            new_size = (resolution, max(resolution, round(height * scale)))
-        else:
-            new_size = (max(resolution, round(width * scale)), resolution)
-        image = image.resize(new_size, resample=resample)
-        width, height = new_size
+    # The size after resizing: the shorter side lands exactly on `resolution`, the longer one is rounded.
+    scale = resolution / min(width, height)
+    if width <= height:
+        resized_w, resized_h = resolution, max(resolution, round(height * scale))
+    else:
+        resized_w, resized_h = max(resolution, round(width * scale)), resolution
     if center_crop:
-        top, left = (height - resolution) // 2, (width - resolution) // 2
+        top, left = (resized_h - resolution) // 2, (resized_w - resolution) // 2
     else:
         if rng is None:
             raise ValueError("random cropping (center_crop=False) needs an rng")
-        top = int(rng.integers(0, height - resolution + 1))
-        left = int(rng.integers(0, width - resolution + 1))
-    if (width, height) != (resolution, resolution):
+        top = int(rng.integers(0, resized_h - resolution + 1))
+        left = int(rng.integers(0, resized_w - resolution + 1))
+    if (resized_w, resized_h) == (width, height):   # no resampling: cut the square out
         image = image.crop((left, top, left + resolution, top + resolution))
+    else:
+        # Resample only the crop, given as a box in source pixels (the filter still reads the pixels
+        # around it): resizing all of a 2000x1 image to 512 px high would make a 1024000x512 image.
+        sx, sy = width / resized_w, height / resized_h
+        box = (left * sx, top * sy, (left + resolution) * sx, (top + resolution) * sy)
+        image = image.resize((resolution, resolution), resample=resample, box=box)
     pixels_HWC = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     if flip:
         pixels_HWC = pixels_HWC[:, ::-1]
