@@ -148,6 +148,24 @@ def test_preprocess_equals_resize_then_crop(size, resolution):
         np.testing.assert_allclose((out + 1) * 127.5, expected, atol=2.01)
 
 
+def test_large_jpegs_decode_at_a_reduced_scale_for_training(tmp_path):
+    # 400x300 JPEG for 40 px training: libjpeg's 1/2 scale (200x150) keeps twice 40 on both sides;
+    # 1/4 (100x75) would not. A PNG has no reduced decoding.
+    y, x = np.mgrid[0:300, 0:400]
+    smooth = np.stack([x * 255 // 400, y * 255 // 300, (x + y) * 255 // 700], -1).astype(np.uint8)
+    root = write_captioned_folder(tmp_path / "ds", [(Image.fromarray(smooth), "j")], image_format="jpeg")
+    write_captioned_folder(tmp_path / "png", [(Image.fromarray(smooth), "p")])
+    jpeg, png = load_captioned_images(root), load_captioned_images(tmp_path / "png")
+    assert jpeg.get_image(0).size == png.get_image(0).size == (400, 300)
+    assert jpeg.get_image(0, min_side=40).size == (200, 150)
+    assert jpeg.get_image(0, min_side=30).size == (100, 75)
+    assert png.get_image(0, min_side=40).size == (400, 300)
+    # The batches use it, and the pixels stay those of the full decode (to JPEG's few levels).
+    batch = next(iterate_batches(jpeg, resolution=40, batch_size_per_process=1))
+    full = preprocess_image(jpeg.get_image(0), resolution=40)
+    np.testing.assert_allclose(batch["pixel_values"][0], full, atol=6 / 127.5)
+
+
 def test_preprocess_a_very_long_image_resamples_only_the_crop():
     # Resizing all of it to 512 px high first would need a 102400000 x 512 image (over 200 GB).
     out = preprocess_image(_solid(RED, (200_000, 1)), resolution=512)

@@ -501,7 +501,8 @@ class Trainer:
         means, stds = [], []
         for start in range(0, len(self.data.dataset), batch_size):
             stop = min(start + batch_size, len(self.data.dataset))
-            pixels = np.stack([preprocess_image(self.data.dataset.get_image(i), resolution=self.cfg.resolution)
+            pixels = np.stack([preprocess_image(self.data.dataset.get_image(i, min_side=self.cfg.resolution),
+                                                resolution=self.cfg.resolution)
                                for i in range(start, stop)])
             mean, std = encode(self.graphdefs.vae, vae_state, jnp.asarray(pixels))
             means.append(np.asarray(mean, np.float32))
