@@ -3,6 +3,7 @@
 import io
 import re
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -398,6 +399,41 @@ def test_resume_replays_the_same_batches(folder):
         iterate_batches(ds, **{**kwargs, "seed": 6}).restore(state)
     with pytest.raises(DataError, match="global_batch_size"):
         iterate_batches(ds, **{**kwargs, "batch_size_per_process": 2}).restore(state)
+
+
+def test_the_next_batch_loads_in_the_background(folder):
+    ds = load_captioned_images(folder)
+    kwargs = dict(resolution=16, batch_size_per_process=2, seed=5, center_crop=False, random_flip=True)
+    serial = iterate_batches(ds, num_workers=1, **kwargs)
+    expected = [next(serial) for _ in range(6)]
+    loaded = []   # the dataset indices asked for, in order
+    get_image = ds.get_image
+    ds.get_image = lambda i, **kw: loaded.append(i) or get_image(i, **kw)
+    with iterate_batches(ds, num_workers=2, **kwargs) as it:
+        first = next(it)
+        # Step 1's images load without another next().
+        deadline = time.monotonic() + 30
+        while len(loaded) < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sorted(loaded[2:]) == sorted(it.indices_for_step(1).tolist())
+        got = [first] + [next(it) for _ in range(2)]
+        it.restore({"step": 5})  # the batch loaded ahead for step 3 is not used
+        assert it.step == 5
+        got.append(next(it))
+    for want, batch in zip(expected[:3] + expected[5:], got):
+        assert batch["step"] == want["step"] and batch["captions"] == want["captions"]
+        np.testing.assert_array_equal(batch["pixel_values"], want["pixel_values"])
+
+
+def test_a_batch_loaded_ahead_raises_its_error_at_its_own_step(folder):
+    ds = load_captioned_images(folder)
+    with iterate_batches(ds, resolution=16, batch_size_per_process=2, num_workers=2) as it:
+        next(it)   # step 0; step 1 starts loading
+        (folder / "train_images" / ds.names[int(it.indices_for_step(2)[0])]).unlink()
+        next(it)   # step 1 is fine; step 2 fails in the background
+        with pytest.raises(DataError, match="cannot read image of example"):
+            next(it)
+        assert it.step == 2
 
 
 def test_resume_notices_changed_data(tmp_path):

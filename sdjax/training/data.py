@@ -621,7 +621,9 @@ class BatchIterator:
     micro-batch after micro-batch: reshaped to ``[micro_batches, m]``, each process holds its part of
     every micro-batch, and the micro-batches are the same whatever the process count. (With
     ``micro_batches=1`` process ``p`` simply takes rows ``[p*b, (p+1)*b)``.) The iterator never ends:
-    after the last batch of epoch e comes the first of e + 1.
+    after the last batch of epoch e comes the first of e + 1. Images decode on ``num_workers`` threads
+    (default min(16, CPUs)); with more than one, ``next`` also starts loading the following batch in
+    the background, so it is ready when the caller (a training step) asks for it. `close` stops them.
 
     The position is the global step: batch ``step`` belongs to epoch ``step // steps_per_epoch``.
     Save ``state()`` in a checkpoint and pass its ``"step"`` as ``start_step`` (or call
@@ -666,9 +668,13 @@ class BatchIterator:
         self.center_crop = center_crop
         self.random_flip = random_flip
         self.resample = resample
-        self._workers = num_workers or _default_workers()
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._order_cache: tuple[int, np.ndarray] | None = None
+        workers = num_workers or _default_workers()
+        # Images decode on `_pool`'s threads; `_prefetcher` loads the next batch while the caller
+        # works on this one (a training step runs on the accelerator meanwhile).
+        self._pool = concurrent.futures.ThreadPoolExecutor(workers) if workers > 1 else None
+        self._prefetcher = concurrent.futures.ThreadPoolExecutor(1) if workers > 1 else None
+        self._ahead: tuple[int, concurrent.futures.Future] | None = None   # (step, its batch)
 
     @property
     def epoch(self) -> int:
@@ -740,11 +746,10 @@ class BatchIterator:
         """This process's batch for global step ``step`` (does not move the iterator)."""
         epoch = step // self.steps_per_epoch
         indices = self.indices_for_step(step)
-        if self._workers > 1:
-            if self._pool is None:
-                self._pool = concurrent.futures.ThreadPoolExecutor(self._workers)
+        pool = self._pool
+        if pool is not None:
             # map keeps the order, so threading does not change the batch.
-            images = list(self._pool.map(lambda i: self._load_one(epoch, i), indices))
+            images = list(pool.map(lambda i: self._load_one(epoch, i), indices))
         else:
             images = [self._load_one(epoch, i) for i in indices]
         return {"pixel_values": np.stack(images),
@@ -755,16 +760,25 @@ class BatchIterator:
         return self
 
     def __next__(self) -> dict[str, Any]:
-        batch = self.batch_at(self.step)
-        self.step += 1
+        step = self.step
+        ahead, self._ahead = self._ahead, None
+        # A batch loaded ahead is used only if it is this step's (`restore` may have moved the step);
+        # its loading error, if any, is raised here, at the step it belongs to.
+        batch = ahead[1].result() if ahead is not None and ahead[0] == step else self.batch_at(step)
+        self.step = step + 1
+        if self._prefetcher is not None:
+            self._ahead = (step + 1, self._prefetcher.submit(self.batch_at, step + 1))
         return batch
 
     def close(self) -> None:
         """Stops the loader threads (the iterator still works afterwards, single-threaded)."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
-        self._workers = 1
+        if self._ahead is not None:
+            self._ahead[1].cancel()
+            self._ahead = None
+        for executor in (self._prefetcher, self._pool):   # the prefetcher uses the pool: stop it first
+            if executor is not None:
+                executor.shutdown(wait=True)
+        self._prefetcher = self._pool = None
 
     def __enter__(self) -> BatchIterator:
         return self
