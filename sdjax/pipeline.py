@@ -406,9 +406,10 @@ class StableDiffusion:
                     jax.effects_barrier()  # the outputs can be ready before the last callbacks have run
                     step_bar.update(1)     # the last model call: the ticker counts each call when the next starts
                 if steps:
-                    picked = out.predictions[jnp.asarray(steps)]  # [S, B, h, w, C]
-                    decoded = [parallel.to_host(self._decode(self._graphdefs.vae, state.vae, p))
-                               for p in picked]
+                    # Indexed one step at a time: iterating over an array spread over several
+                    # processes is not allowed.
+                    decoded = [parallel.to_host(self._decode(self._graphdefs.vae, state.vae, out.predictions[s]))
+                               for s in steps]   # each [B, H, W, 3]
                     inter.append(np.stack(decoded)[:, : stop - start])
         finally:
             self._ticker.bar = None

@@ -435,8 +435,9 @@ MULTIHOST_WORKER = textwrap.dedent("""
     model, steps, tmp, sample_py = sys.argv[3:7]
     pipe = StableDiffusion.from_pretrained(model)
     out = pipe("the cat", seeds=list(range(8)), num_inference_steps=int(steps), height=32, width=32,
-               scheduler="euler_a")
+               scheduler="euler_a", return_intermediates=2)
     np.save(f"{tmp}/out{me}.npy", out.images)
+    np.save(f"{tmp}/intermediates{me}.npy", out.intermediates)
 
     # sample.py on both processes (initialize_distributed is then a no-op): first with the model
     # missing on process 1's host, then for real, each process given its own --out.
@@ -447,22 +448,25 @@ MULTIHOST_WORKER = textwrap.dedent("""
         stdout, stderr = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             rc = script.main(["the cat", "--model", where, "--seeds", "0-7", "--steps", steps, "--height", "32",
-                              "--width", "32", "--scheduler", "euler_a", "--progress", "batches",
+                              "--width", "32", "--scheduler", "euler_a", "--progress", "batches", "--trajectory",
                               "--compilation-cache", "none", "--out", f"{tmp}/out-{case}-{me}"])
         print("CASE " + json.dumps(dict(case=case, rc=rc, stdout=stdout.getvalue(), stderr=stderr.getvalue())))
 """)
 
 
 def test_two_processes_match_single_process(pipe, tiny_pipeline_dir, tmp_path):
-    """2 processes x 4 CPU devices with jax.distributed on 127.0.0.1 give the single-process images,
-    from the API (on every process) and from sample.py (written by process 0 alone). sample.py with
-    the model missing on one host stops every process with an error naming it."""
+    """2 processes x 4 CPU devices with jax.distributed on 127.0.0.1 give the single-process images
+    and intermediates, from the API (on every process) and from sample.py (written by process 0 alone,
+    with --trajectory). sample.py with the model missing on one host stops every process with an
+    error naming it."""
     logs = run_two_processes(MULTIHOST_WORKER, tmp_path, tiny_pipeline_dir, STEPS, tmp_path, ROOT / "sample.py",
                              timeout=600)
-    expected = pipe("the cat", seeds=list(range(8)), num_inference_steps=STEPS, height=SIZE, width=SIZE,
-                    scheduler="euler_a").images
+    single = pipe("the cat", seeds=list(range(8)), num_inference_steps=STEPS, height=SIZE, width=SIZE,
+                  scheduler="euler_a", return_intermediates=2)
+    expected = single.images
     for i in range(2):
         np.testing.assert_allclose(np.load(tmp_path / f"out{i}.npy"), expected, atol=1e-4)
+        np.testing.assert_allclose(np.load(tmp_path / f"intermediates{i}.npy"), single.intermediates, atol=1e-4)
 
     cases = [{c["case"]: c for c in map(json.loads, re.findall(r"^CASE (.*)$", log, re.M))} for log in logs]
     missing, run = [c["missing"] for c in cases], [c["run"] for c in cases]
@@ -474,7 +478,9 @@ def test_two_processes_match_single_process(pipe, tiny_pipeline_dir, tmp_path):
     assert [c["rc"] for c in run] == [0, 0] and "on 2 processes, 8 devices" in run[0]["stdout"]
     assert run[1]["stdout"] == run[1]["stderr"] == ""     # no bars, no messages, no files on process 1
     assert not (tmp_path / "out-run-1").exists()
-    pngs = sorted((tmp_path / "out-run-0").glob("*.png"))
+    pngs = sorted(p for p in (tmp_path / "out-run-0").glob("*.png") if not p.name.endswith("-trajectory.png"))
     assert [p.name[:5] for p in pngs] == [f"{i:05d}" for i in range(8)]
+    assert len(list((tmp_path / "out-run-0").glob("*-trajectory.png"))) == 8
+    assert len(list((tmp_path / "out-run-0").glob("*-trajectory.gif"))) == 8
     written = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in pngs]).astype(np.float64) / 255
     assert np.abs(written - expected).max() <= 0.5 / 255 + 1e-4    # PNG rounding + the processes' 1e-4 above
