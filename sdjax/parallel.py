@@ -85,12 +85,17 @@ def shard_process_batch(local_array: np.ndarray, mesh: Mesh, axis: int = 0) -> j
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
-    """Put every array of ``tree`` (e.g. an NNX state) on every device of the mesh."""
+    """Put every array of ``tree`` (e.g. an NNX state) on every device of the mesh. An array already
+    replicated over the mesh is returned as it is (no copy)."""
     sharding = replicated(mesh)
-    if jax.process_count() == 1:
-        return jax.device_put(tree, sharding)
-    return jax.tree.map(lambda a: jax.make_array_from_callback(np.shape(a), sharding,
-                                                                lambda idx: np.asarray(a)[idx]), tree)
+
+    def put(a):
+        if isinstance(a, jax.Array) and a.sharding.is_equivalent_to(sharding, a.ndim):
+            return a
+        if jax.process_count() == 1:
+            return jax.device_put(a, sharding)
+        return jax.make_array_from_callback(np.shape(a), sharding, lambda idx: np.asarray(a)[idx])
+    return jax.tree.map(put, tree)
 
 
 def to_host(array: jax.Array) -> np.ndarray:

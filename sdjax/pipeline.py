@@ -172,6 +172,12 @@ class StableDiffusion:
         models = (self.text_encoder, self.unet, self.vae)
         states = (nnx.to_pure_dict(nnx.state(m)) for m in models)
         self._state = parallel.replicate(sampling.SDState(*states), self.mesh)  # once, not per call
+        # The models take the replicated arrays, so each device holds one copy of the weights (not the
+        # loaded one beside it on the first device) and the training state can share them.
+        for model, pure in zip(models, self._state):
+            state = nnx.state(model)
+            nnx.replace_by_pure_dict(state, pure)
+            nnx.update(model, state)
         # The models' Variables and (weakly) the arrays they held: the check per call took 0.23 ms for
         # SD v1.5's 1130 weights on a 2-core CPU, where walking the models with nnx.state took ~100 ms.
         self._variables = [v for m in models for _, v in nnx.iter_graph(m) if isinstance(v, nnx.Variable)]

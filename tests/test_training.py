@@ -227,13 +227,31 @@ def reference_run(tmp_path_factory, pipeline_dir, data_dir):
         assert trainer.mesh.size == 8
         assert trainer.data.micro_batches == 2     # each process takes its columns of every micro-batch
         initial = jax.tree.map(lambda a: np.array(a, copy=True), trainer.state.params["unet"])  # (donated later)
+        same = lambda a, b: all(x is y for x, y in zip(jax.tree.leaves(a, is_leaf=_is_array),   # noqa: E731
+                                                        jax.tree.leaves(b, is_leaf=_is_array), strict=True))
+        pipe_unet = lambda: nnx.to_pure_dict(nnx.state(trainer.pipe.unet, nnx.Param))      # noqa: E731
+        # One copy of the weights on the devices: the pipeline's arrays are the state's and frozen's.
+        shared_before = same(pipe_unet(), trainer.state.params["unet"]) and same(trainer.pipe.state.vae,
+                                                                                 trainer.frozen.vae)
         trainer.run(progress=False)
+        # After the run the pipeline holds the trained (EMA) weights, not the donated arrays.
+        shared_after = same(pipe_unet(), trainer.state.ema) and not any(
+            a.is_deleted() for a in jax.tree.leaves(trainer.pipe.state))
         state = jax.device_get(trainer.state)
         batch = trainer.next_batch()
         hlo = trainer.step_fn.lower(trainer.state, trainer.frozen, batch).compile().as_text()
     finally:
         trainer.close()
-    return dict(out=out, state=state, initial=initial, rows=metrics(out), batch=batch, hlo=hlo)
+    return dict(out=out, state=state, initial=initial, rows=metrics(out), batch=batch, hlo=hlo,
+                shared_before=shared_before, shared_after=shared_after)
+
+
+def _is_array(x) -> bool:
+    return isinstance(x, jax.Array)
+
+
+def test_the_pipeline_shares_the_training_weights(reference_run):
+    assert reference_run["shared_before"] and reference_run["shared_after"]
 
 
 # ----------------------------------------------------------------------------- 1. devices

@@ -364,7 +364,8 @@ class Trainer:
     cfg: TrainConfig
     out: Path
     mesh: Any
-    pipe: StableDiffusion            # master (fp32) models + tokenizer + scheduler config
+    pipe: StableDiffusion            # master (fp32) models + tokenizer + scheduler config; its
+                                     # arrays are the state's and frozen's (one copy on each device)
     graphdefs: S.Graphdefs
     frozen: S.Frozen | None          # None from for_export
     state: S.TrainState
@@ -532,7 +533,9 @@ class Trainer:
 
     def run(self, *, progress: bool = True) -> S.TrainState:
         """Train to ``max_steps``: log, sample, checkpoint; stop (keeping the last good checkpoint)
-        on a NaN loss. Returns the final state."""
+        on a NaN loss. Returns the final state; ``self.pipe`` then holds its weights (the UNet's EMA
+        where kept). During the run the pipeline shares the state's arrays, which each step
+        replaces (``sampling_pipeline`` points it at the current ones)."""
         cfg, main = self.cfg, jax.process_index() == 0
         start = int(self.state.step)
         bar = None
@@ -594,6 +597,7 @@ class Trainer:
                 bar.close()
             self.checkpoints.wait()
             self.log.plot_loss()
+        self.sampling_pipeline()   # the pipeline's weights were the state's, which the steps donated
         return self.state
 
     # ------------------------------------------------------------------ samples and export
