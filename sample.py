@@ -178,6 +178,10 @@ def main(argv=None) -> int:
             raise
         print(f"{PROG}: error: {message}", file=sys.stderr)
         return 1
+    except OSError as e:        # a full disk, a folder removed mid-run
+        print(f"{PROG}: error: cannot write the images: {e}; the images written before it are in {req.out}",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:   # each image is written whole (a temporary file renamed into place)
         print(f"\n{PROG}: interrupted; the images written before it are in {req.out}", file=sys.stderr)
         return 130

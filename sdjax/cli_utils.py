@@ -8,6 +8,7 @@ a one-line message; the script prints it and exits with status 2.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import math
 import os
@@ -418,8 +419,8 @@ def resolve_progress(mode: str) -> str:
 def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleResult:
     """Generate every (prompt, seed) of ``req`` with ``pipe`` and write one PNG each into ``req.out``.
 
-    Images are generated in batches of ``req.batch_size`` (default 4 per device) and written as each
-    batch finishes. Every batch has the same shape (the last one is filled up by repeating its
+    Images are generated in batches of ``req.batch_size`` (default 4 per device); each batch's files
+    are written on a background thread while the next batch is generated. Every batch has the same shape (the last one is filled up by repeating its
     last job, and the extra images are dropped), so the sampler compiles once; a request smaller
     than one batch is run as one batch of its own size. PNG names and the A1111 ``parameters``
     chunk come from :mod:`sdjax.images`; numbering continues after the highest index in the folder.
@@ -459,32 +460,49 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
                             disable=not writer)
         else:
             bar = tqdm(batches, desc="batches", unit="batch", disable=not writer)
+    # The files are encoded and written on a thread while the devices make the next batch (a 512 px
+    # PNG takes ~0.05 s); a batch waits for the previous batch's files, so one batch at most is held.
+    saver = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sdjax-png") if writer else None
+    writing: list[concurrent.futures.Future] = []
+
+    def written() -> None:
+        for future in writing:
+            future.result()   # raises the write's error (a full disk) here
+        writing.clear()
+
     start = time.perf_counter()
-    with CompileTimer() as compile_timer:
-        for batch in bar:
-            padded = batch + [batch[-1]] * (per_call - len(batch))
-            out = pipe([p for p, _ in padded], req.negative_prompt, seeds=[s for _, s in padded],
-                       num_inference_steps=req.steps, guidance_scale=req.guidance_scale, height=req.height,
-                       width=req.width, scheduler=req.scheduler, batch_size=per_call, return_intermediates=picks,
-                       progress=step_bar)
-            noise = noise_images(pipe, [s for _, s in padded], req.height, req.width) if req.trajectory else None
-            generated += len(batch)
-            if not writer:
-                continue
-            for b, (prompt, seed) in enumerate(batch):
-                index = first_index + len(files)
-                params = a1111_parameters(prompt, req.negative_prompt, steps=req.steps, scheduler=req.scheduler,
-                                          guidance_scale=req.guidance_scale, seed=seed, width=req.width,
-                                          height=req.height, model=req.model)
-                files.append(save_png(out.images[b], out_dir / image_file_name(index, seed, prompt), params))
-                if req.grid:
-                    images_for_grid.append(out.images[b])
-                if req.trajectory:
-                    frames, labels = output_trajectory(out, b, sched, noise[b])
-                    extra.append(save_png(image_strip(frames, labels),
-                                          out_dir / image_file_name(index, seed, prompt, "-trajectory"), params))
-                    extra.append(save_gif(frames, out_dir / image_file_name(index, seed, prompt, "-trajectory",
-                                                                           "gif")))
+    try:
+        with CompileTimer() as compile_timer:
+            for batch in bar:
+                padded = batch + [batch[-1]] * (per_call - len(batch))
+                out = pipe([p for p, _ in padded], req.negative_prompt, seeds=[s for _, s in padded],
+                           num_inference_steps=req.steps, guidance_scale=req.guidance_scale, height=req.height,
+                           width=req.width, scheduler=req.scheduler, batch_size=per_call,
+                           return_intermediates=picks, progress=step_bar)
+                noise = noise_images(pipe, [s for _, s in padded], req.height, req.width) if req.trajectory else None
+                generated += len(batch)
+                if not writer:
+                    continue
+                written()
+                for b, (prompt, seed) in enumerate(batch):
+                    index = first_index + len(files)
+                    params = a1111_parameters(prompt, req.negative_prompt, steps=req.steps, scheduler=req.scheduler,
+                                              guidance_scale=req.guidance_scale, seed=seed, width=req.width,
+                                              height=req.height, model=req.model)
+                    files.append(out_dir / image_file_name(index, seed, prompt))
+                    writing.append(saver.submit(save_png, out.images[b], files[-1], params))
+                    if req.grid:
+                        images_for_grid.append(out.images[b])
+                    if req.trajectory:
+                        frames, labels = output_trajectory(out, b, sched, noise[b])
+                        extra += [out_dir / image_file_name(index, seed, prompt, "-trajectory"),
+                                  out_dir / image_file_name(index, seed, prompt, "-trajectory", "gif")]
+                        writing.append(saver.submit(save_png, image_strip(frames, labels), extra[-2], params))
+                        writing.append(saver.submit(save_gif, frames, extra[-1]))
+            written()
+    finally:
+        if saver is not None:
+            saver.shutdown(wait=True)   # also on Ctrl-C: the files listed so far are complete
     if step_bar is not None:
         step_bar.close()
     if req.grid and writer:

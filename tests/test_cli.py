@@ -233,6 +233,26 @@ def test_every_prompt_times_every_seed_with_metadata_and_grid(pipe_dir, pipe, tm
     assert not [p for p in out.iterdir() if p.name.startswith(".")]   # no temp files
 
 
+def test_a_failed_write_is_one_line_and_the_files_before_it_stay(pipe_dir, pipe, tmp_path, capsys, monkeypatch):
+    import sdjax.cli_utils
+    real, calls = sdjax.cli_utils.save_png, []
+
+    def save_png(image, path, params):   # runs on the writer thread
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        return real(image, path, params)
+    monkeypatch.setattr(sdjax.cli_utils, "save_png", save_png)
+    out = tmp_path / "out"
+    rc, stdout, stderr = run_main(capsys, "a cat", "--seeds", "0-3", "--model", pipe_dir, "--out", out, *SMALL)
+    assert rc == 1 and stderr.splitlines()[-1] == (f"sample.py: error: cannot write the images: [Errno 28] No space "
+                                                   f"left on device; the images written before it are in {out}")
+    assert sorted(p.name for p in out.iterdir()) == ["00000-seed0-a-cat.png", "00001-seed1-a-cat.png",
+                                                      "00003-seed3-a-cat.png"]   # each whole; not the failed one
+    ref = pipe("a cat", seeds=[0, 3], num_inference_steps=3, height=32, width=32).to_pil()
+    np.testing.assert_array_equal(pixels(out / "00003-seed3-a-cat.png"), ref[1])
+
+
 def test_seed_range_prompts_file_and_config(pipe_dir, pipe, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\ufeffred cat\n\n  blue dog  \n", encoding="utf-8")  # a BOM, as Windows editors write
