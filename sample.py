@@ -128,12 +128,13 @@ def _fail(error: Exception) -> int:
 
 def main(argv=None) -> int:
     try:
-        req, args = parse_request(argv)
+        req, args, problem = *parse_request(argv), None
     except UsageError as e:
-        return _fail(e)
-
+        req, args, problem = None, None, e
     import jax
     from sdjax import parallel
+    if problem is not None and not (parallel.env_says_multi_process() or jax.distributed.is_initialized()):
+        return _fail(problem)
     from sdjax.cli_utils import (count, default_dtype, enable_compilation_cache, out_of_memory, run_sampling,
                                  show_warnings_as_lines)
     show_warnings_as_lines("sample.py")
@@ -141,6 +142,22 @@ def main(argv=None) -> int:
     # every device of every host, and process 0 writes the images. Before JAX touches a device.
     parallel.initialize_distributed()
     main_process = jax.process_index() == 0
+    if jax.process_count() > 1:
+        # Every process must make the same images: each computes its devices' part of every batch,
+        # and process 0 names and writes them all. A host whose request failed or differs stops all.
+        failed = parallel.processes_that_failed(problem is None)
+        if problem is not None:
+            return _fail(problem)
+        if failed:
+            return _fail(UsageError(f"processes {', '.join(map(str, failed))} of {jax.process_count()} could not "
+                                    "read the request (their logs say why)"))
+        requests = parallel.gather_from_processes(req.fingerprint())
+        other = [i for i, r in enumerate(requests) if (r != requests[0]).any()]
+        if other:
+            return _fail(UsageError(
+                f"processes {', '.join(map(str, other))} of {jax.process_count()} were given other prompts, seeds or "
+                "settings than process 0: start the same command on every host (with --prompts-file -, give "
+                "every task the input: srun --input=all)"))
     if (args.compilation_cache or "").lower() != "none":
         enable_compilation_cache(args.compilation_cache)  # before anything compiles
 

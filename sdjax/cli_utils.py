@@ -232,6 +232,17 @@ class SampleRequest:
         """Every prompt with every seed, prompt-major: [(prompt, seed), ...]."""
         return [(p, s) for p in self.prompts for s in self.seeds]
 
+    def fingerprint(self):
+        """A hash of what decides the images and the compiled programs (not the model's path or
+        ``out``, which may differ between hosts), as 4 int32 values, for processes to compare."""
+        import hashlib
+        import json
+
+        import numpy as np
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("model", "model_config", "out")}
+        digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).digest()
+        return np.frombuffer(digest[:16], np.int32)
+
 
 def validate_request(req: SampleRequest) -> None:
     """Check everything that can be checked without the model; raise UsageError with one line."""

@@ -18,7 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 DATA_AXIS = "data"
 
 
-def _env_says_multi_process(env=os.environ) -> bool:
+def env_says_multi_process(env=os.environ) -> bool:
     """Whether the launcher's environment describes more than one process of this job."""
     def count(key):
         try:
@@ -39,7 +39,7 @@ def initialize_distributed(**kwargs) -> None:
     ``mpirun -n 1`` is one process, which then sees every local device)."""
     if jax.distributed.is_initialized():
         return
-    if kwargs or _env_says_multi_process():
+    if kwargs or env_says_multi_process():
         jax.distributed.initialize(**kwargs)
 
 

@@ -407,7 +407,7 @@ def test_denoise_takes_one_text_state_for_every_image(pipe):
     ({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}, True), ({"TPU_WORKER_ID": "0"}, True),
 ])
 def test_launcher_environments(env, multi):
-    assert parallel._env_says_multi_process(env) is multi
+    assert parallel.env_says_multi_process(env) is multi
 
 
 def test_one_task_sbatch_script_runs_single_process():
@@ -444,10 +444,14 @@ MULTIHOST_WORKER = textwrap.dedent("""
     spec = importlib.util.spec_from_file_location("sample_script", sample_py)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    for case, where in (("missing", f"{tmp}/absent" if me == 1 else model), ("run", model)):
+    cases = (("missing", f"{tmp}/absent" if me == 1 else model, "0-7"),
+             ("other", model, "0-6" if me == 1 else "0-7"),   # e.g. a prompts file that differs between hosts
+             ("unreadable", model, "x" if me == 1 else "0-7"),
+             ("run", model, "0-7"))
+    for case, where, seeds in cases:
         stdout, stderr = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            rc = script.main(["the cat", "--model", where, "--seeds", "0-7", "--steps", steps, "--height", "32",
+            rc = script.main(["the cat", "--model", where, "--seeds", seeds, "--steps", steps, "--height", "32",
                               "--width", "32", "--scheduler", "euler_a", "--progress", "batches", "--trajectory",
                               "--compilation-cache", "none", "--out", f"{tmp}/out-{case}-{me}"])
         print("CASE " + json.dumps(dict(case=case, rc=rc, stdout=stdout.getvalue(), stderr=stderr.getvalue())))
@@ -475,6 +479,16 @@ def test_two_processes_match_single_process(pipe, tiny_pipeline_dir, tmp_path):
     assert missing[0]["stderr"] == (f"sample.py: error: {tiny_pipeline_dir}: processes 1 of 2 could not load the "
                                     "model (their logs say why); every host needs the weights\n")
     assert not (tmp_path / "out-missing-0").exists() and not (tmp_path / "out-missing-1").exists()
+    other = [c["other"] for c in cases]   # process 1 asked for other seeds: both stop before loading
+    assert [c["rc"] for c in other] == [2, 2]
+    assert other[0]["stderr"] == other[1]["stderr"] == (
+        "sample.py: error: processes 1 of 2 were given other prompts, seeds or settings than process 0: start the "
+        "same command on every host (with --prompts-file -, give every task the input: srun --input=all)\n")
+    unreadable = [c["unreadable"] for c in cases]   # a usage error on process 1 stops process 0 too
+    assert [c["rc"] for c in unreadable] == [2, 2] and unreadable[1]["stderr"].startswith("sample.py: error: ")
+    assert unreadable[0]["stderr"] == ("sample.py: error: processes 1 of 2 could not read the request (their logs "
+                                       "say why)\n")
+    assert not list(tmp_path.glob("out-other-*")) and not list(tmp_path.glob("out-unreadable-*"))
     assert [c["rc"] for c in run] == [0, 0] and "on 2 processes, 8 devices" in run[0]["stdout"]
     assert run[1]["stdout"] == run[1]["stderr"] == ""     # no bars, no messages, no files on process 1
     assert not (tmp_path / "out-run-1").exists()
