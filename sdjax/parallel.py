@@ -55,6 +55,7 @@ def batch_sharding(mesh: Mesh, axis: int = 0) -> NamedSharding:
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
+    """Whole on every device of the mesh."""
     return NamedSharding(mesh, P())
 
 
@@ -66,17 +67,29 @@ def padded_size(n: int, mesh: Mesh) -> int:
 
 def pad_batch(array: np.ndarray, size: int) -> np.ndarray:
     """Pad axis 0 to ``size`` by repeating the last row (padded results are trimmed away)."""
-    n = array.shape[0]
+    n = np.shape(array)[0] if np.ndim(array) else 0
+    if not 1 <= n <= size:
+        raise ValueError(f"pad_batch: an array of shape {np.shape(array)} cannot be padded to {size} rows "
+                         f"(it needs 1 to {size} rows along axis 0)")
     if n == size:
         return array
     return np.concatenate([array, np.repeat(array[-1:], size - n, axis=0)], axis=0)
 
 
+def _check_batch_axis(shape: tuple, mesh: Mesh, axis: int) -> None:
+    if not 0 <= axis < len(shape):
+        raise ValueError(f"batch axis {axis} is not an axis of an array of shape {shape}")
+    if shape[axis] % mesh.size:
+        raise ValueError(f"a batch of {shape[axis]} (axis {axis} of shape {shape}) does not split over "
+                         f"{mesh.size} devices: pad it first (pad_batch(array, padded_size(n, mesh)))")
+
+
 def shard_batch(host_array: np.ndarray, mesh: Mesh, axis: int = 0) -> jax.Array:
-    """A global array split over the data axis from the same host array on every process."""
-    sharding = batch_sharding(mesh, axis)
+    """A global array split over the data axis from the same host array on every process. The batch
+    (``axis``) must divide over the mesh: pad it with ``pad_batch(a, padded_size(n, mesh))``."""
     host_array = np.asarray(host_array)
-    return jax.make_array_from_callback(host_array.shape, sharding, lambda index: host_array[index])
+    _check_batch_axis(host_array.shape, mesh, axis)
+    return jax.make_array_from_callback(host_array.shape, batch_sharding(mesh, axis), lambda index: host_array[index])
 
 
 def shard_process_batch(local_array: np.ndarray, mesh: Mesh, axis: int = 0) -> jax.Array:

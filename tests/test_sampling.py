@@ -170,6 +170,28 @@ def test_batch_split_over_devices_equals_one_device(pipe, tiny_pipeline_dir):
         np.testing.assert_allclose(together[seed], alone, atol=1e-4)
 
 
+def test_sharding_helpers_say_what_is_wrong():
+    mesh = parallel.data_mesh()                       # 8 devices
+    x = np.arange(5 * 2, dtype=np.float32).reshape(5, 2)
+    padded = parallel.pad_batch(x, parallel.padded_size(5, mesh))
+    assert padded.shape == (8, 2) and (padded[5:] == x[-1]).all()
+    sharded = parallel.shard_batch(padded, mesh)
+    assert sharded.sharding.shard_shape(sharded.shape) == (1, 2)
+    with pytest.raises(ValueError, match=r"a batch of 5 \(axis 0 of shape \(5, 2\)\) does not split over 8 devices: "
+                                         r"pad it first"):
+        parallel.shard_batch(x, mesh)
+    with pytest.raises(ValueError, match=r"batch axis 2 is not an axis of an array of shape \(8, 2\)"):
+        parallel.shard_batch(padded, mesh, axis=2)
+    with pytest.raises(ValueError, match=r"batch axis 0 is not an axis of an array of shape \(\)"):
+        parallel.shard_batch(np.float32(1), mesh)
+    for bad in (np.zeros((0, 2)), np.zeros((9, 2)), np.float32(1)):
+        with pytest.raises(ValueError, match="cannot be padded to 8 rows"):
+            parallel.pad_batch(bad, 8)
+    assert parallel.replicate(sharded, mesh) is not sharded                  # split -> copied whole
+    whole = parallel.replicate(jnp.ones(3), mesh)
+    assert parallel.replicate(whole, mesh) is whole                          # already whole: no copy
+
+
 def test_uneven_batches_are_padded_and_trimmed(pipe):
     kw = dict(num_inference_steps=STEPS, height=SIZE, width=SIZE)
     out = pipe(["the cat"] * 3, seeds=[1, 2, 3], **kw)  # one call: 3 rows padded to the 8 devices
