@@ -490,12 +490,31 @@ class Scheduler:
         return (f"{type(self).__name__}(num_model_calls={self.num_model_calls}, "
                 f"prediction_type={self.prediction_type!r}, init_noise_sigma={self.init_noise_sigma:.6g})")
 
+    def _loop_index(self, i):
+        """``i``, checked when it is concrete: an integer in 0..num_model_calls - 1. JAX's indexing
+        would clamp any other (a timestep passed where the loop index goes, one step too many),
+        silently giving another step's update or NaN."""
+        if isinstance(i, jax.core.Tracer):
+            return i
+        value = np.asarray(i)
+        n = self.num_model_calls
+        if value.ndim != 0 or value.dtype.kind not in "iu":
+            raise TypeError(f"{type(self).__name__}: loop index {i!r} must be an integer in 0..{n - 1}, the "
+                            "position in the schedule (not the timestep, which is sched.timestep(i))")
+        if not 0 <= int(value) < n:
+            raise IndexError(f"{type(self).__name__}: loop index {int(value)} is outside 0..{n - 1} "
+                             f"(num_model_calls={n}); the methods take the position in the schedule, not the "
+                             "timestep (sched.timestep(i))")
+        return i
+
     def timestep(self, i) -> jax.Array:
         """The (float32) timestep to give the UNet at loop index ``i``; works with a traced ``i``."""
+        i = self._loop_index(i)
         return _at(self.timesteps, i)
 
     def alpha_bar(self, i) -> jax.Array:
         """abar of the variance-preserving sample the UNet sees at loop index ``i``."""
+        i = self._loop_index(i)
         t = jnp.clip(jnp.round(self.timestep(i)), 0, self.alphas_cumprod.shape[0] - 1).astype(jnp.int32)
         return jnp.asarray(self.alphas_cumprod, _F32)[t]
 
@@ -505,10 +524,12 @@ class Scheduler:
 
     def scale_model_input(self, state, latents, i) -> jax.Array:
         """The UNet input at loop index ``i`` (identity unless the scheduler works in sigma space)."""
+        self._loop_index(i)
         return latents
 
     def step(self, state, model_output, i, latents, key=None) -> tuple[jax.Array, Any]:
-        """Advance ``latents`` past loop index ``i`` given the model output there.
+        """Advance ``latents`` past loop index ``i`` (0..num_model_calls - 1: the position in the
+        schedule, not the timestep as in diffusers' ``step``) given the model output there.
 
         ``key``: PRNG key(s) for the stochastic schedulers (see :func:`step_noise`); ignored otherwise.
         Returns ``(next_latents, next_state)``, both float32.
@@ -580,6 +601,7 @@ class PNDMScheduler(Scheduler):
         return PNDMState(jnp.zeros((3,) + zeros.shape, _F32), zeros, zeros)
 
     def step(self, state, model_output, i, latents, key=None):
+        i = self._loop_index(i)
         model_output = jnp.asarray(model_output, _F32)
         latents = jnp.asarray(latents, _F32)
         sample = jnp.where(_at(self.use_stashed_sample, i), state.stashed_sample, latents)
@@ -631,6 +653,7 @@ class DDIMScheduler(Scheduler):
         return self.eta > 0
 
     def step(self, state, model_output, i, latents, key=None):
+        i = self._loop_index(i)
         model_output = jnp.asarray(model_output, _F32)
         sample = jnp.asarray(latents, _F32)
         prev_t = _at(self.prev_alpha_timestep, i)
@@ -658,10 +681,12 @@ class _SigmaScheduler(Scheduler):
     sigmas: Any  # float32 [N + 1]: sigma at each loop index, then the final sigma (0 by default)
 
     def scale_model_input(self, state, latents, i):
+        i = self._loop_index(i)
         sigma = _at(self.sigmas, i)
         return jnp.asarray(latents, _F32) / (sigma**2 + 1) ** 0.5
 
     def alpha_bar(self, i):
+        i = self._loop_index(i)
         # From sigma itself: the timesteps are fractional (interpolated) for most of these schedules.
         return 1 / (_at(self.sigmas, i) ** 2 + 1)
 
@@ -690,6 +715,7 @@ class EulerScheduler(_SigmaScheduler):
     name = "euler"
 
     def step(self, state, model_output, i, latents, key=None):
+        i = self._loop_index(i)
         model_output = jnp.asarray(model_output, _F32)
         sample = jnp.asarray(latents, _F32)
         sigma, sigma_next = _at(self.sigmas, i), _at(self.sigmas, i + 1)
@@ -707,6 +733,7 @@ class EulerAncestralScheduler(_SigmaScheduler):
     stochastic = True
 
     def step(self, state, model_output, i, latents, key=None):
+        i = self._loop_index(i)
         model_output = jnp.asarray(model_output, _F32)
         sample = jnp.asarray(latents, _F32)
         sigma, sigma_next = _at(self.sigmas, i), _at(self.sigmas, i + 1)
@@ -731,6 +758,7 @@ class LMSScheduler(_SigmaScheduler):
         return LMSState(jnp.zeros((3,) + jnp.shape(latents), _F32))
 
     def step(self, state, model_output, i, latents, key=None):
+        i = self._loop_index(i)
         model_output = jnp.asarray(model_output, _F32)
         sample = jnp.asarray(latents, _F32)
         sigma = _at(self.sigmas, i)
@@ -753,6 +781,7 @@ class DPMSolverMultistepScheduler(_SigmaScheduler):
     name = "dpmpp_2m"
 
     def scale_model_input(self, state, latents, i):
+        i = self._loop_index(i)
         return latents  # DPM-Solver works on the variance-preserving latents directly
 
     def init_state(self, latents):
@@ -772,6 +801,7 @@ class DPMSolverMultistepScheduler(_SigmaScheduler):
                 + _expand_to(sigma, original.ndim) * jnp.asarray(noise, _F32))
 
     def step(self, state, model_output, i, latents, key=None):
+        i = self._loop_index(i)
         model_output = jnp.asarray(model_output, _F32)
         sample = jnp.asarray(latents, _F32)
         alpha_s0, sigma_s0 = self._alpha_sigma(_at(self.sigmas, i))
@@ -819,6 +849,7 @@ class DDPMScheduler(Scheduler):
     stochastic = True
 
     def step(self, state, model_output, i, latents, key=None):
+        i = self._loop_index(i)
         model_output = jnp.asarray(model_output, _F32)
         sample = jnp.asarray(latents, _F32)
         t = _at(self.timesteps, i).astype(jnp.int32)

@@ -444,6 +444,27 @@ def test_add_noise_refuses_timesteps_outside_the_training_schedule():
     assert np.isfinite(np.asarray(jax.jit(lambda t: S.add_noise(abar, x0, x0, t))(jnp.asarray([1000])))).all()
 
 
+@pytest.mark.parametrize("name", S.SCHEDULERS)
+def test_a_concrete_loop_index_outside_the_schedule_is_an_error(name):
+    """JAX's indexing clamps: without the check, i = num_model_calls or a timestep (801) passed as the
+    index silently gave the last step's update (or NaN for euler / dpmpp_2m)."""
+    scheduler = S.make_scheduler(name, SD15_SCHEDULER_CONFIG, 5)
+    n = scheduler.num_model_calls
+    x = jnp.ones((1, 4, 4, 4))
+    state, keys = scheduler.init_state(x), jax.random.key_data(jax.random.split(jax.random.key(0), 1))
+    scheduler.step(state, x, n - 1, scheduler.scale_model_input(state, x, n - 1), keys)   # the last one is fine
+    calls = {"step": lambda i: scheduler.step(state, x, i, x, keys), "timestep": scheduler.timestep,
+             "alpha_bar": scheduler.alpha_bar, "scale_model_input": lambda i: scheduler.scale_model_input(state, x, i)}
+    for what, call in calls.items():
+        for bad in (n, -1, int(scheduler.timestep(0))):
+            with pytest.raises(IndexError, match=rf"loop index {bad} is outside 0..{n - 1} .*not the timestep"):
+                call(bad)
+        with pytest.raises(TypeError, match="must be an integer"):
+            call(scheduler.timestep(0))      # a float timestep
+    # Traced indices are not checked (and not needed: the sampler's scan gives 0..n-1).
+    assert jax.jit(scheduler.timestep)(jnp.int32(0)) == scheduler.timestep(0)
+
+
 def test_scheduler_repr_is_short():
     """Every scheduler prints its kind and step count, not its tables (it printed ~20,000 characters)."""
     for name in S.SCHEDULERS:
