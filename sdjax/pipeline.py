@@ -386,6 +386,11 @@ class StableDiffusion:
 
         ids = tokenize(self.tokenizer, prompts)
         neg_ids = tokenize(self.tokenizer, negatives, kind="negative prompt")
+        vocab = self.text_encoder.config.vocab_size
+        if max(ids.max(), neg_ids.max()) >= vocab:   # the embedding lookup would give NaN images
+            raise ValueError(f"the tokenizer gave token id {max(ids.max(), neg_ids.max())}, outside the text encoder's "
+                             f"vocabulary 0..{vocab - 1} (a tokenizer with added tokens needs an embedding resized "
+                             "to match)")
         state = self.state
         # Every call has the same batch shape (the last one padded), so a run compiles one program.
         per_call = min(parallel.padded_size(batch_size or 4 * self.mesh.size, self.mesh),

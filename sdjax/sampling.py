@@ -82,6 +82,12 @@ def denoise(unet, scheduler: Scheduler, latents_BHWC, cond_BSD, uncond_BSD=None,
     must be a static, hashable argument. ``None`` leaves the compiled loop free of callbacks.
     """
     B = latents_BHWC.shape[0]
+    for x, name in ((cond_BSD, "cond_BSD"), (uncond_BSD, "uncond_BSD")):
+        if x is not None and x.ndim != 3:
+            raise ValueError(f"{name} has shape {tuple(x.shape)}; expected text states [batch or 1, tokens, width]")
+    if uncond_BSD is not None and uncond_BSD.shape[1:] != cond_BSD.shape[1:]:
+        raise ValueError(f"uncond_BSD has shape {tuple(uncond_BSD.shape)} and cond_BSD {tuple(cond_BSD.shape)}: "
+                         "they must agree in tokens and width")
     cond_BSD, uncond_BSD = (_match_batch(x, B, name) for x, name in ((cond_BSD, "cond_BSD"), (uncond_BSD, "uncond_BSD")))
 
     def body(carry, i):

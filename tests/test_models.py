@@ -96,6 +96,34 @@ def test_clip_refuses_sequences_past_its_positions():
         model(jnp.ones((1, 80), jnp.int32))
 
 
+def test_wrong_inputs_are_errors_naming_the_argument():
+    """Shapes, dtypes and token ids that XLA would report from deep inside the model (or not at all:
+    an id past the vocabulary gives NaN everywhere) are errors naming the argument."""
+    clip = CLIPTextModel(R.TINY_CLIP, rngs=nnx.Rngs(0))
+    vocab = clip.config.vocab_size
+    for ids, message in ((np.full((1, 5), vocab), f"token id {vocab} is outside .* 0..{vocab - 1}"),
+                         (np.full((1, 5), -1), "token id -1 is outside"),
+                         (np.ones(77, np.int32), r"shape \(77,\) .* expected integer token ids \[batch, tokens\]"),
+                         (np.ones((1, 77), np.float32), "dtype float32")):
+        with pytest.raises(ValueError, match=message):
+            clip(ids)
+    unet = UNet2DConditionModel(R.TINY_UNET, rngs=nnx.Rngs(0))
+    C, D = unet.config.in_channels, unet.config.cross_attention_dim[0]
+    x, context = jnp.zeros((2, 8, 8, C)), jnp.zeros((2, 77, D))
+    with pytest.raises(ValueError, match=rf"sample_BHWC has shape \(2, {C}, 8, 8\); .* looks like NCHW"):
+        unet(jnp.zeros((2, C, 8, 8)), 10, context)
+    for bad in (jnp.zeros((2, 77, D + 1)), jnp.zeros((3, 77, D)), jnp.zeros((77, D))):
+        with pytest.raises(ValueError, match=r"encoder_hidden_states_BSD has shape .* \(cross_attention_dim\)"):
+            unet(x, 10, bad)
+    vae = AutoencoderKL(R.TINY_VAE, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"images_BHWC has shape \(1, 3, 16, 16\); .* looks like NCHW"):
+        vae.encode(jnp.zeros((1, 3, 16, 16)))
+    with pytest.raises(TypeError, match="dtype uint8; expected floats in"):
+        vae.encode(jnp.zeros((1, 16, 16, 3), jnp.uint8))
+    with pytest.raises(ValueError, match=r"latents_BHWC has shape \(1, 8, 8\)"):
+        vae.decode(jnp.zeros((1, 8, 8)))
+
+
 # ----------------------------------------------------------------------------- UNet
 @pytest.mark.parametrize("layout", ["safetensors", "flax"])
 def test_unet_matches_diffusers(tiny_checkpoints, layout):

@@ -417,6 +417,21 @@ def test_denoise_takes_one_text_state_for_every_image(pipe):
     np.testing.assert_allclose(one, every, atol=1e-6)
     with pytest.raises(ValueError, match="cond_BSD has batch 2 but the latents have 3"):
         sampling.denoise(pipe.unet, sched, latents, text, None, 1.0)
+    with pytest.raises(ValueError, match=r"cond_BSD has shape \(77, 32\); expected text states \[batch or 1"):
+        sampling.denoise(pipe.unet, sched, latents, text[0], None, 1.0)
+    with pytest.raises(ValueError, match="uncond_BSD has shape .* must agree in tokens and width"):
+        sampling.denoise(pipe.unet, sched, latents, text[:1], text[1:, :, :16], 7.5)
+
+
+def test_token_ids_past_the_text_encoders_vocabulary_are_an_error(pipe, monkeypatch):
+    """A tokenizer with added tokens and an embedding not resized gave all-NaN images."""
+    import sdjax.pipeline
+    vocab, tokenize = pipe.text_encoder.config.vocab_size, sdjax.pipeline.tokenize
+    # An added token: the tokenizer's end token (the largest id here) becomes one past the embedding.
+    monkeypatch.setattr(sdjax.pipeline, "tokenize", lambda tok, texts, **kw: np.where(
+        (ids := tokenize(tok, texts, **kw)) == ids.max(), vocab + 3, ids))
+    with pytest.raises(ValueError, match=rf"token id {vocab + 3}, outside the text encoder's vocabulary 0..{vocab - 1}"):
+        pipe("the cat", num_inference_steps=STEPS, height=SIZE, width=SIZE)
 
 
 @pytest.mark.parametrize("env,multi", [

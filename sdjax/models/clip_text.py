@@ -6,6 +6,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from sdjax.models.layers import Pretrained, attention, layer_norm
@@ -92,6 +93,17 @@ class CLIPTextEmbeddings(nnx.Module):
         self.position_embedding = nnx.Embed(cfg.max_position_embeddings, cfg.hidden_size, **kw)
 
     def __call__(self, input_ids_BT):
+        input_ids_BT = jnp.asarray(input_ids_BT)
+        if input_ids_BT.ndim != 2 or not jnp.issubdtype(input_ids_BT.dtype, jnp.integer):
+            raise ValueError(f"input_ids_BT has shape {tuple(input_ids_BT.shape)} and dtype {input_ids_BT.dtype}; "
+                             "expected integer token ids [batch, tokens] (sdjax.text.tokenize gives them)")
+        vocab = self.token_embedding.num_embeddings
+        if not isinstance(input_ids_BT, jax.core.Tracer) and input_ids_BT.size:
+            largest = int(np.max(input_ids_BT))
+            if largest >= vocab or int(np.min(input_ids_BT)) < 0:   # jnp.take would give NaN rows, as below
+                raise ValueError(f"token id {largest if largest >= vocab else int(np.min(input_ids_BT))} is outside "
+                                 f"the text encoder's vocabulary 0..{vocab - 1} (a tokenizer with added tokens "
+                                 "needs an embedding resized to match)")
         T, limit = input_ids_BT.shape[1], self.position_embedding.num_embeddings
         if T > limit:  # jnp.take would give NaN rows, which causal attention spreads to every token
             raise ValueError(f"token sequence of length {T} is longer than the CLIP text encoder's "

@@ -109,6 +109,17 @@ def blocked_attention(q_BTNH, k_BSNH, v_BSNH, *, block_bytes: int | None = None)
     return out_NBTH.transpose(1, 2, 0, 3)
 
 
+def check_nhwc(name: str, x, channels: int) -> None:
+    """A ValueError naming ``name`` unless ``x`` is [B, H, W, channels]: XLA's own error for an NCHW
+    array (the PyTorch layout, the usual mistake) names a convolution deep inside the model."""
+    shape = tuple(x.shape)
+    if len(shape) == 4 and shape[-1] == channels:
+        return
+    hint = ("; it looks like NCHW: sdjax takes NHWC, x.transpose(0, 2, 3, 1)"
+            if len(shape) == 4 and shape[1] == channels else "")
+    raise ValueError(f"{name} has shape {shape}; expected [batch, height, width, {channels}] (NHWC){hint}")
+
+
 def conv(in_ch, out_ch, kernel_size=3, *, stride=1, padding=None, dtype, param_dtype, rngs):
     """A Conv2d with PyTorch's explicit symmetric padding (default: 'same' for odd kernels)."""
     pad = kernel_size // 2 if padding is None else padding

@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sdjax.models.layers import (Pretrained, Attention, Downsample2D, ResnetBlock2D, Upsample2D, conv, group_norm,
-                                 layer_norm, timestep_embedding)
+from sdjax.models.layers import (Pretrained, Attention, Downsample2D, ResnetBlock2D, Upsample2D, check_nhwc, conv,
+                                 group_norm, layer_norm, timestep_embedding)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,6 +261,13 @@ class UNet2DConditionModel(nnx.Module, Pretrained):
         self.conv_out = conv(chs[0], cfg.out_channels, 3, **kw)
 
     def __call__(self, sample_BHWC, timesteps, encoder_hidden_states_BSD):
+        check_nhwc("sample_BHWC", sample_BHWC, self.config.in_channels)
+        widths, context_shape = set(self.config.cross_attention_dim), tuple(encoder_hidden_states_BSD.shape)
+        if (len(context_shape) != 3 or context_shape[0] != sample_BHWC.shape[0]
+                or (len(widths) == 1 and context_shape[-1] not in widths)):
+            raise ValueError(f"encoder_hidden_states_BSD has shape {context_shape}; expected [batch "
+                             f"{sample_BHWC.shape[0]} (the sample's), tokens, {' or '.join(map(str, sorted(widths)))} "
+                             "(cross_attention_dim)]")
         x = sample_BHWC.astype(self.dtype)
         context = encoder_hidden_states_BSD.astype(self.dtype)
         if self.config.center_input_sample:

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sdjax.models.layers import Pretrained, Attention, Downsample2D, ResnetBlock2D, Upsample2D, conv, group_norm
+from sdjax.models.layers import Pretrained, Attention, Downsample2D, ResnetBlock2D, Upsample2D, check_nhwc, conv, group_norm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,9 +163,15 @@ class AutoencoderKL(nnx.Module, Pretrained):
 
     @property
     def scaling_factor(self) -> float:
+        """UNet latents = VAE latents * scaling_factor (0.18215 for SD v1.5)."""
         return self.config.scaling_factor
 
     def encode(self, images_BHWC) -> DiagonalGaussian:
+        """The posterior of float images [B, H, W, 3] in [-1, 1]."""
+        check_nhwc("images_BHWC", images_BHWC, self.config.in_channels)
+        if not jnp.issubdtype(images_BHWC.dtype, jnp.floating):
+            raise TypeError(f"images_BHWC has dtype {images_BHWC.dtype}; expected floats in [-1, 1] "
+                            "(e.g. uint8 pixels / 127.5 - 1)")
         moments = self.encoder(images_BHWC.astype(self.dtype))
         if self.quant_conv is not None:
             moments = self.quant_conv(moments)
@@ -173,6 +179,9 @@ class AutoencoderKL(nnx.Module, Pretrained):
         return DiagonalGaussian(mean, jnp.clip(logvar, -30.0, 20.0))
 
     def decode(self, latents_BHWC):
+        """Images [B, H, W, 3] (about [-1, 1]) from VAE latents [B, h, w, latent_channels] (divide UNet
+        latents by ``scaling_factor`` first)."""
+        check_nhwc("latents_BHWC", latents_BHWC, self.config.latent_channels)
         z = latents_BHWC.astype(self.dtype)
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
