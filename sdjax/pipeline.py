@@ -192,6 +192,11 @@ class StableDiffusion:
             self._refresh_state()
 
     @property
+    def graphdefs(self) -> sampling.SDState:
+        """The three models' graphdefs, the static half of `sampling.generate`'s model arguments."""
+        return self._graphdefs
+
+    @property
     def state(self) -> sampling.SDState:
         """The three models' weights as `sampling.generate` takes them (replicated over the mesh),
         current with the models."""
