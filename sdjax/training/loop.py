@@ -597,7 +597,8 @@ class Trainer:
                 bar.close()
             self.checkpoints.wait()
             self.log.plot_loss()
-        self.sampling_pipeline()   # the pipeline's weights were the state's, which the steps donated
+        if self.pipe is not None:
+            self.sampling_pipeline()   # the pipeline's weights were the state's, which the steps donated
         return self.state
 
     # ------------------------------------------------------------------ samples and export
