@@ -25,6 +25,7 @@ TINY_VAE = dict(
     in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64), layers_per_block=1,
     norm_num_groups=8, sample_size=32,
     down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+    scaling_factor=0.13025,   # not the default 0.18215: a loader that ignored the config would show
 )
 TINY_CLIP = dict(
     vocab_size=1000, hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4,

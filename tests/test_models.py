@@ -13,7 +13,7 @@ from conftest import run_jitted
 from sdjax import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
 
 LAYOUTS = ["safetensors", "flax", "bin_old_names"]
-TOL = 1e-4
+TOL = 1e-5  # measured 0.7-1.8e-6 on the tiny fp32 models (2026-12-05); 1e-4 let a tanh-GELU through
 
 
 def nchw(x_BHWC):

@@ -12,11 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import diffusers   # the reference: a test dependency, so a missing one fails rather than skips
+import torch
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
-
-from sdjax import schedulers as S  # noqa: E402
+from sdjax import schedulers as S
 
 SD15_SCHEDULER_CONFIG = {
     "_class_name": "PNDMScheduler",
