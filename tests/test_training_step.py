@@ -130,6 +130,39 @@ def grads_of(models, cfg, params, batch, key):
     return (float(loss), float(raw)), flat(grads["unet"])
 
 
+# ----------------------------------------------------------------------------- the draws
+def test_the_unet_sees_the_forward_process_of_the_scaled_posterior_sample(models):
+    """Recomputed here: example i of a micro-batch with key k draws from k_i = fold_in(k, i): the
+    posterior sample's eps with fold_in(k_i, 0), the timestep t, uniform in [0, 1000), with
+    fold_in(k_i, 1), the noise with fold_in(k_i, 2); the UNet sees
+    sqrt(abar_t) * scaling_factor * (mean + std * eps) + sqrt(1 - abar_t) * noise at t."""
+    batch = micro(make_batch(1, 4, seed=4), 0)
+    key = jax.random.key(7)
+    RECORDED.clear()
+    S.loss_fn(models.params, models.frozen, batch, key, graphdefs=models.graphdefs, cfg=S.StepConfig())
+    seen = RECORDED[-1]
+    for i in range(4):
+        k = jax.random.fold_in(key, i)
+        eps, noise = (np.asarray(jax.random.normal(jax.random.fold_in(k, j), LATENT), np.float64) for j in (0, 2))
+        t = int(jax.random.randint(jax.random.fold_in(k, 1), (), 0, 1000))
+        latents = (batch["latent_mean"][i] + batch["latent_std"][i] * eps) * 0.18215
+        abar = float(ALPHAS_CUMPROD[t])
+        assert int(seen["t"][i]) == t
+        np.testing.assert_allclose(seen["x"][i], abar ** 0.5 * latents + (1 - abar) ** 0.5 * noise, rtol=1e-5, atol=1e-6)
+
+
+def test_each_update_and_micro_batch_draws_with_its_own_key():
+    """micro_batch_key(state, a) = fold_in(fold_in(key(seed), step), a): other micro-batches and
+    other updates draw other timesteps and noise."""
+    def key_of(step, index):
+        state = types.SimpleNamespace(rng=jax.random.key_data(jax.random.key(3)), step=jnp.int32(step))
+        return np.asarray(jax.random.key_data(S.micro_batch_key(state, index)))
+    for step, index in ((5, 0), (5, 1), (6, 0)):
+        want = jax.random.fold_in(jax.random.fold_in(jax.random.key(3), step), index)
+        np.testing.assert_array_equal(key_of(step, index), jax.random.key_data(want))
+    assert len({key_of(*c).tobytes() for c in ((5, 0), (5, 1), (6, 0))}) == 3
+
+
 # ----------------------------------------------------------------------------- gradient accumulation
 @pytest.mark.parametrize("path", ["unrolled", "scan"])
 def test_accumulation_applies_the_mean_of_the_micro_batch_gradients(models, path, monkeypatch):
