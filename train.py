@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     import jax
     from sdjax.cli_utils import UsageError, count, out_of_memory, show_warnings_as_lines
     show_warnings_as_lines("train.py")
-    from sdjax.training.data import DataError, TFDSNotInstalled
+    from sdjax.training.data import DataError, ImageReadError, TFDSNotInstalled
     from sdjax.training.loop import Trainer, TrainingDiverged, train  # before the try: its except clauses name them
     from sdjax.weights import CheckpointError
     try:
@@ -67,6 +67,10 @@ def main(argv=None) -> int:
             raise
         except OSError as e:   # a full disk, a network folder gone: the run stopped where it was
             print(f"train.py: error: {e}; {how_to_resume(cfg)}", file=sys.stderr)
+            return 1
+        except ImageReadError as e:   # an image deleted or changed since the data was checked
+            print(f"train.py: error: {e}; {how_to_resume(cfg)} once the image is back (leaving its row out "
+                  "changes the data, which a resume refuses)", file=sys.stderr)
             return 1
         if final is not None:
             print(f"done: {count(cfg.max_steps, 'step')}; pipeline exported to {exported(final, cfg)}")

@@ -431,7 +431,7 @@ def test_a_batch_loaded_ahead_raises_its_error_at_its_own_step(folder):
         next(it)   # step 0; step 1 starts loading
         (folder / "train_images" / ds.names[int(it.indices_for_step(2)[0])]).unlink()
         next(it)   # step 1 is fine; step 2 fails in the background
-        with pytest.raises(DataError, match="cannot read image of example"):
+        with pytest.raises(data.ImageReadError, match="cannot read image of example"):
             next(it)
         assert it.step == 2
 

@@ -65,6 +65,11 @@ class DataError(ValueError):
         self.bad_rows = list(bad_rows)
 
 
+class ImageReadError(DataError):
+    """An image that was usable when the data was loaded cannot be read any more (deleted, changed,
+    a network folder gone): raised by `CaptionedImages.get_image`, during training."""
+
+
 @dataclass(frozen=True)
 class BadRow:
     """One unusable row.
@@ -217,7 +222,7 @@ class CaptionedImages(collections.abc.Sequence):
         try:
             return to_rgb(self._open_image(index, min_side))
         except Exception as e:  # the file changed after validation, or validation was off
-            raise DataError(f"{self.source}: cannot read image of example {index} "
+            raise ImageReadError(f"{self.source}: cannot read image of example {index} "
                             f"({self.names[index]!r}): {type(e).__name__}: {e}") from e
 
     def __getitem__(self, index: int) -> tuple[Image.Image, str]:
