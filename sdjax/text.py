@@ -37,25 +37,31 @@ def load_tokenizer(path_or_repo_id, *, subfolder: str | None = "tokenizer", revi
                               f"(needs vocab.json + merges.txt or tokenizer.json): {e}") from e
 
 
-def tokenize(tokenizer, prompts: str | Sequence[str], max_length: int | None = None, *,
-             kind: str = "prompt") -> np.ndarray:
-    """Token ids int32 [B, max_length] (77 for SD), padded with the end token as SD was trained.
-
-    A prompt longer than the text encoder's window is truncated, with one warning per distinct
-    prompt that quotes its start and the dropped words (``kind`` names it: "prompt", "negative prompt").
-    """
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+def too_long(tokenizer, prompts: Sequence[str], max_length: int | None = None) -> list[tuple[str, list[int]]]:
+    """The distinct prompts longer than the text encoder's window, each with its full token ids."""
     max_length = max_length or tokenizer.model_max_length
     distinct = list(dict.fromkeys(prompts))  # a batch often repeats one prompt for many seeds
     full = tokenizer(distinct, padding=False, truncation=False, verbose=False).input_ids
-    for prompt, ids in zip(distinct, full):
-        if len(ids) > max_length:
-            dropped = len(ids) - max_length
-            start = prompt if len(prompt) <= 40 else prompt[:40] + "..."
-            tail = tokenizer.decode(ids[max_length - 1:-1])
-            tail = tail if len(tail) <= 100 else tail[:100] + "..."
-            warnings.warn(f"{kind} {start!r} is {len(ids)} tokens long; CLIP reads {max_length} (start and end "
-                          f"tokens included), so the last {dropped} tokens were dropped: {tail!r}", UserWarning,
-                          stacklevel=2)
+    return [(prompt, ids) for prompt, ids in zip(distinct, full) if len(ids) > max_length]
+
+
+def tokenize(tokenizer, prompts: str | Sequence[str], max_length: int | None = None, *,
+             kind: str = "prompt", warn: bool = True) -> np.ndarray:
+    """Token ids int32 [B, max_length] (77 for SD), padded with the end token as SD was trained.
+
+    A prompt longer than the text encoder's window is truncated, with one warning per distinct
+    prompt that quotes its start and the dropped words (``kind`` names it: "prompt", "negative prompt";
+    ``warn=False``: none, for callers that count them with `too_long` instead).
+    """
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    max_length = max_length or tokenizer.model_max_length
+    for prompt, ids in too_long(tokenizer, prompts, max_length) if warn else ():
+        dropped = len(ids) - max_length
+        start = prompt if len(prompt) <= 40 else prompt[:40] + "..."
+        tail = tokenizer.decode(ids[max_length - 1:-1])
+        tail = tail if len(tail) <= 100 else tail[:100] + "..."
+        warnings.warn(f"{kind} {start!r} is {len(ids)} tokens long; CLIP reads {max_length} (start and end "
+                      f"tokens included), so the last {dropped} tokens were dropped: {tail!r}", UserWarning,
+                      stacklevel=2)
     ids = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True).input_ids
     return np.asarray(ids, dtype=np.int32)

@@ -1170,6 +1170,33 @@ def test_bad_row_stops_before_training_unless_skipped(pipeline_dir, tmp_path, mo
     assert (tmp_path / "out" / "final" / "model_index.json").is_file()
 
 
+def test_captions_are_tokenized_once_with_one_line_for_the_long_ones(pipeline_dir, tmp_path, capsys):
+    """One summary line at the start (examples, skipped rows, captions past CLIP's 77 tokens), and
+    no warning per caption at the step that first uses it."""
+    import warnings
+    from sdjax.text import tokenize
+    items = _images(17)
+    items[3] = (items[3][0], "a red dog " * 40)
+    items[5] = (items[5][0], "a blue cat " * 40)
+    data = write_captioned_folder(tmp_path / "data", items)
+    (data / "train_images" / "000016.png").write_bytes(b"not a png")
+    trainer = Trainer.create(config(tmp_path / "out", pipeline_dir, data, max_steps=1, skip_bad_rows=True,
+                                    gradient_accumulation=1))
+    try:
+        assert capsys.readouterr().out.splitlines()[0] == (
+            f"training data: 16 examples from {data} (1 bad row skipped); 2 captions over 77 tokens, cut to the "
+            "first 77 (CLIP's window)")
+        for _ in range(trainer.data.steps_per_epoch):   # every example once
+            indices = trainer.data.indices_for_step(trainer.data.step)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                ids = np.asarray(trainer.next_batch()["input_ids"]).reshape(-1, 77)
+            np.testing.assert_array_equal(ids, tokenize(trainer.pipe.tokenizer, [items[i][1] for i in indices],
+                                                        warn=False))
+    finally:
+        trainer.close()
+
+
 def test_fine_tune_a_single_file_checkpoint(pipeline_dir, data_dir, tmp_path, monkeypatch):
     """--model FILE.safetensors --model-config DIR starts from the file's weights, and the run records
     both paths absolute (so --resume from elsewhere finds them). Stops before the first step."""

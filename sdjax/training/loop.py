@@ -24,10 +24,10 @@ from flax import nnx
 
 from sdjax import parallel
 from sdjax.models import CLIPTextModel, UNet2DConditionModel
-from sdjax.cli_utils import UsageError, unwritable_folder
+from sdjax.cli_utils import UsageError, count, unwritable_folder
 from sdjax.pipeline import MAX_SEED, StableDiffusion, load_pipeline, model_options_problem
 from sdjax.schedulers import make_noise_schedule
-from sdjax.text import tokenize
+from sdjax.text import too_long, tokenize
 from sdjax.training import step as S
 from sdjax.training.checkpoint import Checkpointer, checkpoint_steps
 from sdjax.training.data import BatchIterator, DataError, load_captioned_images, preprocess_image
@@ -375,6 +375,7 @@ class Trainer:
     step_fn: Any                     # None from for_export
     log: MetricsLog | None           # None from for_export
     latent_cache: tuple | None = None   # (mean, std) float32 [N, h, w, 4] per dataset image
+    caption_ids: np.ndarray | None = None   # int32 [N, 77]: every caption tokenized once
 
     @classmethod
     def create(cls, cfg: TrainConfig, *, mesh=None) -> "Trainer":
@@ -417,9 +418,14 @@ class Trainer:
         except DataError as e:
             dataset, error = None, e
         _check_processes_loaded_the_same_data(dataset, error, cfg.train_data)
-        if dataset.skipped and main:
-            print(f"skipped {len(dataset.skipped)} bad rows of {cfg.train_data}")
         pipe, graphdefs, step_cfg, optimizer, lr, state = _build_model(cfg, mesh)
+        caption_ids = tokenize(pipe.tokenizer, dataset.captions, warn=False)   # once, not per step
+        if main:
+            long = too_long(pipe.tokenizer, dataset.captions)
+            print(f"training data: {count(len(dataset), 'example')} from {cfg.train_data}"
+                  + (f" ({count(len(dataset.skipped), 'bad row')} skipped)" if dataset.skipped else "")
+                  + (f"; {count(len(long), 'caption')} over {pipe.tokenizer.model_max_length} tokens, cut to the "
+                     f"first {pipe.tokenizer.model_max_length} (CLIP's window)" if long else ""))
         frozen = S.Frozen(vae=_pure(pipe.vae),
                           text_encoder=None if cfg.train_text_encoder else _pure(pipe.text_encoder),
                           alphas_cumprod=jnp.asarray(make_noise_schedule(pipe.scheduler_config)),
@@ -458,7 +464,8 @@ class Trainer:
                 for old in (out / "samples").glob("step-*.png"):
                     old.unlink()
         log = MetricsLog(out, enabled=main, spike_factor=cfg.spike_factor, resume_from_step=resumed)
-        trainer = cls(cfg, out, mesh, pipe, graphdefs, frozen, state, data, checkpoints, step_cfg, step_fn, log)
+        trainer = cls(cfg, out, mesh, pipe, graphdefs, frozen, state, data, checkpoints, step_cfg, step_fn, log,
+                      caption_ids=caption_ids)
         if cfg.cache_latents:
             trainer.latent_cache = trainer.encode_dataset()
         return trainer
@@ -517,13 +524,13 @@ class Trainer:
         if self.latent_cache is not None:  # no image decoding: look the posterior up
             indices = self.data.indices_for_step(self.data.step)
             self.data.step += 1
-            captions = [self.data.dataset.captions[i] for i in indices]
             host = {"latent_mean": self.latent_cache[0][indices], "latent_std": self.latent_cache[1][indices]}
         else:
             batch = next(self.data)
-            captions = batch["captions"]
+            indices = batch["indices"]
             host = {"pixel_values": np.asarray(batch["pixel_values"], np.float32)}
-        host["input_ids"] = tokenize(self.pipe.tokenizer, captions)
+        host["input_ids"] = (self.caption_ids[indices] if self.caption_ids is not None else
+                             tokenize(self.pipe.tokenizer, [self.data.dataset.captions[i] for i in indices]))
         accum = self.cfg.gradient_accumulation
         return {k: parallel.shard_process_batch(a.reshape(accum, a.shape[0] // accum, *a.shape[1:]), self.mesh, axis=1)
                 for k, a in host.items()}
