@@ -59,6 +59,23 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def spread_sharding(shape: tuple, mesh: Mesh) -> NamedSharding:
+    """Split over the mesh along the largest axis of ``shape`` that divides evenly over its devices;
+    whole on every device when none does (scalars, small vectors)."""
+    axes = [(size, axis) for axis, size in enumerate(shape) if size >= mesh.size and size % mesh.size == 0]
+    if mesh.size == 1 or not axes:
+        return replicated(mesh)
+    _, axis = max(axes)
+    return NamedSharding(mesh, P(*([None] * axis), DATA_AXIS))
+
+
+def spread(tree: Any, mesh: Mesh) -> Any:
+    """``tree``'s arrays placed as `spread_sharding` says, on one process or several (a collective:
+    every process must call it)."""
+    shardings = jax.tree.map(lambda a: spread_sharding(np.shape(a), mesh), tree)
+    return jax.jit(lambda t: t, out_shardings=shardings)(tree)
+
+
 def padded_size(n: int, mesh: Mesh) -> int:
     """The smallest batch >= n that divides evenly over the mesh."""
     k = mesh.size
@@ -107,6 +124,8 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
             return a
         if jax.process_count() == 1:
             return jax.device_put(a, sharding)
+        if isinstance(a, jax.Array) and not a.is_fully_addressable:   # split over processes: gather on devices
+            return jax.jit(lambda x: x, out_shardings=sharding)(a)
         return jax.make_array_from_callback(np.shape(a), sharding, lambda idx: np.asarray(a)[idx])
     return jax.tree.map(put, tree)
 

@@ -234,16 +234,25 @@ def reference_run(tmp_path_factory, pipeline_dir, data_dir):
         shared_before = same(pipe_unet(), trainer.state.params["unet"]) and same(trainer.pipe.state.vae,
                                                                                  trainer.frozen.vae)
         trainer.run(progress=False)
-        # After the run the pipeline holds the trained (EMA) weights, not the donated arrays.
-        shared_after = same(pipe_unet(), trainer.state.ema) and not any(
-            a.is_deleted() for a in jax.tree.leaves(trainer.pipe.state))
+        # After the run the pipeline holds the trained (EMA) weights, gathered whole from the devices
+        # the EMA is split over, not the donated arrays.
+        shared_after = not any(a.is_deleted() for a in jax.tree.leaves(trainer.pipe.state)) and all(
+            np.array_equal(a, b) for a, b in zip(jax.tree.leaves(pipe_unet()), jax.tree.leaves(trainer.state.ema)))
+        # ZeRO stage 1: each device holds 1/8 of the optimizer's moments and the EMA, all of the weights.
+        per_device = lambda tree: sum(int(np.prod(a.sharding.shard_shape(a.shape))) * a.dtype.itemsize  # noqa: E731
+                                      for a in jax.tree.leaves(tree))
+        total = lambda tree: sum(a.nbytes for a in jax.tree.leaves(tree))  # noqa: E731
+        split_fraction = (per_device((trainer.state.opt_state, trainer.state.ema))
+                          / total((trainer.state.opt_state, trainer.state.ema)))
+        whole_params = per_device(trainer.state.params) == total(trainer.state.params)
         state = jax.device_get(trainer.state)
         batch = trainer.next_batch()
         hlo = trainer.step_fn.lower(trainer.state, trainer.frozen, batch).compile().as_text()
     finally:
         trainer.close()
     return dict(out=out, state=state, initial=initial, rows=metrics(out), batch=batch, hlo=hlo,
-                shared_before=shared_before, shared_after=shared_after)
+                shared_before=shared_before, shared_after=shared_after, split_fraction=split_fraction,
+                whole_params=whole_params)
 
 
 def _is_array(x) -> bool:
@@ -252,6 +261,13 @@ def _is_array(x) -> bool:
 
 def test_the_pipeline_shares_the_training_weights(reference_run):
     assert reference_run["shared_before"] and reference_run["shared_after"]
+
+
+def test_the_optimizer_moments_and_ema_are_split_over_the_devices(reference_run):
+    """On 8 devices each holds all of the weights and ~1/8 of the moments and EMA (small arrays that
+    do not divide by 8 stay whole); the losses and weights equal 1 device's (test above)."""
+    assert reference_run["whole_params"]
+    assert 1 / 8 <= reference_run["split_fraction"] < 1.2 / 8, reference_run["split_fraction"]
 
 
 # ----------------------------------------------------------------------------- 1. devices

@@ -217,6 +217,7 @@ def _build_model(cfg: TrainConfig, mesh):
                                      total_steps=cfg.max_steps, b1=cfg.adam_b1, b2=cfg.adam_b2,
                                      weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm)
     state = parallel.replicate(S.init_state(params, optimizer, cfg.seed, ema=cfg.ema_decay is not None), mesh)
+    state = S.place_state(state, mesh)
     step_cfg = S.StepConfig(prediction_type=prediction_type,
                             min_snr_gamma=cfg.min_snr_gamma, caption_dropout=cfg.caption_dropout,
                             train_text_encoder=cfg.train_text_encoder, ema_decay=cfg.ema_decay,
