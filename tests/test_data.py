@@ -328,6 +328,46 @@ def test_folder_level_errors(tmp_path):
         load_captioned_images(root)
 
 
+def test_imagefolder_metadata_jsonl_and_csv(tmp_path):
+    """The Hugging Face imagefolder layout diffusers' train_text_to_image.py reads: the images beside
+    a metadata.jsonl (or metadata.csv) with file_name and text; the same dataset as the CSV layout."""
+    import json
+    root = tmp_path / "hf"
+    (root / "sub").mkdir(parents=True)
+    for name, color in (("a.png", RED), ("sub/b.png", GREEN), ("c.png", BLUE)):
+        _solid(color).save(root / name)
+    records = [{"file_name": "a.png", "text": "a red square"}, {"file_name": "sub/b.png", "text": "a green one"},
+               {"file_name": "c.png", "caption": "blue, as 'caption'", "extra": 1}]
+    (root / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n\n", encoding="utf-8")
+    ds = load_captioned_images(root)
+    assert ds.names == ["a.png", "sub/b.png", "c.png"]
+    assert ds.captions == ["a red square", "a green one", "blue, as 'caption'"]
+    assert ds.get_image(1).getpixel((0, 0)) == GREEN
+    same = write_captioned_folder(tmp_path / "csv", [(_solid(c), t) for c, t in ((RED, "a red square"),
+                                                     (GREEN, "a green one"), (BLUE, "blue, as 'caption'"))])
+    np.testing.assert_array_equal(next(iterate_batches(ds, resolution=16, batch_size_per_process=3))["pixel_values"],
+                                  next(iterate_batches(load_captioned_images(same), resolution=16,
+                                                       batch_size_per_process=3))["pixel_values"])
+    # Bad lines are bad rows, each named with its line.
+    (root / "metadata.jsonl").write_text(
+        '{"file_name": "a.png", "text": "ok"}\n{not json\n{"file_name": "a.png", "prompt": "x"}\n[1, 2]\n'
+        '{"file_name": "gone.png", "text": "x"}\n{"file_name": "../a.png", "text": "x"}\n', encoding="utf-8")
+    with pytest.raises(DataError, match="5 bad rows of 6") as info:
+        load_captioned_images(root)
+    message = str(info.value)
+    for expected in ("row 2 (line 2)", "not JSON", "row 3 (line 3) 'a.png': needs file_name and a caption in text "
+                     "or caption; it has file_name, prompt", "not a JSON object", "file not found: gone.png",
+                     "path resolves outside hf/"):
+        assert expected in message, (expected, message)
+    # metadata.csv, as the imagefolder loader also reads it.
+    (root / "metadata.jsonl").unlink()
+    (root / "metadata.csv").write_text('file_name,text\na.png,"red, quoted"\nsub/b.png,green\n', encoding="utf-8")
+    assert load_captioned_images(root).captions == ["red, quoted", "green"]
+    (root / "metadata.csv").unlink()
+    with pytest.raises(DataError, match=r"no image_captions.csv \(or metadata.jsonl or metadata.csv\)"):
+        load_captioned_images(root)
+
+
 # ------------------------------------------------------------------------------ batches
 
 

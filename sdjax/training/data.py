@@ -29,6 +29,7 @@ import concurrent.futures
 import csv
 import hashlib
 import io
+import json
 import logging
 import os
 import re
@@ -44,6 +45,10 @@ logger = logging.getLogger(__name__)
 CAPTIONS_FILENAME = "image_captions.csv"
 IMAGES_DIRNAME = "train_images"
 CSV_HEADER = ("filename", "caption")
+# The Hugging Face "imagefolder" layout (what diffusers' train_text_to_image.py reads from a local
+# folder): a metadata file beside the images, with a file_name column and the caption in "text".
+METADATA_FILENAMES = ("metadata.jsonl", "metadata.csv")
+METADATA_CAPTION_COLUMNS = ("text", "caption")
 TFDS_PREFIX = "tfds:"
 TFDS_INSTALL_HINT = ('pip install -e ".[tfds]" in the sdjax checkout (or pip install tensorflow-datasets '
                      'tensorflow-cpu)')  # sdjax is not on PyPI: the extra installs from the checkout
@@ -53,7 +58,8 @@ class TFDSNotInstalled(ImportError):
     """A ``tfds:`` source without the optional tensorflow-datasets / tensorflow packages."""
 
 _LAYOUT_HELP = (f"expected a folder holding {CAPTIONS_FILENAME} (header 'filename,caption') and "
-                f"{IMAGES_DIRNAME}/ with the images it names")
+                f"{IMAGES_DIRNAME}/ with the images it names, or the images with a metadata.jsonl "
+                "(the Hugging Face imagefolder layout: file_name and text on each line)")
 _VERSION_RE = re.compile(r"\d+\.\d+\.\d+")
 
 
@@ -299,6 +305,60 @@ def _finish(source: str, where: str, names: list[str], captions: list[str],
 # Folder layout
 
 
+Row = tuple[int, int, str, str, "str | None"]   # (row, start line, filename, caption, problem or None)
+
+
+def _csv_rows(csv_path: Path) -> Iterator[Row]:
+    """The rows of an ``image_captions.csv``."""
+    for row, line, fields in _read_csv_rows(csv_path):
+        if len(fields) != 2:
+            hint = "; put captions that contain commas in double quotes" if len(fields) > 2 else ""
+            yield row, line, fields[0].strip(), "", (f"expected 2 columns (filename,caption), found "
+                                                     f"{len(fields)}{hint}")
+        else:
+            yield row, line, fields[0].strip(), fields[1].strip(), None
+
+
+def _metadata_rows(path: Path) -> Iterator[Row]:
+    """The rows of an imagefolder ``metadata.jsonl`` (one JSON object per line) or ``metadata.csv``:
+    ``file_name`` and the caption in ``text`` (or ``caption``)."""
+    def row_of(row, line, record) -> Row:
+        if not isinstance(record, dict):
+            return row, line, "", "", f"not a JSON object: {str(record)[:60]!r}"
+        filename = record.get("file_name")
+        column = next((c for c in METADATA_CAPTION_COLUMNS if c in record), None)
+        if not isinstance(filename, str) or column is None:
+            return row, line, str(filename or ""), "", (
+                f"needs file_name and a caption in {' or '.join(METADATA_CAPTION_COLUMNS)}; it has "
+                f"{', '.join(map(str, record)) or 'nothing'}")
+        caption = record[column]
+        return row, line, filename.strip(), caption.strip() if isinstance(caption, str) else "", None
+
+    if path.suffix == ".csv":
+        try:
+            with open(path, newline="", encoding="utf-8-sig") as f:
+                for row, record in enumerate(csv.DictReader(f, strict=True, skipinitialspace=True), 1):
+                    yield row_of(row, row + 1, {k.strip(): v for k, v in record.items() if k is not None})
+        except (UnicodeDecodeError, csv.Error) as e:
+            raise DataError(f"{path}: cannot be read as UTF-8 CSV ({e})") from e
+        return
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e})") from e
+    row = 0
+    for line, text in enumerate(lines, 1):
+        if not text.strip():
+            continue
+        row += 1
+        try:
+            record = json.loads(text)
+        except ValueError as e:
+            yield row, line, "", "", f"not JSON ({e})"
+            continue
+        yield row_of(row, line, record)
+
+
 def _read_csv_rows(csv_path: Path) -> Iterator[tuple[int, int, list[str]]]:
     """Yields (row, start line, fields) for each non-blank data row after checking the header."""
     line = 1  # where the row being read starts
@@ -329,15 +389,15 @@ def _read_csv_rows(csv_path: Path) -> Iterator[tuple[int, int, list[str]]]:
                         'must end with a quote, and a quote inside it is written twice ("")') from e
 
 
-def _path_problem(filename: str) -> str | None:
-    """Why ``filename`` may not be used as a path inside train_images/, or None if it may."""
+def _path_problem(filename: str, base: str) -> str | None:
+    """Why ``filename`` may not be used as a path inside the folder ``base``, or None if it may."""
     if "\0" in filename:
         return "filename contains a NUL character"
     if os.path.isabs(filename) or os.path.splitdrive(filename)[0]:
-        return f"absolute path; filenames must be relative to {IMAGES_DIRNAME}/"
+        return f"absolute path; filenames must be relative to {base}"
     normalized = os.path.normpath(filename)
     if normalized == os.pardir or normalized.startswith(os.pardir + os.sep):
-        return f"path resolves outside {IMAGES_DIRNAME}/"
+        return f"path resolves outside {base}"
     return None
 
 
@@ -357,32 +417,35 @@ def _load_folder(root: Path, *, skip_bad_rows: bool, validate_images: bool,
     if not root.is_dir():
         raise DataError(f"training data path is not a folder: {root} ({_LAYOUT_HELP})")
     csv_path, images_dir = root / CAPTIONS_FILENAME, root / IMAGES_DIRNAME
-    if not csv_path.is_file():
-        raise DataError(f"no {CAPTIONS_FILENAME} in {root} ({_LAYOUT_HELP})")
-    if not images_dir.is_dir():
-        raise DataError(f"no {IMAGES_DIRNAME}/ folder in {root} ({_LAYOUT_HELP})")
+    metadata = next((root / name for name in METADATA_FILENAMES if (root / name).is_file()), None)
+    if csv_path.is_file():
+        if not images_dir.is_dir():
+            raise DataError(f"no {IMAGES_DIRNAME}/ folder in {root} ({_LAYOUT_HELP})")
+        table, rows_in = csv_path, _csv_rows(csv_path)
+    elif metadata is not None:   # imagefolder: the images beside the metadata file
+        table, rows_in, images_dir = metadata, _metadata_rows(metadata), root
+    else:
+        raise DataError(f"no {CAPTIONS_FILENAME} (or {' or '.join(METADATA_FILENAMES)}) in {root} ({_LAYOUT_HELP})")
+    shown = f"{images_dir.name}/" if images_dir != root else ""   # how paths are named in messages
 
     rows, bad, total = [], [], 0  # rows: (row, line, filename, caption, path)
-    for row, line, fields in _read_csv_rows(csv_path):
+    for row, line, filename, caption, problem in rows_in:
         total += 1
-        reasons = []
-        if len(fields) != 2:
-            hint = "; put captions that contain commas in double quotes" if len(fields) > 2 else ""
-            bad.append(BadRow(row, fields[0].strip(), f"expected 2 columns (filename,caption), "
-                              f"found {len(fields)}{hint}", line))
+        if problem is not None:
+            bad.append(BadRow(row, filename, problem, line))
             continue
-        filename, caption = fields[0].strip(), fields[1].strip()
+        reasons = []
         path = None
         if not filename:
             reasons.append("empty filename")
-        elif (problem := _path_problem(filename)) is not None:
+        elif (problem := _path_problem(filename, f"{shown or root.name + '/'}")) is not None:
             reasons.append(problem)
         else:
             path = images_dir / os.path.normpath(filename)
             if not path.exists():
-                reasons.append(f"file not found: {IMAGES_DIRNAME}/{filename}")
+                reasons.append(f"file not found: {shown}{filename}")
             elif not path.is_file():
-                reasons.append(f"not a file: {IMAGES_DIRNAME}/{filename}")
+                reasons.append(f"not a file: {shown}{filename}")
         if not caption:
             reasons.append("empty caption")
         if reasons:
@@ -398,7 +461,7 @@ def _load_folder(root: Path, *, skip_bad_rows: bool, validate_images: bool,
         rows = [r for r, problem in zip(rows, problems) if not problem]
 
     paths = [r[4] for r in rows]
-    return _finish(str(root), str(csv_path), [r[2] for r in rows], [r[3] for r in rows],
+    return _finish(str(root), str(table), [r[2] for r in rows], [r[3] for r in rows],
                    lambda i, min_side: _open_image_file(paths[i], min_side), bad, total, skip_bad_rows)
 
 
