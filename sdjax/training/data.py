@@ -806,8 +806,8 @@ class BatchIterator:
         rng = example_rng(self.seed, epoch, int(index))
         # Always draw the flip first, so crops are the same whether flipping is on or off.
         flip = bool(rng.random() < 0.5) and self.random_flip
-        return preprocess_image(self.dataset.get_image(int(index), min_side=self.resolution), resolution=self.resolution,
-                                center_crop=self.center_crop, flip=flip, rng=rng,
+        return preprocess_image(self.dataset.get_image(int(index), min_side=self.resolution),
+                                resolution=self.resolution, center_crop=self.center_crop, flip=flip, rng=rng,
                                 resample=self.resample)
 
     def batch_at(self, step: int) -> dict[str, Any]:
