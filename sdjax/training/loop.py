@@ -500,22 +500,25 @@ class Trainer:
         return cls(cfg, out, mesh, pipe, graphdefs, None, state, None, checkpoints, step_cfg, None, None)
 
     def encode_dataset(self, batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
-        """The VAE posterior (mean, std) of every dataset image, for ``cache_latents``."""
+        """The VAE posterior (mean, std) of every dataset image, for ``cache_latents``; each call's
+        ``batch_size`` images (rounded up to a multiple of the devices) split over the devices."""
         @jax.jit
         def encode(graphdef, state, pixels):
             posterior = nnx.merge(graphdef, state).encode(pixels)
             return posterior.mean, posterior.std
 
-        vae_state = self.frozen.vae
+        vae_state, n = self.frozen.vae, len(self.data.dataset)
+        per_call = parallel.padded_size(batch_size, self.mesh)   # every call the same shape: one compile
         means, stds = [], []
-        for start in range(0, len(self.data.dataset), batch_size):
-            stop = min(start + batch_size, len(self.data.dataset))
+        for start in range(0, n, per_call):
+            stop = min(start + per_call, n)
             pixels = np.stack([preprocess_image(self.data.dataset.get_image(i, min_side=self.cfg.resolution),
                                                 resolution=self.cfg.resolution)
                                for i in range(start, stop)])
-            mean, std = encode(self.graphdefs.vae, vae_state, jnp.asarray(pixels))
-            means.append(np.asarray(mean, np.float32))
-            stds.append(np.asarray(std, np.float32))
+            sharded = parallel.shard_batch(parallel.pad_batch(pixels, per_call), self.mesh)
+            mean, std = encode(self.graphdefs.vae, vae_state, sharded)
+            means.append(parallel.to_host(mean)[: stop - start].astype(np.float32))
+            stds.append(parallel.to_host(std)[: stop - start].astype(np.float32))
         return np.concatenate(means), np.concatenate(stds)
 
     # ------------------------------------------------------------------ the loop
