@@ -355,6 +355,15 @@ def test_pytorch_yardstick_each_caption_generates_its_own_image(torch_run, setup
     assert_each_caption_generates_its_image("diffusers PyTorch", torch_run, setup)
 
 
+def test_the_first_steps_follow_pytorch_on_the_same_draws(sdjax_run, torch_run):
+    """Before rounding differences grow (module docstring), the per-step losses of the two loops
+    agree: the same targets, noise, timesteps, learning rate and AdamW update step by step (a wrong
+    latent scale, timestep range or update would move them by far more than the tolerance)."""
+    first = [run["losses"][:4] for run in (sdjax_run, torch_run)]
+    print(f"first losses: sdjax {first[0]}, PyTorch {first[1]}")
+    np.testing.assert_allclose(first[0], first[1], rtol=1e-3)
+
+
 def test_sdjax_loss_within_pytorch_seed_spread(sdjax_run, torch_run, setup):
     report = summary("sdjax", sdjax_run, setup) + "\n" + summary("diffusers PyTorch", torch_run, setup)
     print("\n" + report)
