@@ -4,7 +4,7 @@
 
 Shapes only (``jax.eval_shape`` of the real SD v1.5 UNet config, no weights, no compute), on 16
 simulated CPU devices: the weights are whole on every device, the AdamW moments and the EMA split
-over the devices as ``sdjax.training.step.place_state`` puts them (``parallel.spread_sharding``).
+over the devices as ``sdjax.training.step.init_state(..., mesh=)`` puts them (``parallel.spread_sharding``).
 Gradients and activations come on top (XLA's scratch memory; BENCHMARKS.md has those figures).
 """
 import os

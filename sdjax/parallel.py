@@ -69,11 +69,15 @@ def spread_sharding(shape: tuple, mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(*([None] * axis), DATA_AXIS))
 
 
-def spread(tree: Any, mesh: Mesh) -> Any:
-    """``tree``'s arrays placed as `spread_sharding` says, on one process or several (a collective:
-    every process must call it)."""
-    shardings = jax.tree.map(lambda a: spread_sharding(np.shape(a), mesh), tree)
-    return jax.jit(lambda t: t, out_shardings=shardings)(tree)
+def spread_shardings(tree: Any, mesh: Mesh) -> Any:
+    """`spread_sharding` for every array (or ``jax.ShapeDtypeStruct``) of ``tree``."""
+    return jax.tree.map(lambda a: spread_sharding(np.shape(a), mesh), tree)
+
+
+def make_spread(fn, *args, mesh: Mesh) -> Any:
+    """``fn(*args)`` computed straight into the `spread_sharding` placement (each device makes only
+    its part: nothing is whole on a device first), on one process or several (a collective)."""
+    return jax.jit(fn, out_shardings=spread_shardings(jax.eval_shape(fn, *args), mesh))(*args)
 
 
 def padded_size(n: int, mesh: Mesh) -> int:

@@ -383,6 +383,9 @@ def test_resume_equals_uninterrupted(reference_run, pipeline_dir, data_dir, tmp_
     trainer = Trainer.create(TrainConfig.from_run(out))
     try:
         assert int(trainer.state.step) == 2 and trainer.data.step == 2
+        # The pipeline shares the restored weights (it kept the loaded ones beside them).
+        assert all(a is b for a, b in zip(jax.tree.leaves(nnx.to_pure_dict(nnx.state(trainer.pipe.unet, nnx.Param))),
+                                          jax.tree.leaves(trainer.state.params["unet"]), strict=True))
         trainer.run(progress=False)
         state = jax.device_get(trainer.state)
     finally:

@@ -785,12 +785,21 @@ class BatchIterator:
                 raise DataError(f"cannot resume the data order of {self.dataset.source}: saved {key}={saved!r}, "
                                 f"now {now!r} ({meaning}); restore the data and settings of the saved run, "
                                 f"or start a new run (another --output-dir; from Python, start_step=0)")
+        self._drop_ahead()
         self.step = int(state["step"])
 
+    def _drop_ahead(self) -> None:
+        """Stop loading the batch ahead (its step is no longer next), so it does not hold up the pool."""
+        if self._ahead is not None:
+            future, self._ahead = self._ahead[1], None
+            if not future.cancel():
+                concurrent.futures.wait([future])
+
     def _epoch_order(self, epoch: int) -> np.ndarray:
-        if self._order_cache is None or self._order_cache[0] != epoch:
-            self._order_cache = (epoch, epoch_permutation(len(self.dataset), self.seed, epoch))
-        return self._order_cache[1]
+        cached = self._order_cache   # one read: the loading thread may replace it meanwhile
+        if cached is None or cached[0] != epoch:
+            cached = self._order_cache = (epoch, epoch_permutation(len(self.dataset), self.seed, epoch))
+        return cached[1]
 
     def indices_for_step(self, step: int) -> np.ndarray:
         """The dataset indices this process reads at global step ``step`` (int64 [b]: its part of
@@ -840,9 +849,7 @@ class BatchIterator:
 
     def close(self) -> None:
         """Stops the loader threads (the iterator still works afterwards, single-threaded)."""
-        if self._ahead is not None:
-            self._ahead[1].cancel()
-            self._ahead = None
+        self._drop_ahead()
         for executor in (self._prefetcher, self._pool):   # the prefetcher uses the pool: stop it first
             if executor is not None:
                 executor.shutdown(wait=True)

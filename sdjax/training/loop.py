@@ -216,8 +216,8 @@ def _build_model(cfg: TrainConfig, mesh):
     optimizer, lr = S.make_optimizer(cfg.learning_rate, warmup_steps=cfg.warmup_steps, schedule=cfg.lr_schedule,
                                      total_steps=cfg.max_steps, b1=cfg.adam_b1, b2=cfg.adam_b2,
                                      weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm)
-    state = parallel.replicate(S.init_state(params, optimizer, cfg.seed, ema=cfg.ema_decay is not None), mesh)
-    state = S.place_state(state, mesh)
+    state = S.init_state(parallel.replicate(params, mesh), optimizer, cfg.seed, ema=cfg.ema_decay is not None,
+                         mesh=mesh)
     step_cfg = S.StepConfig(prediction_type=prediction_type,
                             min_snr_gamma=cfg.min_snr_gamma, caption_dropout=cfg.caption_dropout,
                             train_text_encoder=cfg.train_text_encoder, ema_decay=cfg.ema_decay,
@@ -467,6 +467,8 @@ class Trainer:
         log = MetricsLog(out, enabled=main, spike_factor=cfg.spike_factor, resume_from_step=resumed)
         trainer = cls(cfg, out, mesh, pipe, graphdefs, frozen, state, data, checkpoints, step_cfg, step_fn, log,
                       caption_ids=caption_ids)
+        if resumed is not None:
+            trainer._share_state_weights()
         if cfg.cache_latents:
             trainer.latent_cache = trainer.encode_dataset()
         return trainer
@@ -497,7 +499,9 @@ class Trainer:
         except BaseException:
             checkpoints.close()
             raise
-        return cls(cfg, out, mesh, pipe, graphdefs, None, state, None, checkpoints, step_cfg, None, None)
+        trainer = cls(cfg, out, mesh, pipe, graphdefs, None, state, None, checkpoints, step_cfg, None, None)
+        trainer._share_state_weights()
+        return trainer
 
     def encode_dataset(self, batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
         """The VAE posterior (mean, std) of every dataset image, for ``cache_latents``; each call's
@@ -602,6 +606,7 @@ class Trainer:
                     self.save_checkpoint()
                 if sample_now:
                     self.write_samples(step)
+                    self._share_state_weights()
                 last_time += time.perf_counter() - paused
         finally:
             if bar:
@@ -613,6 +618,12 @@ class Trainer:
         return self.state
 
     # ------------------------------------------------------------------ samples and export
+    def _share_state_weights(self) -> None:
+        """Point the pipeline at the state's weights, which are replicated like its own (no copy):
+        after a restore (else it keeps the loaded ones beside them) and after mid-run samples (else
+        it keeps the EMA, split over the devices in the state, gathered whole on every device)."""
+        self.pipe.set_params(unet=self.state.params["unet"], text_encoder=self.state.params.get("text_encoder"))
+
     def trained_unet_params(self, *, use_ema: bool = True) -> dict:
         return self.state.ema if (use_ema and self.state.ema is not None) else self.state.params["unet"]
 

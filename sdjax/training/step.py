@@ -89,14 +89,28 @@ def make_optimizer(learning_rate: float = 1e-5, *, warmup_steps: int = 0, schedu
     return optax.chain(*chain), lr
 
 
-def init_state(params: dict, optimizer: optax.GradientTransformation, seed: int, *, ema: bool) -> TrainState:
+def init_state(params: dict, optimizer: optax.GradientTransformation, seed: int, *, ema: bool,
+               mesh=None) -> TrainState:
     """Step 0 of training ``params`` (``{"unet": ..., ["text_encoder": ...]}`` pure dicts); the EMA, if
     any, starts as a copy of the UNet's. The state holds ``params`` themselves, not a copy, and
     :func:`jit_train_step` donates the state: after the first step those arrays are deleted, so pass
-    ``jax.tree.map(jnp.copy, params)`` to keep the originals."""
-    return TrainState(step=jnp.int32(0), params=params, opt_state=optimizer.init(params),
-                      ema=jax.tree.map(jnp.array, params["unet"]) if ema else None,
-                      rng=jax.random.key_data(jax.random.key(seed)))
+    ``jax.tree.map(jnp.copy, params)`` to keep the originals.
+
+    With ``mesh`` (``params`` replicated over it), the state is placed for `jit_train_step`: the
+    weights, step and RNG whole on every device (each device's forward and backward pass needs all
+    the weights), the optimizer's moments and the EMA split over the devices (ZeRO stage 1: on 8
+    devices each holds 1/8 of them, 1.2 of SD v1.5's 9.6 GiB of fp32 AdamW moments and EMA), each
+    array along its largest axis that divides evenly, made there directly (never whole on a device).
+    """
+    rng = jax.random.key_data(jax.random.key(seed))
+    copy = lambda tree: jax.tree.map(jnp.array, tree)  # noqa: E731
+    if mesh is None:
+        return TrainState(step=jnp.int32(0), params=params, opt_state=optimizer.init(params),
+                          ema=copy(params["unet"]) if ema else None, rng=rng)
+    return TrainState(step=parallel.replicate(jnp.int32(0), mesh), params=params,
+                      opt_state=parallel.make_spread(optimizer.init, params, mesh=mesh),
+                      ema=parallel.make_spread(copy, params["unet"], mesh=mesh) if ema else None,
+                      rng=parallel.replicate(rng, mesh))
 
 
 def _per_example(keys_B, fn):
@@ -198,36 +212,28 @@ def train_step(state: TrainState, frozen: Frozen, batch: dict, *, graphdefs: Gra
     return TrainState(state.step + 1, params, opt_state, ema, state.rng), metrics
 
 
-def place_state(state: TrainState, mesh, *, constrain: bool = False) -> TrainState:
-    """Where the state lives on ``mesh``: the weights, step and RNG whole on every device (each
-    device's forward and backward pass needs all the weights); the optimizer's moments and the EMA
-    split over the devices (ZeRO stage 1: on 8 devices each holds 1/8 of them, 1.2 of SD v1.5's
-    9.6 GiB of fp32 AdamW moments and EMA), each array along its largest axis that divides evenly.
-    ``constrain``: inside a traced function (``with_sharding_constraint``); else the arrays of a
-    state outside jit, the moments and EMA moved to their devices."""
-    rep = parallel.replicated(mesh)
-    if constrain:
-        whole = lambda tree: jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, rep), tree)  # noqa: E731
-        split = lambda tree: jax.tree.map(  # noqa: E731
-            lambda a: jax.lax.with_sharding_constraint(a, parallel.spread_sharding(a.shape, mesh)), tree)
-        return TrainState(whole(state.step), whole(state.params), split(state.opt_state), split(state.ema),
-                          whole(state.rng))
-    opt_state, ema = parallel.spread((state.opt_state, state.ema), mesh)
-    return state._replace(opt_state=opt_state, ema=ema)
+def _constrain_placement(state: TrainState, mesh) -> TrainState:
+    """Inside the traced step: the output state placed as `init_state` places it on ``mesh``."""
+    def put(tree, sharding_of):
+        return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, sharding_of(a)), tree)
+    whole = lambda a: parallel.replicated(mesh)  # noqa: E731
+    split = lambda a: parallel.spread_sharding(a.shape, mesh)  # noqa: E731
+    return TrainState(put(state.step, whole), put(state.params, whole), put(state.opt_state, split),
+                      put(state.ema, split), put(state.rng, whole))
 
 
 def jit_train_step(mesh, *, graphdefs: Graphdefs, cfg: StepConfig, optimizer, lr_schedule):
     """``train_step`` compiled for ``mesh``: batch split over the data axis (axis 1, after the
-    accumulation axis), frozen arrays replicated, the state as `place_state` puts it (pass a state
-    placed so), the old state's buffers donated."""
+    accumulation axis), frozen arrays replicated, the state placed as ``init_state(..., mesh=mesh)``
+    places it (pass a state placed so), the old state's buffers donated."""
     import functools
     fn = functools.partial(train_step, graphdefs=graphdefs, cfg=cfg, optimizer=optimizer, lr_schedule=lr_schedule)
     rep = parallel.replicated(mesh)
 
     def placed_step(state, frozen, batch):
         state, metrics = fn(state, frozen, batch)
-        return place_state(state, mesh, constrain=True), jax.tree.map(
+        return _constrain_placement(state, mesh), jax.tree.map(
             lambda a: jax.lax.with_sharding_constraint(a, rep), metrics)
-    # The state's input shardings are the arrays' own (place_state's); the outputs keep them, so a
+    # The state's input shardings are the arrays' own (init_state's); the outputs keep them, so a
     # step's donated buffers are reused by the next.
     return jax.jit(placed_step, donate_argnums=(0,))
