@@ -427,6 +427,23 @@ def resolve_progress(mode: str) -> str:
     return mode
 
 
+def _stop_together(wait_for_files) -> None:
+    """Raise the previous batch's write error (``wait_for_files``, on process 0) on every process, so
+    that the others stop with it instead of waiting for it in the next batch's collectives."""
+    import jax
+    from sdjax import parallel
+    error = None
+    try:
+        if wait_for_files is not None:
+            wait_for_files()
+    except OSError as e:
+        error = e
+    if jax.process_count() > 1 and parallel.processes_that_failed(error is None) and error is None:
+        raise OSError("process 0 could not write the images (its log says why)")
+    if error is not None:
+        raise error
+
+
 def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleResult:
     """Generate every (prompt, seed) of ``req`` with ``pipe`` and write one PNG each into ``req.out``.
 
@@ -492,9 +509,9 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
                            return_intermediates=picks, progress=step_bar)
                 noise = noise_images(pipe, [s for _, s in padded], req.height, req.width) if req.trajectory else None
                 generated += len(batch)
+                _stop_together(written if writer else None)
                 if not writer:
                     continue
-                written()
                 for b, (prompt, seed) in enumerate(batch):
                     index = first_index + len(files)
                     params = a1111_parameters(prompt, req.negative_prompt, steps=req.steps, scheduler=req.scheduler,

@@ -481,16 +481,23 @@ MULTIHOST_WORKER = textwrap.dedent("""
     spec = importlib.util.spec_from_file_location("sample_script", sample_py)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    import sdjax.cli_utils
+
+    def disk_full(*args):
+        raise OSError(28, "No space left on device")
+    real_save_png = sdjax.cli_utils.save_png
     cases = (("missing", f"{tmp}/absent" if me == 1 else model, "0-7"),
              ("other", model, "0-6" if me == 1 else "0-7"),   # e.g. a prompts file that differs between hosts
              ("unreadable", model, "x" if me == 1 else "0-7"),
+             ("disk_full", model, "0-15"),                    # two batches of 8; process 0 cannot write
              ("run", model, "0-7"))
     for case, where, seeds in cases:
+        sdjax.cli_utils.save_png = disk_full if case == "disk_full" and me == 0 else real_save_png
         stdout, stderr = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             rc = script.main(["the cat", "--model", where, "--seeds", seeds, "--steps", steps, "--height", "32",
                               "--width", "32", "--scheduler", "euler_a", "--progress", "batches", "--trajectory",
-                              "--compilation-cache", "none", "--out", f"{tmp}/out-{case}-{me}"])
+                              "--compilation-cache", "none", "--out", f"{tmp}/out-{case}-{me}", "--batch-size", "8"])
         print("CASE " + json.dumps(dict(case=case, rc=rc, stdout=stdout.getvalue(), stderr=stderr.getvalue())))
 """)
 
@@ -526,6 +533,14 @@ def test_two_processes_match_single_process(pipe, tiny_pipeline_dir, tmp_path):
     assert unreadable[0]["stderr"] == ("sample.py: error: processes 1 of 2 could not read the request (their logs "
                                        "say why)\n")
     assert not list(tmp_path.glob("out-other-*")) and not list(tmp_path.glob("out-unreadable-*"))
+    full = [c["disk_full"] for c in cases]   # process 0's write error stops process 1 too (it waited forever)
+    assert [c["rc"] for c in full] == [1, 1]
+    assert full[0]["stderr"].splitlines()[-1] == ("sample.py: error: cannot write the images: [Errno 28] No space "
+                                                  f"left on device; the images written before it are in "
+                                                  f"{tmp_path / 'out-disk_full-0'}")
+    assert full[1]["stderr"].splitlines()[-1] == ("sample.py: error: cannot write the images: process 0 could not "
+                                                  "write the images (its log says why); the images written before "
+                                                  f"it are in {tmp_path / 'out-disk_full-1'}")
     assert [c["rc"] for c in run] == [0, 0] and "on 2 processes, 8 devices" in run[0]["stdout"]
     assert run[1]["stdout"] == run[1]["stderr"] == ""     # no bars, no messages, no files on process 1
     assert not (tmp_path / "out-run-1").exists()
