@@ -124,6 +124,21 @@ def test_wrong_inputs_are_errors_naming_the_argument():
         vae.decode(jnp.zeros((1, 8, 8)))
 
 
+@pytest.mark.parametrize("kind, cls", [("unet", UNet2DConditionModel), ("vae", AutoencoderKL),
+                                       ("clip", CLIPTextModel)])
+def test_every_norm_has_the_reference_eps(tiny_checkpoints, kind, cls):
+    """Layer by layer: at ordinary activations an eps of 1e-6 for 1e-5 moves the output by ~6e-6,
+    under the parity tolerance, yet it is a different model where activations are small."""
+    entry = tiny_checkpoints[kind]
+    model = load(cls, entry, "safetensors")
+    ours = {".".join(map(str, path)): float(m.epsilon) for path, m in nnx.iter_graph(model)
+            if isinstance(m, (nnx.GroupNorm, nnx.LayerNorm))}
+    prefix = "text_model." if kind == "clip" else ""   # transformers 5 leaves it out of CLIPTextModel's names
+    ref = {(name if name.startswith(prefix) else prefix + name): float(m.eps)
+           for name, m in entry["torch"].named_modules() if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm))}
+    assert len(ours) > 5 and ours == ref
+
+
 # ----------------------------------------------------------------------------- UNet
 @pytest.mark.parametrize("layout", ["safetensors", "flax"])
 def test_unet_matches_diffusers(tiny_checkpoints, layout):
