@@ -195,6 +195,19 @@ def test_unet_sd2_style_config(tmp_path):
         assert len(fp32) == (2 * n_attention if upcast else 0) and len(dots) > len(fp32), (upcast, len(fp32))
 
 
+def test_unet_timestep_embedding_options(tmp_path):
+    """freq_shift and flip_sin_to_cos as diffusers reads them (SD's 0 and True hide a sign or order slip)."""
+    cfg = dict(R.TINY_UNET, freq_shift=1, flip_sin_to_cos=False)
+    ref_model = R.torch_unet(cfg, seed=3)
+    R.save_torch_layout(ref_model, tmp_path)
+    rng = np.random.default_rng(4)
+    x, ctx = rng.standard_normal((2, 8, 8, 4)).astype(np.float32), rng.standard_normal((2, 7, 32)).astype(np.float32)
+    ours = run_jitted("tiny-unet", UNet2DConditionModel.from_pretrained(tmp_path), call, x, np.array([3, 700]), ctx)
+    with torch.no_grad():
+        ref = ref_model(nchw(x), torch.tensor([3, 700]), torch.from_numpy(ctx)).sample
+    assert max_err(ours, nhwc(ref)) < TOL
+
+
 @pytest.mark.parametrize("key,value", [("class_embed_type", "timestep"), ("timestep_post_act", "silu"),
                                        ("time_embedding_act_fn", "silu"), ("resnet_out_scale_factor", 2.0)])
 def test_unet_rejects_unsupported_config(key, value):
