@@ -124,7 +124,9 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     sharding = replicated(mesh)
 
     def put(a):
-        if isinstance(a, jax.Array) and a.sharding.is_equivalent_to(sharding, a.ndim):
+        # Equal, not merely equivalent: on one device a SingleDeviceSharding is equivalent, but jit
+        # compiles again for it when the same array comes back with this NamedSharding.
+        if isinstance(a, jax.Array) and a.sharding == sharding:
             return a
         if jax.process_count() == 1:
             return jax.device_put(a, sharding)

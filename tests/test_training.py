@@ -234,6 +234,7 @@ def reference_run(tmp_path_factory, pipeline_dir, data_dir):
         shared_before = same(pipe_unet(), trainer.state.params["unet"]) and same(trainer.pipe.state.vae,
                                                                                  trainer.frozen.vae)
         trainer.run(progress=False)
+        assert trainer.step_fn._cache_size() == 1   # one compile for every step
         # After the run the pipeline holds the trained (EMA) weights, gathered whole from the devices
         # the EMA is split over, not the donated arrays.
         shared_after = not any(a.is_deleted() for a in jax.tree.leaves(trainer.pipe.state)) and all(
@@ -289,6 +290,7 @@ def test_eight_devices_equal_one_device(reference_run, pipeline_dir, data_dir, t
                                 checkpoint_every=100), mesh=parallel.data_mesh(jax.devices()[:1]))
     try:
         one.run(progress=False)
+        assert one.step_fn._cache_size() == 1   # the state comes back placed as it went in: one compile
         state = jax.device_get(one.state)
         pixels = one.next_batch()["pixel_values"]
         assert pixels.sharding.shard_shape(pixels.shape) == (2, 8, SIZE, SIZE, 3)   # all on the one device
