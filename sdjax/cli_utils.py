@@ -448,8 +448,9 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
     """Generate every (prompt, seed) of ``req`` with ``pipe`` and write one PNG each into ``req.out``.
 
     Images are generated in batches of ``req.batch_size`` (default 4 per device); each batch's files
-    are written on a background thread while the next batch is generated. Every batch has the same shape (the last one is filled up by repeating its
-    last job, and the extra images are dropped), so the sampler compiles once; a request smaller
+    are written on a background thread while the next batch is generated. Every batch has the same
+    shape (the last one is filled up by repeating its last job, and the extra images are dropped),
+    so the sampler compiles once; a request smaller
     than one batch is run as one batch of its own size. PNG names and the A1111 ``parameters``
     chunk come from :mod:`sdjax.images`; numbering continues after the highest index in the folder.
     ``progress``: one of ``PROGRESS_MODES`` (see :func:`resolve_progress`).

@@ -376,7 +376,7 @@ class Trainer:
     step_fn: Any                     # None from for_export
     log: MetricsLog | None           # None from for_export
     latent_cache: tuple | None = None   # (mean, std) float32 [N, h, w, 4] per dataset image
-    caption_ids: np.ndarray | None = None   # int32 [N, 77]: every caption tokenized once
+    caption_ids: np.ndarray | None = None   # int32 [N, 77]: every caption tokenized once (None from for_export)
 
     @classmethod
     def create(cls, cfg: TrainConfig, *, mesh=None) -> "Trainer":
@@ -537,8 +537,7 @@ class Trainer:
             batch = next(self.data)
             indices = batch["indices"]
             host = {"pixel_values": np.asarray(batch["pixel_values"], np.float32)}
-        host["input_ids"] = (self.caption_ids[indices] if self.caption_ids is not None else
-                             tokenize(self.pipe.tokenizer, [self.data.dataset.captions[i] for i in indices]))
+        host["input_ids"] = self.caption_ids[indices]
         accum = self.cfg.gradient_accumulation
         return {k: parallel.shard_process_batch(a.reshape(accum, a.shape[0] // accum, *a.shape[1:]), self.mesh, axis=1)
                 for k, a in host.items()}
