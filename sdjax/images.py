@@ -135,16 +135,27 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     crash or an error never leaves a partial file under the final name. The file gets the usual
     permissions (0666 less the umask), whatever ``write`` created it with: safetensors creates
     0600 files, weights others on the machine (a web UI's user) could not read."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    return atomic_write_all([(path, write)])[0]
+
+
+def atomic_write_all(files: list[tuple[str | os.PathLike, Callable[[Path], None]]]) -> list[Path]:
+    """`atomic_write` for files that belong together (a model's weights and its config.json): all
+    are written to temp files first and renamed into place only when every write succeeded, so a
+    failed write (a full disk) leaves the old set as it was, not new weights beside an old config."""
+    done: list[tuple[Path, Path]] = []
     try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~umask())
-        os.replace(tmp, path)
+        for path, write in files:
+            path = Path(path)
+            done.append((path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp"), path))
+            write(done[-1][0])
+            os.chmod(done[-1][0], 0o666 & ~umask())
+        for tmp, path in done:
+            os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        for tmp, _ in done:
+            tmp.unlink(missing_ok=True)
         raise
-    return path
+    return [path for _, path in done]
 
 
 def save_png(image, path: str | os.PathLike, parameters: str | None = None) -> Path:

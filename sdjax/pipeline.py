@@ -146,6 +146,27 @@ class _StepTicker:
             self.bar.update(1)
 
 
+def check_parts_fit(configs: dict, root=None) -> None:
+    """The three models' configs (``{"text_encoder": ..., "unet": ..., "vae": ...}``) make one
+    text-to-image pipeline: the UNet denoises the VAE's latents and attends to the text encoder's
+    states. A `CheckpointError` names the fields (``root``: the pipeline folder whose config.json
+    files they are) otherwise."""
+    text_config, unet_config, vae_config = configs["text_encoder"], configs["unet"], configs["vae"]
+    where = (lambda part: f"{root / part / 'config.json'}") if root is not None else (lambda part: part)
+    latent = vae_config.latent_channels
+    for field in ("in_channels", "out_channels"):
+        if getattr(unet_config, field) != latent:
+            raise CheckpointError(
+                f"{where('unet')}: {field}={getattr(unet_config, field)}, but the VAE's latents have {latent} "
+                f"channels ({where('vae')} latent_channels): sdjax makes images from text alone, not with a UNet "
+                "that takes more inputs (inpainting, depth, instruct-pix2pix)")
+    if any(dim != text_config.hidden_size for dim in unet_config.cross_attention_dim):
+        raise CheckpointError(
+            f"{where('unet')}: cross_attention_dim={list(unet_config.cross_attention_dim)}, but the text encoder's "
+            f"states have {text_config.hidden_size} channels ({where('text_encoder')} hidden_size): the parts come "
+            "from different models")
+
+
 class StableDiffusion:
     """Stable Diffusion v1.x text-to-image in JAX, data-parallel over every device (and host).
 
@@ -156,6 +177,7 @@ class StableDiffusion:
 
     def __init__(self, *, text_encoder: CLIPTextModel, unet: UNet2DConditionModel, vae: AutoencoderKL,
                  tokenizer, scheduler_config: dict, mesh=None, name: str = ""):
+        check_parts_fit({"text_encoder": text_encoder.config, "unet": unet.config, "vae": vae.config})
         self.text_encoder, self.unet, self.vae = text_encoder, unet, vae
         self.tokenizer, self.scheduler_config, self.name = tokenizer, dict(scheduler_config), name
         self.mesh = mesh or parallel.data_mesh()
@@ -250,9 +272,10 @@ class StableDiffusion:
         variant files such as ``diffusion_pytorch_model.fp16.safetensors`` (``variant="fp16"``); in
         a local folder, a part without that variant loads its plain weights, as in diffusers.
 
-        From the Hub only the files sdjax reads are downloaded (each model's config and one weights
-        file, the tokenizer, the scheduler config), not the rest of the repo: the safetensors
-        weights, or, for a model folder that has none (older repos), its .bin in a second request."""
+        From the Hub only the files sdjax reads are downloaded (each model's config and its weights,
+        the tokenizer, the scheduler config), not the rest of the repo: the safetensors weights (one
+        file, or shards with their index), or, for a model folder that has none (older repos), its
+        .bin in a second request."""
         dtype = resolve_dtype(dtype)
         if revision in ("flax", "bf16"):
             format = format or "flax"
@@ -263,6 +286,7 @@ class StableDiffusion:
         if format != "flax":
             fetch_missing_bin_weights(path_or_repo_id, revision, root, PARTS, variant)
         extras = _tokenizer_and_scheduler(root)  # before the weights: a bad folder fails fast
+        check_parts_fit({part: read_config(root / part, model_cls)[0] for part, model_cls in PARTS.items()}, root)
         variants = dict.fromkeys(PARTS, variant)
         if variant and any(has_weights(root / part, model_cls, variant) for part, model_cls in PARTS.items()):
             # As diffusers: the parts that have no such variant load their plain weights.
@@ -298,6 +322,7 @@ class StableDiffusion:
                                   f"Hub repo (config=, sample.py/train.py --model-config): {e}") from e
         configs = {part: read_config(root / part, model_cls)[0] for part, model_cls in PARTS.items()}
         extras = _tokenizer_and_scheduler(root)
+        check_parts_fit(configs, root)
         models = load_single_file(local_file(), configs, dtype=dtype)
         return cls(**models, **extras, mesh=mesh, name=str(file))
 

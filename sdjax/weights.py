@@ -28,7 +28,7 @@ import msgpack
 import numpy as np
 from flax import nnx
 
-from sdjax.images import atomic_write, umask
+from sdjax.images import atomic_write, atomic_write_all, umask
 from sdjax.models.clip_text import CLIPTextConfig, CLIPTextModel
 from sdjax.models.unet import UNet2DConditionModel, UNetConfig
 from sdjax.models.vae import AutoencoderKL, VAEConfig
@@ -101,8 +101,8 @@ def to_nnx_layout(array: np.ndarray, path: tuple, target_shape: tuple) -> np.nda
     """PyTorch tensor -> NNX layout: OIHW convs -> HWIO, [out, in] linears -> [in, out]."""
     if path[-1] != "kernel":
         return array
-    if array.ndim == 4 and len(target_shape) == 2:  # a linear stored as a 1x1 conv (old VAE attention)
-        array = array[:, :, 0, 0]
+    if array.ndim == 4 and len(target_shape) == 2 and array.shape[2:] == (1, 1):  # a linear stored as a 1x1 conv
+        array = array[:, :, 0, 0]                                                # (old VAE attention)
     if array.ndim == 4:
         return array.transpose(2, 3, 1, 0)
     if array.ndim == 2 and len(target_shape) == 4:  # a 1x1 conv stored as a linear
@@ -122,7 +122,24 @@ _SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, 
                        "BOOL": np.bool_}
 
 
+def _what_else(path: Path) -> str | None:
+    """What a file that should hold weights holds instead, when its first bytes give it away."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError:
+        return None
+    if head.startswith(b"version https://git-lfs"):
+        return ("a Git LFS pointer, not the weights: fetch them with `git lfs pull` in the clone "
+                "(or download the file itself)")
+    if head.lstrip()[:1] == b"<" and (b"<html" in head.lower() or b"<!doctype" in head.lower()):
+        return "an HTML page, not the weights: a download that saved a web page? Use the file's download link"
+    return None
+
+
 def _safetensors_corrupt(path: Path, why: str) -> CheckpointError:
+    if (instead := _what_else(path)) is not None:
+        return CheckpointError(f"{path}: {instead}")
     return CheckpointError(f"{path}: not a readable safetensors file ({why})")
 
 
@@ -190,6 +207,15 @@ def _read_torch_bin(path: Path, check_keys: Callable[[list[str]], None] | None =
         # SD v1.5 UNet: peak 2.06x the file, still 2.06x after loading; without mmap 1.09x).
         state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=False)
     except Exception as e:
+        if (instead := _what_else(path)) is not None:
+            raise CheckpointError(f"{path}: {instead}") from e
+        if found := re.search(r"Unsupported global: GLOBAL (\S+)", str(e)):  # other objects (a callback's state)
+            raise CheckpointError(
+                f"{path}: holds Python objects besides tensors ({found[1]}), which sdjax does not unpickle. If you "
+                "trust the file, convert it to safetensors: python -c \"import sys, torch; from safetensors.torch "
+                "import save_file; sd = torch.load(sys.argv[1], weights_only=False); sd = sd.get('state_dict', sd); "
+                "save_file({k: v.contiguous() for k, v in sd.items() if isinstance(v, torch.Tensor)}, sys.argv[2])\" "
+                "IN.ckpt OUT.safetensors") from e
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({e})") from e
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]  # a training checkpoint (.ckpt): the weights and other things
@@ -246,6 +272,8 @@ def _read_flax_msgpack(path: Path, convert: Callable[[np.ndarray], Any]) -> dict
     except CheckpointError:
         raise
     except Exception as e:  # OutOfData for truncated files, ExtraData, ValueError...
+        if (instead := _what_else(path)) is not None:
+            raise CheckpointError(f"{path}: {instead}") from e
         raise CheckpointError(f"{path}: not a readable Flax msgpack file ({type(e).__name__}: {e})") from e
     if not isinstance(tree, dict):
         raise CheckpointError(f"{path}: the msgpack file does not hold a parameter tree")
@@ -289,6 +317,7 @@ class _StrictFill:
         self.names = {path: flax_key(path, joins) if flax else torch_key(path) for path in self.expected}
         self.by_name = {name: path for path, name in self.names.items()}
         self.loaded: dict[tuple, Any] = {}
+        self.source: dict[tuple, str] = {}  # path -> the file's name for the tensor placed there
         self.unexpected: list[str] = []
 
     def place(self, name: str, array, *, converted: bool = False, shown_as: str | None = None) -> None:
@@ -298,13 +327,20 @@ class _StrictFill:
         if path is None:
             self.unexpected.append(shown_as or name)
             return
+        shown = shown_as or name
+        if path in self.loaded:  # e.g. a VAE attention weight under its old and its new name
+            raise CheckpointError(f"{self.file}: keys {self.source[path]!r} and {shown!r} are the same weight "
+                                  f"of {self.label}; a checkpoint must hold it once")
+        if not jnp.issubdtype(array.dtype, jnp.floating):
+            raise CheckpointError(f"{self.file}: key {shown!r} has dtype {array.dtype}; weights are floats")
         target = self.expected[path]
         if not converted:
             array = to_nnx_layout(array, path, target.shape)
         if tuple(array.shape) != tuple(target.shape):
-            raise CheckpointError(f"{self.file}: key {shown_as or name!r} has shape {tuple(array.shape)} "
+            raise CheckpointError(f"{self.file}: key {shown!r} has shape {tuple(array.shape)} "
                                   f"(in sdjax layout), the model expects {tuple(target.shape)}")
         self.loaded[path] = jnp.asarray(array, dtype=self.dtype)
+        self.source[path] = shown
 
     def check(self, shown_name: Callable[[str], str] = lambda name: name) -> None:
         """Raise `CheckpointError` listing the missing and unexpected keys, if any."""
@@ -337,6 +373,7 @@ def load_weights(model_cls, config, file: str | os.PathLike, *, dtype=jnp.float3
     spec = SPECS[model_cls]
     is_flax = file.suffix == ".msgpack"
     fill = _StrictFill(model_cls, config, file, dtype, flax=is_flax)
+    shards = _shard_files(file) if is_shard_index(file) else [file]
     if is_flax:
         def convert(a: np.ndarray):
             if not np.issubdtype(a.dtype, np.floating) and a.dtype != jnp.bfloat16:
@@ -347,12 +384,35 @@ def load_weights(model_cls, config, file: str | os.PathLike, *, dtype=jnp.float3
             parts = [_FLAX_ALIASES.get(p, p) if model_cls is AutoencoderKL else p for p in parts]
             fill.place("/".join(parts), value, converted=True)
     else:
-        reader = _read_safetensors if file.suffix == ".safetensors" else _read_torch_bin
-        for name, array in reader(file):
-            if (name := spec.torch_name(name)) is not None:
-                fill.place(name, array)
+        for shard in shards:
+            fill.file = shard  # messages about a tensor name the file that holds it
+            reader = _read_safetensors if shard.suffix == ".safetensors" else _read_torch_bin
+            for key, array in reader(shard):
+                if (name := spec.torch_name(key)) is not None:
+                    fill.place(name, array, shown_as=key)
+        fill.file = file
     fill.check()
     return fill.model()
+
+
+def is_shard_index(file: Path) -> bool:
+    """``diffusion_pytorch_model.safetensors.index.json`` (``.index.fp16.json`` for a variant):
+    the weight map of a checkpoint saved in shards."""
+    return file.suffix == ".json" and ".index." in file.name
+
+
+def _shard_files(index: Path) -> list[Path]:
+    """The shard files an index names, in the index's order; each must be next to it."""
+    raw = read_json_object(index, f"{index}: no such file")
+    weight_map = raw.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map or not all(
+            isinstance(v, str) and "/" not in v and "\\" not in v for v in weight_map.values()):
+        raise CheckpointError(f"{index}: not a shard index (expected a 'weight_map' of tensor name -> file name)")
+    shards = [index.parent / name for name in dict.fromkeys(weight_map.values())]
+    if missing := [p.name for p in shards if not p.is_file()]:
+        raise CheckpointError(f"{index}: shard files missing next to it: {', '.join(missing[:5])}"
+                              + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+    return shards
 
 
 # ----------------------------------------------------------------------------- dtypes
@@ -432,9 +492,27 @@ def with_variant(name: str, variant: str | None) -> str:
     return f"{stem}.{variant}.{ext}"
 
 
+def shard_index_name(weights_name: str, variant: str | None = None) -> str:
+    """``diffusion_pytorch_model.safetensors`` -> ``diffusion_pytorch_model.safetensors.index.json``
+    (``....index.fp16.json`` for variant fp16, as diffusers and transformers name it)."""
+    return with_variant(f"{weights_name}.index.json", variant)
+
+
+def shard_pattern(weights_name: str, variant: str | None = None) -> str:
+    """The glob of the shards: ``diffusion_pytorch_model-*-of-*.safetensors``
+    (``diffusion_pytorch_model.fp16-*-of-*.safetensors`` for variant fp16)."""
+    stem, ext = with_variant(weights_name, variant).rsplit(".", 1)
+    return f"{stem}-*-of-*.{ext}"
+
+
 def _weight_candidates(model_cls, variant: str | None) -> list[str]:
+    """The weights files of a model folder, in the order they are looked for. A shard index comes
+    before the unsharded file of its format (as diffusers loads it), so a file left by an older
+    save next to newer shards is never picked."""
     spec = SPECS[model_cls]
-    return [with_variant(n, variant) for n in (spec.torch_files[0], spec.flax_file, spec.torch_files[1])]
+    safetensors, bin_ = spec.torch_files
+    return [shard_index_name(safetensors, variant), with_variant(safetensors, variant),
+            with_variant(spec.flax_file, variant), shard_index_name(bin_, variant), with_variant(bin_, variant)]
 
 
 def has_weights(model_dir: Path, model_cls, variant: str | None = None) -> bool:
@@ -443,33 +521,41 @@ def has_weights(model_dir: Path, model_cls, variant: str | None = None) -> bool:
 
 
 def weight_file(model_dir: Path, model_cls, *, prefer: str | None = None, variant: str | None = None) -> Path:
-    """Pick the weights file in a model folder: safetensors, then Flax msgpack, then .bin
-    (``prefer='flax'`` puts msgpack first, ``prefer='pytorch'`` last)."""
+    """Pick the weights file in a model folder: safetensors (a shard index first), then Flax
+    msgpack, then .bin (a shard index first); ``prefer='flax'`` puts msgpack first,
+    ``prefer='pytorch'`` last."""
     candidates = _weight_candidates(model_cls, variant)
+    flax_file = candidates.pop(2)
     if prefer == "flax":
-        candidates.insert(0, candidates.pop(1))
+        candidates.insert(0, flax_file)
     elif prefer == "pytorch":
-        candidates.append(candidates.pop(1))
-    elif prefer is not None:
+        candidates.append(flax_file)
+    elif prefer is None:
+        candidates.insert(2, flax_file)
+    else:
         raise ValueError(f"unknown weights format {prefer!r}: use 'flax' or 'pytorch'")
     for name in candidates:
         if (model_dir / name).is_file():
             return model_dir / name
-    found = sorted(p.name for p in model_dir.iterdir() if p.suffix in (".safetensors", ".msgpack", ".bin"))
-    variants = sorted({name.split(".")[-2] for name in found if name.count(".") >= 2})
-    hint = (f"; the folder has {', '.join(found)}" if found else "") + (
-        f" (load a variant with variant={variants[0]!r}, sample.py --variant {variants[0]})" if variants else "")
-    if any(model_dir.glob("*.index.json")):
-        hint += ("; sharded checkpoints (*.index.json) are not supported: re-save them unsharded, e.g. with "
-                 "diffusers' save_pretrained(dir, max_shard_size='20GB')")
+    # Shards as one entry ("...-00001-of-00106.safetensors" for 106 names), variants from the names.
+    found = sorted({re.sub(r"-\d+-of-(\d+)\.", r"-NNNNN-of-\1.", p.name) for p in model_dir.iterdir()
+                    if p.suffix in (".safetensors", ".msgpack", ".bin") or is_shard_index(p)})
+    variants = sorted({m[1] for name in found if (m := re.fullmatch(
+        r"[^.]+\.(?:(?:safetensors|bin|msgpack)\.index\.)?([^.]+?)(?:-NNNNN-of-\d+)?\.(?:safetensors|bin|msgpack|json)",
+        name)) and m[1] != "index"})
+    hint = f"; the folder has {', '.join(found)}" if found else " (Flax-only weights load with format='flax')"
+    if variants and variant not in variants:
+        hint += f" (load a variant with variant={variants[0]!r}, sample.py --variant {variants[0]})"
     raise CheckpointError(f"{model_dir}: no weights file; expected one of {', '.join(candidates)}{hint}")
 
 
 def hub_files(model_cls, format: str | None = None, variant: str | None = None) -> list[str]:
-    """The files of one model folder that sdjax reads from a Hub repo: its config and one weights
-    file (safetensors, or msgpack with ``format="flax"``; see `fetch_missing_bin_weights`)."""
+    """The files of one model folder that sdjax reads from a Hub repo (patterns): its config and
+    its weights, one file or shards with their index (safetensors, or msgpack with
+    ``format="flax"``; see `fetch_missing_bin_weights`)."""
     spec = SPECS[model_cls]
-    return ["config.json", with_variant(spec.flax_file if format == "flax" else spec.torch_files[0], variant)]
+    name = spec.flax_file if format == "flax" else spec.torch_files[0]
+    return ["config.json", with_variant(name, variant), shard_index_name(name, variant), shard_pattern(name, variant)]
 
 
 def fetch_missing_bin_weights(path_or_repo_id, revision: str | None, root: Path, folders: dict,
@@ -484,8 +570,9 @@ def fetch_missing_bin_weights(path_or_repo_id, revision: str | None, root: Path,
     for sub, model_cls in folders.items():
         folder = root / sub if sub else root
         if folder.is_dir() and not has_weights(folder, model_cls, variant):
-            name = with_variant(SPECS[model_cls].torch_files[1], variant)
-            wanted.append(f"{sub}/{name}" if sub else name)
+            name = SPECS[model_cls].torch_files[1]
+            for pattern in (with_variant(name, variant), shard_index_name(name, variant), shard_pattern(name, variant)):
+                wanted.append(f"{sub}/{pattern}" if sub else pattern)
     if wanted:
         resolve_model_dir(path_or_repo_id, None, revision, allow_patterns=wanted)
 
@@ -582,10 +669,11 @@ def save_pretrained(model, directory: str | os.PathLike, *, format: str = "both"
     config = config_to_dict(model.config)
     if spec is CLIP:
         config["torch_dtype"] = str(np.dtype(next(iter(params.values())).dtype))
+    files = []  # (path, writer): written together, so a failure leaves the folder as it was
     if format in ("pytorch", "both"):
         tensors = {torch_key(p): np.ascontiguousarray(to_torch_layout(a, p)) for p, a in params.items()}
-        atomic_write(directory / spec.torch_files[0],
-                      lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+        files.append((directory / spec.torch_files[0],
+                      lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"})))
     if format in ("flax", "both"):
         from flax.serialization import msgpack_serialize
         tree: dict = {}
@@ -597,12 +685,17 @@ def save_pretrained(model, directory: str | os.PathLike, *, format: str = "both"
             for part in parents:
                 node = node.setdefault(part, {})
             node[leaf] = a
-        atomic_write(directory / spec.flax_file, lambda tmp: tmp.write_bytes(msgpack_serialize(tree)))
-    atomic_write(directory / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
-    # An earlier save's weights in the format not written now would be loaded before the new ones.
-    stale = {"pytorch": [spec.flax_file], "flax": list(spec.torch_files), "both": []}[format]
-    for name in stale:
-        (directory / name).unlink(missing_ok=True)
+        files.append((directory / spec.flax_file, lambda tmp: tmp.write_bytes(msgpack_serialize(tree))))
+    files.append((directory / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n")))
+    atomic_write_all(files)
+    # An earlier save's weights that a later load could pick before the new ones: the format not
+    # written now, and safetensors shards (whose index is looked for first).
+    stale_torch = spec.torch_files if format == "flax" else spec.torch_files[:1]
+    stale = [*(name for name in stale_torch for name in (shard_index_name(name), shard_pattern(name))),
+             *(spec.torch_files if format == "flax" else ()), *((spec.flax_file,) if format == "pytorch" else ())]
+    for pattern in stale:
+        for path in directory.glob(pattern):
+            path.unlink()
     return directory
 
 
@@ -841,8 +934,14 @@ def _check_single_file_keys(file: Path | str, keys: list[str]) -> None:
             raise CheckpointError(f"{file}: {what}: its keys start with {prefix!r}")
     if not any(k.startswith(SINGLE_FILE_PARTS["unet"][1]) for k in keys):
         has = f"it has {', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''}" if keys else "it holds no tensors"
-        hint = ("; a diffusers model file: load its pipeline folder with from_pretrained"
-                if any(k.startswith(("down_blocks.", "encoder.", "text_model.")) for k in keys) else "")
+        if any(k.startswith(("encoder.down.", "decoder.up.", "first_stage_model.")) for k in keys):
+            hint = ("; a VAE alone, in the original layout (as vae-ft-mse-840000-ema-pruned): sdjax loads a VAE "
+                    "from a diffusers folder; convert it with diffusers' AutoencoderKL.from_single_file(FILE)"
+                    ".save_pretrained(DIR) and load DIR with sdjax.AutoencoderKL.from_pretrained")
+        elif any(k.startswith(("down_blocks.", "encoder.", "text_model.")) for k in keys):
+            hint = "; a diffusers model file: load its pipeline folder with from_pretrained"
+        else:
+            hint = ""
         raise CheckpointError(f"{file}: not a Stable Diffusion single-file checkpoint: no "
                               f"'model.diffusion_model.*' keys ({has}){hint}")
 

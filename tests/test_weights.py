@@ -105,6 +105,22 @@ def test_bad_config_is_named(tmp_path):
     with pytest.raises(CheckpointError, match=rf"{tmp_path}/config.json: .*addition_embed_type='text_time' is not "
                                               "supported"):
         UNet2DConditionModel.from_pretrained(tmp_path)
+    # Fields that do not fit together are named, not an IndexError or a shape error from inside the model.
+    for change, message in (({"block_out_channels": [32, 64]}, r"down_block_types=\[.*\] has 3 entries; "
+                                                               r"block_out_channels=\[32, 64\] has 2"),
+                            ({"norm_num_groups": 7}, "block_out_channels 32 is not divisible by norm_num_groups 7"),
+                            ({"attention_head_dim": 3}, "block_out_channels 32 is not divisible by its attention "
+                                                        "head count 3"),
+                            ({"block_out_channels": "32,64,64"}, r"block_out_channels=\('3', .*expected a list of "
+                                                                 "positive integers"),
+                            ({"down_block_types": ["SimpleCrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                                   "DownBlock2D"]}, r"\['SimpleCrossAttnDownBlock2D'\] not supported")):
+        (tmp_path / "config.json").write_text(json.dumps({**R.TINY_UNET, **change}, default=list))
+        with pytest.raises(CheckpointError, match=rf"{tmp_path}/config.json: not a config .*{message}"):
+            UNet2DConditionModel.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**R.TINY_CLIP, "num_attention_heads": 5}))
+    with pytest.raises(CheckpointError, match="hidden_size 32 is not divisible by num_attention_heads 5"):
+        CLIPTextModel.from_pretrained(tmp_path)
 
 
 def test_clip_position_ids_buffer_is_ignored(tiny_checkpoints, tmp_path):
@@ -162,7 +178,8 @@ def test_pipeline_variant_with_some_parts_only(tiny_checkpoints, tmp_path):
     mixed = StableDiffusion.from_pretrained(out, variant="fp16")
     assert max_abs_diff(params_of(mixed.vae), params_of(base.vae)) == 0
     assert all(np.array_equal(a, b + 1) for a, b in zip(params_of(mixed.unet).values(), params_of(base.unet).values()))
-    with pytest.raises(CheckpointError, match=r"text_encoder: no weights file; expected one of model.bf16.safetensors"):
+    with pytest.raises(CheckpointError, match=r"text_encoder: no weights file; expected one of "
+                                              r"model.safetensors.index.bf16.json, model.bf16.safetensors"):
         StableDiffusion.from_pretrained(out, variant="bf16")
 
 
@@ -251,8 +268,10 @@ def test_hub_repo_with_only_bin_weights(tiny_pipeline_dir, tmp_path, monkeypatch
 
     calls = fake_hub(monkeypatch, repo, tmp_path / "snapshot")
     pipe = StableDiffusion.from_pretrained("someone/old-sd-finetune")
-    assert len(calls) == 2 and calls[1] == ["text_encoder/pytorch_model.bin", "unet/diffusion_pytorch_model.bin",
-                                            "vae/diffusion_pytorch_model.bin"]
+    assert len(calls) == 2 and calls[1] == [  # the .bin, or its shards and their index
+        f"{part}/{name}" for part, stem in (("text_encoder", "pytorch_model"), ("unet", "diffusion_pytorch_model"),
+                                             ("vae", "diffusion_pytorch_model"))
+        for name in (f"{stem}.bin", f"{stem}.bin.index.json", f"{stem}-*-of-*.bin")]
     local = StableDiffusion.from_pretrained(tiny_pipeline_dir)
     for part in ("text_encoder", "unet", "vae"):
         ours, theirs = (jax.tree.leaves(nnx.state(getattr(p, part), nnx.Param)) for p in (pipe, local))
@@ -267,6 +286,127 @@ def test_hub_repo_with_only_bin_weights(tiny_pipeline_dir, tmp_path, monkeypatch
     calls = fake_hub(monkeypatch, tiny_pipeline_dir, tmp_path / "snapshot-new")
     StableDiffusion.from_pretrained("someone/new-sd-finetune")
     assert len(calls) == 1
+
+
+def test_sharded_checkpoints(tiny_checkpoints, tmp_path):
+    """``save_pretrained(max_shard_size=...)`` writes shards and an index (``*.safetensors.index.json``,
+    ``*.safetensors.index.fp16.json`` for a variant, ``*.bin.index.json``) for the UNet (diffusers) and
+    the text encoder (transformers): they load as the unsharded file does. An older unsharded file that diffusers' save leaves beside them is not picked."""
+    reference = {kind: params_of(cls.from_pretrained(tiny_checkpoints[kind]["safetensors"].parent))
+                 for kind, cls in (("unet", UNet2DConditionModel), ("clip", CLIPTextModel))}
+    folder = tmp_path / "unet"
+    R.torch_unet(seed=1).save_pretrained(folder, safe_serialization=False)      # an older save, as .bin
+    tiny_checkpoints["unet"]["torch"].save_pretrained(folder, max_shard_size="20KB")
+    assert (folder / "diffusion_pytorch_model.bin").is_file()
+    assert len(list(folder.glob("diffusion_pytorch_model-*-of-*.safetensors"))) > 3
+    assert max_abs_diff(params_of(UNet2DConditionModel.from_pretrained(folder)), reference["unet"]) == 0
+
+    folder = tmp_path / "unet-fp16"
+    tiny_checkpoints["unet"]["torch"].save_pretrained(folder, max_shard_size="20KB", variant="fp16")
+    assert (folder / "diffusion_pytorch_model.safetensors.index.fp16.json").is_file()
+    with pytest.raises(CheckpointError, match=r"the folder has diffusion_pytorch_model.fp16-NNNNN-of-(\d+)"
+                                              r".safetensors, .*index.fp16.json \(load a variant with variant='fp16'"):
+        UNet2DConditionModel.from_pretrained(folder)
+    assert max_abs_diff(params_of(UNet2DConditionModel.from_pretrained(folder, variant="fp16")),
+                        reference["unet"]) == 0
+
+    folder = tmp_path / "clip"  # transformers 5 writes safetensors only
+    tiny_checkpoints["clip"]["torch"].save_pretrained(folder, max_shard_size="20KB")
+    assert (folder / "model.safetensors.index.json").is_file()
+    assert max_abs_diff(params_of(CLIPTextModel.from_pretrained(folder)), reference["clip"]) == 0
+
+    folder = tmp_path / "unet-bin"
+    tiny_checkpoints["unet"]["torch"].save_pretrained(folder, max_shard_size="20KB", safe_serialization=False)
+    assert (folder / "diffusion_pytorch_model.bin.index.json").is_file()
+    assert max_abs_diff(params_of(UNet2DConditionModel.from_pretrained(folder)), reference["unet"]) == 0
+    shard = sorted(folder.glob("diffusion_pytorch_model-*-of-*.bin"))[-1]
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=rf"diffusion_pytorch_model.bin.index.json: shard files missing next "
+                                              rf"to it: {shard.name}"):
+        UNet2DConditionModel.from_pretrained(folder)
+
+
+def test_hub_repo_with_sharded_weights(tiny_checkpoints, tiny_pipeline_dir, tmp_path, monkeypatch):
+    """A Hub repo whose UNet is saved in shards downloads the index and the shards in the first request."""
+    from sdjax import StableDiffusion
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_pipeline_dir, repo)
+    for f in (repo / "unet").glob("diffusion_*"):
+        f.unlink()
+    tiny_checkpoints["unet"]["torch"].save_pretrained(repo / "unet", max_shard_size="20KB")
+    calls = fake_hub(monkeypatch, repo, tmp_path / "snapshot")
+    pipe = StableDiffusion.from_pretrained("someone/sharded-sd")
+    assert len(calls) == 1
+    local = StableDiffusion.from_pretrained(tiny_pipeline_dir)
+    assert max_abs_diff(params_of(pipe.unet), params_of(local.unet)) == 0
+
+
+def test_a_weight_stored_twice_is_an_error(tiny_checkpoints, tmp_path):
+    """A file holding one weight under two names (the VAE attention's old and new names) is refused,
+    naming both, instead of the last one read winning."""
+    from safetensors.numpy import load_file, save_file
+    directory, file = copy_model_dir(tiny_checkpoints["vae"], "safetensors", tmp_path)
+    tensors = load_file(file)
+    key = next(k for k in tensors if k.endswith(".attentions.0.to_q.weight"))
+    old = key.replace(".to_q.", ".query.")
+    tensors[old] = np.zeros_like(tensors[key])
+    save_file(tensors, file)
+    with pytest.raises(CheckpointError, match=r"keys '(.+)' and '(.+)' are the same weight") as info:
+        AutoencoderKL.from_pretrained(directory)
+    assert {key, old} <= set(re.findall(r"'([^']+)'", str(info.value)))
+
+
+def test_tensors_that_do_not_fit_a_weight_are_errors(tiny_checkpoints, tmp_path):
+    """A 3x3 kernel where a linear weight goes (only a 1x1 conv kernel converts) and integer data
+    where float weights go are errors naming the key, not silently sliced or cast."""
+    from safetensors.numpy import load_file, save_file
+    directory, file = copy_model_dir(tiny_checkpoints["vae"], "safetensors", tmp_path)
+    tensors = load_file(file)
+    key = next(k for k in tensors if k.endswith(".attentions.0.to_q.weight"))
+    original = tensors[key]
+    c = original.shape[0]
+    for bad, message in ((np.zeros((c, c, 3, 3), np.float32), rf"has shape \(3, 3, {c}, {c}\)"),
+                         (original[:, :, None, None], None),           # a 1x1 conv: the old VAE layout, loads
+                         (original.astype(np.int64), "has dtype int64; weights are floats")):
+        save_file({**tensors, key: bad}, file)
+        if message is None:
+            assert max_abs_diff(params_of(AutoencoderKL.from_pretrained(directory)),
+                                params_of(AutoencoderKL.from_pretrained(tiny_checkpoints["vae"]["safetensors"].parent))) == 0
+            continue
+        with pytest.raises(CheckpointError, match=rf"{file}: key '{key}' {message}"):
+            AutoencoderKL.from_pretrained(directory)
+
+
+def test_files_that_are_not_weights_say_what_they_are(tiny_checkpoints, tiny_pipeline_dir, tmp_path):
+    """A Git LFS pointer (a clone without git-lfs) or a saved web page where the weights should be,
+    and a .ckpt holding Python objects that ``weights_only`` loading refuses, say so."""
+    import datetime
+
+    from sdjax import StableDiffusion
+    directory, file = copy_model_dir(tiny_checkpoints["vae"], "safetensors", tmp_path)
+    file.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:4c2e\nsize 334643268\n")
+    with pytest.raises(CheckpointError, match=rf"{file}: a Git LFS pointer, not the weights: .*git lfs pull"):
+        AutoencoderKL.from_pretrained(directory)
+    file.unlink()
+    (directory / "diffusion_pytorch_model.bin").write_text("<!DOCTYPE html>\n<html><head><title>Hugging Face")
+    with pytest.raises(CheckpointError, match=r"diffusion_pytorch_model.bin: an HTML page, not the weights"):
+        AutoencoderKL.from_pretrained(directory)
+    ckpt = tmp_path / "model.ckpt"
+    torch.save({"state_dict": {"model.diffusion_model.conv_in.weight": torch.zeros(1)},
+                "saved_on": datetime.date(2023, 1, 1)}, ckpt)
+    with pytest.raises(CheckpointError, match=r"model.ckpt: holds Python objects besides tensors \(datetime.date\)"
+                                              r".*If you trust the file, convert it to safetensors"):
+        StableDiffusion.from_single_file(ckpt, config=tiny_pipeline_dir)
+
+
+def test_a_vae_single_file_is_named(tmp_path):
+    from safetensors.numpy import save_file
+    from sdjax.weights import check_single_file
+    file = tmp_path / "vae-ft-mse-840000-ema-pruned.safetensors"
+    save_file({"encoder.down.0.block.0.conv1.weight": np.zeros((1, 1, 3, 3), np.float32),
+               "decoder.up.0.block.0.conv1.weight": np.zeros((1, 1, 3, 3), np.float32)}, file)
+    with pytest.raises(CheckpointError, match=r"a VAE alone, in the original layout .*AutoencoderKL.from_single_file"):
+        check_single_file(file)
 
 
 @pytest.mark.parametrize("layout", ["safetensors", "flax"])
@@ -416,6 +556,45 @@ def test_resaving_in_one_format_and_choosing_a_format(tiny_checkpoints, tmp_path
     with pytest.raises(FileExistsError, match="afile is a file; a pipeline is saved as a folder"):
         save_pipeline(tmp_path / "afile", **parts, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_a_failed_model_save_leaves_the_folder_as_it_was(tiny_checkpoints, tmp_path, monkeypatch):
+    """A save over an earlier one that fails part-way (a full disk while writing the msgpack) leaves
+    the earlier files, all of them: not new safetensors beside the old msgpack and config.json."""
+    import dataclasses
+
+    import flax.serialization
+    from sdjax.weights import save_pretrained
+    model = AutoencoderKL.from_pretrained(tiny_checkpoints["vae"]["safetensors"].parent)
+    save_pretrained(model, tmp_path / "vae")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "vae").iterdir()}
+    nnx.update(model, jax.tree.map(lambda a: a + 1, nnx.state(model, nnx.Param)))
+    model.config = dataclasses.replace(model.config, scaling_factor=0.5)
+
+    def disk_full(tree):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(flax.serialization, "msgpack_serialize", disk_full)
+    with pytest.raises(OSError, match="No space left on device"):
+        save_pretrained(model, tmp_path / "vae")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "vae").iterdir()} == before
+
+
+def test_pipeline_parts_that_do_not_fit_are_refused_at_load(tiny_pipeline_dir, tmp_path):
+    """An inpainting UNet (9 input channels) or a UNet that attends to states of another width than
+    the text encoder's is refused when the folder is read, before any weights, naming the configs."""
+    from sdjax import StableDiffusion
+    for change, message in (({"in_channels": 9}, r"unet/config.json: in_channels=9, but the VAE's latents have 4 "
+                                                 r"channels .*inpainting"),
+                            ({"cross_attention_dim": 48}, r"unet/config.json: cross_attention_dim=\[48, 48, 48\], "
+                                                          r"but the text encoder's states have 32 channels")):
+        folder = tmp_path / next(iter(change))
+        shutil.copytree(tiny_pipeline_dir, folder)
+        config = json.loads((folder / "unet" / "config.json").read_text())
+        (folder / "unet" / "config.json").write_text(json.dumps({**config, **change}))
+        for f in (folder / "unet").glob("diffusion_*"):   # refused before the weights are read
+            f.unlink()
+        with pytest.raises(CheckpointError, match=rf"{folder}/{message}"):
+            StableDiffusion.from_pretrained(folder)
 
 
 def make_pipeline_dir(tiny_checkpoints, tmp_path):

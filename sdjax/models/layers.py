@@ -109,6 +109,22 @@ def blocked_attention(q_BTNH, k_BSNH, v_BSNH, *, block_bytes: int | None = None)
     return out_NBTH.transpose(1, 2, 0, 3)
 
 
+def check_config_ints(model: str, config, *names: str, per_block: bool = False) -> None:
+    """Each config field in ``names`` is a positive int (``per_block``: a non-empty tuple of them;
+    a list becomes a tuple); a ValueError names the field otherwise (a config.json with a string or
+    a float there)."""
+    for name in names:
+        value = getattr(config, name)
+        if per_block and isinstance(value, list):
+            value = tuple(value)
+            object.__setattr__(config, name, value)  # frozen dataclass: the configs are hashed
+        values = value if per_block and isinstance(value, tuple) else (value,)
+        if (per_block and not isinstance(value, tuple)) or not values or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+            raise ValueError(f"{model} config {name}={value!r}: expected "
+                             + ("a list of positive integers" if per_block else "a positive integer"))
+
+
 def check_nhwc(name: str, x, channels: int) -> None:
     """A ValueError naming ``name`` unless ``x`` is [B, H, W, channels]: XLA's own error for an NCHW
     array (the PyTorch layout, the usual mistake) names a convolution deep inside the model."""

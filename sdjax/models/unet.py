@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sdjax.models.layers import (Pretrained, Attention, Downsample2D, ResnetBlock2D, Upsample2D, check_nhwc, conv,
-                                 group_norm, layer_norm, timestep_embedding)
+from sdjax.models.layers import (Pretrained, Attention, Downsample2D, ResnetBlock2D, Upsample2D, check_config_ints,
+                                 check_nhwc, conv, group_norm, layer_norm, timestep_embedding)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +76,30 @@ class UNetConfig:
         if not isinstance(kw.get("layers_per_block", 2), int):
             raise NotImplementedError("per-block layers_per_block lists are not supported")
         return cls(**kw)
+
+    def __post_init__(self):
+        """Refuse a config whose parts do not fit together, naming the fields (instead of an
+        IndexError or a shape error from deep inside the model's construction)."""
+        check_config_ints("UNet", self, "in_channels", "out_channels", "layers_per_block", "norm_num_groups")
+        check_config_ints("UNet", self, "block_out_channels", "cross_attention_dim", "num_attention_heads",
+                          "transformer_layers_per_block", per_block=True)
+        n = len(self.block_out_channels)
+        for name in ("down_block_types", "up_block_types", "cross_attention_dim", "num_attention_heads",
+                     "transformer_layers_per_block"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"UNet config {name}={list(getattr(self, name))} has {len(getattr(self, name))} "
+                                 f"entries; block_out_channels={list(self.block_out_channels)} has {n}")
+        for name, kinds in (("down_block_types", ("DownBlock2D", "CrossAttnDownBlock2D")),
+                            ("up_block_types", ("UpBlock2D", "CrossAttnUpBlock2D"))):
+            if unknown := [k for k in getattr(self, name) if k not in kinds]:
+                raise NotImplementedError(f"UNet config {name}: {unknown} not supported (only {', '.join(kinds)})")
+        for ch, heads in zip(self.block_out_channels, self.num_attention_heads):
+            if ch % self.norm_num_groups:
+                raise ValueError(f"UNet config: block_out_channels {ch} is not divisible by norm_num_groups "
+                                 f"{self.norm_num_groups}")
+            if ch % heads:
+                raise ValueError(f"UNet config: block_out_channels {ch} is not divisible by its attention head "
+                                 f"count {heads} (attention_head_dim / num_attention_heads)")
 
 
 class TimestepEmbedding(nnx.Module):

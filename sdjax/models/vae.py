@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sdjax.models.layers import Pretrained, Attention, Downsample2D, ResnetBlock2D, Upsample2D, check_nhwc, conv, group_norm
+from sdjax.models.layers import (Pretrained, Attention, Downsample2D, ResnetBlock2D, Upsample2D, check_config_ints,
+                                 check_nhwc, conv, group_norm)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +39,14 @@ class VAEConfig:
         kw = {k: v for k, v in cfg.items() if k in known}
         kw["block_out_channels"] = tuple(cfg.get("block_out_channels", cls.block_out_channels))
         return cls(**kw)
+
+    def __post_init__(self):
+        check_config_ints("VAE", self, "in_channels", "out_channels", "layers_per_block", "latent_channels",
+                          "norm_num_groups")
+        check_config_ints("VAE", self, "block_out_channels", per_block=True)
+        if bad := [ch for ch in self.block_out_channels if ch % self.norm_num_groups]:
+            raise ValueError(f"VAE config: block_out_channels {bad} not divisible by norm_num_groups "
+                             f"{self.norm_num_groups}")
 
 
 class DiagonalGaussian(NamedTuple):
