@@ -237,6 +237,9 @@ def _train_betas(settings: dict) -> np.ndarray:
     schedule = settings["beta_schedule"]
     if settings["trained_betas"] is not None:
         betas = np.asarray(settings["trained_betas"], dtype=np.float32)
+        if betas.shape != (num,):   # indexing by timestep would silently clamp
+            raise ValueError(f"trained_betas has shape {betas.shape}; expected one beta per training timestep "
+                             f"({num}, num_train_timesteps)")
     elif schedule == "linear":
         betas = _linspace_float32(settings["beta_start"], settings["beta_end"], num)
     elif schedule == "scaled_linear":

@@ -565,6 +565,9 @@ def test_unknown_names_and_options_are_errors():
     for steps in (0, 2.7, True):
         with pytest.raises(ValueError, match="num_inference_steps must be an integer >= 1"):
             S.make_scheduler("euler", SD15_SCHEDULER_CONFIG, steps)
+    with pytest.raises(ValueError, match=r"trained_betas has shape \(500,\); expected one beta per training "
+                                         r"timestep \(1000, num_train_timesteps\)"):
+        S.make_scheduler("ddim", {**SD15_SCHEDULER_CONFIG, "trained_betas": [1e-3] * 500}, 10)
 
 
 @pytest.mark.parametrize("name,steps,message", [
