@@ -18,16 +18,11 @@ import sys
 import time
 from pathlib import Path
 
-from sdjax.cli_utils import (DEFAULT_MODEL, DTYPES, PROGRESS_MODES, SampleRequest, UsageError, load_config,
-                             parse_seeds, read_prompts_file, resolve_config_path, validate_request)
+from sdjax.cli_utils import (DEFAULT_MODEL, DTYPES, PROGRESS_MODES, OneLineErrorParser, SampleRequest, UsageError,
+                             load_config, parse_seeds, read_prompts_file, resolve_config_path, validate_request)
 
 PROG = "sample.py"
 CONFIG_DIRS = (Path(__file__).resolve().parent / "configs",)
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line on stderr, exit status 2 (argparse's default prints the usage too)
-        raise UsageError(f"{message} (see --help)")
 
 
 def _seeds(text: str) -> list[int]:
@@ -38,8 +33,8 @@ def _seeds(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Generate images from text prompts with Stable Diffusion v1.5 (JAX). "
-                "Flags override a --config preset, which overrides the defaults below.")
+    p = OneLineErrorParser(prog=PROG, description="Generate images from text prompts with Stable Diffusion v1.5 "
+                           "(JAX). Flags override a --config preset, which overrides the defaults below.")
     p.add_argument("prompt", nargs="*", help="one or more prompts (each is combined with every seed)")
     p.add_argument("--prompts-file", metavar="FILE",
                    help="more prompts, one per line (- reads them from standard input)")
@@ -79,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
     """Parse twice: first only --config, whose keys become the parser's defaults, then everything
     (so explicit flags override the preset). Raises UsageError on any bad input."""
-    pre = _Parser(add_help=False)
+    pre = OneLineErrorParser(add_help=False)
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
     parser = build_parser()

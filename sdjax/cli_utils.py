@@ -7,6 +7,7 @@ a one-line message; the script prints it and exits with status 2.
 """
 from __future__ import annotations
 
+import argparse
 import collections
 import concurrent.futures
 import dataclasses
@@ -28,6 +29,18 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 class UsageError(ValueError):
     """Bad input to the command line tool: the message is shown to the user as is."""
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An argument parser whose errors are a `UsageError` (one line on stderr, exit status 2),
+    not argparse's usage block; and which takes no abbreviated flags ("--lr" is not
+    "--lr-schedule", "--prompt TEXT" not "--prompts-file TEXT")."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
+    def error(self, message):
+        raise UsageError(f"{message} (see --help)")
 
 
 def show_warnings_as_lines(prog: str) -> None:

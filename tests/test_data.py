@@ -351,13 +351,15 @@ def test_imagefolder_metadata_jsonl_and_csv(tmp_path):
     # Bad lines are bad rows, each named with its line.
     (root / "metadata.jsonl").write_text(
         '{"file_name": "a.png", "text": "ok"}\n{not json\n{"file_name": "a.png", "prompt": "x"}\n[1, 2]\n'
-        '{"file_name": "gone.png", "text": "x"}\n{"file_name": "../a.png", "text": "x"}\n', encoding="utf-8")
-    with pytest.raises(DataError, match="5 bad rows of 6") as info:
+        '{"file_name": "gone.png", "text": "x"}\n{"file_name": "../a.png", "text": "x"}\n'
+        '{"file_name": "c.png", "text": ["blue", "a blue square"]}\n', encoding="utf-8")
+    with pytest.raises(DataError, match="6 bad rows of 7") as info:
         load_captioned_images(root)
     message = str(info.value)
     for expected in ("row 2 (line 2)", "not JSON", "row 3 (line 3) 'a.png': needs file_name and a caption in text "
                      "or caption; it has file_name, prompt", "not a JSON object", "file not found: gone.png",
-                     "path resolves outside hf/"):
+                     "path resolves outside hf/", "row 7 (line 7) 'c.png': text is a list of 2 captions; sdjax "
+                     "takes one per row: write a row for each (image, caption) pair"):
         assert expected in message, (expected, message)
     # metadata.csv, as the imagefolder loader also reads it.
     (root / "metadata.jsonl").unlink()

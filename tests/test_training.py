@@ -450,10 +450,24 @@ def test_settings_checked_before_a_run(tmp_path, monkeypatch):
     assert load_train_config(preset) == {"mixed_precision": "no", "max_steps": 20}
     for text, message in (("caption_key: off\n", "caption_key=False: YAML reads a bare yes/no"),
                           ("max_steps: 2.7\n", "max_steps=2.7 is not a valid int"),
-                          ("batch_size: 0.5\n", "batch_size=0.5 is not a valid int")):
+                          ("batch_size: 0.5\n", "batch_size=0.5 is not a valid int"),
+                          ("validation_seeds: null\n", "validation_seeds cannot be none (leave the key out for its "
+                                                       "default, --validation-seeds 0)"),
+                          ("center_crop: null\n", "center_crop cannot be none (leave the key out for its default, "
+                                                  "--center-crop)"),
+                          ("model: ~\n", "model cannot be none")):
         preset.write_text(text)
         with pytest.raises(UsageError, match=re.escape(f"{preset}: {message}")):
             load_train_config(preset)
+    preset.write_text("ema_decay: null\n")   # none is a value of this one: off
+    assert load_train_config(preset) == {"ema_decay": None}
+    # From Python: a string for a true/false setting (any string is true) and none where it is no value.
+    for change, message in (({"random_flip": "no"}, "random_flip='no' must be true or false (--random-flip)"),
+                            ({"model": None}, "model=None must be set"),
+                            ({"validation_prompts": ["ok", 3]}, "validation_prompts=['ok', 3] must be a list of "
+                                                                "prompts")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            TrainConfig(train_data="data", **change).validate()
 
 
 def test_processes_that_loaded_other_data_stop_together(monkeypatch, tmp_path):
@@ -1084,7 +1098,8 @@ BAD_VALUES = {   # flag value -> what the error says; all checked before the mod
                                   "preset_of_sample_py",
                                   "tfds_not_installed", "resume_wrong_dir", "export_wrong_dir", "float_seeds",
                                   "export_step_alone",
-                                  "samples_past_the_schedule", "x0_model", *BAD_VALUES])
+                                  "samples_past_the_schedule", "x0_model", "data_under_a_batch", "abbreviated_flag",
+                                  *BAD_VALUES])
 def test_train_py_usage_errors(case, pipeline_dir, data_dir, tmp_path, monkeypatch):
     base = flags(model=pipeline_dir, train_data=data_dir, output_dir=tmp_path / "out")
     preset = tmp_path / "bad.yaml"
@@ -1117,6 +1132,11 @@ def test_train_py_usage_errors(case, pipeline_dir, data_dir, tmp_path, monkeypat
         "samples_past_the_schedule": ([*base, "--sample-steps", "1000"],
                                       ["--sample-steps 1000: the samples' pndm with 1000 steps", "reaches timestep "
                                        "1000, past the last training timestep 999"]),
+        "data_under_a_batch": ([*base, "--batch-size", "17"],
+                               [f"{data_dir}: 16 usable examples, fewer than one global batch of "
+                                f"{17 * jax.device_count()} (--batch-size 17 x {jax.device_count()} devices x "
+                                "--gradient-accumulation 1)"]),
+        "abbreviated_flag": ([*base, "--lr", "1e-4"], ["unrecognized arguments: --lr 1e-4"]),   # not --lr-schedule
         "x0_model": (flags(model=x0_model, train_data=data_dir, output_dir=tmp_path / "out"),
                      [f"{x0_model}: its scheduler config has prediction_type='sample'; sdjax fine-tunes 'epsilon' "
                       "and 'v_prediction' models"]),

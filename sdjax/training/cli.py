@@ -11,7 +11,7 @@ import typing
 from pathlib import Path
 from typing import Any, Sequence
 
-from sdjax.cli_utils import UsageError, resolve_config_path
+from sdjax.cli_utils import OneLineErrorParser, UsageError, resolve_config_path
 from sdjax.training.loop import RUN_CONFIG_FILE, TrainConfig, recorded_settings
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "train"  # sample.py presets sit one level up
@@ -69,6 +69,9 @@ def _convert(name: str, value: Any, origin: str) -> Any:
     kind, is_list, optional = _field_type(field)
     if value is None or (isinstance(value, str) and value.lower() in ("none", "null")
                          and (optional or kind is not str)):
+        if not optional:
+            raise UsageError(f"{origin}: {name} cannot be none (leave the key out for its default, "
+                             f"{_as_flag(name, _default(field))})")
         return None
     if kind is str and isinstance(value, bool):
         if name == "mixed_precision" and value is False:   # YAML reads a bare `no` as false
@@ -92,6 +95,10 @@ def _convert(name: str, value: Any, origin: str) -> Any:
         return one(value)
     except (TypeError, ValueError) as e:
         raise UsageError(f"{origin}: {name}={value!r} is not a valid {kind.__name__}") from e
+
+
+def _default(field: dataclasses.Field) -> Any:
+    return field.default if field.default is not dataclasses.MISSING else field.default_factory()
 
 
 def _as_flag(name: str, value: Any) -> str:
@@ -123,8 +130,8 @@ def load_train_config(path: Path) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="train.py", description="Fine-tune Stable Diffusion v1.5 (sdjax).",
-                                     argument_default=argparse.SUPPRESS)
+    parser = OneLineErrorParser(prog="train.py", description="Fine-tune Stable Diffusion v1.5 (sdjax).",
+                                argument_default=argparse.SUPPRESS)
     parser.add_argument("--config", help="YAML preset (a path, or a name in configs/train/: style, low_memory)")
     parser.add_argument("--export", action="store_true",
                         help="only export OUTPUT_DIR/final from the latest checkpoint (or --export-step)")
@@ -132,8 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     for field in dataclasses.fields(TrainConfig):
         kind, is_list, _ = _field_type(field)
         flag = "--" + field.name.replace("_", "-")
-        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
-        shown = "none, required for a new run" if field.name == "train_data" else default
+        shown = "none, required for a new run" if field.name == "train_data" else _default(field)
         help_text = f"{HELP.get(field.name, field.name.replace('_', ' '))} (default: {shown})"
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)

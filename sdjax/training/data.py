@@ -332,6 +332,10 @@ def _metadata_rows(path: Path) -> Iterator[Row]:
                 f"needs file_name and a caption in {' or '.join(METADATA_CAPTION_COLUMNS)}; it has "
                 f"{', '.join(map(str, record)) or 'nothing'}")
         caption = record[column]
+        if isinstance(caption, list):   # diffusers' train_text_to_image picks one of them per step
+            return row, line, filename.strip(), "", (
+                f"{column} is a list of {len(caption)} captions; sdjax takes one per row: write a "
+                "row for each (image, caption) pair")
         return row, line, filename.strip(), caption.strip() if isinstance(caption, str) else "", None
 
     if path.suffix == ".csv":

@@ -13,6 +13,7 @@ import math
 import numbers
 import os
 import time
+import typing
 import warnings
 from pathlib import Path
 from typing import Any
@@ -110,6 +111,20 @@ class TrainConfig:
                 raise bad(name, "must be a finite number")
             return value
 
+        hints = typing.get_type_hints(TrainConfig)
+        for field in dataclasses.fields(self):   # types first: none, or a string for a true/false setting
+            value, hint = getattr(self, field.name), hints[field.name]
+            kinds = tuple(k for k in (typing.get_args(hint) or (hint,)) if k is not type(None))
+            if value is None and type(None) not in typing.get_args(hint):
+                raise bad(field.name, "must be set (none is not a value for it)")
+            if value is not None and kinds == (bool,) and not isinstance(value, bool):
+                raise bad(field.name, "must be true or false")
+            if value is not None and kinds == (str,) and not isinstance(value, str):
+                raise bad(field.name, "must be text")
+            if kinds == (list,) and not isinstance(value, (list, tuple)):
+                raise bad(field.name, "must be a list")
+        if not all(isinstance(p, str) for p in self.validation_prompts):
+            raise bad("validation_prompts", "must be a list of prompts (text)")
         problem = model_options_problem(self.model, self.model_config, None)
         if problem:
             raise ValueError(problem)
@@ -419,6 +434,11 @@ class Trainer:
         except DataError as e:
             dataset, error = None, e
         _check_processes_loaded_the_same_data(dataset, error, cfg.train_data)
+        global_batch = cfg.batch_size * cfg.gradient_accumulation * mesh.devices.size
+        if len(dataset) < global_batch:   # before the model is loaded: an epoch would have no step
+            raise UsageError(f"{cfg.train_data}: {count(len(dataset), 'usable example')}, fewer than one global batch "
+                             f"of {global_batch} (--batch-size {cfg.batch_size} x {mesh.devices.size} devices x "
+                             f"--gradient-accumulation {cfg.gradient_accumulation}): lower them, or add examples")
         pipe, graphdefs, step_cfg, optimizer, lr, state = _build_model(cfg, mesh)
         caption_ids = tokenize(pipe.tokenizer, dataset.captions, warn=False)   # once, not per step
         if main:
