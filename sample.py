@@ -191,11 +191,11 @@ def main(argv=None) -> int:
         print(f"{PROG}: error: {message}", file=sys.stderr)
         return 1
     except OSError as e:        # a full disk, a folder removed mid-run
-        print(f"{PROG}: error: cannot write the images: {e}; the images written before it are in {req.out}",
+        print(f"{PROG}: error: cannot write the images: {e}; any images written before it are in {req.out}",
               file=sys.stderr)
         return 1
     except KeyboardInterrupt:   # each image is written whole (a temporary file renamed into place)
-        print(f"\n{PROG}: interrupted; the images written before it are in {req.out}", file=sys.stderr)
+        print(f"\n{PROG}: interrupted; any images written before it are in {req.out}", file=sys.stderr)
         return 130
     if main_process:
         print(f"wrote {count(len(result.files) + len(result.extra_files), 'file')} to {req.out}")

@@ -21,6 +21,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 from sdjax.images import (a1111_parameters, image_grid, image_file_name, image_strip, next_free_index, save_gif,
                           save_png)
+from sdjax.models.layers import attention_setting_problem
 from sdjax.pipeline import DEFAULT_MODEL, MAX_SEED, model_options_problem  # noqa: F401  (re-exported for sample.py)
 from sdjax.schedulers import SCHEDULERS
 
@@ -261,7 +262,7 @@ def validate_request(req: SampleRequest) -> None:
     """Check everything that can be checked without the model; raise UsageError with one line."""
     if not req.prompts:
         raise UsageError("no prompt given: pass a prompt, or --prompts-file FILE")
-    problem = model_options_problem(req.model, req.model_config, req.variant)
+    problem = model_options_problem(req.model, req.model_config, req.variant) or attention_setting_problem()
     if problem:
         raise UsageError(problem)
     for name in ("height", "width"):
@@ -289,13 +290,27 @@ def validate_request(req: SampleRequest) -> None:
 
 def unwritable_folder(folder: str | os.PathLike) -> str | None:
     """Why files cannot be written in ``folder`` (the folder, or the nearest one above it that
-    exists, is a file or not writable, a read-only file system included), or None. Creates nothing."""
-    folder = Path(folder).expanduser()
-    existing = next(p for p in (folder, *folder.absolute().parents) if p.exists())
+    exists, is a file or not writable, a read-only file system included; or the folder cannot be
+    made, as under /proc, where root passes the access check), or None. Leaves nothing behind: a
+    folder made to try is removed again."""
+    folder = Path(folder).expanduser().absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
     if not existing.is_dir():
         return f"{existing} is a file, not a folder"
     if not os.access(existing, os.W_OK | os.X_OK):
         return f"{existing} is not writable"
+    if existing != folder:
+        made = [p for p in (folder, *folder.parents) if not p.exists()]
+        try:
+            folder.mkdir(parents=True)
+        except OSError as e:
+            return f"cannot make the folder ({e.strerror or e})"
+        finally:
+            for p in made:   # deepest first
+                try:
+                    p.rmdir()
+                except OSError:
+                    break
     return None
 
 

@@ -246,7 +246,7 @@ def test_a_failed_write_is_one_line_and_the_files_before_it_stay(pipe_dir, pipe,
     out = tmp_path / "out"
     rc, stdout, stderr = run_main(capsys, "a cat", "--seeds", "0-3", "--model", pipe_dir, "--out", out, *SMALL)
     assert rc == 1 and stderr.splitlines()[-1] == (f"sample.py: error: cannot write the images: [Errno 28] No space "
-                                                   f"left on device; the images written before it are in {out}")
+                                                   f"left on device; any images written before it are in {out}")
     assert sorted(p.name for p in out.iterdir()) == ["00000-seed0-a-cat.png", "00001-seed1-a-cat.png",
                                                       "00003-seed3-a-cat.png"]   # each whole; not the failed one
     ref = pipe("a cat", seeds=[0, 3], num_inference_steps=3, height=32, width=32).to_pil()
@@ -392,11 +392,18 @@ BAD_INPUTS = {
     "offline_hub": (["a cat", "--model", "no-such-user/no-such-model"], "--local-dir DIR`) and pass DIR instead"),
     "out_is_a_file": (["a cat", "--out", "{tmp}/empty.txt"], "empty.txt is a file, not a folder"),
     "out_under_a_file": (["a cat", "--out", "{tmp}/empty.txt/images"], "empty.txt is a file, not a folder"),
+    # /proc passes root's access check, but no folder can be made there: refused before sampling
+    "out_cannot_be_made": (["a cat", "--out", "/proc/sdjax-images/a"], "--out /proc/sdjax-images/a: cannot make "
+                           "the folder"),
+    "unknown_attention": (["a cat"], "SDJAX_ATTENTION='flash': expected auto, xla, cudnn or blocked"),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, tmp_path, capsys, cached_loading):
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, tmp_path, capsys, cached_loading, monkeypatch):
+    from sdjax.models import layers
+    if case == "unknown_attention":   # SDJAX_ATTENTION=flash, as read at import
+        monkeypatch.setattr(layers, "ATTENTION_IMPLEMENTATION", "flash")
     (tmp_path / "empty.txt").write_text("\n  \n")
     (tmp_path / "bad.yaml").write_text("steps: 3\nstpes: 4\n")
     (tmp_path / "badvalue.yaml").write_text("steps: many\n")

@@ -536,7 +536,7 @@ def test_two_processes_match_single_process(pipe, tiny_pipeline_dir, tmp_path):
     full = [c["disk_full"] for c in cases]   # process 0's write error stops process 1 too (it waited forever)
     assert [c["rc"] for c in full] == [1, 1]
     assert full[0]["stderr"].splitlines()[-1] == ("sample.py: error: cannot write the images: [Errno 28] No space "
-                                                  f"left on device; the images written before it are in "
+                                                  f"left on device; any images written before it are in "
                                                   f"{tmp_path / 'out-disk_full-0'}")
     assert full[1]["stderr"].splitlines()[-1] == ("sample.py: error: cannot write the images: process 0 could not "
                                                   "write the images (its log says why); the images written before "

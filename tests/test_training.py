@@ -468,6 +468,10 @@ def test_settings_checked_before_a_run(tmp_path, monkeypatch):
                                                                 "prompts")):
         with pytest.raises(ValueError, match=re.escape(message)):
             TrainConfig(train_data="data", **change).validate()
+    from sdjax.models import layers
+    monkeypatch.setattr(layers, "ATTENTION_IMPLEMENTATION", "flash")   # SDJAX_ATTENTION=flash: before any loading
+    with pytest.raises(ValueError, match="SDJAX_ATTENTION='flash': expected auto, xla, cudnn or blocked"):
+        TrainConfig(train_data="data").validate()
 
 
 def test_processes_that_loaded_other_data_stop_together(monkeypatch, tmp_path):

@@ -37,6 +37,15 @@ class Pretrained:
 #   "cudnn": cuDNN's fused flash attention on NVIDIA GPUs for bf16/fp16 (opt-in until measured on a GPU);
 #   "blocked": always the blocked kernel (for tests and benchmarks).
 ATTENTION_IMPLEMENTATION = os.environ.get("SDJAX_ATTENTION", "auto")
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "blocked")
+
+
+def attention_setting_problem() -> str | None:
+    """Why ``SDJAX_ATTENTION`` is not a setting sdjax knows, or None (sample.py and train.py check
+    it with their other settings, before any model loads)."""
+    if ATTENTION_IMPLEMENTATION not in ATTENTION_IMPLEMENTATIONS:
+        return f"SDJAX_ATTENTION={ATTENTION_IMPLEMENTATION!r}: expected auto, xla, cudnn or blocked"
+    return None
 # Score bytes per blocked-kernel iteration. The CPU is memory-bound on the [B, N, T, S] scores (the
 # softmax streams them three times); a block this size stays in cache. Of 2-16 MiB, 8 MiB was the fastest
 # at 1024 tokens and within 5% at 4096 on a 2-core EPYC (BENCHMARKS.md, "Sampling on the CPU").
@@ -53,8 +62,8 @@ def attention(q_BTNH, k_BSNH, v_BSNH, *, is_causal: bool = False, upcast: bool =
     (3-4x faster at 1024+ tokens); with ``"cudnn"``, shapes and dtypes cuDNN accepts use its fused
     kernel and the rest fall back to XLA's.
     """
-    if ATTENTION_IMPLEMENTATION not in ("auto", "xla", "cudnn", "blocked"):
-        raise ValueError(f"SDJAX_ATTENTION={ATTENTION_IMPLEMENTATION!r}: expected auto, xla, cudnn or blocked")
+    if problem := attention_setting_problem():
+        raise ValueError(problem)
     dtype = q_BTNH.dtype
     # XLA:CPU has no fp16 x fp16 -> fp32 dot (jax.nn.dot_product_attention's, blocked_attention's):
     # fp16 attention there runs in fp32.

@@ -25,6 +25,7 @@ from flax import nnx
 
 from sdjax import parallel
 from sdjax.models import CLIPTextModel, UNet2DConditionModel
+from sdjax.models.layers import attention_setting_problem
 from sdjax.cli_utils import UsageError, count, unwritable_folder
 from sdjax.pipeline import MAX_SEED, StableDiffusion, load_pipeline, model_options_problem
 from sdjax.schedulers import make_noise_schedule
@@ -125,7 +126,7 @@ class TrainConfig:
                 raise bad(field.name, "must be a list")
         if not all(isinstance(p, str) for p in self.validation_prompts):
             raise bad("validation_prompts", "must be a list of prompts (text)")
-        problem = model_options_problem(self.model, self.model_config, None)
+        problem = model_options_problem(self.model, self.model_config, None) or attention_setting_problem()
         if problem:
             raise ValueError(problem)
         if need_data and not self.train_data:
