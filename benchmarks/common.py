@@ -16,7 +16,7 @@ FLOP counts and HLO checks that need no device run in children with ``JAX_PLATFO
 Also a command line for those children and for merging result files:
 
     python benchmarks/common.py peak [--n 8192]
-    python benchmarks/common.py build --size sd15 --dir DIR
+    python benchmarks/common.py build --size sd15|tiny --dir DIR
     python benchmarks/common.py flops [--size sd15|tiny] [--resolution 512] [--compile-unet]
     python benchmarks/common.py hlo [--size sd15|tiny] [--resolution 512] [--compile]
     python benchmarks/common.py train-memory [--size sd15] [--resolution 512] [--batch 1] [--precision bf16]

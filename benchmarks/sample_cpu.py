@@ -145,7 +145,7 @@ def versions() -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", default="/tmp/sdjax-bench")
+    parser.add_argument("--workdir", default=C.DEFAULT_WORKDIR)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=2)

@@ -143,7 +143,7 @@ def versions() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", default="/tmp/sdjax-bench")
+    parser.add_argument("--workdir", default=C.DEFAULT_WORKDIR)
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3, help="timed warm steps per row (median reported)")

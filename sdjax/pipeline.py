@@ -19,7 +19,7 @@ from sdjax.schedulers import SCHEDULERS, make_scheduler, pipeline_scheduler_conf
 from sdjax.text import load_tokenizer, tokenize
 from sdjax.weights import (SINGLE_FILE_SUFFIXES, CheckpointError, fetch_missing_bin_weights, has_weights, hub_files,
                            is_url, load_single_file, prepare_single_file, read_config, read_json_object,
-                           resolve_dtype, resolve_model_dir, save_pipeline, save_single_file)
+                           resolve_dtype, resolve_model_dir, save_pipeline, save_single_file, with_variant)
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 PARTS = {"text_encoder": CLIPTextModel, "unet": UNet2DConditionModel, "vae": AutoencoderKL}  # folder -> model
@@ -288,11 +288,15 @@ class StableDiffusion:
         extras = _tokenizer_and_scheduler(root)  # before the weights: a bad folder fails fast
         check_parts_fit({part: read_config(root / part, model_cls)[0] for part, model_cls in PARTS.items()}, root)
         variants = dict.fromkeys(PARTS, variant)
-        if variant and any(has_weights(root / part, model_cls, variant) for part, model_cls in PARTS.items()):
-            # As diffusers: the parts that have no such variant load their plain weights.
-            for part, model_cls in PARTS.items():
-                if not has_weights(root / part, model_cls, variant) and has_weights(root / part, model_cls):
-                    variants[part] = None
+        if variant:
+            has_variant = [part for part, model_cls in PARTS.items() if has_weights(root / part, model_cls, variant)]
+            has_plain = [part for part, model_cls in PARTS.items() if has_weights(root / part, model_cls)]
+            if not has_variant and len(has_plain) == len(PARTS):
+                raise CheckpointError(f"{path_or_repo_id}: no part has {variant!r} variant weights (such as unet/"
+                                      f"{with_variant('diffusion_pytorch_model.safetensors', variant)}): leave out "
+                                      "variant= (sample.py --variant) to load its weights")
+            if has_variant:   # as diffusers: the parts that have no such variant load their plain weights
+                variants.update({part: None for part in has_plain if part not in has_variant})
         kw = dict(revision=revision, dtype=dtype, format=format)
         models = {part: model_cls.from_pretrained(root, subfolder=part, variant=variants[part], **kw)
                   for part, model_cls in PARTS.items()}

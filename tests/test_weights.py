@@ -178,9 +178,13 @@ def test_pipeline_variant_with_some_parts_only(tiny_checkpoints, tmp_path):
     mixed = StableDiffusion.from_pretrained(out, variant="fp16")
     assert max_abs_diff(params_of(mixed.vae), params_of(base.vae)) == 0
     assert all(np.array_equal(a, b + 1) for a, b in zip(params_of(mixed.unet).values(), params_of(base.unet).values()))
-    with pytest.raises(CheckpointError, match=r"text_encoder: no weights file; expected one of "
-                                              r"model.safetensors.index.bf16.json, model.bf16.safetensors"):
+    with pytest.raises(CheckpointError, match=rf"{out}: no part has 'bf16' variant weights \(such as unet/"
+                                              r"diffusion_pytorch_model.bf16.safetensors\): leave out variant="):
         StableDiffusion.from_pretrained(out, variant="bf16")
+    (out / "text_encoder" / "model.safetensors").unlink()   # a part with neither: its own error
+    with pytest.raises(CheckpointError, match=r"text_encoder: no weights file; expected one of "
+                                              r"model.safetensors.index.fp16.json, model.fp16.safetensors"):
+        StableDiffusion.from_pretrained(out, variant="fp16")
 
 
 # What the SD v1.5 Hub repo holds besides the files sdjax reads: two single-file checkpoints at the

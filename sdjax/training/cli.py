@@ -20,7 +20,19 @@ HELP = {
     "model": "Hub repo id, local diffusers pipeline folder, or single-file checkpoint (original SD layout; a path or "
              "a Hub file URL) to fine-tune",
     "model_config": "for a single-file --model: the pipeline folder or Hub repo id whose configs, tokenizer and "
-                    "scheduler config it uses (none: SD v1.5's)",
+                    "scheduler config it uses",
+    "adam_b1": "AdamW beta1",
+    "adam_b2": "AdamW beta2",
+    "image_key": "TFDS: the image feature's name",
+    "caption_key": "TFDS: the caption feature's name",
+    "tfds_data_dir": "TFDS: the data_dir the dataset was prepared in (none: TFDS's default)",
+    "seed": "seed of the data order, the noise and the timesteps (a run with the same seed repeats exactly)",
+    "keep_checkpoints": "how many of the newest checkpoints to keep",
+    "log_every": "print and log the loss every N steps",
+    "sample_steps": "denoising steps of the sample images",
+    "sample_guidance_scale": "guidance scale of the sample images",
+    "export_format": "layout of OUTPUT_DIR/final: both, pytorch (safetensors) or flax (msgpack)",
+    "spike_factor": "report a loss above this many times the median of the last 50 as a spike",
     "export_single_file": "also write OUTPUT_DIR/final.safetensors, the original SD single-file layout that "
                           "AUTOMATIC1111 and ComfyUI load, in this dtype: float16, bfloat16 or float32",
     "train_data": "folder with train_images/ and image_captions.csv, or images with metadata.jsonl "
@@ -47,7 +59,7 @@ HELP = {
     "skip_bad_rows": "skip and count bad rows instead of stopping",
     "checkpoint_every": "save a checkpoint every N steps",
     "sample_every": "write sample images every N steps (0: only at the end)",
-    "validation_prompts": "prompts for the sample images (default: the first two captions)",
+    "validation_prompts": "prompts for the sample images",
     "validation_seeds": "seeds for the sample images",
     "resume": "continue from the latest checkpoint in OUTPUT_DIR/checkpoints, with the settings in "
               "OUTPUT_DIR/train_config.json (flags given override them)",
@@ -139,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     for field in dataclasses.fields(TrainConfig):
         kind, is_list, _ = _field_type(field)
         flag = "--" + field.name.replace("_", "-")
-        shown = "none, required for a new run" if field.name == "train_data" else _default(field)
+        shown = {"train_data": "none, required for a new run", "validation_prompts": "the first two captions",
+                 "model_config": "SD v1.5's"}.get(field.name, _default(field))
         help_text = f"{HELP.get(field.name, field.name.replace('_', ' '))} (default: {shown})"
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
