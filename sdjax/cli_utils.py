@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-from sdjax.images import (a1111_parameters, image_grid, image_file_name, image_strip, next_free_index, save_gif,
-                          save_png)
+from sdjax.images import (a1111_parameters, as_pil, image_grid, image_file_name, image_strip, reserve_indices,
+                          save_gif, save_png)
 from sdjax.models.layers import attention_setting_problem
 from sdjax.pipeline import DEFAULT_MODEL, MAX_SEED, model_options_problem  # noqa: F401  (re-exported for sample.py)
 from sdjax.schedulers import SCHEDULERS
@@ -494,9 +494,10 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
     jobs = req.jobs
     out_dir = Path(req.out)
     writer = jax.process_index() == 0
+    first_index, release = 0, lambda: None
     if writer:
         out_dir.mkdir(parents=True, exist_ok=True)
-    first_index = next_free_index(out_dir) if writer else 0
+        first_index, release = reserve_indices(out_dir, len(jobs))   # another run into out_dir numbers past it
     per_call = parallel.padded_size(req.batch_size or 4 * pipe.mesh.size, pipe.mesh)
     per_call = min(per_call, parallel.padded_size(len(jobs), pipe.mesh))
     sched = pipe.make_scheduler(req.scheduler, req.steps)
@@ -548,8 +549,8 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
                                               height=req.height, model=req.model)
                     files.append(out_dir / image_file_name(index, seed, prompt))
                     writing.append(saver.submit(save_png, out.images[b], files[-1], params))
-                    if req.grid:
-                        images_for_grid.append(out.images[b])
+                    if req.grid:   # as 8-bit, a quarter of the float images' memory over a long run
+                        images_for_grid.append(as_pil(out.images[b]))
                     if req.trajectory:
                         frames, labels = output_trajectory(out, b, sched, noise[b])
                         extra += [out_dir / image_file_name(index, seed, prompt, "-trajectory"),
@@ -557,12 +558,13 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
                         writing.append(saver.submit(save_png, image_strip(frames, labels), extra[-2], params))
                         writing.append(saver.submit(save_gif, frames, extra[-1]))
             written()
+        if req.grid and writer:
+            extra.append(save_png(image_grid(images_for_grid), out_dir / f"{first_index:05d}-grid.png"))
     finally:
         if saver is not None:
             saver.shutdown(wait=True)   # also on Ctrl-C: the files listed so far are complete
+        release()
     if step_bar is not None:
         step_bar.close()
-    if req.grid and writer:
-        extra.append(save_png(image_grid(images_for_grid), out_dir / f"{first_index:05d}-grid.png"))
     seconds = time.perf_counter() - start
     return SampleResult(files, extra, generated, seconds, compile_timer.seconds)

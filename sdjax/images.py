@@ -7,6 +7,7 @@ prompt, and writes that never leave a half-written file behind (temp name, then 
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -19,9 +20,10 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
-# sdjax scheduler name -> the sampler name A1111 writes for the equivalent diffusers scheduler.
+# sdjax scheduler name -> the sampler name A1111 writes for the equivalent diffusers scheduler
+# (A1111's PLMS is PNDM without the Runge-Kutta warm-up, as SD's skip_prk_steps runs it; DDPM has none).
 SAMPLER_NAMES = {
-    "pndm": "PNDM",
+    "pndm": "PLMS",
     "ddim": "DDIM",
     "euler": "Euler",
     "euler_a": "Euler a",
@@ -30,7 +32,11 @@ SAMPLER_NAMES = {
     "ddpm": "DDPM",
 }
 
-_INDEX_RE = re.compile(r"^(\d{5,})-")
+# The names sdjax writes: NNNNN-seedS-slug[-trajectory].png/.gif and NNNNN-grid.png (another tool's
+# "20240101-holiday.jpg" is not one of them).
+_INDEX_RE = re.compile(r"^(\d{5,})-(?:seed\d+-.*\.(?:png|gif)|grid\.png)$")
+# A run's claim on the numbers it will write, made before its first file: .sdjax-reserved-FIRST holds LAST.
+_RESERVED_RE = re.compile(r"^\.sdjax-reserved-(\d{5,})$")
 
 
 # ----------------------------------------------------------------------------- names
@@ -52,13 +58,40 @@ def image_file_name(index: int, seed: int, prompt: str, suffix: str = "", ext: s
 
 
 def next_free_index(directory: str | os.PathLike) -> int:
-    """One past the highest ``NNNNN-`` index already in ``directory`` (0 if none), so a new run
-    continues the numbering instead of overwriting earlier images."""
+    """One past the highest index of the images already in ``directory`` and of the numbers other
+    runs have reserved there (0 if none), so a new run continues the numbering instead of
+    overwriting earlier images."""
     directory = Path(directory)
     if not directory.is_dir():
         return 0
-    found = [int(m.group(1)) for p in directory.iterdir() if (m := _INDEX_RE.match(p.name))]
-    return max(found) + 1 if found else 0
+    found = [-1]
+    for p in directory.iterdir():
+        if m := _INDEX_RE.match(p.name):
+            found.append(int(m.group(1)))
+        elif _RESERVED_RE.match(p.name):
+            try:
+                found.append(int(p.read_text()))
+            except (OSError, ValueError):   # being written, or just released: its images are counted
+                pass
+    return max(found) + 1
+
+
+def reserve_indices(directory: str | os.PathLike, count: int) -> tuple[int, Callable[[], None]]:
+    """Claim ``count`` consecutive image numbers in ``directory`` for one run: (the first, a
+    function that releases the claim). Two runs writing into one folder at once get ranges that
+    do not overlap, where both used to take the same numbers and replace each other's files. The
+    claim is a small hidden file, created exclusively; one left by a killed run only leaves a gap."""
+    directory = Path(directory)
+    while True:
+        first = next_free_index(directory)
+        claim = directory / f".sdjax-reserved-{first:05d}"
+        try:
+            fd = os.open(claim, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:   # another run took this number first: count again past its range
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(first + max(count, 1) - 1))
+        return first, lambda: claim.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------- metadata
@@ -77,12 +110,29 @@ def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, sche
     fields = [("Steps", steps), ("Sampler", sampler), ("CFG scale", f"{float(guidance_scale):g}"), ("Seed", seed),
               ("Size", f"{width}x{height}")]
     if model:
-        fields.append(("Model", model))
+        fields.append(("Model", model_name(model)))
     lines = [prompt]
     if negative_prompt:
         lines.append(f"Negative prompt: {negative_prompt}")
-    lines.append(", ".join(f"{k}: {v}" for k, v in fields))
+    lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in fields))
     return "\n".join(lines)
+
+
+def model_name(model: str | os.PathLike) -> str:
+    """The model's name as A1111 writes it: the last part of a Hub id, folder or file path, without a
+    checkpoint suffix (``stable-diffusion-v1-5``, ``v1-5-pruned-emaonly``): not a local path."""
+    name = str(model).split("?", 1)[0].rstrip("/\\")
+    name = re.split(r"[/\\]", name)[-1]
+    for suffix in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
+        name = name.removesuffix(suffix)
+    return name or str(model)
+
+
+def _quote(value) -> str:
+    """A settings value as A1111 writes it: as is, or JSON-quoted where a comma, colon or newline in
+    it would break the ``key: value, ...`` line."""
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
 
 
 def parse_a1111_parameters(text: str) -> dict[str, str]:
@@ -98,10 +148,8 @@ def parse_a1111_parameters(text: str) -> dict[str, str]:
     else:
         negative = "\n".join(text_lines[negative_at:])[len("Negative prompt: "):]
         out = {"prompt": "\n".join(text_lines[:negative_at]), "negative_prompt": negative}
-    for item in re.split(r",\s(?=[A-Za-z ]+:\s)", settings):
-        if ": " in item:
-            key, value = item.split(": ", 1)
-            out[key.strip()] = value.strip()
+    for key, value in re.findall(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)', settings):
+        out[key.strip()] = json.loads(value) if value.startswith('"') else value.strip()
     return out
 
 

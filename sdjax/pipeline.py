@@ -114,6 +114,9 @@ def _as_list(x, name) -> list:
         items = [x.item()] if x.ndim == 0 else x.tolist()
     elif isinstance(x, (str, int, np.integer)):
         items = [x]
+    elif isinstance(x, (set, frozenset, dict)):   # no order to pair them by (a dict: only its keys)
+        raise TypeError(f"{name} must be {_EXPECTED[name]}, got a {type(x).__name__} (use a list: its order pairs "
+                        "prompts with seeds)")
     else:
         try:
             items = list(x)
@@ -369,7 +372,8 @@ class StableDiffusion:
         ``prompts`` and ``seeds`` broadcast: one prompt with many seeds, many prompts with one seed
         (each image then gets that seed), or equal-length lists. ``negative_prompts`` likewise
         (default "": unconditional). ``latents``: optional initial noise [B, H/8, W/8, 4], unscaled
-        N(0, 1). ``guidance_scale <= 1`` skips the unconditional pass. ``batch_size`` images are
+        N(0, 1), in place of the seeds' (its batch B broadcasts like the lists; the seeds still key
+        the per-step noise of euler_a / ddpm, so give each image its own there). ``guidance_scale <= 1`` skips the unconditional pass. ``batch_size`` images are
         generated per compiled call (default: 4 per device), split over every device; a last batch
         that is short is padded to the same shape, so one program serves the whole call.
         ``return_intermediates``: a count of evenly spaced steps, or the step indices, at which to
@@ -380,11 +384,16 @@ class StableDiffusion:
         callback per step to the compiled sampler (compiled once more, then reused); ``"batches"``
         and ``False`` add none.
         """
-        if prompts is None:
-            raise TypeError(f"prompts is required: {_EXPECTED['prompts']}")
+        for name, value in (("prompts", prompts), ("seeds", seeds)):
+            if value is None:
+                raise TypeError(f"{name} is required: {_EXPECTED[name]}")
         prompts, seeds = _as_list(prompts, "prompts"), _as_list(seeds, "seeds")
         negatives = _as_list(negative_prompts, "negative_prompts") or [""]
-        n = max(len(prompts), len(seeds), len(negatives))
+        if latents is not None:
+            latents = np.asarray(latents, np.float32)
+        # latents' batch counts too: pipe("a cat", latents=four_noises) makes four images
+        n_latents = latents.shape[0] if latents is not None and latents.ndim else 1
+        n = max(len(prompts), len(seeds), len(negatives), n_latents)
         for name, items in (("prompts", prompts), ("seeds", seeds), ("negative_prompts", negatives)):
             if len(items) not in (1, n):
                 raise ValueError(f"{name} has {len(items)} entries; expected 1 or {n} to match the others")
@@ -412,7 +421,6 @@ class StableDiffusion:
         sched = self.make_scheduler(scheduler, num_inference_steps, **(scheduler_options or {}))
         latent_shape = (height // self.vae_scale, width // self.vae_scale, self.unet.config.in_channels)
         if latents is not None:
-            latents = np.asarray(latents, np.float32)
             if latents.shape != (n, *latent_shape):
                 raise ValueError(f"latents have shape {latents.shape}; expected {(n, *latent_shape)} "
                                  f"([batch, height/8, width/8, channels], NHWC)")
@@ -480,4 +488,4 @@ class StableDiffusion:
         bad = [s for s in steps if not 0 <= s < num_calls]
         if bad:
             raise ValueError(f"intermediate steps {bad} are outside 0..{num_calls - 1}")
-        return steps
+        return sorted(set(steps))

@@ -99,10 +99,15 @@ def test_names_and_a1111_parameters():
     assert I.slugify("  ") == "untitled" and len(I.slugify("x" * 500)) == 60
     text = I.a1111_parameters("a photo of a cat", "blurry", steps=50, scheduler="pndm", guidance_scale=7.5,
                               seed=7, width=512, height=512, model="stable-diffusion-v1-5/stable-diffusion-v1-5")
-    assert text == ("a photo of a cat\nNegative prompt: blurry\nSteps: 50, Sampler: PNDM, CFG scale: 7.5, "
-                    "Seed: 7, Size: 512x512, Model: stable-diffusion-v1-5/stable-diffusion-v1-5")
+    assert text == ("a photo of a cat\nNegative prompt: blurry\nSteps: 50, Sampler: PLMS, CFG scale: 7.5, "
+                    "Seed: 7, Size: 512x512, Model: stable-diffusion-v1-5")
     parsed = I.parse_a1111_parameters(text)
-    assert parsed["negative_prompt"] == "blurry" and parsed["Seed"] == "7" and parsed["Sampler"] == "PNDM"
+    assert parsed["negative_prompt"] == "blurry" and parsed["Seed"] == "7" and parsed["Sampler"] == "PLMS"
+    # A model name with a comma or colon is JSON-quoted, as A1111 quotes such values, and reads back whole.
+    text = I.a1111_parameters("p", steps=3, scheduler="ddim", guidance_scale=7, seed=1, width=8, height=8,
+                              model="/home/alice/models/my,model: v2.safetensors")
+    assert text.endswith('Size: 8x8, Model: "my,model: v2"')
+    assert I.parse_a1111_parameters(text)["Model"] == "my,model: v2"
     no_negative = I.a1111_parameters("p", "", steps=3, scheduler="euler_a", guidance_scale=11, seed=0,
                                      width=64, height=32)
     assert no_negative == "p\nSteps: 3, Sampler: Euler a, CFG scale: 11, Seed: 0, Size: 64x32"
@@ -112,6 +117,23 @@ def test_names_and_a1111_parameters():
                                                              guidance_scale=7, seed=5, width=8, height=8))
         assert (parsed["prompt"], parsed["negative_prompt"], parsed["Seed"], parsed["Size"]) == \
             (prompt, negative, "5", "8x8")
+
+
+def test_runs_into_one_folder_reserve_their_numbers(tmp_path):
+    """Two runs writing into one folder at once take ranges of numbers that do not overlap (they used
+    to take the same numbers and replace each other's files); a claim left by a killed run leaves a
+    gap; another tool's numbered files do not count."""
+    (tmp_path / "00004-seed1-a-cat.png").write_bytes(b"")
+    (tmp_path / "20240101-holiday.jpg").write_bytes(b"")
+    first, release_first = I.reserve_indices(tmp_path, 3)
+    second, release_second = I.reserve_indices(tmp_path, 2)
+    assert (first, second) == (5, 8)
+    release_first()
+    assert I.next_free_index(tmp_path) == 10         # the second run's claim still counts
+    release_second()
+    assert I.next_free_index(tmp_path) == 5          # nothing was written: the numbers are free again
+    (tmp_path / ".sdjax-reserved-00005").write_text("6")   # left by a run that was killed
+    assert I.reserve_indices(tmp_path, 1)[0] == 7
 
 
 def test_atomic_write_leaves_nothing_on_error(tmp_path):
@@ -212,8 +234,8 @@ def test_every_prompt_times_every_seed_with_metadata_and_grid(pipe_dir, pipe, tm
                      "00002-seed3-a-dog.png", "00003-seed7-a-dog.png"]
     assert re.search(r"^4 images in [\d.]+ s \([\d.]+ images/s, compile [\d.]+ s\)$", stdout, re.M), stdout
     params = I.read_png_parameters(out / "00001-seed7-a-photo-of-a-cat.png")
-    assert params == ("a photo of a cat\nNegative prompt: blurry\nSteps: 3, Sampler: PNDM, CFG scale: 7.5, "
-                      f"Seed: 7, Size: 32x32, Model: {pipe_dir}")
+    assert params == ("a photo of a cat\nNegative prompt: blurry\nSteps: 3, Sampler: PLMS, CFG scale: 7.5, "
+                      f"Seed: 7, Size: 32x32, Model: {pipe_dir.name}")   # the name, not the local path
     # each file is the pipeline's image for its (prompt, seed)
     ref = pipe(["a dog", "a photo of a cat"], "blurry", seeds=[7, 3], num_inference_steps=3, height=32, width=32)
     np.testing.assert_array_equal(pixels(out / "00003-seed7-a-dog.png"), ref.to_pil()[0])

@@ -241,6 +241,21 @@ def test_step_progress_counts_every_model_call_and_compiles_once(pipe):
     assert pipe._generate._cache_size() == compiled
 
 
+def test_latents_batch_broadcasts_and_unordered_or_missing_arguments_are_refused(pipe):
+    """Four initial noises with one prompt make four images (the prompt broadcasts as it does over
+    seeds); a set of prompts (no order to pair them with seeds by) and seeds=None are TypeErrors;
+    intermediate steps come back sorted, once each."""
+    kw = dict(num_inference_steps=STEPS, height=SIZE, width=SIZE, scheduler="ddim")
+    seeded = pipe("the cat", seeds=[1, 2], latents=latents_for(2, 0), **kw)
+    broadcast = pipe("the cat", latents=latents_for(2, 0), return_intermediates=[2, 0, 2], **kw)
+    assert broadcast.images.shape[0] == 2 and broadcast.intermediate_steps == [0, 2]
+    np.testing.assert_allclose(broadcast.images, seeded.images, atol=1e-6)   # ddim: the seeds draw nothing here
+    with pytest.raises(TypeError, match=r"prompts must be a string or a list of strings, got a set \(use a list"):
+        pipe({"the cat", "the dog"}, **kw)
+    with pytest.raises(TypeError, match="seeds is required: an integer, a list of integers"):
+        pipe("the cat", seeds=None, **kw)
+
+
 def test_no_recompilation_for_new_prompts_seeds_guidance_latents(pipe):
     kw = dict(num_inference_steps=STEPS, height=SIZE, width=SIZE, scheduler="ddim")
     pipe("the cat", seeds=[1, 2], latents=latents_for(2, 0), **kw)
@@ -539,7 +554,7 @@ def test_two_processes_match_single_process(pipe, tiny_pipeline_dir, tmp_path):
                                                   f"left on device; any images written before it are in "
                                                   f"{tmp_path / 'out-disk_full-0'}")
     assert full[1]["stderr"].splitlines()[-1] == ("sample.py: error: cannot write the images: process 0 could not "
-                                                  "write the images (its log says why); the images written before "
+                                                  "write the images (its log says why); any images written before "
                                                   f"it are in {tmp_path / 'out-disk_full-1'}")
     assert [c["rc"] for c in run] == [0, 0] and "on 2 processes, 8 devices" in run[0]["stdout"]
     assert run[1]["stdout"] == run[1]["stderr"] == ""     # no bars, no messages, no files on process 1
