@@ -642,7 +642,7 @@ def test_tfds_decoded_arrays_bad_rows_and_keys(monkeypatch):
     ds = load_captioned_images("tfds:tiny_caps", skip_bad_rows=True)
     assert ds.captions == ["colour 0, ok", "colour 3, ok", "gray16"]
     assert ds.get_image(2).getpixel((0, 0)) == (8, 8, 8)  # 2000 / 257
-    with pytest.raises(DataError, match="no feature 'img'"):
+    with pytest.raises(DataError, match="no feature 'img'.*; name the features with --image-key / --caption-key"):
         load_captioned_images("tfds:tiny_caps", image_key="img")
     with pytest.raises(DataError, match="empty list"):
         load_captioned_images("tfds:tiny_caps", caption_key="captions/text")
@@ -658,6 +658,9 @@ def test_tfds_open_errors_are_data_errors(monkeypatch):
     with pytest.raises(DataError, match="Dataset nope not found") as info:
         load_captioned_images("tfds:nope")
     assert "mnist" not in str(info.value)  # only the first line of TFDS's long listing
+    # what to do: train.py downloads nothing, and which flags name the features
+    assert "prepare it first with `tfds build nope`, passing its data_dir as --tfds-data-dir" in str(info.value)
+    assert "--image-key 'image' and --caption-key 'caption'" in str(info.value)
 
 
 def test_tfds_missing_package(monkeypatch):

@@ -439,6 +439,7 @@ def test_settings_checked_before_a_run(tmp_path, monkeypatch):
         TrainConfig(train_data="data", validation_seeds=[]).validate()
     monkeypatch.setenv("HOME", str(tmp_path))
     assert TrainConfig(output_dir="~/run").output_dir == str(tmp_path / "run")
+    assert TrainConfig(tfds_data_dir="~/tfds").tfds_data_dir == str(tmp_path / "tfds")
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "train_config.json").write_text(json.dumps({"train_data": "data", "max_steps": 7}))
     cfg, args = parse_args(["--output-dir", "~/run", "--resume"])
@@ -758,6 +759,67 @@ def test_images_per_s_counts_the_steps_since_the_last_log(tmp_path, monkeypatch)
     log.close()
     assert [r["step"] for r in metrics(tmp_path)] == [10, 20, 25]
     np.testing.assert_allclose([r["images_per_s"] for r in metrics(tmp_path)], [5.0, 5.0, 5.0], rtol=1e-9)
+
+
+def test_metrics_are_read_once_the_next_step_is_queued(tmp_path, monkeypatch):
+    """The host reads a logged step's metrics (a device sync) after queueing the next step, so the
+    devices do not wait for logging and batch assembly; at a checkpoint step it reads them before
+    the save (a NaN must not be saved). A Ctrl-C still logs the last step that ran."""
+    from sdjax.training.monitor import MetricsLog
+    events = []
+
+    class Value:   # a metric whose reading on the host is recorded
+        def __init__(self, step):
+            self.step = step
+
+        def __float__(self):
+            events.append(("read", self.step))
+            return 0.5
+
+    def fake_step(state, frozen, batch):
+        events.append(("step", state.step + 1))
+        return dataclasses.replace(state, step=state.step + 1), {k: Value(state.step + 1)
+                                                                for k in ("loss", "grad_norm", "lr")}
+
+    @dataclasses.dataclass
+    class State:
+        step: int = 0
+
+    class NoCheckpoints:
+        def latest_step(self):
+            return None
+
+        def wait(self):
+            pass
+
+    cfg = TrainConfig(train_data="unused", output_dir=str(tmp_path), max_steps=5, log_every=1, checkpoint_every=3)
+    log = MetricsLog(tmp_path)
+    trainer = Trainer(cfg, tmp_path, parallel.data_mesh(jax.devices()[:1]), None, None, None, State(), None,
+                      NoCheckpoints(), None, fake_step, log)
+    monkeypatch.setattr(trainer, "next_batch", lambda: {})
+    monkeypatch.setattr(trainer, "save_checkpoint", lambda: events.append(("save", trainer.state.step)))
+    trainer.run(progress=False)
+    order = [e for i, e in enumerate(events) if e != events[i - 1] or i == 0]   # one "read" per step
+    assert order == [("step", 1), ("step", 2), ("read", 1), ("step", 3), ("read", 2), ("read", 3), ("save", 3),
+                     ("step", 4), ("step", 5), ("read", 4), ("read", 5), ("save", 5)]
+
+    events.clear()
+    interrupted = Trainer(dataclasses.replace(cfg, max_steps=10, checkpoint_every=100), tmp_path / "b",
+                          parallel.data_mesh(jax.devices()[:1]), None, None, None, State(), None, NoCheckpoints(),
+                          None, fake_step, MetricsLog(tmp_path / "b"))
+    batches = iter([{}, {}])
+
+    def two_batches():
+        try:
+            return next(batches)
+        except StopIteration:
+            raise KeyboardInterrupt from None
+    monkeypatch.setattr(interrupted, "next_batch", two_batches)
+    monkeypatch.setattr(interrupted, "save_checkpoint", lambda: None)
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.run(progress=False)
+    interrupted.log.close()
+    assert [r["step"] for r in metrics(tmp_path / "b")] == [1, 2]
 
 
 # ----------------------------------------------------------------------------- 3. SIGKILL

@@ -629,13 +629,17 @@ def _load_tfds(source: str, *, image_key: str, caption_key: str,
         raise TFDSNotInstalled(f"{where}: reading it needs tensorflow ({_first_line(e)}): "
                           f"{TFDS_INSTALL_HINT}") from e
     except Exception as e:
-        raise DataError(f"cannot open {where}: {_first_line(e)}") from e
+        # Not found, not prepared, or a feature name TFDS's decoder does not know.
+        raise DataError(f"cannot open {where}: {_first_line(e)} (the dataset is read as prepared, nothing is "
+                        f"downloaded: prepare it first with `tfds build {name}`, passing its data_dir as "
+                        f"--tfds-data-dir; its features are named with --image-key {image_key!r} and "
+                        f"--caption-key {caption_key!r})") from e
     if first is not None:
         for key in (image_key, caption_key):
             try:
                 _feature(first, key)
             except KeyError as e:
-                raise DataError(f"{where}: {e.args[0]}; set image_key/caption_key") from e
+                raise DataError(f"{where}: {e.args[0]}; name the features with --image-key / --caption-key") from e
 
     def check(index: int) -> tuple[str | None, str | None]:
         """(caption, None) or (None, reason) for one example."""

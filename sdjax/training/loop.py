@@ -97,8 +97,10 @@ class TrainConfig:
     spike_factor: float = 3.0
 
     def __post_init__(self):
-        if isinstance(self.output_dir, (str, os.PathLike)):   # "~/run" is a folder in $HOME, not ./~/run
-            self.output_dir = os.path.expanduser(os.fspath(self.output_dir))
+        for name in ("output_dir", "tfds_data_dir"):   # "~/run" is a folder in $HOME, not ./~/run
+            value = getattr(self, name)
+            if isinstance(value, (str, os.PathLike)) and "://" not in os.fspath(value):
+                setattr(self, name, os.path.expanduser(os.fspath(value)))
 
     def validate(self, *, need_data: bool = True) -> None:
         """Raises ValueError naming the setting, its value and its train.py flag for any bad
@@ -578,47 +580,46 @@ class Trainer:
             from tqdm.auto import tqdm
             bar = tqdm(total=cfg.max_steps, initial=start, desc="training", unit="step")
         global_batch = cfg.batch_size * self.mesh.size * cfg.gradient_accumulation
-        last_time, last_logged = time.perf_counter(), start
+        timing = {"time": time.perf_counter(), "step": start}   # since the last logged step
+
+        def report(step: int, metrics: dict, log_now: bool, dispatched: float, check: bool = True) -> None:
+            """Read a step's metrics on the host: stop on a NaN/inf loss or gradient norm, and log.
+            ``dispatched``: when the step was queued; the host is at most a step ahead of the
+            devices, so images/s over the steps since the last log is right in the steady state."""
+            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            bad = next((k for k in ("loss", "grad_norm") if not math.isfinite(metrics[k])), None)
+            if bad and check:
+                self.log.record(step, metrics)
+                raise TrainingDiverged(f"{'loss' if bad == 'loss' else 'gradient norm'} is {metrics[bad]} at step "
+                                       f"{step}; stopped without saving. {self._divergence_hint()}")
+            if log_now:
+                metrics["images_per_s"] = global_batch * (step - timing["step"]) / (dispatched - timing["time"])
+                timing.update(time=dispatched, step=step)
+                if self.log.record(step, metrics) and main:
+                    msg = f"warning: loss spike at step {step}: {metrics['loss']:.4g}"
+                    (bar.write if bar else print)(msg)
+                if bar:
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
+                                    img_s=f"{metrics['images_per_s']:.2f}")
+
+        # A logged step's metrics are read once the next step is queued, so the devices never wait for
+        # the host's logging and batch assembly; before a save or a sample they are read at once: a
+        # diverged state (NaN/inf loss or gradients) must never become a checkpoint.
+        pending = None   # (step, metrics, log_now, dispatched) of a logged step not read yet
         try:
             for step in range(start + 1, cfg.max_steps + 1):
                 self.state, metrics = self.step_fn(self.state, self.frozen, self.next_batch())
+                dispatched = time.perf_counter()
+                if pending is not None:
+                    report(*pending)
+                    pending = None
                 log_now = step % cfg.log_every == 0 or step == cfg.max_steps
                 save_now = step % cfg.checkpoint_every == 0 or step == cfg.max_steps
                 sample_now = bool(cfg.sample_every) and step % cfg.sample_every == 0 and step != cfg.max_steps
-                if log_now or save_now or sample_now:
-                    # Checked before every save and sample, not only at log steps: a diverged state
-                    # (NaN/inf loss or gradients) must never become a checkpoint.
-                    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    bad = next((k for k in ("loss", "grad_norm") if not math.isfinite(metrics[k])), None)
-                    if bad:
-                        self.log.record(step, metrics)
-                        # Checkpoint k holds the weights after update k; only a finite loss at a later
-                        # step vouches for them, so the newest one may be where the divergence began.
-                        saved = [self.checkpoints.directory / str(k) for k in sorted(self.checkpoints.all_steps())]
-                        if len(saved) > 1:
-                            hint = (f"The newest checkpoint is {saved[-1]} (finite, but its weights may be "
-                                    f"diverging). Lower --learning-rate and --resume; if that diverges again, delete "
-                                    f"{saved[-1]} to resume from {saved[-2]}.")
-                        elif saved:
-                            hint = (f"The only checkpoint is {saved[0]} (finite, but its weights may be diverging). "
-                                    "Lower --learning-rate and --resume; if that diverges again, start a new run "
-                                    "with a lower --learning-rate in another --output-dir.")
-                        else:
-                            hint = ("No checkpoint was saved before it: run again with a lower --learning-rate (the "
-                                    "same command; there is nothing to resume).")
-                        raise TrainingDiverged(
-                            f"{'loss' if bad == 'loss' else 'gradient norm'} is {metrics[bad]} at step {step}; "
-                            f"stopped without saving. {hint}")
-                if log_now:
-                    now = time.perf_counter()
-                    metrics["images_per_s"] = global_batch * (step - last_logged) / (now - last_time)
-                    last_time, last_logged = now, step
-                    if self.log.record(step, metrics) and main:
-                        msg = f"warning: loss spike at step {step}: {metrics['loss']:.4g}"
-                        (bar.write if bar else print)(msg)
-                    if bar:
-                        bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
-                                        img_s=f"{metrics['images_per_s']:.2f}")
+                if save_now or sample_now:
+                    report(step, metrics, log_now, dispatched)
+                elif log_now:
+                    pending = (step, metrics, log_now, dispatched)
                 if bar:
                     bar.update(1)
                 paused = time.perf_counter()   # images_per_s counts training steps, not saves and samples
@@ -627,7 +628,14 @@ class Trainer:
                 if sample_now:
                     self.write_samples(step)
                     self._share_state_weights()
-                last_time += time.perf_counter() - paused
+                timing["time"] += time.perf_counter() - paused
+        except BaseException:
+            if pending is not None:   # the step ran: its row still goes into metrics.jsonl (Ctrl-C, a crash)
+                try:
+                    report(*pending, check=False)
+                except Exception:   # noqa: BLE001  (the error being raised matters more)
+                    pass
+            raise
         finally:
             if bar:
                 bar.close()
@@ -636,6 +644,22 @@ class Trainer:
         if self.pipe is not None:
             self.sampling_pipeline()   # the pipeline's weights were the state's, which the steps donated
         return self.state
+
+    def _divergence_hint(self) -> str:
+        """What to do after a NaN loss, naming the checkpoints to fall back to. Checkpoint k holds the
+        weights after update k; only a finite loss at a later step vouches for them, so the newest
+        one may be where the divergence began."""
+        saved = [self.checkpoints.directory / str(k) for k in sorted(self.checkpoints.all_steps())]
+        if len(saved) > 1:
+            return (f"The newest checkpoint is {saved[-1]} (finite, but its weights may be diverging). Lower "
+                    f"--learning-rate and --resume; if that diverges again, delete {saved[-1]} to resume from "
+                    f"{saved[-2]}.")
+        if saved:
+            return (f"The only checkpoint is {saved[0]} (finite, but its weights may be diverging). Lower "
+                    "--learning-rate and --resume; if that diverges again, start a new run with a lower "
+                    "--learning-rate in another --output-dir.")
+        return ("No checkpoint was saved before it: run again with a lower --learning-rate (the same command; "
+                "there is nothing to resume).")
 
     # ------------------------------------------------------------------ samples and export
     def _share_state_weights(self) -> None:
