@@ -290,9 +290,10 @@ def validate_request(req: SampleRequest) -> None:
 
 def unwritable_folder(folder: str | os.PathLike) -> str | None:
     """Why files cannot be written in ``folder`` (the folder, or the nearest one above it that
-    exists, is a file or not writable, a read-only file system included; or the folder cannot be
-    made, as under /proc, where root passes the access check), or None. Leaves nothing behind: a
-    folder made to try is removed again."""
+    exists, is a file or not writable, a read-only file system included; or no folder can be made
+    in it, as under /proc, where root passes the access check), or None. Touches nothing of
+    ``folder``: the probe is a temporary folder beside it, removed at once."""
+    import tempfile
     folder = Path(folder).expanduser().absolute()
     existing = next(p for p in (folder, *folder.parents) if p.exists())
     if not existing.is_dir():
@@ -300,17 +301,10 @@ def unwritable_folder(folder: str | os.PathLike) -> str | None:
     if not os.access(existing, os.W_OK | os.X_OK):
         return f"{existing} is not writable"
     if existing != folder:
-        made = [p for p in (folder, *folder.parents) if not p.exists()]
         try:
-            folder.mkdir(parents=True)
+            os.rmdir(tempfile.mkdtemp(prefix=".sdjax-probe-", dir=existing))
         except OSError as e:
-            return f"cannot make the folder ({e.strerror or e})"
-        finally:
-            for p in made:   # deepest first
-                try:
-                    p.rmdir()
-                except OSError:
-                    break
+            return f"cannot make a folder in {existing} ({e.strerror or e})"
     return None
 
 
@@ -494,10 +488,8 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
     jobs = req.jobs
     out_dir = Path(req.out)
     writer = jax.process_index() == 0
-    first_index, release = 0, lambda: None
     if writer:
         out_dir.mkdir(parents=True, exist_ok=True)
-        first_index, release = reserve_indices(out_dir, len(jobs))   # another run into out_dir numbers past it
     per_call = parallel.padded_size(req.batch_size or 4 * pipe.mesh.size, pipe.mesh)
     per_call = min(per_call, parallel.padded_size(len(jobs), pipe.mesh))
     sched = pipe.make_scheduler(req.scheduler, req.steps)
@@ -529,7 +521,10 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
         writing.clear()
 
     start = time.perf_counter()
+    first_index, release = 0, lambda: None
     try:
+        if writer:   # another run into out_dir at the same time numbers past this one's images
+            first_index, release = reserve_indices(out_dir, len(jobs))
         with CompileTimer() as compile_timer:
             for batch in bar:
                 padded = batch + [batch[-1]] * (per_call - len(batch))

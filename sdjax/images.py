@@ -68,10 +68,11 @@ def next_free_index(directory: str | os.PathLike) -> int:
     for p in directory.iterdir():
         if m := _INDEX_RE.match(p.name):
             found.append(int(m.group(1)))
-        elif _RESERVED_RE.match(p.name):
+        elif m := _RESERVED_RE.match(p.name):
+            found.append(int(m.group(1)))   # its first number, even while its last is being written
             try:
                 found.append(int(p.read_text()))
-            except (OSError, ValueError):   # being written, or just released: its images are counted
+            except (OSError, ValueError):   # being written, or just released (its images are counted)
                 pass
     return max(found) + 1
 
@@ -89,8 +90,12 @@ def reserve_indices(directory: str | os.PathLike, count: int) -> tuple[int, Call
             fd = os.open(claim, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:   # another run took this number first: count again past its range
             continue
-        with os.fdopen(fd, "w") as f:
-            f.write(str(first + max(count, 1) - 1))
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(str(first + max(count, 1) - 1))
+        except BaseException:   # a full disk: no claim left behind
+            claim.unlink(missing_ok=True)
+            raise
         return first, lambda: claim.unlink(missing_ok=True)
 
 

@@ -392,7 +392,7 @@ class StableDiffusion:
         if latents is not None:
             latents = np.asarray(latents, np.float32)
         # latents' batch counts too: pipe("a cat", latents=four_noises) makes four images
-        n_latents = latents.shape[0] if latents is not None and latents.ndim else 1
+        n_latents = latents.shape[0] if latents is not None and latents.ndim == 4 else 1   # else: the shape error
         n = max(len(prompts), len(seeds), len(negatives), n_latents)
         for name, items in (("prompts", prompts), ("seeds", seeds), ("negative_prompts", negatives)):
             if len(items) not in (1, n):

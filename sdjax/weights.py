@@ -554,7 +554,9 @@ def hub_files(model_cls, format: str | None = None, variant: str | None = None) 
     its weights, one file or shards with their index (safetensors, or msgpack with
     ``format="flax"``; see `fetch_missing_bin_weights`)."""
     spec = SPECS[model_cls]
-    name = spec.flax_file if format == "flax" else spec.torch_files[0]
+    if format == "flax":   # diffusers' Flax models were saved whole
+        return ["config.json", with_variant(spec.flax_file, variant)]
+    name = spec.torch_files[0]
     return ["config.json", with_variant(name, variant), shard_index_name(name, variant), shard_pattern(name, variant)]
 
 

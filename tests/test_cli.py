@@ -134,6 +134,16 @@ def test_runs_into_one_folder_reserve_their_numbers(tmp_path):
     assert I.next_free_index(tmp_path) == 5          # nothing was written: the numbers are free again
     (tmp_path / ".sdjax-reserved-00005").write_text("6")   # left by a run that was killed
     assert I.reserve_indices(tmp_path, 1)[0] == 7
+    (tmp_path / ".sdjax-reserved-00008").write_text("")    # killed (or a full disk) before writing its last
+    assert I.reserve_indices(tmp_path, 1)[0] == 9           # its first number counts (it looped forever)
+
+
+def test_the_out_folder_check_touches_nothing_of_it(tmp_path):
+    """The --out check makes and removes a probe folder beside the target, never the target or its
+    parents (removing one that another process made at that moment)."""
+    from sdjax.cli_utils import unwritable_folder
+    assert unwritable_folder(tmp_path / "a" / "b") is None
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_atomic_write_leaves_nothing_on_error(tmp_path):
@@ -415,8 +425,7 @@ BAD_INPUTS = {
     "out_is_a_file": (["a cat", "--out", "{tmp}/empty.txt"], "empty.txt is a file, not a folder"),
     "out_under_a_file": (["a cat", "--out", "{tmp}/empty.txt/images"], "empty.txt is a file, not a folder"),
     # /proc passes root's access check, but no folder can be made there: refused before sampling
-    "out_cannot_be_made": (["a cat", "--out", "/proc/sdjax-images/a"], "--out /proc/sdjax-images/a: cannot make "
-                           "the folder"),
+    "out_cannot_be_made": (["a cat", "--out", "/proc/sdjax-images/a"], "--out /proc/sdjax-images/a: "),
     "unknown_attention": (["a cat"], "SDJAX_ATTENTION='flash': expected auto, xla, cudnn or blocked"),
 }
 

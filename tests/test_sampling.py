@@ -254,6 +254,9 @@ def test_latents_batch_broadcasts_and_unordered_or_missing_arguments_are_refused
         pipe({"the cat", "the dog"}, **kw)
     with pytest.raises(TypeError, match="seeds is required: an integer, a list of integers"):
         pipe("the cat", seeds=None, **kw)
+    with pytest.raises(ValueError, match=rf"latents have shape \({SIZE // 2}, {SIZE // 2}, 4\); expected "
+                                         rf"\(1, {SIZE // 2}, {SIZE // 2}, 4\)"):   # no batch axis: not H as batch
+        pipe("the cat", latents=latents_for(1, 0)[0], **kw)
 
 
 def test_no_recompilation_for_new_prompts_seeds_guidance_latents(pipe):

@@ -51,7 +51,7 @@ from sdjax.training.checkpoint import Checkpointer
 from sdjax.training.cli import CONFIG_DIR, load_train_config, parse_args
 from sdjax.training.data import DataError, write_captioned_folder
 from sdjax.images import umask
-from sdjax.training.loop import TrainConfig, Trainer
+from sdjax.training.loop import TrainConfig, Trainer, TrainingDiverged
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = 16           # pixels; the micro VAE downsamples by 2 -> 8x8 latents
@@ -452,16 +452,16 @@ def test_settings_checked_before_a_run(tmp_path, monkeypatch):
     for text, message in (("caption_key: off\n", "caption_key=False: YAML reads a bare yes/no"),
                           ("max_steps: 2.7\n", "max_steps=2.7 is not a valid int"),
                           ("batch_size: 0.5\n", "batch_size=0.5 is not a valid int"),
-                          ("validation_seeds: null\n", "validation_seeds cannot be none (leave the key out for its "
-                                                       "default, --validation-seeds 0)"),
-                          ("center_crop: null\n", "center_crop cannot be none (leave the key out for its default, "
-                                                  "--center-crop)"),
-                          ("model: ~\n", "model cannot be none")):
+                          ):
         preset.write_text(text)
         with pytest.raises(UsageError, match=re.escape(f"{preset}: {message}")):
             load_train_config(preset)
-    preset.write_text("ema_decay: null\n")   # none is a value of this one: off
-    assert load_train_config(preset) == {"ema_decay": None}
+    # null is off for a setting that takes none, and the default for one that does not (it used to be
+    # None: center_crop then meant random crops; validation_seeds crashed)
+    preset.write_text("ema_decay: null\nvalidation_seeds: null\ncenter_crop:\nmodel: ~\n")
+    assert load_train_config(preset) == {"ema_decay": None, "validation_seeds": [0], "center_crop": True,
+                                         "model": TrainConfig.model}
+    assert TrainConfig(model=tmp_path / "m", train_data=tmp_path / "d").model == str(tmp_path / "m")   # a Path
     # From Python: a string for a true/false setting (any string is true) and none where it is no value.
     for change, message in (({"random_flip": "no"}, "random_flip='no' must be true or false (--random-flip)"),
                             ({"model": None}, "model=None must be set"),
@@ -820,6 +820,18 @@ def test_metrics_are_read_once_the_next_step_is_queued(tmp_path, monkeypatch):
         interrupted.run(progress=False)
     interrupted.log.close()
     assert [r["step"] for r in metrics(tmp_path / "b")] == [1, 2]
+
+    # A NaN found when the next step is queued stops the run, its row logged once.
+    Value.__float__ = lambda self: float("nan") if self.step == 2 else 0.5
+    NoCheckpoints.all_steps, NoCheckpoints.directory = (lambda self: []), tmp_path
+    diverged = Trainer(dataclasses.replace(cfg, checkpoint_every=100), tmp_path / "c",
+                       parallel.data_mesh(jax.devices()[:1]), None, None, None, State(), None, NoCheckpoints(),
+                       None, fake_step, MetricsLog(tmp_path / "c"))
+    monkeypatch.setattr(diverged, "next_batch", lambda: {})
+    with pytest.raises(TrainingDiverged, match="loss is nan at step 2"):
+        diverged.run(progress=False)
+    diverged.log.close()
+    assert [r["step"] for r in metrics(tmp_path / "c")] == [1, 2]
 
 
 # ----------------------------------------------------------------------------- 3. SIGKILL

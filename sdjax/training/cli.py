@@ -81,10 +81,9 @@ def _convert(name: str, value: Any, origin: str) -> Any:
     kind, is_list, optional = _field_type(field)
     if value is None or (isinstance(value, str) and value.lower() in ("none", "null")
                          and (optional or kind is not str)):
-        if not optional:
-            raise UsageError(f"{origin}: {name} cannot be none (leave the key out for its default, "
-                             f"{_as_flag(name, _default(field))})")
-        return None
+        # A setting that takes no none: none (YAML's null, or a bare "key:") means its default, as
+        # leaving the key out does (older runs recorded some that way in train_config.json).
+        return None if optional else _default(field)
     if kind is str and isinstance(value, bool):
         if name == "mixed_precision" and value is False:   # YAML reads a bare `no` as false
             return "no"

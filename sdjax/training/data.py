@@ -630,10 +630,10 @@ def _load_tfds(source: str, *, image_key: str, caption_key: str,
                           f"{TFDS_INSTALL_HINT}") from e
     except Exception as e:
         # Not found, not prepared, or a feature name TFDS's decoder does not know.
-        raise DataError(f"cannot open {where}: {_first_line(e)} (the dataset is read as prepared, nothing is "
-                        f"downloaded: prepare it first with `tfds build {name}`, passing its data_dir as "
-                        f"--tfds-data-dir; its features are named with --image-key {image_key!r} and "
-                        f"--caption-key {caption_key!r})") from e
+        prepare = ("" if download else f"the dataset is read as prepared, nothing is downloaded: prepare it first "
+                                       f"with `tfds build {name}`, passing its data_dir as --tfds-data-dir; ")
+        raise DataError(f"cannot open {where}: {_first_line(e)} ({prepare}its features are named with --image-key "
+                        f"{image_key!r} and --caption-key {caption_key!r})") from e
     if first is not None:
         for key in (image_key, caption_key):
             try:

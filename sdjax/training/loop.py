@@ -97,6 +97,9 @@ class TrainConfig:
     spike_factor: float = 3.0
 
     def __post_init__(self):
+        for name in ("model", "model_config", "train_data"):   # a Path is a path's text
+            if isinstance(getattr(self, name), os.PathLike):
+                setattr(self, name, os.fspath(getattr(self, name)))
         for name in ("output_dir", "tfds_data_dir"):   # "~/run" is a folder in $HOME, not ./~/run
             value = getattr(self, name)
             if isinstance(value, (str, os.PathLike)) and "://" not in os.fspath(value):
@@ -346,7 +349,7 @@ def _check_processes_share_the_output_dir(out: Path, *, create: bool) -> None:
     caller's own error (an export's "no checkpoint"). One process with ``create``: only that the
     folder, or the nearest folder above it that exists, can be written."""
     if jax.process_count() == 1:
-        problem = create and unwritable_folder(out)   # before the model and data load; creates nothing
+        problem = create and unwritable_folder(out)   # before the model and data load; touches nothing of out
         if problem:
             raise UsageError(f"--output-dir {out}: {problem}")
         return
@@ -611,8 +614,8 @@ class Trainer:
                 self.state, metrics = self.step_fn(self.state, self.frozen, self.next_batch())
                 dispatched = time.perf_counter()
                 if pending is not None:
-                    report(*pending)
-                    pending = None
+                    done, pending = pending, None   # cleared first: a NaN raised here logs its row once
+                    report(*done)
                 log_now = step % cfg.log_every == 0 or step == cfg.max_steps
                 save_now = step % cfg.checkpoint_every == 0 or step == cfg.max_steps
                 sample_now = bool(cfg.sample_every) and step % cfg.sample_every == 0 and step != cfg.max_steps
