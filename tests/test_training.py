@@ -724,12 +724,41 @@ def test_fresh_run_in_a_folder_with_checkpoints_is_refused(tmp_path):
     assert complete_steps(out) == [3]
 
 
+@dataclasses.dataclass
+class _FakeState:
+    step: int = 0
+
+
+class _NoCheckpoints:
+    directory = Path("checkpoints")
+
+    def latest_step(self):
+        return None
+
+    def all_steps(self):
+        return []
+
+    def wait(self):
+        pass
+
+
+def fake_trainer(out, step_fn, monkeypatch, *, batches=None, save=lambda: None, **settings) -> Trainer:
+    """A Trainer around ``step_fn`` (state, frozen, batch) -> (state, metrics) and no model: for
+    Trainer.run's own bookkeeping. ``batches``: next_batch (default: empty batches)."""
+    from sdjax.training.monitor import MetricsLog
+    cfg = TrainConfig(train_data="unused", output_dir=str(out), **settings)
+    trainer = Trainer(cfg, out, parallel.data_mesh(jax.devices()[:1]), None, None, None, _FakeState(), None,
+                      _NoCheckpoints(), None, step_fn, MetricsLog(out))
+    monkeypatch.setattr(trainer, "next_batch", batches or (lambda: {}))
+    monkeypatch.setattr(trainer, "save_checkpoint", save)
+    return trainer
+
+
 def test_images_per_s_counts_the_steps_since_the_last_log(tmp_path, monkeypatch):
     """images/s at each logged step is the images since the previous log over the time since then,
     also at a last step that is not a multiple of log_every (25 steps of 0.2 s, logging every 10:
     5 images/s at steps 10, 20 and 25; dividing the last 5 steps' time by 10 steps said 10)."""
     from sdjax.training import loop
-    from sdjax.training.monitor import MetricsLog
     clock = [0.0]
     monkeypatch.setattr(loop, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: clock[0])}))
 
@@ -737,26 +766,9 @@ def test_images_per_s_counts_the_steps_since_the_last_log(tmp_path, monkeypatch)
         clock[0] += 0.2
         return dataclasses.replace(state, step=state.step + 1), {"loss": 0.5, "grad_norm": 1.0, "lr": 1e-5}
 
-    @dataclasses.dataclass
-    class State:
-        step: int = 0
-
-    class NoCheckpoints:
-        def latest_step(self):
-            return None
-
-        def wait(self):
-            pass
-
-    cfg = TrainConfig(train_data="unused", output_dir=str(tmp_path), max_steps=25, log_every=10,
-                      checkpoint_every=1000)
-    log = MetricsLog(tmp_path)
-    trainer = Trainer(cfg, tmp_path, parallel.data_mesh(jax.devices()[:1]), None, None, None, State(), None,
-                      NoCheckpoints(), None, fake_step, log)
-    monkeypatch.setattr(trainer, "next_batch", lambda: {})
-    monkeypatch.setattr(trainer, "save_checkpoint", lambda: None)
+    trainer = fake_trainer(tmp_path, fake_step, monkeypatch, max_steps=25, log_every=10, checkpoint_every=1000)
     trainer.run(progress=False)
-    log.close()
+    trainer.log.close()
     assert [r["step"] for r in metrics(tmp_path)] == [10, 20, 25]
     np.testing.assert_allclose([r["images_per_s"] for r in metrics(tmp_path)], [5.0, 5.0, 5.0], rtol=1e-9)
 
@@ -764,9 +776,9 @@ def test_images_per_s_counts_the_steps_since_the_last_log(tmp_path, monkeypatch)
 def test_metrics_are_read_once_the_next_step_is_queued(tmp_path, monkeypatch):
     """The host reads a logged step's metrics (a device sync) after queueing the next step, so the
     devices do not wait for logging and batch assembly; at a checkpoint step it reads them before
-    the save (a NaN must not be saved). A Ctrl-C still logs the last step that ran."""
-    from sdjax.training.monitor import MetricsLog
-    events = []
+    the save (a NaN must not be saved). A Ctrl-C still logs the last step that ran; a NaN found
+    when the next step is queued stops the run, its row logged once."""
+    events, nan_at = [], [None]
 
     class Value:   # a metric whose reading on the host is recorded
         def __init__(self, step):
@@ -774,39 +786,20 @@ def test_metrics_are_read_once_the_next_step_is_queued(tmp_path, monkeypatch):
 
         def __float__(self):
             events.append(("read", self.step))
-            return 0.5
+            return float("nan") if self.step == nan_at[0] else 0.5
 
     def fake_step(state, frozen, batch):
         events.append(("step", state.step + 1))
         return dataclasses.replace(state, step=state.step + 1), {k: Value(state.step + 1)
                                                                 for k in ("loss", "grad_norm", "lr")}
 
-    @dataclasses.dataclass
-    class State:
-        step: int = 0
-
-    class NoCheckpoints:
-        def latest_step(self):
-            return None
-
-        def wait(self):
-            pass
-
-    cfg = TrainConfig(train_data="unused", output_dir=str(tmp_path), max_steps=5, log_every=1, checkpoint_every=3)
-    log = MetricsLog(tmp_path)
-    trainer = Trainer(cfg, tmp_path, parallel.data_mesh(jax.devices()[:1]), None, None, None, State(), None,
-                      NoCheckpoints(), None, fake_step, log)
-    monkeypatch.setattr(trainer, "next_batch", lambda: {})
-    monkeypatch.setattr(trainer, "save_checkpoint", lambda: events.append(("save", trainer.state.step)))
+    trainer = fake_trainer(tmp_path / "a", fake_step, monkeypatch, max_steps=5, log_every=1, checkpoint_every=3,
+                           save=lambda: events.append(("save", trainer.state.step)))
     trainer.run(progress=False)
     order = [e for i, e in enumerate(events) if e != events[i - 1] or i == 0]   # one "read" per step
     assert order == [("step", 1), ("step", 2), ("read", 1), ("step", 3), ("read", 2), ("read", 3), ("save", 3),
                      ("step", 4), ("step", 5), ("read", 4), ("read", 5), ("save", 5)]
 
-    events.clear()
-    interrupted = Trainer(dataclasses.replace(cfg, max_steps=10, checkpoint_every=100), tmp_path / "b",
-                          parallel.data_mesh(jax.devices()[:1]), None, None, None, State(), None, NoCheckpoints(),
-                          None, fake_step, MetricsLog(tmp_path / "b"))
     batches = iter([{}, {}])
 
     def two_batches():
@@ -814,20 +807,14 @@ def test_metrics_are_read_once_the_next_step_is_queued(tmp_path, monkeypatch):
             return next(batches)
         except StopIteration:
             raise KeyboardInterrupt from None
-    monkeypatch.setattr(interrupted, "next_batch", two_batches)
-    monkeypatch.setattr(interrupted, "save_checkpoint", lambda: None)
+    interrupted = fake_trainer(tmp_path / "b", fake_step, monkeypatch, batches=two_batches, max_steps=10)
     with pytest.raises(KeyboardInterrupt):
         interrupted.run(progress=False)
     interrupted.log.close()
     assert [r["step"] for r in metrics(tmp_path / "b")] == [1, 2]
 
-    # A NaN found when the next step is queued stops the run, its row logged once.
-    Value.__float__ = lambda self: float("nan") if self.step == 2 else 0.5
-    NoCheckpoints.all_steps, NoCheckpoints.directory = (lambda self: []), tmp_path
-    diverged = Trainer(dataclasses.replace(cfg, checkpoint_every=100), tmp_path / "c",
-                       parallel.data_mesh(jax.devices()[:1]), None, None, None, State(), None, NoCheckpoints(),
-                       None, fake_step, MetricsLog(tmp_path / "c"))
-    monkeypatch.setattr(diverged, "next_batch", lambda: {})
+    nan_at[0] = 2
+    diverged = fake_trainer(tmp_path / "c", fake_step, monkeypatch, max_steps=5, log_every=1)
     with pytest.raises(TrainingDiverged, match="loss is nan at step 2"):
         diverged.run(progress=False)
     diverged.log.close()
