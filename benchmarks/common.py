@@ -18,7 +18,7 @@ Also a command line for those children and for merging result files:
     python benchmarks/common.py peak [--n 8192]
     python benchmarks/common.py build --size sd15|tiny --dir DIR
     python benchmarks/common.py flops [--size sd15|tiny] [--resolution 512] [--compile-unet]
-    python benchmarks/common.py hlo [--size sd15|tiny] [--resolution 512] [--compile]
+    python benchmarks/common.py hlo [--size sd15|tiny] [--resolution 512] [--batch 1] [--compile]
     python benchmarks/common.py train-memory [--size sd15] [--resolution 512] [--batch 1] [--precision bf16]
     python benchmarks/common.py checkpoint-probe
     python benchmarks/common.py table results-a.json results-b.json ...
@@ -572,10 +572,12 @@ def timed_repeats(fn: Callable[[], Any], *, warmup: int, repeats: int, sync: Cal
 
 
 # ----------------------------------------------------------------------------- HLO inspection
-def inspect_sampling_hlo(size: str, resolution: int, *, compile: bool = False, steps: int = 50) -> dict:
+def inspect_sampling_hlo(size: str, resolution: int, *, compile: bool = False, steps: int = 50,
+                         batch: int = 1) -> dict:
     """Lower (and with ``compile`` also compile) the bf16 sampling function (``sampling.generate``
-    as `StableDiffusion` jits it: CLIP + 51-call PNDM scan + VAE decode, batch 1 with CFG) on
-    abstract arguments, and check the HLO:
+    as `StableDiffusion` jits it: CLIP + 51-call PNDM scan + VAE decode, ``batch`` images with CFG)
+    on abstract arguments, and check the HLO (compiled: also XLA's memory plan, the scratch bytes
+    being mostly the attention scores with XLA's attention, ``SDJAX_ATTENTION=xla``):
 
     - no host traffic anywhere (outfeed/infeed/send/recv, Python callbacks as custom-calls);
     - the while loop (the scan) exists, and every convolution / dot is bf16 x bf16 except a
@@ -600,23 +602,27 @@ def inspect_sampling_hlo(size: str, resolution: int, *, compile: bool = False, s
     graphdefs, state = sampling.SDState(*graphdefs), sampling.SDState(*states)
     sched = make_scheduler("pndm", SD15_SCHEDULER, steps)
     h = resolution // vae_scale(cfg["vae"])
-    ids = sds((1, 77), jnp.int32)
+    ids = sds((batch, 77), jnp.int32)
     t0 = time.perf_counter()
     fn = jax.jit(sampling.generate, static_argnums=(0,),
                  static_argnames=("latent_shape_HWC", "use_guidance", "return_predictions"))
-    lowered = fn.lower(graphdefs, state, sched, ids, ids, sds((1,), jnp.uint32), None, jnp.float32(7.5),
+    lowered = fn.lower(graphdefs, state, sched, ids, ids, sds((batch,), jnp.uint32), None, jnp.float32(7.5),
                        latent_shape_HWC=(h, h, 4), use_guidance=True, return_predictions=False)
     lower_s = time.perf_counter() - t0
     stablehlo = lowered.as_text()
-    report: dict = {"size": size, "resolution": resolution, "num_model_calls": sched.num_model_calls,
-                    "lower_seconds": lower_s, "backend": jax.default_backend()}
-    report["lowered"] = _check_stablehlo(stablehlo, (1, h, h, cfg["unet"].get("in_channels", 4)))
+    from sdjax.models import layers
+    report: dict = {"size": size, "resolution": resolution, "batch": batch, "num_model_calls": sched.num_model_calls,
+                    "attention": layers.ATTENTION_IMPLEMENTATION, "lower_seconds": lower_s,
+                    "backend": jax.default_backend()}
+    report["lowered"] = _check_stablehlo(stablehlo, (batch, h, h, cfg["unet"].get("in_channels", 4)))
     if compile:
         t0 = time.perf_counter()
         compiled = lowered.compile()
         report["compile_seconds"] = time.perf_counter() - t0
         report["compiled"] = _check_compiled_hlo(compiled.as_text(), sched.num_model_calls)
         report["compiled_flops"] = cost_flops(compiled.cost_analysis())
+        memory = compiled.memory_analysis()
+        report["argument_bytes"], report["temp_bytes"] = memory.argument_size_in_bytes, memory.temp_size_in_bytes
     report["lowered_flops"] = cost_flops(lowered.cost_analysis())
     return report
 
@@ -895,6 +901,7 @@ def main() -> None:
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--compile", action="store_true", help="also compile and check the optimised HLO")
+    p.add_argument("--batch", type=int, default=1, help="images per call (with CFG: twice that through the UNet)")
     p = sub.add_parser("train-memory", help="XLA memory analysis of the compiled train step (abstract shapes)")
     p.add_argument("--size", default="sd15")
     p.add_argument("--resolution", type=int, default=512)
@@ -914,7 +921,12 @@ def main() -> None:
     elif args.cmd == "flops":
         emit(xla_flops(args.size, args.resolution, compile_unet=args.compile_unet))
     elif args.cmd == "hlo":
-        emit(inspect_sampling_hlo(args.size, args.resolution, compile=args.compile, steps=args.steps))
+        r = inspect_sampling_hlo(args.size, args.resolution, compile=args.compile, steps=args.steps, batch=args.batch)
+        emit(r)
+        if args.compile:
+            print(f"{args.size} bf16 sampler, batch {args.batch}, {args.resolution} px, SDJAX_ATTENTION="
+                  f"{r['attention']}, {r['backend']}: arguments {r['argument_bytes'] / 2 ** 30:.2f} GiB, scratch "
+                  f"{r['temp_bytes'] / 2 ** 30:.2f} GiB, compile {r['compile_seconds']:.0f} s", file=sys.stderr)
     elif args.cmd == "train-memory":
         r = train_step_memory(sd_configs(args.size), resolution=args.resolution, batch=args.batch,
                               precision=args.precision, remat=args.remat, clipping=args.clipping)
