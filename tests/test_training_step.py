@@ -213,11 +213,11 @@ def test_ema_is_diffusers_emamodel_of_the_updated_weights(models):
     step_fn = jit_step(models, S.StepConfig(ema_decay=ema_decay), optimizer, lr_schedule)
     state = S.init_state(fresh_params(models), optimizer, seed=1, ema=True)
     weights = [flat(state.params["unet"])]
-    assert_trees_close(flat(state.ema), weights[0], rtol=0, atol=0)
+    assert_trees_close(flat(state.ema["unet"]), weights[0], rtol=0, atol=0)
     for n in range(3):
         state, _ = step_fn(state, models.frozen, make_batch(1, 2, seed=n))
         weights.append(flat(state.params["unet"]))
-    got = flat(state.ema)
+    got = flat(state.ema["unet"])
 
     ema = weights[0]
     for n, updated in enumerate(weights[1:]):          # n: updates done before this one
@@ -235,6 +235,57 @@ def test_ema_is_diffusers_emamodel_of_the_updated_weights(models):
         reference.step(torch_params)
     assert_trees_close(got, {k: s.numpy() for k, s in zip(names, reference.shadow_params)}, rtol=1e-6, atol=1e-7)
     assert max(np.abs(got[k] - weights[-1][k]).max() for k in got) > 1e-4   # not simply the last weights
+
+
+def test_trained_text_encoder_follows_its_gradient_and_has_an_ema(models):
+    """With ``train_text_encoder`` the text encoder's weights take SGD updates of the loss's own
+    gradient, checked by central differences of ``loss_fn`` (exact here: the stand-in's loss is
+    quadratic in the embedding table); rows of tokens the batch does not use stay bit for bit; and the
+    EMA averages the text encoder as it does the UNet, so an export pairs averaged weights with
+    averaged weights."""
+    lr, ema_decay = 0.5, 0.2
+    cfg = S.StepConfig(train_text_encoder=True, ema_decay=ema_decay)
+    frozen = models.frozen._replace(text_encoder=None)   # as Trainer.create passes it when training it
+    params = jax.tree.map(jnp.array, {"unet": models.params["unet"], "text_encoder": models.frozen.text_encoder})
+    step_fn = S.jit_train_step(parallel.data_mesh(jax.devices()[:1]), graphdefs=models.graphdefs, cfg=cfg,
+                               optimizer=optax.sgd(lr), lr_schedule=optax.constant_schedule(lr))
+    state = S.init_state(params, optax.sgd(lr), seed=3, ema=True)
+    assert set(state.ema) == {"unet", "text_encoder"}
+
+    batch = make_batch(1, 2, seed=30)
+    batch["input_ids"][..., :40] = 5 + np.arange(2)[:, None]    # tokens 5 and 6 used, 2..4 not
+    batch["input_ids"][..., 40:] = 7
+    used, unused = [5, 6, 7], [2, 3, 4]
+    table = np.array(state.params["text_encoder"]["table"], np.float64)
+    key = S.micro_batch_key(state, 0)
+
+    def loss_at(new_table):
+        trial = {"unet": state.params["unet"], "text_encoder": {"table": jnp.asarray(new_table, jnp.float32)}}
+        return float(S.loss_fn(trial, frozen, micro(batch, 0), key, graphdefs=models.graphdefs, cfg=cfg)[0])
+
+    probes = [(row, col) for row in used + unused[:1] for col in (0, D - 1)]
+    expected_grad = {}
+    for row, col in probes:
+        up, down = table.copy(), table.copy()
+        up[row, col] += 1.0
+        down[row, col] -= 1.0
+        expected_grad[row, col] = (loss_at(up) - loss_at(down)) / 2.0
+
+    tables = [table]
+    for n in range(2):
+        state, _ = step_fn(state, frozen, batch if n == 0 else make_batch(1, 2, seed=31))
+        tables.append(np.array(state.params["text_encoder"]["table"], np.float64))
+    after_first = tables[1]
+    for (row, col), grad in expected_grad.items():
+        assert after_first[row, col] == pytest.approx(table[row, col] - lr * grad, rel=1e-4, abs=1e-6), (row, col)
+    assert all(abs(expected_grad[row, 0]) > 1e-4 for row in used)      # the probes see real gradients
+    np.testing.assert_array_equal(after_first[unused], table[unused])
+
+    # EMA: decay 0 at the first update, then min(ema_decay, 2 / 11) = 2 / 11 at the second.
+    decay = min(ema_decay, 2 / 11)
+    expected_ema = decay * tables[1] + (1 - decay) * tables[2]
+    np.testing.assert_allclose(np.asarray(state.ema["text_encoder"]["table"]), expected_ema, rtol=1e-6, atol=1e-7)
+    assert np.abs(tables[2] - expected_ema).max() > 1e-4                # not simply the last weights
 
 
 # ----------------------------------------------------------------------------- learning rate

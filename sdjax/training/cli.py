@@ -47,7 +47,7 @@ HELP = {
     "warmup_steps": "linear learning-rate warmup steps",
     "weight_decay": "AdamW decoupled weight decay",
     "max_grad_norm": "global-norm gradient clipping (0 or none: off)",
-    "ema_decay": "keep an EMA of the UNet weights (e.g. 0.9999) and export it",
+    "ema_decay": "keep an EMA of the trained weights (e.g. 0.9999) and export it",
     "mixed_precision": "'bf16': bf16 activations with fp32 master weights; 'no': fp32",
     "gradient_checkpointing": "recompute UNet activations in the backward pass (less memory on GPUs, slower; no saving on the CPU)",
     "min_snr_gamma": "Min-SNR-gamma loss weighting (e.g. 5.0)",

@@ -573,8 +573,8 @@ class Trainer:
 
     def run(self, *, progress: bool = True) -> S.TrainState:
         """Train to ``max_steps``: log, sample, checkpoint; stop (keeping the last good checkpoint)
-        on a NaN loss. Returns the final state; ``self.pipe`` then holds its weights (the UNet's EMA
-        where kept). During the run the pipeline shares the state's arrays, which each step
+        on a NaN loss. Returns the final state; ``self.pipe`` then holds its weights (their EMA where
+        kept). During the run the pipeline shares the state's arrays, which each step
         replaces (``sampling_pipeline`` points it at the current ones)."""
         cfg, main = self.cfg, jax.process_index() == 0
         start = int(self.state.step)
@@ -671,13 +671,14 @@ class Trainer:
         it keeps the EMA, split over the devices in the state, gathered whole on every device)."""
         self.pipe.set_params(unet=self.state.params["unet"], text_encoder=self.state.params.get("text_encoder"))
 
-    def trained_unet_params(self, *, use_ema: bool = True) -> dict:
-        return self.state.ema if (use_ema and self.state.ema is not None) else self.state.params["unet"]
+    def trained_params(self, *, use_ema: bool = True) -> dict:
+        """``{"unet": ..., ["text_encoder": ...]}``: the trained weights, their EMA when kept."""
+        return self.state.ema if (use_ema and self.state.ema is not None) else self.state.params
 
     def sampling_pipeline(self, *, use_ema: bool = True) -> StableDiffusion:
         """The pipeline with the current trained weights (EMA when kept)."""
-        self.pipe.set_params(unet=self.trained_unet_params(use_ema=use_ema),
-                             text_encoder=self.state.params.get("text_encoder"))
+        trained = self.trained_params(use_ema=use_ema)
+        self.pipe.set_params(unet=trained["unet"], text_encoder=trained.get("text_encoder"))
         return self.pipe
 
     def validation_prompts(self) -> list[str]:

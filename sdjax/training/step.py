@@ -28,7 +28,7 @@ class StepConfig:
     min_snr_gamma: float | None = None      # Min-SNR-gamma loss weighting (5.0 is the paper's choice)
     caption_dropout: float = 0.0            # probability of training on the empty caption (for guidance)
     train_text_encoder: bool = False
-    ema_decay: float | None = None          # EMA of the UNet weights; None: no EMA
+    ema_decay: float | None = None          # EMA of the trained weights; None: no EMA
     compute_dtype: Any = jnp.float32        # bf16: bf16 activations, fp32 master weights
 
 
@@ -36,7 +36,7 @@ class TrainState(NamedTuple):
     step: jax.Array       # int32: optimizer updates done
     params: dict          # {"unet": ..., ["text_encoder": ...]} fp32 pure dicts
     opt_state: Any
-    ema: dict | None      # EMA of params["unet"]
+    ema: dict | None      # EMA of params (same structure)
     rng: jax.Array        # uint32 key data of the run's seed
 
 
@@ -92,7 +92,8 @@ def make_optimizer(learning_rate: float = 1e-5, *, warmup_steps: int = 0, schedu
 def init_state(params: dict, optimizer: optax.GradientTransformation, seed: int, *, ema: bool,
                mesh=None) -> TrainState:
     """Step 0 of training ``params`` (``{"unet": ..., ["text_encoder": ...]}`` pure dicts); the EMA, if
-    any, starts as a copy of the UNet's. The state holds ``params`` themselves, not a copy, and
+    any, starts as a copy of them (of every trained model, so an exported text encoder matches the
+    averaged UNet it conditions). The state holds ``params`` themselves, not a copy, and
     :func:`jit_train_step` donates the state: after the first step those arrays are deleted, so pass
     ``jax.tree.map(jnp.copy, params)`` to keep the originals.
 
@@ -106,10 +107,10 @@ def init_state(params: dict, optimizer: optax.GradientTransformation, seed: int,
     copy = lambda tree: jax.tree.map(jnp.array, tree)  # noqa: E731
     if mesh is None:
         return TrainState(step=jnp.int32(0), params=params, opt_state=optimizer.init(params),
-                          ema=copy(params["unet"]) if ema else None, rng=rng)
+                          ema=copy(params) if ema else None, rng=rng)
     return TrainState(step=parallel.replicate(jnp.int32(0), mesh), params=params,
                       opt_state=parallel.make_spread(optimizer.init, params, mesh=mesh),
-                      ema=parallel.make_spread(copy, params["unet"], mesh=mesh) if ema else None,
+                      ema=parallel.make_spread(copy, params, mesh=mesh) if ema else None,
                       rng=parallel.replicate(rng, mesh))
 
 
@@ -206,7 +207,7 @@ def train_step(state: TrainState, frozen: Frozen, batch: dict, *, graphdefs: Gra
         # averages do not stick to the initial weights.
         step = state.step.astype(F32)
         decay = jnp.where(state.step == 0, 0.0, jnp.minimum(cfg.ema_decay, (1.0 + step) / (10.0 + step)))
-        ema = jax.tree.map(lambda e, p: e + (1.0 - decay) * (p - e), ema, params["unet"])
+        ema = jax.tree.map(lambda e, p: e + (1.0 - decay) * (p - e), ema, params)
     metrics = {"loss": loss / accumulation, "loss_unweighted": raw / accumulation,
                "grad_norm": optax.tree.norm(grads), "lr": lr_schedule(state.step)}
     return TrainState(state.step + 1, params, opt_state, ema, state.rng), metrics
