@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", default=None,
                    help="load variant weight files, e.g. fp16 for diffusion_pytorch_model.fp16.safetensors "
                         "(about half the download)")
-    p.add_argument("--negative-prompt", default="", help="what to steer away from, e.g. 'blurry, low quality'")
+    p.add_argument("--negative-prompt", default="", help="what to steer away from, e.g. 'blurry, low quality' (needs --guidance-scale above 1)")
     p.add_argument("--seeds", type=_seeds, default="0", help="seed, inclusive range (0-15) or list (3,7,9); default 0")
     p.add_argument("--steps", type=int, default=50, help="denoising steps (default 50, typical 20-100)")
     p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (default 7.5, typical 5-15)")

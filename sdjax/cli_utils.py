@@ -488,6 +488,13 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
     jobs = req.jobs
     out_dir = Path(req.out)
     writer = jax.process_index() == 0
+    negative = req.negative_prompt
+    if negative and req.guidance_scale <= 1:   # no unconditional pass: it would change nothing
+        if writer:
+            import warnings
+            warnings.warn(f"--negative-prompt is ignored at --guidance-scale {req.guidance_scale:g} (guidance needs "
+                          "a scale above 1); it is left out of the images' parameters")
+        negative = ""
     if writer:
         out_dir.mkdir(parents=True, exist_ok=True)
     per_call = parallel.padded_size(req.batch_size or 4 * pipe.mesh.size, pipe.mesh)
@@ -528,7 +535,7 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
         with CompileTimer() as compile_timer:
             for batch in bar:
                 padded = batch + [batch[-1]] * (per_call - len(batch))
-                out = pipe([p for p, _ in padded], req.negative_prompt, seeds=[s for _, s in padded],
+                out = pipe([p for p, _ in padded], negative, seeds=[s for _, s in padded],
                            num_inference_steps=req.steps, guidance_scale=req.guidance_scale, height=req.height,
                            width=req.width, scheduler=req.scheduler, batch_size=per_call,
                            return_intermediates=picks, progress=step_bar)
@@ -539,7 +546,7 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
                     continue
                 for b, (prompt, seed) in enumerate(batch):
                     index = first_index + len(files)
-                    params = a1111_parameters(prompt, req.negative_prompt, steps=req.steps, scheduler=req.scheduler,
+                    params = a1111_parameters(prompt, negative, steps=req.steps, scheduler=req.scheduler,
                                               guidance_scale=req.guidance_scale, seed=seed, width=req.width,
                                               height=req.height, model=req.model)
                     files.append(out_dir / image_file_name(index, seed, prompt))

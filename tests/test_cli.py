@@ -265,6 +265,20 @@ def test_every_prompt_times_every_seed_with_metadata_and_grid(pipe_dir, pipe, tm
     assert not [p for p in out.iterdir() if p.name.startswith(".")]   # no temp files
 
 
+def test_negative_prompt_without_guidance_is_ignored_with_a_warning(pipe_dir, pipe, tmp_path, capsys):
+    """At --guidance-scale <= 1 there is no unconditional pass, so a negative prompt changes nothing:
+    the user is told, and the PNG's parameters leave it out (A1111 would use it to remake the image)."""
+    out = tmp_path / "out"
+    rc, _, stderr = run_main(capsys, "a dog", "--seeds", "4", "--negative-prompt", "blurry", "--guidance-scale", "1",
+                             "--model", pipe_dir, "--out", out, *SMALL)
+    assert rc == 0
+    assert "sample.py: warning: --negative-prompt is ignored at --guidance-scale 1" in stderr, stderr
+    params = I.parse_a1111_parameters(I.read_png_parameters(out / "00000-seed4-a-dog.png"))
+    assert params["negative_prompt"] == "" and params["CFG scale"] == "1"
+    ref = pipe("a dog", seeds=4, guidance_scale=1.0, num_inference_steps=3, height=32, width=32).to_pil()
+    np.testing.assert_array_equal(pixels(out / "00000-seed4-a-dog.png"), ref[0])
+
+
 def test_a_failed_write_is_one_line_and_the_files_before_it_stay(pipe_dir, pipe, tmp_path, capsys, monkeypatch):
     import sdjax.cli_utils
     real, calls = sdjax.cli_utils.save_png, []
