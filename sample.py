@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-config", metavar="REPO_OR_DIR", default=None,
                    help=f"for a single-file --model: the pipeline folder or Hub repo id whose configs, "
                         f"tokenizer and scheduler config it uses (default {DEFAULT_MODEL})")
+    p.add_argument("--vae", metavar="FILE_OR_REPO", default=None,
+                   help="a VAE in place of the model's own: a file (vae-ft-mse-840000-ema-pruned.safetensors / "
+                        ".ckpt), a VAE folder or Hub repo id (stabilityai/sd-vae-ft-mse), or a pipeline folder")
     p.add_argument("--variant", default=None,
                    help="load variant weight files, e.g. fp16 for diffusion_pytorch_model.fp16.safetensors "
                         "(about half the download)")
@@ -89,7 +92,7 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
         prompts += read_prompts_file(args.prompts_file)
     seeds = args.seeds if isinstance(args.seeds, list) else parse_seeds(args.seeds)
     req = SampleRequest(prompts=prompts, seeds=seeds, negative_prompt=args.negative_prompt, model=args.model,
-                        model_config=args.model_config,
+                        model_config=args.model_config, vae=args.vae,
                         steps=args.steps, guidance_scale=args.guidance_scale, scheduler=args.scheduler,
                         height=args.height, width=args.width, dtype=args.dtype, batch_size=args.batch_size,
                         out=str(Path(args.out).expanduser()), variant=args.variant, grid=args.grid, trajectory=args.trajectory)
@@ -161,7 +164,8 @@ def main(argv=None) -> int:
     dtype = req.dtype or default_dtype()
     t0 = time.perf_counter()
     try:
-        pipe, error = load_pipeline(req.model, model_config=req.model_config, dtype=dtype, variant=req.variant), None
+        pipe, error = load_pipeline(req.model, model_config=req.model_config, dtype=dtype, variant=req.variant,
+                                    vae=req.vae), None
     except CheckpointError as e:  # no weights reachable, or not a pipeline folder: before anything is written
         pipe, error = None, e
     failed = parallel.processes_that_failed(error is None)   # a host without the weights stops them all

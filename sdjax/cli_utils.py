@@ -130,6 +130,7 @@ def read_prompts_file(path: str | os.PathLike) -> list[str]:
 CONFIG_KEYS: dict[str, tuple[type | tuple, str]] = {
     "model": (str, "Hub repo id, local pipeline folder or single-file checkpoint"),
     "model_config": (str, "a single-file model's configs and tokenizer: pipeline folder or Hub repo id"),
+    "vae": (str, "a VAE in place of the model's: file, VAE folder or Hub repo id"),
     "variant": (str, "weight file variant, e.g. fp16"),
     "negative_prompt": (str, "what to steer away from"),
     "seeds": ((int, str, list), "seed, range 0-15 or list"),
@@ -229,6 +230,7 @@ class SampleRequest:
     model: str = DEFAULT_MODEL        # Hub repo id, pipeline folder or single-file checkpoint
     model_config: str | None = None   # a single file's configs and tokenizer (default: DEFAULT_MODEL's)
     variant: str | None = None        # e.g. "fp16": diffusion_pytorch_model.fp16.safetensors
+    vae: str | None = None            # a VAE in place of the model's own (file, VAE folder or Hub repo id)
     steps: int = 50
     guidance_scale: float = 7.5
     scheduler: str = "pndm"
@@ -253,7 +255,7 @@ class SampleRequest:
         import json
 
         import numpy as np
-        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("model", "model_config", "out")}
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("model", "model_config", "vae", "out")}
         digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).digest()
         return np.frombuffer(digest[:16], np.int32)
 
@@ -548,7 +550,7 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
                     index = first_index + len(files)
                     params = a1111_parameters(prompt, negative, steps=req.steps, scheduler=req.scheduler,
                                               guidance_scale=req.guidance_scale, seed=seed, width=req.width,
-                                              height=req.height, model=req.model)
+                                              height=req.height, model=req.model, vae=req.vae)
                     files.append(out_dir / image_file_name(index, seed, prompt))
                     writing.append(saver.submit(save_png, out.images[b], files[-1], params))
                     if req.grid:   # as 8-bit, a quarter of the float images' memory over a long run

@@ -101,21 +101,23 @@ def reserve_indices(directory: str | os.PathLike, count: int) -> tuple[int, Call
 
 # ----------------------------------------------------------------------------- metadata
 def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, scheduler: str, guidance_scale: float,
-                     seed: int, width: int, height: int, model: str | None = None) -> str:
+                     seed: int, width: int, height: int, model: str | None = None, vae: str | None = None) -> str:
     """Generation settings as AUTOMATIC1111 writes them into the PNG ``parameters`` text chunk::
 
         a photo of a cat
         Negative prompt: blurry
         Steps: 50, Sampler: PNDM, CFG scale: 7.5, Seed: 7, Size: 512x512, Model: stable-diffusion-v1-5
 
-    Like A1111, the ``Negative prompt:`` line is left out when there is no negative prompt, and Size
-    is width x height.
+    Like A1111, the ``Negative prompt:`` line is left out when there is no negative prompt, Size
+    is width x height, and a VAE other than the model's is named (``VAE: vae-ft-mse-840000-ema-pruned``).
     """
     sampler = SAMPLER_NAMES.get(scheduler, scheduler)
     fields = [("Steps", steps), ("Sampler", sampler), ("CFG scale", f"{float(guidance_scale):g}"), ("Seed", seed),
               ("Size", f"{width}x{height}")]
     if model:
         fields.append(("Model", model_name(model)))
+    if vae:
+        fields.append(("VAE", model_name(vae)))
     lines = [prompt]
     if negative_prompt:
         lines.append(f"Negative prompt: {negative_prompt}")

@@ -18,8 +18,9 @@ from sdjax.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
 from sdjax.schedulers import SCHEDULERS, make_scheduler, pipeline_scheduler_config
 from sdjax.text import load_tokenizer, tokenize
 from sdjax.weights import (SINGLE_FILE_SUFFIXES, CheckpointError, fetch_missing_bin_weights, has_weights, hub_files,
-                           is_url, load_single_file, prepare_single_file, read_config, read_json_object,
-                           resolve_dtype, resolve_model_dir, save_pipeline, save_single_file, with_variant)
+                           is_url, load_single_file, load_vae_file, prepare_single_file, read_config,
+                           read_json_object, resolve_dtype, resolve_model_dir, save_pipeline, save_single_file,
+                           with_variant)
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 PARTS = {"text_encoder": CLIPTextModel, "unet": UNet2DConditionModel, "vae": AutoencoderKL}  # folder -> model
@@ -34,16 +35,45 @@ def is_single_file(model: str | Path) -> bool:
 
 
 def load_pipeline(model: str, *, model_config: str | None = None, dtype=jnp.float32, variant: str | None = None,
-                  mesh=None) -> "StableDiffusion":
+                  vae: str | None = None, mesh=None) -> "StableDiffusion":
     """A pipeline from a ``--model`` as sample.py and train.py take it: a single-file checkpoint
     (with the configs and tokenizer of ``model_config``, default SD v1.5's), or a pipeline folder or
-    Hub repo id. Raises `CheckpointError` for an option that does not fit the kind of model."""
+    Hub repo id; with ``vae`` (``--vae``, see `load_vae`) in place of the model's own VAE. Raises
+    `CheckpointError` for an option that does not fit the kind of model."""
     problem = model_options_problem(model, model_config, variant)
     if problem:
         raise CheckpointError(problem)
     if is_single_file(model):
-        return StableDiffusion.from_single_file(model, config=model_config or DEFAULT_MODEL, dtype=dtype, mesh=mesh)
-    return StableDiffusion.from_pretrained(model, dtype=dtype, variant=variant, mesh=mesh)
+        return StableDiffusion.from_single_file(model, config=model_config or DEFAULT_MODEL, dtype=dtype, vae=vae,
+                                                mesh=mesh)
+    return StableDiffusion.from_pretrained(model, dtype=dtype, variant=variant, vae=vae, mesh=mesh)
+
+
+def load_vae(vae: str | Path, config, *, dtype=jnp.float32) -> AutoencoderKL:
+    """The VAE that ``vae`` names, to use in a pipeline in place of its own (as the fine-tuned
+    ``sd-vae-ft-mse`` often is with SD v1.5): a weights file (`weights.load_vae_file`: the original
+    layout of ``vae-ft-mse-840000-ema-pruned.safetensors``, or diffusers'; ``config``, the
+    pipeline's VAE config, gives its architecture), a diffusers VAE folder or Hub repo id
+    (``config.json`` and weights, as ``stabilityai/sd-vae-ft-mse``), or a pipeline folder (its
+    ``vae/``)."""
+    if is_url(vae):
+        raise CheckpointError(f"{vae}: a VAE loads from a local file, a folder or a Hub repo id (OWNER/NAME); "
+                              "download the file and pass its path")
+    path = Path(vae).expanduser()
+    if path.is_file() or (not path.is_dir() and path.suffix in SINGLE_FILE_SUFFIXES):
+        return load_vae_file(path, config, dtype=dtype)
+    if path.is_dir() and not (path / "config.json").is_file() and (path / "vae").is_dir():
+        return AutoencoderKL.from_pretrained(path, subfolder="vae", dtype=dtype)
+    return AutoencoderKL.from_pretrained(vae, dtype=dtype)
+
+
+def _as_vae(vae: AutoencoderKL | str | Path, config, dtype) -> AutoencoderKL:
+    """``vae=`` of the loaders: a model as it is, or what `load_vae` loads (in ``dtype``)."""
+    if isinstance(vae, AutoencoderKL):
+        return vae
+    if not isinstance(vae, (str, Path)):
+        raise TypeError(f"vae must be an AutoencoderKL, or a path or Hub repo id of one; got {type(vae).__name__}")
+    return load_vae(vae, config, dtype=dtype)
 
 
 def model_options_problem(model: str, model_config: str | None, variant: str | None) -> str | None:
@@ -269,7 +299,7 @@ class StableDiffusion:
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str = DEFAULT_MODEL, *, revision: str | None = None,
                         dtype=jnp.float32, format: str | None = None, variant: str | None = None,
-                        mesh=None) -> "StableDiffusion":
+                        vae: AutoencoderKL | str | None = None, mesh=None) -> "StableDiffusion":
         """Load a diffusers pipeline folder or Hub repo in any layout (safetensors, Flax msgpack with
         ``revision="flax"``/``"bf16"`` on the Hub, or .bin), cast to ``dtype``. ``variant`` picks
         variant files such as ``diffusion_pytorch_model.fp16.safetensors`` (``variant="fp16"``); in
@@ -278,23 +308,29 @@ class StableDiffusion:
         From the Hub only the files sdjax reads are downloaded (each model's config and its weights,
         the tokenizer, the scheduler config), not the rest of the repo: the safetensors weights (one
         file, or shards with their index), or, for a model folder that has none (older repos), its
-        .bin in a second request."""
+        .bin in a second request.
+
+        ``vae``: a VAE to use in place of the pipeline's own, an `AutoencoderKL` or what `load_vae`
+        loads (then the pipeline's VAE weights are not read, nor downloaded)."""
         dtype = resolve_dtype(dtype)
         if revision in ("flax", "bf16"):
             format = format or "flax"
-        patterns = ["model_index.json", "scheduler/scheduler_config.json", "tokenizer/*"]
-        for part, model_cls in PARTS.items():
+        loaded = {part: model_cls for part, model_cls in PARTS.items() if not (part == "vae" and vae is not None)}
+        patterns = ["model_index.json", "scheduler/scheduler_config.json", "tokenizer/*", "vae/config.json"]
+        for part, model_cls in loaded.items():
             patterns += [f"{part}/{name}" for name in hub_files(model_cls, format, variant)]
         root = resolve_model_dir(path_or_repo_id, None, revision, allow_patterns=patterns)
         if format != "flax":
-            fetch_missing_bin_weights(path_or_repo_id, revision, root, PARTS, variant)
+            fetch_missing_bin_weights(path_or_repo_id, revision, root, loaded, variant)
         extras = _tokenizer_and_scheduler(root)  # before the weights: a bad folder fails fast
-        check_parts_fit({part: read_config(root / part, model_cls)[0] for part, model_cls in PARTS.items()}, root)
-        variants = dict.fromkeys(PARTS, variant)
+        configs = {part: read_config(root / part, model_cls)[0] for part, model_cls in PARTS.items()}
+        replaced = {} if vae is None else {"vae": _as_vae(vae, configs["vae"], dtype)}
+        check_parts_fit({**configs, **{part: model.config for part, model in replaced.items()}}, root)
+        variants = dict.fromkeys(loaded, variant)
         if variant:
-            has_variant = [part for part, model_cls in PARTS.items() if has_weights(root / part, model_cls, variant)]
-            has_plain = [part for part, model_cls in PARTS.items() if has_weights(root / part, model_cls)]
-            if not has_variant and len(has_plain) == len(PARTS):
+            has_variant = [part for part, model_cls in loaded.items() if has_weights(root / part, model_cls, variant)]
+            has_plain = [part for part, model_cls in loaded.items() if has_weights(root / part, model_cls)]
+            if not has_variant and len(has_plain) == len(loaded):
                 raise CheckpointError(f"{path_or_repo_id}: no part has {variant!r} variant weights (such as unet/"
                                       f"{with_variant('diffusion_pytorch_model.safetensors', variant)}): leave out "
                                       "variant= (sample.py --variant) to load its weights")
@@ -302,12 +338,13 @@ class StableDiffusion:
                 variants.update({part: None for part in has_plain if part not in has_variant})
         kw = dict(revision=revision, dtype=dtype, format=format)
         models = {part: model_cls.from_pretrained(root, subfolder=part, variant=variants[part], **kw)
-                  for part, model_cls in PARTS.items()}
-        return cls(**models, **extras, mesh=mesh, name=str(path_or_repo_id))
+                  for part, model_cls in loaded.items()}
+        return cls(**models, **replaced, **extras, mesh=mesh, name=str(path_or_repo_id))
 
     @classmethod
     def from_single_file(cls, file, *, config: str = DEFAULT_MODEL, revision: str | None = None,
-                         dtype=jnp.float32, mesh=None) -> "StableDiffusion":
+                         dtype=jnp.float32, vae: AutoencoderKL | str | None = None,
+                         mesh=None) -> "StableDiffusion":
         """Load a single-file checkpoint in the original Stable Diffusion layout (such as
         ``v1-5-pruned-emaonly.safetensors``, or a fine-tune saved by AUTOMATIC1111 / ComfyUI):
         ``.safetensors``, or a PyTorch ``.ckpt`` / ``.pt`` / ``.bin`` (needs torch; read with
@@ -317,7 +354,8 @@ class StableDiffusion:
 
         A single file has no configs or tokenizer: they come from ``config``, a diffusers pipeline
         folder or Hub repo id of the same architecture (only its config files, tokenizer and
-        scheduler config are downloaded, ~2 MB)."""
+        scheduler config are downloaded, ~2 MB). ``vae``: a VAE to use in place of the file's, as
+        in `from_pretrained`."""
         dtype = resolve_dtype(dtype)
         local_file = prepare_single_file(file)  # checked before the configs are fetched; a URL downloads later
         patterns = ["model_index.json", "scheduler/scheduler_config.json", "tokenizer/*",
@@ -329,8 +367,9 @@ class StableDiffusion:
                                   f"Hub repo (config=, sample.py/train.py --model-config): {e}") from e
         configs = {part: read_config(root / part, model_cls)[0] for part, model_cls in PARTS.items()}
         extras = _tokenizer_and_scheduler(root)
-        check_parts_fit(configs, root)
-        models = load_single_file(local_file(), configs, dtype=dtype)
+        replaced = {} if vae is None else {"vae": _as_vae(vae, configs["vae"], dtype)}
+        check_parts_fit({**configs, **{part: model.config for part, model in replaced.items()}}, root)
+        models = {**load_single_file(local_file(), configs, dtype=dtype), **replaced}
         return cls(**models, **extras, mesh=mesh, name=str(file))
 
     def save_pretrained(self, directory, *, format: str = "both", dtype=None, overwrite: bool = False) -> Path:

@@ -937,9 +937,8 @@ def _check_single_file_keys(file: Path | str, keys: list[str]) -> None:
     if not any(k.startswith(SINGLE_FILE_PARTS["unet"][1]) for k in keys):
         has = f"it has {', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''}" if keys else "it holds no tensors"
         if any(k.startswith(("encoder.down.", "decoder.up.", "first_stage_model.")) for k in keys):
-            hint = ("; a VAE alone, in the original layout (as vae-ft-mse-840000-ema-pruned): sdjax loads a VAE "
-                    "from a diffusers folder; convert it with diffusers' AutoencoderKL.from_single_file(FILE)"
-                    ".save_pretrained(DIR) and load DIR with sdjax.AutoencoderKL.from_pretrained")
+            hint = ("; a VAE alone (as vae-ft-mse-840000-ema-pruned): pass it as the VAE of a model, sample.py "
+                    "--vae FILE (from Python, vae=FILE)")
         elif any(k.startswith(("down_blocks.", "encoder.", "text_model.")) for k in keys):
             hint = "; a diffusers model file: load its pipeline folder with from_pretrained"
         else:
@@ -958,20 +957,36 @@ def load_single_file(file: str | os.PathLike, configs: dict[str, Any], *, dtype=
     must be a weight of it; otherwise a `CheckpointError` names the file, the keys and the shapes.
     """
     file = check_single_file(file)
+    tensors = (_read_safetensors(file) if file.suffix == ".safetensors"
+               else _read_torch_bin(file, lambda keys: _check_single_file_keys(file, keys)))
+    prefixes = {part: prefix for part, (_, prefix) in SINGLE_FILE_PARTS.items()}
+    return _load_original_layout(file, tensors, configs, prefixes, dtype)
+
+
+# The modules of an LDM VAE (its keys after first_stage_model.); a file's other VAE keys are training
+# leftovers (loss.*: the LPIPS and discriminator of its training loss), skipped as diffusers does.
+_LDM_VAE_MODULES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
+
+
+def _load_original_layout(file: Path, tensors: Iterator[tuple[str, np.ndarray]], configs: dict[str, Any],
+                          prefixes: dict[str, str], dtype) -> dict[str, Any]:
+    """The models of ``configs`` (pipeline part -> config) from ``file``'s ``tensors`` in the
+    original layout, where part P's weights are named ``prefixes[P]`` + their LDM names; strictly."""
     dtype = resolve_dtype(dtype)
-    fills, to_torch_name = {}, {}  # part -> _StrictFill; part -> {single-file name without prefix: torch name}
-    for part, (model_cls, prefix) in SINGLE_FILE_PARTS.items():
-        fills[part] = _StrictFill(model_cls, configs[part], file, dtype, label=f"its config's {model_cls.__name__}")
-        to_torch_name[part] = {single_file_key(part, name, configs[part])[len(prefix):]: name
-                               for name in fills[part].names.values()}
-    reader = (_read_safetensors(file) if file.suffix == ".safetensors"
-              else _read_torch_bin(file, lambda keys: _check_single_file_keys(file, keys)))
-    for key, array in reader:
-        part = next((p for p, (_, prefix) in SINGLE_FILE_PARTS.items() if key.startswith(prefix)), None)
-        if part is None:
-            continue  # not a weight of the three models
+    fills, to_torch_name = {}, {}  # part -> _StrictFill; part -> {LDM name: torch name}
+    for part, config in configs.items():
         model_cls, prefix = SINGLE_FILE_PARTS[part]
-        name = SPECS[model_cls].torch_name(key[len(prefix):])  # CLIP's keys are transformers' own
+        fills[part] = _StrictFill(model_cls, config, file, dtype, label=f"its config's {model_cls.__name__}")
+        to_torch_name[part] = {single_file_key(part, name, config)[len(prefix):]: name
+                               for name in fills[part].names.values()}
+    for key, array in tensors:
+        part = next((p for p, prefix in prefixes.items() if key.startswith(prefix)), None)
+        if part is None:
+            continue  # not a weight of these models
+        rest = key[len(prefixes[part]):]
+        if part == "vae" and not rest.startswith(_LDM_VAE_MODULES):
+            continue
+        name = SPECS[SINGLE_FILE_PARTS[part][0]].torch_name(rest)  # CLIP's keys are transformers' own
         if name is None:
             continue
         torch_name = to_torch_name[part].get(name)
@@ -980,8 +995,42 @@ def load_single_file(file: str | os.PathLike, configs: dict[str, Any], *, dtype=
         else:
             fills[part].place(torch_name, array, shown_as=key)
     for part, fill in fills.items():
-        fill.check(lambda name, part=part: single_file_key(part, name, configs[part]))
+        skip = len(SINGLE_FILE_PARTS[part][1])
+        fill.check(lambda name, part=part, skip=skip: prefixes[part] + single_file_key(part, name, configs[part])[skip:])
     return {part: fill.model() for part, fill in fills.items()}
+
+
+def load_vae_file(file: str | os.PathLike, config: VAEConfig, *, dtype=jnp.float32) -> AutoencoderKL:
+    """A VAE from one weights file, strictly: a VAE file in the original (LDM) layout that
+    AUTOMATIC1111 and ComfyUI use (``vae-ft-mse-840000-ema-pruned.safetensors`` or ``.ckpt``: keys
+    ``encoder.down.*``, ``decoder.up.*``, ``quant_conv.*``, ...), the VAE of a whole single-file
+    checkpoint (``first_stage_model.*``), or a diffusers VAE's weights file
+    (``diffusion_pytorch_model.safetensors``). A file holds no config: ``config`` (the
+    pipeline's VAE config) gives the architecture. A PyTorch file is read with ``weights_only=True``."""
+    file = Path(file).expanduser()
+    if file.is_dir():
+        raise CheckpointError(f"{file}: is a folder; a VAE folder loads with AutoencoderKL.from_pretrained")
+    if not file.is_file():
+        raise CheckpointError(f"{file}: no such VAE file")
+    if file.suffix not in SINGLE_FILE_SUFFIXES:
+        raise CheckpointError(f"{file}: not a VAE file sdjax reads (expected one of {', '.join(SINGLE_FILE_SUFFIXES)})")
+    if file.suffix == ".safetensors":
+        keys, tensors = safetensors_keys(file), _read_safetensors(file)
+    else:  # a VAE is small (335 MB in fp32): read whole, its names decide the layout
+        state = dict(_read_torch_bin(file))
+        keys, tensors = list(state), ((k, state.pop(k)) for k in list(state))
+    checkpoint_prefix = SINGLE_FILE_PARTS["vae"][1]
+    if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in keys):
+        return load_weights(AutoencoderKL, config, file, dtype=dtype)   # diffusers' names
+    if any(k.startswith(checkpoint_prefix) for k in keys):
+        prefix = checkpoint_prefix
+    elif any(k.startswith(_LDM_VAE_MODULES) for k in keys):
+        prefix = ""
+    else:
+        has = f"it has {', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''}" if keys else "it holds no tensors"
+        raise CheckpointError(f"{file}: not a VAE: no 'encoder.*' / 'decoder.*' keys, nor a checkpoint's "
+                              f"'{checkpoint_prefix}*' ({has})")
+    return _load_original_layout(file, tensors, {"vae": config}, {"vae": prefix}, dtype)["vae"]
 
 
 def single_file_tensor(part: str, path: tuple, array: np.ndarray, config) -> tuple[str, np.ndarray]:

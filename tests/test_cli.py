@@ -55,7 +55,7 @@ def cached_loading():
     memo = {}
 
     def from_pretrained(cls, path, **kwargs):
-        key = (str(path), str(kwargs.get("dtype")), kwargs.get("variant"))
+        key = (str(path), str(kwargs.get("dtype")), kwargs.get("variant"), str(kwargs.get("vae")))
         if key not in memo:
             memo[key] = real(cls, path, **kwargs)
         return memo[key]
@@ -277,6 +277,24 @@ def test_negative_prompt_without_guidance_is_ignored_with_a_warning(pipe_dir, pi
     assert params["negative_prompt"] == "" and params["CFG scale"] == "1"
     ref = pipe("a dog", seeds=4, guidance_scale=1.0, num_inference_steps=3, height=32, width=32).to_pil()
     np.testing.assert_array_equal(pixels(out / "00000-seed4-a-dog.png"), ref[0])
+
+
+def test_vae_flag_decodes_with_that_vae_and_names_it(pipe_dir, pipe, tmp_path, capsys):
+    """--vae FOLDER: the images are the pipeline's with that VAE (another one's weights here), and
+    the PNG parameters name it as A1111 does (``VAE: name``)."""
+    import reference as R
+    from sdjax.pipeline import StableDiffusion
+    vae_dir = R.save_torch_layout(R.torch_vae(seed=5), tmp_path / "sd-vae-other").parent
+    out = tmp_path / "out"
+    rc, _, stderr = run_main(capsys, "a dog", "--seeds", "4", "--vae", vae_dir, "--model", pipe_dir, "--out", out,
+                             *SMALL)
+    assert rc == 0, stderr
+    params = I.parse_a1111_parameters(I.read_png_parameters(out / "00000-seed4-a-dog.png"))
+    assert params["VAE"] == "sd-vae-other" and params["Model"] == pipe_dir.name
+    kw = dict(seeds=4, num_inference_steps=3, height=32, width=32)
+    with_vae = StableDiffusion.from_pretrained(str(pipe_dir), dtype="float32", vae=str(vae_dir))("a dog", **kw)
+    np.testing.assert_array_equal(pixels(out / "00000-seed4-a-dog.png"), with_vae.to_pil()[0])
+    assert not np.array_equal(pixels(out / "00000-seed4-a-dog.png"), pipe("a dog", **kw).to_pil()[0])
 
 
 def test_a_failed_write_is_one_line_and_the_files_before_it_stay(pipe_dir, pipe, tmp_path, capsys, monkeypatch):

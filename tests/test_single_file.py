@@ -312,3 +312,108 @@ def test_other_urls_are_refused_without_network(url, message, monkeypatch):
     with pytest.raises(CheckpointError, match=re.escape(message)):
         load_pipeline(url)
     assert not hub.headers and not hub.downloads
+
+
+# ----------------------------------------------------------------------------- a VAE of its own
+@pytest.fixture(scope="module")
+def other_vae(pipe, tmp_path_factory):
+    """Another VAE of the tiny pipeline's architecture (other random weights): its diffusers folder,
+    and the same weights as a VAE file in the original layout (``vae-ft-mse-840000-ema-pruned``'s
+    names: the single file's ``first_stage_model.*`` keys without the prefix)."""
+    import reference as R
+    from sdjax import AutoencoderKL
+
+    root = tmp_path_factory.mktemp("vae")
+    folder = R.save_torch_layout(R.torch_vae(seed=5), root / "sd-vae-other").parent
+    model = AutoencoderKL.from_pretrained(folder)
+    whole = StableDiffusion(text_encoder=pipe.text_encoder, unet=pipe.unet, vae=model, tokenizer=pipe.tokenizer,
+                            scheduler_config=pipe.scheduler_config).save_single_file(root / "whole.safetensors")
+    prefix = "first_stage_model."
+    ldm = {k[len(prefix):]: v for k, v in load_file(str(whole)).items() if k.startswith(prefix)}
+    save_file(ldm, str(root / "vae-other.safetensors"))
+    return {"folder": folder, "model": model, "whole": whole, "file": root / "vae-other.safetensors", "ldm": ldm}
+
+
+def test_vae_file_in_the_original_layout_loads_as_diffusers_reads_it(pipe, other_vae):
+    """diffusers' AutoencoderKL.from_single_file reads the VAE file as the weights of the folder it
+    came from; sdjax's load_vae_file reads it (and a whole checkpoint's VAE) as the same model."""
+    from diffusers import AutoencoderKL as TorchVAE
+    from sdjax.weights import load_vae_file
+
+    reference = TorchVAE.from_single_file(str(other_vae["file"]), config=str(other_vae["folder"]),
+                                          local_files_only=True)
+    folder_state = comparable_state(TorchVAE.from_pretrained(other_vae["folder"]), "vae")
+    for key, value in comparable_state(reference, "vae").items():
+        np.testing.assert_array_equal(value, folder_state[key], err_msg=key)
+    for source in (other_vae["file"], other_vae["whole"]):
+        assert_same_params(load_vae_file(source, pipe.vae.config), other_vae["model"])
+    with pytest.raises(AssertionError):   # a real check: the pipeline's own VAE differs
+        assert_same_params(pipe.vae, other_vae["model"])
+
+
+def test_vae_ckpt_with_training_leftovers_and_diffusers_layout_file(pipe, other_vae, tmp_path):
+    """A PyTorch .ckpt VAE as the original repo saved vae-ft-mse-840000 ({"state_dict": ...} with the
+    LPIPS / discriminator loss's weights beside the model's) and a diffusers weights file alone."""
+    from sdjax.weights import load_vae_file
+
+    state = {k: torch.from_numpy(v.copy()) for k, v in other_vae["ldm"].items()}
+    state.update({"loss.logvar": torch.zeros(()), "loss.discriminator.main.0.weight": torch.ones(4, 3, 4, 4)})
+    torch.save({"state_dict": state, "global_step": 840000}, tmp_path / "vae.ckpt")
+    diffusers_file = other_vae["folder"] / "diffusion_pytorch_model.safetensors"
+    for source in (tmp_path / "vae.ckpt", diffusers_file):
+        assert_same_params(load_vae_file(source, pipe.vae.config), other_vae["model"])
+
+
+BAD_VAE_FILES = {
+    "missing": (lambda s: s.pop("decoder.conv_out.weight"), "missing keys (1): decoder.conv_out.weight"),
+    "unexpected": (lambda s: s.update({"encoder.extra.weight": np.zeros(3, np.float32)}),
+                   "unexpected keys (1): encoder.extra.weight"),
+    "not_a_vae": (lambda s: [s.clear(), s.update({"lora_unet_down.alpha": np.ones((), np.float32)})],
+                  "not a VAE: no 'encoder.*' / 'decoder.*' keys, nor a checkpoint's 'first_stage_model.*' "
+                  "(it has lora_unet_down.alpha)"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_VAE_FILES))
+def test_bad_vae_files_are_named(pipe, other_vae, tmp_path, case):
+    from sdjax.weights import load_vae_file
+    edit, message = BAD_VAE_FILES[case]
+    state = dict(other_vae["ldm"])
+    edit(state)
+    save_file(state, str(tmp_path / "bad-vae.safetensors"))
+    with pytest.raises(CheckpointError, match="(?s)bad-vae.safetensors: .*" + re.escape(message)):
+        load_vae_file(tmp_path / "bad-vae.safetensors", pipe.vae.config)
+
+
+@pytest.mark.parametrize("source", ["file", "folder", "pipeline_folder", "model"])
+def test_pipeline_with_another_vae(pipe, single_file, other_vae, tiny_pipeline_dir, tmp_path, source):
+    """vae= in from_pretrained and from_single_file (sample.py --vae): the pipeline's text encoder and
+    UNet with the VAE given as a file, a VAE folder, a pipeline folder (its vae/) or a model."""
+    if source == "pipeline_folder":
+        given = pipe.save_pretrained(tmp_path / "other-sd")
+        StableDiffusion(text_encoder=pipe.text_encoder, unet=pipe.unet, vae=other_vae["model"],
+                        tokenizer=pipe.tokenizer, scheduler_config=pipe.scheduler_config).save_pretrained(
+            given, overwrite=True)
+    else:
+        given = other_vae[source]
+    for loaded in (StableDiffusion.from_pretrained(tiny_pipeline_dir, vae=given),
+                   load_pipeline(str(single_file), model_config=str(tiny_pipeline_dir),
+                                 vae=given if source == "model" else str(given))):
+        assert_same_params(loaded.vae, other_vae["model"])
+        assert_same_params(loaded.unet, pipe.unet)
+        assert_same_params(loaded.text_encoder, pipe.text_encoder)
+
+
+def test_another_vae_is_checked_against_the_pipeline(pipe, tiny_pipeline_dir):
+    """A VAE of another latent width is refused naming the configs; a URL is refused without
+    network; a wrong type is a TypeError."""
+    import dataclasses
+    from sdjax import AutoencoderKL
+
+    wide = AutoencoderKL(dataclasses.replace(pipe.vae.config, latent_channels=8), rngs=nnx.Rngs(0))
+    with pytest.raises(CheckpointError, match="in_channels=4, but the VAE's latents have 8 channels"):
+        StableDiffusion.from_pretrained(tiny_pipeline_dir, vae=wide)
+    with pytest.raises(CheckpointError, match="a VAE loads from a local file, a folder or a Hub repo id"):
+        StableDiffusion.from_pretrained(tiny_pipeline_dir, vae="https://example.com/vae.safetensors")
+    with pytest.raises(TypeError, match="vae must be an AutoencoderKL, or a path or Hub repo id of one; got dict"):
+        StableDiffusion.from_pretrained(tiny_pipeline_dir, vae={})

@@ -409,7 +409,7 @@ def test_a_vae_single_file_is_named(tmp_path):
     file = tmp_path / "vae-ft-mse-840000-ema-pruned.safetensors"
     save_file({"encoder.down.0.block.0.conv1.weight": np.zeros((1, 1, 3, 3), np.float32),
                "decoder.up.0.block.0.conv1.weight": np.zeros((1, 1, 3, 3), np.float32)}, file)
-    with pytest.raises(CheckpointError, match=r"a VAE alone, in the original layout .*AutoencoderKL.from_single_file"):
+    with pytest.raises(CheckpointError, match=r"a VAE alone \(as vae-ft-mse-840000-ema-pruned\): pass it as the VAE of a model, sample.py --vae FILE"):
         check_single_file(file)
 
 
