@@ -1172,11 +1172,25 @@ def make_scheduler(name: str, config: dict, num_inference_steps: int, **options)
     settings = resolve_scheduler_config(name, config, **options)
     if settings["prediction_type"] not in ("epsilon", "v_prediction", "sample"):
         raise ValueError(f"unsupported prediction_type {settings['prediction_type']!r}")
+    offset = settings["steps_offset"]
+    if isinstance(offset, bool) or not isinstance(offset, (int, np.integer)):   # diffusers: a numpy casting error
+        raise ValueError(f"steps_offset must be an integer, got {offset!r}")
+    eta = settings.get("eta", 0.0)
+    if isinstance(eta, bool) or not isinstance(eta, (int, float, np.number)) or not 0.0 <= eta <= 1.0:
+        # above 1 the DDIM variance is negative: diffusers gives NaN images
+        raise ValueError(f"ddim eta must be a number in [0, 1] (0: deterministic, 1: DDPM's noise), got {eta!r}")
     num_steps = int(num_inference_steps)
     num_train = int(settings["num_train_timesteps"])
     if num_steps > num_train:
         raise ValueError(f"num_inference_steps={num_steps} is more than the model's {num_train} training timesteps")
     scheduler = _build(name, settings, num_steps)
+    _check_schedule(name, settings, num_steps, scheduler)
+    return scheduler
+
+
+def _check_schedule(name: str, settings: dict, num_steps: int, scheduler: Scheduler) -> None:
+    """Refuse schedules the solver cannot take, which diffusers runs into NaN or an IndexError."""
+    num_train = int(settings["num_train_timesteps"])
     top = float(np.max(scheduler.timesteps))
     if top > num_train - 1:  # diffusers fails later with an IndexError, or silently clamps
         raise ValueError(f"{name} with {num_steps} steps (timestep_spacing={settings.get('timestep_spacing')!r}, "
@@ -1185,7 +1199,19 @@ def make_scheduler(name: str, config: dict, num_inference_steps: int, **options)
     if num_steps > 1 and np.unique(scheduler.timesteps).size == 1:
         raise ValueError(f"{name} with {num_steps} steps (timestep_spacing={settings.get('timestep_spacing')!r}) "
                          f"gives every step the same timestep {top:g}: use fewer steps")
-    return scheduler
+    if name == "dpmpp_2m":   # a step of zero log-SNR change divides by zero (NaN from there on, as in diffusers)
+        sigmas = np.asarray(scheduler.sigmas)[:-1]
+        repeated = sigmas[1:][sigmas[1:] == sigmas[:-1]]
+        if repeated.size:
+            raise ValueError(f"dpmpp_2m with {num_steps} steps (timestep_spacing={settings.get('timestep_spacing')!r}"
+                             f", lambda_min_clipped={settings.get('lambda_min_clipped')}) repeats a noise level "
+                             f"(sigma {float(repeated[0]):g}), where the solver divides by zero: use fewer steps")
+    if name in ("ddim", "ddpm") and settings["prediction_type"] == "epsilon":
+        alphas = np.asarray(scheduler.alphas_cumprod)[np.asarray(scheduler.timesteps).astype(np.int64)]
+        if np.any(alphas == 0):   # zero terminal SNR: x0 = (x - sqrt(1 - abar) eps) / sqrt(abar) divides by zero
+            raise ValueError(f"{name} at zero terminal SNR (rescale_betas_zero_snr) with prediction_type='epsilon': "
+                             "at the last training timestep the image cannot be recovered from predicted noise; "
+                             "zero-SNR schedules are for v_prediction models")
 
 
 def _build(name: str, settings: dict, num_steps: int) -> Scheduler:

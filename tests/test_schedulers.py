@@ -583,6 +583,49 @@ def test_too_many_steps_are_errors(name, steps, message):
     assert S.make_scheduler(name, SD15_SCHEDULER_CONFIG, 999 if name != "dpmpp_2m" else 500).num_model_calls
 
 
+def _diffusers_is_finite(name: str, steps: int, step_kw: dict, **options) -> bool:
+    """Whether diffusers' scheduler, stepped with a smooth stand-in model, keeps the latents finite."""
+    reference = reference_scheduler(name, steps, **options)
+    sample = torch.ones(1, 4, 2, 2) * reference.init_noise_sigma
+    with np.errstate(all="ignore"):
+        for t in reference.timesteps:
+            eps = 0.3 * torch.tanh(reference.scale_model_input(sample, t))
+            sample = reference.step(eps, t, sample, **step_kw).prev_sample
+            if not torch.isfinite(sample).all():
+                return False
+    return True
+
+
+@pytest.mark.parametrize("name,steps,options,message", [
+    # linspace over 1000 timesteps in 1000 steps gives t=500 twice: a step of zero log-SNR change
+    ("dpmpp_2m", 1000, {"timestep_spacing": "linspace"}, "repeats a noise level"),
+    ("ddim", 10, {"eta": 1.5}, "ddim eta must be a number in [0, 1]"),
+    ("ddim", 10, {"timestep_spacing": "trailing", "rescale_betas_zero_snr": True},
+     "zero-SNR schedules are for v_prediction models"),
+    ("ddpm", 10, {"timestep_spacing": "trailing", "rescale_betas_zero_snr": True},
+     "zero-SNR schedules are for v_prediction models"),
+])
+def test_schedules_that_diffusers_runs_into_nan_are_errors(name, steps, options, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        S.make_scheduler(name, SD15_SCHEDULER_CONFIG, steps, **options)
+    step_kw = {"eta": options.pop("eta")} if "eta" in options else {}
+    assert not _diffusers_is_finite(name, steps, step_kw, **options)
+
+
+def test_schedules_next_to_the_refused_ones_still_run():
+    """The same settings one notch inside the limits are accepted and agree with diffusers."""
+    assert S.make_scheduler("dpmpp_2m", SD15_SCHEDULER_CONFIG, 999, timestep_spacing="linspace").num_model_calls
+    for eta in (0, 1.0):
+        assert S.make_scheduler("ddim", SD15_SCHEDULER_CONFIG, 10, eta=eta).eta == eta
+    zero_snr = dict(timestep_spacing="trailing", rescale_betas_zero_snr=True, prediction_type="v_prediction")
+    assert S.make_scheduler("ddim", SD15_SCHEDULER_CONFIG, 10, **zero_snr).num_model_calls == 10
+    assert _diffusers_is_finite("ddim", 10, {}, **zero_snr)
+    with pytest.raises(ValueError, match="steps_offset must be an integer, got 1.5"):
+        S.make_scheduler("ddim", {**SD15_SCHEDULER_CONFIG, "steps_offset": 1.5}, 10)
+    with pytest.raises(Exception):   # diffusers: numpy's UFuncTypeError adding 1.5 to int64 timesteps
+        reference_scheduler("ddim", 10, steps_offset=1.5)
+
+
 @pytest.mark.parametrize("name,steps,options", [
     ("ddim", 10, {}), ("ddim", 10, {"prediction_type": "v_prediction"}),
     ("euler", 10, {"timestep_spacing": "leading"}),
