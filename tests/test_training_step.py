@@ -151,6 +151,29 @@ def test_the_unet_sees_the_forward_process_of_the_scaled_posterior_sample(models
         np.testing.assert_allclose(seen["x"][i], abar ** 0.5 * latents + (1 - abar) ** 0.5 * noise, rtol=1e-5, atol=1e-6)
 
 
+def test_the_draws_do_not_depend_on_jax_enable_x64(models):
+    """The same key draws the same timesteps, noise and caption dropout with jax_enable_x64 on
+    (research code often turns it on): the default dtypes of randint/uniform, and so their bits,
+    change with it."""
+    batch = micro(make_batch(1, 8, seed=6), 0)
+    cfg = S.StepConfig(caption_dropout=0.5)
+    seen = []
+    for x64 in (False, True):
+        jax.config.update("jax_enable_x64", x64)
+        try:
+            RECORDED.clear()
+            loss, _ = S.loss_fn(models.params, models.frozen, batch, jax.random.key(11), graphdefs=models.graphdefs,
+                                cfg=cfg)
+            seen.append((float(loss), RECORDED[-1]))
+        finally:
+            jax.config.update("jax_enable_x64", False)
+    (loss32, call32), (loss64, call64) = seen
+    np.testing.assert_array_equal(call64["t"], call32["t"])
+    np.testing.assert_array_equal(call64["context"], call32["context"])
+    np.testing.assert_array_equal(call64["x"], call32["x"])
+    assert loss64 == pytest.approx(loss32, rel=1e-6)
+
+
 def test_each_update_and_micro_batch_draws_with_its_own_key():
     """micro_batch_key(state, a) = fold_in(fold_in(key(seed), step), a): other micro-batches and
     other updates draw other timesteps and noise."""

@@ -139,7 +139,7 @@ def loss_fn(trainable: dict, frozen: Frozen, batch: dict, key, *, graphdefs: Gra
 
     ids = batch["input_ids"]
     if cfg.caption_dropout > 0:
-        drop = jax.vmap(lambda k: jax.random.uniform(k))(k_drop) < cfg.caption_dropout
+        drop = jax.vmap(lambda k: jax.random.uniform(k, (), F32))(k_drop) < cfg.caption_dropout
         ids = jnp.where(drop[:, None], frozen.empty_ids[None], ids)
     text_params = trainable["text_encoder"] if cfg.train_text_encoder else frozen.text_encoder
     text_encoder = nnx.merge(graphdefs.text_encoder, cast(text_params))
@@ -148,7 +148,8 @@ def loss_fn(trainable: dict, frozen: Frozen, batch: dict, key, *, graphdefs: Gra
         context = jax.lax.stop_gradient(context)
 
     num_train = frozen.alphas_cumprod.shape[0]
-    t = jax.vmap(lambda k: jax.random.randint(k, (), 0, num_train))(k_t)
+    # Explicit dtypes: the default ones (and so the bits drawn) change with jax_enable_x64.
+    t = jax.vmap(lambda k: jax.random.randint(k, (), 0, num_train, jnp.int32))(k_t)
     noise = jax.vmap(lambda k: jax.random.normal(k, latents.shape[1:], F32))(k_noise)
     noisy = add_noise(frozen.alphas_cumprod, latents, noise, t)
     if cfg.prediction_type == "v_prediction":
