@@ -245,6 +245,12 @@ class StableDiffusion:
         built: for other modules, build a new pipeline.)"""
         if any(ref() is not v.get_raw_value() for ref, v in zip(self._seen, self._variables)):
             self._refresh_state()
+        # A weight array donated to a jitted function (a train step given the pipeline's own arrays)
+        # is deleted: a clear error here, where the compiled sampler could crash the process.
+        if any(isinstance(a := v.get_raw_value(), jax.Array) and a.is_deleted() for v in self._variables):
+            raise RuntimeError("the pipeline's weights have been deleted (donated to a jitted function, such as a "
+                               "train step given the pipeline's own arrays): give it live weights with "
+                               "pipe.set_params(...) (for a Trainer: trainer.sampling_pipeline()) before sampling")
 
     @property
     def graphdefs(self) -> sampling.SDState:
@@ -276,6 +282,11 @@ class StableDiffusion:
                 continue
             state = nnx.state(module, nnx.Param)
             current = flatten_dict(nnx.to_pure_dict(state))
+            if isinstance(params, nnx.State):   # nnx.state(model, nnx.Param) as it is
+                params = nnx.to_pure_dict(params)
+            if not isinstance(params, dict):
+                raise TypeError(f"set_params({name}=...): expected nested dicts of arrays (nnx.to_pure_dict), got "
+                                f"{type(params).__name__}")
             new = flatten_dict(params)
             unknown, missing = sorted(set(new) - set(current), key=key), sorted(set(current) - set(new), key=key)
             if unknown:
@@ -285,6 +296,9 @@ class StableDiffusion:
                 raise ValueError(f"set_params({name}=...): {len(missing)} weights missing, e.g. {key(missing[0])} "
                                  "(partial=True replaces only the ones given)")
             for path, value in new.items():
+                if not jnp.issubdtype(jnp.result_type(value), jnp.floating):
+                    raise ValueError(f"set_params({name}=...): {key(path)} has dtype {jnp.result_type(value)}; "
+                                     "weights are floats")
                 if tuple(np.shape(value)) != tuple(current[path].shape):
                     raise ValueError(f"set_params({name}=...): {key(path)} has shape {tuple(np.shape(value))}; "
                                      f"the model's is {tuple(current[path].shape)}")

@@ -419,6 +419,19 @@ def test_weights_changed_on_the_models_are_used(tiny_pipeline_dir):
     assert pipe._generate._cache_size() == compiled
     pipe.set_params(unet={"conv_out": {"kernel": np.zeros(conv_out.shape, np.float32)}}, partial=True)
     np.testing.assert_array_equal(pipe("the cat", **kw).images, edited)
+    with pytest.raises(ValueError, match="conv_out/kernel has dtype int32; weights are floats"):
+        pipe.set_params(unet={"conv_out": {"kernel": np.zeros(conv_out.shape, np.int32)}}, partial=True)
+    pipe.set_params(unet=nnx.state(StableDiffusion.from_pretrained(tiny_pipeline_dir).unet, nnx.Param))  # a State
+    np.testing.assert_array_equal(pipe("the cat", **kw).images, before)
+
+    # The pipeline's own arrays donated to a jitted function (a train step given them): an error
+    # saying what to do, not a crash of the compiled sampler, and set_params mends it.
+    weights = nnx.to_pure_dict(nnx.state(pipe.unet, nnx.Param))
+    jax.block_until_ready(jax.jit(lambda w: jax.tree.map(lambda a: a * 2, w), donate_argnums=0)(weights))
+    with pytest.raises(RuntimeError, match=r"weights have been deleted .*pipe.set_params"):
+        pipe("the cat", **kw)
+    pipe.set_params(unet=original)
+    np.testing.assert_array_equal(pipe("the cat", **kw).images, before)
 
 
 def test_denoise_takes_one_text_state_for_every_image(pipe):
