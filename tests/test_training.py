@@ -754,19 +754,59 @@ def fake_trainer(out, step_fn, monkeypatch, *, batches=None, save=lambda: None, 
     return trainer
 
 
+class _OnDevice(float):
+    """A metric of a step queued on the modelled device: reading it (float()) waits, on the clock,
+    until the step has finished."""
+    def __new__(cls, value, ready, clock):
+        new = super().__new__(cls, value)
+        new.ready, new.clock = ready, clock
+        return new
+
+    def __float__(self):
+        self.clock[0] = max(self.clock[0], self.ready)
+        return super().__float__()
+
+
+def _queued_steps(monkeypatch, seconds: float):
+    """(clock, device_free, step_fn): a fake clock for sdjax.training.loop, and a step that is
+    dispatched at once (as jax's are) and takes ``seconds`` of device time after the last one."""
+    from sdjax.training import loop
+    clock, device_free = [0.0], [0.0]
+    monkeypatch.setattr(loop, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: clock[0])}))
+
+    def step_fn(state, frozen, batch):
+        device_free[0] = max(clock[0], device_free[0]) + seconds
+        metrics = {k: _OnDevice(v, device_free[0], clock) for k, v in (("loss", 0.5), ("grad_norm", 1.0),
+                                                                      ("lr", 1e-5))}
+        return dataclasses.replace(state, step=state.step + 1), metrics
+    return clock, device_free, step_fn
+
+
+def test_images_per_s_is_timed_between_finished_steps(tmp_path, monkeypatch):
+    """Dispatch is asynchronous: a step is queued at once and its metrics are ready when the
+    devices finish it. Modelled here (0.2 s of device time a step, a 1 s checkpoint save after
+    step 3, logging every step), every row reads 5 images/s; timed by dispatch, the rows after
+    the first step and after the save were off (metrics.jsonl showed 32 images/s, and 1.1 then
+    40 images/s after each save, where the steady rate was 2.2)."""
+    clock, device_free, step_fn = _queued_steps(monkeypatch, 0.2)
+
+    def slow_save():
+        clock[0] = max(clock[0], device_free[0]) + 1.0   # the state is copied off the devices, then written
+
+    trainer = fake_trainer(tmp_path, step_fn, monkeypatch, save=slow_save, max_steps=7, log_every=1,
+                           checkpoint_every=3)
+    trainer.run(progress=False)
+    trainer.log.close()
+    assert [r["step"] for r in metrics(tmp_path)] == list(range(1, 8))
+    np.testing.assert_allclose([r["images_per_s"] for r in metrics(tmp_path)], [5.0] * 7, rtol=1e-9)
+
+
 def test_images_per_s_counts_the_steps_since_the_last_log(tmp_path, monkeypatch):
     """images/s at each logged step is the images since the previous log over the time since then,
     also at a last step that is not a multiple of log_every (25 steps of 0.2 s, logging every 10:
     5 images/s at steps 10, 20 and 25; dividing the last 5 steps' time by 10 steps said 10)."""
-    from sdjax.training import loop
-    clock = [0.0]
-    monkeypatch.setattr(loop, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: clock[0])}))
-
-    def fake_step(state, frozen, batch):
-        clock[0] += 0.2
-        return dataclasses.replace(state, step=state.step + 1), {"loss": 0.5, "grad_norm": 1.0, "lr": 1e-5}
-
-    trainer = fake_trainer(tmp_path, fake_step, monkeypatch, max_steps=25, log_every=10, checkpoint_every=1000)
+    _, _, step_fn = _queued_steps(monkeypatch, 0.2)
+    trainer = fake_trainer(tmp_path, step_fn, monkeypatch, max_steps=25, log_every=10, checkpoint_every=1000)
     trainer.run(progress=False)
     trainer.log.close()
     assert [r["step"] for r in metrics(tmp_path)] == [10, 20, 25]

@@ -585,19 +585,20 @@ class Trainer:
         global_batch = cfg.batch_size * self.mesh.size * cfg.gradient_accumulation
         timing = {"time": time.perf_counter(), "step": start}   # since the last logged step
 
-        def report(step: int, metrics: dict, log_now: bool, dispatched: float, check: bool = True) -> None:
+        def report(step: int, metrics: dict, log_now: bool, check: bool = True) -> None:
             """Read a step's metrics on the host: stop on a NaN/inf loss or gradient norm, and log.
-            ``dispatched``: when the step was queued; the host is at most a step ahead of the
-            devices, so images/s over the steps since the last log is right in the steady state."""
+            Reading waits for the step to finish, so images/s is timed between finished steps (the
+            times of dispatch, which is asynchronous, jump around saves and the first steps)."""
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            finished = time.perf_counter()
             bad = next((k for k in ("loss", "grad_norm") if not math.isfinite(metrics[k])), None)
             if bad and check:
                 self.log.record(step, metrics)
                 raise TrainingDiverged(f"{'loss' if bad == 'loss' else 'gradient norm'} is {metrics[bad]} at step "
                                        f"{step}; stopped without saving. {self._divergence_hint()}")
             if log_now:
-                metrics["images_per_s"] = global_batch * (step - timing["step"]) / (dispatched - timing["time"])
-                timing.update(time=dispatched, step=step)
+                metrics["images_per_s"] = global_batch * (step - timing["step"]) / (finished - timing["time"])
+                timing.update(time=finished, step=step)
                 if self.log.record(step, metrics) and main:
                     msg = f"warning: loss spike at step {step}: {metrics['loss']:.4g}"
                     (bar.write if bar else print)(msg)
@@ -608,11 +609,10 @@ class Trainer:
         # A logged step's metrics are read once the next step is queued, so the devices never wait for
         # the host's logging and batch assembly; before a save or a sample they are read at once: a
         # diverged state (NaN/inf loss or gradients) must never become a checkpoint.
-        pending = None   # (step, metrics, log_now, dispatched) of a logged step not read yet
+        pending = None   # (step, metrics, log_now) of a logged step not read yet
         try:
             for step in range(start + 1, cfg.max_steps + 1):
                 self.state, metrics = self.step_fn(self.state, self.frozen, self.next_batch())
-                dispatched = time.perf_counter()
                 if pending is not None:
                     done, pending = pending, None   # cleared first: a NaN raised here logs its row once
                     report(*done)
@@ -620,9 +620,9 @@ class Trainer:
                 save_now = step % cfg.checkpoint_every == 0 or step == cfg.max_steps
                 sample_now = bool(cfg.sample_every) and step % cfg.sample_every == 0 and step != cfg.max_steps
                 if save_now or sample_now:
-                    report(step, metrics, log_now, dispatched)
+                    report(step, metrics, log_now)
                 elif log_now:
-                    pending = (step, metrics, log_now, dispatched)
+                    pending = (step, metrics, log_now)
                 if bar:
                     bar.update(1)
                 paused = time.perf_counter()   # images_per_s counts training steps, not saves and samples
