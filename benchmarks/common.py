@@ -83,9 +83,9 @@ def out_dir() -> Path | None:
 
 
 def sd_configs(size: str) -> dict:
-    """The model configs (diffusers/transformers dicts) of tests/reference.py: 'sd15' or 'tiny'."""
+    """The model configs (diffusers/transformers dicts) of tests/model_configs.py: 'sd15' or 'tiny'."""
     sys.path.insert(0, str(ROOT / "tests"))
-    import reference as R  # imports torch (CPU use only)
+    import model_configs as R
     if size == "sd15":
         return {"unet": dict(R.SD15_UNET), "vae": dict(R.SD15_VAE), "clip": dict(R.SD15_CLIP)}
     if size == "tiny":
@@ -192,23 +192,28 @@ def random_model(model_cls, config: dict, seed: int = 0, dtype=None) -> Any:
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def build_random_pipeline(directory: Path, size: str, seed: int = 0) -> Path:
+def build_random_pipeline(directory: Path, size: str, seed: int = 0, *, overwrite: bool = False) -> Path:
     """A diffusers pipeline folder (safetensors, fp32) with random weights at the given configs,
-    built from sdjax's own modules and ``save_pipeline``: no diffusers needed."""
+    built from sdjax's own modules and ``save_pipeline``: neither diffusers nor torch needed. A
+    folder that exists and is not empty is refused unless ``overwrite``."""
+    import tempfile
     from sdjax import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
     from sdjax.text import load_tokenizer
     from sdjax.weights import save_pipeline
     sys.path.insert(0, str(ROOT / "tests"))
-    import reference as R
+    from model_configs import write_tiny_tokenizer
+    if not overwrite and directory.is_dir() and any(directory.iterdir()):   # before minutes of building
+        raise SystemExit(f"{directory} exists and is not empty: pass --overwrite to replace it, or another --dir")
     cfg = sd_configs(size)
     t0 = time.perf_counter()
     models = dict(text_encoder=random_model(CLIPTextModel, cfg["clip"], seed),
                   unet=random_model(UNet2DConditionModel, cfg["unet"], seed + 1),
                   vae=random_model(AutoencoderKL, cfg["vae"], seed + 2))
     log(f"random {size} models built in {time.perf_counter() - t0:.1f} s; writing {directory} ...")
-    tok = R.write_tiny_tokenizer(directory.with_name(directory.name + "-tokenizer"))
-    return save_pipeline(directory, tokenizer=load_tokenizer(tok, subfolder=None), scheduler_config=SD15_SCHEDULER,
-                         format="pytorch", overwrite=True, **models)
+    with tempfile.TemporaryDirectory() as scratch:   # save_pipeline copies the tokenizer into the folder
+        tokenizer = load_tokenizer(write_tiny_tokenizer(Path(scratch)), subfolder=None)
+        return save_pipeline(directory, tokenizer=tokenizer, scheduler_config=SD15_SCHEDULER, format="pytorch",
+                             overwrite=overwrite, **models)
 
 
 def ensure_pipeline(workdir: str | Path, size: str, *, rebuild: bool = False) -> Path:
@@ -218,8 +223,8 @@ def ensure_pipeline(workdir: str | Path, size: str, *, rebuild: bool = False) ->
         return directory
     log(f"building a random-weight {size} pipeline in {directory} (once per machine) ...")
     t0 = time.perf_counter()
-    out = run_child(__file__, ["build", "--size", size, "--dir", str(directory)], env=child_env(JAX_PLATFORMS="cpu"),
-                    label="build")
+    out = run_child(__file__, ["build", "--size", size, "--dir", str(directory), "--overwrite"],
+                    env=child_env(JAX_PLATFORMS="cpu"), label="build")
     if out is None:
         raise SystemExit(f"could not build the random pipeline in {directory}")
     log(f"built in {time.perf_counter() - t0:.0f} s")
@@ -913,6 +918,7 @@ def main() -> None:
     p = sub.add_parser("build", help="write the random pipeline folder")
     p.add_argument("--size", default="sd15")
     p.add_argument("--dir", required=True)
+    p.add_argument("--overwrite", action="store_true", help="replace a folder that is not empty")
     p = sub.add_parser("table", help="print the tables of result JSON files")
     p.add_argument("files", nargs="+")
     args = parser.parse_args()
@@ -945,7 +951,8 @@ def main() -> None:
               f"plain, {r['checkpointed_temp_bytes'] / mib:.0f} MiB with jax.checkpoint per block; dots "
               f"{r['plain_dots']} vs {r['checkpointed_dots']}", file=sys.stderr)
     elif args.cmd == "build":
-        emit({"dir": str(build_random_pipeline(Path(args.dir), args.size))})
+        directory = build_random_pipeline(Path(args.dir).expanduser(), args.size, overwrite=args.overwrite)
+        emit({"dir": str(directory)})
     elif args.cmd == "table":
         for f in args.files:
             payload = json.loads(Path(f).read_text())

@@ -124,3 +124,34 @@ def test_without_sdjax_only_the_pytorch_stages_run(tmp_path, monkeypatch):
         assert all(st["status"] == f"skipped: sdjax does not import here ({error})"
                    for st in stages.values() if st["status"] != "ok")
     assert ran == ["sample-diffusers", "train-torch-remat-off-b8", "train-torch-remat-on-b16"]
+
+
+def test_the_readme_tiny_pipeline_builds_without_torch_and_keeps_other_folders(tmp_path):
+    """README's way to try sdjax without the weights, `benchmarks/common.py build --size tiny`,
+    runs on a plain install (here torch cannot be imported), writes only the folder asked for, and
+    refuses a folder with other files unless --overwrite."""
+    import subprocess
+    from sdjax.pipeline import StableDiffusion
+    no_torch = tmp_path / "no-torch" / "torch"
+    no_torch.mkdir(parents=True)
+    (no_torch / "__init__.py").write_text("raise ImportError('torch is not installed')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(no_torch.parent), os.environ.get("PYTHONPATH", "")]),
+           "JAX_PLATFORMS": "cpu"}
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "common.py"
+
+    def build(directory, *extra):
+        return subprocess.run([sys.executable, str(script), "build", "--size", "tiny", "--dir", str(directory),
+                               *extra], env=env, capture_output=True, text=True, timeout=300)
+    done = build(tmp_path / "work" / "tiny-sd")
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["tiny-sd"]
+    pipe = StableDiffusion.from_pretrained(tmp_path / "work" / "tiny-sd")
+    assert pipe("a cat", num_inference_steps=1, height=16, width=16).images.shape == (1, 16, 16, 3)
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    refused = build(tmp_path / "mine")
+    assert refused.returncode != 0 and "exists and is not empty: pass --overwrite" in refused.stderr
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    assert build(tmp_path / "mine", "--overwrite").returncode == 0
+    assert not (tmp_path / "mine" / "notes.txt").exists() and (tmp_path / "mine" / "model_index.json").is_file()
