@@ -1430,3 +1430,35 @@ def test_training_presets_and_their_documentation():
     training_part = readme[readme.index("Training presets"):]
     for field in dataclasses.fields(TrainConfig):
         assert f"`{field.name}`" in training_part, field.name
+
+
+def test_a_checkpoint_whose_ema_held_the_unet_alone_still_restores(tmp_path):
+    """Checkpoints written before the EMA covered every trained model hold the UNet's EMA tree
+    alone; they restore into today's state (EMA {"unet": ..., "text_encoder": ...}), the text
+    encoder's EMA starting from its checkpointed weights, with a warning. Anything else that does
+    not fit is still refused."""
+    import optax
+    from sdjax.training import loop
+    rng = np.random.default_rng(0)
+    params = {"unet": {"w": rng.normal(size=(8, 4)).astype(np.float32)},
+              "text_encoder": {"e": rng.normal(size=(6, 2)).astype(np.float32)}}
+    old = S.init_state(jax.tree.map(jax.numpy.asarray, params), optax.sgd(0.1), seed=0, ema=True)
+    old = old._replace(ema={"w": jax.numpy.full((8, 4), 7.0)}, step=jax.numpy.int32(5))   # the old layout
+    checkpoints = Checkpointer(tmp_path / "checkpoints", async_save=False)
+    checkpoints.save(5, old, {"epoch": 0})
+    checkpoints.wait()
+
+    template = S.init_state(jax.tree.map(lambda a: jax.numpy.zeros_like(a), params), optax.sgd(0.1), seed=0, ema=True)
+    cfg = TrainConfig(train_data="unused", output_dir=str(tmp_path), ema_decay=0.9, train_text_encoder=True)
+    with pytest.warns(UserWarning, match="whose EMA held the UNet alone; the text encoder's EMA starts from its"):
+        state, position = loop._restore(checkpoints, template, None, cfg, None)
+    assert int(state.step) == 5 and position == {"epoch": 0}
+    np.testing.assert_array_equal(state.ema["unet"]["w"], np.full((8, 4), 7.0))
+    np.testing.assert_array_equal(state.ema["text_encoder"]["e"], params["text_encoder"]["e"])
+    np.testing.assert_array_equal(state.params["text_encoder"]["e"], params["text_encoder"]["e"])
+
+    other = template._replace(params={"unet": {"w": jax.numpy.zeros((8, 5))}, "text_encoder": template.params[
+        "text_encoder"]}, ema={"unet": {"w": jax.numpy.zeros((8, 5))}, "text_encoder": template.ema["text_encoder"]})
+    with pytest.raises(UsageError, match="does not fit this run's model and settings"):
+        loop._restore(checkpoints, other, None, cfg, None)
+    checkpoints.close()

@@ -292,12 +292,34 @@ def _record(cfg: TrainConfig) -> dict[str, Any]:
     return record
 
 
+def _restore_unet_only_ema(checkpoints: Checkpointer, state, step: int | None):
+    """A checkpoint of sdjax from before the EMA covered every trained model (its EMA was the UNet's
+    tree alone), restored into this state's layout; None if it is not one. With a trained text
+    encoder, its EMA starts from the restored text encoder's weights (a warning says so)."""
+    if state.ema is None:
+        return None
+    try:
+        restored, position = checkpoints.restore(state._replace(ema=state.ema["unet"]), step)
+    except ValueError:
+        return None
+    ema = {"unet": restored.ema}
+    if "text_encoder" in state.ema:   # a copy, placed as the EMA is (split over the devices)
+        placement = jax.tree.map(lambda a: a.sharding, state.ema["text_encoder"])
+        ema["text_encoder"] = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree), out_shardings=placement)(
+            restored.params["text_encoder"])
+        warnings.warn(f"{checkpoints.directory}: saved by an earlier sdjax, whose EMA held the UNet alone; the text "
+                      "encoder's EMA starts from its weights at this checkpoint")
+    return restored._replace(ema=ema), position
+
+
 def _restore(checkpoints: Checkpointer, state, step: int | None, cfg: TrainConfig, recorded: dict | None):
     """`Checkpointer.restore`, with a checkpoint whose tree does not fit this run's state (Orbax's
     ValueError) reported as a UsageError naming the settings that differ from the recorded run."""
     try:
         return checkpoints.restore(state, step)
     except ValueError as e:
+        if (older := _restore_unet_only_ema(checkpoints, state, step)) is not None:
+            return older
         step = checkpoints.latest_step() if step is None else step
         where = checkpoints.directory / str(step)
         changed = [name for name, on in STATE_STRUCTURE_SETTINGS.items()
