@@ -425,10 +425,12 @@ class StableDiffusion:
         ``prompts`` and ``seeds`` broadcast: one prompt with many seeds, many prompts with one seed
         (each image then gets that seed), or equal-length lists. ``negative_prompts`` likewise
         (default "": unconditional). ``latents``: optional initial noise [B, H/8, W/8, 4], unscaled
-        N(0, 1), in place of the seeds' (its batch B broadcasts like the lists; the seeds still key
-        the per-step noise of euler_a / ddpm, so give each image its own there). ``guidance_scale <= 1`` skips the unconditional pass. ``batch_size`` images are
-        generated per compiled call (default: 4 per device), split over every device; a last batch
-        that is short is padded to the same shape, so one program serves the whole call.
+        N(0, 1), in place of the seeds' (its batch B broadcasts like the lists: B images, or one
+        noise for every image when B is 1; the seeds still key the per-step noise of euler_a, ddpm
+        and ddim with eta > 0, so give each image its own there). ``guidance_scale <= 1`` skips the
+        unconditional pass. ``batch_size`` images are generated per compiled call (default: 4 per
+        device), split over every device and so rounded up to a multiple of the device count; a
+        last batch that is short is padded to the same shape, so one program serves the whole call.
         ``return_intermediates``: a count of evenly spaced steps, or the step indices, at which to
         return the predicted clean image (the "noise resolving into a picture" view).
         ``progress``: ``True`` or ``"steps"`` shows a bar over the denoising steps of every batch;
@@ -451,6 +453,8 @@ class StableDiffusion:
             if len(items) not in (1, n):
                 raise ValueError(f"{name} has {len(items)} entries; expected 1 or {n} to match the others")
         prompts, seeds, negatives = ([x[0]] * n if len(x) == 1 else x for x in (prompts, seeds, negatives))
+        if n_latents == 1 and n > 1 and latents.ndim == 4:   # one initial noise for every image
+            latents = np.repeat(latents, n, axis=0)
         seeds = [s.item() if isinstance(s, (np.ndarray, jax.Array)) and s.ndim == 0 else s for s in seeds]
         for s in seeds:
             if isinstance(s, (bool, np.bool_)) or not isinstance(s, (int, np.integer)) or not 0 <= int(s) <= MAX_SEED:

@@ -250,6 +250,13 @@ def test_latents_batch_broadcasts_and_unordered_or_missing_arguments_are_refused
     broadcast = pipe("the cat", latents=latents_for(2, 0), return_intermediates=[2, 0, 2], **kw)
     assert broadcast.images.shape[0] == 2 and broadcast.intermediate_steps == [0, 2]
     np.testing.assert_allclose(broadcast.images, seeded.images, atol=1e-6)   # ddim: the seeds draw nothing here
+    # one initial noise for every prompt, as one prompt's noise broadcasts over many seeds
+    shared = pipe(["the cat", "a dog"], latents=latents_for(1, 0), **kw)
+    each = pipe(["the cat", "a dog"], latents=np.repeat(latents_for(1, 0), 2, axis=0), **kw)
+    assert shared.images.shape[0] == 2
+    np.testing.assert_array_equal(shared.images, each.images)
+    with pytest.raises(ValueError, match="prompts has 2 entries; expected 1 or 3"):
+        pipe(["the cat", "a dog"], latents=latents_for(3, 0), **kw)
     with pytest.raises(TypeError, match=r"prompts must be a string or a list of strings, got a set \(use a list"):
         pipe({"the cat", "the dog"}, **kw)
     with pytest.raises(TypeError, match="seeds is required: an integer, a list of integers"):

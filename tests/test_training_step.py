@@ -220,6 +220,28 @@ def test_accumulation_applies_the_mean_of_the_micro_batch_gradients(models, path
     assert int(new_state.step) == 1
 
 
+def test_a_batch_of_host_arrays_is_split_over_the_devices(models):
+    """jit_train_step on 8 devices: a batch passed as NumPy arrays is split over the data axis as a
+    placed one is (each device computes its columns: the same FLOPs per device, not 8x), with the
+    same update."""
+    mesh = parallel.data_mesh(jax.devices()[:8])
+    optimizer, lr_schedule = S.make_optimizer(1e-2)
+    step_fn = S.jit_train_step(mesh, graphdefs=models.graphdefs, cfg=S.StepConfig(), optimizer=optimizer,
+                               lr_schedule=lr_schedule)
+    frozen = parallel.replicate(models.frozen, mesh)
+    batch = make_batch(1, 8, seed=12)
+    placed = {k: parallel.shard_batch(v, mesh, axis=1) for k, v in batch.items()}
+    fresh = lambda: S.init_state(parallel.replicate(fresh_params(models), mesh), optimizer, seed=4,  # noqa: E731
+                                 ema=False, mesh=mesh)
+    flops = {}
+    for name, given in (("host", batch), ("placed", placed)):
+        flops[name] = step_fn.lower(fresh(), frozen, given).compile().cost_analysis()["flops"]
+    assert flops["host"] == pytest.approx(flops["placed"], rel=0.05), flops
+    from_host, _ = step_fn(fresh(), frozen, batch)
+    from_placed, _ = step_fn(fresh(), frozen, placed)
+    assert_trees_close(flat(from_host.params), flat(from_placed.params), rtol=1e-6, atol=1e-7)
+
+
 # ----------------------------------------------------------------------------- EMA
 def test_ema_is_diffusers_emamodel_of_the_updated_weights(models):
     """The EMA starts as a copy of the initial UNet weights (``EMAModel(parameters)`` clones them) and

@@ -225,14 +225,20 @@ def _constrain_placement(state: TrainState, mesh) -> TrainState:
 
 
 def jit_train_step(mesh, *, graphdefs: Graphdefs, cfg: StepConfig, optimizer, lr_schedule):
-    """``train_step`` compiled for ``mesh``: batch split over the data axis (axis 1, after the
-    accumulation axis), frozen arrays replicated, the state placed as ``init_state(..., mesh=mesh)``
-    places it (pass a state placed so), the old state's buffers donated."""
+    """``train_step`` compiled for ``mesh``: the batch split over the data axis (axis 1, after the
+    accumulation axis; place it so with ``parallel.shard_batch(array, mesh, axis=1)``, as
+    ``Trainer.next_batch`` does, else the step splits it), frozen arrays replicated, the state
+    placed as ``init_state(..., mesh=mesh)`` places it (pass a state placed so), the old state's
+    buffers donated."""
     import functools
     fn = functools.partial(train_step, graphdefs=graphdefs, cfg=cfg, optimizer=optimizer, lr_schedule=lr_schedule)
     rep = parallel.replicated(mesh)
 
     def placed_step(state, frozen, batch):
+        # Each device takes its columns of the batch (a no-op for one placed so; a batch of host
+        # arrays would otherwise be whole on every device, each computing all of it).
+        split = parallel.batch_sharding(mesh, axis=1)
+        batch = jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, split), batch)
         state, metrics = fn(state, frozen, batch)
         return _constrain_placement(state, mesh), jax.tree.map(
             lambda a: jax.lax.with_sharding_constraint(a, rep), metrics)
