@@ -73,8 +73,9 @@ def denoise(unet, scheduler: Scheduler, latents_BHWC, cond_BSD, uncond_BSD=None,
     ``latents_BHWC``: initial latents already multiplied by ``scheduler.init_noise_sigma``.
     ``cond_BSD`` / ``uncond_BSD``: text states for each image, or one ([1, S, D]) for all of them;
     ``uncond_BSD=None`` skips guidance (one UNet pass). ``keys_B``: per-image keys for stochastic
-    schedulers. Returns the final latents, and with ``return_predictions`` also the predicted clean
-    latents after every step ([num_model_calls, B, h, w, C]).
+    schedulers. Returns the final latents, and with ``return_predictions`` also the clean latents
+    predicted at every model call, from that call's output before the scheduler's update
+    ([num_model_calls, B, h, w, C]).
 
     ``on_step``: an optional host function, called as ``on_step(i)`` (``i`` a numpy int) when the
     loop starts model call ``i``, so calls ``0..i-1`` are done; for progress bars. It runs through
