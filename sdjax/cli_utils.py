@@ -171,28 +171,62 @@ def resolve_config_path(name: str | os.PathLike, search_dirs: Sequence[Path] = (
     raise UsageError(message)
 
 
+def read_yaml_mapping(path: str | os.PathLike) -> dict:
+    """A YAML config file's top-level mapping ({} for an empty file). A UsageError names the file
+    (and the line) for one that cannot be read, is not valid YAML, repeats a key (YAML would keep
+    the last silently), or is not a mapping."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader, node, deep=False):
+        first_line = {}
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=True)
+            if key in first_line:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice (first on line {first_line[key]})", key_node.start_mark)
+            first_line[key] = key_node.start_mark.line + 1
+        return loader.construct_mapping(node, deep=deep)
+    StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+
+    path = Path(path)
+    try:
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=StrictLoader)
+    except OSError as e:
+        raise UsageError(f"cannot read config file {str(path)!r}: {e}") from e
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f", line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or (str(e).splitlines()[0] if str(e) else type(e).__name__)
+        raise UsageError(f"{path}{where}: not valid YAML ({problem})") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: a config must be a mapping of keys to values, got {type(data).__name__}")
+    return data
+
+
+def setting_name(raw_key, seen: dict, path) -> str:
+    """A config key as the setting it names (``guidance-scale`` -> ``guidance_scale``); a UsageError
+    if an earlier key of the file (in ``seen``) named the same one."""
+    key = str(raw_key).replace("-", "_")
+    if key in seen:
+        raise UsageError(f"{path}: key {raw_key!r} sets {key} a second time")
+    return key
+
+
 def load_config(path: str | os.PathLike) -> dict[str, Any]:
     """Read a YAML sampling preset into CLI defaults, checking every key and value.
 
     Unknown keys and wrong types are errors that name the key and the file. ``seeds`` is returned
     as a string in CLI syntax.
     """
-    import yaml
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise UsageError(f"cannot read config file {str(path)!r}: {e}") from e
-    except yaml.YAMLError as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UsageError(f"{path}: not valid YAML ({first})") from e
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise UsageError(f"{path}: a config must be a mapping of keys to values, got {type(data).__name__}")
     out: dict[str, Any] = {}
-    for raw_key, value in data.items():
-        key = str(raw_key).replace("-", "_")
+    for raw_key, value in read_yaml_mapping(path).items():
+        key = setting_name(raw_key, out, path)
         if key not in CONFIG_KEYS:
             raise UsageError(f"{path}: unknown key {raw_key!r} (known keys: {', '.join(CONFIG_KEYS)})")
         types, _ = CONFIG_KEYS[key]

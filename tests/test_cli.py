@@ -201,6 +201,28 @@ def test_trajectory_steps():
 
 
 # ----------------------------------------------------------------------------- config presets
+@pytest.mark.parametrize("text,message", [
+    ("steps: 2\nguidance_scale: 5\nsteps: 3\n", "line 3: not valid YAML (key 'steps' appears twice (first on line 1))"),
+    ("guidance-scale: 2\nguidance_scale: 3\n", "key 'guidance_scale' sets guidance_scale a second time"),
+    ("steps: [2\n", "line 2: not valid YAML (expected ',' or ']'"),
+])
+def test_config_files_with_repeated_keys_or_broken_yaml_are_refused_by_both_tools(tmp_path, text, message):
+    """YAML keeps the last of two equal keys silently; both tools' config readers refuse them, and
+    name the line of a syntax error."""
+    from sdjax.training.cli import load_train_config
+    path = tmp_path / "preset.yaml"
+    path.write_text(text)
+    with pytest.raises(UsageError, match=re.escape(f"{path}") + ".*" + re.escape(message)):
+        load_config(path)
+    if "guidance" not in text:   # a sampling key; train.py's own keys follow the same rules
+        with pytest.raises(UsageError, match=re.escape(f"{path}") + ".*" + re.escape(message)):
+            load_train_config(path)
+    else:
+        path.write_text("max-steps: 2\nmax_steps: 3\n")
+        with pytest.raises(UsageError, match="key 'max_steps' sets max_steps a second time"):
+            load_train_config(path)
+
+
 def test_presets_load_and_precedence(tmp_path):
     presets = {p.stem: load_config(p) for p in (ROOT / "configs").glob("*.yaml")}
     assert presets["draft"]["steps"] == 25 and presets["quality"]["steps"] == 90

@@ -11,7 +11,7 @@ import typing
 from pathlib import Path
 from typing import Any, Sequence
 
-from sdjax.cli_utils import OneLineErrorParser, UsageError, resolve_config_path
+from sdjax.cli_utils import OneLineErrorParser, UsageError, read_yaml_mapping, resolve_config_path, setting_name
 from sdjax.training.loop import RUN_CONFIG_FILE, TrainConfig, recorded_settings
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "train"  # sample.py presets sit one level up
@@ -123,17 +123,10 @@ def _as_flag(name: str, value: Any) -> str:
 
 
 def load_train_config(path: Path) -> dict[str, Any]:
-    import yaml
-    try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise UsageError(f"cannot read config {path}: {str(e).splitlines()[0]}") from e
-    if not isinstance(data, dict):
-        raise UsageError(f"{path}: a config must be a mapping of keys to values")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     out = {}
-    for raw, value in data.items():
-        key = str(raw).replace("-", "_")
+    for raw, value in read_yaml_mapping(path).items():
+        key = setting_name(raw, out, path)
         if key not in known:
             raise UsageError(f"{path}: unknown key {raw!r} (known keys: {', '.join(sorted(known))})")
         out[key] = _convert(key, value, str(path))
