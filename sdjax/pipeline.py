@@ -89,6 +89,9 @@ def _tokenizer_and_scheduler(root: Path) -> dict:
     """The tokenizer and scheduler config of a pipeline folder, as `StableDiffusion` takes them."""
     if (root / "final").is_dir() and not (root / "scheduler").is_dir():   # a train.py output folder
         hint = f"it looks like a train.py output folder: its exported pipeline is {root / 'final'}"
+    elif root.parent.name == "checkpoints" and root.name.isdigit():        # one of its Orbax checkpoints
+        hint = (f"it looks like a training checkpoint: export it with train.py --output-dir {root.parent.parent} "
+                f"--export --export-step {root.name}, then load the export folder")
     else:
         hint = "is this a diffusers pipeline folder?"
     scheduler_config = read_json_object(root / "scheduler" / "scheduler_config.json",

@@ -281,7 +281,8 @@ def test_every_bad_row_is_listed_in_one_error(tmp_path):
 
 
 def test_skip_bad_rows(tmp_path):
-    ds = load_captioned_images(_bad_folder(tmp_path), skip_bad_rows=True)
+    with pytest.warns(UserWarning, match=rf"image_captions.csv: skipped {len(_EXPECTED_BAD)} bad rows of "):
+        ds = load_captioned_images(_bad_folder(tmp_path), skip_bad_rows=True)
     assert ds.names == ["000000.png", "000001.png"]
     assert ds.captions == ["a caption that spans\ntwo lines", "ok"]
     assert len(ds.skipped) == len(_EXPECTED_BAD)
@@ -306,6 +307,11 @@ def test_folder_level_errors(tmp_path):
     (root / "train_images").mkdir(parents=True)
     with pytest.raises(DataError, match="no image_captions.csv"):
         load_captioned_images(root)
+    hf = tmp_path / "hf"   # a Hugging Face dataset folder: the imagefolder is one of its splits
+    write_captioned_folder(hf / "train", [(_solid(RED), "a")])
+    with pytest.raises(DataError, match=re.escape(f"no image_captions.csv (or metadata.jsonl or metadata.csv) in "
+                                                  f"{hf}; {hf / 'train'} has one: pass that folder")):
+        load_captioned_images(hf)
     _write_csv(root, "filename,caption\n")
     (root / "train_images").rmdir()
     with pytest.raises(DataError, match="no train_images/"):

@@ -1001,6 +1001,24 @@ def full_run(tmp_path_factory, pipeline_dir, data_dir):
     return dict(out=out, preset=preset, stdout=stdout)
 
 
+def test_resume_from_moved_data_says_to_pass_its_new_place(full_run):
+    """The recorded --train-data of a run is gone (moved): the resume says how to go on."""
+    cfg = TrainConfig.from_run(full_run["out"], train_data=str(full_run["out"] / "moved-away"), resume=True)
+    with pytest.raises(DataError, match="training data folder not found: .*moved-away.*if it has moved, pass "
+                                        "--train-data with its new place"):
+        Trainer.create(cfg)
+
+
+def test_a_checkpoint_folder_as_a_model_says_how_to_export_it(full_run):
+    from sdjax import StableDiffusion
+    from sdjax.weights import CheckpointError
+    out = full_run["out"]
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"it looks like a training checkpoint: export it with train.py --output-dir {out} --export "
+            "--export-step 2")):
+        StableDiffusion.from_pretrained(out / "checkpoints" / "2")
+
+
 def test_train_py_outputs_and_config_precedence(full_run):
     out = full_run["out"]
     assert f"done: 3 steps; pipeline exported to {out / 'final'}" in full_run["stdout"]

@@ -30,9 +30,9 @@ import csv
 import hashlib
 import io
 import json
-import logging
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -40,7 +40,6 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 from PIL import Image, ImageOps
 
-logger = logging.getLogger(__name__)
 
 CAPTIONS_FILENAME = "image_captions.csv"
 IMAGES_DIRNAME = "train_images"
@@ -296,7 +295,8 @@ def _finish(source: str, where: str, names: list[str], captions: list[str],
         detail = f"; all {total} rows are bad:\n{listing}" if bad else " (it has no rows)"
         raise DataError(f"{where}: no usable training examples{detail}", bad)
     if bad:
-        logger.warning("%s: skipped %d bad rows of %d:\n%s", where, len(bad), total, listing)
+        warnings.warn(f"{where}: skipped {len(bad)} bad row{'s' * (len(bad) != 1)} of {total}:\n{listing}",
+                      stacklevel=2)
     return CaptionedImages(source=source, names=names, captions=captions, open_image=open_image,
                            skipped=bad)
 
@@ -429,7 +429,11 @@ def _load_folder(root: Path, *, skip_bad_rows: bool, validate_images: bool,
     elif metadata is not None:   # imagefolder: the images beside the metadata file
         table, rows_in, images_dir = metadata, _metadata_rows(metadata), root
     else:
-        raise DataError(f"no {CAPTIONS_FILENAME} (or {' or '.join(METADATA_FILENAMES)}) in {root} ({_LAYOUT_HELP})")
+        below = sorted(sub for sub in root.iterdir() if sub.is_dir() and any(
+            (sub / name).is_file() for name in (CAPTIONS_FILENAME, *METADATA_FILENAMES)))
+        hint = f"; {', '.join(map(str, below))} has one: pass that folder" if below else ""
+        raise DataError(f"no {CAPTIONS_FILENAME} (or {' or '.join(METADATA_FILENAMES)}) in {root}{hint} "
+                        f"({_LAYOUT_HELP})")
     shown = f"{images_dir.name}/" if images_dir != root else ""   # how paths are named in messages
 
     rows, bad, total = [], [], 0  # rows: (row, line, filename, caption, path)

@@ -460,6 +460,9 @@ class Trainer:
                                                    caption_key=cfg.caption_key, data_dir=cfg.tfds_data_dir,
                                                    skip_bad_rows=cfg.skip_bad_rows), None
         except DataError as e:
+            if cfg.resume and existing and not Path(cfg.train_data).expanduser().exists() and ":" not in cfg.train_data:
+                e = DataError(f"{e}; the run being resumed was trained on it: if it has moved, pass --train-data "
+                              "with its new place")
             dataset, error = None, e
         _check_processes_loaded_the_same_data(dataset, error, cfg.train_data)
         global_batch = cfg.batch_size * cfg.gradient_accumulation * mesh.devices.size
