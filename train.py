@@ -26,7 +26,28 @@ def how_to_resume(cfg) -> str:
             "continues from it")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a preempted VM, a job scheduler's stop, ``kill``): stops the run as Ctrl-C does."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
 def main(argv=None) -> int:
+    """train.py; SIGTERM stops it as Ctrl-C does (the checkpoints being saved complete first)."""
+    import signal
+    import threading
+    if threading.current_thread() is not threading.main_thread():   # signals reach only the main thread
+        return _main(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv=None) -> int:
     import jax
     from sdjax.cli_utils import UsageError, count, out_of_memory, show_warnings_as_lines
     show_warnings_as_lines("train.py")
@@ -60,9 +81,10 @@ def main(argv=None) -> int:
                 raise
             print(f"train.py: error: {message}", file=sys.stderr)
             return 1
-        except KeyboardInterrupt:
-            print(f"\ntrain.py: interrupted; {how_to_resume(cfg)}", file=sys.stderr)
-            return 130
+        except KeyboardInterrupt as e:
+            stopped = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+            print(f"\ntrain.py: {stopped}; {how_to_resume(cfg)}", file=sys.stderr)
+            return 143 if isinstance(e, Terminated) else 130
         except FileNotFoundError:
             raise
         except OSError as e:   # a full disk, a network folder gone: the run stopped where it was
@@ -86,6 +108,6 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except KeyboardInterrupt:   # before training started (loading, an export): nothing half-written
-        print("\ntrain.py: interrupted", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as e:   # before training started (loading, an export): nothing half-written
+        print(f"\ntrain.py: {'terminated (SIGTERM)' if isinstance(e, Terminated) else 'interrupted'}", file=sys.stderr)
+        sys.exit(143 if isinstance(e, Terminated) else 130)

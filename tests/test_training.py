@@ -1129,11 +1129,11 @@ def test_a_failed_export_leaves_the_earlier_folder_and_single_file(full_run, tmp
         trainer.close()
 
 
-@pytest.mark.parametrize("stop", ["interrupt", "disk_full", "image_gone"])
+@pytest.mark.parametrize("stop", ["interrupt", "sigterm", "disk_full", "image_gone"])
 def test_a_stopped_run_says_where_it_can_resume(full_run, stop, pipeline_dir, data_dir, tmp_path, monkeypatch):
-    """Ctrl-C, an OSError such as a full disk, or an image deleted since the data was checked,
-    mid-run: one line naming the newest complete checkpoint and the --resume command (or that none
-    was saved yet), not a traceback."""
+    """Ctrl-C, SIGTERM (a preempted VM, a scheduler's stop), an OSError such as a full disk, or an
+    image deleted since the data was checked, mid-run: one line naming the newest complete
+    checkpoint and the --resume command (or that none was saved yet), not a traceback."""
     import sdjax.training.loop as loop
     from sdjax.training.data import ImageReadError
     gone = "data: cannot read image of example 3 ('a.png'): FileNotFoundError: a.png"
@@ -1141,17 +1141,23 @@ def test_a_stopped_run_says_where_it_can_resume(full_run, stop, pipeline_dir, da
     def stopped(cfg, **_):
         if stop == "interrupt":
             raise KeyboardInterrupt
+        if stop == "sigterm":
+            os.kill(os.getpid(), signal.SIGTERM)   # train.py's handler raises in this (the main) thread
+            time.sleep(10)                          # not reached
         if stop == "image_gone":
             raise ImageReadError(gone)
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(loop, "train", stopped)
     out = full_run["out"]
+    handler = signal.getsignal(signal.SIGTERM)
     rc, _, stderr = run_train_py(["--output-dir", out, "--resume"])
-    said = {"interrupt": "train.py: interrupted", "disk_full": "train.py: error: [Errno 28] No space left on device",
+    said = {"interrupt": "train.py: interrupted", "sigterm": "train.py: terminated (SIGTERM)",
+            "disk_full": "train.py: error: [Errno 28] No space left on device",
             "image_gone": f"train.py: error: {gone}"}[stop]
     after = " once the image is back (leaving its row out changes the data, which a resume refuses)" \
         if stop == "image_gone" else ""
-    assert rc == (130 if stop == "interrupt" else 1)
+    assert rc == {"interrupt": 130, "sigterm": 143}.get(stop, 1)
+    assert signal.getsignal(signal.SIGTERM) is handler   # main() put the handler back
     assert stderr.strip() == f"{said}; the newest complete checkpoint is step 3: python train.py --output-dir {out} " \
                               f"--resume continues from it{after}"
     rc, _, stderr = run_train_py(flags(model=pipeline_dir, train_data=data_dir, output_dir=tmp_path / "new",
