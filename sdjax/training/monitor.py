@@ -100,7 +100,8 @@ class MetricsLog:
         ax.plot(steps, smooth, label=f"moving average ({k})")
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
-        ax.set_yscale("log")
+        if min(losses) > 0 and max(losses) > 10 * min(losses):   # a log axis only where it spans decades:
+            ax.set_yscale("log")                                   # over a narrow range it labels 1.21x10^0
         ax.legend()
         fig.tight_layout()
         path = path or self.path.with_name("loss_curve.png")
