@@ -540,7 +540,7 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
 
     files: list[Path] = []
     extra: list[Path] = []
-    images_for_grid = []
+    images_for_grid, grid_params = [], None
     generated = 0
     batches = list(_chunks(jobs, per_call))
     bar, step_bar = batches, None
@@ -589,6 +589,7 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
                     writing.append(saver.submit(save_png, out.images[b], files[-1], params))
                     if req.grid:   # as 8-bit, a quarter of the float images' memory over a long run
                         images_for_grid.append(as_pil(out.images[b]))
+                        grid_params = grid_params or params   # A1111's grids carry their first image's
                     if req.trajectory:
                         frames, labels = output_trajectory(out, b, sched, noise[b])
                         extra += [out_dir / image_file_name(index, seed, prompt, "-trajectory"),
@@ -597,7 +598,7 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
                         writing.append(saver.submit(save_gif, frames, extra[-1]))
             written()
         if req.grid and writer:
-            extra.append(save_png(image_grid(images_for_grid), out_dir / f"{first_index:05d}-grid.png"))
+            extra.append(save_png(image_grid(images_for_grid), out_dir / f"{first_index:05d}-grid.png", grid_params))
     finally:
         if saver is not None:
             saver.shutdown(wait=True)   # also on Ctrl-C: the files listed so far are complete

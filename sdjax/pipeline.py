@@ -456,7 +456,7 @@ class StableDiffusion:
             if len(items) not in (1, n):
                 raise ValueError(f"{name} has {len(items)} entries; expected 1 or {n} to match the others")
         prompts, seeds, negatives = ([x[0]] * n if len(x) == 1 else x for x in (prompts, seeds, negatives))
-        if n_latents == 1 and n > 1 and latents.ndim == 4:   # one initial noise for every image
+        if latents is not None and latents.ndim == 4 and n_latents == 1 < n:   # one initial noise for every image
             latents = np.repeat(latents, n, axis=0)
         seeds = [s.item() if isinstance(s, (np.ndarray, jax.Array)) and s.ndim == 0 else s for s in seeds]
         for s in seeds:

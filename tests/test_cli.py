@@ -273,6 +273,8 @@ def test_every_prompt_times_every_seed_with_metadata_and_grid(pipe_dir, pipe, tm
     np.testing.assert_array_equal(pixels(out / "00003-seed7-a-dog.png"), ref.to_pil()[0])
     np.testing.assert_array_equal(pixels(out / "00000-seed3-a-photo-of-a-cat.png"), ref.to_pil()[1])
     assert Image.open(out / "00000-grid.png").size == (2 * 32 + 3 * I.GAP, 2 * 32 + 3 * I.GAP)
+    assert I.read_png_parameters(out / "00000-grid.png") == I.read_png_parameters(
+        out / "00000-seed3-a-photo-of-a-cat.png")   # as A1111: the first image's settings
     first_grid = (out / "00000-grid.png").read_bytes()
 
     # a second run into the same folder continues the numbering instead of overwriting; with the
