@@ -127,9 +127,10 @@ def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, sche
 
 def model_name(model: str | os.PathLike) -> str:
     """The model's name as A1111 writes it: the last part of a Hub id, folder or file path, without a
-    checkpoint suffix (``stable-diffusion-v1-5``, ``v1-5-pruned-emaonly``): not a local path."""
-    name = str(model).split("?", 1)[0].rstrip("/\\")
-    name = re.split(r"[/\\]", name)[-1]
+    checkpoint suffix (``stable-diffusion-v1-5``, ``v1-5-pruned-emaonly``): not a local path. A
+    train.py export, ``my_style/final``, is named by its run (``my_style``): every run's is "final"."""
+    parts = [p for p in re.split(r"[/\\]", str(model).split("?", 1)[0]) if p]
+    name = parts[-2] if len(parts) > 1 and parts[-1] == "final" else (parts[-1] if parts else "")
     for suffix in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
         name = name.removesuffix(suffix)
     return name or str(model)
