@@ -853,18 +853,25 @@ def single_file_key(part: str, key: str, config) -> str:
     return prefix + key  # the text encoder is transformers' CLIPTextModel, names and all
 
 
+def _weights_file(file: str | os.PathLike, missing: str, kind: str, folder_hint: str) -> Path:
+    """``file`` as a Path if it is a file with a checkpoint's suffix; else a `CheckpointError`
+    (``no such {missing}``, ``not a {kind} sdjax reads``, or a folder: ``folder_hint``)."""
+    file = Path(file).expanduser()
+    if file.is_dir():
+        raise CheckpointError(f"{file}: is a folder; {folder_hint}")
+    if not file.is_file():
+        raise CheckpointError(f"{file}: no such {missing}")
+    if file.suffix not in SINGLE_FILE_SUFFIXES:
+        raise CheckpointError(f"{file}: not a {kind} sdjax reads (expected one of {', '.join(SINGLE_FILE_SUFFIXES)})")
+    return file
+
+
 def check_single_file(file: str | os.PathLike) -> Path:
     """What can be checked of a single-file checkpoint without its configs (so before fetching
     them): it is a file with a checkpoint's suffix and, for safetensors (from the header alone),
     holds SD v1.x keys. Raises `CheckpointError` saying what is wrong; returns the path."""
-    file = Path(file).expanduser()
-    if file.is_dir():
-        raise CheckpointError(f"{file}: is a folder; a diffusers pipeline folder loads with from_pretrained")
-    if not file.is_file():
-        raise CheckpointError(f"{file}: no such checkpoint file")
-    if file.suffix not in SINGLE_FILE_SUFFIXES:
-        raise CheckpointError(f"{file}: not a single-file checkpoint sdjax reads (expected one of "
-                              f"{', '.join(SINGLE_FILE_SUFFIXES)})")
+    file = _weights_file(file, "checkpoint file", "single-file checkpoint",
+                         "a diffusers pipeline folder loads with from_pretrained")
     if file.suffix == ".safetensors":
         _check_single_file_keys(file, safetensors_keys(file))
     return file
@@ -1007,13 +1014,7 @@ def load_vae_file(file: str | os.PathLike, config: VAEConfig, *, dtype=jnp.float
     checkpoint (``first_stage_model.*``), or a diffusers VAE's weights file
     (``diffusion_pytorch_model.safetensors``). A file holds no config: ``config`` (the
     pipeline's VAE config) gives the architecture. A PyTorch file is read with ``weights_only=True``."""
-    file = Path(file).expanduser()
-    if file.is_dir():
-        raise CheckpointError(f"{file}: is a folder; a VAE folder loads with AutoencoderKL.from_pretrained")
-    if not file.is_file():
-        raise CheckpointError(f"{file}: no such VAE file")
-    if file.suffix not in SINGLE_FILE_SUFFIXES:
-        raise CheckpointError(f"{file}: not a VAE file sdjax reads (expected one of {', '.join(SINGLE_FILE_SUFFIXES)})")
+    file = _weights_file(file, "VAE file", "VAE file", "a VAE folder loads with AutoencoderKL.from_pretrained")
     if file.suffix == ".safetensors":
         keys, tensors = safetensors_keys(file), _read_safetensors(file)
     else:  # a VAE is small (335 MB in fp32): read whole, its names decide the layout
