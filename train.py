@@ -38,6 +38,10 @@ def main(argv=None) -> int:
     """train.py; SIGTERM stops it as Ctrl-C does (the checkpoints being saved complete first)."""
     import signal
     import threading
+    from sdjax import parallel
+    # First: on several processes jax.distributed's preemption notifier takes SIGTERM over (it logs the
+    # signal and training goes on); the handler set after it stops each process as Ctrl-C does.
+    parallel.initialize_distributed()
     if threading.current_thread() is not threading.main_thread():   # signals reach only the main thread
         return _main(argv)
     previous = signal.signal(signal.SIGTERM, _terminate)

@@ -14,7 +14,7 @@ The weights are the random SD v1.5 folder of benchmarks/common.py (written once 
 so this measures the bf16 rounding through the sampler, not image quality with trained weights.
 ``SDJAX_ATTENTION=cudnn`` runs the bf16 side with cuDNN's fused attention (GPU). The tiny-config
 bound is tested in tests/test_sampling.py::test_bf16_sampler_stays_close_to_fp32.
-Needs sdjax, and torch for the model configs (tests/reference.py imports it).
+Needs sdjax (the model configs come from the torch-free tests/model_configs.py).
 """
 from __future__ import annotations
 

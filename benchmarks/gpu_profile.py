@@ -24,8 +24,8 @@
 5. ``--xla-flag-sets 'default;FLAGS;...'``: instead of 1-4, the whole-step timing once per XLA_FLAGS
    setting, each in a fresh process (XLA reads its flags once per process), side by side.
 
-Needs: jax (CUDA plugin on a GPU), flax, numpy, and torch only to read the configs from
-tests/reference.py. No weights: a random bf16 UNet is built in memory.
+Needs: jax (CUDA plugin on a GPU), flax, numpy (the configs come from tests/model_configs.py, no
+torch). No weights: a random bf16 UNet is built in memory.
 """
 from __future__ import annotations
 

@@ -12,13 +12,13 @@ import sys
 from pathlib import Path
 
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=16"
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))   # reference.py: the SD v1.5 configs
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))   # model_configs.py: the SD v1.5 configs
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-import reference as R  # noqa: E402
+import model_configs as R  # noqa: E402
 from sdjax import UNet2DConditionModel, parallel  # noqa: E402
 from sdjax.training import step as S  # noqa: E402
 

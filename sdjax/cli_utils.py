@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import collections.abc
 import concurrent.futures
 import dataclasses
 import math
@@ -183,7 +184,11 @@ def read_yaml_mapping(path: str | os.PathLike) -> dict:
     def mapping(loader, node, deep=False):
         first_line = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":   # <<: *defaults (its keys may be overridden)
+                continue
             key = loader.construct_object(key_node, deep=True)
+            if not isinstance(key, collections.abc.Hashable):   # construct_mapping says what is wrong
+                continue
             if key in first_line:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"key {key!r} appears twice (first on line {first_line[key]})", key_node.start_mark)

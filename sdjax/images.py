@@ -128,12 +128,14 @@ def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, sche
 def model_name(model: str | os.PathLike) -> str:
     """The model's name as A1111 writes it: the last part of a Hub id, folder or file path, without a
     checkpoint suffix (``stable-diffusion-v1-5``, ``v1-5-pruned-emaonly``): not a local path. A
-    train.py export, ``my_style/final``, is named by its run (``my_style``): every run's is "final"."""
-    parts = [p for p in re.split(r"[/\\]", str(model).split("?", 1)[0]) if p]
-    name = parts[-2] if len(parts) > 1 and parts[-1] == "final" else (parts[-1] if parts else "")
+    train.py export, ``my_style/final`` or ``my_style/final.safetensors``, is named by its run
+    (``my_style``): every run's is "final"."""
+    parts = [p for p in re.split(r"[/\\]", str(model).split("?", 1)[0]) if p not in ("", ".", "..")]
     for suffix in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
-        name = name.removesuffix(suffix)
-    return name or str(model)
+        parts[-1:] = [part.removesuffix(suffix) for part in parts[-1:]]
+    if len(parts) > 1 and parts[-1] == "final":   # final/ or final.safetensors
+        return parts[-2]
+    return (parts[-1] if parts else "") or str(model)
 
 
 def _quote(value) -> str:

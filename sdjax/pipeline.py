@@ -69,11 +69,14 @@ def load_vae(vae: str | Path, config, *, dtype=jnp.float32) -> AutoencoderKL:
 
 def _as_vae(vae: AutoencoderKL | str | Path, config, dtype) -> AutoencoderKL:
     """``vae=`` of the loaders: a model as it is, or what `load_vae` loads (in ``dtype``)."""
-    if isinstance(vae, AutoencoderKL):
-        return vae
-    if not isinstance(vae, (str, Path)):
+    if not isinstance(vae, (AutoencoderKL, str, Path)):
         raise TypeError(f"vae must be an AutoencoderKL, or a path or Hub repo id of one; got {type(vae).__name__}")
-    return load_vae(vae, config, dtype=dtype)
+    model = vae if isinstance(vae, AutoencoderKL) else load_vae(vae, config, dtype=dtype)
+    if model.config.latent_channels != config.latent_channels:   # before check_parts_fit blames the UNet
+        given = "the AutoencoderKL given" if isinstance(vae, AutoencoderKL) else str(vae)
+        raise CheckpointError(f"vae={given}: its latents have {model.config.latent_channels} channels, this "
+                              f"model's {config.latent_channels} (its UNet denoises those): a VAE of another model")
+    return model
 
 
 def model_options_problem(model: str, model_config: str | None, variant: str | None) -> str | None:

@@ -1206,9 +1206,10 @@ def _check_schedule(name: str, settings: dict, num_steps: int, scheduler: Schedu
             raise ValueError(f"dpmpp_2m with {num_steps} steps (timestep_spacing={settings.get('timestep_spacing')!r}"
                              f", lambda_min_clipped={settings.get('lambda_min_clipped')}) repeats a noise level "
                              f"(sigma {float(repeated[0]):g}), where the solver divides by zero: use fewer steps")
-    if name in ("ddim", "ddpm") and settings["prediction_type"] == "epsilon":
+    if name in ("ddim", "ddpm") and settings["prediction_type"] == "epsilon" and not settings["clip_sample"]:
         alphas = np.asarray(scheduler.alphas_cumprod)[np.asarray(scheduler.timesteps).astype(np.int64)]
         if np.any(alphas == 0):   # zero terminal SNR: x0 = (x - sqrt(1 - abar) eps) / sqrt(abar) divides by zero
+            # (clip_sample clips the infinite x0 back to [-1, 1], as diffusers does)
             raise ValueError(f"{name} at zero terminal SNR (rescale_betas_zero_snr) with prediction_type='epsilon': "
                              "at the last training timestep the image cannot be recovered from predicted noise; "
                              "zero-SNR schedules are for v_prediction models")

@@ -109,8 +109,9 @@ def test_names_and_a1111_parameters():
     assert text.endswith('Size: 8x8, Model: "my,model: v2"')
     assert I.parse_a1111_parameters(text)["Model"] == "my,model: v2"
     # a train.py export is named by its run; every run's export folder is "final"
-    assert [I.model_name(m) for m in ("runs/my_style/final", "runs/my_style/final/", "final", "C:\\m\\sd.ckpt")] \
-        == ["my_style", "my_style", "final", "sd"]
+    assert [I.model_name(m) for m in ("runs/my_style/final", "runs/my_style/final/", "final", "C:\\m\\sd.ckpt",
+                                      "./final", "../final", "my_style/./final", "my_style/final.safetensors")] \
+        == ["my_style", "my_style", "final", "sd", "final", "final", "my_style", "my_style"]
     no_negative = I.a1111_parameters("p", "", steps=3, scheduler="euler_a", guidance_scale=11, seed=0,
                                      width=64, height=32)
     assert no_negative == "p\nSteps: 3, Sampler: Euler a, CFG scale: 11, Seed: 0, Size: 64x32"
@@ -208,6 +209,7 @@ def test_trajectory_steps():
     ("steps: 2\nguidance_scale: 5\nsteps: 3\n", "line 3: not valid YAML (key 'steps' appears twice (first on line 1))"),
     ("guidance-scale: 2\nguidance_scale: 3\n", "key 'guidance_scale' sets guidance_scale a second time"),
     ("steps: [2\n", "line 2: not valid YAML (expected ',' or ']'"),
+    ("? [a, b]\n: 1\n", "line 1: not valid YAML (found unhashable key)"),
 ])
 def test_config_files_with_repeated_keys_or_broken_yaml_are_refused_by_both_tools(tmp_path, text, message):
     """YAML keeps the last of two equal keys silently; both tools' config readers refuse them, and
@@ -224,6 +226,14 @@ def test_config_files_with_repeated_keys_or_broken_yaml_are_refused_by_both_tool
         path.write_text("max-steps: 2\nmax_steps: 3\n")
         with pytest.raises(UsageError, match="key 'max_steps' sets max_steps a second time"):
             load_train_config(path)
+
+
+def test_config_files_may_merge_yaml_anchors(tmp_path):
+    """YAML merge keys (<<: *base) are not repeated keys: the keys beside them override the base's."""
+    from sdjax.cli_utils import read_yaml_mapping
+    path = tmp_path / "preset.yaml"
+    path.write_text("defaults: &base {steps: 5, scheduler: ddim}\nrun:\n  <<: *base\n  steps: 7\n")
+    assert read_yaml_mapping(path)["run"] == {"steps": 7, "scheduler": "ddim"}
 
 
 def test_presets_load_and_precedence(tmp_path):

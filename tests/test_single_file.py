@@ -405,13 +405,14 @@ def test_pipeline_with_another_vae(pipe, single_file, other_vae, tiny_pipeline_d
 
 
 def test_another_vae_is_checked_against_the_pipeline(pipe, tiny_pipeline_dir):
-    """A VAE of another latent width is refused naming the configs; a URL is refused without
+    """A VAE of another latent width is refused naming it (not the UNet); a URL is refused without
     network; a wrong type is a TypeError."""
     import dataclasses
     from sdjax import AutoencoderKL
 
     wide = AutoencoderKL(dataclasses.replace(pipe.vae.config, latent_channels=8), rngs=nnx.Rngs(0))
-    with pytest.raises(CheckpointError, match="in_channels=4, but the VAE's latents have 8 channels"):
+    with pytest.raises(CheckpointError, match="vae=the AutoencoderKL given: its latents have 8 channels, this "
+                                              "model's 4 .its UNet denoises those.: a VAE of another model"):
         StableDiffusion.from_pretrained(tiny_pipeline_dir, vae=wide)
     with pytest.raises(CheckpointError, match="a VAE loads from a local file, a folder or a Hub repo id"):
         StableDiffusion.from_pretrained(tiny_pipeline_dir, vae="https://example.com/vae.safetensors")

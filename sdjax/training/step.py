@@ -236,9 +236,11 @@ def jit_train_step(mesh, *, graphdefs: Graphdefs, cfg: StepConfig, optimizer, lr
 
     def placed_step(state, frozen, batch):
         # Each device takes its columns of the batch (a no-op for one placed so; a batch of host
-        # arrays would otherwise be whole on every device, each computing all of it).
+        # arrays would otherwise be whole on every device, each computing all of it). A batch that
+        # does not divide over the devices is left to XLA (an uneven split cannot be constrained).
         split = parallel.batch_sharding(mesh, axis=1)
-        batch = jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, split), batch)
+        batch = jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, split)
+                             if a.shape[1] % mesh.size == 0 else a, batch)
         state, metrics = fn(state, frozen, batch)
         return _constrain_placement(state, mesh), jax.tree.map(
             lambda a: jax.lax.with_sharding_constraint(a, rep), metrics)
