@@ -20,7 +20,7 @@ import re
 import shlex
 import urllib.parse
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -387,12 +387,18 @@ def load_weights(model_cls, config, file: str | os.PathLike, *, dtype=jnp.float3
         for shard in shards:
             fill.file = shard  # messages about a tensor name the file that holds it
             reader = _read_safetensors if shard.suffix == ".safetensors" else _read_torch_bin
-            for key, array in reader(shard):
-                if (name := spec.torch_name(key)) is not None:
-                    fill.place(name, array, shown_as=key)
+            _place_torch_names(fill, spec, reader(shard))
         fill.file = file
     fill.check()
     return fill.model()
+
+
+def _place_torch_names(fill: _StrictFill, spec: LayoutSpec, tensors: Iterable[tuple[str, np.ndarray]]) -> None:
+    """Put a diffusers/transformers PyTorch file's ``tensors`` in place (names the model skips, such
+    as CLIP's position_ids, left out)."""
+    for key, array in tensors:
+        if (name := spec.torch_name(key)) is not None:
+            fill.place(name, array, shown_as=key)
 
 
 def is_shard_index(file: Path) -> bool:
@@ -1021,8 +1027,11 @@ def load_vae_file(file: str | os.PathLike, config: VAEConfig, *, dtype=jnp.float
         state = dict(_read_torch_bin(file))
         keys, tensors = list(state), ((k, state.pop(k)) for k in list(state))
     checkpoint_prefix = SINGLE_FILE_PARTS["vae"][1]
-    if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in keys):
-        return load_weights(AutoencoderKL, config, file, dtype=dtype)   # diffusers' names
+    if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in keys):   # diffusers' names
+        fill = _StrictFill(AutoencoderKL, config, file, resolve_dtype(dtype))
+        _place_torch_names(fill, VAE, tensors)   # the tensors already read, not the file again
+        fill.check()
+        return fill.model()
     if any(k.startswith(checkpoint_prefix) for k in keys):
         prefix = checkpoint_prefix
     elif any(k.startswith(_LDM_VAE_MODULES) for k in keys):
