@@ -389,11 +389,17 @@ class StableDiffusion:
         extras = _tokenizer_and_scheduler(root)
         replaced = {} if vae is None else {"vae": _as_vae(vae, configs["vae"], dtype)}
         check_parts_fit({**configs, **{part: model.config for part, model in replaced.items()}}, root)
-        models = {**load_single_file(local_file(), configs, dtype=dtype), **replaced}
+        read = {part: cfg for part, cfg in configs.items() if part not in replaced}  # the file may lack the VAE
+        models = {**load_single_file(local_file(), read, dtype=dtype), **replaced}
         return cls(**models, **extras, mesh=mesh, name=str(file))
 
     def save_pretrained(self, directory, *, format: str = "both", dtype=None, overwrite: bool = False) -> Path:
-        """Write a diffusers pipeline folder that sdjax and diffusers' PyTorch pipeline both load."""
+        """Write a diffusers pipeline folder that sdjax and diffusers' PyTorch pipeline both load.
+
+        ``format``: ``"both"``, ``"pytorch"`` (safetensors) or ``"flax"`` (msgpack); ``dtype``
+        casts the weights (e.g. ``"float16"``). A folder that exists and is not empty is refused
+        unless ``overwrite=True``, which replaces the whole folder, files sdjax did not write
+        included. The new folder is assembled beside it and renamed into place."""
         return save_pipeline(directory, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
                              vae=self.vae, scheduler_config=self.scheduler_config, format=format, dtype=dtype,
                              overwrite=overwrite)

@@ -1,8 +1,10 @@
 """Prompt tokenization with transformers' CLIPTokenizer (vocab.json + merges.txt, or tokenizer.json)."""
 from __future__ import annotations
 
+import json
 import os
 import warnings
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -35,6 +37,21 @@ def load_tokenizer(path_or_repo_id, *, subfolder: str | None = "tokenizer", revi
     except Exception as e:
         raise CheckpointError(f"{directory}: not a readable CLIP tokenizer "
                               f"(needs vocab.json + merges.txt or tokenizer.json): {e}") from e
+
+
+def save_tokenizer(tokenizer, directory) -> None:
+    """Write the tokenizer as transformers 5 does (tokenizer.json) and also as vocab.json +
+    merges.txt, the files transformers 4's CLIPTokenizer reads, so that a saved pipeline loads
+    with either (diffusers is often run with transformers 4)."""
+    tokenizer.save_pretrained(str(directory))
+    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    if model.get("type") != "BPE":
+        return
+    vocab = dict(sorted(model["vocab"].items(), key=lambda item: item[1]))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    (Path(directory) / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False) + "\n", encoding="utf-8")
+    # CLIP's own merges.txt starts with a version line, which transformers 4 skips.
+    (Path(directory) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
 
 
 def too_long(tokenizer, prompts: Sequence[str], max_length: int | None = None) -> list[tuple[str, list[int]]]:

@@ -13,12 +13,15 @@ into an abstract (never initialised) model, so peak host memory stays near one c
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import math
 import os
 import re
 import shlex
 import urllib.parse
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -185,10 +188,16 @@ def _read_safetensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
         for start, end, key, dtype_name, shape in entries:
             if dtype_name not in _SAFETENSORS_DTYPES:
                 raise _safetensors_corrupt(path, f"key {key!r} has unsupported dtype {dtype_name}")
-            array = np.empty(shape, _SAFETENSORS_DTYPES[dtype_name])
-            if end - start != array.nbytes or data_start + end > size:
+            if not all(type(n) is int and n >= 0 for n in shape):
+                raise _safetensors_corrupt(path, f"key {key!r} has shape {list(shape)}, not a list of sizes")
+            if not (type(start) is int and type(end) is int and 0 <= start <= end):
+                raise _safetensors_corrupt(path, f"key {key!r} has data_offsets [{start!r}, {end!r}]")
+            dtype = np.dtype(_SAFETENSORS_DTYPES[dtype_name])
+            # Check the byte range before allocating: a corrupt shape could ask for petabytes.
+            if end - start != math.prod(shape) * dtype.itemsize or data_start + end > size:
                 raise _safetensors_corrupt(path, f"key {key!r}: byte range [{start}, {end}) does not fit shape "
                                            f"{shape} {dtype_name} in a file of {size} bytes (truncated?)")
+            array = np.empty(shape, dtype)
             f.seek(data_start + start)
             if f.readinto(array.reshape(-1).view(np.uint8)) != array.nbytes:
                 raise _safetensors_corrupt(path, f"key {key!r}: unexpected end of file (truncated?)")
@@ -543,6 +552,8 @@ def weight_file(model_dir: Path, model_cls, *, prefer: str | None = None, varian
     for name in candidates:
         if (model_dir / name).is_file():
             return model_dir / name
+    if folders := [name for name in candidates if (model_dir / name).is_dir()]:
+        raise CheckpointError(f"{model_dir / folders[0]} is a folder, not a weights file")
     # Shards as one entry ("...-00001-of-00106.safetensors" for 106 names), variants from the names.
     found = sorted({re.sub(r"-\d+-of-(\d+)\.", r"-NNNNN-of-\1.", p.name) for p in model_dir.iterdir()
                     if p.suffix in (".safetensors", ".msgpack", ".bin") or is_shard_index(p)})
@@ -722,17 +733,24 @@ def save_pipeline(directory: str | os.PathLike, *, text_encoder, tokenizer, unet
     ``StableDiffusionPipeline.from_pretrained`` both load.
 
     The folder is assembled under a temporary name and renamed into place at the end, so an
-    interrupted save never leaves a half-written pipeline.
+    interrupted save never leaves a half-written pipeline; ``overwrite=True`` replaces an existing
+    folder whole (put back if the save is interrupted before the new one is in place).
     """
     import shutil
     import tempfile
-    directory = Path(directory).expanduser()
+    directory = Path(directory).expanduser().resolve()  # a symlinked folder's target is what is replaced
+    if directory == Path.cwd() or directory in Path.cwd().parents:
+        # The folder is replaced by a rename, which would leave this process in a deleted folder.
+        raise ValueError(f"{directory} is the working directory (or holds it); save the pipeline to a folder "
+                         "inside it, e.g. save_pretrained('my-model')")
     if directory.exists() and not directory.is_dir():
         raise FileExistsError(f"{directory} is a file; a pipeline is saved as a folder")
     if directory.exists() and not overwrite and any(directory.iterdir()):
         raise FileExistsError(f"{directory} exists and is not empty (pass overwrite=True to replace it)")
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    old = None  # where an existing folder is moved aside while the new one is renamed into place
+    replaced = False
     try:
         os.chmod(tmp, 0o777 & ~umask())  # mkdtemp's 0700 would keep the folder from other users
         flax_names = format == "flax"
@@ -748,20 +766,30 @@ def save_pipeline(directory: str | os.PathLike, *, text_encoder, tokenizer, unet
         index["scheduler"] = ["diffusers", scheduler["_class_name"]]
         (tmp / "scheduler").mkdir()
         (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2) + "\n")
-        tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        from sdjax.text import save_tokenizer  # sdjax.text imports this module
+        save_tokenizer(tokenizer, tmp / "tokenizer")
         for part, model in (("text_encoder", text_encoder), ("unet", unet), ("vae", vae)):
             save_pretrained(model, tmp / part, format=format, dtype=dtype)
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         if directory.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
             os.replace(directory, old)  # onto the empty folder just made
-            os.replace(tmp, directory)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, directory)
+        os.replace(tmp, directory)
+        replaced = True
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not replaced:
+            if not directory.exists():
+                os.replace(old, directory)  # interrupted between the two renames: put the old folder back
+            else:
+                with contextlib.suppress(OSError):
+                    old.rmdir()  # still the empty placeholder
         raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+        if old.exists():  # the new pipeline is in place; only the old copy's removal failed
+            warnings.warn(f"saved {directory}, but could not remove the previous version moved to {old}; "
+                          "delete it by hand", stacklevel=2)
     return directory
 
 
@@ -780,6 +808,9 @@ SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 _OTHER_ARCHITECTURES = {  # a key prefix that gives away a single file sdjax cannot load -> what it is
     "conditioner.embedders.": "an SDXL checkpoint (sdjax loads SD v1.x)",
     "cond_stage_model.model.": "an SD 2.x checkpoint (OpenCLIP text encoder; sdjax loads SD v1.x)",
+    "model.diffusion_model.joint_blocks.": "an SD 3 checkpoint (MMDiT; sdjax loads SD v1.x)",
+    "model.diffusion_model.double_blocks.": "a Flux checkpoint (sdjax loads SD v1.x)",
+    "double_blocks.": "a Flux checkpoint (sdjax loads SD v1.x)",
 }
 _LDM_UNET_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
                  "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
@@ -961,18 +992,19 @@ def _check_single_file_keys(file: Path | str, keys: list[str]) -> None:
 
 
 def load_single_file(file: str | os.PathLike, configs: dict[str, Any], *, dtype=jnp.float32) -> dict[str, Any]:
-    """The three models of an original-layout single-file checkpoint (``.safetensors``, or a
-    PyTorch ``.ckpt`` / ``.pt`` / ``.bin`` read with ``weights_only=True``), strictly, in one pass
-    over the file: {"unet": ..., "vae": ..., "text_encoder": ...}.
+    """The models of an original-layout single-file checkpoint (``.safetensors``, or a PyTorch
+    ``.ckpt`` / ``.pt`` / ``.bin`` read with ``weights_only=True``), strictly, in one pass over the
+    file: {"unet": ..., "vae": ..., "text_encoder": ...}.
 
-    ``configs`` maps the same names to the models' configs (`UNetConfig`...). Every weight of
-    every model must be in the file with the right shape, and every key under a model's prefix
-    must be a weight of it; otherwise a `CheckpointError` names the file, the keys and the shapes.
+    ``configs`` maps the same names to the models' configs (`UNetConfig`...); a part left out of
+    it is not read (its keys may be missing, as a VAE replaced by another). Every weight of every
+    model read must be in the file with the right shape, and every key under its prefix must be a
+    weight of it; otherwise a `CheckpointError` names the file, the keys and the shapes.
     """
     file = check_single_file(file)
     tensors = (_read_safetensors(file) if file.suffix == ".safetensors"
                else _read_torch_bin(file, lambda keys: _check_single_file_keys(file, keys)))
-    prefixes = {part: prefix for part, (_, prefix) in SINGLE_FILE_PARTS.items()}
+    prefixes = {part: prefix for part, (_, prefix) in SINGLE_FILE_PARTS.items() if part in configs}
     return _load_original_layout(file, tensors, configs, prefixes, dtype)
 
 

@@ -144,6 +144,10 @@ BAD_FILES = {
              "an SDXL checkpoint"),
     "sd2": (lambda s: s.update({"cond_stage_model.model.token_embedding.weight": np.ones((4, 4), np.float32)}),
             "an SD 2.x checkpoint"),
+    "sd3": (lambda s: s.update({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": np.ones(4, np.float32)}),
+            "an SD 3 checkpoint"),
+    "flux": (lambda s: [s.clear(), s.update({"double_blocks.0.img_attn.qkv.weight": np.ones(4, np.float32)})],
+             "a Flux checkpoint"),
     "diffusers_file": (lambda s: [s.clear(), s.update({"down_blocks.0.resnets.0.conv1.weight": np.ones(3, np.float32)})],
                        "no 'model.diffusion_model.*' keys (it has down_blocks.0.resnets.0.conv1.weight); a diffusers "
                        "model file"),
@@ -402,6 +406,17 @@ def test_pipeline_with_another_vae(pipe, single_file, other_vae, tiny_pipeline_d
         assert_same_params(loaded.vae, other_vae["model"])
         assert_same_params(loaded.unet, pipe.unet)
         assert_same_params(loaded.text_encoder, pipe.text_encoder)
+
+
+def test_single_file_without_a_vae_loads_with_another(pipe, single_file, other_vae, tiny_pipeline_dir, tmp_path):
+    """A checkpoint saved without its VAE (first_stage_model.*) loads with vae= (its VAE keys are
+    not read), and without one it is an error naming the missing keys."""
+    path = _rewrite(single_file, tmp_path, lambda s: [s.pop(k) for k in list(s) if k.startswith("first_stage_model.")])
+    loaded = StableDiffusion.from_single_file(path, config=str(tiny_pipeline_dir), vae=other_vae["file"])
+    assert_same_params(loaded.vae, other_vae["model"])
+    assert_same_params(loaded.unet, pipe.unet)
+    with pytest.raises(CheckpointError, match=r"missing keys \(\d+\): first_stage_model\."):
+        StableDiffusion.from_single_file(path, config=str(tiny_pipeline_dir))
 
 
 def test_another_vae_is_checked_against_the_pipeline(pipe, tiny_pipeline_dir):

@@ -15,7 +15,7 @@ from flax import nnx
 import reference as R
 from sdjax import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
 from sdjax.text import load_tokenizer, tokenize
-from sdjax.weights import CheckpointError, resolve_dtype, save_pipeline
+from sdjax.weights import CheckpointError, read_config, resolve_dtype, save_pipeline
 
 SD15_SCHEDULER = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
                   "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "set_alpha_to_one": False,
@@ -121,6 +121,23 @@ def test_bad_config_is_named(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**R.TINY_CLIP, "num_attention_heads": 5}))
     with pytest.raises(CheckpointError, match="hidden_size 32 is not divisible by num_attention_heads 5"):
         CLIPTextModel.from_pretrained(tmp_path)
+    # Numbers and flags of the wrong type are named at load, not inside a trace at sampling time.
+    for cls, base, change, message in (
+            (AutoencoderKL, R.TINY_VAE, {"scaling_factor": "0.18215"}, "scaling_factor='0.18215': expected a "
+                                                                       "positive number"),
+            (AutoencoderKL, R.TINY_VAE, {"scaling_factor": None}, "scaling_factor=None: expected a positive number"),
+            (AutoencoderKL, R.TINY_VAE, {"use_quant_conv": "false"}, "use_quant_conv='false': expected true or false"),
+            (UNet2DConditionModel, R.TINY_UNET, {"norm_eps": "1e-5"}, "norm_eps='1e-5': expected a positive number"),
+            (UNet2DConditionModel, R.TINY_UNET, {"freq_shift": [0]}, r"freq_shift=\[0\]: expected a number"),
+            (UNet2DConditionModel, R.TINY_UNET, {"flip_sin_to_cos": 2}, "flip_sin_to_cos=2: expected true or false"),
+            (CLIPTextModel, R.TINY_CLIP, {"layer_norm_eps": "1e-5"}, "layer_norm_eps='1e-5': expected a positive")):
+        (tmp_path / "config.json").write_text(json.dumps({**base, **change}, default=list))
+        with pytest.raises(CheckpointError, match=rf"{tmp_path}/config.json: .*{message}"):
+            cls.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**R.TINY_UNET, "flip_sin_to_cos": 1, "freq_shift": 1},
+                                                     default=list))
+    config, _ = read_config(tmp_path, UNet2DConditionModel)  # 0 / 1 flags are read as booleans
+    assert config.flip_sin_to_cos is True and config.freq_shift == 1
 
 
 def test_clip_position_ids_buffer_is_ignored(tiny_checkpoints, tmp_path):
@@ -456,6 +473,32 @@ def test_truncated_file(tiny_checkpoints, tmp_path, layout):
         CLIPTextModel.from_pretrained(directory)
 
 
+@pytest.mark.parametrize("shape", [[10**6, 10**6, 1000], [-4], ["a"], 3])
+def test_corrupt_safetensors_shape_is_named(tiny_checkpoints, tmp_path, shape):
+    """A header whose shape is absurd, negative or not numbers is a CheckpointError naming the file
+    and key, before anything is allocated (not a MemoryError for petabytes)."""
+    directory, file = copy_model_dir(tiny_checkpoints["clip"], "safetensors", tmp_path)
+    data = file.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    key = next(k for k in header if k != "__metadata__")
+    header[key]["shape"] = shape
+    new = json.dumps(header).encode().ljust(n, b" ") if len(json.dumps(header)) <= n else json.dumps(header).encode()
+    file.write_bytes(len(new).to_bytes(8, "little") + new + data[8 + n:])
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(file))}: .*({re.escape(key)}|malformed header)"):
+        CLIPTextModel.from_pretrained(directory)
+
+
+def test_a_folder_where_the_weights_file_should_be(tiny_checkpoints, tmp_path):
+    directory, file = copy_model_dir(tiny_checkpoints["clip"], "safetensors", tmp_path)
+    for other in directory.glob("*.msgpack"):
+        other.unlink()
+    file.unlink()
+    file.mkdir()
+    with pytest.raises(CheckpointError, match=f"{re.escape(str(file))} is a folder, not a weights file"):
+        CLIPTextModel.from_pretrained(directory)
+
+
 def test_garbage_bin_file(tiny_checkpoints, tmp_path):
     directory, file = copy_model_dir(tiny_checkpoints["vae"], "bin_old_names", tmp_path)
     file.write_bytes(b"not a pickle at all")
@@ -633,6 +676,14 @@ def test_pipeline_folder_loads_in_diffusers(tiny_checkpoints, tmp_path):
     ours_img = parts["vae"].decode(to_nhwc(latents))
     assert np.abs(np.asarray(ours_img) - ref_img.transpose(0, 2, 3, 1)).max() < 1e-5
     assert type(pipe.scheduler).__name__ == "PNDMScheduler"
+    # The tokenizer as transformers 4 reads it too (vocab.json + merges.txt), giving the same ids.
+    assert {"vocab.json", "merges.txt", "tokenizer.json"} <= {p.name for p in (out / "tokenizer").iterdir()}
+    files_only = tmp_path / "tokenizer-files"
+    files_only.mkdir()
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+        shutil.copy(out / "tokenizer" / name, files_only / name)
+    prompts = ["a photo of the cat", "the cat sat on the mat, a dog!"]
+    assert (tokenize(load_tokenizer(files_only, subfolder=None), prompts) == tokenize(pipe.tokenizer, prompts)).all()
     # One value for every block is written as SD v1.5's config has it, a number: diffusers code that
     # builds on a UNet (a ControlNet from it, IP-Adapter layers) fails on a per-block list.
     from diffusers import ControlNetModel
@@ -658,6 +709,71 @@ def test_pipeline_folder_is_not_overwritten_or_half_written(tiny_checkpoints, tm
     (tmp_path / ".pipe.old" / "junk").write_text("x")
     save_pipeline(target, **parts, overwrite=True)
     assert not (target / "keep.txt").exists() and (target / "model_index.json").is_file()
+
+
+def test_an_interrupted_overwrite_puts_the_old_folder_back(tiny_checkpoints, tmp_path, monkeypatch):
+    """Interrupted between moving the old folder aside and renaming the new one into place, a save
+    puts the old folder back; nothing is left beside it."""
+    import os
+    parts = make_pipeline_dir(tiny_checkpoints, tmp_path)
+    target = tmp_path / "pipe"
+    target.mkdir()
+    (target / "keep.txt").write_text("user data")
+    real_replace, calls = os.replace, []
+
+    def interrupted(src, dst):
+        if Path(dst) == target or Path(src) == target:
+            calls.append((Path(src).name, Path(dst).name))
+            if len(calls) == 2:  # the new folder into place
+                raise KeyboardInterrupt
+        return real_replace(src, dst)
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_pipeline(target, **parts, overwrite=True)
+    monkeypatch.undo()
+    assert [dst for _, dst in calls] == [calls[0][1], "pipe", "pipe"]  # aside, (interrupted), back
+    assert (target / "keep.txt").read_text() == "user data"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".pipe")) == []
+
+
+def test_saving_into_a_symlinked_folder_or_the_working_directory(tiny_checkpoints, tmp_path, monkeypatch):
+    """A symlink to a folder keeps pointing at the saved pipeline; "." (a folder that the save's
+    rename would pull from under the process) is refused, naming it. Neither leaves a temporary
+    folder behind."""
+    parts = make_pipeline_dir(tiny_checkpoints, tmp_path)
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "old.txt").write_text("x")
+    (tmp_path / "current").symlink_to(real)
+    save_pipeline(tmp_path / "current", **parts, overwrite=True)
+    assert (tmp_path / "current").is_symlink() and (tmp_path / "current" / "model_index.json").is_file()
+    assert not (real / "old.txt").exists()
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    for where in (".", ".."):
+        with pytest.raises(ValueError, match=f"{re.escape(str(Path(where).resolve()))} is the working directory "
+                                             r"\(or holds it\); save the pipeline to a folder inside it"):
+            save_pipeline(where, **parts, overwrite=True)
+    assert not list(here.iterdir())
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_an_old_folder_that_cannot_be_removed_is_a_warning(tiny_checkpoints, tmp_path, monkeypatch):
+    """When the new pipeline is in place and only removing the old copy fails, the save succeeded:
+    a warning names the leftover folder."""
+    parts = make_pipeline_dir(tiny_checkpoints, tmp_path)
+    target = save_pipeline(tmp_path / "pipe", **parts)
+    real_rmtree = shutil.rmtree
+
+    def stuck(path, *args, **kwargs):
+        if ".pipe.old." not in str(path):
+            return real_rmtree(path, *args, **kwargs)
+    monkeypatch.setattr(shutil, "rmtree", stuck)
+    with pytest.warns(UserWarning, match=r"saved .*/pipe, but could not remove the previous version moved to "
+                                         r".*/\.pipe\.old\."):
+        save_pipeline(target, **parts, overwrite=True)
+    assert (target / "model_index.json").is_file()
 
 
 def test_flax_pipeline_folder_names_flax_classes(tiny_checkpoints, tmp_path):

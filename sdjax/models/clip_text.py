@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sdjax.models.layers import Pretrained, attention, check_config_ints, layer_norm
+from sdjax.models.layers import Pretrained, attention, check_config_floats, check_config_ints, layer_norm
 
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
@@ -44,6 +44,7 @@ class CLIPTextConfig:
     def __post_init__(self):
         check_config_ints("CLIP text", self, "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                           "num_attention_heads", "max_position_embeddings")
+        check_config_floats("CLIP text", self, "layer_norm_eps", positive=True)
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"CLIP text config: hidden_size {self.hidden_size} is not divisible by "
                              f"num_attention_heads {self.num_attention_heads}")

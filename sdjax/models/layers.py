@@ -134,6 +134,28 @@ def check_config_ints(model: str, config, *names: str, per_block: bool = False) 
                              + ("a list of positive integers" if per_block else "a positive integer"))
 
 
+def check_config_floats(model: str, config, *names: str, positive: bool = False) -> None:
+    """Each config field in ``names`` is a finite real number (``positive``: above 0); a ValueError
+    names the field otherwise (a string or null in config.json would fail later, inside a trace)."""
+    for name in names:
+        value = getattr(config, name)
+        if (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
+                or (positive and value <= 0)):
+            raise ValueError(f"{model} config {name}={value!r}: expected a "
+                             + ("positive number" if positive else "number"))
+
+
+def check_config_flags(model: str, config, *names: str) -> None:
+    """Each config field in ``names`` is true or false (0 / 1 become them); a ValueError names the
+    field otherwise (the string "false" would read as true)."""
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, bool):
+            if type(value) is not int or value not in (0, 1):
+                raise ValueError(f"{model} config {name}={value!r}: expected true or false")
+            object.__setattr__(config, name, bool(value))  # frozen dataclass
+
+
 def check_nhwc(name: str, x, channels: int) -> None:
     """A ValueError naming ``name`` unless ``x`` is [B, H, W, channels]: XLA's own error for an NCHW
     array (the PyTorch layout, the usual mistake) names a convolution deep inside the model."""

@@ -12,8 +12,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sdjax.models.layers import (Pretrained, Attention, Downsample2D, ResnetBlock2D, Upsample2D, check_config_ints,
-                                 check_nhwc, conv, group_norm, layer_norm, timestep_embedding)
+from sdjax.models.layers import (Pretrained, Attention, Downsample2D, ResnetBlock2D, Upsample2D, check_config_flags,
+                                 check_config_floats, check_config_ints, check_nhwc, conv, group_norm, layer_norm,
+                                 timestep_embedding)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +84,10 @@ class UNetConfig:
         check_config_ints("UNet", self, "in_channels", "out_channels", "layers_per_block", "norm_num_groups")
         check_config_ints("UNet", self, "block_out_channels", "cross_attention_dim", "num_attention_heads",
                           "transformer_layers_per_block", per_block=True)
+        check_config_floats("UNet", self, "freq_shift")
+        check_config_floats("UNet", self, "norm_eps", positive=True)
+        check_config_flags("UNet", self, "center_input_sample", "flip_sin_to_cos", "use_linear_projection",
+                           "upcast_attention")
         n = len(self.block_out_channels)
         for name in ("down_block_types", "up_block_types", "cross_attention_dim", "num_attention_heads",
                      "transformer_layers_per_block"):

@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sdjax.models.layers import (Pretrained, Attention, Downsample2D, ResnetBlock2D, Upsample2D, check_config_ints,
-                                 check_nhwc, conv, group_norm)
+from sdjax.models.layers import (Pretrained, Attention, Downsample2D, ResnetBlock2D, Upsample2D, check_config_flags,
+                                 check_config_floats, check_config_ints, check_nhwc, conv, group_norm)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +44,8 @@ class VAEConfig:
         check_config_ints("VAE", self, "in_channels", "out_channels", "layers_per_block", "latent_channels",
                           "norm_num_groups")
         check_config_ints("VAE", self, "block_out_channels", per_block=True)
+        check_config_floats("VAE", self, "scaling_factor", positive=True)
+        check_config_flags("VAE", self, "use_quant_conv", "use_post_quant_conv", "mid_block_add_attention")
         if bad := [ch for ch in self.block_out_channels if ch % self.norm_num_groups]:
             raise ValueError(f"VAE config: block_out_channels {bad} not divisible by norm_num_groups "
                              f"{self.norm_num_groups}")
