@@ -138,7 +138,10 @@ def main(argv=None) -> int:
     show_warnings_as_lines("sample.py")
     # Several hosts (a TPU pod, srun, mpirun): the same command on each; the seeds are split over
     # every device of every host, and process 0 writes the images. Before JAX touches a device.
-    parallel.initialize_distributed()
+    try:
+        parallel.initialize_distributed()
+    except ValueError as e:
+        return _fail(e)
     main_process = jax.process_index() == 0
     if jax.process_count() > 1:
         # Every process must make the same images: each computes its devices' part of every batch,

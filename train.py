@@ -41,7 +41,12 @@ def main(argv=None) -> int:
     from sdjax import parallel
     # First: on several processes jax.distributed's preemption notifier takes SIGTERM over (it logs the
     # signal and training goes on); the handler set after it stops each process as Ctrl-C does.
-    parallel.initialize_distributed()
+    try:
+        if not {"-h", "--help"} & set(sys.argv[1:] if argv is None else argv):
+            parallel.initialize_distributed()
+    except ValueError as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
     if threading.current_thread() is not threading.main_thread():   # signals reach only the main thread
         return _main(argv)
     previous = signal.signal(signal.SIGTERM, _terminate)

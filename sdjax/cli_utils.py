@@ -603,7 +603,10 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
                         writing.append(saver.submit(save_gif, frames, extra[-1]))
             written()
         if req.grid and writer:
-            extra.append(save_png(image_grid(images_for_grid), out_dir / f"{first_index:05d}-grid.png", grid_params))
+            # one row per prompt when there are several (the jobs are prompt-major); else near-square
+            columns = len(req.seeds) if len(req.prompts) > 1 and len(images_for_grid) == len(jobs) else None
+            extra.append(save_png(image_grid(images_for_grid, columns), out_dir / f"{first_index:05d}-grid.png",
+                                  grid_params))
     finally:
         if saver is not None:
             saver.shutdown(wait=True)   # also on Ctrl-C: the files listed so far are complete

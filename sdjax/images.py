@@ -100,6 +100,12 @@ def reserve_indices(directory: str | os.PathLike, count: int) -> tuple[int, Call
 
 
 # ----------------------------------------------------------------------------- metadata
+def _number(value) -> str:
+    """The shortest text that reads back as the same float: 7.5, 12, 7.123456789 (not %g's 7.12346)."""
+    text = repr(float(value))
+    return text.removesuffix(".0") if "e" not in text else text
+
+
 def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, scheduler: str, guidance_scale: float,
                      seed: int, width: int, height: int, model: str | None = None, vae: str | None = None) -> str:
     """Generation settings as AUTOMATIC1111 writes them into the PNG ``parameters`` text chunk::
@@ -112,7 +118,7 @@ def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, sche
     is width x height, and a VAE other than the model's is named (``VAE: vae-ft-mse-840000-ema-pruned``).
     """
     sampler = SAMPLER_NAMES.get(scheduler, scheduler)
-    fields = [("Steps", steps), ("Sampler", sampler), ("CFG scale", f"{float(guidance_scale):g}"), ("Seed", seed),
+    fields = [("Steps", steps), ("Sampler", sampler), ("CFG scale", _number(guidance_scale)), ("Seed", seed),
               ("Size", f"{width}x{height}")]
     if model:
         fields.append(("Model", model_name(model)))

@@ -36,11 +36,28 @@ def initialize_distributed(**kwargs) -> None:
     """``jax.distributed.initialize`` for multi-host runs (TPU pods, multi-task Slurm steps or MPI
     jobs, or explicit ``coordinator_address``/``num_processes``/``process_id`` kwargs). A no-op when
     already done or when nothing says this is a multi-process run (a one-task sbatch script or
-    ``mpirun -n 1`` is one process, which then sees every local device)."""
+    ``mpirun -n 1`` is one process, which then sees every local device).
+
+    A launch by hand names the coordinator in ``JAX_COORDINATOR_ADDRESS`` (which JAX reads) and
+    the process count and this process's number in ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``
+    (which sdjax passes on; JAX reads no variable for them). A setup JAX cannot complete is a
+    ValueError saying what to set."""
     if jax.distributed.is_initialized():
         return
-    if kwargs or env_says_multi_process():
+    if not (kwargs or env_says_multi_process()):
+        return
+    for key, env in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
+        if key not in kwargs and env in os.environ:
+            try:
+                kwargs[key] = int(os.environ[env])
+            except ValueError:
+                raise ValueError(f"{env}={os.environ[env]!r} is not an integer") from None
+    try:
         jax.distributed.initialize(**kwargs)
+    except ValueError as e:  # JAX's own says which setting is missing, not where to give it
+        raise ValueError(f"cannot start the multi-process run ({e}); the launcher did not describe it: set "
+                         "JAX_COORDINATOR_ADDRESS=HOST:PORT, JAX_NUM_PROCESSES and JAX_PROCESS_ID on every "
+                         "process, or launch with srun, mpirun or on a TPU VM") from e
 
 
 def data_mesh(devices=None) -> Mesh:

@@ -115,6 +115,10 @@ def test_names_and_a1111_parameters():
     no_negative = I.a1111_parameters("p", "", steps=3, scheduler="euler_a", guidance_scale=11, seed=0,
                                      width=64, height=32)
     assert no_negative == "p\nSteps: 3, Sampler: Euler a, CFG scale: 11, Seed: 0, Size: 64x32"
+    # the scale as used, so that the settings read back make the same image (%g wrote 7.12346)
+    for scale in (7.123456789, 1234567.0, 0.1 + 0.2, 2.5e-7):
+        text = I.a1111_parameters("p", steps=3, scheduler="ddim", guidance_scale=scale, seed=0, width=8, height=8)
+        assert float(I.parse_a1111_parameters(text)["CFG scale"]) == scale
     # prompts over several lines (A1111 allows them): the last line is the settings line
     for prompt, negative in (("a cat\nin a hat", "blurry\nugly"), ("a cat\nin a hat", ""), ("", "")):
         parsed = I.parse_a1111_parameters(I.a1111_parameters(prompt, negative, steps=3, scheduler="ddim",
@@ -271,13 +275,14 @@ def test_presets_load_and_precedence(tmp_path):
 # ----------------------------------------------------------------------------- generating
 def test_every_prompt_times_every_seed_with_metadata_and_grid(pipe_dir, pipe, tmp_path, capsys):
     out = tmp_path / "out"
-    rc, stdout, _ = run_main(capsys, "a photo of a cat", "a dog", "--seeds", "3,7", "--negative-prompt", "blurry",
-                             "--model", pipe_dir, "--out", out, "--grid", *SMALL)
+    rc, stdout, _ = run_main(capsys, "a photo of a cat", "a dog", "a bird", "--seeds", "3,7", "--negative-prompt",
+                             "blurry", "--model", pipe_dir, "--out", out, "--grid", *SMALL)
     assert rc == 0
     names = sorted(p.name for p in out.iterdir())
     assert names == ["00000-grid.png", "00000-seed3-a-photo-of-a-cat.png", "00001-seed7-a-photo-of-a-cat.png",
-                     "00002-seed3-a-dog.png", "00003-seed7-a-dog.png"]
-    assert re.search(r"^4 images in [\d.]+ s \([\d.]+ images/s, compile [\d.]+ s\)$", stdout, re.M), stdout
+                     "00002-seed3-a-dog.png", "00003-seed7-a-dog.png", "00004-seed3-a-bird.png",
+                     "00005-seed7-a-bird.png"]
+    assert re.search(r"^6 images in [\d.]+ s \([\d.]+ images/s, compile [\d.]+ s\)$", stdout, re.M), stdout
     params = I.read_png_parameters(out / "00001-seed7-a-photo-of-a-cat.png")
     assert params == ("a photo of a cat\nNegative prompt: blurry\nSteps: 3, Sampler: PLMS, CFG scale: 7.5, "
                       f"Seed: 7, Size: 32x32, Model: {pipe_dir.name}")   # the name, not the local path
@@ -285,7 +290,7 @@ def test_every_prompt_times_every_seed_with_metadata_and_grid(pipe_dir, pipe, tm
     ref = pipe(["a dog", "a photo of a cat"], "blurry", seeds=[7, 3], num_inference_steps=3, height=32, width=32)
     np.testing.assert_array_equal(pixels(out / "00003-seed7-a-dog.png"), ref.to_pil()[0])
     np.testing.assert_array_equal(pixels(out / "00000-seed3-a-photo-of-a-cat.png"), ref.to_pil()[1])
-    assert Image.open(out / "00000-grid.png").size == (2 * 32 + 3 * I.GAP, 2 * 32 + 3 * I.GAP)
+    assert Image.open(out / "00000-grid.png").size == (2 * 32 + 3 * I.GAP, 3 * 32 + 4 * I.GAP)  # a row per prompt
     assert I.read_png_parameters(out / "00000-grid.png") == I.read_png_parameters(
         out / "00000-seed3-a-photo-of-a-cat.png")   # as A1111: the first image's settings
     first_grid = (out / "00000-grid.png").read_bytes()
@@ -296,9 +301,9 @@ def test_every_prompt_times_every_seed_with_metadata_and_grid(pipe_dir, pipe, tm
                              "--out", out, *SMALL, "--progress", "auto", "--grid")
     calls = pipe.make_scheduler("pndm", 3).num_model_calls
     assert re.search(rf"steps: 100%.* {calls}/{calls} ", stderr), stderr
-    assert rc == 0 and (out / "00004-seed7-a-dog.png").is_file()
-    np.testing.assert_array_equal(pixels(out / "00004-seed7-a-dog.png"), pixels(out / "00003-seed7-a-dog.png"))
-    assert (out / "00004-grid.png").is_file() and (out / "00000-grid.png").read_bytes() == first_grid
+    assert rc == 0 and (out / "00006-seed7-a-dog.png").is_file()
+    np.testing.assert_array_equal(pixels(out / "00006-seed7-a-dog.png"), pixels(out / "00003-seed7-a-dog.png"))
+    assert (out / "00006-grid.png").is_file() and (out / "00000-grid.png").read_bytes() == first_grid
     assert not [p for p in out.iterdir() if p.name.startswith(".")]   # no temp files
 
 

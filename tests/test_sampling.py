@@ -496,6 +496,37 @@ def test_one_task_sbatch_script_runs_single_process():
     assert done.stdout.split() == ["1", str(jax.device_count())]
 
 
+def test_hand_launch_reads_the_process_count_and_id(monkeypatch):
+    """JAX reads JAX_COORDINATOR_ADDRESS but no variable for the process count and id: sdjax passes
+    JAX_NUM_PROCESSES and JAX_PROCESS_ID on, and names a bad one."""
+    seen = []
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: seen.append(kw))
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    monkeypatch.setenv("JAX_PROCESS_ID", "1")
+    parallel.initialize_distributed()
+    assert seen == [{"num_processes": 2, "process_id": 1}]
+    parallel.initialize_distributed(process_id=0)  # an explicit argument wins
+    assert seen[-1] == {"num_processes": 2, "process_id": 0}
+    monkeypatch.setenv("JAX_PROCESS_ID", "one")
+    with pytest.raises(ValueError, match="JAX_PROCESS_ID='one' is not an integer"):
+        parallel.initialize_distributed()
+
+
+def test_hand_launch_without_the_process_count_is_one_line(tmp_path):
+    """JAX_COORDINATOR_ADDRESS alone: sample.py stops with one line saying what to set (JAX's own
+    ValueError, "Number of processes must be defined", said neither where nor how)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_NUM_PROCESSES", "JAX_PROCESS_ID"))}
+    env["JAX_COORDINATOR_ADDRESS"] = "127.0.0.1:1"
+    done = subprocess.run([sys.executable, str(ROOT / "sample.py"), "a cat", "--model", str(tmp_path / "absent")],
+                          env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.startswith("sample.py: error: cannot start the multi-process run (")
+    assert "set JAX_COORDINATOR_ADDRESS=HOST:PORT, JAX_NUM_PROCESSES and JAX_PROCESS_ID" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 MULTIHOST_WORKER = textwrap.dedent("""
     import contextlib, importlib.util, io, json, os, sys
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
