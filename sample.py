@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 from sdjax.cli_utils import (DEFAULT_MODEL, DTYPES, PROGRESS_MODES, OneLineErrorParser, SampleRequest, UsageError,
-                             load_config, parse_seeds, read_prompts_file, resolve_config_path, validate_request)
+                             load_config, parse_scheduler_options, parse_seeds, read_prompts_file,
+                             resolve_config_path, validate_request)
 
 PROG = "sample.py"
 CONFIG_DIRS = (Path(__file__).resolve().parent / "configs",)
@@ -57,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=50, help="denoising steps (default 50, typical 20-100)")
     p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (default 7.5, typical 5-15)")
     p.add_argument("--scheduler", default="pndm", help="pndm (default), ddim, euler, euler_a, dpmpp_2m, lms or ddpm")
+    p.add_argument("--scheduler-option", metavar="KEY=VALUE", action="append", default=[],
+                   help="a scheduler setting, repeatable: use_karras_sigmas=true (DPM++ 2M Karras, also euler and "
+                        "lms), eta=1 (ddim), timestep_spacing=trailing, ... (any diffusers config key of the "
+                        "scheduler; the value is read as YAML: true, 1.0, text)")
     p.add_argument("--height", type=int, default=512, help="pixels, a multiple of 8 (default 512)")
     p.add_argument("--width", type=int, default=512, help="pixels, a multiple of 8 (default 512)")
     p.add_argument("--dtype", default=None, help=f"{' / '.join(DTYPES)}; default bfloat16 on GPU/TPU, float32 on CPU")
@@ -91,8 +96,9 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
     if args.prompts_file:
         prompts += read_prompts_file(args.prompts_file)
     seeds = args.seeds if isinstance(args.seeds, list) else parse_seeds(args.seeds)
+    options = {**getattr(args, "scheduler_options", {}), **parse_scheduler_options(args.scheduler_option)}
     req = SampleRequest(prompts=prompts, seeds=seeds, negative_prompt=args.negative_prompt, model=args.model,
-                        model_config=args.model_config, vae=args.vae,
+                        model_config=args.model_config, vae=args.vae, scheduler_options=options,
                         steps=args.steps, guidance_scale=args.guidance_scale, scheduler=args.scheduler,
                         height=args.height, width=args.width, dtype=args.dtype, batch_size=args.batch_size,
                         out=str(Path(args.out).expanduser()), variant=args.variant, grid=args.grid, trajectory=args.trajectory)

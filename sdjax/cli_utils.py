@@ -24,7 +24,7 @@ from sdjax.images import (a1111_parameters, as_pil, image_grid, image_file_name,
                           save_gif, save_png)
 from sdjax.models.layers import attention_setting_problem
 from sdjax.pipeline import DEFAULT_MODEL, MAX_SEED, model_options_problem  # noqa: F401  (re-exported for sample.py)
-from sdjax.schedulers import SCHEDULERS
+from sdjax.schedulers import SCHEDULERS, resolve_scheduler_config
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -138,6 +138,7 @@ CONFIG_KEYS: dict[str, tuple[type | tuple, str]] = {
     "steps": (int, "number of denoising steps"),
     "guidance_scale": ((int, float), "classifier-free guidance strength"),
     "scheduler": (str, f"one of {', '.join(SCHEDULERS)}"),
+    "scheduler_options": (dict, "scheduler settings, e.g. {use_karras_sigmas: true}"),
     "height": (int, "image height in pixels (multiple of 8)"),
     "width": (int, "image width in pixels (multiple of 8)"),
     "dtype": (str, f"one of {', '.join(DTYPES)}"),
@@ -249,13 +250,35 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
                 raise UsageError(f"{path}: key 'seeds': {e}") from e
         if key == "guidance_scale":
             value = float(value)
+        if key == "scheduler_options" and (bad := [k for k in value if not isinstance(k, str)]):
+            raise UsageError(f"{path}: key 'scheduler_options' has key {bad[0]!r}; expected setting names")
         out[key] = value
     return out
 
 
+def parse_scheduler_options(items: Sequence[str]) -> dict[str, Any]:
+    """``["use_karras_sigmas=true", "eta=0.5"]`` -> ``{"use_karras_sigmas": True, "eta": 0.5}`` (each
+    value read as YAML, so true / 1 / 0.5 / text are what they look like)."""
+    import yaml
+    options = {}
+    for item in items:
+        key, eq, text = item.partition("=")
+        if not eq or not key.strip():
+            raise UsageError(f"--scheduler-option {item!r}: expected KEY=VALUE, e.g. use_karras_sigmas=true")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        if value is None or isinstance(value, (list, dict)):
+            raise UsageError(f"--scheduler-option {item!r}: expected one value (true, a number or a word)")
+        options[key.strip()] = value
+    return options
+
+
 def _type_name(types) -> str:
     types = types if isinstance(types, tuple) else (types,)
-    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list"}
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list",
+             dict: "a mapping"}
     return " or ".join(names.get(t, t.__name__) for t in types)
 
 
@@ -273,6 +296,7 @@ class SampleRequest:
     steps: int = 50
     guidance_scale: float = 7.5
     scheduler: str = "pndm"
+    scheduler_options: dict = dataclasses.field(default_factory=dict)   # e.g. {"use_karras_sigmas": True}
     height: int = 512
     width: int = 512
     dtype: str | None = None          # None: bfloat16 on GPU/TPU, float32 on CPU
@@ -312,6 +336,10 @@ def validate_request(req: SampleRequest) -> None:
             raise UsageError(f"--{name} {size}: must be a positive multiple of 8")
     if req.scheduler not in SCHEDULERS:
         raise UsageError(f"unknown scheduler {req.scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
+    try:   # the keys now; the values once the model's scheduler config is read
+        resolve_scheduler_config(req.scheduler, {}, **req.scheduler_options)
+    except TypeError as e:
+        raise UsageError(f"--scheduler-option: {e}") from None
     if not isinstance(req.steps, int) or isinstance(req.steps, bool) or not 1 <= req.steps <= 1000:
         raise UsageError(f"--steps {req.steps}: must be an integer in 1..1000 (typical 20-100)")
     if not isinstance(req.guidance_scale, (int, float)) or not math.isfinite(req.guidance_scale):
@@ -540,7 +568,7 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
         out_dir.mkdir(parents=True, exist_ok=True)
     per_call = parallel.padded_size(req.batch_size or 4 * pipe.mesh.size, pipe.mesh)
     per_call = min(per_call, parallel.padded_size(len(jobs), pipe.mesh))
-    sched = pipe.make_scheduler(req.scheduler, req.steps)
+    sched = pipe.make_scheduler(req.scheduler, req.steps, **req.scheduler_options)
     picks = trajectory_steps(sched.num_model_calls, req.trajectory_frames) if req.trajectory else None
 
     files: list[Path] = []
@@ -579,7 +607,7 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
                 out = pipe([p for p, _ in padded], negative, seeds=[s for _, s in padded],
                            num_inference_steps=req.steps, guidance_scale=req.guidance_scale, height=req.height,
                            width=req.width, scheduler=req.scheduler, batch_size=per_call,
-                           return_intermediates=picks, progress=step_bar)
+                           return_intermediates=picks, progress=step_bar, scheduler_options=req.scheduler_options)
                 noise = noise_images(pipe, [s for _, s in padded], req.height, req.width) if req.trajectory else None
                 generated += len(batch)
                 _stop_together(written if writer else None)
@@ -589,7 +617,8 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
                     index = first_index + len(files)
                     params = a1111_parameters(prompt, negative, steps=req.steps, scheduler=req.scheduler,
                                               guidance_scale=req.guidance_scale, seed=seed, width=req.width,
-                                              height=req.height, model=req.model, vae=req.vae)
+                                              height=req.height, model=req.model, vae=req.vae,
+                                              scheduler_options=req.scheduler_options)
                     files.append(out_dir / image_file_name(index, seed, prompt))
                     writing.append(saver.submit(save_png, out.images[b], files[-1], params))
                     if req.grid:   # as 8-bit, a quarter of the float images' memory over a long run

@@ -107,7 +107,8 @@ def _number(value) -> str:
 
 
 def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, scheduler: str, guidance_scale: float,
-                     seed: int, width: int, height: int, model: str | None = None, vae: str | None = None) -> str:
+                     seed: int, width: int, height: int, model: str | None = None, vae: str | None = None,
+                     scheduler_options: dict | None = None) -> str:
     """Generation settings as AUTOMATIC1111 writes them into the PNG ``parameters`` text chunk::
 
         a photo of a cat
@@ -116,10 +117,20 @@ def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, sche
 
     Like A1111, the ``Negative prompt:`` line is left out when there is no negative prompt, Size
     is width x height, and a VAE other than the model's is named (``VAE: vae-ft-mse-840000-ema-pruned``).
+    ``scheduler_options`` are written as A1111 names them where it has them (``Schedule type:
+    Karras`` for ``use_karras_sigmas``, ``Eta DDIM``), the others under their own names.
     """
     sampler = SAMPLER_NAMES.get(scheduler, scheduler)
-    fields = [("Steps", steps), ("Sampler", sampler), ("CFG scale", _number(guidance_scale)), ("Seed", seed),
-              ("Size", f"{width}x{height}")]
+    fields = [("Steps", steps), ("Sampler", sampler)]
+    for key, value in (scheduler_options or {}).items():
+        if key == "use_karras_sigmas":
+            if value:
+                fields.append(("Schedule type", "Karras"))
+        elif key == "eta" and scheduler == "ddim":
+            fields.append(("Eta DDIM", _number(value)))
+        else:
+            fields.append((key, str(value).lower() if isinstance(value, bool) else value))
+    fields += [("CFG scale", _number(guidance_scale)), ("Seed", seed), ("Size", f"{width}x{height}")]
     if model:
         fields.append(("Model", model_name(model)))
     if vae:

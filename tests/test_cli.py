@@ -307,6 +307,46 @@ def test_every_prompt_times_every_seed_with_metadata_and_grid(pipe_dir, pipe, tm
     assert not [p for p in out.iterdir() if p.name.startswith(".")]   # no temp files
 
 
+def test_scheduler_options_from_flags_and_presets(tmp_path):
+    """--scheduler-option KEY=VALUE (values read as YAML) over a preset's scheduler_options; a key
+    the scheduler does not take, or an item without "=", is one line naming it."""
+    cfg = tmp_path / "karras.yaml"
+    cfg.write_text("scheduler: dpmpp_2m\nscheduler_options: {use_karras_sigmas: true, timestep_spacing: leading}\n")
+    req, _ = sample.parse_request(["a cat", "--config", str(cfg), "--scheduler-option", "timestep_spacing=trailing"])
+    assert req.scheduler_options == {"use_karras_sigmas": True, "timestep_spacing": "trailing"}
+    req, _ = sample.parse_request(["a cat", "--scheduler", "ddim", "--scheduler-option", "eta=0.5"])
+    assert req.scheduler_options == {"eta": 0.5}
+    for argv, message in (
+            (["--scheduler", "ddim", "--scheduler-option", "use_karras_sigmas=true"],
+             "--scheduler-option: 'ddim' scheduler has no option 'use_karras_sigmas'; valid options: "),
+            (["--scheduler-option", "karras"], "--scheduler-option 'karras': expected KEY=VALUE"),
+            (["--scheduler-option", "eta="], "--scheduler-option 'eta=': expected one value")):
+        with pytest.raises(UsageError, match=re.escape(message)):
+            sample.parse_request(["a cat", *argv])
+    cfg.write_text("scheduler_options: [use_karras_sigmas]\n")
+    with pytest.raises(UsageError, match="key 'scheduler_options' has value .*; expected a mapping"):
+        sample.parse_request(["a cat", "--config", str(cfg)])
+
+
+def test_scheduler_options_make_the_pipelines_image_and_are_recorded(pipe_dir, pipe, tmp_path, capsys):
+    """DPM++ 2M Karras from the command line is the pipeline's image with use_karras_sigmas, and the
+    PNG parameters say "Schedule type: Karras" as A1111 writes it."""
+    out = tmp_path / "out"
+    rc, _, stderr = run_main(capsys, "a dog", "--seeds", "4", "--scheduler", "dpmpp_2m", "--scheduler-option",
+                             "use_karras_sigmas=true", "--model", pipe_dir, "--out", out, *SMALL)
+    assert rc == 0, stderr
+    params = I.read_png_parameters(out / "00000-seed4-a-dog.png")
+    assert "Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.5, Seed: 4" in params
+    ref = pipe("a dog", seeds=4, num_inference_steps=3, height=32, width=32, scheduler="dpmpp_2m",
+               scheduler_options={"use_karras_sigmas": True}).to_pil()
+    plain = pipe("a dog", seeds=4, num_inference_steps=3, height=32, width=32, scheduler="dpmpp_2m").to_pil()
+    np.testing.assert_array_equal(pixels(out / "00000-seed4-a-dog.png"), ref[0])
+    assert not np.array_equal(np.asarray(ref[0]), np.asarray(plain[0]))   # the option changed the image
+    assert I.a1111_parameters("p", steps=3, scheduler="ddim", scheduler_options={"eta": 0.5, "timestep_spacing":
+                              "trailing"}, guidance_scale=7, seed=0, width=8, height=8) == \
+        "p\nSteps: 3, Sampler: DDIM, Eta DDIM: 0.5, timestep_spacing: trailing, CFG scale: 7, Seed: 0, Size: 8x8"
+
+
 def test_negative_prompt_without_guidance_is_ignored_with_a_warning(pipe_dir, pipe, tmp_path, capsys):
     """At --guidance-scale <= 1 there is no unconditional pass, so a negative prompt changes nothing:
     the user is told, and the PNG's parameters leave it out (A1111 would use it to remake the image)."""
