@@ -12,6 +12,7 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -103,15 +104,22 @@ def padded_size(n: int, mesh: Mesh) -> int:
     return max(k, math.ceil(n / k) * k)
 
 
+def _is_key_array(array) -> bool:
+    """Typed PRNG keys (`sdjax.sampling.image_keys`), which numpy cannot hold."""
+    return isinstance(array, jax.Array) and jax.dtypes.issubdtype(array.dtype, jax.dtypes.prng_key)
+
+
 def pad_batch(array: np.ndarray, size: int) -> np.ndarray:
-    """Pad axis 0 to ``size`` by repeating the last row (padded results are trimmed away)."""
+    """Pad axis 0 to ``size`` by repeating the last row (padded results are trimmed away). A numpy
+    array stays one; a JAX array (typed PRNG keys too) stays a JAX array."""
     n = np.shape(array)[0] if np.ndim(array) else 0
     if not 1 <= n <= size:
         raise ValueError(f"pad_batch: an array of shape {np.shape(array)} cannot be padded to {size} rows "
                          f"(it needs 1 to {size} rows along axis 0)")
     if n == size:
         return array
-    return np.concatenate([array, np.repeat(array[-1:], size - n, axis=0)], axis=0)
+    xp = jnp if isinstance(array, jax.Array) else np
+    return xp.concatenate([array, xp.repeat(array[-1:], size - n, axis=0)], axis=0)
 
 
 def _check_batch_axis(shape: tuple, mesh: Mesh, axis: int) -> None:
@@ -124,7 +132,12 @@ def _check_batch_axis(shape: tuple, mesh: Mesh, axis: int) -> None:
 
 def shard_batch(host_array: np.ndarray, mesh: Mesh, axis: int = 0) -> jax.Array:
     """A global array split over the data axis from the same host array on every process. The batch
-    (``axis``) must divide over the mesh: pad it with ``pad_batch(a, padded_size(n, mesh))``."""
+    (``axis``) must divide over the mesh: pad it with ``pad_batch(a, padded_size(n, mesh))``. Typed
+    PRNG keys (one per image, `sdjax.sampling.image_keys`) are split as their key data."""
+    if _is_key_array(host_array):
+        impl = jax.random.key_impl(host_array)
+        data = shard_batch(jax.random.key_data(host_array), mesh, axis)
+        return jax.jit(lambda d: jax.random.wrap_key_data(d, impl=impl))(data)
     host_array = np.asarray(host_array)
     _check_batch_axis(host_array.shape, mesh, axis)
     return jax.make_array_from_callback(host_array.shape, batch_sharding(mesh, axis), lambda index: host_array[index])

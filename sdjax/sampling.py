@@ -29,6 +29,14 @@ def initial_noise(keys_B, latent_shape_HWC) -> jax.Array:
     return jax.vmap(lambda k: jax.random.normal(k, latent_shape_HWC, F32))(keys_B)
 
 
+def step_keys(keys_B) -> jax.Array:
+    """The keys of the per-step noise of stochastic schedulers (euler_a, ddpm, ddim with eta > 0)
+    as `generate` (and so the pipeline) derives them from the images' keys: distinct from the keys
+    of the initial noise. ``denoise(..., keys_B=step_keys(image_keys(seeds)))`` gives the pipeline's
+    images for those seeds."""
+    return jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys_B)
+
+
 def encode_prompts(text_encoder, token_ids_BT) -> jax.Array:
     """Text states [B, 77, D] that the UNet attends to (``last_hidden_state``)."""
     return text_encoder(token_ids_BT).last_hidden_state
@@ -50,7 +58,8 @@ def predicted_clean(scheduler: Scheduler, model_input, model_output, i) -> jax.A
 
 
 def guided_model_output(unet, model_input_B, t, cond_BSD, uncond_BSD, guidance_scale) -> jax.Array:
-    """Classifier-free guidance as one batched UNet call: eps_u + g * (eps_c - eps_u).
+    """Classifier-free guidance as one batched UNet call: eps_u + g * (eps_c - eps_u), with
+    ``guidance_scale`` g a number or one per image ([B]).
 
     The two halves are interleaved per image ([u0, c0, u1, c1, ...]) rather than concatenated, so
     with the batch split over devices each device keeps its own images' pairs (no cross-device
@@ -63,7 +72,18 @@ def guided_model_output(unet, model_input_B, t, cond_BSD, uncond_BSD, guidance_s
     eps = unet(pair(model_input_B, model_input_B), t, pair(uncond_BSD, cond_BSD)).astype(F32)
     eps = eps.reshape(B, 2, *eps.shape[1:])
     eps_uncond, eps_cond = eps[:, 0], eps[:, 1]
-    return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+    return eps_uncond + _per_image(guidance_scale, B, eps_cond.ndim) * (eps_cond - eps_uncond)
+
+
+def _per_image(guidance_scale, B: int, ndim: int) -> jax.Array:
+    """A number, or one per image [B] shaped to multiply [B, h, w, C] row by row (a bare [B] would
+    line up with the channels)."""
+    g = jnp.asarray(guidance_scale, F32)
+    if g.ndim == 0:
+        return g
+    if g.ndim == 1 and g.shape[0] in (1, B):
+        return g.reshape(-1, *([1] * (ndim - 1)))
+    raise ValueError(f"guidance_scale has shape {tuple(g.shape)}; expected a number or one per image ([{B}])")
 
 
 def denoise(unet, scheduler: Scheduler, latents_BHWC, cond_BSD, uncond_BSD=None, guidance_scale=7.5,
@@ -72,8 +92,9 @@ def denoise(unet, scheduler: Scheduler, latents_BHWC, cond_BSD, uncond_BSD=None,
 
     ``latents_BHWC``: initial latents already multiplied by ``scheduler.init_noise_sigma``.
     ``cond_BSD`` / ``uncond_BSD``: text states for each image, or one ([1, S, D]) for all of them;
-    ``uncond_BSD=None`` skips guidance (one UNet pass). ``keys_B``: per-image keys for stochastic
-    schedulers. Returns the final latents, and with ``return_predictions`` also the clean latents
+    ``uncond_BSD=None`` skips guidance (one UNet pass); ``guidance_scale``: a number or one per
+    image ([B]). ``keys_B``: per-image keys for stochastic schedulers (`step_keys` gives the
+    pipeline's). Returns the final latents, and with ``return_predictions`` also the clean latents
     predicted at every model call, from that call's output before the scheduler's update
     ([num_model_calls, B, h, w, C]).
 
@@ -151,8 +172,7 @@ def generate(graphdefs: SDState, state: SDState, scheduler: Scheduler, cond_ids_
         latents_BHWC = initial_noise(keys, latent_shape_HWC)
     cond = encode_prompts(text_encoder, cond_ids_BT)
     uncond = encode_prompts(text_encoder, uncond_ids_BT) if use_guidance else None
-    noise_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)  # distinct from the initial-noise key
     out = denoise(unet, scheduler, latents_BHWC.astype(F32) * scheduler.init_noise_sigma, cond, uncond,
-                  guidance_scale, noise_keys, return_predictions, on_step)
+                  guidance_scale, step_keys(keys), return_predictions, on_step)
     latents, predictions = out if return_predictions else (out, None)
     return GenerateOutput(decode_latents(vae, latents), predictions)

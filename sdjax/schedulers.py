@@ -8,13 +8,13 @@ closed over.  Stepping is pure: ``step(state, model_output, i, latents, key) -> 
 traced loop index ``i``, fixed-shape state and no Python branching on traced values, which makes the whole
 sampling loop one ``lax.scan``::
 
-    sched = make_scheduler("pndm", config, num_inference_steps=50)
+    sched = make_scheduler("pndm", config, num_inference_steps=50)   # keys_B: one PRNG key per image
     latents = noise * sched.init_noise_sigma
     def body(carry, i):
         latents, state = carry
         model_input = sched.scale_model_input(state, latents, i)
         eps = unet(model_input, sched.timestep(i), text)
-        return sched.step(state, eps, i, latents, image_keys), None
+        return sched.step(state, eps, i, latents, keys_B), None
     (latents, _), _ = jax.lax.scan(body, (latents, sched.init_state(latents)),
                                    jnp.arange(sched.num_model_calls))
 

@@ -187,6 +187,13 @@ def test_sharding_helpers_say_what_is_wrong():
     for bad in (np.zeros((0, 2)), np.zeros((9, 2)), np.float32(1)):
         with pytest.raises(ValueError, match="cannot be padded to 8 rows"):
             parallel.pad_batch(bad, 8)
+    # typed PRNG keys (sampling.image_keys), which numpy cannot hold, pad and split as well
+    from sdjax.sampling import image_keys
+    keys = parallel.pad_batch(image_keys(jnp.arange(6, dtype=jnp.uint32)), 8)
+    split_keys = parallel.shard_batch(keys, mesh)
+    assert split_keys.sharding.shard_shape(split_keys.shape) == (1,)
+    np.testing.assert_array_equal(jax.random.key_data(split_keys),
+                                  jax.random.key_data(image_keys(jnp.array([0, 1, 2, 3, 4, 5, 5, 5], jnp.uint32))))
     assert parallel.replicate(sharded, mesh) is not sharded                  # split -> copied whole
     whole = parallel.replicate(jnp.ones(3), mesh)
     assert parallel.replicate(whole, mesh) is whole                          # already whole: no copy
@@ -459,6 +466,31 @@ def test_denoise_takes_one_text_state_for_every_image(pipe):
         sampling.denoise(pipe.unet, sched, latents, text[0], None, 1.0)
     with pytest.raises(ValueError, match="uncond_BSD has shape .* must agree in tokens and width"):
         sampling.denoise(pipe.unet, sched, latents, text[:1], text[1:, :, :16], 7.5)
+
+
+def test_denoise_per_image_guidance_and_the_pipelines_step_keys(pipe):
+    """A guidance scale per image ([B]) guides each image by its own (a bare [B] used to multiply the
+    4 latent channels when B was 4); step_keys gives the pipeline's images of a stochastic scheduler."""
+    from sdjax import sampling
+    from sdjax.text import tokenize
+    sched = pipe.make_scheduler("euler_a", 2)
+    ids = jnp.asarray(tokenize(pipe.tokenizer, ["the cat", ""]))
+    text = sampling.encode_prompts(pipe.text_encoder, ids)
+    seeds = jnp.arange(4, dtype=jnp.uint32)
+    keys = sampling.image_keys(seeds)
+    noise = sampling.initial_noise(keys, (SIZE // 2, SIZE // 2, 4)) * sched.init_noise_sigma
+    scales = jnp.array([1.5, 3.0, 5.0, 7.5])
+    run = lambda x, g, k: sampling.denoise(pipe.unet, sched, x, text[:1], text[1:], g, k)  # noqa: E731
+    together = run(noise, scales, sampling.step_keys(keys))
+    for b in range(4):
+        alone = run(noise[b:b + 1], float(scales[b]), sampling.step_keys(keys[b:b + 1]))
+        np.testing.assert_allclose(together[b:b + 1], alone, rtol=1e-4, atol=1e-4)  # sigma-scaled latents ~20
+    with pytest.raises(ValueError, match=r"guidance_scale has shape \(3,\); expected a number or one per image \(\[4\]\)"):
+        run(noise, scales[:3], keys)
+    images = sampling.decode_latents(pipe.vae, together)
+    want = np.concatenate([pipe("the cat", seeds=int(s), num_inference_steps=2, height=SIZE, width=SIZE,
+                                scheduler="euler_a", guidance_scale=float(g)).images for s, g in zip(seeds, scales)])
+    np.testing.assert_allclose(np.asarray(images), want, atol=1e-4)
 
 
 def test_token_ids_past_the_text_encoders_vocabulary_are_an_error(pipe, monkeypatch):
