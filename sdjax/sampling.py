@@ -87,16 +87,19 @@ def _per_image(guidance_scale, B: int, ndim: int) -> jax.Array:
 
 
 def denoise(unet, scheduler: Scheduler, latents_BHWC, cond_BSD, uncond_BSD=None, guidance_scale=7.5,
-            keys_B=None, return_predictions: bool = False, on_step=None):
+            keys_B=None, return_predictions: bool = False, on_step=None, *, start: int = 0):
     """Run the whole reverse process as one ``lax.scan`` over the scheduler's model calls.
 
-    ``latents_BHWC``: initial latents already multiplied by ``scheduler.init_noise_sigma``.
+    ``latents_BHWC``: initial latents already multiplied by ``scheduler.init_noise_sigma``; or,
+    with ``start`` > 0 (img2img: a static int, the loop index to begin at), clean latents noised
+    to that point, ``scheduler.add_noise(x0, noise, scheduler.timesteps[start])``; the scheduler
+    is entered there as diffusers does (`Scheduler.starting_at`).
     ``cond_BSD`` / ``uncond_BSD``: text states for each image, or one ([1, S, D]) for all of them;
     ``uncond_BSD=None`` skips guidance (one UNet pass); ``guidance_scale``: a number or one per
     image ([B]). ``keys_B``: per-image keys for stochastic schedulers (`step_keys` gives the
     pipeline's). Returns the final latents, and with ``return_predictions`` also the clean latents
     predicted at every model call, from that call's output before the scheduler's update
-    ([num_model_calls, B, h, w, C]).
+    ([num_model_calls - start, B, h, w, C]).
 
     ``on_step``: an optional host function, called as ``on_step(i)`` (``i`` a numpy int) when the
     loop starts model call ``i``, so calls ``0..i-1`` are done; for progress bars. It runs through
@@ -111,6 +114,8 @@ def denoise(unet, scheduler: Scheduler, latents_BHWC, cond_BSD, uncond_BSD=None,
         raise ValueError(f"uncond_BSD has shape {tuple(uncond_BSD.shape)} and cond_BSD {tuple(cond_BSD.shape)}: "
                          "they must agree in tokens and width")
     cond_BSD, uncond_BSD = (_match_batch(x, B, name) for x, name in ((cond_BSD, "cond_BSD"), (uncond_BSD, "uncond_BSD")))
+    if start:
+        scheduler = scheduler.starting_at(start)
 
     def body(carry, i):
         x, state = carry
@@ -126,7 +131,7 @@ def denoise(unet, scheduler: Scheduler, latents_BHWC, cond_BSD, uncond_BSD=None,
 
     latents_BHWC = latents_BHWC.astype(F32)
     (latents, _), predictions = jax.lax.scan(body, (latents_BHWC, scheduler.init_state(latents_BHWC)),
-                                             jnp.arange(scheduler.num_model_calls))
+                                             jnp.arange(start, scheduler.num_model_calls))
     return (latents, predictions) if return_predictions else latents
 
 

@@ -525,6 +525,22 @@ class Scheduler:
         """The scan carry before the first step (zeros shaped after ``latents``)."""
         return NoState()
 
+    def starting_at(self, start: int) -> "Scheduler":
+        """This schedule entered at loop index ``start`` with a fresh `init_state`, as diffusers
+        runs it for img2img (``set_begin_index(start)``, or ``timesteps[start:]`` for PNDM): the
+        multistep schedulers then begin with their first-order / warm-up steps there instead of
+        combining outputs they never saw. Loop ``i`` over ``start..num_model_calls - 1`` from
+        ``add_noise(x0, noise, timesteps[start])``; `sdjax.sampling.denoise` takes ``start=``."""
+        self._start_index(start)
+        return self
+
+    def _start_index(self, start) -> int:
+        if isinstance(start, bool) or not isinstance(start, (int, np.integer)) \
+                or not 0 <= start < self.num_model_calls:
+            raise ValueError(f"{type(self).__name__}: start {start!r} must be an integer in "
+                             f"0..{self.num_model_calls - 1} (a loop index of the schedule)")
+        return int(start)
+
     def scale_model_input(self, state, latents, i) -> jax.Array:
         """The UNet input at loop index ``i`` (identity unless the scheduler works in sigma space)."""
         self._loop_index(i)
@@ -597,11 +613,27 @@ class PNDMScheduler(Scheduler):
     stash_sample: Any            # bool [N]: remember this sample
     use_stashed_sample: Any      # bool [N]: step from the remembered sample instead
 
+    step_ratio: int = _static(default=0)             # num_train_timesteps // steps
+    runge_kutta: bool = _static(default=False)        # Runge-Kutta warm-up (skip_prk_steps false)
+
     name = "pndm"
 
     def init_state(self, latents):
         zeros = jnp.zeros(jnp.shape(latents), _F32)
         return PNDMState(jnp.zeros((3,) + zeros.shape, _F32), zeros, zeros)
+
+    def starting_at(self, start: int) -> "PNDMScheduler":
+        """See `Scheduler.starting_at`: the PLMS warm-up (a step, then a re-step with the average of
+        two outputs, then Adams-Bashforth of growing order) begins at ``start``, as diffusers'
+        counter does when its loop begins there."""
+        start = self._start_index(start)
+        if start == 0:
+            return self
+        if self.runge_kutta:
+            raise NotImplementedError("PNDM with Runge-Kutta steps (skip_prk_steps=False) cannot start midway")
+        tables = _plms_rows(self.timesteps[start:], self.step_ratio)
+        return dataclasses.replace(self, **{name: _replace_from(getattr(self, name), start, rows)
+                                            for name, rows in tables.items()})
 
     def step(self, state, model_output, i, latents, key=None):
         i = self._loop_index(i)
@@ -790,6 +822,12 @@ class DPMSolverMultistepScheduler(_SigmaScheduler):
     def init_state(self, latents):
         return DPMSolverState(jnp.zeros(jnp.shape(latents), _F32))
 
+    def starting_at(self, start: int) -> "DPMSolverMultistepScheduler":
+        """See `Scheduler.starting_at`: the step at ``start`` is first order (diffusers counts the
+        steps it has taken, so its first one is)."""
+        start = self._start_index(start)
+        return dataclasses.replace(self, first_order=_replace_from(self.first_order, start, np.array([True])))
+
     @staticmethod
     def _alpha_sigma(sigma):
         """(alpha_t, sigma_t) of the variance-preserving process with noise-to-signal ratio sigma."""
@@ -934,20 +972,11 @@ def _build_pndm(settings: dict, num_steps: int) -> PNDMScheduler:
         rows.append((timestep, alpha_t, prev_t, current, history, accumulated, keep, add, push, stash, use_stash))
 
     if settings["skip_prk_steps"]:
-        # Pseudo linear multistep from the start: the second-to-last timestep is evaluated twice; call 1
-        # re-steps from the first sample with the average of the first two outputs (a Heun-like start),
-        # and its output is not remembered.
+        # Pseudo linear multistep from the start: the second-to-last timestep is evaluated twice.
         plms = np.concatenate([ascending[:-1], ascending[-2:-1], ascending[-1:]])[::-1]
-        remembered = 0
-        for counter, t in enumerate(plms):
-            t = int(t)
-            if counter == 1:
-                row(t, t + step_ratio, t, current=0.5, history=(0.5, 0.0, 0.0), use_stash=True)
-                continue
-            weights = _ADAMS_BASHFORTH[min(remembered + 1, 4)]
-            history = tuple(weights[1:]) + (0.0,) * (4 - len(weights))
-            row(t, t, t - step_ratio, current=weights[0], history=history, push=True, stash=(counter == 0))
-            remembered += 1
+        return PNDMScheduler(**_common_fields(settings, plms, alphas_cumprod, 1.0),
+                             final_alpha_cumprod=_final_alpha_cumprod(settings, alphas_cumprod),
+                             **_plms_rows(plms, step_ratio), step_ratio=step_ratio)
     else:
         # Runge-Kutta warm-up: 3 steps of 4 model calls each over the last 4 timesteps, then 4th-order PLMS.
         order = 4
@@ -986,7 +1015,44 @@ def _build_pndm(settings: dict, num_steps: int) -> PNDMScheduler:
         push_history=np.asarray(columns[8], dtype=bool),
         stash_sample=np.asarray(columns[9], dtype=bool),
         use_stashed_sample=np.asarray(columns[10], dtype=bool),
+        step_ratio=step_ratio,
+        runge_kutta=True,
     )
+
+
+def _replace_from(table, start: int, rows):
+    """``table`` with its rows from ``start`` on replaced by ``rows`` (as many as given); numpy stays
+    numpy, and a traced table (a scheduler passed into ``jit``) is updated as one."""
+    if isinstance(table, jax.Array) or isinstance(rows, jax.Array):
+        return jnp.asarray(table).at[start:start + len(rows)].set(rows)
+    table = np.array(table)
+    table[start:start + len(rows)] = rows
+    return table
+
+
+def _plms_rows(timesteps, step_ratio: int) -> dict[str, Any]:
+    """PNDMScheduler's tables for pseudo linear multistep steps at ``timesteps`` (the model calls
+    from the one where diffusers' counter is 0): call 0 steps with its output alone and stashes its
+    sample; call 1 re-steps from that sample with the average of the first two outputs (a Heun-like
+    start; its output is not remembered); then Adams-Bashforth of order 2, 3 and 4. The weights
+    depend on the position alone; the timesteps may be traced (a scheduler passed into ``jit``)."""
+    xp = jnp if isinstance(timesteps, jax.Array) else np
+    t = xp.asarray(timesteps).astype(xp.int32)
+    counter = np.arange(t.shape[0])
+    second = counter == 1
+    rows = []
+    for c in counter:
+        if c == 1:
+            rows.append((0.5, (0.5, 0.0, 0.0)))
+            continue
+        weights = _ADAMS_BASHFORTH[min((c if c == 0 else c - 1) + 1, 4)]
+        rows.append((weights[0], tuple(weights[1:]) + (0.0,) * (4 - len(weights))))
+    current, history = zip(*rows)
+    zeros = _f32(np.zeros(len(rows)))
+    return dict(alpha_timestep=t + step_ratio * _i32(second), prev_alpha_timestep=t - step_ratio * _i32(~second),
+                current_weight=_f32(current), history_weights=_f32(history).reshape(-1, 3),
+                accumulated_weight=zeros, accumulator_keep=zeros, accumulator_add=zeros,
+                push_history=~second, stash_sample=counter == 0, use_stashed_sample=second)
 
 
 def _build_ddim(settings: dict, num_steps: int) -> DDIMScheduler:
