@@ -218,7 +218,11 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     try:
-        sys.exit(main())
+        code = main()
     except KeyboardInterrupt:   # while loading: nothing written yet
         print(f"\n{PROG}: interrupted", file=sys.stderr)
-        sys.exit(130)
+        code = 130
+    if code == 130:
+        from sdjax.cli_utils import exit_after_interrupt
+        exit_after_interrupt(code)
+    sys.exit(code)

@@ -116,7 +116,11 @@ def _main(argv=None) -> int:
 
 if __name__ == "__main__":
     try:
-        sys.exit(main())
+        code = main()
     except KeyboardInterrupt as e:   # before training started (loading, an export): nothing half-written
         print(f"\ntrain.py: {'terminated (SIGTERM)' if isinstance(e, Terminated) else 'interrupted'}", file=sys.stderr)
-        sys.exit(143 if isinstance(e, Terminated) else 130)
+        code = 143 if isinstance(e, Terminated) else 130
+    if code in (130, 143):
+        from sdjax.cli_utils import exit_after_interrupt
+        exit_after_interrupt(code)
+    sys.exit(code)

@@ -15,6 +15,7 @@ import dataclasses
 import math
 import os
 import re
+import sys
 import threading
 import time
 from pathlib import Path
@@ -33,6 +34,15 @@ class UsageError(ValueError):
     """Bad input to the command line tool: the message is shown to the user as is."""
 
 
+def exit_after_interrupt(code: int) -> None:
+    """Leave with ``code``, skipping the interpreter's teardown, after Ctrl-C / SIGTERM has been
+    handled (files closed, messages printed): an interrupt that lands inside XLA's compiler leaves
+    its threads in a state that crashes the teardown (a segfault, exit status 139, with jaxlib 0.10)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 class OneLineErrorParser(argparse.ArgumentParser):
     """An argument parser whose errors are a `UsageError` (one line on stderr, exit status 2),
     not argparse's usage block; and which takes no abbreviated flags ("--lr" is not
@@ -48,7 +58,6 @@ class OneLineErrorParser(argparse.ArgumentParser):
 def show_warnings_as_lines(prog: str) -> None:
     """Print Python warnings as one line, ``prog: warning: message``, through ``tqdm.write``: no
     source line, and a progress bar on the terminal is redrawn below the warning, not broken by it."""
-    import sys
     import warnings
     from tqdm import tqdm
 
@@ -108,7 +117,6 @@ def read_prompts_file(path: str | os.PathLike) -> list[str]:
     """One prompt per line (UTF-8, with or without a byte-order mark); blank lines are skipped. An
     empty or missing file is an error. A pipe works too (``--prompts-file -`` reads standard
     input; ``<(...)``, ``/dev/stdin``)."""
-    import sys
     stdin = str(path) == "-"
     path = Path(path)
     if not stdin and path.is_dir():

@@ -1129,6 +1129,51 @@ def test_a_failed_export_leaves_the_earlier_folder_and_single_file(full_run, tmp
         trainer.close()
 
 
+STOPPED_IN_COMPILE = textwrap.dedent("""
+    import os, runpy, signal, sys, threading
+    import jax, jax.numpy as jnp
+    import jax._src.compiler as compiler
+    import sdjax.training.loop as loop
+    real_compile = compiler.backend_compile_and_load
+    armed = []
+
+    def compile_then_sigterm(*args, **kwargs):   # the signal arrives while XLA compiles f
+        if armed:
+            armed.clear()
+            threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        return real_compile(*args, **kwargs)
+    compiler.backend_compile_and_load = compile_then_sigterm
+
+    def train_step_compiling(cfg, **_):
+        def f(x):
+            for i in range(1500):
+                x = jnp.sin(x) * (i + 1.0) + jnp.cos(x @ x.T)
+            return x
+        x = jnp.ones((8, 8))
+        armed.append(True)
+        jax.jit(f)(x).block_until_ready()
+        print("compiled and ran: the signal came too late", file=sys.stderr)
+    loop.train = train_step_compiling
+    sys.argv = ["train.py", *sys.argv[1:]]
+    runpy.run_path(os.environ["TRAIN_PY"], run_name="__main__")
+""")
+
+
+def test_sigterm_while_compiling_exits_143(pipeline_dir, data_dir, tmp_path):
+    """SIGTERM landing inside XLA's compiler (a preemption at the start of a run): exit status 143
+    and the resume line, not a segfault in the interpreter's teardown (exit 139, jaxlib 0.10)."""
+    script = tmp_path / "stopped_in_compile.py"
+    script.write_text(STOPPED_IN_COMPILE)
+    argv = flags(model=pipeline_dir, train_data=data_dir, output_dir=tmp_path / "run", **{
+        k: v for k, v in BASE.items() if k in ("resolution", "batch_size")})
+    done = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "TRAIN_PY": str(ROOT / "train.py")})
+    assert "the signal came too late" not in done.stderr   # it did land in the compiler
+    assert "Fatal Python error" not in done.stderr, done.stderr[-3000:]
+    assert done.returncode == 143, done.stderr[-3000:]
+    assert "train.py: terminated (SIGTERM); no checkpoint was saved yet" in done.stderr
+
+
 @pytest.mark.parametrize("stop", ["interrupt", "sigterm", "disk_full", "image_gone"])
 def test_a_stopped_run_says_where_it_can_resume(full_run, stop, pipeline_dir, data_dir, tmp_path, monkeypatch):
     """Ctrl-C, SIGTERM (a preempted VM, a scheduler's stop), an OSError such as a full disk, or an

@@ -794,8 +794,10 @@ class BatchIterator:
             if key != "fingerprint":
                 saved = int(saved)
             if saved != now:
+                keep = (f"; on another number of devices, choose --batch-size and --gradient-accumulation whose "
+                        f"product with the device count is {saved}" if key == "global_batch_size" else "")
                 raise DataError(f"cannot resume the data order of {self.dataset.source}: saved {key}={saved!r}, "
-                                f"now {now!r} ({meaning}); restore the data and settings of the saved run, "
+                                f"now {now!r} ({meaning}); restore the data and settings of the saved run{keep}, "
                                 f"or start a new run (another --output-dir; from Python, start_step=0)")
         self._drop_ahead()
         self.step = int(state["step"])

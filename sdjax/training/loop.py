@@ -469,7 +469,8 @@ class Trainer:
         if len(dataset) < global_batch:   # before the model is loaded: an epoch would have no step
             raise UsageError(f"{cfg.train_data}: {count(len(dataset), 'usable example')}, fewer than one global batch "
                              f"of {global_batch} (--batch-size {cfg.batch_size} x {mesh.devices.size} devices x "
-                             f"--gradient-accumulation {cfg.gradient_accumulation}): lower them, or add examples")
+                             f"--gradient-accumulation {cfg.gradient_accumulation}): lower them, use fewer devices "
+                             "(e.g. CUDA_VISIBLE_DEVICES=0), or add examples")
         pipe, graphdefs, step_cfg, optimizer, lr, state = _build_model(cfg, mesh)
         caption_ids = tokenize(pipe.tokenizer, dataset.captions, warn=False)   # once, not per step
         if main:
