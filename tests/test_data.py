@@ -334,6 +334,32 @@ def test_folder_level_errors(tmp_path):
         load_captioned_images(root)
 
 
+def test_caption_files_beside_the_images(tmp_path):
+    """kohya_ss's layout: each image with a .txt (or .caption) of its name, subfolders included,
+    hidden folders left out; an image without a caption file (or with an empty one) is a bad row
+    named by its path; the same dataset as the CSV layout."""
+    root = tmp_path / "kohya"
+    (root / "10_style").mkdir(parents=True)
+    (root / ".cache").mkdir()
+    for name, color in (("a.png", RED), ("10_style/b.jpg", GREEN), ("c.PNG", BLUE), ("d.png", RED),
+                        (".cache/x.png", RED)):
+        _solid(color).save(root / name)
+    (root / "a.txt").write_text("a red square\n", encoding="utf-8")
+    (root / "10_style" / "b.caption").write_text("a green\none", encoding="utf-8")
+    (root / "c.txt").write_text("\ufeffblue, with a BOM", encoding="utf-8")
+    (root / ".cache" / "x.txt").write_text("hidden", encoding="utf-8")
+    with pytest.raises(DataError, match=r"1 bad row of 4.*\n  example 4 'd.png': no caption file \(d.txt\)"):
+        load_captioned_images(root)
+    (root / "d.txt").write_text("  ", encoding="utf-8")
+    with pytest.raises(DataError, match=r"example 4 'd.png': empty caption"):
+        load_captioned_images(root)
+    (root / "d.png").unlink()
+    ds = load_captioned_images(root)
+    assert ds.names == ["10_style/b.jpg", "a.png", "c.PNG"]
+    assert ds.captions == ["a green one", "a red square", "blue, with a BOM"]
+    assert ds.get_image(1).getpixel((0, 0)) == RED
+
+
 def test_imagefolder_metadata_jsonl_and_csv(tmp_path):
     """The Hugging Face imagefolder layout diffusers' train_text_to_image.py reads: the images beside
     a metadata.jsonl (or metadata.csv) with file_name and text; the same dataset as the CSV layout."""

@@ -458,6 +458,15 @@ def test_settings_checked_before_a_run(tmp_path, monkeypatch):
             load_train_config(preset)
     # null is off for a setting that takes none, and the default for one that does not (it used to be
     # None: center_crop then meant random crops; validation_seeds crashed)
+    # validation seeds in sample.py's syntax too, from a preset or the command line
+    preset.write_text("validation_seeds: [0-2, 7]\n")
+    assert load_train_config(preset) == {"validation_seeds": [0, 1, 2, 7]}
+    preset.write_text("validation_seeds: 3,5\n")
+    assert load_train_config(preset) == {"validation_seeds": [3, 5]}
+    assert parse_args(["--train-data", "d", "--validation-seeds", "0-3", "9"])[0].validation_seeds == [0, 1, 2, 3, 9]
+    preset.write_text("validation_seeds: 3-1\n")
+    with pytest.raises(UsageError, match=re.escape(f"{preset}: validation_seeds='3-1': bad seed range '3-1'")):
+        load_train_config(preset)
     preset.write_text("ema_decay: null\nvalidation_seeds: null\ncenter_crop:\nmodel: ~\n")
     assert load_train_config(preset) == {"ema_decay": None, "validation_seeds": [0], "center_crop": True,
                                          "model": TrainConfig.model}

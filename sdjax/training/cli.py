@@ -11,7 +11,8 @@ import typing
 from pathlib import Path
 from typing import Any, Sequence
 
-from sdjax.cli_utils import OneLineErrorParser, UsageError, read_yaml_mapping, resolve_config_path, setting_name
+from sdjax.cli_utils import (OneLineErrorParser, UsageError, parse_seeds, read_yaml_mapping, resolve_config_path,
+                             setting_name)
 from sdjax.training.loop import RUN_CONFIG_FILE, TrainConfig, recorded_settings
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "train"  # sample.py presets sit one level up
@@ -101,9 +102,14 @@ def _convert(name: str, value: Any, origin: str) -> Any:
             raise TypeError  # not silently 1 for 1.5 or true
         return kind(v)
     try:
+        if name == "validation_seeds":   # sample.py's syntax too: 0-3, 3,7,9
+            items = value if isinstance(value, (list, tuple)) else [value]
+            return [seed for v in items for seed in (parse_seeds(v) if isinstance(v, str) else [one(v)])]
         if is_list:
             return [one(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
         return one(value)
+    except UsageError as e:
+        raise UsageError(f"{origin}: {name}={value!r}: {e}") from e
     except (TypeError, ValueError) as e:
         raise UsageError(f"{origin}: {name}={value!r} is not a valid {kind.__name__}") from e
 

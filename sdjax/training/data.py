@@ -8,6 +8,9 @@ Sources (``load_captioned_images(source)``):
         image_captions.csv   # header "filename,caption"; quote captions that contain commas
         train_images/        # the CSV's filenames are relative to this folder (subfolders allowed)
 
+  or the images with a ``metadata.jsonl`` / ``metadata.csv`` (the Hugging Face imagefolder
+  layout), or the images each with a caption file of its name (``a.png`` + ``a.txt``, kohya_ss's).
+
 * a TFDS dataset, ``"tfds:NAME[/CONFIG][:SPLIT]"`` (split defaults to ``train``; slices such as
   ``train[:90%]`` work). Needs the optional extra: ``pip install -e ".[tfds]"`` in the checkout.
 
@@ -48,6 +51,9 @@ CSV_HEADER = ("filename", "caption")
 # folder): a metadata file beside the images, with a file_name column and the caption in "text".
 METADATA_FILENAMES = ("metadata.jsonl", "metadata.csv")
 METADATA_CAPTION_COLUMNS = ("text", "caption")
+# Caption files beside the images (kohya_ss, the web UIs' training tools): a.png + a.txt.
+SIDECAR_CAPTION_SUFFIXES = (".txt", ".caption")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 TFDS_PREFIX = "tfds:"
 TFDS_INSTALL_HINT = ('pip install -e ".[tfds]" in the sdjax checkout (or pip install tensorflow-datasets '
                      'tensorflow-cpu)')  # sdjax is not on PyPI: the extra installs from the checkout
@@ -57,8 +63,9 @@ class TFDSNotInstalled(ImportError):
     """A ``tfds:`` source without the optional tensorflow-datasets / tensorflow packages."""
 
 _LAYOUT_HELP = (f"expected a folder holding {CAPTIONS_FILENAME} (header 'filename,caption') and "
-                f"{IMAGES_DIRNAME}/ with the images it names, or the images with a metadata.jsonl "
-                "(the Hugging Face imagefolder layout: file_name and text on each line)")
+                f"{IMAGES_DIRNAME}/ with the images it names, the images with a metadata.jsonl "
+                "(the Hugging Face imagefolder layout: file_name and text on each line), or the images "
+                "each with a caption file of its name (a.png + a.txt, as kohya_ss writes them)")
 _VERSION_RE = re.compile(r"\d+\.\d+\.\d+")
 
 
@@ -254,7 +261,8 @@ def load_captioned_images(source: str | os.PathLike, *, image_key: str = "image"
     """Loads and validates captioned images from a folder or a TFDS dataset.
 
     Args:
-      source: a folder in the ``image_captions.csv`` + ``train_images/`` layout, or
+      source: a folder in the ``image_captions.csv`` + ``train_images/`` layout (or with a
+        ``metadata.jsonl``, or a ``.txt`` caption file beside each image), or
         ``"tfds:NAME[/CONFIG][:SPLIT]"``. The text after the last ``:`` outside brackets is the
         split unless it is a version (``tfds:NAME:1.0.0``), so a namespaced name needs an explicit
         split (``tfds:huggingface:NAME:train``).
@@ -305,7 +313,7 @@ def _finish(source: str, where: str, names: list[str], captions: list[str],
 # Folder layout
 
 
-Row = tuple[int, int, str, str, "str | None"]   # (row, start line, filename, caption, problem or None)
+Row = tuple[int, "int | None", str, str, "str | None"]   # (row, start line, filename, caption, problem or None)
 
 
 def _csv_rows(csv_path: Path) -> Iterator[Row]:
@@ -361,6 +369,32 @@ def _metadata_rows(path: Path) -> Iterator[Row]:
             yield row, line, "", "", f"not JSON ({e})"
             continue
         yield row_of(row, line, record)
+
+
+def _sidecar_rows(root: Path) -> list[Row] | None:
+    """The images under ``root`` (subfolders too, hidden ones left out), each captioned by the
+    text file of its name beside it (``a.png`` + ``a.txt`` or ``a.caption``; its lines joined by
+    spaces); an image without one is a bad row. None when no image has one: not this layout."""
+    images = sorted((p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                     and not any(part.startswith(".") for part in p.relative_to(root).parts)),
+                    key=lambda p: p.relative_to(root).as_posix())
+    captions = [next((p.with_suffix(s) for s in SIDECAR_CAPTION_SUFFIXES if p.with_suffix(s).is_file()), None)
+                for p in images]
+    if not any(captions):
+        return None
+    rows = []
+    for row, (image, caption_file) in enumerate(zip(images, captions), 1):
+        name = image.relative_to(root).as_posix()
+        if caption_file is None:
+            rows.append((row, None, name, "", f"no caption file ({image.with_suffix('.txt').name})"))
+            continue
+        try:
+            text = " ".join(caption_file.read_text(encoding="utf-8-sig").split())
+        except (OSError, UnicodeDecodeError) as e:
+            rows.append((row, None, name, "", f"cannot read {caption_file.name} ({e})"))
+            continue
+        rows.append((row, None, name, text, None))
+    return rows
 
 
 def _read_csv_rows(csv_path: Path) -> Iterator[tuple[int, int, list[str]]]:
@@ -428,6 +462,8 @@ def _load_folder(root: Path, *, skip_bad_rows: bool, validate_images: bool,
         table, rows_in = csv_path, _csv_rows(csv_path)
     elif metadata is not None:   # imagefolder: the images beside the metadata file
         table, rows_in, images_dir = metadata, _metadata_rows(metadata), root
+    elif (sidecar := _sidecar_rows(root)) is not None:   # a caption file beside each image
+        table, rows_in, images_dir = root, sidecar, root
     else:
         below = sorted(sub for sub in root.iterdir() if sub.is_dir() and any(
             (sub / name).is_file() for name in (CAPTIONS_FILENAME, *METADATA_FILENAMES)))
