@@ -27,27 +27,38 @@ def how_to_resume(cfg) -> str:
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM (a preempted VM, a job scheduler's stop, ``kill``): stops the run as Ctrl-C does."""
+    """SIGTERM (a preempted VM, a job scheduler's stop, ``kill``) before training started or after
+    it ended: stops the run as Ctrl-C does."""
+
+
+STOP = None   # the StopRequest of the run in this process (set in main)
 
 
 def _terminate(signum, frame):
-    raise Terminated
+    # During training the loop saves a checkpoint of the step in flight and stops; otherwise now.
+    if STOP is None or not STOP.request():
+        raise Terminated
 
 
 def main(argv=None) -> int:
-    """train.py; SIGTERM stops it as Ctrl-C does (the checkpoints being saved complete first)."""
+    """train.py; SIGTERM during training saves a checkpoint of the step in flight and stops (exit
+    143); before or after it, it stops as Ctrl-C does (the checkpoints being saved complete first)."""
+    global STOP
     import signal
     import threading
+    import jax
     from sdjax import parallel
-    # First: on several processes jax.distributed's preemption notifier takes SIGTERM over (it logs the
-    # signal and training goes on); the handler set after it stops each process as Ctrl-C does.
+    from sdjax.training.loop import StopRequest
     try:
         if not {"-h", "--help"} & set(sys.argv[1:] if argv is None else argv):
             parallel.initialize_distributed()
     except ValueError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
-    if threading.current_thread() is not threading.main_thread():   # signals reach only the main thread
+    STOP = StopRequest()
+    if threading.current_thread() is not threading.main_thread() or jax.process_count() > 1:
+        # Signals reach only the main thread. On several processes JAX's preemption service owns
+        # SIGTERM: the training loop asks it at every step, and every process stops at the same one.
         return _main(argv)
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
@@ -61,7 +72,7 @@ def _main(argv=None) -> int:
     from sdjax.cli_utils import UsageError, count, out_of_memory, show_warnings_as_lines
     show_warnings_as_lines("train.py")
     from sdjax.training.data import DataError, ImageReadError, TFDSNotInstalled
-    from sdjax.training.loop import Trainer, TrainingDiverged, train  # before the try: its except clauses name them
+    from sdjax.training.loop import Stopped, Trainer, TrainingDiverged, train  # before the try: its except names them
     from sdjax.weights import CheckpointError
     try:
         from sdjax.training.cli import parse_args
@@ -80,7 +91,11 @@ def _main(argv=None) -> int:
                 trainer.close()
             return 0
         try:
-            final = train(cfg)
+            final = train(cfg, stop=STOP)
+        except Stopped as e:   # SIGTERM (a preemption) during training: the step in flight was saved
+            print(f"\ntrain.py: terminated (SIGTERM) after saving step {e.step}; {how_to_resume(cfg)}",
+                  file=sys.stderr)
+            return 143
         except jax.errors.JaxRuntimeError as e:
             message = out_of_memory(e, "lower --batch-size (and raise --gradient-accumulation to keep the global "
                                        "batch), or try --mixed-precision bf16, --gradient-checkpointing, a lower "

@@ -635,6 +635,49 @@ def test_two_processes_train_resume_and_export_as_one(reference_run, pipeline_di
     assert not list(out.glob(".sdjax-host-check-*"))
 
 
+PREEMPTED_WORKER = textwrap.dedent("""
+    import json, os, signal, sys
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    import jax
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    me = int(sys.argv[2])
+    from sdjax import parallel
+    from sdjax.training.loop import Stopped, TrainConfig, Trainer
+    parallel.initialize_distributed(coordinator_address=sys.argv[1], num_processes=2, process_id=me)
+    real_next_batch = Trainer.next_batch
+
+    def preempt_process_1_at_step_2(self):
+        if me == 1 and int(self.state.step) + 1 == 2:
+            os.kill(os.getpid(), signal.SIGTERM)   # the notice reaches one host: JAX's service takes it
+        return real_next_batch(self)
+    Trainer.next_batch = preempt_process_1_at_step_2
+    trainer = Trainer.create(TrainConfig(**json.loads(sys.argv[3])))
+    try:
+        trainer.run(progress=False)
+        print("NOT STOPPED")
+    except Stopped as e:
+        print("STOPPED", e.step)
+    finally:
+        trainer.close()
+""")
+
+
+@pytest.mark.slow   # two processes compile the step
+def test_a_preemption_notice_to_one_process_stops_every_process_at_one_saved_step(pipeline_dir, data_dir,
+                                                                                  tmp_path):
+    """SIGTERM to one of two processes mid-run: JAX's preemption service makes both stop at the same
+    step, after both wrote their part of a checkpoint of it (not one process stopping alone, the
+    other waiting for it in the next collective)."""
+    out = tmp_path / "run"
+    cfg = dataclasses.asdict(config(out, pipeline_dir, data_dir, max_steps=40, checkpoint_every=100))
+    logs = run_two_processes(PREEMPTED_WORKER, tmp_path, json.dumps(cfg), timeout=900)
+    stopped = [re.search(r"^STOPPED (\d+)$", log, re.M) for log in logs]
+    assert all(stopped), logs
+    steps = {int(m[1]) for m in stopped}
+    assert len(steps) == 1 and 2 <= steps.pop() < 40
+    assert complete_steps(out) == [int(stopped[0][1])] and temporary_checkpoints(out) == []
+
+
 def test_tensorboard_matches_the_metrics_log(tmp_path):
     """A resumed log tells TensorBoard to drop the points after the checkpoint (as metrics.jsonl
     is truncated), and a fresh run removes an earlier run's event files."""
@@ -990,6 +1033,36 @@ def test_nan_loss_stops_without_saving_the_nan_state(pipeline_dir, data_dir, tmp
         for name, leaf in flat({k: state[k] for k in ("params", "ema", "opt_state")}).items():
             assert np.isfinite(leaf).all(), (step, name)
     assert not (out / "final").exists()
+
+
+def test_sigterm_during_training_saves_the_step_in_flight(pipeline_dir, data_dir, tmp_path, monkeypatch):
+    """SIGTERM at step 3 (a preempted VM; checkpoints every 5 steps): train.py finishes step 3,
+    saves a checkpoint of it and exits 143 naming it; --resume continues from step 3."""
+    out = tmp_path / "run"
+    real_next_batch = Trainer.next_batch
+
+    def sigterm_at_step_3(self):
+        if int(self.state.step) + 1 == 3:
+            os.kill(os.getpid(), signal.SIGTERM)   # the handler only asks the loop to stop
+        return real_next_batch(self)
+
+    monkeypatch.setattr(Trainer, "next_batch", sigterm_at_step_3)
+    argv = flags(**{**BASE, "model": pipeline_dir, "train_data": data_dir, "output_dir": out, "max_steps": 8,
+                    "checkpoint_every": 5, "log_every": 2})
+    rc, _, stderr = run_train_py(argv)
+    assert rc == 143, stderr
+    assert stderr.rstrip().endswith(f"\ntrain.py: terminated (SIGTERM) after saving step 3; the newest complete "
+                                    f"checkpoint is step 3: python train.py --output-dir {out} --resume continues "
+                                    "from it"), stderr[-2000:]
+    assert complete_steps(out) == [3] and temporary_checkpoints(out) == []
+    assert [r["step"] for r in metrics(out)] == [2]   # logged every 2 steps: step 3 is saved, not logged
+    assert not (out / "final").exists()
+    monkeypatch.setattr(Trainer, "next_batch", real_next_batch)
+    trainer = Trainer.create(dataclasses.replace(config(out, pipeline_dir, data_dir, max_steps=8), resume=True))
+    try:
+        assert int(trainer.state.step) == 3 and trainer.data.step == 3
+    finally:
+        trainer.close()
 
 
 # ----------------------------------------------------------------------------- 5/6. a full train.py run

@@ -12,6 +12,7 @@ import json
 import math
 import numbers
 import os
+import threading
 import time
 import typing
 import warnings
@@ -208,6 +209,51 @@ class TrainConfig:
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN/inf; the last good checkpoint is kept."""
+
+
+class StopRequest:
+    """A graceful stop asked for from outside the training loop (train.py's SIGTERM handler, a
+    preempted VM): `Trainer.run` finishes the step in flight, saves a checkpoint of it and raises
+    `Stopped`. On several processes JAX's preemption service plays this part (every process stops
+    at the same step), see `Trainer.run`."""
+
+    def __init__(self):
+        self._requested = threading.Event()
+        self.watched = False   # a Trainer.run loop is running and will act on it
+
+    def request(self) -> bool:
+        """Ask for the stop; True when a running loop will act on it (False: nothing is training,
+        so the caller should stop at once)."""
+        self._requested.set()
+        return self.watched
+
+    @property
+    def requested(self) -> bool:
+        return self._requested.is_set()
+
+
+class Stopped(Exception):
+    """The run stopped on request (`StopRequest`, or a preemption notice on several processes)
+    after saving a checkpoint of ``step``."""
+
+    def __init__(self, step: int):
+        super().__init__(f"stopped on request after saving a checkpoint of step {step}")
+        self.step = step
+
+
+def _preemption_sync_point():
+    """On several processes, JAX's preemption check (a SIGTERM to any process makes every process
+    return True at the same step); None on one process or where the service is off."""
+    if jax.process_count() == 1:
+        return None
+    from jax.experimental import multihost_utils
+
+    def reached(step: int) -> bool:
+        try:
+            return multihost_utils.reached_preemption_sync_point(step)
+        except RuntimeError:   # jax_enable_preemption_service off
+            return False
+    return reached
 
 
 def _pure(module) -> dict:
@@ -597,12 +643,17 @@ class Trainer:
     def save_checkpoint(self) -> None:
         self.checkpoints.save(int(self.state.step), self.state, self.data.state())
 
-    def run(self, *, progress: bool = True) -> S.TrainState:
+    def run(self, *, progress: bool = True, stop: StopRequest | None = None) -> S.TrainState:
         """Train to ``max_steps``: log, sample, checkpoint; stop (keeping the last good checkpoint)
         on a NaN loss. Returns the final state; ``self.pipe`` then holds its weights (their EMA where
         kept). During the run the pipeline shares the state's arrays, which each step
-        replaces (``sampling_pipeline`` points it at the current ones)."""
+        replaces (``sampling_pipeline`` points it at the current ones).
+
+        ``stop``: once requested, the run saves a checkpoint of the step in flight and raises
+        `Stopped`. On several processes a SIGTERM to any of them (JAX's preemption service) does
+        the same, every process at the same step."""
         cfg, main = self.cfg, jax.process_index() == 0
+        preempted = _preemption_sync_point()
         start = int(self.state.step)
         bar = None
         if progress and main:
@@ -636,6 +687,8 @@ class Trainer:
         # the host's logging and batch assembly; before a save or a sample they are read at once: a
         # diverged state (NaN/inf loss or gradients) must never become a checkpoint.
         pending = None   # (step, metrics, log_now) of a logged step not read yet
+        if stop is not None:
+            stop.watched = True
         try:
             for step in range(start + 1, cfg.max_steps + 1):
                 self.state, metrics = self.step_fn(self.state, self.frozen, self.next_batch())
@@ -658,6 +711,13 @@ class Trainer:
                     self.write_samples(step)
                     self._share_state_weights()
                 timing["time"] += time.perf_counter() - paused
+                # (the preemption check on every step, by every process, as JAX's service requires)
+                if (preempted is not None and preempted(step)) or (stop is not None and stop.requested):
+                    if not save_now:
+                        pending = None
+                        report(step, metrics, log_now)   # a diverged state must not become a checkpoint
+                        self.save_checkpoint()
+                    raise Stopped(step)
         except BaseException:
             if pending is not None:   # the step ran: its row still goes into metrics.jsonl (Ctrl-C, a crash)
                 try:
@@ -666,6 +726,8 @@ class Trainer:
                     pass
             raise
         finally:
+            if stop is not None:
+                stop.watched = False
             if bar:
                 bar.close()
             self.checkpoints.wait()
@@ -769,11 +831,12 @@ class Trainer:
             self.data.close()
 
 
-def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
-    """Run a whole fine-tune: train, write samples, export ``final/``. Returns the export folder."""
+def train(cfg: TrainConfig, *, progress: bool = True, stop: StopRequest | None = None) -> Path:
+    """Run a whole fine-tune: train, write samples, export ``final/``. Returns the export folder.
+    ``stop``: see `Trainer.run` (a requested stop raises `Stopped` after a checkpoint)."""
     trainer = Trainer.create(cfg)
     try:
-        trainer.run(progress=progress)
+        trainer.run(progress=progress, stop=stop)
         final = trainer.export()   # before the samples: a failure there must not cost the export
         trainer.write_samples(cfg.max_steps)
         return final
