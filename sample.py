@@ -188,6 +188,11 @@ def main(argv=None) -> int:
         pipe.make_scheduler(req.scheduler, req.steps)
     except (ValueError, NotImplementedError) as e:
         return _fail(e)
+    try:  # then the option values (eta=2, timestep_spacing=bogus, solver_order=3)
+        pipe.make_scheduler(req.scheduler, req.steps, **req.scheduler_options)
+    except (ValueError, NotImplementedError, TypeError) as e:
+        options = ", ".join(f"{k}={v!r}" for k, v in req.scheduler_options.items())
+        return _fail(UsageError(f"--scheduler-option {options}: {e}"))
     if main_process:
         print(f"loaded {req.model} ({dtype}) in {time.perf_counter() - t0:.1f} s; "
               f"{count(len(req.jobs), 'image')}: {count(len(req.prompts), 'prompt')} x {count(len(req.seeds), 'seed')}"

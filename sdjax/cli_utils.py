@@ -258,8 +258,10 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
                 raise UsageError(f"{path}: key 'seeds': {e}") from e
         if key == "guidance_scale":
             value = float(value)
-        if key == "scheduler_options" and (bad := [k for k in value if not isinstance(k, str)]):
-            raise UsageError(f"{path}: key 'scheduler_options' has key {bad[0]!r}; expected setting names")
+        if key == "scheduler_options":
+            if bad := [k for k in value if not isinstance(k, str)]:
+                raise UsageError(f"{path}: key 'scheduler_options' has key {bad[0]!r}; expected setting names")
+            value = {k: _yaml_number(v) for k, v in value.items()}
         out[key] = value
     return out
 
@@ -274,13 +276,20 @@ def parse_scheduler_options(items: Sequence[str]) -> dict[str, Any]:
         if not eq or not key.strip():
             raise UsageError(f"--scheduler-option {item!r}: expected KEY=VALUE, e.g. use_karras_sigmas=true")
         try:
-            value = yaml.safe_load(text) if text.strip() else None
+            value = _yaml_number(yaml.safe_load(text)) if text.strip() else None
         except yaml.YAMLError:
             value = text
         if value is None or isinstance(value, (list, dict)):
             raise UsageError(f"--scheduler-option {item!r}: expected one value (true, a number or a word)")
         options[key.strip()] = value
     return options
+
+
+def _yaml_number(value):
+    """A number YAML 1.1 reads as text (``1e-3``, no dot) as the number it is meant to be."""
+    if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", value.strip()):
+        return float(value)
+    return value
 
 
 def _type_name(types) -> str:

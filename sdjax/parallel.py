@@ -130,14 +130,16 @@ def _check_batch_axis(shape: tuple, mesh: Mesh, axis: int) -> None:
                          f"{mesh.size} devices: pad it first (pad_batch(array, padded_size(n, mesh)))")
 
 
+_wrap_key_data = jax.jit(jax.random.wrap_key_data, static_argnames="impl")   # compiled once per shape
+
+
 def shard_batch(host_array: np.ndarray, mesh: Mesh, axis: int = 0) -> jax.Array:
     """A global array split over the data axis from the same host array on every process. The batch
     (``axis``) must divide over the mesh: pad it with ``pad_batch(a, padded_size(n, mesh))``. Typed
     PRNG keys (one per image, `sdjax.sampling.image_keys`) are split as their key data."""
     if _is_key_array(host_array):
-        impl = jax.random.key_impl(host_array)
         data = shard_batch(jax.random.key_data(host_array), mesh, axis)
-        return jax.jit(lambda d: jax.random.wrap_key_data(d, impl=impl))(data)
+        return _wrap_key_data(data, impl=jax.random.key_impl(host_array))
     host_array = np.asarray(host_array)
     _check_batch_axis(host_array.shape, mesh, axis)
     return jax.make_array_from_callback(host_array.shape, batch_sharding(mesh, axis), lambda index: host_array[index])

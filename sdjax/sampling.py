@@ -37,6 +37,19 @@ def step_keys(keys_B) -> jax.Array:
     return jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys_B)
 
 
+def img2img_start(num_inference_steps: int, strength: float) -> int:
+    """The loop index img2img begins at (``denoise(..., start=)``) for ``strength`` in (0, 1], the
+    share of the schedule that is run, as diffusers' StableDiffusionImg2ImgPipeline computes it:
+    the last ``int(num_inference_steps * strength)`` steps are denoised (PNDM's extra warm-up call
+    included in its schedule: the index counts from its start all the same)."""
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+        raise ValueError(f"strength must be a number in (0, 1], got {strength!r}")
+    denoised = min(int(num_inference_steps * strength), num_inference_steps)
+    if denoised == 0:
+        raise ValueError(f"strength {strength} with {num_inference_steps} steps denoises no step: raise either")
+    return num_inference_steps - denoised
+
+
 def encode_prompts(text_encoder, token_ids_BT) -> jax.Array:
     """Text states [B, 77, D] that the UNet attends to (``last_hidden_state``)."""
     return text_encoder(token_ids_BT).last_hidden_state
@@ -83,6 +96,8 @@ def _per_image(guidance_scale, B: int, ndim: int) -> jax.Array:
         return g
     if g.ndim == 1 and g.shape[0] in (1, B):
         return g.reshape(-1, *([1] * (ndim - 1)))
+    if g.ndim == ndim and g.shape[0] in (1, B) and g.shape[1:] == (1,) * (ndim - 1):   # already [B, 1, 1, 1]
+        return g
     raise ValueError(f"guidance_scale has shape {tuple(g.shape)}; expected a number or one per image ([{B}])")
 
 

@@ -559,6 +559,13 @@ class Scheduler:
         """Noise clean latents to ``timesteps`` as this diffusers scheduler's ``add_noise`` (img2img)."""
         return add_noise(self.alphas_cumprod, original, noise, timesteps)
 
+    def add_noise_at(self, original, noise, i) -> jax.Array:
+        """Noise clean latents to loop index ``i`` of this schedule: img2img's start, as diffusers'
+        img2img pipeline does it (by index, where the scheduler has a begin index: a timestep that
+        the schedule repeats, as Karras sigmas can, is then the right one of the two)."""
+        i = self._loop_index(i)
+        return add_noise(self.alphas_cumprod, original, noise, jnp.round(_at(self.timesteps, i)).astype(jnp.int32))
+
     def get_velocity(self, sample, noise, timesteps) -> jax.Array:
         """v-prediction target at integer training ``timesteps`` (see module-level :func:`get_velocity`).
 
@@ -727,7 +734,12 @@ class _SigmaScheduler(Scheduler):
 
     def add_noise(self, original, noise, timesteps):
         """x0 + sigma(t) * noise, with t looked up in this schedule (a t not in it is a ValueError)."""
-        sigma = _at(self.sigmas, _schedule_index(self.timesteps, timesteps))
+        return self._noised(original, noise, _at(self.sigmas, _schedule_index(self.timesteps, timesteps)))
+
+    def add_noise_at(self, original, noise, i):
+        return self._noised(original, noise, _at(self.sigmas, self._loop_index(i)))
+
+    def _noised(self, original, noise, sigma):
         original = jnp.asarray(original, _F32)
         return original + jnp.asarray(noise, _F32) * _expand_to(sigma, original.ndim)
 
@@ -834,9 +846,9 @@ class DPMSolverMultistepScheduler(_SigmaScheduler):
         alpha = 1 / (sigma**2 + 1) ** 0.5
         return alpha, sigma * alpha
 
-    def add_noise(self, original, noise, timesteps):
-        """alpha_t * x0 + sigma_t * noise, with t looked up in this schedule, as diffusers does."""
-        alpha, sigma = self._alpha_sigma(_at(self.sigmas, _schedule_index(self.timesteps, timesteps)))
+    def _noised(self, original, noise, sigma):
+        """alpha_t * x0 + sigma_t * noise (DPM-Solver's variance-preserving latents)."""
+        alpha, sigma = self._alpha_sigma(sigma)
         original = jnp.asarray(original, _F32)
         return (_expand_to(alpha, original.ndim) * original
                 + _expand_to(sigma, original.ndim) * jnp.asarray(noise, _F32))

@@ -316,6 +316,11 @@ def test_scheduler_options_from_flags_and_presets(tmp_path):
     assert req.scheduler_options == {"use_karras_sigmas": True, "timestep_spacing": "trailing"}
     req, _ = sample.parse_request(["a cat", "--scheduler", "ddim", "--scheduler-option", "eta=0.5"])
     assert req.scheduler_options == {"eta": 0.5}
+    # YAML 1.1 reads 1e-3 (no dot) as text: meant as a number, on the command line and in a preset
+    req, _ = sample.parse_request(["a cat", "--scheduler", "ddim", "--scheduler-option", "eta=1e-3"])
+    assert req.scheduler_options == {"eta": 0.001}
+    cfg.write_text("scheduler: ddim\nscheduler_options: {eta: 1e-3}\n")
+    assert sample.parse_request(["a cat", "--config", str(cfg)])[0].scheduler_options == {"eta": 0.001}
     for argv, message in (
             (["--scheduler", "ddim", "--scheduler-option", "use_karras_sigmas=true"],
              "--scheduler-option: 'ddim' scheduler has no option 'use_karras_sigmas'; valid options: "),
@@ -342,6 +347,13 @@ def test_scheduler_options_make_the_pipelines_image_and_are_recorded(pipe_dir, p
     plain = pipe("a dog", seeds=4, num_inference_steps=3, height=32, width=32, scheduler="dpmpp_2m").to_pil()
     np.testing.assert_array_equal(pixels(out / "00000-seed4-a-dog.png"), ref[0])
     assert not np.array_equal(np.asarray(ref[0]), np.asarray(plain[0]))   # the option changed the image
+    # a value the scheduler cannot take: one line, exit 2, before the output folder is made
+    rc, _, stderr = run_main(capsys, "a dog", "--scheduler", "ddim", "--scheduler-option", "eta=2", "--model",
+                             pipe_dir, "--out", tmp_path / "none", *SMALL)
+    assert rc == 2 and stderr.strip().splitlines()[-1] == (
+        "sample.py: error: --scheduler-option eta=2: ddim eta must be a number in [0, 1] (0: deterministic, "
+        "1: DDPM's noise), got 2")
+    assert not (tmp_path / "none").exists()
     assert I.a1111_parameters("p", steps=3, scheduler="ddim", scheduler_options={"eta": 0.5, "timestep_spacing":
                               "trailing"}, guidance_scale=7, seed=0, width=8, height=8) == \
         "p\nSteps: 3, Sampler: DDIM, Eta DDIM: 0.5, timestep_spacing: trailing, CFG scale: 7, Seed: 0, Size: 8x8"

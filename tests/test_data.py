@@ -344,20 +344,31 @@ def test_caption_files_beside_the_images(tmp_path):
     for name, color in (("a.png", RED), ("10_style/b.jpg", GREEN), ("c.PNG", BLUE), ("d.png", RED),
                         (".cache/x.png", RED)):
         _solid(color).save(root / name)
-    (root / "a.txt").write_text("a red square\n", encoding="utf-8")
+    (root / "a.TXT").write_text("a red square\n", encoding="utf-8")   # any letter case
     (root / "10_style" / "b.caption").write_text("a green\none", encoding="utf-8")
     (root / "c.txt").write_text("\ufeffblue, with a BOM", encoding="utf-8")
     (root / ".cache" / "x.txt").write_text("hidden", encoding="utf-8")
-    with pytest.raises(DataError, match=r"1 bad row of 4.*\n  example 4 'd.png': no caption file \(d.txt\)"):
+    with pytest.raises(DataError, match=r"1 bad row of 4.*\n  example 3 'd.png': no caption file \(d.txt\)"):
         load_captioned_images(root)
     (root / "d.txt").write_text("  ", encoding="utf-8")
-    with pytest.raises(DataError, match=r"example 4 'd.png': empty caption"):
+    with pytest.raises(DataError, match=r"example 3 'd.png': empty caption"):
         load_captioned_images(root)
     (root / "d.png").unlink()
+    # a symlinked folder is walked too (once, however many links lead to it)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    _solid(BLUE).save(elsewhere / "e.png")
+    (elsewhere / "e.txt").write_text("linked", encoding="utf-8")
+    (root / "linked").symlink_to(elsewhere)
+    (elsewhere / "loop").symlink_to(root)
     ds = load_captioned_images(root)
-    assert ds.names == ["10_style/b.jpg", "a.png", "c.PNG"]
-    assert ds.captions == ["a green one", "a red square", "blue, with a BOM"]
-    assert ds.get_image(1).getpixel((0, 0)) == RED
+    assert ds.names == ["a.png", "c.PNG", "10_style/b.jpg", "linked/e.png"]   # each folder's files, then its folders
+    assert ds.captions == ["a red square", "blue, with a BOM", "a green one", "linked"]
+    assert ds.get_image(0).getpixel((0, 0)) == RED
+    # a folder below with a caption table is what was meant: named, not read as caption files
+    (root / "10_style" / "image_captions.csv").write_text("filename,caption\n", encoding="utf-8")
+    with pytest.raises(DataError, match=re.escape(f"{root / '10_style'} has one: pass that folder")):
+        load_captioned_images(root)
 
 
 def test_imagefolder_metadata_jsonl_and_csv(tmp_path):

@@ -487,6 +487,7 @@ def test_denoise_per_image_guidance_and_the_pipelines_step_keys(pipe):
         np.testing.assert_allclose(together[b:b + 1], alone, rtol=1e-4, atol=1e-4)  # sigma-scaled latents ~20
     with pytest.raises(ValueError, match=r"guidance_scale has shape \(3,\); expected a number or one per image \(\[4\]\)"):
         run(noise, scales[:3], keys)
+    np.testing.assert_array_equal(run(noise, scales.reshape(4, 1, 1, 1), sampling.step_keys(keys)), together)
     images = sampling.decode_latents(pipe.vae, together)
     want = np.concatenate([pipe("the cat", seeds=int(s), num_inference_steps=2, height=SIZE, width=SIZE,
                                 scheduler="euler_a", guidance_scale=float(g)).images for s, g in zip(seeds, scales)])

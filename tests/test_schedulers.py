@@ -279,13 +279,7 @@ def test_img2img_start_matches_diffusers(case, noise_nchw):
     sched = S.make_scheduler(name, SD15_SCHEDULER_CONFIG, steps, **options)
     x0 = 0.5 * np.tanh(to_nhwc(noise_nchw))
     noise = np.asarray(jax.random.normal(jax.random.key(3), x0.shape))
-    x_start = sched.add_noise(x0, noise, sched.timesteps[start])
-
-    def run(sched, x):
-        return denoise(lambda x, t, text: fake_model_jax(x, t), sched, x, jnp.zeros((1, 1, 1)), None, 1.0,
-                       return_predictions=True, start=start)[1]
-    ours_predictions = jax.jit(run)(sched, x_start)
-    assert ours_predictions.shape[0] == sched.num_model_calls - start
+    x_start = sched.add_noise_at(x0, noise, start)
 
     reference = reference_scheduler(name, steps, **options)
     if hasattr(reference, "set_begin_index"):
@@ -296,8 +290,10 @@ def test_img2img_start_matches_diffusers(case, noise_nchw):
         model_input = reference.scale_model_input(latents, t)
         latents = reference.step(fake_model_torch(model_input, t), t, latents).prev_sample
         trajectory.append(to_nhwc(latents.numpy()))
-    ours = jax.jit(lambda sched, x: denoise(lambda x, t, text: fake_model_jax(x, t), sched, x, jnp.zeros((1, 1, 1)),
-                                            None, 1.0, start=start))(sched, x_start)
+    ours, predictions = jax.jit(lambda sched, x: denoise(lambda x, t, text: fake_model_jax(x, t), sched, x,
+                                                         jnp.zeros((1, 1, 1)), None, 1.0, return_predictions=True,
+                                                         start=start))(sched, x_start)
+    assert predictions.shape[0] == sched.num_model_calls - start == len(trajectory)
     errors = relative_step_errors(np.asarray(ours)[None], np.stack(trajectory)[-1:])
     assert errors.max() <= TOL, f"relative error {errors.max():.2e}"
     # every step, through a hand-written loop over starting_at(start) outside jit
@@ -307,6 +303,37 @@ def test_img2img_start_matches_diffusers(case, noise_nchw):
         x, state = started.step(state, fake_model_jax(started.scale_model_input(state, x, i), started.timestep(i)),
                                 i, x)
         assert relative_step_errors(np.asarray(x)[None], trajectory[n][None]).max() <= TOL, (n, i)
+
+
+@pytest.mark.parametrize("name", ["pndm", "ddim", "euler", "dpmpp_2m", "lms"])
+def test_img2img_start_and_noise_follow_diffusers_img2img_pipeline(name):
+    """img2img_start(steps, strength) is the index diffusers' StableDiffusionImg2ImgPipeline starts
+    at (its get_timesteps, run on the reference scheduler), and add_noise_at(k) noises as that
+    pipeline does (by index: Karras sigmas repeat timesteps, where a lookup by value picks the
+    wrong one)."""
+    from types import SimpleNamespace
+    from diffusers import StableDiffusionImg2ImgPipeline
+    from sdjax.sampling import img2img_start
+    for steps, strength in ((50, 0.8), (50, 0.75), (25, 0.3), (10, 1.0), (7, 0.5), (50, 0.02)):
+        reference = reference_scheduler(name, steps)
+        remaining, _ = StableDiffusionImg2ImgPipeline.get_timesteps(SimpleNamespace(scheduler=reference), steps,
+                                                                   strength, "cpu")
+        assert img2img_start(steps, strength) == len(reference.timesteps) - len(remaining), (steps, strength)
+    with pytest.raises(ValueError, match="strength 0.01 with 50 steps denoises no step"):
+        img2img_start(50, 0.01)
+    options = {"use_karras_sigmas": True} if name in ("euler", "dpmpp_2m", "lms") else {}
+    steps = 50
+    sched = S.make_scheduler(name, SD15_SCHEDULER_CONFIG, steps, **options)
+    x0 = np.full((1, 2, 2, 4), 0.5, np.float32)
+    noise = np.ones_like(x0)
+    for k in (0, 10, sched.num_model_calls - 3, sched.num_model_calls - 2):
+        reference = reference_scheduler(name, steps, **options)
+        if hasattr(reference, "set_begin_index"):
+            reference.set_begin_index(k)
+        want = reference.add_noise(torch.from_numpy(to_nchw(x0)), torch.from_numpy(to_nchw(noise)),
+                                   reference.timesteps[k:k + 1]).numpy()
+        np.testing.assert_allclose(to_nchw(sched.add_noise_at(x0, noise, k)), want, rtol=1e-6, atol=1e-6,
+                                   err_msg=str(k))
 
 
 def test_starting_at_checks_the_index():

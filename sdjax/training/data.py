@@ -372,29 +372,68 @@ def _metadata_rows(path: Path) -> Iterator[Row]:
 
 
 def _sidecar_rows(root: Path) -> list[Row] | None:
-    """The images under ``root`` (subfolders too, hidden ones left out), each captioned by the
-    text file of its name beside it (``a.png`` + ``a.txt`` or ``a.caption``; its lines joined by
-    spaces); an image without one is a bad row. None when no image has one: not this layout."""
-    images = sorted((p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-                     and not any(part.startswith(".") for part in p.relative_to(root).parts)),
-                    key=lambda p: p.relative_to(root).as_posix())
-    captions = [next((p.with_suffix(s) for s in SIDECAR_CAPTION_SUFFIXES if p.with_suffix(s).is_file()), None)
-                for p in images]
-    if not any(captions):
+    """The images under ``root`` (subfolders too, symlinked ones included, hidden ones left out),
+    each captioned by the text file of its name beside it (``a.png`` + ``a.txt`` or ``a.caption``,
+    any letter case; its lines joined by spaces); an image without one is a bad row. None when
+    not this layout: no captioned image in ``root`` or the folders right under it (checked
+    first, so that a wrong folder such as ``~`` is not walked whole)."""
+    if not any(_captioned_images(folder) for folder in (root, *_subfolders(root))):
         return None
     rows = []
-    for row, (image, caption_file) in enumerate(zip(images, captions), 1):
-        name = image.relative_to(root).as_posix()
-        if caption_file is None:
-            rows.append((row, None, name, "", f"no caption file ({image.with_suffix('.txt').name})"))
-            continue
-        try:
-            text = " ".join(caption_file.read_text(encoding="utf-8-sig").split())
-        except (OSError, UnicodeDecodeError) as e:
-            rows.append((row, None, name, "", f"cannot read {caption_file.name} ({e})"))
-            continue
-        rows.append((row, None, name, text, None))
+    for folder in _folders_below(root):
+        for image, caption_file in _captioned_images(folder, with_missing=True):
+            name = image.relative_to(root).as_posix()
+            row = len(rows) + 1
+            if caption_file is None:
+                rows.append((row, None, name, "", f"no caption file ({image.with_suffix('.txt').name})"))
+                continue
+            try:
+                text = " ".join(caption_file.read_text(encoding="utf-8-sig").split())
+            except (OSError, UnicodeDecodeError) as e:
+                rows.append((row, None, name, "", f"cannot read {caption_file.name} ({e})"))
+                continue
+            rows.append((row, None, name, text, None))
     return rows
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    """The folders right under ``folder`` (symlinked ones included), hidden ones left out, by name."""
+    try:
+        return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError:
+        return []
+
+
+def _folders_below(root: Path) -> Iterator[Path]:
+    """``root`` and every folder under it, depth first by name, each real folder once (a symlink
+    loop is not followed round)."""
+    seen, stack = set(), [root]
+    while stack:
+        folder = stack.pop()
+        real = folder.resolve()
+        if real in seen:
+            continue
+        seen.add(real)
+        yield folder
+        stack.extend(reversed(_subfolders(folder)))
+
+
+def _captioned_images(folder: Path, with_missing: bool = False) -> list[tuple[Path, Path | None]]:
+    """(image, its caption file) in ``folder`` by name; with ``with_missing``, also the images
+    without one (caption file None)."""
+    try:
+        files = {p.name.lower(): p for p in folder.iterdir() if not p.name.startswith(".") and p.is_file()}
+    except OSError:
+        return []
+    out = []
+    for key, path in sorted(files.items(), key=lambda item: item[1].name):
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        stem = key.rsplit(".", 1)[0]
+        caption = next((files[stem + s] for s in SIDECAR_CAPTION_SUFFIXES if stem + s in files), None)
+        if caption is not None or with_missing:
+            out.append((path, caption))
+    return out
 
 
 def _read_csv_rows(csv_path: Path) -> Iterator[tuple[int, int, list[str]]]:
@@ -462,14 +501,15 @@ def _load_folder(root: Path, *, skip_bad_rows: bool, validate_images: bool,
         table, rows_in = csv_path, _csv_rows(csv_path)
     elif metadata is not None:   # imagefolder: the images beside the metadata file
         table, rows_in, images_dir = metadata, _metadata_rows(metadata), root
-    elif (sidecar := _sidecar_rows(root)) is not None:   # a caption file beside each image
-        table, rows_in, images_dir = root, sidecar, root
     else:
         below = sorted(sub for sub in root.iterdir() if sub.is_dir() and any(
             (sub / name).is_file() for name in (CAPTIONS_FILENAME, *METADATA_FILENAMES)))
-        hint = f"; {', '.join(map(str, below))} has one: pass that folder" if below else ""
-        raise DataError(f"no {CAPTIONS_FILENAME} (or {' or '.join(METADATA_FILENAMES)}) in {root}{hint} "
-                        f"({_LAYOUT_HELP})")
+        # a caption file beside each image, unless a folder below has a table: then that one is meant
+        if below or (sidecar := _sidecar_rows(root)) is None:
+            hint = f"; {', '.join(map(str, below))} has one: pass that folder" if below else ""
+            raise DataError(f"no {CAPTIONS_FILENAME} (or {' or '.join(METADATA_FILENAMES)}) in {root}{hint} "
+                            f"({_LAYOUT_HELP})")
+        table, rows_in, images_dir = root, sidecar, root
     shown = f"{images_dir.name}/" if images_dir != root else ""   # how paths are named in messages
 
     rows, bad, total = [], [], 0  # rows: (row, line, filename, caption, path)
