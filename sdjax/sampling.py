@@ -7,6 +7,7 @@ with tokenization, batching and device sharding; research code can call them dir
 """
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple
 
 import jax
@@ -42,7 +43,7 @@ def img2img_start(num_inference_steps: int, strength: float) -> int:
     share of the schedule that is run, as diffusers' StableDiffusionImg2ImgPipeline computes it:
     the last ``int(num_inference_steps * strength)`` steps are denoised (PNDM's extra warm-up call
     included in its schedule: the index counts from its start all the same)."""
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+    if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0 < strength <= 1:
         raise ValueError(f"strength must be a number in (0, 1], got {strength!r}")
     denoised = min(int(num_inference_steps * strength), num_inference_steps)
     if denoised == 0:
@@ -107,7 +108,7 @@ def denoise(unet, scheduler: Scheduler, latents_BHWC, cond_BSD, uncond_BSD=None,
 
     ``latents_BHWC``: initial latents already multiplied by ``scheduler.init_noise_sigma``; or,
     with ``start`` > 0 (img2img: a static int, the loop index to begin at), clean latents noised
-    to that point, ``scheduler.add_noise(x0, noise, scheduler.timesteps[start])``; the scheduler
+    to that point, ``scheduler.add_noise_at(x0, noise, start)``; the scheduler
     is entered there as diffusers does (`Scheduler.starting_at`).
     ``cond_BSD`` / ``uncond_BSD``: text states for each image, or one ([1, S, D]) for all of them;
     ``uncond_BSD=None`` skips guidance (one UNet pass); ``guidance_scale``: a number or one per

@@ -424,7 +424,7 @@ def _schedule_index(schedule_timesteps, timesteps):
             raise ValueError(
                 f"timesteps {missing.tolist()[:8]} are not in this scheduler's inference schedule "
                 f"({schedule.shape[0]} entries); add_noise on a sigma scheduler takes timesteps from "
-                "scheduler.timesteps (e.g. scheduler.timesteps[start] for img2img)")
+                "scheduler.timesteps (for img2img, add_noise_at(x0, noise, start) noises by loop index)")
     matches = schedule[None, :] == query[:, None]  # [B, N]
     count = matches.sum(axis=1)
     wanted_rank = jnp.minimum(count, 2)
@@ -530,7 +530,7 @@ class Scheduler:
         runs it for img2img (``set_begin_index(start)``, or ``timesteps[start:]`` for PNDM): the
         multistep schedulers then begin with their first-order / warm-up steps there instead of
         combining outputs they never saw. Loop ``i`` over ``start..num_model_calls - 1`` from
-        ``add_noise(x0, noise, timesteps[start])``; `sdjax.sampling.denoise` takes ``start=``."""
+        ``add_noise_at(x0, noise, start)``; `sdjax.sampling.denoise` takes ``start=``."""
         self._start_index(start)
         return self
 

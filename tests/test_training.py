@@ -645,37 +645,47 @@ PREEMPTED_WORKER = textwrap.dedent("""
     from sdjax.training.loop import Stopped, TrainConfig, Trainer
     parallel.initialize_distributed(coordinator_address=sys.argv[1], num_processes=2, process_id=me)
     real_next_batch = Trainer.next_batch
+    notice_at = None   # the step before which process 1 gets SIGTERM ("load": while loading)
 
-    def preempt_process_1_at_step_2(self):
-        if me == 1 and int(self.state.step) + 1 == 2:
+    def notice(self):
+        if me == 1 and notice_at == int(self.state.step) + 1:
             os.kill(os.getpid(), signal.SIGTERM)   # the notice reaches one host: JAX's service takes it
         return real_next_batch(self)
-    Trainer.next_batch = preempt_process_1_at_step_2
-    trainer = Trainer.create(TrainConfig(**json.loads(sys.argv[3])))
-    try:
-        trainer.run(progress=False)
-        print("NOT STOPPED")
-    except Stopped as e:
-        print("STOPPED", e.step)
-    finally:
-        trainer.close()
+    Trainer.next_batch = notice
+    for phase, (cfg, at) in enumerate(json.loads(sys.argv[3])):
+        notice_at = at
+        if me == 1 and at == "load":
+            os.kill(os.getpid(), signal.SIGTERM)
+        trainer = Trainer.create(TrainConfig(**cfg))
+        try:
+            trainer.run(progress=False)
+            print(f"PHASE {phase} DONE", flush=True)
+        except Stopped as e:
+            print(f"PHASE {phase} STOPPED {e.step}", flush=True)
+        finally:
+            trainer.close()
 """)
 
 
-@pytest.mark.slow   # two processes compile the step
-def test_a_preemption_notice_to_one_process_stops_every_process_at_one_saved_step(pipeline_dir, data_dir,
+@pytest.mark.slow   # two processes compile the step (twice), ~150 s
+@pytest.mark.parametrize("notice", ["load", 5])
+def test_a_preemption_notice_to_one_process_stops_every_process_at_one_saved_step(notice, pipeline_dir, data_dir,
                                                                                   tmp_path):
-    """SIGTERM to one of two processes mid-run: JAX's preemption service makes both stop at the same
-    step, after both wrote their part of a checkpoint of it (not one process stopping alone, the
-    other waiting for it in the next collective)."""
+    """SIGTERM to one of two processes of a resumed run: JAX's preemption service makes both stop
+    at the same step, after both wrote their part of a checkpoint of it (not one process stopping
+    alone, the other waiting for it in the next collective). A notice while the run loads stops it
+    after its first step, 3 (the check counts calls, not the resumed step numbers, which never
+    meet the service's sync point there); one mid-run, a few steps on. (One notice per process:
+    JAX's service acts on the first.)"""
     out = tmp_path / "run"
-    cfg = dataclasses.asdict(config(out, pipeline_dir, data_dir, max_steps=40, checkpoint_every=100))
-    logs = run_two_processes(PREEMPTED_WORKER, tmp_path, json.dumps(cfg), timeout=900)
-    stopped = [re.search(r"^STOPPED (\d+)$", log, re.M) for log in logs]
-    assert all(stopped), logs
-    steps = {int(m[1]) for m in stopped}
-    assert len(steps) == 1 and 2 <= steps.pop() < 40
-    assert complete_steps(out) == [int(stopped[0][1])] and temporary_checkpoints(out) == []
+    first = dataclasses.asdict(config(out, pipeline_dir, data_dir, max_steps=2, checkpoint_every=2))
+    then = {**first, "max_steps": 40, "checkpoint_every": 100, "resume": True}
+    logs = run_two_processes(PREEMPTED_WORKER, tmp_path, json.dumps([(first, None), (then, notice)]), timeout=900)
+    phases = [dict(re.findall(r"^PHASE (\d) (DONE|STOPPED \d+)$", log, re.M)) for log in logs]
+    assert phases[0] == phases[1] and phases[0]["0"] == "DONE", logs
+    stopped = int(phases[0]["1"].split()[1])
+    assert stopped == 3 if notice == "load" else 5 <= stopped < 40
+    assert complete_steps(out) == [2, stopped] and temporary_checkpoints(out) == []
 
 
 def test_tensorboard_matches_the_metrics_log(tmp_path):
@@ -1036,8 +1046,9 @@ def test_nan_loss_stops_without_saving_the_nan_state(pipeline_dir, data_dir, tmp
 
 
 def test_sigterm_during_training_saves_the_step_in_flight(pipeline_dir, data_dir, tmp_path, monkeypatch):
-    """SIGTERM at step 3 (a preempted VM; checkpoints every 5 steps): train.py finishes step 3,
-    saves a checkpoint of it and exits 143 naming it; --resume continues from step 3."""
+    """SIGTERM at step 3 (a preempted VM; checkpoints every 5 steps, samples every 3): train.py
+    finishes step 3 and its samples, saves a checkpoint of it and exits 143 naming it; --resume
+    continues from step 3."""
     out = tmp_path / "run"
     real_next_batch = Trainer.next_batch
 
@@ -1048,14 +1059,14 @@ def test_sigterm_during_training_saves_the_step_in_flight(pipeline_dir, data_dir
 
     monkeypatch.setattr(Trainer, "next_batch", sigterm_at_step_3)
     argv = flags(**{**BASE, "model": pipeline_dir, "train_data": data_dir, "output_dir": out, "max_steps": 8,
-                    "checkpoint_every": 5, "log_every": 2})
+                    "checkpoint_every": 5, "log_every": 1, "sample_every": 3})
     rc, _, stderr = run_train_py(argv)
     assert rc == 143, stderr
     assert stderr.rstrip().endswith(f"\ntrain.py: terminated (SIGTERM) after saving step 3; the newest complete "
                                     f"checkpoint is step 3: python train.py --output-dir {out} --resume continues "
                                     "from it"), stderr[-2000:]
     assert complete_steps(out) == [3] and temporary_checkpoints(out) == []
-    assert [r["step"] for r in metrics(out)] == [2]   # logged every 2 steps: step 3 is saved, not logged
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3]   # step 3 once (its samples had read its metrics)
     assert not (out / "final").exists()
     monkeypatch.setattr(Trainer, "next_batch", real_next_batch)
     trainer = Trainer.create(dataclasses.replace(config(out, pipeline_dir, data_dir, max_steps=8), resume=True))

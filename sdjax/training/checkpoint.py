@@ -12,6 +12,16 @@ import jax
 import orbax.checkpoint as ocp
 
 
+class _Manager(ocp.CheckpointManager):
+    """Orbax's manager without its own preemption checks. sdjax's training loop asks JAX's
+    preemption service at every step, with a counter from the run's first step (the service
+    aligns the processes on that counter); Orbax asking as well, with absolute steps at saves and
+    on process 0 alone in its finalize thread, would move the counter under it."""
+
+    def reached_preemption(self, step: int) -> bool:
+        return False
+
+
 class Checkpointer:
     """``create=False`` opens ``directory`` without creating it (to look at or restore from the
     checkpoints of a run; nothing is written unless `save` is called)."""
@@ -19,7 +29,7 @@ class Checkpointer:
     def __init__(self, directory: str | Path, *, max_to_keep: int = 3, async_save: bool = True,
                  create: bool = True):
         self.directory = Path(directory).absolute()
-        self.manager = ocp.CheckpointManager(
+        self.manager = _Manager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
                                                  create=create))

@@ -8,6 +8,7 @@ diffusers layouts.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import numbers
@@ -241,16 +242,24 @@ class Stopped(Exception):
         self.step = step
 
 
+# The calls this process made to JAX's preemption check, over every run in it. The service aligns the
+# processes on this counter (a notice makes the sync point the largest count any process has reached,
+# plus one), so it must grow by one per check: a training step's number would not (a resumed run
+# starts past 1, where a notice received while loading puts the sync point).
+_preemption_checks = itertools.count(1)
+
+
 def _preemption_sync_point():
-    """On several processes, JAX's preemption check (a SIGTERM to any process makes every process
-    return True at the same step); None on one process or where the service is off."""
+    """On several processes, JAX's preemption check, to call once per training step on every
+    process (a SIGTERM to any process makes all of them return True at the same call); None on one
+    process or where the service is off."""
     if jax.process_count() == 1:
         return None
     from jax.experimental import multihost_utils
 
-    def reached(step: int) -> bool:
+    def reached() -> bool:
         try:
-            return multihost_utils.reached_preemption_sync_point(step)
+            return multihost_utils.reached_preemption_sync_point(next(_preemption_checks))
         except RuntimeError:   # jax_enable_preemption_service off
             return False
     return reached
@@ -711,11 +720,12 @@ class Trainer:
                     self.write_samples(step)
                     self._share_state_weights()
                 timing["time"] += time.perf_counter() - paused
-                # (the preemption check on every step, by every process, as JAX's service requires)
-                if (preempted is not None and preempted(step)) or (stop is not None and stop.requested):
-                    if not save_now:
+                # The preemption check on every step, by every process, as JAX's service requires.
+                if (preempted is not None and preempted()) or (stop is not None and stop.requested):
+                    if not (save_now or sample_now):
                         pending = None
                         report(step, metrics, log_now)   # a diverged state must not become a checkpoint
+                    if not save_now:
                         self.save_checkpoint()
                     raise Stopped(step)
         except BaseException:
@@ -726,12 +736,12 @@ class Trainer:
                     pass
             raise
         finally:
-            if stop is not None:
-                stop.watched = False
             if bar:
                 bar.close()
-            self.checkpoints.wait()
+            self.checkpoints.wait()   # a second SIGTERM meanwhile is taken as the same stop
             self.log.plot_loss()
+            if stop is not None:
+                stop.watched = False
         if self.pipe is not None:
             self.sampling_pipeline()   # the pipeline's weights were the state's, which the steps donated
         return self.state
