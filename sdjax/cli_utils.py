@@ -244,9 +244,8 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
         if key not in CONFIG_KEYS:
             raise UsageError(f"{path}: unknown key {raw_key!r} (known keys: {', '.join(CONFIG_KEYS)})")
         types, _ = CONFIG_KEYS[key]
-        if (isinstance(value, str) and float in (types if isinstance(types, tuple) else (types,))
-                and re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value)):
-            value = float(value)  # YAML 1.1 reads 1e1 (no dot) as text; it is meant as a number
+        if float in (types if isinstance(types, tuple) else (types,)):
+            value = _yaml_number(value)
         wrong_bool = isinstance(value, bool) and types is not bool
         if not isinstance(value, types) or wrong_bool:
             raise UsageError(f"{path}: key {raw_key!r} has value {value!r}; expected {_type_name(types)}")
@@ -286,8 +285,9 @@ def parse_scheduler_options(items: Sequence[str]) -> dict[str, Any]:
 
 
 def _yaml_number(value):
-    """A number YAML 1.1 reads as text (``1e-3``, no dot) as the number it is meant to be."""
-    if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", value.strip()):
+    """A number YAML 1.1 reads as text (``1e-3``, ``1e1``: an exponent without a dot) as the number
+    it is meant to be; any other value as it is."""
+    if isinstance(value, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value.strip()):
         return float(value)
     return value
 

@@ -37,7 +37,8 @@ HELP = {
     "export_single_file": "also write OUTPUT_DIR/final.safetensors, the original SD single-file layout that "
                           "AUTOMATIC1111 and ComfyUI load, in this dtype: float16, bfloat16 or float32",
     "train_data": "folder with train_images/ and image_captions.csv, or images with metadata.jsonl or "
-                  "metadata.csv (imagefolder), or tfds:NAME[/CONFIG][:SPLIT]",
+                  "metadata.csv (imagefolder), or images each with a caption file (a.png + a.txt), or "
+                  "tfds:NAME[/CONFIG][:SPLIT]",
     "output_dir": "where checkpoints/, metrics.jsonl, samples/, tensorboard/ and final/ go",
     "resolution": "training image size (shorter side resized, then cropped square)",
     "batch_size": "images per device per micro-batch",
