@@ -7,6 +7,7 @@ prompt, and writes that never leave a half-written file behind (temp name, then 
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -69,10 +70,10 @@ def next_free_index(directory: str | os.PathLike) -> int:
         if m := _INDEX_RE.match(p.name):
             found.append(int(m.group(1)))
         elif m := _RESERVED_RE.match(p.name):
-            found.append(int(m.group(1)))   # its first number, even while its last is being written
+            found.append(int(m.group(1)))   # its first number, even if its last is missing
             try:
                 found.append(int(p.read_text()))
-            except (OSError, ValueError):   # being written, or just released (its images are counted)
+            except (OSError, ValueError):   # left empty, or just released (its images are counted)
                 pass
     return max(found) + 1
 
@@ -81,22 +82,50 @@ def reserve_indices(directory: str | os.PathLike, count: int) -> tuple[int, Call
     """Claim ``count`` consecutive image numbers in ``directory`` for one run: (the first, a
     function that releases the claim). Two runs writing into one folder at once get ranges that
     do not overlap, where both used to take the same numbers and replace each other's files. The
-    claim is a small hidden file, created exclusively; one left by a killed run only leaves a gap."""
+    claim is a small hidden file holding the range's last number; one left by a killed run only
+    leaves a gap."""
     directory = Path(directory)
+    last = lambda first: first + max(count, 1) - 1  # noqa: E731
     while True:
         first = next_free_index(directory)
         claim = directory / f".sdjax-reserved-{first:05d}"
+        # The claim appears with its last number already in it (a hard link to a finished file is
+        # atomic and exclusive), so a run counting at the same moment never reads it empty, which
+        # would count its first number only and hand out numbers inside its range.
+        draft = directory / f".sdjax-claim-{uuid.uuid4().hex}.tmp"
         try:
-            fd = os.open(claim, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            draft.write_text(str(last(first)))
+            os.link(draft, claim)
         except FileExistsError:   # another run took this number first: count again past its range
             continue
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(str(first + max(count, 1) - 1))
-        except BaseException:   # a full disk: no claim left behind
-            claim.unlink(missing_ok=True)
-            raise
+        except OSError as e:
+            if e.errno not in _NO_HARD_LINKS:
+                raise             # a full disk, say: no claim is left behind
+            if not _claim_by_exclusive_create(claim, last(first)):
+                continue
+        finally:
+            draft.unlink(missing_ok=True)
         return first, lambda: claim.unlink(missing_ok=True)
+
+
+# How file systems without hard links (some FUSE and network mounts) refuse one.
+_NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS}
+
+
+def _claim_by_exclusive_create(claim: Path, last: int) -> bool:
+    """The fallback where hard links are refused: create the claim exclusively, then write its last
+    number (a run counting in between reads it empty and counts its first number only)."""
+    try:
+        fd = os.open(claim, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return False
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(str(last))
+    except BaseException:   # a full disk: no claim left behind
+        claim.unlink(missing_ok=True)
+        raise
+    return True
 
 
 # ----------------------------------------------------------------------------- metadata

@@ -7,6 +7,7 @@ against a fresh persistent compilation cache.
 """
 from __future__ import annotations
 
+import errno
 import importlib.util
 import os
 import re
@@ -144,6 +145,40 @@ def test_runs_into_one_folder_reserve_their_numbers(tmp_path):
     assert I.reserve_indices(tmp_path, 1)[0] == 7
     (tmp_path / ".sdjax-reserved-00008").write_text("")    # killed (or a full disk) before writing its last
     assert I.reserve_indices(tmp_path, 1)[0] == 9           # its first number counts (it looped forever)
+
+
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_a_run_counting_while_another_claims_takes_numbers_past_its_range(tmp_path, monkeypatch, hard_links):
+    """Run B counts the folder at the moment run A's claim appears. With hard links the claim
+    appears holding its last number, so B starts past A's range (B used to read it empty and take
+    A's second number). Without them (the fallback, which keeps that window) the claims still differ."""
+    real_link, real_open = os.link, os.open
+    ranges = {}
+
+    def then_run_b(claim):   # the claim is visible now: run B counts and claims
+        if not ranges and Path(claim).name.startswith(".sdjax-reserved-"):
+            ranges["b"] = None   # once: B's own claim runs no third
+            ranges["b"] = I.reserve_indices(tmp_path, 10)[0]
+
+    def link(src, dst, *args, **kwargs):
+        if not hard_links:
+            raise OSError(errno.EPERM, "hard links are not supported here")
+        real_link(src, dst, *args, **kwargs)
+        then_run_b(dst)
+
+    def open_(path, flags, *args, **kwargs):
+        fd = real_open(path, flags, *args, **kwargs)
+        if flags & os.O_EXCL:
+            then_run_b(path)
+        return fd
+
+    monkeypatch.setattr(I.os, "link", link)
+    monkeypatch.setattr(I.os, "open", open_)
+    a = I.reserve_indices(tmp_path, 10)[0]
+    assert a == 0
+    assert ranges["b"] == (10 if hard_links else 1)
+    assert I.next_free_index(tmp_path) == ranges["b"] + 10
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".sdjax-reserved-00000", f".sdjax-reserved-{ranges['b']:05d}"]
 
 
 def test_the_out_folder_check_touches_nothing_of_it(tmp_path):
