@@ -741,6 +741,23 @@ def test_spike_check_after_a_resume_remembers_the_losses_before_it(tmp_path):
     log.close()
 
 
+def test_the_loss_curve_leaves_the_callers_matplotlib_backend_alone(tmp_path):
+    """Trainer.run ends with plot_loss; in a notebook it used to switch pyplot to Agg for good."""
+    import matplotlib
+    from sdjax.training.monitor import MetricsLog
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")   # a caller's own (non-interactive, so it works here) backend
+    try:
+        log = MetricsLog(tmp_path)
+        for step in range(1, 4):
+            log.record(step, {"loss": 1.0 / step})
+        assert Image.open(log.plot_loss()).format == "PNG"
+        log.close()
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)
+
+
 def test_metrics_log_is_strict_json_with_a_nan_loss(tmp_path):
     """A NaN loss or an infinite gradient norm is written as null (Python's NaN / Infinity literals
     are not JSON, and other parsers reject them), also when a resume rewrites an older log that has
@@ -1365,7 +1382,8 @@ BAD_VALUES = {   # flag value -> what the error says; all checked before the mod
                                   "preset_of_sample_py",
                                   "tfds_not_installed", "resume_wrong_dir", "export_wrong_dir", "float_seeds",
                                   "export_step_alone",
-                                  "samples_past_the_schedule", "x0_model", "data_under_a_batch", "abbreviated_flag",
+                                  "samples_past_the_schedule", "x0_model", "unsupported_noise_schedule",
+                                  "data_under_a_batch", "abbreviated_flag",
                                   *BAD_VALUES])
 def test_train_py_usage_errors(case, pipeline_dir, data_dir, tmp_path, monkeypatch):
     base = flags(model=pipeline_dir, train_data=data_dir, output_dir=tmp_path / "out")
@@ -1373,12 +1391,13 @@ def test_train_py_usage_errors(case, pipeline_dir, data_dir, tmp_path, monkeypat
     preset.write_text("learning_rate: 1e-4\nlearning_rat: 1e-3\n")
     seeds_preset = tmp_path / "seeds.yaml"
     seeds_preset.write_text("validation_seeds: [1, 1.5]\n")
-    x0_model = tmp_path / "x0-model"   # a model that predicts the clean latents, not the noise
-    if case == "x0_model":
-        shutil.copytree(pipeline_dir, x0_model)
-        scheduler = json.loads((x0_model / "scheduler" / "scheduler_config.json").read_text())
-        (x0_model / "scheduler" / "scheduler_config.json").write_text(json.dumps({**scheduler,
-                                                                                 "prediction_type": "sample"}))
+    edited_model = tmp_path / "edited-model"   # the pipeline with one scheduler setting changed
+    edits = {"x0_model": {"prediction_type": "sample"},   # predicts the clean latents, not the noise
+             "unsupported_noise_schedule": {"beta_schedule": "sigmoid"}}   # diffusers has it, sdjax not
+    if case in edits:
+        shutil.copytree(pipeline_dir, edited_model)
+        scheduler = json.loads((edited_model / "scheduler" / "scheduler_config.json").read_text())
+        (edited_model / "scheduler" / "scheduler_config.json").write_text(json.dumps({**scheduler, **edits[case]}))
     argv, expected = {
         "unknown_key": (["--config", preset, *base], [str(preset), "unknown key 'learning_rat'"]),
         "resolution": ([*base, "--resolution", "100"], ["resolution=100 must be a multiple of 8"]),
@@ -1397,16 +1416,19 @@ def test_train_py_usage_errors(case, pipeline_dir, data_dir, tmp_path, monkeypat
         "export_step_alone": ([*base, "--export-step", "2"], ["--export-step 2: only with --export"]),
         # checked once the model is loaded, before any training
         "samples_past_the_schedule": ([*base, "--sample-steps", "1000"],
-                                      ["--sample-steps 1000: the samples' pndm with 1000 steps", "reaches timestep "
-                                       "1000, past the last training timestep 999"]),
+                                      [f"{pipeline_dir}: its scheduler config with --sample-steps 1000: pndm with "
+                                       "1000 steps", "reaches timestep 1000, past the last training timestep 999"]),
         "data_under_a_batch": ([*base, "--batch-size", "17"],
                                [f"{data_dir}: 16 usable examples, fewer than one global batch of "
                                 f"{17 * jax.device_count()} (--batch-size 17 x {jax.device_count()} devices x "
                                 "--gradient-accumulation 1)"]),
         "abbreviated_flag": ([*base, "--lr", "1e-4"], ["unrecognized arguments: --lr 1e-4"]),   # not --lr-schedule
-        "x0_model": (flags(model=x0_model, train_data=data_dir, output_dir=tmp_path / "out"),
-                     [f"{x0_model}: its scheduler config has prediction_type='sample'; sdjax fine-tunes 'epsilon' "
+        "x0_model": (flags(model=edited_model, train_data=data_dir, output_dir=tmp_path / "out"),
+                     [f"{edited_model}: its scheduler config has prediction_type='sample'; sdjax fine-tunes 'epsilon' "
                       "and 'v_prediction' models"]),
+        "unsupported_noise_schedule": (flags(model=edited_model, train_data=data_dir, output_dir=tmp_path / "out"),
+                                       [f"{edited_model}: its scheduler config: beta_schedule 'sigmoid' is not "
+                                        "supported"]),
         **{name: ([*base, "--" + name.replace("_", "-"), value], [message])
            for name, (value, message) in BAD_VALUES.items()},
     }[case]

@@ -276,10 +276,14 @@ def _build_model(cfg: TrainConfig, mesh):
     if prediction_type not in TRAINABLE_PREDICTION_TYPES:
         raise UsageError(f"{cfg.model}: its scheduler config has prediction_type={prediction_type!r}; sdjax "
                          f"fine-tunes {' and '.join(map(repr, TRAINABLE_PREDICTION_TYPES))} models")
-    try:  # here, not at the first samples, after training time has been spent
+    try:  # the training noise schedule, then the samples' (here, not after training time has been spent)
+        make_noise_schedule(pipe.scheduler_config)
+    except (ValueError, NotImplementedError) as e:
+        raise UsageError(f"{cfg.model}: its scheduler config: {e}") from e
+    try:
         pipe.make_scheduler(SAMPLE_SCHEDULER, cfg.sample_steps)
-    except ValueError as e:
-        raise UsageError(f"--sample-steps {cfg.sample_steps}: the samples' {e}") from e
+    except (ValueError, NotImplementedError) as e:
+        raise UsageError(f"{cfg.model}: its scheduler config with --sample-steps {cfg.sample_steps}: {e}") from e
     compute = jnp.bfloat16 if cfg.mixed_precision == "bf16" else jnp.float32
     unet_gd, _ = abstract_model(UNet2DConditionModel, pipe.unet.config, dtype=compute,
                                 remat=cfg.gradient_checkpointing)

@@ -84,9 +84,7 @@ class MetricsLog:
         """Write ``loss_curve.png`` from metrics.jsonl (raw loss and a moving average)."""
         if not self.enabled or not self.path.exists():
             return None
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure   # not pyplot: its global backend belongs to the caller
         rows = [r for r in read_rows(self.path)   # a NaN loss (null) is not plotted
                 if isinstance(r.get("loss"), (int, float)) and math.isfinite(r["loss"])]
         if not rows:
@@ -95,7 +93,8 @@ class MetricsLog:
         k = max(1, len(losses) // 20)
         smooth = [sum(losses[max(0, i - k + 1):i + 1]) / len(losses[max(0, i - k + 1):i + 1])
                   for i in range(len(losses))]
-        fig, ax = plt.subplots(figsize=(7, 4))
+        fig = Figure(figsize=(7, 4))
+        ax = fig.subplots()
         ax.plot(steps, losses, alpha=0.35, label="loss")
         ax.plot(steps, smooth, label=f"moving average ({k})")
         ax.set_xlabel("step")
@@ -106,7 +105,6 @@ class MetricsLog:
         fig.tight_layout()
         path = path or self.path.with_name("loss_curve.png")
         atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
-        plt.close(fig)
         return path
 
     def close(self) -> None:
