@@ -29,9 +29,10 @@ MAX_SEED = 2**32 - 1
 
 def is_single_file(model: str | Path) -> bool:
     """Whether a ``--model`` names a single-file checkpoint (an existing file, a path with a
-    checkpoint file's suffix, or a URL) rather than a pipeline folder or a Hub repo id."""
+    checkpoint file's suffix that is not a folder, or a URL) rather than a pipeline folder (even
+    one named ``my-finetune.ckpt``) or a Hub repo id."""
     path = Path(model).expanduser()
-    return is_url(model) or path.is_file() or path.suffix in SINGLE_FILE_SUFFIXES
+    return is_url(model) or path.is_file() or (not path.is_dir() and path.suffix in SINGLE_FILE_SUFFIXES)
 
 
 def load_pipeline(model: str, *, model_config: str | None = None, dtype=jnp.float32, variant: str | None = None,

@@ -5,6 +5,7 @@ the reference models, and sdjax reads it back to the same weights; bad files giv
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +93,14 @@ def test_from_single_file_equals_from_pretrained(pipe, single_file, tiny_pipelin
     assert loaded.tokenizer.get_vocab() == pipe.tokenizer.get_vocab()
     same = load_pipeline(str(single_file), model_config=str(tiny_pipeline_dir))   # what --model FILE does
     assert_same_params(same.unet, pipe.unet)
+
+
+def test_a_pipeline_folder_named_like_a_checkpoint_file_loads_as_a_folder(pipe, tiny_pipeline_dir, tmp_path):
+    """--model my-finetune.ckpt/ (a folder) is a pipeline folder; it used to go to the single-file
+    loader, which said it is a folder."""
+    folder = tmp_path / "my-finetune.ckpt"
+    shutil.copytree(tiny_pipeline_dir, folder)
+    assert_same_params(load_pipeline(str(folder)).unet, pipe.unet)
 
 
 @pytest.mark.parametrize("clip_names", ["text_model", "old"])
