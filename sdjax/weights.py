@@ -340,6 +340,8 @@ class _StrictFill:
         if path in self.loaded:  # e.g. a VAE attention weight under its old and its new name
             raise CheckpointError(f"{self.file}: keys {self.source[path]!r} and {shown!r} are the same weight "
                                   f"of {self.label}; a checkpoint must hold it once")
+        if not hasattr(array, "dtype"):   # a corrupt msgpack can hold a number or a list there
+            raise CheckpointError(f"{self.file}: key {shown!r} holds a {type(array).__name__}, not an array")
         if not jnp.issubdtype(array.dtype, jnp.floating):
             raise CheckpointError(f"{self.file}: key {shown!r} has dtype {array.dtype}; weights are floats")
         target = self.expected[path]

@@ -454,6 +454,16 @@ def test_missing_and_unexpected_keys(tiny_checkpoints, tmp_path, layout):
     assert f"unexpected keys (1): {extra}" in message
 
 
+def test_a_number_where_a_flax_array_belongs(tiny_checkpoints, tmp_path):
+    from flax.serialization import msgpack_restore, msgpack_serialize
+    directory, file = copy_model_dir(tiny_checkpoints["vae"], "flax", tmp_path)
+    tree = msgpack_restore(file.read_bytes())
+    tree["quant_conv"]["bias"] = 1.0   # it used to escape as AttributeError: 'float' has no 'dtype'
+    file.write_bytes(msgpack_serialize(tree))
+    with pytest.raises(CheckpointError, match=re.escape(f"{file}: key 'quant_conv/bias' holds a float, not an array")):
+        AutoencoderKL.from_pretrained(directory)
+
+
 def test_wrong_shape(tiny_checkpoints, tmp_path):
     from safetensors.numpy import load_file, save_file
     directory, file = copy_model_dir(tiny_checkpoints["unet"], "safetensors", tmp_path)

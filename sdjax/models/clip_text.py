@@ -144,6 +144,10 @@ class CLIPTextModel(nnx.Module, Pretrained):
         self.text_model = CLIPTextTransformer(cfg, dtype=dtype, param_dtype=param_dtype or dtype, rngs=rngs)
 
     def __call__(self, input_ids_BT, output_hidden_states: bool = False) -> CLIPTextOutput:
+        """Encode token ids [B, T] (int; any array-like): ``last_hidden_state`` [B, T, D] (after the
+        final layer norm, what SD conditions on), ``pooler_output`` [B, D] (at each end token) and,
+        with ``output_hidden_states``, the embeddings and every layer's output."""
+        input_ids_BT = jnp.asarray(input_ids_BT)
         tm = self.text_model
         x = tm.embeddings(input_ids_BT)
         hidden = [x]
