@@ -803,6 +803,23 @@ def test_fresh_run_in_a_folder_with_checkpoints_is_refused(tmp_path):
     assert complete_steps(out) == [3]
 
 
+def test_a_failure_late_in_create_closes_the_loader_and_orbax(pipeline_dir, data_dir, tmp_path, monkeypatch):
+    """Trainer.create failing after its loader threads and Orbax's manager exist (here in the
+    latent cache's encoding) closes them; train() never gets the trainer to close."""
+    from sdjax.training import loop
+    closed = []
+    for cls in (loop.Checkpointer, loop.BatchIterator, loop.MetricsLog):
+        monkeypatch.setattr(cls, "close", lambda self, real=cls.close: (closed.append(type(self).__name__),
+                                                                         real(self))[1])
+
+    def out_of_memory(self):
+        raise MemoryError("encoding the dataset")
+    monkeypatch.setattr(loop.Trainer, "encode_dataset", out_of_memory)
+    with pytest.raises(MemoryError):
+        Trainer.create(config(tmp_path / "out", pipeline_dir, data_dir, max_steps=1, cache_latents=True))
+    assert sorted(closed) == ["BatchIterator", "Checkpointer", "MetricsLog"]
+
+
 @dataclasses.dataclass
 class _FakeState:
     step: int = 0

@@ -550,9 +550,9 @@ class Trainer:
                              process_index=jax.process_index(), process_count=jax.process_count(), seed=cfg.seed,
                              center_crop=cfg.center_crop, random_flip=cfg.random_flip,
                              micro_batches=cfg.gradient_accumulation)
-        checkpoints = Checkpointer(out / "checkpoints", max_to_keep=cfg.keep_checkpoints)
-        resumed = None
-        try:
+        checkpoints, log = Checkpointer(out / "checkpoints", max_to_keep=cfg.keep_checkpoints), None
+        try:   # on any failure from here on, the loader threads and Orbax's manager are closed
+            resumed = None
             if cfg.resume and checkpoints.latest_step() is not None:
                 state, position = _restore(checkpoints, state, None, cfg, recorded)
                 resumed = int(state.step)
@@ -565,23 +565,25 @@ class Trainer:
                     print(f"resumed from {checkpoints.directory} at step {resumed}")
             elif cfg.resume and main:
                 print(f"--resume: no checkpoint in {checkpoints.directory} yet, starting from step 0")
+            if main:
+                out.mkdir(parents=True, exist_ok=True)
+                record = json.dumps(_record(cfg), indent=2) + "\n"  # atomically: a resume and an export need it
+                atomic_write(out / RUN_CONFIG_FILE, lambda tmp: tmp.write_text(record))
+                if resumed is None:   # a fresh run: an earlier run's samples would pass for its own
+                    for old in (out / "samples").glob("step-*.png"):
+                        old.unlink()
+            log = MetricsLog(out, enabled=main, spike_factor=cfg.spike_factor, resume_from_step=resumed)
+            trainer = cls(cfg, out, mesh, pipe, graphdefs, frozen, state, data, checkpoints, step_cfg, step_fn, log,
+                          caption_ids=caption_ids)
+            if resumed is not None:
+                trainer._share_state_weights()
+            if cfg.cache_latents:
+                trainer.latent_cache = trainer.encode_dataset()
         except BaseException:
-            checkpoints.close()
+            for part in (checkpoints, log, data):
+                if part is not None:
+                    part.close()
             raise
-        if main:
-            out.mkdir(parents=True, exist_ok=True)
-            record = json.dumps(_record(cfg), indent=2) + "\n"  # atomically: a resume and an export need it
-            atomic_write(out / RUN_CONFIG_FILE, lambda tmp: tmp.write_text(record))
-            if resumed is None:   # a fresh run: an earlier run's samples would pass for its own
-                for old in (out / "samples").glob("step-*.png"):
-                    old.unlink()
-        log = MetricsLog(out, enabled=main, spike_factor=cfg.spike_factor, resume_from_step=resumed)
-        trainer = cls(cfg, out, mesh, pipe, graphdefs, frozen, state, data, checkpoints, step_cfg, step_fn, log,
-                      caption_ids=caption_ids)
-        if resumed is not None:
-            trainer._share_state_weights()
-        if cfg.cache_latents:
-            trainer.latent_cache = trainer.encode_dataset()
         return trainer
 
     @classmethod
