@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import threading
 import warnings
 import weakref
 from pathlib import Path
@@ -171,6 +173,16 @@ def _weak(x):
         return lambda: x
 
 
+def _one_call_at_a_time(method):
+    """Calls from several threads take turns: they share the step bar's ticker and the weights'
+    refresh, and the devices would run them in turn anyway."""
+    @functools.wraps(method)
+    def serialized(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return serialized
+
+
 class _StepTicker:
     """The host end of the sampler's per-step callback: advances the bar of the call in progress.
 
@@ -222,6 +234,7 @@ class StableDiffusion:
         self.tokenizer, self.scheduler_config, self.name = tokenizer, dict(scheduler_config), name
         self.mesh = mesh or parallel.data_mesh()
         self._warned: set[tuple] = set()
+        self._lock = threading.RLock()
         self._graphdefs = sampling.SDState(*(nnx.graphdef(m) for m in (text_encoder, unet, vae)))
         self._refresh_state()
         self._generate = jax.jit(
@@ -268,9 +281,11 @@ class StableDiffusion:
     def state(self) -> sampling.SDState:
         """The three models' weights as `sampling.generate` takes them (replicated over the mesh),
         current with the models."""
-        self._sync_state()
-        return self._state
+        with self._lock:
+            self._sync_state()
+            return self._state
 
+    @_one_call_at_a_time
     def set_params(self, *, unet: dict | None = None, text_encoder: dict | None = None,
                    vae: dict | None = None, partial: bool = False) -> None:
         """Replace model weights with new ones: nested dicts as ``nnx.to_pure_dict`` gives them
@@ -428,6 +443,7 @@ class StableDiffusion:
                           f"corrected as diffusers' StableDiffusionPipeline does: {', '.join(changes)}", stacklevel=2)
         return make_scheduler(scheduler, config, num_inference_steps, **options)
 
+    @_one_call_at_a_time
     def __call__(self, prompts: str | Sequence[str], negative_prompts: str | Sequence[str] | None = None,
                  seeds: int | Sequence[int] = 0, num_inference_steps: int = 50, guidance_scale: float = 7.5,
                  height: int = 512, width: int = 512, scheduler: str = "pndm", latents: np.ndarray | None = None,

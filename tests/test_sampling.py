@@ -248,6 +248,26 @@ def test_step_progress_counts_every_model_call_and_compiles_once(pipe):
     assert pipe._generate._cache_size() == compiled
 
 
+def test_calls_from_two_threads_take_turns_and_each_bar_counts_its_own_steps(pipe):
+    """Each call's step bar counts that call's model calls only (one shared ticker used to send both
+    calls' steps to the bar set last, and the first to finish cut the other's off)."""
+    import threading
+    kw = dict(num_inference_steps=STEPS, height=SIZE, width=SIZE, batch_size=8, progress=None)
+    calls = pipe.make_scheduler("pndm", STEPS).num_model_calls
+    bars, outputs, start = [CountingBar(), CountingBar()], [None, None], threading.Barrier(2)
+
+    def sample(i):
+        start.wait()
+        outputs[i] = pipe("the cat", seeds=list(range(8 * (i + 1))), **{**kw, "progress": bars[i]})
+    threads = [threading.Thread(target=sample, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [bar.n for bar in bars] == [calls, 2 * calls]
+    np.testing.assert_array_equal(outputs[1].images[:8], outputs[0].images)
+
+
 def test_latents_batch_broadcasts_and_unordered_or_missing_arguments_are_refused(pipe):
     """Four initial noises with one prompt make four images (the prompt broadcasts as it does over
     seeds); a set of prompts (no order to pair them with seeds by) and seeds=None are TypeErrors;
