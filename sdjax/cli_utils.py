@@ -285,9 +285,11 @@ def parse_scheduler_options(items: Sequence[str]) -> dict[str, Any]:
 
 
 def _yaml_number(value):
-    """A number YAML 1.1 reads as text (``1e-3``, ``1e1``: an exponent without a dot) as the number
-    it is meant to be; any other value as it is."""
-    if isinstance(value, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value.strip()):
+    """A number YAML 1.1 reads as text (``1e-3``, ``1e1``: an exponent without a dot; ``-inf``,
+    ``-Infinity``, as JSON and Python write it) as the number it is meant to be; any other value as
+    it is."""
+    if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+(\.\d*)?[eE][-+]?\d+|inf|infinity)", value.strip(),
+                                               re.IGNORECASE):
         return float(value)
     return value
 
@@ -353,9 +355,9 @@ def validate_request(req: SampleRequest) -> None:
             raise UsageError(f"--{name} {size}: must be a positive multiple of 8")
     if req.scheduler not in SCHEDULERS:
         raise UsageError(f"unknown scheduler {req.scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
-    try:   # the keys now; the values once the model's scheduler config is read
+    try:   # the keys and the kinds of values now; the rest once the model's scheduler config is read
         resolve_scheduler_config(req.scheduler, {}, **req.scheduler_options)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise UsageError(f"--scheduler-option: {e}") from None
     if not isinstance(req.steps, int) or isinstance(req.steps, bool) or not 1 <= req.steps <= 1000:
         raise UsageError(f"--steps {req.steps}: must be an integer in 1..1000 (typical 20-100)")

@@ -117,6 +117,11 @@ _CLASS_DEFAULTS = {
 # Arguments that diffusers passes to ``step`` rather than to the constructor.
 _STEP_OPTIONS = {"ddim": {"eta": 0.0}}
 
+# Keys a class does not take but still reads from the config it was built from (diffusers registers
+# every config key on the scheduler): DPM-Solver's Karras sigmas end at a config's sigma_min / sigma_max,
+# written there for Euler. Options cannot set them (diffusers ignores such keyword arguments).
+_CONFIG_ONLY_KEYS = {"dpmpp_2m": {"sigma_min": None, "sigma_max": None}}
+
 
 def resolve_scheduler_config(name: str, config: dict, **options) -> dict:
     """The settings that ``diffusers.<Kind>Scheduler.from_config(config, **options)`` would use.
@@ -137,7 +142,26 @@ def resolve_scheduler_config(name: str, config: dict, **options) -> dict:
                 f"{name!r} scheduler has no option {key!r}; valid options: {', '.join(sorted(settings))}"
             )
         settings[key] = value
+    for key, default in _CONFIG_ONLY_KEYS.get(name, {}).items():
+        settings[key] = config.get(key, default)
+    _check_setting_types(name, settings)
     return settings
+
+
+def _check_setting_types(name: str, settings: dict) -> None:
+    """Refuse a setting of the wrong kind by name: a word where a number belongs would otherwise be
+    compared as text (``lambda_min_clipped='-inf'`` cut the schedule short), and any word is a true
+    flag (``use_karras_sigmas='tru'``)."""
+    defaults = {**_COMMON_DEFAULTS, **_CLASS_DEFAULTS[name], **_STEP_OPTIONS.get(name, {})}
+    numbers = {key for key, value in defaults.items() if isinstance(value, (int, float)) and not isinstance(value, bool)}
+    numbers |= {"sigma_min", "sigma_max"}   # None by default
+    for key, value in settings.items():
+        if isinstance(defaults.get(key), bool) and value is not None and not (
+                isinstance(value, (bool, np.bool_)) or (isinstance(value, (int, np.integer)) and value in (0, 1))):
+            raise ValueError(f"{name} setting {key}={value!r}: expected true or false")
+        if (key in numbers and not (key.startswith("sigma_") and value is None)
+                and (isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)))):
+            raise ValueError(f"{name} setting {key}={value!r}: expected a number")
 
 
 # diffusers' StableDiffusionPipeline rewrites two outdated settings of the scheduler it is given (its
@@ -1195,8 +1219,10 @@ def _build_dpm_solver(settings: dict, num_steps: int) -> DPMSolverMultistepSched
         raise ValueError(f"timestep_spacing {spacing!r} is not one of 'linspace', 'leading', 'trailing'")
     timesteps = timesteps.astype(np.int64)
 
-    if settings["use_karras_sigmas"]:
-        sigmas = _karras_sigmas(float(sigma_table[0]), float(sigma_table[-1]), num_steps)
+    if settings["use_karras_sigmas"]:   # between the config's sigma_min / sigma_max where it has them
+        ends = [float(table_end if settings[key] is None else settings[key])
+                for key, table_end in (("sigma_min", sigma_table[0]), ("sigma_max", sigma_table[-1]))]
+        sigmas = _karras_sigmas(*ends, num_steps)
         timesteps = _timesteps_for_sigmas(sigmas, sigma_table)
         if settings["beta_schedule"] != "squaredcos_cap_v2":
             timesteps = timesteps.round()
@@ -1274,6 +1300,14 @@ def _check_schedule(name: str, settings: dict, num_steps: int, scheduler: Schedu
         raise ValueError(f"{name} with {num_steps} steps (timestep_spacing={settings.get('timestep_spacing')!r}, "
                          f"steps_offset={settings.get('steps_offset')}) reaches timestep {top:g}, past the last "
                          f"training timestep {num_train - 1}: use fewer steps")
+    if name in ("pndm", "ddim", "ddpm") and float(np.min(scheduler.timesteps)) < 0:
+        # "trailing" at 61, 103, 121, ... steps: a rounding quirk that diffusers shares; there the last step
+        # reads the noise level of timestep 999 (the sigma schedulers clamp it to timestep 0's)
+        near = [n for k in range(1, 6) for n in (num_steps - k, num_steps + k)
+                if 1 <= n <= num_train and float(np.min(_build(name, settings, n).timesteps)) >= 0]
+        raise ValueError(f"{name} with {num_steps} steps (timestep_spacing={settings.get('timestep_spacing')!r}) "
+                         "reaches timestep -1, before the first training timestep 0"
+                         + (f": use {near[0]} steps" if near else ""))
     if num_steps > 1 and np.unique(scheduler.timesteps).size == 1:
         raise ValueError(f"{name} with {num_steps} steps (timestep_spacing={settings.get('timestep_spacing')!r}) "
                          f"gives every step the same timestep {top:g}: use fewer steps")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import importlib.util
+import math
 import os
 import re
 import subprocess
@@ -356,10 +357,16 @@ def test_scheduler_options_from_flags_and_presets(tmp_path):
     assert req.scheduler_options == {"eta": 0.001}
     cfg.write_text("scheduler: ddim\nscheduler_options: {eta: 1e-3}\n")
     assert sample.parse_request(["a cat", "--config", str(cfg)])[0].scheduler_options == {"eta": 0.001}
+    for text in ("-inf", "-Infinity"):   # as Python and JSON write it (YAML 1.1 spells it -.inf)
+        req, _ = sample.parse_request(["a cat", "--scheduler", "dpmpp_2m", "--scheduler-option",
+                                       f"lambda_min_clipped={text}"])
+        assert req.scheduler_options == {"lambda_min_clipped": -math.inf}
     for argv, message in (
             (["--scheduler", "ddim", "--scheduler-option", "use_karras_sigmas=true"],
              "--scheduler-option: 'ddim' scheduler has no option 'use_karras_sigmas'; valid options: "),
             (["--scheduler-option", "karras"], "--scheduler-option 'karras': expected KEY=VALUE"),
+            (["--scheduler", "dpmpp_2m", "--scheduler-option", "use_karras_sigmas=tru"],
+             "--scheduler-option: dpmpp_2m setting use_karras_sigmas='tru': expected true or false"),
             (["--scheduler-option", "eta="], "--scheduler-option 'eta=': expected one value")):
         with pytest.raises(UsageError, match=re.escape(message)):
             sample.parse_request(["a cat", *argv])

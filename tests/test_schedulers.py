@@ -620,6 +620,9 @@ def test_outdated_scheduler_configs_are_corrected_as_diffusers_pipeline_does(nam
     ("dpmpp_2m", {"_class_name": "DDPMScheduler", "variance_type": "fixed_small"}),   # ignored by DPM-Solver
     ("dpmpp_2m", {"_class_name": "UniPCMultistepScheduler", "solver_type": "bh2"}),   # diffusers: midpoint
     ("dpmpp_2m", {"algorithm_type": "deis", "solver_type": "logrho", "final_sigmas_type": "sigma_min"}),  # ++
+    # Euler's Karras ends, which DPM-Solver reads from the config too (LMS does not)
+    ("dpmpp_2m", {"_class_name": "EulerDiscreteScheduler", "sigma_min": 0.1, "sigma_max": 10.0,
+                  "use_karras_sigmas": True}),
 ])
 def test_settings_of_other_schedulers_configs_are_taken_as_diffusers_takes_them(name, config_changes, noise_nchw):
     """A model whose scheduler_config.json was written for another scheduler still samples with
@@ -653,6 +656,32 @@ def test_unknown_names_and_options_are_errors():
     with pytest.raises(ValueError, match=r"trained_betas has shape \(500,\); expected one beta per training "
                                          r"timestep \(1000, num_train_timesteps\)"):
         S.make_scheduler("ddim", {**SD15_SCHEDULER_CONFIG, "trained_betas": [1e-3] * 500}, 10)
+
+
+@pytest.mark.parametrize("name,option,value,message", [
+    ("dpmpp_2m", "lambda_min_clipped", "-inf", "expected a number"),   # compared as text: cut the schedule short
+    ("dpmpp_2m", "use_karras_sigmas", "tru", "expected true or false"),   # any word is a true flag
+    ("euler", "use_karras_sigmas", 2, "expected true or false"),   # 0 and 1 are taken
+    ("ddim", "clip_sample_range", "2", "expected a number"),
+])
+def test_settings_of_the_wrong_kind_are_named(name, option, value, message):
+    """diffusers fails on these somewhere inside (a TypeError), or runs with a wrong schedule."""
+    with pytest.raises(ValueError, match=re.escape(f"{name} setting {option}={value!r}: {message}")):
+        S.make_scheduler(name, SD15_SCHEDULER_CONFIG, 10, **{option: value})
+    with pytest.raises(ValueError, match=re.escape(f"{option}={value!r}")):   # the same from the config
+        S.make_scheduler(name, {**SD15_SCHEDULER_CONFIG, option: value}, 10)
+
+
+def test_a_trailing_schedule_that_rounds_to_timestep_minus_one_is_refused():
+    """np.arange(1000, 0, -1000 / 61) has a 62nd element just above 0: diffusers' last step is at
+    timestep -1, where DDIM reads the noise level of timestep 999 (the sigma schedulers clamp it to
+    timestep 0's, and run as diffusers does: test_deterministic_scheduler_matches_diffusers)."""
+    reference = reference_scheduler("ddim", 61, timestep_spacing="trailing")
+    assert int(reference.timesteps[-1]) == -1
+    with pytest.raises(ValueError, match=r"ddim with 61 steps \(timestep_spacing='trailing'\) reaches timestep -1, "
+                                         r"before the first training timestep 0: use 60 steps"):
+        S.make_scheduler("ddim", SD15_SCHEDULER_CONFIG, 61, timestep_spacing="trailing")
+    assert S.make_scheduler("ddim", SD15_SCHEDULER_CONFIG, 60, timestep_spacing="trailing").timesteps[-1] >= 0
 
 
 @pytest.mark.parametrize("name,steps,message", [
