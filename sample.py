@@ -18,8 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from sdjax.cli_utils import (DEFAULT_MODEL, DTYPES, PROGRESS_MODES, OneLineErrorParser, SampleRequest, UsageError,
-                             load_config, parse_scheduler_options, parse_seeds, read_prompts_file,
+from sdjax.cli_utils import (DEFAULT_MODEL, DTYPE_ALIASES, DTYPES, PROGRESS_MODES, OneLineErrorParser,
+                             SampleRequest, UsageError, load_config, parse_scheduler_options, parse_seeds, read_prompts_file,
                              resolve_config_path, validate_request)
 
 PROG = "sample.py"
@@ -64,12 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "scheduler; the value is read as YAML: true, 1.0, text)")
     p.add_argument("--height", type=int, default=512, help="pixels, a multiple of 8 (default 512)")
     p.add_argument("--width", type=int, default=512, help="pixels, a multiple of 8 (default 512)")
-    p.add_argument("--dtype", default=None, help=f"{' / '.join(DTYPES)}; default bfloat16 on GPU/TPU, float32 on CPU")
+    p.add_argument("--dtype", default=None, help=f"{' / '.join(DTYPES)} (or {' / '.join(DTYPE_ALIASES)}); default "
+                                                 "bfloat16 on GPU/TPU, float32 on CPU")
     p.add_argument("--batch-size", type=int, default=None, help="images per compiled call (default 4 per device)")
     p.add_argument("--out", default="outputs", help="output folder (default outputs)")
     p.add_argument("--grid", action=argparse.BooleanOptionalAction, default=False, help="also write NNNNN-grid.png (all the images of the run)")
     p.add_argument("--trajectory", action=argparse.BooleanOptionalAction, default=False,
                    help="also write a denoising strip (PNG) and animation (GIF) per image")
+    p.add_argument("--trajectory-frames", type=int, default=8, metavar="N",
+                   help="frames in each trajectory strip and GIF: the noise, evenly spaced steps and the image "
+                        "(at most N, default 8)")
     p.add_argument("--progress", choices=PROGRESS_MODES, default="auto",
                    help="progress bar over denoising steps or batches; auto (default): steps on the CPU, "
                         "batches on GPU/TPU")
@@ -100,8 +104,9 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
     req = SampleRequest(prompts=prompts, seeds=seeds, negative_prompt=args.negative_prompt, model=args.model,
                         model_config=args.model_config, vae=args.vae, scheduler_options=options,
                         steps=args.steps, guidance_scale=args.guidance_scale, scheduler=args.scheduler,
-                        height=args.height, width=args.width, dtype=args.dtype, batch_size=args.batch_size,
-                        out=str(Path(args.out).expanduser()), variant=args.variant, grid=args.grid, trajectory=args.trajectory)
+                        height=args.height, width=args.width, dtype=DTYPE_ALIASES.get(args.dtype, args.dtype),
+                        batch_size=args.batch_size, out=str(Path(args.out).expanduser()), variant=args.variant,
+                        grid=args.grid, trajectory=args.trajectory, trajectory_frames=args.trajectory_frames)
     try:
         validate_request(req)
     except UsageError as e:

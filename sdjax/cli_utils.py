@@ -28,6 +28,7 @@ from sdjax.pipeline import DEFAULT_MODEL, MAX_SEED, model_options_problem  # noq
 from sdjax.schedulers import SCHEDULERS, resolve_scheduler_config
 
 DTYPES = ("float32", "bfloat16", "float16")
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}   # as train.py and the API take them
 
 
 class UsageError(ValueError):
@@ -153,6 +154,7 @@ CONFIG_KEYS: dict[str, tuple[type | tuple, str]] = {
     "batch_size": (int, "images per compiled call"),
     "grid": (bool, "also write NNNNN-grid.png"),
     "trajectory": (bool, "also write trajectory strips and GIFs"),
+    "trajectory_frames": (int, "frames in each trajectory strip and GIF (at least 3)"),
     "out": (str, "output folder"),
 }
 
@@ -364,13 +366,13 @@ def validate_request(req: SampleRequest) -> None:
     if not isinstance(req.guidance_scale, (int, float)) or not math.isfinite(req.guidance_scale):
         raise UsageError(f"--guidance-scale {req.guidance_scale}: must be a finite number (typical 5-15)")
     if req.dtype is not None and req.dtype not in DTYPES:
-        raise UsageError(f"unknown dtype {req.dtype!r}: choose one of {', '.join(DTYPES)}")
+        raise UsageError(f"unknown dtype {req.dtype!r}: choose one of {', '.join(DTYPES)} (or {', '.join(DTYPE_ALIASES)})")
     if req.batch_size is not None and req.batch_size < 1:
         raise UsageError(f"--batch-size {req.batch_size}: must be at least 1")
     if not req.seeds:
         raise UsageError("no seeds given")
-    if req.trajectory and req.trajectory_frames < 3:
-        raise UsageError("a trajectory needs at least 3 frames")
+    if req.trajectory_frames < 3:
+        raise UsageError(f"--trajectory-frames {req.trajectory_frames}: a trajectory needs at least 3 frames")
     problem = unwritable_folder(req.out)
     if problem:
         raise UsageError(f"--out {req.out}: {problem}")

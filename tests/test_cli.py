@@ -510,6 +510,23 @@ def test_trajectory_outputs(pipe_dir, pipe, tmp_path, capsys):
     assert np.abs(last - pixels(out / f"{stem}.png")).mean() < 12   # GIF palette quantization
 
 
+def test_trajectory_frames_and_dtype_spellings(pipe_dir, tmp_path, capsys):
+    """--trajectory-frames sets the frames of each strip and GIF (it had no flag); --dtype takes
+    train.py's short spellings too."""
+    out = tmp_path / "out"
+    rc, _, _ = run_main(capsys, "a photo of a cat", "--seeds", "5", "--model", pipe_dir, "--out", out,
+                        "--trajectory", "--trajectory-frames", "3", *SMALL)
+    assert rc == 0
+    with Image.open(out / "00000-seed5-a-photo-of-a-cat-trajectory.gif") as gif:
+        assert gif.n_frames == 3   # the noise, one step, the image
+    with pytest.raises(UsageError, match=re.escape("--trajectory-frames 2: a trajectory needs at least 3 frames")):
+        sample.parse_request(["a cat", "--trajectory", "--trajectory-frames", "2"])
+    assert sample.parse_request(["a cat", "--dtype", "bf16"])[0].dtype == "bfloat16"
+    with pytest.raises(UsageError, match=re.escape("unknown dtype 'half': choose one of float32, bfloat16, float16 "
+                                                   "(or fp32, bf16, fp16)")):
+        sample.parse_request(["a cat", "--dtype", "half"])
+
+
 def test_noising_trajectory(pipe):
     import jax
     import jax.numpy as jnp
