@@ -116,12 +116,8 @@ class StableDiffusionOutput:
 
     def to_pil(self):
         """The images as a list of PIL images."""
-        from PIL import Image
-        return [Image.fromarray(to_uint8(img)) for img in self.images]
-
-
-def to_uint8(images) -> np.ndarray:
-    return (np.asarray(images) * 255).round().clip(0, 255).astype(np.uint8)
+        from sdjax.images import as_pil
+        return [as_pil(img) for img in self.images]
 
 
 def _progress_bars(progress, total_steps: int):
@@ -428,6 +424,7 @@ class StableDiffusion:
 
     @property
     def vae_scale(self) -> int:
+        """Pixels per latent along each side: 8 for SD's VAE (a downsampling per block but the last)."""
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     # ------------------------------------------------------------------ sampling

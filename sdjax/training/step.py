@@ -114,10 +114,6 @@ def init_state(params: dict, optimizer: optax.GradientTransformation, seed: int,
                       rng=parallel.replicate(rng, mesh))
 
 
-def _per_example(keys_B, fn):
-    return jax.vmap(fn)(keys_B)
-
-
 def loss_fn(trainable: dict, frozen: Frozen, batch: dict, key, *, graphdefs: Graphdefs, cfg: StepConfig):
     """Mean (optionally Min-SNR weighted) MSE between the UNet's prediction and its target.
 
