@@ -1,5 +1,6 @@
 """Parity of sdjax's CLIP, UNet and VAE with transformers / diffusers PyTorch (fp32), from every layout."""
 import json
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -359,7 +360,15 @@ def test_cudnn_attention_falls_back_to_xla_where_cudnn_cannot_run(monkeypatch, d
     monkeypatch.setattr(layers, "ATTENTION_IMPLEMENTATION", "xla")
     ref = jax.jit(lambda *a: layers.attention(*a))(q, k, v)  # a new function each: no shared trace cache
     monkeypatch.setattr(layers, "ATTENTION_IMPLEMENTATION", "cudnn")
-    got = jax.jit(lambda *a: layers.attention(*a))(q, k, v)
+    monkeypatch.setattr(layers, "_CUDNN_REFUSALS", set())
+    if dtype == jnp.bfloat16:   # asked for and refused: said once per shape
+        with pytest.warns(UserWarning, match=r"SDJAX_ATTENTION=cudnn: cuDNN's fused attention refused q \(2, 64, 2, 40\)"):
+            got = jax.jit(lambda *a: layers.attention(*a))(q, k, v)
+    else:                       # fp32: cuDNN is not asked
+        got = jax.jit(lambda *a: layers.attention(*a))(q, k, v)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        jax.jit(lambda *a: layers.attention(*a))(q, k, v)
     assert got.dtype == dtype
     np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(ref, np.float32))
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -76,8 +77,8 @@ def attention(q_BTNH, k_BSNH, v_BSNH, *, is_causal: bool = False, upcast: bool =
         try:
             out = jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, is_causal=is_causal, implementation="cudnn")
             return out.astype(dtype)
-        except (ValueError, NotImplementedError, RuntimeError, TypeError):
-            pass
+        except (ValueError, NotImplementedError, RuntimeError, TypeError) as e:
+            _warn_cudnn_refused(q_BTNH, k_BSNH, e)
     (B, T, N, _), S = q_BTNH.shape, k_BSNH.shape[1]
     large = B * N * T * S * 4 > BLOCK_SCORE_BYTES
     if not is_causal and (ATTENTION_IMPLEMENTATION == "blocked"
@@ -85,6 +86,19 @@ def attention(q_BTNH, k_BSNH, v_BSNH, *, is_causal: bool = False, upcast: bool =
         return blocked_attention(q_BTNH, k_BSNH, v_BSNH).astype(dtype)
     out = jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, is_causal=is_causal)
     return out.astype(dtype)
+
+
+_CUDNN_REFUSALS: set[tuple] = set()
+
+
+def _warn_cudnn_refused(q_BTNH, k_BSNH, error: Exception) -> None:
+    """Once per shape: SDJAX_ATTENTION=cudnn asked for the fused kernel, and this attention runs XLA's."""
+    key = (q_BTNH.shape, k_BSNH.shape, str(q_BTNH.dtype))
+    if key not in _CUDNN_REFUSALS:
+        _CUDNN_REFUSALS.add(key)
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        warnings.warn(f"SDJAX_ATTENTION=cudnn: cuDNN's fused attention refused q {q_BTNH.shape} / k "
+                      f"{k_BSNH.shape} {q_BTNH.dtype} ({reason}); that attention runs XLA's kernel", stacklevel=3)
 
 
 def blocked_attention(q_BTNH, k_BSNH, v_BSNH, *, block_bytes: int | None = None):
