@@ -13,7 +13,6 @@ message before the model is loaded, leaving --out untouched.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import time
 from pathlib import Path
@@ -117,15 +116,13 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
 def _from_the_preset(error: UsageError, preset: dict, path, args, argv) -> UsageError:
     """``--height 30: must be ...`` when the 30 came from the --config file: name the file and key
     instead of a flag the user did not type."""
-    found = re.match(r"--([\w-]+) [^:]*: (.*)|unknown (dtype|scheduler) [^:]*: (.*)", str(error))
-    if not found:
+    key = error.setting
+    if key is None or key not in preset or getattr(args, key, None) != preset[key]:
         return error
-    key = (found.group(1) or found.group(3)).replace("-", "_")
     flag = "--" + key.replace("_", "-")
-    if (key not in preset or getattr(args, key, None) != preset[key]
-            or any(a == flag or a.startswith(flag + "=") for a in map(str, argv))):
+    if any(a == flag or a.startswith(flag + "=") for a in map(str, argv)):
         return error
-    return UsageError(f"{path}: key {key!r} has value {preset[key]!r}: {found.group(2) or found.group(4)}")
+    return UsageError(f"{path}: key {key!r} has value {preset[key]!r}: {error.reason}")
 
 
 def _fail(error: Exception) -> int:

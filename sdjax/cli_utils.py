@@ -32,7 +32,18 @@ DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}   # a
 
 
 class UsageError(ValueError):
-    """Bad input to the command line tool: the message is shown to the user as is."""
+    """Bad input to the command line tool: the message is shown to the user as is. ``setting``
+    (a SampleRequest field) and ``reason`` (the message without the flag), where one setting is at
+    fault, let sample.py name a preset's key instead of a flag the user did not type."""
+
+    def __init__(self, message: str, *, setting: str | None = None, reason: str | None = None):
+        super().__init__(message)
+        self.setting, self.reason = setting, reason
+
+
+def _bad_setting(setting: str, value, reason: str, message: str | None = None) -> UsageError:
+    """``--height 30: must be ...`` (or ``message``), for `setting`."""
+    return UsageError(message or f"--{setting.replace('_', '-')} {value}: {reason}", setting=setting, reason=reason)
 
 
 def exit_after_interrupt(code: int) -> None:
@@ -354,28 +365,30 @@ def validate_request(req: SampleRequest) -> None:
     for name in ("height", "width"):
         size = getattr(req, name)
         if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % 8:
-            raise UsageError(f"--{name} {size}: must be a positive multiple of 8")
+            raise _bad_setting(name, size, "must be a positive multiple of 8")
     if req.scheduler not in SCHEDULERS:
-        raise UsageError(f"unknown scheduler {req.scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
+        choose = f"choose one of {', '.join(SCHEDULERS)}"
+        raise _bad_setting("scheduler", req.scheduler, choose, f"unknown scheduler {req.scheduler!r}: {choose}")
     try:   # the keys and the kinds of values now; the rest once the model's scheduler config is read
         resolve_scheduler_config(req.scheduler, {}, **req.scheduler_options)
     except (TypeError, ValueError) as e:
         raise UsageError(f"--scheduler-option: {e}") from None
     if not isinstance(req.steps, int) or isinstance(req.steps, bool) or not 1 <= req.steps <= 1000:
-        raise UsageError(f"--steps {req.steps}: must be an integer in 1..1000 (typical 20-100)")
+        raise _bad_setting("steps", req.steps, "must be an integer in 1..1000 (typical 20-100)")
     if not isinstance(req.guidance_scale, (int, float)) or not math.isfinite(req.guidance_scale):
-        raise UsageError(f"--guidance-scale {req.guidance_scale}: must be a finite number (typical 5-15)")
+        raise _bad_setting("guidance_scale", req.guidance_scale, "must be a finite number (typical 5-15)")
     if req.dtype is not None and req.dtype not in DTYPES:
-        raise UsageError(f"unknown dtype {req.dtype!r}: choose one of {', '.join(DTYPES)} (or {', '.join(DTYPE_ALIASES)})")
+        choose = f"choose one of {', '.join(DTYPES)} (or {', '.join(DTYPE_ALIASES)})"
+        raise _bad_setting("dtype", req.dtype, choose, f"unknown dtype {req.dtype!r}: {choose}")
     if req.batch_size is not None and req.batch_size < 1:
-        raise UsageError(f"--batch-size {req.batch_size}: must be at least 1")
+        raise _bad_setting("batch_size", req.batch_size, "must be at least 1")
     if not req.seeds:
         raise UsageError("no seeds given")
     if req.trajectory_frames < 3:
-        raise UsageError(f"--trajectory-frames {req.trajectory_frames}: a trajectory needs at least 3 frames")
+        raise _bad_setting("trajectory_frames", req.trajectory_frames, "a trajectory needs at least 3 frames")
     problem = unwritable_folder(req.out)
     if problem:
-        raise UsageError(f"--out {req.out}: {problem}")
+        raise _bad_setting("out", req.out, problem)
 
 
 def unwritable_folder(folder: str | os.PathLike) -> str | None:

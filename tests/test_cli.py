@@ -591,6 +591,8 @@ BAD_INPUTS = {
     "config_missing": (["a cat", "--config", "{tmp}/none.yaml"], "does not exist"),
     "config_bad_size": (["a cat", "--config", "{tmp}/size.yaml"], "size.yaml: key 'height' has value 30: must be a "
                         "positive multiple of 8"),   # the file and key, not a flag the user did not type
+    "config_bad_scheduler": (["a cat", "--config", "{tmp}/scheduler.yaml"], "scheduler.yaml: key 'scheduler' has "
+                             "value 'karras': choose one of pndm, ddim"),
     "flag_bad_size_over_config": (["a cat", "--config", "{tmp}/size.yaml", "--height", "100"],
                                   "error: --height 100: must be a positive multiple of 8"),
     "config_of_train_py": (["a cat", "--config", "style"], "config file 'style' does not exist; 'style' is a preset "
@@ -624,6 +626,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, tmp_path, caps
     (tmp_path / "bad.yaml").write_text("steps: 3\nstpes: 4\n")
     (tmp_path / "badvalue.yaml").write_text("steps: many\n")
     (tmp_path / "size.yaml").write_text("height: 30\n")
+    (tmp_path / "scheduler.yaml").write_text("scheduler: karras\n")
     (tmp_path / "superscript.yaml").write_text("seeds: \"\u00b2\"\n", encoding="utf-8")
     argv, message = BAD_INPUTS[case]
     message = message.format(tmp=tmp_path)
