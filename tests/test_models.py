@@ -253,6 +253,18 @@ def test_unet_gradient_checkpointing_same_gradients_fewer_residuals():
     # left is the blocks' inputs and the layers outside them (measured: 1.7% of the activations).
     assert saved_remat < 0.1 * saved, (saved_remat, saved)
 
+    # A remat UNet also runs where its weights come from an outer trace, as in the sampler's scan over
+    # steps (nnx.remat failed there: "Cannot mutate Param from a different trace level").
+    def two_steps(remat):
+        model = UNet2DConditionModel(config, remat=remat, rngs=nnx.Rngs(0))
+
+        @jax.jit
+        def run(state, x):
+            unet = nnx.merge(nnx.graphdef(model), state)
+            return jax.lax.scan(lambda h, t: (unet(h, t, ctx), None), x, jnp.array([900, 10]))[0]
+        return run(nnx.state(model), x)
+    np.testing.assert_allclose(two_steps(True), two_steps(False), rtol=1e-5, atol=1e-5)
+
 
 # ----------------------------------------------------------------------------- VAE
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -307,9 +307,13 @@ class UNet2DConditionModel(nnx.Module, Pretrained):
         temb = self.time_embedding(t_emb.astype(self.dtype))
 
         def run(block, *args, **static):
-            call = lambda blk, *a: blk(*a, **static)  # noqa: E731
-            # nnx.remat keeps only each block's inputs for the backward pass.
-            return (nnx.remat(call) if self.remat else call)(block, *args)
+            if not self.remat:
+                return block(*args, **static)
+            # Only each block's inputs are kept for the backward pass. jax.checkpoint of a pure function
+            # (weights in, activations out) works at any trace level; nnx.remat would write the block's
+            # weights back, which fails where they come from an outer trace (a lax.scan over steps).
+            graphdef, weights = nnx.split(block)
+            return jax.checkpoint(lambda w, *a: nnx.merge(graphdef, w)(*a, **static))(weights, *args)
 
         x = self.conv_in(x)
         skips = (x,)
