@@ -551,6 +551,25 @@ SHARED_DIR_WORKER = textwrap.dedent("""
         except DataError as e:
             results.append(str(e))
     print("DATA " + json.dumps(results))
+    # Weights split over the two processes' devices (the EMA, the optimizer state), made whole on
+    # every device: one compiled program for the whole tree, and none the second time.
+    import logging
+    import numpy as np
+    compiles = []
+    handler = logging.Handler()
+    handler.emit = lambda record: compiles.append(record.getMessage().startswith("Compiling"))
+    logging.getLogger("jax").addHandler(handler)
+    mesh = parallel.data_mesh()
+    tree = {f"w{i}": np.arange(8 * (i + 1), dtype=np.float32).reshape(8, i + 1) for i in range(6)}
+    split = parallel.make_spread(lambda t: t, tree, mesh=mesh)
+    counts = []
+    for _ in range(2):
+        with jax.log_compiles(True):
+            whole = parallel.replicate(split, mesh)
+        counts.append(sum(compiles))
+        compiles.clear()
+    same = all(np.array_equal(np.asarray(whole[k].addressable_data(0)), tree[k]) for k in tree)
+    print("REPLICATE " + json.dumps([counts, same]))
 """)
 
 
@@ -570,6 +589,8 @@ def test_processes_that_see_other_output_folders_or_data_stop_together(tmp_path)
     logs = run_two_processes(SHARED_DIR_WORKER, tmp_path, json.dumps(cases), json.dumps(data_cases), timeout=300)
     results = [json.loads(log.split("RESULTS ")[1].splitlines()[0]) for log in logs]
     data = [json.loads(log.split("DATA ")[1].splitlines()[0]) for log in logs]
+    for log in logs:   # one program for six split weights, none the second time (it was a program per weight)
+        assert json.loads(log.split("REPLICATE ")[1].splitlines()[0]) == [[1, 0], True], log
     for me, (copied, other_rows, missing) in enumerate(data):
         assert copied == "ok"
         assert other_rows.startswith("data: the processes loaded different training data (process 0: 3 rows, "
