@@ -22,6 +22,19 @@ class _Manager(ocp.CheckpointManager):
         return False
 
 
+def _type_handlers():
+    """Orbax's handlers, with jax.Array saved without replica-parallel writes: those slice each
+    replicated weight between its copies with a small compiled program per shape and device (32 shapes
+    x 8 devices = 256 compiles at the first save of the tiny test model: 11.5 s there, 0.5 s without;
+    BENCHMARKS.md), and each device-held array is written from its first copy instead."""
+    types = ocp.type_handlers
+    default = types.get_type_handler(jax.Array)
+    arrays = types.ArrayHandler(use_replica_parallel=False,
+                                array_metadata_store=getattr(default, "_array_metadata_store", None))
+    return types.create_type_handler_registry(
+        *[(ty, arrays if ty is jax.Array else types.get_type_handler(ty)) for ty in types.supported_types()])
+
+
 class Checkpointer:
     """``create=False`` opens ``directory`` without creating it (to look at or restore from the
     checkpoints of a run; nothing is written unless `save` is called)."""
@@ -31,6 +44,8 @@ class Checkpointer:
         self.directory = Path(directory).absolute()
         self.manager = _Manager(
             self.directory,
+            item_handlers={"state": ocp.PyTreeCheckpointHandler(type_handler_registry=_type_handlers()),
+                           "data": ocp.JsonCheckpointHandler()},
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
                                                  create=create))
 
@@ -48,7 +63,7 @@ class Checkpointer:
         checkpoints of its own.
         """
         saved = self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_position)), force=force)
+            state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave(data_position)), force=force)
         if not saved:
             raise RuntimeError(f"checkpoint {step} was not saved: {self.directory} already has checkpoints "
                                f"up to step {self.latest_step()}")
@@ -64,7 +79,8 @@ class Checkpointer:
                                     f"(it has {', '.join(map(str, sorted(self.all_steps()))) or 'none'})")
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
         restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+            state=ocp.args.PyTreeRestore(abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)),
+            data=ocp.args.JsonRestore()))
         return restored.state, restored.data
 
     def wait(self) -> None:
