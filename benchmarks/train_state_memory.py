@@ -46,4 +46,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    import argparse
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
+                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     main()
