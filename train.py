@@ -40,6 +40,14 @@ def _terminate(signum, frame):
         raise Terminated
 
 
+def _interrupt(signum, frame):
+    # Noted first: Python drops a KeyboardInterrupt raised inside a garbage-collection callback
+    # (JAX has one), and the training loop then raises it at the end of the step.
+    if STOP is not None:
+        STOP.interrupt()
+    raise KeyboardInterrupt
+
+
 def main(argv=None) -> int:
     """train.py; SIGTERM during training saves a checkpoint of the step in flight and stops (exit
     143); before or after it, it stops as Ctrl-C does (the checkpoints being saved complete first)."""
@@ -56,15 +64,17 @@ def main(argv=None) -> int:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
     STOP = StopRequest()
-    if threading.current_thread() is not threading.main_thread() or jax.process_count() > 1:
-        # Signals reach only the main thread. On several processes JAX's preemption service owns
-        # SIGTERM: the training loop asks it at every step, and every process stops at the same one.
+    if threading.current_thread() is not threading.main_thread():   # signals reach only the main thread
         return _main(argv)
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    # On several processes JAX's preemption service owns SIGTERM: the training loop asks it at every
+    # step, and every process stops at the same one.
+    handlers = {signal.SIGINT: _interrupt, **({signal.SIGTERM: _terminate} if jax.process_count() == 1 else {})}
+    previous = {signum: signal.signal(signum, handler) for signum, handler in handlers.items()}
     try:
         return _main(argv)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _main(argv=None) -> int:

@@ -883,6 +883,9 @@ class _NoCheckpoints:
     def all_steps(self):
         return []
 
+    def check(self):
+        pass
+
     def wait(self):
         pass
 
@@ -1157,6 +1160,64 @@ def test_sigterm_during_training_saves_the_step_in_flight(pipeline_dir, data_dir
         assert int(trainer.state.step) == 3 and trainer.data.step == 3
     finally:
         trainer.close()
+
+
+def test_a_ctrl_c_whose_exception_was_swallowed_still_stops_train_py(pipeline_dir, data_dir, tmp_path, monkeypatch):
+    """Python drops a KeyboardInterrupt raised inside a garbage-collection callback (JAX has one):
+    Ctrl-C was then ignored and the run finished with exit 0. The handler notes it first, and the
+    loop stops at the end of the step (exit 130, nothing saved for it)."""
+    out = tmp_path / "run"
+    real_next_batch = Trainer.next_batch
+
+    def swallowed_ctrl_c_at_step_2(self):
+        if int(self.state.step) + 1 == 2:
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1)   # the handler runs here
+            except KeyboardInterrupt:
+                pass            # as inside JAX's gc callback
+        return real_next_batch(self)
+
+    monkeypatch.setattr(Trainer, "next_batch", swallowed_ctrl_c_at_step_2)
+    argv = flags(**{**BASE, "model": pipeline_dir, "train_data": data_dir, "output_dir": out, "max_steps": 4,
+                    "checkpoint_every": 1, "log_every": 1})
+    rc, _, stderr = run_train_py(argv)
+    assert rc == 130, stderr[-2000:]
+    assert "train.py: interrupted; the newest complete checkpoint is step" in stderr
+    assert max(complete_steps(out)) <= 2 and not (out / "final").exists()
+
+
+def test_a_full_disk_during_a_background_save_stops_the_run_with_one_line(pipeline_dir, data_dir, tmp_path,
+                                                                           monkeypatch):
+    """Orbax reports a failed write as a ValueError from its save thread: it surfaced only at the next
+    save (500 steps later by default) as several tracebacks. It stops the run at the end of the
+    step, one line naming the checkpoint folder and the resume command (exit 1)."""
+    from sdjax.training import checkpoint
+    out = tmp_path / "run"
+    real_save = checkpoint._Manager.save
+    saves = []
+
+    def save(self, step, *args, **kwargs):
+        saves.append(step)
+        return True if len(saves) == 2 else real_save(self, step, *args, **kwargs)   # the second never lands
+
+    def check_for_errors(self):
+        if len(saves) == 2:   # the second save's write failed in the background
+            raise ValueError("RESOURCE_EXHAUSTED: Error writing \"opt_state/d/0\": No space left on device "
+                             "[os_error_code='28']")
+    monkeypatch.setattr(checkpoint._Manager, "save", save)
+    monkeypatch.setattr(checkpoint._Manager, "check_for_errors", check_for_errors)
+    argv = flags(**{**BASE, "model": pipeline_dir, "train_data": data_dir, "output_dir": out, "max_steps": 6,
+                    "checkpoint_every": 2, "log_every": 1})
+    rc, _, stderr = run_train_py(argv)
+    assert rc == 1, stderr[-2000:]
+    lines = stderr.strip().splitlines()
+    assert not [line for line in lines if "Traceback" in line] and lines[-1].startswith(
+        f"train.py: error: saving a checkpoint in {out / 'checkpoints'} failed: RESOURCE_EXHAUSTED: Error writing "
+        '"opt_state/d/0": No space left on device'), stderr[-3000:]
+    assert lines[-1].endswith(f"the newest complete checkpoint is step 2: python train.py --output-dir {out} "
+                              "--resume continues from it")
+    assert saves == [2, 4] and [r["step"] for r in metrics(out)] == [1, 2, 3, 4]   # stopped at once
 
 
 # ----------------------------------------------------------------------------- 5/6. a full train.py run

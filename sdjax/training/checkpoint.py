@@ -6,6 +6,7 @@ and renames it when complete, so a run killed mid-save resumes from the last com
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import jax
@@ -35,6 +36,20 @@ def _type_handlers():
         *[(ty, arrays if ty is jax.Array else types.get_type_handler(ty)) for ty in types.supported_types()])
 
 
+# How Orbax / TensorStore report a failed write (a full disk, a folder made read-only): as ValueError.
+_WRITE_FAILURE = re.compile(r"os_error_code|No space left|RESOURCE_EXHAUSTED|PERMISSION_DENIED|Read-only file system")
+
+
+def _as_os_error(error: BaseException, directory: Path) -> BaseException:
+    """A failed checkpoint write as the OSError it is (one line naming the folder), so callers catch
+    it with the other disk errors; any other error as it is."""
+    text = str(error)
+    if isinstance(error, OSError) or not _WRITE_FAILURE.search(text):
+        return error
+    first = next((line.strip() for line in text.splitlines() if _WRITE_FAILURE.search(line)), text.splitlines()[0])
+    return OSError(f"saving a checkpoint in {directory} failed: {first}")
+
+
 class Checkpointer:
     """``create=False`` opens ``directory`` without creating it (to look at or restore from the
     checkpoints of a run; nothing is written unless `save` is called)."""
@@ -46,8 +61,10 @@ class Checkpointer:
             self.directory,
             item_handlers={"state": ocp.PyTreeCheckpointHandler(type_handler_registry=_type_handlers()),
                            "data": ocp.JsonCheckpointHandler()},
+            # cleanup_tmp_directories: a save that failed (a full disk) leaves a partial folder, removed
+            # when a resume opens the folder again
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
-                                                 create=create))
+                                                 create=create, cleanup_tmp_directories=create))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -62,8 +79,11 @@ class Checkpointer:
         not above the newest checkpoint in the folder): a run must never silently keep no
         checkpoints of its own.
         """
-        saved = self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave(data_position)), force=force)
+        try:
+            saved = self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave(data_position)), force=force)
+        except Exception as e:
+            raise _as_os_error(e, self.directory) from e
         if not saved:
             raise RuntimeError(f"checkpoint {step} was not saved: {self.directory} already has checkpoints "
                                f"up to step {self.latest_step()}")
@@ -83,12 +103,26 @@ class Checkpointer:
             data=ocp.args.JsonRestore()))
         return restored.state, restored.data
 
+    def check(self) -> None:
+        """Raise the error of a background save that failed since the last look (an OSError for a
+        full disk), at once rather than at the next save."""
+        try:
+            self.manager.check_for_errors()
+        except Exception as e:
+            raise _as_os_error(e, self.directory) from e
+
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Block until the background save is complete; raise its error (as `check`)."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            raise _as_os_error(e, self.directory) from e
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
 
 
 def checkpoint_steps(directory: str | Path) -> list[int]:

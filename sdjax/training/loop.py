@@ -220,6 +220,7 @@ class StopRequest:
 
     def __init__(self):
         self._requested = threading.Event()
+        self._interrupted = threading.Event()
         self.watched = False   # a Trainer.run loop is running and will act on it
 
     def request(self) -> bool:
@@ -231,6 +232,16 @@ class StopRequest:
     @property
     def requested(self) -> bool:
         return self._requested.is_set()
+
+    def interrupt(self) -> None:
+        """Note a Ctrl-C (train.py's SIGINT handler, before it raises KeyboardInterrupt): should that
+        exception be swallowed (Python drops one raised inside a garbage-collection callback, which
+        JAX has), `Trainer.run` raises KeyboardInterrupt at the end of the step."""
+        self._interrupted.set()
+
+    @property
+    def interrupted(self) -> bool:
+        return self._interrupted.is_set()
 
 
 class Stopped(Exception):
@@ -726,6 +737,9 @@ class Trainer:
                     self.write_samples(step)
                     self._share_state_weights()
                 timing["time"] += time.perf_counter() - paused
+                self.checkpoints.check()   # a background save that failed (a full disk) stops the run now
+                if stop is not None and stop.interrupted:   # a Ctrl-C whose KeyboardInterrupt was swallowed
+                    raise KeyboardInterrupt
                 # The preemption check on every step, by every process, as JAX's service requires.
                 if (preempted is not None and preempted()) or (stop is not None and stop.requested):
                     if not (save_now or sample_now):
