@@ -160,7 +160,10 @@ def loss_fn(trainable: dict, frozen: Frozen, batch: dict, key, *, graphdefs: Gra
         alpha_bar = frozen.alphas_cumprod[t]
         snr = alpha_bar / (1.0 - alpha_bar)
         clipped = jnp.minimum(snr, cfg.min_snr_gamma)
-        weighted = per_example * (clipped / (snr + 1.0) if cfg.prediction_type == "v_prediction" else clipped / snr)
+        # epsilon: min(snr, gamma) / snr written as min(1, gamma / snr), the same numbers, and at zero SNR
+        # (a zero-terminal-SNR schedule's last timestep) its limit 1 instead of 0 / 0 = NaN
+        weighted = per_example * (clipped / (snr + 1.0) if cfg.prediction_type == "v_prediction"
+                                  else jnp.minimum(1.0, cfg.min_snr_gamma / snr))
     return jnp.mean(weighted), jnp.mean(per_example)
 
 
