@@ -155,11 +155,15 @@ def flags(**values) -> list[str]:
 
 
 def run_train_py(argv) -> tuple[int, str, str]:
-    """train.py's main in this process (sharing compiled steps); returns (exit code, stdout, stderr)."""
+    """train.py's main in this process (sharing compiled steps); returns (exit code, stdout, stderr).
+    Without the persistent compilation cache unless ``argv`` names one (it would be this process's)."""
     out, err = io.StringIO(), io.StringIO()
+    argv = [str(a) for a in argv]
+    if "--compilation-cache" not in argv:
+        argv += ["--compilation-cache", "none"]
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            rc = train_script.main([str(a) for a in argv])
+            rc = train_script.main(argv)
         except SystemExit as e:   # argparse errors
             rc = e.code
     return rc, out.getvalue(), err.getvalue()
@@ -1402,13 +1406,32 @@ def test_sigterm_while_compiling_exits_143(pipeline_dir, data_dir, tmp_path):
     script = tmp_path / "stopped_in_compile.py"
     script.write_text(STOPPED_IN_COMPILE)
     argv = flags(model=pipeline_dir, train_data=data_dir, output_dir=tmp_path / "run", **{
-        k: v for k, v in BASE.items() if k in ("resolution", "batch_size")})
+        k: v for k, v in BASE.items() if k in ("resolution", "batch_size")}) + ["--compilation-cache", "none"]
     done = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True, timeout=600,
                           env={**os.environ, "TRAIN_PY": str(ROOT / "train.py")})
     assert "the signal came too late" not in done.stderr   # it did land in the compiler
     assert "Fatal Python error" not in done.stderr, done.stderr[-3000:]
     assert done.returncode == 143, done.stderr[-3000:]
     assert "train.py: terminated (SIGTERM); no checkpoint was saved yet" in done.stderr
+
+
+def test_a_resumed_run_loads_the_compiled_step_from_the_compilation_cache(pipeline_dir, data_dir, tmp_path):
+    """train.py turns on JAX's persistent compilation cache (as sample.py does): a run resumed in a
+    fresh process (after a preemption) loads the train step and the sampler instead of compiling
+    them again (minutes for SD v1.5). Read from JAX's compiler log, not from timings."""
+    env = {**os.environ, "SDJAX_CACHE_DIR": str(tmp_path / "cache"), "JAX_EXPLAIN_CACHE_MISSES": "1",
+           "JAX_LOG_COMPILES": "1", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    base = flags(**{**BASE, "model": pipeline_dir, "train_data": data_dir, "output_dir": tmp_path / "run",
+                    "checkpoint_every": 1})
+    hits, misses = [], []
+    for extra in (["--max-steps", "1"], ["--resume", "--max-steps", "2"]):
+        done = subprocess.run([sys.executable, str(ROOT / "train.py"), *base, *extra], capture_output=True,
+                              text=True, timeout=600, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+        hits.append(re.findall(r"Persistent compilation cache hit for '([^']+)'", done.stderr))
+        misses.append(re.findall(r"PERSISTENT COMPILATION CACHE MISS for '([^']+)'", done.stderr))
+    assert {"jit_placed_step", "jit_generate"} <= set(misses[0]), misses[0]
+    assert {"jit_placed_step", "jit_generate"} <= set(hits[1]) and not misses[1], (hits[1], misses[1])
 
 
 @pytest.mark.parametrize("stop", ["interrupt", "sigterm", "disk_full", "image_gone"])

@@ -147,6 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--export", action="store_true",
                         help="only export OUTPUT_DIR/final from the latest checkpoint (or --export-step)")
     parser.add_argument("--export-step", type=int, help="checkpoint step to export")
+    parser.add_argument("--compilation-cache", metavar="DIR",
+                        help="JAX persistent compilation cache folder, so a resumed run (after a preemption) loads "
+                             "the compiled train step instead of compiling it again (default $SDJAX_CACHE_DIR/jax "
+                             "if set, else $XDG_CACHE_HOME/sdjax/jax if set, else ~/.cache/sdjax/jax; 'none' turns "
+                             "it off)")
     for field in dataclasses.fields(TrainConfig):
         kind, is_list, _ = _field_type(field)
         flag = "--" + field.name.replace("_", "-")
