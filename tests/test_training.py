@@ -1520,6 +1520,7 @@ BAD_VALUES = {   # flag value -> what the error says; all checked before the mod
                            "none (--export-single-file)"),
     "max_grad_norm": ("-1", "max_grad_norm=-1.0 must be >= 0"),
     "min_snr_gamma": ("-5", "min_snr_gamma=-5.0 must be > 0"),
+    "noise_offset": ("-0.1", "noise_offset=-0.1 must be >= 0"),
     "mixed_precision": ("fp16", "mixed_precision='fp16' is not one of 'no', 'bf16' (--mixed-precision)"),
     "adam_b1": ("1.5", "adam_b1=1.5 must be in [0, 1) (--adam-b1)"),
     "output_dir": ("gs://bucket/run", "output_dir='gs://bucket/run' must be a folder of the file system"),

@@ -458,6 +458,29 @@ def test_min_snr_gamma_weights(models, prediction_type):
     assert results[None] == pytest.approx([mse.mean(), mse.mean()], rel=1e-5)   # no gamma: unweighted
 
 
+def test_noise_offset_adds_a_constant_per_image_and_channel(models):
+    """diffusers' --noise_offset: noise + offset * N(0, 1) drawn per image and channel, the same over
+    the image; the epsilon target is that noise. With zero latents x_t = sqrt(1 - abar) * noise, so
+    the test reads each run's noise from the UNet's input."""
+    batch = micro(make_batch(1, 32, seed=6), 0)
+    batch["latent_mean"] = np.zeros_like(batch["latent_mean"])
+    batch["latent_std"] = np.zeros_like(batch["latent_std"])
+    runs = {}
+    for offset in (0.0, 0.1):
+        RECORDED.clear()
+        loss, _ = S.loss_fn(models.params, models.frozen, batch, jax.random.key(4), graphdefs=models.graphdefs,
+                            cfg=S.StepConfig(noise_offset=offset))
+        (call,) = RECORDED
+        abar = ALPHAS_CUMPROD.astype(np.float64)[call["t"]][:, None, None, None]
+        runs[offset] = (float(loss), call["x"] / np.sqrt(1.0 - abar), call["pred"].astype(np.float64))
+    added = runs[0.1][1] - runs[0.0][1]                                   # [B, h, w, C]
+    np.testing.assert_allclose(added, np.broadcast_to(added[:, :1, :1, :], added.shape), atol=1e-5)
+    draws = added[:, 0, 0, :] / 0.1                                       # B x C standard normal draws
+    assert draws.size >= 32 and 0.5 < draws.std() < 1.5 and abs(draws.mean()) < 0.5, draws
+    loss, noise, pred = runs[0.1]
+    assert loss == pytest.approx(np.mean((pred - noise) ** 2), rel=1e-5)   # the target is the offset noise
+
+
 def test_min_snr_gamma_at_zero_snr_is_finite(models):
     """At zero SNR (the last timestep of a zero-terminal-SNR schedule) the epsilon weight
     min(snr, gamma) / snr is 0 / 0: its limit 1 is used (it was NaN: a diverged run, for 63% of

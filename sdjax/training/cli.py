@@ -53,6 +53,8 @@ HELP = {
     "mixed_precision": "'bf16': bf16 activations with fp32 master weights; 'no': fp32",
     "gradient_checkpointing": "recompute UNet activations in the backward pass (less memory on GPUs, slower; no saving on the CPU)",
     "min_snr_gamma": "Min-SNR-gamma loss weighting (e.g. 5.0)",
+    "noise_offset": "add a per-image, per-channel constant of this scale to the noise (e.g. 0.05-0.1): lets the "
+                    "model learn very dark and very bright images (diffusers' --noise_offset)",
     "caption_dropout": "probability of training on the empty caption (keeps guidance working)",
     "train_text_encoder": "also fine-tune the CLIP text encoder",
     "center_crop": "centre crop (else random crop)",

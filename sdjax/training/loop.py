@@ -75,6 +75,7 @@ class TrainConfig:
     mixed_precision: str = "no"        # "bf16": bf16 activations, fp32 master weights
     gradient_checkpointing: bool = False
     min_snr_gamma: float | None = None
+    noise_offset: float = 0.0          # e.g. 0.05-0.1: darker darks and brighter brights (diffusers' --noise_offset)
     caption_dropout: float = 0.0
     train_text_encoder: bool = False
     center_crop: bool = True           # False: random crop
@@ -169,6 +170,8 @@ class TrainConfig:
             raise bad("max_grad_norm", "must be >= 0 (0 or none: no clipping)")
         if self.min_snr_gamma is not None and number("min_snr_gamma") <= 0:
             raise bad("min_snr_gamma", "must be > 0 (none: off)")
+        if number("noise_offset") < 0:
+            raise bad("noise_offset", "must be >= 0 (0: off)")
         if self.ema_decay is not None and not 0.0 < number("ema_decay") < 1.0:
             raise bad("ema_decay", "must be in (0, 1) (none: off)")
         if number("spike_factor") <= 0:
@@ -310,7 +313,8 @@ def _build_model(cfg: TrainConfig, mesh):
     state = S.init_state(parallel.replicate(params, mesh), optimizer, cfg.seed, ema=cfg.ema_decay is not None,
                          mesh=mesh)
     step_cfg = S.StepConfig(prediction_type=prediction_type,
-                            min_snr_gamma=cfg.min_snr_gamma, caption_dropout=cfg.caption_dropout,
+                            min_snr_gamma=cfg.min_snr_gamma, noise_offset=float(cfg.noise_offset),
+                            caption_dropout=cfg.caption_dropout,
                             train_text_encoder=cfg.train_text_encoder, ema_decay=cfg.ema_decay,
                             compute_dtype=compute)
     return pipe, graphdefs, step_cfg, optimizer, lr, state

@@ -26,6 +26,7 @@ class StepConfig:
     """Static settings of the step (changing one recompiles)."""
     prediction_type: str = "epsilon"        # or "v_prediction" (from the scheduler config)
     min_snr_gamma: float | None = None      # Min-SNR-gamma loss weighting (5.0 is the paper's choice)
+    noise_offset: float = 0.0               # scale of a per-channel constant added to the noise (0: none)
     caption_dropout: float = 0.0            # probability of training on the empty caption (for guidance)
     train_text_encoder: bool = False
     ema_decay: float | None = None          # EMA of the trained weights; None: no EMA
@@ -122,7 +123,8 @@ def loss_fn(trainable: dict, frozen: Frozen, batch: dict, key, *, graphdefs: Gra
     """
     n = batch["input_ids"].shape[0]
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(n))  # one key per example
-    k_post, k_t, k_noise, k_drop = (jax.vmap(lambda k, j=j: jax.random.fold_in(k, j))(keys) for j in range(4))
+    k_post, k_t, k_noise, k_drop, k_offset = (jax.vmap(lambda k, j=j: jax.random.fold_in(k, j))(keys)
+                                              for j in range(5))
     cast = lambda tree: jax.tree.map(lambda p: p.astype(cfg.compute_dtype), tree)  # noqa: E731
 
     if "latent_mean" in batch:  # the posterior cached ahead (fixed images, see Trainer.cache_latents)
@@ -147,6 +149,10 @@ def loss_fn(trainable: dict, frozen: Frozen, batch: dict, key, *, graphdefs: Gra
     # Explicit dtypes: the default ones (and so the bits drawn) change with jax_enable_x64.
     t = jax.vmap(lambda k: jax.random.randint(k, (), 0, num_train, jnp.int32))(k_t)
     noise = jax.vmap(lambda k: jax.random.normal(k, latents.shape[1:], F32))(k_noise)
+    if cfg.noise_offset:   # one value per image and channel, the same over the whole image: lets the model
+        # learn to change an image's mean brightness (diffusers' --noise_offset; the target is this noise)
+        offset = jax.vmap(lambda k: jax.random.normal(k, (1, 1, latents.shape[-1]), F32))(k_offset)
+        noise = noise + cfg.noise_offset * offset
     noisy = add_noise(frozen.alphas_cumprod, latents, noise, t)
     if cfg.prediction_type == "v_prediction":
         target = get_velocity(frozen.alphas_cumprod, latents, noise, t)
