@@ -1513,7 +1513,8 @@ def test_resume_with_a_setting_that_changes_the_checkpoint_layout(full_run, chan
 
 # ----------------------------------------------------------------------------- 6/7. train.py errors
 BAD_VALUES = {   # flag value -> what the error says; all checked before the model is loaded
-    "lr_schedule": ("linear", "lr_schedule='linear' is not one of 'constant', 'cosine' (--lr-schedule)"),
+    "lr_schedule": ("polynomial", "lr_schedule='polynomial' is not one of 'constant', 'cosine', 'linear' "
+                    "(--lr-schedule)"),
     "seed": ("-1", "seed=-1 must be >= 0 (--seed)"),
     "export_format": ("onnx", "export_format='onnx' is not one of 'both', 'pytorch', 'flax' (--export-format)"),
     "export_single_file": ("fp16", "export_single_file='fp16' is not one of 'float16', 'bfloat16', 'float32' or "

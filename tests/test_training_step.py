@@ -338,11 +338,13 @@ def test_trained_text_encoder_follows_its_gradient_and_has_an_ema(models):
 
 # ----------------------------------------------------------------------------- learning rate
 def test_schedules_are_the_closed_forms():
-    """Linear warmup from 0 over W updates, then constant, or cosine to 0 at total_steps T:
-    lr(s) = peak * s / W for s < W, then peak, or peak * (1 + cos(pi * (s - W) / (T - W))) / 2;
-    the same factors as diffusers' get_constant_schedule_with_warmup / get_cosine_schedule_with_warmup."""
+    """Linear warmup from 0 over W updates, then constant, cosine or linear to 0 at total_steps T:
+    lr(s) = peak * s / W for s < W, then peak, peak * (1 + cos(pi * (s - W) / (T - W))) / 2 or
+    peak * (T - s) / (T - W); the same factors as diffusers' get_constant_schedule_with_warmup /
+    get_cosine_schedule_with_warmup / get_linear_schedule_with_warmup."""
     import torch
-    from diffusers.optimization import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+    from diffusers.optimization import (get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup,
+                                        get_linear_schedule_with_warmup)
 
     peak, warmup, total = 1e-3, 4, 20
     steps = [0, 1, 2, 3, 4, 5, 8, 12, 19, 20]
@@ -353,7 +355,14 @@ def test_schedules_are_the_closed_forms():
     def cosine(s):
         return peak * s / warmup if s < warmup else peak * (1 + math.cos(math.pi * (s - warmup) / (total - warmup))) / 2
 
+    def linear(s):
+        return peak * s / warmup if s < warmup else peak * (total - s) / (total - warmup)
+
     schedules = {"constant": (S.make_optimizer(peak, warmup_steps=warmup)[1], constant),
+                 "linear": (S.make_optimizer(peak, warmup_steps=warmup, schedule="linear", total_steps=total)[1],
+                            linear),
+                 "linear, no warmup": (S.make_optimizer(peak, schedule="linear", total_steps=total)[1],
+                                       lambda s: peak * (total - s) / total),
                  "cosine": (S.make_optimizer(peak, warmup_steps=warmup, schedule="cosine", total_steps=total)[1],
                             cosine),
                  "no warmup": (S.make_optimizer(peak)[1], lambda s: peak)}
@@ -364,7 +373,8 @@ def test_schedules_are_the_closed_forms():
 
     sgd = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=peak)
     diffusers_factors = {"constant": get_constant_schedule_with_warmup(sgd, warmup).lr_lambdas[0],
-                         "cosine": get_cosine_schedule_with_warmup(sgd, warmup, total).lr_lambdas[0]}
+                         "cosine": get_cosine_schedule_with_warmup(sgd, warmup, total).lr_lambdas[0],
+                         "linear": get_linear_schedule_with_warmup(sgd, warmup, total).lr_lambdas[0]}
     for name, factor in diffusers_factors.items():
         for s in steps:
             assert schedules[name][1](s) == pytest.approx(peak * factor(s), rel=1e-12, abs=1e-15), (name, s)

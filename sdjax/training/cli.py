@@ -45,7 +45,7 @@ HELP = {
     "gradient_accumulation": "micro-batches averaged per optimizer update",
     "max_steps": "optimizer updates to run (500-1000 to start)",
     "learning_rate": "peak AdamW learning rate (1e-6 to 5e-5; lower if the loss is unstable)",
-    "lr_schedule": "'constant' or 'cosine' after warmup",
+    "lr_schedule": "'constant', 'cosine' or 'linear' (both to 0 at --max-steps) after warmup",
     "warmup_steps": "linear learning-rate warmup steps",
     "weight_decay": "AdamW decoupled weight decay",
     "max_grad_norm": "global-norm gradient clipping (0 or none: off)",

@@ -42,7 +42,7 @@ from sdjax.weights import abstract_model
 
 RUN_CONFIG_FILE = "train_config.json"   # in the output folder: the settings a run was started with
 MIXED_PRECISIONS = ("no", "bf16")
-LR_SCHEDULES = ("constant", "cosine")
+LR_SCHEDULES = ("constant", "cosine", "linear")
 EXPORT_FORMATS = ("both", "pytorch", "flax")
 SINGLE_FILE_DTYPES = ("float16", "bfloat16", "float32")
 SAMPLE_SCHEDULER = "pndm"               # of the validation samples
@@ -65,7 +65,7 @@ class TrainConfig:
     gradient_accumulation: int = 1
     max_steps: int = 1000              # optimizer updates
     learning_rate: float = 1e-5
-    lr_schedule: str = "constant"      # or "cosine"
+    lr_schedule: str = "constant"      # or "cosine", "linear" (to 0 at max_steps, after the warmup)
     warmup_steps: int = 0
     adam_b1: float = 0.9
     adam_b2: float = 0.999

@@ -73,18 +73,24 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
 def make_optimizer(learning_rate: float = 1e-5, *, warmup_steps: int = 0, schedule: str = "constant",
                    total_steps: int | None = None, b1: float = 0.9, b2: float = 0.999, weight_decay: float = 1e-2,
                    max_grad_norm: float | None = 1.0) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW with linear warmup then a constant or cosine learning rate, after global-norm clipping."""
+    """AdamW with linear warmup then a constant, cosine or linear (to 0 at ``total_steps``) learning
+    rate, after global-norm clipping."""
     if schedule == "constant":
         lr = optax.join_schedules([optax.linear_schedule(0.0, learning_rate, warmup_steps),
                                    optax.constant_schedule(learning_rate)], [warmup_steps]) if warmup_steps else (
             optax.constant_schedule(learning_rate))
-    elif schedule == "cosine":
+    elif schedule in ("cosine", "linear"):
         if not total_steps:
-            raise ValueError("the cosine schedule needs total_steps (--max-steps)")
-        lr = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(warmup_steps, 0),
-                                                max(total_steps, warmup_steps + 1))
+            raise ValueError(f"the {schedule} schedule needs total_steps (--max-steps)")
+        if schedule == "cosine":
+            lr = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(warmup_steps, 0),
+                                                    max(total_steps, warmup_steps + 1))
+        else:
+            decay = optax.linear_schedule(learning_rate, 0.0, max(total_steps - warmup_steps, 1))
+            lr = optax.join_schedules([optax.linear_schedule(0.0, learning_rate, warmup_steps), decay],
+                                      [warmup_steps]) if warmup_steps else decay
     else:
-        raise ValueError(f"unknown learning-rate schedule {schedule!r}: use 'constant' or 'cosine'")
+        raise ValueError(f"unknown learning-rate schedule {schedule!r}: use 'constant', 'cosine' or 'linear'")
     chain = [clip_by_global_norm(max_grad_norm)] if max_grad_norm else []
     chain.append(optax.adamw(lr, b1=b1, b2=b2, weight_decay=weight_decay))
     return optax.chain(*chain), lr
