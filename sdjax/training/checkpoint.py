@@ -26,8 +26,8 @@ class _Manager(ocp.CheckpointManager):
 def _type_handlers():
     """Orbax's handlers, with jax.Array saved without replica-parallel writes: those slice each
     replicated weight between its copies with a small compiled program per shape and device (32 shapes
-    x 8 devices = 256 compiles at the first save of the tiny test model: 11.5 s there, 0.5 s without;
-    BENCHMARKS.md), and each device-held array is written from its first copy instead."""
+    x 8 devices = 256 compiles at the first save of the tiny test model: 10.6 s blocking there, 0.75 s
+    without; BENCHMARKS.md), and each device-held array is written from its first copy instead."""
     types = ocp.type_handlers
     default = types.get_type_handler(jax.Array)
     arrays = types.ArrayHandler(use_replica_parallel=False,
