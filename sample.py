@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 from sdjax.cli_utils import (DEFAULT_MODEL, DTYPE_ALIASES, DTYPES, PROGRESS_MODES, OneLineErrorParser,
-                             SampleRequest, UsageError, load_config, parse_scheduler_options, parse_seeds, read_prompts_file,
-                             resolve_config_path, validate_request)
+                             SampleRequest, UsageError, load_config, parse_scheduler_options, parse_seeds,
+                             read_prompts_file, resolve_config_path, validate_request)
 
 PROG = "sample.py"
 CONFIG_DIRS = (Path(__file__).resolve().parent / "configs",)

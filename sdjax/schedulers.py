@@ -153,8 +153,8 @@ def _check_setting_types(name: str, settings: dict) -> None:
     compared as text (``lambda_min_clipped='-inf'`` cut the schedule short), and any word is a true
     flag (``use_karras_sigmas='tru'``)."""
     defaults = {**_COMMON_DEFAULTS, **_CLASS_DEFAULTS[name], **_STEP_OPTIONS.get(name, {})}
-    numbers = {key for key, value in defaults.items() if isinstance(value, (int, float)) and not isinstance(value, bool)}
-    numbers |= {"sigma_min", "sigma_max"}   # None by default
+    numbers = {key for key, value in defaults.items()
+               if isinstance(value, (int, float)) and not isinstance(value, bool)} | {"sigma_min", "sigma_max"}
     for key, value in settings.items():
         if isinstance(defaults.get(key), bool) and value is not None and not (
                 isinstance(value, (bool, np.bool_)) or (isinstance(value, (int, np.integer)) and value in (0, 1))):
