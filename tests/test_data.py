@@ -361,9 +361,18 @@ def test_caption_files_beside_the_images(tmp_path):
     (elsewhere / "e.txt").write_text("linked", encoding="utf-8")
     (root / "linked").symlink_to(elsewhere)
     (elsewhere / "loop").symlink_to(root)
-    ds = load_captioned_images(root)
-    assert ds.names == ["a.png", "c.PNG", "10_style/b.jpg", "linked/e.png"]   # each folder's files, then its folders
-    assert ds.captions == ["a red square", "blue, with a BOM", "a green one", "linked"]
+    # a TIFF is read; a caption file with no image sdjax reads (a GIF's, a stray note) is left out, with a warning
+    _solid(GREEN).save(root / "f.tif")
+    (root / "f.txt").write_text("a green tiff", encoding="utf-8")
+    _solid(GREEN).save(root / "g.gif")
+    (root / "g.txt").write_text("a gif", encoding="utf-8")
+    (root / "10_style" / "notes.txt").write_text("about this set", encoding="utf-8")
+    with pytest.warns(UserWarning, match=re.escape(f"{root}: 3 caption files without an image beside them that "
+                                                   "sdjax reads (.png, .jpg, .jpeg, .webp, .bmp, .tif, .tiff), "
+                                                   "left out: d.txt, g.txt, 10_style/notes.txt")):   # d.png: gone
+        ds = load_captioned_images(root)
+    assert ds.names == ["a.png", "c.PNG", "f.tif", "10_style/b.jpg", "linked/e.png"]   # each folder's, then below
+    assert ds.captions == ["a red square", "blue, with a BOM", "a green tiff", "a green one", "linked"]
     assert ds.get_image(0).getpixel((0, 0)) == RED
     # a folder below with a caption table is what was meant: named, not read as caption files
     (root / "10_style" / "image_captions.csv").write_text("filename,caption\n", encoding="utf-8")

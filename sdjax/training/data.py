@@ -53,7 +53,7 @@ METADATA_FILENAMES = ("metadata.jsonl", "metadata.csv")
 METADATA_CAPTION_COLUMNS = ("text", "caption")
 # Caption files beside the images (kohya_ss, the web UIs' training tools): a.png + a.txt.
 SIDECAR_CAPTION_SUFFIXES = (".txt", ".caption")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 TFDS_PREFIX = "tfds:"
 TFDS_INSTALL_HINT = ('pip install -e ".[tfds]" in the sdjax checkout (or pip install tensorflow-datasets '
                      'tensorflow-cpu)')  # sdjax is not on PyPI: the extra installs from the checkout
@@ -379,8 +379,9 @@ def _sidecar_rows(root: Path) -> list[Row] | None:
     first, so that a wrong folder such as ``~`` is not walked whole)."""
     if not any(_captioned_images(folder) for folder in (root, *_subfolders(root))):
         return None
-    rows = []
+    rows, orphans = [], []
     for folder in _folders_below(root):
+        orphans += [p.relative_to(root).as_posix() for p in _captions_without_images(folder)]
         for image, caption_file in _captioned_images(folder, with_missing=True):
             name = image.relative_to(root).as_posix()
             row = len(rows) + 1
@@ -393,7 +394,22 @@ def _sidecar_rows(root: Path) -> list[Row] | None:
                 rows.append((row, None, name, "", f"cannot read {caption_file.name} ({e})"))
                 continue
             rows.append((row, None, name, text, None))
+    if orphans:   # an image of another kind (.gif, .heic), or a stray note: left out, but said
+        warnings.warn(f"{root}: {len(orphans)} caption file{'s' if len(orphans) > 1 else ''} without an image "
+                      f"beside {'them' if len(orphans) > 1 else 'it'} that sdjax reads ({', '.join(IMAGE_SUFFIXES)}), "
+                      f"left out: {', '.join(orphans[:5])}{', ...' if len(orphans) > 5 else ''}", stacklevel=2)
     return rows
+
+
+def _captions_without_images(folder: Path) -> list[Path]:
+    """The caption files in ``folder`` with no image of their name that sdjax reads."""
+    try:
+        files = [p for p in folder.iterdir() if not p.name.startswith(".") and p.is_file()]
+    except OSError:
+        return []
+    images = {p.name.lower().rsplit(".", 1)[0] for p in files if p.suffix.lower() in IMAGE_SUFFIXES}
+    return sorted((p for p in files if p.suffix.lower() in SIDECAR_CAPTION_SUFFIXES
+                   and p.name.lower().rsplit(".", 1)[0] not in images), key=lambda p: p.name)
 
 
 def _subfolders(folder: Path) -> list[Path]:
