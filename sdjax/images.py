@@ -175,11 +175,11 @@ def model_name(model: str | os.PathLike) -> str:
     """The model's name as A1111 writes it: the last part of a Hub id, folder or file path, without a
     checkpoint suffix (``stable-diffusion-v1-5``, ``v1-5-pruned-emaonly``): not a local path. A
     train.py export, ``my_style/final`` or ``my_style/final.safetensors``, is named by its run
-    (``my_style``): every run's is "final"."""
+    (``my_style``): every run's is "final"; a pipeline's VAE folder, ``other-model/vae``, by its pipeline."""
     parts = [p for p in re.split(r"[/\\]", str(model).split("?", 1)[0]) if p not in ("", ".", "..")]
     for suffix in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
         parts[-1:] = [part.removesuffix(suffix) for part in parts[-1:]]
-    if len(parts) > 1 and parts[-1] == "final":   # final/ or final.safetensors
+    if len(parts) > 1 and parts[-1] in ("final", "vae"):   # final/, final.safetensors, a pipeline's vae/
         return parts[-2]
     return (parts[-1] if parts else "") or str(model)
 

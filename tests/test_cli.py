@@ -110,10 +110,11 @@ def test_names_and_a1111_parameters():
                               model="/home/alice/models/my,model: v2.safetensors")
     assert text.endswith('Size: 8x8, Model: "my,model: v2"')
     assert I.parse_a1111_parameters(text)["Model"] == "my,model: v2"
-    # a train.py export is named by its run; every run's export folder is "final"
+    # a train.py export is named by its run (every run's export folder is "final"), a pipeline's VAE by it
     assert [I.model_name(m) for m in ("runs/my_style/final", "runs/my_style/final/", "final", "C:\\m\\sd.ckpt",
-                                      "./final", "../final", "my_style/./final", "my_style/final.safetensors")] \
-        == ["my_style", "my_style", "final", "sd", "final", "final", "my_style", "my_style"]
+                                      "./final", "../final", "my_style/./final", "my_style/final.safetensors",
+                                      "/models/other-model/vae")] \
+        == ["my_style", "my_style", "final", "sd", "final", "final", "my_style", "my_style", "other-model"]
     no_negative = I.a1111_parameters("p", "", steps=3, scheduler="euler_a", guidance_scale=11, seed=0,
                                      width=64, height=32)
     assert no_negative == "p\nSteps: 3, Sampler: Euler a, CFG scale: 11, Seed: 0, Size: 64x32"
