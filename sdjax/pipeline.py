@@ -107,6 +107,9 @@ def _tokenizer_and_scheduler(root: Path) -> dict:
 
 @dataclasses.dataclass
 class StableDiffusionOutput:
+    """What `StableDiffusion.__call__` returns: the images, and the prompt, negative prompt and seed
+    each was made with (after broadcasting); with ``return_intermediates``, the predicted clean
+    images at the model-call indices ``intermediate_steps``."""
     images: np.ndarray                    # float32 [B, H, W, 3] in [0, 1]
     prompts: list[str]
     negative_prompts: list[str]

@@ -114,6 +114,8 @@ def to_nnx_layout(array: np.ndarray, path: tuple, target_shape: tuple) -> np.nda
 
 
 def to_torch_layout(array: np.ndarray, path: tuple) -> np.ndarray:
+    """An sdjax weight at ``path`` in PyTorch's layout: a conv kernel HWIO -> OIHW, a linear one
+    transposed; anything else as it is (the inverse of loading's conversion)."""
     if path[-1] != "kernel":
         return array
     return array.transpose(3, 2, 0, 1) if array.ndim == 4 else array.T
@@ -467,6 +469,8 @@ def read_json_object(path: Path, missing: str) -> dict:
 
 
 def read_config(model_dir: Path, model_cls):
+    """(``model_cls``'s config, the raw dict) from ``model_dir/config.json``; a CheckpointError
+    naming the file when it is missing or describes a model sdjax cannot build."""
     path = model_dir / "config.json"
     raw = read_json_object(path, f"{model_dir}: no config.json (is this a diffusers model folder?)")
     try:

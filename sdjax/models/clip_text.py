@@ -21,6 +21,8 @@ ACTIVATIONS = {
 
 @dataclasses.dataclass(frozen=True)
 class CLIPTextConfig:
+    """The CLIP text encoder's architecture (transformers' ``CLIPTextConfig`` fields sdjax builds;
+    defaults: SD v1.5's ViT-L/14 text tower)."""
     vocab_size: int = 49408
     hidden_size: int = 768
     intermediate_size: int = 3072
@@ -33,6 +35,8 @@ class CLIPTextConfig:
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any]) -> "CLIPTextConfig":
+        """From a ``text_encoder/config.json`` dict (or a full ``CLIPConfig``'s); an activation sdjax
+        does not have is a NotImplementedError, other keys are ignored."""
         if cfg.get("model_type") == "clip" and "text_config" in cfg:  # a full CLIPConfig
             cfg = cfg["text_config"]
         if cfg.get("hidden_act", "quick_gelu") not in ACTIVATIONS:

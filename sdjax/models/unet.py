@@ -19,6 +19,8 @@ from sdjax.models.layers import (Pretrained, Attention, Downsample2D, ResnetBloc
 
 @dataclasses.dataclass(frozen=True)
 class UNetConfig:
+    """The UNet's architecture (diffusers' ``UNet2DConditionModel`` config fields sdjax builds;
+    defaults: SD v1.5's). Per-block values are tuples, one per down block."""
     in_channels: int = 4
     out_channels: int = 4
     center_input_sample: bool = False
@@ -53,6 +55,9 @@ class UNetConfig:
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any]) -> "UNetConfig":
+        """From a ``unet/config.json`` dict: one number for every block is spread over the blocks, and a
+        setting for an architecture sdjax does not build (SDXL's added embeddings, ...) is a
+        NotImplementedError naming it."""
         for key, ok in cls._UNSUPPORTED.items():
             value = cfg.get(key, ok)
             if isinstance(value, (list, tuple)) and key == "only_cross_attention":

@@ -14,6 +14,7 @@ from sdjax.models.layers import (Pretrained, Attention, Downsample2D, ResnetBloc
 
 @dataclasses.dataclass(frozen=True)
 class VAEConfig:
+    """The VAE's architecture (diffusers' ``AutoencoderKL`` config fields; defaults: SD v1.5's)."""
     in_channels: int = 3
     out_channels: int = 3
     block_out_channels: tuple = (128, 256, 512, 512)
@@ -28,6 +29,8 @@ class VAEConfig:
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any]) -> "VAEConfig":
+        """From a ``vae/config.json`` dict; block types, activations or a ``shift_factor`` sdjax does
+        not build are a NotImplementedError naming them."""
         if cfg.get("act_fn", "silu") != "silu":
             raise NotImplementedError(f"VAE act_fn={cfg['act_fn']!r} is not supported")
         for key, ok in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
@@ -61,9 +64,11 @@ class DiagonalGaussian(NamedTuple):
         return jnp.exp(0.5 * self.logvar)
 
     def sample(self, key):
+        """A draw ``mean + std * N(0, 1)`` (what diffusers' img2img and training encode with)."""
         return self.mean + self.std * jax.random.normal(key, self.mean.shape, self.mean.dtype)
 
     def mode(self):
+        """The most likely latents: the mean."""
         return self.mean
 
 

@@ -67,9 +67,11 @@ class Checkpointer:
                                                  create=create, cleanup_tmp_directories=create))
 
     def latest_step(self) -> int | None:
+        """The newest complete checkpoint's step, or None."""
         return self.manager.latest_step()
 
     def all_steps(self) -> list[int]:
+        """The steps of the complete checkpoints (a save in progress is not one yet)."""
         return list(self.manager.all_steps())
 
     def save(self, step: int, state, data_position: dict, *, force: bool = False) -> None:

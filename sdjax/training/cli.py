@@ -132,6 +132,8 @@ def _as_flag(name: str, value: Any) -> str:
 
 
 def load_train_config(path: Path) -> dict[str, Any]:
+    """A train.py preset (YAML) as TrainConfig fields, each converted to its type; an unknown key or
+    a bad value is a UsageError naming the file and the key."""
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     out = {}
     for raw, value in read_yaml_mapping(path).items():

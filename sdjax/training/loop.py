@@ -804,6 +804,7 @@ class Trainer:
         return self.pipe
 
     def validation_prompts(self) -> list[str]:
+        """The prompts of the run's samples: ``validation_prompts``, else the first two distinct captions."""
         if self.cfg.validation_prompts:
             return list(self.cfg.validation_prompts)
         if self.data is None:
@@ -812,6 +813,9 @@ class Trainer:
         return list(dict.fromkeys(self.data.dataset.captions))[:2]
 
     def write_samples(self, step: int) -> list[Path]:
+        """Sample every validation prompt with every validation seed (PNDM, ``sample_steps``) with the
+        current (EMA) weights, and write them as one grid, ``samples/step-NNNNNN.png`` (process 0;
+        the others return [])."""
         pipe = self.sampling_pipeline()
         prompts, seeds = self.validation_prompts(), [int(s) for s in self.cfg.validation_seeds]
         jobs = [(p, s) for p in prompts for s in seeds]
@@ -858,6 +862,8 @@ class Trainer:
         return directory.with_name(directory.name + ".safetensors")
 
     def close(self) -> None:
+        """Wait for the checkpoint being written, then close Orbax's manager, the metrics log and the
+        data loader's threads."""
         self.checkpoints.close()
         if self.log is not None:
             self.log.close()
