@@ -381,8 +381,9 @@ def _sidecar_rows(root: Path) -> list[Row] | None:
         return None
     rows, orphans = [], []
     for folder in _folders_below(root):
-        orphans += [p.relative_to(root).as_posix() for p in _captions_without_images(folder)]
-        for image, caption_file in _captioned_images(folder, with_missing=True):
+        pairs, unmatched = _sidecar_files(folder)
+        orphans += [p.relative_to(root).as_posix() for p in unmatched]
+        for image, caption_file in pairs:
             name = image.relative_to(root).as_posix()
             row = len(rows) + 1
             if caption_file is None:
@@ -399,17 +400,6 @@ def _sidecar_rows(root: Path) -> list[Row] | None:
                       f"beside {'them' if len(orphans) > 1 else 'it'} that sdjax reads ({', '.join(IMAGE_SUFFIXES)}), "
                       f"left out: {', '.join(orphans[:5])}{', ...' if len(orphans) > 5 else ''}", stacklevel=2)
     return rows
-
-
-def _captions_without_images(folder: Path) -> list[Path]:
-    """The caption files in ``folder`` with no image of their name that sdjax reads."""
-    try:
-        files = [p for p in folder.iterdir() if not p.name.startswith(".") and p.is_file()]
-    except OSError:
-        return []
-    images = {p.name.lower().rsplit(".", 1)[0] for p in files if p.suffix.lower() in IMAGE_SUFFIXES}
-    return sorted((p for p in files if p.suffix.lower() in SIDECAR_CAPTION_SUFFIXES
-                   and p.name.lower().rsplit(".", 1)[0] not in images), key=lambda p: p.name)
 
 
 def _subfolders(folder: Path) -> list[Path]:
@@ -434,22 +424,28 @@ def _folders_below(root: Path) -> Iterator[Path]:
         stack.extend(reversed(_subfolders(folder)))
 
 
-def _captioned_images(folder: Path, with_missing: bool = False) -> list[tuple[Path, Path | None]]:
-    """(image, its caption file) in ``folder`` by name; with ``with_missing``, also the images
-    without one (caption file None)."""
+def _captioned_images(folder: Path) -> list[tuple[Path, Path]]:
+    """(image, its caption file) in ``folder``, for the images that have one."""
+    return [(image, caption) for image, caption in _sidecar_files(folder)[0] if caption is not None]
+
+
+def _sidecar_files(folder: Path) -> tuple[list[tuple[Path, Path | None]], list[Path]]:
+    """From one listing of ``folder``: (image, its caption file or None) for every image sdjax reads,
+    by name, and the caption files with no such image."""
     try:
         files = {p.name.lower(): p for p in folder.iterdir() if not p.name.startswith(".") and p.is_file()}
     except OSError:
-        return []
-    out = []
+        return [], []
+    pairs, image_stems = [], set()
     for key, path in sorted(files.items(), key=lambda item: item[1].name):
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             continue
         stem = key.rsplit(".", 1)[0]
-        caption = next((files[stem + s] for s in SIDECAR_CAPTION_SUFFIXES if stem + s in files), None)
-        if caption is not None or with_missing:
-            out.append((path, caption))
-    return out
+        image_stems.add(stem)
+        pairs.append((path, next((files[stem + s] for s in SIDECAR_CAPTION_SUFFIXES if stem + s in files), None)))
+    unmatched = sorted((p for key, p in files.items() if p.suffix.lower() in SIDECAR_CAPTION_SUFFIXES
+                        and key.rsplit(".", 1)[0] not in image_stems), key=lambda p: p.name)
+    return pairs, unmatched
 
 
 def _read_csv_rows(csv_path: Path) -> Iterator[tuple[int, int, list[str]]]:
