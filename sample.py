@@ -17,9 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-from sdjax.cli_utils import (DEFAULT_MODEL, DTYPE_ALIASES, DTYPES, PROGRESS_MODES, OneLineErrorParser,
-                             SampleRequest, UsageError, load_config, parse_scheduler_options, parse_seeds,
-                             read_prompts_file, resolve_config_path, validate_request)
+from sdjax.cli_utils import (COMPILATION_CACHE_HELP, DEFAULT_MODEL, DTYPE_ALIASES, DTYPES, PROGRESS_MODES,
+                             OneLineErrorParser, SampleRequest, UsageError, load_config, parse_scheduler_options,
+                             parse_seeds, read_prompts_file, resolve_config_path, validate_request)
 
 PROG = "sample.py"
 CONFIG_DIRS = (Path(__file__).resolve().parent / "configs",)
@@ -76,9 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", choices=PROGRESS_MODES, default="auto",
                    help="progress bar over denoising steps or batches; auto (default): steps on the CPU, "
                         "batches on GPU/TPU")
-    p.add_argument("--compilation-cache", metavar="DIR", default=None,
-                   help="JAX persistent compilation cache folder (default $SDJAX_CACHE_DIR/jax if set, else "
-                        "$XDG_CACHE_HOME/sdjax/jax if set, else ~/.cache/sdjax/jax; 'none' turns it off)")
+    p.add_argument("--compilation-cache", metavar="DIR", default=None, help=COMPILATION_CACHE_HELP)
     return p
 
 
@@ -167,8 +165,7 @@ def main(argv=None) -> int:
                 f"processes {', '.join(map(str, other))} of {jax.process_count()} were given other prompts, seeds or "
                 "settings than process 0: start the same command on every host (with --prompts-file -, give "
                 "every task the input: srun --input=all)"))
-    if (args.compilation_cache or "").lower() != "none":
-        enable_compilation_cache(args.compilation_cache)  # before anything compiles
+    enable_compilation_cache(args.compilation_cache)  # before anything compiles
 
     from sdjax.pipeline import load_pipeline
     from sdjax.weights import CheckpointError

@@ -87,9 +87,8 @@ def _main(argv=None) -> int:
     try:
         from sdjax.training.cli import parse_args
         cfg, args = parse_args(argv)
-        if (getattr(args, "compilation_cache", None) or "").lower() != "none":
-            from sdjax.cli_utils import enable_compilation_cache
-            enable_compilation_cache(getattr(args, "compilation_cache", None))   # before anything compiles
+        from sdjax.cli_utils import enable_compilation_cache
+        enable_compilation_cache(getattr(args, "compilation_cache", None))   # before anything compiles
         if args.recorded:
             print(f"settings recorded in {args.recorded}, with the flags given here over them")
         if getattr(args, "export", False):

@@ -21,14 +21,18 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
+import numpy as np
+
 from sdjax.images import (a1111_parameters, as_pil, image_grid, image_file_name, image_strip, reserve_indices,
                           save_gif, save_png)
 from sdjax.models.layers import attention_setting_problem
 from sdjax.pipeline import DEFAULT_MODEL, MAX_SEED, model_options_problem  # noqa: F401  (re-exported for sample.py)
 from sdjax.schedulers import SCHEDULERS, resolve_scheduler_config
+from sdjax.weights import DTYPE_NAMES
 
 DTYPES = ("float32", "bfloat16", "float16")
-DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}   # as train.py and the API take them
+# The short names train.py and the loaders take too (fp32, bf16, fp16), from the loaders' own table.
+DTYPE_ALIASES = {name: np.dtype(t).name for name, t in DTYPE_NAMES.items() if name != np.dtype(t).name}
 
 
 class UsageError(ValueError):
@@ -426,14 +430,21 @@ def default_cache_dir() -> Path:
     return Path(base).expanduser() / "sdjax" / "jax"
 
 
+COMPILATION_CACHE_HELP = ("JAX persistent compilation cache folder (default $SDJAX_CACHE_DIR/jax if set, else "
+                          "$XDG_CACHE_HOME/sdjax/jax if set, else ~/.cache/sdjax/jax; 'none' turns it off)")
+
+
 def enable_compilation_cache(directory: str | os.PathLike | None = None) -> Path | None:
-    """Turn on JAX's persistent compilation cache in ``directory`` (default :func:`default_cache_dir`)
+    """Turn on JAX's persistent compilation cache in ``directory`` (default :func:`default_cache_dir`;
+    ``"none"`` leaves it off and returns None)
     for every compilation, however small or quick, so a second run of the same shapes loads the
     compiled programs instead of compiling them again. Call before the first compilation. The
     cache only saves time: a folder that cannot be created or written (a read-only home on a
     cluster) is a warning, and None is returned with the cache left off."""
     import warnings
     import jax
+    if str(directory or "").lower() == "none":
+        return None
     directory = Path(directory).expanduser() if directory else default_cache_dir()
     try:
         directory.mkdir(parents=True, exist_ok=True)

@@ -435,20 +435,20 @@ def _shard_files(index: Path) -> list[Path]:
 
 
 # ----------------------------------------------------------------------------- dtypes
-_DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
-           "float16": jnp.float16, "fp16": jnp.float16}
+DTYPE_NAMES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
+               "float16": jnp.float16, "fp16": jnp.float16}   # what resolve_dtype takes by name
 
 
 def resolve_dtype(dtype) -> Any:
     """'bfloat16' / 'bf16' / jnp.bfloat16 / ... -> a JAX float dtype; anything else is an error."""
     if isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}: use one of {sorted(_DTYPES)}")
-        return _DTYPES[dtype]
+        if dtype not in DTYPE_NAMES:
+            raise ValueError(f"unknown dtype {dtype!r}: use one of {sorted(DTYPE_NAMES)}")
+        return DTYPE_NAMES[dtype]
     try:
         dt = jnp.dtype(dtype)
     except TypeError as e:
-        raise ValueError(f"unknown dtype {dtype!r}: use one of {sorted(_DTYPES)}") from e
+        raise ValueError(f"unknown dtype {dtype!r}: use one of {sorted(DTYPE_NAMES)}") from e
     if dt not in (jnp.float32, jnp.bfloat16, jnp.float16):
         raise ValueError(f"unsupported dtype {dt}: use float32, bfloat16 or float16")
     return dt.type

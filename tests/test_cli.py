@@ -675,6 +675,9 @@ def test_an_unwritable_compilation_cache_is_a_warning(tmp_path):
     with pytest.warns(UserWarning, match=r"compilation cache .*afile/cache: .*; running without it"):
         assert enable_compilation_cache(tmp_path / "afile" / "cache") is None
     assert jax.config.jax_compilation_cache_dir == before
+    for off in ("none", "None"):   # --compilation-cache none (both tools): off, and no folder named "none"
+        assert enable_compilation_cache(off) is None
+    assert jax.config.jax_compilation_cache_dir == before and not Path("none").exists()
 
 
 def test_a_weights_mismatch_is_one_line_with_its_clauses(pipe_dir, tmp_path, capsys):

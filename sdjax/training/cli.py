@@ -11,8 +11,8 @@ import typing
 from pathlib import Path
 from typing import Any, Sequence
 
-from sdjax.cli_utils import (OneLineErrorParser, UsageError, parse_seeds, read_yaml_mapping, resolve_config_path,
-                             setting_name)
+from sdjax.cli_utils import (COMPILATION_CACHE_HELP, OneLineErrorParser, UsageError, parse_seeds, read_yaml_mapping,
+                             resolve_config_path, setting_name)
 from sdjax.training.loop import RUN_CONFIG_FILE, TrainConfig, recorded_settings
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "train"  # sample.py presets sit one level up
@@ -152,10 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="only export OUTPUT_DIR/final from the latest checkpoint (or --export-step)")
     parser.add_argument("--export-step", type=int, help="checkpoint step to export")
     parser.add_argument("--compilation-cache", metavar="DIR",
-                        help="JAX persistent compilation cache folder, so a resumed run (after a preemption) loads "
-                             "the compiled train step instead of compiling it again (default $SDJAX_CACHE_DIR/jax "
-                             "if set, else $XDG_CACHE_HOME/sdjax/jax if set, else ~/.cache/sdjax/jax; 'none' turns "
-                             "it off)")
+                        help=COMPILATION_CACHE_HELP + ": a resumed run (after a preemption) loads the compiled "
+                             "train step instead of compiling it again")
     for field in dataclasses.fields(TrainConfig):
         kind, is_list, _ = _field_type(field)
         flag = "--" + field.name.replace("_", "-")
