@@ -404,14 +404,14 @@ def test_imagefolder_metadata_jsonl_and_csv(tmp_path):
     (root / "metadata.jsonl").write_text(
         '{"file_name": "a.png", "text": "ok"}\n{not json\n{"file_name": "a.png", "prompt": "x"}\n[1, 2]\n'
         '{"file_name": "gone.png", "text": "x"}\n{"file_name": "../a.png", "text": "x"}\n'
-        '{"file_name": "c.png", "text": ["blue", "a blue square"]}\n', encoding="utf-8")
+        '{"file_name": "c.png", "text": ["blue", 3]}\n', encoding="utf-8")
     with pytest.raises(DataError, match="6 bad rows of 7") as info:
         load_captioned_images(root)
     message = str(info.value)
     for expected in ("row 2 (line 2)", "not JSON", "row 3 (line 3) 'a.png': needs file_name and a caption in text "
                      "or caption; it has file_name, prompt", "not a JSON object", "file not found: gone.png",
-                     "path resolves outside hf/", "row 7 (line 7) 'c.png': text is a list of 2 captions; sdjax "
-                     "takes one per row: write a row for each (image, caption) pair"):
+                     "path resolves outside hf/", "row 7 (line 7) 'c.png': text is a list that holds something other "
+                     "than text"):
         assert expected in message, (expected, message)
     # metadata.csv, as the imagefolder loader also reads it.
     (root / "metadata.jsonl").unlink()
@@ -420,6 +420,37 @@ def test_imagefolder_metadata_jsonl_and_csv(tmp_path):
     (root / "metadata.csv").unlink()
     with pytest.raises(DataError, match=r"no image_captions.csv \(or metadata.jsonl or metadata.csv\)"):
         load_captioned_images(root)
+
+
+def test_several_captions_per_image(tmp_path):
+    """A metadata.jsonl list of captions (diffusers' train_text_to_image reads them too) gives the
+    example every non-empty one; an empty list, or one of blanks, is an empty caption."""
+    root = tmp_path / "hf"
+    root.mkdir()
+    for name, colour in (("a.png", RED), ("b.png", GREEN), ("c.png", BLUE)):
+        Image.new("RGB", (8, 8), colour).save(root / name)
+    (root / "metadata.jsonl").write_text(
+        '{"file_name": "a.png", "text": [" red ", "", "a red square"]}\n{"file_name": "b.png", "text": "green"}\n'
+        '{"file_name": "c.png", "text": ["", " "]}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"(?s)1 bad row of 3.*row 3 \(line 3\) 'c.png': empty caption"):
+        load_captioned_images(root)
+    ds = load_captioned_images(root, skip_bad_rows=True)
+    assert ds.caption_sets == [("red", "a red square"), ("green",)]
+    assert ds.captions == ["red", "green"] and ds.num_captions == 3
+    assert "3 captions" in repr(ds)
+
+
+def test_the_fingerprint_of_one_caption_per_example_is_unchanged(folder):
+    """Runs saved before examples could have several captions recorded this hash; they must resume."""
+    import hashlib
+    ds = load_captioned_images(folder)
+    before = hashlib.sha256()
+    for name, caption in zip(ds.names, ds.captions):
+        before.update(name.encode() + b"\0" + caption.encode() + b"\0")
+    assert ds.fingerprint == before.hexdigest()[:16]
+    more = data.CaptionedImages(source="x", names=ds.names, captions=[(c, "another") for c in ds.captions],
+                                open_image=None)
+    assert more.fingerprint != ds.fingerprint
 
 
 # ------------------------------------------------------------------------------ batches
@@ -448,6 +479,32 @@ def test_batches_cover_each_epoch_and_drop_the_last(folder):
     assert b["captions"] == [ds.captions[i] for i in b["indices"]]
     again = iterate_batches(ds, resolution=16, batch_size_per_process=3, seed=7, num_workers=1)
     np.testing.assert_array_equal(next(again)["pixel_values"], b["pixel_values"])
+
+
+def test_an_example_with_several_captions_trains_on_one_per_epoch(folder):
+    """Each epoch draws one of an example's captions from (seed, epoch, index): a resume sees the
+    same ones, and crops and flips are those of the same data with one caption per image."""
+    ds = load_captioned_images(folder)
+    several = data.CaptionedImages(
+        source=ds.source, names=ds.names, open_image=ds._open_image,
+        captions=[(c, c + " again", c + " once more") if i % 2 == 0 else c for i, c in enumerate(ds.captions)])
+    kwargs = dict(resolution=16, batch_size_per_process=5, seed=3, center_crop=False, random_flip=True)
+    one, many = iterate_batches(ds, **kwargs), iterate_batches(several, **kwargs)
+    seen, batches = {i: set() for i in range(10)}, []
+    for _ in range(12):   # 6 epochs
+        a, b = next(one), next(many)
+        batches.append(b)
+        np.testing.assert_array_equal(a["pixel_values"], b["pixel_values"])
+        np.testing.assert_array_equal(b["caption_picks"], many.caption_picks(b["step"]))
+        assert b["captions"] == [several.caption_sets[i][p] for i, p in zip(b["indices"], b["caption_picks"])]
+        for i, caption in zip(b["indices"], b["captions"]):
+            seen[int(i)].add(caption)
+    assert all(len(seen[i]) == 1 for i in range(1, 10, 2))
+    assert all(len(seen[i]) >= 2 for i in range(0, 10, 2)), seen
+    resumed = iterate_batches(several, start_step=7, **kwargs)
+    assert next(resumed)["captions"] == batches[7]["captions"]
+    for it in (one, many, resumed):
+        it.close()
 
 
 def test_processes_partition_the_global_batch(folder):
@@ -677,7 +734,7 @@ def test_tfds_source(monkeypatch, tmp_path, random_access):
     assert ds.captions == ["colour 0, ok", "colour 1, ok", "colour 2, ok", "colour 3, ok"]
     assert ds.get_image(1).getpixel((0, 0)) == GREEN
     nested = load_captioned_images("tfds:tiny_caps", caption_key="captions/text")
-    assert nested.captions[2] == "first 2"
+    assert nested.captions[2] == "first 2" and nested.caption_sets[2] == ("first 2", "second")
     batch = next(iterate_batches(nested, resolution=16, batch_size_per_process=4))
     assert batch["pixel_values"].shape == (4, 16, 16, 3)
 
@@ -698,7 +755,7 @@ def test_tfds_decoded_arrays_bad_rows_and_keys(monkeypatch):
     assert ds.get_image(2).getpixel((0, 0)) == (8, 8, 8)  # 2000 / 257
     with pytest.raises(DataError, match="no feature 'img'.*; name the features with --image-key / --caption-key"):
         load_captioned_images("tfds:tiny_caps", image_key="img")
-    with pytest.raises(DataError, match="empty list"):
+    with pytest.raises(DataError, match=r"example 4 .train\[4\].: empty caption"):
         load_captioned_images("tfds:tiny_caps", caption_key="captions/text")
 
 

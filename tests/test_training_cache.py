@@ -64,3 +64,35 @@ def test_cached_latents_match_encoding_each_step(tiny_pipeline_dir, tiny_data, t
 def test_cache_needs_fixed_images():
     with pytest.raises(ValueError, match="cache_latents needs fixed images"):
         TrainConfig(train_data="x", cache_latents=True, random_flip=True).validate()
+
+
+def test_each_epoch_trains_on_one_of_an_examples_captions(tiny_pipeline_dir, tmp_path, capsys):
+    """An image with several captions (a metadata.jsonl list) trains on the caption its epoch draws,
+    with and without the latent cache; the tokens of every caption are looked up, not re-tokenized."""
+    from sdjax.text import tokenize
+    from sdjax.training.data import iterate_batches, load_captioned_images
+    root = tmp_path / "data"
+    root.mkdir()
+    Image.new("RGB", (36, 40), (220, 30, 30)).save(root / "red.png")
+    Image.new("RGB", (36, 40), (30, 30, 220)).save(root / "blue.png")
+    (root / "metadata.jsonl").write_text('{"file_name": "red.png", "text": ["the red dog", "a red square", "red"]}\n'
+                                         '{"file_name": "blue.png", "text": "the blue cat"}\n')
+    dataset = load_captioned_images(root)
+    expected = iterate_batches(dataset, resolution=32, batch_size_per_process=2, seed=0, num_workers=1)
+    ids = {}
+    for cache in (True, False):
+        cfg = TrainConfig(model=str(tiny_pipeline_dir), train_data=str(root), output_dir=str(tmp_path / str(cache)),
+                          resolution=32, batch_size=1, max_steps=3, cache_latents=cache)
+        trainer = Trainer.create(cfg, mesh=parallel.data_mesh(jax.devices()[:2]))
+        try:
+            ids[cache] = [np.asarray(trainer.next_batch()["input_ids"])[0] for _ in range(8)]   # 8 epochs of 1 step
+            tokenizer = trainer.pipe.tokenizer
+            assert f"training data: 2 examples with 4 captions (one per epoch) from {root}" in capsys.readouterr().out
+        finally:
+            trainer.close()
+    captions = [next(expected)["captions"] for _ in range(8)]
+    for step, batch_captions in enumerate(captions):
+        np.testing.assert_array_equal(ids[True][step], tokenize(tokenizer, batch_captions))
+        np.testing.assert_array_equal(ids[False][step], ids[True][step])
+    red = {c for batch in captions for c in batch if c != "the blue cat"}
+    assert len(red) >= 2 and red <= {"the red dog", "a red square", "red"}

@@ -25,7 +25,7 @@ HELP = {
     "adam_b1": "AdamW beta1",
     "adam_b2": "AdamW beta2",
     "image_key": "TFDS: the image feature's name",
-    "caption_key": "TFDS: the caption feature's name",
+    "caption_key": "TFDS: the caption feature's name (several captions per image: one per epoch)",
     "tfds_data_dir": "TFDS: the data_dir the dataset was prepared in (none: TFDS's default)",
     "seed": "seed of the data order, the noise and the timesteps (a run with the same seed repeats exactly)",
     "keep_checkpoints": "how many of the newest checkpoints to keep",

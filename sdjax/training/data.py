@@ -199,20 +199,29 @@ def preprocess_image(image: Image.Image, *, resolution: int, center_crop: bool =
 class CaptionedImages(collections.abc.Sequence):
     """A validated, random-access sequence of (image, caption) pairs.
 
+    An example may have several captions (COCO's five, a ``metadata.jsonl`` list): training then
+    takes one of them per epoch (`BatchIterator`), as diffusers' ``train_text_to_image.py`` does.
+
     Attributes:
       source: where the data came from (folder path or ``tfds:`` string).
       names: per example, the filename relative to ``train_images/`` or a TFDS example id.
-      captions: per example, the caption (whitespace-stripped, never empty).
+      caption_sets: per example, its captions (a tuple of one or more whitespace-stripped, non-empty
+        texts).
+      captions: per example, its first caption.
       skipped: the `BadRow` s left out because of ``skip_bad_rows=True`` (empty otherwise).
     """
 
-    def __init__(self, *, source: str, names: list[str], captions: list[str],
+    def __init__(self, *, source: str, names: list[str], captions: list[str | tuple[str, ...]],
                  open_image: Callable[[int, int | None], Image.Image], skipped: Iterable[BadRow] = ()):
+        """``captions``: per example, a caption or a tuple of its captions."""
         if len(names) != len(captions):
             raise ValueError("names and captions differ in length")
         self.source = source
         self.names = list(names)
-        self.captions = list(captions)
+        self.caption_sets = [(c,) if isinstance(c, str) else tuple(c) for c in captions]
+        if not all(self.caption_sets):
+            raise ValueError("every example needs at least one caption")
+        self.captions = [texts[0] for texts in self.caption_sets]
         self.skipped = list(skipped)
         self._open_image = open_image
 
@@ -243,15 +252,23 @@ class CaptionedImages(collections.abc.Sequence):
 
     @property
     def fingerprint(self) -> str:
-        """A hash of the names and captions, to check that every host loaded the same rows."""
+        """A hash of the names and captions, to check that every host loaded the same rows (and a
+        resume the same data). With one caption per example it is what it was before examples
+        could have several, so older runs still resume."""
         digest = hashlib.sha256()
-        for name, caption in zip(self.names, self.captions):
-            digest.update(name.encode() + b"\0" + caption.encode() + b"\0")
+        for name, texts in zip(self.names, self.caption_sets):
+            digest.update(name.encode() + b"\0" + "\x1f".join(texts).encode() + b"\0")
         return digest.hexdigest()[:16]
 
+    @property
+    def num_captions(self) -> int:
+        """The captions of all the examples together."""
+        return sum(map(len, self.caption_sets))
+
     def __repr__(self) -> str:
+        several = self.num_captions - len(self)
         return (f"CaptionedImages({self.source!r}, {len(self)} examples, "
-                f"{len(self.skipped)} skipped)")
+                + (f"{self.num_captions} captions, " if several else "") + f"{len(self.skipped)} skipped)")
 
 
 def load_captioned_images(source: str | os.PathLike, *, image_key: str = "image",
@@ -267,7 +284,8 @@ def load_captioned_images(source: str | os.PathLike, *, image_key: str = "image"
         split unless it is a version (``tfds:NAME:1.0.0``), so a namespaced name needs an explicit
         split (``tfds:huggingface:NAME:train``).
       image_key, caption_key: TFDS feature names; ``/`` reaches into nested features (e.g.
-        ``captions/text``). When the caption feature holds several captions the first is used.
+        ``captions/text``). A caption feature that holds several captions gives the example all of
+        them (``caption_sets``; training takes one per epoch).
       data_dir: TFDS data folder (default: TFDS's own, ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``).
       skip_bad_rows: leave bad rows out (listed in ``.skipped``) instead of raising.
       validate_images: fully decode every image now (default). Turn off only for large data you
@@ -313,7 +331,8 @@ def _finish(source: str, where: str, names: list[str], captions: list[str],
 # Folder layout
 
 
-Row = tuple[int, "int | None", str, str, "str | None"]   # (row, start line, filename, caption, problem or None)
+# (row, start line, filename, caption or tuple of captions, problem or None)
+Row = tuple[int, "int | None", str, "str | tuple[str, ...]", "str | None"]
 
 
 def _csv_rows(csv_path: Path) -> Iterator[Row]:
@@ -340,10 +359,10 @@ def _metadata_rows(path: Path) -> Iterator[Row]:
                 f"needs file_name and a caption in {' or '.join(METADATA_CAPTION_COLUMNS)}; it has "
                 f"{', '.join(map(str, record)) or 'nothing'}")
         caption = record[column]
-        if isinstance(caption, list):   # diffusers' train_text_to_image picks one of them per step
-            return row, line, filename.strip(), "", (
-                f"{column} is a list of {len(caption)} captions; sdjax takes one per row: write a "
-                "row for each (image, caption) pair")
+        if isinstance(caption, list):   # several captions: training takes one per epoch, as diffusers does
+            if not all(isinstance(c, str) for c in caption):
+                return row, line, filename.strip(), "", f"{column} is a list that holds something other than text"
+            return row, line, filename.strip(), tuple(c.strip() for c in caption if c.strip()), None
         return row, line, filename.strip(), caption.strip() if isinstance(caption, str) else "", None
 
     if path.suffix == ".csv":
@@ -640,20 +659,21 @@ def _feature(example: Any, key: str) -> Any:
     return example
 
 
-def _caption_text(value: Any) -> str:
+def _caption_texts(value: Any) -> tuple[str, ...]:
+    """The non-empty captions in a TFDS caption value: one text, or several (e.g. COCO's five)."""
     if isinstance(value, np.ndarray):
         value = value.item() if value.ndim == 0 else list(value)
-    if isinstance(value, (list, tuple)):  # several captions per image (e.g. COCO): use the first
-        if not value:
-            raise ValueError("no caption (empty list)")
-        value = value[0]
-        if isinstance(value, np.ndarray) and value.ndim == 0:
-            value = value.item()
-    if isinstance(value, (bytes, np.bytes_)):
-        value = bytes(value).decode("utf-8")
-    if not isinstance(value, str):
-        raise ValueError(f"caption feature holds {type(value).__name__}, not text")
-    return value.strip()
+    values = value if isinstance(value, (list, tuple)) else [value]
+    texts = []
+    for text in values:
+        if isinstance(text, np.ndarray) and text.ndim == 0:
+            text = text.item()
+        if isinstance(text, (bytes, np.bytes_)):
+            text = bytes(text).decode("utf-8")
+        if not isinstance(text, str):
+            raise ValueError(f"caption feature holds {type(text).__name__}, not text")
+        texts.append(text.strip())
+    return tuple(text for text in texts if text)
 
 
 def _image_from_value(value: Any, min_side: int | None = None) -> Image.Image:
@@ -737,7 +757,7 @@ def _load_tfds(source: str, *, image_key: str, caption_key: str,
         """(caption, None) or (None, reason) for one example."""
         try:
             example = read(index)
-            caption = _caption_text(_feature(example, caption_key))
+            caption = _caption_texts(_feature(example, caption_key))
             if validate_images:
                 to_rgb(_image_from_value(_feature(example, image_key)))
         except Exception as e:
@@ -778,6 +798,14 @@ def example_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, index, 1])
 
 
+def caption_pick(seed: int, epoch: int, index: int, num_captions: int) -> int:
+    """Which of example ``index``'s ``num_captions`` captions epoch ``epoch`` trains on (0 when it
+    has one). A stream of its own (the trailing 2), so crops and flips do not depend on it."""
+    if num_captions == 1:
+        return 0
+    return int(np.random.default_rng([seed, epoch, index, 2]).integers(num_captions))
+
+
 class BatchIterator:
     """Deterministic, resumable, per-process batches of preprocessed captioned images.
 
@@ -800,6 +828,8 @@ class BatchIterator:
     Each item is a dict:
       ``pixel_values``: float32 [b, resolution, resolution, 3] in [-1, 1];
       ``captions``: list of b str; ``indices``: int64 [b] dataset indices;
+      ``caption_picks``: int64 [b], which of its ``dataset.caption_sets`` each caption is (an
+      example with several captions trains on one per epoch, drawn from (seed, epoch, index));
       ``step``: the global step of this batch; ``epoch``: its epoch.
     """
 
@@ -913,6 +943,12 @@ class BatchIterator:
         columns = slice(self.process_index * m, (self.process_index + 1) * m)
         return batch_AM[:, columns].reshape(-1).astype(np.int64)
 
+    def caption_picks(self, step: int) -> np.ndarray:
+        """Which caption of each example of `indices_for_step` (``step``) is trained on (int64 [b])."""
+        epoch, sets = step // self.steps_per_epoch, self.dataset.caption_sets
+        return np.array([caption_pick(self.seed, epoch, int(i), len(sets[i])) for i in self.indices_for_step(step)],
+                        np.int64)
+
     def _load_one(self, epoch: int, index: int) -> np.ndarray:
         rng = example_rng(self.seed, epoch, int(index))
         # Always draw the flip first, so crops are the same whether flipping is on or off.
@@ -931,9 +967,10 @@ class BatchIterator:
             images = list(pool.map(lambda i: self._load_one(epoch, i), indices))
         else:
             images = [self._load_one(epoch, i) for i in indices]
+        picks = self.caption_picks(step)
         return {"pixel_values": np.stack(images),
-                "captions": [self.dataset.captions[i] for i in indices],
-                "indices": indices, "step": step, "epoch": epoch}
+                "captions": [self.dataset.caption_sets[i][pick] for i, pick in zip(indices, picks)],
+                "indices": indices, "caption_picks": picks, "step": step, "epoch": epoch}
 
     def __iter__(self) -> BatchIterator:
         return self

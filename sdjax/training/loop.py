@@ -493,7 +493,10 @@ class Trainer:
     step_fn: Any                     # None from for_export
     log: MetricsLog | None           # None from for_export
     latent_cache: tuple | None = None   # (mean, std) float32 [N, h, w, 4] per dataset image
-    caption_ids: np.ndarray | None = None   # int32 [N, 77]: every caption tokenized once (None from for_export)
+    # int32 [captions, 77]: every caption of every example tokenized once, the examples' one after
+    # another; example i's start at caption_starts[i] (int64 [N]). None from for_export.
+    caption_ids: np.ndarray | None = None
+    caption_starts: np.ndarray | None = None
 
     @classmethod
     def create(cls, cfg: TrainConfig, *, mesh=None) -> "Trainer":
@@ -546,10 +549,15 @@ class Trainer:
                              f"--gradient-accumulation {cfg.gradient_accumulation}): lower them, use fewer devices "
                              "(e.g. CUDA_VISIBLE_DEVICES=0), or add examples")
         pipe, graphdefs, step_cfg, optimizer, lr, state = _build_model(cfg, mesh)
-        caption_ids = tokenize(pipe.tokenizer, dataset.captions, warn=False)   # once, not per step
+        all_captions = [text for texts in dataset.caption_sets for text in texts]
+        caption_ids = tokenize(pipe.tokenizer, all_captions, warn=False)   # once, not per step
+        caption_starts = np.cumsum([0] + [len(texts) for texts in dataset.caption_sets[:-1]], dtype=np.int64)
         if main:
-            long = too_long(pipe.tokenizer, dataset.captions)
-            print(f"training data: {count(len(dataset), 'example')} from {cfg.train_data}"
+            long = too_long(pipe.tokenizer, all_captions)
+            several = len(all_captions) > len(dataset)
+            print(f"training data: {count(len(dataset), 'example')}"
+                  + (f" with {count(len(all_captions), 'caption')} (one per epoch)" if several else "")
+                  + f" from {cfg.train_data}"
                   + (f" ({count(len(dataset.skipped), 'bad row')} skipped)" if dataset.skipped else "")
                   + (f"; {count(len(long), 'caption')} over {pipe.tokenizer.model_max_length} tokens, cut to the "
                      f"first {pipe.tokenizer.model_max_length} (CLIP's window)" if long else ""))
@@ -589,7 +597,7 @@ class Trainer:
                         old.unlink()
             log = MetricsLog(out, enabled=main, spike_factor=cfg.spike_factor, resume_from_step=resumed)
             trainer = cls(cfg, out, mesh, pipe, graphdefs, frozen, state, data, checkpoints, step_cfg, step_fn, log,
-                          caption_ids=caption_ids)
+                          caption_ids=caption_ids, caption_starts=caption_starts)
             if resumed is not None:
                 trainer._share_state_weights()
             if cfg.cache_latents:
@@ -658,14 +666,15 @@ class Trainer:
         """The next global batch as [accumulation, B, ...] arrays split over the data axis (each
         process holds its columns of every micro-batch, see `BatchIterator`)."""
         if self.latent_cache is not None:  # no image decoding: look the posterior up
-            indices = self.data.indices_for_step(self.data.step)
+            step = self.data.step
+            indices, picks = self.data.indices_for_step(step), self.data.caption_picks(step)
             self.data.step += 1
             host = {"latent_mean": self.latent_cache[0][indices], "latent_std": self.latent_cache[1][indices]}
         else:
             batch = next(self.data)
-            indices = batch["indices"]
+            indices, picks = batch["indices"], batch["caption_picks"]
             host = {"pixel_values": np.asarray(batch["pixel_values"], np.float32)}
-        host["input_ids"] = self.caption_ids[indices]
+        host["input_ids"] = self.caption_ids[self.caption_starts[indices] + picks]
         accum = self.cfg.gradient_accumulation
         return {k: parallel.shard_process_batch(a.reshape(accum, a.shape[0] // accum, *a.shape[1:]), self.mesh, axis=1)
                 for k, a in host.items()}
