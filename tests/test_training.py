@@ -1522,6 +1522,7 @@ BAD_VALUES = {   # flag value -> what the error says; all checked before the mod
     "max_grad_norm": ("-1", "max_grad_norm=-1.0 must be >= 0"),
     "min_snr_gamma": ("-5", "min_snr_gamma=-5.0 must be > 0"),
     "noise_offset": ("-0.1", "noise_offset=-0.1 must be >= 0"),
+    "prediction_type": ("sample", "prediction_type='sample' is not one of 'epsilon', 'v_prediction' or none"),
     "mixed_precision": ("fp16", "mixed_precision='fp16' is not one of 'no', 'bf16' (--mixed-precision)"),
     "adam_b1": ("1.5", "adam_b1=1.5 must be in [0, 1) (--adam-b1)"),
     "output_dir": ("gs://bucket/run", "output_dir='gs://bucket/run' must be a folder of the file system"),
@@ -1702,6 +1703,28 @@ def test_gradient_checkpointing_on_the_cpu_warns_that_it_saves_nothing(pipeline_
     with pytest.warns(UserWarning, match="gradient_checkpointing saves no memory on the CPU"):
         with pytest.raises(DataError, match="training data folder not found"):
             Trainer.create(cfg)
+
+
+def test_another_prediction_type_is_trained_and_exported(pipeline_dir, data_dir, tmp_path):
+    """--prediction-type v_prediction on an epsilon model: the step's target, the samples' scheduler
+    config and the exported final/ all say v_prediction (diffusers' script exports the old config).
+    No step is compiled: a checkpoint of step 0 is exported."""
+    out = tmp_path / "v"
+    trainer = Trainer.create(config(out, pipeline_dir, data_dir, prediction_type="v_prediction", max_steps=1))
+    try:
+        model_config = json.loads((pipeline_dir / "scheduler" / "scheduler_config.json").read_text())
+        assert model_config.get("prediction_type", "epsilon") == "epsilon"
+        assert trainer.step_cfg.prediction_type == "v_prediction"
+        assert trainer.sampling_pipeline().scheduler_config["prediction_type"] == "v_prediction"
+        trainer.save_checkpoint()
+    finally:
+        trainer.close()
+    exporter = Trainer.for_export(TrainConfig.from_run(out))
+    try:
+        final = exporter.export()
+    finally:
+        exporter.close()
+    assert json.loads((final / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "v_prediction"
 
 
 # ----------------------------------------------------------------------------- 8. presets

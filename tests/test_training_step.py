@@ -491,6 +491,30 @@ def test_noise_offset_adds_a_constant_per_image_and_channel(models):
     assert loss == pytest.approx(np.mean((pred - noise) ** 2), rel=1e-5)   # the target is the offset noise
 
 
+def test_input_perturbation_noises_the_input_but_not_the_target(models):
+    """diffusers' --input_perturbation: the UNet's input is made with noise + p * N(0, 1), its target
+    is the noise alone. With zero latents x_t = sqrt(1 - abar) * noise; the same key draws the same
+    noise and timesteps with and without the perturbation."""
+    batch = micro(make_batch(1, 32, seed=6), 0)
+    batch["latent_mean"] = np.zeros_like(batch["latent_mean"])
+    batch["latent_std"] = np.zeros_like(batch["latent_std"])
+    runs = {}
+    for perturbation in (0.0, 0.1):
+        RECORDED.clear()
+        loss, _ = S.loss_fn(models.params, models.frozen, batch, jax.random.key(4), graphdefs=models.graphdefs,
+                            cfg=S.StepConfig(input_perturbation=perturbation))
+        (call,) = RECORDED
+        abar = ALPHAS_CUMPROD.astype(np.float64)[call["t"]][:, None, None, None]
+        runs[perturbation] = (float(loss), call["x"] / np.sqrt(1.0 - abar), call["pred"].astype(np.float64), call["t"])
+    np.testing.assert_array_equal(runs[0.0][3], runs[0.1][3])
+    noise = runs[0.0][1]
+    draws = (runs[0.1][1] - noise) / 0.1                                  # standard normal, element by element
+    assert draws.size >= 1000 and 0.9 < draws.std() < 1.1 and abs(draws.mean()) < 0.1, (draws.mean(), draws.std())
+    assert abs(np.corrcoef(draws.ravel(), noise.ravel())[0, 1]) < 0.1     # drawn apart from the noise
+    loss, _, pred, _ = runs[0.1]
+    assert loss == pytest.approx(np.mean((pred - noise) ** 2), rel=1e-5)   # the target is the unperturbed noise
+
+
 def test_min_snr_gamma_at_zero_snr_is_finite(models):
     """At zero SNR (the last timestep of a zero-terminal-SNR schedule) the epsilon weight
     min(snr, gamma) / snr is 0 / 0: its limit 1 is used (it was NaN: a diverged run, for 63% of

@@ -55,6 +55,11 @@ HELP = {
     "min_snr_gamma": "Min-SNR-gamma loss weighting (e.g. 5.0)",
     "noise_offset": "add a per-image, per-channel constant of this scale to the noise (e.g. 0.05-0.1): lets the "
                     "model learn very dark and very bright images (diffusers' --noise_offset)",
+    "input_perturbation": "add noise of this scale (e.g. 0.1) to the UNet's input but not to its target, which "
+                          "lessens the gap between training and sampling (diffusers' --input_perturbation)",
+    "prediction_type": "train the model to predict 'epsilon' or 'v_prediction' (default: what its scheduler "
+                       "config says); final/ records the new one. Changing it retrains the model: thousands of "
+                       "steps, not hundreds",
     "caption_dropout": "probability of training on the empty caption (keeps guidance working)",
     "train_text_encoder": "also fine-tune the CLIP text encoder",
     "center_crop": "centre crop (else random crop)",

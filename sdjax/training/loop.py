@@ -76,6 +76,8 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     min_snr_gamma: float | None = None
     noise_offset: float = 0.0          # e.g. 0.05-0.1: darker darks and brighter brights (diffusers' --noise_offset)
+    input_perturbation: float = 0.0    # e.g. 0.1: extra noise in the UNet's input only (diffusers' --input_perturbation)
+    prediction_type: str | None = None  # train for "epsilon" or "v_prediction"; None: the model's own
     caption_dropout: float = 0.0
     train_text_encoder: bool = False
     center_crop: bool = True           # False: random crop
@@ -170,8 +172,12 @@ class TrainConfig:
             raise bad("max_grad_norm", "must be >= 0 (0 or none: no clipping)")
         if self.min_snr_gamma is not None and number("min_snr_gamma") <= 0:
             raise bad("min_snr_gamma", "must be > 0 (none: off)")
-        if number("noise_offset") < 0:
-            raise bad("noise_offset", "must be >= 0 (0: off)")
+        for name in ("noise_offset", "input_perturbation"):
+            if number(name) < 0:
+                raise bad(name, "must be >= 0 (0: off)")
+        if self.prediction_type is not None and self.prediction_type not in TRAINABLE_PREDICTION_TYPES:
+            raise bad("prediction_type", "is not one of " + ", ".join(map(repr, TRAINABLE_PREDICTION_TYPES))
+                      + " or none (the model's own)")
         if self.ema_decay is not None and not 0.0 < number("ema_decay") < 1.0:
             raise bad("ema_decay", "must be in (0, 1) (none: off)")
         if number("spike_factor") <= 0:
@@ -287,9 +293,15 @@ def _build_model(cfg: TrainConfig, mesh):
     """(pipeline, graphdefs, step config, optimizer, lr schedule, initial state on the mesh)."""
     pipe = load_pipeline(cfg.model, model_config=cfg.model_config, dtype=jnp.float32, mesh=mesh)
     prediction_type = pipe.scheduler_config.get("prediction_type", "epsilon")
+    if cfg.prediction_type not in (None, prediction_type):
+        # The pipeline's scheduler config says what the weights now predict: the samples, the
+        # exported final/ (diffusers' script exports the model's old config here) and a resume.
+        pipe.scheduler_config = {**pipe.scheduler_config, "prediction_type": cfg.prediction_type}
+        prediction_type = cfg.prediction_type
     if prediction_type not in TRAINABLE_PREDICTION_TYPES:
         raise UsageError(f"{cfg.model}: its scheduler config has prediction_type={prediction_type!r}; sdjax "
-                         f"fine-tunes {' and '.join(map(repr, TRAINABLE_PREDICTION_TYPES))} models")
+                         f"fine-tunes {' and '.join(map(repr, TRAINABLE_PREDICTION_TYPES))} models (or "
+                         "retrains one for another with --prediction-type)")
     try:  # the training noise schedule, then the samples' (here, not after training time has been spent)
         make_noise_schedule(pipe.scheduler_config)
     except (ValueError, NotImplementedError) as e:
@@ -314,6 +326,7 @@ def _build_model(cfg: TrainConfig, mesh):
                          mesh=mesh)
     step_cfg = S.StepConfig(prediction_type=prediction_type,
                             min_snr_gamma=cfg.min_snr_gamma, noise_offset=float(cfg.noise_offset),
+                            input_perturbation=float(cfg.input_perturbation),
                             caption_dropout=cfg.caption_dropout,
                             train_text_encoder=cfg.train_text_encoder, ema_decay=cfg.ema_decay,
                             compute_dtype=compute)

@@ -27,6 +27,7 @@ class StepConfig:
     prediction_type: str = "epsilon"        # or "v_prediction" (from the scheduler config)
     min_snr_gamma: float | None = None      # Min-SNR-gamma loss weighting (5.0 is the paper's choice)
     noise_offset: float = 0.0               # scale of a per-channel constant added to the noise (0: none)
+    input_perturbation: float = 0.0         # scale of extra noise in the UNet's input only (0: none)
     caption_dropout: float = 0.0            # probability of training on the empty caption (for guidance)
     train_text_encoder: bool = False
     ema_decay: float | None = None          # EMA of the trained weights; None: no EMA
@@ -129,8 +130,8 @@ def loss_fn(trainable: dict, frozen: Frozen, batch: dict, key, *, graphdefs: Gra
     """
     n = batch["input_ids"].shape[0]
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(n))  # one key per example
-    k_post, k_t, k_noise, k_drop, k_offset = (jax.vmap(lambda k, j=j: jax.random.fold_in(k, j))(keys)
-                                              for j in range(5))
+    k_post, k_t, k_noise, k_drop, k_offset, k_perturb = (jax.vmap(lambda k, j=j: jax.random.fold_in(k, j))(keys)
+                                                         for j in range(6))
     cast = lambda tree: jax.tree.map(lambda p: p.astype(cfg.compute_dtype), tree)  # noqa: E731
 
     if "latent_mean" in batch:  # the posterior cached ahead (fixed images, see Trainer.cache_latents)
@@ -159,7 +160,12 @@ def loss_fn(trainable: dict, frozen: Frozen, batch: dict, key, *, graphdefs: Gra
         # learn to change an image's mean brightness (diffusers' --noise_offset; the target is this noise)
         offset = jax.vmap(lambda k: jax.random.normal(k, (1, 1, latents.shape[-1]), F32))(k_offset)
         noise = noise + cfg.noise_offset * offset
-    noisy = add_noise(frozen.alphas_cumprod, latents, noise, t)
+    noised_with = noise
+    if cfg.input_perturbation:   # Ning et al. 2023 (diffusers' --input_perturbation): the input's noise is
+        # perturbed, the target is not, which reduces the exposure bias between training and sampling
+        extra = jax.vmap(lambda k: jax.random.normal(k, latents.shape[1:], F32))(k_perturb)
+        noised_with = noise + cfg.input_perturbation * extra
+    noisy = add_noise(frozen.alphas_cumprod, latents, noised_with, t)
     if cfg.prediction_type == "v_prediction":
         target = get_velocity(frozen.alphas_cumprod, latents, noise, t)
     else:
