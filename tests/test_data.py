@@ -440,6 +440,20 @@ def test_several_captions_per_image(tmp_path):
     assert "3 captions" in repr(ds)
 
 
+def test_the_images_shorter_sides_are_measured_as_seen(tmp_path, monkeypatch):
+    """Validation records each image's shorter side, for the warning about images that training
+    upscales; unvalidated data has none."""
+    root = tmp_path / "ds"
+    items = [(Image.new("RGB", (w, h), RED), f"{w}x{h}") for w, h in ((40, 30), (64, 64), (20, 90))]
+    write_captioned_folder(root, items)
+    ds = load_captioned_images(root)
+    assert ds.shorter_sides == [30, 64, 20]
+    assert ds.smaller_than(32) == [0, 2] and ds.smaller_than(20) == []
+    assert load_captioned_images(root, validate_images=False).smaller_than(32) == []
+    _fake_tfds(monkeypatch, _tfds_examples())
+    assert load_captioned_images("tfds:tiny_caps").shorter_sides == [30] * 4
+
+
 def test_the_fingerprint_of_one_caption_per_example_is_unchanged(folder):
     """Runs saved before examples could have several captions recorded this hash; they must resume."""
     import hashlib

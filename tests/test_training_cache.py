@@ -1,4 +1,6 @@
 """Caching the VAE posterior ahead gives the same training losses as encoding every step."""
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -68,13 +70,14 @@ def test_cache_needs_fixed_images():
 
 def test_each_epoch_trains_on_one_of_an_examples_captions(tiny_pipeline_dir, tmp_path, capsys):
     """An image with several captions (a metadata.jsonl list) trains on the caption its epoch draws,
-    with and without the latent cache; the tokens of every caption are looked up, not re-tokenized."""
+    with and without the latent cache; the tokens of every caption are looked up, not re-tokenized.
+    (The blue image is below the resolution: the run warns that it is upscaled.)"""
     from sdjax.text import tokenize
     from sdjax.training.data import iterate_batches, load_captioned_images
     root = tmp_path / "data"
     root.mkdir()
     Image.new("RGB", (36, 40), (220, 30, 30)).save(root / "red.png")
-    Image.new("RGB", (36, 40), (30, 30, 220)).save(root / "blue.png")
+    Image.new("RGB", (40, 30), (30, 30, 220)).save(root / "blue.png")
     (root / "metadata.jsonl").write_text('{"file_name": "red.png", "text": ["the red dog", "a red square", "red"]}\n'
                                          '{"file_name": "blue.png", "text": "the blue cat"}\n')
     dataset = load_captioned_images(root)
@@ -83,7 +86,10 @@ def test_each_epoch_trains_on_one_of_an_examples_captions(tiny_pipeline_dir, tmp
     for cache in (True, False):
         cfg = TrainConfig(model=str(tiny_pipeline_dir), train_data=str(root), output_dir=str(tmp_path / str(cache)),
                           resolution=32, batch_size=1, max_steps=3, cache_latents=cache)
-        trainer = Trainer.create(cfg, mesh=parallel.data_mesh(jax.devices()[:2]))
+        with pytest.warns(UserWarning, match=re.escape(
+                f"{root}: 1 of 2 images are smaller than --resolution 32 on their shorter side (blue.png 30 px): "
+                "they are upscaled")):
+            trainer = Trainer.create(cfg, mesh=parallel.data_mesh(jax.devices()[:2]))
         try:
             ids[cache] = [np.asarray(trainer.next_batch()["input_ids"])[0] for _ in range(8)]   # 8 epochs of 1 step
             tokenizer = trainer.pipe.tokenizer

@@ -208,14 +208,18 @@ class CaptionedImages(collections.abc.Sequence):
       caption_sets: per example, its captions (a tuple of one or more whitespace-stripped, non-empty
         texts).
       captions: per example, its first caption.
+      shorter_sides: per example, its image's shorter side in pixels, measured when the images were
+        validated; None where they were not.
       skipped: the `BadRow` s left out because of ``skip_bad_rows=True`` (empty otherwise).
     """
 
     def __init__(self, *, source: str, names: list[str], captions: list[str | tuple[str, ...]],
-                 open_image: Callable[[int, int | None], Image.Image], skipped: Iterable[BadRow] = ()):
+                 open_image: Callable[[int, int | None], Image.Image], skipped: Iterable[BadRow] = (),
+                 shorter_sides: list[int] | None = None):
         """``captions``: per example, a caption or a tuple of its captions."""
-        if len(names) != len(captions):
-            raise ValueError("names and captions differ in length")
+        if len(names) != len(captions) or (shorter_sides is not None and len(shorter_sides) != len(names)):
+            raise ValueError("names, captions and shorter_sides differ in length")
+        self.shorter_sides = None if shorter_sides is None else list(shorter_sides)
         self.source = source
         self.names = list(names)
         self.caption_sets = [(c,) if isinstance(c, str) else tuple(c) for c in captions]
@@ -259,6 +263,11 @@ class CaptionedImages(collections.abc.Sequence):
         for name, texts in zip(self.names, self.caption_sets):
             digest.update(name.encode() + b"\0" + "\x1f".join(texts).encode() + b"\0")
         return digest.hexdigest()[:16]
+
+    def smaller_than(self, resolution: int) -> list[int]:
+        """The examples whose image's shorter side is below ``resolution``: preprocessing upscales
+        them, so they train on blurred detail (empty when the images were not validated)."""
+        return [i for i, side in enumerate(self.shorter_sides or ()) if side < resolution]
 
     @property
     def num_captions(self) -> int:
@@ -310,7 +319,7 @@ def load_captioned_images(source: str | os.PathLike, *, image_key: str = "image"
 
 def _finish(source: str, where: str, names: list[str], captions: list[str],
             open_image: Callable[[int, int | None], Image.Image], bad: list[BadRow], total: int,
-            skip_bad_rows: bool) -> CaptionedImages:
+            skip_bad_rows: bool, shorter_sides: list[int] | None) -> CaptionedImages:
     """Raises for bad rows (unless skipping) or no usable rows; else builds the dataset."""
     bad = sorted(bad, key=lambda b: b.row)
     listing = "\n".join(f"  {b}" for b in bad)
@@ -324,7 +333,7 @@ def _finish(source: str, where: str, names: list[str], captions: list[str],
         warnings.warn(f"{where}: skipped {len(bad)} bad row{'s' * (len(bad) != 1)} of {total}:\n{listing}",
                       stacklevel=2)
     return CaptionedImages(source=source, names=names, captions=captions, open_image=open_image,
-                           skipped=bad)
+                           skipped=bad, shorter_sides=shorter_sides)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -509,12 +518,12 @@ def _path_problem(filename: str, base: str) -> str | None:
     return None
 
 
-def _check_image_file(path: Path) -> str | None:
+def _check_image_file(path: Path) -> tuple[str | None, int | None]:
+    """(None, the image's shorter side) for an image that decodes, else (the problem, None)."""
     try:
-        to_rgb(_open_image_file(path))
+        return None, min(to_rgb(_open_image_file(path)).size)
     except Exception as e:  # PIL raises many types: OSError, SyntaxError, DecompressionBombError...
-        return f"unreadable image ({type(e).__name__}: {e})"
-    return None
+        return f"unreadable image ({type(e).__name__}: {e})", None
 
 
 def _load_folder(root: Path, *, skip_bad_rows: bool, validate_images: bool,
@@ -568,16 +577,18 @@ def _load_folder(root: Path, *, skip_bad_rows: bool, validate_images: bool,
         else:
             rows.append((row, line, filename, caption, path))
 
+    sides = None
     if validate_images and rows:
         with concurrent.futures.ThreadPoolExecutor(num_workers) as pool:
-            problems = list(pool.map(_check_image_file, [r[4] for r in rows]))
+            checked = list(pool.map(_check_image_file, [r[4] for r in rows]))
         bad += [BadRow(row, filename, problem, line)
-                for (row, line, filename, _, _), problem in zip(rows, problems) if problem]
-        rows = [r for r, problem in zip(rows, problems) if not problem]
+                for (row, line, filename, _, _), (problem, _) in zip(rows, checked) if problem]
+        rows = [r for r, (problem, _) in zip(rows, checked) if not problem]
+        sides = [side for problem, side in checked if not problem]
 
     paths = [r[4] for r in rows]
     return _finish(str(root), str(table), [r[2] for r in rows], [r[3] for r in rows],
-                   lambda i, min_side: _open_image_file(paths[i], min_side), bad, total, skip_bad_rows)
+                   lambda i, min_side: _open_image_file(paths[i], min_side), bad, total, skip_bad_rows, sides)
 
 
 def write_captioned_folder(path: str | os.PathLike,
@@ -753,24 +764,24 @@ def _load_tfds(source: str, *, image_key: str, caption_key: str,
             except KeyError as e:
                 raise DataError(f"{where}: {e.args[0]}; name the features with --image-key / --caption-key") from e
 
-    def check(index: int) -> tuple[str | None, str | None]:
-        """(caption, None) or (None, reason) for one example."""
+    def check(index: int) -> tuple[tuple[str, ...] | None, int | None, str | None]:
+        """(captions, the image's shorter side or None unvalidated, None) or (None, None, reason)."""
         try:
             example = read(index)
             caption = _caption_texts(_feature(example, caption_key))
-            if validate_images:
-                to_rgb(_image_from_value(_feature(example, image_key)))
+            side = min(to_rgb(_image_from_value(_feature(example, image_key))).size) if validate_images else None
         except Exception as e:
-            return None, f"{type(e).__name__}: {e}"
-        return (caption, None) if caption else (None, "empty caption")
+            return None, None, f"{type(e).__name__}: {e}"
+        return (caption, side, None) if caption else (None, None, "empty caption")
 
     with concurrent.futures.ThreadPoolExecutor(num_workers) as pool:
         results = list(pool.map(check, range(count)))
-    indices, captions, bad = [], [], []
-    for index, (caption, reason) in enumerate(results):
+    indices, captions, sides, bad = [], [], [], []
+    for index, (caption, side, reason) in enumerate(results):
         if reason is None:
             indices.append(index)
             captions.append(caption)
+            sides.append(side)
         else:
             bad.append(BadRow(index, f"{split}[{index}]", reason))
 
@@ -778,7 +789,7 @@ def _load_tfds(source: str, *, image_key: str, caption_key: str,
         return _image_from_value(_feature(read(indices[i]), image_key), min_side)
 
     return _finish(source, where, [f"{split}[{i}]" for i in indices], captions, open_image, bad,
-                   count, skip_bad_rows)
+                   count, skip_bad_rows, sides if validate_images else None)
 
 
 # ----------------------------------------------------------------------------------------------

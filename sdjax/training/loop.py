@@ -574,6 +574,13 @@ class Trainer:
                   + (f" ({count(len(dataset.skipped), 'bad row')} skipped)" if dataset.skipped else "")
                   + (f"; {count(len(long), 'caption')} over {pipe.tokenizer.model_max_length} tokens, cut to the "
                      f"first {pipe.tokenizer.model_max_length} (CLIP's window)" if long else ""))
+            small = dataset.smaller_than(cfg.resolution)
+            if small:
+                examples = ", ".join(f"{dataset.names[i]} {dataset.shorter_sides[i]} px" for i in small[:3])
+                warnings.warn(f"{cfg.train_data}: {len(small)} of {count(len(dataset), 'image')} are smaller than "
+                              f"--resolution {cfg.resolution} on their shorter side ({examples}"
+                              f"{', ...' if len(small) > 3 else ''}): they are upscaled, so they teach blurred "
+                              "detail; lower --resolution, or leave them out", stacklevel=2)
         frozen = S.Frozen(vae=_pure(pipe.vae),
                           text_encoder=None if cfg.train_text_encoder else _pure(pipe.text_encoder),
                           alphas_cumprod=jnp.asarray(make_noise_schedule(pipe.scheduler_config)),
