@@ -103,7 +103,7 @@ def _main(argv=None) -> int:
                 trainer.close()
             return 0
         try:
-            final = train(cfg, stop=STOP)
+            final = train(cfg, stop=STOP, resume_step=getattr(args, "resume_step", None))
         except Stopped as e:   # SIGTERM (a preemption) during training: the step in flight was saved
             print(f"\ntrain.py: terminated (SIGTERM) after saving step {e.step}; {how_to_resume(cfg)}",
                   file=sys.stderr)

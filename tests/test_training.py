@@ -1250,6 +1250,42 @@ def test_resume_from_moved_data_says_to_pass_its_new_place(full_run):
         Trainer.create(cfg)
 
 
+def test_resume_step_falls_back_to_an_earlier_checkpoint(full_run, tmp_path):
+    """--resume-step 2 on a run with checkpoints 2 and 3: it resumes at step 2 (weights, data position
+    and metrics), and checkpoint 3 is moved aside, not deleted (to 3-2 where an earlier fallback left
+    a 3). Nothing is moved when the arguments are wrong. No step is compiled."""
+    out = tmp_path / "run"
+    shutil.copytree(full_run["out"], out)
+    assert complete_steps(out) == [2, 3]
+    _, args = parse_args(["--output-dir", str(out), "--resume-step", "2"])
+    cfg = TrainConfig.from_run(out)
+    assert args.resume_step == 2 and cfg.resume
+    for argv, message in ((["--resume-step", "2", "--export"], "--resume-step 2: not with --export"),
+                          (["--resume-step", "2", "--no-resume"], "--resume-step 2: resumes the run; not with "
+                                                                   "--no-resume")):
+        with pytest.raises(UsageError, match=re.escape(message)):
+            parse_args(["--output-dir", str(out), *argv])
+    with pytest.raises(UsageError, match=re.escape(f"--resume-step 1: no checkpoint 1 in {out / 'checkpoints'} "
+                                                   "(it has 2, 3)")):
+        Trainer.create(cfg, resume_step=1)
+    with pytest.raises(UsageError, match="--resume-step 2: only with --resume"):
+        Trainer.create(dataclasses.replace(cfg, resume=False), resume_step=2)
+    assert complete_steps(out) == [2, 3]
+    (out / "abandoned_checkpoints" / "3").mkdir(parents=True)
+    trainer = Trainer.create(cfg, resume_step=2)
+    try:
+        assert int(trainer.state.step) == 2 and trainer.data.step == 2
+        expected = saved_state(full_run["out"], 2)["params"]
+        assert max_diff(jax.device_get(trainer.state.params), expected) == 0
+    finally:
+        trainer.close()
+    assert complete_steps(out) == [2]
+    assert sorted(p.name for p in (out / "abandoned_checkpoints").iterdir()) == ["3", "3-2"]
+    assert [row["step"] for row in metrics(out)] == [1, 2]
+    with pytest.raises(UsageError, match=r"--resume-step 3: no checkpoint 3 in .* \(it has 2\)"):
+        Trainer.create(cfg, resume_step=3)
+
+
 def test_a_checkpoint_folder_as_a_model_says_how_to_export_it(full_run):
     from sdjax import StableDiffusion
     from sdjax.weights import CheckpointError

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 from sdjax.cli_utils import (COMPILATION_CACHE_HELP, OneLineErrorParser, UsageError, parse_seeds, read_yaml_mapping,
                              resolve_config_path, setting_name)
-from sdjax.training.loop import RUN_CONFIG_FILE, TrainConfig, recorded_settings
+from sdjax.training.loop import RUN_CONFIG_FILE, SET_ASIDE_DIR, TrainConfig, recorded_settings
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "train"  # sample.py presets sit one level up
 
@@ -156,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--export", action="store_true",
                         help="only export OUTPUT_DIR/final from the latest checkpoint (or --export-step)")
     parser.add_argument("--export-step", type=int, help="checkpoint step to export")
+    parser.add_argument("--resume-step", type=int,
+                        help="resume from this checkpoint instead of the latest (e.g. one from before a divergence; "
+                             f"implies --resume): the later ones are moved to OUTPUT_DIR/{SET_ASIDE_DIR}/")
     parser.add_argument("--compilation-cache", metavar="DIR",
                         help=COMPILATION_CACHE_HELP + ": a resumed run (after a preemption) loads the compiled "
                              "train step instead of compiling it again")
@@ -194,6 +197,13 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, argparse
     if getattr(args, "export_step", None) is not None and not export:
         raise UsageError(f"--export-step {args.export_step}: only with --export (which exports that checkpoint "
                          "instead of training)")
+    if getattr(args, "resume_step", None) is not None:
+        if export:
+            raise UsageError(f"--resume-step {args.resume_step}: not with --export (--export-step picks the "
+                             "checkpoint to export)")
+        if given.get("resume") is False:
+            raise UsageError(f"--resume-step {args.resume_step}: resumes the run; not with --no-resume")
+        given["resume"] = True
     resume = given.get("resume", preset.get("resume"))
     missing_record = None   # why --resume/--export found no run in OUTPUT_DIR
     if resume or export:

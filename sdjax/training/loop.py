@@ -41,6 +41,7 @@ from sdjax.weights import abstract_model
 
 
 RUN_CONFIG_FILE = "train_config.json"   # in the output folder: the settings a run was started with
+SET_ASIDE_DIR = "abandoned_checkpoints"  # in the output folder: the checkpoints after a resume_step
 MIXED_PRECISIONS = ("no", "bf16")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 EXPORT_FORMATS = ("both", "pytorch", "flax")
@@ -447,6 +448,33 @@ def _check_processes_loaded_the_same_data(dataset, error: DataError | None, sour
                         "host needs the same copy of the data")
 
 
+def _set_aside_checkpoints_after(out: Path, step: int, existing: list[int]) -> list[Path]:
+    """Move the checkpoints after ``step`` to ``OUTPUT_DIR/abandoned_checkpoints/STEP`` (``STEP-2``...
+    where a folder of that name is there from an earlier fallback): a resume takes the newest
+    checkpoint, and Orbax would save no step below them. Process 0 moves them; every process waits
+    for it, and all raise its error. Returns where they went (on process 0)."""
+    moved, error = [], None
+    later = [s for s in existing if s > step]
+    if later and jax.process_index() == 0:
+        aside = out / SET_ASIDE_DIR
+        try:
+            aside.mkdir(exist_ok=True)
+            for s in later:
+                target, n = aside / str(s), 2
+                while target.exists():
+                    target, n = aside / f"{s}-{n}", n + 1
+                os.replace(out / "checkpoints" / str(s), target)   # a rename: the same file system
+                moved.append(target)
+        except OSError as e:
+            error = UsageError(f"--resume-step {step}: cannot move the later checkpoints to {aside}: {e}")
+    failed = parallel.processes_that_failed(error is None)
+    if error is not None:
+        raise error
+    if failed:
+        raise UsageError(f"--resume-step {step}: process 0 could not move the later checkpoints (its log says why)")
+    return moved
+
+
 def _check_processes_share_the_output_dir(out: Path, *, create: bool) -> None:
     """Multi-host runs need one output folder that every host sees: Orbax writes a checkpoint from
     every process and commits it from process 0, and a resume or an export must find the same steps
@@ -512,12 +540,16 @@ class Trainer:
     caption_starts: np.ndarray | None = None
 
     @classmethod
-    def create(cls, cfg: TrainConfig, *, mesh=None) -> "Trainer":
+    def create(cls, cfg: TrainConfig, *, mesh=None, resume_step: int | None = None) -> "Trainer":
         """A run ready to train: a fresh one, or with ``cfg.resume`` the one whose checkpoints are
         in ``OUTPUT_DIR/checkpoints`` (from its latest). Raises UsageError, before anything in the
         output folder is touched, for a fresh run in a folder that has checkpoints: its own would
         never be saved (Orbax skips a step not above the newest) and a later resume or export
-        would take the old run's weights."""
+        would take the old run's weights.
+
+        ``resume_step`` (with ``cfg.resume``): resume from that checkpoint instead, e.g. one from
+        before a divergence. The later checkpoints are moved, once everything has loaded, to
+        ``OUTPUT_DIR/abandoned_checkpoints/`` (nothing is deleted), and the metrics after it dropped."""
         out = Path(cfg.output_dir)
         try:
             cfg.validate()
@@ -531,6 +563,11 @@ class Trainer:
         main = jax.process_index() == 0
         _check_processes_share_the_output_dir(out, create=True)
         existing = checkpoint_steps(out / "checkpoints")
+        if resume_step is not None and (not cfg.resume or resume_step not in existing):
+            raise UsageError(f"--resume-step {resume_step}: " + (
+                "only with --resume" if not cfg.resume else
+                f"no checkpoint {resume_step} in {out / 'checkpoints'} (it has "
+                f"{', '.join(map(str, existing)) or 'none'})"))
         if existing and not cfg.resume:
             raise UsageError(f"{out / 'checkpoints'} has checkpoints up to step {existing[-1]}: pass --resume to "
                              "continue that run, or choose another --output-dir")
@@ -593,6 +630,7 @@ class Trainer:
                              process_index=jax.process_index(), process_count=jax.process_count(), seed=cfg.seed,
                              center_crop=cfg.center_crop, random_flip=cfg.random_flip,
                              micro_batches=cfg.gradient_accumulation)
+        set_aside = _set_aside_checkpoints_after(out, resume_step, existing) if resume_step is not None else []
         checkpoints, log = Checkpointer(out / "checkpoints", max_to_keep=cfg.keep_checkpoints), None
         try:   # on any failure from here on, the loader threads and Orbax's manager are closed
             resumed = None
@@ -605,7 +643,9 @@ class Trainer:
                                      "--export --export-step N")
                 data.restore(position)
                 if main:
-                    print(f"resumed from {checkpoints.directory} at step {resumed}")
+                    print(f"resumed from {checkpoints.directory} at step {resumed}"
+                          + (f"; the later checkpoints moved to {set_aside[0].parent}: "
+                             + ", ".join(p.name for p in set_aside) if set_aside else ""))
             elif cfg.resume and main:
                 print(f"--resume: no checkpoint in {checkpoints.directory} yet, starting from step 0")
             if main:
@@ -806,8 +846,8 @@ class Trainer:
         saved = [self.checkpoints.directory / str(k) for k in sorted(self.checkpoints.all_steps())]
         if len(saved) > 1:
             return (f"The newest checkpoint is {saved[-1]} (finite, but its weights may be diverging). Lower "
-                    f"--learning-rate and --resume; if that diverges again, delete {saved[-1]} to resume from "
-                    f"{saved[-2]}.")
+                    f"--learning-rate and --resume; if that diverges again, resume from the one before with "
+                    f"--resume-step {saved[-2].name}.")
         if saved:
             return (f"The only checkpoint is {saved[0]} (finite, but its weights may be diverging). Lower "
                     "--learning-rate and --resume; if that diverges again, start a new run with a lower "
@@ -900,10 +940,12 @@ class Trainer:
             self.data.close()
 
 
-def train(cfg: TrainConfig, *, progress: bool = True, stop: StopRequest | None = None) -> Path:
+def train(cfg: TrainConfig, *, progress: bool = True, stop: StopRequest | None = None,
+          resume_step: int | None = None) -> Path:
     """Run a whole fine-tune: train, write samples, export ``final/``. Returns the export folder.
-    ``stop``: see `Trainer.run` (a requested stop raises `Stopped` after a checkpoint)."""
-    trainer = Trainer.create(cfg)
+    ``stop``: see `Trainer.run` (a requested stop raises `Stopped` after a checkpoint);
+    ``resume_step``: see `Trainer.create`."""
+    trainer = Trainer.create(cfg, resume_step=resume_step)
     try:
         trainer.run(progress=progress, stop=stop)
         final = trainer.export()   # before the samples: a failure there must not cost the export
