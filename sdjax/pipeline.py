@@ -368,7 +368,7 @@ class StableDiffusion:
             if not has_variant and len(has_plain) == len(loaded):
                 raise CheckpointError(f"{path_or_repo_id}: no part has {variant!r} variant weights (such as unet/"
                                       f"{with_variant('diffusion_pytorch_model.safetensors', variant)}): leave out "
-                                      "variant= (sample.py --variant) to load its weights")
+                                      "variant= (sample.py / train.py --variant) to load its weights")
             if has_variant:   # as diffusers: the parts that have no such variant load their plain weights
                 variants.update({part: None for part in has_plain if part not in has_variant})
         kw = dict(revision=revision, dtype=dtype, format=format)

@@ -568,7 +568,7 @@ def weight_file(model_dir: Path, model_cls, *, prefer: str | None = None, varian
         name)) and m[1] != "index"})
     hint = f"; the folder has {', '.join(found)}" if found else " (Flax-only weights load with format='flax')"
     if variants and variant not in variants:
-        hint += f" (load a variant with variant={variants[0]!r}, sample.py --variant {variants[0]})"
+        hint += f" (load a variant with variant={variants[0]!r}, sample.py / train.py --variant {variants[0]})"
     raise CheckpointError(f"{model_dir}: no weights file; expected one of {', '.join(candidates)}{hint}")
 
 

@@ -262,6 +262,10 @@ def reference_run(tmp_path_factory, pipeline_dir, data_dir):
                 whole_params=whole_params)
 
 
+def _pure(module) -> dict:
+    return nnx.to_pure_dict(nnx.state(module, nnx.Param))
+
+
 def _is_array(x) -> bool:
     return isinstance(x, jax.Array)
 
@@ -1739,6 +1743,48 @@ def test_gradient_checkpointing_on_the_cpu_warns_that_it_saves_nothing(pipeline_
     with pytest.warns(UserWarning, match="gradient_checkpointing saves no memory on the CPU"):
         with pytest.raises(DataError, match="training data folder not found"):
             Trainer.create(cfg)
+
+
+def test_training_with_another_vae_from_a_weights_variant(pipeline_dir, data_dir, tmp_path):
+    """--variant fp16 loads a folder's .fp16.safetensors (upcast: fp32 master weights) and --vae
+    replaces the model's VAE (a diffusers VAE folder): training encodes with it, and final/ holds it.
+    Both are recorded for the resume and the export. No step is compiled: step 0 is exported."""
+    import reference as R
+    from safetensors.numpy import save_file
+    from sdjax import AutoencoderKL, StableDiffusion
+    from sdjax.weights import CheckpointError
+    model = tmp_path / "fp16-only"
+    shutil.copytree(pipeline_dir, model)
+    for weights in [*model.glob("*/*.safetensors"), *model.glob("*/*.msgpack")]:
+        if weights.suffix == ".safetensors":
+            save_file({k: v.astype(np.float16) for k, v in load_file(weights).items()},
+                      weights.with_name(weights.stem + ".fp16.safetensors"))
+        weights.unlink()
+    other_vae = tmp_path / "other-vae"
+    R.torch_vae(R.TINY_VAE, seed=1).save_pretrained(other_vae)
+    out = tmp_path / "run"
+    with pytest.raises(CheckpointError):
+        Trainer.create(config(out, model, data_dir))   # only variant files: named with --variant
+    trainer = Trainer.create(config(out, model, data_dir, variant="fp16", vae=other_vae, max_steps=1))
+    try:
+        original = StableDiffusion.from_pretrained(pipeline_dir)
+        rounded = jax.tree.map(lambda a: np.asarray(a).astype(np.float16).astype(np.float32), _pure(original.unet))
+        unet = trainer.state.params["unet"]
+        assert all(a.dtype == np.float32 for a in jax.tree.leaves(unet)) and max_diff(unet, rounded) == 0
+        assert max_diff(unet, _pure(original.unet)) > 0                    # the fp16 files were read
+        vae = _pure(AutoencoderKL.from_pretrained(other_vae))
+        assert max_diff(trainer.frozen.vae, vae) == 0                      # the training images' encoder
+        trainer.save_checkpoint()
+    finally:
+        trainer.close()
+    recorded = json.loads((out / "train_config.json").read_text())
+    assert (recorded["variant"], recorded["vae"]) == ("fp16", str(other_vae))
+    exporter = Trainer.for_export(TrainConfig.from_run(out))
+    try:
+        final = exporter.export()
+    finally:
+        exporter.close()
+    assert max_diff(_pure(AutoencoderKL.from_pretrained(final / "vae")), vae) == 0
 
 
 def test_another_prediction_type_is_trained_and_exported(pipeline_dir, data_dir, tmp_path):

@@ -59,6 +59,8 @@ class TrainConfig:
     """Every setting of a fine-tuning run (``train.py`` flags and ``configs/*.yaml`` keys)."""
     model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # Hub id, pipeline folder or single file
     model_config: str | None = None    # a single-file model's configs and tokenizer (default: SD v1.5's)
+    vae: str | None = None             # a VAE in place of the model's own (file, folder or Hub repo id)
+    variant: str | None = None         # load a pipeline folder's variant weight files, e.g. "fp16"
     train_data: str = ""               # folder with train_images/ + image_captions.csv, or tfds:NAME[/CONFIG]
     output_dir: str = "finetune"
     resolution: int = 512
@@ -103,7 +105,7 @@ class TrainConfig:
     spike_factor: float = 3.0
 
     def __post_init__(self):
-        for name in ("model", "model_config", "train_data"):   # a Path is a path's text
+        for name in ("model", "model_config", "vae", "train_data"):   # a Path is a path's text
             if isinstance(getattr(self, name), os.PathLike):
                 setattr(self, name, os.fspath(getattr(self, name)))
         for name in ("output_dir", "tfds_data_dir"):   # "~/run" is a folder in $HOME, not ./~/run
@@ -137,7 +139,7 @@ class TrainConfig:
                 raise bad(field.name, "must be a list")
         if not all(isinstance(p, str) for p in self.validation_prompts):
             raise bad("validation_prompts", "must be a list of prompts (text)")
-        problem = model_options_problem(self.model, self.model_config, None) or attention_setting_problem()
+        problem = model_options_problem(self.model, self.model_config, self.variant) or attention_setting_problem()
         if problem:
             raise ValueError(problem)
         if need_data and not self.train_data:
@@ -292,7 +294,9 @@ def _pure(module) -> dict:
 
 def _build_model(cfg: TrainConfig, mesh):
     """(pipeline, graphdefs, step config, optimizer, lr schedule, initial state on the mesh)."""
-    pipe = load_pipeline(cfg.model, model_config=cfg.model_config, dtype=jnp.float32, mesh=mesh)
+    # fp32 whatever the files hold (a variant="fp16" is upcast): the master weights of training
+    pipe = load_pipeline(cfg.model, model_config=cfg.model_config, variant=cfg.variant, vae=cfg.vae,
+                         dtype=jnp.float32, mesh=mesh)
     prediction_type = pipe.scheduler_config.get("prediction_type", "epsilon")
     if cfg.prediction_type not in (None, prediction_type):
         # The pipeline's scheduler config says what the weights now predict: the samples, the
@@ -369,7 +373,7 @@ def _record(cfg: TrainConfig) -> dict[str, Any]:
     def absolute(path: str) -> str:
         return os.path.abspath(os.path.expanduser(path))
     record = dataclasses.asdict(cfg)
-    for name in ("model", "model_config"):
+    for name in ("model", "model_config", "vae"):
         if getattr(cfg, name) and Path(getattr(cfg, name)).expanduser().exists():   # else a Hub repo id
             record[name] = absolute(getattr(cfg, name))
     if cfg.train_data and not cfg.train_data.startswith("tfds:"):
