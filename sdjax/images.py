@@ -234,6 +234,18 @@ def umask() -> int:
     return mask
 
 
+def _naming(error: Exception, path: Path) -> Exception:
+    """A write's error as one that names the file: a full disk is ``OSError(28, 'No space left on
+    device')`` from Python's writes, and a ``SafetensorError`` carrying "(os error 28)" from the
+    safetensors writer; both become an OSError naming ``path``. Other errors stay as they are."""
+    code = error.errno if isinstance(error, OSError) else None
+    if code is None and (found := re.search(r"\(os error (\d+)\)", str(error))):
+        code = int(found[1])
+    if code is None or (isinstance(error, OSError) and error.filename is not None):
+        return error
+    return OSError(code, f"{os.strerror(code)} (writing {path})")
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Call ``write(temp_path)`` for a temp file next to ``path``, then rename it into place, so a
     crash or an error never leaves a partial file under the final name. The file gets the usual
@@ -251,7 +263,10 @@ def atomic_write_all(files: list[tuple[str | os.PathLike, Callable[[Path], None]
         for path, write in files:
             path = Path(path)
             done.append((path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp"), path))
-            write(done[-1][0])
+            try:
+                write(done[-1][0])
+            except Exception as e:
+                raise _naming(e, path) from e
             os.chmod(done[-1][0], 0o666 & ~umask())
         for tmp, path in done:
             os.replace(tmp, path)

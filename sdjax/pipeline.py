@@ -419,11 +419,13 @@ class StableDiffusion:
                              vae=self.vae, scheduler_config=self.scheduler_config, format=format, dtype=dtype,
                              overwrite=overwrite)
 
-    def save_single_file(self, file, *, dtype=None) -> Path:
+    def save_single_file(self, file, *, dtype=None, overwrite: bool = False) -> Path:
         """Write the three models as one ``.safetensors`` file in the original Stable Diffusion
         layout, which AUTOMATIC1111, ComfyUI and diffusers' ``from_single_file`` load. ``dtype``
-        casts the weights (``"float16"`` halves the file; default: as held)."""
-        return save_single_file(file, text_encoder=self.text_encoder, unet=self.unet, vae=self.vae, dtype=dtype)
+        casts the weights (``"float16"`` halves the file; default: as held). An existing file is
+        refused unless ``overwrite=True`` (through a symlink, its target is replaced)."""
+        return save_single_file(file, text_encoder=self.text_encoder, unet=self.unet, vae=self.vae, dtype=dtype,
+                                overwrite=overwrite)
 
     @property
     def vae_scale(self) -> int:

@@ -139,6 +139,12 @@ def _what_else(path: Path) -> str | None:
                 "(or download the file itself)")
     if head.lstrip()[:1] == b"<" and (b"<html" in head.lower() or b"<!doctype" in head.lower()):
         return "an HTML page, not the weights: a download that saved a web page? Use the file's download link"
+    torch_file = head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"   # torch.save: a zip, or an old pickle
+    if path.suffix == ".safetensors" and torch_file:
+        return "a PyTorch checkpoint (torch.save) named .safetensors: rename it to .ckpt"
+    if path.suffix != ".safetensors" and len(head) > 9 and head[8:10] == b'{"' and \
+            int.from_bytes(head[:8], "little") < path.stat().st_size:
+        return f"a safetensors file named {path.suffix}: rename it to .safetensors"
     return None
 
 
@@ -172,8 +178,9 @@ def safetensors_keys(path: Path) -> list[str]:
         return list(_safetensors_header(f, path, path.stat().st_size)[0])
 
 
-def _read_safetensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
-    """Read a safetensors file tensor by tensor with plain reads, in file order.
+def _read_safetensors(path: Path, wanted: Callable[[str], bool] | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """Read a safetensors file tensor by tensor with plain reads, in file order; with ``wanted``,
+    only the keys it accepts (the others are not read: a single file's EMA copy, 3.4 GB).
 
     Not ``safe_open``: it memory-maps the file, and the mapped pages it touches count as the
     process's resident memory until the file is closed, so loading the 3.4 GB UNet that way
@@ -199,6 +206,8 @@ def _read_safetensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
             if end - start != math.prod(shape) * dtype.itemsize or data_start + end > size:
                 raise _safetensors_corrupt(path, f"key {key!r}: byte range [{start}, {end}) does not fit shape "
                                            f"{shape} {dtype_name} in a file of {size} bytes (truncated?)")
+            if wanted is not None and not wanted(key):
+                continue
             array = np.empty(shape, dtype)
             f.seek(data_start + start)
             if f.readinto(array.reshape(-1).view(np.uint8)) != array.nbytes:
@@ -225,7 +234,8 @@ def _read_torch_bin(path: Path, check_keys: Callable[[list[str]], None] | None =
                 f"{path}: holds Python objects besides tensors ({found[1]}), which sdjax does not unpickle. If you "
                 "trust the file, convert it to safetensors: python -c \"import sys, torch; from safetensors.torch "
                 "import save_file; sd = torch.load(sys.argv[1], weights_only=False); sd = sd.get('state_dict', sd); "
-                "save_file({k: v.contiguous() for k, v in sd.items() if isinstance(v, torch.Tensor)}, sys.argv[2])\" "
+                "save_file({k: v.contiguous().clone() for k, v in sd.items() if isinstance(v, torch.Tensor)}, "
+                "sys.argv[2])\" "
                 "IN.ckpt OUT.safetensors") from e
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({e})") from e
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
@@ -740,7 +750,9 @@ def save_pipeline(directory: str | os.PathLike, *, text_encoder, tokenizer, unet
 
     The folder is assembled under a temporary name and renamed into place at the end, so an
     interrupted save never leaves a half-written pipeline; ``overwrite=True`` replaces an existing
-    folder whole (put back if the save is interrupted before the new one is in place).
+    folder whole (put back if the save is interrupted before the new one is in place). An existing
+    empty folder (a mount point, a folder made for you in one you cannot write) is filled from a
+    temporary folder inside it instead, ``model_index.json`` last.
     """
     import shutil
     import tempfile
@@ -754,9 +766,11 @@ def save_pipeline(directory: str | os.PathLike, *, text_encoder, tokenizer, unet
     if directory.exists() and not overwrite and any(directory.iterdir()):
         raise FileExistsError(f"{directory} exists and is not empty (pass overwrite=True to replace it)")
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    fill_in_place = directory.is_dir() and not any(directory.iterdir())
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory if fill_in_place else directory.parent))
     old = None  # where an existing folder is moved aside while the new one is renamed into place
     replaced = False
+    moved: list[Path] = []   # filling in place: what is already in the folder
     try:
         os.chmod(tmp, 0o777 & ~umask())  # mkdtemp's 0700 would keep the folder from other users
         flax_names = format == "flax"
@@ -777,6 +791,12 @@ def save_pipeline(directory: str | os.PathLike, *, text_encoder, tokenizer, unet
         for part, model in (("text_encoder", text_encoder), ("unet", unet), ("vae", vae)):
             save_pretrained(model, tmp / part, format=format, dtype=dtype)
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        if fill_in_place:   # model_index.json last: until it is there, the folder is no pipeline
+            for child in sorted(tmp.iterdir(), key=lambda child: child.name == "model_index.json"):
+                os.replace(child, directory / child.name)
+                moved.append(directory / child.name)
+            tmp.rmdir()
+            return directory
         if directory.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
             os.replace(directory, old)  # onto the empty folder just made
@@ -784,6 +804,11 @@ def save_pipeline(directory: str | os.PathLike, *, text_encoder, tokenizer, unet
         replaced = True
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for path in moved:   # the folder was empty: leave it so
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
         if old is not None and not replaced:
             if not directory.exists():
                 os.replace(old, directory)  # interrupted between the two renames: put the old folder back
@@ -1008,15 +1033,24 @@ def load_single_file(file: str | os.PathLike, configs: dict[str, Any], *, dtype=
     weight of it; otherwise a `CheckpointError` names the file, the keys and the shapes.
     """
     file = check_single_file(file)
-    tensors = (_read_safetensors(file) if file.suffix == ".safetensors"
-               else _read_torch_bin(file, lambda keys: _check_single_file_keys(file, keys)))
     prefixes = {part: prefix for part, (_, prefix) in SINGLE_FILE_PARTS.items() if part in configs}
+    wanted = _weight_prefixes(prefixes)
+    tensors = (_read_safetensors(file, wanted=lambda key: key.startswith(wanted))
+               if file.suffix == ".safetensors"
+               else _read_torch_bin(file, lambda keys: _check_single_file_keys(file, keys)))
     return _load_original_layout(file, tensors, configs, prefixes, dtype)
 
 
 # The modules of an LDM VAE (its keys after first_stage_model.); a file's other VAE keys are training
 # leftovers (loss.*: the LPIPS and discriminator of its training loss), skipped as diffusers does.
 _LDM_VAE_MODULES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
+
+
+def _weight_prefixes(prefixes: dict[str, str]) -> tuple[str, ...]:
+    """The key prefixes of the weights of ``prefixes``' parts (part -> its prefix in the file): a
+    VAE's are its modules', not its training loss's."""
+    return tuple(start for part, prefix in prefixes.items()
+                 for start in ([prefix + module for module in _LDM_VAE_MODULES] if part == "vae" else [prefix]))
 
 
 def _load_original_layout(file: Path, tensors: Iterator[tuple[str, np.ndarray]], configs: dict[str, Any],
@@ -1059,12 +1093,15 @@ def load_vae_file(file: str | os.PathLike, config: VAEConfig, *, dtype=jnp.float
     (``diffusion_pytorch_model.safetensors``). A file holds no config: ``config`` (the
     pipeline's VAE config) gives the architecture. A PyTorch file is read with ``weights_only=True``."""
     file = _weights_file(file, "VAE file", "VAE file", "a VAE folder loads with AutoencoderKL.from_pretrained")
-    if file.suffix == ".safetensors":
-        keys, tensors = safetensors_keys(file), _read_safetensors(file)
+    checkpoint_prefix = SINGLE_FILE_PARTS["vae"][1]
+    if file.suffix == ".safetensors":   # of a whole checkpoint, only its VAE's keys are read
+        keys = safetensors_keys(file)
+        whole = any(k.startswith(checkpoint_prefix) for k in keys)
+        vae_keys = _weight_prefixes({"vae": checkpoint_prefix})
+        tensors = _read_safetensors(file, wanted=(lambda key: key.startswith(vae_keys)) if whole else None)
     else:  # a VAE is small (335 MB in fp32): read whole, its names decide the layout
         state = dict(_read_torch_bin(file))
         keys, tensors = list(state), ((k, state.pop(k)) for k in list(state))
-    checkpoint_prefix = SINGLE_FILE_PARTS["vae"][1]
     if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in keys):   # diffusers' names
         fill = _StrictFill(AutoencoderKL, config, file, resolve_dtype(dtype))
         _place_torch_names(fill, VAE, tensors)   # the tensors already read, not the file again
@@ -1089,15 +1126,22 @@ def single_file_tensor(part: str, path: tuple, array: np.ndarray, config) -> tup
     return single_file_key(part, torch_key(path), config), array
 
 
-def save_single_file(file: str | os.PathLike, *, text_encoder, unet, vae, dtype=None) -> Path:
+def save_single_file(file: str | os.PathLike, *, text_encoder, unet, vae, dtype=None,
+                     overwrite: bool = False) -> Path:
     """Write the three models as one original-layout ``.safetensors`` file (what AUTOMATIC1111,
     ComfyUI and diffusers' ``from_single_file`` load). ``dtype`` casts the weights (e.g.
     ``"float16"``, the usual for such files; default: as held). Written to a temporary name and
-    renamed into place."""
+    renamed into place. An existing file is refused unless ``overwrite=True``; a symlink's target
+    is what is replaced (the link stays)."""
     from safetensors.numpy import save_file
     file = Path(file).expanduser()
     if file.suffix != ".safetensors":
         raise ValueError(f"{file}: a single file is written as .safetensors")
+    file = file.resolve()   # a models/ folder of links (a web UI's): write where the link points
+    if file.is_dir():
+        raise IsADirectoryError(f"{file} is a folder; a single file is written as FILE.safetensors")
+    if file.exists() and not overwrite:
+        raise FileExistsError(f"{file} exists (pass overwrite=True to replace it)")
     tensors = {}
     for part, model in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
         for path, array in _numpy_params(model, dtype).items():

@@ -124,6 +124,56 @@ def test_ckpt_with_ema_copies_and_schedule_buffers(pipe, single_file, tmp_path, 
         assert_same_params(models[part], getattr(pipe, part))
 
 
+def test_an_existing_file_is_replaced_only_when_asked_and_through_its_link(pipe, tmp_path):
+    """A web UI's models/ folder of links: the file the link points to is replaced (with
+    overwrite=True), the link stays. Without overwrite=True an existing file is refused."""
+    real = pipe.save_single_file(tmp_path / "disk" / "model.safetensors")
+    (tmp_path / "models").mkdir()
+    link = tmp_path / "models" / "model.safetensors"
+    link.symlink_to(real)
+    with pytest.raises(FileExistsError, match=re.escape(f"{real} exists (pass overwrite=True to replace it)")):
+        pipe.save_single_file(link, dtype="float16")
+    assert {v.dtype for v in load_file(str(real)).values()} == {np.dtype(np.float32)}
+    assert pipe.save_single_file(link, dtype="float16", overwrite=True) == real
+    assert link.is_symlink() and {v.dtype for v in load_file(str(link)).values()} == {np.dtype(np.float16)}
+
+
+def test_keys_outside_the_models_are_not_read(pipe, single_file, tmp_path, monkeypatch):
+    """A file's EMA copy (3.4 GB in v1-5-pruned.safetensors) is skipped without being read: here a
+    tensor of a shape no weight has is never allocated, from a whole file or as a VAE."""
+    from sdjax import weights
+    from sdjax.pipeline import load_vae
+    state = load_file(str(single_file))
+    state["model_ema.big"] = np.zeros((7, 11, 13), np.float32)
+    state["first_stage_model.loss.logvar"] = np.zeros((7, 11, 13), np.float32)
+    path = tmp_path / "with-ema.safetensors"
+    save_file(state, str(path))
+    real_empty, shapes = np.empty, []
+
+    def recording_empty(shape, *args, **kwargs):
+        shapes.append(tuple(shape))
+        return real_empty(shape, *args, **kwargs)
+    monkeypatch.setattr(weights.np, "empty", recording_empty)
+    models = load_single_file(path, configs_of(pipe))
+    vae = load_vae(path, pipe.vae.config)
+    assert shapes and (7, 11, 13) not in shapes
+    assert_same_params(models["unet"], pipe.unet)
+    assert_same_params(vae, pipe.vae)
+
+
+def test_a_file_with_the_other_formats_suffix_says_to_rename_it(pipe, single_file, tmp_path):
+    torch_file = tmp_path / "model.safetensors"
+    torch.save({k: torch.from_numpy(v) for k, v in load_file(str(single_file)).items()}, torch_file)
+    with pytest.raises(CheckpointError, match="a PyTorch checkpoint \\(torch.save\\) named .safetensors: rename it "
+                                              "to .ckpt"):
+        load_single_file(torch_file, configs_of(pipe))
+    safetensors_file = tmp_path / "model.ckpt"
+    shutil.copy(single_file, safetensors_file)
+    with pytest.raises(CheckpointError, match="a safetensors file named .ckpt: rename it to .safetensors") as info:
+        load_single_file(safetensors_file, configs_of(pipe))
+    assert "weights_only" not in str(info.value)
+
+
 def test_float16_file(pipe, tmp_path):
     path = pipe.save_single_file(tmp_path / "half.safetensors", dtype="float16")
     assert {v.dtype for v in load_file(str(path)).values()} == {np.dtype(np.float16)}

@@ -615,6 +615,27 @@ def test_resaving_in_one_format_and_choosing_a_format(tiny_checkpoints, tmp_path
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
+def test_a_failed_write_names_the_file(tmp_path):
+    """A full disk reported without a file name (Python's OSError 28 from a write, safetensors'
+    "(os error 28)") becomes an OSError naming the file being written; nothing is left behind."""
+    from safetensors import SafetensorError
+    from sdjax.images import atomic_write
+
+    def python_write(tmp):
+        raise OSError(28, "No space left on device")
+
+    def safetensors_write(tmp):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    for write in (python_write, safetensors_write):
+        with pytest.raises(OSError, match=re.escape(f"No space left on device (writing {tmp_path / 'w.bin'})")) \
+                as info:
+            atomic_write(tmp_path / "w.bin", write)
+        assert info.value.errno == 28
+    with pytest.raises(ValueError, match="unrelated"):   # other errors as they are
+        atomic_write(tmp_path / "w.bin", lambda tmp: (_ for _ in ()).throw(ValueError("unrelated")))
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_failed_model_save_leaves_the_folder_as_it_was(tiny_checkpoints, tmp_path, monkeypatch):
     """A save over an earlier one that fails part-way (a full disk while writing the msgpack) leaves
     the earlier files, all of them: not new safetensors beside the old msgpack and config.json."""
@@ -719,6 +740,40 @@ def test_pipeline_folder_is_not_overwritten_or_half_written(tiny_checkpoints, tm
     (tmp_path / ".pipe.old" / "junk").write_text("x")
     save_pipeline(target, **parts, overwrite=True)
     assert not (target / "keep.txt").exists() and (target / "model_index.json").is_file()
+
+
+def test_an_empty_folder_is_filled_in_place(tiny_checkpoints, tmp_path, monkeypatch):
+    """An existing empty folder (a mount point, which no rename can replace; one made for the user
+    in a folder they cannot write) is filled where it is: the same folder, nothing made beside it.
+    A save that fails there leaves it empty."""
+    import os
+    from sdjax import weights
+    parts = make_pipeline_dir(tiny_checkpoints, tmp_path)
+    target = tmp_path / "outer" / "mounted"
+    target.mkdir(parents=True)
+    inode, real_replace = target.stat().st_ino, os.replace
+
+    def no_rename_of_the_folder(src, dst):
+        assert Path(src) != target and Path(dst) != target, "the folder itself was renamed"
+        return real_replace(src, dst)
+    monkeypatch.setattr(os, "replace", no_rename_of_the_folder)
+    real_save = weights.save_pretrained
+
+    def vae_fails(model, directory, **kw):
+        if Path(directory).name == "vae":
+            raise OSError(28, "No space left on device")
+        return real_save(model, directory, **kw)
+    monkeypatch.setattr(weights, "save_pretrained", vae_fails)
+    with pytest.raises(OSError, match="No space left"):
+        save_pipeline(target, **parts)
+    assert list(target.iterdir()) == [] and [p.name for p in target.parent.iterdir()] == ["mounted"]
+    monkeypatch.setattr(weights, "save_pretrained", real_save)
+    save_pipeline(target, **parts)
+    assert target.stat().st_ino == inode and [p.name for p in target.parent.iterdir()] == ["mounted"]
+    assert sorted(p.name for p in target.iterdir()) == ["model_index.json", "scheduler", "text_encoder",
+                                                        "tokenizer", "unet", "vae"]
+    from sdjax import StableDiffusion
+    assert StableDiffusion.from_pretrained(target).unet.config == parts["unet"].config
 
 
 def test_an_interrupted_overwrite_puts_the_old_folder_back(tiny_checkpoints, tmp_path, monkeypatch):

@@ -922,7 +922,8 @@ class Trainer:
         # failure in either write leaves the earlier export's folder and file as they were.
         pending = single_file.with_name(f".{single_file.stem}.pending.safetensors")
         try:
-            pipe.save_single_file(pending, dtype=self.cfg.export_single_file)
+            # overwrite: a killed export's leftover
+            pipe.save_single_file(pending, dtype=self.cfg.export_single_file, overwrite=True)
             pipe.save_pretrained(directory, format=self.cfg.export_format, overwrite=True)
             os.replace(pending, single_file)
         finally:
