@@ -766,6 +766,10 @@ def save_pipeline(directory: str | os.PathLike, *, text_encoder, tokenizer, unet
     if directory.exists() and not overwrite and any(directory.iterdir()):
         raise FileExistsError(f"{directory} exists and is not empty (pass overwrite=True to replace it)")
     directory.parent.mkdir(parents=True, exist_ok=True)
+    leftovers = sorted(p.name for p in directory.parent.glob(f".{directory.name}.*") if p.is_dir())
+    if leftovers:   # a killed save's temporary folder: as large as a pipeline, and hidden
+        warnings.warn(f"{directory.parent}: {', '.join(leftovers)} look like the temporary folders of an interrupted "
+                      f"save of {directory.name}; delete them unless a save is running", stacklevel=2)
     fill_in_place = directory.is_dir() and not any(directory.iterdir())
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory if fill_in_place else directory.parent))
     old = None  # where an existing folder is moved aside while the new one is renamed into place
@@ -1079,9 +1083,19 @@ def _load_original_layout(file: Path, tensors: Iterator[tuple[str, np.ndarray]],
             fills[part].unexpected.append(key)
         else:
             fills[part].place(torch_name, array, shown_as=key)
+    problems = []   # every part's, so that fixing one does not just reveal the next
     for part, fill in fills.items():
         skip = len(SINGLE_FILE_PARTS[part][1])
-        fill.check(lambda name, part=part, skip=skip: prefixes[part] + single_file_key(part, name, configs[part])[skip:])
+        try:
+            fill.check(lambda name, part=part, skip=skip:
+                       prefixes[part] + single_file_key(part, name, configs[part])[skip:])
+        except CheckpointError as e:
+            problems.append(str(e))
+            if not fill.loaded:
+                problems.append(f"  it has no {part} at all (no '{prefixes[part]}*' weights)"
+                                + ("; load one beside it with vae= (--vae)" if part == "vae" else ""))
+    if problems:
+        raise CheckpointError("\n".join(problems))
     return {part: fill.model() for part, fill in fills.items()}
 
 

@@ -221,6 +221,21 @@ def test_bad_single_files_are_named(pipe, single_file, tmp_path, case):
         load_single_file(path, configs_of(pipe))
 
 
+def test_every_part_that_does_not_match_is_named_at_once(pipe, single_file, tmp_path):
+    """A UNet-only file: one error names the text encoder's and the VAE's absence (fixing one part
+    used to reveal the next), and says how to give a VAE."""
+    path = _rewrite(single_file, tmp_path, lambda s: [s.pop(k) for k in list(s)
+                                                       if not k.startswith("model.diffusion_model.")])
+    with pytest.raises(CheckpointError) as info:
+        load_single_file(path, configs_of(pipe))
+    message = str(info.value)
+    assert "UNet2DConditionModel" not in message   # the UNet loaded
+    for expected in ("does not match its config's AutoencoderKL", "it has no vae at all (no 'first_stage_model.*' "
+                     "weights); load one beside it with vae= (--vae)", "does not match its config's CLIPTextModel",
+                     "it has no text_encoder at all (no 'cond_stage_model.transformer.*' weights)"):
+        assert expected in message, (expected, message)
+
+
 def test_single_file_errors_come_before_the_configs_are_fetched(tmp_path, monkeypatch):
     """A bad file is reported without going to the Hub for the configs (here: offline)."""
     import sdjax.pipeline as P

@@ -738,7 +738,8 @@ def test_pipeline_folder_is_not_overwritten_or_half_written(tiny_checkpoints, tm
     # overwrite=True replaces the folder, even next to a leftover of an interrupted earlier overwrite
     (tmp_path / ".pipe.old").mkdir()
     (tmp_path / ".pipe.old" / "junk").write_text("x")
-    save_pipeline(target, **parts, overwrite=True)
+    with pytest.warns(UserWarning, match=r"\.pipe\.old look like the temporary folders of an interrupted save of pipe"):
+        save_pipeline(target, **parts, overwrite=True)
     assert not (target / "keep.txt").exists() and (target / "model_index.json").is_file()
 
 
