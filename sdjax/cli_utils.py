@@ -611,7 +611,7 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
         negative = ""
     if writer:
         out_dir.mkdir(parents=True, exist_ok=True)
-    per_call = parallel.padded_size(req.batch_size or 4 * pipe.mesh.size, pipe.mesh)
+    per_call = parallel.padded_size(req.batch_size or 4 * parallel.data_size(pipe.mesh), pipe.mesh)
     per_call = min(per_call, parallel.padded_size(len(jobs), pipe.mesh))
     sched = pipe.make_scheduler(req.scheduler, req.steps, **req.scheduler_options)
     picks = trajectory_steps(sched.num_model_calls, req.trajectory_frames) if req.trajectory else None

@@ -1,7 +1,9 @@
 """Device mesh and shardings: the one place sdjax decides where arrays live.
 
 Sampling and training are data-parallel over a 1-D mesh axis ``"data"`` spanning every device
-of every process: the batch axis is split over it, parameters are replicated. Multi-host runs
+of every process: the batch axis is split over it, parameters are replicated. A mesh of your own
+works too when it has a ``"data"`` axis: the batch splits over that axis, and any other axes hold
+copies (sdjax does not split the models over them). Multi-host runs
 call :func:`initialize_distributed` first, then every process runs the same program on the same
 host-side inputs (SPMD); each process materialises only its own devices' shards.
 """
@@ -62,6 +64,16 @@ def initialize_distributed(**kwargs) -> None:
                          "process, or launch with srun, mpirun or on a TPU VM") from e
 
 
+def data_size(mesh: Mesh) -> int:
+    """How many ways the batch splits: the size of the mesh's ``"data"`` axis. Raises ValueError
+    for a mesh without one."""
+    if DATA_AXIS not in mesh.axis_names:
+        raise ValueError(f"sdjax splits the batch over a mesh axis named {DATA_AXIS!r}; this mesh has axes "
+                         f"{tuple(mesh.axis_names)} (make one with sdjax.parallel.data_mesh(devices), or name "
+                         f"the batch axis of yours {DATA_AXIS!r})")
+    return mesh.shape[DATA_AXIS]
+
+
 def data_mesh(devices=None) -> Mesh:
     """A 1-D mesh with axis ``"data"`` over ``devices`` (default: every device of every process)."""
     devices = np.asarray(jax.devices() if devices is None else devices)
@@ -79,10 +91,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def spread_sharding(shape: tuple, mesh: Mesh) -> NamedSharding:
-    """Split over the mesh along the largest axis of ``shape`` that divides evenly over its devices;
+    """Split over the data axis along the largest axis of ``shape`` that divides evenly over it;
     whole on every device when none does (scalars, small vectors)."""
-    axes = [(size, axis) for axis, size in enumerate(shape) if size >= mesh.size and size % mesh.size == 0]
-    if mesh.size == 1 or not axes:
+    k = data_size(mesh)
+    axes = [(size, axis) for axis, size in enumerate(shape) if size >= k and size % k == 0]
+    if k == 1 or not axes:
         return replicated(mesh)
     _, axis = max(axes)
     return NamedSharding(mesh, P(*([None] * axis), DATA_AXIS))
@@ -100,8 +113,8 @@ def make_spread(fn, *args, mesh: Mesh) -> Any:
 
 
 def padded_size(n: int, mesh: Mesh) -> int:
-    """The smallest batch >= n that divides evenly over the mesh."""
-    k = mesh.size
+    """The smallest batch >= n that divides evenly over the mesh's data axis."""
+    k = data_size(mesh)
     return max(k, math.ceil(n / k) * k)
 
 
@@ -126,9 +139,9 @@ def pad_batch(array: np.ndarray, size: int) -> np.ndarray:
 def _check_batch_axis(shape: tuple, mesh: Mesh, axis: int) -> None:
     if not 0 <= axis < len(shape):
         raise ValueError(f"batch axis {axis} is not an axis of an array of shape {shape}")
-    if shape[axis] % mesh.size:
+    if shape[axis] % data_size(mesh):
         raise ValueError(f"a batch of {shape[axis]} (axis {axis} of shape {shape}) does not split over "
-                         f"{mesh.size} devices: pad it first (pad_batch(array, padded_size(n, mesh)))")
+                         f"{data_size(mesh)} devices: pad it first (pad_batch(array, padded_size(n, mesh)))")
 
 
 _wrap_key_data = jax.jit(jax.random.wrap_key_data, static_argnames="impl")   # compiled once per shape

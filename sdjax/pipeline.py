@@ -232,6 +232,7 @@ class StableDiffusion:
         self.text_encoder, self.unet, self.vae = text_encoder, unet, vae
         self.tokenizer, self.scheduler_config, self.name = tokenizer, dict(scheduler_config), name
         self.mesh = mesh or parallel.data_mesh()
+        parallel.data_size(self.mesh)   # a mesh without a "data" axis: refused here, not at the first call
         self._warned: set[tuple] = set()
         self._lock = threading.RLock()
         self._graphdefs = sampling.SDState(*(nnx.graphdef(m) for m in (text_encoder, unet, vae)))
@@ -523,7 +524,7 @@ class StableDiffusion:
                              "to match)")
         state = self.state
         # Every call has the same batch shape (the last one padded), so a run compiles one program.
-        per_call = min(parallel.padded_size(batch_size or 4 * self.mesh.size, self.mesh),
+        per_call = min(parallel.padded_size(batch_size or 4 * parallel.data_size(self.mesh), self.mesh),
                        parallel.padded_size(n, self.mesh))
         images, inter = [], []
         chunks = range(0, n, per_call)

@@ -199,6 +199,31 @@ def test_sharding_helpers_say_what_is_wrong():
     assert parallel.replicate(whole, mesh) is whole                          # already whole: no copy
 
 
+def test_a_mesh_of_your_own_splits_the_batch_over_its_data_axis(pipe, tiny_pipeline_dir):
+    """A (data=4, model=2) mesh: batches split 4 ways (a batch of 4 is not padded to 8), the images
+    are those of the default mesh. A mesh without a "data" axis is refused when the pipeline is
+    built, and training, which splits over every device, refuses a mesh with other axes."""
+    from jax.sharding import Mesh
+    from sdjax.training.loop import TrainConfig, Trainer
+    mesh = Mesh(np.asarray(jax.devices()).reshape(4, 2), ("data", "model"))
+    assert parallel.data_size(mesh) == 4 and parallel.padded_size(4, mesh) == 4 and parallel.padded_size(5, mesh) == 8
+    x = parallel.shard_batch(np.zeros((4, 3), np.float32), mesh)
+    assert x.sharding.shard_shape(x.shape) == (1, 3)
+    own = StableDiffusion.from_pretrained(tiny_pipeline_dir, mesh=mesh)
+    kw = dict(seeds=[0, 1, 2, 3], num_inference_steps=2, height=SIZE, width=SIZE)
+    with generate_calls(own) as calls:
+        images = own("the cat", **kw).images
+    (args, _), = calls
+    assert args[3].shape == (4, 77)                                  # ids: 4 images, not 8
+    np.testing.assert_allclose(images, pipe("the cat", **kw).images, atol=1e-5)
+    with pytest.raises(ValueError, match=r"sdjax splits the batch over a mesh axis named 'data'; this mesh has axes "
+                                         r"\('dp',\)"):
+        StableDiffusion.from_pretrained(tiny_pipeline_dir, mesh=Mesh(np.asarray(jax.devices()), ("dp",)))
+    with pytest.raises(ValueError, match=r"training splits each batch over every device of its mesh, and this one "
+                                         r"has axes \{'data': 4, 'model': 2\}"):
+        Trainer.create(TrainConfig(model=str(tiny_pipeline_dir), train_data="unused"), mesh=mesh)
+
+
 def test_uneven_batches_are_padded_and_trimmed(pipe):
     kw = dict(num_inference_steps=STEPS, height=SIZE, width=SIZE)
     out = pipe(["the cat"] * 3, seeds=[1, 2, 3], **kw)  # one call: 3 rows padded to the 8 devices

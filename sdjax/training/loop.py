@@ -564,6 +564,10 @@ class Trainer:
             raise
         parallel.initialize_distributed()
         mesh = mesh or parallel.data_mesh()
+        if parallel.data_size(mesh) != mesh.size:
+            raise ValueError(f"training splits each batch over every device of its mesh, and this one has axes "
+                             f"{dict(mesh.shape)}: pass a mesh whose only axis of more than one device is "
+                             f"{parallel.DATA_AXIS!r} (sdjax.parallel.data_mesh(devices))")
         main = jax.process_index() == 0
         _check_processes_share_the_output_dir(out, create=True)
         existing = checkpoint_steps(out / "checkpoints")
@@ -596,10 +600,10 @@ class Trainer:
                               "with its new place")
             dataset, error = None, e
         _check_processes_loaded_the_same_data(dataset, error, cfg.train_data)
-        global_batch = cfg.batch_size * cfg.gradient_accumulation * mesh.devices.size
+        global_batch = cfg.batch_size * cfg.gradient_accumulation * parallel.data_size(mesh)
         if len(dataset) < global_batch:   # before the model is loaded: an epoch would have no step
             raise UsageError(f"{cfg.train_data}: {count(len(dataset), 'usable example')}, fewer than one global batch "
-                             f"of {global_batch} (--batch-size {cfg.batch_size} x {mesh.devices.size} devices x "
+                             f"of {global_batch} (--batch-size {cfg.batch_size} x {parallel.data_size(mesh)} devices x "
                              f"--gradient-accumulation {cfg.gradient_accumulation}): lower them, use fewer devices "
                              "(e.g. CUDA_VISIBLE_DEVICES=0), or add examples")
         pipe, graphdefs, step_cfg, optimizer, lr, state = _build_model(cfg, mesh)
@@ -762,7 +766,7 @@ class Trainer:
         if progress and main:
             from tqdm.auto import tqdm
             bar = tqdm(total=cfg.max_steps, initial=start, desc="training", unit="step")
-        global_batch = cfg.batch_size * self.mesh.size * cfg.gradient_accumulation
+        global_batch = cfg.batch_size * parallel.data_size(self.mesh) * cfg.gradient_accumulation
         timing = {"time": time.perf_counter(), "step": start}   # since the last logged step
 
         def report(step: int, metrics: dict, log_now: bool, check: bool = True) -> None:

@@ -257,7 +257,7 @@ def jit_train_step(mesh, *, graphdefs: Graphdefs, cfg: StepConfig, optimizer, lr
         # does not divide over the devices is left to XLA (an uneven split cannot be constrained).
         split = parallel.batch_sharding(mesh, axis=1)
         batch = jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, split)
-                             if a.shape[1] % mesh.size == 0 else a, batch)
+                             if a.shape[1] % parallel.data_size(mesh) == 0 else a, batch)
         state, metrics = fn(state, frozen, batch)
         return _constrain_placement(state, mesh), jax.tree.map(
             lambda a: jax.lax.with_sharding_constraint(a, rep), metrics)
