@@ -12,15 +12,26 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from sdjax.models.layers import check_nhwc
 from sdjax.schedulers import Scheduler
 
 F32 = jnp.float32
 
 
 def image_keys(seeds_B) -> jax.Array:
-    """One PRNG key per image, from its seed (uint32 [B])."""
+    """One PRNG key per image, from its seed (integers in [0, 2**32 - 1], [B]; a list works too).
+    Concrete seeds are checked (seeds out of range would wrap onto others' keys); traced ones are
+    taken as they are."""
+    if not isinstance(seeds_B, jax.core.Tracer):
+        seeds = np.asarray(seeds_B)
+        if seeds.ndim != 1 or seeds.dtype.kind not in "iu":
+            raise ValueError(f"seeds_B: expected a 1-D array of integer seeds, got shape {seeds.shape} of {seeds.dtype}")
+        if seeds.size and (seeds.min() < 0 or seeds.max() > 2**32 - 1):
+            raise ValueError(f"seeds_B: seeds must be in [0, 2**32 - 1], got {seeds.min()}..{seeds.max()}")
+        seeds_B = jnp.asarray(seeds.astype(np.uint32))
     return jax.vmap(jax.random.key)(seeds_B)
 
 
@@ -52,7 +63,12 @@ def img2img_start(num_inference_steps: int, strength: float) -> int:
 
 
 def encode_prompts(text_encoder, token_ids_BT) -> jax.Array:
-    """Text states [B, 77, D] that the UNet attends to (``last_hidden_state``)."""
+    """Text states [B, 77, D] that the UNet attends to (``last_hidden_state``), from token ids
+    [B, 77] (`sdjax.text.tokenize` makes them from prompts)."""
+    if isinstance(token_ids_BT, str) or (isinstance(token_ids_BT, (list, tuple)) and token_ids_BT
+                                         and isinstance(token_ids_BT[0], str)):
+        raise TypeError("encode_prompts takes token ids, not text: tokenize the prompts first, "
+                        "sdjax.text.tokenize(pipe.tokenizer, prompts)")
     return text_encoder(token_ids_BT).last_hidden_state
 
 
@@ -122,6 +138,10 @@ def denoise(unet, scheduler: Scheduler, latents_BHWC, cond_BSD, uncond_BSD=None,
     ``jax.debug.callback`` (one host callback per step, on a runtime thread) and, under ``jax.jit``,
     must be a static, hashable argument. ``None`` leaves the compiled loop free of callbacks.
     """
+    check_nhwc("latents_BHWC", latents_BHWC, unet.config.in_channels)
+    if isinstance(start, jax.core.Tracer) or not isinstance(start, numbers.Integral):
+        raise TypeError(f"start must be a Python int (static under jit: the loop's length depends on it), got "
+                        f"{type(start).__name__}")
     B = latents_BHWC.shape[0]
     for x, name in ((cond_BSD, "cond_BSD"), (uncond_BSD, "uncond_BSD")):
         if x is not None and x.ndim != 3:

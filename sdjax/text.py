@@ -71,6 +71,8 @@ def tokenize(tokenizer, prompts: str | Sequence[str], max_length: int | None = N
     ``warn=False``: none, for callers that count them with `too_long` instead).
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise ValueError(f"no {kind}s to tokenize (an empty list)")
     max_length = max_length or tokenizer.model_max_length
     for prompt, ids in too_long(tokenizer, prompts, max_length) if warn else ():
         dropped = len(ids) - max_length

@@ -482,7 +482,12 @@ def read_config(model_dir: Path, model_cls):
     """(``model_cls``'s config, the raw dict) from ``model_dir/config.json``; a CheckpointError
     naming the file when it is missing or describes a model sdjax cannot build."""
     path = model_dir / "config.json"
-    raw = read_json_object(path, f"{model_dir}: no config.json (is this a diffusers model folder?)")
+    part = {"UNet2DConditionModel": "unet", "AutoencoderKL": "vae", "CLIPTextModel": "text_encoder"}.get(
+        model_cls.__name__)
+    hint = (f"a pipeline folder: its model is in {part}/, from_pretrained(..., subfolder={part!r})"
+            if part and (model_dir / "model_index.json").is_file() and (model_dir / part).is_dir()
+            else "is this a diffusers model folder?")
+    raw = read_json_object(path, f"{model_dir}: no config.json ({hint})")
     try:
         return SPECS[model_cls].config_cls.from_dict(raw), raw
     except (TypeError, ValueError, KeyError, NotImplementedError) as e:

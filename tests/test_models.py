@@ -1,5 +1,6 @@
 """Parity of sdjax's CLIP, UNet and VAE with transformers / diffusers PyTorch (fp32), from every layout."""
 import json
+import re
 import warnings
 
 import jax
@@ -116,6 +117,10 @@ def test_wrong_inputs_are_errors_naming_the_argument():
     for bad in (jnp.zeros((2, 77, D + 1)), jnp.zeros((3, 77, D)), jnp.zeros((77, D))):
         with pytest.raises(ValueError, match=r"encoder_hidden_states_BSD has shape .* \(cross_attention_dim\)"):
             unet(x, 10, bad)
+    for bad in (jnp.array([1, 2, 3, 4]), jnp.array([[1], [2]])):   # doubled for guidance; a column
+        with pytest.raises(ValueError, match=rf"timesteps has shape {re.escape(str(bad.shape))}; expected a scalar "
+                                             r"or one per sample \(\[2\], sample_BHWC's batch\)"):
+            unet(x, bad, context)
     vae = AutoencoderKL(R.TINY_VAE, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"images_BHWC has shape \(1, 3, 16, 16\); .* looks like NCHW"):
         vae.encode(jnp.zeros((1, 3, 16, 16)))
@@ -123,6 +128,23 @@ def test_wrong_inputs_are_errors_naming_the_argument():
         vae.encode(jnp.zeros((1, 16, 16, 3), jnp.uint8))
     with pytest.raises(ValueError, match=r"latents_BHWC has shape \(1, 8, 8\)"):
         vae.decode(jnp.zeros((1, 8, 8)))
+
+
+def test_a_posterior_draw_per_image_does_not_depend_on_the_batch():
+    """``DiagonalGaussian.sample`` with one key per image (as the sampler's noise): an image's draw
+    is the same alone or in a batch; one key for the batch still works (diffusers' way)."""
+    from sdjax.sampling import image_keys
+    vae = AutoencoderKL(R.TINY_VAE, rngs=nnx.Rngs(0))
+    images = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (3, 16, 16, 3)).astype(np.float32))
+    batch = vae.encode(images)
+    together = batch.sample(image_keys(np.array([5, 6, 7])))
+    alone = vae.encode(images[1:2]).sample(image_keys([6]))
+    np.testing.assert_allclose(together[1:2], alone, atol=1e-5)
+    raw = batch.sample(jax.random.key_data(image_keys([5, 6, 7])))          # raw [B, 2] keys
+    np.testing.assert_array_equal(raw, together)
+    assert batch.sample(jax.random.key(0)).shape == batch.mean.shape
+    with pytest.raises(ValueError, match="got 2 per-image keys for a batch of 3"):
+        batch.sample(image_keys([1, 2]))
 
 
 @pytest.mark.parametrize("kind, cls", [("unet", UNet2DConditionModel), ("vae", AutoencoderKL),

@@ -511,6 +511,28 @@ def test_denoise_takes_one_text_state_for_every_image(pipe):
         sampling.denoise(pipe.unet, sched, latents, text[0], None, 1.0)
     with pytest.raises(ValueError, match="uncond_BSD has shape .* must agree in tokens and width"):
         sampling.denoise(pipe.unet, sched, latents, text[:1], text[1:, :, :16], 7.5)
+    with pytest.raises(ValueError, match=r"latents_BHWC has shape \(3, 4, 16, 16\); .* looks like NCHW"):
+        sampling.denoise(pipe.unet, sched, latents.transpose(0, 3, 1, 2), text[:1], text[1:], 7.5)
+    with pytest.raises(TypeError, match=r"start must be a Python int \(static under jit"):
+        jax.jit(lambda s: sampling.denoise(pipe.unet, sched, latents, text[:1], text[1:], 7.5, start=s))(1)
+    with pytest.raises(TypeError, match="encode_prompts takes token ids, not text: tokenize the prompts first"):
+        sampling.encode_prompts(pipe.text_encoder, "the cat")
+    with pytest.raises(ValueError, match=r"no prompts to tokenize \(an empty list\)"):
+        tokenize(pipe.tokenizer, [])
+
+
+def test_image_keys_checks_concrete_seeds():
+    """Seeds past 2**32 - 1 or below 0 would wrap onto other seeds' keys; a plain list works."""
+    from sdjax.sampling import image_keys
+    np.testing.assert_array_equal(jax.random.key_data(image_keys([0, 7])),
+                                  jax.random.key_data(image_keys(jnp.array([0, 7], jnp.uint32))))
+    for bad, message in (([0, 2**32], r"seeds must be in \[0, 2\*\*32 - 1\], got 0..4294967296"),
+                         (np.array([-1]), "got -1..-1"), (np.array([[1]]), "expected a 1-D array of integer seeds"),
+                         (np.array([1.5]), "of float64")):
+        with pytest.raises(ValueError, match=message):
+            image_keys(bad)
+    traced = jax.jit(image_keys)(jnp.array([3], jnp.uint32))                 # traced: taken as it is
+    np.testing.assert_array_equal(jax.random.key_data(traced), jax.random.key_data(image_keys([3])))
 
 
 def test_denoise_per_image_guidance_and_the_pipelines_step_keys(pipe):

@@ -867,3 +867,11 @@ def test_tokenizer_truncation_warns(tmp_path):
     assert [str(w.message).split(" is ")[0] for w in caught] == [
         f"negative prompt {p[:40] + '...'!r}" for p in ("the cat " * 50, "a dog " * 50)]  # once per distinct prompt
     assert ids[1, -1] == tok.eos_token_id and ids[1, 0] == tok.bos_token_id
+
+
+def test_a_model_loaded_from_its_pipeline_folder_says_which_subfolder(tiny_pipeline_dir):
+    for cls, part in ((UNet2DConditionModel, "unet"), (AutoencoderKL, "vae"), (CLIPTextModel, "text_encoder")):
+        with pytest.raises(CheckpointError, match=re.escape(f"{tiny_pipeline_dir}: no config.json (a pipeline folder: "
+                                                            f"its model is in {part}/, from_pretrained(..., "
+                                                            f"subfolder='{part}'))")):
+            cls.from_pretrained(tiny_pipeline_dir)

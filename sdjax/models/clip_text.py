@@ -150,7 +150,9 @@ class CLIPTextModel(nnx.Module, Pretrained):
     def __call__(self, input_ids_BT, output_hidden_states: bool = False) -> CLIPTextOutput:
         """Encode token ids [B, T] (int; any array-like): ``last_hidden_state`` [B, T, D] (after the
         final layer norm, what SD conditions on), ``pooler_output`` [B, D] (at each end token) and,
-        with ``output_hidden_states``, the embeddings and every layer's output."""
+        with ``output_hidden_states``, the embeddings and every layer's output. Ids outside the
+        vocabulary are an error when the ids are concrete; under ``jit`` they cannot be checked,
+        and give NaN states."""
         input_ids_BT = jnp.asarray(input_ids_BT)
         tm = self.text_model
         x = tm.embeddings(input_ids_BT)

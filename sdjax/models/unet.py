@@ -306,6 +306,9 @@ class UNet2DConditionModel(nnx.Module, Pretrained):
         context = encoder_hidden_states_BSD.astype(self.dtype)
         if self.config.center_input_sample:
             x = 2 * x - 1.0
+        if jnp.shape(timesteps) not in ((), (1,), (x.shape[0],)):   # e.g. doubled for guidance, the samples not
+            raise ValueError(f"timesteps has shape {jnp.shape(timesteps)}; expected a scalar or one per sample "
+                             f"([{x.shape[0]}], sample_BHWC's batch)")
         t_B = jnp.broadcast_to(jnp.asarray(timesteps), (x.shape[0],))
         t_emb = timestep_embedding(t_B, self.config.block_out_channels[0],
                                    flip_sin_to_cos=self.config.flip_sin_to_cos, freq_shift=self.config.freq_shift)
