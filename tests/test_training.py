@@ -1290,6 +1290,21 @@ def test_resume_step_falls_back_to_an_earlier_checkpoint(full_run, tmp_path):
         Trainer.create(cfg, resume_step=3)
 
 
+def test_a_new_run_does_not_replace_an_earlier_runs_export(full_run, pipeline_dir, data_dir, tmp_path):
+    """An earlier run whose checkpoints were deleted (to free the disk) left final/: a new run there,
+    or a --resume that finds no checkpoint, is refused before anything is touched."""
+    out = tmp_path / "run"
+    shutil.copytree(full_run["out"], out)
+    shutil.rmtree(out / "checkpoints")
+    (out / "final" / "notes.txt").write_text("mine")
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    for resume in (False, True):
+        with pytest.raises(UsageError, match=re.escape(f"{out} holds an earlier run's export (final) and no "
+                                                       "checkpoints: this run would replace it")):
+            Trainer.create(config(out, pipeline_dir, data_dir, resume=resume))
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
+
+
 def test_a_checkpoint_folder_as_a_model_says_how_to_export_it(full_run):
     from sdjax import StableDiffusion
     from sdjax.weights import CheckpointError
@@ -1903,3 +1918,17 @@ def test_a_checkpoint_whose_ema_held_the_unet_alone_still_restores(tmp_path):
     with pytest.raises(UsageError, match="does not fit this run's model and settings"):
         loop._restore(checkpoints, other, None, cfg, None)
     checkpoints.close()
+
+
+def test_a_ctrl_c_during_a_save_logs_no_orbax_traceback(caplog):
+    """Orbax logs ERROR with a traceback when a KeyboardInterrupt passes through its wait for a
+    save; train.py's one line says where the run stopped, so that record is dropped. Other errors
+    are logged as before."""
+    import logging
+    absl = logging.getLogger("absl")
+    for error in (KeyboardInterrupt(), ValueError("disk")):
+        try:
+            raise error
+        except BaseException:
+            absl.exception("Save Finalize thread (save_finalize) failed.")
+    assert [r.exc_info[0] for r in caplog.records if r.name == "absl"] == [ValueError]

@@ -6,11 +6,24 @@ and renames it when complete, so a run killed mid-save resumes from the last com
 """
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
+
+
+class _NoInterruptTracebacks(logging.Filter):
+    """Drops Orbax's ERROR record with a traceback for a Ctrl-C (or train.py's SIGTERM, raised as
+    a KeyboardInterrupt) that lands while it waits for a save: the run then stops with one line
+    naming the newest complete checkpoint, and a save cut short is left out, not half-kept."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt))
+
+
+logging.getLogger("absl").addFilter(_NoInterruptTracebacks())   # the logger Orbax writes to
 
 
 class _Manager(ocp.CheckpointManager):

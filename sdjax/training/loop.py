@@ -579,6 +579,10 @@ class Trainer:
         if existing and not cfg.resume:
             raise UsageError(f"{out / 'checkpoints'} has checkpoints up to step {existing[-1]}: pass --resume to "
                              "continue that run, or choose another --output-dir")
+        export = [p.name for p in (out / "final", cls.single_file_path(out / "final")) if p.exists()]
+        if export and not existing:   # its checkpoints deleted to free the disk: the export is what is left of it
+            raise UsageError(f"{out} holds an earlier run's export ({', '.join(export)}) and no checkpoints: this "
+                             "run would replace it; choose another --output-dir, or move it away")
         recorded = _read_run_config(out)   # the settings of the run whose checkpoints these are
         if cfg.resume and existing and recorded and main:
             now = _record(cfg)
