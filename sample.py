@@ -93,6 +93,7 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
         preset = load_config(path)
         parser.set_defaults(**preset)
     args = parser.parse_args(argv)
+    args.preset, args.preset_path = preset, path   # for errors found later in a value the preset gave
     prompts = list(args.prompt)
     if args.prompts_file:
         prompts += read_prompts_file(args.prompts_file)
@@ -115,9 +116,10 @@ def _from_the_preset(error: UsageError, preset: dict, path, args, argv) -> Usage
     """``--height 30: must be ...`` when the 30 came from the --config file: name the file and key
     instead of a flag the user did not type."""
     key = error.setting
-    if key is None or key not in preset or getattr(args, key, None) != preset[key]:
+    value = getattr(args, key, None)
+    if key is None or key not in preset or not (value is preset[key] or value == preset[key]):   # NaN != NaN
         return error
-    flag = "--" + key.replace("_", "-")
+    flag = "--scheduler-option" if key == "scheduler_options" else "--" + key.replace("_", "-")
     if any(a == flag or a.startswith(flag + "=") for a in map(str, argv)):
         return error
     return UsageError(f"{path}: key {key!r} has value {preset[key]!r}: {error.reason}")
@@ -139,8 +141,8 @@ def main(argv=None) -> int:
     from sdjax import parallel
     if problem is not None and not (parallel.env_says_multi_process() or jax.distributed.is_initialized()):
         return _fail(problem)
-    from sdjax.cli_utils import (count, default_dtype, enable_compilation_cache, out_of_memory, run_sampling,
-                                 show_warnings_as_lines)
+    from sdjax.cli_utils import (count, default_dtype, enable_compilation_cache, interruption, out_of_memory,
+                                 run_sampling, show_warnings_as_lines)
     show_warnings_as_lines("sample.py")
     # Several hosts (a TPU pod, srun, mpirun): the same command on each; the seeds are split over
     # every device of every host, and process 0 writes the images. Before JAX touches a device.
@@ -191,7 +193,8 @@ def main(argv=None) -> int:
         pipe.make_scheduler(req.scheduler, req.steps, **req.scheduler_options)
     except (ValueError, NotImplementedError, TypeError) as e:
         options = ", ".join(f"{k}={v!r}" for k, v in req.scheduler_options.items())
-        return _fail(UsageError(f"--scheduler-option {options}: {e}"))
+        error = UsageError(f"--scheduler-option {options}: {e}", setting="scheduler_options", reason=str(e))
+        return _fail(_from_the_preset(error, args.preset, args.preset_path, args, sys.argv[1:] if argv is None else argv))
     if main_process:
         print(f"loaded {req.model} ({dtype}) in {time.perf_counter() - t0:.1f} s; "
               f"{count(len(req.jobs), 'image')}: {count(len(req.prompts), 'prompt')} x {count(len(req.seeds), 'seed')}"
@@ -211,9 +214,10 @@ def main(argv=None) -> int:
         print(f"{PROG}: error: cannot write the images: {e}; any images written before it are in {req.out}",
               file=sys.stderr)
         return 1
-    except KeyboardInterrupt:   # each image is written whole (a temporary file renamed into place)
-        print(f"\n{PROG}: interrupted; any images written before it are in {req.out}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:   # each image is written whole (a temporary file renamed into place)
+        stopped, code = interruption(e)
+        print(f"\n{PROG}: {stopped}; any images written before it are in {req.out}", file=sys.stderr)
+        return code
     if main_process:
         print(f"wrote {count(len(result.files) + len(result.extra_files), 'file')} to {req.out}")
         print(result.summary())
@@ -221,12 +225,15 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    import signal
+    from sdjax.cli_utils import interruption, raise_terminated
+    signal.signal(signal.SIGTERM, raise_terminated)   # a job's time limit, kill: stop as Ctrl-C does (exit 143)
     try:
         code = main()
-    except KeyboardInterrupt:   # while loading: nothing written yet
-        print(f"\n{PROG}: interrupted", file=sys.stderr)
-        code = 130
-    if code == 130:
+    except KeyboardInterrupt as e:   # while loading: nothing written yet
+        stopped, code = interruption(e)
+        print(f"\n{PROG}: {stopped}", file=sys.stderr)
+    if code in (130, 143):
         from sdjax.cli_utils import exit_after_interrupt
         exit_after_interrupt(code)
     sys.exit(code)

@@ -26,18 +26,14 @@ def how_to_resume(cfg) -> str:
             "continues from it")
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a preempted VM, a job scheduler's stop, ``kill``) before training started or after
-    it ended: stops the run as Ctrl-C does."""
-
-
 STOP = None   # the StopRequest of the run in this process (set in main)
 
 
 def _terminate(signum, frame):
     # During training the loop saves a checkpoint of the step in flight and stops; otherwise now.
     if STOP is None or not STOP.request():
-        raise Terminated
+        from sdjax.cli_utils import raise_terminated   # before training started or after it ended
+        raise_terminated(signum, frame)
 
 
 def _interrupt(signum, frame):
@@ -79,7 +75,7 @@ def main(argv=None) -> int:
 
 def _main(argv=None) -> int:
     import jax
-    from sdjax.cli_utils import UsageError, count, out_of_memory, show_warnings_as_lines
+    from sdjax.cli_utils import UsageError, count, interruption, out_of_memory, show_warnings_as_lines
     show_warnings_as_lines("train.py")
     from sdjax.training.data import DataError, ImageReadError, TFDSNotInstalled
     from sdjax.training.loop import Stopped, Trainer, TrainingDiverged, train  # before the try: its except names them
@@ -118,9 +114,9 @@ def _main(argv=None) -> int:
             print(f"train.py: error: {message}", file=sys.stderr)
             return 1
         except KeyboardInterrupt as e:
-            stopped = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+            stopped, code = interruption(e)
             print(f"\ntrain.py: {stopped}; {how_to_resume(cfg)}", file=sys.stderr)
-            return 143 if isinstance(e, Terminated) else 130
+            return code
         except FileNotFoundError:
             raise
         except OSError as e:   # a full disk, a network folder gone: the run stopped where it was
@@ -145,8 +141,9 @@ if __name__ == "__main__":
     try:
         code = main()
     except KeyboardInterrupt as e:   # before training started (loading, an export): nothing half-written
-        print(f"\ntrain.py: {'terminated (SIGTERM)' if isinstance(e, Terminated) else 'interrupted'}", file=sys.stderr)
-        code = 143 if isinstance(e, Terminated) else 130
+        from sdjax.cli_utils import interruption
+        stopped, code = interruption(e)
+        print(f"\ntrain.py: {stopped}", file=sys.stderr)
     if code in (130, 143):
         from sdjax.cli_utils import exit_after_interrupt
         exit_after_interrupt(code)

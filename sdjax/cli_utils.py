@@ -50,6 +50,21 @@ def _bad_setting(setting: str, value, reason: str, message: str | None = None) -
     return UsageError(message or f"--{setting.replace('_', '-')} {value}: {reason}", setting=setting, reason=reason)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a preempted VM, a job scheduler's stop or time limit, ``kill``), raised where the
+    tools take it as Ctrl-C: the files written so far are whole, and the exit status is 143."""
+
+
+def raise_terminated(signum, frame):
+    """A SIGTERM handler that stops the program as Ctrl-C does, as `Terminated`."""
+    raise Terminated
+
+
+def interruption(error: KeyboardInterrupt) -> tuple[str, int]:
+    """(what stopped the program, its exit status): SIGTERM 143, Ctrl-C 130."""
+    return ("terminated (SIGTERM)", 143) if isinstance(error, Terminated) else ("interrupted", 130)
+
+
 def exit_after_interrupt(code: int) -> None:
     """Leave with ``code``, skipping the interpreter's teardown, after Ctrl-C / SIGTERM has been
     handled (files closed, messages printed): an interrupt that lands inside XLA's compiler leaves
@@ -376,7 +391,7 @@ def validate_request(req: SampleRequest) -> None:
     try:   # the keys and the kinds of values now; the rest once the model's scheduler config is read
         resolve_scheduler_config(req.scheduler, {}, **req.scheduler_options)
     except (TypeError, ValueError) as e:
-        raise UsageError(f"--scheduler-option: {e}") from None
+        raise _bad_setting("scheduler_options", None, str(e), f"--scheduler-option: {e}") from None
     if not isinstance(req.steps, int) or isinstance(req.steps, bool) or not 1 <= req.steps <= 1000:
         raise _bad_setting("steps", req.steps, "must be an integer in 1..1000 (typical 20-100)")
     if not isinstance(req.guidance_scale, (int, float)) or not math.isfinite(req.guidance_scale):

@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -594,6 +595,12 @@ BAD_INPUTS = {
                         "positive multiple of 8"),   # the file and key, not a flag the user did not type
     "config_bad_scheduler": (["a cat", "--config", "{tmp}/scheduler.yaml"], "scheduler.yaml: key 'scheduler' has "
                              "value 'karras': choose one of pndm, ddim"),
+    "config_bad_scheduler_option": (["a cat", "--config", "{tmp}/options.yaml"], "options.yaml: key "
+                                    "'scheduler_options' has value {{'foo': 1}}: 'pndm' scheduler has no option 'foo'"),
+    "flag_bad_scheduler_option_over_config": (["a cat", "--config", "{tmp}/options.yaml", "--scheduler-option",
+                                               "steps_offset=1"], "error: --scheduler-option: 'pndm' scheduler"),
+    "config_nan_guidance": (["a cat", "--config", "{tmp}/nan.yaml"], "nan.yaml: key 'guidance_scale' has value nan: "
+                            "must be a finite number"),   # NaN != NaN: it was blamed on --guidance-scale
     "flag_bad_size_over_config": (["a cat", "--config", "{tmp}/size.yaml", "--height", "100"],
                                   "error: --height 100: must be a positive multiple of 8"),
     "config_of_train_py": (["a cat", "--config", "style"], "config file 'style' does not exist; 'style' is a preset "
@@ -628,6 +635,8 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, tmp_path, caps
     (tmp_path / "badvalue.yaml").write_text("steps: many\n")
     (tmp_path / "size.yaml").write_text("height: 30\n")
     (tmp_path / "scheduler.yaml").write_text("scheduler: karras\n")
+    (tmp_path / "options.yaml").write_text("scheduler_options: {foo: 1}\n")
+    (tmp_path / "nan.yaml").write_text("guidance_scale: .nan\n")
     (tmp_path / "superscript.yaml").write_text("seeds: \"\u00b2\"\n", encoding="utf-8")
     argv, message = BAD_INPUTS[case]
     message = message.format(tmp=tmp_path)
@@ -640,6 +649,17 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, tmp_path, caps
     assert not out.exists()
     if case.startswith("config_unknown"):
         assert "bad.yaml" in lines[0]
+
+
+def test_a_preset_option_the_models_scheduler_refuses_names_the_preset(pipe_dir, pipe, tmp_path, capsys):
+    """eta=2 is checked once the model's scheduler config is read: a preset's value is named by
+    the file and key there too, not as a flag the user did not type."""
+    (tmp_path / "eta.yaml").write_text("scheduler: ddim\nscheduler_options: {eta: 2}\n")
+    out = tmp_path / "out"
+    rc, _, stderr = run_main(capsys, "a cat", "--model", pipe_dir, "--config", tmp_path / "eta.yaml", "--out", out)
+    assert rc == 2 and stderr.startswith(f"sample.py: error: {tmp_path / 'eta.yaml'}: key 'scheduler_options' has "
+                                         "value {'eta': 2}: ddim eta must be"), stderr
+    assert not out.exists()
 
 
 def test_steps_the_schedule_cannot_take_exit_2_before_writing(pipe_dir, pipe, tmp_path, capsys):
@@ -696,6 +716,30 @@ def test_a_weights_mismatch_is_one_line_with_its_clauses(pipe_dir, tmp_path, cap
 
 
 # ----------------------------------------------------------------------------- the script itself
+def test_sigterm_stops_like_ctrl_c_with_exit_143(pipe_dir, tmp_path):
+    """SIGTERM (a job's time limit, kill) while images are being written: one line, exit 143, only
+    whole images, and the image-number claim released (it was left behind)."""
+    import signal
+    out = tmp_path / "out"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "sample.py"), "a cat", "--model", str(pipe_dir), "--seeds",
+                             "0-999", "--batch-size", "1", "--height", "32", "--width", "32", "--steps", "2",
+                             "--out", str(out), "--compilation-cache", "none", "--progress", "none"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 240
+        while not list(out.glob("*.png")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, stderr[-2000:]
+    assert stderr.rstrip().splitlines()[-1] == f"sample.py: terminated (SIGTERM); any images written before it are in {out}"
+    files = sorted(out.iterdir())
+    assert files and all(f.suffix == ".png" and not f.name.startswith(".") for f in files), files
+    for f in files:
+        Image.open(f).load()
 def test_script_subprocess_and_persistent_compilation_cache(pipe_dir, tmp_path):
     """Run twice in fresh processes: the first fills the compilation cache, the second compiles nothing.
 

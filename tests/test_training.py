@@ -1867,6 +1867,19 @@ def test_resume_and_export_take_the_recorded_settings(tmp_path):
         parse_args(["--output-dir", str(out), "--resume"])
 
 
+def test_a_bad_value_from_a_preset_names_the_file_and_key(tmp_path):
+    """A value out of range in a preset is named by the file and key (as sample.py does), not by a
+    flag that was not given; the flag is named when it is the flag's value."""
+    preset = tmp_path / "p.yaml"
+    preset.write_text("resolution: 30\nseed: 4294967296\n")
+    with pytest.raises(UsageError, match=re.escape(f"{preset}: key 'seed' has value 4294967296: must be <= ")):
+        parse_args(["--config", str(preset), "--train-data", "d"])
+    with pytest.raises(UsageError, match=re.escape(f"{preset}: key 'resolution' has value 30: must be a multiple of 8")):
+        parse_args(["--config", str(preset), "--train-data", "d", "--seed", "1"])
+    with pytest.raises(UsageError, match=re.escape("resolution=31 must be a multiple of 8 (--resolution)")):
+        parse_args(["--config", str(preset), "--train-data", "d", "--resolution", "31", "--seed", "1"])
+
+
 def test_training_presets_and_their_documentation():
     style, _ = parse_args(["--config", "style", "--train-data", "data"])
     assert (style.learning_rate, style.max_steps, style.ema_decay, style.caption_dropout) == (1e-5, 1000, 0.9999, 0.1)

@@ -188,7 +188,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, argparse
     is that file, or None. A preset key that differs from the record (and is not a flag) would
     do nothing there, so it is a UsageError naming the flags to give instead."""
     args = build_parser().parse_args(argv)
-    preset = {}
+    preset, path = {}, None
     if getattr(args, "config", None):
         path = resolve_config_path(args.config, [CONFIG_DIR], other_tools={"sample.py": CONFIG_DIR.parent})
         preset = load_train_config(path)
@@ -239,5 +239,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, argparse
     except ValueError as e:
         if missing_record and not cfg.train_data:   # --resume in the wrong folder: say so, not "no --train-data"
             raise UsageError(f"{missing_record} (to start a run there, pass --train-data)") from e
+        key = getattr(e, "setting", None)
+        if key in preset and key not in given and key not in recorded:   # the file's value, not a flag's
+            raise UsageError(f"{path}: key {key!r} has value {preset[key]!r}: {e.rule}") from e
         raise UsageError(str(e)) from e
     return cfg, args

@@ -54,6 +54,15 @@ STATE_STRUCTURE_SETTINGS = {"ema_decay": lambda v: v is not None, "max_grad_norm
                             "train_text_encoder": bool}
 
 
+class SettingError(ValueError):
+    """A bad `TrainConfig` setting: ``setting`` names it and ``rule`` says what it must be (for a
+    message naming the preset file and key when the value came from one)."""
+
+    def __init__(self, message: str, *, setting: str, rule: str):
+        super().__init__(message)
+        self.setting, self.rule = setting, rule
+
+
 @dataclasses.dataclass
 class TrainConfig:
     """Every setting of a fine-tuning run (``train.py`` flags and ``configs/*.yaml`` keys)."""
@@ -117,7 +126,8 @@ class TrainConfig:
         """Raises ValueError naming the setting, its value and its train.py flag for any bad
         setting, before anything is loaded. ``need_data=False``: no --train-data needed (export)."""
         def bad(name: str, rule: str) -> ValueError:
-            return ValueError(f"{name}={getattr(self, name)!r} {rule} (--{name.replace('_', '-')})")
+            return SettingError(f"{name}={getattr(self, name)!r} {rule} (--{name.replace('_', '-')})",
+                                setting=name, rule=rule)
 
         def number(name: str) -> float:
             value = getattr(self, name)
