@@ -88,7 +88,7 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
     known, _ = pre.parse_known_args(argv)
     parser = build_parser()
     preset, path = {}, None
-    if known.config:
+    if known.config is not None:
         path = resolve_config_path(known.config, CONFIG_DIRS, other_tools={"train.py": CONFIG_DIRS[0] / "train"})
         preset = load_config(path)
         parser.set_defaults(**preset)
@@ -144,6 +144,12 @@ def main(argv=None) -> int:
     from sdjax.cli_utils import (count, default_dtype, enable_compilation_cache, interruption, out_of_memory,
                                  run_sampling, show_warnings_as_lines)
     show_warnings_as_lines("sample.py")
+    if req is not None and len(set(req.seeds)) < len(req.seeds):
+        import collections
+        import warnings
+        repeated = [seed for seed, n in collections.Counter(req.seeds).items() if n > 1]
+        warnings.warn(f"--seeds repeats {', '.join(map(str, repeated[:5]))}{', ...' if len(repeated) > 5 else ''}: "
+                      "a repeated seed makes the same image again")
     # Several hosts (a TPU pod, srun, mpirun): the same command on each; the seeds are split over
     # every device of every host, and process 0 writes the images. Before JAX touches a device.
     try:

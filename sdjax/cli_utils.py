@@ -195,8 +195,15 @@ def resolve_config_path(name: str | os.PathLike, search_dirs: Sequence[Path] = (
 
     The error for a name that is neither lists the presets in ``search_dirs`` and, when the name is
     a preset of another script (``other_tools``: script name -> its preset folder), says so."""
+    if not str(name).strip():
+        raise UsageError("--config is empty: give a preset name or a YAML file")
     path = Path(name).expanduser()
     if path.is_file():
+        for tool, folder in (other_tools or {}).items():   # configs/train/style.yaml given to sample.py
+            if path.resolve().parent == Path(folder).resolve():
+                own = sorted(p.stem for d in search_dirs for p in Path(d).glob("*.yaml"))
+                raise UsageError(f"{path} is a preset of {tool}, not of this tool"
+                                 + (f" (its presets: {', '.join(own)})" if own else ""))
         return path
     for d in search_dirs:
         for candidate in (Path(d) / str(name), Path(d) / f"{name}.yaml"):
@@ -378,6 +385,9 @@ def validate_request(req: SampleRequest) -> None:
     """Check everything that can be checked without the model; raise UsageError with one line."""
     if not req.prompts:
         raise UsageError("no prompt given: pass a prompt, or --prompts-file FILE")
+    for name in ("model", "model_config", "vae"):
+        if getattr(req, name) is not None and not str(getattr(req, name)).strip():
+            raise _bad_setting(name, "''", "is empty: leave the flag out, or give a path or Hub repo id")
     problem = model_options_problem(req.model, req.model_config, req.variant) or attention_setting_problem()
     if problem:
         raise UsageError(problem)

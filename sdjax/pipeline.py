@@ -65,6 +65,9 @@ def load_vae(vae: str | Path, config, *, dtype=jnp.float32) -> AutoencoderKL:
     path = Path(vae).expanduser()
     if path.is_file() or (not path.is_dir() and path.suffix in SINGLE_FILE_SUFFIXES):
         return load_vae_file(path, config, dtype=dtype)
+    if not path.exists() and (path.is_absolute() or str(vae).startswith((".", "~")) or str(vae).count("/") != 1):
+        raise CheckpointError(f"{vae}: no such VAE file or folder (vae= / --vae takes a weights file, a VAE or "
+                              "pipeline folder, or a Hub repo id OWNER/NAME)")
     if path.is_dir() and not (path / "config.json").is_file() and (path / "vae").is_dir():
         return AutoencoderKL.from_pretrained(path, subfolder="vae", dtype=dtype)
     return AutoencoderKL.from_pretrained(vae, dtype=dtype)

@@ -607,6 +607,10 @@ BAD_INPUTS = {
                            "of train.py"),
     "config_no_such_preset": (["a cat", "--config", "drafty"], "the presets here are creative, draft, precise, "
                               "quality"),
+    "config_empty": (["a cat", "--config", ""], "--config is empty: give a preset name or a YAML file"),
+    "config_of_train_py_by_path": (["a cat", "--config", str(ROOT / "configs" / "train" / "style.yaml")],
+                                   "style.yaml is a preset of train.py, not of this tool (its presets: creative"),
+    "model_empty": (["a cat", "--model", ""], "--model '': is empty"),
     "no_weights": (["a cat", "--model", "{tmp}/no/such/model"], "no such directory"),
     "model_is_another_file": (["a cat", "--model", "{tmp}/empty.txt"], "empty.txt: not a single-file checkpoint "
                               "sdjax reads (expected one of .safetensors, .ckpt"),
@@ -660,6 +664,17 @@ def test_a_preset_option_the_models_scheduler_refuses_names_the_preset(pipe_dir,
     assert rc == 2 and stderr.startswith(f"sample.py: error: {tmp_path / 'eta.yaml'}: key 'scheduler_options' has "
                                          "value {'eta': 2}: ddim eta must be"), stderr
     assert not out.exists()
+
+
+def test_a_missing_vae_and_repeated_seeds(pipe_dir, pipe, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc, _, stderr = run_main(capsys, "a cat", "--model", pipe_dir, "--vae", tmp_path / "no-vae", "--out", out)
+    assert rc == 2 and f"{tmp_path / 'no-vae'}: no such VAE file or folder (vae= / --vae takes" in stderr, stderr
+    assert not out.exists()
+    rc, _, stderr = run_main(capsys, "a cat", "--model", pipe_dir, "--seeds", "1,1,0-1", "--steps", "1", "--height",
+                             "16", "--width", "16", "--out", out)   # main() prints warnings as lines
+    assert rc == 0 and len(list(out.glob("*.png"))) == 4
+    assert "sample.py: warning: --seeds repeats 1: a repeated seed makes the same image again" in stderr, stderr
 
 
 def test_steps_the_schedule_cannot_take_exit_2_before_writing(pipe_dir, pipe, tmp_path, capsys):

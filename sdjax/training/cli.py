@@ -189,7 +189,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, argparse
     do nothing there, so it is a UsageError naming the flags to give instead."""
     args = build_parser().parse_args(argv)
     preset, path = {}, None
-    if getattr(args, "config", None):
+    if getattr(args, "config", None) is not None:
         path = resolve_config_path(args.config, [CONFIG_DIR], other_tools={"sample.py": CONFIG_DIR.parent})
         preset = load_train_config(path)
     known = {f.name for f in dataclasses.fields(TrainConfig)}

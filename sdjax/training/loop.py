@@ -147,6 +147,9 @@ class TrainConfig:
                 raise bad(field.name, "must be text")
             if kinds == (list,) and not isinstance(value, (list, tuple)):
                 raise bad(field.name, "must be a list")
+        for name in ("model", "model_config", "vae"):
+            if getattr(self, name) is not None and not getattr(self, name).strip():
+                raise bad(name, "is empty: leave it out, or give a path or Hub repo id")
         if not all(isinstance(p, str) for p in self.validation_prompts):
             raise bad("validation_prompts", "must be a list of prompts (text)")
         problem = model_options_problem(self.model, self.model_config, self.variant) or attention_setting_problem()
