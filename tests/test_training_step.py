@@ -468,51 +468,41 @@ def test_min_snr_gamma_weights(models, prediction_type):
     assert results[None] == pytest.approx([mse.mean(), mse.mean()], rel=1e-5)   # no gamma: unweighted
 
 
-def test_noise_offset_adds_a_constant_per_image_and_channel(models):
-    """diffusers' --noise_offset: noise + offset * N(0, 1) drawn per image and channel, the same over
-    the image; the epsilon target is that noise. With zero latents x_t = sqrt(1 - abar) * noise, so
-    the test reads each run's noise from the UNet's input."""
+def noise_seen_by_the_unet(models, **step_config) -> dict:
+    """One loss at zero latents, where the UNet's input is x_t = sqrt(1 - abar) * noise: the loss,
+    the noise in that input (float64), the UNet's prediction and the timesteps drawn."""
     batch = micro(make_batch(1, 32, seed=6), 0)
     batch["latent_mean"] = np.zeros_like(batch["latent_mean"])
     batch["latent_std"] = np.zeros_like(batch["latent_std"])
-    runs = {}
-    for offset in (0.0, 0.1):
-        RECORDED.clear()
-        loss, _ = S.loss_fn(models.params, models.frozen, batch, jax.random.key(4), graphdefs=models.graphdefs,
-                            cfg=S.StepConfig(noise_offset=offset))
-        (call,) = RECORDED
-        abar = ALPHAS_CUMPROD.astype(np.float64)[call["t"]][:, None, None, None]
-        runs[offset] = (float(loss), call["x"] / np.sqrt(1.0 - abar), call["pred"].astype(np.float64))
-    added = runs[0.1][1] - runs[0.0][1]                                   # [B, h, w, C]
+    RECORDED.clear()
+    loss, _ = S.loss_fn(models.params, models.frozen, batch, jax.random.key(4), graphdefs=models.graphdefs,
+                        cfg=S.StepConfig(**step_config))
+    (call,) = RECORDED
+    abar = ALPHAS_CUMPROD.astype(np.float64)[call["t"]][:, None, None, None]
+    return dict(loss=float(loss), noise=call["x"] / np.sqrt(1.0 - abar), pred=call["pred"].astype(np.float64),
+                t=np.asarray(call["t"]))
+
+
+def test_noise_offset_adds_a_constant_per_image_and_channel(models):
+    """diffusers' --noise_offset: noise + offset * N(0, 1) drawn per image and channel, the same over
+    the image; the epsilon target is that noise."""
+    plain, offset = noise_seen_by_the_unet(models), noise_seen_by_the_unet(models, noise_offset=0.1)
+    added = offset["noise"] - plain["noise"]                              # [B, h, w, C]
     np.testing.assert_allclose(added, np.broadcast_to(added[:, :1, :1, :], added.shape), atol=1e-5)
     draws = added[:, 0, 0, :] / 0.1                                       # B x C standard normal draws
     assert draws.size >= 32 and 0.5 < draws.std() < 1.5 and abs(draws.mean()) < 0.5, draws
-    loss, noise, pred = runs[0.1]
-    assert loss == pytest.approx(np.mean((pred - noise) ** 2), rel=1e-5)   # the target is the offset noise
+    assert offset["loss"] == pytest.approx(np.mean((offset["pred"] - offset["noise"]) ** 2), rel=1e-5)
 
 
 def test_input_perturbation_noises_the_input_but_not_the_target(models):
     """diffusers' --input_perturbation: the UNet's input is made with noise + p * N(0, 1), its target
-    is the noise alone. With zero latents x_t = sqrt(1 - abar) * noise; the same key draws the same
-    noise and timesteps with and without the perturbation."""
-    batch = micro(make_batch(1, 32, seed=6), 0)
-    batch["latent_mean"] = np.zeros_like(batch["latent_mean"])
-    batch["latent_std"] = np.zeros_like(batch["latent_std"])
-    runs = {}
-    for perturbation in (0.0, 0.1):
-        RECORDED.clear()
-        loss, _ = S.loss_fn(models.params, models.frozen, batch, jax.random.key(4), graphdefs=models.graphdefs,
-                            cfg=S.StepConfig(input_perturbation=perturbation))
-        (call,) = RECORDED
-        abar = ALPHAS_CUMPROD.astype(np.float64)[call["t"]][:, None, None, None]
-        runs[perturbation] = (float(loss), call["x"] / np.sqrt(1.0 - abar), call["pred"].astype(np.float64), call["t"])
-    np.testing.assert_array_equal(runs[0.0][3], runs[0.1][3])
-    noise = runs[0.0][1]
-    draws = (runs[0.1][1] - noise) / 0.1                                  # standard normal, element by element
+    is the noise alone; the same key draws the same noise and timesteps with and without it."""
+    plain, perturbed = noise_seen_by_the_unet(models), noise_seen_by_the_unet(models, input_perturbation=0.1)
+    np.testing.assert_array_equal(plain["t"], perturbed["t"])
+    draws = (perturbed["noise"] - plain["noise"]) / 0.1                   # standard normal, element by element
     assert draws.size >= 1000 and 0.9 < draws.std() < 1.1 and abs(draws.mean()) < 0.1, (draws.mean(), draws.std())
-    assert abs(np.corrcoef(draws.ravel(), noise.ravel())[0, 1]) < 0.1     # drawn apart from the noise
-    loss, _, pred, _ = runs[0.1]
-    assert loss == pytest.approx(np.mean((pred - noise) ** 2), rel=1e-5)   # the target is the unperturbed noise
+    assert abs(np.corrcoef(draws.ravel(), plain["noise"].ravel())[0, 1]) < 0.1   # drawn apart from the noise
+    assert perturbed["loss"] == pytest.approx(np.mean((perturbed["pred"] - plain["noise"]) ** 2), rel=1e-5)
 
 
 def test_min_snr_gamma_at_zero_snr_is_finite(models):
