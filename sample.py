@@ -116,8 +116,10 @@ def _from_the_preset(error: UsageError, preset: dict, path, args, argv) -> Usage
     """``--height 30: must be ...`` when the 30 came from the --config file: name the file and key
     instead of a flag the user did not type."""
     key = error.setting
+    if key is None or key not in preset:
+        return error
     value = getattr(args, key, None)
-    if key is None or key not in preset or not (value is preset[key] or value == preset[key]):   # NaN != NaN
+    if not (value is preset[key] or value == preset[key]):   # (is: NaN != NaN)
         return error
     flag = "--scheduler-option" if key == "scheduler_options" else "--" + key.replace("_", "-")
     if any(a == flag or a.startswith(flag + "=") for a in map(str, argv)):

@@ -138,7 +138,9 @@ def denoise(unet, scheduler: Scheduler, latents_BHWC, cond_BSD, uncond_BSD=None,
     ``jax.debug.callback`` (one host callback per step, on a runtime thread) and, under ``jax.jit``,
     must be a static, hashable argument. ``None`` leaves the compiled loop free of callbacks.
     """
-    check_nhwc("latents_BHWC", latents_BHWC, unet.config.in_channels)
+    # ``unet``: a UNet2DConditionModel, or any function (x, t, text) -> prediction, which has no config
+    channels = getattr(getattr(unet, "config", None), "in_channels", None)
+    check_nhwc("latents_BHWC", latents_BHWC, latents_BHWC.shape[-1] if channels is None else channels)
     if isinstance(start, jax.core.Tracer) or not isinstance(start, numbers.Integral):
         raise TypeError(f"start must be a Python int (static under jit: the loop's length depends on it), got "
                         f"{type(start).__name__}")
