@@ -352,6 +352,8 @@ class StableDiffusion:
         ``vae``: a VAE to use in place of the pipeline's own, an `AutoencoderKL` or what `load_vae`
         loads (then the pipeline's VAE weights are not read, nor downloaded)."""
         dtype = resolve_dtype(dtype)
+        if mesh is not None:   # refused before any download or read
+            parallel.data_size(mesh)
         if revision in ("flax", "bf16"):
             format = format or "flax"
         loaded = {part: model_cls for part, model_cls in PARTS.items() if not (part == "vae" and vae is not None)}
@@ -396,6 +398,8 @@ class StableDiffusion:
         scheduler config are downloaded, ~2 MB). ``vae``: a VAE to use in place of the file's, as
         in `from_pretrained`."""
         dtype = resolve_dtype(dtype)
+        if mesh is not None:
+            parallel.data_size(mesh)
         local_file = prepare_single_file(file)  # checked before the configs are fetched; a URL downloads later
         patterns = ["model_index.json", "scheduler/scheduler_config.json", "tokenizer/*",
                     *(f"{part}/config.json" for part in PARTS)]

@@ -517,6 +517,14 @@ def test_an_example_with_several_captions_trains_on_one_per_epoch(folder):
     assert all(len(seen[i]) >= 2 for i in range(0, 10, 2)), seen
     resumed = iterate_batches(several, start_step=7, **kwargs)
     assert next(resumed)["captions"] == batches[7]["captions"]
+    # A run saved when sdjax trained on the first captions (its fingerprint covered only those) resumes,
+    # with a warning; other data is still refused.
+    saved = {**many.state(), "fingerprint": several.first_captions_fingerprint}
+    assert several.first_captions_fingerprint == ds.fingerprint != several.fingerprint
+    with pytest.warns(UserWarning, match=r"started when sdjax trained on the first caption .*\(20 in all\)"):
+        resumed.restore(saved)
+    with pytest.raises(DataError, match="the training data's file names or captions changed"):
+        resumed.restore({**saved, "fingerprint": "0" * 16})
     for it in (one, many, resumed):
         it.close()
 

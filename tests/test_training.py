@@ -1255,9 +1255,9 @@ def test_resume_from_moved_data_says_to_pass_its_new_place(full_run):
 
 
 def test_resume_step_falls_back_to_an_earlier_checkpoint(full_run, tmp_path):
-    """--resume-step 2 on a run with checkpoints 2 and 3: it resumes at step 2 (weights, data position
-    and metrics), and checkpoint 3 is moved aside, not deleted (to 3-2 where an earlier fallback left
-    a 3). Nothing is moved when the arguments are wrong. No step is compiled."""
+    """--resume-step 2 on a run with checkpoints 2 and 3: it resumes at step 2 (weights, data position,
+    metrics and samples), and checkpoint 3 is moved aside, not deleted (to 3-2 where an earlier
+    fallback left a 3). Nothing is moved when the resume is refused. No step is compiled."""
     out = tmp_path / "run"
     shutil.copytree(full_run["out"], out)
     assert complete_steps(out) == [2, 3]
@@ -1274,7 +1274,12 @@ def test_resume_step_falls_back_to_an_earlier_checkpoint(full_run, tmp_path):
         Trainer.create(cfg, resume_step=1)
     with pytest.raises(UsageError, match="--resume-step 2: only with --resume"):
         Trainer.create(dataclasses.replace(cfg, resume=False), resume_step=2)
-    assert complete_steps(out) == [2, 3]
+    with pytest.raises(UsageError, match="--resume-step 2: past --max-steps 1"):
+        Trainer.create(dataclasses.replace(cfg, max_steps=1), resume_step=2)
+    with pytest.raises(UsageError, match="ema_decay"):   # what a checkpoint holds cannot change: refused at restore
+        Trainer.create(dataclasses.replace(cfg, ema_decay=None), resume_step=2)
+    assert complete_steps(out) == [2, 3] and not (out / "abandoned_checkpoints").exists()
+    assert sorted(p.name for p in (out / "samples").glob("step-*.png")) == ["step-000002.png", "step-000003.png"]
     (out / "abandoned_checkpoints" / "3").mkdir(parents=True)
     trainer = Trainer.create(cfg, resume_step=2)
     try:
@@ -1286,6 +1291,7 @@ def test_resume_step_falls_back_to_an_earlier_checkpoint(full_run, tmp_path):
     assert complete_steps(out) == [2]
     assert sorted(p.name for p in (out / "abandoned_checkpoints").iterdir()) == ["3", "3-2"]
     assert [row["step"] for row in metrics(out)] == [1, 2]
+    assert sorted(p.name for p in (out / "samples").glob("step-*.png")) == ["step-000002.png"]   # not 3's
     with pytest.raises(UsageError, match=r"--resume-step 3: no checkpoint 3 in .* \(it has 2\)"):
         Trainer.create(cfg, resume_step=3)
 
@@ -1303,6 +1309,8 @@ def test_a_new_run_does_not_replace_an_earlier_runs_export(full_run, pipeline_di
                                                        "checkpoints: this run would replace it")):
             Trainer.create(config(out, pipeline_dir, data_dir, resume=resume))
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
+    (tmp_path / "fresh" / "final").mkdir(parents=True)   # an empty final/ (a mount point) is no export
+    Trainer.create(config(tmp_path / "fresh", pipeline_dir, data_dir)).close()
 
 
 def test_a_checkpoint_folder_as_a_model_says_how_to_export_it(full_run):

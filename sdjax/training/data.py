@@ -259,10 +259,13 @@ class CaptionedImages(collections.abc.Sequence):
         """A hash of the names and captions, to check that every host loaded the same rows (and a
         resume the same data). With one caption per example it is what it was before examples
         could have several, so older runs still resume."""
-        digest = hashlib.sha256()
-        for name, texts in zip(self.names, self.caption_sets):
-            digest.update(name.encode() + b"\0" + "\x1f".join(texts).encode() + b"\0")
-        return digest.hexdigest()[:16]
+        return _fingerprint(self.names, self.caption_sets)
+
+    @property
+    def first_captions_fingerprint(self) -> str:
+        """The `fingerprint` of the names and first captions: what runs started before examples could
+        have several captions recorded (sdjax then trained on a TFDS example's first caption)."""
+        return _fingerprint(self.names, [texts[:1] for texts in self.caption_sets])
 
     def smaller_than(self, resolution: int) -> list[int]:
         """The examples whose image's shorter side is below ``resolution``: preprocessing upscales
@@ -278,6 +281,13 @@ class CaptionedImages(collections.abc.Sequence):
         several = self.num_captions - len(self)
         return (f"CaptionedImages({self.source!r}, {len(self)} examples, "
                 + (f"{self.num_captions} captions, " if several else "") + f"{len(self.skipped)} skipped)")
+
+
+def _fingerprint(names: list[str], caption_sets: list[tuple[str, ...]]) -> str:
+    digest = hashlib.sha256()
+    for name, texts in zip(names, caption_sets):
+        digest.update(name.encode() + b"\0" + "\x1f".join(texts).encode() + b"\0")
+    return digest.hexdigest()[:16]
 
 
 def load_captioned_images(source: str | os.PathLike, *, image_key: str = "image",
@@ -922,6 +932,11 @@ class BatchIterator:
             saved, now = state[key], getattr(self, key)
             if key != "fingerprint":
                 saved = int(saved)
+            elif saved != now and saved == self.dataset.first_captions_fingerprint:
+                warnings.warn(f"{self.dataset.source}: this run was started when sdjax trained on the first caption "
+                              "of each example; from here on each epoch trains on one of each example's captions "
+                              f"({self.dataset.num_captions} in all)", stacklevel=2)
+                continue
             if saved != now:
                 keep = (f"; on another number of devices, choose --batch-size and --gradient-accumulation whose "
                         f"product with the device count is {saved}" if key == "global_batch_size" else "")

@@ -465,6 +465,12 @@ def _check_processes_loaded_the_same_data(dataset, error: DataError | None, sour
                         "host needs the same copy of the data")
 
 
+def _sample_step(path: Path) -> int:
+    """The step of a ``samples/step-NNNNNN.png`` (-1 for another name matching ``step-*.png``)."""
+    digits = path.stem.removeprefix("step-")
+    return int(digits) if digits.isdigit() else -1
+
+
 def _set_aside_checkpoints_after(out: Path, step: int, existing: list[int]) -> list[Path]:
     """Move the checkpoints after ``step`` to ``OUTPUT_DIR/abandoned_checkpoints/STEP`` (``STEP-2``...
     where a folder of that name is there from an earlier fallback): a resume takes the newest
@@ -584,15 +590,17 @@ class Trainer:
         main = jax.process_index() == 0
         _check_processes_share_the_output_dir(out, create=True)
         existing = checkpoint_steps(out / "checkpoints")
-        if resume_step is not None and (not cfg.resume or resume_step not in existing):
+        if resume_step is not None and (not cfg.resume or resume_step not in existing or resume_step > cfg.max_steps):
             raise UsageError(f"--resume-step {resume_step}: " + (
                 "only with --resume" if not cfg.resume else
+                f"past --max-steps {cfg.max_steps}" if resume_step in existing else
                 f"no checkpoint {resume_step} in {out / 'checkpoints'} (it has "
                 f"{', '.join(map(str, existing)) or 'none'})"))
         if existing and not cfg.resume:
             raise UsageError(f"{out / 'checkpoints'} has checkpoints up to step {existing[-1]}: pass --resume to "
                              "continue that run, or choose another --output-dir")
-        export = [p.name for p in (out / "final", cls.single_file_path(out / "final")) if p.exists()]
+        export = [p.name for p in (out / "final", cls.single_file_path(out / "final"))   # (an empty final/: a mount)
+                  if p.is_file() or (p.is_dir() and any(p.iterdir()))]
         if export and not existing:   # its checkpoints deleted to free the disk: the export is what is left of it
             raise UsageError(f"{out} holds an earlier run's export ({', '.join(export)}) and no checkpoints: this "
                              "run would replace it; choose another --output-dir, or move it away")
@@ -655,18 +663,22 @@ class Trainer:
                              process_index=jax.process_index(), process_count=jax.process_count(), seed=cfg.seed,
                              center_crop=cfg.center_crop, random_flip=cfg.random_flip,
                              micro_batches=cfg.gradient_accumulation)
-        set_aside = _set_aside_checkpoints_after(out, resume_step, existing) if resume_step is not None else []
-        checkpoints, log = Checkpointer(out / "checkpoints", max_to_keep=cfg.keep_checkpoints), None
+        checkpoints, log, set_aside = Checkpointer(out / "checkpoints", max_to_keep=cfg.keep_checkpoints), None, []
         try:   # on any failure from here on, the loader threads and Orbax's manager are closed
             resumed = None
             if cfg.resume and checkpoints.latest_step() is not None:
-                state, position = _restore(checkpoints, state, None, cfg, recorded)
+                state, position = _restore(checkpoints, state, resume_step, cfg, recorded)
                 resumed = int(state.step)
                 if resumed > cfg.max_steps:
                     raise UsageError(f"--max-steps {cfg.max_steps}: the run in {out} is already at step {resumed}; "
                                      "pass a larger --max-steps to train on, or export an earlier checkpoint with "
                                      "--export --export-step N")
                 data.restore(position)
+                if resume_step is not None and resume_step < existing[-1]:   # all checked: move the later ones
+                    checkpoints.close()   # Orbax lists the steps when opened: it must not see the later ones
+                    checkpoints = None
+                    set_aside = _set_aside_checkpoints_after(out, resume_step, existing)
+                    checkpoints = Checkpointer(out / "checkpoints", max_to_keep=cfg.keep_checkpoints)
                 if main:
                     print(f"resumed from {checkpoints.directory} at step {resumed}"
                           + (f"; the later checkpoints moved to {set_aside[0].parent}: "
@@ -677,8 +689,8 @@ class Trainer:
                 out.mkdir(parents=True, exist_ok=True)
                 record = json.dumps(_record(cfg), indent=2) + "\n"  # atomically: a resume and an export need it
                 atomic_write(out / RUN_CONFIG_FILE, lambda tmp: tmp.write_text(record))
-                if resumed is None:   # a fresh run: an earlier run's samples would pass for its own
-                    for old in (out / "samples").glob("step-*.png"):
+                for old in (out / "samples").glob("step-*.png"):   # a fresh run: an earlier run's would pass
+                    if resumed is None or _sample_step(old) > resumed:   # for its own; a resume: those past it
                         old.unlink()
             log = MetricsLog(out, enabled=main, spike_factor=cfg.spike_factor, resume_from_step=resumed)
             trainer = cls(cfg, out, mesh, pipe, graphdefs, frozen, state, data, checkpoints, step_cfg, step_fn, log,
