@@ -23,15 +23,16 @@ F32 = jnp.float32
 
 def image_keys(seeds_B) -> jax.Array:
     """One PRNG key per image, from its seed (integers in [0, 2**32 - 1], [B]; a list works too).
-    Concrete seeds are checked (seeds out of range would wrap onto others' keys); traced ones are
-    taken as they are."""
-    if not isinstance(seeds_B, jax.core.Tracer):
+    Concrete seeds are checked (seeds out of range would wrap onto others' keys); traced ones, and
+    an array spread over several processes, are taken as they are."""
+    if not isinstance(seeds_B, jax.core.Tracer) and getattr(seeds_B, "is_fully_addressable", True):
         seeds = np.asarray(seeds_B)
         if seeds.ndim != 1 or seeds.dtype.kind not in "iu":
             raise ValueError(f"seeds_B: expected a 1-D array of integer seeds, got shape {seeds.shape} of {seeds.dtype}")
         if seeds.size and (seeds.min() < 0 or seeds.max() > 2**32 - 1):
             raise ValueError(f"seeds_B: seeds must be in [0, 2**32 - 1], got {seeds.min()}..{seeds.max()}")
-        seeds_B = jnp.asarray(seeds.astype(np.uint32))
+        # a JAX array keeps its placement (split over devices: so are the keys)
+        seeds_B = seeds_B.astype(jnp.uint32) if isinstance(seeds_B, jax.Array) else jnp.asarray(seeds.astype(np.uint32))
     return jax.vmap(jax.random.key)(seeds_B)
 
 

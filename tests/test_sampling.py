@@ -531,6 +531,8 @@ def test_image_keys_checks_concrete_seeds():
                          (np.array([1.5]), "of float64")):
         with pytest.raises(ValueError, match=message):
             image_keys(bad)
+    split = parallel.shard_batch(np.arange(8, dtype=np.uint32), parallel.data_mesh())
+    assert image_keys(split).sharding == split.sharding                      # keys placed as the seeds were
     traced = jax.jit(image_keys)(jnp.array([3], jnp.uint32))                 # traced: taken as it is
     np.testing.assert_array_equal(jax.random.key_data(traced), jax.random.key_data(image_keys([3])))
 
