@@ -485,7 +485,11 @@ def test_settings_checked_before_a_run(tmp_path, monkeypatch):
     for change, message in (({"random_flip": "no"}, "random_flip='no' must be true or false (--random-flip)"),
                             ({"model": None}, "model=None must be set"),
                             ({"validation_prompts": ["ok", 3]}, "validation_prompts=['ok', 3] must be a list of "
-                                                                "prompts")):
+                                                                "prompts"),
+                            ({"lr_power": 0}, "lr_power=0 must be a positive number"),
+                            ({"lr_num_cycles": 0}, "lr_num_cycles=0 must be >= 1"),
+                            ({"lr_schedule": "polynomial", "learning_rate": 1e-8},
+                             "learning_rate=1e-08 must be above 1e-07, where the polynomial schedule ends")):
         with pytest.raises(ValueError, match=re.escape(message)):
             TrainConfig(train_data="data", **change).validate()
     from sdjax.models import layers
@@ -1576,8 +1580,8 @@ def test_resume_with_a_setting_that_changes_the_checkpoint_layout(full_run, chan
 
 # ----------------------------------------------------------------------------- 6/7. train.py errors
 BAD_VALUES = {   # flag value -> what the error says; all checked before the model is loaded
-    "lr_schedule": ("polynomial", "lr_schedule='polynomial' is not one of 'constant', 'cosine', 'linear' "
-                    "(--lr-schedule)"),
+    "lr_schedule": ("step", "lr_schedule='step' is not one of 'constant', 'cosine', 'linear', "
+                    "'cosine_with_restarts', 'polynomial' (--lr-schedule)"),
     "seed": ("-1", "seed=-1 must be >= 0 (--seed)"),
     "export_format": ("onnx", "export_format='onnx' is not one of 'both', 'pytorch', 'flax' (--export-format)"),
     "export_single_file": ("fp16", "export_single_file='fp16' is not one of 'float16', 'bfloat16', 'float32' or "

@@ -344,10 +344,11 @@ def test_schedules_are_the_closed_forms():
     get_cosine_schedule_with_warmup / get_linear_schedule_with_warmup."""
     import torch
     from diffusers.optimization import (get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup,
-                                        get_linear_schedule_with_warmup)
+                                        get_cosine_with_hard_restarts_schedule_with_warmup,
+                                        get_linear_schedule_with_warmup, get_polynomial_decay_schedule_with_warmup)
 
     peak, warmup, total = 1e-3, 4, 20
-    steps = [0, 1, 2, 3, 4, 5, 8, 12, 19, 20]
+    steps = [0, 1, 2, 3, 4, 5, 8, 9, 10, 12, 19, 20]
 
     def constant(s):
         return peak * s / warmup if s < warmup else peak
@@ -358,6 +359,14 @@ def test_schedules_are_the_closed_forms():
     def linear(s):
         return peak * s / warmup if s < warmup else peak * (total - s) / (total - warmup)
 
+    def restarts(s, cycles=3):   # each cycle a cosine from the peak to 0
+        progress = (s - warmup) / (total - warmup)
+        return peak * s / warmup if s < warmup else (
+            0.0 if progress >= 1 else peak * (1 + math.cos(math.pi * ((cycles * progress) % 1))) / 2)
+
+    def polynomial(s, power=2.0, end=1e-7):
+        return peak * s / warmup if s < warmup else (peak - end) * ((total - s) / (total - warmup)) ** power + end
+
     schedules = {"constant": (S.make_optimizer(peak, warmup_steps=warmup)[1], constant),
                  "linear": (S.make_optimizer(peak, warmup_steps=warmup, schedule="linear", total_steps=total)[1],
                             linear),
@@ -365,16 +374,26 @@ def test_schedules_are_the_closed_forms():
                                        lambda s: peak * (total - s) / total),
                  "cosine": (S.make_optimizer(peak, warmup_steps=warmup, schedule="cosine", total_steps=total)[1],
                             cosine),
-                 "no warmup": (S.make_optimizer(peak)[1], lambda s: peak)}
+                 "no warmup": (S.make_optimizer(peak)[1], lambda s: peak),
+                 "cosine_with_restarts": (S.make_optimizer(peak, warmup_steps=warmup, schedule="cosine_with_restarts",
+                                                           total_steps=total, num_cycles=3)[1], restarts),
+                 "polynomial": (S.make_optimizer(peak, warmup_steps=warmup, schedule="polynomial", total_steps=total,
+                                                 power=2.0)[1], polynomial)}
     for name, (schedule, closed_form) in schedules.items():
         for s in steps:
             assert float(schedule(s)) == pytest.approx(closed_form(s), rel=1e-6, abs=1e-6 * peak), (name, s)  # fp32
     assert cosine(12) == pytest.approx(peak / 2) and cosine(20) == pytest.approx(0.0, abs=1e-15)
+    assert restarts(9) < 0.05 * peak and restarts(10) > 0.9 * peak              # the second cycle starts between
+    assert polynomial(12) == pytest.approx((peak - 1e-7) / 4 + 1e-7)               # half way, squared
 
     sgd = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=peak)
     diffusers_factors = {"constant": get_constant_schedule_with_warmup(sgd, warmup).lr_lambdas[0],
                          "cosine": get_cosine_schedule_with_warmup(sgd, warmup, total).lr_lambdas[0],
-                         "linear": get_linear_schedule_with_warmup(sgd, warmup, total).lr_lambdas[0]}
+                         "linear": get_linear_schedule_with_warmup(sgd, warmup, total).lr_lambdas[0],
+                         "cosine_with_restarts": get_cosine_with_hard_restarts_schedule_with_warmup(
+                             sgd, warmup, total, num_cycles=3).lr_lambdas[0],
+                         "polynomial": get_polynomial_decay_schedule_with_warmup(
+                             sgd, warmup, total, power=2.0).lr_lambdas[0]}
     for name, factor in diffusers_factors.items():
         for s in steps:
             assert schedules[name][1](s) == pytest.approx(peak * factor(s), rel=1e-12, abs=1e-15), (name, s)

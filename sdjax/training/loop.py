@@ -43,7 +43,7 @@ from sdjax.weights import abstract_model
 RUN_CONFIG_FILE = "train_config.json"   # in the output folder: the settings a run was started with
 SET_ASIDE_DIR = "abandoned_checkpoints"  # in the output folder: the checkpoints after a resume_step
 MIXED_PRECISIONS = ("no", "bf16")
-LR_SCHEDULES = ("constant", "cosine", "linear")
+LR_SCHEDULES = ("constant", "cosine", "linear", "cosine_with_restarts", "polynomial")
 EXPORT_FORMATS = ("both", "pytorch", "flax")
 SINGLE_FILE_DTYPES = ("float16", "bfloat16", "float32")
 SAMPLE_SCHEDULER = "pndm"               # of the validation samples
@@ -77,7 +77,9 @@ class TrainConfig:
     gradient_accumulation: int = 1
     max_steps: int = 1000              # optimizer updates
     learning_rate: float = 1e-5
-    lr_schedule: str = "constant"      # or "cosine", "linear" (to 0 at max_steps, after the warmup)
+    lr_schedule: str = "constant"      # or "cosine", "linear" (to 0 at max_steps, after the warmup), ...
+    lr_num_cycles: int = 1             # cosine_with_restarts: the decays to 0 before max_steps
+    lr_power: float = 1.0              # polynomial: the exponent of the decay (1: linear)
     warmup_steps: int = 0
     adam_b1: float = 0.9
     adam_b2: float = 0.999
@@ -159,6 +161,7 @@ class TrainConfig:
             raise ValueError("no training data: pass --train-data DIR (train_images/ + image_captions.csv) or tfds:NAME")
         for name, least in (("resolution", 1), ("batch_size", 1), ("gradient_accumulation", 1), ("max_steps", 1),
                             ("checkpoint_every", 1), ("keep_checkpoints", 1), ("log_every", 1), ("sample_steps", 1),
+                            ("lr_num_cycles", 1),
                             ("warmup_steps", 0), ("sample_every", 0), ("seed", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -179,6 +182,10 @@ class TrainConfig:
             raise bad("export_single_file", "is not one of " + ", ".join(map(repr, SINGLE_FILE_DTYPES)) + " or none")
         if number("learning_rate") <= 0:
             raise bad("learning_rate", "must be a positive number")
+        if number("lr_power") <= 0:
+            raise bad("lr_power", "must be a positive number")
+        if self.lr_schedule == "polynomial" and self.learning_rate <= S.POLYNOMIAL_END_LR:
+            raise bad("learning_rate", f"must be above {S.POLYNOMIAL_END_LR}, where the polynomial schedule ends")
         for name in ("adam_b1", "adam_b2"):
             if not 0.0 <= number(name) < 1.0:
                 raise bad(name, "must be in [0, 1)")
@@ -338,6 +345,7 @@ def _build_model(cfg: TrainConfig, mesh):
     if cfg.train_text_encoder:
         params["text_encoder"] = _pure(pipe.text_encoder)
     optimizer, lr = S.make_optimizer(cfg.learning_rate, warmup_steps=cfg.warmup_steps, schedule=cfg.lr_schedule,
+                                     num_cycles=cfg.lr_num_cycles, power=cfg.lr_power,
                                      total_steps=cfg.max_steps, b1=cfg.adam_b1, b2=cfg.adam_b2,
                                      weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm)
     state = S.init_state(parallel.replicate(params, mesh), optimizer, cfg.seed, ema=cfg.ema_decay is not None,

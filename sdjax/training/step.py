@@ -71,12 +71,35 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
     return optax.GradientTransformation(optax.init_empty_state, update)
 
 
+POLYNOMIAL_END_LR = 1e-7   # where the polynomial schedule ends (diffusers' get_scheduler default lr_end)
+
+
 def make_optimizer(learning_rate: float = 1e-5, *, warmup_steps: int = 0, schedule: str = "constant",
                    total_steps: int | None = None, b1: float = 0.9, b2: float = 0.999, weight_decay: float = 1e-2,
-                   max_grad_norm: float | None = 1.0) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW with linear warmup then a constant, cosine or linear (to 0 at ``total_steps``) learning
-    rate, after global-norm clipping."""
-    if schedule == "constant":
+                   max_grad_norm: float | None = 1.0, num_cycles: int = 1,
+                   power: float = 1.0) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW with linear warmup then a constant, cosine, linear (to 0 at ``total_steps``),
+    cosine_with_restarts (``num_cycles`` cosine decays to 0, each restarting at the peak) or
+    polynomial (``(1 - progress) ** power`` down to `POLYNOMIAL_END_LR`) learning rate, after
+    global-norm clipping: diffusers' schedules of those names."""
+    if schedule in ("cosine_with_restarts", "polynomial"):
+        if not total_steps:
+            raise ValueError(f"the {schedule} schedule needs total_steps (--max-steps)")
+        if schedule == "polynomial" and not learning_rate > POLYNOMIAL_END_LR:
+            raise ValueError(f"the polynomial schedule ends at {POLYNOMIAL_END_LR}: the learning rate must be above it")
+        warmup, decay_steps = max(warmup_steps, 0), max(1, total_steps - warmup_steps)
+
+        def lr(step):
+            s = jnp.asarray(step, F32)
+            progress = (s - warmup) / decay_steps
+            if schedule == "cosine_with_restarts":
+                after = jnp.where(progress >= 1.0, 0.0,
+                                  learning_rate * 0.5 * (1.0 + jnp.cos(jnp.pi * ((num_cycles * progress) % 1.0))))
+            else:
+                remaining = jnp.clip(1.0 - progress, 0.0, 1.0)
+                after = (learning_rate - POLYNOMIAL_END_LR) * remaining ** power + POLYNOMIAL_END_LR
+            return jnp.where(s < warmup, learning_rate * s / max(1, warmup), after)
+    elif schedule == "constant":
         lr = optax.join_schedules([optax.linear_schedule(0.0, learning_rate, warmup_steps),
                                    optax.constant_schedule(learning_rate)], [warmup_steps]) if warmup_steps else (
             optax.constant_schedule(learning_rate))
@@ -91,7 +114,8 @@ def make_optimizer(learning_rate: float = 1e-5, *, warmup_steps: int = 0, schedu
             lr = optax.join_schedules([optax.linear_schedule(0.0, learning_rate, warmup_steps), decay],
                                       [warmup_steps]) if warmup_steps else decay
     else:
-        raise ValueError(f"unknown learning-rate schedule {schedule!r}: use 'constant', 'cosine' or 'linear'")
+        raise ValueError(f"unknown learning-rate schedule {schedule!r}: use 'constant', 'cosine', 'linear', "
+                         "'cosine_with_restarts' or 'polynomial'")
     chain = [clip_by_global_norm(max_grad_norm)] if max_grad_norm else []
     chain.append(optax.adamw(lr, b1=b1, b2=b2, weight_decay=weight_decay))
     return optax.chain(*chain), lr
