@@ -327,7 +327,7 @@ def load_captioned_images(source: str | os.PathLike, *, image_key: str = "image"
                         validate_images=validate_images, num_workers=num_workers)
 
 
-def _finish(source: str, where: str, names: list[str], captions: list[str],
+def _finish(source: str, where: str, names: list[str], captions: list[str | tuple[str, ...]],
             open_image: Callable[[int, int | None], Image.Image], bad: list[BadRow], total: int,
             skip_bad_rows: bool, shorter_sides: list[int] | None) -> CaptionedImages:
     """Raises for bad rows (unless skipping) or no usable rows; else builds the dataset."""
@@ -969,11 +969,12 @@ class BatchIterator:
         columns = slice(self.process_index * m, (self.process_index + 1) * m)
         return batch_AM[:, columns].reshape(-1).astype(np.int64)
 
-    def caption_picks(self, step: int) -> np.ndarray:
-        """Which caption of each example of `indices_for_step` (``step``) is trained on (int64 [b])."""
+    def caption_picks(self, step: int, indices: np.ndarray | None = None) -> np.ndarray:
+        """Which caption of each example of `indices_for_step` (``step``; pass ``indices`` when they
+        are at hand) is trained on (int64 [b])."""
         epoch, sets = step // self.steps_per_epoch, self.dataset.caption_sets
-        return np.array([caption_pick(self.seed, epoch, int(i), len(sets[i])) for i in self.indices_for_step(step)],
-                        np.int64)
+        indices = self.indices_for_step(step) if indices is None else indices
+        return np.array([caption_pick(self.seed, epoch, int(i), len(sets[i])) for i in indices], np.int64)
 
     def _load_one(self, epoch: int, index: int) -> np.ndarray:
         rng = example_rng(self.seed, epoch, int(index))
@@ -993,7 +994,7 @@ class BatchIterator:
             images = list(pool.map(lambda i: self._load_one(epoch, i), indices))
         else:
             images = [self._load_one(epoch, i) for i in indices]
-        picks = self.caption_picks(step)
+        picks = self.caption_picks(step, indices)
         return {"pixel_values": np.stack(images),
                 "captions": [self.dataset.caption_sets[i][pick] for i, pick in zip(indices, picks)],
                 "indices": indices, "caption_picks": picks, "step": step, "epoch": epoch}

@@ -772,7 +772,8 @@ class Trainer:
         process holds its columns of every micro-batch, see `BatchIterator`)."""
         if self.latent_cache is not None:  # no image decoding: look the posterior up
             step = self.data.step
-            indices, picks = self.data.indices_for_step(step), self.data.caption_picks(step)
+            indices = self.data.indices_for_step(step)
+            picks = self.data.caption_picks(step, indices)
             self.data.step += 1
             host = {"latent_mean": self.latent_cache[0][indices], "latent_std": self.latent_cache[1][indices]}
         else:
