@@ -1580,7 +1580,7 @@ def test_resume_with_a_setting_that_changes_the_checkpoint_layout(full_run, chan
 
 # ----------------------------------------------------------------------------- 6/7. train.py errors
 BAD_VALUES = {   # flag value -> what the error says; all checked before the model is loaded
-    "lr_schedule": ("step", "lr_schedule='step' is not one of 'constant', 'cosine', 'linear', "
+    "lr_schedule": ("step", "lr_schedule='step' is not one of 'constant', 'constant_with_warmup', 'cosine', 'linear', "
                     "'cosine_with_restarts', 'polynomial' (--lr-schedule)"),
     "seed": ("-1", "seed=-1 must be >= 0 (--seed)"),
     "export_format": ("onnx", "export_format='onnx' is not one of 'both', 'pytorch', 'flax' (--export-format)"),

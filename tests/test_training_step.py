@@ -368,6 +368,8 @@ def test_schedules_are_the_closed_forms():
         return peak * s / warmup if s < warmup else (peak - end) * ((total - s) / (total - warmup)) ** power + end
 
     schedules = {"constant": (S.make_optimizer(peak, warmup_steps=warmup)[1], constant),
+                 "constant_with_warmup": (S.make_optimizer(peak, warmup_steps=warmup, schedule="constant_with_warmup")[1],
+                                          constant),
                  "linear": (S.make_optimizer(peak, warmup_steps=warmup, schedule="linear", total_steps=total)[1],
                             linear),
                  "linear, no warmup": (S.make_optimizer(peak, schedule="linear", total_steps=total)[1],
@@ -388,6 +390,7 @@ def test_schedules_are_the_closed_forms():
 
     sgd = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=peak)
     diffusers_factors = {"constant": get_constant_schedule_with_warmup(sgd, warmup).lr_lambdas[0],
+                         "constant_with_warmup": get_constant_schedule_with_warmup(sgd, warmup).lr_lambdas[0],
                          "cosine": get_cosine_schedule_with_warmup(sgd, warmup, total).lr_lambdas[0],
                          "linear": get_linear_schedule_with_warmup(sgd, warmup, total).lr_lambdas[0],
                          "cosine_with_restarts": get_cosine_with_hard_restarts_schedule_with_warmup(

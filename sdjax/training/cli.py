@@ -48,8 +48,9 @@ HELP = {
     "gradient_accumulation": "micro-batches averaged per optimizer update",
     "max_steps": "optimizer updates to run (500-1000 to start)",
     "learning_rate": "peak AdamW learning rate (1e-6 to 5e-5; lower if the loss is unstable)",
-    "lr_schedule": "'constant', 'cosine', 'linear' (both to 0 at --max-steps), 'cosine_with_restarts' or "
-                   "'polynomial' after warmup (diffusers' schedules of those names)",
+    "lr_schedule": "'constant' (or its diffusers name 'constant_with_warmup'), 'cosine', 'linear' (both to 0 at "
+                   "--max-steps), 'cosine_with_restarts' or 'polynomial', each after --warmup-steps (diffusers' "
+                   "schedules of those names)",
     "lr_num_cycles": "cosine_with_restarts: how many cosine decays to 0, each restarting at the peak",
     "lr_power": "polynomial: the exponent of the decay to 1e-7 (1: linear)",
     "warmup_steps": "linear learning-rate warmup steps",

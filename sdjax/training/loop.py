@@ -43,7 +43,7 @@ from sdjax.weights import abstract_model
 RUN_CONFIG_FILE = "train_config.json"   # in the output folder: the settings a run was started with
 SET_ASIDE_DIR = "abandoned_checkpoints"  # in the output folder: the checkpoints after a resume_step
 MIXED_PRECISIONS = ("no", "bf16")
-LR_SCHEDULES = ("constant", "cosine", "linear", "cosine_with_restarts", "polynomial")
+LR_SCHEDULES = ("constant", "constant_with_warmup", "cosine", "linear", "cosine_with_restarts", "polynomial")
 EXPORT_FORMATS = ("both", "pytorch", "flax")
 SINGLE_FILE_DTYPES = ("float16", "bfloat16", "float32")
 SAMPLE_SCHEDULER = "pndm"               # of the validation samples
