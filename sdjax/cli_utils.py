@@ -285,6 +285,7 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
         types, _ = CONFIG_KEYS[key]
         if float in (types if isinstance(types, tuple) else (types,)):
             value = _yaml_number(value)
+        value = _quoted_number(value, types)
         wrong_bool = isinstance(value, bool) and types is not bool
         if not isinstance(value, types) or wrong_bool:
             raise UsageError(f"{path}: key {raw_key!r} has value {value!r}; expected {_type_name(types)}")
@@ -330,6 +331,23 @@ def _yaml_number(value):
     if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+(\.\d*)?[eE][-+]?\d+|inf|infinity)", value.strip(),
                                                re.IGNORECASE):
         return float(value)
+    return value
+
+
+def _quoted_number(value, types):
+    """``steps: '30'`` or ``guidance_scale: "7.5"`` (a number written in quotes) as that number, as
+    train.py's presets and every flag read it; any other value as it is."""
+    if not isinstance(value, str) or str in (types if isinstance(types, tuple) else (types,)):
+        return value
+    text = value.strip()
+    if types is int or int in (types if isinstance(types, tuple) else ()):
+        if re.fullmatch(r"[-+]?\d+", text):
+            return int(text)
+    if float in (types if isinstance(types, tuple) else (types,)):
+        try:
+            return float(text)
+        except ValueError:
+            pass
     return value
 
 

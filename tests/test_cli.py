@@ -308,6 +308,17 @@ def test_presets_load_and_precedence(tmp_path):
     cfg.write_text("steps: 1e1\n")            # still no integer
     with pytest.raises(UsageError, match="key 'steps' has value '1e1'; expected an integer"):
         load_config(cfg)
+    cfg.write_text("steps: '30'\nguidance_scale: \"7.5\"\nheight: ' 64'\n")   # quoted numbers, as train.py reads them
+    assert {k: load_config(cfg)[k] for k in ("steps", "guidance_scale", "height")} == \
+        {"steps": 30, "guidance_scale": 7.5, "height": 64}
+    for text, expected in (("steps: '3.5'", "'3.5'; expected an integer"), ("guidance_scale: 'high'", "'high'; "
+                           "expected an integer or a number"), ("seeds: '0-3'", None)):
+        cfg.write_text(text + "\n")
+        if expected is None:
+            assert load_config(cfg)["seeds"] == "0-3"   # seeds take text: not a number
+        else:
+            with pytest.raises(UsageError, match=re.escape(expected)):
+                load_config(cfg)
 
 
 # ----------------------------------------------------------------------------- generating
