@@ -422,6 +422,42 @@ def test_imagefolder_metadata_jsonl_and_csv(tmp_path):
         load_captioned_images(root)
 
 
+def test_metadata_caption_column(tmp_path):
+    """caption_key (--caption-key) picks a metadata file's caption column, as diffusers'
+    --caption_column does; the default reads text, else caption. In the other folder layouts it is
+    an error, not ignored."""
+    import json
+    root = tmp_path / "hf"
+    root.mkdir()
+    for name, color in (("a.png", RED), ("b.png", GREEN)):
+        _solid(color).save(root / name)
+    records = [{"file_name": "a.png", "text": "short", "prompt": "a red square, long"},
+               {"file_name": "b.png", "text": "short too", "prompt": ["green", "a green square"]}]
+    (root / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in records), encoding="utf-8")
+    assert load_captioned_images(root).captions == ["short", "short too"]
+    ds = load_captioned_images(root, caption_key="prompt")
+    assert ds.captions == ["a red square, long", "green"]
+    assert ds.caption_sets == [("a red square, long",), ("green", "a green square")]
+    with pytest.raises(DataError, match=r"row 1 \(line 1\) 'a.png': needs file_name and a caption in alt; it has "
+                                        r"file_name, text, prompt"):
+        load_captioned_images(root, caption_key="alt")
+    (root / "metadata.csv").write_text("file_name,prompt\na.png,red\n", encoding="utf-8")
+    (root / "metadata.jsonl").unlink()
+    assert load_captioned_images(root, caption_key="prompt").captions == ["red"]
+    csv_layout = write_captioned_folder(tmp_path / "csv", [(_solid(RED), "red")])
+    with pytest.raises(DataError, match=re.escape(f"caption key 'prompt' (--caption-key) names a column of a "
+                                                  f"metadata.jsonl or metadata.csv, or a TFDS feature; "
+                                                  f"{csv_layout / 'image_captions.csv'} has the header")):
+        load_captioned_images(csv_layout, caption_key="prompt")
+    sidecar = tmp_path / "sidecar"
+    sidecar.mkdir()
+    _solid(RED).save(sidecar / "a.png")
+    (sidecar / "a.txt").write_text("red")
+    with pytest.raises(DataError, match="has a caption file beside each image"):
+        load_captioned_images(sidecar, caption_key="prompt")
+    assert load_captioned_images(sidecar).captions == ["red"]
+
+
 def test_several_captions_per_image(tmp_path):
     """A metadata.jsonl list of captions (diffusers' train_text_to_image reads them too) gives the
     example every non-empty one; an empty list, or one of blanks, is an empty caption."""

@@ -1594,7 +1594,9 @@ BAD_VALUES = {   # flag value -> what the error says; all checked before the mod
     "adam_b1": ("1.5", "adam_b1=1.5 must be in [0, 1) (--adam-b1)"),
     "output_dir": ("gs://bucket/run", "output_dir='gs://bucket/run' must be a folder of the file system"),
     "model_config": ("elsewhere", "--model-config elsewhere: only for a single-file --model"),
-    "caption_key": ("text", "caption_key='text' is a TFDS setting, and train_data="),   # with folder data
+    "image_key": ("img", "image_key='img' is a TFDS setting, and train_data="),   # with folder data
+    "caption_key": ("text", "caption key 'text' (--caption-key) names a column of a metadata.jsonl or metadata.csv, "
+                    "or a TFDS feature; "),   # the data folder has an image_captions.csv
 }
 
 

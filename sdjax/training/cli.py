@@ -28,7 +28,8 @@ HELP = {
     "vae": "a VAE in place of the model's own, as sample.py --vae takes it (e.g. stabilityai/sd-vae-ft-mse or "
            "vae-ft-mse-840000-ema-pruned.safetensors): it encodes the training images and goes into final/",
     "variant": "load the model folder's variant weight files, e.g. fp16 (about half the download; trained in fp32)",
-    "caption_key": "TFDS: the caption feature's name (several captions per image: one per epoch)",
+    "caption_key": "TFDS: the caption feature's name (several captions per image: one per epoch); a folder's "
+                   "metadata.jsonl / metadata.csv: the caption column (default there: text, else caption)",
     "tfds_data_dir": "TFDS: the data_dir the dataset was prepared in (none: TFDS's default)",
     "seed": "seed of the data order, the noise and the timesteps (a run with the same seed repeats exactly)",
     "keep_checkpoints": "how many of the newest checkpoints to keep",

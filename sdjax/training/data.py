@@ -38,7 +38,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -51,6 +51,7 @@ CSV_HEADER = ("filename", "caption")
 # folder): a metadata file beside the images, with a file_name column and the caption in "text".
 METADATA_FILENAMES = ("metadata.jsonl", "metadata.csv")
 METADATA_CAPTION_COLUMNS = ("text", "caption")
+DEFAULT_CAPTION_KEY = "caption"   # TFDS's usual caption feature; in a metadata file: text, else caption
 # Caption files beside the images (kohya_ss, the web UIs' training tools): a.png + a.txt.
 SIDECAR_CAPTION_SUFFIXES = (".txt", ".caption")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -291,7 +292,7 @@ def _fingerprint(names: list[str], caption_sets: list[tuple[str, ...]]) -> str:
 
 
 def load_captioned_images(source: str | os.PathLike, *, image_key: str = "image",
-                          caption_key: str = "caption", data_dir: str | os.PathLike | None = None,
+                          caption_key: str = DEFAULT_CAPTION_KEY, data_dir: str | os.PathLike | None = None,
                           skip_bad_rows: bool = False, validate_images: bool = True,
                           download: bool = False, num_workers: int | None = None) -> CaptionedImages:
     """Loads and validates captioned images from a folder or a TFDS dataset.
@@ -304,7 +305,9 @@ def load_captioned_images(source: str | os.PathLike, *, image_key: str = "image"
         split (``tfds:huggingface:NAME:train``).
       image_key, caption_key: TFDS feature names; ``/`` reaches into nested features (e.g.
         ``captions/text``). A caption feature that holds several captions gives the example all of
-        them (``caption_sets``; training takes one per epoch).
+        them (``caption_sets``; training takes one per epoch). ``caption_key`` is also the caption
+        column of a folder's ``metadata.jsonl`` / ``metadata.csv``; its default, ``"caption"``,
+        means there the column ``text``, else ``caption`` (Hugging Face imagefolder's convention).
       data_dir: TFDS data folder (default: TFDS's own, ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``).
       skip_bad_rows: leave bad rows out (listed in ``.skipped``) instead of raising.
       validate_images: fully decode every image now (default). Turn off only for large data you
@@ -323,7 +326,7 @@ def load_captioned_images(source: str | os.PathLike, *, image_key: str = "image"
         return _load_tfds(source, image_key=image_key, caption_key=caption_key, data_dir=data_dir,
                           skip_bad_rows=skip_bad_rows, validate_images=validate_images,
                           download=download, num_workers=num_workers)
-    return _load_folder(Path(source), skip_bad_rows=skip_bad_rows,
+    return _load_folder(Path(source), caption_key=caption_key, skip_bad_rows=skip_bad_rows,
                         validate_images=validate_images, num_workers=num_workers)
 
 
@@ -365,17 +368,17 @@ def _csv_rows(csv_path: Path) -> Iterator[Row]:
             yield row, line, fields[0].strip(), fields[1].strip(), None
 
 
-def _metadata_rows(path: Path) -> Iterator[Row]:
+def _metadata_rows(path: Path, columns: Sequence[str] = METADATA_CAPTION_COLUMNS) -> Iterator[Row]:
     """The rows of an imagefolder ``metadata.jsonl`` (one JSON object per line) or ``metadata.csv``:
-    ``file_name`` and the caption in ``text`` (or ``caption``)."""
+    ``file_name`` and the caption in the first of ``columns`` the row has (``text``, else ``caption``)."""
     def row_of(row, line, record) -> Row:
         if not isinstance(record, dict):
             return row, line, "", "", f"not a JSON object: {str(record)[:60]!r}"
         filename = record.get("file_name")
-        column = next((c for c in METADATA_CAPTION_COLUMNS if c in record), None)
+        column = next((c for c in columns if c in record), None)
         if not isinstance(filename, str) or column is None:
             return row, line, str(filename or ""), "", (
-                f"needs file_name and a caption in {' or '.join(METADATA_CAPTION_COLUMNS)}; it has "
+                f"needs file_name and a caption in {' or '.join(columns)}; it has "
                 f"{', '.join(map(str, record)) or 'nothing'}")
         caption = record[column]
         if isinstance(caption, list):   # several captions: training takes one per epoch, as diffusers does
@@ -536,8 +539,8 @@ def _check_image_file(path: Path) -> tuple[str | None, int | None]:
         return f"unreadable image ({type(e).__name__}: {e})", None
 
 
-def _load_folder(root: Path, *, skip_bad_rows: bool, validate_images: bool,
-                 num_workers: int) -> CaptionedImages:
+def _load_folder(root: Path, *, caption_key: str = DEFAULT_CAPTION_KEY, skip_bad_rows: bool,
+                 validate_images: bool, num_workers: int) -> CaptionedImages:
     root = root.expanduser()
     if not root.exists():
         raise DataError(f"training data folder not found: {root} ({_LAYOUT_HELP})")
@@ -550,7 +553,8 @@ def _load_folder(root: Path, *, skip_bad_rows: bool, validate_images: bool,
             raise DataError(f"no {IMAGES_DIRNAME}/ folder in {root} ({_LAYOUT_HELP})")
         table, rows_in = csv_path, _csv_rows(csv_path)
     elif metadata is not None:   # imagefolder: the images beside the metadata file
-        table, rows_in, images_dir = metadata, _metadata_rows(metadata), root
+        columns = METADATA_CAPTION_COLUMNS if caption_key == DEFAULT_CAPTION_KEY else (caption_key,)
+        table, rows_in, images_dir = metadata, _metadata_rows(metadata, columns), root
     else:
         below = sorted(sub for sub in root.iterdir() if sub.is_dir() and any(
             (sub / name).is_file() for name in (CAPTIONS_FILENAME, *METADATA_FILENAMES)))
@@ -560,6 +564,11 @@ def _load_folder(root: Path, *, skip_bad_rows: bool, validate_images: bool,
             raise DataError(f"no {CAPTIONS_FILENAME} (or {' or '.join(METADATA_FILENAMES)}) in {root}{hint} "
                             f"({_LAYOUT_HELP})")
         table, rows_in, images_dir = root, sidecar, root
+    if caption_key != DEFAULT_CAPTION_KEY and table != metadata:
+        raise DataError(f"caption key {caption_key!r} (--caption-key) names a column of a metadata.jsonl or "
+                        f"metadata.csv, or a TFDS feature; {table} has "
+                        f"{'the header filename,caption' if table == csv_path else 'a caption file beside each image'}"
+                        " (leave --caption-key out)")
     shown = f"{images_dir.name}/" if images_dir != root else ""   # how paths are named in messages
 
     rows, bad, total = [], [], 0  # rows: (row, line, filename, caption, path)

@@ -98,7 +98,7 @@ class TrainConfig:
     random_flip: bool = False
     cache_latents: bool = False        # VAE-encode the dataset once (needs center_crop, no random_flip)
     image_key: str = "image"           # TFDS feature names
-    caption_key: str = "caption"
+    caption_key: str = "caption"       # ... and a metadata.jsonl/csv's caption column (default there: text)
     tfds_data_dir: str | None = None
     skip_bad_rows: bool = False
     seed: int = 0
@@ -215,7 +215,7 @@ class TrainConfig:
         if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and 0 <= v <= MAX_SEED for v in seeds):
             raise bad("validation_seeds", f"must be whole numbers in [0, {MAX_SEED}]")
         if self.train_data and not str(self.train_data).startswith("tfds:"):   # a folder: no TFDS features
-            for name in ("image_key", "caption_key", "tfds_data_dir"):
+            for name in ("image_key", "tfds_data_dir"):   # (caption_key: also a metadata file's column)
                 if getattr(self, name) != getattr(TrainConfig, name):
                     raise bad(name, f"is a TFDS setting, and train_data={self.train_data!r} is a folder "
                                     "(remove it, or train on tfds:NAME)")
