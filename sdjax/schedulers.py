@@ -982,7 +982,7 @@ def _final_alpha_cumprod(settings: dict, alphas_cumprod: np.ndarray) -> np.ndarr
 
 
 def _clip_range(settings: dict) -> float | None:
-    _require(not settings["thresholding"], "dynamic thresholding is not supported")
+    _require(not settings["thresholding"], "thresholding=True (dynamic thresholding) is not supported")
     return float(settings["clip_sample_range"]) if settings["clip_sample"] else None
 
 
@@ -1191,9 +1191,9 @@ def _build_dpm_solver(settings: dict, num_steps: int) -> DPMSolverMultistepSched
     _require(settings["algorithm_type"] == "dpmsolver++", "only algorithm_type='dpmsolver++' is supported")
     _require(settings["solver_order"] in (1, 2), "only solver_order 1 or 2 is supported")
     _require(settings["solver_type"] in ("midpoint", "heun"), "solver_type must be 'midpoint' or 'heun'")
-    _require(not settings["thresholding"], "dynamic thresholding is not supported")
+    _require(not settings["thresholding"], "thresholding=True (dynamic thresholding) is not supported")
     _require(settings["variance_type"] not in ("learned", "learned_range"),
-             "learned variance outputs are not supported")
+             f"variance_type={settings['variance_type']!r} (learned variance outputs) is not supported")
     for flag in ("use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas",
                  "use_dynamic_shifting"):
         _require(not settings[flag], f"{flag} is not supported")

@@ -650,6 +650,13 @@ def test_unknown_names_and_options_are_errors():
         S.make_scheduler("euler", SD15_SCHEDULER_CONFIG, 10, eta=1.0)
     with pytest.raises(NotImplementedError):
         S.make_scheduler("dpmpp_2m", SD15_SCHEDULER_CONFIG, 10, algorithm_type="sde-dpmsolver++")
+    # each refusal names the setting, as the user wrote it
+    for name, option, expected in (("dpmpp_2m", {"variance_type": "learned_range"}, "variance_type='learned_range'"),
+                                   ("dpmpp_2m", {"thresholding": True}, "thresholding=True"),
+                                   ("ddim", {"thresholding": True}, "thresholding=True"),
+                                   ("ddpm", {"variance_type": "learned"}, "variance_type 'learned'")):
+        with pytest.raises(NotImplementedError, match=re.escape(expected)):
+            S.make_scheduler(name, SD15_SCHEDULER_CONFIG, 10, **option)
     for steps in (0, 2.7, True):
         with pytest.raises(ValueError, match="num_inference_steps must be an integer >= 1"):
             S.make_scheduler("euler", SD15_SCHEDULER_CONFIG, steps)
