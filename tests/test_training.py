@@ -51,7 +51,7 @@ from sdjax.training.checkpoint import Checkpointer
 from sdjax.training.cli import CONFIG_DIR, load_train_config, parse_args
 from sdjax.training.data import DataError, write_captioned_folder
 from sdjax.images import umask
-from sdjax.training.loop import TrainConfig, Trainer, TrainingDiverged
+from sdjax.training.loop import TrainConfig, Trainer, TrainingDiverged, _record
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = 16           # pixels; the micro VAE downsamples by 2 -> 8x8 latents
@@ -1839,6 +1839,27 @@ def test_another_prediction_type_is_trained_and_exported(pipeline_dir, data_dir,
 
 
 # ----------------------------------------------------------------------------- 8. presets
+def test_resume_with_the_runs_own_preset_of_relative_paths(tmp_path, monkeypatch):
+    """A preset that names the model and data by relative paths starts a run (recorded with absolute
+    paths) and, given again, resumes and exports it: its paths are compared as the record holds them."""
+    (tmp_path / "models" / "base").mkdir(parents=True)
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    preset = tmp_path / "mine.yaml"
+    preset.write_text("model: models/base\ntrain_data: ./data\nresolution: 32\n")
+    started, _ = parse_args(["--config", "./mine.yaml", "--output-dir", "run"])
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "train_config.json").write_text(json.dumps(_record(started)))
+    assert json.loads((tmp_path / "run" / "train_config.json").read_text())["train_data"] == str(tmp_path / "data")
+    for mode in ("--resume", "--export"):
+        again, args = parse_args(["--config", "./mine.yaml", "--output-dir", "run", mode])
+        assert args.recorded and (again.model, again.train_data) == (str(tmp_path / "models" / "base"),
+                                                                     str(tmp_path / "data"))
+    preset.write_text("model: models/base\ntrain_data: ./other\nresolution: 32\n")   # another folder: refused
+    with pytest.raises(UsageError, match=re.escape(f"train_data ('./other', recorded '{tmp_path / 'data'}')")):
+        parse_args(["--config", "./mine.yaml", "--output-dir", "run", "--resume"])
+
+
 def test_resume_and_export_take_the_recorded_settings(tmp_path):
     """--resume/--export: flags > the run's train_config.json > a preset > the defaults; a new run
     ignores the file."""
@@ -1861,6 +1882,7 @@ def test_resume_and_export_take_the_recorded_settings(tmp_path):
                       ("caption_dropout", "--caption-dropout 0.1"), ("warmup_steps", "--warmup-steps 50")]:
         assert key in message and flag in message, key
     assert "random_flip" not in message and "max_steps" not in message
+    assert "leave out --config (the record already holds the settings the run was started with)" in message
     style = load_train_config(CONFIG_DIR / "style.yaml")
     (out / "train_config.json").write_text(json.dumps({**recorded, **style}))
     resumed, _ = parse_args(["--output-dir", str(out), "--resume", "--config", "style"])   # the run's own preset

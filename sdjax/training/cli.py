@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 from sdjax.cli_utils import (COMPILATION_CACHE_HELP, OneLineErrorParser, UsageError, parse_seeds, read_yaml_mapping,
                              resolve_config_path, setting_name)
-from sdjax.training.loop import RUN_CONFIG_FILE, SET_ASIDE_DIR, TrainConfig, recorded_settings
+from sdjax.training.loop import RUN_CONFIG_FILE, SET_ASIDE_DIR, TrainConfig, absolute_paths, recorded_settings
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "train"  # sample.py presets sit one level up
 
@@ -221,14 +221,17 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, argparse
             recorded = {k: _convert(k, v, str(output_dir / RUN_CONFIG_FILE)) for k, v in found.items()}
             args.recorded = output_dir / RUN_CONFIG_FILE
             # The record sits above the preset, so a preset key that differs from it would do nothing.
-            overruled = [k for k, v in preset.items() if k not in given and k in recorded and recorded[k] != v]
+            # (Its paths compared as the record holds them: made absolute from this working folder.)
+            as_recorded = absolute_paths(preset)
+            overruled = [k for k in preset if k not in given and k in recorded and recorded[k] != as_recorded[k]]
             if overruled:
                 flags = " ".join(_as_flag(k, preset[k]) for k in overruled)
                 raise UsageError(
                     f"--config {args.config}: with --{'export' if export else 'resume'}, the settings recorded in "
                     f"{args.recorded} win over a preset, and the preset differs from them in "
                     + ", ".join(f"{k} ({preset[k]!r}, recorded {recorded[k]!r})" for k in overruled)
-                    + f"; to change them for this run, give them as flags: {flags}")
+                    + f"; leave out --config (the record already holds the settings the run was started with), "
+                    f"or, to change them for this run, give them as flags: {flags}")
         else:
             checkpoints = output_dir / "checkpoints"
             has_checkpoints = checkpoints.is_dir() and any(checkpoints.iterdir())

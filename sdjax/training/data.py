@@ -947,8 +947,9 @@ class BatchIterator:
                               f"({self.dataset.num_captions} in all)", stacklevel=2)
                 continue
             if saved != now:
-                keep = (f"; on another number of devices, choose --batch-size and --gradient-accumulation whose "
-                        f"product with the device count is {saved}" if key == "global_batch_size" else "")
+                keep = (f"; on another number of devices (one that divides {saved}), choose --batch-size and "
+                        f"--gradient-accumulation whose product with the device count is {saved}"
+                        if key == "global_batch_size" else "")
                 raise DataError(f"cannot resume the data order of {self.dataset.source}: saved {key}={saved!r}, "
                                 f"now {now!r} ({meaning}); restore the data and settings of the saved run{keep}, "
                                 f"or start a new run (another --output-dir; from Python, start_step=0)")

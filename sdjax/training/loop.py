@@ -391,18 +391,25 @@ def _read_run_config(out: Path) -> dict | None:
 def _record(cfg: TrainConfig) -> dict[str, Any]:
     """``cfg`` as train_config.json stores it: local paths made absolute, so that a ``--resume``
     or ``from_run`` from another working directory finds the same model and data."""
+    return absolute_paths(dataclasses.asdict(cfg))
+
+
+def absolute_paths(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` (TrainConfig fields, some or all) with the local paths made absolute, as
+    train_config.json records them; Hub repo ids, ``tfds:`` sources and URLs stay as they are."""
     def absolute(path: str) -> str:
         return os.path.abspath(os.path.expanduser(path))
-    record = dataclasses.asdict(cfg)
+    out = dict(settings)
     for name in ("model", "model_config", "vae"):
-        if getattr(cfg, name) and Path(getattr(cfg, name)).expanduser().exists():   # else a Hub repo id
-            record[name] = absolute(getattr(cfg, name))
-    if cfg.train_data and not cfg.train_data.startswith("tfds:"):
-        record["train_data"] = absolute(cfg.train_data)
-    if cfg.tfds_data_dir and "://" not in cfg.tfds_data_dir:   # gs://... stays as it is
-        record["tfds_data_dir"] = absolute(cfg.tfds_data_dir)
-    record["output_dir"] = absolute(cfg.output_dir)
-    return record
+        if isinstance(out.get(name), str) and out[name] and Path(out[name]).expanduser().exists():   # else a repo id
+            out[name] = absolute(out[name])
+    if isinstance(out.get("train_data"), str) and out["train_data"] and not out["train_data"].startswith("tfds:"):
+        out["train_data"] = absolute(out["train_data"])
+    if isinstance(out.get("tfds_data_dir"), str) and out["tfds_data_dir"] and "://" not in out["tfds_data_dir"]:
+        out["tfds_data_dir"] = absolute(out["tfds_data_dir"])   # gs://... stays as it is
+    if isinstance(out.get("output_dir"), str):
+        out["output_dir"] = absolute(out["output_dir"])
+    return out
 
 
 def _restore_unet_only_ema(checkpoints: Checkpointer, state, step: int | None):
