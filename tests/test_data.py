@@ -374,6 +374,17 @@ def test_caption_files_beside_the_images(tmp_path):
     assert ds.names == ["a.png", "c.PNG", "f.tif", "10_style/b.jpg", "linked/e.png"]   # each folder's, then below
     assert ds.captions == ["a red square", "blue, with a BOM", "a green tiff", "a green one", "linked"]
     assert ds.get_image(0).getpixel((0, 0)) == RED
+    # a training run's folder inside the data (--output-dir run): its samples, its checkpoints' and
+    # export's text files are not read, then or when the run resumes
+    run = root / "run"
+    (run / "samples").mkdir(parents=True)
+    (run / "checkpoints" / "2").mkdir(parents=True)
+    (run / "train_config.json").write_text("{}", encoding="utf-8")
+    _solid(RED).save(run / "samples" / "step-000002.png")
+    _solid(RED).save(run / "loss_curve.png")
+    (run / "checkpoints" / "2" / "commit_success.txt").write_text("done", encoding="utf-8")
+    with pytest.warns(UserWarning, match="left out: d.txt, g.txt, 10_style/notes.txt$"):
+        assert load_captioned_images(root).names == ds.names
     # a folder below with a caption table is what was meant: named, not read as caption files
     (root / "10_style" / "image_captions.csv").write_text("filename,caption\n", encoding="utf-8")
     with pytest.raises(DataError, match=re.escape(f"{root / '10_style'} has one: pass that folder")):

@@ -51,6 +51,7 @@ CSV_HEADER = ("filename", "caption")
 # folder): a metadata file beside the images, with a file_name column and the caption in "text".
 METADATA_FILENAMES = ("metadata.jsonl", "metadata.csv")
 METADATA_CAPTION_COLUMNS = ("text", "caption")
+RUN_CONFIG_FILENAME = "train_config.json"   # a training run's settings, in its folder (which it marks)
 DEFAULT_CAPTION_KEY = "caption"   # TFDS's usual caption feature; in a metadata file: text, else caption
 # Caption files beside the images (kohya_ss, the web UIs' training tools): a.png + a.txt.
 SIDECAR_CAPTION_SUFFIXES = (".txt", ".caption")
@@ -453,12 +454,14 @@ def _subfolders(folder: Path) -> list[Path]:
 
 def _folders_below(root: Path) -> Iterator[Path]:
     """``root`` and every folder under it, depth first by name, each real folder once (a symlink
-    loop is not followed round)."""
+    loop is not followed round). A training run's folder (one with a ``train_config.json``, such
+    as an ``--output-dir`` inside the data) is left out: its samples and the text files of its
+    checkpoints and export are not training data, and they change as the run goes on."""
     seen, stack = set(), [root]
     while stack:
         folder = stack.pop()
         real = folder.resolve()
-        if real in seen:
+        if real in seen or (folder != root and (folder / RUN_CONFIG_FILENAME).is_file()):
             continue
         seen.add(real)
         yield folder

@@ -34,13 +34,14 @@ from sdjax.schedulers import make_noise_schedule
 from sdjax.text import too_long, tokenize
 from sdjax.training import step as S
 from sdjax.training.checkpoint import Checkpointer, checkpoint_steps
-from sdjax.training.data import BatchIterator, DataError, load_captioned_images, preprocess_image
+from sdjax.training.data import (RUN_CONFIG_FILENAME, BatchIterator, DataError, load_captioned_images,
+                                preprocess_image)
 from sdjax.training.monitor import MetricsLog
 from sdjax.images import atomic_write, image_grid, save_png
 from sdjax.weights import abstract_model
 
 
-RUN_CONFIG_FILE = "train_config.json"   # in the output folder: the settings a run was started with
+RUN_CONFIG_FILE = RUN_CONFIG_FILENAME   # in the output folder: the settings a run was started with
 SET_ASIDE_DIR = "abandoned_checkpoints"  # in the output folder: the checkpoints after a resume_step
 MIXED_PRECISIONS = ("no", "bf16")
 LR_SCHEDULES = ("constant", "constant_with_warmup", "cosine", "linear", "cosine_with_restarts", "polynomial")
