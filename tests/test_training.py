@@ -1774,6 +1774,15 @@ def test_gradient_checkpointing_on_the_cpu_warns_that_it_saves_nothing(pipeline_
             Trainer.create(cfg)
 
 
+def test_a_warmup_as_long_as_the_run_warns(pipeline_dir, tmp_path):
+    """--config style (50 warmup steps) with --max-steps 4 would train at a fraction of the rate."""
+    cfg = config(tmp_path / "out", pipeline_dir, tmp_path / "no_data", warmup_steps=50, max_steps=4, learning_rate=1e-4)
+    with pytest.warns(UserWarning, match=re.escape("warmup_steps=50 is not below max_steps=4: the learning rate "
+                                                   "reaches 6% of 0.0001 at the last update (lower --warmup-steps)")):
+        with pytest.raises(DataError, match="training data folder not found"):
+            Trainer.create(cfg)
+
+
 def test_training_with_another_vae_from_a_weights_variant(pipeline_dir, data_dir, tmp_path):
     """--variant fp16 loads a folder's .fp16.safetensors (upcast: fp32 master weights) and --vae
     replaces the model's VAE (a diffusers VAE folder): training encodes with it, and final/ holds it.
@@ -1836,6 +1845,16 @@ def test_another_prediction_type_is_trained_and_exported(pipeline_dir, data_dir,
     finally:
         exporter.close()
     assert json.loads((final / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "v_prediction"
+    # the single file has no place to say so: the export warns, naming the way to load it
+    exporter = Trainer.for_export(TrainConfig.from_run(out, export_single_file="float16"))
+    try:
+        with pytest.warns(UserWarning, match=re.escape("final.safetensors holds a v_prediction model, which nothing "
+                                                       f"in the file says: load it with final/'s configs (sdjax: "
+                                                       f"--model-config {final};")):
+            exporter.export()
+    finally:
+        exporter.close()
+    assert (out / "final.safetensors").is_file()
 
 
 # ----------------------------------------------------------------------------- 8. presets

@@ -626,6 +626,10 @@ class Trainer:
             changed = [f"{k}={now[k]!r} (was {v!r})" for k, v in recorded.items() if k in now and now[k] != v]
             if changed:
                 print("resuming with settings changed from the recorded run: " + ", ".join(changed))
+        if cfg.warmup_steps >= cfg.max_steps and main:
+            warnings.warn(f"warmup_steps={cfg.warmup_steps} is not below max_steps={cfg.max_steps}: the learning rate "
+                          f"reaches {(cfg.max_steps - 1) / cfg.warmup_steps:.0%} of {cfg.learning_rate:g} at the last update "
+                          "(lower --warmup-steps)", stacklevel=2)
         if cfg.gradient_checkpointing and jax.default_backend() == "cpu" and main:
             warnings.warn("gradient_checkpointing saves no memory on the CPU: XLA:CPU drops jax.checkpoint's "
                           "optimization barriers before its last CSE and scheduling passes, so the recomputation "
@@ -964,6 +968,14 @@ class Trainer:
         if jax.process_index() != 0:
             return None
         single_file = self.single_file_path(directory)
+        prediction_type = pipe.scheduler_config.get("prediction_type", "epsilon")
+        if self.cfg.export_single_file and prediction_type != "epsilon":
+            # The original layout has no place for it: a loader given the file alone assumes epsilon.
+            warnings.warn(f"{single_file.name} holds a {prediction_type} model, which nothing in the file says: "
+                          f"load it with {directory.name}/'s configs (sdjax: --model-config {directory}; diffusers: "
+                          "from_single_file(..., config=...)) or set v-prediction in the tool (AUTOMATIC1111: a "
+                          f"{single_file.stem}.yaml beside it with parameterization: \"v\"; ComfyUI: a "
+                          "ModelSamplingDiscrete node set to v_prediction)", stacklevel=2)
         if not self.cfg.export_single_file:
             pipe.save_pretrained(directory, format=self.cfg.export_format, overwrite=True)
             single_file.unlink(missing_ok=True)  # an earlier export's: it would pass for this one
