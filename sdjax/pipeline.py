@@ -47,6 +47,11 @@ def load_pipeline(model: str, *, model_config: str | None = None, dtype=jnp.floa
     if problem:
         raise CheckpointError(problem)
     if is_single_file(model):
+        beside = Path(model).expanduser().with_suffix("")   # train.py's RUN/final.safetensors beside RUN/final/
+        if model_config is None and not is_url(model) and (beside / "model_index.json").is_file():
+            warnings.warn(f"{model}: its configs, tokenizer and scheduler config from {beside} beside it "
+                          "(--model-config / model_config to use others)", stacklevel=2)
+            model_config = str(beside)
         return StableDiffusion.from_single_file(model, config=model_config or DEFAULT_MODEL, dtype=dtype, vae=vae,
                                                 mesh=mesh)
     return StableDiffusion.from_pretrained(model, dtype=dtype, variant=variant, vae=vae, mesh=mesh)
@@ -357,7 +362,9 @@ class StableDiffusion:
         if revision in ("flax", "bf16"):
             format = format or "flax"
         loaded = {part: model_cls for part, model_cls in PARTS.items() if not (part == "vae" and vae is not None)}
-        patterns = ["model_index.json", "scheduler/scheduler_config.json", "tokenizer/*", "vae/config.json"]
+        patterns = ["model_index.json", "scheduler/scheduler_config.json", "tokenizer/*"]
+        if vae is not None:   # (else among the VAE's own files below) its config: checked against the given VAE
+            patterns.append("vae/config.json")
         for part, model_cls in loaded.items():
             patterns += [f"{part}/{name}" for name in hub_files(model_cls, format, variant)]
         root = resolve_model_dir(path_or_repo_id, None, revision, allow_patterns=patterns)

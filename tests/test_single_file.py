@@ -95,6 +95,25 @@ def test_from_single_file_equals_from_pretrained(pipe, single_file, tiny_pipelin
     assert_same_params(same.unet, pipe.unet)
 
 
+def test_a_single_file_beside_its_pipeline_folder_takes_that_folders_configs(pipe, single_file, tiny_pipeline_dir,
+                                                                             tmp_path):
+    """train.py's export writes final/ and final.safetensors: --model final.safetensors (no
+    --model-config) takes final/'s configs, tokenizer and scheduler config (here v-prediction, which
+    the file cannot say), not SD v1.5's from the Hub; a warning names the folder."""
+    import json
+    shutil.copy(single_file, tmp_path / "final.safetensors")
+    shutil.copytree(tiny_pipeline_dir, tmp_path / "final")
+    scheduler = tmp_path / "final" / "scheduler" / "scheduler_config.json"
+    scheduler.write_text(json.dumps({**json.loads(scheduler.read_text()), "prediction_type": "v_prediction"}))
+    with pytest.warns(UserWarning, match=re.escape(f"{tmp_path / 'final.safetensors'}: its configs, tokenizer and "
+                                                   f"scheduler config from {tmp_path / 'final'} beside it")):
+        loaded = load_pipeline(str(tmp_path / "final.safetensors"))
+    assert loaded.scheduler_config["prediction_type"] == "v_prediction"
+    assert_same_params(loaded.unet, pipe.unet)
+    explicit = load_pipeline(str(tmp_path / "final.safetensors"), model_config=str(tiny_pipeline_dir))
+    assert explicit.scheduler_config.get("prediction_type", "epsilon") == "epsilon"   # --model-config wins
+
+
 def test_a_pipeline_folder_named_like_a_checkpoint_file_loads_as_a_folder(pipe, tiny_pipeline_dir, tmp_path):
     """--model my-finetune.ckpt/ (a folder) is a pipeline folder; it used to go to the single-file
     loader, which said it is a folder."""

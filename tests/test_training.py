@@ -1850,7 +1850,7 @@ def test_another_prediction_type_is_trained_and_exported(pipeline_dir, data_dir,
     try:
         with pytest.warns(UserWarning, match=re.escape("final.safetensors holds a v_prediction model, which nothing "
                                                        f"in the file says: load it with final/'s configs (sdjax: "
-                                                       f"--model-config {final};")):
+                                                       f"--model-config {final}, the default beside it;")):
             exporter.export()
     finally:
         exporter.close()

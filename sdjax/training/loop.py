@@ -972,8 +972,9 @@ class Trainer:
         if self.cfg.export_single_file and prediction_type != "epsilon":
             # The original layout has no place for it: a loader given the file alone assumes epsilon.
             warnings.warn(f"{single_file.name} holds a {prediction_type} model, which nothing in the file says: "
-                          f"load it with {directory.name}/'s configs (sdjax: --model-config {directory}; diffusers: "
-                          "from_single_file(..., config=...)) or set v-prediction in the tool (AUTOMATIC1111: a "
+                          f"load it with {directory.name}/'s configs (sdjax: --model-config {directory}, the "
+                          "default beside it; diffusers: from_single_file(..., config=...)) or set v-prediction "
+                          "in the tool (AUTOMATIC1111: a "
                           f"{single_file.stem}.yaml beside it with parameterization: \"v\"; ComfyUI: a "
                           "ModelSamplingDiscrete node set to v_prediction)", stacklevel=2)
         if not self.cfg.export_single_file:
