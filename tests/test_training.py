@@ -1232,6 +1232,41 @@ def test_a_full_disk_during_a_background_save_stops_the_run_with_one_line(pipeli
     assert saves == [2, 4] and [r["step"] for r in metrics(out)] == [1, 2, 3, 4]   # stopped at once
 
 
+def test_a_save_that_cannot_fit_is_refused_before_it_starts(tmp_path, monkeypatch):
+    """A write that fills the disk part-way makes Orbax's writer threads print a traceback per array
+    (thousands, seen with a 40 MB tmpfs): the free space is checked first, and a save that cannot
+    fit is an OSError (ENOSPC) naming the sizes, with nothing written. The tracebacks Orbax and
+    asyncio log for a write that fails anyway are dropped (the run says it in one line)."""
+    import errno
+    import logging
+    from collections import namedtuple
+    from sdjax.training import checkpoint
+    state = {"w": np.zeros((1024, 1024), np.float32)}   # 4 MiB
+    needed = int(4 * 2**20 * 1.02) + 2**20
+    usage = namedtuple("usage", "total used free")
+    checkpoints = Checkpointer(tmp_path / "checkpoints", async_save=False)
+    try:
+        monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: usage(10 * needed, 9 * needed, needed - 1))
+        with pytest.raises(OSError, match=re.escape(f"saving a checkpoint in {tmp_path / 'checkpoints'} failed: it "
+                                                    "needs about 5 MiB and the disk has 5 MiB free")) as info:
+            checkpoints.save(1, state, {"epoch": 0})
+        assert info.value.errno == errno.ENOSPC and checkpoints.all_steps() == []
+        assert not [p for p in (tmp_path / "checkpoints").iterdir() if not p.name.startswith(".")]
+        monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: usage(10 * needed, 9 * needed, needed))
+        checkpoints.save(1, state, {"epoch": 0})
+        assert checkpoints.all_steps() == [1]
+    finally:
+        checkpoints.close()
+    drop = checkpoint._NoSaveFailureTracebacks()
+
+    def record(error):
+        return logging.LogRecord("asyncio", logging.ERROR, __file__, 1, "Task exception was never retrieved", None,
+                                 (type(error), error, None))
+    assert not drop.filter(record(ValueError("RESOURCE_EXHAUSTED: Error writing \"w/0\": No space left on device")))
+    assert not drop.filter(record(KeyboardInterrupt()))
+    assert drop.filter(record(ValueError("a bug"))) and drop.filter(record(RuntimeError("No space left")))
+
+
 # ----------------------------------------------------------------------------- 5/6. a full train.py run
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory, pipeline_dir, data_dir):

@@ -6,24 +6,27 @@ and renames it when complete, so a run killed mid-save resumes from the last com
 """
 from __future__ import annotations
 
+import errno
 import logging
 import re
+import shutil
 from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
 
 
-class _NoInterruptTracebacks(logging.Filter):
-    """Drops Orbax's ERROR record with a traceback for a Ctrl-C (or train.py's SIGTERM, raised as
-    a KeyboardInterrupt) that lands while it waits for a save: the run then stops with one line
-    naming the newest complete checkpoint, and a save cut short is left out, not half-kept."""
+class _NoSaveFailureTracebacks(logging.Filter):
+    """Drops the ERROR records with a traceback that a save cut short leaves: Orbax's (absl) for a
+    Ctrl-C (or train.py's SIGTERM, raised as a KeyboardInterrupt) that lands while it waits, and,
+    for a write that fails (a full disk), Orbax's and one asyncio "Task exception was never
+    retrieved" per array being written (hundreds). The run then stops with one line naming the
+    error and the newest complete checkpoint; a save cut short is left out, not half-kept."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt))
-
-
-logging.getLogger("absl").addFilter(_NoInterruptTracebacks())   # the logger Orbax writes to
+        error = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(error, KeyboardInterrupt)
+                    or (isinstance(error, (ValueError, OSError)) and _WRITE_FAILURE.search(str(error))))
 
 
 class _Manager(ocp.CheckpointManager):
@@ -51,6 +54,8 @@ def _type_handlers():
 
 # How Orbax / TensorStore report a failed write (a full disk, a folder made read-only): as ValueError.
 _WRITE_FAILURE = re.compile(r"os_error_code|No space left|RESOURCE_EXHAUSTED|PERMISSION_DENIED|Read-only file system")
+for _logger in ("absl", "asyncio"):   # Orbax's logger, and the one of the event loop its writes run in
+    logging.getLogger(_logger).addFilter(_NoSaveFailureTracebacks())
 
 
 def _as_os_error(error: BaseException, directory: Path) -> BaseException:
@@ -94,6 +99,7 @@ class Checkpointer:
         not above the newest checkpoint in the folder): a run must never silently keep no
         checkpoints of its own.
         """
+        self._check_free_space(state)
         try:
             saved = self.manager.save(step, args=ocp.args.Composite(
                 state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave(data_position)), force=force)
@@ -102,6 +108,26 @@ class Checkpointer:
         if not saved:
             raise RuntimeError(f"checkpoint {step} was not saved: {self.directory} already has checkpoints "
                                f"up to step {self.latest_step()}")
+
+    def _check_free_space(self, state) -> None:
+        """Refuse a save that cannot fit (an OSError, ENOSPC) before it starts: a write that runs out
+        of space part-way makes Orbax's writer threads print one traceback per array still being
+        written (thousands). A checkpoint takes its arrays' bytes on disk (OCDBT, uncompressed:
+        +0.7% for the tiny test model). Single-process only: on several hosts each writes its own
+        part, maybe to its own disk, and all must decide alike."""
+        if jax.process_count() > 1:
+            return
+        self.wait()   # the previous save's bytes are on the disk now (or its error is raised)
+        needed = int(sum(getattr(leaf, "nbytes", 0) for leaf in jax.tree.leaves(state)) * 1.02) + (1 << 20)
+        folder = next((p for p in (self.directory, *self.directory.parents) if p.exists()), self.directory)
+        free = shutil.disk_usage(folder).free
+        if free < needed:
+            def size(n):
+                return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+            error = OSError(f"saving a checkpoint in {self.directory} failed: it needs about {size(needed)} and the "
+                            f"disk has {size(free)} free (free some space, or keep fewer: --keep-checkpoints)")
+            error.errno = errno.ENOSPC
+            raise error
 
     def restore(self, abstract_state, step: int | None = None):
         """(state, data position) of checkpoint ``step`` (default: the latest complete one), with

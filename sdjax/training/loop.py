@@ -1001,11 +1001,15 @@ class Trainer:
     def close(self) -> None:
         """Wait for the checkpoint being written, then close Orbax's manager, the metrics log and the
         data loader's threads."""
-        self.checkpoints.close()
-        if self.log is not None:
-            self.log.close()
-        if self.data is not None:
-            self.data.close()
+        try:
+            self.checkpoints.close()   # raises a failed save's error (a full disk): the rest still closes
+        finally:
+            try:
+                if self.log is not None:
+                    self.log.close()
+            finally:
+                if self.data is not None:
+                    self.data.close()
 
 
 def train(cfg: TrainConfig, *, progress: bool = True, stop: StopRequest | None = None,
