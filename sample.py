@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"default {DEFAULT_MODEL})")
     p.add_argument("--model-config", metavar="REPO_OR_DIR", default=None,
                    help=f"for a single-file --model: the pipeline folder or Hub repo id whose configs, "
-                        f"tokenizer and scheduler config it uses (default {DEFAULT_MODEL})")
+                        f"tokenizer and scheduler config it uses (default: the pipeline folder X/ beside "
+                        f"X.safetensors, else {DEFAULT_MODEL})")
     p.add_argument("--vae", metavar="FILE_OR_REPO", default=None,
                    help="a VAE in place of the model's own: a file (vae-ft-mse-840000-ema-pruned.safetensors / "
                         ".ckpt), a VAE folder or Hub repo id (stabilityai/sd-vae-ft-mse), or a pipeline folder")

@@ -40,7 +40,8 @@ def is_single_file(model: str | Path) -> bool:
 def load_pipeline(model: str, *, model_config: str | None = None, dtype=jnp.float32, variant: str | None = None,
                   vae: str | None = None, mesh=None) -> "StableDiffusion":
     """A pipeline from a ``--model`` as sample.py and train.py take it: a single-file checkpoint
-    (with the configs and tokenizer of ``model_config``, default SD v1.5's), or a pipeline folder or
+    (with the configs and tokenizer of ``model_config``; default: the pipeline folder ``X/`` beside
+    ``X.safetensors`` when there is one, else SD v1.5's), or a pipeline folder or
     Hub repo id; with ``vae`` (``--vae``, see `load_vae`) in place of the model's own VAE. Raises
     `CheckpointError` for an option that does not fit the kind of model."""
     problem = model_options_problem(model, model_config, variant)
@@ -48,7 +49,8 @@ def load_pipeline(model: str, *, model_config: str | None = None, dtype=jnp.floa
         raise CheckpointError(problem)
     if is_single_file(model):
         beside = Path(model).expanduser().with_suffix("")   # train.py's RUN/final.safetensors beside RUN/final/
-        if model_config is None and not is_url(model) and (beside / "model_index.json").is_file():
+        if (model_config is None and not is_url(model) and Path(model).expanduser().is_file()
+                and (beside / "model_index.json").is_file()):
             warnings.warn(f"{model}: its configs, tokenizer and scheduler config from {beside} beside it "
                           "(--model-config / model_config to use others)", stacklevel=2)
             model_config = str(beside)

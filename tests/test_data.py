@@ -379,12 +379,21 @@ def test_caption_files_beside_the_images(tmp_path):
     run = root / "run"
     (run / "samples").mkdir(parents=True)
     (run / "checkpoints" / "2").mkdir(parents=True)
-    (run / "train_config.json").write_text("{}", encoding="utf-8")
+    (run / "train_config.json").write_text('{"train_data": "..", "max_steps": 4, "output_dir": "run"}',
+                                           encoding="utf-8")
     _solid(RED).save(run / "samples" / "step-000002.png")
     _solid(RED).save(run / "loss_curve.png")
     (run / "checkpoints" / "2" / "commit_success.txt").write_text("done", encoding="utf-8")
-    with pytest.warns(UserWarning, match="left out: d.txt, g.txt, 10_style/notes.txt$"):
+    with pytest.warns(UserWarning) as caught:
         assert load_captioned_images(root).names == ds.names
+    assert [str(w.message) for w in caught if "training run" in str(w.message)] == [
+        f"{run}: a training run's folder (train_config.json), left out of the data"]
+    # a train_config.json that is not a run's record (another tool's) leaves its folder in the data
+    (run / "train_config.json").write_text('{"epochs": 10}', encoding="utf-8")
+    with pytest.raises(DataError, match="no caption file"):
+        load_captioned_images(root)
+    (run / "train_config.json").write_text('{"train_data": "..", "max_steps": 4, "output_dir": "run"}',
+                                           encoding="utf-8")
     # a folder below with a caption table is what was meant: named, not read as caption files
     (root / "10_style" / "image_captions.csv").write_text("filename,caption\n", encoding="utf-8")
     with pytest.raises(DataError, match=re.escape(f"{root / '10_style'} has one: pass that folder")):

@@ -1246,9 +1246,9 @@ def test_a_save_that_cannot_fit_is_refused_before_it_starts(tmp_path, monkeypatc
     usage = namedtuple("usage", "total used free")
     checkpoints = Checkpointer(tmp_path / "checkpoints", async_save=False)
     try:
-        monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: usage(10 * needed, 9 * needed, needed - 1))
+        monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: usage(10 * needed, 9 * needed, needed // 2))
         with pytest.raises(OSError, match=re.escape(f"saving a checkpoint in {tmp_path / 'checkpoints'} failed: it "
-                                                    "needs about 5 MiB and the disk has 5 MiB free")) as info:
+                                                    "needs about 5.1 MiB and the disk has 2.5 MiB free")) as info:
             checkpoints.save(1, state, {"epoch": 0})
         assert info.value.errno == errno.ENOSPC and checkpoints.all_steps() == []
         assert not [p for p in (tmp_path / "checkpoints").iterdir() if not p.name.startswith(".")]
@@ -1259,12 +1259,24 @@ def test_a_save_that_cannot_fit_is_refused_before_it_starts(tmp_path, monkeypatc
         checkpoints.close()
     drop = checkpoint._NoSaveFailureTracebacks()
 
-    def record(error):
-        return logging.LogRecord("asyncio", logging.ERROR, __file__, 1, "Task exception was never retrieved", None,
-                                 (type(error), error, None))
-    assert not drop.filter(record(ValueError("RESOURCE_EXHAUSTED: Error writing \"w/0\": No space left on device")))
-    assert not drop.filter(record(KeyboardInterrupt()))
-    assert drop.filter(record(ValueError("a bug"))) and drop.filter(record(RuntimeError("No space left")))
+    def raised(error, filename):   # the error as raised by code in that file
+        scope = {}
+        exec(compile("def write(error):\n    raise error\n", filename, "exec"), scope)
+        try:
+            scope["write"](error)
+        except BaseException as e:
+            return e
+
+    def record(error, logger="asyncio"):
+        return logging.LogRecord(logger, logging.ERROR, __file__, 1, "Task exception was never retrieved", None,
+                                 (type(error), error, error.__traceback__))
+    full = 'RESOURCE_EXHAUSTED: Error writing "w/0": No space left on device'
+    orbax_file = "/venv/site-packages/orbax/checkpoint/_src/serialization/serialization.py"
+    assert not drop.filter(record(raised(ValueError(full), orbax_file)))
+    assert not drop.filter(record(raised(KeyboardInterrupt(), orbax_file), logger="absl"))
+    for other in (raised(ValueError(full), __file__), raised(ValueError("a bug"), orbax_file),   # not Orbax's write
+                  raised(OSError(28, "No space left on device"), __file__), raised(KeyboardInterrupt(), __file__)):
+        assert drop.filter(record(other))
 
 
 # ----------------------------------------------------------------------------- 5/6. a full train.py run
@@ -1640,7 +1652,7 @@ BAD_VALUES = {   # flag value -> what the error says; all checked before the mod
                                   "tfds_not_installed", "resume_wrong_dir", "export_wrong_dir", "float_seeds",
                                   "export_step_alone",
                                   "samples_past_the_schedule", "x0_model", "unsupported_noise_schedule",
-                                  "data_under_a_batch", "abbreviated_flag",
+                                  "data_under_a_batch", "abbreviated_flag", "empty_caption_key",
                                   *BAD_VALUES])
 def test_train_py_usage_errors(case, pipeline_dir, data_dir, tmp_path, monkeypatch):
     base = flags(model=pipeline_dir, train_data=data_dir, output_dir=tmp_path / "out")
@@ -1680,6 +1692,8 @@ def test_train_py_usage_errors(case, pipeline_dir, data_dir, tmp_path, monkeypat
                                 f"{17 * jax.device_count()} (--batch-size 17 x {jax.device_count()} devices x "
                                 "--gradient-accumulation 1)"]),
         "abbreviated_flag": ([*base, "--lr", "1e-4"], ["unrecognized arguments: --lr 1e-4"]),   # not --lr-schedule
+        "empty_caption_key": ([*base, "--caption-key="], ["caption_key='' must name a TFDS feature or a metadata "
+                                                          "file's column (--caption-key)"]),
         "x0_model": (flags(model=edited_model, train_data=data_dir, output_dir=tmp_path / "out"),
                      [f"{edited_model}: its scheduler config has prediction_type='sample'; sdjax fine-tunes 'epsilon' "
                       "and 'v_prediction' models"]),

@@ -25,8 +25,19 @@ class _NoSaveFailureTracebacks(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
-        return not (isinstance(error, KeyboardInterrupt)
-                    or (isinstance(error, (ValueError, OSError)) and _WRITE_FAILURE.search(str(error))))
+        if isinstance(error, KeyboardInterrupt):
+            return record.name != "absl"
+        return not (isinstance(error, ValueError) and _WRITE_FAILURE.search(str(error)) and _raised_in_orbax(error))
+
+
+def _raised_in_orbax(error: BaseException) -> bool:
+    """Whether Orbax's code is on the error's traceback (so other code's asyncio errors still show)."""
+    tb = error.__traceback__
+    while tb is not None:
+        if "/orbax/" in tb.tb_frame.f_code.co_filename.replace("\\", "/"):
+            return True
+        tb = tb.tb_next
+    return False
 
 
 class _Manager(ocp.CheckpointManager):
@@ -123,7 +134,7 @@ class Checkpointer:
         free = shutil.disk_usage(folder).free
         if free < needed:
             def size(n):
-                return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+                return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
             error = OSError(f"saving a checkpoint in {self.directory} failed: it needs about {size(needed)} and the "
                             f"disk has {size(free)} free (free some space, or keep fewer: --keep-checkpoints)")
             error.errno = errno.ENOSPC

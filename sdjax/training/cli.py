@@ -174,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
         kind, is_list, _ = _field_type(field)
         flag = "--" + field.name.replace("_", "-")
         shown = {"train_data": "none, required for a new run", "validation_prompts": "the first two captions",
-                 "model_config": "SD v1.5's"}.get(field.name, _default(field))
+                 "model_config": "X/ beside X.safetensors when a pipeline folder, else SD v1.5's"}.get(
+            field.name, _default(field))
         help_text = f"{HELP.get(field.name, field.name.replace('_', ' '))} (default: {shown})"
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)

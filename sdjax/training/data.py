@@ -452,6 +452,16 @@ def _subfolders(folder: Path) -> list[Path]:
         return []
 
 
+def _is_training_run(folder: Path) -> bool:
+    """Whether ``folder`` holds an sdjax run's record (a JSON object with the settings train.py
+    writes), not just any file named train_config.json (another tool's, a dataset's own)."""
+    try:
+        record = json.loads((folder / RUN_CONFIG_FILENAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and {"train_data", "max_steps", "output_dir"} <= record.keys()
+
+
 def _folders_below(root: Path) -> Iterator[Path]:
     """``root`` and every folder under it, depth first by name, each real folder once (a symlink
     loop is not followed round). A training run's folder (one with a ``train_config.json``, such
@@ -461,7 +471,11 @@ def _folders_below(root: Path) -> Iterator[Path]:
     while stack:
         folder = stack.pop()
         real = folder.resolve()
-        if real in seen or (folder != root and (folder / RUN_CONFIG_FILENAME).is_file()):
+        if real in seen:
+            continue
+        if folder != root and _is_training_run(folder):
+            warnings.warn(f"{folder}: a training run's folder ({RUN_CONFIG_FILENAME}), left out of the data",
+                          stacklevel=3)
             continue
         seen.add(real)
         yield folder

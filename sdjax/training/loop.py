@@ -215,6 +215,8 @@ class TrainConfig:
             raise bad("validation_seeds", "must hold at least one seed")
         if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and 0 <= v <= MAX_SEED for v in seeds):
             raise bad("validation_seeds", f"must be whole numbers in [0, {MAX_SEED}]")
+        if not isinstance(self.caption_key, str) or not self.caption_key.strip():
+            raise bad("caption_key", "must name a TFDS feature or a metadata file's column")
         if self.train_data and not str(self.train_data).startswith("tfds:"):   # a folder: no TFDS features
             for name in ("image_key", "tfds_data_dir"):   # (caption_key: also a metadata file's column)
                 if getattr(self, name) != getattr(TrainConfig, name):
@@ -974,8 +976,8 @@ class Trainer:
             warnings.warn(f"{single_file.name} holds a {prediction_type} model, which nothing in the file says: "
                           f"load it with {directory.name}/'s configs (sdjax: --model-config {directory}, the "
                           "default beside it; diffusers: from_single_file(..., config=...)) or set v-prediction "
-                          "in the tool (AUTOMATIC1111: a "
-                          f"{single_file.stem}.yaml beside it with parameterization: \"v\"; ComfyUI: a "
+                          f"in the tool (AUTOMATIC1111: a copy of v1-inference.yaml named {single_file.stem}.yaml "
+                          "beside it, with parameterization: \"v\" added under model.params; ComfyUI: a "
                           "ModelSamplingDiscrete node set to v_prediction)", stacklevel=2)
         if not self.cfg.export_single_file:
             pipe.save_pretrained(directory, format=self.cfg.export_format, overwrite=True)
