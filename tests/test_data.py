@@ -626,9 +626,9 @@ def test_resume_replays_the_same_batches(folder):
     np.testing.assert_array_equal(next(restored)["pixel_values"], expected[5]["pixel_values"])
     with pytest.raises(DataError, match="seed"):
         iterate_batches(ds, **{**kwargs, "seed": 6}).restore(state)
-    with pytest.raises(DataError, match=r"saved global_batch_size=\d+, now \d+ .*on another number of devices, choose "
-                                        r"--batch-size and --gradient-accumulation whose product with the device "
-                                        r"count is \d+"):
+    with pytest.raises(DataError, match=r"saved global_batch_size=(\d+), now \d+ .*on another number of devices "
+                                        r"\(one that divides \1\), choose --batch-size and --gradient-accumulation "
+                                        r"whose product with the device count is \1"):
         iterate_batches(ds, **{**kwargs, "batch_size_per_process": 2}).restore(state)
 
 
