@@ -345,13 +345,13 @@ def _yaml_number(value):
 def _quoted_number(value, types):
     """``steps: '30'`` or ``guidance_scale: "7.5"`` (a number written in quotes) as that number, as
     train.py's presets and every flag read it; any other value as it is."""
-    if not isinstance(value, str) or str in (types if isinstance(types, tuple) else (types,)):
+    kinds = types if isinstance(types, tuple) else (types,)
+    if not isinstance(value, str) or str in kinds:
         return value
     text = value.strip()
-    if types is int or int in (types if isinstance(types, tuple) else ()):
-        if re.fullmatch(r"[-+]?\d+", text):
-            return int(text)
-    if float in (types if isinstance(types, tuple) else (types,)):
+    if int in kinds and re.fullmatch(r"[-+]?\d+", text):
+        return int(text)
+    if float in kinds:
         try:
             return float(text)
         except ValueError:

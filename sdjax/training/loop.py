@@ -34,8 +34,8 @@ from sdjax.schedulers import make_noise_schedule
 from sdjax.text import too_long, tokenize
 from sdjax.training import step as S
 from sdjax.training.checkpoint import Checkpointer, checkpoint_steps
-from sdjax.training.data import (RUN_CONFIG_FILENAME, BatchIterator, DataError, load_captioned_images,
-                                preprocess_image)
+from sdjax.training.data import (DEFAULT_CAPTION_KEY, RUN_CONFIG_FILENAME, BatchIterator, DataError,
+                                load_captioned_images, preprocess_image)
 from sdjax.training.monitor import MetricsLog
 from sdjax.images import atomic_write, image_grid, save_png
 from sdjax.weights import abstract_model
@@ -99,7 +99,7 @@ class TrainConfig:
     random_flip: bool = False
     cache_latents: bool = False        # VAE-encode the dataset once (needs center_crop, no random_flip)
     image_key: str = "image"           # TFDS feature names
-    caption_key: str = "caption"       # ... and a metadata.jsonl/csv's caption column (default there: text)
+    caption_key: str = DEFAULT_CAPTION_KEY   # ... and a metadata.jsonl/csv's caption column (default there: text)
     tfds_data_dir: str | None = None
     skip_bad_rows: bool = False
     seed: int = 0
