@@ -7,6 +7,7 @@ diffusers layouts.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -44,7 +45,7 @@ from sdjax.weights import abstract_model
 RUN_CONFIG_FILE = RUN_CONFIG_FILENAME   # in the output folder: the settings a run was started with
 SET_ASIDE_DIR = "abandoned_checkpoints"  # in the output folder: the checkpoints after a resume_step
 MIXED_PRECISIONS = ("no", "bf16")
-LR_SCHEDULES = ("constant", "constant_with_warmup", "cosine", "linear", "cosine_with_restarts", "polynomial")
+LR_SCHEDULES = S.LR_SCHEDULES
 EXPORT_FORMATS = ("both", "pytorch", "flax")
 SINGLE_FILE_DTYPES = ("float16", "bfloat16", "float32")
 SAMPLE_SCHEDULER = "pndm"               # of the validation samples
@@ -629,9 +630,9 @@ class Trainer:
             if changed:
                 print("resuming with settings changed from the recorded run: " + ", ".join(changed))
         if cfg.warmup_steps >= cfg.max_steps and main:
-            warnings.warn(f"warmup_steps={cfg.warmup_steps} is not below max_steps={cfg.max_steps}: the learning rate "
-                          f"reaches {(cfg.max_steps - 1) / cfg.warmup_steps:.0%} of {cfg.learning_rate:g} at the last update "
-                          "(lower --warmup-steps)", stacklevel=2)
+            warnings.warn(f"warmup_steps={cfg.warmup_steps} is not below max_steps={cfg.max_steps}: the learning "
+                          f"rate reaches {(cfg.max_steps - 1) / cfg.warmup_steps:.0%} of {cfg.learning_rate:g} at the "
+                          "last update (lower --warmup-steps)", stacklevel=2)
         if cfg.gradient_checkpointing and jax.default_backend() == "cpu" and main:
             warnings.warn("gradient_checkpointing saves no memory on the CPU: XLA:CPU drops jax.checkpoint's "
                           "optimization barriers before its last CSE and scheduling passes, so the recomputation "
@@ -1003,15 +1004,12 @@ class Trainer:
     def close(self) -> None:
         """Wait for the checkpoint being written, then close Orbax's manager, the metrics log and the
         data loader's threads."""
-        try:
-            self.checkpoints.close()   # raises a failed save's error (a full disk): the rest still closes
-        finally:
-            try:
-                if self.log is not None:
-                    self.log.close()
-            finally:
-                if self.data is not None:
-                    self.data.close()
+        with contextlib.ExitStack() as closing:   # all three, also after a failed save's error (a full disk)
+            if self.data is not None:
+                closing.callback(self.data.close)
+            if self.log is not None:
+                closing.callback(self.log.close)
+            self.checkpoints.close()
 
 
 def train(cfg: TrainConfig, *, progress: bool = True, stop: StopRequest | None = None,

@@ -72,13 +72,16 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
 
 
 POLYNOMIAL_END_LR = 1e-7   # where the polynomial schedule ends (diffusers' get_scheduler default lr_end)
+# diffusers' names; constant_with_warmup is constant here (both warm up over warmup_steps)
+LR_SCHEDULES = ("constant", "constant_with_warmup", "cosine", "linear", "cosine_with_restarts", "polynomial")
 
 
 def make_optimizer(learning_rate: float = 1e-5, *, warmup_steps: int = 0, schedule: str = "constant",
                    total_steps: int | None = None, b1: float = 0.9, b2: float = 0.999, weight_decay: float = 1e-2,
                    max_grad_norm: float | None = 1.0, num_cycles: int = 1,
                    power: float = 1.0) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW with linear warmup then a constant (also named constant_with_warmup), cosine, linear (to 0 at ``total_steps``),
+    """AdamW with linear warmup then a constant (also named constant_with_warmup), cosine, linear (to 0
+    at ``total_steps``),
     cosine_with_restarts (``num_cycles`` cosine decays to 0, each restarting at the peak) or
     polynomial (``(1 - progress) ** power`` down to `POLYNOMIAL_END_LR`) learning rate, after
     global-norm clipping: diffusers' schedules of those names."""
@@ -114,9 +117,7 @@ def make_optimizer(learning_rate: float = 1e-5, *, warmup_steps: int = 0, schedu
             lr = optax.join_schedules([optax.linear_schedule(0.0, learning_rate, warmup_steps), decay],
                                       [warmup_steps]) if warmup_steps else decay
     else:
-        raise ValueError(f"unknown learning-rate schedule {schedule!r}: use 'constant', 'constant_with_warmup', "
-                         "'cosine', 'linear', "
-                         "'cosine_with_restarts' or 'polynomial'")
+        raise ValueError(f"unknown learning-rate schedule {schedule!r}: use one of {', '.join(LR_SCHEDULES)}")
     chain = [clip_by_global_norm(max_grad_norm)] if max_grad_norm else []
     chain.append(optax.adamw(lr, b1=b1, b2=b2, weight_decay=weight_decay))
     return optax.chain(*chain), lr
