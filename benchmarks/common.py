@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import importlib.util
 import json
 import os
@@ -609,9 +610,9 @@ def inspect_sampling_hlo(size: str, resolution: int, *, compile: bool = False, s
     h = resolution // vae_scale(cfg["vae"])
     ids = sds((batch, 77), jnp.int32)
     t0 = time.perf_counter()
-    fn = jax.jit(sampling.generate, static_argnums=(0,),
+    fn = jax.jit(functools.partial(sampling.generate, graphdefs),   # the graphdefs bound in, as the pipeline has them
                  static_argnames=("latent_shape_HWC", "use_guidance", "return_predictions"))
-    lowered = fn.lower(graphdefs, state, sched, ids, ids, sds((batch,), jnp.uint32), None, jnp.float32(7.5),
+    lowered = fn.lower(state, sched, ids, ids, sds((batch,), jnp.uint32), None, jnp.float32(7.5),
                        latent_shape_HWC=(h, h, 4), use_guidance=True, return_predictions=False)
     lower_s = time.perf_counter() - t0
     stablehlo = lowered.as_text()

@@ -1,5 +1,6 @@
 """Host time per call of a jitted function that takes a model: ``nnx.jit`` with the module as an
-argument, ``jax.jit`` with the module, and ``jax.jit`` with the state from one ``nnx.split``.
+argument, ``jax.jit`` with the module, ``jax.jit`` with the state from one ``nnx.split`` (its graphdef
+as a static argument, or bound into the function as `StableDiffusion`'s sampler has it).
 
     python benchmarks/jit_overhead.py [--size tiny|sd15] [--calls 50]
 
@@ -12,6 +13,7 @@ the real configuration, in bf16 to halve its 3.4 GB). Prints one table row per w
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import timeit
 from pathlib import Path
@@ -36,14 +38,19 @@ def main(argv=None) -> int:
                         dtype=jnp.bfloat16 if args.size == "sd15" else jnp.float32)
     graphdef, state = nnx.split(unet)
     x = jnp.zeros(3)
-    ways = {"nnx.jit(f)(module, x)": (nnx.jit(lambda m, x: x + 1), unet),
-            "jax.jit(f)(module, x)": (jax.jit(lambda m, x: x + 1), unet),
-            "jax.jit(f)(state, x), state from nnx.split once": (jax.jit(lambda s, x: x + 1), state)}
+    ways = {"nnx.jit(f)(module, x)": (nnx.jit(lambda m, x: x + 1), (unet, x)),
+            "jax.jit(f)(module, x)": (jax.jit(lambda m, x: x + 1), (unet, x)),
+            "jax.jit(f)(state, x), state from nnx.split once": (jax.jit(lambda s, x: x + 1), (state, x)),
+            # a static argument is hashed at every call, a graphdef all through its module tree
+            "jax.jit(f, static_argnums=0)(graphdef, state, x)":
+                (jax.jit(lambda g, s, x: x + 1, static_argnums=0), (graphdef, state, x)),
+            "jax.jit(functools.partial(f, graphdef))(state, x)":
+                (jax.jit(functools.partial(lambda g, s, x: x + 1, graphdef)), (state, x))}
     print(f"{args.size} UNet: {len(jax.tree.leaves(state))} weight arrays; {jax.devices()[0].device_kind}")
     print("| call | ms per call |\n| --- | --- |")
-    for name, (fn, model) in ways.items():
-        fn(model, x).block_until_ready()   # compile
-        seconds = timeit.timeit(lambda: fn(model, x).block_until_ready(), number=args.calls) / args.calls
+    for name, (fn, fn_args) in ways.items():
+        fn(*fn_args).block_until_ready()   # compile
+        seconds = timeit.timeit(lambda: fn(*fn_args).block_until_ready(), number=args.calls) / args.calls
         print(f"| `{name}` | {seconds * 1e3:.2f} |")
     return 0
 

@@ -60,7 +60,7 @@ def noise_images(pipe, seeds: Sequence[int], height: int, width: int) -> np.ndar
 def _decode_batch(pipe, latents_BHWC: np.ndarray) -> np.ndarray:
     n = latents_BHWC.shape[0]
     padded = parallel.pad_batch(np.asarray(latents_BHWC, np.float32), parallel.padded_size(n, pipe.mesh))
-    images = pipe._decode(pipe._graphdefs.vae, pipe.state.vae, parallel.shard_batch(padded, pipe.mesh))
+    images = pipe._decode(pipe.state.vae, parallel.shard_batch(padded, pipe.mesh))
     return parallel.to_host(images)[:n]
 
 
