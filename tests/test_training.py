@@ -1606,6 +1606,28 @@ def test_resume_below_the_checkpoint_step_is_refused(full_run):
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
+def test_resume_refusals_come_before_the_model_loads(full_run, monkeypatch):
+    """A resume that the record or the checkpoint's data position refuses (another seed or global
+    batch, a setting that changes what a checkpoint holds, --max-steps below the checkpoint) says so
+    before the model and the training state load (a minute or more for SD v1.5), changing nothing."""
+    from sdjax.training import loop
+    out = full_run["out"]
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the refusal")
+    monkeypatch.setattr(loop, "_build_model", no_model)
+    recorded = TrainConfig.from_run(out)
+    for change, error, message in (
+            (dict(seed=recorded.seed + 1), DataError, rf"saved seed={recorded.seed}, now {recorded.seed + 1}"),
+            (dict(gradient_accumulation=1), DataError, r"saved global_batch_size=16, now 8"),
+            (dict(ema_decay=None), UsageError, r"the run that saved it had ema_decay="),
+            (dict(max_steps=2), UsageError, rf"--max-steps 2: the run in {re.escape(str(out))} is already at step 3")):
+        with pytest.raises(error, match=message):
+            Trainer.create(TrainConfig.from_run(out, **change))
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
 @pytest.mark.parametrize("change", [("ema_decay", "none"), ("max_grad_norm", "0"), ("train_text_encoder", None)])
 def test_resume_with_a_setting_that_changes_the_checkpoint_layout(full_run, change):
     """--resume with EMA off, clipping off or the text encoder trained, where the run had them the

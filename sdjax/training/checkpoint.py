@@ -177,6 +177,16 @@ class Checkpointer:
             self.manager.close()
 
 
+def read_data_position(directory: str | Path, step: int) -> dict:
+    """The data position saved in checkpoint ``step`` of ``directory`` (a few hundred bytes of
+    JSON), without reading the training state; creates and changes nothing."""
+    checkpoints = Checkpointer(directory, create=False)
+    try:
+        return checkpoints.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore())).data
+    finally:
+        checkpoints.close()
+
+
 def checkpoint_steps(directory: str | Path) -> list[int]:
     """The complete checkpoints in ``directory`` (sorted), creating and changing nothing."""
     if not Path(directory).is_dir():

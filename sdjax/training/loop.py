@@ -34,7 +34,7 @@ from sdjax.pipeline import MAX_SEED, StableDiffusion, load_pipeline, model_optio
 from sdjax.schedulers import make_noise_schedule
 from sdjax.text import too_long, tokenize
 from sdjax.training import step as S
-from sdjax.training.checkpoint import Checkpointer, checkpoint_steps
+from sdjax.training.checkpoint import Checkpointer, checkpoint_steps, read_data_position
 from sdjax.training.data import (DEFAULT_CAPTION_KEY, RUN_CONFIG_FILENAME, BatchIterator, DataError,
                                 load_captioned_images, preprocess_image)
 from sdjax.training.monitor import MetricsLog
@@ -436,6 +436,19 @@ def _restore_unet_only_ema(checkpoints: Checkpointer, state, step: int | None):
     return restored._replace(ema=ema), position
 
 
+def _layout_change(cfg: TrainConfig, recorded: dict | None, where: Path) -> UsageError | None:
+    """The error for resuming checkpoint ``where`` with a setting that decides what a checkpoint
+    holds (`STATE_STRUCTURE_SETTINGS`) changed from the ``recorded`` run's; None if none is."""
+    changed = [name for name, on in STATE_STRUCTURE_SETTINGS.items()
+               if recorded is not None and name in recorded and on(recorded[name]) != on(getattr(cfg, name))]
+    if not changed:
+        return None
+    settings = ", ".join(f"{name}={recorded[name]!r} (now {getattr(cfg, name)!r})" for name in changed)
+    return UsageError(f"cannot restore {where}: the run that saved it had {settings}, which decides what a "
+                      "checkpoint holds; resume with the recorded setting (leave out the flag that changes it; from "
+                      "Python, TrainConfig.from_run(OUTPUT_DIR) keeps it), or start a new run in another --output-dir")
+
+
 def _restore(checkpoints: Checkpointer, state, step: int | None, cfg: TrainConfig, recorded: dict | None):
     """`Checkpointer.restore`, with a checkpoint whose tree does not fit this run's state (Orbax's
     ValueError) reported as a UsageError naming the settings that differ from the recorded run."""
@@ -446,14 +459,9 @@ def _restore(checkpoints: Checkpointer, state, step: int | None, cfg: TrainConfi
             return older
         step = checkpoints.latest_step() if step is None else step
         where = checkpoints.directory / str(step)
-        changed = [name for name, on in STATE_STRUCTURE_SETTINGS.items()
-                   if recorded is not None and name in recorded and on(recorded[name]) != on(getattr(cfg, name))]
-        if changed:
-            settings = ", ".join(f"{name}={recorded[name]!r} (now {getattr(cfg, name)!r})" for name in changed)
-            raise UsageError(f"cannot restore {where}: the run that saved it had {settings}, which decides what "
-                             "a checkpoint holds; resume with the recorded setting (leave out the flag that "
-                             "changes it; from Python, TrainConfig.from_run(OUTPUT_DIR) keeps it), or start a "
-                             "new run in another --output-dir") from e
+        changed = _layout_change(cfg, recorded, where)
+        if changed is not None:
+            raise changed from e
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(f"cannot restore {where}: it does not fit this run's model and settings ({first}); "
                          f"use the --model and the {', '.join(STATE_STRUCTURE_SETTINGS)} settings of the run "
@@ -629,6 +637,17 @@ class Trainer:
             changed = [f"{k}={now[k]!r} (was {v!r})" for k, v in recorded.items() if k in now and now[k] != v]
             if changed:
                 print("resuming with settings changed from the recorded run: " + ", ".join(changed))
+        # What the record and the checkpoint's data position can refuse is refused before the model
+        # and the training state load (a minute or more for SD v1.5).
+        resume_from = (existing[-1] if resume_step is None else resume_step) if cfg.resume and existing else None
+        if resume_from is not None:
+            if resume_from > cfg.max_steps:
+                raise UsageError(f"--max-steps {cfg.max_steps}: the run in {out} is already at step {resume_from}; "
+                                 "pass a larger --max-steps to train on, or export an earlier checkpoint with "
+                                 "--export --export-step N")
+            changed = _layout_change(cfg, recorded, out / "checkpoints" / str(resume_from))
+            if changed is not None:
+                raise changed
         if cfg.warmup_steps >= cfg.max_steps and main:
             warnings.warn(f"warmup_steps={cfg.warmup_steps} is not below max_steps={cfg.max_steps}: the learning "
                           f"rate reaches {(cfg.max_steps - 1) / cfg.warmup_steps:.0%} of {cfg.learning_rate:g} at the "
@@ -654,49 +673,47 @@ class Trainer:
                              f"of {global_batch} (--batch-size {cfg.batch_size} x {parallel.data_size(mesh)} devices x "
                              f"--gradient-accumulation {cfg.gradient_accumulation}): lower them, use fewer devices "
                              "(e.g. CUDA_VISIBLE_DEVICES=0), or add examples")
-        pipe, graphdefs, step_cfg, optimizer, lr, state = _build_model(cfg, mesh)
-        all_captions = [text for texts in dataset.caption_sets for text in texts]
-        caption_ids = tokenize(pipe.tokenizer, all_captions, warn=False)   # once, not per step
-        caption_starts = np.cumsum([0] + [len(texts) for texts in dataset.caption_sets[:-1]], dtype=np.int64)
-        if main:
-            long = too_long(pipe.tokenizer, all_captions)
-            several = len(all_captions) > len(dataset)
-            print(f"training data: {count(len(dataset), 'example')}"
-                  + (f" with {count(len(all_captions), 'caption')} (one per epoch)" if several else "")
-                  + f" from {cfg.train_data}"
-                  + (f" ({count(len(dataset.skipped), 'bad row')} skipped)" if dataset.skipped else "")
-                  + (f"; {count(len(long), 'caption')} over {pipe.tokenizer.model_max_length} tokens, cut to the "
-                     f"first {pipe.tokenizer.model_max_length} (CLIP's window)" if long else ""))
-            small = dataset.smaller_than(cfg.resolution)
-            if small:
-                examples = ", ".join(f"{dataset.names[i]} {dataset.shorter_sides[i]} px" for i in small[:3])
-                warnings.warn(f"{cfg.train_data}: {len(small)} of {count(len(dataset), 'image')} are smaller than "
-                              f"--resolution {cfg.resolution} on their shorter side ({examples}"
-                              f"{', ...' if len(small) > 3 else ''}): they are upscaled, so they teach blurred "
-                              "detail; lower --resolution, or leave them out", stacklevel=2)
-        frozen = S.Frozen(vae=_pure(pipe.vae),
-                          text_encoder=None if cfg.train_text_encoder else _pure(pipe.text_encoder),
-                          alphas_cumprod=jnp.asarray(make_noise_schedule(pipe.scheduler_config)),
-                          empty_ids=jnp.asarray(tokenize(pipe.tokenizer, [""])[0]),
-                          scaling_factor=jnp.float32(pipe.vae.scaling_factor))
-        frozen = parallel.replicate(frozen, mesh)
-        step_fn = S.jit_train_step(mesh, graphdefs=graphdefs, cfg=step_cfg, optimizer=optimizer, lr_schedule=lr)
         per_process = cfg.batch_size * cfg.gradient_accumulation * len(mesh.local_devices)
         data = BatchIterator(dataset, resolution=cfg.resolution, batch_size_per_process=per_process,
                              process_index=jax.process_index(), process_count=jax.process_count(), seed=cfg.seed,
                              center_crop=cfg.center_crop, random_flip=cfg.random_flip,
                              micro_batches=cfg.gradient_accumulation)
-        checkpoints, log, set_aside = Checkpointer(out / "checkpoints", max_to_keep=cfg.keep_checkpoints), None, []
+        checkpoints, log, set_aside = None, None, []
         try:   # on any failure from here on, the loader threads and Orbax's manager are closed
+            if resume_from is not None:   # a changed seed, global batch or dataset: refused before the model loads
+                data.restore(read_data_position(out / "checkpoints", resume_from))
+            pipe, graphdefs, step_cfg, optimizer, lr, state = _build_model(cfg, mesh)
+            all_captions = [text for texts in dataset.caption_sets for text in texts]
+            caption_ids = tokenize(pipe.tokenizer, all_captions, warn=False)   # once, not per step
+            caption_starts = np.cumsum([0] + [len(texts) for texts in dataset.caption_sets[:-1]], dtype=np.int64)
+            if main:
+                long = too_long(pipe.tokenizer, all_captions)
+                several = len(all_captions) > len(dataset)
+                print(f"training data: {count(len(dataset), 'example')}"
+                      + (f" with {count(len(all_captions), 'caption')} (one per epoch)" if several else "")
+                      + f" from {cfg.train_data}"
+                      + (f" ({count(len(dataset.skipped), 'bad row')} skipped)" if dataset.skipped else "")
+                      + (f"; {count(len(long), 'caption')} over {pipe.tokenizer.model_max_length} tokens, cut to the "
+                         f"first {pipe.tokenizer.model_max_length} (CLIP's window)" if long else ""))
+                small = dataset.smaller_than(cfg.resolution)
+                if small:
+                    examples = ", ".join(f"{dataset.names[i]} {dataset.shorter_sides[i]} px" for i in small[:3])
+                    warnings.warn(f"{cfg.train_data}: {len(small)} of {count(len(dataset), 'image')} are smaller than "
+                                  f"--resolution {cfg.resolution} on their shorter side ({examples}"
+                                  f"{', ...' if len(small) > 3 else ''}): they are upscaled, so they teach blurred "
+                                  "detail; lower --resolution, or leave them out", stacklevel=2)
+            frozen = S.Frozen(vae=_pure(pipe.vae),
+                              text_encoder=None if cfg.train_text_encoder else _pure(pipe.text_encoder),
+                              alphas_cumprod=jnp.asarray(make_noise_schedule(pipe.scheduler_config)),
+                              empty_ids=jnp.asarray(tokenize(pipe.tokenizer, [""])[0]),
+                              scaling_factor=jnp.float32(pipe.vae.scaling_factor))
+            frozen = parallel.replicate(frozen, mesh)
+            step_fn = S.jit_train_step(mesh, graphdefs=graphdefs, cfg=step_cfg, optimizer=optimizer, lr_schedule=lr)
+            checkpoints = Checkpointer(out / "checkpoints", max_to_keep=cfg.keep_checkpoints)
             resumed = None
             if cfg.resume and checkpoints.latest_step() is not None:
-                state, position = _restore(checkpoints, state, resume_step, cfg, recorded)
+                state, _ = _restore(checkpoints, state, resume_step, cfg, recorded)   # (its data position: above)
                 resumed = int(state.step)
-                if resumed > cfg.max_steps:
-                    raise UsageError(f"--max-steps {cfg.max_steps}: the run in {out} is already at step {resumed}; "
-                                     "pass a larger --max-steps to train on, or export an earlier checkpoint with "
-                                     "--export --export-step N")
-                data.restore(position)
                 if resume_step is not None and resume_step < existing[-1]:   # all checked: move the later ones
                     checkpoints.close()   # Orbax lists the steps when opened: it must not see the later ones
                     checkpoints = None
