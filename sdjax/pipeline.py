@@ -17,7 +17,7 @@ from flax import nnx
 
 from sdjax import parallel, sampling
 from sdjax.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
-from sdjax.schedulers import SCHEDULERS, make_scheduler, pipeline_scheduler_config
+from sdjax.schedulers import SCHEDULERS, make_noise_schedule, make_scheduler, pipeline_scheduler_config
 from sdjax.text import load_tokenizer, tokenize
 from sdjax.weights import (SINGLE_FILE_SUFFIXES, CheckpointError, fetch_missing_bin_weights, has_weights, hub_files,
                            is_url, load_single_file, load_vae_file, prepare_single_file, read_config,
@@ -59,37 +59,52 @@ def load_pipeline(model: str, *, model_config: str | None = None, dtype=jnp.floa
     return StableDiffusion.from_pretrained(model, dtype=dtype, variant=variant, vae=vae, mesh=mesh)
 
 
-def load_vae(vae: str | Path, config, *, dtype=jnp.float32) -> AutoencoderKL:
+def load_vae(vae: str | Path, config, *, dtype=jnp.float32, variant: str | None = None) -> AutoencoderKL:
     """The VAE that ``vae`` names, to use in a pipeline in place of its own (as the fine-tuned
     ``sd-vae-ft-mse`` often is with SD v1.5): a weights file (`weights.load_vae_file`: the original
     layout of ``vae-ft-mse-840000-ema-pruned.safetensors``, or diffusers'; ``config``, the
     pipeline's VAE config, gives its architecture), a diffusers VAE folder or Hub repo id
     (``config.json`` and weights, as ``stabilityai/sd-vae-ft-mse``), or a pipeline folder (its
-    ``vae/``)."""
+    ``vae/``). ``variant`` (the pipeline's, e.g. ``"fp16"``): a local folder's variant weights
+    where it has them, else its plain ones; a Hub repo's plain weights are loaded either way."""
     if is_url(vae):
         raise CheckpointError(f"{vae}: a VAE loads from a local file, a folder or a Hub repo id (OWNER/NAME); "
                               "download the file and pass its path")
     path = Path(vae).expanduser()
     if path.is_file() or (not path.is_dir() and path.suffix in SINGLE_FILE_SUFFIXES):
+        if config is None:
+            raise CheckpointError(f"{vae}: a VAE weights file takes its architecture from the model's VAE config "
+                                  "(vae/config.json), which this model does not have: give a VAE folder instead")
         return load_vae_file(path, config, dtype=dtype)
     if not path.exists() and (path.is_absolute() or str(vae).startswith((".", "~")) or str(vae).count("/") != 1):
         raise CheckpointError(f"{vae}: no such VAE file or folder (vae= / --vae takes a weights file, a VAE or "
                               "pipeline folder, or a Hub repo id OWNER/NAME)")
     if path.is_dir() and not (path / "config.json").is_file() and (path / "vae").is_dir():
-        return AutoencoderKL.from_pretrained(path, subfolder="vae", dtype=dtype)
+        path = path / "vae"   # a pipeline folder
+    if path.is_dir():
+        return AutoencoderKL.from_pretrained(
+            path, dtype=dtype, variant=variant if variant and has_weights(path, AutoencoderKL, variant) else None)
     return AutoencoderKL.from_pretrained(vae, dtype=dtype)
 
 
-def _as_vae(vae: AutoencoderKL | str | Path, config, dtype) -> AutoencoderKL:
-    """``vae=`` of the loaders: a model as it is, or what `load_vae` loads (in ``dtype``)."""
+def _as_vae(vae: AutoencoderKL | str | Path, config, dtype, variant: str | None = None) -> AutoencoderKL:
+    """``vae=`` of the loaders: a model as it is, or what `load_vae` loads (in ``dtype``);
+    ``config``: the model's own VAE config, or None where it has none."""
     if not isinstance(vae, (AutoencoderKL, str, Path)):
         raise TypeError(f"vae must be an AutoencoderKL, or a path or Hub repo id of one; got {type(vae).__name__}")
-    model = vae if isinstance(vae, AutoencoderKL) else load_vae(vae, config, dtype=dtype)
-    if model.config.latent_channels != config.latent_channels:   # before check_parts_fit blames the UNet
+    model = vae if isinstance(vae, AutoencoderKL) else load_vae(vae, config, dtype=dtype, variant=variant)
+    if config is not None and model.config.latent_channels != config.latent_channels:   # before check_parts_fit
         given = "the AutoencoderKL given" if isinstance(vae, AutoencoderKL) else str(vae)
         raise CheckpointError(f"vae={given}: its latents have {model.config.latent_channels} channels, this "
                               f"model's {config.latent_channels} (its UNet denoises those): a VAE of another model")
     return model
+
+
+def _part_configs(root: Path, vae) -> dict:
+    """The models' configs of a pipeline folder; without the VAE's when ``vae`` replaces it and
+    the folder has none (a given VAE brings its own config; a VAE weights file needs the folder's)."""
+    return {part: read_config(root / part, model_cls)[0] for part, model_cls in PARTS.items()
+            if not (part == "vae" and vae is not None and not (root / part / "config.json").is_file())}
 
 
 def model_options_problem(model: str, model_config: str | None, variant: str | None) -> str | None:
@@ -110,8 +125,12 @@ def _tokenizer_and_scheduler(root: Path) -> dict:
                 f"--export --export-step {root.name}, then load the export folder")
     else:
         hint = "is this a diffusers pipeline folder?"
-    scheduler_config = read_json_object(root / "scheduler" / "scheduler_config.json",
-                                        f"{root}: no scheduler/scheduler_config.json ({hint})")
+    config_file = root / "scheduler" / "scheduler_config.json"
+    scheduler_config = read_json_object(config_file, f"{root}: no scheduler/scheduler_config.json ({hint})")
+    try:   # the noise schedule every scheduler is built from: a bad value is the file's, said at load
+        make_noise_schedule(scheduler_config)
+    except (ValueError, TypeError, NotImplementedError) as e:
+        raise CheckpointError(f"{config_file}: {e}") from e
     return dict(tokenizer=load_tokenizer(root), scheduler_config=scheduler_config)
 
 
@@ -381,8 +400,8 @@ class StableDiffusion:
         if format != "flax":
             fetch_missing_bin_weights(path_or_repo_id, revision, root, loaded, variant)
         extras = _tokenizer_and_scheduler(root)  # before the weights: a bad folder fails fast
-        configs = {part: read_config(root / part, model_cls)[0] for part, model_cls in PARTS.items()}
-        replaced = {} if vae is None else {"vae": _as_vae(vae, configs["vae"], dtype)}
+        configs = _part_configs(root, vae)
+        replaced = {} if vae is None else {"vae": _as_vae(vae, configs.get("vae"), dtype, variant)}
         check_parts_fit({**configs, **{part: model.config for part, model in replaced.items()}}, root)
         variants = dict.fromkeys(loaded, variant)
         if variant:
@@ -425,9 +444,9 @@ class StableDiffusion:
         except CheckpointError as e:  # say why a folder or the Hub comes into it at all
             raise CheckpointError(f"{file}: a single file's configs and tokenizer come from a pipeline folder or "
                                   f"Hub repo (config=, sample.py/train.py --model-config): {e}") from e
-        configs = {part: read_config(root / part, model_cls)[0] for part, model_cls in PARTS.items()}
+        configs = _part_configs(root, vae)
         extras = _tokenizer_and_scheduler(root)
-        replaced = {} if vae is None else {"vae": _as_vae(vae, configs["vae"], dtype)}
+        replaced = {} if vae is None else {"vae": _as_vae(vae, configs.get("vae"), dtype)}
         check_parts_fit({**configs, **{part: model.config for part, model in replaced.items()}}, root)
         read = {part: cfg for part, cfg in configs.items() if part not in replaced}  # the file may lack the VAE
         models = {**load_single_file(local_file(), read, dtype=dtype), **replaced}
@@ -536,7 +555,7 @@ class StableDiffusion:
         if latents is not None:
             if latents.shape != (n, *latent_shape):
                 raise ValueError(f"latents have shape {latents.shape}; expected {(n, *latent_shape)} "
-                                 f"([batch, height/8, width/8, channels], NHWC)")
+                                 f"([batch, height/{self.vae_scale}, width/{self.vae_scale}, channels], NHWC)")
         steps = self._intermediate_steps(return_intermediates, sched.num_model_calls)
 
         ids = tokenize(self.tokenizer, prompts)

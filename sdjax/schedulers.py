@@ -257,8 +257,14 @@ def _rescale_to_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
 
 
 def _train_betas(settings: dict) -> np.ndarray:
-    num = int(settings["num_train_timesteps"])
+    num = settings["num_train_timesteps"]
+    if num != int(num) or num < 1:
+        raise ValueError(f"num_train_timesteps={num!r}: expected a whole number >= 1")
+    num = int(num)
     schedule = settings["beta_schedule"]
+    for key in ("beta_start", "beta_end"):   # (a square root is taken of them: a negative one would be complex)
+        if schedule in ("linear", "scaled_linear") and settings["trained_betas"] is None and not 0 <= settings[key] < 1:
+            raise ValueError(f"{key}={settings[key]!r}: expected a number in [0, 1)")
     if settings["trained_betas"] is not None:
         betas = np.asarray(settings["trained_betas"], dtype=np.float32)
         if betas.shape != (num,):   # indexing by timestep would silently clamp

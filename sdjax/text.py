@@ -12,6 +12,9 @@ import numpy as np
 from sdjax.weights import CheckpointError, resolve_model_dir
 
 
+MAX_TOKENS_LIMIT = 100_000   # a model_max_length above this is transformers' "no limit" (int(1e30))
+
+
 def _clip_tokenizer_class():
     """transformers' CLIPTokenizer, imported without the "PyTorch was not found. Models won't be
     available" advice transformers prints when torch is not installed: sdjax uses only its
@@ -32,11 +35,23 @@ def load_tokenizer(path_or_repo_id, *, subfolder: str | None = "tokenizer", revi
     """The checkpoint's ``CLIPTokenizer`` (from a local pipeline folder or a Hub repo id)."""
     CLIPTokenizer = _clip_tokenizer_class()
     directory = resolve_model_dir(path_or_repo_id, subfolder, revision, allow_patterns=["*.json", "*.txt"])
+    # Without its vocabulary transformers builds a tokenizer of a few special tokens, which turns
+    # every prompt into the same ids: the images would ignore the prompt.
+    if not ((directory / "tokenizer.json").is_file()
+            or ((directory / "vocab.json").is_file() and (directory / "merges.txt").is_file())):
+        present = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
+        raise CheckpointError(f"{directory}: not a CLIP tokenizer: it needs vocab.json + merges.txt or tokenizer.json "
+                              f"(it has {', '.join(present) or 'no files'})")
     try:
-        return CLIPTokenizer.from_pretrained(str(directory))
+        tokenizer = CLIPTokenizer.from_pretrained(str(directory))
     except Exception as e:
         raise CheckpointError(f"{directory}: not a readable CLIP tokenizer "
                               f"(needs vocab.json + merges.txt or tokenizer.json): {e}") from e
+    if tokenizer.model_max_length > MAX_TOKENS_LIMIT:   # transformers' "no limit" placeholder (1e30)
+        raise CheckpointError(f"{directory}: the tokenizer has no model_max_length (the text encoder's window, 77 "
+                              "for SD's CLIP): tokenizer_config.json is missing or lacks it; add "
+                              '{"model_max_length": 77} to it')
+    return tokenizer
 
 
 def save_tokenizer(tokenizer, directory) -> None:

@@ -141,7 +141,10 @@ def _what_else(path: Path) -> str | None:
         return "an HTML page, not the weights: a download that saved a web page? Use the file's download link"
     torch_file = head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"   # torch.save: a zip, or an old pickle
     if path.suffix == ".safetensors" and torch_file:
-        return "a PyTorch checkpoint (torch.save) named .safetensors: rename it to .ckpt"
+        # (.bin: what a model folder looks for, and a single file takes too; transformers': pytorch_model.bin)
+        text_encoder = path.name == "model.safetensors" and path.parent.name == "text_encoder"
+        name = "pytorch_model.bin" if text_encoder else path.with_suffix(".bin").name
+        return f"a PyTorch checkpoint (torch.save) named .safetensors: rename it to {name}"
     if path.suffix != ".safetensors" and len(head) > 9 and head[8:10] == b'{"' and \
             int.from_bytes(head[:8], "little") < path.stat().st_size:
         return f"a safetensors file named {path.suffix}: rename it to .safetensors"
@@ -237,7 +240,10 @@ def _read_torch_bin(path: Path, check_keys: Callable[[list[str]], None] | None =
                 "save_file({k: v.contiguous().clone() for k, v in sd.items() if isinstance(v, torch.Tensor)}, "
                 "sys.argv[2])\" "
                 "IN.ckpt OUT.safetensors") from e
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({e})") from e
+        reason = str(e) or type(e).__name__
+        if path.is_file() and path.stat().st_size == 0:
+            reason = "an empty file, 0 bytes: an interrupted download or copy?"
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({reason})") from e
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]  # a training checkpoint (.ckpt): the weights and other things
     if not isinstance(state, dict):
@@ -357,11 +363,18 @@ class _StrictFill:
         if not jnp.issubdtype(array.dtype, jnp.floating):
             raise CheckpointError(f"{self.file}: key {shown!r} has dtype {array.dtype}; weights are floats")
         target = self.expected[path]
+        stored = tuple(array.shape)
         if not converted:
             array = to_nnx_layout(array, path, target.shape)
         if tuple(array.shape) != tuple(target.shape):
-            raise CheckpointError(f"{self.file}: key {shown!r} has shape {tuple(array.shape)} "
-                                  f"(in sdjax layout), the model expects {tuple(target.shape)}")
+            expected = (target.shape if converted   # as the file holds it
+                        else to_torch_layout(np.empty(target.shape, np.int8), path).shape)
+            extra = ""
+            if path == ("conv_in", "kernel") and array.ndim == 4 and array.shape[2] != target.shape[2]:
+                extra = (f": a UNet that takes {array.shape[2]} input channels, not the VAE's {target.shape[2]} latent "
+                         "ones (inpainting: 9, instruct-pix2pix: 8, depth: 5); sdjax makes images from text alone")
+            raise CheckpointError(f"{self.file}: key {shown!r} has shape {stored}, the model expects "
+                                  f"{tuple(expected)}{extra}")
         self.loaded[path] = jnp.asarray(array, dtype=self.dtype)
         self.source[path] = shown
 
@@ -581,7 +594,9 @@ def weight_file(model_dir: Path, model_cls, *, prefer: str | None = None, varian
     variants = sorted({m[1] for name in found if (m := re.fullmatch(
         r"[^.]+\.(?:(?:safetensors|bin|msgpack)\.index\.)?([^.]+?)(?:-NNNNN-of-\d+)?\.(?:safetensors|bin|msgpack|json)",
         name)) and m[1] != "index"})
-    hint = f"; the folder has {', '.join(found)}" if found else " (Flax-only weights load with format='flax')"
+    from_hub = any(part.startswith("models--") for part in model_dir.parts)   # the Hub cache: only some files came
+    hint = (f"; the folder has {', '.join(found)}" if found else
+            " (a Hub repo with Flax weights only loads with format='flax')" if from_hub else "")
     if variants and variant not in variants:
         hint += f" (load a variant with variant={variants[0]!r}, sample.py / train.py --variant {variants[0]})"
     raise CheckpointError(f"{model_dir}: no weights file; expected one of {', '.join(candidates)}{hint}")
@@ -698,7 +713,8 @@ def _numpy_params(model, dtype=None) -> dict[tuple, np.ndarray]:
 def save_pretrained(model, directory: str | os.PathLike, *, format: str = "both", dtype=None) -> Path:
     """Write ``config.json`` and the weights: ``format`` = 'pytorch' (safetensors), 'flax' (msgpack)
     or 'both'. ``dtype`` casts the saved weights (default: as held). Weights of the other format
-    left by an earlier save (which a later load could pick) are removed."""
+    left by an earlier save (which a later load could pick) are removed, and so are variant weights
+    (``*.fp16.safetensors``): they would load with the new config."""
     from safetensors.numpy import save_file
     if format not in ("pytorch", "flax", "both"):
         raise ValueError(f"unknown format {format!r}: use 'pytorch', 'flax' or 'both'")
@@ -729,10 +745,13 @@ def save_pretrained(model, directory: str | os.PathLike, *, format: str = "both"
     files.append((directory / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n")))
     atomic_write_all(files)
     # An earlier save's weights that a later load could pick before the new ones: the format not
-    # written now, and safetensors shards (whose index is looked for first).
+    # written now, safetensors shards (whose index is looked for first), and variant files
+    # (``variant="fp16"`` would load them, with the new config.json).
     stale_torch = spec.torch_files if format == "flax" else spec.torch_files[:1]
     stale = [*(name for name in stale_torch for name in (shard_index_name(name), shard_pattern(name))),
-             *(spec.torch_files if format == "flax" else ()), *((spec.flax_file,) if format == "pytorch" else ())]
+             *(spec.torch_files if format == "flax" else ()), *((spec.flax_file,) if format == "pytorch" else ()),
+             *(pattern for name in (*spec.torch_files, spec.flax_file)
+               for pattern in (with_variant(name, "*"), shard_index_name(name, "*")))]
     for pattern in stale:
         for path in directory.glob(pattern):
             path.unlink()

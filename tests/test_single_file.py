@@ -184,7 +184,7 @@ def test_a_file_with_the_other_formats_suffix_says_to_rename_it(pipe, single_fil
     torch_file = tmp_path / "model.safetensors"
     torch.save({k: torch.from_numpy(v) for k, v in load_file(str(single_file)).items()}, torch_file)
     with pytest.raises(CheckpointError, match="a PyTorch checkpoint \\(torch.save\\) named .safetensors: rename it "
-                                              "to .ckpt"):
+                                              "to model.bin"):
         load_single_file(torch_file, configs_of(pipe))
     safetensors_file = tmp_path / "model.ckpt"
     shutil.copy(single_file, safetensors_file)
@@ -212,12 +212,17 @@ def _rewrite(single_file, tmp_path, edit) -> str:
 
 
 UNET_KEY = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
 BAD_FILES = {
     "missing": (lambda s: s.pop(UNET_KEY), f"does not match its config's UNet2DConditionModel\n  missing keys (1): "
                 f"{UNET_KEY}"),
     "unexpected": (lambda s: s.update({"first_stage_model.encoder.extra.weight": np.zeros(3, np.float32)}),
                    "unexpected keys (1): first_stage_model.encoder.extra.weight"),
     "shape": (lambda s: s.update({UNET_KEY: s[UNET_KEY][:, :-1].copy()}), f"key '{UNET_KEY}' has shape"),
+    # (shapes as the file holds them: OIHW)
+    "inpainting": (lambda s: s.update({CONV_IN: np.concatenate([s[CONV_IN]] * 3, axis=1)[:, :9].copy()}),
+                   f"key '{CONV_IN}' has shape (32, 9, 3, 3), the model expects (32, 4, 3, 3): a UNet that takes 9 "
+                   "input channels, not the VAE's 4 latent ones (inpainting: 9"),
     "sdxl": (lambda s: s.update({"conditioner.embedders.1.model.ln_final.weight": np.ones(4, np.float32)}),
              "an SDXL checkpoint"),
     "sd2": (lambda s: s.update({"cond_stage_model.model.token_embedding.weight": np.ones((4, 4), np.float32)}),
@@ -510,6 +515,32 @@ def test_single_file_without_a_vae_loads_with_another(pipe, single_file, other_v
     assert_same_params(loaded.unet, pipe.unet)
     with pytest.raises(CheckpointError, match=r"missing keys \(\d+\): first_stage_model\."):
         StableDiffusion.from_single_file(path, config=str(tiny_pipeline_dir))
+
+
+def test_another_vae_with_the_pipelines_variant_or_in_place_of_a_missing_vae(pipe, other_vae, tmp_path):
+    """--variant fp16 --vae FOLDER: the folder's fp16 weights where it has them (its plain ones
+    otherwise); a pipeline folder without vae/ loads with a VAE folder or model given, and says
+    what a VAE weights file would need."""
+    folder = pipe.save_pretrained(tmp_path / "sd", format="pytorch")
+    plain = folder / "vae" / "diffusion_pytorch_model.safetensors"
+    save_file(load_file(str(other_vae["folder"] / "diffusion_pytorch_model.safetensors")),
+              str(plain.with_name("diffusion_pytorch_model.fp16.safetensors")))
+    plain.unlink()
+    unet_file = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    shutil.copy(unet_file, unet_file.with_name("diffusion_pytorch_model.fp16.safetensors"))
+    for given in (folder / "vae", folder):   # a VAE folder, a pipeline folder (its vae/)
+        loaded = load_pipeline(str(folder), variant="fp16", vae=str(given))
+        assert_same_params(loaded.vae, other_vae["model"])
+        assert_same_params(loaded.text_encoder, pipe.text_encoder)   # (no fp16 file: its plain weights)
+    shutil.rmtree(folder / "vae")
+    for given in (other_vae["model"], str(other_vae["folder"])):
+        assert_same_params(StableDiffusion.from_pretrained(folder, vae=given).vae, other_vae["model"])
+    with pytest.raises(CheckpointError, match="vae-other.safetensors: a VAE weights file takes its architecture from "
+                                              r"the model's VAE config \(vae/config.json\), which this model does not "
+                                              "have: give a VAE folder instead"):
+        StableDiffusion.from_pretrained(folder, vae=other_vae["file"])
+    with pytest.raises(CheckpointError, match=r"vae: no config.json"):
+        StableDiffusion.from_pretrained(folder)
 
 
 def test_another_vae_is_checked_against_the_pipeline(pipe, tiny_pipeline_dir):

@@ -111,10 +111,18 @@ def test_bad_config_is_named(tmp_path):
                             ({"norm_num_groups": 7}, "block_out_channels 32 is not divisible by norm_num_groups 7"),
                             ({"attention_head_dim": 3}, "block_out_channels 32 is not divisible by its attention "
                                                         "head count 3"),
-                            ({"block_out_channels": "32,64,64"}, r"block_out_channels=\('3', .*expected a list of "
-                                                                 "positive integers"),
+                            ({"block_out_channels": "32,64,64"}, "block_out_channels='32,64,64': expected a list, one "
+                                                                 "entry per block"),
+                            ({"block_out_channels": [32, "64", 64]}, r"block_out_channels=\(32, '64', 64\): expected a "
+                                                                     "list of positive integers"),
                             ({"down_block_types": ["SimpleCrossAttnDownBlock2D", "CrossAttnDownBlock2D",
-                                                   "DownBlock2D"]}, r"\['SimpleCrossAttnDownBlock2D'\] not supported")):
+                                                   "DownBlock2D"]}, r"\['SimpleCrossAttnDownBlock2D'\] not supported"),
+                            ({"down_block_types": None}, "down_block_types=None: expected a list, one entry per block"),
+                            ({"layers_per_block": "2"}, "layers_per_block='2': expected a positive integer"),
+                            ({"layers_per_block": [2, 2, 2]}, r"layers_per_block=\[2, 2, 2\]: per-block lists are "
+                                                              "not supported"),
+                            ({"addition_embed_type": "text_time"}, r"\(an SDXL UNet: sdjax builds SD 1.x / 2.x "
+                                                                   r"ones\)")):
         (tmp_path / "config.json").write_text(json.dumps({**R.TINY_UNET, **change}, default=list))
         with pytest.raises(CheckpointError, match=rf"{tmp_path}/config.json: not a config .*{message}"):
             UNet2DConditionModel.from_pretrained(tmp_path)
@@ -386,7 +394,8 @@ def test_tensors_that_do_not_fit_a_weight_are_errors(tiny_checkpoints, tmp_path)
     key = next(k for k in tensors if k.endswith(".attentions.0.to_q.weight"))
     original = tensors[key]
     c = original.shape[0]
-    for bad, message in ((np.zeros((c, c, 3, 3), np.float32), rf"has shape \(3, 3, {c}, {c}\)"),
+    for bad, message in ((np.zeros((c, c, 3, 3), np.float32), rf"has shape \({c}, {c}, 3, 3\), the model expects "
+                                                                rf"\({c}, {c}\)"),   # (as the file holds them)
                          (original[:, :, None, None], None),           # a 1x1 conv: the old VAE layout, loads
                          (original.astype(np.int64), "has dtype int64; weights are floats")):
         save_file({**tensors, key: bad}, file)
@@ -418,6 +427,16 @@ def test_files_that_are_not_weights_say_what_they_are(tiny_checkpoints, tiny_pip
     with pytest.raises(CheckpointError, match=r"model.ckpt: holds Python objects besides tensors \(datetime.date\)"
                                               r".*If you trust the file, convert it to safetensors"):
         StableDiffusion.from_single_file(ckpt, config=tiny_pipeline_dir)
+    ckpt.write_bytes(b"")   # a download or copy that stopped at once
+    with pytest.raises(CheckpointError, match=r"model.ckpt: not a readable PyTorch checkpoint \(an empty file, "
+                                              r"0 bytes"):
+        StableDiffusion.from_single_file(ckpt, config=tiny_pipeline_dir)
+    # torch.save'd weights under the safetensors name of a model folder: the folder's .bin name
+    (directory / "diffusion_pytorch_model.bin").unlink()
+    torch.save({"decoder.conv_in.weight": torch.zeros(1)}, file)
+    with pytest.raises(CheckpointError, match=r"a PyTorch checkpoint \(torch.save\) named .safetensors: rename it "
+                                              r"to diffusion_pytorch_model.bin"):
+        AutoencoderKL.from_pretrained(directory)
 
 
 def test_a_vae_single_file_is_named(tmp_path):
@@ -470,7 +489,8 @@ def test_wrong_shape(tiny_checkpoints, tmp_path):
     tensors = load_file(file)
     tensors["conv_in.weight"] = tensors["conv_in.weight"][:16]
     save_file(tensors, file)
-    with pytest.raises(CheckpointError, match=r"'conv_in.weight' has shape \(3, 3, 4, 16\).*expects \(3, 3, 4, 32\)"):
+    with pytest.raises(CheckpointError, match=r"'conv_in.weight' has shape \(16, 4, 3, 3\), the model expects "
+                                              r"\(32, 4, 3, 3\)"):
         UNet2DConditionModel.from_pretrained(directory)
 
 
@@ -867,6 +887,58 @@ def test_tokenizer_truncation_warns(tmp_path):
     assert [str(w.message).split(" is ")[0] for w in caught] == [
         f"negative prompt {p[:40] + '...'!r}" for p in ("the cat " * 50, "a dog " * 50)]  # once per distinct prompt
     assert ids[1, -1] == tok.eos_token_id and ids[1, 0] == tok.bos_token_id
+
+
+def test_a_tokenizer_without_its_vocabulary_or_window_is_refused(tmp_path):
+    """Without vocab.json + merges.txt (or tokenizer.json) transformers builds a tokenizer of the
+    special tokens alone, which gives every prompt the same ids; without tokenizer_config.json its
+    window is 1e30 tokens, which failed at the first prompt deep inside transformers."""
+    directory = R.write_tiny_tokenizer(tmp_path / "tok")
+    assert load_tokenizer(directory, subfolder=None).model_max_length == 77
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    for name in ("vocab.json", "merges.txt"):
+        (directory / name).rename(hidden / name)
+    with pytest.raises(CheckpointError, match=rf"{directory}: not a CLIP tokenizer: it needs vocab.json \+ merges.txt "
+                                              r"or tokenizer.json \(it has special_tokens_map.json, "
+                                              r"tokenizer_config.json\)"):
+        load_tokenizer(directory, subfolder=None)
+    for name in ("vocab.json", "merges.txt"):
+        (hidden / name).rename(directory / name)
+    (directory / "tokenizer_config.json").unlink()
+    with pytest.raises(CheckpointError, match=rf"{directory}: the tokenizer has no model_max_length .*"
+                                              r"tokenizer_config.json is missing or lacks it"):
+        load_tokenizer(directory, subfolder=None)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"num_train_timesteps": "1000"}, "num_train_timesteps='1000': expected a number"),
+    ({"num_train_timesteps": 0}, "num_train_timesteps=0: expected a whole number >= 1"),
+    ({"beta_schedule": "cosine"}, "beta_schedule 'cosine' is not supported"),
+    ({"beta_end": -0.01}, r"beta_end=-0.01: expected a number in \[0, 1\)")])
+def test_a_bad_noise_schedule_is_named_at_load(tiny_pipeline_dir, tmp_path, change, message):
+    """scheduler_config.json's noise schedule (what every scheduler is built from) is checked when
+    the pipeline loads, naming the file, not at the first image as if an option were bad."""
+    from sdjax import StableDiffusion
+    folder = tmp_path / "pipe"
+    shutil.copytree(tiny_pipeline_dir, folder)
+    config_file = folder / "scheduler" / "scheduler_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **change}))
+    with pytest.raises(CheckpointError, match=rf"{config_file}: .*{message}"):
+        StableDiffusion.from_pretrained(folder)
+
+
+def test_a_model_save_removes_variant_weights_an_earlier_save_left(tiny_checkpoints, tmp_path):
+    """``variant="fp16"`` would load an earlier save's fp16 files beside the new config.json."""
+    from sdjax.weights import save_pretrained
+    directory, file = copy_model_dir(tiny_checkpoints["vae"], "safetensors", tmp_path)
+    model = AutoencoderKL.from_pretrained(directory)
+    shutil.copy(file, directory / "diffusion_pytorch_model.fp16.safetensors")
+    (directory / "diffusion_pytorch_model.safetensors.index.fp16.json").write_text("{}")
+    nnx.update(model, jax.tree.map(lambda a: a + 1, nnx.state(model, nnx.Param)))
+    save_pretrained(model, directory, format="pytorch")
+    assert sorted(p.name for p in directory.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    assert max_abs_diff(params_of(AutoencoderKL.from_pretrained(directory)), params_of(model)) == 0
 
 
 def test_a_model_loaded_from_its_pipeline_folder_says_which_subfolder(tiny_pipeline_dir):

@@ -64,7 +64,11 @@ class UNetConfig:
                 value = any(value)
             if value != ok and not (isinstance(ok, int) and not isinstance(ok, bool)
                                     and isinstance(value, (int, float)) and float(value) == ok):
-                raise NotImplementedError(f"UNet config {key}={value!r} is not supported (expected {ok!r})")
+                sdxl = " (an SDXL UNet: sdjax builds SD 1.x / 2.x ones)" if value == "text_time" else ""
+                raise NotImplementedError(f"UNet config {key}={value!r} is not supported (expected {ok!r}){sdxl}")
+        for key in ("down_block_types", "up_block_types", "block_out_channels"):
+            if key in cfg and not isinstance(cfg[key], (list, tuple)):
+                raise ValueError(f"UNet config {key}={cfg[key]!r}: expected a list, one entry per block")
         n = len(cfg.get("down_block_types", cls.down_block_types))
         per_block = lambda v: tuple(v) if isinstance(v, (list, tuple)) else (v,) * n  # noqa: E731
         # diffusers reads SD's "attention_head_dim" as the number of heads when num_attention_heads is unset.
@@ -79,8 +83,9 @@ class UNetConfig:
             num_attention_heads=per_block(heads),
             transformer_layers_per_block=per_block(cfg.get("transformer_layers_per_block", 1)),
         )
-        if not isinstance(kw.get("layers_per_block", 2), int):
-            raise NotImplementedError("per-block layers_per_block lists are not supported")
+        if isinstance(kw.get("layers_per_block"), (list, tuple)):   # (another non-integer: __post_init__ says so)
+            raise NotImplementedError(f"UNet config layers_per_block={kw['layers_per_block']!r}: per-block lists "
+                                      "are not supported")
         return cls(**kw)
 
     def __post_init__(self):
