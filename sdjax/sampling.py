@@ -55,6 +55,9 @@ def img2img_start(num_inference_steps: int, strength: float) -> int:
     share of the schedule that is run, as diffusers' StableDiffusionImg2ImgPipeline computes it:
     the last ``int(num_inference_steps * strength)`` steps are denoised (PNDM's extra warm-up call
     included in its schedule: the index counts from its start all the same)."""
+    if (isinstance(strength, (np.ndarray, jax.Array)) and strength.ndim == 0
+            and not isinstance(strength, jax.core.Tracer)):
+        strength = strength.item()   # a 0-d array of a number
     if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0 < strength <= 1:
         raise ValueError(f"strength must be a number in (0, 1], got {strength!r}")
     denoised = min(int(num_inference_steps * strength), num_inference_steps)
@@ -129,12 +132,12 @@ def denoise(unet, scheduler: Scheduler, latents_BHWC, cond_BSD, uncond_BSD=None,
     is entered there as diffusers does (`Scheduler.starting_at`).
     ``cond_BSD`` / ``uncond_BSD``: text states for each image, or one ([1, S, D]) for all of them;
     ``uncond_BSD=None`` skips guidance (one UNet pass); ``guidance_scale``: a number or one per
-    image ([B]). ``keys_B``: per-image keys for stochastic schedulers (`step_keys` gives the
-    pipeline's). Returns the final latents, and with ``return_predictions`` also the clean latents
-    predicted at every model call, from that call's output before the scheduler's update
-    ([num_model_calls - start, B, h, w, C]).
+    image ([B]). ``keys_B``: one key per image (typed [B], or raw uint32 [B, 2]), needed by the
+    stochastic schedulers (`step_keys` gives the pipeline's). Returns the final latents, and with
+    ``return_predictions`` also the clean latents predicted at every model call, from that call's
+    output before the scheduler's update ([num_model_calls - start, B, h, w, C]).
 
-    ``on_step``: an optional host function, called as ``on_step(i)`` (``i`` a numpy int) when the
+    ``on_step``: an optional host function, called as ``on_step(i)`` (``i`` a 0-d int32 array) when the
     loop starts model call ``i``, so calls ``0..i-1`` are done; for progress bars. It runs through
     ``jax.debug.callback`` (one host callback per step, on a runtime thread) and, under ``jax.jit``,
     must be a static, hashable argument. ``None`` leaves the compiled loop free of callbacks.
@@ -152,7 +155,12 @@ def denoise(unet, scheduler: Scheduler, latents_BHWC, cond_BSD, uncond_BSD=None,
     if uncond_BSD is not None and uncond_BSD.shape[1:] != cond_BSD.shape[1:]:
         raise ValueError(f"uncond_BSD has shape {tuple(uncond_BSD.shape)} and cond_BSD {tuple(cond_BSD.shape)}: "
                          "they must agree in tokens and width")
+    width = getattr(getattr(unet, "config", None), "cross_attention_dim", None)
+    if width is not None and cond_BSD.shape[-1] not in set(width):   # (before the guidance pairs double the batch)
+        raise ValueError(f"cond_BSD has shape {tuple(cond_BSD.shape)}; the UNet attends to text states of width "
+                         f"{width[0]} (cross_attention_dim): states of another text encoder?")
     cond_BSD, uncond_BSD = (_match_batch(x, B, name) for x, name in ((cond_BSD, "cond_BSD"), (uncond_BSD, "uncond_BSD")))
+    _check_keys(scheduler, keys_B, B)
     if start:
         scheduler = scheduler.starting_at(start)
 
@@ -172,6 +180,24 @@ def denoise(unet, scheduler: Scheduler, latents_BHWC, cond_BSD, uncond_BSD=None,
     (latents, _), predictions = jax.lax.scan(body, (latents_BHWC, scheduler.init_state(latents_BHWC)),
                                              jnp.arange(start, scheduler.num_model_calls))
     return (latents, predictions) if return_predictions else latents
+
+
+def _check_keys(scheduler: Scheduler, keys_B, B: int) -> None:
+    """``keys_B`` of `denoise`: one key per image for a stochastic scheduler (typed [B] or raw
+    uint32 [B, 2]); a [B] array of integers is seeds, and one key for the whole batch would give
+    every image's noise from the batch's one key."""
+    if keys_B is None:
+        if scheduler.stochastic:
+            raise ValueError(f"the {scheduler.name} scheduler is stochastic: denoise needs keys_B, one key per image "
+                             "(the pipeline's: step_keys(image_keys(seeds)))")
+        return
+    dtype, shape = getattr(keys_B, "dtype", None), tuple(getattr(keys_B, "shape", ()))
+    typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+    if (typed and shape == (B,)) or (not typed and dtype == jnp.uint32 and shape == (B, 2)):
+        return
+    raise ValueError(f"keys_B has shape {shape} of {dtype}; expected one key per image of the {B}: typed keys [{B}] "
+                     f"or raw uint32 keys [{B}, 2] (from seeds: step_keys(image_keys(seeds)); from one key: "
+                     f"jax.random.split(key, {B}))")
 
 
 def _match_batch(x, B: int, name: str):

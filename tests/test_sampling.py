@@ -526,6 +526,25 @@ def test_denoise_takes_one_text_state_for_every_image(pipe):
         sampling.denoise(pipe.unet, sched, latents, text[0], None, 1.0)
     with pytest.raises(ValueError, match="uncond_BSD has shape .* must agree in tokens and width"):
         sampling.denoise(pipe.unet, sched, latents, text[:1], text[1:, :, :16], 7.5)
+    with pytest.raises(ValueError, match=r"cond_BSD has shape \(1, 77, 16\); the UNet attends to text states of width "
+                                         r"32 \(cross_attention_dim\)"):   # (not the doubled batch of the pairs)
+        sampling.denoise(pipe.unet, sched, latents, text[:1, :, :16], text[1:, :, :16], 7.5)
+    # keys_B: one key per image. Seeds, or one key for the whole batch, were taken as it and gave
+    # noise that no longer follows the images' seeds (or a JAX error about key data).
+    euler_a = pipe.make_scheduler("euler_a", 2)
+    seeds = np.arange(3, dtype=np.uint32)
+    with pytest.raises(ValueError, match=r"the euler_a scheduler is stochastic: denoise needs keys_B, one key per "
+                                         r"image \(the pipeline's: step_keys\(image_keys\(seeds\)\)\)"):
+        sampling.denoise(pipe.unet, euler_a, latents, text[:1], None)
+    for bad in (seeds, jax.random.PRNGKey(0), jax.random.key(0), sampling.image_keys(seeds[:2])):
+        shape = re.escape(str(tuple(bad.shape)))
+        with pytest.raises(ValueError, match=rf"keys_B has shape {shape} of .*; expected one "
+                                             r"key per image of the 3: .*from seeds: step_keys\(image_keys\(seeds\)\); "
+                                             r"from one key: jax.random.split\(key, 3\)"):
+            sampling.denoise(pipe.unet, euler_a, latents, text[:1], None, keys_B=bad)
+    for good in (sampling.step_keys(sampling.image_keys(seeds)), jax.random.split(jax.random.PRNGKey(0), 3)):
+        assert sampling.denoise(pipe.unet, euler_a, latents, text[:1], None, keys_B=good).shape == latents.shape
+    assert sampling.img2img_start(10, jnp.float32(0.5)) == sampling.img2img_start(10, 0.5) == 5   # a 0-d array
     with pytest.raises(ValueError, match=r"latents_BHWC has shape \(3, 4, 16, 16\); .* looks like NCHW"):
         sampling.denoise(pipe.unet, sched, latents.transpose(0, 3, 1, 2), text[:1], text[1:], 7.5)
     with pytest.raises(TypeError, match=r"start must be a Python int \(static under jit"):
