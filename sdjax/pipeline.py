@@ -437,6 +437,14 @@ class StableDiffusion:
         if mesh is not None:
             parallel.data_size(mesh)
         local_file = prepare_single_file(file)  # checked before the configs are fetched; a URL downloads later
+        given = Path(str(config)).expanduser()
+        if given.is_file():
+            raise CheckpointError(f"{file}: config={config} is a file; a single file's configs and tokenizer come "
+                                  "from a pipeline folder or Hub repo id (config=, sample.py/train.py --model-config)")
+        if (given.is_dir() and not (given / "model_index.json").is_file()
+                and (given.parent / "model_index.json").is_file()):
+            raise CheckpointError(f"{file}: config={config} is the {given.name}/ folder of a pipeline; give the "
+                                  f"pipeline folder, {given.parent}")
         patterns = ["model_index.json", "scheduler/scheduler_config.json", "tokenizer/*",
                     *(f"{part}/config.json" for part in PARTS)]
         try:

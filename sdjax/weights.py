@@ -1063,9 +1063,18 @@ def load_single_file(file: str | os.PathLike, configs: dict[str, Any], *, dtype=
     file = check_single_file(file)
     prefixes = {part: prefix for part, (_, prefix) in SINGLE_FILE_PARTS.items() if part in configs}
     wanted = _weight_prefixes(prefixes)
-    tensors = (_read_safetensors(file, wanted=lambda key: key.startswith(wanted))
-               if file.suffix == ".safetensors"
-               else _read_torch_bin(file, lambda keys: _check_single_file_keys(file, keys)))
+
+    def check(keys):
+        _check_single_file_keys(file, keys)
+        if "unet" in configs and any(key.startswith("model_ema.") for key in keys):
+            warnings.warn(f"{file} holds an EMA copy of the UNet beside its weights (model_ema.*): the weights are "
+                          "loaded, as diffusers' from_single_file does (for images the EMA copy is usually the "
+                          "better one: SD v1.5's is v1-5-pruned-emaonly.safetensors)", stacklevel=4)
+    if file.suffix == ".safetensors":
+        check(safetensors_keys(file))
+        tensors = _read_safetensors(file, wanted=lambda key: key.startswith(wanted))
+    else:
+        tensors = _read_torch_bin(file, check)
     return _load_original_layout(file, tensors, configs, prefixes, dtype)
 
 

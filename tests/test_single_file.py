@@ -138,7 +138,9 @@ def test_ckpt_with_ema_copies_and_schedule_buffers(pipe, single_file, tmp_path, 
                   for k, v in state.items() if k.startswith("model.diffusion_model.")})
     path = tmp_path / "tiny.ckpt"
     torch.save({"state_dict": {**state, **extra}, "global_step": 10}, path)
-    models = load_single_file(path, configs_of(pipe))
+    with pytest.warns(UserWarning, match=r"tiny.ckpt holds an EMA copy of the UNet beside its weights "
+                                         r"\(model_ema.\*\): the weights are loaded, as diffusers' from_single_file"):
+        models = load_single_file(path, configs_of(pipe))
     for part in PARTS:
         assert_same_params(models[part], getattr(pipe, part))
 
@@ -173,8 +175,9 @@ def test_keys_outside_the_models_are_not_read(pipe, single_file, tmp_path, monke
         shapes.append(tuple(shape))
         return real_empty(shape, *args, **kwargs)
     monkeypatch.setattr(weights.np, "empty", recording_empty)
-    models = load_single_file(path, configs_of(pipe))
-    vae = load_vae(path, pipe.vae.config)
+    with pytest.warns(UserWarning, match="holds an EMA copy of the UNet"):
+        models = load_single_file(path, configs_of(pipe))
+    vae = load_vae(path, pipe.vae.config)   # (no warning: the UNet is not read)
     assert shapes and (7, 11, 13) not in shapes
     assert_same_params(models["unet"], pipe.unet)
     assert_same_params(vae, pipe.vae)
@@ -258,6 +261,15 @@ def test_every_part_that_does_not_match_is_named_at_once(pipe, single_file, tmp_
                      "weights); load one beside it with vae= (--vae)", "does not match its config's CLIPTextModel",
                      "it has no text_encoder at all (no 'cond_stage_model.transformer.*' weights)"):
         assert expected in message, (expected, message)
+
+
+def test_a_config_that_is_a_file_or_a_models_folder_is_named(single_file, tiny_pipeline_dir):
+    for config, message in ((single_file, f"config={single_file} is a file; a single file's configs and tokenizer "
+                                          "come from a pipeline folder or Hub repo id"),
+                            (tiny_pipeline_dir / "unet", f"config={tiny_pipeline_dir / 'unet'} is the unet/ folder of "
+                                                         f"a pipeline; give the pipeline folder, {tiny_pipeline_dir}")):
+        with pytest.raises(CheckpointError, match=re.escape(f"{single_file}: {message}")):
+            StableDiffusion.from_single_file(single_file, config=str(config))
 
 
 def test_single_file_errors_come_before_the_configs_are_fetched(tmp_path, monkeypatch):
