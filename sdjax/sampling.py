@@ -38,7 +38,14 @@ def image_keys(seeds_B) -> jax.Array:
 
 def initial_noise(keys_B, latent_shape_HWC) -> jax.Array:
     """Unscaled N(0, 1) latents [B, h, w, C], each image's from its own key, so an image does not
-    depend on the batch it is generated in."""
+    depend on the batch it is generated in. ``keys_B``: typed keys [B] (`image_keys` makes them
+    from seeds) or raw uint32 keys [B, 2]."""
+    dtype, shape = getattr(keys_B, "dtype", None), tuple(getattr(keys_B, "shape", ()))
+    typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+    if not ((typed and len(shape) == 1) or (not typed and dtype == jnp.uint32 and len(shape) == 2 and shape[1] == 2)):
+        got = f"shape {shape} of {dtype}" if dtype is not None else f"a {type(keys_B).__name__}"
+        raise ValueError(f"initial_noise takes one PRNG key per image (typed [B] or raw uint32 [B, 2]), got {got}: "
+                         "for seeds, initial_noise(image_keys(seeds), ...)")
     return jax.vmap(lambda k: jax.random.normal(k, latent_shape_HWC, F32))(keys_B)
 
 
@@ -149,6 +156,10 @@ def denoise(unet, scheduler: Scheduler, latents_BHWC, cond_BSD, uncond_BSD=None,
         raise TypeError(f"start must be a Python int (static under jit: the loop's length depends on it), got "
                         f"{type(start).__name__}")
     B = latents_BHWC.shape[0]
+    if cond_BSD is None:
+        raise TypeError("cond_BSD is required: the text states the UNet attends to (encode_prompts); for "
+                        "unconditional images pass the empty prompt's")
+    cond_BSD, uncond_BSD = (x if x is None or hasattr(x, "ndim") else jnp.asarray(x) for x in (cond_BSD, uncond_BSD))
     for x, name in ((cond_BSD, "cond_BSD"), (uncond_BSD, "uncond_BSD")):
         if x is not None and x.ndim != 3:
             raise ValueError(f"{name} has shape {tuple(x.shape)}; expected text states [batch or 1, tokens, width]")

@@ -545,6 +545,11 @@ def test_denoise_takes_one_text_state_for_every_image(pipe):
     for good in (sampling.step_keys(sampling.image_keys(seeds)), jax.random.split(jax.random.PRNGKey(0), 3)):
         assert sampling.denoise(pipe.unet, euler_a, latents, text[:1], None, keys_B=good).shape == latents.shape
     assert sampling.img2img_start(10, jnp.float32(0.5)) == sampling.img2img_start(10, 0.5) == 5   # a 0-d array
+    with pytest.raises(ValueError, match=r"initial_noise takes one PRNG key per image .*got shape \(3,\) of uint32: "
+                                         r"for seeds, initial_noise\(image_keys\(seeds\), ...\)"):
+        sampling.initial_noise(seeds, (4, 4, 4))
+    with pytest.raises(TypeError, match="cond_BSD is required"):
+        sampling.denoise(pipe.unet, sched, latents, None, text[1:], 7.5)
     with pytest.raises(ValueError, match=r"latents_BHWC has shape \(3, 4, 16, 16\); .* looks like NCHW"):
         sampling.denoise(pipe.unet, sched, latents.transpose(0, 3, 1, 2), text[:1], text[1:], 7.5)
     with pytest.raises(TypeError, match=r"start must be a Python int \(static under jit"):
