@@ -1720,8 +1720,8 @@ def test_train_py_usage_errors(case, pipeline_dir, data_dir, tmp_path, monkeypat
                      [f"{edited_model}: its scheduler config has prediction_type='sample'; sdjax fine-tunes 'epsilon' "
                       "and 'v_prediction' models"]),
         "unsupported_noise_schedule": (flags(model=edited_model, train_data=data_dir, output_dir=tmp_path / "out"),
-                                       [f"{edited_model}: its scheduler config: beta_schedule 'sigmoid' is not "
-                                        "supported"]),
+                                       [f"{edited_model / 'scheduler' / 'scheduler_config.json'}: beta_schedule "
+                                        "'sigmoid' is not supported"]),
         **{name: ([*base, "--" + name.replace("_", "-"), value], [message])
            for name, (value, message) in BAD_VALUES.items()},
     }[case]

@@ -331,11 +331,7 @@ def _build_model(cfg: TrainConfig, mesh):
         raise UsageError(f"{cfg.model}: its scheduler config has prediction_type={prediction_type!r}; sdjax "
                          f"fine-tunes {' and '.join(map(repr, TRAINABLE_PREDICTION_TYPES))} models (or "
                          "retrains one for another with --prediction-type)")
-    try:  # the training noise schedule, then the samples' (here, not after training time has been spent)
-        make_noise_schedule(pipe.scheduler_config)
-    except (ValueError, NotImplementedError) as e:
-        raise UsageError(f"{cfg.model}: its scheduler config: {e}") from e
-    try:
+    try:  # the samples' schedule, here, not after training time has been spent (the loader checked the noise's)
         pipe.make_scheduler(SAMPLE_SCHEDULER, cfg.sample_steps)
     except (ValueError, NotImplementedError) as e:
         raise UsageError(f"{cfg.model}: its scheduler config with --sample-steps {cfg.sample_steps}: {e}") from e
