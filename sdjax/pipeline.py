@@ -211,7 +211,6 @@ def _one_call_at_a_time(method):
     return serialized
 
 
-
 def _decode(vae_graphdef, vae_state, latents_BHWC) -> jax.Array:
     """`sampling.decode_latents` of the VAE split into its graphdef and state (jitted per pipeline)."""
     return sampling.decode_latents(nnx.merge(vae_graphdef, vae_state), latents_BHWC)

@@ -1064,17 +1064,20 @@ def load_single_file(file: str | os.PathLike, configs: dict[str, Any], *, dtype=
     prefixes = {part: prefix for part, (_, prefix) in SINGLE_FILE_PARTS.items() if part in configs}
     wanted = _weight_prefixes(prefixes)
 
-    def check(keys):
-        _check_single_file_keys(file, keys)
+    def note_ema(keys):
         if "unet" in configs and any(key.startswith("model_ema.") for key in keys):
             warnings.warn(f"{file} holds an EMA copy of the UNet beside its weights (model_ema.*): the weights are "
                           "loaded, as diffusers' from_single_file does (for images the EMA copy is usually the "
                           "better one: SD v1.5's is v1-5-pruned-emaonly.safetensors)", stacklevel=4)
+
+    def check_pickled_keys(keys):   # (a safetensors file's were checked from its header by check_single_file)
+        _check_single_file_keys(file, keys)
+        note_ema(keys)
     if file.suffix == ".safetensors":
-        check(safetensors_keys(file))
+        note_ema(safetensors_keys(file))
         tensors = _read_safetensors(file, wanted=lambda key: key.startswith(wanted))
     else:
-        tensors = _read_torch_bin(file, check)
+        tensors = _read_torch_bin(file, check_pickled_keys)
     return _load_original_layout(file, tensors, configs, prefixes, dtype)
 
 
