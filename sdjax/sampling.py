@@ -40,13 +40,21 @@ def initial_noise(keys_B, latent_shape_HWC) -> jax.Array:
     """Unscaled N(0, 1) latents [B, h, w, C], each image's from its own key, so an image does not
     depend on the batch it is generated in. ``keys_B``: typed keys [B] (`image_keys` makes them
     from seeds) or raw uint32 keys [B, 2]."""
-    dtype, shape = getattr(keys_B, "dtype", None), tuple(getattr(keys_B, "shape", ()))
-    typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
-    if not ((typed and len(shape) == 1) or (not typed and dtype == jnp.uint32 and len(shape) == 2 and shape[1] == 2)):
-        got = f"shape {shape} of {dtype}" if dtype is not None else f"a {type(keys_B).__name__}"
+    if _batch_of_keys(keys_B) is None:
+        dtype = getattr(keys_B, "dtype", None)
+        got = f"shape {tuple(keys_B.shape)} of {dtype}" if dtype is not None else f"a {type(keys_B).__name__}"
         raise ValueError(f"initial_noise takes one PRNG key per image (typed [B] or raw uint32 [B, 2]), got {got}: "
                          "for seeds, initial_noise(image_keys(seeds), ...)")
     return jax.vmap(lambda k: jax.random.normal(k, latent_shape_HWC, F32))(keys_B)
+
+
+def _batch_of_keys(keys) -> int | None:
+    """How many keys ``keys`` holds as one key per image (typed [B], or raw uint32 [B, 2]); None if
+    it is not such an array (seeds, one key, a list)."""
+    dtype, shape = getattr(keys, "dtype", None), tuple(getattr(keys, "shape", ()))
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        return shape[0] if len(shape) == 1 else None
+    return shape[0] if dtype == jnp.uint32 and len(shape) == 2 and shape[1] == 2 else None
 
 
 def step_keys(keys_B) -> jax.Array:
@@ -202,13 +210,12 @@ def _check_keys(scheduler: Scheduler, keys_B, B: int) -> None:
             raise ValueError(f"the {scheduler.name} scheduler is stochastic: denoise needs keys_B, one key per image "
                              "(the pipeline's: step_keys(image_keys(seeds)))")
         return
-    dtype, shape = getattr(keys_B, "dtype", None), tuple(getattr(keys_B, "shape", ()))
-    typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
-    if (typed and shape == (B,)) or (not typed and dtype == jnp.uint32 and shape == (B, 2)):
+    if _batch_of_keys(keys_B) == B:
         return
-    raise ValueError(f"keys_B has shape {shape} of {dtype}; expected one key per image of the {B}: typed keys [{B}] "
-                     f"or raw uint32 keys [{B}, 2] (from seeds: step_keys(image_keys(seeds)); from one key: "
-                     f"jax.random.split(key, {B}))")
+    dtype = getattr(keys_B, "dtype", None)
+    got = f"shape {tuple(keys_B.shape)} of {dtype}" if dtype is not None else f"a {type(keys_B).__name__}"
+    raise ValueError(f"keys_B is {got}; expected one key per image of the {B}: typed keys [{B}] or raw uint32 keys "
+                     f"[{B}, 2] (from seeds: step_keys(image_keys(seeds)); from one key: jax.random.split(key, {B}))")
 
 
 def _match_batch(x, B: int, name: str):

@@ -538,10 +538,12 @@ def test_denoise_takes_one_text_state_for_every_image(pipe):
         sampling.denoise(pipe.unet, euler_a, latents, text[:1], None)
     for bad in (seeds, jax.random.PRNGKey(0), jax.random.key(0), sampling.image_keys(seeds[:2])):
         shape = re.escape(str(tuple(bad.shape)))
-        with pytest.raises(ValueError, match=rf"keys_B has shape {shape} of .*; expected one "
+        with pytest.raises(ValueError, match=rf"keys_B is shape {shape} of .*; expected one "
                                              r"key per image of the 3: .*from seeds: step_keys\(image_keys\(seeds\)\); "
                                              r"from one key: jax.random.split\(key, 3\)"):
             sampling.denoise(pipe.unet, euler_a, latents, text[:1], None, keys_B=bad)
+    with pytest.raises(ValueError, match=r"keys_B is a list; expected one key per image of the 3"):
+        sampling.denoise(pipe.unet, euler_a, latents, text[:1], None, keys_B=[0, 1, 2])
     for good in (sampling.step_keys(sampling.image_keys(seeds)), jax.random.split(jax.random.PRNGKey(0), 3)):
         assert sampling.denoise(pipe.unet, euler_a, latents, text[:1], None, keys_B=good).shape == latents.shape
     assert sampling.img2img_start(10, jnp.float32(0.5)) == sampling.img2img_start(10, 0.5) == 5   # a 0-d array
