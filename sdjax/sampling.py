@@ -41,9 +41,8 @@ def initial_noise(keys_B, latent_shape_HWC) -> jax.Array:
     depend on the batch it is generated in. ``keys_B``: typed keys [B] (`image_keys` makes them
     from seeds) or raw uint32 keys [B, 2]."""
     if _batch_of_keys(keys_B) is None:
-        dtype = getattr(keys_B, "dtype", None)
-        got = f"shape {tuple(keys_B.shape)} of {dtype}" if dtype is not None else f"a {type(keys_B).__name__}"
-        raise ValueError(f"initial_noise takes one PRNG key per image (typed [B] or raw uint32 [B, 2]), got {got}: "
+        raise ValueError(f"initial_noise takes one PRNG key per image (typed [B] or raw uint32 [B, 2]), got "
+                         f"{_described(keys_B)}: "
                          "for seeds, initial_noise(image_keys(seeds), ...)")
     return jax.vmap(lambda k: jax.random.normal(k, latent_shape_HWC, F32))(keys_B)
 
@@ -55,6 +54,12 @@ def _batch_of_keys(keys) -> int | None:
     if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
         return shape[0] if len(shape) == 1 else None
     return shape[0] if dtype == jnp.uint32 and len(shape) == 2 and shape[1] == 2 else None
+
+
+def _described(keys) -> str:
+    """``keys`` that are not one key per image, for an error: its shape and dtype, or its type."""
+    dtype = getattr(keys, "dtype", None)
+    return f"shape {tuple(keys.shape)} of {dtype}" if dtype is not None else f"a {type(keys).__name__}"
 
 
 def step_keys(keys_B) -> jax.Array:
@@ -212,10 +217,9 @@ def _check_keys(scheduler: Scheduler, keys_B, B: int) -> None:
         return
     if _batch_of_keys(keys_B) == B:
         return
-    dtype = getattr(keys_B, "dtype", None)
-    got = f"shape {tuple(keys_B.shape)} of {dtype}" if dtype is not None else f"a {type(keys_B).__name__}"
-    raise ValueError(f"keys_B is {got}; expected one key per image of the {B}: typed keys [{B}] or raw uint32 keys "
-                     f"[{B}, 2] (from seeds: step_keys(image_keys(seeds)); from one key: jax.random.split(key, {B}))")
+    raise ValueError(f"keys_B is {_described(keys_B)}; expected one key per image of the {B}: typed keys [{B}] or "
+                     f"raw uint32 keys [{B}, 2] (from seeds: step_keys(image_keys(seeds)); from one key: "
+                     f"jax.random.split(key, {B}))")
 
 
 def _match_batch(x, B: int, name: str):
