@@ -50,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae", metavar="FILE_OR_REPO", default=None,
                    help="a VAE in place of the model's own: a file (vae-ft-mse-840000-ema-pruned.safetensors / "
                         ".ckpt), a VAE folder or Hub repo id (stabilityai/sd-vae-ft-mse), or a pipeline folder")
+    p.add_argument("--ema-weights", action=argparse.BooleanOptionalAction, default=False,
+                   help="for a single-file --model that holds the UNet twice (a training checkpoint such as "
+                        "v1-5-pruned.ckpt: its weights and their EMA copy, model_ema.*): load the EMA copy, usually "
+                        "the better one for images (default: the weights, as diffusers' from_single_file)")
     p.add_argument("--variant", default=None,
                    help="load variant weight files, e.g. fp16 for diffusion_pytorch_model.fp16.safetensors "
                         "(about half the download)")
@@ -101,7 +105,8 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
     seeds = args.seeds if isinstance(args.seeds, list) else parse_seeds(args.seeds)
     options = {**getattr(args, "scheduler_options", {}), **parse_scheduler_options(args.scheduler_option)}
     req = SampleRequest(prompts=prompts, seeds=seeds, negative_prompt=args.negative_prompt, model=args.model,
-                        model_config=args.model_config, vae=args.vae, scheduler_options=options,
+                        model_config=args.model_config, vae=args.vae, ema_weights=args.ema_weights,
+                        scheduler_options=options,
                         steps=args.steps, guidance_scale=args.guidance_scale, scheduler=args.scheduler,
                         height=args.height, width=args.width, dtype=DTYPE_ALIASES.get(args.dtype, args.dtype),
                         batch_size=args.batch_size, out=str(Path(args.out).expanduser()), variant=args.variant,
@@ -184,7 +189,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     try:
         pipe, error = load_pipeline(req.model, model_config=req.model_config, dtype=dtype, variant=req.variant,
-                                    vae=req.vae), None
+                                    vae=req.vae, ema_weights=req.ema_weights), None
     except CheckpointError as e:  # no weights reachable, or not a pipeline folder: before anything is written
         pipe, error = None, e
     failed = parallel.processes_that_failed(error is None)   # a host without the weights stops them all

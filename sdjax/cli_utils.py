@@ -180,6 +180,7 @@ CONFIG_KEYS: dict[str, tuple[type | tuple, str]] = {
     "model_config": (str, "a single-file model's configs and tokenizer: pipeline folder or Hub repo id"),
     "vae": (str, "a VAE in place of the model's: file, VAE folder or Hub repo id"),
     "variant": (str, "weight file variant, e.g. fp16"),
+    "ema_weights": (bool, "a single-file training checkpoint's UNet from its EMA copy (model_ema.*)"),
     "negative_prompt": (str, "what to steer away from"),
     "seeds": ((int, str, list), "seed, range 0-15 or list"),
     "steps": (int, "number of denoising steps"),
@@ -377,6 +378,7 @@ class SampleRequest:
     model_config: str | None = None   # a single file's configs and tokenizer (default: DEFAULT_MODEL's)
     variant: str | None = None        # e.g. "fp16": diffusion_pytorch_model.fp16.safetensors
     vae: str | None = None            # a VAE in place of the model's own (file, VAE folder or Hub repo id)
+    ema_weights: bool = False         # a single file's UNet from its EMA copy (model_ema.*)
     steps: int = 50
     guidance_scale: float = 7.5
     scheduler: str = "pndm"
@@ -414,7 +416,8 @@ def validate_request(req: SampleRequest) -> None:
     for name in ("model", "model_config", "vae"):
         if getattr(req, name) is not None and not str(getattr(req, name)).strip():
             raise _bad_setting(name, "''", "is empty: leave the flag out, or give a path or Hub repo id")
-    problem = model_options_problem(req.model, req.model_config, req.variant) or attention_setting_problem()
+    problem = (model_options_problem(req.model, req.model_config, req.variant, req.ema_weights)
+               or attention_setting_problem())
     if problem:
         raise UsageError(problem)
     for name in ("height", "width"):

@@ -38,13 +38,14 @@ def is_single_file(model: str | Path) -> bool:
 
 
 def load_pipeline(model: str, *, model_config: str | None = None, dtype=jnp.float32, variant: str | None = None,
-                  vae: str | None = None, mesh=None) -> "StableDiffusion":
+                  vae: str | None = None, mesh=None, ema_weights: bool = False) -> "StableDiffusion":
     """A pipeline from a ``--model`` as sample.py and train.py take it: a single-file checkpoint
     (with the configs and tokenizer of ``model_config``; default: the pipeline folder ``X/`` beside
-    ``X.safetensors`` when there is one, else SD v1.5's), or a pipeline folder or
+    ``X.safetensors`` when there is one, else SD v1.5's; ``ema_weights``: its UNet's EMA copy, see
+    `StableDiffusion.from_single_file`), or a pipeline folder or
     Hub repo id; with ``vae`` (``--vae``, see `load_vae`) in place of the model's own VAE. Raises
     `CheckpointError` for an option that does not fit the kind of model."""
-    problem = model_options_problem(model, model_config, variant)
+    problem = model_options_problem(model, model_config, variant, ema_weights)
     if problem:
         raise CheckpointError(problem)
     if is_single_file(model):
@@ -55,7 +56,7 @@ def load_pipeline(model: str, *, model_config: str | None = None, dtype=jnp.floa
                           "(--model-config / model_config to use others)", stacklevel=2)
             model_config = str(beside)
         return StableDiffusion.from_single_file(model, config=model_config or DEFAULT_MODEL, dtype=dtype, vae=vae,
-                                                mesh=mesh)
+                                                mesh=mesh, ema_weights=ema_weights)
     return StableDiffusion.from_pretrained(model, dtype=dtype, variant=variant, vae=vae, mesh=mesh)
 
 
@@ -107,12 +108,16 @@ def _part_configs(root: Path, vae) -> dict:
             if not (part == "vae" and vae is not None and not (root / part / "config.json").is_file())}
 
 
-def model_options_problem(model: str, model_config: str | None, variant: str | None) -> str | None:
+def model_options_problem(model: str, model_config: str | None, variant: str | None,
+                          ema_weights: bool = False) -> str | None:
     """Why these ``--model`` options do not go together, or None."""
     if variant and is_single_file(model):
         return f"--variant {variant}: picks files in a pipeline folder; the single file {model} has none"
     if model_config and not is_single_file(model):
         return f"--model-config {model_config}: only for a single-file --model (given {model})"
+    if ema_weights and not is_single_file(model):
+        return (f"--ema-weights: picks the EMA copy in a single-file training checkpoint (as v1-5-pruned.ckpt); "
+                f"a pipeline folder or Hub repo ({model}) holds one set of UNet weights")
     return None
 
 
@@ -420,11 +425,14 @@ class StableDiffusion:
     @classmethod
     def from_single_file(cls, file, *, config: str = DEFAULT_MODEL, revision: str | None = None,
                          dtype=jnp.float32, vae: AutoencoderKL | str | None = None,
-                         mesh=None) -> "StableDiffusion":
+                         mesh=None, ema_weights: bool = False) -> "StableDiffusion":
         """Load a single-file checkpoint in the original Stable Diffusion layout (such as
         ``v1-5-pruned-emaonly.safetensors``, or a fine-tune saved by AUTOMATIC1111 / ComfyUI):
         ``.safetensors``, or a PyTorch ``.ckpt`` / ``.pt`` / ``.bin`` (needs torch; read with
-        ``weights_only=True``). Its non-EMA weights are used where a file holds both. ``file`` is a
+        ``weights_only=True``). Where a file holds the UNet twice, the trained weights and their
+        EMA copy (``model_ema.*``, as ``v1-5-pruned.ckpt``), the weights are used, as diffusers'
+        ``from_single_file`` does; ``ema_weights=True`` loads the EMA copy (usually the better for
+        images; what diffusers' SD v1.5 folder holds) and refuses a file without one. ``file`` is a
         local path or a Hugging Face Hub file URL (``https://huggingface.co/OWNER/NAME/blob/main/
         FILE``, downloaded into the Hub cache once).
 
@@ -456,7 +464,7 @@ class StableDiffusion:
         replaced = {} if vae is None else {"vae": _as_vae(vae, configs.get("vae"), dtype)}
         check_parts_fit({**configs, **{part: model.config for part, model in replaced.items()}}, root)
         read = {part: cfg for part, cfg in configs.items() if part not in replaced}  # the file may lack the VAE
-        models = {**load_single_file(local_file(), read, dtype=dtype), **replaced}
+        models = {**load_single_file(local_file(), read, dtype=dtype, ema_weights=ema_weights), **replaced}
         return cls(**models, **extras, mesh=mesh, name=str(file))
 
     def save_pretrained(self, directory, *, format: str = "both", dtype=None, overwrite: bool = False) -> Path:

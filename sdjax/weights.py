@@ -856,8 +856,9 @@ def save_pipeline(directory: str | os.PathLike, *, text_encoder, tokenizer, unet
 # The original Stable Diffusion layout (CompVis' latent-diffusion names), as in
 # v1-5-pruned-emaonly.safetensors and the files AUTOMATIC1111 / ComfyUI load: the three models in one
 # state dict, each under its prefix, in PyTorch tensor layouts. Its configs and tokenizer come from
-# elsewhere (a diffusers pipeline folder). Keys outside these prefixes (EMA copies "model_ema.*",
-# the noise schedule's buffers "betas", "alphas_cumprod"...) are not model weights and are skipped.
+# elsewhere (a diffusers pipeline folder). Keys outside these prefixes (the noise schedule's buffers
+# "betas", "alphas_cumprod"...) are not model weights and are skipped; so is the UNet's EMA copy
+# "model_ema.*" that training checkpoints (v1-5-pruned.ckpt) hold beside it, unless it is asked for.
 SINGLE_FILE_PARTS = {  # pipeline folder name -> (model class, key prefix)
     "unet": (UNet2DConditionModel, "model.diffusion_model."),
     "vae": (AutoencoderKL, "first_stage_model."),
@@ -871,6 +872,16 @@ _OTHER_ARCHITECTURES = {  # a key prefix that gives away a single file sdjax can
     "model.diffusion_model.double_blocks.": "a Flux checkpoint (sdjax loads SD v1.x)",
     "double_blocks.": "a Flux checkpoint (sdjax loads SD v1.x)",
 }
+EMA_PREFIX = "model_ema."   # LDM's LitEma: the UNet's weights again, each named without its dots
+_EMA_BOOKKEEPING = ("model_ema.decay", "model_ema.num_updates")
+
+
+def ema_key(key: str) -> str:
+    """The name of the EMA copy of the UNet weight ``key`` (``model.diffusion_model.X``) in an LDM
+    training checkpoint: ``model_ema.`` + its name below ``model.`` with the dots removed."""
+    return EMA_PREFIX + key.split(".", 1)[1].replace(".", "")
+
+
 _LDM_UNET_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
                  "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
 _LDM_UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
@@ -1050,7 +1061,8 @@ def _check_single_file_keys(file: Path | str, keys: list[str]) -> None:
                               f"'model.diffusion_model.*' keys ({has}){hint}")
 
 
-def load_single_file(file: str | os.PathLike, configs: dict[str, Any], *, dtype=jnp.float32) -> dict[str, Any]:
+def load_single_file(file: str | os.PathLike, configs: dict[str, Any], *, dtype=jnp.float32,
+                     ema_weights: bool = False) -> dict[str, Any]:
     """The models of an original-layout single-file checkpoint (``.safetensors``, or a PyTorch
     ``.ckpt`` / ``.pt`` / ``.bin`` read with ``weights_only=True``), strictly, in one pass over the
     file: {"unet": ..., "vae": ..., "text_encoder": ...}.
@@ -1059,16 +1071,29 @@ def load_single_file(file: str | os.PathLike, configs: dict[str, Any], *, dtype=
     it is not read (its keys may be missing, as a VAE replaced by another). Every weight of every
     model read must be in the file with the right shape, and every key under its prefix must be a
     weight of it; otherwise a `CheckpointError` names the file, the keys and the shapes.
+
+    ``ema_weights``: a training checkpoint that holds the UNet twice (``v1-5-pruned.ckpt``: the
+    trained weights and their EMA copy, ``model_ema.*``) gives its EMA copy instead, as
+    diffusers' conversion script does with ``--extract_ema`` (the weights diffusers' SD v1.5 folder
+    holds, and the better ones for images). A file without an EMA copy is an error then.
     """
     file = check_single_file(file)
     prefixes = {part: prefix for part, (_, prefix) in SINGLE_FILE_PARTS.items() if part in configs}
+    ema_weights = ema_weights and "unet" in configs
     wanted = _weight_prefixes(prefixes)
+    if ema_weights:   # the UNet's EMA copy in place of its weights, which are not read
+        wanted = tuple(start for start in wanted if start != prefixes["unet"]) + (EMA_PREFIX,)
 
     def note_ema(keys):
-        if "unet" in configs and any(key.startswith("model_ema.") for key in keys):
+        has_ema = any(key.startswith(EMA_PREFIX) for key in keys)
+        if ema_weights and not has_ema:
+            raise CheckpointError(f"{file}: has no EMA copy of the UNet (no '{EMA_PREFIX}*' keys) to load with "
+                                  "ema_weights=True / --ema-weights: its UNet weights are the only ones (an EMA-only "
+                                  "file, as v1-5-pruned-emaonly, already holds the EMA weights); load it without")
+        if "unet" in configs and has_ema and not ema_weights:
             warnings.warn(f"{file} holds an EMA copy of the UNet beside its weights (model_ema.*): the weights are "
-                          "loaded, as diffusers' from_single_file does (for images the EMA copy is usually the "
-                          "better one: SD v1.5's is v1-5-pruned-emaonly.safetensors)", stacklevel=4)
+                          "loaded, as diffusers' from_single_file does; for images the EMA copy is usually the "
+                          "better one: load it with ema_weights=True (sample.py/train.py --ema-weights)", stacklevel=4)
 
     def check_pickled_keys(keys):   # (a safetensors file's were checked from its header by check_single_file)
         _check_single_file_keys(file, keys)
@@ -1078,7 +1103,7 @@ def load_single_file(file: str | os.PathLike, configs: dict[str, Any], *, dtype=
         tensors = _read_safetensors(file, wanted=lambda key: key.startswith(wanted))
     else:
         tensors = _read_torch_bin(file, check_pickled_keys)
-    return _load_original_layout(file, tensors, configs, prefixes, dtype)
+    return _load_original_layout(file, tensors, configs, prefixes, dtype, ema_weights=ema_weights)
 
 
 # The modules of an LDM VAE (its keys after first_stage_model.); a file's other VAE keys are training
@@ -1094,9 +1119,10 @@ def _weight_prefixes(prefixes: dict[str, str]) -> tuple[str, ...]:
 
 
 def _load_original_layout(file: Path, tensors: Iterator[tuple[str, np.ndarray]], configs: dict[str, Any],
-                          prefixes: dict[str, str], dtype) -> dict[str, Any]:
+                          prefixes: dict[str, str], dtype, *, ema_weights: bool = False) -> dict[str, Any]:
     """The models of ``configs`` (pipeline part -> config) from ``file``'s ``tensors`` in the
-    original layout, where part P's weights are named ``prefixes[P]`` + their LDM names; strictly."""
+    original layout, where part P's weights are named ``prefixes[P]`` + their LDM names; strictly.
+    ``ema_weights``: the UNet from its EMA copy (`ema_key` names) instead."""
     dtype = resolve_dtype(dtype)
     fills, to_torch_name = {}, {}  # part -> _StrictFill; part -> {LDM name: torch name}
     for part, config in configs.items():
@@ -1104,7 +1130,19 @@ def _load_original_layout(file: Path, tensors: Iterator[tuple[str, np.ndarray]],
         fills[part] = _StrictFill(model_cls, config, file, dtype, label=f"its config's {model_cls.__name__}")
         to_torch_name[part] = {single_file_key(part, name, config)[len(prefix):]: name
                                for name in fills[part].names.values()}
+    from_ema = {}   # an EMA key -> the UNet key it stands in for
+    if ema_weights:
+        from_ema = {ema_key(prefixes["unet"] + name): prefixes["unet"] + name for name in to_torch_name["unet"]}
     for key, array in tensors:
+        shown = key
+        if ema_weights:
+            if key.startswith(prefixes["unet"]) or key in _EMA_BOOKKEEPING:
+                continue   # the weights the EMA copy replaces; LitEma's decay and update count
+            if key.startswith(EMA_PREFIX):
+                if key not in from_ema:
+                    fills["unet"].unexpected.append(key)
+                    continue
+                key = from_ema[key]
         part = next((p for p, prefix in prefixes.items() if key.startswith(prefix)), None)
         if part is None:
             continue  # not a weight of these models
@@ -1118,17 +1156,22 @@ def _load_original_layout(file: Path, tensors: Iterator[tuple[str, np.ndarray]],
         if torch_name is None:
             fills[part].unexpected.append(key)
         else:
-            fills[part].place(torch_name, array, shown_as=key)
+            fills[part].place(torch_name, array, shown_as=shown)
     problems = []   # every part's, so that fixing one does not just reveal the next
     for part, fill in fills.items():
         skip = len(SINGLE_FILE_PARTS[part][1])
+        from_the_ema = ema_weights and part == "unet"
+
+        def file_key(name, part=part, skip=skip, from_the_ema=from_the_ema):
+            key = prefixes[part] + single_file_key(part, name, configs[part])[skip:]
+            return ema_key(key) if from_the_ema else key
         try:
-            fill.check(lambda name, part=part, skip=skip:
-                       prefixes[part] + single_file_key(part, name, configs[part])[skip:])
+            fill.check(file_key)
         except CheckpointError as e:
             problems.append(str(e))
             if not fill.loaded:
-                problems.append(f"  it has no {part} at all (no '{prefixes[part]}*' weights)"
+                where = f"'{EMA_PREFIX}*' EMA" if from_the_ema else f"'{prefixes[part]}*'"
+                problems.append(f"  it has no {part} at all (no {where} weights)"
                                 + ("; load one beside it with vae= (--vae)" if part == "vae" else ""))
     if problems:
         raise CheckpointError("\n".join(problems))

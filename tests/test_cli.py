@@ -628,6 +628,8 @@ BAD_INPUTS = {
     "no_single_file": (["a cat", "--model", "{tmp}/nope.safetensors"], "nope.safetensors: no such checkpoint file"),
     "single_file_variant": (["a cat", "--model", "{tmp}/nope.ckpt", "--variant", "fp16"],
                             "--variant fp16: picks files in a pipeline folder; the single file"),
+    "ema_weights_for_a_folder": (["a cat", "--model", "{tmp}", "--ema-weights"],
+                                 "--ema-weights: picks the EMA copy in a single-file training checkpoint"),
     "model_config_for_a_folder": (["a cat", "--model", "{tmp}", "--model-config", "{tmp}"],
                                   "--model-config {tmp}: only for a single-file --model"),
     "not_a_pipeline": (["a cat", "--model", "{tmp}"], "scheduler_config.json"),

@@ -183,6 +183,60 @@ def test_keys_outside_the_models_are_not_read(pipe, single_file, tmp_path, monke
     assert_same_params(vae, pipe.vae)
 
 
+def _training_checkpoint(single_file, path, *, drop=None):
+    """``single_file`` with an EMA copy of its UNet as LDM's training checkpoints hold it (LitEma:
+    "model_ema." + the key below "model." without dots, plus its decay and update count), with
+    values of its own; ``drop``: a UNet key whose EMA copy is left out. Saved as ``path``'s suffix
+    says (a pickled {"state_dict": ...} for .ckpt)."""
+    state = load_file(str(single_file))
+    rng = np.random.default_rng(7)
+    ema = {"model_ema." + k[len("model."):].replace(".", ""): (v + rng.standard_normal(v.shape)).astype(v.dtype)
+           for k, v in state.items() if k.startswith("model.diffusion_model.") and k != drop}
+    state.update(ema, **{"model_ema.decay": np.float32(0.9999), "model_ema.num_updates": np.int32(10)})
+    if path.suffix == ".ckpt":
+        torch.save({"state_dict": {k: torch.from_numpy(np.asarray(v)) for k, v in state.items()}}, path)
+    else:
+        save_file({k: np.asarray(v) for k, v in state.items()}, str(path))
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
+def test_ema_weights_load_the_ema_copy_as_diffusers_extract_ema_does(pipe, single_file, tiny_checkpoints, tmp_path,
+                                                                    suffix):
+    """v1-5-pruned.ckpt holds the UNet twice; ema_weights=True loads its EMA copy: the state dict
+    diffusers' LDM converter extracts with extract_ema=True (every key, same values); the other
+    models are the file's as before."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    from sdjax.weights import _numpy_params, to_torch_layout, torch_key
+    path = _training_checkpoint(single_file, tmp_path / f"train{suffix}")
+    file_state = ({k: torch.from_numpy(v) for k, v in load_file(str(path)).items()} if suffix == ".safetensors"
+                  else torch.load(path, weights_only=True)["state_dict"])
+    expected = convert_ldm_unet_checkpoint(file_state, dict(tiny_checkpoints["unet"]["torch"].config),
+                                           extract_ema=True)
+    models = load_single_file(path, configs_of(pipe), ema_weights=True)   # (no warning: the EMA copy is loaded)
+    got = {torch_key(p): to_torch_layout(a, p) for p, a in _numpy_params(models["unet"]).items()}
+    assert sorted(got) == sorted(expected)
+    for key, value in expected.items():
+        np.testing.assert_array_equal(got[key], value.numpy(), err_msg=key)
+    assert not np.array_equal(got["conv_in.weight"], reference_state(tiny_checkpoints, "unet")["conv_in.weight"])
+    for part in ("vae", "text_encoder"):
+        assert_same_params(models[part], getattr(pipe, part))
+
+
+def test_ema_weights_that_are_not_there_are_named(pipe, single_file, tiny_pipeline_dir, tmp_path):
+    with pytest.raises(CheckpointError, match=r"tiny-sd.safetensors: has no EMA copy of the UNet \(no 'model_ema.\*' "
+                                              r"keys\) to load with ema_weights=True"):
+        load_pipeline(str(single_file), model_config=str(tiny_pipeline_dir), ema_weights=True)
+    path = _training_checkpoint(single_file, tmp_path / "partial.safetensors",
+                                drop="model.diffusion_model.out.2.weight")
+    with pytest.raises(CheckpointError, match=r"missing.*model_ema\.diffusion_modelout2weight"):
+        load_single_file(path, configs_of(pipe), ema_weights=True)
+    with pytest.raises(CheckpointError, match=r"--ema-weights: picks the EMA copy in a single-file training "
+                                              r"checkpoint .*a pipeline folder or Hub repo .* holds one set"):
+        load_pipeline(str(tiny_pipeline_dir), ema_weights=True)
+
+
 def test_a_file_with_the_other_formats_suffix_says_to_rename_it(pipe, single_file, tmp_path):
     torch_file = tmp_path / "model.safetensors"
     torch.save({k: torch.from_numpy(v) for k, v in load_file(str(single_file)).items()}, torch_file)

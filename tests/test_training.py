@@ -1675,7 +1675,7 @@ BAD_VALUES = {   # flag value -> what the error says; all checked before the mod
                                   "export_step_alone",
                                   "samples_past_the_schedule", "x0_model", "unsupported_noise_schedule",
                                   "data_under_a_batch", "abbreviated_flag", "empty_caption_key",
-                                  *BAD_VALUES])
+                                  "ema_weights_of_a_folder", *BAD_VALUES])
 def test_train_py_usage_errors(case, pipeline_dir, data_dir, tmp_path, monkeypatch):
     base = flags(model=pipeline_dir, train_data=data_dir, output_dir=tmp_path / "out")
     preset = tmp_path / "bad.yaml"
@@ -1714,6 +1714,8 @@ def test_train_py_usage_errors(case, pipeline_dir, data_dir, tmp_path, monkeypat
                                 f"{17 * jax.device_count()} (--batch-size 17 x {jax.device_count()} devices x "
                                 "--gradient-accumulation 1)"]),
         "abbreviated_flag": ([*base, "--lr", "1e-4"], ["unrecognized arguments: --lr 1e-4"]),   # not --lr-schedule
+        "ema_weights_of_a_folder": ([*base, "--ema-weights"], ["--ema-weights: picks the EMA copy in a single-file "
+                                                               "training checkpoint", f"({pipeline_dir}) holds one"]),
         "empty_caption_key": ([*base, "--caption-key="], ["caption_key='' must name a TFDS feature or a metadata "
                                                           "file's column (--caption-key)"]),
         "x0_model": (flags(model=edited_model, train_data=data_dir, output_dir=tmp_path / "out"),

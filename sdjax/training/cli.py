@@ -28,6 +28,9 @@ HELP = {
     "vae": "a VAE in place of the model's own, as sample.py --vae takes it (e.g. stabilityai/sd-vae-ft-mse or "
            "vae-ft-mse-840000-ema-pruned.safetensors): it encodes the training images and goes into final/",
     "variant": "load the model folder's variant weight files, e.g. fp16 (about half the download; trained in fp32)",
+    "ema_weights": "for a single-file --model that holds the UNet twice (a training checkpoint such as "
+                   "v1-5-pruned.ckpt: its weights and their EMA copy, model_ema.*): start from the EMA copy "
+                   "(what diffusers' SD v1.5 folder holds)",
     "caption_key": "TFDS: the caption feature's name (several captions per image: one per epoch); a folder's "
                    "metadata.jsonl / metadata.csv: the caption column (default there: text, else caption)",
     "tfds_data_dir": "TFDS: the data_dir the dataset was prepared in (none: TFDS's default)",

@@ -72,6 +72,7 @@ class TrainConfig:
     model_config: str | None = None    # a single-file model's configs and tokenizer (default: SD v1.5's)
     vae: str | None = None             # a VAE in place of the model's own (file, folder or Hub repo id)
     variant: str | None = None         # load a pipeline folder's variant weight files, e.g. "fp16"
+    ema_weights: bool = False          # a single-file training checkpoint's UNet from its EMA copy
     train_data: str = ""               # folder with train_images/ + image_captions.csv, or tfds:NAME[/CONFIG]
     output_dir: str = "finetune"
     resolution: int = 512
@@ -156,7 +157,8 @@ class TrainConfig:
                 raise bad(name, "is empty: leave it out, or give a path or Hub repo id")
         if not all(isinstance(p, str) for p in self.validation_prompts):
             raise bad("validation_prompts", "must be a list of prompts (text)")
-        problem = model_options_problem(self.model, self.model_config, self.variant) or attention_setting_problem()
+        problem = (model_options_problem(self.model, self.model_config, self.variant, self.ema_weights)
+                   or attention_setting_problem())
         if problem:
             raise ValueError(problem)
         if need_data and not self.train_data:
@@ -320,7 +322,7 @@ def _build_model(cfg: TrainConfig, mesh):
     """(pipeline, graphdefs, step config, optimizer, lr schedule, initial state on the mesh)."""
     # fp32 whatever the files hold (a variant="fp16" is upcast): the master weights of training
     pipe = load_pipeline(cfg.model, model_config=cfg.model_config, variant=cfg.variant, vae=cfg.vae,
-                         dtype=jnp.float32, mesh=mesh)
+                         ema_weights=cfg.ema_weights, dtype=jnp.float32, mesh=mesh)
     prediction_type = pipe.scheduler_config.get("prediction_type", "epsilon")
     if cfg.prediction_type not in (None, prediction_type):
         # The pipeline's scheduler config says what the weights now predict: the samples, the
