@@ -421,18 +421,22 @@ def test_xla_flags_are_added_only_where_allowed(monkeypatch):
     import jaxlib
     name = "xla_cpu_experimental_ynn_fusion_type"
     monkeypatch.setattr(xla_bridge, "_backends", {})  # as before JAX starts
-    monkeypatch.setattr(_xla_flags, "FLAGS", {name: ("", (jaxlib.__version__,))})
-    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    monkeypatch.setattr(_xla_flags, "FLAGS", {name: ("", (jaxlib.__version__,), True)})
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
     assert _xla_flags.apply(env) == [f"--{name}="]
-    assert env["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=8 --{name}="
+    assert env["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=1 --{name}="
+    for several in ({"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}, {"JAX_NUM_CPU_DEVICES": "2"}):
+        assert _xla_flags.apply(several) == [], several   # one CPU device only (it races on several)
+    assert _xla_flags.apply({"JAX_NUM_CPU_DEVICES": "1",
+                             "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}) == [f"--{name}="]
     user = {"XLA_FLAGS": f"--{name}=dot"}  # the user's own setting wins
     assert _xla_flags.apply(user) == [] and user["XLA_FLAGS"] == f"--{name}=dot"
     off = {"SDJAX_XLA_FLAGS": "0"}
     assert _xla_flags.apply(off) == [] and "XLA_FLAGS" not in off
-    monkeypatch.setattr(_xla_flags, "FLAGS", {name: ("", ("0.0.",))})  # not measured on this jaxlib
+    monkeypatch.setattr(_xla_flags, "FLAGS", {name: ("", ("0.0.",), False)})  # not measured on this jaxlib
     assert _xla_flags.apply({}) == []
     monkeypatch.setattr(xla_bridge, "_backends", {"cpu": object()})  # XLA already read its flags
-    monkeypatch.setattr(_xla_flags, "FLAGS", {name: ("", (jaxlib.__version__,))})
+    monkeypatch.setattr(_xla_flags, "FLAGS", {name: ("", (jaxlib.__version__,), False)})
     assert _xla_flags.apply({}) == []
 
 
