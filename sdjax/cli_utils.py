@@ -637,11 +637,11 @@ def _stop_together(wait_for_files) -> None:
 def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleResult:
     """Generate every (prompt, seed) of ``req`` with ``pipe`` and write one PNG each into ``req.out``.
 
-    Images are generated in batches of ``req.batch_size`` (default 4 per device); each batch's files
-    are written on a background thread while the next batch is generated. Every batch has the same
-    shape (the last one is filled up by repeating its last job, and the extra images are dropped),
-    so the sampler compiles once; a request smaller
-    than one batch is run as one batch of its own size. PNG names and the A1111 ``parameters``
+    Images are generated in batches of ``req.batch_size`` (default 4 per device) by
+    `StableDiffusion.batches`, which has the devices make the next batch while this one's files
+    are encoded and written (on a background thread). Every batch has the same shape (the last one
+    is filled up by repeating its last job, and the extra images are dropped), so the sampler
+    compiles once; a request smaller than one batch is run as one batch of its own size. PNG names and the A1111 ``parameters``
     chunk come from :mod:`sdjax.images`; numbering continues after the highest index in the folder.
     ``progress``: one of ``PROGRESS_MODES`` (see :func:`resolve_progress`).
 
@@ -696,17 +696,20 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
         writing.clear()
 
     start = time.perf_counter()
-    first_index, release = 0, lambda: None
+    first_index, release, outputs = 0, (lambda: None), None
     try:
         if writer:   # another run into out_dir at the same time numbers past this one's images
             first_index, release = reserve_indices(out_dir, len(jobs))
         with CompileTimer() as compile_timer:
-            for batch in bar:
-                padded = batch + [batch[-1]] * (per_call - len(batch))
-                out = pipe([p for p, _ in padded], negative, seeds=[s for _, s in padded],
-                           num_inference_steps=req.steps, guidance_scale=req.guidance_scale, height=req.height,
-                           width=req.width, scheduler=req.scheduler, batch_size=per_call,
-                           return_intermediates=picks, progress=step_bar, scheduler_options=req.scheduler_options)
+            # The pipeline dispatches each batch before handing over the one before it, so the
+            # devices make batch k + 1 while this loop writes batch k.
+            outputs = pipe.batches([p for p, _ in jobs], negative, seeds=[s for _, s in jobs],
+                                   num_inference_steps=req.steps, guidance_scale=req.guidance_scale,
+                                   height=req.height, width=req.width, scheduler=req.scheduler, batch_size=per_call,
+                                   return_intermediates=picks, progress=step_bar,
+                                   scheduler_options=req.scheduler_options)
+            for batch, out in zip(bar, outputs, strict=True):
+                padded = batch + [batch[-1]] * (per_call - len(batch))   # one decoder program for every batch
                 noise = noise_images(pipe, [s for _, s in padded], req.height, req.width) if req.trajectory else None
                 generated += len(batch)
                 _stop_together(written if writer else None)
@@ -736,6 +739,8 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
             extra.append(save_png(image_grid(images_for_grid, columns), out_dir / f"{first_index:05d}-grid.png",
                                   grid_params))
     finally:
+        if outputs is not None:
+            outputs.close()   # a write error or Ctrl-C mid-run: the pipeline's lock and step bar are let go now
         if saver is not None:
             saver.shutdown(wait=True)   # also on Ctrl-C: the files listed so far are complete
         release()

@@ -8,7 +8,7 @@ import threading
 import warnings
 import weakref
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -510,7 +510,8 @@ class StableDiffusion:
                  height: int = 512, width: int = 512, scheduler: str = "pndm", latents: np.ndarray | None = None,
                  *, batch_size: int | None = None, return_intermediates: int | Sequence[int] | None = None,
                  scheduler_options: dict | None = None, progress=False) -> StableDiffusionOutput:
-        """Generate one image per (prompt, seed).
+        """Generate one image per (prompt, seed) (all of them in memory at the end: `batches`
+        hands them over one batch at a time instead).
 
         ``prompts`` and ``seeds`` broadcast: one prompt with many seeds, many prompts with one seed
         (each image then gets that seed), or equal-length lists. ``negative_prompts`` likewise
@@ -528,6 +529,33 @@ class StableDiffusion:
         a ``tqdm``), advanced once per UNet evaluation (PNDM: steps + 1). Step bars add one host
         callback per step to the compiled sampler (compiled once more, then reused); ``"batches"``
         and ``False`` add none.
+        """
+        outputs = list(self.batches(
+            prompts, negative_prompts, seeds, num_inference_steps, guidance_scale, height, width, scheduler,
+            latents, batch_size=batch_size, return_intermediates=return_intermediates,
+            scheduler_options=scheduler_options, progress=progress))
+        steps = outputs[0].intermediate_steps
+        return StableDiffusionOutput(np.concatenate([o.images for o in outputs]),
+                                     [p for o in outputs for p in o.prompts],
+                                     [p for o in outputs for p in o.negative_prompts],
+                                     [s for o in outputs for s in o.seeds],
+                                     np.concatenate([o.intermediates for o in outputs], axis=1) if steps else None,
+                                     steps)
+
+    def batches(self, prompts: str | Sequence[str], negative_prompts: str | Sequence[str] | None = None,
+                seeds: int | Sequence[int] = 0, num_inference_steps: int = 50, guidance_scale: float = 7.5,
+                height: int = 512, width: int = 512, scheduler: str = "pndm", latents: np.ndarray | None = None,
+                *, batch_size: int | None = None, return_intermediates: int | Sequence[int] | None = None,
+                scheduler_options: dict | None = None, progress=False) -> Iterator[StableDiffusionOutput]:
+        """The images of ``pipe(...)`` (same arguments, same images), one `StableDiffusionOutput`
+        per compiled call of ``batch_size`` images, in order, for many seeds: write each batch's
+        files and let it go, instead of holding every image. The arguments are checked now (a
+        bad one raises here, before anything runs); the images are made as the iterator is
+        consumed, the next batch dispatched to the devices before this one is handed over, so they
+        keep working while the caller handles it. Leaving the loop early leaves that one batch to
+        finish on the devices, unused. While iterating, other threads' calls on this pipeline
+        wait; call it from within the loop only in the same thread (its step bar is then the
+        inner call's).
         """
         for name, value in (("prompts", prompts), ("seeds", seeds)):
             if value is None:
@@ -580,43 +608,66 @@ class StableDiffusion:
             raise ValueError(f"the tokenizer gave token id {max(ids.max(), neg_ids.max())}, outside the text encoder's "
                              f"vocabulary 0..{vocab - 1} (a tokenizer with added tokens needs an embedding resized "
                              "to match)")
-        state = self.state
         # Every call has the same batch shape (the last one padded), so a run compiles one program.
         per_call = min(parallel.padded_size(batch_size or 4 * parallel.data_size(self.mesh), self.mesh),
                        parallel.padded_size(n, self.mesh))
-        images, inter = [], []
-        chunks = range(0, n, per_call)
-        step_bar, own_bar, batch_bar = _progress_bars(progress, len(chunks) * sched.num_model_calls)
-        if batch_bar:
-            from tqdm.auto import tqdm
-            chunks = tqdm(chunks, desc="batches", unit="batch")
-        self._ticker.bar = step_bar
-        try:
-            for start in chunks:
-                stop = min(start + per_call, n)
+        seeds = np.asarray(seeds, np.uint32)
+        request = (prompts, negatives, seeds, ids, neg_ids, latents, sched, latent_shape, float(guidance_scale),
+                   steps, per_call)
+        return self._batches(request, progress)
+
+    def _batches(self, request, progress) -> Iterator[StableDiffusionOutput]:
+        """`batches`' generator: dispatches batch k + 1 before fetching batch k."""
+        prompts, negatives, seeds, ids, neg_ids, latents, sched, latent_shape, guidance_scale, steps, per_call = request
+        with self._lock:
+            state = self.state
+            starts = range(0, len(prompts), per_call)
+            step_bar, own_bar, show_batches = _progress_bars(progress, len(starts) * sched.num_model_calls)
+            batch_bar = None
+            if show_batches:
+                from tqdm.auto import tqdm
+                batch_bar = tqdm(total=len(starts), desc="batches", unit="batch")
+
+            def dispatch(start):
+                stop = min(start + per_call, len(prompts))
                 shard = lambda a: parallel.shard_batch(  # noqa: E731
                     parallel.pad_batch(a[start:stop], per_call), self.mesh)
                 out = self._generate(
-                    state, sched, shard(ids), shard(neg_ids),
-                    shard(np.asarray(seeds, np.uint32)), None if latents is None else shard(latents),
-                    jnp.float32(guidance_scale), latent_shape_HWC=latent_shape, use_guidance=guidance_scale > 1.0,
+                    state, sched, shard(ids), shard(neg_ids), shard(seeds),
+                    None if latents is None else shard(latents), jnp.float32(guidance_scale),
+                    latent_shape_HWC=latent_shape, use_guidance=guidance_scale > 1.0,
                     return_predictions=bool(steps), on_step=None if step_bar is None else self._ticker)
-                images.append(parallel.to_host(out.images)[: stop - start])
+                # Indexed one step at a time: iterating over an array spread over several
+                # processes is not allowed. Each [B, H, W, 3], decoded right behind the batch.
+                decoded = [self._decode(state.vae, out.predictions[s]) for s in steps]
+                return start, stop, out.images, decoded
+
+            def fetch(batch, last: bool) -> StableDiffusionOutput:
+                start, stop, images, decoded = batch
+                images = parallel.to_host(images)[: stop - start]
+                inter = np.stack([parallel.to_host(d) for d in decoded])[:, : stop - start] if steps else None
                 if step_bar is not None:
-                    jax.effects_barrier()  # the outputs can be ready before the last callbacks have run
-                    step_bar.update(1)     # the last model call: the ticker counts each call when the next starts
-                if steps:
-                    # Indexed one step at a time: iterating over an array spread over several
-                    # processes is not allowed.
-                    decoded = [parallel.to_host(self._decode(state.vae, out.predictions[s]))
-                               for s in steps]   # each [B, H, W, 3]
-                    inter.append(np.stack(decoded)[:, : stop - start])
-        finally:
-            self._ticker.bar = None
-            if own_bar:
-                step_bar.close()
-        return StableDiffusionOutput(np.concatenate(images), prompts, negatives, [int(s) for s in seeds],
-                                     np.concatenate(inter, axis=1) if steps else None, steps or None)
+                    if last:
+                        jax.effects_barrier()  # the outputs can be ready before the last callbacks have run
+                    step_bar.update(1)   # the last model call: the ticker counts each call when the next starts
+                if batch_bar is not None:
+                    batch_bar.update(1)
+                return StableDiffusionOutput(images, prompts[start:stop], negatives[start:stop],
+                                             [int(s) for s in seeds[start:stop]], inter, steps or None)
+
+            self._ticker.bar = step_bar
+            try:
+                ahead = dispatch(starts[0])
+                for start in starts[1:]:
+                    current, ahead = ahead, dispatch(start)
+                    yield fetch(current, last=False)
+                yield fetch(ahead, last=True)
+            finally:
+                self._ticker.bar = None
+                if own_bar:
+                    step_bar.close()
+                if batch_bar is not None:
+                    batch_bar.close()
 
     @staticmethod
     def _intermediate_steps(request, num_calls: int) -> list[int]:

@@ -243,6 +243,42 @@ def test_uneven_batches_are_padded_and_trimmed(pipe):
 
 
 
+def test_batches_hand_over_each_batch_with_the_next_one_already_dispatched(pipe):
+    """pipe.batches: pipe()'s images one batch at a time, each with its prompts, seeds and
+    intermediates; batch k + 1 is on the devices before batch k is handed over (so they work while
+    the caller writes files). A bad argument raises at the call, before anything runs; an
+    iterator closed early lets other threads use the pipeline."""
+    import threading
+    kw = dict(num_inference_steps=STEPS, height=SIZE, width=SIZE, batch_size=8, return_intermediates=2)
+    prompts, seeds = [f"a cat, number {i}" for i in range(20)], list(range(20))
+    whole = pipe(prompts, seeds=seeds, **kw)
+    with generate_calls(pipe) as calls:
+        batches = pipe.batches(prompts, seeds=seeds, **kw)
+        assert not calls
+        outputs, dispatched = [], []
+        for out in batches:
+            outputs.append(out)
+            dispatched.append(len(calls))
+    assert dispatched == [2, 3, 3]
+    assert [o.seeds for o in outputs] == [seeds[:8], seeds[8:16], seeds[16:]]
+    assert [o.prompts for o in outputs] == [prompts[:8], prompts[8:16], prompts[16:]]
+    assert all(o.intermediate_steps == whole.intermediate_steps for o in outputs)
+    np.testing.assert_array_equal(np.concatenate([o.images for o in outputs]), whole.images)
+    np.testing.assert_array_equal(np.concatenate([o.intermediates for o in outputs], axis=1), whole.intermediates)
+
+    with generate_calls(pipe) as calls:
+        with pytest.raises(ValueError, match="seed -1 is not an integer"):
+            pipe.batches("a cat", seeds=[1, -1])
+    assert not calls
+    batches = pipe.batches(prompts, seeds=seeds, **kw)
+    next(batches)
+    batches.close()
+    other = threading.Thread(target=lambda: pipe("a dog", seeds=[0], **kw))
+    other.start()
+    other.join(timeout=120)
+    assert not other.is_alive()
+
+
 def test_a_call_does_not_hash_the_model_graphs(pipe, monkeypatch):
     """The compiled sampler has the models' graphdefs bound in: as a static argument, jit would hash
     all three at every call (7.8 ms for SD v1.5's on a 2-core CPU, ~1% of a GPU's image at batch 1)."""
