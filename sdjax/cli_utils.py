@@ -413,9 +413,10 @@ def validate_request(req: SampleRequest) -> None:
     """Check everything that can be checked without the model; raise UsageError with one line."""
     if not req.prompts:
         raise UsageError("no prompt given: pass a prompt, or --prompts-file FILE")
-    for name in ("model", "model_config", "vae"):
+    for name in ("model", "model_config", "vae", "out"):   # an unset variable in --out "$DIR": not the cwd
         if getattr(req, name) is not None and not str(getattr(req, name)).strip():
-            raise _bad_setting(name, "''", "is empty: leave the flag out, or give a path or Hub repo id")
+            raise _bad_setting(name, repr(getattr(req, name)), "is empty: leave the flag out, or give "
+                               + ("a folder" if name == "out" else "a path or Hub repo id"))
     problem = (model_options_problem(req.model, req.model_config, req.variant, req.ema_weights)
                or attention_setting_problem())
     if problem:
@@ -660,8 +661,10 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
     if negative and req.guidance_scale <= 1:   # no unconditional pass: it would change nothing
         if writer:
             import warnings
-            warnings.warn(f"--negative-prompt is ignored at --guidance-scale {req.guidance_scale:g} (guidance needs "
-                          "a scale above 1); it is left out of the images' parameters")
+            # (it may come from a preset, as the guidance scale may: both named as settings)
+            warnings.warn(f"the negative prompt {negative!r} (--negative-prompt / negative_prompt) is ignored at "
+                          f"guidance scale {req.guidance_scale:g} (guidance needs a scale above 1); it is left out "
+                          "of the images' parameters")
         negative = ""
     if writer:
         out_dir.mkdir(parents=True, exist_ok=True)

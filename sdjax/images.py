@@ -175,13 +175,25 @@ def model_name(model: str | os.PathLike) -> str:
     """The model's name as A1111 writes it: the last part of a Hub id, folder or file path, without a
     checkpoint suffix (``stable-diffusion-v1-5``, ``v1-5-pruned-emaonly``): not a local path. A
     train.py export, ``my_style/final`` or ``my_style/final.safetensors``, is named by its run
-    (``my_style``): every run's is "final"; a pipeline's VAE folder, ``other-model/vae``, by its pipeline."""
-    parts = [p for p in re.split(r"[/\\]", str(model).split("?", 1)[0]) if p not in ("", ".", "..")]
-    for suffix in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
-        parts[-1:] = [part.removesuffix(suffix) for part in parts[-1:]]
-    if len(parts) > 1 and parts[-1] in ("final", "vae"):   # final/, final.safetensors, a pipeline's vae/
+    (``my_style``): every run's is "final"; a pipeline's VAE folder, ``other-model/vae``, by its
+    pipeline, and a diffusers weights file (``sd15/vae/diffusion_pytorch_model.safetensors``) as its
+    folder. A local path that exists is resolved first (``.`` is the folder's own name)."""
+    text = str(model).split("?", 1)[0]
+    if not text.startswith(("http://", "https://")) and text and os.path.exists(text):
+        text = str(Path(text).resolve())
+    parts = [p for p in re.split(r"[/\\]", text) if p not in ("", ".", "..")]
+    if not parts:
+        return str(model)
+    stem, is_file = parts[-1], False
+    for suffix in (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".msgpack"):
+        if stem.endswith(suffix):
+            stem, is_file = stem.removesuffix(suffix), True
+            break
+    if is_file and stem.startswith(("diffusion_pytorch_model", "diffusion_flax_model")) and len(parts) > 1:
+        parts, stem, is_file = parts[:-1], parts[-2], False   # named as the model folder holding it
+    if len(parts) > 1 and (stem == "final" or (stem == "vae" and not is_file)):   # an export; a pipeline's vae/
         return parts[-2]
-    return (parts[-1] if parts else "") or str(model)
+    return stem or str(model)
 
 
 def _quote(value) -> str:

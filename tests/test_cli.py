@@ -97,7 +97,7 @@ def test_parse_seeds():
             parse_seeds(bad)
 
 
-def test_names_and_a1111_parameters():
+def test_names_and_a1111_parameters(tmp_path, monkeypatch):
     assert I.image_file_name(3, 7, "A photo of a Cat!") == "00003-seed7-a-photo-of-a-cat.png"
     assert I.slugify("  ") == "untitled" and len(I.slugify("x" * 500)) == 60
     text = I.a1111_parameters("a photo of a cat", "blurry", steps=50, scheduler="pndm", guidance_scale=7.5,
@@ -116,6 +116,13 @@ def test_names_and_a1111_parameters():
                                       "./final", "../final", "my_style/./final", "my_style/final.safetensors",
                                       "/models/other-model/vae")] \
         == ["my_style", "my_style", "final", "sd", "final", "final", "my_style", "my_style", "other-model"]
+    # a local path that exists is resolved; a diffusers weights file is named as its model folder; a
+    # file named vae.safetensors is a VAE of that name, not a pipeline's vae/ folder
+    (tmp_path / "sd15" / "vae").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "sd15")
+    assert [I.model_name(m) for m in (".", "vae", "/m/sd15/vae/diffusion_pytorch_model.safetensors",
+                                      "/m/sd15/unet/diffusion_pytorch_model.fp16.safetensors", "/m/VAE/vae.safetensors")] \
+        == ["sd15", "sd15", "sd15", "unet", "vae"]
     no_negative = I.a1111_parameters("p", "", steps=3, scheduler="euler_a", guidance_scale=11, seed=0,
                                      width=64, height=32)
     assert no_negative == "p\nSteps: 3, Sampler: Euler a, CFG scale: 11, Seed: 0, Size: 64x32"
@@ -421,7 +428,8 @@ def test_negative_prompt_without_guidance_is_ignored_with_a_warning(pipe_dir, pi
     rc, _, stderr = run_main(capsys, "a dog", "--seeds", "4", "--negative-prompt", "blurry", "--guidance-scale", "1",
                              "--model", pipe_dir, "--out", out, *SMALL)
     assert rc == 0
-    assert "sample.py: warning: --negative-prompt is ignored at --guidance-scale 1" in stderr, stderr
+    assert "sample.py: warning: the negative prompt 'blurry' (--negative-prompt / negative_prompt) is ignored at " \
+           "guidance scale 1" in stderr, stderr
     params = I.parse_a1111_parameters(I.read_png_parameters(out / "00000-seed4-a-dog.png"))
     assert params["negative_prompt"] == "" and params["CFG scale"] == "1"
     ref = pipe("a dog", seeds=4, guidance_scale=1.0, num_inference_steps=3, height=32, width=32).to_pil()
@@ -622,6 +630,7 @@ BAD_INPUTS = {
     "config_of_train_py_by_path": (["a cat", "--config", str(ROOT / "configs" / "train" / "style.yaml")],
                                    "style.yaml is a preset of train.py, not of this tool (its presets: creative"),
     "model_empty": (["a cat", "--model", ""], "--model '': is empty"),
+    "out_empty": (["a cat", "--out", " "], "--out ' ': is empty"),
     "no_weights": (["a cat", "--model", "{tmp}/no/such/model"], "no such directory"),
     "model_is_another_file": (["a cat", "--model", "{tmp}/empty.txt"], "empty.txt: not a single-file checkpoint "
                               "sdjax reads (expected one of .safetensors, .ckpt"),
