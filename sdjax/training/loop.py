@@ -7,6 +7,7 @@ diffusers layouts.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import itertools
@@ -63,6 +64,11 @@ class SettingError(ValueError):
     def __init__(self, message: str, *, setting: str, rule: str):
         super().__init__(message)
         self.setting, self.rule = setting, rule
+
+
+# metrics.jsonl's images_per_s: over the logged intervals of at least this many steps (a read that
+# comes a step late makes one interval long and the next short: the error is one step in this many)
+RATE_STEPS = 20
 
 
 @dataclasses.dataclass
@@ -835,22 +841,33 @@ class Trainer:
             from tqdm.auto import tqdm
             bar = tqdm(total=cfg.max_steps, initial=start, desc="training", unit="step")
         global_batch = cfg.batch_size * parallel.data_size(self.mesh) * cfg.gradient_accumulation
-        timing = {"time": time.perf_counter(), "step": start}   # since the last logged step
+        # images/s over the last RATE_STEPS steps or more, on a clock that stops for saves and
+        # samples: (step, clock) marks of logged steps; the first row alone includes compilation.
+        timing = {"paused": 0.0, "first_row": True}
+        marks = collections.deque([(start, time.perf_counter())])
 
         def report(step: int, metrics: dict, log_now: bool, check: bool = True) -> None:
             """Read a step's metrics on the host: stop on a NaN/inf loss or gradient norm, and log.
             Reading waits for the step to finish, so images/s is timed between finished steps (the
-            times of dispatch, which is asynchronous, jump around saves and the first steps)."""
+            times of dispatch, which is asynchronous, jump around saves and the first steps). A
+            read can still come late (a host thread busy with a save; a dispatch that waited), the
+            next one then early: over several intervals that evens out."""
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            finished = time.perf_counter()
+            finished = time.perf_counter() - timing["paused"]
             bad = next((k for k in ("loss", "grad_norm") if not math.isfinite(metrics[k])), None)
             if bad and check:
                 self.log.record(step, metrics)
                 raise TrainingDiverged(f"{'loss' if bad == 'loss' else 'gradient norm'} is {metrics[bad]} at step "
                                        f"{step}; stopped without saving. {self._divergence_hint()}")
             if log_now:
-                metrics["images_per_s"] = global_batch * (step - timing["step"]) / (finished - timing["time"])
-                timing.update(time=finished, step=step)
+                marks.append((step, finished))
+                while len(marks) > 2 and step - marks[1][0] >= RATE_STEPS:
+                    marks.popleft()
+                since_step, since = marks[0]
+                metrics["images_per_s"] = global_batch * (step - since_step) / (finished - since)
+                if timing["first_row"]:   # later rows leave the compilation out
+                    timing["first_row"] = False
+                    marks.popleft()
                 if self.log.record(step, metrics) and main:
                     msg = f"warning: loss spike at step {step}: {metrics['loss']:.4g}"
                     (bar.write if bar else print)(msg)
@@ -885,7 +902,7 @@ class Trainer:
                 if sample_now:
                     self.write_samples(step)
                     self._share_state_weights()
-                timing["time"] += time.perf_counter() - paused
+                timing["paused"] += time.perf_counter() - paused
                 self.checkpoints.check()   # a background save that failed (a full disk) stops the run now
                 if stop is not None and stop.interrupted:   # a Ctrl-C whose KeyboardInterrupt was swallowed
                     raise KeyboardInterrupt
