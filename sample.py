@@ -109,7 +109,8 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
                         scheduler_options=options,
                         steps=args.steps, guidance_scale=args.guidance_scale, scheduler=args.scheduler,
                         height=args.height, width=args.width, dtype=DTYPE_ALIASES.get(args.dtype, args.dtype),
-                        batch_size=args.batch_size, out=str(Path(args.out).expanduser()) if str(args.out).strip() else args.out, variant=args.variant,
+                        batch_size=args.batch_size, variant=args.variant,
+                        out=str(Path(args.out).expanduser()) if str(args.out).strip() else args.out,
                         grid=args.grid, trajectory=args.trajectory, trajectory_frames=args.trajectory_frames)
     try:
         validate_request(req)

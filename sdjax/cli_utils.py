@@ -642,8 +642,9 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
     `StableDiffusion.batches`, which has the devices make the next batch while this one's files
     are encoded and written (on a background thread). Every batch has the same shape (the last one
     is filled up by repeating its last job, and the extra images are dropped), so the sampler
-    compiles once; a request smaller than one batch is run as one batch of its own size. PNG names and the A1111 ``parameters``
-    chunk come from :mod:`sdjax.images`; numbering continues after the highest index in the folder.
+    compiles once; a request smaller than one batch is run as one batch of its own size. PNG names
+    and the A1111 ``parameters`` chunk come from :mod:`sdjax.images`; numbering continues after the
+    highest index in the folder.
     ``progress``: one of ``PROGRESS_MODES`` (see :func:`resolve_progress`).
 
     On several processes (``jax.distributed``), every process must call this with the same request:

@@ -120,9 +120,9 @@ def test_names_and_a1111_parameters(tmp_path, monkeypatch):
     # file named vae.safetensors is a VAE of that name, not a pipeline's vae/ folder
     (tmp_path / "sd15" / "vae").mkdir(parents=True)
     monkeypatch.chdir(tmp_path / "sd15")
-    assert [I.model_name(m) for m in (".", "vae", "/m/sd15/vae/diffusion_pytorch_model.safetensors",
-                                      "/m/sd15/unet/diffusion_pytorch_model.fp16.safetensors", "/m/VAE/vae.safetensors")] \
-        == ["sd15", "sd15", "sd15", "unet", "vae"]
+    names = (".", "vae", "/m/sd15/vae/diffusion_pytorch_model.safetensors",
+             "/m/sd15/unet/diffusion_pytorch_model.fp16.safetensors", "/m/VAE/vae.safetensors")
+    assert [I.model_name(m) for m in names] == ["sd15", "sd15", "sd15", "unet", "vae"]
     no_negative = I.a1111_parameters("p", "", steps=3, scheduler="euler_a", guidance_scale=11, seed=0,
                                      width=64, height=32)
     assert no_negative == "p\nSteps: 3, Sampler: Euler a, CFG scale: 11, Seed: 0, Size: 64x32"
