@@ -33,6 +33,7 @@ import textwrap
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import jax
 import numpy as np
@@ -1665,6 +1666,63 @@ def test_resume_with_a_setting_that_changes_the_checkpoint_layout(full_run, chan
     assert complete_steps(out) == [2, 3]
 
 
+@pytest.mark.parametrize("damage", ["truncated_array_file", "data_position_not_json"])
+def test_a_damaged_checkpoint_is_one_line_naming_the_others(full_run, damage, tmp_path):
+    """--resume or --export of a checkpoint with a truncated array file or a data position that is
+    not JSON: exit 2 and one line naming the checkpoint, why it cannot be read and the flag that
+    takes another (not Orbax's and TensorStore's hundreds of lines); nothing of the run changes.
+    One --export runs as its own process: the other reads' "Event loop is closed" tracebacks print
+    at its exit."""
+    out = tmp_path / "run"
+    shutil.copytree(full_run["out"], out)
+    step = out / "checkpoints" / "3"
+    if damage == "truncated_array_file":
+        largest = max((step / "state" / "ocdbt.process_0" / "d").iterdir(), key=lambda p: p.stat().st_size)
+        os.truncate(largest, largest.stat().st_size // 2)
+        reason = 'OUT_OF_RANGE: Error reading "'
+    else:
+        (step / "data" / "metadata").write_text("{not json")
+        reason = "Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"
+    before = {p: p.read_bytes() if p.is_file() else None for p in out.rglob("*")}
+    start = f"train.py: error: cannot read checkpoint 3 ({step}): {reason}"
+    for argv, way_out in ((["--resume"], "pass --resume-step N to resume from another of its checkpoints: 2"),
+                          (["--export"], "pass --export-step N to export another of its checkpoints: 2")):
+        rc, _, stderr = run_train_py(["--output-dir", out, *argv])
+        end = f"; one of its files is damaged, missing or unreadable; {way_out}\n"
+        assert rc == 2 and stderr.startswith(start) and stderr.endswith(end) and stderr.count("\n") == 1, stderr
+    if damage == "truncated_array_file":
+        done = subprocess.run([sys.executable, str(ROOT / "train.py"), "--output-dir", str(out), "--export",
+                               "--compilation-cache", "none"], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2 and done.stderr.startswith(start) and done.stderr.count("\n") == 1, done.stderr
+    assert {p: p.read_bytes() if p.is_file() else None for p in out.rglob("*")} == before
+    shutil.rmtree(out / "checkpoints" / "2")
+    rc, _, stderr = run_train_py(["--output-dir", out, "--export"])
+    assert rc == 2 and stderr.endswith(f"; {out / 'checkpoints'} has no other checkpoint to export\n"), stderr
+
+
+def test_a_failed_restore_leaves_no_closed_event_loop_tracebacks():
+    """After a restore that a damaged file stopped, TensorStore completes the other reads and calls
+    back into Orbax's closed event loop, each an unraisable "Event loop is closed" (hundreds of
+    tracebacks before train.py's one line): those are dropped, any other unraisable error kept."""
+    import asyncio
+    from sdjax.training import checkpoint
+    assert getattr(sys.unraisablehook, "drops_closed_loop_callbacks", False)
+    loop = asyncio.new_event_loop()
+    loop.close()
+    try:
+        loop.call_soon_threadsafe(print)
+    except RuntimeError as e:
+        closed = e
+    other = RuntimeError("Event loop is closed")   # not from asyncio's call_soon_threadsafe
+    seen = []
+    hook = checkpoint._drop_closed_loop_callbacks(seen.append)
+    errors = [closed, other, ValueError("something else")]
+    for error in errors:
+        hook(SimpleNamespace(exc_type=type(error), exc_value=error, exc_traceback=error.__traceback__,
+                             err_msg=None, object=None))
+    assert [u.exc_value for u in seen] == errors[1:]
+
+
 # ----------------------------------------------------------------------------- 6/7. train.py errors
 BAD_VALUES = {   # flag value -> what the error says; all checked before the model is loaded
     "lr_schedule": ("step", "lr_schedule='step' is not one of 'constant', 'constant_with_warmup', 'cosine', 'linear', "
@@ -2066,7 +2124,7 @@ def test_a_checkpoint_whose_ema_held_the_unet_alone_still_restores(tmp_path):
     template = S.init_state(jax.tree.map(lambda a: jax.numpy.zeros_like(a), params), optax.sgd(0.1), seed=0, ema=True)
     cfg = TrainConfig(train_data="unused", output_dir=str(tmp_path), ema_decay=0.9, train_text_encoder=True)
     with pytest.warns(UserWarning, match="whose EMA held the UNet alone; the text encoder's EMA starts from its"):
-        state, position = loop._restore(checkpoints, template, None, cfg, None)
+        state, position = loop._restore(checkpoints, template, None, cfg, None, "--resume-step")
     assert int(state.step) == 5 and position == {"epoch": 0}
     np.testing.assert_array_equal(state.ema["unet"]["w"], np.full((8, 4), 7.0))
     np.testing.assert_array_equal(state.ema["text_encoder"]["e"], params["text_encoder"]["e"])
@@ -2075,7 +2133,7 @@ def test_a_checkpoint_whose_ema_held_the_unet_alone_still_restores(tmp_path):
     other = template._replace(params={"unet": {"w": jax.numpy.zeros((8, 5))}, "text_encoder": template.params[
         "text_encoder"]}, ema={"unet": {"w": jax.numpy.zeros((8, 5))}, "text_encoder": template.ema["text_encoder"]})
     with pytest.raises(UsageError, match="does not fit this run's model and settings"):
-        loop._restore(checkpoints, other, None, cfg, None)
+        loop._restore(checkpoints, other, None, cfg, None, "--resume-step")
     checkpoints.close()
 
 

@@ -7,9 +7,11 @@ and renames it when complete, so a run killed mid-save resumes from the last com
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import jax
@@ -21,13 +23,16 @@ class _NoSaveFailureTracebacks(logging.Filter):
     Ctrl-C (or train.py's SIGTERM, raised as a KeyboardInterrupt) that lands while it waits, and,
     for a write that fails (a full disk), Orbax's and one asyncio "Task exception was never
     retrieved" per array being written (hundreds). The run then stops with one line naming the
-    error and the newest complete checkpoint; a save cut short is left out, not half-kept."""
+    error and the newest complete checkpoint; a save cut short is left out, not half-kept. Also
+    the asyncio records of the other reads of a restore that a damaged file stopped (its error is
+    raised once, as `CheckpointUnreadable`)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
         if isinstance(error, KeyboardInterrupt):
             return record.name != "absl"
-        return not (isinstance(error, ValueError) and _WRITE_FAILURE.search(str(error)) and _raised_in_orbax(error))
+        failed = (isinstance(error, ValueError) and _WRITE_FAILURE.search(str(error))) or _read_failure(error)
+        return not (failed and _raised_in_orbax(error))
 
 
 def _raised_in_orbax(error: BaseException) -> bool:
@@ -69,6 +74,60 @@ for _logger in ("absl", "asyncio"):   # Orbax's logger, and the one of the event
     logging.getLogger(_logger).addFilter(_NoSaveFailureTracebacks())
 
 
+# TensorStore's status codes for a file it could not read or decode (a truncated, damaged or missing
+# file); a checkpoint that does not fit the state restored into it is another ValueError, without one.
+_READ_FAILURE = re.compile(r"^(OUT_OF_RANGE|DATA_LOSS|FAILED_PRECONDITION|NOT_FOUND|UNKNOWN|INTERNAL): ")
+
+
+def _read_failure(error: BaseException | None) -> str | None:
+    """The first line of what made a checkpoint unreadable (a file that is not JSON, missing, or that
+    TensorStore cannot read: Orbax raises its error from one that names no file), or None when
+    ``error`` and its causes are not that."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        text = str(error.args[0] if isinstance(error, KeyError) and error.args else error).strip()
+        if (isinstance(error, (json.JSONDecodeError, OSError)) or _READ_FAILURE.match(text)
+                or (isinstance(error, KeyError) and "was not found in the checkpoint" in text)):   # a folder gone
+            return text.splitlines()[0] if text else type(error).__name__
+        error = error.__cause__
+    return None
+
+
+class CheckpointUnreadable(Exception):
+    """Checkpoint ``step`` in ``directory`` has a file that cannot be read (truncated, damaged or missing)."""
+
+    def __init__(self, step: int, directory: Path, reason: str):
+        super().__init__(f"cannot read checkpoint {step} ({directory / str(step)}): {reason}; one of its files is "
+                         "damaged, missing or unreadable")
+        self.step, self.directory = step, directory
+
+
+def _drop_closed_loop_callbacks(previous):
+    """``sys.unraisablehook`` without the "Event loop is closed" tracebacks of a restore that a
+    damaged file stopped: TensorStore completes the other reads afterwards, each calling back into
+    Orbax's event loop, closed by then (hundreds, printed until the process exits)."""
+    def in_call_soon_threadsafe(tb) -> bool:
+        while tb is not None:
+            code = tb.tb_frame.f_code
+            if code.co_name == "call_soon_threadsafe" and "asyncio" in code.co_filename:
+                return True
+            tb = tb.tb_next
+        return False
+
+    def hook(unraisable):
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+                and in_call_soon_threadsafe(unraisable.exc_traceback)):
+            previous(unraisable)
+    hook.drops_closed_loop_callbacks = True
+    return hook
+
+
+if not getattr(sys.unraisablehook, "drops_closed_loop_callbacks", False):
+    sys.unraisablehook = _drop_closed_loop_callbacks(sys.unraisablehook)
+
+
 def _as_os_error(error: BaseException, directory: Path) -> BaseException:
     """A failed checkpoint write as the OSError it is (one line naming the folder), so callers catch
     it with the other disk errors; any other error as it is."""
@@ -77,6 +136,13 @@ def _as_os_error(error: BaseException, directory: Path) -> BaseException:
         return error
     first = next((line.strip() for line in text.splitlines() if _WRITE_FAILURE.search(line)), text.splitlines()[0])
     return OSError(f"saving a checkpoint in {directory} failed: {first}")
+
+
+def _unreadable(error: Exception, step: int, directory: Path) -> CheckpointUnreadable | None:
+    """A failed restore of checkpoint ``step`` as `CheckpointUnreadable` when a file could not be
+    read; None for any other error (a checkpoint that does not fit the state)."""
+    reason = _read_failure(error)
+    return None if reason is None else CheckpointUnreadable(step, directory, reason)
 
 
 class Checkpointer:
@@ -142,7 +208,9 @@ class Checkpointer:
 
     def restore(self, abstract_state, step: int | None = None):
         """(state, data position) of checkpoint ``step`` (default: the latest complete one), with
-        ``abstract_state`` giving the structure, shapes, dtypes and shardings."""
+        ``abstract_state`` giving the structure, shapes, dtypes and shardings. Raises
+        `CheckpointUnreadable` when a file of it cannot be read, and Orbax's ValueError when it does
+        not fit ``abstract_state``."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
@@ -150,9 +218,15 @@ class Checkpointer:
             raise FileNotFoundError(f"no checkpoint {step} in {self.directory} "
                                     f"(it has {', '.join(map(str, sorted(self.all_steps()))) or 'none'})")
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)),
-            data=ocp.args.JsonRestore()))
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(abstract,
+                                             restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)),
+                data=ocp.args.JsonRestore()))
+        except Exception as e:
+            if (unreadable := _unreadable(e, step, self.directory)) is None:
+                raise
+            raise unreadable from e
         return restored.state, restored.data
 
     def check(self) -> None:
@@ -179,10 +253,15 @@ class Checkpointer:
 
 def read_data_position(directory: str | Path, step: int) -> dict:
     """The data position saved in checkpoint ``step`` of ``directory`` (a few hundred bytes of
-    JSON), without reading the training state; creates and changes nothing."""
+    JSON), without reading the training state; creates and changes nothing. Raises
+    `CheckpointUnreadable` when it cannot be read."""
     checkpoints = Checkpointer(directory, create=False)
     try:
         return checkpoints.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore())).data
+    except Exception as e:
+        if (unreadable := _unreadable(e, step, checkpoints.directory)) is None:
+            raise
+        raise unreadable from e
     finally:
         checkpoints.close()
 

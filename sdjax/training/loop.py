@@ -35,7 +35,7 @@ from sdjax.pipeline import MAX_SEED, StableDiffusion, load_pipeline, model_optio
 from sdjax.schedulers import make_noise_schedule
 from sdjax.text import too_long, tokenize
 from sdjax.training import step as S
-from sdjax.training.checkpoint import Checkpointer, checkpoint_steps, read_data_position
+from sdjax.training.checkpoint import Checkpointer, CheckpointUnreadable, checkpoint_steps, read_data_position
 from sdjax.training.data import (DEFAULT_CAPTION_KEY, RUN_CONFIG_FILENAME, BatchIterator, DataError,
                                 load_captioned_images, preprocess_image)
 from sdjax.training.monitor import MetricsLog
@@ -453,23 +453,37 @@ def _layout_change(cfg: TrainConfig, recorded: dict | None, where: Path) -> Usag
                       "Python, TrainConfig.from_run(OUTPUT_DIR) keeps it), or start a new run in another --output-dir")
 
 
-def _restore(checkpoints: Checkpointer, state, step: int | None, cfg: TrainConfig, recorded: dict | None):
+def _unreadable(error: CheckpointUnreadable, flag: str, steps: list[int]) -> UsageError:
+    """A checkpoint that cannot be read, as a UsageError naming ``flag`` (--resume-step or
+    --export-step) and the other checkpoints of its folder it can take instead."""
+    others = [s for s in steps if s != error.step]
+    use = "resume from" if flag == "--resume-step" else "export"
+    return UsageError(f"{error}; pass {flag} N to {use} another of its checkpoints: {', '.join(map(str, others))}"
+                      if others else f"{error}; {error.directory} has no other checkpoint to {use}")
+
+
+def _restore(checkpoints: Checkpointer, state, step: int | None, cfg: TrainConfig, recorded: dict | None,
+             flag: str):
     """`Checkpointer.restore`, with a checkpoint whose tree does not fit this run's state (Orbax's
-    ValueError) reported as a UsageError naming the settings that differ from the recorded run."""
+    ValueError) reported as a UsageError naming the settings that differ from the recorded run,
+    and one that cannot be read as a UsageError naming ``flag`` and the other checkpoints."""
     try:
-        return checkpoints.restore(state, step)
-    except ValueError as e:
-        if (older := _restore_unet_only_ema(checkpoints, state, step)) is not None:
-            return older
-        step = checkpoints.latest_step() if step is None else step
-        where = checkpoints.directory / str(step)
-        changed = _layout_change(cfg, recorded, where)
-        if changed is not None:
-            raise changed from e
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f"cannot restore {where}: it does not fit this run's model and settings ({first}); "
-                         f"use the --model and the {', '.join(STATE_STRUCTURE_SETTINGS)} settings of the run "
-                         "that saved it") from e
+        try:
+            return checkpoints.restore(state, step)
+        except ValueError as e:
+            if (older := _restore_unet_only_ema(checkpoints, state, step)) is not None:
+                return older
+            step = checkpoints.latest_step() if step is None else step
+            where = checkpoints.directory / str(step)
+            changed = _layout_change(cfg, recorded, where)
+            if changed is not None:
+                raise changed from e
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UsageError(f"cannot restore {where}: it does not fit this run's model and settings ({first}); "
+                             f"use the --model and the {', '.join(STATE_STRUCTURE_SETTINGS)} settings of the run "
+                             "that saved it") from e
+    except CheckpointUnreadable as e:   # (also when read in the earlier EMA layout)
+        raise _unreadable(e, flag, sorted(checkpoints.all_steps())) from e
 
 
 def _check_processes_loaded_the_same_data(dataset, error: DataError | None, source: str) -> None:
@@ -685,7 +699,11 @@ class Trainer:
         checkpoints, log, set_aside = None, None, []
         try:   # on any failure from here on, the loader threads and Orbax's manager are closed
             if resume_from is not None:   # a changed seed, global batch or dataset: refused before the model loads
-                data.restore(read_data_position(out / "checkpoints", resume_from))
+                try:
+                    position = read_data_position(out / "checkpoints", resume_from)
+                except CheckpointUnreadable as e:
+                    raise _unreadable(e, "--resume-step", existing) from e
+                data.restore(position)
             pipe, graphdefs, step_cfg, optimizer, lr, state = _build_model(cfg, mesh)
             all_captions = [text for texts in dataset.caption_sets for text in texts]
             caption_ids = tokenize(pipe.tokenizer, all_captions, warn=False)   # once, not per step
@@ -716,7 +734,8 @@ class Trainer:
             checkpoints = Checkpointer(out / "checkpoints", max_to_keep=cfg.keep_checkpoints)
             resumed = None
             if cfg.resume and checkpoints.latest_step() is not None:
-                state, _ = _restore(checkpoints, state, resume_step, cfg, recorded)   # (its data position: above)
+                # (its data position: above)
+                state, _ = _restore(checkpoints, state, resume_step, cfg, recorded, "--resume-step")
                 resumed = int(state.step)
                 if resume_step is not None and resume_step < existing[-1]:   # all checked: move the later ones
                     checkpoints.close()   # Orbax lists the steps when opened: it must not see the later ones
@@ -772,7 +791,7 @@ class Trainer:
         pipe, graphdefs, step_cfg, _, _, state = _build_model(cfg, mesh)
         checkpoints = Checkpointer(directory, max_to_keep=cfg.keep_checkpoints, create=False)
         try:
-            state, _ = _restore(checkpoints, state, step, cfg, _read_run_config(out))
+            state, _ = _restore(checkpoints, state, step, cfg, _read_run_config(out), "--export-step")
         except BaseException:
             checkpoints.close()
             raise
