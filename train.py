@@ -73,12 +73,46 @@ def main(argv=None) -> int:
             signal.signal(signum, handler)
 
 
+def _export(cfg, args) -> int:
+    """train.py --export: only the checkpoint's weights: no training data, and nothing of the run's
+    is rewritten (metrics.jsonl, train_config.json). A write that fails (a full disk) or the device
+    running out of memory is one line (exit 1), as in training."""
+    from pathlib import Path
+    import jax
+    from sdjax.cli_utils import out_of_memory
+    from sdjax.training.loop import Trainer
+    try:
+        trainer = Trainer.for_export(cfg, step=getattr(args, "export_step", None))
+        try:
+            try:
+                final = trainer.export()
+            except FileNotFoundError:
+                raise
+            except OSError as e:   # Trainer.export writes beside the earlier export and replaces it once complete
+                print(f"train.py: error: cannot write the export {exported(Path(cfg.output_dir) / 'final', cfg)}: "
+                      f"{e}; an earlier export there is left as it was", file=sys.stderr)
+                return 1
+            if final is not None:  # None on processes other than 0, which write nothing
+                print(f"exported step {int(trainer.state.step)} to {exported(final, cfg)}")
+        finally:
+            trainer.close()
+    except jax.errors.JaxRuntimeError as e:
+        # The export restores the checkpoint's whole training state (weights, optimizer state, EMA).
+        message = out_of_memory(e, "run the same command with JAX_PLATFORMS=cpu to export from the computer's "
+                                   "memory instead")
+        if message is None:
+            raise
+        print(f"train.py: error: {message}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _main(argv=None) -> int:
     import jax
     from sdjax.cli_utils import UsageError, count, interruption, out_of_memory, show_warnings_as_lines
     show_warnings_as_lines("train.py")
     from sdjax.training.data import DataError, ImageReadError, TFDSNotInstalled
-    from sdjax.training.loop import Stopped, Trainer, TrainingDiverged, train  # before the try: its except names them
+    from sdjax.training.loop import Stopped, TrainingDiverged, train  # before the try: its except names them
     from sdjax.weights import CheckpointError
     try:
         from sdjax.training.cli import parse_args
@@ -88,16 +122,7 @@ def _main(argv=None) -> int:
         if args.recorded:
             print(f"settings recorded in {args.recorded}, with the flags given here over them")
         if getattr(args, "export", False):
-            # Only the checkpoint's weights: no training data, and nothing of the run's is rewritten
-            # (metrics.jsonl, train_config.json).
-            trainer = Trainer.for_export(cfg, step=getattr(args, "export_step", None))
-            try:
-                final = trainer.export()
-                if final is not None:  # None on processes other than 0, which write nothing
-                    print(f"exported step {int(trainer.state.step)} to {exported(final, cfg)}")
-            finally:
-                trainer.close()
-            return 0
+            return _export(cfg, args)
         try:
             final = train(cfg, stop=STOP, resume_step=getattr(args, "resume_step", None))
         except Stopped as e:   # SIGTERM (a preemption) during training: the step in flight was saved

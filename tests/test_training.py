@@ -1503,6 +1503,36 @@ def test_a_failed_export_leaves_the_earlier_folder_and_single_file(full_run, tmp
         trainer.close()
 
 
+@pytest.mark.parametrize("failure", ["full_disk", "out_of_device_memory"])
+def test_train_py_export_that_cannot_write_or_runs_out_of_memory_is_one_line(full_run, failure, tmp_path,
+                                                                             monkeypatch):
+    """train.py --export when writing the export fails (a full disk) or the device runs out of
+    memory: one line (naming what could not be written, or with advice) and exit 1, as in training,
+    not a traceback; the run's earlier export stays as it was."""
+    from sdjax.pipeline import StableDiffusion
+    out = tmp_path / "run"
+    shutil.copytree(full_run["out"], out)
+    before = {p: p.read_bytes() if p.is_file() else None for p in out.rglob("*")}
+    if failure == "full_disk":
+        def fail(self, *args, **kwargs):
+            raise OSError(28, "No space left on device")
+        monkeypatch.setattr(StableDiffusion, "save_pretrained", fail)   # after the single file's temporary copy
+        expected = (f"train.py: error: cannot write the export {out / 'final'} and {out / 'final.safetensors'} "
+                    "(float16): [Errno 28] No space left on device; an earlier export there is left as it was\n")
+    else:
+        reason = "RESOURCE_EXHAUSTED: Out of memory allocating 786354382176 bytes."
+
+        def fail(self, *args, **kwargs):
+            raise jax.errors.JaxRuntimeError(reason)
+        monkeypatch.setattr(Trainer, "sampling_pipeline", fail)   # where the weights are gathered from the devices
+        expected = (f"train.py: error: out of device memory ({reason}): run the same command with JAX_PLATFORMS=cpu "
+                    "to export from the computer's memory instead\n")
+    rc, stdout, stderr = run_train_py(["--output-dir", out, "--export", "--export-single-file", "float16"])
+    assert rc == 1 and stderr == expected, stderr
+    assert "exported" not in stdout
+    assert {p: p.read_bytes() if p.is_file() else None for p in out.rglob("*")} == before
+
+
 STOPPED_IN_COMPILE = textwrap.dedent("""
     import os, runpy, signal, sys, threading
     import jax, jax.numpy as jnp
