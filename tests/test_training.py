@@ -1251,6 +1251,80 @@ def test_a_full_disk_during_a_background_save_stops_the_run_with_one_line(pipeli
     assert saves == [2, 4] and [r["step"] for r in metrics(out)] == [1, 2, 3, 4]   # stopped at once
 
 
+def test_a_disk_that_fills_during_a_save_stops_the_run_with_one_line(pipeline_dir, data_dir, tmp_path,
+                                                                     monkeypatch, caplog):
+    """The disk fills while a checkpoint is written (another process fills it; on several hosts the
+    free-space check is skipped): one array write fails while the others are in flight. Orbax closed
+    its event loop under them (an "Event loop is closed" traceback or "exception was never retrieved"
+    per array: thousands), and the run's wind-down met the full disk again (the loss curve,
+    TensorBoard's flush), whose errors replaced the one naming the folder. Now: one line, exit 1,
+    the newest complete checkpoint intact."""
+    import asyncio
+    import errno
+    import logging
+    import tensorboardX.record_writer
+    from orbax.checkpoint._src.serialization import serialization
+    from sdjax.training import checkpoint, monitor
+    out = tmp_path / "run"
+    real_save, real_write = checkpoint._Manager.save, serialization.async_serialize_from_host
+    real_flush, real_atomic_write = tensorboardX.record_writer.RecordWriter.flush, monitor.atomic_write
+    saves, writes, late = [], [], []
+
+    def no_space():
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def save(self, step, *args, **kwargs):
+        saves.append(step)
+        return real_save(self, step, *args, **kwargs)
+
+    async def write_array(*args, **kwargs):   # the second save's: the first write fails, the others after it
+        if saves != [2, 4]:
+            return await real_write(*args, **kwargs)
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def finish():   # as TensorStore ends a write: from its own thread, calling the loop, closed or not
+            try:
+                loop.call_soon_threadsafe(done.set_exception, no_space())
+            except RuntimeError as e:   # "Event loop is closed": TensorStore prints a traceback per write
+                late.append(e)
+        writes.append(threading.Timer(0.0 if not writes else 0.05, finish))
+        writes[-1].start()
+        await done
+
+    def flush(self):   # TensorBoard's
+        if writes:
+            raise no_space()
+        real_flush(self)
+
+    def atomic_write(path, write):   # the loss curve's
+        if writes:
+            raise no_space()
+        return real_atomic_write(path, write)
+    monkeypatch.setattr(checkpoint._Manager, "save", save)
+    monkeypatch.setattr(serialization, "async_serialize_from_host", write_array)
+    monkeypatch.setattr(tensorboardX.record_writer.RecordWriter, "flush", flush)
+    monkeypatch.setattr(monitor, "atomic_write", atomic_write)
+    monkeypatch.setattr(checkpoint.Checkpointer, "_check_free_space", lambda self, state: None)   # as on 2 hosts
+    argv = flags(**{**BASE, "model": pipeline_dir, "train_data": data_dir, "output_dir": out, "max_steps": 4,
+                    "checkpoint_every": 2, "log_every": 1})
+    with caplog.at_level(logging.WARNING):
+        rc, _, stderr = run_train_py(argv)
+    said = [line for line in stderr.replace("\r", "\n").splitlines()
+            if line.strip() and not line.startswith("training:") and "Waiting for previous save" not in line]
+    assert rc == 1 and saves == [2, 4] and len(writes) > 1, stderr[-3000:]
+    assert said == [f"train.py: error: saving a checkpoint in {out / 'checkpoints'} failed: No space left on "
+                    f"device; the newest complete checkpoint is step 2: python train.py --output-dir {out} "
+                    "--resume continues from it"], stderr[-3000:]
+    for write in writes:
+        write.join()
+    assert not late and not [r for r in caplog.records if r.levelno >= logging.ERROR], \
+        (late, [r.getMessage() for r in caplog.records])
+    assert not [t for t in threading.enumerate() if type(t).__module__.startswith("tensorboardX")]   # none to die
+    monkeypatch.undo()
+    assert complete_steps(out) == [2] and int(saved_state(out, 2)["step"]) == 2
+
+
 def test_a_save_that_cannot_fit_is_refused_before_it_starts(tmp_path, monkeypatch):
     """A write that fills the disk part-way makes Orbax's writer threads print a traceback per array
     (thousands, seen with a 40 MB tmpfs): the free space is checked first, and a save that cannot

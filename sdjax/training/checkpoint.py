@@ -6,6 +6,7 @@ and renames it when complete, so a run killed mid-save resumes from the last com
 """
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 import logging
@@ -16,23 +17,31 @@ from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint._src import asyncio_utils as _orbax_asyncio
 
 
 class _NoSaveFailureTracebacks(logging.Filter):
     """Drops the ERROR records with a traceback that a save cut short leaves: Orbax's (absl) for a
     Ctrl-C (or train.py's SIGTERM, raised as a KeyboardInterrupt) that lands while it waits, and,
     for a write that fails (a full disk), Orbax's and one asyncio "Task exception was never
-    retrieved" per array being written (hundreds). The run then stops with one line naming the
-    error and the newest complete checkpoint; a save cut short is left out, not half-kept. Also
-    the asyncio records of the other reads of a restore that a damaged file stopped (its error is
-    raised once, as `CheckpointUnreadable`)."""
+    retrieved" per array being written (hundreds; `_run_sync_draining` now lets those writes end first).
+    The run then stops with one line naming the error and the newest complete checkpoint; a save cut
+    short is left out, not half-kept. Also the asyncio records of the other reads of a restore that a
+    damaged file stopped (its error is raised once, as `CheckpointUnreadable`)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
         if isinstance(error, KeyboardInterrupt):
             return record.name != "absl"
-        failed = (isinstance(error, ValueError) and _WRITE_FAILURE.search(str(error))) or _read_failure(error)
-        return not (failed and _raised_in_orbax(error))
+        return not ((_is_write_failure(error) or _read_failure(error)) and _raised_in_orbax(error))
+
+
+def _is_write_failure(error: BaseException | None) -> bool:
+    """A failed write as TensorStore reports it (a ValueError), or as Python's file calls do (an
+    OSError such as ENOSPC, from Orbax's JSON and metadata writes)."""
+    if isinstance(error, ValueError):
+        return bool(_WRITE_FAILURE.search(str(error)))
+    return type(error) is OSError and error.errno in _WRITE_ERRNOS
 
 
 def _raised_in_orbax(error: BaseException) -> bool:
@@ -70,6 +79,8 @@ def _type_handlers():
 
 # How Orbax / TensorStore report a failed write (a full disk, a folder made read-only): as ValueError.
 _WRITE_FAILURE = re.compile(r"os_error_code|No space left|RESOURCE_EXHAUSTED|PERMISSION_DENIED|Read-only file system")
+# ... and Python's file calls (Orbax's JSON and metadata files): a full disk or quota, a read-only disk.
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 for _logger in ("absl", "asyncio"):   # Orbax's logger, and the one of the event loop its writes run in
     logging.getLogger(_logger).addFilter(_NoSaveFailureTracebacks())
 
@@ -128,10 +139,42 @@ if not getattr(sys.unraisablehook, "drops_closed_loop_callbacks", False):
     sys.unraisablehook = _drop_closed_loop_callbacks(sys.unraisablehook)
 
 
+def _run_sync_draining(coro):
+    """Orbax's `asyncio_utils._run_sync_via_new_loop`, which closes its event loop as soon as the
+    coroutine raises. A save writes its arrays as sibling tasks: when one write fails (a full disk),
+    the others are still in flight, and each then printed "RuntimeError: Event loop is closed" as
+    TensorStore finished it, or asyncio logged "exception was never retrieved" (thousands of
+    tracebacks for one error). After an error, the loop first lets them finish (theirs are the
+    same error), as asyncio.run would, without cancelling them (TensorStore's writes go on anyway)."""
+    loop = asyncio.new_event_loop()
+    try:
+        asyncio.set_event_loop(loop)
+        return loop.run_until_complete(coro)
+    except Exception:
+        try:
+            while pending := asyncio.all_tasks(loop):
+                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        except Exception:   # noqa: BLE001  (the coroutine's error is the one to raise)
+            pass
+        raise
+    finally:
+        asyncio.set_event_loop(None)
+        loop.close()
+
+
+if hasattr(_orbax_asyncio, "_run_sync_via_new_loop"):   # (its name in Orbax 0.12.8)
+    _orbax_asyncio._run_sync_via_new_loop = _run_sync_draining
+
+
 def _as_os_error(error: BaseException, directory: Path) -> BaseException:
     """A failed checkpoint write as the OSError it is (one line naming the folder), so callers catch
     it with the other disk errors; any other error as it is."""
     text = str(error)
+    if type(error) is OSError and error.errno in _WRITE_ERRNOS and str(directory) not in text:
+        # Orbax's JSON and metadata writes: "[Errno 28] No space left on device", naming no file
+        wrapped = OSError(f"saving a checkpoint in {directory} failed: {error.strerror or text}")
+        wrapped.errno = error.errno
+        return wrapped
     if isinstance(error, OSError) or not _WRITE_FAILURE.search(text):
         return error
     first = next((line.strip() for line in text.splitlines() if _WRITE_FAILURE.search(line)), text.splitlines()[0])
@@ -187,11 +230,11 @@ class Checkpointer:
                                f"up to step {self.latest_step()}")
 
     def _check_free_space(self, state) -> None:
-        """Refuse a save that cannot fit (an OSError, ENOSPC) before it starts: a write that runs out
-        of space part-way makes Orbax's writer threads print one traceback per array still being
-        written (thousands). A checkpoint takes its arrays' bytes on disk (OCDBT, uncompressed:
-        +0.7% for the tiny test model). Single-process only: on several hosts each writes its own
-        part, maybe to its own disk, and all must decide alike."""
+        """Refuse a save that cannot fit (an OSError, ENOSPC) before it starts, rather than writing a
+        partial one until the disk is full (and the run's own files cannot be written). A checkpoint
+        takes its arrays' bytes on disk (OCDBT, uncompressed: +0.7% for the tiny test model).
+        Single-process only: on several hosts each writes its own part, maybe to its own disk, and
+        all must decide alike."""
         if jax.process_count() > 1:
             return
         self.wait()   # the previous save's bytes are on the disk now (or its error is raised)

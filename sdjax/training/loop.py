@@ -898,6 +898,7 @@ class Trainer:
         # the host's logging and batch assembly; before a save or a sample they are read at once: a
         # diverged state (NaN/inf loss or gradients) must never become a checkpoint.
         pending = None   # (step, metrics, log_now) of a logged step not read yet
+        failure = None   # the error the run stops with
         if stop is not None:
             stop.watched = True
         try:
@@ -933,7 +934,8 @@ class Trainer:
                     if not save_now:
                         self.save_checkpoint()
                     raise Stopped(step)
-        except BaseException:
+        except BaseException as e:
+            failure = e
             if pending is not None:   # the step ran: its row still goes into metrics.jsonl (Ctrl-C, a crash)
                 try:
                     report(*pending, check=False)
@@ -943,8 +945,10 @@ class Trainer:
         finally:
             if bar:
                 bar.close()
-            self.checkpoints.wait()   # a second SIGTERM meanwhile is taken as the same stop
-            self.log.plot_loss()
+            with _after(failure):
+                self.checkpoints.wait()   # a second SIGTERM meanwhile is taken as the same stop
+            with _after(failure):
+                self.log.plot_loss()
             if stop is not None:
                 stop.watched = False
         if self.pipe is not None:
@@ -1069,10 +1073,22 @@ def train(cfg: TrainConfig, *, progress: bool = True, stop: StopRequest | None =
     ``stop``: see `Trainer.run` (a requested stop raises `Stopped` after a checkpoint);
     ``resume_step``: see `Trainer.create`."""
     trainer = Trainer.create(cfg, resume_step=resume_step)
+    failure = None
     try:
         trainer.run(progress=progress, stop=stop)
         final = trainer.export()   # before the samples: a failure there must not cost the export
         trainer.write_samples(cfg.max_steps)
         return final
+    except BaseException as e:
+        failure = e
+        raise
     finally:
-        trainer.close()
+        with _after(failure):
+            trainer.close()
+
+
+def _after(failure: BaseException | None):
+    """Where a run winds down after ``failure``: a disk error (OSError) there is dropped when the run
+    already stops with one. That is the same full disk met again (the loss curve, TensorBoard's
+    last flush), and would replace the first error, the one naming the folder that failed."""
+    return contextlib.suppress(OSError) if isinstance(failure, OSError) else contextlib.nullcontext()

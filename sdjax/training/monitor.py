@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections import deque
 from pathlib import Path
 
@@ -59,10 +60,9 @@ class MetricsLog:
             if resume_from_step is None:   # a fresh run: an earlier run's curves would mix with its own
                 for old in tensorboard.glob("events.out.tfevents.*"):
                     old.unlink()
-            from tensorboardX import SummaryWriter
             # On resume, TensorBoard drops the points after the checkpoint, as metrics.jsonl does.
-            self.writer = SummaryWriter(str(tensorboard), purge_step=None if resume_from_step is None
-                                        else resume_from_step + 1)
+            self.writer = _EventFile(tensorboard, purge_step=None if resume_from_step is None
+                                     else resume_from_step + 1)
 
     def record(self, step: int, metrics: dict) -> bool:
         """Log ``metrics`` at ``step``; returns True when the loss is a spike."""
@@ -73,11 +73,15 @@ class MetricsLog:
             self.recent.append(loss)
         if self.enabled:
             row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
-            with self.path.open("a") as f:
-                f.write(_json_line(row))
+            try:
+                with self.path.open("a") as f:
+                    f.write(_json_line(row))
+            except OSError as e:   # a full disk: Python's message names no file
+                raise _naming(e, self.path) from e
             for k, v in row.items():
                 if k != "step" and math.isfinite(v):
                     self.writer.add_scalar(f"train/{k}", v, step)
+            self.writer.flush(every=_FLUSH_SECONDS)
         return spike
 
     def plot_loss(self, path: Path | None = None) -> Path | None:
@@ -109,4 +113,65 @@ class MetricsLog:
 
     def close(self) -> None:
         if self.writer is not None:
-            self.writer.close()
+            writer, self.writer = self.writer, None
+            writer.close()
+
+
+_FLUSH_SECONDS = 120   # how often TensorBoard's file is written out during a run (tensorboardX's default)
+
+
+def _naming(error: OSError, path: Path) -> OSError:
+    """``error`` (a full disk: "[Errno 28] No space left on device") as one naming ``path``."""
+    named = OSError(f"writing {path} failed: {error.strerror or error}")
+    named.errno = error.errno
+    return named
+
+
+class _EventFile:
+    """A TensorBoard event file written in the caller's thread, with tensorboardX's record format.
+    Its SummaryWriter writes from a thread of its own: on a full disk that thread died with a
+    traceback, its bounded queue then filled and the run hung at a later log, and its atexit hook
+    failed again at exit. Here a write error is the caller's, as metrics.jsonl's is."""
+
+    def __init__(self, directory: Path, *, purge_step: int | None = None):
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
+        directory.mkdir(parents=True, exist_ok=True)
+        self.events = EventsWriter(str(directory / "events"))   # events.out.tfevents.TIME.HOST; its header event
+        self.path = Path(self.events._file_name)
+        self.flushed = time.monotonic()
+        if purge_step is not None:   # as SummaryWriter(purge_step=...) marks a restart
+            self._write(Event(step=purge_step, file_version="brain.Event:2"))
+            self._write(Event(step=purge_step, session_log=SessionLog(status=SessionLog.START)))
+        self.flush()
+
+    def _write(self, event) -> None:
+        try:
+            self.events.write_event(event)
+        except OSError as e:
+            raise _naming(e, self.path) from e
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.summary import scalar
+        self._write(Event(summary=scalar(tag, value), step=int(step), wall_time=time.time()))
+
+    def flush(self, every: float = 0.0) -> None:
+        """Write the buffered events out, or only when ``every`` seconds have passed since the last time."""
+        if time.monotonic() - self.flushed < every:
+            return
+        try:
+            self.events.flush()
+        except OSError as e:
+            raise _naming(e, self.path) from e
+        self.flushed = time.monotonic()
+
+    def close(self) -> None:
+        """Flush and close the file; it is closed even when the flush fails (then raised, naming it)."""
+        try:
+            self.flush()
+        finally:
+            try:
+                self.events._py_recordio_writer.close()   # the file; Python closes it even when its flush fails
+            except OSError:
+                pass
