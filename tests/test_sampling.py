@@ -664,10 +664,12 @@ def test_launcher_environments(env, multi):
     assert parallel.env_says_multi_process(env) is multi
 
 
+@pytest.mark.slow
 def test_several_cpu_devices_give_the_same_images_call_after_call(tiny_pipeline_dir):
     """On 4 CPU devices with XLA's own CPU kernels in place of YNNPACK's (the flag sdjax adds on one
     device), jaxlib 0.10.2 gave images up to 1.0 apart from one call to the next; sdjax leaves that
-    flag out when there are several CPU devices."""
+    flag out when there are several CPU devices (the rule itself: test_models.py's
+    test_xla_flags_are_added_only_where_allowed, in the default suite). ~40 s: opt-in."""
     env = {**{k: v for k, v in os.environ.items() if k not in ("SDJAX_XLA_FLAGS", "JAX_NUM_CPU_DEVICES")},
            "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
     code = textwrap.dedent(f"""
