@@ -34,8 +34,12 @@ see the same draws, yet their per-step losses differ by 1e-4 after 4 steps and b
 expression, equal up to rounding: 0.096 / 0.140 / 0.085 / 0.079); PyTorch 0.093 / 0.118 / 0.079 /
 0.096 in one run and 0.093 / 0.162 / 0.076 / 0.077 in another (its CPU kernels are not bit-stable
 here). Per seed sdjax / PyTorch ranged 0.60-1.35 (curve tails 0.56-1.34); the 4-seed means were
-0.97-1.04. So the default suite checks one seed against a margin that covers that spread, and the
-opt-in slow test (``--runslow``) compares the means over four seeds.
+0.97-1.04. Since 2026-12-06 the test process (8 CPU devices) runs XLA:CPU's YNNPACK kernels (sdjax no
+longer swaps them for XLA's own on several devices, which raced), and sdjax's end points moved: 0.140 /
+0.142 / 0.074 / 0.093 against PyTorch's 0.093 / 0.162 / 0.076 / 0.077, per seed 1.50 / 0.88 / 0.98 / 1.19
+(tails 1.48 / 0.87 / 0.99 / 1.21), means 1.10 (tails 1.11). So the default suite checks one seed against a
+margin that covers that spread (0.60-1.50), and the opt-in slow test (``--runslow``) compares the means
+over four seeds.
 """
 from __future__ import annotations
 
@@ -61,7 +65,7 @@ WEIGHT_DECAY = 1e-2
 SAMPLE_STEPS = 25
 SEEDS = [0, 1, 2]
 TAIL = STEPS // 5              # "final training loss": mean of the last 20% of steps
-RUN_MARGIN = 1.5               # one seed: sdjax's fixed-set loss and tail <= 1.5 x PyTorch's (seen 0.60-1.35)
+RUN_MARGIN = 1.6               # one seed: sdjax's fixed-set loss and tail <= 1.6 x PyTorch's (seen 0.60-1.50)
 MEAN_SEEDS = [0, 1, 2, 3]      # the slow test: means over these seeds...
 MEAN_MARGIN = 1.15             # ...sdjax's <= 1.15 x PyTorch's (seen 0.97-1.04)
 
