@@ -12,7 +12,6 @@ import json
 import logging
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import jax
@@ -114,38 +113,14 @@ class CheckpointUnreadable(Exception):
         self.step, self.directory = step, directory
 
 
-def _drop_closed_loop_callbacks(previous):
-    """``sys.unraisablehook`` without the "Event loop is closed" tracebacks of a restore that a
-    damaged file stopped: TensorStore completes the other reads afterwards, each calling back into
-    Orbax's event loop, closed by then (hundreds, printed until the process exits)."""
-    def in_call_soon_threadsafe(tb) -> bool:
-        while tb is not None:
-            code = tb.tb_frame.f_code
-            if code.co_name == "call_soon_threadsafe" and "asyncio" in code.co_filename:
-                return True
-            tb = tb.tb_next
-        return False
-
-    def hook(unraisable):
-        error = unraisable.exc_value
-        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
-                and in_call_soon_threadsafe(unraisable.exc_traceback)):
-            previous(unraisable)
-    hook.drops_closed_loop_callbacks = True
-    return hook
-
-
-if not getattr(sys.unraisablehook, "drops_closed_loop_callbacks", False):
-    sys.unraisablehook = _drop_closed_loop_callbacks(sys.unraisablehook)
-
-
 def _run_sync_draining(coro):
     """Orbax's `asyncio_utils._run_sync_via_new_loop`, which closes its event loop as soon as the
     coroutine raises. A save writes its arrays as sibling tasks: when one write fails (a full disk),
     the others are still in flight, and each then printed "RuntimeError: Event loop is closed" as
     TensorStore finished it, or asyncio logged "exception was never retrieved" (thousands of
-    tracebacks for one error). After an error, the loop first lets them finish (theirs are the
-    same error), as asyncio.run would, without cancelling them (TensorStore's writes go on anyway)."""
+    tracebacks for one error). A restore that a damaged file stops does the same with its other
+    reads. After an error, the loop first lets them finish (theirs are the same error), as
+    asyncio.run would, without cancelling them (TensorStore's reads and writes go on anyway)."""
     loop = asyncio.new_event_loop()
     try:
         asyncio.set_event_loop(loop)
