@@ -612,13 +612,12 @@ class StableDiffusion:
         per_call = min(parallel.padded_size(batch_size or 4 * parallel.data_size(self.mesh), self.mesh),
                        parallel.padded_size(n, self.mesh))
         seeds = np.asarray(seeds, np.uint32)
-        request = (prompts, negatives, seeds, ids, neg_ids, latents, sched, latent_shape, float(guidance_scale),
-                   steps, per_call)
-        return self._batches(request, progress)
+        return self._batches(prompts, negatives, seeds, ids, neg_ids, latents, sched, latent_shape,
+                             guidance_scale, steps, per_call, progress)
 
-    def _batches(self, request, progress) -> Iterator[StableDiffusionOutput]:
-        """`batches`' generator: dispatches batch k + 1 before fetching batch k."""
-        prompts, negatives, seeds, ids, neg_ids, latents, sched, latent_shape, guidance_scale, steps, per_call = request
+    def _batches(self, prompts, negatives, seeds, ids, neg_ids, latents, sched, latent_shape, guidance_scale,
+                 steps, per_call, progress) -> Iterator[StableDiffusionOutput]:
+        """`batches`' generator, on its checked arguments: dispatches batch k + 1 before fetching batch k."""
         with self._lock:
             state = self.state
             starts = range(0, len(prompts), per_call)
