@@ -1273,6 +1273,7 @@ def test_a_disk_that_fills_during_a_save_stops_the_run_with_one_line(pipeline_di
         return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     def save(self, step, *args, **kwargs):
+        self.wait_until_finished()   # the disk fills after the previous save's writes (on a slow host: late)
         saves.append(step)
         return real_save(self, step, *args, **kwargs)
 
