@@ -75,7 +75,7 @@ RATE_STEPS = 20
 class TrainConfig:
     """Every setting of a fine-tuning run (``train.py`` flags and ``configs/*.yaml`` keys)."""
     model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # Hub id, pipeline folder or single file
-    model_config: str | None = None    # a single-file model's configs and tokenizer (default: SD v1.5's)
+    model_config: str | None = None    # a single file's configs (default: X/ beside X.safetensors, else SD v1.5's)
     vae: str | None = None             # a VAE in place of the model's own (file, folder or Hub repo id)
     variant: str | None = None         # load a pipeline folder's variant weight files, e.g. "fp16"
     ema_weights: bool = False          # a single-file training checkpoint's UNet from its EMA copy
