@@ -47,7 +47,7 @@ from conftest import run_two_processes
 from sdjax import parallel
 from sdjax.cli_utils import UsageError
 from sdjax.training import step as S
-from sdjax.training.checkpoint import Checkpointer
+from sdjax.training.checkpoint import Checkpointer, checkpoint_steps
 from sdjax.training.cli import CONFIG_DIR, load_train_config, parse_args
 from sdjax.training.data import DataError, write_captioned_folder
 from sdjax.images import umask
@@ -192,8 +192,10 @@ def max_diff(a, b) -> float:
 
 def saved_state(out, step) -> dict:
     """Checkpoint ``step`` of a run, restored without a target (a dict of arrays); onto one device
-    here when it was saved from devices this process does not have (another process count)."""
-    checkpoints = Checkpointer(Path(out) / "checkpoints")
+    here when it was saved from devices this process does not have (another process count).
+    Read-only (``create=False``): a Checkpointer that may create the folder also starts Orbax's
+    removal of its temporary folders, on a thread of its own that nothing waits for."""
+    checkpoints = Checkpointer(Path(out) / "checkpoints", create=False)
     here = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     try:
         saved = checkpoints.manager.item_metadata(step)["state"]   # the tree, with shapes and dtypes
@@ -206,11 +208,9 @@ def saved_state(out, step) -> dict:
 
 
 def complete_steps(out) -> list[int]:
-    checkpoints = Checkpointer(Path(out) / "checkpoints")
-    try:
-        return sorted(checkpoints.all_steps())
-    finally:
-        checkpoints.close()
+    """The run's complete checkpoints, looked at without changing the folder (see `saved_state`): the
+    temporary folder of a save cut short is left for `temporary_checkpoints` to see."""
+    return checkpoint_steps(Path(out) / "checkpoints")
 
 
 def temporary_checkpoints(out) -> list[str]:
