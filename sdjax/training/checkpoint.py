@@ -180,11 +180,13 @@ class Checkpointer:
                                                  create=create, cleanup_tmp_directories=create))
 
     def latest_step(self) -> int | None:
-        """The newest complete checkpoint's step, or None."""
+        """The newest checkpoint's step, or None (one being saved counts: see `all_steps`)."""
         return self.manager.latest_step()
 
     def all_steps(self) -> list[int]:
-        """The steps of the complete checkpoints (a save in progress is not one yet)."""
+        """The steps of the checkpoints: the complete ones in the folder, and one this Checkpointer
+        is still saving in the background (Orbax lists it from the start of its save; `wait` first
+        to count complete ones only, or use `checkpoint_steps`)."""
         return list(self.manager.all_steps())
 
     def save(self, step: int, state, data_position: dict, *, force: bool = False) -> None:
