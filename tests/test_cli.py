@@ -75,13 +75,7 @@ def pipe(pipe_dir, cached_loading):
 
 
 def run_main(capsys, *argv):
-    """sample.py's main in this process; returns (exit code, stdout, stderr). Without the persistent
-    compilation cache unless ``argv`` names one: turned on, it would stay on for every later test in
-    this process (jax.config is global), in the user's ~/.cache, shared with other runs."""
-    argv = [str(a) for a in argv]
-    if "--compilation-cache" not in argv:
-        argv += ["--compilation-cache", "none"]
-    rc = sample.main(argv)
+    rc = sample.main([str(a) for a in argv])
     captured = capsys.readouterr()
     return rc, captured.out, captured.err
 
