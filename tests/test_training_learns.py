@@ -257,8 +257,9 @@ def sdjax_draws(seed: int, steps: int, batch: int, latent_shape_HWC) -> tuple[np
     def draws(step):
         key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), 0)
         keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(batch))
-        normal = lambda j: jax.vmap(  # noqa: E731
-            lambda k: jax.random.normal(jax.random.fold_in(k, j), latent_shape_HWC, jnp.float32))(keys)
+
+        def normal(j):   # each example's N(0, 1) draw under its key's child j
+            return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, j), latent_shape_HWC, jnp.float32))(keys)
         t = jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, 1), (), 0, 1000))(keys)
         return t, normal(2), normal(0)
 
