@@ -512,7 +512,30 @@ def enable_compilation_cache(directory: str | os.PathLike | None = None) -> Path
     jax.config.update("jax_compilation_cache_dir", str(directory))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)  # no size threshold at all
+    _explain_unreadable_cache_entries(directory)
     return directory
+
+
+_UNREADABLE_ENTRY = re.compile(r"Error reading persistent compilation cache entry for '([^']+)'")
+
+
+def _explain_unreadable_cache_entries(directory: Path) -> None:
+    """Add the fix to JAX's warning about a cache entry it cannot read. JAX writes an entry in place,
+    so a run killed while writing one leaves it truncated, and it never replaces an existing entry:
+    every later run warns and compiles that program again until the file is removed. The warning
+    names the program; its entries are the files ``<program>-<hash>-cache``."""
+    import warnings
+    show = getattr(warnings.showwarning, "unexplained", warnings.showwarning)   # called again: rewrap, once
+
+    def explained(message, category, filename, lineno, file=None, line=None):
+        unreadable = _UNREADABLE_ENTRY.match(str(message))
+        if unreadable:
+            message = (f"{message}. JAX compiles that program again on every run and never rewrites the entry "
+                       f"(most likely a run was stopped while writing it): remove "
+                       f"{directory / (unreadable[1] + '-*-cache')} and the next run writes it again")
+        show(message, category, filename, lineno, file, line)
+    explained.unexplained = show
+    warnings.showwarning = explained
 
 
 # JAX reports, per compilation, the time to trace to a jaxpr, to lower it to MLIR, and the backend

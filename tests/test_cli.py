@@ -786,14 +786,19 @@ def test_script_subprocess_and_persistent_compilation_cache(pipe_dir, tmp_path):
     env = {**os.environ, "SDJAX_CACHE_DIR": str(cache), "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
            "JAX_EXPLAIN_CACHE_MISSES": "1", "JAX_LOG_COMPILES": "1"}  # log each persistent-cache miss, hit
     hits, misses = [], []
-    for run in range(2):
-        out = tmp_path / f"out{run}"
+
+    def run_sample(run):
         proc = subprocess.run(
             [sys.executable, str(ROOT / "sample.py"), "a photo of a cat", "--model", str(pipe_dir), "--seeds", "1",
-             "--height", "32", "--width", "32", "--steps", "3", "--out", str(out),
+             "--height", "32", "--width", "32", "--steps", "3", "--out", str(tmp_path / f"out{run}"),
              "--progress", "batches"],  # JAX caches no program with host callbacks, as a step bar's
             env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    for run in range(2):
+        out = tmp_path / f"out{run}"
+        proc = run_sample(run)
         assert re.search(r"^1 image in [\d.]+ s \([\d.]+ images/s, compile [\d.]+ s\)$", proc.stdout, re.M), \
             proc.stdout
         assert sorted(p.name for p in out.iterdir()) == ["00000-seed1-a-photo-of-a-cat.png"]
@@ -806,3 +811,21 @@ def test_script_subprocess_and_persistent_compilation_cache(pipe_dir, tmp_path):
     assert sorted(hits[1]) == sorted(misses[0])  # ... and loads every program the first one compiled
     np.testing.assert_array_equal(pixels(tmp_path / "out0/00000-seed1-a-photo-of-a-cat.png"),
                                   pixels(tmp_path / "out1/00000-seed1-a-photo-of-a-cat.png"))
+
+    # An entry cut short (a run killed while JAX wrote it in place) is never rewritten by JAX: every run
+    # warns and compiles again. The warning then says which files to remove, and removing them heals it.
+    [entry] = (cache / "jax").glob("jit_generate-*-cache")
+    size = entry.stat().st_size
+    entry.write_bytes(entry.read_bytes()[:size // 2])
+    stderr = run_sample(2).stderr
+    warning = next(line for line in stderr.splitlines() if "persistent compilation cache entry" in line)
+    assert warning.startswith("sample.py: warning: Error reading persistent compilation cache entry for "
+                              "'jit_generate'"), warning
+    glob = warning.split("remove ")[1].split(" and the next run")[0]
+    assert glob == str(cache / "jax" / "jit_generate-*-cache"), warning
+    assert entry.stat().st_size == size // 2  # JAX left it as it was
+    for path in (cache / "jax").glob(Path(glob).name):
+        path.unlink()
+    stderr = run_sample(3).stderr
+    assert "persistent compilation cache entry" not in stderr, stderr[-3000:]
+    assert entry.exists()  # written again (removed above; its bytes differ from run to run)
