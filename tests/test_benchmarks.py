@@ -1,6 +1,7 @@
 """The GPU session runner's own logic (benchmarks/gpu_session.py): which carried wheels it
 installs, the goals check, that a stage over its time limit is stopped with its children, and
-that the sdjax stages are skipped where sdjax cannot be imported."""
+that the sdjax stages are skipped where sdjax cannot be imported; and the GPU-only branches of the
+scripts it runs, on the CPU with fakes (FLOP counts, trace summary, out-of-memory batches)."""
 import json
 import os
 import sys
@@ -155,3 +156,36 @@ def test_the_readme_tiny_pipeline_builds_without_torch_and_keeps_other_folders(t
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
     assert build(tmp_path / "mine", "--overwrite").returncode == 0
     assert not (tmp_path / "mine" / "notes.txt").exists() and (tmp_path / "mine" / "model_index.json").is_file()
+
+
+def test_flop_counts_where_the_gpu_gives_none(monkeypatch):
+    """On a GPU (the CUDA plugin: a PJRT C API backend) Lowered.cost_analysis() is None, and cuDNN's
+    fused attention is a custom call no cost analysis counts (faked here by a host callback)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax._src.interpreters import pxla
+
+    import gpu_profile as P
+    from sdjax.models import layers
+    q = jnp.ones((2, 64, 2, 8), jnp.bfloat16)
+    attention = lambda: jax.jit(lambda q, k, v: layers.attention(q, k, v))  # noqa: E731 - a fresh trace each
+    want = P.C.cost_flops(attention().lower(q, q, q).cost_analysis())
+    assert want > 4 * 2 * 64 * 64 * 2 * 8
+    monkeypatch.setattr(pxla.xb, "using_pjrt_c_api", lambda backend=None: True)
+    assert attention().lower(q, q, q).cost_analysis() is None
+    assert P.C.lowered_flops(attention().lower(q, q, q)) == want
+
+    dpa = jax.nn.dot_product_attention
+
+    def fused(q, k, v, *, implementation=None, **kwargs):
+        if implementation != "cudnn":
+            return dpa(q, k, v, implementation=implementation, **kwargs)
+        return jax.pure_callback(lambda *a: np.asarray(dpa(*a)), jax.ShapeDtypeStruct(q.shape, q.dtype), q, k, v)
+    monkeypatch.setattr(jax.nn, "dot_product_attention", fused)
+    monkeypatch.setattr(layers, "ATTENTION_IMPLEMENTATION", "cudnn")
+    f = attention()
+    assert P.C.lowered_flops(f.lower(q, q, q)) < 0  # the custom call: unknown
+    assert P.flops_of(f, q, q, q, retrace=attention) == want
+    assert layers.ATTENTION_IMPLEMENTATION == "cudnn"
+
