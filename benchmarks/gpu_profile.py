@@ -189,9 +189,15 @@ def summarize_trace(trace_dir: Path, hlo_text: str, module_hint: str = "unet_ste
                     per_op[op] = per_op.get(op, 0.0) + ev.duration_ns / 1e6
         return per_op
 
-    # GPU: the device plane's "XLA Ops" line (kernel time per HLO op); else any event tagged hlo_op.
-    per_op = collect(device_planes, True) if device_planes else {}
-    source = "device plane, XLA Ops line"
+    # GPU: the device plane's "XLA Ops" line (kernel time per HLO op) where the trace has one (xprof derives
+    # it; jax.profiler's raw trace may not), else the device plane's kernels on its stream lines, which XLA's
+    # annotations tag with hlo_op (the host plane's kernel launches are tagged too: not device time); else
+    # (CPU) any event tagged hlo_op.
+    per_op, source = {}, ""
+    if device_planes:
+        per_op, source = collect(device_planes, True), "device plane, XLA Ops line"
+        if not per_op:
+            per_op, source = collect(device_planes, False), "device plane, kernels tagged hlo_op"
     if not per_op:
         per_op, source = collect(planes, False), "events tagged hlo_op (host threads on a CPU)"
     if not per_op:

@@ -189,3 +189,24 @@ def test_flop_counts_where_the_gpu_gives_none(monkeypatch):
     assert P.flops_of(f, q, q, q, retrace=attention) == want
     assert layers.ATTENTION_IMPLEMENTATION == "cudnn"
 
+
+def test_the_trace_summary_counts_gpu_kernels_not_their_launches(tmp_path, monkeypatch):
+    """A raw GPU trace has no "XLA Ops" line; XLA's annotations tag both the kernel (device plane)
+    and its launch (host plane) with hlo_op."""
+    import types
+
+    import jax.profiler
+
+    import gpu_profile as P
+    tags = {"hlo_op": "fusion.1", "hlo_module": "jit_unet_step"}
+
+    def plane(name, line, event, ns):
+        ev = types.SimpleNamespace(name=event, duration_ns=ns, stats=list(tags.items()))
+        return types.SimpleNamespace(name=name, lines=[types.SimpleNamespace(name=line, events=[ev])])
+    space = types.SimpleNamespace(planes=[plane("/device:GPU:0", "Stream #7(Kernel)", "loop_fusion", 1_000_000),
+                                          plane("/host:CPU", "Host Threads/12", "cuLaunchKernel", 3_000_000)])
+    monkeypatch.setattr(jax.profiler, "ProfileData", types.SimpleNamespace(from_file=lambda f: space), raising=False)
+    (tmp_path / "h.xplane.pb").write_bytes(b"")
+    summary = P.summarize_trace(tmp_path, "%fusion.1 = bf16[2]{0} fusion(%p), kind=kLoop, calls=%c")
+    assert summary["total_ms"] == 1.0 and summary["source"] == "device plane, kernels tagged hlo_op"
+
