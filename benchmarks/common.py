@@ -585,6 +585,13 @@ class CompileTimer:
         return sum(self.seconds.values())
 
 
+def out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` says the device ran out of memory (JAX's RESOURCE_EXHAUSTED, when compiling or
+    running; torch's OutOfMemoryError): a smaller batch may still fit."""
+    return ("RESOURCE_EXHAUSTED" in str(error) or type(error).__name__ == "OutOfMemoryError"
+            or "out of memory" in str(error).lower())
+
+
 def timed_repeats(fn: Callable[[], Any], *, warmup: int, repeats: int, sync: Callable[[Any], Any]) -> list[float]:
     """Run ``fn`` ``warmup`` times untimed, then ``repeats`` times timed (synchronised with ``sync``)."""
     for _ in range(warmup):

@@ -130,6 +130,8 @@ def run_sdjax(args) -> dict:
         except Exception as e:  # noqa: BLE001 - e.g. out of memory at a large batch: report, go on
             C.log(f"[{args.impl}] batch {batch} failed: {type(e).__name__}: {str(e)[:500]}")
             info["rows"].append({"batch": batch, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+            if C.out_of_memory(e):
+                continue  # a smaller batch later in the list (1,16,64,4) may still fit
             break
         # JAX keeps one process-wide peak: it is this batch's only if no earlier batch was larger.
         peak = C.jax_peak_bytes() if batch > max(args.batch_list[:index], default=0) else None
@@ -195,6 +197,8 @@ def run_diffusers(args) -> dict:
         except Exception as e:  # noqa: BLE001
             C.log(f"[{args.impl}] batch {batch} failed: {type(e).__name__}: {str(e)[:500]}")
             info["rows"].append({"batch": batch, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+            if C.out_of_memory(e):
+                continue
             break
         peak = torch.cuda.max_memory_allocated() if cuda else None
         row = {"batch": batch, "dtype": "fp16" if cuda else "fp32", "first_call_s": first,

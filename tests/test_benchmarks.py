@@ -210,3 +210,31 @@ def test_the_trace_summary_counts_gpu_kernels_not_their_launches(tmp_path, monke
     summary = P.summarize_trace(tmp_path, "%fusion.1 = bf16[2]{0} fusion(%p), kind=kLoop, calls=%c")
     assert summary["total_ms"] == 1.0 and summary["source"] == "device plane, kernels tagged hlo_op"
 
+
+def test_a_sample_batch_out_of_memory_does_not_end_the_others(tmp_path, monkeypatch):
+    import types
+
+    import numpy as np
+
+    import gpu_sample as S
+    import sdjax
+
+    class Pipe:
+        vae_scale, unet = 8, types.SimpleNamespace(config=None)
+
+        def make_scheduler(self, name, steps):
+            return types.SimpleNamespace(num_model_calls=steps + 1)
+
+        def __call__(self, prompts, *, batch_size, **kwargs):
+            if batch_size == 2:
+                raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 123 bytes.")
+            if batch_size == 5:
+                raise ValueError("not a memory problem")
+            return types.SimpleNamespace(images=np.zeros((batch_size, 4, 4, 3), np.float32))
+    monkeypatch.setattr(sdjax.StableDiffusion, "from_pretrained", lambda *a, **k: Pipe())
+    monkeypatch.setattr(S, "check_attention_impl", lambda *a: [])
+    args = S.parse_args(["--child", "--impl", "sdjax-xla", "--batches", "1,2,3,5,4", "--steps", "1",
+                         "--resolution", "32", "--repeats", "1", "--warmup", "0", "--pipeline", "x",
+                         "--partial", str(tmp_path / "partial.json")])
+    rows = S.run_sdjax(args)["rows"]
+    assert [(r["batch"], "error" in r) for r in rows] == [(1, False), (2, True), (3, False), (5, True)]
