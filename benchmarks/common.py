@@ -16,7 +16,7 @@ FLOP counts and HLO checks that need no device run in children with ``JAX_PLATFO
 Also a command line for those children and for merging result files:
 
     python benchmarks/common.py peak [--n 8192]
-    python benchmarks/common.py build --size sd15|tiny --dir DIR
+    python benchmarks/common.py build --size sd15|tiny --dir DIR [--overwrite] [--torch]
     python benchmarks/common.py flops [--size sd15|tiny] [--resolution 512] [--compile-unet]
     python benchmarks/common.py hlo [--size sd15|tiny] [--resolution 512] [--batch 1] [--compile]
     python benchmarks/common.py train-memory [--size sd15] [--resolution 512] [--batch 1] [--precision bf16]
@@ -217,15 +217,45 @@ def build_random_pipeline(directory: Path, size: str, seed: int = 0, *, overwrit
                              overwrite=overwrite, **models)
 
 
+def build_random_pipeline_torch(directory: Path, size: str, seed: int = 0, *, overwrite: bool = False) -> Path:
+    """The same folder built by diffusers and transformers (torch's own random initialisation, not
+    `random_model`'s), for a machine where sdjax cannot be imported (its flax not made for its jax):
+    the PyTorch side still gets its folder. Needs torch, diffusers and transformers."""
+    import tempfile
+
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    sys.path.insert(0, str(ROOT / "tests"))
+    from model_configs import write_tiny_tokenizer
+    if not overwrite and directory.is_dir() and any(directory.iterdir()):
+        raise SystemExit(f"{directory} exists and is not empty: pass --overwrite to replace it, or another --dir")
+    cfg = sd_configs(size)
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as scratch:
+        pipe = StableDiffusionPipeline(
+            vae=AutoencoderKL(**cfg["vae"]), text_encoder=CLIPTextModel(CLIPTextConfig(**cfg["clip"])),
+            tokenizer=CLIPTokenizer.from_pretrained(write_tiny_tokenizer(Path(scratch))),
+            unet=UNet2DConditionModel(**cfg["unet"]), scheduler=PNDMScheduler.from_config(SD15_SCHEDULER),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe.save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
 def ensure_pipeline(workdir: str | Path, size: str, *, rebuild: bool = False) -> Path:
-    """The random pipeline folder, built (in a CPU-only child process) if it is not there yet."""
+    """The random pipeline folder, built (in a CPU-only child process) if it is not there yet: by
+    sdjax, or where that fails (sdjax cannot be imported), by diffusers, so that the PyTorch side
+    still runs."""
     directory = pipeline_dir(workdir, size)
     if (directory / "model_index.json").exists() and not rebuild:
         return directory
     log(f"building a random-weight {size} pipeline in {directory} (once per machine) ...")
     t0 = time.perf_counter()
-    out = run_child(__file__, ["build", "--size", size, "--dir", str(directory), "--overwrite"],
-                    env=child_env(JAX_PLATFORMS="cpu"), label="build")
+    build = ["build", "--size", size, "--dir", str(directory), "--overwrite"]
+    out = run_child(__file__, build, env=child_env(JAX_PLATFORMS="cpu"), label="build")
+    if out is None and not missing(["torch", "diffusers", "transformers"]):
+        log("sdjax could not build it: building it with diffusers instead (torch's random weights)")
+        out = run_child(__file__, build + ["--torch"], env=child_env(JAX_PLATFORMS="cpu"), label="build (torch)")
     if out is None:
         raise SystemExit(f"could not build the random pipeline in {directory}")
     log(f"built in {time.perf_counter() - t0:.0f} s")
@@ -947,6 +977,8 @@ def main() -> None:
     p.add_argument("--size", choices=["sd15", "tiny"], default="sd15", help="model configs (default sd15)")
     p.add_argument("--dir", required=True)
     p.add_argument("--overwrite", action="store_true", help="replace a folder that is not empty")
+    p.add_argument("--torch", action="store_true",
+                   help="build it with diffusers and transformers instead (where sdjax cannot be imported)")
     p = sub.add_parser("table", help="print the tables of result JSON files")
     p.add_argument("files", nargs="+")
     args = parser.parse_args()
@@ -979,7 +1011,8 @@ def main() -> None:
               f"plain, {r['checkpointed_temp_bytes'] / mib:.0f} MiB with jax.checkpoint per block; dots "
               f"{r['plain_dots']} vs {r['checkpointed_dots']}", file=sys.stderr)
     elif args.cmd == "build":
-        directory = build_random_pipeline(Path(args.dir).expanduser(), args.size, overwrite=args.overwrite)
+        build = build_random_pipeline_torch if args.torch else build_random_pipeline
+        directory = build(Path(args.dir).expanduser(), args.size, overwrite=args.overwrite)
         emit({"dir": str(directory)})
     elif args.cmd == "table":
         for f in args.files:

@@ -238,3 +238,14 @@ def test_a_sample_batch_out_of_memory_does_not_end_the_others(tmp_path, monkeypa
                          "--partial", str(tmp_path / "partial.json")])
     rows = S.run_sdjax(args)["rows"]
     assert [(r["batch"], "error" in r) for r in rows] == [(1, False), (2, True), (3, False), (5, True)]
+
+
+def test_the_random_folder_is_built_by_diffusers_where_sdjax_does_not_import(tmp_path, monkeypatch):
+    """Else the PyTorch stages that the session keeps for such a machine would have no folder."""
+    fake = tmp_path / "site"
+    fake.mkdir()
+    (fake / "sitecustomize.py").write_text("import jax.experimental.hijax as h\ndel h.HiPrimitive\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(fake), os.environ.get("PYTHONPATH", "")]))
+    folder = G.C.ensure_pipeline(tmp_path / "work", "tiny")
+    assert json.loads((folder / "model_index.json").read_text())["scheduler"] == ["diffusers", "PNDMScheduler"]
+    assert (folder / "unet" / "diffusion_pytorch_model.safetensors").is_file()
