@@ -73,8 +73,9 @@ def run_sdjax(args) -> dict:
     lowered = trainer.step_fn.lower(trainer.state, trainer.frozen, batch)
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
-    # The unoptimised step's count: on a GPU the compiled module's leaves out every cuDNN/cuBLAS call.
-    step_flops = C.lowered_flops(lowered)
+    # The lowered step's count (on a GPU the compiled module's leaves out every cuDNN/cuBLAS call); that
+    # module is the whole (global) step, before XLA splits it over the devices: per device, / devices.
+    step_flops = C.lowered_flops(lowered) / jax.device_count()
     step_flops = step_flops if step_flops == step_flops else None
     state = trainer.state
     losses = []
@@ -233,7 +234,7 @@ def main(argv=None) -> None:
                 if peak:
                     row["mfu_pct"] = 100 * row["model_tflops"] / peak["tflops"]
                     if out.get("step_flops"):
-                        # cost_analysis of an SPMD program is per device: x devices for the whole step.
+                        # step_flops is per device, as is the peak.
                         row["hfu_pct"] = 100 * out["step_flops"] / med / 1e12 / peak["tflops"]
                 rows.append(row)
                 C.log(f"[{label}] {images_per_s:.2f} images/s, step {med:.3f} s, compile {out['compile_s']:.1f} s")
