@@ -397,7 +397,18 @@ def analytic_flops(size: str, resolution: int) -> dict:
 def xla_flops(size: str, resolution: int, compile_unet: bool = False) -> dict:
     """The same counts from XLA: ``jit(...).lower(abstract args).cost_analysis()["flops"]`` of the
     bf16 models (no weights: abstract shapes only; the unoptimised HLO, so any backend gives the
-    same number). UNet at batch 2 (one CFG pair), VAE decode/encode and CLIP at batch 1."""
+    same number). UNet at batch 2 (one CFG pair), VAE decode/encode and CLIP at batch 1. Traced with
+    XLA's attention whatever SDJAX_ATTENTION says: the CPU's blocked kernel is a loop, whose body
+    cost analysis counts once (the SD v1.5 UNet at 512 px: 666 GFLOP per sample instead of 791)."""
+    from sdjax.models import layers
+    setting, layers.ATTENTION_IMPLEMENTATION = layers.ATTENTION_IMPLEMENTATION, "xla"
+    try:
+        return _xla_flops(size, resolution, compile_unet)
+    finally:
+        layers.ATTENTION_IMPLEMENTATION = setting
+
+
+def _xla_flops(size: str, resolution: int, compile_unet: bool) -> dict:
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -471,7 +482,7 @@ def flop_counts(size: str, resolution: int, cache_dir: str | Path | None = None)
     cache = None
     if cache_dir is not None:
         import hashlib
-        key = hashlib.sha256(json.dumps([sd_configs(size), resolution], sort_keys=True).encode())
+        key = hashlib.sha256(json.dumps([sd_configs(size), resolution, "xla attention"], sort_keys=True).encode())
         for source in sorted((ROOT / "sdjax" / "models").glob("*.py")):
             key.update(source.read_bytes())
         cache = Path(cache_dir) / f"flops-{size}-{resolution}-{key.hexdigest()[:12]}.json"

@@ -249,3 +249,16 @@ def test_the_random_folder_is_built_by_diffusers_where_sdjax_does_not_import(tmp
     folder = G.C.ensure_pipeline(tmp_path / "work", "tiny")
     assert json.loads((folder / "model_index.json").read_text())["scheduler"] == ["diffusers", "PNDMScheduler"]
     assert (folder / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_xla_flop_counts_take_xla_attention_not_the_cpu_loop(monkeypatch):
+    """The counting child runs on the CPU, where SDJAX_ATTENTION=auto picks the blocked kernel for
+    large scores: a loop whose body cost analysis counts once."""
+    from sdjax.models import layers
+    counts = {}
+    for setting in ("xla", "auto"):
+        monkeypatch.setattr(layers, "ATTENTION_IMPLEMENTATION", setting)
+        counts[setting] = G.C.xla_flops("tiny", 128)["flops"]   # 64x64 latents: 4096 tokens, blocked on the CPU
+        assert layers.ATTENTION_IMPLEMENTATION == setting
+    assert counts["auto"] == counts["xla"]
+    assert counts["auto"]["unet_per_sample"] > 0.95 * G.C.analytic_flops("tiny", 128)["unet_per_sample"]
