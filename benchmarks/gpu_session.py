@@ -319,6 +319,9 @@ def summarize(session: dict, peak: float | None, dry_run: bool) -> dict:
         print(C.markdown_table(train_rows, T.COLUMNS))
     prof = results.get("profile-unet-step") or {}
     for step in prof.get("steps", []):
+        if "error" in step:
+            print(f"\n### UNet step ({step['label']} attention): failed: {step['error']}")
+            continue
         pct = f", {100 * step['tflops'] / peak:.1f}% of peak" if peak else ""
         print(f"\n### UNet step ({step['label']} attention): {1e3 * step['median_s']:.2f} ms, "
               f"{step['tflops']:.4g} TFLOP/s{pct}, cuDNN fmha calls {step.get('cudnn_fmha_calls')}")

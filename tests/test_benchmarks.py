@@ -262,3 +262,28 @@ def test_xla_flop_counts_take_xla_attention_not_the_cpu_loop(monkeypatch):
         assert layers.ATTENTION_IMPLEMENTATION == setting
     assert counts["auto"] == counts["xla"]
     assert counts["auto"]["unet_per_sample"] > 0.95 * G.C.analytic_flops("tiny", 128)["unet_per_sample"]
+
+
+def test_the_profile_goes_on_when_an_attention_variant_fails(tmp_path, monkeypatch):
+    """cuDNN's fused attention can still be refused when XLA compiles the step (after JAX's checks)."""
+    import jax.numpy as jnp
+
+    import gpu_profile as P
+    from sdjax.models import layers
+    monkeypatch.setattr(layers, "ATTENTION_IMPLEMENTATION", layers.ATTENTION_IMPLEMENTATION)  # restored after
+    monkeypatch.setattr(P, "build", lambda args: (None, jnp.zeros((2, 4, 4, 4)), None, jnp.zeros((2, 77, 8))))
+
+    def whole_step(unet, x, t, context, *, repeats, label):
+        if label == "cudnn":
+            raise RuntimeError("INTERNAL: cuDNN could not build the fused attention graph")
+        return {"label": label, "compile_s": 1.0, "median_s": 0.01, "min_s": 0.01, "max_s": 0.01, "flops": 1e9,
+                "tflops": 0.1, "compiled": None, "state": None, "hlo_text": ""}
+    monkeypatch.setattr(P, "whole_step", whole_step)
+    blocks = []
+    monkeypatch.setattr(P, "time_parts", lambda *a, **k: blocks.append(layers.ATTENTION_IMPLEMENTATION) or [])
+    monkeypatch.setattr(P, "print_parts", lambda *a: {})
+    out = tmp_path / "profile.json"
+    P.main(["--attention", "cudnn,xla", "--no-trace", "--no-hlo-check", "--skip-peak", "--output", str(out)])
+    steps = json.loads(out.read_text())["steps"]
+    assert [s["label"] for s in steps] == ["cudnn", "xla"] and "cuDNN could not build" in steps[0]["error"]
+    assert blocks == ["xla"]
