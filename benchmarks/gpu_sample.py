@@ -129,7 +129,8 @@ def run_sdjax(args) -> dict:
             times = C.timed_repeats(call, warmup=args.warmup, repeats=args.repeats, sync=lambda x: x)
         except Exception as e:  # noqa: BLE001 - e.g. out of memory at a large batch: report, go on
             C.log(f"[{args.impl}] batch {batch} failed: {type(e).__name__}: {str(e)[:500]}")
-            info["rows"].append({"batch": batch, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+            info["rows"].append({"batch": batch, "error": f"{type(e).__name__}: {str(e)[:300]}",
+                                 "out_of_memory": C.out_of_memory(e)})
             if C.out_of_memory(e):
                 continue  # a smaller batch later in the list (1,16,64,4) may still fit
             break
@@ -196,7 +197,8 @@ def run_diffusers(args) -> dict:
             times = C.timed_repeats(call, warmup=args.warmup, repeats=args.repeats, sync=sync)
         except Exception as e:  # noqa: BLE001
             C.log(f"[{args.impl}] batch {batch} failed: {type(e).__name__}: {str(e)[:500]}")
-            info["rows"].append({"batch": batch, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+            info["rows"].append({"batch": batch, "error": f"{type(e).__name__}: {str(e)[:300]}",
+                                 "out_of_memory": C.out_of_memory(e)})
             if C.out_of_memory(e):
                 continue
             break

@@ -65,6 +65,7 @@ class Stage:
     needs_s: float                 # the least time worth starting it with
     cap_s: float | None = None     # the most it may take, so later stages keep theirs
     child_timeout: bool = True     # the script takes --child-timeout
+    covers: str | None = None      # a stage whose unmeasured batches this one takes on (`covering`)
 
     @property
     def uses_sdjax(self) -> bool:  # all but the PyTorch-only stages
@@ -85,7 +86,7 @@ def plan(name: str, dry_run: bool, peak_tflops: float | None, workdir: str) -> l
                                                           *common], needs_s=90),
             Stage("sample-sdjax-xla", "gpu_sample.py", ["--no-diffusers", "--attention", "xla", "--batches",
                                                         b("16", "2"), "--repeats", "2", "--warmup", "0", *common],
-                  needs_s=90),
+                  needs_s=90, covers="sample-sdjax-cudnn"),
         ]
     if name == "train":
         def train(side: str, remat: str, batch: str) -> Stage:
@@ -99,6 +100,25 @@ def plan(name: str, dry_run: bool, peak_tflops: float | None, workdir: str) -> l
                       needs_s=60, child_timeout=False),
                 train("sdjax", "on", b("16", "2")), train("torch", "on", b("16", "2"))]
     raise SystemExit(f"unknown plan {name!r}: sample or train")
+
+
+def covering(stage: Stage, covered: Stage, session: dict) -> Stage:
+    """``stage`` with the batches ``covered`` planned and did not measure added after its own: cuDNN
+    can refuse its fused attention when XLA compiles the step, after JAX's checks passed, and the
+    sdjax figures then come from XLA's attention. Batches that ran out of device memory are not
+    tried again."""
+    def batches(s: Stage) -> list[str]:
+        return s.args[s.args.index("--batches") + 1].split(",")
+    rows = (((session["stages"].get(covered.name) or {}).get("result")) or {}).get("rows", [])
+    done = {str(r["batch"]) for r in rows if "images_per_s" in r or r.get("out_of_memory")}
+    own = batches(stage)
+    extra = [b for b in batches(covered) if b not in done and b not in own]
+    if not extra:
+        return stage
+    args = list(stage.args)
+    args[args.index("--batches") + 1] = ",".join(own + extra)
+    C.log(f"{stage.name} also takes batches {','.join(extra)}: {covered.name} did not measure them")
+    return dataclasses.replace(stage, args=args)
 
 
 # ----------------------------------------------------------------------------- the machine
@@ -247,9 +267,12 @@ def main(argv=None) -> None:
     peak = (prep.get("peak") or {}).get("tflops")
     stage_dir = Path(args.workdir) / f"session-{args.plan}"
     stage_dir.mkdir(parents=True, exist_ok=True)
-    for stage in plan(args.plan, args.dry_run, peak, args.workdir):
+    stages = plan(args.plan, args.dry_run, peak, args.workdir)
+    for stage in stages:
         if wanted is not None and stage.name not in wanted:
             continue
+        if stage.covers in session["stages"]:   # (not where --only left the covered stage out)
+            stage = covering(stage, next(s for s in stages if s.name == stage.covers), session)
         left = deadline - time.monotonic()
         if sdjax_error and stage.uses_sdjax:
             session["stages"][stage.name] = {"status": f"skipped: sdjax does not import here ({sdjax_error})"}

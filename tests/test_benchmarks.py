@@ -287,3 +287,24 @@ def test_the_profile_goes_on_when_an_attention_variant_fails(tmp_path, monkeypat
     steps = json.loads(out.read_text())["steps"]
     assert [s["label"] for s in steps] == ["cudnn", "xla"] and "cuDNN could not build" in steps[0]["error"]
     assert blocks == ["xla"]
+
+
+def test_the_xla_stage_takes_on_the_batches_the_cudnn_stage_did_not_measure():
+    """cuDNN may refuse its fused attention when XLA compiles the step: sdjax's figures then come from
+    XLA's attention, except at batches that ran out of memory."""
+    stages = {s.name: s for s in G.plan("sample", False, None, "w")}
+    xla, cudnn = stages["sample-sdjax-xla"], stages["sample-sdjax-cudnn"]
+
+    def batches_after(rows):
+        session = {"stages": {cudnn.name: {"status": "ok", "result": {"rows": rows}}}}
+        args = G.covering(xla, cudnn, session).args
+        return args[args.index("--batches") + 1]
+    measured = {"images_per_s": 1.0}
+    assert batches_after([{"batch": b, **measured} for b in (1, 16, 64, 4)]) == "16"
+    assert batches_after([{"batch": 1, **measured}, {"batch": 16, "error": "XlaRuntimeError: INTERNAL: cuDNN"}]) \
+        == "16,64,4"
+    assert batches_after([{"batch": 1, "error": "JaxRuntimeError: INTERNAL"}]) == "16,1,64,4"
+    assert batches_after([{"batch": 1, **measured}, {"batch": 16, **measured},
+                          {"batch": 64, "error": "RESOURCE_EXHAUSTED", "out_of_memory": True},
+                          {"batch": 4, **measured}]) == "16"
+    assert xla.args[xla.args.index("--batches") + 1] == "16"  # the plan's stage itself is left as it was
