@@ -628,7 +628,8 @@ class CompileTimer:
 
 def out_of_memory(error: BaseException) -> bool:
     """Whether ``error`` says the device ran out of memory (JAX's RESOURCE_EXHAUSTED, when compiling or
-    running; torch's OutOfMemoryError): a smaller batch may still fit."""
+    running; torch's OutOfMemoryError): a smaller batch may still fit. Not `sdjax.cli_utils.out_of_memory`:
+    that one knows JAX only, and the PyTorch children must run where sdjax cannot be imported."""
     return ("RESOURCE_EXHAUSTED" in str(error) or type(error).__name__ == "OutOfMemoryError"
             or "out of memory" in str(error).lower())
 

@@ -129,9 +129,9 @@ def run_sdjax(args) -> dict:
             times = C.timed_repeats(call, warmup=args.warmup, repeats=args.repeats, sync=lambda x: x)
         except Exception as e:  # noqa: BLE001 - e.g. out of memory at a large batch: report, go on
             C.log(f"[{args.impl}] batch {batch} failed: {type(e).__name__}: {str(e)[:500]}")
-            info["rows"].append({"batch": batch, "error": f"{type(e).__name__}: {str(e)[:300]}",
-                                 "out_of_memory": C.out_of_memory(e)})
-            if C.out_of_memory(e):
+            oom = C.out_of_memory(e)
+            info["rows"].append({"batch": batch, "error": f"{type(e).__name__}: {str(e)[:300]}", "out_of_memory": oom})
+            if oom:
                 continue  # a smaller batch later in the list (1,16,64,4) may still fit
             break
         # JAX keeps one process-wide peak: it is this batch's only if no earlier batch was larger.
@@ -197,9 +197,9 @@ def run_diffusers(args) -> dict:
             times = C.timed_repeats(call, warmup=args.warmup, repeats=args.repeats, sync=sync)
         except Exception as e:  # noqa: BLE001
             C.log(f"[{args.impl}] batch {batch} failed: {type(e).__name__}: {str(e)[:500]}")
-            info["rows"].append({"batch": batch, "error": f"{type(e).__name__}: {str(e)[:300]}",
-                                 "out_of_memory": C.out_of_memory(e)})
-            if C.out_of_memory(e):
+            oom = C.out_of_memory(e)
+            info["rows"].append({"batch": batch, "error": f"{type(e).__name__}: {str(e)[:300]}", "out_of_memory": oom})
+            if oom:
                 continue
             break
         peak = torch.cuda.max_memory_allocated() if cuda else None
