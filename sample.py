@@ -150,8 +150,8 @@ def main(argv=None) -> int:
     from sdjax import parallel
     if problem is not None and not (parallel.env_says_multi_process() or jax.distributed.is_initialized()):
         return _fail(problem)
-    from sdjax.cli_utils import (count, default_dtype, enable_compilation_cache, interruption, out_of_memory,
-                                 run_sampling, show_warnings_as_lines)
+    from sdjax.cli_utils import (attention_memory_advice, count, default_dtype, enable_compilation_cache,
+                                 interruption, out_of_memory, run_sampling, show_warnings_as_lines)
     show_warnings_as_lines("sample.py")
     if req is not None and len(set(req.seeds)) < len(req.seeds):
         import collections
@@ -219,8 +219,8 @@ def main(argv=None) -> int:
         result = run_sampling(pipe, req, progress=args.progress)
     except jax.errors.JaxRuntimeError as e:
         message = out_of_memory(e, f"make fewer images per compiled call (--batch-size; default 4 per device), "
-                                   f"smaller ones (--height, --width) or use --dtype bfloat16. The images "
-                                   f"written before this are in {req.out}")
+                                   f"smaller ones (--height, --width) or use --dtype bfloat16"
+                                   f"{attention_memory_advice()}. The images written before this are in {req.out}")
         if message is None:
             raise
         print(f"{PROG}: error: {message}", file=sys.stderr)

@@ -109,7 +109,8 @@ def _export(cfg, args) -> int:
 
 def _main(argv=None) -> int:
     import jax
-    from sdjax.cli_utils import UsageError, count, interruption, out_of_memory, show_warnings_as_lines
+    from sdjax.cli_utils import (UsageError, attention_memory_advice, count, interruption, out_of_memory,
+                                 show_warnings_as_lines)
     show_warnings_as_lines("train.py")
     from sdjax.training.data import DataError, ImageReadError, TFDSNotInstalled
     from sdjax.training.loop import Stopped, TrainingDiverged, train  # before the try: its except names them
@@ -132,8 +133,8 @@ def _main(argv=None) -> int:
         except jax.errors.JaxRuntimeError as e:
             message = out_of_memory(e, "lower --batch-size (and raise --gradient-accumulation to keep the global "
                                        "batch), or try --mixed-precision bf16, --gradient-checkpointing, a lower "
-                                       "--resolution, or --config low_memory; --resume continues from the last "
-                                       f"checkpoint in {cfg.output_dir}")
+                                       f"--resolution, or --config low_memory{attention_memory_advice()}; --resume "
+                                       f"continues from the last checkpoint in {cfg.output_dir}")
             if message is None:
                 raise
             print(f"train.py: error: {message}", file=sys.stderr)

@@ -720,6 +720,31 @@ def test_out_of_device_memory_is_one_line_with_advice(pipe_dir, pipe, tmp_path, 
         f"sample.py: error: out of device memory ({reason}): make fewer images per compiled call (--batch-size; "
         f"default 4 per device), smaller ones (--height, --width) or use --dtype bfloat16. The images written "
         f"before this are in {out}\n")
+    from sdjax.models import layers
+    monkeypatch.setattr(layers, "ATTENTION_IMPLEMENTATION", "xla")   # as "auto" on a GPU
+    rc, _, stderr = run_main(capsys, "a cat", "--model", pipe_dir, "--out", out)
+    assert rc == 1 and stderr == (
+        f"sample.py: error: out of device memory ({reason}): make fewer images per compiled call (--batch-size; "
+        f"default 4 per device), smaller ones (--height, --width) or use --dtype bfloat16; or keep attention's "
+        f"score tensors small with SDJAX_ATTENTION=cudnn (cuDNN's fused kernel, NVIDIA GPUs) or "
+        f"SDJAX_ATTENTION=blocked (any device; slower). The images written before this are in {out}\n")
+
+
+@pytest.mark.parametrize("backend,setting,named", [("cpu", "auto", False), ("gpu", "auto", True), ("tpu", "auto", True),
+                                                   ("cpu", "xla", True), ("gpu", "cudnn", False),
+                                                   ("gpu", "blocked", False)])
+def test_out_of_memory_advice_names_the_attention_kernels_that_keep_no_scores(monkeypatch, backend, setting, named):
+    """Where XLA's attention runs (GPU/TPU by default), it holds whole score tensors: the advice then
+    names the fused and blocked kernels; where one of them already runs, it does not."""
+    import jax
+    from sdjax.cli_utils import attention_memory_advice
+    from sdjax.models import layers
+    monkeypatch.setattr(layers, "ATTENTION_IMPLEMENTATION", setting)
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    advice = attention_memory_advice()
+    monkeypatch.undo()
+    assert ("SDJAX_ATTENTION=cudnn" in advice and "SDJAX_ATTENTION=blocked" in advice) == named, advice
+    assert advice == "" or named
 
 
 def test_an_unwritable_compilation_cache_is_a_warning(tmp_path):
