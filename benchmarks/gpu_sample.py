@@ -218,7 +218,8 @@ def run_diffusers(args) -> dict:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batches", default="1,4,16,64", help="comma-separated batch sizes (images per call)")
-    p.add_argument("--attention", default="xla,cudnn", help="sdjax attention variants: xla, cudnn (SDJAX_ATTENTION)")
+    p.add_argument("--attention", default="xla,cudnn",
+                   help="sdjax attention variants: xla, cudnn, blocked (SDJAX_ATTENTION)")
     p.add_argument("--no-sdjax", action="store_true", help="skip the sdjax side")
     p.add_argument("--no-diffusers", action="store_true", help="skip the diffusers side")
     p.add_argument("--torch-compile", action="store_true", help="also time diffusers with torch.compile (UNet + VAE decode)")
@@ -256,8 +257,8 @@ def implementations(args) -> list[str]:
     impls = []
     if not args.no_sdjax:
         for a in [a.strip() for a in args.attention.split(",") if a.strip()]:
-            if a not in ("xla", "cudnn"):
-                raise SystemExit(f"--attention {a!r}: use xla and/or cudnn")
+            if a not in ("xla", "cudnn", "blocked"):
+                raise SystemExit(f"--attention {a!r}: use xla, cudnn and/or blocked")
             impls.append(f"sdjax-{a}")
     if not args.no_diffusers:
         impls.append("diffusers")

@@ -367,6 +367,25 @@ def test_blocked_attention_equals_xla_kernel(B, T, S, N, H):
     assert max_err(bf16, ref) < 0.05
 
 
+@pytest.mark.parametrize("backend,query_blocks", [("cpu", 16), ("gpu", 1), ("tpu", 1)])
+def test_blocked_attention_blocks_for_cache_on_the_cpu_and_for_memory_elsewhere(monkeypatch, backend, query_blocks):
+    """The default block: on the CPU 8 MiB of scores (cache), so SD v1.5's 4096-token attention at
+    batch 2 (128 MiB per head) runs in 16 query blocks per head; on a GPU/TPU 1 GiB (memory), so it
+    runs whole per head instead of in thousands of small matmuls. Shapes only (jax.make_jaxpr)."""
+    from sdjax.models import layers
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    q = jax.ShapeDtypeStruct((2, 4096, 8, 40), jnp.bfloat16)
+    jaxpr = jax.make_jaxpr(lambda *a: layers.blocked_attention(*a))(q, q, q)   # a new function: no cached trace
+    monkeypatch.undo()
+
+    def scans(jaxpr):
+        return [e for e in jaxpr.eqns if e.primitive.name == "scan"]
+    [heads] = scans(jaxpr.jaxpr)
+    assert heads.params["length"] == 8  # one iteration per head
+    blocks = scans(heads.params["jaxpr"].jaxpr)
+    assert [e.params["length"] for e in blocks] == ([query_blocks] if query_blocks > 1 else [])
+
+
 def test_unet_with_blocked_attention_matches_diffusers(tiny_checkpoints, monkeypatch):
     """The whole UNet with every attention through the blocked kernel still equals diffusers."""
     from sdjax.models import layers

@@ -51,6 +51,10 @@ def attention_setting_problem() -> str | None:
 # softmax streams them three times); a block this size stays in cache. Of 2-16 MiB, 8 MiB was the fastest
 # at 1024 tokens and within 5% at 4096 on a 2-core EPYC (BENCHMARKS.md, "Sampling on the CPU").
 BLOCK_SCORE_BYTES = 8 * 2 ** 20
+# On a GPU/TPU (SDJAX_ATTENTION=blocked) the point is memory, not cache: blocks this size are still
+# matmuls that fill the device, and a few of them replace a score tensor of tens of GiB (at 512 px, 1 GiB
+# per image with guidance for each 4096-token layer). Not yet timed on a GPU.
+ACCELERATOR_BLOCK_SCORE_BYTES = 2 ** 30
 
 
 def attention(q_BTNH, k_BSNH, v_BSNH, *, is_causal: bool = False, upcast: bool = False):
@@ -103,10 +107,12 @@ def _warn_cudnn_refused(q_BTNH, k_BSNH, error: Exception) -> None:
 
 def blocked_attention(q_BTNH, k_BSNH, v_BSNH, *, block_bytes: int | None = None):
     """Attention one head and one block of queries at a time (``lax.map``), so that each block's
-    fp32 scores [B, Tq, S] fit in ``block_bytes`` and stay in cache. Same math as XLA's kernel; the
+    fp32 scores [B, Tq, S] fit in ``block_bytes`` (default: `BLOCK_SCORE_BYTES` on the CPU, to stay in
+    cache; `ACCELERATOR_BLOCK_SCORE_BYTES` elsewhere, to bound memory). Same math as XLA's kernel; the
     batch axis stays whole, so a batch sharded over devices stays sharded."""
     (B, T, _, H), S = q_BTNH.shape, k_BSNH.shape[1]
-    block_bytes = BLOCK_SCORE_BYTES if block_bytes is None else block_bytes
+    if block_bytes is None:
+        block_bytes = BLOCK_SCORE_BYTES if jax.default_backend() == "cpu" else ACCELERATOR_BLOCK_SCORE_BYTES
     block = T
     while B * block * S * 4 > block_bytes and block % 2 == 0 and block > 16:
         block //= 2
