@@ -133,7 +133,7 @@ def _main(argv=None) -> int:
         except jax.errors.JaxRuntimeError as e:
             message = out_of_memory(e, "lower --batch-size (and raise --gradient-accumulation to keep the global "
                                        "batch), or try --mixed-precision bf16, --gradient-checkpointing, a lower "
-                                       f"--resolution, or --config low_memory{attention_memory_advice()}; --resume "
+                                       f"--resolution, or --config low_memory{attention_memory_advice(training=True)}; --resume "
                                        f"continues from the last checkpoint in {cfg.output_dir}")
             if message is None:
                 raise

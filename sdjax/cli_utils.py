@@ -597,16 +597,20 @@ def out_of_memory(error: BaseException, advice: str) -> str | None:
     return f"out of device memory ({str(error).strip().splitlines()[0]}): {advice}"
 
 
-def attention_memory_advice() -> str:
+def attention_memory_advice(training: bool = False) -> str:
     """More out-of-memory advice where XLA's attention kernel runs (a GPU or TPU under the default
     ``SDJAX_ATTENTION=auto``, or ``xla`` anywhere): it holds each attention's whole fp32 score tensor,
     [2 x batch, 8 heads, 4096, 4096] for SD v1.5 at 512 px with guidance (BENCHMARKS.md, XLA's memory
-    plan), which the fused and the blocked kernels never do. "" where one of those already runs."""
+    plan), which cuDNN's fused kernel never does, nor the blocked one when sampling (its backward
+    pass keeps every block's probabilities, so ``training`` leaves it out). "" where one already runs."""
     import jax
     from sdjax.models import layers
     setting = layers.ATTENTION_IMPLEMENTATION
-    if setting in ("cudnn", "blocked") or (setting == "auto" and jax.default_backend() == "cpu"):
+    if setting == "cudnn" or (not training and setting == "blocked") or (setting == "auto"
+                                                                         and jax.default_backend() == "cpu"):
         return ""
+    if training:
+        return "; on an NVIDIA GPU, SDJAX_ATTENTION=cudnn (cuDNN's fused attention keeps no score tensors)"
     return ("; or keep attention's score tensors small with SDJAX_ATTENTION=cudnn (cuDNN's fused kernel, NVIDIA "
             "GPUs) or SDJAX_ATTENTION=blocked (any device; slower)")
 

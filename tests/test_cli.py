@@ -735,16 +735,19 @@ def test_out_of_device_memory_is_one_line_with_advice(pipe_dir, pipe, tmp_path, 
                                                    ("gpu", "blocked", False)])
 def test_out_of_memory_advice_names_the_attention_kernels_that_keep_no_scores(monkeypatch, backend, setting, named):
     """Where XLA's attention runs (GPU/TPU by default), it holds whole score tensors: the advice then
-    names the fused and blocked kernels; where one of them already runs, it does not."""
+    names the fused and blocked kernels (training: the fused one); where one already runs, it does not."""
     import jax
     from sdjax.cli_utils import attention_memory_advice
     from sdjax.models import layers
     monkeypatch.setattr(layers, "ATTENTION_IMPLEMENTATION", setting)
     monkeypatch.setattr(jax, "default_backend", lambda: backend)
-    advice = attention_memory_advice()
+    advice, for_training = attention_memory_advice(), attention_memory_advice(training=True)
     monkeypatch.undo()
     assert ("SDJAX_ATTENTION=cudnn" in advice and "SDJAX_ATTENTION=blocked" in advice) == named, advice
     assert advice == "" or named
+    # blocked attention's backward pass keeps every block's probabilities: training is offered cuDNN only
+    assert ("SDJAX_ATTENTION=cudnn" in for_training) == (named or setting == "blocked"), for_training
+    assert "blocked" not in for_training
 
 
 def test_an_unwritable_compilation_cache_is_a_warning(tmp_path):
