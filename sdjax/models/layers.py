@@ -36,7 +36,8 @@ class Pretrained:
 #   "auto" (default): the blocked CPU kernel below on the CPU when the score tensor is large, else XLA's;
 #   "xla": always jax.nn.dot_product_attention's XLA implementation;
 #   "cudnn": cuDNN's fused flash attention on NVIDIA GPUs for bf16/fp16 (opt-in until measured on a GPU);
-#   "blocked": always the blocked kernel (for tests and benchmarks).
+#   "blocked": always the blocked kernel (tests, benchmarks; on a GPU/TPU, sampling batches whose scores
+#   would not fit beside XLA's kernel).
 ATTENTION_IMPLEMENTATION = os.environ.get("SDJAX_ATTENTION", "auto")
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "blocked")
 
