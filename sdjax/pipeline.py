@@ -173,6 +173,16 @@ def _progress_bars(progress, total_steps: int):
     raise ValueError(f"progress={progress!r}: expected True, False, 'steps', 'batches' or a bar with update(n)")
 
 
+def _wait_interruptibly(arrays: Sequence[jax.Array], poll_s: float = 0.02) -> None:
+    """Wait for ``arrays`` in short sleeps rather than inside one blocking C call, so that Ctrl-C and
+    SIGTERM act at once: Python runs signal handlers only between bytecodes, so a fetch blocked in
+    ``np.asarray`` put them off until the batch was done (minutes on a CPU), and then dropped it."""
+    import time
+    for array in arrays:
+        while not array.is_ready():
+            time.sleep(poll_s)
+
+
 _EXPECTED = {"prompts": "a string or a list of strings", "negative_prompts": "a string or a list of strings",
              "seeds": "an integer, a list of integers or an integer array"}
 
@@ -643,6 +653,7 @@ class StableDiffusion:
 
             def fetch(batch, last: bool) -> StableDiffusionOutput:
                 start, stop, images, decoded = batch
+                _wait_interruptibly([images, *decoded])
                 images = parallel.to_host(images)[: stop - start]
                 inter = np.stack([parallel.to_host(d) for d in decoded])[:, : stop - start] if steps else None
                 if step_bar is not None:

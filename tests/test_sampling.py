@@ -820,3 +820,29 @@ def test_two_processes_match_single_process(pipe, tiny_pipeline_dir, tmp_path):
     assert len(list((tmp_path / "out-run-0").glob("*-trajectory.gif"))) == 8
     written = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in pngs]).astype(np.float64) / 255
     assert np.abs(written - expected).max() <= 0.5 / 255 + 1e-4    # PNG rounding + the processes' 1e-4 above
+
+
+def test_ctrl_c_stops_a_call_while_its_batch_computes(tiny_pipeline_dir):
+    """Ctrl-C / SIGTERM (sample.py raises KeyboardInterrupt for both) acts while a batch computes, not
+    once it is done: Python runs signal handlers only between bytecodes, and a fetch blocked in
+    np.asarray put them off for the whole batch (minutes on a CPU), then dropped its images. One
+    device (a sharded array is fetched shard by shard, between bytecodes) and one batch (with several
+    CPU devices, dispatching a second one waits for the first, in a C call too)."""
+    import _thread
+    import threading
+    import time
+    pipe = StableDiffusion.from_pretrained(tiny_pipeline_dir, mesh=parallel.data_mesh(jax.devices()[:1]))
+    kw = dict(num_inference_steps=STEPS, height=SIZE, width=SIZE, batch_size=8)
+    pipe("a cat", seeds=range(8), **kw)   # compiled
+    start = time.monotonic()
+    pipe("a cat", seeds=range(8), **kw)
+    batch_s = time.monotonic() - start
+    timer = threading.Timer(0.1 * batch_s, _thread.interrupt_main)
+    start = time.monotonic()
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        pipe("a dog", seeds=range(8), **kw)
+    stopped_s = time.monotonic() - start
+    timer.join()
+    assert stopped_s < 0.6 * batch_s, (stopped_s, batch_s)
+    np.testing.assert_array_equal(pipe("a dog", seeds=[0], **kw).images.shape, (1, SIZE, SIZE, 3))  # usable after
