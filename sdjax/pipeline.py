@@ -581,6 +581,7 @@ class StableDiffusion:
             if len(items) not in (1, n):
                 raise ValueError(f"{name} has {len(items)} entries; expected 1 or {n} to match the others")
         prompts, seeds, negatives = ([x[0]] * n if len(x) == 1 else x for x in (prompts, seeds, negatives))
+        given_shape = None if latents is None else latents.shape   # for the error, before broadcasting
         if latents is not None and latents.ndim == 4 and n_latents == 1 < n:   # one initial noise for every image
             latents = np.repeat(latents, n, axis=0)
         seeds = [s.item() if isinstance(s, (np.ndarray, jax.Array)) and s.ndim == 0 else s for s in seeds]
@@ -607,7 +608,8 @@ class StableDiffusion:
         latent_shape = (height // self.vae_scale, width // self.vae_scale, self.unet.config.in_channels)
         if latents is not None:
             if latents.shape != (n, *latent_shape):
-                raise ValueError(f"latents have shape {latents.shape}; expected {(n, *latent_shape)} "
+                expected = f"{(n, *latent_shape)}" + (f" or {(1, *latent_shape)}" if n > 1 else "")
+                raise ValueError(f"latents have shape {given_shape}; expected {expected} "
                                  f"([batch, height/{self.vae_scale}, width/{self.vae_scale}, channels], NHWC)")
         steps = self._intermediate_steps(return_intermediates, sched.num_model_calls)
 

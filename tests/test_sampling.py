@@ -456,6 +456,8 @@ def test_float16_pipeline_runs_on_the_cpu_close_to_fp32(pipe, tiny_pipeline_dir)
     (dict(seeds=[1, 2], prompts=["a", "b", "c"]), "seeds has 2 entries; expected 1 or 3"),
     (dict(seeds=-1), r"seed -1 is not an integer in \[0, 2\*\*32 - 1\]"),
     (dict(latents=np.zeros((1, 8, 8, 4))), r"latents have shape \(1, 8, 8, 4\); expected \(1, 16, 16, 4\)"),
+    (dict(seeds=[0, 1], latents=np.zeros((1, 8, 8, 4))),   # the shape given, not the one broadcast to 2
+     r"latents have shape \(1, 8, 8, 4\); expected \(2, 16, 16, 4\) or \(1, 16, 16, 4\)"),
     (dict(guidance_scale=float("nan")), "not a finite number"),
     (dict(return_intermediates=[0, 99]), r"intermediate steps \[99\] are outside"),
     (dict(progress="sometimes"), r"progress='sometimes': expected True, False, 'steps', 'batches'"),
