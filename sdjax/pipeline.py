@@ -173,14 +173,29 @@ def _progress_bars(progress, total_steps: int):
     raise ValueError(f"progress={progress!r}: expected True, False, 'steps', 'batches' or a bar with update(n)")
 
 
-def _wait_interruptibly(arrays: Sequence[jax.Array], poll_s: float = 0.02) -> None:
-    """Wait for ``arrays`` in short sleeps rather than inside one blocking C call, so that Ctrl-C and
-    SIGTERM act at once: Python runs signal handlers only between bytecodes, so a fetch blocked in
-    ``np.asarray`` put them off until the batch was done (minutes on a CPU), and then dropped it."""
-    import time
-    for array in arrays:
-        while not array.is_ready():
-            time.sleep(poll_s)
+def _wait_interruptibly(arrays: Sequence[jax.Array]) -> None:
+    """Wait for ``arrays`` so that Ctrl-C and SIGTERM act at once. Python runs signal handlers only
+    between bytecodes, so a fetch blocked in ``np.asarray`` put them off until the batch was done
+    (minutes on a CPU), and then dropped it. A thread blocks on the arrays instead, and this one
+    waits on an Event: it wakes the moment they are ready (a sleep between ``is_ready`` polls would
+    add to every call that the benchmarks time), and every 50 ms to let Python run the handlers of
+    signals that arrived meanwhile (the kernel may hand a signal to any of XLA's threads, so it need
+    not interrupt the wait itself). A computation's error is left for the fetch that follows,
+    which raises it."""
+    if all(a.is_ready() for a in arrays):
+        return
+    done = threading.Event()
+
+    def wait() -> None:
+        try:
+            jax.block_until_ready(arrays)
+        except Exception:   # noqa: BLE001 - raised again by the caller's fetch
+            pass
+        finally:
+            done.set()
+    threading.Thread(target=wait, name="sdjax-wait", daemon=True).start()
+    while not done.wait(0.05):
+        pass
 
 
 _EXPECTED = {"prompts": "a string or a list of strings", "negative_prompts": "a string or a list of strings",
