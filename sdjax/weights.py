@@ -792,8 +792,10 @@ def save_pipeline(directory: str | os.PathLike, *, text_encoder, tokenizer, unet
     directory.parent.mkdir(parents=True, exist_ok=True)
     leftovers = sorted(p.name for p in directory.parent.glob(f".{directory.name}.*") if p.is_dir())
     if leftovers:   # a killed save's temporary folder: as large as a pipeline, and hidden
-        warnings.warn(f"{directory.parent}: {', '.join(leftovers)} look like the temporary folders of an interrupted "
-                      f"save of {directory.name}; delete them unless a save is running", stacklevel=2)
+        these = ("looks like the temporary folder", "it") if len(leftovers) == 1 else (
+            "look like the temporary folders", "them")
+        warnings.warn(f"{directory.parent}: {', '.join(leftovers)} {these[0]} of an interrupted save of "
+                      f"{directory.name}; delete {these[1]} unless a save is running", stacklevel=2)
     fill_in_place = directory.is_dir() and not any(directory.iterdir())
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory if fill_in_place else directory.parent))
     old = None  # where an existing folder is moved aside while the new one is renamed into place

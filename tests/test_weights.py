@@ -758,9 +758,14 @@ def test_pipeline_folder_is_not_overwritten_or_half_written(tiny_checkpoints, tm
     # overwrite=True replaces the folder, even next to a leftover of an interrupted earlier overwrite
     (tmp_path / ".pipe.old").mkdir()
     (tmp_path / ".pipe.old" / "junk").write_text("x")
-    with pytest.warns(UserWarning, match=r"\.pipe\.old look like the temporary folders of an interrupted save of pipe"):
+    with pytest.warns(UserWarning, match=r"\.pipe\.old looks like the temporary folder of an interrupted save of pipe; "
+                                          r"delete it unless"):
         save_pipeline(target, **parts, overwrite=True)
     assert not (target / "keep.txt").exists() and (target / "model_index.json").is_file()
+    (tmp_path / ".pipe.x1y2").mkdir()
+    with pytest.warns(UserWarning, match=r"\.pipe\.old, \.pipe\.x1y2 look like the temporary folders of an "
+                                         r"interrupted save of pipe; delete them unless"):
+        save_pipeline(target, **parts, overwrite=True)
 
 
 def test_an_empty_folder_is_filled_in_place(tiny_checkpoints, tmp_path, monkeypatch):
