@@ -131,10 +131,11 @@ def _main(argv=None) -> int:
                   file=sys.stderr)
             return 143
         except jax.errors.JaxRuntimeError as e:
+            attention = attention_memory_advice(training=True)
             message = out_of_memory(e, "lower --batch-size (and raise --gradient-accumulation to keep the global "
                                        "batch), or try --mixed-precision bf16, --gradient-checkpointing, a lower "
-                                       f"--resolution, or --config low_memory{attention_memory_advice(training=True)}; --resume "
-                                       f"continues from the last checkpoint in {cfg.output_dir}")
+                                       f"--resolution, or --config low_memory{attention}; --resume continues from "
+                                       f"the last checkpoint in {cfg.output_dir}")
             if message is None:
                 raise
             print(f"train.py: error: {message}", file=sys.stderr)
