@@ -849,6 +849,9 @@ def test_ctrl_c_stops_a_call_while_its_batch_computes(tiny_pipeline_dir, monkeyp
         wait(arrays)
         seen["wait returned"] = True
     monkeypatch.setattr(P, "_wait_interruptibly", interrupted_wait)
+    # Python's own Ctrl-C handler, as a program starts with: in the full suite an earlier module left this
+    # pytest-xdist worker with SIGINT ignored (SIG_IGN, where interrupt_main does nothing).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         pipe("a dog", seeds=range(8), **kw)
     except KeyboardInterrupt:
@@ -857,6 +860,7 @@ def test_ctrl_c_stops_a_call_while_its_batch_computes(tiny_pipeline_dir, monkeyp
         pytest.fail(f"not interrupted: {seen}; SIGINT handler {signal.getsignal(signal.SIGINT)}")
     finally:
         timer.cancel()
+        signal.signal(signal.SIGINT, previous)
     assert len(waited) == 1 and not all(a.is_ready() for a in waited[0]), "stopped only once the batch was done"
     monkeypatch.undo()
     np.testing.assert_array_equal(pipe("a dog", seeds=[0], **kw).images.shape, (1, SIZE, SIZE, 3))  # usable after
