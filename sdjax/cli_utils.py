@@ -606,8 +606,8 @@ def attention_memory_advice(training: bool = False) -> str:
     import jax
     from sdjax.models import layers
     setting = layers.ATTENTION_IMPLEMENTATION
-    if setting == "cudnn" or (not training and setting == "blocked") or (setting == "auto"
-                                                                         and jax.default_backend() == "cpu"):
+    xla_runs = setting == "xla" or (setting == "auto" and jax.default_backend() != "cpu")
+    if not (xla_runs or (training and setting == "blocked")):
         return ""
     if training:
         return "; on an NVIDIA GPU, SDJAX_ATTENTION=cudnn (cuDNN's fused attention keeps no score tensors)"

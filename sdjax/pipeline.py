@@ -179,9 +179,9 @@ def _wait_interruptibly(arrays: Sequence[jax.Array]) -> None:
     (minutes on a CPU), and then dropped it. A thread blocks on the arrays instead, and this one
     waits on an Event: it wakes the moment they are ready (a sleep between ``is_ready`` polls would
     add to every call that the benchmarks time), and every 50 ms to let Python run the handlers of
-    signals that arrived meanwhile (the kernel may hand a signal to any of XLA's threads, so it need
-    not interrupt the wait itself). A computation's error is left for the fetch that follows,
-    which raises it."""
+    signals that arrived meanwhile (a signal delivered to another of the process's threads, or
+    ``_thread.interrupt_main``, does not interrupt the wait itself). A computation's error is left
+    for the fetch that follows, which raises it."""
     if all(a.is_ready() for a in arrays):
         return
     done = threading.Event()

@@ -833,12 +833,12 @@ def test_ctrl_c_stops_a_call_while_its_batch_computes(tiny_pipeline_dir, monkeyp
     One device (a sharded array is fetched shard by shard, between bytecodes) and one batch (with
     several CPU devices, dispatching a second one waits for the first, in a C call too)."""
     import _thread
+    import signal
     import threading
     from sdjax import pipeline as P
     pipe = StableDiffusion.from_pretrained(tiny_pipeline_dir, mesh=parallel.data_mesh(jax.devices()[:1]))
     kw = dict(num_inference_steps=STEPS, height=SIZE, width=SIZE, batch_size=8)
     pipe("a cat", seeds=range(8), **kw)   # compiled
-    import signal
     waited, seen, wait = [], {}, P._wait_interruptibly
     timer = threading.Timer(0.02, _thread.interrupt_main)   # as a Ctrl-C from outside
 
