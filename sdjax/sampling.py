@@ -113,15 +113,19 @@ def predicted_clean(scheduler: Scheduler, model_input, model_output, i) -> jax.A
 
 def guided_model_output(unet, model_input_B, t, cond_BSD, uncond_BSD, guidance_scale) -> jax.Array:
     """Classifier-free guidance as one batched UNet call: eps_u + g * (eps_c - eps_u), with
-    ``guidance_scale`` g a number or one per image ([B]).
+    ``guidance_scale`` g a number or one per image ([B]). ``cond_BSD`` / ``uncond_BSD``: text states
+    per image, or one ([1, S, D]) for every image, as `denoise` takes them; ``uncond_BSD=None``: the
+    conditional output alone.
 
     The two halves are interleaved per image ([u0, c0, u1, c1, ...]) rather than concatenated, so
     with the batch split over devices each device keeps its own images' pairs (no cross-device
     traffic); the UNet has no batch coupling, so the order does not change the result.
     """
+    B = model_input_B.shape[0]
+    cond_BSD, uncond_BSD = (_match_batch(x, B, name)   # (under denoise: already B rows)
+                            for x, name in ((cond_BSD, "cond_BSD"), (uncond_BSD, "uncond_BSD")))
     if uncond_BSD is None:
         return unet(model_input_B, t, cond_BSD).astype(F32)
-    B = model_input_B.shape[0]
     pair = lambda u, c: jnp.stack([u, c], axis=1).reshape(2 * B, *u.shape[1:])  # noqa: E731
     eps = unet(pair(model_input_B, model_input_B), t, pair(uncond_BSD, cond_BSD)).astype(F32)
     eps = eps.reshape(B, 2, *eps.shape[1:])

@@ -600,6 +600,25 @@ def test_denoise_takes_one_text_state_for_every_image(pipe):
         tokenize(pipe.tokenizer, [])
 
 
+def test_guided_model_output_takes_one_text_state_for_every_image():
+    """A loop of your own around ``guided_model_output`` takes text states as `denoise` does: one
+    row ([1, S, D]) for every image (it stacked them with the latents' batch: a shape error of
+    jnp.stack), or one per image; another batch is an error naming the argument."""
+    from sdjax import sampling
+
+    def unet(x, t, text):   # as the UNet: one text state per sample, each row its own output
+        assert text.shape[0] == x.shape[0]
+        return x * t + text.mean(axis=(1, 2))[:, None, None, None]
+    text = jnp.asarray(np.random.default_rng(0).standard_normal((2, 77, 32)), jnp.float32)
+    latents = jnp.asarray(latents_for(3))
+    guided = lambda cond, uncond: sampling.guided_model_output(unet, latents, 0.5, cond, uncond, 7.5)  # noqa: E731
+    every = lambda x: jnp.repeat(x, 3, axis=0)  # noqa: E731
+    np.testing.assert_allclose(guided(text[:1], text[1:]), guided(every(text[:1]), every(text[1:])), atol=1e-6)
+    np.testing.assert_allclose(guided(text[:1], None), guided(every(text[:1]), None), atol=1e-6)
+    with pytest.raises(ValueError, match="uncond_BSD has batch 2 but the latents have 3"):
+        guided(text[:1], text)
+
+
 def test_image_keys_checks_concrete_seeds():
     """Seeds past 2**32 - 1 or below 0 would wrap onto other seeds' keys; a plain list works."""
     from sdjax.sampling import image_keys
