@@ -166,6 +166,9 @@ def denoise(unet, scheduler: Scheduler, latents_BHWC, cond_BSD, uncond_BSD=None,
     ``jax.debug.callback`` (one host callback per step, on a runtime thread) and, under ``jax.jit``,
     must be a static, hashable argument. ``None`` leaves the compiled loop free of callbacks.
     """
+    if isinstance(scheduler, str):
+        raise TypeError(f"denoise takes a Scheduler, not its name {scheduler!r}: "
+                        "sdjax.schedulers.make_scheduler(name, scheduler_config, num_inference_steps)")
     # ``unet``: a UNet2DConditionModel, or any function (x, t, text) -> prediction, which has no config
     channels = getattr(getattr(unet, "config", None), "in_channels", None)
     check_nhwc("latents_BHWC", latents_BHWC, latents_BHWC.shape[-1] if channels is None else channels)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -131,6 +132,7 @@ def resolve_scheduler_config(name: str, config: dict, **options) -> dict:
     Options that are neither constructor arguments nor step arguments (``eta`` for ddim) raise TypeError.
     """
     _check_name(name)
+    _check_config(config)
     settings = {**_COMMON_DEFAULTS, **_CLASS_DEFAULTS[name], **_STEP_OPTIONS.get(name, {})}
     defaulted = set(config.get("_use_default_values", ()))
     for key, value in config.items():
@@ -180,6 +182,7 @@ def pipeline_scheduler_config(name: str, config: dict) -> tuple[dict, list[str]]
     their own defaults, as in diffusers.
     """
     _check_name(name)
+    _check_config(config)
     defaulted = set(config.get("_use_default_values", ()))
     own_defaults = ({**_COMMON_DEFAULTS, **_CLASS_DEFAULTS[name]}
                     if config.get("_class_name") == _DIFFUSERS_CLASS[name] else {})
@@ -202,6 +205,15 @@ def pipeline_scheduler_config(name: str, config: dict) -> tuple[dict, list[str]]
 def _check_name(name: str) -> None:
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; valid names: {', '.join(SCHEDULERS)}")
+
+
+def _check_config(config) -> None:
+    """A config that is not a dict (the file's path, a diffusers scheduler) failed inside with an
+    AttributeError about ``.get``."""
+    if not isinstance(config, Mapping):
+        raise TypeError(f"config must be a scheduler config as a dict (json.loads of a pipeline's "
+                        f"scheduler/scheduler_config.json, or a diffusers scheduler's .config), got "
+                        + (repr(config) if isinstance(config, str) else type(config).__name__))
 
 
 def _require(condition: bool, message: str) -> None:

@@ -619,6 +619,13 @@ def test_guided_model_output_takes_one_text_state_for_every_image():
         guided(text[:1], text)
 
 
+def test_denoise_refuses_a_scheduler_name():
+    """The pipeline takes scheduler names; denoise a Scheduler (a name failed on ``.stochastic``)."""
+    from sdjax import sampling
+    with pytest.raises(TypeError, match=r"denoise takes a Scheduler, not its name 'euler': sdjax.schedulers.make_sch"):
+        sampling.denoise(lambda x, t, text: x, "euler", jnp.zeros((1, 4, 4, 4)), jnp.zeros((1, 77, 32)))
+
+
 def test_image_keys_checks_concrete_seeds():
     """Seeds past 2**32 - 1 or below 0 would wrap onto other seeds' keys; a plain list works."""
     from sdjax.sampling import image_keys

@@ -673,6 +673,14 @@ def test_unknown_names_and_options_are_errors():
     with pytest.raises(ValueError, match=r"trained_betas has shape \(500,\); expected one beta per training "
                                          r"timestep \(1000, num_train_timesteps\)"):
         S.make_scheduler("ddim", {**SD15_SCHEDULER_CONFIG, "trained_betas": [1e-3] * 500}, 10)
+    # the config file's path, or a diffusers scheduler, in place of the config: an AttributeError about .get
+    for config, got in (("model/scheduler/scheduler_config.json", "'model/scheduler/scheduler_config.json'"),
+                        (diffusers.EulerDiscreteScheduler(), "EulerDiscreteScheduler"), (None, "NoneType")):
+        for make in (lambda: S.make_scheduler("euler", config, 10), lambda: S.make_noise_schedule(config),
+                     lambda: S.pipeline_scheduler_config("euler", config)):
+            with pytest.raises(TypeError, match=r"config must be a scheduler config as a dict \(json.loads of a "
+                                                rf"pipeline's .*got {got}$"):
+                make()
 
 
 @pytest.mark.parametrize("name,option,value,message", [
