@@ -150,6 +150,8 @@ def denoise(unet, scheduler: Scheduler, latents_BHWC, cond_BSD, uncond_BSD=None,
             keys_B=None, return_predictions: bool = False, on_step=None, *, start: int = 0):
     """Run the whole reverse process as one ``lax.scan`` over the scheduler's model calls.
 
+    ``unet``: a `UNet2DConditionModel`, or any function ``(x_BHWC, t, text_BSD) -> prediction``
+    (a guidance rule of your own: a function around the UNet, with ``uncond_BSD=None``).
     ``latents_BHWC``: initial latents already multiplied by ``scheduler.init_noise_sigma``; or,
     with ``start`` > 0 (img2img: a static int, the loop index to begin at), clean latents noised
     to that point, ``scheduler.add_noise_at(x0, noise, start)``; the scheduler

@@ -626,6 +626,24 @@ def test_denoise_refuses_a_scheduler_name():
         sampling.denoise(lambda x, t, text: x, "euler", jnp.zeros((1, 4, 4, 4)), jnp.zeros((1, 77, 32)))
 
 
+def test_denoise_takes_a_guidance_rule_of_your_own():
+    """``unet`` may be any function (x, t, text): classifier-free guidance written as one, with
+    ``uncond_BSD=None``, gives denoise's own guided latents."""
+    from sdjax import sampling
+    from sdjax.schedulers import make_scheduler
+    model = lambda x, t, text: 0.1 * x + 0.01 * t * text.mean(axis=(1, 2))[:, None, None, None]  # noqa: E731
+    text = jnp.asarray(np.random.default_rng(0).standard_normal((2, 77, 32)), jnp.float32)
+    cond, uncond = jnp.repeat(text[:1], 2, 0), jnp.repeat(text[1:], 2, 0)
+
+    def guided(x, t, c):
+        eps_uncond = model(x, t, uncond)
+        return eps_uncond + 7.5 * (model(x, t, c) - eps_uncond)
+    sched = make_scheduler("euler", {}, 3)
+    latents = jnp.asarray(latents_for(2)) * sched.init_noise_sigma
+    np.testing.assert_allclose(sampling.denoise(guided, sched, latents, cond, None),
+                               sampling.denoise(model, sched, latents, cond, uncond, 7.5), rtol=1e-5, atol=1e-3)
+
+
 def test_image_keys_checks_concrete_seeds():
     """Seeds past 2**32 - 1 or below 0 would wrap onto other seeds' keys; a plain list works."""
     from sdjax.sampling import image_keys
