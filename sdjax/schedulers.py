@@ -211,8 +211,8 @@ def _check_config(config) -> None:
     """A config that is not a dict (the file's path, a diffusers scheduler) failed inside with an
     AttributeError about ``.get``."""
     if not isinstance(config, Mapping):
-        raise TypeError(f"config must be a scheduler config as a dict (json.loads of a pipeline's "
-                        f"scheduler/scheduler_config.json, or a diffusers scheduler's .config), got "
+        raise TypeError("config must be a scheduler config as a dict (json.loads of a pipeline's "
+                        "scheduler/scheduler_config.json, or a diffusers scheduler's .config), got "
                         + (repr(config) if isinstance(config, str) else type(config).__name__))
 
 
