@@ -386,6 +386,20 @@ def test_blocked_attention_blocks_for_cache_on_the_cpu_and_for_memory_elsewhere(
     assert [e.params["length"] for e in blocks] == ([query_blocks] if query_blocks > 1 else [])
 
 
+def test_blocked_attention_blocks_token_counts_that_do_not_halve_evenly(monkeypatch):
+    """600 x 800 px gives 7500 tokens at the first level: halving stopped at blocks of 1875 queries
+    (107 MiB of scores at batch 2); the block is the largest divisor of T that fits the 8 MiB, 125
+    (60 blocks). Shapes only (jax.make_jaxpr)."""
+    from sdjax.models import layers
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    q = jax.ShapeDtypeStruct((2, 7500, 8, 40), jnp.float32)
+    jaxpr = jax.make_jaxpr(lambda *a: layers.blocked_attention(*a))(q, q, q)
+    monkeypatch.undo()
+    [heads] = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan"]
+    [blocks] = [e for e in heads.params["jaxpr"].jaxpr.eqns if e.primitive.name == "scan"]
+    assert blocks.params["length"] == 60
+
+
 def test_unet_with_blocked_attention_matches_diffusers(tiny_checkpoints, monkeypatch):
     """The whole UNet with every attention through the blocked kernel still equals diffusers."""
     from sdjax.models import layers
