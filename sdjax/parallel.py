@@ -33,7 +33,8 @@ def env_says_multi_process(env=os.environ) -> bool:
             or "TPU_WORKER_ID" in env
             # srun sets SLURM_STEP_NODELIST; a batch script's own shell (one process) does not.
             or (count("SLURM_NTASKS") > 1 and "SLURM_STEP_NODELIST" in env)
-            or count("OMPI_COMM_WORLD_SIZE") > 1)
+            or count("OMPI_COMM_WORLD_SIZE") > 1
+            or count("PMI_SIZE") > 1)   # MPICH's and Intel MPI's mpirun
 
 
 def initialize_distributed(**kwargs) -> None:
@@ -59,9 +60,21 @@ def initialize_distributed(**kwargs) -> None:
     try:
         jax.distributed.initialize(**kwargs)
     except ValueError as e:  # JAX's own says which setting is missing, not where to give it
-        raise ValueError(f"cannot start the multi-process run ({e}); the launcher did not describe it: set "
-                         "JAX_COORDINATOR_ADDRESS=HOST:PORT, JAX_NUM_PROCESSES and JAX_PROCESS_ID on every "
-                         "process, or launch with srun, mpirun or on a TPU VM") from e
+        raise ValueError(f"cannot start the multi-process run ({e}); {_what_to_set()}") from e
+
+
+def _what_to_set(env=os.environ) -> str:
+    """How to describe the run to JAX, where it found no coordinator: no launcher it knows, or an
+    MPI whose processes it does not find (it reads Open MPI 4's ``OMPI_MCA_orte_hnp_uri``, which
+    Open MPI 5 and MPICH do not set)."""
+    variables = "JAX_COORDINATOR_ADDRESS=HOST:PORT, JAX_NUM_PROCESSES and JAX_PROCESS_ID on every process"
+    launchers = "or launch with srun, Open MPI 4's mpirun or on a TPU VM"
+    for size, rank, mpi in (("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "Open MPI 5's mpirun"),
+                            ("PMI_SIZE", "PMI_RANK", "this mpirun (MPICH, Intel MPI)")):
+        if size in env and "OMPI_MCA_orte_hnp_uri" not in env:
+            return (f"JAX {jax.__version__} does not find the processes of {mpi} (it finds Open MPI 4's): set "
+                    f"{variables} (the last two from ${size} and ${rank}), {launchers}")
+    return f"the launcher did not describe it: set {variables}, {launchers}"
 
 
 def data_size(mesh: Mesh) -> int:

@@ -704,6 +704,7 @@ def test_token_ids_past_the_text_encoders_vocabulary_are_an_error(pipe, monkeypa
     ({"SLURM_NTASKS": "1", "SLURM_STEP_NODELIST": "n1"}, False),                    # srun -n 1
     ({"SLURM_NTASKS": "4", "SLURM_STEP_NODELIST": "n[1-2]"}, True),                 # srun -n 4
     ({"OMPI_COMM_WORLD_SIZE": "1"}, False), ({"OMPI_COMM_WORLD_SIZE": "2"}, True),  # mpirun -n 1 / 2
+    ({"PMI_SIZE": "1"}, False), ({"PMI_SIZE": "2"}, True),                          # MPICH's mpirun -n 1 / 2
     ({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}, True), ({"TPU_WORKER_ID": "0"}, True),
 ])
 def test_launcher_environments(env, multi):
@@ -759,6 +760,38 @@ def test_hand_launch_reads_the_process_count_and_id(monkeypatch):
     monkeypatch.setenv("JAX_PROCESS_ID", "one")
     with pytest.raises(ValueError, match="JAX_PROCESS_ID='one' is not an integer"):
         parallel.initialize_distributed()
+
+
+@pytest.mark.parametrize("env,named", [
+    ({"OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "1"}, "Open MPI 5's mpirun"),
+    ({"PMI_SIZE": "2", "PMI_RANK": "1"}, "this mpirun (MPICH, Intel MPI)"),
+    ({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}, None),
+])
+def test_an_mpirun_jax_does_not_detect_is_named(monkeypatch, env, named):
+    """JAX finds the processes of Open MPI 4's mpirun only (OMPI_MCA_orte_hnp_uri): under Open MPI 5's
+    or MPICH's, the error says so and where the process count and id are, not "launch with mpirun"."""
+    def fails(**kwargs):
+        raise ValueError("coordinator_address should be defined.")
+    for key in ("OMPI_COMM_WORLD_SIZE", "OMPI_MCA_orte_hnp_uri", "PMI_SIZE", "JAX_COORDINATOR_ADDRESS",
+                "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(jax.distributed, "initialize", fails)
+    with pytest.raises(ValueError) as error:
+        parallel.initialize_distributed()
+    message = str(error.value)
+    assert "set JAX_COORDINATOR_ADDRESS=HOST:PORT, JAX_NUM_PROCESSES and JAX_PROCESS_ID" in message
+    if named is None:
+        assert "the launcher did not describe it" in message
+    else:
+        size, rank = env
+        assert f"does not find the processes of {named}" in message and f"${size} and ${rank}" in message
+    if "OMPI_COMM_WORLD_SIZE" in env:   # Open MPI 4's: JAX's own error stands (not an undetected launcher)
+        monkeypatch.setenv("OMPI_MCA_orte_hnp_uri", "1531576320.0;tcp://10.0.0.1:34911")
+        with pytest.raises(ValueError, match="the launcher did not describe it"):
+            parallel.initialize_distributed()
 
 
 def test_hand_launch_without_the_process_count_is_one_line(tmp_path):
