@@ -30,7 +30,9 @@ def env_says_multi_process(env=os.environ) -> bool:
         except ValueError:
             return 1
     return ("JAX_COORDINATOR_ADDRESS" in env
-            or "TPU_WORKER_ID" in env
+            # A TPU pod slice on GKE lists its hosts (what JAX's TPU cluster reads); TPU_WORKER_ID alone
+            # is also set on one-host TPU VMs (GKE's, Kaggle's), where JAX finds no coordinator.
+            or len(env.get("TPU_PROCESS_ADDRESSES", env.get("TPU_WORKER_HOSTNAMES", "")).split(",")) > 1
             # srun sets SLURM_STEP_NODELIST; a batch script's own shell (one process) does not.
             or (count("SLURM_NTASKS") > 1 and "SLURM_STEP_NODELIST" in env)
             or count("OMPI_COMM_WORLD_SIZE") > 1

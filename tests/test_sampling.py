@@ -705,7 +705,10 @@ def test_token_ids_past_the_text_encoders_vocabulary_are_an_error(pipe, monkeypa
     ({"SLURM_NTASKS": "4", "SLURM_STEP_NODELIST": "n[1-2]"}, True),                 # srun -n 4
     ({"OMPI_COMM_WORLD_SIZE": "1"}, False), ({"OMPI_COMM_WORLD_SIZE": "2"}, True),  # mpirun -n 1 / 2
     ({"PMI_SIZE": "1"}, False), ({"PMI_SIZE": "2"}, True),                          # MPICH's mpirun -n 1 / 2
-    ({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}, True), ({"TPU_WORKER_ID": "0"}, True),
+    ({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}, True),
+    ({"TPU_WORKER_ID": "0"}, False), ({"TPU_WORKER_ID": "0", "TPU_WORKER_HOSTNAMES": "localhost"}, False),  # one host
+    ({"TPU_WORKER_ID": "1", "TPU_WORKER_HOSTNAMES": "t-0,t-1"}, True),              # a GKE TPU pod slice
+    ({"TPU_WORKER_ID": "1", "TPU_PROCESS_ADDRESSES": "t-0:8476,t-1:8476"}, True),
 ])
 def test_launcher_environments(env, multi):
     assert parallel.env_says_multi_process(env) is multi
