@@ -246,7 +246,7 @@ def umask() -> int:
     return mask
 
 
-def _naming(error: Exception, path: Path) -> Exception:
+def error_naming(error: Exception, path: Path) -> Exception:
     """A write's error as one that names the file: a full disk is ``OSError(28, 'No space left on
     device')`` from Python's writes, and a ``SafetensorError`` carrying "(os error 28)" from the
     safetensors writer; both become an OSError naming ``path``. Other errors stay as they are."""
@@ -278,7 +278,7 @@ def atomic_write_all(files: list[tuple[str | os.PathLike, Callable[[Path], None]
             try:
                 write(done[-1][0])
             except Exception as e:
-                raise _naming(e, path) from e
+                raise error_naming(e, path) from e
             os.chmod(done[-1][0], 0o666 & ~umask())
         for tmp, path in done:
             os.replace(tmp, path)

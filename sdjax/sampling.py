@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from sdjax.models.layers import check_nhwc
-from sdjax.schedulers import Scheduler
+from sdjax.schedulers import Scheduler, alpha_prediction_to_x0_and_eps, image_key_count
 
 F32 = jnp.float32
 
@@ -40,20 +40,11 @@ def initial_noise(keys_B, latent_shape_HWC) -> jax.Array:
     """Unscaled N(0, 1) latents [B, h, w, C], each image's from its own key, so an image does not
     depend on the batch it is generated in. ``keys_B``: typed keys [B] (`image_keys` makes them
     from seeds) or raw uint32 keys [B, 2]."""
-    if _batch_of_keys(keys_B) is None:
+    if image_key_count(keys_B) is None:
         raise ValueError(f"initial_noise takes one PRNG key per image (typed [B] or raw uint32 [B, 2]), got "
                          f"{_described(keys_B)}: "
                          "for seeds, initial_noise(image_keys(seeds), ...)")
     return jax.vmap(lambda k: jax.random.normal(k, latent_shape_HWC, F32))(keys_B)
-
-
-def _batch_of_keys(keys) -> int | None:
-    """How many keys ``keys`` holds as one key per image (typed [B], or raw uint32 [B, 2]); None if
-    it is not such an array (seeds, one key, a list)."""
-    dtype, shape = getattr(keys, "dtype", None), tuple(getattr(keys, "shape", ()))
-    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
-        return shape[0] if len(shape) == 1 else None
-    return shape[0] if dtype == jnp.uint32 and len(shape) == 2 and shape[1] == 2 else None
 
 
 def _described(keys) -> str:
@@ -102,13 +93,9 @@ def predicted_clean(scheduler: Scheduler, model_input, model_output, i) -> jax.A
     ``model_input`` is the variance-preserving sample x_t the UNet saw (schedulers that keep
     sigma-scaled latents scale them down in ``scale_model_input``).
     """
-    alpha_bar = scheduler.alpha_bar(i)
-    a, s = jnp.sqrt(alpha_bar), jnp.sqrt(1.0 - alpha_bar)
-    if scheduler.prediction_type == "v_prediction":
-        return a * model_input - s * model_output
-    if scheduler.prediction_type == "sample":
-        return model_output
-    return (model_input - s * model_output) / a
+    x0, _ = alpha_prediction_to_x0_and_eps(scheduler.prediction_type, model_output, model_input,
+                                           scheduler.alpha_bar(i))
+    return x0
 
 
 def guided_model_output(unet, model_input_B, t, cond_BSD, uncond_BSD, guidance_scale) -> jax.Array:
@@ -224,7 +211,7 @@ def _check_keys(scheduler: Scheduler, keys_B, B: int) -> None:
             raise ValueError(f"the {scheduler.name} scheduler is stochastic: denoise needs keys_B, one key per image "
                              "(the pipeline's: step_keys(image_keys(seeds)))")
         return
-    if _batch_of_keys(keys_B) == B:
+    if image_key_count(keys_B) == B:
         return
     raise ValueError(f"keys_B is {_described(keys_B)}; expected one key per image of the {B}: typed keys [{B}] or "
                      f"raw uint32 keys [{B}, 2] (from seeds: step_keys(image_keys(seeds)); from one key: "

@@ -389,11 +389,14 @@ def _expand_to(coefficient, ndim: int):
     return coefficient.reshape(coefficient.shape + (1,) * (ndim - coefficient.ndim))
 
 
-def _is_per_image_keys(key) -> bool:
-    key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
-    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
-        return key.ndim == 1
-    return key.ndim == 2  # raw uint32 keys: [2] is one key, [B, 2] is one per image
+def image_key_count(keys) -> int | None:
+    """How many keys ``keys`` holds as one PRNG key per image (typed [B], or raw uint32 [B, 2]); None
+    for anything else (one key for the whole batch, seeds, a list). The one test of it for the step
+    noise, the VAE's draws and the sampler."""
+    dtype, shape = getattr(keys, "dtype", None), tuple(getattr(keys, "shape", ()))
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        return shape[0] if len(shape) == 1 else None
+    return shape[0] if dtype == jnp.uint32 and len(shape) == 2 and shape[1] == 2 else None
 
 
 def step_noise(key, step_index, like) -> jax.Array:
@@ -407,7 +410,7 @@ def step_noise(key, step_index, like) -> jax.Array:
     """
     if key is None:
         raise ValueError("this scheduler is stochastic: step() needs a PRNG key")
-    if _is_per_image_keys(key):
+    if image_key_count(key) is not None:
         if key.shape[0] != like.shape[0]:
             raise ValueError(f"got {key.shape[0]} per-image keys for a batch of {like.shape[0]}")
         return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, step_index), like.shape[1:], _F32))(key)
@@ -627,7 +630,7 @@ def _sqrt_nonnegative(x):
     return jnp.sqrt(jnp.maximum(x, 0.0))
 
 
-def _alpha_prediction_to_x0_and_eps(prediction_type, model_output, sample, alpha_bar):
+def alpha_prediction_to_x0_and_eps(prediction_type, model_output, sample, alpha_bar):
     """(x0, eps) from the model output of an alpha-parameterised (DDPM/DDIM) scheduler."""
     sqrt_alpha, sqrt_one_minus_alpha = alpha_bar**0.5, (1 - alpha_bar) ** 0.5
     if prediction_type == "epsilon":
@@ -744,7 +747,7 @@ class DDIMScheduler(Scheduler):
         alpha_bar = _at(self.alphas_cumprod, _at(self.alpha_timestep, i))
         alpha_bar_prev = jnp.where(prev_t >= 0, _at(self.alphas_cumprod, jnp.maximum(prev_t, 0)),
                                    self.final_alpha_cumprod)
-        x0, eps = _alpha_prediction_to_x0_and_eps(self.prediction_type, model_output, sample, alpha_bar)
+        x0, eps = alpha_prediction_to_x0_and_eps(self.prediction_type, model_output, sample, alpha_bar)
         if self.clip_sample_range is not None:
             x0 = jnp.clip(x0, -self.clip_sample_range, self.clip_sample_range)
         # DDIM eq. (16): sigma_t^2 = eta^2 * (1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev).
@@ -955,7 +958,7 @@ class DDPMScheduler(Scheduler):
         current_alpha = alpha_bar / alpha_bar_prev
         current_beta = 1 - current_alpha
 
-        x0, _ = _alpha_prediction_to_x0_and_eps(self.prediction_type, model_output, sample, alpha_bar)
+        x0, _ = alpha_prediction_to_x0_and_eps(self.prediction_type, model_output, sample, alpha_bar)
         if self.clip_sample_range is not None:
             x0 = jnp.clip(x0, -self.clip_sample_range, self.clip_sample_range)
         # Posterior mean of q(x_prev | x_t, x0), DDPM eq. (7).

@@ -767,6 +767,35 @@ def test_resume_truncates_a_metrics_log_with_a_torn_last_line(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_a_full_disk_under_the_metrics_log_is_an_error_naming_its_file(tmp_path, monkeypatch):
+    """Python's OSError 28 from a write names no file; the metrics log's and TensorBoard's writes
+    raise one that does."""
+    import errno
+    import tensorboardX.record_writer
+    from sdjax.training.monitor import MetricsLog
+    log = MetricsLog(tmp_path)
+    real_open = Path.open
+
+    def full_disk_open(self, mode="r", *args, **kwargs):
+        f = real_open(self, mode, *args, **kwargs)
+        if self.name == "metrics.jsonl" and "a" in mode:
+            f.write = lambda text: (_ for _ in ()).throw(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+        return f
+    monkeypatch.setattr(Path, "open", full_disk_open)
+    with pytest.raises(OSError, match=re.escape(f"No space left on device (writing {tmp_path / 'metrics.jsonl'})")):
+        log.record(1, {"loss": 0.5})
+    monkeypatch.undo()
+
+    def full_disk_flush(self):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(tensorboardX.record_writer.RecordWriter, "flush", full_disk_flush)
+    with pytest.raises(OSError, match=r"No space left on device \(writing .*events\.out\.tfevents") as info:
+        log.writer.flush()
+    assert info.value.errno == errno.ENOSPC
+    monkeypatch.undo()
+    log.close()
+
+
 def test_spike_check_after_a_resume_remembers_the_losses_before_it(tmp_path):
     """A resumed run reports a spike at its first step, as the run without the stop would have."""
     from sdjax.training.monitor import MetricsLog

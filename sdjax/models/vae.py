@@ -10,7 +10,7 @@ from flax import nnx
 
 from sdjax.models.layers import (Pretrained, Attention, Downsample2D, ResnetBlock2D, Upsample2D, check_config_flags,
                                  check_config_floats, check_config_ints, check_nhwc, conv, group_norm)
-from sdjax.schedulers import _is_per_image_keys
+from sdjax.schedulers import image_key_count
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +70,7 @@ class DiagonalGaussian(NamedTuple):
         ``key``: one PRNG key for the whole batch, or one per image (shape [B] for typed keys, [B, 2]
         for raw uint32 keys, e.g. ``sampling.image_keys(seeds)``), so that an image's draw does not
         depend on the batch it is encoded in."""
-        if _is_per_image_keys(key):
+        if image_key_count(key) is not None:
             if key.shape[0] != self.mean.shape[0]:
                 raise ValueError(f"got {key.shape[0]} per-image keys for a batch of {self.mean.shape[0]}")
             noise = jax.vmap(lambda k: jax.random.normal(k, self.mean.shape[1:], self.mean.dtype))(key)

@@ -7,7 +7,7 @@ import time
 from collections import deque
 from pathlib import Path
 
-from sdjax.images import atomic_write
+from sdjax.images import atomic_write, error_naming
 
 
 def _json_line(row: dict) -> str:
@@ -77,7 +77,7 @@ class MetricsLog:
                 with self.path.open("a") as f:
                     f.write(_json_line(row))
             except OSError as e:   # a full disk: Python's message names no file
-                raise _naming(e, self.path) from e
+                raise error_naming(e, self.path) from e
             for k, v in row.items():
                 if k != "step" and math.isfinite(v):
                     self.writer.add_scalar(f"train/{k}", v, step)
@@ -120,13 +120,6 @@ class MetricsLog:
 _FLUSH_SECONDS = 120   # how often TensorBoard's file is written out during a run (tensorboardX's default)
 
 
-def _naming(error: OSError, path: Path) -> OSError:
-    """``error`` (a full disk: "[Errno 28] No space left on device") as one naming ``path``."""
-    named = OSError(f"writing {path} failed: {error.strerror or error}")
-    named.errno = error.errno
-    return named
-
-
 class _EventFile:
     """A TensorBoard event file written in the caller's thread, with tensorboardX's record format.
     Its SummaryWriter writes from a thread of its own: on a full disk that thread died with a
@@ -149,7 +142,7 @@ class _EventFile:
         try:
             self.events.write_event(event)
         except OSError as e:
-            raise _naming(e, self.path) from e
+            raise error_naming(e, self.path) from e
 
     def add_scalar(self, tag: str, value: float, step: int) -> None:
         from tensorboardX.proto.event_pb2 import Event
@@ -163,7 +156,7 @@ class _EventFile:
         try:
             self.events.flush()
         except OSError as e:
-            raise _naming(e, self.path) from e
+            raise error_naming(e, self.path) from e
         self.flushed = time.monotonic()
 
     def close(self) -> None:
