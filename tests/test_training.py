@@ -1427,6 +1427,19 @@ def test_resume_from_moved_data_says_to_pass_its_new_place(full_run):
         Trainer.create(cfg)
 
 
+def test_a_resume_past_the_data_names_the_record_its_settings_came_from(full_run, tmp_path):
+    """A resume on other devices records the accumulation it needed; a later plain --resume takes it
+    from train_config.json: the too-large global batch names that file, before the model loads."""
+    out = tmp_path / "run"
+    shutil.copytree(full_run["out"], out)
+    record = json.loads((out / "train_config.json").read_text())
+    (out / "train_config.json").write_text(json.dumps({**record, "gradient_accumulation": 64}))
+    rc, _, stderr = run_train_py(["--output-dir", out, "--resume"])
+    assert rc == 2 and (f"fewer than one global batch of {64 * jax.device_count()} (--batch-size 1 x "
+                        f"{jax.device_count()} devices x --gradient-accumulation 64, the ones not given as flags from "
+                        f"{out / 'train_config.json'}): lower them") in stderr, stderr[-2000:]
+
+
 def test_resume_step_falls_back_to_an_earlier_checkpoint(full_run, tmp_path):
     """--resume-step 2 on a run with checkpoints 2 and 3: it resumes at step 2 (weights, data position,
     metrics and samples), and checkpoint 3 is moved aside, not deleted (to 3-2 where an earlier

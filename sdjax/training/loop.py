@@ -687,10 +687,12 @@ class Trainer:
         _check_processes_loaded_the_same_data(dataset, error, cfg.train_data)
         global_batch = cfg.batch_size * cfg.gradient_accumulation * parallel.data_size(mesh)
         if len(dataset) < global_batch:   # before the model is loaded: an epoch would have no step
+            # (a resume's settings not given as flags are the record's, perhaps from an earlier resume)
+            recorded_note = f", the ones not given as flags from {out / 'train_config.json'}" if resume_from else ""
             raise UsageError(f"{cfg.train_data}: {count(len(dataset), 'usable example')}, fewer than one global batch "
                              f"of {global_batch} (--batch-size {cfg.batch_size} x {parallel.data_size(mesh)} devices x "
-                             f"--gradient-accumulation {cfg.gradient_accumulation}): lower them, use fewer devices "
-                             "(e.g. CUDA_VISIBLE_DEVICES=0), or add examples")
+                             f"--gradient-accumulation {cfg.gradient_accumulation}{recorded_note}): lower them, use "
+                             "fewer devices (e.g. CUDA_VISIBLE_DEVICES=0), or add examples")
         per_process = cfg.batch_size * cfg.gradient_accumulation * len(mesh.local_devices)
         data = BatchIterator(dataset, resolution=cfg.resolution, batch_size_per_process=per_process,
                              process_index=jax.process_index(), process_count=jax.process_count(), seed=cfg.seed,
