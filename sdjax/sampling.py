@@ -158,7 +158,7 @@ def denoise(unet, scheduler: Scheduler, latents_BHWC, cond_BSD, uncond_BSD=None,
     if isinstance(scheduler, str):
         raise TypeError(f"denoise takes a Scheduler, not its name {scheduler!r}: "
                         "sdjax.schedulers.make_scheduler(name, scheduler_config, num_inference_steps)")
-    # ``unet``: a UNet2DConditionModel, or any function (x, t, text) -> prediction, which has no config
+    # (a function has no config: the latents' own channels)
     channels = getattr(getattr(unet, "config", None), "in_channels", None)
     check_nhwc("latents_BHWC", latents_BHWC, latents_BHWC.shape[-1] if channels is None else channels)
     if isinstance(start, jax.core.Tracer) or not isinstance(start, numbers.Integral):
