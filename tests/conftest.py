@@ -53,6 +53,21 @@ def run_two_processes(worker: str, tmp_path: Path, *args, timeout: float) -> lis
     return texts
 
 
+def skip_unless_flax_needs_hiprimitive() -> None:
+    """Skip a test that plays a machine whose flax cannot be imported under its jax by deleting
+    ``jax.experimental.hijax.HiPrimitive`` (flax <= 0.12.9 subclasses it at import; jax 0.11.2 deleted
+    it, google/flax#5596), where that cannot be played: under jax 0.11.2 there is no class to delete,
+    and flax 0.12.10 and later no longer use it (their import still works without it)."""
+    import re
+    from importlib.metadata import version
+
+    import jax.experimental.hijax as hijax
+    flax_version = tuple(int(n) for n in re.findall(r"\d+", version("flax"))[:3])
+    if not hasattr(hijax, "HiPrimitive") or flax_version >= (0, 12, 10):
+        pytest.skip(f"flax {version('flax')} under jax {version('jax')} cannot play it (that needs flax <= 0.12.9 "
+                    "and a jax before 0.11.2)")
+
+
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", default=False,
                      help="also run the slow tests (marked slow)")

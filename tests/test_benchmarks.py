@@ -14,6 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import gpu_session as G  # noqa: E402
+from conftest import skip_unless_flax_needs_hiprimitive  # noqa: E402
 
 
 def test_wheels_to_install_takes_only_what_is_missing(tmp_path):
@@ -102,6 +103,7 @@ def test_an_unknown_stage_name_stops_before_any_work(tmp_path):
 
 def test_the_session_asks_a_child_whether_sdjax_imports(tmp_path, monkeypatch):
     """As on a machine whose flax was not made for its jax (flax 0.12.9 under jax 0.11.2)."""
+    skip_unless_flax_needs_hiprimitive()
     assert "sdjax_import_error" not in G.env_of_children()
     (tmp_path / "sitecustomize.py").write_text("import jax.experimental.hijax as h\ndel h.HiPrimitive\n")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
@@ -242,6 +244,7 @@ def test_a_sample_batch_out_of_memory_does_not_end_the_others(tmp_path, monkeypa
 
 def test_the_random_folder_is_built_by_diffusers_where_sdjax_does_not_import(tmp_path, monkeypatch):
     """Else the PyTorch stages that the session keeps for such a machine would have no folder."""
+    skip_unless_flax_needs_hiprimitive()
     fake = tmp_path / "site"
     fake.mkdir()
     (fake / "sitecustomize.py").write_text("import jax.experimental.hijax as h\ndel h.HiPrimitive\n")
