@@ -31,8 +31,8 @@ into ``$OUT/session-<plan>.log`` for the whole log.
 ``--wheels DIR``: install the wheels carried in DIR (benchmarks/README.md says how to fetch them)
 whose package is missing on the machine or fails pyproject.toml's requirement, into a folder put
 first on every stage's PYTHONPATH; the others are left alone and named. Then a child imports sdjax
-as the stages will; where it cannot (flax 0.12.9 or older under jax 0.11.2, for one), the sdjax
-stages are skipped with that error as their status and the PyTorch stages keep the time (their
+as the stages will and samples from a tiny random pipeline on the CPU; where it cannot (flax 0.12.9 or
+older under jax 0.11.2, for one), the sdjax stages are skipped with that error as their status and the PyTorch stages keep the time (their
 random folder then built by diffusers: `common.ensure_pipeline`).
 """
 from __future__ import annotations
@@ -255,9 +255,9 @@ def main(argv=None) -> None:
     if args.wheels:
         session["wheels"] = install_wheels(Path(args.wheels))
     session["env"] = env_of_children()
-    sdjax_error = session["env"].get("sdjax_import_error")
+    sdjax_error = session["env"].get("sdjax_error")
     if sdjax_error:  # e.g. the machine's flax was not made for its jax: diffusers' stages still run
-        C.log(f"sdjax does not import here, so its stages are skipped: {sdjax_error}")
+        C.log(f"sdjax does not work here, so its stages are skipped: {sdjax_error}")
     print(f"# gpu_session {args.plan}{' (DRY RUN)' if args.dry_run else ''}: budget {args.budget:.0f} s; "
           f"{session['machine']['nvidia_smi'] or 'no nvidia-smi'}\nversions: {json.dumps(session['env']['versions'])}",
           flush=True)
@@ -275,7 +275,7 @@ def main(argv=None) -> None:
             stage = covering(stage, next(s for s in stages if s.name == stage.covers), session)
         left = deadline - time.monotonic()
         if sdjax_error and stage.uses_sdjax:
-            session["stages"][stage.name] = {"status": f"skipped: sdjax does not import here ({sdjax_error})"}
+            session["stages"][stage.name] = {"status": f"skipped: sdjax does not work here ({sdjax_error})"}
             continue
         if left < stage.needs_s:
             session["stages"][stage.name] = {"status": f"skipped: {left:.0f} s left, needs ~{stage.needs_s:.0f} s"}
@@ -295,21 +295,32 @@ def main(argv=None) -> None:
 
 
 def env_of_children() -> dict:
-    """Versions as the stages see them (after --wheels changed PYTHONPATH), and whether sdjax imports
-    there (``sdjax_import_error``): asked of a child, before any stage spends device time on it."""
+    """Versions as the stages see them (after --wheels changed PYTHONPATH), and whether sdjax works
+    there (``sdjax_error``): asked of a child, before any stage spends device time on it. The child
+    imports sdjax, then builds, loads and samples from a tiny random pipeline on the CPU (~5-10 s),
+    so that a jax / flax pairing that imports but behaves otherwise (NNX's merge, its Rngs) stops
+    here and not in every stage."""
     code = textwrap.dedent(f"""
-        import json, sys
+        import json, sys, tempfile
+        from pathlib import Path
         sys.path.insert(0, {str(HERE)!r})
         import common as C
         info = C.env_info(('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'torch', 'diffusers',
                            'transformers', 'numpy', 'tensorboardX'))
+        step = 'import sdjax'
         try:
             import sdjax
+            step = 'a tiny random pipeline built, loaded and sampled from on the CPU'
+            with tempfile.TemporaryDirectory() as d:
+                C.build_random_pipeline(Path(d) / 'tiny', 'tiny')
+                pipe = sdjax.StableDiffusion.from_pretrained(str(Path(d) / 'tiny'))
+                pipe('a cat', num_inference_steps=2, height=32, width=32)
         except Exception as e:
-            info['sdjax_import_error'] = f'{{type(e).__name__}}: {{e}}'
+            info['sdjax_error'] = f'{{step}}: {{type(e).__name__}}: {{e}}'
         print(json.dumps(info))
     """)
-    proc = subprocess.run([sys.executable, "-c", code], env=C.child_env(), capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", code], env=C.child_env(JAX_PLATFORMS="cpu"), capture_output=True,
+                          text=True)
     try:
         return json.loads(proc.stdout.strip().splitlines()[-1])
     except (IndexError, json.JSONDecodeError):

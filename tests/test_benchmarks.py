@@ -104,17 +104,29 @@ def test_an_unknown_stage_name_stops_before_any_work(tmp_path):
 def test_the_session_asks_a_child_whether_sdjax_imports(tmp_path, monkeypatch):
     """As on a machine whose flax was not made for its jax (flax 0.12.9 under jax 0.11.2)."""
     skip_unless_flax_needs_hiprimitive()
-    assert "sdjax_import_error" not in G.env_of_children()
     (tmp_path / "sitecustomize.py").write_text("import jax.experimental.hijax as h\ndel h.HiPrimitive\n")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
     env = G.env_of_children()
     assert env["versions"]["flax"] == version("flax")
-    assert env["sdjax_import_error"].startswith("ImportError: sdjax needs flax.nnx, but flax")
+    assert env["sdjax_error"].startswith("import sdjax: ImportError: sdjax needs flax.nnx, but flax")
+
+
+def test_the_session_asks_a_child_whether_sdjax_samples(tmp_path, monkeypatch):
+    """sdjax imports, but a flax that behaves otherwise (here: nnx.merge refuses what sdjax passes)
+    breaks loading or sampling: the child's tiny pipeline finds it before any stage runs."""
+    assert "sdjax_error" not in G.env_of_children()
+    (tmp_path / "sitecustomize.py").write_text(
+        "from flax import nnx\n"
+        "def merge(*args, **kwargs):\n    raise TypeError('merge takes other arguments in this flax')\n"
+        "nnx.merge = merge\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    assert G.env_of_children()["sdjax_error"] == ("a tiny random pipeline built, loaded and sampled from on the CPU: "
+                                                  "TypeError: merge takes other arguments in this flax")
 
 
 def test_without_sdjax_only_the_pytorch_stages_run(tmp_path, monkeypatch):
     error = "ImportError: sdjax needs flax.nnx, but ..."
-    monkeypatch.setattr(G, "env_of_children", lambda: {**G.C.env_info(), "sdjax_import_error": error})
+    monkeypatch.setattr(G, "env_of_children", lambda: {**G.C.env_info(), "sdjax_error": error})
     monkeypatch.setattr(G, "prepare", lambda *a: {})
     ran = []
     monkeypatch.setattr(G, "run_stage", lambda stage, seconds, out: ran.append(stage.name) or ("ok", 0.0))
@@ -124,7 +136,7 @@ def test_without_sdjax_only_the_pytorch_stages_run(tmp_path, monkeypatch):
         stages = json.loads(out.read_text())["stages"]
         assert {n for n, st in stages.items() if st["status"] == "ok"} == {
             s.name for s in G.plan(plan, False, None, str(tmp_path)) if not s.uses_sdjax}
-        assert all(st["status"] == f"skipped: sdjax does not import here ({error})"
+        assert all(st["status"] == f"skipped: sdjax does not work here ({error})"
                    for st in stages.values() if st["status"] != "ok")
     assert ran == ["sample-diffusers", "train-torch-remat-off-b8", "train-torch-remat-on-b16"]
 
