@@ -32,8 +32,8 @@ into ``$OUT/session-<plan>.log`` for the whole log.
 whose package is missing on the machine or fails pyproject.toml's requirement, into a folder put
 first on every stage's PYTHONPATH; the others are left alone and named. Then a child imports sdjax
 as the stages will and samples from a tiny random pipeline on the CPU; where it cannot (flax 0.12.9 or
-older under jax 0.11.2, for one), the sdjax stages are skipped with that error as their status and the PyTorch stages keep the time (their
-random folder then built by diffusers: `common.ensure_pipeline`).
+older under jax 0.11.2, for one), the sdjax stages are skipped with that error as their status and the
+PyTorch stages keep the time (their random folder then built by diffusers: `common.ensure_pipeline`).
 """
 from __future__ import annotations
 
