@@ -2260,6 +2260,17 @@ def test_a_checkpoint_whose_ema_held_the_unet_alone_still_restores(tmp_path):
     checkpoints.close()
 
 
+def test_the_checkpoint_module_imports_where_orbax_moved_its_private_asyncio_helpers():
+    """sdjax patches a function of Orbax's private asyncio_utils (a save cut short, cleaned up); an
+    Orbax that moved that module must cost only that clean-up, not train.py's import."""
+    code = ("import sys, orbax.checkpoint, orbax.checkpoint._src as src; del src.asyncio_utils; "
+            "sys.modules['orbax.checkpoint._src.asyncio_utils'] = None; "
+            "import sdjax.training.checkpoint as c, sdjax.training; print(c._orbax_asyncio)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert done.returncode == 0 and done.stdout.split() == ["None"], done.stderr[-2000:]
+
+
 def test_a_ctrl_c_during_a_save_logs_no_orbax_traceback(caplog):
     """Orbax logs ERROR with a traceback when a KeyboardInterrupt passes through its wait for a
     save; train.py's one line says where the run stopped, so that record is dropped. Other errors

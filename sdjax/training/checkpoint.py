@@ -16,7 +16,10 @@ from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
-from orbax.checkpoint._src import asyncio_utils as _orbax_asyncio
+try:   # a private module (its place in Orbax 0.12.8): a later Orbax that moves it loses only the clean-up below
+    from orbax.checkpoint._src import asyncio_utils as _orbax_asyncio
+except ImportError:
+    _orbax_asyncio = None
 
 
 class _NoSaveFailureTracebacks(logging.Filter):
@@ -137,7 +140,7 @@ def _run_sync_draining(coro):
         loop.close()
 
 
-if hasattr(_orbax_asyncio, "_run_sync_via_new_loop"):   # (its name in Orbax 0.12.8)
+if hasattr(_orbax_asyncio, "_run_sync_via_new_loop"):   # (its name in Orbax 0.12.8; not there: left alone)
     _orbax_asyncio._run_sync_via_new_loop = _run_sync_draining
 
 
