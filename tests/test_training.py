@@ -930,6 +930,9 @@ class _NoCheckpoints:
     def wait(self):
         pass
 
+    def close(self):
+        pass
+
 
 def fake_trainer(out, step_fn, monkeypatch, *, batches=None, save=lambda: None, **settings) -> Trainer:
     """A Trainer around ``step_fn`` (state, frozen, batch) -> (state, metrics) and no model: for
@@ -941,6 +944,20 @@ def fake_trainer(out, step_fn, monkeypatch, *, batches=None, save=lambda: None, 
     monkeypatch.setattr(trainer, "next_batch", batches or (lambda: {}))
     monkeypatch.setattr(trainer, "save_checkpoint", save)
     return trainer
+
+
+def test_a_closed_trainer_refuses_to_train_or_save_with_an_error_saying_so(tmp_path, monkeypatch):
+    """After close (here at the end of a with block) run and save_checkpoint raise a RuntimeError naming
+    the close and how to train on, not an AttributeError from the closed metrics log."""
+    def step_fn(state, frozen, batch):
+        return dataclasses.replace(state, step=state.step + 1), {"loss": 0.5, "grad_norm": 1.0, "lr": 1e-5}
+    with fake_trainer(tmp_path, step_fn, monkeypatch, max_steps=2) as trainer:
+        trainer.run(progress=False)
+    trainer.cfg.max_steps = 4
+    for action in (trainer.run, lambda: Trainer.save_checkpoint(trainer)):
+        with pytest.raises(RuntimeError, match=r"this Trainer is closed.*TrainConfig\.from_run\("):
+            action()
+    assert trainer.state.step == 2 and len(metrics(tmp_path)) == 2
 
 
 class _OnDevice(float):

@@ -606,6 +606,7 @@ class Trainer:
     # another; example i's start at caption_starts[i] (int64 [N]). None from for_export.
     caption_ids: np.ndarray | None = None
     caption_starts: np.ndarray | None = None
+    closed: bool = dataclasses.field(default=False, init=False, repr=False)   # set by `close`
 
     @classmethod
     def create(cls, cfg: TrainConfig, *, mesh=None, resume_step: int | None = None) -> "Trainer":
@@ -842,7 +843,17 @@ class Trainer:
         return {k: parallel.shard_process_batch(a.reshape(accum, a.shape[0] // accum, *a.shape[1:]), self.mesh, axis=1)
                 for k, a in host.items()}
 
+    def _check_open(self, action: str) -> None:
+        if self.closed:
+            raise RuntimeError(f"cannot {action}: this Trainer is closed (its checkpoint manager and metrics log are "
+                               "released); to train on from its last checkpoint, build another: Trainer.create("
+                               f"TrainConfig.from_run({str(self.out)!r}, max_steps=...))")
+
     def save_checkpoint(self) -> None:
+        """Start saving the state and the data position as checkpoint ``state.step`` in the background
+        (`close`, or the next save, waits for it). Raises RuntimeError for a step not above the newest
+        checkpoint (Orbax would skip it), and after `close`."""
+        self._check_open("save a checkpoint")
         self.checkpoints.save(int(self.state.step), self.state, self.data.state())
 
     def run(self, *, progress: bool = True, stop: StopRequest | None = None) -> S.TrainState:
@@ -854,6 +865,7 @@ class Trainer:
         ``stop``: once requested, the run saves a checkpoint of the step in flight and raises
         `Stopped`. On several processes a SIGTERM to any of them (JAX's preemption service) does
         the same, every process at the same step."""
+        self._check_open("run")
         cfg, main = self.cfg, jax.process_index() == 0
         preempted = _preemption_sync_point()
         start = int(self.state.step)
@@ -1060,13 +1072,22 @@ class Trainer:
 
     def close(self) -> None:
         """Wait for the checkpoint being written, then close Orbax's manager, the metrics log and the
-        data loader's threads."""
+        data loader's threads. The trainer still samples and exports afterwards; `run` and
+        `save_checkpoint` raise RuntimeError. Also at the end of a ``with Trainer.create(cfg) as
+        trainer:`` block."""
+        self.closed = True
         with contextlib.ExitStack() as closing:   # all three, also after a failed save's error (a full disk)
             if self.data is not None:
                 closing.callback(self.data.close)
             if self.log is not None:
                 closing.callback(self.log.close)
             self.checkpoints.close()
+
+    def __enter__(self) -> "Trainer":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
 
 def train(cfg: TrainConfig, *, progress: bool = True, stop: StopRequest | None = None,
