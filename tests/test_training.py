@@ -886,7 +886,8 @@ def test_fresh_run_in_a_folder_with_checkpoints_is_refused(tmp_path):
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     cfg = TrainConfig(model=str(tmp_path / "model"), train_data=str(tmp_path / "data"), output_dir=str(out))
     with pytest.raises(UsageError, match=re.escape(f"{out / 'checkpoints'} has checkpoints up to step 3: pass "
-                                                   "--resume to continue that run, or choose another --output-dir")):
+                                                   f"--resume to continue that run (from Python, TrainConfig.from_run("
+                                                   f"{str(out)!r}, ...)), or choose another --output-dir")):
         Trainer.create(cfg)
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "metrics.jsonl", "train_config.json"]

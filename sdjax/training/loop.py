@@ -644,7 +644,8 @@ class Trainer:
                 f"{', '.join(map(str, existing)) or 'none'})"))
         if existing and not cfg.resume:
             raise UsageError(f"{out / 'checkpoints'} has checkpoints up to step {existing[-1]}: pass --resume to "
-                             "continue that run, or choose another --output-dir")
+                             f"continue that run (from Python, TrainConfig.from_run({str(out)!r}, ...)), or choose "
+                             "another --output-dir")
         export = [p.name for p in (out / "final", cls.single_file_path(out / "final"))   # (an empty final/: a mount)
                   if p.is_file() or (p.is_dir() and any(p.iterdir()))]
         if export and not existing:   # its checkpoints deleted to free the disk: the export is what is left of it
