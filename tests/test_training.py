@@ -51,7 +51,7 @@ from sdjax.training.checkpoint import Checkpointer, checkpoint_steps
 from sdjax.training.cli import CONFIG_DIR, load_train_config, parse_args
 from sdjax.training.data import DataError, write_captioned_folder
 from sdjax.images import umask
-from sdjax.training.loop import TrainConfig, Trainer, TrainingDiverged, _record
+from sdjax.training.loop import TrainConfig, Trainer, TrainingDiverged, _record, recorded_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = 16           # pixels; the micro VAE downsamples by 2 -> 8x8 latents
@@ -428,6 +428,9 @@ def test_from_run_takes_the_recorded_settings_and_a_bare_resume_says_so(tmp_path
     assert (cfg.learning_rate, cfg.ema_decay, cfg.max_steps) == (5e-5, 0.999, 200)
     with pytest.raises(ValueError, match=re.escape(f"build the config with TrainConfig.from_run({str(out)!r}")):
         Trainer.create(TrainConfig(output_dir=str(out), resume=True))
+    with pytest.raises(ValueError, match=re.escape(f"use TrainConfig(**recorded_settings({str(out)!r}), ")):
+        TrainConfig.from_run(out, resume=False)   # (was ignored: it trained on in out)
+    assert TrainConfig(**recorded_settings(out), output_dir=str(tmp_path / "new")).train_data == "/data/cats"
     with pytest.raises(UsageError, match=re.escape(f"{tmp_path} has no train_config.json")):
         TrainConfig.from_run(tmp_path)
     (out / "train_config.json").write_text(json.dumps({**recorded, "learning_rat": 1}))

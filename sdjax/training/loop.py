@@ -243,8 +243,13 @@ class TrainConfig:
 
             train(TrainConfig.from_run("finetune", max_steps=2000))
 
-        Raises UsageError when the folder holds no recorded run."""
+        Raises UsageError when the folder holds no recorded run, and ValueError for ``resume=False``
+        (a new run with its settings: ``TrainConfig(**recorded_settings(DIR), output_dir=NEW)``)."""
         output_dir = os.path.expanduser(os.fspath(output_dir))
+        if overrides.get("resume", True) is not True:
+            raise ValueError(f"TrainConfig.from_run({output_dir!r}) continues that run, in its folder: for a new run "
+                             "with its settings, use TrainConfig(**recorded_settings(" + repr(output_dir)
+                             + "), output_dir=...) (sdjax.training.loop.recorded_settings)")
         recorded = recorded_settings(output_dir)
         if recorded is None:
             raise UsageError(f"{output_dir} has no {RUN_CONFIG_FILE} (the settings a run was started with): "
