@@ -96,6 +96,9 @@ def test_subfolders_and_jpeg(tmp_path):
     ds = load_captioned_images(root)
     assert ds.names == ["000000.jpg", "sub/g.png", "./sub/../sub/g.png"]
     assert np.abs(np.asarray(ds.get_image(0)).astype(int) - BLUE).max() < 8
+    with pytest.raises(ValueError, match="image_format='webp': use 'png' or 'jpeg'"):   # was a KeyError
+        write_captioned_folder(tmp_path / "webp", [(_solid(BLUE), "blue")], image_format="webp")
+    assert not (tmp_path / "webp").exists()
 
 
 # ------------------------------------------------------------------------------ preprocessing

@@ -638,10 +638,13 @@ def write_captioned_folder(path: str | os.PathLike,
     Returns:
       the folder, as a Path.
     """
+    extensions = {"png": "png", "jpeg": "jpg", "jpg": "jpg"}
+    if image_format.lower() not in extensions:   # before the folder is made
+        raise ValueError(f"image_format={image_format!r}: use 'png' or 'jpeg'")
+    extension = extensions[image_format.lower()]
     root = Path(path)
     images_dir = root / IMAGES_DIRNAME
     images_dir.mkdir(parents=True, exist_ok=True)
-    extension = {"png": "png", "jpeg": "jpg", "jpg": "jpg"}[image_format.lower()]
     with open(root / CAPTIONS_FILENAME, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(CSV_HEADER)
