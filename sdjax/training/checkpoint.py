@@ -268,6 +268,7 @@ class Checkpointer:
             raise _as_os_error(e, self.directory) from e
 
     def close(self) -> None:
+        """`wait` for the background save (raising its error), then close Orbax's manager."""
         try:
             self.wait()
         finally:

@@ -280,6 +280,7 @@ class StopRequest:
 
     @property
     def requested(self) -> bool:
+        """Whether `request` was called."""
         return self._requested.is_set()
 
     def interrupt(self) -> None:
@@ -290,6 +291,7 @@ class StopRequest:
 
     @property
     def interrupted(self) -> bool:
+        """Whether `interrupt` was called."""
         return self._interrupted.is_set()
 
 

@@ -112,6 +112,7 @@ class MetricsLog:
         return path
 
     def close(self) -> None:
+        """Flush and close the TensorBoard file (metrics.jsonl is opened per row)."""
         if self.writer is not None:
             writer, self.writer = self.writer, None
             writer.close()

@@ -35,6 +35,7 @@ class StepConfig:
 
 
 class TrainState(NamedTuple):
+    """What a training run updates and a checkpoint holds (`init_state` makes step 0)."""
     step: jax.Array       # int32: optimizer updates done
     params: dict          # {"unet": ..., ["text_encoder": ...]} fp32 pure dicts
     opt_state: Any
@@ -52,6 +53,7 @@ class Frozen(NamedTuple):
 
 
 class Graphdefs(NamedTuple):
+    """The models' NNX graphdefs, built with the compute dtype, that `loss_fn` merges the weights into."""
     unet: Any
     text_encoder: Any
     vae: Any
