@@ -1636,6 +1636,12 @@ def test_a_failed_export_leaves_the_earlier_folder_and_single_file(full_run, tmp
         assert after.keys() == before.keys() and after[single] != before[single]
         assert after[final / "unet" / "diffusion_pytorch_model.safetensors"] != \
             before[final / "unet" / "diffusion_pytorch_model.safetensors"]
+        (tmp_path / "mine").mkdir()   # a folder of other files is not replaced (it was, files and all)
+        (tmp_path / "mine" / "notes.txt").write_text("mine")
+        with pytest.raises(FileExistsError, match="holds files and no model_index.json"):
+            trainer.export(tmp_path / "mine")
+        assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+        assert not (tmp_path / "mine.safetensors").exists()
     finally:
         trainer.close()
 

@@ -1041,12 +1041,17 @@ class Trainer:
         """A complete pipeline folder with the trained weights (EMA when kept), loadable by
         sdjax and by diffusers' PyTorch StableDiffusionPipeline; with ``export_single_file``, also
         ``<directory>.safetensors`` beside it, the single file AUTOMATIC1111 and ComfyUI load
-        (without, an earlier export's single file there is removed). Returns the folder (None on
-        processes other than 0, which write nothing)."""
+        (without, an earlier export's single file there is removed). The folder is replaced whole: a
+        ``directory`` given that holds something other than a pipeline (no ``model_index.json``) is
+        refused with FileExistsError. Returns the folder (None on processes other than 0, which
+        write nothing)."""
         pipe = self.sampling_pipeline()
-        directory = Path(directory or self.out / "final")
+        given, directory = directory is not None, Path(directory or self.out / "final")
         if jax.process_index() != 0:
             return None
+        if given and directory.is_dir() and any(directory.iterdir()) and not (directory / "model_index.json").exists():
+            raise FileExistsError(f"{directory} holds files and no model_index.json: an export replaces its folder "
+                                  "with everything in it; export to a new or empty folder, or over an earlier export")
         single_file = self.single_file_path(directory)
         prediction_type = pipe.scheduler_config.get("prediction_type", "epsilon")
         if self.cfg.export_single_file and prediction_type != "epsilon":
