@@ -265,7 +265,8 @@ class StopRequest:
     """A graceful stop asked for from outside the training loop (train.py's SIGTERM handler, a
     preempted VM): `Trainer.run` finishes the step in flight, saves a checkpoint of it and raises
     `Stopped`. On several processes JAX's preemption service plays this part (every process stops
-    at the same step), see `Trainer.run`."""
+    at the same step), see `Trainer.run`. A request is not cleared: give each run a new StopRequest
+    (one already requested stops the next run after its first step)."""
 
     def __init__(self):
         self._requested = threading.Event()
@@ -1105,7 +1106,8 @@ class Trainer:
 
 def train(cfg: TrainConfig, *, progress: bool = True, stop: StopRequest | None = None,
           resume_step: int | None = None) -> Path:
-    """Run a whole fine-tune: train, write samples, export ``final/``. Returns the export folder.
+    """Run a whole fine-tune: train, export ``final/``, write samples. Returns the export folder (None
+    on processes other than 0).
     ``stop``: see `Trainer.run` (a requested stop raises `Stopped` after a checkpoint);
     ``resume_step``: see `Trainer.create`."""
     trainer = Trainer.create(cfg, resume_step=resume_step)
