@@ -147,7 +147,7 @@ def _as_flag(name: str, value: Any) -> str:
     return " ".join([flag, *(shlex.quote(str(v)) for v in (value if isinstance(value, list) else [value]))])
 
 
-def load_train_config(path: Path) -> dict[str, Any]:
+def load_train_config(path: str | Path) -> dict[str, Any]:
     """A train.py preset (YAML) as TrainConfig fields, each converted to its type; an unknown key or
     a bad value is a UsageError naming the file and the key."""
     known = {f.name for f in dataclasses.fields(TrainConfig)}
