@@ -1100,8 +1100,9 @@ class Trainer:
     def __enter__(self) -> "Trainer":
         return self
 
-    def __exit__(self, *exc_info) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        with _after(exc):   # as in `train`: a full disk met again while closing keeps the first error
+            self.close()
 
 
 def train(cfg: TrainConfig, *, progress: bool = True, stop: StopRequest | None = None,
