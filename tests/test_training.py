@@ -450,6 +450,12 @@ def test_settings_checked_before_a_run(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=re.escape("validation_seeds=[] must hold at least one seed "
                                                    "(--validation-seeds)")):
         TrainConfig(train_data="data", validation_seeds=[]).validate()
+    # NumPy numbers (a sweep's) are Python's, which train_config.json records (it failed once the model had loaded)
+    cfg = TrainConfig(train_data="data", max_steps=np.int64(7), learning_rate=np.float32(0.5),
+                      validation_seeds=list(np.arange(2)), ema_decay=np.float64(0.9))
+    cfg.validate()
+    assert json.loads(json.dumps(_record(cfg)))["max_steps"] == 7 and type(cfg.learning_rate) is float
+    assert cfg.validation_seeds == [0, 1] and type(cfg.validation_seeds[0]) is int
     monkeypatch.setenv("HOME", str(tmp_path))
     assert TrainConfig(output_dir="~/run").output_dir == str(tmp_path / "run")
     assert TrainConfig(tfds_data_dir="~/tfds").tfds_data_dir == str(tmp_path / "tfds")

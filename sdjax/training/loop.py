@@ -125,6 +125,12 @@ class TrainConfig:
     spike_factor: float = 3.0
 
     def __post_init__(self):
+        for field in dataclasses.fields(self):   # NumPy numbers (a sweep's np.arange) as Python's, which JSON records
+            value = getattr(self, field.name)
+            if isinstance(value, np.generic):
+                setattr(self, field.name, value.item())
+            elif isinstance(value, (list, tuple)) and any(isinstance(v, np.generic) for v in value):
+                setattr(self, field.name, [v.item() if isinstance(v, np.generic) else v for v in value])
         for name in ("model", "model_config", "vae", "train_data"):   # a Path is a path's text
             if isinstance(getattr(self, name), os.PathLike):
                 setattr(self, name, os.fspath(getattr(self, name)))
