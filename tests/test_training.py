@@ -1648,6 +1648,10 @@ def test_a_failed_export_leaves_the_earlier_folder_and_single_file(full_run, tmp
             trainer.export(tmp_path / "mine")
         assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
         assert not (tmp_path / "mine.safetensors").exists()
+        trainer.state = trainer.state._replace(ema=jax.tree.map(lambda x: x * np.nan, trainer.state.ema))
+        with pytest.raises(ValueError, match="not finite .*not exported"):   # (a caught TrainingDiverged's state)
+            trainer.export(final)
+        assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.parent.name != "mine"} == after
     finally:
         trainer.close()
 

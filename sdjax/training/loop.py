@@ -1050,8 +1050,13 @@ class Trainer:
         ``<directory>.safetensors`` beside it, the single file AUTOMATIC1111 and ComfyUI load
         (without, an earlier export's single file there is removed). The folder is replaced whole: a
         ``directory`` given that holds something other than a pipeline (no ``model_index.json``) is
-        refused with FileExistsError. Returns the folder (None on processes other than 0, which
-        write nothing)."""
+        refused with FileExistsError, and weights that are not finite (the state after a
+        `TrainingDiverged`: export a checkpoint from before it, `for_export`) with ValueError. Returns
+        the folder (None on processes other than 0, which write nothing)."""
+        trained = self.trained_params()
+        if not _finite(trained):
+            raise ValueError(f"the trained weights at step {int(self.state.step)} are not finite (a diverged run): "
+                             "not exported; export a checkpoint from before it (Trainer.for_export, --export-step)")
         pipe = self.sampling_pipeline()
         given, directory = directory is not None, Path(directory or self.out / "final")
         if jax.process_index() != 0:
@@ -1130,6 +1135,12 @@ def train(cfg: TrainConfig, *, progress: bool = True, stop: StopRequest | None =
     finally:
         with _after(failure):
             trainer.close()
+
+
+@jax.jit
+def _finite(tree) -> jax.Array:
+    """Whether every value of ``tree`` is finite (one compiled reduction, whatever the arrays' placement)."""
+    return jnp.all(jnp.stack([jnp.isfinite(a).all() for a in jax.tree.leaves(tree)]))
 
 
 def _after(failure: BaseException | None):
