@@ -393,7 +393,8 @@ def test_caption_files_beside_the_images(tmp_path):
         f"{run}: a training run's folder (train_config.json), left out of the data"]
     # a train_config.json that is not a run's record (another tool's) leaves its folder in the data
     (run / "train_config.json").write_text('{"epochs": 10}', encoding="utf-8")
-    with pytest.raises(DataError, match="no caption file"):
+    with pytest.raises(DataError, match="no caption file"), \
+            pytest.warns(UserWarning, match="left out: .*run/checkpoints/2/commit_success.txt"):
         load_captioned_images(root)
     (run / "train_config.json").write_text('{"train_data": "..", "max_steps": 4, "output_dir": "run"}',
                                            encoding="utf-8")
@@ -493,7 +494,8 @@ def test_several_captions_per_image(tmp_path):
         '{"file_name": "c.png", "text": ["", " "]}\n', encoding="utf-8")
     with pytest.raises(DataError, match=r"(?s)1 bad row of 3.*row 3 \(line 3\) 'c.png': empty caption"):
         load_captioned_images(root)
-    ds = load_captioned_images(root, skip_bad_rows=True)
+    with pytest.warns(UserWarning, match=r"skipped 1 bad row of 3:\n  row 3 \(line 3\) 'c.png': empty caption"):
+        ds = load_captioned_images(root, skip_bad_rows=True)
     assert ds.caption_sets == [("red", "a red square"), ("green",)]
     assert ds.captions == ["red", "green"] and ds.num_captions == 3
     assert "3 captions" in repr(ds)
@@ -831,7 +833,8 @@ def test_tfds_decoded_arrays_bad_rows_and_keys(monkeypatch):
         load_captioned_images("tfds:tiny_caps")
     assert [(b.row, b.name) for b in info.value.bad_rows] == [(1, "train[1]"), (2, "train[2]")]
     assert "empty caption" in str(info.value) and "shape (5,)" in str(info.value)
-    ds = load_captioned_images("tfds:tiny_caps", skip_bad_rows=True)
+    with pytest.warns(UserWarning, match=r"TFDS 'tiny_caps' split 'train': skipped 2 bad rows of 5:"):
+        ds = load_captioned_images("tfds:tiny_caps", skip_bad_rows=True)
     assert ds.captions == ["colour 0, ok", "colour 3, ok", "gray16"]
     assert ds.get_image(2).getpixel((0, 0)) == (8, 8, 8)  # 2000 / 257
     with pytest.raises(DataError, match="no feature 'img'.*; name the features with --image-key / --caption-key"):

@@ -880,7 +880,8 @@ def test_flax_pipeline_folder_names_flax_classes(tiny_checkpoints, tmp_path):
 # ----------------------------------------------------------------------------- tokenizer
 def test_tokenizer_truncation_warns(tmp_path):
     tok = load_tokenizer(R.write_tiny_tokenizer(tmp_path), subfolder=None)
-    ids = tokenize(tok, ["the cat " * 10, "the cat " * 50])
+    with pytest.warns(UserWarning, match="is 102 tokens long"):
+        ids = tokenize(tok, ["the cat " * 10, "the cat " * 50])
     assert ids.shape == (2, 77) and ids.dtype == np.int32
     with pytest.warns(UserWarning, match=r"prompt 'the cat the cat .*\.\.\.' is 102 tokens long.*last 25 tokens were "
                       r"dropped: 'cat the"):
