@@ -8,7 +8,7 @@ import threading
 import warnings
 import weakref
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, TypeVar, cast
 
 import jax
 import jax.numpy as jnp
@@ -231,14 +231,17 @@ def _weak(x):
         return lambda: x
 
 
-def _one_call_at_a_time(method):
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def _one_call_at_a_time(method: _Method) -> _Method:
     """Calls from several threads take turns: they share the step bar's ticker and the weights'
     refresh, and the devices would run them in turn anyway."""
     @functools.wraps(method)
     def serialized(self, *args, **kwargs):
         with self._lock:
             return method(self, *args, **kwargs)
-    return serialized
+    return cast(_Method, serialized)   # the same signature, for type checkers
 
 
 def _decode(vae_graphdef, vae_state, latents_BHWC) -> jax.Array:
