@@ -8,7 +8,7 @@ import threading
 import warnings
 import weakref
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence, TypeVar, cast
+from typing import Any, Callable, Iterator, Protocol, Sequence, TypeVar, cast
 
 import jax
 import jax.numpy as jnp
@@ -37,8 +37,9 @@ def is_single_file(model: str | Path) -> bool:
     return is_url(model) or path.is_file() or (not path.is_dir() and path.suffix in SINGLE_FILE_SUFFIXES)
 
 
-def load_pipeline(model: str, *, model_config: str | None = None, dtype=jnp.float32, variant: str | None = None,
-                  vae: str | None = None, mesh=None, ema_weights: bool = False) -> "StableDiffusion":
+def load_pipeline(model: str | Path, *, model_config: str | Path | None = None, dtype=jnp.float32,
+                  variant: str | None = None, vae: str | Path | None = None, mesh=None,
+                  ema_weights: bool = False) -> "StableDiffusion":
     """A pipeline from a ``--model`` as sample.py and train.py take it: a single-file checkpoint
     (with the configs and tokenizer of ``model_config``; default: the pipeline folder ``X/`` beside
     ``X.safetensors`` when there is one, else SD v1.5's; ``ema_weights``: its UNet's EMA copy, see
@@ -108,7 +109,7 @@ def _part_configs(root: Path, vae) -> dict:
             if not (part == "vae" and vae is not None and not (root / part / "config.json").is_file())}
 
 
-def model_options_problem(model: str, model_config: str | None, variant: str | None,
+def model_options_problem(model: str | Path, model_config: str | Path | None, variant: str | None,
                           ema_weights: bool = False) -> str | None:
     """Why these ``--model`` options do not go together, or None."""
     if variant and is_single_file(model):
@@ -155,6 +156,12 @@ class StableDiffusionOutput:
         """The images as a list of PIL images."""
         from sdjax.images import as_pil
         return [as_pil(img) for img in self.images]
+
+
+class _Bar(Protocol):
+    """A progress bar of your own for ``progress=`` (a ``tqdm``, ...): advanced by ``update(n)``."""
+
+    def update(self, n: int, /) -> object: ...
 
 
 def _progress_bars(progress, total_steps: int):
@@ -402,9 +409,9 @@ class StableDiffusion:
 
     # ------------------------------------------------------------------ loading / saving
     @classmethod
-    def from_pretrained(cls, path_or_repo_id: str = DEFAULT_MODEL, *, revision: str | None = None,
+    def from_pretrained(cls, path_or_repo_id: str | Path = DEFAULT_MODEL, *, revision: str | None = None,
                         dtype=jnp.float32, format: str | None = None, variant: str | None = None,
-                        vae: AutoencoderKL | str | None = None, mesh=None) -> "StableDiffusion":
+                        vae: AutoencoderKL | str | Path | None = None, mesh=None) -> "StableDiffusion":
         """Load a diffusers pipeline folder or Hub repo in any layout (safetensors, Flax msgpack with
         ``revision="flax"``/``"bf16"`` on the Hub, or .bin), cast to ``dtype``. ``variant`` picks
         variant files such as ``diffusion_pytorch_model.fp16.safetensors`` (``variant="fp16"``); in
@@ -451,8 +458,8 @@ class StableDiffusion:
         return cls(**models, **replaced, **extras, mesh=mesh, name=str(path_or_repo_id))
 
     @classmethod
-    def from_single_file(cls, file, *, config: str = DEFAULT_MODEL, revision: str | None = None,
-                         dtype=jnp.float32, vae: AutoencoderKL | str | None = None,
+    def from_single_file(cls, file, *, config: str | Path = DEFAULT_MODEL, revision: str | None = None,
+                         dtype=jnp.float32, vae: AutoencoderKL | str | Path | None = None,
                          mesh=None, ema_weights: bool = False) -> "StableDiffusion":
         """Load a single-file checkpoint in the original Stable Diffusion layout (such as
         ``v1-5-pruned-emaonly.safetensors``, or a fine-tune saved by AUTOMATIC1111 / ComfyUI):
@@ -534,10 +541,12 @@ class StableDiffusion:
 
     @_one_call_at_a_time
     def __call__(self, prompts: str | Sequence[str], negative_prompts: str | Sequence[str] | None = None,
-                 seeds: int | Sequence[int] = 0, num_inference_steps: int = 50, guidance_scale: float = 7.5,
-                 height: int = 512, width: int = 512, scheduler: str = "pndm", latents: np.ndarray | None = None,
+                 seeds: int | Sequence[int] | np.ndarray | jax.Array = 0, num_inference_steps: int = 50,
+                 guidance_scale: float = 7.5, height: int = 512, width: int = 512, scheduler: str = "pndm",
+                 latents: np.ndarray | jax.Array | None = None,
                  *, batch_size: int | None = None, return_intermediates: int | Sequence[int] | None = None,
-                 scheduler_options: dict | None = None, progress=False) -> StableDiffusionOutput:
+                 scheduler_options: dict | None = None,
+                 progress: bool | str | _Bar = False) -> StableDiffusionOutput:
         """Generate one image per (prompt, seed) (all of them in memory at the end: `batches`
         hands them over one batch at a time instead).
 
@@ -571,10 +580,12 @@ class StableDiffusion:
                                      steps)
 
     def batches(self, prompts: str | Sequence[str], negative_prompts: str | Sequence[str] | None = None,
-                seeds: int | Sequence[int] = 0, num_inference_steps: int = 50, guidance_scale: float = 7.5,
-                height: int = 512, width: int = 512, scheduler: str = "pndm", latents: np.ndarray | None = None,
+                seeds: int | Sequence[int] | np.ndarray | jax.Array = 0, num_inference_steps: int = 50,
+                guidance_scale: float = 7.5, height: int = 512, width: int = 512, scheduler: str = "pndm",
+                latents: np.ndarray | jax.Array | None = None,
                 *, batch_size: int | None = None, return_intermediates: int | Sequence[int] | None = None,
-                scheduler_options: dict | None = None, progress=False) -> Iterator[StableDiffusionOutput]:
+                scheduler_options: dict | None = None,
+                progress: bool | str | _Bar = False) -> Iterator[StableDiffusionOutput]:
         """The images of ``pipe(...)`` (same arguments, same images), one `StableDiffusionOutput`
         per compiled call of ``batch_size`` images, in order, for many seeds: write each batch's
         files and let it go, instead of holding every image. The arguments are checked now (a
