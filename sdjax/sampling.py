@@ -8,12 +8,13 @@ with tokenization, batching and device sharding; research code can call them dir
 from __future__ import annotations
 
 import numbers
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.typing import ArrayLike
 
 from sdjax.models.layers import check_nhwc
 from sdjax.schedulers import Scheduler, alpha_prediction_to_x0_and_eps, image_key_count
@@ -133,8 +134,8 @@ def _per_image(guidance_scale, B: int, ndim: int) -> jax.Array:
     raise ValueError(f"guidance_scale has shape {tuple(g.shape)}; expected a number or one per image ([{B}])")
 
 
-def denoise(unet, scheduler: Scheduler, latents_BHWC, cond_BSD, uncond_BSD=None, guidance_scale=7.5,
-            keys_B=None, return_predictions: bool = False, on_step=None, *, start: int = 0):
+def denoise(unet, scheduler: Scheduler, latents_BHWC, cond_BSD, uncond_BSD=None, guidance_scale: ArrayLike = 7.5,
+            keys_B=None, return_predictions: bool = False, on_step=None, *, start: int = 0) -> Any:
     """Run the whole reverse process as one ``lax.scan`` over the scheduler's model calls.
 
     ``unet``: a `UNet2DConditionModel`, or any function ``(x_BHWC, t, text_BSD) -> prediction``
@@ -234,10 +235,11 @@ def decode_latents(vae, latents_BHWC) -> jax.Array:
 
 
 class SDState(NamedTuple):
-    """The three models' NNX states (the arrays); their graphdefs stay static."""
-    text_encoder: nnx.State
-    unet: nnx.State
-    vae: nnx.State
+    """One part per model: their states (the arrays, as `nnx.State` or ``nnx.to_pure_dict``'s nested
+    dicts: `StableDiffusion.state`) or their graphdefs, which stay static (`StableDiffusion.graphdefs`)."""
+    text_encoder: Any
+    unet: Any
+    vae: Any
 
 
 class GenerateOutput(NamedTuple):
