@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -138,7 +138,10 @@ def _is_key_array(array) -> bool:
     return isinstance(array, jax.Array) and jax.dtypes.issubdtype(array.dtype, jax.dtypes.prng_key)
 
 
-def pad_batch(array: np.ndarray, size: int) -> np.ndarray:
+_Batch = TypeVar("_Batch", np.ndarray, jax.Array)
+
+
+def pad_batch(array: _Batch, size: int) -> _Batch:
     """Pad axis 0 to ``size`` by repeating the last row (padded results are trimmed away). A numpy
     array stays one; a JAX array (typed PRNG keys too) stays a JAX array."""
     n = np.shape(array)[0] if np.ndim(array) else 0
@@ -162,7 +165,7 @@ def _check_batch_axis(shape: tuple, mesh: Mesh, axis: int) -> None:
 _wrap_key_data = jax.jit(jax.random.wrap_key_data, static_argnames="impl")   # compiled once per shape
 
 
-def shard_batch(host_array: np.ndarray, mesh: Mesh, axis: int = 0) -> jax.Array:
+def shard_batch(host_array: np.ndarray | jax.Array, mesh: Mesh, axis: int = 0) -> jax.Array:
     """A global array split over the data axis from the same host array on every process. The batch
     (``axis``) must divide over the mesh: pad it with ``pad_batch(a, padded_size(n, mesh))``. Typed
     PRNG keys (one per image, `sdjax.sampling.image_keys`) are split as their key data."""
