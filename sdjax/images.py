@@ -258,7 +258,7 @@ def error_naming(error: Exception, path: Path) -> Exception:
     return OSError(code, f"{os.strerror(code)} (writing {path})")
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
     """Call ``write(temp_path)`` for a temp file next to ``path``, then rename it into place, so a
     crash or an error never leaves a partial file under the final name. The file gets the usual
     permissions (0666 less the umask), whatever ``write`` created it with: safetensors creates
@@ -266,7 +266,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     return atomic_write_all([(path, write)])[0]
 
 
-def atomic_write_all(files: list[tuple[str | os.PathLike, Callable[[Path], None]]]) -> list[Path]:
+def atomic_write_all(files: Sequence[tuple[str | os.PathLike, Callable[[Path], object]]]) -> list[Path]:
     """`atomic_write` for files that belong together (a model's weights and its config.json): all
     are written to temp files first and renamed into place only when every write succeeded, so a
     failed write (a full disk) leaves the old set as it was, not new weights beside an old config."""
