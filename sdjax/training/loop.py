@@ -1117,7 +1117,7 @@ class Trainer:
 
 
 def train(cfg: TrainConfig, *, progress: bool = True, stop: StopRequest | None = None,
-          resume_step: int | None = None) -> Path:
+          resume_step: int | None = None) -> Path | None:
     """Run a whole fine-tune: train, export ``final/``, write samples. Returns the export folder (None
     on processes other than 0).
     ``stop``: see `Trainer.run` (a requested stop raises `Stopped` after a checkpoint);
