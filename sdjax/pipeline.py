@@ -362,13 +362,13 @@ class StableDiffusion:
             return self._state
 
     @_one_call_at_a_time
-    def set_params(self, *, unet: dict | None = None, text_encoder: dict | None = None,
-                   vae: dict | None = None, partial: bool = False) -> None:
+    def set_params(self, *, unet: dict | nnx.State | None = None, text_encoder: dict | nnx.State | None = None,
+                   vae: dict | nnx.State | None = None, partial: bool = False) -> None:
         """Replace model weights with new ones: nested dicts as ``nnx.to_pure_dict`` gives them
-        (e.g. a fine-tune's), each array cast to the pipeline's dtype, so the compiled sampler is
-        reused. Every key must be one of the model's, with its shape; each model's dict must
-        hold all of them unless ``partial=True``. Raises ValueError naming the key before
-        anything is replaced."""
+        (e.g. a fine-tune's; an ``nnx.State`` of them is taken too), each array cast to the
+        pipeline's dtype, so the compiled sampler is reused. Every key must be one of the model's,
+        with its shape; each model's dict must hold all of them unless ``partial=True``. Raises
+        ValueError naming the key before anything is replaced."""
         from flax.traverse_util import flatten_dict, unflatten_dict
 
         def key(path) -> str:
