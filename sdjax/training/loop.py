@@ -1044,7 +1044,7 @@ class Trainer:
         save_png(image_grid(out.images, columns=len(seeds)), path)
         return [path]
 
-    def export(self, directory: Path | None = None) -> Path | None:
+    def export(self, directory: str | os.PathLike | None = None) -> Path | None:
         """A complete pipeline folder with the trained weights (EMA when kept), loadable by
         sdjax and by diffusers' PyTorch StableDiffusionPipeline; with ``export_single_file``, also
         ``<directory>.safetensors`` beside it, the single file AUTOMATIC1111 and ComfyUI load
