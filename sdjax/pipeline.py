@@ -315,7 +315,7 @@ class StableDiffusion:
         # (7.8 ms for SD v1.5's on a 2-core CPU, ~1% of a GPU's 50-step image at batch 1).
         self._generate = jax.jit(
             functools.partial(sampling.generate, self._graphdefs),
-            static_argnames=("latent_shape_HWC", "use_guidance", "return_predictions", "on_step"))
+            static_argnames=("latent_shape_HWC", "use_guidance", "return_predictions", "on_step", "clip_skip"))
         self._ticker = _StepTicker()
         self._decode = jax.jit(functools.partial(_decode, self._graphdefs.vae))
 
@@ -546,7 +546,7 @@ class StableDiffusion:
                  latents: np.ndarray | jax.Array | None = None,
                  *, batch_size: int | None = None, return_intermediates: int | Sequence[int] | None = None,
                  scheduler_options: dict | None = None,
-                 progress: bool | str | _Bar = False) -> StableDiffusionOutput:
+                 progress: bool | str | _Bar = False, clip_skip: int = 1) -> StableDiffusionOutput:
         """Generate one image per (prompt, seed) (all of them in memory at the end: `batches`
         hands them over one batch at a time instead).
 
@@ -566,11 +566,15 @@ class StableDiffusion:
         a ``tqdm``), advanced once per UNet evaluation (PNDM: steps + 1). Step bars add one host
         callback per step to the compiled sampler (compiled once more, then reused); ``"batches"``
         and ``False`` add none.
+        ``clip_skip``: "Clip skip" as AUTOMATIC1111 numbers it (model cards' "Clip skip: 2"): 1 (default)
+        conditions on the text encoder's last layer, N on the N-th layer from the end (N-1 layers
+        skipped), through the final layer norm either way; diffusers' ``clip_skip=k`` is N = k + 1. An
+        integer in 1..num_hidden_layers; each value compiles its own program.
         """
         outputs = list(self.batches(
             prompts, negative_prompts, seeds, num_inference_steps, guidance_scale, height, width, scheduler,
             latents, batch_size=batch_size, return_intermediates=return_intermediates,
-            scheduler_options=scheduler_options, progress=progress))
+            scheduler_options=scheduler_options, progress=progress, clip_skip=clip_skip))
         steps = outputs[0].intermediate_steps
         return StableDiffusionOutput(np.concatenate([o.images for o in outputs]),
                                      [p for o in outputs for p in o.prompts],
@@ -585,7 +589,7 @@ class StableDiffusion:
                 latents: np.ndarray | jax.Array | None = None,
                 *, batch_size: int | None = None, return_intermediates: int | Sequence[int] | None = None,
                 scheduler_options: dict | None = None,
-                progress: bool | str | _Bar = False) -> Iterator[StableDiffusionOutput]:
+                progress: bool | str | _Bar = False, clip_skip: int = 1) -> Iterator[StableDiffusionOutput]:
         """The images of ``pipe(...)`` (same arguments, same images), one `StableDiffusionOutput`
         per compiled call of ``batch_size`` images, in order, for many seeds: write each batch's
         files and let it go, instead of holding every image. The arguments are checked now (a
@@ -633,6 +637,7 @@ class StableDiffusion:
             raise ValueError(f"batch_size={batch_size!r}: must be a whole number >= 1 (or None: 4 per device)")
         if scheduler not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
+        clip_skip = sampling.check_clip_skip(clip_skip, self.text_encoder.config.num_hidden_layers)
         sched = self.make_scheduler(scheduler, num_inference_steps, **(scheduler_options or {}))
         latent_shape = (height // self.vae_scale, width // self.vae_scale, self.unet.config.in_channels)
         if latents is not None:
@@ -654,10 +659,10 @@ class StableDiffusion:
                        parallel.padded_size(n, self.mesh))
         seeds = np.asarray(seeds, np.uint32)
         return self._batches(prompts, negatives, seeds, ids, neg_ids, latents, sched, latent_shape,
-                             guidance_scale, steps, per_call, progress)
+                             guidance_scale, steps, per_call, progress, clip_skip)
 
     def _batches(self, prompts, negatives, seeds, ids, neg_ids, latents, sched, latent_shape, guidance_scale,
-                 steps, per_call, progress) -> Iterator[StableDiffusionOutput]:
+                 steps, per_call, progress, clip_skip) -> Iterator[StableDiffusionOutput]:
         """`batches`' generator, on its checked arguments: dispatches batch k + 1 before fetching batch k."""
         with self._lock:
             state = self.state
@@ -676,7 +681,8 @@ class StableDiffusion:
                     state, sched, shard(ids), shard(neg_ids), shard(seeds),
                     None if latents is None else shard(latents), jnp.float32(guidance_scale),
                     latent_shape_HWC=latent_shape, use_guidance=guidance_scale > 1.0,
-                    return_predictions=bool(steps), on_step=None if step_bar is None else self._ticker)
+                    return_predictions=bool(steps), on_step=None if step_bar is None else self._ticker,
+                    clip_skip=clip_skip)
                 # Indexed one step at a time: iterating over an array spread over several
                 # processes is not allowed. Each [B, H, W, 3], decoded right behind the batch.
                 decoded = [self._decode(state.vae, out.predictions[s]) for s in steps]

@@ -78,14 +78,35 @@ def img2img_start(num_inference_steps: int, strength: float) -> int:
     return num_inference_steps - denoised
 
 
-def encode_prompts(text_encoder, token_ids_BT) -> jax.Array:
-    """Text states [B, 77, D] that the UNet attends to (``last_hidden_state``), from token ids
-    [B, 77] (`sdjax.text.tokenize` makes them from prompts)."""
+def check_clip_skip(clip_skip, num_hidden_layers: int) -> int:
+    """``clip_skip`` as a Python int, after checking it is a whole number in 1..``num_hidden_layers``
+    (the text encoder's layer count); a ValueError naming the value and the range otherwise."""
+    if (isinstance(clip_skip, (np.ndarray, jax.Array)) and clip_skip.ndim == 0
+            and not isinstance(clip_skip, jax.core.Tracer)):
+        clip_skip = clip_skip.item()   # a 0-d array of a number
+    if (isinstance(clip_skip, (bool, np.bool_)) or not isinstance(clip_skip, numbers.Integral)
+            or not 1 <= clip_skip <= num_hidden_layers):
+        raise ValueError(f"clip_skip={clip_skip!r}: must be an integer in 1..{num_hidden_layers} (this text "
+                         "encoder's layers; A1111's numbering: 1 = the last layer, 2 = the penultimate)")
+    return int(clip_skip)
+
+
+def encode_prompts(text_encoder, token_ids_BT, clip_skip: int = 1) -> jax.Array:
+    """Text states [B, 77, D] that the UNet attends to, from token ids [B, 77] (`sdjax.text.tokenize`
+    makes them from prompts): ``last_hidden_state``, or with ``clip_skip`` N > 1 ("Clip skip" as
+    AUTOMATIC1111 numbers it; diffusers' ``clip_skip=k`` is N = k + 1) the output of the N-th layer from
+    the end, ``hidden_states[-N]``, through the final layer norm as the web UIs and diffusers apply it.
+    ``clip_skip`` is static (a Python int in 1..num_hidden_layers); under ``jit`` the layers after
+    the one used are not computed."""
     if isinstance(token_ids_BT, str) or (isinstance(token_ids_BT, (list, tuple)) and token_ids_BT
                                          and isinstance(token_ids_BT[0], str)):
         raise TypeError("encode_prompts takes token ids, not text: tokenize the prompts first, "
                         "sdjax.text.tokenize(pipe.tokenizer, prompts)")
-    return text_encoder(token_ids_BT).last_hidden_state
+    clip_skip = check_clip_skip(clip_skip, text_encoder.config.num_hidden_layers)
+    if clip_skip == 1:
+        return text_encoder(token_ids_BT).last_hidden_state
+    hidden = text_encoder(token_ids_BT, output_hidden_states=True).hidden_states
+    return text_encoder.text_model.final_layer_norm(hidden[-clip_skip])
 
 
 def predicted_clean(scheduler: Scheduler, model_input, model_output, i) -> jax.Array:
@@ -249,19 +270,19 @@ class GenerateOutput(NamedTuple):
 
 def generate(graphdefs: SDState, state: SDState, scheduler: Scheduler, cond_ids_BT, uncond_ids_BT, seeds_B,
              latents_BHWC, guidance_scale, *, latent_shape_HWC, use_guidance: bool,
-             return_predictions: bool = False, on_step=None) -> GenerateOutput:
+             return_predictions: bool = False, on_step=None, clip_skip: int = 1) -> GenerateOutput:
     """Prompts to images in one traced function: the body `StableDiffusion` jit-compiles.
 
     ``latents_BHWC=None`` draws each image's initial noise from its seed; otherwise those unscaled
     N(0, 1) latents are used. Seeds also key the per-step noise of stochastic schedulers.
-    ``on_step``: see :func:`denoise`.
+    ``on_step``: see :func:`denoise`; ``clip_skip`` (static): see :func:`encode_prompts`.
     """
     text_encoder, unet, vae = (nnx.merge(g, s) for g, s in zip(graphdefs, state))
     keys = image_keys(seeds_B)
     if latents_BHWC is None:
         latents_BHWC = initial_noise(keys, latent_shape_HWC)
-    cond = encode_prompts(text_encoder, cond_ids_BT)
-    uncond = encode_prompts(text_encoder, uncond_ids_BT) if use_guidance else None
+    cond = encode_prompts(text_encoder, cond_ids_BT, clip_skip)
+    uncond = encode_prompts(text_encoder, uncond_ids_BT, clip_skip) if use_guidance else None
     out = denoise(unet, scheduler, latents_BHWC.astype(F32) * scheduler.init_noise_sigma, cond, uncond,
                   guidance_scale, step_keys(keys), return_predictions, on_step)
     latents, predictions = out if return_predictions else (out, None)

@@ -96,8 +96,8 @@ def denoising_trajectory(pipe, prompt: str, seed: int = 0, *, steps: int = 50, n
     Frames (float [H, W, 3] in [0, 1]): the seed's initial noise decoded, the model's prediction of
     the clean image at evenly spaced steps, and the final image — ``num_frames`` at most (fewer when
     there are fewer steps). Labels: ``"noise"``, ``"step 10 t=801"``, ..., ``"final"``. Other keyword
-    arguments (``guidance_scale``, ``height``, ``width``, ``scheduler_options``, ``latents``) go to
-    the pipeline call, so the final frame is exactly the image ``pipe(prompt, seeds=seed, ...)`` makes.
+    arguments (``guidance_scale``, ``height``, ``width``, ``scheduler_options``, ``latents``, ``clip_skip``) go
+    to the pipeline call, so the final frame is exactly the image ``pipe(prompt, seeds=seed, ...)`` makes.
     """
     sched = pipe.make_scheduler(scheduler, steps, **(kwargs.get("scheduler_options") or {}))
     picks = trajectory_steps(sched.num_model_calls, num_frames)

@@ -59,6 +59,38 @@ def test_clip_matches_transformers(tiny_checkpoints, layout):
         assert max_err(a, b) < TOL
 
 
+def test_clip_skip_states_are_transformers_hidden_states_through_the_final_layer_norm(tiny_checkpoints):
+    """encode_prompts(clip_skip=N) is transformers' hidden_states[-N] through final_layer_norm (A1111's
+    "Clip skip", diffusers' clip_skip=N-1); 1 is last_hidden_state; under jit the layers after the one
+    used are not computed; a value outside 1..num_hidden_layers is an error naming it and the range."""
+    from sdjax.sampling import encode_prompts
+    entry = tiny_checkpoints["clip"]
+    model = load(CLIPTextModel, entry, "safetensors")
+    ids = np.random.default_rng(1).integers(3, 1000, (2, 77))
+    ids[:, 0], ids[0, 9], ids[1, 40] = 0, 999, 999
+    torch_model = entry["torch"]
+    final_layer_norm = getattr(torch_model, "text_model", torch_model).final_layer_norm   # (transformers 5: flat)
+    with torch.no_grad():
+        ref = torch_model(torch.from_numpy(ids), output_hidden_states=True)
+        for n in (2, 3):   # 3: the tiny encoder's first layer, the deepest skip
+            want = final_layer_norm(ref.hidden_states[-n]).numpy()
+            got = run_jitted(f"clip_skip_{n}", model, lambda m, x, n=n: encode_prompts(m, x, clip_skip=n), ids)
+            assert max_err(got, want) < TOL, n
+            assert max_err(got, ref.last_hidden_state) > 1e-2, n   # another layer's states
+    default = run_jitted("clip_skip_default", model, encode_prompts, ids)
+    np.testing.assert_array_equal(run_jitted("clip_skip_1", model, lambda m, x: encode_prompts(m, x, clip_skip=1),
+                                             ids), default)
+    assert max_err(default, ref.last_hidden_state) < TOL
+    # only what is needed: the compiled program has the matmuls of the layers used, not those after
+    graphdef, state = nnx.split(model)
+    dots = [jax.jit(lambda s, x, n=n: encode_prompts(nnx.merge(graphdef, s), x, clip_skip=n)).lower(
+        state, ids).compile().as_text().count(" dot(") for n in (1, 2, 3)]
+    assert dots[0] > dots[1] > dots[2] > 0, dots   # measured 24, 16, 8 (8 a layer) on the CPU
+    for bad in (0, 4, -1, 2.0, True, "2"):
+        with pytest.raises(ValueError, match=re.escape(f"clip_skip={bad!r}: must be an integer in 1..3")):
+            encode_prompts(model, ids, clip_skip=bad)
+
+
 def test_clip_pooling_with_explicit_eos_id(tmp_path):
     """Newer CLIP configs name the real end token; pooling must pick its first occurrence."""
     cfg = dict(R.TINY_CLIP, eos_token_id=7)

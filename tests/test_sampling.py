@@ -92,6 +92,46 @@ def test_matches_diffusers_pipeline(pipe, reference_pipe, name, steps):
         assert np.abs(ours - ref).max() <= 2e-5, (name, steps, negatives)
 
 
+def test_clip_skip_two_matches_diffusers_clip_skip_one(pipe, reference_pipe, monkeypatch):
+    """clip_skip=2 (A1111's numbering: the penultimate layer) is diffusers' clip_skip=1, on the same
+    latents. diffusers applies its clip_skip to the prompt alone; sdjax, as A1111, to the negative
+    prompt too: diffusers is given the negative prompts' states from its own encode_prompt(clip_skip=1)."""
+    encoder = reference_pipe.text_encoder
+    if not hasattr(encoder, "text_model"):   # transformers 5's CLIPTextModel is flat; diffusers' clip_skip reads
+        import types                           # text_encoder.text_model.final_layer_norm
+        monkeypatch.setattr(encoder, "text_model", types.SimpleNamespace(final_layer_norm=encoder.final_layer_norm),
+                            raising=False)
+    reference_pipe.scheduler = diffusers_scheduler(reference_pipe, "ddim")
+    latents = latents_for(2, seed=4)
+    kw = dict(num_inference_steps=5, height=SIZE, width=SIZE)
+    ours = pipe(PROMPTS, negative_prompts=NEGATIVES, scheduler="ddim", latents=latents, clip_skip=2, **kw).images
+    with torch.no_grad():
+        negative_states, _ = reference_pipe.encode_prompt(NEGATIVES, "cpu", 1, False, clip_skip=1)
+    ref = reference_pipe(PROMPTS, negative_prompt_embeds=negative_states, clip_skip=1, output_type="np",
+                         latents=torch.from_numpy(latents.transpose(0, 3, 1, 2)), **kw).images
+    assert ours.shape == ref.shape == (2, SIZE, SIZE, 3) and ref.std() > 0.01
+    assert np.abs(ours - ref).max() <= 2e-5
+    default = pipe(PROMPTS, negative_prompts=NEGATIVES, scheduler="ddim", latents=latents, **kw).images
+    assert np.abs(default - ref).max() > 1e-2   # the skipped layer is what makes them agree
+
+
+def test_clip_skip_one_is_the_default_program_and_images(pipe):
+    """clip_skip=1 is today's sampler: the same compiled program as a call of generate without the
+    argument, and the same images, bit for bit; clip_skip=2 is a program of its own."""
+    kw = dict(seeds=[1, 2], num_inference_steps=STEPS, height=SIZE, width=SIZE, scheduler="ddim")
+    with generate_calls(pipe) as calls:
+        default = pipe("the cat", **kw).images
+        one = pipe("the cat", clip_skip=1, **kw).images
+    np.testing.assert_array_equal(one, default)
+    (args, kwargs), (args_one, kwargs_one) = calls
+    assert kwargs["clip_skip"] == kwargs_one["clip_skip"] == 1
+    without = {k: v for k, v in kwargs.items() if k != "clip_skip"}
+    assert pipe._generate.lower(*args, **without).as_text() == pipe._generate.lower(*args, **kwargs).as_text()
+    compiled = pipe._generate._cache_size()
+    pipe("the cat", clip_skip=np.int64(1), **kw)   # a numpy integer: the same static value
+    assert pipe._generate._cache_size() == compiled
+
+
 def test_outdated_scheduler_config_is_corrected_as_in_diffusers(tiny_pipeline_dir, tmp_path):
     """A DDIM config from an old training script (steps_offset 0, clip_sample true): diffusers'
     pipeline corrects both (offset 1, no clipping of the predicted x0), and so does sdjax, saying so."""
@@ -478,6 +518,11 @@ def test_bad_input(pipe, kwargs, message):
     (dict(return_intermediates=True), TypeError, "return_intermediates: a number of steps or a list of step"),
     (dict(return_intermediates=2.5), TypeError, r"return_intermediates=2.5: a number of steps or a list"),
     (dict(guidance_scale="high"), TypeError, "guidance_scale='high' is not a number"),
+    (dict(clip_skip=0), ValueError, r"clip_skip=0: must be an integer in 1\.\.3 \(this text encoder's layers"),
+    (dict(clip_skip=4), ValueError, r"clip_skip=4: must be an integer in 1\.\.3"),   # the tiny encoder has 3
+    (dict(clip_skip=2.0), ValueError, r"clip_skip=2\.0: must be an integer in 1\.\.3"),
+    (dict(clip_skip=True), ValueError, r"clip_skip=True: must be an integer in 1\.\.3"),
+    (dict(clip_skip="2"), ValueError, r"clip_skip='2': must be an integer in 1\.\.3"),
 ])
 def test_bad_input_types(pipe, kwargs, error, message):
     """Wrong types are errors that name the argument (before the model runs)."""
