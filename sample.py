@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a scheduler setting, repeatable: use_karras_sigmas=true (DPM++ 2M Karras, also euler and "
                         "lms), eta=1 (ddim), timestep_spacing=trailing, ... (any diffusers config key of the "
                         "scheduler; the value is read as YAML: true, 1.0, text)")
+    p.add_argument("--clip-skip", type=int, default=1, metavar="N",
+                   help="condition on the text encoder's N-th layer from the end, as A1111's Clip skip (model "
+                        "cards' \"Clip skip: 2\"): 1 (default) the last layer, 2 the penultimate; diffusers' "
+                        "clip_skip=k is N=k+1")
     p.add_argument("--height", type=int, default=512, help="pixels, a multiple of 8 (default 512)")
     p.add_argument("--width", type=int, default=512, help="pixels, a multiple of 8 (default 512)")
     p.add_argument("--dtype", default=None, help=f"{' / '.join(DTYPES)} (or {' / '.join(DTYPE_ALIASES)}); default "
@@ -106,7 +110,7 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
     options = {**getattr(args, "scheduler_options", {}), **parse_scheduler_options(args.scheduler_option)}
     req = SampleRequest(prompts=prompts, seeds=seeds, negative_prompt=args.negative_prompt, model=args.model,
                         model_config=args.model_config, vae=args.vae, ema_weights=args.ema_weights,
-                        scheduler_options=options,
+                        scheduler_options=options, clip_skip=args.clip_skip,
                         steps=args.steps, guidance_scale=args.guidance_scale, scheduler=args.scheduler,
                         height=args.height, width=args.width, dtype=DTYPE_ALIASES.get(args.dtype, args.dtype),
                         batch_size=args.batch_size, variant=args.variant,
@@ -210,6 +214,11 @@ def main(argv=None) -> int:
         options = ", ".join(f"{k}={v!r}" for k, v in req.scheduler_options.items())
         error = UsageError(f"--scheduler-option {options}: {e}", setting="scheduler_options", reason=str(e))
         return _fail(_from_the_preset(error, args.preset, args.preset_path, args, sys.argv[1:] if argv is None else argv))
+    from sdjax.cli_utils import clip_skip_problem
+    error = clip_skip_problem(req.clip_skip, pipe)   # past this model's text encoder layers
+    if error is not None:
+        given = sys.argv[1:] if argv is None else argv
+        return _fail(_from_the_preset(error, args.preset, args.preset_path, args, given))
     if main_process:
         print(f"loaded {req.model} ({dtype}) in {time.perf_counter() - t0:.1f} s; "
               f"{count(len(req.jobs), 'image')}: {count(len(req.prompts), 'prompt')} x {count(len(req.seeds), 'seed')}"

@@ -187,6 +187,7 @@ CONFIG_KEYS: dict[str, tuple[type | tuple, str]] = {
     "guidance_scale": ((int, float), "classifier-free guidance strength"),
     "scheduler": (str, f"one of {', '.join(SCHEDULERS)}"),
     "scheduler_options": (dict, "scheduler settings, e.g. {use_karras_sigmas: true}"),
+    "clip_skip": (int, "condition on the text encoder's N-th layer from the end (A1111's Clip skip; 1: the last)"),
     "height": (int, "image height in pixels (multiple of 8)"),
     "width": (int, "image width in pixels (multiple of 8)"),
     "dtype": (str, f"one of {', '.join(DTYPES)}"),
@@ -383,6 +384,7 @@ class SampleRequest:
     guidance_scale: float = 7.5
     scheduler: str = "pndm"
     scheduler_options: dict = dataclasses.field(default_factory=dict)   # e.g. {"use_karras_sigmas": True}
+    clip_skip: int = 1                # A1111's "Clip skip": 1 = the text encoder's last layer, 2 = the penultimate
     height: int = 512
     width: int = 512
     dtype: str | None = None          # None: bfloat16 on GPU/TPU, float32 on CPU
@@ -436,6 +438,10 @@ def validate_request(req: SampleRequest) -> None:
         raise _bad_setting("steps", req.steps, "must be an integer in 1..1000 (typical 20-100)")
     if not isinstance(req.guidance_scale, (int, float)) or not math.isfinite(req.guidance_scale):
         raise _bad_setting("guidance_scale", req.guidance_scale, "must be a finite number (typical 5-15)")
+    if isinstance(req.clip_skip, bool) or not isinstance(req.clip_skip, int) or req.clip_skip < 1:
+        # (the upper end, the text encoder's layer count, once the model is loaded: clip_skip_problem)
+        raise _bad_setting("clip_skip", req.clip_skip, "must be an integer >= 1 (1: the text encoder's last layer, "
+                           "2: the penultimate; typically 1 or 2)")
     if req.dtype is not None and req.dtype not in DTYPES:
         choose = f"choose one of {', '.join(DTYPES)} (or {', '.join(DTYPE_ALIASES)})"
         raise _bad_setting("dtype", req.dtype, choose, f"unknown dtype {req.dtype!r}: {choose}")
@@ -448,6 +454,15 @@ def validate_request(req: SampleRequest) -> None:
     problem = unwritable_folder(req.out)
     if problem:
         raise _bad_setting("out", req.out, problem)
+
+
+def clip_skip_problem(clip_skip: int, pipe) -> UsageError | None:
+    """``--clip-skip N`` past the loaded text encoder's layers, as a UsageError, or None."""
+    layers = pipe.text_encoder.config.num_hidden_layers
+    if clip_skip <= layers:
+        return None
+    return _bad_setting("clip_skip", clip_skip, f"must be an integer in 1..{layers} (this model's text encoder has "
+                        f"{layers} layers)")
 
 
 def unwritable_folder(folder: str | os.PathLike) -> str | None:
@@ -752,7 +767,7 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
                                    num_inference_steps=req.steps, guidance_scale=req.guidance_scale,
                                    height=req.height, width=req.width, scheduler=req.scheduler, batch_size=per_call,
                                    return_intermediates=picks, progress=step_bar,
-                                   scheduler_options=req.scheduler_options)
+                                   scheduler_options=req.scheduler_options, clip_skip=req.clip_skip)
             for batch, out in zip(bar, outputs, strict=True):
                 padded = batch + [batch[-1]] * (per_call - len(batch))   # one decoder program for every batch
                 noise = noise_images(pipe, [s for _, s in padded], req.height, req.width) if req.trajectory else None
@@ -765,7 +780,7 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
                     params = a1111_parameters(prompt, negative, steps=req.steps, scheduler=req.scheduler,
                                               guidance_scale=req.guidance_scale, seed=seed, width=req.width,
                                               height=req.height, model=req.model, vae=req.vae,
-                                              scheduler_options=req.scheduler_options)
+                                              scheduler_options=req.scheduler_options, clip_skip=req.clip_skip)
                     files.append(out_dir / image_file_name(index, seed, prompt))
                     writing.append(saver.submit(save_png, out.images[b], files[-1], params))
                     if req.grid:   # as 8-bit, a quarter of the float images' memory over a long run

@@ -137,7 +137,7 @@ def _number(value) -> str:
 
 def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, scheduler: str, guidance_scale: float,
                      seed: int, width: int, height: int, model: str | None = None, vae: str | None = None,
-                     scheduler_options: dict | None = None) -> str:
+                     scheduler_options: dict | None = None, clip_skip: int = 1) -> str:
     """Generation settings as AUTOMATIC1111 writes them into the PNG ``parameters`` text chunk::
 
         a photo of a cat
@@ -148,6 +148,7 @@ def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, sche
     is width x height, and a VAE other than the model's is named (``VAE: vae-ft-mse-840000-ema-pruned``).
     ``scheduler_options`` are written as A1111 names them where it has them (``Schedule type:
     Karras`` for ``use_karras_sigmas``, ``Eta DDIM``), the others under their own names.
+    ``clip_skip`` (A1111's numbering) is written as A1111 does, ``Clip skip: 2``, when it is not 1.
     """
     sampler = SAMPLER_NAMES.get(scheduler, scheduler)
     fields = [("Steps", steps), ("Sampler", sampler)]
@@ -164,6 +165,8 @@ def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, sche
         fields.append(("Model", model_name(model)))
     if vae:
         fields.append(("VAE", model_name(vae)))
+    if clip_skip != 1:
+        fields.append(("Clip skip", clip_skip))
     lines = [prompt]
     if negative_prompt:
         lines.append(f"Negative prompt: {negative_prompt}")

@@ -126,6 +126,13 @@ def test_names_and_a1111_parameters(tmp_path, monkeypatch):
     no_negative = I.a1111_parameters("p", "", steps=3, scheduler="euler_a", guidance_scale=11, seed=0,
                                      width=64, height=32)
     assert no_negative == "p\nSteps: 3, Sampler: Euler a, CFG scale: 11, Seed: 0, Size: 64x32"
+    # Clip skip as A1111 writes it: after the model and VAE, and only when it is not 1
+    text = I.a1111_parameters("p", steps=3, scheduler="ddim", guidance_scale=7, seed=0, width=8, height=8,
+                              model="sd15", vae="ft-mse", clip_skip=2)
+    assert text.endswith("Model: sd15, VAE: ft-mse, Clip skip: 2")
+    assert I.parse_a1111_parameters(text)["Clip skip"] == "2"
+    assert I.a1111_parameters("p", steps=3, scheduler="euler_a", guidance_scale=11, seed=0, width=64, height=32,
+                              clip_skip=1) == no_negative
     # the scale as used, so that the settings read back make the same image (%g wrote 7.12346)
     for scale in (7.123456789, 1234567.0, 0.1 + 0.2, 2.5e-7):
         text = I.a1111_parameters("p", steps=3, scheduler="ddim", guidance_scale=scale, seed=0, width=8, height=8)
@@ -436,22 +443,26 @@ def test_negative_prompt_without_guidance_is_ignored_with_a_warning(pipe_dir, pi
     np.testing.assert_array_equal(pixels(out / "00000-seed4-a-dog.png"), ref[0])
 
 
-def test_vae_flag_decodes_with_that_vae_and_names_it(pipe_dir, pipe, tmp_path, capsys):
-    """--vae FOLDER: the images are the pipeline's with that VAE (another one's weights here), and
-    the PNG parameters name it as A1111 does (``VAE: name``)."""
+def test_vae_and_clip_skip_flags_make_the_pipelines_image_and_are_recorded(pipe_dir, pipe, tmp_path, capsys):
+    """--vae FOLDER --clip-skip 2: the images are the pipeline's with that VAE (another one's weights
+    here) and clip_skip=2, and the PNG parameters say so as A1111 does (``VAE: name``, ``Clip skip: 2``)."""
     import reference as R
     from sdjax.pipeline import StableDiffusion
     vae_dir = R.save_torch_layout(R.torch_vae(seed=5), tmp_path / "sd-vae-other").parent
     out = tmp_path / "out"
-    rc, _, stderr = run_main(capsys, "a dog", "--seeds", "4", "--vae", vae_dir, "--model", pipe_dir, "--out", out,
-                             *SMALL)
+    rc, _, stderr = run_main(capsys, "a dog", "--seeds", "4", "--vae", vae_dir, "--clip-skip", "2", "--model",
+                             pipe_dir, "--out", out, *SMALL)
     assert rc == 0, stderr
-    params = I.parse_a1111_parameters(I.read_png_parameters(out / "00000-seed4-a-dog.png"))
-    assert params["VAE"] == "sd-vae-other" and params["Model"] == pipe_dir.name
+    text = I.read_png_parameters(out / "00000-seed4-a-dog.png")
+    assert text.endswith(f"Model: {pipe_dir.name}, VAE: sd-vae-other, Clip skip: 2"), text   # A1111's order
+    params = I.parse_a1111_parameters(text)
+    assert params["VAE"] == "sd-vae-other" and params["Model"] == pipe_dir.name and params["Clip skip"] == "2"
     kw = dict(seeds=4, num_inference_steps=3, height=32, width=32)
-    with_vae = StableDiffusion.from_pretrained(str(pipe_dir), dtype="float32", vae=str(vae_dir))("a dog", **kw)
-    np.testing.assert_array_equal(pixels(out / "00000-seed4-a-dog.png"), with_vae.to_pil()[0])
-    assert not np.array_equal(pixels(out / "00000-seed4-a-dog.png"), pipe("a dog", **kw).to_pil()[0])
+    other_vae = StableDiffusion.from_pretrained(str(pipe_dir), dtype="float32", vae=str(vae_dir))
+    np.testing.assert_array_equal(pixels(out / "00000-seed4-a-dog.png"),
+                                  other_vae("a dog", clip_skip=2, **kw).to_pil()[0])
+    for image in (other_vae("a dog", **kw), pipe("a dog", clip_skip=2, **kw)):   # each flag changes the image
+        assert not np.array_equal(pixels(out / "00000-seed4-a-dog.png"), image.to_pil()[0])
 
 
 def test_a_failed_write_is_one_line_and_the_files_before_it_stay(pipe_dir, pipe, tmp_path, capsys, monkeypatch):
@@ -605,6 +616,10 @@ BAD_INPUTS = {
     "seeds_not_ascii": (["a cat", "--seeds", "\u00b2"], "bad seeds"),
     "config_seeds_not_ascii": (["a cat", "--config", "{tmp}/superscript.yaml"], "key 'seeds': bad seeds"),
     "steps_type": (["a cat", "--steps", "many"], "invalid int value"),
+    "clip_skip_zero": (["a cat", "--clip-skip", "0"], "error: --clip-skip 0: must be an integer >= 1"),
+    "clip_skip_type": (["a cat", "--clip-skip", "2.5"], "argument --clip-skip: invalid int value: '2.5'"),
+    "config_clip_skip": (["a cat", "--config", "{tmp}/clipskip.yaml"], "clipskip.yaml: key 'clip_skip' has value 0: "
+                         "must be an integer >= 1"),
     "dtype": (["a cat", "--dtype", "int8"], "unknown dtype"),
     "progress": (["a cat", "--progress", "sometimes"], "invalid choice: 'sometimes'"),
     "config_unknown_key": (["a cat", "--config", "{tmp}/bad.yaml"], "unknown key 'stpes'"),
@@ -663,6 +678,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, tmp_path, caps
     (tmp_path / "scheduler.yaml").write_text("scheduler: karras\n")
     (tmp_path / "options.yaml").write_text("scheduler_options: {foo: 1}\n")
     (tmp_path / "nan.yaml").write_text("guidance_scale: .nan\n")
+    (tmp_path / "clipskip.yaml").write_text("clip_skip: 0\n")
     (tmp_path / "superscript.yaml").write_text("seeds: \"\u00b2\"\n", encoding="utf-8")
     argv, message = BAD_INPUTS[case]
     message = message.format(tmp=tmp_path)
@@ -703,6 +719,11 @@ def test_steps_the_schedule_cannot_take_exit_2_before_writing(pipe_dir, pipe, tm
     out = tmp_path / "out"
     rc, _, stderr = run_main(capsys, "a cat", "--model", pipe_dir, "--steps", "1000", "--out", out)
     assert rc == 2 and "reaches timestep 1000, past the last training timestep 999" in stderr, stderr
+    assert not out.exists()
+    # a clip skip past the loaded text encoder's layers (the tiny one has 3): the same, once it is loaded
+    rc, _, stderr = run_main(capsys, "a cat", "--model", pipe_dir, "--clip-skip", "4", "--out", out)
+    assert rc == 2 and stderr.strip().splitlines()[-1] == (
+        "sample.py: error: --clip-skip 4: must be an integer in 1..3 (this model's text encoder has 3 layers)"), stderr
     assert not out.exists()
 
 
