@@ -433,7 +433,8 @@ def test_imagefolder_metadata_jsonl_and_csv(tmp_path):
         load_captioned_images(root)
     message = str(info.value)
     for expected in ("row 2 (line 2)", "not JSON", "row 3 (line 3) 'a.png': needs file_name and a caption in text "
-                     "or caption; it has file_name, prompt", "not a JSON object", "file not found: gone.png",
+                     "or caption; it has file_name, prompt (--caption-key / caption_key= reads the caption from "
+                     "another column)", "not a JSON object", "file not found: gone.png",
                      "path resolves outside hf/", "row 7 (line 7) 'c.png': text is a list that holds something other "
                      "than text"):
         assert expected in message, (expected, message)
@@ -463,7 +464,7 @@ def test_metadata_caption_column(tmp_path):
     assert ds.captions == ["a red square, long", "green"]
     assert ds.caption_sets == [("a red square, long",), ("green", "a green square")]
     with pytest.raises(DataError, match=r"row 1 \(line 1\) 'a.png': needs file_name and a caption in alt; it has "
-                                        r"file_name, text, prompt"):
+                                        r"file_name, text, prompt\n"):   # (no --caption-key hint: it was given)
         load_captioned_images(root, caption_key="alt")
     (root / "metadata.csv").write_text("file_name,prompt\na.png,red\n", encoding="utf-8")
     (root / "metadata.jsonl").unlink()

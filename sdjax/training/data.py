@@ -378,9 +378,12 @@ def _metadata_rows(path: Path, columns: Sequence[str] = METADATA_CAPTION_COLUMNS
         filename = record.get("file_name")
         column = next((c for c in columns if c in record), None)
         if not isinstance(filename, str) or column is None:
+            other = [str(k) for k in record if k != "file_name"]
+            hint = (" (--caption-key / caption_key= reads the caption from another column)"
+                    if isinstance(filename, str) and other and tuple(columns) == METADATA_CAPTION_COLUMNS else "")
             return row, line, str(filename or ""), "", (
                 f"needs file_name and a caption in {' or '.join(columns)}; it has "
-                f"{', '.join(map(str, record)) or 'nothing'}")
+                f"{', '.join(map(str, record)) or 'nothing'}{hint}")
         caption = record[column]
         if isinstance(caption, list):   # several captions: training takes one per epoch, as diffusers does
             if not all(isinstance(c, str) for c in caption):
