@@ -20,8 +20,8 @@ def how_to_resume(cfg) -> str:
     directory = Path(cfg.output_dir)
     steps = checkpoint_steps(directory / "checkpoints")
     if not steps:
-        return (f"no checkpoint was saved yet in {directory / 'checkpoints'} (the first is at step "
-                f"{cfg.checkpoint_every})")
+        first = min(cfg.checkpoint_every, cfg.max_steps)   # every N steps and at the end
+        return f"no checkpoint was saved yet in {directory / 'checkpoints'} (the first is at step {first})"
     return (f"the newest complete checkpoint is step {steps[-1]}: python train.py --output-dir {directory} --resume "
             "continues from it")
 

@@ -1787,6 +1787,15 @@ def test_a_stopped_run_says_where_it_can_resume(full_run, stop, pipeline_dir, da
         in stderr
 
 
+def test_a_run_stopped_before_its_first_checkpoint_names_the_step_it_would_have_been(tmp_path):
+    """The first checkpoint is at --checkpoint-every or, in a shorter run, at its last step (a run of
+    50 steps stopped early said "the first is at step 500", the default --checkpoint-every)."""
+    from sdjax.training.loop import TrainConfig
+    for max_steps, first in ((50, 50), (1000, 500)):
+        said = train_script.how_to_resume(TrainConfig(output_dir=str(tmp_path), max_steps=max_steps))
+        assert said == f"no checkpoint was saved yet in {tmp_path / 'checkpoints'} (the first is at step {first})"
+
+
 def test_an_output_dir_that_cannot_be_written_is_refused_before_loading(pipeline_dir, data_dir, tmp_path):
     """--output-dir under a file (or on a read-only disk): a usage error before the model and data
     load, where Orbax raised NotADirectoryError at its first checkpoint."""
