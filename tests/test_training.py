@@ -1400,10 +1400,15 @@ def test_a_save_that_cannot_fit_is_refused_before_it_starts(tmp_path, monkeypatc
                                                     "needs about 5.1 MiB and the disk has 2.5 MiB free")) as info:
             checkpoints.save(1, state, {"epoch": 0})
         assert info.value.errno == errno.ENOSPC and checkpoints.all_steps() == []
+        assert str(info.value).endswith("(free some space, or choose an --output-dir on a disk with more)")
         assert not [p for p in (tmp_path / "checkpoints").iterdir() if not p.name.startswith(".")]
         monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: usage(10 * needed, 9 * needed, needed))
         checkpoints.save(1, state, {"epoch": 0})
         assert checkpoints.all_steps() == [1]
+        # With checkpoints in the folder, keeping fewer of them is the other way out.
+        monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: usage(10 * needed, 9 * needed, needed // 2))
+        with pytest.raises(OSError, match=re.escape("(free some space, or keep fewer: --keep-checkpoints)")):
+            checkpoints.save(2, state, {"epoch": 0})
     finally:
         checkpoints.close()
     drop = checkpoint._NoSaveFailureTracebacks()

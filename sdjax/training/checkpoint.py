@@ -224,8 +224,10 @@ class Checkpointer:
         if free < needed:
             def size(n):
                 return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+            advice = ("keep fewer: --keep-checkpoints" if self.manager.all_steps()   # none to keep fewer of
+                      else "choose an --output-dir on a disk with more")
             error = OSError(f"saving a checkpoint in {self.directory} failed: it needs about {size(needed)} and the "
-                            f"disk has {size(free)} free (free some space, or keep fewer: --keep-checkpoints)")
+                            f"disk has {size(free)} free (free some space, or {advice})")
             error.errno = errno.ENOSPC
             raise error
 
