@@ -179,7 +179,7 @@ def model_name(model: str | os.PathLike) -> str:
     checkpoint suffix (``stable-diffusion-v1-5``, ``v1-5-pruned-emaonly``): not a local path. A
     train.py export, ``my_style/final`` or ``my_style/final.safetensors``, is named by its run
     (``my_style``): every run's is "final"; a pipeline's VAE folder, ``other-model/vae``, by its
-    pipeline, and a diffusers weights file (``sd15/vae/diffusion_pytorch_model.safetensors``) as its
+    pipeline (``my_style/final/vae`` by the run), and a diffusers weights file (``sd15/vae/diffusion_pytorch_model.safetensors``) as its
     folder. A local path that exists is resolved first (``.`` is the folder's own name)."""
     text = str(model).split("?", 1)[0]
     if not text.startswith(("http://", "https://")) and text and os.path.exists(text):
@@ -194,8 +194,8 @@ def model_name(model: str | os.PathLike) -> str:
             break
     if is_file and stem.startswith(("diffusion_pytorch_model", "diffusion_flax_model")) and len(parts) > 1:
         parts, stem, is_file = parts[:-1], parts[-2], False   # named as the model folder holding it
-    if len(parts) > 1 and (stem == "final" or (stem == "vae" and not is_file)):   # an export; a pipeline's vae/
-        return parts[-2]
+    while len(parts) > 1 and (stem == "final" or (stem == "vae" and not is_file)):   # an export; a pipeline's vae/
+        parts, stem, is_file = parts[:-1], parts[-2], False   # (an export's vae/: its run)
     return stem or str(model)
 
 

@@ -114,8 +114,10 @@ def test_names_and_a1111_parameters(tmp_path, monkeypatch):
     # a train.py export is named by its run (every run's export folder is "final"), a pipeline's VAE by it
     assert [I.model_name(m) for m in ("runs/my_style/final", "runs/my_style/final/", "final", "C:\\m\\sd.ckpt",
                                       "./final", "../final", "my_style/./final", "my_style/final.safetensors",
-                                      "/models/other-model/vae")] \
-        == ["my_style", "my_style", "final", "sd", "final", "final", "my_style", "my_style", "other-model"]
+                                      "/models/other-model/vae", "runs/my_style/final/vae",
+                                      "my_style/final/vae/diffusion_pytorch_model.safetensors")] \
+        == ["my_style", "my_style", "final", "sd", "final", "final", "my_style", "my_style", "other-model",
+            "my_style", "my_style"]
     # a local path that exists is resolved; a diffusers weights file is named as its model folder; a
     # file named vae.safetensors is a VAE of that name, not a pipeline's vae/ folder
     (tmp_path / "sd15" / "vae").mkdir(parents=True)
