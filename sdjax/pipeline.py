@@ -129,6 +129,8 @@ def _tokenizer_and_scheduler(root: Path) -> dict:
     elif root.parent.name == "checkpoints" and root.name.isdigit():        # one of its Orbax checkpoints
         hint = (f"it looks like a training checkpoint: export it with train.py --output-dir {root.parent.parent} "
                 f"--export --export-step {root.name}, then load the export folder")
+    elif (root.parent / "model_index.json").is_file():                      # one model of a pipeline (its unet/)
+        hint = f"it looks like the {root.name} of the pipeline {root.parent}: load that folder"
     else:
         hint = "is this a diffusers pipeline folder?"
     config_file = root / "scheduler" / "scheduler_config.json"

@@ -78,6 +78,11 @@ def test_mistyped_local_paths_that_look_like_hub_ids(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match=r"runs: no scheduler/scheduler_config.json \(it looks like a train.py "
                                               r"output folder: its exported pipeline is runs/final\)"):
         StableDiffusion.from_pretrained("runs")
+    (tmp_path / "sd" / "unet").mkdir(parents=True)
+    (tmp_path / "sd" / "model_index.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=r"sd/unet: no scheduler/scheduler_config.json \(it looks like the unet "
+                                              r"of the pipeline sd: load that folder\)"):
+        StableDiffusion.from_pretrained("sd/unet")
 
 
 def test_flax_msgpack_values_decode_as_flax_encodes_them():
