@@ -21,8 +21,8 @@ from sdjax.schedulers import SCHEDULERS, make_noise_schedule, make_scheduler, pi
 from sdjax.text import load_tokenizer, tokenize
 from sdjax.weights import (SINGLE_FILE_SUFFIXES, CheckpointError, fetch_missing_bin_weights, has_weights, hub_files,
                            is_url, load_single_file, load_vae_file, prepare_single_file, read_config,
-                           read_json_object, resolve_dtype, resolve_model_dir, save_pipeline, save_single_file,
-                           with_variant)
+                           read_json_object, read_lora, resolve_dtype, resolve_model_dir, save_pipeline,
+                           save_single_file, with_variant)
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 PARTS = {"text_encoder": CLIPTextModel, "unet": UNet2DConditionModel, "vae": AutoencoderKL}  # folder -> model
@@ -522,6 +522,29 @@ class StableDiffusion:
         refused unless ``overwrite=True`` (through a symlink, its target is replaced)."""
         return save_single_file(file, text_encoder=self.text_encoder, unet=self.unet, vae=self.vae, dtype=dtype,
                                 overwrite=overwrite)
+
+    @_one_call_at_a_time
+    def fuse_lora(self, file: str | Path, scale: float = 1.0) -> None:
+        """Merge a LoRA file into the UNet's and text encoder's weights: each weight it changes
+        becomes ``W + scale * alpha / rank * up @ down``, added in float32 and cast to the
+        pipeline's dtype, through `set_params` (the compiled sampler is reused). Several LoRAs stack
+        (fuse each in turn). This changes the weights themselves: to undo it, load the pipeline again.
+
+        Reads kohya / AUTOMATIC1111 files (``lora_unet_*``, ``lora_te_*``, LoCon convs included) and
+        diffusers' (``unet.*.lora_A.weight``...), see `sdjax.weights.read_lora`; LoHa, LoKr, DoRA, a
+        layer the models do not have or a shape that does not fit raise a ValueError
+        (`CheckpointError`) naming the file and the key, before any weight is changed."""
+        from flax.traverse_util import flatten_dict, unflatten_dict
+        deltas = read_lora(file, {"unet": self.unet.config, "text_encoder": self.text_encoder.config}, scale=scale)
+        merged = {}
+        for part, changes in deltas.items():
+            if not changes:
+                continue
+            current = flatten_dict(nnx.to_pure_dict(nnx.state(getattr(self, part), nnx.Param)))
+            merged[part] = unflatten_dict({path: jnp.asarray(current[path], jnp.float32) + delta
+                                           for path, delta in changes.items()})
+        if merged:
+            self.set_params(**merged, partial=True)
 
     @property
     def vae_scale(self) -> int:

@@ -1244,3 +1244,194 @@ def save_single_file(file: str | os.PathLike, *, text_encoder, unet, vae, dtype=
             tensors[name] = np.ascontiguousarray(array)
     file.parent.mkdir(parents=True, exist_ok=True)
     return atomic_write(file, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+
+
+# ----------------------------------------------------------------------------- LoRA
+LORA_PARTS = {"unet": UNet2DConditionModel, "text_encoder": CLIPTextModel}   # what a SD v1.x LoRA changes
+_KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder"}
+# (down, up) key suffixes of the LoRA formats read: kohya/A1111, diffusers' PEFT, diffusers' older ones
+_LORA_PAIRS = ((".lora_down.weight", ".lora_up.weight"), (".lora_A.weight", ".lora_B.weight"),
+               (".lora.down.weight", ".lora.up.weight"),
+               (".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight"))
+# diffusers' attention-processor LoRA (<= 0.20): "attn1.processor.to_q_lora.down.weight" -> "attn1.to_q"
+_PROCESSOR_NAMES = {"unet": {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"},
+                    "text_encoder": {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}}
+_PROCESSOR_LORA = re.compile(r"(?:\.processor)?\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight")
+# Other LyCORIS / LoRA variants, which are not a plain up @ down: refused by name
+_LORA_VARIANTS = {r"hada_": "LoHa (LyCORIS)", r"lokr_": "LoKr (LyCORIS)",
+                  r"lora_mid\.": "LoCon with a CP/Tucker mid weight (LyCORIS)", r"dora_scale": "DoRA",
+                  r"lora_magnitude_vector": "DoRA", r"\.b?oft_": "OFT / BOFT (LyCORIS)",
+                  r"\.diff(_b)?$": "a full weight difference (LyCORIS 'full')", r"\.[wb]_norm$": "a norm LoRA",
+                  r"lora_B\.bias$": "a LoRA with a bias (PEFT lora_bias)"}
+
+
+def _safetensors_metadata(path: Path) -> dict:
+    """The ``__metadata__`` of a safetensors file's header ({} when it has none)."""
+    with open(path, "rb") as f:
+        size = path.stat().st_size
+        header_len = int.from_bytes(f.read(8), "little")
+        if header_len > size - 8:
+            return {}
+        try:
+            metadata = json.loads(f.read(header_len)).get("__metadata__") or {}
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            return {}
+    return metadata if isinstance(metadata, dict) else {}
+
+
+def _lora_module_names(part: str, config) -> dict[str, tuple]:
+    """The names a LoRA file gives the Linear and Conv modules of pipeline part ``part`` -> the NNX
+    path of their kernel: diffusers' dotted module names and kohya's (``lora_unet_`` / ``lora_te_``
+    + the name with "_" for "."). A kohya name two modules would share is left out."""
+    _, state = abstract_model(LORA_PARTS[part], config)
+    names: dict[str, tuple] = {}
+    kohya: dict[str, tuple | None] = {}
+    for path, _ in nnx.to_flat_state(state):
+        if path[-1] != "kernel":
+            continue
+        module = torch_key(path).removesuffix(".weight")
+        names[f"{part}.{module}"] = path
+        if module.startswith("text_model."):   # diffusers' files of a transformers 5 CLIPTextModel: without it
+            names[f"{part}.{module.removeprefix('text_model.')}"] = path
+        for prefix, kohya_part in _KOHYA_PREFIXES.items():
+            if kohya_part == part:
+                name = prefix + module.replace(".", "_")
+                kohya[name] = None if name in kohya and kohya[name] != path else path
+    names.update({name: path for name, path in kohya.items() if path is not None})
+    return names
+
+
+def _lora_base(key: str) -> tuple[str, str] | None:
+    """(the module name, "down" / "up" / "alpha") of a LoRA file's key, or None when it is neither."""
+    if m := _PROCESSOR_LORA.search(key):
+        part = "text_encoder" if key.startswith("text_encoder.") else "unet"
+        return key[:m.start()] + "." + _PROCESSOR_NAMES[part][m[1]], m[2]
+    for down, up in _LORA_PAIRS:
+        if key.endswith(down):
+            return key[:-len(down)], "down"
+        if key.endswith(up):
+            return key[:-len(up)], "up"
+    if key.endswith(".alpha"):
+        return key[:-len(".alpha")], "alpha"
+    return None
+
+
+def _peft_alpha(metadata: dict, part: str, module: str, rank: int) -> tuple[float, float]:
+    """(alpha, the rank it divides) of diffusers' adapter metadata (PEFT's LoraConfig per part):
+    its alpha_pattern's entry for ``module``, else its lora_alpha, else the rank; rsLoRA divides by
+    sqrt(rank)."""
+    config = {k.removeprefix(f"{part}."): v for k, v in metadata.items() if k.startswith(f"{part}.")}
+    alpha = config.get("lora_alpha") or rank
+    for pattern, value in (config.get("alpha_pattern") or {}).items():
+        if re.fullmatch(rf"(.*\.)?({pattern})", module):
+            alpha = value
+            break
+    return float(alpha), math.sqrt(rank) if config.get("use_rslora") else float(rank)
+
+
+def read_lora(file: str | os.PathLike, configs: dict[str, Any], *, scale: float = 1.0
+              ) -> dict[str, dict[tuple, np.ndarray]]:
+    """The weight changes of a LoRA file, in sdjax's layout: {part: {NNX path of a kernel: delta}},
+    parts "unet" and "text_encoder" (those ``configs`` maps to their configs; a file's LoRA for a
+    part left out is an error). Each delta, in float32, is ``scale * alpha / rank * up @ down``
+    (alpha absent: alpha = rank), the weight change diffusers' ``fuse_lora`` makes.
+
+    Reads LoRA ``.safetensors`` files as kohya's sd-scripts and AUTOMATIC1111 write them
+    (``lora_unet_*`` / ``lora_te_*`` modules with ``.lora_down.weight``, ``.lora_up.weight``,
+    ``.alpha``; LoCon's 1x1 and 3x3 convs too) and as diffusers writes them (PEFT's
+    ``unet.*.lora_A.weight`` / ``lora_B.weight``, alpha from the file's ``lora_adapter_metadata``;
+    the older ``*.lora.down.weight`` / ``.lora.up.weight`` and ``*.processor.to_q_lora.down.weight``).
+    Anything else (LoHa, LoKr, DoRA and other LyCORIS variants, a module the models do not have, a
+    shape that does not fit) raises `CheckpointError` (a ValueError) naming the file and the key.
+    """
+    file = Path(file).expanduser()
+    if not file.is_file():
+        raise CheckpointError(f"{file}: no such LoRA file")
+    if file.suffix != ".safetensors":
+        raise CheckpointError(f"{file}: sdjax reads LoRA files as .safetensors (convert the file to safetensors)")
+    tensors = dict(_read_safetensors(file))
+    if not tensors:
+        raise CheckpointError(f"{file}: not a LoRA file: it holds no tensors")
+    metadata_json = _safetensors_metadata(file).get("lora_adapter_metadata")
+    try:
+        metadata = json.loads(metadata_json) if metadata_json else {}
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file}: its lora_adapter_metadata is not JSON ({e})") from e
+    for part in configs:
+        if metadata.get(f"{part}.use_dora"):
+            raise CheckpointError(f"{file}: a DoRA adapter ({part}.use_dora in its metadata), not a plain LoRA; "
+                                  "sdjax merges plain LoRA only")
+    names = {}
+    for part, config in configs.items():
+        names.update(_lora_module_names(part, config))
+    modules: dict[str, dict[str, str]] = {}   # module name -> {"down"/"up"/"alpha": the file's key}
+    for key in tensors:
+        for marker, what in _LORA_VARIANTS.items():
+            if re.search(marker, key):
+                raise CheckpointError(f"{file}: key {key!r} is {what}, not a plain LoRA; sdjax merges "
+                                      "plain LoRA (up @ down) only")
+        base = _lora_base(key)
+        if base is None:
+            looks_like = ("a model checkpoint, not a LoRA" if key.startswith(("model.diffusion_model.", "down_blocks.",
+                                                                                "text_model.", "first_stage_model."))
+                          else "not a LoRA weight")
+            raise CheckpointError(f"{file}: key {key!r} is {looks_like} (a LoRA's keys end in .lora_down.weight / "
+                                  ".lora_up.weight / .alpha, or .lora_A.weight / .lora_B.weight)")
+        module, role = base
+        if module.startswith("lora_te2_") or module.startswith("text_encoder_2."):
+            raise CheckpointError(f"{file}: key {key!r} is for a second text encoder (an SDXL LoRA); sdjax runs "
+                                  "SD v1.x")
+        if module not in names and not module.startswith(("unet.", "text_encoder.", "lora_")) \
+                and f"unet.{module}" in names:
+            module = f"unet.{module}"   # diffusers' oldest files: the UNet's names without "unet."
+        if module not in names:
+            part = next((p for p in LORA_PARTS if module.startswith((f"{p}.", *(k for k, v in _KOHYA_PREFIXES.items()
+                                                                                 if v == p)))), None)
+            why = (f"the file has LoRA for the {part}, which is not merged here" if part is not None
+                   and part not in configs else "it names no Linear or Conv layer of the SD v1.x UNet or text "
+                   "encoder")
+            raise CheckpointError(f"{file}: key {key!r}: {why}")
+        if role in modules.setdefault(module, {}):
+            raise CheckpointError(f"{file}: keys {modules[module][role]!r} and {key!r} are the same LoRA weight")
+        modules[module][role] = key
+    deltas: dict[str, dict[tuple, np.ndarray]] = {part: {} for part in configs}
+    shapes = {part: dict(nnx.to_flat_state(abstract_model(LORA_PARTS[part], config)[1]))
+              for part, config in configs.items()}
+    for module, keys in modules.items():
+        for role in ("down", "up"):
+            if role not in keys:
+                other = next(iter(keys.values()))
+                raise CheckpointError(f"{file}: key {other!r} has no LoRA {role} weight beside it")
+        down = tensors[keys["down"]].astype(np.float32)
+        up = tensors[keys["up"]].astype(np.float32)
+        path = names[module]
+        part = "unet" if module.startswith(("unet.", "lora_unet_")) else "text_encoder"
+        target = tuple(shapes[part][path].get_value().shape)
+        rank = down.shape[0] if down.ndim else 0
+        fits = (down.ndim in (2, 4) and up.ndim == down.ndim and up.shape[1] == rank
+                and (up.ndim == 2 or up.shape[2:] == (1, 1)))
+        if fits:
+            if down.ndim == 2:
+                delta = up @ down
+            else:   # a conv: down [r, in, kh, kw] (the layer's kernel size), up [out, r, 1, 1]
+                delta = np.einsum("or,rihw->oihw", up[:, :, 0, 0], down)
+            delta = to_nnx_layout(delta, path, target)
+            fits = tuple(delta.shape) == target
+        if not fits:
+            expected = to_torch_layout(np.empty(target, np.int8), path).shape
+            raise CheckpointError(f"{file}: key {keys['down']!r} has shape {tuple(down.shape)} and "
+                                  f"{keys['up']!r} {tuple(up.shape)}: no LoRA of the layer's weight "
+                                  f"{tuple(expected)} (down [rank, in(, kh, kw)], up [out, rank(, 1, 1)])")
+        if "alpha" in keys:
+            alpha_array = tensors[keys["alpha"]]
+            if alpha_array.size != 1:
+                raise CheckpointError(f"{file}: key {keys['alpha']!r} has shape {tuple(alpha_array.shape)}; "
+                                      "an alpha is one number")
+            alpha, divisor = float(alpha_array.reshape(())), float(rank)
+        else:
+            alpha, divisor = _peft_alpha(metadata, part, module.removeprefix(f"{part}."), rank)
+        if path in deltas[part]:
+            raise CheckpointError(f"{file}: key {keys['down']!r} changes a layer another key of the file "
+                                  "changes too")
+        deltas[part][path] = (float(scale) * alpha / divisor) * delta
+    return deltas
