@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="condition on the text encoder's N-th layer from the end, as A1111's Clip skip (model "
                         "cards' \"Clip skip: 2\"): 1 (default) the last layer, 2 the penultimate; diffusers' "
                         "clip_skip=k is N=k+1")
+    p.add_argument("--lora", metavar="FILE[:SCALE]", action="append", default=[],
+                   help="a LoRA .safetensors file (kohya / A1111 or diffusers format) merged into the weights at "
+                        "SCALE (default 1.0), repeatable: the LoRAs add up; recorded in the PNG parameters as A1111 "
+                        "users write it, <lora:NAME:SCALE> after the prompt")
     p.add_argument("--height", type=int, default=512, help="pixels, a multiple of 8 (default 512)")
     p.add_argument("--width", type=int, default=512, help="pixels, a multiple of 8 (default 512)")
     p.add_argument("--dtype", default=None, help=f"{' / '.join(DTYPES)} (or {' / '.join(DTYPE_ALIASES)}); default "
@@ -100,7 +104,7 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
     if known.config is not None:
         path = resolve_config_path(known.config, CONFIG_DIRS, other_tools={"train.py": CONFIG_DIRS[0] / "train"})
         preset = load_config(path)
-        parser.set_defaults(**preset)
+        parser.set_defaults(**preset)   # (a preset's lora list: --lora flags add to it)
     args = parser.parse_args(argv)
     args.preset, args.preset_path = preset, path   # for errors found later in a value the preset gave
     prompts = list(args.prompt)
@@ -110,7 +114,7 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
     options = {**getattr(args, "scheduler_options", {}), **parse_scheduler_options(args.scheduler_option)}
     req = SampleRequest(prompts=prompts, seeds=seeds, negative_prompt=args.negative_prompt, model=args.model,
                         model_config=args.model_config, vae=args.vae, ema_weights=args.ema_weights,
-                        scheduler_options=options, clip_skip=args.clip_skip,
+                        scheduler_options=options, clip_skip=args.clip_skip, lora=list(args.lora),
                         steps=args.steps, guidance_scale=args.guidance_scale, scheduler=args.scheduler,
                         height=args.height, width=args.width, dtype=DTYPE_ALIASES.get(args.dtype, args.dtype),
                         batch_size=args.batch_size, variant=args.variant,
@@ -197,6 +201,14 @@ def main(argv=None) -> int:
                                     vae=req.vae, ema_weights=req.ema_weights), None
     except CheckpointError as e:  # no weights reachable, or not a pipeline folder: before anything is written
         pipe, error = None, e
+    if error is None:
+        from sdjax.cli_utils import parse_lora
+        for text in req.lora:   # merged into the weights, in turn; a file that is no LoRA: before anything is written
+            try:
+                pipe.fuse_lora(*parse_lora(text))
+            except CheckpointError as e:
+                error = CheckpointError(f"--lora {e}")   # (its message starts with the file)
+                break
     failed = parallel.processes_that_failed(error is None)   # a host without the weights stops them all
     if error is not None:
         return _fail(error)

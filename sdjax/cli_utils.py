@@ -188,6 +188,7 @@ CONFIG_KEYS: dict[str, tuple[type | tuple, str]] = {
     "scheduler": (str, f"one of {', '.join(SCHEDULERS)}"),
     "scheduler_options": (dict, "scheduler settings, e.g. {use_karras_sigmas: true}"),
     "clip_skip": (int, "condition on the text encoder's N-th layer from the end (A1111's Clip skip; 1: the last)"),
+    "lora": ((str, list), "LoRA files merged into the weights: FILE[:SCALE] (scale default 1), one or a list"),
     "height": (int, "image height in pixels (multiple of 8)"),
     "width": (int, "image width in pixels (multiple of 8)"),
     "dtype": (str, f"one of {', '.join(DTYPES)}"),
@@ -307,6 +308,10 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
                 raise UsageError(f"{path}: key 'seeds': {e}") from e
         if key == "guidance_scale":
             value = float(value)
+        if key == "lora":
+            value = [value] if isinstance(value, str) else value
+            if bad := [v for v in value if not isinstance(v, str)]:
+                raise UsageError(f"{path}: key 'lora' has item {bad[0]!r}; expected FILE or FILE:SCALE strings")
         if key == "scheduler_options":
             if bad := [k for k in value if not isinstance(k, str)]:
                 raise UsageError(f"{path}: key 'scheduler_options' has key {bad[0]!r}; expected setting names")
@@ -385,6 +390,7 @@ class SampleRequest:
     scheduler: str = "pndm"
     scheduler_options: dict = dataclasses.field(default_factory=dict)   # e.g. {"use_karras_sigmas": True}
     clip_skip: int = 1                # A1111's "Clip skip": 1 = the text encoder's last layer, 2 = the penultimate
+    lora: list[str] = dataclasses.field(default_factory=list)   # LoRA files merged into the weights, FILE[:SCALE]
     height: int = 512
     width: int = 512
     dtype: str | None = None          # None: bfloat16 on GPU/TPU, float32 on CPU
@@ -407,8 +413,43 @@ class SampleRequest:
 
         import numpy as np
         fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("model", "model_config", "vae", "out")}
+        fields["lora"] = [(Path(file).name, scale) for file, scale in map(parse_lora, self.lora)]   # not the paths
         digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).digest()
         return np.frombuffer(digest[:16], np.int32)
+
+
+def parse_lora(text: str) -> tuple[str, float]:
+    """``--lora FILE[:SCALE]`` -> (FILE, SCALE), SCALE 1.0 when left out (a FILE whose own name has a
+    colon is taken whole when it exists). Raises UsageError when the scale is not a finite number or
+    the file is not a LoRA ``.safetensors`` file that exists; its contents are read with the model."""
+    text = str(text)
+    file, colon, tail = text.rpartition(":")
+    scale = 1.0
+    if colon and file and not Path(text).expanduser().is_file() and not re.search(r"[/\\]", tail):
+        try:
+            scale = float(tail)
+        except ValueError:
+            scale = math.nan
+        if not math.isfinite(scale):
+            raise _bad_setting("lora", text, f"the scale {tail!r} is not a finite number (FILE:SCALE, e.g. "
+                               "style.safetensors:0.8)")
+    else:
+        file = text
+    path = Path(file).expanduser()
+    if not str(file).strip():
+        raise _bad_setting("lora", repr(text), "no file given (FILE or FILE:SCALE)")
+    if path.is_dir():
+        raise _bad_setting("lora", text, f"{file} is a folder; give a LoRA .safetensors file")
+    if not path.is_file():
+        raise _bad_setting("lora", text, f"no such file {file}")
+    if path.suffix != ".safetensors":
+        raise _bad_setting("lora", text, f"{file} is not a .safetensors file; sdjax reads LoRA .safetensors files")
+    return str(path), scale
+
+
+def lora_tags(loras: Sequence[str]) -> list[tuple[str, float]]:
+    """(NAME, SCALE) of each ``FILE[:SCALE]``, NAME the file's stem: A1111's ``<lora:NAME:SCALE>``."""
+    return [(Path(file).stem, scale) for file, scale in map(parse_lora, loras)]
 
 
 def validate_request(req: SampleRequest) -> None:
@@ -442,6 +483,8 @@ def validate_request(req: SampleRequest) -> None:
         # (the upper end, the text encoder's layer count, once the model is loaded: clip_skip_problem)
         raise _bad_setting("clip_skip", req.clip_skip, "must be an integer >= 1 (1: the text encoder's last layer, "
                            "2: the penultimate; typically 1 or 2)")
+    for text in req.lora:   # the files' contents once the model is loaded (StableDiffusion.fuse_lora)
+        parse_lora(text)
     if req.dtype is not None and req.dtype not in DTYPES:
         choose = f"choose one of {', '.join(DTYPES)} (or {', '.join(DTYPE_ALIASES)})"
         raise _bad_setting("dtype", req.dtype, choose, f"unknown dtype {req.dtype!r}: {choose}")
@@ -729,6 +772,7 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
     per_call = min(per_call, parallel.padded_size(len(jobs), pipe.mesh))
     sched = pipe.make_scheduler(req.scheduler, req.steps, **req.scheduler_options)
     picks = trajectory_steps(sched.num_model_calls, req.trajectory_frames) if req.trajectory else None
+    loras = lora_tags(req.lora)
 
     files: list[Path] = []
     extra: list[Path] = []
@@ -780,7 +824,8 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
                     params = a1111_parameters(prompt, negative, steps=req.steps, scheduler=req.scheduler,
                                               guidance_scale=req.guidance_scale, seed=seed, width=req.width,
                                               height=req.height, model=req.model, vae=req.vae,
-                                              scheduler_options=req.scheduler_options, clip_skip=req.clip_skip)
+                                              scheduler_options=req.scheduler_options, clip_skip=req.clip_skip,
+                                              loras=loras)
                     files.append(out_dir / image_file_name(index, seed, prompt))
                     writing.append(saver.submit(save_png, out.images[b], files[-1], params))
                     if req.grid:   # as 8-bit, a quarter of the float images' memory over a long run

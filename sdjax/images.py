@@ -137,7 +137,8 @@ def _number(value) -> str:
 
 def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, scheduler: str, guidance_scale: float,
                      seed: int, width: int, height: int, model: str | None = None, vae: str | None = None,
-                     scheduler_options: dict | None = None, clip_skip: int = 1) -> str:
+                     scheduler_options: dict | None = None, clip_skip: int = 1,
+                     loras: Sequence[tuple[str, float]] = ()) -> str:
     """Generation settings as AUTOMATIC1111 writes them into the PNG ``parameters`` text chunk::
 
         a photo of a cat
@@ -149,6 +150,8 @@ def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, sche
     ``scheduler_options`` are written as A1111 names them where it has them (``Schedule type:
     Karras`` for ``use_karras_sigmas``, ``Eta DDIM``), the others under their own names.
     ``clip_skip`` (A1111's numbering) is written as A1111 does, ``Clip skip: 2``, when it is not 1.
+    ``loras``, (NAME, SCALE) of each LoRA merged into the weights, are written as A1111 users write
+    them in the prompt, which A1111 and Civitai read back: ``a photo of a cat <lora:NAME:SCALE>``.
     """
     sampler = SAMPLER_NAMES.get(scheduler, scheduler)
     fields = [("Steps", steps), ("Sampler", sampler)]
@@ -167,7 +170,8 @@ def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, sche
         fields.append(("VAE", model_name(vae)))
     if clip_skip != 1:
         fields.append(("Clip skip", clip_skip))
-    lines = [prompt]
+    tags = " ".join(f"<lora:{name}:{_number(scale)}>" for name, scale in loras)
+    lines = [f"{prompt} {tags}" if prompt and tags else prompt or tags]
     if negative_prompt:
         lines.append(f"Negative prompt: {negative_prompt}")
     lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in fields))

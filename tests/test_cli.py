@@ -135,6 +135,14 @@ def test_names_and_a1111_parameters(tmp_path, monkeypatch):
     assert I.parse_a1111_parameters(text)["Clip skip"] == "2"
     assert I.a1111_parameters("p", steps=3, scheduler="euler_a", guidance_scale=11, seed=0, width=64, height=32,
                               clip_skip=1) == no_negative
+    # LoRAs as A1111 users write them, after the prompt: <lora:NAME:SCALE> (A1111 and Civitai read them back)
+    for prompt, negative in (("a cat\nin a hat", "blurry"), ("", "")):
+        text = I.a1111_parameters(prompt, negative, steps=3, scheduler="ddim", guidance_scale=7, seed=5, width=8,
+                                  height=8, loras=[("style_v2", 0.75), ("detail", 1.0)])
+        parsed = I.parse_a1111_parameters(text)
+        tags = "<lora:style_v2:0.75> <lora:detail:1>"
+        assert (parsed["prompt"], parsed["negative_prompt"], parsed["Seed"]) == \
+            (f"{prompt} {tags}" if prompt else tags, negative, "5")
     # the scale as used, so that the settings read back make the same image (%g wrote 7.12346)
     for scale in (7.123456789, 1234567.0, 0.1 + 0.2, 2.5e-7):
         text = I.a1111_parameters("p", steps=3, scheduler="ddim", guidance_scale=scale, seed=0, width=8, height=8)
@@ -319,6 +327,16 @@ def test_presets_load_and_precedence(tmp_path):
     cfg.write_text("out: ~/pictures\nvariant: fp16\n")
     req, _ = sample.parse_request(["a cat", "--config", str(cfg)])
     assert (req.out, req.variant) == (str(Path.home() / "pictures"), "fp16")   # not a folder named "~"
+    for name in ("a.safetensors", "b:c.safetensors"):
+        (tmp_path / name).write_bytes(b"")
+    cfg.write_text(f"lora: {tmp_path / 'a.safetensors'}:0.5\n")   # one, or a list; --lora flags add to them
+    req, _ = sample.parse_request(["a cat", "--config", str(cfg), "--lora", str(tmp_path / "b:c.safetensors")])
+    assert req.lora == [f"{tmp_path / 'a.safetensors'}:0.5", str(tmp_path / "b:c.safetensors")]
+    from sdjax.cli_utils import lora_tags
+    assert lora_tags(req.lora) == [("a", 0.5), ("b:c", 1.0)]   # a file named with a colon is taken whole
+    cfg.write_text("lora: [3]\n")
+    with pytest.raises(UsageError, match="key 'lora' has item 3; expected FILE or FILE:SCALE strings"):
+        load_config(cfg)
     cfg.write_text("guidance_scale: 1e1\n")   # YAML 1.1 reads this as the text '1e1'
     assert load_config(cfg)["guidance_scale"] == 10.0
     cfg.write_text("steps: 1e1\n")            # still no integer
@@ -465,6 +483,45 @@ def test_vae_and_clip_skip_flags_make_the_pipelines_image_and_are_recorded(pipe_
                                   other_vae("a dog", clip_skip=2, **kw).to_pil()[0])
     for image in (other_vae("a dog", **kw), pipe("a dog", clip_skip=2, **kw)):   # each flag changes the image
         assert not np.array_equal(pixels(out / "00000-seed4-a-dog.png"), image.to_pil()[0])
+
+
+def test_lora_flags_merge_the_files_and_are_recorded_as_a1111_prompt_tags(pipe_dir, pipe, tmp_path, capsys):
+    """--lora FILE:SCALE --lora FILE: the image is that of the pipeline with both LoRAs fused, and the PNG
+    parameters carry them as A1111 users write them, ``<lora:NAME:SCALE>`` after the prompt."""
+    import shutil
+    from test_lora import lora_tensors, mixed_alphas, write_kohya, write_peft
+    from sdjax.pipeline import StableDiffusion
+    model = shutil.copytree(pipe_dir, tmp_path / "lora-pipe")   # a pipeline of its own: the module's stays as is
+    style = write_kohya(tmp_path / "style_v2.safetensors", lora_tensors(1), mixed_alphas())
+    detail = write_peft(tmp_path / "more_detail.safetensors", lora_tensors(2), 8.0, {})
+    out = tmp_path / "out"
+    rc, _, stderr = run_main(capsys, "a dog", "--seeds", "4", "--lora", f"{style}:0.5", "--lora", detail, "--model",
+                             model, "--out", out, *SMALL)
+    assert rc == 0, stderr
+    text = I.read_png_parameters(out / "00000-seed4-a-dog.png")
+    assert text.startswith("a dog <lora:style_v2:0.5> <lora:more_detail:1>\nSteps: 3,"), text
+    params = I.parse_a1111_parameters(text)
+    assert params["prompt"] == "a dog <lora:style_v2:0.5> <lora:more_detail:1>" and params["Steps"] == "3"
+    kw = dict(seeds=4, num_inference_steps=3, height=32, width=32)
+    reference = StableDiffusion.from_pretrained(str(shutil.copytree(pipe_dir, tmp_path / "reference")),
+                                                dtype="float32")
+    reference.fuse_lora(style, scale=0.5)
+    reference.fuse_lora(detail)
+    np.testing.assert_array_equal(pixels(out / "00000-seed4-a-dog.png"), reference("a dog", **kw).to_pil()[0])
+    assert not np.array_equal(pixels(out / "00000-seed4-a-dog.png"), pipe("a dog", **kw).to_pil()[0])
+
+
+def test_a_file_that_is_no_lora_exits_2_after_loading_before_writing(pipe_dir, pipe, tmp_path, capsys):
+    import torch
+    from safetensors.torch import save_file
+    loha = tmp_path / "loha.safetensors"
+    save_file({"lora_unet_conv_in.hada_w1_a": torch.zeros(4, 4)}, str(loha))
+    out = tmp_path / "out"
+    rc, _, stderr = run_main(capsys, "a dog", "--lora", loha, "--model", pipe_dir, "--out", out, *SMALL)
+    lines = stderr.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and not out.exists(), stderr
+    assert lines[0] == (f"sample.py: error: --lora {loha}: key 'lora_unet_conv_in.hada_w1_a' is LoHa (LyCORIS), not "
+                        "a plain LoRA; sdjax merges plain LoRA (up @ down) only"), stderr
 
 
 def test_a_failed_write_is_one_line_and_the_files_before_it_stay(pipe_dir, pipe, tmp_path, capsys, monkeypatch):
@@ -622,6 +679,14 @@ BAD_INPUTS = {
     "clip_skip_type": (["a cat", "--clip-skip", "2.5"], "argument --clip-skip: invalid int value: '2.5'"),
     "config_clip_skip": (["a cat", "--config", "{tmp}/clipskip.yaml"], "clipskip.yaml: key 'clip_skip' has value 0: "
                          "must be an integer >= 1"),
+    "lora_missing": (["a cat", "--lora", "{tmp}/nope.safetensors:0.5"], "error: --lora {tmp}/nope.safetensors:0.5: "
+                     "no such file {tmp}/nope.safetensors"),
+    "lora_bad_scale": (["a cat", "--lora", "{tmp}/style.safetensors:strong"], "error: --lora "
+                       "{tmp}/style.safetensors:strong: the scale 'strong' is not a finite number"),
+    "lora_nan_scale": (["a cat", "--lora", "{tmp}/style.safetensors:nan"], "the scale 'nan' is not a finite number"),
+    "lora_not_safetensors": (["a cat", "--lora", "{tmp}/empty.txt"], "empty.txt is not a .safetensors file"),
+    "config_lora": (["a cat", "--config", "{tmp}/lora.yaml"], "lora.yaml: key 'lora' has value ['nope.safetensors']: "
+                    "no such file nope.safetensors"),
     "dtype": (["a cat", "--dtype", "int8"], "unknown dtype"),
     "progress": (["a cat", "--progress", "sometimes"], "invalid choice: 'sometimes'"),
     "config_unknown_key": (["a cat", "--config", "{tmp}/bad.yaml"], "unknown key 'stpes'"),
@@ -681,6 +746,8 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, tmp_path, caps
     (tmp_path / "options.yaml").write_text("scheduler_options: {foo: 1}\n")
     (tmp_path / "nan.yaml").write_text("guidance_scale: .nan\n")
     (tmp_path / "clipskip.yaml").write_text("clip_skip: 0\n")
+    (tmp_path / "lora.yaml").write_text("lora: nope.safetensors\n")
+    (tmp_path / "style.safetensors").write_bytes(b"")
     (tmp_path / "superscript.yaml").write_text("seeds: \"\u00b2\"\n", encoding="utf-8")
     argv, message = BAD_INPUTS[case]
     message = message.format(tmp=tmp_path)
