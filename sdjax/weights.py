@@ -1282,7 +1282,8 @@ def _safetensors_metadata(path: Path) -> dict:
 def _lora_module_names(part: str, config) -> dict[str, tuple]:
     """The names a LoRA file gives the Linear and Conv modules of pipeline part ``part`` -> the NNX
     path of their kernel: diffusers' dotted module names and kohya's (``lora_unet_`` / ``lora_te_``
-    + the name with "_" for "."). A kohya name two modules would share is left out."""
+    + the name with "_" for "."; for the UNet also its original-layout name, ``lora_unet_input_blocks_
+    1_1_proj_in``, as some trainers write it). A kohya name two modules would share is left out."""
     _, state = abstract_model(LORA_PARTS[part], config)
     names: dict[str, tuple] = {}
     kohya: dict[str, tuple | None] = {}
@@ -1293,9 +1294,13 @@ def _lora_module_names(part: str, config) -> dict[str, tuple]:
         names[f"{part}.{module}"] = path
         if module.startswith("text_model."):   # diffusers' files of a transformers 5 CLIPTextModel: without it
             names[f"{part}.{module.removeprefix('text_model.')}"] = path
+        spellings = [module]
+        if part == "unet":
+            spellings.append(single_file_key(part, torch_key(path), config)
+                             .removeprefix(SINGLE_FILE_PARTS[part][1]).removesuffix(".weight"))
         for prefix, kohya_part in _KOHYA_PREFIXES.items():
-            if kohya_part == part:
-                name = prefix + module.replace(".", "_")
+            for spelling in spellings if kohya_part == part else ():
+                name = prefix + spelling.replace(".", "_")
                 kohya[name] = None if name in kohya and kohya[name] != path else path
     names.update({name: path for name, path in kohya.items() if path is not None})
     return names
@@ -1345,6 +1350,8 @@ def read_lora(file: str | os.PathLike, configs: dict[str, Any], *, scale: float 
     shape that does not fit) raises `CheckpointError` (a ValueError) naming the file and the key.
     """
     file = Path(file).expanduser()
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"{file}: the LoRA scale must be a finite number, got {scale!r}")
     if not file.is_file():
         raise CheckpointError(f"{file}: no such LoRA file")
     if file.suffix != ".safetensors":

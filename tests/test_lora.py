@@ -197,6 +197,35 @@ def test_kohya_alphas_per_module(tiny_pipeline_dir, lora_files):
             np.testing.assert_allclose(value, expected[part][key], atol=TOLERANCE, rtol=0, err_msg=key)
 
 
+def test_kohya_original_layout_unet_names_read_as_its_diffusers_names(tmp_path):
+    """``lora_unet_input_blocks_1_1_proj_in`` (the original SD layout's names, as some trainers write them) is the
+    layer ``lora_unet_down_blocks_0_attentions_0_proj_in`` is (names mapped by sdjax's single-file converter, which
+    test_single_file.py checks against diffusers')."""
+    from model_configs import TINY_CLIP, TINY_UNET
+    from sdjax.models.clip_text import CLIPTextConfig
+    from sdjax.models.unet import UNetConfig
+    from sdjax.weights import read_lora, single_file_key
+    configs = {"unet": UNetConfig.from_dict(TINY_UNET), "text_encoder": CLIPTextConfig.from_dict(TINY_CLIP)}
+    factors = lora_tensors(4)
+    diffusers_named = write_kohya(tmp_path / "a.safetensors", factors, mixed_alphas())
+    ldm = {}
+    for (part, module), value in factors.items():
+        if part == "unet":
+            module = single_file_key("unet", module + ".weight", configs["unet"])
+            module = module.removeprefix("model.diffusion_model.").removesuffix(".weight")
+        ldm[part, module] = value
+    assert ("unet", "input_blocks.1.1.proj_in") in ldm and ("unet", "input_blocks.0.0") in ldm
+    ldm_named = write_kohya(tmp_path / "b.safetensors", ldm, dict(zip(ldm, mixed_alphas().values())))
+    ours, theirs = (read_lora(f, configs, scale=0.5) for f in (diffusers_named, ldm_named))
+    assert {p: sorted(d) for p, d in ours.items()} == {p: sorted(d) for p, d in theirs.items()}
+    assert sum(map(len, ours.values())) == len(MODULES)
+    for part in ours:
+        for path in ours[part]:
+            np.testing.assert_array_equal(ours[part][path], theirs[part][path])
+    with pytest.raises(ValueError, match="the LoRA scale must be a finite number, got nan"):
+        read_lora(diffusers_named, configs, scale=float("nan"))
+
+
 def test_fused_weights_keep_the_pipeline_dtype_and_sampler(tiny_pipeline_dir, lora_files):
     pipe = StableDiffusion.from_pretrained(tiny_pipeline_dir, dtype="bfloat16")
     generate = pipe._generate
@@ -234,8 +263,8 @@ Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
      r"key 'model.diffusion_model.input_blocks.0.0.weight' is a model checkpoint, not a LoRA"),
     ({"lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 32)},
      r"key 'lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight' is for a second text encoder \(an SDXL"),
-    ({"lora_unet_conv_out.lora_down.weight": torch.zeros(4, 32, 3, 3)}, r"key 'lora_unet_conv_out.lora_down.weight' has "
-     "no LoRA up weight"),
+    ({"lora_unet_conv_out.lora_down.weight": torch.zeros(4, 32, 3, 3)},
+     r"key 'lora_unet_conv_out.lora_down.weight' has no LoRA up weight"),
 ], ids=["loha", "lokr", "unknown-module", "wrong-shape", "wrong-rank", "checkpoint", "sdxl", "no-up"])
 def test_bad_lora_files_are_refused_naming_the_key_and_change_nothing(tiny_pipeline_dir, tmp_path, extra, message):
     path = bad_file(tmp_path / "bad.safetensors", extra)
