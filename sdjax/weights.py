@@ -1343,7 +1343,8 @@ def read_lora(file: str | os.PathLike, configs: dict[str, Any], *, scale: float 
 
     Reads LoRA ``.safetensors`` files as kohya's sd-scripts and AUTOMATIC1111 write them
     (``lora_unet_*`` / ``lora_te_*`` modules with ``.lora_down.weight``, ``.lora_up.weight``,
-    ``.alpha``; LoCon's 1x1 and 3x3 convs too) and as diffusers writes them (PEFT's
+    ``.alpha``; LoCon's 1x1 and 3x3 convs too; the UNet's layers by their diffusers or original-layout
+    names) and as diffusers writes them (PEFT's
     ``unet.*.lora_A.weight`` / ``lora_B.weight``, alpha from the file's ``lora_adapter_metadata``;
     the older ``*.lora.down.weight`` / ``.lora.up.weight`` and ``*.processor.to_q_lora.down.weight``).
     Anything else (LoHa, LoKr, DoRA and other LyCORIS variants, a module the models do not have, a
@@ -1415,7 +1416,7 @@ def read_lora(file: str | os.PathLike, configs: dict[str, Any], *, scale: float 
         part = "unet" if module.startswith(("unet.", "lora_unet_")) else "text_encoder"
         target = tuple(shapes[part][path].get_value().shape)
         rank = down.shape[0] if down.ndim else 0
-        fits = (down.ndim in (2, 4) and up.ndim == down.ndim and up.shape[1] == rank
+        fits = (down.ndim in (2, 4) and up.ndim == down.ndim and rank > 0 and up.shape[1] == rank
                 and (up.ndim == 2 or up.shape[2:] == (1, 1)))
         if fits:
             if down.ndim == 2:

@@ -259,13 +259,15 @@ Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
      rf"key '{Q}.lora_down.weight' has shape \(4, 48\) and '{Q}.lora_up.weight' \(32, 4\): no LoRA of the layer's "
      r"weight \(32, 32\)"),
     ({f"{Q}.lora_up.weight": torch.zeros(32, 3)}, rf"key '{Q}.lora_down.weight' has shape \(4, 32\)"),
+    ({f"{Q}.lora_down.weight": torch.zeros(0, 32), f"{Q}.lora_up.weight": torch.zeros(32, 0)},
+     rf"key '{Q}.lora_down.weight' has shape \(0, 32\)"),
     ({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)},
      r"key 'model.diffusion_model.input_blocks.0.0.weight' is a model checkpoint, not a LoRA"),
     ({"lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 32)},
      r"key 'lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight' is for a second text encoder \(an SDXL"),
     ({"lora_unet_conv_out.lora_down.weight": torch.zeros(4, 32, 3, 3)},
      r"key 'lora_unet_conv_out.lora_down.weight' has no LoRA up weight"),
-], ids=["loha", "lokr", "unknown-module", "wrong-shape", "wrong-rank", "checkpoint", "sdxl", "no-up"])
+], ids=["loha", "lokr", "unknown-module", "wrong-shape", "wrong-rank", "rank-0", "checkpoint", "sdxl", "no-up"])
 def test_bad_lora_files_are_refused_naming_the_key_and_change_nothing(tiny_pipeline_dir, tmp_path, extra, message):
     path = bad_file(tmp_path / "bad.safetensors", extra)
     pipe = StableDiffusion.from_pretrained(tiny_pipeline_dir)
