@@ -154,7 +154,6 @@ def assert_weights_match(ours, theirs, base):
 
 @pytest.mark.parametrize("fmt,scale", [("kohya", 0.7), ("peft", 1.3), ("old", 0.8)])
 def test_fuse_lora_matches_diffusers(tiny_pipeline_dir, lora_files, fmt, scale):
-    pytest.importorskip("peft")
     pipe = StableDiffusion.from_pretrained(tiny_pipeline_dir)
     base = sdjax_torch_weights(pipe)
     pipe.fuse_lora(lora_files[fmt], scale=scale)
@@ -164,7 +163,6 @@ def test_fuse_lora_matches_diffusers(tiny_pipeline_dir, lora_files, fmt, scale):
 
 
 def test_two_loras_stack(tiny_pipeline_dir, lora_files):
-    pytest.importorskip("peft")
     pipe = StableDiffusion.from_pretrained(tiny_pipeline_dir)
     base = sdjax_torch_weights(pipe)
     pipe.fuse_lora(lora_files["kohya"], scale=0.5)
@@ -248,6 +246,14 @@ def bad_file(path, extra):
 Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
 
 
+@pytest.fixture(scope="module")
+def unfused(tiny_pipeline_dir):
+    """One pipeline for the tests of refused files, with its weights: a refused file changes nothing (each
+    test checks), so they can share it."""
+    pipe = StableDiffusion.from_pretrained(tiny_pipeline_dir)
+    return pipe, sdjax_torch_weights(pipe)
+
+
 @pytest.mark.parametrize("extra,message", [
     ({"lora_unet_down_blocks_0_resnets_0_conv1.hada_w1_a": torch.zeros(4, 32)},
      r"key 'lora_unet_down_blocks_0_resnets_0_conv1.hada_w1_a' is LoHa \(LyCORIS\)"),
@@ -268,10 +274,9 @@ Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
     ({"lora_unet_conv_out.lora_down.weight": torch.zeros(4, 32, 3, 3)},
      r"key 'lora_unet_conv_out.lora_down.weight' has no LoRA up weight"),
 ], ids=["loha", "lokr", "unknown-module", "wrong-shape", "wrong-rank", "rank-0", "checkpoint", "sdxl", "no-up"])
-def test_bad_lora_files_are_refused_naming_the_key_and_change_nothing(tiny_pipeline_dir, tmp_path, extra, message):
+def test_bad_lora_files_are_refused_naming_the_key_and_change_nothing(unfused, tmp_path, extra, message):
+    pipe, before = unfused
     path = bad_file(tmp_path / "bad.safetensors", extra)
-    pipe = StableDiffusion.from_pretrained(tiny_pipeline_dir)
-    before = sdjax_torch_weights(pipe)
     with pytest.raises(ValueError, match=str(path).replace(".", r"\.") + ": " + message):
         pipe.fuse_lora(path)
     after = sdjax_torch_weights(pipe)
@@ -280,8 +285,8 @@ def test_bad_lora_files_are_refused_naming_the_key_and_change_nothing(tiny_pipel
             np.testing.assert_array_equal(after[part][key], before[part][key])
 
 
-def test_files_that_are_no_lora_are_refused(tiny_pipeline_dir, tmp_path):
-    pipe = StableDiffusion.from_pretrained(tiny_pipeline_dir)
+def test_files_that_are_no_lora_are_refused(unfused, tmp_path):
+    pipe, _ = unfused
     with pytest.raises(ValueError, match="no such LoRA file"):
         pipe.fuse_lora(tmp_path / "missing.safetensors")
     empty = tmp_path / "empty.safetensors"
