@@ -183,8 +183,8 @@ def model_name(model: str | os.PathLike) -> str:
     checkpoint suffix (``stable-diffusion-v1-5``, ``v1-5-pruned-emaonly``): not a local path. A
     train.py export, ``my_style/final`` or ``my_style/final.safetensors``, is named by its run
     (``my_style``): every run's is "final"; a pipeline's VAE folder, ``other-model/vae``, by its
-    pipeline (``my_style/final/vae`` by the run), and a diffusers weights file (``sd15/vae/diffusion_pytorch_model.safetensors``) as its
-    folder. A local path that exists is resolved first (``.`` is the folder's own name)."""
+    pipeline (``my_style/final/vae`` by the run), and a diffusers weights file
+    (``sd15/vae/diffusion_pytorch_model.safetensors``) as its folder. A local path that exists is resolved first (``.`` is the folder's own name)."""
     text = str(model).split("?", 1)[0]
     if not text.startswith(("http://", "https://")) and text and os.path.exists(text):
         text = str(Path(text).resolve())
