@@ -157,8 +157,9 @@ def _safetensors_corrupt(path: Path, why: str) -> CheckpointError:
     return CheckpointError(f"{path}: not a readable safetensors file ({why})")
 
 
-def _safetensors_header(f, path: Path, size: int) -> tuple[dict, int]:
-    """(the JSON header without its metadata, the offset where the data starts) of an open file."""
+def _safetensors_header(f, path: Path, size: int, *, keep_metadata: bool = False) -> tuple[dict, int]:
+    """(the JSON header without its metadata, unless ``keep_metadata``, the offset where the data
+    starts) of an open file."""
     head = f.read(8)
     if len(head) < 8:
         raise _safetensors_corrupt(path, "shorter than its 8-byte header length")
@@ -171,7 +172,8 @@ def _safetensors_header(f, path: Path, size: int) -> tuple[dict, int]:
         raise _safetensors_corrupt(path, f"bad JSON header: {e}") from e
     if not isinstance(header, dict):
         raise _safetensors_corrupt(path, "the header is not a JSON object")
-    header.pop("__metadata__", None)
+    if not keep_metadata:
+        header.pop("__metadata__", None)
     return header, 8 + header_len
 
 
@@ -1268,23 +1270,16 @@ _LORA_VARIANTS = {r"hada_": "LoHa (LyCORIS)", r"lokr_": "LoKr (LyCORIS)",
 def _safetensors_metadata(path: Path) -> dict:
     """The ``__metadata__`` of a safetensors file's header ({} when it has none)."""
     with open(path, "rb") as f:
-        size = path.stat().st_size
-        header_len = int.from_bytes(f.read(8), "little")
-        if header_len > size - 8:
-            return {}
-        try:
-            metadata = json.loads(f.read(header_len)).get("__metadata__") or {}
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-            return {}
+        metadata = _safetensors_header(f, path, path.stat().st_size, keep_metadata=True)[0].get("__metadata__")
     return metadata if isinstance(metadata, dict) else {}
 
 
-def _lora_module_names(part: str, config) -> dict[str, tuple]:
+def _lora_module_names(part: str, config, state) -> dict[str, tuple]:
     """The names a LoRA file gives the Linear and Conv modules of pipeline part ``part`` -> the NNX
     path of their kernel: diffusers' dotted module names and kohya's (``lora_unet_`` / ``lora_te_``
     + the name with "_" for "."; for the UNet also its original-layout name, ``lora_unet_input_blocks_
-    1_1_proj_in``, as some trainers write it). A kohya name two modules would share is left out."""
-    _, state = abstract_model(LORA_PARTS[part], config)
+    1_1_proj_in``, as some trainers write it). A kohya name two modules would share is left out.
+    ``state``: the part's abstract state (`abstract_model`)."""
     names: dict[str, tuple] = {}
     kohya: dict[str, tuple | None] = {}
     for path, _ in nnx.to_flat_state(state):
@@ -1369,9 +1364,10 @@ def read_lora(file: str | os.PathLike, configs: dict[str, Any], *, scale: float 
         if metadata.get(f"{part}.use_dora"):
             raise CheckpointError(f"{file}: a DoRA adapter ({part}.use_dora in its metadata), not a plain LoRA; "
                                   "sdjax merges plain LoRA only")
+    states = {part: abstract_model(LORA_PARTS[part], config)[1] for part, config in configs.items()}
     names = {}
     for part, config in configs.items():
-        names.update(_lora_module_names(part, config))
+        names.update(_lora_module_names(part, config, states[part]))
     modules: dict[str, dict[str, str]] = {}   # module name -> {"down"/"up"/"alpha": the file's key}
     for key in tensors:
         for marker, what in _LORA_VARIANTS.items():
@@ -1403,8 +1399,7 @@ def read_lora(file: str | os.PathLike, configs: dict[str, Any], *, scale: float 
             raise CheckpointError(f"{file}: keys {modules[module][role]!r} and {key!r} are the same LoRA weight")
         modules[module][role] = key
     deltas: dict[str, dict[tuple, np.ndarray]] = {part: {} for part in configs}
-    shapes = {part: dict(nnx.to_flat_state(abstract_model(LORA_PARTS[part], config)[1]))
-              for part, config in configs.items()}
+    shapes = {part: dict(nnx.to_flat_state(state)) for part, state in states.items()}
     for module, keys in modules.items():
         for role in ("down", "up"):
             if role not in keys:
