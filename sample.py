@@ -4,6 +4,7 @@
     python sample.py "a photograph of an astronaut riding a horse" --seeds 0-7
     python sample.py --prompts-file prompts.txt --seeds 3,7,9 --config draft --grid
     python sample.py "a red fox in the snow" --steps 90 --guidance-scale 11 --trajectory
+    python sample.py "an oil painting of a fox" --init-image fox.png --strength 0.6 --seeds 0-3
 
 Settings come from, in order of precedence: explicit flags, a ``--config`` YAML preset (see
 configs/README.md), the built-in defaults (50 steps, guidance 7.5, PNDM, 512x512). Each PNG carries
@@ -18,8 +19,9 @@ import time
 from pathlib import Path
 
 from sdjax.cli_utils import (COMPILATION_CACHE_HELP, DEFAULT_MODEL, DTYPE_ALIASES, DTYPES, PROGRESS_MODES,
-                             OneLineErrorParser, SampleRequest, UsageError, load_config, parse_scheduler_options,
-                             parse_seeds, read_prompts_file, resolve_config_path, validate_request)
+                             OneLineErrorParser, SampleRequest, UsageError, init_image_size, load_config,
+                             parse_scheduler_options, parse_seeds, read_prompts_file, resolve_config_path,
+                             validate_request)
 
 PROG = "sample.py"
 CONFIG_DIRS = (Path(__file__).resolve().parent / "configs",)
@@ -74,8 +76,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a LoRA .safetensors file (kohya / A1111 or diffusers format) merged into the weights at "
                         "SCALE (default 1.0), repeatable: the LoRAs add up; recorded in the PNG parameters as A1111 "
                         "users write it, <lora:NAME:SCALE> after the prompt")
-    p.add_argument("--height", type=int, default=512, help="pixels, a multiple of 8 (default 512)")
-    p.add_argument("--width", type=int, default=512, help="pixels, a multiple of 8 (default 512)")
+    p.add_argument("--init-image", metavar="FILE", default=None,
+                   help="img2img: start every image from this picture (PNG, JPEG, ...) instead of pure noise, "
+                        "resized to --width x --height when they are given (default: its own size, rounded down to "
+                        "multiples of 8)")
+    p.add_argument("--strength", type=float, default=None,
+                   help="img2img: how much of the schedule runs from --init-image, in (0, 1]: low values keep "
+                        "the picture, 1 repaints it (default 0.8; int(steps x strength) steps run)")
+    p.add_argument("--height", type=int, default=None,
+                   help="pixels, a multiple of 8 (default 512, or --init-image's height)")
+    p.add_argument("--width", type=int, default=None,
+                   help="pixels, a multiple of 8 (default 512, or --init-image's width)")
     p.add_argument("--dtype", default=None, help=f"{' / '.join(DTYPES)} (or {' / '.join(DTYPE_ALIASES)}); default "
                                                  "bfloat16 on GPU/TPU, float32 on CPU")
     p.add_argument("--batch-size", type=int, default=None, help="images per compiled call (default 4 per device)")
@@ -112,11 +123,17 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
         prompts += read_prompts_file(args.prompts_file)
     seeds = args.seeds if isinstance(args.seeds, list) else parse_seeds(args.seeds)
     options = {**getattr(args, "scheduler_options", {}), **parse_scheduler_options(args.scheduler_option)}
+    try:   # an init image sets the size that is not given: its own, rounded down to multiples of 8
+        size = init_image_size(args.init_image) if args.init_image is not None else (512, 512)
+    except UsageError as e:
+        raise _from_the_preset(e, preset, path, args, sys.argv[1:] if argv is None else argv) from None
+    height, width = (size[i] // 8 * 8 if given is None else given for i, given in ((1, args.height), (0, args.width)))
     req = SampleRequest(prompts=prompts, seeds=seeds, negative_prompt=args.negative_prompt, model=args.model,
                         model_config=args.model_config, vae=args.vae, ema_weights=args.ema_weights,
                         scheduler_options=options, clip_skip=args.clip_skip, lora=list(args.lora),
                         steps=args.steps, guidance_scale=args.guidance_scale, scheduler=args.scheduler,
-                        height=args.height, width=args.width, dtype=DTYPE_ALIASES.get(args.dtype, args.dtype),
+                        init_image=args.init_image, strength=args.strength,
+                        height=height, width=width, dtype=DTYPE_ALIASES.get(args.dtype, args.dtype),
                         batch_size=args.batch_size, variant=args.variant,
                         out=str(Path(args.out).expanduser()) if str(args.out).strip() else args.out,
                         grid=args.grid, trajectory=args.trajectory, trajectory_frames=args.trajectory_frames)

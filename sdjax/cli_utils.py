@@ -27,6 +27,7 @@ from sdjax.images import (a1111_parameters, as_pil, image_grid, image_file_name,
                           save_gif, save_png)
 from sdjax.models.layers import attention_setting_problem
 from sdjax.pipeline import DEFAULT_MODEL, MAX_SEED, model_options_problem  # noqa: F401  (re-exported for sample.py)
+from sdjax.sampling import DEFAULT_STRENGTH
 from sdjax.schedulers import SCHEDULERS, resolve_scheduler_config
 from sdjax.weights import DTYPE_NAMES
 
@@ -189,6 +190,8 @@ CONFIG_KEYS: dict[str, tuple[type | tuple, str]] = {
     "scheduler_options": (dict, "scheduler settings, e.g. {use_karras_sigmas: true}"),
     "clip_skip": (int, "condition on the text encoder's N-th layer from the end (A1111's Clip skip; 1: the last)"),
     "lora": ((str, list), "LoRA files merged into the weights: FILE[:SCALE] (scale default 1), one or a list"),
+    "init_image": (str, "img2img: the image (PNG, JPEG, ...) every image starts from"),
+    "strength": ((int, float), "img2img: the share of the schedule run from the init image, in (0, 1]"),
     "height": (int, "image height in pixels (multiple of 8)"),
     "width": (int, "image width in pixels (multiple of 8)"),
     "dtype": (str, f"one of {', '.join(DTYPES)}"),
@@ -306,7 +309,7 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
                 parse_seeds(value)
             except UsageError as e:
                 raise UsageError(f"{path}: key 'seeds': {e}") from e
-        if key == "guidance_scale":
+        if key in ("guidance_scale", "strength"):
             value = float(value)
         if key == "lora":
             value = [value] if isinstance(value, str) else value
@@ -391,7 +394,9 @@ class SampleRequest:
     scheduler_options: dict = dataclasses.field(default_factory=dict)   # e.g. {"use_karras_sigmas": True}
     clip_skip: int = 1                # A1111's "Clip skip": 1 = the text encoder's last layer, 2 = the penultimate
     lora: list[str] = dataclasses.field(default_factory=list)   # LoRA files merged into the weights, FILE[:SCALE]
-    height: int = 512
+    init_image: str | None = None     # img2img: the image every image starts from
+    strength: float | None = None     # img2img: the share of the schedule run (None: DEFAULT_STRENGTH)
+    height: int = 512                 # (with an init image: its size, unless given)
     width: int = 512
     dtype: str | None = None          # None: bfloat16 on GPU/TPU, float32 on CPU
     batch_size: int | None = None
@@ -399,6 +404,13 @@ class SampleRequest:
     grid: bool = False
     trajectory: bool = False
     trajectory_frames: int = 8
+
+    @property
+    def img2img_strength(self) -> float | None:
+        """The strength img2img runs at: None without an init image."""
+        if self.init_image is None:
+            return None
+        return DEFAULT_STRENGTH if self.strength is None else float(self.strength)
 
     @property
     def jobs(self) -> list[tuple[str, int]]:
@@ -414,8 +426,34 @@ class SampleRequest:
         import numpy as np
         fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("model", "model_config", "vae", "out")}
         fields["lora"] = [(Path(file).name, scale) for file, scale in map(parse_lora, self.lora)]   # not the paths
+        if self.init_image is not None:   # the image, wherever each host keeps it
+            fields["init_image"] = hashlib.sha256(Path(self.init_image).expanduser().read_bytes()).hexdigest()
         digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).digest()
         return np.frombuffer(digest[:16], np.int32)
+
+
+def init_image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) of ``--init-image``'s file, read from its header; a UsageError naming the
+    file when it is missing or no image PIL can read."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(Path(path).expanduser()) as image:
+            return image.size
+    except FileNotFoundError:
+        raise _bad_setting("init_image", path, "no such file") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise _bad_setting("init_image", path, f"cannot be read as an image ({e})") from None
+
+
+def load_init_image(path: str | os.PathLike, width: int, height: int) -> np.ndarray:
+    """``--init-image`` as uint8 RGB [height, width, 3], resized to that size (Lanczos, as diffusers'
+    image processor and A1111's "Just resize" do) when it has another."""
+    from PIL import Image
+    with Image.open(Path(path).expanduser()) as image:
+        image = image.convert("RGB")
+        if image.size != (width, height):
+            image = image.resize((width, height), Image.Resampling.LANCZOS)
+        return np.asarray(image)
 
 
 def parse_lora(text: str) -> tuple[str, float]:
@@ -467,7 +505,9 @@ def validate_request(req: SampleRequest) -> None:
     for name in ("height", "width"):
         size = getattr(req, name)
         if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % 8:
-            raise _bad_setting(name, size, "must be a positive multiple of 8")
+            raise _bad_setting(name, size, "must be a positive multiple of 8"
+                               + (" (the init image is smaller than 8 pixels: give --height and --width)"
+                                  if req.init_image is not None and size == 0 else ""))
     if req.scheduler not in SCHEDULERS:
         choose = f"choose one of {', '.join(SCHEDULERS)}"
         raise _bad_setting("scheduler", req.scheduler, choose, f"unknown scheduler {req.scheduler!r}: {choose}")
@@ -485,6 +525,18 @@ def validate_request(req: SampleRequest) -> None:
                            "2: the penultimate; typically 1 or 2)")
     for text in req.lora:   # the files' contents once the model is loaded (StableDiffusion.fuse_lora)
         parse_lora(text)
+    if req.init_image is not None:
+        init_image_size(req.init_image)
+    if req.strength is not None:
+        strength = req.strength
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+            raise _bad_setting("strength", strength, "must be a number in (0, 1] (the share of the schedule run from "
+                               "the init image; typical 0.5-0.8)")
+        if req.init_image is None:
+            raise _bad_setting("strength", strength, "is img2img's: give --init-image too")
+    if req.img2img_strength is not None and int(req.steps * req.img2img_strength) < 1:
+        raise _bad_setting("strength", req.img2img_strength, f"with --steps {req.steps} runs no step "
+                           f"(int(steps x strength) are run): raise either")
     if req.dtype is not None and req.dtype not in DTYPES:
         choose = f"choose one of {', '.join(DTYPES)} (or {', '.join(DTYPE_ALIASES)})"
         raise _bad_setting("dtype", req.dtype, choose, f"unknown dtype {req.dtype!r}: {choose}")
@@ -771,7 +823,12 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
     per_call = parallel.padded_size(req.batch_size or 4 * parallel.data_size(pipe.mesh), pipe.mesh)
     per_call = min(per_call, parallel.padded_size(len(jobs), pipe.mesh))
     sched = pipe.make_scheduler(req.scheduler, req.steps, **req.scheduler_options)
-    picks = trajectory_steps(sched.num_model_calls, req.trajectory_frames) if req.trajectory else None
+    strength, init, first_call = req.img2img_strength, None, 0
+    if strength is not None:   # img2img: the schedule runs from first_call on
+        from sdjax.sampling import img2img_start
+        init = load_init_image(req.init_image, req.width, req.height)
+        first_call = img2img_start(req.steps, strength)
+    picks = trajectory_steps(sched.num_model_calls, req.trajectory_frames, first_call) if req.trajectory else None
     loras = lora_tags(req.lora)
 
     files: list[Path] = []
@@ -785,7 +842,7 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
         from tqdm.auto import tqdm
         # A disabled bar on the other processes: the same step callback keeps their programs identical.
         if mode == "steps":   # one bar for the whole request, which the pipeline advances per step
-            step_bar = tqdm(total=len(batches) * sched.num_model_calls, desc="steps", unit="step",
+            step_bar = tqdm(total=len(batches) * (sched.num_model_calls - first_call), desc="steps", unit="step",
                             disable=not writer)
         else:
             bar = tqdm(batches, desc="batches", unit="batch", disable=not writer)
@@ -811,10 +868,14 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
                                    num_inference_steps=req.steps, guidance_scale=req.guidance_scale,
                                    height=req.height, width=req.width, scheduler=req.scheduler, batch_size=per_call,
                                    return_intermediates=picks, progress=step_bar,
-                                   scheduler_options=req.scheduler_options, clip_skip=req.clip_skip)
+                                   scheduler_options=req.scheduler_options, clip_skip=req.clip_skip,
+                                   init_images=init, strength=strength)
             for batch, out in zip(bar, outputs, strict=True):
                 padded = batch + [batch[-1]] * (per_call - len(batch))   # one decoder program for every batch
-                noise = noise_images(pipe, [s for _, s in padded], req.height, req.width) if req.trajectory else None
+                noise = None   # the trajectory's first frame: the seed's noise, or the image img2img starts from
+                if req.trajectory:
+                    noise = ([init.astype(np.float32) / 255] * len(padded) if init is not None
+                             else noise_images(pipe, [s for _, s in padded], req.height, req.width))
                 generated += len(batch)
                 _stop_together(written if writer else None)
                 if not writer:
@@ -825,14 +886,15 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
                                               guidance_scale=req.guidance_scale, seed=seed, width=req.width,
                                               height=req.height, model=req.model, vae=req.vae,
                                               scheduler_options=req.scheduler_options, clip_skip=req.clip_skip,
-                                              loras=loras)
+                                              loras=loras, denoising_strength=strength)
                     files.append(out_dir / image_file_name(index, seed, prompt))
                     writing.append(saver.submit(save_png, out.images[b], files[-1], params))
                     if req.grid:   # as 8-bit, a quarter of the float images' memory over a long run
                         images_for_grid.append(as_pil(out.images[b]))
                         grid_params = grid_params or params   # A1111's grids carry their first image's
                     if req.trajectory:
-                        frames, labels = output_trajectory(out, b, sched, noise[b])
+                        frames, labels = output_trajectory(out, b, sched, noise[b],
+                                                           "init image" if init is not None else "noise")
                         extra += [out_dir / image_file_name(index, seed, prompt, "-trajectory"),
                                   out_dir / image_file_name(index, seed, prompt, "-trajectory", "gif")]
                         writing.append(saver.submit(save_png, image_strip(frames, labels), extra[-2], params))

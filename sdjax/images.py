@@ -138,7 +138,7 @@ def _number(value) -> str:
 def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, scheduler: str, guidance_scale: float,
                      seed: int, width: int, height: int, model: str | None = None, vae: str | None = None,
                      scheduler_options: dict | None = None, clip_skip: int = 1,
-                     loras: Sequence[tuple[str, float]] = ()) -> str:
+                     loras: Sequence[tuple[str, float]] = (), denoising_strength: float | None = None) -> str:
     """Generation settings as AUTOMATIC1111 writes them into the PNG ``parameters`` text chunk::
 
         a photo of a cat
@@ -152,6 +152,7 @@ def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, sche
     ``clip_skip`` (A1111's numbering) is written as A1111 does, ``Clip skip: 2``, when it is not 1.
     ``loras``, (NAME, SCALE) of each LoRA merged into the weights, are written as A1111 users write
     them in the prompt, which A1111 and Civitai read back: ``a photo of a cat <lora:NAME:SCALE>``.
+    ``denoising_strength`` (img2img's strength) is written as A1111's img2img does, ``Denoising strength: 0.75``.
     """
     sampler = SAMPLER_NAMES.get(scheduler, scheduler)
     fields = [("Steps", steps), ("Sampler", sampler)]
@@ -168,6 +169,8 @@ def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, sche
         fields.append(("Model", model_name(model)))
     if vae:
         fields.append(("VAE", model_name(vae)))
+    if denoising_strength is not None:
+        fields.append(("Denoising strength", _number(denoising_strength)))
     if clip_skip != 1:
         fields.append(("Clip skip", clip_skip))
     tags = " ".join(f"<lora:{name}:{_number(scale)}>" for name, scale in loras)
@@ -237,6 +240,44 @@ def as_pil(image) -> Image.Image:
     if array.dtype != np.uint8:
         array = (array.astype(np.float32) * 255).round().clip(0, 255).astype(np.uint8)
     return Image.fromarray(array)
+
+
+def image_batch(images, name: str = "init_images") -> np.ndarray:
+    """Images as float32 [B, H, W, 3] in [0, 1]: a PIL image (any mode, taken as RGB), a list of them,
+    or an array [H, W, 3] or [B, H, W, 3] of uint8 pixels or floats in [0, 1] (NHWC). A ValueError or
+    TypeError naming ``name`` and what is wrong otherwise (an NCHW array, floats outside [0, 1], ...)."""
+    if isinstance(images, Image.Image):
+        return np.asarray(images.convert("RGB"), np.float32)[None] / 255
+    if isinstance(images, (list, tuple)):
+        if not images:
+            raise ValueError(f"{name} is empty")
+        arrays = []
+        for i, image in enumerate(images):
+            one = image_batch(image, f"{name}[{i}]")
+            if one.shape[0] != 1:
+                raise ValueError(f"{name}[{i}] has shape {one.shape}: a list holds single images [height, width, 3]")
+            arrays.append(one[0])
+        sizes = sorted({a.shape for a in arrays})
+        if len(sizes) > 1:
+            raise ValueError(f"{name}: the images differ in size ({', '.join(f'{w}x{h}' for h, w, _ in sizes)}): "
+                             "resize them to one size")
+        return np.stack(arrays)
+    array = np.asarray(images)
+    if array.ndim == 3:
+        array = array[None]
+    if array.ndim != 4 or array.shape[-1] != 3:
+        hint = " (sdjax is NHWC: channels last)" if array.ndim == 4 and array.shape[1] == 3 else ""
+        raise ValueError(f"{name} has shape {array.shape}; expected [batch, height, width, 3] or [height, width, 3] "
+                         f"RGB{hint}")
+    if array.dtype == np.uint8:
+        return array.astype(np.float32) / 255
+    if not np.issubdtype(array.dtype, np.floating):
+        raise TypeError(f"{name} has dtype {array.dtype}; expected uint8 pixels or floats in [0, 1]")
+    array = array.astype(np.float32)
+    if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
+        raise ValueError(f"{name}: float images must be in [0, 1], got values in {array.min():g}..{array.max():g} "
+                         "(uint8 pixels: pass them as uint8)")
+    return array
 
 
 def umask() -> int:

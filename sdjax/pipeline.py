@@ -266,10 +266,10 @@ class _StepTicker:
     """
 
     def __init__(self):
-        self.bar = None
+        self.bar, self.first = None, 0   # first: the loop index the call begins at (img2img: past 0)
 
     def __call__(self, i) -> None:
-        if self.bar is not None and int(i) > 0:   # model call i has started: call i - 1 is done
+        if self.bar is not None and int(i) > self.first:   # model call i has started: call i - 1 is done
             self.bar.update(1)
 
 
@@ -317,7 +317,8 @@ class StableDiffusion:
         # (7.8 ms for SD v1.5's on a 2-core CPU, ~1% of a GPU's 50-step image at batch 1).
         self._generate = jax.jit(
             functools.partial(sampling.generate, self._graphdefs),
-            static_argnames=("latent_shape_HWC", "use_guidance", "return_predictions", "on_step", "clip_skip"))
+            static_argnames=("latent_shape_HWC", "use_guidance", "return_predictions", "on_step", "clip_skip",
+                             "start"))
         self._ticker = _StepTicker()
         self._decode = jax.jit(functools.partial(_decode, self._graphdefs.vae))
 
@@ -567,11 +568,11 @@ class StableDiffusion:
     @_one_call_at_a_time
     def __call__(self, prompts: str | Sequence[str], negative_prompts: str | Sequence[str] | None = None,
                  seeds: int | Sequence[int] | np.ndarray | jax.Array = 0, num_inference_steps: int = 50,
-                 guidance_scale: float = 7.5, height: int = 512, width: int = 512, scheduler: str = "pndm",
-                 latents: np.ndarray | jax.Array | None = None,
+                 guidance_scale: float = 7.5, height: int | None = None, width: int | None = None,
+                 scheduler: str = "pndm", latents: np.ndarray | jax.Array | None = None,
                  *, batch_size: int | None = None, return_intermediates: int | Sequence[int] | None = None,
-                 scheduler_options: dict | None = None,
-                 progress: bool | str | _Bar = False, clip_skip: int = 1) -> StableDiffusionOutput:
+                 scheduler_options: dict | None = None, progress: bool | str | _Bar = False, clip_skip: int = 1,
+                 init_images: Any = None, strength: float | None = None) -> StableDiffusionOutput:
         """Generate one image per (prompt, seed) (all of them in memory at the end: `batches`
         hands them over one batch at a time instead).
 
@@ -585,7 +586,8 @@ class StableDiffusion:
         device), split over every device and so rounded up to a multiple of the device count; a
         last batch that is short is padded to the same shape, so one program serves the whole call.
         ``return_intermediates``: a count of evenly spaced steps, or the step indices, at which to
-        return the predicted clean image (the "noise resolving into a picture" view).
+        return the predicted clean image (the "noise resolving into a picture" view; img2img: indices
+        from the one its strength starts at).
         ``progress``: ``True`` or ``"steps"`` shows a bar over the denoising steps of every batch;
         ``"batches"`` one over batches; or pass your own bar (any object with ``update(n)``, e.g.
         a ``tqdm``), advanced once per UNet evaluation (PNDM: steps + 1). Step bars add one host
@@ -595,11 +597,21 @@ class StableDiffusion:
         conditions on the text encoder's last layer, N on the N-th layer from the end (N-1 layers
         skipped), through the final layer norm either way; diffusers' ``clip_skip=k`` is N = k + 1. An
         integer in 1..num_hidden_layers; each value compiles its own program.
+        ``height``, ``width``: pixels, multiples of 8 (default 512, or the init images' size).
+        ``init_images`` (img2img): start from these images instead of pure noise, as diffusers'
+        StableDiffusionImg2ImgPipeline does: each is encoded (a draw from the VAE posterior, keyed by
+        its seed), noised to the point of the schedule that leaves ``strength`` of it to run (default
+        0.8; 1 is almost text-to-image, small values keep the image), and denoised from there, so
+        ``int(num_inference_steps * strength)`` steps run. A PIL image, a list of them, or an array
+        [B or 1, H, W, 3] (NHWC) of uint8 pixels or floats in [0, 1]; its batch broadcasts like the
+        lists (one image for every prompt and seed, or one per image). ``latents`` is then the noise
+        added to them. Each strength compiles its own program (its step count is static).
         """
         outputs = list(self.batches(
             prompts, negative_prompts, seeds, num_inference_steps, guidance_scale, height, width, scheduler,
             latents, batch_size=batch_size, return_intermediates=return_intermediates,
-            scheduler_options=scheduler_options, progress=progress, clip_skip=clip_skip))
+            scheduler_options=scheduler_options, progress=progress, clip_skip=clip_skip,
+            init_images=init_images, strength=strength))
         steps = outputs[0].intermediate_steps
         return StableDiffusionOutput(np.concatenate([o.images for o in outputs]),
                                      [p for o in outputs for p in o.prompts],
@@ -610,11 +622,11 @@ class StableDiffusion:
 
     def batches(self, prompts: str | Sequence[str], negative_prompts: str | Sequence[str] | None = None,
                 seeds: int | Sequence[int] | np.ndarray | jax.Array = 0, num_inference_steps: int = 50,
-                guidance_scale: float = 7.5, height: int = 512, width: int = 512, scheduler: str = "pndm",
-                latents: np.ndarray | jax.Array | None = None,
+                guidance_scale: float = 7.5, height: int | None = None, width: int | None = None,
+                scheduler: str = "pndm", latents: np.ndarray | jax.Array | None = None,
                 *, batch_size: int | None = None, return_intermediates: int | Sequence[int] | None = None,
-                scheduler_options: dict | None = None,
-                progress: bool | str | _Bar = False, clip_skip: int = 1) -> Iterator[StableDiffusionOutput]:
+                scheduler_options: dict | None = None, progress: bool | str | _Bar = False, clip_skip: int = 1,
+                init_images: Any = None, strength: float | None = None) -> Iterator[StableDiffusionOutput]:
         """The images of ``pipe(...)`` (same arguments, same images), one `StableDiffusionOutput`
         per compiled call of ``batch_size`` images, in order, for many seeds: write each batch's
         files and let it go, instead of holding every image. The arguments are checked now (a
@@ -632,10 +644,17 @@ class StableDiffusion:
         negatives = _as_list(negative_prompts, "negative_prompts") or [""]
         if latents is not None:
             latents = np.asarray(latents, np.float32)
-        # latents' batch counts too: pipe("a cat", latents=four_noises) makes four images
+        if init_images is not None:
+            from sdjax.images import image_batch
+            init_images = image_batch(init_images)
+        elif strength is not None:
+            raise ValueError(f"strength={strength!r} is img2img's: it needs init_images to start from")
+        # latents' and images' batches count too: pipe("a cat", latents=four_noises) makes four images
         n_latents = latents.shape[0] if latents is not None and latents.ndim == 4 else 1   # else: the shape error
-        n = max(len(prompts), len(seeds), len(negatives), n_latents)
-        for name, items in (("prompts", prompts), ("seeds", seeds), ("negative_prompts", negatives)):
+        n_init = 1 if init_images is None else init_images.shape[0]
+        n = max(len(prompts), len(seeds), len(negatives), n_latents, n_init)
+        for name, items in (("prompts", prompts), ("seeds", seeds), ("negative_prompts", negatives),
+                            ("init_images", range(n_init))):
             if len(items) not in (1, n):
                 raise ValueError(f"{name} has {len(items)} entries; expected 1 or {n} to match the others")
         prompts, seeds, negatives = ([x[0]] * n if len(x) == 1 else x for x in (prompts, seeds, negatives))
@@ -648,6 +667,17 @@ class StableDiffusion:
                 raise ValueError(f"seed {s!r} is not an integer in [0, 2**32 - 1]")
         if not all(isinstance(p, str) for p in prompts + negatives):
             raise TypeError("prompts and negative_prompts must be strings")
+        if init_images is not None:   # the images' size, which height and width may only repeat
+            image_h, image_w = init_images.shape[1:3]
+            for name, given, size in (("height", height, image_h), ("width", width, image_w)):
+                if given is not None and given != size:
+                    raise ValueError(f"{name}={given!r} but init_images are {image_w}x{image_h} (width x height): "
+                                     f"leave {name} out, or resize the images")
+                if size % 8:
+                    raise ValueError(f"init_images are {image_w}x{image_h} (width x height): each side must be a "
+                                     "multiple of 8 (resize or crop them)")
+            height, width = image_h, image_w
+        height, width = (512 if size is None else size for size in (height, width))
         for name, size in (("height", height), ("width", width)):
             if not isinstance(size, (int, np.integer)) or size <= 0 or size % 8:
                 raise ValueError(f"{name}={size!r}: must be a positive multiple of 8")
@@ -664,13 +694,18 @@ class StableDiffusion:
             raise ValueError(f"unknown scheduler {scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
         clip_skip = sampling.check_clip_skip(clip_skip, self.text_encoder.config.num_hidden_layers)
         sched = self.make_scheduler(scheduler, num_inference_steps, **(scheduler_options or {}))
+        first_call = 0   # the loop index denoising begins at: img2img's strength skips the start of the schedule
+        if init_images is not None:
+            first_call = sampling.img2img_start(num_inference_steps,
+                                                sampling.DEFAULT_STRENGTH if strength is None else strength)
+            sched.starting_at(first_call)   # a schedule that cannot begin midway: raises now
         latent_shape = (height // self.vae_scale, width // self.vae_scale, self.unet.config.in_channels)
         if latents is not None:
             if latents.shape != (n, *latent_shape):
                 expected = f"{(n, *latent_shape)}" + (f" or {(1, *latent_shape)}" if n > 1 else "")
                 raise ValueError(f"latents have shape {given_shape}; expected {expected} "
                                  f"([batch, height/{self.vae_scale}, width/{self.vae_scale}, channels], NHWC)")
-        steps = self._intermediate_steps(return_intermediates, sched.num_model_calls)
+        steps = self._intermediate_steps(return_intermediates, sched.num_model_calls, first_call)
 
         ids = tokenize(self.tokenizer, prompts)
         neg_ids = tokenize(self.tokenizer, negatives, kind="negative prompt")
@@ -683,16 +718,20 @@ class StableDiffusion:
         per_call = min(parallel.padded_size(batch_size or 4 * parallel.data_size(self.mesh), self.mesh),
                        parallel.padded_size(n, self.mesh))
         seeds = np.asarray(seeds, np.uint32)
-        return self._batches(prompts, negatives, seeds, ids, neg_ids, latents, sched, latent_shape,
-                             guidance_scale, steps, per_call, progress, clip_skip)
+        return self._batches(prompts, negatives, seeds, ids, neg_ids, latents, init_images, first_call, sched,
+                             latent_shape, guidance_scale, steps, per_call, progress, clip_skip)
 
-    def _batches(self, prompts, negatives, seeds, ids, neg_ids, latents, sched, latent_shape, guidance_scale,
-                 steps, per_call, progress, clip_skip) -> Iterator[StableDiffusionOutput]:
+    def _batches(self, prompts, negatives, seeds, ids, neg_ids, latents, init_images, first_call, sched,
+                 latent_shape, guidance_scale, steps, per_call, progress, clip_skip) -> Iterator[StableDiffusionOutput]:
         """`batches`' generator, on its checked arguments: dispatches batch k + 1 before fetching batch k."""
         with self._lock:
             state = self.state
+            # one init image for every image: encoded once per batch from one replicated copy
+            one_init = None if init_images is None or len(init_images) > 1 else parallel.replicate(
+                init_images, self.mesh)
             starts = range(0, len(prompts), per_call)
-            step_bar, own_bar, show_batches = _progress_bars(progress, len(starts) * sched.num_model_calls)
+            step_bar, own_bar, show_batches = _progress_bars(progress,
+                                                             len(starts) * (sched.num_model_calls - first_call))
             batch_bar = None
             if show_batches:
                 from tqdm.auto import tqdm
@@ -705,12 +744,13 @@ class StableDiffusion:
                 out = self._generate(
                     state, sched, shard(ids), shard(neg_ids), shard(seeds),
                     None if latents is None else shard(latents), jnp.float32(guidance_scale),
+                    one_init if one_init is not None or init_images is None else shard(init_images),
                     latent_shape_HWC=latent_shape, use_guidance=guidance_scale > 1.0,
                     return_predictions=bool(steps), on_step=None if step_bar is None else self._ticker,
-                    clip_skip=clip_skip)
+                    clip_skip=clip_skip, start=first_call)
                 # Indexed one step at a time: iterating over an array spread over several
                 # processes is not allowed. Each [B, H, W, 3], decoded right behind the batch.
-                decoded = [self._decode(state.vae, out.predictions[s]) for s in steps]
+                decoded = [self._decode(state.vae, out.predictions[s - first_call]) for s in steps]
                 return start, stop, out.images, decoded
 
             def fetch(batch, last: bool) -> StableDiffusionOutput:
@@ -727,7 +767,7 @@ class StableDiffusion:
                 return StableDiffusionOutput(images, prompts[start:stop], negatives[start:stop],
                                              [int(s) for s in seeds[start:stop]], inter, steps or None)
 
-            self._ticker.bar = step_bar
+            self._ticker.bar, self._ticker.first = step_bar, first_call
             try:
                 ahead = dispatch(starts[0])
                 for start in starts[1:]:
@@ -742,7 +782,7 @@ class StableDiffusion:
                     batch_bar.close()
 
     @staticmethod
-    def _intermediate_steps(request, num_calls: int) -> list[int]:
+    def _intermediate_steps(request, num_calls: int, start: int = 0) -> list[int]:
         if request is None or request is False:
             return []
         if request is True or isinstance(request, np.bool_):
@@ -750,12 +790,13 @@ class StableDiffusion:
         if isinstance(request, (int, np.integer)):
             if request < 1:
                 raise ValueError("return_intermediates must be >= 1 (a number of steps) or a list of steps")
-            return sorted({int(round(x)) for x in np.linspace(0, num_calls - 1, min(int(request), num_calls))})
+            return sorted({int(round(x)) for x in np.linspace(start, num_calls - 1,
+                                                             min(int(request), num_calls - start))})
         try:
             steps = [int(s) for s in request]
         except TypeError:
             raise TypeError(f"return_intermediates={request!r}: a number of steps or a list of step indices") from None
-        bad = [s for s in steps if not 0 <= s < num_calls]
-        if bad:
-            raise ValueError(f"intermediate steps {bad} are outside 0..{num_calls - 1}")
+        bad = [s for s in steps if not start <= s < num_calls]
+        if bad:   # (img2img runs from its start index on)
+            raise ValueError(f"intermediate steps {bad} are outside {start}..{num_calls - 1}")
         return sorted(set(steps))

@@ -20,6 +20,7 @@ from sdjax.models.layers import check_nhwc
 from sdjax.schedulers import Scheduler, alpha_prediction_to_x0_and_eps, image_key_count
 
 F32 = jnp.float32
+DEFAULT_STRENGTH = 0.8   # img2img's, as diffusers' StableDiffusionImg2ImgPipeline
 
 
 def image_keys(seeds_B) -> jax.Array:
@@ -60,6 +61,31 @@ def step_keys(keys_B) -> jax.Array:
     of the initial noise. ``denoise(..., keys_B=step_keys(image_keys(seeds)))`` gives the pipeline's
     images for those seeds."""
     return jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys_B)
+
+
+def posterior_keys(keys_B) -> jax.Array:
+    """The keys of img2img's draw from the VAE posterior of each init image, as `generate` (and so
+    the pipeline) derives them from the images' keys: distinct from the initial noise's and the
+    per-step noise's (`step_keys`)."""
+    return jax.vmap(lambda k: jax.random.fold_in(k, 2))(keys_B)
+
+
+def encode_images(vae, images_BHWC, keys_B=None) -> jax.Array:
+    """Images float [B, H, W, 3] in [0, 1] -> UNet-space latents [B, H/8, W/8, C] (the other end of
+    `decode_latents`): a draw from the VAE posterior with one key per image (``keys_B``: typed [B]
+    or raw uint32 [B, 2]; `posterior_keys` gives the pipeline's), as diffusers' img2img pipeline
+    encodes its init image, or the posterior mean with ``keys_B=None``; times ``vae.scaling_factor``.
+    One image ([1, H, W, 3]) with B keys is encoded once and drawn from B times."""
+    if hasattr(images_BHWC, "dtype") and not jnp.issubdtype(images_BHWC.dtype, jnp.floating):
+        raise TypeError(f"images_BHWC has dtype {images_BHWC.dtype}; expected floats in [0, 1] (uint8 pixels / 255)")
+    posterior = vae.encode(2.0 * jnp.asarray(images_BHWC, F32) - 1.0)
+    if keys_B is None:
+        return posterior.mean * vae.scaling_factor
+    B = image_key_count(keys_B)
+    if B is not None and posterior.mean.shape[0] == 1 < B:
+        posterior = type(posterior)(*(jnp.broadcast_to(a, (B, *a.shape[1:])) for a in posterior))
+    latents = posterior.sample(keys_B)
+    return latents * vae.scaling_factor
 
 
 def img2img_start(num_inference_steps: int, strength: float) -> int:
@@ -269,12 +295,15 @@ class GenerateOutput(NamedTuple):
 
 
 def generate(graphdefs: SDState, state: SDState, scheduler: Scheduler, cond_ids_BT, uncond_ids_BT, seeds_B,
-             latents_BHWC, guidance_scale, *, latent_shape_HWC, use_guidance: bool,
-             return_predictions: bool = False, on_step=None, clip_skip: int = 1) -> GenerateOutput:
+             latents_BHWC, guidance_scale, init_images_BHWC=None, *, latent_shape_HWC, use_guidance: bool,
+             return_predictions: bool = False, on_step=None, clip_skip: int = 1, start: int = 0) -> GenerateOutput:
     """Prompts to images in one traced function: the body `StableDiffusion` jit-compiles.
 
     ``latents_BHWC=None`` draws each image's initial noise from its seed; otherwise those unscaled
     N(0, 1) latents are used. Seeds also key the per-step noise of stochastic schedulers.
+    ``init_images_BHWC`` (img2img: float [B, H, W, 3] in [0, 1]) are encoded (`encode_images`, a
+    posterior draw keyed by `posterior_keys`), noised to loop index ``start`` (static, from
+    `img2img_start`) with that noise, and denoised from there, as diffusers' img2img pipeline does.
     ``on_step``: see :func:`denoise`; ``clip_skip`` (static): see :func:`encode_prompts`.
     """
     text_encoder, unet, vae = (nnx.merge(g, s) for g, s in zip(graphdefs, state))
@@ -283,7 +312,14 @@ def generate(graphdefs: SDState, state: SDState, scheduler: Scheduler, cond_ids_
         latents_BHWC = initial_noise(keys, latent_shape_HWC)
     cond = encode_prompts(text_encoder, cond_ids_BT, clip_skip)
     uncond = encode_prompts(text_encoder, uncond_ids_BT, clip_skip) if use_guidance else None
-    out = denoise(unet, scheduler, latents_BHWC.astype(F32) * scheduler.init_noise_sigma, cond, uncond,
-                  guidance_scale, step_keys(keys), return_predictions, on_step)
+    if init_images_BHWC is None:
+        if start:
+            raise ValueError("start > 0 begins the schedule midway: it needs init_images_BHWC (img2img)")
+        x = latents_BHWC.astype(F32) * scheduler.init_noise_sigma
+    else:
+        x0 = encode_images(vae, init_images_BHWC, posterior_keys(keys))
+        x = scheduler.add_noise_at(x0, latents_BHWC.astype(F32), start)
+    out = denoise(unet, scheduler, x, cond, uncond, guidance_scale, step_keys(keys), return_predictions, on_step,
+                  start=start)
     latents, predictions = out if return_predictions else (out, None)
     return GenerateOutput(decode_latents(vae, latents), predictions)

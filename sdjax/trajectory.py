@@ -24,7 +24,7 @@ from flax import nnx
 from PIL import Image
 
 from sdjax import parallel, sampling
-from sdjax.images import as_pil, image_strip, save_gif
+from sdjax.images import as_pil, image_batch, image_strip, save_gif
 from sdjax.schedulers import add_noise, make_noise_schedule
 
 __all__ = ["image_strip", "save_gif", "denoising_trajectory", "noising_trajectory", "trajectory_steps",
@@ -34,13 +34,14 @@ DEFAULT_NOISING_TIMESTEPS = (0, 100, 250, 500, 750, 999)
 
 
 # ----------------------------------------------------------------------------- sampling direction
-def trajectory_steps(num_model_calls: int, num_frames: int) -> list[int]:
+def trajectory_steps(num_model_calls: int, num_frames: int, first_call: int = 0) -> list[int]:
     """Loop indices at which to show the predicted clean image so that, with the noise frame in
-    front and the final image at the end, there are at most ``num_frames`` frames (>= 3)."""
+    front and the final image at the end, there are at most ``num_frames`` frames (>= 3).
+    ``first_call``: the index the schedule starts at (img2img: past 0)."""
     if num_frames < 3:
         raise ValueError(f"num_frames={num_frames}: a trajectory needs at least 3 frames (noise, a step, final)")
     # evenly spaced over [0, last], the last one dropped: the final image shows that step
-    picks = np.linspace(0, num_model_calls - 1, num_frames - 1)[:-1]
+    picks = np.linspace(first_call, num_model_calls - 1, num_frames - 1)[:-1]
     return sorted({int(round(x)) for x in picks})
 
 
@@ -69,17 +70,18 @@ def _step_label(scheduler, i: int) -> str:
     return f"step {i + 1} t={t}"
 
 
-def output_trajectory(out, index: int, scheduler, noise_frame: np.ndarray | None = None
-                      ) -> tuple[list[np.ndarray], list[str]]:
+def output_trajectory(out, index: int, scheduler, noise_frame: np.ndarray | None = None,
+                      first_label: str = "noise") -> tuple[list[np.ndarray], list[str]]:
     """Frames and labels of image ``index`` of a pipeline output made with ``return_intermediates``:
-    [noise (if given)] + predicted clean images at ``out.intermediate_steps`` + the final image.
+    [noise (if given; img2img's init image, ``first_label``)] + predicted clean images at
+    ``out.intermediate_steps`` + the final image.
     ``scheduler`` (the one that made ``out``) supplies each step's timestep for the labels."""
     if out.intermediates is None:
         raise ValueError("the output has no intermediates: call the pipeline with return_intermediates=...")
     frames, labels = [], []
     if noise_frame is not None:
         frames.append(np.asarray(noise_frame))
-        labels.append("noise")
+        labels.append(first_label)
     for k, step in enumerate(out.intermediate_steps):
         frames.append(out.intermediates[k, index])
         labels.append(_step_label(scheduler, step))
@@ -96,14 +98,20 @@ def denoising_trajectory(pipe, prompt: str, seed: int = 0, *, steps: int = 50, n
     Frames (float [H, W, 3] in [0, 1]): the seed's initial noise decoded, the model's prediction of
     the clean image at evenly spaced steps, and the final image — ``num_frames`` at most (fewer when
     there are fewer steps). Labels: ``"noise"``, ``"step 10 t=801"``, ..., ``"final"``. Other keyword
-    arguments (``guidance_scale``, ``height``, ``width``, ``scheduler_options``, ``latents``, ``clip_skip``) go
-    to the pipeline call, so the final frame is exactly the image ``pipe(prompt, seeds=seed, ...)`` makes.
+    arguments (``guidance_scale``, ``height``, ``width``, ``scheduler_options``, ``latents``, ``clip_skip``,
+    img2img's ``init_images`` and ``strength``) go to the pipeline call, so the final frame is exactly the
+    image ``pipe(prompt, seeds=seed, ...)`` makes; img2img's first frame is its init image (``"init image"``).
     """
     sched = pipe.make_scheduler(scheduler, steps, **(kwargs.get("scheduler_options") or {}))
-    picks = trajectory_steps(sched.num_model_calls, num_frames)
+    init = kwargs.get("init_images")
+    first_call = 0 if init is None else sampling.img2img_start(
+        steps, sampling.DEFAULT_STRENGTH if kwargs.get("strength") is None else kwargs["strength"])
+    picks = trajectory_steps(sched.num_model_calls, num_frames, first_call)
     out = pipe(prompt, negative_prompt, seeds=seed, num_inference_steps=steps, scheduler=scheduler,
                return_intermediates=picks, **kwargs)
     height, width = out.images.shape[1:3]
+    if init is not None:
+        return output_trajectory(out, 0, sched, image_batch(init)[0], "init image")
     if kwargs.get("latents") is not None:
         noise = _decode_batch(pipe, np.asarray(kwargs["latents"], np.float32))[0]
     else:

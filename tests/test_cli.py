@@ -266,6 +266,7 @@ def test_save_gif_frame_count(tmp_path):
 def test_trajectory_steps():
     assert T.trajectory_steps(51, 8) == [0, 8, 17, 25, 33, 42]   # + the noise and the final image = 8 frames
     assert T.trajectory_steps(4, 8) == [0, 1, 2]
+    assert T.trajectory_steps(11, 4, 5) == [5, 8]   # img2img from loop index 5: linspace(5, 10, 3) less the last
     with pytest.raises(ValueError):
         T.trajectory_steps(10, 2)
 
@@ -485,6 +486,45 @@ def test_vae_and_clip_skip_flags_make_the_pipelines_image_and_are_recorded(pipe_
     assert not np.array_equal(pixels(out / "00000-seed4-a-dog.png"), pipe("a dog", **kw).to_pil()[0])
 
 
+def test_init_image_and_strength_make_the_pipelines_img2img_and_are_recorded(pipe_dir, pipe, tmp_path, capsys):
+    """--init-image FILE --strength S: the images are the pipeline's img2img of that picture, resized
+    to --width x --height (its own size, rounded down to multiples of 8, when not given), and the
+    PNG parameters carry A1111's ``Denoising strength``; a trajectory starts from the picture."""
+    picture = np.random.default_rng(3).integers(0, 256, (44, 37, 3), np.uint8)   # 37x44: 32x40 by default
+    Image.fromarray(picture).save(tmp_path / "start.png")
+    out = tmp_path / "out"
+    small = [a for a in SMALL if a not in ("--height", "--width", "32")]
+    rc, _, stderr = run_main(capsys, "a dog", "--seeds", "4,5", "--init-image", tmp_path / "start.png", "--strength",
+                             "0.7", "--trajectory", "--trajectory-frames", "3", "--model", pipe_dir, "--out", out,
+                             *small)
+    assert rc == 0, stderr
+    text = I.read_png_parameters(out / "00000-seed4-a-dog.png")
+    assert text.endswith(f"Size: 32x40, Model: {pipe_dir.name}, Denoising strength: 0.7"), text   # A1111's order
+    resized = np.asarray(Image.fromarray(picture).resize((32, 40), Image.Resampling.LANCZOS))
+    ref = pipe("a dog", seeds=[4, 5], num_inference_steps=3, init_images=resized, strength=0.7,
+               return_intermediates=[1]).to_pil()
+    for k in range(2):
+        np.testing.assert_array_equal(pixels(out / f"0000{k}-seed{4 + k}-a-dog.png"), ref[k])
+    strip = pixels(out / "00000-seed4-a-dog-trajectory.png")   # init image | step 2 (of 3, from index 1) | final
+    tiles = [(y, x) for y in range(strip.shape[0] - 39) for x in range(strip.shape[1] - 31)
+             if np.array_equal(strip[y:y + 40, x:x + 32], resized)]
+    assert len(tiles) == 1 and tiles[0][1] < strip.shape[1] // 3, tiles   # the first frame
+    assert not np.array_equal(pixels(out / "00000-seed4-a-dog.png"), resized)
+
+
+def test_hosts_compare_the_init_images_content_not_its_path(tmp_path):
+    """The request fingerprint that hosts compare holds the init image's bytes: the same picture kept
+    at another path on each host agrees, another picture at the same path does not."""
+    from sdjax.cli_utils import SampleRequest
+    for name, color in (("a.png", "red"), ("b.png", "red"), ("c.png", "blue")):
+        Image.new("RGB", (8, 8), color).save(tmp_path / name)
+    prints = [SampleRequest(["a cat"], [0], init_image=str(tmp_path / n)).fingerprint() for n in ("a.png", "b.png",
+                                                                                                   "c.png")]
+    assert (prints[0] == prints[1]).all() and not (prints[0] == prints[2]).all()
+    assert not (SampleRequest(["a cat"], [0], init_image=str(tmp_path / "a.png"), strength=0.5).fingerprint()
+                == prints[0]).all()
+
+
 def test_lora_flags_merge_the_files_and_are_recorded_as_a1111_prompt_tags(pipe_dir, pipe, tmp_path, capsys):
     """--lora FILE:SCALE --lora FILE: the image is that of the pipeline with both LoRAs fused, and the PNG
     parameters carry them as A1111 users write them, ``<lora:NAME:SCALE>`` after the prompt."""
@@ -690,6 +730,18 @@ BAD_INPUTS = {
     "lora_not_safetensors": (["a cat", "--lora", "{tmp}/empty.txt"], "empty.txt is not a .safetensors file"),
     "config_lora": (["a cat", "--config", "{tmp}/lora.yaml"], "lora.yaml: key 'lora' has value ['nope.safetensors']: "
                     "no such file nope.safetensors"),
+    "init_image_missing": (["a cat", "--init-image", "{tmp}/nope.png"], "error: --init-image {tmp}/nope.png: no such "
+                           "file"),
+    "init_image_not_an_image": (["a cat", "--init-image", "{tmp}/empty.txt"], "empty.txt: cannot be read as an image"),
+    "config_init_image": (["a cat", "--config", "{tmp}/init.yaml"], "init.yaml: key 'init_image' has value "
+                          "'nope.png': no such file"),
+    "strength_without_init_image": (["a cat", "--strength", "0.5"], "--strength 0.5: is img2img's: give --init-image"),
+    "strength_range": (["a cat", "--init-image", "{tmp}/init.png", "--strength", "1.5"],
+                       "--strength 1.5: must be a number in (0, 1]"),
+    "strength_runs_no_step": (["a cat", "--init-image", "{tmp}/init.png", "--strength", "0.1", "--steps", "5"],
+                              "--strength 0.1: with --steps 5 runs no step"),
+    "init_image_smaller_than_8": (["a cat", "--init-image", "{tmp}/tiny.png"], "--height 0: must be a positive "
+                                  "multiple of 8 (the init image is smaller than 8 pixels"),
     "dtype": (["a cat", "--dtype", "int8"], "unknown dtype"),
     "progress": (["a cat", "--progress", "sometimes"], "invalid choice: 'sometimes'"),
     "config_unknown_key": (["a cat", "--config", "{tmp}/bad.yaml"], "unknown key 'stpes'"),
@@ -750,6 +802,9 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, tmp_path, caps
     (tmp_path / "nan.yaml").write_text("guidance_scale: .nan\n")
     (tmp_path / "clipskip.yaml").write_text("clip_skip: 0\n")
     (tmp_path / "lora.yaml").write_text("lora: nope.safetensors\n")
+    (tmp_path / "init.yaml").write_text("init_image: nope.png\n")
+    Image.new("RGB", (16, 16)).save(tmp_path / "init.png")
+    Image.new("RGB", (16, 4)).save(tmp_path / "tiny.png")
     (tmp_path / "style.safetensors").write_bytes(b"")
     (tmp_path / "superscript.yaml").write_text("seeds: \"\u00b2\"\n", encoding="utf-8")
     argv, message = BAD_INPUTS[case]

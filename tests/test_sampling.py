@@ -92,6 +92,74 @@ def test_matches_diffusers_pipeline(pipe, reference_pipe, name, steps):
         assert np.abs(ours - ref).max() <= 2e-5, (name, steps, negatives)
 
 
+def test_img2img_matches_diffusers_img2img_pipeline(pipe, reference_pipe, monkeypatch):
+    """init_images + strength make diffusers' StableDiffusionImg2ImgPipeline's images from the same
+    init image and noise: encoded, the posterior drawn with the seeds' posterior_keys (given to
+    diffusers as its draw), noised at the strength's start and denoised from there (euler: in sigma
+    space, where a stray init_noise_sigma would show). The step bar counts only the steps run; one
+    image for every seed (encoded once) is that image given once per seed."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+    from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_img2img as img2img
+    from sdjax.sampling import image_keys, posterior_keys
+    ref = StableDiffusionImg2ImgPipeline(**reference_pipe.components)
+    ref.set_progress_bar_config(disable=True)
+    ref.scheduler = diffusers_scheduler(reference_pipe, "euler")
+    rng = np.random.default_rng(5)
+    init = rng.uniform(0, 1, (1, SIZE, SIZE, 3)).astype(np.float32)
+    noise, seeds = latents_for(2, seed=6), [3, 4]
+    draws = jax.vmap(lambda k: jax.random.normal(k, (SIZE // 2, SIZE // 2, 4)))(posterior_keys(image_keys(seeds)))
+    nchw = lambda x: torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())  # noqa: E731
+    monkeypatch.setattr(img2img, "randn_tensor", lambda shape, **kw: nchw(noise))
+    monkeypatch.setattr(img2img, "retrieve_latents", lambda out, generator=None, sample_mode="sample":
+                        out.latent_dist.mean + out.latent_dist.std * nchw(draws))
+
+    class Bar:
+        n = 0
+
+        def update(self, k):
+            self.n += k
+    bar = Bar()
+    ours = pipe(PROMPTS, negative_prompts=NEGATIVES, seeds=seeds, num_inference_steps=STEPS, scheduler="euler",
+                latents=noise, init_images=init, strength=0.6, progress=bar).images
+    want = ref(PROMPTS, negative_prompt=NEGATIVES, image=np.repeat(init, 2, axis=0), strength=0.6,
+               num_inference_steps=STEPS, output_type="np").images
+    assert bar.n == 6   # int(10 * 0.6) steps
+    assert ours.shape == want.shape == (2, SIZE, SIZE, 3) and want.std() > 0.01
+    assert np.abs(ours - want).max() <= 2e-5
+    each = pipe(PROMPTS, negative_prompts=NEGATIVES, seeds=seeds, num_inference_steps=STEPS, scheduler="euler",
+                latents=noise, init_images=np.repeat(init, 2, axis=0), strength=0.6, return_intermediates=[STEPS - 1])
+    assert np.abs(each.images - ours).max() <= 1e-6
+    assert np.abs(each.intermediates[0] - ours).max() <= 1e-5   # euler's last step lands on its prediction
+    # what the patches stand in for: without the seeds' posterior draws the images differ
+    monkeypatch.setattr(img2img, "retrieve_latents", lambda out, generator=None, sample_mode="sample":
+                        out.latent_dist.mean)
+    mean_only = ref(PROMPTS, negative_prompt=NEGATIVES, image=np.repeat(init, 2, axis=0), strength=0.6,
+                    num_inference_steps=STEPS, output_type="np").images
+    assert np.abs(ours - mean_only).max() > 1e-2
+
+
+def test_img2img_arguments_are_checked_before_anything_runs(pipe):
+    """Bad init images or strengths are errors naming them, raised by the call (nothing compiled)."""
+    image = np.zeros((SIZE, SIZE, 3), np.uint8)
+    kw = dict(num_inference_steps=STEPS)
+    with generate_calls(pipe) as calls:
+        for bad, message in [
+                (dict(strength=0.5), "strength=0.5 is img2img's: it needs init_images"),
+                (dict(init_images=image, height=SIZE + 8), f"height={SIZE + 8} but init_images are {SIZE}x{SIZE}"),
+                (dict(init_images=image[:, :-4]), f"init_images are {SIZE - 4}x{SIZE} .* multiple of 8"),
+                (dict(init_images=image.transpose(2, 0, 1)[None]), r"NHWC"),
+                (dict(init_images=image.astype(np.float32) + 2), r"must be in \[0, 1\], got values in 2..2"),
+                (dict(init_images=image.astype(np.int64)), "dtype int64"),
+                (dict(init_images=[image, image[:8, :8]]), "differ in size"),
+                (dict(init_images=np.stack([image] * 3), seeds=[0, 1]), "seeds has 2 entries; expected 1 or 3"),
+                (dict(init_images=image, strength=0.05), "denoises no step"),
+                (dict(init_images=image, strength=1.5), r"strength must be a number in \(0, 1\]"),
+                (dict(init_images=image, scheduler_options={"skip_prk_steps": False}), "cannot start midway")]:
+            with pytest.raises((ValueError, TypeError, NotImplementedError), match=message):
+                pipe("a cat", **kw, **bad)
+    assert calls == []
+
+
 def test_clip_skip_two_matches_diffusers_clip_skip_one(pipe, reference_pipe, monkeypatch):
     """clip_skip=2 (A1111's numbering: the penultimate layer) is diffusers' clip_skip=1, on the same
     latents. diffusers applies its clip_skip to the prompt alone; sdjax, as A1111, to the negative
