@@ -5,11 +5,13 @@
     python sample.py --prompts-file prompts.txt --seeds 3,7,9 --config draft --grid
     python sample.py "a red fox in the snow" --steps 90 --guidance-scale 11 --trajectory
     python sample.py "an oil painting of a fox" --init-image fox.png --strength 0.6 --seeds 0-3
+    python sample.py --from-png outputs/00003-seed7-a-fox.png --seeds 8-11
 
-Settings come from, in order of precedence: explicit flags, a ``--config`` YAML preset (see
-configs/README.md), the built-in defaults (50 steps, guidance 7.5, PNDM, 512x512). Each PNG carries
-its settings in the A1111 "parameters" text chunk. Bad input exits with status 2 and a one-line
-message before the model is loaded, leaving --out untouched.
+Settings come from, in order of precedence: explicit flags, ``--from-png`` (an image's PNG
+parameters), a ``--config`` YAML preset (see configs/README.md), the built-in defaults (50 steps,
+guidance 7.5, PNDM, 512x512). Each PNG carries its settings in the A1111 "parameters" text chunk.
+Bad input exits with status 2 and a one-line message before the model is loaded, leaving --out
+untouched.
 """
 from __future__ import annotations
 
@@ -20,8 +22,8 @@ from pathlib import Path
 
 from sdjax.cli_utils import (COMPILATION_CACHE_HELP, DEFAULT_MODEL, DTYPE_ALIASES, DTYPES, PROGRESS_MODES,
                              OneLineErrorParser, SampleRequest, UsageError, init_image_size, load_config,
-                             parse_scheduler_options, parse_seeds, read_prompts_file, resolve_config_path,
-                             validate_request)
+                             parse_scheduler_options, parse_seeds, png_notes, read_prompts_file,
+                             resolve_config_path, settings_from_png, validate_request)
 
 PROG = "sample.py"
 CONFIG_DIRS = (Path(__file__).resolve().parent / "configs",)
@@ -41,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts-file", metavar="FILE",
                    help="more prompts, one per line (- reads them from standard input)")
     p.add_argument("--config", metavar="YAML", help="preset of defaults: a file or a name in configs/ (draft, ...)")
+    p.add_argument("--from-png", metavar="PNG",
+                   help="make an image again: take its prompt, negative prompt, seed, steps, sampler, CFG scale, "
+                        "size and clip skip from its PNG parameters (as AUTOMATIC1111 and sample.py write them); "
+                        "flags given override them, a prompt given replaces its prompt")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"Hugging Face Hub repo id, local pipeline folder, or single-file checkpoint "
                         f"(.safetensors / .ckpt in the original SD layout, a path or a Hugging Face Hub file URL; "
@@ -109,6 +115,7 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
     (so explicit flags override the preset). Raises UsageError on any bad input."""
     pre = OneLineErrorParser(add_help=False)
     pre.add_argument("--config")
+    pre.add_argument("--from-png")
     known, _ = pre.parse_known_args(argv)
     parser = build_parser()
     preset, path = {}, None
@@ -116,11 +123,21 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
         path = resolve_config_path(known.config, CONFIG_DIRS, other_tools={"train.py": CONFIG_DIRS[0] / "train"})
         preset = load_config(path)
         parser.set_defaults(**preset)   # (a preset's lora list: --lora flags add to it)
+    png = None
+    if known.from_png is not None:   # over the preset, under the flags
+        png = settings_from_png(known.from_png)
+        parser.set_defaults(**png.flags)
     args = parser.parse_args(argv)
     args.preset, args.preset_path = preset, path   # for errors found later in a value the preset gave
     prompts = list(args.prompt)
     if args.prompts_file:
         prompts += read_prompts_file(args.prompts_file)
+    if png is not None and not prompts:
+        prompts = [png.prompt]
+    strength = args.strength
+    if png is not None and strength is None and args.init_image is not None:
+        strength = png.strength
+    args.png_notes = [] if png is None else png_notes(png, args)
     seeds = args.seeds if isinstance(args.seeds, list) else parse_seeds(args.seeds)
     options = {**getattr(args, "scheduler_options", {}), **parse_scheduler_options(args.scheduler_option)}
     try:   # an init image sets the size that is not given: its own, rounded down to multiples of 8
@@ -132,7 +149,7 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
                         model_config=args.model_config, vae=args.vae, ema_weights=args.ema_weights,
                         scheduler_options=options, clip_skip=args.clip_skip, lora=list(args.lora),
                         steps=args.steps, guidance_scale=args.guidance_scale, scheduler=args.scheduler,
-                        init_image=args.init_image, strength=args.strength,
+                        init_image=args.init_image, strength=strength,
                         height=height, width=width, dtype=DTYPE_ALIASES.get(args.dtype, args.dtype),
                         batch_size=args.batch_size, variant=args.variant,
                         out=str(Path(args.out).expanduser()) if str(args.out).strip() else args.out,
@@ -178,9 +195,11 @@ def main(argv=None) -> int:
     from sdjax.cli_utils import (attention_memory_advice, count, default_dtype, enable_compilation_cache,
                                  interruption, out_of_memory, run_sampling, show_warnings_as_lines)
     show_warnings_as_lines("sample.py")
+    import warnings
+    for note in getattr(args, "png_notes", ()):   # what --from-png could not take over
+        warnings.warn(note)
     if req is not None and len(set(req.seeds)) < len(req.seeds):
         import collections
-        import warnings
         repeated = [seed for seed, n in collections.Counter(req.seeds).items() if n > 1]
         warnings.warn(f"--seeds repeats {', '.join(map(str, repeated[:5]))}{', ...' if len(repeated) > 5 else ''}: "
                       "a repeated seed makes the same image again")

@@ -432,6 +432,112 @@ class SampleRequest:
         return np.frombuffer(digest[:16], np.int32)
 
 
+# A1111 fields of the image's own, which sample.py does not repeat (and so does not warn about)
+_PNG_FIELDS_IGNORED = {"Model hash", "VAE hash", "Version", "Lora hashes", "TI hashes"}
+
+
+@dataclasses.dataclass
+class PngSettings:
+    """What ``--from-png`` read from an image's A1111 ``parameters``: the settings as sample.py flag
+    defaults (``flags``, keyed by their dest), the prompt, img2img's strength (a default only for a
+    run with ``--init-image``), the LoRAs and model the image names, and the fields left unused."""
+    flags: dict[str, Any]
+    prompt: str
+    strength: float | None
+    loras: list[tuple[str, float]]
+    model: str | None
+    vae: str | None
+    ignored: list[str]
+
+
+def settings_from_png(path: str | os.PathLike) -> PngSettings:
+    """Read the settings an image was made with from its PNG ``parameters`` chunk, as AUTOMATIC1111 and
+    sample.py write them: prompt, negative prompt, steps, sampler (and ``Schedule type: Karras``, ``Eta
+    DDIM``, scheduler options under their own names), CFG scale, seed, size and clip skip. The prompt's
+    ``<lora:NAME:SCALE>`` tags are taken out of it (``loras``). A UsageError names the file and the field
+    that cannot be read or has no sdjax equivalent (another sampler, another schedule type)."""
+    from PIL import UnidentifiedImageError
+    from sdjax.images import SAMPLER_NAMES, parse_a1111_parameters, read_png_parameters
+
+    def bad(reason: str) -> UsageError:
+        return _bad_setting("from_png", path, reason)
+    try:
+        text = read_png_parameters(Path(path).expanduser())
+    except FileNotFoundError:
+        raise bad("no such file") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise bad(f"cannot be read as an image ({e})") from None
+    if not text:
+        raise bad("holds no generation settings (no 'parameters' text chunk, as AUTOMATIC1111 and sample.py write)")
+    fields = parse_a1111_parameters(text)
+    loras = [(name.strip(), float(scale)) for name, scale in
+             re.findall(r"<lora:([^:>]+):([-+0-9.eE]+)>", fields["prompt"])]
+    prompt = re.sub(r"\s*<lora:[^>]*>", "", fields.pop("prompt")).strip()
+    flags: dict[str, Any] = {"negative_prompt": fields.pop("negative_prompt")}
+    options: dict[str, Any] = {}
+    sampler = fields.pop("Sampler", "PLMS")   # (A1111 always writes one)
+    if sampler.endswith(" Karras"):   # A1111 before 1.9 named the schedule in the sampler
+        sampler, options["use_karras_sigmas"] = sampler[: -len(" Karras")], True
+    by_name = {v: k for k, v in SAMPLER_NAMES.items()}
+    if sampler not in by_name:
+        raise bad(f"its sampler {sampler!r} has no sdjax scheduler (sdjax has {', '.join(by_name)})")
+    flags["scheduler"] = by_name[sampler]
+    schedule = fields.pop("Schedule type", "Automatic")
+    if schedule == "Karras":
+        options["use_karras_sigmas"] = True
+    elif schedule != "Automatic":
+        raise bad(f"its schedule type {schedule!r} has no sdjax equivalent (sdjax has Karras)")
+    if "Eta DDIM" in fields:
+        options["eta"] = fields.pop("Eta DDIM")
+
+    def number(key: str, kind):
+        try:
+            value = kind(fields.pop(key))
+        except ValueError:
+            raise bad(f"its {key} is not a number") from None
+        return value
+    for key, dest, kind in (("Steps", "steps", int), ("CFG scale", "guidance_scale", float),
+                            ("Seed", "seeds", int), ("Clip skip", "clip_skip", int)):
+        if key in fields:
+            flags[dest] = number(key, kind)
+    if "seeds" in flags:
+        flags["seeds"] = str(flags["seeds"])
+    if "Size" in fields:
+        size = re.fullmatch(r"(\d+)x(\d+)", fields.pop("Size"))
+        if size is None:
+            raise bad("its Size is not WIDTHxHEIGHT")
+        flags["width"], flags["height"] = int(size[1]), int(size[2])
+    strength = number("Denoising strength", float) if "Denoising strength" in fields else None
+    model, vae = fields.pop("Model", None), fields.pop("VAE", None)
+    valid = set(resolve_scheduler_config(flags["scheduler"], {}))
+    for key in [k for k in fields if k in valid]:   # the options sdjax writes under their own names
+        options.update(parse_scheduler_options([f"{key}={fields.pop(key)}"]))
+    flags["scheduler_options"] = options
+    ignored = [f"{k}: {v}" for k, v in fields.items() if k not in _PNG_FIELDS_IGNORED]
+    return PngSettings(flags, prompt, strength, loras, model, vae, ignored)
+
+
+def png_notes(png: PngSettings, args) -> list[str]:
+    """What a ``--from-png`` run does not take over from the image, one warning each: its LoRAs not
+    given with ``--lora``, another model or VAE than this run's, fields sample.py has no setting for."""
+    from sdjax.images import model_name
+    notes = []
+    given = {Path(file).stem for file, _ in map(parse_lora, args.lora)}
+    for name, scale in png.loras:
+        if name not in given:
+            notes.append(f"--from-png: the image was made with the LoRA {name} at {scale:g}: to use it, pass "
+                         f"--lora FILE:{scale:g} (its file)")
+    for what, recorded, flag in (("model", png.model, args.model), ("VAE", png.vae, args.vae)):
+        this = model_name(flag) if flag else None
+        if recorded and recorded != this:
+            uses = this or "the model's own"
+            notes.append(f"--from-png: the image was made with the {what} {recorded}, this run uses {uses} "
+                         f"(--{what.lower()})")
+    if png.ignored:
+        notes.append(f"--from-png: settings sample.py has no flag for are left out: {'; '.join(png.ignored)}")
+    return notes
+
+
 def init_image_size(path: str | os.PathLike) -> tuple[int, int]:
     """(width, height) of ``--init-image``'s file, read from its header; a UsageError naming the
     file when it is missing or no image PIL can read."""

@@ -449,6 +449,55 @@ def test_scheduler_options_make_the_pipelines_image_and_are_recorded(pipe_dir, p
         "p\nSteps: 3, Sampler: DDIM, Eta DDIM: 0.5, timestep_spacing: trailing, CFG scale: 7, Seed: 0, Size: 8x8"
 
 
+def test_from_png_makes_the_image_again_and_flags_override_it(pipe_dir, pipe, tmp_path, capsys):
+    """--from-png IMAGE: the settings in its parameters make the same image, bit for bit, with the same
+    parameters and nothing to warn about; a prompt or flag given replaces the image's."""
+    first = tmp_path / "first"
+    rc, _, stderr = run_main(capsys, "a dog", "--negative-prompt", "blurry, a cat", "--seeds", "4", "--scheduler",
+                             "dpmpp_2m", "--scheduler-option", "use_karras_sigmas=true", "--guidance-scale", "6",
+                             "--model", pipe_dir, "--out", first, *SMALL)
+    assert rc == 0, stderr
+    png = first / "00000-seed4-a-dog.png"
+    same = ["--model", pipe_dir, "--dtype", "float32", "--compilation-cache", "none", "--progress", "batches"]
+    rc, _, stderr = run_main(capsys, "--from-png", png, "--out", tmp_path / "again", *same)
+    assert rc == 0 and "warning" not in stderr.lower(), stderr   # (stderr holds the batch bar)
+    again = tmp_path / "again" / png.name
+    np.testing.assert_array_equal(pixels(again), pixels(png))
+    assert I.read_png_parameters(again) == I.read_png_parameters(png)
+    rc, _, stderr = run_main(capsys, "a bird", "--from-png", png, "--seeds", "5", "--out", tmp_path / "other", *same)
+    assert rc == 0, stderr
+    params = I.parse_a1111_parameters(I.read_png_parameters(tmp_path / "other" / "00000-seed5-a-bird.png"))
+    assert (params["prompt"], params["negative_prompt"], params["Seed"], params["CFG scale"]) == \
+        ("a bird", "blurry, a cat", "5", "6")
+    assert params["Sampler"] == "DPM++ 2M" and params["Schedule type"] == "Karras" and params["Size"] == "32x32"
+
+
+def test_from_png_reads_a1111_parameters_and_says_what_it_leaves_out(tmp_path):
+    """An AUTOMATIC1111 image's parameters: its settings, its older "DPM++ 2M Karras" sampler name, the
+    prompt without its LoRA tags; warnings name the LoRA, the other model and the fields sample.py has
+    no setting for (not A1111's hashes and version); img2img's strength only with --init-image."""
+    png = tmp_path / "a1111.png"
+    I.save_png(np.zeros((8, 8, 3)), png, "masterpiece, a fox <lora:fluffy:0.7>\nNegative prompt: lowres\nSteps: 20, "
+               "Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 1234, Size: 512x768, Model hash: 6ce0161689, Model: "
+               "v1-5-pruned-emaonly, Denoising strength: 0.5, Clip skip: 2, ENSD: 31337, Version: v1.6.0")
+    req, args = sample.parse_request(["--from-png", str(png)])
+    assert (req.prompts, req.negative_prompt, req.steps, req.scheduler, req.scheduler_options) == \
+        (["masterpiece, a fox"], "lowres", 20, "dpmpp_2m", {"use_karras_sigmas": True})
+    assert (req.guidance_scale, req.seeds, req.width, req.height, req.clip_skip) == (7.0, [1234], 512, 768, 2)
+    assert req.init_image is None and req.strength is None
+    assert args.png_notes == [
+        "--from-png: the image was made with the LoRA fluffy at 0.7: to use it, pass --lora FILE:0.7 (its file)",
+        "--from-png: the image was made with the model v1-5-pruned-emaonly, this run uses stable-diffusion-v1-5 "
+        "(--model)",
+        "--from-png: settings sample.py has no flag for are left out: ENSD: 31337"]
+    Image.new("RGB", (16, 16)).save(tmp_path / "start.png")
+    req, _ = sample.parse_request(["--from-png", str(png), "--init-image", str(tmp_path / "start.png"),
+                                   "--steps", "30", "--scheduler", "euler"])
+    assert (req.strength, req.steps, req.scheduler, req.scheduler_options) == \
+        (0.5, 30, "euler", {"use_karras_sigmas": True})
+    assert (req.width, req.height) == (512, 768)   # the image's Size, not the init image's
+
+
 def test_negative_prompt_without_guidance_is_ignored_with_a_warning(pipe_dir, pipe, tmp_path, capsys):
     """At --guidance-scale <= 1 there is no unconditional pass, so a negative prompt changes nothing:
     the user is told, and the PNG's parameters leave it out (A1111 would use it to remake the image)."""
@@ -742,6 +791,12 @@ BAD_INPUTS = {
                               "--strength 0.1: with --steps 5 runs no step"),
     "init_image_smaller_than_8": (["a cat", "--init-image", "{tmp}/tiny.png"], "--height 0: must be a positive "
                                   "multiple of 8 (the init image is smaller than 8 pixels"),
+    "from_png_missing": (["--from-png", "{tmp}/nope.png"], "error: --from-png {tmp}/nope.png: no such file"),
+    "from_png_without_parameters": (["--from-png", "{tmp}/init.png"], "init.png: holds no generation settings"),
+    "from_png_other_sampler": (["--from-png", "{tmp}/sde.png"], "sde.png: its sampler 'DPM++ SDE' has no sdjax "
+                               "scheduler (sdjax has PLMS, DDIM"),
+    "from_png_other_schedule": (["--from-png", "{tmp}/exponential.png"], "its schedule type 'Exponential' has no "
+                                "sdjax equivalent"),
     "dtype": (["a cat", "--dtype", "int8"], "unknown dtype"),
     "progress": (["a cat", "--progress", "sometimes"], "invalid choice: 'sometimes'"),
     "config_unknown_key": (["a cat", "--config", "{tmp}/bad.yaml"], "unknown key 'stpes'"),
@@ -805,6 +860,8 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, tmp_path, caps
     (tmp_path / "init.yaml").write_text("init_image: nope.png\n")
     Image.new("RGB", (16, 16)).save(tmp_path / "init.png")
     Image.new("RGB", (16, 4)).save(tmp_path / "tiny.png")
+    for name, sampler in (("sde", "DPM++ SDE Karras"), ("exponential", "Euler, Schedule type: Exponential")):
+        I.save_png(np.zeros((8, 8, 3)), tmp_path / f"{name}.png", f"a cat\nSteps: 20, Sampler: {sampler}, Seed: 1")
     (tmp_path / "style.safetensors").write_bytes(b"")
     (tmp_path / "superscript.yaml").write_text("seeds: \"\u00b2\"\n", encoding="utf-8")
     argv, message = BAD_INPUTS[case]
