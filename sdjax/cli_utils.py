@@ -539,12 +539,15 @@ def png_notes(png: PngSettings, args) -> list[str]:
 
 
 def init_image_size(path: str | os.PathLike) -> tuple[int, int]:
-    """(width, height) of ``--init-image``'s file, read from its header; a UsageError naming the
-    file when it is missing or no image PIL can read."""
+    """(width, height) of ``--init-image``'s file as it is shown (its EXIF orientation applied, as
+    diffusers' ``load_image`` does), read from its header; a UsageError naming the file when it is
+    missing or no image PIL can read."""
     from PIL import Image, UnidentifiedImageError
     try:
         with Image.open(Path(path).expanduser()) as image:
-            return image.size
+            width, height = image.size
+            turned = image.getexif().get(0x0112) in (5, 6, 7, 8)   # Orientation: a quarter turn (and a flip)
+            return (height, width) if turned else (width, height)
     except FileNotFoundError:
         raise _bad_setting("init_image", path, "no such file") from None
     except (UnidentifiedImageError, OSError) as e:
@@ -552,11 +555,12 @@ def init_image_size(path: str | os.PathLike) -> tuple[int, int]:
 
 
 def load_init_image(path: str | os.PathLike, width: int, height: int) -> np.ndarray:
-    """``--init-image`` as uint8 RGB [height, width, 3], resized to that size (Lanczos, as diffusers'
-    image processor and A1111's "Just resize" do) when it has another."""
-    from PIL import Image
+    """``--init-image`` as uint8 RGB [height, width, 3], upright (its EXIF orientation applied, as
+    diffusers' ``load_image`` and A1111 do), resized to that size (Lanczos, as diffusers' image
+    processor and A1111's "Just resize" do) when it has another."""
+    from PIL import Image, ImageOps
     with Image.open(Path(path).expanduser()) as image:
-        image = image.convert("RGB")
+        image = ImageOps.exif_transpose(image).convert("RGB")
         if image.size != (width, height):
             image = image.resize((width, height), Image.Resampling.LANCZOS)
         return np.asarray(image)

@@ -561,6 +561,20 @@ def test_init_image_and_strength_make_the_pipelines_img2img_and_are_recorded(pip
     assert not np.array_equal(pixels(out / "00000-seed4-a-dog.png"), resized)
 
 
+def test_init_image_is_read_upright_as_its_exif_orientation_shows_it(tmp_path):
+    """A photo whose EXIF says "turn a quarter" (phones' JPEGs) is sized and read upright, as
+    diffusers' load_image and A1111 read it: 100x70 stored, 70x100 shown."""
+    from sdjax.cli_utils import init_image_size, load_init_image
+    stored = np.zeros((70, 100, 3), np.uint8)
+    stored[:, :50] = 255   # left half white
+    image = Image.fromarray(stored)
+    exif = image.getexif()
+    exif[0x0112] = 6   # Orientation: rotate 90 degrees clockwise to show
+    image.save(tmp_path / "phone.png", exif=exif)
+    assert init_image_size(tmp_path / "phone.png") == (70, 100)
+    np.testing.assert_array_equal(load_init_image(tmp_path / "phone.png", 70, 100), np.rot90(stored, -1))
+
+
 def test_hosts_compare_the_init_images_content_not_its_path(tmp_path):
     """The request fingerprint that hosts compare holds the init image's bytes: the same picture kept
     at another path on each host agrees, another picture at the same path does not."""
