@@ -271,7 +271,8 @@ def image_batch(images, name: str = "init_images") -> np.ndarray:
                          f"RGB{hint}")
     if array.dtype == np.uint8:
         return array.astype(np.float32) / 255
-    if not np.issubdtype(array.dtype, np.floating):
+    # (ml_dtypes' bfloat16, a bf16 pipeline's or JAX's, is no np.floating)
+    if not (np.issubdtype(array.dtype, np.floating) or array.dtype.name == "bfloat16"):
         raise TypeError(f"{name} has dtype {array.dtype}; expected uint8 pixels or floats in [0, 1]")
     array = array.astype(np.float32)
     if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
