@@ -645,6 +645,9 @@ def validate_request(req: SampleRequest) -> None:
         if req.init_image is None:
             raise _bad_setting("strength", strength, "is img2img's: give --init-image too")
     if req.img2img_strength is not None and int(req.steps * req.img2img_strength) < 1:
+        if req.strength is None:   # the default strength: name the steps, which were given
+            raise _bad_setting("steps", req.steps, f"with img2img's default --strength {DEFAULT_STRENGTH} runs no "
+                               "step (int(steps x strength) are run): raise either")
         raise _bad_setting("strength", req.img2img_strength, f"with --steps {req.steps} runs no step "
                            f"(int(steps x strength) are run): raise either")
     if req.dtype is not None and req.dtype not in DTYPES:

@@ -803,6 +803,8 @@ BAD_INPUTS = {
                        "--strength 1.5: must be a number in (0, 1]"),
     "strength_runs_no_step": (["a cat", "--init-image", "{tmp}/init.png", "--strength", "0.1", "--steps", "5"],
                               "--strength 0.1: with --steps 5 runs no step"),
+    "steps_run_no_step_at_default_strength": (["a cat", "--init-image", "{tmp}/init.png", "--steps", "1"],
+                                              "--steps 1: with img2img's default --strength 0.8 runs no step"),
     "init_image_smaller_than_8": (["a cat", "--init-image", "{tmp}/tiny.png"], "--height 0: must be a positive "
                                   "multiple of 8 (the init image is smaller than 8 pixels"),
     "from_png_missing": (["--from-png", "{tmp}/nope.png"], "error: --from-png {tmp}/nope.png: no such file"),
