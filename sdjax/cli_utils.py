@@ -396,7 +396,7 @@ class SampleRequest:
     lora: list[str] = dataclasses.field(default_factory=list)   # LoRA files merged into the weights, FILE[:SCALE]
     init_image: str | None = None     # img2img: the image every image starts from
     strength: float | None = None     # img2img: the share of the schedule run (None: DEFAULT_STRENGTH)
-    height: int = 512                 # (with an init image: its size, unless given)
+    height: int = 512                 # (sample.py sets the init image's size when not given; here 512 all the same)
     width: int = 512
     dtype: str | None = None          # None: bfloat16 on GPU/TPU, float32 on CPU
     batch_size: int | None = None
