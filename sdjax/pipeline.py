@@ -767,6 +767,7 @@ class StableDiffusion:
                 return StableDiffusionOutput(images, prompts[start:stop], negatives[start:stop],
                                              [int(s) for s in seeds[start:stop]], inter, steps or None)
 
+            outer = self._ticker.bar, self._ticker.first   # a call made inside another's loop gives them back
             self._ticker.bar, self._ticker.first = step_bar, first_call
             try:
                 ahead = dispatch(starts[0])
@@ -775,7 +776,7 @@ class StableDiffusion:
                     yield fetch(current, last=False)
                 yield fetch(ahead, last=True)
             finally:
-                self._ticker.bar = None
+                self._ticker.bar, self._ticker.first = outer
                 if own_bar:
                     step_bar.close()
                 if batch_bar is not None:
