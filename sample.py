@@ -89,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strength", type=float, default=None,
                    help="img2img: how much of the schedule runs from --init-image, in (0, 1]: low values keep "
                         "the picture, 1 repaints it (default 0.8; int(steps x strength) steps run)")
+    p.add_argument("--embedding", metavar="FILE", action="append", default=[],
+                   help="repeatable: a textual inversion embedding (.safetensors, .pt, .bin; AUTOMATIC1111's or "
+                        "diffusers') added to the text encoder; use it by its token in a prompt or negative prompt: "
+                        "the file's name for A1111's (EasyNegative.safetensors -> EasyNegative), the token inside "
+                        "for diffusers'")
     p.add_argument("--height", type=int, default=None,
                    help="pixels, a multiple of 8 (default 512, or --init-image's height)")
     p.add_argument("--width", type=int, default=None,
@@ -148,6 +153,7 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
     req = SampleRequest(prompts=prompts, seeds=seeds, negative_prompt=args.negative_prompt, model=args.model,
                         model_config=args.model_config, vae=args.vae, ema_weights=args.ema_weights,
                         scheduler_options=options, clip_skip=args.clip_skip, lora=list(args.lora),
+                        embedding=list(args.embedding),
                         steps=args.steps, guidance_scale=args.guidance_scale, scheduler=args.scheduler,
                         init_image=args.init_image, strength=strength,
                         height=height, width=width, dtype=DTYPE_ALIASES.get(args.dtype, args.dtype),
@@ -245,6 +251,13 @@ def main(argv=None) -> int:
             except CheckpointError as e:
                 error = CheckpointError(f"--lora {e}")   # (its message starts with the file)
                 break
+    tokens = []
+    for file in req.embedding if error is None else ():   # the same: before anything is written
+        try:
+            tokens.append(pipe.load_textual_inversion(file))
+        except CheckpointError as e:
+            error = CheckpointError(f"--embedding {e}")
+            break
     failed = parallel.processes_that_failed(error is None)   # a host without the weights stops them all
     if error is not None:
         return _fail(error)
@@ -268,6 +281,8 @@ def main(argv=None) -> int:
         given = sys.argv[1:] if argv is None else argv
         return _fail(_from_the_preset(error, args.preset, args.preset_path, args, given))
     if main_process:
+        if tokens:
+            print(f"embeddings (write them in a prompt to use them): {', '.join(tokens)}")
         print(f"loaded {req.model} ({dtype}) in {time.perf_counter() - t0:.1f} s; "
               f"{count(len(req.jobs), 'image')}: {count(len(req.prompts), 'prompt')} x {count(len(req.seeds), 'seed')}"
               + (f" on {jax.process_count()} processes, {jax.device_count()} devices" if jax.process_count() > 1

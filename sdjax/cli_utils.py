@@ -190,6 +190,7 @@ CONFIG_KEYS: dict[str, tuple[type | tuple, str]] = {
     "scheduler_options": (dict, "scheduler settings, e.g. {use_karras_sigmas: true}"),
     "clip_skip": (int, "condition on the text encoder's N-th layer from the end (A1111's Clip skip; 1: the last)"),
     "lora": ((str, list), "LoRA files merged into the weights: FILE[:SCALE] (scale default 1), one or a list"),
+    "embedding": ((str, list), "textual inversion embeddings (files) added to the text encoder, one or a list"),
     "init_image": (str, "img2img: the image (PNG, JPEG, ...) every image starts from"),
     "strength": ((int, float), "img2img: the share of the schedule run from the init image, in (0, 1]"),
     "height": (int, "image height in pixels (multiple of 8)"),
@@ -311,10 +312,11 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
                 raise UsageError(f"{path}: key 'seeds': {e}") from e
         if key in ("guidance_scale", "strength"):
             value = float(value)
-        if key == "lora":
+        if key in ("lora", "embedding"):
             value = [value] if isinstance(value, str) else value
             if bad := [v for v in value if not isinstance(v, str)]:
-                raise UsageError(f"{path}: key 'lora' has item {bad[0]!r}; expected FILE or FILE:SCALE strings")
+                raise UsageError(f"{path}: key {key!r} has item {bad[0]!r}; expected "
+                                 + ("FILE or FILE:SCALE strings" if key == "lora" else "file names"))
         if key == "scheduler_options":
             if bad := [k for k in value if not isinstance(k, str)]:
                 raise UsageError(f"{path}: key 'scheduler_options' has key {bad[0]!r}; expected setting names")
@@ -394,6 +396,7 @@ class SampleRequest:
     scheduler_options: dict = dataclasses.field(default_factory=dict)   # e.g. {"use_karras_sigmas": True}
     clip_skip: int = 1                # A1111's "Clip skip": 1 = the text encoder's last layer, 2 = the penultimate
     lora: list[str] = dataclasses.field(default_factory=list)   # LoRA files merged into the weights, FILE[:SCALE]
+    embedding: list[str] = dataclasses.field(default_factory=list)   # textual inversion embedding files
     init_image: str | None = None     # img2img: the image every image starts from
     strength: float | None = None     # img2img: the share of the schedule run (None: DEFAULT_STRENGTH)
     height: int = 512                 # (sample.py sets the init image's size when not given; here 512 all the same)
@@ -426,6 +429,7 @@ class SampleRequest:
         import numpy as np
         fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("model", "model_config", "vae", "out")}
         fields["lora"] = [(Path(file).name, scale) for file, scale in map(parse_lora, self.lora)]   # not the paths
+        fields["embedding"] = [Path(file).name for file in self.embedding]
         if self.init_image is not None:   # the image, wherever each host keeps it
             fields["init_image"] = hashlib.sha256(Path(self.init_image).expanduser().read_bytes()).hexdigest()
         digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).digest()
@@ -635,6 +639,11 @@ def validate_request(req: SampleRequest) -> None:
                            "2: the penultimate; typically 1 or 2)")
     for text in req.lora:   # the files' contents once the model is loaded (StableDiffusion.fuse_lora)
         parse_lora(text)
+    for file in req.embedding:   # likewise (StableDiffusion.load_textual_inversion)
+        path = Path(file).expanduser()
+        if not str(file).strip() or not path.is_file():
+            raise _bad_setting("embedding", file, "is a folder; give an embedding file" if path.is_dir()
+                               else "no such file")
     if req.init_image is not None:
         init_image_size(req.init_image)
     if req.strength is not None:

@@ -21,8 +21,8 @@ from sdjax.schedulers import SCHEDULERS, make_noise_schedule, make_scheduler, pi
 from sdjax.text import load_tokenizer, tokenize
 from sdjax.weights import (SINGLE_FILE_SUFFIXES, CheckpointError, fetch_missing_bin_weights, has_weights, hub_files,
                            is_url, load_single_file, load_vae_file, prepare_single_file, read_config,
-                           read_json_object, read_lora, resolve_dtype, resolve_model_dir, save_pipeline,
-                           save_single_file, with_variant)
+                           read_json_object, read_lora, read_textual_inversion, resolve_dtype, resolve_model_dir,
+                           save_pipeline, save_single_file, with_variant)
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 PARTS = {"text_encoder": CLIPTextModel, "unet": UNet2DConditionModel, "vae": AutoencoderKL}  # folder -> model
@@ -311,15 +311,20 @@ class StableDiffusion:
         parallel.data_size(self.mesh)   # a mesh without a "data" axis: refused here, not at the first call
         self._warned: set[tuple] = set()
         self._lock = threading.RLock()
-        self._graphdefs = sampling.SDState(*(nnx.graphdef(m) for m in (text_encoder, unet, vae)))
+        self._build_programs()
         self._refresh_state()
+        self._ticker = _StepTicker()
+
+    def _build_programs(self) -> None:
+        """The models' graphdefs and the jitted sampler and decoder bound to them (again when a
+        model's structure changes: a textual inversion embedding adds token rows)."""
+        self._graphdefs = sampling.SDState(*(nnx.graphdef(m) for m in (self.text_encoder, self.unet, self.vae)))
         # The graphdefs are bound, not passed as a static argument: jit would hash them at every call
         # (7.8 ms for SD v1.5's on a 2-core CPU, ~1% of a GPU's 50-step image at batch 1).
         self._generate = jax.jit(
             functools.partial(sampling.generate, self._graphdefs),
             static_argnames=("latent_shape_HWC", "use_guidance", "return_predictions", "on_step", "clip_skip",
                              "start"))
-        self._ticker = _StepTicker()
         self._decode = jax.jit(functools.partial(_decode, self._graphdefs.vae))
 
     def _refresh_state(self) -> None:
@@ -546,6 +551,48 @@ class StableDiffusion:
                                            for path, delta in changes.items()})
         if merged:
             self.set_params(**merged, partial=True)
+
+    @_one_call_at_a_time
+    def load_textual_inversion(self, file: str | Path, token: str | None = None) -> str:
+        """Add a textual inversion embedding's vectors to the tokenizer and text encoder, as diffusers'
+        ``load_textual_inversion`` does, and return its token: write that word in a prompt (or a
+        negative prompt) to use it. An embedding of n vectors becomes the tokens ``T``, ``T_1``, ...,
+        ``T_{n-1}``, which prompts spell out from ``T`` alone (`sdjax.text.tokenize`); the tokenizer
+        matches them in any letter case.
+
+        Reads diffusers' files (``learned_embeds.safetensors`` / ``.bin``, token: the one inside) and
+        AUTOMATIC1111's (``.safetensors``, ``.pt``, token: the file's name, ``EasyNegative``), see
+        `sdjax.weights.read_textual_inversion`; ``token`` replaces the file's. A token the tokenizer
+        already knows (a word of its vocabulary, an embedding loaded before), vectors of another width
+        than the text encoder's or an unreadable file raise a ValueError (`CheckpointError`) naming
+        them, before anything changes. The sampler compiles again at the next call (the text encoder's
+        table grew). ``save_pretrained`` keeps the tokens and their vectors."""
+        file = Path(file).expanduser()
+        token, vectors = read_textual_inversion(file, token)
+        width = self.text_encoder.config.hidden_size
+        if vectors.shape[1] != width:
+            raise CheckpointError(f"{file}: its vectors have width {vectors.shape[1]}; this text encoder's is {width} "
+                                  "(an embedding made for another model?)")
+        tokens = [token] + [f"{token}_{i}" for i in range(1, len(vectors))]
+        vocab = self.tokenizer.get_vocab()
+        known = {t.lower() for t in self.tokenizer.added_tokens_encoder}
+        for t in tokens:
+            if t in vocab or t.lower() in known or f"{t.lower()}</w>" in vocab:
+                raise CheckpointError(f"{file}: the token {t!r} is already known to the tokenizer (a word of its "
+                                      "vocabulary or an embedding loaded before): give the embedding another "
+                                      "(token=...; an AUTOMATIC1111 file's is its name: rename the file)")
+        embedding = self.text_encoder.text_model.embeddings.token_embedding
+        table = embedding.embedding.get_value()
+        self.tokenizer.add_tokens(tokens)
+        ids = self.tokenizer.convert_tokens_to_ids(tokens)
+        rows = max(table.shape[0], max(ids) + 1)
+        grown = jnp.zeros((rows, width), table.dtype).at[: table.shape[0]].set(table)
+        embedding.embedding.set_value(grown.at[jnp.asarray(ids)].set(jnp.asarray(vectors, table.dtype)))
+        embedding.num_embeddings = rows
+        self.text_encoder.config = dataclasses.replace(self.text_encoder.config, vocab_size=rows)
+        self._build_programs()
+        self._refresh_state()
+        return token
 
     @property
     def vae_scale(self) -> int:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -69,11 +70,34 @@ def save_tokenizer(tokenizer, directory) -> None:
     (Path(directory) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
 
 
+def expand_embedding_tokens(tokenizer, prompts: Sequence[str]) -> list[str]:
+    """``prompts`` with each multi-vector textual inversion token spelled out as its tokens, as
+    diffusers' ``maybe_convert_prompt`` does: an embedding of 3 vectors loaded as ``<style>`` is the
+    tokens ``<style> <style>_1 <style>_2`` (`StableDiffusion.load_textual_inversion` adds them). The
+    tokenizer matches added tokens in any letter case (it lowercases the text), and so does this."""
+    added = tokenizer.added_tokens_encoder
+    multi = [t for t in added if f"{t}_1" in added]
+    if not multi:
+        return list(prompts)
+    expanded: dict[str, str] = {}   # a batch often repeats one prompt for many seeds
+    for prompt in dict.fromkeys(prompts):
+        present = set(tokenizer.tokenize(prompt)) if prompt else set()
+        text = prompt
+        for token in multi:
+            if token in present or token.lower() in present:
+                count = next(i for i in range(1, len(added) + 1) if f"{token}_{i}" not in added)
+                spelled = " ".join([token] + [f"{token}_{i}" for i in range(1, count)])
+                text = re.sub(re.escape(token), lambda _: spelled, text, flags=re.IGNORECASE)
+        expanded[prompt] = text
+    return [expanded[p] for p in prompts]
+
+
 def too_long(tokenizer, prompts: Sequence[str], max_length: int | None = None) -> list[tuple[str, list[int]]]:
     """The distinct prompts longer than the text encoder's window, each with its full token ids."""
     max_length = max_length or tokenizer.model_max_length
     distinct = list(dict.fromkeys(prompts))  # a batch often repeats one prompt for many seeds
-    full = tokenizer(distinct, padding=False, truncation=False, verbose=False).input_ids
+    full = tokenizer(expand_embedding_tokens(tokenizer, distinct), padding=False, truncation=False,
+                     verbose=False).input_ids
     return [(prompt, ids) for prompt, ids in zip(distinct, full) if len(ids) > max_length]
 
 
@@ -97,5 +121,6 @@ def tokenize(tokenizer, prompts: str | Sequence[str], max_length: int | None = N
         warnings.warn(f"{kind} {start!r} is {len(ids)} tokens long; CLIP reads {max_length} (start and end "
                       f"tokens included), so the last {dropped} tokens were dropped: {tail!r}", UserWarning,
                       stacklevel=2)
-    ids = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True).input_ids
+    ids = tokenizer(expand_embedding_tokens(tokenizer, prompts), padding="max_length", max_length=max_length,
+                    truncation=True).input_ids
     return np.asarray(ids, dtype=np.int32)

@@ -220,8 +220,9 @@ def _read_safetensors(path: Path, wanted: Callable[[str], bool] | None = None) -
             yield key, array
 
 
-def _read_torch_bin(path: Path, check_keys: Callable[[list[str]], None] | None = None
-                    ) -> Iterator[tuple[str, np.ndarray]]:
+def _torch_load(path: Path) -> Any:
+    """``torch.load`` of a PyTorch checkpoint, tensors and plain containers only (``weights_only``);
+    a `CheckpointError` naming the file and why otherwise."""
     try:
         import torch
     except ImportError as e:
@@ -246,6 +247,13 @@ def _read_torch_bin(path: Path, check_keys: Callable[[list[str]], None] | None =
         if path.is_file() and path.stat().st_size == 0:
             reason = "an empty file, 0 bytes: an interrupted download or copy?"
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({reason})") from e
+    return state
+
+
+def _read_torch_bin(path: Path, check_keys: Callable[[list[str]], None] | None = None
+                    ) -> Iterator[tuple[str, np.ndarray]]:
+    state = _torch_load(path)   # (first: it says what to do without torch)
+    import torch
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]  # a training checkpoint (.ckpt): the weights and other things
     if not isinstance(state, dict):
@@ -1272,6 +1280,53 @@ def _safetensors_metadata(path: Path) -> dict:
     with open(path, "rb") as f:
         metadata = _safetensors_header(f, path, path.stat().st_size, keep_metadata=True)[0].get("__metadata__")
     return metadata if isinstance(metadata, dict) else {}
+
+
+def read_textual_inversion(file: str | os.PathLike, token: str | None = None) -> tuple[str, np.ndarray]:
+    """The trigger token and vectors (float32 [n, width]) of a textual inversion embedding file.
+
+    Reads what diffusers' ``load_textual_inversion`` reads: diffusers' files (``learned_embeds.safetensors``
+    or ``.bin``: one tensor under its token, e.g. ``<cat-toy>``) and AUTOMATIC1111's (``.safetensors``
+    with ``emb_params``, ``.pt`` with ``string_to_param``), whose token is the file's name without its
+    suffix, as A1111 users type it (``EasyNegative.safetensors`` -> ``EasyNegative``). ``token``
+    replaces the file's. Anything else (an SDXL embedding, other keys) raises `CheckpointError` naming
+    the file and its keys."""
+    file = Path(file).expanduser()
+    if not file.is_file():
+        raise CheckpointError(f"{file}: no such embedding file")
+    if file.suffix == ".safetensors":
+        state: Any = dict(_read_safetensors(file))
+    elif file.suffix in (".pt", ".bin"):
+        state = _torch_load(file)
+    else:
+        raise CheckpointError(f"{file}: sdjax reads textual inversion embeddings as .safetensors, .pt or .bin files")
+    if not isinstance(state, dict) or not state:
+        raise CheckpointError(f"{file}: not a textual inversion embedding (it holds no tensors by name)")
+    keys = sorted(map(str, state))
+    if "string_to_param" in state and isinstance(state["string_to_param"], dict) \
+            and "*" in state["string_to_param"]:   # A1111 .pt
+        found, vectors = file.stem, state["string_to_param"]["*"]
+    elif "emb_params" in state:                      # A1111 .safetensors
+        found, vectors = file.stem, state["emb_params"]
+    elif {"clip_l", "clip_g"} & set(state):
+        raise CheckpointError(f"{file}: an SDXL embedding (clip_l / clip_g), not one for SD v1.x's text encoder")
+    elif len(state) == 1:                            # diffusers: {token: vectors}
+        found, vectors = next(iter(state.items()))
+    else:
+        raise CheckpointError(f"{file}: not a textual inversion embedding sdjax reads (expected one tensor under its "
+                              f"token, emb_params or string_to_param; it has {', '.join(keys[:8])})")
+    if hasattr(vectors, "detach"):   # a torch tensor, from a .pt / .bin
+        vectors = vectors.detach().float().numpy()
+    vectors = np.asarray(vectors)
+    if vectors.ndim == 1:
+        vectors = vectors[None]
+    if vectors.ndim != 2 or not vectors.size or not np.issubdtype(vectors.dtype, np.floating):
+        raise CheckpointError(f"{file}: the embedding has shape {vectors.shape} and dtype {vectors.dtype}; expected "
+                              "float vectors [count, width]")
+    token = found if token is None else token
+    if not isinstance(token, str) or not token.strip() or token != token.strip():
+        raise CheckpointError(f"{file}: the token {token!r} must be a word without surrounding spaces")
+    return token, vectors.astype(np.float32)
 
 
 def _lora_module_names(part: str, config, state) -> dict[str, tuple]:

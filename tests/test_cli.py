@@ -630,6 +630,33 @@ def test_a_file_that_is_no_lora_exits_2_after_loading_before_writing(pipe_dir, p
                         "a plain LoRA; sdjax merges plain LoRA (up @ down) only"), stderr
 
 
+def test_embedding_flags_add_the_tokens_and_a_bad_file_exits_2_before_writing(pipe_dir, pipe, tmp_path, capsys):
+    """--embedding FILE: its token (an A1111 file's name) in the prompt is the embedding's vectors (the
+    image differs from the plain pipeline's, whose tokenizer spells the word out); the run names the
+    tokens. An embedding of another width exits 2 after loading, before anything is written."""
+    import shutil
+    from safetensors.numpy import save_file
+    from sdjax.pipeline import StableDiffusion
+    model = shutil.copytree(pipe_dir, tmp_path / "ti-pipe")   # a pipeline of its own: the module's stays as is
+    save_file({"emb_params": np.random.default_rng(0).standard_normal((2, 32)).astype(np.float32)},
+              tmp_path / "Crayon.safetensors")
+    rc, stdout, stderr = run_main(capsys, "a dog, crayon", "--seeds", "4", "--embedding",
+                                  tmp_path / "Crayon.safetensors", "--model", model, "--out", tmp_path / "out", *SMALL)
+    assert rc == 0, stderr
+    assert "embeddings (write them in a prompt to use them): Crayon" in stdout
+    loaded = StableDiffusion.from_pretrained(str(model), dtype="float32")   # (the run's, as main() loaded it)
+    assert loaded.tokenizer.convert_tokens_to_ids(["Crayon", "Crayon_1"]) == [len(loaded.tokenizer) - 2,
+                                                                             len(loaded.tokenizer) - 1]
+    plain = pipe("a dog, crayon", seeds=4, num_inference_steps=3, height=32, width=32).to_pil()[0]
+    assert not np.array_equal(pixels(tmp_path / "out" / "00000-seed4-a-dog-crayon.png"), plain)
+    save_file({"<wide>": np.zeros((1, 64), np.float32)}, tmp_path / "wide.safetensors")
+    rc, _, stderr = run_main(capsys, "a dog", "--embedding", tmp_path / "wide.safetensors", "--model", pipe_dir,
+                             "--out", tmp_path / "none", *SMALL)
+    assert rc == 2 and not (tmp_path / "none").exists()
+    assert stderr.strip() == (f"sample.py: error: --embedding {tmp_path / 'wide.safetensors'}: its vectors have width "
+                              "64; this text encoder's is 32 (an embedding made for another model?)")
+
+
 def test_a_failed_write_is_one_line_and_the_files_before_it_stay(pipe_dir, pipe, tmp_path, capsys, monkeypatch):
     import sdjax.cli_utils
     real, calls = sdjax.cli_utils.save_png, []
@@ -813,6 +840,10 @@ BAD_INPUTS = {
                                "scheduler (sdjax has PLMS, DDIM"),
     "from_png_other_schedule": (["--from-png", "{tmp}/exponential.png"], "its schedule type 'Exponential' has no "
                                 "sdjax equivalent"),
+    "embedding_missing": (["a cat", "--embedding", "{tmp}/nope.pt"], "error: --embedding {tmp}/nope.pt: no such file"),
+    "embedding_folder": (["a cat", "--embedding", "{tmp}"], "--embedding {tmp}: is a folder; give an embedding file"),
+    "config_embedding": (["a cat", "--config", "{tmp}/embedding.yaml"], "embedding.yaml: key 'embedding' has item 3; "
+                         "expected file names"),
     "dtype": (["a cat", "--dtype", "int8"], "unknown dtype"),
     "progress": (["a cat", "--progress", "sometimes"], "invalid choice: 'sometimes'"),
     "config_unknown_key": (["a cat", "--config", "{tmp}/bad.yaml"], "unknown key 'stpes'"),
@@ -874,6 +905,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, tmp_path, caps
     (tmp_path / "clipskip.yaml").write_text("clip_skip: 0\n")
     (tmp_path / "lora.yaml").write_text("lora: nope.safetensors\n")
     (tmp_path / "init.yaml").write_text("init_image: nope.png\n")
+    (tmp_path / "embedding.yaml").write_text("embedding: [a.pt, 3]\n")
     Image.new("RGB", (16, 16)).save(tmp_path / "init.png")
     Image.new("RGB", (16, 4)).save(tmp_path / "tiny.png")
     for name, sampler in (("sde", "DPM++ SDE Karras"), ("exponential", "Euler, Schedule type: Exponential")):
