@@ -491,8 +491,6 @@ def settings_from_png(path: str | os.PathLike) -> PngSettings:
         options["use_karras_sigmas"] = True
     elif schedule != "Automatic":
         raise bad(f"its schedule type {schedule!r} has no sdjax equivalent (sdjax has Karras)")
-    if "Eta DDIM" in fields:
-        options["eta"] = fields.pop("Eta DDIM")
 
     def number(key: str, kind):
         try:
@@ -500,6 +498,8 @@ def settings_from_png(path: str | os.PathLike) -> PngSettings:
         except ValueError:
             raise bad(f"its {key} is not a number") from None
         return value
+    if "Eta DDIM" in fields:   # (a number, as --scheduler-option eta=0.5 gives it: not its text)
+        options["eta"] = number("Eta DDIM", float)
     for key, dest, kind in (("Steps", "steps", int), ("CFG scale", "guidance_scale", float),
                             ("Seed", "seeds", int), ("Clip skip", "clip_skip", int)):
         if key in fields:

@@ -498,6 +498,16 @@ def test_from_png_reads_a1111_parameters_and_says_what_it_leaves_out(tmp_path):
     assert (req.width, req.height) == (512, 768)   # the image's Size, not the init image's
 
 
+def test_from_png_reads_eta_ddim_as_a_number(tmp_path):
+    """``Eta DDIM: 0.5`` (as sample.py's --scheduler-option eta=0.5 and A1111 write it) is the number 0.5,
+    which the DDIM scheduler takes (its text '0.5' was refused: 'expected a number')."""
+    png = tmp_path / "ddim.png"
+    I.save_png(np.zeros((8, 8, 3)), png, "a fox\nSteps: 20, Sampler: DDIM, Eta DDIM: 0.5, CFG scale: 7, Seed: 1, "
+               "Size: 64x64")
+    req, _ = sample.parse_request(["--from-png", str(png)])
+    assert req.scheduler == "ddim" and req.scheduler_options == {"eta": 0.5}
+
+
 def test_negative_prompt_without_guidance_is_ignored_with_a_warning(pipe_dir, pipe, tmp_path, capsys):
     """At --guidance-scale <= 1 there is no unconditional pass, so a negative prompt changes nothing:
     the user is told, and the PNG's parameters leave it out (A1111 would use it to remake the image)."""
