@@ -472,11 +472,33 @@ def settings_from_png(path: str | os.PathLike) -> PngSettings:
     except (UnidentifiedImageError, OSError) as e:
         raise bad(f"cannot be read as an image ({e})") from None
     if not text:
+        from PIL import Image
+        with Image.open(Path(path).expanduser()) as im:
+            kind = im.format
+        if kind != "PNG":   # (A1111 keeps a JPEG's or WebP's settings in its EXIF, which is not read)
+            raise bad(f"is a {kind} image: --from-png reads the settings in a PNG's 'parameters' text chunk")
         raise bad("holds no generation settings (no 'parameters' text chunk, as AUTOMATIC1111 and sample.py write)")
     fields = parse_a1111_parameters(text)
-    loras = [(name.strip(), float(scale)) for name, scale in
-             re.findall(r"<lora:([^:>]+):([-+0-9.eE]+)>", fields["prompt"])]
-    prompt = re.sub(r"\s*<lora:[^>]*>", "", fields.pop("prompt")).strip()
+    if not {"Steps", "Sampler", "CFG scale", "Seed", "Size"} & set(fields):
+        raise bad("holds no generation settings (its 'parameters' text has no Steps, Sampler, CFG scale, Seed or "
+                  "Size)")
+    # A1111's extra networks, <TYPE:NAME[:ARGS]>, are taken out of the prompt (as A1111 does) and named:
+    # <lora:NAME>, <lora:NAME:SCALE>, <lora:NAME:SCALE:UNET_SCALE> (and <lyco:...>, its old name) are
+    # LoRAs; another type (<hypernet:...>) has no sdjax equivalent.
+    loras, networks = [], []
+    for kind, body in re.findall(r"<(\w+):([^>]+)>", fields["prompt"]):
+        name, *args = body.split(":")
+        if kind in ("lora", "lyco"):
+            try:
+                scale = float(args[0]) if args and "=" not in args[0] else 1.0
+            except ValueError:
+                scale = 1.0
+            loras.append((name.strip(), scale))
+        else:
+            networks.append(f"<{kind}:{body}>")
+    prompt = fields.pop("prompt")
+    if loras or networks:
+        prompt = re.sub(r"\s*<\w+:[^>]+>", "", prompt).strip()
     flags: dict[str, Any] = {"negative_prompt": fields.pop("negative_prompt")}
     options: dict[str, Any] = {}
     sampler = fields.pop("Sampler", "PLMS")   # (A1111 always writes one)
@@ -491,6 +513,10 @@ def settings_from_png(path: str | os.PathLike) -> PngSettings:
         options["use_karras_sigmas"] = True
     elif schedule != "Automatic":
         raise bad(f"its schedule type {schedule!r} has no sdjax equivalent (sdjax has Karras)")
+    valid = set(resolve_scheduler_config(flags["scheduler"], {}))
+    if "use_karras_sigmas" in options and "use_karras_sigmas" not in valid:   # (A1111 1.9+: Euler a, Karras)
+        raise bad(f"its sampler {sampler!r} with schedule type 'Karras' has no sdjax equivalent (sdjax's "
+                  f"{flags['scheduler']} has no Karras sigmas)")
 
     def number(key: str, kind):
         try:
@@ -511,13 +537,15 @@ def settings_from_png(path: str | os.PathLike) -> PngSettings:
         if size is None:
             raise bad("its Size is not WIDTHxHEIGHT")
         flags["width"], flags["height"] = int(size[1]), int(size[2])
-    strength = number("Denoising strength", float) if "Denoising strength" in fields else None
+    # (txt2img's Hires fix writes a Denoising strength of its own, for its second pass: no img2img's)
+    hires = any(key.startswith("Hires") for key in fields)
+    strength = number("Denoising strength", float) if "Denoising strength" in fields and not hires else None
     model, vae = fields.pop("Model", None), fields.pop("VAE", None)
-    valid = set(resolve_scheduler_config(flags["scheduler"], {}))
     for key in [k for k in fields if k in valid]:   # the options sdjax writes under their own names
         options.update(parse_scheduler_options([f"{key}={fields.pop(key)}"]))
     flags["scheduler_options"] = options
     ignored = [f"{k}: {v}" for k, v in fields.items() if k not in _PNG_FIELDS_IGNORED]
+    ignored += [f"{tag} (no sdjax equivalent)" for tag in networks]
     return PngSettings(flags, prompt, strength, loras, model, vae, ignored)
 
 
@@ -533,10 +561,13 @@ def png_notes(png: PngSettings, args) -> list[str]:
                          f"--lora FILE:{scale:g} (its file)")
     for what, recorded, flag in (("model", png.model, args.model), ("VAE", png.vae, args.vae)):
         this = model_name(flag) if flag else None
-        if recorded and recorded != this:
+        if recorded and model_name(recorded) != this:   # (A1111 names a VAE by its file: NAME.safetensors)
             uses = this or "the model's own"
             notes.append(f"--from-png: the image was made with the {what} {recorded}, this run uses {uses} "
                          f"(--{what.lower()})")
+    if png.strength is not None and args.init_image is None:
+        notes.append(f"--from-png: the image was made from a picture (img2img, Denoising strength "
+                     f"{png.strength:g}): to make it again, pass --init-image PICTURE; this run makes one from noise")
     if png.ignored:
         notes.append(f"--from-png: settings sample.py has no flag for are left out: {'; '.join(png.ignored)}")
     return notes

@@ -349,10 +349,10 @@ def save_png(image, path: str | os.PathLike, parameters: str | None = None) -> P
 
 
 def read_png_parameters(path: str | os.PathLike) -> str | None:
-    """The ``parameters`` text chunk of a PNG (None if absent)."""
+    """The ``parameters`` text chunk of a PNG (None if absent, or not a PNG: a JPEG has no text chunks)."""
     with Image.open(path) as im:
         im.load()
-        return im.text.get("parameters")
+        return getattr(im, "text", {}).get("parameters")
 
 
 # ----------------------------------------------------------------------------- layout

@@ -489,6 +489,8 @@ def test_from_png_reads_a1111_parameters_and_says_what_it_leaves_out(tmp_path):
         "--from-png: the image was made with the LoRA fluffy at 0.7: to use it, pass --lora FILE:0.7 (its file)",
         "--from-png: the image was made with the model v1-5-pruned-emaonly, this run uses stable-diffusion-v1-5 "
         "(--model)",
+        "--from-png: the image was made from a picture (img2img, Denoising strength 0.5): to make it again, pass "
+        "--init-image PICTURE; this run makes one from noise",
         "--from-png: settings sample.py has no flag for are left out: ENSD: 31337"]
     Image.new("RGB", (16, 16)).save(tmp_path / "start.png")
     req, _ = sample.parse_request(["--from-png", str(png), "--init-image", str(tmp_path / "start.png"),
@@ -506,6 +508,41 @@ def test_from_png_reads_eta_ddim_as_a_number(tmp_path):
                "Size: 64x64")
     req, _ = sample.parse_request(["--from-png", str(png)])
     assert req.scheduler == "ddim" and req.scheduler_options == {"eta": 0.5}
+
+
+def test_from_png_names_what_a1111_images_hold_that_it_leaves_out(tmp_path):
+    """A1111's extra-network tags in every form (<lora:NAME>, <lora:NAME:TE:UNET>, <lyco:...>,
+    <hypernet:...>) are taken out of the prompt and named; an img2img image without --init-image is
+    said to be made from noise; Hires fix's Denoising strength is no img2img strength; a VAE named by
+    its file is this run's --vae; Euler a with Karras, a JPEG and a text without settings exit 2."""
+    def png(text, name="a.png"):
+        I.save_png(np.zeros((8, 8, 3)), tmp_path / name, text)
+        return str(tmp_path / name)
+    settings = "Steps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 64x64"
+    req, args = sample.parse_request(["--from-png", png(f"a <lora:x> fox <lora:y:0.8:0.5> <lyco:z:0.6> "
+                                                          f"<hypernet:h:0.5>\n{settings}, VAE: v.safetensors"),
+                                      "--vae", "v.safetensors"])
+    assert req.prompts == ["a fox"]
+    assert [note.split(": to use")[0].split("with ")[1] for note in args.png_notes[:3]] == \
+        ["the LoRA x at 1", "the LoRA y at 0.8", "the LoRA z at 0.6"]
+    assert args.png_notes[3:] == ["--from-png: settings sample.py has no flag for are left out: "
+                                  "<hypernet:h:0.5> (no sdjax equivalent)"]
+    req, args = sample.parse_request(["--from-png", png(f"  a fox\n{settings}, Denoising strength: 0.4")])
+    assert req.prompts == ["  a fox"] and req.strength is None   # (sample.py writes the prompt as given)
+    assert args.png_notes == ["--from-png: the image was made from a picture (img2img, Denoising strength 0.4): "
+                              "to make it again, pass --init-image PICTURE; this run makes one from noise"]
+    Image.new("RGB", (16, 16)).save(tmp_path / "start.png")
+    req, args = sample.parse_request(["--from-png", png(f"a fox\n{settings}, Denoising strength: 0.4, Hires "
+                                                          "upscale: 2"), "--init-image", str(tmp_path / "start.png")])
+    assert req.strength is None and args.png_notes == ["--from-png: settings sample.py has no flag for are left "
+                                                       "out: Denoising strength: 0.4; Hires upscale: 2"]
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.jpg")
+    for path, error in ((png("a fox\nSteps: 20, Sampler: Euler a, Schedule type: Karras, Seed: 1"),
+                         "its sampler 'Euler a' with schedule type 'Karras' has no sdjax equivalent"),
+                        (str(tmp_path / "a.jpg"), "is a JPEG image"),
+                        (png("just a caption", "b.png"), "holds no generation settings")):
+        with pytest.raises(UsageError, match=re.escape(error)):
+            sample.parse_request(["--from-png", path])
 
 
 def test_negative_prompt_without_guidance_is_ignored_with_a_warning(pipe_dir, pipe, tmp_path, capsys):
