@@ -121,6 +121,7 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
     pre = OneLineErrorParser(add_help=False)
     pre.add_argument("--config")
     pre.add_argument("--from-png")
+    pre.add_argument("--strength")   # (given on the command line, not by the preset: over --from-png's)
     known, _ = pre.parse_known_args(argv)
     parser = build_parser()
     preset, path = {}, None
@@ -140,8 +141,8 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
     if png is not None and not prompts:
         prompts = [png.prompt]
     strength = args.strength
-    if png is not None and strength is None and args.init_image is not None:
-        strength = png.strength
+    if png is not None and png.strength is not None and known.strength is None and args.init_image is not None:
+        strength = png.strength   # (over a preset's strength, as every --from-png setting is)
     args.png_notes = [] if png is None else png_notes(png, args)
     seeds = args.seeds if isinstance(args.seeds, list) else parse_seeds(args.seeds)
     options = {**getattr(args, "scheduler_options", {}), **parse_scheduler_options(args.scheduler_option)}

@@ -498,6 +498,11 @@ def test_from_png_reads_a1111_parameters_and_says_what_it_leaves_out(tmp_path):
     assert (req.strength, req.steps, req.scheduler, req.scheduler_options) == \
         (0.5, 30, "euler", {"use_karras_sigmas": True})
     assert (req.width, req.height) == (512, 768)   # the image's Size, not the init image's
+    (tmp_path / "strong.yaml").write_text("strength: 0.3\n")
+    start = ["--from-png", str(png), "--init-image", str(tmp_path / "start.png"),
+             "--config", str(tmp_path / "strong.yaml")]
+    assert sample.parse_request(start)[0].strength == 0.5   # over the preset's
+    assert sample.parse_request(start + ["--strength", "0.7"])[0].strength == 0.7   # under the flag
 
 
 def test_from_png_reads_eta_ddim_as_a_number(tmp_path):
