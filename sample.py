@@ -164,8 +164,21 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
     try:
         validate_request(req)
     except UsageError as e:
-        raise _from_the_preset(e, preset, path, args, sys.argv[1:] if argv is None else argv) from None
+        argv = sys.argv[1:] if argv is None else argv
+        raise _from_the_png(_from_the_preset(e, preset, path, args, argv), png, known.from_png, args, argv) from None
     return req, args
+
+
+def _from_the_png(error: UsageError, png, file, args, argv) -> UsageError:
+    """``--height 700: must be ...`` when the 700 came from --from-png's image (its Size): name the
+    image instead of a flag the user did not type."""
+    key = error.setting
+    if png is None or key is None or key not in png.flags or getattr(args, key, None) != png.flags[key]:
+        return error
+    flag = "--" + key.replace("_", "-")
+    if any(a == flag or a.startswith(flag + "=") for a in map(str, argv)):
+        return error
+    return UsageError(f"--from-png {file}: its {key} {png.flags[key]!r}: {error.reason}")
 
 
 def _from_the_preset(error: UsageError, preset: dict, path, args, argv) -> UsageError:

@@ -545,7 +545,9 @@ def test_from_png_names_what_a1111_images_hold_that_it_leaves_out(tmp_path):
     for path, error in ((png("a fox\nSteps: 20, Sampler: Euler a, Schedule type: Karras, Seed: 1"),
                          "its sampler 'Euler a' with schedule type 'Karras' has no sdjax equivalent"),
                         (str(tmp_path / "a.jpg"), "is a JPEG image"),
-                        (png("just a caption", "b.png"), "holds no generation settings")):
+                        (png("just a caption", "b.png"), "holds no generation settings"),
+                        (png(f"a fox\n{settings.replace('64x64', '64x60')}", "c.png"),   # (not --height 60)
+                         f"--from-png {tmp_path / 'c.png'}: its height 60: must be a positive multiple of 8")):
         with pytest.raises(UsageError, match=re.escape(error)):
             sample.parse_request(["--from-png", path])
 
