@@ -227,8 +227,19 @@ def parse_a1111_parameters(text: str) -> dict[str, str]:
         negative = "\n".join(text_lines[negative_at:])[len("Negative prompt: "):]
         out = {"prompt": "\n".join(text_lines[:negative_at]), "negative_prompt": negative}
     for key, value in re.findall(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)', settings):
-        out[key.strip()] = json.loads(value) if value.startswith('"') else value.strip()
+        out[key.strip()] = _unquote(value)
     return out
+
+
+def _unquote(value: str) -> str:
+    """A settings value as A1111's ``quote`` wrote it (JSON) or as is; a quoted one that is no JSON (a
+    hand-edited Windows path ``"C:\\x"``, a quote cut short) as the text inside its quotes."""
+    if value.startswith('"'):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value.strip().strip('"')
+    return value.strip()
 
 
 # ----------------------------------------------------------------------------- writing

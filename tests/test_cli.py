@@ -541,6 +541,8 @@ def test_from_png_names_what_a1111_images_hold_that_it_leaves_out(tmp_path):
                                                           "upscale: 2"), "--init-image", str(tmp_path / "start.png")])
     assert req.strength is None and args.png_notes == ["--from-png: settings sample.py has no flag for are left "
                                                        "out: Denoising strength: 0.4; Hires upscale: 2"]
+    req, args = sample.parse_request(["--from-png", png(f'a fox\n{settings}, Template: "C:\\x, y"')])   # (no JSON)
+    assert args.png_notes == ["--from-png: settings sample.py has no flag for are left out: Template: C:\\x, y"]
     Image.new("RGB", (8, 8)).save(tmp_path / "a.jpg")
     for path, error in ((png("a fox\nSteps: 20, Sampler: Euler a, Schedule type: Karras, Seed: 1"),
                          "its sampler 'Euler a' with schedule type 'Karras' has no sdjax equivalent"),
