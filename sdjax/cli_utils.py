@@ -479,6 +479,7 @@ def settings_from_png(path: str | os.PathLike) -> PngSettings:
             raise bad(f"is a {kind} image: --from-png reads the settings in a PNG's 'parameters' text chunk")
         raise bad("holds no generation settings (no 'parameters' text chunk, as AUTOMATIC1111 and sample.py write)")
     fields = parse_a1111_parameters(text)
+    order = list(fields)   # (the options in the image's order, which sample.py writes them in again)
     if not {"Steps", "Sampler", "CFG scale", "Seed", "Size"} & set(fields):
         raise bad("holds no generation settings (its 'parameters' text has no Steps, Sampler, CFG scale, Seed or "
                   "Size)")
@@ -543,7 +544,9 @@ def settings_from_png(path: str | os.PathLike) -> PngSettings:
     model, vae = fields.pop("Model", None), fields.pop("VAE", None)
     for key in [k for k in fields if k in valid]:   # the options sdjax writes under their own names
         options.update(parse_scheduler_options([f"{key}={fields.pop(key)}"]))
-    flags["scheduler_options"] = options
+    source = {"use_karras_sigmas": "Schedule type", "eta": "Eta DDIM"}
+    flags["scheduler_options"] = dict(sorted(options.items(), key=lambda item: order.index(
+        source.get(item[0], item[0])) if source.get(item[0], item[0]) in order else -1))
     ignored = [f"{k}: {v}" for k, v in fields.items() if k not in _PNG_FIELDS_IGNORED]
     ignored += [f"{tag} (no sdjax equivalent)" for tag in networks]
     return PngSettings(flags, prompt, strength, loras, model, vae, ignored)

@@ -509,10 +509,11 @@ def test_from_png_reads_eta_ddim_as_a_number(tmp_path):
     """``Eta DDIM: 0.5`` (as sample.py's --scheduler-option eta=0.5 and A1111 write it) is the number 0.5,
     which the DDIM scheduler takes (its text '0.5' was refused: 'expected a number')."""
     png = tmp_path / "ddim.png"
-    I.save_png(np.zeros((8, 8, 3)), png, "a fox\nSteps: 20, Sampler: DDIM, Eta DDIM: 0.5, CFG scale: 7, Seed: 1, "
-               "Size: 64x64")
+    I.save_png(np.zeros((8, 8, 3)), png, "a fox\nSteps: 20, Sampler: DDIM, timestep_spacing: trailing, Eta DDIM: 0.5, "
+               "CFG scale: 7, Seed: 1, Size: 64x64")
     req, _ = sample.parse_request(["--from-png", str(png)])
-    assert req.scheduler == "ddim" and req.scheduler_options == {"eta": 0.5}
+    assert req.scheduler == "ddim" and req.scheduler_options == {"timestep_spacing": "trailing", "eta": 0.5}
+    assert list(req.scheduler_options) == ["timestep_spacing", "eta"]   # in the image's order: the same text again
 
 
 def test_from_png_names_what_a1111_images_hold_that_it_leaves_out(tmp_path):
