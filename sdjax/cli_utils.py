@@ -458,8 +458,11 @@ def settings_from_png(path: str | os.PathLike) -> PngSettings:
     """Read the settings an image was made with from its PNG ``parameters`` chunk, as AUTOMATIC1111 and
     sample.py write them: prompt, negative prompt, steps, sampler (and ``Schedule type: Karras``, ``Eta
     DDIM``, scheduler options under their own names), CFG scale, seed, size and clip skip. The prompt's
-    ``<lora:NAME:SCALE>`` tags are taken out of it (``loras``). A UsageError names the file and the field
-    that cannot be read or has no sdjax equivalent (another sampler, another schedule type)."""
+    extra-network tags are taken out of it: ``<lora:NAME[:SCALE...]>`` (and ``<lyco:...>``) into ``loras``,
+    another type into ``ignored``. A Hires fix's Denoising strength is no img2img ``strength``. A
+    UsageError names the file and the field that cannot be read or has no sdjax equivalent (another
+    sampler, another schedule type, Karras sigmas for a sampler without them), or says it is no PNG or
+    holds no settings."""
     from PIL import UnidentifiedImageError
     from sdjax.images import SAMPLER_NAMES, parse_a1111_parameters, read_png_parameters
 
