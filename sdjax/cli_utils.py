@@ -444,7 +444,7 @@ _PNG_FIELDS_IGNORED = {"Model hash", "VAE hash", "Version", "Lora hashes", "TI h
 class PngSettings:
     """What ``--from-png`` read from an image's A1111 ``parameters``: the settings as sample.py flag
     defaults (``flags``, keyed by their dest), the prompt, img2img's strength (a default only for a
-    run with ``--init-image``), the LoRAs and model the image names, and the fields left unused."""
+    run with ``--init-image``), the LoRAs, embeddings and model the image names, and the fields left unused."""
     flags: dict[str, Any]
     prompt: str
     strength: float | None
@@ -452,6 +452,7 @@ class PngSettings:
     model: str | None
     vae: str | None
     ignored: list[str]
+    embeddings: list[str] = dataclasses.field(default_factory=list)   # A1111's "TI hashes" names
 
 
 def settings_from_png(path: str | os.PathLike) -> PngSettings:
@@ -552,7 +553,8 @@ def settings_from_png(path: str | os.PathLike) -> PngSettings:
         source.get(item[0], item[0])) if source.get(item[0], item[0]) in order else -1))
     ignored = [f"{k}: {v}" for k, v in fields.items() if k not in _PNG_FIELDS_IGNORED]
     ignored += [f"{tag} (no sdjax equivalent)" for tag in networks]
-    return PngSettings(flags, prompt, strength, loras, model, vae, ignored)
+    embeddings = [name.strip() for name in re.findall(r"([^,:]+):", fields.get("TI hashes", ""))]
+    return PngSettings(flags, prompt, strength, loras, model, vae, ignored, embeddings)
 
 
 def png_notes(png: PngSettings, args) -> list[str]:
@@ -565,6 +567,11 @@ def png_notes(png: PngSettings, args) -> list[str]:
         if name not in given:
             notes.append(f"--from-png: the image was made with the LoRA {name} at {scale:g}: to use it, pass "
                          f"--lora FILE:{scale:g} (its file)")
+    loaded = {Path(file).stem.lower() for file in args.embedding}
+    for name in png.embeddings:   # (used in the prompt by name: the word alone is not the embedding)
+        if name.lower() not in loaded:
+            notes.append(f"--from-png: the image was made with the textual inversion embedding {name}: to use it, "
+                         "pass --embedding FILE (its file)")
     for what, recorded, flag in (("model", png.model, args.model), ("VAE", png.vae, args.vae)):
         this = model_name(flag) if flag else None
         if recorded and model_name(recorded) != this:   # (A1111 names a VAE by its file: NAME.safetensors)

@@ -479,14 +479,19 @@ def test_from_png_reads_a1111_parameters_and_says_what_it_leaves_out(tmp_path):
     png = tmp_path / "a1111.png"
     I.save_png(np.zeros((8, 8, 3)), png, "masterpiece, a fox <lora:fluffy:0.7>\nNegative prompt: lowres\nSteps: 20, "
                "Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 1234, Size: 512x768, Model hash: 6ce0161689, Model: "
-               "v1-5-pruned-emaonly, Denoising strength: 0.5, Clip skip: 2, ENSD: 31337, Version: v1.6.0")
-    req, args = sample.parse_request(["--from-png", str(png)])
+               "v1-5-pruned-emaonly, Denoising strength: 0.5, Clip skip: 2, ENSD: 31337, TI hashes: \"EasyNegative: "
+               "c74b4e810b03, bad-hands-5: aa7651be154c\", Version: v1.6.0")
+    (tmp_path / "EasyNegative.safetensors").write_bytes(b"")   # (its contents are read with the model)
+    req, args = sample.parse_request(["--from-png", str(png), "--embedding",
+                                      str(tmp_path / "EasyNegative.safetensors")])
     assert (req.prompts, req.negative_prompt, req.steps, req.scheduler, req.scheduler_options) == \
         (["masterpiece, a fox"], "lowres", 20, "dpmpp_2m", {"use_karras_sigmas": True})
     assert (req.guidance_scale, req.seeds, req.width, req.height, req.clip_skip) == (7.0, [1234], 512, 768, 2)
     assert req.init_image is None and req.strength is None
     assert args.png_notes == [
         "--from-png: the image was made with the LoRA fluffy at 0.7: to use it, pass --lora FILE:0.7 (its file)",
+        "--from-png: the image was made with the textual inversion embedding bad-hands-5: to use it, pass "
+        "--embedding FILE (its file)",
         "--from-png: the image was made with the model v1-5-pruned-emaonly, this run uses stable-diffusion-v1-5 "
         "(--model)",
         "--from-png: the image was made from a picture (img2img, Denoising strength 0.5): to make it again, pass "
