@@ -74,21 +74,29 @@ def expand_embedding_tokens(tokenizer, prompts: Sequence[str]) -> list[str]:
     """``prompts`` with each multi-vector textual inversion token spelled out as its tokens, as
     diffusers' ``maybe_convert_prompt`` does: an embedding of 3 vectors loaded as ``<style>`` is the
     tokens ``<style> <style>_1 <style>_2`` (`StableDiffusion.load_textual_inversion` adds them). The
-    tokenizer matches added tokens in any letter case (it lowercases the text), and so does this."""
+    tokenizer matches added tokens in any letter case (it lowercases the text), and so does this; it
+    spells out a token only where the tokenizer matches it (the longest added token at each place), so
+    ``EasyNegativeV2`` beside ``EasyNegative`` and a row written out (``<style>_2``) stay as they are
+    (diffusers' ``str.replace`` spells out ``EasyNegative`` inside them too)."""
     added = tokenizer.added_tokens_encoder
-    multi = [t for t in added if f"{t}_1" in added]
+    multi = {t.lower(): t for t in added if f"{t}_1" in added}
     if not multi:
         return list(prompts)
+    # One pass over every added token, longest first, as the tokenizer matches them (leftmost, longest):
+    # a token that starts another one (EasyNegative, EasyNegativeV2) spells out only where it is the match.
+    pattern = re.compile("|".join(map(re.escape, sorted(added, key=len, reverse=True))), re.IGNORECASE)
+
+    def spell(match: re.Match) -> str:
+        token = multi.get(match.group(0).lower())
+        if token is None:
+            return match.group(0)
+        count = next(i for i in range(1, len(added) + 1) if f"{token}_{i}" not in added)
+        return " ".join([token] + [f"{token}_{i}" for i in range(1, count)])
+
     expanded: dict[str, str] = {}   # a batch often repeats one prompt for many seeds
     for prompt in dict.fromkeys(prompts):
-        present = set(tokenizer.tokenize(prompt)) if prompt else set()
-        text = prompt
-        for token in multi:
-            if token in present or token.lower() in present:
-                count = next(i for i in range(1, len(added) + 1) if f"{token}_{i}" not in added)
-                spelled = " ".join([token] + [f"{token}_{i}" for i in range(1, count)])
-                text = re.sub(re.escape(token), lambda _: spelled, text, flags=re.IGNORECASE)
-        expanded[prompt] = text
+        lower = prompt.lower()
+        expanded[prompt] = pattern.sub(spell, prompt) if any(t in lower for t in multi) else prompt
     return [expanded[p] for p in prompts]
 
 

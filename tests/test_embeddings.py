@@ -102,3 +102,17 @@ def test_a_saved_pipeline_keeps_its_embeddings(tiny_pipeline_dir, tmp_path):
     with torch.no_grad():
         want = ref.encode_prompt(["a <easy> cat, EasyNegative EasyNegative_1 EasyNegative_2"], "cpu", 1, False)[0]
     assert np.abs(before - want.numpy()).max() <= 1e-5
+
+
+def test_a_token_that_starts_another_is_spelled_out_only_where_it_is_the_match(tiny_pipeline_dir, tmp_path):
+    """EasyNegative and EasyNegativeV2 (both multi-vector) in one prompt: each is its own vectors, as the
+    tokenizer matches them (longest first); a token's own row (``<x>_1``) written out is that row alone."""
+    pipe = StableDiffusion.from_pretrained(tiny_pipeline_dir)
+    save_file({"emb_params": vectors(3, 0)}, tmp_path / "EasyNegative.safetensors")
+    save_file({"emb_params": vectors(2, 1)}, tmp_path / "EasyNegativeV2.safetensors")
+    for name in ("EasyNegative", "EasyNegativeV2"):
+        pipe.load_textual_inversion(tmp_path / f"{name}.safetensors")
+    ids = tokenize(pipe.tokenizer, ["easynegativev2, EasyNegative EasyNegative_2"])[0]
+    words = "EasyNegativeV2 EasyNegativeV2_1 ,</w> EasyNegative EasyNegative_1 EasyNegative_2 EasyNegative_2".split()
+    want = pipe.tokenizer.convert_tokens_to_ids(words)
+    assert list(ids[1:len(want) + 1]) == want
