@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 import threading
 import warnings
 import weakref
@@ -563,7 +564,8 @@ class StableDiffusion:
         Reads diffusers' files (``learned_embeds.safetensors`` / ``.bin``, token: the one inside) and
         AUTOMATIC1111's (``.safetensors``, ``.pt``, token: the file's name, ``EasyNegative``), see
         `sdjax.weights.read_textual_inversion`; ``token`` replaces the file's. A token the tokenizer
-        already knows (a word of its vocabulary, an embedding loaded before), vectors of another width
+        already knows (a word of its vocabulary, an embedding loaded before) or that would be read as
+        another embedding's further vector (``T_2`` beside ``T``), vectors of another width
         than the text encoder's or an unreadable file raise a ValueError (`CheckpointError`) naming
         them, before anything changes. The sampler compiles again at the next call (the text encoder's
         table grew). ``save_pretrained`` keeps the tokens and their vectors."""
@@ -581,6 +583,14 @@ class StableDiffusion:
                 raise CheckpointError(f"{file}: the token {t!r} is already known to the tokenizer (a word of its "
                                       "vocabulary or an embedding loaded before): give the embedding another "
                                       "(token=...; an AUTOMATIC1111 file's is its name: rename the file)")
+        # T_1, T_2, ... are T's further vectors (expand_embedding_tokens spells them out from T): a token
+        # T_k beside an embedding T, or T beside a T_1, would make one embedding the other's rows
+        base = re.fullmatch(r"(.+)_\d+", token)
+        if (base and base.group(1).lower() in known) or f"{token.lower()}_1" in known:
+            other = base.group(1) if base and base.group(1).lower() in known else f"{token}_1"
+            raise CheckpointError(f"{file}: the token {token!r} would be read as a further vector of the embedding "
+                                  f"{other!r} (an embedding of n vectors T is the tokens T, T_1, ..., T_{{n-1}}): "
+                                  "give the embedding another (token=...; an AUTOMATIC1111 file's is its name)")
         embedding = self.text_encoder.text_model.embeddings.token_embedding
         table = embedding.embedding.get_value()
         self.tokenizer.add_tokens(tokens)
