@@ -312,6 +312,11 @@ class StableDiffusion:
         parallel.data_size(self.mesh)   # a mesh without a "data" axis: refused here, not at the first call
         self._warned: set[tuple] = set()
         self._lock = threading.RLock()
+        # The text encoder's token rows without textual inversion embeddings' (a single file holds these):
+        # all of them, but where a saved pipeline's embeddings grew the table, the rows before theirs
+        rows = text_encoder.config.vocab_size
+        added = [i for i, t in tokenizer.added_tokens_decoder.items() if not t.special]
+        self._token_rows = min(added) if added and max(added) == rows - 1 else rows
         self._build_programs()
         self._refresh_state()
         self._ticker = _StepTicker()
@@ -526,9 +531,19 @@ class StableDiffusion:
         """Write the three models as one ``.safetensors`` file in the original Stable Diffusion
         layout, which AUTOMATIC1111, ComfyUI and diffusers' ``from_single_file`` load. ``dtype``
         casts the weights (``"float16"`` halves the file; default: as held). An existing file is
-        refused unless ``overwrite=True`` (through a symlink, its target is replaced)."""
+        refused unless ``overwrite=True`` (through a symlink, its target is replaced). Textual inversion
+        embeddings (`load_textual_inversion`) are left out, with a warning: their token rows would make
+        the file one that no loader reads."""
+        rows = self.text_encoder.config.vocab_size
+        if rows > self._token_rows:
+            added = [t.content for _, t in sorted(self.tokenizer.added_tokens_decoder.items()) if not t.special]
+            names = [t for t in added if not ((m := re.fullmatch(r"(.+)_\d+", t)) and m.group(1) in added)]
+            warnings.warn(f"save_single_file: the textual inversion embeddings ({', '.join(names[:8])}"
+                          f"{', ...' if len(names) > 8 else ''}) are not written: a single file holds the text "
+                          f"encoder's {self._token_rows} token rows, which the web UIs and from_single_file load; "
+                          "use the embedding files beside it", UserWarning, stacklevel=2)
         return save_single_file(file, text_encoder=self.text_encoder, unet=self.unet, vae=self.vae, dtype=dtype,
-                                overwrite=overwrite)
+                                overwrite=overwrite, token_rows=self._token_rows)
 
     @_one_call_at_a_time
     def fuse_lora(self, file: str | Path, scale: float = 1.0) -> None:

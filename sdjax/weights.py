@@ -1232,12 +1232,13 @@ def single_file_tensor(part: str, path: tuple, array: np.ndarray, config) -> tup
 
 
 def save_single_file(file: str | os.PathLike, *, text_encoder, unet, vae, dtype=None,
-                     overwrite: bool = False) -> Path:
+                     overwrite: bool = False, token_rows: int | None = None) -> Path:
     """Write the three models as one original-layout ``.safetensors`` file (what AUTOMATIC1111,
     ComfyUI and diffusers' ``from_single_file`` load). ``dtype`` casts the weights (e.g.
     ``"float16"``, the usual for such files; default: as held). Written to a temporary name and
     renamed into place. An existing file is refused unless ``overwrite=True``; a symlink's target
-    is what is replaced (the link stays)."""
+    is what is replaced (the link stays). ``token_rows``: write the text encoder's first token rows
+    only (without those textual inversion embeddings added)."""
     from safetensors.numpy import save_file
     file = Path(file).expanduser()
     if file.suffix != ".safetensors":
@@ -1251,6 +1252,8 @@ def save_single_file(file: str | os.PathLike, *, text_encoder, unet, vae, dtype=
     for part, model in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
         for path, array in _numpy_params(model, dtype).items():
             name, array = single_file_tensor(part, path, array, model.config)
+            if token_rows is not None and name.endswith(".token_embedding.weight"):
+                array = array[:token_rows]
             tensors[name] = np.ascontiguousarray(array)
     file.parent.mkdir(parents=True, exist_ok=True)
     return atomic_write(file, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))

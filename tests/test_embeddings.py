@@ -118,3 +118,19 @@ def test_a_token_that_starts_another_is_spelled_out_only_where_it_is_the_match(t
     words = "EasyNegativeV2 EasyNegativeV2_1 ,</w> EasyNegative EasyNegative_1 EasyNegative_2 EasyNegative_2".split()
     want = pipe.tokenizer.convert_tokens_to_ids(words)
     assert list(ids[1:len(want) + 1]) == want
+
+
+def test_a_single_file_leaves_the_embeddings_out_and_loads(tiny_pipeline_dir, tmp_path):
+    """Embeddings that grew the token table are not written to a single file (with a warning): the file
+    loads in sdjax (and diffusers' from_single_file, the web UIs) with the model's own rows."""
+    pipe = StableDiffusion.from_pretrained(tiny_pipeline_dir)
+    rows = pipe.text_encoder.config.vocab_size
+    save_file({"<many>": vectors(rows - len(pipe.tokenizer) + 2, 5)}, tmp_path / "many.safetensors")
+    pipe.load_textual_inversion(tmp_path / "many.safetensors")
+    assert pipe.text_encoder.config.vocab_size == rows + 2   # (the table grew)
+    with pytest.warns(UserWarning, match=r"the textual inversion embeddings \(<many>\) are not written"):
+        pipe.save_single_file(tmp_path / "model.safetensors")
+    again = StableDiffusion.from_single_file(tmp_path / "model.safetensors", config=tiny_pipeline_dir)
+    assert again.text_encoder.config.vocab_size == rows
+    np.testing.assert_array_equal(states(again, ["a photo of the cat"]),
+                                  states(StableDiffusion.from_pretrained(tiny_pipeline_dir), ["a photo of the cat"]))
