@@ -567,7 +567,12 @@ def png_notes(png: PngSettings, args) -> list[str]:
         if name not in given:
             notes.append(f"--from-png: the image was made with the LoRA {name} at {scale:g}: to use it, pass "
                          f"--lora FILE:{scale:g} (its file)")
-    loaded = {Path(file).stem.lower() for file in args.embedding}
+    loaded = {Path(file).stem.lower() for file in args.embedding}   # (an A1111 file's token; a diffusers
+    for file in args.embedding:                                       # file's is inside it)
+        try:
+            loaded.add(embedding_hashes([file])[0][0].lower())
+        except (OSError, ValueError):   # (a bad file: named when the model loads)
+            pass
     for name in png.embeddings:   # (used in the prompt by name: the word alone is not the embedding)
         if name.lower() not in loaded:
             notes.append(f"--from-png: the image was made with the textual inversion embedding {name}: to use it, "
@@ -646,6 +651,15 @@ def parse_lora(text: str) -> tuple[str, float]:
 def lora_tags(loras: Sequence[str]) -> list[tuple[str, float]]:
     """(NAME, SCALE) of each ``FILE[:SCALE]``, NAME the file's stem: A1111's ``<lora:NAME:SCALE>``."""
     return [(Path(file).stem, scale) for file, scale in map(parse_lora, loras)]
+
+
+def embedding_hashes(files: Sequence[str]) -> list[tuple[str, str]]:
+    """(TOKEN, HASH) of each textual inversion embedding file, as A1111's ``TI hashes`` names them: the
+    token `StableDiffusion.load_textual_inversion` gives it and the file's SHA-256, first 12 hex digits."""
+    import hashlib
+    from sdjax.weights import read_textual_inversion
+    return [(read_textual_inversion(file)[0], hashlib.sha256(Path(file).expanduser().read_bytes()).hexdigest()[:12])
+            for file in files]
 
 
 def validate_request(req: SampleRequest) -> None:
@@ -996,6 +1010,7 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
         first_call = img2img_start(req.steps, strength)
     picks = trajectory_steps(sched.num_model_calls, req.trajectory_frames, first_call) if req.trajectory else None
     loras = lora_tags(req.lora)
+    embeddings = embedding_hashes(req.embedding) if writer else []
 
     files: list[Path] = []
     extra: list[Path] = []
@@ -1052,7 +1067,9 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
                                               guidance_scale=req.guidance_scale, seed=seed, width=req.width,
                                               height=req.height, model=req.model, vae=req.vae,
                                               scheduler_options=req.scheduler_options, clip_skip=req.clip_skip,
-                                              loras=loras, denoising_strength=strength)
+                                              loras=loras, denoising_strength=strength,
+                                              embeddings=[(token, digest) for token, digest in embeddings
+                                                          if token.lower() in f"{prompt}\n{negative}".lower()])
                     files.append(out_dir / image_file_name(index, seed, prompt))
                     writing.append(saver.submit(save_png, out.images[b], files[-1], params))
                     if req.grid:   # as 8-bit, a quarter of the float images' memory over a long run

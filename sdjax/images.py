@@ -138,7 +138,8 @@ def _number(value) -> str:
 def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, scheduler: str, guidance_scale: float,
                      seed: int, width: int, height: int, model: str | None = None, vae: str | None = None,
                      scheduler_options: dict | None = None, clip_skip: int = 1,
-                     loras: Sequence[tuple[str, float]] = (), denoising_strength: float | None = None) -> str:
+                     loras: Sequence[tuple[str, float]] = (), denoising_strength: float | None = None,
+                     embeddings: Sequence[tuple[str, str]] = ()) -> str:
     """Generation settings as AUTOMATIC1111 writes them into the PNG ``parameters`` text chunk::
 
         a photo of a cat
@@ -153,6 +154,8 @@ def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, sche
     ``loras``, (NAME, SCALE) of each LoRA merged into the weights, are written as A1111 users write
     them in the prompt, which A1111 and Civitai read back: ``a photo of a cat <lora:NAME:SCALE>``.
     ``denoising_strength`` (img2img's strength) is written as A1111's img2img does, ``Denoising strength: 0.75``.
+    ``embeddings``, (TOKEN, HASH) of the textual inversion embeddings the prompts use, as A1111's
+    ``TI hashes: "EasyNegative: c74b4e810b03"`` (HASH: the file's SHA-256, its first 12 hex digits).
     """
     sampler = SAMPLER_NAMES.get(scheduler, scheduler)
     fields = [("Steps", steps), ("Sampler", sampler)]
@@ -173,6 +176,8 @@ def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, sche
         fields.append(("Denoising strength", _number(denoising_strength)))
     if clip_skip != 1:
         fields.append(("Clip skip", clip_skip))
+    if embeddings:
+        fields.append(("TI hashes", ", ".join(f"{name}: {digest}" for name, digest in embeddings)))
     tags = " ".join(f"<lora:{name}:{_number(scale)}>" for name, scale in loras)
     lines = [f"{prompt} {tags}" if prompt and tags else prompt or tags]
     if negative_prompt:

@@ -711,6 +711,11 @@ def test_embedding_flags_add_the_tokens_and_a_bad_file_exits_2_before_writing(pi
                                                                              len(loaded.tokenizer) - 1]
     plain = pipe("a dog, crayon", seeds=4, num_inference_steps=3, height=32, width=32).to_pil()[0]
     assert not np.array_equal(pixels(tmp_path / "out" / "00000-seed4-a-dog-crayon.png"), plain)
+    import hashlib
+    from PIL import Image
+    digest = hashlib.sha256((tmp_path / "Crayon.safetensors").read_bytes()).hexdigest()[:12]
+    assert Image.open(tmp_path / "out" / "00000-seed4-a-dog-crayon.png").text["parameters"].endswith(
+        f'TI hashes: "Crayon: {digest}"')   # (A1111's record of it, which --from-png names)
     save_file({"<wide>": np.zeros((1, 64), np.float32)}, tmp_path / "wide.safetensors")
     rc, _, stderr = run_main(capsys, "a dog", "--embedding", tmp_path / "wide.safetensors", "--model", pipe_dir,
                              "--out", tmp_path / "none", *SMALL)
