@@ -1323,7 +1323,7 @@ def read_textual_inversion(file: str | os.PathLike, token: str | None = None) ->
     vectors = np.asarray(vectors)
     if vectors.ndim == 1:
         vectors = vectors[None]
-    if vectors.ndim != 2 or not vectors.size or not np.issubdtype(vectors.dtype, np.floating):
+    if vectors.ndim != 2 or not vectors.size or not jnp.issubdtype(vectors.dtype, jnp.floating):   # (bf16 too)
         raise CheckpointError(f"{file}: the embedding has shape {vectors.shape} and dtype {vectors.dtype}; expected "
                               "float vectors [count, width]")
     token = found if token is None else token

@@ -21,7 +21,8 @@ def write_files(folder):
     """One embedding file per format: {name: (path, token diffusers is given, token in sdjax's prompts)}."""
     save_file({"<fox>": vectors(1, 1)[0]}, folder / "learned_embeds.safetensors")            # diffusers, 1 vector
     torch.save({"<owl-style>": torch.from_numpy(vectors(2, 2))}, folder / "learned_embeds.bin")  # diffusers, 2
-    save_file({"emb_params": vectors(3, 3)}, folder / "EasyNegative.safetensors")              # A1111, 3 vectors
+    import ml_dtypes   # (bfloat16, as a safetensors file may hold them)
+    save_file({"emb_params": vectors(3, 3).astype(ml_dtypes.bfloat16)}, folder / "EasyNegative.safetensors")  # A1111, 3
     torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": torch.from_numpy(vectors(2, 4))},
                 "name": "other-name", "step": 100}, folder / "Watercolor.pt")                   # A1111 .pt, 2
     return {"fox": (folder / "learned_embeds.safetensors", "<fox>", "<fox>"),
