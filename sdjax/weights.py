@@ -220,8 +220,9 @@ def _read_safetensors(path: Path, wanted: Callable[[str], bool] | None = None) -
             yield key, array
 
 
-def _torch_load(path: Path) -> Any:
-    """``torch.load`` of a PyTorch checkpoint, tensors and plain containers only (``weights_only``);
+def _torch_load(path: Path, allow: Iterable[str] = ()) -> Any:
+    """``torch.load`` of a PyTorch checkpoint, tensors and plain containers only (``weights_only``),
+    and the torch classes named in ``allow`` (``"nn.ParameterDict"``: ``torch.nn.ParameterDict``);
     a `CheckpointError` naming the file and why otherwise."""
     try:
         import torch
@@ -231,7 +232,14 @@ def _torch_load(path: Path) -> Any:
     try:
         # Not mmap=True: the mapped file stays resident next to the converted arrays (measured on the
         # SD v1.5 UNet: peak 2.06x the file, still 2.06x after loading; without mmap 1.09x).
-        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=False)
+        classes = []
+        for name in allow:
+            found: Any = torch
+            for part in name.split("."):
+                found = getattr(found, part)
+            classes.append(found)
+        with torch.serialization.safe_globals(classes):
+            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=False)
     except Exception as e:
         if (instead := _what_else(path)) is not None:
             raise CheckpointError(f"{path}: {instead}") from e
@@ -1300,14 +1308,14 @@ def read_textual_inversion(file: str | os.PathLike, token: str | None = None) ->
     if file.suffix == ".safetensors":
         state: Any = dict(_read_safetensors(file))
     elif file.suffix in (".pt", ".bin"):
-        state = _torch_load(file)
+        state = _torch_load(file, allow=["nn.ParameterDict"])   # (the first textual inversion code's .pt files)
     else:
         raise CheckpointError(f"{file}: sdjax reads textual inversion embeddings as .safetensors, .pt or .bin files")
     if not isinstance(state, dict) or not state:
         raise CheckpointError(f"{file}: not a textual inversion embedding (it holds no tensors by name)")
     keys = sorted(map(str, state))
-    if "string_to_param" in state and isinstance(state["string_to_param"], dict) \
-            and "*" in state["string_to_param"]:   # A1111 .pt
+    if "string_to_param" in state and hasattr(state["string_to_param"], "keys") \
+            and "*" in state["string_to_param"]:   # A1111 .pt (a dict; an nn.ParameterDict in older files)
         found, vectors = file.stem, state["string_to_param"]["*"]
     elif "emb_params" in state:                      # A1111 .safetensors
         found, vectors = file.stem, state["emb_params"]

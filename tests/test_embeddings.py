@@ -135,3 +135,13 @@ def test_a_single_file_leaves_the_embeddings_out_and_loads(tiny_pipeline_dir, tm
     assert again.text_encoder.config.vocab_size == rows
     np.testing.assert_array_equal(states(again, ["a photo of the cat"]),
                                   states(StableDiffusion.from_pretrained(tiny_pipeline_dir), ["a photo of the cat"]))
+
+
+def test_the_first_textual_inversion_codes_pt_files_are_read(tmp_path):
+    """string_to_param as an nn.ParameterDict (rinongal/textual_inversion's .pt files, which A1111 reads)."""
+    from sdjax.weights import read_textual_inversion
+    params = torch.nn.ParameterDict({"*": torch.nn.Parameter(torch.from_numpy(vectors(2, 6)))})
+    torch.save({"string_to_token": {"*": torch.tensor(265)}, "string_to_param": params}, tmp_path / "Old.pt")
+    token, found = read_textual_inversion(tmp_path / "Old.pt")
+    assert token == "Old"
+    np.testing.assert_array_equal(found, vectors(2, 6))
