@@ -83,7 +83,8 @@ def test_bad_embedding_files_are_refused_before_anything_changes(tiny_pipeline_d
             pipe.load_textual_inversion(tmp_path / file)
     with pytest.raises(CheckpointError, match="the token 'OK_1' is already known"):   # any letter case
         pipe.load_textual_inversion(tmp_path / "word.safetensors", token="OK_1")
-    with pytest.raises(CheckpointError, match="the token 'Ok_5' would be read as a further vector of the embedding 'Ok'"):
+    with pytest.raises(CheckpointError,
+                       match="the token 'Ok_5' would be read as a further vector of the embedding 'Ok'"):
         pipe.load_textual_inversion(tmp_path / "word.safetensors", token="Ok_5")
     assert len(pipe.tokenizer) == size
     np.testing.assert_array_equal(np.asarray(pipe.text_encoder.text_model.embeddings.token_embedding.embedding), table)
