@@ -172,28 +172,29 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
 def _from_the_png(error: UsageError, png, file, args, argv) -> UsageError:
     """``--height 700: must be ...`` when the 700 came from --from-png's image (its Size): name the
     image instead of a flag the user did not type."""
-    key = error.setting
-    if png is None or key is None or key not in png.flags or getattr(args, key, None) != png.flags[key]:
-        return error
-    flag = "--" + key.replace("_", "-")
-    if any(a == flag or a.startswith(flag + "=") for a in map(str, argv)):
-        return error
-    return UsageError(f"--from-png {file}: its {key} {png.flags[key]!r}: {error.reason}")
+    return _blame_the_source(error, {} if png is None else png.flags, args, argv,
+                             lambda key, value: f"--from-png {file}: its {key} {value!r}")
 
 
 def _from_the_preset(error: UsageError, preset: dict, path, args, argv) -> UsageError:
     """``--height 30: must be ...`` when the 30 came from the --config file: name the file and key
     instead of a flag the user did not type."""
+    return _blame_the_source(error, preset, args, argv, lambda key, value: f"{path}: key {key!r} has value {value!r}")
+
+
+def _blame_the_source(error: UsageError, settings: dict, args, argv, source) -> UsageError:
+    """``error`` about a setting whose value came from ``settings`` (a preset's, an image's) and was not
+    given as a flag in ``argv``: said of ``source(key, value)`` instead of the flag; else as it is."""
     key = error.setting
-    if key is None or key not in preset:
+    if key is None or key not in settings:
         return error
     value = getattr(args, key, None)
-    if not (value is preset[key] or value == preset[key]):   # (is: NaN != NaN)
+    if not (value is settings[key] or value == settings[key]):   # (is: NaN != NaN)
         return error
     flag = "--scheduler-option" if key == "scheduler_options" else "--" + key.replace("_", "-")
     if any(a == flag or a.startswith(flag + "=") for a in map(str, argv)):
         return error
-    return UsageError(f"{path}: key {key!r} has value {preset[key]!r}: {error.reason}")
+    return UsageError(f"{source(key, settings[key])}: {error.reason}")
 
 
 def _fail(error: Exception) -> int:
