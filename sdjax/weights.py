@@ -1305,9 +1305,9 @@ def read_textual_inversion(file: str | os.PathLike, token: str | None = None) ->
     file = Path(file).expanduser()
     if not file.is_file():
         raise CheckpointError(f"{file}: no such embedding file")
-    if file.suffix == ".safetensors":
+    if file.suffix.lower() == ".safetensors":
         state: Any = dict(_read_safetensors(file))
-    elif file.suffix in (".pt", ".bin"):
+    elif file.suffix.lower() in (".pt", ".bin"):
         state = _torch_load(file, allow=["nn.ParameterDict"])   # (the first textual inversion code's .pt files)
     else:
         raise CheckpointError(f"{file}: sdjax reads textual inversion embeddings as .safetensors, .pt or .bin files")
@@ -1326,14 +1326,17 @@ def read_textual_inversion(file: str | os.PathLike, token: str | None = None) ->
     else:
         raise CheckpointError(f"{file}: not a textual inversion embedding sdjax reads (expected one tensor under its "
                               f"token, emb_params or string_to_param; it has {', '.join(keys[:8])})")
-    if hasattr(vectors, "detach"):   # a torch tensor, from a .pt / .bin
-        vectors = vectors.detach().float().numpy()
+    if hasattr(vectors, "detach"):   # a torch tensor, from a .pt / .bin (bf16 as float32: numpy has none)
+        vectors = vectors.detach()
+        vectors = (vectors.float() if vectors.is_floating_point() else vectors).numpy()
     vectors = np.asarray(vectors)
     if vectors.ndim == 1:
         vectors = vectors[None]
     if vectors.ndim != 2 or not vectors.size or not jnp.issubdtype(vectors.dtype, jnp.floating):   # (bf16 too)
         raise CheckpointError(f"{file}: the embedding has shape {vectors.shape} and dtype {vectors.dtype}; expected "
                               "float vectors [count, width]")
+    if not np.isfinite(vectors.astype(np.float32)).all():
+        raise CheckpointError(f"{file}: the embedding's vectors hold NaN or infinite values (a diverged training?)")
     token = found if token is None else token
     if not isinstance(token, str) or not token.strip() or token != token.strip():
         raise CheckpointError(f"{file}: the token {token!r} must be a word without surrounding spaces")

@@ -70,6 +70,8 @@ def test_bad_embedding_files_are_refused_before_anything_changes(tiny_pipeline_d
     save_file({"a": vectors(1, 0), "b": vectors(1, 1)}, tmp_path / "two.safetensors")
     save_file({"<wide>": np.zeros((2, WIDTH * 2), np.float32)}, tmp_path / "wide.safetensors")
     save_file({"cat": vectors(1, 0)}, tmp_path / "word.safetensors")
+    save_file({"<nan>": np.full((1, WIDTH), np.nan, np.float32)}, tmp_path / "nan.safetensors")
+    torch.save({"<ints>": torch.ones(2, WIDTH, dtype=torch.int64)}, tmp_path / "ints.bin")
     (tmp_path / "notes.txt").write_text("hello")
     size, table = len(pipe.tokenizer), np.asarray(pipe.text_encoder.text_model.embeddings.token_embedding.embedding)
     for file, message in [("nope.safetensors", "no such embedding file"),
@@ -78,6 +80,8 @@ def test_bad_embedding_files_are_refused_before_anything_changes(tiny_pipeline_d
                           ("two.safetensors", "not a textual inversion embedding sdjax reads .* it has a, b"),
                           ("wide.safetensors", f"its vectors have width {WIDTH * 2}; this text encoder's is {WIDTH}"),
                           ("word.safetensors", "the token 'cat' is already known"),
+                          ("nan.safetensors", "the embedding's vectors hold NaN or infinite values"),
+                          ("ints.bin", r"the embedding has shape \(2, 32\) and dtype int64; expected float vectors"),
                           ("ok.safetensors", "the token 'ok' is already known")]:
         with pytest.raises(CheckpointError, match=f"{tmp_path / file}: {message}"):
             pipe.load_textual_inversion(tmp_path / file)
