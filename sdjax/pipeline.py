@@ -768,8 +768,7 @@ class StableDiffusion:
         sched = self.make_scheduler(scheduler, num_inference_steps, **(scheduler_options or {}))
         first_call = 0   # the loop index denoising begins at: img2img's strength skips the start of the schedule
         if init_images is not None:
-            first_call = sampling.img2img_start(num_inference_steps,
-                                                sampling.DEFAULT_STRENGTH if strength is None else strength)
+            first_call = sampling.img2img_start(num_inference_steps, strength)
             sched.starting_at(first_call)   # a schedule that cannot begin midway: raises now
         latent_shape = (height // self.vae_scale, width // self.vae_scale, self.unet.config.in_channels)
         if latents is not None:

@@ -88,11 +88,13 @@ def encode_images(vae, images_BHWC, keys_B=None) -> jax.Array:
     return latents * vae.scaling_factor
 
 
-def img2img_start(num_inference_steps: int, strength: float) -> int:
+def img2img_start(num_inference_steps: int, strength: float | None = None) -> int:
     """The loop index img2img begins at (``denoise(..., start=)``) for ``strength`` in (0, 1], the
-    share of the schedule that is run, as diffusers' StableDiffusionImg2ImgPipeline computes it:
-    the last ``int(num_inference_steps * strength)`` steps are denoised (PNDM's extra warm-up call
-    included in its schedule: the index counts from its start all the same)."""
+    share of the schedule that is run (None: `DEFAULT_STRENGTH`), as diffusers'
+    StableDiffusionImg2ImgPipeline computes it: the last ``int(num_inference_steps * strength)`` steps
+    are denoised (PNDM's extra warm-up call included in its schedule: the index counts from its start
+    all the same)."""
+    strength = DEFAULT_STRENGTH if strength is None else strength
     if (isinstance(strength, (np.ndarray, jax.Array)) and strength.ndim == 0
             and not isinstance(strength, jax.core.Tracer)):
         strength = strength.item()   # a 0-d array of a number

@@ -104,8 +104,7 @@ def denoising_trajectory(pipe, prompt: str, seed: int = 0, *, steps: int = 50, n
     """
     sched = pipe.make_scheduler(scheduler, steps, **(kwargs.get("scheduler_options") or {}))
     init = kwargs.get("init_images")
-    first_call = 0 if init is None else sampling.img2img_start(
-        steps, sampling.DEFAULT_STRENGTH if kwargs.get("strength") is None else kwargs["strength"])
+    first_call = 0 if init is None else sampling.img2img_start(steps, kwargs.get("strength"))
     picks = trajectory_steps(sched.num_model_calls, num_frames, first_call)
     out = pipe(prompt, negative_prompt, seeds=seed, num_inference_steps=steps, scheduler=scheduler,
                return_intermediates=picks, **kwargs)

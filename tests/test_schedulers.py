@@ -332,6 +332,8 @@ def test_img2img_start_and_noise_follow_diffusers_img2img_pipeline(name):
     with pytest.raises(ValueError, match="strength 0.01 with 50 steps denoises no step"):
         img2img_start(50, 0.01)
     assert img2img_start(50, np.float32(0.75)) == img2img_start(50, 0.75) == 13   # numpy scalars too
+    from sdjax.sampling import DEFAULT_STRENGTH
+    assert img2img_start(50) == img2img_start(50, None) == img2img_start(50, DEFAULT_STRENGTH)   # the default
     options = {"use_karras_sigmas": True} if name in ("euler", "dpmpp_2m", "lms") else {}
     steps = 50
     sched = S.make_scheduler(name, SD15_SCHEDULER_CONFIG, steps, **options)
