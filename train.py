@@ -8,6 +8,9 @@ import sys
 def exported(final, cfg) -> str:
     """The export's folder, and its single file when one was written."""
     from sdjax.training.loop import Trainer
+    from sdjax.weights import LORA_FILE_NAME
+    if cfg.lora_rank is not None:
+        return str(final / LORA_FILE_NAME)
     if not cfg.export_single_file:
         return str(final)
     return f"{final} and {Trainer.single_file_path(final)} ({cfg.export_single_file})"
@@ -154,7 +157,8 @@ def _main(argv=None) -> int:
                   "changes the data, which a resume refuses)", file=sys.stderr)
             return 1
         if final is not None:
-            print(f"done: {count(cfg.max_steps, 'step')}; pipeline exported to {exported(final, cfg)}")
+            what = "LoRA" if cfg.lora_rank is not None else "pipeline"
+            print(f"done: {count(cfg.max_steps, 'step')}; {what} exported to {exported(final, cfg)}")
         return 0
     except (UsageError, DataError, CheckpointError, FileNotFoundError, TFDSNotInstalled) as e:
         print(f"train.py: error: {e}", file=sys.stderr)

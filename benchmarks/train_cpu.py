@@ -9,7 +9,10 @@ step, as a fine-tune does. Four rows, each in a fresh subprocess (its own peak R
 - sdjax: ``Trainer.create(TrainConfig(...))`` then its jitted ``train_step`` on one fixed batch;
 - sdjax remat: the same with ``TrainConfig(gradient_checkpointing=True)``;
 - diffusers: ``UNet2DConditionModel`` forward + backward + ``torch.optim.AdamW`` (clip_grad_norm_ 1.0);
-- diffusers ckpt: the same after ``unet.enable_gradient_checkpointing()``.
+- diffusers ckpt: the same after ``unet.enable_gradient_checkpointing()``;
+- sdjax LoRA / diffusers LoRA (opt-in, ``--sides sdjax-lora,diffusers-lora``): rank-16 LoRA of the UNet's
+  attention projections with the UNet frozen, ``TrainConfig(lora_rank=16)`` and PEFT's ``unet.add_adapter(
+  LoraConfig(r=16, target_modules=[to_q, to_k, to_v, to_out.0]))`` as diffusers' train_text_to_image_lora.py.
 
 Images/s is measured warm: one untimed step first (sdjax: compile + run), then ``--steps`` timed
 steps, median. Peak RSS is ``ru_maxrss`` of the child. Uses (or writes) the random-weight pipeline
@@ -32,6 +35,8 @@ import common as C  # benchmarks/common.py (this script's folder is on sys.path)
 
 GiB = 1024 ** 3
 SIDES = ("sdjax", "sdjax-remat", "diffusers", "diffusers-ckpt")
+LORA_SIDES = ("sdjax-lora", "diffusers-lora")
+LORA_RANK = 16
 
 
 def _peak_rss() -> float:
@@ -50,12 +55,13 @@ def _timed(step, steps: int) -> tuple[float, list[float]]:
     return first, times
 
 
-def run_sdjax(model: str, data: str, workdir: Path, resolution: int, batch: int, steps: int, remat: bool) -> dict:
+def run_sdjax(model: str, data: str, workdir: Path, resolution: int, batch: int, steps: int, remat: bool,
+              lora_rank: int | None = None) -> dict:
     import jax
     from sdjax.training.loop import TrainConfig, Trainer
     cfg = TrainConfig(model=model, train_data=data, output_dir=str(workdir / "train-out"), resolution=resolution,
                       batch_size=batch, max_steps=1000, learning_rate=1e-5, gradient_checkpointing=remat,
-                      checkpoint_every=10**6)
+                      checkpoint_every=10**6, lora_rank=lora_rank)
     trainer = Trainer.create(cfg)
     loaded_rss = _peak_rss()
     batch_arrays = trainer.next_batch()
@@ -72,7 +78,8 @@ def run_sdjax(model: str, data: str, workdir: Path, resolution: int, batch: int,
             "rss_after_load_gib": loaded_rss, "devices": jax.device_count()}
 
 
-def run_diffusers(model: str, resolution: int, batch: int, steps: int, ckpt: bool) -> dict:
+def run_diffusers(model: str, resolution: int, batch: int, steps: int, ckpt: bool, lora_rank: int | None = None
+                  ) -> dict:
     import numpy as np
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -85,8 +92,14 @@ def run_diffusers(model: str, resolution: int, batch: int, steps: int, ckpt: boo
     text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder").eval().requires_grad_(False)
     tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
     noise_scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
+    if lora_rank is not None:   # as diffusers' train_text_to_image_lora.py
+        from peft import LoraConfig
+        unet.requires_grad_(False)
+        unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian",
+                                    target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
     # foreach=False: no multi-tensor temporaries (the lowest-memory AdamW, as sdjax's updates in place)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-5, weight_decay=1e-2, foreach=False)
+    optimizer = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-5, weight_decay=1e-2,
+                                  foreach=False)
     loaded_rss = _peak_rss()
     rng = np.random.default_rng(0)
     pixels = torch.from_numpy(rng.uniform(-1, 1, (batch, 3, resolution, resolution)).astype(np.float32))
@@ -99,19 +112,21 @@ def run_diffusers(model: str, resolution: int, batch: int, steps: int, ckpt: boo
 
     first, times = _timed(step, steps)
     return {"first_step_s": first, "times": times, "loss": losses[-1],
-            "params_m": sum(p.numel() for p in unet.parameters()) / 1e6, "rss_after_load_gib": loaded_rss,
+            "params_m": sum(p.numel() for p in unet.parameters() if p.requires_grad) / 1e6,
+            "rss_after_load_gib": loaded_rss,
             "threads": torch.get_num_threads()}
 
 
 def child(args) -> None:
     directory = C.pipeline_dir(args.workdir, "sd15")
+    lora_rank = LORA_RANK if args.side in LORA_SIDES else None
     data = Path(args.workdir) / f"train-data-{args.resolution}"
     if args.side.startswith("sdjax"):
         out = run_sdjax(str(directory), str(data), Path(args.workdir), args.resolution, args.batch_size, args.steps,
-                        remat=args.side == "sdjax-remat")
+                        remat=args.side == "sdjax-remat", lora_rank=lora_rank)
     else:
         out = run_diffusers(str(directory), args.resolution, args.batch_size, args.steps,
-                            ckpt=args.side == "diffusers-ckpt")
+                            ckpt=args.side == "diffusers-ckpt", lora_rank=lora_rank)
     warm = statistics.median(out["times"])
     out.update(side=args.side, warm_step_s=warm, images_per_s=args.batch_size / warm, peak_rss_gib=_peak_rss())
     print(json.dumps(out))
@@ -147,12 +162,13 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3, help="timed warm steps per row (median reported)")
-    parser.add_argument("--sides", default=",".join(SIDES), help="comma-separated subset of " + ",".join(SIDES))
+    parser.add_argument("--sides", default=",".join(SIDES),
+                        help="comma-separated subset of " + ",".join(SIDES + LORA_SIDES))
     parser.add_argument("--min-free-gib", type=float, default=17.0,
                         help="wait until this much memory is available before each row (fp32 AdamW on the full "
                              "UNet needs ~14-16 GiB)")
     parser.add_argument("--wait-s", type=float, default=1800, help="give up waiting for memory after this long")
-    parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
+    parser.add_argument("--side", choices=SIDES + LORA_SIDES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
         child(args)
@@ -178,13 +194,16 @@ def main() -> None:
     print(f"\n{versions()}")
     print(f"SD v1.5 UNet fine-tuning step (random weights, fp32, AdamW), {args.resolution}x{args.resolution} "
           f"images, batch {args.batch_size}, median of {args.steps} warm steps\n")
-    print("| implementation | gradient checkpointing | images/s | s / step (warm) | first step s | "
+    print("| implementation | trains | gradient checkpointing | images/s | s / step (warm) | first step s | "
           "peak RSS GiB | RSS after load GiB |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
     for r in results:
         impl = "sdjax" if r["side"].startswith("sdjax") else "diffusers PyTorch"
         remat = "yes" if r["side"] in ("sdjax-remat", "diffusers-ckpt") else "no"
-        print(f"| {impl} | {remat} | {r['images_per_s']:.3f} | {r['warm_step_s']:.2f} | {r['first_step_s']:.1f} | "
+        trains = f"LoRA r{LORA_RANK} ({r['params_m']:.1f} M)" if r["side"] in LORA_SIDES else (
+            f"UNet ({r['params_m']:.1f} M)")
+        print(f"| {impl} | {trains} | {remat} | {r['images_per_s']:.3f} | {r['warm_step_s']:.2f} | "
+              f"{r['first_step_s']:.1f} | "
               f"{r['peak_rss_gib']:.2f} | {r['rss_after_load_gib']:.2f} |")
 
 

@@ -1,4 +1,5 @@
-"""Per-device bytes of the SD v1.5 training state (UNet fine-tune, AdamW, EMA) as sdjax places it.
+"""Per-device bytes of the SD v1.5 training state (UNet fine-tune, AdamW, EMA) as sdjax places it,
+and of a LoRA run's.
 
     python benchmarks/train_state_memory.py
 
@@ -20,6 +21,7 @@ from flax import nnx  # noqa: E402
 
 import model_configs as R  # noqa: E402
 from sdjax import UNet2DConditionModel, parallel  # noqa: E402
+from sdjax.training import lora  # noqa: E402
 from sdjax.training import step as S  # noqa: E402
 
 
@@ -43,6 +45,18 @@ def main() -> None:
     for n in (1, 2, 4, 8, 16):
         split = gib(split_parts, parallel.data_mesh(jax.devices()[:n]))
         print(f"| {n} | {weights:.2f} | {split:.2f} | {weights + split:.2f} | {weights + gib(split_parts):.2f} |")
+    # LoRA (train.py --lora-rank): the UNet stays as loaded (fp32 here); the state is the LoRA alone
+    frozen = params["unet"]
+    print("\nLoRA of the UNet's attention projections (to_q, to_k, to_v, to_out.0), one device:")
+    print("| rank | LoRA weights | state (weights + AdamW + EMA) | frozen UNet fp32 | LoRA file |")
+    print("| ---: | ---: | ---: | ---: | ---: |")
+    for rank in (4, 16, 64):
+        spec = lora.lora_spec(params, rank=rank)
+        lora_params = {"lora": jax.eval_shape(lambda: lora.init_lora(spec, params, jax.random.key(0)))}
+        lora_state = jax.eval_shape(lambda p: S.init_state(p, optimizer, 0, ema=True), lora_params)
+        file_mib = gib(lora_params) * 1024   # float32, as the export writes it (+ one alpha per module)
+        print(f"| {rank} | {gib(lora_state.params) * 1024:.1f} MiB | {gib(lora_state) * 1024:.1f} MiB | "
+              f"{gib(frozen):.2f} GiB | {file_mib:.1f} MiB |")
 
 
 if __name__ == "__main__":

@@ -1270,6 +1270,7 @@ def save_single_file(file: str | os.PathLike, *, text_encoder, unet, vae, dtype=
 # ----------------------------------------------------------------------------- LoRA
 LORA_PARTS = {"unet": UNet2DConditionModel, "text_encoder": CLIPTextModel}   # what a SD v1.x LoRA changes
 _KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder"}
+LORA_FILE_NAME = "pytorch_lora_weights.safetensors"   # diffusers' name: its load_lora_weights(folder) reads it
 # (down, up) key suffixes of the LoRA formats read: kohya/A1111, diffusers' PEFT, diffusers' older ones
 _LORA_PAIRS = ((".lora_down.weight", ".lora_up.weight"), (".lora_A.weight", ".lora_B.weight"),
                (".lora.down.weight", ".lora.up.weight"),
@@ -1364,10 +1365,40 @@ def _lora_module_names(part: str, config, state) -> dict[str, tuple]:
                              .removeprefix(SINGLE_FILE_PARTS[part][1]).removesuffix(".weight"))
         for prefix, kohya_part in _KOHYA_PREFIXES.items():
             for spelling in spellings if kohya_part == part else ():
-                name = prefix + spelling.replace(".", "_")
+                name = _kohya_name(prefix, spelling)
                 kohya[name] = None if name in kohya and kohya[name] != path else path
     names.update({name: path for name, path in kohya.items() if path is not None})
     return names
+
+
+def _kohya_name(prefix: str, module: str) -> str:
+    return prefix + module.replace(".", "_")
+
+
+def kohya_lora_name(part: str, path: tuple) -> str:
+    """The kohya / AUTOMATIC1111 LoRA module name of the kernel at NNX ``path`` of pipeline part
+    ``part`` ("unet" / "text_encoder"): ``lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q``."""
+    prefix = {"unet": "lora_unet_", "text_encoder": "lora_te_"}[part]
+    return _kohya_name(prefix, torch_key(path).removesuffix(".weight"))
+
+
+def save_lora(file: str | os.PathLike, lora: dict[str, dict[str, Any]], *, alpha: float,
+              metadata: dict[str, str] | None = None) -> Path:
+    """Write LoRA weights as a kohya / AUTOMATIC1111 ``.safetensors`` file, the format web UIs, ComfyUI,
+    diffusers' ``load_lora_weights`` and `read_lora` all read. ``lora``: {kohya module name (see
+    `kohya_lora_name`): {"down": [in, rank], "up": [rank, out]}} in sdjax's layout (the kernel's
+    change is ``alpha / rank * down @ up``), stored as PyTorch's ``lora_down.weight`` [rank, in],
+    ``lora_up.weight`` [out, rank] and ``alpha``, in float32. Written atomically."""
+    tensors = {}
+    for name, pair in lora.items():
+        down, up = np.asarray(pair["down"], np.float32), np.asarray(pair["up"], np.float32)
+        tensors[f"{name}.lora_down.weight"] = np.ascontiguousarray(down.T)
+        tensors[f"{name}.lora_up.weight"] = np.ascontiguousarray(up.T)
+        tensors[f"{name}.alpha"] = np.asarray(alpha, np.float32)
+    from safetensors.numpy import save_file
+    file = Path(file)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write(file, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt", **(metadata or {})}))
 
 
 def _lora_base(key: str) -> tuple[str, str] | None:

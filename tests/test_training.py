@@ -497,6 +497,12 @@ def test_settings_checked_before_a_run(tmp_path, monkeypatch):
                                                                 "prompts"),
                             ({"lr_power": 0}, "lr_power=0 must be a positive number"),
                             ({"lr_num_cycles": 0}, "lr_num_cycles=0 must be >= 1"),
+                            ({"lora_rank": 0}, "lora_rank=0 must be >= 1 (none: train the whole model)"),
+                            ({"lora_rank": 2.5}, "lora_rank=2.5 must be a whole number"),
+                            ({"lora_alpha": 8}, "lora_alpha=8 is a LoRA setting: it needs --lora-rank (--lora-alpha)"),
+                            ({"lora_rank": 4, "lora_alpha": 0}, "lora_alpha=0 must be a positive number"),
+                            ({"lora_rank": 4, "export_single_file": "float16"},
+                             "export_single_file='float16' is for whole-model runs: a LoRA run exports a LoRA file"),
                             ({"lr_schedule": "polynomial", "learning_rate": 1e-8},
                              "learning_rate=1e-08 must be above 1e-07, where the polynomial schedule ends")):
         with pytest.raises(ValueError, match=re.escape(message)):
@@ -1844,7 +1850,8 @@ def test_resume_refusals_come_before_the_model_loads(full_run, monkeypatch):
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
-@pytest.mark.parametrize("change", [("ema_decay", "none"), ("max_grad_norm", "0"), ("train_text_encoder", None)])
+@pytest.mark.parametrize("change", [("ema_decay", "none"), ("max_grad_norm", "0"), ("train_text_encoder", None),
+                                    ("lora_rank", "2")])
 def test_resume_with_a_setting_that_changes_the_checkpoint_layout(full_run, change):
     """--resume with EMA off, clipping off or the text encoder trained, where the run had them the
     other way: the checkpoint's tree cannot fit, and the error names the setting and its recorded
@@ -1946,7 +1953,7 @@ def test_train_py_usage_errors(case, pipeline_dir, data_dir, tmp_path, monkeypat
         "bad_type": ([*base, "--batch-size", "two"], ["batch_size='two' is not a valid int"]),
         "missing_config": (["--config", tmp_path / "nope.yaml", *base], ["nope.yaml", "does not exist"]),
         "preset_of_sample_py": (["--config", "draft", *base], ["config file 'draft' does not exist; 'draft' is a "
-                                "preset of sample.py", "the presets here are low_memory, style"]),
+                                "preset of sample.py", "the presets here are lora, low_memory, style"]),
         "tfds_not_installed": (flags(model=pipeline_dir, train_data="tfds:mnist", output_dir=tmp_path / "out"),
                                ['sources need the optional package tensorflow-datasets', 'pip install -e ".[tfds]" in the sdjax checkout']),
         "resume_wrong_dir": (["--output-dir", tmp_path / "out", "--resume"],
@@ -2267,7 +2274,9 @@ def test_training_presets_and_their_documentation():
     low, _ = parse_args(["--config", "low_memory", "--train-data", "data", "--gradient-accumulation", "8"])
     assert (low.gradient_checkpointing, low.mixed_precision, low.batch_size) == (True, "bf16", 1)
     assert low.gradient_accumulation == 8                            # the flag wins over the preset's 4
-    for name in ("style", "low_memory"):
+    lora, _ = parse_args(["--config", "lora", "--train-data", "data"])
+    assert (lora.lora_rank, lora.lora_alpha, lora.learning_rate, lora.max_steps) == (16, None, 1e-4, 1500)
+    for name in ("style", "low_memory", "lora"):
         lines = (ROOT / "configs" / "train" / f"{name}.yaml").read_text().splitlines()
         keys = [i for i, line in enumerate(lines) if line and not line.startswith(("#", " ", "-"))]
         assert keys
@@ -2335,3 +2344,103 @@ def test_a_ctrl_c_during_a_save_logs_no_orbax_traceback(caplog):
         except BaseException:
             absl.exception("Save Finalize thread (save_finalize) failed.")
     assert [r.exc_info[0] for r in caplog.records if r.name == "absl"] == [ValueError]
+
+
+# ----------------------------------------------------------------------------- LoRA
+LORA = dict(lora_rank=2, lora_alpha=4.0, train_text_encoder=True, learning_rate=1e-2)
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, pipeline_dir, data_dir):
+    """train.py --lora-rank 2 --lora-alpha 4 --train-text-encoder: 2 updates on 8 devices (EMA 0.9,
+    accumulation 2, checkpoints at 1 and 2)."""
+    out = tmp_path_factory.mktemp("lora") / "run"
+    rc, stdout, stderr = run_train_py(flags(**{**BASE, **LORA}, model=pipeline_dir, train_data=data_dir,
+                                            output_dir=out, max_steps=2, checkpoint_every=1))
+    assert rc == 0, stderr
+    return dict(out=out, stdout=stdout)
+
+
+def _lora_weights(pair_tree: dict, base_unet: dict, base_text: dict, scale: float) -> dict:
+    """{"unet", "text_encoder"}: torch-layout state dicts of the base models with each LoRA module's
+    ``scale * (down @ up)`` added to its kernel, found by its kohya name, derived here in float64."""
+    from sdjax.weights import to_torch_layout, torch_key
+    out = {}
+    for part, base in (("unet", base_unet), ("text_encoder", base_text)):
+        weights = {}
+        for key, value in flat(base).items():
+            path = tuple(int(p) if p.isdigit() else p for p in key.split("/"))
+            module = torch_key(path)[:-len(".weight")].replace(".", "_")
+            name = ("lora_unet_" if part == "unet" else "lora_te_") + module
+            value = np.asarray(value, np.float64)
+            if path[-1] == "kernel" and name in pair_tree:
+                pair = pair_tree[name]
+                value = value + scale * np.asarray(pair["down"], np.float64) @ np.asarray(pair["up"], np.float64)
+            weights[torch_key(path)] = to_torch_layout(value, path)
+        out[part] = weights
+    return out
+
+
+def test_a_lora_run_trains_saves_and_exports_the_lora_alone(lora_run, pipeline_dir):
+    """A LoRA run's checkpoints hold the LoRA (and its EMA) alone: rank-2 pairs for the micro UNet's
+    attention projections (its mid block: attn1 and attn2, 4 each) and the text encoder's (1 layer,
+    4); final/pytorch_lora_weights.safetensors is their EMA in kohya's layout, and diffusers'
+    ``load_lora_weights(final) + fuse_lora`` and sdjax's ``fuse_lora`` both give the base weights plus
+    ``alpha / rank * down @ up``, derived here from the checkpoint: the LoRA modules' kernels change,
+    nothing else."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from sdjax import StableDiffusion
+    from sdjax.weights import to_torch_layout, torch_key
+
+    out = lora_run["out"]
+    file = out / "final" / "pytorch_lora_weights.safetensors"
+    assert f"done: 2 steps; LoRA exported to {file}" in lora_run["stdout"]
+    assert complete_steps(out) == [1, 2] and sorted(p.name for p in (out / "final").iterdir()) == [file.name]
+    saved = saved_state(out, 2)
+    assert set(saved["params"]) == set(saved["ema"]) == {"lora"}
+    names = sorted(saved["params"]["lora"])
+    assert len(names) == 12 and sum(n.startswith("lora_te_text_model_encoder_layers_0_self_attn_") for n in names) == 4
+    assert "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_out_0" in names
+    assert {a.shape[1] for pair in saved["params"]["lora"].values() for a in [pair["down"]]} == {2}
+    assert max_diff(saved["ema"], saved["params"]) > 1e-4      # the export is the EMA, not the raw weights
+
+    tensors = load_file(str(file))
+    assert len(tensors) == 3 * 12 and {float(v) for k, v in tensors.items() if k.endswith(".alpha")} == {4.0}
+
+    base = StableDiffusion.from_pretrained(pipeline_dir)
+    base_unet, base_text = (nnx.to_pure_dict(nnx.state(m, nnx.Param)) for m in (base.unet, base.text_encoder))
+    want = _lora_weights(saved["ema"]["lora"], base_unet, base_text, scale=4.0 / 2)
+    reference = StableDiffusionPipeline.from_pretrained(pipeline_dir, safety_checker=None)
+    before = {part: {k: v.clone() for k, v in getattr(reference, part).state_dict().items()}
+              for part in ("unet", "text_encoder")}
+    reference.load_lora_weights(out / "final")
+    reference.fuse_lora(lora_scale=1.0)
+    reference.unload_lora_weights()
+    base.fuse_lora(file)
+    for part in ("unet", "text_encoder"):
+        theirs = getattr(reference, part).state_dict()   # (transformers 5's CLIPTextModel: no "text_model.")
+        theirs = {k if k in want[part] else "text_model." + k: v for k, v in theirs.items()}
+        before[part] = {k if k in want[part] else "text_model." + k: v for k, v in before[part].items()}
+        ours = {torch_key(path): to_torch_layout(np.asarray(v), path) for k, v in
+                flat(nnx.to_pure_dict(nnx.state(getattr(base, part), nnx.Param))).items()
+                for path in [tuple(int(p) if p.isdigit() else p for p in k.split("/"))]}
+        changed = {k for k in theirs if not torch.equal(theirs[k], before[part][k])}
+        assert len(changed) == (8 if part == "unet" else 4), part
+        for key, value in want[part].items():
+            np.testing.assert_allclose(theirs[key].numpy(), value, atol=2e-6, err_msg=key)
+            np.testing.assert_allclose(ours[key], value, atol=2e-6, err_msg=key)
+
+
+def test_a_resumed_lora_run_equals_the_uninterrupted_one(lora_run, pipeline_dir, data_dir, tmp_path):
+    """1 update, then --resume to 2: the LoRA, its EMA and the optimizer state equal the uninterrupted
+    run's; the loaded models are never trained (a resume restores the LoRA alone)."""
+    out = tmp_path / "run"
+    argv = flags(**{**BASE, **LORA}, model=pipeline_dir, train_data=data_dir, output_dir=out, checkpoint_every=1)
+    assert run_train_py([*argv, "--max-steps", "1"])[0] == 0
+    rc, stdout, stderr = run_train_py(["--output-dir", out, "--resume", "--max-steps", "2"])
+    assert rc == 0, stderr
+    ours, uninterrupted = saved_state(out, 2), saved_state(lora_run["out"], 2)
+    for part in ("params", "ema", "opt_state"):
+        assert max_diff(ours[part], uninterrupted[part]) <= 1e-6, part
+    assert [r["loss"] for r in metrics(out)] == [r["loss"] for r in metrics(lora_run["out"])]

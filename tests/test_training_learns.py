@@ -192,7 +192,8 @@ def sdjax_run(setup):
     return train_sdjax(setup)
 
 
-def train_sdjax(setup: dict, seed: int = 0, learning_rate: float = LEARNING_RATE) -> dict:
+def train_sdjax(setup: dict, seed: int = 0, learning_rate: float = LEARNING_RATE, **settings) -> dict:
+    """sdjax's run (``settings``: further TrainConfig fields, e.g. ``lora_rank``)."""
     import jax
     import jax.numpy as jnp
     from diffusers import UNet2DConditionModel as TorchUNet
@@ -202,11 +203,12 @@ def train_sdjax(setup: dict, seed: int = 0, learning_rate: float = LEARNING_RATE
     from sdjax.training.loop import TrainConfig, Trainer
 
     start = time.perf_counter()
-    out = setup["root"] / f"sdjax-run-{seed}-{learning_rate:g}"
+    out = setup["root"] / f"sdjax-run-{seed}-{learning_rate:g}{''.join(f'-{k}-{v}' for k, v in settings.items())}"
     cfg = TrainConfig(model=str(setup["model"]), train_data=str(setup["data"]), output_dir=str(out),
                       resolution=RESOLUTION, batch_size=BATCH, max_steps=STEPS, learning_rate=learning_rate, lr_schedule=LR_SCHEDULE,
                       adam_b1=BETAS[0], adam_b2=BETAS[1], weight_decay=WEIGHT_DECAY, max_grad_norm=1.0,
-                      checkpoint_every=10 * STEPS, keep_checkpoints=1, export_format="pytorch", seed=seed)
+                      checkpoint_every=10 * STEPS, keep_checkpoints=1, export_format="pytorch", seed=seed,
+                      **settings)
     trainer = Trainer.create(cfg, mesh=parallel.data_mesh(jax.devices()[:1]))
     try:
         t0 = time.perf_counter()
@@ -215,6 +217,8 @@ def train_sdjax(setup: dict, seed: int = 0, learning_rate: float = LEARNING_RATE
         losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
         pipe = trainer.sampling_pipeline()
         final = trainer.export()
+        if trainer.base is not None:   # a LoRA file: the UNet it makes, for eval_loss's PyTorch UNet
+            final = pipe.save_pretrained(out / "merged", format="pytorch")
     finally:
         trainer.close()
 
@@ -267,15 +271,18 @@ def sdjax_draws(seed: int, steps: int, batch: int, latent_shape_HWC) -> tuple[np
     return np.array(t), np.array(noise), np.array(eps)  # writable copies (torch.from_numpy)
 
 
-def learning_rates() -> np.ndarray:
+def learning_rates(learning_rate: float = LEARNING_RATE) -> np.ndarray:
     """The learning rate of every update (and one past the end), as sdjax's optimizer schedules it."""
     from sdjax.training.step import make_optimizer
-    _, schedule = make_optimizer(LEARNING_RATE, schedule=LR_SCHEDULE, total_steps=STEPS)
+    _, schedule = make_optimizer(learning_rate, schedule=LR_SCHEDULE, total_steps=STEPS)
     return np.array([float(schedule(step)) for step in range(STEPS + 1)])
 
 
-def train_torch(setup: dict, seed: int = 0) -> dict:
-    """The yardstick: the fine-tuning loop in diffusers PyTorch on sdjax's batches and draws."""
+def train_torch(setup: dict, seed: int = 0, learning_rate: float = LEARNING_RATE, lora_rank: int | None = None
+                ) -> dict:
+    """The yardstick: the fine-tuning loop in diffusers PyTorch on sdjax's batches and draws. With
+    ``lora_rank``: PEFT LoRA of the UNet's to_q / to_k / to_v / to_out.0 as diffusers'
+    train_text_to_image_lora.py adds it (alpha = rank), starting from sdjax's initial LoRA weights."""
     import torch
     from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline,
                            UNet2DConditionModel)
@@ -293,10 +300,12 @@ def train_torch(setup: dict, seed: int = 0) -> dict:
         tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
         noise_scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
         assert noise_scheduler.config.prediction_type == PREDICTION_TYPE
-        optimizer = torch.optim.AdamW(unet.parameters(), lr=LEARNING_RATE, betas=BETAS, weight_decay=WEIGHT_DECAY,
-                                      eps=1e-8)
-        lr_at = learning_rates()
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at[step] / LEARNING_RATE)
+        if lora_rank is not None:
+            start_lora(unet, model, lora_rank, seed)
+        trained = [p for p in unet.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trained, lr=learning_rate, betas=BETAS, weight_decay=WEIGHT_DECAY, eps=1e-8)
+        lr_at = learning_rates(learning_rate)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at[step] / learning_rate)
         # sdjax's own batches (order, preprocessing) and random draws, as TrainConfig(seed=seed) makes them.
         batches = BatchIterator(load_captioned_images(str(setup["data"])), resolution=RESOLUTION,
                                 batch_size_per_process=BATCH, seed=seed)
@@ -317,13 +326,15 @@ def train_torch(setup: dict, seed: int = 0) -> dict:
             pred = unet(noise_scheduler.add_noise(latents, noise, t), t, context).sample
             loss = torch.nn.functional.mse_loss(pred, training_target(noise_scheduler, latents, noise, t))
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(trained, 1.0)
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
         train_s = time.perf_counter() - t0
         unet.eval()
+        if lora_rank is not None:
+            unet.fuse_lora()
 
         pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                        scheduler=DDIMScheduler.from_config(noise_scheduler.config),
@@ -339,6 +350,31 @@ def train_torch(setup: dict, seed: int = 0) -> dict:
         torch.set_num_threads(threads)
     result["total_s"] = time.perf_counter() - start
     return result
+
+
+def start_lora(unet, model, rank: int, seed: int) -> None:
+    """PEFT LoRA adapters on ``unet`` (frozen; loaded from pipeline folder ``model``), their down
+    weights set to the ones sdjax's run draws for ``seed`` (sdjax.training.loop: the seed's key folded
+    with 0xFFFFFFFF), up zeros as PEFT's."""
+    import jax
+    import torch
+    from flax import nnx
+    from peft import LoraConfig
+    from sdjax import UNet2DConditionModel as SdjaxUNet
+    from sdjax.training import lora
+
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    base = {"unet": nnx.to_pure_dict(nnx.state(SdjaxUNet.from_pretrained(model, subfolder="unet"), nnx.Param))}
+    spec = lora.lora_spec(base, rank=rank)
+    start = lora.init_lora(spec, base, jax.random.fold_in(jax.random.key(seed), 0xFFFFFFFF))
+    modules = dict(unet.named_modules())
+    with torch.no_grad():
+        for name, _, path in spec.targets:
+            module = modules[".".join(map(str, path[:-1]))]
+            module.lora_A["default"].weight.copy_(torch.from_numpy(np.asarray(start[name]["down"]).T.copy()))
+            assert not module.lora_B["default"].weight.any()
 
 
 # ----------------------------------------------------------------------------- the checks
@@ -413,3 +449,25 @@ def test_sdjax_learns_as_well_as_pytorch_over_seeds(sdjax_run, torch_run, setup)
     print("\n" + report)
     assert means["eval"][0] <= MEAN_MARGIN * means["eval"][1], report
     assert means["tail"][0] <= MEAN_MARGIN * means["tail"][1], report
+
+
+LORA_RANK, LORA_LEARNING_RATE = 4, 1e-2
+
+
+@pytest.mark.slow
+def test_lora_learns_as_peft_lora_does(setup):
+    """LoRA of rank 4 on the UNet's attention projections (the rest frozen), sdjax's against PEFT's
+    in the diffusers loop, from the same initial LoRA weights on the same batches and draws: the first
+    steps' losses agree, and the fixed-set loss and curve tail end within 10% of each other (measured
+    2026-12-07: 0.5464 vs 0.5458, tails 0.5541 vs 0.5537, the same nearest images). Rank-4 attention
+    alone cannot memorise this task as the whole model does (0.55 against ~0.1; lr 3e-2, 1e-1 and rank
+    16 did no better in sdjax), so the yardstick is the point, not each caption's own image (~70 s)."""
+    ours = train_sdjax(setup, learning_rate=LORA_LEARNING_RATE, lora_rank=LORA_RANK)
+    theirs = train_torch(setup, learning_rate=LORA_LEARNING_RATE, lora_rank=LORA_RANK)
+    report = (summary(f"sdjax LoRA rank {LORA_RANK}", ours, setup) + "\n"
+              + summary(f"PEFT LoRA rank {LORA_RANK}", theirs, setup))
+    print("\n" + report)
+    np.testing.assert_allclose(ours["losses"][:4], theirs["losses"][:4], rtol=1e-3)
+    assert np.mean(ours["losses"][-TAIL:]) < 0.7 * np.mean(ours["losses"][:5]), report
+    assert ours["eval_loss"] <= 1.1 * theirs["eval_loss"], report
+    assert np.mean(ours["losses"][-TAIL:]) <= 1.1 * np.mean(theirs["losses"][-TAIL:]), report

@@ -538,3 +538,51 @@ def test_min_snr_gamma_at_zero_snr_is_finite(models):
             models.params, frozen, batch, jax.random.key(4), graphdefs=models.graphdefs,
             cfg=S.StepConfig(prediction_type=prediction_type, min_snr_gamma=5.0)))
         assert np.isfinite(unweighted) and loss == pytest.approx(expected * unweighted, rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- LoRA
+def test_lora_trains_the_low_rank_change_of_a_frozen_kernel(models):
+    """LoRA of the stand-in UNet's ``mix`` kernel and the text encoder's table: the loss is the
+    models' loss at ``W + alpha / rank * down @ up`` (at step 0's ``up = 0``: the frozen models'
+    loss, bit for bit), and the gradients are the chain rule of the kernels' own gradients at those
+    weights, ``scale * dW @ up.T`` and ``scale * down.T @ dW``, derived here from the full model's
+    gradient; the frozen weights get none."""
+    from sdjax.training import lora
+    rank, alpha = 2, 3.0
+    spec = lora.LoraSpec(rank=rank, alpha=alpha, targets=(("lora_unet_mix", "unet", ("mix",)),
+                                                          ("lora_te_table", "text_encoder", ("table",))))
+    scale = alpha / rank
+    frozen = models.frozen._replace(unet=models.params["unet"])
+    cfg = S.StepConfig(lora=spec, train_text_encoder=True)
+    base = {"unet": models.params["unet"], "text_encoder": models.frozen.text_encoder}
+    batch, key = micro(make_batch(1, 3, seed=40), 0), jax.random.key(41)
+
+    def full_loss(params):   # the whole models trained, at the given weights
+        return S.loss_fn(params, models.frozen._replace(text_encoder=None), batch, key,
+                         graphdefs=models.graphdefs, cfg=S.StepConfig(train_text_encoder=True))[0]
+
+    start = lora.init_lora(spec, base, jax.random.key(0))
+    assert all(not np.any(pair["up"]) for pair in start.values())
+    np.testing.assert_allclose(np.std(np.asarray(start["lora_te_table"]["down"])), 1 / rank, rtol=0.3)
+    at_start = S.loss_fn({"lora": start}, frozen, batch, key, graphdefs=models.graphdefs, cfg=cfg)[0]
+    assert float(at_start) == float(full_loss(base))
+
+    rng = np.random.default_rng(42)
+    trained = {name: {"down": jnp.asarray(rng.normal(size=pair["down"].shape), jnp.float32),
+                      "up": jnp.asarray(rng.normal(size=pair["up"].shape), jnp.float32) * 0.3}
+               for name, pair in start.items()}
+    loss, grads = jax.value_and_grad(lambda p: S.loss_fn(p, frozen, batch, key, graphdefs=models.graphdefs,
+                                                         cfg=cfg)[0])({"lora": trained})
+    merged = {"unet": {**base["unet"], "mix": base["unet"]["mix"] + scale * (
+                  trained["lora_unet_mix"]["down"] @ trained["lora_unet_mix"]["up"])},
+              "text_encoder": {"table": base["text_encoder"]["table"] + scale * (
+                  trained["lora_te_table"]["down"] @ trained["lora_te_table"]["up"])}}
+    want_loss, full_grads = jax.value_and_grad(full_loss)(merged)
+    assert float(loss) == pytest.approx(float(want_loss), rel=1e-6)
+    for name, part, path in spec.targets:
+        kernel_grad = np.asarray(full_grads[part][path[0]], np.float64)
+        down, up = (np.asarray(trained[name][k], np.float64) for k in ("down", "up"))
+        np.testing.assert_allclose(grads["lora"][name]["down"], scale * kernel_grad @ up.T, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(grads["lora"][name]["up"], scale * down.T @ kernel_grad, rtol=1e-4, atol=1e-6)
+        assert np.abs(kernel_grad).max() > 1e-3
+    assert set(grads) == {"lora"}

@@ -72,7 +72,11 @@ HELP = {
                        "config says); final/ records the new one. Changing it retrains the model: thousands of "
                        "steps, not hundreds",
     "caption_dropout": "probability of training on the empty caption (keeps guidance working)",
-    "train_text_encoder": "also fine-tune the CLIP text encoder",
+    "train_text_encoder": "also fine-tune the CLIP text encoder (with --lora-rank: LoRA of its attention too)",
+    "lora_rank": "train LoRA of this rank (4-32 is usual) on the UNet's attention projections instead of the whole "
+                 "model: far less memory, a small file: OUTPUT_DIR/final/pytorch_lora_weights.safetensors, which "
+                 "sample.py --lora, diffusers and the web UIs load (none: train the whole model)",
+    "lora_alpha": "LoRA's alpha: the changes are scaled by alpha / rank (none: the rank, a scale of 1)",
     "center_crop": "centre crop (else random crop)",
     "random_flip": "random horizontal flips",
     "cache_latents": "VAE-encode the dataset once instead of every step (needs centre crop, no flips)",
@@ -163,7 +167,8 @@ def load_train_config(path: str | Path) -> dict[str, Any]:
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(prog="train.py", description="Fine-tune Stable Diffusion v1.5 (sdjax).",
                                 argument_default=argparse.SUPPRESS)
-    parser.add_argument("--config", help="YAML preset (a path, or a name in configs/train/: style, low_memory)")
+    parser.add_argument("--config", help="YAML preset (a path, or a name in configs/train/: style, lora, "
+                                         "low_memory)")
     parser.add_argument("--export", action="store_true",
                         help="only export OUTPUT_DIR/final from the latest checkpoint (or --export-step)")
     parser.add_argument("--export-step", type=int, help="checkpoint step to export")

@@ -34,13 +34,14 @@ from sdjax.cli_utils import UsageError, count, unwritable_folder
 from sdjax.pipeline import MAX_SEED, StableDiffusion, load_pipeline, model_options_problem
 from sdjax.schedulers import make_noise_schedule
 from sdjax.text import too_long, tokenize
+from sdjax.training import lora
 from sdjax.training import step as S
 from sdjax.training.checkpoint import Checkpointer, CheckpointUnreadable, checkpoint_steps, read_data_position
 from sdjax.training.data import (DEFAULT_CAPTION_KEY, RUN_CONFIG_FILENAME, BatchIterator, DataError,
                                 load_captioned_images, preprocess_image)
 from sdjax.training.monitor import MetricsLog
 from sdjax.images import atomic_write, image_grid, save_png
-from sdjax.weights import abstract_model
+from sdjax.weights import LORA_FILE_NAME, abstract_model, save_lora
 
 
 RUN_CONFIG_FILE = RUN_CONFIG_FILENAME   # in the output folder: the settings a run was started with
@@ -54,7 +55,7 @@ TRAINABLE_PREDICTION_TYPES = ("epsilon", "v_prediction")
 # The settings that decide the tree a checkpoint holds (EMA or not, the clipping stage of the
 # optimizer or not, the text encoder's parameters or not): a resume must keep them.
 STATE_STRUCTURE_SETTINGS = {"ema_decay": lambda v: v is not None, "max_grad_norm": bool,
-                            "train_text_encoder": bool}
+                            "train_text_encoder": bool, "lora_rank": lambda v: v}
 
 
 class SettingError(ValueError):
@@ -103,6 +104,8 @@ class TrainConfig:
     prediction_type: str | None = None  # train for "epsilon" or "v_prediction"; None: the model's own
     caption_dropout: float = 0.0
     train_text_encoder: bool = False
+    lora_rank: int | None = None       # train LoRA of this rank (e.g. 4-32), not the model; final/ is a LoRA file
+    lora_alpha: float | None = None    # LoRA's alpha: changes are scaled by alpha / rank (none: the rank, scale 1)
     center_crop: bool = True           # False: random crop
     random_flip: bool = False
     cache_latents: bool = False        # VAE-encode the dataset once (needs center_crop, no random_flip)
@@ -237,6 +240,19 @@ class TrainConfig:
                 if getattr(self, name) != getattr(TrainConfig, name):
                     raise bad(name, f"is a TFDS setting, and train_data={self.train_data!r} is a folder "
                                     "(remove it, or train on tfds:NAME)")
+        if self.lora_rank is not None:
+            if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, numbers.Integral):
+                raise bad("lora_rank", "must be a whole number (none: train the whole model)")
+            if self.lora_rank < 1:
+                raise bad("lora_rank", "must be >= 1 (none: train the whole model)")
+            if self.export_single_file is not None:
+                raise bad("export_single_file", "is for whole-model runs: a LoRA run exports a LoRA file (fuse it into "
+                          "a model with sample.py --lora, or load it beside the model in a web UI)")
+        if self.lora_alpha is not None:
+            if self.lora_rank is None:
+                raise bad("lora_alpha", "is a LoRA setting: it needs --lora-rank")
+            if number("lora_alpha") <= 0:
+                raise bad("lora_alpha", "must be a positive number (none: the rank)")
         if self.cache_latents and (self.random_flip or not self.center_crop):
             raise ValueError("cache_latents needs fixed images: use center_crop and no random_flip "
                              "(--cache-latents with --center-crop and --no-random-flip)")
@@ -339,11 +355,16 @@ def _pure(module) -> dict:
 
 
 def _build_model(cfg: TrainConfig, mesh):
-    """(pipeline, graphdefs, step config, optimizer, lr schedule, initial state on the mesh)."""
+    """(pipeline, graphdefs, step config, optimizer, lr schedule, initial state on the mesh, the
+    frozen models' weights a LoRA run changes: {"unet", "text_encoder"} pure dicts, else None)."""
     # fp32 whatever the files hold (a variant="fp16" is upcast): the master weights of training
     pipe = load_pipeline(cfg.model, model_config=cfg.model_config, variant=cfg.variant, vae=cfg.vae,
                          ema_weights=cfg.ema_weights, dtype=jnp.float32, mesh=mesh)
     prediction_type = pipe.scheduler_config.get("prediction_type", "epsilon")
+    if cfg.lora_rank is not None and cfg.prediction_type not in (None, prediction_type):
+        raise UsageError(f"--prediction-type {cfg.prediction_type} with --lora-rank: a LoRA file does not say what "
+                         f"the model predicts, and {cfg.model} predicts {prediction_type}; retrain the whole model "
+                         "(leave out --lora-rank)")
     if cfg.prediction_type not in (None, prediction_type):
         # The pipeline's scheduler config says what the weights now predict: the samples, the
         # exported final/ (diffusers' script exports the model's old config here) and a resume.
@@ -363,9 +384,17 @@ def _build_model(cfg: TrainConfig, mesh):
     te_gd, _ = abstract_model(CLIPTextModel, pipe.text_encoder.config, dtype=compute)
     vae_gd, _ = abstract_model(type(pipe.vae), pipe.vae.config, dtype=compute)
     graphdefs = S.Graphdefs(unet_gd, te_gd, vae_gd)
-    params = {"unet": _pure(pipe.unet)}
-    if cfg.train_text_encoder:
-        params["text_encoder"] = _pure(pipe.text_encoder)
+    base, spec = None, None
+    if cfg.lora_rank is not None:   # the models stay as loaded; LoRA of their attention projections trains
+        base = {"unet": _pure(pipe.unet), "text_encoder": _pure(pipe.text_encoder)}
+        spec = lora.lora_spec({k: v for k, v in base.items() if k == "unet" or cfg.train_text_encoder},
+                              rank=cfg.lora_rank, alpha=cfg.lora_alpha)
+        # keyed by the seed, apart from the steps' keys (fold_in(seed key, step): a step no run reaches)
+        params = {"lora": lora.init_lora(spec, base, jax.random.fold_in(jax.random.key(cfg.seed), 0xFFFFFFFF))}
+    else:
+        params = {"unet": _pure(pipe.unet)}
+        if cfg.train_text_encoder:
+            params["text_encoder"] = _pure(pipe.text_encoder)
     optimizer, lr = S.make_optimizer(cfg.learning_rate, warmup_steps=cfg.warmup_steps, schedule=cfg.lr_schedule,
                                      num_cycles=cfg.lr_num_cycles, power=cfg.lr_power,
                                      total_steps=cfg.max_steps, b1=cfg.adam_b1, b2=cfg.adam_b2,
@@ -377,8 +406,8 @@ def _build_model(cfg: TrainConfig, mesh):
                             input_perturbation=float(cfg.input_perturbation),
                             caption_dropout=cfg.caption_dropout,
                             train_text_encoder=cfg.train_text_encoder, ema_decay=cfg.ema_decay,
-                            compute_dtype=compute)
-    return pipe, graphdefs, step_cfg, optimizer, lr, state
+                            compute_dtype=compute, lora=spec)
+    return pipe, graphdefs, step_cfg, optimizer, lr, state, base
 
 
 def recorded_settings(output_dir: str | os.PathLike) -> dict[str, Any] | None:
@@ -616,6 +645,8 @@ class Trainer:
     step_fn: Any                     # None from for_export
     log: MetricsLog | None           # None from for_export
     latent_cache: tuple | None = None   # (mean, std) float32 [N, h, w, 4] per dataset image
+    # LoRA runs: the models' weights as loaded, which the trained LoRA changes ({"unet", "text_encoder"})
+    base: dict | None = None
     # int32 [captions, 77]: every caption of every example tokenized once, the examples' one after
     # another; example i's start at caption_starts[i] (int64 [N]). None from for_export.
     caption_ids: np.ndarray | None = None
@@ -722,7 +753,7 @@ class Trainer:
                 except CheckpointUnreadable as e:
                     raise _unreadable(e, "--resume-step", existing) from e
                 data.restore(position)
-            pipe, graphdefs, step_cfg, optimizer, lr, state = _build_model(cfg, mesh)
+            pipe, graphdefs, step_cfg, optimizer, lr, state, base = _build_model(cfg, mesh)
             all_captions = [text for texts in dataset.caption_sets for text in texts]
             caption_ids = tokenize(pipe.tokenizer, all_captions, warn=False)   # once, not per step
             caption_starts = np.cumsum([0] + [len(texts) for texts in dataset.caption_sets[:-1]], dtype=np.int64)
@@ -743,7 +774,9 @@ class Trainer:
                                   f"{', ...' if len(small) > 3 else ''}): they are upscaled, so they teach blurred "
                                   "detail; lower --resolution, or leave them out", stacklevel=2)
             frozen = S.Frozen(vae=_pure(pipe.vae),
-                              text_encoder=None if cfg.train_text_encoder else _pure(pipe.text_encoder),
+                              text_encoder=(base["text_encoder"] if base is not None else
+                                            None if cfg.train_text_encoder else _pure(pipe.text_encoder)),
+                              unet=base["unet"] if base is not None else None,
                               alphas_cumprod=jnp.asarray(make_noise_schedule(pipe.scheduler_config)),
                               empty_ids=jnp.asarray(tokenize(pipe.tokenizer, [""])[0]),
                               scaling_factor=jnp.float32(pipe.vae.scaling_factor))
@@ -775,7 +808,7 @@ class Trainer:
                         old.unlink()
             log = MetricsLog(out, enabled=main, spike_factor=cfg.spike_factor, resume_from_step=resumed)
             trainer = cls(cfg, out, mesh, pipe, graphdefs, frozen, state, data, checkpoints, step_cfg, step_fn, log,
-                          caption_ids=caption_ids, caption_starts=caption_starts)
+                          caption_ids=caption_ids, caption_starts=caption_starts, base=base)
             if resumed is not None:
                 trainer._share_state_weights()
             if cfg.cache_latents:
@@ -806,14 +839,14 @@ class Trainer:
         if step is not None and step not in existing:
             raise UsageError(f"--export-step {step}: no checkpoint {step} in {directory.absolute()} "
                              f"(it has {', '.join(map(str, existing))})")
-        pipe, graphdefs, step_cfg, _, _, state = _build_model(cfg, mesh)
+        pipe, graphdefs, step_cfg, _, _, state, base = _build_model(cfg, mesh)
         checkpoints = Checkpointer(directory, max_to_keep=cfg.keep_checkpoints, create=False)
         try:
             state, _ = _restore(checkpoints, state, step, cfg, _read_run_config(out), "--export-step")
         except BaseException:
             checkpoints.close()
             raise
-        trainer = cls(cfg, out, mesh, pipe, graphdefs, None, state, None, checkpoints, step_cfg, None, None)
+        trainer = cls(cfg, out, mesh, pipe, graphdefs, None, state, None, checkpoints, step_cfg, None, None, base=base)
         trainer._share_state_weights()
         return trainer
 
@@ -1004,16 +1037,29 @@ class Trainer:
     def _share_state_weights(self) -> None:
         """Point the pipeline at the state's weights, which are replicated like its own (no copy):
         after a restore (else it keeps the loaded ones beside them) and after mid-run samples (else
-        it keeps the EMA, split over the devices in the state, gathered whole on every device)."""
+        it keeps the EMA, split over the devices in the state, gathered whole on every device). A LoRA
+        run's pipeline gets the loaded weights back (it keeps no merged copy of the changed kernels)."""
+        if self.base is not None:
+            spec = self.step_cfg.lora
+            self.pipe.set_params(**{part: lora.target_kernels(self.base[part], spec, part) for part in spec.parts},
+                                 partial=True)
+            return
         self.pipe.set_params(unet=self.state.params["unet"], text_encoder=self.state.params.get("text_encoder"))
 
     def trained_params(self, *, use_ema: bool = True) -> dict:
-        """``{"unet": ..., ["text_encoder": ...]}``: the trained weights, their EMA when kept."""
+        """``{"unet": ..., ["text_encoder": ...]}``: the trained weights, their EMA when kept (a LoRA
+        run's: ``{"lora": {kohya module name: {"down", "up"}}}``)."""
         return self.state.ema if (use_ema and self.state.ema is not None) else self.state.params
 
     def sampling_pipeline(self, *, use_ema: bool = True) -> StableDiffusion:
-        """The pipeline with the current trained weights (EMA when kept)."""
+        """The pipeline with the current trained weights (EMA when kept; a LoRA run's merged into the
+        loaded weights)."""
         trained = self.trained_params(use_ema=use_ema)
+        if self.base is not None:
+            spec, changes = self.step_cfg.lora, parallel.replicate(trained["lora"], self.mesh)   # (the EMA's: split)
+            self.pipe.set_params(**{part: lora.merged(self.base[part], changes, spec, part, only_targets=True)
+                                    for part in spec.parts}, partial=True)
+            return self.pipe
         self.pipe.set_params(unet=trained["unet"], text_encoder=trained.get("text_encoder"))
         return self.pipe
 
@@ -1045,7 +1091,12 @@ class Trainer:
         return [path]
 
     def export(self, directory: str | os.PathLike | None = None) -> Path | None:
-        """A complete pipeline folder with the trained weights (EMA when kept), loadable by
+        """A LoRA run: the folder ``directory`` (default ``OUTPUT_DIR/final``) with the trained LoRA
+        (EMA when kept) as ``pytorch_lora_weights.safetensors`` in kohya's format, which
+        ``sample.py --lora``, ``StableDiffusion.fuse_lora``, diffusers' ``load_lora_weights(folder)``,
+        AUTOMATIC1111 and ComfyUI load; a folder holding other files is refused (FileExistsError).
+
+        Otherwise a complete pipeline folder with the trained weights (EMA when kept), loadable by
         sdjax and by diffusers' PyTorch StableDiffusionPipeline; with ``export_single_file``, also
         ``<directory>.safetensors`` beside it, the single file AUTOMATIC1111 and ComfyUI load
         (without, an earlier export's single file there is removed). The folder is replaced whole: a
@@ -1059,6 +1110,8 @@ class Trainer:
                              "not exported; export a checkpoint from before it (Trainer.for_export, --export-step)")
         pipe = self.sampling_pipeline()
         given, directory = directory is not None, Path(directory or self.out / "final")
+        if self.base is not None:
+            return self._export_lora(directory, trained["lora"])
         if jax.process_index() != 0:
             return None
         if given and directory.is_dir() and any(directory.iterdir()) and not (directory / "model_index.json").exists():
@@ -1088,6 +1141,23 @@ class Trainer:
             os.replace(pending, single_file)
         finally:
             pending.unlink(missing_ok=True)
+        return directory
+
+    def _export_lora(self, directory: Path, trained: dict) -> Path | None:
+        """`export` of a LoRA run (see there)."""
+        on_host = jax.tree.map(parallel.to_host, trained)   # every process: the EMA's arrays are split over them
+        if jax.process_index() != 0:
+            return None
+        others = sorted(p.name for p in directory.iterdir() if p.name != LORA_FILE_NAME) if directory.is_dir() else []
+        if others:
+            raise FileExistsError(f"{directory} holds {', '.join(others[:3])}{', ...' if len(others) > 3 else ''}: a "
+                                  f"LoRA export writes {LORA_FILE_NAME} alone in its folder; export to a new or empty "
+                                  "folder, or over an earlier LoRA export")
+        spec = self.step_cfg.lora
+        metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(spec.rank),
+                    "ss_network_alpha": f"{spec.alpha:g}", "ss_base_model_version": "sd_v1",
+                    "ss_output_name": self.out.name, "sdjax_step": str(int(self.state.step))}
+        save_lora(directory / LORA_FILE_NAME, on_host, alpha=spec.alpha, metadata=metadata)
         return directory
 
     @staticmethod

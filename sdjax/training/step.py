@@ -17,6 +17,7 @@ from flax import nnx
 
 from sdjax import parallel
 from sdjax.schedulers import add_noise, get_velocity
+from sdjax.training.lora import merged as with_lora
 
 F32 = jnp.float32
 
@@ -32,12 +33,13 @@ class StepConfig:
     train_text_encoder: bool = False
     ema_decay: float | None = None          # EMA of the trained weights; None: no EMA
     compute_dtype: Any = jnp.float32        # bf16: bf16 activations, fp32 master weights
+    lora: Any = None                        # a `lora.LoraSpec`: train LoRA of the frozen models, not the models
 
 
 class TrainState(NamedTuple):
     """What a training run updates and a checkpoint holds (`init_state` makes step 0)."""
     step: jax.Array       # int32: optimizer updates done
-    params: dict          # {"unet": ..., ["text_encoder": ...]} fp32 pure dicts
+    params: dict          # {"unet": ..., ["text_encoder": ...]} fp32 pure dicts; LoRA: {"lora": {name: ...}}
     opt_state: Any
     ema: dict | None      # EMA of params (same structure)
     rng: jax.Array        # uint32 key data of the run's seed
@@ -50,6 +52,7 @@ class Frozen(NamedTuple):
     alphas_cumprod: jax.Array      # float32 [num_train_timesteps]
     empty_ids: jax.Array           # int32 [77]: the "" prompt, for caption dropout
     scaling_factor: jax.Array      # the VAE's latent scale (0.18215 for SD v1.5)
+    unet: dict | None = None       # LoRA training: the UNet the LoRA changes (else the UNet trains)
 
 
 class Graphdefs(NamedTuple):
@@ -174,7 +177,13 @@ def loss_fn(trainable: dict, frozen: Frozen, batch: dict, key, *, graphdefs: Gra
     if cfg.caption_dropout > 0:
         drop = jax.vmap(lambda k: jax.random.uniform(k, (), F32))(k_drop) < cfg.caption_dropout
         ids = jnp.where(drop[:, None], frozen.empty_ids[None], ids)
-    text_params = trainable["text_encoder"] if cfg.train_text_encoder else frozen.text_encoder
+    if cfg.lora is not None:   # the frozen weights with the LoRA changes merged in (see sdjax.training.lora)
+        unet_params = with_lora(frozen.unet, trainable["lora"], cfg.lora, "unet")
+        text_params = (with_lora(frozen.text_encoder, trainable["lora"], cfg.lora, "text_encoder")
+                       if cfg.train_text_encoder else frozen.text_encoder)
+    else:
+        unet_params = trainable["unet"]
+        text_params = trainable["text_encoder"] if cfg.train_text_encoder else frozen.text_encoder
     text_encoder = nnx.merge(graphdefs.text_encoder, cast(text_params))
     context = text_encoder(ids).last_hidden_state
     if not cfg.train_text_encoder:
@@ -198,7 +207,7 @@ def loss_fn(trainable: dict, frozen: Frozen, batch: dict, key, *, graphdefs: Gra
         target = get_velocity(frozen.alphas_cumprod, latents, noise, t)
     else:
         target = noise
-    unet = nnx.merge(graphdefs.unet, cast(trainable["unet"]))
+    unet = nnx.merge(graphdefs.unet, cast(unet_params))
     pred = unet(noisy, t, context).astype(F32)
     per_example = jnp.mean(jnp.square(pred - target), axis=(1, 2, 3))
     weighted = per_example

@@ -1,0 +1,89 @@
+"""LoRA fine-tuning: low-rank changes of the attention projections, trained while the models stay frozen.
+
+Each targeted kernel W [in, out] is trained as ``W + alpha / rank * down @ up`` (down [in, rank], up
+[rank, out]): the modules diffusers' LoRA training scripts target, the UNet's ``to_q`` / ``to_k`` /
+``to_v`` / ``to_out.0`` and, when the text encoder trains too, its ``q_proj`` / ``k_proj`` / ``v_proj`` /
+``out_proj``. ``down`` starts as N(0, 1 / rank^2) (PEFT's "gaussian" init, which diffusers' scripts
+use) and ``up`` as zeros, so training starts from the model itself.
+
+The step merges the changes into the kernels before the forward pass instead of adding low-rank
+branches to the models: the models stay the code that samples, and the extra work, one
+[in, rank] x [rank, out] product per kernel and the kernels' gradients (whose cost is that of the
+projections' forward matmuls, a small part of a UNet step), buys that simplicity.
+
+The trained tree is {kohya module name: {"down", "up"}}: the names of the file `save_lora` writes.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from sdjax.weights import kohya_lora_name, torch_key
+
+# The modules trained, by the end of their PyTorch module name (diffusers' LoRA scripts' target_modules)
+TARGET_MODULES = {"unet": ("to_q", "to_k", "to_v", "to_out.0"),
+                  "text_encoder": ("q_proj", "k_proj", "v_proj", "out_proj")}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+    """What a LoRA run trains (static: part of the compiled step)."""
+    rank: int
+    alpha: float
+    targets: tuple[tuple[str, str, tuple], ...]   # (kohya module name, part, NNX path of its kernel)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """The pipeline parts changed: ("unet",) or ("unet", "text_encoder")."""
+        return tuple(dict.fromkeys(part for _, part, _ in self.targets))
+
+    def of(self, part: str) -> tuple[tuple[str, tuple], ...]:
+        """(kohya module name, kernel path) of ``part``'s targets."""
+        return tuple((name, path) for name, p, path in self.targets if p == part)
+
+
+def lora_spec(base: dict[str, dict], *, rank: int, alpha: float | None = None) -> LoraSpec:
+    """The spec of rank-``rank`` LoRA (``alpha`` None: the rank, a scale of 1) of the target modules of
+    each part in ``base`` ({"unet": pure dict, ["text_encoder": pure dict]})."""
+    targets = []
+    for part, params in base.items():
+        for path in sorted(flatten_dict(params), key=str):
+            module = torch_key(path).removesuffix(".weight")
+            if path[-1] == "kernel" and module.endswith(tuple("." + m for m in TARGET_MODULES[part])):
+                targets.append((kohya_lora_name(part, path), part, path))
+    if not targets:
+        raise ValueError(f"no LoRA target modules ({', '.join(TARGET_MODULES['unet'])}) in the model")
+    return LoraSpec(rank=int(rank), alpha=float(rank if alpha is None else alpha), targets=tuple(targets))
+
+
+def init_lora(spec: LoraSpec, base: dict[str, dict], key: jax.Array) -> dict[str, dict[str, jax.Array]]:
+    """Step 0's LoRA weights (float32): ``down`` N(0, 1 / rank^2), keyed by ``key`` and the module's
+    place in the spec, ``up`` zeros."""
+    lora = {}
+    for i, (name, part, path) in enumerate(spec.targets):
+        fan_in, fan_out = flatten_dict(base[part])[path].shape
+        down = jax.random.normal(jax.random.fold_in(key, i), (fan_in, spec.rank), jnp.float32) / spec.rank
+        lora[name] = {"down": down, "up": jnp.zeros((spec.rank, fan_out), jnp.float32)}
+    return lora
+
+
+def target_kernels(params: dict, spec: LoraSpec, part: str) -> dict:
+    """The target kernels of ``params`` (a part's pure dict) alone, as a nested dict."""
+    flat = flatten_dict(params)
+    return unflatten_dict({path: flat[path] for _, path in spec.of(part)})
+
+
+def merged(params: dict, lora: dict, spec: LoraSpec, part: str, *, only_targets: bool = False) -> dict:
+    """``params`` (a part's pure dict) with each target kernel W replaced by ``W + scale * down @ up``,
+    in float32; ``only_targets``: just those kernels (for ``set_params(..., partial=True)``)."""
+    flat = flatten_dict(params)
+    changed = {path: jnp.asarray(flat[path], jnp.float32) + spec.scale * (lora[name]["down"] @ lora[name]["up"])
+               for name, path in spec.of(part)}
+    return unflatten_dict(changed if only_targets else {**flat, **changed})
