@@ -19,7 +19,7 @@ from flax import nnx
 from sdjax import parallel, sampling
 from sdjax.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
 from sdjax.schedulers import SCHEDULERS, make_noise_schedule, make_scheduler, pipeline_scheduler_config
-from sdjax.text import load_tokenizer, tokenize
+from sdjax.text import load_tokenizer, tokenize, tokenize_weighted
 from sdjax.weights import (SINGLE_FILE_SUFFIXES, CheckpointError, fetch_missing_bin_weights, has_weights, hub_files,
                            is_url, load_single_file, load_vae_file, prepare_single_file, read_config,
                            read_json_object, read_lora, read_textual_inversion, resolve_dtype, resolve_model_dir,
@@ -644,7 +644,8 @@ class StableDiffusion:
                  scheduler: str = "pndm", latents: np.ndarray | jax.Array | None = None,
                  *, batch_size: int | None = None, return_intermediates: int | Sequence[int] | None = None,
                  scheduler_options: dict | None = None, progress: bool | str | _Bar = False, clip_skip: int = 1,
-                 init_images: Any = None, strength: float | None = None) -> StableDiffusionOutput:
+                 init_images: Any = None, strength: float | None = None,
+                 prompt_weighting: bool = False) -> StableDiffusionOutput:
         """Generate one image per (prompt, seed) (all of them in memory at the end: `batches`
         hands them over one batch at a time instead).
 
@@ -678,12 +679,19 @@ class StableDiffusion:
         [B or 1, H, W, 3] (NHWC) of uint8 pixels or floats in [0, 1]; its batch broadcasts like the
         lists (one image for every prompt and seed, or one per image). ``latents`` is then the noise
         added to them. Each strength compiles its own program (its step count is static).
+        ``prompt_weighting``: read AUTOMATIC1111's emphasis syntax in the prompts and negative prompts, as
+        A1111 does: ``(word)`` weights ``word`` by 1.1, ``[word]`` by 1/1.1, ``(word:1.5)`` by 1.5, nested
+        groups multiply, ``\\(`` is a bracket (`sdjax.text.parse_prompt_attention`); each token's text
+        states are multiplied by its weight and each prompt's states rescaled to their mean before
+        (`sdjax.sampling.emphasize`). The weights are an input of the compiled program (new weights
+        compile nothing); ``False`` (default): the brackets are words of the prompt, as in diffusers.
+        A prompt past 75 tokens is cut (A1111 would encode it in several windows) and ``BREAK`` is a word.
         """
         outputs = list(self.batches(
             prompts, negative_prompts, seeds, num_inference_steps, guidance_scale, height, width, scheduler,
             latents, batch_size=batch_size, return_intermediates=return_intermediates,
             scheduler_options=scheduler_options, progress=progress, clip_skip=clip_skip,
-            init_images=init_images, strength=strength))
+            init_images=init_images, strength=strength, prompt_weighting=prompt_weighting))
         steps = outputs[0].intermediate_steps
         return StableDiffusionOutput(np.concatenate([o.images for o in outputs]),
                                      [p for o in outputs for p in o.prompts],
@@ -698,7 +706,8 @@ class StableDiffusion:
                 scheduler: str = "pndm", latents: np.ndarray | jax.Array | None = None,
                 *, batch_size: int | None = None, return_intermediates: int | Sequence[int] | None = None,
                 scheduler_options: dict | None = None, progress: bool | str | _Bar = False, clip_skip: int = 1,
-                init_images: Any = None, strength: float | None = None) -> Iterator[StableDiffusionOutput]:
+                init_images: Any = None, strength: float | None = None,
+                prompt_weighting: bool = False) -> Iterator[StableDiffusionOutput]:
         """The images of ``pipe(...)`` (same arguments, same images), one `StableDiffusionOutput`
         per compiled call of ``batch_size`` images, in order, for many seeds: write each batch's
         files and let it go, instead of holding every image. The arguments are checked now (a
@@ -764,6 +773,8 @@ class StableDiffusion:
             raise ValueError(f"batch_size={batch_size!r}: must be a whole number >= 1 (or None: 4 per device)")
         if scheduler not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
+        if not isinstance(prompt_weighting, (bool, np.bool_)):
+            raise TypeError(f"prompt_weighting={prompt_weighting!r}: must be True or False")
         clip_skip = sampling.check_clip_skip(clip_skip, self.text_encoder.config.num_hidden_layers)
         sched = self.make_scheduler(scheduler, num_inference_steps, **(scheduler_options or {}))
         first_call = 0   # the loop index denoising begins at: img2img's strength skips the start of the schedule
@@ -778,8 +789,13 @@ class StableDiffusion:
                                  f"([batch, height/{self.vae_scale}, width/{self.vae_scale}, channels], NHWC)")
         steps = self._intermediate_steps(return_intermediates, sched.num_model_calls, first_call)
 
-        ids = tokenize(self.tokenizer, prompts)
-        neg_ids = tokenize(self.tokenizer, negatives, kind="negative prompt")
+        weights = neg_weights = None   # None: no weighting, and the default program unchanged
+        if prompt_weighting:
+            ids, weights = tokenize_weighted(self.tokenizer, prompts)
+            neg_ids, neg_weights = tokenize_weighted(self.tokenizer, negatives, kind="negative prompt")
+        else:
+            ids = tokenize(self.tokenizer, prompts)
+            neg_ids = tokenize(self.tokenizer, negatives, kind="negative prompt")
         vocab = self.text_encoder.config.vocab_size
         if max(ids.max(), neg_ids.max()) >= vocab:   # the embedding lookup would give NaN images
             raise ValueError(f"the tokenizer gave token id {max(ids.max(), neg_ids.max())}, outside the text encoder's "
@@ -790,10 +806,11 @@ class StableDiffusion:
                        parallel.padded_size(n, self.mesh))
         seeds = np.asarray(seeds, np.uint32)
         return self._batches(prompts, negatives, seeds, ids, neg_ids, latents, init_images, first_call, sched,
-                             latent_shape, guidance_scale, steps, per_call, progress, clip_skip)
+                             latent_shape, guidance_scale, steps, per_call, progress, clip_skip, weights, neg_weights)
 
     def _batches(self, prompts, negatives, seeds, ids, neg_ids, latents, init_images, first_call, sched,
-                 latent_shape, guidance_scale, steps, per_call, progress, clip_skip) -> Iterator[StableDiffusionOutput]:
+                 latent_shape, guidance_scale, steps, per_call, progress, clip_skip, weights,
+                 neg_weights) -> Iterator[StableDiffusionOutput]:
         """`batches`' generator, on its checked arguments: dispatches batch k + 1 before fetching batch k."""
         with self._lock:
             state = self.state
@@ -818,7 +835,9 @@ class StableDiffusion:
                     one_init if one_init is not None or init_images is None else shard(init_images),
                     latent_shape_HWC=latent_shape, use_guidance=guidance_scale > 1.0,
                     return_predictions=bool(steps), on_step=None if step_bar is None else self._ticker,
-                    clip_skip=clip_skip, start=first_call)
+                    clip_skip=clip_skip, start=first_call,
+                    **({} if weights is None else dict(cond_weights_BT=shard(weights),
+                                                       uncond_weights_BT=shard(neg_weights))))
                 # Indexed one step at a time: iterating over an array spread over several
                 # processes is not allowed. Each [B, H, W, 3], decoded right behind the batch.
                 decoded = [self._decode(state.vae, out.predictions[s - first_call]) for s in steps]

@@ -119,22 +119,42 @@ def check_clip_skip(clip_skip, num_hidden_layers: int) -> int:
     return int(clip_skip)
 
 
-def encode_prompts(text_encoder, token_ids_BT, clip_skip: int = 1) -> jax.Array:
+def emphasize(states_BTD, weights_BT) -> jax.Array:
+    """AUTOMATIC1111's prompt emphasis ("Original", its default) on text states [B, T, D]: each token's
+    states times its weight ([B, T], `sdjax.text.tokenize_weighted` gives them), then each prompt's states
+    rescaled so that their mean over tokens and channels is what it was before (A1111: "restoring original
+    mean is likely not correct, but it seems to work well to prevent artifacts"). In float32, returned in
+    the states' dtype; weights of 1 give the states back up to rounding."""
+    states = jnp.asarray(states_BTD)
+    weights = jnp.asarray(weights_BT, F32)
+    if states.ndim != 3 or weights.shape != states.shape[:2]:
+        raise ValueError(f"emphasize: weights of shape {tuple(weights.shape)} for text states of shape "
+                         f"{tuple(states.shape)}; expected one weight per token, {tuple(states.shape[:2])}")
+    x = states.astype(F32)
+    weighted = x * weights[:, :, None]
+    scale = x.mean(axis=(1, 2), keepdims=True) / weighted.mean(axis=(1, 2), keepdims=True)
+    return (weighted * scale).astype(states.dtype)
+
+
+def encode_prompts(text_encoder, token_ids_BT, clip_skip: int = 1, weights_BT=None) -> jax.Array:
     """Text states [B, 77, D] that the UNet attends to, from token ids [B, 77] (`sdjax.text.tokenize`
     makes them from prompts): ``last_hidden_state``, or with ``clip_skip`` N > 1 ("Clip skip" as
     AUTOMATIC1111 numbers it; diffusers' ``clip_skip=k`` is N = k + 1) the output of the N-th layer from
     the end, ``hidden_states[-N]``, through the final layer norm as the web UIs and diffusers apply it.
     ``clip_skip`` is static (a Python int in 1..num_hidden_layers); under ``jit`` the layers after
-    the one used are not computed."""
+    the one used are not computed. ``weights_BT``: AUTOMATIC1111's emphasis weights of the tokens
+    (float [B, 77], `sdjax.text.tokenize_weighted`), applied to those states by `emphasize`; None: none."""
     if isinstance(token_ids_BT, str) or (isinstance(token_ids_BT, (list, tuple)) and token_ids_BT
                                          and isinstance(token_ids_BT[0], str)):
         raise TypeError("encode_prompts takes token ids, not text: tokenize the prompts first, "
                         "sdjax.text.tokenize(pipe.tokenizer, prompts)")
     clip_skip = check_clip_skip(clip_skip, text_encoder.config.num_hidden_layers)
     if clip_skip == 1:
-        return text_encoder(token_ids_BT).last_hidden_state
-    hidden = text_encoder(token_ids_BT, output_hidden_states=True).hidden_states
-    return text_encoder.text_model.final_layer_norm(hidden[-clip_skip])
+        states = text_encoder(token_ids_BT).last_hidden_state
+    else:
+        hidden = text_encoder(token_ids_BT, output_hidden_states=True).hidden_states
+        states = text_encoder.text_model.final_layer_norm(hidden[-clip_skip])
+    return states if weights_BT is None else emphasize(states, weights_BT)
 
 
 def predicted_clean(scheduler: Scheduler, model_input, model_output, i) -> jax.Array:
@@ -298,7 +318,8 @@ class GenerateOutput(NamedTuple):
 
 def generate(graphdefs: SDState, state: SDState, scheduler: Scheduler, cond_ids_BT, uncond_ids_BT, seeds_B,
              latents_BHWC, guidance_scale, init_images_BHWC=None, *, latent_shape_HWC, use_guidance: bool,
-             return_predictions: bool = False, on_step=None, clip_skip: int = 1, start: int = 0) -> GenerateOutput:
+             return_predictions: bool = False, on_step=None, clip_skip: int = 1, start: int = 0,
+             cond_weights_BT=None, uncond_weights_BT=None) -> GenerateOutput:
     """Prompts to images in one traced function: the body `StableDiffusion` jit-compiles.
 
     ``latents_BHWC=None`` draws each image's initial noise from its seed; otherwise those unscaled
@@ -307,13 +328,16 @@ def generate(graphdefs: SDState, state: SDState, scheduler: Scheduler, cond_ids_
     posterior draw keyed by `posterior_keys`), noised to loop index ``start`` (static, from
     `img2img_start`) with that noise, and denoised from there, as diffusers' img2img pipeline does.
     ``on_step``: see :func:`denoise`; ``clip_skip`` (static): see :func:`encode_prompts`.
+    ``cond_weights_BT`` / ``uncond_weights_BT``: AUTOMATIC1111's emphasis weights of the prompts' and
+    negative prompts' tokens (float32 [B, 77], `sdjax.text.tokenize_weighted`), applied by `emphasize`;
+    None (the default): no weighting, and no input of the compiled program.
     """
     text_encoder, unet, vae = (nnx.merge(g, s) for g, s in zip(graphdefs, state))
     keys = image_keys(seeds_B)
     if latents_BHWC is None:
         latents_BHWC = initial_noise(keys, latent_shape_HWC)
-    cond = encode_prompts(text_encoder, cond_ids_BT, clip_skip)
-    uncond = encode_prompts(text_encoder, uncond_ids_BT, clip_skip) if use_guidance else None
+    cond = encode_prompts(text_encoder, cond_ids_BT, clip_skip, cond_weights_BT)
+    uncond = encode_prompts(text_encoder, uncond_ids_BT, clip_skip, uncond_weights_BT) if use_guidance else None
     if init_images_BHWC is None:
         if start:
             raise ValueError("start > 0 begins the schedule midway: it needs init_images_BHWC (img2img)")

@@ -109,6 +109,17 @@ def too_long(tokenizer, prompts: Sequence[str], max_length: int | None = None) -
     return [(prompt, ids) for prompt, ids in zip(distinct, full) if len(ids) > max_length]
 
 
+def _warn_too_long(tokenizer, prompt: str, ids: Sequence[int], max_length: int, kind: str) -> None:
+    """The warning for a prompt of ``ids`` (start and end tokens included) cut to ``max_length`` tokens."""
+    dropped = len(ids) - max_length
+    start = prompt if len(prompt) <= 40 else prompt[:40] + "..."
+    tail = tokenizer.decode(ids[max_length - 1:-1])
+    tail = tail if len(tail) <= 100 else tail[:100] + "..."
+    warnings.warn(f"{kind} {start!r} is {len(ids)} tokens long; CLIP reads {max_length} (start and end "
+                  f"tokens included), so the last {dropped} tokens were dropped: {tail!r}", UserWarning,
+                  stacklevel=3)   # (the caller of tokenize)
+
+
 def tokenize(tokenizer, prompts: str | Sequence[str], max_length: int | None = None, *,
              kind: str = "prompt", warn: bool = True) -> np.ndarray:
     """Token ids int32 [B, max_length] (77 for SD), padded with the end token as SD was trained.
@@ -122,13 +133,116 @@ def tokenize(tokenizer, prompts: str | Sequence[str], max_length: int | None = N
         raise ValueError(f"no {kind}s to tokenize (an empty list)")
     max_length = max_length or tokenizer.model_max_length
     for prompt, ids in too_long(tokenizer, prompts, max_length) if warn else ():
-        dropped = len(ids) - max_length
-        start = prompt if len(prompt) <= 40 else prompt[:40] + "..."
-        tail = tokenizer.decode(ids[max_length - 1:-1])
-        tail = tail if len(tail) <= 100 else tail[:100] + "..."
-        warnings.warn(f"{kind} {start!r} is {len(ids)} tokens long; CLIP reads {max_length} (start and end "
-                      f"tokens included), so the last {dropped} tokens were dropped: {tail!r}", UserWarning,
-                      stacklevel=2)
+        _warn_too_long(tokenizer, prompt, ids, max_length, kind)
     ids = tokenizer(expand_embedding_tokens(tokenizer, prompts), padding="max_length", max_length=max_length,
                     truncation=True).input_ids
     return np.asarray(ids, dtype=np.int32)
+
+
+# A1111's emphasis syntax (modules/prompt_parser.py, parse_prompt_attention): one alternative per kind of piece.
+_ATTENTION = re.compile(r"""
+    \\[()\[\]\\]             # \( \) \[ \] \\: the character itself
+  | \\                       # any other backslash: dropped, as A1111 drops it
+  | \( | \[                  # opens a group
+  | :\s*([+-]?[.\d]+)\s*\)   # closes a (text:1.5) group with its factor
+  | \) | \]                  # closes a group
+  | [^\\()\[\]:]+            # text
+  | :                        # a colon that ends no (text:factor)
+""", re.VERBOSE)
+_BREAK = re.compile(r"\bBREAK\b")
+ROUND_FACTOR = 1.1   # (text) multiplies by it, [text] divides
+
+
+def parse_prompt_attention(prompt: str) -> list[tuple[str, float]]:
+    """A prompt's AUTOMATIC1111 emphasis syntax read as A1111's ``parse_prompt_attention`` reads it: a list
+    of (text, weight) chunks, consecutive chunks of equal weight merged, at least one chunk (``[("", 1.0)]``).
+
+    ``(text)`` multiplies the weight of ``text`` by 1.1, ``[text]`` divides it by 1.1, ``(text:1.5)``
+    multiplies it by 1.5 (nested groups multiply); ``\\(``, ``\\)``, ``\\[``, ``\\]`` and ``\\\\`` are
+    those characters, another backslash is dropped; a bracket left open applies to the rest of the prompt,
+    a closing one that closes nothing and a colon that ends no ``(text:factor)`` (``(word:abc)``) are text.
+    ``BREAK`` is not A1111's chunk break here: it stays a word. A factor that is no number (``(a:1.2.3)``,
+    which A1111 fails on) is a ValueError.
+
+    >>> parse_prompt_attention("a (red:1.5) [cat]")
+    [('a ', 1.0), ('red', 1.5), (' ', 1.0), ('cat', 0.9090909090909091)]
+    """
+    if not isinstance(prompt, str):
+        raise TypeError(f"parse_prompt_attention takes a prompt string, got {type(prompt).__name__}")
+    chunks: list[list] = []   # [text, weight], weights multiplied in place as groups close
+    rounds: list[int] = []    # where each open ( and [ group starts in chunks
+    squares: list[int] = []
+
+    def multiply(start: int, factor: float) -> None:
+        for chunk in chunks[start:]:
+            chunk[1] *= factor
+
+    for match in _ATTENTION.finditer(prompt):
+        piece, factor = match.group(0), match.group(1)
+        if piece.startswith("\\"):
+            chunks.append([piece[1:], 1.0])
+        elif piece == "(":
+            rounds.append(len(chunks))
+        elif piece == "[":
+            squares.append(len(chunks))
+        elif factor is not None and rounds:
+            try:
+                value = float(factor)
+            except ValueError:
+                raise ValueError(f"prompt {prompt!r}: the weight {factor!r} in {piece!r} is not a number") from None
+            multiply(rounds.pop(), value)
+        elif piece == ")" and rounds:
+            multiply(rounds.pop(), ROUND_FACTOR)
+        elif piece == "]" and squares:
+            multiply(squares.pop(), 1 / ROUND_FACTOR)
+        else:
+            chunks.append([piece, 1.0])
+    for start in rounds:   # unbalanced: to the end of the prompt, in the order they were opened (as A1111)
+        multiply(start, ROUND_FACTOR)
+    for start in squares:
+        multiply(start, 1 / ROUND_FACTOR)
+    merged: list[list] = []
+    for text, weight in chunks or [["", 1.0]]:
+        if merged and merged[-1][1] == weight:
+            merged[-1][0] += text
+        else:
+            merged.append([text, weight])
+    return [(text, weight) for text, weight in merged]
+
+
+def tokenize_weighted(tokenizer, prompts: str | Sequence[str], max_length: int | None = None, *,
+                      kind: str = "prompt", warn: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids int32 [B, max_length] and their emphasis weights float32 [B, max_length] of prompts
+    written in AUTOMATIC1111's emphasis syntax (`parse_prompt_attention`), as A1111 tokenizes them: each
+    chunk without start and end tokens (multi-vector textual inversion tokens spelled out, as in
+    `tokenize`), concatenated, with the start token, the end token and the padding of `tokenize` around
+    them, each token weighted as its chunk and those three 1.0. A prompt without the syntax has
+    `tokenize`'s ids and weights of 1. A prompt longer than the window is cut (a warning says what is
+    dropped, as `tokenize`'s), where A1111 would encode it in several windows of 75 tokens; ``BREAK``
+    is read as a word, with a warning. `sdjax.sampling.emphasize` applies the weights to the text states."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise ValueError(f"no {kind}s to tokenize (an empty list)")
+    if not all(isinstance(p, str) for p in prompts):
+        raise TypeError(f"{kind}s must be strings")
+    max_length = max_length or tokenizer.model_max_length
+    start, end = tokenizer.bos_token_id, tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end
+    rows: dict[str, tuple[list[int], list[float]]] = {}
+    for prompt in dict.fromkeys(prompts):   # a batch often repeats one prompt for many seeds
+        chunks = parse_prompt_attention(prompt)
+        texts = expand_embedding_tokens(tokenizer, [text for text, _ in chunks])
+        pieces = tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False).input_ids
+        ids = [start] + [t for piece in pieces for t in piece] + [end]
+        weights = [1.0] + [w for piece, (_, w) in zip(pieces, chunks) for _ in piece] + [1.0]
+        if warn and any(_BREAK.search(text) for text, _ in chunks):
+            warnings.warn(f"{kind} {prompt!r}: BREAK (AUTOMATIC1111's start of a new 75-token window) is not "
+                          "supported by sdjax; it is read as a word", UserWarning, stacklevel=2)
+        if len(ids) > max_length:
+            if warn:
+                _warn_too_long(tokenizer, prompt, ids, max_length, kind)
+            ids, weights = ids[:max_length - 1] + [end], weights[:max_length - 1] + [1.0]
+        rest = max_length - len(ids)
+        rows[prompt] = ids + [pad] * rest, weights + [1.0] * rest
+    return (np.asarray([rows[p][0] for p in prompts], dtype=np.int32),
+            np.asarray([rows[p][1] for p in prompts], dtype=np.float32))
