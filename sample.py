@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="YAML", help="preset of defaults: a file or a name in configs/ (draft, ...)")
     p.add_argument("--from-png", metavar="PNG",
                    help="make an image again: take its prompt, negative prompt, seed, steps, sampler, CFG scale, "
-                        "size and clip skip from its PNG parameters (as AUTOMATIC1111 and sample.py write them); "
+                        "size, clip skip and prompt weighting from its PNG parameters (as AUTOMATIC1111 and "
+                        "sample.py write them; an AUTOMATIC1111 image's prompt is weighted); "
                         "flags given override them, a prompt given replaces its prompt")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"Hugging Face Hub repo id, local pipeline folder, or single-file checkpoint "
@@ -78,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="condition on the text encoder's N-th layer from the end, as A1111's Clip skip (model "
                         "cards' \"Clip skip: 2\"): 1 (default) the last layer, 2 the penultimate; diffusers' "
                         "clip_skip=k is N=k+1")
+    p.add_argument("--prompt-weighting", action=argparse.BooleanOptionalAction, default=False,
+                   help="read AUTOMATIC1111's emphasis syntax in the prompts and the negative prompt: (word) "
+                        "weights word by 1.1, [word] by 1/1.1, (word:1.5) by 1.5, \\( is a bracket (default: "
+                        "off, the brackets are words, as in diffusers); recorded in the PNG parameters")
     p.add_argument("--lora", metavar="FILE[:SCALE]", action="append", default=[],
                    help="a LoRA .safetensors file (kohya / A1111 or diffusers format) merged into the weights at "
                         "SCALE (default 1.0), repeatable: the LoRAs add up; recorded in the PNG parameters as A1111 "
@@ -154,6 +159,7 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
     req = SampleRequest(prompts=prompts, seeds=seeds, negative_prompt=args.negative_prompt, model=args.model,
                         model_config=args.model_config, vae=args.vae, ema_weights=args.ema_weights,
                         scheduler_options=options, clip_skip=args.clip_skip, lora=list(args.lora),
+                        prompt_weighting=args.prompt_weighting,
                         embedding=list(args.embedding),
                         steps=args.steps, guidance_scale=args.guidance_scale, scheduler=args.scheduler,
                         init_image=args.init_image, strength=strength,

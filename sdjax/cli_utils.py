@@ -189,6 +189,7 @@ CONFIG_KEYS: dict[str, tuple[type | tuple, str]] = {
     "scheduler": (str, f"one of {', '.join(SCHEDULERS)}"),
     "scheduler_options": (dict, "scheduler settings, e.g. {use_karras_sigmas: true}"),
     "clip_skip": (int, "condition on the text encoder's N-th layer from the end (A1111's Clip skip; 1: the last)"),
+    "prompt_weighting": (bool, "read AUTOMATIC1111's emphasis syntax in the prompts: (word:1.2), (word), [word]"),
     "lora": ((str, list), "LoRA files merged into the weights: FILE[:SCALE] (scale default 1), one or a list"),
     "embedding": ((str, list), "textual inversion embeddings (files) added to the text encoder, one or a list"),
     "init_image": (str, "img2img: the image (PNG, JPEG, ...) every image starts from"),
@@ -395,6 +396,7 @@ class SampleRequest:
     scheduler: str = "pndm"
     scheduler_options: dict = dataclasses.field(default_factory=dict)   # e.g. {"use_karras_sigmas": True}
     clip_skip: int = 1                # A1111's "Clip skip": 1 = the text encoder's last layer, 2 = the penultimate
+    prompt_weighting: bool = False    # A1111's emphasis syntax, (word:1.2), read in the prompts
     lora: list[str] = dataclasses.field(default_factory=list)   # LoRA files merged into the weights, FILE[:SCALE]
     embedding: list[str] = dataclasses.field(default_factory=list)   # textual inversion embedding files
     init_image: str | None = None     # img2img: the image every image starts from
@@ -458,7 +460,9 @@ class PngSettings:
 def settings_from_png(path: str | os.PathLike) -> PngSettings:
     """Read the settings an image was made with from its PNG ``parameters`` chunk, as AUTOMATIC1111 and
     sample.py write them: prompt, negative prompt, steps, sampler (and ``Schedule type: Karras``, ``Eta
-    DDIM``, scheduler options under their own names), CFG scale, seed, size and clip skip. The prompt's
+    DDIM``, scheduler options under their own names), CFG scale, seed, size, clip skip and prompt weighting
+    (on for an AUTOMATIC1111 image, which A1111 always weights unless its ``Emphasis`` says ``None``, and for
+    sample.py's that record ``Prompt weighting: A1111``). The prompt's
     extra-network tags are taken out of it: ``<lora:NAME[:SCALE...]>`` (and ``<lyco:...>``) into ``loras``,
     another type into ``ignored``. A Hires fix's Denoising strength is no img2img ``strength``. A
     UsageError names the file and the field that cannot be read or has no sdjax equivalent (another
@@ -483,6 +487,9 @@ def settings_from_png(path: str | os.PathLike) -> PngSettings:
             raise bad(f"is a {kind} image: --from-png reads the settings in a PNG's 'parameters' text chunk")
         raise bad("holds no generation settings (no 'parameters' text chunk, as AUTOMATIC1111 and sample.py write)")
     fields = parse_a1111_parameters(text)
+    # A1111 (and Forge) write a version and a model hash, which sample.py never writes; its images are
+    # weighted unless its Emphasis setting ("None": the brackets are text) says otherwise.
+    a1111 = "Version" in fields or "Model hash" in fields
     order = list(fields)   # (the options in the image's order, which sample.py writes them in again)
     if not {"Steps", "Sampler", "CFG scale", "Seed", "Size"} & set(fields):
         raise bad("holds no generation settings (its 'parameters' text has no Steps, Sampler, CFG scale, Seed or "
@@ -544,6 +551,13 @@ def settings_from_png(path: str | os.PathLike) -> PngSettings:
         flags["width"], flags["height"] = int(size[1]), int(size[2])
     # (txt2img's Hires fix writes a Denoising strength of its own, for its second pass: no img2img's)
     hires = any(key.startswith("Hires") for key in fields)
+    weighting = fields.pop("Prompt weighting", None)
+    if weighting not in (None, "A1111"):
+        raise bad(f"its Prompt weighting {weighting!r} is not one sdjax has (A1111)")
+    emphasis = fields.pop("Emphasis", "Original" if a1111 or weighting else "None")
+    if emphasis not in ("Original", "None"):   # (Ignore, No norm: weighted otherwise than sdjax does)
+        fields["Emphasis"] = f"{emphasis} (sdjax weights as A1111's Original does)"
+    flags["prompt_weighting"] = emphasis != "None"
     strength = number("Denoising strength", float) if "Denoising strength" in fields and not hires else None
     model, vae = fields.pop("Model", None), fields.pop("VAE", None)
     for key in [k for k in fields if k in valid]:   # the options sdjax writes under their own names
@@ -1050,7 +1064,7 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
                                    height=req.height, width=req.width, scheduler=req.scheduler, batch_size=per_call,
                                    return_intermediates=picks, progress=step_bar,
                                    scheduler_options=req.scheduler_options, clip_skip=req.clip_skip,
-                                   init_images=init, strength=strength)
+                                   init_images=init, strength=strength, prompt_weighting=req.prompt_weighting)
             for batch, out in zip(bar, outputs, strict=True):
                 padded = batch + [batch[-1]] * (per_call - len(batch))   # one decoder program for every batch
                 noise = None   # the trajectory's first frame: the seed's noise, or the image img2img starts from
@@ -1068,6 +1082,7 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
                                               height=req.height, model=req.model, vae=req.vae,
                                               scheduler_options=req.scheduler_options, clip_skip=req.clip_skip,
                                               loras=loras, denoising_strength=strength,
+                                              prompt_weighting=req.prompt_weighting,
                                               embeddings=[(token, digest) for token, digest in embeddings
                                                           if token.lower() in f"{prompt}\n{negative}".lower()])
                     files.append(out_dir / image_file_name(index, seed, prompt))

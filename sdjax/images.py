@@ -139,7 +139,7 @@ def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, sche
                      seed: int, width: int, height: int, model: str | None = None, vae: str | None = None,
                      scheduler_options: dict | None = None, clip_skip: int = 1,
                      loras: Sequence[tuple[str, float]] = (), denoising_strength: float | None = None,
-                     embeddings: Sequence[tuple[str, str]] = ()) -> str:
+                     embeddings: Sequence[tuple[str, str]] = (), prompt_weighting: bool = False) -> str:
     """Generation settings as AUTOMATIC1111 writes them into the PNG ``parameters`` text chunk::
 
         a photo of a cat
@@ -156,6 +156,9 @@ def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, sche
     ``denoising_strength`` (img2img's strength) is written as A1111's img2img does, ``Denoising strength: 0.75``.
     ``embeddings``, (TOKEN, HASH) of the textual inversion embeddings the prompts use, as A1111's
     ``TI hashes: "EasyNegative: c74b4e810b03"`` (HASH: the file's SHA-256, its first 12 hex digits).
+    ``prompt_weighting`` (the prompts' AUTOMATIC1111 emphasis syntax read) is written as ``Prompt
+    weighting: A1111``, a field of sdjax's own (A1111 always weights, and says nothing), so that
+    ``--from-png`` weights the prompt again.
     """
     sampler = SAMPLER_NAMES.get(scheduler, scheduler)
     fields = [("Steps", steps), ("Sampler", sampler)]
@@ -176,6 +179,8 @@ def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, sche
         fields.append(("Denoising strength", _number(denoising_strength)))
     if clip_skip != 1:
         fields.append(("Clip skip", clip_skip))
+    if prompt_weighting:
+        fields.append(("Prompt weighting", "A1111"))
     if embeddings:
         fields.append(("TI hashes", ", ".join(f"{name}: {digest}" for name, digest in embeddings)))
     tags = " ".join(f"<lora:{name}:{_number(scale)}>" for name, scale in loras)

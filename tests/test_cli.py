@@ -575,6 +575,66 @@ def test_negative_prompt_without_guidance_is_ignored_with_a_warning(pipe_dir, pi
     np.testing.assert_array_equal(pixels(out / "00000-seed4-a-dog.png"), ref[0])
 
 
+def test_prompt_weighting_makes_the_pipelines_weighted_image_and_from_png_makes_it_again(pipe_dir, pipe, tmp_path,
+                                                                                          capsys):
+    """--prompt-weighting: the image is the pipeline's with prompt_weighting=True (the prompt and the negative
+    prompt weighted), which differs from the unweighted one; the PNG parameters say ``Prompt weighting:
+    A1111``, and --from-png of it weights again: the same image and parameters, nothing to warn about.
+    A prompt without the syntax gives the unweighted image (all weights 1)."""
+    out = tmp_path / "out"
+    prompt, negative = "a (dog:1.4) in [blue]", "((red))"
+    rc, _, stderr = run_main(capsys, prompt, "--negative-prompt", negative, "--seeds", "4", "--prompt-weighting",
+                             "--model", pipe_dir, "--out", out, *SMALL)
+    assert rc == 0, stderr
+    png = out / "00000-seed4-a-dog-1-4-in-blue.png"
+    params = I.parse_a1111_parameters(I.read_png_parameters(png))
+    assert params["Prompt weighting"] == "A1111" and params["prompt"] == prompt
+    kw = dict(negative_prompts=negative, seeds=4, num_inference_steps=3, height=32, width=32)
+    weighted = pipe(prompt, prompt_weighting=True, **kw).to_pil()[0]
+    np.testing.assert_array_equal(pixels(png), weighted)
+    assert np.abs(pixels(png).astype(int) - np.asarray(pipe(prompt, **kw).to_pil()[0], int)).max() > 2
+    rc, _, stderr = run_main(capsys, "--from-png", png, "--out", tmp_path / "again", "--model", pipe_dir,
+                             "--dtype", "float32", "--compilation-cache", "none", "--progress", "batches")
+    assert rc == 0 and "warning" not in stderr.lower(), stderr
+    np.testing.assert_array_equal(pixels(tmp_path / "again" / png.name), pixels(png))
+    assert I.read_png_parameters(tmp_path / "again" / png.name) == I.read_png_parameters(png)
+    plain = dict(kw, negative_prompts="red")
+    np.testing.assert_allclose(pipe("a dog", prompt_weighting=True, **plain).images, pipe("a dog", **plain).images,
+                               rtol=0, atol=1e-5)
+
+
+def test_from_png_weights_a1111_images_and_sdjax_images_that_record_it(tmp_path):
+    """An AUTOMATIC1111 image (its Version or Model hash says so) is weighted, as A1111 weights every prompt,
+    unless its Emphasis says None; an Emphasis sdjax does not have is named; a sample.py image is weighted
+    only when its parameters record it; --no-prompt-weighting and a preset's key work as for other settings."""
+    def png(fields, name="a.png"):
+        I.save_png(np.zeros((8, 8, 3)), tmp_path / name, f"a (fox:1.2)\nSteps: 20, Sampler: Euler, CFG scale: 7, "
+                   f"Seed: 1, Size: 64x64{fields}")
+        return str(tmp_path / name)
+    for fields, weighted, notes in (
+            ("", False, []),                                    # sample.py's, without weighting
+            (", Prompt weighting: A1111", True, []),            # sample.py's, with
+            (", Version: v1.10.1", True, []),
+            (", Model hash: 6ce0161689", True, []),
+            (", Emphasis: None, Version: v1.10.1", False, []),   # A1111 read the brackets as text
+            (", Emphasis: No norm, Version: v1.10.1", True,
+             ["--from-png: settings sample.py has no flag for are left out: Emphasis: No norm (sdjax weights as "
+              "A1111's Original does)"])):
+        req, args = sample.parse_request(["--from-png", png(fields)])
+        assert (req.prompts, req.prompt_weighting, args.png_notes) == (["a (fox:1.2)"], weighted, notes), fields
+    assert not sample.parse_request(["--from-png", png(", Version: v1.10.1"), "--no-prompt-weighting"])[0] \
+        .prompt_weighting
+    (tmp_path / "weighted.yaml").write_text("prompt_weighting: true\n")
+    assert sample.parse_request(["a cat", "--config", str(tmp_path / "weighted.yaml")])[0].prompt_weighting
+    assert not sample.parse_request(["--from-png", png(""), "--config", str(tmp_path / "weighted.yaml")])[0] \
+        .prompt_weighting   # (the image's setting over the preset's, as every --from-png setting)
+    with pytest.raises(UsageError, match="its Prompt weighting 'compel' is not one sdjax has"):
+        sample.parse_request(["--from-png", png(", Prompt weighting: compel")])
+    text = I.a1111_parameters("p", steps=3, scheduler="ddim", guidance_scale=7, seed=0, width=8, height=8,
+                              clip_skip=2, prompt_weighting=True)
+    assert text.endswith("Size: 8x8, Clip skip: 2, Prompt weighting: A1111")
+
+
 def test_vae_and_clip_skip_flags_make_the_pipelines_image_and_are_recorded(pipe_dir, pipe, tmp_path, capsys):
     """--vae FOLDER --clip-skip 2: the images are the pipeline's with that VAE (another one's weights
     here) and clip_skip=2, and the PNG parameters say so as A1111 does (``VAE: name``, ``Clip skip: 2``)."""
