@@ -848,12 +848,13 @@ def torch_train_step(unet, vae, text_encoder, noise_scheduler, optimizer, pixels
 
 # ----------------------------------------------------------------------------- training step memory
 def train_step_memory(configs: dict, *, resolution: int, batch: int, precision: str = "fp32", remat: bool = False,
-                      cached_latents: bool = False, clipping: str = "sdjax") -> dict:
+                      cached_latents: bool = False, clipping: str = "sdjax", lora_rank: int | None = None) -> dict:
     """XLA's memory analysis of sdjax's compiled train step (UNet trained with AdamW and global-norm
     clipping at 1; fp32 master weights; VAE encode + CLIP inside the step unless ``cached_latents``)
     on one device, from abstract shapes: nothing is allocated, so any size compiles on a small
     machine for the default backend. ``configs``: {"unet", "vae", "clip"} config dicts.
-    ``clipping="optax"`` swaps in ``optax.clip_by_global_norm`` (what the step used before) for comparison."""
+    ``clipping="optax"`` swaps in ``optax.clip_by_global_norm`` (what the step used before) for comparison.
+    ``lora_rank``: a LoRA run's step instead (the UNet frozen, LoRA of its attention projections trained)."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -880,9 +881,17 @@ def train_step_memory(configs: dict, *, resolution: int, batch: int, precision: 
     finally:
         S.clip_by_global_norm = real_clip
     sds = jax.ShapeDtypeStruct
-    state = jax.eval_shape(lambda p: S.init_state(p, optimizer, 0, ema=False), {"unet": unet})
+    spec = None
+    if lora_rank is not None:
+        from sdjax.training import lora
+        spec = lora.lora_spec({"unet": unet}, rank=lora_rank)
+        trained = {"lora": jax.eval_shape(lambda: lora.init_lora(spec, {"unet": unet}, jax.random.key(0)))}
+    else:
+        trained = {"unet": unet}
+    state = jax.eval_shape(lambda p: S.init_state(p, optimizer, 0, ema=False), trained)
     frozen = S.Frozen(vae=vae, text_encoder=clip, alphas_cumprod=sds((1000,), jnp.float32),
-                      empty_ids=sds((77,), jnp.int32), scaling_factor=sds((), jnp.float32))
+                      empty_ids=sds((77,), jnp.int32), scaling_factor=sds((), jnp.float32),
+                      unet=unet if spec is not None else None)
     if cached_latents:
         h = resolution // vae_scale(configs["vae"])
         latents = sds((1, batch, h, h, configs["vae"].get("latent_channels", 4)), jnp.float32)
@@ -891,12 +900,12 @@ def train_step_memory(configs: dict, *, resolution: int, batch: int, precision: 
         data = {"pixel_values": sds((1, batch, resolution, resolution, 3), jnp.float32)}
     data["input_ids"] = sds((1, batch, 77), jnp.int32)
     step = S.jit_train_step(parallel.data_mesh(jax.devices()[:1]), graphdefs=S.Graphdefs(unet_gd, clip_gd, vae_gd),
-                            cfg=S.StepConfig(compute_dtype=compute), optimizer=optimizer, lr_schedule=lr)
+                            cfg=S.StepConfig(compute_dtype=compute, lora=spec), optimizer=optimizer, lr_schedule=lr)
     t0 = time.perf_counter()
     memory = step.lower(state, frozen, data).compile().memory_analysis()
     tree_bytes = lambda tree: sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(tree))  # noqa: E731
     return {"backend": jax.default_backend(), "resolution": resolution, "batch": batch, "precision": precision,
-            "remat": remat, "clipping": clipping, "compile_s": time.perf_counter() - t0,
+            "remat": remat, "clipping": clipping, "lora_rank": lora_rank, "compile_s": time.perf_counter() - t0,
             "unet_param_bytes": tree_bytes(unet), "argument_bytes": memory.argument_size_in_bytes,
             "output_bytes": memory.output_size_in_bytes, "alias_bytes": memory.alias_size_in_bytes,
             "temp_bytes": memory.temp_size_in_bytes}
@@ -984,6 +993,7 @@ def main() -> None:
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--remat", action="store_true")
     p.add_argument("--clipping", choices=["sdjax", "optax"], default="sdjax")
+    p.add_argument("--lora-rank", type=int, help="a LoRA run's step (the UNet frozen) instead")
     sub.add_parser("checkpoint-probe", help="does the backend's compiler keep jax.checkpoint (remat)?")
     p = sub.add_parser("build", help="write the random pipeline folder")
     p.add_argument("--size", choices=["sd15", "tiny"], default="sd15", help="model configs (default sd15)")
@@ -1007,10 +1017,12 @@ def main() -> None:
                   f"{r['temp_bytes'] / 2 ** 30:.2f} GiB, compile {r['compile_seconds']:.0f} s", file=sys.stderr)
     elif args.cmd == "train-memory":
         r = train_step_memory(sd_configs(args.size), resolution=args.resolution, batch=args.batch,
-                              precision=args.precision, remat=args.remat, clipping=args.clipping)
+                              precision=args.precision, remat=args.remat, clipping=args.clipping,
+                              lora_rank=args.lora_rank)
         emit(r)
         gib = 2 ** 30
         print(f"{args.size} train step, {args.resolution} px, batch {args.batch}, {args.precision}, remat {args.remat}, "
+              f"LoRA rank {args.lora_rank}, "
               f"{args.clipping} clipping, {r['backend']}: arguments {r['argument_bytes'] / gib:.2f} GiB, scratch "
               f"{r['temp_bytes'] / gib:.2f} GiB (UNet gradients {r['unet_param_bytes'] / gib:.2f} GiB), "
               f"compile {r['compile_s']:.0f} s", file=sys.stderr)

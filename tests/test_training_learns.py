@@ -459,7 +459,7 @@ def test_lora_learns_as_peft_lora_does(setup):
     """LoRA of rank 4 on the UNet's attention projections (the rest frozen), sdjax's against PEFT's
     in the diffusers loop, from the same initial LoRA weights on the same batches and draws: the first
     steps' losses agree, and the fixed-set loss and curve tail end within 10% of each other (measured
-    2026-12-07: 0.5464 vs 0.5458, tails 0.5541 vs 0.5537, the same nearest images). Rank-4 attention
+    2026-12-07: 0.5466 vs 0.5458, tails 0.5543 vs 0.5537, the same nearest images). Rank-4 attention
     alone cannot memorise this task as the whole model does (0.55 against ~0.1; lr 3e-2, 1e-1 and rank
     16 did no better in sdjax), so the yardstick is the point, not each caption's own image (~70 s)."""
     ours = train_sdjax(setup, learning_rate=LORA_LEARNING_RATE, lora_rank=LORA_RANK)

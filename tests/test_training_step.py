@@ -541,48 +541,77 @@ def test_min_snr_gamma_at_zero_snr_is_finite(models):
 
 
 # ----------------------------------------------------------------------------- LoRA
-def test_lora_trains_the_low_rank_change_of_a_frozen_kernel(models):
-    """LoRA of the stand-in UNet's ``mix`` kernel and the text encoder's table: the loss is the
-    models' loss at ``W + alpha / rank * down @ up`` (at step 0's ``up = 0``: the frozen models'
-    loss, bit for bit), and the gradients are the chain rule of the kernels' own gradients at those
-    weights, ``scale * dW @ up.T`` and ``scale * down.T @ dW``, derived here from the full model's
-    gradient; the frozen weights get none."""
+class LinearUNet(nnx.Module):
+    """A stand-in UNet whose pixel mix is an ``nnx.Linear`` (a LoRA target): proj(x) + text + time."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        c = LATENT[-1]
+        self.proj = nnx.Linear(c, c, use_bias=False, rngs=rngs)
+        self.text_proj = nnx.Param(0.5 * jax.random.normal(rngs.params(), (D, c)))
+        self.time = nnx.Param(jax.random.normal(rngs.params(), (c,)))
+
+    def __call__(self, x_BHWC, t_B, context_BLD):
+        cond_BC = jnp.mean(context_BLD, axis=1) @ self.text_proj[...]
+        return (self.proj(x_BHWC) + cond_BC[:, None, None, :]
+                + (t_B.astype(jnp.float32) / 1000.0)[:, None, None, None] * self.time[...])
+
+
+class LinearTextEncoder(nnx.Module):
+    """A stand-in text encoder: an embedding table, then an ``nnx.Linear`` (a LoRA target)."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.table = nnx.Param(jax.random.normal(rngs.params(), (VOCAB, D)))
+        self.proj = nnx.Linear(D, D, use_bias=False, rngs=rngs)
+
+    def __call__(self, ids_BL):
+        return types.SimpleNamespace(last_hidden_state=self.proj(self.table[...][ids_BL]))
+
+
+def test_lora_trains_the_low_rank_change_of_a_frozen_linear(models):
+    """LoRA of the stand-ins' Linears (the UNet's and the text encoder's): the loss is the models'
+    loss at the merged kernels ``W + alpha / rank * down @ up`` (`lora.merged`; at step 0's ``up = 0``
+    the frozen models' loss), and the gradients are the chain rule of the kernels' own gradients at
+    those weights, ``scale * dW @ up.T`` and ``scale * down.T @ dW``, derived here from the whole
+    models' gradient; nothing else gets one. Checks the train step's LoRA branches (`lora.attach`)
+    against the merge that sampling and the export use."""
+    from flax.traverse_util import flatten_dict
     from sdjax.training import lora
     rank, alpha = 2, 3.0
-    spec = lora.LoraSpec(rank=rank, alpha=alpha, targets=(("lora_unet_mix", "unet", ("mix",)),
-                                                          ("lora_te_table", "text_encoder", ("table",))))
-    scale = alpha / rank
-    frozen = models.frozen._replace(unet=models.params["unet"])
+    unet, text_encoder = LinearUNet(nnx.Rngs(5)), LinearTextEncoder(nnx.Rngs(6))
+    pure = lambda m: nnx.to_pure_dict(nnx.state(m, nnx.Param))  # noqa: E731
+    base = {"unet": pure(unet), "text_encoder": pure(text_encoder)}
+    spec = lora.lora_spec(base, rank=rank, alpha=alpha, modules={"unet": ("proj",), "text_encoder": ("proj",)})
+    assert [(name, part, path) for name, part, path in spec.targets] == [
+        ("lora_unet_proj", "unet", ("proj", "kernel")), ("lora_te_proj", "text_encoder", ("proj", "kernel"))]
+    graphdefs = S.Graphdefs(nnx.split(unet)[0], nnx.split(text_encoder)[0], None)
+    frozen = models.frozen._replace(unet=base["unet"], text_encoder=base["text_encoder"])
     cfg = S.StepConfig(lora=spec, train_text_encoder=True)
-    base = {"unet": models.params["unet"], "text_encoder": models.frozen.text_encoder}
     batch, key = micro(make_batch(1, 3, seed=40), 0), jax.random.key(41)
 
     def full_loss(params):   # the whole models trained, at the given weights
-        return S.loss_fn(params, models.frozen._replace(text_encoder=None), batch, key,
-                         graphdefs=models.graphdefs, cfg=S.StepConfig(train_text_encoder=True))[0]
+        return S.loss_fn(params, frozen._replace(text_encoder=None), batch, key, graphdefs=graphdefs,
+                         cfg=S.StepConfig(train_text_encoder=True))[0]
+
+    def lora_loss(lora_params):
+        return S.loss_fn({"lora": lora_params}, frozen, batch, key, graphdefs=graphdefs, cfg=cfg)[0]
 
     start = lora.init_lora(spec, base, jax.random.key(0))
     assert all(not np.any(pair["up"]) for pair in start.values())
-    np.testing.assert_allclose(np.std(np.asarray(start["lora_te_table"]["down"])), 1 / rank, rtol=0.3)
-    at_start = S.loss_fn({"lora": start}, frozen, batch, key, graphdefs=models.graphdefs, cfg=cfg)[0]
-    assert float(at_start) == float(full_loss(base))
+    assert float(lora_loss(start)) == pytest.approx(float(full_loss(base)), rel=1e-6)
 
     rng = np.random.default_rng(42)
     trained = {name: {"down": jnp.asarray(rng.normal(size=pair["down"].shape), jnp.float32),
                       "up": jnp.asarray(rng.normal(size=pair["up"].shape), jnp.float32) * 0.3}
                for name, pair in start.items()}
-    loss, grads = jax.value_and_grad(lambda p: S.loss_fn(p, frozen, batch, key, graphdefs=models.graphdefs,
-                                                         cfg=cfg)[0])({"lora": trained})
-    merged = {"unet": {**base["unet"], "mix": base["unet"]["mix"] + scale * (
-                  trained["lora_unet_mix"]["down"] @ trained["lora_unet_mix"]["up"])},
-              "text_encoder": {"table": base["text_encoder"]["table"] + scale * (
-                  trained["lora_te_table"]["down"] @ trained["lora_te_table"]["up"])}}
+    loss, grads = jax.value_and_grad(lora_loss)(trained)
+    merged = {part: lora.merged(base[part], trained, spec, part) for part in ("unet", "text_encoder")}
     want_loss, full_grads = jax.value_and_grad(full_loss)(merged)
-    assert float(loss) == pytest.approx(float(want_loss), rel=1e-6)
+    assert float(loss) == pytest.approx(float(want_loss), rel=1e-5)
+    assert abs(float(loss) - float(full_loss(base))) > 1e-3          # the LoRA changes the loss
+    scale = alpha / rank
     for name, part, path in spec.targets:
-        kernel_grad = np.asarray(full_grads[part][path[0]], np.float64)
+        kernel_grad = np.asarray(flatten_dict(full_grads[part])[path], np.float64)
         down, up = (np.asarray(trained[name][k], np.float64) for k in ("down", "up"))
-        np.testing.assert_allclose(grads["lora"][name]["down"], scale * kernel_grad @ up.T, rtol=1e-4, atol=1e-6)
-        np.testing.assert_allclose(grads["lora"][name]["up"], scale * down.T @ kernel_grad, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(grads[name]["down"], scale * kernel_grad @ up.T, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(grads[name]["up"], scale * down.T @ kernel_grad, rtol=1e-4, atol=1e-6)
         assert np.abs(kernel_grad).max() > 1e-3
-    assert set(grads) == {"lora"}

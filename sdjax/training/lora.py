@@ -6,10 +6,11 @@ Each targeted kernel W [in, out] is trained as ``W + alpha / rank * down @ up`` 
 ``out_proj``. ``down`` starts as N(0, 1 / rank^2) (PEFT's "gaussian" init, which diffusers' scripts
 use) and ``up`` as zeros, so training starts from the model itself.
 
-The step merges the changes into the kernels before the forward pass instead of adding low-rank
-branches to the models: the models stay the code that samples, and the extra work, one
-[in, rank] x [rank, out] product per kernel and the kernels' gradients (whose cost is that of the
-projections' forward matmuls, a small part of a UNet step), buys that simplicity.
+The train step computes each target as ``base(x) + alpha / rank * (x @ down) @ up`` (`attach`: the
+models merged for the step get a `LoraLinear` in place of each target Linear; their code is not
+changed), as PEFT does: no gradient of the frozen kernels is computed, and in bf16 the change counts in
+full, where a merged ``W + delta`` rounded to bf16 would drop a delta below W's rounding step (the
+start of every run). Sampling and the export use the merged kernels (`merged`).
 
 The trained tree is {kohya module name: {"down", "up"}}: the names of the file `save_lora` writes.
 """
@@ -19,6 +20,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from sdjax.weights import kohya_lora_name, torch_key
@@ -49,14 +51,16 @@ class LoraSpec:
         return tuple((name, path) for name, p, path in self.targets if p == part)
 
 
-def lora_spec(base: dict[str, dict], *, rank: int, alpha: float | None = None) -> LoraSpec:
-    """The spec of rank-``rank`` LoRA (``alpha`` None: the rank, a scale of 1) of the target modules of
-    each part in ``base`` ({"unet": pure dict, ["text_encoder": pure dict]})."""
+def lora_spec(base: dict[str, dict], *, rank: int, alpha: float | None = None,
+              modules: dict[str, tuple[str, ...]] = TARGET_MODULES) -> LoraSpec:
+    """The spec of rank-``rank`` LoRA (``alpha`` None: the rank, a scale of 1) of the Linears of each
+    part in ``base`` ({"unet": pure dict, ["text_encoder": pure dict]}) whose PyTorch module names end
+    in one of ``modules[part]``."""
     targets = []
     for part, params in base.items():
         for path in sorted(flatten_dict(params), key=str):
-            module = torch_key(path).removesuffix(".weight")
-            if path[-1] == "kernel" and module.endswith(tuple("." + m for m in TARGET_MODULES[part])):
+            module = "." + torch_key(path).removesuffix(".weight")
+            if path[-1] == "kernel" and module.endswith(tuple("." + m for m in modules[part])):
                 targets.append((kohya_lora_name(part, path), part, path))
     if not targets:
         raise ValueError(f"no LoRA target modules ({', '.join(TARGET_MODULES['unet'])}) in the model")
@@ -87,3 +91,33 @@ def merged(params: dict, lora: dict, spec: LoraSpec, part: str, *, only_targets:
     changed = {path: jnp.asarray(flat[path], jnp.float32) + spec.scale * (lora[name]["down"] @ lora[name]["up"])
                for name, path in spec.of(part)}
     return unflatten_dict(changed if only_targets else {**flat, **changed})
+
+
+class LoraLinear(nnx.Module):
+    """A frozen ``nnx.Linear`` with its LoRA branch: ``base(x) + scale * (x @ down) @ up``, the branch in
+    the Linear's compute dtype."""
+
+    def __init__(self, base: nnx.Linear, down, up, scale: float):
+        dtype = base.dtype or down.dtype
+        self.base, self.scale = base, scale
+        self.down, self.up = nnx.Param(down.astype(dtype)), nnx.Param(up.astype(dtype))
+
+    def __call__(self, x):
+        return self.base(x) + self.scale * ((x @ self.down[...]) @ self.up[...])
+
+
+def attach(model: nnx.Module, lora: dict, spec: LoraSpec, part: str) -> nnx.Module:
+    """``model`` (pipeline part ``part``, merged for one train step) with each of its target Linears
+    replaced by a `LoraLinear` of ``lora``'s weights (a no-op for a part without targets)."""
+    for name, path in spec.of(part):
+        *parents, attr = path[:-1]
+        owner = model
+        for p in parents:
+            owner = owner[p] if isinstance(p, int) else getattr(owner, p)
+        base = owner[attr] if isinstance(attr, int) else getattr(owner, attr)
+        branch = LoraLinear(base, lora[name]["down"], lora[name]["up"], spec.scale)
+        if isinstance(attr, int):
+            owner[attr] = branch
+        else:
+            setattr(owner, attr, branch)
+    return model

@@ -17,7 +17,7 @@ from flax import nnx
 
 from sdjax import parallel
 from sdjax.schedulers import add_noise, get_velocity
-from sdjax.training.lora import merged as with_lora
+from sdjax.training.lora import attach as attach_lora
 
 F32 = jnp.float32
 
@@ -177,14 +177,14 @@ def loss_fn(trainable: dict, frozen: Frozen, batch: dict, key, *, graphdefs: Gra
     if cfg.caption_dropout > 0:
         drop = jax.vmap(lambda k: jax.random.uniform(k, (), F32))(k_drop) < cfg.caption_dropout
         ids = jnp.where(drop[:, None], frozen.empty_ids[None], ids)
-    if cfg.lora is not None:   # the frozen weights with the LoRA changes merged in (see sdjax.training.lora)
-        unet_params = with_lora(frozen.unet, trainable["lora"], cfg.lora, "unet")
-        text_params = (with_lora(frozen.text_encoder, trainable["lora"], cfg.lora, "text_encoder")
-                       if cfg.train_text_encoder else frozen.text_encoder)
+    if cfg.lora is not None:   # the frozen models, with LoRA branches on their target Linears below
+        unet_params, text_params = frozen.unet, frozen.text_encoder
     else:
         unet_params = trainable["unet"]
         text_params = trainable["text_encoder"] if cfg.train_text_encoder else frozen.text_encoder
     text_encoder = nnx.merge(graphdefs.text_encoder, cast(text_params))
+    if cfg.lora is not None:   # (its targets: only with train_text_encoder)
+        attach_lora(text_encoder, trainable["lora"], cfg.lora, "text_encoder")
     context = text_encoder(ids).last_hidden_state
     if not cfg.train_text_encoder:
         context = jax.lax.stop_gradient(context)
@@ -208,6 +208,8 @@ def loss_fn(trainable: dict, frozen: Frozen, batch: dict, key, *, graphdefs: Gra
     else:
         target = noise
     unet = nnx.merge(graphdefs.unet, cast(unet_params))
+    if cfg.lora is not None:
+        attach_lora(unet, trainable["lora"], cfg.lora, "unet")
     pred = unet(noisy, t, context).astype(F32)
     per_example = jnp.mean(jnp.square(pred - target), axis=(1, 2, 3))
     weighted = per_example
