@@ -19,7 +19,7 @@ from flax import nnx
 from sdjax import parallel, sampling
 from sdjax.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
 from sdjax.schedulers import SCHEDULERS, make_noise_schedule, make_scheduler, pipeline_scheduler_config
-from sdjax.text import load_tokenizer, tokenize, tokenize_weighted
+from sdjax.text import load_tokenizer, tokenize, tokenize_weighted, window_count
 from sdjax.weights import (SINGLE_FILE_SUFFIXES, CheckpointError, fetch_missing_bin_weights, has_weights, hub_files,
                            is_url, load_single_file, load_vae_file, prepare_single_file, read_config,
                            read_json_object, read_lora, read_textual_inversion, resolve_dtype, resolve_model_dir,
@@ -685,7 +685,14 @@ class StableDiffusion:
         states are multiplied by its weight and each prompt's states rescaled to their mean before
         (`sdjax.sampling.emphasize`). The weights are an input of the compiled program (new weights
         compile nothing); ``False`` (default): the brackets are words of the prompt, as in diffusers.
-        A prompt past 75 tokens is cut (A1111 would encode it in several windows) and ``BREAK`` is a word.
+        With it, long prompts and ``BREAK`` are A1111's too (`sdjax.text.chunk_weighted`): a prompt is cut
+        into chunks of 75 tokens (at ``BREAK``, and back to a comma among a full chunk's last 20 tokens;
+        an embedding is not split), each encoded as a 77-token window of its own with its weights and
+        mean restored per window, and the windows' states concatenated ([B, 77 * k, D]). k is the window
+        count of the call's longest prompt or negative prompt, for every image (not per batch: `batches`
+        compiles one program); shorter ones get empty windows (the empty prompt's) added, as A1111's
+        "Pad prompt/negative prompt" option does. Each k compiles its own program; k = 1 is the program
+        of before. Without weighting a prompt past 75 tokens is cut, as in diffusers.
         """
         outputs = list(self.batches(
             prompts, negative_prompts, seeds, num_inference_steps, guidance_scale, height, width, scheduler,
@@ -791,8 +798,12 @@ class StableDiffusion:
 
         weights = neg_weights = None   # None: no weighting, and the default program unchanged
         if prompt_weighting:
-            ids, weights = tokenize_weighted(self.tokenizer, prompts)
-            neg_ids, neg_weights = tokenize_weighted(self.tokenizer, negatives, kind="negative prompt")
+            # One window count for the whole call (its longest prompt or negative prompt): every batch
+            # runs the same program, and prompt and negative prompt states pair up in the guidance call.
+            windows = max(window_count(self.tokenizer, prompts), window_count(self.tokenizer, negatives))
+            ids, weights = tokenize_weighted(self.tokenizer, prompts, windows=windows)
+            neg_ids, neg_weights = tokenize_weighted(self.tokenizer, negatives, kind="negative prompt",
+                                                     windows=windows)
         else:
             ids = tokenize(self.tokenizer, prompts)
             neg_ids = tokenize(self.tokenizer, negatives, kind="negative prompt")

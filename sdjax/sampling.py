@@ -143,12 +143,32 @@ def encode_prompts(text_encoder, token_ids_BT, clip_skip: int = 1, weights_BT=No
     the end, ``hidden_states[-N]``, through the final layer norm as the web UIs and diffusers apply it.
     ``clip_skip`` is static (a Python int in 1..num_hidden_layers); under ``jit`` the layers after
     the one used are not computed. ``weights_BT``: AUTOMATIC1111's emphasis weights of the tokens
-    (float [B, 77], `sdjax.text.tokenize_weighted`), applied to those states by `emphasize`; None: none."""
+    (float [B, 77], `sdjax.text.tokenize_weighted`), applied to those states by `emphasize`; None: none.
+
+    Ids of k windows one after the other ([B, 77 * k], AUTOMATIC1111's long prompts and ``BREAK``:
+    `sdjax.text.tokenize_weighted`) are encoded window by window, as A1111 does, and the windows' states
+    concatenated ([B, 77 * k, D]); the weights (same shape as the ids) apply per window, each window's
+    mean restored on its own (A1111's ``process_tokens`` on each chunk). The window is the text encoder's
+    ``max_position_embeddings``; k is static (each k compiles its own program)."""
     if isinstance(token_ids_BT, str) or (isinstance(token_ids_BT, (list, tuple)) and token_ids_BT
                                          and isinstance(token_ids_BT[0], str)):
         raise TypeError("encode_prompts takes token ids, not text: tokenize the prompts first, "
                         "sdjax.text.tokenize(pipe.tokenizer, prompts)")
     clip_skip = check_clip_skip(clip_skip, text_encoder.config.num_hidden_layers)
+    shape, window = np.shape(token_ids_BT), text_encoder.config.max_position_embeddings
+    if len(shape) == 2 and shape[1] > window:   # several windows: each encoded on its own
+        if shape[1] % window:
+            raise ValueError(f"token_ids_BT has shape {tuple(shape)}: more tokens than the text encoder's window of "
+                             f"{window} (max_position_embeddings), and not whole windows of it (k * {window}, "
+                             "sdjax.text.tokenize_weighted lays out long prompts so)")
+        if weights_BT is not None and np.shape(weights_BT) != shape:
+            raise ValueError(f"weights_BT has shape {tuple(np.shape(weights_BT))}; expected one weight per token, "
+                             f"{tuple(shape)}")
+        B, k = shape[0], shape[1] // window
+        per_window = lambda x: jnp.reshape(x, (B * k, window))  # noqa: E731
+        states = encode_prompts(text_encoder, per_window(token_ids_BT), clip_skip,
+                                None if weights_BT is None else per_window(weights_BT))
+        return states.reshape(B, k * window, states.shape[-1])
     if clip_skip == 1:
         states = text_encoder(token_ids_BT).last_hidden_state
     else:
@@ -329,7 +349,8 @@ def generate(graphdefs: SDState, state: SDState, scheduler: Scheduler, cond_ids_
     `img2img_start`) with that noise, and denoised from there, as diffusers' img2img pipeline does.
     ``on_step``: see :func:`denoise`; ``clip_skip`` (static): see :func:`encode_prompts`.
     ``cond_weights_BT`` / ``uncond_weights_BT``: AUTOMATIC1111's emphasis weights of the prompts' and
-    negative prompts' tokens (float32 [B, 77], `sdjax.text.tokenize_weighted`), applied by `emphasize`;
+    negative prompts' tokens (float32 [B, 77 * k] as the ids, `sdjax.text.tokenize_weighted`), applied by
+    `emphasize` per window (`encode_prompts`);
     None (the default): no weighting, and no input of the compiled program.
     """
     text_encoder, unet, vae = (nnx.merge(g, s) for g, s in zip(graphdefs, state))

@@ -149,7 +149,8 @@ _ATTENTION = re.compile(r"""
   | [^\\()\[\]:]+            # text
   | :                        # a colon that ends no (text:factor)
 """, re.VERBOSE)
-_BREAK = re.compile(r"\bBREAK\b")
+_BREAK_SPLIT = re.compile(r"\s*\bBREAK\b\s*")   # A1111's: the spaces around it go with it
+COMMA_BACKTRACK = 20   # A1111's comma_padding_backtrack default
 ROUND_FACTOR = 1.1   # (text) multiplies by it, [text] divides
 
 
@@ -161,8 +162,8 @@ def parse_prompt_attention(prompt: str) -> list[tuple[str, float]]:
     multiplies it by 1.5 (nested groups multiply); ``\\(``, ``\\)``, ``\\[``, ``\\]`` and ``\\\\`` are
     those characters, another backslash is dropped; a bracket left open applies to the rest of the prompt,
     a closing one that closes nothing and a colon that ends no ``(text:factor)`` (``(word:abc)``) are text.
-    ``BREAK`` is not A1111's chunk break here: it stays a word. A factor that is no number (``(a:1.2.3)``,
-    which A1111 fails on) is a ValueError.
+    ``BREAK`` stays in the text here (`chunk_weighted` reads it as A1111's chunk break). A factor that is
+    no number (``(a:1.2.3)``, which A1111 fails on) is a ValueError.
 
     >>> parse_prompt_attention("a (red:1.5) [cat]")
     [('a ', 1.0), ('red', 1.5), (' ', 1.0), ('cat', 0.9090909090909091)]
@@ -210,39 +211,140 @@ def parse_prompt_attention(prompt: str) -> list[tuple[str, float]]:
     return [(text, weight) for text, weight in merged]
 
 
+def _embedding_runs(tokenizer) -> dict[int, list[int]]:
+    """The token ids of each multi-vector textual inversion embedding (``<style> <style>_1 <style>_2``, as
+    `expand_embedding_tokens` spells it out), keyed by its first token's id."""
+    added = tokenizer.added_tokens_encoder
+    runs = {}
+    for token, first in added.items():
+        if f"{token}_1" in added:
+            count = next(i for i in range(1, len(added) + 1) if f"{token}_{i}" not in added)
+            runs[first] = [first] + [added[f"{token}_{i}"] for i in range(1, count)]
+    return runs
+
+
+def chunk_weighted(tokenizer, prompt: str, max_length: int | None = None, *,
+                   comma_backtrack: int = COMMA_BACKTRACK) -> list[tuple[list[int], list[float]]]:
+    """A prompt in AUTOMATIC1111's syntax cut into the chunks A1111 encodes as windows (its
+    ``tokenize_line``): a list of (token ids, weights), each at most ``max_length`` - 2 tokens (75 for
+    SD's CLIP), without start and end tokens, at least one (the empty prompt's is empty).
+
+    The chunks of `parse_prompt_attention` are tokenized on their own (textual inversion tokens spelled
+    out) and their tokens laid out one after the other; a chunk is closed when it is full, at ``BREAK``
+    (the word in capitals between word boundaries, with the spaces around it; in a bracket group too,
+    where A1111 would tokenize it as a word of weight -1.1), and where a multi-vector embedding would
+    cross its end (the embedding moves to the next chunk whole). When a chunk is full and its last comma
+    is at most ``comma_backtrack`` tokens from its end (A1111's ``comma_padding_backtrack``, default 20;
+    0: off), the tokens after that comma move to the next chunk (a comma that ends the chunk moves none).
+    An embedding longer than a chunk is a ValueError."""
+    if not isinstance(prompt, str):
+        raise TypeError(f"chunk_weighted takes a prompt string, got {type(prompt).__name__}")
+    if isinstance(comma_backtrack, bool) or not isinstance(comma_backtrack, int) or comma_backtrack < 0:
+        raise ValueError(f"comma_backtrack={comma_backtrack!r}: must be a whole number >= 0")
+    size = (max_length or tokenizer.model_max_length) - 2
+    pieces: list[tuple[str, float] | None] = []   # None: a BREAK
+    for text, weight in parse_prompt_attention(prompt):
+        for i, part in enumerate(_BREAK_SPLIT.split(text)):
+            if i:
+                pieces.append(None)
+            pieces.append((part, weight))
+    texts = expand_embedding_tokens(tokenizer, [piece[0] for piece in pieces if piece is not None])
+    tokenized = iter(tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False).input_ids)
+    comma = tokenizer.get_vocab().get(",</w>")
+    runs = _embedding_runs(tokenizer)
+    chunks: list[tuple[list[int], list[float]]] = []
+    ids: list[int] = []
+    weights: list[float] = []
+    last_comma = -1   # the index in ids of the chunk's last comma
+
+    def close(moved: int = 0) -> None:   # the chunk ends; its last `moved` tokens start the next one
+        nonlocal ids, weights, last_comma
+        cut = len(ids) - moved
+        chunks.append((ids[:cut], weights[:cut]))
+        ids, weights, last_comma = ids[cut:], weights[cut:], -1
+
+    for piece in pieces:
+        if piece is None:
+            close()
+            continue
+        tokens, weight = next(tokenized), piece[1]
+        position = 0
+        while position < len(tokens):
+            token = tokens[position]
+            run = runs.get(token)
+            n = len(run) if run is not None and tokens[position:position + len(run)] == run else 1
+            if n > size:
+                raise ValueError(f"prompt {prompt!r}: the textual inversion embedding {tokenizer.decode([token])!r} "
+                                 f"has {n} vectors, more than a window's {size} tokens")
+            if token == comma:
+                last_comma = len(ids)
+            elif comma_backtrack and len(ids) == size and last_comma != -1 and size - last_comma <= comma_backtrack:
+                close(moved=size - last_comma - 1)
+            if len(ids) == size or len(ids) + n > size:
+                close()
+            ids += tokens[position:position + n]
+            weights += [weight] * n
+            position += n
+    if ids or not chunks:
+        close()
+    return chunks
+
+
+def window_count(tokenizer, prompts: str | Sequence[str], max_length: int | None = None, *,
+                 comma_backtrack: int = COMMA_BACKTRACK) -> int:
+    """How many windows of ``max_length`` tokens (77 for SD's CLIP) the longest of ``prompts`` takes
+    in AUTOMATIC1111's reading (`chunk_weighted`): `tokenize_weighted`'s ``windows`` that cuts none."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    return max((len(chunk_weighted(tokenizer, p, max_length, comma_backtrack=comma_backtrack))
+                for p in dict.fromkeys(prompts)), default=1)
+
+
 def tokenize_weighted(tokenizer, prompts: str | Sequence[str], max_length: int | None = None, *,
-                      kind: str = "prompt", warn: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids int32 [B, max_length] and their emphasis weights float32 [B, max_length] of prompts
-    written in AUTOMATIC1111's emphasis syntax (`parse_prompt_attention`), as A1111 tokenizes them: each
-    chunk without start and end tokens (multi-vector textual inversion tokens spelled out, as in
-    `tokenize`), concatenated, with the start token, the end token and the padding of `tokenize` around
-    them, each token weighted as its chunk and those three 1.0. A prompt without the syntax has
-    `tokenize`'s ids and weights of 1. A prompt longer than the window is cut (a warning says what is
-    dropped, as `tokenize`'s), where A1111 would encode it in several windows of 75 tokens; ``BREAK``
-    is read as a word, with a warning. `sdjax.sampling.emphasize` applies the weights to the text states."""
+                      kind: str = "prompt", warn: bool = True, windows: int | None = None,
+                      comma_backtrack: int = COMMA_BACKTRACK) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids int32 [B, windows * max_length] and their emphasis weights float32 (same shape) of
+    prompts written in AUTOMATIC1111's syntax, laid out as A1111 lays them out: each prompt's chunks
+    (`chunk_weighted`: emphasis of `parse_prompt_attention`, ``BREAK``, 75 tokens a chunk, the comma
+    backtrack, embeddings kept whole) each in a window of its own, the start token, the chunk, the end
+    token and `tokenize`'s padding (``max_length``, 77 for SD), each token weighted as its chunk of the
+    syntax and the others 1.0; the windows one after the other. ``windows``: how many per prompt (None:
+    as many as the longest prompt takes, `window_count`); a prompt with fewer has empty windows added
+    (the empty prompt's, weights 1), one with more is cut to the first ``windows`` (a warning says what is
+    dropped). A prompt of one window without ``BREAK`` has `tokenize`'s ids and weights of 1 where it
+    has no syntax. `sdjax.sampling.encode_prompts` encodes each window on its own and applies the
+    weights per window (`sdjax.sampling.emphasize`), as A1111 does."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise ValueError(f"no {kind}s to tokenize (an empty list)")
     if not all(isinstance(p, str) for p in prompts):
         raise TypeError(f"{kind}s must be strings")
+    if windows is not None and (isinstance(windows, bool) or not isinstance(windows, (int, np.integer))
+                                or windows < 1):
+        raise ValueError(f"windows={windows!r}: must be a whole number >= 1 (or None: as many as needed)")
     max_length = max_length or tokenizer.model_max_length
     start, end = tokenizer.bos_token_id, tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end
+    chunked = {p: chunk_weighted(tokenizer, p, max_length, comma_backtrack=comma_backtrack)
+               for p in dict.fromkeys(prompts)}   # a batch often repeats one prompt for many seeds
+    windows = int(windows or max(len(c) for c in chunked.values()))
     rows: dict[str, tuple[list[int], list[float]]] = {}
-    for prompt in dict.fromkeys(prompts):   # a batch often repeats one prompt for many seeds
-        chunks = parse_prompt_attention(prompt)
-        texts = expand_embedding_tokens(tokenizer, [text for text, _ in chunks])
-        pieces = tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False).input_ids
-        ids = [start] + [t for piece in pieces for t in piece] + [end]
-        weights = [1.0] + [w for piece, (_, w) in zip(pieces, chunks) for _ in piece] + [1.0]
-        if warn and any(_BREAK.search(text) for text, _ in chunks):
-            warnings.warn(f"{kind} {prompt!r}: BREAK (AUTOMATIC1111's start of a new 75-token window) is not "
-                          "supported by sdjax; it is read as a word", UserWarning, stacklevel=2)
-        if len(ids) > max_length:
+    for prompt, chunks in chunked.items():
+        if len(chunks) > windows:
             if warn:
-                _warn_too_long(tokenizer, prompt, ids, max_length, kind)
-            ids, weights = ids[:max_length - 1] + [end], weights[:max_length - 1] + [1.0]
-        rest = max_length - len(ids)
-        rows[prompt] = ids + [pad] * rest, weights + [1.0] * rest
+                dropped = [t for ids, _ in chunks[windows:] for t in ids]
+                head = prompt if len(prompt) <= 40 else prompt[:40] + "..."
+                tail = tokenizer.decode(dropped)
+                tail = tail if len(tail) <= 100 else tail[:100] + "..."
+                warnings.warn(f"{kind} {head!r} takes {len(chunks)} windows of {max_length} tokens; {windows} are "
+                              f"read, so its last {len(dropped)} tokens were dropped: {tail!r}", UserWarning,
+                              stacklevel=2)
+            chunks = chunks[:windows]
+        chunks = chunks + [([], [])] * (windows - len(chunks))
+        ids, weights = [], []
+        for chunk_ids, chunk_weights in chunks:
+            rest = max_length - 2 - len(chunk_ids)
+            ids += [start] + chunk_ids + [end] + [pad] * rest
+            weights += [1.0] + chunk_weights + [1.0] + [1.0] * rest
+        rows[prompt] = ids, weights
     return (np.asarray([rows[p][0] for p in prompts], dtype=np.int32),
             np.asarray([rows[p][1] for p in prompts], dtype=np.float32))

@@ -61,17 +61,13 @@ def test_parse_prompt_attention_refuses_a_factor_that_is_no_number():
 
 
 def test_tokenize_weighted_ids_are_tokenizes_and_weights_are_the_chunks(tokenizer):
-    """A prompt without the syntax: `tokenize`'s ids (a long one cut the same way, with its warning) and
-    weights of 1; with it: the ids of its text, each token weighted as its chunk, the rest 1."""
+    """A prompt without the syntax that fits one window: `tokenize`'s ids and weights of 1; with it: the
+    ids of its text, each token weighted as its chunk, the rest 1."""
     long = " ".join(["the red dog"] * 40)
-    plain = ["a photo of the cat", "", long]
-    with pytest.warns(UserWarning, match="tokens long; CLIP reads 77") as caught:
-        ids, weights = tokenize_weighted(tokenizer, plain)
-    assert len(caught) == 1
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        np.testing.assert_array_equal(ids, tokenize(tokenizer, plain))
-    assert ids.dtype == np.int32 and weights.dtype == np.float32 and weights.shape == (3, 77)
+    plain = ["a photo of the cat", ""]
+    ids, weights = tokenize_weighted(tokenizer, plain)
+    np.testing.assert_array_equal(ids, tokenize(tokenizer, plain))
+    assert ids.dtype == np.int32 and weights.dtype == np.float32 and weights.shape == (2, 77)
     assert (weights == 1).all()
     ids, weights = tokenize_weighted(tokenizer, ["a (red:1.5) [cat]", r"\(the\) ((dog))"])
     np.testing.assert_array_equal(ids, tokenize(tokenizer, ["a red cat", "(the) dog"]))
@@ -81,11 +77,14 @@ def test_tokenize_weighted_ids_are_tokenizes_and_weights_are_the_chunks(tokenize
     n = len(tokenizer("(the)", add_special_tokens=False).input_ids)
     np.testing.assert_array_equal(weights[1, :n + 3], np.float32([1] * (n + 1) + [1.1 * 1.1, 1]))
     assert (weights[:, 6 + n:] == 1).all()
-    # a weighted prompt past the window: cut after 75 tokens, the end token and its weight kept
-    ids, weights = tokenize_weighted(tokenizer, f"({long}:1.2)", warn=False)
+    # a weighted prompt past the window read in one window (windows=1): cut after 75 tokens, with a warning,
+    # the end token and its weight kept
+    with pytest.warns(UserWarning, match="takes 2 windows of 77 tokens; 1 are read, so its last 45 tokens"):
+        ids, weights = tokenize_weighted(tokenizer, f"({long}:1.2)", windows=1)
     assert ids[0, -1] == tokenizer.eos_token_id and weights[0, -1] == 1 and (weights[0, 1:-1] == np.float32(1.2)).all()
-    with pytest.warns(UserWarning, match="BREAK .* is not supported by sdjax; it is read as a word"):
-        tokenize_weighted(tokenizer, "a BREAK b")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        np.testing.assert_array_equal(ids, tokenize(tokenizer, long))
     with pytest.raises(ValueError, match="no prompts to tokenize"):
         tokenize_weighted(tokenizer, [])
 
