@@ -81,8 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "clip_skip=k is N=k+1")
     p.add_argument("--prompt-weighting", action=argparse.BooleanOptionalAction, default=False,
                    help="read AUTOMATIC1111's emphasis syntax in the prompts and the negative prompt: (word) "
-                        "weights word by 1.1, [word] by 1/1.1, (word:1.5) by 1.5, \\( is a bracket (default: "
-                        "off, the brackets are words, as in diffusers); recorded in the PNG parameters")
+                        "weights word by 1.1, [word] by 1/1.1, (word:1.5) by 1.5, \\( is a bracket; a prompt past 75 "
+                        "tokens and BREAK are read in windows of 75 tokens, as A1111 does (default: off, the "
+                        "brackets are words and a long prompt is cut, as in diffusers); recorded in the PNG "
+                        "parameters")
     p.add_argument("--lora", metavar="FILE[:SCALE]", action="append", default=[],
                    help="a LoRA .safetensors file (kohya / A1111 or diffusers format) merged into the weights at "
                         "SCALE (default 1.0), repeatable: the LoRAs add up; recorded in the PNG parameters as A1111 "

@@ -189,7 +189,8 @@ CONFIG_KEYS: dict[str, tuple[type | tuple, str]] = {
     "scheduler": (str, f"one of {', '.join(SCHEDULERS)}"),
     "scheduler_options": (dict, "scheduler settings, e.g. {use_karras_sigmas: true}"),
     "clip_skip": (int, "condition on the text encoder's N-th layer from the end (A1111's Clip skip; 1: the last)"),
-    "prompt_weighting": (bool, "read AUTOMATIC1111's emphasis syntax in the prompts: (word:1.2), (word), [word]"),
+    "prompt_weighting": (bool, "read AUTOMATIC1111's emphasis syntax in the prompts: (word:1.2), (word), [word]; "
+                          "BREAK and long prompts in windows of 75 tokens"),
     "lora": ((str, list), "LoRA files merged into the weights: FILE[:SCALE] (scale default 1), one or a list"),
     "embedding": ((str, list), "textual inversion embeddings (files) added to the text encoder, one or a list"),
     "init_image": (str, "img2img: the image (PNG, JPEG, ...) every image starts from"),

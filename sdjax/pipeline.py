@@ -691,7 +691,8 @@ class StableDiffusion:
         mean restored per window, and the windows' states concatenated ([B, 77 * k, D]). k is the window
         count of the call's longest prompt or negative prompt, for every image (not per batch: `batches`
         compiles one program); shorter ones get empty windows (the empty prompt's) added, as A1111's
-        "Pad prompt/negative prompt" option does. Each k compiles its own program; k = 1 is the program
+        "Pad prompt/negative prompt" option does (its default runs a prompt and a negative prompt of
+        different lengths through the UNet apart). Each k compiles its own program; k = 1 is the program
         of before. Without weighting a prompt past 75 tokens is cut, as in diffusers.
         """
         outputs = list(self.batches(
