@@ -250,7 +250,8 @@ def chunk_weighted(tokenizer, prompt: str, max_length: int | None = None, *,
             pieces.append((part, weight))
     texts = expand_embedding_tokens(tokenizer, [piece[0] for piece in pieces if piece is not None])
     tokenized = iter(tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False).input_ids)
-    comma = tokenizer.get_vocab().get(",</w>")
+    comma = tokenizer.convert_tokens_to_ids(",</w>")   # (the unknown token's id where there is none: no comma)
+    comma = comma if tokenizer.convert_ids_to_tokens(comma) == ",</w>" else None
     runs = _embedding_runs(tokenizer)
     chunks: list[tuple[list[int], list[float]]] = []
     ids: list[int] = []
