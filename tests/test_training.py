@@ -2444,3 +2444,27 @@ def test_a_resumed_lora_run_equals_the_uninterrupted_one(lora_run, pipeline_dir,
     for part in ("params", "ema", "opt_state"):
         assert max_diff(ours[part], uninterrupted[part]) <= 1e-6, part
     assert [r["loss"] for r in metrics(out)] == [r["loss"] for r in metrics(lora_run["out"])]
+
+
+def test_a_lora_resume_or_export_with_another_alpha_or_rank_is_refused_before_the_model_loads(lora_run, monkeypatch):
+    """alpha / rank scales every change the LoRA learned: a resume or export with another alpha (the
+    rank's default included) would change the model it trained, so it is refused, as another rank
+    is, before the model loads and with nothing written; the same alpha spelled out is taken."""
+    from sdjax.training import loop
+    out = lora_run["out"]
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the refusal")
+    monkeypatch.setattr(loop, "_build_model", no_model)
+    for change, message in ((dict(lora_alpha=8.0), "its LoRA was trained with alpha 4 (now 8)"),
+                            (dict(lora_alpha=None), "its LoRA was trained with alpha 4 (now 2)"),
+                            (dict(lora_rank=4), "the run that saved it had lora_rank=2 (now 4)")):
+        with pytest.raises(UsageError, match=re.escape(message)):
+            Trainer.create(TrainConfig.from_run(out, max_steps=3, **change))
+        with pytest.raises(UsageError, match=re.escape(message)):
+            Trainer.for_export(TrainConfig.from_run(out, **change))
+    with pytest.raises(AssertionError, match="the model was loaded"):
+        Trainer.for_export(TrainConfig.from_run(out, lora_alpha=4))
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+

@@ -483,11 +483,23 @@ def _restore_unet_only_ema(checkpoints: Checkpointer, state, step: int | None):
     return restored._replace(ema=ema), position
 
 
+def _lora_alpha(settings: dict) -> float:
+    """A LoRA run's alpha (its rank when none is set) from its settings (TrainConfig fields)."""
+    return float(settings["lora_rank"] if settings["lora_alpha"] is None else settings["lora_alpha"])
+
+
 def _layout_change(cfg: TrainConfig, recorded: dict | None, where: Path) -> UsageError | None:
     """The error for resuming checkpoint ``where`` with a setting that decides what a checkpoint
-    holds (`STATE_STRUCTURE_SETTINGS`) changed from the ``recorded`` run's; None if none is."""
+    holds (`STATE_STRUCTURE_SETTINGS`) or a LoRA's alpha changed from the ``recorded`` run's; None if
+    none is."""
     changed = [name for name, on in STATE_STRUCTURE_SETTINGS.items()
                if recorded is not None and name in recorded and on(recorded[name]) != on(getattr(cfg, name))]
+    if not changed and recorded is not None and cfg.lora_rank is not None and "lora_alpha" in recorded:
+        if (was := _lora_alpha(recorded)) != (now := _lora_alpha(dataclasses.asdict(cfg))):
+            return UsageError(f"cannot restore {where}: its LoRA was trained with alpha {was:g} (now {now:g}), "
+                              "which scales every change it learned by alpha / rank; resume or export with the "
+                              "recorded setting (leave out --lora-alpha; scale a LoRA where it is loaded, e.g. "
+                              "sample.py --lora FILE:0.8), or start a new run in another --output-dir")
     if not changed:
         return None
     settings = ", ".join(f"{name}={recorded[name]!r} (now {getattr(cfg, name)!r})" for name in changed)
@@ -839,10 +851,13 @@ class Trainer:
         if step is not None and step not in existing:
             raise UsageError(f"--export-step {step}: no checkpoint {step} in {directory.absolute()} "
                              f"(it has {', '.join(map(str, existing))})")
+        recorded = _read_run_config(out)   # a changed structure or LoRA alpha: refused before the model loads
+        if (changed := _layout_change(cfg, recorded, directory / str(existing[-1] if step is None else step))):
+            raise changed
         pipe, graphdefs, step_cfg, _, _, state, base = _build_model(cfg, mesh)
         checkpoints = Checkpointer(directory, max_to_keep=cfg.keep_checkpoints, create=False)
         try:
-            state, _ = _restore(checkpoints, state, step, cfg, _read_run_config(out), "--export-step")
+            state, _ = _restore(checkpoints, state, step, cfg, recorded, "--export-step")
         except BaseException:
             checkpoints.close()
             raise
