@@ -2468,3 +2468,49 @@ def test_a_lora_resume_or_export_with_another_alpha_or_rank_is_refused_before_th
         Trainer.for_export(TrainConfig.from_run(out, lora_alpha=4))
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
+
+@pytest.mark.slow   # compiles the LoRA step for one device, ~60 s
+def test_a_lora_run_on_one_device_equals_eight(lora_run, pipeline_dir, data_dir, tmp_path):
+    """Global batch 16: 8 x 1 device x 2 micro-batches == lora_run's 1 x 8 devices x 2: the same
+    losses, LoRA, EMA (split over 8 devices there, whole here) and exported file."""
+    out = tmp_path / "one"
+    with Trainer.create(config(out, pipeline_dir, data_dir, **LORA, batch_size=8, max_steps=2, checkpoint_every=1),
+                        mesh=parallel.data_mesh(jax.devices()[:1])) as one:
+        one.run(progress=False)
+        assert one.export() == out / "final"
+    np.testing.assert_allclose([r["loss"] for r in metrics(out)], [r["loss"] for r in metrics(lora_run["out"])],
+                               rtol=1e-5)
+    ours, reference = saved_state(out, 2), saved_state(lora_run["out"], 2)
+    for part in ("params", "ema"):
+        assert max_diff(ours[part], reference[part]) <= 1e-5, part
+    file = "final/pytorch_lora_weights.safetensors"
+    exported, want = load_file(str(out / file)), load_file(str(lora_run["out"] / file))
+    assert sorted(exported) == sorted(want)
+    assert max(float(np.max(np.abs(exported[k] - want[k]))) for k in want) <= 1e-5
+
+
+@pytest.mark.slow   # two processes compile the LoRA step (twice; a cache makes the second a load), ~150 s
+def test_two_processes_train_resume_and_export_a_lora_as_one(lora_run, pipeline_dir, data_dir, tmp_path):
+    """A LoRA run with EMA on 2 processes x 4 CPU devices, 1 update then a resume to 2 with `train`:
+    the same losses, LoRA, EMA and exported file as the one-process 8-device run. The export gathers
+    the EMA's arrays, split over the devices of both processes, with a collective every process
+    joins; only process 0 writes the file."""
+    out = tmp_path / "run"
+    first = dataclasses.asdict(config(out, pipeline_dir, data_dir, **LORA, max_steps=1, checkpoint_every=1))
+    then = {**first, "max_steps": 2, "resume": True}
+    logs = run_two_processes(MULTIHOST_TRAIN_WORKER, tmp_path, json.dumps([first, then]), tmp_path / "jax-cache",
+                             timeout=900)
+    assert f"EXPORTED {out / 'final'}" in logs[0] and "EXPORTED None" in logs[1]
+    assert complete_steps(out) == [1, 2]
+    np.testing.assert_allclose([r["loss"] for r in metrics(out)], [r["loss"] for r in metrics(lora_run["out"])],
+                               rtol=1e-5)
+    ours, reference = saved_state(out, 2), saved_state(lora_run["out"], 2)
+    for part in ("params", "ema"):   # (gloo's reductions: another order than one process's)
+        assert max_diff(ours[part], reference[part]) <= 1e-5, part
+    file = "final/pytorch_lora_weights.safetensors"
+    assert sorted(p.name for p in (out / "final").iterdir()) == ["pytorch_lora_weights.safetensors"]
+    exported, want = load_file(str(out / file)), load_file(str(lora_run["out"] / file))
+    assert sorted(exported) == sorted(want)
+    assert max(float(np.max(np.abs(exported[k] - want[k]))) for k in want) <= 1e-5
+    for name, pair in ours["ema"]["lora"].items():   # the EMA, gathered whole
+        np.testing.assert_array_equal(exported[f"{name}.lora_down.weight"], np.asarray(pair["down"]).T)
