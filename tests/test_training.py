@@ -2469,6 +2469,40 @@ def test_a_lora_resume_or_export_with_another_alpha_or_rank_is_refused_before_th
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
+def test_a_lora_resume_or_export_refuses_a_folder_holding_other_files(lora_run, tmp_path, monkeypatch):
+    """A LoRA export writes its file alone in its folder: into one holding other files it is refused
+    (FileExistsError, nothing written), and a resume whose final/ holds them is refused before the
+    model loads, not once trained; an export to a new folder is the run's final/ file."""
+    from sdjax.training import loop
+    out = lora_run["out"]
+    stray = out / "final" / "notes.txt"
+    stray.write_text("mine")
+    try:
+        def no_model(*args, **kwargs):
+            raise AssertionError("the model was loaded before the refusal")
+        monkeypatch.setattr(loop, "_build_model", no_model)
+        with pytest.raises(UsageError, match=re.escape(f"{out / 'final'} holds notes.txt: a LoRA export writes "
+                                                       "pytorch_lora_weights.safetensors alone in its folder, and "
+                                                       "this run exports there once trained")):
+            Trainer.create(TrainConfig.from_run(out, max_steps=3))
+        monkeypatch.undo()
+        busy = tmp_path / "busy"
+        busy.mkdir()
+        (busy / "a.txt").write_text("")
+        with Trainer.for_export(TrainConfig.from_run(out)) as trainer:
+            for directory in (busy, None):
+                with pytest.raises(FileExistsError, match="alone in its folder; export to a new or empty folder"):
+                    trainer.export(directory)
+            assert trainer.export(tmp_path / "new") == tmp_path / "new"
+        assert sorted(p.name for p in busy.iterdir()) == ["a.txt"]
+        assert sorted(p.name for p in (out / "final").iterdir()) == ["notes.txt", "pytorch_lora_weights.safetensors"]
+        file = "pytorch_lora_weights.safetensors"
+        new, final = load_file(str(tmp_path / "new" / file)), load_file(str(out / "final" / file))
+        assert sorted(new) == sorted(final) and all(np.array_equal(new[k], final[k]) for k in final)
+    finally:
+        stray.unlink()
+
+
 @pytest.mark.slow   # compiles the LoRA step for one device, ~60 s
 def test_a_lora_run_on_one_device_equals_eight(lora_run, pipeline_dir, data_dir, tmp_path):
     """Global batch 16: 8 x 1 device x 2 micro-batches == lora_run's 1 x 8 devices x 2: the same

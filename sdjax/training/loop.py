@@ -483,6 +483,16 @@ def _restore_unet_only_ema(checkpoints: Checkpointer, state, step: int | None):
     return restored._replace(ema=ema), position
 
 
+def _lora_export_problem(directory: Path) -> str | None:
+    """Why a LoRA export cannot be written into ``directory``: it holds files other than an earlier
+    LoRA export (the export writes its file alone in its folder); None when it can."""
+    others = sorted(p.name for p in directory.iterdir() if p.name != LORA_FILE_NAME) if directory.is_dir() else []
+    if not others:
+        return None
+    return (f"{directory} holds {', '.join(others[:3])}{', ...' if len(others) > 3 else ''}: a LoRA export writes "
+            f"{LORA_FILE_NAME} alone in its folder")
+
+
 def _lora_alpha(settings: dict) -> float:
     """A LoRA run's alpha (its rank when none is set) from its settings (TrainConfig fields)."""
     return float(settings["lora_rank"] if settings["lora_alpha"] is None else settings["lora_alpha"])
@@ -725,6 +735,8 @@ class Trainer:
             changed = _layout_change(cfg, recorded, out / "checkpoints" / str(resume_from))
             if changed is not None:
                 raise changed
+            if cfg.lora_rank is not None and (problem := _lora_export_problem(out / "final")):
+                raise UsageError(f"{problem}, and this run exports there once trained: move them away first")
         if cfg.warmup_steps >= cfg.max_steps and main:
             warnings.warn(f"warmup_steps={cfg.warmup_steps} is not below max_steps={cfg.max_steps}: the learning "
                           f"rate reaches {(cfg.max_steps - 1) / cfg.warmup_steps:.0%} of {cfg.learning_rate:g} at the "
@@ -1160,14 +1172,11 @@ class Trainer:
 
     def _export_lora(self, directory: Path, trained: dict) -> Path | None:
         """`export` of a LoRA run (see there)."""
+        if problem := _lora_export_problem(directory):   # every process (a shared folder): none joins the gather
+            raise FileExistsError(f"{problem}; export to a new or empty folder, or over an earlier LoRA export")
         on_host = jax.tree.map(parallel.to_host, trained)   # every process: the EMA's arrays are split over them
         if jax.process_index() != 0:
             return None
-        others = sorted(p.name for p in directory.iterdir() if p.name != LORA_FILE_NAME) if directory.is_dir() else []
-        if others:
-            raise FileExistsError(f"{directory} holds {', '.join(others[:3])}{', ...' if len(others) > 3 else ''}: a "
-                                  f"LoRA export writes {LORA_FILE_NAME} alone in its folder; export to a new or empty "
-                                  "folder, or over an earlier LoRA export")
         spec = self.step_cfg.lora
         metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(spec.rank),
                     "ss_network_alpha": f"{spec.alpha:g}", "ss_base_model_version": "sd_v1",
