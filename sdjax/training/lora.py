@@ -8,9 +8,9 @@ use) and ``up`` as zeros, so training starts from the model itself.
 
 The train step computes each target as ``base(x) + alpha / rank * (x @ down) @ up`` (`attach`: the
 models merged for the step get a `LoraLinear` in place of each target Linear; their code is not
-changed), as PEFT does: no gradient of the frozen kernels is computed, and in bf16 the change counts in
-full, where a merged ``W + delta`` rounded to bf16 would drop a delta below W's rounding step (the
-start of every run). Sampling and the export use the merged kernels (`merged`).
+changed), as PEFT does: no gradient of the frozen kernels is computed, and in bf16 the change is rounded
+as part of the Linear's output, where a merged ``W + delta`` rounded to bf16 would lose, weight by
+weight, each delta below W's rounding step (at the start of a run, all of them). Sampling and the export use the merged kernels (`merged`).
 
 The trained tree is {kohya module name: {"down", "up"}}: the names of the file `save_lora` writes.
 """
@@ -115,6 +115,9 @@ def attach(model: nnx.Module, lora: dict, spec: LoraSpec, part: str) -> nnx.Modu
         for p in parents:
             owner = owner[p] if isinstance(p, int) else getattr(owner, p)
         base = owner[attr] if isinstance(attr, int) else getattr(owner, attr)
+        if not isinstance(base, nnx.Linear):
+            raise TypeError(f"LoRA target {name} ({'.'.join(map(str, path[:-1]))}) is a {type(base).__name__}; "
+                            "LoRA branches go on nnx.Linear layers")
         branch = LoraLinear(base, lora[name]["down"], lora[name]["up"], spec.scale)
         if isinstance(attr, int):
             owner[attr] = branch
