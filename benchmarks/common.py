@@ -882,8 +882,10 @@ def train_step_memory(configs: dict, *, resolution: int, batch: int, precision: 
         S.clip_by_global_norm = real_clip
     sds = jax.ShapeDtypeStruct
     spec = None
-    if lora_rank is not None:
+    if lora_rank is not None:   # the frozen models in the compute dtype, as a LoRA run loads them
         from sdjax.training import lora
+        unet, clip, vae = (jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, compute), tree)
+                           for tree in (unet, clip, vae))
         spec = lora.lora_spec({"unet": unet}, rank=lora_rank)
         trained = {"lora": jax.eval_shape(lambda: lora.init_lora(spec, {"unet": unet}, jax.random.key(0)))}
     else:
@@ -1024,7 +1026,8 @@ def main() -> None:
         print(f"{args.size} train step, {args.resolution} px, batch {args.batch}, {args.precision}, remat {args.remat}, "
               f"LoRA rank {args.lora_rank}, "
               f"{args.clipping} clipping, {r['backend']}: arguments {r['argument_bytes'] / gib:.2f} GiB, scratch "
-              f"{r['temp_bytes'] / gib:.2f} GiB (UNet gradients {r['unet_param_bytes'] / gib:.2f} GiB), "
+              f"{r['temp_bytes'] / gib:.2f} GiB ({'frozen UNet' if args.lora_rank else 'UNet gradients'} "
+              f"{r['unet_param_bytes'] / gib:.2f} GiB), "
               f"compile {r['compile_s']:.0f} s", file=sys.stderr)
     elif args.cmd == "checkpoint-probe":
         r = checkpoint_probe()

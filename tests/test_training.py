@@ -2548,3 +2548,20 @@ def test_two_processes_train_resume_and_export_a_lora_as_one(lora_run, pipeline_
     assert max(float(np.max(np.abs(exported[k] - want[k]))) for k in want) <= 1e-5
     for name, pair in ours["ema"]["lora"].items():   # the EMA, gathered whole
         np.testing.assert_array_equal(exported[f"{name}.lora_down.weight"], np.asarray(pair["down"]).T)
+
+
+def test_a_bf16_lora_run_holds_the_frozen_models_in_bf16(pipeline_dir, data_dir, tmp_path):
+    """With --mixed-precision bf16 a LoRA run loads the models it does not train in bf16 (half the
+    memory; the step casts nothing): the pipeline's and the step's frozen weights are bf16, the LoRA and
+    its optimizer state float32. (The losses and the export equal those of the same run with fp32-loaded
+    models cast in the step, bit for bit: BENCHMARKS.md, "LoRA training on the CPU".)"""
+    import jax.numpy as jnp
+    trainer = Trainer.create(config(tmp_path / "run", pipeline_dir, data_dir, lora_rank=2, mixed_precision="bf16"))
+    try:
+        frozen = [trainer.frozen.unet, trainer.frozen.text_encoder, trainer.frozen.vae,
+                  *(nnx.to_pure_dict(nnx.state(m, nnx.Param)) for m in (trainer.pipe.unet, trainer.pipe.vae))]
+        assert {a.dtype for tree in frozen for a in jax.tree.leaves(tree)} == {jnp.dtype(jnp.bfloat16)}
+        assert {a.dtype for a in jax.tree.leaves((trainer.state.params, trainer.state.opt_state))
+                if jnp.issubdtype(a.dtype, jnp.floating)} == {jnp.dtype(jnp.float32)}
+    finally:
+        trainer.close()

@@ -357,9 +357,13 @@ def _pure(module) -> dict:
 def _build_model(cfg: TrainConfig, mesh):
     """(pipeline, graphdefs, step config, optimizer, lr schedule, initial state on the mesh, the
     frozen models' weights a LoRA run changes: {"unet", "text_encoder"} pure dicts, else None)."""
-    # fp32 whatever the files hold (a variant="fp16" is upcast): the master weights of training
+    compute = jnp.bfloat16 if cfg.mixed_precision == "bf16" else jnp.float32
+    # fp32 whatever the files hold (a variant="fp16" is upcast): the master weights of training. A LoRA run
+    # trains none of them: they load in the compute dtype (bf16 halves them, and the step casts nothing:
+    # the same values as the step's cast of fp32 ones, so the same losses)
     pipe = load_pipeline(cfg.model, model_config=cfg.model_config, variant=cfg.variant, vae=cfg.vae,
-                         ema_weights=cfg.ema_weights, dtype=jnp.float32, mesh=mesh)
+                         ema_weights=cfg.ema_weights, dtype=compute if cfg.lora_rank is not None else jnp.float32,
+                         mesh=mesh)
     prediction_type = pipe.scheduler_config.get("prediction_type", "epsilon")
     if cfg.lora_rank is not None and cfg.prediction_type not in (None, prediction_type):
         raise UsageError(f"--prediction-type {cfg.prediction_type} with --lora-rank: a LoRA file does not say what "
@@ -378,7 +382,6 @@ def _build_model(cfg: TrainConfig, mesh):
         pipe.make_scheduler(SAMPLE_SCHEDULER, cfg.sample_steps)
     except (ValueError, NotImplementedError) as e:
         raise UsageError(f"{cfg.model}: its scheduler config with --sample-steps {cfg.sample_steps}: {e}") from e
-    compute = jnp.bfloat16 if cfg.mixed_precision == "bf16" else jnp.float32
     unet_gd, _ = abstract_model(UNet2DConditionModel, pipe.unet.config, dtype=compute,
                                 remat=cfg.gradient_checkpointing)
     te_gd, _ = abstract_model(CLIPTextModel, pipe.text_encoder.config, dtype=compute)
