@@ -689,11 +689,11 @@ class StableDiffusion:
         into chunks of 75 tokens (at ``BREAK``, and back to a comma among a full chunk's last 20 tokens;
         an embedding is not split), each encoded as a 77-token window of its own with its weights and
         mean restored per window, and the windows' states concatenated ([B, 77 * k, D]). k is the window
-        count of the call's longest prompt or negative prompt, for every image (not per batch: `batches`
-        compiles one program); shorter ones get empty windows (the empty prompt's) added, as A1111's
-        "Pad prompt/negative prompt" option does (its default runs a prompt and a negative prompt of
-        different lengths through the UNet apart). Each k compiles its own program; k = 1 is the program
-        of before. Without weighting a prompt past 75 tokens is cut, as in diffusers.
+        count of the call's longest prompt (and apart from it, of its longest negative prompt), for every
+        image (not per batch: `batches` compiles one program); shorter ones get empty windows (the empty
+        prompt's) added. Where the two k differ, the prompt and the negative prompt go through the UNet
+        apart (two calls a step), as A1111's default does. Each k compiles its own program; k = 1 is the
+        program of before. Without weighting a prompt past 75 tokens is cut, as in diffusers.
         """
         outputs = list(self.batches(
             prompts, negative_prompts, seeds, num_inference_steps, guidance_scale, height, width, scheduler,
@@ -799,12 +799,12 @@ class StableDiffusion:
 
         weights = neg_weights = None   # None: no weighting, and the default program unchanged
         if prompt_weighting:
-            # One window count for the whole call (its longest prompt or negative prompt): every batch
-            # runs the same program, and prompt and negative prompt states pair up in the guidance call.
-            windows = max(window_count(self.tokenizer, prompts), window_count(self.tokenizer, negatives))
-            ids, weights = tokenize_weighted(self.tokenizer, prompts, windows=windows)
+            # One window count for the whole call's prompts and one for its negative prompts (their
+            # longest): every batch runs the same program; if the two differ, the guidance step runs the
+            # UNet on each apart, as A1111 does by default.
+            ids, weights = tokenize_weighted(self.tokenizer, prompts, windows=window_count(self.tokenizer, prompts))
             neg_ids, neg_weights = tokenize_weighted(self.tokenizer, negatives, kind="negative prompt",
-                                                     windows=windows)
+                                                     windows=window_count(self.tokenizer, negatives))
         else:
             ids = tokenize(self.tokenizer, prompts)
             neg_ids = tokenize(self.tokenizer, negatives, kind="negative prompt")

@@ -196,13 +196,18 @@ def guided_model_output(unet, model_input_B, t, cond_BSD, uncond_BSD, guidance_s
 
     The two halves are interleaved per image ([u0, c0, u1, c1, ...]) rather than concatenated, so
     with the batch split over devices each device keeps its own images' pairs (no cross-device
-    traffic); the UNet has no batch coupling, so the order does not change the result.
+    traffic); the UNet has no batch coupling, so the order does not change the result. Text states of
+    different lengths (AUTOMATIC1111's long prompts: a prompt and a negative prompt of different window
+    counts) take two UNet calls, each at its own length, as A1111 runs them.
     """
     B = model_input_B.shape[0]
     cond_BSD, uncond_BSD = (_match_batch(x, B, name)   # (under denoise: already B rows)
                             for x, name in ((cond_BSD, "cond_BSD"), (uncond_BSD, "uncond_BSD")))
     if uncond_BSD is None:
         return unet(model_input_B, t, cond_BSD).astype(F32)
+    if uncond_BSD.shape[1] != cond_BSD.shape[1]:
+        eps_uncond, eps_cond = (unet(model_input_B, t, x).astype(F32) for x in (uncond_BSD, cond_BSD))
+        return eps_uncond + _per_image(guidance_scale, B, eps_cond.ndim) * (eps_cond - eps_uncond)
     pair = lambda u, c: jnp.stack([u, c], axis=1).reshape(2 * B, *u.shape[1:])  # noqa: E731
     eps = unet(pair(model_input_B, model_input_B), t, pair(uncond_BSD, cond_BSD)).astype(F32)
     eps = eps.reshape(B, 2, *eps.shape[1:])
@@ -233,7 +238,8 @@ def denoise(unet, scheduler: Scheduler, latents_BHWC, cond_BSD, uncond_BSD=None,
     with ``start`` > 0 (img2img: a static int, the loop index to begin at), clean latents noised
     to that point, ``scheduler.add_noise_at(x0, noise, start)``; the scheduler
     is entered there as diffusers does (`Scheduler.starting_at`).
-    ``cond_BSD`` / ``uncond_BSD``: text states for each image, or one ([1, S, D]) for all of them;
+    ``cond_BSD`` / ``uncond_BSD``: text states for each image, or one ([1, S, D]) for all of them (S
+    may differ between the two: `guided_model_output` then runs the UNet on each apart);
     ``uncond_BSD=None`` skips guidance (one UNet pass); ``guidance_scale``: a number or one per
     image ([B]). ``keys_B``: one key per image (typed [B], or raw uint32 [B, 2]), needed by the
     stochastic schedulers (`step_keys` gives the pipeline's). Returns the final latents, and with
@@ -262,9 +268,9 @@ def denoise(unet, scheduler: Scheduler, latents_BHWC, cond_BSD, uncond_BSD=None,
     for x, name in ((cond_BSD, "cond_BSD"), (uncond_BSD, "uncond_BSD")):
         if x is not None and x.ndim != 3:
             raise ValueError(f"{name} has shape {tuple(x.shape)}; expected text states [batch or 1, tokens, width]")
-    if uncond_BSD is not None and uncond_BSD.shape[1:] != cond_BSD.shape[1:]:
+    if uncond_BSD is not None and uncond_BSD.shape[2] != cond_BSD.shape[2]:
         raise ValueError(f"uncond_BSD has shape {tuple(uncond_BSD.shape)} and cond_BSD {tuple(cond_BSD.shape)}: "
-                         "they must agree in tokens and width")
+                         "they must agree in width (tokens may differ: two UNet calls)")
     width = getattr(getattr(unet, "config", None), "cross_attention_dim", None)
     if width is not None and cond_BSD.shape[-1] not in set(width):   # (before the guidance pairs double the batch)
         raise ValueError(f"cond_BSD has shape {tuple(cond_BSD.shape)}; the UNet attends to text states of width "

@@ -1,9 +1,12 @@
 """AUTOMATIC1111's long prompts and BREAK under prompt weighting: the chunking against hand-derived cases,
 the window layout, the windowed text states against transformers' CLIPTextModel window by window, and a
 pipeline call with a long weighted prompt (tiny models)."""
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 import reference as R
 from conftest import run_jitted
@@ -153,8 +156,8 @@ def test_windowed_states_are_transformers_states_window_by_window(tiny_checkpoin
 
 def test_a_long_weighted_prompt_runs_end_to_end_in_windows(tiny_pipeline_dir):
     """prompt_weighting=True with a prompt past 75 tokens: the sampler gets [B, 154] ids and weights for
-    the prompts and the (short) negative prompt alike (the call's longest prompt sets k), the image runs
-    and the words of the second window change it (cut at 75 tokens they would be dropped)."""
+    the prompts (the call's longest prompt sets k) and [B, 77] for the short negative prompt (its own k),
+    the image runs and the words of the second window change it (cut at 75 tokens they would be dropped)."""
     from sdjax.pipeline import StableDiffusion
     from test_prompt_weighting import _captured
     pipe = StableDiffusion.from_pretrained(tiny_pipeline_dir)
@@ -163,11 +166,37 @@ def test_a_long_weighted_prompt_runs_end_to_end_in_windows(tiny_pipeline_dir):
               num_inference_steps=2, height=32, width=32, prompt_weighting=True, batch_size=2)
     args, kwargs = _captured(pipe, **kw)
     ids, weights = tokenize_weighted(pipe.tokenizer, kw["prompts"])
-    neg_ids, neg_weights = tokenize_weighted(pipe.tokenizer, ["[blue]"] * 2, windows=2)
+    neg_ids, neg_weights = tokenize_weighted(pipe.tokenizer, ["[blue]"] * 2)
+    assert ids.shape == weights.shape == (2, 154) and neg_ids.shape == neg_weights.shape == (2, 77)
     for got, want in ((args[2], ids), (args[3], neg_ids), (kwargs["cond_weights_BT"], weights),
                       (kwargs["uncond_weights_BT"], neg_weights)):
-        assert want.shape == (2, 154)
         np.testing.assert_array_equal(parallel.to_host(got)[:2], want)
     out = pipe(**kw)
     assert out.images.shape == (2, 32, 32, 3)
     assert np.abs(out.images[0].astype(int) - out.images[1].astype(int)).max() > 0
+
+
+def test_a_prompt_and_negative_prompt_of_different_lengths_go_through_the_unet_apart(tiny_pipeline_dir):
+    """A1111's default for a prompt and a negative prompt of different window counts: each through the
+    UNet at its own length (two calls), eps_u + g * (eps_c - eps_u), not the negative prompt padded with
+    empty windows (A1111's "Pad prompt/negative prompt" option), which attends to more tokens and so
+    gives another result."""
+    from sdjax.pipeline import StableDiffusion
+    from sdjax.sampling import encode_prompts, guided_model_output
+    pipe = StableDiffusion.from_pretrained(tiny_pipeline_dir)
+    cond_ids, _ = tokenize_weighted(pipe.tokenizer, [" ".join(["red"] * 80)] * 2)
+    neg_ids, _ = tokenize_weighted(pipe.tokenizer, ["blue"] * 2)
+    padded_ids, _ = tokenize_weighted(pipe.tokenizer, ["blue"] * 2, windows=2)
+    x = jax.random.normal(jax.random.key(0), (2, 4, 4, 4))
+    t, g = jnp.asarray(500), jnp.asarray([7.5, 3.0])
+
+    def outputs(models, x, cond_ids, neg_ids, padded_ids):
+        text_encoder, unet = models
+        cond, uncond, padded = (encode_prompts(text_encoder, ids) for ids in (cond_ids, neg_ids, padded_ids))
+        assert cond.shape[1] == padded.shape[1] == 154 and uncond.shape[1] == 77
+        return (guided_model_output(unet, x, t, cond, uncond, g), unet(x, t, uncond), unet(x, t, cond),
+                guided_model_output(unet, x, t, cond, padded, g))
+    got, eps_u, eps_c, with_padding = run_jitted("apart", nnx.List([pipe.text_encoder, pipe.unet]), outputs, x,
+                                                 cond_ids, neg_ids, padded_ids)
+    np.testing.assert_allclose(got, eps_u + np.asarray(g)[:, None, None, None] * (eps_c - eps_u), atol=1e-5)
+    assert np.abs(got - with_padding).max() > 1e-3
