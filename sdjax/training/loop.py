@@ -53,7 +53,8 @@ SINGLE_FILE_DTYPES = ("float16", "bfloat16", "float32")
 SAMPLE_SCHEDULER = "pndm"               # of the validation samples
 TRAINABLE_PREDICTION_TYPES = ("epsilon", "v_prediction")
 # The settings that decide the tree a checkpoint holds (EMA or not, the clipping stage of the
-# optimizer or not, the text encoder's parameters or not): a resume must keep them.
+# optimizer or not, the text encoder's parameters or not, LoRA of which rank or the models): a resume
+# must keep them.
 STATE_STRUCTURE_SETTINGS = {"ema_decay": lambda v: v is not None, "max_grad_norm": bool,
                             "train_text_encoder": bool, "lora_rank": lambda v: v}
 
