@@ -19,7 +19,7 @@ from flax import nnx
 from sdjax import parallel, sampling
 from sdjax.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
 from sdjax.schedulers import SCHEDULERS, make_noise_schedule, make_scheduler, pipeline_scheduler_config
-from sdjax.text import load_tokenizer, tokenize, tokenize_weighted, window_count
+from sdjax.text import load_tokenizer, tokenize, tokenize_weighted
 from sdjax.weights import (SINGLE_FILE_SUFFIXES, CheckpointError, fetch_missing_bin_weights, has_weights, hub_files,
                            is_url, load_single_file, load_vae_file, prepare_single_file, read_config,
                            read_json_object, read_lora, read_textual_inversion, resolve_dtype, resolve_model_dir,
@@ -799,12 +799,11 @@ class StableDiffusion:
 
         weights = neg_weights = None   # None: no weighting, and the default program unchanged
         if prompt_weighting:
-            # One window count for the whole call's prompts and one for its negative prompts (their
-            # longest): every batch runs the same program; if the two differ, the guidance step runs the
-            # UNet on each apart, as A1111 does by default.
-            ids, weights = tokenize_weighted(self.tokenizer, prompts, windows=window_count(self.tokenizer, prompts))
-            neg_ids, neg_weights = tokenize_weighted(self.tokenizer, negatives, kind="negative prompt",
-                                                     windows=window_count(self.tokenizer, negatives))
+            # One window count for the whole call's prompts and one for its negative prompts (each its
+            # longest: tokenize_weighted's default): every batch runs the same program; if the two differ,
+            # the guidance step runs the UNet on each apart, as A1111 does by default.
+            ids, weights = tokenize_weighted(self.tokenizer, prompts)
+            neg_ids, neg_weights = tokenize_weighted(self.tokenizer, negatives, kind="negative prompt")
         else:
             ids = tokenize(self.tokenizer, prompts)
             neg_ids = tokenize(self.tokenizer, negatives, kind="negative prompt")
