@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from-png", metavar="PNG",
                    help="make an image again: take its prompt, negative prompt, seed, steps, sampler, CFG scale, "
                         "size, clip skip and prompt weighting from its PNG parameters (as AUTOMATIC1111 and "
-                        "sample.py write them; an AUTOMATIC1111 image's prompt is weighted); "
+                        "sample.py write them; an AUTOMATIC1111 JPEG's, WebP's or AVIF's EXIF UserComment; "
+                        "an AUTOMATIC1111 image's prompt is weighted); "
                         "flags given override them, a prompt given replaces its prompt")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"Hugging Face Hub repo id, local pipeline folder, or single-file checkpoint "

@@ -460,22 +460,23 @@ class PngSettings:
 
 def settings_from_png(path: str | os.PathLike) -> PngSettings:
     """Read the settings an image was made with from its PNG ``parameters`` chunk, as AUTOMATIC1111 and
-    sample.py write them: prompt, negative prompt, steps, sampler (and ``Schedule type: Karras``, ``Eta
-    DDIM``, scheduler options under their own names), CFG scale, seed, size, clip skip and prompt weighting
+    sample.py write them (or the EXIF UserComment of A1111's JPEG, WebP and AVIF images): prompt, negative
+    prompt, steps, sampler (and ``Schedule type: Karras``, ``Eta DDIM``, scheduler options under their own
+    names), CFG scale, seed, size, clip skip and prompt weighting
     (on for an AUTOMATIC1111 image, which A1111 always weights unless its ``Emphasis`` says ``None``, and for
     sample.py's that record ``Prompt weighting: A1111``). The prompt's
     extra-network tags are taken out of it: ``<lora:NAME[:SCALE...]>`` (and ``<lyco:...>``) into ``loras``,
     another type into ``ignored``. A Hires fix's Denoising strength is no img2img ``strength``. A
     UsageError names the file and the field that cannot be read or has no sdjax equivalent (another
-    sampler, another schedule type, Karras sigmas for a sampler without them), or says it is no PNG or
-    holds no settings."""
+    sampler, another schedule type, Karras sigmas for a sampler without them), or says it holds no
+    settings."""
     from PIL import UnidentifiedImageError
-    from sdjax.images import SAMPLER_NAMES, parse_a1111_parameters, read_png_parameters
+    from sdjax.images import SAMPLER_NAMES, parse_a1111_parameters, read_parameters
 
     def bad(reason: str) -> UsageError:
         return _bad_setting("from_png", path, reason)
     try:
-        text = read_png_parameters(Path(path).expanduser())
+        text = read_parameters(Path(path).expanduser())
     except FileNotFoundError:
         raise bad("no such file") from None
     except (UnidentifiedImageError, OSError) as e:
@@ -484,8 +485,9 @@ def settings_from_png(path: str | os.PathLike) -> PngSettings:
         from PIL import Image
         with Image.open(Path(path).expanduser()) as im:
             kind = im.format
-        if kind != "PNG":   # (A1111 keeps a JPEG's or WebP's settings in its EXIF, which is not read)
-            raise bad(f"is a {kind} image: --from-png reads the settings in a PNG's 'parameters' text chunk")
+        if kind != "PNG":
+            raise bad(f"holds no generation settings (a {kind} image without an EXIF UserComment, where "
+                      "AUTOMATIC1111 writes them)")
         raise bad("holds no generation settings (no 'parameters' text chunk, as AUTOMATIC1111 and sample.py write)")
     fields = parse_a1111_parameters(text)
     # A1111 (and Forge) write a version and a model hash, which sample.py never writes; its images are

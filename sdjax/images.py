@@ -376,6 +376,35 @@ def read_png_parameters(path: str | os.PathLike) -> str | None:
         return getattr(im, "text", {}).get("parameters")
 
 
+# EXIF's UserComment (in the Exif IFD) starts with 8 bytes naming its character code (EXIF 2.3, table 9)
+_EXIF_IFD, _USER_COMMENT = 0x8769, 0x9286
+_UNICODE_CODE, _JIS_CODE = b"UNICODE\0", b"JIS\0\0\0\0\0"
+
+
+def read_parameters(path: str | os.PathLike) -> str | None:
+    """The generation settings an image holds, as AUTOMATIC1111 stores them: a PNG's ``parameters`` text
+    chunk, else (A1111's JPEG, WebP and AVIF files) the EXIF UserComment; None where it has neither."""
+    with Image.open(path) as im:
+        im.load()
+        text = getattr(im, "text", {}).get("parameters")
+        comment = im.getexif().get_ifd(_EXIF_IFD).get(_USER_COMMENT) if text is None else None
+    if text is not None or not comment:
+        return text
+    if isinstance(comment, str):   # (a comment written as ASCII type, against the standard)
+        return comment.rstrip("\0") or None
+    code, body = comment[:8], comment[8:]
+    if code == _UNICODE_CODE:
+        # UTF-16 of either byte order: A1111 (piexif) writes big-endian, some tools little-endian. Settings
+        # text is mostly ASCII, whose high byte is 0: the order whose high bytes hold more zeros is the one.
+        high_first = body[0::2].count(0) >= body[1::2].count(0)
+        text = body.decode("utf-16-be" if high_first else "utf-16-le", errors="replace")
+    elif code == _JIS_CODE:
+        text = body.decode("shift_jis", errors="replace")
+    else:   # ASCII, undefined (8 zero bytes), or no code at all: A1111 then reads the bytes as UTF-8
+        text = (body if code in (b"ASCII\0\0\0", bytes(8)) else comment).decode("utf-8", errors="replace")
+    return text.rstrip("\0") or None
+
+
 # ----------------------------------------------------------------------------- layout
 GAP = 4              # pixels between tiles and around the sheet
 _LABEL_PADDING = 2   # pixels above and below a label's text

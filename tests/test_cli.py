@@ -510,6 +510,28 @@ def test_from_png_reads_a1111_parameters_and_says_what_it_leaves_out(tmp_path):
     assert sample.parse_request(start + ["--strength", "0.7"])[0].strength == 0.7   # under the flag
 
 
+def test_from_png_reads_the_exif_user_comment_of_a1111_jpeg_and_webp_images(tmp_path):
+    """AUTOMATIC1111 keeps a JPEG's, WebP's or AVIF's settings in the EXIF UserComment (EXIF 2.3: an 8-byte
+    character code, then the text; A1111 writes "UNICODE\\0" and UTF-16 big-endian, through piexif): --from-png
+    reads them as a PNG's parameters chunk, in either UTF-16 byte order and in the ASCII code (UTF-8 bytes)."""
+    text = ("a café, (fox:1.2)\nNegative prompt: lowres\nSteps: 20, Sampler: DPM++ 2M, Schedule type: Karras, "
+            "CFG scale: 7, Seed: 1234, Size: 512x768, Model hash: 6ce0161689, Version: v1.10.1")
+    for name, comment in (("be.jpg", b"UNICODE\0" + text.encode("utf-16-be")),
+                          ("le.webp", b"UNICODE\0" + text.encode("utf-16-le")),
+                          ("ascii.jpg", b"ASCII\0\0\0" + text.encode("utf-8"))):
+        exif = Image.Exif()
+        exif.get_ifd(0x8769)[0x9286] = comment   # (the Exif IFD's UserComment)
+        Image.new("RGB", (8, 8)).save(tmp_path / name, exif=exif)
+        assert I.read_parameters(tmp_path / name) == text, name
+        req, args = sample.parse_request(["--from-png", str(tmp_path / name)])
+        assert (req.prompts, req.negative_prompt, req.steps, req.scheduler, req.scheduler_options) == \
+            (["a café, (fox:1.2)"], "lowres", 20, "dpmpp_2m", {"use_karras_sigmas": True}), name
+        assert (req.seeds, req.width, req.height, req.prompt_weighting) == ([1234], 512, 768, True), name
+    png = tmp_path / "a.png"
+    I.save_png(np.zeros((8, 8, 3)), png, text)
+    assert I.read_parameters(png) == I.read_png_parameters(png) == text
+
+
 def test_from_png_reads_eta_ddim_as_a_number(tmp_path):
     """``Eta DDIM: 0.5`` (as sample.py's --scheduler-option eta=0.5 and A1111 write it) is the number 0.5,
     which the DDIM scheduler takes (its text '0.5' was refused: 'expected a number')."""
@@ -525,7 +547,7 @@ def test_from_png_names_what_a1111_images_hold_that_it_leaves_out(tmp_path):
     """A1111's extra-network tags in every form (<lora:NAME>, <lora:NAME:TE:UNET>, <lyco:...>,
     <hypernet:...>) are taken out of the prompt and named; an img2img image without --init-image is
     said to be made from noise; Hires fix's Denoising strength is no img2img strength; a VAE named by
-    its file is this run's --vae; Euler a with Karras, a JPEG and a text without settings exit 2."""
+    its file is this run's --vae; Euler a with Karras, a JPEG without EXIF and a text without settings exit 2."""
     def png(text, name="a.png"):
         I.save_png(np.zeros((8, 8, 3)), tmp_path / name, text)
         return str(tmp_path / name)
@@ -552,7 +574,8 @@ def test_from_png_names_what_a1111_images_hold_that_it_leaves_out(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "a.jpg")
     for path, error in ((png("a fox\nSteps: 20, Sampler: Euler a, Schedule type: Karras, Seed: 1"),
                          "its sampler 'Euler a' with schedule type 'Karras' has no sdjax equivalent"),
-                        (str(tmp_path / "a.jpg"), "is a JPEG image"),
+                        (str(tmp_path / "a.jpg"), "holds no generation settings (a JPEG image without an EXIF "
+                                                  "UserComment, where AUTOMATIC1111 writes them)"),
                         (png("just a caption", "b.png"), "holds no generation settings"),
                         (png(f"a fox\n{settings.replace('64x64', '64x60')}", "c.png"),   # (not --height 60)
                          f"--from-png {tmp_path / 'c.png'}: its height 60: must be a positive multiple of 8")):
