@@ -19,7 +19,7 @@ from flax import nnx
 from sdjax import parallel, sampling
 from sdjax.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
 from sdjax.schedulers import SCHEDULERS, make_noise_schedule, make_scheduler, pipeline_scheduler_config
-from sdjax.text import load_tokenizer, tokenize, tokenize_weighted
+from sdjax.text import edited_prompts, load_tokenizer, tokenize, tokenize_weighted
 from sdjax.weights import (SINGLE_FILE_SUFFIXES, CheckpointError, fetch_missing_bin_weights, has_weights, hub_files,
                            is_url, load_single_file, load_vae_file, prepare_single_file, read_config,
                            read_json_object, read_lora, read_textual_inversion, resolve_dtype, resolve_model_dir,
@@ -210,6 +210,24 @@ def _wait_interruptibly(arrays: Sequence[jax.Array]) -> None:
 
 _EXPECTED = {"prompts": "a string or a list of strings", "negative_prompts": "a string or a list of strings",
              "seeds": "an integer, a list of integers or an integer array"}
+
+
+def _tokenize_edited(tokenizer, prompts: list[str], steps: int, calls: int, kind: str):
+    """`tokenize_weighted` of prompts in AUTOMATIC1111's syntax, their prompt editing included
+    (`sdjax.text.edited_prompts` over ``steps`` and the run's ``calls`` model calls): ids and weights
+    [n, T] and no phases where every prompt has one text for the whole run (that text's: the prompt
+    itself where it has no editing); else ids and weights [n, P, T], each prompt's distinct texts (its
+    last repeated up to the call's most, P), and the phases int32 [n, calls]."""
+    edits = {p: edited_prompts(p, steps, calls) for p in dict.fromkeys(prompts)}
+    P = max(len(texts) for texts, _ in edits.values())
+    if P == 1:
+        ids, weights = tokenize_weighted(tokenizer, [edits[p][0][0] for p in prompts], kind=kind)
+        return ids, weights, None
+    texts = [t for p in prompts for t in edits[p][0] + [edits[p][0][-1]] * (P - len(edits[p][0]))]
+    ids, weights = tokenize_weighted(tokenizer, texts, kind=kind)
+    n = len(prompts)
+    return (ids.reshape(n, P, -1), weights.reshape(n, P, -1),
+            np.asarray([edits[p][1] for p in prompts], np.int32))
 
 
 def _as_list(x, name) -> list:
@@ -694,6 +712,12 @@ class StableDiffusion:
         prompt's) added. Where the two k differ, the prompt and the negative prompt go through the UNet
         apart (two calls a step), as A1111's default does. Each k compiles its own program; k = 1 is the
         program of before. Without weighting a prompt past 75 tokens is cut, as in diffusers.
+        With it, A1111's prompt editing and alternation too (`sdjax.text.prompt_schedule`): ``a [cat:dog:0.5]``
+        conditions the first half of the steps on the cat and the rest on the dog, ``[cat|dog]`` alternates
+        step by step, in prompts and negative prompts, each model call on the text A1111's sampler takes
+        (`sdjax.text.edited_prompts`). Each image's texts are encoded once and each call's picked from an
+        input table (`sdjax.sampling.TextSchedule`); a call with editing compiles a program per count of
+        texts, one without runs the program of before.
         """
         outputs = list(self.batches(
             prompts, negative_prompts, seeds, num_inference_steps, guidance_scale, height, width, scheduler,
@@ -797,13 +821,15 @@ class StableDiffusion:
                                  f"([batch, height/{self.vae_scale}, width/{self.vae_scale}, channels], NHWC)")
         steps = self._intermediate_steps(return_intermediates, sched.num_model_calls, first_call)
 
-        weights = neg_weights = None   # None: no weighting, and the default program unchanged
+        weights = neg_weights = phases = neg_phases = None   # None: no input, the default program unchanged
         if prompt_weighting:
             # One window count for the whole call's prompts and one for its negative prompts (each its
             # longest: tokenize_weighted's default): every batch runs the same program; if the two differ,
             # the guidance step runs the UNet on each apart, as A1111 does by default.
-            ids, weights = tokenize_weighted(self.tokenizer, prompts)
-            neg_ids, neg_weights = tokenize_weighted(self.tokenizer, negatives, kind="negative prompt")
+            calls = sched.num_model_calls - first_call
+            ids, weights, phases = _tokenize_edited(self.tokenizer, prompts, num_inference_steps, calls, "prompt")
+            neg_ids, neg_weights, neg_phases = _tokenize_edited(self.tokenizer, negatives, num_inference_steps,
+                                                                calls, "negative prompt")
         else:
             ids = tokenize(self.tokenizer, prompts)
             neg_ids = tokenize(self.tokenizer, negatives, kind="negative prompt")
@@ -816,12 +842,15 @@ class StableDiffusion:
         per_call = min(parallel.padded_size(batch_size or 4 * parallel.data_size(self.mesh), self.mesh),
                        parallel.padded_size(n, self.mesh))
         seeds = np.asarray(seeds, np.uint32)
+        text_inputs = {name: value for name, value in (
+            ("cond_weights_BT", weights), ("uncond_weights_BT", neg_weights), ("cond_phases_BC", phases),
+            ("uncond_phases_BC", neg_phases)) if value is not None}
         return self._batches(prompts, negatives, seeds, ids, neg_ids, latents, init_images, first_call, sched,
-                             latent_shape, guidance_scale, steps, per_call, progress, clip_skip, weights, neg_weights)
+                             latent_shape, guidance_scale, steps, per_call, progress, clip_skip, text_inputs)
 
     def _batches(self, prompts, negatives, seeds, ids, neg_ids, latents, init_images, first_call, sched,
-                 latent_shape, guidance_scale, steps, per_call, progress, clip_skip, weights,
-                 neg_weights) -> Iterator[StableDiffusionOutput]:
+                 latent_shape, guidance_scale, steps, per_call, progress, clip_skip,
+                 text_inputs) -> Iterator[StableDiffusionOutput]:
         """`batches`' generator, on its checked arguments: dispatches batch k + 1 before fetching batch k."""
         with self._lock:
             state = self.state
@@ -847,8 +876,7 @@ class StableDiffusion:
                     latent_shape_HWC=latent_shape, use_guidance=guidance_scale > 1.0,
                     return_predictions=bool(steps), on_step=None if step_bar is None else self._ticker,
                     clip_skip=clip_skip, start=first_call,
-                    **({} if weights is None else dict(cond_weights_BT=shard(weights),
-                                                       uncond_weights_BT=shard(neg_weights))))
+                    **{name: shard(value) for name, value in text_inputs.items()})
                 # Indexed one step at a time: iterating over an array spread over several
                 # processes is not allowed. Each [B, H, W, 3], decoded right behind the batch.
                 decoded = [self._decode(state.vae, out.predictions[s - first_call]) for s in steps]

@@ -177,6 +177,30 @@ def encode_prompts(text_encoder, token_ids_BT, clip_skip: int = 1, weights_BT=No
     return states if weights_BT is None else emphasize(states, weights_BT)
 
 
+class TextSchedule(NamedTuple):
+    """Text states that change during sampling (AUTOMATIC1111's prompt editing and alternation:
+    `sdjax.text.edited_prompts`), as `denoise` takes them in place of one state per image:
+    ``states_BPSD`` [B, P, S, D], the states of each image's P texts, and ``phases_BC`` int [B, C], for
+    each of the run's C model calls (from the first one run) the text it conditions on."""
+    states_BPSD: jax.Array
+    phases_BC: jax.Array
+
+    def at(self, c) -> jax.Array:
+        """The states [B, S, D] of model call ``c`` (counted from the run's first)."""
+        phase_B = jax.lax.dynamic_index_in_dim(self.phases_BC, c, axis=1, keepdims=False)
+        return jnp.take_along_axis(self.states_BPSD, phase_B[:, None, None, None], axis=1)[:, 0]
+
+
+def encode_edited_prompts(text_encoder, token_ids_BPT, phases_BC, clip_skip: int = 1,
+                          weights_BPT=None) -> TextSchedule:
+    """`encode_prompts` of each image's P texts (token ids [B, P, T], weights alike or None) and their
+    model calls' phases ([B, C]), as a `TextSchedule`."""
+    B, P, T = np.shape(token_ids_BPT)
+    flat = lambda x: None if x is None else jnp.reshape(x, (B * P, T))  # noqa: E731
+    states = encode_prompts(text_encoder, flat(token_ids_BPT), clip_skip, flat(weights_BPT))
+    return TextSchedule(states.reshape(B, P, *states.shape[1:]), jnp.asarray(phases_BC, jnp.int32))
+
+
 def predicted_clean(scheduler: Scheduler, model_input, model_output, i) -> jax.Array:
     """The model's estimate of the clean latents x_0 at loop index ``i`` (for trajectories).
 
@@ -239,7 +263,8 @@ def denoise(unet, scheduler: Scheduler, latents_BHWC, cond_BSD, uncond_BSD=None,
     to that point, ``scheduler.add_noise_at(x0, noise, start)``; the scheduler
     is entered there as diffusers does (`Scheduler.starting_at`).
     ``cond_BSD`` / ``uncond_BSD``: text states for each image, or one ([1, S, D]) for all of them (S
-    may differ between the two: `guided_model_output` then runs the UNet on each apart);
+    may differ between the two: `guided_model_output` then runs the UNet on each apart), or a
+    `TextSchedule` (states that change from one model call to the next: prompt editing);
     ``uncond_BSD=None`` skips guidance (one UNet pass); ``guidance_scale``: a number or one per
     image ([B]). ``keys_B``: one key per image (typed [B], or raw uint32 [B, 2]), needed by the
     stochastic schedulers (`step_keys` gives the pipeline's). Returns the final latents, and with
@@ -264,21 +289,29 @@ def denoise(unet, scheduler: Scheduler, latents_BHWC, cond_BSD, uncond_BSD=None,
     if cond_BSD is None:
         raise TypeError("cond_BSD is required: the text states the UNet attends to (encode_prompts); for "
                         "unconditional images pass the empty prompt's")
-    cond_BSD, uncond_BSD = (x if x is None or hasattr(x, "ndim") else jnp.asarray(x) for x in (cond_BSD, uncond_BSD))
+    cond_BSD, uncond_BSD = (x if x is None or isinstance(x, TextSchedule) or hasattr(x, "ndim") else jnp.asarray(x)
+                            for x in (cond_BSD, uncond_BSD))
+    calls = scheduler.num_model_calls - start
     for x, name in ((cond_BSD, "cond_BSD"), (uncond_BSD, "uncond_BSD")):
-        if x is not None and x.ndim != 3:
+        if isinstance(x, TextSchedule):
+            _check_text_schedule(x, calls, name)
+        elif x is not None and x.ndim != 3:
             raise ValueError(f"{name} has shape {tuple(x.shape)}; expected text states [batch or 1, tokens, width]")
-    if uncond_BSD is not None and uncond_BSD.shape[2] != cond_BSD.shape[2]:
-        raise ValueError(f"uncond_BSD has shape {tuple(uncond_BSD.shape)} and cond_BSD {tuple(cond_BSD.shape)}: "
+    cond_shape, uncond_shape = (None if x is None else _states_shape(x) for x in (cond_BSD, uncond_BSD))
+    if uncond_shape is not None and uncond_shape[2] != cond_shape[2]:
+        raise ValueError(f"uncond_BSD has shape {uncond_shape} and cond_BSD {cond_shape}: "
                          "they must agree in width (tokens may differ: two UNet calls)")
     width = getattr(getattr(unet, "config", None), "cross_attention_dim", None)
-    if width is not None and cond_BSD.shape[-1] not in set(width):   # (before the guidance pairs double the batch)
-        raise ValueError(f"cond_BSD has shape {tuple(cond_BSD.shape)}; the UNet attends to text states of width "
+    if width is not None and cond_shape[-1] not in set(width):   # (before the guidance pairs double the batch)
+        raise ValueError(f"cond_BSD has shape {cond_shape}; the UNet attends to text states of width "
                          f"{width[0]} (cross_attention_dim): states of another text encoder?")
     cond_BSD, uncond_BSD = (_match_batch(x, B, name) for x, name in ((cond_BSD, "cond_BSD"), (uncond_BSD, "uncond_BSD")))
     _check_keys(scheduler, keys_B, B)
     if start:
         scheduler = scheduler.starting_at(start)
+
+    def text_at(states, i):
+        return states.at(i - start) if isinstance(states, TextSchedule) else states
 
     def body(carry, i):
         x, state = carry
@@ -287,7 +320,8 @@ def denoise(unet, scheduler: Scheduler, latents_BHWC, cond_BSD, uncond_BSD=None,
             # traffic; it fires once iteration i has begun, i.e. after step i - 1 has finished.
             jax.debug.callback(on_step, i)
         model_input = scheduler.scale_model_input(state, x, i)
-        eps = guided_model_output(unet, model_input, scheduler.timestep(i), cond_BSD, uncond_BSD, guidance_scale)
+        eps = guided_model_output(unet, model_input, scheduler.timestep(i), text_at(cond_BSD, i),
+                                  text_at(uncond_BSD, i), guidance_scale)
         x0 = predicted_clean(scheduler, model_input, eps, i) if return_predictions else None
         x, state = scheduler.step(state, eps, i, x, keys_B)
         return (x, state), x0
@@ -314,8 +348,32 @@ def _check_keys(scheduler: Scheduler, keys_B, B: int) -> None:
                      f"jax.random.split(key, {B}))")
 
 
+def _states_shape(x) -> tuple:
+    """The [batch, tokens, width] shape of text states, or of a `TextSchedule`'s per call."""
+    if isinstance(x, TextSchedule):
+        shape = tuple(x.states_BPSD.shape)
+        return (shape[0], *shape[2:])
+    return tuple(x.shape)
+
+
+def _check_text_schedule(x: TextSchedule, calls: int, name: str) -> None:
+    states, phases = x.states_BPSD, x.phases_BC
+    if states.ndim != 4 or phases.ndim != 2 or phases.shape[0] != states.shape[0]:
+        raise ValueError(f"{name} is a TextSchedule of states {tuple(states.shape)} and phases "
+                         f"{tuple(phases.shape)}; expected states [batch, texts, tokens, width] and phases "
+                         "[batch, model calls] of the same batch")
+    if phases.shape[1] != calls:
+        raise ValueError(f"{name}'s phases have {phases.shape[1]} model calls per image; this run makes {calls} "
+                         "(the scheduler's num_model_calls, less img2img's start)")
+    if not jnp.issubdtype(phases.dtype, jnp.integer):
+        raise ValueError(f"{name}'s phases are {phases.dtype}; expected integers (indices of the texts)")
+
+
 def _match_batch(x, B: int, name: str):
-    """``x`` with B rows: as it is, or one row broadcast to B (free under jit)."""
+    """``x`` with B rows: as it is, or one row broadcast to B (free under jit); a `TextSchedule`'s
+    states and phases alike."""
+    if isinstance(x, TextSchedule):
+        return TextSchedule(*(_match_batch(part, B, name) for part in x))
     if x is None or x.shape[0] == B:
         return x
     if x.shape[0] == 1:
@@ -345,7 +403,8 @@ class GenerateOutput(NamedTuple):
 def generate(graphdefs: SDState, state: SDState, scheduler: Scheduler, cond_ids_BT, uncond_ids_BT, seeds_B,
              latents_BHWC, guidance_scale, init_images_BHWC=None, *, latent_shape_HWC, use_guidance: bool,
              return_predictions: bool = False, on_step=None, clip_skip: int = 1, start: int = 0,
-             cond_weights_BT=None, uncond_weights_BT=None) -> GenerateOutput:
+             cond_weights_BT=None, uncond_weights_BT=None, cond_phases_BC=None,
+             uncond_phases_BC=None) -> GenerateOutput:
     """Prompts to images in one traced function: the body `StableDiffusion` jit-compiles.
 
     ``latents_BHWC=None`` draws each image's initial noise from its seed; otherwise those unscaled
@@ -358,13 +417,20 @@ def generate(graphdefs: SDState, state: SDState, scheduler: Scheduler, cond_ids_
     negative prompts' tokens (float32 [B, 77 * k] as the ids, `sdjax.text.tokenize_weighted`), applied by
     `emphasize` per window (`encode_prompts`);
     None (the default): no weighting, and no input of the compiled program.
+    ``cond_phases_BC`` / ``uncond_phases_BC``: AUTOMATIC1111's prompt editing (int32 [B, C], C the model
+    calls run: `sdjax.text.edited_prompts`' phases); the ids (and weights) are then [B, P, T], each image's
+    P texts, encoded into a `TextSchedule` (`encode_edited_prompts`). None: ids [B, T], states that stay.
     """
     text_encoder, unet, vae = (nnx.merge(g, s) for g, s in zip(graphdefs, state))
     keys = image_keys(seeds_B)
     if latents_BHWC is None:
         latents_BHWC = initial_noise(keys, latent_shape_HWC)
-    cond = encode_prompts(text_encoder, cond_ids_BT, clip_skip, cond_weights_BT)
-    uncond = encode_prompts(text_encoder, uncond_ids_BT, clip_skip, uncond_weights_BT) if use_guidance else None
+    def encode(ids, weights, phases):
+        if phases is None:
+            return encode_prompts(text_encoder, ids, clip_skip, weights)
+        return encode_edited_prompts(text_encoder, ids, phases, clip_skip, weights)
+    cond = encode(cond_ids_BT, cond_weights_BT, cond_phases_BC)
+    uncond = encode(uncond_ids_BT, uncond_weights_BT, uncond_phases_BC) if use_guidance else None
     if init_images_BHWC is None:
         if start:
             raise ValueError("start > 0 begins the schedule midway: it needs init_images_BHWC (img2img)")

@@ -349,3 +349,155 @@ def tokenize_weighted(tokenizer, prompts: str | Sequence[str], max_length: int |
         rows[prompt] = ids, weights
     return (np.asarray([rows[p][0] for p in prompts], dtype=np.int32),
             np.asarray([rows[p][1] for p in prompts], dtype=np.float32))
+
+
+# ----------------------------------------------------------------------------- prompt editing
+# AUTOMATIC1111's prompt editing, [from:to:when] / [to:when] / [from::when], and alternation, [a|b|c],
+# read as its prompt_parser's grammar reads them: a bracket is one of these only where its whole inside
+# is prompt syntax (text, backslash escapes, (emphasis), (emphasis:x), [emphasis] and these two again);
+# at the prompt's own level brackets and colons that form none are text. A '|' outside an alternation
+# (or a backslash at the very end) fails A1111's parse: the prompt is then used as written, unedited.
+_WHEN = re.compile(r"\s*([+-]?(?:\d+[eE][+-]?\d+|(?:\d+\.\d*|\.\d+)(?:[eE][+-]?\d+)?|\d+))\s*")
+
+
+class _Unparsed(Exception):
+    """The prompt is not in A1111's editing grammar."""
+
+
+def _nodes(text: str, i: int, top: bool) -> tuple[list, int]:
+    """The syntax of ``text`` from ``i``: text pieces (str), ``("edit", from, to, when)`` and ``("alt",
+    options)``, their parts node lists again. Inside a bracket (``top`` False) it ends at the first
+    ``] ) : |`` of its own level: the index returned."""
+    nodes: list = []
+    while i < len(text):
+        c = text[i]
+        if c == "\\":
+            if i + 1 == len(text):
+                raise _Unparsed
+            nodes.append(text[i:i + 2])   # (kept as written: the emphasis parser reads the escape)
+            i += 2
+        elif c in "[(":
+            try:
+                inner, i = _bracket(text, i)
+                nodes += inner
+            except _Unparsed:
+                if not top:
+                    raise
+                nodes.append(c)   # a bracket that forms nothing: text (what it holds is read on)
+                i += 1
+        elif c in "]):|":
+            if not top:
+                break
+            if c == "|":
+                raise _Unparsed
+            nodes.append(c)
+            i += 1
+        else:
+            j = i
+            while j < len(text) and text[j] not in "\\[]():|":
+                j += 1
+            nodes.append(text[i:j])
+            i = j
+    return nodes, i
+
+
+def _bracket(text: str, i: int) -> tuple[list, int]:
+    """The nodes of the construct ``text[i]`` (``[`` or ``(``) opens, and the index after it; _Unparsed
+    where it forms none."""
+    def at(k: int) -> str:
+        return text[k] if k < len(text) else ""
+    first, j = _nodes(text, i + 1, top=False)
+    if text[i] == "(":   # emphasis: kept as written, for the emphasis parser
+        if at(j) == ")":
+            return ["(", *first, ")"], j + 1
+        if at(j) == ":":
+            second, k = _nodes(text, j + 1, top=False)
+            if at(k) == ")":
+                return ["(", *first, ":", *second, ")"], k + 1
+        raise _Unparsed
+    if at(j) == "]":
+        return ["[", *first, "]"], j + 1
+    if at(j) == "|":
+        options = [first]
+        while at(j) == "|":
+            option, j = _nodes(text, j + 1, top=False)
+            options.append(option)
+        if at(j) == "]":
+            return [("alt", options)], j + 1
+    elif at(j) == ":":
+        second, k = _nodes(text, j + 1, top=False)
+        if at(k) == "]":   # [to:when]
+            when = _WHEN.fullmatch(text, j + 1, k)
+            if when:
+                return [("edit", [], first, when.group(1))], k + 1
+        elif at(k) == ":":   # [from:to:when]
+            close = text.find("]", k + 1)
+            when = _WHEN.fullmatch(text, k + 1, close) if close > 0 else None
+            if when:
+                return [("edit", first, second, when.group(1))], close + 1
+    raise _Unparsed
+
+
+def prompt_schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
+    """A prompt's AUTOMATIC1111 prompt editing and alternation over ``steps`` sampling steps, as A1111's
+    ``get_learned_conditioning_prompt_schedules`` gives it: ``[(last_step, text), ...]``, the text each
+    step up to ``last_step`` (from 1, after the entry before) is conditioned on, the last entry's step
+    ``steps``.
+
+    ``[from:to:when]`` is ``from`` up to step ``when`` and ``to`` after it; ``[to:when]`` adds ``to``
+    after it, ``[from::when]`` removes ``from``. ``when`` with a decimal point is a fraction of the steps
+    (``0.25`` of 20: 5), without one a step (capped at ``steps``; below 1: ``to`` from the start);
+    ``[a|b|c]`` is ``a`` at step 1, ``b`` at 2, ``c`` at 3, ``a`` at 4, ...; both nest, and may hold
+    emphasis, which stays in the texts as written (`parse_prompt_attention` reads it). A prompt A1111
+    cannot parse (a ``|`` outside an alternation) is one entry, as written.
+
+    >>> prompt_schedule("a [cat:dog:0.5] in the [snow|rain]", 4)
+    [(1, 'a cat in the snow'), (2, 'a cat in the rain'), (3, 'a dog in the snow'), (4, 'a dog in the rain')]
+    """
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"steps={steps!r}: must be a whole number >= 1")
+    try:
+        nodes, _ = _nodes(prompt, 0, top=True)
+    except _Unparsed:
+        return [(steps, prompt)]
+
+    def step_of(when: str) -> int:   # (below 1: never reached; a float's inf is capped like any number)
+        value = float(when) * (steps if "." in when else 1)
+        return int(min(max(value, 0.0), steps))
+
+    ends = {steps}
+
+    def collect(nodes) -> None:
+        for node in nodes:
+            if isinstance(node, tuple) and node[0] == "edit":
+                ends.update({step_of(node[3])} - {0})
+                collect(node[1]), collect(node[2])
+            elif isinstance(node, tuple):
+                ends.update(range(1, steps + 1))
+                for option in node[1]:
+                    collect(option)
+
+    def text_at(nodes, step: int) -> str:
+        parts = []
+        for node in nodes:
+            if isinstance(node, str):
+                parts.append(node)
+            elif node[0] == "edit":
+                parts.append(text_at(node[1] if step <= step_of(node[3]) else node[2], step))
+            else:
+                parts.append(text_at(node[1][(step - 1) % len(node[1])], step))
+        return "".join(parts)
+
+    collect(nodes)
+    return [(end, text_at(nodes, end)) for end in sorted(ends)]
+
+
+def edited_prompts(prompt: str, steps: int, calls: int) -> tuple[list[str], list[int]]:
+    """`prompt_schedule` per model call, as A1111's sampler counts them: the prompt's distinct texts (in
+    order of first use) and, for each of ``calls`` model calls (the run's from its first: counts from 0),
+    the index of its text: the first entry whose last step is at least the count (so calls 0 and 1
+    both take step 1's text), or the first entry past the last step, as A1111's ``reconstruct_cond_batch``."""
+    schedule = prompt_schedule(prompt, steps)
+    texts = list(dict.fromkeys(text for _, text in schedule))
+    entry = [next((k for k, (end, _) in enumerate(schedule) if c <= end), 0) for c in range(calls)]
+    return texts, [texts.index(schedule[k][1]) for k in entry]
