@@ -683,6 +683,17 @@ def validate_request(req: SampleRequest) -> None:
     """Check everything that can be checked without the model; raise UsageError with one line."""
     if not req.prompts:
         raise UsageError("no prompt given: pass a prompt, or --prompts-file FILE")
+    if req.prompt_weighting:   # a weight that is no number, (word:1.2.3): the pipeline would raise mid-run
+        from sdjax.text import parse_prompt_attention
+        for text in dict.fromkeys([*req.prompts, req.negative_prompt]):
+            try:
+                parse_prompt_attention(text)
+            except ValueError as e:
+                if text in req.prompts:
+                    raise UsageError(f"{e} (--prompt-weighting reads (text:WEIGHT); \\( \\) are brackets as text)") \
+                        from None
+                reason = str(e).removeprefix(f"prompt {text!r}: ")
+                raise _bad_setting("negative_prompt", repr(text), reason) from None
     for name in ("model", "model_config", "vae", "out"):   # an unset variable in --out "$DIR": not the cwd
         if getattr(req, name) is not None and not str(getattr(req, name)).strip():
             raise _bad_setting(name, repr(getattr(req, name)), "is empty: leave the flag out, or give "

@@ -994,6 +994,11 @@ BAD_INPUTS = {
     "embedding_folder": (["a cat", "--embedding", "{tmp}"], "--embedding {tmp}: is a folder; give an embedding file"),
     "config_embedding": (["a cat", "--config", "{tmp}/embedding.yaml"], "embedding.yaml: key 'embedding' has item 3; "
                          "expected file names"),
+    "prompt_weight_not_a_number": (["a (cat:1.2.3)", "--prompt-weighting"], "error: prompt 'a (cat:1.2.3)': the "
+                                   "weight '1.2.3' in ':1.2.3)' is not a number"),
+    "negative_prompt_weight_not_a_number": (["a cat", "--negative-prompt", "(dog:.)", "--prompt-weighting"],
+                                            "error: --negative-prompt '(dog:.)': the weight '.' in ':.)' is not a "
+                                            "number"),
     "dtype": (["a cat", "--dtype", "int8"], "unknown dtype"),
     "progress": (["a cat", "--progress", "sometimes"], "invalid choice: 'sometimes'"),
     "config_unknown_key": (["a cat", "--config", "{tmp}/bad.yaml"], "unknown key 'stpes'"),
