@@ -295,11 +295,18 @@ def main(argv=None) -> int:
     except (ValueError, NotImplementedError) as e:
         return _fail(e)
     try:  # then the option values (eta=2, timestep_spacing=bogus, solver_order=3)
-        pipe.make_scheduler(req.scheduler, req.steps, **req.scheduler_options)
+        sched = pipe.make_scheduler(req.scheduler, req.steps, **req.scheduler_options)
     except (ValueError, NotImplementedError, TypeError) as e:
         options = ", ".join(f"{k}={v!r}" for k, v in req.scheduler_options.items())
         error = UsageError(f"--scheduler-option {options}: {e}", setting="scheduler_options", reason=str(e))
         return _fail(_from_the_preset(error, args.preset, args.preset_path, args, sys.argv[1:] if argv is None else argv))
+    if req.img2img_strength is not None:   # img2img enters the schedule midway: PNDM's Runge-Kutta warm-up cannot
+        from sdjax.sampling import img2img_start
+        try:
+            sched.starting_at(img2img_start(req.steps, req.img2img_strength))
+        except (ValueError, NotImplementedError) as e:
+            return _fail(UsageError(f"--init-image {req.init_image}: {e} (img2img begins the schedule midway at "
+                                    f"--strength {req.img2img_strength:g}): use --strength 1 or another --scheduler"))
     from sdjax.cli_utils import clip_skip_problem
     error = clip_skip_problem(req.clip_skip, pipe)   # past this model's text encoder layers
     if error is not None:

@@ -1113,6 +1113,19 @@ def test_steps_the_schedule_cannot_take_exit_2_before_writing(pipe_dir, pipe, tm
         "sample.py: error: --clip-skip 4: must be an integer in 1..3 (this model's text encoder has 3 layers)"), stderr
     assert not out.exists()
 
+    # img2img with PNDM's Runge-Kutta warm-up (skip_prk_steps=false), which cannot begin midway: the same
+    Image.new("RGB", (16, 16)).save(tmp_path / "init.png")
+    img2img = ["a cat", "--model", pipe_dir, "--init-image", tmp_path / "init.png", "--steps", "4",
+               "--scheduler-option", "skip_prk_steps=false", "--out", out]
+    rc, _, stderr = run_main(capsys, *img2img, "--strength", "0.5")
+    assert rc == 2 and stderr.strip().splitlines()[-1] == (
+        f"sample.py: error: --init-image {tmp_path / 'init.png'}: PNDM with Runge-Kutta steps (skip_prk_steps=False) "
+        "cannot start midway (img2img begins the schedule midway at --strength 0.5): use --strength 1 or another "
+        "--scheduler"), stderr
+    assert not out.exists()
+    rc, _, stderr = run_main(capsys, *img2img, "--strength", "1", "--height", "16", "--width", "16")
+    assert rc == 0 and len(list(out.glob("*.png"))) == 1, stderr
+
 
 def test_out_of_device_memory_is_one_line_with_advice(pipe_dir, pipe, tmp_path, capsys, monkeypatch):
     import jax
