@@ -679,6 +679,14 @@ def embedding_hashes(files: Sequence[str]) -> list[tuple[str, str]]:
             for file in files]
 
 
+def embeddings_used(tokenizer, embeddings: Sequence[tuple[str, str]], text: str) -> list[tuple[str, str]]:
+    """The (TOKEN, HASH) of ``embeddings`` (`embedding_hashes`) whose token ``tokenizer`` reads in ``text``,
+    as the text encoder gets it: not one whose token is only a part of a longer embedding's
+    (``EasyNegative`` in ``EasyNegativeV2``, where the tokenizer matches the longer one)."""
+    ids = set(tokenizer(text, add_special_tokens=False).input_ids) if embeddings else set()
+    return [(token, digest) for token, digest in embeddings if tokenizer.convert_tokens_to_ids(token) in ids]
+
+
 def validate_request(req: SampleRequest) -> None:
     """Check everything that can be checked without the model; raise UsageError with one line."""
     if not req.prompts:
@@ -1097,8 +1105,8 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
                                               scheduler_options=req.scheduler_options, clip_skip=req.clip_skip,
                                               loras=loras, denoising_strength=strength,
                                               prompt_weighting=req.prompt_weighting,
-                                              embeddings=[(token, digest) for token, digest in embeddings
-                                                          if token.lower() in f"{prompt}\n{negative}".lower()])
+                                              embeddings=embeddings_used(pipe.tokenizer, embeddings,
+                                                                         f"{prompt}\n{negative}"))
                     files.append(out_dir / image_file_name(index, seed, prompt))
                     writing.append(saver.submit(save_png, out.images[b], files[-1], params))
                     if req.grid:   # as 8-bit, a quarter of the float images' memory over a long run

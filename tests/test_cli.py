@@ -807,6 +807,20 @@ def test_embedding_flags_add_the_tokens_and_a_bad_file_exits_2_before_writing(pi
                               "64; this text encoder's is 32 (an embedding made for another model?)")
 
 
+def test_ti_hashes_name_the_embeddings_the_tokenizer_reads(tmp_path):
+    """An embedding whose token is part of a longer loaded one's (Crayon in CrayonV2) is not in a prompt
+    that names the longer one: the tokenizer matches that one (was: a substring test listed both)."""
+    import reference as R
+    from sdjax.cli_utils import embeddings_used
+    from sdjax.text import load_tokenizer
+    tokenizer = load_tokenizer(R.write_tiny_tokenizer(tmp_path), subfolder=None)
+    tokenizer.add_tokens(["Crayon", "Crayon_1", "CrayonV2"])   # as load_textual_inversion adds them
+    loaded = [("Crayon", "aaaa"), ("CrayonV2", "bbbb")]
+    assert embeddings_used(tokenizer, loaded, "a dog, crayonv2\nblurry") == [("CrayonV2", "bbbb")]
+    assert embeddings_used(tokenizer, loaded, "a dog, (Crayon:1.2)\ncrayonV2") == loaded
+    assert embeddings_used(tokenizer, loaded, "a dog\n") == []
+
+
 def test_a_failed_write_is_one_line_and_the_files_before_it_stay(pipe_dir, pipe, tmp_path, capsys, monkeypatch):
     import sdjax.cli_utils
     real, calls = sdjax.cli_utils.save_png, []
