@@ -532,6 +532,24 @@ def test_from_png_reads_the_exif_user_comment_of_a1111_jpeg_and_webp_images(tmp_
     assert I.read_parameters(png) == I.read_png_parameters(png) == text
 
 
+def test_from_png_reads_a1111_automatic_schedule_as_the_samplers_default(tmp_path):
+    """A1111 1.9+ writes a Schedule type always; its "Automatic" is the sampler's default schedule, which
+    for DPM++ 2M is Karras there (sd_samplers_kdiffusion: 'DPM++ 2M' ... {'scheduler': 'karras'}); for Euler
+    and LMS it is their plain one. Without the field (A1111 before 1.9, sample.py's own) DPM++ 2M is plain."""
+    def scheduler_options(sampler, schedule=""):
+        png = tmp_path / "a.png"
+        I.save_png(np.zeros((8, 8, 3)), png, f"a fox\nSteps: 20, Sampler: {sampler}{schedule}, CFG scale: 7, "
+                   "Seed: 1, Size: 64x64, Version: v1.10.1")
+        req, _ = sample.parse_request(["--from-png", str(png)])
+        return req.scheduler, req.scheduler_options
+    assert scheduler_options("DPM++ 2M", ", Schedule type: Automatic") == ("dpmpp_2m", {"use_karras_sigmas": True})
+    assert scheduler_options("DPM++ 2M", ", Schedule type: Karras") == ("dpmpp_2m", {"use_karras_sigmas": True})
+    assert scheduler_options("DPM++ 2M") == ("dpmpp_2m", {})
+    assert scheduler_options("Euler", ", Schedule type: Automatic") == ("euler", {})
+    assert scheduler_options("LMS", ", Schedule type: Automatic") == ("lms", {})
+    assert scheduler_options("Euler a", ", Schedule type: Automatic") == ("euler_a", {})
+
+
 def test_from_png_reads_eta_ddim_as_a_number(tmp_path):
     """``Eta DDIM: 0.5`` (as sample.py's --scheduler-option eta=0.5 and A1111 write it) is the number 0.5,
     which the DDIM scheduler takes (its text '0.5' was refused: 'expected a number')."""
