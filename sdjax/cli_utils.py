@@ -524,13 +524,14 @@ def settings_from_png(path: str | os.PathLike) -> PngSettings:
         raise bad(f"its sampler {sampler!r} has no sdjax scheduler (sdjax has {', '.join(by_name)})")
     flags["scheduler"] = by_name[sampler]
     # A1111 1.9+ writes a Schedule type always; its "Automatic" is the sampler's default, which for DPM++ 2M is
-    # Karras there (the old "DPM++ 2M Karras"). Without the field (A1111 before 1.9, sample.py) DPM++ 2M is plain.
+    # Karras there (the old "DPM++ 2M Karras"). Without the field (A1111 before 1.9, sample.py before it wrote
+    # "Uniform") DPM++ 2M is plain; "Uniform" is the plain schedule of every sampler sdjax has.
     schedule = fields.pop("Schedule type", None)
     if schedule == "Automatic" and sampler == "DPM++ 2M":
         schedule = "Karras"
     if schedule == "Karras":
         options["use_karras_sigmas"] = True
-    elif schedule not in (None, "Automatic"):
+    elif schedule not in (None, "Automatic", "Uniform"):
         raise bad(f"its schedule type {schedule!r} has no sdjax equivalent (sdjax has Karras)")
     valid = set(resolve_scheduler_config(flags["scheduler"], {}))
     if "use_karras_sigmas" in options and "use_karras_sigmas" not in valid:   # (A1111 1.9+: Euler a, Karras)

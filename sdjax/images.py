@@ -149,7 +149,8 @@ def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, sche
     Like A1111, the ``Negative prompt:`` line is left out when there is no negative prompt, Size
     is width x height, and a VAE other than the model's is named (``VAE: vae-ft-mse-840000-ema-pruned``).
     ``scheduler_options`` are written as A1111 names them where it has them (``Schedule type:
-    Karras`` for ``use_karras_sigmas``, ``Eta DDIM``), the others under their own names.
+    Karras`` for ``use_karras_sigmas``, ``Eta DDIM``), the others under their own names; DPM++ 2M
+    without Karras sigmas as ``Schedule type: Uniform`` (A1111 1.9+ takes DPM++ 2M alone for Karras).
     ``clip_skip`` (A1111's numbering) is written as A1111 does, ``Clip skip: 2``, when it is not 1.
     ``loras``, (NAME, SCALE) of each LoRA merged into the weights, are written as A1111 users write
     them in the prompt, which A1111 and Civitai read back: ``a photo of a cat <lora:NAME:SCALE>``.
@@ -162,6 +163,9 @@ def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, sche
     """
     sampler = SAMPLER_NAMES.get(scheduler, scheduler)
     fields = [("Steps", steps), ("Sampler", sampler)]
+    if scheduler == "dpmpp_2m" and not (scheduler_options or {}).get("use_karras_sigmas"):
+        # A1111 1.9+ reads a DPM++ 2M without a Schedule type as its default, Karras: say it is plain
+        fields.append(("Schedule type", "Uniform"))
     for key, value in (scheduler_options or {}).items():
         if key == "use_karras_sigmas":
             if value:

@@ -535,7 +535,8 @@ def test_from_png_reads_the_exif_user_comment_of_a1111_jpeg_and_webp_images(tmp_
 def test_from_png_reads_a1111_automatic_schedule_as_the_samplers_default(tmp_path):
     """A1111 1.9+ writes a Schedule type always; its "Automatic" is the sampler's default schedule, which
     for DPM++ 2M is Karras there (sd_samplers_kdiffusion: 'DPM++ 2M' ... {'scheduler': 'karras'}); for Euler
-    and LMS it is their plain one. Without the field (A1111 before 1.9, sample.py's own) DPM++ 2M is plain."""
+    and LMS it is their plain one, "Uniform" for every sampler. Without the field (A1111 before 1.9) DPM++ 2M is
+    plain; sample.py writes its plain DPM++ 2M as "Uniform", so that A1111 1.9+ reads it as plain too."""
     def scheduler_options(sampler, schedule=""):
         png = tmp_path / "a.png"
         I.save_png(np.zeros((8, 8, 3)), png, f"a fox\nSteps: 20, Sampler: {sampler}{schedule}, CFG scale: 7, "
@@ -548,6 +549,19 @@ def test_from_png_reads_a1111_automatic_schedule_as_the_samplers_default(tmp_pat
     assert scheduler_options("Euler", ", Schedule type: Automatic") == ("euler", {})
     assert scheduler_options("LMS", ", Schedule type: Automatic") == ("lms", {})
     assert scheduler_options("Euler a", ", Schedule type: Automatic") == ("euler_a", {})
+    assert scheduler_options("DPM++ 2M", ", Schedule type: Uniform") == ("dpmpp_2m", {})
+    assert scheduler_options("Euler", ", Schedule type: Uniform") == ("euler", {})
+    # sample.py's own plain DPM++ 2M says so, which A1111 1.9+ would take for Karras without the field
+    plain, karras = (I.a1111_parameters("a fox", steps=20, scheduler="dpmpp_2m", guidance_scale=7, seed=1, width=64,
+                                        height=64, scheduler_options=options)
+                     for options in ({}, {"use_karras_sigmas": True}))
+    assert "Sampler: DPM++ 2M, Schedule type: Uniform, CFG scale: 7" in plain
+    assert "Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7" in karras
+    assert "Schedule type" not in I.a1111_parameters("a fox", steps=20, scheduler="euler", guidance_scale=7, seed=1,
+                                                     width=64, height=64)
+    for text, options in ((plain, {}), (karras, {"use_karras_sigmas": True})):
+        I.save_png(np.zeros((8, 8, 3)), tmp_path / "own.png", text)
+        assert sample.parse_request(["--from-png", str(tmp_path / "own.png")])[0].scheduler_options == options
 
 
 def test_from_png_reads_eta_ddim_as_a_number(tmp_path):
