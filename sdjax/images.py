@@ -159,7 +159,9 @@ def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, sche
     ``TI hashes: "EasyNegative: c74b4e810b03"`` (HASH: the file's SHA-256, its first 12 hex digits).
     ``prompt_weighting`` (the prompts' AUTOMATIC1111 emphasis syntax read) is written as ``Prompt
     weighting: A1111``, a field of sdjax's own (A1111 always weights, and says nothing), so that
-    ``--from-png`` weights the prompt again.
+    ``--from-png`` weights the prompt again; without it a prompt or negative prompt with brackets or
+    ``BREAK`` is written with ``Emphasis: None``, as A1111 writes its own unweighted ones, which it reads back
+    as text (else it would weight them).
     """
     sampler = SAMPLER_NAMES.get(scheduler, scheduler)
     fields = [("Steps", steps), ("Sampler", sampler)]
@@ -185,6 +187,8 @@ def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, sche
         fields.append(("Clip skip", clip_skip))
     if prompt_weighting:
         fields.append(("Prompt weighting", "A1111"))
+    elif any("(" in text or "[" in text or re.search(r"\bBREAK\b", text) for text in (prompt, negative_prompt)):
+        fields.append(("Emphasis", "None"))   # (A1111 would weight the brackets, read BREAK: as it writes it then)
     if embeddings:
         fields.append(("TI hashes", ", ".join(f"{name}: {digest}" for name, digest in embeddings)))
     tags = " ".join(f"<lora:{name}:{_number(scale)}>" for name, scale in loras)

@@ -688,6 +688,18 @@ def test_from_png_weights_a1111_images_and_sdjax_images_that_record_it(tmp_path)
     text = I.a1111_parameters("p", steps=3, scheduler="ddim", guidance_scale=7, seed=0, width=8, height=8,
                               clip_skip=2, prompt_weighting=True)
     assert text.endswith("Size: 8x8, Clip skip: 2, Prompt weighting: A1111")
+    # without weighting, brackets and BREAK are text: "Emphasis: None", as A1111 writes its own such images
+    # (which it reads back unweighted; without the field it would weight them)
+    def unweighted(prompt, negative=""):
+        return I.a1111_parameters(prompt, negative, steps=3, scheduler="ddim", guidance_scale=7, seed=0, width=8,
+                                  height=8)
+    for prompt, negative in (("a (fox:1.2)", ""), ("a fox", "[blurry]"), ("a fox BREAK a hat", "")):
+        text = unweighted(prompt, negative)
+        assert text.endswith("Size: 8x8, Emphasis: None"), text
+        I.save_png(np.zeros((8, 8, 3)), tmp_path / "own.png", text)
+        req, args = sample.parse_request(["--from-png", str(tmp_path / "own.png")])
+        assert (req.prompts, req.prompt_weighting, args.png_notes) == ([prompt], False, [])
+    assert unweighted("a fox: BREAKFAST").endswith("Size: 8x8")   # nothing A1111 reads otherwise
 
 
 def test_vae_and_clip_skip_flags_make_the_pipelines_image_and_are_recorded(pipe_dir, pipe, tmp_path, capsys):
