@@ -154,7 +154,20 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
         strength = png.strength   # (over a preset's strength, as every --from-png setting is)
     args.png_notes = [] if png is None else png_notes(png, args)
     seeds = args.seeds if isinstance(args.seeds, list) else parse_seeds(args.seeds)
-    options = {**getattr(args, "scheduler_options", {}), **parse_scheduler_options(args.scheduler_option)}
+    given_options = parse_scheduler_options(args.scheduler_option)
+    options = {**getattr(args, "scheduler_options", {}), **given_options}
+    if png is not None and args.scheduler != png.flags.get("scheduler"):
+        # another scheduler than the image's: its options that this one has no use for are left out
+        # (a Karras image varied with --scheduler euler_a), not an error about a flag the user did not give
+        from sdjax.schedulers import resolve_scheduler_config
+        valid = set(resolve_scheduler_config(args.scheduler, {}))
+        imaged = png.flags.get("scheduler_options", {})
+        dropped = {k: v for k, v in imaged.items() if k not in valid and k not in given_options and options.get(k) == v}
+        if dropped:
+            options = {k: v for k, v in options.items() if k not in dropped}
+            listed = ", ".join(f"{k}={v}" for k, v in dropped.items())
+            args.png_notes.append(f"--from-png: the image's scheduler options {listed} are left out: the "
+                                  f"{args.scheduler} scheduler has none such")
     try:   # an init image sets the size that is not given: its own, rounded down to multiples of 8
         size = init_image_size(args.init_image) if args.init_image is not None else (512, 512)
     except UsageError as e:

@@ -697,10 +697,12 @@ def validate_request(req: SampleRequest) -> None:
     if not req.prompts:
         raise UsageError("no prompt given: pass a prompt, or --prompts-file FILE")
     if req.prompt_weighting:   # a weight that is no number, (word:1.2.3): the pipeline would raise mid-run
-        from sdjax.text import parse_prompt_attention
+        from sdjax.text import parse_prompt_attention, prompt_schedule
         for text in dict.fromkeys([*req.prompts, req.negative_prompt]):
-            try:
-                parse_prompt_attention(text)
+            try:   # (each text its editing gives: (a:[1.2:1.3.4:2]) is (a:1.3.4) after step 2)
+                steps = req.steps if isinstance(req.steps, int) and req.steps >= 1 else 1
+                for _, edited in [(0, text), *prompt_schedule(text, steps)]:
+                    parse_prompt_attention(edited)
             except ValueError as e:
                 if text in req.prompts:
                     raise UsageError(f"{e} (--prompt-weighting reads (text:WEIGHT); \\( \\) are brackets as text)") \

@@ -231,20 +231,27 @@ def _quote(value) -> str:
     return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
 
 
+_FIELD = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')   # key: value, or key: "a, b"
+
+
 def parse_a1111_parameters(text: str) -> dict[str, str]:
     """The inverse of :func:`a1111_parameters` for its own output (prompt, negative prompt and the
     ``key: value`` fields, values as strings). Handy for tests and for re-running an image's settings.
 
-    As A1111 reads it: the last line holds the settings; the lines before it are the prompt, up to a
-    line starting ``Negative prompt: ``, and the negative prompt after it (both may span lines)."""
-    *text_lines, settings = text.split("\n") if "\n" in text else ["", text]
+    As A1111 reads it: the last line holds the settings (whitespace after it dropped; a last line of fewer
+    than 3 ``key: value`` fields is the prompt's, with no settings); the lines before it are the prompt, up
+    to a line starting ``Negative prompt: ``, and the negative prompt after it (both may span lines)."""
+    lines = text.rstrip().split("\n")
+    *text_lines, settings = lines
+    if len(_FIELD.findall(settings)) < 3:
+        text_lines, settings = lines, ""
     negative_at = next((i for i, line in enumerate(text_lines) if line.startswith("Negative prompt: ")), None)
     if negative_at is None:
         out = {"prompt": "\n".join(text_lines), "negative_prompt": ""}
     else:
         negative = "\n".join(text_lines[negative_at:])[len("Negative prompt: "):]
         out = {"prompt": "\n".join(text_lines[:negative_at]), "negative_prompt": negative}
-    for key, value in re.findall(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)', settings):
+    for key, value in _FIELD.findall(settings):
         out[key.strip()] = _unquote(value)
     return out
 

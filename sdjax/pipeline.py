@@ -765,11 +765,13 @@ class StableDiffusion:
         # latents' and images' batches count too: pipe("a cat", latents=four_noises) makes four images
         n_latents = latents.shape[0] if latents is not None and latents.ndim == 4 else 1   # else: the shape error
         n_init = 1 if init_images is None else init_images.shape[0]
-        n = max(len(prompts), len(seeds), len(negatives), n_latents, n_init)
-        for name, items in (("prompts", prompts), ("seeds", seeds), ("negative_prompts", negatives),
-                            ("init_images", range(n_init))):
-            if len(items) not in (1, n):
-                raise ValueError(f"{name} has {len(items)} entries; expected 1 or {n} to match the others")
+        sizes = {"prompts": len(prompts), "seeds": len(seeds), "negative_prompts": len(negatives),
+                 "latents": n_latents, "init_images": n_init}
+        n = max(sizes.values())
+        longest = max(sizes, key=sizes.get)   # (named in the error: the list the others must match)
+        for name, size in sizes.items():
+            if size not in (1, n):
+                raise ValueError(f"{name} has {size} entries; expected 1 or {n} to match {longest} ({n} entries)")
         prompts, seeds, negatives = ([x[0]] * n if len(x) == 1 else x for x in (prompts, seeds, negatives))
         given_shape = None if latents is None else latents.shape   # for the error, before broadcasting
         if latents is not None and latents.ndim == 4 and n_latents == 1 < n:   # one initial noise for every image

@@ -1057,6 +1057,9 @@ BAD_INPUTS = {
     "negative_prompt_weight_not_a_number": (["a cat", "--negative-prompt", "(dog:.)", "--prompt-weighting"],
                                             "error: --negative-prompt '(dog:.)': the weight '.' in ':.)' is not a "
                                             "number"),
+    "prompt_weight_not_a_number_after_an_edit": (["(a:[1.2:1.3.4:2])", "--prompt-weighting"],   # (its step 3 text)
+                                                 "error: prompt '(a:1.3.4)': the weight '1.3.4' in ':1.3.4)' is "
+                                                 "not a number"),
     "dtype": (["a cat", "--dtype", "int8"], "unknown dtype"),
     "progress": (["a cat", "--progress", "sometimes"], "invalid choice: 'sometimes'"),
     "config_unknown_key": (["a cat", "--config", "{tmp}/bad.yaml"], "unknown key 'stpes'"),
@@ -1336,3 +1339,32 @@ def test_script_subprocess_and_persistent_compilation_cache(pipe_dir, tmp_path):
     stderr = run_sample(3).stderr
     assert "persistent compilation cache entry" not in stderr, stderr[-3000:]
     assert entry.exists()  # written again (removed above; its bytes differ from run to run)
+
+
+def test_from_png_with_another_scheduler_leaves_out_the_options_it_has_no_use_for(tmp_path):
+    """A Karras image varied with --scheduler euler_a (which has no Karras sigmas): the image's option is
+    left out with a note, not an error about a flag the user did not give; a scheduler that takes it keeps
+    it, and the same option given as a flag is still checked."""
+    png = tmp_path / "k.png"
+    I.save_png(np.zeros((8, 8, 3)), png, "a fox\nSteps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, "
+               "Seed: 1, Size: 64x64")
+    req, args = sample.parse_request(["--from-png", str(png), "--scheduler", "euler_a"])
+    assert (req.scheduler, req.scheduler_options) == ("euler_a", {})
+    assert args.png_notes == ["--from-png: the image's scheduler options use_karras_sigmas=True are left out: the "
+                              "euler_a scheduler has none such"]
+    req, args = sample.parse_request(["--from-png", str(png), "--scheduler", "euler"])
+    assert (req.scheduler, req.scheduler_options, args.png_notes) == ("euler", {"use_karras_sigmas": True}, [])
+    with pytest.raises(UsageError, match="use_karras_sigmas"):
+        sample.parse_request(["--from-png", str(png), "--scheduler", "euler_a", "--scheduler-option",
+                              "use_karras_sigmas=true"])
+
+
+def test_parse_a1111_parameters_reads_as_a1111_does():
+    """Whitespace after the settings line is dropped, and a last line of fewer than 3 key: value fields
+    is part of the prompt (A1111's parse_generation_parameters), not settings."""
+    assert I.parse_a1111_parameters("a fox\nNegative prompt: x\nSteps: 20, Sampler: Euler, Seed: 1\n\n") == \
+        {"prompt": "a fox", "negative_prompt": "x", "Steps": "20", "Sampler": "Euler", "Seed": "1"}
+    assert I.parse_a1111_parameters("a fox\nstyle: ink, mood: calm") == \
+        {"prompt": "a fox\nstyle: ink, mood: calm", "negative_prompt": ""}
+    assert I.parse_a1111_parameters("Steps: 20, Sampler: Euler, Seed: 1") == \
+        {"prompt": "", "negative_prompt": "", "Steps": "20", "Sampler": "Euler", "Seed": "1"}

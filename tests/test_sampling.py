@@ -151,7 +151,8 @@ def test_img2img_arguments_are_checked_before_anything_runs(pipe):
                 (dict(init_images=image.astype(np.float32) + 2), r"must be in \[0, 1\], got values in 2..2"),
                 (dict(init_images=image.astype(np.int64)), "dtype int64"),
                 (dict(init_images=[image, image[:8, :8]]), "differ in size"),
-                (dict(init_images=np.stack([image] * 3), seeds=[0, 1]), "seeds has 2 entries; expected 1 or 3"),
+                (dict(init_images=np.stack([image] * 3), seeds=[0, 1]),
+                 r"seeds has 2 entries; expected 1 or 3 to match init_images \(3 entries\)"),
                 (dict(init_images=image, strength=0.05), "denoises no step"),
                 (dict(init_images=image, strength=1.5), r"strength must be a number in \(0, 1\]"),
                 (dict(init_images=image, scheduler_options={"skip_prk_steps": False}), "cannot start midway")]:
@@ -466,7 +467,7 @@ def test_latents_batch_broadcasts_and_unordered_or_missing_arguments_are_refused
     each = pipe(["the cat", "a dog"], latents=np.repeat(latents_for(1, 0), 2, axis=0), **kw)
     assert shared.images.shape[0] == 2
     np.testing.assert_array_equal(shared.images, each.images)
-    with pytest.raises(ValueError, match="prompts has 2 entries; expected 1 or 3"):
+    with pytest.raises(ValueError, match=r"prompts has 2 entries; expected 1 or 3 to match latents \(3 entries\)"):
         pipe(["the cat", "a dog"], latents=latents_for(3, 0), **kw)
     with pytest.raises(TypeError, match=r"prompts must be a string or a list of strings, got a set \(use a list"):
         pipe({"the cat", "the dog"}, **kw)
@@ -561,7 +562,9 @@ def test_float16_pipeline_runs_on_the_cpu_close_to_fp32(pipe, tiny_pipeline_dir)
 @pytest.mark.parametrize("kwargs,message", [
     (dict(height=30), "height=30: must be a positive multiple of 8"),
     (dict(scheduler="heun"), "unknown scheduler 'heun'"),
-    (dict(seeds=[1, 2], prompts=["a", "b", "c"]), "seeds has 2 entries; expected 1 or 3"),
+    (dict(seeds=[1, 2], prompts=["a", "b", "c"]), "seeds has 2 entries; expected 1 or 3 to match prompts"),
+    (dict(prompts=["a", "b"], negative_prompts=["x", "y", "z"]),
+     "prompts has 2 entries; expected 1 or 3 to match negative_prompts"),
     (dict(seeds=-1), r"seed -1 is not an integer in \[0, 2\*\*32 - 1\]"),
     (dict(latents=np.zeros((1, 8, 8, 4))), r"latents have shape \(1, 8, 8, 4\); expected \(1, 16, 16, 4\)"),
     (dict(seeds=[0, 1], latents=np.zeros((1, 8, 8, 4))),   # the shape given, not the one broadcast to 2
