@@ -2321,6 +2321,29 @@ def test_a_checkpoint_whose_ema_held_the_unet_alone_still_restores(tmp_path):
     checkpoints.close()
 
 
+def test_a_lora_checkpoint_with_ema_that_does_not_fit_is_refused_by_name(tmp_path):
+    """A LoRA run's checkpoint (EMA {"lora": ...}) restored into a state of other shapes (--resume or
+    --export with another --model): the UsageError naming what to keep, not a KeyError from the
+    fallback for the old UNet-only EMA layout, which a LoRA state never had (found by resuming a
+    rank-2 LoRA run with EMA on a model of other widths)."""
+    import optax
+    from sdjax.training import loop
+
+    def lora_state(width):
+        params = {"lora": {"lora_unet_x_to_q": {"down": np.ones((width, 2), np.float32),
+                                                "up": np.zeros((2, width), np.float32)}}}
+        return S.init_state(jax.tree.map(jax.numpy.asarray, params), optax.sgd(0.1), seed=0, ema=True)
+    checkpoints = Checkpointer(tmp_path / "checkpoints", async_save=False)
+    checkpoints.save(3, lora_state(4), {"epoch": 0})
+    checkpoints.wait()
+    cfg = TrainConfig(train_data="unused", output_dir=str(tmp_path), ema_decay=0.9, lora_rank=2)
+    try:
+        with pytest.raises(UsageError, match="does not fit this run's model and settings"):
+            loop._restore(checkpoints, lora_state(6), None, cfg, None, "--resume-step")
+    finally:
+        checkpoints.close()
+
+
 def test_the_checkpoint_module_imports_where_orbax_moved_its_private_asyncio_helpers():
     """sdjax patches a function of Orbax's private asyncio_utils (a save cut short, cleaned up); an
     Orbax that moved that module must cost only that clean-up, not train.py's import."""

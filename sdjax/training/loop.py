@@ -470,8 +470,9 @@ def absolute_paths(settings: dict[str, Any]) -> dict[str, Any]:
 def _restore_unet_only_ema(checkpoints: Checkpointer, state, step: int | None):
     """A checkpoint of sdjax from before the EMA covered every trained model (its EMA was the UNet's
     tree alone), restored into this state's layout; None if it is not one. With a trained text
-    encoder, its EMA starts from the restored text encoder's weights (a warning says so)."""
-    if state.ema is None:
+    encoder, its EMA starts from the restored text encoder's weights (a warning says so). A LoRA
+    run's EMA ({"lora": ...}) never had that layout."""
+    if state.ema is None or "unet" not in state.ema:
         return None
     try:
         restored, position = checkpoints.restore(state._replace(ema=state.ema["unet"]), step)
