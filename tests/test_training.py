@@ -2105,6 +2105,25 @@ def test_gradient_checkpointing_on_the_cpu_warns_that_it_saves_nothing(pipeline_
             Trainer.create(cfg)
 
 
+def test_a_new_run_in_the_folder_of_its_captioned_images_is_refused(pipeline_dir, tmp_path):
+    """Data of a caption file beside each image is read by walking its folder: a run whose --output-dir
+    is that folder trained, and then its --resume stopped at its own loss_curve.png and samples as
+    bad rows (found by training and resuming so). Refused before anything is made or loaded; an
+    image_captions.csv folder reads only the images it lists, so there the same folder is fine."""
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.new("RGB", (32, 32)).save(data / "a.png")
+    (data / "a.txt").write_text("a photo")
+    with pytest.raises(UsageError, match="is the --train-data folder, whose images .* are found by walking it"):
+        Trainer.create(config(data, pipeline_dir, data))
+    with pytest.raises(UsageError, match="is the --train-data folder"):
+        Trainer.create(config(str(data) + "/./", pipeline_dir, data))   # the same folder, spelled otherwise
+    assert sorted(p.name for p in data.iterdir()) == ["a.png", "a.txt"]
+    listed = write_captioned_folder(tmp_path / "listed", _images(1))
+    with pytest.raises(UsageError, match="fewer than one global batch"):   # past the check, at the data's size
+        Trainer.create(config(listed, pipeline_dir, listed))
+
+
 def test_a_warmup_as_long_as_the_run_warns(pipeline_dir, tmp_path):
     """--config style (50 warmup steps) with --max-steps 4 would train at a fraction of the rate."""
     cfg = config(tmp_path / "out", pipeline_dir, tmp_path / "no_data", warmup_steps=50, max_steps=4, learning_rate=1e-4)

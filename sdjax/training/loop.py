@@ -37,8 +37,8 @@ from sdjax.text import too_long, tokenize
 from sdjax.training import lora
 from sdjax.training import step as S
 from sdjax.training.checkpoint import Checkpointer, CheckpointUnreadable, checkpoint_steps, read_data_position
-from sdjax.training.data import (DEFAULT_CAPTION_KEY, RUN_CONFIG_FILENAME, BatchIterator, DataError,
-                                load_captioned_images, preprocess_image)
+from sdjax.training.data import (CAPTIONS_FILENAME, DEFAULT_CAPTION_KEY, METADATA_FILENAMES, RUN_CONFIG_FILENAME,
+                                TFDS_PREFIX, BatchIterator, DataError, load_captioned_images, preprocess_image)
 from sdjax.training.monitor import MetricsLog
 from sdjax.images import atomic_write, image_grid, save_png
 from sdjax.weights import LORA_FILE_NAME, abstract_model, save_lora
@@ -580,6 +580,16 @@ def _check_processes_loaded_the_same_data(dataset, error: DataError | None, sour
                         "host needs the same copy of the data")
 
 
+def _output_dir_is_the_walked_data(cfg: TrainConfig, out: Path) -> bool:
+    """Whether ``out`` is the training-data folder itself in the layout of a caption file beside
+    each image, which is read by walking the folder (a run's folder inside it is left out, not the
+    folder itself): the run's own images would become rows without captions. A folder read from
+    its image_captions.csv or metadata file reads only the images listed there."""
+    data = Path(cfg.train_data).expanduser()
+    return (not cfg.train_data.startswith(TFDS_PREFIX) and data.is_dir() and data.resolve() == out.resolve()
+            and not any((data / name).is_file() for name in (CAPTIONS_FILENAME, *METADATA_FILENAMES)))
+
+
 def _sample_step(path: Path) -> int:
     """The step of a ``samples/step-NNNNNN.png`` (-1 for another name matching ``step-*.png``)."""
     digits = path.stem.removeprefix("step-")
@@ -708,6 +718,11 @@ class Trainer:
         main = jax.process_index() == 0
         _check_processes_share_the_output_dir(out, create=True)
         existing = checkpoint_steps(out / "checkpoints")
+        if not (cfg.resume and existing) and _output_dir_is_the_walked_data(cfg, out):
+            raise UsageError(f"--output-dir {out} is the --train-data folder, whose images (each with a caption file "
+                             "beside it) are found by walking it: the run's samples and loss curve would be read as "
+                             "images without captions, bad rows that a --resume stops at; choose another "
+                             "--output-dir (a folder inside the data is left out of it)")
         if resume_step is not None and (not cfg.resume or resume_step not in existing or resume_step > cfg.max_steps):
             raise UsageError(f"--resume-step {resume_step}: " + (
                 "only with --resume" if not cfg.resume else
