@@ -402,6 +402,27 @@ def test_schedules_are_the_closed_forms():
             assert schedules[name][1](s) == pytest.approx(peak * factor(s), rel=1e-12, abs=1e-15), (name, s)
 
 
+@pytest.mark.parametrize("total,warmup,cycles", [(282, 0, 2), (219, 1, 2), (128, 5, 3)])
+def test_cosine_with_restarts_starts_each_cycle_at_the_peak_under_jit(total, warmup, cycles):
+    """The train step evaluates the schedule under jit, where (num_cycles * progress) % 1 in float32
+    came out a rounding step below 1 at the first step of a cycle: that update's rate was ~0 instead
+    of the peak (found comparing every step of many schedules, jitted, with diffusers' formula).
+    Cycle k starts at step warmup + k * (total - warmup) / cycles, a whole step for these; every step
+    equals diffusers' get_cosine_with_hard_restarts_schedule_with_warmup (computed here)."""
+    def restarts(s):
+        if s < warmup:
+            return s / max(1, warmup)
+        progress = (s - warmup) / max(1, total - warmup)
+        return 0.0 if progress >= 1 else 0.5 * (1 + math.cos(math.pi * ((cycles * progress) % 1)))
+    _, schedule = S.make_optimizer(1.0, warmup_steps=warmup, schedule="cosine_with_restarts", total_steps=total,
+                                   num_cycles=cycles)
+    rates = np.asarray(jax.jit(schedule)(jnp.arange(total + 1, dtype=jnp.int32)))
+    starts = [warmup + k * (total - warmup) // cycles for k in range(1, cycles)]
+    assert all(k * (total - warmup) % cycles == 0 for k in range(1, cycles))   # whole steps
+    np.testing.assert_allclose(rates[starts], 1.0, rtol=1e-6)
+    np.testing.assert_allclose(rates, [restarts(s) for s in range(total + 1)], atol=1e-6)
+
+
 def test_logged_lr_is_the_rate_the_update_used(models):
     """Three updates with a 2-update warmup: the logged lr is peak * min(1, n / 2) after n updates
     (0, peak / 2, peak), and each update is AdamW (optax's conventions, recomputed in NumPy after

@@ -101,8 +101,12 @@ def make_optimizer(learning_rate: float = 1e-5, *, warmup_steps: int = 0, schedu
             s = jnp.asarray(step, F32)
             progress = (s - warmup) / decay_steps
             if schedule == "cosine_with_restarts":
-                after = jnp.where(progress >= 1.0, 0.0,
-                                  learning_rate * 0.5 * (1.0 + jnp.cos(jnp.pi * ((num_cycles * progress) % 1.0))))
+                # The place in the cycle, (num_cycles * progress) % 1, from whole numbers: in float32 under
+                # jit (XLA divides by multiplying with the reciprocal) a cycle's first step came out a
+                # rounding step below the whole number, its rate ~0 instead of the peak.
+                into = jnp.asarray(step, jnp.int32) - warmup
+                phase = ((into % decay_steps) * num_cycles % decay_steps).astype(F32) / decay_steps
+                after = jnp.where(into >= decay_steps, 0.0, learning_rate * 0.5 * (1.0 + jnp.cos(jnp.pi * phase)))
             else:
                 remaining = jnp.clip(1.0 - progress, 0.0, 1.0)
                 after = (learning_rate - POLYNOMIAL_END_LR) * remaining ** power + POLYNOMIAL_END_LR
