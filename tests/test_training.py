@@ -2545,6 +2545,32 @@ def test_a_lora_resume_or_export_refuses_a_folder_holding_other_files(lora_run, 
         stray.unlink()
 
 
+def test_a_lora_export_killed_while_writing_does_not_block_the_next_one(tmp_path):
+    """A LoRA export killed while writing (SIGKILL: no clean-up) leaves atomic_write's temporary
+    ``.pytorch_lora_weights.safetensors.<hex>.tmp`` in final/. That leftover, never a file of the
+    user's, made every later --export and --resume refuse the folder as holding other files (found by
+    leaving one there and exporting). It is now left out of that check and removed by the next
+    export; a file of the user's is still refused."""
+    import types
+    import uuid
+    from sdjax.training import lora, loop
+    final = tmp_path / "final"
+    final.mkdir()
+    leftover = final / f".pytorch_lora_weights.safetensors.{uuid.uuid4().hex}.tmp"
+    leftover.write_bytes(b"\0" * 100)   # cut short
+    assert loop._lora_export_problem(final) is None
+    down, up = np.ones((4, 2), np.float32), np.full((2, 3), 0.5, np.float32)
+    trainer = types.SimpleNamespace(step_cfg=types.SimpleNamespace(lora=lora.LoraSpec(rank=2, alpha=2.0, targets=())),
+                                    out=tmp_path, state=types.SimpleNamespace(step=7))
+    assert Trainer._export_lora(trainer, final, {"lora_unet_x_to_q": {"down": down, "up": up}}) == final
+    assert sorted(p.name for p in final.iterdir()) == ["pytorch_lora_weights.safetensors"]
+    written = load_file(str(final / "pytorch_lora_weights.safetensors"))
+    np.testing.assert_array_equal(written["lora_unet_x_to_q.lora_down.weight"], down.T)
+    (final / "notes.txt").write_text("mine")
+    assert loop._lora_export_problem(final) == (f"{final} holds notes.txt: a LoRA export writes "
+                                                "pytorch_lora_weights.safetensors alone in its folder")
+
+
 @pytest.mark.slow   # compiles the LoRA step for one device, ~60 s
 def test_a_lora_run_on_one_device_equals_eight(lora_run, pipeline_dir, data_dir, tmp_path):
     """Global batch 16: 8 x 1 device x 2 micro-batches == lora_run's 1 x 8 devices x 2: the same

@@ -15,6 +15,7 @@ import json
 import math
 import numbers
 import os
+import re
 import threading
 import time
 import typing
@@ -488,10 +489,20 @@ def _restore_unet_only_ema(checkpoints: Checkpointer, state, step: int | None):
     return restored._replace(ema=ema), position
 
 
+def _lora_write_leftovers(directory: Path) -> list[Path]:
+    """The temporary files of LoRA exports into ``directory`` that were killed while writing
+    (`atomic_write`'s ``.NAME.<hex>.tmp``): never a complete file, and not the user's."""
+    pattern = re.compile(rf"\.{re.escape(LORA_FILE_NAME)}\.[0-9a-f]{{32}}\.tmp")
+    return [p for p in directory.iterdir() if pattern.fullmatch(p.name)] if directory.is_dir() else []
+
+
 def _lora_export_problem(directory: Path) -> str | None:
     """Why a LoRA export cannot be written into ``directory``: it holds files other than an earlier
     LoRA export (the export writes its file alone in its folder); None when it can."""
-    others = sorted(p.name for p in directory.iterdir() if p.name != LORA_FILE_NAME) if directory.is_dir() else []
+    if not directory.is_dir():
+        return None
+    leftovers = set(_lora_write_leftovers(directory))
+    others = sorted(p.name for p in directory.iterdir() if p.name != LORA_FILE_NAME and p not in leftovers)
     if not others:
         return None
     return (f"{directory} holds {', '.join(others[:3])}{', ...' if len(others) > 3 else ''}: a LoRA export writes "
@@ -1197,6 +1208,8 @@ class Trainer:
         on_host = jax.tree.map(parallel.to_host, trained)   # every process: the EMA's arrays are split over them
         if jax.process_index() != 0:
             return None
+        for leftover in _lora_write_leftovers(directory):   # of an export killed while writing
+            leftover.unlink(missing_ok=True)
         spec = self.step_cfg.lora
         metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(spec.rank),
                     "ss_network_alpha": f"{spec.alpha:g}", "ss_base_model_version": "sd_v1",
