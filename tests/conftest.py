@@ -147,3 +147,20 @@ def tiny_pipeline_dir(tiny_checkpoints, tmp_path_factory):
         vae=AutoencoderKL.from_pretrained(tiny_checkpoints["vae"]["flax"].parent),
         tokenizer=load_tokenizer(R.write_tiny_tokenizer(root / "tok"), subfolder=None),
         scheduler_config=SD15_SCHEDULER)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_pipeline_dir):
+    """The tiny pipeline as sdjax loads it (a module's own: tests may change its weights)."""
+    from sdjax.pipeline import StableDiffusion
+    return StableDiffusion.from_pretrained(tiny_pipeline_dir)
+
+
+@pytest.fixture(scope="module")
+def reference_pipe(tiny_pipeline_dir):
+    """The same folder as diffusers' StableDiffusionPipeline, the numerical reference."""
+    from diffusers import StableDiffusionPipeline
+    ref = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir, safety_checker=None)
+    ref.set_progress_bar_config(disable=True)
+    ref.checkpoint_scheduler_config = dict(ref.scheduler.config)
+    return ref

@@ -6,25 +6,10 @@ import pytest
 import torch
 
 from sdjax import parallel
-from sdjax.pipeline import StableDiffusion
 from sdjax.text import edited_prompts, prompt_schedule, tokenize_weighted
 from test_sampling import SIZE, diffusers_scheduler, latents_for
 
 STEPS = 10
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny_pipeline_dir):
-    return StableDiffusion.from_pretrained(tiny_pipeline_dir)
-
-
-@pytest.fixture(scope="module")
-def reference_pipe(tiny_pipeline_dir):
-    from diffusers import StableDiffusionPipeline
-    ref = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir, safety_checker=None)
-    ref.set_progress_bar_config(disable=True)
-    ref.checkpoint_scheduler_config = dict(ref.scheduler.config)
-    return ref
 
 
 @pytest.mark.parametrize("prompt,schedule", [

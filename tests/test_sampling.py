@@ -30,20 +30,6 @@ SIZE = 32  # tiny VAE downsamples by 2: 16x16 latents
 STEPS = 10
 
 
-@pytest.fixture(scope="module")
-def pipe(tiny_pipeline_dir):
-    return StableDiffusion.from_pretrained(tiny_pipeline_dir)
-
-
-@pytest.fixture(scope="module")
-def reference_pipe(tiny_pipeline_dir):
-    from diffusers import StableDiffusionPipeline
-    ref = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir, safety_checker=None)
-    ref.set_progress_bar_config(disable=True)
-    ref.checkpoint_scheduler_config = dict(ref.scheduler.config)
-    return ref
-
-
 def diffusers_scheduler(ref, name):
     import diffusers
     cls, opts = {"pndm": ("PNDMScheduler", {}), "ddim": ("DDIMScheduler", {}),
