@@ -83,7 +83,10 @@ def _export(cfg, args) -> int:
     from pathlib import Path
     import jax
     from sdjax.cli_utils import out_of_memory
-    from sdjax.training.loop import Trainer
+    from sdjax.cli_utils import UsageError
+    from sdjax.training.loop import Trainer, lora_export_problem
+    if cfg.lora_rank is not None and (problem := lora_export_problem(Path(cfg.output_dir) / "final")):
+        raise UsageError(f"--export: {problem}")   # (before the model loads; Trainer.export checks it again)
     try:
         trainer = Trainer.for_export(cfg, step=getattr(args, "export_step", None))
         try:

@@ -2513,8 +2513,8 @@ def test_a_lora_resume_or_export_with_another_alpha_or_rank_is_refused_before_th
 
 def test_a_lora_resume_or_export_refuses_a_folder_holding_other_files(lora_run, tmp_path, monkeypatch):
     """A LoRA export writes its file alone in its folder: into one holding other files it is refused
-    (FileExistsError, nothing written), and a resume whose final/ holds them is refused before the
-    model loads, not once trained; an export to a new folder is the run's final/ file."""
+    (FileExistsError, nothing written), and a resume or train.py --export whose final/ holds them is refused
+    before the model loads, not once trained; an export to a new folder is the run's final/ file."""
     from sdjax.training import loop
     out = lora_run["out"]
     stray = out / "final" / "notes.txt"
@@ -2527,6 +2527,10 @@ def test_a_lora_resume_or_export_refuses_a_folder_holding_other_files(lora_run, 
                                                        "pytorch_lora_weights.safetensors alone in its folder, and "
                                                        "this run exports there once trained")):
             Trainer.create(TrainConfig.from_run(out, max_steps=3))
+        rc, _, stderr = run_train_py(["--output-dir", out, "--export"])   # (train.py --export: before loading too)
+        assert rc == 2, stderr
+        assert stderr.strip().endswith(f"--export: {out / 'final'} holds notes.txt: a LoRA export writes "
+                                       "pytorch_lora_weights.safetensors alone in its folder"), stderr
         monkeypatch.undo()
         busy = tmp_path / "busy"
         busy.mkdir()
@@ -2558,7 +2562,7 @@ def test_a_lora_export_killed_while_writing_does_not_block_the_next_one(tmp_path
     final.mkdir()
     leftover = final / f".pytorch_lora_weights.safetensors.{uuid.uuid4().hex}.tmp"
     leftover.write_bytes(b"\0" * 100)   # cut short
-    assert loop._lora_export_problem(final) is None
+    assert loop.lora_export_problem(final) is None
     down, up = np.ones((4, 2), np.float32), np.full((2, 3), 0.5, np.float32)
     trainer = types.SimpleNamespace(step_cfg=types.SimpleNamespace(lora=lora.LoraSpec(rank=2, alpha=2.0, targets=())),
                                     out=tmp_path, state=types.SimpleNamespace(step=7))
@@ -2567,7 +2571,7 @@ def test_a_lora_export_killed_while_writing_does_not_block_the_next_one(tmp_path
     written = load_file(str(final / "pytorch_lora_weights.safetensors"))
     np.testing.assert_array_equal(written["lora_unet_x_to_q.lora_down.weight"], down.T)
     (final / "notes.txt").write_text("mine")
-    assert loop._lora_export_problem(final) == (f"{final} holds notes.txt: a LoRA export writes "
+    assert loop.lora_export_problem(final) == (f"{final} holds notes.txt: a LoRA export writes "
                                                 "pytorch_lora_weights.safetensors alone in its folder")
 
 

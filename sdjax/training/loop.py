@@ -496,7 +496,7 @@ def _lora_write_leftovers(directory: Path) -> list[Path]:
     return [p for p in directory.iterdir() if pattern.fullmatch(p.name)] if directory.is_dir() else []
 
 
-def _lora_export_problem(directory: Path) -> str | None:
+def lora_export_problem(directory: Path) -> str | None:
     """Why a LoRA export cannot be written into ``directory``: it holds files other than an earlier
     LoRA export (the export writes its file alone in its folder); None when it can."""
     if not directory.is_dir():
@@ -766,7 +766,7 @@ class Trainer:
             changed = _layout_change(cfg, recorded, out / "checkpoints" / str(resume_from))
             if changed is not None:
                 raise changed
-            if cfg.lora_rank is not None and (problem := _lora_export_problem(out / "final")):
+            if cfg.lora_rank is not None and (problem := lora_export_problem(out / "final")):
                 raise UsageError(f"{problem}, and this run exports there once trained: move them away first")
         if cfg.warmup_steps >= cfg.max_steps and main:
             warnings.warn(f"warmup_steps={cfg.warmup_steps} is not below max_steps={cfg.max_steps}: the learning "
@@ -1203,7 +1203,7 @@ class Trainer:
 
     def _export_lora(self, directory: Path, trained: dict) -> Path | None:
         """`export` of a LoRA run (see there)."""
-        if problem := _lora_export_problem(directory):   # every process (a shared folder): none joins the gather
+        if problem := lora_export_problem(directory):   # every process (a shared folder): none joins the gather
             raise FileExistsError(f"{problem}; export to a new or empty folder, or over an earlier LoRA export")
         on_host = jax.tree.map(parallel.to_host, trained)   # every process: the EMA's arrays are split over them
         if jax.process_index() != 0:
