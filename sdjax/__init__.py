@@ -25,7 +25,8 @@ def _require_importable_flax() -> None:
 _require_importable_flax()
 
 from sdjax.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel  # noqa: E402
-from sdjax.pipeline import StableDiffusion, StableDiffusionOutput  # noqa: E402
+from sdjax.pipeline import HiresFix, StableDiffusion, StableDiffusionOutput  # noqa: E402
 
-__all__ = ["AutoencoderKL", "CLIPTextModel", "UNet2DConditionModel", "StableDiffusion", "StableDiffusionOutput"]
+__all__ = ["AutoencoderKL", "CLIPTextModel", "UNet2DConditionModel", "StableDiffusion", "StableDiffusionOutput",
+           "HiresFix"]
 __version__ = "0.1.0"

@@ -143,6 +143,42 @@ def _tokenizer_and_scheduler(root: Path) -> dict:
     return dict(tokenizer=load_tokenizer(root), scheduler_config=scheduler_config)
 
 
+HIRES_UPSCALERS = ("latent", "lanczos")
+
+
+@dataclasses.dataclass(frozen=True)
+class HiresFix:
+    """AUTOMATIC1111's "Hires. fix" for ``pipe(..., hires=HiresFix())``: each image is made at the
+    call's size (the first pass), enlarged ``scale`` times (each side ``int(side * scale)``, rounded down
+    to a multiple of 8) and denoised again at that size from ``strength`` of the schedule on
+    (img2img, the second pass: ``steps`` steps, default the call's), with the same prompts, seeds,
+    scheduler, guidance and clip skip. ``upscaler``: ``"latent"`` (A1111's default "Latent": the first
+    pass's latents resized bilinearly, `sampling.upscale_latents`, no VAE round trip) or ``"lanczos"``
+    (its image decoded, resized with PIL's Lanczos and encoded again, as img2img encodes init images)."""
+    scale: float = 2.0
+    steps: int | None = None
+    strength: float = 0.7
+    upscaler: str = "latent"
+
+    def __post_init__(self):
+        scale, steps, strength = self.scale, self.steps, self.strength
+        if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)) \
+                or not math.isfinite(scale) or scale <= 1:
+            raise ValueError(f"HiresFix scale={scale!r}: must be a number above 1 (the first pass's size times it)")
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1):
+            raise ValueError(f"HiresFix steps={steps!r}: must be a whole number >= 1, or None (the call's steps)")
+        if isinstance(strength, bool) or not isinstance(strength, (int, float, np.integer, np.floating)) \
+                or not 0 < strength <= 1:
+            raise ValueError(f"HiresFix strength={strength!r}: must be a number in (0, 1] (the share of the second "
+                             "pass's schedule that is run; A1111's default 0.7)")
+        if self.upscaler not in HIRES_UPSCALERS:
+            raise ValueError(f"HiresFix upscaler={self.upscaler!r}: choose one of {', '.join(HIRES_UPSCALERS)}")
+
+    def size(self, height: int, width: int) -> tuple[int, int]:
+        """The second pass's (height, width) for a first pass of this size."""
+        return int(height * self.scale) // 8 * 8, int(width * self.scale) // 8 * 8
+
+
 @dataclasses.dataclass
 class StableDiffusionOutput:
     """What `StableDiffusion.__call__` returns: the images, and the prompt, negative prompt and seed
@@ -272,6 +308,18 @@ def _one_call_at_a_time(method: _Method) -> _Method:
     return cast(_Method, serialized)   # the same signature, for type checkers
 
 
+_upscale = jax.jit(sampling.upscale_latents, static_argnames="size_hw")
+
+
+def _lanczos(images_BHWC: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Images float [B, h, w, 3] in [0, 1] as their 8-bit pictures (as saved) resized to height x
+    width with PIL's Lanczos (as ``--init-image`` is), float [B, height, width, 3] in [0, 1]."""
+    from PIL import Image
+    from sdjax.images import as_pil
+    return np.stack([np.asarray(as_pil(image).resize((width, height), Image.Resampling.LANCZOS), np.float32) / 255
+                     for image in images_BHWC])
+
+
 def _decode(vae_graphdef, vae_state, latents_BHWC) -> jax.Array:
     """`sampling.decode_latents` of the VAE split into its graphdef and state (jitted per pipeline)."""
     return sampling.decode_latents(nnx.merge(vae_graphdef, vae_state), latents_BHWC)
@@ -338,6 +386,7 @@ class StableDiffusion:
         self._build_programs()
         self._refresh_state()
         self._ticker = _StepTicker()
+        self._hires_ticker = _StepTicker()   # the Hires fix's second pass's (its own first call)
 
     def _build_programs(self) -> None:
         """The models' graphdefs and the jitted sampler and decoder bound to them (again when a
@@ -348,7 +397,7 @@ class StableDiffusion:
         self._generate = jax.jit(
             functools.partial(sampling.generate, self._graphdefs),
             static_argnames=("latent_shape_HWC", "use_guidance", "return_predictions", "on_step", "clip_skip",
-                             "start"))
+                             "start", "return_latents", "decode"))
         self._decode = jax.jit(functools.partial(_decode, self._graphdefs.vae))
 
     def _refresh_state(self) -> None:
@@ -663,7 +712,7 @@ class StableDiffusion:
                  *, batch_size: int | None = None, return_intermediates: int | Sequence[int] | None = None,
                  scheduler_options: dict | None = None, progress: bool | str | _Bar = False, clip_skip: int = 1,
                  init_images: Any = None, strength: float | None = None,
-                 prompt_weighting: bool = False) -> StableDiffusionOutput:
+                 prompt_weighting: bool = False, hires: HiresFix | None = None) -> StableDiffusionOutput:
         """Generate one image per (prompt, seed) (all of them in memory at the end: `batches`
         hands them over one batch at a time instead).
 
@@ -718,12 +767,18 @@ class StableDiffusion:
         (`sdjax.text.edited_prompts`). Each image's texts are encoded once and each call's picked from an
         input table (`sdjax.sampling.TextSchedule`); a call with editing compiles a program per count of
         texts, one without runs the program of before.
+        ``hires``: AUTOMATIC1111's "Hires. fix", a `HiresFix`: each image is made at height x width as above
+        (the first pass), enlarged (its latents resized, or its image with Lanczos) and denoised again at the
+        larger size from the HiresFix's strength of its schedule on (img2img: the second pass, its noise drawn
+        from the seed at the new latent size), with the same prompts, seeds, scheduler and settings; the
+        images are the second pass's. Not with ``init_images`` or ``return_intermediates``. Each pass
+        compiles its own program.
         """
         outputs = list(self.batches(
             prompts, negative_prompts, seeds, num_inference_steps, guidance_scale, height, width, scheduler,
             latents, batch_size=batch_size, return_intermediates=return_intermediates,
             scheduler_options=scheduler_options, progress=progress, clip_skip=clip_skip,
-            init_images=init_images, strength=strength, prompt_weighting=prompt_weighting))
+            init_images=init_images, strength=strength, prompt_weighting=prompt_weighting, hires=hires))
         steps = outputs[0].intermediate_steps
         return StableDiffusionOutput(np.concatenate([o.images for o in outputs]),
                                      [p for o in outputs for p in o.prompts],
@@ -739,7 +794,7 @@ class StableDiffusion:
                 *, batch_size: int | None = None, return_intermediates: int | Sequence[int] | None = None,
                 scheduler_options: dict | None = None, progress: bool | str | _Bar = False, clip_skip: int = 1,
                 init_images: Any = None, strength: float | None = None,
-                prompt_weighting: bool = False) -> Iterator[StableDiffusionOutput]:
+                prompt_weighting: bool = False, hires: HiresFix | None = None) -> Iterator[StableDiffusionOutput]:
         """The images of ``pipe(...)`` (same arguments, same images), one `StableDiffusionOutput`
         per compiled call of ``batch_size`` images, in order, for many seeds: write each batch's
         files and let it go, instead of holding every image. The arguments are checked now (a
@@ -762,6 +817,15 @@ class StableDiffusion:
             init_images = image_batch(init_images)
         elif strength is not None:
             raise ValueError(f"strength={strength!r} is img2img's: it needs init_images to start from")
+        if hires is not None:
+            if not isinstance(hires, HiresFix):
+                raise TypeError(f"hires must be a HiresFix (sdjax.HiresFix(scale=2.0, ...)) or None, got "
+                                f"{type(hires).__name__}")
+            if init_images is not None:
+                raise ValueError("hires (the Hires fix) is text-to-image in two passes: not with init_images (for "
+                                 "img2img at another size, resize the images)")
+            if return_intermediates is not None and return_intermediates is not False:
+                raise ValueError("return_intermediates is not available with hires (the Hires fix): leave either out")
         # latents' and images' batches count too: pipe("a cat", latents=four_noises) makes four images
         n_latents = latents.shape[0] if latents is not None and latents.ndim == 4 else 1   # else: the shape error
         n_init = 1 if init_images is None else init_images.shape[0]
@@ -822,6 +886,15 @@ class StableDiffusion:
                 raise ValueError(f"latents have shape {given_shape}; expected {expected} "
                                  f"([batch, height/{self.vae_scale}, width/{self.vae_scale}, channels], NHWC)")
         steps = self._intermediate_steps(return_intermediates, sched.num_model_calls, first_call)
+        second = None
+        if hires is not None:   # the second pass's schedule, size and text inputs (prompt editing: over its calls)
+            hires_steps = int(hires.steps or num_inference_steps)
+            sched2 = self.make_scheduler(scheduler, hires_steps, **(scheduler_options or {}))
+            first2 = sampling.img2img_start(hires_steps, hires.strength)
+            sched2.starting_at(first2)   # (PNDM's Runge-Kutta warm-up cannot begin midway: raises now)
+            h2, w2 = hires.size(height, width)
+            shape2 = (h2 // self.vae_scale, w2 // self.vae_scale, latent_shape[2])
+            second = dict(hires=hires, sched=sched2, first_call=first2, latent_shape=shape2, size=(h2, w2))
 
         weights = neg_weights = phases = neg_phases = None   # None: no input, the default program unchanged
         if prompt_weighting:
@@ -832,6 +905,15 @@ class StableDiffusion:
             ids, weights, phases = _tokenize_edited(self.tokenizer, prompts, num_inference_steps, calls, "prompt")
             neg_ids, neg_weights, neg_phases = _tokenize_edited(self.tokenizer, negatives, num_inference_steps,
                                                                 calls, "negative prompt")
+            if second is not None and (phases is not None or neg_phases is not None):
+                # prompt editing in the second pass: over its own steps and calls (as img2img's)
+                calls2 = second["sched"].num_model_calls - second["first_call"]
+                edited = (_tokenize_edited(self.tokenizer, texts, hires_steps, calls2, kind)
+                          for texts, kind in ((prompts, "prompt"), (negatives, "negative prompt")))
+                (second["ids"], w2_, p2_), (second["neg_ids"], nw2_, np2_) = edited
+                second["text_inputs"] = {name: value for name, value in (
+                    ("cond_weights_BT", w2_), ("uncond_weights_BT", nw2_), ("cond_phases_BC", p2_),
+                    ("uncond_phases_BC", np2_)) if value is not None}
         else:
             ids = tokenize(self.tokenizer, prompts)
             neg_ids = tokenize(self.tokenizer, negatives, kind="negative prompt")
@@ -847,21 +929,26 @@ class StableDiffusion:
         text_inputs = {name: value for name, value in (
             ("cond_weights_BT", weights), ("uncond_weights_BT", neg_weights), ("cond_phases_BC", phases),
             ("uncond_phases_BC", neg_phases)) if value is not None}
+        if second is not None and "ids" not in second:   # the first pass's texts serve the second too
+            second.update(ids=ids, neg_ids=neg_ids, text_inputs=text_inputs)
         return self._batches(prompts, negatives, seeds, ids, neg_ids, latents, init_images, first_call, sched,
-                             latent_shape, guidance_scale, steps, per_call, progress, clip_skip, text_inputs)
+                             latent_shape, guidance_scale, steps, per_call, progress, clip_skip, text_inputs, second)
 
     def _batches(self, prompts, negatives, seeds, ids, neg_ids, latents, init_images, first_call, sched,
                  latent_shape, guidance_scale, steps, per_call, progress, clip_skip,
-                 text_inputs) -> Iterator[StableDiffusionOutput]:
-        """`batches`' generator, on its checked arguments: dispatches batch k + 1 before fetching batch k."""
+                 text_inputs, second=None) -> Iterator[StableDiffusionOutput]:
+        """`batches`' generator, on its checked arguments: dispatches batch k + 1 before fetching batch k
+        (with the Hires fix's Lanczos upscaler, the first pass's images are fetched in between)."""
         with self._lock:
             state = self.state
             # one init image for every image: encoded once per batch from one replicated copy
             one_init = None if init_images is None or len(init_images) > 1 else parallel.replicate(
                 init_images, self.mesh)
             starts = range(0, len(prompts), per_call)
-            step_bar, own_bar, show_batches = _progress_bars(progress,
-                                                             len(starts) * (sched.num_model_calls - first_call))
+            calls = sched.num_model_calls - first_call
+            if second is not None:
+                calls += second["sched"].num_model_calls - second["first_call"]
+            step_bar, own_bar, show_batches = _progress_bars(progress, len(starts) * calls)
             batch_bar = None
             if show_batches:
                 from tqdm.auto import tqdm
@@ -871,6 +958,7 @@ class StableDiffusion:
                 stop = min(start + per_call, len(prompts))
                 shard = lambda a: parallel.shard_batch(  # noqa: E731
                     parallel.pad_batch(a[start:stop], per_call), self.mesh)
+                lanczos = second is not None and second["hires"].upscaler == "lanczos"
                 out = self._generate(
                     state, sched, shard(ids), shard(neg_ids), shard(seeds),
                     None if latents is None else shard(latents), jnp.float32(guidance_scale),
@@ -878,7 +966,23 @@ class StableDiffusion:
                     latent_shape_HWC=latent_shape, use_guidance=guidance_scale > 1.0,
                     return_predictions=bool(steps), on_step=None if step_bar is None else self._ticker,
                     clip_skip=clip_skip, start=first_call,
-                    **{name: shard(value) for name, value in text_inputs.items()})
+                    **{name: shard(value) for name, value in text_inputs.items()},
+                    **({} if second is None else dict(return_latents=not lanczos, decode=lanczos)))
+                if second is not None:   # the Hires fix's second pass: img2img at the larger size
+                    h2, w2 = second["size"]
+                    if lanczos:   # (on the host: PIL's resize of each 8-bit image)
+                        _wait_interruptibly([out.images])
+                        init = dict(init_images_BHWC=parallel.shard_batch(
+                            _lanczos(parallel.to_host(out.images), h2, w2), self.mesh))
+                    else:
+                        init = dict(init_latents_BHWC=_upscale(out.latents, size_hw=second["latent_shape"][:2]))
+                    out = self._generate(
+                        state, second["sched"], shard(second["ids"]), shard(second["neg_ids"]), shard(seeds), None,
+                        jnp.float32(guidance_scale), latent_shape_HWC=second["latent_shape"],
+                        use_guidance=guidance_scale > 1.0,
+                        on_step=None if step_bar is None else self._hires_ticker, clip_skip=clip_skip,
+                        start=second["first_call"],
+                        **{name: shard(value) for name, value in second["text_inputs"].items()}, **init)
                 # Indexed one step at a time: iterating over an array spread over several
                 # processes is not allowed. Each [B, H, W, 3], decoded right behind the batch.
                 decoded = [self._decode(state.vae, out.predictions[s - first_call]) for s in steps]
@@ -892,14 +996,18 @@ class StableDiffusion:
                 if step_bar is not None:
                     if last:
                         jax.effects_barrier()  # the outputs can be ready before the last callbacks have run
-                    step_bar.update(1)   # the last model call: the ticker counts each call when the next starts
+                    # the last model call (of each pass): the ticker counts each call when the next starts
+                    step_bar.update(1 if second is None else 2)
                 if batch_bar is not None:
                     batch_bar.update(1)
                 return StableDiffusionOutput(images, prompts[start:stop], negatives[start:stop],
                                              [int(s) for s in seeds[start:stop]], inter, steps or None)
 
-            outer = self._ticker.bar, self._ticker.first   # a call made inside another's loop gives them back
+            # a call made inside another's loop gives them back
+            outer = [(t, t.bar, t.first) for t in (self._ticker, self._hires_ticker)]
             self._ticker.bar, self._ticker.first = step_bar, first_call
+            self._hires_ticker.bar = step_bar if second is not None else None
+            self._hires_ticker.first = 0 if second is None else second["first_call"]
             try:
                 ahead = dispatch(starts[0])
                 for start in starts[1:]:
@@ -907,7 +1015,8 @@ class StableDiffusion:
                     yield fetch(current, last=False)
                 yield fetch(ahead, last=True)
             finally:
-                self._ticker.bar, self._ticker.first = outer
+                for ticker, bar, first in outer:
+                    ticker.bar, ticker.first = bar, first
                 if own_bar:
                     step_bar.close()
                 if batch_bar is not None:

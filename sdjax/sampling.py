@@ -396,15 +396,30 @@ class SDState(NamedTuple):
 
 
 class GenerateOutput(NamedTuple):
-    images: jax.Array                 # [B, H, W, 3] in [0, 1]
+    images: jax.Array | None          # [B, H, W, 3] in [0, 1]; None with decode=False
     predictions: jax.Array | None     # [steps, B, h, w, C] predicted clean latents, if asked
+    latents: jax.Array | None = None  # [B, h, w, C] the final UNet-space latents, with return_latents
+
+
+def upscale_latents(latents_BHWC, size_hw: tuple[int, int]) -> jax.Array:
+    """Latents [B, h, w, C] resized to ``size_hw`` (h', w') bilinearly, as AUTOMATIC1111's Hires fix
+    "Latent" upscaler does (torch's ``F.interpolate(mode="bilinear", align_corners=False,
+    antialias=False)``: half-pixel centres, an edge sample's missing neighbour left out)."""
+    check_nhwc("latents_BHWC", latents_BHWC, latents_BHWC.shape[-1])
+    h, w = size_hw
+    if h < latents_BHWC.shape[1] or w < latents_BHWC.shape[2]:   # (jax's linear kernel widens to antialias then)
+        raise ValueError(f"upscale_latents: size {size_hw} is smaller than the latents' "
+                         f"{tuple(latents_BHWC.shape[1:3])}; it only enlarges")
+    B, _, _, C = latents_BHWC.shape
+    return jax.image.resize(latents_BHWC.astype(F32), (B, h, w, C), "linear", antialias=False)
 
 
 def generate(graphdefs: SDState, state: SDState, scheduler: Scheduler, cond_ids_BT, uncond_ids_BT, seeds_B,
              latents_BHWC, guidance_scale, init_images_BHWC=None, *, latent_shape_HWC, use_guidance: bool,
              return_predictions: bool = False, on_step=None, clip_skip: int = 1, start: int = 0,
              cond_weights_BT=None, uncond_weights_BT=None, cond_phases_BC=None,
-             uncond_phases_BC=None) -> GenerateOutput:
+             uncond_phases_BC=None, init_latents_BHWC=None, return_latents: bool = False,
+             decode: bool = True) -> GenerateOutput:
     """Prompts to images in one traced function: the body `StableDiffusion` jit-compiles.
 
     ``latents_BHWC=None`` draws each image's initial noise from its seed; otherwise those unscaled
@@ -420,7 +435,14 @@ def generate(graphdefs: SDState, state: SDState, scheduler: Scheduler, cond_ids_
     ``cond_phases_BC`` / ``uncond_phases_BC``: AUTOMATIC1111's prompt editing (int32 [B, C], C the model
     calls run: `sdjax.text.edited_prompts`' phases); the ids (and weights) are then [B, P, T], each image's
     P texts, encoded into a `TextSchedule` (`encode_edited_prompts`). None: ids [B, T], states that stay.
+    ``init_latents_BHWC``: img2img from clean UNet-space latents [B, h, w, C] (of ``latent_shape_HWC``) in
+    place of init images, with no VAE encode (the Hires fix's second pass: `upscale_latents` of a first
+    pass's). ``return_latents`` (static): also return the final latents (``GenerateOutput.latents``);
+    ``decode=False`` (static): do not decode them (``images`` is None).
     """
+    if init_images_BHWC is not None and init_latents_BHWC is not None:
+        raise ValueError("give init_images_BHWC or init_latents_BHWC (img2img from images or from latents), "
+                         "not both")
     text_encoder, unet, vae = (nnx.merge(g, s) for g, s in zip(graphdefs, state))
     keys = image_keys(seeds_B)
     if latents_BHWC is None:
@@ -431,14 +453,23 @@ def generate(graphdefs: SDState, state: SDState, scheduler: Scheduler, cond_ids_
         return encode_edited_prompts(text_encoder, ids, phases, clip_skip, weights)
     cond = encode(cond_ids_BT, cond_weights_BT, cond_phases_BC)
     uncond = encode(uncond_ids_BT, uncond_weights_BT, uncond_phases_BC) if use_guidance else None
-    if init_images_BHWC is None:
+    if init_images_BHWC is None and init_latents_BHWC is None:
         if start:
-            raise ValueError("start > 0 begins the schedule midway: it needs init_images_BHWC (img2img)")
+            raise ValueError("start > 0 begins the schedule midway: it needs init_images_BHWC or init_latents_BHWC "
+                             "(img2img)")
         x = latents_BHWC.astype(F32) * scheduler.init_noise_sigma
     else:
-        x0 = encode_images(vae, init_images_BHWC, posterior_keys(keys))
+        if init_latents_BHWC is not None:
+            check_nhwc("init_latents_BHWC", init_latents_BHWC, latent_shape_HWC[-1])
+            if tuple(init_latents_BHWC.shape[1:]) != tuple(latent_shape_HWC):
+                raise ValueError(f"init_latents_BHWC has shape {tuple(init_latents_BHWC.shape)}; expected latents "
+                                 f"[B, {', '.join(map(str, latent_shape_HWC))}] (latent_shape_HWC)")
+            x0 = init_latents_BHWC.astype(F32)
+        else:
+            x0 = encode_images(vae, init_images_BHWC, posterior_keys(keys))
         x = scheduler.add_noise_at(x0, latents_BHWC.astype(F32), start)
     out = denoise(unet, scheduler, x, cond, uncond, guidance_scale, step_keys(keys), return_predictions, on_step,
                   start=start)
     latents, predictions = out if return_predictions else (out, None)
-    return GenerateOutput(decode_latents(vae, latents), predictions)
+    return GenerateOutput(decode_latents(vae, latents) if decode else None, predictions,
+                          latents if return_latents else None)
