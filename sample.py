@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="YAML", help="preset of defaults: a file or a name in configs/ (draft, ...)")
     p.add_argument("--from-png", metavar="PNG",
                    help="make an image again: take its prompt, negative prompt, seed, steps, sampler, CFG scale, "
-                        "size, clip skip and prompt weighting from its PNG parameters (as AUTOMATIC1111 and "
+                        "size, clip skip, prompt weighting and Hires fix from its PNG parameters (as AUTOMATIC1111 and "
                         "sample.py write them; an AUTOMATIC1111 JPEG's, WebP's or AVIF's EXIF UserComment; "
                         "an AUTOMATIC1111 image's prompt is weighted); "
                         "flags given override them, a prompt given replaces its prompt")
@@ -98,6 +98,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strength", type=float, default=None,
                    help="img2img: how much of the schedule runs from --init-image, in (0, 1]: low values keep "
                         "the picture, 1 repaints it (default 0.8; int(steps x strength) steps run)")
+    p.add_argument("--hires-scale", type=float, default=None, metavar="S",
+                   help="AUTOMATIC1111's Hires fix: make each image at --width x --height, enlarge it S times "
+                        "(> 1; each side rounded down to a multiple of 8) and denoise it again at that size "
+                        "(default: off)")
+    p.add_argument("--hires-steps", type=int, default=None, metavar="N",
+                   help="Hires fix: the second pass's steps (default: --steps)")
+    p.add_argument("--hires-strength", type=float, default=None, metavar="X",
+                   help="Hires fix: the second pass's denoising strength in (0, 1], the share of its schedule run "
+                        "(default 0.7, as A1111's)")
+    p.add_argument("--hires-upscaler", default=None, metavar="latent|lanczos",
+                   help="Hires fix: latent (default, A1111's Latent: the latents resized bilinearly) or lanczos "
+                        "(the image decoded, resized with Lanczos and encoded again)")
     p.add_argument("--embedding", metavar="FILE", action="append", default=[],
                    help="repeatable: a textual inversion embedding (.safetensors, .pt, .bin; AUTOMATIC1111's or "
                         "diffusers') added to the text encoder; use it by its token in a prompt or negative prompt: "
@@ -131,6 +143,7 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
     pre.add_argument("--config")
     pre.add_argument("--from-png")
     pre.add_argument("--strength")   # (given on the command line, not by the preset: over --from-png's)
+    pre.add_argument("--hires-scale")
     known, _ = pre.parse_known_args(argv)
     parser = build_parser()
     preset, path = {}, None
@@ -153,6 +166,13 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
     if png is not None and png.strength is not None and known.strength is None and args.init_image is not None:
         strength = png.strength   # (over a preset's strength, as every --from-png setting is)
     args.png_notes = [] if png is None else png_notes(png, args)
+    if png is not None and "hires_scale" in png.flags and args.init_image is not None and known.hires_scale is None:
+        # an img2img run from a Hires fix image: the picture given replaces its first pass
+        for name in ("hires_scale", "hires_steps", "hires_strength", "hires_upscaler"):
+            if getattr(args, name) == png.flags.get(name):
+                setattr(args, name, None)
+        args.png_notes.append(f"--from-png: the image's Hires fix (Hires upscale {png.flags['hires_scale']:g}) is "
+                              "left out: --init-image makes img2img of that picture instead")
     seeds = args.seeds if isinstance(args.seeds, list) else parse_seeds(args.seeds)
     given_options = parse_scheduler_options(args.scheduler_option)
     options = {**getattr(args, "scheduler_options", {}), **given_options}
@@ -179,7 +199,9 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
                         prompt_weighting=args.prompt_weighting,
                         embedding=list(args.embedding),
                         steps=args.steps, guidance_scale=args.guidance_scale, scheduler=args.scheduler,
-                        init_image=args.init_image, strength=strength,
+                        init_image=args.init_image, strength=strength, hires_scale=args.hires_scale,
+                        hires_steps=args.hires_steps, hires_strength=args.hires_strength,
+                        hires_upscaler=args.hires_upscaler,
                         height=height, width=width, dtype=DTYPE_ALIASES.get(args.dtype, args.dtype),
                         batch_size=args.batch_size, variant=args.variant,
                         out=str(Path(args.out).expanduser()) if str(args.out).strip() else args.out,

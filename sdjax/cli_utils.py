@@ -26,8 +26,11 @@ import numpy as np
 from sdjax.images import (a1111_parameters, as_pil, image_grid, image_file_name, image_strip, reserve_indices,
                           save_gif, save_png)
 from sdjax.models.layers import attention_setting_problem
-from sdjax.pipeline import DEFAULT_MODEL, MAX_SEED, model_options_problem  # noqa: F401  (re-exported for sample.py)
+from sdjax.pipeline import (DEFAULT_MODEL, HIRES_UPSCALERS, MAX_SEED, HiresFix,  # noqa: F401  (re-exported for
+                            model_options_problem)                           # sample.py)
 from sdjax.sampling import DEFAULT_STRENGTH
+
+HIRES_STRENGTH = 0.7   # the Hires fix's second pass's denoising strength by default, as A1111's
 from sdjax.schedulers import SCHEDULERS, resolve_scheduler_config
 from sdjax.weights import DTYPE_NAMES
 
@@ -195,6 +198,10 @@ CONFIG_KEYS: dict[str, tuple[type | tuple, str]] = {
     "embedding": ((str, list), "textual inversion embeddings (files) added to the text encoder, one or a list"),
     "init_image": (str, "img2img: the image (PNG, JPEG, ...) every image starts from"),
     "strength": ((int, float), "img2img: the share of the schedule run from the init image, in (0, 1]"),
+    "hires_scale": ((int, float), "Hires fix: enlarge each image this many times (> 1) and denoise it again"),
+    "hires_steps": (int, "Hires fix: the second pass's steps (default: steps)"),
+    "hires_strength": ((int, float), "Hires fix: the share of the second pass's schedule run, in (0, 1] (0.7)"),
+    "hires_upscaler": (str, "Hires fix: latent (default) or lanczos"),
     "height": (int, "image height in pixels (multiple of 8)"),
     "width": (int, "image width in pixels (multiple of 8)"),
     "dtype": (str, f"one of {', '.join(DTYPES)}"),
@@ -402,6 +409,10 @@ class SampleRequest:
     embedding: list[str] = dataclasses.field(default_factory=list)   # textual inversion embedding files
     init_image: str | None = None     # img2img: the image every image starts from
     strength: float | None = None     # img2img: the share of the schedule run (None: DEFAULT_STRENGTH)
+    hires_scale: float | None = None  # Hires fix (two passes): the second pass's size over the first's
+    hires_steps: int | None = None    # Hires fix: the second pass's steps (None: steps)
+    hires_strength: float | None = None   # Hires fix: the second pass's denoising strength (None: 0.7)
+    hires_upscaler: str | None = None     # Hires fix: latent (None: latent) or lanczos
     height: int = 512                 # (sample.py sets the init image's size when not given; here 512 all the same)
     width: int = 512
     dtype: str | None = None          # None: bfloat16 on GPU/TPU, float32 on CPU
@@ -417,6 +428,15 @@ class SampleRequest:
         if self.init_image is None:
             return None
         return DEFAULT_STRENGTH if self.strength is None else float(self.strength)
+
+    @property
+    def hires(self):
+        """The `sdjax.HiresFix` the run makes its images with, or None (no --hires-scale)."""
+        if self.hires_scale is None:
+            return None
+        return HiresFix(float(self.hires_scale), self.hires_steps,
+                        HIRES_STRENGTH if self.hires_strength is None else float(self.hires_strength),
+                        self.hires_upscaler or "latent")
 
     @property
     def jobs(self) -> list[tuple[str, int]]:
@@ -466,12 +486,14 @@ def settings_from_png(path: str | os.PathLike) -> PngSettings:
     (on for an AUTOMATIC1111 image, which A1111 always weights unless its ``Emphasis`` says ``None``, and for
     sample.py's that record ``Prompt weighting: A1111``). The prompt's
     extra-network tags are taken out of it: ``<lora:NAME[:SCALE...]>`` (and ``<lyco:...>``) into ``loras``,
-    another type into ``ignored``. A Hires fix's Denoising strength is no img2img ``strength``. A
+    another type into ``ignored``. A Hires fix (``Hires upscale``, ``Hires steps``, ``Hires upscaler``
+    Latent or Lanczos, and its ``Denoising strength``, which is no img2img ``strength``) into the hires
+    flags; one with another upscaler, or a ``Hires resize`` to a size, into ``ignored``, whole. A
     UsageError names the file and the field that cannot be read or has no sdjax equivalent (another
     sampler, another schedule type, Karras sigmas for a sampler without them), or says it holds no
     settings."""
     from PIL import UnidentifiedImageError
-    from sdjax.images import SAMPLER_NAMES, parse_a1111_parameters, read_parameters
+    from sdjax.images import HIRES_UPSCALER_NAMES, SAMPLER_NAMES, parse_a1111_parameters, read_parameters
 
     def bad(reason: str) -> UsageError:
         return _bad_setting("from_png", path, reason)
@@ -567,6 +589,21 @@ def settings_from_png(path: str | os.PathLike) -> PngSettings:
         fields["Emphasis"] = f"{emphasis} (sdjax weights as A1111's Original does)"
     flags["prompt_weighting"] = emphasis != "None"
     strength = number("Denoising strength", float) if "Denoising strength" in fields and not hires else None
+    hires_left_out = None
+    if hires:   # A1111 writes no Hires upscaler for its default, Latent
+        upscaler, by_name = fields.get("Hires upscaler", "Latent"), {v: k for k, v in HIRES_UPSCALER_NAMES.items()}
+        if "Hires upscale" in fields and upscaler in by_name:
+            flags["hires_scale"] = number("Hires upscale", float)
+            if "Hires steps" in fields and (steps := number("Hires steps", int)) != 0:   # (A1111's 0: the Steps)
+                flags["hires_steps"] = steps
+            if "Denoising strength" in fields:
+                flags["hires_strength"] = number("Denoising strength", float)
+            flags["hires_upscaler"] = by_name[fields.pop("Hires upscaler", "Latent")]
+        else:
+            why = (f"its Hires upscaler {upscaler!r} has no sdjax equivalent (sdjax has "
+                   f"{', '.join(HIRES_UPSCALER_NAMES.values())})" if upscaler not in by_name
+                   else "a Hires resize to a size: sdjax takes a factor, Hires upscale")
+            hires_left_out = f"the Hires fix ({why}: this run makes the first pass only, at Size)"
     model, vae = fields.pop("Model", None), fields.pop("VAE", None)
     for key in [k for k in fields if k in valid]:   # the options sdjax writes under their own names
         options.update(parse_scheduler_options([f"{key}={fields.pop(key)}"]))
@@ -575,6 +612,8 @@ def settings_from_png(path: str | os.PathLike) -> PngSettings:
         source.get(item[0], item[0])) if source.get(item[0], item[0]) in order else -1))
     ignored = [f"{k}: {v}" for k, v in fields.items() if k not in _PNG_FIELDS_IGNORED]
     ignored += [f"{tag} (no sdjax equivalent)" for tag in networks]
+    if hires_left_out:
+        ignored.insert(0, hires_left_out)
     embeddings = [name.strip() for name in re.findall(r"([^,:]+):", fields.get("TI hashes", ""))]
     return PngSettings(flags, prompt, strength, loras, model, vae, ignored, embeddings)
 
@@ -760,6 +799,7 @@ def validate_request(req: SampleRequest) -> None:
                                "step (int(steps x strength) are run): raise either")
         raise _bad_setting("strength", req.img2img_strength, f"with --steps {req.steps} runs no step "
                            f"(int(steps x strength) are run): raise either")
+    _validate_hires(req)
     if req.dtype is not None and req.dtype not in DTYPES:
         choose = f"choose one of {', '.join(DTYPES)} (or {', '.join(DTYPE_ALIASES)})"
         raise _bad_setting("dtype", req.dtype, choose, f"unknown dtype {req.dtype!r}: {choose}")
@@ -772,6 +812,39 @@ def validate_request(req: SampleRequest) -> None:
     problem = unwritable_folder(req.out)
     if problem:
         raise _bad_setting("out", req.out, problem)
+
+
+def _validate_hires(req: SampleRequest) -> None:
+    """The Hires fix's settings (--hires-*): each in range, the others only with --hires-scale."""
+    def number(value) -> bool:
+        return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if req.hires_scale is None:
+        for name in ("hires_steps", "hires_strength", "hires_upscaler"):
+            if getattr(req, name) is not None:
+                raise _bad_setting(name, getattr(req, name), "is the Hires fix's: give --hires-scale too")
+        return
+    if not number(req.hires_scale) or req.hires_scale <= 1:
+        raise _bad_setting("hires_scale", req.hires_scale, "must be a number above 1 (the second pass's size over "
+                           "the first's; typical 1.5-2)")
+    steps = req.steps if req.hires_steps is None else req.hires_steps
+    if req.hires_steps is not None and (isinstance(steps, bool) or not isinstance(steps, int)
+                                        or not 1 <= steps <= 1000):
+        raise _bad_setting("hires_steps", steps, "must be an integer in 1..1000 (default: --steps)")
+    strength = HIRES_STRENGTH if req.hires_strength is None else req.hires_strength
+    if not number(strength) or not 0 < strength <= 1:
+        raise _bad_setting("hires_strength", strength, "must be a number in (0, 1] (the share of the second pass's "
+                           f"schedule run; default {HIRES_STRENGTH})")
+    if req.hires_upscaler is not None and req.hires_upscaler not in HIRES_UPSCALERS:
+        raise _bad_setting("hires_upscaler", req.hires_upscaler, f"choose one of {', '.join(HIRES_UPSCALERS)}")
+    if isinstance(steps, int) and int(steps * strength) < 1:
+        raise _bad_setting("hires_strength", strength, f"with {steps} second-pass steps runs no step "
+                           "(int(steps x strength) are run): raise either")
+    if req.init_image is not None:
+        raise _bad_setting("hires_scale", req.hires_scale, "the Hires fix is text-to-image in two passes: not with "
+                           "--init-image (for img2img at another size, give --width and --height)")
+    if req.trajectory:
+        raise _bad_setting("hires_scale", req.hires_scale, "the Hires fix makes no trajectory: leave out "
+                           "--trajectory or --hires-scale")
 
 
 def clip_skip_problem(clip_skip: int, pipe) -> UsageError | None:
@@ -1052,6 +1125,12 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
         init = load_init_image(req.init_image, req.width, req.height)
         first_call = img2img_start(req.steps, strength)
     picks = trajectory_steps(sched.num_model_calls, req.trajectory_frames, first_call) if req.trajectory else None
+    hires, calls = req.hires, sched.num_model_calls - first_call
+    if hires is not None:   # the second pass's model calls, on the same step bar
+        from sdjax.sampling import img2img_start
+        hires_steps = hires.steps or req.steps
+        calls += (pipe.make_scheduler(req.scheduler, hires_steps, **req.scheduler_options).num_model_calls
+                  - img2img_start(hires_steps, hires.strength))
     loras = lora_tags(req.lora)
     embeddings = embedding_hashes(req.embedding) if writer else []
 
@@ -1066,7 +1145,7 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
         from tqdm.auto import tqdm
         # A disabled bar on the other processes: the same step callback keeps their programs identical.
         if mode == "steps":   # one bar for the whole request, which the pipeline advances per step
-            step_bar = tqdm(total=len(batches) * (sched.num_model_calls - first_call), desc="steps", unit="step",
+            step_bar = tqdm(total=len(batches) * calls, desc="steps", unit="step",
                             disable=not writer)
         else:
             bar = tqdm(batches, desc="batches", unit="batch", disable=not writer)
@@ -1093,7 +1172,8 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
                                    height=req.height, width=req.width, scheduler=req.scheduler, batch_size=per_call,
                                    return_intermediates=picks, progress=step_bar,
                                    scheduler_options=req.scheduler_options, clip_skip=req.clip_skip,
-                                   init_images=init, strength=strength, prompt_weighting=req.prompt_weighting)
+                                   init_images=init, strength=strength, prompt_weighting=req.prompt_weighting,
+                                   hires=hires)
             for batch, out in zip(bar, outputs, strict=True):
                 padded = batch + [batch[-1]] * (per_call - len(batch))   # one decoder program for every batch
                 noise = None   # the trajectory's first frame: the seed's noise, or the image img2img starts from
@@ -1110,7 +1190,11 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
                                               guidance_scale=req.guidance_scale, seed=seed, width=req.width,
                                               height=req.height, model=req.model, vae=req.vae,
                                               scheduler_options=req.scheduler_options, clip_skip=req.clip_skip,
-                                              loras=loras, denoising_strength=strength,
+                                              loras=loras,
+                                              denoising_strength=strength if hires is None else hires.strength,
+                                              hires_scale=None if hires is None else hires.scale,
+                                              hires_steps=None if hires is None else hires.steps,
+                                              hires_upscaler="latent" if hires is None else hires.upscaler,
                                               prompt_weighting=req.prompt_weighting,
                                               embeddings=embeddings_used(pipe.tokenizer, embeddings,
                                                                          f"{prompt}\n{negative}"))

@@ -129,6 +129,9 @@ def _claim_by_exclusive_create(claim: Path, last: int) -> bool:
 
 
 # ----------------------------------------------------------------------------- metadata
+HIRES_UPSCALER_NAMES = {"latent": "Latent", "lanczos": "Lanczos"}   # sdjax's -> A1111's "Hires upscaler"
+
+
 def _number(value) -> str:
     """The shortest text that reads back as the same float: 7.5, 12, 7.123456789 (not %g's 7.12346)."""
     text = repr(float(value))
@@ -139,7 +142,9 @@ def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, sche
                      seed: int, width: int, height: int, model: str | None = None, vae: str | None = None,
                      scheduler_options: dict | None = None, clip_skip: int = 1,
                      loras: Sequence[tuple[str, float]] = (), denoising_strength: float | None = None,
-                     embeddings: Sequence[tuple[str, str]] = (), prompt_weighting: bool = False) -> str:
+                     embeddings: Sequence[tuple[str, str]] = (), prompt_weighting: bool = False,
+                     hires_scale: float | None = None, hires_steps: int | None = None,
+                     hires_upscaler: str = "latent") -> str:
     """Generation settings as AUTOMATIC1111 writes them into the PNG ``parameters`` text chunk::
 
         a photo of a cat
@@ -155,6 +160,9 @@ def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, sche
     ``loras``, (NAME, SCALE) of each LoRA merged into the weights, are written as A1111 users write
     them in the prompt, which A1111 and Civitai read back: ``a photo of a cat <lora:NAME:SCALE>``.
     ``denoising_strength`` (img2img's strength) is written as A1111's img2img does, ``Denoising strength: 0.75``.
+    ``hires_scale`` (the Hires fix; ``denoising_strength`` is then its second pass's) as A1111's txt2img writes
+    it: ``Hires upscale: 2``, ``Hires steps: 20`` (only when given), ``Hires upscaler: Latent`` (or ``Lanczos``);
+    Size stays the first pass's, as in A1111.
     ``embeddings``, (TOKEN, HASH) of the textual inversion embeddings the prompts use, as A1111's
     ``TI hashes: "EasyNegative: c74b4e810b03"`` (HASH: the file's SHA-256, its first 12 hex digits).
     ``prompt_weighting`` (the prompts' AUTOMATIC1111 emphasis syntax read) is written as ``Prompt
@@ -183,6 +191,11 @@ def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, sche
         fields.append(("VAE", model_name(vae)))
     if denoising_strength is not None:
         fields.append(("Denoising strength", _number(denoising_strength)))
+    if hires_scale is not None:
+        fields.append(("Hires upscale", _number(hires_scale)))
+        if hires_steps is not None:
+            fields.append(("Hires steps", hires_steps))
+        fields.append(("Hires upscaler", HIRES_UPSCALER_NAMES[hires_upscaler]))
     if clip_skip != 1:
         fields.append(("Clip skip", clip_skip))
     if prompt_weighting:

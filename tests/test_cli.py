@@ -599,8 +599,9 @@ def test_from_png_names_what_a1111_images_hold_that_it_leaves_out(tmp_path):
     Image.new("RGB", (16, 16)).save(tmp_path / "start.png")
     req, args = sample.parse_request(["--from-png", png(f"a fox\n{settings}, Denoising strength: 0.4, Hires "
                                                           "upscale: 2"), "--init-image", str(tmp_path / "start.png")])
-    assert req.strength is None and args.png_notes == ["--from-png: settings sample.py has no flag for are left "
-                                                       "out: Denoising strength: 0.4; Hires upscale: 2"]
+    assert req.strength is None and req.hires is None and args.png_notes == [
+        "--from-png: the image's Hires fix (Hires upscale 2) is left out: --init-image makes img2img of that "
+        "picture instead"]
     req, args = sample.parse_request(["--from-png", png(f'a fox\n{settings}, Template: "C:\\x, y"')])   # (no JSON)
     assert args.png_notes == ["--from-png: settings sample.py has no flag for are left out: Template: C:\\x, y"]
     Image.new("RGB", (8, 8)).save(tmp_path / "a.jpg")
@@ -722,6 +723,80 @@ def test_vae_and_clip_skip_flags_make_the_pipelines_image_and_are_recorded(pipe_
                                   other_vae("a dog", clip_skip=2, **kw).to_pil()[0])
     # (that clip_skip=2 changes the images: test_sampling.py's test_clip_skip_two_matches_diffusers_clip_skip_one)
     assert not np.array_equal(pixels(out / "00000-seed4-a-dog.png"), pipe("a dog", **kw).to_pil()[0])
+
+
+def test_hires_flags_make_the_pipelines_hires_images_recorded_as_a1111_and_from_png_makes_them_again(
+        pipe_dir, pipe, tmp_path, capsys):
+    """--hires-scale S (--hires-steps, --hires-strength, --hires-upscaler): the images are the pipeline's
+    with that HiresFix, at the larger size; the PNG parameters are A1111's (Size the first pass's, then
+    Denoising strength, Hires upscale, Hires steps when given, Hires upscaler), and --from-png makes the
+    same image again, bit for bit, with the same parameters."""
+    from sdjax import HiresFix
+    same = ["--model", pipe_dir, "--dtype", "float32", "--compilation-cache", "none", "--progress", "batches"]
+    kw = dict(seeds=4, num_inference_steps=3, height=32, width=32)
+    for flags, hires, fields in [
+            (["--hires-scale", "1.5", "--hires-steps", "2"], HiresFix(1.5, 2, 0.7),
+             "Denoising strength: 0.7, Hires upscale: 1.5, Hires steps: 2, Hires upscaler: Latent"),
+            (["--hires-scale", "1.5", "--hires-strength", "0.5", "--hires-upscaler", "lanczos"],
+             HiresFix(1.5, None, 0.5, "lanczos"),
+             "Denoising strength: 0.5, Hires upscale: 1.5, Hires upscaler: Lanczos")]:
+        out = tmp_path / hires.upscaler
+        rc, _, stderr = run_main(capsys, "a dog", "--seeds", "4", *flags, "--out", out, *SMALL[:-4], *same)
+        assert rc == 0, stderr
+        png = out / "00000-seed4-a-dog.png"
+        text = I.read_png_parameters(png)
+        assert text.endswith(f"Size: 32x32, Model: {pipe_dir.name}, {fields}"), text
+        assert Image.open(png).size == (48, 48)
+        np.testing.assert_array_equal(pixels(png), pipe("a dog", hires=hires, **kw).to_pil()[0])
+        rc, _, stderr = run_main(capsys, "--from-png", png, "--out", tmp_path / "again", *same)
+        assert rc == 0 and "warning" not in stderr.lower(), stderr
+        again = sorted((tmp_path / "again").glob("*-seed4-a-dog.png"))[-1]
+        np.testing.assert_array_equal(pixels(again), pixels(png))
+        assert I.read_png_parameters(again) == text
+    # (the hires fix changes the image: not the first pass's enlarged)
+    assert not np.array_equal(pixels(png), np.asarray(pipe("a dog", **kw).to_pil()[0].resize((48, 48))))
+
+
+def test_from_png_takes_over_a1111_hires_fix_and_names_the_upscalers_it_lacks(tmp_path):
+    """An A1111 txt2img image made with the Hires fix is made again with it: Hires upscale, Hires steps (0:
+    the Steps), Denoising strength (its second pass's, no img2img strength), Hires upscaler Latent (also
+    when left out, A1111's default) or Lanczos. Another upscaler (R-ESRGAN 4x+, Latent (nearest)) or a
+    Hires resize to a size leave the Hires fix out, said in a warning naming it; other Hires fields
+    (Hires sampler) are named as left out."""
+    from sdjax import HiresFix
+
+    def png(text):
+        I.save_png(np.zeros((8, 8, 3)), tmp_path / "a.png", text)
+        return str(tmp_path / "a.png")
+    settings = "Steps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 64x64, Model hash: abc, Version: v1.10.1"
+    hires = lambda req: (req.hires_scale, req.hires_steps, req.hires_strength, req.hires_upscaler)  # noqa: E731
+    for fields, want in [
+            ("Denoising strength: 0.7, Hires upscale: 2, Hires steps: 10, Hires upscaler: Latent",
+             (2.0, 10, 0.7, "latent")),
+            ("Denoising strength: 0.45, Hires upscale: 1.5, Hires upscaler: Lanczos", (1.5, None, 0.45, "lanczos")),
+            ("Denoising strength: 0.6, Hires upscale: 2, Hires steps: 0", (2.0, None, 0.6, "latent"))]:
+        req, args = sample.parse_request(["--from-png", png(f"a fox\n{settings}, {fields}")])
+        assert hires(req) == want and req.strength is None and args.png_notes == [], fields
+        assert req.hires == HiresFix(want[0], want[1], want[2], want[3]) and (req.width, req.height) == (64, 64)
+    req, args = sample.parse_request(["--from-png", png(f"a fox\n{settings}, Denoising strength: 0.7, Hires "
+                                                          "upscale: 2, Hires upscaler: Latent"),
+                                      "--hires-steps", "4", "--hires-upscaler", "lanczos"])
+    assert hires(req) == (2.0, 4, 0.7, "lanczos")   # flags given override the image's
+    for upscaler in ("R-ESRGAN 4x+", "Latent (nearest)"):
+        req, args = sample.parse_request(["--from-png", png(f"a fox\n{settings}, Denoising strength: 0.7, Hires "
+                                                              f"upscale: 2, Hires upscaler: {upscaler}, Hires sampler: "
+                                                              "DPM++ 2M")])
+        assert req.hires is None and req.strength is None
+        assert args.png_notes == [
+            f"--from-png: settings sample.py has no flag for are left out: the Hires fix (its Hires upscaler "
+            f"'{upscaler}' has no sdjax equivalent (sdjax has Latent, Lanczos): this run makes the first pass "
+            f"only, at Size); Denoising strength: 0.7; Hires upscale: 2; Hires upscaler: {upscaler}; "
+            "Hires sampler: DPM++ 2M"]
+    req, args = sample.parse_request(["--from-png", png(f"a fox\n{settings}, Denoising strength: 0.7, Hires "
+                                                          "resize: 1024x1024, Hires upscaler: Latent")])
+    assert req.hires is None and "a Hires resize to a size: sdjax takes a factor" in args.png_notes[0]
+    with pytest.raises(UsageError, match=r"a.png: its hires_scale 1.0: must be a number above 1"):
+        sample.parse_request(["--from-png", png(f"a fox\n{settings}, Denoising strength: 0.7, Hires upscale: 1")])
 
 
 def test_init_image_and_strength_make_the_pipelines_img2img_and_are_recorded(pipe_dir, pipe, tmp_path, capsys):
@@ -1040,6 +1115,22 @@ BAD_INPUTS = {
                               "--strength 0.1: with --steps 5 runs no step"),
     "steps_run_no_step_at_default_strength": (["a cat", "--init-image", "{tmp}/init.png", "--steps", "1"],
                                               "--steps 1: with img2img's default --strength 0.8 runs no step"),
+    "hires_scale_not_above_1": (["a cat", "--hires-scale", "1"], "--hires-scale 1.0: must be a number above 1"),
+    "hires_scale_nan": (["a cat", "--hires-scale", "nan"], "--hires-scale nan: must be a number above 1"),
+    "hires_steps_range": (["a cat", "--hires-scale", "2", "--hires-steps", "0"],
+                          "--hires-steps 0: must be an integer in 1..1000"),
+    "hires_strength_range": (["a cat", "--hires-scale", "2", "--hires-strength", "0"],
+                             "--hires-strength 0.0: must be a number in (0, 1]"),
+    "hires_upscaler_unknown": (["a cat", "--hires-scale", "2", "--hires-upscaler", "esrgan"],
+                               "--hires-upscaler esrgan: choose one of latent, lanczos"),
+    "hires_runs_no_step": (["a cat", "--hires-scale", "2", "--hires-steps", "2", "--hires-strength", "0.3"],
+                           "--hires-strength 0.3: with 2 second-pass steps runs no step"),
+    "hires_strength_without_scale": (["a cat", "--hires-strength", "0.5"],
+                                     "--hires-strength 0.5: is the Hires fix's: give --hires-scale too"),
+    "hires_steps_without_scale": (["a cat", "--hires-steps", "5"], "--hires-steps 5: is the Hires fix's"),
+    "hires_with_init_image": (["a cat", "--hires-scale", "2", "--init-image", "{tmp}/init.png"],
+                              "--hires-scale 2.0: the Hires fix is text-to-image in two passes: not with --init-image"),
+    "hires_with_trajectory": (["a cat", "--hires-scale", "2", "--trajectory"], "the Hires fix makes no trajectory"),
     "init_image_smaller_than_8": (["a cat", "--init-image", "{tmp}/tiny.png"], "--height 0: must be a positive "
                                   "multiple of 8 (the init image is smaller than 8 pixels"),
     "from_png_missing": (["--from-png", "{tmp}/nope.png"], "error: --from-png {tmp}/nope.png: no such file"),

@@ -62,9 +62,9 @@ def test_hires_latent_matches_diffusers_txt2img_upscale_img2img(pipe, reference_
     up = F.interpolate(first, size=(SIZE, SIZE), mode="bilinear", align_corners=False, antialias=False)
     want = ref2(PROMPTS, negative_prompt=NEGATIVES, image=up, strength=0.7, num_inference_steps=STEPS,
                 output_type="np").images
-    assert bar.n == STEPS + int(STEPS * 0.7)
     assert ours.images.shape == want.shape == (2, 2 * SIZE, 2 * SIZE, 3) and want.std() > 0.01
     assert np.abs(ours.images - want).max() <= 2e-5
+    assert bar.n == STEPS + int(STEPS * 0.7)
     assert ours.seeds == SEEDS and ours.prompts == PROMPTS
     # what the check stands on: the second pass's own noise and strength show
     other = ref2(PROMPTS, negative_prompt=NEGATIVES, image=up, strength=0.5, num_inference_steps=STEPS,
