@@ -83,7 +83,15 @@ def test_hires_steps_and_lanczos_are_their_definition(pipe, weighting):
               prompt_weighting=weighting)
     hires = HiresFix(scale=1.5, steps=6, strength=0.5, upscaler="lanczos")
     ours = pipe(prompts, num_inference_steps=STEPS, hires=hires, **kw).images
-    first = pipe(prompts, num_inference_steps=STEPS, **kw).images
+    calls = []
+    original = pipe._generate
+    pipe._generate = lambda *a, **k: calls.append(k) or original(*a, **k)
+    try:
+        first = pipe(prompts, num_inference_steps=STEPS, **kw).images
+    finally:
+        pipe._generate = original
+    # without hires, the program of before: none of the hires inputs or static arguments
+    assert [k for k in calls[0] if k in ("return_latents", "decode", "init_latents_BHWC")] == []
     big = int(SIZE * 1.5) // 8 * 8
     resized = [as_pil(x).resize((big, big), Image.Resampling.LANCZOS) for x in first]
     want = pipe(prompts, num_inference_steps=6, init_images=resized, strength=0.5,
