@@ -81,7 +81,8 @@ def test_edited_prompts_make_diffusers_images_with_the_text_switched_at_those_ca
 
     def texts_at(c):
         step = max(c, 1)
-        return (["a photo of the cat" if c <= 3 else "a photo of the dog", "the red dog" if step % 2 else "the blue dog"],
+        return (["a photo of the cat" if c <= 3 else "a photo of the dog",
+                 "the red dog" if step % 2 else "the blue dog"],
                 ["blurry" if c <= 5 else "sharp", ""])
 
     embeds = [[_embeds(reference_pipe, t) for t in texts_at(c)] for c in range(calls)]
