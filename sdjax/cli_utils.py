@@ -26,11 +26,9 @@ import numpy as np
 from sdjax.images import (a1111_parameters, as_pil, image_grid, image_file_name, image_strip, reserve_indices,
                           save_gif, save_png)
 from sdjax.models.layers import attention_setting_problem
-from sdjax.pipeline import (DEFAULT_MODEL, HIRES_UPSCALERS, MAX_SEED, HiresFix,  # noqa: F401  (re-exported for
-                            model_options_problem)                           # sample.py)
+from sdjax.pipeline import (DEFAULT_MODEL, HIRES_STRENGTH, HIRES_UPSCALERS, MAX_SEED, HiresFix,  # noqa: F401
+                            model_options_problem)                  # (DEFAULT_MODEL, MAX_SEED: for sample.py)
 from sdjax.sampling import DEFAULT_STRENGTH
-
-HIRES_STRENGTH = 0.7   # the Hires fix's second pass's denoising strength by default, as A1111's
 from sdjax.schedulers import SCHEDULERS, resolve_scheduler_config
 from sdjax.weights import DTYPE_NAMES
 

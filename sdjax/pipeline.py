@@ -144,6 +144,7 @@ def _tokenizer_and_scheduler(root: Path) -> dict:
 
 
 HIRES_UPSCALERS = ("latent", "lanczos")
+HIRES_STRENGTH = 0.7   # the second pass's denoising strength by default, as A1111's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,7 +158,7 @@ class HiresFix:
     (its image decoded, resized with PIL's Lanczos and encoded again, as img2img encodes init images)."""
     scale: float = 2.0
     steps: int | None = None
-    strength: float = 0.7
+    strength: float = HIRES_STRENGTH
     upscaler: str = "latent"
 
     def __post_init__(self):
