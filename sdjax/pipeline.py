@@ -267,6 +267,18 @@ def _tokenize_edited(tokenizer, prompts: list[str], steps: int, calls: int, kind
             np.asarray([edits[p][1] for p in prompts], np.int32))
 
 
+def _weighted_text(tokenizer, prompts: list[str], negatives: list[str], steps: int, calls: int):
+    """Prompts and negative prompts in AUTOMATIC1111's syntax for a run of ``calls`` model calls over
+    ``steps`` steps: their ids and the sampler's text inputs (weights, and phases where a text edits).
+    One window count for the prompts and one for the negative prompts (each their longest): every batch
+    runs the same program; if the two differ, the UNet runs on each apart, as A1111 does by default."""
+    ids, weights, phases = _tokenize_edited(tokenizer, prompts, steps, calls, "prompt")
+    neg_ids, neg_weights, neg_phases = _tokenize_edited(tokenizer, negatives, steps, calls, "negative prompt")
+    inputs = {"cond_weights_BT": weights, "uncond_weights_BT": neg_weights, "cond_phases_BC": phases,
+              "uncond_phases_BC": neg_phases}
+    return ids, neg_ids, {name: value for name, value in inputs.items() if value is not None}
+
+
 def _as_list(x, name) -> list:
     """``x`` as a list: a string or integer as one item, an array's elements as Python scalars."""
     if x is None:
@@ -897,24 +909,15 @@ class StableDiffusion:
             shape2 = (h2 // self.vae_scale, w2 // self.vae_scale, latent_shape[2])
             second = dict(hires=hires, sched=sched2, first_call=first2, latent_shape=shape2, size=(h2, w2))
 
-        weights = neg_weights = phases = neg_phases = None   # None: no input, the default program unchanged
+        text_inputs = {}   # (empty: no input, the default program unchanged)
         if prompt_weighting:
-            # One window count for the whole call's prompts and one for its negative prompts (each its
-            # longest: tokenize_weighted's default): every batch runs the same program; if the two differ,
-            # the guidance step runs the UNet on each apart, as A1111 does by default.
-            calls = sched.num_model_calls - first_call
-            ids, weights, phases = _tokenize_edited(self.tokenizer, prompts, num_inference_steps, calls, "prompt")
-            neg_ids, neg_weights, neg_phases = _tokenize_edited(self.tokenizer, negatives, num_inference_steps,
-                                                                calls, "negative prompt")
-            if second is not None and (phases is not None or neg_phases is not None):
+            ids, neg_ids, text_inputs = _weighted_text(self.tokenizer, prompts, negatives, num_inference_steps,
+                                                       sched.num_model_calls - first_call)
+            if second is not None and any("phases" in name for name in text_inputs):
                 # prompt editing in the second pass: over its own steps and calls (as img2img's)
-                calls2 = second["sched"].num_model_calls - second["first_call"]
-                edited = (_tokenize_edited(self.tokenizer, texts, hires_steps, calls2, kind)
-                          for texts, kind in ((prompts, "prompt"), (negatives, "negative prompt")))
-                (second["ids"], w2_, p2_), (second["neg_ids"], nw2_, np2_) = edited
-                second["text_inputs"] = {name: value for name, value in (
-                    ("cond_weights_BT", w2_), ("uncond_weights_BT", nw2_), ("cond_phases_BC", p2_),
-                    ("uncond_phases_BC", np2_)) if value is not None}
+                second["ids"], second["neg_ids"], second["text_inputs"] = _weighted_text(
+                    self.tokenizer, prompts, negatives, hires_steps,
+                    second["sched"].num_model_calls - second["first_call"])
         else:
             ids = tokenize(self.tokenizer, prompts)
             neg_ids = tokenize(self.tokenizer, negatives, kind="negative prompt")
@@ -927,9 +930,6 @@ class StableDiffusion:
         per_call = min(parallel.padded_size(batch_size or 4 * parallel.data_size(self.mesh), self.mesh),
                        parallel.padded_size(n, self.mesh))
         seeds = np.asarray(seeds, np.uint32)
-        text_inputs = {name: value for name, value in (
-            ("cond_weights_BT", weights), ("uncond_weights_BT", neg_weights), ("cond_phases_BC", phases),
-            ("uncond_phases_BC", neg_phases)) if value is not None}
         if second is not None and "ids" not in second:   # the first pass's texts serve the second too
             second.update(ids=ids, neg_ids=neg_ids, text_inputs=text_inputs)
         return self._batches(prompts, negatives, seeds, ids, neg_ids, latents, init_images, first_call, sched,
