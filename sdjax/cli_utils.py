@@ -734,11 +734,12 @@ def validate_request(req: SampleRequest) -> None:
     if not req.prompts:
         raise UsageError("no prompt given: pass a prompt, or --prompts-file FILE")
     if req.prompt_weighting:   # a weight that is no number, (word:1.2.3): the pipeline would raise mid-run
-        from sdjax.text import parse_prompt_attention, prompt_schedule
+        from sdjax.text import composable_parts, parse_prompt_attention, prompt_schedule
         for text in dict.fromkeys([*req.prompts, req.negative_prompt]):
-            try:   # (each text its editing gives: (a:[1.2:1.3.4:2]) is (a:1.3.4) after step 2)
+            try:   # (each text its editing gives: (a:[1.2:1.3.4:2]) is (a:1.3.4) after step 2; a prompt's AND parts)
                 steps = req.steps if isinstance(req.steps, int) and req.steps >= 1 else 1
-                for _, edited in [(0, text), *prompt_schedule(text, steps)]:
+                parts = [part for part, _ in composable_parts(text)] if text in req.prompts else [text]
+                for _, edited in [(0, text), *(entry for part in parts for entry in prompt_schedule(part, steps))]:
                     parse_prompt_attention(edited)
             except ValueError as e:
                 if text in req.prompts:
@@ -771,6 +772,14 @@ def validate_request(req: SampleRequest) -> None:
         raise _bad_setting("steps", req.steps, "must be an integer in 1..1000 (typical 20-100)")
     if not isinstance(req.guidance_scale, (int, float)) or not math.isfinite(req.guidance_scale):
         raise _bad_setting("guidance_scale", req.guidance_scale, "must be a finite number (typical 5-15)")
+    if req.prompt_weighting and req.guidance_scale <= 1:
+        from sdjax.text import composable_parts
+        composed = [p for p in req.prompts if [w for _, w in composable_parts(p)] != [1.0]]
+        if composed:
+            raise _bad_setting("guidance_scale", req.guidance_scale,
+                               f"the prompt {composed[0]!r} has AND or a weight (':2' at its end: AUTOMATIC1111's "
+                               "composable diffusion, read with --prompt-weighting), which acts through guidance: "
+                               "give a guidance scale above 1")
     if isinstance(req.clip_skip, bool) or not isinstance(req.clip_skip, int) or req.clip_skip < 1:
         # (the upper end, the text encoder's layer count, once the model is loaded: clip_skip_problem)
         raise _bad_setting("clip_skip", req.clip_skip, "must be an integer >= 1 (1: the text encoder's last layer, "

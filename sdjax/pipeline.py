@@ -19,7 +19,7 @@ from flax import nnx
 from sdjax import parallel, sampling
 from sdjax.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
 from sdjax.schedulers import SCHEDULERS, make_noise_schedule, make_scheduler, pipeline_scheduler_config
-from sdjax.text import edited_prompts, load_tokenizer, tokenize, tokenize_weighted
+from sdjax.text import composable_parts, edited_prompts, load_tokenizer, tokenize, tokenize_weighted, window_count
 from sdjax.weights import (SINGLE_FILE_SUFFIXES, CheckpointError, fetch_missing_bin_weights, has_weights, hub_files,
                            is_url, load_single_file, load_vae_file, prepare_single_file, read_config,
                            read_json_object, read_lora, read_textual_inversion, resolve_dtype, resolve_model_dir,
@@ -249,34 +249,67 @@ _EXPECTED = {"prompts": "a string or a list of strings", "negative_prompts": "a 
              "seeds": "an integer, a list of integers or an integer array"}
 
 
-def _tokenize_edited(tokenizer, prompts: list[str], steps: int, calls: int, kind: str):
+def _tokenize_edited(tokenizer, prompts: list[str], steps: int, calls: int, kind: str, compose: bool = False):
     """`tokenize_weighted` of prompts in AUTOMATIC1111's syntax, their prompt editing included
     (`sdjax.text.edited_prompts` over ``steps`` and the run's ``calls`` model calls): ids and weights
     [n, T] and no phases where every prompt has one text for the whole run (that text's: the prompt
     itself where it has no editing); else ids and weights [n, P, T], each prompt's distinct texts (its
-    last repeated up to the call's most, P), and the phases int32 [n, calls]."""
-    edits = {p: edited_prompts(p, steps, calls) for p in dict.fromkeys(prompts)}
-    P = max(len(texts) for texts, _ in edits.values())
-    if P == 1:
-        ids, weights = tokenize_weighted(tokenizer, [edits[p][0][0] for p in prompts], kind=kind)
-        return ids, weights, None
-    texts = [t for p in prompts for t in edits[p][0] + [edits[p][0][-1]] * (P - len(edits[p][0]))]
-    ids, weights = tokenize_weighted(tokenizer, texts, kind=kind)
+    last repeated up to the call's most, P), and the phases int32 [n, calls]. As a dict of `generate`'s
+    inputs (the ids under "ids").
+
+    ``compose`` (prompts, not negative prompts: A1111 reads ``AND`` in those only): each prompt's
+    `composable_parts`; where one has several, or a weight other than 1, each image's texts are those
+    of its K parts (the call's most; an image with fewer has parts of weight 0), the phases int32
+    [n, K, calls], with the parts' weights [n, K] and, where an image's parts take different window
+    counts, each text's own length [n, P] (A1111 lines them up by repeating the last state)."""
+    parts = {p: composable_parts(p) if compose else [(p, 1.0)] for p in dict.fromkeys(prompts)}
+    edits = {text: edited_prompts(text, steps, calls) for ps in parts.values() for text, _ in ps}
+    if all(len(ps) == 1 and ps[0][1] == 1.0 for ps in parts.values()):
+        texts_of = {p: edits[ps[0][0]][0] for p, ps in parts.items()}
+        phases_of = {p: [edits[ps[0][0]][1]] for p, ps in parts.items()}
+        weights_of = lengths_of = None
+    else:   # AND: each image's texts are its parts' in turn
+        K = max(len(ps) for ps in parts.values())
+        texts_of, phases_of, weights_of, lengths_of = {}, {}, {}, {}
+        window = tokenizer.model_max_length
+        for p, ps in parts.items():
+            texts, phases, lengths = [], [], []
+            for text, _ in ps:
+                part_texts, part_phases = edits[text]
+                phases.append([len(texts) + phase for phase in part_phases])
+                texts += part_texts   # (a part's texts are encoded together in A1111: its longest's windows)
+                lengths += [window * window_count(tokenizer, part_texts)] * len(part_texts)
+            texts_of[p], lengths_of[p] = texts, lengths
+            phases_of[p] = phases + [[0] * calls] * (K - len(ps))
+            weights_of[p] = [w for _, w in ps] + [0.0] * (K - len(ps))
+    P = max(len(texts) for texts in texts_of.values())
+    if P == 1 and weights_of is None:
+        ids, weights = tokenize_weighted(tokenizer, [texts_of[p][0] for p in prompts], kind=kind)
+        return {"ids": ids, "weights_BT": weights}
+    pad = lambda x: x + [x[-1]] * (P - len(x))  # noqa: E731
+    ids, weights = tokenize_weighted(tokenizer, [t for p in prompts for t in pad(texts_of[p])], kind=kind)
     n = len(prompts)
-    return (ids.reshape(n, P, -1), weights.reshape(n, P, -1),
-            np.asarray([edits[p][1] for p in prompts], np.int32))
+    phases = np.asarray([phases_of[p] for p in prompts], np.int32)
+    out = {"ids": ids.reshape(n, P, -1), "weights_BT": weights.reshape(n, P, -1),
+           "phases_BC": phases if weights_of is not None else phases[:, 0]}
+    if weights_of is not None:
+        out["part_weights_BK"] = np.asarray([weights_of[p] for p in prompts], np.float32)
+        if any(len(set(lengths)) > 1 for lengths in lengths_of.values()):
+            out["lengths_BP"] = np.asarray([pad(lengths_of[p]) for p in prompts], np.int32)
+    return out
 
 
 def _weighted_text(tokenizer, prompts: list[str], negatives: list[str], steps: int, calls: int):
     """Prompts and negative prompts in AUTOMATIC1111's syntax for a run of ``calls`` model calls over
-    ``steps`` steps: their ids and the sampler's text inputs (weights, and phases where a text edits).
-    One window count for the prompts and one for the negative prompts (each their longest): every batch
-    runs the same program; if the two differ, the UNet runs on each apart, as A1111 does by default."""
-    ids, weights, phases = _tokenize_edited(tokenizer, prompts, steps, calls, "prompt")
-    neg_ids, neg_weights, neg_phases = _tokenize_edited(tokenizer, negatives, steps, calls, "negative prompt")
-    inputs = {"cond_weights_BT": weights, "uncond_weights_BT": neg_weights, "cond_phases_BC": phases,
-              "uncond_phases_BC": neg_phases}
-    return ids, neg_ids, {name: value for name, value in inputs.items() if value is not None}
+    ``steps`` steps: their ids and the sampler's text inputs (weights, and phases where a text edits,
+    and the parts' weights where a prompt has ``AND``). One window count for the prompts and one for the
+    negative prompts (each their longest): every batch runs the same program; if the two differ, the
+    UNet runs on each apart, as A1111 does by default."""
+    cond = _tokenize_edited(tokenizer, prompts, steps, calls, "prompt", compose=True)
+    uncond = _tokenize_edited(tokenizer, negatives, steps, calls, "negative prompt")
+    inputs = {f"cond_{name}": value for name, value in cond.items() if name != "ids"}
+    inputs.update({f"uncond_{name}": value for name, value in uncond.items() if name != "ids"})
+    return cond["ids"], uncond["ids"], inputs
 
 
 def _as_list(x, name) -> list:
@@ -780,6 +813,11 @@ class StableDiffusion:
         (`sdjax.text.edited_prompts`). Each image's texts are encoded once and each call's picked from an
         input table (`sdjax.sampling.TextSchedule`); a call with editing compiles a program per count of
         texts, one without runs the program of before.
+        With it, A1111's ``AND`` too (composable diffusion, `sdjax.text.composable_parts`): ``a cat AND a dog :0.8``
+        guides each image by both parts at once, eps_u + g * sum_k w_k (eps_k - eps_u) (one UNet call of K + 1
+        texts an image, `sdjax.sampling.Composition`); a prompt's trailing ``:number`` is its part's weight,
+        also without ``AND`` (it scales the guidance); ``AND`` in a negative prompt is text, as in A1111. Needs
+        ``guidance_scale`` above 1.
         ``hires``: AUTOMATIC1111's "Hires. fix", a `HiresFix`: each image is made at height x width as above
         (the first pass), enlarged (its latents resized, or its image with Lanczos) and denoised again at the
         larger size from the HiresFix's strength of its schedule on (img2img: the second pass, its noise drawn
@@ -913,6 +951,11 @@ class StableDiffusion:
         if prompt_weighting:
             ids, neg_ids, text_inputs = _weighted_text(self.tokenizer, prompts, negatives, num_inference_steps,
                                                        sched.num_model_calls - first_call)
+            if "cond_part_weights_BK" in text_inputs and guidance_scale <= 1.0:
+                composed = next(p for p in prompts if [w for _, w in composable_parts(p)] != [1.0])
+                raise ValueError(f"prompt {composed!r} has AND or a weight (\":2\" at its end: AUTOMATIC1111's "
+                                 "composable diffusion), which acts through guidance: guidance_scale must be above 1 "
+                                 f"(it is {guidance_scale:g})")
             if second is not None and any("phases" in name for name in text_inputs):
                 # prompt editing in the second pass: over its own steps and calls (as img2img's)
                 second["ids"], second["neg_ids"], second["text_inputs"] = _weighted_text(

@@ -181,14 +181,43 @@ class TextSchedule(NamedTuple):
     """Text states that change during sampling (AUTOMATIC1111's prompt editing and alternation:
     `sdjax.text.edited_prompts`), as `denoise` takes them in place of one state per image:
     ``states_BPSD`` [B, P, S, D], the states of each image's P texts, and ``phases_BC`` int [B, C], for
-    each of the run's C model calls (from the first one run) the text it conditions on."""
+    each of the run's C model calls (from the first one run) the text it conditions on; or phases
+    [B, K, C], the texts of each image's K parts at once (a `Composition`'s)."""
     states_BPSD: jax.Array
     phases_BC: jax.Array
 
     def at(self, c) -> jax.Array:
-        """The states [B, S, D] of model call ``c`` (counted from the run's first)."""
+        """The states [B, S, D] of model call ``c`` (counted from the run's first); [B, K, S, D] with
+        phases [B, K, C]."""
+        if self.phases_BC.ndim == 3:
+            phase_BK = jax.lax.dynamic_index_in_dim(self.phases_BC, c, axis=2, keepdims=False)
+            return jnp.take_along_axis(self.states_BPSD, phase_BK[:, :, None, None], axis=1)
         phase_B = jax.lax.dynamic_index_in_dim(self.phases_BC, c, axis=1, keepdims=False)
         return jnp.take_along_axis(self.states_BPSD, phase_B[:, None, None, None], axis=1)[:, 0]
+
+
+class Composition(NamedTuple):
+    """Several texts per image at once: AUTOMATIC1111's ``AND`` (composable diffusion, Liu et al. 2022),
+    guided as eps_u + g * sum_k w_k (eps_k - eps_u) over each image's K texts, as A1111's
+    ``combine_denoised`` does. ``texts``: their states [B, K, S, D], or a `TextSchedule` whose phases are
+    [B, K, C] (prompt editing in the parts); ``weights_BK``: float [B, K], the parts' weights (a part of
+    weight 0 adds nothing: the padding of an image with fewer parts). `denoise` takes it as ``cond_BSD``,
+    with ``uncond_BSD`` given (the parts act through guidance)."""
+    texts: Any
+    weights_BK: jax.Array
+
+
+def extend_by_last_state(states, lengths) -> jax.Array:
+    """Text states [B, P, S, D] of each image's P texts, each with its own length (``lengths`` int
+    [B, P], tokens: 77 x its windows) brought to the longest of its image's by repeating its last
+    state, as AUTOMATIC1111's ``reconstruct_multicond_batch`` lines up the parts of an ``AND`` that take
+    different window counts; the states past an image's longest are left as they are."""
+    S = states.shape[-2]
+    lengths = jnp.asarray(lengths, jnp.int32)
+    s = jnp.arange(S, dtype=jnp.int32)
+    longest = lengths.max(axis=-1, keepdims=True)[..., None]                       # [B, 1, 1]
+    source = jnp.where(s < longest, jnp.minimum(s, lengths[..., None] - 1), s)     # [B, P, S]
+    return jnp.take_along_axis(states, source[..., None], axis=-2)
 
 
 def encode_edited_prompts(text_encoder, token_ids_BPT, phases_BC, clip_skip: int = 1,
@@ -216,7 +245,8 @@ def guided_model_output(unet, model_input_B, t, cond_BSD, uncond_BSD, guidance_s
     """Classifier-free guidance as one batched UNet call: eps_u + g * (eps_c - eps_u), with
     ``guidance_scale`` g a number or one per image ([B]). ``cond_BSD`` / ``uncond_BSD``: text states
     per image, or one ([1, S, D]) for every image, as `denoise` takes them; ``uncond_BSD=None``: the
-    conditional output alone.
+    conditional output alone. ``cond_BSD`` may be a `Composition` of states (several texts an image,
+    A1111's ``AND``: one UNet call of K + 1 texts an image).
 
     The two halves are interleaved per image ([u0, c0, u1, c1, ...]) rather than concatenated, so
     with the batch split over devices each device keeps its own images' pairs (no cross-device
@@ -227,6 +257,8 @@ def guided_model_output(unet, model_input_B, t, cond_BSD, uncond_BSD, guidance_s
     B = model_input_B.shape[0]
     cond_BSD, uncond_BSD = (_match_batch(x, B, name)   # (under denoise: already B rows)
                             for x, name in ((cond_BSD, "cond_BSD"), (uncond_BSD, "uncond_BSD")))
+    if isinstance(cond_BSD, Composition):
+        return _composed_model_output(unet, model_input_B, t, cond_BSD, uncond_BSD, guidance_scale)
     if uncond_BSD is None:
         return unet(model_input_B, t, cond_BSD).astype(F32)
     if uncond_BSD.shape[1] != cond_BSD.shape[1]:
@@ -237,6 +269,29 @@ def guided_model_output(unet, model_input_B, t, cond_BSD, uncond_BSD, guidance_s
     eps = eps.reshape(B, 2, *eps.shape[1:])
     eps_uncond, eps_cond = eps[:, 0], eps[:, 1]
     return eps_uncond + _per_image(guidance_scale, B, eps_cond.ndim) * (eps_cond - eps_uncond)
+
+
+def _composed_model_output(unet, x_B, t, parts: Composition, uncond_BSD, guidance_scale) -> jax.Array:
+    """`guided_model_output` of a `Composition` of states [B, K, S, D]: each image's negative and its K
+    parts in one UNet call ([u0, c0_1..c0_K, u1, ...]: an image's rows stay on its device), or with the
+    negative prompt at another length, the negatives and the parts in a call each."""
+    if uncond_BSD is None:
+        raise ValueError("a Composition combines its texts through guidance: give uncond_BSD (AUTOMATIC1111's "
+                         "AND needs guidance_scale > 1)")
+    texts, weights = parts.texts, jnp.asarray(parts.weights_BK, F32)
+    B, K, S, D = texts.shape
+    shape = x_B.shape[1:]
+    repeat = lambda n: jnp.broadcast_to(x_B[:, None], (B, n, *shape)).reshape(B * n, *shape)  # noqa: E731
+    if uncond_BSD.shape[1] == S:
+        states = jnp.concatenate([uncond_BSD[:, None], texts], axis=1).reshape(B * (K + 1), S, D)
+        eps = unet(repeat(K + 1), t, states).astype(F32).reshape(B, K + 1, *shape)
+        eps_uncond, eps_parts = eps[:, 0], eps[:, 1:]
+    else:
+        eps_uncond = unet(x_B, t, uncond_BSD).astype(F32)
+        eps_parts = unet(repeat(K), t, texts.reshape(B * K, S, D)).astype(F32).reshape(B, K, *shape)
+    w = weights.reshape(B, K, *([1] * (x_B.ndim - 1)))
+    guided = jnp.sum(w * (eps_parts - eps_uncond[:, None]), axis=1)
+    return eps_uncond + _per_image(guidance_scale, B, eps_uncond.ndim) * guided
 
 
 def _per_image(guidance_scale, B: int, ndim: int) -> jax.Array:
@@ -264,7 +319,8 @@ def denoise(unet, scheduler: Scheduler, latents_BHWC, cond_BSD, uncond_BSD=None,
     is entered there as diffusers does (`Scheduler.starting_at`).
     ``cond_BSD`` / ``uncond_BSD``: text states for each image, or one ([1, S, D]) for all of them (S
     may differ between the two: `guided_model_output` then runs the UNet on each apart), or a
-    `TextSchedule` (states that change from one model call to the next: prompt editing);
+    `TextSchedule` (states that change from one model call to the next: prompt editing), or for
+    ``cond_BSD`` a `Composition` (several texts an image: A1111's ``AND``);
     ``uncond_BSD=None`` skips guidance (one UNet pass); ``guidance_scale``: a number or one per
     image ([B]). ``keys_B``: one key per image (typed [B], or raw uint32 [B, 2]), needed by the
     stochastic schedulers (`step_keys` gives the pipeline's). Returns the final latents, and with
@@ -289,13 +345,19 @@ def denoise(unet, scheduler: Scheduler, latents_BHWC, cond_BSD, uncond_BSD=None,
     if cond_BSD is None:
         raise TypeError("cond_BSD is required: the text states the UNet attends to (encode_prompts); for "
                         "unconditional images pass the empty prompt's")
-    cond_BSD, uncond_BSD = (x if x is None or isinstance(x, TextSchedule) or hasattr(x, "ndim") else jnp.asarray(x)
-                            for x in (cond_BSD, uncond_BSD))
+    if isinstance(uncond_BSD, Composition):
+        raise TypeError("uncond_BSD is a Composition: the parts of an AND are the prompt's (cond_BSD); the negative "
+                        "prompt is one text an image")
+    as_array = lambda x: x if x is None or isinstance(x, (TextSchedule, Composition)) or hasattr(x, "ndim") \
+        else jnp.asarray(x)  # noqa: E731
+    cond_BSD, uncond_BSD = as_array(cond_BSD), as_array(uncond_BSD)
     calls = scheduler.num_model_calls - start
+    if isinstance(cond_BSD, Composition):
+        cond_BSD = _checked_composition(cond_BSD, calls, uncond_BSD)
     for x, name in ((cond_BSD, "cond_BSD"), (uncond_BSD, "uncond_BSD")):
         if isinstance(x, TextSchedule):
             _check_text_schedule(x, calls, name)
-        elif x is not None and x.ndim != 3:
+        elif x is not None and not isinstance(x, Composition) and x.ndim != 3:
             raise ValueError(f"{name} has shape {tuple(x.shape)}; expected text states [batch or 1, tokens, width]")
     cond_shape, uncond_shape = (None if x is None else _states_shape(x) for x in (cond_BSD, uncond_BSD))
     if uncond_shape is not None and uncond_shape[2] != cond_shape[2]:
@@ -311,6 +373,8 @@ def denoise(unet, scheduler: Scheduler, latents_BHWC, cond_BSD, uncond_BSD=None,
         scheduler = scheduler.starting_at(start)
 
     def text_at(states, i):
+        if isinstance(states, Composition):
+            return Composition(text_at(states.texts, i), states.weights_BK)
         return states.at(i - start) if isinstance(states, TextSchedule) else states
 
     def body(carry, i):
@@ -348,22 +412,49 @@ def _check_keys(scheduler: Scheduler, keys_B, B: int) -> None:
                      f"jax.random.split(key, {B}))")
 
 
+def _checked_composition(x: Composition, calls: int, uncond) -> Composition:
+    """A `Composition` for `denoise`: its texts [B, K, S, D] (or a `TextSchedule` of phases [B, K, C])
+    and weights [B or 1, K], with a negative prompt to guide against."""
+    if uncond is None:
+        raise ValueError("cond_BSD is a Composition (several texts an image, AUTOMATIC1111's AND), which acts "
+                         "through guidance: give uncond_BSD (the negative prompt's states; AND needs "
+                         "guidance_scale > 1)")
+    texts = x.texts if isinstance(x.texts, TextSchedule) or hasattr(x.texts, "ndim") else jnp.asarray(x.texts)
+    weights = jnp.asarray(x.weights_BK)
+    if isinstance(texts, TextSchedule):
+        _check_text_schedule(texts, calls, "cond_BSD's Composition", parts=True)
+        batch, K = texts.phases_BC.shape[:2]
+    else:
+        if texts.ndim != 4:
+            raise ValueError(f"cond_BSD is a Composition of texts of shape {tuple(texts.shape)}; expected states "
+                             "[batch, parts, tokens, width] (or a TextSchedule)")
+        batch, K = texts.shape[:2]
+    if weights.ndim != 2 or weights.shape[1] != K or weights.shape[0] not in (1, batch):
+        raise ValueError(f"cond_BSD is a Composition of {K} parts an image with weights of shape "
+                         f"{tuple(weights.shape)}; expected [{batch} or 1, {K}]: one weight a part")
+    return Composition(texts, weights)
+
+
 def _states_shape(x) -> tuple:
-    """The [batch, tokens, width] shape of text states, or of a `TextSchedule`'s per call."""
+    """The [batch, tokens, width] shape of text states, or of a `TextSchedule`'s per call, or of a
+    `Composition`'s per part."""
+    if isinstance(x, Composition):
+        return _states_shape(x.texts) if isinstance(x.texts, TextSchedule) else tuple(np.delete(x.texts.shape, 1))
     if isinstance(x, TextSchedule):
         shape = tuple(x.states_BPSD.shape)
         return (shape[0], *shape[2:])
     return tuple(x.shape)
 
 
-def _check_text_schedule(x: TextSchedule, calls: int, name: str) -> None:
+def _check_text_schedule(x: TextSchedule, calls: int, name: str, parts: bool = False) -> None:
+    """A `TextSchedule`'s shapes: phases [B, C] (with ``parts``, a `Composition`'s: [B, K, C])."""
     states, phases = x.states_BPSD, x.phases_BC
-    if states.ndim != 4 or phases.ndim != 2 or phases.shape[0] != states.shape[0]:
+    if states.ndim != 4 or phases.ndim != 2 + parts or phases.shape[0] != states.shape[0]:
         raise ValueError(f"{name} is a TextSchedule of states {tuple(states.shape)} and phases "
                          f"{tuple(phases.shape)}; expected states [batch, texts, tokens, width] and phases "
-                         "[batch, model calls] of the same batch")
-    if phases.shape[1] != calls:
-        raise ValueError(f"{name}'s phases have {phases.shape[1]} model calls per image; this run makes {calls} "
+                         f"[batch, {'parts, ' if parts else ''}model calls] of the same batch")
+    if phases.shape[-1] != calls:
+        raise ValueError(f"{name}'s phases have {phases.shape[-1]} model calls per image; this run makes {calls} "
                          "(the scheduler's num_model_calls, less img2img's start)")
     if not jnp.issubdtype(phases.dtype, jnp.integer):
         raise ValueError(f"{name}'s phases are {phases.dtype}; expected integers (indices of the texts)")
@@ -371,9 +462,9 @@ def _check_text_schedule(x: TextSchedule, calls: int, name: str) -> None:
 
 def _match_batch(x, B: int, name: str):
     """``x`` with B rows: as it is, or one row broadcast to B (free under jit); a `TextSchedule`'s
-    states and phases alike."""
-    if isinstance(x, TextSchedule):
-        return TextSchedule(*(_match_batch(part, B, name) for part in x))
+    states and phases alike, and a `Composition`'s texts and weights."""
+    if isinstance(x, (TextSchedule, Composition)):
+        return type(x)(*(_match_batch(part, B, name) for part in x))
     if x is None or x.shape[0] == B:
         return x
     if x.shape[0] == 1:
@@ -419,7 +510,7 @@ def generate(graphdefs: SDState, state: SDState, scheduler: Scheduler, cond_ids_
              return_predictions: bool = False, on_step=None, clip_skip: int = 1, start: int = 0,
              cond_weights_BT=None, uncond_weights_BT=None, cond_phases_BC=None,
              uncond_phases_BC=None, init_latents_BHWC=None, return_latents: bool = False,
-             decode: bool = True) -> GenerateOutput:
+             decode: bool = True, cond_part_weights_BK=None, cond_lengths_BP=None) -> GenerateOutput:
     """Prompts to images in one traced function: the body `StableDiffusion` jit-compiles.
 
     ``latents_BHWC=None`` draws each image's initial noise from its seed; otherwise those unscaled
@@ -435,6 +526,11 @@ def generate(graphdefs: SDState, state: SDState, scheduler: Scheduler, cond_ids_
     ``cond_phases_BC`` / ``uncond_phases_BC``: AUTOMATIC1111's prompt editing (int32 [B, C], C the model
     calls run: `sdjax.text.edited_prompts`' phases); the ids (and weights) are then [B, P, T], each image's
     P texts, encoded into a `TextSchedule` (`encode_edited_prompts`). None: ids [B, T], states that stay.
+    ``cond_part_weights_BK``: AUTOMATIC1111's ``AND`` (float32 [B, K], each image's K parts' weights): the
+    prompts' phases are then [B, K, C], each part's text per call, and the parts are combined by
+    guidance (a `Composition`; needs ``use_guidance``). ``cond_lengths_BP`` (with the phases): each of an
+    image's P prompt texts' own length in tokens (int32 [B, P]), from which `extend_by_last_state` brings
+    the states of parts of different window counts to their image's longest. None: as they are encoded.
     ``init_latents_BHWC``: img2img from clean UNet-space latents [B, h, w, C] (of ``latent_shape_HWC``) in
     place of init images, with no VAE encode (the Hires fix's second pass: `upscale_latents` of a first
     pass's). ``return_latents`` (static): also return the final latents (``GenerateOutput.latents``);
@@ -447,11 +543,21 @@ def generate(graphdefs: SDState, state: SDState, scheduler: Scheduler, cond_ids_
     keys = image_keys(seeds_B)
     if latents_BHWC is None:
         latents_BHWC = initial_noise(keys, latent_shape_HWC)
-    def encode(ids, weights, phases):
+    if cond_lengths_BP is not None and cond_phases_BC is None:
+        raise ValueError("cond_lengths_BP are the lengths of each image's several texts: they need cond_phases_BC")
+    if cond_part_weights_BK is not None and (cond_phases_BC is None or np.ndim(cond_phases_BC) != 3):
+        raise ValueError("cond_part_weights_BK weight each image's parts (AND): they need cond_phases_BC of "
+                         "[batch, parts, model calls]")
+
+    def encode(ids, weights, phases, lengths=None):
         if phases is None:
             return encode_prompts(text_encoder, ids, clip_skip, weights)
-        return encode_edited_prompts(text_encoder, ids, phases, clip_skip, weights)
-    cond = encode(cond_ids_BT, cond_weights_BT, cond_phases_BC)
+        texts = encode_edited_prompts(text_encoder, ids, phases, clip_skip, weights)
+        return texts if lengths is None else texts._replace(
+            states_BPSD=extend_by_last_state(texts.states_BPSD, lengths))
+    cond = encode(cond_ids_BT, cond_weights_BT, cond_phases_BC, cond_lengths_BP)
+    if cond_part_weights_BK is not None:
+        cond = Composition(cond, cond_part_weights_BK)
     uncond = encode(uncond_ids_BT, uncond_weights_BT, uncond_phases_BC) if use_guidance else None
     if init_images_BHWC is None and init_latents_BHWC is None:
         if start:

@@ -501,3 +501,31 @@ def edited_prompts(prompt: str, steps: int, calls: int) -> tuple[list[str], list
     texts = list(dict.fromkeys(text for _, text in schedule))
     entry = [next((k for k, (end, _) in enumerate(schedule) if c <= end), 0) for c in range(calls)]
     return texts, [texts.index(schedule[k][1]) for k in entry]
+
+
+# ----------------------------------------------------------------------------- AND
+# AUTOMATIC1111 splits a prompt at the word AND (in capitals) before anything else, and reads a
+# trailing ":number" of each part as its weight (also of a prompt with no AND): its get_multicond_prompt_list.
+_AND = re.compile(r"\bAND\b")
+_PART_WEIGHT = re.compile(r"\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+))\s*\Z")
+
+
+def composable_parts(prompt: str) -> list[tuple[str, float]]:
+    """A prompt's parts and their weights as AUTOMATIC1111's ``AND`` (composable diffusion) reads them:
+    the prompt split at each word ``AND``, each part's trailing ``:number`` (spaces around the colon
+    allowed) its weight, 1.0 where it has none, and its trailing spaces dropped. The sampler guides each
+    image by all its parts at once, eps_u + g * sum_k w_k (eps_k - eps_u) (`sdjax.sampling.Composition`);
+    each part has its own emphasis, windows and prompt editing. A prompt with no ``AND`` is one part,
+    whose weight scales its guidance.
+
+    >>> composable_parts("a cat AND a dog :0.5")
+    [('a cat', 1.0), (' a dog', 0.5)]
+    """
+    parts = []
+    for part in _AND.split(prompt):
+        weight = _PART_WEIGHT.search(part)
+        if weight is None:
+            parts.append((part.rstrip(), 1.0))
+        else:
+            parts.append((part[:weight.start()], float(weight.group(1))))
+    return parts

@@ -1151,6 +1151,11 @@ BAD_INPUTS = {
     "prompt_weight_not_a_number_after_an_edit": (["(a:[1.2:1.3.4:2])", "--prompt-weighting"],   # (its step 3 text)
                                                  "error: prompt '(a:1.3.4)': the weight '1.3.4' in ':1.3.4)' is "
                                                  "not a number"),
+    "prompt_weight_not_a_number_in_an_and_part": (["a AND (b:[1:1.2.3:1])", "--prompt-weighting"],
+                                                   "error: prompt ' (b:1.2.3)': the weight '1.2.3' in ':1.2.3)' is "
+                                                   "not a number"),
+    "and_without_guidance": (["a cat AND a dog:0.5", "--prompt-weighting", "--guidance-scale", "1"],
+                             "error: --guidance-scale 1.0: the prompt 'a cat AND a dog:0.5' has AND or a weight"),
     "dtype": (["a cat", "--dtype", "int8"], "unknown dtype"),
     "progress": (["a cat", "--progress", "sometimes"], "invalid choice: 'sometimes'"),
     "config_unknown_key": (["a cat", "--config", "{tmp}/bad.yaml"], "unknown key 'stpes'"),
