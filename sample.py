@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 
 from sdjax.cli_utils import (COMPILATION_CACHE_HELP, DEFAULT_MODEL, DTYPE_ALIASES, DTYPES, PROGRESS_MODES,
-                             OneLineErrorParser, SampleRequest, UsageError, init_image_size, load_config,
-                             parse_scheduler_options, parse_seeds, png_notes, read_prompts_file,
-                             resolve_config_path, settings_from_png, validate_request)
+                             OneLineErrorParser, SampleRequest, UsageError, extra_network_tags, init_image_size,
+                             load_config, loras_of_tags, parse_scheduler_options, parse_seeds, png_notes,
+                             read_prompts_file, resolve_config_path, settings_from_png, validate_request)
 
 PROG = "sample.py"
 CONFIG_DIRS = (Path(__file__).resolve().parent / "configs",)
@@ -91,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a LoRA .safetensors file (kohya / A1111 or diffusers format) merged into the weights at "
                         "SCALE (default 1.0), repeatable: the LoRAs add up; recorded in the PNG parameters as A1111 "
                         "users write it, <lora:NAME:SCALE> after the prompt")
+    p.add_argument("--lora-dir", metavar="DIR", default=None,
+                   help="the folder of the LoRAs a prompt names as AUTOMATIC1111's <lora:NAME:SCALE> (as its "
+                        "models/Lora): NAME.safetensors in it or a folder below, merged at SCALE; the tags are taken "
+                        "out of the prompt, as A1111 does (also an image's, with --from-png)")
     p.add_argument("--init-image", metavar="FILE", default=None,
                    help="img2img: start every image from this picture (PNG, JPEG, ...) instead of pure noise, "
                         "resized to --width x --height when they are given (default: its own size, rounded down to "
@@ -165,7 +169,24 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
     strength = args.strength
     if png is not None and png.strength is not None and known.strength is None and args.init_image is not None:
         strength = png.strength   # (over a preset's strength, as every --from-png setting is)
+    # A1111's <lora:NAME:SCALE> tags: out of the prompts, their files (--lora-dir) into --lora
+    tagged = [extra_network_tags(prompt) for prompt in prompts]
+    tags = {tuple(loras) for _, loras, _ in tagged}
+    if len(tags) > 1:
+        listed = " / ".join(" ".join(f"<lora:{n}:{w:g}>" for n, w in loras) or "none" for loras in sorted(tags))
+        raise UsageError(f"the prompts name different LoRAs ({listed}): sdjax merges LoRAs into the weights, once "
+                         "a run; make them in runs of their own")
+    prompts = [prompt for prompt, _, _ in tagged]
+    try:
+        args.lora = list(args.lora) + loras_of_tags(tagged[0][1] if tagged else [], args.lora_dir, args.lora)
+        if png is not None and args.lora_dir is not None:   # the image's LoRAs, from the folder
+            args.lora += loras_of_tags(png.loras, args.lora_dir, args.lora)
+    except UsageError as e:
+        raise _from_the_preset(e, preset, path, args, sys.argv[1:] if argv is None else argv) from None
     args.png_notes = [] if png is None else png_notes(png, args)
+    if others := sorted({tag for _, _, networks in tagged for tag in networks}):
+        args.png_notes.append(f"the prompt's extra networks {', '.join(others)} have no sdjax equivalent: left out "
+                              "of it")
     if png is not None and "hires_scale" in png.flags and args.init_image is not None and known.hires_scale is None:
         # an img2img run from a Hires fix image: the picture given replaces its first pass
         for name in ("hires_scale", "hires_steps", "hires_strength", "hires_upscaler"):

@@ -193,6 +193,7 @@ CONFIG_KEYS: dict[str, tuple[type | tuple, str]] = {
     "prompt_weighting": (bool, "read AUTOMATIC1111's emphasis syntax in the prompts: (word:1.2), (word), [word]; "
                           "BREAK and long prompts in windows of 75 tokens"),
     "lora": ((str, list), "LoRA files merged into the weights: FILE[:SCALE] (scale default 1), one or a list"),
+    "lora_dir": (str, "the folder of the LoRAs that prompts name as A1111's <lora:NAME:SCALE> (NAME.safetensors)"),
     "embedding": ((str, list), "textual inversion embeddings (files) added to the text encoder, one or a list"),
     "init_image": (str, "img2img: the image (PNG, JPEG, ...) every image starts from"),
     "strength": ((int, float), "img2img: the share of the schedule run from the init image, in (0, 1]"),
@@ -517,23 +518,7 @@ def settings_from_png(path: str | os.PathLike) -> PngSettings:
     if not {"Steps", "Sampler", "CFG scale", "Seed", "Size"} & set(fields):
         raise bad("holds no generation settings (its 'parameters' text has no Steps, Sampler, CFG scale, Seed or "
                   "Size)")
-    # A1111's extra networks, <TYPE:NAME[:ARGS]>, are taken out of the prompt (as A1111 does) and named:
-    # <lora:NAME>, <lora:NAME:SCALE>, <lora:NAME:SCALE:UNET_SCALE> (and <lyco:...>, its old name) are
-    # LoRAs; another type (<hypernet:...>) has no sdjax equivalent.
-    loras, networks = [], []
-    for kind, body in re.findall(r"<(\w+):([^>]+)>", fields["prompt"]):
-        name, *args = body.split(":")
-        if kind in ("lora", "lyco"):
-            try:
-                scale = float(args[0]) if args and "=" not in args[0] else 1.0
-            except ValueError:
-                scale = 1.0
-            loras.append((name.strip(), scale))
-        else:
-            networks.append(f"<{kind}:{body}>")
-    prompt = fields.pop("prompt")
-    if loras or networks:
-        prompt = re.sub(r"\s*<\w+:[^>]+>", "", prompt).strip()
+    prompt, loras, networks = extra_network_tags(fields.pop("prompt"))
     flags: dict[str, Any] = {"negative_prompt": fields.pop("negative_prompt")}
     options: dict[str, Any] = {}
     sampler = fields.pop("Sampler", "PLMS")   # (A1111 always writes one)
@@ -616,6 +601,61 @@ def settings_from_png(path: str | os.PathLike) -> PngSettings:
     return PngSettings(flags, prompt, strength, loras, model, vae, ignored, embeddings)
 
 
+def extra_network_tags(prompt: str) -> tuple[str, list[tuple[str, float]], list[str]]:
+    """AUTOMATIC1111's extra-network tags, ``<TYPE:NAME[:ARGS]>``, taken out of a prompt as A1111 takes them
+    out: (the prompt without them, its LoRAs as (NAME, SCALE), its other tags as written). ``<lora:NAME>``,
+    ``<lora:NAME:SCALE>``, ``<lora:NAME:SCALE:UNET_SCALE>`` (and ``<lyco:...>``, the old name) are LoRAs, at
+    SCALE (default 1); another type (``<hypernet:...>``) has no sdjax equivalent."""
+    loras, networks = [], []
+    for kind, body in re.findall(r"<(\w+):([^>]+)>", prompt):
+        name, *args = body.split(":")
+        if kind in ("lora", "lyco"):
+            try:
+                scale = float(args[0]) if args and "=" not in args[0] else 1.0
+            except ValueError:
+                scale = 1.0
+            loras.append((name.strip(), scale))
+        else:
+            networks.append(f"<{kind}:{body}>")
+    if loras or networks:
+        prompt = re.sub(r"\s*<\w+:[^>]+>", "", prompt).strip()
+    return prompt, loras, networks
+
+
+def find_lora(name: str, lora_dir: str | os.PathLike) -> str:
+    """The file of A1111's ``<lora:NAME>`` in ``--lora-dir``: ``NAME.safetensors`` in it or a folder below
+    it (as in A1111's ``models/Lora``); a UsageError when there is none, or one in several folders."""
+    root = Path(lora_dir).expanduser()
+    found = sorted(path for path in root.rglob("*.safetensors") if path.stem == name)
+    if not found:
+        raise _bad_setting("lora_dir", lora_dir, f"has no {name}.safetensors, the LoRA <lora:{name}> (nor a folder "
+                           "below it)")
+    if len(found) > 1:
+        raise _bad_setting("lora_dir", lora_dir, f"has {name}.safetensors in several folders ({found[0]}, "
+                           f"{found[1]}): keep one, or pass --lora FILE:SCALE")
+    return str(found[0])
+
+
+def loras_of_tags(tags: Sequence[tuple[str, float]], lora_dir, given: Sequence[str]) -> list[str]:
+    """``--lora`` values (FILE:SCALE) for A1111's ``<lora:NAME:SCALE>`` tags (`extra_network_tags`): each
+    NAME's file in ``lora_dir`` (`find_lora`), none for a NAME that a ``--lora`` file of ``given`` already
+    is (its own scale is used). A UsageError for a tag with neither, or a ``lora_dir`` that is no folder."""
+    if lora_dir is not None and not Path(lora_dir).expanduser().is_dir():
+        raise _bad_setting("lora_dir", lora_dir, "is not a folder" if Path(lora_dir).expanduser().exists()
+                           else "no such folder")
+    named = {Path(file).stem for file, _ in map(parse_lora, given)}
+    loras = []
+    for name, scale in tags:
+        if name in named:
+            continue
+        if lora_dir is None:
+            raise UsageError(f"the prompt names the LoRA <lora:{name}:{scale:g}>: pass --lora-dir DIR (the folder of "
+                             f"{name}.safetensors, as A1111's models/Lora) or --lora FILE:{scale:g}")
+        loras.append(f"{find_lora(name, lora_dir)}:{scale:g}")
+        named.add(name)
+    return loras
+
+
 def png_notes(png: PngSettings, args) -> list[str]:
     """What a ``--from-png`` run does not take over from the image, one warning each: its LoRAs not
     given with ``--lora``, another model or VAE than this run's, fields sample.py has no setting for."""
@@ -625,7 +665,7 @@ def png_notes(png: PngSettings, args) -> list[str]:
     for name, scale in png.loras:
         if name not in given:
             notes.append(f"--from-png: the image was made with the LoRA {name} at {scale:g}: to use it, pass "
-                         f"--lora FILE:{scale:g} (its file)")
+                         f"--lora FILE:{scale:g} (its file) or --lora-dir DIR (its folder)")
     loaded = {Path(file).stem.lower() for file in args.embedding}   # (an A1111 file's token; a diffusers
     for file in args.embedding:                                       # file's is inside it)
         try:

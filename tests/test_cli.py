@@ -489,7 +489,8 @@ def test_from_png_reads_a1111_parameters_and_says_what_it_leaves_out(tmp_path):
     assert (req.guidance_scale, req.seeds, req.width, req.height, req.clip_skip) == (7.0, [1234], 512, 768, 2)
     assert req.init_image is None and req.strength is None
     assert args.png_notes == [
-        "--from-png: the image was made with the LoRA fluffy at 0.7: to use it, pass --lora FILE:0.7 (its file)",
+        "--from-png: the image was made with the LoRA fluffy at 0.7: to use it, pass --lora FILE:0.7 (its file) "
+        "or --lora-dir DIR (its folder)",
         "--from-png: the image was made with the textual inversion embedding bad-hands-5: to use it, pass "
         "--embedding FILE (its file)",
         "--from-png: the image was made with the model v1-5-pruned-emaonly, this run uses stable-diffusion-v1-5 "
@@ -871,6 +872,18 @@ def test_lora_flags_merge_the_files_and_are_recorded_as_a1111_prompt_tags(pipe_d
     assert params["prompt"] == "a dog <lora:style_v2:0.5> <lora:more_detail:1>" and params["Steps"] == "3"
     kw = dict(seeds=4, num_inference_steps=3, height=32, width=32)
     assert not np.array_equal(pixels(out / "00000-seed4-a-dog.png"), pipe("a dog", **kw).to_pil()[0])
+    # the same LoRAs named in the prompt as A1111 users write them, their files in --lora-dir (a folder below
+    # it, as in A1111's models/Lora), their tags taken out of the text: the same image and parameters
+    (tmp_path / "loras" / "styles").mkdir(parents=True)
+    for file in (style, detail):
+        shutil.copy(file, tmp_path / "loras" / "styles")
+    # (a pipeline of its own again: the tests' from_pretrained reuses the one loaded, which has them merged)
+    model = shutil.copytree(pipe_dir, tmp_path / "again" / "lora-pipe")
+    rc, _, stderr = run_main(capsys, "a dog <lora:style_v2:0.5> <lora:more_detail>", "--seeds", "4", "--lora-dir",
+                             tmp_path / "loras", "--model", model, "--out", out, *SMALL)
+    assert rc == 0, stderr
+    assert I.read_png_parameters(out / "00001-seed4-a-dog.png") == text
+    np.testing.assert_array_equal(pixels(out / "00001-seed4-a-dog.png"), pixels(out / "00000-seed4-a-dog.png"))
     # the module's pipeline with the two fused in Python (its compiled sampler: no other compile), then put back
     unfused = {part: nnx.to_pure_dict(nnx.state(getattr(pipe, part), nnx.Param)) for part in ("unet", "text_encoder")}
     try:
@@ -1156,6 +1169,13 @@ BAD_INPUTS = {
                                                    "not a number"),
     "and_without_guidance": (["a cat AND a dog:0.5", "--prompt-weighting", "--guidance-scale", "1"],
                              "error: --guidance-scale 1.0: the prompt 'a cat AND a dog:0.5' has AND or a weight"),
+    "lora_tag_without_a_file": (["a dog <lora:style:0.5>"], "error: the prompt names the LoRA <lora:style:0.5>: pass "
+                                "--lora-dir DIR (the folder of style.safetensors"),
+    "lora_dir_missing": (["a cat", "--lora-dir", "{tmp}/nope"], "error: --lora-dir {tmp}/nope: no such folder"),
+    "lora_dir_without_the_file": (["a dog <lora:nosuch:0.5>", "--lora-dir", "{tmp}"], "error: --lora-dir {tmp}: has "
+                                  "no nosuch.safetensors, the LoRA <lora:nosuch>"),
+    "prompts_with_other_loras": (["a dog <lora:style:0.5>", "a cat"], "error: the prompts name different LoRAs (none / "
+                                 "<lora:style:0.5>): sdjax merges LoRAs into the weights, once a run"),
     "dtype": (["a cat", "--dtype", "int8"], "unknown dtype"),
     "progress": (["a cat", "--progress", "sometimes"], "invalid choice: 'sometimes'"),
     "config_unknown_key": (["a cat", "--config", "{tmp}/bad.yaml"], "unknown key 'stpes'"),
