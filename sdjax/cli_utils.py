@@ -779,7 +779,8 @@ def validate_request(req: SampleRequest) -> None:
             try:   # (each text its editing gives: (a:[1.2:1.3.4:2]) is (a:1.3.4) after step 2; a prompt's AND parts)
                 steps = req.steps if isinstance(req.steps, int) and req.steps >= 1 else 1
                 parts = [part for part, _ in composable_parts(text)] if text in req.prompts else [text]
-                for _, edited in [(0, text), *(entry for part in parts for entry in prompt_schedule(part, steps))]:
+                # (each part on its own, as the pipeline reads them: '(a AND b:1.2.3)' is '(a' and ' b:1.2.3)')
+                for edited in [*parts, *(edited for part in parts for _, edited in prompt_schedule(part, steps))]:
                     parse_prompt_attention(edited)
             except ValueError as e:
                 if text in req.prompts:

@@ -153,3 +153,13 @@ def test_denoise_checks_a_composition(pipe):
             denoise(unet, sched, x, *args)
     parts = Composition(TextSchedule(text[:1], jnp.zeros((1, 2, 4), jnp.int32)), jnp.array([[1.0, -0.5]]))
     assert denoise(unet, sched, x, parts, text[:, 0]).shape == x.shape   # (one row broadcast to the batch)
+
+
+def test_sample_py_checks_the_weights_of_each_part_on_its_own():
+    """sample.py's check of the emphasis weights reads a prompt with AND part by part, as the pipeline
+    (and A1111) does: '(a AND b:1.2.3)' is the parts '(a' and ' b:1.2.3)', whose ':1.2.3)' closes no
+    bracket (text), so it runs; the whole prompt read at once would have a weight '1.2.3' to refuse."""
+    from sdjax.cli_utils import SampleRequest, UsageError, validate_request
+    validate_request(SampleRequest(prompts=["(a AND b:1.2.3)"], seeds=[0], prompt_weighting=True))
+    with pytest.raises(UsageError, match="the weight '1.2.3'"):
+        validate_request(SampleRequest(prompts=["a AND (b:1.2.3)"], seeds=[0], prompt_weighting=True))
