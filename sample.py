@@ -83,8 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-weighting", action=argparse.BooleanOptionalAction, default=False,
                    help="read AUTOMATIC1111's emphasis syntax in the prompts and the negative prompt: (word) "
                         "weights word by 1.1, [word] by 1/1.1, (word:1.5) by 1.5, \\( is a bracket; a prompt past 75 "
-                        "tokens and BREAK are read in windows of 75 tokens, and prompt editing [cat:dog:0.5] and "
-                        "alternation [cat|dog] as the steps go, as A1111 does (default: off, the "
+                        "tokens and BREAK are read in windows of 75 tokens, prompt editing [cat:dog:0.5] and "
+                        "alternation [cat|dog] as the steps go, and AND (composable diffusion: a cat AND a dog:0.5; "
+                        "needs --guidance-scale above 1), as A1111 does (default: off, the "
                         "brackets are words and a long prompt is cut, as in diffusers); recorded in the PNG "
                         "parameters")
     p.add_argument("--lora", metavar="FILE[:SCALE]", action="append", default=[],
