@@ -438,8 +438,8 @@ def _checked_composition(x: Composition, calls: int, uncond) -> Composition:
 def _states_shape(x) -> tuple:
     """The [batch, tokens, width] shape of text states, or of a `TextSchedule`'s per call, or of a
     `Composition`'s per part."""
-    if isinstance(x, Composition):
-        return _states_shape(x.texts) if isinstance(x.texts, TextSchedule) else tuple(np.delete(x.texts.shape, 1))
+    if isinstance(x, Composition):   # (texts [B, K, S, D] as a TextSchedule's [B, P, S, D]: Python ints)
+        x = x.texts if isinstance(x.texts, TextSchedule) else TextSchedule(x.texts, None)
     if isinstance(x, TextSchedule):
         shape = tuple(x.states_BPSD.shape)
         return (shape[0], *shape[2:])

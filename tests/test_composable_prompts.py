@@ -148,7 +148,9 @@ def test_denoise_checks_a_composition(pipe):
             ((Composition(text[0], jnp.ones((2, 3))), text[:, 0]), "expected states \\[batch, parts, tokens, width\\]"),
             ((Composition(TextSchedule(text, jnp.zeros((2, 4), jnp.int32)), jnp.ones((2, 1))), text[:, 0]),
              r"phases \(2, 4\); expected .* \[batch, parts, model calls\]"),
-            ((text[:, 0], Composition(text, jnp.ones((2, 3)))), "uncond_BSD is a Composition")):
+            ((text[:, 0], Composition(text, jnp.ones((2, 3)))), "uncond_BSD is a Composition"),
+            ((Composition(text, jnp.ones((2, 3))), text[:, 0, :, :16]),
+             r"and cond_BSD \(2, 77, 32\): they must agree")):   # (Python ints in the shape)
         with pytest.raises((ValueError, TypeError), match=message):
             denoise(unet, sched, x, *args)
     parts = Composition(TextSchedule(text[:1], jnp.zeros((1, 2, 4), jnp.int32)), jnp.array([[1.0, -0.5]]))
