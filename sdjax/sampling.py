@@ -429,9 +429,11 @@ def _checked_composition(x: Composition, calls: int, uncond) -> Composition:
             raise ValueError(f"cond_BSD is a Composition of texts of shape {tuple(texts.shape)}; expected states "
                              "[batch, parts, tokens, width] (or a TextSchedule)")
         batch, K = texts.shape[:2]
-    if weights.ndim != 2 or weights.shape[1] != K or weights.shape[0] not in (1, batch):
+    # (texts for every image, batch 1, may have weights per image: both are matched to the latents' batch)
+    if weights.ndim != 2 or weights.shape[1] != K or weights.shape[0] not in (1, batch) and batch != 1:
         raise ValueError(f"cond_BSD is a Composition of {K} parts an image with weights of shape "
-                         f"{tuple(weights.shape)}; expected [{batch} or 1, {K}]: one weight a part")
+                         f"{tuple(weights.shape)}; expected [{'batch' if batch == 1 else batch} or 1, {K}]: one "
+                         "weight a part")
     return Composition(texts, weights)
 
 

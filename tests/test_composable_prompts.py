@@ -155,6 +155,13 @@ def test_denoise_checks_a_composition(pipe):
             denoise(unet, sched, x, *args)
     parts = Composition(TextSchedule(text[:1], jnp.zeros((1, 2, 4), jnp.int32)), jnp.array([[1.0, -0.5]]))
     assert denoise(unet, sched, x, parts, text[:, 0]).shape == x.shape   # (one row broadcast to the batch)
+    # texts for every image with weights of each image's own: both broadcast to the latents' batch
+    swept = Composition(text[:1], jnp.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.5]]))
+    assert denoise(unet, sched, x, swept, text[:, 0]).shape == x.shape
+    with pytest.raises(ValueError, match=r"weights of shape \(2, 2\); expected \[batch or 1, 3\]"):
+        denoise(unet, sched, x, Composition(text[:1], jnp.ones((2, 2))), text[:, 0])
+    with pytest.raises(ValueError, match="cond_BSD has batch 3 but the latents have 2"):
+        denoise(unet, sched, x, Composition(text[:1], jnp.ones((3, 3))), text[:, 0])
 
 
 def test_sample_py_checks_the_weights_of_each_part_on_its_own():
