@@ -777,10 +777,13 @@ def validate_request(req: SampleRequest) -> None:
         from sdjax.text import composable_parts, parse_prompt_attention, prompt_schedule
         for text in dict.fromkeys([*req.prompts, req.negative_prompt]):
             try:   # (each text its editing gives: (a:[1.2:1.3.4:2]) is (a:1.3.4) after step 2; a prompt's AND parts)
-                steps = req.steps if isinstance(req.steps, int) and req.steps >= 1 else 1
+                # (over the Hires fix's second pass's steps too: its texts are edited over those)
+                counts = {n for n in (req.steps, req.hires_steps if req.hires_scale is not None else None)
+                          if isinstance(n, int) and n >= 1} or {1}
                 parts = [part for part, _ in composable_parts(text)] if text in req.prompts else [text]
                 # (each part on its own, as the pipeline reads them: '(a AND b:1.2.3)' is '(a' and ' b:1.2.3)')
-                for edited in [*parts, *(edited for part in parts for _, edited in prompt_schedule(part, steps))]:
+                for edited in [*parts, *(edited for part in parts for steps in sorted(counts)
+                                         for _, edited in prompt_schedule(part, steps))]:
                     parse_prompt_attention(edited)
             except ValueError as e:
                 if text in req.prompts:

@@ -1167,6 +1167,9 @@ BAD_INPUTS = {
     "prompt_weight_not_a_number_in_an_and_part": (["a AND (b:[1:1.2.3:1])", "--prompt-weighting"],
                                                    "error: prompt ' (b:1.2.3)': the weight '1.2.3' in ':1.2.3)' is "
                                                    "not a number"),
+    "prompt_weight_not_a_number_in_the_hires_pass": (["(a:[1.2:1.3.4:5])", "--prompt-weighting", "--steps", "3",
+                                                      "--hires-scale", "1.5", "--hires-steps", "10"],
+                                                     "error: prompt '(a:1.3.4)': the weight '1.3.4'"),   # (its step 6)
     "and_without_guidance": (["a cat AND a dog:0.5", "--prompt-weighting", "--guidance-scale", "1"],
                              "error: --guidance-scale 1.0: the prompt 'a cat AND a dog:0.5' has AND or a weight"),
     "lora_tag_without_a_file": (["a dog <lora:style:0.5>"], "error: the prompt names the LoRA <lora:style:0.5>: pass "
