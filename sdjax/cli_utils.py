@@ -775,18 +775,19 @@ def validate_request(req: SampleRequest) -> None:
         raise UsageError("no prompt given: pass a prompt, or --prompts-file FILE")
     if req.prompt_weighting:   # a weight that is no number, (word:1.2.3): the pipeline would raise mid-run
         from sdjax.text import composable_parts, parse_prompt_attention, prompt_schedule
-        for text in dict.fromkeys([*req.prompts, req.negative_prompt]):
+        # (a negative prompt that is also a prompt is checked as both: AND is text in it)
+        for text, is_prompt in dict.fromkeys([*((p, True) for p in req.prompts), (req.negative_prompt, False)]):
             try:   # (each text its editing gives: (a:[1.2:1.3.4:2]) is (a:1.3.4) after step 2; a prompt's AND parts)
                 # (over the Hires fix's second pass's steps too: its texts are edited over those)
                 counts = {n for n in (req.steps, req.hires_steps if req.hires_scale is not None else None)
                           if isinstance(n, int) and n >= 1} or {1}
-                parts = [part for part, _ in composable_parts(text)] if text in req.prompts else [text]
+                parts = [part for part, _ in composable_parts(text)] if is_prompt else [text]
                 # (each part on its own, as the pipeline reads them: '(a AND b:1.2.3)' is '(a' and ' b:1.2.3)')
                 for edited in [*parts, *(edited for part in parts for steps in sorted(counts)
                                          for _, edited in prompt_schedule(part, steps))]:
                     parse_prompt_attention(edited)
             except ValueError as e:
-                if text in req.prompts:
+                if is_prompt:
                     raise UsageError(f"{e} (--prompt-weighting reads (text:WEIGHT); \\( \\) are brackets as text)") \
                         from None
                 reason = str(e).removeprefix(f"prompt {text!r}: ")

@@ -172,3 +172,7 @@ def test_sample_py_checks_the_weights_of_each_part_on_its_own():
     validate_request(SampleRequest(prompts=["(a AND b:1.2.3)"], seeds=[0], prompt_weighting=True))
     with pytest.raises(UsageError, match="the weight '1.2.3'"):
         validate_request(SampleRequest(prompts=["a AND (b:1.2.3)"], seeds=[0], prompt_weighting=True))
+    # the same text as the negative prompt is read whole (AND is text there): its weight '1.2.3' is refused
+    with pytest.raises(UsageError, match="--negative-prompt '\\(a AND b:1.2.3\\)': the weight '1.2.3'"):
+        validate_request(SampleRequest(prompts=["(a AND b:1.2.3)"], seeds=[0], prompt_weighting=True,
+                                       negative_prompt="(a AND b:1.2.3)"))
