@@ -466,7 +466,8 @@ def _match_batch(x, B: int, name: str):
     """``x`` with B rows: as it is, or one row broadcast to B (free under jit); a `TextSchedule`'s
     states and phases alike, and a `Composition`'s texts and weights."""
     if isinstance(x, (TextSchedule, Composition)):
-        return type(x)(*(_match_batch(part, B, name) for part in x))
+        return type(x)(*(_match_batch(part if isinstance(part, TextSchedule) or hasattr(part, "shape")
+                                      else jnp.asarray(part), B, name) for part in x))
     if x is None or x.shape[0] == B:
         return x
     if x.shape[0] == 1:
