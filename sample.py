@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 
 from sdjax.cli_utils import (COMPILATION_CACHE_HELP, DEFAULT_MODEL, DTYPE_ALIASES, DTYPES, PROGRESS_MODES,
-                             OneLineErrorParser, SampleRequest, UsageError, extra_network_tags, init_image_size,
-                             load_config, loras_of_tags, parse_scheduler_options, parse_seeds, png_notes,
-                             read_prompts_file, resolve_config_path, settings_from_png, validate_request)
+                             OneLineErrorParser, SampleRequest, UsageError, embeddings_named, extra_network_tags,
+                             init_image_size, load_config, loras_of_tags, parse_scheduler_options, parse_seeds,
+                             png_notes, read_prompts_file, resolve_config_path, settings_from_png, validate_request)
 
 PROG = "sample.py"
 CONFIG_DIRS = (Path(__file__).resolve().parent / "configs",)
@@ -115,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hires-upscaler", default=None, metavar="latent|lanczos",
                    help="Hires fix: latent (default, A1111's Latent: the latents resized bilinearly) or lanczos "
                         "(the image decoded, resized with Lanczos and encoded again)")
+    p.add_argument("--embedding-dir", metavar="DIR", default=None,
+                   help="the folder of the textual inversion embeddings a prompt or the negative prompt names by "
+                        "their file names, as AUTOMATIC1111's embeddings folder: each file there (or in a folder "
+                        "below) whose name a prompt has as a word, in any letter case, is loaded as --embedding is")
     p.add_argument("--embedding", metavar="FILE", action="append", default=[],
                    help="repeatable: a textual inversion embedding (.safetensors, .pt, .bin; AUTOMATIC1111's or "
                         "diffusers') added to the text encoder; use it by its token in a prompt or negative prompt: "
@@ -182,6 +186,8 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
         args.lora = list(args.lora) + loras_of_tags(tagged[0][1] if tagged else [], args.lora_dir, args.lora)
         if png is not None and args.lora_dir is not None:   # the image's LoRAs, from the folder
             args.lora += loras_of_tags(png.loras, args.lora_dir, args.lora)
+        args.embedding = list(args.embedding) + embeddings_named([*prompts, args.negative_prompt], args.embedding_dir,
+                                                                 args.embedding)
     except UsageError as e:
         raise _from_the_preset(e, preset, path, args, sys.argv[1:] if argv is None else argv) from None
     args.png_notes = [] if png is None else png_notes(png, args)

@@ -195,6 +195,7 @@ CONFIG_KEYS: dict[str, tuple[type | tuple, str]] = {
     "lora": ((str, list), "LoRA files merged into the weights: FILE[:SCALE] (scale default 1), one or a list"),
     "lora_dir": (str, "the folder of the LoRAs that prompts name as A1111's <lora:NAME:SCALE> (NAME.safetensors)"),
     "embedding": ((str, list), "textual inversion embeddings (files) added to the text encoder, one or a list"),
+    "embedding_dir": (str, "the folder of the textual inversion embeddings that prompts name by their file names"),
     "init_image": (str, "img2img: the image (PNG, JPEG, ...) every image starts from"),
     "strength": ((int, float), "img2img: the share of the schedule run from the init image, in (0, 1]"),
     "hires_scale": ((int, float), "Hires fix: enlarge each image this many times (> 1) and denoise it again"),
@@ -640,9 +641,8 @@ def loras_of_tags(tags: Sequence[tuple[str, float]], lora_dir, given: Sequence[s
     """``--lora`` values (FILE:SCALE) for A1111's ``<lora:NAME:SCALE>`` tags (`extra_network_tags`): each
     NAME's file in ``lora_dir`` (`find_lora`), none for a NAME that a ``--lora`` file of ``given`` already
     is (its own scale is used). A UsageError for a tag with neither, or a ``lora_dir`` that is no folder."""
-    if lora_dir is not None and not Path(lora_dir).expanduser().is_dir():
-        raise _bad_setting("lora_dir", lora_dir, "is not a folder" if Path(lora_dir).expanduser().exists()
-                           else "no such folder")
+    if lora_dir is not None:
+        _folder("lora_dir", lora_dir)
     named = {Path(file).stem for file, _ in map(parse_lora, given)}
     loras = []
     for name, scale in tags:
@@ -654,6 +654,39 @@ def loras_of_tags(tags: Sequence[tuple[str, float]], lora_dir, given: Sequence[s
         loras.append(f"{find_lora(name, lora_dir)}:{scale:g}")
         named.add(name)
     return loras
+
+
+def _folder(setting: str, folder) -> Path:
+    """``--lora-dir`` / ``--embedding-dir``'s folder; a UsageError when it is none."""
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise _bad_setting(setting, folder, "is not a folder" if root.exists() else "no such folder")
+    return root
+
+
+def embeddings_named(texts: Sequence[str], embedding_dir, given: Sequence[str]) -> list[str]:
+    """``--embedding`` values for the textual inversion embeddings of ``embedding_dir`` (and the folders
+    below it, as A1111's ``embeddings`` folder) that ``texts`` name: a ``.safetensors``, ``.pt`` or ``.bin``
+    file whose name (A1111's token for its files, ``EasyNegative``) a text has as a word, in any letter
+    case; not one whose name a ``given`` file has. A UsageError for a folder that is none, or a named
+    embedding in several files."""
+    if embedding_dir is None:
+        return []
+    files: dict[str, list[Path]] = {}
+    for path in sorted(_folder("embedding_dir", embedding_dir).rglob("*")):
+        if path.suffix.lower() in (".safetensors", ".pt", ".bin") and path.is_file():
+            files.setdefault(path.stem.lower(), []).append(path)
+    have = {Path(file).stem.lower() for file in given}
+    named = []
+    for name, paths in files.items():
+        word = re.compile(rf"(?<![\w-]){re.escape(name)}(?![\w-])", re.IGNORECASE)
+        if name in have or not any(word.search(text) for text in texts):
+            continue
+        if len(paths) > 1:
+            raise _bad_setting("embedding_dir", embedding_dir, f"has the embedding {paths[0].stem} in several files "
+                               f"({paths[0]}, {paths[1]}): keep one, or pass --embedding FILE")
+        named.append(str(paths[0]))
+    return named
 
 
 def png_notes(png: PngSettings, args) -> list[str]:
@@ -675,7 +708,7 @@ def png_notes(png: PngSettings, args) -> list[str]:
     for name in png.embeddings:   # (used in the prompt by name: the word alone is not the embedding)
         if name.lower() not in loaded:
             notes.append(f"--from-png: the image was made with the textual inversion embedding {name}: to use it, "
-                         "pass --embedding FILE (its file)")
+                         "pass --embedding FILE (its file) or --embedding-dir DIR (its folder)")
     for what, recorded, flag in (("model", png.model, args.model), ("VAE", png.vae, args.vae)):
         this = model_name(flag) if flag else None
         if recorded and model_name(recorded) != this:   # (A1111 names a VAE by its file: NAME.safetensors)

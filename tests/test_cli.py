@@ -492,7 +492,7 @@ def test_from_png_reads_a1111_parameters_and_says_what_it_leaves_out(tmp_path):
         "--from-png: the image was made with the LoRA fluffy at 0.7: to use it, pass --lora FILE:0.7 (its file) "
         "or --lora-dir DIR (its folder)",
         "--from-png: the image was made with the textual inversion embedding bad-hands-5: to use it, pass "
-        "--embedding FILE (its file)",
+        "--embedding FILE (its file) or --embedding-dir DIR (its folder)",
         "--from-png: the image was made with the model v1-5-pruned-emaonly, this run uses stable-diffusion-v1-5 "
         "(--model)",
         "--from-png: the image was made from a picture (img2img, Denoising strength 0.5): to make it again, pass "
@@ -937,6 +937,34 @@ def test_embedding_flags_add_the_tokens_and_a_bad_file_exits_2_before_writing(pi
     assert rc == 2 and not (tmp_path / "none").exists()
     assert stderr.strip() == (f"sample.py: error: --embedding {tmp_path / 'wide.safetensors'}: its vectors have width "
                               "64; this text encoder's is 32 (an embedding made for another model?)")
+
+
+def test_embedding_dir_adds_the_embeddings_the_prompts_name(tmp_path):
+    """--embedding-dir DIR: the embedding files there (and in a folder below) that a prompt or the negative
+    prompt names by their file name, as a word in any letter case, become --embedding files (loaded as
+    those are); one a --embedding file already gives is not added again, nor one named only inside a
+    longer word. With --from-png the image's TI hashes then need no warning. A named embedding in two
+    files, and a DIR that is no folder, exit 2."""
+    emb = tmp_path / "embeddings"
+    (emb / "negative").mkdir(parents=True)
+    for name in ("EasyNegative.safetensors", "negative/bad-hands-5.pt", "Crayon.bin", "hands.pt", "notes.txt",
+                 "given.safetensors"):
+        (emb / name).write_bytes(b"")
+    req, _ = sample.parse_request(["a cat, bad-hands-5, given", "--negative-prompt", "(easynegative:1.2), blurry",
+                                   "--embedding-dir", str(emb), "--embedding", str(emb / "given.safetensors")])
+    assert req.embedding == [str(emb / "given.safetensors"), str(emb / "EasyNegative.safetensors"),
+                             str(emb / "negative" / "bad-hands-5.pt")]
+    I.save_png(np.zeros((8, 8, 3)), tmp_path / "a.png", "a cat\nNegative prompt: EasyNegative\nSteps: 20, Sampler: "
+               'Euler, CFG scale: 7, Seed: 1, Size: 64x64, TI hashes: "EasyNegative: 0123456789ab", Version: v1.10.1')
+    _, args = sample.parse_request(["--from-png", str(tmp_path / "a.png")])
+    assert [note for note in args.png_notes if "EasyNegative" in note]   # (the check can fail)
+    req, args = sample.parse_request(["--from-png", str(tmp_path / "a.png"), "--embedding-dir", str(emb)])
+    assert req.embedding == [str(emb / "EasyNegative.safetensors")] and args.png_notes == []
+    (emb / "negative" / "Crayon.pt").write_bytes(b"")
+    with pytest.raises(sample.UsageError, match=r"--embedding-dir .*: has the embedding Crayon in several files"):
+        sample.parse_request(["a crayon drawing", "--embedding-dir", str(emb)])
+    with pytest.raises(sample.UsageError, match=r"--embedding-dir .*notes.txt: is not a folder"):
+        sample.parse_request(["a cat", "--embedding-dir", str(emb / "notes.txt")])
 
 
 def test_ti_hashes_name_the_embeddings_the_tokenizer_reads(tmp_path):
