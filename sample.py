@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=_seeds, default="0", help="seed, inclusive range (0-15) or list (3,7,9); default 0")
     p.add_argument("--steps", type=int, default=50, help="denoising steps (default 50, typical 20-100)")
     p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (default 7.5, typical 5-15)")
-    p.add_argument("--scheduler", default="pndm", help="pndm (default), ddim, euler, euler_a, dpmpp_2m, lms or ddpm")
+    p.add_argument("--scheduler", default="pndm",
+                   help="pndm (default), ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_sde, lms or ddpm")
     p.add_argument("--scheduler-option", metavar="KEY=VALUE", action="append", default=[],
                    help="a scheduler setting, repeatable: use_karras_sigmas=true (DPM++ 2M Karras, also euler and "
                         "lms), eta=1 (ddim), timestep_spacing=trailing, ... (any diffusers config key of the "
@@ -209,6 +210,8 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
         # (a Karras image varied with --scheduler euler_a), not an error about a flag the user did not give
         from sdjax.schedulers import resolve_scheduler_config
         valid = set(resolve_scheduler_config(args.scheduler, {}))
+        if args.scheduler not in ("dpmpp_2m", "dpmpp_2m_sde"):   # (diffusers' Euler and LMS have them; sdjax's not)
+            valid.discard("use_exponential_sigmas")
         imaged = png.flags.get("scheduler_options", {})
         dropped = {k: v for k, v in imaged.items() if k not in valid and k not in given_options and options.get(k) == v}
         if dropped:

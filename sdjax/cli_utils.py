@@ -523,26 +523,36 @@ def settings_from_png(path: str | os.PathLike) -> PngSettings:
     flags: dict[str, Any] = {"negative_prompt": fields.pop("negative_prompt")}
     options: dict[str, Any] = {}
     sampler = fields.pop("Sampler", "PLMS")   # (A1111 always writes one)
-    if sampler.endswith(" Karras"):   # A1111 before 1.9 named the schedule in the sampler
-        sampler, options["use_karras_sigmas"] = sampler[: -len(" Karras")], True
+    for suffix, option in ((" Karras", "use_karras_sigmas"), (" Exponential", "use_exponential_sigmas")):
+        if sampler.endswith(suffix):   # A1111 before 1.9 named the schedule in the sampler
+            sampler, options[option] = sampler[: -len(suffix)], True
+    if sampler == "DPM++ 2M SDE Heun":   # its second-order correction the Heun way (sdjax: an option)
+        sampler, options["solver_type"] = "DPM++ 2M SDE", "heun"
     by_name = {v: k for k, v in SAMPLER_NAMES.items()}
     if sampler not in by_name:
         raise bad(f"its sampler {sampler!r} has no sdjax scheduler (sdjax has {', '.join(by_name)})")
     flags["scheduler"] = by_name[sampler]
-    # A1111 1.9+ writes a Schedule type always; its "Automatic" is the sampler's default, which for DPM++ 2M is
-    # Karras there (the old "DPM++ 2M Karras"). Without the field (A1111 before 1.9, sample.py before it wrote
-    # "Uniform") DPM++ 2M is plain; "Uniform" is the plain schedule of every sampler sdjax has.
+    # A1111 1.9+ writes a Schedule type always; its "Automatic" is the sampler's default, which is Karras for
+    # DPM++ 2M (the old "DPM++ 2M Karras") and Exponential for DPM++ 2M SDE there. Without the field (A1111
+    # before 1.9, sample.py before it wrote "Uniform") they are plain; "Uniform" is the plain schedule of
+    # every sampler sdjax has.
     schedule = fields.pop("Schedule type", None)
-    if schedule == "Automatic" and sampler == "DPM++ 2M":
-        schedule = "Karras"
+    if schedule == "Automatic":
+        schedule = {"DPM++ 2M": "Karras", "DPM++ 2M SDE": "Exponential"}.get(sampler, schedule)
     if schedule == "Karras":
         options["use_karras_sigmas"] = True
+    elif schedule == "Exponential":
+        options["use_exponential_sigmas"] = True
     elif schedule not in (None, "Automatic", "Uniform"):
-        raise bad(f"its schedule type {schedule!r} has no sdjax equivalent (sdjax has Karras)")
+        raise bad(f"its schedule type {schedule!r} has no sdjax equivalent (sdjax has Karras, and Exponential for "
+                  "DPM++ 2M and DPM++ 2M SDE)")
     valid = set(resolve_scheduler_config(flags["scheduler"], {}))
     if "use_karras_sigmas" in options and "use_karras_sigmas" not in valid:   # (A1111 1.9+: Euler a, Karras)
         raise bad(f"its sampler {sampler!r} with schedule type 'Karras' has no sdjax equivalent (sdjax's "
                   f"{flags['scheduler']} has no Karras sigmas)")
+    if "use_exponential_sigmas" in options and flags["scheduler"] not in ("dpmpp_2m", "dpmpp_2m_sde"):
+        raise bad(f"its sampler {sampler!r} with schedule type 'Exponential' has no sdjax equivalent (sdjax has "
+                  "Exponential sigmas for DPM++ 2M and DPM++ 2M SDE)")
 
     def number(key: str, kind):
         try:

@@ -29,6 +29,7 @@ SAMPLER_NAMES = {
     "euler": "Euler",
     "euler_a": "Euler a",
     "dpmpp_2m": "DPM++ 2M",
+    "dpmpp_2m_sde": "DPM++ 2M SDE",
     "lms": "LMS",
     "ddpm": "DDPM",
 }
@@ -154,8 +155,10 @@ def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, sche
     Like A1111, the ``Negative prompt:`` line is left out when there is no negative prompt, Size
     is width x height, and a VAE other than the model's is named (``VAE: vae-ft-mse-840000-ema-pruned``).
     ``scheduler_options`` are written as A1111 names them where it has them (``Schedule type:
-    Karras`` for ``use_karras_sigmas``, ``Eta DDIM``), the others under their own names; DPM++ 2M
-    without Karras sigmas as ``Schedule type: Uniform`` (A1111 1.9+ takes DPM++ 2M alone for Karras).
+    Karras`` for ``use_karras_sigmas``, ``Exponential`` for ``use_exponential_sigmas``, ``Eta DDIM``, DPM++ 2M
+    SDE with ``solver_type=heun`` as ``DPM++ 2M SDE Heun``), the others under their own names; DPM++ 2M (SDE)
+    with neither as ``Schedule type: Uniform`` (A1111 1.9+ takes DPM++ 2M alone for Karras, DPM++ 2M SDE
+    for Exponential).
     ``clip_skip`` (A1111's numbering) is written as A1111 does, ``Clip skip: 2``, when it is not 1.
     ``loras``, (NAME, SCALE) of each LoRA merged into the weights, are written as A1111 users write
     them in the prompt, which A1111 and Civitai read back: ``a photo of a cat <lora:NAME:SCALE>``.
@@ -172,14 +175,19 @@ def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, sche
     as text (else it would weight them).
     """
     sampler = SAMPLER_NAMES.get(scheduler, scheduler)
+    options = dict(scheduler_options or {})
+    if scheduler == "dpmpp_2m_sde" and options.get("solver_type") == "heun":   # A1111's own sampler of it
+        sampler, _ = sampler + " Heun", options.pop("solver_type")
     fields = [("Steps", steps), ("Sampler", sampler)]
-    if scheduler == "dpmpp_2m" and not (scheduler_options or {}).get("use_karras_sigmas"):
-        # A1111 1.9+ reads a DPM++ 2M without a Schedule type as its default, Karras: say it is plain
+    if (scheduler in ("dpmpp_2m", "dpmpp_2m_sde") and not options.get("use_karras_sigmas")
+            and not options.get("use_exponential_sigmas")):
+        # A1111 1.9+ reads DPM++ 2M (SDE) without a Schedule type as its default, Karras (Exponential): say
+        # it is plain
         fields.append(("Schedule type", "Uniform"))
-    for key, value in (scheduler_options or {}).items():
-        if key == "use_karras_sigmas":
+    for key, value in options.items():
+        if key in ("use_karras_sigmas", "use_exponential_sigmas"):
             if value:
-                fields.append(("Schedule type", "Karras"))
+                fields.append(("Schedule type", "Karras" if key == "use_karras_sigmas" else "Exponential"))
         elif key == "eta" and scheduler == "ddim":
             fields.append(("Eta DDIM", _number(value)))
         else:

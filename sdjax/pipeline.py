@@ -766,8 +766,8 @@ class StableDiffusion:
         (each image then gets that seed), or equal-length lists. ``negative_prompts`` likewise
         (default "": unconditional). ``latents``: optional initial noise [B, H/8, W/8, 4], unscaled
         N(0, 1), in place of the seeds' (its batch B broadcasts like the lists: B images, or one
-        noise for every image when B is 1; the seeds still key the per-step noise of euler_a, ddpm
-        and ddim with eta > 0, so give each image its own there). ``guidance_scale <= 1`` skips the
+        noise for every image when B is 1; the seeds still key the per-step noise of euler_a,
+        dpmpp_2m_sde, ddpm and ddim with eta > 0, so give each image its own there). ``guidance_scale <= 1`` skips the
         unconditional pass. ``batch_size`` images are generated per compiled call (default: 4 per
         device), split over every device and so rounded up to a multiple of the device count; a
         last batch that is short is padded to the same shape, so one program serves the whole call.

@@ -56,7 +56,7 @@ def _described(keys) -> str:
 
 
 def step_keys(keys_B) -> jax.Array:
-    """The keys of the per-step noise of stochastic schedulers (euler_a, ddpm, ddim with eta > 0)
+    """The keys of the per-step noise of stochastic schedulers (euler_a, dpmpp_2m_sde, ddpm, ddim with eta > 0)
     as `generate` (and so the pipeline) derives them from the images' keys: distinct from the keys
     of the initial noise. ``denoise(..., keys_B=step_keys(image_keys(seeds)))`` gives the pipeline's
     images for those seeds."""

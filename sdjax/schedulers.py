@@ -58,7 +58,7 @@ __all__ = [
     "step_noise",
 ]
 
-SCHEDULERS = ("pndm", "ddim", "euler", "euler_a", "dpmpp_2m", "lms", "ddpm")
+SCHEDULERS = ("pndm", "ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_sde", "lms", "ddpm")
 
 _DIFFUSERS_CLASS = {
     "pndm": "PNDMScheduler",
@@ -66,6 +66,7 @@ _DIFFUSERS_CLASS = {
     "euler": "EulerDiscreteScheduler",
     "euler_a": "EulerAncestralDiscreteScheduler",
     "dpmpp_2m": "DPMSolverMultistepScheduler",
+    "dpmpp_2m_sde": "DPMSolverMultistepScheduler",   # with algorithm_type="sde-dpmsolver++"
     "lms": "LMSDiscreteScheduler",
     "ddpm": "DDPMScheduler",
 }
@@ -115,13 +116,17 @@ _CLASS_DEFAULTS = {
     },
 }
 
+# DPM-Solver++(2M) SDE: the same class and settings, its algorithm fixed (not read from a config).
+_CLASS_DEFAULTS["dpmpp_2m_sde"] = {k: v for k, v in _CLASS_DEFAULTS["dpmpp_2m"].items() if k != "algorithm_type"}
+
 # Arguments that diffusers passes to ``step`` rather than to the constructor.
 _STEP_OPTIONS = {"ddim": {"eta": 0.0}}
 
 # Keys a class does not take but still reads from the config it was built from (diffusers registers
 # every config key on the scheduler): DPM-Solver's Karras sigmas end at a config's sigma_min / sigma_max,
 # written there for Euler. Options cannot set them (diffusers ignores such keyword arguments).
-_CONFIG_ONLY_KEYS = {"dpmpp_2m": {"sigma_min": None, "sigma_max": None}}
+_CONFIG_ONLY_KEYS = {"dpmpp_2m": {"sigma_min": None, "sigma_max": None},
+                     "dpmpp_2m_sde": {"sigma_min": None, "sigma_max": None}}
 
 
 def resolve_scheduler_config(name: str, config: dict, **options) -> dict:
@@ -891,6 +896,16 @@ class DPMSolverMultistepScheduler(_SigmaScheduler):
         alpha = 1 / (sigma**2 + 1) ** 0.5
         return alpha, sigma * alpha
 
+    def _data_prediction(self, model_output, sample, alpha, sigma):
+        """The model's x0 (DPM-Solver++ works with data predictions)."""
+        if self.prediction_type == "epsilon":
+            return (sample - sigma * model_output) / alpha
+        if self.prediction_type == "v_prediction":
+            return alpha * sample - sigma * model_output
+        if self.prediction_type == "sample":
+            return model_output
+        raise ValueError(f"unsupported prediction_type {self.prediction_type!r}")
+
     def _noised(self, original, noise, sigma):
         """alpha_t * x0 + sigma_t * noise (DPM-Solver's variance-preserving latents)."""
         alpha, sigma = self._alpha_sigma(sigma)
@@ -905,15 +920,7 @@ class DPMSolverMultistepScheduler(_SigmaScheduler):
         alpha_s0, sigma_s0 = self._alpha_sigma(_at(self.sigmas, i))
         alpha_t, sigma_t = self._alpha_sigma(_at(self.sigmas, i + 1))
         alpha_s1, sigma_s1 = self._alpha_sigma(_at(self.sigmas, jnp.maximum(i - 1, 0)))
-
-        if self.prediction_type == "epsilon":
-            x0 = (sample - sigma_s0 * model_output) / alpha_s0
-        elif self.prediction_type == "v_prediction":
-            x0 = alpha_s0 * sample - sigma_s0 * model_output
-        elif self.prediction_type == "sample":
-            x0 = model_output
-        else:
-            raise ValueError(f"unsupported prediction_type {self.prediction_type!r}")
+        x0 = self._data_prediction(model_output, sample, alpha_s0, sigma_s0)
 
         # Half-log-SNR lambda = log(alpha) - log(sigma); at the final sigma 0 it is +inf, h is inf and
         # exp(-h) is 0, which makes the first-order step return x0 exactly.
@@ -931,6 +938,44 @@ class DPMSolverMultistepScheduler(_SigmaScheduler):
         difference_coeff = jnp.where(_at(self.first_order, i), 0.0, d1_coeff * (h / h_0))
         difference = jnp.where(_at(self.first_order, i), 0.0, x0 - state.previous_x0)
         next_latents = (sigma_t / sigma_s0) * sample + x0_coeff * x0 + difference_coeff * difference
+        return next_latents, DPMSolverState(x0)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
+class DPMSolverSDEScheduler(DPMSolverMultistepScheduler):
+    """DPM-Solver++(2M) SDE (Lu et al. 2022, its stochastic form), as diffusers' DPMSolverMultistepScheduler
+    with algorithm_type="sde-dpmsolver++" and k-diffusion's ``sample_dpmpp_2m_sde`` (AUTOMATIC1111's
+    "DPM++ 2M SDE", eta 1): each step shrinks the sample by exp(-h) more than the ODE step and adds
+    fresh noise of std sigma_t * sqrt(1 - exp(-2h)) (h: the step in half-log-SNR), keyed per image."""
+
+    name = "dpmpp_2m_sde"
+    stochastic = True
+
+    def step(self, state, model_output, i, latents, key=None):
+        i = self._loop_index(i)
+        model_output = jnp.asarray(model_output, _F32)
+        sample = jnp.asarray(latents, _F32)
+        alpha_s0, sigma_s0 = self._alpha_sigma(_at(self.sigmas, i))
+        alpha_t, sigma_t = self._alpha_sigma(_at(self.sigmas, i + 1))
+        alpha_s1, sigma_s1 = self._alpha_sigma(_at(self.sigmas, jnp.maximum(i - 1, 0)))
+        x0 = self._data_prediction(model_output, sample, alpha_s0, sigma_s0)
+        # (h is inf at the final sigma 0: exp(-h) = 0 and the step returns x0, with no noise)
+        lambda_t = jnp.log(alpha_t) - jnp.log(sigma_t)
+        lambda_s0 = jnp.log(alpha_s0) - jnp.log(sigma_s0)
+        lambda_s1 = jnp.log(alpha_s1) - jnp.log(sigma_s1)
+        h, h_0 = lambda_t - lambda_s0, lambda_s0 - lambda_s1
+        x0_coeff = alpha_t * (1.0 - jnp.exp(-2.0 * h))
+        if self.solver_type == "midpoint":
+            d1_coeff = 0.5 * x0_coeff
+        else:  # heun
+            d1_coeff = alpha_t * ((1.0 - jnp.exp(-2.0 * h)) / (-2.0 * h) + 1.0)
+        first = _at(self.first_order, i)
+        difference_coeff = jnp.where(first, 0.0, d1_coeff * (h / h_0))
+        difference = jnp.where(first, 0.0, x0 - state.previous_x0)
+        noise_std = sigma_t * _sqrt_nonnegative(1.0 - jnp.exp(-2.0 * h))
+        next_latents = ((sigma_t / sigma_s0 * jnp.exp(-h)) * sample + x0_coeff * x0 + difference_coeff * difference
+                        + noise_std * self._noise(key, i, sample))
         return next_latents, DPMSolverState(x0)
 
 
@@ -1201,7 +1246,9 @@ def _build_euler_family(name: str, settings: dict, num_steps: int) -> _SigmaSche
     return LMSScheduler(**fields, lms_weights=_f32(weights))
 
 
-def _build_dpm_solver(settings: dict, num_steps: int) -> DPMSolverMultistepScheduler:
+def _build_dpm_solver(settings: dict, num_steps: int, sde: bool = False) -> DPMSolverMultistepScheduler:
+    if sde:   # (its schedule is the ODE solver's)
+        settings = {**settings, "algorithm_type": "dpmsolver++"}
     if settings["algorithm_type"] == "deis" and settings["final_sigmas_type"] == "zero":   # as diffusers
         raise ValueError("dpmpp_2m from a config with algorithm_type='deis' needs final_sigmas_type='sigma_min' "
                          "(as in diffusers)")
@@ -1215,9 +1262,10 @@ def _build_dpm_solver(settings: dict, num_steps: int) -> DPMSolverMultistepSched
     _require(not settings["thresholding"], "thresholding=True (dynamic thresholding) is not supported")
     _require(settings["variance_type"] not in ("learned", "learned_range"),
              f"variance_type={settings['variance_type']!r} (learned variance outputs) is not supported")
-    for flag in ("use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas",
-                 "use_dynamic_shifting"):
+    for flag in ("use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas", "use_dynamic_shifting"):
         _require(not settings[flag], f"{flag} is not supported")
+    if settings["use_karras_sigmas"] and settings["use_exponential_sigmas"]:   # (diffusers: the same error)
+        raise ValueError("use_karras_sigmas and use_exponential_sigmas: only one of them can be used")
 
     alphas_cumprod = _sigma_alphas_cumprod(settings)
     sigma_table = _sigma_table(alphas_cumprod)
@@ -1240,13 +1288,17 @@ def _build_dpm_solver(settings: dict, num_steps: int) -> DPMSolverMultistepSched
         raise ValueError(f"timestep_spacing {spacing!r} is not one of 'linspace', 'leading', 'trailing'")
     timesteps = timesteps.astype(np.int64)
 
-    if settings["use_karras_sigmas"]:   # between the config's sigma_min / sigma_max where it has them
+    if settings["use_karras_sigmas"] or settings["use_exponential_sigmas"]:
+        # between the config's sigma_min / sigma_max where it has them
         ends = [float(table_end if settings[key] is None else settings[key])
                 for key, table_end in (("sigma_min", sigma_table[0]), ("sigma_max", sigma_table[-1]))]
-        sigmas = _karras_sigmas(*ends, num_steps)
+        if settings["use_karras_sigmas"]:
+            sigmas = _karras_sigmas(*ends, num_steps)
+        else:   # evenly spaced in log sigma (A1111's "Exponential" schedule type)
+            sigmas = np.exp(np.linspace(math.log(ends[1]), math.log(ends[0]), num_steps))
         timesteps = _timesteps_for_sigmas(sigmas, sigma_table)
-        if settings["beta_schedule"] != "squaredcos_cap_v2":
-            timesteps = timesteps.round()
+        if settings["beta_schedule"] != "squaredcos_cap_v2" and settings["use_karras_sigmas"]:
+            timesteps = timesteps.round()   # (diffusers rounds the Karras ones only)
         timesteps = timesteps.astype(np.int64)  # diffusers stores them as int64: the unrounded ones truncate
     else:
         sigmas = _interpolated_sigmas(sigma_table, timesteps)
@@ -1267,7 +1319,7 @@ def _build_dpm_solver(settings: dict, num_steps: int) -> DPMSolverMultistepSched
         settings["solver_order"] == 1 or i == 0 or (i == num_calls - 1 and lower_order_final_step)
         for i in range(num_calls)
     ])
-    return DPMSolverMultistepScheduler(
+    return (DPMSolverSDEScheduler if sde else DPMSolverMultistepScheduler)(
         **_common_fields(settings, timesteps, alphas_cumprod, 1.0),
         sigmas=sigmas,
         first_order=first_order,
@@ -1284,7 +1336,9 @@ def make_scheduler(name: str, config: dict, num_inference_steps: int, **options)
     - ``"pndm"``: PNDMScheduler (PLMS when ``skip_prk_steps``; 50 steps -> 51 model calls),
     - ``"ddim"``: DDIMScheduler; option ``eta`` (default 0, > 0 makes it stochastic),
     - ``"euler"``: EulerDiscreteScheduler, ``"euler_a"``: EulerAncestralDiscreteScheduler,
-    - ``"dpmpp_2m"``: DPMSolverMultistepScheduler (dpmsolver++, order 2); option ``use_karras_sigmas``,
+    - ``"dpmpp_2m"``: DPMSolverMultistepScheduler (dpmsolver++, order 2); options ``use_karras_sigmas``,
+      ``use_exponential_sigmas``; ``"dpmpp_2m_sde"``: the same with algorithm_type="sde-dpmsolver++"
+      (stochastic: A1111's "DPM++ 2M SDE"),
     - ``"lms"``: LMSDiscreteScheduler (order 4), ``"ddpm"``: DDPMScheduler.
 
     ``options`` override config keys the class reads (``prediction_type``, ``timestep_spacing``,
@@ -1332,11 +1386,11 @@ def _check_schedule(name: str, settings: dict, num_steps: int, scheduler: Schedu
     if num_steps > 1 and np.unique(scheduler.timesteps).size == 1:
         raise ValueError(f"{name} with {num_steps} steps (timestep_spacing={settings.get('timestep_spacing')!r}) "
                          f"gives every step the same timestep {top:g}: use fewer steps")
-    if name == "dpmpp_2m":   # a step of zero log-SNR change divides by zero (NaN from there on, as in diffusers)
+    if name in ("dpmpp_2m", "dpmpp_2m_sde"):   # a step of zero log-SNR change divides by zero (NaN, as in diffusers)
         sigmas = np.asarray(scheduler.sigmas)[:-1]
         repeated = sigmas[1:][sigmas[1:] == sigmas[:-1]]
         if repeated.size:
-            raise ValueError(f"dpmpp_2m with {num_steps} steps (timestep_spacing={settings.get('timestep_spacing')!r}"
+            raise ValueError(f"{name} with {num_steps} steps (timestep_spacing={settings.get('timestep_spacing')!r}"
                              f", lambda_min_clipped={settings.get('lambda_min_clipped')}) repeats a noise level "
                              f"(sigma {float(repeated[0]):g}), where the solver divides by zero: use fewer steps")
     if name in ("ddim", "ddpm") and settings["prediction_type"] == "epsilon" and not settings["clip_sample"]:
@@ -1356,8 +1410,8 @@ def _build(name: str, settings: dict, num_steps: int) -> Scheduler:
         return _build_ddim(settings, num_steps)
     if name == "ddpm":
         return _build_ddpm(settings, num_steps)
-    if name == "dpmpp_2m":
-        return _build_dpm_solver(settings, num_steps)
+    if name in ("dpmpp_2m", "dpmpp_2m_sde"):
+        return _build_dpm_solver(settings, num_steps, sde=name == "dpmpp_2m_sde")
     if name == "euler_a":
         _require(settings["prediction_type"] != "sample", "euler_a does not support prediction_type='sample'")
     return _build_euler_family(name, settings, num_steps)

@@ -552,6 +552,17 @@ def test_from_png_reads_a1111_automatic_schedule_as_the_samplers_default(tmp_pat
     assert scheduler_options("Euler a", ", Schedule type: Automatic") == ("euler_a", {})
     assert scheduler_options("DPM++ 2M", ", Schedule type: Uniform") == ("dpmpp_2m", {})
     assert scheduler_options("Euler", ", Schedule type: Uniform") == ("euler", {})
+    # DPM++ 2M SDE: Exponential by default in A1111 1.9+ (its 'scheduler': 'exponential'); before, the schedule
+    # and the Heun variant were part of the sampler's name
+    exponential = {"use_exponential_sigmas": True}
+    assert scheduler_options("DPM++ 2M SDE", ", Schedule type: Automatic") == ("dpmpp_2m_sde", exponential)
+    assert scheduler_options("DPM++ 2M SDE", ", Schedule type: Karras") == ("dpmpp_2m_sde", {"use_karras_sigmas": True})
+    assert scheduler_options("DPM++ 2M SDE Karras") == ("dpmpp_2m_sde", {"use_karras_sigmas": True})
+    assert scheduler_options("DPM++ 2M SDE Exponential") == ("dpmpp_2m_sde", exponential)
+    assert scheduler_options("DPM++ 2M SDE") == ("dpmpp_2m_sde", {})
+    assert scheduler_options("DPM++ 2M SDE Heun", ", Schedule type: Automatic") == (
+        "dpmpp_2m_sde", {"solver_type": "heun", **exponential})
+    assert scheduler_options("DPM++ 2M", ", Schedule type: Exponential") == ("dpmpp_2m", exponential)
     # sample.py's own plain DPM++ 2M says so, which A1111 1.9+ would take for Karras without the field
     plain, karras = (I.a1111_parameters("a fox", steps=20, scheduler="dpmpp_2m", guidance_scale=7, seed=1, width=64,
                                         height=64, scheduler_options=options)
@@ -561,6 +572,14 @@ def test_from_png_reads_a1111_automatic_schedule_as_the_samplers_default(tmp_pat
     assert "Schedule type" not in I.a1111_parameters("a fox", steps=20, scheduler="euler", guidance_scale=7, seed=1,
                                                      width=64, height=64)
     for text, options in ((plain, {}), (karras, {"use_karras_sigmas": True})):
+        I.save_png(np.zeros((8, 8, 3)), tmp_path / "own.png", text)
+        assert sample.parse_request(["--from-png", str(tmp_path / "own.png")])[0].scheduler_options == options
+    for options, written in (({}, "DPM++ 2M SDE, Schedule type: Uniform"),
+                             (exponential, "DPM++ 2M SDE, Schedule type: Exponential"),
+                             ({"solver_type": "heun"}, "DPM++ 2M SDE Heun, Schedule type: Uniform")):
+        text = I.a1111_parameters("a fox", steps=20, scheduler="dpmpp_2m_sde", guidance_scale=7, seed=1, width=64,
+                                  height=64, scheduler_options=options)
+        assert f"Sampler: {written}, CFG scale: 7" in text
         I.save_png(np.zeros((8, 8, 3)), tmp_path / "own.png", text)
         assert sample.parse_request(["--from-png", str(tmp_path / "own.png")])[0].scheduler_options == options
 
@@ -1178,8 +1197,11 @@ BAD_INPUTS = {
     "from_png_without_parameters": (["--from-png", "{tmp}/init.png"], "init.png: holds no generation settings"),
     "from_png_other_sampler": (["--from-png", "{tmp}/sde.png"], "sde.png: its sampler 'DPM++ SDE' has no sdjax "
                                "scheduler (sdjax has PLMS, DDIM"),
-    "from_png_other_schedule": (["--from-png", "{tmp}/exponential.png"], "its schedule type 'Exponential' has no "
-                                "sdjax equivalent"),
+    "from_png_other_schedule": (["--from-png", "{tmp}/polyexponential.png"], "its schedule type 'Polyexponential' "
+                                "has no sdjax equivalent (sdjax has Karras, and Exponential for DPM++ 2M and DPM++ "
+                                "2M SDE)"),
+    "from_png_exponential_euler": (["--from-png", "{tmp}/exponential.png"], "its sampler 'Euler' with schedule type "
+                                   "'Exponential' has no sdjax equivalent"),
     "embedding_missing": (["a cat", "--embedding", "{tmp}/nope.pt"], "error: --embedding {tmp}/nope.pt: no such file"),
     "embedding_folder": (["a cat", "--embedding", "{tmp}"], "--embedding {tmp}: is a folder; give an embedding file"),
     "config_embedding": (["a cat", "--config", "{tmp}/embedding.yaml"], "embedding.yaml: key 'embedding' has item 3; "
@@ -1271,7 +1293,8 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, tmp_path, caps
     (tmp_path / "embedding.yaml").write_text("embedding: [a.pt, 3]\n")
     Image.new("RGB", (16, 16)).save(tmp_path / "init.png")
     Image.new("RGB", (16, 4)).save(tmp_path / "tiny.png")
-    for name, sampler in (("sde", "DPM++ SDE Karras"), ("exponential", "Euler, Schedule type: Exponential")):
+    for name, sampler in (("sde", "DPM++ SDE Karras"), ("exponential", "Euler, Schedule type: Exponential"),
+                          ("polyexponential", "DPM++ 2M, Schedule type: Polyexponential")):
         I.save_png(np.zeros((8, 8, 3)), tmp_path / f"{name}.png", f"a cat\nSteps: 20, Sampler: {sampler}, Seed: 1")
     (tmp_path / "style.safetensors").write_bytes(b"")
     (tmp_path / "superscript.yaml").write_text("seeds: \"\u00b2\"\n", encoding="utf-8")
@@ -1504,6 +1527,13 @@ def test_from_png_with_another_scheduler_leaves_out_the_options_it_has_no_use_fo
     with pytest.raises(UsageError, match="use_karras_sigmas"):
         sample.parse_request(["--from-png", str(png), "--scheduler", "euler_a", "--scheduler-option",
                               "use_karras_sigmas=true"])
+    # DPM++ 2M SDE's default schedule, Exponential, varied with euler (diffusers' takes the key; sdjax's has none)
+    I.save_png(np.zeros((8, 8, 3)), png, "a fox\nSteps: 20, Sampler: DPM++ 2M SDE, Schedule type: Automatic, "
+               "CFG scale: 7, Seed: 1, Size: 64x64, Version: v1.10.1")
+    req, args = sample.parse_request(["--from-png", str(png), "--scheduler", "euler"])
+    assert (req.scheduler, req.scheduler_options) == ("euler", {})
+    assert args.png_notes == ["--from-png: the image's scheduler options use_exponential_sigmas=True are left out: "
+                              "the euler scheduler has none such"]
 
 
 def test_parse_a1111_parameters_reads_as_a1111_does():

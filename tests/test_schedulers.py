@@ -39,6 +39,7 @@ DIFFUSERS_CLASSES = {
     "euler": diffusers.EulerDiscreteScheduler,
     "euler_a": diffusers.EulerAncestralDiscreteScheduler,
     "dpmpp_2m": diffusers.DPMSolverMultistepScheduler,
+    "dpmpp_2m_sde": diffusers.DPMSolverMultistepScheduler,
     "lms": diffusers.LMSDiscreteScheduler,
     "ddpm": diffusers.DDPMScheduler,
 }
@@ -49,6 +50,8 @@ TOL = 1e-5
 
 
 def reference_scheduler(name, num_steps, **options):
+    if name == "dpmpp_2m_sde":
+        options = {**options, "algorithm_type": "sde-dpmsolver++"}
     scheduler = DIFFUSERS_CLASSES[name].from_config(SD15_SCHEDULER_CONFIG, **options)
     scheduler.set_timesteps(num_steps)
     return scheduler
@@ -141,6 +144,8 @@ DETERMINISTIC_CASES = [
     ("lms", 61, {"timestep_spacing": "trailing"}),  # 62 model calls: trailing spacing adds one (diffusers too)
     ("dpmpp_2m", 16, {"final_sigmas_type": "sigma_min"}),  # 16 calls: just past lower_order_final's < 15
     ("dpmpp_2m", 3, {"use_karras_sigmas": True, "beta_schedule": "squaredcos_cap_v2"}),  # int64 timesteps
+    # A1111's "Exponential" schedule type (its default for DPM++ 2M SDE): unrounded timesteps, truncated
+    ("dpmpp_2m", 10, {"use_exponential_sigmas": True}), ("dpmpp_2m", 25, {"use_exponential_sigmas": True}),
     ("euler", 10, {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing",
                    "prediction_type": "v_prediction"}),
 ]
@@ -233,7 +238,10 @@ STOCHASTIC_CASES = [("euler_a", 10, {}), ("euler_a", 7, {"timestep_spacing": "tr
                     ("ddim", 10, {"eta": 1.0}), ("ddim", 10, {"eta": 0.5}),
                     # sigma_down and DDIM's direction term are square roots of differences that
                     # round to just below 0 here: NaN under jit unless clamped
-                    ("euler_a", 2, DIFFUSERS_DEFAULTS), ("ddim", 3, {"eta": 1.0, **ZERO_SNR_V})]
+                    ("euler_a", 2, DIFFUSERS_DEFAULTS), ("ddim", 3, {"eta": 1.0, **ZERO_SNR_V}),
+                    ("dpmpp_2m_sde", 10, {}), ("dpmpp_2m_sde", 20, {"use_karras_sigmas": True}),
+                    ("dpmpp_2m_sde", 16, {"use_exponential_sigmas": True, "solver_type": "heun"}),
+                    ("dpmpp_2m_sde", 10, {"prediction_type": "v_prediction"})]
 
 
 @pytest.mark.parametrize("case", STOCHASTIC_CASES, ids=case_id)
@@ -265,7 +273,8 @@ def test_stochastic_scheduler_matches_diffusers_given_same_noise(case, noise_nch
             assert np.isfinite(expected).all()
     else:
         pending = list(step_noises)
-        module = {"euler_a": "scheduling_euler_ancestral_discrete", "ddpm": "scheduling_ddpm"}[name]
+        module = {"euler_a": "scheduling_euler_ancestral_discrete", "ddpm": "scheduling_ddpm",
+                  "dpmpp_2m_sde": "scheduling_dpmsolver_multistep"}[name]
         monkeypatch.setattr(f"diffusers.schedulers.{module}.randn_tensor", lambda *a, **k: pending.pop(0))
         expected = run_diffusers(reference, noise_nchw)
         assert len(pending) == int(name == "ddpm" and reference.timesteps[-1] == 0)  # DDPM draws none at t = 0
@@ -657,7 +666,7 @@ def test_unknown_names_and_options_are_errors():
         S.make_scheduler("bogus", SD15_SCHEDULER_CONFIG, 10)
     for name in S.SCHEDULERS:
         assert name in str(excinfo.value)
-    assert S.SCHEDULERS == ("pndm", "ddim", "euler", "euler_a", "dpmpp_2m", "lms", "ddpm")
+    assert S.SCHEDULERS == ("pndm", "ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_sde", "lms", "ddpm")
     with pytest.raises(TypeError, match="eta"):
         S.make_scheduler("euler", SD15_SCHEDULER_CONFIG, 10, eta=1.0)
     with pytest.raises(NotImplementedError):
