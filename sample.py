@@ -74,8 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", default="pndm",
                    help="pndm (default), ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_sde, lms or ddpm")
     p.add_argument("--scheduler-option", metavar="KEY=VALUE", action="append", default=[],
-                   help="a scheduler setting, repeatable: use_karras_sigmas=true (DPM++ 2M Karras, also euler and "
-                        "lms), eta=1 (ddim), timestep_spacing=trailing, ... (any diffusers config key of the "
+                   help="a scheduler setting, repeatable: use_karras_sigmas=true (DPM++ 2M Karras, also "
+                        "dpmpp_2m_sde, euler and lms), use_exponential_sigmas=true (dpmpp_2m, dpmpp_2m_sde: A1111's "
+                        "Exponential), eta=1 (ddim), timestep_spacing=trailing, ... (any diffusers config key of the "
                         "scheduler; the value is read as YAML: true, 1.0, text)")
     p.add_argument("--clip-skip", type=int, default=1, metavar="N",
                    help="condition on the text encoder's N-th layer from the end, as A1111's Clip skip (model "
