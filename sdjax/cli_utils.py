@@ -628,8 +628,8 @@ def extra_network_tags(prompt: str) -> tuple[str, list[tuple[str, float]], list[
             loras.append((name.strip(), scale))
         else:
             networks.append(f"<{kind}:{body}>")
-    if loras or networks:
-        prompt = re.sub(r"\s*<\w+:[^>]+>", "", prompt).strip()
+    if loras or networks:   # (a tag between words, 'a <lora:x>dog', leaves a space between them, as A1111's text has)
+        prompt = re.sub(r"(\s*)<\w+:[^>]+>(\s*)", lambda m: " " if m.group(1) or m.group(2) else "", prompt).strip()
     return prompt, loras, networks
 
 

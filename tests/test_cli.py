@@ -958,6 +958,15 @@ def test_embedding_flags_add_the_tokens_and_a_bad_file_exits_2_before_writing(pi
                               "64; this text encoder's is 32 (an embedding made for another model?)")
 
 
+def test_lora_dir_takes_the_tags_out_of_the_prompts_and_finds_their_files(tmp_path):
+    """--lora-dir DIR: each <lora:NAME:SCALE> of the prompts becomes --lora DIR/.../NAME.safetensors:SCALE,
+    the tag taken out of the text as A1111 takes it out: a tag between two words leaves them two words."""
+    (tmp_path / "loras" / "styles").mkdir(parents=True)
+    (tmp_path / "loras" / "styles" / "style.safetensors").write_bytes(b"")
+    req, _ = sample.parse_request(["a <lora:style:0.5>dog", "--lora-dir", str(tmp_path / "loras")])
+    assert req.prompts == ["a dog"] and req.lora == [f"{tmp_path / 'loras' / 'styles' / 'style.safetensors'}:0.5"]
+
+
 def test_embedding_dir_adds_the_embeddings_the_prompts_name(tmp_path):
     """--embedding-dir DIR: the embedding files there (and in a folder below) that a prompt or the negative
     prompt names by their file name, as a word in any letter case, become --embedding files (loaded as
