@@ -636,8 +636,8 @@ def extra_network_tags(prompt: str) -> tuple[str, list[tuple[str, float]], list[
 def find_lora(name: str, lora_dir: str | os.PathLike) -> str:
     """The file of A1111's ``<lora:NAME>`` in ``--lora-dir``: ``NAME.safetensors`` in it or a folder below
     it (as in A1111's ``models/Lora``); a UsageError when there is none, or one in several folders."""
-    root = Path(lora_dir).expanduser()
-    found = sorted(path for path in root.rglob("*.safetensors") if path.stem == name)
+    found = [path for path in _files_below(Path(lora_dir).expanduser(), (".safetensors",))
+             if path.name == f"{name}.safetensors"]   # (as --lora takes them: .safetensors in small letters)
     if not found:
         raise _bad_setting("lora_dir", lora_dir, f"has no {name}.safetensors, the LoRA <lora:{name}> (nor a folder "
                            "below it)")
@@ -674,6 +674,22 @@ def _folder(setting: str, folder) -> Path:
     return root
 
 
+def _files_below(root: Path, suffixes: Sequence[str]) -> list[Path]:
+    """The files in ``root`` and the folders below it whose suffix is one of ``suffixes`` (in any letter
+    case), sorted, as A1111 lists its models/Lora and embeddings folders: linked folders are followed
+    (each folder once)."""
+    found, seen = [], set()
+    for folder, folders, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:   # (a link to a folder above it)
+            folders[:] = []
+            continue
+        seen.add(real)
+        found += [Path(folder, file) for file in files if Path(file).suffix.lower() in suffixes
+                  and os.path.isfile(os.path.join(folder, file))]
+    return sorted(found)
+
+
 def embeddings_named(texts: Sequence[str], embedding_dir, given: Sequence[str]) -> list[str]:
     """``--embedding`` values for the textual inversion embeddings of ``embedding_dir`` (and the folders
     below it, as A1111's ``embeddings`` folder) that ``texts`` name: a ``.safetensors``, ``.pt`` or ``.bin``
@@ -683,9 +699,8 @@ def embeddings_named(texts: Sequence[str], embedding_dir, given: Sequence[str]) 
     if embedding_dir is None:
         return []
     files: dict[str, list[Path]] = {}
-    for path in sorted(_folder("embedding_dir", embedding_dir).rglob("*")):
-        if path.suffix.lower() in (".safetensors", ".pt", ".bin") and path.is_file():
-            files.setdefault(path.stem.lower(), []).append(path)
+    for path in _files_below(_folder("embedding_dir", embedding_dir), (".safetensors", ".pt", ".bin")):
+        files.setdefault(path.stem.lower(), []).append(path)
     have = {Path(file).stem.lower() for file in given}
     named = []
     for name, paths in files.items():

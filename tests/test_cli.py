@@ -965,6 +965,14 @@ def test_lora_dir_takes_the_tags_out_of_the_prompts_and_finds_their_files(tmp_pa
     (tmp_path / "loras" / "styles" / "style.safetensors").write_bytes(b"")
     req, _ = sample.parse_request(["a <lora:style:0.5>dog", "--lora-dir", str(tmp_path / "loras")])
     assert req.prompts == ["a dog"] and req.lora == [f"{tmp_path / 'loras' / 'styles' / 'style.safetensors'}:0.5"]
+    # a linked folder below it is looked in too, as A1111 lists its models/Lora (once, a link to a folder
+    # above it as well)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "Detail.safetensors").write_bytes(b"")
+    (tmp_path / "loras" / "linked").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "loras" / "styles" / "up").symlink_to(tmp_path / "loras")
+    req, _ = sample.parse_request(["a dog <lora:Detail:0.3>", "--lora-dir", str(tmp_path / "loras")])
+    assert req.lora == [f"{tmp_path / 'loras' / 'linked' / 'Detail.safetensors'}:0.3"]
 
 
 def test_embedding_dir_adds_the_embeddings_the_prompts_name(tmp_path):
@@ -988,6 +996,11 @@ def test_embedding_dir_adds_the_embeddings_the_prompts_name(tmp_path):
     assert [note for note in args.png_notes if "EasyNegative" in note]   # (the check can fail)
     req, args = sample.parse_request(["--from-png", str(tmp_path / "a.png"), "--embedding-dir", str(emb)])
     assert req.embedding == [str(emb / "EasyNegative.safetensors")] and args.png_notes == []
+    (tmp_path / "more").mkdir()
+    (tmp_path / "more" / "Glow.PT").write_bytes(b"")
+    (emb / "linked").symlink_to(tmp_path / "more")   # (a linked folder below it: looked in, as A1111 does)
+    req, _ = sample.parse_request(["a glow", "--embedding-dir", str(emb)])
+    assert req.embedding == [str(emb / "linked" / "Glow.PT")]
     (emb / "negative" / "Crayon.pt").write_bytes(b"")
     with pytest.raises(sample.UsageError, match=r"--embedding-dir .*: has the embedding Crayon in several files"):
         sample.parse_request(["a crayon drawing", "--embedding-dir", str(emb)])
