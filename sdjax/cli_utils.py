@@ -658,10 +658,12 @@ def loras_of_tags(tags: Sequence[tuple[str, float]], lora_dir, given: Sequence[s
     for name, scale in tags:
         if name in named:
             continue
+        if not math.isfinite(scale):   # (not a --lora flag's error: none was given)
+            raise UsageError(f"the LoRA <lora:{name}:{scale}>: its scale is not a finite number")
         if lora_dir is None:
             raise UsageError(f"the prompt names the LoRA <lora:{name}:{scale:g}>: pass --lora-dir DIR (the folder of "
                              f"{name}.safetensors, as A1111's models/Lora) or --lora FILE:{scale:g}")
-        loras.append(f"{find_lora(name, lora_dir)}:{scale:g}")
+        loras.append(f"{find_lora(name, lora_dir)}:{scale!r}")   # (the scale as given, not rounded to 6 digits)
         named.add(name)
     return loras
 

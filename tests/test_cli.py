@@ -973,6 +973,11 @@ def test_lora_dir_takes_the_tags_out_of_the_prompts_and_finds_their_files(tmp_pa
     (tmp_path / "loras" / "styles" / "up").symlink_to(tmp_path / "loras")
     req, _ = sample.parse_request(["a dog <lora:Detail:0.3>", "--lora-dir", str(tmp_path / "loras")])
     assert req.lora == [f"{tmp_path / 'loras' / 'linked' / 'Detail.safetensors'}:0.3"]
+    # the scale as written (not rounded), and one that is no finite number said of the tag, not of a --lora flag
+    req, _ = sample.parse_request(["a dog <lora:style:0.1234567>", "--lora-dir", str(tmp_path / "loras")])
+    assert req.lora == [f"{tmp_path / 'loras' / 'styles' / 'style.safetensors'}:0.1234567"]
+    with pytest.raises(sample.UsageError, match=r"^the LoRA <lora:style:nan>: its scale is not a finite number$"):
+        sample.parse_request(["a dog <lora:style:nan>", "--lora-dir", str(tmp_path / "loras")])
 
 
 def test_embedding_dir_adds_the_embeddings_the_prompts_name(tmp_path):
