@@ -185,13 +185,15 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
                          "a run; make them in runs of their own")
     prompts = [prompt for prompt, _, _ in tagged]
     try:
-        args.lora = list(args.lora) + loras_of_tags(tagged[0][1] if tagged else [], args.lora_dir, args.lora)
+        found = loras_of_tags(tagged[0][1] if tagged else [], args.lora_dir, args.lora)
         if png is not None and args.lora_dir is not None:   # the image's LoRAs, from the folder
-            args.lora += loras_of_tags(png.loras, args.lora_dir, args.lora)
-        args.embedding = list(args.embedding) + embeddings_named([*prompts, args.negative_prompt], args.embedding_dir,
-                                                                 args.embedding)
+            found += loras_of_tags(png.loras, args.lora_dir, [*args.lora, *found])
+        named = embeddings_named([*prompts, args.negative_prompt], args.embedding_dir, args.embedding)
     except UsageError as e:
         raise _from_the_preset(e, preset, path, args, sys.argv[1:] if argv is None else argv) from None
+    args.lora, args.embedding = [*args.lora, *found], [*args.embedding, *named]
+    # (a file that fails to load later is said of the folder it came from, not of a --lora / --embedding flag)
+    args.from_folder = {**dict.fromkeys(found, "lora_dir"), **dict.fromkeys(named, "embedding_dir")}
     args.png_notes = [] if png is None else png_notes(png, args)
     if others := sorted({tag for _, _, networks in tagged for tag in networks}):
         args.png_notes.append(f"the prompt's extra networks {', '.join(others)} have no sdjax equivalent: left out "
@@ -274,6 +276,18 @@ def _blame_the_source(error: UsageError, settings: dict, args, argv, source) -> 
     return UsageError(f"{source(key, settings[key])}: {error.reason}")
 
 
+def _file_error(error: Exception, setting: str, value: str, args, argv) -> Exception:
+    """``--lora FILE: ...`` for a file that did not load; ``--lora-dir DIR: FILE: ...`` (or the preset's
+    ``lora_dir``) for one that a --lora-dir / --embedding-dir folder gave."""
+    from sdjax.weights import CheckpointError
+    folder = args.from_folder.get(value)
+    if folder is None:
+        return CheckpointError(f"--{setting} {error}")
+    return _from_the_preset(UsageError(f"--{folder.replace('_', '-')} {getattr(args, folder)}: {error}",
+                                       setting=folder, reason=str(error)),
+                            args.preset, args.preset_path, args, sys.argv[1:] if argv is None else argv)
+
+
 def _fail(error: Exception) -> int:
     # one line: a strict-loading error's lines (missing keys, unexpected keys) become clauses
     message = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
@@ -341,14 +355,14 @@ def main(argv=None) -> int:
             try:
                 pipe.fuse_lora(*parse_lora(text))
             except CheckpointError as e:
-                error = CheckpointError(f"--lora {e}")   # (its message starts with the file)
+                error = _file_error(e, "lora", text, args, argv)   # (its message starts with the file)
                 break
     tokens = []
     for file in req.embedding if error is None else ():   # the same: before anything is written
         try:
             tokens.append(pipe.load_textual_inversion(file))
         except CheckpointError as e:
-            error = CheckpointError(f"--embedding {e}")
+            error = _file_error(e, "embedding", file, args, argv)
             break
     failed = parallel.processes_that_failed(error is None)   # a host without the weights stops them all
     if error is not None:

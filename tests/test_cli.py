@@ -980,6 +980,34 @@ def test_lora_dir_takes_the_tags_out_of_the_prompts_and_finds_their_files(tmp_pa
         sample.parse_request(["a dog <lora:style:nan>", "--lora-dir", str(tmp_path / "loras")])
 
 
+def test_a_file_from_a_folder_that_does_not_load_is_said_of_the_folder(pipe_dir, tmp_path, capsys):
+    """A --lora-dir / --embedding-dir file that does not load exits 2 before anything is written, said of
+    the folder that gave it (or of the preset's key), not of a --lora / --embedding flag not given."""
+    import torch
+    from safetensors.numpy import save_file
+    from safetensors.torch import save_file as save_torch
+    (tmp_path / "emb").mkdir()
+    save_file({"emb_params": np.zeros((1, 64), np.float32)}, tmp_path / "emb" / "Wide.safetensors")
+    save_torch({"lora_unet_conv_in.hada_w1_a": torch.zeros(4, 4)}, str(tmp_path / "loha.safetensors"))
+    wide, out = tmp_path / "emb" / "Wide.safetensors", tmp_path / "out"
+    rc, _, stderr = run_main(capsys, "a dog, wide", "--embedding-dir", tmp_path / "emb", "--model", pipe_dir,
+                             "--out", out, *SMALL)
+    assert rc == 2 and not out.exists()
+    assert stderr.strip() == (f"sample.py: error: --embedding-dir {tmp_path / 'emb'}: {wide}: its vectors have "
+                              "width 64; this text encoder's is 32 (an embedding made for another model?)")
+    (tmp_path / "preset.yaml").write_text(f"embedding_dir: {tmp_path / 'emb'}\nlora_dir: {tmp_path}\n")
+    rc, _, stderr = run_main(capsys, "a dog, wide", "--config", tmp_path / "preset.yaml", "--model", pipe_dir,
+                             "--out", out, *SMALL)
+    assert rc == 2 and not out.exists()
+    assert stderr.strip().startswith(f"sample.py: error: {tmp_path / 'preset.yaml'}: key 'embedding_dir' has value "
+                                     f"'{tmp_path / 'emb'}': {wide}: its vectors have width 64"), stderr
+    rc, _, stderr = run_main(capsys, "a dog <lora:loha:0.5>", "--lora-dir", tmp_path, "--model", pipe_dir,
+                             "--out", out, *SMALL)
+    assert rc == 2 and not out.exists()
+    assert stderr.strip().startswith(f"sample.py: error: --lora-dir {tmp_path}: {tmp_path / 'loha.safetensors'}: "
+                                     "key 'lora_unet_conv_in.hada_w1_a' is LoHa"), stderr
+
+
 def test_embedding_dir_adds_the_embeddings_the_prompts_name(tmp_path):
     """--embedding-dir DIR: the embedding files there (and in a folder below) that a prompt or the negative
     prompt names by their file name, as a word in any letter case, become --embedding files (loaded as
