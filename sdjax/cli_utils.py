@@ -670,6 +670,8 @@ def loras_of_tags(tags: Sequence[tuple[str, float]], lora_dir, given: Sequence[s
 
 def _folder(setting: str, folder) -> Path:
     """``--lora-dir`` / ``--embedding-dir``'s folder; a UsageError when it is none."""
+    if not str(folder).strip():   # (an unset variable in --embedding-dir "$DIR": not the folder it runs in)
+        raise _bad_setting(setting, repr(folder), "is empty: leave the flag out, or give a folder")
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise _bad_setting(setting, folder, "is not a folder" if root.exists() else "no such folder")

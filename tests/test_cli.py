@@ -1280,6 +1280,10 @@ BAD_INPUTS = {
     "lora_tag_without_a_file": (["a dog <lora:style:0.5>"], "error: the prompt names the LoRA <lora:style:0.5>: pass "
                                 "--lora-dir DIR (the folder of style.safetensors"),
     "lora_dir_missing": (["a cat", "--lora-dir", "{tmp}/nope"], "error: --lora-dir {tmp}/nope: no such folder"),
+    "lora_dir_empty": (["a cat", "--lora-dir", ""], "error: --lora-dir '': is empty: leave the flag out, or give a "
+                       "folder"),
+    "embedding_dir_empty": (["a cat", "--embedding-dir", ""], "error: --embedding-dir '': is empty: leave the flag "
+                            "out, or give a folder"),
     "lora_dir_without_the_file": (["a dog <lora:nosuch:0.5>", "--lora-dir", "{tmp}"], "error: --lora-dir {tmp}: has "
                                   "no nosuch.safetensors, the LoRA <lora:nosuch>"),
     "prompts_with_other_loras": (["a dog <lora:style:0.5>", "a cat"], "error: the prompts name different LoRAs (none / "
