@@ -16,6 +16,7 @@ untouched.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -173,12 +174,14 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
         prompts += read_prompts_file(args.prompts_file)
     if png is not None and not prompts:
         prompts = [png.prompt]
+    elif png is not None:   # a prompt given replaces the image's, and with it the LoRAs its tags named
+        png = dataclasses.replace(png, loras=[])
     strength = args.strength
     if png is not None and png.strength is not None and known.strength is None and args.init_image is not None:
         strength = png.strength   # (over a preset's strength, as every --from-png setting is)
     # A1111's <lora:NAME:SCALE> tags: out of the prompts, their files (--lora-dir) into --lora
     tagged = [extra_network_tags(prompt) for prompt in prompts]
-    tags = {tuple(loras) for _, loras, _ in tagged}
+    tags = {tuple(sorted(loras)) for _, loras, _ in tagged}   # (in any order: they add up)
     if len(tags) > 1:
         listed = " / ".join(" ".join(f"<lora:{n}:{w:g}>" for n, w in loras) or "none" for loras in sorted(tags))
         raise UsageError(f"the prompts name different LoRAs ({listed}): sdjax merges LoRAs into the weights, once "

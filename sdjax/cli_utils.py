@@ -707,7 +707,7 @@ def embeddings_named(texts: Sequence[str], embedding_dir, given: Sequence[str]) 
         files.setdefault(path.stem.lower(), []).append(path)
     have = {Path(file).stem.lower() for file in given}
     named = []
-    for name, paths in files.items():
+    for name, paths in sorted(files.items()):   # (by name: hosts whose folders differ below DIR agree)
         word = re.compile(rf"(?<![\w-]){re.escape(name)}(?![\w-])", re.IGNORECASE)
         if name in have or not any(word.search(text) for text in texts):
             continue

@@ -978,6 +978,20 @@ def test_lora_dir_takes_the_tags_out_of_the_prompts_and_finds_their_files(tmp_pa
     assert req.lora == [f"{tmp_path / 'loras' / 'styles' / 'style.safetensors'}:0.1234567"]
     with pytest.raises(sample.UsageError, match=r"^the LoRA <lora:style:nan>: its scale is not a finite number$"):
         sample.parse_request(["a dog <lora:style:nan>", "--lora-dir", str(tmp_path / "loras")])
+    # prompts naming the same LoRAs in another order name the same ones (they add up)
+    req, _ = sample.parse_request(["a <lora:style:0.5> <lora:Detail:1>", "b <lora:Detail:1> <lora:style:0.5>",
+                                   "--lora-dir", str(tmp_path / "loras")])
+    assert [Path(file).name for file in req.lora] == ["style.safetensors:0.5", "Detail.safetensors:1.0"]
+    # an image's LoRAs were tags of its prompt: a prompt given in its place leaves them out (no merge, no note)
+    I.save_png(np.zeros((8, 8, 3)), tmp_path / "a.png", "a cat <lora:style:0.7>\nSteps: 20, Sampler: Euler, CFG scale: "
+               "7, Seed: 1, Size: 64x64, Version: v1.10.1")
+    for argv, loras, notes in ((["--from-png", str(tmp_path / "a.png")], ["style.safetensors:0.7"], []),
+                               (["a dog", "--from-png", str(tmp_path / "a.png")], [], [])):
+        req, args = sample.parse_request([*argv, "--lora-dir", str(tmp_path / "loras")])
+        assert ([Path(file).name for file in req.lora], args.png_notes) == (loras, notes)
+    _, args = sample.parse_request(["--from-png", str(tmp_path / "a.png")])
+    assert args.png_notes == ["--from-png: the image was made with the LoRA style at 0.7: to use it, pass --lora "
+                              "FILE:0.7 (its file) or --lora-dir DIR (its folder)"]   # (the check can fail)
 
 
 def test_a_file_from_a_folder_that_does_not_load_is_said_of_the_folder(pipe_dir, tmp_path, capsys):
@@ -1021,8 +1035,8 @@ def test_embedding_dir_adds_the_embeddings_the_prompts_name(tmp_path):
         (emb / name).write_bytes(b"")
     req, _ = sample.parse_request(["a cat, bad-hands-5, given", "--negative-prompt", "(easynegative:1.2), blurry",
                                    "--embedding-dir", str(emb), "--embedding", str(emb / "given.safetensors")])
-    assert req.embedding == [str(emb / "given.safetensors"), str(emb / "EasyNegative.safetensors"),
-                             str(emb / "negative" / "bad-hands-5.pt")]
+    assert req.embedding == [str(emb / "given.safetensors"), str(emb / "negative" / "bad-hands-5.pt"),
+                             str(emb / "EasyNegative.safetensors")]   # (by name: not by where they lie below DIR)
     I.save_png(np.zeros((8, 8, 3)), tmp_path / "a.png", "a cat\nNegative prompt: EasyNegative\nSteps: 20, Sampler: "
                'Euler, CFG scale: 7, Seed: 1, Size: 64x64, TI hashes: "EasyNegative: 0123456789ab", Version: v1.10.1')
     _, args = sample.parse_request(["--from-png", str(tmp_path / "a.png")])
