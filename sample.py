@@ -91,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "needs --guidance-scale above 1), as A1111 does (default: off, the "
                         "brackets are words and a long prompt is cut, as in diffusers); recorded in the PNG "
                         "parameters")
+    p.add_argument("--emphasis", default="original", metavar="MODE",
+                   help="with --prompt-weighting, AUTOMATIC1111's Emphasis setting: original (default: weights, the "
+                        "mean restored), no-norm (weights as they are), ignore (the syntax read, no weights) or none "
+                        "(brackets and BREAK are text; windows, editing and AND still read); recorded in the PNG "
+                        "parameters")
     p.add_argument("--lora", metavar="FILE[:SCALE]", action="append", default=[],
                    help="a LoRA .safetensors file (kohya / A1111 or diffusers format) merged into the weights at "
                         "SCALE (default 1.0), repeatable: the LoRAs add up; recorded in the PNG parameters as A1111 "
@@ -230,10 +235,15 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
     except UsageError as e:
         raise _from_the_preset(e, preset, path, args, sys.argv[1:] if argv is None else argv) from None
     height, width = (size[i] // 8 * 8 if given is None else given for i, given in ((1, args.height), (0, args.width)))
+    emphasis = str(args.emphasis).strip().lower().replace("-", "_").replace(" ", "_")   # (also A1111's "No norm")
+    given = sys.argv[1:] if argv is None else argv
+    if not args.prompt_weighting and not any(str(a).startswith("--emphasis") for a in given):
+        emphasis = "original"   # (an image's or a preset's, under --no-prompt-weighting: nothing to set)
     req = SampleRequest(prompts=prompts, seeds=seeds, negative_prompt=args.negative_prompt, model=args.model,
                         model_config=args.model_config, vae=args.vae, ema_weights=args.ema_weights,
                         scheduler_options=options, clip_skip=args.clip_skip, lora=list(args.lora),
                         prompt_weighting=args.prompt_weighting,
+                        emphasis=emphasis,
                         embedding=list(args.embedding),
                         steps=args.steps, guidance_scale=args.guidance_scale, scheduler=args.scheduler,
                         init_image=args.init_image, strength=strength, hires_scale=args.hires_scale,

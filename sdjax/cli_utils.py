@@ -30,6 +30,7 @@ from sdjax.pipeline import (DEFAULT_MODEL, HIRES_STRENGTH, HIRES_UPSCALERS, MAX_
                             model_options_problem)                  # (DEFAULT_MODEL, MAX_SEED: for sample.py)
 from sdjax.sampling import DEFAULT_STRENGTH
 from sdjax.schedulers import SCHEDULERS, resolve_scheduler_config
+from sdjax.text import EMPHASIS_MODES
 from sdjax.weights import DTYPE_NAMES
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -190,6 +191,7 @@ CONFIG_KEYS: dict[str, tuple[type | tuple, str]] = {
     "scheduler": (str, f"one of {', '.join(SCHEDULERS)}"),
     "scheduler_options": (dict, "scheduler settings, e.g. {use_karras_sigmas: true}"),
     "clip_skip": (int, "condition on the text encoder's N-th layer from the end (A1111's Clip skip; 1: the last)"),
+    "emphasis": (str, "with prompt_weighting, AUTOMATIC1111's Emphasis: original, no_norm, ignore or none"),
     "prompt_weighting": (bool, "read AUTOMATIC1111's emphasis syntax in the prompts: (word:1.2), (word), [word]; "
                           "BREAK and long prompts in windows of 75 tokens"),
     "lora": ((str, list), "LoRA files merged into the weights: FILE[:SCALE] (scale default 1), one or a list"),
@@ -405,6 +407,7 @@ class SampleRequest:
     scheduler_options: dict = dataclasses.field(default_factory=dict)   # e.g. {"use_karras_sigmas": True}
     clip_skip: int = 1                # A1111's "Clip skip": 1 = the text encoder's last layer, 2 = the penultimate
     prompt_weighting: bool = False    # A1111's emphasis syntax, (word:1.2), read in the prompts
+    emphasis: str = "original"        # A1111's Emphasis setting, with prompt_weighting: sdjax.text.EMPHASIS_MODES
     lora: list[str] = dataclasses.field(default_factory=list)   # LoRA files merged into the weights, FILE[:SCALE]
     embedding: list[str] = dataclasses.field(default_factory=list)   # textual inversion embedding files
     init_image: str | None = None     # img2img: the image every image starts from
@@ -578,10 +581,14 @@ def settings_from_png(path: str | os.PathLike) -> PngSettings:
     weighting = fields.pop("Prompt weighting", None)
     if weighting not in (None, "A1111"):
         raise bad(f"its Prompt weighting {weighting!r} is not one sdjax has (A1111)")
+    # A1111's Emphasis setting: its prompt syntax is read (windows, editing, AND) whatever it is, the
+    # brackets as it says. A sample.py image records its weighting apart: there None is weighting off.
     emphasis = fields.pop("Emphasis", "Original" if a1111 or weighting else "None")
-    if emphasis not in ("Original", "None"):   # (Ignore, No norm: weighted otherwise than sdjax does)
+    modes = {name: mode for mode, name in EMPHASIS_MODES.items()}
+    if emphasis not in modes:   # (another UI's: Forge's MeanNorm, ...)
         fields["Emphasis"] = f"{emphasis} (sdjax weights as A1111's Original does)"
-    flags["prompt_weighting"] = emphasis != "None"
+    flags["prompt_weighting"] = a1111 or weighting is not None or emphasis != "None"
+    flags["emphasis"] = modes.get(emphasis, "original") if flags["prompt_weighting"] else "original"
     strength = number("Denoising strength", float) if "Denoising strength" in fields and not hires else None
     hires_left_out = None
     if hires:   # A1111 writes no Hires upscaler for its default, Latent
@@ -835,7 +842,8 @@ def validate_request(req: SampleRequest) -> None:
     """Check everything that can be checked without the model; raise UsageError with one line."""
     if not req.prompts:
         raise UsageError("no prompt given: pass a prompt, or --prompts-file FILE")
-    if req.prompt_weighting:   # a weight that is no number, (word:1.2.3): the pipeline would raise mid-run
+    if req.prompt_weighting and req.emphasis != "none":   # a weight that is no number, (word:1.2.3): the pipeline
+        # would raise mid-run (with Emphasis None the brackets are text)
         from sdjax.text import composable_parts, parse_prompt_attention, prompt_schedule
         # (a negative prompt that is also a prompt is checked as both: AND is text in it)
         for text, is_prompt in dict.fromkeys([*((p, True) for p in req.prompts), (req.negative_prompt, False)]):
@@ -879,6 +887,12 @@ def validate_request(req: SampleRequest) -> None:
         raise _bad_setting("steps", req.steps, "must be an integer in 1..1000 (typical 20-100)")
     if not isinstance(req.guidance_scale, (int, float)) or not math.isfinite(req.guidance_scale):
         raise _bad_setting("guidance_scale", req.guidance_scale, "must be a finite number (typical 5-15)")
+    if req.emphasis not in EMPHASIS_MODES:
+        raise _bad_setting("emphasis", req.emphasis, f"choose one of {', '.join(EMPHASIS_MODES)} (AUTOMATIC1111's "
+                           "Emphasis: Original, No norm, Ignore, None)")
+    if req.emphasis != "original" and not req.prompt_weighting:
+        raise _bad_setting("emphasis", req.emphasis, "is a setting of AUTOMATIC1111's prompt syntax: it needs "
+                           "--prompt-weighting")
     if req.prompt_weighting and req.guidance_scale <= 1:
         from sdjax.text import composable_parts
         composed = [p for p in req.prompts if [w for _, w in composable_parts(p)] != [1.0]]
@@ -1287,7 +1301,7 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
                                    return_intermediates=picks, progress=step_bar,
                                    scheduler_options=req.scheduler_options, clip_skip=req.clip_skip,
                                    init_images=init, strength=strength, prompt_weighting=req.prompt_weighting,
-                                   hires=hires)
+                                   hires=hires, emphasis=req.emphasis)
             for batch, out in zip(bar, outputs, strict=True):
                 padded = batch + [batch[-1]] * (per_call - len(batch))   # one decoder program for every batch
                 noise = None   # the trajectory's first frame: the seed's noise, or the image img2img starts from
@@ -1309,7 +1323,7 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
                                               hires_scale=None if hires is None else hires.scale,
                                               hires_steps=None if hires is None else hires.steps,
                                               hires_upscaler="latent" if hires is None else hires.upscaler,
-                                              prompt_weighting=req.prompt_weighting,
+                                              prompt_weighting=req.prompt_weighting, emphasis=req.emphasis,
                                               embeddings=embeddings_used(pipe.tokenizer, embeddings,
                                                                          f"{prompt}\n{negative}"))
                     files.append(out_dir / image_file_name(index, seed, prompt))

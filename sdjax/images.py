@@ -145,7 +145,7 @@ def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, sche
                      loras: Sequence[tuple[str, float]] = (), denoising_strength: float | None = None,
                      embeddings: Sequence[tuple[str, str]] = (), prompt_weighting: bool = False,
                      hires_scale: float | None = None, hires_steps: int | None = None,
-                     hires_upscaler: str = "latent") -> str:
+                     hires_upscaler: str = "latent", emphasis: str = "original") -> str:
     """Generation settings as AUTOMATIC1111 writes them into the PNG ``parameters`` text chunk::
 
         a photo of a cat
@@ -172,7 +172,8 @@ def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, sche
     weighting: A1111``, a field of sdjax's own (A1111 always weights, and says nothing), so that
     ``--from-png`` weights the prompt again; without it a prompt or negative prompt with brackets or
     ``BREAK`` is written with ``Emphasis: None``, as A1111 writes its own unweighted ones, which it reads back
-    as text (else it would weight them).
+    as text (else it would weight them). With ``prompt_weighting``, ``emphasis`` other than "original" (A1111's
+    Emphasis setting, `sdjax.text.EMPHASIS_MODES`) is written as A1111 writes it: ``Emphasis: No norm``.
     """
     sampler = SAMPLER_NAMES.get(scheduler, scheduler)
     options = dict(scheduler_options or {})
@@ -208,6 +209,9 @@ def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, sche
         fields.append(("Clip skip", clip_skip))
     if prompt_weighting:
         fields.append(("Prompt weighting", "A1111"))
+        if emphasis != "original":   # (A1111 writes its setting where it is not its default, Original)
+            from sdjax.text import EMPHASIS_MODES
+            fields.append(("Emphasis", EMPHASIS_MODES[emphasis]))
     elif any("(" in text or "[" in text or re.search(r"\bBREAK\b", text) for text in (prompt, negative_prompt)):
         fields.append(("Emphasis", "None"))   # (A1111 would weight the brackets, read BREAK: as it writes it then)
     if embeddings:

@@ -19,7 +19,8 @@ from flax import nnx
 from sdjax import parallel, sampling
 from sdjax.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
 from sdjax.schedulers import SCHEDULERS, make_noise_schedule, make_scheduler, pipeline_scheduler_config
-from sdjax.text import composable_parts, edited_prompts, load_tokenizer, tokenize, tokenize_weighted, window_count
+from sdjax.text import (check_emphasis, composable_parts, edited_prompts, load_tokenizer, tokenize,
+                        tokenize_weighted, window_count)
 from sdjax.weights import (SINGLE_FILE_SUFFIXES, CheckpointError, fetch_missing_bin_weights, has_weights, hub_files,
                            is_url, load_single_file, load_vae_file, prepare_single_file, read_config,
                            read_json_object, read_lora, read_textual_inversion, resolve_dtype, resolve_model_dir,
@@ -249,7 +250,8 @@ _EXPECTED = {"prompts": "a string or a list of strings", "negative_prompts": "a 
              "seeds": "an integer, a list of integers or an integer array"}
 
 
-def _tokenize_edited(tokenizer, prompts: list[str], steps: int, calls: int, kind: str, compose: bool = False):
+def _tokenize_edited(tokenizer, prompts: list[str], steps: int, calls: int, kind: str, compose: bool = False,
+                     emphasis: str = "original"):
     """`tokenize_weighted` of prompts in AUTOMATIC1111's syntax, their prompt editing included
     (`sdjax.text.edited_prompts` over ``steps`` and the run's ``calls`` model calls): ids and weights
     [n, T] and no phases where every prompt has one text for the whole run (that text's: the prompt
@@ -261,7 +263,9 @@ def _tokenize_edited(tokenizer, prompts: list[str], steps: int, calls: int, kind
     `composable_parts`; where one has several, or a weight other than 1, each image's texts are those
     of its K parts (the call's most; an image with fewer has parts of weight 0), the phases int32
     [n, K, calls], with the parts' weights [n, K] and, where an image's parts take different window
-    counts, each text's own length [n, P] (A1111 lines them up by repeating the last state)."""
+    counts, each text's own length [n, P] (A1111 lines them up by repeating the last state). ``emphasis``:
+    A1111's Emphasis setting (`sdjax.text.chunk_weighted`); "ignore" and "none" give no weights (their
+    tokens' are all 1, and A1111 applies none)."""
     parts = {p: composable_parts(p) if compose else [(p, 1.0)] for p in dict.fromkeys(prompts)}
     edits = {text: edited_prompts(text, steps, calls) for ps in parts.values() for text, _ in ps}
     if all(len(ps) == 1 and ps[0][1] == 1.0 for ps in parts.values()):
@@ -278,20 +282,23 @@ def _tokenize_edited(tokenizer, prompts: list[str], steps: int, calls: int, kind
                 part_texts, part_phases = edits[text]
                 phases.append([len(texts) + phase for phase in part_phases])
                 texts += part_texts   # (a part's texts are encoded together in A1111: its longest's windows)
-                lengths += [window * window_count(tokenizer, part_texts)] * len(part_texts)
+                lengths += [window * window_count(tokenizer, part_texts, emphasis=emphasis)] * len(part_texts)
             texts_of[p], lengths_of[p] = texts, lengths
             phases_of[p] = phases + [[0] * calls] * (K - len(ps))
             weights_of[p] = [w for _, w in ps] + [0.0] * (K - len(ps))
     P = max(len(texts) for texts in texts_of.values())
+    weighted = emphasis in ("original", "no_norm")
     if P == 1 and weights_of is None:
-        ids, weights = tokenize_weighted(tokenizer, [texts_of[p][0] for p in prompts], kind=kind)
-        return {"ids": ids, "weights_BT": weights}
+        ids, weights = tokenize_weighted(tokenizer, [texts_of[p][0] for p in prompts], kind=kind, emphasis=emphasis)
+        return {"ids": ids, "weights_BT": weights} if weighted else {"ids": ids}
     pad = lambda x: x + [x[-1]] * (P - len(x))  # noqa: E731
-    ids, weights = tokenize_weighted(tokenizer, [t for p in prompts for t in pad(texts_of[p])], kind=kind)
+    ids, weights = tokenize_weighted(tokenizer, [t for p in prompts for t in pad(texts_of[p])], kind=kind,
+                                     emphasis=emphasis)
     n = len(prompts)
     phases = np.asarray([phases_of[p] for p in prompts], np.int32)
-    out = {"ids": ids.reshape(n, P, -1), "weights_BT": weights.reshape(n, P, -1),
-           "phases_BC": phases if weights_of is not None else phases[:, 0]}
+    out = {"ids": ids.reshape(n, P, -1), "phases_BC": phases if weights_of is not None else phases[:, 0]}
+    if weighted:
+        out["weights_BT"] = weights.reshape(n, P, -1)
     if weights_of is not None:
         out["part_weights_BK"] = np.asarray([weights_of[p] for p in prompts], np.float32)
         if any(len(set(lengths)) > 1 for lengths in lengths_of.values()):
@@ -299,16 +306,19 @@ def _tokenize_edited(tokenizer, prompts: list[str], steps: int, calls: int, kind
     return out
 
 
-def _weighted_text(tokenizer, prompts: list[str], negatives: list[str], steps: int, calls: int):
+def _weighted_text(tokenizer, prompts: list[str], negatives: list[str], steps: int, calls: int,
+                   emphasis: str = "original"):
     """Prompts and negative prompts in AUTOMATIC1111's syntax for a run of ``calls`` model calls over
     ``steps`` steps: their ids and the sampler's text inputs (weights, and phases where a text edits,
     and the parts' weights where a prompt has ``AND``). One window count for the prompts and one for the
     negative prompts (each their longest): every batch runs the same program; if the two differ, the
     UNet runs on each apart, as A1111 does by default."""
-    cond = _tokenize_edited(tokenizer, prompts, steps, calls, "prompt", compose=True)
-    uncond = _tokenize_edited(tokenizer, negatives, steps, calls, "negative prompt")
+    cond = _tokenize_edited(tokenizer, prompts, steps, calls, "prompt", compose=True, emphasis=emphasis)
+    uncond = _tokenize_edited(tokenizer, negatives, steps, calls, "negative prompt", emphasis=emphasis)
     inputs = {f"cond_{name}": value for name, value in cond.items() if name != "ids"}
     inputs.update({f"uncond_{name}": value for name, value in uncond.items() if name != "ids"})
+    if emphasis == "no_norm":   # (a static argument: passed only where it is not the default, whose program stays)
+        inputs["restore_mean"] = False
     return cond["ids"], uncond["ids"], inputs
 
 
@@ -443,7 +453,7 @@ class StableDiffusion:
         self._generate = jax.jit(
             functools.partial(sampling.generate, self._graphdefs),
             static_argnames=("latent_shape_HWC", "use_guidance", "return_predictions", "on_step", "clip_skip",
-                             "start", "return_latents", "decode"))
+                             "start", "return_latents", "decode", "restore_mean"))
         self._decode = jax.jit(functools.partial(_decode, self._graphdefs.vae))
 
     def _refresh_state(self) -> None:
@@ -758,7 +768,8 @@ class StableDiffusion:
                  *, batch_size: int | None = None, return_intermediates: int | Sequence[int] | None = None,
                  scheduler_options: dict | None = None, progress: bool | str | _Bar = False, clip_skip: int = 1,
                  init_images: Any = None, strength: float | None = None,
-                 prompt_weighting: bool = False, hires: HiresFix | None = None) -> StableDiffusionOutput:
+                 prompt_weighting: bool = False, hires: HiresFix | None = None,
+                 emphasis: str = "original") -> StableDiffusionOutput:
         """Generate one image per (prompt, seed) (all of them in memory at the end: `batches`
         hands them over one batch at a time instead).
 
@@ -818,6 +829,10 @@ class StableDiffusion:
         texts an image, `sdjax.sampling.Composition`); a prompt's trailing ``:number`` is its part's weight,
         also without ``AND`` (it scales the guidance); ``AND`` in a negative prompt is text, as in A1111. Needs
         ``guidance_scale`` above 1.
+        ``emphasis`` (with ``prompt_weighting``): AUTOMATIC1111's Emphasis setting, one of
+        `sdjax.text.EMPHASIS_MODES`: "original" (default, as above), "no_norm" (the weights without the mean
+        restored), "ignore" (the syntax read, no weights applied), "none" (brackets and ``BREAK`` are words;
+        windows, editing and ``AND`` are still read).
         ``hires``: AUTOMATIC1111's "Hires. fix", a `HiresFix`: each image is made at height x width as above
         (the first pass), enlarged (its latents resized, or its image with Lanczos) and denoised again at the
         larger size from the HiresFix's strength of its schedule on (img2img: the second pass, its noise drawn
@@ -829,7 +844,8 @@ class StableDiffusion:
             prompts, negative_prompts, seeds, num_inference_steps, guidance_scale, height, width, scheduler,
             latents, batch_size=batch_size, return_intermediates=return_intermediates,
             scheduler_options=scheduler_options, progress=progress, clip_skip=clip_skip,
-            init_images=init_images, strength=strength, prompt_weighting=prompt_weighting, hires=hires))
+            init_images=init_images, strength=strength, prompt_weighting=prompt_weighting, hires=hires,
+            emphasis=emphasis))
         steps = outputs[0].intermediate_steps
         return StableDiffusionOutput(np.concatenate([o.images for o in outputs]),
                                      [p for o in outputs for p in o.prompts],
@@ -845,7 +861,8 @@ class StableDiffusion:
                 *, batch_size: int | None = None, return_intermediates: int | Sequence[int] | None = None,
                 scheduler_options: dict | None = None, progress: bool | str | _Bar = False, clip_skip: int = 1,
                 init_images: Any = None, strength: float | None = None,
-                prompt_weighting: bool = False, hires: HiresFix | None = None) -> Iterator[StableDiffusionOutput]:
+                prompt_weighting: bool = False, hires: HiresFix | None = None,
+                emphasis: str = "original") -> Iterator[StableDiffusionOutput]:
         """The images of ``pipe(...)`` (same arguments, same images), one `StableDiffusionOutput`
         per compiled call of ``batch_size`` images, in order, for many seeds: write each batch's
         files and let it go, instead of holding every image. The arguments are checked now (a
@@ -924,6 +941,10 @@ class StableDiffusion:
             raise ValueError(f"unknown scheduler {scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
         if not isinstance(prompt_weighting, (bool, np.bool_)):
             raise TypeError(f"prompt_weighting={prompt_weighting!r}: must be True or False")
+        check_emphasis(emphasis)
+        if emphasis != "original" and not prompt_weighting:
+            raise ValueError(f"emphasis={emphasis!r} is a setting of AUTOMATIC1111's prompt syntax: it needs "
+                             "prompt_weighting=True")
         clip_skip = sampling.check_clip_skip(clip_skip, self.text_encoder.config.num_hidden_layers)
         sched = self.make_scheduler(scheduler, num_inference_steps, **(scheduler_options or {}))
         first_call = 0   # the loop index denoising begins at: img2img's strength skips the start of the schedule
@@ -950,7 +971,7 @@ class StableDiffusion:
         text_inputs = {}   # (empty: no input, the default program unchanged)
         if prompt_weighting:
             ids, neg_ids, text_inputs = _weighted_text(self.tokenizer, prompts, negatives, num_inference_steps,
-                                                       sched.num_model_calls - first_call)
+                                                       sched.num_model_calls - first_call, emphasis)
             if "cond_part_weights_BK" in text_inputs and guidance_scale <= 1.0:
                 composed = next(p for p in prompts if [w for _, w in composable_parts(p)] != [1.0])
                 raise ValueError(f"prompt {composed!r} has AND or a weight (\":2\" at its end: AUTOMATIC1111's "
@@ -960,7 +981,7 @@ class StableDiffusion:
                 # prompt editing in the second pass: over its own steps and calls (as img2img's)
                 second["ids"], second["neg_ids"], second["text_inputs"] = _weighted_text(
                     self.tokenizer, prompts, negatives, hires_steps,
-                    second["sched"].num_model_calls - second["first_call"])
+                    second["sched"].num_model_calls - second["first_call"], emphasis)
         else:
             ids = tokenize(self.tokenizer, prompts)
             neg_ids = tokenize(self.tokenizer, negatives, kind="negative prompt")
@@ -1010,7 +1031,7 @@ class StableDiffusion:
                     latent_shape_HWC=latent_shape, use_guidance=guidance_scale > 1.0,
                     return_predictions=bool(steps), on_step=None if step_bar is None else self._ticker,
                     clip_skip=clip_skip, start=first_call,
-                    **{name: shard(value) for name, value in text_inputs.items()},
+                    **{name: value if name == "restore_mean" else shard(value) for name, value in text_inputs.items()},
                     **({} if second is None else dict(return_latents=not lanczos, decode=lanczos)))
                 if second is not None:   # the Hires fix's second pass: img2img at the larger size
                     h2, w2 = second["size"]
@@ -1026,7 +1047,8 @@ class StableDiffusion:
                         use_guidance=guidance_scale > 1.0,
                         on_step=None if step_bar is None else self._hires_ticker, clip_skip=clip_skip,
                         start=second["first_call"],
-                        **{name: shard(value) for name, value in second["text_inputs"].items()}, **init)
+                        **{name: value if name == "restore_mean" else shard(value)
+                           for name, value in second["text_inputs"].items()}, **init)
                 # Indexed one step at a time: iterating over an array spread over several
                 # processes is not allowed. Each [B, H, W, 3], decoded right behind the batch.
                 decoded = [self._decode(state.vae, out.predictions[s - first_call]) for s in steps]

@@ -119,12 +119,13 @@ def check_clip_skip(clip_skip, num_hidden_layers: int) -> int:
     return int(clip_skip)
 
 
-def emphasize(states_BTD, weights_BT) -> jax.Array:
+def emphasize(states_BTD, weights_BT, restore_mean: bool = True) -> jax.Array:
     """AUTOMATIC1111's prompt emphasis ("Original", its default) on text states [B, T, D]: each token's
     states times its weight ([B, T], `sdjax.text.tokenize_weighted` gives them), then each prompt's states
     rescaled so that their mean over tokens and channels is what it was before (A1111: "restoring original
     mean is likely not correct, but it seems to work well to prevent artifacts"). In float32, returned in
-    the states' dtype; weights of 1 give the states back up to rounding."""
+    the states' dtype; weights of 1 give the states back up to rounding. ``restore_mean=False``: the
+    weighted states as they are (A1111's Emphasis "No norm")."""
     states = jnp.asarray(states_BTD)
     weights = jnp.asarray(weights_BT, F32)
     if states.ndim != 3 or weights.shape != states.shape[:2]:
@@ -132,18 +133,22 @@ def emphasize(states_BTD, weights_BT) -> jax.Array:
                          f"{tuple(states.shape)}; expected one weight per token, {tuple(states.shape[:2])}")
     x = states.astype(F32)
     weighted = x * weights[:, :, None]
+    if not restore_mean:
+        return weighted.astype(states.dtype)
     scale = x.mean(axis=(1, 2), keepdims=True) / weighted.mean(axis=(1, 2), keepdims=True)
     return (weighted * scale).astype(states.dtype)
 
 
-def encode_prompts(text_encoder, token_ids_BT, clip_skip: int = 1, weights_BT=None) -> jax.Array:
+def encode_prompts(text_encoder, token_ids_BT, clip_skip: int = 1, weights_BT=None, *,
+                   restore_mean: bool = True) -> jax.Array:
     """Text states [B, 77, D] that the UNet attends to, from token ids [B, 77] (`sdjax.text.tokenize`
     makes them from prompts): ``last_hidden_state``, or with ``clip_skip`` N > 1 ("Clip skip" as
     AUTOMATIC1111 numbers it; diffusers' ``clip_skip=k`` is N = k + 1) the output of the N-th layer from
     the end, ``hidden_states[-N]``, through the final layer norm as the web UIs and diffusers apply it.
     ``clip_skip`` is static (a Python int in 1..num_hidden_layers); under ``jit`` the layers after
     the one used are not computed. ``weights_BT``: AUTOMATIC1111's emphasis weights of the tokens
-    (float [B, 77], `sdjax.text.tokenize_weighted`), applied to those states by `emphasize`; None: none.
+    (float [B, 77], `sdjax.text.tokenize_weighted`), applied to those states by `emphasize` (with
+    ``restore_mean``, static: False is A1111's Emphasis "No norm"); None: none.
 
     Ids of k windows one after the other ([B, 77 * k], AUTOMATIC1111's long prompts and ``BREAK``:
     `sdjax.text.tokenize_weighted`) are encoded window by window, as A1111 does, and the windows' states
@@ -167,14 +172,14 @@ def encode_prompts(text_encoder, token_ids_BT, clip_skip: int = 1, weights_BT=No
         B, k = shape[0], shape[1] // window
         per_window = lambda x: jnp.reshape(x, (B * k, window))  # noqa: E731
         states = encode_prompts(text_encoder, per_window(token_ids_BT), clip_skip,
-                                None if weights_BT is None else per_window(weights_BT))
+                                None if weights_BT is None else per_window(weights_BT), restore_mean=restore_mean)
         return states.reshape(B, k * window, states.shape[-1])
     if clip_skip == 1:
         states = text_encoder(token_ids_BT).last_hidden_state
     else:
         hidden = text_encoder(token_ids_BT, output_hidden_states=True).hidden_states
         states = text_encoder.text_model.final_layer_norm(hidden[-clip_skip])
-    return states if weights_BT is None else emphasize(states, weights_BT)
+    return states if weights_BT is None else emphasize(states, weights_BT, restore_mean)
 
 
 class TextSchedule(NamedTuple):
@@ -221,12 +226,12 @@ def extend_by_last_state(states, lengths) -> jax.Array:
 
 
 def encode_edited_prompts(text_encoder, token_ids_BPT, phases_BC, clip_skip: int = 1,
-                          weights_BPT=None) -> TextSchedule:
+                          weights_BPT=None, *, restore_mean: bool = True) -> TextSchedule:
     """`encode_prompts` of each image's P texts (token ids [B, P, T], weights alike or None) and their
     model calls' phases ([B, C]), as a `TextSchedule`."""
     B, P, T = np.shape(token_ids_BPT)
     flat = lambda x: None if x is None else jnp.reshape(x, (B * P, T))  # noqa: E731
-    states = encode_prompts(text_encoder, flat(token_ids_BPT), clip_skip, flat(weights_BPT))
+    states = encode_prompts(text_encoder, flat(token_ids_BPT), clip_skip, flat(weights_BPT), restore_mean=restore_mean)
     return TextSchedule(states.reshape(B, P, *states.shape[1:]), jnp.asarray(phases_BC, jnp.int32))
 
 
@@ -513,7 +518,8 @@ def generate(graphdefs: SDState, state: SDState, scheduler: Scheduler, cond_ids_
              return_predictions: bool = False, on_step=None, clip_skip: int = 1, start: int = 0,
              cond_weights_BT=None, uncond_weights_BT=None, cond_phases_BC=None,
              uncond_phases_BC=None, init_latents_BHWC=None, return_latents: bool = False,
-             decode: bool = True, cond_part_weights_BK=None, cond_lengths_BP=None) -> GenerateOutput:
+             decode: bool = True, cond_part_weights_BK=None, cond_lengths_BP=None,
+             restore_mean: bool = True) -> GenerateOutput:
     """Prompts to images in one traced function: the body `StableDiffusion` jit-compiles.
 
     ``latents_BHWC=None`` draws each image's initial noise from its seed; otherwise those unscaled
@@ -524,7 +530,7 @@ def generate(graphdefs: SDState, state: SDState, scheduler: Scheduler, cond_ids_
     ``on_step``: see :func:`denoise`; ``clip_skip`` (static): see :func:`encode_prompts`.
     ``cond_weights_BT`` / ``uncond_weights_BT``: AUTOMATIC1111's emphasis weights of the prompts' and
     negative prompts' tokens (float32 [B, 77 * k] as the ids, `sdjax.text.tokenize_weighted`), applied by
-    `emphasize` per window (`encode_prompts`);
+    `emphasize` per window (`encode_prompts`; ``restore_mean``, static: False is A1111's Emphasis "No norm");
     None (the default): no weighting, and no input of the compiled program.
     ``cond_phases_BC`` / ``uncond_phases_BC``: AUTOMATIC1111's prompt editing (int32 [B, C], C the model
     calls run: `sdjax.text.edited_prompts`' phases); the ids (and weights) are then [B, P, T], each image's
@@ -554,8 +560,8 @@ def generate(graphdefs: SDState, state: SDState, scheduler: Scheduler, cond_ids_
 
     def encode(ids, weights, phases, lengths=None):
         if phases is None:
-            return encode_prompts(text_encoder, ids, clip_skip, weights)
-        texts = encode_edited_prompts(text_encoder, ids, phases, clip_skip, weights)
+            return encode_prompts(text_encoder, ids, clip_skip, weights, restore_mean=restore_mean)
+        texts = encode_edited_prompts(text_encoder, ids, phases, clip_skip, weights, restore_mean=restore_mean)
         return texts if lengths is None else texts._replace(
             states_BPSD=extend_by_last_state(texts.states_BPSD, lengths))
     cond = encode(cond_ids_BT, cond_weights_BT, cond_phases_BC, cond_lengths_BP)

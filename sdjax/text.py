@@ -223,8 +223,21 @@ def _embedding_runs(tokenizer) -> dict[int, list[int]]:
     return runs
 
 
+# AUTOMATIC1111's "Emphasis" setting (sd_emphasis): its name for each mode sdjax has
+EMPHASIS_MODES = {"original": "Original", "no_norm": "No norm", "ignore": "Ignore", "none": "None"}
+
+
+def check_emphasis(emphasis) -> str:
+    """``emphasis`` if it is one of `EMPHASIS_MODES`; else a ValueError naming them."""
+    if emphasis not in EMPHASIS_MODES:
+        raise ValueError(f"emphasis={emphasis!r}: choose one of {', '.join(map(repr, EMPHASIS_MODES))} "
+                         "(AUTOMATIC1111's Emphasis: Original, No norm, Ignore, None)")
+    return emphasis
+
+
 def chunk_weighted(tokenizer, prompt: str, max_length: int | None = None, *,
-                   comma_backtrack: int = COMMA_BACKTRACK) -> list[tuple[list[int], list[float]]]:
+                   comma_backtrack: int = COMMA_BACKTRACK,
+                   emphasis: str = "original") -> list[tuple[list[int], list[float]]]:
     """A prompt in AUTOMATIC1111's syntax cut into the chunks A1111 encodes as windows (its
     ``tokenize_line``): a list of (token ids, weights), each at most ``max_length`` - 2 tokens (75 for
     SD's CLIP), without start and end tokens, at least one (the empty prompt's is empty).
@@ -236,18 +249,24 @@ def chunk_weighted(tokenizer, prompt: str, max_length: int | None = None, *,
     cross its end (the embedding moves to the next chunk whole). When a chunk is full and its last comma
     is at most ``comma_backtrack`` tokens from its end (A1111's ``comma_padding_backtrack``, default 20;
     0: off), the tokens after that comma move to the next chunk (a comma that ends the chunk moves none).
-    An embedding longer than a chunk is a ValueError."""
+    An embedding longer than a chunk is a ValueError.
+
+    ``emphasis``: A1111's Emphasis setting (`EMPHASIS_MODES`): "original" and "no_norm" weight the tokens
+    as above (they differ in the encoder: `sdjax.sampling.emphasize`); "ignore" reads the syntax (and
+    ``BREAK``) but weights every token 1; "none" reads no syntax: the prompt is text, ``BREAK`` a word."""
     if not isinstance(prompt, str):
         raise TypeError(f"chunk_weighted takes a prompt string, got {type(prompt).__name__}")
     if isinstance(comma_backtrack, bool) or not isinstance(comma_backtrack, int) or comma_backtrack < 0:
         raise ValueError(f"comma_backtrack={comma_backtrack!r}: must be a whole number >= 0")
     size = (max_length or tokenizer.model_max_length) - 2
     pieces: list[tuple[str, float] | None] = []   # None: a BREAK
-    for text, weight in parse_prompt_attention(prompt):
+    if check_emphasis(emphasis) == "none":   # (A1111's tokenize_line: the line as one chunk of weight 1)
+        pieces.append((prompt, 1.0))
+    for text, weight in parse_prompt_attention(prompt) if emphasis != "none" else ():
         for i, part in enumerate(_BREAK_SPLIT.split(text)):
             if i:
                 pieces.append(None)
-            pieces.append((part, weight))
+            pieces.append((part, 1.0 if emphasis == "ignore" else weight))
     texts = expand_embedding_tokens(tokenizer, [piece[0] for piece in pieces if piece is not None])
     tokenized = iter(tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False).input_ids)
     comma = tokenizer.convert_tokens_to_ids(",</w>")   # (the unknown token's id where there is none: no comma)
@@ -292,17 +311,18 @@ def chunk_weighted(tokenizer, prompt: str, max_length: int | None = None, *,
 
 
 def window_count(tokenizer, prompts: str | Sequence[str], max_length: int | None = None, *,
-                 comma_backtrack: int = COMMA_BACKTRACK) -> int:
+                 comma_backtrack: int = COMMA_BACKTRACK, emphasis: str = "original") -> int:
     """How many windows of ``max_length`` tokens (77 for SD's CLIP) the longest of ``prompts`` takes
     in AUTOMATIC1111's reading (`chunk_weighted`): `tokenize_weighted`'s ``windows`` that cuts none."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    return max((len(chunk_weighted(tokenizer, p, max_length, comma_backtrack=comma_backtrack))
+    return max((len(chunk_weighted(tokenizer, p, max_length, comma_backtrack=comma_backtrack, emphasis=emphasis))
                 for p in dict.fromkeys(prompts)), default=1)
 
 
 def tokenize_weighted(tokenizer, prompts: str | Sequence[str], max_length: int | None = None, *,
                       kind: str = "prompt", warn: bool = True, windows: int | None = None,
-                      comma_backtrack: int = COMMA_BACKTRACK) -> tuple[np.ndarray, np.ndarray]:
+                      comma_backtrack: int = COMMA_BACKTRACK,
+                      emphasis: str = "original") -> tuple[np.ndarray, np.ndarray]:
     """Token ids int32 [B, windows * max_length] and their emphasis weights float32 (same shape) of
     prompts written in AUTOMATIC1111's syntax, laid out as A1111 lays them out: each prompt's chunks
     (`chunk_weighted`: emphasis of `parse_prompt_attention`, ``BREAK``, 75 tokens a chunk, the comma
@@ -313,7 +333,7 @@ def tokenize_weighted(tokenizer, prompts: str | Sequence[str], max_length: int |
     (the empty prompt's, weights 1), one with more is cut to the first ``windows`` (a warning says what is
     dropped). A prompt of one window without ``BREAK`` has `tokenize`'s ids and weights of 1 where it
     has no syntax. `sdjax.sampling.encode_prompts` encodes each window on its own and applies the
-    weights per window (`sdjax.sampling.emphasize`), as A1111 does."""
+    weights per window (`sdjax.sampling.emphasize`), as A1111 does. ``emphasis``: see `chunk_weighted`."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise ValueError(f"no {kind}s to tokenize (an empty list)")
@@ -325,7 +345,7 @@ def tokenize_weighted(tokenizer, prompts: str | Sequence[str], max_length: int |
     max_length = max_length or tokenizer.model_max_length
     start, end = tokenizer.bos_token_id, tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end
-    chunked = {p: chunk_weighted(tokenizer, p, max_length, comma_backtrack=comma_backtrack)
+    chunked = {p: chunk_weighted(tokenizer, p, max_length, comma_backtrack=comma_backtrack, emphasis=emphasis)
                for p in dict.fromkeys(prompts)}   # a batch often repeats one prompt for many seeds
     windows = int(windows or max(len(c) for c in chunked.values()))
     rows: dict[str, tuple[list[int], list[float]]] = {}

@@ -681,25 +681,30 @@ def test_prompt_weighting_makes_the_pipelines_weighted_image_and_from_png_makes_
 
 def test_from_png_weights_a1111_images_and_sdjax_images_that_record_it(tmp_path):
     """An AUTOMATIC1111 image (its Version or Model hash says so) is weighted, as A1111 weights every prompt,
-    unless its Emphasis says None; an Emphasis sdjax does not have is named; a sample.py image is weighted
-    only when its parameters record it; --no-prompt-weighting and a preset's key work as for other settings."""
+    with its Emphasis setting (None: the brackets are text, its windows, editing and AND still read, as A1111
+    reads them); an Emphasis sdjax does not have is named; a sample.py image is weighted only when its
+    parameters record it; --no-prompt-weighting and a preset's key work as for other settings."""
     def png(fields, name="a.png"):
         I.save_png(np.zeros((8, 8, 3)), tmp_path / name, f"a (fox:1.2)\nSteps: 20, Sampler: Euler, CFG scale: 7, "
                    f"Seed: 1, Size: 64x64{fields}")
         return str(tmp_path / name)
-    for fields, weighted, notes in (
-            ("", False, []),                                    # sample.py's, without weighting
-            (", Prompt weighting: A1111", True, []),            # sample.py's, with
-            (", Version: v1.10.1", True, []),
-            (", Model hash: 6ce0161689", True, []),
-            (", Emphasis: None, Version: v1.10.1", False, []),   # A1111 read the brackets as text
-            (", Emphasis: No norm, Version: v1.10.1", True,
-             ["--from-png: settings sample.py has no flag for are left out: Emphasis: No norm (sdjax weights as "
+    for fields, weighted, emphasis, notes in (
+            ("", False, "original", []),                                  # sample.py's, without weighting
+            (", Prompt weighting: A1111", True, "original", []),          # sample.py's, with
+            (", Prompt weighting: A1111, Emphasis: Ignore", True, "ignore", []),
+            (", Version: v1.10.1", True, "original", []),
+            (", Model hash: 6ce0161689", True, "original", []),
+            (", Emphasis: None, Version: v1.10.1", True, "none", []),     # A1111 read the brackets as text
+            (", Emphasis: No norm, Version: v1.10.1", True, "no_norm", []),
+            (", Emphasis: MeanNorm, Version: f2.0.1", True, "original",   # (Forge's)
+             ["--from-png: settings sample.py has no flag for are left out: Emphasis: MeanNorm (sdjax weights as "
               "A1111's Original does)"])):
         req, args = sample.parse_request(["--from-png", png(fields)])
-        assert (req.prompts, req.prompt_weighting, args.png_notes) == (["a (fox:1.2)"], weighted, notes), fields
-    assert not sample.parse_request(["--from-png", png(", Version: v1.10.1"), "--no-prompt-weighting"])[0] \
-        .prompt_weighting
+        assert (req.prompts, req.prompt_weighting, req.emphasis, args.png_notes) == (
+            ["a (fox:1.2)"], weighted, emphasis, notes), fields
+    for flags, emphasis in ((["--no-prompt-weighting"], "original"), (["--emphasis", "ignore"], "ignore")):
+        req, _ = sample.parse_request(["--from-png", png(", Emphasis: No norm, Version: v1.10.1"), *flags])
+        assert (req.prompt_weighting, req.emphasis) == (flags[0] != "--no-prompt-weighting", emphasis)
     (tmp_path / "weighted.yaml").write_text("prompt_weighting: true\n")
     assert sample.parse_request(["a cat", "--config", str(tmp_path / "weighted.yaml")])[0].prompt_weighting
     assert not sample.parse_request(["--from-png", png(""), "--config", str(tmp_path / "weighted.yaml")])[0] \
@@ -709,6 +714,14 @@ def test_from_png_weights_a1111_images_and_sdjax_images_that_record_it(tmp_path)
     text = I.a1111_parameters("p", steps=3, scheduler="ddim", guidance_scale=7, seed=0, width=8, height=8,
                               clip_skip=2, prompt_weighting=True)
     assert text.endswith("Size: 8x8, Clip skip: 2, Prompt weighting: A1111")
+    for emphasis, name in (("no_norm", "No norm"), ("ignore", "Ignore"), ("none", "None")):   # (A1111's names)
+        text = I.a1111_parameters("a (fox:1.2)", steps=3, scheduler="ddim", guidance_scale=7, seed=0, width=8,
+                                  height=8, prompt_weighting=True, emphasis=emphasis)
+        assert text.endswith(f"Size: 8x8, Prompt weighting: A1111, Emphasis: {name}"), text
+        I.save_png(np.zeros((8, 8, 3)), tmp_path / "own.png", text)
+        req, _ = sample.parse_request(["--from-png", str(tmp_path / "own.png")])
+        assert (req.prompt_weighting, req.emphasis) == (True, emphasis)
+    assert sample.parse_request(["a fox", "--prompt-weighting", "--emphasis", "No norm"])[0].emphasis == "no_norm"
     # without weighting, brackets and BREAK are text: "Emphasis: None", as A1111 writes its own such images
     # (which it reads back unweighted; without the field it would weight them)
     def unweighted(prompt, negative=""):
@@ -1302,6 +1315,10 @@ BAD_INPUTS = {
                                   "no nosuch.safetensors, the LoRA <lora:nosuch>"),
     "prompts_with_other_loras": (["a dog <lora:style:0.5>", "a cat"], "error: the prompts name different LoRAs (none / "
                                  "<lora:style:0.5>): sdjax merges LoRAs into the weights, once a run"),
+    "emphasis_without_weighting": (["a cat", "--emphasis", "none"], "error: --emphasis none: is a setting of "
+                                   "AUTOMATIC1111's prompt syntax: it needs --prompt-weighting"),
+    "emphasis_unknown": (["a cat", "--prompt-weighting", "--emphasis", "strong"], "error: --emphasis strong: choose "
+                         "one of original, no_norm, ignore, none"),
     "dtype": (["a cat", "--dtype", "int8"], "unknown dtype"),
     "progress": (["a cat", "--progress", "sometimes"], "invalid choice: 'sometimes'"),
     "config_unknown_key": (["a cat", "--config", "{tmp}/bad.yaml"], "unknown key 'stpes'"),

@@ -12,7 +12,7 @@ import torch
 import reference as R
 from conftest import run_jitted
 from sdjax import parallel
-from sdjax.text import load_tokenizer, parse_prompt_attention, tokenize, tokenize_weighted
+from sdjax.text import chunk_weighted, load_tokenizer, parse_prompt_attention, tokenize, tokenize_weighted, window_count
 
 D = 1 / 1.1   # [text]'s factor
 
@@ -89,6 +89,29 @@ def test_tokenize_weighted_ids_are_tokenizes_and_weights_are_the_chunks(tokenize
         tokenize_weighted(tokenizer, [])
 
 
+def test_emphasis_modes_read_the_syntax_as_a1111s_settings(tokenizer):
+    """A1111's Emphasis setting: "ignore" reads the syntax (the brackets go, BREAK ends a window) and weights
+    every token 1; "none" reads none of it (its tokenize_line: the line as one piece of weight 1), so the
+    brackets and BREAK are words, and a long prompt is still read in windows; "no_norm" weights as
+    "original" (it differs in the encoder)."""
+    prompt = "a (red:1.5) [cat] BREAK dog"
+    original = tokenize_weighted(tokenizer, prompt)
+    assert original[0].shape == (1, 154) and (original[1] != 1).any()
+    no_norm = tokenize_weighted(tokenizer, prompt, emphasis="no_norm")
+    np.testing.assert_array_equal(no_norm[0], original[0]), np.testing.assert_array_equal(no_norm[1], original[1])
+    ignore = tokenize_weighted(tokenizer, prompt, emphasis="ignore")
+    np.testing.assert_array_equal(ignore[0], original[0])
+    assert (ignore[1] == 1).all()
+    none = tokenize_weighted(tokenizer, prompt, emphasis="none")
+    np.testing.assert_array_equal(none[0], tokenize(tokenizer, prompt))   # one window: the text as written
+    assert (none[1] == 1).all()
+    long = " ".join(["(the red dog:1.2)"] * 30)
+    assert window_count(tokenizer, long, emphasis="none") > window_count(tokenizer, long) > 1
+    assert chunk_weighted(tokenizer, "(a:1.2.3)", emphasis="none")   # (no weight read: no error)
+    with pytest.raises(ValueError, match="emphasis='No norm': choose one of 'original', 'no_norm', 'ignore', 'none'"):
+        tokenize_weighted(tokenizer, prompt, emphasis="No norm")
+
+
 def test_textual_inversion_tokens_are_spelled_out_inside_weighted_chunks(tmp_path):
     """A multi-vector embedding's token in a group: all of its tokens, each with the group's weight."""
     tok = load_tokenizer(R.write_tiny_tokenizer(tmp_path), subfolder=None)
@@ -122,6 +145,10 @@ def test_weighted_states_are_transformers_states_weighted_and_mean_restored(tiny
                          lambda m, x, w, n=clip_skip: encode_prompts(m, x, n, w), ids, weights)
         assert np.abs(got - want).max() < 1e-5, clip_skip
         assert np.abs(got - z).max() > 1e-2   # the weights change the states
+        # A1111's Emphasis "No norm": the weighted states, the mean not restored
+        no_norm = run_jitted(f"no_norm_{clip_skip}", model, lambda m, x, w, n=clip_skip: encode_prompts(
+            m, x, n, w, restore_mean=False), ids, weights)
+        assert np.abs(no_norm - z * weights[:, :, None]).max() < 1e-5 < np.abs(no_norm - want).max()
     plain = run_jitted("unweighted", model, encode_prompts, ids)
     ones = run_jitted("weighted_ones", model, lambda m, x, w: encode_prompts(m, x, 1, w), ids, np.ones_like(weights))
     np.testing.assert_allclose(ones, plain, rtol=0, atol=1e-6)
@@ -170,3 +197,14 @@ def test_the_pipeline_passes_the_weights_as_inputs_and_none_when_off(tiny_pipeli
         np.testing.assert_array_equal(parallel.to_host(got)[:2], want)   # (padded to the devices' batch)
     with pytest.raises(TypeError, match="prompt_weighting='yes': must be True or False"):
         pipe("a cat", prompt_weighting="yes")
+    # A1111's Emphasis setting: "no_norm" the same inputs and the static restore_mean=False; "ignore" and
+    # "none" no weights (A1111 applies none), "none" the brackets as words
+    _, n_kwargs = _captured(pipe, prompt_weighting=True, emphasis="no_norm", **kw)
+    assert n_kwargs.pop("restore_mean") is False and n_kwargs.keys() == w_kwargs.keys()
+    for emphasis, text in (("ignore", "a red cat"), ("none", "a (red:1.5) cat")):
+        e_args, e_kwargs = _captured(pipe, prompt_weighting=True, emphasis=emphasis, **kw)
+        assert e_kwargs == kwargs, emphasis   # (the program of no weighting, for one-window prompts)
+        np.testing.assert_array_equal(parallel.to_host(e_args[2])[:1], tokenize(pipe.tokenizer, [text]))
+    with pytest.raises(ValueError, match="emphasis='none' is a setting of AUTOMATIC1111's prompt syntax: it needs "
+                                         "prompt_weighting=True"):
+        pipe("a cat", emphasis="none")
