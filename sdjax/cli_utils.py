@@ -540,6 +540,8 @@ def settings_from_png(path: str | os.PathLike) -> PngSettings:
     # before 1.9, sample.py before it wrote "Uniform") they are plain; "Uniform" is the plain schedule of
     # every sampler sdjax has.
     schedule = fields.pop("Schedule type", None)
+    if {"use_karras_sigmas", "use_exponential_sigmas"} & set(options):
+        schedule = None   # a schedule in the sampler's name wins over the field, as A1111 reads them
     if schedule == "Automatic":
         schedule = {"DPM++ 2M": "Karras", "DPM++ 2M SDE": "Exponential"}.get(sampler, schedule)
     if schedule == "Karras":

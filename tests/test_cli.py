@@ -563,6 +563,13 @@ def test_from_png_reads_a1111_automatic_schedule_as_the_samplers_default(tmp_pat
     assert scheduler_options("DPM++ 2M SDE Heun", ", Schedule type: Automatic") == (
         "dpmpp_2m_sde", {"solver_type": "heun", **exponential})
     assert scheduler_options("DPM++ 2M", ", Schedule type: Exponential") == ("dpmpp_2m", exponential)
+    # a schedule in the sampler's name wins over the field (A1111's get_sampler_and_scheduler), not both
+    assert scheduler_options("DPM++ 2M SDE Karras", ", Schedule type: Automatic") == (
+        "dpmpp_2m_sde", {"use_karras_sigmas": True})
+    assert scheduler_options("DPM++ 2M Karras", ", Schedule type: Exponential") == (
+        "dpmpp_2m", {"use_karras_sigmas": True})
+    assert scheduler_options("DPM++ 2M SDE Heun Exponential", ", Schedule type: Karras") == (
+        "dpmpp_2m_sde", {"solver_type": "heun", **exponential})
     # sample.py's own plain DPM++ 2M says so, which A1111 1.9+ would take for Karras without the field
     plain, karras = (I.a1111_parameters("a fox", steps=20, scheduler="dpmpp_2m", guidance_scale=7, seed=1, width=64,
                                         height=64, scheduler_options=options)
