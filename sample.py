@@ -216,6 +216,15 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
     seeds = args.seeds if isinstance(args.seeds, list) else parse_seeds(args.seeds)
     given_options = parse_scheduler_options(args.scheduler_option)
     options = {**getattr(args, "scheduler_options", {}), **given_options}
+    schedules = ("use_karras_sigmas", "use_exponential_sigmas")   # (only one of them can be used)
+    if any(given_options.get(key) for key in schedules):   # a schedule given replaces the preset's / the image's
+        replaced = {k: v for k, v in options.items() if k in schedules and k not in given_options and v}
+        options = {k: v for k, v in options.items() if k not in replaced}
+        imaged = {} if png is None else png.flags.get("scheduler_options", {})
+        if from_image := {k: v for k, v in replaced.items() if imaged.get(k) == v}:
+            listed = ", ".join(f"{k}={v}" for k, v in from_image.items())
+            args.png_notes.append(f"--from-png: the image's scheduler options {listed} are left out: "
+                                  "--scheduler-option gives another schedule")
     if png is not None and args.scheduler != png.flags.get("scheduler"):
         # another scheduler than the image's: its options that this one has no use for are left out
         # (a Karras image varied with --scheduler euler_a), not an error about a flag the user did not give

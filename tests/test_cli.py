@@ -398,6 +398,8 @@ def test_scheduler_options_from_flags_and_presets(tmp_path):
     cfg.write_text("scheduler: dpmpp_2m\nscheduler_options: {use_karras_sigmas: true, timestep_spacing: leading}\n")
     req, _ = sample.parse_request(["a cat", "--config", str(cfg), "--scheduler-option", "timestep_spacing=trailing"])
     assert req.scheduler_options == {"use_karras_sigmas": True, "timestep_spacing": "trailing"}
+    req, _ = sample.parse_request(["a cat", "--config", str(cfg), "--scheduler-option", "use_exponential_sigmas=true"])
+    assert req.scheduler_options == {"timestep_spacing": "leading", "use_exponential_sigmas": True}   # not both
     req, _ = sample.parse_request(["a cat", "--scheduler", "ddim", "--scheduler-option", "eta=0.5"])
     assert req.scheduler_options == {"eta": 0.5}
     # YAML 1.1 reads 1e-3 (no dot) as text: meant as a number, on the command line and in a preset
@@ -1631,6 +1633,13 @@ def test_from_png_with_another_scheduler_leaves_out_the_options_it_has_no_use_fo
     assert (req.scheduler, req.scheduler_options) == ("euler", {})
     assert args.png_notes == ["--from-png: the image's scheduler options use_exponential_sigmas=True are left out: "
                               "the euler scheduler has none such"]
+    # another schedule given replaces the image's (use_karras_sigmas and use_exponential_sigmas exclude each other)
+    for scheduler in ([], ["--scheduler", "dpmpp_2m"]):
+        req, args = sample.parse_request(["--from-png", str(png), *scheduler, "--scheduler-option",
+                                          "use_karras_sigmas=true"])
+        assert req.scheduler_options == {"use_karras_sigmas": True}
+        assert args.png_notes == ["--from-png: the image's scheduler options use_exponential_sigmas=True are left "
+                                  "out: --scheduler-option gives another schedule"]
 
 
 def test_parse_a1111_parameters_reads_as_a1111_does():
