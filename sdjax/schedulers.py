@@ -1256,6 +1256,9 @@ def _build_dpm_solver(settings: dict, num_steps: int, sde: bool = False) -> DPMS
     renamed = {"algorithm_type": {"deis": "dpmsolver++"}, "solver_type": dict.fromkeys(("logrho", "bh1", "bh2"),
                                                                                       "midpoint")}
     settings = {**settings, **{key: names.get(settings[key], settings[key]) for key, names in renamed.items()}}
+    if settings["algorithm_type"] == "sde-dpmsolver++":   # (a config written for it: diffusers' SDE sampler)
+        raise NotImplementedError("dpmpp_2m is algorithm_type='dpmsolver++'; algorithm_type='sde-dpmsolver++' is "
+                                  "the dpmpp_2m_sde scheduler")
     _require(settings["algorithm_type"] == "dpmsolver++", "only algorithm_type='dpmsolver++' is supported")
     _require(settings["solver_order"] in (1, 2), "only solver_order 1 or 2 is supported")
     _require(settings["solver_type"] in ("midpoint", "heun"), "solver_type must be 'midpoint' or 'heun'")

@@ -669,8 +669,11 @@ def test_unknown_names_and_options_are_errors():
     assert S.SCHEDULERS == ("pndm", "ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_sde", "lms", "ddpm")
     with pytest.raises(TypeError, match="eta"):
         S.make_scheduler("euler", SD15_SCHEDULER_CONFIG, 10, eta=1.0)
-    with pytest.raises(NotImplementedError):
-        S.make_scheduler("dpmpp_2m", SD15_SCHEDULER_CONFIG, 10, algorithm_type="sde-dpmsolver++")
+    # algorithm_type sde-dpmsolver++ (an option, or a model config written for diffusers' SDE sampler): named
+    for config, option in (({**SD15_SCHEDULER_CONFIG, "algorithm_type": "sde-dpmsolver++"}, {}),
+                           (SD15_SCHEDULER_CONFIG, {"algorithm_type": "sde-dpmsolver++"})):
+        with pytest.raises(NotImplementedError, match="algorithm_type='sde-dpmsolver\\+\\+' is the dpmpp_2m_sde"):
+            S.make_scheduler("dpmpp_2m", config, 10, **option)
     # each refusal names the setting, as the user wrote it
     for name, option, expected in (("dpmpp_2m", {"variance_type": "learned_range"}, "variance_type='learned_range'"),
                                    ("dpmpp_2m", {"thresholding": True}, "thresholding=True"),
