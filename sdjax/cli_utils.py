@@ -840,6 +840,16 @@ def embeddings_used(tokenizer, embeddings: Sequence[tuple[str, str]], text: str)
     return [(token, digest) for token, digest in embeddings if tokenizer.convert_tokens_to_ids(token) in ids]
 
 
+def recorded_scheduler_options(scheduler: str, config: dict, options: dict) -> dict:
+    """The scheduler options an image's parameters record: those given, and the schedule the model's
+    scheduler config sets (its ``use_karras_sigmas: true``), which A1111 would otherwise read as Uniform."""
+    from sdjax.schedulers import pipeline_scheduler_config
+    settings = resolve_scheduler_config(scheduler, pipeline_scheduler_config(scheduler, config)[0], **options)
+    schedule = {key: True for key in ("use_karras_sigmas", "use_exponential_sigmas")
+                if settings.get(key) and key not in options}
+    return {**options, **schedule}
+
+
 def validate_request(req: SampleRequest) -> None:
     """Check everything that can be checked without the model; raise UsageError with one line."""
     if not req.prompts:
@@ -1249,6 +1259,7 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
     per_call = parallel.padded_size(req.batch_size or 4 * parallel.data_size(pipe.mesh), pipe.mesh)
     per_call = min(per_call, parallel.padded_size(len(jobs), pipe.mesh))
     sched = pipe.make_scheduler(req.scheduler, req.steps, **req.scheduler_options)
+    png_options = recorded_scheduler_options(req.scheduler, pipe.scheduler_config, req.scheduler_options)
     strength, init, first_call = req.img2img_strength, None, 0
     if strength is not None:   # img2img: the schedule runs from first_call on
         from sdjax.sampling import img2img_start
@@ -1319,7 +1330,7 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
                     params = a1111_parameters(prompt, negative, steps=req.steps, scheduler=req.scheduler,
                                               guidance_scale=req.guidance_scale, seed=seed, width=req.width,
                                               height=req.height, model=req.model, vae=req.vae,
-                                              scheduler_options=req.scheduler_options, clip_skip=req.clip_skip,
+                                              scheduler_options=png_options, clip_skip=req.clip_skip,
                                               loras=loras,
                                               denoising_strength=strength if hires is None else hires.strength,
                                               hires_scale=None if hires is None else hires.scale,

@@ -593,6 +593,17 @@ def test_from_png_reads_a1111_automatic_schedule_as_the_samplers_default(tmp_pat
         assert sample.parse_request(["--from-png", str(tmp_path / "own.png")])[0].scheduler_options == options
 
 
+def test_the_parameters_record_the_schedule_the_models_config_sets():
+    """A model whose scheduler config sets Karras sigmas samples dpmpp_2m with them: its PNGs say so
+    (they said Schedule type: Uniform, which A1111 reads as plain); an option given is recorded as given."""
+    from sdjax.cli_utils import recorded_scheduler_options
+    karras = {"_class_name": "DPMSolverMultistepScheduler", "use_karras_sigmas": True}
+    assert recorded_scheduler_options("dpmpp_2m", karras, {}) == {"use_karras_sigmas": True}
+    assert recorded_scheduler_options("dpmpp_2m", karras, {"use_karras_sigmas": False}) == {"use_karras_sigmas": False}
+    assert recorded_scheduler_options("dpmpp_2m_sde", {}, {}) == {}
+    assert recorded_scheduler_options("pndm", karras, {}) == {}   # (PNDM has no such setting)
+
+
 def test_from_png_reads_eta_ddim_as_a_number(tmp_path):
     """``Eta DDIM: 0.5`` (as sample.py's --scheduler-option eta=0.5 and A1111 write it) is the number 0.5,
     which the DDIM scheduler takes (its text '0.5' was refused: 'expected a number')."""
