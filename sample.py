@@ -70,6 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "(about half the download)")
     p.add_argument("--negative-prompt", default="", help="what to steer away from, e.g. 'blurry, low quality' (needs --guidance-scale above 1)")
     p.add_argument("--seeds", type=_seeds, default="0", help="seed, inclusive range (0-15) or list (3,7,9); default 0")
+    p.add_argument("--variation-seeds", type=_seeds, default=None, metavar="SEEDS",
+                   help="AUTOMATIC1111's variation seeds (range or list, as --seeds): each image's noise moved toward "
+                        "each variation seed's by --variation-strength, so --seeds 7 --variation-seeds 0-15 makes 16 "
+                        "variations of seed 7's image")
+    p.add_argument("--variation-strength", type=float, default=0.0, metavar="X",
+                   help="with --variation-seeds: how far each image's noise moves toward its variation seed's, in "
+                        "[0, 1] (0.1-0.3: close variations; 1: the variation seed's own image); recorded in the PNG "
+                        "parameters")
     p.add_argument("--steps", type=int, default=50, help="denoising steps (default 50, typical 20-100)")
     p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (default 7.5, typical 5-15)")
     p.add_argument("--scheduler", default="pndm",
@@ -214,6 +222,8 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
         args.png_notes.append(f"--from-png: the image's Hires fix (Hires upscale {png.flags['hires_scale']:g}) is "
                               "left out: --init-image makes img2img of that picture instead")
     seeds = args.seeds if isinstance(args.seeds, list) else parse_seeds(args.seeds)
+    variation_seeds = (args.variation_seeds if isinstance(args.variation_seeds, list) or args.variation_seeds is None
+                       else parse_seeds(args.variation_seeds)) or []
     given_options = parse_scheduler_options(args.scheduler_option)
     options = {**getattr(args, "scheduler_options", {}), **given_options}
     schedules = ("use_karras_sigmas", "use_exponential_sigmas")   # (only one of them can be used)
@@ -252,7 +262,8 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
                         model_config=args.model_config, vae=args.vae, ema_weights=args.ema_weights,
                         scheduler_options=options, clip_skip=args.clip_skip, lora=list(args.lora),
                         prompt_weighting=args.prompt_weighting,
-                        emphasis=emphasis,
+                        emphasis=emphasis, variation_seeds=variation_seeds,
+                        variation_strength=args.variation_strength,
                         embedding=list(args.embedding),
                         steps=args.steps, guidance_scale=args.guidance_scale, scheduler=args.scheduler,
                         init_image=args.init_image, strength=strength, hires_scale=args.hires_scale,
@@ -420,6 +431,7 @@ def main(argv=None) -> int:
             print(f"embeddings (write them in a prompt to use them): {', '.join(tokens)}")
         print(f"loaded {req.model} ({dtype}) in {time.perf_counter() - t0:.1f} s; "
               f"{count(len(req.jobs), 'image')}: {count(len(req.prompts), 'prompt')} x {count(len(req.seeds), 'seed')}"
+              + (f" x {count(len(req.variation_seeds), 'variation seed')}" if req.variations[0] is not None else "")
               + (f" on {jax.process_count()} processes, {jax.device_count()} devices" if jax.process_count() > 1
                  else ""))
     try:

@@ -186,6 +186,8 @@ CONFIG_KEYS: dict[str, tuple[type | tuple, str]] = {
     "ema_weights": (bool, "a single-file training checkpoint's UNet from its EMA copy (model_ema.*)"),
     "negative_prompt": (str, "what to steer away from"),
     "seeds": ((int, str, list), "seed, range 0-15 or list"),
+    "variation_seeds": ((int, str, list), "AUTOMATIC1111's variation seeds: seed, range or list"),
+    "variation_strength": ((int, float), "how far each image's noise moves toward its variation seed's, in [0, 1]"),
     "steps": (int, "number of denoising steps"),
     "guidance_scale": ((int, float), "classifier-free guidance strength"),
     "scheduler": (str, f"one of {', '.join(SCHEDULERS)}"),
@@ -315,13 +317,13 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
         wrong_bool = isinstance(value, bool) and types is not bool
         if not isinstance(value, types) or wrong_bool:
             raise UsageError(f"{path}: key {raw_key!r} has value {value!r}; expected {_type_name(types)}")
-        if key == "seeds":
+        if key in ("seeds", "variation_seeds"):
             try:
                 value = ",".join(str(s) for s in parse_seeds(value)) if not isinstance(value, str) else value
                 parse_seeds(value)
             except UsageError as e:
-                raise UsageError(f"{path}: key 'seeds': {e}") from e
-        if key in ("guidance_scale", "strength"):
+                raise UsageError(f"{path}: key {key!r}: {e}") from e
+        if key in ("guidance_scale", "strength", "variation_strength"):
             value = float(value)
         if key in ("lora", "embedding"):
             value = [value] if isinstance(value, str) else value
@@ -408,6 +410,8 @@ class SampleRequest:
     clip_skip: int = 1                # A1111's "Clip skip": 1 = the text encoder's last layer, 2 = the penultimate
     prompt_weighting: bool = False    # A1111's emphasis syntax, (word:1.2), read in the prompts
     emphasis: str = "original"        # A1111's Emphasis setting, with prompt_weighting: sdjax.text.EMPHASIS_MODES
+    variation_seeds: list[int] = dataclasses.field(default_factory=list)   # A1111's variation seeds
+    variation_strength: float = 0.0   # how far each image's noise moves toward its variation seed's (0: none)
     lora: list[str] = dataclasses.field(default_factory=list)   # LoRA files merged into the weights, FILE[:SCALE]
     embedding: list[str] = dataclasses.field(default_factory=list)   # textual inversion embedding files
     init_image: str | None = None     # img2img: the image every image starts from
@@ -442,9 +446,17 @@ class SampleRequest:
                         self.hires_upscaler or "latent")
 
     @property
+    def variations(self) -> list[int | None]:
+        """Each job's variation seed (aligned with `jobs`), or None where there is no variation."""
+        if not (self.variation_seeds and self.variation_strength):
+            return [None] * len(self.prompts) * len(self.seeds)
+        return [v for _ in self.prompts for _ in self.seeds for v in self.variation_seeds]
+
+    @property
     def jobs(self) -> list[tuple[str, int]]:
-        """Every prompt with every seed, prompt-major: [(prompt, seed), ...]."""
-        return [(p, s) for p in self.prompts for s in self.seeds]
+        """Every prompt with every seed (and every variation seed), prompt-major: [(prompt, seed), ...]."""
+        varied = len(self.variation_seeds) if self.variation_strength and self.variation_seeds else 1
+        return [(p, s) for p in self.prompts for s in self.seeds for _ in range(varied)]
 
     def fingerprint(self):
         """A hash of what decides the images and the compiled programs (not the model's path or
@@ -568,11 +580,14 @@ def settings_from_png(path: str | os.PathLike) -> PngSettings:
     if "Eta DDIM" in fields:   # (a number, as --scheduler-option eta=0.5 gives it: not its text)
         options["eta"] = number("Eta DDIM", float)
     for key, dest, kind in (("Steps", "steps", int), ("CFG scale", "guidance_scale", float),
-                            ("Seed", "seeds", int), ("Clip skip", "clip_skip", int)):
+                            ("Seed", "seeds", int), ("Clip skip", "clip_skip", int),
+                            ("Variation seed", "variation_seeds", int),
+                            ("Variation seed strength", "variation_strength", float)):
         if key in fields:
             flags[dest] = number(key, kind)
-    if "seeds" in flags:
-        flags["seeds"] = str(flags["seeds"])
+    for dest in ("seeds", "variation_seeds"):
+        if dest in flags:
+            flags[dest] = str(flags[dest])
     if "Size" in fields:
         size = re.fullmatch(r"(\d+)x(\d+)", fields.pop("Size"))
         if size is None:
@@ -947,6 +962,16 @@ def validate_request(req: SampleRequest) -> None:
         raise _bad_setting("batch_size", req.batch_size, "must be at least 1")
     if not req.seeds:
         raise UsageError("no seeds given")
+    strength = req.variation_strength
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
+        raise _bad_setting("variation_strength", strength, "must be a number in [0, 1] (0: the seed's noise, 1: the "
+                           "variation seed's)")
+    if strength and not req.variation_seeds:
+        raise _bad_setting("variation_strength", strength, "moves each image's noise toward its variation seed's: "
+                           "give --variation-seeds")
+    if req.variation_seeds and not strength:
+        raise _bad_setting("variation_seeds", ",".join(map(str, req.variation_seeds)), "need --variation-strength "
+                           "above 0 (how far each image's noise moves toward its variation seed's; 0.1-0.3 is typical)")
     if req.trajectory_frames < 3:
         raise _bad_setting("trajectory_frames", req.trajectory_frames, "a trajectory needs at least 3 frames")
     problem = unwritable_folder(req.out)
@@ -1242,7 +1267,9 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
     from sdjax import parallel
     from sdjax.trajectory import noise_images, output_trajectory, trajectory_steps
 
-    jobs = req.jobs
+    jobs, variations = req.jobs, req.variations
+    varied = ({} if variations[0] is None
+              else dict(variation_seeds=variations, variation_strength=req.variation_strength))
     out_dir = Path(req.out)
     writer = jax.process_index() == 0
     negative = req.negative_prompt
@@ -1314,18 +1341,23 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
                                    return_intermediates=picks, progress=step_bar,
                                    scheduler_options=req.scheduler_options, clip_skip=req.clip_skip,
                                    init_images=init, strength=strength, prompt_weighting=req.prompt_weighting,
-                                   hires=hires, emphasis=req.emphasis)
+                                   hires=hires, emphasis=req.emphasis, **varied)
             for batch, out in zip(bar, outputs, strict=True):
                 padded = batch + [batch[-1]] * (per_call - len(batch))   # one decoder program for every batch
                 noise = None   # the trajectory's first frame: the seed's noise, or the image img2img starts from
                 if req.trajectory:
+                    at = generated + np.minimum(np.arange(len(padded)), len(batch) - 1)   # (the padding repeats)
                     noise = ([init.astype(np.float32) / 255] * len(padded) if init is not None
-                             else noise_images(pipe, [s for _, s in padded], req.height, req.width))
+                             else noise_images(pipe, [s for _, s in padded], req.height, req.width,
+                                               **({} if not varied else dict(
+                                                   variation_seeds=[variations[i] for i in at],
+                                                   variation_strength=req.variation_strength))))
                 generated += len(batch)
                 _stop_together(written if writer else None)
                 if not writer:
                     continue
                 for b, (prompt, seed) in enumerate(batch):
+                    variation = variations[generated - len(batch) + b]
                     index = first_index + len(files)
                     params = a1111_parameters(prompt, negative, steps=req.steps, scheduler=req.scheduler,
                                               guidance_scale=req.guidance_scale, seed=seed, width=req.width,
@@ -1337,6 +1369,7 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
                                               hires_steps=None if hires is None else hires.steps,
                                               hires_upscaler="latent" if hires is None else hires.upscaler,
                                               prompt_weighting=req.prompt_weighting, emphasis=req.emphasis,
+                                              variation_seed=variation, variation_strength=req.variation_strength,
                                               embeddings=embeddings_used(pipe.tokenizer, embeddings,
                                                                          f"{prompt}\n{negative}"))
                     files.append(out_dir / image_file_name(index, seed, prompt))
@@ -1354,7 +1387,8 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
             written()
         if req.grid and writer:
             # one row per prompt when there are several (the jobs are prompt-major); else near-square
-            columns = len(req.seeds) if len(req.prompts) > 1 and len(images_for_grid) == len(jobs) else None
+            columns = (len(jobs) // len(req.prompts) if len(req.prompts) > 1 and len(images_for_grid) == len(jobs)
+                       else None)
             extra.append(save_png(image_grid(images_for_grid, columns), out_dir / f"{first_index:05d}-grid.png",
                                   grid_params))
     finally:

@@ -145,7 +145,8 @@ def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, sche
                      loras: Sequence[tuple[str, float]] = (), denoising_strength: float | None = None,
                      embeddings: Sequence[tuple[str, str]] = (), prompt_weighting: bool = False,
                      hires_scale: float | None = None, hires_steps: int | None = None,
-                     hires_upscaler: str = "latent", emphasis: str = "original") -> str:
+                     hires_upscaler: str = "latent", emphasis: str = "original",
+                     variation_seed: int | None = None, variation_strength: float = 0.0) -> str:
     """Generation settings as AUTOMATIC1111 writes them into the PNG ``parameters`` text chunk::
 
         a photo of a cat
@@ -174,6 +175,8 @@ def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, sche
     ``BREAK`` is written with ``Emphasis: None``, as A1111 writes its own unweighted ones, which it reads back
     as text (else it would weight them). With ``prompt_weighting``, ``emphasis`` other than "original" (A1111's
     Emphasis setting, `sdjax.text.EMPHASIS_MODES`) is written as A1111 writes it: ``Emphasis: No norm``.
+    ``variation_seed`` with a ``variation_strength`` above 0: ``Variation seed: 12, Variation seed strength:
+    0.3``, as A1111 writes them.
     """
     sampler = SAMPLER_NAMES.get(scheduler, scheduler)
     options = dict(scheduler_options or {})
@@ -198,6 +201,8 @@ def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, sche
         fields.append(("Model", model_name(model)))
     if vae:
         fields.append(("VAE", model_name(vae)))
+    if variation_seed is not None and variation_strength:   # (A1111 writes them where the strength is not 0)
+        fields += [("Variation seed", variation_seed), ("Variation seed strength", _number(variation_strength))]
     if denoising_strength is not None:
         fields.append(("Denoising strength", _number(denoising_strength)))
     if hires_scale is not None:

@@ -247,7 +247,8 @@ def _wait_interruptibly(arrays: Sequence[jax.Array]) -> None:
 
 
 _EXPECTED = {"prompts": "a string or a list of strings", "negative_prompts": "a string or a list of strings",
-             "seeds": "an integer, a list of integers or an integer array"}
+             "seeds": "an integer, a list of integers or an integer array",
+             "variation_seeds": "an integer, a list of integers or an integer array"}
 
 
 def _tokenize_edited(tokenizer, prompts: list[str], steps: int, calls: int, kind: str, compose: bool = False,
@@ -769,7 +770,8 @@ class StableDiffusion:
                  scheduler_options: dict | None = None, progress: bool | str | _Bar = False, clip_skip: int = 1,
                  init_images: Any = None, strength: float | None = None,
                  prompt_weighting: bool = False, hires: HiresFix | None = None,
-                 emphasis: str = "original") -> StableDiffusionOutput:
+                 emphasis: str = "original", variation_seeds: int | Sequence[int] | np.ndarray | None = None,
+                 variation_strength: float = 0.0) -> StableDiffusionOutput:
         """Generate one image per (prompt, seed) (all of them in memory at the end: `batches`
         hands them over one batch at a time instead).
 
@@ -833,6 +835,11 @@ class StableDiffusion:
         `sdjax.text.EMPHASIS_MODES`: "original" (default, as above), "no_norm" (the weights without the mean
         restored), "ignore" (the syntax read, no weights applied), "none" (brackets and ``BREAK`` are words;
         windows, editing and ``AND`` are still read).
+        ``variation_seeds`` and ``variation_strength`` (in [0, 1], default 0: none): AUTOMATIC1111's variation
+        seed, each image's initial noise moved toward its variation seed's noise by the strength
+        (`sdjax.sampling.vary_noise`, A1111's slerp): one seed with many variation seeds makes variations of
+        one image. They broadcast like the seeds; not with ``latents``. The strength is an input (new
+        strengths compile nothing); 0 leaves the noise as it is.
         ``hires``: AUTOMATIC1111's "Hires. fix", a `HiresFix`: each image is made at height x width as above
         (the first pass), enlarged (its latents resized, or its image with Lanczos) and denoised again at the
         larger size from the HiresFix's strength of its schedule on (img2img: the second pass, its noise drawn
@@ -845,7 +852,7 @@ class StableDiffusion:
             latents, batch_size=batch_size, return_intermediates=return_intermediates,
             scheduler_options=scheduler_options, progress=progress, clip_skip=clip_skip,
             init_images=init_images, strength=strength, prompt_weighting=prompt_weighting, hires=hires,
-            emphasis=emphasis))
+            emphasis=emphasis, variation_seeds=variation_seeds, variation_strength=variation_strength))
         steps = outputs[0].intermediate_steps
         return StableDiffusionOutput(np.concatenate([o.images for o in outputs]),
                                      [p for o in outputs for p in o.prompts],
@@ -862,7 +869,8 @@ class StableDiffusion:
                 scheduler_options: dict | None = None, progress: bool | str | _Bar = False, clip_skip: int = 1,
                 init_images: Any = None, strength: float | None = None,
                 prompt_weighting: bool = False, hires: HiresFix | None = None,
-                emphasis: str = "original") -> Iterator[StableDiffusionOutput]:
+                emphasis: str = "original", variation_seeds: int | Sequence[int] | np.ndarray | None = None,
+                variation_strength: float = 0.0) -> Iterator[StableDiffusionOutput]:
         """The images of ``pipe(...)`` (same arguments, same images), one `StableDiffusionOutput`
         per compiled call of ``batch_size`` images, in order, for many seeds: write each batch's
         files and let it go, instead of holding every image. The arguments are checked now (a
@@ -877,6 +885,17 @@ class StableDiffusion:
             if value is None:
                 raise TypeError(f"{name} is required: {_EXPECTED[name]}")
         prompts, seeds = _as_list(prompts, "prompts"), _as_list(seeds, "seeds")
+        try:
+            variation_strength = float(variation_strength)
+        except (TypeError, ValueError):
+            raise TypeError(f"variation_strength={variation_strength!r} is not a number") from None
+        if not 0.0 <= variation_strength <= 1.0:
+            raise ValueError(f"variation_strength={variation_strength!r}: must be in [0, 1] (0: the seed's noise, 1: "
+                             "the variation seed's)")
+        if variation_strength and variation_seeds is None:
+            raise ValueError(f"variation_strength={variation_strength:g} moves each image's noise toward its "
+                             "variation seed's: give variation_seeds")
+        variations = None if variation_seeds is None else _as_list(variation_seeds, "variation_seeds")
         negatives = _as_list(negative_prompts, "negative_prompts") or [""]
         if latents is not None:
             latents = np.asarray(latents, np.float32)
@@ -898,13 +917,23 @@ class StableDiffusion:
         n_latents = latents.shape[0] if latents is not None and latents.ndim == 4 else 1   # else: the shape error
         n_init = 1 if init_images is None else init_images.shape[0]
         sizes = {"prompts": len(prompts), "seeds": len(seeds), "negative_prompts": len(negatives),
-                 "latents": n_latents, "init_images": n_init}
+                 "latents": n_latents, "init_images": n_init, "variation_seeds": len(variations or [None])}
         n = max(sizes.values())
         longest = max(sizes, key=sizes.get)   # (named in the error: the list the others must match)
         for name, size in sizes.items():
             if size not in (1, n):
                 raise ValueError(f"{name} has {size} entries; expected 1 or {n} to match {longest} ({n} entries)")
         prompts, seeds, negatives = ([x[0]] * n if len(x) == 1 else x for x in (prompts, seeds, negatives))
+        if variations is not None:
+            variations = [v.item() if isinstance(v, (np.ndarray, jax.Array)) and v.ndim == 0 else v
+                          for v in (variations * n if len(variations) == 1 else variations)]
+            for v in variations:
+                if (isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer))
+                        or not 0 <= int(v) <= MAX_SEED):
+                    raise ValueError(f"variation seed {v!r} is not an integer in [0, 2**32 - 1]")
+            if variation_strength and latents is not None:
+                raise ValueError("variation_seeds vary the seeds' noise: not with latents given (vary your own)")
+            variations = np.asarray(variations, np.uint32) if variation_strength else None   # (0: no variation)
         given_shape = None if latents is None else latents.shape   # for the error, before broadcasting
         if latents is not None and latents.ndim == 4 and n_latents == 1 < n:   # one initial noise for every image
             latents = np.repeat(latents, n, axis=0)
@@ -996,12 +1025,15 @@ class StableDiffusion:
         seeds = np.asarray(seeds, np.uint32)
         if second is not None and "ids" not in second:   # the first pass's texts serve the second too
             second.update(ids=ids, neg_ids=neg_ids, text_inputs=text_inputs)
+        variation = {} if variations is None else dict(variation_seeds_B=variations,
+                                                           variation_strength=np.float32(variation_strength))
         return self._batches(prompts, negatives, seeds, ids, neg_ids, latents, init_images, first_call, sched,
-                             latent_shape, guidance_scale, steps, per_call, progress, clip_skip, text_inputs, second)
+                             latent_shape, guidance_scale, steps, per_call, progress, clip_skip, text_inputs, second,
+                             variation)
 
     def _batches(self, prompts, negatives, seeds, ids, neg_ids, latents, init_images, first_call, sched,
                  latent_shape, guidance_scale, steps, per_call, progress, clip_skip,
-                 text_inputs, second=None) -> Iterator[StableDiffusionOutput]:
+                 text_inputs, second=None, variation=None) -> Iterator[StableDiffusionOutput]:
         """`batches`' generator, on its checked arguments: dispatches batch k + 1 before fetching batch k
         (with the Hires fix's Lanczos upscaler, the first pass's images are fetched in between)."""
         with self._lock:
@@ -1024,6 +1056,8 @@ class StableDiffusion:
                 shard = lambda a: parallel.shard_batch(  # noqa: E731
                     parallel.pad_batch(a[start:stop], per_call), self.mesh)
                 lanczos = second is not None and second["hires"].upscaler == "lanczos"
+                varied = {name: value if name == "variation_strength" else shard(value)
+                          for name, value in (variation or {}).items()}
                 out = self._generate(
                     state, sched, shard(ids), shard(neg_ids), shard(seeds),
                     None if latents is None else shard(latents), jnp.float32(guidance_scale),
@@ -1032,6 +1066,7 @@ class StableDiffusion:
                     return_predictions=bool(steps), on_step=None if step_bar is None else self._ticker,
                     clip_skip=clip_skip, start=first_call,
                     **{name: value if name == "restore_mean" else shard(value) for name, value in text_inputs.items()},
+                    **varied,
                     **({} if second is None else dict(return_latents=not lanczos, decode=lanczos)))
                 if second is not None:   # the Hires fix's second pass: img2img at the larger size
                     h2, w2 = second["size"]
@@ -1048,7 +1083,7 @@ class StableDiffusion:
                         on_step=None if step_bar is None else self._hires_ticker, clip_skip=clip_skip,
                         start=second["first_call"],
                         **{name: value if name == "restore_mean" else shard(value)
-                           for name, value in second["text_inputs"].items()}, **init)
+                           for name, value in second["text_inputs"].items()}, **init, **varied)
                 # Indexed one step at a time: iterating over an array spread over several
                 # processes is not allowed. Each [B, H, W, 3], decoded right behind the batch.
                 decoded = [self._decode(state.vae, out.predictions[s - first_call]) for s in steps]

@@ -49,6 +49,27 @@ def initial_noise(keys_B, latent_shape_HWC) -> jax.Array:
     return jax.vmap(lambda k: jax.random.normal(k, latent_shape_HWC, F32))(keys_B)
 
 
+def vary_noise(noise_BHWC, variation_BHWC, strength) -> jax.Array:
+    """AUTOMATIC1111's variation seed ("Variation seed", "Variation strength"): each image's noise moved
+    toward its variation seed's noise by ``strength`` in [0, 1] (0: the noise, 1: the variation's) along a
+    great circle, as A1111's ``slerp`` does it: per image, for each column and channel (its noise is
+    [C, h, w], normalised along h), and as its linear blend ``noise * strength + variation * (1 -
+    strength)`` where the two are that close (mean cosine above 0.9995). ``strength``: a number (an
+    input: new strengths compile nothing)."""
+    low, high = jnp.asarray(noise_BHWC, F32), jnp.asarray(variation_BHWC, F32)
+    if low.ndim != 4 or low.shape != high.shape:
+        raise ValueError(f"vary_noise: noise of shape {tuple(low.shape)} and variation noise of shape "
+                         f"{tuple(high.shape)}; expected the same [B, h, w, C]")
+    val = jnp.asarray(strength, F32)
+    dot = jnp.sum(low / jnp.linalg.norm(low, axis=1, keepdims=True)
+                  * (high / jnp.linalg.norm(high, axis=1, keepdims=True)), axis=1)   # [B, w, C]
+    omega = jnp.arccos(dot)
+    so = jnp.sin(omega)
+    slerped = (jnp.sin((1.0 - val) * omega) / so)[:, None] * low + (jnp.sin(val * omega) / so)[:, None] * high
+    near = jnp.mean(dot, axis=(1, 2)) > 0.9995   # (A1111's blend there: its weights as it has them)
+    return jnp.where(near[:, None, None, None], low * val + high * (1.0 - val), slerped)
+
+
 def _described(keys) -> str:
     """``keys`` that are not one key per image, for an error: its shape and dtype, or its type."""
     dtype = getattr(keys, "dtype", None)
@@ -519,7 +540,7 @@ def generate(graphdefs: SDState, state: SDState, scheduler: Scheduler, cond_ids_
              cond_weights_BT=None, uncond_weights_BT=None, cond_phases_BC=None,
              uncond_phases_BC=None, init_latents_BHWC=None, return_latents: bool = False,
              decode: bool = True, cond_part_weights_BK=None, cond_lengths_BP=None,
-             restore_mean: bool = True) -> GenerateOutput:
+             restore_mean: bool = True, variation_seeds_B=None, variation_strength=None) -> GenerateOutput:
     """Prompts to images in one traced function: the body `StableDiffusion` jit-compiles.
 
     ``latents_BHWC=None`` draws each image's initial noise from its seed; otherwise those unscaled
@@ -544,6 +565,9 @@ def generate(graphdefs: SDState, state: SDState, scheduler: Scheduler, cond_ids_
     place of init images, with no VAE encode (the Hires fix's second pass: `upscale_latents` of a first
     pass's). ``return_latents`` (static): also return the final latents (``GenerateOutput.latents``);
     ``decode=False`` (static): do not decode them (``images`` is None).
+    ``variation_seeds_B`` (uint32 [B]) and ``variation_strength`` (a number in [0, 1]): AUTOMATIC1111's
+    variation seeds, each image's seed-drawn noise moved toward its variation seed's (`vary_noise`); not
+    with ``latents_BHWC``. None: no input of the compiled program.
     """
     if init_images_BHWC is not None and init_latents_BHWC is not None:
         raise ValueError("give init_images_BHWC or init_latents_BHWC (img2img from images or from latents), "
@@ -552,6 +576,11 @@ def generate(graphdefs: SDState, state: SDState, scheduler: Scheduler, cond_ids_
     keys = image_keys(seeds_B)
     if latents_BHWC is None:
         latents_BHWC = initial_noise(keys, latent_shape_HWC)
+        if variation_seeds_B is not None:
+            latents_BHWC = vary_noise(latents_BHWC, initial_noise(image_keys(variation_seeds_B), latent_shape_HWC),
+                                      variation_strength)
+    elif variation_seeds_B is not None:
+        raise ValueError("variation_seeds_B vary the seeds' noise: not with latents_BHWC given")
     if cond_lengths_BP is not None and cond_phases_BC is None:
         raise ValueError("cond_lengths_BP are the lengths of each image's several texts: they need cond_phases_BC")
     if cond_part_weights_BK is not None and (cond_phases_BC is None or np.ndim(cond_phases_BC) != 3):

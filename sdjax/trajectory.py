@@ -45,8 +45,10 @@ def trajectory_steps(num_model_calls: int, num_frames: int, first_call: int = 0)
     return sorted({int(round(x)) for x in picks})
 
 
-def noise_images(pipe, seeds: Sequence[int], height: int, width: int) -> np.ndarray:
-    """The initial noise of each seed (exactly what ``pipe`` starts from for that seed), decoded by
+def noise_images(pipe, seeds: Sequence[int], height: int, width: int, *, variation_seeds: Sequence[int] | None = None,
+                 variation_strength: float = 0.0) -> np.ndarray:
+    """The initial noise of each seed (exactly what ``pipe`` starts from for that seed; with
+    ``variation_seeds``, moved toward theirs as `sdjax.sampling.vary_noise` moves it), decoded by
     the VAE: "step 0 — pure noise" as a picture. float32 [len(seeds), H, W, 3].
 
     Decoded with the pipeline's own jitted decoder on a batch padded and sharded like the
@@ -55,6 +57,10 @@ def noise_images(pipe, seeds: Sequence[int], height: int, width: int) -> np.ndar
     seeds_np = np.asarray(list(seeds), np.uint32)
     latent_shape = (height // pipe.vae_scale, width // pipe.vae_scale, pipe.unet.config.in_channels)
     noise = sampling.initial_noise(sampling.image_keys(jnp.asarray(seeds_np)), latent_shape)
+    if variation_seeds is not None and variation_strength:
+        varied = sampling.initial_noise(sampling.image_keys(jnp.asarray(np.asarray(variation_seeds, np.uint32))),
+                                        latent_shape)
+        noise = sampling.vary_noise(noise, varied, variation_strength)
     return _decode_batch(pipe, np.asarray(noise))
 
 

@@ -604,6 +604,26 @@ def test_the_parameters_record_the_schedule_the_models_config_sets():
     assert recorded_scheduler_options("pndm", karras, {}) == {}   # (PNDM has no such setting)
 
 
+def test_variation_seeds_make_a_job_each_and_are_recorded_as_a1111s(tmp_path):
+    """--seeds 7 --variation-seeds 1-3 --variation-strength 0.25: three jobs of seed 7, one per variation
+    seed (for each prompt and seed, as the jobs are ordered); the PNG parameters say Variation seed and
+    Variation seed strength as A1111 writes them, and --from-png reads them back. Either without the other
+    exits 2 (A1111's strength 0 is no variation)."""
+    req, _ = sample.parse_request(["a", "b", "--seeds", "7", "--variation-seeds", "1-3",
+                                   "--variation-strength", "0.25"])
+    assert req.jobs == [("a", 7)] * 3 + [("b", 7)] * 3 and req.variations == [1, 2, 3] * 2
+    text = I.a1111_parameters("a", steps=20, scheduler="euler", guidance_scale=7, seed=7, width=64, height=64,
+                              model="m", variation_seed=2, variation_strength=0.25)
+    assert text.endswith("Seed: 7, Size: 64x64, Model: m, Variation seed: 2, Variation seed strength: 0.25"), text
+    assert "Variation" not in I.a1111_parameters("a", steps=20, scheduler="euler", guidance_scale=7, seed=7,
+                                                 width=64, height=64, variation_seed=2, variation_strength=0.0)
+    I.save_png(np.zeros((8, 8, 3)), tmp_path / "v.png", text + ", Version: v1.10.1")
+    req, args = sample.parse_request(["--from-png", str(tmp_path / "v.png"), "--model", "m"])
+    assert (req.seeds, req.variation_seeds, req.variation_strength, args.png_notes) == ([7], [2], 0.25, [])
+    req, _ = sample.parse_request(["a"])
+    assert req.jobs == [("a", 0)] and req.variations == [None]
+
+
 def test_from_png_reads_eta_ddim_as_a_number(tmp_path):
     """``Eta DDIM: 0.5`` (as sample.py's --scheduler-option eta=0.5 and A1111 write it) is the number 0.5,
     which the DDIM scheduler takes (its text '0.5' was refused: 'expected a number')."""
@@ -1339,6 +1359,13 @@ BAD_INPUTS = {
                                    "AUTOMATIC1111's prompt syntax: it needs --prompt-weighting"),
     "emphasis_unknown": (["a cat", "--prompt-weighting", "--emphasis", "strong"], "error: --emphasis strong: choose "
                          "one of original, no_norm, ignore, none"),
+    "variation_strength_without_seeds": (["a cat", "--variation-strength", "0.2"], "error: --variation-strength 0.2: "
+                                         "moves each image's noise toward its variation seed's: give "
+                                         "--variation-seeds"),
+    "variation_seeds_without_strength": (["a cat", "--variation-seeds", "1-3"], "error: --variation-seeds 1,2,3: need "
+                                         "--variation-strength above 0"),
+    "variation_strength_past_1": (["a cat", "--variation-seeds", "1", "--variation-strength", "2"],
+                                  "error: --variation-strength 2.0: must be a number in [0, 1]"),
     "dtype": (["a cat", "--dtype", "int8"], "unknown dtype"),
     "progress": (["a cat", "--progress", "sometimes"], "invalid choice: 'sometimes'"),
     "config_unknown_key": (["a cat", "--config", "{tmp}/bad.yaml"], "unknown key 'stpes'"),

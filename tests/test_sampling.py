@@ -473,6 +473,53 @@ def test_no_recompilation_for_new_prompts_seeds_guidance_latents(pipe):
     assert pipe._generate._cache_size() == before
 
 
+def test_vary_noise_is_a1111s_slerp():
+    """vary_noise is AUTOMATIC1111's rng.slerp(strength, noise, variation) on each image's noise [C, h, w]
+    (transcribed in torch below from its rng.py): normalised along h, a great-circle step per column and
+    channel, and its linear blend, with its weights as they are, where the two are that close."""
+    from sdjax.sampling import vary_noise
+
+    def a1111_slerp(val, low, high):
+        low_norm = low / torch.norm(low, dim=1, keepdim=True)
+        high_norm = high / torch.norm(high, dim=1, keepdim=True)
+        dot = (low_norm * high_norm).sum(1)
+        if dot.mean() > 0.9995:
+            return low * val + high * (1 - val)
+        omega = torch.acos(dot)
+        so = torch.sin(omega)
+        return ((torch.sin((1.0 - val) * omega) / so).unsqueeze(1) * low
+                + (torch.sin(val * omega) / so).unsqueeze(1) * high)
+
+    rng = np.random.default_rng(0)
+    noise, variation = rng.standard_normal((2, 3, 8, 6, 4)).astype(np.float32)   # [B, h, w, C] each
+    variation[2] = noise[2] + 1e-3 * variation[2]   # image 2: close enough for the linear blend
+    for strength in (0.0, 0.25, 1.0):
+        got = np.asarray(vary_noise(noise, variation, strength))
+        want = np.stack([a1111_slerp(strength, *(torch.from_numpy(x.transpose(2, 0, 1)) for x in (n, v))).numpy()
+                         .transpose(1, 2, 0) for n, v in zip(noise, variation)])
+        assert np.abs(got - want).max() < 1e-5, strength
+    np.testing.assert_allclose(np.asarray(vary_noise(noise, variation, 1.0))[:2], variation[:2], atol=1e-6)
+    blend = noise[2] * 0.25 + variation[2] * 0.75   # (A1111's weights: the variation's is 1 - strength here)
+    np.testing.assert_allclose(np.asarray(vary_noise(noise, variation, 0.25))[2], blend, atol=1e-6)
+
+
+def test_variation_seeds_move_the_noise_toward_theirs(pipe):
+    """variation_seeds with variation_strength 1 make the variation seed's own image (the noise is its
+    noise; PNDM draws no more), 0 passes no inputs (the program of before); between, each image differs
+    from its seed's. The strength is an input: another compiles nothing."""
+    kw = dict(num_inference_steps=STEPS, height=SIZE, width=SIZE)
+    plain = pipe("a cat", seeds=[7, 9], **kw).images
+    ones = pipe("a cat", seeds=7, variation_seeds=[9, 7], variation_strength=1.0, **kw).images
+    np.testing.assert_allclose(ones, plain[::-1], atol=2e-5)
+    before = pipe._generate._cache_size()
+    some = pipe("a cat", seeds=7, variation_seeds=[9, 7], variation_strength=0.2, **kw).images
+    assert pipe._generate._cache_size() == before
+    assert np.abs(some[0] - plain[0]).max() > 1e-2 and np.abs(some[1] - plain[0]).max() < 1e-5
+    with generate_calls(pipe) as calls:
+        pipe("a cat", seeds=7, variation_seeds=9, variation_strength=0.0, **kw)
+    assert not {"variation_seeds_B", "variation_strength"} & set(calls[0][1])
+
+
 def test_intermediates_resolve_toward_the_image(pipe):
     out = pipe("the cat", seeds=3, num_inference_steps=10, height=SIZE, width=SIZE, return_intermediates=5)
     assert out.intermediate_steps == [0, 2, 5, 8, 10]  # PNDM: 10 steps = 11 model calls
@@ -558,6 +605,12 @@ def test_float16_pipeline_runs_on_the_cpu_close_to_fp32(pipe, tiny_pipeline_dir)
     (dict(guidance_scale=float("nan")), "not a finite number"),
     (dict(return_intermediates=[0, 99]), r"intermediate steps \[99\] are outside"),
     (dict(progress="sometimes"), r"progress='sometimes': expected True, False, 'steps', 'batches'"),
+    (dict(variation_strength=0.3), r"variation_strength=0.3 moves each image's noise .*: give variation_seeds"),
+    (dict(variation_seeds=1, variation_strength=1.5), r"variation_strength=1.5: must be in \[0, 1\]"),
+    (dict(variation_seeds=[1, 2, 3], seeds=[1, 2]), "seeds has 2 entries; expected 1 or 3 to match variation_seeds"),
+    (dict(variation_seeds=-1, variation_strength=0.1), r"variation seed -1 is not an integer in \[0, 2\*\*32 - 1\]"),
+    (dict(variation_seeds=1, variation_strength=0.1, latents=np.zeros((1, 16, 16, 4))),
+     "variation_seeds vary the seeds' noise: not with latents given"),
 ])
 def test_bad_input(pipe, kwargs, message):
     kwargs = {"prompts": "the cat", "height": SIZE, "width": SIZE, "num_inference_steps": 2, **kwargs}
