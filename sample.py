@@ -256,8 +256,10 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
     height, width = (size[i] // 8 * 8 if given is None else given for i, given in ((1, args.height), (0, args.width)))
     emphasis = str(args.emphasis).strip().lower().replace("-", "_").replace(" ", "_")   # (also A1111's "No norm")
     given = sys.argv[1:] if argv is None else argv
-    if not args.prompt_weighting and not any(str(a).startswith("--emphasis") for a in given):
-        emphasis = "original"   # (an image's or a preset's, under --no-prompt-weighting: nothing to set)
+    if not args.prompt_weighting and "--no-prompt-weighting" in map(str, given) \
+            and not any(str(a).startswith("--emphasis") for a in given):
+        emphasis = "original"   # (an image's or a preset's, under --no-prompt-weighting: nothing to set; a
+        # preset's emphasis without its prompt_weighting is an error that names the preset, as a flag's is)
     req = SampleRequest(prompts=prompts, seeds=seeds, negative_prompt=args.negative_prompt, model=args.model,
                         model_config=args.model_config, vae=args.vae, ema_weights=args.ema_weights,
                         scheduler_options=options, clip_skip=args.clip_skip, lora=list(args.lora),

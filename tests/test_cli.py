@@ -749,6 +749,16 @@ def test_from_png_weights_a1111_images_and_sdjax_images_that_record_it(tmp_path)
     assert sample.parse_request(["a cat", "--config", str(tmp_path / "weighted.yaml")])[0].prompt_weighting
     assert not sample.parse_request(["--from-png", png(""), "--config", str(tmp_path / "weighted.yaml")])[0] \
         .prompt_weighting   # (the image's setting over the preset's, as every --from-png setting)
+    # a preset's emphasis: with its prompt_weighting, used (--no-prompt-weighting drops it); without, an
+    # error that names the preset's key (as --emphasis without --prompt-weighting is), not dropped unsaid
+    (tmp_path / "no_norm.yaml").write_text("prompt_weighting: true\nemphasis: No norm\n")
+    for flags, want in (([], (True, "no_norm")), (["--no-prompt-weighting"], (False, "original"))):
+        req, _ = sample.parse_request(["a cat", "--config", str(tmp_path / "no_norm.yaml"), *flags])
+        assert (req.prompt_weighting, req.emphasis) == want, flags
+    (tmp_path / "no_norm_only.yaml").write_text("emphasis: no_norm\n")
+    with pytest.raises(UsageError, match=re.escape(f"{tmp_path / 'no_norm_only.yaml'}: key 'emphasis' has value "
+                                                   "'no_norm': is a setting of AUTOMATIC1111's prompt syntax")):
+        sample.parse_request(["a cat", "--config", str(tmp_path / "no_norm_only.yaml")])
     with pytest.raises(UsageError, match="its Prompt weighting 'compel' is not one sdjax has"):
         sample.parse_request(["--from-png", png(", Prompt weighting: compel")])
     text = I.a1111_parameters("p", steps=3, scheduler="ddim", guidance_scale=7, seed=0, width=8, height=8,
