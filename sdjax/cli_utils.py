@@ -498,8 +498,8 @@ def settings_from_png(path: str | os.PathLike) -> PngSettings:
     sample.py write them (or the EXIF UserComment of A1111's JPEG, WebP and AVIF images): prompt, negative
     prompt, steps, sampler (and ``Schedule type: Karras``, ``Eta DDIM``, scheduler options under their own
     names), CFG scale, seed, size, clip skip and prompt weighting
-    (on for an AUTOMATIC1111 image, which A1111 always weights unless its ``Emphasis`` says ``None``, and for
-    sample.py's that record ``Prompt weighting: A1111``). The prompt's
+    (on for an AUTOMATIC1111 image, whose syntax A1111 always reads, with its ``Emphasis`` setting as
+    ``emphasis``, and for sample.py's that record ``Prompt weighting: A1111``). The prompt's
     extra-network tags are taken out of it: ``<lora:NAME[:SCALE...]>`` (and ``<lyco:...>``) into ``loras``,
     another type into ``ignored``. A Hires fix (``Hires upscale``, ``Hires steps``, ``Hires upscaler``
     Latent or Lanczos, and its ``Denoising strength``, which is no img2img ``strength``) into the hires
@@ -528,7 +528,7 @@ def settings_from_png(path: str | os.PathLike) -> PngSettings:
         raise bad("holds no generation settings (no 'parameters' text chunk, as AUTOMATIC1111 and sample.py write)")
     fields = parse_a1111_parameters(text)
     # A1111 (and Forge) write a version and a model hash, which sample.py never writes; its images are
-    # weighted unless its Emphasis setting ("None": the brackets are text) says otherwise.
+    # weighted, with their Emphasis setting ("None": the brackets are text, windows and editing still read).
     a1111 = "Version" in fields or "Model hash" in fields
     order = list(fields)   # (the options in the image's order, which sample.py writes them in again)
     if not {"Steps", "Sampler", "CFG scale", "Seed", "Size"} & set(fields):
