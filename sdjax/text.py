@@ -229,7 +229,7 @@ EMPHASIS_MODES = {"original": "Original", "no_norm": "No norm", "ignore": "Ignor
 
 def check_emphasis(emphasis) -> str:
     """``emphasis`` if it is one of `EMPHASIS_MODES`; else a ValueError naming them."""
-    if emphasis not in EMPHASIS_MODES:
+    if not isinstance(emphasis, str) or emphasis not in EMPHASIS_MODES:
         raise ValueError(f"emphasis={emphasis!r}: choose one of {', '.join(map(repr, EMPHASIS_MODES))} "
                          "(AUTOMATIC1111's Emphasis: Original, No norm, Ignore, None)")
     return emphasis
