@@ -913,7 +913,9 @@ class DPMSolverMultistepScheduler(_SigmaScheduler):
         return (_expand_to(alpha, original.ndim) * original
                 + _expand_to(sigma, original.ndim) * jnp.asarray(noise, _F32))
 
-    def step(self, state, model_output, i, latents, key=None):
+    def _terms(self, model_output, i, latents):
+        """A step's loop index, sample, data prediction x0, alpha_t, sigma_t, sigma_s0, and its half-log-SNR
+        step h with the step before's, h_0 (both solvers' update is made of them)."""
         i = self._loop_index(i)
         model_output = jnp.asarray(model_output, _F32)
         sample = jnp.asarray(latents, _F32)
@@ -927,7 +929,10 @@ class DPMSolverMultistepScheduler(_SigmaScheduler):
         lambda_t = jnp.log(alpha_t) - jnp.log(sigma_t)
         lambda_s0 = jnp.log(alpha_s0) - jnp.log(sigma_s0)
         lambda_s1 = jnp.log(alpha_s1) - jnp.log(sigma_s1)
-        h, h_0 = lambda_t - lambda_s0, lambda_s0 - lambda_s1
+        return i, sample, x0, alpha_t, sigma_t, sigma_s0, lambda_t - lambda_s0, lambda_s0 - lambda_s1
+
+    def step(self, state, model_output, i, latents, key=None):
+        i, sample, x0, alpha_t, sigma_t, sigma_s0, h, h_0 = self._terms(model_output, i, latents)
         x0_coeff = -alpha_t * (jnp.exp(-h) - 1.0)
         if self.solver_type == "midpoint":
             d1_coeff = 0.5 * x0_coeff
@@ -953,18 +958,8 @@ class DPMSolverSDEScheduler(DPMSolverMultistepScheduler):
     stochastic = True
 
     def step(self, state, model_output, i, latents, key=None):
-        i = self._loop_index(i)
-        model_output = jnp.asarray(model_output, _F32)
-        sample = jnp.asarray(latents, _F32)
-        alpha_s0, sigma_s0 = self._alpha_sigma(_at(self.sigmas, i))
-        alpha_t, sigma_t = self._alpha_sigma(_at(self.sigmas, i + 1))
-        alpha_s1, sigma_s1 = self._alpha_sigma(_at(self.sigmas, jnp.maximum(i - 1, 0)))
-        x0 = self._data_prediction(model_output, sample, alpha_s0, sigma_s0)
         # (h is inf at the final sigma 0: exp(-h) = 0 and the step returns x0, with no noise)
-        lambda_t = jnp.log(alpha_t) - jnp.log(sigma_t)
-        lambda_s0 = jnp.log(alpha_s0) - jnp.log(sigma_s0)
-        lambda_s1 = jnp.log(alpha_s1) - jnp.log(sigma_s1)
-        h, h_0 = lambda_t - lambda_s0, lambda_s0 - lambda_s1
+        i, sample, x0, alpha_t, sigma_t, sigma_s0, h, h_0 = self._terms(model_output, i, latents)
         x0_coeff = alpha_t * (1.0 - jnp.exp(-2.0 * h))
         if self.solver_type == "midpoint":
             d1_coeff = 0.5 * x0_coeff
