@@ -954,18 +954,6 @@ def test_lora_flags_merge_the_files_and_are_recorded_as_a1111_prompt_tags(pipe_d
     assert params["prompt"] == "a dog <lora:style_v2:0.5> <lora:more_detail:1>" and params["Steps"] == "3"
     kw = dict(seeds=4, num_inference_steps=3, height=32, width=32)
     assert not np.array_equal(pixels(out / "00000-seed4-a-dog.png"), pipe("a dog", **kw).to_pil()[0])
-    # the same LoRAs named in the prompt as A1111 users write them, their files in --lora-dir (a folder below
-    # it, as in A1111's models/Lora), their tags taken out of the text: the same image and parameters
-    (tmp_path / "loras" / "styles").mkdir(parents=True)
-    for file in (style, detail):
-        shutil.copy(file, tmp_path / "loras" / "styles")
-    # (a pipeline of its own again: the tests' from_pretrained reuses the one loaded, which has them merged)
-    model = shutil.copytree(pipe_dir, tmp_path / "again" / "lora-pipe")
-    rc, _, stderr = run_main(capsys, "a dog <lora:style_v2:0.5> <lora:more_detail>", "--seeds", "4", "--lora-dir",
-                             tmp_path / "loras", "--model", model, "--out", out, *SMALL)
-    assert rc == 0, stderr
-    assert I.read_png_parameters(out / "00001-seed4-a-dog.png") == text
-    np.testing.assert_array_equal(pixels(out / "00001-seed4-a-dog.png"), pixels(out / "00000-seed4-a-dog.png"))
     # the module's pipeline with the two fused in Python (its compiled sampler: no other compile), then put back
     unfused = {part: nnx.to_pure_dict(nnx.state(getattr(pipe, part), nnx.Param)) for part in ("unet", "text_encoder")}
     try:
