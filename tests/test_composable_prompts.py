@@ -94,7 +94,8 @@ def test_and_guides_by_every_part_as_a1111(pipe, reference_pipe):
                latents=latents, guidance_scale=GUIDANCE, prompt_weighting=True).images
     assert np.abs(got - want).max() <= 2e-5
     # the check can fail: the tree part padded with the empty prompt's window instead is another image
-    other = _reference_images(ref, latents[2:], lambda b, c: (neg[""], [(castle, 1.0), (_states(ref, "a tree", 2), 1.0)]))
+    tree_padded = _states(ref, "a tree", 2)
+    other = _reference_images(ref, latents[2:], lambda b, c: (neg[""], [(castle, 1.0), (tree_padded, 1.0)]))
     assert np.abs(other - want[2:]).max() > 1e-3
 
 
@@ -108,7 +109,8 @@ def test_the_pipeline_passes_parts_only_where_a_prompt_has_and_or_a_weight(pipe)
     kw = dict(num_inference_steps=4, height=32, width=32, prompt_weighting=True)
     args, kwargs = _captured(pipe, prompts=["a cat :1", "plain"], negative_prompts="x AND y", **kw)
     assert "cond_part_weights_BK" not in kwargs and "cond_phases_BC" not in kwargs
-    np.testing.assert_array_equal(parallel.to_host(args[2])[:2], tokenize_weighted(pipe.tokenizer, ["a cat", "plain"])[0])
+    np.testing.assert_array_equal(parallel.to_host(args[2])[:2],
+                                  tokenize_weighted(pipe.tokenizer, ["a cat", "plain"])[0])
     np.testing.assert_array_equal(parallel.to_host(args[3])[:1], tokenize_weighted(pipe.tokenizer, ["x AND y"])[0])
     args, kwargs = _captured(pipe, prompts=["a AND [b:c:2] :0.5", "d:2"], **kw)
     texts = ["a", " b", " c", "d", "d", "d"]
