@@ -70,6 +70,15 @@ def vary_noise(noise_BHWC, variation_BHWC, strength) -> jax.Array:
     return jnp.where(near[:, None, None, None], low * val + high * (1.0 - val), slerped)
 
 
+def seed_noise(keys_B, latent_shape_HWC, variation_seeds_B=None, variation_strength=None) -> jax.Array:
+    """The noise each image starts from: `initial_noise` of its key, moved toward its variation seed's
+    noise by ``variation_strength`` (`vary_noise`) where ``variation_seeds_B`` are given."""
+    noise = initial_noise(keys_B, latent_shape_HWC)
+    if variation_seeds_B is None:
+        return noise
+    return vary_noise(noise, initial_noise(image_keys(variation_seeds_B), latent_shape_HWC), variation_strength)
+
+
 def _described(keys) -> str:
     """``keys`` that are not one key per image, for an error: its shape and dtype, or its type."""
     dtype = getattr(keys, "dtype", None)
@@ -575,10 +584,7 @@ def generate(graphdefs: SDState, state: SDState, scheduler: Scheduler, cond_ids_
     text_encoder, unet, vae = (nnx.merge(g, s) for g, s in zip(graphdefs, state))
     keys = image_keys(seeds_B)
     if latents_BHWC is None:
-        latents_BHWC = initial_noise(keys, latent_shape_HWC)
-        if variation_seeds_B is not None:
-            latents_BHWC = vary_noise(latents_BHWC, initial_noise(image_keys(variation_seeds_B), latent_shape_HWC),
-                                      variation_strength)
+        latents_BHWC = seed_noise(keys, latent_shape_HWC, variation_seeds_B, variation_strength)
     elif variation_seeds_B is not None:
         raise ValueError("variation_seeds_B vary the seeds' noise: not with latents_BHWC given")
     if cond_lengths_BP is not None and cond_phases_BC is None:

@@ -260,10 +260,10 @@ def chunk_weighted(tokenizer, prompt: str, max_length: int | None = None, *,
         raise ValueError(f"comma_backtrack={comma_backtrack!r}: must be a whole number >= 0")
     size = (max_length or tokenizer.model_max_length) - 2
     pieces: list[tuple[str, float] | None] = []   # None: a BREAK
-    if check_emphasis(emphasis) == "none":   # (A1111's tokenize_line: the line as one chunk of weight 1)
-        pieces.append((prompt, 1.0))
-    for text, weight in parse_prompt_attention(prompt) if emphasis != "none" else ():
-        for i, part in enumerate(_BREAK_SPLIT.split(text)):
+    # (A1111's tokenize_line with Emphasis None: the line as one piece of weight 1, BREAK a word in it)
+    parsed = [(prompt, 1.0)] if check_emphasis(emphasis) == "none" else parse_prompt_attention(prompt)
+    for text, weight in parsed:
+        for i, part in enumerate(_BREAK_SPLIT.split(text) if emphasis != "none" else [text]):
             if i:
                 pieces.append(None)
             pieces.append((part, 1.0 if emphasis == "ignore" else weight))

@@ -56,11 +56,10 @@ def noise_images(pipe, seeds: Sequence[int], height: int, width: int, *, variati
     """
     seeds_np = np.asarray(list(seeds), np.uint32)
     latent_shape = (height // pipe.vae_scale, width // pipe.vae_scale, pipe.unet.config.in_channels)
-    noise = sampling.initial_noise(sampling.image_keys(jnp.asarray(seeds_np)), latent_shape)
-    if variation_seeds is not None and variation_strength:
-        varied = sampling.initial_noise(sampling.image_keys(jnp.asarray(np.asarray(variation_seeds, np.uint32))),
-                                        latent_shape)
-        noise = sampling.vary_noise(noise, varied, variation_strength)
+    varied = variation_seeds is not None and variation_strength
+    noise = sampling.seed_noise(sampling.image_keys(jnp.asarray(seeds_np)), latent_shape,
+                                jnp.asarray(np.asarray(variation_seeds, np.uint32)) if varied else None,
+                                variation_strength)
     return _decode_batch(pipe, np.asarray(noise))
 
 

@@ -518,6 +518,12 @@ def test_variation_seeds_move_the_noise_toward_theirs(pipe):
     with generate_calls(pipe) as calls:
         pipe("a cat", seeds=7, variation_seeds=9, variation_strength=0.0, **kw)
     assert not {"variation_seeds_B", "variation_strength"} & set(calls[0][1])
+    # the trajectory's first frame is the noise the image starts from: the varied one
+    from sdjax.trajectory import noise_images
+    np.testing.assert_allclose(noise_images(pipe, [7], SIZE, SIZE, variation_seeds=[9], variation_strength=1.0),
+                               noise_images(pipe, [9], SIZE, SIZE), atol=1e-6)
+    assert np.abs(noise_images(pipe, [7], SIZE, SIZE, variation_seeds=[9], variation_strength=0.2)
+                  - noise_images(pipe, [7], SIZE, SIZE)).max() > 1e-2
 
 
 def test_intermediates_resolve_toward_the_image(pipe):
