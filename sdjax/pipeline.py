@@ -1056,8 +1056,9 @@ class StableDiffusion:
                 shard = lambda a: parallel.shard_batch(  # noqa: E731
                     parallel.pad_batch(a[start:stop], per_call), self.mesh)
                 lanczos = second is not None and second["hires"].upscaler == "lanczos"
-                varied = {name: value if name == "variation_strength" else shard(value)
-                          for name, value in (variation or {}).items()}
+                # per-image inputs split over the devices; scalars (a strength, a static flag) as they are
+                inputs = lambda d: {k: v if np.ndim(v) == 0 else shard(v) for k, v in d.items()}  # noqa: E731
+                varied = inputs(variation or {})
                 out = self._generate(
                     state, sched, shard(ids), shard(neg_ids), shard(seeds),
                     None if latents is None else shard(latents), jnp.float32(guidance_scale),
@@ -1065,8 +1066,7 @@ class StableDiffusion:
                     latent_shape_HWC=latent_shape, use_guidance=guidance_scale > 1.0,
                     return_predictions=bool(steps), on_step=None if step_bar is None else self._ticker,
                     clip_skip=clip_skip, start=first_call,
-                    **{name: value if name == "restore_mean" else shard(value) for name, value in text_inputs.items()},
-                    **varied,
+                    **inputs(text_inputs), **varied,
                     **({} if second is None else dict(return_latents=not lanczos, decode=lanczos)))
                 if second is not None:   # the Hires fix's second pass: img2img at the larger size
                     h2, w2 = second["size"]
@@ -1082,8 +1082,7 @@ class StableDiffusion:
                         use_guidance=guidance_scale > 1.0,
                         on_step=None if step_bar is None else self._hires_ticker, clip_skip=clip_skip,
                         start=second["first_call"],
-                        **{name: value if name == "restore_mean" else shard(value)
-                           for name, value in second["text_inputs"].items()}, **init, **varied)
+                        **inputs(second["text_inputs"]), **init, **varied)
                 # Indexed one step at a time: iterating over an array spread over several
                 # processes is not allowed. Each [B, H, W, 3], decoded right behind the batch.
                 decoded = [self._decode(state.vae, out.predictions[s - first_call]) for s in steps]
