@@ -405,12 +405,14 @@ def check_parts_fit(configs: dict, root=None) -> None:
     text_config, unet_config, vae_config = configs["text_encoder"], configs["unet"], configs["vae"]
     where = (lambda part: f"{root / part / 'config.json'}") if root is not None else (lambda part: part)
     latent = vae_config.latent_channels
-    for field in ("in_channels", "out_channels"):
-        if getattr(unet_config, field) != latent:
+    # A UNet takes the latents, or (an inpainting UNet) the latents, the mask and the masked image's latents.
+    for field, allowed in (("in_channels", (latent, 2 * latent + 1)), ("out_channels", (latent,))):
+        if getattr(unet_config, field) not in allowed:
             raise CheckpointError(
                 f"{where('unet')}: {field}={getattr(unet_config, field)}, but the VAE's latents have {latent} "
-                f"channels ({where('vae')} latent_channels): sdjax makes images from text alone, not with a UNet "
-                "that takes more inputs (inpainting, depth, instruct-pix2pix)")
+                f"channels ({where('vae')} latent_channels): sdjax's UNets take {latent} channels (text-to-image) "
+                f"or {2 * latent + 1} (inpainting) and give {latent}, not a UNet of other inputs (depth, "
+                "instruct-pix2pix)")
     if any(dim != text_config.hidden_size for dim in unet_config.cross_attention_dim):
         raise CheckpointError(
             f"{where('unet')}: cross_attention_dim={list(unet_config.cross_attention_dim)}, but the text encoder's "

@@ -683,11 +683,12 @@ def test_a_failed_model_save_leaves_the_folder_as_it_was(tiny_checkpoints, tmp_p
 
 
 def test_pipeline_parts_that_do_not_fit_are_refused_at_load(tiny_pipeline_dir, tmp_path):
-    """An inpainting UNet (9 input channels) or a UNet that attends to states of another width than
-    the text encoder's is refused when the folder is read, before any weights, naming the configs."""
+    """A UNet of other inputs than the latents (or an inpainting UNet's latents, mask and masked image:
+    9 channels), e.g. instruct-pix2pix's 8, or one that attends to states of another width than the
+    text encoder's is refused when the folder is read, before any weights, naming the configs."""
     from sdjax import StableDiffusion
-    for change, message in (({"in_channels": 9}, r"unet/config.json: in_channels=9, but the VAE's latents have 4 "
-                                                 r"channels .*inpainting"),
+    for change, message in (({"in_channels": 8}, r"unet/config.json: in_channels=8, but the VAE's latents have 4 "
+                                                 r"channels .* take 4 channels \(text-to-image\) or 9 \(inpainting\)"),
                             ({"cross_attention_dim": 48}, r"unet/config.json: cross_attention_dim=\[48, 48, 48\], "
                                                           r"but the text encoder's states have 32 channels")):
         folder = tmp_path / next(iter(change))
