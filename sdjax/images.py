@@ -347,6 +347,50 @@ def image_batch(images, name: str = "init_images") -> np.ndarray:
     return array
 
 
+def mask_batch(masks, name: str = "mask_images") -> np.ndarray:
+    """Inpainting masks as float32 [B, H, W, 1] of 0 (keep) and 1 (repaint), binarized at 0.5 as
+    diffusers' inpainting pipeline does: a PIL image (any mode, taken as grayscale: white repaints), a
+    list of them, or an array [H, W], [H, W, 1], [B, H, W] or [B, H, W, 1] of bools, uint8 pixels or
+    floats in [0, 1]. A ValueError or TypeError naming ``name`` and what is wrong otherwise."""
+    if isinstance(masks, Image.Image):
+        array = np.asarray(masks.convert("L"), np.float32)[None, :, :, None] / 255
+    elif isinstance(masks, (list, tuple)):
+        if not masks:
+            raise ValueError(f"{name} is empty")
+        arrays = []
+        for i, mask in enumerate(masks):
+            one = mask_batch(mask, f"{name}[{i}]")
+            if one.shape[0] != 1:
+                raise ValueError(f"{name}[{i}] has shape {one.shape}: a list holds single masks [height, width]")
+            arrays.append(one[0])
+        sizes = sorted({a.shape for a in arrays})
+        if len(sizes) > 1:
+            raise ValueError(f"{name}: the masks differ in size ({', '.join(f'{w}x{h}' for h, w, _ in sizes)}): "
+                             "resize them to one size")
+        return np.stack(arrays)
+    else:
+        array = np.asarray(masks)
+        if array.ndim == 3 and array.shape[-1] != 1:
+            array = array[..., None]   # [B, H, W]
+        if array.ndim == 2 or array.ndim == 3:
+            array = array[None] if array.ndim == 3 else array[None, :, :, None]
+        if array.ndim != 4 or array.shape[-1] != 1:
+            raise ValueError(f"{name} has shape {array.shape}; expected a mask [height, width] or [batch, height, "
+                             "width] (or with a last axis of 1): one value a pixel, white or 1 where to repaint")
+        if array.dtype == np.bool_:
+            array = array.astype(np.float32)
+        elif array.dtype == np.uint8:
+            array = array.astype(np.float32) / 255
+        elif np.issubdtype(array.dtype, np.floating) or array.dtype.name == "bfloat16":
+            array = array.astype(np.float32)
+            if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
+                raise ValueError(f"{name}: float masks must be in [0, 1], got values in {array.min():g}.."
+                                 f"{array.max():g} (uint8 pixels: pass them as uint8)")
+        else:
+            raise TypeError(f"{name} has dtype {array.dtype}; expected bools, uint8 pixels or floats in [0, 1]")
+    return (array >= 0.5).astype(np.float32)
+
+
 def umask() -> int:
     """The process's umask, read without changing it where Linux shows it (``os.umask`` can only
     read it by setting one, which another thread creating a file at that moment would get)."""

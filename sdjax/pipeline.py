@@ -770,7 +770,7 @@ class StableDiffusion:
                  scheduler: str = "pndm", latents: np.ndarray | jax.Array | None = None,
                  *, batch_size: int | None = None, return_intermediates: int | Sequence[int] | None = None,
                  scheduler_options: dict | None = None, progress: bool | str | _Bar = False, clip_skip: int = 1,
-                 init_images: Any = None, strength: float | None = None,
+                 init_images: Any = None, strength: float | None = None, mask_images: Any = None,
                  prompt_weighting: bool = False, hires: HiresFix | None = None,
                  emphasis: str = "original", variation_seeds: int | Sequence[int] | np.ndarray | None = None,
                  variation_strength: float = 0.0) -> StableDiffusionOutput:
@@ -807,6 +807,15 @@ class StableDiffusion:
         [B or 1, H, W, 3] (NHWC) of uint8 pixels or floats in [0, 1]; its batch broadcasts like the
         lists (one image for every prompt and seed, or one per image). ``latents`` is then the noise
         added to them. Each strength compiles its own program (its step count is static).
+        ``mask_images`` (inpainting, with ``init_images``): repaint the white part of each init image and keep
+        the rest, as diffusers' StableDiffusionInpaintPipeline does. A PIL image (taken as grayscale), a list
+        of them, or an array [B or 1, H, W] of bools, uint8 pixels or floats in [0, 1], of the init images'
+        size, binarized at 0.5 (`sdjax.images.mask_batch`); its batch broadcasts like the init images'. The
+        default ``strength`` is then 1 (from pure noise; below 1, from the noised init images). An
+        inpainting model (a UNet of 9 input channels, e.g. stable-diffusion-inpainting) sees the mask and
+        the masked image at every step; a text-to-image model's latents are put back to the init images'
+        (noised to each step's level) where the mask is black, after every step. An inpainting model also
+        makes images without a mask (text-to-image, img2img), conditioned as AUTOMATIC1111 does there.
         ``prompt_weighting``: read AUTOMATIC1111's emphasis syntax in the prompts and negative prompts, as
         A1111 does: ``(word)`` weights ``word`` by 1.1, ``[word]`` by 1/1.1, ``(word:1.5)`` by 1.5, nested
         groups multiply, ``\\(`` is a bracket (`sdjax.text.parse_prompt_attention`); each token's text
@@ -853,7 +862,8 @@ class StableDiffusion:
             prompts, negative_prompts, seeds, num_inference_steps, guidance_scale, height, width, scheduler,
             latents, batch_size=batch_size, return_intermediates=return_intermediates,
             scheduler_options=scheduler_options, progress=progress, clip_skip=clip_skip,
-            init_images=init_images, strength=strength, prompt_weighting=prompt_weighting, hires=hires,
+            init_images=init_images, strength=strength, mask_images=mask_images,
+            prompt_weighting=prompt_weighting, hires=hires,
             emphasis=emphasis, variation_seeds=variation_seeds, variation_strength=variation_strength))
         steps = outputs[0].intermediate_steps
         return StableDiffusionOutput(np.concatenate([o.images for o in outputs]),
@@ -869,7 +879,7 @@ class StableDiffusion:
                 scheduler: str = "pndm", latents: np.ndarray | jax.Array | None = None,
                 *, batch_size: int | None = None, return_intermediates: int | Sequence[int] | None = None,
                 scheduler_options: dict | None = None, progress: bool | str | _Bar = False, clip_skip: int = 1,
-                init_images: Any = None, strength: float | None = None,
+                init_images: Any = None, strength: float | None = None, mask_images: Any = None,
                 prompt_weighting: bool = False, hires: HiresFix | None = None,
                 emphasis: str = "original", variation_seeds: int | Sequence[int] | np.ndarray | None = None,
                 variation_strength: float = 0.0) -> Iterator[StableDiffusionOutput]:
@@ -906,6 +916,17 @@ class StableDiffusion:
             init_images = image_batch(init_images)
         elif strength is not None:
             raise ValueError(f"strength={strength!r} is img2img's: it needs init_images to start from")
+        if mask_images is not None:
+            from sdjax.images import mask_batch
+            if init_images is None:
+                raise ValueError("mask_images mark what to repaint of init_images (inpainting): give init_images")
+            mask_images = mask_batch(mask_images)
+            if mask_images.shape[1:3] != init_images.shape[1:3]:
+                raise ValueError(f"mask_images are {mask_images.shape[2]}x{mask_images.shape[1]} and init_images "
+                                 f"{init_images.shape[2]}x{init_images.shape[1]} (width x height): give masks of "
+                                 "the images' size")
+            if strength is None:
+                strength = 1.0   # (diffusers' inpainting default: the masked part from pure noise)
         if hires is not None:
             if not isinstance(hires, HiresFix):
                 raise TypeError(f"hires must be a HiresFix (sdjax.HiresFix(scale=2.0, ...)) or None, got "
@@ -919,7 +940,8 @@ class StableDiffusion:
         n_latents = latents.shape[0] if latents is not None and latents.ndim == 4 else 1   # else: the shape error
         n_init = 1 if init_images is None else init_images.shape[0]
         sizes = {"prompts": len(prompts), "seeds": len(seeds), "negative_prompts": len(negatives),
-                 "latents": n_latents, "init_images": n_init, "variation_seeds": len(variations or [None])}
+                 "latents": n_latents, "init_images": n_init, "variation_seeds": len(variations or [None]),
+                 "mask_images": 1 if mask_images is None else mask_images.shape[0]}
         n = max(sizes.values())
         longest = max(sizes, key=sizes.get)   # (named in the error: the list the others must match)
         for name, size in sizes.items():
@@ -982,7 +1004,7 @@ class StableDiffusion:
         if init_images is not None:
             first_call = sampling.img2img_start(num_inference_steps, strength)
             sched.starting_at(first_call)   # a schedule that cannot begin midway: raises now
-        latent_shape = (height // self.vae_scale, width // self.vae_scale, self.unet.config.in_channels)
+        latent_shape = (height // self.vae_scale, width // self.vae_scale, self.vae.config.latent_channels)
         if latents is not None:
             if latents.shape != (n, *latent_shape):
                 expected = f"{(n, *latent_shape)}" + (f" or {(1, *latent_shape)}" if n > 1 else "")
@@ -1031,11 +1053,11 @@ class StableDiffusion:
                                                            variation_strength=np.float32(variation_strength))
         return self._batches(prompts, negatives, seeds, ids, neg_ids, latents, init_images, first_call, sched,
                              latent_shape, guidance_scale, steps, per_call, progress, clip_skip, text_inputs, second,
-                             variation)
+                             variation, mask_images)
 
     def _batches(self, prompts, negatives, seeds, ids, neg_ids, latents, init_images, first_call, sched,
                  latent_shape, guidance_scale, steps, per_call, progress, clip_skip,
-                 text_inputs, second=None, variation=None) -> Iterator[StableDiffusionOutput]:
+                 text_inputs, second=None, variation=None, masks=None) -> Iterator[StableDiffusionOutput]:
         """`batches`' generator, on its checked arguments: dispatches batch k + 1 before fetching batch k
         (with the Hires fix's Lanczos upscaler, the first pass's images are fetched in between)."""
         with self._lock:
@@ -1043,6 +1065,7 @@ class StableDiffusion:
             # one init image for every image: encoded once per batch from one replicated copy
             one_init = None if init_images is None or len(init_images) > 1 else parallel.replicate(
                 init_images, self.mesh)
+            one_mask = None if masks is None or len(masks) > 1 else parallel.replicate(masks, self.mesh)
             starts = range(0, len(prompts), per_call)
             calls = sched.num_model_calls - first_call
             if second is not None:
@@ -1061,6 +1084,7 @@ class StableDiffusion:
                 # per-image inputs split over the devices; scalars (a strength, a static flag) as they are
                 inputs = lambda d: {k: v if np.ndim(v) == 0 else shard(v) for k, v in d.items()}  # noqa: E731
                 varied = inputs(variation or {})
+                masked = {} if masks is None else dict(mask_BHW1=one_mask if one_mask is not None else shard(masks))
                 out = self._generate(
                     state, sched, shard(ids), shard(neg_ids), shard(seeds),
                     None if latents is None else shard(latents), jnp.float32(guidance_scale),
@@ -1068,7 +1092,7 @@ class StableDiffusion:
                     latent_shape_HWC=latent_shape, use_guidance=guidance_scale > 1.0,
                     return_predictions=bool(steps), on_step=None if step_bar is None else self._ticker,
                     clip_skip=clip_skip, start=first_call,
-                    **inputs(text_inputs), **varied,
+                    **inputs(text_inputs), **varied, **masked,
                     **({} if second is None else dict(return_latents=not lanczos, decode=lanczos)))
                 if second is not None:   # the Hires fix's second pass: img2img at the larger size
                     h2, w2 = second["size"]

@@ -100,6 +100,13 @@ def posterior_keys(keys_B) -> jax.Array:
     return jax.vmap(lambda k: jax.random.fold_in(k, 2))(keys_B)
 
 
+def masked_image_keys(keys_B) -> jax.Array:
+    """The keys of the draw from the VAE posterior of each masked image (an inpainting UNet's
+    conditioning), as `generate` derives them from the images' keys: distinct from the init image's
+    (`posterior_keys`), the initial noise's and the per-step noise's."""
+    return jax.vmap(lambda k: jax.random.fold_in(k, 3))(keys_B)
+
+
 def encode_images(vae, images_BHWC, keys_B=None) -> jax.Array:
     """Images float [B, H, W, 3] in [0, 1] -> UNet-space latents [B, H/8, W/8, C] (the other end of
     `decode_latents`): a draw from the VAE posterior with one key per image (``keys_B``: typed [B]
@@ -242,6 +249,44 @@ class Composition(NamedTuple):
     weights_BK: jax.Array
 
 
+class InpaintBlend(NamedTuple):
+    """Inpainting with a text-to-image UNet, as diffusers' StableDiffusionInpaintPipeline does it for a
+    4-channel UNet: after each scheduler step, the latents where ``mask_BHW1`` is 0 (the part of the
+    picture that is kept) are replaced by ``image_latents_BHWC`` noised with ``noise_BHWC`` to the next
+    model call's level (after the last step: the clean image latents). ``mask_BHW1``: float [B or 1, h, w,
+    1] at the latents' size, 1 where the image is repainted (values between blend the two); the latents
+    and noise: [B or 1, h, w, C]. `denoise` takes it as ``blend``."""
+    mask_BHW1: jax.Array
+    image_latents_BHWC: jax.Array
+    noise_BHWC: jax.Array
+
+
+def latent_mask(mask_BHW1, latent_hw: tuple[int, int]) -> jax.Array:
+    """An image-size mask [B, H, W, 1] at the latents' size (h, w), by nearest neighbour as torch's
+    ``F.interpolate`` (diffusers' inpainting) takes it: the top-left pixel of each H/h x W/w cell."""
+    mask = jnp.asarray(mask_BHW1, F32)
+    H, W = mask.shape[1:3]
+    h, w = latent_hw
+    if mask.ndim != 4 or mask.shape[-1] != 1 or H % h or W % w:
+        raise ValueError(f"mask_BHW1 has shape {tuple(mask.shape)}; expected [B, H, W, 1] with H, W multiples of the "
+                         f"latents' {h}, {w}")
+    return mask[:, ::H // h, ::W // w]
+
+
+def inpainting_inputs(vae, init_images_BHWC, mask_BHW1, keys_B) -> jax.Array:
+    """An inpainting UNet's extra input channels (diffusers' StableDiffusionInpaintPipeline): the mask at
+    the latents' size, then the latents of the masked image (the init images with the repainted part,
+    ``mask_BHW1 >= 0.5``, set to gray), a posterior draw with ``keys_B`` (`masked_image_keys` in
+    `generate`). Returns [B, h, w, 1 + C], for `denoise`'s ``unet_extra_BHWC``."""
+    images = jnp.asarray(init_images_BHWC, F32)
+    mask = jnp.asarray(mask_BHW1, F32)
+    masked = jnp.where(mask < 0.5, images, 0.5)   # (0 in the VAE's [-1, 1])
+    latents = encode_images(vae, masked, keys_B)
+    small = latent_mask(mask, latents.shape[1:3])
+    small = jnp.broadcast_to(small, (latents.shape[0], *small.shape[1:]))
+    return jnp.concatenate([small, latents], axis=-1)
+
+
 def extend_by_last_state(states, lengths) -> jax.Array:
     """Text states [B, P, S, D] of each image's P texts, each with its own length (``lengths`` int
     [B, P], tokens: 77 x its windows) brought to the longest of its image's by repeating its last
@@ -319,11 +364,13 @@ def _composed_model_output(unet, x_B, t, parts: Composition, uncond_BSD, guidanc
     repeat = lambda n: jnp.broadcast_to(x_B[:, None], (B, n, *shape)).reshape(B * n, *shape)  # noqa: E731
     if uncond_BSD.shape[1] == S:
         states = jnp.concatenate([uncond_BSD[:, None], texts], axis=1).reshape(B * (K + 1), S, D)
-        eps = unet(repeat(K + 1), t, states).astype(F32).reshape(B, K + 1, *shape)
+        eps = unet(repeat(K + 1), t, states).astype(F32)
+        eps = eps.reshape(B, K + 1, *eps.shape[1:])   # (the output's channels: an inpainting UNet takes more)
         eps_uncond, eps_parts = eps[:, 0], eps[:, 1:]
     else:
         eps_uncond = unet(x_B, t, uncond_BSD).astype(F32)
-        eps_parts = unet(repeat(K), t, texts.reshape(B * K, S, D)).astype(F32).reshape(B, K, *shape)
+        eps_parts = unet(repeat(K), t, texts.reshape(B * K, S, D)).astype(F32)
+        eps_parts = eps_parts.reshape(B, K, *eps_parts.shape[1:])
     w = weights.reshape(B, K, *([1] * (x_B.ndim - 1)))
     guided = jnp.sum(w * (eps_parts - eps_uncond[:, None]), axis=1)
     return eps_uncond + _per_image(guidance_scale, B, eps_uncond.ndim) * guided
@@ -343,7 +390,8 @@ def _per_image(guidance_scale, B: int, ndim: int) -> jax.Array:
 
 
 def denoise(unet, scheduler: Scheduler, latents_BHWC, cond_BSD, uncond_BSD=None, guidance_scale: ArrayLike = 7.5,
-            keys_B=None, return_predictions: bool = False, on_step=None, *, start: int = 0) -> Any:
+            keys_B=None, return_predictions: bool = False, on_step=None, *, start: int = 0,
+            unet_extra_BHWC=None, blend: InpaintBlend | None = None) -> Any:
     """Run the whole reverse process as one ``lax.scan`` over the scheduler's model calls.
 
     ``unet``: a `UNet2DConditionModel`, or any function ``(x_BHWC, t, text_BSD) -> prediction``
@@ -362,6 +410,11 @@ def denoise(unet, scheduler: Scheduler, latents_BHWC, cond_BSD, uncond_BSD=None,
     ``return_predictions`` also the clean latents predicted at every model call, from that call's
     output before the scheduler's update ([num_model_calls - start, B, h, w, C]).
 
+    ``unet_extra_BHWC``: channels appended to the (scaled) latents at every UNet call ([B or 1, h, w, E]:
+    an inpainting UNet's mask and masked-image latents, `inpainting_inputs`); the UNet then takes C + E
+    channels. ``blend``: an `InpaintBlend`, which keeps the unmasked part of an image on its noised
+    latents after every step (inpainting with a text-to-image UNet).
+
     ``on_step``: an optional host function, called as ``on_step(i)`` (``i`` a 0-d int32 array) when the
     loop starts model call ``i``, so calls ``0..i-1`` are done; for progress bars. It runs through
     ``jax.debug.callback`` (one host callback per step, on a runtime thread) and, under ``jax.jit``,
@@ -372,7 +425,15 @@ def denoise(unet, scheduler: Scheduler, latents_BHWC, cond_BSD, uncond_BSD=None,
                         "sdjax.schedulers.make_scheduler(name, scheduler_config, num_inference_steps)")
     # (a function has no config: the latents' own channels)
     channels = getattr(getattr(unet, "config", None), "in_channels", None)
-    check_nhwc("latents_BHWC", latents_BHWC, latents_BHWC.shape[-1] if channels is None else channels)
+    extra = 0 if unet_extra_BHWC is None else np.shape(unet_extra_BHWC)[-1]
+    if channels is not None and extra >= channels:
+        raise ValueError(f"unet_extra_BHWC has {extra} channels; the UNet takes {channels} in all, the latents' "
+                         "among them")
+    if channels is not None and not extra and latents_BHWC.ndim == 4 and latents_BHWC.shape[-1] < channels:
+        raise ValueError(f"the UNet takes {channels} input channels and latents_BHWC has {latents_BHWC.shape[-1]}: "
+                         f"an inpainting UNet, whose other {channels - latents_BHWC.shape[-1]} (the mask and the "
+                         "masked image's latents) are unet_extra_BHWC (inpainting_inputs)")
+    check_nhwc("latents_BHWC", latents_BHWC, latents_BHWC.shape[-1] if channels is None else channels - extra)
     if isinstance(start, jax.core.Tracer) or not isinstance(start, numbers.Integral):
         raise TypeError(f"start must be a Python int (static under jit: the loop's length depends on it), got "
                         f"{type(start).__name__}")
@@ -404,8 +465,22 @@ def denoise(unet, scheduler: Scheduler, latents_BHWC, cond_BSD, uncond_BSD=None,
                          f"{width[0]} (cross_attention_dim): states of another text encoder?")
     cond_BSD, uncond_BSD = (_match_batch(x, B, name) for x, name in ((cond_BSD, "cond_BSD"), (uncond_BSD, "uncond_BSD")))
     _check_keys(scheduler, keys_B, B)
+    shape = tuple(latents_BHWC.shape)
+    if unet_extra_BHWC is not None:
+        unet_extra_BHWC = _match_batch(jnp.asarray(unet_extra_BHWC), B, "unet_extra_BHWC")
+        if unet_extra_BHWC.ndim != 4 or unet_extra_BHWC.shape[1:3] != shape[1:3]:
+            raise ValueError(f"unet_extra_BHWC has shape {tuple(unet_extra_BHWC.shape)}; expected [{B} or 1, "
+                             f"{shape[1]}, {shape[2]}, channels] beside the latents {shape}")
+    if blend is not None:
+        blend = InpaintBlend(*(_match_batch(jnp.asarray(x, F32), B, f"blend.{name}")
+                               for x, name in zip(blend, InpaintBlend._fields)))
+        for x, name, want in zip(blend, InpaintBlend._fields, ((*shape[:3], 1), shape, shape)):
+            if tuple(x.shape) != want:
+                raise ValueError(f"blend.{name} has shape {tuple(x.shape)}; expected {want} (the latents' "
+                                 f"{shape}{', one channel' if name.startswith('mask') else ''})")
     if start:
         scheduler = scheduler.starting_at(start)
+    last = scheduler.num_model_calls - 1
 
     def text_at(states, i):
         if isinstance(states, Composition):
@@ -419,10 +494,17 @@ def denoise(unet, scheduler: Scheduler, latents_BHWC, cond_BSD, uncond_BSD=None,
             # traffic; it fires once iteration i has begun, i.e. after step i - 1 has finished.
             jax.debug.callback(on_step, i)
         model_input = scheduler.scale_model_input(state, x, i)
-        eps = guided_model_output(unet, model_input, scheduler.timestep(i), text_at(cond_BSD, i),
+        unet_input = model_input if unet_extra_BHWC is None else jnp.concatenate(
+            [model_input, unet_extra_BHWC.astype(model_input.dtype)], axis=-1)
+        eps = guided_model_output(unet, unet_input, scheduler.timestep(i), text_at(cond_BSD, i),
                                   text_at(uncond_BSD, i), guidance_scale)
         x0 = predicted_clean(scheduler, model_input, eps, i) if return_predictions else None
         x, state = scheduler.step(state, eps, i, x, keys_B)
+        if blend is not None:   # (the scheduler's own state keeps what it computed, as diffusers' does)
+            kept = jnp.where(i < last, scheduler.add_noise_at(blend.image_latents_BHWC, blend.noise_BHWC,
+                                                              jnp.minimum(i + 1, last)),
+                             blend.image_latents_BHWC)
+            x = (1.0 - blend.mask_BHW1) * kept + blend.mask_BHW1 * x
         return (x, state), x0
 
     latents_BHWC = latents_BHWC.astype(F32)
@@ -549,7 +631,8 @@ def generate(graphdefs: SDState, state: SDState, scheduler: Scheduler, cond_ids_
              cond_weights_BT=None, uncond_weights_BT=None, cond_phases_BC=None,
              uncond_phases_BC=None, init_latents_BHWC=None, return_latents: bool = False,
              decode: bool = True, cond_part_weights_BK=None, cond_lengths_BP=None,
-             restore_mean: bool = True, variation_seeds_B=None, variation_strength=None) -> GenerateOutput:
+             restore_mean: bool = True, variation_seeds_B=None, variation_strength=None,
+             mask_BHW1=None) -> GenerateOutput:
     """Prompts to images in one traced function: the body `StableDiffusion` jit-compiles.
 
     ``latents_BHWC=None`` draws each image's initial noise from its seed; otherwise those unscaled
@@ -577,10 +660,20 @@ def generate(graphdefs: SDState, state: SDState, scheduler: Scheduler, cond_ids_
     ``variation_seeds_B`` (uint32 [B]) and ``variation_strength`` (a number in [0, 1]): AUTOMATIC1111's
     variation seeds, each image's seed-drawn noise moved toward its variation seed's (`vary_noise`); not
     with ``latents_BHWC``. None: no input of the compiled program.
+    ``mask_BHW1`` (inpainting, with ``init_images_BHWC``: float [B or 1, H, W, 1], 1 where the image is
+    repainted, 0 where it is kept; diffusers' pipeline binarizes it at 0.5 first): as diffusers'
+    StableDiffusionInpaintPipeline, from pure noise at ``start`` 0 (its strength 1) or from the init
+    images' latents noised to ``start``. An inpainting UNet (2 * C + 1 input channels) sees the mask and
+    the masked image's latents at every call (`inpainting_inputs`, drawn with `masked_image_keys`); a
+    text-to-image UNet's latents are blended with the init images' where the mask is 0 after every step
+    (`InpaintBlend`). An inpainting UNet without a mask (text-to-image, img2img) sees a mask of ones and
+    the masked image's latents of a gray image, as AUTOMATIC1111 conditions it there.
     """
     if init_images_BHWC is not None and init_latents_BHWC is not None:
         raise ValueError("give init_images_BHWC or init_latents_BHWC (img2img from images or from latents), "
                          "not both")
+    if mask_BHW1 is not None and init_images_BHWC is None:
+        raise ValueError("mask_BHW1 marks what to repaint of init_images_BHWC (inpainting): give those images")
     text_encoder, unet, vae = (nnx.merge(g, s) for g, s in zip(graphdefs, state))
     keys = image_keys(seeds_B)
     if latents_BHWC is None:
@@ -603,7 +696,25 @@ def generate(graphdefs: SDState, state: SDState, scheduler: Scheduler, cond_ids_
     if cond_part_weights_BK is not None:
         cond = Composition(cond, cond_part_weights_BK)
     uncond = encode(uncond_ids_BT, uncond_weights_BT, uncond_phases_BC) if use_guidance else None
-    if init_images_BHWC is None and init_latents_BHWC is None:
+    noise = latents_BHWC.astype(F32)
+    extra = blend = None
+    inpainting_unet = unet.config.in_channels == 2 * latent_shape_HWC[-1] + 1
+    if inpainting_unet:
+        if mask_BHW1 is None:   # (AUTOMATIC1111's conditioning for an inpainting model: repaint it all)
+            scale = 2 ** (len(vae.config.block_out_channels) - 1)
+            h, w = latent_shape_HWC[0] * scale, latent_shape_HWC[1] * scale
+            extra = inpainting_inputs(vae, jnp.full((1, h, w, 3), 0.5, F32), jnp.ones((1, h, w, 1), F32),
+                                      masked_image_keys(keys))
+        else:
+            extra = inpainting_inputs(vae, init_images_BHWC, mask_BHW1, masked_image_keys(keys))
+    if mask_BHW1 is not None:
+        if start or not inpainting_unet:   # (the init images' own latents: to start from or to blend with)
+            x0 = encode_images(vae, init_images_BHWC, posterior_keys(keys))
+        if not inpainting_unet:
+            small = latent_mask(mask_BHW1, latent_shape_HWC[:2])
+            blend = InpaintBlend(small, x0, noise)
+        x = scheduler.add_noise_at(x0, noise, start) if start else noise * scheduler.init_noise_sigma
+    elif init_images_BHWC is None and init_latents_BHWC is None:
         if start:
             raise ValueError("start > 0 begins the schedule midway: it needs init_images_BHWC or init_latents_BHWC "
                              "(img2img)")
@@ -619,7 +730,7 @@ def generate(graphdefs: SDState, state: SDState, scheduler: Scheduler, cond_ids_
             x0 = encode_images(vae, init_images_BHWC, posterior_keys(keys))
         x = scheduler.add_noise_at(x0, latents_BHWC.astype(F32), start)
     out = denoise(unet, scheduler, x, cond, uncond, guidance_scale, step_keys(keys), return_predictions, on_step,
-                  start=start)
+                  start=start, unet_extra_BHWC=extra, blend=blend)
     latents, predictions = out if return_predictions else (out, None)
     return GenerateOutput(decode_latents(vae, latents) if decode else None, predictions,
                           latents if return_latents else None)

@@ -55,7 +55,7 @@ def noise_images(pipe, seeds: Sequence[int], height: int, width: int, *, variati
     pipeline's, so it reuses the compilation that decodes the intermediate steps.
     """
     seeds_np = np.asarray(list(seeds), np.uint32)
-    latent_shape = (height // pipe.vae_scale, width // pipe.vae_scale, pipe.unet.config.in_channels)
+    latent_shape = (height // pipe.vae_scale, width // pipe.vae_scale, pipe.vae.config.latent_channels)
     varied = variation_seeds is not None and variation_strength
     noise = sampling.seed_noise(sampling.image_keys(jnp.asarray(seeds_np)), latent_shape,
                                 jnp.asarray(np.asarray(variation_seeds, np.uint32)) if varied else None,

@@ -1,0 +1,167 @@
+"""Inpainting (``mask_images``) against diffusers' StableDiffusionInpaintPipeline: a text-to-image UNet
+(its latents put back to the init image's outside the mask after every step) and an inpainting UNet
+(9 input channels: the mask and the masked image's latents beside the latents)."""
+import shutil
+
+import jax
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import reference as R
+from sdjax.pipeline import StableDiffusion
+from sdjax.sampling import image_keys, masked_image_keys, posterior_keys
+from test_sampling import NEGATIVES, PROMPTS, SIZE, STEPS, diffusers_scheduler, latents_for
+
+LATENT = SIZE // 2   # (the tiny VAE downsamples by 2)
+
+
+def nchw(x):
+    return torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())
+
+
+def posterior_draws(keys):
+    return jax.vmap(lambda k: jax.random.normal(k, (LATENT, LATENT, 4)))(keys)
+
+
+def patch_reference(monkeypatch, noise, draws):
+    """diffusers' inpainting draws (its initial noise and each VAE encode's posterior sample) as sdjax
+    takes them from the seeds: ``draws`` in the order the pipeline encodes (None: that encode unused)."""
+    from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_inpaint as inpaint
+    queue = list(draws)
+    monkeypatch.setattr(inpaint, "randn_tensor", lambda shape, **kw: nchw(noise))
+
+    def retrieve(out, generator=None, sample_mode="sample"):
+        draw = queue.pop(0)
+        dist = out.latent_dist
+        return dist.mean if draw is None else dist.mean + dist.std * nchw(draw)
+    monkeypatch.setattr(inpaint, "retrieve_latents", retrieve)
+    return queue
+
+
+def masks():
+    """Two masks of the image's size: the left half, and a centred square (white: repaint)."""
+    left = np.zeros((SIZE, SIZE), np.uint8)
+    left[:, : SIZE // 2] = 255
+    square = np.zeros((SIZE, SIZE), np.uint8)
+    square[8:24, 8:24] = 255
+    return [Image.fromarray(left), Image.fromarray(square)]
+
+
+@pytest.fixture(scope="module")
+def init_image():
+    return np.random.default_rng(5).uniform(0, 1, (1, SIZE, SIZE, 3)).astype(np.float32)
+
+
+def test_text_to_image_unet_matches_diffusers_inpainting(pipe, reference_pipe, init_image, monkeypatch):
+    """A 4-channel UNet with masks (default strength 1: from pure noise, euler: in sigma space):
+    diffusers' images, each image's own mask (its latents put back to the init image's, noised to
+    the next call's level, outside the mask after every step; the VAE's attention makes every pixel
+    depend on all latents, so the kept part's pixels are not the init image's either way)."""
+    from diffusers import StableDiffusionInpaintPipeline
+    ref = StableDiffusionInpaintPipeline(**reference_pipe.components)
+    ref.set_progress_bar_config(disable=True)
+    ref.scheduler = diffusers_scheduler(reference_pipe, "euler")
+    noise, seeds = latents_for(2, seed=6), [3, 4]
+    left = patch_reference(monkeypatch, noise, [posterior_draws(posterior_keys(image_keys(seeds))), None])
+    ours = pipe(PROMPTS, negative_prompts=NEGATIVES, seeds=seeds, num_inference_steps=STEPS, scheduler="euler",
+                latents=noise, init_images=init_image, mask_images=masks()).images
+    want = ref(PROMPTS, negative_prompt=NEGATIVES, image=np.repeat(init_image, 2, axis=0), mask_image=masks(),
+               num_inference_steps=STEPS, output_type="np").images
+    assert left == []   # (both encodes were made)
+    assert ours.shape == want.shape == (2, SIZE, SIZE, 3) and want.std() > 0.01
+    assert np.abs(ours - want).max() <= 2e-5
+
+
+@pytest.fixture(scope="module")
+def inpainting_dir(tiny_pipeline_dir, tmp_path_factory):
+    """The tiny pipeline with an inpainting UNet (9 input channels), saved by diffusers."""
+    folder = tmp_path_factory.mktemp("inpainting") / "tiny-sd-inpainting"
+    shutil.copytree(tiny_pipeline_dir, folder)
+    shutil.rmtree(folder / "unet")
+    R.torch_unet({**R.TINY_UNET, "in_channels": 9}, seed=3).save_pretrained(folder / "unet")
+    return folder
+
+
+def test_inpainting_unet_matches_diffusers(inpainting_dir, reference_pipe, init_image, monkeypatch):
+    """An inpainting UNet with a mask, from the noised init image (strength 0.6, pndm) as diffusers
+    makes it: the init image's and the masked image's posterior draws, the mask and the masked
+    latents beside the latents at every step. Without a mask it makes images from text (the whole
+    image masked, the masked image gray, as AUTOMATIC1111 conditions it), equal to diffusers' with
+    a white mask."""
+    from diffusers import StableDiffusionInpaintPipeline, UNet2DConditionModel
+    pipe = StableDiffusion.from_pretrained(inpainting_dir)
+    assert pipe.unet.config.in_channels == 9
+    ref = StableDiffusionInpaintPipeline(**{**reference_pipe.components,
+                                            "unet": UNet2DConditionModel.from_pretrained(inpainting_dir / "unet")})
+    ref.set_progress_bar_config(disable=True)
+    ref.scheduler = diffusers_scheduler(reference_pipe, "pndm")
+    noise, seeds = latents_for(2, seed=7), [5, 6]
+    keys = image_keys(seeds)
+    left = patch_reference(monkeypatch, noise, [posterior_draws(posterior_keys(keys)),
+                                                posterior_draws(masked_image_keys(keys))])
+    ours = pipe(PROMPTS, negative_prompts=NEGATIVES, seeds=seeds, num_inference_steps=STEPS, latents=noise,
+                init_images=init_image, mask_images=masks(), strength=0.6).images
+    want = ref(PROMPTS, negative_prompt=NEGATIVES, image=np.repeat(init_image, 2, axis=0), mask_image=masks(),
+               strength=0.6, num_inference_steps=STEPS, output_type="np").images
+    assert left == []
+    assert ours.shape == want.shape == (2, SIZE, SIZE, 3) and want.std() > 0.01
+    assert np.abs(ours - want).max() <= 2e-5
+
+    white = Image.fromarray(np.full((SIZE, SIZE), 255, np.uint8))
+    patch_reference(monkeypatch, noise, [posterior_draws(masked_image_keys(keys))])
+    text_only = pipe(PROMPTS, negative_prompts=NEGATIVES, seeds=seeds, num_inference_steps=STEPS, latents=noise,
+                     height=SIZE, width=SIZE).images
+    want = ref(PROMPTS, negative_prompt=NEGATIVES, image=np.repeat(init_image, 2, axis=0), mask_image=[white] * 2,
+               num_inference_steps=STEPS, output_type="np").images
+    assert np.abs(text_only - want).max() <= 2e-5
+
+
+def test_masks_are_read_and_checked_before_anything_runs(pipe, init_image):
+    """`mask_batch` reads PIL images (grayscale), bools, uint8 and floats, binarized at 0.5 as diffusers
+    does; bad masks or a mask without init images are errors naming them, raised by the call before
+    anything is compiled."""
+    from sdjax.images import mask_batch
+    from test_sampling import generate_calls
+    gray = np.array([[0, 127], [128, 255]], np.uint8)
+    want = np.array([[0, 0], [1, 1]], np.float32)[None, :, :, None]
+    for given in (gray, Image.fromarray(gray), Image.fromarray(gray).convert("RGB"), [Image.fromarray(gray)],
+                  gray[:, :, None], gray[None] / 255.0, gray[None, :, :, None] > 127):
+        got = mask_batch(given)
+        assert got.dtype == np.float32 and np.array_equal(got, want), type(given)
+    assert mask_batch(np.stack([gray, 255 - gray])).shape == (2, 2, 2, 1)
+    square = np.zeros((SIZE, SIZE), np.uint8)
+    with generate_calls(pipe) as calls:
+        for kw, message in [
+                (dict(mask_images=square), "mask_images mark what to repaint of init_images .* give init_images"),
+                (dict(init_images=init_image, mask_images=square[:16]),
+                 f"mask_images are {SIZE}x16 and init_images {SIZE}x{SIZE}"),
+                (dict(init_images=init_image, mask_images=square.astype(np.int32)), "mask_images has dtype int32"),
+                (dict(init_images=init_image, mask_images=square.astype(np.float32) + 2),
+                 r"float masks must be in \[0, 1\], got values in 2..2"),
+                (dict(init_images=init_image, mask_images=np.zeros((1, SIZE, SIZE, 3))),
+                 r"mask_images has shape \(1, 32, 32, 3\); expected a mask \[height, width\]"),
+                (dict(init_images=init_image, mask_images=[square, square[:8]]), "the masks differ in size"),
+                (dict(init_images=init_image, mask_images=np.stack([square] * 3), seeds=[0, 1]),
+                 r"seeds has 2 entries; expected 1 or 3 to match mask_images \(3 entries\)")]:
+            with pytest.raises((ValueError, TypeError), match=message):
+                pipe("a cat", num_inference_steps=STEPS, **kw)
+    assert calls == []
+
+
+def test_denoise_names_an_inpainting_unets_missing_inputs():
+    """`denoise` with an inpainting UNet's config (9 input channels) and 4-channel latents but no extra
+    inputs, or extra inputs of the wrong size, is an error saying what to give."""
+    from types import SimpleNamespace
+    from sdjax.sampling import denoise
+    from sdjax.schedulers import make_scheduler
+    from conftest import SD15_SCHEDULER
+    unet = SimpleNamespace(config=SimpleNamespace(in_channels=9, cross_attention_dim=(32,)))
+    sched = make_scheduler("ddim", SD15_SCHEDULER, 2)
+    latents, text = np.zeros((2, 4, 4, 4), np.float32), np.zeros((2, 77, 32), np.float32)
+    with pytest.raises(ValueError, match="the UNet takes 9 input channels and latents_BHWC has 4: an inpainting UNet, "
+                                         r"whose other 5 .* are unet_extra_BHWC \(inpainting_inputs\)"):
+        denoise(unet, sched, latents, text)
+    with pytest.raises(ValueError, match=r"unet_extra_BHWC has shape \(2, 8, 8, 5\); expected \[2 or 1, 4, 4, "):
+        denoise(unet, sched, latents, text, unet_extra_BHWC=np.zeros((2, 8, 8, 5), np.float32))
