@@ -5,6 +5,7 @@
     python sample.py --prompts-file prompts.txt --seeds 3,7,9 --config draft --grid
     python sample.py "a red fox in the snow" --steps 90 --guidance-scale 11 --trajectory
     python sample.py "an oil painting of a fox" --init-image fox.png --strength 0.6 --seeds 0-3
+    python sample.py "a red hat" --init-image fox.png --mask hat-mask.png --seeds 0-3
     python sample.py --from-png outputs/00003-seed7-a-fox.png --seeds 8-11
 
 Settings come from, in order of precedence: explicit flags, ``--from-png`` (an image's PNG
@@ -118,7 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "multiples of 8)")
     p.add_argument("--strength", type=float, default=None,
                    help="img2img: how much of the schedule runs from --init-image, in (0, 1]: low values keep "
-                        "the picture, 1 repaints it (default 0.8; int(steps x strength) steps run)")
+                        "the picture, 1 repaints it (default 0.8, with --mask 1; int(steps x strength) steps run)")
+    p.add_argument("--mask", metavar="FILE", default=None,
+                   help="inpainting, with --init-image: repaint the white part of the picture and keep the black "
+                        "(a grayscale image, resized to the picture's size and cut at half gray); --strength is 1 "
+                        "by default then (the white part from pure noise). An inpainting model "
+                        "(stable-diffusion-inpainting) sees the mask at every step")
     p.add_argument("--hires-scale", type=float, default=None, metavar="S",
                    help="AUTOMATIC1111's Hires fix: make each image at --width x --height, enlarge it S times "
                         "(> 1; each side rounded down to a multiple of 8) and denoise it again at that size "
@@ -268,7 +274,8 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
                         variation_strength=args.variation_strength,
                         embedding=list(args.embedding),
                         steps=args.steps, guidance_scale=args.guidance_scale, scheduler=args.scheduler,
-                        init_image=args.init_image, strength=strength, hires_scale=args.hires_scale,
+                        init_image=args.init_image, strength=strength, mask=args.mask,
+                        hires_scale=args.hires_scale,
                         hires_steps=args.hires_steps, hires_strength=args.hires_strength,
                         hires_upscaler=args.hires_upscaler,
                         height=height, width=width, dtype=DTYPE_ALIASES.get(args.dtype, args.dtype),

@@ -202,6 +202,7 @@ CONFIG_KEYS: dict[str, tuple[type | tuple, str]] = {
     "embedding_dir": (str, "the folder of the textual inversion embeddings that prompts name by their file names"),
     "init_image": (str, "img2img: the image (PNG, JPEG, ...) every image starts from"),
     "strength": ((int, float), "img2img: the share of the schedule run from the init image, in (0, 1]"),
+    "mask": (str, "inpainting, with init_image: the mask image (white: repaint, black: keep)"),
     "hires_scale": ((int, float), "Hires fix: enlarge each image this many times (> 1) and denoise it again"),
     "hires_steps": (int, "Hires fix: the second pass's steps (default: steps)"),
     "hires_strength": ((int, float), "Hires fix: the share of the second pass's schedule run, in (0, 1] (0.7)"),
@@ -415,7 +416,8 @@ class SampleRequest:
     lora: list[str] = dataclasses.field(default_factory=list)   # LoRA files merged into the weights, FILE[:SCALE]
     embedding: list[str] = dataclasses.field(default_factory=list)   # textual inversion embedding files
     init_image: str | None = None     # img2img: the image every image starts from
-    strength: float | None = None     # img2img: the share of the schedule run (None: DEFAULT_STRENGTH)
+    strength: float | None = None     # img2img: the share of the schedule run (None: DEFAULT_STRENGTH, 1 with a mask)
+    mask: str | None = None           # inpainting: the mask of init_image (white: repaint)
     hires_scale: float | None = None  # Hires fix (two passes): the second pass's size over the first's
     hires_steps: int | None = None    # Hires fix: the second pass's steps (None: steps)
     hires_strength: float | None = None   # Hires fix: the second pass's denoising strength (None: 0.7)
@@ -434,7 +436,9 @@ class SampleRequest:
         """The strength img2img runs at: None without an init image."""
         if self.init_image is None:
             return None
-        return DEFAULT_STRENGTH if self.strength is None else float(self.strength)
+        if self.strength is None:   # (inpainting: the masked part from pure noise, as diffusers' default)
+            return 1.0 if self.mask is not None else DEFAULT_STRENGTH
+        return float(self.strength)
 
     @property
     def hires(self):
@@ -468,8 +472,9 @@ class SampleRequest:
         fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("model", "model_config", "vae", "out")}
         fields["lora"] = [(Path(file).name, scale) for file, scale in map(parse_lora, self.lora)]   # not the paths
         fields["embedding"] = [Path(file).name for file in self.embedding]
-        if self.init_image is not None:   # the image, wherever each host keeps it
-            fields["init_image"] = hashlib.sha256(Path(self.init_image).expanduser().read_bytes()).hexdigest()
+        for name in ("init_image", "mask"):   # the images, wherever each host keeps them
+            if getattr(self, name) is not None:
+                fields[name] = hashlib.sha256(Path(getattr(self, name)).expanduser().read_bytes()).hexdigest()
         digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).digest()
         return np.frombuffer(digest[:16], np.int32)
 
@@ -491,6 +496,7 @@ class PngSettings:
     vae: str | None
     ignored: list[str]
     embeddings: list[str] = dataclasses.field(default_factory=list)   # A1111's "TI hashes" names
+    masked: bool = False   # made by inpainting (A1111 writes a Mask blur for every inpainted image)
 
 
 def settings_from_png(path: str | os.PathLike) -> PngSettings:
@@ -607,6 +613,9 @@ def settings_from_png(path: str | os.PathLike) -> PngSettings:
     flags["prompt_weighting"] = a1111 or weighting is not None or emphasis != "None"
     flags["emphasis"] = modes.get(emphasis, "original") if flags["prompt_weighting"] else "original"
     strength = number("Denoising strength", float) if "Denoising strength" in fields and not hires else None
+    masked = "Mask blur" in fields
+    if fields.get("Mask blur") == "0":   # (sdjax's masks are not blurred: a blur of more is left out, and said)
+        del fields["Mask blur"]
     hires_left_out = None
     if hires:   # A1111 writes no Hires upscaler for its default, Latent
         upscaler, by_name = fields.get("Hires upscaler", "Latent"), {v: k for k, v in HIRES_UPSCALER_NAMES.items()}
@@ -633,7 +642,7 @@ def settings_from_png(path: str | os.PathLike) -> PngSettings:
     if hires_left_out:
         ignored.insert(0, hires_left_out)
     embeddings = [name.strip() for name in re.findall(r"([^,:]+):", fields.get("TI hashes", ""))]
-    return PngSettings(flags, prompt, strength, loras, model, vae, ignored, embeddings)
+    return PngSettings(flags, prompt, strength, loras, model, vae, ignored, embeddings, masked)
 
 
 def extra_network_tags(prompt: str) -> tuple[str, list[tuple[str, float]], list[str]]:
@@ -768,7 +777,14 @@ def png_notes(png: PngSettings, args) -> list[str]:
             uses = this or "the model's own"
             notes.append(f"--from-png: the image was made with the {what} {recorded}, this run uses {uses} "
                          f"(--{what.lower()})")
-    if png.strength is not None and args.init_image is None:
+    if png.masked and args.init_image is None:
+        notes.append("--from-png: the image was made by inpainting a picture (a mask" + (
+            f", Denoising strength {png.strength:g}" if png.strength is not None else "") + "): to make it again, pass "
+            "--init-image PICTURE --mask MASK; this run makes one from noise")
+    elif png.masked and args.mask is None:
+        notes.append("--from-png: the image was made by inpainting (a mask): to make it again, pass --mask MASK too; "
+                     "this run repaints the whole picture")
+    elif png.strength is not None and args.init_image is None:
         notes.append(f"--from-png: the image was made from a picture (img2img, Denoising strength "
                      f"{png.strength:g}): to make it again, pass --init-image PICTURE; this run makes one from noise")
     if png.ignored:
@@ -776,10 +792,10 @@ def png_notes(png: PngSettings, args) -> list[str]:
     return notes
 
 
-def init_image_size(path: str | os.PathLike) -> tuple[int, int]:
-    """(width, height) of ``--init-image``'s file as it is shown (its EXIF orientation applied, as
-    diffusers' ``load_image`` does), read from its header; a UsageError naming the file when it is
-    missing or no image PIL can read."""
+def init_image_size(path: str | os.PathLike, setting: str = "init_image") -> tuple[int, int]:
+    """(width, height) of ``--init-image``'s file (or ``setting``'s: ``mask``) as it is shown (its EXIF
+    orientation applied, as diffusers' ``load_image`` does), read from its header; a UsageError naming
+    the file when it is missing or no image PIL can read."""
     from PIL import Image, UnidentifiedImageError
     try:
         with Image.open(Path(path).expanduser()) as image:
@@ -787,18 +803,19 @@ def init_image_size(path: str | os.PathLike) -> tuple[int, int]:
             turned = image.getexif().get(0x0112) in (5, 6, 7, 8)   # Orientation: a quarter turn (and a flip)
             return (height, width) if turned else (width, height)
     except FileNotFoundError:
-        raise _bad_setting("init_image", path, "no such file") from None
+        raise _bad_setting(setting, path, "no such file") from None
     except (UnidentifiedImageError, OSError) as e:
-        raise _bad_setting("init_image", path, f"cannot be read as an image ({e})") from None
+        raise _bad_setting(setting, path, f"cannot be read as an image ({e})") from None
 
 
-def load_init_image(path: str | os.PathLike, width: int, height: int) -> np.ndarray:
-    """``--init-image`` as uint8 RGB [height, width, 3], upright (its EXIF orientation applied, as
-    diffusers' ``load_image`` and A1111 do), resized to that size (Lanczos, as diffusers' image
-    processor and A1111's "Just resize" do) when it has another."""
+def load_init_image(path: str | os.PathLike, width: int, height: int, mode: str = "RGB") -> np.ndarray:
+    """``--init-image`` as uint8 RGB [height, width, 3] (``mode="L"``: ``--mask`` as grayscale [height,
+    width]), upright (its EXIF orientation applied, as diffusers' ``load_image`` and A1111 do), resized
+    to that size (Lanczos, as diffusers' image and mask processors and A1111's "Just resize" do) when it
+    has another."""
     from PIL import Image, ImageOps
     with Image.open(Path(path).expanduser()) as image:
-        image = ImageOps.exif_transpose(image).convert("RGB")
+        image = ImageOps.exif_transpose(image).convert(mode)
         if image.size != (width, height):
             image = image.resize((width, height), Image.Resampling.LANCZOS)
         return np.asarray(image)
@@ -941,6 +958,11 @@ def validate_request(req: SampleRequest) -> None:
                                else "no such file")
     if req.init_image is not None:
         init_image_size(req.init_image)
+    if req.mask is not None:
+        if req.init_image is None:
+            raise _bad_setting("mask", req.mask, "marks what to repaint of a picture (inpainting): give --init-image "
+                               "too")
+        init_image_size(req.mask, "mask")
     if req.strength is not None:
         strength = req.strength
         if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
@@ -1287,10 +1309,11 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
     per_call = min(per_call, parallel.padded_size(len(jobs), pipe.mesh))
     sched = pipe.make_scheduler(req.scheduler, req.steps, **req.scheduler_options)
     png_options = recorded_scheduler_options(req.scheduler, pipe.scheduler_config, req.scheduler_options)
-    strength, init, first_call = req.img2img_strength, None, 0
+    strength, init, mask, first_call = req.img2img_strength, None, None, 0
     if strength is not None:   # img2img: the schedule runs from first_call on
         from sdjax.sampling import img2img_start
         init = load_init_image(req.init_image, req.width, req.height)
+        mask = None if req.mask is None else load_init_image(req.mask, req.width, req.height, "L")
         first_call = img2img_start(req.steps, strength)
     picks = trajectory_steps(sched.num_model_calls, req.trajectory_frames, first_call) if req.trajectory else None
     hires, calls = req.hires, sched.num_model_calls - first_call
@@ -1340,7 +1363,8 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
                                    height=req.height, width=req.width, scheduler=req.scheduler, batch_size=per_call,
                                    return_intermediates=picks, progress=step_bar,
                                    scheduler_options=req.scheduler_options, clip_skip=req.clip_skip,
-                                   init_images=init, strength=strength, prompt_weighting=req.prompt_weighting,
+                                   init_images=init, strength=strength, mask_images=mask,
+                                   prompt_weighting=req.prompt_weighting,
                                    hires=hires, emphasis=req.emphasis, **varied)
             for batch, out in zip(bar, outputs, strict=True):
                 padded = batch + [batch[-1]] * (per_call - len(batch))   # one decoder program for every batch
@@ -1370,6 +1394,7 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
                                               hires_upscaler="latent" if hires is None else hires.upscaler,
                                               prompt_weighting=req.prompt_weighting, emphasis=req.emphasis,
                                               variation_seed=variation, variation_strength=req.variation_strength,
+                                              mask_blur=None if req.mask is None else 0,
                                               embeddings=embeddings_used(pipe.tokenizer, embeddings,
                                                                          f"{prompt}\n{negative}"))
                     files.append(out_dir / image_file_name(index, seed, prompt))

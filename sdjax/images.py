@@ -146,7 +146,8 @@ def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, sche
                      embeddings: Sequence[tuple[str, str]] = (), prompt_weighting: bool = False,
                      hires_scale: float | None = None, hires_steps: int | None = None,
                      hires_upscaler: str = "latent", emphasis: str = "original",
-                     variation_seed: int | None = None, variation_strength: float = 0.0) -> str:
+                     variation_seed: int | None = None, variation_strength: float = 0.0,
+                     mask_blur: int | None = None) -> str:
     """Generation settings as AUTOMATIC1111 writes them into the PNG ``parameters`` text chunk::
 
         a photo of a cat
@@ -177,6 +178,8 @@ def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, sche
     Emphasis setting, `sdjax.text.EMPHASIS_MODES`) is written as A1111 writes it: ``Emphasis: No norm``.
     ``variation_seed`` with a ``variation_strength`` above 0: ``Variation seed: 12, Variation seed strength:
     0.3``, as A1111 writes them.
+    ``mask_blur`` (inpainting: the mask's blur radius in pixels) as A1111 writes it for every inpainting
+    image, ``Mask blur: 0`` (sdjax does not blur masks: 0).
     """
     sampler = SAMPLER_NAMES.get(scheduler, scheduler)
     options = dict(scheduler_options or {})
@@ -205,6 +208,8 @@ def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, sche
         fields += [("Variation seed", variation_seed), ("Variation seed strength", _number(variation_strength))]
     if denoising_strength is not None:
         fields.append(("Denoising strength", _number(denoising_strength)))
+    if mask_blur is not None:
+        fields.append(("Mask blur", mask_blur))
     if hires_scale is not None:
         fields.append(("Hires upscale", _number(hires_scale)))
         if hires_steps is not None:

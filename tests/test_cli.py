@@ -656,6 +656,12 @@ def test_from_png_names_what_a1111_images_hold_that_it_leaves_out(tmp_path):
     assert req.prompts == ["  a fox"] and req.strength is None   # (sample.py writes the prompt as given)
     assert args.png_notes == ["--from-png: the image was made from a picture (img2img, Denoising strength 0.4): "
                               "to make it again, pass --init-image PICTURE; this run makes one from noise"]
+    req, args = sample.parse_request(["--from-png", png(f"a fox\n{settings}, Denoising strength: 0.75, Mask blur: 4, "
+                                                          "Inpaint area: Only masked")])
+    assert args.png_notes == [
+        "--from-png: the image was made by inpainting a picture (a mask, Denoising strength 0.75): to make it again, "
+        "pass --init-image PICTURE --mask MASK; this run makes one from noise",
+        "--from-png: settings sample.py has no flag for are left out: Mask blur: 4; Inpaint area: Only masked"]
     Image.new("RGB", (16, 16)).save(tmp_path / "start.png")
     req, args = sample.parse_request(["--from-png", png(f"a fox\n{settings}, Denoising strength: 0.4, Hires "
                                                           "upscale: 2"), "--init-image", str(tmp_path / "start.png")])
@@ -906,6 +912,39 @@ def test_init_image_and_strength_make_the_pipelines_img2img_and_are_recorded(pip
              if np.array_equal(strip[y:y + 40, x:x + 32], resized)]
     assert len(tiles) == 1 and tiles[0][1] < strip.shape[1] // 3, tiles   # the first frame
     assert not np.array_equal(pixels(out / "00000-seed4-a-dog.png"), resized)
+
+
+def test_mask_makes_the_pipelines_inpainting_and_is_recorded(pipe_dir, pipe, tmp_path, capsys):
+    """--init-image FILE --mask MASK: the images are the pipeline's inpainting of that picture with that
+    mask (an RGB mask of another size read as grayscale and resized like the picture; default strength
+    1), the PNG parameters carry A1111's ``Denoising strength: 1, Mask blur: 0``, and --from-png of it
+    says which files to give."""
+    rng = np.random.default_rng(4)
+    picture = rng.integers(0, 256, (32, 32, 3), np.uint8)
+    Image.fromarray(picture).save(tmp_path / "start.png")
+    mask = np.zeros((64, 64, 3), np.uint8)
+    mask[8:40, 16:64] = (255, 255, 0)   # (yellow: light gray, repaint)
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    out = tmp_path / "out"
+    rc, _, stderr = run_main(capsys, "a dog", "--seeds", "4", "--init-image", tmp_path / "start.png", "--mask",
+                             tmp_path / "mask.png", "--model", pipe_dir, "--out", out, *SMALL)
+    assert rc == 0, stderr
+    made = out / "00000-seed4-a-dog.png"
+    assert I.read_png_parameters(made).endswith("Denoising strength: 1, Mask blur: 0")
+    small = np.asarray(Image.fromarray(mask).convert("L").resize((32, 32), Image.Resampling.LANCZOS))
+    ref = pipe("a dog", seeds=[4], num_inference_steps=3, init_images=picture, mask_images=small).to_pil()
+    np.testing.assert_array_equal(pixels(made), ref[0])
+    req, args = sample.parse_request(["--from-png", str(made), "--model", str(pipe_dir)])
+    assert req.mask is None and args.png_notes == [
+        "--from-png: the image was made by inpainting a picture (a mask, Denoising strength 1): to make it again, "
+        "pass --init-image PICTURE --mask MASK; this run makes one from noise"]
+    req, args = sample.parse_request(["--from-png", str(made), "--init-image", str(tmp_path / "start.png"), "--model", str(pipe_dir)])
+    assert req.img2img_strength == 1 and args.png_notes == [
+        "--from-png: the image was made by inpainting (a mask): to make it again, pass --mask MASK too; this run "
+        "repaints the whole picture"]
+    req, args = sample.parse_request(["--from-png", str(made), "--init-image", str(tmp_path / "start.png"),
+                                      "--mask", str(tmp_path / "mask.png"), "--model", str(pipe_dir)])
+    assert req.img2img_strength == 1 and args.png_notes == []
 
 
 def test_init_image_is_read_upright_as_its_exif_orientation_shows_it(tmp_path):
@@ -1289,6 +1328,10 @@ BAD_INPUTS = {
     "config_init_image": (["a cat", "--config", "{tmp}/init.yaml"], "init.yaml: key 'init_image' has value "
                           "'nope.png': no such file"),
     "strength_without_init_image": (["a cat", "--strength", "0.5"], "--strength 0.5: is img2img's: give --init-image"),
+    "mask_without_init_image": (["a cat", "--mask", "{tmp}/init.png"], "error: --mask {tmp}/init.png: marks what to "
+                                "repaint of a picture (inpainting): give --init-image too"),
+    "mask_missing": (["a cat", "--init-image", "{tmp}/init.png", "--mask", "{tmp}/nope.png"],
+                     "error: --mask {tmp}/nope.png: no such file"),
     "strength_range": (["a cat", "--init-image", "{tmp}/init.png", "--strength", "1.5"],
                        "--strength 1.5: must be a number in (0, 1]"),
     "strength_runs_no_step": (["a cat", "--init-image", "{tmp}/init.png", "--strength", "0.1", "--steps", "5"],
