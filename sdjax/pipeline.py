@@ -613,8 +613,12 @@ class StableDiffusion:
 
         A single file has no configs or tokenizer: they come from ``config``, a diffusers pipeline
         folder or Hub repo id of the same architecture (only its config files, tokenizer and
-        scheduler config are downloaded, ~2 MB). ``vae``: a VAE to use in place of the file's, as
-        in `from_pretrained`."""
+        scheduler config are downloaded, ~2 MB), all but the UNet's input channels, which are the
+        file's (its conv_in weight's, as AUTOMATIC1111 and diffusers tell the models apart): an
+        inpainting checkpoint (``sd-v1-5-inpainting``: 9, the latents, the mask and the masked
+        image's latents) loads with SD v1.5's configs as an inpainting UNet; other inputs
+        (instruct-pix2pix's 8, depth's 5) are refused. ``vae``: a VAE to use in place of the
+        file's, as in `from_pretrained`."""
         dtype = resolve_dtype(dtype)
         if mesh is not None:
             parallel.data_size(mesh)

@@ -179,8 +179,16 @@ def _safetensors_header(f, path: Path, size: int, *, keep_metadata: bool = False
 
 def safetensors_keys(path: Path) -> list[str]:
     """The tensor names of a safetensors file, from its header alone."""
+    return list(safetensors_shapes(path))
+
+
+def safetensors_shapes(path: Path) -> dict[str, tuple | None]:
+    """The tensors of a safetensors file and their shapes (None where the header gives none that
+    reads as one; reading the tensor names it), from its header alone."""
     with open(path, "rb") as f:
-        return list(_safetensors_header(f, path, path.stat().st_size)[0])
+        header = _safetensors_header(f, path, path.stat().st_size)[0]
+    shape = lambda info: info.get("shape") if isinstance(info, dict) else None  # noqa: E731
+    return {key: tuple(shape(info)) if isinstance(shape(info), list) else None for key, info in header.items()}
 
 
 def _read_safetensors(path: Path, wanted: Callable[[str], bool] | None = None) -> Iterator[tuple[str, np.ndarray]]:
@@ -258,16 +266,25 @@ def _torch_load(path: Path, allow: Iterable[str] = ()) -> Any:
     return state
 
 
-def _read_torch_bin(path: Path, check_keys: Callable[[list[str]], None] | None = None
-                    ) -> Iterator[tuple[str, np.ndarray]]:
-    state = _torch_load(path)   # (first: it says what to do without torch)
-    import torch
+def _torch_state_dict(path: Path) -> dict:
+    """The state dict of a PyTorch checkpoint (a training checkpoint's ``state_dict``), as
+    `_torch_load` reads it: the tensors and whatever else it holds beside them."""
+    state = _torch_load(path)
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]  # a training checkpoint (.ckpt): the weights and other things
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a state dict of tensors")
-    if check_keys is not None:
-        check_keys(list(state))
+    return state
+
+
+def _read_torch_bin(path: Path) -> Iterator[tuple[str, np.ndarray]]:
+    yield from _torch_tensors(_torch_state_dict(path))
+
+
+def _torch_tensors(state: dict) -> Iterator[tuple[str, np.ndarray]]:
+    """A state dict's tensors as numpy arrays, each dropped from ``state`` as it is given (so the
+    checkpoint is not held twice); other values (a step count) skipped."""
+    import torch
     for key in list(state):
         t = state.pop(key)
         if not isinstance(t, torch.Tensor):  # e.g. a training step count next to the weights
@@ -389,8 +406,8 @@ class _StrictFill:
                         else to_torch_layout(np.empty(target.shape, np.int8), path).shape)
             extra = ""
             if path == ("conv_in", "kernel") and array.ndim == 4 and array.shape[2] != target.shape[2]:
-                extra = (f": a UNet that takes {array.shape[2]} input channels, not the VAE's {target.shape[2]} latent "
-                         "ones (inpainting: 9, instruct-pix2pix: 8, depth: 5); sdjax makes images from text alone")
+                extra = (f": weights of a UNet that takes {array.shape[2]} input channels, where the config's takes "
+                         f"{target.shape[2]} (in_channels)")
             raise CheckpointError(f"{self.file}: key {shown!r} has shape {stored}, the model expects "
                                   f"{tuple(expected)}{extra}")
         self.loaded[path] = jnp.asarray(array, dtype=self.dtype)
@@ -1090,7 +1107,9 @@ def load_single_file(file: str | os.PathLike, configs: dict[str, Any], *, dtype=
     ``configs`` maps the same names to the models' configs (`UNetConfig`...); a part left out of
     it is not read (its keys may be missing, as a VAE replaced by another). Every weight of every
     model read must be in the file with the right shape, and every key under its prefix must be a
-    weight of it; otherwise a `CheckpointError` names the file, the keys and the shapes.
+    weight of it; otherwise a `CheckpointError` names the file, the keys and the shapes. The
+    UNet's input channels are the file's (`single_file_unet_config`): an inpainting UNet's 9 load
+    with a text-to-image model's configs, and its returned config says ``in_channels=9``.
 
     ``ema_weights``: a training checkpoint that holds the UNet twice (``v1-5-pruned.ckpt``: the
     trained weights and their EMA copy, ``model_ema.*``) gives its EMA copy instead, as
@@ -1115,15 +1134,40 @@ def load_single_file(file: str | os.PathLike, configs: dict[str, Any], *, dtype=
                           "loaded, as diffusers' from_single_file does; for images the EMA copy is usually the "
                           "better one: load it with ema_weights=True (sample.py/train.py --ema-weights)", stacklevel=4)
 
-    def check_pickled_keys(keys):   # (a safetensors file's were checked from its header by check_single_file)
-        _check_single_file_keys(file, keys)
-        note_ema(keys)
-    if file.suffix == ".safetensors":
-        note_ema(safetensors_keys(file))
+    if file.suffix == ".safetensors":   # (its keys were checked from its header by check_single_file)
+        shapes = safetensors_shapes(file)
+        note_ema(shapes)
         tensors = _read_safetensors(file, wanted=lambda key: key.startswith(wanted))
-    else:
-        tensors = _read_torch_bin(file, check_pickled_keys)
+    else:   # unpickled whole (torch.load), then converted tensor by tensor
+        state = _torch_state_dict(file)
+        _check_single_file_keys(file, list(state))
+        note_ema(state)
+        shapes = {key: tuple(value.shape) for key, value in state.items() if hasattr(value, "shape")}
+        tensors = _torch_tensors(state)
+    if "unet" in configs:
+        conv_in = single_file_key("unet", "conv_in.weight", configs["unet"])
+        conv_in = ema_key(conv_in) if ema_weights else conv_in
+        configs = {**configs, "unet": single_file_unet_config(file, configs["unet"], conv_in, shapes.get(conv_in))}
     return _load_original_layout(file, tensors, configs, prefixes, dtype, ema_weights=ema_weights)
+
+
+def single_file_unet_config(file: Path | str, config: UNetConfig, key: str, shape: tuple | None) -> UNetConfig:
+    """The UNet config a single file's UNet loads with: ``config`` with the input channels of the
+    file's conv_in weight (``key``, of ``shape`` as the file holds it, OIHW), as AUTOMATIC1111 and
+    diffusers tell the models apart: a text-to-image UNet takes the latents it denoises
+    (``config.out_channels``), an inpainting UNet (``sd-v1-5-inpainting``) 2 * latents + 1 (the
+    latents, the mask and the masked image's latents). Other inputs (instruct-pix2pix's 8, a depth
+    model's 5) are refused with a `CheckpointError` naming the file, the key and its shape, before
+    any weights are read; a weight that is not there or not a conv's is left to the strict load."""
+    if shape is None or len(shape) != 4 or not all(type(n) is int for n in shape):   # (a corrupt header's:
+        return config                                                                   # the reader names it)
+    inputs, latent = shape[1], config.out_channels
+    if inputs not in (latent, 2 * latent + 1):
+        raise CheckpointError(
+            f"{file}: key {key!r} has shape {shape}: a UNet that takes {inputs} input channels; sdjax loads one "
+            f"that takes the {latent} latent channels it denoises (text-to-image) or {2 * latent + 1} (inpainting: "
+            "the latents, the mask and the masked image's latents), not others (instruct-pix2pix: 8, depth: 5)")
+    return dataclasses.replace(config, in_channels=inputs)
 
 
 # The modules of an LDM VAE (its keys after first_stage_model.); a file's other VAE keys are training

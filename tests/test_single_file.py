@@ -277,9 +277,10 @@ BAD_FILES = {
                    "unexpected keys (1): first_stage_model.encoder.extra.weight"),
     "shape": (lambda s: s.update({UNET_KEY: s[UNET_KEY][:, :-1].copy()}), f"key '{UNET_KEY}' has shape"),
     # (shapes as the file holds them: OIHW)
-    "inpainting": (lambda s: s.update({CONV_IN: np.concatenate([s[CONV_IN]] * 3, axis=1)[:, :9].copy()}),
-                   f"key '{CONV_IN}' has shape (32, 9, 3, 3), the model expects (32, 4, 3, 3): a UNet that takes 9 "
-                   "input channels, not the VAE's 4 latent ones (inpainting: 9"),
+    "pix2pix": (lambda s: s.update({CONV_IN: np.concatenate([s[CONV_IN]] * 2, axis=1)}),   # (9: inpainting loads)
+                f"key '{CONV_IN}' has shape (32, 8, 3, 3): a UNet that takes 8 input channels; sdjax loads one that "
+                "takes the 4 latent channels it denoises (text-to-image) or 9 (inpainting: the latents, the mask and "
+                "the masked image's latents), not others (instruct-pix2pix: 8, depth: 5)"),
     "sdxl": (lambda s: s.update({"conditioner.embedders.1.model.ln_final.weight": np.ones(4, np.float32)}),
              "an SDXL checkpoint"),
     "sd2": (lambda s: s.update({"cond_stage_model.model.token_embedding.weight": np.ones((4, 4), np.float32)}),
@@ -300,6 +301,47 @@ def test_bad_single_files_are_named(pipe, single_file, tmp_path, case):
     path = _rewrite(single_file, tmp_path, edit)
     with pytest.raises(CheckpointError, match="(?s)edited.safetensors: .*" + re.escape(message)):
         load_single_file(path, configs_of(pipe))
+
+
+def test_an_inpainting_single_file_loads_and_saves_as_one(pipe, single_file, tiny_pipeline_dir, tmp_path):
+    """A file whose conv_in takes 2 * 4 + 1 input channels (sd-v1-5-inpainting's latents, mask and
+    masked image's latents) loads with the text-to-image configs as an inpainting UNet, from
+    safetensors (its shape from the header) or a pickled .ckpt (its EMA copy too), to the file's
+    weights; it is written back as the same file, and as a folder diffusers' inpainting pipeline
+    loads to the same weights."""
+    from diffusers import StableDiffusionInpaintPipeline
+
+    from sdjax.weights import _numpy_params, to_torch_layout, torch_key
+    rng = np.random.default_rng(3)
+    widen = lambda s: s.update({CONV_IN: np.concatenate(  # noqa: E731
+        [s[CONV_IN], rng.standard_normal((32, 5, 3, 3)).astype(np.float32)], axis=1)})
+    path = Path(_rewrite(single_file, tmp_path, widen))
+    file_state = load_file(str(path))
+    loaded = StableDiffusion.from_single_file(path, config=str(tiny_pipeline_dir))
+    assert loaded.unet.config.in_channels == 9 and pipe.unet.config.in_channels == 4
+    assert loaded.unet.conv_in.kernel.get_value().shape == (3, 3, 9, 32)
+    again = loaded.save_single_file(tmp_path / "again.safetensors")
+    assert load_file(str(again)).keys() == file_state.keys()
+    for key, value in load_file(str(again)).items():   # the weights it was built from, all of them
+        np.testing.assert_array_equal(value, file_state[key], err_msg=key)
+
+    ckpt = _training_checkpoint(path, tmp_path / "inpainting.ckpt")   # (with a model_ema.* copy of other values)
+    ema = load_single_file(ckpt, configs_of(pipe), ema_weights=True)["unet"]
+    assert ema.config.in_channels == 9
+    assert not np.array_equal(np.asarray(ema.conv_in.kernel.get_value()),
+                              np.asarray(loaded.unet.conv_in.kernel.get_value()))
+    with pytest.warns(UserWarning, match="holds an EMA copy"):
+        assert_same_params(load_single_file(ckpt, configs_of(pipe))["unet"], loaded.unet)
+
+    folder = loaded.save_pretrained(tmp_path / "inpainting", format="pytorch")
+    assert StableDiffusion.from_pretrained(folder).unet.config.in_channels == 9
+    reference = StableDiffusionInpaintPipeline.from_pretrained(folder, safety_checker=None)
+    assert reference.unet.config.in_channels == 9
+    expected = {torch_key(p): to_torch_layout(a, p) for p, a in _numpy_params(loaded.unet).items()}
+    got = {k: v.numpy() for k, v in reference.unet.state_dict().items()}
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        np.testing.assert_array_equal(got[key], value, err_msg=key)
 
 
 def test_every_part_that_does_not_match_is_named_at_once(pipe, single_file, tmp_path):

@@ -492,10 +492,17 @@ def test_wrong_shape(tiny_checkpoints, tmp_path):
     from safetensors.numpy import load_file, save_file
     directory, file = copy_model_dir(tiny_checkpoints["unet"], "safetensors", tmp_path)
     tensors = load_file(file)
-    tensors["conv_in.weight"] = tensors["conv_in.weight"][:16]
+    conv_in = tensors["conv_in.weight"]
+    tensors["conv_in.weight"] = conv_in[:16]
     save_file(tensors, file)
     with pytest.raises(CheckpointError, match=r"'conv_in.weight' has shape \(16, 4, 3, 3\), the model expects "
                                               r"\(32, 4, 3, 3\)"):
+        UNet2DConditionModel.from_pretrained(directory)
+    # an inpainting UNet's weights where the folder's config.json says in_channels=4
+    save_file({**tensors, "conv_in.weight": np.concatenate([conv_in] * 3, axis=1)[:, :9].copy()}, file)
+    with pytest.raises(CheckpointError, match=r"'conv_in.weight' has shape \(32, 9, 3, 3\), the model expects "
+                                              r"\(32, 4, 3, 3\): weights of a UNet that takes 9 input channels, "
+                                              r"where the config's takes 4 \(in_channels\)"):
         UNet2DConditionModel.from_pretrained(directory)
 
 
