@@ -1932,7 +1932,7 @@ BAD_VALUES = {   # flag value -> what the error says; all checked before the mod
                                   "export_step_alone",
                                   "samples_past_the_schedule", "x0_model", "unsupported_noise_schedule",
                                   "data_under_a_batch", "abbreviated_flag", "empty_caption_key",
-                                  "ema_weights_of_a_folder", *BAD_VALUES])
+                                  "ema_weights_of_a_folder", "inpainting_model", *BAD_VALUES])
 def test_train_py_usage_errors(case, pipeline_dir, data_dir, tmp_path, monkeypatch):
     base = flags(model=pipeline_dir, train_data=data_dir, output_dir=tmp_path / "out")
     preset = tmp_path / "bad.yaml"
@@ -1946,6 +1946,16 @@ def test_train_py_usage_errors(case, pipeline_dir, data_dir, tmp_path, monkeypat
         shutil.copytree(pipeline_dir, edited_model)
         scheduler = json.loads((edited_model / "scheduler" / "scheduler_config.json").read_text())
         (edited_model / "scheduler" / "scheduler_config.json").write_text(json.dumps({**scheduler, **edits[case]}))
+    if case == "inpainting_model":   # its UNet takes 9 channels: the latents, a mask and the masked image's latents
+        from safetensors.numpy import save_file
+        shutil.copytree(pipeline_dir, edited_model)
+        unet = edited_model / "unet"
+        (unet / "config.json").write_text(json.dumps({**json.loads((unet / "config.json").read_text()),
+                                                      "in_channels": 9}))
+        weights = load_file(str(unet / "diffusion_pytorch_model.safetensors"))
+        weights["conv_in.weight"] = np.concatenate([weights["conv_in.weight"]] * 3, axis=1)[:, :9].copy()
+        save_file(weights, str(unet / "diffusion_pytorch_model.safetensors"))
+        (unet / "diffusion_flax_model.msgpack").unlink()
     argv, expected = {
         "unknown_key": (["--config", preset, *base], [str(preset), "unknown key 'learning_rat'"]),
         "resolution": ([*base, "--resolution", "100"], ["resolution=100 must be a multiple of 8"]),
@@ -1978,6 +1988,10 @@ def test_train_py_usage_errors(case, pipeline_dir, data_dir, tmp_path, monkeypat
         "x0_model": (flags(model=edited_model, train_data=data_dir, output_dir=tmp_path / "out"),
                      [f"{edited_model}: its scheduler config has prediction_type='sample'; sdjax fine-tunes 'epsilon' "
                       "and 'v_prediction' models"]),
+        "inpainting_model": (flags(model=edited_model, train_data=data_dir, output_dir=tmp_path / "out"),
+                             [f"{edited_model}: its UNet takes 9 input channels, the VAE's 4 latent ones and 5 more "
+                              "(an inpainting model's mask and masked image); sdjax's training makes no masks from "
+                              "its data, so it fine-tunes text-to-image models only"]),
         "unsupported_noise_schedule": (flags(model=edited_model, train_data=data_dir, output_dir=tmp_path / "out"),
                                        [f"{edited_model / 'scheduler' / 'scheduler_config.json'}: beta_schedule "
                                         "'sigmoid' is not supported"]),

@@ -366,6 +366,12 @@ def _build_model(cfg: TrainConfig, mesh):
     pipe = load_pipeline(cfg.model, model_config=cfg.model_config, variant=cfg.variant, vae=cfg.vae,
                          ema_weights=cfg.ema_weights, dtype=compute if cfg.lora_rank is not None else jnp.float32,
                          mesh=mesh)
+    inputs, latent = pipe.unet.config.in_channels, pipe.vae.config.latent_channels
+    if inputs != latent:   # (the pipeline takes an inpainting UNet: 2 * latent + 1)
+        raise UsageError(f"{cfg.model}: its UNet takes {inputs} input channels, the VAE's {latent} latent ones and "
+                         f"{inputs - latent} more (an inpainting model's mask and masked image); sdjax's training "
+                         "makes no masks from its data, so it fine-tunes text-to-image models only (UNet in_channels "
+                         "= the VAE's latent_channels)")
     prediction_type = pipe.scheduler_config.get("prediction_type", "epsilon")
     if cfg.lora_rank is not None and cfg.prediction_type not in (None, prediction_type):
         raise UsageError(f"--prediction-type {cfg.prediction_type} with --lora-rank: a LoRA file does not say what "
