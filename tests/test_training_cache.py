@@ -23,16 +23,16 @@ def tiny_data(tmp_path_factory):
     return write_captioned_folder(tmp_path_factory.mktemp("data") / "set", items)
 
 
-def test_cached_latents_match_encoding_each_step(tiny_pipeline_dir, tiny_data, tmp_path):
+def test_cached_latents_match_encoding_each_step(micro_pipeline_dir, tiny_data, tmp_path):
     """Three real steps of a cached-latents run. Before each, the batch an encode-every-step run draws
     at that point has the cached posterior, and its loss at the cached run's weights and step key
     equals the step's loss. One train step is compiled (the encoding run's loss needs a forward
-    pass only): the suite's cost."""
+    pass only): the suite's cost, hence conftest's micro pipeline."""
     from sdjax.training import step as S
     trainers = {}
     try:
         for cache in (True, False):
-            cfg = TrainConfig(model=str(tiny_pipeline_dir), train_data=str(tiny_data),
+            cfg = TrainConfig(model=str(micro_pipeline_dir), train_data=str(tiny_data),
                               output_dir=str(tmp_path / str(cache)), resolution=32, batch_size=1, max_steps=3,
                               learning_rate=1e-4, cache_latents=cache)
             trainers[cache] = Trainer.create(cfg, mesh=parallel.data_mesh(jax.devices()[:2]))
@@ -68,7 +68,7 @@ def test_cache_needs_fixed_images():
         TrainConfig(train_data="x", cache_latents=True, random_flip=True).validate()
 
 
-def test_each_epoch_trains_on_one_of_an_examples_captions(tiny_pipeline_dir, tmp_path, capsys):
+def test_each_epoch_trains_on_one_of_an_examples_captions(micro_pipeline_dir, tmp_path, capsys):
     """An image with several captions (a metadata.jsonl list) trains on the caption its epoch draws,
     with and without the latent cache; the tokens of every caption are looked up, not re-tokenized.
     (The blue image is below the resolution: the run warns that it is upscaled.)"""
@@ -84,7 +84,7 @@ def test_each_epoch_trains_on_one_of_an_examples_captions(tiny_pipeline_dir, tmp
     expected = iterate_batches(dataset, resolution=32, batch_size_per_process=2, seed=0, num_workers=1)
     ids = {}
     for cache in (True, False):
-        cfg = TrainConfig(model=str(tiny_pipeline_dir), train_data=str(root), output_dir=str(tmp_path / str(cache)),
+        cfg = TrainConfig(model=str(micro_pipeline_dir), train_data=str(root), output_dir=str(tmp_path / str(cache)),
                           resolution=32, batch_size=1, max_steps=3, cache_latents=cache)
         with pytest.warns(UserWarning, match=re.escape(
                 f"{root}: 1 of 2 images are smaller than --resolution 32 on their shorter side (blue.png 30 px): "
