@@ -305,7 +305,7 @@ def test_a_mesh_of_your_own_splits_the_batch_over_its_data_axis(pipe, tiny_pipel
     x = parallel.shard_batch(np.zeros((4, 3), np.float32), mesh)
     assert x.sharding.shard_shape(x.shape) == (1, 3)
     own = StableDiffusion.from_pretrained(tiny_pipeline_dir, mesh=mesh)
-    kw = dict(seeds=[0, 1, 2, 3], num_inference_steps=2, height=SIZE, width=SIZE)
+    kw = dict(seeds=[0, 1, 2, 3], num_inference_steps=STEPS, height=SIZE, width=SIZE)   # pipe's: as uneven batches'
     with generate_calls(own) as calls:
         images = own("the cat", **kw).images
     (args, _), = calls
@@ -661,13 +661,14 @@ def test_jax_arrays_as_seeds_and_guidance_scale(pipe):
     assert all(call[1]["use_guidance"] is True for call in calls)
 
 
-def test_weights_changed_on_the_models_are_used(tiny_pipeline_dir):
+def test_weights_changed_on_the_models_are_used(pipe_bf16, tiny_pipeline_dir):
     """Editing ``pipe.unet`` itself (``nnx.update``, as an optimizer step or weight surgery does)
     changes the next images, without recompiling; ``set_params`` checks keys and shapes before
-    replacing anything and casts to the pipeline's dtype."""
+    replacing anything and casts to the pipeline's dtype. (The module's bf16 pipeline, whose weights
+    it restores, and test_bf16_sampler_stays_close_to_fp32's compiled program.)"""
     from flax import nnx
-    pipe = StableDiffusion.from_pretrained(tiny_pipeline_dir, dtype="bfloat16")
-    kw = dict(seeds=[0], num_inference_steps=2, height=SIZE, width=SIZE, scheduler="ddim")
+    pipe = pipe_bf16
+    kw = dict(seeds=[0], num_inference_steps=STEPS, height=SIZE, width=SIZE, scheduler="pndm")
     before = pipe("the cat", **kw).images
     compiled = pipe._generate._cache_size()
     conv_out = pipe.unet.conv_out.kernel
