@@ -13,6 +13,7 @@ import torch
 from flax import nnx
 
 import reference as R
+from conftest import run_jitted
 from sdjax import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
 from sdjax.text import load_tokenizer, tokenize
 from sdjax.weights import CheckpointError, read_config, resolve_dtype, save_pipeline
@@ -732,12 +733,13 @@ def test_pipeline_folder_loads_in_diffusers(tiny_checkpoints, tmp_path):
         latents = np.random.default_rng(0).standard_normal((2, 4, 8, 8)).astype(np.float32)
         ref_eps = pipe.unet(torch.from_numpy(latents), 500, torch.from_numpy(ref_text)).sample.numpy()
         ref_img = pipe.vae.decode(torch.from_numpy(latents)).sample.numpy()
-    ours_text = parts["text_encoder"](jnp.asarray(ids)).last_hidden_state
+    # Each model as one compiled program (eager, every op compiled on its own).
+    ours_text = run_jitted("folder_text", parts["text_encoder"], lambda m, x: m(x).last_hidden_state, ids)
     assert np.abs(np.asarray(ours_text) - ref_text).max() < 1e-5
     to_nhwc = lambda a: jnp.asarray(a.transpose(0, 2, 3, 1))  # noqa: E731
-    ours_eps = parts["unet"](to_nhwc(latents), 500, ours_text)
+    ours_eps = run_jitted("folder_unet", parts["unet"], lambda m, x, c: m(x, 500, c), to_nhwc(latents), ours_text)
     assert np.abs(np.asarray(ours_eps) - ref_eps.transpose(0, 2, 3, 1)).max() < 1e-5
-    ours_img = parts["vae"].decode(to_nhwc(latents))
+    ours_img = run_jitted("folder_vae", parts["vae"], lambda m, z: m.decode(z), to_nhwc(latents))
     assert np.abs(np.asarray(ours_img) - ref_img.transpose(0, 2, 3, 1)).max() < 1e-5
     assert type(pipe.scheduler).__name__ == "PNDMScheduler"
     # The tokenizer as transformers 4 reads it too (vocab.json + merges.txt), giving the same ids.
