@@ -375,6 +375,11 @@ def mask_batch(masks, name: str = "mask_images") -> np.ndarray:
         return np.stack(arrays)
     else:
         array = np.asarray(masks)
+        if array.ndim in (3, 4) and array.shape[-1] in (3, 4):   # (no mask is 3 or 4 pixels wide)
+            raise ValueError(f"{name} has shape {array.shape}: colour pixels (RGB/RGBA); a mask has one value a "
+                             "pixel: give one channel (mask[..., 0]) or a PIL image (taken as grayscale)")
+        if array.size == 0:
+            raise ValueError(f"{name} has shape {array.shape}: no pixels")
         if array.ndim == 3 and array.shape[-1] != 1:
             array = array[..., None]   # [B, H, W]
         if array.ndim == 2 or array.ndim == 3:

@@ -140,8 +140,11 @@ def test_masks_are_read_and_checked_before_anything_runs(pipe, init_image):
                 (dict(init_images=init_image, mask_images=square.astype(np.int32)), "mask_images has dtype int32"),
                 (dict(init_images=init_image, mask_images=square.astype(np.float32) + 2),
                  r"float masks must be in \[0, 1\], got values in 2..2"),
-                (dict(init_images=init_image, mask_images=np.zeros((1, SIZE, SIZE, 3))),
-                 r"mask_images has shape \(1, 32, 32, 3\); expected a mask \[height, width\]"),
+                (dict(init_images=init_image, mask_images=np.zeros((1, SIZE, SIZE, 2))),
+                 r"mask_images has shape \(1, 32, 32, 2\); expected a mask \[height, width\]"),
+                (dict(init_images=init_image, mask_images=np.zeros((SIZE, SIZE, 3), np.uint8)),
+                 r"mask_images has shape \(32, 32, 3\): colour pixels .*give one channel"),
+                (dict(init_images=init_image, mask_images=np.zeros((0, SIZE, SIZE))), "has shape .*: no pixels"),
                 (dict(init_images=init_image, mask_images=[square, square[:8]]), "the masks differ in size"),
                 (dict(init_images=init_image, mask_images=np.stack([square] * 3), seeds=[0, 1]),
                  r"seeds has 2 entries; expected 1 or 3 to match mask_images \(3 entries\)")]:
