@@ -938,7 +938,8 @@ def test_mask_makes_the_pipelines_inpainting_and_is_recorded(pipe_dir, pipe, tmp
     assert req.mask is None and args.png_notes == [
         "--from-png: the image was made by inpainting a picture (a mask, Denoising strength 1): to make it again, "
         "pass --init-image PICTURE --mask MASK; this run makes one from noise"]
-    req, args = sample.parse_request(["--from-png", str(made), "--init-image", str(tmp_path / "start.png"), "--model", str(pipe_dir)])
+    req, args = sample.parse_request(["--from-png", str(made), "--init-image", str(tmp_path / "start.png"),
+                                      "--model", str(pipe_dir)])
     assert req.img2img_strength == 1 and args.png_notes == [
         "--from-png: the image was made by inpainting (a mask): to make it again, pass --mask MASK too; this run "
         "repaints the whole picture"]
