@@ -320,19 +320,7 @@ def image_batch(images, name: str = "init_images") -> np.ndarray:
     if isinstance(images, Image.Image):
         return np.asarray(images.convert("RGB"), np.float32)[None] / 255
     if isinstance(images, (list, tuple)):
-        if not images:
-            raise ValueError(f"{name} is empty")
-        arrays = []
-        for i, image in enumerate(images):
-            one = image_batch(image, f"{name}[{i}]")
-            if one.shape[0] != 1:
-                raise ValueError(f"{name}[{i}] has shape {one.shape}: a list holds single images [height, width, 3]")
-            arrays.append(one[0])
-        sizes = sorted({a.shape for a in arrays})
-        if len(sizes) > 1:
-            raise ValueError(f"{name}: the images differ in size ({', '.join(f'{w}x{h}' for h, w, _ in sizes)}): "
-                             "resize them to one size")
-        return np.stack(arrays)
+        return _stacked(images, name, image_batch, "images", "[height, width, 3]")
     array = np.asarray(images)
     if array.ndim == 3:
         array = array[None]
@@ -352,6 +340,24 @@ def image_batch(images, name: str = "init_images") -> np.ndarray:
     return array
 
 
+def _stacked(items, name: str, read, kind: str, shape: str) -> np.ndarray:
+    """A list of single images (or masks) read by ``read`` (`image_batch`, `mask_batch`) as one batch,
+    each named in its errors (``name[i]``); an empty list or sizes that differ are errors too."""
+    if not items:
+        raise ValueError(f"{name} is empty")
+    arrays = []
+    for i, item in enumerate(items):
+        one = read(item, f"{name}[{i}]")
+        if one.shape[0] != 1:
+            raise ValueError(f"{name}[{i}] has shape {one.shape}: a list holds single {kind} {shape}")
+        arrays.append(one[0])
+    sizes = sorted({a.shape for a in arrays})
+    if len(sizes) > 1:
+        raise ValueError(f"{name}: the {kind} differ in size ({', '.join(f'{w}x{h}' for h, w, _ in sizes)}): "
+                         "resize them to one size")
+    return np.stack(arrays)
+
+
 def mask_batch(masks, name: str = "mask_images") -> np.ndarray:
     """Inpainting masks as float32 [B, H, W, 1] of 0 (keep) and 1 (repaint), binarized at 0.5 as
     diffusers' inpainting pipeline does: a PIL image (any mode, taken as grayscale: white repaints), a
@@ -360,19 +366,7 @@ def mask_batch(masks, name: str = "mask_images") -> np.ndarray:
     if isinstance(masks, Image.Image):
         array = np.asarray(masks.convert("L"), np.float32)[None, :, :, None] / 255
     elif isinstance(masks, (list, tuple)):
-        if not masks:
-            raise ValueError(f"{name} is empty")
-        arrays = []
-        for i, mask in enumerate(masks):
-            one = mask_batch(mask, f"{name}[{i}]")
-            if one.shape[0] != 1:
-                raise ValueError(f"{name}[{i}] has shape {one.shape}: a list holds single masks [height, width]")
-            arrays.append(one[0])
-        sizes = sorted({a.shape for a in arrays})
-        if len(sizes) > 1:
-            raise ValueError(f"{name}: the masks differ in size ({', '.join(f'{w}x{h}' for h, w, _ in sizes)}): "
-                             "resize them to one size")
-        return np.stack(arrays)
+        return _stacked(masks, name, mask_batch, "masks", "[height, width]")
     else:
         array = np.asarray(masks)
         if array.ndim in (3, 4) and array.shape[-1] in (3, 4):   # (no mask is 3 or 4 pixels wide)

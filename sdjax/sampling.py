@@ -718,7 +718,7 @@ def generate(graphdefs: SDState, state: SDState, scheduler: Scheduler, cond_ids_
         if start:
             raise ValueError("start > 0 begins the schedule midway: it needs init_images_BHWC or init_latents_BHWC "
                              "(img2img)")
-        x = latents_BHWC.astype(F32) * scheduler.init_noise_sigma
+        x = noise * scheduler.init_noise_sigma
     else:
         if init_latents_BHWC is not None:
             check_nhwc("init_latents_BHWC", init_latents_BHWC, latent_shape_HWC[-1])
@@ -728,7 +728,7 @@ def generate(graphdefs: SDState, state: SDState, scheduler: Scheduler, cond_ids_
             x0 = init_latents_BHWC.astype(F32)
         else:
             x0 = encode_images(vae, init_images_BHWC, posterior_keys(keys))
-        x = scheduler.add_noise_at(x0, latents_BHWC.astype(F32), start)
+        x = scheduler.add_noise_at(x0, noise, start)
     out = denoise(unet, scheduler, x, cond, uncond, guidance_scale, step_keys(keys), return_predictions, on_step,
                   start=start, unet_extra_BHWC=extra, blend=blend)
     latents, predictions = out if return_predictions else (out, None)
