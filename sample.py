@@ -125,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(a grayscale image, resized to the picture's size and cut at half gray); --strength is 1 "
                         "by default then (the white part from pure noise). An inpainting model "
                         "(stable-diffusion-inpainting) sees the mask at every step")
+    p.add_argument("--mask-padding", type=int, default=None, metavar="PX",
+                   help="with --mask: inpaint only the box around the mask, PX pixels wider on each side (A1111's "
+                        "Inpaint area \"Only masked\", its padding 32): the box is made at --width x --height "
+                        "(default 512x512) and pasted back into the picture, which keeps its size")
     p.add_argument("--hires-scale", type=float, default=None, metavar="S",
                    help="AUTOMATIC1111's Hires fix: make each image at --width x --height, enlarge it S times "
                         "(> 1; each side rounded down to a multiple of 8) and denoise it again at that size "
@@ -175,6 +179,7 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
     pre.add_argument("--from-png")
     pre.add_argument("--strength")   # (given on the command line, not by the preset: over --from-png's)
     pre.add_argument("--hires-scale")
+    pre.add_argument("--mask-padding")
     known, _ = pre.parse_known_args(argv)
     parser = build_parser()
     preset, path = {}, None
@@ -255,8 +260,11 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
             listed = ", ".join(f"{k}={v}" for k, v in dropped.items())
             args.png_notes.append(f"--from-png: the image's scheduler options {listed} are left out: the "
                                   f"{args.scheduler} scheduler has none such")
+    if png is not None and args.mask is None and known.mask_padding is None:
+        args.mask_padding = None   # (an "Only masked" image's, without its mask: the note says to pass --mask)
     try:   # an init image sets the size that is not given: its own, rounded down to multiples of 8
-        size = init_image_size(args.init_image) if args.init_image is not None else (512, 512)
+        own_size = args.init_image is not None and args.mask_padding is None   # (only masked: the box's size)
+        size = init_image_size(args.init_image) if own_size else (512, 512)
     except UsageError as e:
         raise _from_the_preset(e, preset, path, args, sys.argv[1:] if argv is None else argv) from None
     height, width = (size[i] // 8 * 8 if given is None else given for i, given in ((1, args.height), (0, args.width)))
@@ -275,6 +283,7 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
                         embedding=list(args.embedding),
                         steps=args.steps, guidance_scale=args.guidance_scale, scheduler=args.scheduler,
                         init_image=args.init_image, strength=strength, mask=args.mask,
+                        mask_padding=args.mask_padding,
                         hires_scale=args.hires_scale,
                         hires_steps=args.hires_steps, hires_strength=args.hires_strength,
                         hires_upscaler=args.hires_upscaler,

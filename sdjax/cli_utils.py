@@ -203,6 +203,7 @@ CONFIG_KEYS: dict[str, tuple[type | tuple, str]] = {
     "init_image": (str, "img2img: the image (PNG, JPEG, ...) every image starts from"),
     "strength": ((int, float), "img2img: the share of the schedule run from the init image, in (0, 1]"),
     "mask": (str, "inpainting, with init_image: the mask image (white: repaint, black: keep)"),
+    "mask_padding": (int, "with mask: inpaint only the box around it, this many pixels wider (A1111's Only masked)"),
     "hires_scale": ((int, float), "Hires fix: enlarge each image this many times (> 1) and denoise it again"),
     "hires_steps": (int, "Hires fix: the second pass's steps (default: steps)"),
     "hires_strength": ((int, float), "Hires fix: the share of the second pass's schedule run, in (0, 1] (0.7)"),
@@ -418,6 +419,7 @@ class SampleRequest:
     init_image: str | None = None     # img2img: the image every image starts from
     strength: float | None = None     # img2img: the share of the schedule run (None: DEFAULT_STRENGTH, 1 with a mask)
     mask: str | None = None           # inpainting: the mask of init_image (white: repaint)
+    mask_padding: int | None = None   # "only masked" inpainting: the box around the mask, this much wider
     hires_scale: float | None = None  # Hires fix (two passes): the second pass's size over the first's
     hires_steps: int | None = None    # Hires fix: the second pass's steps (None: steps)
     hires_strength: float | None = None   # Hires fix: the second pass's denoising strength (None: 0.7)
@@ -614,6 +616,9 @@ def settings_from_png(path: str | os.PathLike) -> PngSettings:
     flags["emphasis"] = modes.get(emphasis, "original") if flags["prompt_weighting"] else "original"
     strength = number("Denoising strength", float) if "Denoising strength" in fields and not hires else None
     masked = "Mask blur" in fields
+    if fields.get("Inpaint area") == "Only masked":   # (A1111's padding default: 32)
+        del fields["Inpaint area"]
+        flags["mask_padding"] = number("Masked area padding", int) if "Masked area padding" in fields else 32
     if fields.get("Mask blur") == "0":   # (sdjax's masks are not blurred: a blur of more is left out, and said)
         del fields["Mask blur"]
     hires_left_out = None
@@ -963,6 +968,14 @@ def validate_request(req: SampleRequest) -> None:
             raise _bad_setting("mask", req.mask, "marks what to repaint of a picture (inpainting): give --init-image "
                                "too")
         init_image_size(req.mask, "mask")
+    if req.mask_padding is not None:
+        if isinstance(req.mask_padding, bool) or not isinstance(req.mask_padding, int) or req.mask_padding < 0:
+            raise _bad_setting("mask_padding", req.mask_padding, "must be a whole number of pixels >= 0")
+        if req.mask is None:
+            raise _bad_setting("mask_padding", req.mask_padding, "inpaints the box around a mask: give --mask too")
+        if req.trajectory:
+            raise _bad_setting("mask_padding", req.mask_padding, "makes no trajectory (its images are pasted into "
+                               "the picture): leave out --trajectory or --mask-padding")
     if req.strength is not None:
         strength = req.strength
         if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
@@ -1312,8 +1325,10 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
     strength, init, mask, first_call = req.img2img_strength, None, None, 0
     if strength is not None:   # img2img: the schedule runs from first_call on
         from sdjax.sampling import img2img_start
-        init = load_init_image(req.init_image, req.width, req.height)
-        mask = None if req.mask is None else load_init_image(req.mask, req.width, req.height, "L")
+        # ("only masked": the picture at its own size, the box around the mask made at width x height)
+        size = init_image_size(req.init_image) if req.mask_padding is not None else (req.width, req.height)
+        init = load_init_image(req.init_image, *size)
+        mask = None if req.mask is None else load_init_image(req.mask, *size, "L")
         first_call = img2img_start(req.steps, strength)
     picks = trajectory_steps(sched.num_model_calls, req.trajectory_frames, first_call) if req.trajectory else None
     hires, calls = req.hires, sched.num_model_calls - first_call
@@ -1364,6 +1379,7 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
                                    return_intermediates=picks, progress=step_bar,
                                    scheduler_options=req.scheduler_options, clip_skip=req.clip_skip,
                                    init_images=init, strength=strength, mask_images=mask,
+                                   mask_padding=req.mask_padding,
                                    prompt_weighting=req.prompt_weighting,
                                    hires=hires, emphasis=req.emphasis, **varied)
             for batch, out in zip(bar, outputs, strict=True):
@@ -1395,6 +1411,7 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
                                               prompt_weighting=req.prompt_weighting, emphasis=req.emphasis,
                                               variation_seed=variation, variation_strength=req.variation_strength,
                                               mask_blur=None if req.mask is None else 0,
+                                              mask_padding=req.mask_padding,
                                               embeddings=embeddings_used(pipe.tokenizer, embeddings,
                                                                          f"{prompt}\n{negative}"))
                     files.append(out_dir / image_file_name(index, seed, prompt))

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 from PIL.PngImagePlugin import PngInfo
 
 # sdjax scheduler name -> the sampler name A1111 writes for the equivalent diffusers scheduler
@@ -147,7 +147,7 @@ def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, sche
                      hires_scale: float | None = None, hires_steps: int | None = None,
                      hires_upscaler: str = "latent", emphasis: str = "original",
                      variation_seed: int | None = None, variation_strength: float = 0.0,
-                     mask_blur: int | None = None) -> str:
+                     mask_blur: int | None = None, mask_padding: int | None = None) -> str:
     """Generation settings as AUTOMATIC1111 writes them into the PNG ``parameters`` text chunk::
 
         a photo of a cat
@@ -179,7 +179,8 @@ def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, sche
     ``variation_seed`` with a ``variation_strength`` above 0: ``Variation seed: 12, Variation seed strength:
     0.3``, as A1111 writes them.
     ``mask_blur`` (inpainting: the mask's blur radius in pixels) as A1111 writes it for every inpainting
-    image, ``Mask blur: 0`` (sdjax does not blur masks: 0).
+    image, ``Mask blur: 0`` (sdjax does not blur masks: 0); ``mask_padding`` ("only masked" inpainting) as
+    ``Inpaint area: Only masked, Masked area padding: 32``.
     """
     sampler = SAMPLER_NAMES.get(scheduler, scheduler)
     options = dict(scheduler_options or {})
@@ -210,6 +211,8 @@ def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, sche
         fields.append(("Denoising strength", _number(denoising_strength)))
     if mask_blur is not None:
         fields.append(("Mask blur", mask_blur))
+    if mask_padding is not None:
+        fields += [("Inpaint area", "Only masked"), ("Masked area padding", mask_padding)]
     if hires_scale is not None:
         fields.append(("Hires upscale", _number(hires_scale)))
         if hires_steps is not None:
@@ -393,6 +396,75 @@ def mask_batch(masks, name: str = "mask_images") -> np.ndarray:
         else:
             raise TypeError(f"{name} has dtype {array.dtype}; expected bools, uint8 pixels or floats in [0, 1]")
     return (array >= 0.5).astype(np.float32)
+
+
+def mask_crop_region(mask_HW, width: int, height: int, padding: int) -> tuple[int, int, int, int]:
+    """The box (x1, y1, x2, y2) of a picture that "only masked" inpainting repaints (AUTOMATIC1111's
+    Inpaint area "Only masked", diffusers' ``padding_mask_crop``), as diffusers' ``get_crop_region``
+    finds it: the bounding box of the mask's non-zero pixels, ``padding`` pixels wider on each side
+    (within the picture), then grown about its centre to the aspect of the ``width`` x ``height`` it is
+    generated at, and moved back inside the picture where it crosses an edge. ``mask_HW``: [H, W]."""
+    mask = np.asarray(mask_HW)
+    H, W = mask.shape
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        raise ValueError("the mask is black everywhere: nothing to repaint, no region to crop")
+    x1, y1 = max(int(cols[0]) - padding, 0), max(int(rows[0]) - padding, 0)
+    x2, y2 = min(int(cols[-1]) + 1 + padding, W), min(int(rows[-1]) + 1 + padding, H)
+
+    def grow(lo, hi, size, want):   # [lo, hi) grown to ``want`` (a float) about its centre, within [0, size]
+        diff = int(want - (hi - lo))
+        lo, hi = lo - diff // 2, hi + diff - diff // 2
+        if hi >= size:
+            lo, hi = lo - (hi - size), size
+        if lo < 0:
+            lo, hi = 0, hi - lo
+        return lo, min(hi, size)
+    if (x2 - x1) / (y2 - y1) > width / height:
+        y1, y2 = grow(y1, y2, H, (x2 - x1) / (width / height))
+    else:
+        x1, x2 = grow(x1, x2, W, (y2 - y1) * (width / height))
+    return x1, y1, x2, y2
+
+
+def resize_to_fill(image: Image.Image, width: int, height: int) -> Image.Image:
+    """``image`` resized (Lanczos) to fit ``width`` x ``height`` with its aspect kept, centred, and the
+    strips left over filled with its edge rows (or columns) stretched: diffusers' ``resize_mode="fill"``,
+    with which its "only masked" inpainting resizes the crop. Returns an RGB image."""
+    ratio, own = width / height, image.width / image.height
+    w = width if ratio < own else image.width * height // image.height
+    h = height if ratio >= own else image.height * width // image.width
+    resized = image.resize((w, h), Image.Resampling.LANCZOS)
+    out = Image.new("RGB", (width, height))
+    out.paste(resized, box=(width // 2 - w // 2, height // 2 - h // 2))
+    if ratio < own and (fill := height // 2 - h // 2) > 0:   # (the edge row, stretched over the strip)
+        out.paste(resized.resize((width, fill), box=(0, 0, width, 0)), box=(0, 0))
+        out.paste(resized.resize((width, fill), box=(0, h, width, h)), box=(0, fill + h))
+    elif ratio > own and (fill := width // 2 - w // 2) > 0:
+        out.paste(resized.resize((fill, height), box=(0, 0, 0, height)), box=(0, 0))
+        out.paste(resized.resize((fill, height), box=(w, 0, w, height)), box=(fill + w, 0))
+    return out
+
+
+def paste_into(picture: Image.Image, mask: Image.Image, image: Image.Image, region) -> Image.Image:
+    """An "only masked" inpainting's result: ``image`` (made from the crop at ``region`` of ``picture``)
+    resized to the region (its aspect kept, centred and cut to it) and put there, then ``picture`` laid
+    over it where ``mask`` is black, as diffusers' ``apply_overlay`` does; an RGB image of the picture's
+    size."""
+    x1, y1, x2, y2 = region
+    w, h = x2 - x1, y2 - y1
+    ratio, own = w / h, image.width / image.height   # (diffusers' resize_mode="crop")
+    sw = w if ratio > own else image.width * h // image.height
+    sh = h if ratio <= own else image.height * w // image.width
+    fitted = Image.new("RGB", (w, h))
+    fitted.paste(image.resize((sw, sh), Image.Resampling.LANCZOS), box=(w // 2 - sw // 2, h // 2 - sh // 2))
+    base = Image.new("RGBA", picture.size)
+    base.paste(fitted, (x1, y1))
+    kept = Image.new("RGBa", picture.size)
+    kept.paste(picture.convert("RGBA").convert("RGBa"), mask=ImageOps.invert(mask.convert("L")))
+    out = base.convert("RGB").convert("RGBA")
+    out.alpha_composite(kept.convert("RGBA"))
+    return out.convert("RGB")
 
 
 def umask() -> int:

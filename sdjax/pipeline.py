@@ -420,6 +420,35 @@ def check_parts_fit(configs: dict, root=None) -> None:
             "from different models")
 
 
+def _crop_to_mask(picture_HWC, mask_HW1, width: int, height: int, padding: int) -> tuple:
+    """"Only masked" inpainting's inputs: the box of the picture around its mask (`mask_crop_region`) and
+    that box of the mask, each resized to ``width`` x ``height`` as diffusers does (`resize_to_fill`);
+    then the picture and mask as PIL images and the box, for `_pasted`."""
+    from PIL import Image
+
+    from sdjax.images import image_batch, mask_batch, mask_crop_region, resize_to_fill
+    picture = Image.fromarray(_to_uint8(picture_HWC))
+    mask = Image.fromarray((mask_HW1[..., 0] * 255).astype(np.uint8))
+    region = mask_crop_region(mask_HW1[..., 0] > 0, width, height, padding)
+    return (image_batch(resize_to_fill(picture.crop(region), width, height)),
+            mask_batch(resize_to_fill(mask.crop(region), width, height)), picture, mask, region)
+
+
+def _to_uint8(images):
+    """Float images in [0, 1] as uint8 pixels, rounded (as diffusers' ``numpy_to_pil``)."""
+    return (np.asarray(images) * 255).round().astype(np.uint8)
+
+
+def _pasted(images_BHWC, picture, mask, region) -> np.ndarray:
+    """Images made from a crop of ``picture`` put back into it (`sdjax.images.paste_into`): float32 [B, H,
+    W, 3] of the picture's size, in [0, 1]."""
+    from PIL import Image
+
+    from sdjax.images import paste_into
+    return np.stack([np.asarray(paste_into(picture, mask, Image.fromarray(image), region))
+                     for image in _to_uint8(images_BHWC)]).astype(np.float32) / 255
+
+
 class StableDiffusion:
     """Stable Diffusion v1.x text-to-image in JAX, data-parallel over every device (and host).
 
@@ -775,7 +804,7 @@ class StableDiffusion:
                  *, batch_size: int | None = None, return_intermediates: int | Sequence[int] | None = None,
                  scheduler_options: dict | None = None, progress: bool | str | _Bar = False, clip_skip: int = 1,
                  init_images: Any = None, strength: float | None = None, mask_images: Any = None,
-                 prompt_weighting: bool = False, hires: HiresFix | None = None,
+                 mask_padding: int | None = None, prompt_weighting: bool = False, hires: HiresFix | None = None,
                  emphasis: str = "original", variation_seeds: int | Sequence[int] | np.ndarray | None = None,
                  variation_strength: float = 0.0) -> StableDiffusionOutput:
         """Generate one image per (prompt, seed) (all of them in memory at the end: `batches`
@@ -820,6 +849,13 @@ class StableDiffusion:
         the masked image at every step; a text-to-image model's latents are put back to the init images'
         (noised to each step's level) where the mask is black, after every step. An inpainting model also
         makes images without a mask (text-to-image, img2img), conditioned as AUTOMATIC1111 does there.
+        ``mask_padding`` (pixels, with one init image and one mask): "only masked" inpainting (AUTOMATIC1111's
+        Inpaint area, diffusers' ``padding_mask_crop``): the box around the mask, that much wider on each side
+        and grown to the aspect of ``height`` x ``width`` (default 512 x 512), is cut out of the picture,
+        resized to ``height`` x ``width``, inpainted there, and put back (`sdjax.images.mask_crop_region`,
+        `resize_to_fill`, `paste_into`); ``images`` are the picture's size, the picture itself where the mask
+        is black. Small masks in large pictures get the model's full resolution. Not with
+        ``return_intermediates``.
         ``prompt_weighting``: read AUTOMATIC1111's emphasis syntax in the prompts and negative prompts, as
         A1111 does: ``(word)`` weights ``word`` by 1.1, ``[word]`` by 1/1.1, ``(word:1.5)`` by 1.5, nested
         groups multiply, ``\\(`` is a bracket (`sdjax.text.parse_prompt_attention`); each token's text
@@ -866,7 +902,7 @@ class StableDiffusion:
             prompts, negative_prompts, seeds, num_inference_steps, guidance_scale, height, width, scheduler,
             latents, batch_size=batch_size, return_intermediates=return_intermediates,
             scheduler_options=scheduler_options, progress=progress, clip_skip=clip_skip,
-            init_images=init_images, strength=strength, mask_images=mask_images,
+            init_images=init_images, strength=strength, mask_images=mask_images, mask_padding=mask_padding,
             prompt_weighting=prompt_weighting, hires=hires,
             emphasis=emphasis, variation_seeds=variation_seeds, variation_strength=variation_strength))
         steps = outputs[0].intermediate_steps
@@ -884,7 +920,7 @@ class StableDiffusion:
                 *, batch_size: int | None = None, return_intermediates: int | Sequence[int] | None = None,
                 scheduler_options: dict | None = None, progress: bool | str | _Bar = False, clip_skip: int = 1,
                 init_images: Any = None, strength: float | None = None, mask_images: Any = None,
-                prompt_weighting: bool = False, hires: HiresFix | None = None,
+                mask_padding: int | None = None, prompt_weighting: bool = False, hires: HiresFix | None = None,
                 emphasis: str = "original", variation_seeds: int | Sequence[int] | np.ndarray | None = None,
                 variation_strength: float = 0.0) -> Iterator[StableDiffusionOutput]:
         """The images of ``pipe(...)`` (same arguments, same images), one `StableDiffusionOutput`
@@ -931,6 +967,24 @@ class StableDiffusion:
                                  "the images' size")
             if strength is None:
                 strength = 1.0   # (diffusers' inpainting default: the masked part from pure noise)
+        crop = None
+        if mask_padding is not None:   # "only masked": the box around the mask is what is made
+            if (isinstance(mask_padding, (bool, np.bool_)) or not isinstance(mask_padding, (int, np.integer))
+                    or mask_padding < 0):
+                raise ValueError(f"mask_padding={mask_padding!r}: a number of pixels >= 0")
+            if mask_images is None or len(init_images) != 1 or len(mask_images) != 1:
+                raise ValueError("mask_padding inpaints the box around a mask: give one init image and one mask "
+                                 "(mask_images; a call per picture)")
+            if return_intermediates is not None and return_intermediates is not False:
+                raise ValueError("return_intermediates is not available with mask_padding (the images are pasted "
+                                 "into the picture): leave either out")
+            height, width = (512 if size is None else size for size in (height, width))
+            for name, size in (("height", height), ("width", width)):
+                if not isinstance(size, (int, np.integer)) or size <= 0 or size % 8:
+                    raise ValueError(f"{name}={size!r}: must be a positive multiple of 8 (with mask_padding: the size "
+                                     "the box around the mask is made at)")
+            crop = _crop_to_mask(init_images[0], mask_images[0], width, height, int(mask_padding))
+            init_images, mask_images = crop[0], crop[1]
         if hires is not None:
             if not isinstance(hires, HiresFix):
                 raise TypeError(f"hires must be a HiresFix (sdjax.HiresFix(scale=2.0, ...)) or None, got "
@@ -1057,11 +1111,11 @@ class StableDiffusion:
                                                            variation_strength=np.float32(variation_strength))
         return self._batches(prompts, negatives, seeds, ids, neg_ids, latents, init_images, first_call, sched,
                              latent_shape, guidance_scale, steps, per_call, progress, clip_skip, text_inputs, second,
-                             variation, mask_images)
+                             variation, mask_images, crop)
 
     def _batches(self, prompts, negatives, seeds, ids, neg_ids, latents, init_images, first_call, sched,
                  latent_shape, guidance_scale, steps, per_call, progress, clip_skip,
-                 text_inputs, second=None, variation=None, masks=None) -> Iterator[StableDiffusionOutput]:
+                 text_inputs, second=None, variation=None, masks=None, crop=None) -> Iterator[StableDiffusionOutput]:
         """`batches`' generator, on its checked arguments: dispatches batch k + 1 before fetching batch k
         (with the Hires fix's Lanczos upscaler, the first pass's images are fetched in between)."""
         with self._lock:
@@ -1122,6 +1176,8 @@ class StableDiffusion:
                 start, stop, images, decoded = batch
                 _wait_interruptibly([images, *decoded])
                 images = parallel.to_host(images)[: stop - start]
+                if crop is not None:   # "only masked": each image put back into the picture
+                    images = _pasted(images, *crop[2:])
                 inter = np.stack([parallel.to_host(d) for d in decoded])[:, : stop - start] if steps else None
                 if step_bar is not None:
                     if last:

@@ -946,6 +946,25 @@ def test_mask_makes_the_pipelines_inpainting_and_is_recorded(pipe_dir, pipe, tmp
     req, args = sample.parse_request(["--from-png", str(made), "--init-image", str(tmp_path / "start.png"),
                                       "--mask", str(tmp_path / "mask.png"), "--model", str(pipe_dir)])
     assert req.img2img_strength == 1 and args.png_notes == []
+    # --mask-padding: the box around the mask made at --width x --height, pasted into the picture (its own size)
+    Image.fromarray(rng.integers(0, 256, (40, 48, 3), np.uint8)).save(tmp_path / "big.png")
+    rc, _, stderr = run_main(capsys, "a dog", "--seeds", "4", "--init-image", tmp_path / "big.png", "--mask",
+                             tmp_path / "mask.png", "--mask-padding", "4", "--model", pipe_dir, "--out", out, *SMALL)
+    assert rc == 0, stderr
+    made = out / "00001-seed4-a-dog.png"
+    assert I.read_png_parameters(made).endswith(
+        "Size: 32x32, Model: pipe, Denoising strength: 1, Mask blur: 0, Inpaint area: Only masked, Masked area "
+        "padding: 4")
+    big_mask = np.asarray(Image.fromarray(mask).convert("L").resize((48, 40), Image.Resampling.LANCZOS))
+    ref = pipe("a dog", seeds=[4], num_inference_steps=3, init_images=Image.open(tmp_path / "big.png"),
+               mask_images=big_mask, mask_padding=4, height=32, width=32).to_pil()
+    assert pixels(made).shape == (40, 48, 3)
+    np.testing.assert_array_equal(pixels(made), ref[0])
+    req, args = sample.parse_request(["--from-png", str(made), "--init-image", str(tmp_path / "big.png"),
+                                      "--mask", str(tmp_path / "mask.png"), "--model", str(pipe_dir)])
+    assert (req.mask_padding, req.width, req.height, args.png_notes) == (4, 32, 32, [])
+    req, args = sample.parse_request(["--from-png", str(made), "--model", str(pipe_dir)])   # (no mask: no box)
+    assert req.mask_padding is None and req.mask is None
 
 
 def test_init_image_is_read_upright_as_its_exif_orientation_shows_it(tmp_path):
@@ -1333,6 +1352,10 @@ BAD_INPUTS = {
                                 "repaint of a picture (inpainting): give --init-image too"),
     "mask_missing": (["a cat", "--init-image", "{tmp}/init.png", "--mask", "{tmp}/nope.png"],
                      "error: --mask {tmp}/nope.png: no such file"),
+    "mask_padding_without_mask": (["a cat", "--init-image", "{tmp}/init.png", "--mask-padding", "8"],
+                                  "error: --mask-padding 8: inpaints the box around a mask: give --mask too"),
+    "mask_padding_negative": (["a cat", "--init-image", "{tmp}/init.png", "--mask", "{tmp}/init.png",
+                               "--mask-padding", "-1"], "error: --mask-padding -1: must be a whole number"),
     "strength_range": (["a cat", "--init-image", "{tmp}/init.png", "--strength", "1.5"],
                        "--strength 1.5: must be a number in (0, 1]"),
     "strength_runs_no_step": (["a cat", "--init-image", "{tmp}/init.png", "--strength", "0.1", "--steps", "5"],

@@ -146,6 +146,14 @@ def test_masks_are_read_and_checked_before_anything_runs(pipe, init_image):
                  r"mask_images has shape \(32, 32, 3\): colour pixels .*give one channel"),
                 (dict(init_images=init_image, mask_images=np.zeros((0, SIZE, SIZE))), "has shape .*: no pixels"),
                 (dict(init_images=init_image, mask_images=[square, square[:8]]), "the masks differ in size"),
+                (dict(init_images=init_image, mask_images=square, mask_padding=-1), "mask_padding=-1: a number"),
+                (dict(init_images=init_image, mask_padding=4), "mask_padding inpaints the box around a mask: give one"),
+                (dict(init_images=init_image, mask_images=np.stack([square] * 2), mask_padding=4), "give one init"),
+                (dict(init_images=init_image, mask_images=square + 255, mask_padding=4, return_intermediates=2),
+                 "return_intermediates is not available with mask_padding"),
+                (dict(init_images=init_image, mask_images=square, mask_padding=4), "the mask is black everywhere"),
+                (dict(init_images=init_image, mask_images=square + 255, mask_padding=4, height=12),
+                 "height=12: must be a positive multiple of 8 .*mask_padding"),
                 (dict(init_images=init_image, mask_images=np.stack([square] * 3), seeds=[0, 1]),
                  r"seeds has 2 entries; expected 1 or 3 to match mask_images \(3 entries\)")]:
             with pytest.raises((ValueError, TypeError), match=message):
@@ -168,3 +176,62 @@ def test_denoise_names_an_inpainting_unets_missing_inputs():
         denoise(unet, sched, latents, text)
     with pytest.raises(ValueError, match=r"unet_extra_BHWC has shape \(2, 8, 8, 5\); expected \[2 or 1, 4, 4, "):
         denoise(unet, sched, latents, text, unet_extra_BHWC=np.zeros((2, 8, 8, 5), np.float32))
+
+
+def test_only_masked_matches_diffusers_padding_mask_crop(pipe, reference_pipe, monkeypatch):
+    """mask_padding (A1111's "Only masked"): diffusers' padding_mask_crop images, from a picture larger
+    than the size it is made at (its box around the mask, padded and grown to that aspect, resized, inpainted,
+    resized back and pasted), the picture's own pixels where the mask is black. The box, the resizes and the
+    paste alone equal diffusers' on thousands of random cases (a one-off fuzz); here the whole call."""
+    from diffusers import StableDiffusionInpaintPipeline
+    ref = StableDiffusionInpaintPipeline(**reference_pipe.components)
+    ref.set_progress_bar_config(disable=True)
+    ref.scheduler = diffusers_scheduler(reference_pipe, "pndm")
+    rng = np.random.default_rng(8)
+    picture = Image.fromarray(rng.integers(0, 256, (56, 72, 3), np.uint8))   # 72x56, made at 32x32
+    mask = np.zeros((56, 72), np.uint8)
+    mask[30:44, 40:52] = 255
+    mask = Image.fromarray(mask)
+    noise, seeds = latents_for(2, seed=9), [7, 8]
+    left = patch_reference(monkeypatch, noise, [posterior_draws(posterior_keys(image_keys(seeds))), None])
+    ours = pipe(PROMPTS, negative_prompts=NEGATIVES, seeds=seeds, num_inference_steps=STEPS, latents=noise,
+                init_images=picture, mask_images=mask, mask_padding=6, height=SIZE, width=SIZE)
+    want = ref(PROMPTS, negative_prompt=NEGATIVES, image=picture, mask_image=mask, padding_mask_crop=6,
+               height=SIZE, width=SIZE, num_inference_steps=STEPS).images
+    assert left == []
+    want = np.stack([np.asarray(w) for w in want]).astype(np.float32) / 255
+    assert ours.images.shape == want.shape == (2, 56, 72, 3)
+    assert np.abs(ours.images - want).max() <= 1 / 255 + 1e-6   # (each rounded to 8 bits from within 2e-5)
+    keep = np.asarray(mask) == 0
+    assert np.array_equal(ours.images[0][keep], np.asarray(picture)[keep] / np.float32(255))
+    assert np.abs(ours.images[0][~keep] - np.asarray(picture)[~keep] / 255).mean() > 0.02
+
+
+def test_only_masked_box_resizes_and_paste_equal_diffusers():
+    """`mask_crop_region`, `resize_to_fill` and `paste_into` against diffusers' VaeImageProcessor
+    (``get_crop_region``, ``resize_mode="fill"``, ``apply_overlay``) on random pictures, masks (one box, or
+    scattered, or soft), sizes and paddings: equal, pixel for pixel."""
+    from diffusers.image_processor import VaeImageProcessor
+    from sdjax.images import mask_crop_region, paste_into, resize_to_fill
+    proc = VaeImageProcessor(vae_scale_factor=8)
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        H, W = rng.integers(8, 90, 2)
+        mask = np.zeros((H, W), np.uint8)
+        y, x = rng.integers(0, H), rng.integers(0, W)
+        mask[y:y + rng.integers(1, H), x:x + rng.integers(1, W)] = 255
+        w, h, pad = int(rng.integers(1, 12)) * 8, int(rng.integers(1, 12)) * 8, int(rng.integers(0, 40))
+        assert mask_crop_region(mask > 0, w, h, pad) == tuple(proc.get_crop_region(Image.fromarray(mask), w, h, pad))
+    for i in range(60):
+        H, W = rng.integers(16, 80, 2)
+        picture = Image.fromarray(rng.integers(0, 256, (H, W, 3), np.uint8))
+        w, h = int(rng.integers(1, 10)) * 8, int(rng.integers(1, 10)) * 8
+        assert np.array_equal(np.asarray(resize_to_fill(picture, w, h)), np.asarray(proc._resize_and_fill(picture, w, h)))
+        soft = rng.integers(0, 256, (H, W), np.uint8)
+        mask = Image.fromarray(soft if i % 2 else (soft > 180).astype(np.uint8) * 255)
+        region = proc.get_crop_region(mask, w, h, pad=int(rng.integers(0, 20)))
+        made = Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8))
+        assert np.array_equal(np.asarray(paste_into(picture, mask, made, region)),
+                              np.asarray(proc.apply_overlay(mask, picture, made, region)))
+    with pytest.raises(ValueError, match="the mask is black everywhere"):
+        mask_crop_region(np.zeros((8, 8), bool), 8, 8, 4)
