@@ -226,7 +226,8 @@ def test_only_masked_box_resizes_and_paste_equal_diffusers():
         H, W = rng.integers(16, 80, 2)
         picture = Image.fromarray(rng.integers(0, 256, (H, W, 3), np.uint8))
         w, h = int(rng.integers(1, 10)) * 8, int(rng.integers(1, 10)) * 8
-        assert np.array_equal(np.asarray(resize_to_fill(picture, w, h)), np.asarray(proc._resize_and_fill(picture, w, h)))
+        assert np.array_equal(np.asarray(resize_to_fill(picture, w, h)),
+                              np.asarray(proc._resize_and_fill(picture, w, h)))
         soft = rng.integers(0, 256, (H, W), np.uint8)
         mask = Image.fromarray(soft if i % 2 else (soft > 180).astype(np.uint8) * 255)
         region = proc.get_crop_region(mask, w, h, pad=int(rng.integers(0, 20)))
