@@ -661,7 +661,8 @@ def test_from_png_names_what_a1111_images_hold_that_it_leaves_out(tmp_path):
     assert args.png_notes == [
         "--from-png: the image was made by inpainting a picture (a mask, Denoising strength 0.75): to make it again, "
         "pass --init-image PICTURE --mask MASK; this run makes one from noise",
-        "--from-png: settings sample.py has no flag for are left out: Mask blur: 4; Inpaint area: Only masked"]
+        "--from-png: settings sample.py has no flag for are left out: Mask blur: 4"]   # (Only masked: --mask-padding)
+    assert req.mask_padding is None   # (the box around a mask, without one: none)
     Image.new("RGB", (16, 16)).save(tmp_path / "start.png")
     req, args = sample.parse_request(["--from-png", png(f"a fox\n{settings}, Denoising strength: 0.4, Hires "
                                                           "upscale: 2"), "--init-image", str(tmp_path / "start.png")])
