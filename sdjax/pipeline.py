@@ -855,7 +855,9 @@ class StableDiffusion:
         resized to ``height`` x ``width``, inpainted there, and put back (`sdjax.images.mask_crop_region`,
         `resize_to_fill`, `paste_into`); ``images`` are the picture's size, the picture itself where the mask
         is black. Small masks in large pictures get the model's full resolution. Not with
-        ``return_intermediates``.
+        ``return_intermediates``. The mask is cut at half gray first (as AUTOMATIC1111 cuts it): its box and
+        paste are the black-and-white mask's, where diffusers boxes every pixel above black (a soft edge, a
+        JPEG's near-black noise) and blends the paste with its grays: the same for black-and-white masks.
         ``prompt_weighting``: read AUTOMATIC1111's emphasis syntax in the prompts and negative prompts, as
         A1111 does: ``(word)`` weights ``word`` by 1.1, ``[word]`` by 1/1.1, ``(word:1.5)`` by 1.5, nested
         groups multiply, ``\\(`` is a bracket (`sdjax.text.parse_prompt_attention`); each token's text
@@ -971,7 +973,7 @@ class StableDiffusion:
         if mask_padding is not None:   # "only masked": the box around the mask is what is made
             if (isinstance(mask_padding, (bool, np.bool_)) or not isinstance(mask_padding, (int, np.integer))
                     or mask_padding < 0):
-                raise ValueError(f"mask_padding={mask_padding!r}: a number of pixels >= 0")
+                raise ValueError(f"mask_padding={mask_padding!r}: must be a whole number of pixels >= 0")
             if mask_images is None or len(init_images) != 1 or len(mask_images) != 1:
                 raise ValueError("mask_padding inpaints the box around a mask: give one init image and one mask "
                                  "(mask_images; a call per picture)")

@@ -146,7 +146,8 @@ def test_masks_are_read_and_checked_before_anything_runs(pipe, init_image):
                  r"mask_images has shape \(32, 32, 3\): colour pixels .*give one channel"),
                 (dict(init_images=init_image, mask_images=np.zeros((0, SIZE, SIZE))), "has shape .*: no pixels"),
                 (dict(init_images=init_image, mask_images=[square, square[:8]]), "the masks differ in size"),
-                (dict(init_images=init_image, mask_images=square, mask_padding=-1), "mask_padding=-1: a number"),
+                (dict(init_images=init_image, mask_images=square, mask_padding=-1), "mask_padding=-1: must be a whole"),
+                (dict(init_images=init_image, mask_images=square, mask_padding=4.0), "=4.0: must be a whole number"),
                 (dict(init_images=init_image, mask_padding=4), "mask_padding inpaints the box around a mask: give one"),
                 (dict(init_images=init_image, mask_images=np.stack([square] * 2), mask_padding=4), "give one init"),
                 (dict(init_images=init_image, mask_images=square + 255, mask_padding=4, return_intermediates=2),
@@ -236,3 +237,13 @@ def test_only_masked_box_resizes_and_paste_equal_diffusers():
                               np.asarray(proc.apply_overlay(mask, picture, made, region)))
     with pytest.raises(ValueError, match="the mask is black everywhere"):
         mask_crop_region(np.zeros((8, 8), bool), 8, 8, 4)
+    # a gray mask is cut at half gray first (as A1111 does; the README says so): its box is the cut's, where
+    # diffusers' takes in every pixel above black
+    from sdjax.images import image_batch, mask_batch
+    from sdjax.pipeline import _crop_to_mask
+    soft = np.zeros((40, 60), np.uint8)
+    soft[5:30, 10:40], soft[15:20, 25:30] = 60, 255
+    picture = image_batch(rng.integers(0, 256, (40, 60, 3), np.uint8))[0]
+    region = _crop_to_mask(picture, mask_batch(soft)[0], 16, 16, 2)[4]
+    assert region == mask_crop_region(soft >= 128, 16, 16, 2) == (23, 13, 32, 22)
+    assert tuple(proc.get_crop_region(Image.fromarray(soft), 16, 16, 2)) == (8, 1, 42, 35)
