@@ -787,8 +787,12 @@ def png_notes(png: PngSettings, args) -> list[str]:
             f", Denoising strength {png.strength:g}" if png.strength is not None else "") + "): to make it again, pass "
             "--init-image PICTURE --mask MASK; this run makes one from noise")
     elif png.masked and args.mask is None:
-        notes.append("--from-png: the image was made by inpainting (a mask): to make it again, pass --mask MASK too; "
-                     "this run repaints the whole picture")
+        size = png.flags.get("width"), png.flags.get("height")   # (an "Only masked" image's: its box's)
+        boxed = png.flags.get("mask_padding") is not None
+        notes.append("--from-png: the image was made by inpainting (a mask" + (", Only masked" if boxed else "")
+                     + "): to make it again, pass --mask MASK too; this run repaints the whole picture" + (
+                         f", at {size[0]}x{size[1]}: the size of the box around the mask it was made at, not the "
+                         "picture's" if boxed and size == (args.width, args.height) else ""))
     elif png.strength is not None and args.init_image is None:
         notes.append(f"--from-png: the image was made from a picture (img2img, Denoising strength "
                      f"{png.strength:g}): to make it again, pass --init-image PICTURE; this run makes one from noise")

@@ -966,6 +966,12 @@ def test_mask_makes_the_pipelines_inpainting_and_is_recorded(pipe_dir, pipe, tmp
     assert (req.mask_padding, req.width, req.height, args.png_notes) == (4, 32, 32, [])
     req, args = sample.parse_request(["--from-png", str(made), "--model", str(pipe_dir)])   # (no mask: no box)
     assert req.mask_padding is None and req.mask is None
+    req, args = sample.parse_request(["--from-png", str(made), "--init-image", str(tmp_path / "big.png"),
+                                      "--model", str(pipe_dir)])   # (the whole picture, at the box's size: said)
+    assert (req.mask_padding, req.width, req.height) == (None, 32, 32)
+    assert args.png_notes == ["--from-png: the image was made by inpainting (a mask, Only masked): to make it again, "
+                              "pass --mask MASK too; this run repaints the whole picture, at 32x32: the size of the "
+                              "box around the mask it was made at, not the picture's"]
 
 
 def test_init_image_is_read_upright_as_its_exif_orientation_shows_it(tmp_path):
