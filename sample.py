@@ -260,7 +260,7 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
             listed = ", ".join(f"{k}={v}" for k, v in dropped.items())
             args.png_notes.append(f"--from-png: the image's scheduler options {listed} are left out: the "
                                   f"{args.scheduler} scheduler has none such")
-    if png is not None and args.mask is None and known.mask_padding is None:
+    if png is not None and "mask_padding" in png.flags and args.mask is None and known.mask_padding is None:
         args.mask_padding = None   # (an "Only masked" image's, without its mask: the note says to pass --mask)
     try:   # an init image sets the size that is not given: its own, rounded down to multiples of 8
         own_size = args.init_image is not None and args.mask_padding is None   # (only masked: the box's size)

@@ -947,6 +947,10 @@ def test_mask_makes_the_pipelines_inpainting_and_is_recorded(pipe_dir, pipe, tmp
     req, args = sample.parse_request(["--from-png", str(made), "--init-image", str(tmp_path / "start.png"),
                                       "--mask", str(tmp_path / "mask.png"), "--model", str(pipe_dir)])
     assert req.img2img_strength == 1 and args.png_notes == []
+    (tmp_path / "boxed.yaml").write_text("mask_padding: 5\n")   # (a preset's, with no mask: said, not dropped)
+    with pytest.raises(UsageError, match="key 'mask_padding' has value 5: inpaints the box around a mask: give"):
+        sample.parse_request(["--config", str(tmp_path / "boxed.yaml"), "--from-png", str(made), "--init-image",
+                              str(tmp_path / "start.png"), "--model", str(pipe_dir)])
     # --mask-padding: the box around the mask made at --width x --height, pasted into the picture (its own size)
     Image.fromarray(rng.integers(0, 256, (40, 48, 3), np.uint8)).save(tmp_path / "big.png")
     rc, _, stderr = run_main(capsys, "a dog", "--seeds", "4", "--init-image", tmp_path / "big.png", "--mask",
