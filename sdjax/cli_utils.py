@@ -782,13 +782,14 @@ def png_notes(png: PngSettings, args) -> list[str]:
             uses = this or "the model's own"
             notes.append(f"--from-png: the image was made with the {what} {recorded}, this run uses {uses} "
                          f"(--{what.lower()})")
+    size = png.flags.get("width"), png.flags.get("height")   # (an "Only masked" image's: its box's)
+    boxed = png.flags.get("mask_padding") is not None
     if png.masked and args.init_image is None:
         notes.append("--from-png: the image was made by inpainting a picture (a mask" + (
+            ", Only masked" if boxed else "") + (
             f", Denoising strength {png.strength:g}" if png.strength is not None else "") + "): to make it again, pass "
             "--init-image PICTURE --mask MASK; this run makes one from noise")
     elif png.masked and args.mask is None:
-        size = png.flags.get("width"), png.flags.get("height")   # (an "Only masked" image's: its box's)
-        boxed = png.flags.get("mask_padding") is not None
         notes.append("--from-png: the image was made by inpainting (a mask" + (", Only masked" if boxed else "")
                      + "): to make it again, pass --mask MASK too; this run repaints the whole picture" + (
                          f", at {size[0]}x{size[1]}: the size of the box around the mask it was made at, not the "

@@ -659,11 +659,15 @@ def test_from_png_names_what_a1111_images_hold_that_it_leaves_out(tmp_path):
     req, args = sample.parse_request(["--from-png", png(f"a fox\n{settings}, Denoising strength: 0.75, Mask blur: 4, "
                                                           "Inpaint area: Only masked")])
     assert args.png_notes == [
-        "--from-png: the image was made by inpainting a picture (a mask, Denoising strength 0.75): to make it again, "
-        "pass --init-image PICTURE --mask MASK; this run makes one from noise",
-        "--from-png: settings sample.py has no flag for are left out: Mask blur: 4"]   # (Only masked: --mask-padding)
+        "--from-png: the image was made by inpainting a picture (a mask, Only masked, Denoising strength 0.75): to "
+        "make it again, pass --init-image PICTURE --mask MASK; this run makes one from noise",
+        "--from-png: settings sample.py has no flag for are left out: Mask blur: 4"]
     assert req.mask_padding is None   # (the box around a mask, without one: none)
     Image.new("RGB", (16, 16)).save(tmp_path / "start.png")
+    start = str(tmp_path / "start.png")
+    req, args = sample.parse_request(["--from-png", png(f"a fox\n{settings}, Mask blur: 0, Inpaint area: Only masked"),
+                                      "--init-image", start, "--mask", start])
+    assert req.mask_padding == 32 and args.png_notes == []   # (A1111's default padding, when none is written)
     req, args = sample.parse_request(["--from-png", png(f"a fox\n{settings}, Denoising strength: 0.4, Hires "
                                                           "upscale: 2"), "--init-image", str(tmp_path / "start.png")])
     assert req.strength is None and req.hires is None and args.png_notes == [
