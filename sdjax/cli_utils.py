@@ -981,6 +981,11 @@ def validate_request(req: SampleRequest) -> None:
         if req.trajectory:
             raise _bad_setting("mask_padding", req.mask_padding, "makes no trajectory (its images are pasted into "
                                "the picture): leave out --trajectory or --mask-padding")
+        if req.init_image is not None:   # (the pipeline's box needs a white pixel: said before the model loads)
+            mask = load_init_image(req.mask, *init_image_size(req.init_image), "L")   # (as run_sampling reads it)
+            if not (mask >= 128).any():   # (cut at half gray, as sdjax.images.mask_batch cuts it)
+                raise _bad_setting("mask", req.mask, "is black everywhere (cut at half gray): --mask-padding finds "
+                                   "no box around it to repaint")
     if req.strength is not None:
         strength = req.strength
         if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:

@@ -664,9 +664,10 @@ def test_from_png_names_what_a1111_images_hold_that_it_leaves_out(tmp_path):
         "--from-png: settings sample.py has no flag for are left out: Mask blur: 4"]
     assert req.mask_padding is None   # (the box around a mask, without one: none)
     Image.new("RGB", (16, 16)).save(tmp_path / "start.png")
-    start = str(tmp_path / "start.png")
+    Image.new("L", (16, 16), 255).save(tmp_path / "white.png")
     req, args = sample.parse_request(["--from-png", png(f"a fox\n{settings}, Mask blur: 0, Inpaint area: Only masked"),
-                                      "--init-image", start, "--mask", start])
+                                      "--init-image", str(tmp_path / "start.png"), "--mask",
+                                      str(tmp_path / "white.png")])
     assert req.mask_padding == 32 and args.png_notes == []   # (A1111's default padding, when none is written)
     req, args = sample.parse_request(["--from-png", png(f"a fox\n{settings}, Denoising strength: 0.4, Hires "
                                                           "upscale: 2"), "--init-image", str(tmp_path / "start.png")])
@@ -1371,6 +1372,9 @@ BAD_INPUTS = {
                                   "error: --mask-padding 8: inpaints the box around a mask: give --mask too"),
     "mask_padding_negative": (["a cat", "--init-image", "{tmp}/init.png", "--mask", "{tmp}/init.png",
                                "--mask-padding", "-1"], "error: --mask-padding -1: must be a whole number"),
+    "mask_padding_black_mask": (["a cat", "--init-image", "{tmp}/init.png", "--mask", "{tmp}/init.png",
+                                 "--mask-padding", "8"], "error: --mask {tmp}/init.png: is black everywhere (cut at "
+                                                         "half gray): --mask-padding finds no box around it"),
     "strength_range": (["a cat", "--init-image", "{tmp}/init.png", "--strength", "1.5"],
                        "--strength 1.5: must be a number in (0, 1]"),
     "strength_runs_no_step": (["a cat", "--init-image", "{tmp}/init.png", "--strength", "0.1", "--steps", "5"],
