@@ -853,11 +853,12 @@ class StableDiffusion:
         Inpaint area, diffusers' ``padding_mask_crop``): the box around the mask, that much wider on each side
         and grown to the aspect of ``height`` x ``width`` (default 512 x 512), is cut out of the picture,
         resized to ``height`` x ``width``, inpainted there, and put back (`sdjax.images.mask_crop_region`,
-        `resize_to_fill`, `paste_into`); ``images`` are the picture's size, the picture itself where the mask
-        is black. Small masks in large pictures get the model's full resolution. Not with
-        ``return_intermediates``. The mask is cut at half gray first (as AUTOMATIC1111 cuts it): its box and
-        paste are the black-and-white mask's, where diffusers boxes every pixel above black (a soft edge, a
-        JPEG's near-black noise) and blends the paste with its grays: the same for black-and-white masks.
+        `resize_to_fill`, `paste_into`); ``images`` are the picture's size, the picture itself (in 8 bits: a
+        float picture's pixels rounded) where the mask is black. Small masks in large pictures get the
+        model's full resolution. Not with ``return_intermediates``. The mask is cut at half gray first (as
+        AUTOMATIC1111 cuts it): its box and paste are the black-and-white mask's, where diffusers boxes every
+        pixel above black (a soft edge, a JPEG's near-black noise) and blends the paste with its grays: the
+        same for black-and-white masks.
         ``prompt_weighting``: read AUTOMATIC1111's emphasis syntax in the prompts and negative prompts, as
         A1111 does: ``(word)`` weights ``word`` by 1.1, ``[word]`` by 1/1.1, ``(word:1.5)`` by 1.5, nested
         groups multiply, ``\\(`` is a bracket (`sdjax.text.parse_prompt_attention`); each token's text
