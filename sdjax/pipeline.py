@@ -986,6 +986,9 @@ class StableDiffusion:
                 if not isinstance(size, (int, np.integer)) or size <= 0 or size % 8:
                     raise ValueError(f"{name}={size!r}: must be a positive multiple of 8 (with mask_padding: the size "
                                      "the box around the mask is made at)")
+            if not mask_images[0].any():   # (a gray mask below half gray too: said as such)
+                raise ValueError("mask_images is black everywhere (cut at half gray): mask_padding finds no box "
+                                 "around it to repaint")
             crop = _crop_to_mask(init_images[0], mask_images[0], width, height, int(mask_padding))
             init_images, mask_images = crop[0], crop[1]
         if hires is not None:
