@@ -307,7 +307,8 @@ def _unquote(value: str) -> str:
 
 # ----------------------------------------------------------------------------- writing
 def as_pil(image) -> Image.Image:
-    """A PIL image from a PIL image, a float [H, W, 3] array in [0, 1], or a uint8 array."""
+    """A PIL image from a PIL image, a float [H, W, 3] (or [H, W]: grayscale) array in [0, 1], or a uint8 array
+    (floats rounded to 8 bits, as diffusers' ``numpy_to_pil``)."""
     if isinstance(image, Image.Image):
         return image
     array = np.asarray(image)

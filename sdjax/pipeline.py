@@ -424,29 +424,19 @@ def _crop_to_mask(picture_HWC, mask_HW1, width: int, height: int, padding: int) 
     """"Only masked" inpainting's inputs: the box of the picture around its mask (`mask_crop_region`) and
     that box of the mask, each resized to ``width`` x ``height`` as diffusers does (`resize_to_fill`);
     then the picture and mask as PIL images and the box, for `_pasted`."""
-    from PIL import Image
-
-    from sdjax.images import image_batch, mask_batch, mask_crop_region, resize_to_fill
-    picture = Image.fromarray(_to_uint8(picture_HWC))
-    mask = Image.fromarray((mask_HW1[..., 0] * 255).astype(np.uint8))
+    from sdjax.images import as_pil, image_batch, mask_batch, mask_crop_region, resize_to_fill
+    picture, mask = as_pil(picture_HWC), as_pil(mask_HW1[..., 0])
     region = mask_crop_region(mask_HW1[..., 0] > 0, width, height, padding)
     return (image_batch(resize_to_fill(picture.crop(region), width, height)),
             mask_batch(resize_to_fill(mask.crop(region), width, height)), picture, mask, region)
 
 
-def _to_uint8(images):
-    """Float images in [0, 1] as uint8 pixels, rounded (as diffusers' ``numpy_to_pil``)."""
-    return (np.asarray(images) * 255).round().astype(np.uint8)
-
-
 def _pasted(images_BHWC, picture, mask, region) -> np.ndarray:
     """Images made from a crop of ``picture`` put back into it (`sdjax.images.paste_into`): float32 [B, H,
     W, 3] of the picture's size, in [0, 1]."""
-    from PIL import Image
-
-    from sdjax.images import paste_into
-    return np.stack([np.asarray(paste_into(picture, mask, Image.fromarray(image), region))
-                     for image in _to_uint8(images_BHWC)]).astype(np.float32) / 255
+    from sdjax.images import as_pil, paste_into
+    return np.stack([np.asarray(paste_into(picture, mask, as_pil(image), region))
+                     for image in images_BHWC]).astype(np.float32) / 255
 
 
 class StableDiffusion:
