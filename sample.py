@@ -129,6 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --mask: inpaint only the box around the mask, PX pixels wider on each side (A1111's "
                         "Inpaint area \"Only masked\", its padding 32): the box is made at --width x --height "
                         "(default 512x512) and pasted back into the picture, which keeps its size")
+    p.add_argument("--mask-blur", type=float, default=0.0, metavar="PX",
+                   help="with --mask: blur the mask by PX pixels (a Gaussian's standard deviation) and lay the "
+                        "picture back over each image through the blurred mask, softening the seam around the "
+                        "repainted part (AUTOMATIC1111's Mask blur, its default 4; default 0: no blur, the images "
+                        "the model's everywhere)")
     p.add_argument("--hires-scale", type=float, default=None, metavar="S",
                    help="AUTOMATIC1111's Hires fix: make each image at --width x --height, enlarge it S times "
                         "(> 1; each side rounded down to a multiple of 8) and denoise it again at that size "
@@ -180,6 +185,7 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
     pre.add_argument("--strength")   # (given on the command line, not by the preset: over --from-png's)
     pre.add_argument("--hires-scale")
     pre.add_argument("--mask-padding")
+    pre.add_argument("--mask-blur")
     known, _ = pre.parse_known_args(argv)
     parser = build_parser()
     preset, path = {}, None
@@ -262,6 +268,8 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
                                   f"{args.scheduler} scheduler has none such")
     if png is not None and "mask_padding" in png.flags and args.mask is None and known.mask_padding is None:
         args.mask_padding = None   # (an "Only masked" image's, without its mask: the note says to pass --mask)
+    if png is not None and "mask_blur" in png.flags and args.mask is None and known.mask_blur is None:
+        args.mask_blur = 0.0   # (likewise an inpainted image's Mask blur)
     try:   # an init image sets the size that is not given: its own, rounded down to multiples of 8
         own_size = args.init_image is not None and args.mask_padding is None   # (only masked: the box's size)
         size = init_image_size(args.init_image) if own_size else (512, 512)
@@ -283,7 +291,7 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
                         embedding=list(args.embedding),
                         steps=args.steps, guidance_scale=args.guidance_scale, scheduler=args.scheduler,
                         init_image=args.init_image, strength=strength, mask=args.mask,
-                        mask_padding=args.mask_padding,
+                        mask_padding=args.mask_padding, mask_blur=args.mask_blur,
                         hires_scale=args.hires_scale,
                         hires_steps=args.hires_steps, hires_strength=args.hires_strength,
                         hires_upscaler=args.hires_upscaler,

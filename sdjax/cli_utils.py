@@ -204,6 +204,8 @@ CONFIG_KEYS: dict[str, tuple[type | tuple, str]] = {
     "strength": ((int, float), "img2img: the share of the schedule run from the init image, in (0, 1]"),
     "mask": (str, "inpainting, with init_image: the mask image (white: repaint, black: keep)"),
     "mask_padding": (int, "with mask: inpaint only the box around it, this many pixels wider (A1111's Only masked)"),
+    "mask_blur": ((int, float), "with mask: blur it this many pixels and lay the picture back over the images "
+                  "through it, softening the seam (A1111's Mask blur; 0: none)"),
     "hires_scale": ((int, float), "Hires fix: enlarge each image this many times (> 1) and denoise it again"),
     "hires_steps": (int, "Hires fix: the second pass's steps (default: steps)"),
     "hires_strength": ((int, float), "Hires fix: the share of the second pass's schedule run, in (0, 1] (0.7)"),
@@ -420,6 +422,7 @@ class SampleRequest:
     strength: float | None = None     # img2img: the share of the schedule run (None: DEFAULT_STRENGTH, 1 with a mask)
     mask: str | None = None           # inpainting: the mask of init_image (white: repaint)
     mask_padding: int | None = None   # "only masked" inpainting: the box around the mask, this much wider
+    mask_blur: float = 0.0            # inpainting: A1111's Mask blur, pixels (0: none)
     hires_scale: float | None = None  # Hires fix (two passes): the second pass's size over the first's
     hires_steps: int | None = None    # Hires fix: the second pass's steps (None: steps)
     hires_strength: float | None = None   # Hires fix: the second pass's denoising strength (None: 0.7)
@@ -619,8 +622,8 @@ def settings_from_png(path: str | os.PathLike) -> PngSettings:
     if fields.get("Inpaint area") == "Only masked":   # (A1111's padding default: 32)
         del fields["Inpaint area"]
         flags["mask_padding"] = number("Masked area padding", int) if "Masked area padding" in fields else 32
-    if fields.get("Mask blur") == "0":   # (sdjax's masks are not blurred: a blur of more is left out, and said)
-        del fields["Mask blur"]
+    if masked:
+        flags["mask_blur"] = number("Mask blur", float)
     hires_left_out = None
     if hires:   # A1111 writes no Hires upscaler for its default, Latent
         upscaler, by_name = fields.get("Hires upscaler", "Latent"), {v: k for k, v in HIRES_UPSCALER_NAMES.items()}
@@ -892,6 +895,11 @@ def recorded_scheduler_options(scheduler: str, config: dict, options: dict) -> d
     return {**options, **schedule}
 
 
+def _number(value) -> bool:
+    """A finite int or float (a setting's value as a preset or a flag gives it), not a bool."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def validate_request(req: SampleRequest) -> None:
     """Check everything that can be checked without the model; raise UsageError with one line."""
     if not req.prompts:
@@ -973,6 +981,11 @@ def validate_request(req: SampleRequest) -> None:
             raise _bad_setting("mask", req.mask, "marks what to repaint of a picture (inpainting): give --init-image "
                                "too")
         init_image_size(req.mask, "mask")
+    if not _number(req.mask_blur) or req.mask_blur < 0:
+        raise _bad_setting("mask_blur", req.mask_blur, "must be a number of pixels >= 0 (0: none; A1111's default "
+                           "is 4)")
+    if req.mask_blur and req.mask is None:
+        raise _bad_setting("mask_blur", req.mask_blur, "softens an inpainting mask's edge: give --mask too")
     if req.mask_padding is not None:
         if isinstance(req.mask_padding, bool) or not isinstance(req.mask_padding, int) or req.mask_padding < 0:
             raise _bad_setting("mask_padding", req.mask_padding, "must be a whole number of pixels >= 0")
@@ -982,10 +995,13 @@ def validate_request(req: SampleRequest) -> None:
             raise _bad_setting("mask_padding", req.mask_padding, "makes no trajectory (its images are pasted into "
                                "the picture): leave out --trajectory or --mask-padding")
         if req.init_image is not None:   # (the pipeline's box needs a white pixel: said before the model loads)
+            from sdjax.images import blur_mask, mask_batch
             mask = load_init_image(req.mask, *init_image_size(req.init_image), "L")   # (as run_sampling reads it)
-            if not (mask >= 128).any():   # (cut at half gray, as sdjax.images.mask_batch cuts it)
-                raise _bad_setting("mask", req.mask, "is black everywhere (cut at half gray): --mask-padding finds "
-                                   "no box around it to repaint")
+            blur = req.mask_blur if _number(req.mask_blur) and req.mask_blur > 0 else 0
+            if not (blur_mask(mask_batch(mask), blur) >= 0.5).any():   # (cut at half gray, as the pipeline cuts it)
+                after = f" after --mask-blur {req.mask_blur:g}" if blur else ""
+                raise _bad_setting("mask", req.mask, f"is black everywhere (cut at half gray{after}): --mask-padding "
+                                   "finds no box around it to repaint")
     if req.strength is not None:
         strength = req.strength
         if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
@@ -1026,14 +1042,12 @@ def validate_request(req: SampleRequest) -> None:
 
 def _validate_hires(req: SampleRequest) -> None:
     """The Hires fix's settings (--hires-*): each in range, the others only with --hires-scale."""
-    def number(value) -> bool:
-        return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
     if req.hires_scale is None:
         for name in ("hires_steps", "hires_strength", "hires_upscaler"):
             if getattr(req, name) is not None:
                 raise _bad_setting(name, getattr(req, name), "is the Hires fix's: give --hires-scale too")
         return
-    if not number(req.hires_scale) or req.hires_scale <= 1:
+    if not _number(req.hires_scale) or req.hires_scale <= 1:
         raise _bad_setting("hires_scale", req.hires_scale, "must be a number above 1 (the second pass's size over "
                            "the first's; typical 1.5-2)")
     steps = req.steps if req.hires_steps is None else req.hires_steps
@@ -1041,7 +1055,7 @@ def _validate_hires(req: SampleRequest) -> None:
                                         or not 1 <= steps <= 1000):
         raise _bad_setting("hires_steps", steps, "must be an integer in 1..1000 (default: --steps)")
     strength = HIRES_STRENGTH if req.hires_strength is None else req.hires_strength
-    if not number(strength) or not 0 < strength <= 1:
+    if not _number(strength) or not 0 < strength <= 1:
         raise _bad_setting("hires_strength", strength, "must be a number in (0, 1] (the share of the second pass's "
                            f"schedule run; default {HIRES_STRENGTH})")
     if req.hires_upscaler is not None and req.hires_upscaler not in HIRES_UPSCALERS:
@@ -1389,7 +1403,7 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
                                    return_intermediates=picks, progress=step_bar,
                                    scheduler_options=req.scheduler_options, clip_skip=req.clip_skip,
                                    init_images=init, strength=strength, mask_images=mask,
-                                   mask_padding=req.mask_padding,
+                                   mask_padding=req.mask_padding, mask_blur=req.mask_blur,
                                    prompt_weighting=req.prompt_weighting,
                                    hires=hires, emphasis=req.emphasis, **varied)
             for batch, out in zip(bar, outputs, strict=True):
@@ -1420,7 +1434,7 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
                                               hires_upscaler="latent" if hires is None else hires.upscaler,
                                               prompt_weighting=req.prompt_weighting, emphasis=req.emphasis,
                                               variation_seed=variation, variation_strength=req.variation_strength,
-                                              mask_blur=None if req.mask is None else 0,
+                                              mask_blur=None if req.mask is None else req.mask_blur,
                                               mask_padding=req.mask_padding,
                                               embeddings=embeddings_used(pipe.tokenizer, embeddings,
                                                                          f"{prompt}\n{negative}"))

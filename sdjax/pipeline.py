@@ -421,22 +421,29 @@ def check_parts_fit(configs: dict, root=None) -> None:
 
 
 def _crop_to_mask(picture_HWC, mask_HW1, width: int, height: int, padding: int) -> tuple:
-    """"Only masked" inpainting's inputs: the box of the picture around its mask (`mask_crop_region`) and
-    that box of the mask, each resized to ``width`` x ``height`` as diffusers does (`resize_to_fill`);
-    then the picture and mask as PIL images and the box, for `_pasted`."""
+    """"Only masked" inpainting's inputs: the box of the picture around its mask's pixels above black
+    (`mask_crop_region`) and that box of the mask (cut at half gray), each resized to ``width`` x ``height``
+    as diffusers does (`resize_to_fill`); then the box, for `_pasted`."""
     from sdjax.images import as_pil, image_batch, mask_batch, mask_crop_region, resize_to_fill
     picture, mask = as_pil(picture_HWC), as_pil(mask_HW1[..., 0])
     region = mask_crop_region(mask_HW1[..., 0] > 0, width, height, padding)
     return (image_batch(resize_to_fill(picture.crop(region), width, height)),
-            mask_batch(resize_to_fill(mask.crop(region), width, height)), picture, mask, region)
+            mask_batch(resize_to_fill(mask.crop(region), width, height)), region)
 
 
-def _pasted(images_BHWC, picture, mask, region) -> np.ndarray:
-    """Images made from a crop of ``picture`` put back into it (`sdjax.images.paste_into`): float32 [B, H,
-    W, 3] of the picture's size, in [0, 1]."""
+def _pasted(images_BHWC, start: int, pictures_BHWC, masks_BHW1, crop) -> np.ndarray:
+    """Images ``start``, ``start + 1``, ... of a call with the pictures they were made from laid back over
+    them where the masks (1 or one an image, like the pictures) are black: with ``crop`` (`_crop_to_mask`),
+    made from that box of the picture and put back into it (`sdjax.images.paste_into`, 8-bit); else blended,
+    image * mask + picture * (1 - mask). float32 [B, H, W, 3] of the pictures' size, in [0, 1]."""
     from sdjax.images import as_pil, paste_into
-    return np.stack([np.asarray(paste_into(picture, mask, as_pil(image), region))
-                     for image in images_BHWC]).astype(np.float32) / 255
+    pick = lambda a, i: a[0 if len(a) == 1 else start + i]  # noqa: E731
+    if crop is None:
+        return np.stack([image * pick(masks_BHW1, i) + pick(pictures_BHWC, i) * (1 - pick(masks_BHW1, i))
+                         for i, image in enumerate(images_BHWC)]).astype(np.float32)
+    return np.stack([np.asarray(paste_into(as_pil(pick(pictures_BHWC, i)), as_pil(pick(masks_BHW1, i)[..., 0]),
+                                           as_pil(image), crop[2])) for i, image in enumerate(images_BHWC)]
+                    ).astype(np.float32) / 255
 
 
 class StableDiffusion:
@@ -794,7 +801,8 @@ class StableDiffusion:
                  *, batch_size: int | None = None, return_intermediates: int | Sequence[int] | None = None,
                  scheduler_options: dict | None = None, progress: bool | str | _Bar = False, clip_skip: int = 1,
                  init_images: Any = None, strength: float | None = None, mask_images: Any = None,
-                 mask_padding: int | None = None, prompt_weighting: bool = False, hires: HiresFix | None = None,
+                 mask_padding: int | None = None, mask_blur: float = 0, prompt_weighting: bool = False,
+                 hires: HiresFix | None = None,
                  emphasis: str = "original", variation_seeds: int | Sequence[int] | np.ndarray | None = None,
                  variation_strength: float = 0.0) -> StableDiffusionOutput:
         """Generate one image per (prompt, seed) (all of them in memory at the end: `batches`
@@ -849,6 +857,14 @@ class StableDiffusion:
         AUTOMATIC1111 cuts it): its box and paste are the black-and-white mask's, where diffusers boxes every
         pixel above black (a soft edge, a JPEG's near-black noise) and blends the paste with its grays: the
         same for black-and-white masks.
+        ``mask_blur`` (pixels, default 0: none): AUTOMATIC1111's Mask blur, which softens the seam between the
+        repainted part and the picture. Each mask (cut at half gray) is blurred by a Gaussian of that standard
+        deviation (`sdjax.images.blur_mask`) and cut at half gray again for the model; the picture is then laid
+        back over each image through the blurred mask, as A1111 does: with ``mask_padding``, the paste's mask;
+        without, its grays doubled (A1111's overlay: the repainted part whole up to the cut, fading out
+        beyond it) and ``images`` the init images' where it is black (an 8-bit picture's pixels exactly).
+        Without a blur the images are the model's everywhere, as diffusers' (A1111 lays the picture back over
+        them at 0 too). The intermediates are the model's.
         ``prompt_weighting``: read AUTOMATIC1111's emphasis syntax in the prompts and negative prompts, as
         A1111 does: ``(word)`` weights ``word`` by 1.1, ``[word]`` by 1/1.1, ``(word:1.5)`` by 1.5, nested
         groups multiply, ``\\(`` is a bracket (`sdjax.text.parse_prompt_attention`); each token's text
@@ -896,7 +912,7 @@ class StableDiffusion:
             latents, batch_size=batch_size, return_intermediates=return_intermediates,
             scheduler_options=scheduler_options, progress=progress, clip_skip=clip_skip,
             init_images=init_images, strength=strength, mask_images=mask_images, mask_padding=mask_padding,
-            prompt_weighting=prompt_weighting, hires=hires,
+            mask_blur=mask_blur, prompt_weighting=prompt_weighting, hires=hires,
             emphasis=emphasis, variation_seeds=variation_seeds, variation_strength=variation_strength))
         steps = outputs[0].intermediate_steps
         return StableDiffusionOutput(np.concatenate([o.images for o in outputs]),
@@ -913,7 +929,8 @@ class StableDiffusion:
                 *, batch_size: int | None = None, return_intermediates: int | Sequence[int] | None = None,
                 scheduler_options: dict | None = None, progress: bool | str | _Bar = False, clip_skip: int = 1,
                 init_images: Any = None, strength: float | None = None, mask_images: Any = None,
-                mask_padding: int | None = None, prompt_weighting: bool = False, hires: HiresFix | None = None,
+                mask_padding: int | None = None, mask_blur: float = 0, prompt_weighting: bool = False,
+                hires: HiresFix | None = None,
                 emphasis: str = "original", variation_seeds: int | Sequence[int] | np.ndarray | None = None,
                 variation_strength: float = 0.0) -> Iterator[StableDiffusionOutput]:
         """The images of ``pipe(...)`` (same arguments, same images), one `StableDiffusionOutput`
@@ -960,7 +977,20 @@ class StableDiffusion:
                                  "the images' size")
             if strength is None:
                 strength = 1.0   # (diffusers' inpainting default: the masked part from pure noise)
-        crop = None
+        if isinstance(mask_blur, (bool, np.bool_)) or not isinstance(mask_blur, (int, float, np.integer, np.floating)):
+            raise TypeError(f"mask_blur={mask_blur!r} is not a number (of pixels)")
+        blur = float(mask_blur)
+        if not 0 <= blur < math.inf:
+            raise ValueError(f"mask_blur={mask_blur!r}: must be a number of pixels >= 0 (0: no blur; A1111's default "
+                             "is 4)")
+        if blur and mask_images is None:
+            raise ValueError(f"mask_blur={mask_blur!r} softens an inpainting mask's edge: give mask_images")
+        soft = None   # A1111's Mask blur: the model gets the blur cut at half gray, the paste its grays
+        if blur:
+            from sdjax.images import blur_mask
+            soft = blur_mask(mask_images, blur)
+            mask_images = (soft >= 0.5).astype(np.float32)
+        paste = None
         if mask_padding is not None:   # "only masked": the box around the mask is what is made
             if (isinstance(mask_padding, (bool, np.bool_)) or not isinstance(mask_padding, (int, np.integer))
                     or mask_padding < 0):
@@ -977,10 +1007,14 @@ class StableDiffusion:
                     raise ValueError(f"{name}={size!r}: must be a positive multiple of 8 (with mask_padding: the size "
                                      "the box around the mask is made at)")
             if not mask_images[0].any():   # (a gray mask below half gray too: said as such)
-                raise ValueError("mask_images is black everywhere (cut at half gray): mask_padding finds no box "
-                                 "around it to repaint")
-            crop = _crop_to_mask(init_images[0], mask_images[0], width, height, int(mask_padding))
-            init_images, mask_images = crop[0], crop[1]
+                blurred = f" after mask_blur={mask_blur!r}" if blur else ""
+                raise ValueError(f"mask_images is black everywhere (cut at half gray{blurred}): mask_padding finds "
+                                 "no box around it to repaint")
+            kept = mask_images[:1] if soft is None else soft[:1]
+            paste = (init_images[:1], kept, _crop_to_mask(init_images[0], kept[0], width, height, int(mask_padding)))
+            init_images, mask_images = paste[2][:2]
+        elif soft is not None:   # the picture laid back over each image through the blur, its grays doubled
+            paste = (init_images, np.minimum(2 * soft, 1), None)
         if hires is not None:
             if not isinstance(hires, HiresFix):
                 raise TypeError(f"hires must be a HiresFix (sdjax.HiresFix(scale=2.0, ...)) or None, got "
@@ -1107,11 +1141,11 @@ class StableDiffusion:
                                                            variation_strength=np.float32(variation_strength))
         return self._batches(prompts, negatives, seeds, ids, neg_ids, latents, init_images, first_call, sched,
                              latent_shape, guidance_scale, steps, per_call, progress, clip_skip, text_inputs, second,
-                             variation, mask_images, crop)
+                             variation, mask_images, paste)
 
     def _batches(self, prompts, negatives, seeds, ids, neg_ids, latents, init_images, first_call, sched,
                  latent_shape, guidance_scale, steps, per_call, progress, clip_skip,
-                 text_inputs, second=None, variation=None, masks=None, crop=None) -> Iterator[StableDiffusionOutput]:
+                 text_inputs, second=None, variation=None, masks=None, paste=None) -> Iterator[StableDiffusionOutput]:
         """`batches`' generator, on its checked arguments: dispatches batch k + 1 before fetching batch k
         (with the Hires fix's Lanczos upscaler, the first pass's images are fetched in between)."""
         with self._lock:
@@ -1172,8 +1206,8 @@ class StableDiffusion:
                 start, stop, images, decoded = batch
                 _wait_interruptibly([images, *decoded])
                 images = parallel.to_host(images)[: stop - start]
-                if crop is not None:   # "only masked": each image put back into the picture
-                    images = _pasted(images, *crop[2:])
+                if paste is not None:   # (mask_padding, mask_blur) the picture laid back over each image
+                    images = _pasted(images, start, *paste)
                 inter = np.stack([parallel.to_host(d) for d in decoded])[:, : stop - start] if steps else None
                 if step_bar is not None:
                     if last:

@@ -660,15 +660,21 @@ def test_from_png_names_what_a1111_images_hold_that_it_leaves_out(tmp_path):
                                                           "Inpaint area: Only masked")])
     assert args.png_notes == [
         "--from-png: the image was made by inpainting a picture (a mask, Only masked, Denoising strength 0.75): to "
-        "make it again, pass --init-image PICTURE --mask MASK; this run makes one from noise",
-        "--from-png: settings sample.py has no flag for are left out: Mask blur: 4"]
-    assert req.mask_padding is None   # (the box around a mask, without one: none)
+        "make it again, pass --init-image PICTURE --mask MASK; this run makes one from noise"]
+    assert req.mask_padding is None and req.mask_blur == 0   # (the box around a mask and its blur, without one: none)
     Image.new("RGB", (16, 16)).save(tmp_path / "start.png")
     Image.new("L", (16, 16), 255).save(tmp_path / "white.png")
     req, args = sample.parse_request(["--from-png", png(f"a fox\n{settings}, Mask blur: 0, Inpaint area: Only masked"),
                                       "--init-image", str(tmp_path / "start.png"), "--mask",
                                       str(tmp_path / "white.png")])
     assert req.mask_padding == 32 and args.png_notes == []   # (A1111's default padding, when none is written)
+    req, _ = sample.parse_request(["--from-png", png(f"a fox\n{settings}, Mask blur: 4"), "--init-image",
+                                   str(tmp_path / "start.png"), "--mask", str(tmp_path / "white.png")])
+    assert (req.mask_blur, req.mask_padding) == (4, None)
+    req, _ = sample.parse_request(["--from-png", png(f"a fox\n{settings}, Mask blur: 4"), "--init-image",
+                                   str(tmp_path / "start.png"), "--mask", str(tmp_path / "white.png"),
+                                   "--mask-blur", "0"])
+    assert req.mask_blur == 0
     req, args = sample.parse_request(["--from-png", png(f"a fox\n{settings}, Denoising strength: 0.4, Hires "
                                                           "upscale: 2"), "--init-image", str(tmp_path / "start.png")])
     assert req.strength is None and req.hires is None and args.png_notes == [
@@ -956,23 +962,25 @@ def test_mask_makes_the_pipelines_inpainting_and_is_recorded(pipe_dir, pipe, tmp
     with pytest.raises(UsageError, match="key 'mask_padding' has value 5: inpaints the box around a mask: give"):
         sample.parse_request(["--config", str(tmp_path / "boxed.yaml"), "--from-png", str(made), "--init-image",
                               str(tmp_path / "start.png"), "--model", str(pipe_dir)])
-    # --mask-padding: the box around the mask made at --width x --height, pasted into the picture (its own size)
+    # --mask-padding: the box around the mask made at --width x --height, pasted into the picture (its own size);
+    # --mask-blur: the mask blurred, the paste through the blur
     Image.fromarray(rng.integers(0, 256, (40, 48, 3), np.uint8)).save(tmp_path / "big.png")
     rc, _, stderr = run_main(capsys, "a dog", "--seeds", "4", "--init-image", tmp_path / "big.png", "--mask",
-                             tmp_path / "mask.png", "--mask-padding", "4", "--model", pipe_dir, "--out", out, *SMALL)
+                             tmp_path / "mask.png", "--mask-padding", "4", "--mask-blur", "2.5", "--model", pipe_dir,
+                             "--out", out, *SMALL)
     assert rc == 0, stderr
     made = out / "00001-seed4-a-dog.png"
     assert I.read_png_parameters(made).endswith(
-        "Size: 32x32, Model: pipe, Denoising strength: 1, Mask blur: 0, Inpaint area: Only masked, Masked area "
+        "Size: 32x32, Model: pipe, Denoising strength: 1, Mask blur: 2.5, Inpaint area: Only masked, Masked area "
         "padding: 4")
     big_mask = np.asarray(Image.fromarray(mask).convert("L").resize((48, 40), Image.Resampling.LANCZOS))
     ref = pipe("a dog", seeds=[4], num_inference_steps=3, init_images=Image.open(tmp_path / "big.png"),
-               mask_images=big_mask, mask_padding=4, height=32, width=32).to_pil()
+               mask_images=big_mask, mask_padding=4, mask_blur=2.5, height=32, width=32).to_pil()
     assert pixels(made).shape == (40, 48, 3)
     np.testing.assert_array_equal(pixels(made), ref[0])
     req, args = sample.parse_request(["--from-png", str(made), "--init-image", str(tmp_path / "big.png"),
                                       "--mask", str(tmp_path / "mask.png"), "--model", str(pipe_dir)])
-    assert (req.mask_padding, req.width, req.height, args.png_notes) == (4, 32, 32, [])
+    assert (req.mask_padding, req.mask_blur, req.width, req.height, args.png_notes) == (4, 2.5, 32, 32, [])
     req, args = sample.parse_request(["--from-png", str(made), "--model", str(pipe_dir)])   # (no mask: no box)
     assert req.mask_padding is None and req.mask is None
     req, args = sample.parse_request(["--from-png", str(made), "--init-image", str(tmp_path / "big.png"),
@@ -1375,6 +1383,12 @@ BAD_INPUTS = {
     "mask_padding_black_mask": (["a cat", "--init-image", "{tmp}/init.png", "--mask", "{tmp}/init.png",
                                  "--mask-padding", "8"], "error: --mask {tmp}/init.png: is black everywhere (cut at "
                                                          "half gray): --mask-padding finds no box around it"),
+    "mask_blur_without_mask": (["a cat", "--init-image", "{tmp}/init.png", "--mask-blur", "4"],
+                               "error: --mask-blur 4.0: softens an inpainting mask's edge: give --mask too"),
+    "mask_blur_negative": (["a cat", "--init-image", "{tmp}/init.png", "--mask", "{tmp}/init.png", "--mask-blur", "-2"],
+                           "error: --mask-blur -2.0: must be a number of pixels >= 0"),
+    "mask_blur_nan": (["a cat", "--init-image", "{tmp}/init.png", "--mask", "{tmp}/init.png", "--mask-blur", "nan"],
+                      "error: --mask-blur nan: must be a number of pixels >= 0"),
     "strength_range": (["a cat", "--init-image", "{tmp}/init.png", "--strength", "1.5"],
                        "--strength 1.5: must be a number in (0, 1]"),
     "strength_runs_no_step": (["a cat", "--init-image", "{tmp}/init.png", "--strength", "0.1", "--steps", "5"],

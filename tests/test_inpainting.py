@@ -154,6 +154,13 @@ def test_masks_are_read_and_checked_before_anything_runs(pipe, init_image):
                  "return_intermediates is not available with mask_padding"),
                 (dict(init_images=init_image, mask_images=square + 100, mask_padding=4),
                  r"mask_images is black everywhere \(cut at half gray\): mask_padding finds no box"),
+                (dict(init_images=init_image, mask_images=np.pad(np.ones((1, 1), bool), (15, 16)), mask_padding=4,
+                      mask_blur=4), r"black everywhere \(cut at half gray after mask_blur=4\): mask_padding finds"),
+                (dict(init_images=init_image, mask_images=square, mask_blur=-1), "mask_blur=-1: must be a number of "
+                 "pixels >= 0"),
+                (dict(init_images=init_image, mask_images=square, mask_blur="4"), "mask_blur='4' is not a number"),
+                (dict(init_images=init_image, mask_blur=2), "mask_blur=2 softens an inpainting mask's edge: give "
+                 "mask_images"),
                 (dict(init_images=init_image, mask_images=square + 255, mask_padding=4, height=12),
                  "height=12: must be a positive multiple of 8 .*mask_padding"),
                 (dict(init_images=init_image, mask_images=np.stack([square] * 3), seeds=[0, 1]),
@@ -180,12 +187,16 @@ def test_denoise_names_an_inpainting_unets_missing_inputs():
         denoise(unet, sched, latents, text, unet_extra_BHWC=np.zeros((2, 8, 8, 5), np.float32))
 
 
-def test_only_masked_matches_diffusers_padding_mask_crop(pipe, reference_pipe, monkeypatch):
+@pytest.mark.parametrize("blur", [0, 3])
+def test_only_masked_matches_diffusers_padding_mask_crop(blur, pipe, reference_pipe, monkeypatch):
     """mask_padding (A1111's "Only masked"): diffusers' padding_mask_crop images, from a picture larger
     than the size it is made at (its box around the mask, padded and grown to that aspect, resized, inpainted,
     resized back and pasted), the picture's own pixels where the mask is black. The box, the resizes and the
-    paste alone equal diffusers' on thousands of random cases (a one-off fuzz); here the whole call."""
+    paste alone equal diffusers' on thousands of random cases (a one-off fuzz); here the whole call. With
+    mask_blur (A1111's Mask blur), diffusers' given the blurred mask: its box is the blur's, the model's mask
+    the blur cut at half gray, the paste blended through the blur's grays, in A1111 and diffusers alike."""
     from diffusers import StableDiffusionInpaintPipeline
+    from sdjax.images import as_pil, blur_mask, mask_batch
     ref = StableDiffusionInpaintPipeline(**reference_pipe.components)
     ref.set_progress_bar_config(disable=True)
     ref.scheduler = diffusers_scheduler(reference_pipe, "pndm")
@@ -194,19 +205,81 @@ def test_only_masked_matches_diffusers_padding_mask_crop(pipe, reference_pipe, m
     mask = np.zeros((56, 72), np.uint8)
     mask[30:44, 40:52] = 255
     mask = Image.fromarray(mask)
+    given = as_pil(blur_mask(mask_batch(mask), blur)[0, :, :, 0])
     noise, seeds = latents_for(2, seed=9), [7, 8]
     left = patch_reference(monkeypatch, noise, [posterior_draws(posterior_keys(image_keys(seeds))), None])
     ours = pipe(PROMPTS, negative_prompts=NEGATIVES, seeds=seeds, num_inference_steps=STEPS, latents=noise,
-                init_images=picture, mask_images=mask, mask_padding=6, height=SIZE, width=SIZE)
-    want = ref(PROMPTS, negative_prompt=NEGATIVES, image=picture, mask_image=mask, padding_mask_crop=6,
+                init_images=picture, mask_images=mask, mask_padding=6, mask_blur=blur, height=SIZE, width=SIZE)
+    want = ref(PROMPTS, negative_prompt=NEGATIVES, image=picture, mask_image=given, padding_mask_crop=6,
                height=SIZE, width=SIZE, num_inference_steps=STEPS).images
     assert left == []
     want = np.stack([np.asarray(w) for w in want]).astype(np.float32) / 255
     assert ours.images.shape == want.shape == (2, 56, 72, 3)
     assert np.abs(ours.images - want).max() <= 1 / 255 + 1e-6   # (each rounded to 8 bits from within 2e-5)
-    keep = np.asarray(mask) == 0
+    keep = np.asarray(given) == 0
+    assert keep.sum() < (np.asarray(mask) == 0).sum() - 150 if blur else np.array_equal(given, mask)
     assert np.array_equal(ours.images[0][keep], np.asarray(picture)[keep] / np.float32(255))
     assert np.abs(ours.images[0][~keep] - np.asarray(picture)[~keep] / 255).mean() > 0.02
+
+
+def test_mask_blur_lays_the_picture_back_as_a1111(pipe, reference_pipe, init_image, monkeypatch):
+    """mask_blur (A1111's Mask blur) over the whole picture: diffusers' inpainting images made with the
+    blurred masks (which its pipeline cuts at half gray, as sdjax cuts them for the model), then the picture
+    laid back over each through A1111's overlay mask, the blur's grays doubled (diffusers' ``apply_overlay``,
+    in 8 bits): within an 8-bit level. Where that mask is black, the init image's own pixels (the model's
+    differ there: the VAE changes every pixel); where it is white, the model's."""
+    from diffusers import StableDiffusionInpaintPipeline
+    from diffusers.image_processor import VaeImageProcessor
+    from sdjax.images import as_pil, blur_mask, mask_batch
+    ref = StableDiffusionInpaintPipeline(**reference_pipe.components)
+    ref.set_progress_bar_config(disable=True)
+    ref.scheduler = diffusers_scheduler(reference_pipe, "euler")
+    blurred = blur_mask(mask_batch(masks()), 2)
+    noise, seeds = latents_for(2, seed=6), [3, 4]
+    left = patch_reference(monkeypatch, noise, [posterior_draws(posterior_keys(image_keys(seeds))), None])
+    ours = pipe(PROMPTS, negative_prompts=NEGATIVES, seeds=seeds, num_inference_steps=STEPS, scheduler="euler",
+                latents=noise, init_images=init_image, mask_images=masks(), mask_blur=2).images
+    model = ref(PROMPTS, negative_prompt=NEGATIVES, image=np.repeat(init_image, 2, axis=0),
+                mask_image=[as_pil(b[..., 0]) for b in blurred], num_inference_steps=STEPS, output_type="np").images
+    assert left == []
+    overlay = np.minimum(2 * blurred, 1)   # (A1111: np.clip(mask * 2, 0, 255) of the blurred uint8 mask)
+    want = np.stack([np.asarray(VaeImageProcessor.apply_overlay(None, as_pil(m[..., 0]), as_pil(init_image[0]),
+                                                                as_pil(image))) for m, image in zip(overlay, model)])
+    assert ours.shape == want.shape == (2, SIZE, SIZE, 3)
+    assert np.abs(ours - want / 255).max() <= 2 / 255   # (PIL's overlay is 8-bit, through premultiplied alpha)
+    pictures = np.repeat(init_image, 2, axis=0)
+    assert np.abs(ours - (model * overlay + pictures * (1 - overlay))).max() <= 2e-5   # (sdjax's: in floats)
+    keep, made = np.repeat(overlay == 0, 3, -1), np.repeat(overlay == 1, 3, -1)
+    assert keep.any() and made.any() and (~keep & ~made).any()   # (the blur's seam between them)
+    assert np.array_equal(ours[keep], pictures[keep])
+    assert np.abs(model[keep] - pictures[keep]).mean() > 0.01
+    assert np.abs(ours[made] - model[made]).max() <= 2e-5
+
+
+def test_blur_mask_is_a1111s_gaussian():
+    """`blur_mask` is A1111's Mask blur (OpenCV's GaussianBlur as it calls it): a pass across, then one down,
+    each of the taps exp(-x^2 / 2 sigma^2) for |x| <= int(2.5 sigma + 0.5), summing to 1, rounded to 8 bits;
+    at an edge the mask mirrored about its edge pixel (OpenCV's default border, gfedcb|abcdefgh)."""
+    from sdjax.images import blur_mask
+    sigma = 2
+    radius = int(2.5 * sigma + 0.5)
+    taps = np.exp(-np.arange(-radius, radius + 1) ** 2 / (2 * sigma ** 2))
+    taps /= taps.sum()
+    impulse = np.zeros((1, 21, 21, 1), np.float32)
+    impulse[0, 10, 10] = 1
+    across = np.floor(255 * taps + 0.5)   # the row through the impulse after the first pass
+    want = np.zeros((21, 21))
+    want[10 - radius: 11 + radius, 10 - radius: 11 + radius] = np.floor(np.outer(taps, across) + 0.5)
+    got = blur_mask(impulse, sigma)
+    assert got.shape == impulse.shape and got.dtype == np.float32
+    assert np.array_equal(np.round(got[0, :, :, 0] * 255), want)
+    # a white pixel next to the left edge: mirrored about the edge pixel, it is also 2 pixels left of it
+    row = np.zeros((1, 1, 12, 1), np.float32)
+    row[0, 0, 1] = 1
+    tap = lambda d: taps[d + radius] if abs(d) <= radius else 0.0  # noqa: E731
+    want = [np.floor(255 * (tap(j - 1) + tap(j + 1)) + 0.5) for j in range(12)]
+    assert np.array_equal(np.round(blur_mask(row, sigma)[0, 0, :, 0] * 255), want)
+    assert np.array_equal(blur_mask(impulse, 0), impulse)
 
 
 def test_only_masked_box_resizes_and_paste_equal_diffusers():
@@ -245,6 +318,6 @@ def test_only_masked_box_resizes_and_paste_equal_diffusers():
     soft = np.zeros((40, 60), np.uint8)
     soft[5:30, 10:40], soft[15:20, 25:30] = 60, 255
     picture = image_batch(rng.integers(0, 256, (40, 60, 3), np.uint8))[0]
-    region = _crop_to_mask(picture, mask_batch(soft)[0], 16, 16, 2)[4]
+    region = _crop_to_mask(picture, mask_batch(soft)[0], 16, 16, 2)[2]
     assert region == mask_crop_region(soft >= 128, 16, 16, 2) == (23, 13, 32, 22)
     assert tuple(proc.get_crop_region(Image.fromarray(soft), 16, 16, 2)) == (8, 1, 42, 35)
