@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from flax.traverse_util import flatten_dict
+from flax.traverse_util import flatten_dict, unflatten_dict
 from safetensors.torch import save_file
 
 from sdjax.pipeline import StableDiffusion
@@ -231,6 +231,48 @@ def test_fused_weights_keep_the_pipeline_dtype_and_sampler(tiny_pipeline_dir, lo
     params = flatten_dict(nnx.to_pure_dict(nnx.state(pipe.unet, nnx.Param)))
     assert {jnp.result_type(v) for v in params.values()} == {jnp.dtype(jnp.bfloat16)}
     assert pipe._generate is generate
+
+
+def test_unfuse_lora_puts_the_weights_back_bit_for_bit(tiny_pipeline_dir, lora_files):
+    """unfuse_lora after two LoRAs that change the same weights: every weight as it was before the first,
+    bit for bit, in bfloat16 (where subtracting the changes would not give them back), the compiled sampler
+    and the sampling state current; fused again, the same weights as the first time. After set_params its
+    weights are the ones kept."""
+    def weights(pipe):
+        return {(part, *path): np.asarray(value, np.float32) for part in ("unet", "text_encoder")
+                for path, value in flatten_dict(nnx.to_pure_dict(nnx.state(getattr(pipe, part), nnx.Param))).items()}
+
+    def unchanged(a, b):
+        return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    pipe = StableDiffusion.from_pretrained(tiny_pipeline_dir, dtype="bfloat16")
+    generate, base = pipe._generate, weights(pipe)
+    pipe.unfuse_lora()   # (nothing fused: nothing changes)
+    assert unchanged(weights(pipe), base)
+    pipe.fuse_lora(lora_files["kohya"], scale=0.5)
+    once = weights(pipe)
+    from sdjax.weights import read_lora
+    deltas = read_lora(lora_files["kohya"], {"unet": pipe.unet.config, "text_encoder": pipe.text_encoder.config},
+                       scale=0.5)
+    subtracted = {(part, *path): np.asarray(jnp.asarray(once[(part, *path)] - d, jnp.bfloat16), np.float32)
+                  for part, changes in deltas.items() for path, d in changes.items()}
+    assert any(not np.array_equal(w, base[k]) for k, w in subtracted.items())   # (what diffusers' unfuse does)
+    pipe.fuse_lora(lora_files["peft"])
+    twice = weights(pipe)
+    changed = [k for k in base if not np.array_equal(twice[k], base[k])]
+    assert len(changed) >= len(MODULES) and any(not np.array_equal(twice[k], once[k]) for k in changed)
+    pipe.unfuse_lora()
+    assert unchanged(weights(pipe), base) and pipe._generate is generate
+    state = pipe.state.unet   # (what the sampler is given)
+    state = flatten_dict(state if isinstance(state, dict) else nnx.to_pure_dict(state))
+    assert all(np.array_equal(np.asarray(state[k[1:]], np.float32), base[k]) for k in changed if k[0] == "unet")
+    pipe.fuse_lora(lora_files["kohya"], scale=0.5)
+    assert unchanged(weights(pipe), once)
+    key = changed[0]
+    new = {key[1:]: np.zeros_like(base[key])}
+    pipe.set_params(**{key[0]: unflatten_dict(new)}, partial=True)
+    kept = weights(pipe)
+    pipe.unfuse_lora()   # (set_params' weights stay: the LoRA is part of them now)
+    assert unchanged(weights(pipe), kept)
 
 
 def bad_file(path, extra):
