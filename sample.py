@@ -210,15 +210,16 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
     if png is not None and png.strength is not None and known.strength is None and args.init_image is not None:
         strength = png.strength   # (over a preset's strength, as every --from-png setting is)
     # A1111's <lora:NAME:SCALE> tags: out of the prompts, their files (--lora-dir) into --lora
+    # (prompts naming different LoRAs: each run of them is made with its own, req.prompt_loras)
     tagged = [extra_network_tags(prompt) for prompt in prompts]
-    tags = {tuple(sorted(loras)) for _, loras, _ in tagged}   # (in any order: they add up)
-    if len(tags) > 1:
-        listed = " / ".join(" ".join(f"<lora:{n}:{w:g}>" for n, w in loras) or "none" for loras in sorted(tags))
-        raise UsageError(f"the prompts name different LoRAs ({listed}): sdjax merges LoRAs into the weights, once "
-                         "a run; make them in runs of their own")
     prompts = [prompt for prompt, _, _ in tagged]
     try:
-        found = loras_of_tags(tagged[0][1] if tagged else [], args.lora_dir, args.lora)
+        by_tags = {}   # each set of tags' files (in any order: they add up)
+        for _, tags, _ in tagged or [(None, [], None)]:
+            if tuple(sorted(tags)) not in by_tags:
+                by_tags[tuple(sorted(tags))] = loras_of_tags(tags, args.lora_dir, args.lora)
+        prompt_loras = [by_tags[tuple(sorted(tags))] for _, tags, _ in tagged] if len(by_tags) > 1 else []
+        found = [] if prompt_loras else next(iter(by_tags.values()))
         if png is not None and args.lora_dir is not None:   # the image's LoRAs, from the folder
             found += loras_of_tags(png.loras, args.lora_dir, [*args.lora, *found])
         named = embeddings_named([*prompts, args.negative_prompt], args.embedding_dir, args.embedding)
@@ -226,7 +227,9 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
         raise _from_the_preset(e, preset, path, args, sys.argv[1:] if argv is None else argv) from None
     args.lora, args.embedding = [*args.lora, *found], [*args.embedding, *named]
     # (a file that fails to load later is said of the folder it came from, not of a --lora / --embedding flag)
-    args.from_folder = {**dict.fromkeys(found, "lora_dir"), **dict.fromkeys(named, "embedding_dir")}
+    args.prompt_loras = prompt_loras
+    args.from_folder = {**dict.fromkeys([*found, *(text for loras in prompt_loras for text in loras)], "lora_dir"),
+                        **dict.fromkeys(named, "embedding_dir")}
     args.png_notes = [] if png is None else png_notes(png, args)
     if others := sorted({tag for _, _, networks in tagged for tag in networks}):
         args.png_notes.append(f"the prompt's extra networks {', '.join(others)} have no sdjax equivalent: left out "
@@ -285,6 +288,7 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
     req = SampleRequest(prompts=prompts, seeds=seeds, negative_prompt=args.negative_prompt, model=args.model,
                         model_config=args.model_config, vae=args.vae, ema_weights=args.ema_weights,
                         scheduler_options=options, clip_skip=args.clip_skip, lora=list(args.lora),
+                        prompt_loras=args.prompt_loras,
                         prompt_weighting=args.prompt_weighting,
                         emphasis=emphasis, variation_seeds=variation_seeds,
                         variation_strength=args.variation_strength,
@@ -415,6 +419,14 @@ def main(argv=None) -> int:
                 pipe.fuse_lora(*parse_lora(text))
             except CheckpointError as e:
                 error = _file_error(e, "lora", text, args, argv)   # (its message starts with the file)
+                break
+        from sdjax.weights import read_lora
+        configs = {"unet": pipe.unet.config, "text_encoder": pipe.text_encoder.config}
+        for text in dict.fromkeys(t for loras in req.prompt_loras for t in loras) if error is None else ():
+            try:   # (the prompts' other LoRAs, fused in turn as their prompts are made: read now all the same)
+                read_lora(parse_lora(text)[0], configs)
+            except CheckpointError as e:
+                error = _file_error(e, "lora", text, args, argv)
                 break
     tokens = []
     for file in req.embedding if error is None else ():   # the same: before anything is written

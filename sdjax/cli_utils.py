@@ -417,6 +417,9 @@ class SampleRequest:
     variation_seeds: list[int] = dataclasses.field(default_factory=list)   # A1111's variation seeds
     variation_strength: float = 0.0   # how far each image's noise moves toward its variation seed's (0: none)
     lora: list[str] = dataclasses.field(default_factory=list)   # LoRA files merged into the weights, FILE[:SCALE]
+    # per prompt, the LoRAs its A1111 <lora:NAME:SCALE> tags name, where the prompts name different ones (each
+    # run of prompts naming the same is made with its own in turn: run_sampling); else empty, and they are in lora
+    prompt_loras: list[list[str]] = dataclasses.field(default_factory=list)
     embedding: list[str] = dataclasses.field(default_factory=list)   # textual inversion embedding files
     init_image: str | None = None     # img2img: the image every image starts from
     strength: float | None = None     # img2img: the share of the schedule run (None: DEFAULT_STRENGTH, 1 with a mask)
@@ -476,6 +479,8 @@ class SampleRequest:
         import numpy as np
         fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("model", "model_config", "vae", "out")}
         fields["lora"] = [(Path(file).name, scale) for file, scale in map(parse_lora, self.lora)]   # not the paths
+        fields["prompt_loras"] = [[(Path(file).name, scale) for file, scale in map(parse_lora, loras)]
+                                  for loras in self.prompt_loras]
         fields["embedding"] = [Path(file).name for file in self.embedding]
         for name in ("init_image", "mask"):   # the images, wherever each host keeps them
             if getattr(self, name) is not None:
@@ -967,8 +972,11 @@ def validate_request(req: SampleRequest) -> None:
         # (the upper end, the text encoder's layer count, once the model is loaded: clip_skip_problem)
         raise _bad_setting("clip_skip", req.clip_skip, "must be an integer >= 1 (1: the text encoder's last layer, "
                            "2: the penultimate; typically 1 or 2)")
-    for text in req.lora:   # the files' contents once the model is loaded (StableDiffusion.fuse_lora)
-        parse_lora(text)
+    for text in [*req.lora, *(text for loras in req.prompt_loras for text in loras)]:
+        parse_lora(text)   # (the files' contents once the model is loaded: StableDiffusion.fuse_lora)
+    if req.prompt_loras and len(req.prompt_loras) != len(req.prompts):
+        raise UsageError(f"prompt_loras has {len(req.prompt_loras)} entries for {len(req.prompts)} prompts: one list "
+                         "of LoRAs a prompt (or none)")
     for file in req.embedding:   # likewise (StableDiffusion.load_textual_inversion)
         path = Path(file).expanduser()
         if not str(file).strip() or not path.is_file():
@@ -1268,6 +1276,34 @@ class SampleResult:
                 f"compile {self.compile_seconds:.1f} s)")
 
 
+def _run_by_loras(pipe, req: SampleRequest, progress: str) -> SampleResult:
+    """`run_sampling` of prompts that name different LoRAs (``req.prompt_loras``), as AUTOMATIC1111 makes
+    them: each run of prompts naming the same ones (in the prompts' order, so the files are numbered
+    in it) with ``req.lora`` and its own LoRAs fused (`StableDiffusion.fuse_lora`) on the weights the
+    pipeline had before any fuse (`StableDiffusion.unfuse_lora`, which it is left with), on the same
+    compiled sampler. One result for them all; a grid (``--grid``) for each run."""
+    import itertools
+
+    import jax
+    results = []
+    for loras, group in itertools.groupby(zip(req.prompts, req.prompt_loras), key=lambda pair: pair[1]):
+        prompts = [prompt for prompt, _ in group]
+        if jax.process_index() == 0:
+            tags = " ".join(f"<lora:{name}:{scale:g}>" for name, scale in lora_tags(loras)) or "no LoRA of a tag"
+            print(f"{count(len(prompts), 'prompt')} with {tags}")
+        pipe.unfuse_lora()
+        try:
+            for text in [*req.lora, *loras]:
+                pipe.fuse_lora(*parse_lora(text))
+            results.append(run_sampling(pipe, dataclasses.replace(req, prompts=prompts, lora=[*req.lora, *loras],
+                                                                  prompt_loras=[]), progress=progress))
+        finally:
+            pipe.unfuse_lora()
+    return SampleResult([f for r in results for f in r.files], [f for r in results for f in r.extra_files],
+                        sum(r.num_images for r in results), sum(r.seconds for r in results),
+                        sum(r.compile_seconds for r in results))
+
+
 def _chunks(jobs: list, size: int) -> Iterator[list]:
     for start in range(0, len(jobs), size):
         yield jobs[start:start + size]
@@ -1326,6 +1362,8 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
     from sdjax import parallel
     from sdjax.trajectory import noise_images, output_trajectory, trajectory_steps
 
+    if req.prompt_loras:
+        return _run_by_loras(pipe, req, progress)
     jobs, variations = req.jobs, req.variations
     varied = ({} if variations[0] is None
               else dict(variation_seeds=variations, variation_strength=req.variation_strength))

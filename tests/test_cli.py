@@ -1022,7 +1022,6 @@ def test_lora_flags_merge_the_files_and_are_recorded_as_a1111_prompt_tags(pipe_d
     """--lora FILE:SCALE --lora FILE: the image is that of the pipeline with both LoRAs fused, and the PNG
     parameters carry them as A1111 users write them, ``<lora:NAME:SCALE>`` after the prompt."""
     import shutil
-    from flax import nnx
     from test_lora import lora_tensors, mixed_alphas, write_kohya, write_peft
     model = shutil.copytree(pipe_dir, tmp_path / "lora-pipe")   # a pipeline of its own: the module's stays as is
     style = write_kohya(tmp_path / "style_v2.safetensors", lora_tensors(1), mixed_alphas())
@@ -1038,13 +1037,47 @@ def test_lora_flags_merge_the_files_and_are_recorded_as_a1111_prompt_tags(pipe_d
     kw = dict(seeds=4, num_inference_steps=3, height=32, width=32)
     assert not np.array_equal(pixels(out / "00000-seed4-a-dog.png"), pipe("a dog", **kw).to_pil()[0])
     # the module's pipeline with the two fused in Python (its compiled sampler: no other compile), then put back
-    unfused = {part: nnx.to_pure_dict(nnx.state(getattr(pipe, part), nnx.Param)) for part in ("unet", "text_encoder")}
     try:
         pipe.fuse_lora(style, scale=0.5)
         pipe.fuse_lora(detail)
         np.testing.assert_array_equal(pixels(out / "00000-seed4-a-dog.png"), pipe("a dog", **kw).to_pil()[0])
     finally:
-        pipe.set_params(**unfused)
+        pipe.unfuse_lora()
+
+
+def test_prompts_naming_different_loras_are_made_each_with_its_own(pipe_dir, pipe, tmp_path, capsys):
+    """Prompts whose A1111 tags name different LoRAs (--lora-dir): each run of prompts naming the same is made
+    with them (and the --lora flags') fused, in the prompts' order, as the pipeline makes each prompt with
+    those fused; each PNG records its own."""
+    import shutil
+    from test_lora import lora_tensors, mixed_alphas, write_kohya, write_peft
+    model = shutil.copytree(pipe_dir, tmp_path / "lora-pipe")   # a pipeline of its own: the module's stays as is
+    (tmp_path / "loras").mkdir()
+    style = write_kohya(tmp_path / "loras" / "style.safetensors", lora_tensors(1), mixed_alphas())
+    detail = write_peft(tmp_path / "detail.safetensors", lora_tensors(2), 8.0, {})
+    prompts = ["a dog <lora:style:0.5>", "a cat", "a bird <lora:style:0.5>", "a fox <lora:style:0.5>"]
+    req, _ = sample.parse_request([*prompts, "--lora-dir", str(tmp_path / "loras"), "--lora", f"{detail}:0.3"])
+    assert req.prompts == ["a dog", "a cat", "a bird", "a fox"] and req.lora == [f"{detail}:0.3"]
+    assert req.prompt_loras == [[f"{style}:0.5"], [], [f"{style}:0.5"], [f"{style}:0.5"]]
+    out = tmp_path / "out"
+    rc, stdout, stderr = run_main(capsys, *prompts, "--seeds", "4", "--lora-dir", tmp_path / "loras", "--lora",
+                                  f"{detail}:0.3", "--model", model, "--out", out, *SMALL)
+    assert rc == 0, stderr
+    assert [line for line in stdout.splitlines() if " with " in line] == [
+        "1 prompt with <lora:style:0.5>", "1 prompt with no LoRA of a tag", "2 prompts with <lora:style:0.5>"]
+    assert "wrote 4 files" in stdout and "4 images in" in stdout
+    kw = dict(seeds=4, num_inference_steps=3, height=32, width=32)
+    names = ["00000-seed4-a-dog.png", "00001-seed4-a-cat.png", "00002-seed4-a-bird.png", "00003-seed4-a-fox.png"]
+    for name, prompt, styled in zip(names, ["a dog", "a cat", "a bird", "a fox"], [True, False, True, True]):
+        try:
+            pipe.fuse_lora(detail, scale=0.3)   # (the --lora flags' first: float sums in the order the run adds)
+            if styled:
+                pipe.fuse_lora(style, scale=0.5)
+            np.testing.assert_array_equal(pixels(out / name), pipe(prompt, **kw).to_pil()[0])
+        finally:
+            pipe.unfuse_lora()
+        tags = "<lora:detail:0.3>" + (" <lora:style:0.5>" if styled else "")
+        assert I.read_png_parameters(out / name).startswith(f"{prompt} {tags}\nSteps: 3,")
 
 
 def test_a_file_that_is_no_lora_exits_2_after_loading_before_writing(pipe_dir, pipe, tmp_path, capsys):
@@ -1149,11 +1182,11 @@ def test_a_file_from_a_folder_that_does_not_load_is_said_of_the_folder(pipe_dir,
     assert rc == 2 and not out.exists()
     assert stderr.strip().startswith(f"sample.py: error: {tmp_path / 'preset.yaml'}: key 'embedding_dir' has value "
                                      f"'{tmp_path / 'emb'}': {wide}: its vectors have width 64"), stderr
-    rc, _, stderr = run_main(capsys, "a dog <lora:loha:0.5>", "--lora-dir", tmp_path, "--model", pipe_dir,
-                             "--out", out, *SMALL)
-    assert rc == 2 and not out.exists()
-    assert stderr.strip().startswith(f"sample.py: error: --lora-dir {tmp_path}: {tmp_path / 'loha.safetensors'}: "
-                                     "key 'lora_unet_conv_in.hada_w1_a' is LoHa"), stderr
+    for prompts in (["a dog <lora:loha:0.5>"], ["a cat", "a dog <lora:loha:0.5>"]):   # (a later prompt's too)
+        rc, _, stderr = run_main(capsys, *prompts, "--lora-dir", tmp_path, "--model", pipe_dir, "--out", out, *SMALL)
+        assert rc == 2 and not out.exists()
+        assert stderr.strip().startswith(f"sample.py: error: --lora-dir {tmp_path}: {tmp_path / 'loha.safetensors'}: "
+                                         "key 'lora_unet_conv_in.hada_w1_a' is LoHa"), stderr
 
 
 def test_embedding_dir_adds_the_embeddings_the_prompts_name(tmp_path):
@@ -1451,8 +1484,6 @@ BAD_INPUTS = {
                             "out, or give a folder"),
     "lora_dir_without_the_file": (["a dog <lora:nosuch:0.5>", "--lora-dir", "{tmp}"], "error: --lora-dir {tmp}: has "
                                   "no nosuch.safetensors, the LoRA <lora:nosuch>"),
-    "prompts_with_other_loras": (["a dog <lora:style:0.5>", "a cat"], "error: the prompts name different LoRAs (none / "
-                                 "<lora:style:0.5>): sdjax merges LoRAs into the weights, once a run"),
     "emphasis_without_weighting": (["a cat", "--emphasis", "none"], "error: --emphasis none: is a setting of "
                                    "AUTOMATIC1111's prompt syntax: it needs --prompt-weighting"),
     "emphasis_unknown": (["a cat", "--prompt-weighting", "--emphasis", "strong"], "error: --emphasis strong: choose "
