@@ -24,9 +24,9 @@ def _require_importable_flax() -> None:
 
 _require_importable_flax()
 
-from sdjax.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel  # noqa: E402
+from sdjax.models import AutoencoderKL, CLIPTextModel, ControlNetModel, UNet2DConditionModel  # noqa: E402
 from sdjax.pipeline import HiresFix, StableDiffusion, StableDiffusionOutput  # noqa: E402
 
-__all__ = ["AutoencoderKL", "CLIPTextModel", "UNet2DConditionModel", "StableDiffusion", "StableDiffusionOutput",
-           "HiresFix"]
+__all__ = ["AutoencoderKL", "CLIPTextModel", "UNet2DConditionModel", "ControlNetModel", "StableDiffusion",
+           "StableDiffusionOutput", "HiresFix"]
 __version__ = "0.1.0"

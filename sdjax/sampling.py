@@ -321,6 +321,36 @@ def predicted_clean(scheduler: Scheduler, model_input, model_output, i) -> jax.A
     return x0
 
 
+class ControlledUNet:
+    """A UNet steered by a ControlNet, for `denoise` (which takes it as a UNet): at every call the
+    ControlNet (`sdjax.models.ControlNetModel`) reads the latents, the text states and the control
+    images and its residuals, times ``conditioning_scale``, are added to the UNet's skip connections
+    and mid block, as diffusers' StableDiffusionControlNetPipeline adds them (at every step; its
+    ``guess_mode=False``). ``control_images_BHWC``: float [B or 1, H, W, 3] in [0, 1], one per image
+    (or one for all) at ``controlnet.config.image_scale`` pixels a latent; guidance's rows (an image's
+    negative and prompt) repeat their image's. An inpainting UNet's extra channels are the UNet's only."""
+
+    def __init__(self, unet, controlnet, control_images_BHWC, conditioning_scale: ArrayLike = 1.0):
+        self.unet, self.controlnet, self.conditioning_scale = unet, controlnet, conditioning_scale
+        self.control_images_BHWC = jnp.asarray(control_images_BHWC)
+        check_nhwc("control_images_BHWC", self.control_images_BHWC, controlnet.config.conditioning_channels)
+
+    @property
+    def config(self):
+        """The UNet's config (`denoise` checks the latents and text states against it)."""
+        return self.unet.config
+
+    def __call__(self, x_BHWC, t, text_BSD) -> jax.Array:
+        images = self.control_images_BHWC
+        if x_BHWC.shape[0] % images.shape[0]:
+            raise ValueError(f"control_images_BHWC has {images.shape[0]} images for a UNet call of {x_BHWC.shape[0]} "
+                             "rows: give one control image, or one per image")
+        images = jnp.repeat(images, x_BHWC.shape[0] // images.shape[0], axis=0)   # ([u0, c0, u1, c1, ...])
+        down, mid = self.controlnet(x_BHWC[..., :self.controlnet.config.in_channels], t, text_BSD, images,
+                                    self.conditioning_scale)
+        return self.unet(x_BHWC, t, text_BSD, down, mid)
+
+
 def guided_model_output(unet, model_input_B, t, cond_BSD, uncond_BSD, guidance_scale) -> jax.Array:
     """Classifier-free guidance as one batched UNet call: eps_u + g * (eps_c - eps_u), with
     ``guidance_scale`` g a number or one per image ([B]). ``cond_BSD`` / ``uncond_BSD``: text states
@@ -394,8 +424,9 @@ def denoise(unet, scheduler: Scheduler, latents_BHWC, cond_BSD, uncond_BSD=None,
             unet_extra_BHWC=None, blend: InpaintBlend | None = None) -> Any:
     """Run the whole reverse process as one ``lax.scan`` over the scheduler's model calls.
 
-    ``unet``: a `UNet2DConditionModel`, or any function ``(x_BHWC, t, text_BSD) -> prediction``
-    (a guidance rule of your own: a function around the UNet, with ``uncond_BSD=None``).
+    ``unet``: a `UNet2DConditionModel`, a `ControlledUNet` (a ControlNet's), or any function
+    ``(x_BHWC, t, text_BSD) -> prediction`` (a guidance rule of your own: a function around the UNet,
+    with ``uncond_BSD=None``).
     ``latents_BHWC``: initial latents already multiplied by ``scheduler.init_noise_sigma``; or,
     with ``start`` > 0 (img2img: a static int, the loop index to begin at), clean latents noised
     to that point, ``scheduler.add_noise_at(x0, noise, start)``; the scheduler

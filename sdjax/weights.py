@@ -33,6 +33,7 @@ from flax import nnx
 
 from sdjax.images import atomic_write, atomic_write_all, umask
 from sdjax.models.clip_text import CLIPTextConfig, CLIPTextModel
+from sdjax.models.controlnet import ControlNetConfig, ControlNetModel
 from sdjax.models.unet import UNet2DConditionModel, UNetConfig
 from sdjax.models.vae import AutoencoderKL, VAEConfig
 
@@ -76,7 +77,9 @@ CLIP = LayoutSpec(CLIPTextModel, CLIPTextConfig, "flax_model.msgpack",
                   # transformers 5 writes CLIPTextModel keys without the "text_model." prefix of SD's files
                   torch_aliases=((r"^(?!text_model\.)", "text_model."),),
                   torch_ignored=(r"(text_model\.)?embeddings\.position_ids",))
-SPECS = {UNet2DConditionModel: UNET, AutoencoderKL: VAE, CLIPTextModel: CLIP}
+CONTROLNET = LayoutSpec(ControlNetModel, ControlNetConfig, "diffusion_flax_model.msgpack",
+                        ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"), True)
+SPECS = {UNet2DConditionModel: UNET, AutoencoderKL: VAE, CLIPTextModel: CLIP, ControlNetModel: CONTROLNET}
 
 _FLAX_ALIASES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out_0"}  # Flax VAE attention
 _FLAX_NAMES = {new: old for old, new in _FLAX_ALIASES.items()}  # what diffusers' FlaxAutoencoderKL calls them
@@ -546,6 +549,13 @@ def read_config(model_dir: Path, model_cls):
 def config_to_dict(config) -> dict[str, Any]:
     """Our config dataclass -> the config.json diffusers / transformers expect."""
     d = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()}
+    if isinstance(config, ControlNetConfig):   # (no up blocks, no output: the UNet's it steers)
+        unet = config_to_dict(UNetConfig(**{f.name: getattr(config, f.name) for f in dataclasses.fields(UNetConfig)}))
+        return {**{k: v for k, v in unet.items() if k not in ("up_block_types", "out_channels")},
+                "_class_name": "ControlNetModel", "conditioning_channels": d["conditioning_channels"],
+                "conditioning_embedding_out_channels": d["conditioning_embedding_out_channels"],
+                "controlnet_conditioning_channel_order": d["controlnet_conditioning_channel_order"],
+                "global_pool_conditions": False}
     if isinstance(config, UNetConfig):
         # One value for every block is written as that value, as SD v1.5's own config has it: diffusers
         # code that reads these (ControlNetModel.from_unet, IP-Adapter loading) takes the scalar form.

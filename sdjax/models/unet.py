@@ -252,6 +252,54 @@ class MidBlock(nnx.Module):
         return self.resnets[1](x_BHWC, temb_BD)
 
 
+def down_blocks(cfg: UNetConfig, temb_ch: int, **kw) -> nnx.List:
+    """The down blocks of a UNet (and of a ControlNet, a copy of them) of ``cfg``."""
+    chs, n, blocks, out_ch = cfg.block_out_channels, cfg.layers_per_block, [], cfg.block_out_channels[0]
+    for i, kind in enumerate(cfg.down_block_types):
+        in_ch, out_ch = out_ch, chs[i]
+        blocks.append(UNetBlock(kind, resnet_in_chs=[in_ch] + [out_ch] * (n - 1), out_ch=out_ch,
+                                temb_ch=temb_ch, add_resample=i < len(chs) - 1, cfg=cfg,
+                                heads=cfg.num_attention_heads[i], context_dim=cfg.cross_attention_dim[i],
+                                transformer_layers=cfg.transformer_layers_per_block[i], **kw))
+    return nnx.List(blocks)
+
+
+def mid_block(cfg: UNetConfig, temb_ch: int, **kw) -> MidBlock:
+    return MidBlock(cfg.block_out_channels[-1], temb_ch=temb_ch, cfg=cfg, heads=cfg.num_attention_heads[-1],
+                    context_dim=cfg.cross_attention_dim[-1],
+                    transformer_layers=cfg.transformer_layers_per_block[-1], **kw)
+
+
+def skip_channels(cfg: UNetConfig) -> list[int]:
+    """The channels of each output the down blocks pass on (conv_in's first): the UNet's skip
+    connections, and a ControlNet's residuals for them."""
+    chs, out = cfg.block_out_channels, [cfg.block_out_channels[0]]
+    for i, ch in enumerate(chs):
+        out += [ch] * (cfg.layers_per_block + (i < len(chs) - 1))
+    return out
+
+
+def time_embedding_of(model, timesteps, batch: int, dtype) -> jax.Array:
+    """The time embedding [batch, 4 * C] of a UNet's or ControlNet's ``timesteps`` (a scalar or one a sample)."""
+    if jnp.shape(timesteps) not in ((), (1,), (batch,)):   # e.g. doubled for guidance, the samples not
+        raise ValueError(f"timesteps has shape {jnp.shape(timesteps)}; expected a scalar or one per sample "
+                         f"([{batch}], sample_BHWC's batch)")
+    t_B = jnp.broadcast_to(jnp.asarray(timesteps), (batch,))
+    t_emb = timestep_embedding(t_B, model.config.block_out_channels[0],
+                               flip_sin_to_cos=model.config.flip_sin_to_cos, freq_shift=model.config.freq_shift)
+    return model.time_embedding(t_emb.astype(dtype))
+
+
+def check_context(sample_BHWC, context_BSD, cfg: UNetConfig) -> None:
+    """A ValueError unless the text states are [the sample's batch, tokens, a cross_attention_dim]."""
+    widths, context_shape = set(cfg.cross_attention_dim), tuple(context_BSD.shape)
+    if (len(context_shape) != 3 or context_shape[0] != sample_BHWC.shape[0]
+            or (len(widths) == 1 and context_shape[-1] not in widths)):
+        raise ValueError(f"encoder_hidden_states_BSD has shape {context_shape}; expected [batch "
+                         f"{sample_BHWC.shape[0]} (the sample's), tokens, {' or '.join(map(str, sorted(widths)))} "
+                         "(cross_attention_dim)]")
+
+
 class UNet2DConditionModel(nnx.Module, Pretrained):
     """Predicts the noise (or v) in ``sample`` at ``timesteps`` given text states.
 
@@ -271,17 +319,8 @@ class UNet2DConditionModel(nnx.Module, Pretrained):
         self.conv_in = conv(cfg.in_channels, chs[0], 3, **kw)
         self.time_embedding = TimestepEmbedding(chs[0], temb_ch, **kw)
 
-        down, out_ch = [], chs[0]
-        for i, kind in enumerate(cfg.down_block_types):
-            in_ch, out_ch = out_ch, chs[i]
-            down.append(UNetBlock(kind, resnet_in_chs=[in_ch] + [out_ch] * (n - 1), out_ch=out_ch,
-                                  temb_ch=temb_ch, add_resample=i < len(chs) - 1, cfg=cfg,
-                                  heads=cfg.num_attention_heads[i], context_dim=cfg.cross_attention_dim[i],
-                                  transformer_layers=cfg.transformer_layers_per_block[i], **kw))
-        self.down_blocks = nnx.List(down)
-        self.mid_block = MidBlock(chs[-1], temb_ch=temb_ch, cfg=cfg, heads=cfg.num_attention_heads[-1],
-                                  context_dim=cfg.cross_attention_dim[-1],
-                                  transformer_layers=cfg.transformer_layers_per_block[-1], **kw)
+        self.down_blocks = down_blocks(cfg, temb_ch, **kw)
+        self.mid_block = mid_block(cfg, temb_ch, **kw)
 
         up, rev = [], list(reversed(chs))
         rev_heads, rev_ctx = cfg.num_attention_heads[::-1], cfg.cross_attention_dim[::-1]
@@ -299,25 +338,19 @@ class UNet2DConditionModel(nnx.Module, Pretrained):
         self.conv_norm_out = group_norm(chs[0], cfg.norm_num_groups, cfg.norm_eps, **kw)
         self.conv_out = conv(chs[0], cfg.out_channels, 3, **kw)
 
-    def __call__(self, sample_BHWC, timesteps, encoder_hidden_states_BSD):
+    def __call__(self, sample_BHWC, timesteps, encoder_hidden_states_BSD, down_block_additional_residuals=None,
+                 mid_block_additional_residual=None):
+        """The prediction [B, h, w, out_channels]. ``down_block_additional_residuals`` (a tuple, one
+        [B, h_k, w_k, C_k] per skip connection, conv_in's first: `skip_channels`) and
+        ``mid_block_additional_residual`` are added to the skip connections and to the mid block's
+        output, as diffusers' UNet takes a ControlNet's (`sdjax.models.ControlNetModel`)."""
         check_nhwc("sample_BHWC", sample_BHWC, self.config.in_channels)
-        widths, context_shape = set(self.config.cross_attention_dim), tuple(encoder_hidden_states_BSD.shape)
-        if (len(context_shape) != 3 or context_shape[0] != sample_BHWC.shape[0]
-                or (len(widths) == 1 and context_shape[-1] not in widths)):
-            raise ValueError(f"encoder_hidden_states_BSD has shape {context_shape}; expected [batch "
-                             f"{sample_BHWC.shape[0]} (the sample's), tokens, {' or '.join(map(str, sorted(widths)))} "
-                             "(cross_attention_dim)]")
+        check_context(sample_BHWC, encoder_hidden_states_BSD, self.config)
         x = sample_BHWC.astype(self.dtype)
         context = encoder_hidden_states_BSD.astype(self.dtype)
         if self.config.center_input_sample:
             x = 2 * x - 1.0
-        if jnp.shape(timesteps) not in ((), (1,), (x.shape[0],)):   # e.g. doubled for guidance, the samples not
-            raise ValueError(f"timesteps has shape {jnp.shape(timesteps)}; expected a scalar or one per sample "
-                             f"([{x.shape[0]}], sample_BHWC's batch)")
-        t_B = jnp.broadcast_to(jnp.asarray(timesteps), (x.shape[0],))
-        t_emb = timestep_embedding(t_B, self.config.block_out_channels[0],
-                                   flip_sin_to_cos=self.config.flip_sin_to_cos, freq_shift=self.config.freq_shift)
-        temb = self.time_embedding(t_emb.astype(self.dtype))
+        temb = time_embedding_of(self, timesteps, x.shape[0], self.dtype)
 
         def run(block, *args, **static):
             if not self.remat:
@@ -333,7 +366,18 @@ class UNet2DConditionModel(nnx.Module, Pretrained):
         for block in self.down_blocks:
             x, outs = run(block, x, temb, context)
             skips += outs
+        if down_block_additional_residuals is not None:
+            residuals = tuple(down_block_additional_residuals)
+            if [tuple(r.shape) for r in residuals] != [tuple(s.shape) for s in skips]:
+                raise ValueError(f"down_block_additional_residuals have shapes {[tuple(r.shape) for r in residuals]}; "
+                                 f"the skip connections' are {[tuple(s.shape) for s in skips]}")
+            skips = tuple(s + r.astype(s.dtype) for s, r in zip(skips, residuals))
         x = run(self.mid_block, x, temb, context)
+        if mid_block_additional_residual is not None:
+            if tuple(mid_block_additional_residual.shape) != tuple(x.shape):
+                raise ValueError(f"mid_block_additional_residual has shape {tuple(mid_block_additional_residual.shape)}"
+                                 f"; the mid block's output is {tuple(x.shape)}")
+            x = x + mid_block_additional_residual.astype(x.dtype)
         for block in self.up_blocks:
             n = len(block.resnets)
             skips, block_skips = skips[:-n], skips[-n:]

@@ -1,0 +1,152 @@
+"""ControlNet (sdjax.models.ControlNetModel, sampling.ControlledUNet) against diffusers' ControlNetModel,
+its UNet's additional residuals and StableDiffusionControlNetPipeline, on tiny random weights."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import reference as R
+from sdjax.models import ControlNetConfig, ControlNetModel, UNet2DConditionModel
+from test_sampling import NEGATIVES, PROMPTS, SIZE, STEPS, diffusers_scheduler, latents_for
+
+# The tiny UNet's blocks; its control images at 2 pixels a latent (one stride-2 step), as the tiny VAE's
+TINY_CONTROLNET = {k: v for k, v in R.TINY_UNET.items() if k not in ("up_block_types", "out_channels", "sample_size")}
+TINY_CONTROLNET["conditioning_embedding_out_channels"] = (8, 16)
+
+
+def torch_controlnet(seed=0, **config):
+    from diffusers import ControlNetModel as TorchControlNet
+    torch.manual_seed(seed)
+    return R.perturb_(TorchControlNet(**{**TINY_CONTROLNET, **config}), seed)   # (its zero convs made random)
+
+
+def nchw(x):
+    return torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())
+
+
+def nhwc(x):
+    return x.detach().numpy().transpose(0, 2, 3, 1)
+
+
+@pytest.fixture(scope="module")
+def controlnet_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("controlnet") / "tiny-controlnet"
+    torch_controlnet(seed=4).save_pretrained(folder)
+    return folder
+
+
+def inputs(seed, batch=2):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((batch, SIZE // 2, SIZE // 2, 4)).astype(np.float32),
+            np.array([3.0, 700.0][:batch], np.float32),
+            rng.standard_normal((batch, 77, 32)).astype(np.float32),
+            rng.uniform(0, 1, (batch, SIZE, SIZE, 3)).astype(np.float32))
+
+
+@pytest.mark.parametrize("order", ["rgb", "bgr"])
+def test_controlnet_matches_diffusers(order, tmp_path):
+    """The residuals for each skip connection and the mid block, times the conditioning scale, from a
+    diffusers ControlNet's saved weights (its zero convs random), the control image's channels in the
+    config's order."""
+    from diffusers import ControlNetModel as TorchControlNet
+    ref = torch_controlnet(seed=1, controlnet_conditioning_channel_order=order)
+    ref.save_pretrained(tmp_path)
+    ours = ControlNetModel.from_pretrained(tmp_path)
+    assert ours.config.controlnet_conditioning_channel_order == order and ours.config.image_scale == 2
+    x, t, text, image = inputs(0)
+    down, mid = ours(x, t, text, image, 0.7)
+    with torch.no_grad():
+        want_down, want_mid = ref(nchw(x), torch.from_numpy(t), torch.from_numpy(text), nchw(image),
+                                  conditioning_scale=0.7, return_dict=False)
+    assert len(down) == len(want_down) == 1 + 3 * 2 + 2   # (conv_in's, two a block and a downsampler's, but the last)
+    for a, b in zip(down, want_down):
+        assert a.shape == nhwc(b).shape and np.abs(np.asarray(a) - nhwc(b)).max() <= 2e-5
+    assert np.abs(np.asarray(mid) - nhwc(want_mid)).max() <= 2e-5 and np.abs(nhwc(want_mid)).mean() > 0.01
+    # written back, diffusers loads it and gives the same
+    saved = ours.save_pretrained(tmp_path / "saved")
+    again = TorchControlNet.from_pretrained(tmp_path / "saved" if saved is None else saved.parent)
+    with torch.no_grad():
+        _, mid_again = again(nchw(x), torch.from_numpy(t), torch.from_numpy(text), nchw(image),
+                             conditioning_scale=0.7, return_dict=False)
+    assert np.abs(nhwc(mid_again) - nhwc(want_mid)).max() <= 1e-6
+
+
+def test_unet_adds_the_residuals_as_diffusers(tmp_path):
+    """down_block_additional_residuals and mid_block_additional_residual: added to the skip connections
+    and to the mid block's output, as diffusers' UNet adds them."""
+    from flax import nnx
+    ref = R.torch_unet(seed=2)
+    unet = UNet2DConditionModel.from_pretrained(R.save_torch_layout(ref, tmp_path).parent)
+    x, t, text, image = inputs(1)
+    controlnet = ControlNetModel(ControlNetConfig.from_dict(TINY_CONTROLNET), rngs=nnx.Rngs(0))
+    down, mid = controlnet(x, t, text, image)
+    down = tuple(d * 10 for d in down)   # (random init: small residuals; these change the output plainly)
+    ours = unet(x, t, text, down, mid * 10)
+    with torch.no_grad():
+        want = ref(nchw(x), torch.from_numpy(t), torch.from_numpy(text),
+                   down_block_additional_residuals=[nchw(d) for d in down],
+                   mid_block_additional_residual=nchw(mid * 10)).sample
+        plain = ref(nchw(x), torch.from_numpy(t), torch.from_numpy(text)).sample
+    assert np.abs(np.asarray(ours) - nhwc(want)).max() <= 2e-5
+    assert np.abs(nhwc(want) - nhwc(plain)).mean() > 0.01
+    with pytest.raises(ValueError, match=r"down_block_additional_residuals have shapes \[\(2, 16, 16, 32\)\]; the "
+                                         r"skip connections' are \[\(2, 16, 16, 32\), "):
+        unet(x, t, text, down[:1], mid)
+    with pytest.raises(ValueError, match=r"mid_block_additional_residual has shape \(2, 4, 4, 32\); the mid block's "
+                                         r"output is \(2, 4, 4, 64\)"):
+        unet(x, t, text, down, mid[..., :32])
+
+
+def test_controlled_sampling_matches_diffusers_controlnet_pipeline(pipe, reference_pipe, controlnet_dir):
+    """`denoise` of a `ControlledUNet` (the ControlNet's residuals at every UNet call, guidance's rows
+    repeating their image's control image), between sdjax's text encoding and decoding: the images of
+    diffusers' StableDiffusionControlNetPipeline from the same noise, one control image per image."""
+    from diffusers import ControlNetModel as TorchControlNet
+    from diffusers import StableDiffusionControlNetPipeline
+    from sdjax.sampling import ControlledUNet, decode_latents, denoise, encode_prompts
+    from sdjax.text import tokenize
+    controlnet = ControlNetModel.from_pretrained(controlnet_dir)
+    ref = StableDiffusionControlNetPipeline(**reference_pipe.components,
+                                            controlnet=TorchControlNet.from_pretrained(controlnet_dir))
+    ref.set_progress_bar_config(disable=True)
+    ref.scheduler = diffusers_scheduler(reference_pipe, "pndm")
+    noise = latents_for(2, seed=3)
+    images = np.random.default_rng(4).uniform(0, 1, (2, SIZE, SIZE, 3)).astype(np.float32)
+    sched = pipe.make_scheduler("pndm", STEPS)
+
+    @jax.jit
+    def run(noise, images):
+        cond = encode_prompts(pipe.text_encoder, tokenize(pipe.tokenizer, PROMPTS))
+        uncond = encode_prompts(pipe.text_encoder, tokenize(pipe.tokenizer, NEGATIVES))
+        latents = denoise(ControlledUNet(pipe.unet, controlnet, images, 0.8), sched, noise * sched.init_noise_sigma,
+                          cond, uncond, 7.5)
+        return decode_latents(pipe.vae, latents)
+    ours = np.asarray(run(jnp.asarray(noise), jnp.asarray(images)))
+    want = ref(PROMPTS, negative_prompt=NEGATIVES, image=images, latents=nchw(noise), num_inference_steps=STEPS,
+               guidance_scale=7.5, controlnet_conditioning_scale=0.8, height=SIZE, width=SIZE,
+               output_type="np").images
+    plain = reference_pipe(PROMPTS, negative_prompt=NEGATIVES, latents=nchw(noise), num_inference_steps=STEPS,
+                           height=SIZE, width=SIZE, output_type="np").images
+    assert ours.shape == want.shape == (2, SIZE, SIZE, 3)
+    assert np.abs(ours - want).max() <= 2e-5
+    assert np.abs(want - plain).mean() > 0.01   # (the ControlNet steered the images)
+
+
+def test_controlnet_errors_name_the_problem(tmp_path):
+    """A control image of the wrong size or batch, and a config sdjax does not build, are errors that
+    say so."""
+    import json
+    from flax import nnx
+    from sdjax.sampling import ControlledUNet
+    from sdjax.weights import CheckpointError
+    controlnet = ControlNetModel(ControlNetConfig.from_dict(TINY_CONTROLNET), rngs=nnx.Rngs(0))
+    x, t, text, image = inputs(2)
+    with pytest.raises(ValueError, match=r"controlnet_cond_BHWC has shape \(2, 16, 16, 3\); expected \(2, 32, 32, 3\)"
+                                         ": the control image at 2 pixels a latent"):
+        controlnet(x, t, text, image[:, :16, :16])
+    with pytest.raises(ValueError, match=r"control_images_BHWC has 3 images for a UNet call of 2 rows"):
+        ControlledUNet(None, controlnet, np.concatenate([image, image[:1]]))(x, t, text)
+    (tmp_path / "config.json").write_text(json.dumps({**TINY_CONTROLNET, "global_pool_conditions": True}))
+    with pytest.raises(CheckpointError, match="global_pool_conditions=True .* is not supported"):
+        ControlNetModel.from_pretrained(tmp_path)
