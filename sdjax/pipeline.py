@@ -17,7 +17,8 @@ import numpy as np
 from flax import nnx
 
 from sdjax import parallel, sampling
-from sdjax.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
+from sdjax.models import AutoencoderKL, CLIPTextModel, ControlNetModel, UNet2DConditionModel
+from sdjax.models.unet import skip_channels
 from sdjax.schedulers import SCHEDULERS, make_noise_schedule, make_scheduler, pipeline_scheduler_config
 from sdjax.text import (check_emphasis, composable_parts, edited_prompts, load_tokenizer, tokenize,
                         tokenize_weighted, window_count)
@@ -463,6 +464,7 @@ class StableDiffusion:
         parallel.data_size(self.mesh)   # a mesh without a "data" axis: refused here, not at the first call
         self._warned: set[tuple] = set()
         self._lock = threading.RLock()
+        self.controlnet: ControlNetModel | None = None   # (load_controlnet)
         self._before_lora: dict[str, dict] = {}   # {part: {path: weight}}: what fuse_lora changed, as it was
         # The text encoder's token rows without textual inversion embeddings' (a single file holds these):
         # all of them, but where a saved pipeline's embeddings grew the table, the rows before theirs
@@ -485,6 +487,14 @@ class StableDiffusion:
             static_argnames=("latent_shape_HWC", "use_guidance", "return_predictions", "on_step", "clip_skip",
                              "start", "return_latents", "decode", "restore_mean"))
         self._decode = jax.jit(functools.partial(_decode, self._graphdefs.vae))
+        self._build_controlled()
+
+    def _build_controlled(self) -> None:
+        """The sampler with the ControlNet's graphdef bound (`load_controlnet`), beside the plain one."""
+        self._controlled = None if self.controlnet is None else jax.jit(
+            functools.partial(sampling.generate, self._graphdefs, controlnet_graphdef=nnx.graphdef(self.controlnet)),
+            static_argnames=("latent_shape_HWC", "use_guidance", "return_predictions", "on_step", "clip_skip",
+                             "start", "return_latents", "decode", "restore_mean"))
 
     def _refresh_state(self) -> None:
         models = (self.text_encoder, self.unet, self.vae)
@@ -755,6 +765,36 @@ class StableDiffusion:
         self._before_lora = {}
 
     @_one_call_at_a_time
+    def load_controlnet(self, controlnet: ControlNetModel | str | Path | None, *, revision: str | None = None,
+                        variant: str | None = None) -> ControlNetModel | None:
+        """Steer the images by a ControlNet: a `ControlNetModel`, or a diffusers ControlNet folder or Hub
+        repo id (``lllyasviel/control_v11p_sd15_canny``, ``.../control_v11f1p_sd15_depth``) loaded in the
+        pipeline's dtype; ``None`` takes it away. Its control images are ``pipe(..., control_images=...)``;
+        a call without them is made as before, by the program of before. A ControlNet made for another
+        model (other block widths or text width, or control images at another scale than the VAE's)
+        raises a `CheckpointError` naming the fields. Returns the ControlNet."""
+        if controlnet is not None:
+            if not isinstance(controlnet, ControlNetModel):
+                controlnet = ControlNetModel.from_pretrained(controlnet, revision=revision, variant=variant,
+                                                             dtype=self.unet.dtype)
+            cn, unet = controlnet.config, self.unet.config
+            for name, mine, theirs in (
+                    ("the residuals' channels (block_out_channels, layers_per_block)", skip_channels(cn),
+                     skip_channels(unet)),
+                    ("down_block_types", cn.down_block_types, unet.down_block_types),
+                    ("cross_attention_dim", cn.cross_attention_dim, unet.cross_attention_dim),
+                    ("in_channels", cn.in_channels, self.vae.config.latent_channels),
+                    ("control image pixels a latent (conditioning_embedding_out_channels)", cn.image_scale,
+                     self.vae_scale)):
+                if mine != theirs:
+                    raise CheckpointError(f"the ControlNet's {name} are {mine}, this pipeline's {theirs}: a ControlNet "
+                                          "made for another model (SD 1.x ControlNets steer SD 1.x models)")
+            self._controlnet_state = parallel.replicate(nnx.to_pure_dict(nnx.state(controlnet)), self.mesh)
+        self.controlnet = controlnet
+        self._build_controlled()
+        return controlnet
+
+    @_one_call_at_a_time
     def load_textual_inversion(self, file: str | Path, token: str | None = None) -> str:
         """Add a textual inversion embedding's vectors to the tokenizer and text encoder, as diffusers'
         ``load_textual_inversion`` does, and return its token: write that word in a prompt (or a
@@ -831,7 +871,8 @@ class StableDiffusion:
                  *, batch_size: int | None = None, return_intermediates: int | Sequence[int] | None = None,
                  scheduler_options: dict | None = None, progress: bool | str | _Bar = False, clip_skip: int = 1,
                  init_images: Any = None, strength: float | None = None, mask_images: Any = None,
-                 mask_padding: int | None = None, mask_blur: float = 0, prompt_weighting: bool = False,
+                 mask_padding: int | None = None, mask_blur: float = 0, control_images: Any = None,
+                 controlnet_conditioning_scale: float = 1.0, prompt_weighting: bool = False,
                  hires: HiresFix | None = None,
                  emphasis: str = "original", variation_seeds: int | Sequence[int] | np.ndarray | None = None,
                  variation_strength: float = 0.0) -> StableDiffusionOutput:
@@ -895,6 +936,14 @@ class StableDiffusion:
         beyond it) and ``images`` the init images' where it is black (an 8-bit picture's pixels exactly).
         Without a blur the images are the model's everywhere, as diffusers' (A1111 lays the picture back over
         them at 0 too). The intermediates are the model's.
+        ``control_images`` (with a ControlNet, `load_controlnet`): the control image (edges, depth, a pose) of
+        each image, or one for all: a PIL image, a list of them, or an array [B or 1, H, W, 3] of uint8
+        pixels or floats in [0, 1], of the images' size (``height`` x ``width``, which default to the
+        control images'), as diffusers' StableDiffusionControlNetPipeline takes them (already processed: a canny edge map, not the photo).
+        The ControlNet's residuals, times ``controlnet_conditioning_scale`` (default 1; an input: new scales
+        compile nothing), are added to the UNet's at every step. Also with img2img and inpainting (the
+        ControlNet reads the latents alone, as diffusers' ControlNet img2img and inpainting pipelines do);
+        not with ``mask_padding`` or ``hires``.
         ``prompt_weighting``: read AUTOMATIC1111's emphasis syntax in the prompts and negative prompts, as
         A1111 does: ``(word)`` weights ``word`` by 1.1, ``[word]`` by 1/1.1, ``(word:1.5)`` by 1.5, nested
         groups multiply, ``\\(`` is a bracket (`sdjax.text.parse_prompt_attention`); each token's text
@@ -942,7 +991,8 @@ class StableDiffusion:
             latents, batch_size=batch_size, return_intermediates=return_intermediates,
             scheduler_options=scheduler_options, progress=progress, clip_skip=clip_skip,
             init_images=init_images, strength=strength, mask_images=mask_images, mask_padding=mask_padding,
-            mask_blur=mask_blur, prompt_weighting=prompt_weighting, hires=hires,
+            mask_blur=mask_blur, control_images=control_images,
+            controlnet_conditioning_scale=controlnet_conditioning_scale, prompt_weighting=prompt_weighting, hires=hires,
             emphasis=emphasis, variation_seeds=variation_seeds, variation_strength=variation_strength))
         steps = outputs[0].intermediate_steps
         return StableDiffusionOutput(np.concatenate([o.images for o in outputs]),
@@ -959,7 +1009,8 @@ class StableDiffusion:
                 *, batch_size: int | None = None, return_intermediates: int | Sequence[int] | None = None,
                 scheduler_options: dict | None = None, progress: bool | str | _Bar = False, clip_skip: int = 1,
                 init_images: Any = None, strength: float | None = None, mask_images: Any = None,
-                mask_padding: int | None = None, mask_blur: float = 0, prompt_weighting: bool = False,
+                mask_padding: int | None = None, mask_blur: float = 0, control_images: Any = None,
+                controlnet_conditioning_scale: float = 1.0, prompt_weighting: bool = False,
                 hires: HiresFix | None = None,
                 emphasis: str = "original", variation_seeds: int | Sequence[int] | np.ndarray | None = None,
                 variation_strength: float = 0.0) -> Iterator[StableDiffusionOutput]:
@@ -1045,6 +1096,21 @@ class StableDiffusion:
             init_images, mask_images = paste[2][:2]
         elif soft is not None:   # the picture laid back over each image through the blur, its grays doubled
             paste = (init_images, np.minimum(2 * soft, 1), None)
+        if control_images is not None:
+            if self.controlnet is None:
+                raise ValueError("control_images steer the images through a ControlNet: load one first "
+                                 "(pipe.load_controlnet(...))")
+            for name, given in (("mask_padding", mask_padding), ("hires", hires)):
+                if given is not None:
+                    raise ValueError(f"control_images are not available with {name}: leave either out")
+            from sdjax.images import image_batch
+            control_images = image_batch(control_images, "control_images")
+        try:
+            control_scale = float(controlnet_conditioning_scale)
+        except (TypeError, ValueError):
+            raise TypeError(f"controlnet_conditioning_scale={controlnet_conditioning_scale!r} is not a number") from None
+        if not math.isfinite(control_scale):
+            raise ValueError(f"controlnet_conditioning_scale={controlnet_conditioning_scale!r} is not a finite number")
         if hires is not None:
             if not isinstance(hires, HiresFix):
                 raise TypeError(f"hires must be a HiresFix (sdjax.HiresFix(scale=2.0, ...)) or None, got "
@@ -1059,7 +1125,8 @@ class StableDiffusion:
         n_init = 1 if init_images is None else init_images.shape[0]
         sizes = {"prompts": len(prompts), "seeds": len(seeds), "negative_prompts": len(negatives),
                  "latents": n_latents, "init_images": n_init, "variation_seeds": len(variations or [None]),
-                 "mask_images": 1 if mask_images is None else mask_images.shape[0]}
+                 "mask_images": 1 if mask_images is None else mask_images.shape[0],
+                 "control_images": 1 if control_images is None else control_images.shape[0]}
         n = max(sizes.values())
         longest = max(sizes, key=sizes.get)   # (named in the error: the list the others must match)
         for name, size in sizes.items():
@@ -1095,10 +1162,15 @@ class StableDiffusion:
                     raise ValueError(f"init_images are {image_w}x{image_h} (width x height): each side must be a "
                                      "multiple of 8 (resize or crop them)")
             height, width = image_h, image_w
+        if control_images is not None:   # (their size, where none is given: as diffusers' ControlNet pipeline)
+            height, width = (control_images.shape[i] if size is None else size for i, size in ((1, height), (2, width)))
         height, width = (512 if size is None else size for size in (height, width))
         for name, size in (("height", height), ("width", width)):
             if not isinstance(size, (int, np.integer)) or size <= 0 or size % 8:
                 raise ValueError(f"{name}={size!r}: must be a positive multiple of 8")
+        if control_images is not None and control_images.shape[1:3] != (height, width):
+            raise ValueError(f"control_images are {control_images.shape[2]}x{control_images.shape[1]} and the images "
+                             f"{width}x{height} (width x height): give control images of the images' size")
         try:
             guidance_scale = float(guidance_scale)   # also a JAX/numpy scalar: it decides a static argument
         except (TypeError, ValueError):
@@ -1171,11 +1243,13 @@ class StableDiffusion:
                                                            variation_strength=np.float32(variation_strength))
         return self._batches(prompts, negatives, seeds, ids, neg_ids, latents, init_images, first_call, sched,
                              latent_shape, guidance_scale, steps, per_call, progress, clip_skip, text_inputs, second,
-                             variation, mask_images, paste)
+                             variation, mask_images, paste,
+                             None if control_images is None else (control_images, control_scale))
 
     def _batches(self, prompts, negatives, seeds, ids, neg_ids, latents, init_images, first_call, sched,
                  latent_shape, guidance_scale, steps, per_call, progress, clip_skip,
-                 text_inputs, second=None, variation=None, masks=None, paste=None) -> Iterator[StableDiffusionOutput]:
+                 text_inputs, second=None, variation=None, masks=None, paste=None,
+                 control=None) -> Iterator[StableDiffusionOutput]:
         """`batches`' generator, on its checked arguments: dispatches batch k + 1 before fetching batch k
         (with the Hires fix's Lanczos upscaler, the first pass's images are fetched in between)."""
         with self._lock:
@@ -1184,6 +1258,10 @@ class StableDiffusion:
             one_init = None if init_images is None or len(init_images) > 1 else parallel.replicate(
                 init_images, self.mesh)
             one_mask = None if masks is None or len(masks) > 1 else parallel.replicate(masks, self.mesh)
+            program = self._generate if control is None else self._controlled   # (a ControlNet's: its own)
+            one_control = None if control is None or len(control[0]) > 1 else parallel.replicate(control[0], self.mesh)
+            controlled = {} if control is None else dict(controlnet_state=self._controlnet_state,
+                                                         control_scale=jnp.float32(control[1]))
             starts = range(0, len(prompts), per_call)
             calls = sched.num_model_calls - first_call
             if second is not None:
@@ -1203,14 +1281,16 @@ class StableDiffusion:
                 inputs = lambda d: {k: v if np.ndim(v) == 0 else shard(v) for k, v in d.items()}  # noqa: E731
                 varied = inputs(variation or {})
                 masked = {} if masks is None else dict(mask_BHW1=one_mask if one_mask is not None else shard(masks))
-                out = self._generate(
+                if control is not None:
+                    controlled["control_images_BHWC"] = one_control if one_control is not None else shard(control[0])
+                out = program(
                     state, sched, shard(ids), shard(neg_ids), shard(seeds),
                     None if latents is None else shard(latents), jnp.float32(guidance_scale),
                     one_init if one_init is not None or init_images is None else shard(init_images),
                     latent_shape_HWC=latent_shape, use_guidance=guidance_scale > 1.0,
                     return_predictions=bool(steps), on_step=None if step_bar is None else self._ticker,
                     clip_skip=clip_skip, start=first_call,
-                    **inputs(text_inputs), **varied, **masked,
+                    **inputs(text_inputs), **varied, **masked, **controlled,
                     **({} if second is None else dict(return_latents=not lanczos, decode=lanczos)))
                 if second is not None:   # the Hires fix's second pass: img2img at the larger size
                     h2, w2 = second["size"]

@@ -663,7 +663,8 @@ def generate(graphdefs: SDState, state: SDState, scheduler: Scheduler, cond_ids_
              uncond_phases_BC=None, init_latents_BHWC=None, return_latents: bool = False,
              decode: bool = True, cond_part_weights_BK=None, cond_lengths_BP=None,
              restore_mean: bool = True, variation_seeds_B=None, variation_strength=None,
-             mask_BHW1=None) -> GenerateOutput:
+             mask_BHW1=None, controlnet_graphdef=None, controlnet_state=None, control_images_BHWC=None,
+             control_scale=1.0) -> GenerateOutput:
     """Prompts to images in one traced function: the body `StableDiffusion` jit-compiles.
 
     ``latents_BHWC=None`` draws each image's initial noise from its seed; otherwise those unscaled
@@ -699,6 +700,9 @@ def generate(graphdefs: SDState, state: SDState, scheduler: Scheduler, cond_ids_
     text-to-image UNet's latents are blended with the init images' where the mask is 0 after every step
     (`InpaintBlend`). An inpainting UNet without a mask (text-to-image, img2img) sees a mask of ones and
     the masked image's latents of a gray image, as AUTOMATIC1111 conditions it there.
+    ``control_images_BHWC`` (float [B or 1, H, W, 3] in [0, 1], the images' size): a ControlNet
+    (``controlnet_graphdef``, static, and ``controlnet_state``) steers every UNet call, its residuals
+    times ``control_scale`` (`ControlledUNet`). None: no input of the compiled program.
     """
     if init_images_BHWC is not None and init_latents_BHWC is not None:
         raise ValueError("give init_images_BHWC or init_latents_BHWC (img2img from images or from latents), "
@@ -760,7 +764,14 @@ def generate(graphdefs: SDState, state: SDState, scheduler: Scheduler, cond_ids_
         else:
             x0 = encode_images(vae, init_images_BHWC, posterior_keys(keys))
         x = scheduler.add_noise_at(x0, noise, start)
-    out = denoise(unet, scheduler, x, cond, uncond, guidance_scale, step_keys(keys), return_predictions, on_step,
+    model = unet
+    if control_images_BHWC is not None:
+        if controlnet_graphdef is None or controlnet_state is None:
+            raise ValueError("control_images_BHWC steer the UNet through a ControlNet: give controlnet_graphdef and "
+                             "controlnet_state")
+        model = ControlledUNet(unet, nnx.merge(controlnet_graphdef, controlnet_state), control_images_BHWC,
+                               control_scale)
+    out = denoise(model, scheduler, x, cond, uncond, guidance_scale, step_keys(keys), return_predictions, on_step,
                   start=start, unet_extra_BHWC=extra, blend=blend)
     latents, predictions = out if return_predictions else (out, None)
     return GenerateOutput(decode_latents(vae, latents) if decode else None, predictions,

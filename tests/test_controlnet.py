@@ -150,3 +150,69 @@ def test_controlnet_errors_name_the_problem(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**TINY_CONTROLNET, "global_pool_conditions": True}))
     with pytest.raises(CheckpointError, match="global_pool_conditions=True .* is not supported"):
         ControlNetModel.from_pretrained(tmp_path)
+
+
+def test_pipeline_makes_controlled_images_as_diffusers(pipe, reference_pipe, controlnet_dir, monkeypatch):
+    """pipe.load_controlnet(folder), then pipe(..., control_images=): diffusers' StableDiffusionControlNetPipeline
+    images from the same noise, with a control image each or one for both (on 8 devices); another scale
+    compiles nothing; a call without control images makes the images of before; load_controlnet(None)
+    takes the ControlNet away."""
+    from diffusers import ControlNetModel as TorchControlNet
+    from diffusers import StableDiffusionControlNetPipeline
+    ref = StableDiffusionControlNetPipeline(**reference_pipe.components,
+                                            controlnet=TorchControlNet.from_pretrained(controlnet_dir))
+    ref.set_progress_bar_config(disable=True)
+    ref.scheduler = diffusers_scheduler(reference_pipe, "pndm")
+    noise = latents_for(2, seed=5)
+    images = np.random.default_rng(6).uniform(0, 1, (2, SIZE, SIZE, 3)).astype(np.float32)
+    kw = dict(negative_prompts=NEGATIVES, seeds=[1, 2], num_inference_steps=STEPS, latents=noise)
+    before = pipe(PROMPTS, height=SIZE, width=SIZE, **kw).images
+    assert pipe.load_controlnet(controlnet_dir) is pipe.controlnet
+    try:
+        for given, scale in ((images, 0.8), (images, 1.3), (images[:1], 1.0)):
+            ours = pipe(PROMPTS, control_images=given, controlnet_conditioning_scale=scale, **kw).images
+            want = ref(PROMPTS, negative_prompt=NEGATIVES, image=given, latents=nchw(noise), num_inference_steps=STEPS,
+                       controlnet_conditioning_scale=scale, height=SIZE, width=SIZE, output_type="np").images
+            assert np.abs(ours - want).max() <= 2e-5, scale
+            if scale == 1.3:
+                assert pipe._controlled._cache_size() == 1   # (the scale is an input)
+        assert np.array_equal(pipe(PROMPTS, height=SIZE, width=SIZE, **kw).images, before)
+    finally:
+        pipe.load_controlnet(None)
+    assert pipe.controlnet is None
+
+
+def test_pipeline_control_images_are_checked(pipe, controlnet_dir):
+    """Control images without a ControlNet, of another size, with mask_padding or the Hires fix, a scale that
+    is no number, and a ControlNet made for another model are errors naming them, before anything runs."""
+    from flax import nnx
+    from sdjax import HiresFix
+    from sdjax.weights import CheckpointError
+    from test_sampling import generate_calls
+    square = np.zeros((SIZE, SIZE, 3), np.uint8)
+    with pytest.raises(ValueError, match=r"control_images steer the images through a ControlNet: load one first"):
+        pipe("a cat", control_images=square)
+    wide = ControlNetModel(ControlNetConfig.from_dict({**TINY_CONTROLNET, "block_out_channels": (32, 64, 128)}),
+                           rngs=nnx.Rngs(0))
+    with pytest.raises(CheckpointError, match=r"the ControlNet's the residuals' channels .* are \[32, 32, 32, 32, 64, "
+                                              r"64, 64, 128, 128\], this pipeline's \[32, 32, 32, 32, 64, 64, 64, 64, "
+                                              r"64\]: a ControlNet made for another model"):
+        pipe.load_controlnet(wide)
+    assert pipe.controlnet is None
+    pipe.load_controlnet(controlnet_dir)
+    try:
+        with generate_calls(pipe) as calls:
+            for kw, message in [
+                    (dict(control_images=square[:16]), f"control_images are {SIZE}x16 and the images {SIZE}x{SIZE}"),
+                    (dict(control_images=square, hires=HiresFix(2.0)), "not available with hires"),
+                    (dict(control_images=square, init_images=square, mask_images=square[..., 0] + 255,
+                          mask_padding=4), "not available with mask_padding"),
+                    (dict(control_images=square, controlnet_conditioning_scale="x"), "'x' is not a number"),
+                    (dict(control_images=square, controlnet_conditioning_scale=float("nan")), "not a finite number"),
+                    (dict(control_images=np.stack([square] * 3), seeds=[0, 1]),
+                     r"seeds has 2 entries; expected 1 or 3 to match control_images \(3 entries\)")]:
+                with pytest.raises((ValueError, TypeError), match=message):
+                    pipe("a cat", num_inference_steps=STEPS, height=SIZE, width=SIZE, **kw)
+        assert calls == []
+    finally:
+        pipe.load_controlnet(None)
