@@ -155,8 +155,8 @@ def test_controlnet_errors_name_the_problem(tmp_path):
 def test_pipeline_makes_controlled_images_as_diffusers(pipe, reference_pipe, controlnet_dir, monkeypatch):
     """pipe.load_controlnet(folder), then pipe(..., control_images=): diffusers' StableDiffusionControlNetPipeline
     images from the same noise, with a control image each or one for both (on 8 devices); another scale
-    compiles nothing; a call without control images makes the images of before; load_controlnet(None)
-    takes the ControlNet away."""
+    compiles nothing; a call without control images makes the images of before; with init images,
+    diffusers' ControlNet img2img pipeline's; load_controlnet(None) takes the ControlNet away."""
     from diffusers import ControlNetModel as TorchControlNet
     from diffusers import StableDiffusionControlNetPipeline
     ref = StableDiffusionControlNetPipeline(**reference_pipe.components,
@@ -177,6 +177,24 @@ def test_pipeline_makes_controlled_images_as_diffusers(pipe, reference_pipe, con
             if scale == 1.3:
                 assert pipe._controlled._cache_size() == 1   # (the scale is an input)
         assert np.array_equal(pipe(PROMPTS, height=SIZE, width=SIZE, **kw).images, before)
+        # img2img steered too: diffusers' StableDiffusionControlNetImg2ImgPipeline (its draws the seeds')
+        from diffusers import StableDiffusionControlNetImg2ImgPipeline
+        from diffusers.pipelines.controlnet import pipeline_controlnet_img2img as img2img
+        from sdjax.sampling import image_keys, posterior_keys
+        draws = jax.vmap(lambda k: jax.random.normal(k, (SIZE // 2, SIZE // 2, 4)))(posterior_keys(image_keys([1, 2])))
+        monkeypatch.setattr(img2img, "randn_tensor", lambda shape, **_: nchw(noise))
+        monkeypatch.setattr(img2img, "retrieve_latents", lambda out, generator=None, sample_mode="sample":
+                            out.latent_dist.mean + out.latent_dist.std * nchw(draws))
+        ref = StableDiffusionControlNetImg2ImgPipeline(**ref.components)
+        ref.set_progress_bar_config(disable=True)
+        ref.scheduler = diffusers_scheduler(reference_pipe, "euler")
+        init = np.random.default_rng(7).uniform(0, 1, (1, SIZE, SIZE, 3)).astype(np.float32)
+        ours = pipe(PROMPTS, init_images=init, strength=0.6, scheduler="euler", control_images=images,
+                    controlnet_conditioning_scale=0.8, **kw).images
+        want = ref(PROMPTS, negative_prompt=NEGATIVES, image=np.repeat(init, 2, axis=0), control_image=images,
+                   strength=0.6, num_inference_steps=STEPS, controlnet_conditioning_scale=0.8, height=SIZE,
+                   width=SIZE, output_type="np").images
+        assert np.abs(ours - want).max() <= 2e-5
     finally:
         pipe.load_controlnet(None)
     assert pipe.controlnet is None
