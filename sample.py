@@ -134,6 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "picture back over each image through the blurred mask, softening the seam around the "
                         "repainted part (AUTOMATIC1111's Mask blur, its default 4; default 0: no blur, the images "
                         "the model's everywhere)")
+    p.add_argument("--controlnet", metavar="PATH", default=None,
+                   help="a ControlNet that steers the images by --control-image: a diffusers ControlNet folder or "
+                        "Hub repo id (lllyasviel/control_v11p_sd15_canny, ...) made for SD 1.x")
+    p.add_argument("--control-image", metavar="FILE", default=None,
+                   help="with --controlnet: the control image (an edge map, depth map, pose: already processed, as "
+                        "the ControlNet reads it), resized to --width x --height (default: its own size, rounded "
+                        "down to multiples of 8)")
+    p.add_argument("--controlnet-scale", type=float, default=1.0, metavar="X",
+                   help="with --controlnet: the weight of its residuals (A1111's Control Weight; default 1)")
     p.add_argument("--hires-scale", type=float, default=None, metavar="S",
                    help="AUTOMATIC1111's Hires fix: make each image at --width x --height, enlarge it S times "
                         "(> 1; each side rounded down to a multiple of 8) and denoise it again at that size "
@@ -275,7 +284,9 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
         args.mask_blur = 0.0   # (likewise an inpainted image's Mask blur)
     try:   # an init image sets the size that is not given: its own, rounded down to multiples of 8
         own_size = args.init_image is not None and args.mask_padding is None   # (only masked: the box's size)
-        size = init_image_size(args.init_image) if own_size else (512, 512)
+        size = (init_image_size(args.init_image) if own_size
+                else init_image_size(args.control_image, "control_image") if args.control_image is not None
+                else (512, 512))
     except UsageError as e:
         raise _from_the_preset(e, preset, path, args, sys.argv[1:] if argv is None else argv) from None
     height, width = (size[i] // 8 * 8 if given is None else given for i, given in ((1, args.height), (0, args.width)))
@@ -295,7 +306,8 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
                         embedding=list(args.embedding),
                         steps=args.steps, guidance_scale=args.guidance_scale, scheduler=args.scheduler,
                         init_image=args.init_image, strength=strength, mask=args.mask,
-                        mask_padding=args.mask_padding, mask_blur=args.mask_blur,
+                        mask_padding=args.mask_padding, mask_blur=args.mask_blur, controlnet=args.controlnet,
+                        control_image=args.control_image, controlnet_scale=args.controlnet_scale,
                         hires_scale=args.hires_scale,
                         hires_steps=args.hires_steps, hires_strength=args.hires_strength,
                         hires_upscaler=args.hires_upscaler,
@@ -435,6 +447,11 @@ def main(argv=None) -> int:
         except CheckpointError as e:
             error = _file_error(e, "embedding", file, args, argv)
             break
+    if error is None and req.controlnet is not None:   # (a ControlNet of another model: before anything is written)
+        try:
+            pipe.load_controlnet(req.controlnet, variant=req.variant)
+        except CheckpointError as e:
+            error = CheckpointError(f"--controlnet {req.controlnet}: {e}")
     failed = parallel.processes_that_failed(error is None)   # a host without the weights stops them all
     if error is not None:
         return _fail(error)

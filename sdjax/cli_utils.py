@@ -23,8 +23,8 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from sdjax.images import (a1111_parameters, as_pil, image_grid, image_file_name, image_strip, reserve_indices,
-                          save_gif, save_png)
+from sdjax.images import (a1111_parameters, as_pil, image_grid, image_file_name, image_strip, model_name,
+                          reserve_indices, save_gif, save_png)
 from sdjax.models.layers import attention_setting_problem
 from sdjax.pipeline import (DEFAULT_MODEL, HIRES_STRENGTH, HIRES_UPSCALERS, MAX_SEED, HiresFix,  # noqa: F401
                             model_options_problem)                  # (DEFAULT_MODEL, MAX_SEED: for sample.py)
@@ -206,6 +206,9 @@ CONFIG_KEYS: dict[str, tuple[type | tuple, str]] = {
     "mask_padding": (int, "with mask: inpaint only the box around it, this many pixels wider (A1111's Only masked)"),
     "mask_blur": ((int, float), "with mask: blur it this many pixels and lay the picture back over the images "
                   "through it, softening the seam (A1111's Mask blur; 0: none)"),
+    "controlnet": (str, "a ControlNet (a diffusers ControlNet folder or Hub repo id) that steers the images"),
+    "control_image": (str, "with controlnet: its control image (an edge map, depth map, pose; PNG, JPEG, ...)"),
+    "controlnet_scale": ((int, float), "with controlnet: the weight of its residuals (A1111's Control Weight; 1)"),
     "hires_scale": ((int, float), "Hires fix: enlarge each image this many times (> 1) and denoise it again"),
     "hires_steps": (int, "Hires fix: the second pass's steps (default: steps)"),
     "hires_strength": ((int, float), "Hires fix: the share of the second pass's schedule run, in (0, 1] (0.7)"),
@@ -426,6 +429,9 @@ class SampleRequest:
     mask: str | None = None           # inpainting: the mask of init_image (white: repaint)
     mask_padding: int | None = None   # "only masked" inpainting: the box around the mask, this much wider
     mask_blur: float = 0.0            # inpainting: A1111's Mask blur, pixels (0: none)
+    controlnet: str | None = None     # a ControlNet folder or Hub repo id
+    control_image: str | None = None  # with controlnet: the control image, resized to width x height
+    controlnet_scale: float = 1.0     # with controlnet: the weight of its residuals
     hires_scale: float | None = None  # Hires fix (two passes): the second pass's size over the first's
     hires_steps: int | None = None    # Hires fix: the second pass's steps (None: steps)
     hires_strength: float | None = None   # Hires fix: the second pass's denoising strength (None: 0.7)
@@ -482,7 +488,8 @@ class SampleRequest:
         fields["prompt_loras"] = [[(Path(file).name, scale) for file, scale in map(parse_lora, loras)]
                                   for loras in self.prompt_loras]
         fields["embedding"] = [Path(file).name for file in self.embedding]
-        for name in ("init_image", "mask"):   # the images, wherever each host keeps them
+        fields["controlnet"] = None if self.controlnet is None else model_name(self.controlnet)
+        for name in ("init_image", "mask", "control_image"):   # the images, wherever each host keeps them
             if getattr(self, name) is not None:
                 fields[name] = hashlib.sha256(Path(getattr(self, name)).expanduser().read_bytes()).hexdigest()
         digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).digest()
@@ -507,6 +514,7 @@ class PngSettings:
     ignored: list[str]
     embeddings: list[str] = dataclasses.field(default_factory=list)   # A1111's "TI hashes" names
     masked: bool = False   # made by inpainting (A1111 writes a Mask blur for every inpainted image)
+    controlnet: str | None = None   # the ControlNet model its first unit names (A1111's ControlNet extension)
 
 
 def settings_from_png(path: str | os.PathLike) -> PngSettings:
@@ -624,6 +632,17 @@ def settings_from_png(path: str | os.PathLike) -> PngSettings:
     flags["emphasis"] = modes.get(emphasis, "original") if flags["prompt_weighting"] else "original"
     strength = number("Denoising strength", float) if "Denoising strength" in fields and not hires else None
     masked = "Mask blur" in fields
+    controlnet = None
+    if "ControlNet 0" in fields:   # (A1111's ControlNet extension: its first unit, "Model: NAME, Weight: 1, ...")
+        unit = dict(part.split(": ", 1) for part in fields["ControlNet 0"].split(", ") if ": " in part)
+        try:
+            weight = float(unit.get("Weight", "1"))
+        except ValueError:
+            raise bad("its ControlNet 0 Weight is not a number") from None
+        del fields["ControlNet 0"]
+        controlnet, flags["controlnet_scale"] = unit.get("Model", "?"), weight
+        if unit.get("Module", "none") != "none":   # (sdjax takes the processed image: the same, when given)
+            controlnet += f" (preprocessor {unit['Module']})"
     if fields.get("Inpaint area") == "Only masked":   # (A1111's padding default: 32)
         del fields["Inpaint area"]
         flags["mask_padding"] = number("Masked area padding", int) if "Masked area padding" in fields else 32
@@ -655,7 +674,7 @@ def settings_from_png(path: str | os.PathLike) -> PngSettings:
     if hires_left_out:
         ignored.insert(0, hires_left_out)
     embeddings = [name.strip() for name in re.findall(r"([^,:]+):", fields.get("TI hashes", ""))]
-    return PngSettings(flags, prompt, strength, loras, model, vae, ignored, embeddings, masked)
+    return PngSettings(flags, prompt, strength, loras, model, vae, ignored, embeddings, masked, controlnet)
 
 
 def extra_network_tags(prompt: str) -> tuple[str, list[tuple[str, float]], list[str]]:
@@ -774,6 +793,10 @@ def png_notes(png: PngSettings, args) -> list[str]:
         if name not in given:
             notes.append(f"--from-png: the image was made with the LoRA {name} at {scale:g}: to use it, pass "
                          f"--lora FILE:{scale:g} (its file) or --lora-dir DIR (its folder)")
+    if png.controlnet is not None and args.controlnet is None:
+        notes.append(f"--from-png: the image was made with the ControlNet {png.controlnet}: to make it again, pass "
+                     "--controlnet PATH --control-image FILE (the processed control image); this run makes it "
+                     "without")
     loaded = {Path(file).stem.lower() for file in args.embedding}   # (an A1111 file's token; a diffusers
     for file in args.embedding:                                       # file's is inside it)
         try:
@@ -994,6 +1017,20 @@ def validate_request(req: SampleRequest) -> None:
                            "is 4)")
     if req.mask_blur and req.mask is None:
         raise _bad_setting("mask_blur", req.mask_blur, "softens an inpainting mask's edge: give --mask too")
+    if (req.controlnet is None) != (req.control_image is None):
+        given, needed = ("controlnet", "--control-image") if req.control_image is None else ("control_image",
+                                                                                             "--controlnet")
+        raise _bad_setting(given, getattr(req, given), f"a ControlNet steers the images by a control image: give "
+                           f"{needed} too")
+    if not _number(req.controlnet_scale):
+        raise _bad_setting("controlnet_scale", req.controlnet_scale, "must be a finite number (the weight of the "
+                           "ControlNet's residuals; 1 by default)")
+    if req.control_image is not None:
+        init_image_size(req.control_image, "control_image")
+        for name, flag in (("mask_padding", "--mask-padding"), ("hires_scale", "--hires-scale")):
+            if getattr(req, name) is not None:
+                raise _bad_setting("control_image", req.control_image, f"is not available with {flag}: leave either "
+                                   "out")
     if req.mask_padding is not None:
         if isinstance(req.mask_padding, bool) or not isinstance(req.mask_padding, int) or req.mask_padding < 0:
             raise _bad_setting("mask_padding", req.mask_padding, "must be a whole number of pixels >= 0")
@@ -1392,6 +1429,7 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
         init = load_init_image(req.init_image, *size)
         mask = None if req.mask is None else load_init_image(req.mask, *size, "L")
         first_call = img2img_start(req.steps, strength)
+    control = None if req.control_image is None else load_init_image(req.control_image, req.width, req.height)
     picks = trajectory_steps(sched.num_model_calls, req.trajectory_frames, first_call) if req.trajectory else None
     hires, calls = req.hires, sched.num_model_calls - first_call
     if hires is not None:   # the second pass's model calls, on the same step bar
@@ -1442,6 +1480,7 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
                                    scheduler_options=req.scheduler_options, clip_skip=req.clip_skip,
                                    init_images=init, strength=strength, mask_images=mask,
                                    mask_padding=req.mask_padding, mask_blur=req.mask_blur,
+                                   control_images=control, controlnet_conditioning_scale=req.controlnet_scale,
                                    prompt_weighting=req.prompt_weighting,
                                    hires=hires, emphasis=req.emphasis, **varied)
             for batch, out in zip(bar, outputs, strict=True):
@@ -1474,6 +1513,7 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
                                               variation_seed=variation, variation_strength=req.variation_strength,
                                               mask_blur=None if req.mask is None else req.mask_blur,
                                               mask_padding=req.mask_padding,
+                                              controlnet=req.controlnet, controlnet_scale=req.controlnet_scale,
                                               embeddings=embeddings_used(pipe.tokenizer, embeddings,
                                                                          f"{prompt}\n{negative}"))
                     files.append(out_dir / image_file_name(index, seed, prompt))

@@ -147,7 +147,8 @@ def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, sche
                      hires_scale: float | None = None, hires_steps: int | None = None,
                      hires_upscaler: str = "latent", emphasis: str = "original",
                      variation_seed: int | None = None, variation_strength: float = 0.0,
-                     mask_blur: float | None = None, mask_padding: int | None = None) -> str:
+                     mask_blur: float | None = None, mask_padding: int | None = None,
+                     controlnet: str | None = None, controlnet_scale: float = 1.0) -> str:
     """Generation settings as AUTOMATIC1111 writes them into the PNG ``parameters`` text chunk::
 
         a photo of a cat
@@ -181,6 +182,8 @@ def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, sche
     ``mask_blur`` (inpainting: the mask's blur in pixels, `blur_mask`) as A1111 writes it for every inpainting
     image, ``Mask blur: 4`` (0 too); ``mask_padding`` ("only masked" inpainting) as
     ``Inpaint area: Only masked, Masked area padding: 32``.
+    ``controlnet`` (its folder or repo id) as A1111's ControlNet extension writes its first unit, ``ControlNet
+    0: "Module: none, Model: NAME, Weight: 1, ..."`` (Module none: the control image given as it is).
     """
     sampler = SAMPLER_NAMES.get(scheduler, scheduler)
     options = dict(scheduler_options or {})
@@ -213,6 +216,9 @@ def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, sche
         fields.append(("Mask blur", _number(mask_blur)))
     if mask_padding is not None:
         fields += [("Inpaint area", "Only masked"), ("Masked area padding", mask_padding)]
+    if controlnet is not None:
+        fields.append(("ControlNet 0", f"Module: none, Model: {model_name(controlnet)}, Weight: "
+                                       f"{_number(controlnet_scale)}, Guidance Start: 0, Guidance End: 1"))
     if hires_scale is not None:
         fields.append(("Hires upscale", _number(hires_scale)))
         if hires_steps is not None:

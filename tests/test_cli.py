@@ -926,6 +926,47 @@ def test_init_image_and_strength_make_the_pipelines_img2img_and_are_recorded(pip
     assert not np.array_equal(pixels(out / "00000-seed4-a-dog.png"), resized)
 
 
+def test_controlnet_flags_steer_the_images_and_are_recorded(pipe_dir, pipe, tmp_path, capsys):
+    """--controlnet DIR --control-image FILE --controlnet-scale X: the pipeline's images with that ControlNet
+    and control image (the size its own), recorded as A1111's ControlNet extension writes its first unit;
+    --from-png reads the weight back and says which files to give. A ControlNet made for another model
+    exits 2 before anything is written."""
+    from test_controlnet import torch_controlnet
+    torch_controlnet(seed=4).save_pretrained(tmp_path / "tiny-cn")
+    torch_controlnet(seed=4, block_out_channels=(32, 64, 128)).save_pretrained(tmp_path / "wide-cn")
+    control = np.random.default_rng(8).integers(0, 256, (32, 32, 3), np.uint8)
+    Image.fromarray(control).save(tmp_path / "edges.png")
+    out = tmp_path / "out"
+    small = [a for a in SMALL if a not in ("--height", "--width", "32")]   # (the size: the control image's)
+    rc, _, stderr = run_main(capsys, "a dog", "--seeds", "4", "--controlnet", tmp_path / "tiny-cn", "--control-image",
+                             tmp_path / "edges.png", "--controlnet-scale", "0.7", "--model", pipe_dir, "--out", out,
+                             *small)
+    assert rc == 0, stderr
+    made = out / "00000-seed4-a-dog.png"
+    assert I.read_png_parameters(made).endswith(
+        'Size: 32x32, Model: pipe, ControlNet 0: "Module: none, Model: tiny-cn, Weight: 0.7, Guidance Start: 0, '
+        'Guidance End: 1"')
+    pipe.load_controlnet(tmp_path / "tiny-cn")
+    try:
+        ref = pipe("a dog", seeds=[4], num_inference_steps=3, control_images=control,
+                   controlnet_conditioning_scale=0.7).to_pil()
+    finally:
+        pipe.load_controlnet(None)
+    np.testing.assert_array_equal(pixels(made), ref[0])
+    req, args = sample.parse_request(["--from-png", str(made), "--model", str(pipe_dir)])
+    assert req.controlnet is None and args.png_notes == [
+        "--from-png: the image was made with the ControlNet tiny-cn: to make it again, pass --controlnet PATH "
+        "--control-image FILE (the processed control image); this run makes it without"]
+    req, args = sample.parse_request(["--from-png", str(made), "--controlnet", str(tmp_path / "tiny-cn"),
+                                      "--control-image", str(tmp_path / "edges.png"), "--model", str(pipe_dir)])
+    assert (req.controlnet_scale, args.png_notes) == (0.7, [])
+    rc, _, stderr = run_main(capsys, "a dog", "--controlnet", tmp_path / "wide-cn", "--control-image",
+                             tmp_path / "edges.png", "--model", pipe_dir, "--out", tmp_path / "none", *small)
+    assert rc == 2 and not (tmp_path / "none").exists()
+    assert stderr.startswith(f"sample.py: error: --controlnet {tmp_path / 'wide-cn'}: the ControlNet's the residuals' "
+                             "channels"), stderr
+
+
 def test_mask_makes_the_pipelines_inpainting_and_is_recorded(pipe_dir, pipe, tmp_path, capsys):
     """--init-image FILE --mask MASK: the images are the pipeline's inpainting of that picture with that
     mask (an RGB mask of another size read as grayscale and resized like the picture; default strength
@@ -1422,6 +1463,18 @@ BAD_INPUTS = {
                            "error: --mask-blur -2.0: must be a number of pixels >= 0"),
     "mask_blur_nan": (["a cat", "--init-image", "{tmp}/init.png", "--mask", "{tmp}/init.png", "--mask-blur", "nan"],
                       "error: --mask-blur nan: must be a number of pixels >= 0"),
+    "controlnet_without_image": (["a cat", "--controlnet", "{tmp}"], "error: --controlnet {tmp}: a ControlNet steers "
+                                 "the images by a control image: give --control-image too"),
+    "control_image_without_controlnet": (["a cat", "--control-image", "{tmp}/init.png"], "error: --control-image "
+                                         "{tmp}/init.png: a ControlNet steers the images by a control image: give "
+                                         "--controlnet too"),
+    "control_image_missing": (["a cat", "--controlnet", "{tmp}", "--control-image", "{tmp}/nope.png"],
+                              "error: --control-image {tmp}/nope.png: no such file"),
+    "controlnet_scale_nan": (["a cat", "--controlnet", "{tmp}", "--control-image", "{tmp}/init.png",
+                              "--controlnet-scale", "nan"], "error: --controlnet-scale nan: must be a finite number"),
+    "control_image_with_hires": (["a cat", "--controlnet", "{tmp}", "--control-image", "{tmp}/init.png",
+                                  "--hires-scale", "2"], "error: --control-image {tmp}/init.png: is not available "
+                                                         "with --hires-scale"),
     "strength_range": (["a cat", "--init-image", "{tmp}/init.png", "--strength", "1.5"],
                        "--strength 1.5: must be a number in (0, 1]"),
     "strength_runs_no_step": (["a cat", "--init-image", "{tmp}/init.png", "--strength", "0.1", "--steps", "5"],

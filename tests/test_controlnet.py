@@ -234,3 +234,35 @@ def test_pipeline_control_images_are_checked(pipe, controlnet_dir):
         assert calls == []
     finally:
         pipe.load_controlnet(None)
+
+
+def test_pipeline_inpaints_with_a_controlnet_as_diffusers(pipe, reference_pipe, controlnet_dir, monkeypatch):
+    """Inpainting (a text-to-image UNet, each image its own mask) steered by a ControlNet: diffusers'
+    StableDiffusionControlNetInpaintPipeline's images, its noise and VAE draws the seeds'."""
+    from diffusers import ControlNetModel as TorchControlNet
+    from diffusers import StableDiffusionControlNetInpaintPipeline
+    from diffusers.pipelines.controlnet import pipeline_controlnet_inpaint as inpaint
+    from sdjax.sampling import image_keys, posterior_keys
+    from test_inpainting import masks, posterior_draws
+    ref = StableDiffusionControlNetInpaintPipeline(**reference_pipe.components,
+                                                   controlnet=TorchControlNet.from_pretrained(controlnet_dir))
+    ref.set_progress_bar_config(disable=True)
+    ref.scheduler = diffusers_scheduler(reference_pipe, "euler")
+    noise, seeds = latents_for(2, seed=6), [3, 4]
+    draws = [posterior_draws(posterior_keys(image_keys(seeds))), None]   # (the init images', the masked ones')
+    monkeypatch.setattr(inpaint, "randn_tensor", lambda shape, **_: nchw(noise))
+    monkeypatch.setattr(inpaint, "retrieve_latents", lambda out, generator=None, sample_mode="sample": (
+        out.latent_dist.mean if (d := draws.pop(0)) is None else out.latent_dist.mean + out.latent_dist.std * nchw(d)))
+    init = np.random.default_rng(5).uniform(0, 1, (1, SIZE, SIZE, 3)).astype(np.float32)
+    control = np.random.default_rng(9).uniform(0, 1, (2, SIZE, SIZE, 3)).astype(np.float32)
+    pipe.load_controlnet(controlnet_dir)
+    try:
+        ours = pipe(PROMPTS, negative_prompts=NEGATIVES, seeds=seeds, num_inference_steps=STEPS, scheduler="euler",
+                    latents=noise, init_images=init, mask_images=masks(), control_images=control,
+                    controlnet_conditioning_scale=0.8).images
+    finally:
+        pipe.load_controlnet(None)
+    want = ref(PROMPTS, negative_prompt=NEGATIVES, image=np.repeat(init, 2, axis=0), mask_image=masks(),
+               control_image=control, num_inference_steps=STEPS, controlnet_conditioning_scale=0.8, height=SIZE,
+               width=SIZE, output_type="np").images
+    assert draws == [] and np.abs(ours - want).max() <= 2e-5
