@@ -136,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "the model's everywhere)")
     p.add_argument("--controlnet", metavar="PATH", default=None,
                    help="a ControlNet that steers the images by --control-image: a diffusers ControlNet folder or "
-                        "Hub repo id (lllyasviel/control_v11p_sd15_canny, ...) made for SD 1.x")
+                        "Hub repo id (lllyasviel/control_v11p_sd15_canny, ...) made for SD 1.x, or a file in the "
+                        "original layout (control_v11p_sd15_canny.pth, A1111's models/ControlNet files)")
     p.add_argument("--control-image", metavar="FILE", default=None,
                    help="with --controlnet: the control image (an edge map, depth map, pose: already processed, as "
                         "the ControlNet reads it), resized to --width x --height (default: its own size, rounded "

@@ -23,7 +23,7 @@ from sdjax.schedulers import SCHEDULERS, make_noise_schedule, make_scheduler, pi
 from sdjax.text import (check_emphasis, composable_parts, edited_prompts, load_tokenizer, tokenize,
                         tokenize_weighted, window_count)
 from sdjax.weights import (SINGLE_FILE_SUFFIXES, CheckpointError, fetch_missing_bin_weights, has_weights, hub_files,
-                           is_url, load_single_file, load_vae_file, prepare_single_file, read_config,
+                           is_url, load_controlnet_file, load_single_file, load_vae_file, prepare_single_file, read_config,
                            read_json_object, read_lora, read_textual_inversion, resolve_dtype, resolve_model_dir,
                            save_pipeline, save_single_file, with_variant)
 
@@ -767,16 +767,20 @@ class StableDiffusion:
     @_one_call_at_a_time
     def load_controlnet(self, controlnet: ControlNetModel | str | Path | None, *, revision: str | None = None,
                         variant: str | None = None) -> ControlNetModel | None:
-        """Steer the images by a ControlNet: a `ControlNetModel`, or a diffusers ControlNet folder or Hub
-        repo id (``lllyasviel/control_v11p_sd15_canny``, ``.../control_v11f1p_sd15_depth``) loaded in the
-        pipeline's dtype; ``None`` takes it away. Its control images are ``pipe(..., control_images=...)``;
+        """Steer the images by a ControlNet: a `ControlNetModel`, a diffusers ControlNet folder or Hub
+        repo id (``lllyasviel/control_v11p_sd15_canny``, ``.../control_v11f1p_sd15_depth``), or a file in
+        the original layout (``control_v11p_sd15_canny.pth``, AUTOMATIC1111's ``models/ControlNet`` files:
+        `sdjax.weights.load_controlnet_file`), loaded in the pipeline's dtype; ``None`` takes it away. Its control images are ``pipe(..., control_images=...)``;
         a call without them is made as before, by the program of before. A ControlNet made for another
         model (other block widths or text width, or control images at another scale than the VAE's)
         raises a `CheckpointError` naming the fields. Returns the ControlNet."""
         if controlnet is not None:
             if not isinstance(controlnet, ControlNetModel):
-                controlnet = ControlNetModel.from_pretrained(controlnet, revision=revision, variant=variant,
-                                                             dtype=self.unet.dtype)
+                if Path(controlnet).expanduser().is_file():   # (a folder or repo id is diffusers')
+                    controlnet = load_controlnet_file(controlnet, self.unet.config, dtype=self.unet.dtype)
+                else:
+                    controlnet = ControlNetModel.from_pretrained(controlnet, revision=revision, variant=variant,
+                                                                 dtype=self.unet.dtype)
             cn, unet = controlnet.config, self.unet.config
             for name, mine, theirs in (
                     ("the residuals' channels (block_out_channels, layers_per_block)", skip_channels(cn),

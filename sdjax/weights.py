@@ -910,6 +910,7 @@ SINGLE_FILE_PARTS = {  # pipeline folder name -> (model class, key prefix)
     "unet": (UNet2DConditionModel, "model.diffusion_model."),
     "vae": (AutoencoderKL, "first_stage_model."),
     "text_encoder": (CLIPTextModel, "cond_stage_model.transformer."),
+    "controlnet": (ControlNetModel, "control_model."),   # (a ControlNet file's own keys may lack it)
 }
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 _OTHER_ARCHITECTURES = {  # a key prefix that gives away a single file sdjax cannot load -> what it is
@@ -978,6 +979,24 @@ def ldm_unet_key(key: str, config: UNetConfig) -> str:
     raise ValueError(f"no single-file name for the UNet key {key!r}")
 
 
+def ldm_controlnet_key(key: str, config: ControlNetConfig) -> str:
+    """A diffusers ControlNet key -> its original name (without ``control_model.``): the UNet's part as
+    the UNet's (`ldm_unet_key`), the control image's encoder as ``input_hint_block`` (a Sequential with
+    a SiLU after each conv), the residuals' 1x1 convs as ``zero_convs.N.0`` and ``middle_block_out.0``."""
+    module, leaf = key.rsplit(".", 1)
+    blocks = 2 * (len(config.conditioning_embedding_out_channels) - 1)
+    m = re.fullmatch(r"controlnet_cond_embedding\.(conv_in|conv_out|blocks\.(\d+))", module)
+    if m:
+        index = 0 if m[1] == "conv_in" else 2 * (blocks + 1) if m[1] == "conv_out" else 2 * (int(m[2]) + 1)
+        return f"input_hint_block.{index}.{leaf}"
+    m = re.fullmatch(r"controlnet_down_blocks\.(\d+)", module)
+    if m:
+        return f"zero_convs.{m[1]}.0.{leaf}"
+    if module == "controlnet_mid_block":
+        return f"middle_block_out.0.{leaf}"
+    return ldm_unet_key(key, config)
+
+
 def ldm_vae_key(key: str, config: VAEConfig) -> str:
     """A diffusers VAE key -> its single-file name (without ``first_stage_model.``). LDM numbers
     the decoder's blocks from the lowest resolution up (diffusers' up_blocks.0 is LDM's up.N-1)."""
@@ -1004,6 +1023,8 @@ def single_file_key(part: str, key: str, config) -> str:
         return prefix + ldm_unet_key(key, config)
     if part == "vae":
         return prefix + ldm_vae_key(key, config)
+    if part == "controlnet":
+        return prefix + ldm_controlnet_key(key, config)
     return prefix + key  # the text encoder is transformers' CLIPTextModel, names and all
 
 
@@ -1283,6 +1304,40 @@ def load_vae_file(file: str | os.PathLike, config: VAEConfig, *, dtype=jnp.float
         raise CheckpointError(f"{file}: not a VAE: no 'encoder.*' / 'decoder.*' keys, nor a checkpoint's "
                               f"'{checkpoint_prefix}*' ({has})")
     return _load_original_layout(file, tensors, {"vae": config}, {"vae": prefix}, dtype)["vae"]
+
+
+def load_controlnet_file(file: str | os.PathLike, unet_config: UNetConfig, *, dtype=jnp.float32) -> ControlNetModel:
+    """A ControlNet from one weights file in the original layout (lllyasviel's ``control_v11p_sd15_canny.pth``,
+    the ``.safetensors`` files of AUTOMATIC1111's ``models/ControlNet``): keys ``input_hint_block.*``,
+    ``zero_convs.*``, ``input_blocks.*``, ..., with or without ``control_model.`` (a v1.0 file that holds the
+    whole model beside it: its ControlNet's). A file holds no config: the blocks are those of the UNet it
+    steers (``unet_config``), the control image's encoder's widths are read from the file's shapes. A
+    PyTorch file is read with ``weights_only=True``; strictly, as the other single files."""
+    file = _weights_file(file, "ControlNet file", "ControlNet file",
+                         "a diffusers ControlNet folder loads with ControlNetModel.from_pretrained")
+    if file.suffix == ".safetensors":
+        shapes = safetensors_shapes(file)
+        keys, tensors = list(shapes), _read_safetensors(file)
+    else:
+        state = dict(_read_torch_bin(file))
+        keys, shapes = list(state), {k: tuple(np.shape(v)) for k, v in state.items()}
+        tensors = ((k, state.pop(k)) for k in list(state))
+    prefix = SINGLE_FILE_PARTS["controlnet"][1] if any(k.startswith("control_model.") for k in keys) else ""
+    hint = sorted((int(m[1]), shapes[k]) for k in keys
+                  if (m := re.fullmatch(re.escape(prefix) + r"input_hint_block\.(\d+)\.weight", k)) and shapes[k])
+    if not hint or not any(k.startswith(prefix + "zero_convs.") for k in keys):
+        has = f"it has {', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''}" if keys else "it holds no tensors"
+        raise CheckpointError(f"{file}: not a ControlNet: no 'input_hint_block.*' / 'zero_convs.*' keys ({has})")
+    # input_hint_block: conv_in, then (conv, stride-2 conv) per width step, then conv_out: its widths are the
+    # outputs of conv_in and of each stride-2 conv; its input is the control image's channels
+    widths = tuple(shape[0] for index, shape in hint[:-1] if index == 0 or (index // 2) % 2 == 0)
+    fields = {f.name: getattr(unet_config, f.name) for f in dataclasses.fields(UNetConfig)}
+    try:
+        config = ControlNetConfig(**fields, conditioning_channels=hint[0][1][1],
+                                  conditioning_embedding_out_channels=widths)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{file}: its control image encoder (input_hint_block) is not one sdjax builds: {e}") from e
+    return _load_original_layout(file, tensors, {"controlnet": config}, {"controlnet": prefix}, dtype)["controlnet"]
 
 
 def single_file_tensor(part: str, path: tuple, array: np.ndarray, config) -> tuple[str, np.ndarray]:

@@ -266,3 +266,41 @@ def test_pipeline_inpaints_with_a_controlnet_as_diffusers(pipe, reference_pipe, 
                control_image=control, num_inference_steps=STEPS, controlnet_conditioning_scale=0.8, height=SIZE,
                width=SIZE, output_type="np").images
     assert draws == [] and np.abs(ours - want).max() <= 2e-5
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pth"])
+def test_original_layout_file_loads_as_diffusers_converts_it(fmt, pipe, tmp_path):
+    """A ControlNet file in the original layout (lllyasviel's .pth, A1111's models/ControlNet .safetensors;
+    with ``control_model.`` or without): its names are those diffusers' own converter
+    (``convert_controlnet_checkpoint``) takes to diffusers' names, the control image's encoder widths
+    are read from its shapes, and it gives the diffusers ControlNet's residuals; load_controlnet takes it
+    by its path."""
+    from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
+    from safetensors.torch import save_file
+    from sdjax.models import UNetConfig
+    from sdjax.weights import load_controlnet_file, ldm_controlnet_key
+    config = {**TINY_CONTROLNET, "conditioning_embedding_out_channels": (16, 32, 96, 256)}   # (SD's: 8 px a latent)
+    ref = torch_controlnet(seed=6, **config)
+    state = ref.state_dict()
+    original = {ldm_controlnet_key(k, ControlNetConfig.from_dict(config)): v for k, v in state.items()}
+    back = convert_controlnet_checkpoint(original, {"layers_per_block": 2})
+    assert set(back) == set(state) and all(torch.equal(back[k], state[k]) for k in state)
+    path = tmp_path / f"control_tiny.{fmt}"
+    if fmt == "safetensors":
+        save_file(original, str(path))
+    else:
+        torch.save({f"control_model.{k}": v for k, v in original.items()}, path)
+    ours = load_controlnet_file(path, UNetConfig.from_dict(dict(R.TINY_UNET)))
+    assert ours.config.conditioning_embedding_out_channels == (16, 32, 96, 256) and ours.config.image_scale == 8
+    rng = np.random.default_rng(3)
+    x, text = rng.standard_normal((1, 4, 4, 4)).astype(np.float32), rng.standard_normal((1, 77, 32)).astype(np.float32)
+    image = rng.uniform(0, 1, (1, 32, 32, 3)).astype(np.float32)
+    _, mid = ours(x, np.float32(500), text, image)
+    with torch.no_grad():
+        _, want = ref(nchw(x), torch.tensor([500.0]), torch.from_numpy(text), nchw(image), return_dict=False)
+    assert np.abs(np.asarray(mid) - nhwc(want)).max() <= 2e-5
+    with pytest.raises(Exception, match="control image pixels a latent .* are 8, this pipeline's 2"):
+        pipe.load_controlnet(path)   # (the tiny pipeline's VAE: 2 pixels a latent)
+    save_file({"model.diffusion_model.conv_in.weight": torch.zeros(1)}, str(tmp_path / "not.safetensors"))
+    with pytest.raises(Exception, match=r"not\.safetensors: not a ControlNet: no 'input_hint_block\.\*'"):
+        load_controlnet_file(tmp_path / "not.safetensors", UNetConfig.from_dict(dict(R.TINY_UNET)))
