@@ -23,9 +23,9 @@ from sdjax.schedulers import SCHEDULERS, make_noise_schedule, make_scheduler, pi
 from sdjax.text import (check_emphasis, composable_parts, edited_prompts, load_tokenizer, tokenize,
                         tokenize_weighted, window_count)
 from sdjax.weights import (SINGLE_FILE_SUFFIXES, CheckpointError, fetch_missing_bin_weights, has_weights, hub_files,
-                           is_url, load_controlnet_file, load_single_file, load_vae_file, prepare_single_file, read_config,
-                           read_json_object, read_lora, read_textual_inversion, resolve_dtype, resolve_model_dir,
-                           save_pipeline, save_single_file, with_variant)
+                           is_url, load_controlnet_file, load_single_file, load_vae_file, prepare_single_file,
+                           read_config, read_json_object, read_lora, read_textual_inversion, resolve_dtype,
+                           resolve_model_dir, save_pipeline, save_single_file, with_variant)
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 PARTS = {"text_encoder": CLIPTextModel, "unet": UNet2DConditionModel, "vae": AutoencoderKL}  # folder -> model
@@ -770,10 +770,11 @@ class StableDiffusion:
         """Steer the images by a ControlNet: a `ControlNetModel`, a diffusers ControlNet folder or Hub
         repo id (``lllyasviel/control_v11p_sd15_canny``, ``.../control_v11f1p_sd15_depth``), or a file in
         the original layout (``control_v11p_sd15_canny.pth``, AUTOMATIC1111's ``models/ControlNet`` files:
-        `sdjax.weights.load_controlnet_file`), loaded in the pipeline's dtype; ``None`` takes it away. Its control images are ``pipe(..., control_images=...)``;
-        a call without them is made as before, by the program of before. A ControlNet made for another
-        model (other block widths or text width, or control images at another scale than the VAE's)
-        raises a `CheckpointError` naming the fields. Returns the ControlNet."""
+        `sdjax.weights.load_controlnet_file`), loaded in the pipeline's dtype; ``None`` takes it away.
+        Its control images are ``pipe(..., control_images=...)``; a call without them is made as before,
+        by the program of before. A ControlNet made for another model (other block widths or text
+        width, or control images at another scale than the VAE's) raises a `CheckpointError` naming
+        the fields. Returns the ControlNet."""
         if controlnet is not None:
             if not isinstance(controlnet, ControlNetModel):
                 if Path(controlnet).expanduser().is_file():   # (a folder or repo id is diffusers')
@@ -943,11 +944,11 @@ class StableDiffusion:
         ``control_images`` (with a ControlNet, `load_controlnet`): the control image (edges, depth, a pose) of
         each image, or one for all: a PIL image, a list of them, or an array [B or 1, H, W, 3] of uint8
         pixels or floats in [0, 1], of the images' size (``height`` x ``width``, which default to the
-        control images'), as diffusers' StableDiffusionControlNetPipeline takes them (already processed: a canny edge map, not the photo).
-        The ControlNet's residuals, times ``controlnet_conditioning_scale`` (default 1; an input: new scales
-        compile nothing), are added to the UNet's at every step. Also with img2img and inpainting (the
-        ControlNet reads the latents alone, as diffusers' ControlNet img2img and inpainting pipelines do);
-        not with ``mask_padding`` or ``hires``.
+        control images'), as diffusers' StableDiffusionControlNetPipeline takes them (already processed: a
+        canny edge map, not the photo). The ControlNet's residuals, times ``controlnet_conditioning_scale``
+        (default 1; an input: new scales compile nothing), are added to the UNet's at every step. Also
+        with img2img and inpainting (the ControlNet reads the latents alone, as diffusers' ControlNet img2img
+        and inpainting pipelines do); not with ``mask_padding`` or ``hires``.
         ``prompt_weighting``: read AUTOMATIC1111's emphasis syntax in the prompts and negative prompts, as
         A1111 does: ``(word)`` weights ``word`` by 1.1, ``[word]`` by 1/1.1, ``(word:1.5)`` by 1.5, nested
         groups multiply, ``\\(`` is a bracket (`sdjax.text.parse_prompt_attention`); each token's text
@@ -1112,7 +1113,8 @@ class StableDiffusion:
         try:
             control_scale = float(controlnet_conditioning_scale)
         except (TypeError, ValueError):
-            raise TypeError(f"controlnet_conditioning_scale={controlnet_conditioning_scale!r} is not a number") from None
+            raise TypeError(f"controlnet_conditioning_scale={controlnet_conditioning_scale!r} is not a "
+                            "number") from None
         if not math.isfinite(control_scale):
             raise ValueError(f"controlnet_conditioning_scale={controlnet_conditioning_scale!r} is not a finite number")
         if hires is not None:

@@ -1336,7 +1336,8 @@ def load_controlnet_file(file: str | os.PathLike, unet_config: UNetConfig, *, dt
         config = ControlNetConfig(**fields, conditioning_channels=hint[0][1][1],
                                   conditioning_embedding_out_channels=widths)
     except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{file}: its control image encoder (input_hint_block) is not one sdjax builds: {e}") from e
+        raise CheckpointError(f"{file}: its control image encoder (input_hint_block) is not one sdjax builds: "
+                              f"{e}") from e
     return _load_original_layout(file, tensors, {"controlnet": config}, {"controlnet": prefix}, dtype)["controlnet"]
 
 
