@@ -517,6 +517,13 @@ class PngSettings:
     controlnet: str | None = None   # the ControlNet model its first unit names (A1111's ControlNet extension)
 
 
+def _float_or_none(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
 def settings_from_png(path: str | os.PathLike) -> PngSettings:
     """Read the settings an image was made with from its PNG ``parameters`` chunk, as AUTOMATIC1111 and
     sample.py write them (or the EXIF UserComment of A1111's JPEG, WebP and AVIF images): prompt, negative
@@ -643,6 +650,11 @@ def settings_from_png(path: str | os.PathLike) -> PngSettings:
         controlnet, flags["controlnet_scale"] = unit.get("Model", "?"), weight
         if unit.get("Module", "none") != "none":   # (sdjax takes the processed image: the same, when given)
             controlnet += f" (preprocessor {unit['Module']})"
+        other = [f"{k} {unit[k]}" for k, plain in (("Guidance Start", 0), ("Guidance End", 1)) if k in unit
+                 and _float_or_none(unit[k]) != plain]
+        other += [f"Control Mode {unit['Control Mode']}"] if unit.get("Control Mode", "Balanced") != "Balanced" else []
+        if other:   # (sdjax's ControlNet steers every step, as A1111's Balanced mode from 0 to 1)
+            fields["ControlNet 0"] = f"{', '.join(other)} (sdjax: every step, Balanced)"
     if fields.get("Inpaint area") == "Only masked":   # (A1111's padding default: 32)
         del fields["Inpaint area"]
         flags["mask_padding"] = number("Masked area padding", int) if "Masked area padding" in fields else 32

@@ -668,6 +668,18 @@ def test_from_png_names_what_a1111_images_hold_that_it_leaves_out(tmp_path):
                                       "--init-image", str(tmp_path / "start.png"), "--mask",
                                       str(tmp_path / "white.png")])
     assert req.mask_padding == 32 and args.png_notes == []   # (A1111's default padding, when none is written)
+    unit = ('ControlNet 0: "Module: canny, Model: control_v11p_sd15_canny [d14c016b], Weight: 0.6, Resize Mode: Crop '
+            'and Resize, Guidance Start: 0, Guidance End: 0.8, Control Mode: Balanced"')
+    req, args = sample.parse_request(["--from-png", png(f"a fox\n{settings}, {unit}")])
+    assert req.controlnet is None and args.png_notes == [
+        "--from-png: the image was made with the ControlNet control_v11p_sd15_canny [d14c016b] (preprocessor canny): "
+        "to make it again, pass --controlnet PATH --control-image FILE (the processed control image); this run "
+        "makes it without",
+        "--from-png: settings sample.py has no flag for are left out: ControlNet 0: Guidance End 0.8 (sdjax: every "
+        "step, Balanced)"]
+    req, _ = sample.parse_request(["--from-png", png(f"a fox\n{settings}, {unit}"), "--controlnet", str(tmp_path),
+                                   "--control-image", str(tmp_path / "start.png")])
+    assert (req.controlnet, req.controlnet_scale) == (str(tmp_path), 0.6)
     req, _ = sample.parse_request(["--from-png", png(f"a fox\n{settings}, Mask blur: 4"), "--init-image",
                                    str(tmp_path / "start.png"), "--mask", str(tmp_path / "white.png")])
     assert (req.mask_blur, req.mask_padding) == (4, None)
