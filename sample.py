@@ -144,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "down to multiples of 8)")
     p.add_argument("--controlnet-scale", type=float, default=1.0, metavar="X",
                    help="with --controlnet: the weight of its residuals (A1111's Control Weight; default 1)")
+    p.add_argument("--controlnet-start", type=float, default=0.0, metavar="X",
+                   help="with --controlnet: the share of the steps it starts steering at (A1111's Guidance Start; "
+                        "default 0)")
+    p.add_argument("--controlnet-end", type=float, default=1.0, metavar="X",
+                   help="with --controlnet: the share of the steps it stops steering after (A1111's Guidance End; "
+                        "default 1)")
     p.add_argument("--hires-scale", type=float, default=None, metavar="S",
                    help="AUTOMATIC1111's Hires fix: make each image at --width x --height, enlarge it S times "
                         "(> 1; each side rounded down to a multiple of 8) and denoise it again at that size "
@@ -309,6 +315,7 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
                         init_image=args.init_image, strength=strength, mask=args.mask,
                         mask_padding=args.mask_padding, mask_blur=args.mask_blur, controlnet=args.controlnet,
                         control_image=args.control_image, controlnet_scale=args.controlnet_scale,
+                        controlnet_start=args.controlnet_start, controlnet_end=args.controlnet_end,
                         hires_scale=args.hires_scale,
                         hires_steps=args.hires_steps, hires_strength=args.hires_strength,
                         hires_upscaler=args.hires_upscaler,

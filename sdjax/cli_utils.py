@@ -209,6 +209,8 @@ CONFIG_KEYS: dict[str, tuple[type | tuple, str]] = {
     "controlnet": (str, "a ControlNet (a diffusers ControlNet folder or Hub repo id) that steers the images"),
     "control_image": (str, "with controlnet: its control image (an edge map, depth map, pose; PNG, JPEG, ...)"),
     "controlnet_scale": ((int, float), "with controlnet: the weight of its residuals (A1111's Control Weight; 1)"),
+    "controlnet_start": ((int, float), "with controlnet: the share of the steps it starts at (A1111's Guidance Start)"),
+    "controlnet_end": ((int, float), "with controlnet: the share of the steps it ends at (A1111's Guidance End)"),
     "hires_scale": ((int, float), "Hires fix: enlarge each image this many times (> 1) and denoise it again"),
     "hires_steps": (int, "Hires fix: the second pass's steps (default: steps)"),
     "hires_strength": ((int, float), "Hires fix: the share of the second pass's schedule run, in (0, 1] (0.7)"),
@@ -432,6 +434,8 @@ class SampleRequest:
     controlnet: str | None = None     # a ControlNet folder or Hub repo id
     control_image: str | None = None  # with controlnet: the control image, resized to width x height
     controlnet_scale: float = 1.0     # with controlnet: the weight of its residuals
+    controlnet_start: float = 0.0     # with controlnet: the share of the steps run it starts at
+    controlnet_end: float = 1.0       # ... and ends at
     hires_scale: float | None = None  # Hires fix (two passes): the second pass's size over the first's
     hires_steps: int | None = None    # Hires fix: the second pass's steps (None: steps)
     hires_strength: float | None = None   # Hires fix: the second pass's denoising strength (None: 0.7)
@@ -650,11 +654,13 @@ def settings_from_png(path: str | os.PathLike) -> PngSettings:
         controlnet, flags["controlnet_scale"] = unit.get("Model", "?"), weight
         if unit.get("Module", "none") != "none":   # (sdjax takes the processed image: the same, when given)
             controlnet += f" (preprocessor {unit['Module']})"
-        other = [f"{k} {unit[k]}" for k, plain in (("Guidance Start", 0), ("Guidance End", 1)) if k in unit
-                 and _float_or_none(unit[k]) != plain]
-        other += [f"Control Mode {unit['Control Mode']}"] if unit.get("Control Mode", "Balanced") != "Balanced" else []
-        if other:   # (sdjax's ControlNet steers every step, as A1111's Balanced mode from 0 to 1)
-            fields["ControlNet 0"] = f"{', '.join(other)} (sdjax: every step, Balanced)"
+        for key, dest in (("Guidance Start", "controlnet_start"), ("Guidance End", "controlnet_end")):
+            if key in unit:
+                if (value := _float_or_none(unit[key])) is None:
+                    raise bad(f"its ControlNet 0 {key} is not a number")
+                flags[dest] = value
+        if unit.get("Control Mode", "Balanced") != "Balanced":   # (sdjax's: A1111's Balanced)
+            fields["ControlNet 0"] = f"Control Mode {unit['Control Mode']} (sdjax: Balanced)"
     if fields.get("Inpaint area") == "Only masked":   # (A1111's padding default: 32)
         del fields["Inpaint area"]
         flags["mask_padding"] = number("Masked area padding", int) if "Masked area padding" in fields else 32
@@ -1037,6 +1043,12 @@ def validate_request(req: SampleRequest) -> None:
     if not _number(req.controlnet_scale):
         raise _bad_setting("controlnet_scale", req.controlnet_scale, "must be a finite number (the weight of the "
                            "ControlNet's residuals; 1 by default)")
+    for name in ("controlnet_start", "controlnet_end"):
+        if not _number(getattr(req, name)) or not 0 <= getattr(req, name) <= 1:
+            raise _bad_setting(name, getattr(req, name), "must be a number in [0, 1] (a share of the steps run)")
+    if req.controlnet_start >= req.controlnet_end:
+        raise _bad_setting("controlnet_start", req.controlnet_start, f"must be below --controlnet-end "
+                           f"({req.controlnet_end:g})")
     if req.control_image is not None:
         init_image_size(req.control_image, "control_image")
         for name, flag in (("mask_padding", "--mask-padding"), ("hires_scale", "--hires-scale")):
@@ -1493,6 +1505,8 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
                                    init_images=init, strength=strength, mask_images=mask,
                                    mask_padding=req.mask_padding, mask_blur=req.mask_blur,
                                    control_images=control, controlnet_conditioning_scale=req.controlnet_scale,
+                                   control_guidance_start=req.controlnet_start,
+                                   control_guidance_end=req.controlnet_end,
                                    prompt_weighting=req.prompt_weighting,
                                    hires=hires, emphasis=req.emphasis, **varied)
             for batch, out in zip(bar, outputs, strict=True):
@@ -1526,6 +1540,7 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
                                               mask_blur=None if req.mask is None else req.mask_blur,
                                               mask_padding=req.mask_padding,
                                               controlnet=req.controlnet, controlnet_scale=req.controlnet_scale,
+                                              controlnet_window=(req.controlnet_start, req.controlnet_end),
                                               embeddings=embeddings_used(pipe.tokenizer, embeddings,
                                                                          f"{prompt}\n{negative}"))
                     files.append(out_dir / image_file_name(index, seed, prompt))

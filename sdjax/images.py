@@ -148,7 +148,8 @@ def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, sche
                      hires_upscaler: str = "latent", emphasis: str = "original",
                      variation_seed: int | None = None, variation_strength: float = 0.0,
                      mask_blur: float | None = None, mask_padding: int | None = None,
-                     controlnet: str | None = None, controlnet_scale: float = 1.0) -> str:
+                     controlnet: str | None = None, controlnet_scale: float = 1.0,
+                     controlnet_window: tuple[float, float] = (0.0, 1.0)) -> str:
     """Generation settings as AUTOMATIC1111 writes them into the PNG ``parameters`` text chunk::
 
         a photo of a cat
@@ -183,7 +184,8 @@ def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, sche
     image, ``Mask blur: 4`` (0 too); ``mask_padding`` ("only masked" inpainting) as
     ``Inpaint area: Only masked, Masked area padding: 32``.
     ``controlnet`` (its folder or repo id) as A1111's ControlNet extension writes its first unit, ``ControlNet
-    0: "Module: none, Model: NAME, Weight: 1, ..."`` (Module none: the control image given as it is).
+    0: "Module: none, Model: NAME, Weight: 1, Guidance Start: 0, Guidance End: 1"`` (Module none: the control
+    image given as it is; ``controlnet_window``: the share of the steps it steers from and to).
     """
     sampler = SAMPLER_NAMES.get(scheduler, scheduler)
     options = dict(scheduler_options or {})
@@ -218,7 +220,8 @@ def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, sche
         fields += [("Inpaint area", "Only masked"), ("Masked area padding", mask_padding)]
     if controlnet is not None:
         fields.append(("ControlNet 0", f"Module: none, Model: {model_name(controlnet)}, Weight: "
-                                       f"{_number(controlnet_scale)}, Guidance Start: 0, Guidance End: 1"))
+                                       f"{_number(controlnet_scale)}, Guidance Start: {_number(controlnet_window[0])}, "
+                                       f"Guidance End: {_number(controlnet_window[1])}"))
     if hires_scale is not None:
         fields.append(("Hires upscale", _number(hires_scale)))
         if hires_steps is not None:

@@ -877,7 +877,8 @@ class StableDiffusion:
                  scheduler_options: dict | None = None, progress: bool | str | _Bar = False, clip_skip: int = 1,
                  init_images: Any = None, strength: float | None = None, mask_images: Any = None,
                  mask_padding: int | None = None, mask_blur: float = 0, control_images: Any = None,
-                 controlnet_conditioning_scale: float = 1.0, prompt_weighting: bool = False,
+                 controlnet_conditioning_scale: float = 1.0, control_guidance_start: float = 0.0,
+                 control_guidance_end: float = 1.0, prompt_weighting: bool = False,
                  hires: HiresFix | None = None,
                  emphasis: str = "original", variation_seeds: int | Sequence[int] | np.ndarray | None = None,
                  variation_strength: float = 0.0) -> StableDiffusionOutput:
@@ -946,7 +947,9 @@ class StableDiffusion:
         pixels or floats in [0, 1], of the images' size (``height`` x ``width``, which default to the
         control images'), as diffusers' StableDiffusionControlNetPipeline takes them (already processed: a
         canny edge map, not the photo). The ControlNet's residuals, times ``controlnet_conditioning_scale``
-        (default 1; an input: new scales compile nothing), are added to the UNet's at every step. Also
+        (default 1; an input: new scales compile nothing), are added to the UNet's at every step from
+        ``control_guidance_start`` to ``control_guidance_end`` (shares of the steps run, default 0 and 1;
+        AUTOMATIC1111's Guidance Start / End; diffusers' arguments, `sdjax.sampling.control_scales`). Also
         with img2img and inpainting (the ControlNet reads the latents alone, as diffusers' ControlNet img2img
         and inpainting pipelines do); not with ``mask_padding`` or ``hires``.
         ``prompt_weighting``: read AUTOMATIC1111's emphasis syntax in the prompts and negative prompts, as
@@ -997,7 +1000,8 @@ class StableDiffusion:
             scheduler_options=scheduler_options, progress=progress, clip_skip=clip_skip,
             init_images=init_images, strength=strength, mask_images=mask_images, mask_padding=mask_padding,
             mask_blur=mask_blur, control_images=control_images,
-            controlnet_conditioning_scale=controlnet_conditioning_scale, prompt_weighting=prompt_weighting, hires=hires,
+            controlnet_conditioning_scale=controlnet_conditioning_scale, control_guidance_start=control_guidance_start,
+            control_guidance_end=control_guidance_end, prompt_weighting=prompt_weighting, hires=hires,
             emphasis=emphasis, variation_seeds=variation_seeds, variation_strength=variation_strength))
         steps = outputs[0].intermediate_steps
         return StableDiffusionOutput(np.concatenate([o.images for o in outputs]),
@@ -1015,7 +1019,8 @@ class StableDiffusion:
                 scheduler_options: dict | None = None, progress: bool | str | _Bar = False, clip_skip: int = 1,
                 init_images: Any = None, strength: float | None = None, mask_images: Any = None,
                 mask_padding: int | None = None, mask_blur: float = 0, control_images: Any = None,
-                controlnet_conditioning_scale: float = 1.0, prompt_weighting: bool = False,
+                controlnet_conditioning_scale: float = 1.0, control_guidance_start: float = 0.0,
+                control_guidance_end: float = 1.0, prompt_weighting: bool = False,
                 hires: HiresFix | None = None,
                 emphasis: str = "original", variation_seeds: int | Sequence[int] | np.ndarray | None = None,
                 variation_strength: float = 0.0) -> Iterator[StableDiffusionOutput]:
@@ -1117,6 +1122,16 @@ class StableDiffusion:
                             "number") from None
         if not math.isfinite(control_scale):
             raise ValueError(f"controlnet_conditioning_scale={controlnet_conditioning_scale!r} is not a finite number")
+        window = []
+        for name, value in (("control_guidance_start", control_guidance_start),
+                            ("control_guidance_end", control_guidance_end)):
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)) \
+                    or not 0 <= value <= 1:
+                raise ValueError(f"{name}={value!r}: must be a number in [0, 1] (a share of the steps run)")
+            window.append(float(value))
+        if window[0] >= window[1]:
+            raise ValueError(f"control_guidance_start={control_guidance_start!r} must be below control_guidance_end="
+                             f"{control_guidance_end!r}")
         if hires is not None:
             if not isinstance(hires, HiresFix):
                 raise TypeError(f"hires must be a HiresFix (sdjax.HiresFix(scale=2.0, ...)) or None, got "
@@ -1250,7 +1265,8 @@ class StableDiffusion:
         return self._batches(prompts, negatives, seeds, ids, neg_ids, latents, init_images, first_call, sched,
                              latent_shape, guidance_scale, steps, per_call, progress, clip_skip, text_inputs, second,
                              variation, mask_images, paste,
-                             None if control_images is None else (control_images, control_scale))
+                             None if control_images is None else (control_images, sampling.control_scales(
+                                 sched.num_model_calls - first_call, control_scale, *window)))
 
     def _batches(self, prompts, negatives, seeds, ids, neg_ids, latents, init_images, first_call, sched,
                  latent_shape, guidance_scale, steps, per_call, progress, clip_skip,
@@ -1267,7 +1283,7 @@ class StableDiffusion:
             program = self._generate if control is None else self._controlled   # (a ControlNet's: its own)
             one_control = None if control is None or len(control[0]) > 1 else parallel.replicate(control[0], self.mesh)
             controlled = {} if control is None else dict(controlnet_state=self._controlnet_state,
-                                                         control_scale=jnp.float32(control[1]))
+                                                         control_scale=control[1])
             starts = range(0, len(prompts), per_call)
             calls = sched.num_model_calls - first_call
             if second is not None:

@@ -328,12 +328,21 @@ class ControlledUNet:
     and mid block, as diffusers' StableDiffusionControlNetPipeline adds them (at every step; its
     ``guess_mode=False``). ``control_images_BHWC``: float [B or 1, H, W, 3] in [0, 1], one per image
     (or one for all) at ``controlnet.config.image_scale`` pixels a latent; guidance's rows (an image's
-    negative and prompt) repeat their image's. An inpainting UNet's extra channels are the UNet's only."""
+    negative and prompt) repeat their image's. An inpainting UNet's extra channels are the UNet's only.
+    ``conditioning_scale``: a number, or one per model call that `denoise` runs ([C], `control_scales`:
+    diffusers' ``control_guidance_start`` / ``end``), which `denoise` picks with `at`."""
 
     def __init__(self, unet, controlnet, control_images_BHWC, conditioning_scale: ArrayLike = 1.0):
         self.unet, self.controlnet, self.conditioning_scale = unet, controlnet, conditioning_scale
         self.control_images_BHWC = jnp.asarray(control_images_BHWC)
         check_nhwc("control_images_BHWC", self.control_images_BHWC, controlnet.config.conditioning_channels)
+
+    def at(self, call) -> "ControlledUNet":
+        """This UNet at model call ``call`` (from the first that runs): its scale there."""
+        if np.ndim(self.conditioning_scale) == 0:
+            return self
+        return ControlledUNet(self.unet, self.controlnet, self.control_images_BHWC,
+                              jnp.asarray(self.conditioning_scale)[call])
 
     @property
     def config(self):
@@ -349,6 +358,16 @@ class ControlledUNet:
         down, mid = self.controlnet(x_BHWC[..., :self.controlnet.config.in_channels], t, text_BSD, images,
                                     self.conditioning_scale)
         return self.unet(x_BHWC, t, text_BSD, down, mid)
+
+
+def control_scales(calls: int, scale: float = 1.0, start: float = 0.0, end: float = 1.0) -> np.ndarray:
+    """The ControlNet's scale at each of ``calls`` model calls (float32 [calls]): ``scale`` where the
+    call's share of the run lies within [``start``, ``end``], 0 elsewhere, as diffusers'
+    ``control_guidance_start`` / ``control_guidance_end`` (AUTOMATIC1111's Guidance Start / End) keep
+    it: call i is off where i / calls < start or (i + 1) / calls > end."""
+    i = np.arange(calls)
+    off = (i / calls < start) | ((i + 1) / calls > end)
+    return np.where(off, 0.0, scale).astype(np.float32)
 
 
 def guided_model_output(unet, model_input_B, t, cond_BSD, uncond_BSD, guidance_scale) -> jax.Array:
@@ -527,7 +546,8 @@ def denoise(unet, scheduler: Scheduler, latents_BHWC, cond_BSD, uncond_BSD=None,
         model_input = scheduler.scale_model_input(state, x, i)
         unet_input = model_input if unet_extra_BHWC is None else jnp.concatenate(
             [model_input, unet_extra_BHWC.astype(model_input.dtype)], axis=-1)
-        eps = guided_model_output(unet, unet_input, scheduler.timestep(i), text_at(cond_BSD, i),
+        model = unet.at(i - start) if isinstance(unet, ControlledUNet) else unet   # (its scale at this call)
+        eps = guided_model_output(model, unet_input, scheduler.timestep(i), text_at(cond_BSD, i),
                                   text_at(uncond_BSD, i), guidance_scale)
         x0 = predicted_clean(scheduler, model_input, eps, i) if return_predictions else None
         x, state = scheduler.step(state, eps, i, x, keys_B)
@@ -702,7 +722,8 @@ def generate(graphdefs: SDState, state: SDState, scheduler: Scheduler, cond_ids_
     the masked image's latents of a gray image, as AUTOMATIC1111 conditions it there.
     ``control_images_BHWC`` (float [B or 1, H, W, 3] in [0, 1], the images' size): a ControlNet
     (``controlnet_graphdef``, static, and ``controlnet_state``) steers every UNet call, its residuals
-    times ``control_scale`` (`ControlledUNet`). None: no input of the compiled program.
+    times ``control_scale``, a number or one per model call run (`ControlledUNet`, `control_scales`).
+    None: no input of the compiled program.
     """
     if init_images_BHWC is not None and init_latents_BHWC is not None:
         raise ValueError("give init_images_BHWC or init_latents_BHWC (img2img from images or from latents), "

@@ -669,17 +669,19 @@ def test_from_png_names_what_a1111_images_hold_that_it_leaves_out(tmp_path):
                                       str(tmp_path / "white.png")])
     assert req.mask_padding == 32 and args.png_notes == []   # (A1111's default padding, when none is written)
     unit = ('ControlNet 0: "Module: canny, Model: control_v11p_sd15_canny [d14c016b], Weight: 0.6, Resize Mode: Crop '
-            'and Resize, Guidance Start: 0, Guidance End: 0.8, Control Mode: Balanced"')
+            'and Resize, Guidance Start: 0, Guidance End: 0.8"')
     req, args = sample.parse_request(["--from-png", png(f"a fox\n{settings}, {unit}")])
     assert req.controlnet is None and args.png_notes == [
         "--from-png: the image was made with the ControlNet control_v11p_sd15_canny [d14c016b] (preprocessor canny): "
         "to make it again, pass --controlnet PATH --control-image FILE (the processed control image); this run "
-        "makes it without",
-        "--from-png: settings sample.py has no flag for are left out: ControlNet 0: Guidance End 0.8 (sdjax: every "
-        "step, Balanced)"]
-    req, _ = sample.parse_request(["--from-png", png(f"a fox\n{settings}, {unit}"), "--controlnet", str(tmp_path),
-                                   "--control-image", str(tmp_path / "start.png")])
-    assert (req.controlnet, req.controlnet_scale) == (str(tmp_path), 0.6)
+        "makes it without"]
+    req, args = sample.parse_request(["--from-png", png(f"a fox\n{settings}, {unit[:-1]}, Control Mode: My prompt is "
+                                                           'more important"'), "--controlnet", str(tmp_path),
+                                      "--control-image", str(tmp_path / "start.png")])
+    assert (req.controlnet, req.controlnet_scale, req.controlnet_start, req.controlnet_end) == (str(tmp_path), 0.6,
+                                                                                                0, 0.8)
+    assert args.png_notes == ["--from-png: settings sample.py has no flag for are left out: ControlNet 0: Control "
+                              "Mode My prompt is more important (sdjax: Balanced)"]
     req, _ = sample.parse_request(["--from-png", png(f"a fox\n{settings}, Mask blur: 4"), "--init-image",
                                    str(tmp_path / "start.png"), "--mask", str(tmp_path / "white.png")])
     assert (req.mask_blur, req.mask_padding) == (4, None)
@@ -951,17 +953,17 @@ def test_controlnet_flags_steer_the_images_and_are_recorded(pipe_dir, pipe, tmp_
     out = tmp_path / "out"
     small = [a for a in SMALL if a not in ("--height", "--width", "32")]   # (the size: the control image's)
     rc, _, stderr = run_main(capsys, "a dog", "--seeds", "4", "--controlnet", tmp_path / "tiny-cn", "--control-image",
-                             tmp_path / "edges.png", "--controlnet-scale", "0.7", "--model", pipe_dir, "--out", out,
-                             *small)
+                             tmp_path / "edges.png", "--controlnet-scale", "0.7", "--controlnet-end", "0.5", "--model",
+                             pipe_dir, "--out", out, *small)
     assert rc == 0, stderr
     made = out / "00000-seed4-a-dog.png"
     assert I.read_png_parameters(made).endswith(
         'Size: 32x32, Model: pipe, ControlNet 0: "Module: none, Model: tiny-cn, Weight: 0.7, Guidance Start: 0, '
-        'Guidance End: 1"')
+        'Guidance End: 0.5"')
     pipe.load_controlnet(tmp_path / "tiny-cn")
     try:
         ref = pipe("a dog", seeds=[4], num_inference_steps=3, control_images=control,
-                   controlnet_conditioning_scale=0.7).to_pil()
+                   controlnet_conditioning_scale=0.7, control_guidance_end=0.5).to_pil()
     finally:
         pipe.load_controlnet(None)
     np.testing.assert_array_equal(pixels(made), ref[0])
@@ -971,7 +973,7 @@ def test_controlnet_flags_steer_the_images_and_are_recorded(pipe_dir, pipe, tmp_
         "--control-image FILE (the processed control image); this run makes it without"]
     req, args = sample.parse_request(["--from-png", str(made), "--controlnet", str(tmp_path / "tiny-cn"),
                                       "--control-image", str(tmp_path / "edges.png"), "--model", str(pipe_dir)])
-    assert (req.controlnet_scale, args.png_notes) == (0.7, [])
+    assert (req.controlnet_scale, req.controlnet_end, args.png_notes) == (0.7, 0.5, [])
     rc, _, stderr = run_main(capsys, "a dog", "--controlnet", tmp_path / "wide-cn", "--control-image",
                              tmp_path / "edges.png", "--model", pipe_dir, "--out", tmp_path / "none", *small)
     assert rc == 2 and not (tmp_path / "none").exists()
@@ -1484,6 +1486,9 @@ BAD_INPUTS = {
                               "error: --control-image {tmp}/nope.png: no such file"),
     "controlnet_scale_nan": (["a cat", "--controlnet", "{tmp}", "--control-image", "{tmp}/init.png",
                               "--controlnet-scale", "nan"], "error: --controlnet-scale nan: must be a finite number"),
+    "controlnet_window": (["a cat", "--controlnet", "{tmp}", "--control-image", "{tmp}/init.png",
+                           "--controlnet-start", "0.6", "--controlnet-end", "0.4"], "error: --controlnet-start 0.6: "
+                                                                                   "must be below --controlnet-end (0.4)"),
     "control_image_with_hires": (["a cat", "--controlnet", "{tmp}", "--control-image", "{tmp}/init.png",
                                   "--hires-scale", "2"], "error: --control-image {tmp}/init.png: is not available "
                                                          "with --hires-scale"),

@@ -154,9 +154,10 @@ def test_controlnet_errors_name_the_problem(tmp_path):
 
 def test_pipeline_makes_controlled_images_as_diffusers(pipe, reference_pipe, controlnet_dir, monkeypatch):
     """pipe.load_controlnet(folder), then pipe(..., control_images=): diffusers' StableDiffusionControlNetPipeline
-    images from the same noise, with a control image each or one for both (on 8 devices); another scale
-    compiles nothing; a call without control images makes the images of before; with init images,
-    diffusers' ControlNet img2img pipeline's; load_controlnet(None) takes the ControlNet away."""
+    images from the same noise, with a control image each or one for both (on 8 devices), and with a
+    control_guidance_start / end; another scale or window compiles nothing; a call without control images
+    makes the images of before; with init images, diffusers' ControlNet img2img pipeline's;
+    load_controlnet(None) takes the ControlNet away."""
     from diffusers import ControlNetModel as TorchControlNet
     from diffusers import StableDiffusionControlNetPipeline
     ref = StableDiffusionControlNetPipeline(**reference_pipe.components,
@@ -169,13 +170,15 @@ def test_pipeline_makes_controlled_images_as_diffusers(pipe, reference_pipe, con
     before = pipe(PROMPTS, height=SIZE, width=SIZE, **kw).images
     assert pipe.load_controlnet(controlnet_dir) is pipe.controlnet
     try:
-        for given, scale in ((images, 0.8), (images, 1.3), (images[:1], 1.0)):
-            ours = pipe(PROMPTS, control_images=given, controlnet_conditioning_scale=scale, **kw).images
+        for given, scale, window in ((images, 0.8, (0, 1)), (images, 1.3, (0.2, 0.7)), (images[:1], 1.0, (0, 1))):
+            ours = pipe(PROMPTS, control_images=given, controlnet_conditioning_scale=scale,
+                        control_guidance_start=window[0], control_guidance_end=window[1], **kw).images
             want = ref(PROMPTS, negative_prompt=NEGATIVES, image=given, latents=nchw(noise), num_inference_steps=STEPS,
-                       controlnet_conditioning_scale=scale, height=SIZE, width=SIZE, output_type="np").images
+                       controlnet_conditioning_scale=scale, control_guidance_start=window[0],
+                       control_guidance_end=window[1], height=SIZE, width=SIZE, output_type="np").images
             assert np.abs(ours - want).max() <= 2e-5, scale
             if scale == 1.3:
-                assert pipe._controlled._cache_size() == 1   # (the scale is an input)
+                assert pipe._controlled._cache_size() == 1   # (the scales are an input)
         assert np.array_equal(pipe(PROMPTS, height=SIZE, width=SIZE, **kw).images, before)
         # img2img steered too: diffusers' StableDiffusionControlNetImg2ImgPipeline (its draws the seeds')
         from diffusers import StableDiffusionControlNetImg2ImgPipeline
@@ -227,6 +230,10 @@ def test_pipeline_control_images_are_checked(pipe, controlnet_dir):
                           mask_padding=4), "not available with mask_padding"),
                     (dict(control_images=square, controlnet_conditioning_scale="x"), "'x' is not a number"),
                     (dict(control_images=square, controlnet_conditioning_scale=float("nan")), "not a finite number"),
+                    (dict(control_images=square, control_guidance_end=1.5), r"control_guidance_end=1.5: must be a "
+                     r"number in \[0, 1\]"),
+                    (dict(control_images=square, control_guidance_start=0.5, control_guidance_end=0.5),
+                     "control_guidance_start=0.5 must be below control_guidance_end=0.5"),
                     (dict(control_images=np.stack([square] * 3), seeds=[0, 1]),
                      r"seeds has 2 entries; expected 1 or 3 to match control_images \(3 entries\)")]:
                 with pytest.raises((ValueError, TypeError), match=message):
