@@ -2,8 +2,8 @@
 
     python -m pytest tests/test_sd15_slow.py --runslow -q --durations=0
 
-CLIP (last_hidden_state, 2 x 77 tokens), UNet (32x32 latents, batch 2, two timesteps) and VAE
-(encode at 128x128 px, decode 16x16 latents): sdjax (jit-compiled, fp32) loaded from the
+CLIP (last_hidden_state, 2 x 77 tokens), UNet (32x32 latents, batch 2, two timesteps), VAE
+(encode at 128x128 px, decode 16x16 latents) and ControlNet: sdjax (jit-compiled, fp32) loaded from the
 safetensors and the Flax msgpack layout must equal transformers / diffusers PyTorch within 1e-4.
 The reference models are built, written and run once per module and freed before sdjax loads its
 copy, so the process stays under ~8 GB; the single-file round trip (test_single_file_sd15) peaks
@@ -172,3 +172,39 @@ def test_single_file_sd15(sd15, tmp_path):
         assert got.keys() == want.keys(), part
         for path, var in got.items():
             assert np.array_equal(np.asarray(var.get_value()), np.asarray(want[path].get_value())), (part, path)
+
+
+def test_controlnet_sd15(tmp_path):
+    """A ControlNet at SD v1.5's real config (lllyasviel's: the UNet's down and mid blocks, the control image
+    encoder 16-32-96-256 at 8 pixels a latent), from a diffusers folder and from an original-layout file
+    (as lllyasviel's .pth files name it): its 12 down residuals and mid residual equal diffusers' within
+    TOL, on 32x32 latents and 256 px control images."""
+    from diffusers import ControlNetModel as TorchControlNet
+    from safetensors.torch import save_file
+    from sdjax.models import ControlNetConfig, ControlNetModel, UNetConfig
+    from sdjax.weights import ldm_controlnet_key, load_controlnet_file
+    config = {k: v for k, v in R.SD15_UNET.items() if k not in ("up_block_types", "out_channels", "sample_size")}
+    torch.manual_seed(0)
+    ref = R.perturb_(TorchControlNet(**config), 0)
+    ref.save_pretrained(tmp_path / "controlnet")
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 32, 32, 4)).astype(np.float32)
+    t = np.array([37, 801])
+    ctx = rng.standard_normal((2, 77, 768)).astype(np.float32)
+    image = rng.uniform(0, 1, (2, 256, 256, 3)).astype(np.float32)
+    with torch.no_grad():
+        want_down, want_mid = ref(nchw(x), torch.from_numpy(t), torch.from_numpy(ctx), nchw(image),
+                                  conditioning_scale=0.9, return_dict=False)
+    want_down, want_mid = [nhwc(d) for d in want_down], nhwc(want_mid)
+    original = {ldm_controlnet_key(k, ControlNetConfig.from_dict(config)): v for k, v in ref.state_dict().items()}
+    save_file(original, str(tmp_path / "control_sd15.safetensors"))
+    del ref, original
+    gc.collect()
+    for model in (ControlNetModel.from_pretrained(tmp_path / "controlnet"),
+                  load_controlnet_file(tmp_path / "control_sd15.safetensors", UNetConfig.from_dict(dict(R.SD15_UNET)))):
+        down, mid = run_jitted("controlnet", model, lambda m, *a: m(*a, 0.9), jnp.asarray(x), jnp.asarray(t),
+                               jnp.asarray(ctx), jnp.asarray(image))
+        assert len(down) == len(want_down) == 12 and np.abs(want_mid).max() > 0.1
+        errors = {f"down{i}": max_err(a, b) for i, (a, b) in enumerate(zip(down, want_down))}
+        check({**errors, "mid": max_err(mid, want_mid)},
+              {**{f"down{i}": d for i, d in enumerate(want_down)}, "mid": want_mid})
