@@ -768,7 +768,8 @@ class StableDiffusion:
     def load_controlnet(self, controlnet: ControlNetModel | str | Path | None, *, revision: str | None = None,
                         variant: str | None = None) -> ControlNetModel | None:
         """Steer the images by a ControlNet: a `ControlNetModel`, a diffusers ControlNet folder or Hub
-        repo id (``lllyasviel/control_v11p_sd15_canny``, ``.../control_v11f1p_sd15_depth``), or a file in
+        repo id (``lllyasviel/control_v11p_sd15_canny``, ``.../control_v11f1p_sd15_depth``; ``variant`` picks
+        its variant weights where it has them, else its plain ones, as for a pipeline's parts), or a file in
         the original layout (``control_v11p_sd15_canny.pth``, AUTOMATIC1111's ``models/ControlNet`` files:
         `sdjax.weights.load_controlnet_file`), loaded in the pipeline's dtype; ``None`` takes it away.
         Its control images are ``pipe(..., control_images=...)``; a call without them is made as before,
@@ -780,8 +781,15 @@ class StableDiffusion:
                 if Path(controlnet).expanduser().is_file():   # (a folder or repo id is diffusers')
                     controlnet = load_controlnet_file(controlnet, self.unet.config, dtype=self.unet.dtype)
                 else:
-                    controlnet = ControlNetModel.from_pretrained(controlnet, revision=revision, variant=variant,
-                                                                 dtype=self.unet.dtype)
+                    try:
+                        controlnet = ControlNetModel.from_pretrained(controlnet, revision=revision, variant=variant,
+                                                                     dtype=self.unet.dtype)
+                    except CheckpointError:
+                        if variant is None:
+                            raise
+                        # (as a pipeline's part without the variant: its plain weights)
+                        controlnet = ControlNetModel.from_pretrained(controlnet, revision=revision,
+                                                                     dtype=self.unet.dtype)
             cn, unet = controlnet.config, self.unet.config
             for name, mine, theirs in (
                     ("the residuals' channels (block_out_channels, layers_per_block)", skip_channels(cn),
