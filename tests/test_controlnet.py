@@ -220,7 +220,7 @@ def test_pipeline_control_images_are_checked(pipe, controlnet_dir):
                                               r"64\]: a ControlNet made for another model"):
         pipe.load_controlnet(wide)
     assert pipe.controlnet is None
-    pipe.load_controlnet(controlnet_dir)
+    pipe.load_controlnet(controlnet_dir, variant="fp16")   # (a variant it lacks: its plain weights, as a part's)
     try:
         with generate_calls(pipe) as calls:
             for kw, message in [
