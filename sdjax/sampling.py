@@ -498,6 +498,10 @@ def denoise(unet, scheduler: Scheduler, latents_BHWC, cond_BSD, uncond_BSD=None,
         else jnp.asarray(x)  # noqa: E731
     cond_BSD, uncond_BSD = as_array(cond_BSD), as_array(uncond_BSD)
     calls = scheduler.num_model_calls - start
+    if isinstance(unet, ControlledUNet) and np.ndim(unet.conditioning_scale) and \
+            np.shape(unet.conditioning_scale) != (calls,):
+        raise ValueError(f"the ControlledUNet's conditioning_scale has shape {np.shape(unet.conditioning_scale)}; "
+                         f"expected a number or one per model call run ({calls}: control_scales)")
     if isinstance(cond_BSD, Composition):
         cond_BSD = _checked_composition(cond_BSD, calls, uncond_BSD)
     for x, name in ((cond_BSD, "cond_BSD"), (uncond_BSD, "uncond_BSD")):

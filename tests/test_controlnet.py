@@ -147,6 +147,15 @@ def test_controlnet_errors_name_the_problem(tmp_path):
         controlnet(x, t, text, image[:, :16, :16])
     with pytest.raises(ValueError, match=r"control_images_BHWC has 3 images for a UNet call of 2 rows"):
         ControlledUNet(None, controlnet, np.concatenate([image, image[:1]]))(x, t, text)
+    from sdjax.sampling import control_scales, denoise
+    from sdjax.schedulers import make_scheduler
+    from conftest import SD15_SCHEDULER
+    sched = make_scheduler("ddim", SD15_SCHEDULER, 4)
+    assert control_scales(4, 0.5, 0.25, 0.75).tolist() == [0, 0.5, 0.5, 0]   # (diffusers' controlnet_keep)
+    unet = nnx.eval_shape(lambda: UNet2DConditionModel(dict(R.TINY_UNET), rngs=nnx.Rngs(0)))   # (never run)
+    with pytest.raises(ValueError, match=r"conditioning_scale has shape \(3,\); expected a number or one per model "
+                                         r"call run \(4: control_scales\)"):
+        denoise(ControlledUNet(unet, controlnet, image, control_scales(3)), sched, x, text)
     (tmp_path / "config.json").write_text(json.dumps({**TINY_CONTROLNET, "global_pool_conditions": True}))
     with pytest.raises(CheckpointError, match="global_pool_conditions=True .* is not supported"):
         ControlNetModel.from_pretrained(tmp_path)
