@@ -490,9 +490,13 @@ class StableDiffusion:
         self._build_controlled()
 
     def _build_controlled(self) -> None:
-        """The sampler with the ControlNet's graphdef bound (`load_controlnet`), beside the plain one."""
-        self._controlled = None if self.controlnet is None else jax.jit(
-            functools.partial(sampling.generate, self._graphdefs, controlnet_graphdef=nnx.graphdef(self.controlnet)),
+        """The sampler with the ControlNet's graphdef bound (`load_controlnet`; several: a tuple of them),
+        beside the plain one."""
+        graphdef = None if self.controlnet is None else (
+            tuple(map(nnx.graphdef, self.controlnet)) if isinstance(self.controlnet, tuple)
+            else nnx.graphdef(self.controlnet))
+        self._controlled = None if graphdef is None else jax.jit(
+            functools.partial(sampling.generate, self._graphdefs, controlnet_graphdef=graphdef),
             static_argnames=("latent_shape_HWC", "use_guidance", "return_predictions", "on_step", "clip_skip",
                              "start", "return_latents", "decode", "restore_mean"))
 
@@ -765,8 +769,8 @@ class StableDiffusion:
         self._before_lora = {}
 
     @_one_call_at_a_time
-    def load_controlnet(self, controlnet: ControlNetModel | str | Path | None, *, revision: str | None = None,
-                        variant: str | None = None) -> ControlNetModel | None:
+    def load_controlnet(self, controlnet: ControlNetModel | str | Path | Sequence | None, *,
+                        revision: str | None = None, variant: str | None = None) -> ControlNetModel | tuple[ControlNetModel, ...] | None:
         """Steer the images by a ControlNet: a `ControlNetModel`, a diffusers ControlNet folder or Hub
         repo id (``lllyasviel/control_v11p_sd15_canny``, ``.../control_v11f1p_sd15_depth``; ``variant`` picks
         its variant weights where it has them, else its plain ones, as for a pipeline's parts), or a file in
@@ -775,36 +779,49 @@ class StableDiffusion:
         Its control images are ``pipe(..., control_images=...)``; a call without them is made as before,
         by the program of before. A ControlNet made for another model (other block widths or text
         width, or control images at another scale than the VAE's) raises a `CheckpointError` naming
-        the fields. Returns the ControlNet."""
-        if controlnet is not None:
-            if not isinstance(controlnet, ControlNetModel):
-                if Path(controlnet).expanduser().is_file():   # (a folder or repo id is diffusers')
-                    controlnet = load_controlnet_file(controlnet, self.unet.config, dtype=self.unet.dtype)
-                else:
-                    try:
-                        controlnet = ControlNetModel.from_pretrained(controlnet, revision=revision, variant=variant,
-                                                                     dtype=self.unet.dtype)
-                    except CheckpointError:
-                        if variant is None:
-                            raise
-                        # (as a pipeline's part without the variant: its plain weights)
-                        controlnet = ControlNetModel.from_pretrained(controlnet, revision=revision,
-                                                                     dtype=self.unet.dtype)
-            cn, unet = controlnet.config, self.unet.config
-            for name, mine, theirs in (
-                    ("the residuals' channels (block_out_channels, layers_per_block)", skip_channels(cn),
-                     skip_channels(unet)),
-                    ("down_block_types", cn.down_block_types, unet.down_block_types),
-                    ("cross_attention_dim", cn.cross_attention_dim, unet.cross_attention_dim),
-                    ("in_channels", cn.in_channels, self.vae.config.latent_channels),
-                    ("control image pixels a latent (conditioning_embedding_out_channels)", cn.image_scale,
-                     self.vae_scale)):
-                if mine != theirs:
-                    raise CheckpointError(f"the ControlNet's {name} are {mine}, this pipeline's {theirs}: a ControlNet "
-                                          "made for another model (SD 1.x ControlNets steer SD 1.x models)")
-            self._controlnet_state = parallel.replicate(nnx.to_pure_dict(nnx.state(controlnet)), self.mesh)
+        the fields. Several ControlNets (a list: diffusers' ``MultiControlNetModel``, A1111's units) steer
+        together, their residuals added; each call then gives a list of their control images. Returns
+        the ControlNet (a tuple of them)."""
+        if isinstance(controlnet, (list, tuple)) and not controlnet:
+            raise ValueError("load_controlnet([]): give a ControlNet, a list of them, or None")
+        if controlnet is not None:   # (all loaded and checked before the pipeline's changes)
+            given = controlnet if isinstance(controlnet, (list, tuple)) else [controlnet]
+            models = tuple(self._checked_controlnet(c, revision, variant) for c in given)
+            controlnet = models if len(models) > 1 else models[0]
+            self._controlnet_state = parallel.replicate(
+                jax.tree.map(lambda m: nnx.to_pure_dict(nnx.state(m)), controlnet,
+                             is_leaf=lambda x: isinstance(x, ControlNetModel)), self.mesh)
         self.controlnet = controlnet
         self._build_controlled()
+        return controlnet
+
+    def _checked_controlnet(self, controlnet, revision, variant) -> ControlNetModel:
+        """`load_controlnet`'s one ControlNet, loaded and checked against this pipeline."""
+        if not isinstance(controlnet, ControlNetModel):
+            if Path(controlnet).expanduser().is_file():   # (a folder or repo id is diffusers')
+                controlnet = load_controlnet_file(controlnet, self.unet.config, dtype=self.unet.dtype)
+            else:
+                try:
+                    controlnet = ControlNetModel.from_pretrained(controlnet, revision=revision, variant=variant,
+                                                                 dtype=self.unet.dtype)
+                except CheckpointError:
+                    if variant is None:
+                        raise
+                    # (as a pipeline's part without the variant: its plain weights)
+                    controlnet = ControlNetModel.from_pretrained(controlnet, revision=revision,
+                                                                 dtype=self.unet.dtype)
+        cn, unet = controlnet.config, self.unet.config
+        for name, mine, theirs in (
+                ("the residuals' channels (block_out_channels, layers_per_block)", skip_channels(cn),
+                 skip_channels(unet)),
+                ("down_block_types", cn.down_block_types, unet.down_block_types),
+                ("cross_attention_dim", cn.cross_attention_dim, unet.cross_attention_dim),
+                ("in_channels", cn.in_channels, self.vae.config.latent_channels),
+                ("control image pixels a latent (conditioning_embedding_out_channels)", cn.image_scale,
+                 self.vae_scale)):
+            if mine != theirs:
+                raise CheckpointError(f"the ControlNet's {name} are {mine}, this pipeline's {theirs}: a ControlNet "
+                                      "made for another model (SD 1.x ControlNets steer SD 1.x models)")
         return controlnet
 
     @_one_call_at_a_time
@@ -959,7 +976,9 @@ class StableDiffusion:
         ``control_guidance_start`` to ``control_guidance_end`` (shares of the steps run, default 0 and 1;
         AUTOMATIC1111's Guidance Start / End; diffusers' arguments, `sdjax.sampling.control_scales`). Also
         with img2img and inpainting (the ControlNet reads the latents alone, as diffusers' ControlNet img2img
-        and inpainting pipelines do); not with ``mask_padding`` or ``hires``.
+        and inpainting pipelines do); not with ``mask_padding`` or ``hires``. With several ControlNets
+        loaded: a list of their control images, one entry each, and scales and windows a number for all
+        or a list of one each (diffusers' ``MultiControlNetModel``).
         ``prompt_weighting``: read AUTOMATIC1111's emphasis syntax in the prompts and negative prompts, as
         A1111 does: ``(word)`` weights ``word`` by 1.1, ``[word]`` by 1/1.1, ``(word:1.5)`` by 1.5, nested
         groups multiply, ``\\(`` is a bracket (`sdjax.text.parse_prompt_attention`); each token's text
@@ -1114,6 +1133,9 @@ class StableDiffusion:
             init_images, mask_images = paste[2][:2]
         elif soft is not None:   # the picture laid back over each image through the blur, its grays doubled
             paste = (init_images, np.minimum(2 * soft, 1), None)
+        # ControlNets: one control image batch, scale and window each (several: lists, as diffusers takes them)
+        several = len(self.controlnet) if isinstance(self.controlnet, tuple) else 0
+        controls = None
         if control_images is not None:
             if self.controlnet is None:
                 raise ValueError("control_images steer the images through a ControlNet: load one first "
@@ -1122,24 +1144,38 @@ class StableDiffusion:
                 if given is not None:
                     raise ValueError(f"control_images are not available with {name}: leave either out")
             from sdjax.images import image_batch
-            control_images = image_batch(control_images, "control_images")
-        try:
-            control_scale = float(controlnet_conditioning_scale)
-        except (TypeError, ValueError):
-            raise TypeError(f"controlnet_conditioning_scale={controlnet_conditioning_scale!r} is not a "
-                            "number") from None
-        if not math.isfinite(control_scale):
-            raise ValueError(f"controlnet_conditioning_scale={controlnet_conditioning_scale!r} is not a finite number")
-        window = []
-        for name, value in (("control_guidance_start", control_guidance_start),
-                            ("control_guidance_end", control_guidance_end)):
-            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)) \
-                    or not 0 <= value <= 1:
-                raise ValueError(f"{name}={value!r}: must be a number in [0, 1] (a share of the steps run)")
-            window.append(float(value))
-        if window[0] >= window[1]:
-            raise ValueError(f"control_guidance_start={control_guidance_start!r} must be below control_guidance_end="
-                             f"{control_guidance_end!r}")
+            if several and (not isinstance(control_images, (list, tuple)) or len(control_images) != several):
+                raise ValueError(f"{several} ControlNets are loaded: control_images is a list of {several}, each "
+                                 "ControlNet's control image (or images)")
+            controls = ([image_batch(c, f"control_images[{k}]") for k, c in enumerate(control_images)] if several
+                        else [image_batch(control_images, "control_images")])
+
+        def each(value, name) -> list:   # one value a ControlNet
+            if several and isinstance(value, (list, tuple)):
+                if len(value) != several:
+                    raise ValueError(f"{name} has {len(value)} entries for {several} ControlNets: one each, or one "
+                                     "number for all")
+                return list(value)
+            return [value] * max(several, 1)
+        windows = []
+        for scale, start, end in zip(each(controlnet_conditioning_scale, "controlnet_conditioning_scale"),
+                                     each(control_guidance_start, "control_guidance_start"),
+                                     each(control_guidance_end, "control_guidance_end")):
+            try:
+                scale = float(scale)
+            except (TypeError, ValueError):
+                raise TypeError(f"controlnet_conditioning_scale={controlnet_conditioning_scale!r} is not a number"
+                                + (" (or one a ControlNet)" if several else "")) from None
+            if not math.isfinite(scale):
+                raise ValueError(f"controlnet_conditioning_scale={controlnet_conditioning_scale!r} is not a finite "
+                                 "number")
+            for name, value in (("control_guidance_start", start), ("control_guidance_end", end)):
+                if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)) \
+                        or not 0 <= value <= 1:
+                    raise ValueError(f"{name}={value!r}: must be a number in [0, 1] (a share of the steps run)")
+            if start >= end:
+                raise ValueError(f"control_guidance_start={start!r} must be below control_guidance_end={end!r}")
+            windows.append((scale, float(start), float(end)))
         if hires is not None:
             if not isinstance(hires, HiresFix):
                 raise TypeError(f"hires must be a HiresFix (sdjax.HiresFix(scale=2.0, ...)) or None, got "
@@ -1155,7 +1191,8 @@ class StableDiffusion:
         sizes = {"prompts": len(prompts), "seeds": len(seeds), "negative_prompts": len(negatives),
                  "latents": n_latents, "init_images": n_init, "variation_seeds": len(variations or [None]),
                  "mask_images": 1 if mask_images is None else mask_images.shape[0],
-                 "control_images": 1 if control_images is None else control_images.shape[0]}
+                 **{f"control_images[{k}]" if several else "control_images": len(c) for k, c in
+                    enumerate(controls or [])}}
         n = max(sizes.values())
         longest = max(sizes, key=sizes.get)   # (named in the error: the list the others must match)
         for name, size in sizes.items():
@@ -1191,15 +1228,16 @@ class StableDiffusion:
                     raise ValueError(f"init_images are {image_w}x{image_h} (width x height): each side must be a "
                                      "multiple of 8 (resize or crop them)")
             height, width = image_h, image_w
-        if control_images is not None:   # (their size, where none is given: as diffusers' ControlNet pipeline)
-            height, width = (control_images.shape[i] if size is None else size for i, size in ((1, height), (2, width)))
+        if controls is not None:   # (their size, where none is given: as diffusers' ControlNet pipeline)
+            height, width = (controls[0].shape[i] if size is None else size for i, size in ((1, height), (2, width)))
         height, width = (512 if size is None else size for size in (height, width))
         for name, size in (("height", height), ("width", width)):
             if not isinstance(size, (int, np.integer)) or size <= 0 or size % 8:
                 raise ValueError(f"{name}={size!r}: must be a positive multiple of 8")
-        if control_images is not None and control_images.shape[1:3] != (height, width):
-            raise ValueError(f"control_images are {control_images.shape[2]}x{control_images.shape[1]} and the images "
-                             f"{width}x{height} (width x height): give control images of the images' size")
+        for k, c in enumerate(controls or []):
+            if c.shape[1:3] != (height, width):
+                raise ValueError(f"control_images{f'[{k}]' if several else ''} are {c.shape[2]}x{c.shape[1]} and the "
+                                 f"images {width}x{height} (width x height): give control images of the images' size")
         try:
             guidance_scale = float(guidance_scale)   # also a JAX/numpy scalar: it decides a static argument
         except (TypeError, ValueError):
@@ -1273,8 +1311,8 @@ class StableDiffusion:
         return self._batches(prompts, negatives, seeds, ids, neg_ids, latents, init_images, first_call, sched,
                              latent_shape, guidance_scale, steps, per_call, progress, clip_skip, text_inputs, second,
                              variation, mask_images, paste,
-                             None if control_images is None else (control_images, sampling.control_scales(
-                                 sched.num_model_calls - first_call, control_scale, *window)))
+                             None if controls is None else (controls, [sampling.control_scales(
+                                 sched.num_model_calls - first_call, *window) for window in windows]))
 
     def _batches(self, prompts, negatives, seeds, ids, neg_ids, latents, init_images, first_call, sched,
                  latent_shape, guidance_scale, steps, per_call, progress, clip_skip,
@@ -1289,9 +1327,12 @@ class StableDiffusion:
                 init_images, self.mesh)
             one_mask = None if masks is None or len(masks) > 1 else parallel.replicate(masks, self.mesh)
             program = self._generate if control is None else self._controlled   # (a ControlNet's: its own)
-            one_control = None if control is None or len(control[0]) > 1 else parallel.replicate(control[0], self.mesh)
+            several = isinstance(self.controlnet, tuple)
+            one = lambda xs: tuple(xs) if several else xs[0]  # noqa: E731   (several ControlNets: tuples)
+            one_control = None if control is None else [None if len(c) > 1 else parallel.replicate(c, self.mesh)
+                                                         for c in control[0]]
             controlled = {} if control is None else dict(controlnet_state=self._controlnet_state,
-                                                         control_scale=control[1])
+                                                         control_scale=one(control[1]))
             starts = range(0, len(prompts), per_call)
             calls = sched.num_model_calls - first_call
             if second is not None:
@@ -1312,7 +1353,8 @@ class StableDiffusion:
                 varied = inputs(variation or {})
                 masked = {} if masks is None else dict(mask_BHW1=one_mask if one_mask is not None else shard(masks))
                 if control is not None:
-                    controlled["control_images_BHWC"] = one_control if one_control is not None else shard(control[0])
+                    controlled["control_images_BHWC"] = one([o if o is not None else shard(c)
+                                                             for o, c in zip(one_control, control[0])])
                 out = program(
                     state, sched, shard(ids), shard(neg_ids), shard(seeds),
                     None if latents is None else shard(latents), jnp.float32(guidance_scale),

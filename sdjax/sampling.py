@@ -330,19 +330,31 @@ class ControlledUNet:
     (or one for all) at ``controlnet.config.image_scale`` pixels a latent; guidance's rows (an image's
     negative and prompt) repeat their image's. An inpainting UNet's extra channels are the UNet's only.
     ``conditioning_scale``: a number, or one per model call that `denoise` runs ([C], `control_scales`:
-    diffusers' ``control_guidance_start`` / ``end``), which `denoise` picks with `at`."""
+    diffusers' ``control_guidance_start`` / ``end``), which `denoise` picks with `at`.
+    Several ControlNets (diffusers' ``MultiControlNetModel``): a tuple of them, a tuple of their control
+    images and of their scales (or one scale for all); their residuals add up."""
 
     def __init__(self, unet, controlnet, control_images_BHWC, conditioning_scale: ArrayLike = 1.0):
-        self.unet, self.controlnet, self.conditioning_scale = unet, controlnet, conditioning_scale
-        self.control_images_BHWC = jnp.asarray(control_images_BHWC)
-        check_nhwc("control_images_BHWC", self.control_images_BHWC, controlnet.config.conditioning_channels)
+        self.several = isinstance(controlnet, (list, tuple))
+        self.unet, self.controlnets = unet, tuple(controlnet) if self.several else (controlnet,)
+        n = len(self.controlnets)
+        images = tuple(control_images_BHWC) if self.several else (control_images_BHWC,)
+        scales = (tuple(conditioning_scale) if self.several and isinstance(conditioning_scale, (list, tuple))
+                  else (conditioning_scale,) * n)
+        if len(images) != n or len(scales) != n:
+            raise ValueError(f"{n} ControlNets with {len(images)} control images and {len(scales)} scales: give "
+                             "one of each a ControlNet")
+        self.images = tuple(jnp.asarray(x) for x in images)
+        self.scales = scales
+        for k, (cn, x) in enumerate(zip(self.controlnets, self.images)):
+            check_nhwc(f"control_images_BHWC[{k}]" if self.several else "control_images_BHWC", x,
+                       cn.config.conditioning_channels)
 
     def at(self, call) -> "ControlledUNet":
-        """This UNet at model call ``call`` (from the first that runs): its scale there."""
-        if np.ndim(self.conditioning_scale) == 0:
-            return self
-        return ControlledUNet(self.unet, self.controlnet, self.control_images_BHWC,
-                              jnp.asarray(self.conditioning_scale)[call])
+        """This UNet at model call ``call`` (from the first that runs): its scales there."""
+        scales = tuple(s if np.ndim(s) == 0 else jnp.asarray(s)[call] for s in self.scales)
+        return ControlledUNet(self.unet, self.controlnets if self.several else self.controlnets[0],
+                              self.images if self.several else self.images[0], scales if self.several else scales[0])
 
     @property
     def config(self):
@@ -350,13 +362,15 @@ class ControlledUNet:
         return self.unet.config
 
     def __call__(self, x_BHWC, t, text_BSD) -> jax.Array:
-        images = self.control_images_BHWC
-        if x_BHWC.shape[0] % images.shape[0]:
-            raise ValueError(f"control_images_BHWC has {images.shape[0]} images for a UNet call of {x_BHWC.shape[0]} "
-                             "rows: give one control image, or one per image")
-        images = jnp.repeat(images, x_BHWC.shape[0] // images.shape[0], axis=0)   # ([u0, c0, u1, c1, ...])
-        down, mid = self.controlnet(x_BHWC[..., :self.controlnet.config.in_channels], t, text_BSD, images,
-                                    self.conditioning_scale)
+        down = mid = None
+        for k, (controlnet, images, scale) in enumerate(zip(self.controlnets, self.images, self.scales)):
+            if x_BHWC.shape[0] % images.shape[0]:
+                raise ValueError(f"control_images_BHWC{f'[{k}]' if self.several else ''} has {images.shape[0]} images "
+                                 f"for a UNet call of {x_BHWC.shape[0]} rows: give one control image, or one per "
+                                 "image")
+            images = jnp.repeat(images, x_BHWC.shape[0] // images.shape[0], axis=0)   # ([u0, c0, u1, c1, ...])
+            d, m = controlnet(x_BHWC[..., :controlnet.config.in_channels], t, text_BSD, images, scale)
+            down, mid = (d, m) if down is None else (tuple(a + b for a, b in zip(down, d)), mid + m)
         return self.unet(x_BHWC, t, text_BSD, down, mid)
 
 
@@ -498,10 +512,10 @@ def denoise(unet, scheduler: Scheduler, latents_BHWC, cond_BSD, uncond_BSD=None,
         else jnp.asarray(x)  # noqa: E731
     cond_BSD, uncond_BSD = as_array(cond_BSD), as_array(uncond_BSD)
     calls = scheduler.num_model_calls - start
-    if isinstance(unet, ControlledUNet) and np.ndim(unet.conditioning_scale) and \
-            np.shape(unet.conditioning_scale) != (calls,):
-        raise ValueError(f"the ControlledUNet's conditioning_scale has shape {np.shape(unet.conditioning_scale)}; "
-                         f"expected a number or one per model call run ({calls}: control_scales)")
+    for scale in unet.scales if isinstance(unet, ControlledUNet) else ():
+        if np.ndim(scale) and np.shape(scale) != (calls,):
+            raise ValueError(f"the ControlledUNet's conditioning_scale has shape {np.shape(scale)}; expected a number "
+                             f"or one per model call run ({calls}: control_scales)")
     if isinstance(cond_BSD, Composition):
         cond_BSD = _checked_composition(cond_BSD, calls, uncond_BSD)
     for x, name in ((cond_BSD, "cond_BSD"), (uncond_BSD, "uncond_BSD")):
@@ -726,8 +740,9 @@ def generate(graphdefs: SDState, state: SDState, scheduler: Scheduler, cond_ids_
     the masked image's latents of a gray image, as AUTOMATIC1111 conditions it there.
     ``control_images_BHWC`` (float [B or 1, H, W, 3] in [0, 1], the images' size): a ControlNet
     (``controlnet_graphdef``, static, and ``controlnet_state``) steers every UNet call, its residuals
-    times ``control_scale``, a number or one per model call run (`ControlledUNet`, `control_scales`).
-    None: no input of the compiled program.
+    times ``control_scale``, a number or one per model call run (`ControlledUNet`, `control_scales`);
+    several ControlNets: a tuple of each (graphdefs, states, images, scales). None: no input of the
+    compiled program.
     """
     if init_images_BHWC is not None and init_latents_BHWC is not None:
         raise ValueError("give init_images_BHWC or init_latents_BHWC (img2img from images or from latents), "
@@ -794,8 +809,9 @@ def generate(graphdefs: SDState, state: SDState, scheduler: Scheduler, cond_ids_
         if controlnet_graphdef is None or controlnet_state is None:
             raise ValueError("control_images_BHWC steer the UNet through a ControlNet: give controlnet_graphdef and "
                              "controlnet_state")
-        model = ControlledUNet(unet, nnx.merge(controlnet_graphdef, controlnet_state), control_images_BHWC,
-                               control_scale)
+        controlnet = (tuple(nnx.merge(g, s) for g, s in zip(controlnet_graphdef, controlnet_state))
+                      if isinstance(controlnet_graphdef, tuple) else nnx.merge(controlnet_graphdef, controlnet_state))
+        model = ControlledUNet(unet, controlnet, control_images_BHWC, control_scale)
     out = denoise(model, scheduler, x, cond, uncond, guidance_scale, step_keys(keys), return_predictions, on_step,
                   start=start, unet_extra_BHWC=extra, blend=blend)
     latents, predictions = out if return_predictions else (out, None)

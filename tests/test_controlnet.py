@@ -320,3 +320,35 @@ def test_original_layout_file_loads_as_diffusers_converts_it(fmt, pipe, tmp_path
     save_file({"model.diffusion_model.conv_in.weight": torch.zeros(1)}, str(tmp_path / "not.safetensors"))
     with pytest.raises(Exception, match=r"not\.safetensors: not a ControlNet: no 'input_hint_block\.\*'"):
         load_controlnet_file(tmp_path / "not.safetensors", UNetConfig.from_dict(dict(R.TINY_UNET)))
+
+
+def test_pipeline_with_two_controlnets_as_diffusers(pipe, reference_pipe, controlnet_dir, tmp_path):
+    """Two ControlNets at once (pipe.load_controlnet([a, b]); diffusers' MultiControlNetModel), each with
+    its control images, scale and guidance window: their residuals add up, as in diffusers' pipeline;
+    a call whose lists do not match the ControlNets is an error saying so."""
+    from diffusers import ControlNetModel as TorchControlNet
+    from diffusers import StableDiffusionControlNetPipeline
+    torch_controlnet(seed=7).save_pretrained(tmp_path / "second")
+    ref = StableDiffusionControlNetPipeline(**reference_pipe.components, controlnet=[
+        TorchControlNet.from_pretrained(controlnet_dir), TorchControlNet.from_pretrained(tmp_path / "second")])
+    ref.set_progress_bar_config(disable=True)
+    ref.scheduler = diffusers_scheduler(reference_pipe, "pndm")
+    noise = latents_for(2, seed=8)
+    rng = np.random.default_rng(9)
+    first, second = (rng.uniform(0, 1, (n, SIZE, SIZE, 3)).astype(np.float32) for n in (2, 1))
+    models = pipe.load_controlnet([controlnet_dir, tmp_path / "second"])
+    try:
+        assert isinstance(models, tuple) and pipe.controlnet == models and len(models) == 2
+        kw = dict(controlnet_conditioning_scale=[0.8, 0.5], control_guidance_start=[0.0, 0.3],
+                  control_guidance_end=[1.0, 0.9])
+        ours = pipe(PROMPTS, negative_prompts=NEGATIVES, seeds=[1, 2], num_inference_steps=STEPS, latents=noise,
+                    control_images=[first, second], **kw).images
+        with pytest.raises(ValueError, match="2 ControlNets are loaded: control_images is a list of 2"):
+            pipe(PROMPTS, control_images=first, num_inference_steps=STEPS)
+        with pytest.raises(ValueError, match="controlnet_conditioning_scale has 3 entries for 2 ControlNets"):
+            pipe(PROMPTS, control_images=[first, second], controlnet_conditioning_scale=[1, 1, 1])
+    finally:
+        pipe.load_controlnet(None)
+    want = ref(PROMPTS, negative_prompt=NEGATIVES, image=[first, np.repeat(second, 2, axis=0)], latents=nchw(noise),
+               num_inference_steps=STEPS, height=SIZE, width=SIZE, output_type="np", **kw).images
+    assert np.abs(ours - want).max() <= 2e-5
