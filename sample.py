@@ -236,8 +236,9 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
                 by_tags[tuple(sorted(tags))] = loras_of_tags(tags, args.lora_dir, args.lora)
         prompt_loras = [by_tags[tuple(sorted(tags))] for _, tags, _ in tagged] if len(by_tags) > 1 else []
         found = [] if prompt_loras else next(iter(by_tags.values()))
-        if png is not None and args.lora_dir is not None:   # the image's LoRAs, from the folder
-            found += loras_of_tags(png.loras, args.lora_dir, [*args.lora, *found])
+        if png is not None and args.lora_dir is not None:   # the image's LoRAs, from the folder (once)
+            tagged_files = [text for loras in prompt_loras for text in loras]
+            found += loras_of_tags(png.loras, args.lora_dir, [*args.lora, *found, *tagged_files])
         named = embeddings_named([*prompts, args.negative_prompt], args.embedding_dir, args.embedding)
     except UsageError as e:
         raise _from_the_preset(e, preset, path, args, sys.argv[1:] if argv is None else argv) from None
@@ -324,6 +325,13 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
                         out=str(Path(args.out).expanduser()) if str(args.out).strip() else args.out,
                         grid=args.grid, trajectory=args.trajectory, trajectory_frames=args.trajectory_frames)
     try:
+        if req.controlnet is None:   # (a ControlNet's settings given on their own; an image's are its own business)
+            given_argv = [str(a).split("=")[0] for a in (sys.argv[1:] if argv is None else argv)]
+            for name in ("controlnet_scale", "controlnet_start", "controlnet_end"):
+                if f"--{name.replace('_', '-')}" in given_argv or name in preset:
+                    raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: is a ControlNet's setting: "
+                                     "give --controlnet and --control-image too", setting=name,
+                                     reason="is a ControlNet's setting: give --controlnet and --control-image too")
         validate_request(req)
     except UsageError as e:
         argv = sys.argv[1:] if argv is None else argv
@@ -458,14 +466,15 @@ def main(argv=None) -> int:
     if error is None and req.controlnet is not None:   # (a ControlNet of another model: before anything is written)
         try:
             pipe.load_controlnet(req.controlnet, variant=req.variant)
-        except CheckpointError as e:
+        except (CheckpointError, OSError, ValueError, NotImplementedError) as e:
             error = CheckpointError(f"--controlnet {req.controlnet}: {e}")
     failed = parallel.processes_that_failed(error is None)   # a host without the weights stops them all
     if error is not None:
         return _fail(error)
     if failed:
+        extras = ", its LoRAs, embeddings or ControlNet" if req.lora or req.embedding or req.controlnet else ""
         return _fail(CheckpointError(f"{req.model}: processes {', '.join(map(str, failed))} of "
-                                     f"{jax.process_count()} could not load the model (their logs say why); "
+                                     f"{jax.process_count()} could not load the model{extras} (their logs say why); "
                                      "every host needs the weights"))
     try:  # steps the model's noise schedule cannot take (e.g. 1000 with SD's steps_offset=1)
         pipe.make_scheduler(req.scheduler, req.steps)

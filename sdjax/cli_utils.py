@@ -206,7 +206,8 @@ CONFIG_KEYS: dict[str, tuple[type | tuple, str]] = {
     "mask_padding": (int, "with mask: inpaint only the box around it, this many pixels wider (A1111's Only masked)"),
     "mask_blur": ((int, float), "with mask: blur it this many pixels and lay the picture back over the images "
                   "through it, softening the seam (A1111's Mask blur; 0: none)"),
-    "controlnet": (str, "a ControlNet (a diffusers ControlNet folder or Hub repo id) that steers the images"),
+    "controlnet": (str, "a ControlNet that steers the images: a diffusers ControlNet folder or Hub repo id, or an "
+                        "original-layout file (.pth, .safetensors)"),
     "control_image": (str, "with controlnet: its control image (an edge map, depth map, pose; PNG, JPEG, ...)"),
     "controlnet_scale": ((int, float), "with controlnet: the weight of its residuals (A1111's Control Weight; 1)"),
     "controlnet_start": ((int, float), "with controlnet: the share of the steps it starts at (A1111's Guidance Start)"),

@@ -522,6 +522,7 @@ class StableDiffusion:
         built: for other modules, build a new pipeline.)"""
         if any(ref() is not v.get_raw_value() for ref, v in zip(self._seen, self._variables)):
             self._refresh_state()
+            self._before_lora = {}   # (new weights, as set_params' are: unfuse_lora keeps them)
         # A weight array donated to a jitted function (a train step given the pipeline's own arrays)
         # is deleted: a clear error here, where the compiled sampler could crash the process.
         if any(isinstance(a := v.get_raw_value(), jax.Array) and a.is_deleted() for v in self._variables):
@@ -755,7 +756,8 @@ class StableDiffusion:
     def unfuse_lora(self) -> None:
         """Undo `fuse_lora`: every weight the LoRAs fused since loading changed is put back as it
         was, bit for bit (the weights kept, not the changes subtracted), and the compiled sampler
-        is reused. With nothing fused (or `set_params` since, whose weights stay), nothing changes.
+        is reused. With nothing fused (or new weights since, by `set_params` or on the models
+        themselves, which stay), nothing changes.
         To compare LoRA scales without loading the model again::
 
             for scale in (0.4, 0.8):
@@ -779,7 +781,8 @@ class StableDiffusion:
         Its control images are ``pipe(..., control_images=...)``; a call without them is made as before,
         by the program of before. A ControlNet made for another model (other block widths or text
         width, or control images at another scale than the VAE's) raises a `CheckpointError` naming
-        the fields. Several ControlNets (a list: diffusers' ``MultiControlNetModel``, A1111's units) steer
+        the fields. Its weights are taken now: after changing them, load it again. Several ControlNets
+        (a list: diffusers' ``MultiControlNetModel``, A1111's units) steer
         together, their residuals added; each call then gives a list of their control images. Returns
         the ControlNet (a tuple of them)."""
         if isinstance(controlnet, (list, tuple)) and not controlnet:
@@ -791,6 +794,10 @@ class StableDiffusion:
             self._controlnet_state = parallel.replicate(
                 jax.tree.map(lambda m: nnx.to_pure_dict(nnx.state(m)), controlnet,
                              is_leaf=lambda x: isinstance(x, ControlNetModel)), self.mesh)
+            for model, pure in zip(models, self._controlnet_state if len(models) > 1 else [self._controlnet_state]):
+                state = nnx.state(model)   # (the modules hold the replicated arrays: one copy a device)
+                nnx.replace_by_pure_dict(state, pure)
+                nnx.update(model, state)
         self.controlnet = controlnet
         self._build_controlled()
         return controlnet
@@ -798,7 +805,10 @@ class StableDiffusion:
     def _checked_controlnet(self, controlnet, revision, variant) -> ControlNetModel:
         """`load_controlnet`'s one ControlNet, loaded and checked against this pipeline."""
         if not isinstance(controlnet, ControlNetModel):
-            if Path(controlnet).expanduser().is_file():   # (a folder or repo id is diffusers')
+            path = Path(controlnet).expanduser()
+            if path.suffix in SINGLE_FILE_SUFFIXES and not path.exists():
+                raise CheckpointError(f"{controlnet}: no such ControlNet file")
+            if path.is_file():   # (a folder or repo id is diffusers')
                 controlnet = load_controlnet_file(controlnet, self.unet.config, dtype=self.unet.dtype)
             else:
                 try:
@@ -1312,7 +1322,8 @@ class StableDiffusion:
                              latent_shape, guidance_scale, steps, per_call, progress, clip_skip, text_inputs, second,
                              variation, mask_images, paste,
                              None if controls is None else (controls, [sampling.control_scales(
-                                 sched.num_model_calls - first_call, *window) for window in windows]))
+                                 sched.num_model_calls - first_call, *window) for window in windows],
+                                 self._controlled, self._controlnet_state, bool(several)))
 
     def _batches(self, prompts, negatives, seeds, ids, neg_ids, latents, init_images, first_call, sched,
                  latent_shape, guidance_scale, steps, per_call, progress, clip_skip,
@@ -1326,13 +1337,13 @@ class StableDiffusion:
             one_init = None if init_images is None or len(init_images) > 1 else parallel.replicate(
                 init_images, self.mesh)
             one_mask = None if masks is None or len(masks) > 1 else parallel.replicate(masks, self.mesh)
-            program = self._generate if control is None else self._controlled   # (a ControlNet's: its own)
-            several = isinstance(self.controlnet, tuple)
+            # (a ControlNet's: its own program, and its weights as they were when batches() was called)
+            program = self._generate if control is None else control[2]
+            several = control is not None and control[4]
             one = lambda xs: tuple(xs) if several else xs[0]  # noqa: E731   (several ControlNets: tuples)
             one_control = None if control is None else [None if len(c) > 1 else parallel.replicate(c, self.mesh)
                                                          for c in control[0]]
-            controlled = {} if control is None else dict(controlnet_state=self._controlnet_state,
-                                                         control_scale=one(control[1]))
+            controlled = {} if control is None else dict(controlnet_state=control[3], control_scale=one(control[1]))
             starts = range(0, len(prompts), per_call)
             calls = sched.num_model_calls - first_call
             if second is not None:

@@ -1486,6 +1486,8 @@ BAD_INPUTS = {
                               "error: --control-image {tmp}/nope.png: no such file"),
     "controlnet_scale_nan": (["a cat", "--controlnet", "{tmp}", "--control-image", "{tmp}/init.png",
                               "--controlnet-scale", "nan"], "error: --controlnet-scale nan: must be a finite number"),
+    "controlnet_scale_alone": (["a cat", "--controlnet-scale", "0.5"], "error: --controlnet-scale 0.5: is a "
+                               "ControlNet's setting: give --controlnet and --control-image too"),
     "controlnet_window": (["a cat", "--controlnet", "{tmp}", "--control-image", "{tmp}/init.png",
                            "--controlnet-start", "0.6", "--controlnet-end", "0.4"], "error: --controlnet-start 0.6: "
                                                                                    "must be below --controlnet-end (0.4)"),

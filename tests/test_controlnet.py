@@ -178,7 +178,12 @@ def test_pipeline_makes_controlled_images_as_diffusers(pipe, reference_pipe, con
     kw = dict(negative_prompts=NEGATIVES, seeds=[1, 2], num_inference_steps=STEPS, latents=noise)
     before = pipe(PROMPTS, height=SIZE, width=SIZE, **kw).images
     assert pipe.load_controlnet(controlnet_dir) is pipe.controlnet
+    from flax import nnx
+    held = jax.tree.leaves(nnx.to_pure_dict(nnx.state(pipe.controlnet)))   # (one copy a device: the replicated)
+    assert all(a is b for a, b in zip(held, jax.tree.leaves(pipe._controlnet_state)))
+    assert all(len(a.sharding.device_set) == len(jax.devices()) for a in held)
     try:
+        first = None
         for given, scale, window in ((images, 0.8, (0, 1)), (images, 1.3, (0.2, 0.7)), (images[:1], 1.0, (0, 1))):
             ours = pipe(PROMPTS, control_images=given, controlnet_conditioning_scale=scale,
                         control_guidance_start=window[0], control_guidance_end=window[1], **kw).images
@@ -186,6 +191,7 @@ def test_pipeline_makes_controlled_images_as_diffusers(pipe, reference_pipe, con
                        controlnet_conditioning_scale=scale, control_guidance_start=window[0],
                        control_guidance_end=window[1], height=SIZE, width=SIZE, output_type="np").images
             assert np.abs(ours - want).max() <= 2e-5, scale
+            first = ours if first is None else first
             if scale == 1.3:
                 assert pipe._controlled._cache_size() == 1   # (the scales are an input)
         assert np.array_equal(pipe(PROMPTS, height=SIZE, width=SIZE, **kw).images, before)
@@ -207,6 +213,11 @@ def test_pipeline_makes_controlled_images_as_diffusers(pipe, reference_pipe, con
                    strength=0.6, num_inference_steps=STEPS, controlnet_conditioning_scale=0.8, height=SIZE,
                    width=SIZE, output_type="np").images
         assert np.abs(ours - want).max() <= 2e-5
+        # batches() takes the ControlNet as it is when called: another loaded before the first batch changes nothing
+        pipe.load_controlnet(controlnet_dir)
+        later = pipe.batches(PROMPTS, control_images=images, controlnet_conditioning_scale=0.8, **kw)
+        pipe.load_controlnet(None)
+        assert np.array_equal(next(later).images, first)
     finally:
         pipe.load_controlnet(None)
     assert pipe.controlnet is None
@@ -229,6 +240,8 @@ def test_pipeline_control_images_are_checked(pipe, controlnet_dir):
                                               r"64\]: a ControlNet made for another model"):
         pipe.load_controlnet(wide)
     assert pipe.controlnet is None
+    with pytest.raises(CheckpointError, match=r"nope\.pth: no such ControlNet file"):
+        pipe.load_controlnet(controlnet_dir / "nope.pth")
     pipe.load_controlnet(controlnet_dir, variant="fp16")   # (a variant it lacks: its plain weights, as a part's)
     try:
         with generate_calls(pipe) as calls:
