@@ -738,6 +738,7 @@ class StableDiffusion:
         layer the models do not have or a shape that does not fit raise a ValueError
         (`CheckpointError`) naming the file and the key, before any weight is changed."""
         from flax.traverse_util import flatten_dict, unflatten_dict
+        self._sync_state()   # (weights changed on the models since the last fuse: their own, to keep)
         deltas = read_lora(file, {"unet": self.unet.config, "text_encoder": self.text_encoder.config}, scale=scale)
         merged, before = {}, {}
         for part, changes in deltas.items():
@@ -766,6 +767,7 @@ class StableDiffusion:
                 pipe.unfuse_lora()
         """
         from flax.traverse_util import unflatten_dict
+        self._sync_state()   # (weights changed on the models since: kept, and nothing to undo)
         if self._before_lora:
             self._replace_params(**{part: unflatten_dict(w) for part, w in self._before_lora.items()}, partial=True)
         self._before_lora = {}

@@ -273,6 +273,14 @@ def test_unfuse_lora_puts_the_weights_back_bit_for_bit(tiny_pipeline_dir, lora_f
     kept = weights(pipe)
     pipe.unfuse_lora()   # (set_params' weights stay: the LoRA is part of them now)
     assert unchanged(weights(pipe), kept)
+    pipe.fuse_lora(lora_files["kohya"], scale=0.5)   # and weights changed on the model itself (a training step's)
+    state = nnx.state(pipe.unet, nnx.Param)
+    nnx.replace_by_pure_dict(state, unflatten_dict({key[1:]: np.ones_like(base[key]) for key in changed[:1]
+                                                    if key[0] == "unet"}))
+    nnx.update(pipe.unet, state)
+    kept = weights(pipe)
+    pipe.unfuse_lora()
+    assert unchanged(weights(pipe), kept)
 
 
 def bad_file(path, extra):
