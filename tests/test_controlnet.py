@@ -29,6 +29,19 @@ def nhwc(x):
     return x.detach().numpy().transpose(0, 2, 3, 1)
 
 
+def reference(kind: str, reference_pipe, *controlnet_dirs, scheduler="pndm"):
+    """diffusers' ControlNet pipeline of ``kind`` ("", "Img2Img", "Inpaint") on the tiny pipeline's parts,
+    with the ControlNet(s) of ``controlnet_dirs`` and ``scheduler``, its progress bar off."""
+    import diffusers
+    from diffusers import ControlNetModel as TorchControlNet
+    nets = [TorchControlNet.from_pretrained(d) for d in controlnet_dirs]
+    ref = getattr(diffusers, f"StableDiffusionControlNet{kind}Pipeline")(
+        **reference_pipe.components, controlnet=nets if len(nets) > 1 else nets[0])
+    ref.set_progress_bar_config(disable=True)
+    ref.scheduler = diffusers_scheduler(reference_pipe, scheduler)
+    return ref
+
+
 @pytest.fixture(scope="module")
 def controlnet_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("controlnet") / "tiny-controlnet"
@@ -102,15 +115,10 @@ def test_controlled_sampling_matches_diffusers_controlnet_pipeline(pipe, referen
     """`denoise` of a `ControlledUNet` (the ControlNet's residuals at every UNet call, guidance's rows
     repeating their image's control image), between sdjax's text encoding and decoding: the images of
     diffusers' StableDiffusionControlNetPipeline from the same noise, one control image per image."""
-    from diffusers import ControlNetModel as TorchControlNet
-    from diffusers import StableDiffusionControlNetPipeline
     from sdjax.sampling import ControlledUNet, decode_latents, denoise, encode_prompts
     from sdjax.text import tokenize
     controlnet = ControlNetModel.from_pretrained(controlnet_dir)
-    ref = StableDiffusionControlNetPipeline(**reference_pipe.components,
-                                            controlnet=TorchControlNet.from_pretrained(controlnet_dir))
-    ref.set_progress_bar_config(disable=True)
-    ref.scheduler = diffusers_scheduler(reference_pipe, "pndm")
+    ref = reference("", reference_pipe, controlnet_dir)
     noise = latents_for(2, seed=3)
     images = np.random.default_rng(4).uniform(0, 1, (2, SIZE, SIZE, 3)).astype(np.float32)
     sched = pipe.make_scheduler("pndm", STEPS)
@@ -167,12 +175,7 @@ def test_pipeline_makes_controlled_images_as_diffusers(pipe, reference_pipe, con
     control_guidance_start / end; another scale or window compiles nothing; a call without control images
     makes the images of before; with init images, diffusers' ControlNet img2img pipeline's;
     load_controlnet(None) takes the ControlNet away."""
-    from diffusers import ControlNetModel as TorchControlNet
-    from diffusers import StableDiffusionControlNetPipeline
-    ref = StableDiffusionControlNetPipeline(**reference_pipe.components,
-                                            controlnet=TorchControlNet.from_pretrained(controlnet_dir))
-    ref.set_progress_bar_config(disable=True)
-    ref.scheduler = diffusers_scheduler(reference_pipe, "pndm")
+    ref = reference("", reference_pipe, controlnet_dir)
     noise = latents_for(2, seed=5)
     images = np.random.default_rng(6).uniform(0, 1, (2, SIZE, SIZE, 3)).astype(np.float32)
     kw = dict(negative_prompts=NEGATIVES, seeds=[1, 2], num_inference_steps=STEPS, latents=noise)
@@ -196,16 +199,13 @@ def test_pipeline_makes_controlled_images_as_diffusers(pipe, reference_pipe, con
                 assert pipe._controlled._cache_size() == 1   # (the scales are an input)
         assert np.array_equal(pipe(PROMPTS, height=SIZE, width=SIZE, **kw).images, before)
         # img2img steered too: diffusers' StableDiffusionControlNetImg2ImgPipeline (its draws the seeds')
-        from diffusers import StableDiffusionControlNetImg2ImgPipeline
         from diffusers.pipelines.controlnet import pipeline_controlnet_img2img as img2img
         from sdjax.sampling import image_keys, posterior_keys
         draws = jax.vmap(lambda k: jax.random.normal(k, (SIZE // 2, SIZE // 2, 4)))(posterior_keys(image_keys([1, 2])))
         monkeypatch.setattr(img2img, "randn_tensor", lambda shape, **_: nchw(noise))
         monkeypatch.setattr(img2img, "retrieve_latents", lambda out, generator=None, sample_mode="sample":
                             out.latent_dist.mean + out.latent_dist.std * nchw(draws))
-        ref = StableDiffusionControlNetImg2ImgPipeline(**ref.components)
-        ref.set_progress_bar_config(disable=True)
-        ref.scheduler = diffusers_scheduler(reference_pipe, "euler")
+        ref = reference("Img2Img", reference_pipe, controlnet_dir, scheduler="euler")
         init = np.random.default_rng(7).uniform(0, 1, (1, SIZE, SIZE, 3)).astype(np.float32)
         ours = pipe(PROMPTS, init_images=init, strength=0.6, scheduler="euler", control_images=images,
                     controlnet_conditioning_scale=0.8, **kw).images
@@ -268,15 +268,10 @@ def test_pipeline_control_images_are_checked(pipe, controlnet_dir):
 def test_pipeline_inpaints_with_a_controlnet_as_diffusers(pipe, reference_pipe, controlnet_dir, monkeypatch):
     """Inpainting (a text-to-image UNet, each image its own mask) steered by a ControlNet: diffusers'
     StableDiffusionControlNetInpaintPipeline's images, its noise and VAE draws the seeds'."""
-    from diffusers import ControlNetModel as TorchControlNet
-    from diffusers import StableDiffusionControlNetInpaintPipeline
     from diffusers.pipelines.controlnet import pipeline_controlnet_inpaint as inpaint
     from sdjax.sampling import image_keys, posterior_keys
     from test_inpainting import masks, posterior_draws
-    ref = StableDiffusionControlNetInpaintPipeline(**reference_pipe.components,
-                                                   controlnet=TorchControlNet.from_pretrained(controlnet_dir))
-    ref.set_progress_bar_config(disable=True)
-    ref.scheduler = diffusers_scheduler(reference_pipe, "euler")
+    ref = reference("Inpaint", reference_pipe, controlnet_dir, scheduler="euler")
     noise, seeds = latents_for(2, seed=6), [3, 4]
     draws = [posterior_draws(posterior_keys(image_keys(seeds))), None]   # (the init images', the masked ones')
     monkeypatch.setattr(inpaint, "randn_tensor", lambda shape, **_: nchw(noise))
@@ -339,13 +334,8 @@ def test_pipeline_with_two_controlnets_as_diffusers(pipe, reference_pipe, contro
     """Two ControlNets at once (pipe.load_controlnet([a, b]); diffusers' MultiControlNetModel), each with
     its control images, scale and guidance window: their residuals add up, as in diffusers' pipeline;
     a call whose lists do not match the ControlNets is an error saying so."""
-    from diffusers import ControlNetModel as TorchControlNet
-    from diffusers import StableDiffusionControlNetPipeline
     torch_controlnet(seed=7).save_pretrained(tmp_path / "second")
-    ref = StableDiffusionControlNetPipeline(**reference_pipe.components, controlnet=[
-        TorchControlNet.from_pretrained(controlnet_dir), TorchControlNet.from_pretrained(tmp_path / "second")])
-    ref.set_progress_bar_config(disable=True)
-    ref.scheduler = diffusers_scheduler(reference_pipe, "pndm")
+    ref = reference("", reference_pipe, controlnet_dir, tmp_path / "second")
     noise = latents_for(2, seed=8)
     rng = np.random.default_rng(9)
     first, second = (rng.uniform(0, 1, (n, SIZE, SIZE, 3)).astype(np.float32) for n in (2, 1))
