@@ -367,6 +367,18 @@ def _one_call_at_a_time(method: _Method) -> _Method:
 
 
 _upscale = jax.jit(sampling.upscale_latents, static_argnames="size_hw")
+# `sampling.generate`'s static arguments, for the plain sampler and a ControlNet's
+_STATIC_ARGS = ("latent_shape_HWC", "use_guidance", "return_predictions", "on_step", "clip_skip", "start",
+                "return_latents", "decode", "restore_mean")
+
+
+def _hold_replicated(models, pure_states) -> None:
+    """Put each model's replicated weights (its pure dict) into the model itself, so that each device
+    holds one copy (not the loaded one beside it on the first device)."""
+    for model, pure in zip(models, pure_states):
+        state = nnx.state(model)
+        nnx.replace_by_pure_dict(state, pure)
+        nnx.update(model, state)
 
 
 def _lanczos(images_BHWC: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -484,8 +496,7 @@ class StableDiffusion:
         # (7.8 ms for SD v1.5's on a 2-core CPU, ~1% of a GPU's 50-step image at batch 1).
         self._generate = jax.jit(
             functools.partial(sampling.generate, self._graphdefs),
-            static_argnames=("latent_shape_HWC", "use_guidance", "return_predictions", "on_step", "clip_skip",
-                             "start", "return_latents", "decode", "restore_mean"))
+            static_argnames=_STATIC_ARGS)
         self._decode = jax.jit(functools.partial(_decode, self._graphdefs.vae))
         self._build_controlled()
 
@@ -497,19 +508,13 @@ class StableDiffusion:
             else nnx.graphdef(self.controlnet))
         self._controlled = None if graphdef is None else jax.jit(
             functools.partial(sampling.generate, self._graphdefs, controlnet_graphdef=graphdef),
-            static_argnames=("latent_shape_HWC", "use_guidance", "return_predictions", "on_step", "clip_skip",
-                             "start", "return_latents", "decode", "restore_mean"))
+            static_argnames=_STATIC_ARGS)
 
     def _refresh_state(self) -> None:
         models = (self.text_encoder, self.unet, self.vae)
         states = (nnx.to_pure_dict(nnx.state(m)) for m in models)
         self._state = parallel.replicate(sampling.SDState(*states), self.mesh)  # once, not per call
-        # The models take the replicated arrays, so each device holds one copy of the weights (not the
-        # loaded one beside it on the first device) and the training state can share them.
-        for model, pure in zip(models, self._state):
-            state = nnx.state(model)
-            nnx.replace_by_pure_dict(state, pure)
-            nnx.update(model, state)
+        _hold_replicated(models, self._state)   # (and the training state can share them)
         # The models' Variables and (weakly) the arrays they held: the check per call took 0.23 ms for
         # SD v1.5's 1130 weights on a 2-core CPU, where walking the models with nnx.state took ~100 ms.
         self._variables = [v for m in models for _, v in nnx.iter_graph(m) if isinstance(v, nnx.Variable)]
@@ -796,10 +801,7 @@ class StableDiffusion:
             self._controlnet_state = parallel.replicate(
                 jax.tree.map(lambda m: nnx.to_pure_dict(nnx.state(m)), controlnet,
                              is_leaf=lambda x: isinstance(x, ControlNetModel)), self.mesh)
-            for model, pure in zip(models, self._controlnet_state if len(models) > 1 else [self._controlnet_state]):
-                state = nnx.state(model)   # (the modules hold the replicated arrays: one copy a device)
-                nnx.replace_by_pure_dict(state, pure)
-                nnx.update(model, state)
+            _hold_replicated(models, self._controlnet_state if len(models) > 1 else [self._controlnet_state])
         self.controlnet = controlnet
         self._build_controlled()
         return controlnet
