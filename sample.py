@@ -22,10 +22,11 @@ import sys
 import time
 from pathlib import Path
 
-from sdjax.cli_utils import (COMPILATION_CACHE_HELP, DEFAULT_MODEL, DTYPE_ALIASES, DTYPES, PROGRESS_MODES,
-                             OneLineErrorParser, SampleRequest, UsageError, embeddings_named, extra_network_tags,
-                             init_image_size, load_config, loras_of_tags, parse_scheduler_options, parse_seeds,
-                             png_notes, read_prompts_file, resolve_config_path, settings_from_png, validate_request)
+from sdjax.cli_utils import (COMPILATION_CACHE_HELP, CONTROLNET_SETTINGS, DEFAULT_MODEL, DTYPE_ALIASES, DTYPES,
+                             PROGRESS_MODES, OneLineErrorParser, ReplacingAppend, SampleRequest, UsageError,
+                             embeddings_named, extra_network_tags, init_image_size, load_config, loras_of_tags,
+                             parse_scheduler_options, parse_seeds, png_notes, read_prompts_file, resolve_config_path,
+                             settings_from_png, validate_request)
 
 PROG = "sample.py"
 CONFIG_DIRS = (Path(__file__).resolve().parent / "configs",)
@@ -134,22 +135,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "picture back over each image through the blurred mask, softening the seam around the "
                         "repainted part (AUTOMATIC1111's Mask blur, its default 4; default 0: no blur, the images "
                         "the model's everywhere)")
-    p.add_argument("--controlnet", metavar="PATH", default=None,
+    p.add_argument("--controlnet", metavar="PATH", action=ReplacingAppend, default=[],
                    help="a ControlNet that steers the images by --control-image: a diffusers ControlNet folder or "
                         "Hub repo id (lllyasviel/control_v11p_sd15_canny, ...) made for SD 1.x, or a file in the "
-                        "original layout (control_v11p_sd15_canny.pth, A1111's models/ControlNet files)")
-    p.add_argument("--control-image", metavar="FILE", default=None,
+                        "original layout (control_v11p_sd15_canny.pth, A1111's models/ControlNet files); repeatable: "
+                        "several steer together (A1111's units), their residuals added")
+    p.add_argument("--control-image", metavar="FILE", action=ReplacingAppend, default=[],
                    help="with --controlnet: the control image (an edge map, depth map, pose: already processed, as "
-                        "the ControlNet reads it), resized to --width x --height (default: its own size, rounded "
-                        "down to multiples of 8)")
-    p.add_argument("--controlnet-scale", type=float, default=1.0, metavar="X",
-                   help="with --controlnet: the weight of its residuals (A1111's Control Weight; default 1)")
-    p.add_argument("--controlnet-start", type=float, default=0.0, metavar="X",
+                        "the ControlNet reads it), resized to --width x --height (default: the first one's own size, "
+                        "rounded down to multiples of 8); one a ControlNet, in --controlnet's order")
+    p.add_argument("--controlnet-scale", type=float, action=ReplacingAppend, default=[], metavar="X",
+                   help="with --controlnet: the weight of its residuals (A1111's Control Weight; default 1); "
+                        "several ControlNets: one for all, or repeated, one each")
+    p.add_argument("--controlnet-start", type=float, action=ReplacingAppend, default=[], metavar="X",
                    help="with --controlnet: the share of the steps it starts steering at (A1111's Guidance Start; "
-                        "default 0)")
-    p.add_argument("--controlnet-end", type=float, default=1.0, metavar="X",
+                        "default 0); one for all, or one each")
+    p.add_argument("--controlnet-end", type=float, action=ReplacingAppend, default=[], metavar="X",
                    help="with --controlnet: the share of the steps it stops steering after (A1111's Guidance End; "
-                        "default 1)")
+                        "default 1); one for all, or one each")
     p.add_argument("--hires-scale", type=float, default=None, metavar="S",
                    help="AUTOMATIC1111's Hires fix: make each image at --width x --height, enlarge it S times "
                         "(> 1; each side rounded down to a multiple of 8) and denoise it again at that size "
@@ -293,7 +296,7 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
     try:   # an init image sets the size that is not given: its own, rounded down to multiples of 8
         own_size = args.init_image is not None and args.mask_padding is None   # (only masked: the box's size)
         size = (init_image_size(args.init_image) if own_size
-                else init_image_size(args.control_image, "control_image") if args.control_image is not None
+                else init_image_size(args.control_image[0], "control_image") if args.control_image
                 else (512, 512))
     except UsageError as e:
         raise _from_the_preset(e, preset, path, args, sys.argv[1:] if argv is None else argv) from None
@@ -314,9 +317,9 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
                         embedding=list(args.embedding),
                         steps=args.steps, guidance_scale=args.guidance_scale, scheduler=args.scheduler,
                         init_image=args.init_image, strength=strength, mask=args.mask,
-                        mask_padding=args.mask_padding, mask_blur=args.mask_blur, controlnet=args.controlnet,
-                        control_image=args.control_image, controlnet_scale=args.controlnet_scale,
-                        controlnet_start=args.controlnet_start, controlnet_end=args.controlnet_end,
+                        mask_padding=args.mask_padding, mask_blur=args.mask_blur, controlnet=list(args.controlnet),
+                        control_image=list(args.control_image), controlnet_scale=list(args.controlnet_scale),
+                        controlnet_start=list(args.controlnet_start), controlnet_end=list(args.controlnet_end),
                         hires_scale=args.hires_scale,
                         hires_steps=args.hires_steps, hires_strength=args.hires_strength,
                         hires_upscaler=args.hires_upscaler,
@@ -325,11 +328,12 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
                         out=str(Path(args.out).expanduser()) if str(args.out).strip() else args.out,
                         grid=args.grid, trajectory=args.trajectory, trajectory_frames=args.trajectory_frames)
     try:
-        if req.controlnet is None:   # (a ControlNet's settings given on their own; an image's are its own business)
+        if not req.controlnet:   # (a ControlNet's settings given on their own; an image's are its own business)
             given_argv = [str(a).split("=")[0] for a in (sys.argv[1:] if argv is None else argv)]
-            for name in ("controlnet_scale", "controlnet_start", "controlnet_end"):
+            for name in CONTROLNET_SETTINGS:
                 if f"--{name.replace('_', '-')}" in given_argv or name in preset:
-                    raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: is a ControlNet's setting: "
+                    raise UsageError(f"--{name.replace('_', '-')} {' '.join(f'{v:g}' for v in getattr(args, name))}: "
+                                     "is a ControlNet's setting: "
                                      "give --controlnet and --control-image too", setting=name,
                                      reason="is a ControlNet's setting: give --controlnet and --control-image too")
         validate_request(req)
@@ -463,11 +467,15 @@ def main(argv=None) -> int:
         except CheckpointError as e:
             error = _file_error(e, "embedding", file, args, argv)
             break
-    if error is None and req.controlnet is not None:   # (a ControlNet of another model: before anything is written)
+    controlnets = []   # (a ControlNet of another model: before anything is written)
+    for path in req.controlnet if error is None else ():
         try:
-            pipe.load_controlnet(req.controlnet, variant=req.variant)
+            controlnets.append(pipe.load_controlnet(path, variant=req.variant))
         except (CheckpointError, OSError, ValueError, NotImplementedError) as e:
-            error = CheckpointError(f"--controlnet {req.controlnet}: {e}")
+            error = CheckpointError(f"--controlnet {path}: {e}")
+            break
+    if error is None and len(controlnets) > 1:   # (several: together, their residuals added)
+        pipe.load_controlnet(controlnets)
     failed = parallel.processes_that_failed(error is None)   # a host without the weights stops them all
     if error is not None:
         return _fail(error)

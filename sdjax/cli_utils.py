@@ -36,6 +36,8 @@ from sdjax.weights import DTYPE_NAMES
 DTYPES = ("float32", "bfloat16", "float16")
 # The short names train.py and the loaders take too (fp32, bf16, fp16), from the loaders' own table.
 DTYPE_ALIASES = {name: np.dtype(t).name for name, t in DTYPE_NAMES.items() if name != np.dtype(t).name}
+# The ControlNet settings that take one number for every ControlNet or one each (lists in a SampleRequest).
+CONTROLNET_SETTINGS = ("controlnet_scale", "controlnet_start", "controlnet_end")
 
 
 class UsageError(ValueError):
@@ -95,6 +97,15 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
     def error(self, message):
         raise UsageError(f"{message} (see --help)")
+
+
+class ReplacingAppend(argparse.Action):
+    """A repeatable flag (a list, as ``action="append"``) whose first use on the command line
+    replaces its default (a preset's or an image's list) instead of adding to it."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        items = getattr(namespace, self.dest, None)
+        setattr(namespace, self.dest, [*([] if items is self.default or items is None else items), values])
 
 
 def show_warnings_as_lines(prog: str) -> None:
@@ -206,12 +217,16 @@ CONFIG_KEYS: dict[str, tuple[type | tuple, str]] = {
     "mask_padding": (int, "with mask: inpaint only the box around it, this many pixels wider (A1111's Only masked)"),
     "mask_blur": ((int, float), "with mask: blur it this many pixels and lay the picture back over the images "
                   "through it, softening the seam (A1111's Mask blur; 0: none)"),
-    "controlnet": (str, "a ControlNet that steers the images: a diffusers ControlNet folder or Hub repo id, or an "
-                        "original-layout file (.pth, .safetensors)"),
-    "control_image": (str, "with controlnet: its control image (an edge map, depth map, pose; PNG, JPEG, ...)"),
-    "controlnet_scale": ((int, float), "with controlnet: the weight of its residuals (A1111's Control Weight; 1)"),
-    "controlnet_start": ((int, float), "with controlnet: the share of the steps it starts at (A1111's Guidance Start)"),
-    "controlnet_end": ((int, float), "with controlnet: the share of the steps it ends at (A1111's Guidance End)"),
+    "controlnet": ((str, list), "ControlNets that steer the images, one or a list (their residuals add up): diffusers "
+                   "ControlNet folders or Hub repo ids, or original-layout files (.pth, .safetensors)"),
+    "control_image": ((str, list), "with controlnet: each ControlNet's control image (an edge map, depth map, pose; "
+                      "PNG, JPEG, ...), one or a list in controlnet's order"),
+    "controlnet_scale": ((int, float, list), "with controlnet: the weight of the residuals (A1111's Control Weight; "
+                         "1), one for all or a list of one each"),
+    "controlnet_start": ((int, float, list), "with controlnet: the share of the steps each starts at (A1111's "
+                         "Guidance Start; 0), one for all or a list"),
+    "controlnet_end": ((int, float, list), "with controlnet: the share of the steps each ends at (A1111's Guidance "
+                       "End; 1), one for all or a list"),
     "hires_scale": ((int, float), "Hires fix: enlarge each image this many times (> 1) and denoise it again"),
     "hires_steps": (int, "Hires fix: the second pass's steps (default: steps)"),
     "hires_strength": ((int, float), "Hires fix: the share of the second pass's schedule run, in (0, 1] (0.7)"),
@@ -335,11 +350,18 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
                 raise UsageError(f"{path}: key {key!r}: {e}") from e
         if key in ("guidance_scale", "strength", "variation_strength"):
             value = float(value)
-        if key in ("lora", "embedding"):
+        if key in ("lora", "embedding", "controlnet", "control_image"):
             value = [value] if isinstance(value, str) else value
             if bad := [v for v in value if not isinstance(v, str)]:
                 raise UsageError(f"{path}: key {key!r} has item {bad[0]!r}; expected "
-                                 + ("FILE or FILE:SCALE strings" if key == "lora" else "file names"))
+                                 + ("FILE or FILE:SCALE strings" if key == "lora" else "file names"
+                                    if key == "embedding" else "paths"))
+        if key in CONTROLNET_SETTINGS:   # (one number for every ControlNet, or a list of one each)
+            value = [_quoted_number(_yaml_number(v), (int, float)) for v in
+                     (value if isinstance(value, list) else [value])]
+            if bad := [v for v in value if isinstance(v, bool) or not isinstance(v, (int, float))]:
+                raise UsageError(f"{path}: key {key!r} has item {bad[0]!r}; expected numbers")
+            value = [float(v) for v in value]
         if key == "scheduler_options":
             if bad := [k for k in value if not isinstance(k, str)]:
                 raise UsageError(f"{path}: key 'scheduler_options' has key {bad[0]!r}; expected setting names")
@@ -432,11 +454,13 @@ class SampleRequest:
     mask: str | None = None           # inpainting: the mask of init_image (white: repaint)
     mask_padding: int | None = None   # "only masked" inpainting: the box around the mask, this much wider
     mask_blur: float = 0.0            # inpainting: A1111's Mask blur, pixels (0: none)
-    controlnet: str | None = None     # a ControlNet folder or Hub repo id
-    control_image: str | None = None  # with controlnet: the control image, resized to width x height
-    controlnet_scale: float = 1.0     # with controlnet: the weight of its residuals
-    controlnet_start: float = 0.0     # with controlnet: the share of the steps run it starts at
-    controlnet_end: float = 1.0       # ... and ends at
+    # ControlNets (folders, Hub repo ids or original-layout files; several: their residuals add up) and one
+    # control image each, resized to width x height; their settings, one for all or one each ([]: the default)
+    controlnet: list[str] = dataclasses.field(default_factory=list)
+    control_image: list[str] = dataclasses.field(default_factory=list)
+    controlnet_scale: list[float] = dataclasses.field(default_factory=list)   # the weight of the residuals ([]: 1)
+    controlnet_start: list[float] = dataclasses.field(default_factory=list)   # the share of the steps run it starts
+    controlnet_end: list[float] = dataclasses.field(default_factory=list)     # at ([]: 0) and ends at ([]: 1)
     hires_scale: float | None = None  # Hires fix (two passes): the second pass's size over the first's
     hires_steps: int | None = None    # Hires fix: the second pass's steps (None: steps)
     hires_strength: float | None = None   # Hires fix: the second pass's denoising strength (None: 0.7)
@@ -469,6 +493,16 @@ class SampleRequest:
                         self.hires_upscaler or "latent")
 
     @property
+    def control_units(self) -> list[tuple[str, str, float, float, float]]:
+        """Each ControlNet with its control image, scale, start and end (A1111's ControlNet units), in
+        ``controlnet``'s order: a setting given once is every ControlNet's."""
+        def each(values, default) -> list[float]:
+            values = [float(v) for v in values] or [default]
+            return values * len(self.controlnet) if len(values) == 1 else values
+        return list(zip(self.controlnet, self.control_image, each(self.controlnet_scale, 1.0),
+                        each(self.controlnet_start, 0.0), each(self.controlnet_end, 1.0)))
+
+    @property
     def variations(self) -> list[int | None]:
         """Each job's variation seed (aligned with `jobs`), or None where there is no variation."""
         if not (self.variation_seeds and self.variation_strength):
@@ -493,10 +527,12 @@ class SampleRequest:
         fields["prompt_loras"] = [[(Path(file).name, scale) for file, scale in map(parse_lora, loras)]
                                   for loras in self.prompt_loras]
         fields["embedding"] = [Path(file).name for file in self.embedding]
-        fields["controlnet"] = None if self.controlnet is None else model_name(self.controlnet)
-        for name in ("init_image", "mask", "control_image"):   # the images, wherever each host keeps them
+        fields["controlnet"] = [model_name(path) for path in self.controlnet]
+        digest = lambda file: hashlib.sha256(Path(file).expanduser().read_bytes()).hexdigest()  # noqa: E731
+        for name in ("init_image", "mask"):   # the images, wherever each host keeps them
             if getattr(self, name) is not None:
-                fields[name] = hashlib.sha256(Path(getattr(self, name)).expanduser().read_bytes()).hexdigest()
+                fields[name] = digest(getattr(self, name))
+        fields["control_image"] = [digest(file) for file in self.control_image]
         digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).digest()
         return np.frombuffer(digest[:16], np.int32)
 
@@ -519,7 +555,7 @@ class PngSettings:
     ignored: list[str]
     embeddings: list[str] = dataclasses.field(default_factory=list)   # A1111's "TI hashes" names
     masked: bool = False   # made by inpainting (A1111 writes a Mask blur for every inpainted image)
-    controlnet: str | None = None   # the ControlNet model its first unit names (A1111's ControlNet extension)
+    controlnets: list[str] = dataclasses.field(default_factory=list)   # its ControlNet units' models (A1111's)
 
 
 def _float_or_none(text: str) -> float | None:
@@ -539,8 +575,11 @@ def settings_from_png(path: str | os.PathLike) -> PngSettings:
     extra-network tags are taken out of it: ``<lora:NAME[:SCALE...]>`` (and ``<lyco:...>``) into ``loras``,
     another type into ``ignored``. A Hires fix (``Hires upscale``, ``Hires steps``, ``Hires upscaler``
     Latent or Lanczos, and its ``Denoising strength``, which is no img2img ``strength``) into the hires
-    flags; one with another upscaler, or a ``Hires resize`` to a size, into ``ignored``, whole. A
-    UsageError names the file and the field that cannot be read or has no sdjax equivalent (another
+    flags; one with another upscaler, or a ``Hires resize`` to a size, into ``ignored``, whole. A1111's
+    ControlNet units (``ControlNet 0: "Module: ..., Model: NAME, Weight: 1, Guidance Start: 0, ..."``, ``ControlNet
+    1``, ...): their models into ``controlnets`` (the files are not known) and their weights and guidance
+    windows into the ControlNet flags, lists of one a unit; a Control Mode other than Balanced into
+    ``ignored``. A UsageError names the file and the field that cannot be read or has no sdjax equivalent (another
     sampler, another schedule type, Karras sigmas for a sampler without them), or says it holds no
     settings."""
     from PIL import UnidentifiedImageError
@@ -644,24 +683,24 @@ def settings_from_png(path: str | os.PathLike) -> PngSettings:
     flags["emphasis"] = modes.get(emphasis, "original") if flags["prompt_weighting"] else "original"
     strength = number("Denoising strength", float) if "Denoising strength" in fields and not hires else None
     masked = "Mask blur" in fields
-    controlnet = None
-    if "ControlNet 0" in fields:   # (A1111's ControlNet extension: its first unit, "Model: NAME, Weight: 1, ...")
-        unit = dict(part.split(": ", 1) for part in fields["ControlNet 0"].split(", ") if ": " in part)
-        try:
-            weight = float(unit.get("Weight", "1"))
-        except ValueError:
-            raise bad("its ControlNet 0 Weight is not a number") from None
-        del fields["ControlNet 0"]
-        controlnet, flags["controlnet_scale"] = unit.get("Model", "?"), weight
+    # A1111's ControlNet extension: a field a unit, "ControlNet 0: "Module: canny, Model: NAME, Weight: 1, ...""
+    controlnets, units = [], sorted((int(k.split()[1]), k) for k in fields if re.fullmatch(r"ControlNet \d+", k))
+    for _, field in units:
+        unit = dict(part.split(": ", 1) for part in fields.pop(field).split(", ") if ": " in part)
+        name = unit.get("Model", "?")
         if unit.get("Module", "none") != "none":   # (sdjax takes the processed image: the same, when given)
-            controlnet += f" (preprocessor {unit['Module']})"
-        for key, dest in (("Guidance Start", "controlnet_start"), ("Guidance End", "controlnet_end")):
-            if key in unit:
-                if (value := _float_or_none(unit[key])) is None:
-                    raise bad(f"its ControlNet 0 {key} is not a number")
-                flags[dest] = value
-        if unit.get("Control Mode", "Balanced") != "Balanced":   # (sdjax's: A1111's Balanced)
-            fields["ControlNet 0"] = f"Control Mode {unit['Control Mode']} (sdjax: Balanced)"
+            name += f" (preprocessor {unit['Module']})"
+        controlnets.append(name)
+        for key, dest, default in (("Weight", "controlnet_scale", 1.0), ("Guidance Start", "controlnet_start", 0.0),
+                                   ("Guidance End", "controlnet_end", 1.0)):
+            if (value := _float_or_none(unit.get(key, str(default)))) is None:
+                raise bad(f"its {field} {key} is not a number")
+            flags.setdefault(dest, []).append(value)
+        # (sdjax's: A1111's Balanced, and with the Hires fix its default Hr Option, Both passes)
+        owns = (("Control Mode", "Balanced"), ("Hr Option", "Both"))
+        other = [f"{key} {unit[key]} (sdjax: {own})" for key, own in owns if unit.get(key, own) != own]
+        if other:
+            fields[field] = ", ".join(other)
     if fields.get("Inpaint area") == "Only masked":   # (A1111's padding default: 32)
         del fields["Inpaint area"]
         flags["mask_padding"] = number("Masked area padding", int) if "Masked area padding" in fields else 32
@@ -693,7 +732,7 @@ def settings_from_png(path: str | os.PathLike) -> PngSettings:
     if hires_left_out:
         ignored.insert(0, hires_left_out)
     embeddings = [name.strip() for name in re.findall(r"([^,:]+):", fields.get("TI hashes", ""))]
-    return PngSettings(flags, prompt, strength, loras, model, vae, ignored, embeddings, masked, controlnet)
+    return PngSettings(flags, prompt, strength, loras, model, vae, ignored, embeddings, masked, controlnets)
 
 
 def extra_network_tags(prompt: str) -> tuple[str, list[tuple[str, float]], list[str]]:
@@ -812,10 +851,20 @@ def png_notes(png: PngSettings, args) -> list[str]:
         if name not in given:
             notes.append(f"--from-png: the image was made with the LoRA {name} at {scale:g}: to use it, pass "
                          f"--lora FILE:{scale:g} (its file) or --lora-dir DIR (its folder)")
-    if png.controlnet is not None and args.controlnet is None:
-        notes.append(f"--from-png: the image was made with the ControlNet {png.controlnet}: to make it again, pass "
-                     "--controlnet PATH --control-image FILE (the processed control image); this run makes it "
+    if png.controlnets and not args.controlnet:
+        several = len(png.controlnets) > 1
+        notes.append(f"--from-png: the image was made with the ControlNet{'s' * several} "
+                     f"{' and '.join(png.controlnets)}: to make it again, pass --controlnet PATH --control-image FILE "
+                     f"(the processed control image){' for each, in this order' * several}; this run makes it "
                      "without")
+    elif png.controlnets and len(args.controlnet) != len(png.controlnets):
+        # (its units' settings pair with its ControlNets in order: for another number, the defaults)
+        for name in CONTROLNET_SETTINGS:
+            if getattr(args, name) is png.flags[name]:
+                setattr(args, name, [])
+        notes.append(f"--from-png: the image was made with {count(len(png.controlnets), 'ControlNet')} "
+                     f"({' and '.join(png.controlnets)}), this run with {len(args.controlnet)}: the image's ControlNet "
+                     "settings (Weight, Guidance Start and End) are left out")
     loaded = {Path(file).stem.lower() for file in args.embedding}   # (an A1111 file's token; a diffusers
     for file in args.embedding:                                       # file's is inside it)
         try:
@@ -1036,26 +1085,7 @@ def validate_request(req: SampleRequest) -> None:
                            "is 4)")
     if req.mask_blur and req.mask is None:
         raise _bad_setting("mask_blur", req.mask_blur, "softens an inpainting mask's edge: give --mask too")
-    if (req.controlnet is None) != (req.control_image is None):
-        given, needed = ("controlnet", "--control-image") if req.control_image is None else ("control_image",
-                                                                                             "--controlnet")
-        raise _bad_setting(given, getattr(req, given), f"a ControlNet steers the images by a control image: give "
-                           f"{needed} too")
-    if not _number(req.controlnet_scale):
-        raise _bad_setting("controlnet_scale", req.controlnet_scale, "must be a finite number (the weight of the "
-                           "ControlNet's residuals; 1 by default)")
-    for name in ("controlnet_start", "controlnet_end"):
-        if not _number(getattr(req, name)) or not 0 <= getattr(req, name) <= 1:
-            raise _bad_setting(name, getattr(req, name), "must be a number in [0, 1] (a share of the steps run)")
-    if req.controlnet_start >= req.controlnet_end:
-        raise _bad_setting("controlnet_start", req.controlnet_start, f"must be below --controlnet-end "
-                           f"({req.controlnet_end:g})")
-    if req.control_image is not None:
-        init_image_size(req.control_image, "control_image")
-        for name, flag in (("mask_padding", "--mask-padding"), ("hires_scale", "--hires-scale")):
-            if getattr(req, name) is not None:
-                raise _bad_setting("control_image", req.control_image, f"is not available with {flag}: leave either "
-                                   "out")
+    _validate_controlnets(req)
     if req.mask_padding is not None:
         if isinstance(req.mask_padding, bool) or not isinstance(req.mask_padding, int) or req.mask_padding < 0:
             raise _bad_setting("mask_padding", req.mask_padding, "must be a whole number of pixels >= 0")
@@ -1108,6 +1138,39 @@ def validate_request(req: SampleRequest) -> None:
     problem = unwritable_folder(req.out)
     if problem:
         raise _bad_setting("out", req.out, problem)
+
+
+def _validate_controlnets(req: SampleRequest) -> None:
+    """The ControlNets' part of `validate_request`: a control image each, their settings."""
+    nets, images = len(req.controlnet), len(req.control_image)
+    if not nets or not images:
+        if nets or images:
+            given, needed = ("controlnet", "--control-image") if nets else ("control_image", "--controlnet")
+            raise _bad_setting(given, getattr(req, given)[0], f"a ControlNet steers the images by a control image: "
+                               f"give {needed} too")
+        return
+    if nets != images:
+        raise _bad_setting("control_image", " ".join(req.control_image), f"{count(images, 'control image')} for "
+                           f"{count(nets, 'ControlNet')}: give one each (--control-image after its --controlnet)")
+    for name in CONTROLNET_SETTINGS:
+        values = getattr(req, name)
+        if len(values) not in (0, 1, nets):
+            raise _bad_setting(name, " ".join(f"{v:g}" if _number(v) else str(v) for v in values),
+                               f"{len(values)} values for {count(nets, 'ControlNet')}: give one for all, or one each "
+                               "(in --controlnet's order)")
+        for value in values:
+            if name == "controlnet_scale" and not _number(value):
+                raise _bad_setting(name, value, "must be a finite number (the weight of the ControlNet's residuals; "
+                                   "1 by default)")
+            if name != "controlnet_scale" and (not _number(value) or not 0 <= value <= 1):
+                raise _bad_setting(name, value, "must be a number in [0, 1] (a share of the steps run)")
+    for _, _, _, start, end in req.control_units:
+        if start >= end:
+            raise _bad_setting("controlnet_start", f"{start:g}", f"must be below --controlnet-end ({end:g})")
+    for image in req.control_image:
+        init_image_size(image, "control_image")
+        if req.mask_padding is not None:
+            raise _bad_setting("control_image", image, "is not available with --mask-padding: leave either out")
 
 
 def _validate_hires(req: SampleRequest) -> None:
@@ -1454,7 +1517,13 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
         init = load_init_image(req.init_image, *size)
         mask = None if req.mask is None else load_init_image(req.mask, *size, "L")
         first_call = img2img_start(req.steps, strength)
-    control = None if req.control_image is None else load_init_image(req.control_image, req.width, req.height)
+    units = req.control_units   # (several ControlNets: a list of each one's control images and settings)
+    one = lambda values: values if len(units) > 1 else values[0]  # noqa: E731
+    controlled = {} if not units else dict(
+        control_images=one([load_init_image(image, req.width, req.height) for _, image, *_ in units]),
+        controlnet_conditioning_scale=one([scale for *_, scale, _, _ in units]),
+        control_guidance_start=one([start for *_, start, _ in units]),
+        control_guidance_end=one([end for *_, end in units]))
     picks = trajectory_steps(sched.num_model_calls, req.trajectory_frames, first_call) if req.trajectory else None
     hires, calls = req.hires, sched.num_model_calls - first_call
     if hires is not None:   # the second pass's model calls, on the same step bar
@@ -1505,11 +1574,8 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
                                    scheduler_options=req.scheduler_options, clip_skip=req.clip_skip,
                                    init_images=init, strength=strength, mask_images=mask,
                                    mask_padding=req.mask_padding, mask_blur=req.mask_blur,
-                                   control_images=control, controlnet_conditioning_scale=req.controlnet_scale,
-                                   control_guidance_start=req.controlnet_start,
-                                   control_guidance_end=req.controlnet_end,
                                    prompt_weighting=req.prompt_weighting,
-                                   hires=hires, emphasis=req.emphasis, **varied)
+                                   hires=hires, emphasis=req.emphasis, **controlled, **varied)
             for batch, out in zip(bar, outputs, strict=True):
                 padded = batch + [batch[-1]] * (per_call - len(batch))   # one decoder program for every batch
                 noise = None   # the trajectory's first frame: the seed's noise, or the image img2img starts from
@@ -1540,8 +1606,8 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
                                               variation_seed=variation, variation_strength=req.variation_strength,
                                               mask_blur=None if req.mask is None else req.mask_blur,
                                               mask_padding=req.mask_padding,
-                                              controlnet=req.controlnet, controlnet_scale=req.controlnet_scale,
-                                              controlnet_window=(req.controlnet_start, req.controlnet_end),
+                                              controlnets=[(net, scale, start, end)
+                                                           for net, _, scale, start, end in units],
                                               embeddings=embeddings_used(pipe.tokenizer, embeddings,
                                                                          f"{prompt}\n{negative}"))
                     files.append(out_dir / image_file_name(index, seed, prompt))

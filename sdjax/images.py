@@ -148,8 +148,7 @@ def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, sche
                      hires_upscaler: str = "latent", emphasis: str = "original",
                      variation_seed: int | None = None, variation_strength: float = 0.0,
                      mask_blur: float | None = None, mask_padding: int | None = None,
-                     controlnet: str | None = None, controlnet_scale: float = 1.0,
-                     controlnet_window: tuple[float, float] = (0.0, 1.0)) -> str:
+                     controlnets: Sequence[tuple[str, float, float, float]] = ()) -> str:
     """Generation settings as AUTOMATIC1111 writes them into the PNG ``parameters`` text chunk::
 
         a photo of a cat
@@ -183,9 +182,10 @@ def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, sche
     ``mask_blur`` (inpainting: the mask's blur in pixels, `blur_mask`) as A1111 writes it for every inpainting
     image, ``Mask blur: 4`` (0 too); ``mask_padding`` ("only masked" inpainting) as
     ``Inpaint area: Only masked, Masked area padding: 32``.
-    ``controlnet`` (its folder or repo id) as A1111's ControlNet extension writes its first unit, ``ControlNet
-    0: "Module: none, Model: NAME, Weight: 1, Guidance Start: 0, Guidance End: 1"`` (Module none: the control
-    image given as it is; ``controlnet_window``: the share of the steps it steers from and to).
+    ``controlnets``, (PATH, WEIGHT, START, END) of each ControlNet (its folder, repo id or file; the weight
+    of its residuals; the share of the steps it steers from and to), as A1111's ControlNet extension writes
+    its units, ``ControlNet 0: "Module: none, Model: NAME, Weight: 1, Guidance Start: 0, Guidance End: 1"``,
+    ``ControlNet 1: ...`` (Module none: the control image given as it is).
     """
     sampler = SAMPLER_NAMES.get(scheduler, scheduler)
     options = dict(scheduler_options or {})
@@ -218,10 +218,9 @@ def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, sche
         fields.append(("Mask blur", _number(mask_blur)))
     if mask_padding is not None:
         fields += [("Inpaint area", "Only masked"), ("Masked area padding", mask_padding)]
-    if controlnet is not None:
-        fields.append(("ControlNet 0", f"Module: none, Model: {model_name(controlnet)}, Weight: "
-                                       f"{_number(controlnet_scale)}, Guidance Start: {_number(controlnet_window[0])}, "
-                                       f"Guidance End: {_number(controlnet_window[1])}"))
+    for k, (controlnet, weight, start, end) in enumerate(controlnets):
+        fields.append((f"ControlNet {k}", f"Module: none, Model: {model_name(controlnet)}, Weight: {_number(weight)}, "
+                                          f"Guidance Start: {_number(start)}, Guidance End: {_number(end)}"))
     if hires_scale is not None:
         fields.append(("Hires upscale", _number(hires_scale)))
         if hires_steps is not None:

@@ -498,6 +498,9 @@ class StableDiffusion:
             functools.partial(sampling.generate, self._graphdefs),
             static_argnames=_STATIC_ARGS)
         self._decode = jax.jit(functools.partial(_decode, self._graphdefs.vae))
+        # the samplers steered by ControlNets, by their graphdefs: ControlNets of one architecture (the
+        # SD 1.5 ones of lllyasviel: canny, depth, ...) loaded in turn share one program and its compilations
+        self._controlled_programs: dict[Any, Callable] = {}
         self._build_controlled()
 
     def _build_controlled(self) -> None:
@@ -506,9 +509,11 @@ class StableDiffusion:
         graphdef = None if self.controlnet is None else (
             tuple(map(nnx.graphdef, self.controlnet)) if isinstance(self.controlnet, tuple)
             else nnx.graphdef(self.controlnet))
-        self._controlled = None if graphdef is None else jax.jit(
-            functools.partial(sampling.generate, self._graphdefs, controlnet_graphdef=graphdef),
-            static_argnames=_STATIC_ARGS)
+        if graphdef is not None and graphdef not in self._controlled_programs:
+            self._controlled_programs[graphdef] = jax.jit(
+                functools.partial(sampling.generate, self._graphdefs, controlnet_graphdef=graphdef),
+                static_argnames=_STATIC_ARGS)
+        self._controlled = None if graphdef is None else self._controlled_programs[graphdef]
 
     def _refresh_state(self) -> None:
         models = (self.text_encoder, self.unet, self.vae)
@@ -790,8 +795,9 @@ class StableDiffusion:
         width, or control images at another scale than the VAE's) raises a `CheckpointError` naming
         the fields. Its weights are taken now: after changing them, load it again. Several ControlNets
         (a list: diffusers' ``MultiControlNetModel``, A1111's units) steer
-        together, their residuals added; each call then gives a list of their control images. Returns
-        the ControlNet (a tuple of them)."""
+        together, their residuals added; each call then gives a list of their control images. ControlNets
+        of one architecture (lllyasviel's SD 1.5 canny, depth, ...) loaded in turn share one compiled
+        program. Returns the ControlNet (a tuple of them)."""
         if isinstance(controlnet, (list, tuple)) and not controlnet:
             raise ValueError("load_controlnet([]): give a ControlNet, a list of them, or None")
         if controlnet is not None:   # (all loaded and checked before the pipeline's changes)
@@ -990,7 +996,9 @@ class StableDiffusion:
         ``control_guidance_start`` to ``control_guidance_end`` (shares of the steps run, default 0 and 1;
         AUTOMATIC1111's Guidance Start / End; diffusers' arguments, `sdjax.sampling.control_scales`). Also
         with img2img and inpainting (the ControlNet reads the latents alone, as diffusers' ControlNet img2img
-        and inpainting pipelines do); not with ``mask_padding`` or ``hires``. With several ControlNets
+        and inpainting pipelines do) and with ``hires``, in both passes (the second with the control images'
+        8-bit pictures resized to its size with PIL's Lanczos, and the window over its own steps, as A1111's
+        ControlNet extension steers its Hires fix by default); not with ``mask_padding``. With several ControlNets
         loaded: a list of their control images, one entry each, and scales and windows a number for all
         or a list of one each (diffusers' ``MultiControlNetModel``).
         ``prompt_weighting``: read AUTOMATIC1111's emphasis syntax in the prompts and negative prompts, as
@@ -1154,9 +1162,8 @@ class StableDiffusion:
             if self.controlnet is None:
                 raise ValueError("control_images steer the images through a ControlNet: load one first "
                                  "(pipe.load_controlnet(...))")
-            for name, given in (("mask_padding", mask_padding), ("hires", hires)):
-                if given is not None:
-                    raise ValueError(f"control_images are not available with {name}: leave either out")
+            if mask_padding is not None:
+                raise ValueError("control_images are not available with mask_padding: leave either out")
             from sdjax.images import image_batch
             if several and (not isinstance(control_images, (list, tuple)) or len(control_images) != several):
                 raise ValueError(f"{several} ControlNets are loaded: control_images is a list of {several}, each "
@@ -1291,6 +1298,10 @@ class StableDiffusion:
             h2, w2 = hires.size(height, width)
             shape2 = (h2 // self.vae_scale, w2 // self.vae_scale, latent_shape[2])
             second = dict(hires=hires, sched=sched2, first_call=first2, latent_shape=shape2, size=(h2, w2))
+            if controls is not None:   # (the ControlNets steer the second pass too, at its size and over its steps)
+                second["controls"] = [_lanczos(c, h2, w2) for c in controls]
+                second["control_scales"] = [sampling.control_scales(sched2.num_model_calls - first2, *window)
+                                            for window in windows]
 
         text_inputs = {}   # (empty: no input, the default program unchanged)
         if prompt_weighting:
@@ -1345,9 +1356,10 @@ class StableDiffusion:
             program = self._generate if control is None else control[2]
             several = control is not None and control[4]
             one = lambda xs: tuple(xs) if several else xs[0]  # noqa: E731   (several ControlNets: tuples)
-            one_control = None if control is None else [None if len(c) > 1 else parallel.replicate(c, self.mesh)
-                                                         for c in control[0]]
-            controlled = {} if control is None else dict(controlnet_state=control[3], control_scale=one(control[1]))
+            # one control image for every image (a ControlNet's): replicated once; the Hires fix's second pass's too
+            one_control = [] if control is None else [
+                [None if len(c) > 1 else parallel.replicate(c, self.mesh) for c in controls]
+                for controls in (control[0], *([] if second is None else [second["controls"]]))]
             starts = range(0, len(prompts), per_call)
             calls = sched.num_model_calls - first_call
             if second is not None:
@@ -1367,9 +1379,14 @@ class StableDiffusion:
                 inputs = lambda d: {k: v if np.ndim(v) == 0 else shard(v) for k, v in d.items()}  # noqa: E731
                 varied = inputs(variation or {})
                 masked = {} if masks is None else dict(mask_BHW1=one_mask if one_mask is not None else shard(masks))
-                if control is not None:
-                    controlled["control_images_BHWC"] = one([o if o is not None else shard(c)
-                                                             for o, c in zip(one_control, control[0])])
+
+                def controlled(k: int) -> dict:   # pass k's ControlNet inputs (1: the Hires fix's second pass)
+                    if control is None:
+                        return {}
+                    images, scales = (control[0], control[1]) if k == 0 else (second["controls"],
+                                                                              second["control_scales"])
+                    return dict(controlnet_state=control[3], control_scale=one(scales), control_images_BHWC=one(
+                        [o if o is not None else shard(c) for o, c in zip(one_control[k], images)]))
                 out = program(
                     state, sched, shard(ids), shard(neg_ids), shard(seeds),
                     None if latents is None else shard(latents), jnp.float32(guidance_scale),
@@ -1377,7 +1394,7 @@ class StableDiffusion:
                     latent_shape_HWC=latent_shape, use_guidance=guidance_scale > 1.0,
                     return_predictions=bool(steps), on_step=None if step_bar is None else self._ticker,
                     clip_skip=clip_skip, start=first_call,
-                    **inputs(text_inputs), **varied, **masked, **controlled,
+                    **inputs(text_inputs), **varied, **masked, **controlled(0),
                     **({} if second is None else dict(return_latents=not lanczos, decode=lanczos)))
                 if second is not None:   # the Hires fix's second pass: img2img at the larger size
                     h2, w2 = second["size"]
@@ -1387,13 +1404,13 @@ class StableDiffusion:
                             _lanczos(parallel.to_host(out.images), h2, w2), self.mesh))
                     else:
                         init = dict(init_latents_BHWC=_upscale(out.latents, size_hw=second["latent_shape"][:2]))
-                    out = self._generate(
+                    out = program(
                         state, second["sched"], shard(second["ids"]), shard(second["neg_ids"]), shard(seeds), None,
                         jnp.float32(guidance_scale), latent_shape_HWC=second["latent_shape"],
                         use_guidance=guidance_scale > 1.0,
                         on_step=None if step_bar is None else self._hires_ticker, clip_skip=clip_skip,
                         start=second["first_call"],
-                        **inputs(second["text_inputs"]), **init, **varied)
+                        **inputs(second["text_inputs"]), **init, **varied, **controlled(1))
                 # Indexed one step at a time: iterating over an array spread over several
                 # processes is not allowed. Each [B, H, W, 3], decoded right behind the batch.
                 decoded = [self._decode(state.vae, out.predictions[s - first_call]) for s in steps]

@@ -338,6 +338,19 @@ def test_presets_load_and_precedence(tmp_path):
     cfg.write_text("lora: [3]\n")
     with pytest.raises(UsageError, match="key 'lora' has item 3; expected FILE or FILE:SCALE strings"):
         load_config(cfg)
+    Image.new("RGB", (24, 16)).save(tmp_path / "pose.png")
+    cfg.write_text(f"controlnet: [{tmp_path}, {tmp_path / 'a'}]\ncontrol_image: [{tmp_path / 'pose.png'}, "
+                   f"{tmp_path / 'pose.png'}]\ncontrolnet_scale: [0.5, '2']\ncontrolnet_end: 0.8\n")
+    req, _ = sample.parse_request(["a cat", "--config", str(cfg)])   # (two ControlNets; the size: the image's)
+    assert (req.controlnet, req.controlnet_scale, req.controlnet_end, req.width, req.height) == (
+        [str(tmp_path), str(tmp_path / "a")], [0.5, 2.0], [0.8], 24, 16)
+    assert [unit[2:] for unit in req.control_units] == [(0.5, 0.0, 0.8), (2.0, 0.0, 0.8)]
+    req, _ = sample.parse_request(["a cat", "--config", str(cfg), "--controlnet", str(tmp_path), "--control-image",
+                                   str(tmp_path / "pose.png"), "--controlnet-scale", "0.3"])
+    assert (req.controlnet, req.controlnet_scale, req.controlnet_end) == ([str(tmp_path)], [0.3], [0.8])  # (replaced)
+    cfg.write_text("controlnet_scale: [1, high]\n")
+    with pytest.raises(UsageError, match="key 'controlnet_scale' has item 'high'; expected numbers"):
+        load_config(cfg)
     cfg.write_text("guidance_scale: 1e1\n")   # YAML 1.1 reads this as the text '1e1'
     assert load_config(cfg)["guidance_scale"] == 10.0
     cfg.write_text("steps: 1e1\n")            # still no integer
@@ -671,17 +684,19 @@ def test_from_png_names_what_a1111_images_hold_that_it_leaves_out(tmp_path):
     unit = ('ControlNet 0: "Module: canny, Model: control_v11p_sd15_canny [d14c016b], Weight: 0.6, Resize Mode: Crop '
             'and Resize, Guidance Start: 0, Guidance End: 0.8"')
     req, args = sample.parse_request(["--from-png", png(f"a fox\n{settings}, {unit}")])
-    assert req.controlnet is None and args.png_notes == [
+    assert req.controlnet == [] and args.png_notes == [
         "--from-png: the image was made with the ControlNet control_v11p_sd15_canny [d14c016b] (preprocessor canny): "
         "to make it again, pass --controlnet PATH --control-image FILE (the processed control image); this run "
         "makes it without"]
     req, args = sample.parse_request(["--from-png", png(f"a fox\n{settings}, {unit[:-1]}, Control Mode: My prompt is "
-                                                           'more important"'), "--controlnet", str(tmp_path),
+                                                           'more important, Hr Option: Low res only"'), "--controlnet",
+                                      str(tmp_path),
                                       "--control-image", str(tmp_path / "start.png")])
-    assert (req.controlnet, req.controlnet_scale, req.controlnet_start, req.controlnet_end) == (str(tmp_path), 0.6,
-                                                                                                0, 0.8)
+    assert (req.controlnet, req.controlnet_scale, req.controlnet_start, req.controlnet_end) == ([str(tmp_path)], [0.6],
+                                                                                                [0], [0.8])
     assert args.png_notes == ["--from-png: settings sample.py has no flag for are left out: ControlNet 0: Control "
-                              "Mode My prompt is more important (sdjax: Balanced)"]
+                              "Mode My prompt is more important (sdjax: Balanced), Hr Option Low res only (sdjax: "
+                              "Both)"]
     req, _ = sample.parse_request(["--from-png", png(f"a fox\n{settings}, Mask blur: 4"), "--init-image",
                                    str(tmp_path / "start.png"), "--mask", str(tmp_path / "white.png")])
     assert (req.mask_blur, req.mask_padding) == (4, None)
@@ -941,40 +956,55 @@ def test_init_image_and_strength_make_the_pipelines_img2img_and_are_recorded(pip
 
 
 def test_controlnet_flags_steer_the_images_and_are_recorded(pipe_dir, pipe, tmp_path, capsys):
-    """--controlnet DIR --control-image FILE --controlnet-scale X: the pipeline's images with that ControlNet
-    and control image (the size its own), recorded as A1111's ControlNet extension writes its first unit;
-    --from-png reads the weight back and says which files to give. A ControlNet made for another model
-    exits 2 before anything is written."""
+    """--controlnet DIR --control-image FILE, twice, --controlnet-scale X Y --controlnet-end Z: the
+    pipeline's images with those two ControlNets, each with its control image and scale (the size the first
+    image's), recorded as A1111's ControlNet extension writes its units; --from-png reads their settings
+    back and says which files to give (another number of ControlNets: without the image's settings). A
+    ControlNet made for another model exits 2 before anything is written."""
     from test_controlnet import torch_controlnet
+    from sdjax.cli_utils import load_init_image
     torch_controlnet(seed=4).save_pretrained(tmp_path / "tiny-cn")
+    torch_controlnet(seed=5).save_pretrained(tmp_path / "depth-cn")
     torch_controlnet(seed=4, block_out_channels=(32, 64, 128)).save_pretrained(tmp_path / "wide-cn")
-    control = np.random.default_rng(8).integers(0, 256, (32, 32, 3), np.uint8)
+    rng = np.random.default_rng(8)
+    control, depth = rng.integers(0, 256, (2, 32, 32, 3), np.uint8)
     Image.fromarray(control).save(tmp_path / "edges.png")
+    Image.fromarray(depth).resize((48, 40)).save(tmp_path / "depth.png")   # (resized to the first one's size)
     out = tmp_path / "out"
     small = [a for a in SMALL if a not in ("--height", "--width", "32")]   # (the size: the control image's)
-    rc, _, stderr = run_main(capsys, "a dog", "--seeds", "4", "--controlnet", tmp_path / "tiny-cn", "--control-image",
-                             tmp_path / "edges.png", "--controlnet-scale", "0.7", "--controlnet-end", "0.5", "--model",
-                             pipe_dir, "--out", out, *small)
+    units = ["--controlnet", tmp_path / "tiny-cn", "--control-image", tmp_path / "edges.png", "--controlnet",
+             tmp_path / "depth-cn", "--control-image", tmp_path / "depth.png"]
+    rc, _, stderr = run_main(capsys, "a dog", "--seeds", "4", *units, "--controlnet-scale", "0.7",
+                             "--controlnet-scale", "1.2", "--controlnet-end", "0.5", "--model", pipe_dir, "--out", out,
+                             *small)
     assert rc == 0, stderr
     made = out / "00000-seed4-a-dog.png"
     assert I.read_png_parameters(made).endswith(
         'Size: 32x32, Model: pipe, ControlNet 0: "Module: none, Model: tiny-cn, Weight: 0.7, Guidance Start: 0, '
-        'Guidance End: 0.5"')
-    pipe.load_controlnet(tmp_path / "tiny-cn")
+        'Guidance End: 0.5", ControlNet 1: "Module: none, Model: depth-cn, Weight: 1.2, Guidance Start: 0, Guidance '
+        'End: 0.5"')
     try:
-        ref = pipe("a dog", seeds=[4], num_inference_steps=3, control_images=control,
-                   controlnet_conditioning_scale=0.7, control_guidance_end=0.5).to_pil()
+        pipe.load_controlnet([tmp_path / "tiny-cn", tmp_path / "depth-cn"])
+        assert pipe._controlled._cache_size() == 1   # (the run's program: another load of the same ones compiles none)
+        ref = pipe("a dog", seeds=[4], num_inference_steps=3, control_images=[control, load_init_image(
+                   tmp_path / "depth.png", 32, 32)], controlnet_conditioning_scale=[0.7, 1.2],
+                   control_guidance_end=0.5).to_pil()
     finally:
         pipe.load_controlnet(None)
     np.testing.assert_array_equal(pixels(made), ref[0])
     req, args = sample.parse_request(["--from-png", str(made), "--model", str(pipe_dir)])
-    assert req.controlnet is None and args.png_notes == [
-        "--from-png: the image was made with the ControlNet tiny-cn: to make it again, pass --controlnet PATH "
-        "--control-image FILE (the processed control image); this run makes it without"]
-    req, args = sample.parse_request(["--from-png", str(made), "--controlnet", str(tmp_path / "tiny-cn"),
-                                      "--control-image", str(tmp_path / "edges.png"), "--model", str(pipe_dir)])
-    assert (req.controlnet_scale, req.controlnet_end, args.png_notes) == (0.7, 0.5, [])
-    rc, _, stderr = run_main(capsys, "a dog", "--controlnet", tmp_path / "wide-cn", "--control-image",
+    assert req.controlnet == [] and args.png_notes == [
+        "--from-png: the image was made with the ControlNets tiny-cn and depth-cn: to make it again, pass --controlnet "
+        "PATH --control-image FILE (the processed control image) for each, in this order; this run makes it without"]
+    req, args = sample.parse_request(["--from-png", str(made), *map(str, units), "--model", str(pipe_dir)])
+    assert (req.controlnet_scale, req.controlnet_end, args.png_notes) == ([0.7, 1.2], [0.5, 0.5], [])
+    req, _ = sample.parse_request(["--from-png", str(made), *map(str, units), "--controlnet-scale", "2"])
+    assert (req.controlnet_scale, req.controlnet_end) == ([2.0], [0.5, 0.5])   # (a flag given replaces the image's)
+    req, args = sample.parse_request(["--from-png", str(made), *map(str, units[:4]), "--model", str(pipe_dir)])
+    assert (req.controlnet_scale, req.controlnet_start, req.controlnet_end) == ([], [], [])
+    assert args.png_notes == ["--from-png: the image was made with 2 ControlNets (tiny-cn and depth-cn), this run "
+                              "with 1: the image's ControlNet settings (Weight, Guidance Start and End) are left out"]
+    rc, _, stderr = run_main(capsys, "a dog", *units[:4], "--controlnet", tmp_path / "wide-cn", "--control-image",
                              tmp_path / "edges.png", "--model", pipe_dir, "--out", tmp_path / "none", *small)
     assert rc == 2 and not (tmp_path / "none").exists()
     assert stderr.startswith(f"sample.py: error: --controlnet {tmp_path / 'wide-cn'}: the ControlNet's the residuals' "
@@ -1488,12 +1518,16 @@ BAD_INPUTS = {
                               "--controlnet-scale", "nan"], "error: --controlnet-scale nan: must be a finite number"),
     "controlnet_scale_alone": (["a cat", "--controlnet-scale", "0.5"], "error: --controlnet-scale 0.5: is a "
                                "ControlNet's setting: give --controlnet and --control-image too"),
+    "control_images_count": (["a cat", "--controlnet", "{tmp}", "--controlnet", "{tmp}", "--control-image",
+                              "{tmp}/init.png"], "error: --control-image {tmp}/init.png: 1 control image for 2 "
+                                                 "ControlNets: give one each (--control-image after its --controlnet)"),
+    "controlnet_scales_count": (["a cat", "--controlnet", "{tmp}", "--control-image", "{tmp}/init.png",
+                                 "--controlnet-scale", "0.5", "--controlnet-scale", "0.7"],
+                                "error: --controlnet-scale 0.5 0.7: 2 values for 1 ControlNet: give one for all, or "
+                                "one each (in --controlnet's order)"),
     "controlnet_window": (["a cat", "--controlnet", "{tmp}", "--control-image", "{tmp}/init.png",
                            "--controlnet-start", "0.6", "--controlnet-end", "0.4"], "error: --controlnet-start 0.6: "
                                                                                    "must be below --controlnet-end (0.4)"),
-    "control_image_with_hires": (["a cat", "--controlnet", "{tmp}", "--control-image", "{tmp}/init.png",
-                                  "--hires-scale", "2"], "error: --control-image {tmp}/init.png: is not available "
-                                                         "with --hires-scale"),
     "strength_range": (["a cat", "--init-image", "{tmp}/init.png", "--strength", "1.5"],
                        "--strength 1.5: must be a number in (0, 1]"),
     "strength_runs_no_step": (["a cat", "--init-image", "{tmp}/init.png", "--strength", "0.1", "--steps", "5"],

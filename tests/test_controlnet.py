@@ -232,7 +232,7 @@ def test_pipeline_makes_controlled_images_as_diffusers(pipe, reference_pipe, con
 
 
 def test_pipeline_control_images_are_checked(pipe, controlnet_dir):
-    """Control images without a ControlNet, of another size, with mask_padding or the Hires fix, a scale that
+    """Control images without a ControlNet, of another size, with mask_padding, a scale that
     is no number, and a ControlNet made for another model are errors naming them, before anything runs."""
     from flax import nnx
     from sdjax import HiresFix
@@ -255,7 +255,7 @@ def test_pipeline_control_images_are_checked(pipe, controlnet_dir):
         with generate_calls(pipe) as calls:
             for kw, message in [
                     (dict(control_images=square[:16]), f"control_images are {SIZE}x16 and the images {SIZE}x{SIZE}"),
-                    (dict(control_images=square, hires=HiresFix(2.0)), "not available with hires"),
+                    (dict(control_images=square, hires=HiresFix(2.0, strength=0.05)), "denoises no step"),
                     (dict(control_images=square, init_images=square, mask_images=square[..., 0] + 255,
                           mask_padding=4), "not available with mask_padding"),
                     (dict(control_images=square, controlnet_conditioning_scale="x"), "'x' is not a number"),
@@ -363,3 +363,28 @@ def test_pipeline_with_two_controlnets_as_diffusers(pipe, reference_pipe, contro
     want = ref(PROMPTS, negative_prompt=NEGATIVES, image=[first, np.repeat(second, 2, axis=0)], latents=nchw(noise),
                num_inference_steps=STEPS, height=SIZE, width=SIZE, output_type="np", **kw).images
     assert np.abs(ours - want).max() <= 2e-5
+
+
+def test_hires_fix_is_steered_in_both_passes(pipe, controlnet_dir):
+    """With the Hires fix the ControlNet steers both passes: the images are the controlled first pass's
+    (8-bit, resized with PIL's Lanczos) made again by controlled img2img at the larger size, the control
+    images' 8-bit pictures resized alike and the guidance window over the second pass's own steps."""
+    from PIL import Image
+    from sdjax import HiresFix
+    from sdjax.images import as_pil
+    images = np.random.default_rng(9).uniform(0, 1, (2, SIZE, SIZE, 3)).astype(np.float32)
+    kw = dict(negative_prompts=NEGATIVES, seeds=[1, 2], scheduler="euler", control_images=images,
+              controlnet_conditioning_scale=0.8, control_guidance_start=0.2, control_guidance_end=0.7)
+    hires = HiresFix(scale=1.5, steps=6, strength=0.5, upscaler="lanczos")
+    big = int(SIZE * 1.5) // 8 * 8
+    pipe.load_controlnet(controlnet_dir)
+    try:
+        ours = pipe(PROMPTS, num_inference_steps=STEPS, hires=hires, **kw).images
+        first = pipe(PROMPTS, num_inference_steps=STEPS, **kw).images
+        resize = lambda xs: [as_pil(x).resize((big, big), Image.Resampling.LANCZOS) for x in xs]  # noqa: E731
+        want = pipe(PROMPTS, num_inference_steps=6, init_images=resize(first), strength=0.5,
+                    **{**kw, "control_images": resize(images)}).images
+    finally:
+        pipe.load_controlnet(None)
+    assert ours.shape == want.shape == (2, big, big, 3)
+    assert np.abs(ours - want).max() <= 1e-5
