@@ -330,12 +330,14 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
     try:
         if not req.controlnet:   # (a ControlNet's settings given on their own; an image's are its own business)
             given_argv = [str(a).split("=")[0] for a in (sys.argv[1:] if argv is None else argv)]
+            reason = "is a ControlNet's setting: give --controlnet and --control-image too"
             for name in CONTROLNET_SETTINGS:
-                if f"--{name.replace('_', '-')}" in given_argv or name in preset:
-                    raise UsageError(f"--{name.replace('_', '-')} {' '.join(f'{v:g}' for v in getattr(args, name))}: "
-                                     "is a ControlNet's setting: "
-                                     "give --controlnet and --control-image too", setting=name,
-                                     reason="is a ControlNet's setting: give --controlnet and --control-image too")
+                flag = f"--{name.replace('_', '-')}"
+                if flag in given_argv:
+                    raise UsageError(f"{flag} {' '.join(f'{v:g}' for v in getattr(args, name))}: {reason}",
+                                     setting=name, reason=reason)
+                if name in preset:   # (the preset's, though an image's value may stand in its place)
+                    raise UsageError(f"{path}: key {name!r} {reason}")
         validate_request(req)
     except UsageError as e:
         argv = sys.argv[1:] if argv is None else argv

@@ -858,10 +858,10 @@ def png_notes(png: PngSettings, args) -> list[str]:
                      f"(the processed control image){' for each, in this order' * several}; this run makes it "
                      "without")
     elif png.controlnets and len(args.controlnet) != len(png.controlnets):
-        # (its units' settings pair with its ControlNets in order: for another number, the defaults)
+        # (its units' settings pair with its ControlNets in order: for another number, the preset's or the defaults)
         for name in CONTROLNET_SETTINGS:
             if getattr(args, name) is png.flags[name]:
-                setattr(args, name, [])
+                setattr(args, name, list(getattr(args, "preset", {}).get(name, [])))
         notes.append(f"--from-png: the image was made with {count(len(png.controlnets), 'ControlNet')} "
                      f"({' and '.join(png.controlnets)}), this run with {len(args.controlnet)}: the image's ControlNet "
                      "settings (Weight, Guidance Start and End) are left out")
@@ -1531,6 +1531,9 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
         hires_steps = hires.steps or req.steps
         calls += (pipe.make_scheduler(req.scheduler, hires_steps, **req.scheduler_options).num_model_calls
                   - img2img_start(hires_steps, hires.strength))
+        if units:   # (the second pass's control images: each file resized to its size, as A1111's extension does)
+            h2, w2 = hires.size(req.height, req.width)
+            controlled["hires_control_images"] = one([load_init_image(image, w2, h2) for _, image, *_ in units])
     loras = lora_tags(req.lora)
     embeddings = embedding_hashes(req.embedding) if writer else []
 

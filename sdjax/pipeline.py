@@ -924,7 +924,7 @@ class StableDiffusion:
                  mask_padding: int | None = None, mask_blur: float = 0, control_images: Any = None,
                  controlnet_conditioning_scale: float = 1.0, control_guidance_start: float = 0.0,
                  control_guidance_end: float = 1.0, prompt_weighting: bool = False,
-                 hires: HiresFix | None = None,
+                 hires: HiresFix | None = None, hires_control_images: Any = None,
                  emphasis: str = "original", variation_seeds: int | Sequence[int] | np.ndarray | None = None,
                  variation_strength: float = 0.0) -> StableDiffusionOutput:
         """Generate one image per (prompt, seed) (all of them in memory at the end: `batches`
@@ -996,9 +996,11 @@ class StableDiffusion:
         ``control_guidance_start`` to ``control_guidance_end`` (shares of the steps run, default 0 and 1;
         AUTOMATIC1111's Guidance Start / End; diffusers' arguments, `sdjax.sampling.control_scales`). Also
         with img2img and inpainting (the ControlNet reads the latents alone, as diffusers' ControlNet img2img
-        and inpainting pipelines do) and with ``hires``, in both passes (the second with the control images'
-        8-bit pictures resized to its size with PIL's Lanczos, and the window over its own steps, as A1111's
-        ControlNet extension steers its Hires fix by default); not with ``mask_padding``. With several ControlNets
+        and inpainting pipelines do) and with ``hires``, in both passes, as A1111's ControlNet extension steers
+        its Hires fix by default: the second with the window over its own steps and with
+        ``hires_control_images``, control images at its size (``hires.size(height, width)``; A1111 resizes the
+        control image given to each pass's size), by default the control images' 8-bit pictures resized to
+        it with PIL's Lanczos; not with ``mask_padding``. With several ControlNets
         loaded: a list of their control images, one entry each, and scales and windows a number for all
         or a list of one each (diffusers' ``MultiControlNetModel``).
         ``prompt_weighting``: read AUTOMATIC1111's emphasis syntax in the prompts and negative prompts, as
@@ -1051,7 +1053,8 @@ class StableDiffusion:
             mask_blur=mask_blur, control_images=control_images,
             controlnet_conditioning_scale=controlnet_conditioning_scale, control_guidance_start=control_guidance_start,
             control_guidance_end=control_guidance_end, prompt_weighting=prompt_weighting, hires=hires,
-            emphasis=emphasis, variation_seeds=variation_seeds, variation_strength=variation_strength))
+            hires_control_images=hires_control_images, emphasis=emphasis, variation_seeds=variation_seeds,
+            variation_strength=variation_strength))
         steps = outputs[0].intermediate_steps
         return StableDiffusionOutput(np.concatenate([o.images for o in outputs]),
                                      [p for o in outputs for p in o.prompts],
@@ -1070,7 +1073,7 @@ class StableDiffusion:
                 mask_padding: int | None = None, mask_blur: float = 0, control_images: Any = None,
                 controlnet_conditioning_scale: float = 1.0, control_guidance_start: float = 0.0,
                 control_guidance_end: float = 1.0, prompt_weighting: bool = False,
-                hires: HiresFix | None = None,
+                hires: HiresFix | None = None, hires_control_images: Any = None,
                 emphasis: str = "original", variation_seeds: int | Sequence[int] | np.ndarray | None = None,
                 variation_strength: float = 0.0) -> Iterator[StableDiffusionOutput]:
         """The images of ``pipe(...)`` (same arguments, same images), one `StableDiffusionOutput`
@@ -1206,14 +1209,26 @@ class StableDiffusion:
                                  "img2img at another size, resize the images)")
             if return_intermediates is not None and return_intermediates is not False:
                 raise ValueError("return_intermediates is not available with hires (the Hires fix): leave either out")
+        hires_controls = None   # (the Hires fix's second pass's own control images, at its size)
+        if hires_control_images is not None:
+            if controls is None or hires is None:
+                raise ValueError("hires_control_images steer the Hires fix's second pass: give control_images and "
+                                 "hires too")
+            if several and (not isinstance(hires_control_images, (list, tuple))
+                            or len(hires_control_images) != several):
+                raise ValueError(f"{several} ControlNets are loaded: hires_control_images is a list of {several}, "
+                                 "each ControlNet's second-pass control image (or images)")
+            hires_controls = ([image_batch(c, f"hires_control_images[{k}]") for k, c in enumerate(hires_control_images)]
+                              if several else [image_batch(hires_control_images, "hires_control_images")])
         # latents' and images' batches count too: pipe("a cat", latents=four_noises) makes four images
         n_latents = latents.shape[0] if latents is not None and latents.ndim == 4 else 1   # else: the shape error
         n_init = 1 if init_images is None else init_images.shape[0]
         sizes = {"prompts": len(prompts), "seeds": len(seeds), "negative_prompts": len(negatives),
                  "latents": n_latents, "init_images": n_init, "variation_seeds": len(variations or [None]),
                  "mask_images": 1 if mask_images is None else mask_images.shape[0],
-                 **{f"control_images[{k}]" if several else "control_images": len(c) for k, c in
-                    enumerate(controls or [])}}
+                 **{f"{name}[{k}]" if several else name: len(c) for name, given in (
+                     ("control_images", controls), ("hires_control_images", hires_controls))
+                    for k, c in enumerate(given or [])}}
         n = max(sizes.values())
         longest = max(sizes, key=sizes.get)   # (named in the error: the list the others must match)
         for name, size in sizes.items():
@@ -1299,7 +1314,12 @@ class StableDiffusion:
             shape2 = (h2 // self.vae_scale, w2 // self.vae_scale, latent_shape[2])
             second = dict(hires=hires, sched=sched2, first_call=first2, latent_shape=shape2, size=(h2, w2))
             if controls is not None:   # (the ControlNets steer the second pass too, at its size and over its steps)
-                second["controls"] = [_lanczos(c, h2, w2) for c in controls]
+                for k, c in enumerate(hires_controls or []):
+                    if c.shape[1:3] != (h2, w2):
+                        raise ValueError(f"hires_control_images{f'[{k}]' if several else ''} are {c.shape[2]}x"
+                                         f"{c.shape[1]} and the second pass's images {w2}x{h2} (width x height): "
+                                         "give control images of its size")
+                second["controls"] = hires_controls or [_lanczos(c, h2, w2) for c in controls]
                 second["control_scales"] = [sampling.control_scales(sched2.num_model_calls - first2, *window)
                                             for window in windows]
 

@@ -1331,10 +1331,12 @@ def load_controlnet_file(file: str | os.PathLike, unet_config: UNetConfig, *, dt
     # input_hint_block: conv_in, then (conv, stride-2 conv) per width step, then conv_out: its widths are the
     # outputs of conv_in and of each stride-2 conv; its input is the control image's channels
     widths = tuple(shape[0] for index, shape in hint[:-1] if index == 0 or (index // 2) % 2 == 0)
-    fields = {f.name: getattr(unet_config, f.name) for f in dataclasses.fields(UNetConfig)}
+    # the UNet's fields but those a diffusers ControlNet config has not (as a folder's: one program for both)
+    fields = {f.name: getattr(unet_config, f.name) for f in dataclasses.fields(UNetConfig)
+              if f.name not in ("up_block_types", "out_channels", "sample_size")}
     try:
-        config = ControlNetConfig(**fields, conditioning_channels=hint[0][1][1],
-                                  conditioning_embedding_out_channels=widths)
+        config = ControlNetConfig.from_dict({**fields, "conditioning_channels": hint[0][1][1],
+                                             "conditioning_embedding_out_channels": widths})
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{file}: its control image encoder (input_hint_block) is not one sdjax builds: "
                               f"{e}") from e

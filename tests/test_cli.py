@@ -1004,6 +1004,13 @@ def test_controlnet_flags_steer_the_images_and_are_recorded(pipe_dir, pipe, tmp_
     assert (req.controlnet_scale, req.controlnet_start, req.controlnet_end) == ([], [], [])
     assert args.png_notes == ["--from-png: the image was made with 2 ControlNets (tiny-cn and depth-cn), this run "
                               "with 1: the image's ControlNet settings (Weight, Guidance Start and End) are left out"]
+    (tmp_path / "p.yaml").write_text("controlnet_scale: 0.3\ncontrolnet_end: 0.6\n")   # (then a preset's hold)
+    req, _ = sample.parse_request(["--config", str(tmp_path / "p.yaml"), "--from-png", str(made), *map(str, units[:4]),
+                                   "--model", str(pipe_dir)])
+    assert [unit[2:] for unit in req.control_units] == [(0.3, 0.0, 0.6)]
+    with pytest.raises(UsageError, match=re.escape(f"{tmp_path / 'p.yaml'}: key 'controlnet_scale' is a ControlNet's "
+                                                   "setting: give --controlnet and --control-image too")):
+        sample.parse_request(["--config", str(tmp_path / "p.yaml"), "--from-png", str(made)])   # (not the image's)
     rc, _, stderr = run_main(capsys, "a dog", *units[:4], "--controlnet", tmp_path / "wide-cn", "--control-image",
                              tmp_path / "edges.png", "--model", pipe_dir, "--out", tmp_path / "none", *small)
     assert rc == 2 and not (tmp_path / "none").exists()

@@ -331,6 +331,9 @@ def test_original_layout_file_loads_as_diffusers_converts_it(fmt, pipe, tmp_path
     with torch.no_grad():
         _, want = ref(nchw(x), torch.tensor([500.0]), torch.from_numpy(text), nchw(image), return_dict=False)
     assert np.abs(np.asarray(mid) - nhwc(want)).max() <= 2e-5
+    from flax import nnx   # (as its diffusers folder: the same compiled program)
+    ref.save_pretrained(tmp_path / "folder")
+    assert nnx.graphdef(ours) == nnx.graphdef(ControlNetModel.from_pretrained(tmp_path / "folder"))
     with pytest.raises(Exception, match="control image pixels a latent .* are 8, this pipeline's 2"):
         pipe.load_controlnet(path)   # (the tiny pipeline's VAE: 2 pixels a latent)
     save_file({"model.diffusion_model.conv_in.weight": torch.zeros(1)}, str(tmp_path / "not.safetensors"))
@@ -368,7 +371,8 @@ def test_pipeline_with_two_controlnets_as_diffusers(pipe, reference_pipe, contro
 def test_hires_fix_is_steered_in_both_passes(pipe, controlnet_dir):
     """With the Hires fix the ControlNet steers both passes: the images are the controlled first pass's
     (8-bit, resized with PIL's Lanczos) made again by controlled img2img at the larger size, the control
-    images' 8-bit pictures resized alike and the guidance window over the second pass's own steps."""
+    images' 8-bit pictures resized alike (or hires_control_images, given at that size) and the guidance
+    window over the second pass's own steps."""
     from PIL import Image
     from sdjax import HiresFix
     from sdjax.images import as_pil
@@ -384,7 +388,17 @@ def test_hires_fix_is_steered_in_both_passes(pipe, controlnet_dir):
         resize = lambda xs: [as_pil(x).resize((big, big), Image.Resampling.LANCZOS) for x in xs]  # noqa: E731
         want = pipe(PROMPTS, num_inference_steps=6, init_images=resize(first), strength=0.5,
                     **{**kw, "control_images": resize(images)}).images
+        # the second pass's own control images (as sample.py gives it each file resized to its size)
+        large = np.random.default_rng(10).integers(0, 256, (2, big, big, 3), np.uint8)
+        own = pipe(PROMPTS, num_inference_steps=STEPS, hires=hires, hires_control_images=large, **kw).images
+        want_own = pipe(PROMPTS, num_inference_steps=6, init_images=resize(first), strength=0.5,
+                        **{**kw, "control_images": large}).images
+        with pytest.raises(ValueError, match=f"hires_control_images are {SIZE}x{SIZE} and the second pass's images "
+                                             f"{big}x{big}"):
+            pipe(PROMPTS, num_inference_steps=STEPS, hires=hires, hires_control_images=images, **kw)
     finally:
         pipe.load_controlnet(None)
     assert ours.shape == want.shape == (2, big, big, 3)
     assert np.abs(ours - want).max() <= 1e-5
+    # (another control image for one call of the second pass's three: a small change, far above rounding)
+    assert np.abs(own - want_own).max() <= 1e-5 and np.abs(own - ours).max() > 1e-3

@@ -46,14 +46,17 @@ def latents_for(n, seed=0):
 
 @contextlib.contextmanager
 def generate_calls(pipe):
-    """The (args, kwargs) of every compiled-sampler call ``pipe`` makes inside the block."""
+    """The (args, kwargs) of every compiled-sampler call ``pipe`` makes inside the block (the
+    ControlNet's sampler's too, where one is loaded)."""
     calls = []
-    original = pipe._generate
-    pipe._generate = lambda *a, **k: calls.append((a, k)) or original(*a, **k)
+    originals = {name: getattr(pipe, name) for name in ("_generate", "_controlled") if getattr(pipe, name)}
+    for name, original in originals.items():
+        setattr(pipe, name, lambda *a, _original=original, **k: calls.append((a, k)) or _original(*a, **k))
     try:
         yield calls
     finally:
-        pipe._generate = original
+        for name, original in originals.items():
+            setattr(pipe, name, original)
 
 
 SCHEDULER_CASES = [(name, steps) for name in ["pndm", "ddim", "euler", "dpmpp_2m", "dpmpp_2m_karras", "lms"]
