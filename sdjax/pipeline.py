@@ -1043,7 +1043,8 @@ class StableDiffusion:
         larger size from the HiresFix's strength of its schedule on (img2img: the second pass, its noise drawn
         from the seed at the new latent size), with the same prompts, seeds, scheduler and settings; the
         images are the second pass's. Not with ``init_images`` or ``return_intermediates``. Each pass
-        compiles its own program.
+        compiles its own program (the Lanczos upscaler's first pass is the program of a call without
+        ``hires``).
         """
         outputs = list(self.batches(
             prompts, negative_prompts, seeds, num_inference_steps, guidance_scale, height, width, scheduler,
@@ -1415,7 +1416,9 @@ class StableDiffusion:
                     return_predictions=bool(steps), on_step=None if step_bar is None else self._ticker,
                     clip_skip=clip_skip, start=first_call,
                     **inputs(text_inputs), **varied, **masked, **controlled(0),
-                    **({} if second is None else dict(return_latents=not lanczos, decode=lanczos)))
+                    # (the latent upscaler's first pass returns latents, undecoded; the Lanczos one's is the
+                    # plain program, its static arguments left at their defaults: one compilation for both)
+                    **({} if second is None or lanczos else dict(return_latents=True, decode=False)))
                 if second is not None:   # the Hires fix's second pass: img2img at the larger size
                     h2, w2 = second["size"]
                     if lanczos:   # (on the host: PIL's resize of each 8-bit image)
