@@ -578,8 +578,8 @@ def settings_from_png(path: str | os.PathLike) -> PngSettings:
     flags; one with another upscaler, or a ``Hires resize`` to a size, into ``ignored``, whole. A1111's
     ControlNet units (``ControlNet 0: "Module: ..., Model: NAME, Weight: 1, Guidance Start: 0, ..."``, ``ControlNet
     1``, ...): their models into ``controlnets`` (the files are not known) and their weights and guidance
-    windows into the ControlNet flags, lists of one a unit; a Control Mode other than Balanced into
-    ``ignored``. A UsageError names the file and the field that cannot be read or has no sdjax equivalent (another
+    windows into the ControlNet flags, lists of one a unit; a Control Mode other than Balanced, or an Hr
+    Option other than Both, into ``ignored``. A UsageError names the file and the field that cannot be read or has no sdjax equivalent (another
     sampler, another schedule type, Karras sigmas for a sampler without them), or says it holds no
     settings."""
     from PIL import UnidentifiedImageError
