@@ -22,11 +22,11 @@ import sys
 import time
 from pathlib import Path
 
-from sdjax.cli_utils import (COMPILATION_CACHE_HELP, CONTROLNET_SETTINGS, DEFAULT_MODEL, DTYPE_ALIASES, DTYPES,
-                             PROGRESS_MODES, OneLineErrorParser, ReplacingAppend, SampleRequest, UsageError,
-                             embeddings_named, extra_network_tags, init_image_size, load_config, loras_of_tags,
-                             parse_scheduler_options, parse_seeds, png_notes, read_prompts_file, resolve_config_path,
-                             settings_from_png, validate_request)
+from sdjax.cli_utils import (COMPILATION_CACHE_HELP, CONTROL_MODES, CONTROLNET_SETTINGS, DEFAULT_MODEL,
+                             DTYPE_ALIASES, DTYPES, PROGRESS_MODES, OneLineErrorParser, ReplacingAppend, SampleRequest,
+                             UsageError, embeddings_named, extra_network_tags, init_image_size, load_config,
+                             loras_of_tags, parse_scheduler_options, parse_seeds, png_notes, read_prompts_file,
+                             resolve_config_path, settings_from_png, validate_request)
 
 PROG = "sample.py"
 CONFIG_DIRS = (Path(__file__).resolve().parent / "configs",)
@@ -153,6 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--controlnet-end", type=float, action=ReplacingAppend, default=[], metavar="X",
                    help="with --controlnet: the share of the steps it stops steering after (A1111's Guidance End; "
                         "default 1); one for all, or one each")
+    p.add_argument("--controlnet-mode", action=ReplacingAppend, default=[], choices=list(CONTROL_MODES),
+                   help="with --controlnet: AUTOMATIC1111's Control Mode: balanced (default), prompt (My prompt is "
+                        "more important: the residuals weighted softly, the shallow ones less) or controlnet "
+                        "(ControlNet is more important: so weighted, and steering the prompt's half of guidance "
+                        "alone); one for all, or one each"),
     p.add_argument("--hires-scale", type=float, default=None, metavar="S",
                    help="AUTOMATIC1111's Hires fix: make each image at --width x --height, enlarge it S times "
                         "(> 1; each side rounded down to a multiple of 8) and denoise it again at that size "
@@ -320,6 +325,7 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
                         mask_padding=args.mask_padding, mask_blur=args.mask_blur, controlnet=list(args.controlnet),
                         control_image=list(args.control_image), controlnet_scale=list(args.controlnet_scale),
                         controlnet_start=list(args.controlnet_start), controlnet_end=list(args.controlnet_end),
+                        controlnet_mode=list(args.controlnet_mode),
                         hires_scale=args.hires_scale,
                         hires_steps=args.hires_steps, hires_strength=args.hires_strength,
                         hires_upscaler=args.hires_upscaler,
@@ -334,7 +340,8 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
             for name in CONTROLNET_SETTINGS:
                 flag = f"--{name.replace('_', '-')}"
                 if flag in given_argv:
-                    raise UsageError(f"{flag} {' '.join(f'{v:g}' for v in getattr(args, name))}: {reason}",
+                    values = " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in getattr(args, name))
+                    raise UsageError(f"{flag} {values}: {reason}",
                                      setting=name, reason=reason)
                 if name in preset:   # (the preset's, though an image's value may stand in its place)
                     raise UsageError(f"{path}: key {name!r} {reason}")

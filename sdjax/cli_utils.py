@@ -28,7 +28,7 @@ from sdjax.images import (a1111_parameters, as_pil, image_grid, image_file_name,
 from sdjax.models.layers import attention_setting_problem
 from sdjax.pipeline import (DEFAULT_MODEL, HIRES_STRENGTH, HIRES_UPSCALERS, MAX_SEED, HiresFix,  # noqa: F401
                             model_options_problem)                  # (DEFAULT_MODEL, MAX_SEED: for sample.py)
-from sdjax.sampling import DEFAULT_STRENGTH
+from sdjax.sampling import CONTROL_MODES, DEFAULT_STRENGTH
 from sdjax.schedulers import SCHEDULERS, resolve_scheduler_config
 from sdjax.text import EMPHASIS_MODES
 from sdjax.weights import DTYPE_NAMES
@@ -36,8 +36,9 @@ from sdjax.weights import DTYPE_NAMES
 DTYPES = ("float32", "bfloat16", "float16")
 # The short names train.py and the loaders take too (fp32, bf16, fp16), from the loaders' own table.
 DTYPE_ALIASES = {name: np.dtype(t).name for name, t in DTYPE_NAMES.items() if name != np.dtype(t).name}
-# The ControlNet settings that take one number for every ControlNet or one each (lists in a SampleRequest).
-CONTROLNET_SETTINGS = ("controlnet_scale", "controlnet_start", "controlnet_end")
+# The ControlNet settings that take one value for every ControlNet or one each (lists in a SampleRequest).
+CONTROLNET_NUMBERS = ("controlnet_scale", "controlnet_start", "controlnet_end")
+CONTROLNET_SETTINGS = (*CONTROLNET_NUMBERS, "controlnet_mode")
 
 
 class UsageError(ValueError):
@@ -227,6 +228,8 @@ CONFIG_KEYS: dict[str, tuple[type | tuple, str]] = {
                          "Guidance Start; 0), one for all or a list"),
     "controlnet_end": ((int, float, list), "with controlnet: the share of the steps each ends at (A1111's Guidance "
                        "End; 1), one for all or a list"),
+    "controlnet_mode": ((str, list), f"with controlnet: A1111's Control Mode, {', '.join(CONTROL_MODES)} (default "
+                        "balanced), one for all or a list"),
     "hires_scale": ((int, float), "Hires fix: enlarge each image this many times (> 1) and denoise it again"),
     "hires_steps": (int, "Hires fix: the second pass's steps (default: steps)"),
     "hires_strength": ((int, float), "Hires fix: the share of the second pass's schedule run, in (0, 1] (0.7)"),
@@ -350,13 +353,13 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
                 raise UsageError(f"{path}: key {key!r}: {e}") from e
         if key in ("guidance_scale", "strength", "variation_strength"):
             value = float(value)
-        if key in ("lora", "embedding", "controlnet", "control_image"):
+        if key in ("lora", "embedding", "controlnet", "control_image", "controlnet_mode"):
             value = [value] if isinstance(value, str) else value
             if bad := [v for v in value if not isinstance(v, str)]:
                 raise UsageError(f"{path}: key {key!r} has item {bad[0]!r}; expected "
                                  + ("FILE or FILE:SCALE strings" if key == "lora" else "file names"
-                                    if key == "embedding" else "paths"))
-        if key in CONTROLNET_SETTINGS:   # (one number for every ControlNet, or a list of one each)
+                                    if key == "embedding" else "strings" if key == "controlnet_mode" else "paths"))
+        if key in CONTROLNET_NUMBERS:   # (one number for every ControlNet, or a list of one each)
             value = [_quoted_number(_yaml_number(v), (int, float)) for v in
                      (value if isinstance(value, list) else [value])]
             if bad := [v for v in value if isinstance(v, bool) or not isinstance(v, (int, float))]:
@@ -461,6 +464,7 @@ class SampleRequest:
     controlnet_scale: list[float] = dataclasses.field(default_factory=list)   # the weight of the residuals ([]: 1)
     controlnet_start: list[float] = dataclasses.field(default_factory=list)   # the share of the steps run it starts
     controlnet_end: list[float] = dataclasses.field(default_factory=list)     # at ([]: 0) and ends at ([]: 1)
+    controlnet_mode: list[str] = dataclasses.field(default_factory=list)      # A1111's Control Mode ([]: balanced)
     hires_scale: float | None = None  # Hires fix (two passes): the second pass's size over the first's
     hires_steps: int | None = None    # Hires fix: the second pass's steps (None: steps)
     hires_strength: float | None = None   # Hires fix: the second pass's denoising strength (None: 0.7)
@@ -493,14 +497,15 @@ class SampleRequest:
                         self.hires_upscaler or "latent")
 
     @property
-    def control_units(self) -> list[tuple[str, str, float, float, float]]:
-        """Each ControlNet with its control image, scale, start and end (A1111's ControlNet units), in
-        ``controlnet``'s order: a setting given once is every ControlNet's."""
-        def each(values, default) -> list[float]:
-            values = [float(v) for v in values] or [default]
+    def control_units(self) -> list[tuple[str, str, float, float, float, str]]:
+        """Each ControlNet with its control image, scale, start, end and Control Mode (A1111's ControlNet
+        units), in ``controlnet``'s order: a setting given once is every ControlNet's."""
+        def each(values, default) -> list:
+            values = list(values) or [default]
             return values * len(self.controlnet) if len(values) == 1 else values
-        return list(zip(self.controlnet, self.control_image, each(self.controlnet_scale, 1.0),
-                        each(self.controlnet_start, 0.0), each(self.controlnet_end, 1.0)))
+        return list(zip(self.controlnet, self.control_image, *([float(v) for v in each(getattr(self, name), default)]
+                                                               for name, default in zip(CONTROLNET_NUMBERS, (1, 0, 1))),
+                        each(self.controlnet_mode, "balanced")))
 
     @property
     def variations(self) -> list[int | None]:
@@ -696,9 +701,12 @@ def settings_from_png(path: str | os.PathLike) -> PngSettings:
             if (value := _float_or_none(unit.get(key, str(default)))) is None:
                 raise bad(f"its {field} {key} is not a number")
             flags.setdefault(dest, []).append(value)
-        # (sdjax's: A1111's Balanced, and with the Hires fix its default Hr Option, Both passes)
-        owns = (("Control Mode", "Balanced"), ("Hr Option", "Both"))
-        other = [f"{key} {unit[key]} (sdjax: {own})" for key, own in owns if unit.get(key, own) != own]
+        mode = {name: key for key, name in CONTROL_MODES.items()}.get(unit.get("Control Mode", "Balanced"))
+        flags.setdefault("controlnet_mode", []).append(mode or "balanced")
+        # (sdjax's: its Control Modes, and with the Hires fix A1111's default Hr Option, Both passes)
+        other = [f"{key} {unit[key]} (sdjax: {own})" for key, own, known in (
+            ("Control Mode", "balanced", mode is not None),
+            ("Hr Option", "Both", unit.get("Hr Option", "Both") == "Both")) if not known]
         if other:
             fields[field] = ", ".join(other)
     if fields.get("Inpaint area") == "Only masked":   # (A1111's padding default: 32)
@@ -864,7 +872,7 @@ def png_notes(png: PngSettings, args) -> list[str]:
                 setattr(args, name, list(getattr(args, "preset", {}).get(name, [])))
         notes.append(f"--from-png: the image was made with {count(len(png.controlnets), 'ControlNet')} "
                      f"({' and '.join(png.controlnets)}), this run with {len(args.controlnet)}: the image's ControlNet "
-                     "settings (Weight, Guidance Start and End) are left out")
+                     "settings (Weight, Guidance Start and End, Control Mode) are left out")
     loaded = {Path(file).stem.lower() for file in args.embedding}   # (an A1111 file's token; a diffusers
     for file in args.embedding:                                       # file's is inside it)
         try:
@@ -1159,12 +1167,15 @@ def _validate_controlnets(req: SampleRequest) -> None:
                                f"{len(values)} values for {count(nets, 'ControlNet')}: give one for all, or one each "
                                "(in --controlnet's order)")
         for value in values:
+            if name == "controlnet_mode" and value not in CONTROL_MODES:
+                raise _bad_setting(name, value, f"choose one of {', '.join(CONTROL_MODES)} (A1111's Control Modes "
+                                   f"{', '.join(CONTROL_MODES.values())})")
             if name == "controlnet_scale" and not _number(value):
                 raise _bad_setting(name, value, "must be a finite number (the weight of the ControlNet's residuals; "
                                    "1 by default)")
-            if name != "controlnet_scale" and (not _number(value) or not 0 <= value <= 1):
+            if name in ("controlnet_start", "controlnet_end") and (not _number(value) or not 0 <= value <= 1):
                 raise _bad_setting(name, value, "must be a number in [0, 1] (a share of the steps run)")
-    for _, _, _, start, end in req.control_units:
+    for _, _, _, start, end, _ in req.control_units:
         if start >= end:
             raise _bad_setting("controlnet_start", f"{start:g}", f"must be below --controlnet-end ({end:g})")
     for image in req.control_image:
@@ -1519,11 +1530,12 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
         first_call = img2img_start(req.steps, strength)
     units = req.control_units   # (several ControlNets: a list of each one's control images and settings)
     one = lambda values: values if len(units) > 1 else values[0]  # noqa: E731
-    controlled = {} if not units else dict(
-        control_images=one([load_init_image(image, req.width, req.height) for _, image, *_ in units]),
-        controlnet_conditioning_scale=one([scale for *_, scale, _, _ in units]),
-        control_guidance_start=one([start for *_, start, _ in units]),
-        control_guidance_end=one([end for *_, end in units]))
+    controlled = {}
+    if units:
+        _, images, scales, starts, ends, modes = map(list, zip(*units))
+        controlled = dict(control_images=one([load_init_image(image, req.width, req.height) for image in images]),
+                          controlnet_conditioning_scale=one(scales), control_guidance_start=one(starts),
+                          control_guidance_end=one(ends), control_mode=one(modes))
     picks = trajectory_steps(sched.num_model_calls, req.trajectory_frames, first_call) if req.trajectory else None
     hires, calls = req.hires, sched.num_model_calls - first_call
     if hires is not None:   # the second pass's model calls, on the same step bar
@@ -1609,8 +1621,8 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
                                               variation_seed=variation, variation_strength=req.variation_strength,
                                               mask_blur=None if req.mask is None else req.mask_blur,
                                               mask_padding=req.mask_padding,
-                                              controlnets=[(net, scale, start, end)
-                                                           for net, _, scale, start, end in units],
+                                              controlnets=[(net, scale, start, end, mode)
+                                                           for net, _, scale, start, end, mode in units],
                                               embeddings=embeddings_used(pipe.tokenizer, embeddings,
                                                                          f"{prompt}\n{negative}"))
                     files.append(out_dir / image_file_name(index, seed, prompt))

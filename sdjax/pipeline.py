@@ -369,7 +369,7 @@ def _one_call_at_a_time(method: _Method) -> _Method:
 _upscale = jax.jit(sampling.upscale_latents, static_argnames="size_hw")
 # `sampling.generate`'s static arguments, for the plain sampler and a ControlNet's
 _STATIC_ARGS = ("latent_shape_HWC", "use_guidance", "return_predictions", "on_step", "clip_skip", "start",
-                "return_latents", "decode", "restore_mean")
+                "return_latents", "decode", "restore_mean", "control_mode")
 
 
 def _hold_replicated(models, pure_states) -> None:
@@ -923,7 +923,8 @@ class StableDiffusion:
                  init_images: Any = None, strength: float | None = None, mask_images: Any = None,
                  mask_padding: int | None = None, mask_blur: float = 0, control_images: Any = None,
                  controlnet_conditioning_scale: float = 1.0, control_guidance_start: float = 0.0,
-                 control_guidance_end: float = 1.0, prompt_weighting: bool = False,
+                 control_guidance_end: float = 1.0, control_mode: str | Sequence[str] = "balanced",
+                 prompt_weighting: bool = False,
                  hires: HiresFix | None = None, hires_control_images: Any = None,
                  emphasis: str = "original", variation_seeds: int | Sequence[int] | np.ndarray | None = None,
                  variation_strength: float = 0.0) -> StableDiffusionOutput:
@@ -1002,7 +1003,13 @@ class StableDiffusion:
         control image given to each pass's size), by default the control images' 8-bit pictures resized to
         it with PIL's Lanczos; not with ``mask_padding``. With several ControlNets
         loaded: a list of their control images, one entry each, and scales and windows a number for all
-        or a list of one each (diffusers' ``MultiControlNetModel``).
+        or a list of one each (diffusers' ``MultiControlNetModel``). ``control_mode`` (one for all, or a list
+        of one each; static: each compiles its own program): AUTOMATIC1111's Control Mode, "balanced" (the
+        above, default), "prompt" ("My prompt is more important": residual i of the n, the mid block's
+        last, times 0.825 ** (n - 1 - i), ControlNet 1.1's soft weights) or "controlnet" ("ControlNet is more
+        important": so weighted, and added to the prompt's rows of guidance alone, not the negative
+        prompt's: ControlNet 1.1's guess mode), as A1111's extension applies them
+        (`sdjax.sampling.ControlledUNet`).
         ``prompt_weighting``: read AUTOMATIC1111's emphasis syntax in the prompts and negative prompts, as
         A1111 does: ``(word)`` weights ``word`` by 1.1, ``[word]`` by 1/1.1, ``(word:1.5)`` by 1.5, nested
         groups multiply, ``\\(`` is a bracket (`sdjax.text.parse_prompt_attention`); each token's text
@@ -1053,7 +1060,8 @@ class StableDiffusion:
             init_images=init_images, strength=strength, mask_images=mask_images, mask_padding=mask_padding,
             mask_blur=mask_blur, control_images=control_images,
             controlnet_conditioning_scale=controlnet_conditioning_scale, control_guidance_start=control_guidance_start,
-            control_guidance_end=control_guidance_end, prompt_weighting=prompt_weighting, hires=hires,
+            control_guidance_end=control_guidance_end, control_mode=control_mode, prompt_weighting=prompt_weighting,
+            hires=hires,
             hires_control_images=hires_control_images, emphasis=emphasis, variation_seeds=variation_seeds,
             variation_strength=variation_strength))
         steps = outputs[0].intermediate_steps
@@ -1073,7 +1081,8 @@ class StableDiffusion:
                 init_images: Any = None, strength: float | None = None, mask_images: Any = None,
                 mask_padding: int | None = None, mask_blur: float = 0, control_images: Any = None,
                 controlnet_conditioning_scale: float = 1.0, control_guidance_start: float = 0.0,
-                control_guidance_end: float = 1.0, prompt_weighting: bool = False,
+                control_guidance_end: float = 1.0, control_mode: str | Sequence[str] = "balanced",
+                prompt_weighting: bool = False,
                 hires: HiresFix | None = None, hires_control_images: Any = None,
                 emphasis: str = "original", variation_seeds: int | Sequence[int] | np.ndarray | None = None,
                 variation_strength: float = 0.0) -> Iterator[StableDiffusionOutput]:
@@ -1201,6 +1210,11 @@ class StableDiffusion:
             if start >= end:
                 raise ValueError(f"control_guidance_start={start!r} must be below control_guidance_end={end!r}")
             windows.append((scale, float(start), float(end)))
+        modes = each(control_mode, "control_mode")
+        if bad := [mode for mode in modes if not isinstance(mode, str) or mode not in sampling.CONTROL_MODES]:
+            raise ValueError(f"control_mode={bad[0]!r}: choose one of {', '.join(sampling.CONTROL_MODES)} "
+                             "(AUTOMATIC1111's Control Modes: Balanced, My prompt is more important, ControlNet is "
+                             "more important)")
         if hires is not None:
             if not isinstance(hires, HiresFix):
                 raise TypeError(f"hires must be a HiresFix (sdjax.HiresFix(scale=2.0, ...)) or None, got "
@@ -1359,7 +1373,7 @@ class StableDiffusion:
                              variation, mask_images, paste,
                              None if controls is None else (controls, [sampling.control_scales(
                                  sched.num_model_calls - first_call, *window) for window in windows],
-                                 self._controlled, self._controlnet_state, bool(several)))
+                                 self._controlled, self._controlnet_state, bool(several), tuple(modes)))
 
     def _batches(self, prompts, negatives, seeds, ids, neg_ids, latents, init_images, first_call, sched,
                  latent_shape, guidance_scale, steps, per_call, progress, clip_skip,
@@ -1406,8 +1420,9 @@ class StableDiffusion:
                         return {}
                     images, scales = (control[0], control[1]) if k == 0 else (second["controls"],
                                                                               second["control_scales"])
-                    return dict(controlnet_state=control[3], control_scale=one(scales), control_images_BHWC=one(
-                        [o if o is not None else shard(c) for o, c in zip(one_control[k], images)]))
+                    return dict(controlnet_state=control[3], control_scale=one(scales), control_mode=one(control[5]),
+                                control_images_BHWC=one([o if o is not None else shard(c)
+                                                         for o, c in zip(one_control[k], images)]))
                 out = program(
                     state, sched, shard(ids), shard(neg_ids), shard(seeds),
                     None if latents is None else shard(latents), jnp.float32(guidance_scale),

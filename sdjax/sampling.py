@@ -7,6 +7,7 @@ with tokenization, batching and device sharding; research code can call them dir
 """
 from __future__ import annotations
 
+import copy
 import numbers
 from typing import Any, NamedTuple
 
@@ -321,6 +322,15 @@ def predicted_clean(scheduler: Scheduler, model_input, model_output, i) -> jax.A
     return x0
 
 
+# AUTOMATIC1111's ControlNet "Control Mode"s (its extension's names): "prompt" weighs the residuals
+# softly, the deeper ones more (ControlNet 1.1's soft injection: residual i of n times 0.825 ** (n - 1 - i));
+# "controlnet" does so too and steers only the prompt's rows of guidance, not the negative prompt's (its
+# "guess mode": the prompt's prediction alone carries the control)
+CONTROL_MODES = {"balanced": "Balanced", "prompt": "My prompt is more important",
+                 "controlnet": "ControlNet is more important"}
+SOFT_INJECTION_BASE = 0.825
+
+
 class ControlledUNet:
     """A UNet steered by a ControlNet, for `denoise` (which takes it as a UNet): at every call the
     ControlNet (`sdjax.models.ControlNetModel`) reads the latents, the text states and the control
@@ -332,9 +342,14 @@ class ControlledUNet:
     ``conditioning_scale``: a number, or one per model call that `denoise` runs ([C], `control_scales`:
     diffusers' ``control_guidance_start`` / ``end``), which `denoise` picks with `at`.
     Several ControlNets (diffusers' ``MultiControlNetModel``): a tuple of them, a tuple of their control
-    images and of their scales (or one scale for all); their residuals add up."""
+    images and of their scales (or one scale for all); their residuals add up.
+    ``control_mode``: AUTOMATIC1111's Control Mode (`CONTROL_MODES`, one for all or a tuple of one each):
+    "balanced" (the above), "prompt" (residual i of n times 0.825 ** (n - 1 - i): the shallow ones
+    weaker) or "controlnet" (so weighted, and added to the prompt's rows of guidance alone: `denoise`
+    tells it which rows are the negative prompt's, `for_rows`)."""
 
-    def __init__(self, unet, controlnet, control_images_BHWC, conditioning_scale: ArrayLike = 1.0):
+    def __init__(self, unet, controlnet, control_images_BHWC, conditioning_scale: ArrayLike = 1.0,
+                 control_mode: str | tuple[str, ...] = "balanced"):
         self.several = isinstance(controlnet, (list, tuple))
         self.unet, self.controlnets = unet, tuple(controlnet) if self.several else (controlnet,)
         n = len(self.controlnets)
@@ -346,15 +361,27 @@ class ControlledUNet:
                              "one of each a ControlNet")
         self.images = tuple(jnp.asarray(x) for x in images)
         self.scales = scales
+        self.modes = tuple(control_mode) if isinstance(control_mode, (list, tuple)) else (control_mode,) * n
+        if len(self.modes) != n or any(not isinstance(mode, str) or mode not in CONTROL_MODES for mode in self.modes):
+            raise ValueError(f"control_mode={control_mode!r}: expected one of {', '.join(CONTROL_MODES)}"
+                             + (f" for all {n} ControlNets, or a tuple of one each" if self.several else ""))
+        self.uncond_rows = None   # (for_rows)
         for k, (cn, x) in enumerate(zip(self.controlnets, self.images)):
             check_nhwc(f"control_images_BHWC[{k}]" if self.several else "control_images_BHWC", x,
                        cn.config.conditioning_channels)
 
     def at(self, call) -> "ControlledUNet":
         """This UNet at model call ``call`` (from the first that runs): its scales there."""
-        scales = tuple(s if np.ndim(s) == 0 else jnp.asarray(s)[call] for s in self.scales)
-        return ControlledUNet(self.unet, self.controlnets if self.several else self.controlnets[0],
-                              self.images if self.several else self.images[0], scales if self.several else scales[0])
+        other = copy.copy(self)
+        other.scales = tuple(s if np.ndim(s) == 0 else jnp.asarray(s)[call] for s in self.scales)
+        return other
+
+    def for_rows(self, uncond_rows) -> "ControlledUNet":
+        """This UNet for a call whose rows are the negative prompt's where ``uncond_rows`` (bool [rows],
+        static) is true: the "controlnet" Control Mode steers the others alone."""
+        other = copy.copy(self)
+        other.uncond_rows = np.asarray(uncond_rows, bool)
+        return other
 
     @property
     def config(self):
@@ -363,13 +390,24 @@ class ControlledUNet:
 
     def __call__(self, x_BHWC, t, text_BSD) -> jax.Array:
         down = mid = None
-        for k, (controlnet, images, scale) in enumerate(zip(self.controlnets, self.images, self.scales)):
+        uncond = self.uncond_rows
+        if uncond is not None and uncond.shape != (x_BHWC.shape[0],):
+            raise ValueError(f"uncond_rows has shape {uncond.shape} for a UNet call of {x_BHWC.shape[0]} rows")
+        for k, (controlnet, images, scale, mode) in enumerate(zip(self.controlnets, self.images, self.scales,
+                                                                  self.modes)):
+            if mode == "controlnet" and uncond is not None and uncond.all():
+                continue   # (it steers the prompt's rows alone: none in this call)
             if x_BHWC.shape[0] % images.shape[0]:
                 raise ValueError(f"control_images_BHWC{f'[{k}]' if self.several else ''} has {images.shape[0]} images "
                                  f"for a UNet call of {x_BHWC.shape[0]} rows: give one control image, or one per "
                                  "image")
             images = jnp.repeat(images, x_BHWC.shape[0] // images.shape[0], axis=0)   # ([u0, c0, u1, c1, ...])
             d, m = controlnet(x_BHWC[..., :controlnet.config.in_channels], t, text_BSD, images, scale)
+            if mode != "balanced":   # soft injection: the mid block's whole, each shallower one 0.825 times less
+                d = tuple(r * SOFT_INJECTION_BASE ** (len(d) - i) for i, r in enumerate(d))
+            if mode == "controlnet" and uncond is not None and uncond.any():
+                keep = jnp.asarray(~uncond).reshape(-1, 1, 1, 1)
+                d, m = tuple(r * keep.astype(r.dtype) for r in d), m * keep.astype(m.dtype)
             down, mid = (d, m) if down is None else (tuple(a + b for a, b in zip(down, d)), mid + m)
         return self.unet(x_BHWC, t, text_BSD, down, mid)
 
@@ -405,10 +443,12 @@ def guided_model_output(unet, model_input_B, t, cond_BSD, uncond_BSD, guidance_s
     if uncond_BSD is None:
         return unet(model_input_B, t, cond_BSD).astype(F32)
     if uncond_BSD.shape[1] != cond_BSD.shape[1]:
-        eps_uncond, eps_cond = (unet(model_input_B, t, x).astype(F32) for x in (uncond_BSD, cond_BSD))
+        eps_uncond = _for_rows(unet, np.ones(B, bool))(model_input_B, t, uncond_BSD).astype(F32)
+        eps_cond = unet(model_input_B, t, cond_BSD).astype(F32)
         return eps_uncond + _per_image(guidance_scale, B, eps_cond.ndim) * (eps_cond - eps_uncond)
     pair = lambda u, c: jnp.stack([u, c], axis=1).reshape(2 * B, *u.shape[1:])  # noqa: E731
-    eps = unet(pair(model_input_B, model_input_B), t, pair(uncond_BSD, cond_BSD)).astype(F32)
+    eps = _for_rows(unet, np.tile([True, False], B))(pair(model_input_B, model_input_B), t,
+                                                     pair(uncond_BSD, cond_BSD)).astype(F32)
     eps = eps.reshape(B, 2, *eps.shape[1:])
     eps_uncond, eps_cond = eps[:, 0], eps[:, 1]
     return eps_uncond + _per_image(guidance_scale, B, eps_cond.ndim) * (eps_cond - eps_uncond)
@@ -427,16 +467,22 @@ def _composed_model_output(unet, x_B, t, parts: Composition, uncond_BSD, guidanc
     repeat = lambda n: jnp.broadcast_to(x_B[:, None], (B, n, *shape)).reshape(B * n, *shape)  # noqa: E731
     if uncond_BSD.shape[1] == S:
         states = jnp.concatenate([uncond_BSD[:, None], texts], axis=1).reshape(B * (K + 1), S, D)
-        eps = unet(repeat(K + 1), t, states).astype(F32)
+        eps = _for_rows(unet, np.tile([True] + [False] * K, B))(repeat(K + 1), t, states).astype(F32)
         eps = eps.reshape(B, K + 1, *eps.shape[1:])   # (the output's channels: an inpainting UNet takes more)
         eps_uncond, eps_parts = eps[:, 0], eps[:, 1:]
     else:
-        eps_uncond = unet(x_B, t, uncond_BSD).astype(F32)
+        eps_uncond = _for_rows(unet, np.ones(B, bool))(x_B, t, uncond_BSD).astype(F32)
         eps_parts = unet(repeat(K), t, texts.reshape(B * K, S, D)).astype(F32)
         eps_parts = eps_parts.reshape(B, K, *eps_parts.shape[1:])
     w = weights.reshape(B, K, *([1] * (x_B.ndim - 1)))
     guided = jnp.sum(w * (eps_parts - eps_uncond[:, None]), axis=1)
     return eps_uncond + _per_image(guidance_scale, B, eps_uncond.ndim) * guided
+
+
+def _for_rows(unet, uncond_rows: np.ndarray):
+    """``unet`` for a call whose rows are the negative prompt's where ``uncond_rows``: a `ControlledUNet`
+    told so (its Control Mode may steer the prompt's rows alone); any other as it is."""
+    return unet.for_rows(uncond_rows) if isinstance(unet, ControlledUNet) else unet
 
 
 def _per_image(guidance_scale, B: int, ndim: int) -> jax.Array:
@@ -702,7 +748,7 @@ def generate(graphdefs: SDState, state: SDState, scheduler: Scheduler, cond_ids_
              decode: bool = True, cond_part_weights_BK=None, cond_lengths_BP=None,
              restore_mean: bool = True, variation_seeds_B=None, variation_strength=None,
              mask_BHW1=None, controlnet_graphdef=None, controlnet_state=None, control_images_BHWC=None,
-             control_scale=1.0) -> GenerateOutput:
+             control_scale=1.0, control_mode: str | tuple[str, ...] = "balanced") -> GenerateOutput:
     """Prompts to images in one traced function: the body `StableDiffusion` jit-compiles.
 
     ``latents_BHWC=None`` draws each image's initial noise from its seed; otherwise those unscaled
@@ -740,7 +786,8 @@ def generate(graphdefs: SDState, state: SDState, scheduler: Scheduler, cond_ids_
     the masked image's latents of a gray image, as AUTOMATIC1111 conditions it there.
     ``control_images_BHWC`` (float [B or 1, H, W, 3] in [0, 1], the images' size): a ControlNet
     (``controlnet_graphdef``, static, and ``controlnet_state``) steers every UNet call, its residuals
-    times ``control_scale``, a number or one per model call run (`ControlledUNet`, `control_scales`);
+    times ``control_scale``, a number or one per model call run (`ControlledUNet`, `control_scales`), in
+    its ``control_mode`` (static: `CONTROL_MODES`);
     several ControlNets: a tuple of each (graphdefs, states, images, scales). None: no input of the
     compiled program.
     """
@@ -811,7 +858,7 @@ def generate(graphdefs: SDState, state: SDState, scheduler: Scheduler, cond_ids_
                              "controlnet_state")
         controlnet = (tuple(nnx.merge(g, s) for g, s in zip(controlnet_graphdef, controlnet_state))
                       if isinstance(controlnet_graphdef, tuple) else nnx.merge(controlnet_graphdef, controlnet_state))
-        model = ControlledUNet(unet, controlnet, control_images_BHWC, control_scale)
+        model = ControlledUNet(unet, controlnet, control_images_BHWC, control_scale, control_mode)
     out = denoise(model, scheduler, x, cond, uncond, guidance_scale, step_keys(keys), return_predictions, on_step,
                   start=start, unet_extra_BHWC=extra, blend=blend)
     latents, predictions = out if return_predictions else (out, None)

@@ -340,17 +340,24 @@ def test_presets_load_and_precedence(tmp_path):
         load_config(cfg)
     Image.new("RGB", (24, 16)).save(tmp_path / "pose.png")
     cfg.write_text(f"controlnet: [{tmp_path}, {tmp_path / 'a'}]\ncontrol_image: [{tmp_path / 'pose.png'}, "
-                   f"{tmp_path / 'pose.png'}]\ncontrolnet_scale: [0.5, '2']\ncontrolnet_end: 0.8\n")
+                   f"{tmp_path / 'pose.png'}]\ncontrolnet_scale: [0.5, '2']\ncontrolnet_end: 0.8\n"
+                   "controlnet_mode: [controlnet, balanced]\n")
     req, _ = sample.parse_request(["a cat", "--config", str(cfg)])   # (two ControlNets; the size: the image's)
     assert (req.controlnet, req.controlnet_scale, req.controlnet_end, req.width, req.height) == (
         [str(tmp_path), str(tmp_path / "a")], [0.5, 2.0], [0.8], 24, 16)
-    assert [unit[2:] for unit in req.control_units] == [(0.5, 0.0, 0.8), (2.0, 0.0, 0.8)]
+    assert [unit[2:] for unit in req.control_units] == [(0.5, 0.0, 0.8, "controlnet"), (2.0, 0.0, 0.8, "balanced")]
     req, _ = sample.parse_request(["a cat", "--config", str(cfg), "--controlnet", str(tmp_path), "--control-image",
-                                   str(tmp_path / "pose.png"), "--controlnet-scale", "0.3"])
-    assert (req.controlnet, req.controlnet_scale, req.controlnet_end) == ([str(tmp_path)], [0.3], [0.8])  # (replaced)
+                                   str(tmp_path / "pose.png"), "--controlnet-scale", "0.3", "--controlnet-mode",
+                                   "prompt"])
+    assert (req.controlnet, req.controlnet_scale, req.controlnet_end, req.controlnet_mode) == (
+        [str(tmp_path)], [0.3], [0.8], ["prompt"])   # (the preset's lists replaced by the flags)
     cfg.write_text("controlnet_scale: [1, high]\n")
     with pytest.raises(UsageError, match="key 'controlnet_scale' has item 'high'; expected numbers"):
         load_config(cfg)
+    cfg.write_text(f"controlnet: {tmp_path}\ncontrol_image: {tmp_path / 'pose.png'}\ncontrolnet_mode: guess\n")
+    with pytest.raises(UsageError, match=re.escape(f"{cfg}: key 'controlnet_mode' has value ['guess']: choose one of "
+                                                   "balanced, prompt, controlnet")):
+        sample.parse_request(["a cat", "--config", str(cfg)])
     cfg.write_text("guidance_scale: 1e1\n")   # YAML 1.1 reads this as the text '1e1'
     assert load_config(cfg)["guidance_scale"] == 10.0
     cfg.write_text("steps: 1e1\n")            # still no integer
@@ -692,11 +699,10 @@ def test_from_png_names_what_a1111_images_hold_that_it_leaves_out(tmp_path):
                                                            'more important, Hr Option: Low res only"'), "--controlnet",
                                       str(tmp_path),
                                       "--control-image", str(tmp_path / "start.png")])
-    assert (req.controlnet, req.controlnet_scale, req.controlnet_start, req.controlnet_end) == ([str(tmp_path)], [0.6],
-                                                                                                [0], [0.8])
-    assert args.png_notes == ["--from-png: settings sample.py has no flag for are left out: ControlNet 0: Control "
-                              "Mode My prompt is more important (sdjax: Balanced), Hr Option Low res only (sdjax: "
-                              "Both)"]
+    assert (req.controlnet, req.controlnet_scale, req.controlnet_start, req.controlnet_end, req.controlnet_mode) == (
+        [str(tmp_path)], [0.6], [0], [0.8], ["prompt"])   # (A1111's Control Mode: sdjax's "prompt")
+    assert args.png_notes == ["--from-png: settings sample.py has no flag for are left out: ControlNet 0: Hr Option "
+                              "Low res only (sdjax: Both)"]
     req, _ = sample.parse_request(["--from-png", png(f"a fox\n{settings}, Mask blur: 4"), "--init-image",
                                    str(tmp_path / "start.png"), "--mask", str(tmp_path / "white.png")])
     assert (req.mask_blur, req.mask_padding) == (4, None)
@@ -975,20 +981,20 @@ def test_controlnet_flags_steer_the_images_and_are_recorded(pipe_dir, pipe, tmp_
     units = ["--controlnet", tmp_path / "tiny-cn", "--control-image", tmp_path / "edges.png", "--controlnet",
              tmp_path / "depth-cn", "--control-image", tmp_path / "depth.png"]
     rc, _, stderr = run_main(capsys, "a dog", "--seeds", "4", *units, "--controlnet-scale", "0.7",
-                             "--controlnet-scale", "1.2", "--controlnet-end", "0.5", "--model", pipe_dir, "--out", out,
-                             *small)
+                             "--controlnet-scale", "1.2", "--controlnet-end", "0.5", "--controlnet-mode", "balanced",
+                             "--controlnet-mode", "prompt", "--model", pipe_dir, "--out", out, *small)
     assert rc == 0, stderr
     made = out / "00000-seed4-a-dog.png"
     assert I.read_png_parameters(made).endswith(
         'Size: 32x32, Model: pipe, ControlNet 0: "Module: none, Model: tiny-cn, Weight: 0.7, Guidance Start: 0, '
         'Guidance End: 0.5", ControlNet 1: "Module: none, Model: depth-cn, Weight: 1.2, Guidance Start: 0, Guidance '
-        'End: 0.5"')
+        'End: 0.5, Control Mode: My prompt is more important"')
     try:
         pipe.load_controlnet([tmp_path / "tiny-cn", tmp_path / "depth-cn"])
         assert pipe._controlled._cache_size() == 1   # (the run's program: another load of the same ones compiles none)
         ref = pipe("a dog", seeds=[4], num_inference_steps=3, control_images=[control, load_init_image(
                    tmp_path / "depth.png", 32, 32)], controlnet_conditioning_scale=[0.7, 1.2],
-                   control_guidance_end=0.5).to_pil()
+                   control_guidance_end=0.5, control_mode=["balanced", "prompt"]).to_pil()
     finally:
         pipe.load_controlnet(None)
     np.testing.assert_array_equal(pixels(made), ref[0])
@@ -997,17 +1003,19 @@ def test_controlnet_flags_steer_the_images_and_are_recorded(pipe_dir, pipe, tmp_
         "--from-png: the image was made with the ControlNets tiny-cn and depth-cn: to make it again, pass --controlnet "
         "PATH --control-image FILE (the processed control image) for each, in this order; this run makes it without"]
     req, args = sample.parse_request(["--from-png", str(made), *map(str, units), "--model", str(pipe_dir)])
-    assert (req.controlnet_scale, req.controlnet_end, args.png_notes) == ([0.7, 1.2], [0.5, 0.5], [])
+    assert (req.controlnet_scale, req.controlnet_end, req.controlnet_mode, args.png_notes) == (
+        [0.7, 1.2], [0.5, 0.5], ["balanced", "prompt"], [])
     req, _ = sample.parse_request(["--from-png", str(made), *map(str, units), "--controlnet-scale", "2"])
     assert (req.controlnet_scale, req.controlnet_end) == ([2.0], [0.5, 0.5])   # (a flag given replaces the image's)
     req, args = sample.parse_request(["--from-png", str(made), *map(str, units[:4]), "--model", str(pipe_dir)])
     assert (req.controlnet_scale, req.controlnet_start, req.controlnet_end) == ([], [], [])
     assert args.png_notes == ["--from-png: the image was made with 2 ControlNets (tiny-cn and depth-cn), this run "
-                              "with 1: the image's ControlNet settings (Weight, Guidance Start and End) are left out"]
+                              "with 1: the image's ControlNet settings (Weight, Guidance Start and End, Control Mode) "
+                              "are left out"]
     (tmp_path / "p.yaml").write_text("controlnet_scale: 0.3\ncontrolnet_end: 0.6\n")   # (then a preset's hold)
     req, _ = sample.parse_request(["--config", str(tmp_path / "p.yaml"), "--from-png", str(made), *map(str, units[:4]),
                                    "--model", str(pipe_dir)])
-    assert [unit[2:] for unit in req.control_units] == [(0.3, 0.0, 0.6)]
+    assert [unit[2:] for unit in req.control_units] == [(0.3, 0.0, 0.6, "balanced")]
     with pytest.raises(UsageError, match=re.escape(f"{tmp_path / 'p.yaml'}: key 'controlnet_scale' is a ControlNet's "
                                                    "setting: give --controlnet and --control-image too")):
         sample.parse_request(["--config", str(tmp_path / "p.yaml"), "--from-png", str(made)])   # (not the image's)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import reference as R
-from sdjax.models import ControlNetConfig, ControlNetModel, UNet2DConditionModel
+from sdjax.models import ControlNetConfig, ControlNetModel, UNet2DConditionModel, UNetConfig
 from test_sampling import NEGATIVES, PROMPTS, SIZE, STEPS, diffusers_scheduler, latents_for
 
 # The tiny UNet's blocks; its control images at 2 pixels a latent (one stride-2 step), as the tiny VAE's
@@ -264,11 +264,22 @@ def test_pipeline_control_images_are_checked(pipe, controlnet_dir):
                      r"number in \[0, 1\]"),
                     (dict(control_images=square, control_guidance_start=0.5, control_guidance_end=0.5),
                      "control_guidance_start=0.5 must be below control_guidance_end=0.5"),
+                    (dict(control_images=square, control_mode="guess"), "control_mode='guess': choose one of "
+                     "balanced, prompt, controlnet"),
                     (dict(control_images=np.stack([square] * 3), seeds=[0, 1]),
                      r"seeds has 2 entries; expected 1 or 3 to match control_images \(3 entries\)")]:
                 with pytest.raises((ValueError, TypeError), match=message):
                     pipe("a cat", num_inference_steps=STEPS, height=SIZE, width=SIZE, **kw)
         assert calls == []
+
+        class Called(Exception):
+            pass
+
+        def controlled(*args, **kwargs):   # (the Control Mode reaches the sampler as its static argument)
+            raise Called(kwargs["control_mode"])
+        pipe._controlled = controlled
+        with pytest.raises(Called, match="controlnet"):
+            pipe("a cat", num_inference_steps=STEPS, control_images=square, control_mode="controlnet")
     finally:
         pipe.load_controlnet(None)
 
@@ -309,7 +320,6 @@ def test_original_layout_file_loads_as_diffusers_converts_it(fmt, pipe, tmp_path
     by its path."""
     from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
     from safetensors.torch import save_file
-    from sdjax.models import UNetConfig
     from sdjax.weights import load_controlnet_file, ldm_controlnet_key
     config = {**TINY_CONTROLNET, "conditioning_embedding_out_channels": (16, 32, 96, 256)}   # (SD's: 8 px a latent)
     ref = torch_controlnet(seed=6, **config)
@@ -402,3 +412,48 @@ def test_hires_fix_is_steered_in_both_passes(pipe, controlnet_dir):
     assert np.abs(ours - want).max() <= 1e-5
     # (another control image for one call of the second pass's three: a small change, far above rounding)
     assert np.abs(own - want_own).max() <= 1e-5 and np.abs(own - ours).max() > 1e-3
+
+
+@pytest.mark.parametrize("lengths", ["same", "other"])
+def test_control_modes_weigh_and_place_the_residuals_as_a1111(lengths):
+    """AUTOMATIC1111's Control Modes (its ControlNet extension, after ControlNet 1.1): "prompt" (My prompt is
+    more important) multiplies residual i of the n (the mid block's last) by 0.825 ** (n - 1 - i);
+    "controlnet" (ControlNet is more important) does so and leaves the negative prompt's rows of guidance
+    unsteered; "balanced" is plain. Also with the negative prompt at another length (two UNet calls)."""
+    from flax import nnx
+    from sdjax.sampling import ControlledUNet, guided_model_output
+    unet = UNet2DConditionModel(UNetConfig.from_dict(dict(R.TINY_UNET)), rngs=nnx.Rngs(1))
+    controlnet = ControlNetModel(ControlNetConfig.from_dict(TINY_CONTROLNET), rngs=nnx.Rngs(2))
+    x, _, cond, images = inputs(3)
+    t = np.float32(400)
+    uncond = np.random.default_rng(4).standard_normal((2, 77 if lengths == "same" else 154, 32)).astype(np.float32)
+    scale, g = 8.0, 5.0   # (random zero convs: small residuals; scaled up, they change the output plainly)
+
+    def unet_out(text, mode):   # one image-row block of text states, steered as the mode defines
+        if mode is None:
+            return unet(x, t, text)
+        down, mid = controlnet(x, t, text, images, scale)
+        if mode != "balanced":
+            down = tuple(d * 0.825 ** (len(down) - i) for i, d in enumerate(down))   # (n = len(down) + 1)
+        return unet(x, t, text, down, mid)
+
+    outputs = {}
+    for mode in ("balanced", "prompt", "controlnet"):
+        ours = guided_model_output(ControlledUNet(unet, controlnet, images, scale, mode), x, t, cond, uncond, g)
+        eps_u, eps_c = unet_out(uncond, None if mode == "controlnet" else mode), unet_out(cond, mode)
+        assert np.abs(np.asarray(ours) - np.asarray(eps_u + g * (eps_c - eps_u))).max() <= 2e-5, mode
+        outputs[mode] = np.asarray(ours)
+    assert np.abs(outputs["prompt"] - outputs["balanced"]).max() > 0.01
+    assert np.abs(outputs["controlnet"] - outputs["prompt"]).max() > 0.01
+    # AUTOMATIC1111's AND: an image's negative prompt and its parts in one call (or two), the parts steered
+    from sdjax.sampling import Composition
+    parts = np.stack([cond, cond[::-1]], axis=1)   # [B, K=2, S, D]
+    weights = np.array([[1.0, 0.5], [0.8, 1.2]], np.float32)
+    ours = guided_model_output(ControlledUNet(unet, controlnet, images, scale, "controlnet"), x, t,
+                               Composition(parts, weights), uncond, g)
+    eps_u = unet_out(uncond, None)
+    eps_k = [unet_out(parts[:, k], "controlnet") for k in range(2)]
+    want = eps_u + g * sum(weights[:, k, None, None, None] * (eps_k[k] - eps_u) for k in range(2))
+    assert np.abs(np.asarray(ours) - np.asarray(want)).max() <= 2e-5
+    with pytest.raises(ValueError, match="control_mode='guess': expected one of balanced, prompt, controlnet"):
+        ControlledUNet(unet, controlnet, images, scale, "guess")
