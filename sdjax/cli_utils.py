@@ -703,10 +703,10 @@ def settings_from_png(path: str | os.PathLike) -> PngSettings:
             flags.setdefault(dest, []).append(value)
         mode = {name: key for key, name in CONTROL_MODES.items()}.get(unit.get("Control Mode", "Balanced"))
         flags.setdefault("controlnet_mode", []).append(mode or "balanced")
-        # (sdjax's: its Control Modes, and with the Hires fix A1111's default Hr Option, Both passes)
-        other = [f"{key} {unit[key]} (sdjax: {own})" for key, own, known in (
-            ("Control Mode", "balanced", mode is not None),
-            ("Hr Option", "Both", unit.get("Hr Option", "Both") == "Both")) if not known]
+        # (sdjax has its Control Modes, and with the Hires fix A1111's default Hr Option, Both passes)
+        other = [] if mode else [f"Control Mode {unit['Control Mode']} (sdjax: balanced)"]
+        if unit.get("Hr Option", "Both") != "Both":
+            other.append(f"Hr Option {unit['Hr Option']} (sdjax: Both)")
         if other:
             fields[field] = ", ".join(other)
     if fields.get("Inpaint area") == "Only masked":   # (A1111's padding default: 32)

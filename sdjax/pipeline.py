@@ -1061,9 +1061,8 @@ class StableDiffusion:
             mask_blur=mask_blur, control_images=control_images,
             controlnet_conditioning_scale=controlnet_conditioning_scale, control_guidance_start=control_guidance_start,
             control_guidance_end=control_guidance_end, control_mode=control_mode, prompt_weighting=prompt_weighting,
-            hires=hires,
-            hires_control_images=hires_control_images, emphasis=emphasis, variation_seeds=variation_seeds,
-            variation_strength=variation_strength))
+            hires=hires, hires_control_images=hires_control_images, emphasis=emphasis,
+            variation_seeds=variation_seeds, variation_strength=variation_strength))
         steps = outputs[0].intermediate_steps
         return StableDiffusionOutput(np.concatenate([o.images for o in outputs]),
                                      [p for o in outputs for p in o.prompts],

@@ -703,6 +703,12 @@ def test_from_png_names_what_a1111_images_hold_that_it_leaves_out(tmp_path):
         [str(tmp_path)], [0.6], [0], [0.8], ["prompt"])   # (A1111's Control Mode: sdjax's "prompt")
     assert args.png_notes == ["--from-png: settings sample.py has no flag for are left out: ControlNet 0: Hr Option "
                               "Low res only (sdjax: Both)"]
+    req, args = sample.parse_request(["--from-png", png(f"a fox\n{settings}, {unit[:-1]}, Control Mode: Another"
+                                                           '"'), "--controlnet", str(tmp_path), "--control-image",
+                                      str(tmp_path / "start.png")])   # (another UI's mode: named, balanced instead)
+    assert req.controlnet_mode == ["balanced"] and args.png_notes == [
+        "--from-png: settings sample.py has no flag for are left out: ControlNet 0: Control Mode Another (sdjax: "
+        "balanced)"]
     req, _ = sample.parse_request(["--from-png", png(f"a fox\n{settings}, Mask blur: 4"), "--init-image",
                                    str(tmp_path / "start.png"), "--mask", str(tmp_path / "white.png")])
     assert (req.mask_blur, req.mask_padding) == (4, None)
