@@ -27,6 +27,7 @@ from sdjax.cli_utils import (COMPILATION_CACHE_HELP, CONTROL_MODES, CONTROLNET_S
                              UsageError, embeddings_named, extra_network_tags, init_image_size, load_config,
                              loras_of_tags, parse_scheduler_options, parse_seeds, png_notes, read_prompts_file,
                              resolve_config_path, settings_from_png, validate_request)
+from sdjax.preprocess import CANNY_HIGH, CANNY_LOW, PREPROCESSORS, PROCESSOR_RES, RESIZE_MODES
 
 PROG = "sample.py"
 CONFIG_DIRS = (Path(__file__).resolve().parent / "configs",)
@@ -158,6 +159,28 @@ def build_parser() -> argparse.ArgumentParser:
                         "more important: the residuals weighted softly, the shallow ones less) or controlnet "
                         "(ControlNet is more important: so weighted, and steering the prompt's half of guidance "
                         "alone); one for all, or one each"),
+    p.add_argument("--controlnet-module", action=ReplacingAppend, default=[], choices=list(PREPROCESSORS),
+                   help="with --controlnet: AUTOMATIC1111's preprocessor of the control image: none (default: the "
+                        "control image is given processed), canny (its edges, OpenCV's Canny: give a picture) or "
+                        "invert (a black drawing on white made white on black); one for all, or one each")
+    p.add_argument("--controlnet-resize", action=ReplacingAppend, default=[], choices=list(RESIZE_MODES),
+                   help="with --controlnet: how a control image of another aspect is fitted to the images "
+                        "(AUTOMATIC1111's Resize Mode): just (Just Resize, default: stretched), crop (Crop and "
+                        "Resize: scaled to cover, the middle cut out) or fill (Resize and Fill: scaled to fit "
+                        "inside, the rest its border's median colour); one for all, or one each")
+    p.add_argument("--controlnet-processor-res", type=int, action=ReplacingAppend, default=[], metavar="PX",
+                   help="with --controlnet-module canny: the resolution it finds the edges at, the control image "
+                        f"resized so its short side is PX (AUTOMATIC1111's Processor Res; default {PROCESSOR_RES}); "
+                        "one for all, or one each")
+    p.add_argument("--controlnet-pixel-perfect", action="store_const", const=[True], default=[],
+                   help="with --controlnet-module canny: its resolution from the images' size instead, so the edges "
+                        "are found at the images' own scale (AUTOMATIC1111's Pixel Perfect)")
+    p.add_argument("--controlnet-canny-low", type=int, action=ReplacingAppend, default=[], metavar="N",
+                   help=f"with --controlnet-module canny: its low threshold, 1-255 (default {CANNY_LOW}; "
+                        "AUTOMATIC1111's Threshold A); one for all, or one each")
+    p.add_argument("--controlnet-canny-high", type=int, action=ReplacingAppend, default=[], metavar="N",
+                   help=f"with --controlnet-module canny: its high threshold, 1-255 (default {CANNY_HIGH}; "
+                        "AUTOMATIC1111's Threshold B); one for all, or one each")
     p.add_argument("--hires-scale", type=float, default=None, metavar="S",
                    help="AUTOMATIC1111's Hires fix: make each image at --width x --height, enlarge it S times "
                         "(> 1; each side rounded down to a multiple of 8) and denoise it again at that size "
@@ -323,9 +346,8 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
                         steps=args.steps, guidance_scale=args.guidance_scale, scheduler=args.scheduler,
                         init_image=args.init_image, strength=strength, mask=args.mask,
                         mask_padding=args.mask_padding, mask_blur=args.mask_blur, controlnet=list(args.controlnet),
-                        control_image=list(args.control_image), controlnet_scale=list(args.controlnet_scale),
-                        controlnet_start=list(args.controlnet_start), controlnet_end=list(args.controlnet_end),
-                        controlnet_mode=list(args.controlnet_mode),
+                        control_image=list(args.control_image),
+                        **{name: list(getattr(args, name)) for name in CONTROLNET_SETTINGS},
                         hires_scale=args.hires_scale,
                         hires_steps=args.hires_steps, hires_strength=args.hires_strength,
                         hires_upscaler=args.hires_upscaler,

@@ -28,6 +28,8 @@ from sdjax.images import (a1111_parameters, as_pil, image_grid, image_file_name,
 from sdjax.models.layers import attention_setting_problem
 from sdjax.pipeline import (DEFAULT_MODEL, HIRES_STRENGTH, HIRES_UPSCALERS, MAX_SEED, HiresFix,  # noqa: F401
                             model_options_problem)                  # (DEFAULT_MODEL, MAX_SEED: for sample.py)
+from sdjax.preprocess import (CANNY_HIGH, CANNY_LOW, CANNY_RANGE, PREPROCESSORS, PROCESSOR_RES, PROCESSOR_RES_RANGE,
+                              RESIZE_MODE_ALIASES, RESIZE_MODES, ControlUnit)
 from sdjax.sampling import CONTROL_MODES, DEFAULT_STRENGTH
 from sdjax.schedulers import SCHEDULERS, resolve_scheduler_config
 from sdjax.text import EMPHASIS_MODES
@@ -37,8 +39,16 @@ DTYPES = ("float32", "bfloat16", "float16")
 # The short names train.py and the loaders take too (fp32, bf16, fp16), from the loaders' own table.
 DTYPE_ALIASES = {name: np.dtype(t).name for name, t in DTYPE_NAMES.items() if name != np.dtype(t).name}
 # The ControlNet settings that take one value for every ControlNet or one each (lists in a SampleRequest).
+# A ControlNet unit's settings (each one for every ControlNet, or a list of one each): SampleRequest's field ->
+# the `ControlUnit` field it sets
 CONTROLNET_NUMBERS = ("controlnet_scale", "controlnet_start", "controlnet_end")
-CONTROLNET_SETTINGS = (*CONTROLNET_NUMBERS, "controlnet_mode")
+CONTROLNET_INTEGERS = ("controlnet_processor_res", "controlnet_canny_low", "controlnet_canny_high")
+CONTROLNET_CHOICES = {"controlnet_mode": CONTROL_MODES, "controlnet_resize": RESIZE_MODES,
+                      "controlnet_module": PREPROCESSORS}
+CONTROLNET_SETTINGS = dict(zip((*CONTROLNET_NUMBERS, *CONTROLNET_CHOICES, *CONTROLNET_INTEGERS,
+                                "controlnet_pixel_perfect"),
+                               ("scale", "start", "end", "mode", "resize", "module", "processor_res", "low_threshold",
+                                "high_threshold", "pixel_perfect")))
 
 
 class UsageError(ValueError):
@@ -230,6 +240,18 @@ CONFIG_KEYS: dict[str, tuple[type | tuple, str]] = {
                        "End; 1), one for all or a list"),
     "controlnet_mode": ((str, list), f"with controlnet: A1111's Control Mode, {', '.join(CONTROL_MODES)} (default "
                         "balanced), one for all or a list"),
+    "controlnet_resize": ((str, list), f"with controlnet: A1111's Resize Mode, {', '.join(RESIZE_MODES)} (default "
+                          "just), one for all or a list"),
+    "controlnet_module": ((str, list), f"with controlnet: A1111's preprocessor, {', '.join(PREPROCESSORS)} (default "
+                          "none: the control image given processed), one for all or a list"),
+    "controlnet_processor_res": ((int, list), "with controlnet_module canny: its resolution, the short side's pixels "
+                                 "(512), one for all or a list"),
+    "controlnet_canny_low": ((int, list), "with controlnet_module canny: its low threshold (100), one for all or a "
+                             "list"),
+    "controlnet_canny_high": ((int, list), "with controlnet_module canny: its high threshold (200), one for all or a "
+                              "list"),
+    "controlnet_pixel_perfect": ((bool, list), "with controlnet_module canny: its resolution from the images' size "
+                                 "(A1111's Pixel Perfect; false), one for all or a list"),
     "hires_scale": ((int, float), "Hires fix: enlarge each image this many times (> 1) and denoise it again"),
     "hires_steps": (int, "Hires fix: the second pass's steps (default: steps)"),
     "hires_strength": ((int, float), "Hires fix: the share of the second pass's schedule run, in (0, 1] (0.7)"),
@@ -342,7 +364,7 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
         if float in (types if isinstance(types, tuple) else (types,)):
             value = _yaml_number(value)
         value = _quoted_number(value, types)
-        wrong_bool = isinstance(value, bool) and types is not bool
+        wrong_bool = isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,))
         if not isinstance(value, types) or wrong_bool:
             raise UsageError(f"{path}: key {raw_key!r} has value {value!r}; expected {_type_name(types)}")
         if key in ("seeds", "variation_seeds"):
@@ -353,12 +375,19 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
                 raise UsageError(f"{path}: key {key!r}: {e}") from e
         if key in ("guidance_scale", "strength", "variation_strength"):
             value = float(value)
-        if key in ("lora", "embedding", "controlnet", "control_image", "controlnet_mode"):
+        if key in ("lora", "embedding", "controlnet", "control_image", *CONTROLNET_CHOICES):
             value = [value] if isinstance(value, str) else value
             if bad := [v for v in value if not isinstance(v, str)]:
                 raise UsageError(f"{path}: key {key!r} has item {bad[0]!r}; expected "
                                  + ("FILE or FILE:SCALE strings" if key == "lora" else "file names"
-                                    if key == "embedding" else "strings" if key == "controlnet_mode" else "paths"))
+                                    if key == "embedding" else "strings" if key in CONTROLNET_CHOICES else "paths"))
+        if key in (*CONTROLNET_INTEGERS, "controlnet_pixel_perfect"):   # (one for every ControlNet, or a list)
+            kind = bool if key == "controlnet_pixel_perfect" else int
+            value = [v if kind is bool else _quoted_number(v, int) for v in (value if isinstance(value, list)
+                                                                               else [value])]
+            if bad := [v for v in value if not isinstance(v, kind) or (kind is int and isinstance(v, bool))]:
+                raise UsageError(f"{path}: key {key!r} has item {bad[0]!r}; expected "
+                                 + ("true or false" if kind is bool else "whole numbers"))
         if key in CONTROLNET_NUMBERS:   # (one number for every ControlNet, or a list of one each)
             value = [_quoted_number(_yaml_number(v), (int, float)) for v in
                      (value if isinstance(value, list) else [value])]
@@ -465,6 +494,14 @@ class SampleRequest:
     controlnet_start: list[float] = dataclasses.field(default_factory=list)   # the share of the steps run it starts
     controlnet_end: list[float] = dataclasses.field(default_factory=list)     # at ([]: 0) and ends at ([]: 1)
     controlnet_mode: list[str] = dataclasses.field(default_factory=list)      # A1111's Control Mode ([]: balanced)
+    # how each control image is made from its file ([]: ControlUnit's defaults): A1111's Resize Mode (just, crop,
+    # fill), Module (none, canny, invert), Processor Res, canny's thresholds and Pixel Perfect
+    controlnet_resize: list[str] = dataclasses.field(default_factory=list)
+    controlnet_module: list[str] = dataclasses.field(default_factory=list)
+    controlnet_processor_res: list[int] = dataclasses.field(default_factory=list)
+    controlnet_canny_low: list[int] = dataclasses.field(default_factory=list)
+    controlnet_canny_high: list[int] = dataclasses.field(default_factory=list)
+    controlnet_pixel_perfect: list[bool] = dataclasses.field(default_factory=list)
     hires_scale: float | None = None  # Hires fix (two passes): the second pass's size over the first's
     hires_steps: int | None = None    # Hires fix: the second pass's steps (None: steps)
     hires_strength: float | None = None   # Hires fix: the second pass's denoising strength (None: 0.7)
@@ -497,15 +534,16 @@ class SampleRequest:
                         self.hires_upscaler or "latent")
 
     @property
-    def control_units(self) -> list[tuple[str, str, float, float, float, str]]:
-        """Each ControlNet with its control image, scale, start, end and Control Mode (A1111's ControlNet
-        units), in ``controlnet``'s order: a setting given once is every ControlNet's."""
-        def each(values, default) -> list:
-            values = list(values) or [default]
-            return values * len(self.controlnet) if len(values) == 1 else values
-        return list(zip(self.controlnet, self.control_image, *([float(v) for v in each(getattr(self, name), default)]
-                                                               for name, default in zip(CONTROLNET_NUMBERS, (1, 0, 1))),
-                        each(self.controlnet_mode, "balanced")))
+    def control_units(self) -> list[ControlUnit]:
+        """Each ControlNet with its control image and settings (A1111's ControlNet units), in
+        ``controlnet``'s order: a setting given once is every ControlNet's, one not given the default."""
+        settings = [{} for _ in self.controlnet]
+        for name, field in CONTROLNET_SETTINGS.items():
+            values = list(getattr(self, name))
+            for unit, value in zip(settings, values * len(self.controlnet) if len(values) == 1 else values):
+                unit[field] = float(value) if name in CONTROLNET_NUMBERS else value
+        return [ControlUnit(net, image, **unit) for net, image, unit in zip(self.controlnet, self.control_image,
+                                                                            settings)]
 
     @property
     def variations(self) -> list[int | None]:
@@ -582,9 +620,12 @@ def settings_from_png(path: str | os.PathLike) -> PngSettings:
     Latent or Lanczos, and its ``Denoising strength``, which is no img2img ``strength``) into the hires
     flags; one with another upscaler, or a ``Hires resize`` to a size, into ``ignored``, whole. A1111's
     ControlNet units (``ControlNet 0: "Module: ..., Model: NAME, Weight: 1, Guidance Start: 0, ..."``, ``ControlNet
-    1``, ...): their models into ``controlnets`` (the files are not known) and their weights and guidance
-    windows into the ControlNet flags, lists of one a unit; a Control Mode other than Balanced, or an Hr
-    Option other than Both, into ``ignored``. A UsageError names the file and the field that cannot be read or has no sdjax equivalent (another
+    1``, ...): their models into ``controlnets`` (the files are not known), and their weights, guidance
+    windows, Control Modes, Resize Modes, Modules (canny, invert; another's ControlNet is named with it and
+    given Module none, for its processed map), canny's Processor Res and thresholds and Pixel Perfect into the
+    ControlNet flags, lists of one a unit; a Control Mode or Resize Mode sdjax lacks (read as Balanced or Just
+    Resize), or an Hr Option other than Both, into ``ignored``. A UsageError names the file and the field that
+    cannot be read or has no sdjax equivalent (another
     sampler, another schedule type, Karras sigmas for a sampler without them), or says it holds no
     settings."""
     from PIL import UnidentifiedImageError
@@ -692,10 +733,26 @@ def settings_from_png(path: str | os.PathLike) -> PngSettings:
     controlnets, units = [], sorted((int(k.split()[1]), k) for k in fields if re.fullmatch(r"ControlNet \d+", k))
     for _, field in units:
         unit = dict(part.split(": ", 1) for part in fields.pop(field).split(", ") if ": " in part)
-        name = unit.get("Model", "?")
-        if unit.get("Module", "none") != "none":   # (sdjax takes the processed image: the same, when given)
-            name += f" (preprocessor {unit['Module']})"
+        name, module = unit.get("Model", "?"), unit.get("Module", "none")
+        if module not in PREPROCESSORS:   # (its map given processed is the same: Module none)
+            name, module = f"{name} (preprocessor {module})", "none"
         controlnets.append(name)
+        flags.setdefault("controlnet_module", []).append(module)
+        # (A1111 reads a unit without a Resize Mode as its default, Crop and Resize; sample.py's wrote Just Resize)
+        resize_name = unit.get("Resize Mode", "Crop and Resize" if a1111 else "Just Resize")
+        resize = {v: k for k, v in RESIZE_MODES.items()}.get(resize_name, RESIZE_MODE_ALIASES.get(resize_name))
+        flags.setdefault("controlnet_resize", []).append(resize or "just")
+        canny = module == "canny"   # (the other modules' resolution and thresholds are not canny's)
+        for key, dest, default, (low, high) in (
+                ("Processor Res", "controlnet_processor_res", PROCESSOR_RES, PROCESSOR_RES_RANGE),
+                ("Threshold A", "controlnet_canny_low", CANNY_LOW, CANNY_RANGE),
+                ("Threshold B", "controlnet_canny_high", CANNY_HIGH, CANNY_RANGE)):
+            value = _float_or_none(unit.get(key, str(default))) if canny else default
+            if value is None:
+                raise bad(f"its {field} {key} is not a number")
+            # (out of range, -1 among them, is the default, as the extension reads it)
+            flags.setdefault(dest, []).append(int(value) if low <= value <= high else default)
+        flags.setdefault("controlnet_pixel_perfect", []).append(unit.get("Pixel Perfect") == "True")
         for key, dest, default in (("Weight", "controlnet_scale", 1.0), ("Guidance Start", "controlnet_start", 0.0),
                                    ("Guidance End", "controlnet_end", 1.0)):
             if (value := _float_or_none(unit.get(key, str(default)))) is None:
@@ -705,6 +762,8 @@ def settings_from_png(path: str | os.PathLike) -> PngSettings:
         flags.setdefault("controlnet_mode", []).append(mode or "balanced")
         # (sdjax has its Control Modes, and with the Hires fix A1111's default Hr Option, Both passes)
         other = [] if mode else [f"Control Mode {unit['Control Mode']} (sdjax: balanced)"]
+        if resize is None:
+            other.append(f"Resize Mode {resize_name} (sdjax: Just Resize)")
         if unit.get("Hr Option", "Both") != "Both":
             other.append(f"Hr Option {unit['Hr Option']} (sdjax: Both)")
         if other:
@@ -863,8 +922,8 @@ def png_notes(png: PngSettings, args) -> list[str]:
         several = len(png.controlnets) > 1
         notes.append(f"--from-png: the image was made with the ControlNet{'s' * several} "
                      f"{' and '.join(png.controlnets)}: to make it again, pass --controlnet PATH --control-image FILE "
-                     f"(the processed control image){' for each, in this order' * several}; this run makes it "
-                     "without")
+                     f"(the picture its Module read; Module none: the control image)"
+                     f"{' for each, in this order' * several}; this run makes it without")
     elif png.controlnets and len(args.controlnet) != len(png.controlnets):
         # (its units' settings pair with its ControlNets in order: for another number, the preset's or the defaults)
         for name in CONTROLNET_SETTINGS:
@@ -872,7 +931,7 @@ def png_notes(png: PngSettings, args) -> list[str]:
                 setattr(args, name, list(getattr(args, "preset", {}).get(name, [])))
         notes.append(f"--from-png: the image was made with {count(len(png.controlnets), 'ControlNet')} "
                      f"({' and '.join(png.controlnets)}), this run with {len(args.controlnet)}: the image's ControlNet "
-                     "settings (Weight, Guidance Start and End, Control Mode) are left out")
+                     "settings (Weight, Guidance Start and End, Control Mode, Resize Mode, Module) are left out")
     loaded = {Path(file).stem.lower() for file in args.embedding}   # (an A1111 file's token; a diffusers
     for file in args.embedding:                                       # file's is inside it)
         try:
@@ -925,15 +984,16 @@ def init_image_size(path: str | os.PathLike, setting: str = "init_image") -> tup
         raise _bad_setting(setting, path, f"cannot be read as an image ({e})") from None
 
 
-def load_init_image(path: str | os.PathLike, width: int, height: int, mode: str = "RGB") -> np.ndarray:
+def load_init_image(path: str | os.PathLike, width: int | None = None, height: int | None = None,
+                    mode: str = "RGB") -> np.ndarray:
     """``--init-image`` as uint8 RGB [height, width, 3] (``mode="L"``: ``--mask`` as grayscale [height,
     width]), upright (its EXIF orientation applied, as diffusers' ``load_image`` and A1111 do), resized
     to that size (Lanczos, as diffusers' image and mask processors and A1111's "Just resize" do) when it
-    has another."""
+    has another (no size given: its own)."""
     from PIL import Image, ImageOps
     with Image.open(Path(path).expanduser()) as image:
         image = ImageOps.exif_transpose(image).convert(mode)
-        if image.size != (width, height):
+        if width is not None and image.size != (width, height):
             image = image.resize((width, height), Image.Resampling.LANCZOS)
         return np.asarray(image)
 
@@ -1167,17 +1227,31 @@ def _validate_controlnets(req: SampleRequest) -> None:
                                f"{len(values)} values for {count(nets, 'ControlNet')}: give one for all, or one each "
                                "(in --controlnet's order)")
         for value in values:
-            if name == "controlnet_mode" and value not in CONTROL_MODES:
-                raise _bad_setting(name, value, f"choose one of {', '.join(CONTROL_MODES)} (A1111's Control Modes "
-                                   f"{', '.join(CONTROL_MODES.values())})")
+            if name in CONTROLNET_CHOICES and value not in CONTROLNET_CHOICES[name]:
+                choices = CONTROLNET_CHOICES[name]
+                names = {"controlnet_mode": "Control Modes", "controlnet_resize": "Resize Modes"}
+                raise _bad_setting(name, value, f"choose one of {', '.join(choices)}" + (
+                    f" (A1111's {names[name]} {', '.join(choices.values())})" if name in names else ""))
+            if name in CONTROLNET_INTEGERS:
+                low, high = PROCESSOR_RES_RANGE if name == "controlnet_processor_res" else CANNY_RANGE
+                if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
+                    raise _bad_setting(name, value, f"must be a whole number from {low} to {high}" + (
+                        " (canny's resolution: the short side's pixels)" if name == "controlnet_processor_res"
+                        else " (a canny threshold of the pixels' gradient)"))
             if name == "controlnet_scale" and not _number(value):
                 raise _bad_setting(name, value, "must be a finite number (the weight of the ControlNet's residuals; "
                                    "1 by default)")
             if name in ("controlnet_start", "controlnet_end") and (not _number(value) or not 0 <= value <= 1):
                 raise _bad_setting(name, value, "must be a number in [0, 1] (a share of the steps run)")
-    for _, _, _, start, end, _ in req.control_units:
-        if start >= end:
-            raise _bad_setting("controlnet_start", f"{start:g}", f"must be below --controlnet-end ({end:g})")
+    for unit in req.control_units:
+        if unit.start >= unit.end:
+            raise _bad_setting("controlnet_start", f"{unit.start:g}", f"must be below --controlnet-end ({unit.end:g})")
+    if any(unit.module == "canny" for unit in req.control_units):
+        try:
+            from sdjax.preprocess import _opencv
+            _opencv()
+        except ImportError as e:
+            raise _bad_setting("controlnet_module", "canny", str(e)) from None
     for image in req.control_image:
         init_image_size(image, "control_image")
         if req.mask_padding is not None:
@@ -1530,12 +1604,14 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
         first_call = img2img_start(req.steps, strength)
     units = req.control_units   # (several ControlNets: a list of each one's control images and settings)
     one = lambda values: values if len(units) > 1 else values[0]  # noqa: E731
-    controlled = {}
+    controlled, pictures = {}, [load_init_image(unit.image) for unit in units]
     if units:
-        _, images, scales, starts, ends, modes = map(list, zip(*units))
-        controlled = dict(control_images=one([load_init_image(image, req.width, req.height) for image in images]),
-                          controlnet_conditioning_scale=one(scales), control_guidance_start=one(starts),
-                          control_guidance_end=one(ends), control_mode=one(modes))
+        controlled = dict(control_images=one([unit.control_image(picture, req.width, req.height)
+                                              for unit, picture in zip(units, pictures)]),
+                          controlnet_conditioning_scale=one([unit.scale for unit in units]),
+                          control_guidance_start=one([unit.start for unit in units]),
+                          control_guidance_end=one([unit.end for unit in units]),
+                          control_mode=one([unit.mode for unit in units]))
     picks = trajectory_steps(sched.num_model_calls, req.trajectory_frames, first_call) if req.trajectory else None
     hires, calls = req.hires, sched.num_model_calls - first_call
     if hires is not None:   # the second pass's model calls, on the same step bar
@@ -1543,9 +1619,11 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
         hires_steps = hires.steps or req.steps
         calls += (pipe.make_scheduler(req.scheduler, hires_steps, **req.scheduler_options).num_model_calls
                   - img2img_start(hires_steps, hires.strength))
-        if units:   # (the second pass's control images: each file resized to its size, as A1111's extension does)
+        if units:   # (the second pass's control images: each file's made at its size, as A1111's extension does)
             h2, w2 = hires.size(req.height, req.width)
-            controlled["hires_control_images"] = one([load_init_image(image, w2, h2) for _, image, *_ in units])
+            controlled["hires_control_images"] = one([unit.control_image(picture, w2, h2)
+                                                      for unit, picture in zip(units, pictures)])
+            controlled["hires_control_mode"] = one([unit.hires_mode() for unit in units])
     loras = lora_tags(req.lora)
     embeddings = embedding_hashes(req.embedding) if writer else []
 
@@ -1621,8 +1699,7 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
                                               variation_seed=variation, variation_strength=req.variation_strength,
                                               mask_blur=None if req.mask is None else req.mask_blur,
                                               mask_padding=req.mask_padding,
-                                              controlnets=[(net, scale, start, end, mode)
-                                                           for net, _, scale, start, end, mode in units],
+                                              controlnets=units,
                                               embeddings=embeddings_used(pipe.tokenizer, embeddings,
                                                                          f"{prompt}\n{negative}"))
                     files.append(out_dir / image_file_name(index, seed, prompt))

@@ -148,7 +148,7 @@ def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, sche
                      hires_upscaler: str = "latent", emphasis: str = "original",
                      variation_seed: int | None = None, variation_strength: float = 0.0,
                      mask_blur: float | None = None, mask_padding: int | None = None,
-                     controlnets: Sequence[tuple] = ()) -> str:
+                     controlnets: Sequence = ()) -> str:
     """Generation settings as AUTOMATIC1111 writes them into the PNG ``parameters`` text chunk::
 
         a photo of a cat
@@ -182,12 +182,13 @@ def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, sche
     ``mask_blur`` (inpainting: the mask's blur in pixels, `blur_mask`) as A1111 writes it for every inpainting
     image, ``Mask blur: 4`` (0 too); ``mask_padding`` ("only masked" inpainting) as
     ``Inpaint area: Only masked, Masked area padding: 32``.
-    ``controlnets``, (PATH, WEIGHT, START, END[, MODE]) of each ControlNet (its folder, repo id or file; the
-    weight of its residuals; the share of the steps it steers from and to; its Control Mode,
-    `sdjax.sampling.CONTROL_MODES`), as A1111's ControlNet extension writes its units, ``ControlNet 0:
-    "Module: none, Model: NAME, Weight: 1, Guidance Start: 0, Guidance End: 1"`` (and ``Control Mode: My
-    prompt is more important`` where it is not balanced), ``ControlNet 1: ...`` (Module none: the control
-    image given as it is).
+    ``controlnets``, a `sdjax.preprocess.ControlUnit` of each ControlNet (or (PATH, WEIGHT, START, END[,
+    MODE]): its folder, repo id or file; the weight of its residuals; the share of the steps it steers from
+    and to; its Control Mode, `sdjax.sampling.CONTROL_MODES`; the rest the defaults), as A1111's ControlNet
+    extension writes its units, ``ControlNet 0: "Module: none, Model: NAME, Weight: 1, Resize Mode: Just
+    Resize, Guidance Start: 0, Guidance End: 1, Pixel Perfect: False, Control Mode: Balanced"``, ``ControlNet
+    1: ...`` (with ``Processor Res: 512, Threshold A: 100, Threshold B: 200`` after the Resize Mode for
+    Module canny; Module none: the control image given as it is).
     """
     sampler = SAMPLER_NAMES.get(scheduler, scheduler)
     options = dict(scheduler_options or {})
@@ -220,13 +221,18 @@ def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, sche
         fields.append(("Mask blur", _number(mask_blur)))
     if mask_padding is not None:
         fields += [("Inpaint area", "Only masked"), ("Masked area padding", mask_padding)]
+    from sdjax.preprocess import RESIZE_MODES, ControlUnit
     from sdjax.sampling import CONTROL_MODES
-    for k, (controlnet, weight, start, end, *mode) in enumerate(controlnets):
-        unit = (f"Module: none, Model: {model_name(controlnet)}, Weight: {_number(weight)}, Guidance Start: "
-                f"{_number(start)}, Guidance End: {_number(end)}")
-        if mode and mode[0] != "balanced":
-            unit += f", Control Mode: {CONTROL_MODES[mode[0]]}"
-        fields.append((f"ControlNet {k}", unit))
+    for k, unit in enumerate(controlnets):
+        if not isinstance(unit, ControlUnit):
+            net, weight, start, end, *mode = unit
+            unit = ControlUnit(net, None, weight, start, end, *mode)
+        processor = (f"Processor Res: {unit.processor_res}, Threshold A: {unit.low_threshold}, Threshold B: "
+                     f"{unit.high_threshold}, " if unit.module == "canny" else "")
+        fields.append((f"ControlNet {k}", (
+            f"Module: {unit.module}, Model: {model_name(unit.controlnet)}, Weight: {_number(unit.scale)}, Resize Mode: "
+            f"{RESIZE_MODES[unit.resize]}, {processor}Guidance Start: {_number(unit.start)}, Guidance End: "
+            f"{_number(unit.end)}, Pixel Perfect: {unit.pixel_perfect}, Control Mode: {CONTROL_MODES[unit.mode]}")))
     if hires_scale is not None:
         fields.append(("Hires upscale", _number(hires_scale)))
         if hires_steps is not None:

@@ -926,7 +926,8 @@ class StableDiffusion:
                  control_guidance_end: float = 1.0, control_mode: str | Sequence[str] = "balanced",
                  prompt_weighting: bool = False,
                  hires: HiresFix | None = None, hires_control_images: Any = None,
-                 emphasis: str = "original", variation_seeds: int | Sequence[int] | np.ndarray | None = None,
+                 hires_control_mode: str | Sequence[str] | None = None, emphasis: str = "original",
+                 variation_seeds: int | Sequence[int] | np.ndarray | None = None,
                  variation_strength: float = 0.0) -> StableDiffusionOutput:
         """Generate one image per (prompt, seed) (all of them in memory at the end: `batches`
         hands them over one batch at a time instead).
@@ -992,7 +993,8 @@ class StableDiffusion:
         each image, or one for all: a PIL image, a list of them, or an array [B or 1, H, W, 3] of uint8
         pixels or floats in [0, 1], of the images' size (``height`` x ``width``, which default to the
         control images'), as diffusers' StableDiffusionControlNetPipeline takes them (already processed: a
-        canny edge map, not the photo). The ControlNet's residuals, times ``controlnet_conditioning_scale``
+        canny edge map, not the photo; `sdjax.preprocess` makes one as A1111 does). The ControlNet's residuals,
+        times ``controlnet_conditioning_scale``
         (default 1; an input: new scales compile nothing), are added to the UNet's at every step from
         ``control_guidance_start`` to ``control_guidance_end`` (shares of the steps run, default 0 and 1;
         AUTOMATIC1111's Guidance Start / End; diffusers' arguments, `sdjax.sampling.control_scales`). Also
@@ -1009,7 +1011,9 @@ class StableDiffusion:
         last, times 0.825 ** (n - 1 - i), ControlNet 1.1's soft weights) or "controlnet" ("ControlNet is more
         important": so weighted, and added to the prompt's rows of guidance alone, not the negative
         prompt's: ControlNet 1.1's guess mode), as A1111's extension applies them
-        (`sdjax.sampling.ControlledUNet`).
+        (`sdjax.sampling.ControlledUNet`); ``hires_control_mode`` the second pass's (default: ``control_mode``;
+        A1111's extension takes "prompt"'s weights there after its canny preprocessor,
+        `sdjax.preprocess.ControlUnit.hires_mode`).
         ``prompt_weighting``: read AUTOMATIC1111's emphasis syntax in the prompts and negative prompts, as
         A1111 does: ``(word)`` weights ``word`` by 1.1, ``[word]`` by 1/1.1, ``(word:1.5)`` by 1.5, nested
         groups multiply, ``\\(`` is a bracket (`sdjax.text.parse_prompt_attention`); each token's text
@@ -1061,7 +1065,8 @@ class StableDiffusion:
             mask_blur=mask_blur, control_images=control_images,
             controlnet_conditioning_scale=controlnet_conditioning_scale, control_guidance_start=control_guidance_start,
             control_guidance_end=control_guidance_end, control_mode=control_mode, prompt_weighting=prompt_weighting,
-            hires=hires, hires_control_images=hires_control_images, emphasis=emphasis,
+            hires=hires, hires_control_images=hires_control_images, hires_control_mode=hires_control_mode,
+            emphasis=emphasis,
             variation_seeds=variation_seeds, variation_strength=variation_strength))
         steps = outputs[0].intermediate_steps
         return StableDiffusionOutput(np.concatenate([o.images for o in outputs]),
@@ -1083,7 +1088,8 @@ class StableDiffusion:
                 control_guidance_end: float = 1.0, control_mode: str | Sequence[str] = "balanced",
                 prompt_weighting: bool = False,
                 hires: HiresFix | None = None, hires_control_images: Any = None,
-                emphasis: str = "original", variation_seeds: int | Sequence[int] | np.ndarray | None = None,
+                hires_control_mode: str | Sequence[str] | None = None, emphasis: str = "original",
+                variation_seeds: int | Sequence[int] | np.ndarray | None = None,
                 variation_strength: float = 0.0) -> Iterator[StableDiffusionOutput]:
         """The images of ``pipe(...)`` (same arguments, same images), one `StableDiffusionOutput`
         per compiled call of ``batch_size`` images, in order, for many seeds: write each batch's
@@ -1210,10 +1216,15 @@ class StableDiffusion:
                 raise ValueError(f"control_guidance_start={start!r} must be below control_guidance_end={end!r}")
             windows.append((scale, float(start), float(end)))
         modes = each(control_mode, "control_mode")
-        if bad := [mode for mode in modes if not isinstance(mode, str) or mode not in sampling.CONTROL_MODES]:
-            raise ValueError(f"control_mode={bad[0]!r}: choose one of {', '.join(sampling.CONTROL_MODES)} "
-                             "(AUTOMATIC1111's Control Modes: Balanced, My prompt is more important, ControlNet is "
-                             "more important)")
+        hires_modes = modes if hires_control_mode is None else each(hires_control_mode, "hires_control_mode")
+        for name, given in (("control_mode", modes), ("hires_control_mode", hires_modes)):
+            if bad := [mode for mode in given if not isinstance(mode, str) or mode not in sampling.CONTROL_MODES]:
+                raise ValueError(f"{name}={bad[0]!r}: choose one of {', '.join(sampling.CONTROL_MODES)} "
+                                 "(AUTOMATIC1111's Control Modes: Balanced, My prompt is more important, ControlNet "
+                                 "is more important)")
+        if hires_control_mode is not None and (controls is None or hires is None):
+            raise ValueError("hires_control_mode is the Control Mode of the Hires fix's second pass: give "
+                             "control_images and hires too")
         if hires is not None:
             if not isinstance(hires, HiresFix):
                 raise TypeError(f"hires must be a HiresFix (sdjax.HiresFix(scale=2.0, ...)) or None, got "
@@ -1336,6 +1347,7 @@ class StableDiffusion:
                 second["controls"] = hires_controls or [_lanczos(c, h2, w2) for c in controls]
                 second["control_scales"] = [sampling.control_scales(sched2.num_model_calls - first2, *window)
                                             for window in windows]
+                second["control_modes"] = tuple(hires_modes)
 
         text_inputs = {}   # (empty: no input, the default program unchanged)
         if prompt_weighting:
@@ -1417,9 +1429,9 @@ class StableDiffusion:
                 def controlled(k: int) -> dict:   # pass k's ControlNet inputs (1: the Hires fix's second pass)
                     if control is None:
                         return {}
-                    images, scales = (control[0], control[1]) if k == 0 else (second["controls"],
-                                                                              second["control_scales"])
-                    return dict(controlnet_state=control[3], control_scale=one(scales), control_mode=one(control[5]),
+                    images, scales, modes = (control[0], control[1], control[5]) if k == 0 else (
+                        second["controls"], second["control_scales"], second["control_modes"])
+                    return dict(controlnet_state=control[3], control_scale=one(scales), control_mode=one(modes),
                                 control_images_BHWC=one([o if o is not None else shard(c)
                                                          for o, c in zip(one_control[k], images)]))
                 out = program(

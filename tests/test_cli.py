@@ -23,7 +23,7 @@ from PIL import Image
 
 from sdjax import images as I
 from sdjax import trajectory as T
-from sdjax.cli_utils import UsageError, load_config, parse_seeds
+from sdjax.cli_utils import UsageError, load_config, parse_seeds, run_sampling
 
 ROOT = Path(__file__).resolve().parent.parent
 # --progress batches: the program the tests' own pipe(...) calls compile too (a step bar adds a host callback).
@@ -345,7 +345,8 @@ def test_presets_load_and_precedence(tmp_path):
     req, _ = sample.parse_request(["a cat", "--config", str(cfg)])   # (two ControlNets; the size: the image's)
     assert (req.controlnet, req.controlnet_scale, req.controlnet_end, req.width, req.height) == (
         [str(tmp_path), str(tmp_path / "a")], [0.5, 2.0], [0.8], 24, 16)
-    assert [unit[2:] for unit in req.control_units] == [(0.5, 0.0, 0.8, "controlnet"), (2.0, 0.0, 0.8, "balanced")]
+    assert [(u.scale, u.start, u.end, u.mode) for u in req.control_units] == [(0.5, 0.0, 0.8, "controlnet"),
+                                                                             (2.0, 0.0, 0.8, "balanced")]
     req, _ = sample.parse_request(["a cat", "--config", str(cfg), "--controlnet", str(tmp_path), "--control-image",
                                    str(tmp_path / "pose.png"), "--controlnet-scale", "0.3", "--controlnet-mode",
                                    "prompt"])
@@ -354,6 +355,27 @@ def test_presets_load_and_precedence(tmp_path):
     cfg.write_text("controlnet_scale: [1, high]\n")
     with pytest.raises(UsageError, match="key 'controlnet_scale' has item 'high'; expected numbers"):
         load_config(cfg)
+    # (how the control images are made: a value for all, or a list of one each)
+    cfg.write_text(f"controlnet: [{tmp_path}, {tmp_path / 'a'}]\ncontrol_image: [{tmp_path / 'pose.png'}, "
+                   f"{tmp_path / 'pose.png'}]\ncontrolnet_module: [canny, invert]\ncontrolnet_resize: fill\n"
+                   "controlnet_processor_res: '256'\ncontrolnet_canny_low: [50, 60]\ncontrolnet_canny_high: 150\n"
+                   "controlnet_pixel_perfect: [true, false]\n")
+    req, _ = sample.parse_request(["a cat", "--config", str(cfg)])
+    assert [(u.module, u.resize, u.processor_res, u.low_threshold, u.high_threshold, u.pixel_perfect)
+            for u in req.control_units] == [("canny", "fill", 256, 50, 150, True), ("invert", "fill", 256, 60, 150,
+                                                                                      False)]
+    for text, expected in (("controlnet_canny_low: [50, 0.5]", "key 'controlnet_canny_low' has item 0.5; expected "
+                            "whole numbers"),
+                           ("controlnet_pixel_perfect: [1]", "key 'controlnet_pixel_perfect' has item 1; expected true "
+                            "or false"),
+                           ("controlnet_module: [3]", "key 'controlnet_module' has item 3; expected strings")):
+        cfg.write_text(text + "\n")
+        with pytest.raises(UsageError, match=re.escape(expected)):
+            load_config(cfg)
+    cfg.write_text(f"controlnet: {tmp_path}\ncontrol_image: {tmp_path / 'pose.png'}\ncontrolnet_canny_high: 300\n")
+    with pytest.raises(UsageError, match=re.escape(f"{cfg}: key 'controlnet_canny_high' has value [300]: must be a "
+                                                   "whole number from 1 to 255")):
+        sample.parse_request(["a cat", "--config", str(cfg)])
     cfg.write_text(f"controlnet: {tmp_path}\ncontrol_image: {tmp_path / 'pose.png'}\ncontrolnet_mode: guess\n")
     with pytest.raises(UsageError, match=re.escape(f"{cfg}: key 'controlnet_mode' has value ['guess']: choose one of "
                                                    "balanced, prompt, controlnet")):
@@ -688,13 +710,42 @@ def test_from_png_names_what_a1111_images_hold_that_it_leaves_out(tmp_path):
                                       "--init-image", str(tmp_path / "start.png"), "--mask",
                                       str(tmp_path / "white.png")])
     assert req.mask_padding == 32 and args.png_notes == []   # (A1111's default padding, when none is written)
-    unit = ('ControlNet 0: "Module: canny, Model: control_v11p_sd15_canny [d14c016b], Weight: 0.6, Resize Mode: Crop '
-            'and Resize, Guidance Start: 0, Guidance End: 0.8"')
+    unit = ('ControlNet 0: "Module: depth_midas, Model: control_v11f1p_sd15_depth [cfd03158], Weight: 0.6, Resize '
+            'Mode: Crop and Resize, Guidance Start: 0, Guidance End: 0.8"')
     req, args = sample.parse_request(["--from-png", png(f"a fox\n{settings}, {unit}")])
     assert req.controlnet == [] and args.png_notes == [
-        "--from-png: the image was made with the ControlNet control_v11p_sd15_canny [d14c016b] (preprocessor canny): "
-        "to make it again, pass --controlnet PATH --control-image FILE (the processed control image); this run "
-        "makes it without"]
+        "--from-png: the image was made with the ControlNet control_v11f1p_sd15_depth [cfd03158] (preprocessor "
+        "depth_midas): to make it again, pass --controlnet PATH --control-image FILE (the picture its Module read; "
+        "Module none: the control image); this run makes it without"]
+    given = ["--controlnet", str(tmp_path), "--control-image", str(tmp_path / "start.png")]
+    req, args = sample.parse_request(["--from-png", png(f"a fox\n{settings}, {unit}"), *given])
+    assert (req.controlnet_module, req.controlnet_resize, args.png_notes) == (["none"], ["crop"], [])   # (its map)
+    # A1111 writes every field of a unit: canny's resolution and thresholds read, the other modules' not
+    canny = ('ControlNet 0: "Module: canny, Model: control_v11p_sd15_canny [d14c016b], Weight: 1, Resize Mode: Resize '
+             'and Fill, Processor Res: 768, Threshold A: 50, Threshold B: 180, Guidance Start: 0, Guidance End: 1, '
+             'Pixel Perfect: True, Control Mode: Balanced", ControlNet 1: "Module: invert, Model: lineart, Weight: 1, '
+             'Resize Mode: Just Resize, Processor Res: 512, Threshold A: 0.5, Threshold B: 0.5, Guidance Start: 0, '
+             'Guidance End: 1, Pixel Perfect: False, Control Mode: Balanced"')
+    req, args = sample.parse_request(["--from-png", png(f"a fox\n{settings}, {canny}"), *given, *given])
+    assert [(u.module, u.resize, u.processor_res, u.low_threshold, u.high_threshold, u.pixel_perfect)
+            for u in req.control_units] == [("canny", "fill", 768, 50, 180, True), ("invert", "just", 512, 100, 200,
+                                                                                      False)]
+    # an A1111 unit without a Resize Mode is its default, Crop and Resize; sample.py's (before it wrote one) Just
+    # Resize; the extension's old names; canny's -1 (out of range) its default; a mode sdjax lacks is named
+    bare = 'ControlNet 0: "Module: canny, Model: c, Weight: 1, Threshold A: -1"'
+    for extra, resize in (("Version: v1.10.1, ", "crop"), ("", "just")):
+        req, _ = sample.parse_request(["--from-png", png(f"a fox\n{settings}, {extra}{bare}"), *given])
+        assert (req.controlnet_resize, req.controlnet_canny_low, req.controlnet_processor_res) == ([resize], [100],
+                                                                                                   [512])
+    for name, resize in (("Envelope (Outer Fit)", "fill"), ("Inner Fit (Scale to Fit)", "crop")):
+        req, args = sample.parse_request(["--from-png", png(f'a fox\n{settings}, {bare[:-1]}, Resize Mode: {name}"'),
+                                          *given])
+        assert req.controlnet_resize == [resize] and args.png_notes == []
+    req, args = sample.parse_request(["--from-png", png(f'a fox\n{settings}, {bare[:-1]}, Resize Mode: Stretch"'),
+                                      *given])
+    assert req.controlnet_resize == ["just"] and args.png_notes == [
+        "--from-png: settings sample.py has no flag for are left out: ControlNet 0: Resize Mode Stretch (sdjax: Just "
+        "Resize)"]
     req, args = sample.parse_request(["--from-png", png(f"a fox\n{settings}, {unit[:-1]}, Control Mode: My prompt is "
                                                            'more important, Hr Option: Low res only"'), "--controlnet",
                                       str(tmp_path),
@@ -970,11 +1021,12 @@ def test_init_image_and_strength_make_the_pipelines_img2img_and_are_recorded(pip
 def test_controlnet_flags_steer_the_images_and_are_recorded(pipe_dir, pipe, tmp_path, capsys):
     """--controlnet DIR --control-image FILE, twice, --controlnet-scale X Y --controlnet-end Z: the
     pipeline's images with those two ControlNets, each with its control image and scale (the size the first
-    image's), recorded as A1111's ControlNet extension writes its units; --from-png reads their settings
-    back and says which files to give (another number of ControlNets: without the image's settings). A
-    ControlNet made for another model exits 2 before anything is written."""
+    image's; the first's canny edges, the second's cropped to the size: --controlnet-module,
+    --controlnet-resize), recorded as A1111's ControlNet extension writes its units; --from-png reads their
+    settings back and says which files to give (another number of ControlNets: without the image's
+    settings). A ControlNet made for another model exits 2 before anything is written."""
     from test_controlnet import torch_controlnet
-    from sdjax.cli_utils import load_init_image
+    from sdjax.preprocess import fit, preprocess, resize_map
     torch_controlnet(seed=4).save_pretrained(tmp_path / "tiny-cn")
     torch_controlnet(seed=5).save_pretrained(tmp_path / "depth-cn")
     torch_controlnet(seed=4, block_out_channels=(32, 64, 128)).save_pretrained(tmp_path / "wide-cn")
@@ -988,18 +1040,25 @@ def test_controlnet_flags_steer_the_images_and_are_recorded(pipe_dir, pipe, tmp_
              tmp_path / "depth-cn", "--control-image", tmp_path / "depth.png"]
     rc, _, stderr = run_main(capsys, "a dog", "--seeds", "4", *units, "--controlnet-scale", "0.7",
                              "--controlnet-scale", "1.2", "--controlnet-end", "0.5", "--controlnet-mode", "balanced",
-                             "--controlnet-mode", "prompt", "--model", pipe_dir, "--out", out, *small)
+                             "--controlnet-mode", "prompt", "--controlnet-module", "canny", "--controlnet-module",
+                             "none", "--controlnet-resize", "just", "--controlnet-resize", "crop",
+                             "--controlnet-canny-low", "50", "--model", pipe_dir, "--out", out, *small)
     assert rc == 0, stderr
     made = out / "00000-seed4-a-dog.png"
     assert I.read_png_parameters(made).endswith(
-        'Size: 32x32, Model: pipe, ControlNet 0: "Module: none, Model: tiny-cn, Weight: 0.7, Guidance Start: 0, '
-        'Guidance End: 0.5", ControlNet 1: "Module: none, Model: depth-cn, Weight: 1.2, Guidance Start: 0, Guidance '
-        'End: 0.5, Control Mode: My prompt is more important"')
+        'Size: 32x32, Model: pipe, ControlNet 0: "Module: canny, Model: tiny-cn, Weight: 0.7, Resize Mode: Just '
+        'Resize, Processor Res: 512, Threshold A: 50, Threshold B: 200, Guidance Start: 0, Guidance End: 0.5, Pixel '
+        'Perfect: False, Control Mode: Balanced", ControlNet 1: "Module: none, Model: depth-cn, Weight: 1.2, Resize '
+        'Mode: Crop and Resize, Guidance Start: 0, Guidance End: 0.5, Pixel Perfect: False, Control Mode: My prompt '
+        'is more important"')
     try:
         pipe.load_controlnet([tmp_path / "tiny-cn", tmp_path / "depth-cn"])
         assert pipe._controlled._cache_size() == 1   # (the run's program: another load of the same ones compiles none)
-        ref = pipe("a dog", seeds=[4], num_inference_steps=3, control_images=[control, load_init_image(
-                   tmp_path / "depth.png", 32, 32)], controlnet_conditioning_scale=[0.7, 1.2],
+        edges = fit(preprocess(control, "canny", 512, 50, 200), 32, 32)   # (the edges at 512 px, resized)
+        assert 0.05 < (edges > 127).mean() < 0.5   # (a random picture's edges: many, not everywhere)
+        depth_cropped = resize_map(np.asarray(Image.open(tmp_path / "depth.png")), 38, 32)   # (48x40 by 0.8)
+        ref = pipe("a dog", seeds=[4], num_inference_steps=3, control_images=[
+                   edges, depth_cropped[:, 3:35]], controlnet_conditioning_scale=[0.7, 1.2],
                    control_guidance_end=0.5, control_mode=["balanced", "prompt"]).to_pil()
     finally:
         pipe.load_controlnet(None)
@@ -1007,24 +1066,52 @@ def test_controlnet_flags_steer_the_images_and_are_recorded(pipe_dir, pipe, tmp_
     req, args = sample.parse_request(["--from-png", str(made), "--model", str(pipe_dir)])
     assert req.controlnet == [] and args.png_notes == [
         "--from-png: the image was made with the ControlNets tiny-cn and depth-cn: to make it again, pass --controlnet "
-        "PATH --control-image FILE (the processed control image) for each, in this order; this run makes it without"]
+        "PATH --control-image FILE (the picture its Module read; Module none: the control image) for each, in this "
+        "order; this run makes it without"]
     req, args = sample.parse_request(["--from-png", str(made), *map(str, units), "--model", str(pipe_dir)])
     assert (req.controlnet_scale, req.controlnet_end, req.controlnet_mode, args.png_notes) == (
         [0.7, 1.2], [0.5, 0.5], ["balanced", "prompt"], [])
+    assert (req.controlnet_module, req.controlnet_resize, req.controlnet_canny_low, req.controlnet_canny_high,
+            req.controlnet_processor_res, req.controlnet_pixel_perfect) == (
+        ["canny", "none"], ["just", "crop"], [50, 100], [200, 200], [512, 512], [False, False])
     req, _ = sample.parse_request(["--from-png", str(made), *map(str, units), "--controlnet-scale", "2"])
     assert (req.controlnet_scale, req.controlnet_end) == ([2.0], [0.5, 0.5])   # (a flag given replaces the image's)
     req, args = sample.parse_request(["--from-png", str(made), *map(str, units[:4]), "--model", str(pipe_dir)])
     assert (req.controlnet_scale, req.controlnet_start, req.controlnet_end) == ([], [], [])
     assert args.png_notes == ["--from-png: the image was made with 2 ControlNets (tiny-cn and depth-cn), this run "
-                              "with 1: the image's ControlNet settings (Weight, Guidance Start and End, Control Mode) "
-                              "are left out"]
+                              "with 1: the image's ControlNet settings (Weight, Guidance Start and End, Control Mode, "
+                              "Resize Mode, Module) are left out"]
+    assert req.controlnet_module == req.controlnet_resize == []
     (tmp_path / "p.yaml").write_text("controlnet_scale: 0.3\ncontrolnet_end: 0.6\n")   # (then a preset's hold)
     req, _ = sample.parse_request(["--config", str(tmp_path / "p.yaml"), "--from-png", str(made), *map(str, units[:4]),
                                    "--model", str(pipe_dir)])
-    assert [unit[2:] for unit in req.control_units] == [(0.3, 0.0, 0.6, "balanced")]
+    assert [(u.scale, u.start, u.end, u.mode) for u in req.control_units] == [(0.3, 0.0, 0.6, "balanced")]
     with pytest.raises(UsageError, match=re.escape(f"{tmp_path / 'p.yaml'}: key 'controlnet_scale' is a ControlNet's "
                                                    "setting: give --controlnet and --control-image too")):
         sample.parse_request(["--config", str(tmp_path / "p.yaml"), "--from-png", str(made)])   # (not the image's)
+    # with the Hires fix, the second pass's control images are the files made again at its size, and a canny
+    # unit's residuals are weighed softly there (its Control Mode balanced: "prompt"), as A1111's extension does
+    req, _ = sample.parse_request(["a dog", *map(str, units), "--controlnet-module", "canny", "--controlnet-module",
+                                   "none", "--controlnet-resize", "crop", "--hires-scale", "1.5", "--out",
+                                   str(tmp_path / "hires"), *small])
+
+    class Called(Exception):
+        pass
+
+    def batches(*args, **kwargs):
+        raise Called(kwargs)
+    pipe.batches = batches   # (an instance attribute over the method, taken away after)
+    try:
+        with pytest.raises(Called) as called:
+            run_sampling(pipe, req, progress="none")
+    finally:
+        del pipe.batches
+    kwargs = called.value.args[0]
+    depth_picture = np.asarray(Image.open(tmp_path / "depth.png"))
+    for key, size in (("control_images", 32), ("hires_control_images", 48)):
+        np.testing.assert_array_equal(kwargs[key][0], fit(preprocess(control, "canny"), size, size, "crop"))
+        np.testing.assert_array_equal(kwargs[key][1], fit(depth_picture, size, size, "crop"))
+    assert kwargs["control_mode"] == ["balanced", "balanced"] and kwargs["hires_control_mode"] == ["prompt", "balanced"]
     rc, _, stderr = run_main(capsys, "a dog", *units[:4], "--controlnet", tmp_path / "wide-cn", "--control-image",
                              tmp_path / "edges.png", "--model", pipe_dir, "--out", tmp_path / "none", *small)
     assert rc == 2 and not (tmp_path / "none").exists()
@@ -1549,6 +1636,19 @@ BAD_INPUTS = {
     "controlnet_window": (["a cat", "--controlnet", "{tmp}", "--control-image", "{tmp}/init.png",
                            "--controlnet-start", "0.6", "--controlnet-end", "0.4"], "error: --controlnet-start 0.6: "
                                                                                    "must be below --controlnet-end (0.4)"),
+    "controlnet_processor_res_range": (["a cat", "--controlnet", "{tmp}", "--control-image", "{tmp}/init.png",
+                                        "--controlnet-module", "canny", "--controlnet-processor-res", "32"],
+                                       "error: --controlnet-processor-res 32: must be a whole number from 64 to 2048 "
+                                       "(canny's resolution: the short side's pixels)"),
+    "controlnet_canny_threshold_range": (["a cat", "--controlnet", "{tmp}", "--control-image", "{tmp}/init.png",
+                                          "--controlnet-canny-low", "0"], "error: --controlnet-canny-low 0: must be a "
+                                         "whole number from 1 to 255 (a canny threshold of the pixels' gradient)"),
+    "controlnet_module_unknown": (["a cat", "--controlnet", "{tmp}", "--control-image", "{tmp}/init.png",
+                                   "--controlnet-module", "depth"], "argument --controlnet-module: invalid choice: "
+                                                                    "'depth' (choose from "),
+    "controlnet_module_alone": (["a cat", "--controlnet-module", "canny", "--controlnet-pixel-perfect"],
+                                "error: --controlnet-module canny: is a ControlNet's setting: give --controlnet and "
+                                "--control-image too"),
     "strength_range": (["a cat", "--init-image", "{tmp}/init.png", "--strength", "1.5"],
                        "--strength 1.5: must be a number in (0, 1]"),
     "strength_runs_no_step": (["a cat", "--init-image", "{tmp}/init.png", "--strength", "0.1", "--steps", "5"],

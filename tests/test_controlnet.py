@@ -382,7 +382,8 @@ def test_hires_fix_is_steered_in_both_passes(pipe, controlnet_dir):
     """With the Hires fix the ControlNet steers both passes: the images are the controlled first pass's
     (8-bit, resized with PIL's Lanczos) made again by controlled img2img at the larger size, the control
     images' 8-bit pictures resized alike (or hires_control_images, given at that size) and the guidance
-    window over the second pass's own steps."""
+    window over the second pass's own steps; with hires_control_mode, in that Control Mode (A1111's soft
+    weights there after its canny preprocessor)."""
     from PIL import Image
     from sdjax import HiresFix
     from sdjax.images import as_pil
@@ -406,6 +407,28 @@ def test_hires_fix_is_steered_in_both_passes(pipe, controlnet_dir):
         with pytest.raises(ValueError, match=f"hires_control_images are {SIZE}x{SIZE} and the second pass's images "
                                              f"{big}x{big}"):
             pipe(PROMPTS, num_inference_steps=STEPS, hires=hires, hires_control_images=images, **kw)
+        # (hires_control_mode: the second pass's program is called in that mode, the first's in control_mode; the
+        # modes' own arithmetic is test_control_modes_weigh_and_place_the_residuals_as_a1111's)
+        modes, program = [], pipe._controlled
+
+        class SecondPass(Exception):
+            pass
+
+        def spy(*args, control_mode="balanced", **kwargs):
+            modes.append(control_mode)
+            if len(modes) == 2:
+                raise SecondPass
+            return program(*args, control_mode=control_mode, **kwargs)
+        pipe._controlled = spy
+        try:
+            with pytest.raises(SecondPass):
+                pipe(PROMPTS, num_inference_steps=STEPS, hires=hires, hires_control_mode="prompt", **kw)
+        finally:
+            pipe._controlled = program
+        assert modes == ["balanced", "prompt"]
+        with pytest.raises(ValueError, match="hires_control_mode is the Control Mode of the Hires fix's second pass: "
+                                             "give control_images and hires too"):
+            pipe(PROMPTS, num_inference_steps=STEPS, hires_control_mode="prompt", **kw)
     finally:
         pipe.load_controlnet(None)
     assert ours.shape == want.shape == (2, big, big, 3)
