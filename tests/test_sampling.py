@@ -81,6 +81,40 @@ def test_matches_diffusers_pipeline(pipe, reference_pipe, name, steps):
         assert np.abs(ours - ref).max() <= 2e-5, (name, steps, negatives)
 
 
+def test_an_sd2_style_folder_matches_diffusers(tmp_path):
+    """A pipeline folder made as SD 2.x's are (diffusers' layout): a v-prediction scheduler, a UNet with
+    linear projections, a head dimension a block and fp32 attention scores (upcast_attention), a text
+    encoder with exact GELU and a tokenizer that pads with "!" (not its end token): sdjax's images are
+    diffusers' from the same noise (Euler, whose v-prediction step works in sigma space; the schedulers'
+    v-prediction steps are tests/test_schedulers.py's)."""
+    from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    torch.manual_seed(0)
+    unet = R.perturb_(UNet2DConditionModel(**{**R.TINY_UNET, "use_linear_projection": True,
+                                              "attention_head_dim": (2, 4, 4), "upcast_attention": True}), 1)
+    clip = R.perturb_(CLIPTextModel(CLIPTextConfig(**{**R.TINY_CLIP, "hidden_act": "gelu"})), 2)
+    tokenizer = CLIPTokenizer.from_pretrained(R.write_tiny_tokenizer(tmp_path / "tok"), pad_token="!")
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction")
+    StableDiffusionPipeline(vae=R.perturb_(AutoencoderKL(**R.TINY_VAE), 3), text_encoder=clip, tokenizer=tokenizer,
+                            unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(tmp_path / "sd2")
+    ref = StableDiffusionPipeline.from_pretrained(tmp_path / "sd2")
+    ref.set_progress_bar_config(disable=True)
+    ours = StableDiffusion.from_pretrained(tmp_path / "sd2")
+    assert ours.scheduler_config["prediction_type"] == "v_prediction"
+    ids = ours.tokenizer("a cat", padding="max_length", max_length=77).input_ids
+    assert ids[-1] == tokenizer.convert_tokens_to_ids("!") != tokenizer.eos_token_id
+    latents = latents_for(2)
+    ref.scheduler = EulerDiscreteScheduler.from_config(ref.scheduler.config)   # (the folder's: every key written)
+    want = ref(PROMPTS, negative_prompt=NEGATIVES, num_inference_steps=5, height=SIZE, width=SIZE,
+               latents=torch.from_numpy(latents.transpose(0, 3, 1, 2)), output_type="np").images
+    got = ours(PROMPTS, negative_prompts=NEGATIVES, num_inference_steps=5, height=SIZE, width=SIZE, scheduler="euler",
+               latents=latents).images
+    assert want.std() > 0.01 and np.abs(got - want).max() <= 2e-5
+
+
 def test_img2img_matches_diffusers_img2img_pipeline(pipe, reference_pipe, monkeypatch):
     """init_images + strength make diffusers' StableDiffusionImg2ImgPipeline's images from the same
     init image and noise: encoded, the posterior drawn with the seeds' posterior_keys (given to
