@@ -28,6 +28,7 @@ from sdjax.cli_utils import (COMPILATION_CACHE_HELP, CONTROL_MODES, CONTROLNET_S
                              loras_of_tags, parse_scheduler_options, parse_seeds, png_notes, read_prompts_file,
                              resolve_config_path, settings_from_png, validate_request)
 from sdjax.preprocess import CANNY_HIGH, CANNY_LOW, PREPROCESSORS, PROCESSOR_RES, RESIZE_MODES
+from sdjax.sampling import MASKED_CONTENTS
 
 PROG = "sample.py"
 CONFIG_DIRS = (Path(__file__).resolve().parent / "configs",)
@@ -136,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "picture back over each image through the blurred mask, softening the seam around the "
                         "repainted part (AUTOMATIC1111's Mask blur, its default 4; default 0: no blur, the images "
                         "the model's everywhere)")
+    p.add_argument("--masked-content", default="original", choices=list(MASKED_CONTENTS),
+                   help="with --mask: what the repainted part starts from, as AUTOMATIC1111's Masked content: "
+                        "original (default: the picture), fill (the picture there painted over with the colours "
+                        "around it), latent_noise (the seed's noise in its latents) or latent_nothing (zeros); "
+                        "below --strength 1 (from 1 the part starts from noise all the same)")
     p.add_argument("--controlnet", metavar="PATH", action=ReplacingAppend, default=[],
                    help="a ControlNet that steers the images by --control-image: a diffusers ControlNet folder or "
                         "Hub repo id (lllyasviel/control_v11p_sd15_canny, ...) made for SD 1.x, or a file in the "
@@ -143,8 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "several steer together (A1111's units), their residuals added")
     p.add_argument("--control-image", metavar="FILE", action=ReplacingAppend, default=[],
                    help="with --controlnet: the control image (an edge map, depth map, pose: already processed, as "
-                        "the ControlNet reads it), resized to --width x --height (default: the first one's own size, "
-                        "rounded down to multiples of 8); one a ControlNet, in --controlnet's order")
+                        "the ControlNet reads it; or a picture for --controlnet-module), fitted to --width x --height "
+                        "by --controlnet-resize (default: the first one's own size, rounded down to multiples of 8; "
+                        "with a preprocessor, its aspect at 512 px on the short side); one a ControlNet, in "
+                        "--controlnet's order")
     p.add_argument("--controlnet-scale", type=float, action=ReplacingAppend, default=[], metavar="X",
                    help="with --controlnet: the weight of its residuals (A1111's Control Weight; default 1); "
                         "several ControlNets: one for all, or repeated, one each")
@@ -172,9 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --controlnet-module canny: the resolution it finds the edges at, the control image "
                         f"resized so its short side is PX (AUTOMATIC1111's Processor Res; default {PROCESSOR_RES}); "
                         "one for all, or one each")
-    p.add_argument("--controlnet-pixel-perfect", action="store_const", const=[True], default=[],
+    p.add_argument("--controlnet-pixel-perfect", action=argparse.BooleanOptionalAction, default=[],
                    help="with --controlnet-module canny: its resolution from the images' size instead, so the edges "
-                        "are found at the images' own scale (AUTOMATIC1111's Pixel Perfect)")
+                        "are found at the images' own scale (AUTOMATIC1111's Pixel Perfect), for every ControlNet "
+                        "(one each: a preset's list)")
     p.add_argument("--controlnet-canny-low", type=int, action=ReplacingAppend, default=[], metavar="N",
                    help=f"with --controlnet-module canny: its low threshold, 1-255 (default {CANNY_LOW}; "
                         "AUTOMATIC1111's Threshold A); one for all, or one each")
@@ -233,6 +242,7 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
     pre.add_argument("--hires-scale")
     pre.add_argument("--mask-padding")
     pre.add_argument("--mask-blur")
+    pre.add_argument("--masked-content")
     known, _ = pre.parse_known_args(argv)
     parser = build_parser()
     preset, path = {}, None
@@ -321,6 +331,10 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
         args.mask_padding = None   # (an "Only masked" image's, without its mask: the note says to pass --mask)
     if png is not None and "mask_blur" in png.flags and args.mask is None and known.mask_blur is None:
         args.mask_blur = 0.0   # (likewise an inpainted image's Mask blur)
+    if png is not None and "masked_content" in png.flags and args.mask is None and known.masked_content is None:
+        args.masked_content = "original"   # (and its Masked content)
+    if isinstance(args.controlnet_pixel_perfect, bool):   # (the flag: for every ControlNet)
+        args.controlnet_pixel_perfect = [args.controlnet_pixel_perfect]
     try:   # an init image sets the size that is not given: its own, rounded down to multiples of 8
         own_size = args.init_image is not None and args.mask_padding is None   # (only masked: the box's size)
         size = (init_image_size(args.init_image) if own_size
@@ -328,6 +342,9 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
                 else (512, 512))
     except UsageError as e:
         raise _from_the_preset(e, preset, path, args, sys.argv[1:] if argv is None else argv) from None
+    if not own_size and args.control_image and (args.controlnet_module or ["none"])[0] != "none":
+        # (a picture for a preprocessor, a photo of any size: its aspect at SD v1.5's 512 px on the short side)
+        size = tuple(round(side * 512 / min(size)) for side in size)
     height, width = (size[i] // 8 * 8 if given is None else given for i, given in ((1, args.height), (0, args.width)))
     emphasis = str(args.emphasis).strip().lower().replace("-", "_").replace(" ", "_")   # (also A1111's "No norm")
     given = sys.argv[1:] if argv is None else argv
@@ -345,7 +362,8 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
                         embedding=list(args.embedding),
                         steps=args.steps, guidance_scale=args.guidance_scale, scheduler=args.scheduler,
                         init_image=args.init_image, strength=strength, mask=args.mask,
-                        mask_padding=args.mask_padding, mask_blur=args.mask_blur, controlnet=list(args.controlnet),
+                        mask_padding=args.mask_padding, mask_blur=args.mask_blur,
+                        masked_content=args.masked_content, controlnet=list(args.controlnet),
                         control_image=list(args.control_image),
                         **{name: list(getattr(args, name)) for name in CONTROLNET_SETTINGS},
                         hires_scale=args.hires_scale,
@@ -362,10 +380,20 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
             for name in CONTROLNET_SETTINGS:
                 flag = f"--{name.replace('_', '-')}"
                 if flag in given_argv:
-                    values = " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in getattr(args, name))
-                    raise UsageError(f"{flag} {values}: {reason}",
-                                     setting=name, reason=reason)
+                    values = " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in getattr(args, name)
+                                      if not isinstance(v, bool))   # (a switch: the flag alone)
+                    raise UsageError(f"{flag} {values}".strip() + f": {reason}", setting=name, reason=reason)
                 if name in preset:   # (the preset's, though an image's value may stand in its place)
+                    raise UsageError(f"{path}: key {name!r} {reason}")
+        elif not any(unit.module == "canny" for unit in req.control_units):   # (canny's settings, given for none)
+            given_argv = [str(a).split("=")[0] for a in (sys.argv[1:] if argv is None else argv)]
+            reason = "is the canny preprocessor's setting: give --controlnet-module canny too"
+            for name in ("controlnet_processor_res", "controlnet_canny_low", "controlnet_canny_high",
+                         "controlnet_pixel_perfect"):
+                flag = f"--{name.replace('_', '-')}"
+                if flag in given_argv and getattr(args, name) != [False]:
+                    raise UsageError(f"{flag}: {reason}", setting=name, reason=reason)
+                if name in preset:
                     raise UsageError(f"{path}: key {name!r} {reason}")
         validate_request(req)
     except UsageError as e:

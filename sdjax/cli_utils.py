@@ -29,8 +29,8 @@ from sdjax.models.layers import attention_setting_problem
 from sdjax.pipeline import (DEFAULT_MODEL, HIRES_STRENGTH, HIRES_UPSCALERS, MAX_SEED, HiresFix,  # noqa: F401
                             model_options_problem)                  # (DEFAULT_MODEL, MAX_SEED: for sample.py)
 from sdjax.preprocess import (CANNY_HIGH, CANNY_LOW, CANNY_RANGE, PREPROCESSORS, PROCESSOR_RES, PROCESSOR_RES_RANGE,
-                              RESIZE_MODE_ALIASES, RESIZE_MODES, ControlUnit)
-from sdjax.sampling import CONTROL_MODES, DEFAULT_STRENGTH
+                              PREPROCESSOR_ALIASES, RESIZE_MODE_ALIASES, RESIZE_MODES, ControlUnit)
+from sdjax.sampling import CONTROL_MODES, DEFAULT_STRENGTH, MASKED_CONTENTS
 from sdjax.schedulers import SCHEDULERS, resolve_scheduler_config
 from sdjax.text import EMPHASIS_MODES
 from sdjax.weights import DTYPE_NAMES
@@ -228,6 +228,8 @@ CONFIG_KEYS: dict[str, tuple[type | tuple, str]] = {
     "mask_padding": (int, "with mask: inpaint only the box around it, this many pixels wider (A1111's Only masked)"),
     "mask_blur": ((int, float), "with mask: blur it this many pixels and lay the picture back over the images "
                   "through it, softening the seam (A1111's Mask blur; 0: none)"),
+    "masked_content": (str, f"with mask: what the repainted part starts from (A1111's Masked content): "
+                       f"{', '.join(MASKED_CONTENTS)} (default original)"),
     "controlnet": ((str, list), "ControlNets that steer the images, one or a list (their residuals add up): diffusers "
                    "ControlNet folders or Hub repo ids, or original-layout files (.pth, .safetensors)"),
     "control_image": ((str, list), "with controlnet: each ControlNet's control image (an edge map, depth map, pose; "
@@ -486,6 +488,7 @@ class SampleRequest:
     mask: str | None = None           # inpainting: the mask of init_image (white: repaint)
     mask_padding: int | None = None   # "only masked" inpainting: the box around the mask, this much wider
     mask_blur: float = 0.0            # inpainting: A1111's Mask blur, pixels (0: none)
+    masked_content: str = "original"  # inpainting: A1111's Masked content (sdjax.sampling.MASKED_CONTENTS)
     # ControlNets (folders, Hub repo ids or original-layout files; several: their residuals add up) and one
     # control image each, resized to width x height; their settings, one for all or one each ([]: the default)
     controlnet: list[str] = dataclasses.field(default_factory=list)
@@ -734,8 +737,9 @@ def settings_from_png(path: str | os.PathLike) -> PngSettings:
     for _, field in units:
         unit = dict(part.split(": ", 1) for part in fields.pop(field).split(", ") if ": " in part)
         name, module = unit.get("Model", "?"), unit.get("Module", "none")
+        module, other_module = PREPROCESSOR_ALIASES.get(module, module), None
         if module not in PREPROCESSORS:   # (its map given processed is the same: Module none)
-            name, module = f"{name} (preprocessor {module})", "none"
+            name, module, other_module = f"{name} (preprocessor {module})", "none", module
         controlnets.append(name)
         flags.setdefault("controlnet_module", []).append(module)
         # (A1111 reads a unit without a Resize Mode as its default, Crop and Resize; sample.py's wrote Just Resize)
@@ -762,6 +766,9 @@ def settings_from_png(path: str | os.PathLike) -> PngSettings:
         flags.setdefault("controlnet_mode", []).append(mode or "balanced")
         # (sdjax has its Control Modes, and with the Hires fix A1111's default Hr Option, Both passes)
         other = [] if mode else [f"Control Mode {unit['Control Mode']} (sdjax: balanced)"]
+        if other_module:
+            other.append(f"Module {other_module} (sdjax: none, the control image given as the ControlNet reads it: "
+                         "give its processed map)")
         if resize is None:
             other.append(f"Resize Mode {resize_name} (sdjax: Just Resize)")
         if unit.get("Hr Option", "Both") != "Both":
@@ -773,6 +780,11 @@ def settings_from_png(path: str | os.PathLike) -> PngSettings:
         flags["mask_padding"] = number("Masked area padding", int) if "Masked area padding" in fields else 32
     if masked:
         flags["mask_blur"] = number("Mask blur", float)
+    content = fields.pop("Masked content", "original")   # (A1111 writes it for fill, latent noise and nothing)
+    if content in MASKED_CONTENTS.values():
+        flags["masked_content"] = {v: k for k, v in MASKED_CONTENTS.items()}[content]
+    else:
+        fields["Masked content"] = f"{content} (sdjax: original)"
     hires_left_out = None
     if hires:   # A1111 writes no Hires upscaler for its default, Latent
         upscaler, by_name = fields.get("Hires upscaler", "Latent"), {v: k for k, v in HIRES_UPSCALER_NAMES.items()}
@@ -931,7 +943,8 @@ def png_notes(png: PngSettings, args) -> list[str]:
                 setattr(args, name, list(getattr(args, "preset", {}).get(name, [])))
         notes.append(f"--from-png: the image was made with {count(len(png.controlnets), 'ControlNet')} "
                      f"({' and '.join(png.controlnets)}), this run with {len(args.controlnet)}: the image's ControlNet "
-                     "settings (Weight, Guidance Start and End, Control Mode, Resize Mode, Module) are left out")
+                     "settings (Weight, Guidance Start and End, Control Mode, Resize Mode, Module and its settings) "
+                     "are left out")
     loaded = {Path(file).stem.lower() for file in args.embedding}   # (an A1111 file's token; a diffusers
     for file in args.embedding:                                       # file's is inside it)
         try:
@@ -950,13 +963,15 @@ def png_notes(png: PngSettings, args) -> list[str]:
                          f"(--{what.lower()})")
     size = png.flags.get("width"), png.flags.get("height")   # (an "Only masked" image's: its box's)
     boxed = png.flags.get("mask_padding") is not None
+    content = png.flags.get("masked_content", "original")
+    boxed_or_filled = (", Only masked" if boxed else "") + (
+        f", Masked content {MASKED_CONTENTS[content]}" if content != "original" else "")
     if png.masked and args.init_image is None:
-        notes.append("--from-png: the image was made by inpainting a picture (a mask" + (
-            ", Only masked" if boxed else "") + (
+        notes.append("--from-png: the image was made by inpainting a picture (a mask" + boxed_or_filled + (
             f", Denoising strength {png.strength:g}" if png.strength is not None else "") + "): to make it again, pass "
             "--init-image PICTURE --mask MASK; this run makes one from noise")
     elif png.masked and args.mask is None:
-        notes.append("--from-png: the image was made by inpainting (a mask" + (", Only masked" if boxed else "")
+        notes.append("--from-png: the image was made by inpainting (a mask" + boxed_or_filled
                      + "): to make it again, pass --mask MASK too; this run repaints the whole picture" + (
                          f", at {size[0]}x{size[1]}: the size of the box around the mask it was made at, not the "
                          "picture's" if boxed and size == (args.width, args.height) else ""))
@@ -1153,6 +1168,12 @@ def validate_request(req: SampleRequest) -> None:
                            "is 4)")
     if req.mask_blur and req.mask is None:
         raise _bad_setting("mask_blur", req.mask_blur, "softens an inpainting mask's edge: give --mask too")
+    if req.masked_content not in MASKED_CONTENTS:
+        raise _bad_setting("masked_content", req.masked_content, f"choose one of {', '.join(MASKED_CONTENTS)} "
+                           "(A1111's Masked content)")
+    if req.masked_content != "original" and req.mask is None:
+        raise _bad_setting("masked_content", req.masked_content, "is what the part --mask marks starts from: give "
+                           "--mask too")
     _validate_controlnets(req)
     if req.mask_padding is not None:
         if isinstance(req.mask_padding, bool) or not isinstance(req.mask_padding, int) or req.mask_padding < 0:
@@ -1246,16 +1267,17 @@ def _validate_controlnets(req: SampleRequest) -> None:
     for unit in req.control_units:
         if unit.start >= unit.end:
             raise _bad_setting("controlnet_start", f"{unit.start:g}", f"must be below --controlnet-end ({unit.end:g})")
-    if any(unit.module == "canny" for unit in req.control_units):
-        try:
-            from sdjax.preprocess import _opencv
-            _opencv()
-        except ImportError as e:
-            raise _bad_setting("controlnet_module", "canny", str(e)) from None
-    for image in req.control_image:
-        init_image_size(image, "control_image")
+    try:
+        from sdjax.preprocess import _opencv
+        _opencv()
+    except ImportError as e:
+        raise _bad_setting("controlnet", req.controlnet[0], str(e)) from None
+    for unit in req.control_units:
+        width, height = init_image_size(unit.image, "control_image")
+        if problem := unit.problem((height, width), req.width, req.height):
+            raise _bad_setting("control_image", unit.image, problem)
         if req.mask_padding is not None:
-            raise _bad_setting("control_image", image, "is not available with --mask-padding: leave either out")
+            raise _bad_setting("control_image", unit.image, "is not available with --mask-padding: leave either out")
 
 
 def _validate_hires(req: SampleRequest) -> None:
@@ -1604,10 +1626,12 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
         first_call = img2img_start(req.steps, strength)
     units = req.control_units   # (several ControlNets: a list of each one's control images and settings)
     one = lambda values: values if len(units) > 1 else values[0]  # noqa: E731
-    controlled, pictures = {}, [load_init_image(unit.image) for unit in units]
+    # (each picture preprocessed once and fitted to each pass's size, as A1111's extension makes them)
+    sizes = [(req.width, req.height)] + ([] if req.hires is None else [req.hires.size(req.height, req.width)[::-1]])
+    made = [unit.control_images(load_init_image(unit.image), *sizes) for unit in units]
+    controlled = {}
     if units:
-        controlled = dict(control_images=one([unit.control_image(picture, req.width, req.height)
-                                              for unit, picture in zip(units, pictures)]),
+        controlled = dict(control_images=one([images[0] for images in made]),
                           controlnet_conditioning_scale=one([unit.scale for unit in units]),
                           control_guidance_start=one([unit.start for unit in units]),
                           control_guidance_end=one([unit.end for unit in units]),
@@ -1619,10 +1643,8 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
         hires_steps = hires.steps or req.steps
         calls += (pipe.make_scheduler(req.scheduler, hires_steps, **req.scheduler_options).num_model_calls
                   - img2img_start(hires_steps, hires.strength))
-        if units:   # (the second pass's control images: each file's made at its size, as A1111's extension does)
-            h2, w2 = hires.size(req.height, req.width)
-            controlled["hires_control_images"] = one([unit.control_image(picture, w2, h2)
-                                                      for unit, picture in zip(units, pictures)])
+        if units:   # (the second pass's control images: each unit's map fitted to its size)
+            controlled["hires_control_images"] = one([images[1] for images in made])
             controlled["hires_control_mode"] = one([unit.hires_mode() for unit in units])
     loras = lora_tags(req.lora)
     embeddings = embedding_hashes(req.embedding) if writer else []
@@ -1667,6 +1689,7 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
                                    scheduler_options=req.scheduler_options, clip_skip=req.clip_skip,
                                    init_images=init, strength=strength, mask_images=mask,
                                    mask_padding=req.mask_padding, mask_blur=req.mask_blur,
+                                   masked_content=req.masked_content,
                                    prompt_weighting=req.prompt_weighting,
                                    hires=hires, emphasis=req.emphasis, **controlled, **varied)
             for batch, out in zip(bar, outputs, strict=True):
@@ -1698,6 +1721,7 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
                                               prompt_weighting=req.prompt_weighting, emphasis=req.emphasis,
                                               variation_seed=variation, variation_strength=req.variation_strength,
                                               mask_blur=None if req.mask is None else req.mask_blur,
+                                              masked_content=None if req.mask is None else req.masked_content,
                                               mask_padding=req.mask_padding,
                                               controlnets=units,
                                               embeddings=embeddings_used(pipe.tokenizer, embeddings,

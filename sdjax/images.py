@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageOps
 from PIL.PngImagePlugin import PngInfo
 
 # sdjax scheduler name -> the sampler name A1111 writes for the equivalent diffusers scheduler
@@ -148,6 +148,7 @@ def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, sche
                      hires_upscaler: str = "latent", emphasis: str = "original",
                      variation_seed: int | None = None, variation_strength: float = 0.0,
                      mask_blur: float | None = None, mask_padding: int | None = None,
+                     masked_content: str | None = None,
                      controlnets: Sequence = ()) -> str:
     """Generation settings as AUTOMATIC1111 writes them into the PNG ``parameters`` text chunk::
 
@@ -181,7 +182,8 @@ def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, sche
     0.3``, as A1111 writes them.
     ``mask_blur`` (inpainting: the mask's blur in pixels, `blur_mask`) as A1111 writes it for every inpainting
     image, ``Mask blur: 4`` (0 too); ``mask_padding`` ("only masked" inpainting) as
-    ``Inpaint area: Only masked, Masked area padding: 32``.
+    ``Inpaint area: Only masked, Masked area padding: 32``; ``masked_content`` other than "original" as
+    ``Masked content: latent noise`` (`sdjax.sampling.MASKED_CONTENTS`).
     ``controlnets``, a `sdjax.preprocess.ControlUnit` of each ControlNet (or (PATH, WEIGHT, START, END[,
     MODE]): its folder, repo id or file; the weight of its residuals; the share of the steps it steers from
     and to; its Control Mode, `sdjax.sampling.CONTROL_MODES`; the rest the defaults), as A1111's ControlNet
@@ -219,6 +221,9 @@ def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, sche
         fields.append(("Denoising strength", _number(denoising_strength)))
     if mask_blur is not None:
         fields.append(("Mask blur", _number(mask_blur)))
+    if masked_content not in (None, "original"):   # (A1111 writes its other choices)
+        from sdjax.sampling import MASKED_CONTENTS
+        fields.append(("Masked content", MASKED_CONTENTS[masked_content]))
     if mask_padding is not None:
         fields += [("Inpaint area", "Only masked"), ("Masked area padding", mask_padding)]
     from sdjax.preprocess import RESIZE_MODES, ControlUnit
@@ -420,21 +425,35 @@ def mask_batch(masks, name: str = "mask_images") -> np.ndarray:
 
 
 def blur_mask(masks_BHW1, blur: float) -> np.ndarray:
-    """AUTOMATIC1111's "Mask blur": masks [B, H, W, 1] in [0, 1] blurred by a Gaussian of standard deviation
-    ``blur`` pixels, across then down, each pass over 2 * int(2.5 * blur + 0.5) + 1 pixels with mirrored
-    edges (``gfedcb|abcdefgh|gfedcba``) and rounded to 8 bits, as A1111 blurs its 8-bit masks with OpenCV's
-    ``GaussianBlur`` (to within 5/255 of its fixed-point arithmetic). float32, of 1/255 steps; 0:
-    the masks as they are."""
+    """AUTOMATIC1111's "Mask blur": masks [B, H, W, 1] in [0, 1] as 8-bit masks blurred by a Gaussian of
+    standard deviation ``blur`` pixels, across then down, each pass over 2 * int(2.5 * blur + 0.5) + 1 pixels
+    with mirrored edges (``gfedcb|abcdefgh|gfedcba``): OpenCV's ``GaussianBlur``, called as A1111 calls it.
+    float32, of 1/255 steps; 0: the masks as they are."""
     masks = np.asarray(masks_BHW1, np.float32)
     if not blur:
         return masks
-    from scipy import ndimage
-    radius = int(2.5 * blur + 0.5)
-    taps = np.exp(-np.arange(-radius, radius + 1) ** 2 / (2 * blur * blur))
-    levels = np.round(masks * 255).astype(np.float64)
-    for axis in (2, 1):   # (two OpenCV calls in A1111: each rounds to uint8)
-        levels = np.floor(ndimage.correlate1d(levels, taps / taps.sum(), axis=axis, mode="mirror") + 0.5)
-    return (levels.clip(0, 255) / 255).astype(np.float32)
+    from sdjax.preprocess import _opencv
+    cv2 = _opencv()
+    size = 2 * int(2.5 * blur + 0.5) + 1
+    levels = np.round(masks[..., 0] * 255).astype(np.uint8)
+    blurred = [cv2.GaussianBlur(cv2.GaussianBlur(mask, (size, 1), blur), (1, size), blur) for mask in levels]
+    return (np.stack(blurred)[..., None] / 255).astype(np.float32)
+
+
+def fill_masked(picture: Image.Image, mask: Image.Image) -> Image.Image:
+    """AUTOMATIC1111's inpainting "Masked content: fill": ``picture`` with the part ``mask`` marks (white;
+    grays partly) painted over by the colours around it, as A1111 makes it: the kept part (the mask's
+    inverse as its alpha) blurred at radii 256, 64, 16, 4, 2 and 0 pixels, the blurs laid one over the
+    other (1, 1, 2, 4, 2 and 1 times), so each masked pixel takes the colour of the nearest kept ones and
+    the kept part stays as it is. An RGB image."""
+    kept = Image.new("RGBa", picture.size)   # (premultiplied: a blur averages the kept colours alone)
+    kept.paste(picture.convert("RGBA").convert("RGBa"), mask=ImageOps.invert(mask.convert("L")))
+    out = Image.new("RGBA", picture.size)
+    for radius, times in ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1)):
+        layer = kept.filter(ImageFilter.GaussianBlur(radius)).convert("RGBA")
+        for _ in range(times):
+            out.alpha_composite(layer)
+    return out.convert("RGB")
 
 
 def mask_crop_region(mask_HW, width: int, height: int, padding: int) -> tuple[int, int, int, int]:

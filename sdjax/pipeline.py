@@ -921,7 +921,8 @@ class StableDiffusion:
                  *, batch_size: int | None = None, return_intermediates: int | Sequence[int] | None = None,
                  scheduler_options: dict | None = None, progress: bool | str | _Bar = False, clip_skip: int = 1,
                  init_images: Any = None, strength: float | None = None, mask_images: Any = None,
-                 mask_padding: int | None = None, mask_blur: float = 0, control_images: Any = None,
+                 mask_padding: int | None = None, mask_blur: float = 0, masked_content: str = "original",
+                 control_images: Any = None,
                  controlnet_conditioning_scale: float = 1.0, control_guidance_start: float = 0.0,
                  control_guidance_end: float = 1.0, control_mode: str | Sequence[str] = "balanced",
                  prompt_weighting: bool = False,
@@ -989,6 +990,11 @@ class StableDiffusion:
         beyond it) and ``images`` the init images' where it is black (an 8-bit picture's pixels exactly).
         Without a blur the images are the model's everywhere, as diffusers' (A1111 lays the picture back over
         them at 0 too). The intermediates are the model's.
+        ``masked_content`` (with masks): AUTOMATIC1111's Masked content, what the repainted part starts from
+        below strength 1: "original" (default: the picture), "fill" (the pictures with the part painted over
+        by the colours around it before they are encoded, `sdjax.images.fill_masked`, through the blurred
+        mask with ``mask_blur``), "latent_noise" or "latent_nothing" (the seed's noise or zeros in the
+        part's latents, `sdjax.sampling.generate`'s ``masked_noise_scale``; one compiled program for both).
         ``control_images`` (with a ControlNet, `load_controlnet`): the control image (edges, depth, a pose) of
         each image, or one for all: a PIL image, a list of them, or an array [B or 1, H, W, 3] of uint8
         pixels or floats in [0, 1], of the images' size (``height`` x ``width``, which default to the
@@ -1062,7 +1068,7 @@ class StableDiffusion:
             latents, batch_size=batch_size, return_intermediates=return_intermediates,
             scheduler_options=scheduler_options, progress=progress, clip_skip=clip_skip,
             init_images=init_images, strength=strength, mask_images=mask_images, mask_padding=mask_padding,
-            mask_blur=mask_blur, control_images=control_images,
+            mask_blur=mask_blur, masked_content=masked_content, control_images=control_images,
             controlnet_conditioning_scale=controlnet_conditioning_scale, control_guidance_start=control_guidance_start,
             control_guidance_end=control_guidance_end, control_mode=control_mode, prompt_weighting=prompt_weighting,
             hires=hires, hires_control_images=hires_control_images, hires_control_mode=hires_control_mode,
@@ -1083,7 +1089,8 @@ class StableDiffusion:
                 *, batch_size: int | None = None, return_intermediates: int | Sequence[int] | None = None,
                 scheduler_options: dict | None = None, progress: bool | str | _Bar = False, clip_skip: int = 1,
                 init_images: Any = None, strength: float | None = None, mask_images: Any = None,
-                mask_padding: int | None = None, mask_blur: float = 0, control_images: Any = None,
+                mask_padding: int | None = None, mask_blur: float = 0, masked_content: str = "original",
+                control_images: Any = None,
                 controlnet_conditioning_scale: float = 1.0, control_guidance_start: float = 0.0,
                 control_guidance_end: float = 1.0, control_mode: str | Sequence[str] = "balanced",
                 prompt_weighting: bool = False,
@@ -1173,6 +1180,18 @@ class StableDiffusion:
             init_images, mask_images = paste[2][:2]
         elif soft is not None:   # the picture laid back over each image through the blur, its grays doubled
             paste = (init_images, np.minimum(2 * soft, 1), None)
+        if masked_content not in sampling.MASKED_CONTENTS:
+            raise ValueError(f"masked_content={masked_content!r}: choose one of {', '.join(sampling.MASKED_CONTENTS)} "
+                             "(AUTOMATIC1111's Masked content)")
+        if masked_content != "original" and mask_images is None:
+            raise ValueError(f"masked_content={masked_content!r} is what the part an inpainting mask marks starts "
+                             "from: give mask_images")
+        if masked_content == "fill":   # (the pictures' part painted over before they are encoded, the blur's grays)
+            from sdjax.images import as_pil, fill_masked, image_batch
+            fills = soft if soft is not None and mask_padding is None else mask_images
+            init_images = image_batch([fill_masked(as_pil(init_images[k % len(init_images)]),
+                                                   as_pil(fills[k % len(fills)][..., 0]))
+                                       for k in range(max(len(init_images), len(fills)))])
         # ControlNets: one control image batch, scale and window each (several: lists, as diffusers takes them)
         several = len(self.controlnet) if isinstance(self.controlnet, tuple) else 0
         controls = None
@@ -1381,14 +1400,14 @@ class StableDiffusion:
                                                            variation_strength=np.float32(variation_strength))
         return self._batches(prompts, negatives, seeds, ids, neg_ids, latents, init_images, first_call, sched,
                              latent_shape, guidance_scale, steps, per_call, progress, clip_skip, text_inputs, second,
-                             variation, mask_images, paste,
+                             variation, mask_images, paste, masked_content,
                              None if controls is None else (controls, [sampling.control_scales(
                                  sched.num_model_calls - first_call, *window) for window in windows],
                                  self._controlled, self._controlnet_state, bool(several), tuple(modes)))
 
     def _batches(self, prompts, negatives, seeds, ids, neg_ids, latents, init_images, first_call, sched,
                  latent_shape, guidance_scale, steps, per_call, progress, clip_skip,
-                 text_inputs, second=None, variation=None, masks=None, paste=None,
+                 text_inputs, second=None, variation=None, masks=None, paste=None, masked_content="original",
                  control=None) -> Iterator[StableDiffusionOutput]:
         """`batches`' generator, on its checked arguments: dispatches batch k + 1 before fetching batch k
         (with the Hires fix's Lanczos upscaler, the first pass's images are fetched in between)."""
@@ -1425,6 +1444,8 @@ class StableDiffusion:
                 inputs = lambda d: {k: v if np.ndim(v) == 0 else shard(v) for k, v in d.items()}  # noqa: E731
                 varied = inputs(variation or {})
                 masked = {} if masks is None else dict(mask_BHW1=one_mask if one_mask is not None else shard(masks))
+                if masked_content in ("latent_noise", "latent_nothing"):   # (an input: both one program)
+                    masked["masked_noise_scale"] = np.float32(masked_content == "latent_noise")
 
                 def controlled(k: int) -> dict:   # pass k's ControlNet inputs (1: the Hires fix's second pass)
                     if control is None:

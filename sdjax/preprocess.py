@@ -21,8 +21,10 @@ RESIZE_MODES = {"just": "Just Resize", "crop": "Crop and Resize", "fill": "Resiz
 # the extension's older names of two modes, which older images carry
 RESIZE_MODE_ALIASES = {"Inner Fit (Scale to Fit)": "crop", "Scale to Fit (Inner Fit)": "crop",
                        "Outer Fit (Shrink to Fit)": "fill", "Envelope (Outer Fit)": "fill"}
-# the preprocessors sdjax runs ("none": the control image is given processed)
+# the preprocessors sdjax runs ("none": the control image is given processed), and the names the extension's
+# menu gives some, which its units record
 PREPROCESSORS = ("none", "canny", "invert")
+PREPROCESSOR_ALIASES = {"invert (from white bg & black line)": "invert"}
 # the extension's defaults and ranges for canny's "Processor Res" and its two thresholds
 PROCESSOR_RES, PROCESSOR_RES_RANGE = 512, (64, 2048)
 CANNY_LOW, CANNY_HIGH, CANNY_RANGE = 100, 200, (1, 255)
@@ -45,13 +47,35 @@ class ControlUnit:
     high_threshold: int = CANNY_HIGH
     pixel_perfect: bool = False   # Processor Res from the images' size instead (A1111's Pixel Perfect)
 
+    def resolution(self, shape: tuple[int, int], width: int, height: int) -> int:
+        """The preprocessor's resolution for a picture of ``shape`` (H, W) and images of ``width`` x
+        ``height``: Processor Res, or with Pixel Perfect the images' own scale."""
+        return (pixel_perfect_resolution(shape, width, height, self.resize) if self.pixel_perfect
+                else self.processor_res)
+
+    def control_images(self, picture: np.ndarray, *sizes: tuple[int, int]) -> list[np.ndarray]:
+        """The control image for images of each (width, height) of ``sizes``: ``picture`` (uint8 RGB [H, W,
+        3], the file as read) preprocessed once by the unit's module (Pixel Perfect: at the first size's
+        scale), then fitted to each size by its resize mode, as the extension makes the Hires fix's second
+        pass's from the first's map."""
+        detected = preprocess(picture, self.module, self.resolution(picture.shape[:2], *sizes[0]),
+                              self.low_threshold, self.high_threshold)
+        return [fit(detected, width, height, self.resize) for width, height in sizes]
+
     def control_image(self, picture: np.ndarray, width: int, height: int) -> np.ndarray:
-        """The control image for images of ``width`` x ``height``: ``picture`` (uint8 RGB [H, W, 3], the
-        file as read) preprocessed by the unit's module and fitted by its resize mode."""
-        res = (pixel_perfect_resolution(picture.shape[:2], width, height, self.resize) if self.pixel_perfect
-               else self.processor_res)
-        detected = preprocess(picture, self.module, res, self.low_threshold, self.high_threshold)
-        return fit(detected, width, height, self.resize)
+        """The control image for images of ``width`` x ``height`` (`control_images` of one size)."""
+        return self.control_images(picture, (width, height))[0]
+
+    def problem(self, shape: tuple[int, int], width: int, height: int) -> str | None:
+        """Why a picture of ``shape`` (H, W) cannot be made into this unit's control image for images of
+        ``width`` x ``height`` (a side scaled to no pixels), or None."""
+        h, w = shape
+        if self.module == "canny" and (res := self.resolution(shape, width, height)) < 1:   # (its short side: res)
+            return f"is {w}x{h}: at the images' scale (Pixel Perfect) canny would find its edges at {res} px"
+        if self.resize != "just" and min(fit_size(shape, width, height, self.resize)) < 1:
+            return (f"is {w}x{h}: fitted to {width}x{height} ({RESIZE_MODES[self.resize]}) a side of it has no "
+                    "pixels")
+        return None
 
     def hires_mode(self) -> str:
         """The Control Mode of the Hires fix's second pass: the extension weighs the residuals softly there
@@ -177,6 +201,14 @@ def resize_map(image: np.ndarray, width: int, height: int) -> np.ndarray:
     return np.repeat(lines[:, :, None], 3, axis=2)
 
 
+def fit_size(shape: tuple[int, int], width: int, height: int, resize: str) -> tuple[int, int]:
+    """The size (H, W) a picture of ``shape`` is scaled to before "crop" cuts it or "fill" pads it: scaled by
+    the larger of the two ratios (crop) or the smaller (fill), each side rounded."""
+    h, w = shape
+    k = (max if resize == "crop" else min)(height / h, width / w)
+    return int(np.round(h * k)), int(np.round(w * k))
+
+
 def fit(image: np.ndarray, width: int, height: int, resize: str = "just") -> np.ndarray:
     """``image`` (uint8 RGB [H, W, 3]) fitted to ``width`` x ``height`` by A1111's resize mode ``resize``:
     "just" (Just Resize: stretched), "crop" (Crop and Resize: scaled by the larger of the two ratios, each
@@ -187,9 +219,7 @@ def fit(image: np.ndarray, width: int, height: int, resize: str = "just") -> np.
         raise ValueError(f"resize mode {resize!r}: sdjax has {', '.join(RESIZE_MODES)}")
     if resize == "just":
         return resize_map(image, width, height)
-    h, w = image.shape[:2]
-    k = (max if resize == "crop" else min)(height / h, width / w)
-    new_h, new_w = int(np.round(h * k)), int(np.round(w * k))
+    new_h, new_w = fit_size(image.shape[:2], width, height, resize)
     scaled = resize_map(image, new_w, new_h)
     if resize == "crop":
         top, left = max(0, (new_h - height) // 2), max(0, (new_w - width) // 2)

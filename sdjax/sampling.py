@@ -326,6 +326,11 @@ def predicted_clean(scheduler: Scheduler, model_input, model_output, i) -> jax.A
 # softly, the deeper ones more (ControlNet 1.1's soft injection: residual i of n times 0.825 ** (n - 1 - i));
 # "controlnet" does so too and steers only the prompt's rows of guidance, not the negative prompt's (its
 # "guess mode": the prompt's prediction alone carries the control)
+# AUTOMATIC1111's inpainting "Masked content", what the repainted part starts from (sdjax's name -> A1111's):
+# the picture's own latents, the picture filled with the colours around the part (before it is encoded:
+# `sdjax.images.fill_masked`), the seed's noise or zeros in their place
+MASKED_CONTENTS = {"original": "original", "fill": "fill", "latent_noise": "latent noise",
+                   "latent_nothing": "latent nothing"}
 CONTROL_MODES = {"balanced": "Balanced", "prompt": "My prompt is more important",
                  "controlnet": "ControlNet is more important"}
 SOFT_INJECTION_BASE = 0.825
@@ -748,7 +753,8 @@ def generate(graphdefs: SDState, state: SDState, scheduler: Scheduler, cond_ids_
              decode: bool = True, cond_part_weights_BK=None, cond_lengths_BP=None,
              restore_mean: bool = True, variation_seeds_B=None, variation_strength=None,
              mask_BHW1=None, controlnet_graphdef=None, controlnet_state=None, control_images_BHWC=None,
-             control_scale=1.0, control_mode: str | tuple[str, ...] = "balanced") -> GenerateOutput:
+             control_scale=1.0, control_mode: str | tuple[str, ...] = "balanced",
+             masked_noise_scale=None) -> GenerateOutput:
     """Prompts to images in one traced function: the body `StableDiffusion` jit-compiles.
 
     ``latents_BHWC=None`` draws each image's initial noise from its seed; otherwise those unscaled
@@ -784,6 +790,11 @@ def generate(graphdefs: SDState, state: SDState, scheduler: Scheduler, cond_ids_
     text-to-image UNet's latents are blended with the init images' where the mask is 0 after every step
     (`InpaintBlend`). An inpainting UNet without a mask (text-to-image, img2img) sees a mask of ones and
     the masked image's latents of a gray image, as AUTOMATIC1111 conditions it there.
+    ``masked_noise_scale`` (with a mask; a number): AUTOMATIC1111's Masked content "latent noise" (1) or
+    "latent nothing" (0): the init images' latents where the mask (nearest, rounded) is 1 replaced by the
+    seed's noise times it before they are noised to ``start`` and blended with, as A1111 does (with
+    ``start`` 0 the images start from pure noise, as diffusers' do, and it changes nothing). None (the
+    default, "original"): the init images' latents, and no input of the compiled program.
     ``control_images_BHWC`` (float [B or 1, H, W, 3] in [0, 1], the images' size): a ControlNet
     (``controlnet_graphdef``, static, and ``controlnet_state``) steers every UNet call, its residuals
     times ``control_scale``, a number or one per model call run (`ControlledUNet`, `control_scales`), in
@@ -796,6 +807,8 @@ def generate(graphdefs: SDState, state: SDState, scheduler: Scheduler, cond_ids_
                          "not both")
     if mask_BHW1 is not None and init_images_BHWC is None:
         raise ValueError("mask_BHW1 marks what to repaint of init_images_BHWC (inpainting): give those images")
+    if masked_noise_scale is not None and mask_BHW1 is None:
+        raise ValueError("masked_noise_scale is what an inpainting mask's part starts from: give mask_BHW1")
     text_encoder, unet, vae = (nnx.merge(g, s) for g, s in zip(graphdefs, state))
     keys = image_keys(seeds_B)
     if latents_BHWC is None:
@@ -832,6 +845,9 @@ def generate(graphdefs: SDState, state: SDState, scheduler: Scheduler, cond_ids_
     if mask_BHW1 is not None:
         if start or not inpainting_unet:   # (the init images' own latents: to start from or to blend with)
             x0 = encode_images(vae, init_images_BHWC, posterior_keys(keys))
+            if masked_noise_scale is not None:   # (A1111's latent noise / nothing in the part repainted)
+                part = jnp.round(latent_mask(mask_BHW1, latent_shape_HWC[:2]))
+                x0 = x0 * (1.0 - part) + noise * (part * masked_noise_scale)
         if not inpainting_unet:
             small = latent_mask(mask_BHW1, latent_shape_HWC[:2])
             blend = InpaintBlend(small, x0, noise)

@@ -372,7 +372,8 @@ def test_presets_load_and_precedence(tmp_path):
         cfg.write_text(text + "\n")
         with pytest.raises(UsageError, match=re.escape(expected)):
             load_config(cfg)
-    cfg.write_text(f"controlnet: {tmp_path}\ncontrol_image: {tmp_path / 'pose.png'}\ncontrolnet_canny_high: 300\n")
+    cfg.write_text(f"controlnet: {tmp_path}\ncontrol_image: {tmp_path / 'pose.png'}\ncontrolnet_module: canny\n"
+                   "controlnet_canny_high: 300\n")
     with pytest.raises(UsageError, match=re.escape(f"{cfg}: key 'controlnet_canny_high' has value [300]: must be a "
                                                    "whole number from 1 to 255")):
         sample.parse_request(["a cat", "--config", str(cfg)])
@@ -716,16 +717,22 @@ def test_from_png_names_what_a1111_images_hold_that_it_leaves_out(tmp_path):
     assert req.controlnet == [] and args.png_notes == [
         "--from-png: the image was made with the ControlNet control_v11f1p_sd15_depth [cfd03158] (preprocessor "
         "depth_midas): to make it again, pass --controlnet PATH --control-image FILE (the picture its Module read; "
-        "Module none: the control image); this run makes it without"]
+        "Module none: the control image); this run makes it without", "--from-png: settings sample.py has no flag for "
+        "are left out: ControlNet 0: Module depth_midas (sdjax: none, the control image given as the ControlNet reads "
+        "it: give its processed map)"]
     given = ["--controlnet", str(tmp_path), "--control-image", str(tmp_path / "start.png")]
     req, args = sample.parse_request(["--from-png", png(f"a fox\n{settings}, {unit}"), *given])
-    assert (req.controlnet_module, req.controlnet_resize, args.png_notes) == (["none"], ["crop"], [])   # (its map)
+    assert (req.controlnet_module, req.controlnet_resize) == (["none"], ["crop"])   # (its map, said so)
+    assert args.png_notes == ["--from-png: settings sample.py has no flag for are left out: ControlNet 0: Module "
+                              "depth_midas (sdjax: none, the control image given as the ControlNet reads it: give its "
+                              "processed map)"]
     # A1111 writes every field of a unit: canny's resolution and thresholds read, the other modules' not
     canny = ('ControlNet 0: "Module: canny, Model: control_v11p_sd15_canny [d14c016b], Weight: 1, Resize Mode: Resize '
              'and Fill, Processor Res: 768, Threshold A: 50, Threshold B: 180, Guidance Start: 0, Guidance End: 1, '
              'Pixel Perfect: True, Control Mode: Balanced", ControlNet 1: "Module: invert, Model: lineart, Weight: 1, '
              'Resize Mode: Just Resize, Processor Res: 512, Threshold A: 0.5, Threshold B: 0.5, Guidance Start: 0, '
-             'Guidance End: 1, Pixel Perfect: False, Control Mode: Balanced"')
+             'Guidance End: 1, Pixel Perfect: False, Control Mode: Balanced"').replace(
+                 "invert", "invert (from white bg & black line)")   # (the name its menu gives it)
     req, args = sample.parse_request(["--from-png", png(f"a fox\n{settings}, {canny}"), *given, *given])
     assert [(u.module, u.resize, u.processor_res, u.low_threshold, u.high_threshold, u.pixel_perfect)
             for u in req.control_units] == [("canny", "fill", 768, 50, 180, True), ("invert", "just", 512, 100, 200,
@@ -752,14 +759,16 @@ def test_from_png_names_what_a1111_images_hold_that_it_leaves_out(tmp_path):
                                       "--control-image", str(tmp_path / "start.png")])
     assert (req.controlnet, req.controlnet_scale, req.controlnet_start, req.controlnet_end, req.controlnet_mode) == (
         [str(tmp_path)], [0.6], [0], [0.8], ["prompt"])   # (A1111's Control Mode: sdjax's "prompt")
-    assert args.png_notes == ["--from-png: settings sample.py has no flag for are left out: ControlNet 0: Hr Option "
-                              "Low res only (sdjax: Both)"]
+    module = ("Module depth_midas (sdjax: none, the control image given as the ControlNet reads it: give its "
+              "processed map)")
+    assert args.png_notes == ["--from-png: settings sample.py has no flag for are left out: ControlNet 0: "
+                              f"{module}, Hr Option Low res only (sdjax: Both)"]
     req, args = sample.parse_request(["--from-png", png(f"a fox\n{settings}, {unit[:-1]}, Control Mode: Another"
                                                            '"'), "--controlnet", str(tmp_path), "--control-image",
                                       str(tmp_path / "start.png")])   # (another UI's mode: named, balanced instead)
     assert req.controlnet_mode == ["balanced"] and args.png_notes == [
         "--from-png: settings sample.py has no flag for are left out: ControlNet 0: Control Mode Another (sdjax: "
-        "balanced)"]
+        f"balanced), {module}"]
     req, _ = sample.parse_request(["--from-png", png(f"a fox\n{settings}, Mask blur: 4"), "--init-image",
                                    str(tmp_path / "start.png"), "--mask", str(tmp_path / "white.png")])
     assert (req.mask_blur, req.mask_padding) == (4, None)
@@ -1020,11 +1029,12 @@ def test_init_image_and_strength_make_the_pipelines_img2img_and_are_recorded(pip
 
 def test_controlnet_flags_steer_the_images_and_are_recorded(pipe_dir, pipe, tmp_path, capsys):
     """--controlnet DIR --control-image FILE, twice, --controlnet-scale X Y --controlnet-end Z: the
-    pipeline's images with those two ControlNets, each with its control image and scale (the size the first
-    image's; the first's canny edges, the second's cropped to the size: --controlnet-module,
-    --controlnet-resize), recorded as A1111's ControlNet extension writes its units; --from-png reads their
-    settings back and says which files to give (another number of ControlNets: without the image's
-    settings). A ControlNet made for another model exits 2 before anything is written."""
+    pipeline's images with those two ControlNets, each with its control image and scale (the first's canny
+    edges, the second's cropped to the size: --controlnet-module, --controlnet-resize), recorded as A1111's
+    ControlNet extension writes its units; --from-png reads their settings back and says which files to give
+    (another number of ControlNets: without the image's settings). The size defaults to the first control
+    image's, or with a preprocessor to its aspect at 512 px on the short side. A ControlNet made for another
+    model exits 2 before anything is written."""
     from test_controlnet import torch_controlnet
     from sdjax.preprocess import fit, preprocess, resize_map
     torch_controlnet(seed=4).save_pretrained(tmp_path / "tiny-cn")
@@ -1042,7 +1052,7 @@ def test_controlnet_flags_steer_the_images_and_are_recorded(pipe_dir, pipe, tmp_
                              "--controlnet-scale", "1.2", "--controlnet-end", "0.5", "--controlnet-mode", "balanced",
                              "--controlnet-mode", "prompt", "--controlnet-module", "canny", "--controlnet-module",
                              "none", "--controlnet-resize", "just", "--controlnet-resize", "crop",
-                             "--controlnet-canny-low", "50", "--model", pipe_dir, "--out", out, *small)
+                             "--controlnet-canny-low", "50", "--model", pipe_dir, "--out", out, *SMALL)
     assert rc == 0, stderr
     made = out / "00000-seed4-a-dog.png"
     assert I.read_png_parameters(made).endswith(
@@ -1080,7 +1090,7 @@ def test_controlnet_flags_steer_the_images_and_are_recorded(pipe_dir, pipe, tmp_
     assert (req.controlnet_scale, req.controlnet_start, req.controlnet_end) == ([], [], [])
     assert args.png_notes == ["--from-png: the image was made with 2 ControlNets (tiny-cn and depth-cn), this run "
                               "with 1: the image's ControlNet settings (Weight, Guidance Start and End, Control Mode, "
-                              "Resize Mode, Module) are left out"]
+                              "Resize Mode, Module and its settings) are left out"]
     assert req.controlnet_module == req.controlnet_resize == []
     (tmp_path / "p.yaml").write_text("controlnet_scale: 0.3\ncontrolnet_end: 0.6\n")   # (then a preset's hold)
     req, _ = sample.parse_request(["--config", str(tmp_path / "p.yaml"), "--from-png", str(made), *map(str, units[:4]),
@@ -1093,7 +1103,7 @@ def test_controlnet_flags_steer_the_images_and_are_recorded(pipe_dir, pipe, tmp_
     # unit's residuals are weighed softly there (its Control Mode balanced: "prompt"), as A1111's extension does
     req, _ = sample.parse_request(["a dog", *map(str, units), "--controlnet-module", "canny", "--controlnet-module",
                                    "none", "--controlnet-resize", "crop", "--hires-scale", "1.5", "--out",
-                                   str(tmp_path / "hires"), *small])
+                                   str(tmp_path / "hires"), "--controlnet-pixel-perfect", *SMALL])
 
     class Called(Exception):
         pass
@@ -1108,10 +1118,23 @@ def test_controlnet_flags_steer_the_images_and_are_recorded(pipe_dir, pipe, tmp_
         del pipe.batches
     kwargs = called.value.args[0]
     depth_picture = np.asarray(Image.open(tmp_path / "depth.png"))
+    edges = preprocess(control, "canny", 32)   # (Pixel Perfect: the first pass's scale, one map for both passes)
     for key, size in (("control_images", 32), ("hires_control_images", 48)):
-        np.testing.assert_array_equal(kwargs[key][0], fit(preprocess(control, "canny"), size, size, "crop"))
+        np.testing.assert_array_equal(kwargs[key][0], fit(edges, size, size, "crop"))
         np.testing.assert_array_equal(kwargs[key][1], fit(depth_picture, size, size, "crop"))
     assert kwargs["control_mode"] == ["balanced", "balanced"] and kwargs["hires_control_mode"] == ["prompt", "balanced"]
+    # the size: the first control image's (48x40), or with a preprocessor its aspect at 512 on the short side
+    swapped = [*map(str, units[4:]), *map(str, units[:4])]
+    assert sample.parse_request(["a dog", *swapped])[0].width == 48
+    req, _ = sample.parse_request(["a dog", *swapped, "--controlnet-module", "canny"])
+    assert (req.width, req.height) == (614 // 8 * 8, 512)
+    for flags, flag in ((["--controlnet-canny-high", "150"], "--controlnet-canny-high"),
+                        (["--controlnet-pixel-perfect"], "--controlnet-pixel-perfect")):   # (canny's, without it)
+        with pytest.raises(UsageError, match=re.escape(f"{flag}: is the canny preprocessor's setting: give "
+                                                       "--controlnet-module canny too")):
+            sample.parse_request(["a dog", *swapped, *flags])
+    req, _ = sample.parse_request(["--from-png", str(made), *map(str, units), "--no-controlnet-pixel-perfect"])
+    assert req.controlnet_pixel_perfect == [False]
     rc, _, stderr = run_main(capsys, "a dog", *units[:4], "--controlnet", tmp_path / "wide-cn", "--control-image",
                              tmp_path / "edges.png", "--model", pipe_dir, "--out", tmp_path / "none", *small)
     assert rc == 2 and not (tmp_path / "none").exists()
@@ -1151,6 +1174,28 @@ def test_mask_makes_the_pipelines_inpainting_and_is_recorded(pipe_dir, pipe, tmp
     req, args = sample.parse_request(["--from-png", str(made), "--init-image", str(tmp_path / "start.png"),
                                       "--mask", str(tmp_path / "mask.png"), "--model", str(pipe_dir)])
     assert req.img2img_strength == 1 and args.png_notes == []
+    # --masked-content fill: the picture's masked part painted over before it is encoded (A1111's Masked content)
+    rc, _, stderr = run_main(capsys, "a dog", "--seeds", "4", "--init-image", tmp_path / "start.png", "--mask",
+                             tmp_path / "mask.png", "--masked-content", "fill", "--model", pipe_dir, "--out",
+                             tmp_path / "filled", *SMALL)
+    assert rc == 0, stderr
+    made = tmp_path / "filled" / "00000-seed4-a-dog.png"
+    assert I.read_png_parameters(made).endswith("Denoising strength: 1, Mask blur: 0, Masked content: fill")
+    ref = pipe("a dog", seeds=[4], num_inference_steps=3, init_images=I.fill_masked(   # (through the mask cut at
+        Image.fromarray(picture), Image.fromarray(np.uint8(small >= 128) * 255)), mask_images=small).to_pil()  # half)
+    np.testing.assert_array_equal(pixels(made), ref[0])
+    req, args = sample.parse_request(["--from-png", str(made), "--init-image", str(tmp_path / "start.png"), "--mask",
+                                      str(tmp_path / "mask.png"), "--model", str(pipe_dir)])
+    assert req.masked_content == "fill" and args.png_notes == []
+    req, args = sample.parse_request(["--from-png", str(made), "--init-image", str(tmp_path / "start.png"),
+                                      "--model", str(pipe_dir)])
+    assert req.masked_content == "original" and args.png_notes == [
+        "--from-png: the image was made by inpainting (a mask, Masked content fill): to make it again, pass --mask "
+        "MASK too; this run repaints the whole picture"]
+    with pytest.raises(UsageError, match="--masked-content latent_noise: is what the part --mask marks starts from: "
+                                         "give --mask too"):
+        sample.parse_request(["a dog", "--init-image", str(tmp_path / "start.png"), "--masked-content",
+                              "latent_noise"])
     (tmp_path / "boxed.yaml").write_text("mask_padding: 5\n")   # (a preset's, with no mask: said, not dropped)
     with pytest.raises(UsageError, match="key 'mask_padding' has value 5: inpaints the box around a mask: give"):
         sample.parse_request(["--config", str(tmp_path / "boxed.yaml"), "--from-png", str(made), "--init-image",

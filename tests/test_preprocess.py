@@ -133,6 +133,15 @@ def test_a_unit_preprocesses_then_fits_and_softens_the_hires_pass_after_canny():
     perfect = ControlUnit("cn", module="canny", resize="fill", pixel_perfect=True)
     np.testing.assert_array_equal(perfect.control_image(picture, 60, 60),
                                   fit(preprocess(picture, "canny", 20), 60, 60, "fill"))
+    small, large = perfect.control_images(picture, (60, 60), (90, 90))   # (the Hires fix: one map, fitted twice)
+    np.testing.assert_array_equal(large, fit(preprocess(picture, "canny", 20), 90, 90, "fill"))
+    np.testing.assert_array_equal(small, perfect.control_image(picture, 60, 60))
+    strip = (4, 1000)   # (a picture that a fill, or Pixel Perfect's scale, leaves without pixels: said so)
+    assert ControlUnit("cn", resize="fill").problem(strip, 64, 48) == ("is 1000x4: fitted to 64x48 (Resize and "
+                                                                      "Fill) a side of it has no pixels")
+    assert ControlUnit("cn", module="canny", pixel_perfect=True, resize="fill").problem(strip, 64, 48) == (
+        "is 1000x4: at the images' scale (Pixel Perfect) canny would find its edges at 0 px")
+    assert ControlUnit("cn", resize="crop").problem(strip, 64, 48) is None
     plain = ControlUnit("cn", resize="just")
     np.testing.assert_array_equal(plain.control_image(picture, 60, 60), resize_map(picture, 60, 60))
     assert [ControlUnit("cn", module=module, mode=mode).hires_mode() for module, mode in (
