@@ -137,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "picture back over each image through the blurred mask, softening the seam around the "
                         "repainted part (AUTOMATIC1111's Mask blur, its default 4; default 0: no blur, the images "
                         "the model's everywhere)")
+    p.add_argument("--mask-invert", action=argparse.BooleanOptionalAction, default=False,
+                   help="with --mask: repaint its black part and keep its white one (AUTOMATIC1111's Mask mode "
+                        "Inpaint not masked: a mask of the subject repaints its surroundings)")
     p.add_argument("--masked-content", default="original", choices=list(MASKED_CONTENTS),
                    help="with --mask: what the repainted part starts from, as AUTOMATIC1111's Masked content: "
                         "original (default: the picture), fill (the picture there painted over with the colours "
@@ -243,6 +246,7 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
     pre.add_argument("--mask-padding")
     pre.add_argument("--mask-blur")
     pre.add_argument("--masked-content")
+    pre.add_argument("--mask-invert", action=argparse.BooleanOptionalAction, default=None)
     known, _ = pre.parse_known_args(argv)
     parser = build_parser()
     preset, path = {}, None
@@ -333,6 +337,8 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
         args.mask_blur = 0.0   # (likewise an inpainted image's Mask blur)
     if png is not None and "masked_content" in png.flags and args.mask is None and known.masked_content is None:
         args.masked_content = "original"   # (and its Masked content)
+    if png is not None and "mask_invert" in png.flags and args.mask is None and known.mask_invert is None:
+        args.mask_invert = False   # (and its Mask mode)
     if isinstance(args.controlnet_pixel_perfect, bool):   # (the flag: for every ControlNet)
         args.controlnet_pixel_perfect = [args.controlnet_pixel_perfect]
     try:   # an init image sets the size that is not given: its own, rounded down to multiples of 8
@@ -363,7 +369,8 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
                         steps=args.steps, guidance_scale=args.guidance_scale, scheduler=args.scheduler,
                         init_image=args.init_image, strength=strength, mask=args.mask,
                         mask_padding=args.mask_padding, mask_blur=args.mask_blur,
-                        masked_content=args.masked_content, controlnet=list(args.controlnet),
+                        masked_content=args.masked_content, mask_invert=args.mask_invert,
+                        controlnet=list(args.controlnet),
                         control_image=list(args.control_image),
                         **{name: list(getattr(args, name)) for name in CONTROLNET_SETTINGS},
                         hires_scale=args.hires_scale,

@@ -228,6 +228,8 @@ CONFIG_KEYS: dict[str, tuple[type | tuple, str]] = {
     "mask_padding": (int, "with mask: inpaint only the box around it, this many pixels wider (A1111's Only masked)"),
     "mask_blur": ((int, float), "with mask: blur it this many pixels and lay the picture back over the images "
                   "through it, softening the seam (A1111's Mask blur; 0: none)"),
+    "mask_invert": (bool, "with mask: repaint its black part and keep its white one (A1111's Mask mode Inpaint not "
+                    "masked)"),
     "masked_content": (str, f"with mask: what the repainted part starts from (A1111's Masked content): "
                        f"{', '.join(MASKED_CONTENTS)} (default original)"),
     "controlnet": ((str, list), "ControlNets that steer the images, one or a list (their residuals add up): diffusers "
@@ -489,6 +491,7 @@ class SampleRequest:
     mask_padding: int | None = None   # "only masked" inpainting: the box around the mask, this much wider
     mask_blur: float = 0.0            # inpainting: A1111's Mask blur, pixels (0: none)
     masked_content: str = "original"  # inpainting: A1111's Masked content (sdjax.sampling.MASKED_CONTENTS)
+    mask_invert: bool = False         # inpainting: repaint the mask's black part (A1111's Inpaint not masked)
     # ControlNets (folders, Hub repo ids or original-layout files; several: their residuals add up) and one
     # control image each, resized to width x height; their settings, one for all or one each ([]: the default)
     controlnet: list[str] = dataclasses.field(default_factory=list)
@@ -517,6 +520,12 @@ class SampleRequest:
     grid: bool = False
     trajectory: bool = False
     trajectory_frames: int = 8
+
+    def load_mask(self, width: int, height: int) -> np.ndarray:
+        """``mask`` as 8-bit grayscale [height, width] (`load_init_image`), its black and white swapped with
+        ``mask_invert``, as A1111 swaps them for Inpaint not masked."""
+        mask = load_init_image(self.mask, width, height, "L")
+        return 255 - mask if self.mask_invert else mask
 
     @property
     def img2img_strength(self) -> float | None:
@@ -780,6 +789,11 @@ def settings_from_png(path: str | os.PathLike) -> PngSettings:
         flags["mask_padding"] = number("Masked area padding", int) if "Masked area padding" in fields else 32
     if masked:
         flags["mask_blur"] = number("Mask blur", float)
+    mode = fields.pop("Mask mode", "Inpaint masked")   # (A1111's, where it is Inpaint not masked)
+    if mode in ("Inpaint masked", "Inpaint not masked"):
+        flags["mask_invert"] = mode == "Inpaint not masked"
+    else:
+        fields["Mask mode"] = f"{mode} (sdjax: Inpaint masked)"
     content = fields.pop("Masked content", "original")   # (A1111 writes it for fill, latent noise and nothing)
     if content in MASKED_CONTENTS.values():
         flags["masked_content"] = {v: k for k, v in MASKED_CONTENTS.items()}[content]
@@ -965,6 +979,7 @@ def png_notes(png: PngSettings, args) -> list[str]:
     boxed = png.flags.get("mask_padding") is not None
     content = png.flags.get("masked_content", "original")
     boxed_or_filled = (", Only masked" if boxed else "") + (
+        ", Inpaint not masked" if png.flags.get("mask_invert") else "") + (
         f", Masked content {MASKED_CONTENTS[content]}" if content != "original" else "")
     if png.masked and args.init_image is None:
         notes.append("--from-png: the image was made by inpainting a picture (a mask" + boxed_or_filled + (
@@ -1171,6 +1186,9 @@ def validate_request(req: SampleRequest) -> None:
     if req.masked_content not in MASKED_CONTENTS:
         raise _bad_setting("masked_content", req.masked_content, f"choose one of {', '.join(MASKED_CONTENTS)} "
                            "(A1111's Masked content)")
+    if req.mask_invert and req.mask is None:
+        raise _bad_setting("mask_invert", "", "swaps the black and white of --mask: give --mask too",
+                           message="--mask-invert: swaps the black and white of --mask: give --mask too")
     if req.masked_content != "original" and req.mask is None:
         raise _bad_setting("masked_content", req.masked_content, "is what the part --mask marks starts from: give "
                            "--mask too")
@@ -1185,7 +1203,7 @@ def validate_request(req: SampleRequest) -> None:
                                "the picture): leave out --trajectory or --mask-padding")
         if req.init_image is not None:   # (the pipeline's box needs a white pixel: said before the model loads)
             from sdjax.images import blur_mask, mask_batch
-            mask = load_init_image(req.mask, *init_image_size(req.init_image), "L")   # (as run_sampling reads it)
+            mask = req.load_mask(*init_image_size(req.init_image))   # (as run_sampling reads it)
             blur = req.mask_blur if _number(req.mask_blur) and req.mask_blur > 0 else 0
             if not (blur_mask(mask_batch(mask), blur) >= 0.5).any():   # (cut at half gray, as the pipeline cuts it)
                 after = f" after --mask-blur {req.mask_blur:g}" if blur else ""
@@ -1622,7 +1640,7 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
         # ("only masked": the picture at its own size, the box around the mask made at width x height)
         size = init_image_size(req.init_image) if req.mask_padding is not None else (req.width, req.height)
         init = load_init_image(req.init_image, *size)
-        mask = None if req.mask is None else load_init_image(req.mask, *size, "L")
+        mask = None if req.mask is None else req.load_mask(*size)
         first_call = img2img_start(req.steps, strength)
     units = req.control_units   # (several ControlNets: a list of each one's control images and settings)
     one = lambda values: values if len(units) > 1 else values[0]  # noqa: E731
@@ -1722,6 +1740,7 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
                                               variation_seed=variation, variation_strength=req.variation_strength,
                                               mask_blur=None if req.mask is None else req.mask_blur,
                                               masked_content=None if req.mask is None else req.masked_content,
+                                              mask_invert=req.mask is not None and req.mask_invert,
                                               mask_padding=req.mask_padding,
                                               controlnets=units,
                                               embeddings=embeddings_used(pipe.tokenizer, embeddings,

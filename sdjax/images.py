@@ -148,7 +148,7 @@ def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, sche
                      hires_upscaler: str = "latent", emphasis: str = "original",
                      variation_seed: int | None = None, variation_strength: float = 0.0,
                      mask_blur: float | None = None, mask_padding: int | None = None,
-                     masked_content: str | None = None,
+                     masked_content: str | None = None, mask_invert: bool = False,
                      controlnets: Sequence = ()) -> str:
     """Generation settings as AUTOMATIC1111 writes them into the PNG ``parameters`` text chunk::
 
@@ -183,7 +183,8 @@ def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, sche
     ``mask_blur`` (inpainting: the mask's blur in pixels, `blur_mask`) as A1111 writes it for every inpainting
     image, ``Mask blur: 4`` (0 too); ``mask_padding`` ("only masked" inpainting) as
     ``Inpaint area: Only masked, Masked area padding: 32``; ``masked_content`` other than "original" as
-    ``Masked content: latent noise`` (`sdjax.sampling.MASKED_CONTENTS`).
+    ``Masked content: latent noise`` (`sdjax.sampling.MASKED_CONTENTS`); ``mask_invert`` (the mask's
+    black part repainted) as ``Mask mode: Inpaint not masked``.
     ``controlnets``, a `sdjax.preprocess.ControlUnit` of each ControlNet (or (PATH, WEIGHT, START, END[,
     MODE]): its folder, repo id or file; the weight of its residuals; the share of the steps it steers from
     and to; its Control Mode, `sdjax.sampling.CONTROL_MODES`; the rest the defaults), as A1111's ControlNet
@@ -221,6 +222,8 @@ def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, sche
         fields.append(("Denoising strength", _number(denoising_strength)))
     if mask_blur is not None:
         fields.append(("Mask blur", _number(mask_blur)))
+    if mask_invert:   # (A1111's Inpaint not masked: the mask's black part repainted)
+        fields.append(("Mask mode", "Inpaint not masked"))
     if masked_content not in (None, "original"):   # (A1111 writes its other choices)
         from sdjax.sampling import MASKED_CONTENTS
         fields.append(("Masked content", MASKED_CONTENTS[masked_content]))

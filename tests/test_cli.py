@@ -1192,6 +1192,25 @@ def test_mask_makes_the_pipelines_inpainting_and_is_recorded(pipe_dir, pipe, tmp
     assert req.masked_content == "original" and args.png_notes == [
         "--from-png: the image was made by inpainting (a mask, Masked content fill): to make it again, pass --mask "
         "MASK too; this run repaints the whole picture"]
+    # --mask-invert: the mask's black part repainted (A1111's Inpaint not masked), recorded as A1111 writes it
+    rc, _, stderr = run_main(capsys, "a dog", "--seeds", "4", "--init-image", tmp_path / "start.png", "--mask",
+                             tmp_path / "mask.png", "--mask-invert", "--model", pipe_dir, "--out",
+                             tmp_path / "inverted", *SMALL)
+    assert rc == 0, stderr
+    made = tmp_path / "inverted" / "00000-seed4-a-dog.png"
+    assert I.read_png_parameters(made).endswith("Denoising strength: 1, Mask blur: 0, Mask mode: Inpaint not masked")
+    ref = pipe("a dog", seeds=[4], num_inference_steps=3, init_images=picture, mask_images=255 - small).to_pil()
+    np.testing.assert_array_equal(pixels(made), ref[0])
+    req, args = sample.parse_request(["--from-png", str(made), "--init-image", str(tmp_path / "start.png"), "--mask",
+                                      str(tmp_path / "mask.png"), "--model", str(pipe_dir)])
+    assert req.mask_invert and args.png_notes == []
+    req, args = sample.parse_request(["--from-png", str(made), "--init-image", str(tmp_path / "start.png"),
+                                      "--model", str(pipe_dir)])
+    assert not req.mask_invert and args.png_notes == [
+        "--from-png: the image was made by inpainting (a mask, Inpaint not masked): to make it again, pass --mask "
+        "MASK too; this run repaints the whole picture"]
+    with pytest.raises(UsageError, match="--mask-invert: swaps the black and white of --mask: give --mask too"):
+        sample.parse_request(["a dog", "--init-image", str(tmp_path / "start.png"), "--mask-invert"])
     with pytest.raises(UsageError, match="--masked-content latent_noise: is what the part --mask marks starts from: "
                                          "give --mask too"):
         sample.parse_request(["a dog", "--init-image", str(tmp_path / "start.png"), "--masked-content",
