@@ -29,7 +29,7 @@ from sdjax.models.layers import attention_setting_problem
 from sdjax.pipeline import (DEFAULT_MODEL, HIRES_STRENGTH, HIRES_UPSCALERS, MAX_SEED, HiresFix,  # noqa: F401
                             model_options_problem)                  # (DEFAULT_MODEL, MAX_SEED: for sample.py)
 from sdjax.preprocess import (CANNY_HIGH, CANNY_LOW, CANNY_RANGE, PREPROCESSORS, PROCESSOR_RES, PROCESSOR_RES_RANGE,
-                              PREPROCESSOR_ALIASES, RESIZE_MODE_ALIASES, RESIZE_MODES, ControlUnit)
+                              PREPROCESSOR_ALIASES, RESIZE_MODE_ALIASES, RESIZE_MODES, ControlUnit, load_picture)
 from sdjax.sampling import CONTROL_MODES, DEFAULT_STRENGTH, MASKED_CONTENTS
 from sdjax.schedulers import SCHEDULERS, resolve_scheduler_config
 from sdjax.text import EMPHASIS_MODES
@@ -1646,7 +1646,7 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
     one = lambda values: values if len(units) > 1 else values[0]  # noqa: E731
     # (each picture preprocessed once and fitted to each pass's size, as A1111's extension makes them)
     sizes = [(req.width, req.height)] + ([] if req.hires is None else [req.hires.size(req.height, req.width)[::-1]])
-    made = [unit.control_images(load_init_image(unit.image), *sizes) for unit in units]
+    made = [unit.control_images(load_picture(Path(unit.image).expanduser()), *sizes) for unit in units]
     controlled = {}
     if units:
         controlled = dict(control_images=one([images[0] for images in made]),

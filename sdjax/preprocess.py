@@ -84,6 +84,21 @@ class ControlUnit:
         return "prompt" if self.module == "canny" and self.mode == "balanced" else self.mode
 
 
+def load_picture(path) -> np.ndarray:
+    """A unit's control image file as the extension takes it from its canvas: uint8 RGB [H, W, 3], upright
+    (its EXIF orientation applied); a file with transparency that is neither (nearly) all clear nor all
+    opaque gives its alpha channel instead, gray in all three channels (a drawing on a clear canvas: its
+    strokes white on black, as the extension's "canvas scribble" reads it)."""
+    from PIL import Image, ImageOps
+    with Image.open(path) as image:
+        image = ImageOps.exif_transpose(image)
+        if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+            alpha = np.asarray(image.convert("RGBA"))[:, :, 3]
+            if not ((alpha <= 5).all() or (alpha >= 250).all()):
+                return np.repeat(alpha[:, :, None], 3, axis=2)
+        return np.asarray(image.convert("RGB"))
+
+
 def _opencv():
     try:
         import cv2

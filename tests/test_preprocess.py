@@ -147,3 +147,22 @@ def test_a_unit_preprocesses_then_fits_and_softens_the_hires_pass_after_canny():
     assert [ControlUnit("cn", module=module, mode=mode).hires_mode() for module, mode in (
         ("canny", "balanced"), ("canny", "controlnet"), ("canny", "prompt"), ("none", "balanced"),
         ("invert", "balanced"))] == ["prompt", "controlnet", "prompt", "balanced", "balanced"]
+
+
+def test_a_drawing_on_a_clear_canvas_gives_its_strokes(tmp_path):
+    """load_picture: a picture with transparency, neither all clear nor all opaque, is read as the extension
+    reads a canvas: its alpha, the strokes white on black; an opaque or all-clear one as its RGB."""
+    from PIL import Image
+    from sdjax.preprocess import load_picture
+    drawing = np.zeros((8, 10, 4), np.uint8)   # (black strokes on a clear canvas)
+    drawing[2, 1:9, 3] = drawing[3:7, 4, 3] = 255
+    Image.fromarray(drawing).save(tmp_path / "drawing.png")
+    got = load_picture(tmp_path / "drawing.png")
+    assert got.shape == (8, 10, 3) and (got[..., 0] == drawing[..., 3]).all() and (got[..., :1] == got).all()
+    opaque = np.random.default_rng(0).integers(0, 256, (8, 10, 4), np.uint8)
+    for alpha, name in ((255, "opaque.png"), (0, "clear.png")):
+        opaque[..., 3] = alpha
+        Image.fromarray(opaque).save(tmp_path / name)
+        np.testing.assert_array_equal(load_picture(tmp_path / name), opaque[..., :3])
+    Image.fromarray(opaque[..., :3]).save(tmp_path / "rgb.png")
+    np.testing.assert_array_equal(load_picture(tmp_path / "rgb.png"), opaque[..., :3])
