@@ -143,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--masked-content", default="original", choices=list(MASKED_CONTENTS),
                    help="with --mask: what the repainted part starts from, as AUTOMATIC1111's Masked content: "
                         "original (default: the picture), fill (the picture there painted over with the colours "
-                        "around it), latent_noise (the seed's noise in its latents) or latent_nothing (zeros); "
+                        "around it), latent_noise (so filled, and the seed's noise in its latents) or "
+                        "latent_nothing (zeros); "
                         "below --strength 1 (from 1 the part starts from noise all the same)")
     p.add_argument("--controlnet", metavar="PATH", action=ReplacingAppend, default=[],
                    help="a ControlNet that steers the images by --control-image: a diffusers ControlNet folder or "
@@ -386,6 +387,8 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
             reason = "is a ControlNet's setting: give --controlnet and --control-image too"
             for name in CONTROLNET_SETTINGS:
                 flag = f"--{name.replace('_', '-')}"
+                if f"--no-{flag[2:]}" in given_argv:   # (a switch turned off)
+                    flag = f"--no-{flag[2:]}"
                 if flag in given_argv:
                     values = " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in getattr(args, name)
                                       if not isinstance(v, bool))   # (a switch: the flag alone)
@@ -400,7 +403,7 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
                 flag = f"--{name.replace('_', '-')}"
                 if flag in given_argv and getattr(args, name) != [False]:
                     raise UsageError(f"{flag}: {reason}", setting=name, reason=reason)
-                if name in preset:
+                if name in preset and preset[name] not in (False, [False]):   # (Pixel Perfect off: nothing to say)
                     raise UsageError(f"{path}: key {name!r} {reason}")
         validate_request(req)
     except UsageError as e:
@@ -476,6 +479,9 @@ def main(argv=None) -> int:
         repeated = [seed for seed, n in collections.Counter(req.seeds).items() if n > 1]
         warnings.warn(f"--seeds repeats {', '.join(map(str, repeated[:5]))}{', ...' if len(repeated) > 5 else ''}: "
                       "a repeated seed makes the same image again")
+    if req is not None and req.masked_content.startswith("latent") and req.img2img_strength == 1:
+        warnings.warn(f"--masked-content {req.masked_content}: at --strength 1 the part starts from noise whatever "
+                      "its latents (as in diffusers), so this makes the image fill would: give --strength below 1")
     # Several hosts (a TPU pod, srun, mpirun): the same command on each; the seeds are split over
     # every device of every host, and process 0 writes the images. Before JAX touches a device.
     try:

@@ -609,8 +609,10 @@ class PngSettings:
     vae: str | None
     ignored: list[str]
     embeddings: list[str] = dataclasses.field(default_factory=list)   # A1111's "TI hashes" names
-    masked: bool = False   # made by inpainting (A1111 writes a Mask blur for every inpainted image)
+    masked: bool = False   # made by inpainting (a Mask blur, Masked content, Mask mode or Inpaint area)
     controlnets: list[str] = dataclasses.field(default_factory=list)   # its ControlNet units' models (A1111's)
+    # each unit's Module that sdjax lacks (its map to be given processed), or None
+    other_modules: list[str | None] = dataclasses.field(default_factory=list)
 
 
 def _float_or_none(text: str) -> float | None:
@@ -740,9 +742,11 @@ def settings_from_png(path: str | os.PathLike) -> PngSettings:
     flags["prompt_weighting"] = a1111 or weighting is not None or emphasis != "None"
     flags["emphasis"] = modes.get(emphasis, "original") if flags["prompt_weighting"] else "original"
     strength = number("Denoising strength", float) if "Denoising strength" in fields and not hires else None
-    masked = "Mask blur" in fields
+    # (A1111's img2img tab writes a Mask blur for every inpainted image; its API only a blur above 0)
+    masked = bool({"Mask blur", "Masked content", "Mask mode", "Inpaint area"} & set(fields))
     # A1111's ControlNet extension: a field a unit, "ControlNet 0: "Module: canny, Model: NAME, Weight: 1, ...""
-    controlnets, units = [], sorted((int(k.split()[1]), k) for k in fields if re.fullmatch(r"ControlNet \d+", k))
+    controlnets, other_modules = [], []
+    units = sorted((int(k.split()[1]), k) for k in fields if re.fullmatch(r"ControlNet \d+", k))
     for _, field in units:
         unit = dict(part.split(": ", 1) for part in fields.pop(field).split(", ") if ": " in part)
         name, module = unit.get("Model", "?"), unit.get("Module", "none")
@@ -750,6 +754,7 @@ def settings_from_png(path: str | os.PathLike) -> PngSettings:
         if module not in PREPROCESSORS:   # (its map given processed is the same: Module none)
             name, module, other_module = f"{name} (preprocessor {module})", "none", module
         controlnets.append(name)
+        other_modules.append(other_module)
         flags.setdefault("controlnet_module", []).append(module)
         # (A1111 reads a unit without a Resize Mode as its default, Crop and Resize; sample.py's wrote Just Resize)
         resize_name = unit.get("Resize Mode", "Crop and Resize" if a1111 else "Just Resize")
@@ -775,9 +780,6 @@ def settings_from_png(path: str | os.PathLike) -> PngSettings:
         flags.setdefault("controlnet_mode", []).append(mode or "balanced")
         # (sdjax has its Control Modes, and with the Hires fix A1111's default Hr Option, Both passes)
         other = [] if mode else [f"Control Mode {unit['Control Mode']} (sdjax: balanced)"]
-        if other_module:
-            other.append(f"Module {other_module} (sdjax: none, the control image given as the ControlNet reads it: "
-                         "give its processed map)")
         if resize is None:
             other.append(f"Resize Mode {resize_name} (sdjax: Just Resize)")
         if unit.get("Hr Option", "Both") != "Both":
@@ -787,7 +789,7 @@ def settings_from_png(path: str | os.PathLike) -> PngSettings:
     if fields.get("Inpaint area") == "Only masked":   # (A1111's padding default: 32)
         del fields["Inpaint area"]
         flags["mask_padding"] = number("Masked area padding", int) if "Masked area padding" in fields else 32
-    if masked:
+    if "Mask blur" in fields:
         flags["mask_blur"] = number("Mask blur", float)
     mode = fields.pop("Mask mode", "Inpaint masked")   # (A1111's, where it is Inpaint not masked)
     if mode in ("Inpaint masked", "Inpaint not masked"):
@@ -825,7 +827,8 @@ def settings_from_png(path: str | os.PathLike) -> PngSettings:
     if hires_left_out:
         ignored.insert(0, hires_left_out)
     embeddings = [name.strip() for name in re.findall(r"([^,:]+):", fields.get("TI hashes", ""))]
-    return PngSettings(flags, prompt, strength, loras, model, vae, ignored, embeddings, masked, controlnets)
+    return PngSettings(flags, prompt, strength, loras, model, vae, ignored, embeddings, masked, controlnets,
+                       other_modules)
 
 
 def extra_network_tags(prompt: str) -> tuple[str, list[tuple[str, float]], list[str]]:
@@ -950,6 +953,12 @@ def png_notes(png: PngSettings, args) -> list[str]:
                      f"{' and '.join(png.controlnets)}: to make it again, pass --controlnet PATH --control-image FILE "
                      f"(the picture its Module read; Module none: the control image)"
                      f"{' for each, in this order' * several}; this run makes it without")
+    elif len(args.controlnet) == len(png.controlnets):   # (a Module sdjax lacks: its map, given processed)
+        for k, module in enumerate(png.other_modules):
+            if module:
+                notes.append(f"--from-png: the image's ControlNet {k} preprocessed its control image with {module}, "
+                             "which sdjax lacks: this run takes --control-image as the ControlNet reads it (give its "
+                             "processed map)")
     elif png.controlnets and len(args.controlnet) != len(png.controlnets):
         # (its units' settings pair with its ControlNets in order: for another number, the preset's or the defaults)
         for name in CONTROLNET_SETTINGS:

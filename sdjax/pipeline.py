@@ -993,8 +993,9 @@ class StableDiffusion:
         ``masked_content`` (with masks): AUTOMATIC1111's Masked content, what the repainted part starts from
         below strength 1: "original" (default: the picture), "fill" (the pictures with the part painted over
         by the colours around it before they are encoded, `sdjax.images.fill_masked`, through the blurred
-        mask with ``mask_blur``), "latent_noise" or "latent_nothing" (the seed's noise or zeros in the
-        part's latents, `sdjax.sampling.generate`'s ``masked_noise_scale``; one compiled program for both).
+        mask with ``mask_blur``), "latent_noise" or "latent_nothing" (so filled, then the seed's noise or
+        zeros in the part's latents, `sdjax.sampling.generate`'s ``masked_noise_scale``; one compiled
+        program for both), as A1111 makes them.
         ``control_images`` (with a ControlNet, `load_controlnet`): the control image (edges, depth, a pose) of
         each image, or one for all: a PIL image, a list of them, or an array [B or 1, H, W, 3] of uint8
         pixels or floats in [0, 1], of the images' size (``height`` x ``width``, which default to the
@@ -1186,9 +1187,15 @@ class StableDiffusion:
         if masked_content != "original" and mask_images is None:
             raise ValueError(f"masked_content={masked_content!r} is what the part an inpainting mask marks starts "
                              "from: give mask_images")
-        if masked_content == "fill":   # (the pictures' part painted over before they are encoded, the blur's grays)
-            from sdjax.images import as_pil, fill_masked, image_batch
-            fills = soft if soft is not None and mask_padding is None else mask_images
+        if masked_content != "original":   # (A1111 paints the part over first for each of them, through the blur)
+            from sdjax.images import as_pil, fill_masked, image_batch, resize_to_fill
+            fills = mask_images if soft is None else soft
+            if paste is not None and paste[2] is not None:   # ("only masked": the blur's box, as the mask's)
+                fills = np.asarray(resize_to_fill(as_pil(soft[0, :, :, 0]).crop(paste[2][2]), width, height),
+                                   np.float32)[None, :, :, :1] / 255 if soft is not None else mask_images
+            if len(init_images) > 1 and len(fills) > 1 and len(init_images) != len(fills):
+                raise ValueError(f"init_images has {len(init_images)} entries and mask_images {len(fills)}: give as "
+                                 "many of each, or one")
             init_images = image_batch([fill_masked(as_pil(init_images[k % len(init_images)]),
                                                    as_pil(fills[k % len(fills)][..., 0]))
                                        for k in range(max(len(init_images), len(fills)))])

@@ -103,8 +103,8 @@ def _opencv():
     try:
         import cv2
     except ImportError:
-        raise ImportError("ControlNet's control images need OpenCV (a dependency of sdjax): pip install "
-                          "opencv-python-headless") from None
+        raise ImportError("sdjax needs OpenCV (one of its dependencies) for control images and mask blurs: pip "
+                          "install opencv-python-headless") from None
     return cv2
 
 

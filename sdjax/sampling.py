@@ -791,10 +791,12 @@ def generate(graphdefs: SDState, state: SDState, scheduler: Scheduler, cond_ids_
     (`InpaintBlend`). An inpainting UNet without a mask (text-to-image, img2img) sees a mask of ones and
     the masked image's latents of a gray image, as AUTOMATIC1111 conditions it there.
     ``masked_noise_scale`` (with a mask; a number): AUTOMATIC1111's Masked content "latent noise" (1) or
-    "latent nothing" (0): the init images' latents where the mask (nearest, rounded) is 1 replaced by the
-    seed's noise times it before they are noised to ``start`` and blended with, as A1111 does (with
-    ``start`` 0 the images start from pure noise, as diffusers' do, and it changes nothing). None (the
-    default, "original"): the init images' latents, and no input of the compiled program.
+    "latent nothing" (0): the init images' latents where the mask is 1 replaced by the seed's own noise
+    (without variation seeds) times it before they are noised to ``start`` and blended with, as A1111 does
+    (with ``start`` 0 the images start from pure noise, as diffusers' do, and it changes nothing). The mask
+    at the latents' size is the blend's (`latent_mask`: nearest), where A1111 resizes its blurred mask
+    bicubically and rounds it: a cell along the edge may differ. None (the default, "original"): the init
+    images' latents, and no input of the compiled program.
     ``control_images_BHWC`` (float [B or 1, H, W, 3] in [0, 1], the images' size): a ControlNet
     (``controlnet_graphdef``, static, and ``controlnet_state``) steers every UNet call, its residuals
     times ``control_scale``, a number or one per model call run (`ControlledUNet`, `control_scales`), in
@@ -847,7 +849,8 @@ def generate(graphdefs: SDState, state: SDState, scheduler: Scheduler, cond_ids_
             x0 = encode_images(vae, init_images_BHWC, posterior_keys(keys))
             if masked_noise_scale is not None:   # (A1111's latent noise / nothing in the part repainted)
                 part = jnp.round(latent_mask(mask_BHW1, latent_shape_HWC[:2]))
-                x0 = x0 * (1.0 - part) + noise * (part * masked_noise_scale)
+                own = noise if variation_seeds_B is None else seed_noise(keys, latent_shape_HWC)   # (the seed's)
+                x0 = x0 * (1.0 - part) + own * (part * masked_noise_scale)
         if not inpainting_unet:
             small = latent_mask(mask_BHW1, latent_shape_HWC[:2])
             blend = InpaintBlend(small, x0, noise)

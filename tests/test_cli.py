@@ -717,15 +717,13 @@ def test_from_png_names_what_a1111_images_hold_that_it_leaves_out(tmp_path):
     assert req.controlnet == [] and args.png_notes == [
         "--from-png: the image was made with the ControlNet control_v11f1p_sd15_depth [cfd03158] (preprocessor "
         "depth_midas): to make it again, pass --controlnet PATH --control-image FILE (the picture its Module read; "
-        "Module none: the control image); this run makes it without", "--from-png: settings sample.py has no flag for "
-        "are left out: ControlNet 0: Module depth_midas (sdjax: none, the control image given as the ControlNet reads "
-        "it: give its processed map)"]
+        "Module none: the control image); this run makes it without"]
     given = ["--controlnet", str(tmp_path), "--control-image", str(tmp_path / "start.png")]
     req, args = sample.parse_request(["--from-png", png(f"a fox\n{settings}, {unit}"), *given])
     assert (req.controlnet_module, req.controlnet_resize) == (["none"], ["crop"])   # (its map, said so)
-    assert args.png_notes == ["--from-png: settings sample.py has no flag for are left out: ControlNet 0: Module "
-                              "depth_midas (sdjax: none, the control image given as the ControlNet reads it: give its "
-                              "processed map)"]
+    module = ("--from-png: the image's ControlNet 0 preprocessed its control image with depth_midas, which sdjax "
+              "lacks: this run takes --control-image as the ControlNet reads it (give its processed map)")
+    assert args.png_notes == [module]
     # A1111 writes every field of a unit: canny's resolution and thresholds read, the other modules' not
     canny = ('ControlNet 0: "Module: canny, Model: control_v11p_sd15_canny [d14c016b], Weight: 1, Resize Mode: Resize '
              'and Fill, Processor Res: 768, Threshold A: 50, Threshold B: 180, Guidance Start: 0, Guidance End: 1, '
@@ -759,16 +757,14 @@ def test_from_png_names_what_a1111_images_hold_that_it_leaves_out(tmp_path):
                                       "--control-image", str(tmp_path / "start.png")])
     assert (req.controlnet, req.controlnet_scale, req.controlnet_start, req.controlnet_end, req.controlnet_mode) == (
         [str(tmp_path)], [0.6], [0], [0.8], ["prompt"])   # (A1111's Control Mode: sdjax's "prompt")
-    module = ("Module depth_midas (sdjax: none, the control image given as the ControlNet reads it: give its "
-              "processed map)")
-    assert args.png_notes == ["--from-png: settings sample.py has no flag for are left out: ControlNet 0: "
-                              f"{module}, Hr Option Low res only (sdjax: Both)"]
+    assert args.png_notes == [module, "--from-png: settings sample.py has no flag for are left out: ControlNet 0: "
+                              "Hr Option Low res only (sdjax: Both)"]
     req, args = sample.parse_request(["--from-png", png(f"a fox\n{settings}, {unit[:-1]}, Control Mode: Another"
                                                            '"'), "--controlnet", str(tmp_path), "--control-image",
                                       str(tmp_path / "start.png")])   # (another UI's mode: named, balanced instead)
     assert req.controlnet_mode == ["balanced"] and args.png_notes == [
-        "--from-png: settings sample.py has no flag for are left out: ControlNet 0: Control Mode Another (sdjax: "
-        f"balanced), {module}"]
+        module, "--from-png: settings sample.py has no flag for are left out: ControlNet 0: Control Mode Another "
+        "(sdjax: balanced)"]
     req, _ = sample.parse_request(["--from-png", png(f"a fox\n{settings}, Mask blur: 4"), "--init-image",
                                    str(tmp_path / "start.png"), "--mask", str(tmp_path / "white.png")])
     assert (req.mask_blur, req.mask_padding) == (4, None)

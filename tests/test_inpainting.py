@@ -325,10 +325,10 @@ def test_only_masked_box_resizes_and_paste_equal_diffusers():
 
 
 def test_masked_content_starts_the_repainted_part_as_a1111(pipe, init_image, monkeypatch):
-    """AUTOMATIC1111's Masked content (below strength 1): "latent_noise" / "latent_nothing" put the seed's
-    noise / zeros in the init image's latents where the mask is (the latents started from and blended
-    with; one compiled program for both); "fill" is the image made from the picture filled by `fill_masked`
-    (the kept part as it is, the masked part the colours around it)."""
+    """AUTOMATIC1111's Masked content (below strength 1): "fill" gives the program the picture filled by
+    `fill_masked` (the kept part as it is, the masked part the colours around it); "latent_noise" /
+    "latent_nothing" fill it too and then put the seed's noise / zeros in its latents where the mask is (the
+    latents started from and blended with; one compiled program for both), as A1111 makes them."""
     import jax.numpy as jnp
     from sdjax.images import as_pil, fill_masked
     from sdjax.sampling import encode_images, seed_noise
@@ -343,7 +343,8 @@ def test_masked_content_starts_the_repainted_part_as_a1111(pipe, init_image, mon
     monkeypatch.setattr(kind, "add_noise_at", spy)
     kw = dict(seeds=seeds, num_inference_steps=5, strength=0.6, scheduler="euler", init_images=init_image,
               mask_images=mask)
-    x0 = encode_images(pipe.vae, jnp.asarray(np.repeat(init_image, 2, 0)), posterior_keys(image_keys(seeds)))
+    filled = np.asarray(fill_masked(as_pil(init_image[0]), Image.fromarray(mask)), np.float32)[None] / 255
+    x0 = encode_images(pipe.vae, jnp.asarray(np.repeat(filled, 2, 0)), posterior_keys(image_keys(seeds)))
     noise = seed_noise(image_keys(seeds), (LATENT, LATENT, 4))
     part = np.zeros((1, LATENT, LATENT, 1), np.float32)
     part[:, :, : LATENT // 2] = 1
@@ -373,6 +374,21 @@ def test_masked_content_starts_the_repainted_part_as_a1111(pipe, init_image, mon
         pipe(PROMPTS, masked_content="fill", init_images=init_image, **kw)
     filled = [np.asarray(fill_masked(as_pil(init_image[0]), m)) for m in masks()]
     np.testing.assert_array_equal(np.round(given[0][:2] * 255), np.stack(filled))
+    # with mask_blur, each picture is filled through its blurred mask (with mask_padding: the blur's box)
+    import sdjax.images
+    masks_given = []
+
+    def spy_fill(picture, mask):
+        masks_given.append(np.asarray(mask))
+        raise Stop
+    monkeypatch.setattr(sdjax.images, "fill_masked", spy_fill)
+    for padding in (None, 4):
+        with pytest.raises(Stop):
+            pipe(PROMPTS[0], masked_content="fill", init_images=init_image, mask_images=masks()[1], mask_blur=3,
+                 mask_padding=padding, height=SIZE, width=SIZE)
+        assert len(np.unique(masks_given[-1])) > 20, padding   # (the blur's grays, not a cut)
+    with pytest.raises(ValueError, match="init_images has 2 entries and mask_images 3: give as many of each, or one"):
+        pipe(PROMPTS[0], masked_content="fill", init_images=np.repeat(init_image, 2, 0), mask_images=masks()[:1] * 3)
     with pytest.raises(ValueError, match="masked_content='fill' is what the part an inpainting mask marks starts "
                                          "from: give mask_images"):
         pipe(PROMPTS, masked_content="fill", init_images=init_image, strength=0.6)
