@@ -1023,16 +1023,15 @@ def init_image_size(path: str | os.PathLike, setting: str = "init_image") -> tup
         raise _bad_setting(setting, path, f"cannot be read as an image ({e})") from None
 
 
-def load_init_image(path: str | os.PathLike, width: int | None = None, height: int | None = None,
-                    mode: str = "RGB") -> np.ndarray:
+def load_init_image(path: str | os.PathLike, width: int, height: int, mode: str = "RGB") -> np.ndarray:
     """``--init-image`` as uint8 RGB [height, width, 3] (``mode="L"``: ``--mask`` as grayscale [height,
     width]), upright (its EXIF orientation applied, as diffusers' ``load_image`` and A1111 do), resized
     to that size (Lanczos, as diffusers' image and mask processors and A1111's "Just resize" do) when it
-    has another (no size given: its own)."""
+    has another."""
     from PIL import Image, ImageOps
     with Image.open(Path(path).expanduser()) as image:
         image = ImageOps.exif_transpose(image).convert(mode)
-        if width is not None and image.size != (width, height):
+        if image.size != (width, height):
             image = image.resize((width, height), Image.Resampling.LANCZOS)
         return np.asarray(image)
 
@@ -1291,15 +1290,14 @@ def _validate_controlnets(req: SampleRequest) -> None:
                                    "1 by default)")
             if name in ("controlnet_start", "controlnet_end") and (not _number(value) or not 0 <= value <= 1):
                 raise _bad_setting(name, value, "must be a number in [0, 1] (a share of the steps run)")
-    for unit in req.control_units:
-        if unit.start >= unit.end:
-            raise _bad_setting("controlnet_start", f"{unit.start:g}", f"must be below --controlnet-end ({unit.end:g})")
-    try:
+    try:   # (a dependency: a broken install said before the model loads)
         from sdjax.preprocess import _opencv
         _opencv()
     except ImportError as e:
         raise _bad_setting("controlnet", req.controlnet[0], str(e)) from None
     for unit in req.control_units:
+        if unit.start >= unit.end:
+            raise _bad_setting("controlnet_start", f"{unit.start:g}", f"must be below --controlnet-end ({unit.end:g})")
         width, height = init_image_size(unit.image, "control_image")
         if problem := unit.problem((height, width), req.width, req.height):
             raise _bad_setting("control_image", unit.image, problem)

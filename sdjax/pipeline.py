@@ -1184,15 +1184,15 @@ class StableDiffusion:
         if masked_content not in sampling.MASKED_CONTENTS:
             raise ValueError(f"masked_content={masked_content!r}: choose one of {', '.join(sampling.MASKED_CONTENTS)} "
                              "(AUTOMATIC1111's Masked content)")
-        if masked_content != "original" and mask_images is None:
-            raise ValueError(f"masked_content={masked_content!r} is what the part an inpainting mask marks starts "
-                             "from: give mask_images")
         if masked_content != "original":   # (A1111 paints the part over first for each of them, through the blur)
+            if mask_images is None:
+                raise ValueError(f"masked_content={masked_content!r} is what the part an inpainting mask marks "
+                                 "starts from: give mask_images")
             from sdjax.images import as_pil, fill_masked, image_batch, resize_to_fill
-            fills = mask_images if soft is None else soft
-            if paste is not None and paste[2] is not None:   # ("only masked": the blur's box, as the mask's)
-                fills = np.asarray(resize_to_fill(as_pil(soft[0, :, :, 0]).crop(paste[2][2]), width, height),
-                                   np.float32)[None, :, :, :1] / 255 if soft is not None else mask_images
+            fills = mask_images   # (the mask cut at half gray; with a blur, the blur: "only masked", its box's)
+            if soft is not None:
+                fills = soft if mask_padding is None else np.asarray(resize_to_fill(
+                    as_pil(soft[0, :, :, 0]).crop(paste[2][2]), width, height), np.float32)[None, :, :, :1] / 255
             if len(init_images) > 1 and len(fills) > 1 and len(init_images) != len(fills):
                 raise ValueError(f"init_images has {len(init_images)} entries and mask_images {len(fills)}: give as "
                                  "many of each, or one")
