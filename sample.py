@@ -224,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="images per compiled call (default 4 per device)")
     p.add_argument("--out", default="outputs", help="output folder (default outputs)")
     p.add_argument("--grid", action=argparse.BooleanOptionalAction, default=False, help="also write NNNNN-grid.png (all the images of the run)")
+    p.add_argument("--save-control-images", action=argparse.BooleanOptionalAction, default=False,
+                   help="with --controlnet: also write each ControlNet's control image as it was made (its "
+                        "preprocessor's map, fitted to the images), NNNNN-controlK.png, K in --controlnet's order")
     p.add_argument("--trajectory", action=argparse.BooleanOptionalAction, default=False,
                    help="also write a denoising strip (PNG) and animation (GIF) per image")
     p.add_argument("--trajectory-frames", type=int, default=8, metavar="N",
@@ -380,7 +383,8 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
                         height=height, width=width, dtype=DTYPE_ALIASES.get(args.dtype, args.dtype),
                         batch_size=args.batch_size, variant=args.variant,
                         out=str(Path(args.out).expanduser()) if str(args.out).strip() else args.out,
-                        grid=args.grid, trajectory=args.trajectory, trajectory_frames=args.trajectory_frames)
+                        grid=args.grid, save_control_images=args.save_control_images, trajectory=args.trajectory,
+                        trajectory_frames=args.trajectory_frames)
     try:
         if not req.controlnet:   # (a ControlNet's settings given on their own; an image's are its own business)
             given_argv = [str(a).split("=")[0] for a in (sys.argv[1:] if argv is None else argv)]

@@ -265,6 +265,7 @@ CONFIG_KEYS: dict[str, tuple[type | tuple, str]] = {
     "dtype": (str, f"one of {', '.join(DTYPES)}"),
     "batch_size": (int, "images per compiled call"),
     "grid": (bool, "also write NNNNN-grid.png"),
+    "save_control_images": (bool, "with controlnet: also write each ControlNet's control image, NNNNN-controlK.png"),
     "trajectory": (bool, "also write trajectory strips and GIFs"),
     "trajectory_frames": (int, "frames in each trajectory strip and GIF (at least 3)"),
     "out": (str, "output folder"),
@@ -518,6 +519,7 @@ class SampleRequest:
     batch_size: int | None = None
     out: str = "outputs"
     grid: bool = False
+    save_control_images: bool = False   # write each ControlNet's control image as made (NNNNN-controlK.png)
     trajectory: bool = False
     trajectory_frames: int = 8
 
@@ -1201,6 +1203,10 @@ def validate_request(req: SampleRequest) -> None:
         raise _bad_setting("masked_content", req.masked_content, "is what the part --mask marks starts from: give "
                            "--mask too")
     _validate_controlnets(req)
+    if req.save_control_images and not req.controlnet:
+        raise _bad_setting("save_control_images", "", "writes the ControlNets' control images: give --controlnet too",
+                           message="--save-control-images: writes the ControlNets' control images: give --controlnet "
+                                   "too")
     if req.mask_padding is not None:
         if isinstance(req.mask_padding, bool) or not isinstance(req.mask_padding, int) or req.mask_padding < 0:
             raise _bad_setting("mask_padding", req.mask_padding, "must be a whole number of pixels >= 0")
@@ -1704,6 +1710,9 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
     try:
         if writer:   # another run into out_dir at the same time numbers past this one's images
             first_index, release = reserve_indices(out_dir, len(jobs))
+            if req.save_control_images:   # (the control images as made, to see what a preprocessor found)
+                extra += [save_png(images[0], out_dir / f"{first_index:05d}-control{k}.png")
+                          for k, images in enumerate(made)]
         with CompileTimer() as compile_timer:
             # The pipeline dispatches each batch before handing over the one before it, so the
             # devices make batch k + 1 while this loop writes batch k.

@@ -34,9 +34,9 @@ SAMPLER_NAMES = {
     "ddpm": "DDPM",
 }
 
-# The names sdjax writes: NNNNN-seedS-slug[-trajectory].png/.gif and NNNNN-grid.png (another tool's
+# The names sdjax writes: NNNNN-seedS-slug[-trajectory].png/.gif, NNNNN-grid.png and NNNNN-controlK.png (another tool's
 # "20240101-holiday.jpg" is not one of them).
-_INDEX_RE = re.compile(r"^(\d{5,})-(?:seed\d+-.*\.(?:png|gif)|grid\.png)$")
+_INDEX_RE = re.compile(r"^(\d{5,})-(?:seed\d+-.*\.(?:png|gif)|grid\.png|control\d+\.png)$")
 # A run's claim on the numbers it will write, made before its first file: .sdjax-reserved-FIRST holds LAST.
 _RESERVED_RE = re.compile(r"^\.sdjax-reserved-(\d{5,})$")
 

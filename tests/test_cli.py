@@ -168,6 +168,9 @@ def test_runs_into_one_folder_reserve_their_numbers(tmp_path):
     assert I.next_free_index(tmp_path) == 10         # the second run's claim still counts
     release_second()
     assert I.next_free_index(tmp_path) == 5          # nothing was written: the numbers are free again
+    (tmp_path / "00005-control0.png").write_bytes(b"")   # (a run's control image, written before its images)
+    assert I.next_free_index(tmp_path) == 6
+    (tmp_path / "00005-control0.png").unlink()
     (tmp_path / ".sdjax-reserved-00005").write_text("6")   # left by a run that was killed
     assert I.reserve_indices(tmp_path, 1)[0] == 7
     (tmp_path / ".sdjax-reserved-00008").write_text("")    # killed (or a full disk) before writing its last
@@ -1048,7 +1051,8 @@ def test_controlnet_flags_steer_the_images_and_are_recorded(pipe_dir, pipe, tmp_
                              "--controlnet-scale", "1.2", "--controlnet-end", "0.5", "--controlnet-mode", "balanced",
                              "--controlnet-mode", "prompt", "--controlnet-module", "canny", "--controlnet-module",
                              "none", "--controlnet-resize", "just", "--controlnet-resize", "crop",
-                             "--controlnet-canny-low", "50", "--model", pipe_dir, "--out", out, *SMALL)
+                             "--controlnet-canny-low", "50", "--save-control-images", "--model", pipe_dir, "--out", out,
+                             *SMALL)
     assert rc == 0, stderr
     made = out / "00000-seed4-a-dog.png"
     assert I.read_png_parameters(made).endswith(
@@ -1069,6 +1073,8 @@ def test_controlnet_flags_steer_the_images_and_are_recorded(pipe_dir, pipe, tmp_
     finally:
         pipe.load_controlnet(None)
     np.testing.assert_array_equal(pixels(made), ref[0])
+    for k, image in enumerate((edges, depth_cropped[:, 3:35])):   # (--save-control-images: each as made)
+        np.testing.assert_array_equal(pixels(out / f"00000-control{k}.png"), image)
     req, args = sample.parse_request(["--from-png", str(made), "--model", str(pipe_dir)])
     assert req.controlnet == [] and args.png_notes == [
         "--from-png: the image was made with the ControlNets tiny-cn and depth-cn: to make it again, pass --controlnet "
@@ -1706,6 +1712,8 @@ BAD_INPUTS = {
     "controlnet_module_unknown": (["a cat", "--controlnet", "{tmp}", "--control-image", "{tmp}/init.png",
                                    "--controlnet-module", "depth"], "argument --controlnet-module: invalid choice: "
                                                                     "'depth' (choose from "),
+    "save_control_images_alone": (["a cat", "--save-control-images"], "error: --save-control-images: writes the "
+                                  "ControlNets' control images: give --controlnet too"),
     "controlnet_module_alone": (["a cat", "--controlnet-module", "canny", "--controlnet-pixel-perfect"],
                                 "error: --controlnet-module canny: is a ControlNet's setting: give --controlnet and "
                                 "--control-image too"),
