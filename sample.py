@@ -29,6 +29,7 @@ from sdjax.cli_utils import (COMPILATION_CACHE_HELP, CONTROL_MODES, CONTROLNET_S
                              resolve_config_path, settings_from_png, validate_request)
 from sdjax.preprocess import CANNY_HIGH, CANNY_LOW, PREPROCESSORS, PROCESSOR_RES, RESIZE_MODES
 from sdjax.sampling import MASKED_CONTENTS
+from sdjax.schedulers import SCHEDULERS, option_names
 
 PROG = "sample.py"
 CONFIG_DIRS = (Path(__file__).resolve().parent / "configs",)
@@ -206,6 +207,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hires-upscaler", default=None, metavar="latent|lanczos",
                    help="Hires fix: latent (default, A1111's Latent: the latents resized bilinearly) or lanczos "
                         "(the image decoded, resized with Lanczos and encoded again)")
+    p.add_argument("--hires-scheduler", default=None, metavar="NAME",
+                   help="Hires fix: the second pass's scheduler (A1111's Hires sampler; default: --scheduler), with "
+                        "the --scheduler-option settings it has (A1111's Use same scheduler)")
+    p.add_argument("--hires-scheduler-option", metavar="KEY=VALUE", action="append", default=[],
+                   help="Hires fix: a setting of the second pass's scheduler, over --scheduler-option's, repeatable: "
+                        "use_karras_sigmas=true (A1111's Hires schedule type Karras), ...")
+    p.add_argument("--hires-guidance-scale", type=float, default=None, metavar="G",
+                   help="Hires fix: the second pass's guidance scale (Forge's Hires CFG Scale; default: "
+                        "--guidance-scale)")
+    p.add_argument("--hires-prompt", default=None, metavar="TEXT",
+                   help="Hires fix: the second pass's prompt, every image's (A1111's Hires prompt; default or "
+                        "empty: the image's prompt)")
+    p.add_argument("--hires-negative-prompt", default=None, metavar="TEXT",
+                   help="Hires fix: the second pass's negative prompt (default or empty: --negative-prompt)")
     p.add_argument("--embedding-dir", metavar="DIR", default=None,
                    help="the folder of the textual inversion embeddings a prompt or the negative prompt names by "
                         "their file names, as AUTOMATIC1111's embeddings folder: each file there (or in a folder "
@@ -247,6 +262,7 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
     pre.add_argument("--from-png")
     pre.add_argument("--strength")   # (given on the command line, not by the preset: over --from-png's)
     pre.add_argument("--hires-scale")
+    pre.add_argument("--hires-prompt")
     pre.add_argument("--mask-padding")
     pre.add_argument("--mask-blur")
     pre.add_argument("--masked-content")
@@ -267,10 +283,15 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
     prompts = list(args.prompt)
     if args.prompts_file:
         prompts += read_prompts_file(args.prompts_file)
+    hires_prompt_note = None
     if png is not None and not prompts:
         prompts = [png.prompt]
     elif png is not None:   # a prompt given replaces the image's, and with it the LoRAs its tags named
         png = dataclasses.replace(png, loras=[])
+        if "hires_prompt" in png.flags and known.hires_prompt is None:   # (and its Hires prompt)
+            args.hires_prompt = None
+            hires_prompt_note = ("--from-png: the image's Hires prompt is left out: the prompt given is both "
+                                 "passes' (give --hires-prompt for the second pass's own)")
     strength = args.strength
     if png is not None and png.strength is not None and known.strength is None and args.init_image is not None:
         strength = png.strength   # (over a preset's strength, as every --from-png setting is)
@@ -278,6 +299,10 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
     # (prompts naming different LoRAs: each run of them is made with its own, req.prompt_loras)
     tagged = [extra_network_tags(prompt) for prompt in prompts]
     prompts = [prompt for prompt, _, _ in tagged]
+    hires_tagged = None   # (the Hires prompt's: sdjax makes both passes with the prompts' LoRAs)
+    if args.hires_prompt:
+        hires_tagged = extra_network_tags(args.hires_prompt)
+        args.hires_prompt = hires_tagged[0]
     try:
         by_tags = {}   # each set of tags' files (in any order: they add up)
         for _, tags, _ in tagged or [(None, [], None)]:
@@ -288,7 +313,8 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
         if png is not None and args.lora_dir is not None:   # the image's LoRAs, from the folder (once)
             tagged_files = [text for loras in prompt_loras for text in loras]
             found += loras_of_tags(png.loras, args.lora_dir, [*args.lora, *found, *tagged_files])
-        named = embeddings_named([*prompts, args.negative_prompt], args.embedding_dir, args.embedding)
+        named = embeddings_named([*prompts, args.negative_prompt, args.hires_prompt or "",
+                                  args.hires_negative_prompt or ""], args.embedding_dir, args.embedding)
     except UsageError as e:
         raise _from_the_preset(e, preset, path, args, sys.argv[1:] if argv is None else argv) from None
     args.lora, args.embedding = [*args.lora, *found], [*args.embedding, *named]
@@ -297,14 +323,25 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
     args.from_folder = {**dict.fromkeys([*found, *(text for loras in prompt_loras for text in loras)], "lora_dir"),
                         **dict.fromkeys(named, "embedding_dir")}
     args.png_notes = [] if png is None else png_notes(png, args)
-    if others := sorted({tag for _, _, networks in tagged for tag in networks}):
+    if hires_prompt_note:
+        args.png_notes.append(hires_prompt_note)
+    prompt_tags = [png.loras] if png is not None and png.loras else [tags for _, tags, _ in tagged]
+    if hires_tagged is not None and any(sorted(hires_tagged[1]) != sorted(tags) for tags in prompt_tags):
+        listed = " ".join(f"<lora:{name}:{scale:g}>" for name, scale in hires_tagged[1]) or "none"
+        args.png_notes.append(f"the Hires prompt's LoRA tags ({listed}) are not the prompt's: sdjax makes both "
+                              "passes with the prompt's LoRAs")
+    if others := sorted({tag for _, _, networks in [*tagged, *([hires_tagged] if hires_tagged else [])]
+                         for tag in networks}):
         args.png_notes.append(f"the prompt's extra networks {', '.join(others)} have no sdjax equivalent: left out "
                               "of it")
     if png is not None and "hires_scale" in png.flags and args.init_image is not None and known.hires_scale is None:
         # an img2img run from a Hires fix image: the picture given replaces its first pass
-        for name in ("hires_scale", "hires_steps", "hires_strength", "hires_upscaler"):
+        for name in ("hires_scale", "hires_steps", "hires_strength", "hires_upscaler", "hires_scheduler",
+                     "hires_guidance_scale", "hires_prompt", "hires_negative_prompt"):
             if getattr(args, name) == png.flags.get(name):
                 setattr(args, name, None)
+        if getattr(args, "hires_scheduler_options", None) == png.flags.get("hires_scheduler_options"):
+            args.hires_scheduler_options = {}
         args.png_notes.append(f"--from-png: the image's Hires fix (Hires upscale {png.flags['hires_scale']:g}) is "
                               "left out: --init-image makes img2img of that picture instead")
     seeds = args.seeds if isinstance(args.seeds, list) else parse_seeds(args.seeds)
@@ -312,6 +349,17 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
                        else parse_seeds(args.variation_seeds)) or []
     given_options = parse_scheduler_options(args.scheduler_option)
     options = {**getattr(args, "scheduler_options", {}), **given_options}
+    given_hires = parse_scheduler_options(args.hires_scheduler_option, "--hires-scheduler-option")
+    hires_options = {**getattr(args, "hires_scheduler_options", {}), **given_hires}
+    imaged = {} if png is None else png.flags.get("hires_scheduler_options", {})
+    if imaged and (args.hires_scheduler or args.scheduler) in SCHEDULERS:   # (another second-pass scheduler's)
+        takes = option_names(args.hires_scheduler or args.scheduler)
+        if dropped := {k: v for k, v in imaged.items() if k not in takes and k not in given_hires
+                       and hires_options.get(k) == v}:
+            hires_options = {k: v for k, v in hires_options.items() if k not in dropped}
+            listed = ", ".join(f"{k}={v}" for k, v in dropped.items())
+            args.png_notes.append(f"--from-png: the image's Hires scheduler options {listed} are left out: the "
+                                  f"{args.hires_scheduler or args.scheduler} scheduler has none such")
     schedules = ("use_karras_sigmas", "use_exponential_sigmas")   # (only one of them can be used)
     if any(given_options.get(key) for key in schedules):   # a schedule given replaces the preset's / the image's
         replaced = {k: v for k, v in options.items() if k in schedules and k not in given_options and v}
@@ -379,7 +427,9 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
                         **{name: list(getattr(args, name)) for name in CONTROLNET_SETTINGS},
                         hires_scale=args.hires_scale,
                         hires_steps=args.hires_steps, hires_strength=args.hires_strength,
-                        hires_upscaler=args.hires_upscaler,
+                        hires_upscaler=args.hires_upscaler, hires_scheduler=args.hires_scheduler,
+                        hires_scheduler_options=hires_options, hires_guidance_scale=args.hires_guidance_scale,
+                        hires_prompt=args.hires_prompt, hires_negative_prompt=args.hires_negative_prompt,
                         height=height, width=width, dtype=DTYPE_ALIASES.get(args.dtype, args.dtype),
                         batch_size=args.batch_size, variant=args.variant,
                         out=str(Path(args.out).expanduser()) if str(args.out).strip() else args.out,
@@ -438,7 +488,7 @@ def _blame_the_source(error: UsageError, settings: dict, args, argv, source) -> 
     value = getattr(args, key, None)
     if not (value is settings[key] or value == settings[key]):   # (is: NaN != NaN)
         return error
-    flag = "--scheduler-option" if key == "scheduler_options" else "--" + key.replace("_", "-")
+    flag = "--" + key.replace("_", "-").replace("scheduler-options", "scheduler-option")
     if any(a == flag or a.startswith(flag + "=") for a in map(str, argv)):
         return error
     return UsageError(f"{source(key, settings[key])}: {error.reason}")
@@ -570,6 +620,18 @@ def main(argv=None) -> int:
         options = ", ".join(f"{k}={v!r}" for k, v in req.scheduler_options.items())
         error = UsageError(f"--scheduler-option {options}: {e}", setting="scheduler_options", reason=str(e))
         return _fail(_from_the_preset(error, args.preset, args.preset_path, args, sys.argv[1:] if argv is None else argv))
+    if req.hires is not None:   # the Hires fix's second pass's scheduler, and the first pass's options it takes
+        hires = req.hires
+        name2, options2 = hires.second_scheduler(req.scheduler, req.scheduler_options)
+        try:
+            pipe.make_scheduler(name2, hires.steps or req.steps, **options2)
+        except (ValueError, NotImplementedError, TypeError) as e:
+            options = ", ".join(f"{k}={v!r}" for k, v in options2.items())
+            error = UsageError(f"--hires-scheduler {name2} with {options} (the --scheduler-option settings it takes "
+                               f"and --hires-scheduler-option's): {e}", setting="hires_scheduler_options",
+                               reason=str(e))
+            return _fail(_from_the_preset(error, args.preset, args.preset_path, args,
+                                          sys.argv[1:] if argv is None else argv))
     if req.img2img_strength is not None:   # img2img enters the schedule midway: PNDM's Runge-Kutta warm-up cannot
         from sdjax.sampling import img2img_start
         try:

@@ -260,6 +260,14 @@ CONFIG_KEYS: dict[str, tuple[type | tuple, str]] = {
     "hires_steps": (int, "Hires fix: the second pass's steps (default: steps)"),
     "hires_strength": ((int, float), "Hires fix: the share of the second pass's schedule run, in (0, 1] (0.7)"),
     "hires_upscaler": (str, "Hires fix: latent (default) or lanczos"),
+    "hires_scheduler": (str, "Hires fix: the second pass's scheduler (A1111's Hires sampler; default: scheduler)"),
+    "hires_scheduler_options": (dict, "Hires fix: the second pass's scheduler settings, over the scheduler_options "
+                                "its scheduler takes, e.g. {use_karras_sigmas: true}"),
+    "hires_guidance_scale": ((int, float), "Hires fix: the second pass's guidance scale (Forge's Hires CFG Scale; "
+                             "default: guidance_scale)"),
+    "hires_prompt": (str, "Hires fix: the second pass's prompt, for every image (A1111's Hires prompt; default: the "
+                     "image's)"),
+    "hires_negative_prompt": (str, "Hires fix: the second pass's negative prompt (default: negative_prompt)"),
     "height": (int, "image height in pixels (multiple of 8)"),
     "width": (int, "image width in pixels (multiple of 8)"),
     "dtype": (str, f"one of {', '.join(DTYPES)}"),
@@ -399,29 +407,29 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
             if bad := [v for v in value if isinstance(v, bool) or not isinstance(v, (int, float))]:
                 raise UsageError(f"{path}: key {key!r} has item {bad[0]!r}; expected numbers")
             value = [float(v) for v in value]
-        if key == "scheduler_options":
+        if key in ("scheduler_options", "hires_scheduler_options"):
             if bad := [k for k in value if not isinstance(k, str)]:
-                raise UsageError(f"{path}: key 'scheduler_options' has key {bad[0]!r}; expected setting names")
+                raise UsageError(f"{path}: key {key!r} has key {bad[0]!r}; expected setting names")
             value = {k: _yaml_number(v) for k, v in value.items()}
         out[key] = value
     return out
 
 
-def parse_scheduler_options(items: Sequence[str]) -> dict[str, Any]:
+def parse_scheduler_options(items: Sequence[str], flag: str = "--scheduler-option") -> dict[str, Any]:
     """``["use_karras_sigmas=true", "eta=0.5"]`` -> ``{"use_karras_sigmas": True, "eta": 0.5}`` (each
-    value read as YAML, so true / 1 / 0.5 / text are what they look like)."""
+    value read as YAML, so true / 1 / 0.5 / text are what they look like; an error names ``flag``)."""
     import yaml
     options = {}
     for item in items:
         key, eq, text = item.partition("=")
         if not eq or not key.strip():
-            raise UsageError(f"--scheduler-option {item!r}: expected KEY=VALUE, e.g. use_karras_sigmas=true")
+            raise UsageError(f"{flag} {item!r}: expected KEY=VALUE, e.g. use_karras_sigmas=true")
         try:
             value = _yaml_number(yaml.safe_load(text)) if text.strip() else None
         except yaml.YAMLError:
             value = text
         if value is None or isinstance(value, (list, dict)):
-            raise UsageError(f"--scheduler-option {item!r}: expected one value (true, a number or a word)")
+            raise UsageError(f"{flag} {item!r}: expected one value (true, a number or a word)")
         options[key.strip()] = value
     return options
 
@@ -513,6 +521,13 @@ class SampleRequest:
     hires_steps: int | None = None    # Hires fix: the second pass's steps (None: steps)
     hires_strength: float | None = None   # Hires fix: the second pass's denoising strength (None: 0.7)
     hires_upscaler: str | None = None     # Hires fix: latent (None: latent) or lanczos
+    # Hires fix: the second pass's own settings (None: the first pass's): its scheduler, options over the first
+    # pass's it takes, guidance scale, prompt (every image's) and negative prompt
+    hires_scheduler: str | None = None
+    hires_scheduler_options: dict = dataclasses.field(default_factory=dict)
+    hires_guidance_scale: float | None = None
+    hires_prompt: str | None = None
+    hires_negative_prompt: str | None = None
     height: int = 512                 # (sample.py sets the init image's size when not given; here 512 all the same)
     width: int = 512
     dtype: str | None = None          # None: bfloat16 on GPU/TPU, float32 on CPU
@@ -545,7 +560,9 @@ class SampleRequest:
             return None
         return HiresFix(float(self.hires_scale), self.hires_steps,
                         HIRES_STRENGTH if self.hires_strength is None else float(self.hires_strength),
-                        self.hires_upscaler or "latent")
+                        self.hires_upscaler or "latent", self.hires_scheduler, self.hires_scheduler_options or None,
+                        self.hires_prompt or None, self.hires_negative_prompt or None,   # ("": the first's, as A1111)
+                        None if self.hires_guidance_scale is None else float(self.hires_guidance_scale))
 
     @property
     def control_units(self) -> list[ControlUnit]:
@@ -624,6 +641,48 @@ def _float_or_none(text: str) -> float | None:
         return None
 
 
+def _a1111_sampler(sampler: str, schedule: str | None, which: str, bad) -> tuple[str, dict[str, Any]]:
+    """The sdjax scheduler and options of an A1111 Sampler and Schedule type (``which``: "" or "Hires "
+    for the Hires fix's, whose schedule None is the first pass's and whose Uniform turns a carried one off)."""
+    from sdjax.images import SAMPLER_NAMES
+    from sdjax.schedulers import option_names
+    options: dict[str, Any] = {}
+    for suffix, option in ((" Karras", "use_karras_sigmas"), (" Exponential", "use_exponential_sigmas")):
+        if sampler.endswith(suffix):   # A1111 before 1.9 named the schedule in the sampler
+            sampler, options[option] = sampler[: -len(suffix)], True
+    if sampler == "DPM++ 2M SDE Heun":   # its second-order correction the Heun way (sdjax: an option)
+        sampler, options["solver_type"] = "DPM++ 2M SDE", "heun"
+    by_name = {v: k for k, v in SAMPLER_NAMES.items()}
+    if sampler not in by_name:
+        raise bad(f"its {which}sampler {sampler!r} has no sdjax scheduler (sdjax has {', '.join(by_name)})")
+    name = by_name[sampler]
+    # A1111 1.9+ writes a Schedule type always; its "Automatic" is the sampler's default, which is Karras for
+    # DPM++ 2M (the old "DPM++ 2M Karras") and Exponential for DPM++ 2M SDE there. Without the field (A1111
+    # before 1.9, sample.py before it wrote "Uniform") they are plain; "Uniform" is the plain schedule of
+    # every sampler sdjax has.
+    if {"use_karras_sigmas", "use_exponential_sigmas"} & set(options):
+        schedule = None   # a schedule in the sampler's name wins over the field, as A1111 reads them
+    if schedule == "Automatic":
+        schedule = {"DPM++ 2M": "Karras", "DPM++ 2M SDE": "Exponential"}.get(sampler, schedule)
+    if schedule == "Karras":
+        options["use_karras_sigmas"] = True
+    elif schedule == "Exponential":
+        options["use_exponential_sigmas"] = True
+    elif schedule not in (None, "Automatic", "Uniform"):
+        raise bad(f"its {which}schedule type {schedule!r} has no sdjax equivalent (sdjax has Karras, and Exponential "
+                  "for DPM++ 2M and DPM++ 2M SDE)")
+    elif which and schedule is not None:   # (the second pass's plain schedule: over the first pass's)
+        options.update({key: False for key in ("use_karras_sigmas", "use_exponential_sigmas")
+                        if key in option_names(name)})
+    if options.get("use_karras_sigmas") and "use_karras_sigmas" not in option_names(name):   # (A1111: Euler a, Karras)
+        raise bad(f"its {which}sampler {sampler!r} with schedule type 'Karras' has no sdjax equivalent (sdjax's "
+                  f"{name} has no Karras sigmas)")
+    if options.get("use_exponential_sigmas") and name not in ("dpmpp_2m", "dpmpp_2m_sde"):
+        raise bad(f"its {which}sampler {sampler!r} with schedule type 'Exponential' has no sdjax equivalent (sdjax "
+                  "has Exponential sigmas for DPM++ 2M and DPM++ 2M SDE)")
+    return name, options
+
+
 def settings_from_png(path: str | os.PathLike) -> PngSettings:
     """Read the settings an image was made with from its PNG ``parameters`` chunk, as AUTOMATIC1111 and
     sample.py write them (or the EXIF UserComment of A1111's JPEG, WebP and AVIF images): prompt, negative
@@ -633,8 +692,10 @@ def settings_from_png(path: str | os.PathLike) -> PngSettings:
     ``emphasis``, and for sample.py's that record ``Prompt weighting: A1111``). The prompt's
     extra-network tags are taken out of it: ``<lora:NAME[:SCALE...]>`` (and ``<lyco:...>``) into ``loras``,
     another type into ``ignored``. A Hires fix (``Hires upscale``, ``Hires steps``, ``Hires upscaler``
-    Latent or Lanczos, and its ``Denoising strength``, which is no img2img ``strength``) into the hires
-    flags; one with another upscaler, or a ``Hires resize`` to a size, into ``ignored``, whole. A1111's
+    Latent or Lanczos, and its ``Denoising strength``, which is no img2img ``strength``; the second pass's
+    own ``Hires sampler`` and ``Hires schedule type``, ``Hires prompt``, ``Hires negative prompt``, Forge's
+    ``Hires CFG Scale`` and sample.py's ``Hires <option>``) into the hires flags; one with another
+    upscaler, or a ``Hires resize`` to a size, into ``ignored``, whole. A1111's
     ControlNet units (``ControlNet 0: "Module: ..., Model: NAME, Weight: 1, Guidance Start: 0, ..."``, ``ControlNet
     1``, ...): their models into ``controlnets`` (the files are not known), and their weights, guidance
     windows, Control Modes, Resize Modes, Modules (canny, invert; another's ControlNet is named with it and
@@ -645,7 +706,7 @@ def settings_from_png(path: str | os.PathLike) -> PngSettings:
     sampler, another schedule type, Karras sigmas for a sampler without them), or says it holds no
     settings."""
     from PIL import UnidentifiedImageError
-    from sdjax.images import HIRES_UPSCALER_NAMES, SAMPLER_NAMES, parse_a1111_parameters, read_parameters
+    from sdjax.images import HIRES_UPSCALER_NAMES, parse_a1111_parameters, read_parameters
 
     def bad(reason: str) -> UsageError:
         return _bad_setting("from_png", path, reason)
@@ -673,40 +734,8 @@ def settings_from_png(path: str | os.PathLike) -> PngSettings:
                   "Size)")
     prompt, loras, networks = extra_network_tags(fields.pop("prompt"))
     flags: dict[str, Any] = {"negative_prompt": fields.pop("negative_prompt")}
-    options: dict[str, Any] = {}
-    sampler = fields.pop("Sampler", "PLMS")   # (A1111 always writes one)
-    for suffix, option in ((" Karras", "use_karras_sigmas"), (" Exponential", "use_exponential_sigmas")):
-        if sampler.endswith(suffix):   # A1111 before 1.9 named the schedule in the sampler
-            sampler, options[option] = sampler[: -len(suffix)], True
-    if sampler == "DPM++ 2M SDE Heun":   # its second-order correction the Heun way (sdjax: an option)
-        sampler, options["solver_type"] = "DPM++ 2M SDE", "heun"
-    by_name = {v: k for k, v in SAMPLER_NAMES.items()}
-    if sampler not in by_name:
-        raise bad(f"its sampler {sampler!r} has no sdjax scheduler (sdjax has {', '.join(by_name)})")
-    flags["scheduler"] = by_name[sampler]
-    # A1111 1.9+ writes a Schedule type always; its "Automatic" is the sampler's default, which is Karras for
-    # DPM++ 2M (the old "DPM++ 2M Karras") and Exponential for DPM++ 2M SDE there. Without the field (A1111
-    # before 1.9, sample.py before it wrote "Uniform") they are plain; "Uniform" is the plain schedule of
-    # every sampler sdjax has.
-    schedule = fields.pop("Schedule type", None)
-    if {"use_karras_sigmas", "use_exponential_sigmas"} & set(options):
-        schedule = None   # a schedule in the sampler's name wins over the field, as A1111 reads them
-    if schedule == "Automatic":
-        schedule = {"DPM++ 2M": "Karras", "DPM++ 2M SDE": "Exponential"}.get(sampler, schedule)
-    if schedule == "Karras":
-        options["use_karras_sigmas"] = True
-    elif schedule == "Exponential":
-        options["use_exponential_sigmas"] = True
-    elif schedule not in (None, "Automatic", "Uniform"):
-        raise bad(f"its schedule type {schedule!r} has no sdjax equivalent (sdjax has Karras, and Exponential for "
-                  "DPM++ 2M and DPM++ 2M SDE)")
-    valid = set(resolve_scheduler_config(flags["scheduler"], {}))
-    if "use_karras_sigmas" in options and "use_karras_sigmas" not in valid:   # (A1111 1.9+: Euler a, Karras)
-        raise bad(f"its sampler {sampler!r} with schedule type 'Karras' has no sdjax equivalent (sdjax's "
-                  f"{flags['scheduler']} has no Karras sigmas)")
-    if "use_exponential_sigmas" in options and flags["scheduler"] not in ("dpmpp_2m", "dpmpp_2m_sde"):
-        raise bad(f"its sampler {sampler!r} with schedule type 'Exponential' has no sdjax equivalent (sdjax has "
-                  "Exponential sigmas for DPM++ 2M and DPM++ 2M SDE)")
+    flags["scheduler"], options = _a1111_sampler(fields.pop("Sampler", "PLMS"),   # (A1111 always writes one)
+                                                 fields.pop("Schedule type", None), "", bad)
 
     def number(key: str, kind):
         try:
@@ -813,12 +842,35 @@ def settings_from_png(path: str | os.PathLike) -> PngSettings:
             if "Denoising strength" in fields:
                 flags["hires_strength"] = number("Denoising strength", float)
             flags["hires_upscaler"] = by_name[fields.pop("Hires upscaler", "Latent")]
+            # the second pass's own settings (A1111 1.6+ writes them where they are not the first pass's)
+            same = ("Use same sampler", "Use same scheduler")
+            sampler2, schedule2 = (fields.pop(key, None) for key in ("Hires sampler", "Hires schedule type"))
+            sampler2, schedule2 = (None if text in same else text for text in (sampler2, schedule2))
+            own: dict[str, Any] = {}
+            if sampler2 is not None or schedule2 is not None:
+                from sdjax.images import SAMPLER_NAMES
+                name2, own = _a1111_sampler(sampler2 or SAMPLER_NAMES[flags["scheduler"]], schedule2, "Hires ", bad)
+                if name2 != flags["scheduler"]:
+                    flags["hires_scheduler"] = name2
+            from sdjax.schedulers import option_names
+            takes = option_names(flags.get("hires_scheduler", flags["scheduler"]))
+            for key in [k for k in fields if k.startswith("Hires ") and k[6:] in takes]:   # (sample.py's: its own)
+                own.update(parse_scheduler_options([f"{key[6:]}={fields.pop(key)}"]))
+            if own:
+                flags["hires_scheduler_options"] = own
+            if "Hires CFG Scale" in fields:   # (Forge writes it always: the call's where they are the same)
+                if (scale := number("Hires CFG Scale", float)) != flags.get("guidance_scale"):
+                    flags["hires_guidance_scale"] = scale
+            for key, dest in (("Hires prompt", "hires_prompt"), ("Hires negative prompt", "hires_negative_prompt")):
+                if key in fields:
+                    flags[dest] = fields.pop(key)
         else:
             why = (f"its Hires upscaler {upscaler!r} has no sdjax equivalent (sdjax has "
                    f"{', '.join(HIRES_UPSCALER_NAMES.values())})" if upscaler not in by_name
                    else "a Hires resize to a size: sdjax takes a factor, Hires upscale")
             hires_left_out = f"the Hires fix ({why}: this run makes the first pass only, at Size)"
     model, vae = fields.pop("Model", None), fields.pop("VAE", None)
+    valid = set(resolve_scheduler_config(flags["scheduler"], {}))
     for key in [k for k in fields if k in valid]:   # the options sdjax writes under their own names
         options.update(parse_scheduler_options([f"{key}={fields.pop(key)}"]))
     source = {"use_karras_sigmas": "Schedule type", "eta": "Eta DDIM"}
@@ -1112,7 +1164,12 @@ def validate_request(req: SampleRequest) -> None:
         # would raise mid-run (with Emphasis None the brackets are text)
         from sdjax.text import composable_parts, parse_prompt_attention, prompt_schedule
         # (a negative prompt that is also a prompt is checked as both: AND is text in it)
-        for text, is_prompt in dict.fromkeys([*((p, True) for p in req.prompts), (req.negative_prompt, False)]):
+        texts = {(p, True): "prompt" for p in req.prompts}   # (each text, whether a prompt: the setting it is)
+        hires = () if req.hires_scale is None else ("hires_prompt", "hires_negative_prompt")
+        for name in ("negative_prompt", *hires):
+            if isinstance(text := getattr(req, name), str):
+                texts.setdefault((text, name == "hires_prompt"), name)
+        for (text, is_prompt), setting in texts.items():
             try:   # (each text its editing gives: (a:[1.2:1.3.4:2]) is (a:1.3.4) after step 2; a prompt's AND parts)
                 # (over the Hires fix's second pass's steps too: its texts are edited over those)
                 counts = {n for n in (req.steps, req.hires_steps if req.hires_scale is not None else None)
@@ -1127,7 +1184,7 @@ def validate_request(req: SampleRequest) -> None:
                     raise UsageError(f"{e} (--prompt-weighting reads (text:WEIGHT); \\( \\) are brackets as text)") \
                         from None
                 reason = str(e).removeprefix(f"prompt {text!r}: ")
-                raise _bad_setting("negative_prompt", repr(text), reason) from None
+                raise _bad_setting(setting, repr(text), reason) from None
     for name in ("model", "model_config", "vae", "out"):   # an unset variable in --out "$DIR": not the cwd
         if getattr(req, name) is not None and not str(getattr(req, name)).strip():
             raise _bad_setting(name, repr(getattr(req, name)), "is empty: leave the flag out, or give "
@@ -1314,9 +1371,12 @@ def _validate_controlnets(req: SampleRequest) -> None:
 def _validate_hires(req: SampleRequest) -> None:
     """The Hires fix's settings (--hires-*): each in range, the others only with --hires-scale."""
     if req.hires_scale is None:
-        for name in ("hires_steps", "hires_strength", "hires_upscaler"):
-            if getattr(req, name) is not None:
-                raise _bad_setting(name, getattr(req, name), "is the Hires fix's: give --hires-scale too")
+        for name in ("hires_steps", "hires_strength", "hires_upscaler", "hires_scheduler", "hires_scheduler_options",
+                     "hires_guidance_scale", "hires_prompt", "hires_negative_prompt"):
+            if (value := getattr(req, name)) not in (None, {}):
+                reason = "is the Hires fix's: give --hires-scale too"
+                raise _bad_setting(name, value, reason, f"--hires-scheduler-option: {reason}"
+                                   if name == "hires_scheduler_options" else None)
         return
     if not _number(req.hires_scale) or req.hires_scale <= 1:
         raise _bad_setting("hires_scale", req.hires_scale, "must be a number above 1 (the second pass's size over "
@@ -1340,6 +1400,20 @@ def _validate_hires(req: SampleRequest) -> None:
     if req.trajectory:
         raise _bad_setting("hires_scale", req.hires_scale, "the Hires fix makes no trajectory: leave out "
                            "--trajectory or --hires-scale")
+    # the second pass's own settings
+    if req.hires_scheduler is not None and req.hires_scheduler not in SCHEDULERS:
+        raise _bad_setting("hires_scheduler", req.hires_scheduler, f"choose one of {', '.join(SCHEDULERS)}")
+    if req.hires_guidance_scale is not None and not _number(req.hires_guidance_scale):
+        raise _bad_setting("hires_guidance_scale", req.hires_guidance_scale, "must be a finite number (default: "
+                           "--guidance-scale)")
+    for name in ("hires_prompt", "hires_negative_prompt"):
+        if getattr(req, name) is not None and not isinstance(getattr(req, name), str):
+            raise _bad_setting(name, repr(getattr(req, name)), "must be a text")
+    name, options = req.hires.second_scheduler(req.scheduler, req.scheduler_options)
+    try:   # (the keys and kinds now, as the first pass's; the rest once the model's scheduler config is read)
+        resolve_scheduler_config(name, {}, **options)
+    except (TypeError, ValueError) as e:
+        raise _bad_setting("hires_scheduler_options", None, str(e), f"--hires-scheduler-option: {e}") from None
 
 
 def clip_skip_problem(clip_skip: int, pipe) -> UsageError | None:
@@ -1672,7 +1746,8 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
     if hires is not None:   # the second pass's model calls, on the same step bar
         from sdjax.sampling import img2img_start
         hires_steps = hires.steps or req.steps
-        calls += (pipe.make_scheduler(req.scheduler, hires_steps, **req.scheduler_options).num_model_calls
+        name2, options2 = hires.second_scheduler(req.scheduler, req.scheduler_options)
+        calls += (pipe.make_scheduler(name2, hires_steps, **options2).num_model_calls
                   - img2img_start(hires_steps, hires.strength))
         if units:   # (the second pass's control images: each unit's map fitted to its size)
             controlled["hires_control_images"] = one([images[1] for images in made])
@@ -1752,6 +1827,13 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
                                               hires_scale=None if hires is None else hires.scale,
                                               hires_steps=None if hires is None else hires.steps,
                                               hires_upscaler="latent" if hires is None else hires.upscaler,
+                                              **({} if hires is None else dict(
+                                                  hires_scheduler=hires.scheduler,
+                                                  hires_scheduler_options=hires.scheduler_options,
+                                                  hires_guidance_scale=hires.guidance_scale,
+                                                  hires_prompt=hires.prompts and hires.prompts[0],
+                                                  hires_negative_prompt=hires.negative_prompts
+                                                  and hires.negative_prompts[0])),
                                               prompt_weighting=req.prompt_weighting, emphasis=req.emphasis,
                                               variation_seed=variation, variation_strength=req.variation_strength,
                                               mask_blur=None if req.mask is None else req.mask_blur,
@@ -1759,8 +1841,9 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
                                               mask_invert=req.mask is not None and req.mask_invert,
                                               mask_padding=req.mask_padding,
                                               controlnets=units,
-                                              embeddings=embeddings_used(pipe.tokenizer, embeddings,
-                                                                         f"{prompt}\n{negative}"))
+                                              embeddings=embeddings_used(pipe.tokenizer, embeddings, "\n".join(
+                                                  [prompt, negative, req.hires_prompt or "",
+                                                   req.hires_negative_prompt or ""])))
                     files.append(out_dir / image_file_name(index, seed, prompt))
                     writing.append(saver.submit(save_png, out.images[b], files[-1], params))
                     if req.grid:   # as 8-bit, a quarter of the float images' memory over a long run

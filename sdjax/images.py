@@ -149,7 +149,9 @@ def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, sche
                      variation_seed: int | None = None, variation_strength: float = 0.0,
                      mask_blur: float | None = None, mask_padding: int | None = None,
                      masked_content: str | None = None, mask_invert: bool = False,
-                     controlnets: Sequence = ()) -> str:
+                     controlnets: Sequence = (), hires_scheduler: str | None = None,
+                     hires_scheduler_options: dict | None = None, hires_prompt: str | None = None,
+                     hires_negative_prompt: str | None = None, hires_guidance_scale: float | None = None) -> str:
     """Generation settings as AUTOMATIC1111 writes them into the PNG ``parameters`` text chunk::
 
         a photo of a cat
@@ -169,7 +171,14 @@ def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, sche
     ``denoising_strength`` (img2img's strength) is written as A1111's img2img does, ``Denoising strength: 0.75``.
     ``hires_scale`` (the Hires fix; ``denoising_strength`` is then its second pass's) as A1111's txt2img writes
     it: ``Hires upscale: 2``, ``Hires steps: 20`` (only when given), ``Hires upscaler: Latent`` (or ``Lanczos``);
-    Size stays the first pass's, as in A1111.
+    Size stays the first pass's, as in A1111. The second pass's own settings (`sdjax.HiresFix`'s), where they
+    differ from the first's: ``hires_scheduler`` as A1111 1.6+ writes it, ``Hires sampler: DPM++ 2M``, always
+    with its ``Hires schedule type`` (Karras, Exponential or Uniform), which is also written for the
+    first pass's scheduler with another schedule in ``hires_scheduler_options``; those options' others
+    as ``Hires eta: 0.3`` (the option's name); ``hires_guidance_scale`` as Forge writes it, ``Hires CFG
+    Scale: 5``; ``hires_prompt`` and ``hires_negative_prompt`` as ``Hires prompt: "..."`` and ``Hires
+    negative prompt``, the prompt's LoRA tags after the Hires prompt too (A1111 reads a Hires prompt
+    without them as the second pass's without the LoRAs).
     ``embeddings``, (TOKEN, HASH) of the textual inversion embeddings the prompts use, as A1111's
     ``TI hashes: "EasyNegative: c74b4e810b03"`` (HASH: the file's SHA-256, its first 12 hex digits).
     ``prompt_weighting`` (the prompts' AUTOMATIC1111 emphasis syntax read) is written as ``Prompt
@@ -193,10 +202,7 @@ def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, sche
     1: ...`` (with ``Processor Res: 512, Threshold A: 100, Threshold B: 200`` after the Resize Mode for
     Module canny; Module none: the control image given as it is).
     """
-    sampler = SAMPLER_NAMES.get(scheduler, scheduler)
-    options = dict(scheduler_options or {})
-    if scheduler == "dpmpp_2m_sde" and options.get("solver_type") == "heun":   # A1111's own sampler of it
-        sampler, _ = sampler + " Heun", options.pop("solver_type")
+    sampler, options = _sampler_name(scheduler, scheduler_options or {})
     fields = [("Steps", steps), ("Sampler", sampler)]
     if (scheduler in ("dpmpp_2m", "dpmpp_2m_sde") and not options.get("use_karras_sigmas")
             and not options.get("use_exponential_sigmas")):
@@ -246,6 +252,25 @@ def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, sche
         if hires_steps is not None:
             fields.append(("Hires steps", hires_steps))
         fields.append(("Hires upscaler", HIRES_UPSCALER_NAMES[hires_upscaler]))
+        from sdjax.schedulers import carried_options
+        second = hires_scheduler or scheduler
+        carried = carried_options(second, scheduler, scheduler_options)
+        own = {**carried, **(hires_scheduler_options or {})}
+        if second != scheduler:
+            sampler2, own = _sampler_name(second, own)
+            fields.append(("Hires sampler", sampler2))
+        if second != scheduler or _schedule_type(own) != _schedule_type(carried):
+            fields.append(("Hires schedule type", _schedule_type(own)))
+        fields += [(f"Hires {key}", str(value).lower() if isinstance(value, bool) else value)
+                   for key, value in own.items() if key not in _SCHEDULE_OPTIONS
+                   and (key not in carried or carried[key] != value)]
+        if hires_guidance_scale is not None and hires_guidance_scale != guidance_scale:
+            fields.append(("Hires CFG Scale", _number(hires_guidance_scale)))
+        tags = "".join(f" <lora:{name}:{_number(scale)}>" for name, scale in loras)
+        for key, text, first in (("Hires prompt", hires_prompt, prompt),
+                                 ("Hires negative prompt", hires_negative_prompt, negative_prompt)):
+            if text is not None and text != first:
+                fields.append((key, text + tags if key == "Hires prompt" else text))
     if clip_skip != 1:
         fields.append(("Clip skip", clip_skip))
     if prompt_weighting:
@@ -263,6 +288,24 @@ def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, sche
         lines.append(f"Negative prompt: {negative_prompt}")
     lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in fields))
     return "\n".join(lines)
+
+
+_SCHEDULE_OPTIONS = ("use_karras_sigmas", "use_exponential_sigmas")
+
+
+def _sampler_name(scheduler: str, options: dict) -> tuple[str, dict]:
+    """A1111's sampler name of ``scheduler`` with ``options``, and the options its name does not say
+    (DPM++ 2M SDE with ``solver_type=heun`` is A1111's DPM++ 2M SDE Heun)."""
+    sampler, options = SAMPLER_NAMES.get(scheduler, scheduler), dict(options)
+    if scheduler == "dpmpp_2m_sde" and options.get("solver_type") == "heun":
+        sampler, _ = sampler + " Heun", options.pop("solver_type")
+    return sampler, options
+
+
+def _schedule_type(options: dict) -> str:
+    """A1111's Schedule type of scheduler ``options``: Karras, Exponential, or Uniform (the plain one)."""
+    return ("Karras" if options.get("use_karras_sigmas") else "Exponential" if options.get("use_exponential_sigmas")
+            else "Uniform")
 
 
 def model_name(model: str | os.PathLike) -> str:

@@ -19,7 +19,8 @@ from flax import nnx
 from sdjax import parallel, sampling
 from sdjax.models import AutoencoderKL, CLIPTextModel, ControlNetModel, UNet2DConditionModel
 from sdjax.models.unet import skip_channels
-from sdjax.schedulers import SCHEDULERS, make_noise_schedule, make_scheduler, pipeline_scheduler_config
+from sdjax.schedulers import (SCHEDULERS, carried_options, make_noise_schedule, make_scheduler,
+                               pipeline_scheduler_config)
 from sdjax.text import (check_emphasis, composable_parts, edited_prompts, load_tokenizer, tokenize,
                         tokenize_weighted, window_count)
 from sdjax.weights import (SINGLE_FILE_SUFFIXES, CheckpointError, fetch_missing_bin_weights, has_weights, hub_files,
@@ -157,11 +158,22 @@ class HiresFix:
     (img2img, the second pass: ``steps`` steps, default the call's), with the same prompts, seeds,
     scheduler, guidance and clip skip. ``upscaler``: ``"latent"`` (A1111's default "Latent": the first
     pass's latents resized bilinearly, `sampling.upscale_latents`, no VAE round trip) or ``"lanczos"``
-    (its image decoded, resized with PIL's Lanczos and encoded again, as img2img encodes init images)."""
+    (its image decoded, resized with PIL's Lanczos and encoded again, as img2img encodes init images).
+    The second pass's own settings, as A1111 1.6+ has them (None, the default: the call's):
+    ``scheduler`` (A1111's "Hires sampler"), with the call's ``scheduler_options`` that it takes (all of
+    them for the same scheduler: A1111's "Use same scheduler") updated with ``scheduler_options`` (a
+    Karras schedule of its own, ``{"use_karras_sigmas": True}``: A1111's "Hires schedule type");
+    ``prompts`` and ``negative_prompts`` ("Hires prompt", "Hires negative prompt": a string, or one per
+    image, broadcast with the call's lists); ``guidance_scale`` (Forge's "Hires CFG Scale")."""
     scale: float = 2.0
     steps: int | None = None
     strength: float = HIRES_STRENGTH
     upscaler: str = "latent"
+    scheduler: str | None = None
+    scheduler_options: dict | None = None
+    prompts: str | Sequence[str] | None = None
+    negative_prompts: str | Sequence[str] | None = None
+    guidance_scale: float | None = None
 
     def __post_init__(self):
         scale, steps, strength = self.scale, self.steps, self.strength
@@ -176,10 +188,33 @@ class HiresFix:
                              "pass's schedule that is run; A1111's default 0.7)")
         if self.upscaler not in HIRES_UPSCALERS:
             raise ValueError(f"HiresFix upscaler={self.upscaler!r}: choose one of {', '.join(HIRES_UPSCALERS)}")
+        if self.scheduler is not None and self.scheduler not in SCHEDULERS:
+            raise ValueError(f"HiresFix scheduler={self.scheduler!r}: choose one of {', '.join(SCHEDULERS)}, or None "
+                             "(the call's)")
+        if self.scheduler_options is not None and not isinstance(self.scheduler_options, dict):
+            raise TypeError(f"HiresFix scheduler_options={self.scheduler_options!r}: must be a dict of options "
+                            "({'use_karras_sigmas': True}) or None")
+        for name in ("prompts", "negative_prompts"):
+            texts = getattr(self, name)
+            if texts is not None:
+                texts = [texts] if isinstance(texts, str) else texts
+                if not isinstance(texts, (list, tuple)) or not texts or not all(isinstance(t, str) for t in texts):
+                    raise TypeError(f"HiresFix {name}={getattr(self, name)!r}: must be a string, a list of strings "
+                                    "(one per image) or None (the call's)")
+                object.__setattr__(self, name, tuple(texts))   # (a list given is not changed after)
+        g = self.guidance_scale
+        if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float, np.integer, np.floating))
+                              or not math.isfinite(g)):
+            raise ValueError(f"HiresFix guidance_scale={g!r}: must be a finite number, or None (the call's)")
 
     def size(self, height: int, width: int) -> tuple[int, int]:
         """The second pass's (height, width) for a first pass of this size."""
         return int(height * self.scale) // 8 * 8, int(width * self.scale) // 8 * 8
+
+    def second_scheduler(self, scheduler: str, options: dict | None) -> tuple[str, dict]:
+        """The second pass's scheduler and its options, for a call with ``scheduler`` and ``options``."""
+        name = self.scheduler or scheduler
+        return name, {**carried_options(name, scheduler, options), **(self.scheduler_options or {})}
 
 
 @dataclasses.dataclass
@@ -1059,10 +1094,10 @@ class StableDiffusion:
         ``hires``: AUTOMATIC1111's "Hires. fix", a `HiresFix`: each image is made at height x width as above
         (the first pass), enlarged (its latents resized, or its image with Lanczos) and denoised again at the
         larger size from the HiresFix's strength of its schedule on (img2img: the second pass, its noise drawn
-        from the seed at the new latent size), with the same prompts, seeds, scheduler and settings; the
-        images are the second pass's. Not with ``init_images`` or ``return_intermediates``. Each pass
-        compiles its own program (the Lanczos upscaler's first pass is the program of a call without
-        ``hires``).
+        from the seed at the new latent size), with the same prompts, seeds, scheduler and settings (or the
+        HiresFix's own scheduler, prompts and guidance scale); the images are the second pass's.
+        Not with ``init_images`` or ``return_intermediates``. Each pass compiles its own program (the
+        Lanczos upscaler's first pass is the program of a call without ``hires``).
         """
         outputs = list(self.batches(
             prompts, negative_prompts, seeds, num_inference_steps, guidance_scale, height, width, scheduler,
@@ -1279,13 +1314,19 @@ class StableDiffusion:
                  "mask_images": 1 if mask_images is None else mask_images.shape[0],
                  **{f"{name}[{k}]" if several else name: len(c) for name, given in (
                      ("control_images", controls), ("hires_control_images", hires_controls))
-                    for k, c in enumerate(given or [])}}
+                    for k, c in enumerate(given or [])},
+                 **{f"hires.{name}": len(getattr(hires, name)) for name in ("prompts", "negative_prompts")
+                    if hires is not None and getattr(hires, name) is not None}}
         n = max(sizes.values())
         longest = max(sizes, key=sizes.get)   # (named in the error: the list the others must match)
         for name, size in sizes.items():
             if size not in (1, n):
                 raise ValueError(f"{name} has {size} entries; expected 1 or {n} to match {longest} ({n} entries)")
         prompts, seeds, negatives = ([x[0]] * n if len(x) == 1 else x for x in (prompts, seeds, negatives))
+        hires_texts = None   # (the second pass's own prompts and negative prompts: A1111's Hires prompt)
+        if hires is not None and (hires.prompts is not None or hires.negative_prompts is not None):
+            hires_texts = [list(own) * (n // len(own)) if own is not None else call
+                           for own, call in ((hires.prompts, prompts), (hires.negative_prompts, negatives))]
         if variations is not None:
             variations = [v.item() if isinstance(v, (np.ndarray, jax.Array)) and v.ndim == 0 else v
                           for v in (variations * n if len(variations) == 1 else variations)]
@@ -1358,12 +1399,15 @@ class StableDiffusion:
         second = None
         if hires is not None:   # the second pass's schedule, size and text inputs (prompt editing: over its calls)
             hires_steps = int(hires.steps or num_inference_steps)
-            sched2 = self.make_scheduler(scheduler, hires_steps, **(scheduler_options or {}))
+            name2, options2 = hires.second_scheduler(scheduler, scheduler_options)
+            sched2 = self.make_scheduler(name2, hires_steps, **options2)
             first2 = sampling.img2img_start(hires_steps, hires.strength)
             sched2.starting_at(first2)   # (PNDM's Runge-Kutta warm-up cannot begin midway: raises now)
             h2, w2 = hires.size(height, width)
             shape2 = (h2 // self.vae_scale, w2 // self.vae_scale, latent_shape[2])
-            second = dict(hires=hires, sched=sched2, first_call=first2, latent_shape=shape2, size=(h2, w2))
+            g2 = float(guidance_scale if hires.guidance_scale is None else hires.guidance_scale)
+            second = dict(hires=hires, sched=sched2, first_call=first2, latent_shape=shape2, size=(h2, w2),
+                          guidance_scale=g2)
             if controls is not None:   # (the ControlNets steer the second pass too, at its size and over its steps)
                 for k, c in enumerate(hires_controls or []):
                     if c.shape[1:3] != (h2, w2):
@@ -1379,22 +1423,32 @@ class StableDiffusion:
         if prompt_weighting:
             ids, neg_ids, text_inputs = _weighted_text(self.tokenizer, prompts, negatives, num_inference_steps,
                                                        sched.num_model_calls - first_call, emphasis)
-            if "cond_part_weights_BK" in text_inputs and guidance_scale <= 1.0:
-                composed = next(p for p in prompts if [w for _, w in composable_parts(p)] != [1.0])
-                raise ValueError(f"prompt {composed!r} has AND or a weight (\":2\" at its end: AUTOMATIC1111's "
-                                 "composable diffusion), which acts through guidance: guidance_scale must be above 1 "
-                                 f"(it is {guidance_scale:g})")
-            if second is not None and any("phases" in name for name in text_inputs):
-                # prompt editing in the second pass: over its own steps and calls (as img2img's)
+            if second is not None and (hires_texts or any("phases" in name for name in text_inputs)):
+                # the second pass's own texts, or prompt editing in it: over its own steps and calls (as img2img's)
                 second["ids"], second["neg_ids"], second["text_inputs"] = _weighted_text(
-                    self.tokenizer, prompts, negatives, hires_steps,
+                    self.tokenizer, *(hires_texts or (prompts, negatives)), hires_steps,
                     second["sched"].num_model_calls - second["first_call"], emphasis)
+            passes = [(prompts, text_inputs, guidance_scale, "")]
+            if second is not None:
+                passes.append(((hires_texts or [prompts])[0], second.get("text_inputs", text_inputs),
+                               second["guidance_scale"], " in the Hires fix's second pass"))
+            for texts, inputs, scale, where in passes:
+                if "cond_part_weights_BK" in inputs and scale <= 1.0:
+                    composed = next(p for p in texts if [w for _, w in composable_parts(p)] != [1.0])
+                    raise ValueError(f"prompt {composed!r} has AND or a weight (\":2\" at its end: AUTOMATIC1111's "
+                                     "composable diffusion), which acts through guidance: guidance_scale must be "
+                                     f"above 1 (it is {scale:g}{where})")
         else:
             ids = tokenize(self.tokenizer, prompts)
             neg_ids = tokenize(self.tokenizer, negatives, kind="negative prompt")
+            if hires_texts:
+                second.update(ids=tokenize(self.tokenizer, hires_texts[0]), text_inputs={},
+                              neg_ids=tokenize(self.tokenizer, hires_texts[1], kind="negative prompt"))
         vocab = self.text_encoder.config.vocab_size
-        if max(ids.max(), neg_ids.max()) >= vocab:   # the embedding lookup would give NaN images
-            raise ValueError(f"the tokenizer gave token id {max(ids.max(), neg_ids.max())}, outside the text encoder's "
+        own = [] if second is None or "ids" not in second else [second["ids"], second["neg_ids"]]
+        biggest = max(x.max() for x in (ids, neg_ids, *own))
+        if biggest >= vocab:   # the embedding lookup would give NaN images
+            raise ValueError(f"the tokenizer gave token id {biggest}, outside the text encoder's "
                              f"vocabulary 0..{vocab - 1} (a tokenizer with added tokens needs an embedding resized "
                              "to match)")
         # Every call has the same batch shape (the last one padded), so a run compiles one program.
@@ -1483,8 +1537,8 @@ class StableDiffusion:
                         init = dict(init_latents_BHWC=_upscale(out.latents, size_hw=second["latent_shape"][:2]))
                     out = program(
                         state, second["sched"], shard(second["ids"]), shard(second["neg_ids"]), shard(seeds), None,
-                        jnp.float32(guidance_scale), latent_shape_HWC=second["latent_shape"],
-                        use_guidance=guidance_scale > 1.0,
+                        jnp.float32(second["guidance_scale"]), latent_shape_HWC=second["latent_shape"],
+                        use_guidance=second["guidance_scale"] > 1.0,
                         on_step=None if step_bar is None else self._hires_ticker, clip_skip=clip_skip,
                         start=second["first_call"],
                         **inputs(second["text_inputs"]), **init, **varied, **controlled(1))

@@ -129,6 +129,20 @@ _CONFIG_ONLY_KEYS = {"dpmpp_2m": {"sigma_min": None, "sigma_max": None},
                      "dpmpp_2m_sde": {"sigma_min": None, "sigma_max": None}}
 
 
+def option_names(name: str) -> frozenset[str]:
+    """The options scheduler ``name`` takes (`resolve_scheduler_config`'s, `make_scheduler`'s)."""
+    _check_name(name)
+    return frozenset({**_COMMON_DEFAULTS, **_CLASS_DEFAULTS[name], **_STEP_OPTIONS.get(name, {})})
+
+
+def carried_options(name: str, source: str, options: dict | None) -> dict:
+    """The ``options`` given for scheduler ``source`` that scheduler ``name`` takes: all of them where it
+    is ``source`` (a Hires fix's second pass with another scheduler keeps the schedule, Karras sigmas,
+    where it has them, as AUTOMATIC1111's "Use same scheduler" does)."""
+    takes = option_names(name)
+    return {k: v for k, v in (options or {}).items() if name == source or k in takes}
+
+
 def resolve_scheduler_config(name: str, config: dict, **options) -> dict:
     """The settings that ``diffusers.<Kind>Scheduler.from_config(config, **options)`` would use.
 

@@ -23,7 +23,7 @@ from PIL import Image
 
 from sdjax import images as I
 from sdjax import trajectory as T
-from sdjax.cli_utils import UsageError, load_config, parse_seeds, run_sampling
+from sdjax.cli_utils import UsageError, load_config, parse_seeds, run_sampling, settings_from_png
 
 ROOT = Path(__file__).resolve().parent.parent
 # --progress batches: the program the tests' own pipe(...) calls compile too (a step bar adds a host callback).
@@ -958,6 +958,128 @@ def test_hires_flags_make_the_pipelines_hires_images_recorded_as_a1111_and_from_
     assert not np.array_equal(pixels(png), np.asarray(pipe("a dog", **kw).to_pil()[0].resize((48, 48))))
 
 
+def test_hires_second_pass_flags_make_the_pipelines_images_recorded_as_a1111_and_from_png_makes_them_again(
+        pipe_dir, pipe, tmp_path, capsys):
+    """--hires-scheduler, --hires-scheduler-option, --hires-guidance-scale, --hires-prompt and
+    --hires-negative-prompt: the images are the pipeline's with that HiresFix; the PNG parameters say them as
+    A1111 1.6+ and Forge write them (Hires sampler, Hires schedule type, Hires CFG Scale, Hires prompt, Hires
+    negative prompt; the prompt's LoRA tags after the Hires prompt too), and --from-png makes the image again,
+    bit for bit, with the same parameters."""
+    from sdjax import HiresFix
+    same = ["--model", pipe_dir, "--dtype", "float32", "--compilation-cache", "none", "--progress", "none"]
+    flags = ["--scheduler", "dpmpp_2m", "--hires-scale", "1.5", "--hires-scheduler", "euler",
+             "--hires-scheduler-option", "use_karras_sigmas=true", "--hires-guidance-scale", "4", "--hires-prompt",
+             "a cat, sitting", "--hires-negative-prompt", "blurry"]
+    rc, _, stderr = run_main(capsys, "a dog", "--seeds", "4", *flags, "--out", tmp_path / "first", *SMALL[:-4], *same)
+    assert rc == 0, stderr
+    png = tmp_path / "first" / "00000-seed4-a-dog.png"
+    text = I.read_png_parameters(png)
+    assert text.endswith("Hires upscale: 1.5, Hires upscaler: Latent, Hires sampler: Euler, Hires schedule type: "
+                         "Karras, Hires CFG Scale: 4, Hires prompt: \"a cat, sitting\", Hires negative prompt: "
+                         "blurry"), text
+    hires = HiresFix(1.5, scheduler="euler", scheduler_options={"use_karras_sigmas": True}, guidance_scale=4.0,
+                     prompts="a cat, sitting", negative_prompts="blurry")
+    kw = dict(seeds=4, num_inference_steps=3, height=32, width=32, scheduler="dpmpp_2m")
+    np.testing.assert_array_equal(pixels(png), pipe("a dog", hires=hires, **kw).to_pil()[0])
+    rc, _, stderr = run_main(capsys, "--from-png", png, "--out", tmp_path / "again", *same)
+    assert rc == 0 and "warning" not in stderr.lower(), stderr
+    again = tmp_path / "again" / "00000-seed4-a-dog.png"
+    np.testing.assert_array_equal(pixels(again), pixels(png))
+    assert I.read_png_parameters(again) == text
+    # (the second pass's own settings change the image)
+    assert not np.array_equal(pixels(png), pipe("a dog", hires=HiresFix(1.5), **kw).to_pil()[0])
+
+
+def test_a1111_parameters_write_the_second_pass_where_it_differs():
+    """The Hires fix's own settings are written where they are not the first pass's, its schedule type
+    with any Hires sampler (else A1111 reads its Automatic: Karras for DPM++ 2M), and settings_from_png
+    reads back what was written (Uniform: the schedules the sampler has turned off)."""
+    base = dict(steps=20, guidance_scale=7, seed=1, width=64, height=64, hires_scale=2)
+    plain = {"use_karras_sigmas": False, "use_exponential_sigmas": False}
+    for first, hires, fields, read in [
+            (dict(scheduler="euler"), dict(hires_scheduler="euler"), "", {}),
+            (dict(scheduler="euler"), dict(hires_scheduler="dpmpp_2m"),
+             "Hires sampler: DPM++ 2M, Hires schedule type: Uniform",
+             dict(hires_scheduler="dpmpp_2m", hires_scheduler_options=plain)),
+            (dict(scheduler="euler", scheduler_options={"use_karras_sigmas": True}), dict(hires_scheduler="lms"),
+             "Hires sampler: LMS, Hires schedule type: Karras",
+             dict(hires_scheduler="lms", hires_scheduler_options={"use_karras_sigmas": True})),
+            (dict(scheduler="euler", scheduler_options={"use_karras_sigmas": True}),
+             dict(hires_scheduler_options={"use_karras_sigmas": False}), "Hires schedule type: Uniform",
+             dict(hires_scheduler_options=plain)),
+            (dict(scheduler="ddim"), dict(hires_scheduler_options={"eta": 0.5}), "Hires eta: 0.5",
+             dict(hires_scheduler_options={"eta": 0.5})),
+            (dict(scheduler="euler"), dict(hires_scheduler="dpmpp_2m_sde", hires_scheduler_options={
+                "solver_type": "heun"}), "Hires sampler: DPM++ 2M SDE Heun, Hires schedule type: Uniform",
+             dict(hires_scheduler="dpmpp_2m_sde", hires_scheduler_options={"solver_type": "heun", **plain})),
+            (dict(scheduler="euler"), dict(hires_guidance_scale=7.0, hires_prompt="a fox", hires_negative_prompt=""),
+             "", {}),
+            (dict(scheduler="euler", loras=[("style", 0.5)]), dict(hires_prompt="a dog", hires_guidance_scale=5),
+             "Hires CFG Scale: 5, Hires prompt: \"a dog <lora:style:0.5>\"",
+             dict(hires_guidance_scale=5.0, hires_prompt="a dog <lora:style:0.5>"))]:
+        text = I.a1111_parameters("a fox", **base, **first, **hires)
+        assert text.split("Hires upscaler: Latent")[1] == (fields and ", " + fields), (first, hires, text)
+        flags = settings_from_png_text(text).flags
+        assert {k: v for k, v in flags.items() if k.startswith("hires_") and k not in (
+            "hires_scale", "hires_strength", "hires_upscaler")} == read, (first, hires, text)
+
+
+def settings_from_png_text(text: str):
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        I.save_png(np.zeros((8, 8, 3)), Path(d) / "a.png", text)
+        return settings_from_png(Path(d) / "a.png")
+
+
+def test_from_png_reads_the_a1111_and_forge_second_pass_settings(tmp_path):
+    """An A1111 1.6+ / Forge Hires fix image's second-pass fields: Hires sampler (with its Hires schedule
+    type, Automatic as A1111 resolves it; without one the first pass's schedule where the sampler has it),
+    Hires CFG Scale (Forge writes it always: the call's where equal), Hires prompt (its LoRA tags out; tags
+    other than the prompt's said in a note) and Hires negative prompt; a prompt given leaves the image's Hires
+    prompt out, said in a note; a Hires sampler sdjax lacks is an error naming it."""
+    def png(fields, prompt="a fox"):
+        I.save_png(np.zeros((8, 8, 3)), tmp_path / "a.png", f"{prompt}\nSteps: 20, Sampler: {fields}, CFG scale: 7, "
+                   "Seed: 1, Size: 64x64, Model hash: abc, Denoising strength: 0.7, Hires upscale: 2")
+        return str(tmp_path / "a.png")
+    second = lambda req: req.hires.second_scheduler(req.scheduler, req.scheduler_options)  # noqa: E731
+    for fields, want in [
+            ("Euler, Hires sampler: DPM++ 2M, Hires schedule type: Automatic",
+             ("dpmpp_2m", {"use_karras_sigmas": True})),
+            ("DPM++ 2M, Schedule type: Karras, Hires sampler: Euler a", ("euler_a", {})),
+            ("DPM++ 2M, Schedule type: Karras, Hires sampler: Euler", ("euler", {"use_karras_sigmas": True})),
+            ("DPM++ 2M Karras, Hires schedule type: Uniform",
+             ("dpmpp_2m", {"use_karras_sigmas": False, "use_exponential_sigmas": False})),
+            ("Euler, Hires sampler: Use same sampler, Hires schedule type: Use same scheduler", ("euler", {}))]:
+        req, args = sample.parse_request(["--from-png", png(fields)])
+        assert second(req) == want and args.png_notes == [], fields
+    req, args = sample.parse_request(["--from-png", png("Euler, Hires sampler: DPM++ 2M, Hires schedule type: Uniform"),
+                                      "--hires-scheduler", "euler_a"])   # (another second-pass scheduler given)
+    assert second(req) == ("euler_a", {}) and args.png_notes == [
+        "--from-png: the image's Hires scheduler options use_karras_sigmas=False, use_exponential_sigmas=False are "
+        "left out: the euler_a scheduler has none such"]
+    req, args = sample.parse_request(["--from-png", png("Euler, Hires CFG Scale: 7")])
+    assert req.hires_guidance_scale is None and req.hires.guidance_scale is None and args.png_notes == []
+    req, args = sample.parse_request(["--from-png", png('Euler, Hires CFG Scale: 5, Hires prompt: "a dog, '
+                                                          '<lora:style:1>", Hires negative prompt: blurry')])
+    assert (req.hires.guidance_scale, req.hires.prompts, req.hires.negative_prompts) == (5.0, ("a dog,",), ("blurry",))
+    assert args.png_notes == ["the Hires prompt's LoRA tags (<lora:style:1>) are not the prompt's: sdjax makes both "
+                              "passes with the prompt's LoRAs"]
+    req, args = sample.parse_request(["--from-png", png('Euler, Hires prompt: "a dog <lora:style:1>"',
+                                                        prompt="a fox <lora:style:1>")])
+    assert req.hires.prompts == ("a dog",) and not any("Hires prompt" in note for note in args.png_notes)
+    req, args = sample.parse_request(["a wolf", "--from-png", png("Euler, Hires prompt: a dog")])
+    assert req.prompts == ["a wolf"] and req.hires.prompts is None
+    assert args.png_notes == ["--from-png: the image's Hires prompt is left out: the prompt given is both passes' "
+                              "(give --hires-prompt for the second pass's own)"]
+    req, args = sample.parse_request(["a wolf", "--from-png", png("Euler, Hires prompt: a dog"), "--hires-prompt",
+                                      "a cow"])
+    assert req.hires.prompts == ("a cow",) and args.png_notes == []
+    with pytest.raises(UsageError, match="a.png: its Hires sampler 'DPM\\+\\+ SDE' has no sdjax scheduler"):
+        sample.parse_request(["--from-png", png("Euler, Hires sampler: DPM++ SDE")])
+    with pytest.raises(UsageError, match="a.png: its Hires sampler 'Euler a' with schedule type 'Karras' has no sdjax"):
+        sample.parse_request(["--from-png", png("Euler, Hires sampler: Euler a, Hires schedule type: Karras")])
+
+
 def test_from_png_takes_over_a1111_hires_fix_and_names_the_upscalers_it_lacks(tmp_path):
     """An A1111 txt2img image made with the Hires fix is made again with it: Hires upscale, Hires steps (0:
     the Steps), Denoising strength (its second pass's, no img2img strength), Hires upscaler Latent (also
@@ -1739,6 +1861,25 @@ BAD_INPUTS = {
     "hires_with_init_image": (["a cat", "--hires-scale", "2", "--init-image", "{tmp}/init.png"],
                               "--hires-scale 2.0: the Hires fix is text-to-image in two passes: not with --init-image"),
     "hires_with_trajectory": (["a cat", "--hires-scale", "2", "--trajectory"], "the Hires fix makes no trajectory"),
+    "hires_prompt_without_scale": (["a cat", "--hires-prompt", "a dog"],
+                                   "error: --hires-prompt a dog: is the Hires fix's: give --hires-scale too"),
+    "hires_scheduler_option_without_scale": (["a cat", "--hires-scheduler-option", "eta=1"],
+                                             "error: --hires-scheduler-option: is the Hires fix's: give --hires-scale"),
+    "hires_scheduler_unknown": (["a cat", "--hires-scale", "2", "--hires-scheduler", "heun"],
+                                "error: --hires-scheduler heun: choose one of pndm, ddim"),
+    "hires_scheduler_option_it_lacks": (["a cat", "--hires-scale", "2", "--hires-scheduler", "ddim",
+                                         "--hires-scheduler-option", "use_karras_sigmas=true"],
+                                        "error: --hires-scheduler-option: 'ddim' scheduler has no option "
+                                        "'use_karras_sigmas'"),
+    "hires_scheduler_option_not_key_value": (["a cat", "--hires-scale", "2", "--hires-scheduler-option", "karras"],
+                                             "error: --hires-scheduler-option 'karras': expected KEY=VALUE"),
+    "hires_guidance_nan": (["a cat", "--hires-scale", "2", "--hires-guidance-scale", "nan"],
+                           "error: --hires-guidance-scale nan: must be a finite number"),
+    "hires_prompt_weight_not_a_number": (["a cat", "--prompt-weighting", "--hires-scale", "2", "--hires-prompt",
+                                          "(a dog:1.2.3)"], "error: prompt '(a dog:1.2.3)': "),
+    "hires_negative_prompt_weight_not_a_number": (["a cat", "--prompt-weighting", "--hires-scale", "2",
+                                                   "--hires-negative-prompt", "(ugly:1.2.3)"],
+                                                  "error: --hires-negative-prompt '(ugly:1.2.3)': "),
     "init_image_smaller_than_8": (["a cat", "--init-image", "{tmp}/tiny.png"], "--height 0: must be a positive "
                                   "multiple of 8 (the init image is smaller than 8 pixels"),
     "from_png_missing": (["--from-png", "{tmp}/nope.png"], "error: --from-png {tmp}/nope.png: no such file"),
@@ -1870,6 +2011,19 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, tmp_path, caps
     assert not out.exists()
     if case.startswith("config_unknown"):
         assert "bad.yaml" in lines[0]
+
+
+def test_a_hires_scheduler_that_cannot_take_the_first_pass_schedule_exits_2(pipe_dir, tmp_path, capsys):
+    """The second pass's scheduler takes the first pass's options it has: one sdjax cannot make with them
+    (Euler with Exponential sigmas) exits 2 before anything compiles, naming both flags."""
+    out = tmp_path / "out"
+    rc, _, stderr = run_main(capsys, "a cat", "--model", pipe_dir, "--scheduler", "dpmpp_2m", "--scheduler-option",
+                             "use_exponential_sigmas=true", "--hires-scale", "1.5", "--hires-scheduler", "euler",
+                             "--out", out, "--compilation-cache", "none")
+    assert rc == 2 and not out.exists()
+    assert stderr.strip().splitlines()[-1] == (
+        "sample.py: error: --hires-scheduler euler with use_exponential_sigmas=True (the --scheduler-option settings "
+        "it takes and --hires-scheduler-option's): use_exponential_sigmas is not supported")
 
 
 def test_a_preset_option_the_models_scheduler_refuses_names_the_preset(pipe_dir, pipe, tmp_path, capsys):

@@ -103,6 +103,45 @@ def test_hires_steps_and_lanczos_are_their_definition(pipe, weighting):
         assert np.abs(one_by_one - ours).max() <= 1e-5
 
 
+def test_hires_second_pass_own_prompts_scheduler_and_guidance_are_their_definition(pipe):
+    """HiresFix's own prompts (one per image, weighted, with AND and editing over the second pass's own
+    steps), negative prompts, scheduler (with the call's options it takes: the Karras schedule) and guidance
+    scale (A1111's Hires prompt, Hires sampler and schedule type, Forge's Hires CFG Scale) are the second
+    pass's: the image is img2img of the first pass's with those settings."""
+    own = dict(prompts=["a (bird:1.2) AND a [cow:horse:0.5]", "a cow"], negative_prompts="ugly",
+               scheduler="dpmpp_2m", guidance_scale=3.0)
+    options = {"timestep_spacing": "trailing", "use_karras_sigmas": True}
+    kw = dict(seeds=SEEDS, prompt_weighting=True)
+    first_kw = dict(kw, negative_prompts=NEGATIVES, height=SIZE, width=SIZE, scheduler="euler", guidance_scale=7.5,
+                    scheduler_options=options)
+    hires = HiresFix(scale=1.5, steps=6, strength=0.5, upscaler="lanczos", **own)
+    ours = pipe(PROMPTS, num_inference_steps=STEPS, hires=hires, **first_kw).images
+    first = pipe(PROMPTS, num_inference_steps=STEPS, **first_kw).images
+    big = int(SIZE * 1.5) // 8 * 8
+    resized = [as_pil(x).resize((big, big), Image.Resampling.LANCZOS) for x in first]
+    want = pipe(own["prompts"], negative_prompts=["ugly"] * 2, num_inference_steps=6, init_images=resized,
+                strength=0.5, scheduler="dpmpp_2m", scheduler_options=options, guidance_scale=3.0, **kw).images
+    assert ours.shape == want.shape == (2, big, big, 3)
+    assert np.abs(ours - want).max() <= 1e-5
+    # what the check stands on: the call's own settings in the second pass make other images
+    plain = pipe(PROMPTS, num_inference_steps=STEPS, hires=HiresFix(scale=1.5, steps=6, strength=0.5,
+                                                                     upscaler="lanczos"), **first_kw).images
+    assert np.abs(ours - plain).max() > 1e-2
+
+
+def test_hires_second_scheduler_takes_the_calls_options_it_has():
+    """The second pass's options: all the call's for the same scheduler, those another scheduler takes
+    for it, then its own."""
+    options = {"use_karras_sigmas": True, "timestep_spacing": "trailing"}
+    assert HiresFix().second_scheduler("euler", options) == ("euler", options)
+    assert HiresFix(scheduler="dpmpp_2m").second_scheduler("euler", options) == ("dpmpp_2m", options)
+    assert HiresFix(scheduler="ddim", scheduler_options={"eta": 1.0}).second_scheduler("euler", options) == (
+        "ddim", {"timestep_spacing": "trailing", "eta": 1.0})
+    assert HiresFix(scheduler_options={"use_karras_sigmas": False}).second_scheduler("euler", options) == (
+        "euler", {"use_karras_sigmas": False, "timestep_spacing": "trailing"})
+    assert HiresFix(prompts=["a", "b"]).prompts == ("a", "b") and HiresFix(prompts="a").prompts == ("a",)
+
+
 def test_hires_arguments_are_checked_before_anything_runs(pipe):
     """Bad HiresFix values, and what does not go with it, are errors naming them, before anything compiles."""
     for bad, message in [(dict(scale=1), "scale=1: must be a number above 1"),
@@ -111,8 +150,15 @@ def test_hires_arguments_are_checked_before_anything_runs(pipe):
                          (dict(steps=2.5), "steps=2.5"),
                          (dict(strength=0), r"strength=0: must be a number in \(0, 1\]"),
                          (dict(strength=1.5), "strength=1.5"),
-                         (dict(upscaler="R-ESRGAN 4x+"), "upscaler='R-ESRGAN 4x\\+': choose one of latent, lanczos")]:
+                         (dict(upscaler="R-ESRGAN 4x+"), "upscaler='R-ESRGAN 4x\\+': choose one of latent, lanczos"),
+                         (dict(scheduler="Euler a"), "scheduler='Euler a': choose one of pndm, ddim"),
+                         (dict(guidance_scale=float("inf")), "guidance_scale=inf: must be a finite number")]:
         with pytest.raises(ValueError, match=message):
+            HiresFix(**bad)
+    for bad, message in [(dict(prompts=3), "prompts=3: must be a string, a list of strings"),
+                         (dict(negative_prompts=[]), r"negative_prompts=\[\]: must be a string"),
+                         (dict(scheduler_options=[("eta", 1)]), "scheduler_options=.*must be a dict")]:
+        with pytest.raises(TypeError, match=message):
             HiresFix(**bad)
     calls = []
     original = pipe._generate
@@ -125,9 +171,17 @@ def test_hires_arguments_are_checked_before_anything_runs(pipe):
                 (dict(hires=HiresFix(), return_intermediates=2), ValueError, "return_intermediates is not available"),
                 (dict(hires=HiresFix(steps=2, strength=0.3)), ValueError, "denoises no step"),
                 (dict(hires=HiresFix(), scheduler="pndm", scheduler_options={"skip_prk_steps": False}),
-                 (ValueError, NotImplementedError), "cannot start midway")]:
+                 (ValueError, NotImplementedError), "cannot start midway"),
+                (dict(hires=HiresFix(scheduler="ddim", scheduler_options={"use_karras_sigmas": True})), TypeError,
+                 "'ddim' scheduler has no option 'use_karras_sigmas'"),
+                (dict(hires=HiresFix(prompts=["a", "b", "c"]), seeds=[1, 2]), ValueError,
+                 r"seeds has 2 entries; expected 1 or 3 to match hires.prompts \(3 entries\)"),
+                (dict(hires=HiresFix(prompts="a AND b", guidance_scale=1), prompt_weighting=True), ValueError,
+                 "composable diffusion.*guidance_scale must be above 1 \\(it is 1 in the Hires fix's second pass\\)"),
+                (dict(hires=HiresFix(guidance_scale=1), prompts="a cat AND a dog", prompt_weighting=True),
+                 ValueError, "it is 1 in the Hires fix's second pass")]:
             with pytest.raises(error, match=message):
-                pipe("a cat", num_inference_steps=STEPS, height=SIZE, width=SIZE, **kw)
+                pipe(**{"prompts": "a cat", **kw}, num_inference_steps=STEPS, height=SIZE, width=SIZE)
     finally:
         pipe._generate = original
     assert calls == []
