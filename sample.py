@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --variation-seeds: how far each image's noise moves toward its variation seed's, in "
                         "[0, 1] (0.1-0.3: close variations; 1: the variation seed's own image); recorded in the PNG "
                         "parameters")
+    p.add_argument("--seed-resize-from", default=None, metavar="WxH",
+                   help="AUTOMATIC1111's Seed resize from: draw each seed's noise (and its variation seed's) at "
+                        "WIDTHxHEIGHT (multiples of 8) and lay it over the middle of its noise at the images' size, "
+                        "so a seed's picture keeps its layout at another --width / --height (default: off)")
     p.add_argument("--steps", type=int, default=50, help="denoising steps (default 50, typical 20-100)")
     p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (default 7.5, typical 5-15)")
     p.add_argument("--scheduler", default="pndm",
@@ -416,6 +420,7 @@ def parse_request(argv=None) -> tuple[SampleRequest, argparse.Namespace]:
                         prompt_loras=args.prompt_loras,
                         prompt_weighting=args.prompt_weighting,
                         emphasis=emphasis, variation_seeds=variation_seeds,
+                        seed_resize_from=args.seed_resize_from,
                         variation_strength=args.variation_strength,
                         embedding=list(args.embedding),
                         steps=args.steps, guidance_scale=args.guidance_scale, scheduler=args.scheduler,

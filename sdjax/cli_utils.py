@@ -210,6 +210,8 @@ CONFIG_KEYS: dict[str, tuple[type | tuple, str]] = {
     "seeds": ((int, str, list), "seed, range 0-15 or list"),
     "variation_seeds": ((int, str, list), "AUTOMATIC1111's variation seeds: seed, range or list"),
     "variation_strength": ((int, float), "how far each image's noise moves toward its variation seed's, in [0, 1]"),
+    "seed_resize_from": (str, "AUTOMATIC1111's Seed resize from, WIDTHxHEIGHT: each seed's noise drawn at that size "
+                         "and laid over the middle of its noise at the images' size"),
     "steps": (int, "number of denoising steps"),
     "guidance_scale": ((int, float), "classifier-free guidance strength"),
     "scheduler": (str, f"one of {', '.join(SCHEDULERS)}"),
@@ -489,6 +491,7 @@ class SampleRequest:
     emphasis: str = "original"        # A1111's Emphasis setting, with prompt_weighting: sdjax.text.EMPHASIS_MODES
     variation_seeds: list[int] = dataclasses.field(default_factory=list)   # A1111's variation seeds
     variation_strength: float = 0.0   # how far each image's noise moves toward its variation seed's (0: none)
+    seed_resize_from: str | None = None   # A1111's Seed resize from, "WIDTHxHEIGHT": the seeds' noise's size
     lora: list[str] = dataclasses.field(default_factory=list)   # LoRA files merged into the weights, FILE[:SCALE]
     # per prompt, the LoRAs its A1111 <lora:NAME:SCALE> tags name, where the prompts name different ones (each
     # run of prompts naming the same is made with its own in turn: run_sampling); else empty, and they are in lora
@@ -543,6 +546,14 @@ class SampleRequest:
         ``mask_invert``, as A1111 swaps them for Inpaint not masked."""
         mask = load_init_image(self.mask, width, height, "L")
         return 255 - mask if self.mask_invert else mask
+
+    @property
+    def seed_resize_hw(self) -> tuple[int, int] | None:
+        """``seed_resize_from`` as (height, width), as the pipeline takes it; None where not given."""
+        if self.seed_resize_from is None:
+            return None
+        size = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", str(self.seed_resize_from))
+        return None if size is None else (int(size[2]), int(size[1]))
 
     @property
     def img2img_strength(self) -> float | None:
@@ -687,7 +698,7 @@ def settings_from_png(path: str | os.PathLike) -> PngSettings:
     """Read the settings an image was made with from its PNG ``parameters`` chunk, as AUTOMATIC1111 and
     sample.py write them (or the EXIF UserComment of A1111's JPEG, WebP and AVIF images): prompt, negative
     prompt, steps, sampler (and ``Schedule type: Karras``, ``Eta DDIM``, scheduler options under their own
-    names), CFG scale, seed, size, clip skip and prompt weighting
+    names), CFG scale, seed (and variation seed, Seed resize from), size, clip skip and prompt weighting
     (on for an AUTOMATIC1111 image, whose syntax A1111 always reads, with its ``Emphasis`` setting as
     ``emphasis``, and for sample.py's that record ``Prompt weighting: A1111``). The prompt's
     extra-network tags are taken out of it: ``<lora:NAME[:SCALE...]>`` (and ``<lyco:...>``) into ``loras``,
@@ -754,6 +765,12 @@ def settings_from_png(path: str | os.PathLike) -> PngSettings:
     for dest in ("seeds", "variation_seeds"):
         if dest in flags:
             flags[dest] = str(flags[dest])
+    if "Seed resize from" in fields:   # (A1111 writes none for its default, -1x-1)
+        size = re.fullmatch(r"(-?\d+)x(-?\d+)", fields.pop("Seed resize from"))
+        if size is None:
+            raise bad("its Seed resize from is not WIDTHxHEIGHT")
+        if min(int(size[1]), int(size[2])) > 0:
+            flags["seed_resize_from"] = f"{size[1]}x{size[2]}"
     if "Size" in fields:
         size = re.fullmatch(r"(\d+)x(\d+)", fields.pop("Size"))
         if size is None:
@@ -1311,6 +1328,10 @@ def validate_request(req: SampleRequest) -> None:
     if req.variation_seeds and not strength:
         raise _bad_setting("variation_seeds", ",".join(map(str, req.variation_seeds)), "need --variation-strength "
                            "above 0 (how far each image's noise moves toward its variation seed's; 0.1-0.3 is typical)")
+    if req.seed_resize_from is not None and (req.seed_resize_hw is None or min(req.seed_resize_hw) <= 0
+                                             or any(side % 8 for side in req.seed_resize_hw)):
+        raise _bad_setting("seed_resize_from", req.seed_resize_from, "must be WIDTHxHEIGHT in pixels, positive "
+                           "multiples of 8 (e.g. 512x512)")
     if req.trajectory_frames < 3:
         raise _bad_setting("trajectory_frames", req.trajectory_frames, "a trajectory needs at least 3 frames")
     problem = unwritable_folder(req.out)
@@ -1704,6 +1725,8 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
     jobs, variations = req.jobs, req.variations
     varied = ({} if variations[0] is None
               else dict(variation_seeds=variations, variation_strength=req.variation_strength))
+    if req.seed_resize_hw is not None:   # (the noise's shape: for the images and the trajectory's first frames)
+        varied["seed_resize_from"] = req.seed_resize_hw
     out_dir = Path(req.out)
     writer = jax.process_index() == 0
     negative = req.negative_prompt
@@ -1808,7 +1831,8 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
                     at = generated + np.minimum(np.arange(len(padded)), len(batch) - 1)   # (the padding repeats)
                     noise = ([init.astype(np.float32) / 255] * len(padded) if init is not None
                              else noise_images(pipe, [s for _, s in padded], req.height, req.width,
-                                               **({} if not varied else dict(
+                                               seed_resize_from=req.seed_resize_hw,
+                                               **({} if variations[0] is None else dict(
                                                    variation_seeds=[variations[i] for i in at],
                                                    variation_strength=req.variation_strength))))
                 generated += len(batch)
@@ -1836,6 +1860,7 @@ def run_sampling(pipe, req: SampleRequest, *, progress: str = "auto") -> SampleR
                                                   and hires.negative_prompts[0])),
                                               prompt_weighting=req.prompt_weighting, emphasis=req.emphasis,
                                               variation_seed=variation, variation_strength=req.variation_strength,
+                                              seed_resize_from=req.seed_resize_hw,
                                               mask_blur=None if req.mask is None else req.mask_blur,
                                               masked_content=None if req.mask is None else req.masked_content,
                                               mask_invert=req.mask is not None and req.mask_invert,

@@ -151,7 +151,8 @@ def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, sche
                      masked_content: str | None = None, mask_invert: bool = False,
                      controlnets: Sequence = (), hires_scheduler: str | None = None,
                      hires_scheduler_options: dict | None = None, hires_prompt: str | None = None,
-                     hires_negative_prompt: str | None = None, hires_guidance_scale: float | None = None) -> str:
+                     hires_negative_prompt: str | None = None, hires_guidance_scale: float | None = None,
+                     seed_resize_from: tuple[int, int] | None = None) -> str:
     """Generation settings as AUTOMATIC1111 writes them into the PNG ``parameters`` text chunk::
 
         a photo of a cat
@@ -188,7 +189,8 @@ def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, sche
     as text (else it would weight them). With ``prompt_weighting``, ``emphasis`` other than "original" (A1111's
     Emphasis setting, `sdjax.text.EMPHASIS_MODES`) is written as A1111 writes it: ``Emphasis: No norm``.
     ``variation_seed`` with a ``variation_strength`` above 0: ``Variation seed: 12, Variation seed strength:
-    0.3``, as A1111 writes them.
+    0.3``, as A1111 writes them; ``seed_resize_from``, (height, width), as ``Seed resize from: 512x768``
+    (width x height).
     ``mask_blur`` (inpainting: the mask's blur in pixels, `blur_mask`) as A1111 writes it for every inpainting
     image, ``Mask blur: 4`` (0 too); ``mask_padding`` ("only masked" inpainting) as
     ``Inpaint area: Only masked, Masked area padding: 32``; ``masked_content`` other than "original" as
@@ -224,6 +226,8 @@ def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, sche
         fields.append(("VAE", model_name(vae)))
     if variation_seed is not None and variation_strength:   # (A1111 writes them where the strength is not 0)
         fields += [("Variation seed", variation_seed), ("Variation seed strength", _number(variation_strength))]
+    if seed_resize_from is not None:
+        fields.append(("Seed resize from", f"{seed_resize_from[1]}x{seed_resize_from[0]}"))
     if denoising_strength is not None:
         fields.append(("Denoising strength", _number(denoising_strength)))
     if mask_blur is not None:

@@ -404,7 +404,7 @@ def _one_call_at_a_time(method: _Method) -> _Method:
 _upscale = jax.jit(sampling.upscale_latents, static_argnames="size_hw")
 # `sampling.generate`'s static arguments, for the plain sampler and a ControlNet's
 _STATIC_ARGS = ("latent_shape_HWC", "use_guidance", "return_predictions", "on_step", "clip_skip", "start",
-                "return_latents", "decode", "restore_mean", "control_mode")
+                "return_latents", "decode", "restore_mean", "control_mode", "seed_resize_from_hw")
 
 
 def _hold_replicated(models, pure_states) -> None:
@@ -964,7 +964,8 @@ class StableDiffusion:
                  hires: HiresFix | None = None, hires_control_images: Any = None,
                  hires_control_mode: str | Sequence[str] | None = None, emphasis: str = "original",
                  variation_seeds: int | Sequence[int] | np.ndarray | None = None,
-                 variation_strength: float = 0.0) -> StableDiffusionOutput:
+                 variation_strength: float = 0.0,
+                 seed_resize_from: tuple[int, int] | None = None) -> StableDiffusionOutput:
         """Generate one image per (prompt, seed) (all of them in memory at the end: `batches`
         hands them over one batch at a time instead).
 
@@ -1091,6 +1092,10 @@ class StableDiffusion:
         (`sdjax.sampling.vary_noise`, A1111's slerp): one seed with many variation seeds makes variations of
         one image. They broadcast like the seeds; not with ``latents``. The strength is an input (new
         strengths compile nothing); 0 leaves the noise as it is.
+        ``seed_resize_from`` ((height, width) in pixels, multiples of 8): AUTOMATIC1111's "Seed resize from":
+        each seed's noise (and its variation seed's) drawn at that size and laid over the middle of its
+        noise at the images' size (`sdjax.sampling.seed_noise`), so that a seed's picture keeps its layout
+        at another size; with ``hires``, the second pass's noise too. Not with ``latents``.
         ``hires``: AUTOMATIC1111's "Hires. fix", a `HiresFix`: each image is made at height x width as above
         (the first pass), enlarged (its latents resized, or its image with Lanczos) and denoised again at the
         larger size from the HiresFix's strength of its schedule on (img2img: the second pass, its noise drawn
@@ -1109,7 +1114,8 @@ class StableDiffusion:
             control_guidance_end=control_guidance_end, control_mode=control_mode, prompt_weighting=prompt_weighting,
             hires=hires, hires_control_images=hires_control_images, hires_control_mode=hires_control_mode,
             emphasis=emphasis,
-            variation_seeds=variation_seeds, variation_strength=variation_strength))
+            variation_seeds=variation_seeds, variation_strength=variation_strength,
+            seed_resize_from=seed_resize_from))
         steps = outputs[0].intermediate_steps
         return StableDiffusionOutput(np.concatenate([o.images for o in outputs]),
                                      [p for o in outputs for p in o.prompts],
@@ -1133,7 +1139,8 @@ class StableDiffusion:
                 hires: HiresFix | None = None, hires_control_images: Any = None,
                 hires_control_mode: str | Sequence[str] | None = None, emphasis: str = "original",
                 variation_seeds: int | Sequence[int] | np.ndarray | None = None,
-                variation_strength: float = 0.0) -> Iterator[StableDiffusionOutput]:
+                variation_strength: float = 0.0,
+                seed_resize_from: tuple[int, int] | None = None) -> Iterator[StableDiffusionOutput]:
         """The images of ``pipe(...)`` (same arguments, same images), one `StableDiffusionOutput`
         per compiled call of ``batch_size`` images, in order, for many seeds: write each batch's
         files and let it go, instead of holding every image. The arguments are checked now (a
@@ -1395,6 +1402,16 @@ class StableDiffusion:
                 expected = f"{(n, *latent_shape)}" + (f" or {(1, *latent_shape)}" if n > 1 else "")
                 raise ValueError(f"latents have shape {given_shape}; expected {expected} "
                                  f"([batch, height/{self.vae_scale}, width/{self.vae_scale}, channels], NHWC)")
+        resize_hw = None   # (A1111's Seed resize from, at the latents' size)
+        if seed_resize_from is not None:
+            if latents is not None:
+                raise ValueError("seed_resize_from draws the seeds' noise at another size: not with latents given")
+            if (not isinstance(seed_resize_from, (tuple, list)) or len(seed_resize_from) != 2
+                    or any(isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) or v <= 0
+                           or v % self.vae_scale for v in seed_resize_from)):
+                raise ValueError(f"seed_resize_from={seed_resize_from!r}: must be (height, width) in pixels, positive "
+                                 f"multiples of {self.vae_scale}, or None")
+            resize_hw = tuple(int(v) // self.vae_scale for v in seed_resize_from)
         steps = self._intermediate_steps(return_intermediates, sched.num_model_calls, first_call)
         second = None
         if hires is not None:   # the second pass's schedule, size and text inputs (prompt editing: over its calls)
@@ -1464,12 +1481,13 @@ class StableDiffusion:
                              variation, mask_images, paste, masked_content,
                              None if controls is None else (controls, [sampling.control_scales(
                                  sched.num_model_calls - first_call, *window) for window in windows],
-                                 self._controlled, self._controlnet_state, bool(several), tuple(modes)))
+                                 self._controlled, self._controlnet_state, bool(several), tuple(modes)),
+                             resize_hw)
 
     def _batches(self, prompts, negatives, seeds, ids, neg_ids, latents, init_images, first_call, sched,
                  latent_shape, guidance_scale, steps, per_call, progress, clip_skip,
                  text_inputs, second=None, variation=None, masks=None, paste=None, masked_content="original",
-                 control=None) -> Iterator[StableDiffusionOutput]:
+                 control=None, resize_hw=None) -> Iterator[StableDiffusionOutput]:
         """`batches`' generator, on its checked arguments: dispatches batch k + 1 before fetching batch k
         (with the Hires fix's Lanczos upscaler, the first pass's images are fetched in between)."""
         with self._lock:
@@ -1504,6 +1522,10 @@ class StableDiffusion:
                 # per-image inputs split over the devices; scalars (a strength, a static flag) as they are
                 inputs = lambda d: {k: v if np.ndim(v) == 0 else shard(v) for k, v in d.items()}  # noqa: E731
                 varied = inputs(variation or {})
+
+                def resized(shape) -> dict:   # (Seed resize from, a static argument: only where it changes the noise)
+                    return {} if resize_hw is None or resize_hw == tuple(shape[:2]) else dict(
+                        seed_resize_from_hw=resize_hw)
                 masked = {} if masks is None else dict(mask_BHW1=one_mask if one_mask is not None else shard(masks))
                 if masked_content in ("latent_noise", "latent_nothing"):   # (an input: both one program)
                     masked["masked_noise_scale"] = np.float32(masked_content == "latent_noise")
@@ -1523,7 +1545,7 @@ class StableDiffusion:
                     latent_shape_HWC=latent_shape, use_guidance=guidance_scale > 1.0,
                     return_predictions=bool(steps), on_step=None if step_bar is None else self._ticker,
                     clip_skip=clip_skip, start=first_call,
-                    **inputs(text_inputs), **varied, **masked, **controlled(0),
+                    **inputs(text_inputs), **varied, **masked, **controlled(0), **resized(latent_shape),
                     # (the latent upscaler's first pass returns latents, undecoded; the Lanczos one's is the
                     # plain program, its static arguments left at their defaults: one compilation for both)
                     **({} if second is None or lanczos else dict(return_latents=True, decode=False)))
@@ -1541,7 +1563,8 @@ class StableDiffusion:
                         use_guidance=second["guidance_scale"] > 1.0,
                         on_step=None if step_bar is None else self._hires_ticker, clip_skip=clip_skip,
                         start=second["first_call"],
-                        **inputs(second["text_inputs"]), **init, **varied, **controlled(1))
+                        **inputs(second["text_inputs"]), **init, **varied, **controlled(1),
+                        **resized(second["latent_shape"]))
                 # Indexed one step at a time: iterating over an array spread over several
                 # processes is not allowed. Each [B, H, W, 3], decoded right behind the batch.
                 decoded = [self._decode(state.vae, out.predictions[s - first_call]) for s in steps]

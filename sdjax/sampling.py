@@ -71,13 +71,26 @@ def vary_noise(noise_BHWC, variation_BHWC, strength) -> jax.Array:
     return jnp.where(near[:, None, None, None], low * val + high * (1.0 - val), slerped)
 
 
-def seed_noise(keys_B, latent_shape_HWC, variation_seeds_B=None, variation_strength=None) -> jax.Array:
+def seed_noise(keys_B, latent_shape_HWC, variation_seeds_B=None, variation_strength=None,
+               resize_from_hw: tuple[int, int] | None = None) -> jax.Array:
     """The noise each image starts from: `initial_noise` of its key, moved toward its variation seed's
-    noise by ``variation_strength`` (`vary_noise`) where ``variation_seeds_B`` are given."""
-    noise = initial_noise(keys_B, latent_shape_HWC)
-    if variation_seeds_B is None:
+    noise by ``variation_strength`` (`vary_noise`) where ``variation_seeds_B`` are given.
+    ``resize_from_hw`` (latents' height, width): AUTOMATIC1111's "Seed resize from": that noise drawn at
+    this size instead and laid over the middle of the seed's own noise at ``latent_shape_HWC`` (its middle
+    part where it is larger), as A1111 places it (an odd difference leaves the extra row or column of the
+    seed's own noise at the end), so that a seed keeps its picture's layout at another size."""
+    h, w, c = latent_shape_HWC
+    source = (h, w, c) if resize_from_hw is None else (*resize_from_hw, c)
+    noise = initial_noise(keys_B, source)
+    if variation_seeds_B is not None:
+        noise = vary_noise(noise, initial_noise(image_keys(variation_seeds_B), source), variation_strength)
+    if source[:2] == (h, w):
         return noise
-    return vary_noise(noise, initial_noise(image_keys(variation_seeds_B), latent_shape_HWC), variation_strength)
+    (h0, w0), (dy, dx) = source[:2], ((h - source[0]) // 2, (w - source[1]) // 2)
+    rows, cols = h0 + 2 * min(dy, 0), w0 + 2 * min(dx, 0)   # (the part both have, at its place in each)
+    part = noise[:, max(-dy, 0):max(-dy, 0) + rows, max(-dx, 0):max(-dx, 0) + cols]
+    return initial_noise(keys_B, latent_shape_HWC).at[:, max(dy, 0):max(dy, 0) + rows,
+                                                      max(dx, 0):max(dx, 0) + cols].set(part)
 
 
 def _described(keys) -> str:
@@ -754,7 +767,7 @@ def generate(graphdefs: SDState, state: SDState, scheduler: Scheduler, cond_ids_
              restore_mean: bool = True, variation_seeds_B=None, variation_strength=None,
              mask_BHW1=None, controlnet_graphdef=None, controlnet_state=None, control_images_BHWC=None,
              control_scale=1.0, control_mode: str | tuple[str, ...] = "balanced",
-             masked_noise_scale=None) -> GenerateOutput:
+             masked_noise_scale=None, seed_resize_from_hw: tuple[int, int] | None = None) -> GenerateOutput:
     """Prompts to images in one traced function: the body `StableDiffusion` jit-compiles.
 
     ``latents_BHWC=None`` draws each image's initial noise from its seed; otherwise those unscaled
@@ -781,7 +794,8 @@ def generate(graphdefs: SDState, state: SDState, scheduler: Scheduler, cond_ids_
     ``decode=False`` (static): do not decode them (``images`` is None).
     ``variation_seeds_B`` (uint32 [B]) and ``variation_strength`` (a number in [0, 1]): AUTOMATIC1111's
     variation seeds, each image's seed-drawn noise moved toward its variation seed's (`vary_noise`); not
-    with ``latents_BHWC``. None: no input of the compiled program.
+    with ``latents_BHWC``. None: no input of the compiled program. ``seed_resize_from_hw`` (static, the
+    latents' height and width): A1111's "Seed resize from", the seeds' noise drawn at that size (`seed_noise`).
     ``mask_BHW1`` (inpainting, with ``init_images_BHWC``: float [B or 1, H, W, 1], 1 where the image is
     repainted, 0 where it is kept; diffusers' pipeline binarizes it at 0.5 first): as diffusers'
     StableDiffusionInpaintPipeline, from pure noise at ``start`` 0 (its strength 1) or from the init
@@ -814,9 +828,10 @@ def generate(graphdefs: SDState, state: SDState, scheduler: Scheduler, cond_ids_
     text_encoder, unet, vae = (nnx.merge(g, s) for g, s in zip(graphdefs, state))
     keys = image_keys(seeds_B)
     if latents_BHWC is None:
-        latents_BHWC = seed_noise(keys, latent_shape_HWC, variation_seeds_B, variation_strength)
-    elif variation_seeds_B is not None:
-        raise ValueError("variation_seeds_B vary the seeds' noise: not with latents_BHWC given")
+        latents_BHWC = seed_noise(keys, latent_shape_HWC, variation_seeds_B, variation_strength, seed_resize_from_hw)
+    elif variation_seeds_B is not None or seed_resize_from_hw is not None:
+        raise ValueError("variation_seeds_B and seed_resize_from_hw shape the seeds' noise: not with latents_BHWC "
+                         "given")
     if cond_lengths_BP is not None and cond_phases_BC is None:
         raise ValueError("cond_lengths_BP are the lengths of each image's several texts: they need cond_phases_BC")
     if cond_part_weights_BK is not None and (cond_phases_BC is None or np.ndim(cond_phases_BC) != 3):
@@ -849,7 +864,8 @@ def generate(graphdefs: SDState, state: SDState, scheduler: Scheduler, cond_ids_
             x0 = encode_images(vae, init_images_BHWC, posterior_keys(keys))
             if masked_noise_scale is not None:   # (A1111's latent noise / nothing in the part repainted)
                 part = jnp.round(latent_mask(mask_BHW1, latent_shape_HWC[:2]))
-                own = noise if variation_seeds_B is None else seed_noise(keys, latent_shape_HWC)   # (the seed's)
+                own = (noise if variation_seeds_B is None and seed_resize_from_hw is None
+                       else seed_noise(keys, latent_shape_HWC))   # (the seed's own)
                 x0 = x0 * (1.0 - part) + own * (part * masked_noise_scale)
         if not inpainting_unet:
             small = latent_mask(mask_BHW1, latent_shape_HWC[:2])

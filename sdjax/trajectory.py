@@ -46,9 +46,10 @@ def trajectory_steps(num_model_calls: int, num_frames: int, first_call: int = 0)
 
 
 def noise_images(pipe, seeds: Sequence[int], height: int, width: int, *, variation_seeds: Sequence[int] | None = None,
-                 variation_strength: float = 0.0) -> np.ndarray:
+                 variation_strength: float = 0.0, seed_resize_from: tuple[int, int] | None = None) -> np.ndarray:
     """The initial noise of each seed (exactly what ``pipe`` starts from for that seed; with
-    ``variation_seeds``, moved toward theirs as `sdjax.sampling.vary_noise` moves it), decoded by
+    ``variation_seeds``, moved toward theirs as `sdjax.sampling.vary_noise` moves it; with
+    ``seed_resize_from``, (height, width) pixels, drawn at that size as the pipeline draws it), decoded by
     the VAE: "step 0 — pure noise" as a picture. float32 [len(seeds), H, W, 3].
 
     Decoded with the pipeline's own jitted decoder on a batch padded and sharded like the
@@ -59,7 +60,8 @@ def noise_images(pipe, seeds: Sequence[int], height: int, width: int, *, variati
     varied = variation_seeds is not None and variation_strength
     noise = sampling.seed_noise(sampling.image_keys(jnp.asarray(seeds_np)), latent_shape,
                                 jnp.asarray(np.asarray(variation_seeds, np.uint32)) if varied else None,
-                                variation_strength)
+                                variation_strength, None if seed_resize_from is None else tuple(
+                                    int(side) // pipe.vae_scale for side in seed_resize_from))
     return _decode_batch(pipe, np.asarray(noise))
 
 

@@ -650,6 +650,24 @@ def test_the_parameters_record_the_schedule_the_models_config_sets():
     assert recorded_scheduler_options("pndm", karras, {}) == {}   # (PNDM has no such setting)
 
 
+def test_seed_resize_from_is_recorded_and_read_as_a1111s(tmp_path):
+    """--seed-resize-from WxH: the pipeline's (height, width), recorded as A1111 writes it (Seed resize from:
+    WxH) and read back by --from-png; A1111's -1x-1 (none) is no setting."""
+    req, _ = sample.parse_request(["a", "--seed-resize-from", "512x768", "--width", "640"])
+    assert req.seed_resize_from == "512x768" and req.seed_resize_hw == (768, 512)
+    text = I.a1111_parameters("a", steps=20, scheduler="euler", guidance_scale=7, seed=1, width=640, height=512,
+                              seed_resize_from=req.seed_resize_hw)
+    assert text.endswith("Size: 640x512, Seed resize from: 512x768")
+    I.save_png(np.zeros((8, 8, 3)), tmp_path / "a.png", text)
+    req, args = sample.parse_request(["--from-png", str(tmp_path / "a.png")])
+    assert req.seed_resize_hw == (768, 512) and args.png_notes == []
+    I.save_png(np.zeros((8, 8, 3)), tmp_path / "b.png", "a\nSteps: 20, Sampler: Euler, Seed: 1, Seed resize from: "
+               "-1x-1")
+    req, args = sample.parse_request(["--from-png", str(tmp_path / "b.png")])
+    assert req.seed_resize_from is None and args.png_notes == []
+    assert sample.parse_request(["a"])[0].seed_resize_hw is None
+
+
 def test_variation_seeds_make_a_job_each_and_are_recorded_as_a1111s(tmp_path):
     """--seeds 7 --variation-seeds 1-3 --variation-strength 0.25: three jobs of seed 7, one per variation
     seed (for each prompt and seed, as the jobs are ordered); the PNG parameters say Variation seed and
@@ -1924,6 +1942,11 @@ BAD_INPUTS = {
                                    "AUTOMATIC1111's prompt syntax: it needs --prompt-weighting"),
     "emphasis_unknown": (["a cat", "--prompt-weighting", "--emphasis", "strong"], "error: --emphasis strong: choose "
                          "one of original, no_norm, ignore, none"),
+    "seed_resize_from_not_a_size": (["a cat", "--seed-resize-from", "512"],
+                                    "error: --seed-resize-from 512: must be WIDTHxHEIGHT in pixels, positive "
+                                    "multiples of 8"),
+    "seed_resize_from_not_multiple_of_8": (["a cat", "--seed-resize-from", "500x512"],
+                                           "error: --seed-resize-from 500x512: must be WIDTHxHEIGHT"),
     "variation_strength_without_seeds": (["a cat", "--variation-strength", "0.2"], "error: --variation-strength 0.2: "
                                          "moves each image's noise toward its variation seed's: give "
                                          "--variation-seeds"),

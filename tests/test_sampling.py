@@ -563,6 +563,53 @@ def test_variation_seeds_move_the_noise_toward_theirs(pipe):
                   - noise_images(pipe, [7], SIZE, SIZE)).max() > 1e-2
 
 
+def test_seed_resize_lays_the_noise_as_a1111(pipe):
+    """seed_noise(..., resize_from_hw) is AUTOMATIC1111's "Seed resize from" (its create_random_tensors,
+    transcribed below on [C, h, w]): the seed's (and variation seed's) noise drawn at the source size,
+    its part that fits laid over the middle of the seed's own noise at the target size, larger or smaller,
+    each side on its own, odd differences as A1111 floors them. The pipeline draws its noise so (its
+    images are those of these latents); a source of the images' own size passes nothing (the program of
+    before)."""
+    from sdjax.sampling import image_keys, initial_noise, seed_noise, vary_noise
+
+    def a1111_placed(noise, x):   # noise: the source size's; x: the seed's own at the target size
+        x = x.copy()
+        dx, dy = (x.shape[2] - noise.shape[2]) // 2, (x.shape[1] - noise.shape[1]) // 2
+        w = noise.shape[2] if dx >= 0 else noise.shape[2] + 2 * dx
+        h = noise.shape[1] if dy >= 0 else noise.shape[1] + 2 * dy
+        tx, ty = (0 if dx < 0 else dx), (0 if dy < 0 else dy)
+        dx, dy = max(-dx, 0), max(-dy, 0)
+        x[:, ty:ty + h, tx:tx + w] = noise[:, dy:dy + h, dx:dx + w]
+        return x
+
+    keys = image_keys(np.array([3, 8], np.uint32))
+    for target, source in [((10, 12), (6, 8)), ((9, 12), (6, 5)), ((6, 8), (10, 12)), ((5, 7), (8, 10)),
+                           ((10, 6), (7, 9))]:
+        for variation in (None, np.array([5, 6], np.uint32)):
+            got = np.asarray(seed_noise(keys, (*target, 4), variation, 0.3, resize_from_hw=source))
+            small = initial_noise(keys, (*source, 4))
+            if variation is not None:
+                small = vary_noise(small, initial_noise(image_keys(variation), (*source, 4)), 0.3)
+            own = np.asarray(initial_noise(keys, (*target, 4)))
+            want = np.stack([a1111_placed(n.transpose(2, 0, 1), x.transpose(2, 0, 1)).transpose(1, 2, 0)
+                             for n, x in zip(np.asarray(small), own)])
+            np.testing.assert_array_equal(got, want)
+            assert not np.array_equal(got, own)   # (the source's noise shows)
+    kw = dict(num_inference_steps=3, height=SIZE + 8, width=SIZE, scheduler="euler")
+    latents = seed_noise(image_keys(np.array([7], np.uint32)), ((SIZE + 8) // 2, SIZE // 2, 4),
+                         resize_from_hw=(SIZE // 2, SIZE // 2))
+    resized = pipe("a cat", seeds=7, seed_resize_from=(SIZE, SIZE), **kw).images
+    np.testing.assert_allclose(resized, pipe("a cat", seeds=7, latents=np.asarray(latents), **kw).images, atol=1e-5)
+    with generate_calls(pipe) as calls:
+        pipe("a cat", seeds=7, seed_resize_from=(SIZE + 8, SIZE), **kw)
+    assert "seed_resize_from_hw" not in calls[0][1]
+    for bad in [(SIZE, SIZE + 1), (0, SIZE), SIZE, (SIZE, 8.0)]:
+        with pytest.raises(ValueError, match="seed_resize_from=.*: must be \\(height, width\\) in pixels"):
+            pipe("a cat", seeds=7, seed_resize_from=bad, **kw)
+    with pytest.raises(ValueError, match="seed_resize_from draws the seeds' noise at another size: not with latents"):
+        pipe("a cat", seeds=7, seed_resize_from=(SIZE, SIZE), latents=np.asarray(latents), **kw)
+
+
 def test_intermediates_resolve_toward_the_image(pipe):
     out = pipe("the cat", seeds=3, num_inference_steps=10, height=SIZE, width=SIZE, return_intermediates=5)
     assert out.intermediate_steps == [0, 2, 5, 8, 10]  # PNDM: 10 steps = 11 model calls
