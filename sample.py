@@ -629,7 +629,7 @@ def main(argv=None) -> int:
         hires = req.hires
         name2, options2 = hires.second_scheduler(req.scheduler, req.scheduler_options)
         try:
-            pipe.make_scheduler(name2, hires.steps or req.steps, **options2)
+            sched2 = pipe.make_scheduler(name2, hires.steps or req.steps, **options2)
         except (ValueError, NotImplementedError, TypeError) as e:
             options = ", ".join(f"{k}={v!r}" for k, v in options2.items())
             error = UsageError(f"--hires-scheduler {name2} with {options} (the --scheduler-option settings it takes "
@@ -637,6 +637,13 @@ def main(argv=None) -> int:
                                reason=str(e))
             return _fail(_from_the_preset(error, args.preset, args.preset_path, args,
                                           sys.argv[1:] if argv is None else argv))
+        from sdjax.sampling import img2img_start
+        try:   # (the second pass is img2img: PNDM's Runge-Kutta warm-up cannot begin midway)
+            sched2.starting_at(img2img_start(hires.steps or req.steps, hires.strength))
+        except (ValueError, NotImplementedError) as e:
+            return _fail(UsageError(f"--hires-scale {hires.scale:g}: {e} (the Hires fix's second pass begins its "
+                                    f"schedule midway, at --hires-strength {hires.strength:g}): use another "
+                                    "--hires-scheduler"))
     if req.img2img_strength is not None:   # img2img enters the schedule midway: PNDM's Runge-Kutta warm-up cannot
         from sdjax.sampling import img2img_start
         try:

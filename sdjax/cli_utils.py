@@ -1430,6 +1430,15 @@ def _validate_hires(req: SampleRequest) -> None:
     for name in ("hires_prompt", "hires_negative_prompt"):
         if getattr(req, name) is not None and not isinstance(getattr(req, name), str):
             raise _bad_setting(name, repr(getattr(req, name)), "must be a text")
+    scale = req.guidance_scale if req.hires_guidance_scale is None else req.hires_guidance_scale
+    if req.prompt_weighting and _number(scale) and scale <= 1:   # (the first pass's: validate_request)
+        from sdjax.text import composable_parts
+        if composed := [p for p in ([req.hires_prompt] if req.hires_prompt else req.prompts)
+                        if [w for _, w in composable_parts(p)] != [1.0]]:
+            raise _bad_setting("guidance_scale" if req.hires_guidance_scale is None else "hires_guidance_scale", scale,
+                               f"the Hires fix's second-pass prompt {composed[0]!r} has AND or a weight (':2' at its "
+                               "end: AUTOMATIC1111's composable diffusion, read with --prompt-weighting), which acts "
+                               "through guidance: give a guidance scale above 1")
     name, options = req.hires.second_scheduler(req.scheduler, req.scheduler_options)
     try:   # (the keys and kinds now, as the first pass's; the rest once the model's scheduler config is read)
         resolve_scheduler_config(name, {}, **options)

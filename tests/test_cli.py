@@ -1891,6 +1891,10 @@ BAD_INPUTS = {
                                         "'use_karras_sigmas'"),
     "hires_scheduler_option_not_key_value": (["a cat", "--hires-scale", "2", "--hires-scheduler-option", "karras"],
                                              "error: --hires-scheduler-option 'karras': expected KEY=VALUE"),
+    "hires_and_without_guidance": (["a cat", "--prompt-weighting", "--hires-scale", "2", "--hires-prompt", "a AND b",
+                                    "--hires-guidance-scale", "1"],
+                                   "error: --hires-guidance-scale 1.0: the Hires fix's second-pass prompt 'a AND b' "
+                                   "has AND or a weight"),
     "hires_guidance_nan": (["a cat", "--hires-scale", "2", "--hires-guidance-scale", "nan"],
                            "error: --hires-guidance-scale nan: must be a finite number"),
     "hires_prompt_weight_not_a_number": (["a cat", "--prompt-weighting", "--hires-scale", "2", "--hires-prompt",
@@ -2038,7 +2042,8 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, tmp_path, caps
 
 def test_a_hires_scheduler_that_cannot_take_the_first_pass_schedule_exits_2(pipe_dir, tmp_path, capsys):
     """The second pass's scheduler takes the first pass's options it has: one sdjax cannot make with them
-    (Euler with Exponential sigmas) exits 2 before anything compiles, naming both flags."""
+    (Euler with Exponential sigmas), or one that cannot begin midway (PNDM with its Runge-Kutta steps), exits
+    2 before anything compiles, naming the flags."""
     out = tmp_path / "out"
     rc, _, stderr = run_main(capsys, "a cat", "--model", pipe_dir, "--scheduler", "dpmpp_2m", "--scheduler-option",
                              "use_exponential_sigmas=true", "--hires-scale", "1.5", "--hires-scheduler", "euler",
@@ -2047,6 +2052,14 @@ def test_a_hires_scheduler_that_cannot_take_the_first_pass_schedule_exits_2(pipe
     assert stderr.strip().splitlines()[-1] == (
         "sample.py: error: --hires-scheduler euler with use_exponential_sigmas=True (the --scheduler-option settings "
         "it takes and --hires-scheduler-option's): use_exponential_sigmas is not supported")
+    rc, _, stderr = run_main(capsys, "a cat", "--model", pipe_dir, "--scheduler", "pndm", "--scheduler-option",
+                             "skip_prk_steps=false", "--steps", "6", "--hires-scale", "1.5", "--out", out,
+                             "--compilation-cache", "none")
+    assert rc == 2 and not out.exists()
+    assert stderr.strip().splitlines()[-1] == (
+        "sample.py: error: --hires-scale 1.5: PNDM with Runge-Kutta steps (skip_prk_steps=False) cannot start midway "
+        "(the Hires fix's second pass begins its schedule midway, at --hires-strength 0.7): use another "
+        "--hires-scheduler")
 
 
 def test_a_preset_option_the_models_scheduler_refuses_names_the_preset(pipe_dir, pipe, tmp_path, capsys):
