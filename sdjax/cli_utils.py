@@ -1234,13 +1234,7 @@ def validate_request(req: SampleRequest) -> None:
         raise _bad_setting("emphasis", req.emphasis, "is a setting of AUTOMATIC1111's prompt syntax: it needs "
                            "--prompt-weighting")
     if req.prompt_weighting and req.guidance_scale <= 1:
-        from sdjax.text import composable_parts
-        composed = [p for p in req.prompts if [w for _, w in composable_parts(p)] != [1.0]]
-        if composed:
-            raise _bad_setting("guidance_scale", req.guidance_scale,
-                               f"the prompt {composed[0]!r} has AND or a weight (':2' at its end: AUTOMATIC1111's "
-                               "composable diffusion, read with --prompt-weighting), which acts through guidance: "
-                               "give a guidance scale above 1")
+        _check_composed_guidance(req.prompts, "guidance_scale", req.guidance_scale, "the prompt")
     if isinstance(req.clip_skip, bool) or not isinstance(req.clip_skip, int) or req.clip_skip < 1:
         # (the upper end, the text encoder's layer count, once the model is loaded: clip_skip_problem)
         raise _bad_setting("clip_skip", req.clip_skip, "must be an integer >= 1 (1: the text encoder's last layer, "
@@ -1432,18 +1426,24 @@ def _validate_hires(req: SampleRequest) -> None:
             raise _bad_setting(name, repr(getattr(req, name)), "must be a text")
     scale = req.guidance_scale if req.hires_guidance_scale is None else req.hires_guidance_scale
     if req.prompt_weighting and _number(scale) and scale <= 1:   # (the first pass's: validate_request)
-        from sdjax.text import composable_parts
-        if composed := [p for p in ([req.hires_prompt] if req.hires_prompt else req.prompts)
-                        if [w for _, w in composable_parts(p)] != [1.0]]:
-            raise _bad_setting("guidance_scale" if req.hires_guidance_scale is None else "hires_guidance_scale", scale,
-                               f"the Hires fix's second-pass prompt {composed[0]!r} has AND or a weight (':2' at its "
-                               "end: AUTOMATIC1111's composable diffusion, read with --prompt-weighting), which acts "
-                               "through guidance: give a guidance scale above 1")
+        _check_composed_guidance([req.hires_prompt] if req.hires_prompt else req.prompts,
+                                 "guidance_scale" if req.hires_guidance_scale is None else "hires_guidance_scale",
+                                 scale, "the Hires fix's second-pass prompt")
     name, options = req.hires.second_scheduler(req.scheduler, req.scheduler_options)
     try:   # (the keys and kinds now, as the first pass's; the rest once the model's scheduler config is read)
         resolve_scheduler_config(name, {}, **options)
     except (TypeError, ValueError) as e:
         raise _bad_setting("hires_scheduler_options", None, str(e), f"--hires-scheduler-option: {e}") from None
+
+
+def _check_composed_guidance(prompts: Sequence[str], setting: str, scale, which: str) -> None:
+    """A prompt with AND or a weight (A1111's composable diffusion) at a guidance ``scale`` of 1 or less: an
+    error naming ``setting``."""
+    from sdjax.text import composable_parts
+    if composed := [p for p in prompts if [w for _, w in composable_parts(p)] != [1.0]]:
+        raise _bad_setting(setting, scale, f"{which} {composed[0]!r} has AND or a weight (':2' at its end: "
+                           "AUTOMATIC1111's composable diffusion, read with --prompt-weighting), which acts through "
+                           "guidance: give a guidance scale above 1")
 
 
 def clip_skip_problem(clip_skip: int, pipe) -> UsageError | None:
