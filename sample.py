@@ -518,6 +518,17 @@ def _fail(error: Exception) -> int:
     return 2
 
 
+def _cannot_begin_midway(scheduler, steps: int, strength: float) -> str | None:
+    """Why ``scheduler`` cannot begin its schedule midway, where img2img at ``strength`` enters it (PNDM's
+    Runge-Kutta warm-up cannot), or None."""
+    from sdjax.sampling import img2img_start
+    try:
+        scheduler.starting_at(img2img_start(steps, strength))
+    except (ValueError, NotImplementedError) as e:
+        return str(e)
+    return None
+
+
 def main(argv=None) -> int:
     try:
         req, args, problem = *parse_request(argv), None
@@ -637,20 +648,15 @@ def main(argv=None) -> int:
                                reason=str(e))
             return _fail(_from_the_preset(error, args.preset, args.preset_path, args,
                                           sys.argv[1:] if argv is None else argv))
-        from sdjax.sampling import img2img_start
-        try:   # (the second pass is img2img: PNDM's Runge-Kutta warm-up cannot begin midway)
-            sched2.starting_at(img2img_start(hires.steps or req.steps, hires.strength))
-        except (ValueError, NotImplementedError) as e:
-            return _fail(UsageError(f"--hires-scale {hires.scale:g}: {e} (the Hires fix's second pass begins its "
+        midway = _cannot_begin_midway(sched2, hires.steps or req.steps, hires.strength)  # (the pass is img2img)
+        if midway:
+            return _fail(UsageError(f"--hires-scale {hires.scale:g}: {midway} (the Hires fix's second pass begins its "
                                     f"schedule midway, at --hires-strength {hires.strength:g}): use another "
                                     "--hires-scheduler"))
-    if req.img2img_strength is not None:   # img2img enters the schedule midway: PNDM's Runge-Kutta warm-up cannot
-        from sdjax.sampling import img2img_start
-        try:
-            sched.starting_at(img2img_start(req.steps, req.img2img_strength))
-        except (ValueError, NotImplementedError) as e:
-            return _fail(UsageError(f"--init-image {req.init_image}: {e} (img2img begins the schedule midway at "
-                                    f"--strength {req.img2img_strength:g}): use --strength 1 or another --scheduler"))
+    midway = req.img2img_strength is not None and _cannot_begin_midway(sched, req.steps, req.img2img_strength)
+    if midway:
+        return _fail(UsageError(f"--init-image {req.init_image}: {midway} (img2img begins the schedule midway at "
+                                f"--strength {req.img2img_strength:g}): use --strength 1 or another --scheduler"))
     from sdjax.cli_utils import clip_skip_problem
     error = clip_skip_problem(req.clip_skip, pipe)   # past this model's text encoder layers
     if error is not None:
