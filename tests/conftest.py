@@ -152,8 +152,8 @@ def tiny_pipeline_dir(tiny_checkpoints, tmp_path_factory):
 @pytest.fixture(scope="session")
 def micro_pipeline_dir(tmp_path_factory):
     """A micro random-weight pipeline (both layouts), for training tests. Smaller than the tiny one
-    to keep the train step's compile time down (~11 s instead of ~28 s on 2 cores): the UNet has two
-    levels without attention and cross-attention only in its mid block; CLIP has one layer."""
+    to keep the train step's compile time down (its gradient is most of it): the UNet has two levels
+    without attention and cross-attention only in its mid block; CLIP has one layer."""
     import reference as R
     from sdjax import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
     from sdjax.text import load_tokenizer

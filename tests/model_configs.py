@@ -6,9 +6,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+# Two levels, one layer a block: SD's block kinds (cross-attention, then a last level without) at the fewest
+# layers, as most tests compile it (its programs compile in about half the time of the deep one's).
 TINY_UNET = dict(
-    sample_size=16, in_channels=4, out_channels=4, layers_per_block=2,
-    block_out_channels=(32, 64, 64), norm_num_groups=8, cross_attention_dim=32, attention_head_dim=4,
+    sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+    block_out_channels=(32, 64), norm_num_groups=8, cross_attention_dim=32, attention_head_dim=4,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+)
+# Three levels, two layers a block: the skip connections' order over several layers and levels, for the
+# UNet's own parity tests (tests/test_models.py).
+TINY_UNET_DEEP = dict(
+    TINY_UNET, layers_per_block=2, block_out_channels=(32, 64, 64),
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
 )

@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model_configs import (SD15_CLIP, SD15_UNET, SD15_VAE, TINY_CLIP, TINY_UNET, TINY_VAE,
+from model_configs import (SD15_CLIP, SD15_UNET, SD15_VAE, TINY_CLIP, TINY_UNET, TINY_UNET_DEEP, TINY_VAE,
                            write_tiny_tokenizer)
 
-__all__ = ["SD15_CLIP", "SD15_UNET", "SD15_VAE", "TINY_CLIP", "TINY_UNET", "TINY_VAE", "write_tiny_tokenizer",
-           "perturb_", "torch_unet", "torch_vae", "torch_clip", "save_flax_layout", "save_torch_layout",
-           "jaxpr_equations"]
+__all__ = ["SD15_CLIP", "SD15_UNET", "SD15_VAE", "TINY_CLIP", "TINY_UNET", "TINY_UNET_DEEP", "TINY_VAE",
+           "write_tiny_tokenizer", "perturb_", "torch_unet", "torch_vae", "torch_clip", "save_flax_layout",
+           "save_torch_layout", "jaxpr_equations"]
 
 
 def perturb_(model: torch.nn.Module, seed: int) -> torch.nn.Module:

@@ -1178,7 +1178,7 @@ def test_controlnet_flags_steer_the_images_and_are_recorded(pipe_dir, pipe, tmp_
     from sdjax.preprocess import fit, preprocess, resize_map
     torch_controlnet(seed=4).save_pretrained(tmp_path / "tiny-cn")
     torch_controlnet(seed=5).save_pretrained(tmp_path / "depth-cn")
-    torch_controlnet(seed=4, block_out_channels=(32, 64, 128)).save_pretrained(tmp_path / "wide-cn")
+    torch_controlnet(seed=4, block_out_channels=(32, 128)).save_pretrained(tmp_path / "wide-cn")
     rng = np.random.default_rng(8)
     control, depth = rng.integers(0, 256, (2, 32, 32, 3), np.uint8)
     Image.fromarray(control).save(tmp_path / "edges.png")

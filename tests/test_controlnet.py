@@ -10,9 +10,15 @@ import reference as R
 from sdjax.models import ControlNetConfig, ControlNetModel, UNet2DConditionModel, UNetConfig
 from test_sampling import NEGATIVES, PROMPTS, SIZE, STEPS, diffusers_scheduler, latents_for
 
-# The tiny UNet's blocks; its control images at 2 pixels a latent (one stride-2 step), as the tiny VAE's
-TINY_CONTROLNET = {k: v for k, v in R.TINY_UNET.items() if k not in ("up_block_types", "out_channels", "sample_size")}
-TINY_CONTROLNET["conditioning_embedding_out_channels"] = (8, 16)
+
+def controlnet_config(unet_config: dict) -> dict:
+    """A ControlNet for a UNet of ``unet_config``: its blocks; its control images at 2 pixels a latent (one
+    stride-2 step), as the tiny VAE's."""
+    config = {k: v for k, v in unet_config.items() if k not in ("up_block_types", "out_channels", "sample_size")}
+    return {**config, "conditioning_embedding_out_channels": (8, 16)}
+
+
+TINY_CONTROLNET = controlnet_config(R.TINY_UNET)
 
 
 def torch_controlnet(seed=0, **config):
@@ -72,7 +78,8 @@ def test_controlnet_matches_diffusers(order, tmp_path):
     with torch.no_grad():
         want_down, want_mid = ref(nchw(x), torch.from_numpy(t), torch.from_numpy(text), nchw(image),
                                   conditioning_scale=0.7, return_dict=False)
-    assert len(down) == len(want_down) == 1 + 3 * 2 + 2   # (conv_in's, two a block and a downsampler's, but the last)
+    levels, layers = len(TINY_CONTROLNET["block_out_channels"]), TINY_CONTROLNET["layers_per_block"]
+    assert len(down) == len(want_down) == 1 + levels * layers + levels - 1   # (conv_in's, a layer's, a downsampler's)
     for a, b in zip(down, want_down):
         assert a.shape == nhwc(b).shape and np.abs(np.asarray(a) - nhwc(b)).max() <= 2e-5
     assert np.abs(np.asarray(mid) - nhwc(want_mid)).max() <= 2e-5 and np.abs(nhwc(want_mid)).mean() > 0.01
@@ -106,8 +113,8 @@ def test_unet_adds_the_residuals_as_diffusers(tmp_path):
     with pytest.raises(ValueError, match=r"down_block_additional_residuals have shapes \[\(2, 16, 16, 32\)\]; the "
                                          r"skip connections' are \[\(2, 16, 16, 32\), "):
         jax.eval_shape(lambda: unet(x, t, text, down[:1], mid))   # (raised while tracing: nothing computed)
-    with pytest.raises(ValueError, match=r"mid_block_additional_residual has shape \(2, 4, 4, 32\); the mid block's "
-                                         r"output is \(2, 4, 4, 64\)"):
+    with pytest.raises(ValueError, match=r"mid_block_additional_residual has shape \(2, 8, 8, 32\); the mid block's "
+                                         r"output is \(2, 8, 8, 64\)"):
         jax.eval_shape(lambda: unet(x, t, text, down, mid[..., :32]))
 
 
@@ -241,11 +248,11 @@ def test_pipeline_control_images_are_checked(pipe, controlnet_dir):
     square = np.zeros((SIZE, SIZE, 3), np.uint8)
     with pytest.raises(ValueError, match=r"control_images steer the images through a ControlNet: load one first"):
         pipe("a cat", control_images=square)
-    wide = ControlNetModel(ControlNetConfig.from_dict({**TINY_CONTROLNET, "block_out_channels": (32, 64, 128)}),
+    wide = ControlNetModel(ControlNetConfig.from_dict({**TINY_CONTROLNET, "block_out_channels": (32, 128)}),
                            rngs=nnx.Rngs(0))
-    with pytest.raises(CheckpointError, match=r"the ControlNet's the residuals' channels .* are \[32, 32, 32, 32, 64, "
-                                              r"64, 64, 128, 128\], this pipeline's \[32, 32, 32, 32, 64, 64, 64, 64, "
-                                              r"64\]: a ControlNet made for another model"):
+    with pytest.raises(CheckpointError, match=r"the ControlNet's the residuals' channels .* are \[32, 32, 32, 128\], "
+                                              r"this pipeline's \[32, 32, 32, 64\]: a ControlNet made for another "
+                                              r"model"):
         pipe.load_controlnet(wide)
     assert pipe.controlnet is None
     with pytest.raises(CheckpointError, match=r"nope\.pth: no such ControlNet file"):
@@ -317,22 +324,22 @@ def test_original_layout_file_loads_as_diffusers_converts_it(fmt, pipe, tmp_path
     with ``control_model.`` or without): its names are those diffusers' own converter
     (``convert_controlnet_checkpoint``) takes to diffusers' names, the control image's encoder widths
     are read from its shapes, and it gives the diffusers ControlNet's residuals; load_controlnet takes it
-    by its path."""
+    by its path. (The deep UNet's blocks: the original layout numbers layers over several a block and level.)"""
     from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
     from safetensors.torch import save_file
     from sdjax.weights import load_controlnet_file, ldm_controlnet_key
-    config = {**TINY_CONTROLNET, "conditioning_embedding_out_channels": (16, 32, 96, 256)}   # (SD's: 8 px a latent)
-    ref = torch_controlnet(seed=6, **config)
+    config = {**controlnet_config(R.TINY_UNET_DEEP), "conditioning_embedding_out_channels": (16, 32, 96, 256)}
+    ref = torch_controlnet(seed=6, **config)   # (SD's conditioning widths: 8 px a latent)
     state = ref.state_dict()
     original = {ldm_controlnet_key(k, ControlNetConfig.from_dict(config)): v for k, v in state.items()}
-    back = convert_controlnet_checkpoint(original, {"layers_per_block": 2})
+    back = convert_controlnet_checkpoint(original, {"layers_per_block": config["layers_per_block"]})
     assert set(back) == set(state) and all(torch.equal(back[k], state[k]) for k in state)
     path = tmp_path / f"control_tiny.{fmt}"
     if fmt == "safetensors":
         save_file(original, str(path))
     else:
         torch.save({f"control_model.{k}": v for k, v in original.items()}, path)
-    ours = load_controlnet_file(path, UNetConfig.from_dict(dict(R.TINY_UNET)))
+    ours = load_controlnet_file(path, UNetConfig.from_dict(dict(R.TINY_UNET_DEEP)))
     assert ours.config.conditioning_embedding_out_channels == (16, 32, 96, 256) and ours.config.image_scale == 8
     rng = np.random.default_rng(3)
     x, text = rng.standard_normal((1, 4, 4, 4)).astype(np.float32), rng.standard_normal((1, 77, 32)).astype(np.float32)
@@ -344,8 +351,12 @@ def test_original_layout_file_loads_as_diffusers_converts_it(fmt, pipe, tmp_path
     from flax import nnx   # (as its diffusers folder: the same compiled program)
     ref.save_pretrained(tmp_path / "folder")
     assert nnx.graphdef(ours) == nnx.graphdef(ControlNetModel.from_pretrained(tmp_path / "folder"))
+    tiny_config = {**TINY_CONTROLNET, "conditioning_embedding_out_channels": (16, 32, 96, 256)}
+    save_file({ldm_controlnet_key(k, ControlNetConfig.from_dict(tiny_config)): v
+               for k, v in torch_controlnet(seed=6, **tiny_config).state_dict().items()},
+              str(tmp_path / "for_tiny.safetensors"))
     with pytest.raises(Exception, match="control image pixels a latent .* are 8, this pipeline's 2"):
-        pipe.load_controlnet(path)   # (the tiny pipeline's VAE: 2 pixels a latent)
+        pipe.load_controlnet(tmp_path / "for_tiny.safetensors")   # (the tiny pipeline's VAE: 2 pixels a latent)
     save_file({"model.diffusion_model.conv_in.weight": torch.zeros(1)}, str(tmp_path / "not.safetensors"))
     with pytest.raises(Exception, match=r"not\.safetensors: not a ControlNet: no 'input_hint_block\.\*'"):
         load_controlnet_file(tmp_path / "not.safetensors", UNetConfig.from_dict(dict(R.TINY_UNET)))

@@ -19,9 +19,9 @@ from sdjax.weights import CLIP, to_torch_layout, torch_key
 MODULES = [
     ("unet", "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", (32, 32)),
     ("unet", "mid_block.attentions.0.transformer_blocks.0.attn2.to_k", (64, 32)),
-    ("unet", "up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0", (64, 64)),
+    ("unet", "mid_block.attentions.0.transformer_blocks.0.attn1.to_out.0", (64, 64)),
     ("unet", "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.0.proj", (256, 32)),
-    ("unet", "up_blocks.1.attentions.0.transformer_blocks.0.ff.net.2", (64, 256)),
+    ("unet", "up_blocks.1.attentions.0.transformer_blocks.0.ff.net.2", (32, 128)),
     ("unet", "down_blocks.0.attentions.0.proj_in", (32, 32, 1, 1)),
     ("unet", "up_blocks.0.resnets.0.conv_shortcut", (64, 128, 1, 1)),
     ("unet", "up_blocks.0.resnets.0.conv1", (64, 128, 3, 3)),

@@ -212,23 +212,32 @@ def test_unet_matches_diffusers(tiny_checkpoints, layout):
     assert max_err(ours, nhwc(ref)) < TOL
 
 
-def test_unet_odd_latent_size(tiny_checkpoints):
-    """Latents whose size is not a multiple of 4 need the skip-shaped upsample (upsample_size)."""
-    entry = tiny_checkpoints["unet"]
+@pytest.mark.parametrize("deep", [False, True])
+def test_unet_odd_latent_size(tiny_checkpoints, tmp_path, deep):
+    """Latents whose size does not halve evenly at every level need the skip-shaped upsample (upsample_size):
+    odd ones for the tiny UNet's one downsampler; for the deep UNet's two (three levels, two layers a
+    block: the skips' order over several layers and levels), a multiple of 2 but not of 4."""
+    if deep:
+        torch_model = R.torch_unet(R.TINY_UNET_DEEP, seed=4)
+        unet = UNet2DConditionModel.from_pretrained(R.save_torch_layout(torch_model, tmp_path).parent)
+        size = (10, 14)
+    else:
+        torch_model = tiny_checkpoints["unet"]["torch"]
+        unet = load(UNet2DConditionModel, tiny_checkpoints["unet"], "safetensors")
+        size = (9, 13)
     rng = np.random.default_rng(1)
-    x = rng.standard_normal((2, 10, 14, 4)).astype(np.float32)
+    x = rng.standard_normal((2, *size, 4)).astype(np.float32)
     ctx = rng.standard_normal((2, 5, 32)).astype(np.float32)
-    unet = load(UNet2DConditionModel, entry, "safetensors")
     ours = run_jitted("tiny-unet", unet, call, x, jnp.float32(321.0), ctx)
     with torch.no_grad():
-        ref = entry["torch"](nchw(x), 321, torch.from_numpy(ctx)).sample
-    assert ours.shape == (2, 10, 14, 4)
+        ref = torch_model(nchw(x), 321, torch.from_numpy(ctx)).sample
+    assert ours.shape == (2, *size, 4) and np.abs(nhwc(ref)).max() > 0.1
     assert max_err(ours, nhwc(ref)) < TOL
 
 
 def test_unet_sd2_style_config(tmp_path):
     """SD 2.x keys: linear projections, per-block head counts, upcast attention."""
-    cfg = dict(R.TINY_UNET, use_linear_projection=True, attention_head_dim=[2, 4, 4], upcast_attention=True)
+    cfg = dict(R.TINY_UNET, use_linear_projection=True, attention_head_dim=[2, 4], upcast_attention=True)
     ref_model = R.torch_unet(cfg, seed=5)
     R.save_torch_layout(ref_model, tmp_path)
     rng = np.random.default_rng(2)

@@ -92,7 +92,7 @@ def test_an_sd2_style_folder_matches_diffusers(tmp_path):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
     torch.manual_seed(0)
     unet = R.perturb_(UNet2DConditionModel(**{**R.TINY_UNET, "use_linear_projection": True,
-                                              "attention_head_dim": (2, 4, 4), "upcast_attention": True}), 1)
+                                              "attention_head_dim": (2, 4), "upcast_attention": True}), 1)
     clip = R.perturb_(CLIPTextModel(CLIPTextConfig(**{**R.TINY_CLIP, "hidden_act": "gelu"})), 2)
     tokenizer = CLIPTokenizer.from_pretrained(R.write_tiny_tokenizer(tmp_path / "tok"), pad_token="!")
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,

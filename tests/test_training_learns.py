@@ -121,7 +121,8 @@ def build_setup(root) -> dict:
         scaling_factor = float(1.0 / posterior.mean.std())
     vae.register_to_config(scaling_factor=scaling_factor)
     parts = root / "parts"
-    for kind, model in (("unet", R.torch_unet(seed=1)), ("vae", vae), ("clip", R.torch_clip(seed=1))):
+    # The deep tiny UNet (three levels, two layers a block): the figures measured and quoted in the README are its
+    for kind, model in (("unet", R.torch_unet(R.TINY_UNET_DEEP, seed=1)), ("vae", vae), ("clip", R.torch_clip(seed=1))):
         R.save_torch_layout(model, parts / kind)
     tokenizer = load_tokenizer(R.write_tiny_tokenizer(parts / "tok"), subfolder=None)
     ids = tokenize(tokenizer, CAPTIONS)
