@@ -14,8 +14,9 @@ TINY_UNET = dict(
     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
 )
-# Three levels, two layers a block: the skip connections' order over several layers and levels, for the
-# UNet's own parity tests (tests/test_models.py).
+# Three levels, two layers a block: the skip connections' order over several layers and levels (a UNet parity
+# test in tests/test_models.py), the original layout's layer numbering (tests/test_controlnet.py), and the model
+# whose learning figures the README quotes (tests/test_training_learns.py).
 TINY_UNET_DEEP = dict(
     TINY_UNET, layers_per_block=2, block_out_channels=(32, 64, 64),
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
